@@ -1,0 +1,1 @@
+"""One module per `mmgen` subcommand group; each exposes ``register(app)``."""

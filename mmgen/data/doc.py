@@ -1,0 +1,328 @@
+"""The ``Doc`` schema: one interleaved document, the type every stage of mmgen speaks.
+
+A Doc is an ordered list of items (:class:`Text`, :class:`Image`, :class:`Audio`, :class:`Video`),
+with per-item metadata, document metadata, a stable id and provenance (where it came from).
+
+Media are held as *encoded bytes* (the original file's bytes, so round trips are byte-identical)
+plus cheap header facts (format, size, duration); pixels and samples are decoded only on demand.
+A media item may also be *by reference* (``path`` set, ``data`` not yet read): the bytes are read
+the first time they are needed, and a missing file raises :class:`MediaError` with the path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Union
+
+from mmgen.errors import MediaError
+
+# File extension -> canonical format name, for media identified by path or by sniffing.
+_EXT_FORMAT = {
+    "jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp",
+    "tif": "tiff", "tiff": "tiff",
+    "wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mp3", "opus": "opus", "m4a": "m4a",
+    "mp4": "mp4", "avi": "avi", "mov": "mov", "mkv": "mkv", "webm": "webm",
+}
+_FORMAT_EXT = {"jpeg": "jpg", "tiff": "tif"}
+
+
+def format_from_name(name: str | None) -> str | None:
+    if not name or "." not in name:
+        return None
+    return _EXT_FORMAT.get(name.rsplit(".", 1)[-1].lower())
+
+
+def ext_for(fmt: str | None, default: str = "bin") -> str:
+    return _FORMAT_EXT.get(fmt, fmt) if fmt else default
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Recognise a media container from its first bytes (no decoding)."""
+    head = data[:16]
+    if head.startswith(b"\x89PNG"):
+        return "png"
+    if head.startswith(b"\xff\xd8"):
+        return "jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head.startswith(b"GIF8"):
+        return "gif"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head.startswith(b"OggS"):
+        return "ogg"
+    if head.startswith(b"fLaC"):
+        return "flac"
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "webm"
+    if head.startswith(b"ID3") or head[:2] == b"\xff\xfb":
+        return "mp3"
+    return None
+
+
+@dataclass
+class Text:
+    text: str
+    meta: dict = field(default_factory=dict)
+
+    kind = "text"
+
+
+@dataclass
+class _Media:
+    """Shared behaviour of media items: bytes held or read lazily from ``path``."""
+
+    data: bytes | None = None
+    path: str | None = None  # where the bytes came from (provenance, and for by-reference items)
+    format: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.data is None and self.path is None:
+            raise ValueError(f"{type(self).__name__} needs data or path")
+        if self.format is None:
+            self.format = (sniff_format(self.data) if self.data is not None else None) or format_from_name(self.path)
+
+    @property
+    def loaded(self) -> bool:
+        return self.data is not None
+
+    def load(self) -> bytes:
+        """The encoded bytes, reading ``path`` on first use."""
+        if self.data is None:
+            try:
+                with open(self.path, "rb") as f:
+                    self.data = f.read()
+            except FileNotFoundError:
+                raise MediaError(f"{self.kind} file not found: {self.path}") from None
+            except OSError as e:
+                raise MediaError(f"cannot read {self.kind} file {self.path}: {e.strerror}") from None
+            if self.format is None:
+                self.format = sniff_format(self.data)
+        return self.data
+
+    def exists(self) -> bool:
+        return self.data is not None or (self.path is not None and os.path.isfile(self.path))
+
+    def sha1(self) -> str:
+        return hashlib.sha1(self.load()).hexdigest()
+
+    @property
+    def ext(self) -> str:
+        return ext_for(self.format)
+
+
+@dataclass
+class Image(_Media):
+    kind = "image"
+
+    @classmethod
+    def from_pil(cls, img, format: str = "png", meta: dict | None = None, **save_kwargs) -> "Image":
+        buf = io.BytesIO()
+        img.save(buf, format=format.upper(), **save_kwargs)
+        return cls(data=buf.getvalue(), format=format.lower(), meta=dict(meta or {}))
+
+    def to_pil(self, mode: str | None = "RGB"):
+        """Decode to a PIL image (``mode=None`` keeps the file's own mode)."""
+        from PIL import Image as PILImage, UnidentifiedImageError
+
+        try:
+            img = PILImage.open(io.BytesIO(self.load()))
+            img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            where = self.path or "embedded image"
+            raise MediaError(f"cannot decode image ({where}): {e}") from None
+        return img.convert(mode) if mode and img.mode != mode else img
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) from the header only; cached in ``meta``."""
+        if "width" not in self.meta or "height" not in self.meta:
+            from PIL import Image as PILImage
+
+            try:
+                with PILImage.open(io.BytesIO(self.load())) as img:
+                    self.meta["width"], self.meta["height"] = img.size
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a media error
+                raise MediaError(f"cannot read image header ({self.path or 'embedded'}): {e}") from None
+        return self.meta["width"], self.meta["height"]
+
+
+@dataclass
+class Audio(_Media):
+    kind = "audio"
+
+    def to_array(self, sample_rate: int | None = None, mono: bool = True):
+        """Decode to float32 samples ``(channels, n)`` (or ``(n,)`` when mono) and the sample rate."""
+        from mmgen.data.media import decode_audio
+
+        return decode_audio(self.load(), sample_rate=sample_rate, mono=mono, name=self.path)
+
+    @property
+    def duration(self) -> float:
+        if "duration" not in self.meta:
+            from mmgen.data.media import probe_audio
+
+            self.meta.update(probe_audio(self.load(), name=self.path))
+        return self.meta["duration"]
+
+
+@dataclass
+class Video(_Media):
+    kind = "video"
+
+    def frames(self, fps: float | None = None, max_frames: int | None = None):
+        """Decode to a list of PIL frames (optionally resampled to ``fps``) and their timestamps."""
+        from mmgen.data.media import decode_video
+
+        return decode_video(self.load(), fps=fps, max_frames=max_frames, name=self.path)
+
+    @property
+    def duration(self) -> float:
+        if "duration" not in self.meta:
+            from mmgen.data.media import probe_video
+
+            self.meta.update(probe_video(self.load(), name=self.path))
+        return self.meta["duration"]
+
+
+Item = Union[Text, Image, Audio, Video]
+MEDIA_TYPES = {"image": Image, "audio": Audio, "video": Video}
+
+
+@dataclass
+class Doc:
+    """One interleaved document."""
+
+    items: list[Item] = field(default_factory=list)
+    id: str | None = None
+    meta: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)  # e.g. {"source": path, "line": 3} or {"member": key}
+
+    def __post_init__(self):
+        if self.id is None:
+            self.id = self.content_id()
+
+    # -- views ---------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Item]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def texts(self) -> list[Text]:
+        return [it for it in self.items if isinstance(it, Text)]
+
+    @property
+    def images(self) -> list[Image]:
+        return [it for it in self.items if isinstance(it, Image)]
+
+    @property
+    def audios(self) -> list[Audio]:
+        return [it for it in self.items if isinstance(it, Audio)]
+
+    @property
+    def videos(self) -> list[Video]:
+        return [it for it in self.items if isinstance(it, Video)]
+
+    @property
+    def media(self) -> list[Item]:
+        return [it for it in self.items if not isinstance(it, Text)]
+
+    @property
+    def text(self) -> str:
+        """All text items joined by blank lines (for text-only statistics)."""
+        return "\n\n".join(t.text for t in self.texts)
+
+    # -- identity ------------------------------------------------------------------------------
+    def content_id(self) -> str:
+        """A stable id from the content: same texts and media bytes in the same order, same id."""
+        h = hashlib.sha1()
+        for it in self.items:
+            h.update(it.kind.encode())
+            h.update(it.text.encode() if isinstance(it, Text) else (it.sha1().encode() if it.exists() else str(it.path).encode()))
+            h.update(b"\x00")
+        return h.hexdigest()[:16]
+
+    # -- serialisation (the canonical JSON used inside WebDataset samples) ---------------------
+    def to_json(self, media_names: list[str | None] | None = None) -> dict:
+        """JSON-able form. ``media_names[i]`` names the member/file holding item i's bytes."""
+        items = []
+        for i, it in enumerate(self.items):
+            entry: dict[str, Any] = {"type": it.kind}
+            if isinstance(it, Text):
+                entry["text"] = it.text
+            else:
+                name = media_names[i] if media_names else None
+                if name is not None:
+                    entry["member"] = name
+                elif it.path is not None:
+                    entry["path"] = it.path
+                if it.format:
+                    entry["format"] = it.format
+                if it.path is not None:
+                    entry["source_path"] = it.path
+            if it.meta:
+                entry["meta"] = it.meta
+            items.append(entry)
+        return {"id": self.id, "meta": self.meta, "provenance": self.provenance, "items": items}
+
+    @classmethod
+    def from_json(cls, obj: dict, media: dict[str, bytes] | None = None, base_dir: str | None = None) -> "Doc":
+        """Inverse of :meth:`to_json`; ``media`` maps member names to bytes."""
+        items: list[Item] = []
+        for entry in obj.get("items", []):
+            kind = entry.get("type")
+            meta = dict(entry.get("meta") or {})
+            if kind == "text":
+                items.append(Text(entry.get("text", ""), meta))
+            elif kind in MEDIA_TYPES:
+                member = entry.get("member")
+                if member is not None:
+                    if media is None or member not in media:
+                        raise MediaError(f"{kind} member '{member}' is missing from the sample")
+                    items.append(MEDIA_TYPES[kind](data=media[member], path=entry.get("source_path"),
+                                                   format=entry.get("format"), meta=meta))
+                else:
+                    path = entry.get("path")
+                    if path and base_dir and not os.path.isabs(path):
+                        path = os.path.join(base_dir, path)
+                    items.append(MEDIA_TYPES[kind](path=path, format=entry.get("format"), meta=meta))
+            else:
+                raise ValueError(f"unknown item type {kind!r}")
+        return cls(items=items, id=obj.get("id"), meta=dict(obj.get("meta") or {}),
+                   provenance=dict(obj.get("provenance") or {}))
+
+    def to_json_line(self) -> str:
+        return json.dumps(self.to_json(), ensure_ascii=False)
+
+
+@dataclass
+class BadRecord:
+    """An input record that could not become a Doc. Readers yield these instead of raising, so a
+    run continues and the caller can quarantine the record with its reason."""
+
+    source: str
+    reason: str  # a short reason code, e.g. "bad_json", "missing_media", "corrupt_tar"
+    detail: str = ""
+    line: int | None = None
+    member: str | None = None
+    raw: str | bytes | None = None
+
+    def to_json(self) -> dict:
+        raw = self.raw.decode("utf-8", "replace") if isinstance(self.raw, bytes) else self.raw
+        return {"source": self.source, "line": self.line, "member": self.member,
+                "reason": self.reason, "detail": self.detail, "raw": raw}
+
+    def __str__(self) -> str:
+        where = self.source + (f":{self.line}" if self.line is not None else "") + (f"[{self.member}]" if self.member else "")
+        return f"{where}: {self.reason}: {self.detail}"

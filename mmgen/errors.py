@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+Every problem caused by the user's input (a bad path, a misspelled config key, an undecodable file)
+is raised as :class:`MMGenError` with a one-line message that says what is wrong and how to fix it.
+The CLI prints it as ``error: <message>`` and exits with status 2 instead of a traceback.
+"""
+
+
+class MMGenError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+    def __init__(self, message: str):
+        # Collapse to one line: the CLI promises one-line errors.
+        super().__init__(" ".join(str(message).split()))
+
+
+class MediaError(MMGenError):
+    """A media item could not be read or decoded (missing file, corrupt bytes, unknown format)."""

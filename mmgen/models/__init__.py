@@ -1,0 +1,1 @@
+"""Models: the vocabulary and sequence layout, the unified LM, projectors and detokenizers."""

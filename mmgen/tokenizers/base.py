@@ -1,0 +1,138 @@
+"""The image-tokenizer API every stage uses, and loading any saved tokenizer by directory.
+
+A tokenizer directory holds ``config.json`` (with ``"mmgen_type"`` naming the class) and
+``model.safetensors``. :func:`load_image_tokenizer` dispatches on that name, so the LM bundle, the
+``tokenize`` stage and the chat app load whatever tokenizer a checkpoint was trained with.
+
+Pixel conventions: images go in as PIL images (any size: they are resized to a multiple of the
+downsampling factor) or float tensors ``(B, 3, H, W)`` in ``[-1, 1]``; codes are int64 ``(B, h, w)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mmgen.errors import MMGenError
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_tokenizer(name: str):
+    def deco(cls):
+        _REGISTRY[name] = cls
+        cls.mmgen_type = name
+        return cls
+
+    return deco
+
+
+def pil_to_tensor(images: Sequence, size: tuple[int, int]) -> torch.Tensor:
+    """PIL images -> ``(B, 3, H, W)`` float in [-1, 1], resized to ``size`` = (width, height)."""
+    from PIL import Image as PILImage
+
+    out = []
+    for img in images:
+        img = img.convert("RGB")
+        if img.size != tuple(size):
+            img = img.resize(tuple(size), PILImage.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1))
+    return torch.stack(out) / 127.5 - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> list:
+    from PIL import Image as PILImage
+
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [PILImage.fromarray(a) for a in arr]
+
+
+class ImageTokenizer(torch.nn.Module):
+    """Base class: subclasses implement ``encode_tensor``/``decode_tensor`` and set ``downsample``,
+    ``codebook_size`` and ``resolution`` (the default (width, height) images are resized to)."""
+
+    mmgen_type = "base"
+    downsample: int = 8
+    codebook_size: int = 0
+    resolution: tuple[int, int] = (64, 64)
+
+    # -- to implement -------------------------------------------------------------------------
+    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) in [-1,1] -> (B,h,w) int64
+        raise NotImplementedError
+
+    def decode_tensor(self, codes: torch.Tensor) -> torch.Tensor:  # (B,h,w) -> (B,3,H,W) in [-1,1]
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
+    def code_shape(self, width: int, height: int) -> tuple[int, int]:
+        """Code grid (h, w) for an image of the given size (rounded to the downsampling factor)."""
+        d = self.downsample
+        return max(1, round(height / d)), max(1, round(width / d))
+
+    def image_size_for(self, width: int, height: int) -> tuple[int, int]:
+        h, w = self.code_shape(width, height)
+        return w * self.downsample, h * self.downsample
+
+    @torch.no_grad()
+    def encode(self, images: Sequence, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """PIL images -> codes ``(B, h, w)``; all images are resized to ``size`` (default: resolution)."""
+        size = self.image_size_for(*(size or self.resolution))
+        x = pil_to_tensor(images, size).to(self.device)
+        return self.encode_tensor(x)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor | np.ndarray) -> list:
+        """Codes ``(B, h, w)`` (or one ``(h, w)`` grid) -> PIL images."""
+        codes = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes, dtype=torch.long)
+        if codes.ndim == 2:
+            codes = codes[None]
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise MMGenError(f"code out of range 0..{self.codebook_size - 1}")
+        return tensor_to_pil(self.decode_tensor(codes.to(self.device)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        (p / "config.json").write_text(json.dumps({"mmgen_type": self.mmgen_type, **self.get_config()}, indent=1))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(p / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu"):
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        cfg = _read_config(p)
+        cfg.pop("mmgen_type", None)
+        model = cls(**cfg)
+        model.load_state_dict(load_file(str(p / "model.safetensors"), device=device))
+        return model.to(device).eval()
+
+
+def _read_config(p: Path) -> dict:
+    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+        raise MMGenError(f"{p} is not a tokenizer directory (needs config.json and model.safetensors)")
+    return json.loads((p / "config.json").read_text())
+
+
+def load_image_tokenizer(path: str | Path, device: str = "cpu") -> ImageTokenizer:
+    """Load any saved mmgen image tokenizer from its directory."""
+    p = Path(path)
+    kind = _read_config(p).get("mmgen_type")
+    if kind not in _REGISTRY:
+        import mmgen.tokenizers.vq  # noqa: F401 - registers the built-in tokenizers
+    if kind not in _REGISTRY:
+        raise MMGenError(f"unknown tokenizer type '{kind}' in {p / 'config.json'} (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[kind].from_pretrained(p, device=device)

@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests never touch the network; real media come from ../shared/data/real/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep each xdist worker to one intra-op thread: two workers share CI's two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = (ROOT / ".." / "shared" / "data" / "real").resolve()
+
+
+@pytest.fixture(scope="session")
+def real_dir() -> Path:
+    assert REAL.is_dir(), f"real media folder missing: {REAL}"
+    return REAL
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
