@@ -1,0 +1,114 @@
+"""Code shards: Docs whose media are pre-tokenized into discrete codes (offline, as ILLUME+/Emu3 do).
+
+Same WebDataset layout as :mod:`mmgen.data.shards`, plus one member per tokenized media item,
+``KEY.I.codes.npy`` (item I's code array: ``(h, w)`` for an image, ``(levels, T)`` for audio), and,
+for DualViTok-style tokenizers, ``KEY.I.sem.npy`` for the semantic grid. The media bytes are kept
+only when asked (``keep_media``), so code shards stay small.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from mmgen.data.doc import BadRecord, Doc, Text
+from mmgen.data.shards import _group_members, expand_inputs, sample_key
+
+
+@dataclass
+class CodedDoc:
+    doc: Doc  # media items may be by-reference placeholders when bytes were not kept
+    codes: dict[int, np.ndarray] = field(default_factory=dict)  # item index -> codes
+    sem: dict[int, np.ndarray] = field(default_factory=dict)  # item index -> semantic codes
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def coded_to_sample(cd: CodedDoc, key: str, keep_media: bool = False) -> dict:
+    sample: dict = {"__key__": key}
+    names: list[str | None] = []
+    for i, item in enumerate(cd.doc.items):
+        if isinstance(item, Text) or not keep_media:
+            names.append(None)
+        else:
+            names.append(f"{i}.{item.ext}")
+            sample[names[-1]] = item.load()
+    obj = cd.doc.to_json(names)
+    if not keep_media:  # media become placeholders that remember their format and size facts
+        for entry in obj["items"]:
+            entry.pop("path", None)
+    for i, codes in cd.codes.items():
+        sample[f"{i}.codes.npy"] = _npy(codes)
+    for i, sem in cd.sem.items():
+        sample[f"{i}.sem.npy"] = _npy(sem)
+    sample["json"] = json.dumps(obj, ensure_ascii=False).encode()
+    return sample
+
+
+def sample_to_coded(sample: dict) -> CodedDoc:
+    obj = json.loads(sample["json"])
+    media = {k: v for k, v in sample.items() if not k.startswith("__") and k != "json" and not k.endswith(".npy")}
+    items = []
+    for i, entry in enumerate(obj["items"]):
+        if entry["type"] != "text" and "member" not in entry and "path" not in entry:
+            entry = dict(entry, path=f"<codes:{i}>")  # a placeholder: the codes stand for the media
+        items.append(entry)
+    doc = Doc.from_json(dict(obj, items=items), media=media)
+    codes, sem = {}, {}
+    for k, v in sample.items():
+        if k.endswith(".codes.npy"):
+            codes[int(k.split(".")[0])] = np.load(io.BytesIO(v), allow_pickle=False)
+        elif k.endswith(".sem.npy"):
+            sem[int(k.split(".")[0])] = np.load(io.BytesIO(v), allow_pickle=False)
+    return CodedDoc(doc, codes, sem)
+
+
+class CodeShardWriter:
+    def __init__(self, out_dir: str | Path, prefix: str = "codes", max_docs: int = 5000, keep_media: bool = False):
+        import webdataset as wds
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.keep_media = keep_media
+        self.count = 0
+        self._w = wds.ShardWriter(str(Path(out_dir) / f"{prefix}-%06d.tar"), maxcount=max_docs, verbose=0)
+
+    def write(self, cd: CodedDoc) -> None:
+        self._w.write(coded_to_sample(cd, sample_key(cd.doc, self.count), self.keep_media))
+        self.count += 1
+
+    def close(self):
+        self._w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_code_shards(paths) -> Iterator[CodedDoc | BadRecord]:
+    for path in expand_inputs(paths):
+        try:
+            tf = tarfile.open(path, "r|*")
+        except (tarfile.TarError, OSError) as e:
+            yield BadRecord(source=path, reason="corrupt_tar", detail=str(e))
+            continue
+        with tf:
+            for sample in _group_members(tf, path):
+                if isinstance(sample, BadRecord):
+                    yield sample
+                    continue
+                try:
+                    yield sample_to_coded(sample)
+                except (KeyError, ValueError) as e:
+                    yield BadRecord(source=path, reason="bad_sample", member=sample.get("__key__"), detail=str(e))
