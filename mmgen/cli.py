@@ -31,6 +31,13 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Unified multimodal models: data, tokenizers, training, inference, chat and evaluation."""
+    # A callback keeps `mmgen` a command group even while only one stage is registered
+    # (typer otherwise collapses a one-command app into that command, and `mmgen convert ...` breaks).
+
+
 def _register_all() -> None:
     for name in COMMAND_MODULES:
         try:
@@ -60,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # click's usage errors arrive here with standalone_mode=False
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        # typer >= 0.2x raises its vendored click's exceptions, not click's own.
+        vendored = getattr(getattr(typer, "_click", None), "exceptions", None)
+        usage = tuple(c for c in (click.exceptions.ClickException, getattr(vendored, "ClickException", None)) if c)
+        abort = tuple(c for c in (click.exceptions.Abort, getattr(vendored, "Abort", None)) if c)
+        if isinstance(e, usage):
             e.show()
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, abort):
             return 1
         raise
     return 0

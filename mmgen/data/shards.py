@@ -59,14 +59,16 @@ class ShardWriter:
     Thin wrapper over :class:`webdataset.ShardWriter`; it records the shard names it wrote."""
 
     def __init__(self, out_dir: str | Path, prefix: str = "shard", max_docs: int = 1000,
-                 max_bytes: int = 256 << 20, start_shard: int = 0):
+                 max_bytes: int = 256 << 20, start_shard: int = 0, mtime: float | None = None):
         import webdataset as wds
 
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.count = 0
         self._writer = wds.ShardWriter(str(self.out_dir / f"{prefix}-%06d.tar"), maxcount=max_docs,
-                                       maxsize=max_bytes, verbose=0, start_shard=start_shard)
+                                       maxsize=max_bytes, verbose=0, start_shard=start_shard,
+                                       # a fixed member mtime makes shards byte-reproducible
+                                       **({"mtime": mtime} if mtime is not None else {}))
 
     def write(self, doc: Doc) -> None:
         self._writer.write(doc_to_sample(doc, sample_key(doc, self.count)))
@@ -155,6 +157,8 @@ def expand_inputs(pattern: str | Path | list) -> list[str]:
     pattern = str(pattern)
     if os.path.isdir(pattern):
         found = sorted(glob.glob(os.path.join(pattern, "*.tar")) + glob.glob(os.path.join(pattern, "*.jsonl")))
+        # `mmgen convert` quarantines bad records in errors.jsonl beside its shards: not data.
+        found = [p for p in found if not (os.path.basename(p) == "errors.jsonl" or p.endswith(".errors.jsonl"))]
     else:
         found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else ([pattern] if os.path.exists(pattern) else [])
     if not found:

@@ -41,6 +41,9 @@ class Bundle:
 
 def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
     """Load a bundle written by :meth:`Bundle.save` (or by training) from a local directory."""
+    from mmgen.utils.compat import ensure_torchvision
+
+    ensure_torchvision()  # transformers' model classes import torchvision, broken next to CPU torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)

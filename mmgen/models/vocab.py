@@ -219,18 +219,19 @@ class Vocab:
 
         Returns ``(start, end)`` for a contiguous id range, a list of ids, or None when the block is
         complete. ``sizes`` limits the (H, W) grids the model may declare (None: any up to max_grid)."""
-        prefix = [int(x) for x in prefix]
+        # Only the length and the two size tokens matter, so nothing here walks the whole prefix:
+        # a decoding loop can call this every step at O(1) cost.
         n = len(prefix)
         if n == 0:
             return [self["<image>"]]
         if n == 1:
             hs = sorted({h for h, _ in sizes}) if sizes else range(1, self.config.max_grid + 1)
             return [self.size_token("h", h) for h in hs]
-        h = prefix[1] - self.h_start + 1
+        h = int(prefix[1]) - self.h_start + 1
         if n == 2:
             ws = sorted({w for hh, w in sizes if hh == h}) if sizes else range(1, self.config.max_grid + 1)
             return [self.size_token("w", w) for w in ws]
-        w = prefix[2] - self.w_start + 1
+        w = int(prefix[2]) - self.w_start + 1
         pos = n - 3  # tokens after the size tokens
         segments: list[tuple[str, int, int]] = []
         if self.has("sem"):

@@ -1,0 +1,46 @@
+"""``mmgen generate``: interleaved text and images from a trained checkpoint."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate_cmd(
+        checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint directory (an mmgen bundle)."),
+        prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
+        out: str = typer.Option("generated", "--out", help="Folder for the images (PNG) and doc.json."),
+        mode: str = typer.Option("auto", "--mode", help="auto (model decides), t2i (image right after the "
+                                                         "prompt) or text (no images)."),
+        seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed, same output."),
+        cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance for image tokens "
+                                                                  "(1 = off; 2-5 is typical)."),
+        max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Most tokens to generate."),
+        temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0 = greedy)."),
+        top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = all)."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+        device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    ):
+        """Generate interleaved text and images; print the text, write each image as PNG.
+
+        Example:
+
+            mmgen generate --checkpoint runs/tiny/final --mode t2i --cfg-scale 3 --seed 1 \\
+                --prompt "a large red circle at the top left, on a black background." --out out/
+        """
+        from mmgen.data.doc import Image
+        from mmgen.inference.generate import run_generate
+
+        doc, paths = run_generate(checkpoint, prompt, out=out, mode=mode, seed=seed, cfg_scale=cfg_scale,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, device=device)
+        k = 0
+        for it in doc.items:
+            if isinstance(it, Image):
+                typer.echo(f"[image {it.meta['width']}x{it.meta['height']}: {paths[k]}]")
+                k += 1
+            else:
+                typer.echo(it.text)
+        typer.echo(f"({doc.meta['new_tokens']} tokens, stopped at {doc.meta['stop']}; {len(paths)} image(s) in {out})",
+                   err=True)

@@ -1,0 +1,273 @@
+"""Shared machinery of the jsonl-based converters: line reading, media path resolution, media export,
+and the rules that keep unknown fields so that ``X -> Doc -> X`` is lossless.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from mmgen.data.doc import MEDIA_TYPES, BadRecord, Doc
+from mmgen.errors import MediaError, MMGenError
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+# Doc.meta keys that collide with a format's own field names travel inside this record key.
+COLLISION_KEY = "mmgen_meta"
+
+
+class RecordError(Exception):
+    """A record cannot become a Doc; ``reason`` is the BadRecord reason code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def is_url(ref: str | None) -> bool:
+    return bool(ref) and bool(_URL.match(str(ref)))
+
+
+def is_errors_file(path: str) -> bool:
+    """Quarantine files written by ``convert`` beside its output; never read back as data."""
+    name = os.path.basename(path)
+    return name == "errors.jsonl" or name.endswith(".errors.jsonl")
+
+
+def expand_jsonl_inputs(path: str | Path | list, exts: tuple[str, ...] = (".jsonl",)) -> list[str]:
+    """A file, a directory (its files with ``exts``, quarantine files skipped) or a glob."""
+    if isinstance(path, (list, tuple)):
+        return [p for item in path for p in expand_jsonl_inputs(item, exts)]
+    path = str(path)
+    if os.path.isdir(path):
+        found = sorted(p for e in exts for p in glob.glob(os.path.join(path, "*" + e)) if not is_errors_file(p))
+    elif any(c in path for c in "*?["):
+        found = sorted(glob.glob(path))
+    else:
+        found = [path] if os.path.isfile(path) else []
+    if not found:
+        raise MMGenError(f"no input files match '{path}' (give a file, a directory or a glob such as 'dir/*.jsonl')")
+    return found
+
+
+@dataclass
+class ReadContext:
+    """Where a record came from, and how its media references map to files."""
+
+    source: str
+    media_root: str | None = None
+    path_map: dict[str, str] = field(default_factory=dict)
+    line: int | None = None
+
+    @property
+    def base_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.source))
+
+    def resolve(self, ref: str) -> tuple[str, bool]:
+        """``ref`` -> (path or URL, found). URLs are kept by reference and count as found.
+
+        A relative path is tried against the jsonl's folder, then against ``media_root``, then against
+        ``media_root`` with leading folders dropped one by one, so references written on another machine
+        (``../../tests/ops/data/x.png``) find ``media_root/x.png``."""
+        ref = str(ref)
+        if is_url(ref):
+            return ref, True
+        for prefix, repl in self.path_map.items():
+            if ref.startswith(prefix):
+                ref = repl + ref[len(prefix):]
+                break
+        ref = os.path.expanduser(ref)
+        if os.path.isabs(ref):
+            return ref, os.path.isfile(ref)
+        first = os.path.normpath(os.path.join(self.base_dir, ref))
+        candidates = [first]
+        if self.media_root:
+            root = os.path.abspath(os.path.expanduser(self.media_root))
+            parts = [p for p in Path(ref).parts if p not in ("..", ".")]
+            candidates += [os.path.join(root, *parts[k:]) for k in range(len(parts))]
+        for c in candidates:
+            if os.path.isfile(c):
+                return c, True
+        return first, False
+
+    def media(self, kind: str, ref: Any, meta: dict | None = None):
+        """A media item for ``ref`` (a path/URL, or a HF-datasets style ``{"bytes", "path"}`` dict)."""
+        meta = dict(meta or {})
+        if isinstance(ref, dict) and ref.get("bytes") is not None:
+            data = ref["bytes"]
+            return MEDIA_TYPES[kind](data=data if isinstance(data, bytes) else bytes(data), path=ref.get("path"), meta=meta)
+        if isinstance(ref, dict):
+            ref = ref.get("path")
+        if not isinstance(ref, str) or not ref:
+            raise RecordError("bad_schema", f"{kind} reference must be a path or URL string, got {ref!r}")
+        path, found = self.resolve(ref)
+        if not found:
+            where = f"; also looked under media_root {self.media_root}" if self.media_root else \
+                "; pass media_root / --media-root to say where media live"
+            raise RecordError("missing_media", f"{kind} file not found: {ref} (resolved to {path}{where})")
+        return MEDIA_TYPES[kind](path=path, meta=meta)
+
+    def bad(self, reason: str, detail: str, raw: str | None = None) -> BadRecord:
+        return BadRecord(source=self.source, reason=reason, detail=detail, line=self.line, raw=raw)
+
+
+def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False) -> Iterator[tuple[int, str, Any]]:
+    """(line number, raw text, parsed object or a BadRecord) for each non-blank line.
+
+    With ``whole_json_ok`` a file holding one JSON array (LLaVA's ``.json`` files) yields its elements,
+    numbered from 1 by position."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if whole_json_ok:
+            head = f.read(4096).lstrip()
+            f.seek(0)
+            if head.startswith("["):
+                try:
+                    arr = json.load(f)
+                except json.JSONDecodeError as e:
+                    ctx.line = None
+                    yield 0, "", ctx.bad("bad_json", f"file is not valid JSON: {e}")
+                    return
+                for i, obj in enumerate(arr, 1):
+                    yield i, "", obj
+                return
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, line, json.loads(line)
+            except json.JSONDecodeError as e:
+                ctx.line = lineno
+                yield lineno, line, ctx.bad("bad_json", f"line {lineno}: {e.msg} at column {e.colno}", raw=line.rstrip("\n"))
+
+
+def read_jsonl(path, record_to_doc: Callable[[dict, ReadContext], Doc], media_root: str | None = None,
+               path_map: dict | None = None, whole_json_ok: bool = False, exts=(".jsonl",), **_) -> Iterator[Doc | BadRecord]:
+    """Docs from jsonl files via ``record_to_doc``; every failure becomes a BadRecord and the run goes on."""
+    for file in expand_jsonl_inputs(path, exts):
+        ctx = ReadContext(source=file, media_root=media_root, path_map=dict(path_map or {}))
+        for lineno, raw, obj in iter_json_records(file, ctx, whole_json_ok):
+            if isinstance(obj, BadRecord):
+                yield obj
+                continue
+            ctx.line = lineno
+            raw_text = raw.rstrip("\n") or json.dumps(obj, ensure_ascii=False)
+            if not isinstance(obj, dict):
+                yield ctx.bad("bad_schema", f"record is a JSON {type(obj).__name__}, expected an object", raw_text)
+                continue
+            try:
+                doc = record_to_doc(obj, ctx)
+            except RecordError as e:
+                yield ctx.bad(e.reason, e.detail, raw_text)
+                continue
+            except MediaError as e:  # unreadable file found only when hashing for the content id
+                yield ctx.bad("missing_media", str(e), raw_text)
+                continue
+            except (TypeError, ValueError, KeyError, AttributeError) as e:
+                yield ctx.bad("bad_schema", f"{type(e).__name__}: {e}", raw_text)
+                continue
+            doc.provenance.setdefault("source", file)
+            doc.provenance.setdefault("line", lineno)
+            yield doc
+
+
+class MediaExport:
+    """Writes media bytes into ``media/`` beside an output file, named by content hash, and returns the
+    reference (relative to the output's folder) to put in the record. Same bytes -> one file."""
+
+    def __init__(self, out_path: str | Path, subdir: str = "media"):
+        self.base = Path(out_path).resolve().parent
+        self.dir = self.base / subdir
+        self.subdir = subdir
+        self.files = 0
+        self.bytes = 0
+
+    def ref(self, item) -> str:
+        if item.data is None and is_url(item.path):
+            return item.path  # kept by reference: nothing to copy, nothing lost
+        data = item.load()  # MediaError for a missing file: the caller quarantines the doc
+        name = f"{hashlib.sha1(data).hexdigest()}.{item.ext}"
+        target = self.dir / name
+        if not target.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(target.suffix + ".part")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            self.files += 1
+            self.bytes += len(data)
+        return f"{self.subdir}/{name}"
+
+
+def write_jsonl(docs: Iterable, out_path, doc_to_record: Callable[[Doc, MediaExport], dict],
+                on_bad: Callable[[BadRecord], None] | None = None, as_json_array: bool = False, **_) -> dict:
+    """Write one record per Doc; a Doc whose media cannot be read is quarantined, not half-written."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    media = MediaExport(out)
+    counts = {"written": 0, "bad": 0}
+    records = []
+    with open(out, "w", encoding="utf-8") as f:
+        for doc in docs:
+            if isinstance(doc, BadRecord):
+                counts["bad"] += 1
+                if on_bad:
+                    on_bad(doc)
+                continue
+            try:
+                rec = doc_to_record(doc, media)
+            except (MediaError, RecordError) as e:
+                counts["bad"] += 1
+                if on_bad:
+                    reason = e.reason if isinstance(e, RecordError) else "missing_media"
+                    on_bad(BadRecord(source=str(doc.provenance.get("source", "")), line=doc.provenance.get("line"),
+                                     reason=reason, detail=f"doc {doc.id}: {e}"))
+                continue
+            if as_json_array:
+                records.append(rec)
+            else:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            counts["written"] += 1
+        if as_json_array:
+            json.dump(records, f, ensure_ascii=False, indent=1)
+    counts["media_files"] = media.files
+    counts["media_bytes"] = media.bytes
+    return counts
+
+
+# -- keeping unknown fields -------------------------------------------------------------------------
+
+def meta_from_extras(rec: dict, reserved: set[str]) -> dict:
+    """Record keys a format does not own become Doc.meta (collisions come back from ``mmgen_meta``)."""
+    meta = {k: v for k, v in rec.items() if k not in reserved and k != COLLISION_KEY}
+    extra = rec.get(COLLISION_KEY)
+    if isinstance(extra, dict):
+        meta.update(extra)
+    return meta
+
+
+def extras_from_meta(meta: dict, reserved: set[str], structural: set[str] = frozenset()) -> dict:
+    """Inverse of :func:`meta_from_extras`: Doc.meta keys named like one of the format's own fields are
+    tucked under ``mmgen_meta`` instead of overwriting that field."""
+    out = {k: v for k, v in meta.items() if k not in structural}
+    clash = {k: out.pop(k) for k in list(out) if k in reserved or k == COLLISION_KEY}
+    if clash:
+        out[COLLISION_KEY] = clash
+    return out
+
+
+def record_id(doc: Doc) -> str | None:
+    """The id to write: only one that is not derivable from the content (a source id), so that a record
+    without an id round-trips without gaining one."""
+    return None if doc.id == doc.content_id() else doc.id
+
+
+def doc_from_items(items: list, rec: dict, meta: dict) -> Doc:
+    rid = rec.get("id")
+    # The source id is kept as is (an int stays an int) so the record writes back unchanged.
+    return Doc(items=items, id=rid if rid is not None and rid != "" else None, meta=meta)

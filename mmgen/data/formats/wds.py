@@ -1,0 +1,63 @@
+"""mmgen WebDataset shards (``KEY.json`` + ``KEY.I.EXT`` media members); see :mod:`mmgen.data.shards`.
+
+Input: a ``.tar``, a directory of shards or a glob. Output: a directory of ``shard-NNNNNN.tar``."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from mmgen.data.doc import BadRecord
+from mmgen.errors import MediaError, MMGenError
+
+
+def expand_shards(path) -> list[str]:
+    if isinstance(path, (list, tuple)):
+        return [p for item in path for p in expand_shards(item)]
+    path = str(path)
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.tar")))
+    elif any(c in path for c in "*?["):
+        found = sorted(glob.glob(path))
+    else:
+        found = [path] if os.path.isfile(path) else []
+    if not found:
+        raise MMGenError(f"no shards match '{path}' (give a .tar, a directory of shards or a glob such as 'dir/*.tar')")
+    return found
+
+
+def read(path, **_):
+    from mmgen.data.shards import read_shard
+
+    for shard in expand_shards(path):
+        yield from read_shard(shard)
+
+
+def write(docs, out_path, on_bad=None, prefix: str = "shard", max_docs: int = 1000, **_) -> dict:
+    from mmgen.data.shards import ShardWriter
+
+    counts = {"written": 0, "bad": 0, "media_files": 0, "media_bytes": 0}
+    with ShardWriter(out_path, prefix=prefix, max_docs=max_docs) as w:
+        for doc in docs:
+            if isinstance(doc, BadRecord):
+                counts["bad"] += 1
+                if on_bad:
+                    on_bad(doc)
+                continue
+            try:
+                # Load every medium first so a missing file quarantines the doc before anything is written.
+                for it in doc.media:
+                    it.load()
+                w.write(doc)
+            except MediaError as e:
+                counts["bad"] += 1
+                if on_bad:
+                    on_bad(BadRecord(source=str(doc.provenance.get("source", "")), line=doc.provenance.get("line"),
+                                     reason="missing_media", detail=f"doc {doc.id}: {e}"))
+                continue
+            counts["written"] += 1
+            counts["media_files"] += len(doc.media)
+            counts["media_bytes"] += sum(len(it.data) for it in doc.media)
+        shards = w.shards
+    counts["shards"] = len(shards)
+    return counts

@@ -1,0 +1,333 @@
+"""Run-wide deduplication: exact and near duplicates of documents and of images.
+
+Each operator keeps the first occurrence (in input order) and rejects later ones, naming the id of
+the document they duplicate. Hashing runs in the workers (:meth:`signature`); the check against the
+run-wide index runs in the parent in input order (:meth:`decide`), and a document's hashes enter the
+index only once the document is finally kept (:meth:`commit`), so a rejected document never makes a
+later one look like a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from mmgen.data.doc import Text
+from mmgen.data.ops.base import DocView, StatefulOp, Verdict, register_op
+from mmgen.errors import MediaError
+
+
+def normalize_text(text: str) -> str:
+    """Case, Unicode form, punctuation and spacing removed: the text two copies must share."""
+    t = unicodedata.normalize("NFKC", text).lower()
+    t = re.sub(r"[^\w\s]", " ", t)
+    return " ".join(t.split())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Perceptual hash
+
+
+@lru_cache(maxsize=8)
+def _dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II basis: row k is cos(pi (2x+1) k / 2n), scaled."""
+    x = np.arange(n)
+    m = np.cos(np.pi * (2 * x[None, :] + 1) * np.arange(n)[:, None] / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+def phash(pil, hash_size: int = 8, highfreq_factor: int = 4, color: bool = False) -> int:
+    """DCT perceptual hash: shrink to (hash_size*highfreq_factor)^2, 2-D DCT, keep the lowest
+    hash_size x hash_size frequencies, one bit per coefficient above their median (DC excluded from
+    the median). With ``color`` one hash per RGB channel, concatenated (3x the bits): flat synthetic
+    scenes that differ only in hue look alike in gray."""
+    from PIL import Image as PILImage
+
+    n = hash_size * highfreq_factor
+    planes = [pil.convert("RGB").resize((n, n), PILImage.Resampling.LANCZOS)] if color else \
+        [pil.convert("L").resize((n, n), PILImage.Resampling.LANCZOS)]
+    arr = np.asarray(planes[0], dtype=np.float64)
+    chans = [arr[..., c] for c in range(3)] if color else [arr]
+    d = _dct_matrix(n)
+    out = 0
+    for ch in chans:
+        low = (d @ ch @ d.T)[:hash_size, :hash_size].ravel()
+        bits = low > np.median(low[1:])
+        for b in bits:
+            out = (out << 1) | int(b)
+    return out
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+class HammingIndex:
+    """Exact radius search over fixed-width bit strings by the pigeonhole principle: split the bits
+    into radius+1 blocks; two strings within the radius agree exactly on at least one block."""
+
+    def __init__(self, nbits: int, radius: int):
+        self.nbits, self.radius = nbits, radius
+        k = radius + 1
+        edges = np.linspace(0, nbits, k + 1).round().astype(int)
+        self.blocks = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.blocks]
+        self.hashes: list[int] = []
+        self.ids: list[str] = []
+
+    def _parts(self, h: int):
+        for lo, hi in self.blocks:
+            yield (h >> lo) & ((1 << (hi - lo)) - 1)
+
+    def query(self, h: int) -> tuple[str, int] | None:
+        """The earliest inserted entry within the radius: (id, distance)."""
+        best = None
+        for table, part in zip(self.tables, self._parts(h)):
+            for idx in table.get(part, ()):
+                if best is not None and idx >= best:
+                    continue
+                if hamming(self.hashes[idx], h) <= self.radius:
+                    best = idx
+        return (self.ids[best], hamming(self.hashes[best], h)) if best is not None else None
+
+    def add(self, h: int, doc_id: str) -> None:
+        idx = len(self.hashes)
+        self.hashes.append(h)
+        self.ids.append(doc_id)
+        for table, part in zip(self.tables, self._parts(h)):
+            table.setdefault(part, []).append(idx)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact duplicates
+
+
+@register_op("doc_dedup")
+class DocDedup(StatefulOp):
+    """Exact duplicate documents: SHA-1 over the normalised text of each text item and the SHA-1 of
+    each media item's bytes, in order."""
+
+    levels = ("doc",)
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen: dict[str, str] = {}
+
+    def signature(self, view: DocView):
+        h = hashlib.sha1()
+        for _, it in view.items():
+            h.update(it.kind.encode() + b"\x00")
+            h.update(normalize_text(it.text).encode() if isinstance(it, Text) else it.sha1().encode())
+            h.update(b"\x01")
+        return h.hexdigest()
+
+    def decide(self, view, sig, doc_id):
+        first = self.seen.get(sig)
+        return [Verdict("duplicate_doc" if first else None, {"content_sha1": sig}, duplicate_of=first)]
+
+    def commit(self, view, sig, doc_id):
+        if sig not in self.seen:
+            self._add([sig, doc_id])
+
+    def _insert(self, e):
+        self.seen.setdefault(e[0], e[1])
+
+
+@register_op("image_dedup")
+class ImageDedup(StatefulOp):
+    """Exact duplicate images across the run: SHA-1 of the encoded bytes. ``node`` level removes the
+    repeated image; ``doc`` level rejects a document holding an image seen before."""
+
+    default_level = "node"
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen: dict[str, str] = {}
+
+    def signature(self, view):
+        return {i: img.sha1() for i, img in view.images()}
+
+    def decide(self, view, sig, doc_id):
+        out, local = [], set()
+        for i, _ in view.images():
+            h = sig.get(i)
+            if h is None:
+                continue
+            first = self.seen.get(h) or (doc_id if h in local else None)
+            local.add(h)
+            out.append(Verdict("duplicate_image" if first else None, {"sha1": h}, item=i, duplicate_of=first))
+        return out
+
+    def commit(self, view, sig, doc_id):
+        for i, _ in view.images():
+            if i in sig and sig[i] not in self.seen:
+                self._add([sig[i], doc_id])
+
+    def _insert(self, e):
+        self.seen.setdefault(e[0], e[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Near duplicates
+
+
+@register_op("image_near_dedup")
+class ImageNearDedup(StatefulOp):
+    """Near-duplicate images (re-encoded, resized, lightly edited): DCT perceptual hash, duplicate
+    when the Hamming distance to an earlier kept image is at most ``radius`` bits."""
+
+    default_level = "node"
+
+    @dataclass
+    class Params:
+        radius: int = 6
+        hash_size: int = 8
+        color: bool = False
+
+        def validate(self):
+            if self.radius < 0 or self.hash_size < 2:
+                raise ValueError("radius must be >= 0 and hash_size >= 2")
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        p = self.params
+        self.index = HammingIndex(p.hash_size ** 2 * (3 if p.color else 1), p.radius)
+
+    def signature(self, view):
+        out = {}
+        for i, _ in view.images():
+            try:
+                out[i] = phash(view.pil(i), self.params.hash_size, color=self.params.color)
+            except MediaError:
+                out[i] = None  # undecodable: nothing to compare (image_decode quarantines it)
+        return out
+
+    def decide(self, view, sig, doc_id):
+        out, local = [], []
+        for i, _ in view.images():
+            h = sig.get(i)
+            if h is None:
+                continue
+            hit = self.index.query(h)
+            if hit is None:
+                near = [hamming(h, g) for g in local if hamming(h, g) <= self.params.radius]
+                hit = (doc_id, min(near)) if near else None
+            local.append(h)
+            stats = {"phash": f"{h:x}"} | ({"distance": hit[1]} if hit else {})
+            out.append(Verdict("near_duplicate_image" if hit else None, stats, item=i,
+                               duplicate_of=hit[0] if hit else None))
+        return out
+
+    def commit(self, view, sig, doc_id):
+        for i, _ in view.images():
+            if sig.get(i) is not None:
+                self._add([f"{sig[i]:x}", doc_id])
+
+    def _insert(self, e):
+        self.index.add(int(e[0], 16), e[1])
+
+
+_MERSENNE_P = 4294967291  # largest prime below 2**32: a*x + b stays below 2**64 for a < 2**31
+
+
+def shingles(text: str, n: int) -> set[str]:
+    ws = normalize_text(text).split()
+    if not ws:
+        return set()
+    if len(ws) <= n:
+        return {" ".join(ws)}
+    return {" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1)}
+
+
+def minhash(items: set[str], num_perm: int, seed: int = 1) -> np.ndarray:
+    """MinHash signature (uint32[num_perm]) of a set of strings with universal hashes (a*x+b) mod p."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 1 << 31, num_perm, dtype=np.uint64)
+    b = rng.integers(0, _MERSENNE_P, num_perm, dtype=np.uint64)
+    x = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") % _MERSENNE_P
+                  for s in sorted(items)], dtype=np.uint64)
+    if x.size == 0:
+        return np.full(num_perm, _MERSENNE_P, dtype=np.uint32)
+    return ((x[:, None] * a[None, :] + b[None, :]) % np.uint64(_MERSENNE_P)).min(axis=0).astype(np.uint32)
+
+
+@register_op("doc_near_dedup")
+class DocNearDedup(StatefulOp):
+    """Near-duplicate documents: MinHash over word n-gram shingles of the normalised text, candidate
+    pairs from LSH banding, then a check that the estimated Jaccard similarity reaches ``threshold``
+    AND that the documents carry the same number of images, pairwise within ``image_radius`` bits
+    of perceptual hash (templated captions repeat across different pictures; those are not copies).
+    Documents with fewer than ``min_words`` words are not judged (short texts collide by chance)."""
+
+    levels = ("doc",)
+
+    @dataclass
+    class Params:
+        ngram: int = 3
+        num_perm: int = 128
+        bands: int = 32
+        threshold: float = 0.7
+        min_words: int = 5
+        image_radius: int = 10
+
+        def validate(self):
+            if self.num_perm % self.bands:
+                raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.buckets: dict[tuple, list[int]] = {}
+        self.sigs: list[np.ndarray] = []
+        self.phashes: list[list[int]] = []
+        self.ids: list[str] = []
+
+    def signature(self, view):
+        text = view.text
+        if len(normalize_text(text).split()) < self.params.min_words:
+            return None
+        ph = []
+        for i, _ in view.images():
+            try:
+                ph.append(phash(view.pil(i)))
+            except MediaError:
+                ph.append(None)
+        return {"minhash": minhash(shingles(text, self.params.ngram), self.params.num_perm), "phash": ph}
+
+    def _bands(self, sig: np.ndarray):
+        r = self.params.num_perm // self.params.bands
+        for b in range(self.params.bands):
+            yield (b, sig[b * r:(b + 1) * r].tobytes())
+
+    def _same_images(self, a: list, b: list) -> bool:
+        return len(a) == len(b) and all(x is not None and y is not None and hamming(x, y) <= self.params.image_radius
+                                        for x, y in zip(a, b))
+
+    def decide(self, view, sig, doc_id):
+        if sig is None:
+            return []
+        mh = sig["minhash"]
+        cands = sorted({i for key in self._bands(mh) for i in self.buckets.get(key, ())})
+        for i in cands:  # the earliest kept document that is similar enough
+            sim = float(np.mean(self.sigs[i] == mh))
+            if sim >= self.params.threshold and self._same_images(self.phashes[i], sig["phash"]):
+                return [Verdict("near_duplicate_doc", {"jaccard_est": round(sim, 4)}, duplicate_of=self.ids[i])]
+        return [Verdict(None, {})]
+
+    def commit(self, view, sig, doc_id):
+        if sig is not None:
+            self._add([sig["minhash"].tolist(), doc_id, [None if h is None else f"{h:x}" for h in sig["phash"]]])
+
+    def _insert(self, e):
+        sig = np.asarray(e[0], dtype=np.uint32)
+        idx = len(self.sigs)
+        self.sigs.append(sig)
+        self.ids.append(e[1])
+        self.phashes.append([None if h is None else int(h, 16) for h in e[2]])
+        for key in self._bands(sig):
+            self.buckets.setdefault(key, []).append(idx)

@@ -1,0 +1,162 @@
+"""Packing token sequences into fixed-length rows without cross-document attention.
+
+Documents are placed into rows of ``seq_len`` tokens by first-fit-decreasing bin packing (longest
+first, each into the first row with room), which wastes little padding for the short, uneven
+documents of multimodal corpora. Each row carries:
+
+- ``position_ids`` that restart at 0 for every document (RoPE sees each document as if alone);
+- ``segment_ids``: which document of the row a token belongs to (-1 for padding), from which
+  :func:`mmgen.models.lm.packed_attention_mask` builds the block-diagonal causal mask;
+- ``labels``: the input id where the token is a training target, else -100. The first token of each
+  segment is never a target, since its predecessor in the row belongs to another document.
+
+A document longer than a row is split into chunks at item boundaries (an image block is never cut:
+a half image would teach the model malformed grids); when one item alone is longer than a row the
+document is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackStats:
+    docs: int = 0
+    rows: int = 0
+    chunks: int = 0  # pieces placed into rows (a split document gives several)
+    docs_split: int = 0
+    docs_dropped: int = 0
+    tokens: int = 0  # real tokens placed
+    seq_len: int = 0
+
+    @property
+    def fill_rate(self) -> float:
+        return self.tokens / (self.rows * self.seq_len) if self.rows else 0.0
+
+    def to_dict(self) -> dict:
+        return {"docs": self.docs, "rows": self.rows, "chunks": self.chunks, "docs_split": self.docs_split,
+                "docs_dropped": self.docs_dropped, "tokens": self.tokens, "seq_len": self.seq_len,
+                "fill_rate": round(self.fill_rate, 4)}
+
+
+def split_at_boundaries(seq: dict, seq_len: int) -> list[dict] | None:
+    """Cut a sequence longer than ``seq_len`` into chunks that end on item boundaries.
+
+    Returns None when some item alone does not fit a row."""
+    ids = seq["input_ids"]
+    n = len(ids)
+    # Allowed cut points: item starts, plus the ends. A chunk spans [cuts[a], cuts[b]).
+    cuts = sorted({0, n, *[b for b in seq.get("boundaries", []) if 0 < b < n]})
+    pieces = []
+    start = 0
+    while start < n:
+        # The farthest allowed cut that keeps the chunk within a row.
+        k = bisect.bisect_right(cuts, start + seq_len) - 1
+        end = cuts[k]
+        if end <= start:
+            return None
+        pieces.append((start, end))
+        start = end
+    out = []
+    for a, b in pieces:
+        mask = np.array(seq["loss_mask"][a:b], dtype=bool)
+        mask[0] = False  # a continuation chunk has no context for its first token
+        out.append({"input_ids": ids[a:b], "loss_mask": mask, "doc_index": seq.get("doc_index")})
+    return out
+
+
+def pack_sequences(seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: bool = True) -> tuple[dict, PackStats]:
+    """First-fit-decreasing packing of sequences (from :func:`mmgen.data.sequence.build_sequence`).
+
+    Returns ``(rows, stats)`` where rows holds int64 numpy arrays ``(R, seq_len)``: ``input_ids``,
+    ``labels``, ``position_ids``, ``segment_ids``, and ``doc_index`` (which input sequence each
+    token came from, -1 for padding)."""
+    stats = PackStats(seq_len=seq_len)
+    chunks: list[dict] = []
+    for i, seq in enumerate(seqs):
+        stats.docs += 1
+        seq = dict(seq, doc_index=i)
+        if len(seq["input_ids"]) <= seq_len:
+            chunks.append(seq)
+            continue
+        pieces = split_at_boundaries(seq, seq_len) if split_long else None
+        if pieces is None:
+            stats.docs_dropped += 1
+            continue
+        stats.docs_split += 1
+        chunks.extend(pieces)
+    # Longest first; ties keep input order, so packing is deterministic.
+    order = sorted(range(len(chunks)), key=lambda j: -len(chunks[j]["input_ids"]))
+    free: list[int] = []  # room left per row
+    rows: list[list[int]] = []  # chunk indices per row
+    for j in order:
+        n = len(chunks[j]["input_ids"])
+        for r, room in enumerate(free):
+            if room >= n:
+                free[r] -= n
+                rows[r].append(j)
+                break
+        else:
+            free.append(seq_len - n)
+            rows.append([j])
+    R = len(rows)
+    out = {
+        "input_ids": np.full((R, seq_len), pad_id, dtype=np.int64),
+        "labels": np.full((R, seq_len), IGNORE_INDEX, dtype=np.int64),
+        "position_ids": np.zeros((R, seq_len), dtype=np.int64),
+        "segment_ids": np.full((R, seq_len), -1, dtype=np.int64),
+        "doc_index": np.full((R, seq_len), -1, dtype=np.int64),
+    }
+    for r, members in enumerate(rows):
+        pos = 0
+        for s, j in enumerate(members):
+            c = chunks[j]
+            ids = np.asarray(c["input_ids"], dtype=np.int64)
+            n = len(ids)
+            mask = np.array(c["loss_mask"], dtype=bool)
+            mask[0] = False
+            sl = slice(pos, pos + n)
+            out["input_ids"][r, sl] = ids
+            out["labels"][r, sl] = np.where(mask, ids, IGNORE_INDEX)
+            out["position_ids"][r, sl] = np.arange(n)
+            out["segment_ids"][r, sl] = s
+            out["doc_index"][r, sl] = c["doc_index"]
+            pos += n
+            stats.tokens += n
+        # Padding continues the position count so position ids stay in range and monotone per row.
+        out["position_ids"][r, pos:] = np.arange(seq_len - pos)
+    stats.rows = R
+    stats.chunks = len(chunks)
+    return out, stats
+
+
+def packed_batch(rows: dict, index, dtype: torch.dtype = torch.float32) -> dict:
+    """Model inputs for some rows: ``input_ids``, ``position_ids``, 4-D ``attention_mask``, ``labels``."""
+    from mmgen.models.lm import packed_attention_mask
+
+    idx = np.atleast_1d(np.asarray(index))
+    seg = torch.from_numpy(rows["segment_ids"][idx])
+    return {
+        "input_ids": torch.from_numpy(rows["input_ids"][idx]),
+        "position_ids": torch.from_numpy(rows["position_ids"][idx]),
+        "attention_mask": packed_attention_mask(seg, dtype=dtype),
+        "labels": torch.from_numpy(rows["labels"][idx]),
+    }
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts ``labels[t + 1]`` (targets of -100 are ignored)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return loss
+    return loss / (target != IGNORE_INDEX).sum().clamp(min=1)

@@ -1,0 +1,196 @@
+"""Coded documents -> token sequences for the unified LM (the layout training and inference share).
+
+A document becomes::
+
+    <s> text ids | image block | text ids | ... </s>
+
+Consecutive Text items are joined with one space and encoded together (the tokenizer sees natural
+text); an image item becomes ``vocab.image_block(codes, sem)``; an audio item with codes becomes
+``vocab.audio_block(codes)`` when the vocab has an ``audio`` range. Items without usable codes (video,
+or audio before an audio tokenizer exists) are skipped and counted by reason, never silently.
+
+:func:`encode_prompt` is what text-to-image generation feeds the model: for a caption document
+``[caption, image]`` the training sequence starts with exactly ``encode_prompt(caption, ...)``, so the
+model sees at inference the very prefix it was trained on.
+
+Each sequence also lists the token offsets of its item boundaries: :mod:`mmgen.data.packing` may split
+a long document only there, never inside an image block.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from mmgen.data.doc import Audio, BadRecord, Image, Text, Video
+from mmgen.errors import MMGenError
+from mmgen.models.vocab import Vocab
+
+# Which token kinds get a next-token loss. "structural" covers <image>, size tokens, <eol>, ...
+TARGET_KINDS = ("text", "structural", "image", "audio")
+
+
+def encode_text(text: str, text_tokenizer) -> list[int]:
+    """Token ids of one text span, without special tokens (shared by training and inference)."""
+    return list(text_tokenizer.encode(text.strip(), add_special_tokens=False))
+
+
+def _bos_eos(text_tokenizer) -> tuple[int, int]:
+    bos, eos = text_tokenizer.bos_token_id, text_tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise MMGenError("the text tokenizer has no bos/eos token; set bos_token and eos_token on it")
+    return int(bos), int(eos)
+
+
+def encode_prompt(text: str, text_tokenizer, vocab: Vocab, image: bool = True) -> list[int]:
+    """The prefix text-to-image generation starts from: ``<s> text [<image>]``.
+
+    With ``image=False`` it is the prefix for continuing in text (captioning, chat)."""
+    bos, _ = _bos_eos(text_tokenizer)
+    ids = [bos, *encode_text(text, text_tokenizer)]
+    if image:
+        ids.append(vocab["<image>"])
+    return ids
+
+
+def _kind_of(vocab: Vocab, ids: np.ndarray, eos: int) -> np.ndarray:
+    """Per-token kind index into TARGET_KINDS. ``</s>`` counts as structural: a model trained on
+    image targets only must still learn to stop after ``</image>``."""
+    out = np.where((ids < vocab.text_size) & (ids != eos), 0, 1)
+    for name, (a, b) in vocab.ranges.items():
+        out = np.where((ids >= a) & (ids < b), 3 if name == "audio" else 2, out)
+    return out
+
+
+def build_sequence(coded_doc, text_tokenizer, vocab: Vocab, targets: Iterable[str] = TARGET_KINDS) -> dict:
+    """One :class:`~mmgen.data.code_shards.CodedDoc` -> token ids plus per-token facts.
+
+    Returns ``{"input_ids": int64 (N,), "loss_mask": bool (N,), "modality": int8 (N,)
+    (vocab.modality_of), "boundaries": [offsets where a new item starts], "skipped": {reason: n},
+    "doc_id": str}``. ``loss_mask[i]`` says whether token i is a training target; ``<s>`` never is.
+    ``targets`` limits the loss to some token kinds (e.g. ``("image", "structural")`` for
+    text-to-image only)."""
+    bad = set(targets) - set(TARGET_KINDS)
+    if bad:
+        raise MMGenError(f"unknown loss target kind(s) {sorted(bad)} (known: {', '.join(TARGET_KINDS)})")
+    bos, eos = _bos_eos(text_tokenizer)
+    doc = coded_doc.doc
+    ids: list[int] = [bos]
+    boundaries: list[int] = []
+    skipped: Counter = Counter()
+    pending_text: list[str] = []
+
+    def flush_text():
+        if pending_text:
+            span = encode_text(" ".join(t.strip() for t in pending_text), text_tokenizer)
+            pending_text.clear()
+            if span:
+                boundaries.append(len(ids))
+                ids.extend(span)
+
+    for i, item in enumerate(doc.items):
+        if isinstance(item, Text):
+            if item.text.strip():
+                pending_text.append(item.text)
+            continue
+        block = None
+        codes = coded_doc.codes.get(i)
+        if isinstance(item, Image):
+            if codes is None:
+                skipped["image_without_codes"] += 1
+            else:
+                grid = np.asarray(codes)
+                if grid.ndim == 3 and grid.shape[0] == 1:
+                    grid = grid[0]
+                sem = coded_doc.sem.get(i) if vocab.has("sem") else None
+                try:
+                    block = vocab.image_block(grid, sem=sem)
+                except MMGenError:
+                    skipped["image_codes_not_in_vocab"] += 1  # e.g. grid larger than max_grid
+        elif isinstance(item, Audio):
+            if codes is None or not vocab.has("audio"):
+                skipped["audio_without_codes"] += 1
+            else:
+                try:
+                    block = vocab.audio_block(codes)
+                except MMGenError:
+                    skipped["audio_codes_not_in_vocab"] += 1
+        elif isinstance(item, Video):
+            skipped["video_not_supported"] += 1
+        else:
+            skipped[f"{getattr(item, 'kind', type(item).__name__)}_not_supported"] += 1
+        if block is not None:
+            flush_text()
+            boundaries.append(len(ids))
+            ids.extend(block)
+    flush_text()
+    boundaries.append(len(ids))
+    ids.append(eos)
+
+    arr = np.asarray(ids, dtype=np.int64)
+    kinds = _kind_of(vocab, arr, eos)
+    wanted = np.isin(kinds, [TARGET_KINDS.index(k) for k in targets])
+    loss_mask = wanted.copy()
+    loss_mask[0] = False  # <s> has no context to be predicted from
+    return {
+        "input_ids": arr,
+        "loss_mask": loss_mask,
+        "modality": vocab.modality_of(arr).astype(np.int8),
+        "boundaries": boundaries,
+        "skipped": dict(skipped),
+        "doc_id": getattr(doc, "id", None),
+    }
+
+
+@dataclass
+class SequenceStats:
+    docs_in: int = 0
+    sequences: int = 0
+    bad_records: int = 0
+    empty_docs: int = 0  # nothing left to learn from once unsupported items were skipped
+    tokens: int = 0
+    skipped_items: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        return {"docs_in": self.docs_in, "sequences": self.sequences, "bad_records": self.bad_records,
+                "empty_docs": self.empty_docs, "tokens": self.tokens, "skipped_items": dict(self.skipped_items)}
+
+
+def build_sequences(records, text_tokenizer, vocab: Vocab, targets: Iterable[str] = TARGET_KINDS,
+                    max_docs: int | None = None) -> tuple[list[dict], SequenceStats]:
+    """:func:`build_sequence` over a stream of CodedDocs (BadRecords are counted, not raised).
+
+    Counts add up: ``docs_in = sequences + bad_records + empty_docs``."""
+    stats = SequenceStats()
+    out: list[dict] = []
+    targets = tuple(targets)
+    for rec in records:
+        if max_docs is not None and stats.docs_in >= max_docs:
+            break
+        stats.docs_in += 1
+        if isinstance(rec, BadRecord):
+            stats.bad_records += 1
+            continue
+        seq = build_sequence(rec, text_tokenizer, vocab, targets)
+        stats.skipped_items.update(seq["skipped"])
+        if len(seq["input_ids"]) <= 2:  # only <s> </s>
+            stats.empty_docs += 1
+            continue
+        stats.sequences += 1
+        stats.tokens += len(seq["input_ids"])
+        out.append(seq)
+    return out, stats
+
+
+def doc_texts(records) -> Iterable[str]:
+    """All Text items of a stream of CodedDocs/Docs (what the text tokenizer is trained on)."""
+    for rec in records:
+        if isinstance(rec, BadRecord):
+            continue
+        doc = getattr(rec, "doc", rec)
+        for item in doc.items:
+            if isinstance(item, Text) and item.text.strip():
+                yield item.text.strip()

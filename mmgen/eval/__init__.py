@@ -1,0 +1,1 @@
+"""Evaluation: metrics, benchmark suites and the ShapesWorld scene parser (the exact judge)."""

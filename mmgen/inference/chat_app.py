@@ -1,0 +1,202 @@
+"""The interleaved chat: a Gradio app whose answers mix text and generated images.
+
+Each answer is one assistant message whose parts are, in order, the text spans and the images of the
+generated Doc, streamed while the model writes. The same function is the named API endpoint ``/chat``,
+so ``gradio_client.Client(url).predict(prompt, [], "t2i", 1.0, 0, 0, 3.0, 512, api_name="/chat")``
+returns the conversation with the answer's images as local files.
+
+Nothing phones home: Gradio's analytics are off (environment and Blocks), fonts are the system's (no
+Google Fonts), and public share links are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from mmgen.errors import MMGenError
+
+EXAMPLES = [
+    ["a large red circle at the top left, on a black background.", "t2i"],
+    ["a small blue square in the center, on a white background.", "t2i"],
+    ["two green triangles at the bottom right, on a gray background.", "t2i"],
+    ["a yellow star moves from the left to the right.", "auto"],
+]
+
+MODE_CHOICES = [("auto: the model decides", "auto"), ("text to image", "t2i"), ("text only", "text")]
+
+
+def _gradio():
+    # Analytics must be off before gradio is imported: it reads the flag at import and at launch.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    return gr
+
+
+def doc_to_message(doc, image_dir: Path) -> dict | None:
+    """The assistant message for a generated Doc: text spans and image files, in document order."""
+    from mmgen.data.doc import Image
+
+    parts: list = []
+    for it in doc.items:
+        if isinstance(it, Image):
+            data = it.load()
+            p = image_dir / f"{hashlib.sha1(data).hexdigest()[:16]}.png"
+            if not p.exists():
+                p.write_bytes(data)
+            h, w = it.meta.get("codes_shape", ["?", "?"])
+            parts.append({"path": str(p), "mime_type": "image/png",
+                          "alt_text": f"generated image, {h}x{w} codes"})
+        else:
+            parts.append(it.text)
+    return {"role": "assistant", "content": parts} if parts else None
+
+
+class ChatEngine:
+    """Holds the loaded bundle and answers one prompt at a time (Gradio's queue serialises calls)."""
+
+    def __init__(self, bundle, image_dir: str | Path | None = None):
+        self.bundle = bundle
+        # Under the system temp dir, where Gradio serves files from without an allowed_paths entry.
+        self.image_dir = Path(image_dir or tempfile.mkdtemp(prefix="mmgen_chat_"))
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+
+    def answer(self, message: str, history: list | None, mode: str = "auto", temperature: float = 1.0,
+               top_k: int = 0, seed: int = 0, cfg_scale: float = 1.0, max_new_tokens: int = 512,
+               stream_every_s: float = 0.2):
+        """Yield the conversation (messages format) while the answer grows; the last yield is final."""
+        from mmgen.inference.generate import default_image_sizes, iter_interleaved
+
+        history = list(history or [])
+        message = (message or "").strip()
+        if not message:
+            yield history
+            return
+        history.append({"role": "user", "content": message})
+        max_new_tokens = int(max_new_tokens)
+        if mode == "t2i" and self.bundle.image_tokenizer is not None:
+            # A t2i answer must hold at least one whole image block.
+            need = max(self.bundle.vocab.image_block_len(h, w) for h, w in default_image_sizes(self.bundle))
+            max_new_tokens = max(max_new_tokens, need)
+        stream = iter_interleaved(self.bundle, message, max_new_tokens=max_new_tokens, temperature=float(temperature),
+                                  top_k=int(top_k), seed=int(seed), cfg_scale=float(cfg_scale), mode=mode)
+        last = 0.0
+        n_images = 0
+        doc = None
+        for doc in stream:
+            images = len(doc.images)
+            now = time.monotonic()
+            if images != n_images or now - last >= stream_every_s:
+                n_images, last = images, now
+                msg = doc_to_message(doc, self.image_dir)
+                yield history + ([msg] if msg else [])
+        msg = doc_to_message(doc, self.image_dir) if doc is not None else None
+        if msg is None:
+            msg = {"role": "assistant", "content": "(the model ended its answer without writing anything)"}
+        yield history + [msg]
+
+
+def _describe(bundle, checkpoint_dir) -> str:
+    from mmgen.inference.generate import default_image_sizes
+
+    n_params = sum(p.numel() for p in bundle.model.parameters())
+    sizes = default_image_sizes(bundle)
+    img = "no image tokenizer (text only)"
+    if sizes:
+        h, w = sizes[0]
+        d = bundle.image_tokenizer.downsample
+        img = f"images {w * d}x{h * d} px ({h}x{w} codes, {bundle.vocab.image_block_len(h, w)} tokens each)"
+    return (f"**Checkpoint** `{checkpoint_dir}` · {n_params / 1e6:.2f}M parameters · vocab {bundle.vocab.size} · {img}.  \n"
+            "Each message is answered on its own: the model sees only the current prompt.")
+
+
+def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
+    """The chat as a ``gr.Blocks`` (not launched). ``bundle`` skips loading when already in memory."""
+    gr = _gradio()
+    if bundle is None:
+        from mmgen.models.bundle import load_bundle
+        from mmgen.utils.compat import ensure_torchvision
+
+        ensure_torchvision()
+        bundle = load_bundle(checkpoint_dir, device=device)
+    engine = ChatEngine(bundle)
+    has_images = bundle.image_tokenizer is not None and bundle.vocab.has("pix")
+
+    def chat(message: str, history: list, mode: str, temperature: float, top_k: int, seed: int,
+             cfg_scale: float, max_new_tokens: int):
+        """Answer `message` with interleaved text and images; returns the conversation."""
+        try:
+            yield from engine.answer(message, history, mode, temperature, top_k, seed, cfg_scale, max_new_tokens)
+        except MMGenError as e:
+            raise gr.Error(str(e)) from None
+
+    with gr.Blocks(title="mmgen chat", analytics_enabled=False, fill_height=True) as app:
+        gr.Markdown("## mmgen · interleaved chat\n" + _describe(bundle, checkpoint_dir))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="conversation", height=520, buttons=["copy", "copy_all"],
+                                     feedback_options=None, group_consecutive_messages=False,
+                                     placeholder="Describe a ShapesWorld scene; pick *text to image* to force a picture.")
+                with gr.Row():
+                    msg = gr.Textbox(placeholder="a large red circle at the top left, on a black background.",
+                                     show_label=False, scale=5, lines=1, autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=80)
+            with gr.Column(scale=1, min_width=240):
+                mode = gr.Radio(MODE_CHOICES if has_images else [("text only", "text")],
+                                value="t2i" if has_images else "text", label="mode")
+                cfg_scale = gr.Slider(1.0, 8.0, value=3.0 if has_images else 1.0, step=0.5,
+                                      label="CFG scale (image tokens; 1 = off)", interactive=has_images)
+                temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature (0 = greedy)")
+                top_k = gr.Slider(0, 512, value=0, step=1, label="top-k (0 = off)")
+                seed = gr.Number(value=0, precision=0, label="seed")
+                max_new_tokens = gr.Slider(16, 2048, value=512, step=16, label="max new tokens")
+                clear = gr.Button("Clear conversation")
+        gr.Examples(examples=EXAMPLES if has_images else [[e[0], "text"] for e in EXAMPLES],
+                    inputs=[msg, mode], label="ShapesWorld prompts")
+
+        inputs = [msg, chatbot, mode, temperature, top_k, seed, cfg_scale, max_new_tokens]
+        event = gr.on([msg.submit, send.click], chat, inputs, chatbot, api_name="chat")
+        event.then(lambda: "", None, msg, api_visibility="private")
+        clear.click(lambda: [], None, chatbot, api_visibility="private")
+    app.queue(default_concurrency_limit=1)
+    app.mmgen_engine = engine
+    return app
+
+
+def _theme():
+    gr = _gradio()
+    # System fonts only: the default theme would fetch Google Fonts from the browser.
+    return gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+
+
+def launch(app, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True) -> str:
+    """Start serving ``app``; returns its local URL (after Ctrl-C when ``block``)."""
+    app.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True,
+               quiet=True, show_error=True, theme=_theme(), footer_links=["api", "settings"],
+               ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False)
+    url = app.local_url
+    if block:
+        print(f"mmgen chat running at {url} (Ctrl-C to stop)", flush=True)
+        try:
+            app.block_thread()
+        finally:
+            app.close()
+    return url
+
+
+def serve(checkpoint_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          device: str = "cpu", block: bool = True):
+    """Load a checkpoint and serve the chat at ``http://host:port``; returns the app when not blocking."""
+    if share:
+        raise MMGenError("public share links are disabled (they route through gradio.live); "
+                         "bind --host 0.0.0.0 and use your own tunnel or reverse proxy instead")
+    app = build_app(checkpoint_dir, device=device)
+    url = launch(app, host=host, port=port, block=block)
+    if not block:
+        print(f"mmgen chat running at {url}", flush=True)
+    return app

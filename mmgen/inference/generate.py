@@ -1,0 +1,415 @@
+"""Interleaved generation: one sampling loop with a KV cache writes text and images alike.
+
+Text tokens and image-block tokens stream through the same loop; :class:`ImageGridConstraint` keeps
+every image block well formed, and each block is decoded by the bundle's image tokenizer as soon as
+it closes. The result is a :class:`~mmgen.data.doc.Doc` of Text and Image items.
+
+Classifier-free guidance (``cfg_scale > 1``) runs each prompt twice in one batch: the conditional row
+and an unconditional row whose prompt is replaced by the empty prompt (``<s>``). Both rows receive the
+same sampled tokens; while a row is inside an image block its image-token logits become
+``uncond + s * (cond - uncond)`` (text logits are never guided).
+
+Rows of a batch are left-padded; position ids follow each row's own tokens, so a row's output does not
+depend on the other prompts in its batch beyond floating-point noise.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mmgen.data.doc import Doc, Image, Text
+from mmgen.errors import MMGenError
+from mmgen.inference.constraints import ImageGridConstraint
+from mmgen.models.vocab import Vocab
+
+MODES = ("auto", "t2i", "text")
+
+
+# -- prompts and sizes ----------------------------------------------------------------------------
+def prompt_ids(bundle, prompt: str, image: bool) -> list[int]:
+    """``<s> text`` (plus ``<image>`` when ``image``): the prefix training used for the same text."""
+    from mmgen.data.sequence import encode_prompt
+
+    return encode_prompt(prompt, bundle.text_tokenizer, bundle.vocab, image=image)
+
+
+def default_image_sizes(bundle) -> list[tuple[int, int]]:
+    """The code grids generation may declare: the tokenizer's grid at the training resolution."""
+    tok = bundle.image_tokenizer
+    if tok is None:
+        return []
+    res = None
+    for key in ("image_resolution", "resolution", "image_size"):
+        v = bundle.meta.get(key)
+        if isinstance(v, int):
+            res = (v, v)
+        elif isinstance(v, (list, tuple)) and len(v) == 2:
+            res = (int(v[0]), int(v[1]))
+        if res:
+            break
+    w, h = res or tuple(tok.resolution)
+    gh, gw = tok.code_shape(w, h)
+    if max(gh, gw) > bundle.vocab.config.max_grid:
+        raise MMGenError(f"image grid {gh}x{gw} exceeds the vocab's max_grid {bundle.vocab.config.max_grid}")
+    return [(gh, gw)]
+
+
+def _check(bundle, mode: str, cfg_scale: float, temperature: float, top_p: float, top_k: int) -> None:
+    if mode not in MODES:
+        raise MMGenError(f"unknown mode '{mode}' (use one of: {', '.join(MODES)})")
+    if mode == "t2i" and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):
+        raise MMGenError("t2i mode needs a checkpoint with an image tokenizer and pixel codes in its vocab")
+    if cfg_scale < 1.0:
+        raise MMGenError(f"cfg_scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
+    if temperature < 0:
+        raise MMGenError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise MMGenError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise MMGenError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
+
+
+# -- guidance and sampling --------------------------------------------------------------------------
+def image_token_mask(vocab: Vocab, size: int, device=None) -> torch.Tensor:
+    """(V,) bool: the ids guidance acts on (everything that is not a text id)."""
+    m = torch.zeros(size, dtype=torch.bool, device=device)
+    m[vocab.text_size: vocab.size] = True
+    return m
+
+
+def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rows_in_image: torch.Tensor,
+               image_cols: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance on image tokens of rows inside an image block; cond logits elsewhere."""
+    guided = uncond + scale * (cond - uncond)
+    where = rows_in_image[:, None] & image_cols[None, :]
+    return torch.where(where, guided, cond)
+
+
+def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p (the best token always stays).
+        drop_sorted = (cum - sorted_scores.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def _sample(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    if temperature == 0:
+        return scores.argmax(-1)
+    probs = _warp(scores, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(scores.device)
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, length - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, length - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
+                  pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  cfg_scale: float = 1.0, uncond_rows: Sequence[Sequence[int]] | None = None,
+                  sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
+                  stop_after_images: int | None = None, logits_hook=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Sample continuations of ``rows`` under the grid constraint, one step at a time.
+
+    Yields ``(tokens, active)`` per step: the (B,) new token ids and which rows were still generating
+    (a finished row's token is ``pad_id`` and must be ignored). A row finishes at ``eos_id`` (outside an
+    image block), after ``stop_after_images`` closed image blocks, or at ``max_new_tokens``.
+    ``logits_hook(cond, uncond, guided, in_block)`` sees each step's logits (tests, analysis)."""
+    if not rows:
+        return
+    device = next(model.parameters()).device
+    bsz = len(rows)
+    use_cfg = cfg_scale != 1.0
+    if use_cfg:
+        if uncond_rows is None or len(uncond_rows) != bsz:
+            raise MMGenError("classifier-free guidance needs one unconditional prompt per row")
+        all_rows = list(rows) + list(uncond_rows)
+    else:
+        all_rows = list(rows)
+    ids, attn = _left_pad(all_rows, pad_id, device)
+    position = (attn.cumsum(-1) - 1).clamp(min=0)
+    seq = ids[:bsz]
+    constraint = ImageGridConstraint(vocab, sizes=sizes, allow_images=allow_images,
+                                     max_length=seq.shape[1] + max_new_tokens)
+    gen = torch.Generator().manual_seed(int(seed))
+    image_cols = None
+
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True)
+    past = out.past_key_values
+    logits = out.logits[:, -1, :].float()
+    next_pos = position[:, -1] + 1
+    active = torch.ones(bsz, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        constraint.observe(seq)
+        cond = logits[:bsz]
+        in_block = torch.tensor(constraint.in_block, dtype=torch.bool, device=device)
+        if use_cfg:
+            if image_cols is None:
+                image_cols = image_token_mask(vocab, cond.shape[-1], device)
+            uncond = logits[bsz:]
+            scores = cfg_logits(cond, uncond, cfg_scale, in_block, image_cols)
+        else:
+            uncond, scores = None, cond
+        if logits_hook is not None:
+            logits_hook(cond, uncond, scores, in_block)
+        scores = constraint.mask(scores)
+        tok = _sample(scores, temperature, top_k, top_p, gen)
+        tok = torch.where(active, tok, torch.full_like(tok, pad_id))
+        was_active = active.clone()
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+        # The closing token of a block is only counted by observe() on the next step; count it here.
+        finished = (tok == eos_id) & ~in_block
+        if stop_after_images is not None:
+            closes = torch.tensor([p > 0 and p + 1 == _block_len(constraint, b) for b, p in enumerate(constraint.pos)],
+                                  dtype=torch.bool, device=device)
+            done_images = torch.tensor(constraint.completed, device=device) + closes.long()
+            finished |= done_images >= stop_after_images
+        active = active & ~finished
+        yield tok, was_active
+        if not bool(active.any()):
+            return
+        step_tok = torch.cat([tok, tok]) if use_cfg else tok
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(input_ids=step_tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+
+
+def _block_len(constraint: ImageGridConstraint, b: int) -> int:
+    if constraint.pos[b] < 3:
+        return -1
+    return constraint._block_length(constraint.h_tok[b], constraint.w_tok[b])
+
+
+# -- assembling documents ---------------------------------------------------------------------------
+class _DocBuilder:
+    """Turns one row's token stream into Doc items: text spans and decoded image blocks."""
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+        self.vocab = bundle.vocab
+        self.items: list = []
+        self.text_ids: list[int] = []
+        self.block: list[int] | None = None
+        self.block_len = -1
+        self.n_tokens = 0
+
+    def _flush_text(self) -> None:
+        if self.text_ids:
+            text = self.bundle.text_tokenizer.decode(self.text_ids, skip_special_tokens=True)
+            if text.strip():
+                self.items.append(Text(text.strip()))
+            self.text_ids = []
+
+    def push(self, t: int) -> bool:
+        """Add one token; True when it completed an image."""
+        self.n_tokens += 1
+        v = self.vocab
+        if self.block is None:
+            if t == v["<image>"]:
+                self._flush_text()
+                self.block = [t]
+            elif t < v.text_size:
+                self.text_ids.append(t)
+            return False
+        self.block.append(t)
+        if len(self.block) == 3:
+            h = self.block[1] - v.h_start + 1
+            w = self.block[2] - v.w_start + 1
+            self.block_len = v.image_block_len(h, w)
+        if len(self.block) == self.block_len:
+            self.items.append(self._decode_block(self.block))
+            self.block, self.block_len = None, -1
+            return True
+        return False
+
+    def _decode_block(self, block: list[int]) -> Image:
+        parsed = self.vocab.parse_image_block(block)
+        pil = self.bundle.image_tokenizer.decode(parsed["pix"][None])[0]
+        meta = {"codes_shape": [parsed["h"], parsed["w"]], "num_tokens": len(block),
+                "width": pil.size[0], "height": pil.size[1]}
+        if parsed["sem"] is not None:
+            meta["sem_codes_shape"] = list(parsed["sem"].shape)
+        return Image.from_pil(pil, meta=meta)
+
+    def snapshot(self, meta: dict) -> Doc:
+        items = list(self.items)
+        if self.text_ids:
+            text = self.bundle.text_tokenizer.decode(self.text_ids, skip_special_tokens=True).strip()
+            if text:
+                items.append(Text(text))
+        return Doc(items=items, meta=dict(meta))
+
+    def finish(self, meta: dict) -> Doc:
+        self._flush_text()
+        if self.block is not None:  # only when the budget ran out, which the constraint prevents
+            meta = {**meta, "unfinished_image_tokens": len(self.block)}
+        return Doc(items=list(self.items), meta=dict(meta))
+
+
+def _special(bundle) -> tuple[int, int]:
+    tok = bundle.text_tokenizer
+    eos = tok.eos_token_id
+    if eos is None:
+        raise MMGenError("the checkpoint's text tokenizer has no eos token (</s>); set eos_token on it")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    return int(eos), int(pad)
+
+
+def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int = 0, cfg_scale: float = 1.0, mode: str = "auto",
+                     sizes: Sequence[tuple[int, int]] | None = None) -> Iterator[Doc]:
+    """Stream :func:`generate_interleaved`: yields the growing answer after each new token.
+
+    Every yield is a fresh Doc of the completed items plus the text written so far; the last one is the
+    finished answer (``meta['stop']`` says why it stopped: ``eos`` or ``max_new_tokens``)."""
+    _check(bundle, mode, cfg_scale, temperature, top_p, top_k)
+    if max_new_tokens < 1:
+        raise MMGenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = bundle.vocab
+    eos, pad = _special(bundle)
+    can_image = bundle.image_tokenizer is not None and vocab.has("pix") and mode != "text"
+    sizes = list(sizes) if sizes else (default_image_sizes(bundle) if can_image else None)
+    if mode == "t2i":
+        need = min(vocab.image_block_len(h, w) for h, w in sizes) - 1  # <image> is already in the prompt
+        if max_new_tokens < need:
+            raise MMGenError(f"max_new_tokens {max_new_tokens} is too small for one image block "
+                             f"({need} tokens for a {sizes[0][0]}x{sizes[0][1]} grid); raise --max-new-tokens")
+    t2i = mode == "t2i"
+    rows = [prompt_ids(bundle, prompt, image=t2i)]
+    uncond = [prompt_ids(bundle, "", image=t2i)] if cfg_scale != 1.0 else None
+    builder = _DocBuilder(bundle)
+    if t2i:
+        builder.block = [vocab["<image>"]]
+    meta = {"prompt": prompt, "mode": mode, "seed": seed, "cfg_scale": cfg_scale, "temperature": temperature,
+            "top_k": top_k, "top_p": top_p}
+    stop = "max_new_tokens"
+    new = 0
+    t0 = time.perf_counter()
+    for tok, active in sample_tokens(bundle.model, vocab, rows, max_new_tokens=max_new_tokens, eos_id=eos,
+                                     pad_id=pad, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                     cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, allow_images=can_image):
+        if not bool(active[0]):
+            break
+        t = int(tok[0])
+        new += 1
+        if t == eos and builder.block is None:
+            stop = "eos"
+            break
+        builder.push(t)
+        yield builder.snapshot({**meta, "new_tokens": new})
+    meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3))
+    yield builder.finish(meta)
+
+
+def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0, seed: int = 0, cfg_scale: float = 1.0, mode: str = "auto",
+                         sizes: Sequence[tuple[int, int]] | None = None) -> Doc:
+    """Continue ``prompt`` with interleaved text and images until ``</s>`` or ``max_new_tokens``.
+
+    ``mode``: ``auto`` lets the model choose when to open an image; ``t2i`` opens one right after the
+    prompt; ``text`` forbids images. ``cfg_scale > 1`` turns on classifier-free guidance for image
+    tokens. The same arguments and seed give the same Doc."""
+    doc = None
+    for doc in iter_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, sizes=sizes):
+        pass
+    return doc
+
+
+@torch.no_grad()
+def generate_images(bundle, prompts: Sequence[str], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0, cfg_scale: float = 1.0, batch_size: int = 8,
+                    size: tuple[int, int] | None = None, progress: bool = False) -> list:
+    """Text-to-image for many prompts, batched: one PIL image per prompt, in order.
+
+    ``size`` is the (H, W) code grid (default: the tokenizer's native grid). Batch ``i`` uses seed
+    ``seed + i`` so results do not depend on how many batches ran before."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    _check(bundle, "t2i", cfg_scale, temperature, top_p, top_k)
+    vocab = bundle.vocab
+    eos, pad = _special(bundle)
+    sizes = [tuple(size)] if size else default_image_sizes(bundle)
+    budget = max(vocab.image_block_len(h, w) for h, w in sizes) - 1
+    out: list = [None] * len(prompts)
+    starts = range(0, len(prompts), max(1, int(batch_size)))
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="t2i", unit="batch")
+    for bi, s in enumerate(starts):
+        chunk = list(prompts[s:s + batch_size])
+        rows = [prompt_ids(bundle, p, image=True) for p in chunk]
+        uncond = [prompt_ids(bundle, "", image=True) for _ in chunk] if cfg_scale != 1.0 else None
+        blocks = [[vocab["<image>"]] for _ in chunk]
+        for tok, active in sample_tokens(bundle.model, vocab, rows, max_new_tokens=budget, eos_id=eos, pad_id=pad,
+                                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + bi,
+                                         cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1):
+            for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
+                if a:
+                    blocks[r].append(t)
+        grids = [vocab.parse_image_block(b)["pix"] for b in blocks]
+        # One decoder call per grid shape (all the same unless several sizes are allowed).
+        by_shape: dict[tuple, list[int]] = {}
+        for r, g in enumerate(grids):
+            by_shape.setdefault(g.shape, []).append(r)
+        for shape, idx in by_shape.items():
+            pils = bundle.image_tokenizer.decode(np.stack([grids[r] for r in idx]))
+            for r, pil in zip(idx, pils):
+                out[s + r] = pil
+    return out
+
+
+# -- the CLI stage ----------------------------------------------------------------------------------
+def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generated", mode: str = "auto",
+                 seed: int = 0, cfg_scale: float = 1.0, max_new_tokens: int = 512, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, device: str = "cpu") -> tuple[Doc, list[Path]]:
+    """``mmgen generate``: load a checkpoint, generate, write images as PNG (and the Doc as JSON)."""
+    from mmgen.models.bundle import load_bundle
+    from mmgen.utils.compat import ensure_torchvision
+
+    ensure_torchvision()
+    bundle = load_bundle(checkpoint, device=device)
+    doc = generate_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    names: list[str | None] = []
+    for it in doc.items:
+        if isinstance(it, Image):
+            p = out / f"image_{len(paths)}.png"
+            p.write_bytes(it.load())
+            paths.append(p)
+            names.append(p.name)
+        else:
+            names.append(None)
+    import json
+
+    (out / "doc.json").write_text(json.dumps(doc.to_json(media_names=names), indent=1, ensure_ascii=False))
+    return doc, paths

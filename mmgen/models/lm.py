@@ -1,0 +1,108 @@
+"""The unified LM: one decoder-only transformer over the whole :class:`~mmgen.models.vocab.Vocab`.
+
+Text, structural, size and code tokens share one embedding table and one output head (Emu3 /
+Lumina-mGPT / Anole style), so the model is a plain ``transformers.LlamaForCausalLM`` and every tool of
+the ecosystem (``generate``, ``save_pretrained``, PEFT, DeepSpeed) works on it unchanged. The
+``tiny`` preset builds it from config; real-scale presets start from a pretrained decoder and resize its
+embeddings to ``vocab.size`` (:func:`extend_pretrained_lm`).
+
+Packed rows (several documents in one row, :mod:`mmgen.data.packing`) are run with a 4-D additive
+block-diagonal causal mask from :func:`packed_attention_mask`: transformers passes a 4-D mask to the
+attention kernels as is (eager and sdpa), so no document attends to another.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmgen.errors import MMGenError
+from mmgen.models.text_tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mmgen.models.vocab import Vocab
+from mmgen.utils.compat import ensure_torchvision  # transformers' model modules import torchvision
+
+
+def build_tiny_lm(vocab: Vocab, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
+                  intermediate: int | None = None, max_len: int = 2048, rope_theta: float = 10000.0,
+                  tie_embeddings: bool = True, bos_token_id: int = BOS_ID, eos_token_id: int = EOS_ID,
+                  pad_token_id: int = PAD_ID, text_tokenizer=None, attn_implementation: str = "sdpa",
+                  seed: int | None = None):
+    """A randomly initialised ``LlamaForCausalLM`` whose vocabulary is ``vocab.size``.
+
+    bos/eos/pad default to the ids of :func:`mmgen.models.text_tokenizer.train_text_tokenizer`; pass
+    ``text_tokenizer`` to take them from another tokenizer instead."""
+    ensure_torchvision()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if text_tokenizer is not None:
+        from mmgen.models.text_tokenizer import special_ids
+
+        ids = special_ids(text_tokenizer)
+        bos_token_id, eos_token_id, pad_token_id = ids["bos"], ids["eos"], ids["pad"]
+    if hidden % heads:
+        raise MMGenError(f"model hidden size {hidden} is not divisible by heads {heads}")
+    kv_heads = kv_heads or heads
+    if heads % kv_heads:
+        raise MMGenError(f"model heads {heads} is not divisible by kv_heads {kv_heads}")
+    for name, i in (("bos", bos_token_id), ("eos", eos_token_id), ("pad", pad_token_id)):
+        if i is None or not 0 <= i < vocab.text_size:
+            raise MMGenError(f"{name} token id {i} is not a text id of the vocab (text size {vocab.text_size})")
+    config = LlamaConfig(
+        vocab_size=vocab.size,
+        hidden_size=hidden,
+        intermediate_size=intermediate or _swiglu_width(hidden),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_len,
+        rope_theta=rope_theta,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        attention_dropout=0.0,
+    )
+    config._attn_implementation = attn_implementation
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.bos_token_id = bos_token_id
+    model.generation_config.eos_token_id = eos_token_id
+    model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def _swiglu_width(hidden: int) -> int:
+    # Llama's 8/3 * hidden for SwiGLU, rounded up to a multiple of 64 for matmul-friendly shapes.
+    return ((8 * hidden // 3) + 63) // 64 * 64
+
+
+def extend_pretrained_lm(model, vocab: Vocab):
+    """Grow a pretrained decoder's embeddings to ``vocab.size`` (text ids unchanged, new rows at the end)."""
+    if model.config.vocab_size > vocab.size:
+        raise MMGenError(f"model vocab {model.config.vocab_size} is larger than the mmgen vocab {vocab.size}; "
+                         "build the Vocab with the model's text_size")
+    model.resize_token_embeddings(vocab.size, mean_resizing=True)
+    return model
+
+
+def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """4-D additive mask ``(B, 1, L, L)``: 0 where query i may attend key j (same segment, j <= i),
+    the dtype's minimum elsewhere. Segment id < 0 marks padding, which attends only to itself so that
+    no softmax row is empty."""
+    seg = segment_ids
+    if seg.ndim == 1:
+        seg = seg[None]
+    L = seg.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()
+    same = seg[:, :, None] == seg[:, None, :]
+    allowed = same & causal[None]
+    pad = seg < 0
+    eye = torch.eye(L, dtype=torch.bool, device=seg.device)[None]
+    allowed = torch.where(pad[:, :, None], eye, allowed)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

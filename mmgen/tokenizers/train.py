@@ -1,0 +1,433 @@
+"""Training a :class:`~mmgen.tokenizers.vq.PixelVQ` image tokenizer (plain PyTorch, CPU is fine).
+
+    cfg = load_config(TokenizerTrainConfig, "tokenizers/tiny_vq.yaml", ["steps=50"])
+    tokenizer_dir = train_tokenizer(cfg)
+
+Data: every image item of Doc shards (``inputs``), image folders (``image_dirs``) and, optionally,
+freshly drawn flat-shape scenes (``synthetic_images``), held in memory as uint8 at ``resolution``
+(non-square images are centre-cropped). A slice is held out for the final evaluation.
+
+Loss: L1 + L2 on pixels, an image-gradient (edge) term that keeps shape outlines sharp at almost no
+cost, and the quantizer's codebook + commitment losses. Dead codes are restarted every
+``restart_every`` steps from the current batch's encoder outputs.
+
+Outputs in ``out_dir``: ``metrics.jsonl`` (loss, recon, commitment, codebook usage, perplexity...),
+``checkpoints/step_N/`` (safetensors only), ``tokenizer/`` (``save_pretrained``), ``eval.json`` and
+``recon.png`` (held-out inputs above their reconstructions).
+
+Resumable and exact: the batch and the restart draws of step N come from a generator seeded by
+(seed, N), so ``resume=true`` replays the same steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmgen.errors import MMGenError, MediaError
+
+_IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class VQModelConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 1
+    patch_size: int = 2
+    code_dim: int = 8
+    codebook_size: int = 512
+    norm_groups: int = 8
+    attention: bool = False
+    l2_norm: bool = True
+    beta: float = 0.25
+    usage_decay: float = 0.95
+
+
+@dataclass
+class TokenizerTrainConfig:
+    # data
+    inputs: list[str] = field(default_factory=list)  # Doc shards: files, directories or globs
+    image_dirs: list[str] = field(default_factory=list)  # folders of image files (searched recursively)
+    synthetic_images: int = 0  # extra ShapesWorld-style scenes drawn on the fly
+    max_images: int = 50000  # cap on images held in memory
+    resolution: int = 64
+    eval_images: int = 128  # held out for the final PSNR / usage numbers
+    # model
+    model: VQModelConfig = field(default_factory=VQModelConfig)
+    # optimisation
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    edge_weight: float = 0.5
+    vq_weight: float = 1.0
+    restart_every: int = 10
+    dead_threshold: float = 0.03  # a code is dead below this fraction of uniform usage
+    # bookkeeping
+    out_dir: str = "runs/tokenizer"
+    log_every: int = 20
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    threads: int = 0  # 0: all cores this process may use (at most 8)
+    progress: bool = True
+
+
+# -- ShapesWorld-style scenes, drawn with PIL ---------------------------------------------------------
+
+PALETTE = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+    "orange": (245, 140, 30), "purple": (140, 60, 190), "pink": (240, 130, 190), "cyan": (40, 200, 210),
+    "brown": (130, 80, 40), "white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "star", "diamond")
+
+
+def _shape_points(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if kind == "triangle":
+        return [(cx, cy - r), (cx - r * 0.95, cy + r * 0.8), (cx + r * 0.95, cy + r * 0.8)]
+    if kind == "diamond":
+        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+    if kind == "star":
+        pts = []
+        for k in range(10):
+            a = -math.pi / 2 + k * math.pi / 5
+            rr = r if k % 2 == 0 else r * 0.45
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return pts
+    raise ValueError(kind)
+
+
+def random_shapes_image(rng: random.Random, width: int = 64, height: int | None = None):
+    """A flat background with 1-3 flat-coloured shapes in distinct cells of a 3x3 grid, small or
+    large: the look of ShapesWorld renders, for training data and tests without the world module."""
+    from PIL import Image as PILImage, ImageDraw
+
+    height = height or width
+    colors = list(PALETTE)
+    bg = rng.choice(colors)
+    img = PILImage.new("RGB", (width, height), PALETTE[bg])
+    draw = ImageDraw.Draw(img)
+    cw, ch = width / 3, height / 3
+    for cell in rng.sample(range(9), rng.randint(1, 3)):
+        kind = rng.choice(SHAPES)
+        color = PALETTE[rng.choice([c for c in colors if c != bg])]
+        cx, cy = (cell % 3 + 0.5) * cw, (cell // 3 + 0.5) * ch
+        r = min(cw, ch) * (0.42 if rng.random() < 0.5 else 0.26)
+        if kind == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif kind == "square":
+            draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=color)
+        else:
+            draw.polygon(_shape_points(kind, cx, cy, r), fill=color)
+    return img
+
+
+def synthetic_images(n: int, size: int, seed: int) -> list:
+    rng = random.Random(seed)
+    return [random_shapes_image(rng, size) for _ in range(n)]
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+def _square(img, size: int):
+    from PIL import Image as PILImage
+
+    img = img.convert("RGB")
+    w, h = img.size
+    if w != h:  # centre crop: the tokenizer trains on squares
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    if img.size != (size, size):
+        img = img.resize((size, size), PILImage.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_training_images(cfg: TokenizerTrainConfig) -> tuple[torch.Tensor, dict]:
+    """All training images as a uint8 tensor ``(N, 3, R, R)`` and counts of what was read/skipped."""
+    arrays: list[np.ndarray] = []
+    stats = {"from_shards": 0, "from_dirs": 0, "synthetic": 0, "bad_records": 0, "undecodable": 0}
+    limit = cfg.max_images
+
+    def full() -> bool:
+        return len(arrays) >= limit
+
+    if cfg.inputs:
+        from mmgen.data.doc import BadRecord
+        from mmgen.data.shards import read_docs
+
+        for doc in read_docs(cfg.inputs):
+            if full():
+                break
+            if isinstance(doc, BadRecord):
+                stats["bad_records"] += 1
+                continue
+            for item in doc.images:
+                try:
+                    arrays.append(_square(item.to_pil(), cfg.resolution))
+                    stats["from_shards"] += 1
+                except MediaError:
+                    stats["undecodable"] += 1
+    for folder in cfg.image_dirs:
+        if not os.path.isdir(folder):
+            raise MMGenError(f"image folder not found: {folder} (image_dirs takes directories of image files)")
+        from PIL import Image as PILImage
+
+        for p in sorted(Path(folder).rglob("*")):
+            if full():
+                break
+            if p.suffix.lower() not in _IMAGE_EXTS:
+                continue
+            try:
+                with PILImage.open(p) as img:
+                    arrays.append(_square(img, cfg.resolution))
+                stats["from_dirs"] += 1
+            except (OSError, ValueError, SyntaxError):
+                stats["undecodable"] += 1
+    if cfg.synthetic_images > 0 and not full():
+        n = min(cfg.synthetic_images, limit - len(arrays))
+        arrays.extend(np.asarray(im, dtype=np.uint8) for im in synthetic_images(n, cfg.resolution, cfg.seed))
+        stats["synthetic"] = n
+    if not arrays:
+        raise MMGenError("no training images: set inputs=[shards...], image_dirs=[folders...] or synthetic_images=N")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return x, stats
+
+
+# -- losses and schedule -----------------------------------------------------------------------------
+
+def edge_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between horizontal and vertical finite differences: a cheap stand-in for a perceptual
+    loss that penalises blurred or shifted shape outlines."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(recon) - dx(x)).abs().mean() + (dy(recon) - dy(x)).abs().mean()
+
+
+def lr_at(cfg: TokenizerTrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# -- checkpoints (safetensors + json; nothing is unpickled) ------------------------------------------
+
+def _save_checkpoint(ckpt_dir: Path, model, opt, step: int, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    d = ckpt_dir / f"step_{step:08d}"
+    tmp = ckpt_dir / f".tmp_step_{step:08d}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    osd = opt.state_dict()
+    tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+               for i, st in osd["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": osd["param_groups"]}))
+    if d.exists():
+        import shutil
+
+        shutil.rmtree(d)
+    tmp.rename(d)  # a checkpoint appears whole or not at all
+    for old in sorted(ckpt_dir.glob("step_*"))[:-keep] if keep > 0 else []:
+        import shutil
+
+        shutil.rmtree(old)
+    return d
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
+    return found[-1] if found else None
+
+
+def _load_checkpoint(d: Path, model, opt) -> int:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    meta = json.loads((d / "state.json").read_text())
+    tensors = load_file(str(d / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    state: dict = {}
+    for key, v in tensors.items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+def _threads(cfg: TokenizerTrainConfig) -> int:
+    if cfg.threads > 0:
+        return cfg.threads
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def build_model(cfg: TokenizerTrainConfig):
+    from mmgen.tokenizers.vq import PixelVQ
+
+    m = cfg.model
+    return PixelVQ(resolution=(cfg.resolution, cfg.resolution), channels=m.channels, layers_per_block=m.layers_per_block,
+                   patch_size=m.patch_size, code_dim=m.code_dim, codebook_size=m.codebook_size,
+                   norm_groups=m.norm_groups, attention=m.attention, l2_norm=m.l2_norm, beta=m.beta,
+                   usage_decay=m.usage_decay)
+
+
+def _check(cfg: TokenizerTrainConfig) -> None:
+    for name in ("steps", "batch_size", "log_every", "ckpt_every", "resolution"):
+        if getattr(cfg, name) <= 0:
+            raise MMGenError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise MMGenError(f"lr must be positive, got {cfg.lr}")
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
+    """Train a PixelVQ tokenizer; returns the directory it was saved to (``out_dir/tokenizer``)."""
+    from tqdm import tqdm
+
+    from mmgen.config import save_config
+    from mmgen.tokenizers.vq import psnr
+
+    _check(cfg)
+    torch.set_num_threads(_threads(cfg))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    if cfg.resolution % model.downsample:
+        raise MMGenError(f"resolution {cfg.resolution} is not a multiple of the model's downsampling factor {model.downsample}")
+    images, data_stats = load_training_images(cfg)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
+    n_eval = min(cfg.eval_images, len(images) // 10)
+    eval_x, train_x = images[order[:n_eval]], images[order[n_eval:]]
+
+    params_vq = [model.quantizer.embedding]
+    params_rest = [p for n, p in model.named_parameters() if n != "quantizer.embedding"]
+    opt = torch.optim.AdamW([{"params": params_rest, "weight_decay": cfg.weight_decay},
+                             {"params": params_vq, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    if cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None:
+            start = _load_checkpoint(ckpt, model, opt)
+            # Drop metrics logged after the checkpoint: they will be logged again.
+            if metrics_path.exists():
+                kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start]
+                metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    model.train()
+    window: dict[str, float] = {}
+    window_counts = torch.zeros(model.codebook_size)
+    window_steps, restarts, t0 = 0, 0, time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train tokenizer",
+               disable=not cfg.progress, leave=False)
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)
+        x = train_x[idx].float() / 127.5 - 1.0
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        recon, _codes, st = model(x)
+        l1 = (recon - x).abs().mean()
+        l2 = F.mse_loss(recon, x)
+        edge = edge_loss(recon, x) if cfg.edge_weight > 0 else torch.zeros(())
+        rec = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.edge_weight * edge
+        loss = rec + cfg.vq_weight * st["vq_loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if cfg.restart_every > 0 and (step + 1) % cfg.restart_every == 0:
+            dead = model.quantizer.restart_dead_codes(cfg.dead_threshold, generator=g)
+            if dead.numel():
+                restarts += dead.numel()
+                # A re-seeded code starts afresh: forget Adam's moments from its old life.
+                state = opt.state.get(model.quantizer.embedding, {})
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in state:
+                        state[k][dead] = 0
+        vals = {"loss": loss.item(), "recon": rec.item(), "l1": l1.item(), "l2": l2.item(), "edge": edge.item(),
+                "codebook": st["codebook_loss"].item(), "commitment": st["commitment_loss"].item(),
+                "perplexity": st["perplexity"].item()}
+        for k, v in vals.items():
+            window[k] = window.get(k, 0.0) + v
+        window_counts += st["counts"]
+        window_steps += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rec_ = {"step": done, **{k: round(v / window_steps, 6) for k, v in window.items()},
+                    "usage": round(float((window_counts > 0).float().mean()), 4),
+                    "window_perplexity": round(_perplexity(window_counts), 2),
+                    "restarted_codes": restarts, "lr": round(lr_at(cfg, step), 8),
+                    "psnr": round(float(10 * math.log10(4.0 / max(window["l2"] / window_steps, 1e-10))), 3),
+                    "elapsed_s": round(time.time() - t0, 2)}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec_) + "\n")
+            bar.set_postfix(loss=f"{rec_['loss']:.4f}", psnr=f"{rec_['psnr']:.1f}", usage=f"{rec_['usage']:.2f}")
+            window, window_counts, window_steps, restarts = {}, torch.zeros(model.codebook_size), 0, 0
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save_checkpoint(out / "checkpoints", model, opt, done, cfg.keep_checkpoints)
+    bar.close()
+
+    model.eval()
+    tok_dir = out / "tokenizer"
+    model.save_pretrained(tok_dir)
+    report = {"steps": cfg.steps, "train_images": len(train_x), "eval_images": n_eval, "data": data_stats,
+              "parameters": model.num_parameters(), "train_seconds": round(time.time() - t0, 1)}
+    if n_eval:
+        with torch.no_grad():
+            xe = eval_x.float() / 127.5 - 1.0
+            codes = model.encode_tensor(xe)
+            recon = model.decode_tensor(codes).clamp(-1, 1)
+            # Score the uint8 images a user would see.
+            recon = ((recon + 1) * 127.5).round() / 127.5 - 1
+            counts = torch.bincount(codes.flatten(), minlength=model.codebook_size).float()
+        report.update({"eval_psnr": round(float(psnr(recon, xe).mean()), 3),
+                       "eval_codebook_usage": round(float((counts > 0).float().mean()), 4),
+                       "eval_perplexity": round(_perplexity(counts), 2)})
+        _save_recon_grid(xe[:8], recon[:8], out / "recon.png")
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    return tok_dir
+
+
+def _perplexity(counts: torch.Tensor) -> float:
+    p = counts / counts.sum().clamp_min(1)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()))
+
+
+def _save_recon_grid(x: torch.Tensor, recon: torch.Tensor, path: Path) -> None:
+    from mmgen.tokenizers.base import tensor_to_pil
+
+    top = torch.cat(list(x), dim=-1)
+    bottom = torch.cat(list(recon), dim=-1)
+    tensor_to_pil(torch.cat([top, bottom], dim=-2)[None])[0].save(path)

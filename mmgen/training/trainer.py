@@ -1,0 +1,318 @@
+"""Pretraining the unified LM on code shards with DeepSpeed (ZeRO, any number of ranks and nodes).
+
+One rank's path through :func:`pretrain`:
+
+1. distributed setup: under the ``deepspeed`` launcher the env (RANK, WORLD_SIZE, ...) is given;
+   run in-process it becomes a single-rank job (gloo on CPU), so debugging needs no launcher;
+2. data: read the code shards, get the text tokenizer (trained on the shards' texts by rank 0 and
+   saved in the run directory, so a resumed run and every rank use the very same ids), build the
+   :class:`~mmgen.models.vocab.Vocab`, turn documents into sequences and pack them into rows;
+3. model and engine: the tiny Llama from config, torch AdamW with a warmup + decay schedule, all
+   handed to ``deepspeed.initialize``;
+4. loop: each rank reads its own rows (a seeded permutation per epoch, so a resumed run reads
+   exactly what an uninterrupted one would), ``engine.backward`` / ``engine.step``, metrics to JSONL
+   and TensorBoard, a DeepSpeed checkpoint every ``save_every`` steps;
+5. rank 0 writes the mmgen bundle ``out_dir/final`` (model, text tokenizer, vocab, image tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmgen.config import to_dict
+from mmgen.errors import MMGenError
+from mmgen.training.config import TrainConfig, load_train_config, resolve_deepspeed_config
+
+
+# -- distributed ---------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed through DeepSpeed once per process."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # not under a launcher: a single-rank job in this process
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _barrier():
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+# -- data ----------------------------------------------------------------------------------------
+def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
+    """Text tokenizer, vocab, image tokenizer and packed rows for this run (identical on every rank)."""
+    from transformers import AutoTokenizer
+
+    from mmgen.data.code_shards import read_code_shards
+    from mmgen.data.packing import pack_sequences
+    from mmgen.data.sequence import build_sequences, doc_texts
+    from mmgen.models.text_tokenizer import train_text_tokenizer
+    from mmgen.models.vocab import Vocab
+
+    records = list(read_code_shards(cfg.data.code_shards))
+    if cfg.data.max_docs is not None:
+        records = records[: cfg.data.max_docs]
+
+    tok_dir = out_dir / "text_tokenizer"
+    if rank == 0 and not (tok_dir / "tokenizer_config.json").is_file():
+        if cfg.data.text_tokenizer:
+            tok = AutoTokenizer.from_pretrained(cfg.data.text_tokenizer)
+        else:
+            tok = train_text_tokenizer(doc_texts(records), vocab_size=cfg.data.text_vocab_size)
+        tok.save_pretrained(tok_dir)
+    _barrier()
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+
+    image_tokenizer = None
+    if cfg.data.image_tokenizer:
+        from mmgen.tokenizers import load_image_tokenizer
+
+        image_tokenizer = load_image_tokenizer(cfg.data.image_tokenizer)
+        codebook = int(image_tokenizer.codebook_size)
+    elif cfg.data.codebook_size:
+        codebook = int(cfg.data.codebook_size)
+    else:
+        raise MMGenError("the vocab needs the pixel codebook size: set data.image_tokenizer=DIR "
+                         "(the tokenizer that made the code shards) or data.codebook_size=N")
+    vocab = Vocab(len(tok), {"pix": codebook}, max_grid=cfg.data.max_grid)
+    saved = out_dir / "vocab.json"
+    if saved.is_file() and Vocab.load(saved) != vocab:
+        raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); "
+                         "use a fresh out_dir or the same data settings")
+
+    seqs, seq_stats = build_sequences(records, tok, vocab, targets=cfg.data.loss_targets)
+    if not seqs:
+        raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({seq_stats.to_dict()})")
+    rows, pack_stats = pack_sequences(seqs, cfg.data.seq_len, pad_id=tok.pad_token_id or 0)
+    grids = Counter()
+    for r in records:
+        for codes in getattr(r, "codes", {}).values():
+            if np.ndim(codes) >= 2:
+                grids[tuple(int(x) for x in np.shape(codes)[-2:])] += 1
+    return {"text_tokenizer": tok, "vocab": vocab, "image_tokenizer": image_tokenizer, "rows": rows,
+            "seq_stats": seq_stats.to_dict(), "pack_stats": pack_stats.to_dict(),
+            "image_grids": {f"{h}x{w}": n for (h, w), n in grids.most_common()}}
+
+
+class RowSampler:
+    """Which packed rows a rank reads at (step, micro step): a seeded permutation per epoch.
+
+    Position in the global stream is a function of the step alone, so resuming at step s reads the
+    same rows an uninterrupted run would, on any number of ranks."""
+
+    def __init__(self, n_rows: int, micro_batch: int, grad_accum: int, rank: int, world: int, seed: int):
+        self.n, self.mb, self.ga, self.rank, self.world, self.seed = n_rows, micro_batch, grad_accum, rank, world, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def indices(self, step: int, micro: int) -> np.ndarray:
+        first = ((step * self.ga + micro) * self.world + self.rank) * self.mb
+        return np.array([self._perm(k // self.n)[k % self.n] for k in range(first, first + self.mb)])
+
+
+# -- optimisation --------------------------------------------------------------------------------
+def lr_lambda(cfg: TrainConfig):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - o.warmup_steps)
+        t = min(1.0, (step - o.warmup_steps) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * t)) if o.schedule == "cosine" else 1 - t
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
+
+    return f
+
+
+def build_optimizer(model, cfg: TrainConfig):
+    # No weight decay on norms and biases (1-D tensors): decaying them only fights the normalisation.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return opt, sched
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    path = resolve_deepspeed_config(cfg.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MMGenError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two below and the world size
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["zero_allow_untested_optimizer"] = True  # a plain torch AdamW, which ZeRO 1/2 handle fine
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed's own printing quiet
+    return ds
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    tags = sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    for old in tags[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def pretrain(config_path: str | Path | None = None, overrides: list[str] | None = None) -> Path:
+    """Pretrain the unified LM; returns the path of the written bundle (``out_dir/final``).
+
+    Works in-process (one rank) or under the ``deepspeed`` launcher (see ``training/pretrain.sh``)."""
+    cfg = load_train_config(config_path, overrides)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world = init_distributed()
+    import deepspeed
+
+    from mmgen.data.packing import causal_lm_loss, packed_batch
+    from mmgen.models.bundle import Bundle
+    from mmgen.models.lm import build_tiny_lm, count_parameters
+
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from mmgen.config import save_config
+
+        save_config(cfg, out_dir / "config.yaml")
+    _barrier()
+
+    data = prepare_data(cfg, out_dir, rank)
+    tok, vocab, rows = data["text_tokenizer"], data["vocab"], data["rows"]
+    if rank == 0:
+        vocab.save(out_dir / "vocab.json")
+    n_rows = rows["input_ids"].shape[0]
+    model = build_tiny_lm(vocab, hidden=cfg.model.hidden, layers=cfg.model.layers, heads=cfg.model.heads,
+                          kv_heads=cfg.model.kv_heads, intermediate=cfg.model.intermediate,
+                          max_len=cfg.model.max_len or cfg.data.seq_len, tie_embeddings=cfg.model.tie_embeddings,
+                          text_tokenizer=tok, attn_implementation=cfg.model.attn_implementation, seed=cfg.seed)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(cfg))
+
+    start = 0
+    if cfg.resume and (ckpt_dir / "latest").is_file():
+        load_path, client = engine.load_checkpoint(str(ckpt_dir))
+        if load_path is None:
+            raise MMGenError(f"could not resume from {ckpt_dir} (remove it or set resume=false)")
+        start = int(client.get("step", engine.global_steps))
+
+    sampler = RowSampler(n_rows, cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
+    dtype = _model_dtype(engine.module)
+    writer = None
+    if rank == 0 and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    fill = data["pack_stats"]["fill_rate"]
+    t_run = time.perf_counter()
+    t_win, win_loss, win_micro, win_tokens = time.perf_counter(), 0.0, 0, 0
+    run_tokens, last = 0, {}
+    metrics_path = out_dir / "metrics.jsonl"
+    engine.train()
+    for step in range(start, cfg.steps):
+        for micro in range(cfg.grad_accum):
+            idx = sampler.indices(step, micro)
+            batch = packed_batch(rows, idx, dtype=dtype)
+            out = engine(input_ids=batch["input_ids"].to(engine.device),
+                         attention_mask=batch["attention_mask"].to(engine.device),
+                         position_ids=batch["position_ids"].to(engine.device), use_cache=False)
+            loss = causal_lm_loss(out.logits, batch["labels"].to(engine.device))
+            engine.backward(loss)
+            engine.step()
+            win_loss += loss.item()
+            win_micro += 1
+            win_tokens += int((rows["segment_ids"][idx] >= 0).sum())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            stats = torch.tensor([win_loss, win_micro, win_tokens], dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(stats)
+            elapsed = time.perf_counter() - t_win
+            last = {"step": done, "loss": stats[0].item() / max(stats[1].item(), 1),
+                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": stats[2].item() / max(elapsed, 1e-9),
+                    "fill_rate": fill, "epoch": done * cfg.grad_accum * world * cfg.micro_batch / n_rows,
+                    "elapsed_s": time.perf_counter() - t_run}
+            run_tokens += int(stats[2].item())
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if writer is not None:
+                    for k in ("loss", "lr", "tokens_per_s", "fill_rate"):
+                        writer.add_scalar(f"train/{k}", last[k], done)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            t_win, win_loss, win_micro, win_tokens = time.perf_counter(), 0.0, 0, 0
+        if bar is not None:
+            bar.update(1)
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step_{done}", client_state={"step": done})
+            if rank == 0:
+                _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+
+    run_s = time.perf_counter() - t_run
+    summary = {"steps": cfg.steps, "resumed_from": start, "final_loss": last.get("loss"),
+               "tokens_per_s": run_tokens / run_s if run_tokens else None, "world_size": world,
+               "parameters": count_parameters(engine.module), "vocab_size": vocab.size,
+               "data": {"sequences": data["seq_stats"], "packing": data["pack_stats"],
+                        "image_grids": data["image_grids"]}}
+    final = out_dir / "final"
+    if rank == 0:
+        image_tok = data["image_tokenizer"]
+        meta = {"preset": cfg.preset, "stage": "pretrain", "train": summary, "config": to_dict(cfg),
+                "image_grids": data["image_grids"]}
+        if image_tok is not None:
+            meta["image_resolution"] = list(image_tok.resolution)
+        Bundle(engine.module, tok, vocab, image_tok, meta).save(final)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _barrier()
+    return final

@@ -1,0 +1,353 @@
+"""Interleaved generation: the grid constraint, the KV-cached sampling loop, CFG, modes and the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mmgen.models.vocab import Vocab
+from mmgen.tokenizers.base import ImageTokenizer, register_tokenizer
+
+TEXTS = ["a large red circle at the top left, on a black background.",
+         "a small blue square in the center, on a white background.",
+         "two green triangles at the bottom right, on a gray background."] * 4
+RES = (32, 32)  # (width, height) -> a 4x4 code grid at downsample 8
+
+
+@register_tokenizer("test_palette")
+class PaletteTokenizer(ImageTokenizer):
+    """Test-only image tokenizer: each code is a flat colour patch (a fixed random palette)."""
+
+    def __init__(self, codebook_size: int = 16, downsample: int = 8, resolution=RES):
+        super().__init__()
+        self.codebook_size, self.downsample, self.resolution = codebook_size, downsample, tuple(resolution)
+        g = torch.Generator().manual_seed(0)
+        self.palette = torch.nn.Parameter(torch.rand(codebook_size, 3, generator=g) * 2 - 1)
+
+    def encode_tensor(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, self.downsample).permute(0, 2, 3, 1)
+        return torch.cdist(pooled.reshape(-1, 3), self.palette).argmin(-1).reshape(pooled.shape[:3])
+
+    def decode_tensor(self, codes):
+        img = self.palette[codes].permute(0, 3, 1, 2)
+        return img.repeat_interleave(self.downsample, 2).repeat_interleave(self.downsample, 3)
+
+    def get_config(self):
+        return {"codebook_size": self.codebook_size, "downsample": self.downsample, "resolution": list(self.resolution)}
+
+
+def make_tiny_bundle(path):
+    """Save a tiny random bundle (2 layers, hidden 64) to ``path`` and load it back."""
+    from mmgen.models.bundle import Bundle, load_bundle
+    from mmgen.models.lm import build_tiny_lm
+    from mmgen.models.text_tokenizer import train_text_tokenizer
+
+    tok = train_text_tokenizer(TEXTS, vocab_size=300)
+    vocab = Vocab(len(tok), {"pix": 16}, max_grid=8)
+    model = build_tiny_lm(vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0)
+    Bundle(model, tok, vocab, PaletteTokenizer(), {"image_resolution": list(RES)}).save(path)
+    return load_bundle(path)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_bundle")
+    make_tiny_bundle(path)
+    return path
+
+
+@pytest.fixture()
+def bundle(bundle_dir):
+    from mmgen.models.bundle import load_bundle
+
+    return load_bundle(bundle_dir)
+
+
+def _bias_head(bundle, ids_bias: dict[int, float]):
+    """Give the LM head a bias so the model prefers some ids (a random model never would)."""
+    model = bundle.model
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        for i, b in ids_bias.items():
+            head.bias[i] = b
+    model.lm_head = head
+
+
+def _blocks(vocab: Vocab, ids: list[int]) -> list[list[int]]:
+    """Every image block (from <image> to its end as declared) in a token list."""
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i] == vocab["<image>"]:
+            if i + 3 > len(ids):
+                out.append(ids[i:])
+                break
+            h = ids[i + 1] - vocab.h_start + 1
+            w = ids[i + 2] - vocab.w_start + 1
+            n = vocab.image_block_len(h, w)
+            out.append(ids[i:i + n])
+            i += n
+        else:
+            i += 1
+    return out
+
+
+# -- the constraint -------------------------------------------------------------------------------
+@pytest.mark.parametrize("codebooks", [{"pix": 16}, {"sem": 8, "pix": 16}])
+def test_constraint_matches_vocab_and_blocks_parse(codebooks):
+    """Random scores under the constraint: every position allows exactly what the Vocab says, every
+    block parses, size tokens stay within the allowed grids, and rows advance independently."""
+    from mmgen.inference.constraints import ImageGridConstraint
+
+    vocab = Vocab(50, codebooks, max_grid=6)
+    sizes = [(2, 3), (3, 2), (4, 4)]
+    proc = ImageGridConstraint(vocab, sizes=sizes)
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(0)
+    # Row 0 starts inside a block, row 1 in text, row 2 right after a finished block.
+    rows = [[5, 6, vocab["<image>"]], [5, 6, 7], vocab.image_block(np.zeros((2, 3), int), None if "sem" not in codebooks
+                                                                   else np.zeros((1, 2), int))]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    text_ok = torch.zeros(vocab.size, dtype=torch.bool)
+    text_ok[: vocab.text_size] = True
+    for step in range(120):
+        scores = torch.randn(3, vocab.size, generator=gen)
+        masked = proc(ids, scores)
+        for b in range(3):
+            allowed = torch.isfinite(masked[b])
+            row = ids[b].tolist()
+            start = max((i for i, t in enumerate(row) if t == vocab["<image>"]), default=None)
+            open_block = start is not None and proc.pos[b] > 0
+            if open_block:
+                spec = vocab.image_next_allowed(row[start:], sizes)
+                want = torch.zeros(vocab.size, dtype=torch.bool)
+                if isinstance(spec, tuple):
+                    want[spec[0]:spec[1]] = True
+                else:
+                    want[spec] = True
+            else:
+                want = text_ok.clone()
+                want[vocab["<image>"]] = True
+            assert torch.equal(allowed, want), (step, b)
+        # Row 1 opens an image now and then; otherwise each row samples among its allowed ids.
+        nxt = []
+        for b in range(3):
+            choices = torch.nonzero(torch.isfinite(masked[b])).flatten().tolist()
+            if proc.pos[b] == 0 and rng.random() < 0.3:
+                nxt.append(vocab["<image>"])
+            else:
+                nxt.append(rng.choice(choices))
+        ids = torch.cat([ids, torch.tensor(nxt)[:, None]], dim=1)
+    n_blocks = 0
+    for b in range(3):
+        for block in _blocks(vocab, ids[b].tolist()):
+            if len(block) < 3 or len(block) < vocab.image_block_len(block[1] - vocab.h_start + 1,
+                                                                    block[2] - vocab.w_start + 1):
+                continue  # the block still open at the end of the loop
+            parsed = vocab.parse_image_block(block)
+            assert (parsed["h"], parsed["w"]) in sizes
+            n_blocks += 1
+    assert n_blocks >= 4
+    assert sum(proc.completed) >= 3
+
+
+def test_constraint_restricts_sizes_and_respects_budget():
+    from mmgen.inference.constraints import ImageGridConstraint
+
+    vocab = Vocab(40, {"pix": 8}, max_grid=8)
+    img = vocab["<image>"]
+    proc = ImageGridConstraint(vocab, sizes=[(4, 4)])
+    s = proc(torch.tensor([[1, img]]), torch.zeros(1, vocab.size))
+    assert torch.nonzero(torch.isfinite(s[0])).flatten().tolist() == [vocab["<h_4>"]]
+    s = proc(torch.tensor([[1, img, vocab["<h_4>"]]]), torch.zeros(1, vocab.size))
+    assert torch.nonzero(torch.isfinite(s[0])).flatten().tolist() == [vocab["<w_4>"]]
+    # Outside a block: text and <image> only, no stray codes or structural tokens.
+    s = proc(torch.tensor([[1, 2]]), torch.zeros(1, vocab.size))
+    ok = torch.isfinite(s[0])
+    assert ok[: vocab.text_size].all() and ok[img] and ok.sum() == vocab.text_size + 1
+    # A 4x4 block is 26 tokens: with fewer left, <image> is not offered, so no image is ever cut off.
+    need = vocab.image_block_len(4, 4)
+    tight = ImageGridConstraint(vocab, sizes=[(4, 4)], max_length=2 + need - 1)
+    assert not torch.isfinite(tight(torch.tensor([[1, 2]]), torch.zeros(1, vocab.size))[0, img])
+    roomy = ImageGridConstraint(vocab, sizes=[(4, 4)], max_length=2 + need)
+    assert torch.isfinite(roomy(torch.tensor([[1, 2]]), torch.zeros(1, vocab.size))[0, img])
+    # Text-only: <image> forbidden.
+    text_only = ImageGridConstraint(vocab, allow_images=False)
+    assert not torch.isfinite(text_only(torch.tensor([[1, 2]]), torch.zeros(1, vocab.size))[0, img])
+
+
+def test_constraint_works_inside_transformers_generate(bundle):
+    """The processor plugs into model.generate: sampled batched t2i continuations all parse."""
+    from mmgen.inference.constraints import ImageGridConstraint
+    from mmgen.inference.generate import prompt_ids
+
+    vocab = bundle.vocab
+    rows = [prompt_ids(bundle, "a red circle", image=True), prompt_ids(bundle, "a blue square", image=True)]
+    assert len(rows[0]) == len(rows[1])
+    ids = torch.tensor(rows)
+    n = vocab.image_block_len(4, 4) - 1
+    proc = ImageGridConstraint(vocab, sizes=[(4, 4)])
+    torch.manual_seed(0)
+    out = bundle.model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[proc], do_sample=True,
+                                max_new_tokens=n, min_new_tokens=n, top_k=0, top_p=1.0, eos_token_id=None,
+                                pad_token_id=bundle.text_tokenizer.pad_token_id)
+    for r in range(2):
+        block = out[r, ids.shape[1] - 1:].tolist()
+        parsed = vocab.parse_image_block(block)
+        assert parsed["pix"].shape == (4, 4) and parsed["length"] == len(block)
+    assert proc.completed == [1, 1]
+
+
+# -- the sampling loop -----------------------------------------------------------------------------
+def test_kv_cache_and_left_padding_match_full_recompute(bundle):
+    """Greedy decoding through the KV cache, batched with left padding, equals recomputing the whole
+    sequence every step for each row alone."""
+    from mmgen.inference.constraints import ImageGridConstraint
+    from mmgen.inference.generate import prompt_ids, sample_tokens
+
+    vocab = bundle.vocab
+    tok = bundle.text_tokenizer
+    rows = [prompt_ids(bundle, "a large red circle at the top left", image=True), prompt_ids(bundle, "a", image=True)]
+    assert len(rows[0]) != len(rows[1])
+    steps = 12
+    got = [[], []]
+    for t, active in sample_tokens(bundle.model, vocab, rows, max_new_tokens=steps, eos_id=tok.eos_token_id,
+                                   pad_id=tok.pad_token_id, temperature=0.0, sizes=[(4, 4)]):
+        for r in range(2):
+            got[r].append(int(t[r]))
+    for r, row in enumerate(rows):
+        seq = list(row)
+        proc = ImageGridConstraint(vocab, sizes=[(4, 4)])
+        with torch.no_grad():
+            for _ in range(steps):
+                logits = bundle.model(torch.tensor([seq])).logits[:, -1].float()
+                seq.append(int(proc(torch.tensor([seq]), logits).argmax(-1)))
+        assert got[r] == seq[len(row):]
+
+
+def test_t2i_generation_yields_decoded_image(bundle):
+    from mmgen.data.doc import Image
+    from mmgen.inference.generate import generate_interleaved
+
+    doc = generate_interleaved(bundle, "a large red circle at the top left, on a black background.", mode="t2i",
+                               max_new_tokens=40, seed=3)
+    assert isinstance(doc.items[0], Image)
+    img = doc.items[0]
+    assert img.meta["codes_shape"] == [4, 4]
+    assert img.meta["num_tokens"] == bundle.vocab.image_block_len(4, 4)
+    pil = img.to_pil()
+    assert pil.size == RES
+    # The image is exactly the decoder's rendering of some 4x4 code grid (patches of palette colours).
+    arr = np.asarray(pil).reshape(4, 8, 4, 8, 3)
+    assert (arr == arr[:, :1, :, :1]).all()
+    assert doc.meta["new_tokens"] == 40 and doc.meta["stop"] == "max_new_tokens"
+
+
+def test_generation_is_deterministic_by_seed(bundle):
+    from mmgen.inference.generate import generate_interleaved
+
+    def run(seed):
+        doc = generate_interleaved(bundle, "a small blue square", mode="t2i", max_new_tokens=32, seed=seed,
+                                   cfg_scale=2.0)
+        return [it.text if it.kind == "text" else it.load() for it in doc.items]
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a != c
+
+
+def test_cfg_guides_only_image_tokens_inside_blocks(bundle):
+    from mmgen.inference.generate import prompt_ids, sample_tokens
+
+    vocab = bundle.vocab
+    tok = bundle.text_tokenizer
+    seen = []
+
+    def hook(cond, uncond, guided, in_block):
+        seen.append((cond.clone(), uncond.clone(), guided.clone(), in_block.clone()))
+
+    rows = [prompt_ids(bundle, "a large red circle", image=False), prompt_ids(bundle, "a green star", image=True)]
+    uncond = [prompt_ids(bundle, "", image=False), prompt_ids(bundle, "", image=True)]
+    assert uncond[0] == [tok.bos_token_id]
+    list(sample_tokens(bundle.model, vocab, rows, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                       seed=0, cfg_scale=3.0, uncond_rows=uncond, sizes=[(4, 4)], logits_hook=hook))
+    assert len(seen) == 6
+    text = slice(0, vocab.text_size)
+    img = slice(vocab.text_size, vocab.size)
+    for cond, unc, guided, in_block in seen:
+        assert in_block.tolist() == [False, True]
+        assert torch.equal(guided[0], cond[0])  # a text row is never guided
+        assert torch.equal(guided[1, text], cond[1, text])
+        assert torch.allclose(guided[1, img], unc[1, img] + 3.0 * (cond[1, img] - unc[1, img]))
+        assert not torch.allclose(guided[1, img], cond[1, img])  # the unconditional row really differs
+
+
+def test_text_mode_stops_at_eos_and_never_opens_an_image(bundle):
+    from mmgen.inference.generate import generate_interleaved
+
+    vocab = bundle.vocab
+    eos = bundle.text_tokenizer.eos_token_id
+    # The model now loves <image> and often ends: text mode must still write no image.
+    _bias_head(bundle, {vocab["<image>"]: 20.0, eos: 5.0})
+    doc = generate_interleaved(bundle, "a large red circle", mode="text", max_new_tokens=200, seed=0)
+    assert doc.meta["stop"] == "eos"
+    assert 1 <= doc.meta["new_tokens"] < 200
+    assert doc.images == []
+    # Same model in auto mode: it opens an image at once.
+    doc = generate_interleaved(bundle, "a large red circle", mode="auto", max_new_tokens=60, seed=0)
+    assert len(doc.images) >= 1 and doc.items[0].kind == "image"
+
+
+def test_generate_images_batched(bundle):
+    from mmgen.inference.generate import generate_images
+
+    prompts = ["a red circle", "a blue square at the top", "a green star"]
+    imgs = generate_images(bundle, prompts, seed=0, cfg_scale=2.0, batch_size=2)
+    assert [im.size for im in imgs] == [RES] * 3
+    arrays = [np.asarray(im) for im in imgs]
+    assert not all(np.array_equal(arrays[0], a) for a in arrays[1:])
+    again = generate_images(bundle, prompts, seed=0, cfg_scale=2.0, batch_size=2)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(arrays, again))
+
+
+def test_bad_arguments_are_one_line_errors(bundle):
+    from mmgen.errors import MMGenError
+    from mmgen.inference.generate import generate_interleaved
+
+    with pytest.raises(MMGenError, match="unknown mode"):
+        generate_interleaved(bundle, "x", mode="video")
+    with pytest.raises(MMGenError, match="too small for one image block"):
+        generate_interleaved(bundle, "x", mode="t2i", max_new_tokens=5)
+    with pytest.raises(MMGenError, match="cfg_scale"):
+        generate_interleaved(bundle, "x", cfg_scale=0.5)
+
+
+# -- the CLI -------------------------------------------------------------------------------------------
+def test_cli_generate_writes_png(bundle_dir, tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    from mmgen.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["generate", "--checkpoint", str(bundle_dir), "--prompt", "a large red circle", "--mode", "t2i",
+               "--seed", "1", "--cfg-scale", "2", "--max-new-tokens", "30", "--out", str(out)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    png = out / "image_0.png"
+    assert f"[image 32x32: {png}]" in stdout
+    with PILImage.open(png) as im:
+        assert im.format == "PNG" and im.size == RES
+    doc = json.loads((out / "doc.json").read_text())
+    assert doc["items"][0]["type"] == "image" and doc["items"][0]["member"] == "image_0.png"
+    assert doc["meta"]["cfg_scale"] == 2.0
+
+    rc = main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
+    assert rc == 2
+    assert "error: " in capsys.readouterr().err

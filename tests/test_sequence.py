@@ -1,0 +1,177 @@
+"""Text tokenizer, sequence layout and packing of coded documents for the unified LM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmgen.data.code_shards import CodedDoc
+from mmgen.data.doc import Doc, Image, Text, Video
+from mmgen.data.packing import IGNORE_INDEX, causal_lm_loss, pack_sequences, packed_batch, split_at_boundaries
+from mmgen.data.sequence import build_sequence, build_sequences, encode_prompt
+from mmgen.models.text_tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_text_tokenizer
+from mmgen.models.vocab import Vocab
+
+CAPTIONS = [
+    "a red circle at the top left.", "two blue squares at the bottom right.", "a green star in the center.",
+    "a yellow triangle at the top right.", "three purple circles on a white background.",
+]
+
+
+def _placeholder_image(i: int) -> Image:
+    return Image(path=f"<codes:{i}>", format="png")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_text_tokenizer(CAPTIONS * 20, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def vocab(tok):
+    return Vocab(len(tok), {"pix": 64}, max_grid=8)
+
+
+def caption_doc(text: str, rng, grid=(4, 4)) -> CodedDoc:
+    doc = Doc(items=[Text(text), _placeholder_image(1)])
+    return CodedDoc(doc, codes={1: rng.integers(0, 64, size=grid)})
+
+
+def test_text_tokenizer_round_trip_special_ids_and_reload(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert [tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id] == [PAD_ID, UNK_ID, BOS_ID, EOS_ID]
+    assert 260 < len(tok) <= 400  # merges stop early when pairs get rarer than min_frequency
+    for text in CAPTIONS + ["an unseen word: zebra-ünïcode 42!"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert BOS_ID not in ids and EOS_ID not in ids  # special tokens are placed by sequence.py only
+        assert tok.decode(ids) == text
+    # BPE learned merges: a seen caption takes far fewer tokens than bytes
+    assert len(tok.encode(CAPTIONS[0], add_special_tokens=False)) < len(CAPTIONS[0]) / 2
+    # deterministic: same texts give the same vocabulary
+    assert train_text_tokenizer(CAPTIONS * 20, vocab_size=400).get_vocab() == tok.get_vocab()
+    tok.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert back.get_vocab() == tok.get_vocab()
+    assert back.encode(CAPTIONS[1], add_special_tokens=False) == tok.encode(CAPTIONS[1], add_special_tokens=False)
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (BOS_ID, EOS_ID, PAD_ID)
+
+
+def test_build_sequence_layout_and_prompt_agreement(tok, vocab):
+    rng = np.random.default_rng(0)
+    cd = caption_doc(CAPTIONS[0], rng)
+    seq = build_sequence(cd, tok, vocab)
+    ids = seq["input_ids"]
+    prompt = encode_prompt(CAPTIONS[0], tok, vocab)
+    # the text-to-image prompt is exactly the start of the training sequence
+    assert list(ids[: len(prompt)]) == prompt
+    assert ids[0] == BOS_ID and ids[-1] == EOS_ID
+    start = len(prompt) - 1
+    parsed = vocab.parse_image_block(ids[start:-1])
+    assert np.array_equal(parsed["pix"], cd.codes[1])
+    assert start + parsed["length"] == len(ids) - 1
+    assert tok.decode(ids[1:start]) == CAPTIONS[0]
+    assert seq["loss_mask"][0] == 0 and seq["loss_mask"][1:].all()
+    assert seq["boundaries"] == [1, start, len(ids) - 1]
+    assert set(np.unique(seq["modality"])) == {0, 1, 2}  # text, structural, pix codes
+
+    # image-only loss (text-to-image): text tokens are not targets, image tokens are
+    t2i = build_sequence(cd, tok, vocab, targets=("image", "structural"))
+    assert not t2i["loss_mask"][1:start].any() and t2i["loss_mask"][start:].all()
+
+
+def test_build_sequence_interleaved_skips_and_counts(tok, vocab):
+    rng = np.random.default_rng(1)
+    doc = Doc(items=[Text("step one:"), Text("a red circle."), _placeholder_image(2),
+                     Video(path="clip.mp4", format="mp4"), Text("now a blue square."), _placeholder_image(5),
+                     _placeholder_image(6)])
+    codes = {2: rng.integers(0, 64, size=(3, 5)), 5: rng.integers(0, 64, size=(1, 2, 2))}
+    cd = CodedDoc(doc, codes=codes)  # item 6 has no codes
+    seq = build_sequence(cd, tok, vocab)
+    assert seq["skipped"] == {"video_not_supported": 1, "image_without_codes": 1}
+    ids = list(seq["input_ids"])
+    b = seq["boundaries"]
+    # two consecutive text items are one text span, joined by a space
+    assert tok.decode(ids[b[0]:b[1]]) == "step one: a red circle."
+    assert np.array_equal(vocab.parse_image_block(ids[b[1]:b[2]])["pix"], codes[2])
+    assert tok.decode(ids[b[2]:b[3]]) == "now a blue square."
+    assert np.array_equal(vocab.parse_image_block(ids[b[3]:b[4]])["pix"], codes[5][0])
+
+    seqs, stats = build_sequences([cd, CodedDoc(Doc(items=[Video(path="v.mp4", format="mp4")]))], tok, vocab)
+    assert stats.docs_in == 2 and stats.sequences == 1 and stats.empty_docs == 1
+    assert stats.skipped_items["video_not_supported"] == 2
+
+
+def test_packing_layout_fill_and_split_at_item_boundaries(tok, vocab):
+    rng = np.random.default_rng(2)
+    seqs = [build_sequence(caption_doc(CAPTIONS[i % 5], rng, grid=(2 + i % 3, 3)), tok, vocab) for i in range(9)]
+    lengths = [len(s["input_ids"]) for s in seqs]
+    L = 64
+    rows, stats = pack_sequences(seqs, L)
+    assert stats.tokens == sum(lengths) and stats.docs_split == 0 and stats.docs_dropped == 0
+    assert stats.rows == rows["input_ids"].shape[0] and stats.rows < len(seqs)
+    assert stats.fill_rate == pytest.approx(sum(lengths) / (stats.rows * L))
+    assert stats.rows == int(np.ceil(sum(lengths) / L)) or stats.fill_rate > 0.7
+    for r in range(stats.rows):
+        seg, pos = rows["segment_ids"][r], rows["position_ids"][r]
+        for s in np.unique(seg[seg >= 0]):
+            where = np.flatnonzero(seg == s)
+            assert np.array_equal(where, np.arange(where[0], where[-1] + 1))  # contiguous
+            assert np.array_equal(pos[where], np.arange(len(where)))  # positions restart per doc
+            assert rows["labels"][r, where[0]] == IGNORE_INDEX  # no target across a doc boundary
+            d = rows["doc_index"][r, where[0]]
+            assert np.array_equal(rows["input_ids"][r, where], seqs[d]["input_ids"])
+    # every document placed exactly once
+    placed = [int(d) for r in range(stats.rows) for d in np.unique(rows["doc_index"][r]) if d >= 0]
+    assert sorted(placed) == list(range(len(seqs)))
+
+    # a long interleaved document is split at item boundaries, never inside an image block
+    items, codes = [], {}
+    for k in range(4):
+        items += [Text(CAPTIONS[k]), _placeholder_image(2 * k + 1)]
+        codes[2 * k + 1] = rng.integers(0, 64, size=(4, 4))
+    long = build_sequence(CodedDoc(Doc(items=items), codes=codes), tok, vocab)
+    block = vocab.image_block_len(4, 4)
+    L2 = block + 20
+    pieces = split_at_boundaries(long, L2)
+    assert len(pieces) > 1 and sum(len(p["input_ids"]) for p in pieces) == len(long["input_ids"])
+    for p in pieces:
+        ids = list(p["input_ids"])
+        assert len(ids) <= L2 and not p["loss_mask"][0]
+        opens = [i for i, x in enumerate(ids) if x == vocab["<image>"]]
+        closes = [i for i, x in enumerate(ids) if x == vocab["</image>"]]
+        assert len(opens) == len(closes)
+        for o in opens:
+            vocab.parse_image_block(ids[o:])  # complete block inside the piece
+    rows2, st2 = pack_sequences([long, seqs[0]], L2)
+    assert st2.docs_split == 1 and st2.docs_dropped == 0 and st2.tokens == len(long["input_ids"]) + lengths[0]
+    # a row shorter than one image block: the document cannot be split, so it is dropped and counted
+    _, st3 = pack_sequences([long, seqs[0]], block - 1)
+    assert st3.docs_dropped == 1 and st3.docs == 2
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_loss_equals_separate_losses(tok, vocab, attn):
+    from mmgen.models.lm import build_tiny_lm
+
+    rng = np.random.default_rng(3)
+    seqs = [build_sequence(caption_doc(CAPTIONS[i], rng, grid=(2 + i % 2, 3)), tok, vocab) for i in range(4)]
+    model = build_tiny_lm(vocab, hidden=32, layers=2, heads=4, max_len=256, attn_implementation=attn, seed=0).eval()
+    rows, stats = pack_sequences(seqs, 128)
+    assert stats.rows == 1  # all four documents share one row
+    with torch.no_grad():
+        batch = packed_batch(rows, [0])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        packed = causal_lm_loss(logits, batch["labels"], reduction="sum")
+        separate = 0.0
+        for s in seqs:
+            ids = torch.from_numpy(s["input_ids"])[None]
+            labels = torch.where(torch.from_numpy(s["loss_mask"])[None], ids, IGNORE_INDEX)
+            separate += causal_lm_loss(model(input_ids=ids).logits, labels, reduction="sum")
+        # without the block-diagonal mask the documents would see each other: the loss must differ
+        plain = causal_lm_loss(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits,
+                               batch["labels"], reduction="sum")
+    assert packed.item() == pytest.approx(separate.item(), rel=1e-4)
+    assert abs(plain.item() - separate.item()) > 1e-3
