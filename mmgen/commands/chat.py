@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
 
         The answer is also an API endpoint, /chat, for gradio_client.
 
+        \b
         Example:
-
             mmgen chat --checkpoint runs/tiny/final --port 7860
         """
         from mmgen.inference.chat_app import serve

@@ -24,9 +24,9 @@ def register(app: typer.Typer) -> None:
     ):
         """Generate interleaved text and images; print the text, write each image as PNG.
 
+        \b
         Example:
-
-            mmgen generate --checkpoint runs/tiny/final --mode t2i --cfg-scale 3 --seed 1 \\
+            mmgen generate --checkpoint runs/tiny/final --mode t2i --cfg-scale 3 --seed 1
                 --prompt "a large red circle at the top left, on a black background." --out out/
         """
         from mmgen.data.doc import Image

@@ -138,12 +138,12 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
         gr.Markdown("## mmgen · interleaved chat\n" + _describe(bundle, checkpoint_dir))
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="conversation", height=520, buttons=["copy", "copy_all"],
+                chatbot = gr.Chatbot(label="conversation", height=520, elem_id="mmgen-chat", buttons=["copy", "copy_all"],
                                      feedback_options=None, group_consecutive_messages=False,
                                      placeholder="Describe a ShapesWorld scene; pick *text to image* to force a picture.")
                 with gr.Row():
                     msg = gr.Textbox(placeholder="a large red circle at the top left, on a black background.",
-                                     show_label=False, scale=5, lines=1, autofocus=True)
+                                     label="prompt", show_label=False, scale=5, lines=1, autofocus=True)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80)
             with gr.Column(scale=1, min_width=240):
                 mode = gr.Radio(MODE_CHOICES if has_images else [("text only", "text")],
@@ -174,10 +174,15 @@ def _theme():
                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
 
 
+# Generated images are small (e.g. 32x32 px): show them larger, with crisp code patches.
+CSS = ("#mmgen-chat .message img { width: 160px !important; height: 160px !important; max-width: none !important; "
+       "max-height: none !important; object-fit: contain !important; image-rendering: pixelated; }")
+
+
 def launch(app, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True) -> str:
     """Start serving ``app``; returns its local URL (after Ctrl-C when ``block``)."""
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True,
-               quiet=True, show_error=True, theme=_theme(), footer_links=["api", "settings"],
+               quiet=True, show_error=True, theme=_theme(), css=CSS, footer_links=["api", "settings"],
                ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False)
     url = app.local_url
     if block:

@@ -174,13 +174,13 @@ class ImageGridConstraint(LogitsProcessor):
             return self._masks[key].to(device)
         allowed = v.image_next_allowed(_BlockView(p, self.h_tok[b], self.w_tok[b]), self.sizes)
         if p in (1, 2) and remaining is not None:
-            # Keep only grids whose whole block still fits in the token budget.
+            # Keep only grids whose whole block still fits in the token budget. A block the prompt
+            # opened may fit none; then the caller asked for a truncated block and gets one.
             if p == 1:
-                allowed = [t for t in allowed if any(self._fits(t, w, p, remaining) for w in self._w_toks_for(t))]
+                fit = [t for t in allowed if any(self._fits(t, w, p, remaining) for w in self._w_toks_for(t))]
             else:
-                allowed = [t for t in allowed if self._fits(self.h_tok[b], t, p, remaining)]
-            if not allowed:
-                raise RuntimeError("grid constraint: no image size fits the token budget")
+                fit = [t for t in allowed if self._fits(self.h_tok[b], t, p, remaining)]
+            allowed = fit or allowed
         if allowed is None:  # cannot happen: a complete block resets pos to 0
             raise RuntimeError("grid constraint: block already complete")
         key = ("range", *allowed) if isinstance(allowed, tuple) else ("ids", *allowed)

@@ -130,3 +130,12 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     assert summary["docs_in"] == summary["docs_written"] + summary["quarantined"]
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def encode_image_files(tokenizer, paths, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Codes ``(B, h, w)`` for image files; an unreadable or undecodable file raises
+    :class:`~mmgen.errors.MediaError` naming it."""
+    from mmgen.data.doc import Image
+
+    images = [Image(path=str(p)).to_pil() for p in paths]
+    return tokenizer.encode(images, size=size)

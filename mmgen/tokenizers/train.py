@@ -49,7 +49,7 @@ class VQModelConfig:
     attention: bool = False
     l2_norm: bool = True
     beta: float = 0.25
-    usage_decay: float = 0.95
+    usage_decay: float = 0.9
 
 
 @dataclass
@@ -57,7 +57,8 @@ class TokenizerTrainConfig:
     # data
     inputs: list[str] = field(default_factory=list)  # Doc shards: files, directories or globs
     image_dirs: list[str] = field(default_factory=list)  # folders of image files (searched recursively)
-    synthetic_images: int = 0  # extra ShapesWorld-style scenes drawn on the fly
+    synthetic_images: int = 0  # extra scenes drawn on the fly
+    synthetic_source: str = "shapesworld"  # "shapesworld" (mmgen.data.synthetic, train split) or "shapes" (built-in drawer)
     max_images: int = 50000  # cap on images held in memory
     resolution: int = 64
     eval_images: int = 128  # held out for the final PSNR / usage numbers
@@ -75,7 +76,7 @@ class TokenizerTrainConfig:
     l2_weight: float = 1.0
     edge_weight: float = 0.5
     vq_weight: float = 1.0
-    restart_every: int = 10
+    restart_every: int = 5
     dead_threshold: float = 0.03  # a code is dead below this fraction of uniform usage
     # bookkeeping
     out_dir: str = "runs/tokenizer"
@@ -138,9 +139,19 @@ def random_shapes_image(rng: random.Random, width: int = 64, height: int | None 
     return img
 
 
-def synthetic_images(n: int, size: int, seed: int) -> list:
+def synthetic_images(n: int, size: int, seed: int, source: str = "shapes") -> list:
+    """``n`` scene images: ShapesWorld renders (train split, so held-out colour-shape pairs stay
+    unseen) or the built-in flat-shapes drawer."""
     rng = random.Random(seed)
-    return [random_shapes_image(rng, size) for _ in range(n)]
+    if source == "shapes":
+        return [random_shapes_image(rng, size) for _ in range(n)]
+    if source == "shapesworld":
+        try:
+            from mmgen.data.synthetic import random_scene, render
+        except ImportError as e:
+            raise MMGenError(f"synthetic_source=shapesworld needs mmgen.data.synthetic ({e}); use synthetic_source=shapes") from None
+        return [render(random_scene(rng, "train"), size, size) for _ in range(n)]
+    raise MMGenError(f"unknown synthetic_source '{source}' (use shapesworld or shapes)")
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -202,7 +213,7 @@ def load_training_images(cfg: TokenizerTrainConfig) -> tuple[torch.Tensor, dict]
                 stats["undecodable"] += 1
     if cfg.synthetic_images > 0 and not full():
         n = min(cfg.synthetic_images, limit - len(arrays))
-        arrays.extend(np.asarray(im, dtype=np.uint8) for im in synthetic_images(n, cfg.resolution, cfg.seed))
+        arrays.extend(np.asarray(im, dtype=np.uint8) for im in synthetic_images(n, cfg.resolution, cfg.seed, cfg.synthetic_source))
         stats["synthetic"] = n
     if not arrays:
         raise MMGenError("no training images: set inputs=[shards...], image_dirs=[folders...] or synthetic_images=N")

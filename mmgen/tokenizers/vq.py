@@ -41,7 +41,7 @@ class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer with usage tracking and dead-code restarts."""
 
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, l2_norm: bool = True,
-                 usage_decay: float = 0.95):
+                 usage_decay: float = 0.9):
         super().__init__()
         self.codebook_size = codebook_size
         self.dim = dim
@@ -52,6 +52,9 @@ class VectorQuantizer(nn.Module):
         # EMA of the fraction of vectors assigned to each code; starts uniform so that no code is
         # "dead" before it had a chance to be picked.
         self.register_buffer("usage", torch.full((codebook_size,), 1.0 / codebook_size))
+        # Set on the first training batch, when the codebook is re-seeded from encoder outputs: a
+        # random codebook far from the data collapses onto a handful of codes.
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._recent: torch.Tensor | None = None  # last training batch's encoder outputs
 
     def codebook(self) -> torch.Tensor:
@@ -75,6 +78,11 @@ class VectorQuantizer(nn.Module):
         z_flat = z.permute(0, 2, 3, 1).reshape(-1, c)
         if self.l2_norm:
             z_flat = F.normalize(z_flat, dim=-1)
+        if self.training and not bool(self.initialized):
+            with torch.no_grad():
+                pick = torch.randint(0, z_flat.shape[0], (self.codebook_size,))
+                self.embedding.data.copy_(z_flat[pick] + 0.01 * torch.randn_like(self.embedding))
+                self.initialized.fill_(True)
         codes = self.lookup(z_flat)
         q = self.codebook()[codes]
         codebook_loss = F.mse_loss(q, z_flat.detach())
@@ -120,7 +128,7 @@ class PixelVQ(ImageTokenizer):
 
     def __init__(self, resolution=(64, 64), channels=(32, 64, 128), layers_per_block: int = 1,
                  patch_size: int = 2, code_dim: int = 8, codebook_size: int = 512, norm_groups: int = 8,
-                 attention: bool = False, l2_norm: bool = True, beta: float = 0.25, usage_decay: float = 0.95):
+                 attention: bool = False, l2_norm: bool = True, beta: float = 0.25, usage_decay: float = 0.9):
         super().__init__()
         if isinstance(resolution, int):
             resolution = (resolution, resolution)

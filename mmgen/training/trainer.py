@@ -17,6 +17,7 @@ One rank's path through :func:`pretrain`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -91,6 +92,9 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     if cfg.data.image_tokenizer:
         from mmgen.tokenizers import load_image_tokenizer
 
+        if not Path(cfg.data.image_tokenizer).is_dir():
+            raise MMGenError(f"data.image_tokenizer: no tokenizer directory at {cfg.data.image_tokenizer} (train one with "
+                             "`mmgen tokenizer train`, or set data.image_tokenizer=null data.codebook_size=N)")
         image_tokenizer = load_image_tokenizer(cfg.data.image_tokenizer)
         codebook = int(image_tokenizer.codebook_size)
     elif cfg.data.codebook_size:
@@ -204,7 +208,6 @@ def pretrain(config_path: str | Path | None = None, overrides: list[str] | None 
     import deepspeed
 
     from mmgen.data.packing import causal_lm_loss, packed_batch
-    from mmgen.models.bundle import Bundle
     from mmgen.models.lm import build_tiny_lm, count_parameters
 
     out_dir = Path(cfg.out_dir)
@@ -306,13 +309,23 @@ def pretrain(config_path: str | Path | None = None, overrides: list[str] | None 
                "data": {"sequences": data["seq_stats"], "packing": data["pack_stats"],
                         "image_grids": data["image_grids"]}}
     final = out_dir / "final"
-    if rank == 0:
-        image_tok = data["image_tokenizer"]
-        meta = {"preset": cfg.preset, "stage": "pretrain", "train": summary, "config": to_dict(cfg),
-                "image_grids": data["image_grids"]}
-        if image_tok is not None:
-            meta["image_resolution"] = list(image_tok.resolution)
-        Bundle(engine.module, tok, vocab, image_tok, meta).save(final)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    # ZeRO 3 partitions the weights themselves: gather them (on every rank) before rank 0 saves.
+    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+              if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+    with gather:
+        if rank == 0:
+            _save_bundle(engine.module, data, cfg, summary, final)
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     _barrier()
     return final
+
+
+def _save_bundle(model, data: dict, cfg: TrainConfig, summary: dict, final: Path) -> None:
+    from mmgen.models.bundle import Bundle
+
+    image_tok = data["image_tokenizer"]
+    meta = {"preset": cfg.preset, "stage": "pretrain", "train": summary, "config": to_dict(cfg),
+            "image_grids": data["image_grids"]}
+    if image_tok is not None:
+        meta["image_resolution"] = list(image_tok.resolution)
+    Bundle(model, data["text_tokenizer"], data["vocab"], image_tok, meta).save(final)

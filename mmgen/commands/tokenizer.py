@@ -1,0 +1,46 @@
+"""``mmgen train-tokenizer`` and ``mmgen tokenize``: thin wrappers over mmgen.tokenizers."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train-tokenizer")
+    def train_tokenizer_cmd(
+        config: str = typer.Argument(..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_vq)."),
+        overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. steps=100 out_dir=runs/vq"),
+    ) -> None:
+        """Train a pixel VQ image tokenizer from a recipe.
+
+        Example: mmgen train-tokenizer tiny_vq out_dir=runs/vq inputs=[data/world/train]
+        """
+        from mmgen.config import load_config
+        from mmgen.paths import recipe_path
+        from mmgen.tokenizers.train import TokenizerTrainConfig, train_tokenizer
+
+        cfg = load_config(TokenizerTrainConfig, recipe_path(config, "tokenizers"), overrides or [])
+        path = train_tokenizer(cfg)
+        typer.echo(f"tokenizer saved to {path} (metrics: {cfg.out_dir}/metrics.jsonl, eval: {cfg.out_dir}/eval.json)")
+
+    @app.command("tokenize")
+    def tokenize_cmd(
+        tokenizer: str = typer.Option(..., "--tokenizer", help="Directory of a saved image tokenizer."),
+        input: List[str] = typer.Option(..., "--input", help="Doc shards: a file, a directory or a glob (repeatable)."),
+        out: str = typer.Option(..., "--out", help="Output directory for code shards, summary.json and quarantine.jsonl."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Images encoded per batch."),
+        keep_media: bool = typer.Option(False, "--keep-media", help="Also keep the original media bytes in the code shards."),
+        keep_aspect: bool = typer.Option(False, "--keep-aspect", help="Encode at each image's aspect ratio (same area) instead of the tokenizer's square resolution."),
+    ) -> None:
+        """Pre-tokenize Doc shards: every image item becomes a grid of codes in code shards.
+
+        Example: mmgen tokenize --tokenizer runs/vq/tokenizer --input 'data/world/*.tar' --out runs/codes
+        """
+        from mmgen.tokenizers.pretokenize import pretokenize
+
+        s = pretokenize(tokenizer, list(input), out, batch_size=batch_size, keep_media=keep_media, keep_aspect=keep_aspect)
+        typer.echo(f"{s['docs_in']} docs in: {s['docs_written']} written, {s['quarantined']} quarantined "
+                   f"({out}/quarantine.jsonl); {s['images_encoded']} images encoded; "
+                   f"{s['audio_items_without_codes']} audio and {s['video_items_without_codes']} video items left without codes")

@@ -1,0 +1,71 @@
+"""The Gradio chat: launched in-process on 127.0.0.1, answered through gradio_client."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from test_generate import RES, make_tiny_bundle  # the same tiny bundle and test tokenizer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat_bundle")
+    make_tiny_bundle(path)
+    return path
+
+
+def test_chat_app_answers_with_text_and_image_through_gradio_client(bundle_dir):
+    from gradio_client import Client
+    from PIL import Image as PILImage
+
+    from mmgen.inference.chat_app import build_app, launch
+
+    app = build_app(bundle_dir)
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and app.analytics_enabled is False
+    url = launch(app, host="127.0.0.1", port=_free_port(), block=False)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        assert app.share_url is None
+        client = Client(url, verbose=False)
+        assert "/chat" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        prompt = "a large red circle at the top left, on a black background."
+        history = client.predict(prompt, [], "t2i", 1.0, 0, 5, 3.0, 48, api_name="/chat")
+    finally:
+        app.close()
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert history[0]["content"][0]["text"] == prompt
+    parts = history[1]["content"]
+    files = [p["file"] for p in parts if p["type"] == "file"]
+    texts = [p["text"] for p in parts if p["type"] == "text"]
+    assert parts[0]["type"] == "file"  # t2i: the image comes first
+    assert files and texts and all(t.strip() for t in texts)
+    path = files[0] if isinstance(files[0], str) else files[0]["path"]
+    with PILImage.open(path) as im:
+        assert im.format == "PNG" and im.size == RES
+
+
+def test_chat_engine_streams_and_refuses_share_links(bundle_dir):
+    from mmgen.errors import MMGenError
+    from mmgen.inference.chat_app import ChatEngine, serve
+    from mmgen.models.bundle import load_bundle
+
+    engine = ChatEngine(load_bundle(bundle_dir))
+    yields = list(engine.answer("a small blue square", [], mode="t2i", seed=1, cfg_scale=2.0, max_new_tokens=8,
+                                stream_every_s=0.0))
+    assert len(yields) >= 2  # the answer streams while it grows
+    final = yields[-1]
+    assert final[0] == {"role": "user", "content": "a small blue square"}
+    # max_new_tokens below one block is raised to fit a whole image in t2i mode.
+    assert final[1]["content"][0]["mime_type"] == "image/png"
+    assert list(engine.answer("   ", [], mode="t2i")) == [[]]  # an empty message changes nothing
+    with pytest.raises(MMGenError, match="share links"):
+        serve(bundle_dir, share=True)

@@ -1,0 +1,338 @@
+"""PixelVQ image tokenizer: shapes, determinism, save/load, training + exact resume, pre-tokenization, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mmgen.config import load_config
+from mmgen.errors import MediaError, MMGenError
+
+TINY_MODEL = {"channels": [8, 16], "layers_per_block": 1, "patch_size": 2, "code_dim": 4,
+              "codebook_size": 32, "norm_groups": 4}
+
+
+def tiny_tokenizer(seed: int = 0):
+    from mmgen.tokenizers.vq import PixelVQ
+
+    torch.manual_seed(seed)
+    return PixelVQ(resolution=(32, 32), **TINY_MODEL).eval()
+
+
+def tiny_cfg(out_dir, **over):
+    from mmgen.tokenizers.train import TokenizerTrainConfig
+
+    base = {"synthetic_images": 80, "synthetic_source": "shapes", "resolution": 32, "eval_images": 8, "model": dict(TINY_MODEL),
+            "steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "log_every": 4, "ckpt_every": 4,
+            "restart_every": 2, "out_dir": str(out_dir), "threads": 1, "progress": False}
+    base.update(over)
+    return load_config(TokenizerTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+def shapes(n: int, size: int = 32, seed: int = 0):
+    from mmgen.tokenizers.train import random_shapes_image
+
+    rng = random.Random(seed)
+    return [random_shapes_image(rng, size) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny tokenizer trained for a few steps (shared by several tests)."""
+    from mmgen.tokenizers.train import train_tokenizer
+
+    out = tmp_path_factory.mktemp("vq_train")
+    return out, train_tokenizer(tiny_cfg(out))
+
+
+# -- the model ---------------------------------------------------------------------------------------
+
+def test_encode_decode_shapes_for_sizes_and_aspects():
+    tok = tiny_tokenizer()
+    assert tok.downsample == 4 and tok.codebook_size == 32
+    assert tok.code_shape(64, 64) == (16, 16)
+    assert tok.code_shape(96, 48) == (12, 24)
+    assert tok.code_shape(30, 50) == (12, 8)  # rounded to the downsampling factor
+    for w, h in [(32, 32), (48, 24), (20, 36)]:
+        imgs = shapes(2, 40)
+        codes = tok.encode(imgs, size=(w, h))
+        assert codes.dtype == torch.int64 and tuple(codes.shape) == (2, *tok.code_shape(w, h))
+        assert int(codes.min()) >= 0 and int(codes.max()) < tok.codebook_size
+        out = tok.decode(codes)
+        assert len(out) == 2 and out[0].size == tok.image_size_for(w, h) and out[0].mode == "RGB"
+    one = tok.decode(codes[0].numpy())  # a single (h, w) grid from numpy works too
+    assert len(one) == 1
+
+
+def test_encode_is_deterministic():
+    tok = tiny_tokenizer()
+    imgs = shapes(4)
+    a, b = tok.encode(imgs), tok.encode(imgs)
+    assert torch.equal(a, b)
+    assert torch.equal(tiny_tokenizer().encode(imgs), a)  # same seed, same weights, same codes
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.tokenizers.vq import PixelVQ
+
+    tok = tiny_tokenizer()
+    imgs = shapes(3)
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert cfg["mmgen_type"] == "pixel_vq" and cfg["codebook_size"] == 32
+    loaded = load_image_tokenizer(tmp_path / "tok")
+    assert isinstance(loaded, PixelVQ) and not loaded.training
+    codes = tok.encode(imgs)
+    assert torch.equal(loaded.encode(imgs), codes)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode_tensor(codes), tok.decode_tensor(codes))
+
+
+def test_out_of_range_codes_and_bad_tensors_are_clear_errors():
+    tok = tiny_tokenizer()
+    with pytest.raises(MMGenError, match="out of range"):
+        tok.decode(np.full((8, 8), 32))
+    with pytest.raises(MMGenError, match="out of range"):
+        tok.decode_tensor(torch.full((1, 8, 8), -1))
+    with pytest.raises(MMGenError, match="multiple of the downsampling factor"):
+        tok.encode_tensor(torch.zeros(1, 3, 30, 32))
+
+
+def test_undecodable_file_is_a_clear_error(tmp_path):
+    from mmgen.tokenizers.pretokenize import encode_image_files
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    with pytest.raises(MediaError, match="broken.png"):
+        encode_image_files(tiny_tokenizer(), [bad])
+    with pytest.raises(MediaError, match="not found"):
+        encode_image_files(tiny_tokenizer(), [tmp_path / "missing.jpg"])
+
+
+def test_dead_codes_are_restarted_from_recent_encoder_outputs():
+    from mmgen.tokenizers.vq import VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4).train()
+    z = torch.randn(2, 4, 4, 4)
+    vq(z)  # first batch seeds the codebook from the data
+    assert bool(vq.initialized)
+    # A batch of one repeated vector: every code but one goes unused and its usage decays.
+    z_same = torch.ones(2, 4, 4, 4)
+    for _ in range(60):
+        _, codes, stats = vq(z_same)
+    assert len(codes.unique()) == 1 and stats["perplexity"].item() == pytest.approx(1.0)
+    before = vq.embedding.detach().clone()
+    vq._recent = torch.nn.functional.normalize(torch.randn(32, 4), dim=-1)
+    dead = vq.restart_dead_codes(0.03, generator=torch.Generator().manual_seed(0))
+    assert dead.numel() == 15
+    changed = (vq.embedding.detach() != before).any(dim=1)
+    assert changed[dead].all() and int(changed.sum()) == 15
+    # Each restarted code sits (up to a little noise) on one of the recent encoder outputs.
+    dist = torch.cdist(vq.embedding.detach()[dead], vq._recent).min(dim=1).values
+    assert (dist < 0.1).all()
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+def test_training_lowers_loss_and_writes_metrics_and_eval(trained):
+    from mmgen.tokenizers import load_image_tokenizer
+
+    out, tok_dir = trained
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    for key in ("loss", "recon", "commitment", "codebook", "usage", "perplexity", "psnr", "lr"):
+        assert key in rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert 0 < rows[-1]["usage"] <= 1 and rows[-1]["perplexity"] >= 1
+    report = json.loads((out / "eval.json").read_text())
+    assert report["eval_images"] == 8 and report["train_images"] == 72 and report["data"]["synthetic"] == 80
+    assert report["eval_psnr"] > 0 and 0 < report["eval_codebook_usage"] <= 1
+    assert (out / "recon.png").is_file()
+    assert tok_dir == out / "tokenizer"
+    tok = load_image_tokenizer(tok_dir)
+    assert tuple(tok.encode(shapes(2)).shape) == (2, 8, 8)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import mmgen.tokenizers.train as tr
+
+    full = tr.train_tokenizer(tiny_cfg(tmp_path / "full", steps=8, restart_every=3))
+
+    class Killed(Exception):
+        pass
+
+    real_save = tr._save_checkpoint
+
+    def save_then_die(ckpt_dir, model, opt, step, keep):
+        path = real_save(ckpt_dir, model, opt, step, keep)
+        if step == 4:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(tr, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        tr.train_tokenizer(tiny_cfg(tmp_path / "cut", steps=8, restart_every=3))
+    monkeypatch.setattr(tr, "_save_checkpoint", real_save)
+    assert tr.latest_checkpoint(tmp_path / "cut").name == "step_00000004"
+    resumed = tr.train_tokenizer(tiny_cfg(tmp_path / "cut", steps=8, restart_every=3, resume=True))
+
+    def losses(d):
+        return [{k: r[k] for k in ("step", "loss", "recon", "commitment", "perplexity", "usage")}
+                for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_reads_images_from_doc_shards_and_folders(tmp_path):
+    from mmgen.data.doc import Doc, Image, Text
+    from mmgen.data.shards import write_shards
+    from mmgen.tokenizers.train import load_training_images
+
+    docs = [Doc([Text("a scene"), Image.from_pil(im), Image.from_pil(im2)]) for im, im2 in zip(shapes(3), shapes(3, seed=1))]
+    docs.append(Doc([Image(data=b"\x89PNG\r\n\x1a\nbroken", format="png")]))
+    shard_dir = tmp_path / "shards"
+    write_shards(docs, shard_dir)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shapes(1, 48)[0].save(folder / "a.png")
+    shapes(1, 20)[0].resize((40, 20)).save(folder / "wide.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    cfg = tiny_cfg(tmp_path / "out", inputs=[str(shard_dir)], image_dirs=[str(folder)], synthetic_images=0)
+    x, stats = load_training_images(cfg)
+    assert tuple(x.shape) == (8, 3, 32, 32) and x.dtype == torch.uint8
+    assert stats["from_shards"] == 6 and stats["from_dirs"] == 2 and stats["undecodable"] == 1
+
+
+# -- pre-tokenization --------------------------------------------------------------------------------
+
+def _wav_bytes() -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(800, dtype=np.float32), 8000, format="WAV")
+    return buf.getvalue()
+
+
+def test_pretokenize_quarantines_bad_records_and_counts_add_up(trained, tmp_path):
+    from mmgen.data.code_shards import read_code_shards
+    from mmgen.data.doc import Audio, Doc, Image, Text
+    from mmgen.data.shards import write_shards
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.tokenizers.pretokenize import pretokenize
+
+    _, tok_dir = trained
+    imgs = shapes(5, 32, seed=7)
+    docs = [
+        Doc([Text("one"), Image.from_pil(imgs[0]), Text("two"), Image.from_pil(imgs[1])]),
+        Doc([Text("broken"), Image(data=b"\x89PNG\r\n\x1a\ngarbage", format="png")]),
+        Doc([Text("just text")]),
+        Doc([Image.from_pil(imgs[2]), Audio(data=_wav_bytes(), format="wav")]),
+        Doc([Image.from_pil(imgs[3], format="jpeg")]),
+    ]
+    shard_dir = tmp_path / "in"
+    write_shards(docs, shard_dir)
+    (shard_dir / "zz-broken.tar").write_bytes(b"not a tar file at all")  # -> a BadRecord
+    out = tmp_path / "codes"
+    summary = pretokenize(tok_dir, str(shard_dir), out, batch_size=2, progress=False)
+
+    assert summary["docs_in"] == 6
+    assert summary["docs_written"] == 4 and summary["quarantined"] == 2
+    assert summary["docs_in"] == summary["docs_written"] + summary["quarantined"]
+    assert summary["quarantine_reasons"] == {"undecodable_image": 1, "corrupt_tar": 1}
+    assert summary["images_encoded"] == 4 and summary["audio_items_without_codes"] == 1
+    q = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(r["reason"] for r in q) == ["corrupt_tar", "undecodable_image"]
+    assert json.loads((out / "summary.json").read_text())["docs_written"] == 4
+
+    tok = load_image_tokenizer(tok_dir)
+    coded = list(read_code_shards(summary["shards"]))
+    assert len(coded) == 4
+    first = coded[0]
+    assert sorted(first.codes) == [1, 3] and first.codes[1].dtype == np.int16 and first.codes[1].shape == (8, 8)
+    assert np.array_equal(first.codes[1], tok.encode([imgs[0]])[0].numpy())
+    assert np.array_equal(first.codes[3], tok.encode([imgs[1]])[0].numpy())
+    assert coded[1].codes == {}  # text only
+    assert sorted(coded[2].codes) == [0]  # the audio item has no codes yet
+
+
+def test_keep_aspect_encodes_at_the_image_aspect(trained, tmp_path):
+    from mmgen.data.doc import Doc, Image
+    from mmgen.data.shards import write_shards
+    from mmgen.data.code_shards import read_code_shards
+    from mmgen.tokenizers.pretokenize import pretokenize
+
+    _, tok_dir = trained
+    write_shards([Doc([Image.from_pil(shapes(1, 64)[0].resize((128, 32)))])], tmp_path / "in")
+    s = pretokenize(tok_dir, str(tmp_path / "in"), tmp_path / "out", keep_aspect=True, progress=False)
+    (cd,) = list(read_code_shards(s["shards"]))
+    h, w = cd.codes[0].shape
+    assert w > h and h * w == pytest.approx(64, rel=0.15)
+
+
+def test_real_photos_encode_and_decode(trained, real_dir):
+    from PIL import Image as PILImage
+
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.tokenizers.pretokenize import encode_image_files
+
+    tok = load_image_tokenizer(trained[1])
+    codes = encode_image_files(tok, [real_dir / "img1.png", real_dir / "cat.jpg"])
+    assert tuple(codes.shape) == (2, 8, 8)
+    out = tok.decode(codes)
+    assert [im.size for im in out] == [(32, 32), (32, 32)]
+    arr = np.asarray(out[1], dtype=np.float32)
+    assert np.isfinite(arr).all() and arr.std() > 0
+    with PILImage.open(real_dir / "cat.jpg") as cat:  # 640x480 at its own aspect
+        wide = tok.encode([cat], size=(48, 36))
+    assert tuple(wide.shape) == (1, 9, 12) and tok.decode(wide)[0].size == (48, 36)
+
+
+# -- recipe and CLI ----------------------------------------------------------------------------------
+
+def test_tiny_recipe_loads_and_builds_the_preset():
+    from mmgen.paths import recipe_path
+    from mmgen.tokenizers.train import TokenizerTrainConfig, build_model
+
+    cfg = load_config(TokenizerTrainConfig, recipe_path("tiny_vq", "tokenizers"))
+    model = build_model(cfg)
+    assert cfg.resolution == 64 and model.code_shape(64, 64) == (8, 8)
+    assert 256 <= model.codebook_size <= 512 and model.num_parameters() < 5_000_000
+    with pytest.raises(MMGenError, match="did you mean 'steps'"):
+        load_config(TokenizerTrainConfig, recipe_path("tiny_vq", "tokenizers"), ["stepz=3"])
+
+
+def test_cli_train_and_tokenize(tmp_path, capsys):
+    import yaml
+
+    from mmgen.cli import main
+    from mmgen.data.doc import Doc, Image
+    from mmgen.data.shards import write_shards
+
+    recipe = tmp_path / "r.yaml"
+    cfg = tiny_cfg(tmp_path / "run", steps=2, synthetic_images=24, eval_images=4)
+    from mmgen.config import to_dict
+
+    recipe.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["train-tokenizer", str(recipe), "steps=3", "log_every=1"]) == 0
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    tok_dir = tmp_path / "run" / "tokenizer"
+    write_shards([Doc([Image.from_pil(im)]) for im in shapes(3)], tmp_path / "in")
+    assert main(["tokenize", "--tokenizer", str(tok_dir), "--input", str(tmp_path / "in"),
+                 "--out", str(tmp_path / "codes")]) == 0
+    assert "3 docs in: 3 written, 0 quarantined" in capsys.readouterr().out
+    assert main(["tokenize", "--tokenizer", str(tmp_path / "nope"), "--input", str(tmp_path / "in"),
+                 "--out", str(tmp_path / "codes2")]) == 2
+    assert "not a tokenizer directory" in capsys.readouterr().err
+    assert main(["train-tokenizer", str(recipe), "lr=-1"]) == 2
+    assert main(["train-tokenizer", "no_such_recipe"]) == 2
