@@ -64,9 +64,9 @@ class _Stages:
 
 def _defect_scores(world_dir: Path, filter_dir: Path) -> dict:
     """Precision/recall of the filter per ShapesWorld defect type against labels.jsonl."""
-    from mmgen.data.pipeline import defect_report
+    from mmgen.data.pipeline import score_against_labels
 
-    return defect_report(world_dir / "labels.jsonl", filter_dir)
+    return score_against_labels(filter_dir, world_dir / "labels.jsonl")
 
 
 def quickstart(cfg: QuickstartConfig) -> Path:
@@ -152,10 +152,7 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path) -> dict:
         "tokenizer_reconstruction": recon,
         "training": json.loads((bundle_dir / "mmgen.json").read_text()) if (bundle_dir / "mmgen.json").is_file() else {},
     }
-    try:
-        metrics["filter_defects"] = _defect_scores(out / "world", out / "filtered")
-    except (ImportError, AttributeError):
-        pass
+    metrics["filter_defects"] = _defect_scores(out / "world", out / "filtered")
     return metrics
 
 
@@ -187,8 +184,9 @@ def _write_markdown(r: dict, path: Path) -> None:
         lines += ["## Filtering: per-defect precision / recall against the world's labels", "",
                   "| defect | docs | precision | recall |", "| --- | --- | --- | --- |"]
         for name, m in sorted(r["filter_defects"].get("per_defect", {}).items()):
-            lines.append(f"| {name} | {m.get('support', '')} | {_pct(m.get('precision'))} | {_pct(m.get('recall'))} |")
-        lines.append("")
+            lines.append(f"| {name} | {m['true']} | {_pct(m['precision'])} | {_pct(m['recall'])} |")
+        fd = r["filter_defects"]
+        lines += ["", f"Clean documents touched by the filter: {fd['clean_docs_touched']} of {fd['clean_docs']}.", ""]
     lines += ["## Stage times (seconds, this machine)", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.0f} |" for k, v in r["stage_seconds"].items()]
     lines += [f"| **total** | {sum(r['stage_seconds'].values()):.0f} |", ""]

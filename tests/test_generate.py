@@ -349,3 +349,24 @@ def test_cli_generate_writes_png(bundle_dir, tmp_path, capsys):
     rc = main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
     assert rc == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_t2i_with_the_pixel_vq_tokenizer(tmp_path):
+    """The same path with the real pixel VQ (tiny, random): its 8x8 grid at 32 px becomes the block size."""
+    from mmgen.inference.generate import generate_interleaved
+    from mmgen.models.bundle import Bundle, load_bundle
+    from mmgen.models.lm import build_tiny_lm
+    from mmgen.models.text_tokenizer import train_text_tokenizer
+    from mmgen.tokenizers.vq import PixelVQ
+
+    tok = train_text_tokenizer(TEXTS, vocab_size=300)
+    vq = PixelVQ(resolution=RES, channels=(8, 16), patch_size=2, codebook_size=32, code_dim=4, norm_groups=8)
+    vocab = Vocab(len(tok), {"pix": 32}, max_grid=16)
+    Bundle(build_tiny_lm(vocab, hidden=64, layers=1, heads=4, text_tokenizer=tok, seed=0), tok, vocab, vq, {}).save(tmp_path)
+    bundle = load_bundle(tmp_path)
+    assert type(bundle.image_tokenizer).__name__ == "PixelVQ"
+    doc = generate_interleaved(bundle, "a red circle", mode="t2i", max_new_tokens=vocab.image_block_len(8, 8) - 1,
+                               seed=0, cfg_scale=2.0)
+    img = doc.images[0]
+    assert img.meta["codes_shape"] == [8, 8] and img.meta["num_tokens"] == vocab.image_block_len(8, 8)
+    assert img.to_pil().size == RES

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ import yaml
 
 from mmgen.config import from_dict
 from mmgen.data.doc import BadRecord, Doc, Text
-from mmgen.data.ops.base import DocView, Op, Verdict, build_op
+from mmgen.data.ops.base import DocView, Op, Verdict, build_op, error_text
 from mmgen.errors import MediaError, MMGenError
 
 
@@ -132,9 +131,9 @@ def _run_op(op: Op, view: DocView, stats: dict, events: list, decide_sig: Any = 
     try:
         verdicts = op.apply(view) if decide_sig is ... else op.decide(view, decide_sig, doc_id)
     except MediaError as e:
-        verdicts = [Verdict("undecodable_media", {"error": str(e)}, quarantine=True)]
+        verdicts = [Verdict("undecodable_media", {"error": error_text(e)}, quarantine=True)]
     except Exception as e:  # noqa: BLE001 - one odd document must not stop a run; it is quarantined visibly
-        verdicts = [Verdict("op_error", {"error": f"{type(e).__name__}: {e}"}, quarantine=True)]
+        verdicts = [Verdict("op_error", {"error": f"{type(e).__name__}: {error_text(e)}"}, quarantine=True)]
     fate = _apply(op, view, verdicts, stats, events)
     if fate is None and not view.alive:
         fate = {"op": op.label, "reason": "no_items_left", "item": None, "stats": {}, "status": "rejected"}
@@ -161,7 +160,7 @@ def process_doc(ops: list[Op], doc: Doc) -> dict:
                     sigs[op.label] = op.signature(view)
                 except MediaError as e:
                     fate = {"op": op.label, "reason": "undecodable_media", "item": None,
-                            "stats": {"error": str(e)}, "status": "quarantined"}
+                            "stats": {"error": error_text(e)}, "status": "quarantined"}
                     break
     return {"doc": doc, "alive": view.alive, "stats": stats, "events": events, "fate": fate, "sigs": sigs}
 
@@ -434,3 +433,53 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
     _write_json(out / "summary.json", summary)
     (out / "report.md").write_text(_report(summary))
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring against ground truth (ShapesWorld's labels.jsonl)
+
+# Reason codes -> the ShapesWorld defect type they detect.
+REASON_DEFECT = {
+    "caption_mismatch": "mismatched_caption", "duplicate_image": "duplicate_image",
+    "near_duplicate_image": "near_duplicate_image", "duplicate_doc": "duplicate_doc",
+    "near_duplicate_doc": "near_duplicate_doc", "corrupt_image": "corrupt_image",
+    "undecodable_media": "corrupt_image", "image_too_small": "tiny_image", "extreme_aspect": "extreme_aspect",
+    "gibberish": "gibberish_text", "special_characters": "gibberish_text", "low_alnum": "gibberish_text",
+    "ngram_repetition": "ngram_spam", "non_english": "non_english", "too_short": "empty_item",
+    "empty_text": "empty_item", "empty_image": "empty_item", "empty_audio": "empty_item",
+    "empty_video": "empty_item", "empty_doc": "empty_item",
+}
+
+
+def score_against_labels(out_dir, labels_path) -> dict:
+    """Per-defect precision and recall of a finished run against a world's ``labels.jsonl``.
+
+    A document counts as flagged for a defect type when any action on it (rejection, quarantine,
+    node removal, or a node removal before its rejection) has a reason mapped to that type.
+    Documents are matched to label rows by their input position (the shard member's index), so
+    exact copies sharing an id are told apart. Only valid for inputs written by ``mmgen world``."""
+    out = Path(out_dir)
+    labels = [json.loads(line) for line in open(labels_path, encoding="utf-8")]
+    flagged: dict[int, set] = {}
+    for sub in ("rejects", "quarantine"):
+        for p in sorted((out / sub).glob("*.jsonl")):
+            for line in p.open(encoding="utf-8"):
+                r = json.loads(line)
+                member = (r.get("provenance") or {}).get("member") or r.get("member") or ""
+                head = os.path.basename(str(member)).split("_")[0]
+                if not head.isdigit():
+                    continue
+                reasons = [r["reason"]] + [e["reason"] for e in r.get("removed_nodes_before", [])]
+                flagged.setdefault(int(head), set()).update(REASON_DEFECT.get(x, x) for x in reasons)
+    types = sorted({d["type"] for lab in labels for d in lab["defects"]})
+    per = {}
+    for t in types:
+        truth = {i for i, lab in enumerate(labels) if any(d["type"] == t for d in lab["defects"])}
+        pred = {i for i, f in flagged.items() if t in f}
+        tp = len(truth & pred)
+        per[t] = {"true": len(truth), "flagged": len(pred), "tp": tp,
+                  "precision": round(tp / len(pred), 4) if pred else None,
+                  "recall": round(tp / len(truth), 4) if truth else None}
+    clean = [i for i, lab in enumerate(labels) if not lab["defects"]]
+    return {"per_defect": per, "clean_docs": len(clean),
+            "clean_docs_touched": sum(1 for i in clean if flagged.get(i))}

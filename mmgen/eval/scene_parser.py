@@ -7,12 +7,13 @@ rather than guess when an image is not a ShapesWorld scene. The steps:
 1. background: the median border colour, which must sit close to one background of the palette;
 2. foreground: pixels far (in CIELAB) from the background, cut into connected blobs; a blob that
    spans grid cells (blur can bridge neighbours) is cut along the grid lines;
-3. per blob: the colour is the median of its interior pixels, snapped to the nearest palette entry
-   only with a confidence margin; the silhouette is re-thresholded half-way between background and
-   object colour (so symmetric blur does not grow or shrink it), normalised to its bounding box and
-   compared with each shape's template (soft IoU) — again with a margin; the size is the bounding
-   box side relative to the cell; the cell is where the bounding box centre falls, and the centre
-   must be near the cell centre (objects sit centred in their cells).
+3. per blob: the colour is the palette entry whose background-to-colour mixing line the blob's
+   pixels lie closest to (blur and compression mix object and background), accepted only with a
+   margin over the runner-up and when the blob's core reaches the full colour (a darker shade is
+   not snapped to the palette); shape and size together are the best of the 4 x 2 hypotheses
+   rendered at the cell centre (allowed a small shift and some blur) compared with the blob's soft
+   silhouette, again only with a margin; the cell is where the blob's bounding box centre falls,
+   and that centre must sit near the cell centre (objects are centred in their cells).
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ def _ycc(rgb: np.ndarray) -> np.ndarray:
 
 _COLOR_NAMES = list(COLORS)
 _COLOR_RGB = np.array([COLORS[c] for c in _COLOR_NAMES], np.float32)
-_COLOR_LAB = _srgb_to_lab(np.array([COLORS[c] for c in _COLOR_NAMES], np.float32))
 _BG_NAMES = list(BACKGROUNDS)
 _BG_LAB = _srgb_to_lab(np.array([BACKGROUNDS[c] for c in _BG_NAMES], np.float32))
 

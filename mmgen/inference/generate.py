@@ -150,19 +150,27 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
         all_rows = list(rows)
     ids, attn = _left_pad(all_rows, pad_id, device)
     position = (attn.cumsum(-1) - 1).clamp(min=0)
-    seq = ids[:bsz]
-    constraint = ImageGridConstraint(vocab, sizes=sizes, allow_images=allow_images,
-                                     max_length=seq.shape[1] + max_new_tokens)
+    # Preallocated, so a step writes one column instead of copying the whole sequence.
+    cur = ids.shape[1]
+    seq = torch.full((bsz, cur + max_new_tokens), pad_id, dtype=torch.long, device=device)
+    seq[:, :cur] = ids[:bsz]
+    attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
+    attn_buf[:, :cur] = attn
+    constraint = ImageGridConstraint(vocab, sizes=sizes, allow_images=allow_images, max_length=cur + max_new_tokens)
     gen = torch.Generator().manual_seed(int(seed))
     image_cols = None
 
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True)
+    import inspect
+
+    # The prefill needs the logits of the last position only (a real vocabulary makes the rest costly).
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True, **keep)
     past = out.past_key_values
     logits = out.logits[:, -1, :].float()
     next_pos = position[:, -1] + 1
     active = torch.ones(bsz, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        constraint.observe(seq)
+    for step in range(max_new_tokens):
+        constraint.observe(seq[:, :cur])
         cond = logits[:bsz]
         in_block = torch.tensor(constraint.in_block, dtype=torch.bool, device=device)
         if use_cfg:
@@ -178,7 +186,8 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
         tok = _sample(scores, temperature, top_k, top_p, gen)
         tok = torch.where(active, tok, torch.full_like(tok, pad_id))
         was_active = active.clone()
-        seq = torch.cat([seq, tok[:, None]], dim=1)
+        seq[:, cur] = tok
+        cur += 1
         # The closing token of a block is only counted by observe() on the next step; count it here.
         finished = (tok == eos_id) & ~in_block
         if stop_after_images is not None:
@@ -188,11 +197,10 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
             finished |= done_images >= stop_after_images
         active = active & ~finished
         yield tok, was_active
-        if not bool(active.any()):
+        if not bool(active.any()) or step == max_new_tokens - 1:
             return
         step_tok = torch.cat([tok, tok]) if use_cfg else tok
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = model(input_ids=step_tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+        out = model(input_ids=step_tok[:, None], attention_mask=attn_buf[:, :cur], position_ids=next_pos[:, None],
                     past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()

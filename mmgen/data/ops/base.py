@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 from mmgen.config import from_dict
-from mmgen.data.doc import Doc, Image, Item, Text
+from mmgen.data.doc import Doc, Image, Text
 from mmgen.errors import MediaError, MMGenError
 
 OPS: dict[str, type["Op"]] = {}
@@ -169,7 +170,7 @@ class ImageOp(Op):
             try:
                 stats = self.image_stats(view, i, img)
             except MediaError as e:
-                out.append(Verdict("undecodable_media", {"error": str(e)}, item=i, quarantine=True))
+                out.append(Verdict("undecodable_media", {"error": error_text(e)}, item=i, quarantine=True))
                 continue
             out.append(Verdict(self.judge(stats), stats, item=i))
         return out
@@ -214,6 +215,12 @@ class StatefulOp(Op):
     def load_state(self, entries: list) -> None:
         for e in entries:
             self._insert(e)
+
+
+def error_text(e: BaseException) -> str:
+    """An exception as stable text: decoders embed object addresses, which would make outputs
+    differ between runs and between worker counts."""
+    return re.sub(r"<[^<>]*? at 0x[0-9a-fA-F]+>", "<data>", str(e))
 
 
 def closest(name: str, valid) -> str:

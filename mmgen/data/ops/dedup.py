@@ -85,6 +85,11 @@ class HammingIndex:
         for lo, hi in self.blocks:
             yield (h >> lo) & ((1 << (hi - lo)) - 1)
 
+    def candidates(self, h: int) -> list[int]:
+        """Indices of entries within the radius, earliest first."""
+        found = {idx for table, part in zip(self.tables, self._parts(h)) for idx in table.get(part, ())}
+        return sorted(i for i in found if hamming(self.hashes[i], h) <= self.radius)
+
     def query(self, h: int) -> tuple[str, int] | None:
         """The earliest inserted entry within the radius: (id, distance)."""
         best = None
@@ -189,6 +194,12 @@ class ImageNearDedup(StatefulOp):
         radius: int = 6
         hash_size: int = 8
         color: bool = False
+        # Also require the 8x8 RGB thumbnails to differ by at most this mean absolute value (0-255).
+        # pHash ignores contrast and hue, so flat synthetic scenes with the same layout collide.
+        max_thumb_diff: float | None = None
+        # Compare images inside one document too. Off for step-by-step documents, whose
+        # consecutive images legitimately differ by one small change.
+        within_doc: bool = True
 
         def validate(self):
             if self.radius < 0 or self.hash_size < 2:
@@ -198,15 +209,33 @@ class ImageNearDedup(StatefulOp):
         super().__init__(*a, **k)
         p = self.params
         self.index = HammingIndex(p.hash_size ** 2 * (3 if p.color else 1), p.radius)
+        self.thumbs: list[tuple[int, str]] = []
 
     def signature(self, view):
+        from PIL import Image as PILImage
+
         out = {}
         for i, _ in view.images():
             try:
-                out[i] = phash(view.pil(i), self.params.hash_size, color=self.params.color)
+                pil = view.pil(i)
             except MediaError:
                 out[i] = None  # undecodable: nothing to compare (image_decode quarantines it)
+                continue
+            thumb = np.asarray(pil.resize((8, 8), PILImage.Resampling.BOX), dtype=np.uint8).tobytes().hex()
+            out[i] = (phash(pil, self.params.hash_size, color=self.params.color), thumb)
         return out
+
+    def _close(self, a: tuple, b: tuple) -> int | None:
+        """Hamming distance if the two (phash, thumbnail) pairs are near duplicates, else None."""
+        d = hamming(a[0], b[0])
+        if d > self.params.radius:
+            return None
+        if self.params.max_thumb_diff is not None:
+            ta = np.frombuffer(bytes.fromhex(a[1]), np.uint8).astype(np.float32)
+            tb = np.frombuffer(bytes.fromhex(b[1]), np.uint8).astype(np.float32)
+            if float(np.abs(ta - tb).mean()) > self.params.max_thumb_diff:
+                return None
+        return d
 
     def decide(self, view, sig, doc_id):
         out, local = [], []
@@ -214,12 +243,17 @@ class ImageNearDedup(StatefulOp):
             h = sig.get(i)
             if h is None:
                 continue
-            hit = self.index.query(h)
-            if hit is None:
-                near = [hamming(h, g) for g in local if hamming(h, g) <= self.params.radius]
+            hit = None
+            for idx in self.index.candidates(h[0]):  # earliest kept image first
+                d = self._close(self.thumbs[idx], h)
+                if d is not None:
+                    hit = (self.index.ids[idx], d)
+                    break
+            if hit is None and self.params.within_doc:
+                near = [d for g in local if (d := self._close(g, h)) is not None]
                 hit = (doc_id, min(near)) if near else None
             local.append(h)
-            stats = {"phash": f"{h:x}"} | ({"distance": hit[1]} if hit else {})
+            stats = {"phash": f"{h[0]:x}"} | ({"distance": hit[1]} if hit else {})
             out.append(Verdict("near_duplicate_image" if hit else None, stats, item=i,
                                duplicate_of=hit[0] if hit else None))
         return out
@@ -227,10 +261,11 @@ class ImageNearDedup(StatefulOp):
     def commit(self, view, sig, doc_id):
         for i, _ in view.images():
             if sig.get(i) is not None:
-                self._add([f"{sig[i]:x}", doc_id])
+                self._add([f"{sig[i][0]:x}", doc_id, sig[i][1]])
 
     def _insert(self, e):
         self.index.add(int(e[0], 16), e[1])
+        self.thumbs.append((int(e[0], 16), e[2]))
 
 
 _MERSENNE_P = 4294967291  # largest prime below 2**32: a*x + b stays below 2**64 for a < 2**31

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmgen.data.ops.base import ImageOp, Verdict, register_op
+from mmgen.data.ops.base import ImageOp, Verdict, error_text, register_op
 
 
 @register_op("image_decode")
@@ -19,7 +19,7 @@ class ImageDecode(ImageOp):
                 pil = view.pil(i)
             except Exception as e:  # noqa: BLE001 - to_pil raises MediaError; anything else is also undecodable
                 out.append(Verdict("corrupt_image", {"decodable": False, "bytes": len(img.data or b""),
-                                                     "error": str(e)}, item=i, quarantine=True))
+                                                     "error": error_text(e)}, item=i, quarantine=True))
                 continue
             out.append(Verdict(None, {"decodable": True, "format": img.format, "width": pil.width,
                                       "height": pil.height}, item=i))

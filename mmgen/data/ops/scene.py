@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmgen.data.doc import Text
-from mmgen.data.ops.base import ImageOp, Verdict, register_op
+from mmgen.data.ops.base import ImageOp, Verdict, error_text, register_op
 from mmgen.errors import MediaError, MMGenError
 
 
@@ -67,7 +67,7 @@ class SceneCaptionMatch(ImageOp):
             try:
                 pred = parse_scene(view.pil(i))
             except MediaError as e:
-                out.append(Verdict("undecodable_media", {"error": str(e)}, item=i, quarantine=True))
+                out.append(Verdict("undecodable_media", {"error": error_text(e)}, item=i, quarantine=True))
                 continue
             if pred is None:
                 out.append(Verdict(None, {"parsed": False}, item=i))

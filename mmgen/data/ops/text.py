@@ -7,7 +7,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from mmgen.data.doc import Text
-from mmgen.data.ops.base import DocView, Op, TextOp, Verdict, register_op
+from mmgen.data.ops.base import DocView, Op, TextOp, Verdict, error_text, register_op
 from mmgen.errors import MediaError
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")  # runs of letters (any script), with inner apostrophes
@@ -239,7 +239,7 @@ class EmptyItems(Op):
             try:
                 n = len(it.load())
             except MediaError as e:
-                out.append(Verdict("missing_media", {"error": str(e)}, item=i, quarantine=True))
+                out.append(Verdict("missing_media", {"error": error_text(e)}, item=i, quarantine=True))
                 continue
             out.append(Verdict(f"empty_{it.kind}" if n == 0 else None, {"bytes": n}, item=i))
         if not view.alive:

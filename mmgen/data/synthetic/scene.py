@@ -223,15 +223,3 @@ def render(scene: Scene, width: int = 64, height: int = 64, supersample: int = 1
         raise ValueError(f"image size must be positive, got {width}x{height}")
     return render_objects(scene.background, [placement(o, width, height) for o in scene.objects],
                           width, height, supersample)
-
-
-def template_masks(res: int = 24, supersample: int = 4) -> dict[str, np.ndarray]:
-    """Each shape's soft silhouette normalised to its bounding box (res x res, values in [0, 1]):
-    the references the scene parser compares blobs against."""
-    n = res * supersample
-    ys, xs = np.mgrid[0:n, 0:n].astype(np.float64) + 0.5
-    out = {}
-    for s in SHAPES:
-        m = shape_mask(s, xs, ys, n / 2, n / 2, n).astype(np.float32)
-        out[s] = m.reshape(res, supersample, res, supersample).mean(axis=(1, 3))
-    return out

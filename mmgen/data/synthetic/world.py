@@ -7,7 +7,6 @@ single-threaded with fixed settings, so the same arguments give byte-identical s
 from __future__ import annotations
 
 import difflib
-import io
 import json
 import random
 from collections import Counter, deque
@@ -184,7 +183,7 @@ def make_defective(dtype: str, rng: random.Random, split: str, size, sources: li
                 after = small_text_edit(before, rng)
             doc.items[i].text = after
             ratio = difflib.SequenceMatcher(None, before, after).ratio()
-            label["reason"] = f"doc {src.id} with a small text edit (similarity {ratio:.2f}), same media"
+            label["reason"] = f"doc {src.id} with a small text edit (similarity {ratio:.3f}), same media"
         label["of"] = src.id
     elif dtype == "corrupt_image":
         scene = random_scene(rng, split)
