@@ -86,20 +86,22 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     def filtering():
         from mmgen.data.pipeline import run_filter
 
-        summary = run_filter(cfg.filter_recipe, str(out / "world"), out / "filtered", workers=cfg.workers)
+        summary = run_filter(cfg.filter_recipe, str(out / "world" / "*.tar"), out / "filtered", workers=cfg.workers)
         return {k: summary[k] for k in ("input", "kept", "rejected", "quarantined") if k in summary}
 
     def tokenizer():
         from mmgen.tokenizers.train import TokenizerTrainConfig, train_tokenizer
 
-        overrides = [f"inputs=[{out / 'filtered'}]", f"out_dir={out / 'tokenizer'}", *cfg.tokenizer_overrides]
+        # The recipe trains on freshly rendered train-split scenes: the filtered shards also hold val and
+        # held-out documents, whose images the tokenizer must not see either.
+        overrides = [f"out_dir={out / 'tokenizer'}", *cfg.tokenizer_overrides]
         tcfg = load_config(TokenizerTrainConfig, recipe_path(cfg.tokenizer_recipe, "tokenizers"), overrides)
         return str(train_tokenizer(tcfg))
 
     def tokenize():
         from mmgen.tokenizers.pretokenize import pretokenize
 
-        return pretokenize(tok_dir, str(out / "filtered"), out / "codes")
+        return pretokenize(tok_dir, str(out / "filtered" / "shards"), out / "codes")
 
     def pretrain():
         overrides = [f"data.code_shards={out / 'codes'}", f"data.image_tokenizer={tok_dir}",

@@ -27,6 +27,9 @@ class DataConfig:
     max_grid: int = 16  # largest image code-grid side the vocab can express
     seq_len: int = 512  # packed row length
     max_docs: int | None = None
+    # Train only on documents whose meta "split" is listed (documents without one are kept): held-out
+    # and validation documents of a corpus such as ShapesWorld must never reach training.
+    splits: list[str] = field(default_factory=lambda: ["train"])
     loss_targets: list[str] = field(default_factory=lambda: ["text", "structural", "image", "audio"])
 
 
@@ -90,7 +93,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.data.seq_len < 16:
         raise MMGenError(f"data.seq_len {cfg.data.seq_len} is too short (use at least 16)")
     if not cfg.data.code_shards:
-        raise MMGenError("no training data: set data.code_shards=DIR (code shards from `mmgen tokenizer encode`)")
+        raise MMGenError("no training data: set data.code_shards=DIR (code shards from `mmgen tokenize`)")
     if cfg.model.max_len is not None and cfg.model.max_len < cfg.data.seq_len:
         raise MMGenError(f"model.max_len {cfg.model.max_len} is shorter than data.seq_len {cfg.data.seq_len}")
 

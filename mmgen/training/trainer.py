@@ -74,7 +74,9 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     from mmgen.models.text_tokenizer import train_text_tokenizer
     from mmgen.models.vocab import Vocab
 
-    records = list(read_code_shards(cfg.data.code_shards))
+    wanted = set(cfg.data.splits or [])
+    records = [r for r in read_code_shards(cfg.data.code_shards)
+               if not wanted or not hasattr(r, "doc") or r.doc.meta.get("split") in wanted | {None}]
     if cfg.data.max_docs is not None:
         records = records[: cfg.data.max_docs]
 
@@ -94,7 +96,7 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
 
         if not Path(cfg.data.image_tokenizer).is_dir():
             raise MMGenError(f"data.image_tokenizer: no tokenizer directory at {cfg.data.image_tokenizer} (train one with "
-                             "`mmgen tokenizer train`, or set data.image_tokenizer=null data.codebook_size=N)")
+                             "`mmgen train-tokenizer`, or set data.image_tokenizer=null data.codebook_size=N)")
         image_tokenizer = load_image_tokenizer(cfg.data.image_tokenizer)
         codebook = int(image_tokenizer.codebook_size)
     elif cfg.data.codebook_size:
