@@ -19,11 +19,13 @@ from pathlib import Path
 
 from mmgen.errors import MMGenError
 
+# Captions in ShapesWorld's grammar (what the tiny preset is trained on), the last one with a
+# held-out colour-shape pair (blue circle) that never appears in training.
 EXAMPLES = [
-    ["a large red circle at the top left, on a black background.", "t2i"],
-    ["a small blue square in the center, on a white background.", "t2i"],
-    ["two green triangles at the bottom right, on a gray background.", "t2i"],
-    ["a yellow star moves from the left to the right.", "auto"],
+    ["A large red circle at the top left, on a black background.", "t2i"],
+    ["A white background with a small green triangle at the bottom right.", "t2i"],
+    ["There is a large orange cross on the left and a small yellow circle at the top right, on a navy background.", "t2i"],
+    ["A large blue circle in the center, on a white background.", "t2i"],
 ]
 
 MODE_CHOICES = [("auto: the model decides", "auto"), ("text to image", "t2i"), ("text only", "text")]
