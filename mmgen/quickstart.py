@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmgen.errors import MMGenError
 
 
 @dataclass

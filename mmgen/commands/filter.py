@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Filter and deduplicate documents with a recipe of operators.
 
-        Example: mmgen filter --recipe shapesworld --input 'world/shards/*.tar' --out filtered/ --workers 2
+        Example: mmgen filter --recipe shapesworld --input 'world/*.tar' --out filtered/ --workers 2
         """
         from mmgen.data.pipeline import run_filter
 

@@ -97,7 +97,7 @@ class CodeShardWriter:
 
 
 def read_code_shards(paths) -> Iterator[CodedDoc | BadRecord]:
-    for path in expand_inputs(paths):
+    for path in expand_inputs(paths, (".tar",)):
         try:
             tf = tarfile.open(path, "r|*")
         except (tarfile.TarError, OSError) as e:

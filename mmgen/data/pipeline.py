@@ -1,6 +1,6 @@
 """The filtering runner behind ``mmgen filter``: a recipe of operators over input shards.
 
-    summary = run_filter("shapesworld", "world/shards/*.tar", "filtered/", workers=2)
+    summary = run_filter("shapesworld", "world/*.tar", "filtered/", workers=2)
 
 Work is split by input file (a WebDataset shard or an mmgen jsonl). Workers run the stateless
 operators and compute the hashes of the deduplication operators; the parent takes the workers'

@@ -9,8 +9,6 @@ encoded bytes. Shards are plain POSIX tars, readable by ``tar``, by ``webdataset
 
 from __future__ import annotations
 
-import glob
-import io
 import json
 import os
 import re
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from mmgen.data.doc import BadRecord, Doc, Text
+from mmgen.paths import expand_inputs
 from mmgen.errors import MMGenError
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
@@ -148,22 +147,6 @@ def read_shard(path: str | Path) -> Iterator[Doc | BadRecord]:
             doc.provenance.setdefault("shard", source)
             doc.provenance.setdefault("member", sample["__key__"])
             yield doc
-
-
-def expand_inputs(pattern: str | Path | list) -> list[str]:
-    """Paths from a glob, a directory (its ``*.tar`` and ``*.jsonl``), a brace-free file list or a single path."""
-    if isinstance(pattern, (list, tuple)):
-        return [p for item in pattern for p in expand_inputs(item)]
-    pattern = str(pattern)
-    if os.path.isdir(pattern):
-        found = sorted(glob.glob(os.path.join(pattern, "*.tar")) + glob.glob(os.path.join(pattern, "*.jsonl")))
-        # `mmgen convert` quarantines bad records in errors.jsonl beside its shards: not data.
-        found = [p for p in found if not (os.path.basename(p) == "errors.jsonl" or p.endswith(".errors.jsonl"))]
-    else:
-        found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else ([pattern] if os.path.exists(pattern) else [])
-    if not found:
-        raise MMGenError(f"no input files match '{pattern}' (give a file, a directory or a glob such as 'dir/*.tar')")
-    return found
 
 
 def read_docs(paths: str | Path | list, strict: bool = False) -> Iterator[Doc | BadRecord]:

@@ -4,7 +4,6 @@ and the rules that keep unknown fields so that ``X -> Doc -> X`` is lossless.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -14,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from mmgen.data.doc import MEDIA_TYPES, BadRecord, Doc
-from mmgen.errors import MediaError, MMGenError
+from mmgen.paths import expand_inputs
+from mmgen.errors import MediaError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -35,26 +35,8 @@ def is_url(ref: str | None) -> bool:
     return bool(ref) and bool(_URL.match(str(ref)))
 
 
-def is_errors_file(path: str) -> bool:
-    """Quarantine files written by ``convert`` beside its output; never read back as data."""
-    name = os.path.basename(path)
-    return name == "errors.jsonl" or name.endswith(".errors.jsonl")
-
-
-def expand_jsonl_inputs(path: str | Path | list, exts: tuple[str, ...] = (".jsonl",)) -> list[str]:
-    """A file, a directory (its files with ``exts``, quarantine files skipped) or a glob."""
-    if isinstance(path, (list, tuple)):
-        return [p for item in path for p in expand_jsonl_inputs(item, exts)]
-    path = str(path)
-    if os.path.isdir(path):
-        found = sorted(p for e in exts for p in glob.glob(os.path.join(path, "*" + e)) if not is_errors_file(p))
-    elif any(c in path for c in "*?["):
-        found = sorted(glob.glob(path))
-    else:
-        found = [path] if os.path.isfile(path) else []
-    if not found:
-        raise MMGenError(f"no input files match '{path}' (give a file, a directory or a glob such as 'dir/*.jsonl')")
-    return found
+def expand_jsonl_inputs(path, exts: tuple[str, ...] = (".jsonl",)) -> list[str]:
+    return expand_inputs(path, exts)
 
 
 @dataclass

@@ -4,26 +4,14 @@ Input: a ``.tar``, a directory of shards or a glob. Output: a directory of ``sha
 
 from __future__ import annotations
 
-import glob
-import os
 
 from mmgen.data.doc import BadRecord
-from mmgen.errors import MediaError, MMGenError
+from mmgen.errors import MediaError
+from mmgen.paths import expand_inputs
 
 
 def expand_shards(path) -> list[str]:
-    if isinstance(path, (list, tuple)):
-        return [p for item in path for p in expand_shards(item)]
-    path = str(path)
-    if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "*.tar")))
-    elif any(c in path for c in "*?["):
-        found = sorted(glob.glob(path))
-    else:
-        found = [path] if os.path.isfile(path) else []
-    if not found:
-        raise MMGenError(f"no shards match '{path}' (give a .tar, a directory of shards or a glob such as 'dir/*.tar')")
-    return found
+    return expand_inputs(path, (".tar",))
 
 
 def read(path, **_):

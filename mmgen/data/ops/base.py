@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 from mmgen.config import from_dict
-from mmgen.data.doc import Doc, Image, Text
+from mmgen.data.doc import Doc, Image, Item, Text
 from mmgen.errors import MediaError, MMGenError
 
 OPS: dict[str, type["Op"]] = {}
