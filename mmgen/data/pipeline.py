@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from mmgen.config import from_dict
+from mmgen.config import from_dict, read_yaml_mapping
 from mmgen.data.doc import BadRecord, Doc, Text
 from mmgen.data.ops.base import DocView, Op, Verdict, build_op, error_text
 from mmgen.errors import MediaError, MMGenError
@@ -64,12 +63,7 @@ def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
         from mmgen.paths import recipe_path
 
         path = recipe_path(recipe, "data_pipelines")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MMGenError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise MMGenError(f"recipe {path} must be a mapping with an 'ops' list")
+        data = read_yaml_mapping(path, "recipe")
         data.setdefault("name", path.stem)
     r = from_dict(Recipe, data)
     if not r.ops:
