@@ -182,6 +182,11 @@ def test_defects_labeled_and_checkable():
                 parse_caption(doc.texts[0].text)
     assert set(found) == set(DEFECT_TYPES)
     assert 0.3 < sum(found.values()) / len(pairs) < 0.5
+    # the only exact duplicate images are labelled ones: no natural repeats among the rest
+    copies = {"duplicate_image", "duplicate_doc", "near_duplicate_doc", "empty_item"}
+    dup_ids = {label["id"] for _, label in pairs if any(d["type"] in copies for d in label["defects"])}
+    other_images = [im.load() for doc, _ in pairs if doc.id not in dup_ids for im in doc.images]
+    assert len(set(other_images)) == len(other_images)
     assert not any(label["defects"] for _, label in generate_world(30, seed=11, defect_rate=0.0, mix="caption=1"))
 
 

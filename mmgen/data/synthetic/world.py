@@ -32,6 +32,28 @@ _NEEDS_SOURCE = {"duplicate_image", "near_duplicate_image", "duplicate_doc", "ne
 _SOURCE_POOL = 64
 
 
+class UniqueScenes:
+    """The pictures already placed in the world. Redrawing a scene that was drawn before keeps every
+    picture unique, so that each exact duplicate image in a world is a *labelled* defect: with only
+    ~1,500 distinct one-object scenes, natural repeats would otherwise be unlabelled duplicates that a
+    correct deduplicator is then scored against. Defect documents that copy an image on purpose bypass it.
+    ``tries=1`` keeps the first draw (no bookkeeping beyond the set)."""
+
+    def __init__(self, tries: int = 100):
+        self.tries = tries
+        self.seen: set[str] = set()
+
+    def draw(self, make, key=lambda scene: scene.key()):
+        """Call ``make()`` until its result's ``key`` is new (at most ``tries`` times) and record it."""
+        for _ in range(self.tries):
+            out = make()
+            k = key(out)
+            if k not in self.seen:
+                break
+        self.seen.add(k)
+        return out
+
+
 def _image_item(scene: Scene, size: tuple[int, int], **meta) -> Image:
     return Image.from_pil(render(scene, *size), meta={"scene": scene.to_dict(), **meta})
 
@@ -42,27 +64,29 @@ def _ordered(rng: random.Random, media, text: Text) -> tuple[list, str]:
 
 
 def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tuple[int, int] = 64,
-             speaker=None) -> Doc:
+             speaker=None, unique: UniqueScenes | None = None) -> Doc:
     """One clean ShapesWorld document of ``kind`` whose scenes belong to ``split``. ``speaker``
-    (text -> wav bytes, or a Future of them) replaces espeak-ng for speech docs."""
+    (text -> wav bytes, or a Future of them) replaces espeak-ng for speech docs; ``unique`` keeps its
+    pictures new across a world."""
     size = (size, size) if isinstance(size, int) else tuple(size)
+    unique = unique or UniqueScenes(tries=1)
     meta = {"kind": kind, "split": split, "source": "shapesworld"}
     if kind == "caption":
-        scene = random_scene(rng, split)
+        scene = unique.draw(lambda: random_scene(rng, split))
         items, meta["order"] = _ordered(rng, _image_item(scene, size), Text(caption(scene, rng)))
     elif kind == "qa":
-        scene = random_scene(rng, split)
+        scene = unique.draw(lambda: random_scene(rng, split))
         items = [_image_item(scene, size)]
         for q, a, qtype in qa_pairs(scene, rng, n=rng.randint(2, 4)):
             items += [Text(q, {"role": "question", "qa_type": qtype}), Text(a, {"role": "answer"})]
     elif kind == "buildup":
-        scene = random_scene(rng, split, n_objects=rng.randint(1, 2))
+        scene = unique.draw(lambda: random_scene(rng, split, n_objects=rng.randint(1, 2)))
         first = f"Start with {join_phrases([object_phrase(o) for o in scene.objects])}, on a {scene.background} background."
         items = [Text(first, {"step": 0}), _image_item(scene, size, step=0)]
         # later steps must not bring a held-out pair into a train/val document
         allowed = pairs_allowed(split)
         for k in range(1, rng.randint(3, 5)):
-            scene, text, edit = random_edit(scene, rng, allowed)
+            scene, text, edit = unique.draw(lambda: random_edit(scene, rng, allowed), key=lambda r: r[0].key())
             items += [Text(text, {"step": k, "edit": edit}), _image_item(scene, size, step=k)]
     elif kind == "video":
         from mmgen.data.synthetic.media import VIDEO_FPS, encode_mp4, make_motion, render_motion
@@ -80,7 +104,7 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
     elif kind == "speech":
         from mmgen.data.synthetic.media import speak
 
-        scene = random_scene(rng, split)
+        scene = unique.draw(lambda: random_scene(rng, split))
         text = caption(scene, rng)
         wav = (speaker or speak)(text)
         audio = Audio(data=wav if isinstance(wav, bytes) else b"", format="wav", meta={"transcript": text, "voice": "en"})
@@ -124,7 +148,9 @@ def _near_duplicate_image(img: Image, rng: random.Random) -> tuple[Image, str]:
         why = f"resized by {f}"
     else:
         d = max(1, w // 32)
-        box = (rng.randint(0, d), rng.randint(0, d), w - rng.randint(0, d), h - rng.randint(0, d))
+        box = (0, 0, w, h)
+        while box == (0, 0, w, h):  # an empty crop would be an exact duplicate, not a near one
+            box = (rng.randint(0, d), rng.randint(0, d), w - rng.randint(0, d), h - rng.randint(0, d))
         out = Image.from_pil(pil.crop(box))
         why = f"cropped to {box}"
     out.meta = {**img.meta, "transform": why}
@@ -140,11 +166,13 @@ def _corrupt(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return data[:16] + rng.randbytes(max(32, len(data) - 16)), "garbage after a valid header"
 
 
-def make_defective(dtype: str, rng: random.Random, split: str, size, sources: list[Doc]) -> tuple[Doc, dict]:
+def make_defective(dtype: str, rng: random.Random, split: str, size, sources: list[Doc],
+                   unique: UniqueScenes | None = None) -> tuple[Doc, dict]:
     """A document with exactly one defect of type ``dtype`` and its label ``{"type", "reason", ...}``."""
     label: dict = {"type": dtype}
+    unique = unique or UniqueScenes(tries=1)
     if dtype == "mismatched_caption":
-        scene = random_scene(rng, split)
+        scene = unique.draw(lambda: random_scene(rng, split))
         other = random_scene(rng, split)
         while other.key() == scene.key():
             other = random_scene(rng, split)
@@ -186,26 +214,26 @@ def make_defective(dtype: str, rng: random.Random, split: str, size, sources: li
             label["reason"] = f"doc {src.id} with a small text edit (similarity {ratio:.3f}), same media"
         label["of"] = src.id
     elif dtype == "corrupt_image":
-        scene = random_scene(rng, split)
+        scene = unique.draw(lambda: random_scene(rng, split))
         doc = _caption_doc(scene, caption(scene, rng), size, split)
         data, why = _corrupt(doc.items[0].load(), rng)
         doc.items[0] = Image(data=data, format="png", meta={"scene": scene.to_dict()})
         label["reason"] = f"image bytes {why}"
     elif dtype == "tiny_image":
-        scene = random_scene(rng, split)
+        scene = unique.draw(lambda: random_scene(rng, split))
         w, h = rng.randint(4, 12), rng.randint(4, 12)
         img = Image.from_pil(render(scene, w, h), meta={"scene": scene.to_dict()})
         doc = _caption_doc(scene, caption(scene, rng), size, split, image=img)
         label["reason"] = f"image is {w}x{h} pixels"
     elif dtype == "extreme_aspect":
-        scene = random_scene(rng, split)
+        scene = unique.draw(lambda: random_scene(rng, split))
         long, short = rng.randint(160, 320), rng.randint(8, 16)
         w, h = (long, short) if rng.random() < 0.5 else (short, long)
         img = Image.from_pil(render(scene, w, h), meta={"scene": scene.to_dict()})
         doc = _caption_doc(scene, caption(scene, rng), size, split, image=img)
         label["reason"] = f"image aspect ratio {max(w, h) / min(w, h):.1f}:1 ({w}x{h})"
     elif dtype in ("gibberish_text", "ngram_spam", "non_english"):
-        scene = random_scene(rng, split)
+        scene = unique.draw(lambda: random_scene(rng, split))
         if dtype == "gibberish_text":
             text, label["reason"] = gibberish(rng), "text is random letter strings"
         elif dtype == "ngram_spam":
@@ -217,7 +245,7 @@ def make_defective(dtype: str, rng: random.Random, split: str, size, sources: li
             label["reason"], label["lang"] = f"text is in {lang}, not English", lang
         doc = _caption_doc(scene, text, size, split)
     elif dtype == "empty_item":
-        scene = random_scene(rng, split)
+        scene = unique.draw(lambda: random_scene(rng, split))
         doc = _caption_doc(scene, caption(scene, rng), size, split)
         if rng.random() < 0.5:
             doc.items.append(Text(rng.choice(["", " ", "\n"])))
@@ -278,6 +306,7 @@ def generate_world(n_docs: int, seed: int = 0, defect_rate: float = 0.0, mix: st
     rng = random.Random(seed)
     sources: deque[Doc] = deque(maxlen=_SOURCE_POOL)
     cycle: list[str] = []
+    unique = UniqueScenes()
     # espeak-ng runs as a subprocess: a few run in threads while the next docs are drawn, and docs
     # leave in order once their speech is in (the bytes do not depend on timing).
     from concurrent.futures import ThreadPoolExecutor
@@ -299,7 +328,7 @@ def generate_world(n_docs: int, seed: int = 0, defect_rate: float = 0.0, mix: st
         return doc, label
 
     try:
-        for doc, label in _draw_docs(n_docs, seed, defect_rate, weights, size, rng, sources, cycle, speaker):
+        for doc, label in _draw_docs(n_docs, seed, defect_rate, weights, size, rng, sources, cycle, speaker, unique):
             pending.append((doc, label))
             if len(pending) > 16:
                 yield finish(*pending.popleft())
@@ -309,7 +338,7 @@ def generate_world(n_docs: int, seed: int = 0, defect_rate: float = 0.0, mix: st
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _draw_docs(n_docs, seed, defect_rate, weights, size, rng, sources, cycle, speaker):
+def _draw_docs(n_docs, seed, defect_rate, weights, size, rng, sources, cycle, speaker, unique):
     for i in range(n_docs):
         split = _pick(rng, SPLIT_WEIGHTS)
         defects = []
@@ -324,10 +353,10 @@ def _draw_docs(n_docs, seed, defect_rate, weights, size, rng, sources, cycle, sp
                 dtype = others[-1] if others else rng.choice([t for t in DEFECT_TYPES if t not in _NEEDS_SOURCE])
                 if others:
                     cycle.remove(dtype)
-            doc, label = make_defective(dtype, rng, split, size, list(sources))
+            doc, label = make_defective(dtype, rng, split, size, list(sources), unique)
             defects.append(label)
         else:
-            doc = make_doc(_pick(rng, weights), rng, split, size, speaker=speaker)
+            doc = make_doc(_pick(rng, weights), rng, split, size, speaker=speaker, unique=unique)
         doc.id = f"sw{seed}-{i:07d}"
         doc.meta["world_index"] = i
         if not defects:
