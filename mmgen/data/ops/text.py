@@ -256,14 +256,19 @@ class EmptyItems(Op):
 # being part of the text.
 
 
+# Letters (Unicode L*/M*) that Data-Juicer's special-character list names anyway, among them the
+# CJK '一' (one) and '上' (up): kept so that ratios on Chinese text match Data-Juicer's.
+DJ_SPECIAL_LETTERS = frozenset("一上士ーンッツシाাी्ेøıɪπГهªºॽˌˈʻʺʼː")
+
+
 def is_special_char(c: str) -> bool:
     """Data-Juicer's special characters: whitespace, punctuation, digits, symbols and emoji.
 
-    Defined by Unicode category (P*, S*, Z*, N*, plus whitespace controls) instead of Data-Juicer's
-    hand-picked list; the two agree on ASCII, on CJK/fullwidth punctuation and on emoji, and differ
-    only on rare characters that list happens to name (a few CJK letters such as '一', Devanagari
-    vowel signs) and on digits of other scripts."""
-    return c.isspace() or unicodedata.category(c)[0] in "PSZN"
+    Defined by Unicode category (P*, S*, Z*, N*, whitespace) plus the letters Data-Juicer's
+    hand-picked list names (:data:`DJ_SPECIAL_LETTERS`). Both agree on ASCII, CJK/fullwidth
+    punctuation and emoji; they differ on rarer symbols that list omits and on digits of other
+    scripts, which count as special here."""
+    return c.isspace() or unicodedata.category(c)[0] in "PSZN" or c in DJ_SPECIAL_LETTERS
 
 
 def strip_special(word: str) -> str:
