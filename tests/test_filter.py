@@ -203,7 +203,7 @@ def test_runner_quarantine_counts_workers_and_resume(tmp_path, monkeypatch):
 
     seen = []
     real = pl.process_input
-    monkeypatch.setattr(pl, "process_input", lambda ops, path: seen.append(Path(path).name) or real(ops, path))
+    monkeypatch.setattr(pl, "process_input", lambda ops, path, *a: seen.append(Path(path).name) or real(ops, path, *a))
     s3 = run_filter(_recipe(), str(src / "*.tar"), out, workers=1, shard_size=4, progress=False)
     assert seen == ["s2-000000.tar", "s3-000000.tar"]
     assert s3 == s1 and _snapshot(out) == _snapshot(tmp_path / "o2")
@@ -239,7 +239,10 @@ def test_cli_filter_named_recipe_and_dry_run(tmp_path, capsys):
     s = json.loads((tmp_path / "dry" / "summary.json").read_text())
     assert s["dry_run"] and s["rejected"] == 1 and not list((tmp_path / "dry" / "shards").glob("*.tar"))
     assert "| gibberish | node |" in (tmp_path / "dry" / "report.md").read_text()
-    stats = [json.loads(line) for line in (tmp_path / "dry" / "stats" / "00000.jsonl").open()]
-    assert len(stats) == 5 and "stopwords" in stats[0]["stats"]["items"]["0"]
+    import pyarrow.parquet as pq
+
+    stats = pq.read_table(tmp_path / "dry" / "stats" / "00000.parquet").to_pylist()
+    assert len({r["id"] for r in stats}) == 5
+    assert any(r["op"] == "stopwords" and r["item"] == 0 and r["value"] is not None for r in stats)
     assert main(["filter", "--recipe", "nope", "--input", "x", "--out", str(tmp_path / "o")]) == 2
     assert "recipe 'nope' not found" in capsys.readouterr().err

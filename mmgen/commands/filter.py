@@ -9,18 +9,28 @@ def register(app: typer.Typer) -> None:
     @app.command("filter")
     def filter_cmd(
         recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML path, or a name in data_pipelines/ (e.g. shapesworld)."),
-        input: str = typer.Option(..., "--input", "-i", help="Input shards: a glob ('data/*.tar'), a directory, a .tar or an mmgen .jsonl."),
-        out: str = typer.Option(..., "--out", "-o", help="Output folder (kept shards, rejects/, quarantine/, summary.json, report.md). Rerun to resume."),
-        workers: int = typer.Option(2, "--workers", "-w", help="Worker processes (the output does not depend on it)."),
+        input: str = typer.Option(..., "--input", "-i", help="Input files: a glob ('data/*.tar'), a directory, a .tar, a .jsonl (any converter format) or a .parquet."),
+        out: str = typer.Option(..., "--out", "-o", help="Output folder (kept shards, rejects/, quarantine/, stats/, summary.json, report.md). Rerun to resume."),
+        executor: str = typer.Option("local", "--executor", "-e", help="local (worker processes) or ray (Ray tasks; RAY_ADDRESS for a running cluster)."),
+        workers: int = typer.Option(2, "--workers", "-w", help="Worker processes / Ray CPUs (the output does not depend on it)."),
         shard_size: int = typer.Option(1000, "--shard-size", help="Documents per output shard."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Compute statistics and decisions only; write no shards."),
+        input_format: str = typer.Option("auto", "--input-format", help="Format of jsonl/parquet inputs: auto, mmgen, obelics, mmc4, dj, llava."),
+        save_reject_media: bool = typer.Option(False, "--save-reject-media", help="Also copy rejected images/audio/video into rejects/media/ to inspect."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Compute statistics, report and decisions only; write no shards (to choose thresholds)."),
     ) -> None:
         """Filter and deduplicate documents with a recipe of operators.
 
-        Example: mmgen filter --recipe shapesworld --input 'world/*.tar' --out filtered/ --workers 2
+        Examples:
+
+          mmgen filter --recipe shapesworld --input 'world/*.tar' --out filtered/ --workers 2
+
+          mmgen filter -r data_pipelines/obelics_en.yaml -i 'obelics/*.parquet' -o out/ --executor ray
+
+          mmgen filter -r my.yaml -i data.jsonl -o dry/ --dry-run   # then read dry/report.md
         """
         from mmgen.data.pipeline import run_filter
 
-        s = run_filter(recipe, input, out, workers=workers, shard_size=shard_size, dry_run=dry_run)
+        s = run_filter(recipe, input, out, workers=workers, shard_size=shard_size, dry_run=dry_run, executor=executor,
+                       input_format=input_format, save_reject_media=save_reject_media)
         typer.echo(f"{s['input']} docs: {s['kept']} kept ({s['kept_with_nodes_removed']} with {s['nodes_removed']} "
                    f"items removed), {s['rejected']} rejected, {s['quarantined']} quarantined -> {out}/report.md")

@@ -2,20 +2,24 @@
 
     summary = run_filter("shapesworld", "world/*.tar", "filtered/", workers=2)
 
-Work is split by input file (a WebDataset shard or an mmgen jsonl). Workers run the stateless
-operators and compute the hashes of the deduplication operators; the parent takes the workers'
-results in input order, runs the deduplication decisions against the run-wide index, and writes
-everything. The output therefore does not depend on the number of workers.
+Work is split by input file (a WebDataset tar, a jsonl in any converter format, a parquet file;
+see :mod:`mmgen.data.filter_inputs`). Workers (local processes or Ray tasks, see
+:mod:`mmgen.data.executors`) run the stateless operators and compute the hashes of the
+deduplication operators; the parent takes the workers' results in input order, runs the
+deduplication decisions against the run-wide index, and writes everything. The output therefore
+does not depend on the executor or the number of workers.
 
 Output folder::
 
     shards/part-KKKKK-NNNNNN.tar   kept documents of input file K (at most shard_size per tar)
     rejects/KKKKK.jsonl            every rejected document and every removed node, with op, reason, stats
+    rejects/media/KKKKK/           the rejected media, with --save-reject-media
     quarantine/KKKKK.jsonl         unreadable records, corrupt tars, undecodable or missing media
-    stats/KKKKK.jsonl              per-document statistics of every operator (for tuning thresholds)
+    stats/KKKKK.parquet            every operator's statistics, one row per (doc, item, op, stat)
     state/KKKKK.json               what input K added to the deduplication indexes
     done/KKKKK.json                input K is finished (its counts); a rerun skips it
-    manifest.json summary.json report.md
+    tmp/KKKKK/                     the input being written; renamed into place when it is finished
+    manifest.json summary.json report.md plots/*.png
 
 Counts always add up: input = kept + rejected + quarantined (documents). Node-level removals from
 kept documents are counted separately.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,26 +164,14 @@ def process_doc(ops: list[Op], doc: Doc) -> dict:
     return {"doc": doc, "alive": view.alive, "stats": stats, "events": events, "fate": fate, "sigs": sigs}
 
 
-def process_input(ops: list[Op], path: str) -> list:
-    from mmgen.data.shards import read_docs
+def process_input(ops: list[Op], path: str, fmt: str = "auto") -> list:
+    """Everything a worker computes for one input file: ("bad", record) and ("doc", result) in order."""
+    from mmgen.data.filter_inputs import read_input
 
     out = []
-    for rec in read_docs([path]):
+    for rec in read_input(path, fmt):
         out.append(("bad", rec.to_json()) if isinstance(rec, BadRecord) else ("doc", process_doc(ops, rec)))
     return out
-
-
-_WORKER_OPS: list[Op] | None = None
-
-
-def _init_worker(recipe_data: dict) -> None:
-    global _WORKER_OPS
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER_OPS = build_ops(from_dict(Recipe, recipe_data))
-
-
-def _worker(path: str) -> list:
-    return process_input(_WORKER_OPS, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,16 +192,66 @@ def _where(doc: Doc) -> dict:
     return {k: v for k, v in doc.provenance.items() if isinstance(v, (str, int, float))}
 
 
-class _ShardCommit:
-    """Everything one input file produces, written by the parent in input order."""
+# Test hook: SIGKILL this process after committing this many documents (a crash at a random point).
+KILL_ENV = "MMGEN_FILTER_KILL_AFTER_DOCS"
+_committed_docs = 0
 
-    def __init__(self, out: Path, k: int, ops: list[Op], shard_size: int, dry_run: bool):
+
+def _maybe_die() -> None:
+    global _committed_docs
+    _committed_docs += 1
+    limit = os.environ.get(KILL_ENV)
+    if limit and _committed_docs >= int(limit):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+STATS_COLUMNS = ("id", "status", "item", "op", "stat", "value", "text")
+
+
+def _stat_rows(doc_id: str, status: str, stats: dict) -> list[tuple]:
+    """Long-format rows (one per statistic) for the parquet stats: the ops' stats differ in shape."""
+    rows = []
+    for item, per_op in [(-1, stats["doc"])] + [(int(i), d) for i, d in stats["items"].items()]:
+        for op, values in per_op.items():
+            for name, v in (values or {}).items():
+                if isinstance(v, bool) or isinstance(v, (int, float)):
+                    rows.append((doc_id, status, item, op, name, float(v), None))
+                else:
+                    rows.append((doc_id, status, item, op, name, None,
+                                 v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)))
+    return rows
+
+
+def write_stats_parquet(rows: list[tuple], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = list(zip(*rows)) if rows else [()] * len(STATS_COLUMNS)
+    types = (pa.string(), pa.string(), pa.int32(), pa.string(), pa.string(), pa.float64(), pa.string())
+    table = pa.table({n: pa.array(list(c), type=t) for n, c, t in zip(STATS_COLUMNS, cols, types)})
+    pq.write_table(table, path, compression="zstd")
+
+
+class _ShardCommit:
+    """Everything one input file produces, written by the parent in input order.
+
+    All of it goes to ``tmp/KKKKK/`` first and is renamed into place by :meth:`finish`, done marker
+    last: a kill at any moment leaves either a finished input or files a rerun removes."""
+
+    def __init__(self, out: Path, k: int, ops: list[Op], shard_size: int, dry_run: bool, save_media: bool):
         self.out, self.k, self.ops, self.shard_size, self.dry_run = out, k, ops, shard_size, dry_run
+        self.save_media = save_media
         self.stateful = [o for o in ops if o.stateful]
-        tag = f"{k:05d}"
-        self.rejects = open(out / "rejects" / f"{tag}.jsonl", "w", encoding="utf-8")
-        self.quarantine = open(out / "quarantine" / f"{tag}.jsonl", "w", encoding="utf-8")
-        self.stats = open(out / "stats" / f"{tag}.jsonl", "w", encoding="utf-8")
+        self.tag = f"{k:05d}"
+        self.tmp = out / "tmp" / self.tag
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.rejects = open(self.tmp / "rejects.jsonl", "w", encoding="utf-8")
+        self.quarantine = open(self.tmp / "quarantine.jsonl", "w", encoding="utf-8")
+        self.stat_rows: list[tuple] = []
         self.writer = None
         self.c: dict[str, Any] = {"input": 0, "kept": 0, "rejected": 0, "quarantined": 0,
                                   "kept_with_nodes_removed": 0, "nodes_removed": 0, "nodes_quarantined": 0,
@@ -220,6 +263,27 @@ class _ShardCommit:
         by[what] = by.get(what, 0) + 1
         r = self.c["reasons"][what]
         r[reason] = r.get(reason, 0) + 1
+
+    def _media(self, doc: Doc, items: list[int]) -> list[dict]:
+        """Copies of the rejected media (content-addressed), to look at what a filter threw away."""
+        import hashlib
+
+        saved = []
+        for i in items:
+            it = doc.items[i]
+            if isinstance(it, Text):
+                continue
+            try:
+                data = it.load()
+            except MediaError:
+                continue
+            name = f"{hashlib.sha1(data).hexdigest()}.{it.ext}"
+            target = self.tmp / "media" / name
+            if not target.exists():
+                target.parent.mkdir(exist_ok=True)
+                target.write_bytes(data)
+            saved.append({"item": i, "path": f"media/{self.tag}/{name}"})
+        return saved
 
     def bad(self, rec: dict, source: str) -> None:
         self.c["input"] += 1
@@ -240,19 +304,7 @@ class _ShardCommit:
                     break
         base = {"id": doc.id, "input": source, "provenance": _where(doc)}
         if fate is not None:
-            status = fate.pop("status")
-            record = {**base, "level": "doc", **fate, "doc": doc.to_json()}
-            if events:
-                record["removed_nodes_before"] = events
-            if status == "quarantined":
-                self.c["quarantined"] += 1
-                self._bump(fate["op"], "quarantined", fate["reason"])
-                self.quarantine.write(_json_line(record))
-            else:
-                self.c["rejected"] += 1
-                self._bump(fate["op"], "rejected", fate["reason"])
-                self.rejects.write(_json_line(record))
-            self.stats.write(_json_line({"id": doc.id, "status": status, "stats": stats}))
+            self._drop(doc, fate, events, base, stats)
             return
         for op in self.stateful:
             op.commit(view, res["sigs"].get(op.label), doc.id)
@@ -264,41 +316,71 @@ class _ShardCommit:
             what = "nodes_quarantined" if status == "quarantined" else "nodes_removed"
             self.c[what] += 1
             self._bump(ev["op"], what, ev["reason"])
-            (self.quarantine if status == "quarantined" else self.rejects).write(
-                _json_line({**base, "level": "node", **ev}))
-        self.stats.write(_json_line({"id": doc.id, "status": "kept", "nodes_removed": len(events), "stats": stats}))
+            record = {**base, "level": "node", **ev}
+            if self.save_media and status != "quarantined":
+                record["media"] = self._media(doc, [ev["item"]])
+            (self.quarantine if status == "quarantined" else self.rejects).write(_json_line(record))
+        self.stat_rows += _stat_rows(doc.id, "kept", stats)
         if not self.dry_run:
             if self.writer is None:
                 from mmgen.data.shards import ShardWriter
 
-                self.writer = ShardWriter(self.out / "shards", prefix=f"part-{self.k:05d}", max_docs=self.shard_size,
+                self.writer = ShardWriter(self.tmp / "shards", prefix=f"part-{self.tag}", max_docs=self.shard_size,
                                           mtime=0.0)
             self.writer.write(view.result())
 
+    def _drop(self, doc: Doc, fate: dict, events: list, base: dict, stats: dict) -> None:
+        status = fate.pop("status")
+        record = {**base, "level": "doc", **fate, "doc": doc.to_json()}
+        if events:
+            record["removed_nodes_before"] = events
+        if status == "quarantined":
+            self.c["quarantined"] += 1
+            self._bump(fate["op"], "quarantined", fate["reason"])
+            self.quarantine.write(_json_line(record))
+        else:
+            self.c["rejected"] += 1
+            self._bump(fate["op"], "rejected", fate["reason"])
+            if self.save_media:
+                record["media"] = self._media(doc, list(range(len(doc.items))))
+            self.rejects.write(_json_line(record))
+        self.stat_rows += _stat_rows(doc.id, status, stats)
+
     def finish(self) -> dict:
-        for f in (self.rejects, self.quarantine, self.stats):
-            f.close()
+        self.rejects.close()
+        self.quarantine.close()
         outputs = []
         if self.writer is not None:
             self.writer.close()
-            outputs = sorted(p.name for p in (self.out / "shards").glob(f"part-{self.k:05d}-*.tar"))
+            for p in sorted((self.tmp / "shards").glob("*.tar")):
+                os.replace(p, self.out / "shards" / p.name)
+                outputs.append(p.name)
         self.c["outputs"] = outputs
-        _write_json(self.out / "state" / f"{self.k:05d}.json",
+        write_stats_parquet(self.stat_rows, self.tmp / "stats.parquet")
+        os.replace(self.tmp / "stats.parquet", self.out / "stats" / f"{self.tag}.parquet")
+        os.replace(self.tmp / "rejects.jsonl", self.out / "rejects" / f"{self.tag}.jsonl")
+        os.replace(self.tmp / "quarantine.jsonl", self.out / "quarantine" / f"{self.tag}.jsonl")
+        if (self.tmp / "media").exists():
+            os.replace(self.tmp / "media", self.out / "rejects" / "media" / self.tag)
+        _write_json(self.out / "state" / f"{self.tag}.json",
                     {op.label: op.state_delta() for op in self.stateful})
-        _write_json(self.out / "done" / f"{self.k:05d}.json", self.c)  # last: marks the input finished
+        _write_json(self.out / "done" / f"{self.tag}.json", self.c)  # last: marks the input finished
+        shutil.rmtree(self.tmp, ignore_errors=True)
         return self.c
+
+
+_SUBDIRS = ("shards", "rejects", "rejects/media", "quarantine", "stats", "state", "done")
 
 
 def _cleanup_from(out: Path, k: int) -> None:
     """Remove every trace of inputs >= k (an interrupted run's partial output)."""
-    for sub in ("done", "state", "rejects", "quarantine", "stats"):
+    shutil.rmtree(out / "tmp", ignore_errors=True)
+    for sub in _SUBDIRS:
         for p in (out / sub).glob("*"):
-            stem = p.name.split(".")[0]
-            if stem.isdigit() and int(stem) >= k:
-                p.unlink()
-    for p in (out / "shards").glob("part-*.tar"):
-        if int(p.name.split("-")[1]) >= k:
-            p.unlink()
+            stem = p.name.split(".")[0].split("-")
+            num = stem[1] if sub == "shards" and len(stem) > 1 else stem[0]
+            if num.isdigit() and int(num) >= k:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _merge(counts: list[dict], labels: list[str]) -> dict:
@@ -324,46 +406,9 @@ def _merge(counts: list[dict], labels: list[str]) -> dict:
     }
 
 
-def _report(summary: dict) -> str:
-    s = summary
-    lines = [f"# Filter report: {s['recipe']}", "",
-             f"{s['inputs']} input files, {s['input']} documents: **{s['kept']} kept**, {s['rejected']} rejected, "
-             f"{s['quarantined']} quarantined (input = kept + rejected + quarantined: "
-             f"{'yes' if s['balanced'] else 'NO'}).",
-             f"{s['kept_with_nodes_removed']} kept documents lost items: {s['nodes_removed']} removed, "
-             f"{s['nodes_quarantined']} quarantined." + (" Dry run: no shards written." if s["dry_run"] else ""),
-             "", "| operator | level | docs rejected | docs quarantined | nodes removed | nodes quarantined |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for op, c in s["per_op"].items():
-        lines.append(f"| {op} | {s['levels'].get(op, '-')} | {c['rejected']} | {c['quarantined']} | "
-                     f"{c['nodes_removed']} | {c['nodes_quarantined']} |")
-    lines += ["", "| outcome | reason | count |", "| --- | --- | ---: |"]
-    for what, d in s["per_reason"].items():
-        for reason, n in d.items():
-            lines.append(f"| {what} | {reason} | {n} |")
-    return "\n".join(lines) + "\n"
-
-
-def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000, dry_run: bool = False,
-               progress: bool = True) -> dict:
-    """Filter ``inputs`` (glob, directory, path or list of them) with ``recipe`` into ``out_dir``.
-
-    Returns the summary (also written to ``out_dir/summary.json``). Rerunning into the same folder
-    resumes: finished input files are skipped and the final output is the same."""
-    from tqdm import tqdm
-
-    from mmgen.data.shards import expand_inputs
-
-    r = load_recipe(recipe)
-    ops = build_ops(r)
-    if workers < 1:
-        raise MMGenError(f"workers must be >= 1, got {workers}")
-    if shard_size < 1:
-        raise MMGenError(f"shard_size must be >= 1, got {shard_size}")
-    paths = [os.path.abspath(p) for p in expand_inputs(inputs)]
-    out = Path(out_dir)
+def _open_run(out: Path, manifest: dict) -> None:
+    """Create the output folder, or check that the one there holds a run of the same job (to resume)."""
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"recipe": dataclasses.asdict(r), "inputs": paths, "shard_size": shard_size, "dry_run": dry_run}
     mpath = out / "manifest.json"
     if mpath.exists():
         try:
@@ -377,55 +422,79 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
         if any(out.iterdir()):
             raise MMGenError(f"output folder {out} is not empty and holds no filter run; use a new --out folder")
         _write_json(mpath, manifest)
-    for sub in ("shards", "rejects", "quarantine", "stats", "state", "done"):
+    for sub in _SUBDIRS:
         (out / sub).mkdir(exist_ok=True)
 
-    # Resume: the finished inputs form a prefix (the parent commits in input order).
+
+def _resume(out: Path, n_inputs: int, ops: list[Op]) -> list[dict]:
+    """Counts of the finished inputs (a prefix: the parent commits in input order); reloads dedup state."""
     counts: list[dict] = []
     stateful = [o for o in ops if o.stateful]
-    while len(counts) < len(paths) and (out / "done" / f"{len(counts):05d}.json").exists():
+    while len(counts) < n_inputs and (out / "done" / f"{len(counts):05d}.json").exists():
         k = len(counts)
         counts.append(json.loads((out / "done" / f"{k:05d}.json").read_text()))
         delta = json.loads((out / "state" / f"{k:05d}.json").read_text())
         for op in stateful:
             op.load_state(delta.get(op.label, []))
-    start = len(counts)
-    _cleanup_from(out, start)
+    _cleanup_from(out, len(counts))
+    return counts
 
-    todo = list(range(start, len(paths)))
-    bar = tqdm(total=len(paths), initial=start, unit="shard", desc=f"filter {r.name}", disable=not progress,
+
+def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000, dry_run: bool = False,
+               progress: bool = True, executor: str = "local", input_format: str = "auto",
+               save_reject_media: bool = False, report: bool = True) -> dict:
+    """Filter ``inputs`` (glob, directory, path or list of them) with ``recipe`` into ``out_dir``.
+
+    ``executor``: ``local`` (``workers`` processes) or ``ray`` (Ray tasks; the cluster ``ray.init``
+    finds). ``input_format``: ``auto`` or a converter format for jsonl/parquet inputs. Returns the
+    summary (also written to ``out_dir/summary.json``). Rerunning into the same folder resumes:
+    finished input files are skipped and the final output is the same as an uninterrupted run's."""
+    from tqdm import tqdm
+
+    from mmgen.data.executors import EXECUTORS, results_in_order
+    from mmgen.data.filter_inputs import INPUT_EXTS, INPUT_FORMATS
+    from mmgen.data.shards import expand_inputs
+
+    r = load_recipe(recipe)
+    ops = build_ops(r)
+    if workers < 1:
+        raise MMGenError(f"workers must be >= 1, got {workers}")
+    if shard_size < 1:
+        raise MMGenError(f"shard_size must be >= 1, got {shard_size}")
+    if executor not in EXECUTORS:
+        raise MMGenError(f"unknown executor '{executor}' (use one of: {', '.join(EXECUTORS)})")
+    if input_format not in INPUT_FORMATS:
+        raise MMGenError(f"unknown input format '{input_format}' (use one of: {', '.join(INPUT_FORMATS)})")
+    paths = [os.path.abspath(p) for p in expand_inputs(inputs, INPUT_EXTS)]
+    out = Path(out_dir)
+    recipe_data = dataclasses.asdict(r)
+    _open_run(out, {"recipe": recipe_data, "inputs": paths, "shard_size": shard_size, "dry_run": dry_run,
+                    "input_format": input_format, "save_reject_media": save_reject_media})
+    counts = _resume(out, len(paths), ops)
+    todo = list(range(len(counts), len(paths)))
+    bar = tqdm(total=len(paths), initial=len(counts), unit="file", desc=f"filter {r.name}", disable=not progress,
                dynamic_ncols=True)
-    pool = None
     try:
-        if workers > 1 and len(todo) > 1:
-            import multiprocessing as mp
-
-            # spawn: workers start clean (no inherited threads or open files), on every platform
-            pool = mp.get_context("spawn").Pool(min(workers, len(todo)), initializer=_init_worker,
-                                                initargs=(dataclasses.asdict(r),))
-            results = pool.imap(_worker, [paths[k] for k in todo], chunksize=1)
-        else:
-            results = (process_input(ops, paths[k]) for k in todo)
-        kept = sum(c["kept"] for c in counts)
-        for k, recs in zip(todo, results):
-            commit = _ShardCommit(out, k, ops, shard_size, dry_run)
-            for kind, rec in recs:
-                commit.bad(rec, paths[k]) if kind == "bad" else commit.doc(rec, paths[k])
-            counts.append(commit.finish())
-            kept += counts[-1]["kept"]
-            bar.update(1)
-            bar.set_postfix(docs=sum(c["input"] for c in counts), kept=kept)
+        with results_in_order(executor, workers, recipe_data, ops, [paths[k] for k in todo], input_format) as results:
+            for k, recs in zip(todo, results):
+                commit = _ShardCommit(out, k, ops, shard_size, dry_run, save_reject_media)
+                for kind, rec in recs:
+                    commit.bad(rec, paths[k]) if kind == "bad" else commit.doc(rec, paths[k])
+                    _maybe_die()
+                counts.append(commit.finish())
+                bar.update(1)
+                bar.set_postfix(docs=sum(c["input"] for c in counts), kept=sum(c["kept"] for c in counts))
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
 
     summary = {"recipe": r.name, "inputs": len(paths), "dry_run": dry_run,
                "levels": {o.label: o.level for o in ops}, **_merge(counts, [o.label for o in ops])}
     summary["balanced"] = summary["input"] == summary["kept"] + summary["rejected"] + summary["quarantined"]
     _write_json(out / "summary.json", summary)
-    (out / "report.md").write_text(_report(summary))
+    if report:
+        from mmgen.data.filter_report import write_report
+
+        write_report(out, summary, ops)
     return summary
 
 
