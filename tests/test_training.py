@@ -91,7 +91,7 @@ def test_row_sampler_splits_ranks_and_schedule_warms_up():
 def test_one_deepspeed_step_writes_checkpoint_metrics_and_a_bundle_that_reloads(one_step_run):
     from mmgen.data.sequence import encode_prompt
     from mmgen.models.bundle import load_bundle
-    from mmgen.models.lm import build_tiny_lm
+    from mmgen.models.unified import build_unified_lm
 
     out, final = one_step_run
     assert final == out / "final"
@@ -111,11 +111,11 @@ def test_one_deepspeed_step_writes_checkpoint_metrics_and_a_bundle_that_reloads(
     # The DeepSpeed checkpoint (our own file from this run) holds the engine's weights after the step.
     states = torch.load(out / "checkpoints" / "step_1" / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)
-    engine_model = build_tiny_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=96,
-                                 text_tokenizer=bundle.text_tokenizer).eval()
+    engine_model = build_unified_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=96,
+                                    text_tokenizer=bundle.text_tokenizer).eval()
     engine_model.load_state_dict(states["module"])
-    init_model = build_tiny_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=96,
-                               text_tokenizer=bundle.text_tokenizer, seed=0).eval()
+    init_model = build_unified_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=96,
+                                  text_tokenizer=bundle.text_tokenizer, seed=0).eval()
     with torch.no_grad():
         got = bundle.model(input_ids=prompt).logits
         want = engine_model(input_ids=prompt).logits

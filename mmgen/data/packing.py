@@ -68,7 +68,10 @@ def split_at_boundaries(seq: dict, seq_len: int) -> list[dict] | None:
     for a, b in pieces:
         mask = np.array(seq["loss_mask"][a:b], dtype=bool)
         mask[0] = False  # a continuation chunk has no context for its first token
-        out.append({"input_ids": ids[a:b], "loss_mask": mask, "doc_index": seq.get("doc_index")})
+        span = seq.get("cond_span")
+        keep = span is not None and a <= span[0] and span[1] <= b
+        out.append({"input_ids": ids[a:b], "loss_mask": mask, "doc_index": seq.get("doc_index"),
+                    "cond_span": (span[0] - a, span[1] - a) if keep else None})
     return out
 
 
@@ -113,6 +116,8 @@ def pack_sequences(seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: 
         "position_ids": np.zeros((R, seq_len), dtype=np.int64),
         "segment_ids": np.full((R, seq_len), -1, dtype=np.int64),
         "doc_index": np.full((R, seq_len), -1, dtype=np.int64),
+        # the caption of a text-to-image document, which prompt dropout (CFG) may remove
+        "cond_mask": np.zeros((R, seq_len), dtype=bool),
     }
     for r, members in enumerate(rows):
         pos = 0
@@ -128,6 +133,9 @@ def pack_sequences(seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: 
             out["position_ids"][r, sl] = np.arange(n)
             out["segment_ids"][r, sl] = s
             out["doc_index"][r, sl] = c["doc_index"]
+            if c.get("cond_span") is not None:
+                a, b = c["cond_span"]
+                out["cond_mask"][r, pos + a:pos + b] = True
             pos += n
             stats.tokens += n
         # Padding continues the position count so position ids stay in range and monotone per row.
@@ -137,18 +145,55 @@ def pack_sequences(seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: 
     return out, stats
 
 
-def packed_batch(rows: dict, index, dtype: torch.dtype = torch.float32) -> dict:
-    """Model inputs for some rows: ``input_ids``, ``position_ids``, 4-D ``attention_mask``, ``labels``."""
+def drop_prompts(seg: np.ndarray, pos: np.ndarray, labels: np.ndarray, cond: np.ndarray, p: float,
+                 rng: np.random.Generator) -> int:
+    """Prompt dropout for classifier-free guidance, in place on one batch of packed rows.
+
+    Each document with a caption loses it with probability ``p``: the caption tokens become padding
+    (segment -1, no target) and the document's later positions move back by the caption length, so
+    the image is trained exactly as if the document had been ``<s> <image> …`` (the unconditional
+    prompt CFG decodes from). Returns how many captions were dropped."""
+    dropped = 0
+    for r in range(seg.shape[0]):
+        for s in np.unique(seg[r][cond[r]]):
+            if rng.random() >= p:
+                continue
+            span = cond[r] & (seg[r] == s)
+            after = (seg[r] == s) & (np.arange(seg.shape[1]) > np.flatnonzero(span)[-1])
+            pos[r, after] -= int(span.sum())
+            seg[r, span] = -1
+            labels[r, span] = IGNORE_INDEX
+            dropped += 1
+    return dropped
+
+
+def packed_batch(rows: dict, index, dtype: torch.dtype = torch.float32, prompt_dropout: float = 0.0,
+                 rng: np.random.Generator | None = None, attention: str = "mask") -> dict:
+    """Model inputs for some rows: ``input_ids``, ``position_ids``, ``labels`` and the attention.
+
+    ``attention="mask"``: a 4-D block-diagonal ``attention_mask`` (eager and sdpa kernels).
+    ``attention="varlen"``: no mask, only the per-document ``position_ids`` — what transformers'
+    flash-attention path turns into ``cu_seqlens`` for variable-length kernels (GPU only); the results
+    are the same. ``prompt_dropout`` with ``rng`` applies :func:`drop_prompts`."""
     from mmgen.models.lm import packed_attention_mask
 
     idx = np.atleast_1d(np.asarray(index))
-    seg = torch.from_numpy(rows["segment_ids"][idx])
-    return {
+    seg = rows["segment_ids"][idx].copy()
+    pos = rows["position_ids"][idx].copy()
+    labels = rows["labels"][idx].copy()
+    if prompt_dropout > 0 and "cond_mask" in rows:
+        drop_prompts(seg, pos, labels, rows["cond_mask"][idx], prompt_dropout, rng or np.random.default_rng())
+    batch = {
         "input_ids": torch.from_numpy(rows["input_ids"][idx]),
-        "position_ids": torch.from_numpy(rows["position_ids"][idx]),
-        "attention_mask": packed_attention_mask(seg, dtype=dtype),
-        "labels": torch.from_numpy(rows["labels"][idx]),
+        "position_ids": torch.from_numpy(pos),
+        "labels": torch.from_numpy(labels),
+        "segment_ids": torch.from_numpy(seg),
     }
+    if attention == "mask":
+        batch["attention_mask"] = packed_attention_mask(batch["segment_ids"], dtype=dtype)
+    elif attention != "varlen":
+        raise ValueError(f"attention must be 'mask' or 'varlen', got {attention!r}")
+    return batch
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -140,9 +140,113 @@ def build_sequence(coded_doc, text_tokenizer, vocab: Vocab, targets: Iterable[st
         "loss_mask": loss_mask,
         "modality": vocab.modality_of(arr).astype(np.int8),
         "boundaries": boundaries,
+        "cond_span": _cond_span(arr, boundaries, vocab),
         "skipped": dict(skipped),
         "doc_id": getattr(doc, "id", None),
     }
+
+
+def _cond_span(ids: np.ndarray, boundaries: list[int], vocab: Vocab) -> tuple[int, int] | None:
+    """The caption a text-to-image document opens with: ``[start, end)`` of the text right before
+    the first image block, which prompt dropout for classifier-free guidance may remove."""
+    if len(boundaries) >= 2 and boundaries[0] == 1 and ids[boundaries[1]] == vocab["<image>"]:
+        return (boundaries[0], boundaries[1])
+    return None
+
+
+# -- SFT: the chat template ------------------------------------------------------------------------
+USER_ROLES = {"user", "human", "question", "system"}
+ASSISTANT_ROLES = {"assistant", "gpt", "answer", "model"}
+USER_TAG, ASSISTANT_TAG = "User:", "Assistant:"
+
+
+def _turns(doc) -> list[tuple[str, list[int]]]:
+    """Items grouped into (role, item indices) turns. Items carry ``meta["role"]`` (LLaVA's
+    ``from``, ShapesWorld's question/answer); an item without one continues the current turn. A
+    document without any role is an instruction: its first item is the user's, the rest the answer."""
+    roles = [item.meta.get("role") for item in doc.items]
+    if not any(r in USER_ROLES | ASSISTANT_ROLES for r in roles):
+        return [("user", [0]), ("assistant", list(range(1, len(doc.items))))] if doc.items else []
+    turns: list[tuple[str, list[int]]] = []
+    current = "user"
+    for i, r in enumerate(roles):
+        if r in USER_ROLES:
+            role = "user"
+        elif r in ASSISTANT_ROLES:
+            role = "assistant"
+        else:
+            role = current
+        if not turns or turns[-1][0] != role:
+            turns.append((role, []))
+        turns[-1][1].append(i)
+        current = role
+    return turns
+
+
+def _item_ids(coded_doc, i: int, text_tokenizer, vocab: Vocab, skipped: Counter) -> list[int]:
+    """Token ids of one item (text span, image or audio block); [] and a counted reason if none."""
+    item = coded_doc.doc.items[i]
+    if isinstance(item, Text):
+        return encode_text(item.text, text_tokenizer) if item.text.strip() else []
+    codes = coded_doc.codes.get(i)
+    try:
+        if isinstance(item, Image):
+            if codes is None:
+                skipped["image_without_codes"] += 1
+                return []
+            grid = np.asarray(codes)
+            grid = grid[0] if grid.ndim == 3 and grid.shape[0] == 1 else grid
+            return vocab.image_block(grid, sem=coded_doc.sem.get(i) if vocab.has("sem") else None)
+        if isinstance(item, Audio):
+            if codes is None or not vocab.has("audio"):
+                skipped["audio_without_codes"] += 1
+                return []
+            return vocab.audio_block(codes)
+    except MMGenError:
+        skipped[f"{item.kind}_codes_not_in_vocab"] += 1
+        return []
+    skipped[f"{getattr(item, 'kind', type(item).__name__)}_not_supported"] += 1
+    return []
+
+
+def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab) -> dict:
+    """One conversation -> ``<s> User: … Assistant: … </s> User: … Assistant: … </s>``.
+
+    Only the assistant's tokens and the ``</s>`` that ends each assistant turn are targets (the
+    model learns to answer and to stop, never to imitate the user); multi-turn, multi-image and
+    interleaved text+image answers all follow from the item order. Same keys as :func:`build_sequence`."""
+    bos, eos = _bos_eos(text_tokenizer)
+    user_tag = encode_text(USER_TAG, text_tokenizer)
+    asst_tag = encode_text(ASSISTANT_TAG, text_tokenizer)
+    ids, mask, boundaries = [bos], [False], []
+    skipped: Counter = Counter()
+    for role, items in _turns(coded_doc.doc):
+        boundaries.append(len(ids))
+        tag = asst_tag if role == "assistant" else user_tag
+        ids += tag
+        mask += [False] * len(tag)
+        for i in items:
+            piece = _item_ids(coded_doc, i, text_tokenizer, vocab, skipped)
+            ids += piece
+            mask += [role == "assistant"] * len(piece)
+        if role == "assistant":
+            ids.append(eos)
+            mask.append(True)
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+        mask.append(False)
+    arr = np.asarray(ids, dtype=np.int64)
+    return {"input_ids": arr, "loss_mask": np.asarray(mask, dtype=bool),
+            "modality": vocab.modality_of(arr).astype(np.int8), "boundaries": boundaries, "cond_span": None,
+            "skipped": dict(skipped), "doc_id": getattr(coded_doc.doc, "id", None)}
+
+
+def encode_chat_prompt(text: str, text_tokenizer, image_ids: list[int] | None = None) -> list[int]:
+    """The prefix a chat turn is answered from: ``<s> User: [image] text Assistant:`` (what
+    :func:`build_chat_sequence` trains on, so inference sees the trained layout)."""
+    bos, _ = _bos_eos(text_tokenizer)
+    return [bos, *encode_text(USER_TAG, text_tokenizer), *(image_ids or []), *encode_text(text, text_tokenizer),
+            *encode_text(ASSISTANT_TAG, text_tokenizer)]
 
 
 @dataclass
@@ -160,8 +264,9 @@ class SequenceStats:
 
 
 def build_sequences(records, text_tokenizer, vocab: Vocab, targets: Iterable[str] = TARGET_KINDS,
-                    max_docs: int | None = None) -> tuple[list[dict], SequenceStats]:
-    """:func:`build_sequence` over a stream of CodedDocs (BadRecords are counted, not raised).
+                    max_docs: int | None = None, chat: bool = False) -> tuple[list[dict], SequenceStats]:
+    """:func:`build_sequence` (or :func:`build_chat_sequence` with ``chat``) over a stream of CodedDocs
+    (BadRecords are counted, not raised).
 
     Counts add up: ``docs_in = sequences + bad_records + empty_docs``."""
     stats = SequenceStats()
@@ -174,9 +279,10 @@ def build_sequences(records, text_tokenizer, vocab: Vocab, targets: Iterable[str
         if isinstance(rec, BadRecord):
             stats.bad_records += 1
             continue
-        seq = build_sequence(rec, text_tokenizer, vocab, targets)
+        seq = (build_chat_sequence(rec, text_tokenizer, vocab) if chat
+               else build_sequence(rec, text_tokenizer, vocab, targets))
         stats.skipped_items.update(seq["skipped"])
-        if len(seq["input_ids"]) <= 2:  # only <s> </s>
+        if len(seq["input_ids"]) <= 2 or not seq["loss_mask"].any():  # only <s> </s>, or no target left
             stats.empty_docs += 1
             continue
         stats.sequences += 1

@@ -46,6 +46,8 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
     ensure_torchvision()  # transformers' model classes import torchvision, broken next to CPU torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import mmgen.models.unified  # noqa: F401  (registers MMGenForCausalLM with the Auto classes)
+
     p = Path(path)
     if not (p / "vocab.json").is_file() or not (p / "config.json").is_file():
         raise MMGenError(f"{p} is not an mmgen checkpoint (needs config.json and vocab.json); "

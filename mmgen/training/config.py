@@ -42,7 +42,36 @@ class ModelConfig:
     intermediate: int | None = None
     max_len: int | None = None  # RoPE positions; default: data.seq_len
     tie_embeddings: bool = True
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # A real decoder instead of the tiny Llama: a checkpoint path / hub id (``base``), or a config
+    # dict with model_type (``base_config``, random weights: real-scale shapes without a download).
+    base: str | None = None
+    base_config: dict | None = None
+    code_head: bool = False  # separate output head for the code ranges (Janus)
+    image_feature_dim: int | None = None  # continuous image input: the projector's input width
+    audio_feature_dim: int | None = None
+    projector_depth: int = 2
+    input_placement: Literal["codes", "placeholder"] = "codes"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    # Per-modality weights of the next-token loss: text, structural, and each code range (pix, sem,
+    # audio); "image" sets sem and pix together. Unlisted modalities weigh 1.
+    weights: dict = field(default_factory=dict)
+    z_loss: float = 0.0  # PaLM's z-loss coefficient on log(Z)^2 of the target positions (1e-4 typical)
+    prompt_dropout: float = 0.0  # CFG: share of text-to-image captions dropped (ILLUME+/Emu3 use 0.05-0.1)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    modules_to_save: list[str] = field(default_factory=list)  # e.g. [code_head, image_projector]
 
 
 @dataclass
@@ -62,6 +91,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    stage: Literal["align", "pretrain", "sft"] = "pretrain"
+    # Start from a bundle (e.g. the pretraining's final/) instead of a fresh model: its weights, text
+    # tokenizer and vocab are used, so SFT continues exactly where pretraining stopped.
+    init_from: str | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     steps: int = 300  # optimizer steps
     micro_batch: int = 8  # packed rows per rank per forward
     grad_accum: int = 1
@@ -92,6 +127,12 @@ def check_config(cfg: TrainConfig) -> None:
             raise MMGenError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.data.seq_len < 16:
         raise MMGenError(f"data.seq_len {cfg.data.seq_len} is too short (use at least 16)")
+    if not 0.0 <= cfg.loss.prompt_dropout < 1.0:
+        raise MMGenError(f"loss.prompt_dropout must be in [0, 1), got {cfg.loss.prompt_dropout}")
+    if cfg.lora.enabled and cfg.stage != "sft":
+        raise MMGenError("lora.enabled is for stage=sft (align and pretrain train the full model or the projectors)")
+    if cfg.init_from and not (Path(cfg.init_from) / "vocab.json").is_file():
+        raise MMGenError(f"init_from={cfg.init_from} is not an mmgen bundle (no vocab.json); give a training run's final/")
     if not cfg.data.code_shards:
         raise MMGenError("no training data: set data.code_shards=DIR (code shards from `mmgen tokenize`)")
     if cfg.model.max_len is not None and cfg.model.max_len < cfg.data.seq_len:

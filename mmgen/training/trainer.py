@@ -82,7 +82,9 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
 
     tok_dir = out_dir / "text_tokenizer"
     if rank == 0 and not (tok_dir / "tokenizer_config.json").is_file():
-        if cfg.data.text_tokenizer:
+        if cfg.init_from:  # continue with the ids the starting bundle was trained on
+            tok = AutoTokenizer.from_pretrained(cfg.init_from)
+        elif cfg.data.text_tokenizer:
             tok = AutoTokenizer.from_pretrained(cfg.data.text_tokenizer)
         else:
             tok = train_text_tokenizer(doc_texts(records), vocab_size=cfg.data.text_vocab_size)
@@ -91,6 +93,8 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     tok = AutoTokenizer.from_pretrained(tok_dir)
 
     image_tokenizer = None
+    if cfg.init_from and not cfg.data.image_tokenizer and (Path(cfg.init_from) / "image_tokenizer").is_dir():
+        cfg.data.image_tokenizer = str(Path(cfg.init_from) / "image_tokenizer")
     if cfg.data.image_tokenizer:
         from mmgen.tokenizers import load_image_tokenizer
 
@@ -101,16 +105,19 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
         codebook = int(image_tokenizer.codebook_size)
     elif cfg.data.codebook_size:
         codebook = int(cfg.data.codebook_size)
+    elif cfg.init_from:
+        codebook = None  # the bundle's vocab says
     else:
         raise MMGenError("the vocab needs the pixel codebook size: set data.image_tokenizer=DIR "
                          "(the tokenizer that made the code shards) or data.codebook_size=N")
-    vocab = Vocab(len(tok), {"pix": codebook}, max_grid=cfg.data.max_grid)
+    vocab = (Vocab.load(Path(cfg.init_from) / "vocab.json") if cfg.init_from
+             else Vocab(len(tok), {"pix": codebook}, max_grid=cfg.data.max_grid))
     saved = out_dir / "vocab.json"
     if saved.is_file() and Vocab.load(saved) != vocab:
         raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); "
                          "use a fresh out_dir or the same data settings")
 
-    seqs, seq_stats = build_sequences(records, tok, vocab, targets=cfg.data.loss_targets)
+    seqs, seq_stats = build_sequences(records, tok, vocab, targets=cfg.data.loss_targets, chat=cfg.stage == "sft")
     if not seqs:
         raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({seq_stats.to_dict()})")
     rows, pack_stats = pack_sequences(seqs, cfg.data.seq_len, pad_id=tok.pad_token_id or 0)
@@ -163,8 +170,10 @@ def lr_lambda(cfg: TrainConfig):
 
 def build_optimizer(model, cfg: TrainConfig):
     # No weight decay on norms and biases (1-D tensors): decaying them only fights the normalisation.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    frozen_rows = getattr(model, "_mmgen_frozen_rows", None)
+    emb = model.get_input_embeddings().weight if frozen_rows else None
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and p is not emb]
+    no_decay = [p for p in model.parameters() if p.requires_grad and (p.ndim < 2 or p is emb)]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -197,20 +206,128 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+# -- the model ------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, vocab, tok):
+    """The unified LM of this run: from ``init_from`` (a bundle), a real decoder (``model.base`` /
+    ``model.base_config``) or the tiny Llama; then the stage's trainable set, LoRA and checkpointing."""
+    from mmgen.models.unified import MMGenForCausalLM, build_unified_lm, wrap_lm
+
+    m = cfg.model
+    wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim, "audio_feature_dim": m.audio_feature_dim,
+            "projector_depth": m.projector_depth, "input_placement": m.input_placement}
+    if cfg.init_from:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from)
+        if not isinstance(model, MMGenForCausalLM):
+            model = wrap_lm(model, vocab, **wrap)
+    elif m.base or m.base_config:
+        torch.manual_seed(cfg.seed)
+        model = build_unified_lm(vocab, base=m.base or m.base_config, attn_implementation=m.attn_implementation, **wrap)
+    else:
+        model = build_unified_lm(vocab, hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads,
+                                 intermediate=m.intermediate, max_len=m.max_len or cfg.data.seq_len,
+                                 tie_embeddings=m.tie_embeddings, text_tokenizer=tok,
+                                 attn_implementation=m.attn_implementation, seed=cfg.seed, **wrap)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.stage == "align":
+        freeze_for_align(model, vocab)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    return model
+
+
+def freeze_for_align(model, vocab) -> None:
+    """Align stage (LLaVA's stage 1): only the projectors, the code head and the embedding rows of the
+    new (non-text) tokens learn. A gradient hook zeroes the text rows: with Adam's zero moments and
+    no weight decay on the embeddings (see :func:`build_optimizer`) they then stay exactly as they were."""
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(("image_projector", "audio_projector", "code_head"))
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad = True
+    text = vocab.text_size
+
+    def keep_text_rows(grad):
+        grad = grad.clone()
+        grad[:text] = 0
+        return grad
+
+    emb.register_hook(keep_text_rows)
+    model._mmgen_frozen_rows = text  # read by build_optimizer: no decay on the embeddings
+
+
+def apply_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                        modules_to_save=list(lc.modules_to_save) or None, bias="none")
+    return get_peft_model(model, config)
+
+
+def unwrap_for_saving(model):
+    """The plain MMGenForCausalLM to put in the bundle (LoRA weights merged in)."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
 # -- the loop ------------------------------------------------------------------------------------
+def step_denominator(rows: dict, sampler: "RowSampler", step: int, grad_accum: int, world: int) -> float:
+    """Target tokens of one optimizer step over all ranks and micro-batches (every rank holds all rows)."""
+    n = 0
+    for r in range(world):
+        sub = RowSampler(sampler.n, sampler.mb, sampler.ga, r, world, sampler.seed)
+        for micro in range(grad_accum):
+            lab = rows["labels"][sub.indices(step, micro)]
+            n += int((lab[:, 1:] != -100).sum())
+    return float(n)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict | None) -> None:
+    if state:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+
+
 def pretrain(config_path: str | Path | None = None, overrides: list[str] | None = None) -> Path:
-    """Pretrain the unified LM; returns the path of the written bundle (``out_dir/final``).
+    """Train the unified LM (stage align, pretrain or sft, from the config); returns the path of the
+    written bundle (``out_dir/final``).
 
     Works in-process (one rank) or under the ``deepspeed`` launcher (see ``training/pretrain.sh``)."""
     cfg = load_train_config(config_path, overrides)
+    return run_training(cfg)
+
+
+def train(config_path: str | Path | None = None, overrides: list[str] | None = None) -> Path:
+    """Alias of :func:`pretrain`: any stage, as the config says."""
+    return pretrain(config_path, overrides)
+
+
+def sft(config_path: str | Path | None = "tiny_sft", overrides: list[str] | None = None) -> Path:
+    """Supervised fine-tuning: :func:`pretrain` with ``stage=sft`` forced."""
+    return pretrain(config_path, [*(overrides or []), "stage=sft"])
+
+
+def run_training(cfg: TrainConfig) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world = init_distributed()
     import deepspeed
 
-    from mmgen.data.packing import causal_lm_loss, packed_batch
-    from mmgen.models.lm import build_tiny_lm, count_parameters
+    from mmgen.data.packing import packed_batch
+    from mmgen.models.lm import count_parameters
+    from mmgen.training.losses import lm_loss, modality_names, modality_weights
 
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -226,10 +343,7 @@ def pretrain(config_path: str | Path | None = None, overrides: list[str] | None 
     if rank == 0:
         vocab.save(out_dir / "vocab.json")
     n_rows = rows["input_ids"].shape[0]
-    model = build_tiny_lm(vocab, hidden=cfg.model.hidden, layers=cfg.model.layers, heads=cfg.model.heads,
-                          kv_heads=cfg.model.kv_heads, intermediate=cfg.model.intermediate,
-                          max_len=cfg.model.max_len or cfg.data.seq_len, tie_embeddings=cfg.model.tie_embeddings,
-                          text_tokenizer=tok, attn_implementation=cfg.model.attn_implementation, seed=cfg.seed)
+    model = build_model(cfg, vocab, tok)
     optimizer, scheduler = build_optimizer(model, cfg)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(cfg))
@@ -240,9 +354,12 @@ def pretrain(config_path: str | Path | None = None, overrides: list[str] | None 
         if load_path is None:
             raise MMGenError(f"could not resume from {ckpt_dir} (remove it or set resume=false)")
         start = int(client.get("step", engine.global_steps))
+        _set_rng_state(client.get("rng", {}).get(str(rank)))
 
     sampler = RowSampler(n_rows, cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
     dtype = _model_dtype(engine.module)
+    weights = modality_weights(vocab, cfg.loss.weights)
+    names = modality_names(vocab)
     writer = None
     if rank == 0 and cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -252,51 +369,55 @@ def pretrain(config_path: str | Path | None = None, overrides: list[str] | None 
     if rank == 0 and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
 
     fill = data["pack_stats"]["fill_rate"]
     t_run = time.perf_counter()
-    t_win, win_loss, win_micro, win_tokens = time.perf_counter(), 0.0, 0, 0
+    window = _Window(len(names))
     run_tokens, last = 0, {}
     metrics_path = out_dir / "metrics.jsonl"
     engine.train()
     for step in range(start, cfg.steps):
+        denom = step_denominator(rows, sampler, step, cfg.grad_accum, world)
         for micro in range(cfg.grad_accum):
             idx = sampler.indices(step, micro)
-            batch = packed_batch(rows, idx, dtype=dtype)
+            # Prompt dropout draws from a generator keyed by (seed, step, micro, rank): a resumed run
+            # drops exactly the captions an uninterrupted one would.
+            rng = np.random.default_rng([cfg.seed, step, micro, rank, 17])
+            batch = packed_batch(rows, idx, dtype=dtype, prompt_dropout=cfg.loss.prompt_dropout, rng=rng)
             out = engine(input_ids=batch["input_ids"].to(engine.device),
                          attention_mask=batch["attention_mask"].to(engine.device),
                          position_ids=batch["position_ids"].to(engine.device), use_cache=False)
-            loss = causal_lm_loss(out.logits, batch["labels"].to(engine.device))
+            # DeepSpeed averages gradients over ranks and divides the loss by grad_accum: scale back so
+            # the step's gradient is that of the token mean over the whole global batch.
+            loss, stats = lm_loss(out.logits, batch["labels"].to(engine.device), vocab, weights,
+                                  denom / (world * cfg.grad_accum), z_loss=cfg.loss.z_loss)
             engine.backward(loss)
             engine.step()
-            win_loss += loss.item()
-            win_micro += 1
-            win_tokens += int((rows["segment_ids"][idx] >= 0).sum())
+            window.add(loss.item() / (world * cfg.grad_accum), stats, int((batch["segment_ids"] >= 0).sum()))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            stats = torch.tensor([win_loss, win_micro, win_tokens], dtype=torch.float64)
-            if world > 1:
-                torch.distributed.all_reduce(stats)
-            elapsed = time.perf_counter() - t_win
-            last = {"step": done, "loss": stats[0].item() / max(stats[1].item(), 1),
-                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": stats[2].item() / max(elapsed, 1e-9),
-                    "fill_rate": fill, "epoch": done * cfg.grad_accum * world * cfg.micro_batch / n_rows,
-                    "elapsed_s": time.perf_counter() - t_run}
-            run_tokens += int(stats[2].item())
+            last = window.flush(world, done, n_rows, cfg, fill, scheduler.get_last_lr()[0], names, t_run)
+            run_tokens += last.pop("_tokens")
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
                 if writer is not None:
-                    for k in ("loss", "lr", "tokens_per_s", "fill_rate"):
-                        writer.add_scalar(f"train/{k}", last[k], done)
+                    for k, v in last.items():
+                        if k not in ("step", "epoch", "elapsed_s"):
+                            writer.add_scalar(f"train/{k}", v, done)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            t_win, win_loss, win_micro, win_tokens = time.perf_counter(), 0.0, 0, 0
         if bar is not None:
             bar.update(1)
         if done % cfg.save_every == 0 or done == cfg.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step_{done}", client_state={"step": done})
+            rng_all = [None] * world
+            if world > 1:
+                torch.distributed.all_gather_object(rng_all, _rng_state())
+            else:
+                rng_all = [_rng_state()]
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step_{done}",
+                                   client_state={"step": done, "rng": {str(r): s for r, s in enumerate(rng_all)}})
             if rank == 0:
                 _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     if bar is not None:
@@ -305,9 +426,11 @@ def pretrain(config_path: str | Path | None = None, overrides: list[str] | None 
         writer.close()
 
     run_s = time.perf_counter() - t_run
-    summary = {"steps": cfg.steps, "resumed_from": start, "final_loss": last.get("loss"),
+    summary = {"stage": cfg.stage, "steps": cfg.steps, "resumed_from": start, "final_loss": last.get("loss"),
                "tokens_per_s": run_tokens / run_s if run_tokens else None, "world_size": world,
-               "parameters": count_parameters(engine.module), "vocab_size": vocab.size,
+               "parameters": count_parameters(engine.module),
+               "trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
+               "vocab_size": vocab.size,
                "data": {"sequences": data["seq_stats"], "packing": data["pack_stats"],
                         "image_grids": data["image_grids"]}}
     final = out_dir / "final"
@@ -316,17 +439,86 @@ def pretrain(config_path: str | Path | None = None, overrides: list[str] | None 
               if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
     with gather:
         if rank == 0:
-            _save_bundle(engine.module, data, cfg, summary, final)
+            if cfg.lora.enabled:
+                engine.module.save_pretrained(out_dir / "lora_adapter")
+            _save_bundle(unwrap_for_saving(engine.module), data, cfg, summary, final)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            plot_losses(metrics_path, out_dir / "loss.png")
     _barrier()
     return final
+
+
+class _Window:
+    """Sums between two log lines, all-reduced over ranks when flushed."""
+
+    def __init__(self, n_mod: int):
+        self.n_mod = n_mod
+        self.reset()
+
+    def reset(self):
+        self.t0 = time.perf_counter()
+        self.v = torch.zeros(3 + 2 * self.n_mod, dtype=torch.float64)  # loss, micro, tokens, (ce, n) per modality
+
+    def add(self, loss: float, stats: dict, tokens: int):
+        self.v[0] += loss
+        self.v[1] += 1
+        self.v[2] += tokens
+        for k, (ce, n) in stats.items():
+            self.v[3 + 2 * k] += ce
+            self.v[4 + 2 * k] += n
+
+    def flush(self, world, done, n_rows, cfg, fill, lr, names, t_run) -> dict:
+        v = self.v.clone()
+        if world > 1:
+            torch.distributed.all_reduce(v)
+        elapsed = time.perf_counter() - self.t0
+        steps = v[1].item() / (cfg.grad_accum * world)
+        row = {"step": done, "loss": v[0].item() / max(steps, 1e-9), "lr": lr,
+               "tokens_per_s": v[2].item() / max(elapsed, 1e-9), "fill_rate": fill,
+               "epoch": done * cfg.grad_accum * world * cfg.micro_batch / n_rows,
+               "elapsed_s": time.perf_counter() - t_run}
+        for k, name in enumerate(names):
+            n = v[4 + 2 * k].item()
+            if n:
+                row[f"loss_{name}"] = v[3 + 2 * k].item() / n
+        row["_tokens"] = int(v[2].item())
+        self.reset()
+        return row
+
+
+def plot_losses(metrics_path: Path, png: Path) -> Path | None:
+    """The loss curves (total and per modality) of a run's metrics.jsonl as a PNG."""
+    if not metrics_path.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    keys = ["loss"] + sorted({k for r in rows for k in r if k.startswith("loss_")})
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=2 if k == "loss" else 1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
 
 
 def _save_bundle(model, data: dict, cfg: TrainConfig, summary: dict, final: Path) -> None:
     from mmgen.models.bundle import Bundle
 
     image_tok = data["image_tokenizer"]
-    meta = {"preset": cfg.preset, "stage": "pretrain", "train": summary, "config": to_dict(cfg),
+    meta = {"preset": cfg.preset, "stage": cfg.stage, "train": summary, "config": to_dict(cfg),
             "image_grids": data["image_grids"]}
     if image_tok is not None:
         meta["image_resolution"] = list(image_tok.resolution)

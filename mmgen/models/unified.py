@@ -1,0 +1,283 @@
+"""``MMGenForCausalLM``: any Hugging Face causal LM turned into a unified multimodal model.
+
+The wrapper holds the decoder as ``self.lm`` (built by ``AutoModelForCausalLM`` from a config or a
+checkpoint) and adds what the ILLUME+/Janus line needs on top of a text LLM:
+
+- **vocabulary extension** from :class:`~mmgen.models.vocab.Vocab`: the decoder's embeddings grow to
+  ``vocab.size`` with ``resize_token_embeddings(mean_resizing=True)``, so new rows start at the mean
+  of the pretrained ones (a random row would dwarf or vanish next to trained ones);
+- an optional **separate output head for the code ranges** (Janus' generation head): text logits come
+  from the decoder's own head, code logits from ``code_head``; without it one head covers everything
+  (Emu3 / Lumina-mGPT);
+- **continuous-input projectors** (an MLP each) for image and audio features, written over the input
+  embeddings at the positions of the corresponding code tokens (``input_placement="codes"``, ILLUME+:
+  the model reads pre-quantization features where it would otherwise read codes) or of a placeholder
+  id (``"placeholder"``, LLaVA style);
+- discrete output: the logits always span the whole vocab, so everything the model writes is a code.
+
+``import mmgen.models`` registers the class with ``AutoConfig`` / ``AutoModelForCausalLM``, so a
+saved directory loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and no ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mmgen.errors import MMGenError
+from mmgen.models.vocab import Vocab
+from mmgen.utils.compat import ensure_torchvision
+
+ensure_torchvision()  # transformers' model modules import torchvision, broken next to CPU torch
+
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel  # noqa: E402
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+
+IGNORE_INDEX = -100
+MODALITY_FEATURES = ("image", "audio")
+
+
+class MMGenConfig(PreTrainedConfig):
+    """Config of :class:`MMGenForCausalLM`: the decoder's own config plus the multimodal parts."""
+
+    model_type = "mmgen"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    vocab: dict | None = None  # Vocab.to_dict(): the id layout the embeddings were extended to
+    code_head: bool = False  # a separate output head for the code ranges (Janus)
+    image_feature_dim: int | None = None  # width of the image tokenizer's pre-quantization features
+    audio_feature_dim: int | None = None
+    projector_depth: int = 2  # Linear layers in each MLP projector
+    input_placement: Literal["codes", "placeholder"] = "codes"
+    image_input_range: str = "pix"  # the code range whose positions image features overwrite
+    image_placeholder_id: int | None = None
+    audio_placeholder_id: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.text_config is not None:
+            # Generation reads these from the top-level config.
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(self, k, None) is None:
+                    setattr(self, k, getattr(self.text_config, k, None))
+
+    def __getattr__(self, name):
+        # Sizes (vocab_size, num_hidden_layers, hidden_size, ...) are the decoder's: read them there, so
+        # code written for a plain causal LM's config keeps working on the wrapper's.
+        if name.startswith("_") or name == "text_config":
+            raise AttributeError(name)
+        text = self.__dict__.get("text_config")
+        if text is not None and not isinstance(text, dict) and hasattr(text, name):
+            return getattr(text, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def get_vocab(self) -> Vocab:
+        if not self.vocab:
+            raise MMGenError("this MMGenConfig has no vocab; build the model with build_unified_lm(vocab, ...)")
+        return Vocab.from_dict(self.vocab)
+
+
+def mlp_projector(in_dim: int, hidden: int, depth: int) -> nn.Sequential:
+    """LLaVA-1.5's MLP projector: Linear, then (GELU, Linear) ``depth - 1`` times."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden)]
+    for _ in range(max(0, depth - 1)):
+        layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+    return nn.Sequential(*layers)
+
+
+class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MMGenConfig
+    base_model_prefix = "lm"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: MMGenConfig, lm=None):
+        super().__init__(config)
+        text_config = config.text_config
+        if lm is None:
+            text_config._attn_implementation = config._attn_implementation
+            lm = AutoModelForCausalLM.from_config(text_config)
+        self.lm = lm
+        # One attention implementation for both configs: a decoder left at None would build no causal mask.
+        impl = getattr(config, "_attn_implementation", None) or lm.config._attn_implementation or "sdpa"
+        lm.config._attn_implementation = impl
+        config.text_config = lm.config
+        self._no_split_modules = list(getattr(lm, "_no_split_modules", None) or [])
+        hidden = text_config.hidden_size
+        vocab = config.get_vocab() if config.vocab else None
+        self.code_start = min((a for a, _ in vocab.ranges.values()), default=None) if vocab else None
+        self.code_head = None
+        if config.code_head:
+            if self.code_start is None:
+                raise MMGenError("code_head=True needs a vocab with at least one code range")
+            self.code_head = nn.Linear(hidden, vocab.size - self.code_start, bias=False)
+        self.image_projector = (mlp_projector(config.image_feature_dim, hidden, config.projector_depth)
+                                if config.image_feature_dim else None)
+        self.audio_projector = (mlp_projector(config.audio_feature_dim, hidden, config.projector_depth)
+                                if config.audio_feature_dim else None)
+        self.post_init()
+
+    def _init_weights(self, module):
+        # The wrapped decoder initialised itself; only our own layers need it here.
+        if isinstance(module, nn.Linear) and not _is_inside(module, self.lm):
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- the embedding API the ecosystem expects (resize, PEFT, generate) -----------------------
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.lm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.lm.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.lm.base_model
+
+    # -- continuous inputs --------------------------------------------------------------------
+    def feature_positions(self, input_ids: torch.Tensor, modality: str) -> torch.Tensor:
+        """Boolean mask of the positions that ``modality`` features overwrite, in reading order."""
+        cfg = self.config
+        if cfg.input_placement == "placeholder":
+            pid = cfg.image_placeholder_id if modality == "image" else cfg.audio_placeholder_id
+            if pid is None:
+                raise MMGenError(f"input_placement=placeholder needs {modality}_placeholder_id in the model config")
+            return input_ids == pid
+        name = cfg.image_input_range if modality == "image" else "audio"
+        a, b = cfg.get_vocab().code_range(name)
+        return (input_ids >= a) & (input_ids < b)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
+              audio_features: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.get_input_embeddings()(input_ids)
+        for modality, feats in (("image", image_features), ("audio", audio_features)):
+            if feats is None:
+                continue
+            proj = self.image_projector if modality == "image" else self.audio_projector
+            if proj is None:
+                raise MMGenError(f"{modality} features given but the model has no {modality} projector "
+                                 f"(set {modality}_feature_dim in the model config)")
+            where = self.feature_positions(input_ids, modality)
+            n = int(where.sum())
+            if feats.shape[0] != n:
+                raise MMGenError(f"{feats.shape[0]} {modality} feature vectors for {n} {modality} positions in the "
+                                 "input; give one vector per code (or placeholder) token, in reading order")
+            embeds = embeds.masked_scatter(where[..., None], proj(feats.to(embeds.dtype)))
+        return embeds
+
+    # -- forward ------------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.get_output_embeddings()
+        if self.code_head is None:
+            return head(hidden)
+        text = nn.functional.linear(hidden, head.weight[: self.code_start],
+                                    None if head.bias is None else head.bias[: self.code_start])
+        return torch.cat([text, self.code_head(hidden)], dim=-1)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
+                image_features=None, audio_features=None, **kwargs) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, image_features, audio_features)
+        out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 position_ids=position_ids, past_key_values=past_key_values,
+                                 use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.logits(hidden)
+        loss = None
+        if labels is not None:
+            from mmgen.data.packing import causal_lm_loss
+
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=getattr(out, "hidden_states", None),
+                                      attentions=getattr(out, "attentions", None))
+
+
+def _is_inside(module: nn.Module, parent: nn.Module) -> bool:
+    return any(module is m for m in parent.modules())
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know ``model_type="mmgen"`` (idempotent)."""
+    try:
+        AutoConfig.register("mmgen", MMGenConfig)
+    except ValueError:  # already registered in this process
+        pass
+    try:
+        AutoModelForCausalLM.register(MMGenConfig, MMGenForCausalLM)
+    except ValueError:
+        pass
+
+
+register_auto_classes()
+
+
+# -- construction ---------------------------------------------------------------------------------
+def wrap_lm(lm, vocab: Vocab, code_head: bool = False, image_feature_dim: int | None = None,
+            audio_feature_dim: int | None = None, projector_depth: int = 2,
+            input_placement: str = "codes", image_input_range: str = "pix",
+            image_placeholder_id: int | None = None, audio_placeholder_id: int | None = None) -> MMGenForCausalLM:
+    """Wrap a built or pretrained causal LM: extend its vocabulary to ``vocab`` and add the heads."""
+    n = lm.get_input_embeddings().weight.shape[0]
+    if n > vocab.size:
+        raise MMGenError(f"the decoder has {n} embedding rows, more than the mmgen vocab's {vocab.size}; build "
+                         "the Vocab with text_size equal to the decoder's vocab_size")
+    if n < vocab.size:
+        # New rows start at the mean (and covariance) of the trained ones, as transformers documents.
+        lm.resize_token_embeddings(vocab.size, mean_resizing=True)
+    if image_input_range not in vocab.ranges and input_placement == "codes" and image_feature_dim:
+        raise MMGenError(f"image_input_range '{image_input_range}' is not a code range of the vocab "
+                         f"(has: {', '.join(vocab.ranges)})")
+    config = MMGenConfig(text_config=lm.config, vocab=vocab.to_dict(), code_head=code_head,
+                         image_feature_dim=image_feature_dim, audio_feature_dim=audio_feature_dim,
+                         projector_depth=projector_depth, input_placement=input_placement,
+                         image_input_range=image_input_range, image_placeholder_id=image_placeholder_id,
+                         audio_placeholder_id=audio_placeholder_id)
+    config._attn_implementation = lm.config._attn_implementation
+    model = MMGenForCausalLM(config, lm=lm)
+    model.generation_config = lm.generation_config
+    return model
+
+
+def build_unified_lm(vocab: Vocab, base: str | dict | None = None, **kwargs) -> MMGenForCausalLM:
+    """A unified LM over ``vocab`` from a decoder checkpoint path / hub id (``base`` a str), a config
+    dict with ``model_type`` (built from config, random weights), or None: the tiny Llama."""
+    wrap_keys = {"code_head", "image_feature_dim", "audio_feature_dim", "projector_depth", "input_placement",
+                 "image_input_range", "image_placeholder_id", "audio_placeholder_id"}
+    wrap_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in wrap_keys}
+    if base is None:
+        from mmgen.models.lm import build_tiny_lm
+
+        lm = build_tiny_lm(vocab, **kwargs)
+    elif isinstance(base, dict):
+        cfg = dict(base)
+        model_type = cfg.pop("model_type", None)
+        if not model_type:
+            raise MMGenError("a decoder config dict needs model_type (e.g. qwen2, llama)")
+        attn = kwargs.pop("attn_implementation", "sdpa")
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg), attn_implementation=attn)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(base, attn_implementation=kwargs.pop("attn_implementation", "sdpa"))
+    return wrap_lm(lm, vocab, **wrap_kw)
