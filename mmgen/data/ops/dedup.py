@@ -10,15 +10,15 @@ later one look like a duplicate.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mmgen.data.doc import Text
-from mmgen.data.ops.base import DocView, StatefulOp, Verdict, register_op
+from mmgen.data.ops.base import DocView, Op, StatefulOp, Verdict, error_text, register_op
 from mmgen.errors import MediaError
 
 
@@ -33,32 +33,17 @@ def normalize_text(text: str) -> str:
 # Perceptual hash
 
 
-@lru_cache(maxsize=8)
-def _dct_matrix(n: int) -> np.ndarray:
-    """Orthonormal DCT-II basis: row k is cos(pi (2x+1) k / 2n), scaled."""
-    x = np.arange(n)
-    m = np.cos(np.pi * (2 * x[None, :] + 1) * np.arange(n)[:, None] / (2 * n)) * np.sqrt(2.0 / n)
-    m[0] /= np.sqrt(2.0)
-    return m
-
-
 def phash(pil, hash_size: int = 8, highfreq_factor: int = 4, color: bool = False) -> int:
-    """DCT perceptual hash: shrink to (hash_size*highfreq_factor)^2, 2-D DCT, keep the lowest
-    hash_size x hash_size frequencies, one bit per coefficient above their median (DC excluded from
-    the median). With ``color`` one hash per RGB channel, concatenated (3x the bits): flat synthetic
-    scenes that differ only in hue look alike in gray."""
-    from PIL import Image as PILImage
+    """DCT perceptual hash (``imagehash.phash``: gray image shrunk to (hash_size*highfreq_factor)^2,
+    2-D DCT, one bit per lowest-frequency coefficient above their median) as an int. With ``color``
+    one hash per RGB channel, concatenated (3x the bits): flat synthetic scenes that differ only in
+    hue look alike in gray."""
+    import imagehash
 
-    n = hash_size * highfreq_factor
-    planes = [pil.convert("RGB").resize((n, n), PILImage.Resampling.LANCZOS)] if color else \
-        [pil.convert("L").resize((n, n), PILImage.Resampling.LANCZOS)]
-    arr = np.asarray(planes[0], dtype=np.float64)
-    chans = [arr[..., c] for c in range(3)] if color else [arr]
-    d = _dct_matrix(n)
+    planes = pil.convert("RGB").split() if color else [pil]
     out = 0
-    for ch in chans:
-        low = (d @ ch @ d.T)[:hash_size, :hash_size].ravel()
-        bits = low > np.median(low[1:])
+    for plane in planes:
+        bits = imagehash.phash(plane, hash_size=hash_size, highfreq_factor=highfreq_factor).hash.ravel()
         for b in bits:
             out = (out << 1) | int(b)
     return out
@@ -268,9 +253,6 @@ class ImageNearDedup(StatefulOp):
         self.thumbs.append((int(e[0], 16), e[2]))
 
 
-_MERSENNE_P = 4294967291  # largest prime below 2**32: a*x + b stays below 2**64 for a < 2**31
-
-
 def shingles(text: str, n: int) -> set[str]:
     ws = normalize_text(text).split()
     if not ws:
@@ -280,25 +262,35 @@ def shingles(text: str, n: int) -> set[str]:
     return {" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1)}
 
 
-def minhash(items: set[str], num_perm: int, seed: int = 1) -> np.ndarray:
-    """MinHash signature (uint32[num_perm]) of a set of strings with universal hashes (a*x+b) mod p."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 31, num_perm, dtype=np.uint64)
-    b = rng.integers(0, _MERSENNE_P, num_perm, dtype=np.uint64)
-    x = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") % _MERSENNE_P
-                  for s in sorted(items)], dtype=np.uint64)
-    if x.size == 0:
-        return np.full(num_perm, _MERSENNE_P, dtype=np.uint32)
-    return ((x[:, None] * a[None, :] + b[None, :]) % np.uint64(_MERSENNE_P)).min(axis=0).astype(np.uint32)
+# Named explicitly: stored hash values must be rebuilt with the scheme that made them, whatever
+# datasketch's default becomes.
+MINHASH_SCHEME = "affine32"
+
+
+def minhash(items: set[str], num_perm: int, seed: int = 1):
+    """datasketch MinHash of a set of strings (its hash values travel between processes and into
+    the JSON state; :func:`minhash_from_values` rebuilds it)."""
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME)
+    m.update_batch([x.encode("utf-8") for x in sorted(items)])
+    return m
+
+
+def minhash_from_values(values, seed: int = 1):
+    from datasketch import LeanMinHash
+
+    return LeanMinHash(seed=seed, hashvalues=np.asarray(values, dtype=np.uint32), scheme=MINHASH_SCHEME)
 
 
 @register_op("doc_near_dedup")
 class DocNearDedup(StatefulOp):
-    """Near-duplicate documents: MinHash over word n-gram shingles of the normalised text, candidate
-    pairs from LSH banding, then a check that the estimated Jaccard similarity reaches ``threshold``
-    AND that the documents carry the same number of images, pairwise within ``image_radius`` bits
-    of perceptual hash (templated captions repeat across different pictures; those are not copies).
-    Documents with fewer than ``min_words`` words are not judged (short texts collide by chance)."""
+    """Near-duplicate documents: datasketch MinHash over word n-gram shingles of the normalised
+    text, candidates from a datasketch MinHashLSH index (``bands`` bands of num_perm/bands rows),
+    then a check that the estimated Jaccard similarity reaches ``threshold`` AND that the documents
+    carry the same number of images, pairwise within ``image_radius`` bits of perceptual hash
+    (templated captions repeat across different pictures; those are not copies). Documents with
+    fewer than ``min_words`` words are not judged (short texts collide by chance)."""
 
     levels = ("doc",)
 
@@ -317,8 +309,12 @@ class DocNearDedup(StatefulOp):
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        self.buckets: dict[tuple, list[int]] = {}
-        self.sigs: list[np.ndarray] = []
+        from datasketch import MinHashLSH
+
+        p = self.params
+        # threshold only sizes the bands when params is not given; the exact check is ours below
+        self.lsh = MinHashLSH(num_perm=p.num_perm, params=(p.bands, p.num_perm // p.bands))
+        self.sigs: list = []
         self.phashes: list[list[int]] = []
         self.ids: list[str] = []
 
@@ -332,12 +328,7 @@ class DocNearDedup(StatefulOp):
                 ph.append(phash(view.pil(i)))
             except MediaError:
                 ph.append(None)
-        return {"minhash": minhash(shingles(text, self.params.ngram), self.params.num_perm), "phash": ph}
-
-    def _bands(self, sig: np.ndarray):
-        r = self.params.num_perm // self.params.bands
-        for b in range(self.params.bands):
-            yield (b, sig[b * r:(b + 1) * r].tobytes())
+        return {"minhash": minhash(shingles(text, self.params.ngram), self.params.num_perm).hashvalues, "phash": ph}
 
     def _same_images(self, a: list, b: list) -> bool:
         return len(a) == len(b) and all(x is not None and y is not None and hamming(x, y) <= self.params.image_radius
@@ -346,23 +337,125 @@ class DocNearDedup(StatefulOp):
     def decide(self, view, sig, doc_id):
         if sig is None:
             return []
-        mh = sig["minhash"]
-        cands = sorted({i for key in self._bands(mh) for i in self.buckets.get(key, ())})
-        for i in cands:  # the earliest kept document that is similar enough
-            sim = float(np.mean(self.sigs[i] == mh))
+        mh = minhash_from_values(sig["minhash"])
+        for i in sorted(self.lsh.query(mh)):  # the earliest kept document that is similar enough
+            sim = float(self.sigs[i].jaccard(mh))
             if sim >= self.params.threshold and self._same_images(self.phashes[i], sig["phash"]):
                 return [Verdict("near_duplicate_doc", {"jaccard_est": round(sim, 4)}, duplicate_of=self.ids[i])]
         return [Verdict(None, {})]
 
     def commit(self, view, sig, doc_id):
         if sig is not None:
-            self._add([sig["minhash"].tolist(), doc_id, [None if h is None else f"{h:x}" for h in sig["phash"]]])
+            self._add([[int(v) for v in sig["minhash"]], doc_id,
+                       [None if h is None else f"{h:x}" for h in sig["phash"]]])
 
     def _insert(self, e):
-        sig = np.asarray(e[0], dtype=np.uint32)
+        mh = minhash_from_values(e[0])
         idx = len(self.sigs)
-        self.sigs.append(sig)
+        self.sigs.append(mh)
         self.ids.append(e[1])
         self.phashes.append([None if h is None else int(h, 16) for h in e[2]])
-        for key in self._bands(sig):
-            self.buckets.setdefault(key, []).append(idx)
+        self.lsh.insert(idx, mh)
+
+
+@register_op("image_doc_near_dedup")
+class ImageDocNearDedup(Op):
+    """Near-duplicate images inside one document (a gallery repeating a picture at another size or
+    quality): perceptual hash (:func:`phash`), an image within ``radius`` bits of an earlier image
+    of the same document is removed (``node``) or makes the document fail (``doc``). Stateless:
+    runs in the workers. For copies across documents use ``image_near_dedup``."""
+
+    default_level = "node"
+
+    @dataclass
+    class Params:
+        radius: int = 4
+        hash_size: int = 8
+
+    def apply(self, view):
+        out, seen = [], []
+        for i, _ in list(view.images()):
+            try:
+                h = phash(view.pil(i), self.params.hash_size)
+            except MediaError as e:
+                out.append(Verdict("undecodable_media", {"error": error_text(e)}, item=i, quarantine=True))
+                continue
+            near = [(hamming(h, g), j) for g, j in seen if hamming(h, g) <= self.params.radius]
+            seen.append((h, i))
+            stats = {"phash": f"{h:x}"} | ({"distance": min(near)[0], "same_as_item": min(near)[1]} if near else {})
+            out.append(Verdict("near_duplicate_image_in_doc" if near else None, stats, item=i))
+        return out
+
+
+_TRACKING = re.compile(r"^(utm_[a-z]+|fbclid|gclid|mc_cid|mc_eid|ref|ref_src)$")
+
+
+def normalize_url(url: str) -> str:
+    """The part of a URL that names the resource: scheme and host lower-cased, default port,
+    'www.', fragment, tracking parameters and a trailing slash dropped, other parameters sorted."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    u = urlsplit(url.strip())
+    host = (u.hostname or "").lower()
+    host = host[4:] if host.startswith("www.") else host
+    if u.port and (u.scheme, u.port) not in (("http", 80), ("https", 443)):
+        host = f"{host}:{u.port}"
+    query = urlencode(sorted((k, v) for k, v in parse_qsl(u.query, keep_blank_values=True) if not _TRACKING.match(k)))
+    scheme = u.scheme.lower()
+    scheme = "http" if scheme == "https" else scheme  # the same page served both ways
+    return urlunsplit((scheme, host, u.path.rstrip("/") or "/", query, ""))
+
+
+@register_op("url_dedup")
+class UrlDedup(StatefulOp):
+    """Duplicate sources by URL or file path: ``doc`` level compares the document's URL (the first
+    of ``doc_fields`` found in its metadata), ``node`` level each image's URL (the first of
+    ``item_fields`` in the item metadata, else its file path). URLs are compared after
+    :func:`normalize_url`; paths as given. Items and documents without a URL are not judged."""
+
+    @dataclass
+    class Params:
+        doc_fields: list = field(default_factory=lambda: ["url", "source_url", "page_url"])
+        item_fields: list = field(default_factory=lambda: ["url", "src", "raw_url", "image_url"])
+        use_path: bool = True
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen: dict[str, str] = {}
+
+    def _key(self, meta: dict, fields: list, path: str | None = None) -> str | None:
+        for f in fields:
+            v = meta.get(f)
+            if isinstance(v, str) and v.strip():
+                return "url:" + normalize_url(v) if "://" in v else "url:" + v.strip()
+        return "path:" + os.path.normpath(path) if path and self.params.use_path else None
+
+    def signature(self, view):
+        if self.level == "doc":
+            return self._key(view.doc.meta, self.params.doc_fields)
+        return {i: self._key(img.meta, self.params.item_fields, img.path) for i, img in view.images()}
+
+    def decide(self, view, sig, doc_id):
+        if self.level == "doc":
+            if sig is None:
+                return []
+            first = self.seen.get(sig)
+            return [Verdict("duplicate_url" if first else None, {"url_key": sig}, duplicate_of=first)]
+        out, local = [], set()
+        for i, _ in view.images():
+            key = (sig or {}).get(i)
+            if key is None:
+                continue
+            first = self.seen.get(key) or (doc_id if key in local else None)
+            local.add(key)
+            out.append(Verdict("duplicate_url" if first else None, {"url_key": key}, item=i, duplicate_of=first))
+        return out
+
+    def commit(self, view, sig, doc_id):
+        keys = [sig] if self.level == "doc" else [(sig or {}).get(i) for i, _ in view.images()]
+        for key in keys:
+            if key is not None and key not in self.seen:
+                self._add([key, doc_id])
+
+    def _insert(self, e):
+        self.seen.setdefault(e[0], e[1])

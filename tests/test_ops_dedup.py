@@ -1,0 +1,104 @@
+"""Deduplication operators driven the way the runner drives them: signature (worker), decide and
+commit (parent, input order), state persisted and reloaded."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import imagehash
+import pytest
+from PIL import Image as PILImage
+
+from mmgen.data.doc import Doc, Image, Text
+from mmgen.data.ops import DocView, build_op
+from mmgen.data.ops.dedup import hamming, minhash, normalize_url, phash, shingles
+
+
+def feed(op, docs):
+    """(reason, duplicate_of) per verdict, per document, in input order."""
+    out = []
+    for d in docs:
+        view = DocView(d)
+        sig = op.signature(view)
+        vs = op.decide(view, sig, d.id)
+        for v in vs:
+            if v.reason and v.item is not None:
+                view.remove(v.item)
+        if not any(v.reason and v.item is None for v in vs):
+            op.commit(view, sig, d.id)
+        out.append([(v.reason, v.duplicate_of) for v in vs])
+    return out
+
+
+def jpeg(pil, quality=70, size=None):
+    buf = io.BytesIO()
+    (pil.resize(size) if size else pil).convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_doc_near_dedup_on_demo_texts(real_dir):
+    texts = [json.loads(x)["text"] for x in (real_dir / "dj-demo-dedup.jsonl").read_text().splitlines() if x.strip()]
+    docs = [Doc([Text(t)], id=f"d{i}") for i, t in enumerate(texts)]
+    op = build_op("doc_near_dedup", params={"ngram": 1, "min_words": 5, "threshold": 0.6})
+    res = feed(op, docs)
+    by_text = {t[:30]: r for t, r in zip(texts, res)}
+    # "Today is sunday and it's really a happy day!" repeats the first record with one word added
+    assert by_text["Today is sunday and it's reall"] == [("near_duplicate_doc", "d0")]
+    assert by_text["Today is Sunday and it's a hap"] == [(None, None)]
+    assert by_text["Do you need a cup of coffee?"] == [(None, None)]
+    # the estimate is datasketch's MinHash Jaccard, close to the true Jaccard of the shingle sets
+    a, b = shingles(texts[0], 1), shingles(texts[5], 1)
+    est = minhash(a, 128).jaccard(minhash(b, 128))
+    assert est == pytest.approx(len(a & b) / len(a | b), abs=0.15)
+
+
+def test_doc_near_dedup_state_round_trip():
+    base = "the quick brown fox jumps over the lazy dog while the cat watches from the old wooden fence"
+    docs = [Doc([Text(base)], id="a"), Doc([Text("an entirely different text about stars, planets and moons far away")],
+                                           id="b")]
+    later = [Doc([Text(base.replace("old", "very old"))], id="c")]
+    op = build_op("doc_near_dedup", params={"threshold": 0.6})
+    feed(op, docs)
+    state = json.loads(json.dumps(op.state_delta()))  # what the runner writes to state/K.json
+    fresh = build_op("doc_near_dedup", params={"threshold": 0.6})
+    fresh.load_state(state)
+    assert feed(fresh, later) == feed(op, later) == [[("near_duplicate_doc", "a")]]
+
+
+def test_phash_is_imagehash_and_finds_reencoded_copies(real_dir):
+    lena = PILImage.open(real_dir / "lena.jpg")
+    assert phash(lena) == int(str(imagehash.phash(lena)), 16)
+    copy = PILImage.open(io.BytesIO(jpeg(lena, 40, (256, 256))))
+    assert hamming(phash(lena), phash(copy)) <= 4
+    for other in ("cat.jpg", "img2.jpg", "img8.jpg"):
+        assert hamming(phash(lena), phash(PILImage.open(real_dir / other))) > 16
+
+    docs = [Doc([Text("portrait"), Image(path=str(real_dir / "lena.jpg"))], id="p"),
+            Doc([Text("a cat"), Image(path=str(real_dir / "cat.jpg"))], id="c"),
+            Doc([Text("again"), Image(data=jpeg(lena, 40, (300, 300))), Image(path=str(real_dir / "img2.jpg"))], id="q")]
+    op = build_op("image_near_dedup", params={"radius": 6})
+    assert feed(op, docs)[2] == [("near_duplicate_image", "p"), (None, None)]
+
+
+def test_near_duplicates_inside_one_document(real_dir):
+    cat = PILImage.open(real_dir / "cat.jpg")
+    doc = Doc([Image(path=str(real_dir / "cat.jpg")), Text("the same cat, smaller:"), Image(data=jpeg(cat, 50, (320, 240))),
+               Image(path=str(real_dir / "img2.jpg"))])
+    vs = build_op("image_doc_near_dedup").apply(DocView(doc))
+    assert [(v.item, v.reason) for v in vs] == [(0, None), (2, "near_duplicate_image_in_doc"), (3, None)]
+    assert vs[1].stats["same_as_item"] == 0
+
+
+def test_url_dedup_doc_and_node(real_dir):
+    assert normalize_url("HTTPS://www.Example.com/a/?utm_source=x&b=2&a=1#top") == "http://example.com/a?a=1&b=2"
+    docs = [Doc([Text("x")], meta={"url": "https://example.com/page?id=3"}, id="a"),
+            Doc([Text("y")], meta={"url": "http://www.example.com/page/?id=3&utm_medium=mail"}, id="b"),
+            Doc([Text("z")], meta={"url": "https://example.com/page?id=4"}, id="c"),
+            Doc([Text("no url")], id="d")]
+    assert feed(build_op("url_dedup", level="doc"), docs) == [[(None, None)], [("duplicate_url", "a")], [(None, None)], []]
+    lena = str(real_dir / "lena.jpg")
+    imgs = [Doc([Image(path=lena), Image(data=b"x", meta={"src": "http://i.example.com/1.png"})], id="p"),
+            Doc([Image(path=lena), Image(data=b"y", meta={"src": "http://i.example.com/2.png"})], id="q")]
+    assert feed(build_op("url_dedup", level="node"), imgs) == [[(None, None), (None, None)],
+                                                              [("duplicate_url", "p"), (None, None)]]
