@@ -358,10 +358,11 @@ class _ShardCommit:
         self.c["outputs"] = outputs
         write_stats_parquet(self.stat_rows, self.tmp / "stats.parquet")
         os.replace(self.tmp / "stats.parquet", self.out / "stats" / f"{self.tag}.parquet")
-        os.replace(self.tmp / "rejects.jsonl", self.out / "rejects" / f"{self.tag}.jsonl")
-        os.replace(self.tmp / "quarantine.jsonl", self.out / "quarantine" / f"{self.tag}.jsonl")
-        if (self.tmp / "media").exists():
-            os.replace(self.tmp / "media", self.out / "rejects" / "media" / self.tag)
+        if not self.dry_run:  # a dry run only measures: its decisions are counts and stats, nothing moves
+            os.replace(self.tmp / "rejects.jsonl", self.out / "rejects" / f"{self.tag}.jsonl")
+            os.replace(self.tmp / "quarantine.jsonl", self.out / "quarantine" / f"{self.tag}.jsonl")
+            if (self.tmp / "media").exists():
+                os.replace(self.tmp / "media", self.out / "rejects" / "media" / self.tag)
         _write_json(self.out / "state" / f"{self.tag}.json",
                     {op.label: op.state_delta() for op in self.stateful})
         _write_json(self.out / "done" / f"{self.tag}.json", self.c)  # last: marks the input finished
