@@ -131,14 +131,14 @@ def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(one
     resumed = tmp_path / "resumed"
     shutil.copytree(src, resumed)
     (resumed / "final").exists() and shutil.rmtree(resumed / "final")
-    pretrain(None, _overrides(code_shards, resumed, steps=3, keep_checkpoints=2))
+    pretrain(None, _overrides(code_shards, resumed, steps=3, keep_checkpoints=2, **{"loss.prompt_dropout": 0.3}))
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == 1
     assert sorted(p.name for p in (resumed / "checkpoints").glob("step_*")) == ["step_2", "step_3"]
 
     fresh = tmp_path / "fresh"
-    pretrain(None, _overrides(code_shards, fresh, steps=3))
+    pretrain(None, _overrides(code_shards, fresh, steps=3, **{"loss.prompt_dropout": 0.3}))
     from safetensors.torch import load_file
 
     a = load_file(resumed / "final" / "model.safetensors")

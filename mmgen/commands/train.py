@@ -1,4 +1,4 @@
-"""``mmgen train``: DeepSpeed pretraining of the unified LM on code shards."""
+"""``mmgen train`` and ``mmgen sft``: DeepSpeed training of the unified LM (any stage) on code shards."""
 
 from __future__ import annotations
 
@@ -7,38 +7,68 @@ from typing import List, Optional
 import typer
 
 
+def _run(config: str, overrides: list[str], launcher: str, num_gpus: int, hostfile: str | None):
+    from mmgen.errors import MMGenError
+
+    if launcher == "deepspeed":
+        from mmgen.training.pretrain import launch_pretrain
+
+        return launch_pretrain(config, overrides, num_gpus=num_gpus, hostfile=hostfile)
+    if launcher == "none":
+        if num_gpus != 1 or hostfile:
+            raise MMGenError("--launcher none runs one rank; drop --num-gpus/--hostfile or use --launcher deepspeed")
+        from mmgen.training.trainer import pretrain
+
+        return pretrain(config, overrides)
+    raise MMGenError(f"unknown launcher '{launcher}' (use deepspeed or none)")
+
+
+_LAUNCHER = typer.Option("deepspeed", "--launcher", help="deepspeed: training/pretrain.sh through the DeepSpeed "
+                         "launcher; none: one rank in this process (debugging).")
+_NUM_GPUS = typer.Option(1, "--num-gpus", help="Ranks per node (CPU processes without a GPU).")
+_HOSTFILE = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for multi-node runs.")
+_OVERRIDES = typer.Argument(None, help="Config overrides, key=value (e.g. steps=50).")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
         config: str = typer.Argument("tiny_pretrain", help="Training YAML, or a recipe name in training/."),
-        overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides, key=value (e.g. steps=50)."),
-        launcher: str = typer.Option("deepspeed", "--launcher",
-                                     help="deepspeed: training/pretrain.sh through the DeepSpeed launcher; "
-                                          "none: one rank in this process (debugging)."),
-        num_gpus: int = typer.Option(1, "--num-gpus", help="Ranks per node (CPU processes without a GPU)."),
-        hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for multi-node runs."),
+        overrides: Optional[List[str]] = _OVERRIDES,
+        launcher: str = _LAUNCHER,
+        num_gpus: int = _NUM_GPUS,
+        hostfile: Optional[str] = _HOSTFILE,
     ):
-        """Pretrain the unified LM with DeepSpeed; writes OUT_DIR/final (an mmgen bundle).
+        """Train the unified LM with DeepSpeed (stage align, pretrain or sft, as the config says);
+        writes OUT_DIR/final (an mmgen bundle).
 
         Resumes from OUT_DIR/checkpoints when it exists (resume=false to start over).
 
-        Example:
+        Examples:
 
             mmgen train training/tiny_pretrain.yaml data.code_shards=runs/qs/codes data.image_tokenizer=runs/qs/vq steps=200
+
+            mmgen train tiny_align data.code_shards=runs/qs/codes data.image_tokenizer=runs/qs/vq
+
+            mmgen train tiny_pretrain ... --num-gpus 2      # two ranks on one machine
         """
-        from mmgen.errors import MMGenError
+        typer.echo(f"bundle: {_run(config, list(overrides or []), launcher, num_gpus, hostfile)}")
 
-        overrides = list(overrides or [])
-        if launcher == "deepspeed":
-            from mmgen.training.pretrain import launch_pretrain
+    @app.command("sft")
+    def sft_cmd(
+        config: str = typer.Argument("tiny_sft", help="SFT YAML, or a recipe name in training/."),
+        overrides: Optional[List[str]] = _OVERRIDES,
+        launcher: str = _LAUNCHER,
+        num_gpus: int = _NUM_GPUS,
+        hostfile: Optional[str] = _HOSTFILE,
+    ):
+        """Supervised fine-tuning in the chat template (loss on assistant turns only); `mmgen train`
+        with stage=sft. Python: mmgen.training.trainer.sft(config, overrides).
 
-            final = launch_pretrain(config, overrides, num_gpus=num_gpus, hostfile=hostfile)
-        elif launcher == "none":
-            if num_gpus != 1 or hostfile:
-                raise MMGenError("--launcher none runs one rank; drop --num-gpus/--hostfile or use --launcher deepspeed")
-            from mmgen.training.trainer import pretrain
+        Examples:
 
-            final = pretrain(config, overrides)
-        else:
-            raise MMGenError(f"unknown launcher '{launcher}' (use deepspeed or none)")
-        typer.echo(f"bundle: {final}")
+            mmgen sft tiny_sft init_from=runs/tiny_pretrain/final data.code_shards=runs/qs/codes
+
+            mmgen sft tiny_sft init_from=runs/tiny_pretrain/final lora.enabled=true
+        """
+        typer.echo(f"bundle: {_run(config, [*(overrides or []), 'stage=sft'], launcher, num_gpus, hostfile)}")

@@ -145,24 +145,30 @@ def pack_sequences(seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: 
     return out, stats
 
 
-def drop_prompts(seg: np.ndarray, pos: np.ndarray, labels: np.ndarray, cond: np.ndarray, p: float,
+def drop_prompts(ids: np.ndarray, seg: np.ndarray, pos: np.ndarray, labels: np.ndarray, cond: np.ndarray, p: float,
                  rng: np.random.Generator) -> int:
     """Prompt dropout for classifier-free guidance, in place on one batch of packed rows.
 
-    Each document with a caption loses it with probability ``p``: the caption tokens become padding
-    (segment -1, no target) and the document's later positions move back by the caption length, so
-    the image is trained exactly as if the document had been ``<s> <image> …`` (the unconditional
-    prompt CFG decodes from). Returns how many captions were dropped."""
+    Each document with a caption loses it with probability ``p``, so that its image is trained exactly
+    as if the document had been ``<s> <image> …`` (the unconditional prompt CFG decodes from): the
+    token before the caption (``<s>``) moves to the caption's last slot, the slots before it become
+    padding (segment -1, no target), and later positions move back by the caption length. The next
+    token is then predicted from ``<s>``, as in the uncaptioned document. Returns how many were dropped."""
     dropped = 0
     for r in range(seg.shape[0]):
         for s in np.unique(seg[r][cond[r]]):
             if rng.random() >= p:
                 continue
-            span = cond[r] & (seg[r] == s)
-            after = (seg[r] == s) & (np.arange(seg.shape[1]) > np.flatnonzero(span)[-1])
-            pos[r, after] -= int(span.sum())
-            seg[r, span] = -1
-            labels[r, span] = IGNORE_INDEX
+            span = np.flatnonzero(cond[r] & (seg[r] == s))
+            first, last = span[0], span[-1]
+            doc = seg[r] == s
+            ids[r, last] = ids[r, first - 1]
+            dead = np.arange(first - 1, last)
+            seg[r, dead] = -1
+            labels[r, dead] = IGNORE_INDEX
+            labels[r, last] = IGNORE_INDEX
+            later = doc & (np.arange(seg.shape[1]) >= last)
+            pos[r, later] -= len(span)
             dropped += 1
     return dropped
 
@@ -178,13 +184,14 @@ def packed_batch(rows: dict, index, dtype: torch.dtype = torch.float32, prompt_d
     from mmgen.models.lm import packed_attention_mask
 
     idx = np.atleast_1d(np.asarray(index))
+    ids = rows["input_ids"][idx].copy()
     seg = rows["segment_ids"][idx].copy()
     pos = rows["position_ids"][idx].copy()
     labels = rows["labels"][idx].copy()
     if prompt_dropout > 0 and "cond_mask" in rows:
-        drop_prompts(seg, pos, labels, rows["cond_mask"][idx], prompt_dropout, rng or np.random.default_rng())
+        drop_prompts(ids, seg, pos, labels, rows["cond_mask"][idx], prompt_dropout, rng or np.random.default_rng())
     batch = {
-        "input_ids": torch.from_numpy(rows["input_ids"][idx]),
+        "input_ids": torch.from_numpy(ids),
         "position_ids": torch.from_numpy(pos),
         "labels": torch.from_numpy(labels),
         "segment_ids": torch.from_numpy(seg),

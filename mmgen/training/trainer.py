@@ -277,6 +277,37 @@ def unwrap_for_saving(model):
     return model
 
 
+# -- continuous image input ---------------------------------------------------------------------
+def continuous_input_codebook(cfg: TrainConfig, data: dict) -> torch.Tensor | None:
+    """The vectors the image projector reads, one per pixel code: the image tokenizer's codebook.
+
+    Code shards hold codes, not pixels, so the continuous input is the codebook vector of each code
+    (the tokenizer's quantized latent) rather than the pre-quantization feature; a tokenizer that
+    stores its pre-quantization features next to the codes can feed those through the same path."""
+    if not cfg.model.image_feature_dim:
+        return None
+    tok = data["image_tokenizer"]
+    quantizer = getattr(tok, "quantizer", None)
+    if quantizer is None or not hasattr(quantizer, "codebook"):
+        raise MMGenError("model.image_feature_dim needs data.image_tokenizer with a codebook (the pixel VQ) to "
+                         "turn codes into continuous input; or set model.image_feature_dim=null")
+    with torch.no_grad():
+        book = quantizer.codebook().detach().float().cpu()
+    if book.shape[1] != cfg.model.image_feature_dim:
+        raise MMGenError(f"model.image_feature_dim={cfg.model.image_feature_dim} but the image tokenizer's codes are "
+                         f"{book.shape[1]}-dimensional; set model.image_feature_dim={book.shape[1]}")
+    return book
+
+
+def image_features(input_ids: torch.Tensor, codebook: torch.Tensor, engine) -> torch.Tensor:
+    """One codebook vector per image-code position of ``input_ids``, in reading order."""
+    model = engine.module
+    model = getattr(model, "get_base_model", lambda: model)()
+    where = model.feature_positions(input_ids, "image")
+    a, _ = model.config.get_vocab().code_range(model.config.image_input_range)
+    return codebook[input_ids[where] - a].to(engine.device)
+
+
 # -- the loop ------------------------------------------------------------------------------------
 def step_denominator(rows: dict, sampler: "RowSampler", step: int, grad_accum: int, world: int) -> float:
     """Target tokens of one optimizer step over all ranks and micro-batches (every rank holds all rows)."""
@@ -358,6 +389,7 @@ def run_training(cfg: TrainConfig) -> Path:
 
     sampler = RowSampler(n_rows, cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
     dtype = _model_dtype(engine.module)
+    codebook = continuous_input_codebook(cfg, data)
     weights = modality_weights(vocab, cfg.loss.weights)
     names = modality_names(vocab)
     writer = None
@@ -385,9 +417,10 @@ def run_training(cfg: TrainConfig) -> Path:
             # drops exactly the captions an uninterrupted one would.
             rng = np.random.default_rng([cfg.seed, step, micro, rank, 17])
             batch = packed_batch(rows, idx, dtype=dtype, prompt_dropout=cfg.loss.prompt_dropout, rng=rng)
+            feats = {} if codebook is None else {"image_features": image_features(batch["input_ids"], codebook, engine)}
             out = engine(input_ids=batch["input_ids"].to(engine.device),
                          attention_mask=batch["attention_mask"].to(engine.device),
-                         position_ids=batch["position_ids"].to(engine.device), use_cache=False)
+                         position_ids=batch["position_ids"].to(engine.device), use_cache=False, **feats)
             # DeepSpeed averages gradients over ranks and divides the loss by grad_accum: scale back so
             # the step's gradient is that of the token mean over the whole global batch.
             loss, stats = lm_loss(out.logits, batch["labels"].to(engine.device), vocab, weights,
