@@ -1,0 +1,237 @@
+"""Training the tiny :class:`~mmgen.tokenizers.audio.AudioCodec` (plain PyTorch, CPU is fine).
+
+    cfg = load_config(AudioTrainConfig, "tokenizers/tiny_audio.yaml", ["steps=100"])
+    codec_dir = train_audio_tokenizer(cfg)
+
+Data: ShapesWorld captions spoken by espeak-ng (train split scenes; a separate set of held-out split
+scenes is spoken for evaluation) plus real recordings (``real_audio``: audio files, or videos whose
+audio track is used). Each real clip is cut in time: the first ``1 - real_eval_fraction`` trains, the
+tail is held out, so the real-clip numbers are on audio the codec never saw.
+
+Loss: waveform L1 + multi-resolution log-mel L1 (the spectral term DAC and EnCodec train with; no
+discriminator at this size) + DAC's codebook and commitment losses. Quantizer dropout trains some
+items with fewer residual levels.
+
+Resumable and exact like the image tokenizer trainer: step N's crops come from a generator seeded by
+(seed, N), and the torch RNG (quantizer dropout) is saved in each checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmgen.errors import MMGenError
+from mmgen.tokenizers.audio import AudioCodec, AudioCodecConfig, log_mel, mel_l1, si_snr
+
+REAL_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real"
+
+
+@dataclass
+class AudioTrainConfig:
+    # data
+    synthetic_captions: int = 80  # train-split ShapesWorld captions spoken by espeak-ng
+    eval_captions: int = 12  # held-out split captions, for the final numbers
+    real_audio: list[str] = field(default_factory=list)  # audio files or videos with an audio track
+    real_eval_fraction: float = 0.2  # tail of each real clip held out
+    real_weight: float = 0.3  # share of training crops drawn from the real clips
+    segment_seconds: float = 0.5
+    voice_speeds: list[int] = field(default_factory=lambda: [150, 175, 200])
+    # model
+    model: AudioCodecConfig = field(default_factory=AudioCodecConfig)
+    # optimisation
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    grad_clip: float = 1.0
+    wave_weight: float = 1.0
+    mel_weight: float = 1.0
+    mel_ffts: list[int] = field(default_factory=lambda: [256, 1024])
+    vq_weight: float = 1.0
+    # bookkeeping
+    out_dir: str = "runs/tokenizer/tiny_audio"
+    log_every: int = 20
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    threads: int = 0
+    progress: bool = True
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+def spoken_captions(n: int, split: str, seed: int, sample_rate: int, speeds: list[int]) -> list[np.ndarray]:
+    """``n`` ShapesWorld captions of ``split`` scenes, spoken by espeak-ng at varied speeds."""
+    from mmgen.data.media import decode_audio
+    from mmgen.data.synthetic import random_scene
+    from mmgen.data.synthetic.media import speak
+    from mmgen.data.synthetic.text import caption
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        text = caption(random_scene(rng, split), rng)
+        wav = speak(text, speed=rng.choice(speeds))
+        out.append(decode_audio(wav, sample_rate=sample_rate, mono=True)[0])
+    return out
+
+
+def real_clips(paths: list[str], sample_rate: int, eval_fraction: float) -> tuple[list, list, list[str]]:
+    """(train heads, held-out tails, names) of the real recordings."""
+    from mmgen.data.media import decode_audio
+    from mmgen.errors import MediaError
+
+    heads, tails, names = [], [], []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise MMGenError(f"real_audio file not found: {p} (list audio files or videos with sound)")
+        try:
+            x, _ = decode_audio(path.read_bytes(), sample_rate=sample_rate, mono=True, name=str(path))
+        except MediaError as e:
+            raise MMGenError(f"real_audio: {e}") from None
+        cut = int(len(x) * (1 - eval_fraction))
+        heads.append(x[:cut])
+        tails.append(x[cut:])
+        names.append(path.name)
+    return heads, tails, names
+
+
+def default_real_audio() -> list[str]:
+    names = ["audio1.wav", "audio3.ogg", "video1.mp4", "video4.mp4"]
+    return [str((REAL_DIR / n).resolve()) for n in names if (REAL_DIR / n).is_file()]
+
+
+def _crop_batch(clips: list[np.ndarray], real: list[np.ndarray], cfg: AudioTrainConfig, seg: int,
+                g: torch.Generator) -> torch.Tensor:
+    batch = torch.zeros(cfg.batch_size, 1, seg)
+    for i in range(cfg.batch_size):
+        pool = real if real and float(torch.rand((), generator=g)) < cfg.real_weight else clips
+        x = pool[int(torch.randint(0, len(pool), (), generator=g))]
+        if len(x) > seg:
+            s = int(torch.randint(0, len(x) - seg, (), generator=g))
+            x = x[s: s + seg]
+        batch[i, 0, : len(x)] = torch.from_numpy(np.ascontiguousarray(x))
+    return batch
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+def codec_loss(model, x: torch.Tensor, cfg: AudioTrainConfig, sample_rate: int) -> tuple[torch.Tensor, dict]:
+    out = model(x, return_dict=True)
+    y = out.audio_values
+    ref = x[:, 0, : y.shape[-1]]
+    wave = (y - ref).abs().mean()
+    mel = sum((log_mel(y, sample_rate, n, n // 4) - log_mel(ref, sample_rate, n, n // 4)).abs().mean()
+              for n in cfg.mel_ffts) / max(1, len(cfg.mel_ffts))
+    vq = out.loss.mean()
+    loss = cfg.wave_weight * wave + cfg.mel_weight * mel + cfg.vq_weight * vq
+    return loss, {"loss": loss.item(), "wave_l1": wave.item(), "mel_l1": mel.item(), "vq": vq.item()}
+
+
+def evaluate(codec: AudioCodec, clips: list[np.ndarray]) -> dict:
+    """Mean mel L1 and SI-SNR of encode -> decode over ``clips``."""
+    mels, snrs = [], []
+    for x in clips:
+        y = codec.decode(codec.encode(x, sample_rate=codec.sample_rate))
+        ref, est = torch.from_numpy(x), torch.from_numpy(y[: len(x)])
+        mels.append(mel_l1(ref, est, codec.sample_rate))
+        snrs.append(si_snr(ref, est))
+    return {"mel_l1": round(float(np.mean(mels)), 4), "si_snr_db": round(float(np.mean(snrs)), 3), "clips": len(clips)}
+
+
+def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
+    """Train the audio codec; returns the directory it was saved to (``out_dir/codec``)."""
+    from tqdm import tqdm
+
+    from mmgen.config import save_config
+    from mmgen.tokenizers.train import _load_checkpoint, _save_checkpoint, _threads, latest_checkpoint
+
+    for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+        if getattr(cfg, name) <= 0:
+            raise MMGenError(f"{name} must be positive, got {getattr(cfg, name)}")
+    torch.set_num_threads(_threads(cfg))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    torch.manual_seed(cfg.seed)
+    codec = AudioCodec.from_config(cfg.model)
+    sr = codec.sample_rate
+    seg = codec.code_length(int(cfg.segment_seconds * sr)) * codec.hop_length
+    t_data = time.time()
+    clips = spoken_captions(cfg.synthetic_captions, "train", cfg.seed, sr, cfg.voice_speeds)
+    real_paths = cfg.real_audio or default_real_audio()
+    real_heads, real_tails, real_names = real_clips(real_paths, sr, cfg.real_eval_fraction)
+    if not clips and not real_heads:
+        raise MMGenError("no training audio: set synthetic_captions=N or real_audio=[files...]")
+    clips = clips or real_heads
+
+    model = codec.model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.8, 0.99))
+    sched = lambda step: cfg.lr * min(1.0, (step + 1) / 20)  # noqa: E731 - short warmup, then flat
+
+    start, metrics_path = 0, out / "metrics.jsonl"
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        start = _load_checkpoint(ckpt, model, opt)
+        if metrics_path.exists():
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    model.train()
+    window: dict[str, float] = {}
+    n_window, t0 = 0, time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train audio codec",
+               disable=not cfg.progress, leave=False)
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        x = _crop_batch(clips, real_heads, cfg, seg, g)
+        for group in opt.param_groups:
+            group["lr"] = sched(step)
+        loss, vals = codec_loss(model, x, cfg, sr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        for k, v in vals.items():
+            window[k] = window.get(k, 0.0) + v
+        n_window += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rec = {"step": done, **{k: round(v / n_window, 5) for k, v in window.items()},
+                   "elapsed_s": round(time.time() - t0, 2)}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", mel=f"{rec['mel_l1']:.3f}")
+            window, n_window = {}, 0
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save_checkpoint(out / "checkpoints", model, opt, done, cfg.keep_checkpoints)
+    bar.close()
+    train_s = time.time() - t0
+
+    codec.eval()
+    codec_dir = out / "codec"
+    codec.save_pretrained(codec_dir)
+    held = spoken_captions(cfg.eval_captions, "heldout", cfg.seed + 1, sr, cfg.voice_speeds) if cfg.eval_captions else []
+    report = {"steps": cfg.steps, "train_seconds": round(train_s, 1), "data_seconds": round(t0 - t_data, 1),
+              "parameters": codec.num_parameters(), "tokens_per_second": codec.tokens_per_second,
+              "train_clips": {"synthetic": len(clips), "real": real_names}}
+    if held:
+        report["heldout_speech"] = evaluate(codec, held)
+    if real_tails:
+        report["real_tails"] = evaluate(codec, [t[: 5 * sr] for t in real_tails])
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    return codec_dir
+
+
+__all__ = ["AudioTrainConfig", "train_audio_tokenizer", "spoken_captions", "real_clips", "evaluate", "default_real_audio"]
