@@ -37,7 +37,8 @@ def _overrides(code_shards, out_dir, **kw):
     base = {"data.code_shards": str(code_shards), "data.codebook_size": CODEBOOK, "data.text_vocab_size": 300,
             "data.max_grid": 8, "data.seq_len": 96, "model.hidden": 32, "model.layers": 2, "model.heads": 2,
             "micro_batch": 2, "grad_accum": 2, "log_every": 1, "save_every": 1, "progress": False,
-            "optim.warmup_steps": 1, "out_dir": str(out_dir), "steps": 1}
+            "optim.warmup_steps": 1, "out_dir": str(out_dir), "steps": 1,
+            "loss.prompt_dropout": 0.3}  # drawn per step: resume must reproduce the drops too
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -131,14 +132,14 @@ def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(one
     resumed = tmp_path / "resumed"
     shutil.copytree(src, resumed)
     (resumed / "final").exists() and shutil.rmtree(resumed / "final")
-    pretrain(None, _overrides(code_shards, resumed, steps=3, keep_checkpoints=2, **{"loss.prompt_dropout": 0.3}))
+    pretrain(None, _overrides(code_shards, resumed, steps=3, keep_checkpoints=2))
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == 1
     assert sorted(p.name for p in (resumed / "checkpoints").glob("step_*")) == ["step_2", "step_3"]
 
     fresh = tmp_path / "fresh"
-    pretrain(None, _overrides(code_shards, fresh, steps=3, **{"loss.prompt_dropout": 0.3}))
+    pretrain(None, _overrides(code_shards, fresh, steps=3))
     from safetensors.torch import load_file
 
     a = load_file(resumed / "final" / "model.safetensors")
