@@ -9,5 +9,5 @@ Add an operator with ``@register_op("name")`` on a subclass of :class:`Op` (see 
 from mmgen.data.ops.base import (  # noqa: F401
     LEVELS, OPS, DocView, ImageOp, NoParams, Op, StatefulOp, TextOp, Verdict, build_op, register_op,
 )
-from mmgen.data.ops import dedup, image, language, scene, text  # noqa: F401,E402 - registration side effects
+from mmgen.data.ops import dedup, image, language, quality, scene, select, similarity, text  # noqa: F401,E402 - registration side effects
 from mmgen.data.ops.dedup import hamming, minhash, phash  # noqa: F401,E402

@@ -256,3 +256,29 @@ def build_op(op: str, level: str | None = None, params: dict | None = None, labe
 
 def params_dict(op: Op) -> dict:
     return dataclasses.asdict(op.params)
+
+
+def image_caption_pairs(view: DocView) -> list[tuple[int, int]]:
+    """(image item, caption item) for each live image that has a text: its caption is the nearest
+    text item before it, else the nearest one after it (the OBELICS/MMC4 reading of interleaved
+    documents)."""
+    items = list(view.items())
+    out = []
+    for pos, (i, it) in enumerate(items):
+        if not isinstance(it, Image):
+            continue
+        cap = next((items[j][0] for j in range(pos - 1, -1, -1) if isinstance(items[j][1], Text)), None)
+        if cap is None:
+            cap = next((items[j][0] for j in range(pos + 1, len(items)) if isinstance(items[j][1], Text)), None)
+        if cap is not None:
+            out.append((i, cap))
+    return out
+
+
+REDUCE_MODES = ("avg", "max", "min")
+
+
+def reduce_scores(values: list[float], mode: str) -> float:
+    if mode == "avg":
+        return sum(values) / len(values)
+    return max(values) if mode == "max" else min(values)
