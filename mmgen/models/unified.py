@@ -246,7 +246,9 @@ def wrap_lm(lm, vocab: Vocab, code_head: bool = False, image_feature_dim: int | 
                          "the Vocab with text_size equal to the decoder's vocab_size")
     if n < vocab.size:
         # New rows start at the mean (and covariance) of the trained ones, as transformers documents.
-        lm.resize_token_embeddings(vocab.size, mean_resizing=True)
+        # (On the meta device there are no values to average: shapes only.)
+        meta = lm.get_input_embeddings().weight.device.type == "meta"
+        lm.resize_token_embeddings(vocab.size, mean_resizing=not meta)
     if image_input_range not in vocab.ranges and input_placement == "codes" and image_feature_dim:
         raise MMGenError(f"image_input_range '{image_input_range}' is not a code range of the vocab "
                          f"(has: {', '.join(vocab.ranges)})")

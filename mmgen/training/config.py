@@ -25,6 +25,12 @@ class DataConfig:
     text_tokenizer: str | None = None  # a saved Hugging Face tokenizer; None: train a BPE on the shards' texts
     text_vocab_size: int = 1000
     max_grid: int = 16  # largest image code-grid side the vocab can express
+    # Text id space; default len(text tokenizer). Real decoders pad their embedding table beyond the
+    # tokenizer (Qwen2.5: 151936 rows for 151665 tokens): set it to the decoder's vocab_size.
+    text_size: int | None = None
+    # Code ranges in id order, name -> size, for tokenizers other than the pixel VQ (DualViTok: sem and
+    # pix; an audio codec: audio). Default: {pix: the image tokenizer's codebook size}.
+    codebooks: dict | None = None
     seq_len: int = 512  # packed row length
     max_docs: int | None = None
     # Train only on documents whose meta "split" is listed (documents without one are kept): held-out
@@ -99,6 +105,10 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     steps: int = 300  # optimizer steps
     micro_batch: int = 8  # packed rows per rank per forward
+    # Rows per optimizer step over all ranks; when set, a launch on a world size that does not give
+    # micro_batch * grad_accum * world == global_batch stops with an error instead of silently
+    # training another recipe.
+    global_batch: int | None = None
     grad_accum: int = 1
     deepspeed: str = "training/ds_zero2_cpu.json"
     seed: int = 0
@@ -146,3 +156,14 @@ def resolve_deepspeed_config(path: str) -> Path:
         if candidate.is_file():
             return candidate
     raise MMGenError(f"DeepSpeed config not found: {path} (give a path, e.g. deepspeed=training/ds_zero2_cpu.json)")
+
+
+def check_global_batch(cfg: TrainConfig, world: int) -> None:
+    if cfg.global_batch is None:
+        return
+    got = cfg.micro_batch * cfg.grad_accum * world
+    if got != cfg.global_batch:
+        need = cfg.global_batch / (cfg.micro_batch * world)
+        hint = f"grad_accum={int(need)}" if need == int(need) and need >= 1 else "another micro_batch"
+        raise MMGenError(f"global_batch={cfg.global_batch} but micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum} "
+                         f"x {world} ranks = {got}; set {hint} for {world} ranks")

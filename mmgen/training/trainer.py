@@ -32,7 +32,7 @@ import torch
 
 from mmgen.config import to_dict
 from mmgen.errors import MMGenError
-from mmgen.training.config import TrainConfig, load_train_config, resolve_deepspeed_config
+from mmgen.training.config import TrainConfig, check_global_batch, load_train_config, resolve_deepspeed_config
 
 
 # -- distributed ---------------------------------------------------------------------------------
@@ -105,13 +105,13 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
         codebook = int(image_tokenizer.codebook_size)
     elif cfg.data.codebook_size:
         codebook = int(cfg.data.codebook_size)
-    elif cfg.init_from:
-        codebook = None  # the bundle's vocab says
+    elif cfg.init_from or cfg.data.codebooks:
+        codebook = None  # the bundle's vocab, or data.codebooks, says
     else:
         raise MMGenError("the vocab needs the pixel codebook size: set data.image_tokenizer=DIR "
                          "(the tokenizer that made the code shards) or data.codebook_size=N")
     vocab = (Vocab.load(Path(cfg.init_from) / "vocab.json") if cfg.init_from
-             else Vocab(len(tok), {"pix": codebook}, max_grid=cfg.data.max_grid))
+             else run_vocab(cfg, len(tok), codebook))
     saved = out_dir / "vocab.json"
     if saved.is_file() and Vocab.load(saved) != vocab:
         raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); "
@@ -129,6 +129,17 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     return {"text_tokenizer": tok, "vocab": vocab, "image_tokenizer": image_tokenizer, "rows": rows,
             "seq_stats": seq_stats.to_dict(), "pack_stats": pack_stats.to_dict(),
             "image_grids": {f"{h}x{w}": n for (h, w), n in grids.most_common()}}
+
+
+def run_vocab(cfg: TrainConfig, n_text: int, codebook: int | None):
+    """The Vocab of a fresh run: text ids, then data.codebooks (or the pixel codebook)."""
+    from mmgen.models.vocab import Vocab
+
+    text_size = cfg.data.text_size or n_text
+    if text_size < n_text:
+        raise MMGenError(f"data.text_size {text_size} is smaller than the text tokenizer ({n_text} tokens)")
+    books = dict(cfg.data.codebooks) if cfg.data.codebooks else {"pix": codebook}
+    return Vocab(text_size, books, max_grid=cfg.data.max_grid)
 
 
 class RowSampler:
@@ -356,6 +367,7 @@ def run_training(cfg: TrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world = init_distributed()
+    check_global_batch(cfg, world)
     import deepspeed
 
     from mmgen.data.packing import packed_batch
@@ -392,6 +404,9 @@ def run_training(cfg: TrainConfig) -> Path:
     sampler = RowSampler(n_rows, cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
     dtype = _model_dtype(engine.module)
     codebook = continuous_input_codebook(cfg, data)
+    # Flash-attention kernels take packed rows as variable-length sequences found from the restarting
+    # position ids (no mask); every other kernel gets the block-diagonal 4-D mask.
+    attention = "varlen" if cfg.model.attn_implementation.startswith("flash") else "mask"
     weights = modality_weights(vocab, cfg.loss.weights)
     names = modality_names(vocab)
     writer = None
@@ -418,10 +433,12 @@ def run_training(cfg: TrainConfig) -> Path:
             # Prompt dropout draws from a generator keyed by (seed, step, micro, rank): a resumed run
             # drops exactly the captions an uninterrupted one would.
             rng = np.random.default_rng([cfg.seed, step, micro, rank, 17])
-            batch = packed_batch(rows, idx, dtype=dtype, prompt_dropout=cfg.loss.prompt_dropout, rng=rng)
+            batch = packed_batch(rows, idx, dtype=dtype, prompt_dropout=cfg.loss.prompt_dropout, rng=rng,
+                                 attention=attention)
             feats = {} if codebook is None else {"image_features": image_features(batch["input_ids"], codebook, engine)}
+            if "attention_mask" in batch:
+                feats["attention_mask"] = batch["attention_mask"].to(engine.device)
             out = engine(input_ids=batch["input_ids"].to(engine.device),
-                         attention_mask=batch["attention_mask"].to(engine.device),
                          position_ids=batch["position_ids"].to(engine.device), use_cache=False, **feats)
             # DeepSpeed averages gradients over ranks and divides the loss by grad_accum: scale back so
             # the step's gradient is that of the token mean over the whole global batch.
