@@ -58,10 +58,11 @@ class Selector(StatefulOp):
         if self.inner is not None:
             verdicts = self.inner.apply(view)
             doc = next((v for v in verdicts if v.item is None and p.stat in v.stats), None)
-            vals = [v.stats[p.stat] for v in verdicts if p.stat in v.stats and v.stats[p.stat] is not None]
-            if doc is not None:
-                return float(doc.stats[p.stat])
-            return float(sum(vals) / len(vals)) if vals else None
+            # a document-level value wins; per-item values (or a per-chunk list) are averaged
+            vals = [doc.stats[p.stat]] if doc is not None else \
+                [v.stats[p.stat] for v in verdicts if p.stat in v.stats]
+            flat = [float(x) for v in vals for x in (v if isinstance(v, list) else [v]) if x is not None]
+            return sum(flat) / len(flat) if flat else None
         v = view.doc.meta.get(p.meta_field)
         try:
             return float(v) if v is not None else None
