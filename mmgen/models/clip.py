@@ -26,11 +26,11 @@ from mmgen.errors import MMGenError
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
-# The tiny teacher: a 64x64 ViT with 8x8 patches (an 8x8 feature grid) and a 2-layer text tower.
+# The tiny teacher: a 64x64 ViT with 8x8 patches (an 8x8 feature grid) and a 1-layer text tower.
 TINY_CLIP_CFG = {
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "layers": 2, "heads": 4, "mlp_ratio": 2.0},
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "layers": 1, "heads": 4, "mlp_ratio": 2.0},
 }
 
 

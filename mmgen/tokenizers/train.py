@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.errors import MMGenError, MediaError
+from mmgen.tokenizers.quantizers import QuantizerConfig
 
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -53,7 +54,31 @@ class VQModelConfig:
 
 
 @dataclass
+class DualViTokConfig:
+    """DualViTok architecture (see mmgen.tokenizers.dualvitok); ``teacher.name`` is where the frozen
+    teacher's weights come from (an mmgen CLIP dir, a timm or transformers name or path)."""
+
+    teacher: dict = field(default_factory=lambda: {"kind": "open_clip", "name": "runs/clip/tiny/clip"})
+    sem_width: int = 64
+    sem_heads: int = 4
+    sem_encoder_layers: int = 1
+    sem_decoder_layers: int = 1
+    sem_merge: int = 2
+    sem_code_dim: int = 16
+    sem_quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    pix_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    pix_layers_per_block: int = 1
+    pix_patch_size: int = 2
+    pix_code_dim: int = 8
+    pix_quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    sem_cond_dim: int = 16
+    norm_groups: int = 8
+    branch_dropout: float = 0.1
+
+
+@dataclass
 class TokenizerTrainConfig:
+    tokenizer: str = "pixel_vq"  # pixel_vq (model:) or dualvitok (dualvitok:)
     # data
     inputs: list[str] = field(default_factory=list)  # Doc shards: files, directories or globs
     image_dirs: list[str] = field(default_factory=list)  # folders of image files (searched recursively)
@@ -64,6 +89,7 @@ class TokenizerTrainConfig:
     eval_images: int = 128  # held out for the final PSNR / usage numbers
     # model
     model: VQModelConfig = field(default_factory=VQModelConfig)
+    dualvitok: DualViTokConfig = field(default_factory=DualViTokConfig)
     # optimisation
     steps: int = 300
     batch_size: int = 32
@@ -78,6 +104,12 @@ class TokenizerTrainConfig:
     vq_weight: float = 1.0
     restart_every: int = 5
     dead_threshold: float = 0.03  # a code is dead below this fraction of uniform usage
+    # DualViTok only
+    feature_weight: float = 1.0  # cosine loss: semantic decoder output vs teacher features
+    perceptual_weight: float = 0.1  # cosine loss: teacher features of the reconstruction vs of the input
+    gan_weight: float = 0.0  # PatchGAN hinge loss (0: off)
+    gan_start: int = 0  # step the adversarial loss starts at
+    disc_lr: float = 2e-4
     # bookkeeping
     out_dir: str = "runs/tokenizer"
     log_every: int = 20
@@ -240,19 +272,23 @@ def lr_at(cfg: TokenizerTrainConfig, step: int) -> float:
 
 # -- checkpoints (safetensors + json; nothing is unpickled) ------------------------------------------
 
-def _save_checkpoint(ckpt_dir: Path, model, opt, step: int, keep: int) -> Path:
+def _save_checkpoint(ckpt_dir: Path, model, opt, step: int, keep: int, extra_opts: dict | None = None) -> Path:
+    """Model, optimizer(s) and RNG state of ``step``; ``extra_opts`` (name -> optimizer) are saved
+    beside the main one (e.g. the PatchGAN discriminator's)."""
     from safetensors.torch import save_file
 
     d = ckpt_dir / f"step_{step:08d}"
     tmp = ckpt_dir / f".tmp_step_{step:08d}"
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    osd = opt.state_dict()
-    tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
-               for i, st in osd["state"].items() for k, v in st.items()}
+    tensors, groups = _optimizer_tensors(opt)
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": osd["param_groups"]}))
+    meta = {"step": step, "param_groups": groups}
+    for name, o in (extra_opts or {}).items():
+        t, meta[f"{name}.param_groups"] = _optimizer_tensors(o)
+        save_file(t, str(tmp / f"{name}.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta))
     if d.exists():
         import shutil
 
@@ -265,23 +301,36 @@ def _save_checkpoint(ckpt_dir: Path, model, opt, step: int, keep: int) -> Path:
     return d
 
 
+def _optimizer_tensors(opt) -> tuple[dict, list]:
+    osd = opt.state_dict()
+    tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+               for i, st in osd["state"].items() for k, v in st.items()}
+    return tensors, osd["param_groups"]
+
+
+def _load_optimizer(opt, tensors: dict, param_groups: list) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
     return found[-1] if found else None
 
 
-def _load_checkpoint(d: Path, model, opt) -> int:
+def _load_checkpoint(d: Path, model, opt, extra_opts: dict | None = None) -> int:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(d / "model.safetensors")))
     meta = json.loads((d / "state.json").read_text())
     tensors = load_file(str(d / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
-    state: dict = {}
-    for key, v in tensors.items():
-        _, i, name = key.split(".", 2)
-        state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    _load_optimizer(opt, tensors, meta["param_groups"])
+    for name, o in (extra_opts or {}).items():
+        _load_optimizer(o, load_file(str(d / f"{name}.safetensors")), meta[f"{name}.param_groups"])
     return int(meta["step"])
 
 
@@ -316,7 +365,14 @@ def _check(cfg: TokenizerTrainConfig) -> None:
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
-    """Train a PixelVQ tokenizer; returns the directory it was saved to (``out_dir/tokenizer``)."""
+    """Train the tokenizer the recipe names (``tokenizer: pixel_vq | dualvitok``); returns the
+    directory it was saved to (``out_dir/tokenizer``)."""
+    if cfg.tokenizer == "dualvitok":
+        from mmgen.tokenizers.dualvitok_train import train_dualvitok
+
+        return train_dualvitok(cfg)
+    if cfg.tokenizer != "pixel_vq":
+        raise MMGenError(f"unknown tokenizer '{cfg.tokenizer}' (use pixel_vq or dualvitok)")
     from tqdm import tqdm
 
     from mmgen.config import save_config

@@ -1,0 +1,400 @@
+"""DualViTok: ILLUME+'s dual visual tokenizer -- semantic codes plus pixel codes for every image.
+
+    tok = load_image_tokenizer("runs/tokenizer/tiny_dualvitok/tokenizer")
+    codes = tok.encode(images)                 # {"sem": (B, h/2, w/2), "pix": (B, h, w)} int64
+    feats = tok.encode(images, return_features=True)   # + "sem_features"/"pix_features" (pre-quantization)
+    images = tok.decode(codes)                 # PIL images; a bare pixel grid decodes with null semantics
+
+Semantic branch: a frozen teacher vision tower (:class:`Teacher`: open_clip, timm or transformers)
+gives a patch-feature grid; a few transformer blocks, a 2x2 patch merge and a quantizer make the
+semantic codes; a mirrored decoder reconstructs the teacher features (cosine loss), which is what
+keeps these codes text-aligned.
+
+Pixel branch: diffusers' VAE ``Encoder`` (after a pixel-unshuffle patchify) and its own quantizer make
+the pixel codes. The pixel ``Decoder`` sees the pixel codes concatenated with the semantic codes
+upsampled to the pixel grid (ILLUME+'s merge), so texture codes only carry what semantics miss.
+
+Branch dropout in training (a learned null vector replaces one branch's quantized map) lets the
+decoder run from either code level alone: ``decode({"pix": ...})`` serves callers that only carry
+pixel codes, and the benchmark compares full, pixel-only and semantic-only reconstructions.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmgen.errors import MMGenError
+from mmgen.tokenizers.base import ImageTokenizer, pil_to_tensor, register_tokenizer, tensor_to_pil
+from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
+from mmgen.tokenizers.vq import _diffusers_vae_blocks
+
+TEACHER_KINDS = ("open_clip", "timm", "transformers")
+
+
+# -- the frozen teacher -----------------------------------------------------------------------------
+
+class Teacher(nn.Module):
+    """A frozen vision tower returning a patch-feature grid ``(B, D, H/p, W/p)`` for pixels in [-1, 1].
+
+    Built from config alone (``model_cfg``), so a saved tokenizer reloads without the teacher's hub
+    weights; :meth:`load_weights` fills it from a name or local path when a tokenizer is first built."""
+
+    def __init__(self, kind: str, model_cfg: dict, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        super().__init__()
+        if kind not in TEACHER_KINDS:
+            raise MMGenError(f"unknown teacher kind '{kind}' (use one of {', '.join(TEACHER_KINDS)})")
+        self.kind = kind
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        if kind == "open_clip":
+            from mmgen.models.clip import build_open_clip
+
+            self.tower = build_open_clip(model_cfg).visual
+            self.patch = int(self.tower.patch_size[0])
+            self.dim = int(self.tower.transformer.width)
+            self.grid0 = tuple(int(g) for g in self.tower.grid_size)
+        elif kind == "timm":
+            import timm
+
+            cfg = dict(model_cfg)
+            self.tower = timm.create_model(cfg.pop("model_name"), pretrained=False, num_classes=0,
+                                           dynamic_img_size=True, **cfg)
+            self.patch = int(self.tower.patch_embed.patch_size[0])
+            self.dim = int(self.tower.num_features)
+        else:
+            from mmgen.utils.compat import ensure_torchvision
+
+            ensure_torchvision()
+            from transformers import AutoConfig, AutoModel
+
+            cfg = dict(model_cfg)
+            self.tower = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+            self.patch = int(self.tower.config.patch_size)
+            self.dim = int(self.tower.config.hidden_size)
+        self.requires_grad_(False)
+
+    def load_weights(self, name_or_path: str) -> None:
+        """Copy a pretrained tower's weights in (an mmgen CLIP dir, a timm/transformers name or path)."""
+        if self.kind == "open_clip":
+            from mmgen.models.clip import load_clip
+
+            src = load_clip(name_or_path).model.visual.state_dict()
+        elif self.kind == "timm":
+            import timm
+
+            src = timm.create_model(name_or_path, pretrained=True, num_classes=0).state_dict()
+        else:
+            from transformers import AutoModel
+
+            src = AutoModel.from_pretrained(name_or_path).state_dict()
+        missing, unexpected = self.tower.load_state_dict(src, strict=False)
+        if missing:
+            raise MMGenError(f"teacher weights from {name_or_path} do not fit the teacher config "
+                             f"({len(missing)} missing, e.g. {missing[0]}); make teacher.model_cfg match the checkpoint")
+
+    def train(self, mode: bool = True):  # frozen: always in eval mode (no dropout, fixed norms)
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x + 1) / 2 - self.mean) / self.std
+        b, _, h, w = x.shape
+        gh, gw = h // self.patch, w // self.patch
+        if self.kind == "open_clip":
+            return self._open_clip(x, (gh, gw))
+        if self.kind == "timm":
+            return self.tower.forward_intermediates(x, indices=1, intermediates_only=True, norm=True)[-1]
+        hidden = self.tower(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+        hidden = hidden[:, hidden.shape[1] - gh * gw:]  # drop prefix (class) tokens, if any
+        return hidden.transpose(1, 2).reshape(b, -1, gh, gw)
+
+    def _open_clip(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        run = lambda mod, inp: mod.forward_intermediates(inp, indices=1, intermediates_only=True,  # noqa: E731
+                                                         normalize_intermediates=True)["image_intermediates"][-1]
+        if grid == self.grid0:
+            return run(self.tower, x)
+        # Another image size: interpolate the position table (bicubic over the grid, class slot kept).
+        pos = self.tower.positional_embedding
+        cls, table = pos[:1], pos[1:].reshape(1, *self.grid0, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)
+        pos2 = torch.cat([cls, table.permute(0, 2, 3, 1).reshape(-1, pos.shape[-1])])
+        return torch.func.functional_call(_Runner(self.tower, run), {"tower.positional_embedding": pos2}, (x,))
+
+
+class _Runner(nn.Module):
+    def __init__(self, tower, fn):
+        super().__init__()
+        self.tower, self.fn = tower, fn
+
+    def forward(self, x):
+        return self.fn(self.tower, x)
+
+
+# -- small blocks -------------------------------------------------------------------------------------
+
+def _blocks(width: int, depth: int, heads: int) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=width * 2, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False) if depth else nn.Identity()
+
+
+def _grid_tf(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return blocks(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+
+
+class PatchGAN(nn.Module):
+    """PatchGAN discriminator (pix2pix / VQGAN): a conv stack giving a real/fake logit per patch."""
+
+    def __init__(self, channels: int = 32, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = channels
+        for _ in range(layers - 1):
+            mods += [nn.Conv2d(c, c * 2, 4, 2, 1), nn.GroupNorm(8, c * 2), nn.LeakyReLU(0.2)]
+            c *= 2
+        mods.append(nn.Conv2d(c, 1, 3, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# -- the tokenizer --------------------------------------------------------------------------------------
+
+def _qcfg(d) -> QuantizerConfig:
+    if isinstance(d, QuantizerConfig):
+        return d
+    from mmgen.config import from_dict
+
+    return from_dict(QuantizerConfig, dict(d or {}), prefix="quantizer.")
+
+
+@register_tokenizer("dualvitok")
+class DualViTok(ImageTokenizer):
+    """Semantic + pixel image tokenizer (ILLUME+). ``downsample`` is the pixel branch's factor;
+    ``sem_downsample = teacher patch * sem_merge`` must be ``sem_ratio`` times it (Vocab's sem_ratio)."""
+
+    def __init__(self, resolution=(64, 64), teacher: dict | None = None, sem_width: int = 128, sem_heads: int = 4,
+                 sem_encoder_layers: int = 2, sem_decoder_layers: int = 2, sem_merge: int = 2, sem_code_dim: int = 32,
+                 sem_quantizer: dict | None = None, pix_channels=(32, 64, 128), pix_layers_per_block: int = 1,
+                 pix_patch_size: int = 2, pix_code_dim: int = 8, pix_quantizer: dict | None = None,
+                 sem_cond_dim: int = 16, norm_groups: int = 8, branch_dropout: float = 0.1):
+        super().__init__()
+        if isinstance(resolution, int):
+            resolution = (resolution, resolution)
+        self.resolution = (int(resolution[0]), int(resolution[1]))
+        self.teacher_spec = dict(teacher or {})
+        if "kind" not in self.teacher_spec or "model_cfg" not in self.teacher_spec:
+            raise MMGenError("teacher needs kind (open_clip|timm|transformers) and model_cfg "
+                             "(e.g. teacher: {kind: open_clip, model_cfg: {...}, name: runs/clip/tiny/clip})")
+        self.hp = dict(sem_width=sem_width, sem_heads=sem_heads, sem_encoder_layers=sem_encoder_layers,
+                       sem_decoder_layers=sem_decoder_layers, sem_merge=sem_merge, sem_code_dim=sem_code_dim,
+                       pix_channels=[int(c) for c in pix_channels], pix_layers_per_block=pix_layers_per_block,
+                       pix_patch_size=pix_patch_size, pix_code_dim=pix_code_dim, sem_cond_dim=sem_cond_dim,
+                       norm_groups=norm_groups, branch_dropout=branch_dropout)
+        self.teacher = Teacher(self.teacher_spec["kind"], self.teacher_spec["model_cfg"],
+                               self.teacher_spec.get("mean", (0.5,) * 3), self.teacher_spec.get("std", (0.5,) * 3))
+        td = self.teacher.dim
+        # semantic branch
+        self.sem_in = nn.Linear(td, sem_width)
+        self.sem_encoder = _blocks(sem_width, sem_encoder_layers, sem_heads)
+        self.sem_to_code = nn.Linear(sem_width * sem_merge ** 2, sem_code_dim)
+        self.sem_quantizer = Quantizer(_qcfg(sem_quantizer), sem_code_dim)
+        self.sem_from_code = nn.Linear(sem_code_dim, sem_width * sem_merge ** 2)
+        self.sem_decoder = _blocks(sem_width, sem_decoder_layers, sem_heads)
+        self.sem_out = nn.Linear(sem_width, td)
+        # pixel branch
+        Encoder, Decoder = _diffusers_vae_blocks()
+        levels = len(self.hp["pix_channels"])
+        pix = 3 * pix_patch_size ** 2
+        if any(c % norm_groups for c in self.hp["pix_channels"]):
+            raise MMGenError(f"every pixel channel count in {self.hp['pix_channels']} must be divisible by norm_groups={norm_groups}")
+        self.pix_encoder = Encoder(in_channels=pix, out_channels=pix_code_dim, down_block_types=("DownEncoderBlock2D",) * levels,
+                                   block_out_channels=self.hp["pix_channels"], layers_per_block=pix_layers_per_block,
+                                   norm_num_groups=norm_groups, double_z=False, mid_block_add_attention=False)
+        self.pix_quantizer = Quantizer(_qcfg(pix_quantizer), pix_code_dim)
+        self.sem_cond = nn.Conv2d(sem_code_dim, sem_cond_dim, 1)
+        self.pix_decoder = Decoder(in_channels=pix_code_dim + sem_cond_dim, out_channels=pix,
+                                   up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=self.hp["pix_channels"],
+                                   layers_per_block=pix_layers_per_block, norm_num_groups=norm_groups,
+                                   mid_block_add_attention=False)
+        self.null_sem = nn.Parameter(torch.zeros(sem_code_dim))
+        self.null_pix = nn.Parameter(torch.zeros(pix_code_dim))
+
+        self.downsample = pix_patch_size * 2 ** (levels - 1)
+        self.sem_downsample = self.teacher.patch * sem_merge
+        if self.sem_downsample % self.downsample:
+            raise MMGenError(f"semantic downsampling {self.sem_downsample} (teacher patch {self.teacher.patch} x sem_merge "
+                             f"{sem_merge}) must be a multiple of the pixel downsampling {self.downsample}")
+        self.sem_ratio = self.sem_downsample // self.downsample
+        self.codebook_sizes = {"sem": self.sem_quantizer.codebook_size, "pix": self.pix_quantizer.codebook_size}
+        self.codebook_size = self.codebook_sizes["pix"]  # what callers that know one codebook mean
+
+    def get_config(self) -> dict:
+        return {"resolution": list(self.resolution), "teacher": {k: v for k, v in self.teacher_spec.items() if k != "name"},
+                **self.hp, "sem_quantizer": _asdict(self.sem_quantizer.cfg), "pix_quantizer": _asdict(self.pix_quantizer.cfg)}
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def code_shape(self, width: int, height: int) -> tuple[int, int]:
+        """Pixel-code grid (h, w); sizes snap to the semantic factor so both grids tile the image."""
+        s, r = self.sem_downsample, self.sem_ratio
+        return max(1, round(height / s)) * r, max(1, round(width / s)) * r
+
+    def code_shapes(self, width: int, height: int) -> dict:
+        h, w = self.code_shape(width, height)
+        return {"sem": (h // self.sem_ratio, w // self.sem_ratio), "pix": (h, w)}
+
+    def tokens_per_image(self, width: int, height: int) -> int:
+        return sum(a * b for a, b in self.code_shapes(width, height).values())
+
+    def _check_pixels(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise MMGenError(f"expected images as a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self.sem_downsample or w % self.sem_downsample:
+            raise MMGenError(f"image size {w}x{h} is not a multiple of {self.sem_downsample} (DualViTok's semantic "
+                             f"downsampling); resize it (encode() does this for PIL images)")
+
+    # -- semantic branch --------------------------------------------------------------------------
+    def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.teacher(x).float()
+
+    def sem_encode(self, feats: torch.Tensor) -> torch.Tensor:
+        """Teacher grid -> pre-quantization semantic features ``(B, sem_code_dim, h/m, w/m)``."""
+        z = self.sem_in(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        z = _grid_tf(self.sem_encoder, z)
+        z = F.pixel_unshuffle(z, self.hp["sem_merge"])
+        return self.sem_to_code(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def sem_decode(self, zq: torch.Tensor) -> torch.Tensor:
+        """Quantized semantic map -> reconstructed teacher features."""
+        z = self.sem_from_code(zq.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        z = _grid_tf(self.sem_decoder, F.pixel_shuffle(z, self.hp["sem_merge"]))
+        return self.sem_out(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    # -- pixel branch -----------------------------------------------------------------------------
+    def pix_encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pix_encoder(F.pixel_unshuffle(x, self.hp["pix_patch_size"]) if self.hp["pix_patch_size"] > 1 else x)
+
+    def pix_decode(self, pix_q: torch.Tensor | None, sem_q: torch.Tensor | None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Pixels from the quantized maps; a missing map (None) is replaced by its learned null vector."""
+        if pix_q is None and sem_q is None:
+            raise MMGenError("decode needs semantic codes, pixel codes or both")
+        if grid is None:
+            grid = pix_q.shape[-2:] if pix_q is not None else tuple(s * self.sem_ratio for s in sem_q.shape[-2:])
+        b = (pix_q if pix_q is not None else sem_q).shape[0]
+        if pix_q is None:
+            pix_q = self.null_pix.view(1, -1, 1, 1).expand(b, -1, *grid)
+        sem_grid = (grid[0] // self.sem_ratio, grid[1] // self.sem_ratio)
+        if sem_q is None:
+            sem_q = self.null_sem.view(1, -1, 1, 1).expand(b, -1, *sem_grid)
+        cond = self.sem_cond(F.interpolate(sem_q, size=tuple(grid), mode="nearest"))
+        out = self.pix_decoder(torch.cat([pix_q, cond], dim=1))
+        return F.pixel_shuffle(out, self.hp["pix_patch_size"]) if self.hp["pix_patch_size"] > 1 else out
+
+    # -- training forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """One training pass: reconstructions, teacher features and the quantizers' aux losses."""
+        self._check_pixels(x)
+        feats = self.teacher_features(x)
+        sem_q, sem_codes, sem_loss = self.sem_quantizer(self.sem_encode(feats))
+        pix_q, pix_codes, pix_loss = self.pix_quantizer(self.pix_encode(x))
+        feat_rec = self.sem_decode(sem_q)
+        p = self.hp["branch_dropout"]
+        if self.training and p > 0:
+            # One draw per image: drop semantics (p), drop pixels (p), or keep both.
+            u = torch.rand(x.shape[0], 1, 1, 1, generator=generator)
+            sem_q = torch.where(u < p, self.null_sem.view(1, -1, 1, 1), sem_q)
+            pix_q = torch.where((u >= p) & (u < 2 * p), self.null_pix.view(1, -1, 1, 1), pix_q)
+        recon = self.pix_decode(pix_q, sem_q)
+        return {"recon": recon, "teacher": feats, "feat_rec": feat_rec, "sem_codes": sem_codes, "pix_codes": pix_codes,
+                "quant_loss": sem_loss + pix_loss}
+
+    # -- the tokenizer API ------------------------------------------------------------------------
+    def encode_tensor(self, x: torch.Tensor, return_features: bool = False) -> dict:
+        self._check_pixels(x)
+        sem_z = self.sem_encode(self.teacher_features(x))
+        pix_z = self.pix_encode(x)
+        _, sem, _ = self.sem_quantizer(sem_z)
+        _, pix, _ = self.pix_quantizer(pix_z)
+        out = {"sem": sem, "pix": pix}
+        if return_features:
+            out.update(sem_features=sem_z, pix_features=pix_z)
+        return out
+
+    def decode_tensor(self, codes) -> torch.Tensor:
+        codes = self._as_codes(codes)
+        sem_q = self.sem_quantizer.embed(codes["sem"]) if codes.get("sem") is not None else None
+        pix_q = self.pix_quantizer.embed(codes["pix"]) if codes.get("pix") is not None else None
+        return self.pix_decode(pix_q, sem_q)
+
+    @torch.no_grad()
+    def encode(self, images: Sequence, size: tuple[int, int] | None = None, return_features: bool = False) -> dict:
+        """PIL images -> ``{"sem": (B, h/r, w/r), "pix": (B, h, w)}`` (+ pre-quantization features)."""
+        size = self.image_size_for(*(size or self.resolution))
+        return self.encode_tensor(pil_to_tensor(images, size).to(self.device), return_features=return_features)
+
+    @torch.no_grad()
+    def decode(self, codes) -> list:
+        """``{"sem", "pix"}`` codes (either may be missing) or a bare pixel grid -> PIL images."""
+        return tensor_to_pil(self.decode_tensor(codes))
+
+    def _as_codes(self, codes) -> dict:
+        if not isinstance(codes, dict):
+            codes = {"pix": codes}
+        out = {}
+        for name in ("sem", "pix"):
+            c = codes.get(name)
+            if c is None:
+                continue
+            c = torch.as_tensor(np.asarray(c) if not torch.is_tensor(c) else c, dtype=torch.long)
+            if c.ndim == 2:
+                c = c[None]
+            if c.ndim != 3:
+                raise MMGenError(f"{name} codes must be (B, h, w) or (h, w), got shape {tuple(c.shape)}")
+            n = self.codebook_sizes[name]
+            if c.numel() and (c.min() < 0 or c.max() >= n):
+                raise MMGenError(f"{name} code out of range 0..{n - 1}")
+            out[name] = c.to(self.device)
+        if "sem" in out and "pix" in out:
+            want = tuple(s // self.sem_ratio for s in out["pix"].shape[-2:])
+            if tuple(out["sem"].shape[-2:]) != want or out["sem"].shape[0] != out["pix"].shape[0]:
+                raise MMGenError(f"semantic grid {tuple(out['sem'].shape)} does not match pixel grid "
+                                 f"{tuple(out['pix'].shape)} (expected sem {want}, sem_ratio {self.sem_ratio})")
+        if "pix" in out and any(s % self.sem_ratio for s in out["pix"].shape[-2:]):
+            raise MMGenError(f"pixel grid {tuple(out['pix'].shape[-2:])} must be a multiple of sem_ratio {self.sem_ratio}")
+        if not out:
+            raise MMGenError("decode needs 'sem' and/or 'pix' codes")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path, device: str = "cpu"):
+        return super().from_pretrained(path, device=device)
+
+
+def _asdict(cfg: QuantizerConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def build_dualvitok(cfg: dict, load_teacher: bool = True) -> DualViTok:
+    """A DualViTok from a config mapping; with ``load_teacher`` the teacher's pretrained weights are
+    loaded from ``teacher.name`` (an mmgen CLIP dir, a timm or transformers name/path)."""
+    model = DualViTok(**cfg)
+    name = model.teacher_spec.get("name")
+    if load_teacher and name:
+        model.teacher.load_weights(name)
+    return model
+
+
+__all__ = ["DualViTok", "Teacher", "PatchGAN", "build_dualvitok"]

@@ -1,0 +1,196 @@
+"""Training DualViTok (``mmgen train-tokenizer`` with ``tokenizer: dualvitok``); plain PyTorch.
+
+Shares data loading, the LR schedule and the safetensors checkpoints with :mod:`mmgen.tokenizers.train`.
+
+Loss = L1 + L2 + edge on pixels
+     + ``feature_weight`` * (1 - cos) between the semantic decoder's output and the teacher's features
+     + ``perceptual_weight`` * (1 - cos) between teacher features of the reconstruction and of the input
+       (the teacher stands in for VGG/LPIPS, whose pretrained weights are not available here)
+     + ``vq_weight`` * the quantizers' commitment losses
+     + ``gan_weight`` * PatchGAN hinge loss from step ``gan_start`` (0 turns it off).
+
+Dead codes: the library restarts EMA codebooks (``dead_code_threshold``); SimVQ codebooks are
+restarted by mmgen every ``restart_every`` steps. Resume is exact: step N's batch and branch-dropout
+draws come from a generator seeded by (seed, N), and checkpoints carry both optimizers and the RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmgen.errors import MMGenError
+from mmgen.tokenizers.train import (TokenizerTrainConfig, _check, _load_checkpoint, _save_checkpoint, _save_recon_grid,
+                                    _threads, edge_loss, latest_checkpoint, load_training_images, lr_at)
+
+
+def build_dualvitok_from_config(cfg: TokenizerTrainConfig, load_teacher: bool = True):
+    import dataclasses
+
+    from mmgen.tokenizers.dualvitok import build_dualvitok
+
+    d = dataclasses.asdict(cfg.dualvitok)
+    teacher = dict(d.pop("teacher"))
+    name = teacher.get("name")
+    if "model_cfg" not in teacher:
+        if teacher.get("kind") != "open_clip" or not name:
+            raise MMGenError("dualvitok.teacher needs model_cfg (the tower's config), or kind=open_clip with name= a CLIP dir")
+        teacher["model_cfg"] = _clip_model_cfg(name)
+    return build_dualvitok({"resolution": (cfg.resolution, cfg.resolution), "teacher": teacher, **d}, load_teacher=load_teacher)
+
+
+def _clip_model_cfg(name: str) -> dict:
+    p = Path(name) / "open_clip_config.json"
+    if not p.is_file():
+        raise MMGenError(f"teacher CLIP not found at {name}: train it first with `mmgen train-clip tiny_clip` "
+                         f"(or set dualvitok.teacher.name=DIR)")
+    return json.loads(p.read_text())["model_cfg"]
+
+
+def _cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (1 - F.cosine_similarity(a, b, dim=1)).mean()
+
+
+def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfig, disc=None, step: int = 0) -> dict:
+    recon = out["recon"]
+    losses = {"l1": (recon - x).abs().mean(), "l2": F.mse_loss(recon, x),
+              "edge": edge_loss(recon, x) if cfg.edge_weight > 0 else recon.new_zeros(()),
+              "feature": _cosine_loss(out["feat_rec"], out["teacher"]), "quant": out["quant_loss"]}
+    losses["perceptual"] = _cosine_loss(model.teacher(recon), out["teacher"]) if cfg.perceptual_weight > 0 else recon.new_zeros(())
+    use_gan = disc is not None and step >= cfg.gan_start
+    losses["gan_g"] = -disc(recon).mean() if use_gan else recon.new_zeros(())
+    losses["loss"] = (cfg.l1_weight * losses["l1"] + cfg.l2_weight * losses["l2"] + cfg.edge_weight * losses["edge"]
+                      + cfg.feature_weight * losses["feature"] + cfg.perceptual_weight * losses["perceptual"]
+                      + cfg.vq_weight * losses["quant"] + (cfg.gan_weight * losses["gan_g"] if use_gan else 0))
+    return losses
+
+
+def _disc_step(disc, opt_d, recon: torch.Tensor, x: torch.Tensor) -> float:
+    loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean()  # hinge
+    opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_d.step()
+    return loss.item()
+
+
+def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
+    """Train DualViTok from ``cfg``; returns ``out_dir/tokenizer``."""
+    from tqdm import tqdm
+
+    from mmgen.config import save_config
+    from mmgen.tokenizers.dualvitok import PatchGAN
+
+    _check(cfg)
+    torch.set_num_threads(_threads(cfg))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    model = build_dualvitok_from_config(cfg)
+    if cfg.resolution % model.sem_downsample:
+        raise MMGenError(f"resolution {cfg.resolution} is not a multiple of DualViTok's semantic downsampling {model.sem_downsample}")
+    disc = PatchGAN() if cfg.gan_weight > 0 else None
+    images, data_stats = load_training_images(cfg)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
+    n_eval = min(cfg.eval_images, len(images) // 10)
+    eval_x, train_x = images[order[:n_eval]], images[order[n_eval:]]
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
+    extra = {"disc_optimizer": opt_d} if disc is not None else None
+    holder = torch.nn.ModuleDict({"tokenizer": model, **({"disc": disc} if disc is not None else {})})
+
+    start, metrics_path = 0, out / "metrics.jsonl"
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        start = _load_checkpoint(ckpt, holder, opt, extra)
+        if metrics_path.exists():
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    holder.train()
+    window: dict[str, float] = {}
+    counts = {"sem": torch.zeros(model.codebook_sizes["sem"]), "pix": torch.zeros(model.codebook_sizes["pix"])}
+    n_win, restarts, t0 = 0, 0, time.time()
+    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train dualvitok",
+                     disable=not cfg.progress, leave=False):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        x = train_x[torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)].float() / 127.5 - 1.0
+        lr = lr_at(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        o = model(x, generator=g)
+        losses = dualvitok_losses(model, o, x, cfg, disc, step)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        if disc is not None and step >= cfg.gan_start:
+            losses["disc"] = torch.tensor(_disc_step(disc, opt_d, o["recon"], x))
+        if cfg.restart_every > 0 and (step + 1) % cfg.restart_every == 0:
+            restarts += model.sem_quantizer.restart_dead_codes(g) + model.pix_quantizer.restart_dead_codes(g)
+        for k, v in losses.items():
+            window[k] = window.get(k, 0.0) + float(v.detach())
+        for name in counts:
+            counts[name] += torch.bincount(o[f"{name}_codes"].flatten(), minlength=len(counts[name])).float()
+        n_win += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rec = {"step": done, **{k: round(v / n_win, 6) for k, v in window.items()},
+                   **{f"{n}_usage": round(float((c > 0).float().mean()), 4) for n, c in counts.items()},
+                   "restarted_codes": restarts, "lr": round(lr, 8),
+                   "psnr": round(10 * math.log10(4.0 / max(window["l2"] / n_win, 1e-10)), 3),
+                   "elapsed_s": round(time.time() - t0, 2)}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            window, n_win, restarts = {}, 0, 0
+            counts = {n: torch.zeros_like(c) for n, c in counts.items()}
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save_checkpoint(out / "checkpoints", holder, opt, done, cfg.keep_checkpoints, extra)
+
+    model.eval()
+    tok_dir = out / "tokenizer"
+    model.save_pretrained(tok_dir)
+    report = {"steps": cfg.steps, "train_images": len(train_x), "eval_images": n_eval, "data": data_stats,
+              "parameters": model.num_parameters(), "trainable_parameters": model.num_parameters(True),
+              "train_seconds": round(time.time() - t0, 1)}
+    if n_eval:
+        report.update(evaluate_dualvitok(model, eval_x, out / "recon.png"))
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    return tok_dir
+
+
+@torch.no_grad()
+def evaluate_dualvitok(model, images_u8: torch.Tensor, grid_path: Path | None = None) -> dict:
+    """Held-out PSNR (uint8 round trip), codebook usage of both quantizers, teacher-feature cosine."""
+    from mmgen.tokenizers.quantizers import perplexity, usage_fraction
+    from mmgen.tokenizers.vq import psnr
+
+    x = images_u8.float() / 127.5 - 1.0
+    codes, recons, feats = {"sem": [], "pix": []}, [], []
+    for i in range(0, len(x), 64):
+        xb = x[i:i + 64]
+        c = model.encode_tensor(xb)
+        r = model.decode_tensor(c).clamp(-1, 1)
+        recons.append(((r + 1) * 127.5).round() / 127.5 - 1)
+        feats.append(F.cosine_similarity(model.sem_decode(model.sem_quantizer.embed(c["sem"])),
+                                         model.teacher_features(xb), dim=1).mean())
+        for n in codes:
+            codes[n].append(c[n])
+    recon = torch.cat(recons)
+    codes = {n: torch.cat(v) for n, v in codes.items()}
+    if grid_path is not None:
+        _save_recon_grid(x[:8], recon[:8], grid_path)
+    return {"eval_psnr": round(float(psnr(recon, x).mean()), 3),
+            "eval_teacher_cosine": round(float(torch.stack(feats).mean()), 4),
+            **{f"eval_{n}_usage": [round(u, 4) for u in usage_fraction(getattr(model, f"{n}_quantizer"), c)]
+               for n, c in codes.items()},
+            **{f"eval_{n}_perplexity": round(perplexity(c, model.codebook_sizes[n]), 2) for n, c in codes.items()}}

@@ -1,0 +1,176 @@
+"""Quantizers for the image tokenizers, from ``vector-quantize-pytorch``, behind one interface.
+
+    q = build_quantizer(QuantizerConfig(kind="simvq", codebook_size=256), dim=32)
+    zq, codes, loss = q(z)          # z (B, D, h, w) -> straight-through zq, codes (B, h, w) int64, aux loss
+    z2 = q.embed(codes)             # codes -> quantized vectors, what the decoder sees
+
+Kinds (all from the library, chosen by config):
+
+* ``vq_ema``  -- ``VectorQuantize``: k-means initialised codebook updated by EMA (VQ-VAE-2), optional
+  cosine lookup and a low-dimensional factorised code space, dead codes restarted by the library's
+  ``threshold_ema_dead_code``;
+* ``simvq``   -- ``SimVQ``: a frozen random codebook seen through a learned linear map (the whole
+  codebook moves together, so it does not collapse); the library has no dead-code restart, so mmgen
+  restarts a dead code by solving for the frozen vector that the linear map sends to a recent
+  encoder output (least squares);
+* ``fsq``     -- ``FSQ``: finite scalar quantization, an implicit product codebook (no codebook to die);
+* ``rvq``     -- ``ResidualVQ``: several EMA codebooks on successive residuals; the per-level codes are
+  combined into one index (mixed radix), so the LM still sees one token per position.
+
+Every kind tracks codebook usage: ``usage`` is an EMA of each code's share of recent assignments
+(updated in training), and :func:`usage_fraction` scores a held-out set. Encoding is deterministic in
+eval mode (nearest code, no sampling, no EMA updates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmgen.errors import MMGenError
+
+KINDS = ("vq_ema", "simvq", "fsq", "rvq")
+
+
+@dataclass
+class QuantizerConfig:
+    kind: str = "simvq"  # vq_ema | simvq | fsq | rvq
+    codebook_size: int = 256  # vq_ema / simvq; per level for rvq; fsq: prod(fsq_levels)
+    codebook_dim: int = 0  # vq_ema/rvq: low-dim factorised lookup (0: the input dim)
+    cosine: bool = True  # vq_ema/rvq: l2-normalised (cosine) lookup
+    decay: float = 0.9  # EMA decay of codebook updates (vq_ema/rvq) and of usage tracking
+    dead_code_threshold: float = 1.0  # a code whose EMA cluster size falls below this is restarted
+    commitment_weight: float = 0.25
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    rvq_levels: int = 2
+
+
+class Quantizer(nn.Module):
+    """Wraps one library quantizer; inputs are channel-first feature maps ``(B, D, h, w)``."""
+
+    def __init__(self, cfg: QuantizerConfig, dim: int):
+        super().__init__()
+        if cfg.kind not in KINDS:
+            raise MMGenError(f"unknown quantizer kind '{cfg.kind}' (use one of {', '.join(KINDS)})")
+        self.kind = cfg.kind
+        self.dim = dim
+        self.cfg = cfg
+        self.q, self.codebook_size, self.level_size = _library_quantizer(cfg, dim)
+        self.register_buffer("usage", torch.full((self.codebook_size if cfg.kind != "rvq" else cfg.rvq_levels * self.level_size,),
+                                                 1.0 / self.level_size))
+        self._recent: torch.Tensor | None = None
+
+    # -- forward / lookup ---------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor):
+        b, d, h, w = z.shape
+        x = z.permute(0, 2, 3, 1).reshape(b, h * w, d)
+        if self.kind == "fsq":
+            zq, idx = self.q(x)
+            loss = zq.new_zeros(())
+        else:
+            zq, idx, loss = self.q(x)
+            loss = loss.sum()
+        levels = idx if self.kind == "rvq" else idx[..., None]  # (B, N, L)
+        if self.training:
+            self._track(levels.reshape(-1, levels.shape[-1]))
+            self._recent = x.detach().reshape(-1, d)
+        codes = self._combine(levels).view(b, h, w)
+        return zq.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous(), codes, loss
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(B, h, w)`` -> quantized vectors ``(B, D, h, w)``."""
+        b, h, w = codes.shape
+        flat = codes.reshape(b, h * w)
+        if self.kind == "fsq":
+            out = self.q.indices_to_codes(flat)
+        elif self.kind == "simvq":
+            out = self.q.indices_to_codes(flat)
+        elif self.kind == "rvq":
+            out = self.q.get_output_from_indices(self._split(flat))
+        else:
+            out = self.q.get_output_from_indices(flat)
+        return out.reshape(b, h, w, self.dim).permute(0, 3, 1, 2).contiguous()
+
+    # -- residual levels as one index -----------------------------------------------------------------
+    def _combine(self, levels: torch.Tensor) -> torch.Tensor:
+        radix = self.level_size ** torch.arange(levels.shape[-1], device=levels.device)
+        return (levels.long() * radix).sum(-1)
+
+    def _split(self, codes: torch.Tensor) -> torch.Tensor:
+        n = self.cfg.rvq_levels
+        return torch.stack([(codes // self.level_size ** i) % self.level_size for i in range(n)], dim=-1)
+
+    # -- usage and restarts ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _track(self, levels: torch.Tensor) -> None:
+        shares = []
+        for li in range(levels.shape[-1]):
+            counts = torch.bincount(levels[:, li].long(), minlength=self.level_size).float()
+            shares.append(counts / counts.sum())
+        self.usage.mul_(self.cfg.decay).add_(torch.cat(shares), alpha=1 - self.cfg.decay)
+
+    def level_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(..., L)`` per-level indices of combined codes (L = 1 except for rvq)."""
+        return self._split(codes) if self.kind == "rvq" else codes[..., None]
+
+    @torch.no_grad()
+    def restart_dead_codes(self, generator: torch.Generator | None = None) -> int:
+        """mmgen's restart for SimVQ (the library restarts vq_ema/rvq itself; fsq cannot die): codes
+        whose usage EMA fell below ``dead_code_threshold`` / codebook_size are moved onto recent
+        encoder outputs. Returns how many were restarted."""
+        if self.kind != "simvq" or self._recent is None:
+            return 0
+        dead = torch.nonzero(self.usage < self.cfg.dead_code_threshold / self.codebook_size).flatten()
+        if dead.numel() == 0:
+            return 0
+        pick = torch.randint(0, self._recent.shape[0], (dead.numel(),), generator=generator)
+        target = self._recent[pick]
+        transform = self.q.code_transform  # codebook = frozen @ W.T: solve frozen rows that map onto target
+        sol = torch.linalg.lstsq(transform.weight, target.T).solution.T
+        self.q.frozen_codebook[dead] = sol
+        self.usage[dead] = 1.0 / self.codebook_size
+        return int(dead.numel())
+
+
+def _library_quantizer(cfg: QuantizerConfig, dim: int):
+    from vector_quantize_pytorch import FSQ, ResidualVQ, SimVQ, VectorQuantize
+
+    if cfg.kind == "fsq":
+        if not cfg.fsq_levels or any(lv < 2 for lv in cfg.fsq_levels):
+            raise MMGenError(f"fsq_levels must be a list of integers >= 2, got {cfg.fsq_levels}")
+        n = math.prod(cfg.fsq_levels)
+        return FSQ(levels=list(cfg.fsq_levels), dim=dim), n, n
+    if cfg.codebook_size < 2:
+        raise MMGenError(f"codebook_size must be at least 2, got {cfg.codebook_size}")
+    if cfg.kind == "simvq":
+        # rotation trick off: plain straight-through keeps encode/decode exactly the codebook lookup
+        return SimVQ(dim=dim, codebook_size=cfg.codebook_size, rotation_trick=False,
+                     commitment_weight=1.0, input_to_quantize_commit_loss_weight=cfg.commitment_weight), \
+            cfg.codebook_size, cfg.codebook_size
+    common = dict(dim=dim, codebook_size=cfg.codebook_size, codebook_dim=cfg.codebook_dim or None,
+                  decay=cfg.decay, kmeans_init=True, kmeans_iters=10, use_cosine_sim=cfg.cosine,
+                  threshold_ema_dead_code=cfg.dead_code_threshold, commitment_weight=cfg.commitment_weight)
+    if cfg.kind == "vq_ema":
+        return VectorQuantize(**common), cfg.codebook_size, cfg.codebook_size
+    if cfg.rvq_levels < 1:
+        raise MMGenError(f"rvq_levels must be >= 1, got {cfg.rvq_levels}")
+    return ResidualVQ(num_quantizers=cfg.rvq_levels, **common), cfg.codebook_size ** cfg.rvq_levels, cfg.codebook_size
+
+
+def usage_fraction(quantizer: Quantizer, codes: torch.Tensor) -> list[float]:
+    """Fraction of codebook entries used by ``codes`` (one value per residual level)."""
+    levels = quantizer.level_codes(codes.reshape(-1))
+    return [float((torch.bincount(levels[:, i], minlength=quantizer.level_size) > 0).float().mean())
+            for i in range(levels.shape[-1])]
+
+
+def perplexity(codes: torch.Tensor, n: int) -> float:
+    p = torch.bincount(codes.reshape(-1), minlength=n).float()
+    p = p / p.sum().clamp_min(1)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()))
+
+
+__all__ = ["KINDS", "QuantizerConfig", "Quantizer", "usage_fraction", "perplexity"]
