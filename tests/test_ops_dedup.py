@@ -102,3 +102,47 @@ def test_url_dedup_doc_and_node(real_dir):
             Doc([Image(path=lena), Image(data=b"y", meta={"src": "http://i.example.com/2.png"})], id="q")]
     assert feed(build_op("url_dedup", level="node"), imgs) == [[(None, None), (None, None)],
                                                               [("duplicate_url", "p"), (None, None)]]
+
+
+def _two_passes(op, docs):
+    """Pass 1 (observe, state round trip through JSON), finalize, pass 2 (decide)."""
+    for d in docs:
+        v = DocView(d)
+        sig = op.signature(v)
+        assert op.decide(v, sig, d.id)[0].reason is None
+        op.commit(v, sig, d.id)
+    fresh = build_op(op.name, params=dict(vars(op.params)))
+    fresh.load_state(json.loads(json.dumps(op.state_delta())))  # a resumed runner rebuilds the same picture
+    fresh.finalize()
+    return [fresh.decide(DocView(d), None, d.id)[0].reason for d in docs]
+
+
+def test_top_k_and_fraction_by_meta_field():
+    docs = [Doc([Text(f"doc {i}")], meta={"clip_score": s}, id=f"d{i}")
+            for i, s in enumerate([0.31, 0.12, 0.31, 0.45, None, 0.05])]
+    assert _two_passes(build_op("top_k", params={"meta_field": "clip_score", "k": 2}), docs) == \
+        [None, "not_selected", "not_selected", None, "not_selected", "not_selected"]  # tie 0.31: input order
+    assert _two_passes(build_op("top_fraction", params={"meta_field": "clip_score", "fraction": 0.4}), docs) == \
+        [None, "not_selected", "not_selected", None, "not_selected", "not_selected"]  # round(0.4 * 5) = 2
+    low = build_op("top_k", params={"meta_field": "clip_score", "k": 1, "descending": False})
+    assert _two_passes(low, docs) == ["not_selected"] * 5 + [None]
+
+
+def test_top_k_by_an_inner_operator_stat():
+    docs = [Doc([Text(t)], id=str(i)) for i, t in enumerate(["short", "a much longer text than the others here",
+                                                             "medium length text"])]
+    op = build_op("top_k", params={"op": "text_length_filter", "stat": "text_len", "k": 2})
+    assert _two_passes(op, docs) == ["not_selected", None, None]
+    with pytest.raises(Exception, match="either params.op"):
+        build_op("top_k", params={"k": 2})
+
+
+def test_source_quota_one_pass_and_ranked():
+    docs = [Doc([Text("x")], meta={"url": u, "q": q}, id=f"d{i}") for i, (u, q) in enumerate(
+        [("https://a.com/1", 1), ("https://www.a.com/2", 3), ("https://b.org/1", 1), ("http://a.com/3", 2)])]
+    op = build_op("source_quota", params={"max_docs": 1})
+    assert not op.two_pass
+    assert [r for r, _ in (x[0] for x in feed(op, docs))] == [None, "source_quota", None, "source_quota"]
+    ranked = build_op("source_quota", params={"max_docs": 2, "meta_field": "q"})
+    assert ranked.two_pass
+    assert _two_passes(ranked, docs) == ["source_quota", None, None, None]
