@@ -1,0 +1,205 @@
+"""The diffusion detokenizer: image codes -> pixels with a diffusers UNet, ILLUME+ style.
+
+Conditioning is by channel concatenation: each code grid (the pixel VQ's one grid today; DualViTok's
+semantic and pixel grids alike) has its own embedding table, its embedding map is upsampled (nearest)
+to the output size, and the maps are stacked onto the noisy image as extra input channels of a
+:class:`diffusers.UNet2DModel`. Every table has one extra row, the *null code*: training replaces a
+random share of conditions by null codes, so sampling can run classifier-free guidance
+(``uncond + scale * (cond - uncond)``).
+
+The output size is the finest grid's side times ``pixels_per_code``. With ``pixels_per_code`` equal to the tokenizer's
+downsampling factor the pipeline re-draws the tokenizer's own resolution; with twice that it is a 2x
+super-resolution decoder of the same codes.
+
+:class:`CodeDetokenizerPipeline` is a :class:`diffusers.DiffusionPipeline` whose components are the
+UNet, a scheduler and the :class:`CodeConditioner`, so ``save_pretrained`` / ``from_pretrained`` and
+scheduler swaps (DDIM, DPM-Solver++) work as for any diffusers pipeline::
+
+    pipe = CodeDetokenizerPipeline.from_pretrained("runs/detok/pipeline")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    images = pipe([codes], num_inference_steps=8, guidance_scale=2.0).images
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmgen.errors import MMGenError
+
+
+def _diffusers():
+    from mmgen.utils.compat import ensure_torchvision
+
+    ensure_torchvision()
+    import diffusers
+
+    return diffusers
+
+
+_diffusers()
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DModel  # noqa: E402
+from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+
+SCHEDULERS = ("ddim", "dpm", "ddpm")
+
+
+class CodeConditioner(ModelMixin, ConfigMixin):
+    """A list of code grids -> one stack of embedding maps at the output resolution.
+
+    ``grid_names`` say which code grid is which (e.g. ``["pix"]`` or ``["sem", "pix"]``) and
+    ``tokenizer`` / ``tokenizer_type`` which image tokenizer made them, so a checkpoint names its
+    codes' origin."""
+
+    @register_to_config
+    def __init__(self, codebook_sizes: Sequence[int] = (512,), embed_dims: Sequence[int] = (16,),
+                 grid_names: Sequence[str] = ("pix",), pixels_per_code: int = 8, tokenizer: str = "",
+                 tokenizer_type: str = "pixel_vq", tokenizer_resolution: int = 64):
+        super().__init__()
+        if not (len(codebook_sizes) == len(embed_dims) == len(grid_names)):
+            raise MMGenError("codebook_sizes, embed_dims and grid_names need one entry per code grid")
+        self.embeds = nn.ModuleList(nn.Embedding(int(n) + 1, int(d)) for n, d in zip(codebook_sizes, embed_dims))
+
+    @property
+    def channels(self) -> int:
+        return int(sum(self.config.embed_dims))
+
+    def null_codes(self, grids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.full_like(g, n) for g, n in zip(grids, self.config.codebook_sizes)]
+
+    def output_size(self, grids: Sequence[torch.Tensor]) -> tuple[int, int]:
+        """(height, width) of the image: the finest grid (DualViTok's pixel grid) times ``pixels_per_code``."""
+        h, w = max((g.shape[-2:] for g in grids), key=lambda hw: hw[0] * hw[1])
+        return h * self.config.pixels_per_code, w * self.config.pixels_per_code
+
+    def check(self, grids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(grids) != len(self.embeds):
+            raise MMGenError(f"expected {len(self.embeds)} code grid(s) ({', '.join(self.config.grid_names)}), got {len(grids)}")
+        out = []
+        for g, n, name in zip(grids, self.config.codebook_sizes, self.config.grid_names):
+            g = torch.as_tensor(np.asarray(g) if not torch.is_tensor(g) else g, dtype=torch.long)
+            if g.ndim == 2:
+                g = g[None]
+            if g.ndim != 3:
+                raise MMGenError(f"'{name}' codes must be (B, h, w) or (h, w), got shape {tuple(g.shape)}")
+            if g.numel() and (int(g.min()) < 0 or int(g.max()) > n):
+                raise MMGenError(f"'{name}' code out of range 0..{n - 1}: were these codes made by another tokenizer "
+                                 f"than {self.config.tokenizer or self.config.tokenizer_type}?")
+            out.append(g.to(self.device))
+        return out
+
+    def forward(self, grids: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        maps = [F.interpolate(emb(g).permute(0, 3, 1, 2), size=size, mode="nearest")
+                for emb, g in zip(self.embeds, grids)]
+        return torch.cat(maps, dim=1)
+
+
+def build_unet(cond_channels: int, sample_size: int, block_out_channels: Sequence[int] = (32, 64, 64),
+               layers_per_block: int = 1, norm_num_groups: int = 8, attention: bool = False) -> UNet2DModel:
+    """A pixel-space UNet2DModel whose input is the noisy RGB image plus the condition maps."""
+    levels = len(block_out_channels)
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if attention:  # attention at the coarsest level only: global layout at little cost
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=sample_size, in_channels=3 + cond_channels, out_channels=3,
+                       block_out_channels=tuple(block_out_channels), down_block_types=tuple(down),
+                       up_block_types=tuple(up), layers_per_block=layers_per_block, norm_num_groups=norm_num_groups)
+
+
+def make_scheduler(name: str, config: dict | None = None, prediction_type: str = "sample"):
+    """A diffusers scheduler by short name (ddim, dpm = DPM-Solver++ multistep, ddpm)."""
+    d = _diffusers()
+    classes = {"ddim": d.DDIMScheduler, "dpm": d.DPMSolverMultistepScheduler, "ddpm": d.DDPMScheduler}
+    if name not in classes:
+        raise MMGenError(f"unknown scheduler '{name}' (use one of {', '.join(SCHEDULERS)})")
+    if config is not None:
+        return classes[name].from_config(config)
+    return classes[name](num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+
+
+class CodeDetokenizerPipeline(DiffusionPipeline):
+    """Codes -> images by conditional diffusion with classifier-free guidance."""
+
+    model_cpu_offload_seq = "conditioner->unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler, conditioner: CodeConditioner):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, conditioner=conditioner)
+
+    def use_scheduler(self, name: str) -> "CodeDetokenizerPipeline":
+        """Swap the sampler, keeping the noise schedule it was trained with."""
+        self.scheduler = make_scheduler(name, dict(self.scheduler.config))
+        return self
+
+    def predict(self, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(torch.cat([x_t, cond], dim=1), t).sample
+
+    @torch.no_grad()
+    def __call__(self, codes, num_inference_steps: int = 8, guidance_scale: float = 1.5,
+                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True):
+        """``codes``: a list with one code grid per conditioner entry (``(B, h, w)`` or ``(h, w)``), or a
+        single grid for a one-grid conditioner. ``output_type``: "pil", "np" (HWC in [0, 1]) or "pt"
+        (BCHW in [-1, 1])."""
+        if torch.is_tensor(codes) or isinstance(codes, np.ndarray):
+            codes = [codes]
+        grids = self.conditioner.check(list(codes))
+        size = self.conditioner.output_size(grids)
+        b = grids[0].shape[0]
+        cond = self.conditioner(grids, size)
+        cfg = guidance_scale is not None and guidance_scale != 1.0
+        if cfg:
+            cond = torch.cat([self.conditioner(self.conditioner.null_codes(grids), size), cond])
+        x = torch.randn((b, 3, *size), generator=generator, device="cpu").to(self.unet.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.unet.device)
+        x = x * self.scheduler.init_noise_sigma
+        for t in self.progress_bar(self.scheduler.timesteps):
+            inp = self.scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
+            out = self.predict(inp, t, cond)
+            if cfg:
+                uncond, c = out.chunk(2)
+                out = uncond + guidance_scale * (c - uncond)
+            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        x = x.clamp(-1, 1)
+        if output_type == "pt":
+            images = x
+        else:
+            arr = ((x + 1) / 2).permute(0, 2, 3, 1).cpu().float().numpy()
+            images = self.numpy_to_pil(arr) if output_type == "pil" else arr
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def build_pipeline(codebook_sizes: Sequence[int], grid_names: Sequence[str], pixels_per_code: int, grid_side: int,
+                   embed_dims: Sequence[int] | None = None, block_out_channels: Sequence[int] = (32, 64, 64),
+                   layers_per_block: int = 1, norm_num_groups: int = 8, attention: bool = False,
+                   scheduler: str = "ddim", prediction_type: str = "sample", tokenizer: str = "",
+                   tokenizer_type: str = "pixel_vq", tokenizer_resolution: int = 64) -> CodeDetokenizerPipeline:
+    embed_dims = list(embed_dims or [16] * len(codebook_sizes))
+    cond = CodeConditioner(codebook_sizes=list(codebook_sizes), embed_dims=embed_dims, grid_names=list(grid_names),
+                           pixels_per_code=pixels_per_code, tokenizer=tokenizer, tokenizer_type=tokenizer_type,
+                           tokenizer_resolution=tokenizer_resolution)
+    unet = build_unet(cond.channels, grid_side * pixels_per_code, block_out_channels, layers_per_block,
+                      norm_num_groups, attention)
+    with torch.device("cpu"):  # the noise schedule is data even when the networks are built on meta
+        sched = make_scheduler(scheduler, prediction_type=prediction_type)
+    return CodeDetokenizerPipeline(unet=unet, scheduler=sched, conditioner=cond)
+
+
+def load_pipeline(path: str | Path, device: str = "cpu") -> CodeDetokenizerPipeline:
+    p = Path(path)
+    if p.exists() and not (p / "model_index.json").is_file():
+        raise MMGenError(f"{p} is not a detokenizer pipeline directory (needs model_index.json)")
+    try:
+        pipe = CodeDetokenizerPipeline.from_pretrained(str(path), use_safetensors=True)
+    except OSError as e:
+        raise MMGenError(f"cannot load detokenizer '{path}': {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+__all__ = ["CodeConditioner", "CodeDetokenizerPipeline", "build_unet", "build_pipeline", "load_pipeline", "make_scheduler"]
