@@ -139,3 +139,13 @@ def test_range_params_validated():
         build_op("text_length_filter", params={"min_value": 5, "max_value": 2})
     with pytest.raises(MMGenError, match="did you mean 'max_value'"):
         build_op("special_characters_filter", params={"max_valeu": 0.2})
+
+
+def test_shipped_recipes_build():
+    from mmgen.data.pipeline import build_ops, load_recipe
+
+    for name in ("obelics_en", "caption_pairs"):
+        ops = build_ops(load_recipe(name))
+        assert ops and all(o.level in ("doc", "node") for o in ops)
+        stateful = [o.stateful for o in ops]
+        assert stateful == sorted(stateful)  # cheap stateless ops first, run-wide dedup last
