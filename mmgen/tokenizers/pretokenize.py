@@ -4,7 +4,9 @@
 
 Images are encoded in batches with the saved image tokenizer and written with
 :class:`~mmgen.data.code_shards.CodeShardWriter` as ``(h, w)`` int16 arrays (int32 for codebooks
-larger than int16 can index). A record that is not a Doc (a :class:`BadRecord` from the reader) or a
+larger than int16 can index). A dual tokenizer (DualViTok) writes both levels: the pixel grid as the
+item's codes and the semantic grid beside it (``KEY.I.sem.npy``), which is what
+:func:`mmgen.data.sequence.build_sequence` turns into ``<sem> ... </sem> <pix> ... </pix>``. A record that is not a Doc (a :class:`BadRecord` from the reader) or a
 Doc with an undecodable image is quarantined whole, with its reason, to ``out_dir/quarantine.jsonl``:
 ``docs_in == docs_written + quarantined``. Audio and video items are kept without codes for now
 (no audio or video tokenizer in the skeleton); the summary counts them.
@@ -50,7 +52,8 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     if batch_size <= 0:
         raise MMGenError(f"batch_size must be positive, got {batch_size}")
     tok = load_image_tokenizer(tokenizer_dir)
-    code_dtype = np.int16 if tok.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
+    sizes = getattr(tok, "codebook_sizes", {"pix": tok.codebook_size})
+    code_dtype = np.int16 if max(sizes.values()) <= np.iinfo(np.int16).max + 1 else np.int32
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     quarantine_path = out / "quarantine.jsonl"
@@ -66,6 +69,7 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
         nonlocal pending, pending_images
         jobs = [(d_i, it_i, pil, size) for d_i, (_, imgs) in enumerate(pending) for it_i, pil, size in imgs]
         codes_of: dict[tuple[int, int], np.ndarray] = {}
+        sem_of: dict[tuple[int, int], np.ndarray] = {}
         by_size: dict[tuple[int, int], list] = {}
         for job in jobs:
             by_size.setdefault(job[3], []).append(job)
@@ -73,12 +77,16 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
             for s in range(0, len(group), batch_size):
                 chunk = group[s:s + batch_size]
                 with torch.no_grad():
-                    codes = tok.encode([j[2] for j in chunk], size=size).cpu().numpy()
-                for j, c in zip(chunk, codes):
+                    out = tok.encode([j[2] for j in chunk], size=size)
+                codes, sem = (out["pix"], out["sem"].cpu().numpy()) if isinstance(out, dict) else (out, None)
+                for k, (j, c) in enumerate(zip(chunk, codes.cpu().numpy())):
                     codes_of[(j[0], j[1])] = c.astype(code_dtype)
                     grids[f"{c.shape[0]}x{c.shape[1]}"] += 1
+                    if sem is not None:
+                        sem_of[(j[0], j[1])] = sem[k].astype(code_dtype)
         for d_i, (doc, imgs) in enumerate(pending):
-            writer.write(CodedDoc(doc, {it_i: codes_of[(d_i, it_i)] for it_i, _, _ in imgs}))
+            writer.write(CodedDoc(doc, {it_i: codes_of[(d_i, it_i)] for it_i, _, _ in imgs},
+                                  {it_i: sem_of[(d_i, it_i)] for it_i, _, _ in imgs if (d_i, it_i) in sem_of}))
             stats["docs_written"] += 1
             stats["images_encoded"] += len(imgs)
         pending, pending_images = [], 0
@@ -121,7 +129,7 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     summary = {
         "docs_in": stats["docs_in"], "docs_written": stats["docs_written"], "quarantined": stats["quarantined"],
         "quarantine_reasons": dict(reasons), "images_encoded": stats["images_encoded"],
-        "code_grids": dict(grids), "code_dtype": np.dtype(code_dtype).name,
+        "code_grids": dict(grids), "code_dtype": np.dtype(code_dtype).name, "codebooks": dict(sizes),
         "audio_items_without_codes": stats["audio_items_without_codes"],
         "video_items_without_codes": stats["video_items_without_codes"],
         "note": "audio and video items are kept without codes (no audio/video tokenizer yet)",
