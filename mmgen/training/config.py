@@ -32,6 +32,7 @@ class DataConfig:
     # pix; an audio codec: audio). Default: {pix: the image tokenizer's codebook size}.
     codebooks: dict | None = None
     seq_len: int = 512  # packed row length
+    packing: Literal["mbs", "ffd"] = "mbs"  # minimum bin slack (fuller rows) or first-fit-decreasing
     max_docs: int | None = None
     # Train only on documents whose meta "split" is listed (documents without one are kept): held-out
     # and validation documents of a corpus such as ShapesWorld must never reach training.

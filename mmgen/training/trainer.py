@@ -120,7 +120,7 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     seqs, seq_stats = build_sequences(records, tok, vocab, targets=cfg.data.loss_targets, chat=cfg.stage == "sft")
     if not seqs:
         raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({seq_stats.to_dict()})")
-    rows, pack_stats = pack_sequences(seqs, cfg.data.seq_len, pad_id=tok.pad_token_id or 0)
+    rows, pack_stats = pack_sequences(seqs, cfg.data.seq_len, pad_id=tok.pad_token_id or 0, algorithm=cfg.data.packing)
     grids = Counter()
     for r in records:
         for codes in getattr(r, "codes", {}).values():
