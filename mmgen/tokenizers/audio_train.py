@@ -54,6 +54,9 @@ class AudioTrainConfig:
     mel_weight: float = 1.0
     mel_ffts: list[int] = field(default_factory=lambda: [256, 1024])
     vq_weight: float = 1.0
+    restart_every: int = 5  # dead-code restarts (also seeds the codebooks from data on step 1)
+    dead_threshold: float = 0.03  # a code is dead below this fraction of uniform usage
+    usage_decay: float = 0.95
     # bookkeeping
     out_dir: str = "runs/tokenizer/tiny_audio"
     log_every: int = 20
@@ -124,7 +127,42 @@ def _crop_batch(clips: list[np.ndarray], real: list[np.ndarray], cfg: AudioTrain
 
 # -- the loop ----------------------------------------------------------------------------------------
 
-def codec_loss(model, x: torch.Tensor, cfg: AudioTrainConfig, sample_rate: int) -> tuple[torch.Tensor, dict]:
+class CodebookUsage(torch.nn.Module):
+    """Per-level usage EMA of every code, and restarts of dead codes from recent encoder outputs.
+
+    transformers' DAC trains its codebooks by gradient only; from a random start every frame picks the
+    same code and the codec collapses to one code per level. Re-seeding unused codes from the latents
+    they should cover (as the image tokenizer does) keeps the codebooks populated."""
+
+    def __init__(self, n_q: int, codebook_size: int, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("usage", torch.zeros(n_q, codebook_size))
+
+    @torch.no_grad()
+    def update(self, model, out, threshold: float, restart: bool, g: torch.Generator, opt) -> int:
+        n_q, k = self.usage.shape
+        d = out.projected_latents.shape[1] // n_q
+        restarted = 0
+        for q, quant in enumerate(model.quantizer.quantizers):
+            counts = torch.bincount(out.audio_codes[:, q].flatten(), minlength=k).float()
+            self.usage[q].mul_(self.decay).add_(counts / counts.sum(), alpha=1 - self.decay)
+            dead = torch.nonzero(self.usage[q] < threshold / k).flatten()
+            if not restart or dead.numel() == 0:
+                continue
+            z = out.projected_latents[:, q * d:(q + 1) * d].permute(0, 2, 1).reshape(-1, d)
+            pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=g)
+            quant.codebook.weight.data[dead] = z[pick] + 0.01 * torch.randn(dead.numel(), d, generator=g)
+            self.usage[q, dead] = 1.0 / k
+            state = opt.state.get(quant.codebook.weight, {})
+            for name in ("exp_avg", "exp_avg_sq"):  # a re-seeded code starts afresh
+                if name in state:
+                    state[name][dead] = 0
+            restarted += dead.numel()
+        return restarted
+
+
+def codec_loss(model, x: torch.Tensor, cfg: AudioTrainConfig, sample_rate: int):
     out = model(x, return_dict=True)
     y = out.audio_values
     ref = x[:, 0, : y.shape[-1]]
@@ -133,18 +171,21 @@ def codec_loss(model, x: torch.Tensor, cfg: AudioTrainConfig, sample_rate: int) 
               for n in cfg.mel_ffts) / max(1, len(cfg.mel_ffts))
     vq = out.loss.mean()
     loss = cfg.wave_weight * wave + cfg.mel_weight * mel + cfg.vq_weight * vq
-    return loss, {"loss": loss.item(), "wave_l1": wave.item(), "mel_l1": mel.item(), "vq": vq.item()}
+    return loss, {"loss": loss.item(), "wave_l1": wave.item(), "mel_l1": mel.item(), "vq": vq.item()}, out
 
 
 def evaluate(codec: AudioCodec, clips: list[np.ndarray]) -> dict:
     """Mean mel L1 and SI-SNR of encode -> decode over ``clips``."""
-    mels, snrs = [], []
+    mels, snrs, used = [], [], torch.zeros(codec.n_q, codec.codebook_size, dtype=torch.bool)
     for x in clips:
-        y = codec.decode(codec.encode(x, sample_rate=codec.sample_rate))
+        codes = codec.encode(x, sample_rate=codec.sample_rate)
+        used.scatter_(1, codes, True)
+        y = codec.decode(codes)
         ref, est = torch.from_numpy(x), torch.from_numpy(y[: len(x)])
         mels.append(mel_l1(ref, est, codec.sample_rate))
         snrs.append(si_snr(ref, est))
-    return {"mel_l1": round(float(np.mean(mels)), 4), "si_snr_db": round(float(np.mean(snrs)), 3), "clips": len(clips)}
+    return {"mel_l1": round(float(np.mean(mels)), 4), "si_snr_db": round(float(np.mean(snrs)), 3), "clips": len(clips),
+            "codebook_usage": [round(float(u), 3) for u in used.float().mean(1)]}
 
 
 def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
@@ -176,11 +217,13 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
 
     model = codec.model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.8, 0.99))
+    tracker = CodebookUsage(codec.n_q, codec.codebook_size, cfg.usage_decay)
+    state = torch.nn.ModuleDict({"codec": model, "tracker": tracker})  # what a checkpoint holds
     sched = lambda step: cfg.lr * min(1.0, (step + 1) / 20)  # noqa: E731 - short warmup, then flat
 
     start, metrics_path = 0, out / "metrics.jsonl"
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = _load_checkpoint(ckpt, model, opt)
+        start = _load_checkpoint(ckpt, state, opt)
         if metrics_path.exists():
             kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
@@ -197,12 +240,15 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
         x = _crop_batch(clips, real_heads, cfg, seg, g)
         for group in opt.param_groups:
             group["lr"] = sched(step)
-        loss, vals = codec_loss(model, x, cfg, sr)
+        loss, vals, fwd = codec_loss(model, x, cfg, sr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        restart = cfg.restart_every > 0 and step % cfg.restart_every == 0
+        vals["restarted_codes"] = tracker.update(model, fwd, cfg.dead_threshold, restart, g, opt)
+        vals["usage"] = float((tracker.usage > 0.1 / codec.codebook_size).float().mean())
         for k, v in vals.items():
             window[k] = window.get(k, 0.0) + v
         n_window += 1
@@ -215,7 +261,7 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", mel=f"{rec['mel_l1']:.3f}")
             window, n_window = {}, 0
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save_checkpoint(out / "checkpoints", model, opt, done, cfg.keep_checkpoints)
+            _save_checkpoint(out / "checkpoints", state, opt, done, cfg.keep_checkpoints)
     bar.close()
     train_s = time.time() - t0
 
