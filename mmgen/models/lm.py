@@ -1,10 +1,9 @@
-"""The unified LM: one decoder-only transformer over the whole :class:`~mmgen.models.vocab.Vocab`.
+"""The decoder of the unified LM: one decoder-only transformer over the whole :class:`~mmgen.models.vocab.Vocab`.
 
-Text, structural, size and code tokens share one embedding table and one output head (Emu3 /
-Lumina-mGPT / Anole style), so the model is a plain ``transformers.LlamaForCausalLM`` and every tool of
-the ecosystem (``generate``, ``save_pretrained``, PEFT, DeepSpeed) works on it unchanged. The
-``tiny`` preset builds it from config; real-scale presets start from a pretrained decoder and resize its
-embeddings to ``vocab.size`` (:func:`extend_pretrained_lm`).
+Text, structural, size and code tokens share one embedding table (Emu3 / Lumina-mGPT / Anole style).
+:func:`build_tiny_lm` builds the ``tiny`` preset's ``transformers.LlamaForCausalLM`` from config;
+training wraps it (or any pretrained decoder) in :class:`mmgen.models.unified.MMGenForCausalLM`, which
+adds the vocabulary extension, the optional code head and the continuous-input projectors.
 
 Packed rows (several documents in one row, :mod:`mmgen.data.packing`) are run with a 4-D additive
 block-diagonal causal mask from :func:`packed_attention_mask`: transformers passes a 4-D mask to the
