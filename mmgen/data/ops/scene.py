@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmgen.data.doc import Text
-from mmgen.data.ops.base import ImageOp, Verdict, error_text, register_op
+from mmgen.data.ops.base import ImageOp, Verdict, error_text, image_caption_pairs, register_op
 from mmgen.errors import MediaError, MMGenError
 
 
@@ -49,15 +48,9 @@ class SceneCaptionMatch(ImageOp):
 
     def apply(self, view):
         parse_scene, parse_caption, scene_contains = _parsers()
-        items = list(view.items())
         out = []
-        for pos, (i, it) in enumerate(items):
-            if getattr(it, "kind", None) != "image":
-                continue
-            cap = next((items[j] for j in range(pos - 1, -1, -1) if isinstance(items[j][1], Text)), None) \
-                or next((items[j] for j in range(pos + 1, len(items)) if isinstance(items[j][1], Text)), None)
-            if cap is None:
-                continue
+        for i, cap_i in image_caption_pairs(view):
+            cap = (cap_i, view.doc.items[cap_i])
             try:
                 want = parse_caption(cap[1].text)
             except Exception:  # noqa: BLE001 - free text the grammar does not cover is not judged
