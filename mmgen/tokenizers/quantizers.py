@@ -12,7 +12,7 @@ Kinds (all from the library, chosen by config):
 * ``simvq``   -- ``SimVQ``: a frozen random codebook seen through a learned linear map (the whole
   codebook moves together, so it does not collapse); the library has no dead-code restart, so mmgen
   restarts a dead code by solving for the frozen vector that the linear map sends to a recent
-  encoder output (least squares);
+  encoder output (pseudo-inverse);
 * ``fsq``     -- ``FSQ``: finite scalar quantization, an implicit product codebook (no codebook to die);
 * ``rvq``     -- ``ResidualVQ``: several EMA codebooks on successive residuals; the per-level codes are
   combined into one index (mixed radix), so the LM still sees one token per position.
@@ -128,8 +128,9 @@ class Quantizer(nn.Module):
             return 0
         pick = torch.randint(0, self._recent.shape[0], (dead.numel(),), generator=generator)
         target = self._recent[pick]
-        transform = self.q.code_transform  # codebook = frozen @ W.T: solve frozen rows that map onto target
-        sol = torch.linalg.lstsq(transform.weight, target.T).solution.T
+        # codebook = frozen @ W.T: the frozen rows that W maps onto the targets. pinv (SVD) rather than
+        # lstsq: LAPACK's lstsq is not bitwise repeatable here, and resume must be exact.
+        sol = (torch.linalg.pinv(self.q.code_transform.weight) @ target.T).T
         self.q.frozen_codebook[dead] = sol
         self.usage[dead] = 1.0 / self.codebook_size
         return int(dead.numel())

@@ -1,0 +1,240 @@
+"""DualViTok: shapes and determinism at several sizes, save/load, exact resume, real photos, errors,
+pre-tokenization into the <sem>/<pix> layout, quantizer kinds, and the real-scale preset on meta."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmgen.config import load_config
+from mmgen.errors import MediaError, MMGenError
+
+TEACHER_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "layers": 1, "heads": 2, "mlp_ratio": 2.0},
+}
+TINY = {"sem_width": 16, "sem_heads": 2, "sem_encoder_layers": 1, "sem_decoder_layers": 1, "sem_merge": 2, "sem_code_dim": 8,
+        "sem_quantizer": {"kind": "simvq", "codebook_size": 16}, "pix_channels": [8, 16], "pix_patch_size": 4,
+        "pix_code_dim": 4, "pix_quantizer": {"kind": "simvq", "codebook_size": 32}, "sem_cond_dim": 4, "norm_groups": 4}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from mmgen.models.clip import build_open_clip, save_clip
+
+    torch.manual_seed(0)
+    return str(save_clip(build_open_clip(TEACHER_CFG), tmp_path_factory.mktemp("clip") / "clip", TEACHER_CFG))
+
+
+def tiny_cfg(out_dir, teacher_dir, **over):
+    from mmgen.tokenizers.train import TokenizerTrainConfig
+
+    base = {"tokenizer": "dualvitok", "synthetic_images": 48, "resolution": 32, "eval_images": 8,
+            "dualvitok": {**TINY, "teacher": {"kind": "open_clip", "name": teacher_dir}},
+            "steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2,
+            "restart_every": 2, "out_dir": str(out_dir), "threads": 1, "progress": False}
+    base.update(over)
+    return load_config(TokenizerTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+@pytest.fixture(scope="module")
+def tok(teacher_dir, tmp_path_factory):
+    from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
+
+    torch.manual_seed(0)
+    return build_dualvitok_from_config(tiny_cfg(tmp_path_factory.mktemp("t"), teacher_dir)).eval()
+
+
+def scenes(n, w=32, h=32, seed=0):
+    import random
+
+    from mmgen.data.synthetic import random_scene, render
+
+    rng = random.Random(seed)
+    return [render(random_scene(rng, "val"), w, h) for _ in range(n)]
+
+
+@pytest.mark.parametrize("w,h", [(32, 32), (64, 32), (48, 80)])
+def test_encode_decode_shapes_and_determinism(tok, w, h):
+    imgs = scenes(3, w, h)
+    c1 = tok.encode(imgs, size=(w, h), return_features=True)
+    c2 = tok.encode(imgs, size=(w, h))
+    assert c1["pix"].shape == (3, h // 8, w // 8) and c1["sem"].shape == (3, h // 16, w // 16)
+    assert tok.code_shapes(w, h) == {"sem": (h // 16, w // 16), "pix": (h // 8, w // 8)}
+    assert c1["sem_features"].shape == (3, 8, h // 16, w // 16) and c1["pix_features"].shape == (3, 4, h // 8, w // 8)
+    assert torch.equal(c1["sem"], c2["sem"]) and torch.equal(c1["pix"], c2["pix"])
+    out1, out2 = tok.decode(c2), tok.decode({"sem": c2["sem"].numpy(), "pix": c2["pix"].numpy()})
+    assert [im.size for im in out1] == [(w, h)] * 3
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out1, out2))
+    # batched == one by one
+    single = tok.encode(imgs[1:2], size=(w, h))
+    assert torch.equal(single["pix"][0], c1["pix"][1]) and torch.equal(single["sem"][0], c1["sem"][1])
+
+
+def test_single_level_decoding_and_bad_codes(tok):
+    c = tok.encode(scenes(2))
+    assert tok.decode(c["pix"].numpy())[0].size == (32, 32)  # a bare pixel grid, as generation passes it
+    assert tok.decode({"sem": c["sem"]})[0].size == (32, 32)
+    with pytest.raises(MMGenError, match="pix code out of range"):
+        tok.decode({"sem": c["sem"], "pix": c["pix"] + 1000})
+    with pytest.raises(MMGenError, match="does not match"):
+        tok.decode({"sem": c["sem"][:, :1], "pix": c["pix"]})
+    with pytest.raises(MMGenError, match="multiple of 16"):
+        tok.encode_tensor(torch.zeros(1, 3, 24, 32))
+
+
+def test_save_load_bit_exact(tok, tmp_path):
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.tokenizers.dualvitok import DualViTok
+
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert cfg["mmgen_type"] == "dualvitok" and "name" not in cfg["teacher"]  # self-contained: no hub lookups
+    back = load_image_tokenizer(tmp_path / "tok")
+    assert isinstance(back, DualViTok)
+    sd1, sd2 = tok.state_dict(), back.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    imgs = scenes(4, 48, 32, seed=3)
+    a, b = tok.encode(imgs, size=(48, 32)), back.encode(imgs, size=(48, 32))
+    assert torch.equal(a["sem"], b["sem"]) and torch.equal(a["pix"], b["pix"])
+    assert torch.equal(tok.decode_tensor(a), back.decode_tensor(b))
+
+
+@pytest.mark.parametrize("gan", [0.0, 0.1])
+def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan):
+    import mmgen.tokenizers.dualvitok_train as dt
+    from mmgen.tokenizers.train import train_tokenizer
+
+    full = train_tokenizer(tiny_cfg(tmp_path / "full", teacher_dir, gan_weight=gan, gan_start=1))
+
+    class Killed(Exception):
+        pass
+
+    real_save = dt._save_checkpoint
+
+    def save_then_die(*args):
+        path = real_save(*args)
+        if args[3] == 2:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(dt, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_tokenizer(tiny_cfg(tmp_path / "part", teacher_dir, gan_weight=gan, gan_start=1))
+    monkeypatch.setattr(dt, "_save_checkpoint", real_save)
+    part = train_tokenizer(tiny_cfg(tmp_path / "part", teacher_dir, gan_weight=gan, gan_start=1, resume=True))
+    m_full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    m_part = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    drop = ("elapsed_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in m_full] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in m_part]
+    assert [r["step"] for r in m_full] == [1, 2, 3, 4] and ("disc" in m_full[-1]) == (gan > 0)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    report = json.loads((tmp_path / "full" / "eval.json").read_text())
+    assert {"eval_psnr", "eval_sem_usage", "eval_pix_usage", "eval_teacher_cosine"} <= report.keys()
+    assert (tmp_path / "full" / "recon.png").is_file()
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path):
+    from mmgen.tokenizers.train import train_tokenizer
+
+    with pytest.raises(MMGenError, match="mmgen train-clip"):
+        train_tokenizer(tiny_cfg(tmp_path, str(tmp_path / "nope")))
+
+
+def test_real_photos_and_undecodable_file(tok, real_dir, tmp_path):
+    from mmgen.tokenizers.pretokenize import encode_image_files, target_size
+
+    photos = sorted(p for p in real_dir.iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    assert len(photos) >= 8
+    from PIL import Image
+
+    for p in photos:
+        with Image.open(p) as im:
+            w, h = target_size(tok, im.width, im.height, keep_aspect=True)
+        codes = encode_image_files(tok, [p], size=(w, h))
+        assert codes["pix"].shape[1:] == (h // 8, w // 8) and codes["sem"].shape[1:] == (h // 16, w // 16)
+        out = tok.decode(codes)[0]
+        assert out.size == (w, h) and np.asarray(out).std() > 0
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(MediaError, match="broken.jpg"):
+        encode_image_files(tok, [bad])
+
+
+def test_pretokenize_writes_sem_and_pix_layout(tok, tmp_path):
+    from mmgen.data.code_shards import read_code_shards
+    from mmgen.data.sequence import build_sequence
+    from mmgen.data.synthetic import write_world
+    from mmgen.models.vocab import Vocab
+    from mmgen.tokenizers.pretokenize import pretokenize
+
+    tok.save_pretrained(tmp_path / "tok")
+    write_world(tmp_path / "world", n_docs=12, seed=1, size=32, progress=False)
+    s = pretokenize(tmp_path / "tok", str(tmp_path / "world"), tmp_path / "codes", batch_size=8, progress=False)
+    assert s["docs_in"] == s["docs_written"] + s["quarantined"] and s["images_encoded"] > 0
+    assert s["codebooks"] == {"sem": 16, "pix": 32}
+    coded = [c for c in read_code_shards(str(tmp_path / "codes")) if c.codes]
+    assert coded and all(c.sem.keys() == c.codes.keys() for c in coded)
+
+    class Tok:  # the smallest text tokenizer build_sequence needs
+        bos_token_id, eos_token_id = 1, 2
+
+        def encode(self, text, add_special_tokens=False):
+            return [3 + (hash(w) % 50) for w in text.split()]
+
+    vocab = Vocab(text_size=60, codebooks=tok.codebook_sizes, max_grid=16, sem_ratio=tok.sem_ratio)
+    seq = build_sequence(coded[0], Tok(), vocab)
+    ids = seq["input_ids"].tolist()
+    start = ids.index(vocab["<image>"])
+    parsed = vocab.parse_image_block(ids[start:])
+    i = next(iter(coded[0].codes))
+    assert np.array_equal(parsed["pix"], coded[0].codes[i]) and np.array_equal(parsed["sem"], coded[0].sem[i])
+    assert ids[start + 3] == vocab["<sem>"]
+
+
+@pytest.mark.parametrize("kind", ["vq_ema", "fsq", "rvq"])
+def test_other_quantizers(teacher_dir, kind, tmp_path):
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
+
+    q = {"kind": kind, "codebook_size": 8, "fsq_levels": [4, 4], "rvq_levels": 2}
+    cfg = tiny_cfg(tmp_path, teacher_dir, dualvitok={**TINY, "teacher": {"kind": "open_clip", "name": teacher_dir},
+                                                      "pix_quantizer": q})
+    torch.manual_seed(0)
+    m = build_dualvitok_from_config(cfg)
+    m(torch.rand(4, 3, 32, 32) * 2 - 1)  # a training pass (k-means init for the EMA codebooks)
+    m.eval()
+    assert m.codebook_sizes["pix"] == {"vq_ema": 8, "fsq": 16, "rvq": 64}[kind]
+    c = m.encode(scenes(2))
+    assert c["pix"].shape == (2, 4, 4) and int(c["pix"].max()) < m.codebook_sizes["pix"]
+    m.save_pretrained(tmp_path / "q")
+    back = load_image_tokenizer(tmp_path / "q")
+    assert torch.equal(back.encode(scenes(2))["pix"], c["pix"])
+    assert torch.equal(back.decode_tensor(c), m.decode_tensor(c))
+
+
+def test_real_scale_preset_on_meta():
+    from mmgen.paths import recipe_path
+    from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
+    from mmgen.tokenizers.train import TokenizerTrainConfig
+
+    cfg = load_config(TokenizerTrainConfig, recipe_path("dualvitok_siglip_large", "tokenizers"))
+    with torch.device("meta"):
+        m = build_dualvitok_from_config(cfg, load_teacher=False).eval()
+    teacher = sum(p.numel() for p in m.teacher.parameters())
+    assert 300e6 < teacher < 330e6  # SigLIP-L/16 vision tower
+    assert 100e6 < m.num_parameters(trainable_only=True) < 250e6
+    assert all(not p.requires_grad for p in m.teacher.parameters())
+    assert m.code_shapes(384, 384) == {"sem": (12, 12), "pix": (24, 24)} and m.sem_ratio == 2
+    assert m.codebook_sizes == {"sem": 32768, "pix": 32768}
+    c = m.encode_tensor(torch.empty(2, 3, 384, 256, device="meta"))
+    assert c["sem"].shape == (2, 12, 8) and c["pix"].shape == (2, 24, 16)
+    assert m.decode_tensor(c).shape == (2, 3, 384, 256)
