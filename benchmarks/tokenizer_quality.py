@@ -1,0 +1,231 @@
+"""DualViTok quality on the tiny preset: full vs pixel branch alone vs semantic branch alone.
+
+    python benchmarks/tokenizer_quality.py                                   # trains CLIP + DualViTok if missing
+    python benchmarks/tokenizer_quality.py --tokenizer runs/tokenizer/tiny_dualvitok/tokenizer --scenes 300
+
+Measures, and writes the BENCHMARKS.md section "tokenizer_quality":
+* scene-parser agreement (exact scene) between held-out ShapesWorld renders and their reconstructions;
+* PSNR on the real photos in ../shared/data/real/ resized to the tokenizer's resolution;
+  both for three decodings of the same codes: sem + pix (full), pix only and sem only (the missing level
+  replaced by its learned null vector, as trained with branch dropout), with tokens per image;
+* codebook usage of both quantizers on the held-out set;
+* linear probes (logistic regression on the codes' codebook vectors) predicting colour and shape of
+  the largest object, trained on train-split scenes, tested on unseen val scenes and on held-out
+  colour-shape pairs: semantic vs pixel codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "real"
+
+
+def ensure_tokenizer(path: Path) -> Path:
+    if (path / "config.json").is_file():
+        return path
+    clip = ROOT / "runs" / "clip" / "tiny" / "clip"
+    if not (clip / "open_clip_config.json").is_file():
+        subprocess.run([sys.executable, "-m", "mmgen", "train-clip", "tiny_clip", "progress=false"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "mmgen", "train-tokenizer", "tiny_dualvitok", "progress=false"], check=True, cwd=ROOT)
+    return ROOT / "runs" / "tokenizer" / "tiny_dualvitok" / "tokenizer"
+
+
+def render_set(n: int, split: str, seed: int, size: int):
+    from mmgen.data.synthetic import random_scene, render
+
+    rng = random.Random(f"tokq-{split}-{seed}")
+    scenes = [random_scene(rng, split) for _ in range(n)]
+    return scenes, [render(s, size, size) for s in scenes]
+
+
+def encode_all(tok, images, batch: int = 64) -> dict:
+    out = {"sem": [], "pix": []}
+    for i in range(0, len(images), batch):
+        c = tok.encode(images[i:i + batch])
+        for k in out:
+            out[k].append(c[k])
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+VARIANTS = {"full (sem + pix)": ("sem", "pix"), "pixel branch alone": ("pix",), "semantic branch alone": ("sem",)}
+
+
+def decode_variant(tok, codes: dict, keep: tuple, batch: int = 64) -> list:
+    n = len(codes["pix"])
+    out = []
+    for i in range(0, n, batch):
+        out += tok.decode({k: codes[k][i:i + batch] for k in keep})
+    return out
+
+
+def psnr(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(10 * np.log10(255.0 ** 2 / max(np.mean((a - b) ** 2), 1e-10)))
+
+
+def scene_agreement(recons, scenes) -> float:
+    from mmgen.eval.scene_parser import compare_scenes, parse_scene
+
+    return float(np.mean([compare_scenes(parse_scene(r), s)["exact"] for r, s in zip(recons, scenes)]))
+
+
+def real_photos(size) -> list:
+    from PIL import Image
+
+    paths = sorted(p for p in REAL.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return [Image.open(p).convert("RGB").resize(size, Image.BICUBIC) for p in paths], [p.name for p in paths]
+
+
+def unique_largest_set(n: int, split: str, seed: int, size: int):
+    """Scenes whose largest object is unambiguous (one object, or exactly one large one)."""
+    from mmgen.data.synthetic import random_scene, render
+
+    rng = random.Random(f"probe-{split}-{seed}")
+    scenes = []
+    while len(scenes) < n:
+        s = random_scene(rng, split)
+        if len(s.objects) == 1 or sum(o.size == "large" for o in s.objects) == 1:
+            scenes.append(s)
+    return scenes, [render(s, size, size) for s in scenes]
+
+
+def code_features(tok, codes: torch.Tensor, level: str) -> torch.Tensor:
+    """The codes' codebook vectors, flattened over positions: what a linear probe on codes sees."""
+    with torch.no_grad():
+        v = getattr(tok, f"{level}_quantizer").embed(codes)
+    v = v.flatten(1)
+    return (v - v.mean(0)) / (v.std(0) + 1e-6)
+
+
+def linear_probe(x_tr, y_tr, x_te, y_te, classes: int, steps: int = 300) -> float:
+    """Multinomial logistic regression (full-batch L-BFGS, L2), accuracy on the test set."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x_tr.shape[1], classes)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(x_tr), y_tr) + 1e-4 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((lin(x_te).argmax(-1) == y_te).float().mean())
+
+
+def probes(tok, n_train: int, n_test: int, size: int) -> dict:
+    """Probe accuracy per (attribute, code level, test split): val = unseen scenes, heldout = scenes
+    with colour-shape pairs never seen by the tokenizer, the teacher or the probe."""
+    from mmgen.data.synthetic import COLORS, SHAPES
+    from mmgen.models.clip_train import largest_object
+
+    sets = {name: unique_largest_set(n, split, seed, size)
+            for name, n, split, seed in (("train", n_train, "train", 1), ("val", n_test, "val", 2), ("heldout", n_test, "heldout", 3))}
+    codes = {name: encode_all(tok, imgs) for name, (_, imgs) in sets.items()}
+    res = {}
+    for attr, values in (("color", list(COLORS)), ("shape", list(SHAPES))):
+        y = {name: torch.tensor([values.index(getattr(largest_object(s), attr)) for s in scenes])
+             for name, (scenes, _) in sets.items()}
+        for level in ("sem", "pix"):
+            feats = code_features(tok, torch.cat([codes[k][level] for k in sets]), level)
+            f = dict(zip(sets, torch.split(feats, [len(sets[k][0]) for k in sets])))
+            for split in ("val", "heldout"):
+                res[(attr, level, split)] = linear_probe(f["train"], y["train"], f[split], y[split], len(values))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokenizer", default=str(ROOT / "runs" / "tokenizer" / "tiny_dualvitok" / "tokenizer"))
+    ap.add_argument("--scenes", type=int, default=300, help="held-out scenes for agreement and codebook usage")
+    ap.add_argument("--probe-train", type=int, default=2000)
+    ap.add_argument("--probe-test", type=int, default=500)
+    ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.tokenizers.quantizers import usage_fraction
+    from mmgen.utils.bench import md_table, write_section
+
+    tok_dir = ensure_tokenizer(Path(args.tokenizer))
+    tok = load_image_tokenizer(tok_dir)
+    w, h = tok.resolution
+    t0 = time.time()
+    # held-out scenes: half val (unseen scenes), half heldout (unseen colour-shape pairs)
+    s_val, i_val = render_set(args.scenes // 2, "val", 0, w)
+    s_ho, i_ho = render_set(args.scenes - args.scenes // 2, "heldout", 0, w)
+    scenes, images = s_val + s_ho, i_val + i_ho
+    codes = encode_all(tok, images)
+    photos, names = real_photos((w, h))
+    pcodes = encode_all(tok, photos)
+    shapes = tok.code_shapes(w, h)
+    tokens = {"sem": shapes["sem"][0] * shapes["sem"][1], "pix": shapes["pix"][0] * shapes["pix"][1]}
+
+    rows, results = [], {}
+    for label, keep in VARIANTS.items():
+        agree = scene_agreement(decode_variant(tok, codes, keep), scenes)
+        rec = decode_variant(tok, pcodes, keep)
+        p = float(np.mean([psnr(a, b) for a, b in zip(photos, rec)]))
+        ntok = sum(tokens[k] for k in keep)
+        rows.append([label, ntok, f"{100 * agree:.1f}%", f"{p:.2f}"])
+        results[label] = {"tokens_per_image": ntok, "scene_agreement": agree, "real_psnr_db": p}
+    usage = {lvl: usage_fraction(getattr(tok, f"{lvl}_quantizer"), codes[lvl]) for lvl in ("sem", "pix")}
+    probe = probes(tok, args.probe_train, args.probe_test, w)
+    seconds = time.time() - t0
+
+    eval_json = tok_dir.parent / "eval.json"
+    train = json.loads(eval_json.read_text()) if eval_json.is_file() else {}
+    clip_eval = ROOT / "runs" / "clip" / "tiny" / "eval.json"
+    clip = json.loads(clip_eval.read_text()) if clip_eval.is_file() else {}
+    body = [
+        f"Tokenizer `{Path(tok_dir).relative_to(ROOT) if Path(tok_dir).is_relative_to(ROOT) else tok_dir}` "
+        f"({tok.resolution[0]}x{tok.resolution[1]}, sem {shapes['sem'][0]}x{shapes['sem'][1]} codes from "
+        f"{tok.codebook_sizes['sem']} entries, pix {shapes['pix'][0]}x{shapes['pix'][1]} from {tok.codebook_sizes['pix']}; "
+        f"{train.get('parameters', tok.num_parameters()):,} parameters incl. the frozen teacher).",
+        f"Training: DualViTok {train.get('steps', '?')} steps in {train.get('train_seconds', '?')} s; its CLIP teacher "
+        f"{clip.get('steps', '?')} steps in {clip.get('train_seconds', '?')} s (held-out zero-shot colour "
+        f"{clip.get('zero_shot_color_acc', '?')}, shape {clip.get('zero_shot_shape_acc', '?')}); 2 shared CPU cores, "
+        "other jobs running, so seconds are noisy.",
+        "",
+        f"Reconstruction: {len(scenes)} held-out ShapesWorld scenes (half `val`, half `heldout` pairs), scene-parser exact "
+        f"agreement of input vs reconstruction; PSNR over the {len(photos)} real photos ({', '.join(names)}) resized to "
+        f"{w}x{h}. The three rows decode the same codes; a missing level is its learned null vector.",
+        "",
+        md_table(["decoding", "tokens / image", "scene agreement", "real-photo PSNR (dB)"], rows),
+        "",
+        f"Codebook usage on the {len(scenes)} held-out scenes: semantic {100 * usage['sem'][0]:.1f}% of "
+        f"{tok.codebook_sizes['sem']}, pixel {100 * usage['pix'][0]:.1f}% of {tok.codebook_sizes['pix']}.",
+        "",
+        f"Linear probe (logistic regression on the codes' codebook vectors, all positions) predicting colour / "
+        f"shape of the largest object, trained on {args.probe_train} train-split scenes, tested on {args.probe_test} "
+        "unseen `val` scenes and on {0} `heldout` scenes (colour-shape pairs never seen in any training); scenes "
+        "with an unambiguous largest object:".format(args.probe_test),
+        "",
+        md_table(["codes", "tokens", "colour (val)", "shape (val)", "colour (heldout)", "shape (heldout)"],
+                 [[name, tokens[lvl]] + [f"{100 * probe[(a, lvl, sp)]:.1f}%" for sp in ("val", "heldout") for a in ("color", "shape")]
+                  for name, lvl in (("semantic", "sem"), ("pixel", "pix"))]),
+        "",
+        f"Measurement took {seconds:.0f} s.",
+    ]
+    text = "\n".join(body)
+    print(text)
+    print(json.dumps({"variants": results, "usage": usage, "probe": {"/".join(k): v for k, v in probe.items()}}))
+    if not args.no_write:
+        write_section("tokenizer_quality", "Image tokenizer quality (DualViTok, tiny)", text)
+
+
+if __name__ == "__main__":
+    main()
