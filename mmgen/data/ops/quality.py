@@ -14,7 +14,7 @@ The classifier is small (a 3-layer CNN over the image, hashed word uni/bigrams o
 cross-attention from the words to the image cells, an MLP) and trains in seconds on a CPU. Its score is the expected level / 3, in
 [0, 1]. Saved as ``quality_config.json`` + ``quality_model.safetensors``.
 
-    mmgen train-quality --out runs/quality --examples 4000
+    mmgen train-quality --out runs/quality   # 8000 pairs x 30 epochs, about 2 CPU-minutes
     ops: [{op: quality_score, level: node, params: {model: runs/quality, min_score: 0.5}}]
 """
 
@@ -173,7 +173,7 @@ def make_examples(n: int, seed: int = 0, size: int = 64) -> list[tuple]:
     return out
 
 
-def train_quality(out: str | Path, examples: int = 4000, epochs: int = 10, seed: int = 0, image_size: int = 32,
+def train_quality(out: str | Path, examples: int = 8000, epochs: int = 30, seed: int = 0, image_size: int = 32,
                   batch_size: int = 64, lr: float = 3e-3, val_examples: int = 400) -> dict:
     """Train the scorer on ``examples`` generated pairs; save it to ``out``; return validation
     accuracy, per-level mean score and the path."""
