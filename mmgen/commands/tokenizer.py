@@ -10,12 +10,16 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("train-tokenizer")
     def train_tokenizer_cmd(
-        config: str = typer.Argument(..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_vq)."),
+        config: str = typer.Argument(..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_dualvitok, tiny_vq)."),
         overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. steps=100 out_dir=runs/vq"),
     ) -> None:
-        """Train a pixel VQ image tokenizer from a recipe.
+        """Train an image tokenizer from a recipe: DualViTok (semantic + pixel codes) or the pixel VQ.
 
-        Example: mmgen train-tokenizer tiny_vq out_dir=runs/vq inputs=[data/world/train]
+        \b
+        Examples:
+          mmgen train-clip tiny_clip && mmgen train-tokenizer tiny_dualvitok
+          mmgen train-tokenizer tiny_dualvitok steps=1500 resume=true
+          mmgen train-tokenizer tiny_vq out_dir=runs/vq inputs=[data/world/train]
         """
         from mmgen.config import load_config
         from mmgen.paths import recipe_path
@@ -34,7 +38,8 @@ def register(app: typer.Typer) -> None:
         keep_media: bool = typer.Option(False, "--keep-media", help="Also keep the original media bytes in the code shards."),
         keep_aspect: bool = typer.Option(False, "--keep-aspect", help="Encode at each image's aspect ratio (same area) instead of the tokenizer's square resolution."),
     ) -> None:
-        """Pre-tokenize Doc shards: every image item becomes a grid of codes in code shards.
+        """Pre-tokenize Doc shards: every image item becomes a grid of codes in code shards
+        (DualViTok: pixel codes plus the semantic grid beside them).
 
         Example: mmgen tokenize --tokenizer runs/vq/tokenizer --input 'data/world/*.tar' --out runs/codes
         """
