@@ -10,4 +10,5 @@ from mmgen.data.ops.base import (  # noqa: F401
     LEVELS, OPS, DocView, ImageOp, NoParams, Op, StatefulOp, TextOp, Verdict, build_op, register_op,
 )
 from mmgen.data.ops import dedup, image, language, quality, scene, select, similarity, text  # noqa: F401,E402 - registration side effects
+from mmgen.data.ops import scene_dedup  # noqa: F401,E402
 from mmgen.data.ops.dedup import hamming, minhash, phash  # noqa: F401,E402

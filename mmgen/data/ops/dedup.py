@@ -141,15 +141,22 @@ class DocDedup(StatefulOp):
 
     levels = ("doc",)
 
+    @dataclass
+    class Params:
+        # False: only byte-identical text is a copy; a change of case or punctuation is then left
+        # to doc_near_dedup (whose shingles are normalised), as in corpora that label it a near copy.
+        normalize: bool = True
+
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.seen: dict[str, str] = {}
 
     def signature(self, view: DocView):
         h = hashlib.sha1()
+        norm = normalize_text if self.params.normalize else (lambda t: t)
         for _, it in view.items():
             h.update(it.kind.encode() + b"\x00")
-            h.update(normalize_text(it.text).encode() if isinstance(it, Text) else it.sha1().encode())
+            h.update(norm(it.text).encode() if isinstance(it, Text) else it.sha1().encode())
             h.update(b"\x01")
         return h.hexdigest()
 
