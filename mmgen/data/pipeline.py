@@ -512,6 +512,10 @@ REASON_DEFECT = {
     "ngram_repetition": "ngram_spam", "non_english": "non_english", "too_short": "empty_item",
     "empty_text": "empty_item", "empty_image": "empty_item", "empty_audio": "empty_item",
     "empty_video": "empty_item", "empty_doc": "empty_item",
+    # the Data-Juicer-named operators' reasons
+    "character_repetition": "ngram_spam", "word_repetition": "ngram_spam", "low_alphanumeric": "gibberish_text",
+    "wrong_language": "non_english", "aspect_ratio": "extreme_aspect", "image_shape": "tiny_image",
+    "text_length": "empty_item", "words_num": "empty_item", "near_duplicate_image_in_doc": "near_duplicate_image",
 }
 
 
@@ -545,5 +549,7 @@ def score_against_labels(out_dir, labels_path) -> dict:
                   "precision": round(tp / len(pred), 4) if pred else None,
                   "recall": round(tp / len(truth), 4) if truth else None}
     clean = [i for i, lab in enumerate(labels) if not lab["defects"]]
-    return {"per_defect": per, "clean_docs": len(clean),
-            "clean_docs_touched": sum(1 for i in clean if flagged.get(i))}
+    touched = sum(1 for i in clean if flagged.get(i))
+    # "kept" strictly: a clean document counts as lost when anything at all was taken from it
+    return {"per_defect": per, "clean_docs": len(clean), "clean_docs_touched": touched,
+            "clean_kept_fraction": round(1 - touched / len(clean), 4) if clean else None}
