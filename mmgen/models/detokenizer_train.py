@@ -68,17 +68,20 @@ class DetokenizerTrainConfig:
 
 
 def code_grids(tokenizer, x: torch.Tensor) -> list[torch.Tensor]:
-    """The code grids an image tokenizer gives for pixels ``x``: a multi-grid tokenizer (DualViTok:
-    semantic + pixel) exposes ``encode_grids``; a single-grid one (PixelVQ) its ``encode_tensor``."""
-    if hasattr(tokenizer, "encode_grids"):
-        return list(tokenizer.encode_grids(x))
-    return [tokenizer.encode_tensor(x)]
+    """The code grids an image tokenizer gives for pixels ``x``, in :func:`grid_spec` order: a
+    multi-grid tokenizer (DualViTok) returns a dict of grids from ``encode_tensor``, a single-grid
+    one (PixelVQ) one grid."""
+    out = tokenizer.encode_tensor(x)
+    if isinstance(out, dict):
+        return [out[name] for name in grid_spec(tokenizer)[1]]
+    return [out]
 
 
 def grid_spec(tokenizer) -> tuple[list[int], list[str]]:
-    """(codebook sizes, grid names) of a tokenizer's code grids, in :func:`code_grids` order."""
-    if hasattr(tokenizer, "grid_names") and hasattr(tokenizer, "codebook_sizes"):
-        return list(tokenizer.codebook_sizes), list(tokenizer.grid_names)
+    """(codebook sizes, grid names) of a tokenizer's code grids."""
+    sizes = getattr(tokenizer, "codebook_sizes", None)
+    if isinstance(sizes, dict):
+        return [int(v) for v in sizes.values()], list(sizes)
     return [int(tokenizer.codebook_size)], ["pix"]
 
 

@@ -52,9 +52,13 @@ class AudioCodecConfig:
     quantizer_dropout: float = 0.5  # train some batches with fewer levels, so coarse codes stand alone
     commitment_loss_weight: float = 0.25
     codebook_loss_weight: float = 1.0
+    # "torch": PyTorch's fan-in init for every conv. transformers' DAC init (std 0.02 everywhere) shrinks
+    # the signal ~1e5-fold through a small encoder, and the codebooks seeded from such latents collapse.
+    init: str = "torch"
 
     def dac_config(self):
         d = asdict(self)
+        d.pop("init")
         d["upsampling_ratios"] = list(reversed(self.downsampling_ratios))
         return _transformers().DacConfig(**d)
 
@@ -74,7 +78,14 @@ class AudioCodec(torch.nn.Module):
         if isinstance(cfg, dict):
             cfg = AudioCodecConfig(**cfg)
         _check_config(cfg)
-        return cls(_transformers().DacModel(cfg.dac_config()))
+        model = _transformers().DacModel(cfg.dac_config())
+        if cfg.init == "torch":
+            for m in model.modules():
+                if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+                    m.reset_parameters()
+        elif cfg.init != "transformers":
+            raise MMGenError(f"init must be 'torch' or 'transformers', got '{cfg.init}'")
+        return cls(model)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, device: str = "cpu") -> "AudioCodec":
@@ -188,6 +199,16 @@ class AudioCodec(torch.nn.Module):
         self.model.eval()
         y = self.model.decode(audio_codes=codes.to(self.device), return_dict=True).audio_values.cpu().numpy()
         return y[0] if single else y
+
+    @torch.no_grad()
+    def decode_levels(self, codes) -> np.ndarray:
+        """Decode only the first ``codes.shape[0]`` residual levels (coarse codes alone); ``(q, T)``."""
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        if codes.ndim != 2 or not 1 <= codes.shape[0] <= self.n_q:
+            raise MMGenError(f"expected (q, T) codes with 1 <= q <= {self.n_q}, got {tuple(codes.shape)}")
+        self.model.eval()
+        z = self.model.quantizer.from_codes(codes[None].to(self.device))[0]
+        return self.model.decoder(z).squeeze(1)[0].cpu().numpy()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
