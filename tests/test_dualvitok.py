@@ -238,3 +238,24 @@ def test_real_scale_preset_on_meta():
     c = m.encode_tensor(torch.empty(2, 3, 384, 256, device="meta"))
     assert c["sem"].shape == (2, 12, 8) and c["pix"].shape == (2, 24, 16)
     assert m.decode_tensor(c).shape == (2, 3, 384, 256)
+
+
+def test_bundle_and_generation_with_dual_vocab(tok, tmp_path):
+    """A DualViTok goes wherever the pixel VQ went: bundle save/load and t2i decoding through the API."""
+    from mmgen.inference.generate import generate_interleaved
+    from mmgen.models.bundle import Bundle, load_bundle
+    from mmgen.models.lm import build_tiny_lm
+    from mmgen.models.text_tokenizer import train_text_tokenizer
+    from mmgen.models.vocab import Vocab
+    from mmgen.tokenizers.dualvitok import DualViTok
+
+    text = train_text_tokenizer(["a red circle on a white background", "a blue square at the top"] * 20, vocab_size=300)
+    vocab = Vocab(len(text), tok.codebook_sizes, max_grid=8, sem_ratio=tok.sem_ratio)
+    Bundle(build_tiny_lm(vocab, hidden=32, layers=1, heads=2, text_tokenizer=text, seed=0), text, vocab, tok, {}).save(tmp_path)
+    bundle = load_bundle(tmp_path)
+    assert isinstance(bundle.image_tokenizer, DualViTok)
+    doc = generate_interleaved(bundle, "a red circle", mode="t2i", max_new_tokens=vocab.image_block_len(4, 4) - 1,
+                               seed=0, sizes=[(4, 4)])
+    img = doc.images[0]
+    assert img.meta["codes_shape"] == [4, 4] and img.meta["sem_codes_shape"] == [2, 2]
+    assert img.to_pil().size == (32, 32)
