@@ -1,6 +1,6 @@
 """Training throughput: mmgen's DeepSpeed trainer with packing versus a plain PyTorch loop with padding.
 
-    python benchmarks/train_throughput.py                  # 600 ShapesWorld docs, 2 rounds of each arm
+    python benchmarks/train_throughput.py                  # 600 ShapesWorld docs, rows of 512 and 1024, 2 rounds
     python benchmarks/train_throughput.py --docs 200 --steps 4 --no-write   # a quick look
 
 Both arms train the same tiny model (the ``tiny`` preset's Llama, built from config with the same
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps first (also the trainer's log window)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[512, 1024],
+                    help="packed row lengths to measure (rows per step scale so tokens per step stay equal)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -176,45 +177,48 @@ def main(argv=None) -> int:
     try:
         shards, tok, vocab, seqs, codebook = make_data(args.docs, work)
         lengths = np.array([len(s["input_ids"]) for s in seqs])
-        batch_docs = max(1, round(args.micro_batch * args.seq_len / lengths.mean() * 0.97))
+        step_tokens = args.micro_batch * args.seq_len[0]
+        batch_docs = max(1, round(step_tokens / lengths.mean() * 0.97))
         peak = peak_flops(args.device)
-        base_runs, mm_runs = [], []
-        for r in range(args.rounds):  # interleaved, so load from other jobs hits both arms alike
+        base_runs, mm_runs = [], {L: [] for L in args.seq_len}
+        for r in range(args.rounds):  # interleaved, so load from other jobs hits every arm alike
             base_runs.append(baseline(seqs, vocab, tok, args.steps, args.warmup, batch_docs, args.device, seed=r))
-            mm_runs.append(mmgen_arm(shards, work, codebook, args.steps, args.warmup, args.micro_batch, args.seq_len,
-                                     args.device, seed=r, threads=args.threads))
-            print(f"round {r}: baseline {base_runs[-1]['tokens_per_s']:.0f} tok/s, mmgen {mm_runs[-1]['tokens_per_s']:.0f} tok/s",
-                  flush=True)
+            for L in args.seq_len:
+                mm_runs[L].append(mmgen_arm(shards, work, codebook, args.steps, args.warmup, max(1, step_tokens // L), L,
+                                            args.device, seed=r, threads=args.threads))
+            print(f"round {r}: baseline {base_runs[-1]['tokens_per_s']:.0f} tok/s, mmgen "
+                  + ", ".join(f"{mm_runs[L][-1]['tokens_per_s']:.0f} ({L})" for L in args.seq_len), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     b_tps = statistics.median(x["tokens_per_s"] for x in base_runs)
-    m_tps = statistics.median(x["tokens_per_s"] for x in mm_runs)
-    params = mm_runs[0]["params"]
+    params = mm_runs[args.seq_len[0]][0]["params"]
     ctx = float((lengths**2).sum() / lengths.sum())  # token-weighted mean document length
     fpt = model_flops_per_token(params, MODEL["layers"], MODEL["hidden"], ctx)
-    pack = mm_runs[0]["packing"]
-    rows = [
-        ["(a) PyTorch loop, right-padded batches", f"{batch_docs} docs", f"{b_tps:.0f}",
-         f"{statistics.median(x['fill'] for x in base_runs):.3f}", f"{100 * b_tps * fpt / peak:.2f}%", "1.00"],
-        ["(b) mmgen trainer, DeepSpeed ZeRO-2 + packing", f"{args.micro_batch} x {args.seq_len}", f"{m_tps:.0f}",
-         f"{mm_runs[0]['fill']:.3f}", f"{100 * m_tps * fpt / peak:.2f}%", f"{m_tps / b_tps:.2f}"],
-    ]
+    rows = [["(a) PyTorch loop, right-padded batches", f"{batch_docs} docs", f"{b_tps:.0f}",
+             f"{statistics.median(x['fill'] for x in base_runs):.3f}", f"{100 * b_tps * fpt / peak:.2f}%", "1.00"]]
+    packing_lines = []
+    for L, runs in mm_runs.items():
+        m_tps = statistics.median(x["tokens_per_s"] for x in runs)
+        rows.append([f"(b) mmgen trainer, DeepSpeed ZeRO-2 + packing into {L}", f"{max(1, step_tokens // L)} x {L}",
+                     f"{m_tps:.0f}", f"{runs[0]['fill']:.3f}", f"{100 * m_tps * fpt / peak:.2f}%", f"{m_tps / b_tps:.2f}"])
+        pack = runs[0]["packing"]
+        packing_lines.append(f"rows of {L}: {pack['docs']} docs into {pack['rows']} rows, fill rate {pack['fill_rate']:.3f}, "
+                             f"{pack['docs_split']} split, {pack['docs_dropped']} dropped")
     body = "\n".join([
         f"{len(seqs)} ShapesWorld documents (caption/QA/build-up; {lengths.mean():.0f} tokens on average, "
         f"{lengths.min()}-{lengths.max()}), the tiny preset's Llama ({params / 1e6:.2f}M parameters), "
-        f"{args.steps} timed steps after {args.warmup} warm-up steps per arm, {args.rounds} rounds run interleaved "
-        f"(a, b, a, b, ...) on a shared machine; medians over rounds. Device: {args.device}, "
-        f"{'bf16' if args.device == 'cuda' else 'fp32'}, {args.threads} threads.",
+        f"{step_tokens} tokens per step in every arm, {args.steps} timed steps after {args.warmup} warm-up steps per arm, "
+        f"{args.rounds} rounds run interleaved (a, b, b', a, b, b', ...) on a shared machine; medians over rounds. "
+        f"Device: {args.device}, {'bf16' if args.device == 'cuda' else 'fp32'}, {args.threads} threads.",
         "",
         md_table(["arm", "batch", "useful tokens/s", "fill (non-pad share)", "MFU", "speed-up"], rows),
         "",
-        f"Packing: {pack['docs']} docs into {pack['rows']} rows, fill rate {pack['fill_rate']:.3f}, "
-        f"{pack['docs_split']} split, {pack['docs_dropped']} dropped. "
-        f"MFU = 6 x parameters + attention FLOPs per useful token x useful tokens/s over the peak of a "
+        "Packing (minimum bin slack): " + "; ".join(packing_lines) + ". "
+        f"MFU = (6 x parameters + attention) FLOPs per useful token x useful tokens/s over the peak of a "
         f"2048^3 matmul measured here ({peak / 1e9:.1f} GFLOP/s).",
-        "Per-round tokens/s: baseline " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in base_runs)
-        + "; mmgen " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in mm_runs) + ".",
+        "Per-round tokens/s: baseline " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in base_runs) + "; "
+        + "; ".join(f"mmgen {L}: " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in runs) for L, runs in mm_runs.items()) + ".",
     ])
     print(body)
     if not args.no_write:
