@@ -78,7 +78,10 @@ def test_vocab_extension_rows_start_at_the_mean_and_text_rows_are_kept(vocab):
     text_lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab.text_size, hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False))
     old = text_lm.get_input_embeddings().weight.detach().clone()
-    model = wrap_lm(text_lm, vocab)
+    layers = {k: v.clone() for k, v in text_lm.model.layers.state_dict().items()}
+    model = wrap_lm(text_lm, vocab, code_head=True, image_feature_dim=4)
+    # wrapping initialises only the new parts: the pretrained decoder layers are untouched
+    assert all(torch.equal(v, model.lm.model.layers.state_dict()[k]) for k, v in layers.items())
     emb = model.get_input_embeddings().weight.detach()
     assert emb.shape == (vocab.size, 32) and model.get_output_embeddings().weight.shape[0] == vocab.size
     torch.testing.assert_close(emb[: vocab.text_size], old)
