@@ -166,7 +166,8 @@ class AudioCodec(torch.nn.Module):
         """Mono waveforms at the codec's rate -> codes ``(n_q, T_i)`` each, batched with padding.
 
         Padding is zeros to a common multiple of the hop; each item keeps ceil(n_i / hop) frames, so
-        its codes do not depend on what else was in the batch beyond the receptive field's edge."""
+        its codes depend on the rest of the batch only near its end (receptive field) and through
+        float rounding of batched convolutions, which can flip a near-tied code."""
         if not len(waveforms):
             return []
         lengths = [len(w) for w in waveforms]
