@@ -70,9 +70,9 @@ def test_auto_class_round_trip_safetensors_and_code_head(vocab, tmp_path):
 
 
 def test_vocab_extension_rows_start_at_the_mean_and_text_rows_are_kept(vocab):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from mmgen.models.unified import wrap_lm  # first: it makes transformers' model imports work next to CPU torch
 
-    from mmgen.models.unified import wrap_lm
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: I001
 
     torch.manual_seed(0)
     text_lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab.text_size, hidden_size=32, intermediate_size=64,
