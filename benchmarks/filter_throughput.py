@@ -263,6 +263,9 @@ def main() -> None:
         "characters per image, so `text_length_filter`, `words_num_filter`, `special_characters_filter` and "
         "`alphanumeric_filter` see different numbers near their thresholds (an empty caption is 0 characters "
         "for mmgen and ~27 for Data-Juicer).",
+        "- Unreadable images are left out of the corpus: in Data-Juicer 1.6.1 one image that fails to open "
+        "makes the operator's whole batch fail, and with `skip_op_error` the whole batch is dropped; mmgen "
+        "quarantines that one document (or image) and goes on.",
         "- `image_size_filter` is the encoded file size in both; `image_shape_filter` reads width/height from "
         "the header in mmgen and from the decoded image in Data-Juicer (same numbers on valid files).",
     ])
