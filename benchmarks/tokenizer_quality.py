@@ -195,7 +195,8 @@ def main() -> None:
         f"({tok.resolution[0]}x{tok.resolution[1]}, sem {shapes['sem'][0]}x{shapes['sem'][1]} codes from "
         f"{tok.codebook_sizes['sem']} entries, pix {shapes['pix'][0]}x{shapes['pix'][1]} from {tok.codebook_sizes['pix']}; "
         f"{train.get('parameters', tok.num_parameters()):,} parameters incl. the frozen teacher).",
-        f"Training: DualViTok {train.get('steps', '?')} steps in {train.get('train_seconds', '?')} s; its CLIP teacher "
+        f"Training: DualViTok {train.get('steps', '?')} steps (the last run: steps {train.get('resumed_from_step', 0)}.."
+        f"{train.get('steps', '?')} in {train.get('train_seconds', '?')} s); its CLIP teacher "
         f"{clip.get('steps', '?')} steps in {clip.get('train_seconds', '?')} s (held-out zero-shot colour "
         f"{clip.get('zero_shot_color_acc', '?')}, shape {clip.get('zero_shot_shape_acc', '?')}); 2 shared CPU cores, "
         "other jobs running, so seconds are noisy.",

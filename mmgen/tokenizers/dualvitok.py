@@ -376,10 +376,6 @@ class DualViTok(ImageTokenizer):
             raise MMGenError("decode needs 'sem' and/or 'pix' codes")
         return out
 
-    @classmethod
-    def from_pretrained(cls, path, device: str = "cpu"):
-        return super().from_pretrained(path, device=device)
-
 
 def _asdict(cfg: QuantizerConfig) -> dict:
     import dataclasses

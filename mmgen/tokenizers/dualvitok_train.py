@@ -159,9 +159,10 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     model.eval()
     tok_dir = out / "tokenizer"
     model.save_pretrained(tok_dir)
-    report = {"steps": cfg.steps, "train_images": len(train_x), "eval_images": n_eval, "data": data_stats,
+    report = {"steps": cfg.steps, "resumed_from_step": start, "train_images": len(train_x), "eval_images": n_eval,
+              "data": data_stats,
               "parameters": model.num_parameters(), "trainable_parameters": model.num_parameters(True),
-              "train_seconds": round(time.time() - t0, 1)}
+              "train_seconds": round(time.time() - t0, 1)}  # of this run, i.e. steps resumed_from_step..steps
     if n_eval:
         report.update(evaluate_dualvitok(model, eval_x, out / "recon.png"))
     (out / "eval.json").write_text(json.dumps(report, indent=1))
