@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="runs/tokenizer/tiny_vq/tokenizer")
     ap.add_argument("--clips", type=int, default=40)
     ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--section", default="video_tokens")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tok = load_image_tokenizer(args.tokenizer)
@@ -53,20 +54,22 @@ def main() -> None:
         for data, end, _ in clips:
             frames, times, keys = enc.sample_frames(data)
             vt = enc.merge(enc.encode_frames(frames), times, keys)
-            before += vt.tokens_before
-            after += vt.tokens_after
+            parts = vt.values() if isinstance(vt, dict) else [vt]  # DualViTok: sem and pix grids
+            before += sum(v.tokens_before for v in parts)
+            after += sum(v.tokens_after for v in parts)
             last = enc.decode(vt)[-1]
             ok += compare_scenes(parse_scene(last), end)["exact"]
             ok_src += compare_scenes(parse_scene(frames[-1]), end)["exact"]
         rows.append([label, before, after, round(after / before, 3), f"{100 * ok / len(clips):.1f}%",
                      f"{100 * ok_src / len(clips):.1f}%"])
     body = (f"{len(clips)} ShapesWorld motion clips (held-out split), {args.frames} frames each at 64x64 via mp4; "
-            f"image tokenizer `{args.tokenizer}` ({tok.code_shape(64, 64)[0]}x{tok.code_shape(64, 64)[1]} codes per frame). "
+            f"image tokenizer `{args.tokenizer}` ({getattr(tok, 'mmgen_type', '?')}, {tok.code_shape(64, 64)[0]}x{tok.code_shape(64, 64)[1]} pixel codes per frame"
+            f"{', plus its semantic grid' if getattr(tok, 'mmgen_type', '') == 'dualvitok' else ''}). "
             "Accuracy: exact scene-parser match (background and every object) of the last frame rebuilt from the "
             "merged tokens, against the clip's final scene; last column: the decoded mp4 frame itself (the ceiling).\n\n"
             + md_table(["setting", "tokens before", "tokens after", "after / before", "last frame exact (from tokens)",
                         "last frame exact (mp4 frame)"], rows))
-    write_section("video_tokens", "Video tokens: temporal merging (tiny)", body)
+    write_section(args.section, "Video tokens: temporal merging (tiny)", body)
     print(body)
 
 

@@ -101,3 +101,31 @@ def test_bad_inputs_are_clear_errors(tok, tmp_path):
         VideoEncoder(tok, keep_ratio=0)
     with pytest.raises(MMGenError, match="sampling"):
         VideoEncoder(tok, sampling="random")
+
+
+class TwoGridTokenizer:
+    """The shape of DualViTok's API (dict of 'sem' and 'pix' grids) over a tiny PixelVQ."""
+
+    def __init__(self, tok):
+        self.tok, self.device = tok, tok.device
+        self.sem_quantizer = self.pix_quantizer = tok.quantizer
+
+    def encode(self, frames):
+        pix = self.tok.encode(frames)
+        return {"sem": pix[:, ::2, ::2].contiguous(), "pix": pix}
+
+    def decode(self, codes):
+        assert set(codes) == {"sem", "pix"}
+        return self.tok.decode(codes["pix"])
+
+
+def test_multi_grid_tokenizers_are_merged_grid_by_grid(tok):
+    from mmgen.tokenizers.video import VideoEncoder
+
+    enc = VideoEncoder(TwoGridTokenizer(tok), keep_ratio=1.0, similarity_threshold=1.0, scene_threshold=1.0)
+    frames = motion_frames()
+    vt = enc.encode(frames)
+    assert set(vt) == {"sem", "pix"} and vt["sem"].grid == (4, 4) and vt["pix"].grid == (8, 8)
+    codes = enc.encode_frames(frames)
+    assert all(torch.equal(enc.full_grids(vt[k]), codes[k]) for k in ("sem", "pix"))
+    assert len(enc.decode(vt)) == len(frames)

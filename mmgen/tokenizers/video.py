@@ -12,6 +12,7 @@
    merged into it, i.e. not emitted again. At most ``keep_ratio`` of a non-key frame's tokens are
    emitted, the least similar first. Keyframes are emitted whole. Features are the tokenizer's codebook
    vectors, so "similar" means "decodes alike"; a tokenizer without them falls back to code equality.
+   A multi-grid tokenizer (DualViTok: semantic + pixel codes) is merged grid by grid.
 5. The result is a sequence of :class:`FrameBlock` (timestamp, keyframe flag, emitted positions and
    codes). :meth:`VideoEncoder.decode` rebuilds every frame's full grid by copying merged tokens
    forward from the previous frame, then decodes the grids with the image tokenizer.
@@ -124,40 +125,46 @@ class VideoEncoder:
         return frames, [times[i] for i in picked], keys
 
     # -- 3: encode ---------------------------------------------------------------------------------
-    def encode_frames(self, frames: Sequence) -> torch.Tensor:
-        """PIL frames -> codes ``(T, h, w)``."""
+    def encode_frames(self, frames: Sequence):
+        """PIL frames -> codes ``(T, h, w)``; a multi-grid tokenizer (DualViTok) gives a dict of them."""
         parts = [self.tokenizer.encode(list(frames[i: i + self.batch_size]))
                  for i in range(0, len(frames), self.batch_size)]
+        if isinstance(parts[0], dict):
+            return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0] if not k.endswith("features")}
         return torch.cat(parts).cpu()
 
-    def token_features(self, codes: torch.Tensor) -> torch.Tensor | None:
-        """``(T, h, w)`` codes -> ``(T, h*w, c)`` features, or None where the tokenizer has none."""
-        q = getattr(self.tokenizer, "quantizer", None)
-        if q is None or not hasattr(q, "codebook"):
+    def token_features(self, codes: torch.Tensor, grid: str = "pix") -> torch.Tensor | None:
+        """``(T, h, w)`` codes -> ``(T, h*w, c)`` codebook vectors, or None where the tokenizer has none."""
+        q = getattr(self.tokenizer, f"{grid}_quantizer", None) or getattr(self.tokenizer, "quantizer", None)
+        if q is None or not hasattr(q, "embed"):
             return None
         with torch.no_grad():
-            table = q.codebook().detach().cpu()
-        return F.embedding(codes.flatten(1), table)
+            return q.embed(codes.to(self.tokenizer.device)).flatten(2).transpose(1, 2).float().cpu()
 
     # -- 4: merge ----------------------------------------------------------------------------------
-    def merge(self, codes: torch.Tensor, times: Sequence[float], keyframes: Sequence[bool]) -> VideoTokens:
-        """Codes ``(T, h, w)`` of consecutive frames -> frame blocks with merged tokens left out."""
+    def merge(self, codes, times: Sequence[float], keyframes: Sequence[bool], grid: str = "pix"):
+        """Codes ``(T, h, w)`` of consecutive frames -> frame blocks with merged tokens left out; a dict
+        of grids (DualViTok's sem and pix) -> a dict of frame-block sequences, merged grid by grid."""
+        if isinstance(codes, dict):
+            return {name: self.merge(c, times, keyframes, name) for name, c in codes.items()}
         t_len, h, w = codes.shape
+        self._grid_shape = (h, w)
         flat = codes.reshape(t_len, h * w)
         budget = max(1, math.ceil(self.keep_ratio * h * w))
         out = VideoTokens(grid=(h, w))
         carried = None
         for i in range(t_len):
             key = carried is None or bool(keyframes[i])
-            pos = torch.arange(h * w) if key else self._changed(flat[i], carried, budget)
+            pos = torch.arange(h * w) if key else self._changed(flat[i], carried, budget, grid)
             carried = flat[i].clone() if key else carried
             carried[pos] = flat[i][pos]
             out.blocks.append(FrameBlock(i, float(times[i]), key, pos, flat[i][pos].clone()))
         return out
 
-    def _changed(self, now: torch.Tensor, carried: torch.Tensor, budget: int) -> torch.Tensor:
+    def _changed(self, now: torch.Tensor, carried: torch.Tensor, budget: int, grid: str) -> torch.Tensor:
         """Positions to emit: tokens not similar to the carried one, least similar first, within the budget."""
-        feats = self.token_features(torch.stack([now, carried]))
+        h, w = self._grid_shape
+        feats = self.token_features(torch.stack([now, carried]).view(2, h, w), grid)
         if feats is not None:
             sim = F.cosine_similarity(feats[0], feats[1], dim=-1)
         else:
@@ -169,9 +176,9 @@ class VideoEncoder:
         return torch.sort(cand).values
 
     # -- the API -----------------------------------------------------------------------------------
-    def encode(self, video, times: Sequence[float] | None = None) -> VideoTokens:
+    def encode(self, video, times: Sequence[float] | None = None):
         """A video path / bytes, or a list of PIL frames (with ``times``; default ``i / fps``) ->
-        merged frame blocks."""
+        merged frame blocks (:class:`VideoTokens`; a dict of them per grid for DualViTok)."""
         if isinstance(video, (list, tuple)):
             frames = list(video)
             if not frames:
@@ -197,12 +204,19 @@ class VideoEncoder:
             grids.append(cur.view(h, w))
         return torch.stack(grids) if grids else torch.empty(0, h, w, dtype=torch.long)
 
-    def decode(self, tokens: VideoTokens) -> list:
-        """Frame blocks -> PIL frames (one per sampled frame)."""
-        grids = self.full_grids(tokens)
+    def decode(self, tokens) -> list:
+        """Frame blocks (or a dict of them per grid) -> PIL frames (one per sampled frame)."""
+        if isinstance(tokens, dict):
+            grids = {name: self.full_grids(t) for name, t in tokens.items()}
+            n = len(next(iter(grids.values())))
+            chunk = lambda i: {k: g[i: i + self.batch_size] for k, g in grids.items()}  # noqa: E731
+        else:
+            grids = self.full_grids(tokens)
+            n = len(grids)
+            chunk = lambda i: grids[i: i + self.batch_size]  # noqa: E731
         out = []
-        for i in range(0, len(grids), self.batch_size):
-            out.extend(self.tokenizer.decode(grids[i: i + self.batch_size]))
+        for i in range(0, n, self.batch_size):
+            out.extend(self.tokenizer.decode(chunk(i)))
         return out
 
 
