@@ -9,10 +9,12 @@ encoded bytes. Shards are plain POSIX tars, readable by ``tar``, by ``webdataset
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import tarfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -55,22 +57,48 @@ def sample_to_doc(sample: dict) -> Doc:
 class ShardWriter:
     """Writes Docs into numbered shards ``PREFIX-000000.tar`` of at most ``max_docs`` docs / ``max_bytes``.
 
-    Thin wrapper over :class:`webdataset.ShardWriter`; it records the shard names it wrote."""
+    The members are laid out as ``webdataset.TarWriter`` lays them out (USTAR, sorted member names per
+    sample, mode 0444, owner ``bigdata``), so ``webdataset.WebDataset`` reads the shards as its own. It
+    writes with :mod:`tarfile` directly: importing webdataset imports torch, seconds of start-up that a
+    filter or converter run would pay for nothing. It records the shard names it wrote."""
 
     def __init__(self, out_dir: str | Path, prefix: str = "shard", max_docs: int = 1000,
                  max_bytes: int = 256 << 20, start_shard: int = 0, mtime: float | None = None):
-        import webdataset as wds
-
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.max_docs, self.max_bytes, self.mtime = prefix, max_docs, max_bytes, mtime
         self.count = 0
-        self._writer = wds.ShardWriter(str(self.out_dir / f"{prefix}-%06d.tar"), maxcount=max_docs,
-                                       maxsize=max_bytes, verbose=0, start_shard=start_shard,
-                                       # a fixed member mtime makes shards byte-reproducible
-                                       **({"mtime": mtime} if mtime is not None else {}))
+        self._shard = start_shard
+        self._tar: tarfile.TarFile | None = None
+        self._in_shard = 0
+        self._bytes = 0
+
+    def _next(self) -> None:
+        self._close_tar()
+        path = self.out_dir / f"{self.prefix}-{self._shard:06d}.tar"
+        self._shard += 1
+        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self._in_shard = self._bytes = 0
+
+    def _close_tar(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
 
     def write(self, doc: Doc) -> None:
-        self._writer.write(doc_to_sample(doc, sample_key(doc, self.count)))
+        sample = doc_to_sample(doc, sample_key(doc, self.count))
+        if self._tar is None or self._in_shard >= self.max_docs or self._bytes >= self.max_bytes:
+            self._next()
+        key = sample.pop("__key__")
+        now = time.time()
+        for name in sorted(sample):
+            data = sample[name]
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mode, info.uname, info.gname = len(data), 0o444, "bigdata", "bigdata"
+            info.mtime = self.mtime if self.mtime is not None else now
+            self._tar.addfile(info, io.BytesIO(data))
+            self._bytes += len(data)
+        self._in_shard += 1
         self.count += 1
 
     @property
@@ -78,7 +106,7 @@ class ShardWriter:
         return sorted(str(p) for p in self.out_dir.glob("*.tar"))
 
     def close(self) -> None:
-        self._writer.close()
+        self._close_tar()
 
     def __enter__(self):
         return self
@@ -130,9 +158,11 @@ def read_shard(path: str | Path) -> Iterator[Doc | BadRecord]:
     except (tarfile.TarError, OSError) as e:
         yield BadRecord(source=source, reason="corrupt_tar", detail=str(e))
         return
+    broken = False
     with tf:
         for index, sample in enumerate(_group_members(tf, source)):
             if isinstance(sample, BadRecord):
+                broken = broken or sample.reason == "corrupt_tar"
                 yield sample
                 continue
             if "json" not in sample:
@@ -147,6 +177,24 @@ def read_shard(path: str | Path) -> Iterator[Doc | BadRecord]:
             doc.provenance.setdefault("shard", source)
             doc.provenance.setdefault("member", sample["__key__"])
             yield doc
+        junk = 0 if broken else _bytes_after_archive(source, tf.offset)
+        if junk:
+            # tarfile ends its iteration quietly at a header it cannot read: say so, or a cut shard
+            # would lose its remaining samples without a trace
+            yield BadRecord(source=source, reason="corrupt_tar", member=None,
+                            detail=f"{junk} bytes after offset {tf.offset} are not tar members (file cut or damaged)")
+
+
+def _bytes_after_archive(path: str, offset: int) -> int:
+    """Non-zero bytes after the end of a plain tar's last member (0 for a whole or compressed file)."""
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":  # gzip: offsets are into the decompressed stream
+            return 0
+        f.seek(offset)
+        junk = 0
+        while chunk := f.read(1 << 20):
+            junk += len(chunk) - chunk.count(0)
+        return junk
 
 
 def read_docs(paths: str | Path | list, strict: bool = False) -> Iterator[Doc | BadRecord]:
