@@ -31,6 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 
 
+def training_seconds(run_dir: Path) -> tuple[float, int]:
+    """Wall seconds summed over every (resumed) run in metrics.jsonl, and the number of runs:
+    ``elapsed_s`` restarts from zero in each run."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return float("nan"), 0
+    elapsed = [json.loads(x)["elapsed_s"] for x in path.read_text().splitlines() if x.strip()]
+    ends = [a for a, b in zip(elapsed, elapsed[1:] + [-1.0]) if b < a]
+    return float(sum(ends)), len(ends)
+
+
 def ensure_tokenizer(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
@@ -190,13 +201,14 @@ def main() -> None:
     train = json.loads(eval_json.read_text()) if eval_json.is_file() else {}
     clip_eval = ROOT / "runs" / "clip" / "tiny" / "eval.json"
     clip = json.loads(clip_eval.read_text()) if clip_eval.is_file() else {}
+    total_s, runs = training_seconds(tok_dir.parent)
     body = [
         f"Tokenizer `{Path(tok_dir).relative_to(ROOT) if Path(tok_dir).is_relative_to(ROOT) else tok_dir}` "
         f"({tok.resolution[0]}x{tok.resolution[1]}, sem {shapes['sem'][0]}x{shapes['sem'][1]} codes from "
         f"{tok.codebook_sizes['sem']} entries, pix {shapes['pix'][0]}x{shapes['pix'][1]} from {tok.codebook_sizes['pix']}; "
         f"{train.get('parameters', tok.num_parameters()):,} parameters incl. the frozen teacher).",
-        f"Training: DualViTok {train.get('steps', '?')} steps (the last run: steps {train.get('resumed_from_step', 0)}.."
-        f"{train.get('steps', '?')} in {train.get('train_seconds', '?')} s); its CLIP teacher "
+        f"Training: DualViTok {train.get('steps', '?')} steps of batch 16 in {total_s:.0f} s over {runs} resumed run(s); "
+        "its CLIP teacher "
         f"{clip.get('steps', '?')} steps in {clip.get('train_seconds', '?')} s (held-out zero-shot colour "
         f"{clip.get('zero_shot_color_acc', '?')}, shape {clip.get('zero_shot_shape_acc', '?')}); 2 shared CPU cores, "
         "other jobs running, so seconds are noisy.",
