@@ -161,7 +161,21 @@ def process_doc(ops: list[Op], doc: Doc) -> dict:
                     fate = {"op": op.label, "reason": "undecodable_media", "item": None,
                             "stats": {"error": error_text(e)}, "status": "quarantined"}
                     break
-    return {"doc": doc, "alive": view.alive, "stats": stats, "events": events, "fate": fate, "sigs": sigs}
+    return {"doc": doc, "alive": view.alive, "stats": stats, "events": events, "fate": fate, "sigs": sigs,
+            "sample": _encode(view) if fate is None else None}
+
+
+def _encode(view: DocView) -> tuple | None:
+    """The shard members of the document as it stands, encoded here in the worker: the parent writes
+    every kept document, and serialising them there would make it the bottleneck."""
+    from mmgen.data.shards import doc_to_sample
+
+    try:
+        sample = doc_to_sample(view.result(), "")
+    except MediaError:
+        return None  # the parent meets the same error when it writes, and reports it there
+    sample.pop("__key__")
+    return tuple(view.alive), sample
 
 
 def process_input(ops: list[Op], path: str, fmt: str = "auto") -> list:
@@ -327,7 +341,11 @@ class _ShardCommit:
 
                 self.writer = ShardWriter(self.tmp / "shards", prefix=f"part-{self.tag}", max_docs=self.shard_size,
                                           mtime=0.0)
-            self.writer.write(view.result())
+            pre = res.get("sample")
+            if pre is not None and list(pre[0]) == view.alive:  # dedup removed nothing since the worker
+                self.writer.write_sample(doc, pre[1])
+            else:
+                self.writer.write(view.result())
 
     def _drop(self, doc: Doc, fate: dict, events: list, base: dict, stats: dict) -> None:
         status = fate.pop("status")

@@ -86,7 +86,12 @@ class ShardWriter:
             self._tar = None
 
     def write(self, doc: Doc) -> None:
-        sample = doc_to_sample(doc, sample_key(doc, self.count))
+        self.write_sample(doc, doc_to_sample(doc, ""))
+
+    def write_sample(self, doc: Doc, sample: dict) -> None:
+        """Write ``doc`` from its members already encoded by :func:`doc_to_sample` (key ignored)."""
+        sample = {k: v for k, v in sample.items() if k != "__key__"}
+        sample["__key__"] = sample_key(doc, self.count)
         if self._tar is None or self._in_shard >= self.max_docs or self._bytes >= self.max_bytes:
             self._next()
         key = sample.pop("__key__")
