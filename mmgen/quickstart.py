@@ -1,6 +1,6 @@
 """``mmgen quickstart``: every stage of the life cycle, end to end, on the ``tiny`` preset.
 
-    world -> filter -> image tokenizer -> code shards -> DeepSpeed pretraining -> generation -> evaluation
+    world -> filter -> image tokenizer -> code shards -> DeepSpeed pretraining -> SFT -> generation -> evaluation
 
 Each stage writes into its own folder under ``out`` and marks itself done (``out/.done/<stage>``), so
 a rerun after an interruption continues with the first unfinished stage. The result is
@@ -26,9 +26,11 @@ class QuickstartConfig:
     tokenizer_recipe: str = "tiny_vq"  # in tokenizers/
     filter_recipe: str = "shapesworld"  # in data_pipelines/
     train_recipe: str = "tiny_pretrain"  # in training/
+    sft_recipe: str | None = "tiny_sft"  # in training/; None skips SFT (evaluation then uses the pretrained model)
     tokenizer_overrides: list[str] = field(default_factory=list)
     train_overrides: list[str] = field(default_factory=list)
-    eval_prompts: int = 48  # per split (val, heldout)
+    sft_overrides: list[str] = field(default_factory=list)
+    eval_prompts: int = 48  # per split (val, heldout), for t2i and QA; build-up documents use the val split
     eval_seed: int = 0
     cfg_scale: float = 1.0
     temperature: float = 1.0
@@ -102,16 +104,23 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
         return pretokenize(tok_dir, str(out / "filtered" / "shards"), out / "codes")
 
-    def pretrain():
-        overrides = [f"data.code_shards={out / 'codes'}", f"data.image_tokenizer={tok_dir}",
-                     f"out_dir={out / 'lm'}", *cfg.train_overrides]
+    def train(recipe: str, overrides: list[str]) -> str:
         if cfg.launcher == "deepspeed":
             from mmgen.training.pretrain import launch_pretrain
 
-            return str(launch_pretrain(cfg.train_recipe, overrides))
-        from mmgen.training.trainer import pretrain as pretrain_in_process
+            return str(launch_pretrain(recipe, overrides))
+        from mmgen.training.trainer import pretrain as train_in_process
 
-        return str(pretrain_in_process(cfg.train_recipe, overrides))
+        return str(train_in_process(recipe, overrides))
+
+    def pretrain():
+        return train(cfg.train_recipe, [f"data.code_shards={out / 'codes'}", f"data.image_tokenizer={tok_dir}",
+                                        f"out_dir={out / 'lm'}", *cfg.train_overrides])
+
+    def sft():
+        # The SFT recipe's stage is sft: QA documents become chat turns with the loss on the answers.
+        return train(cfg.sft_recipe, [f"init_from={pretrained}", f"data.code_shards={out / 'codes'}",
+                                      f"out_dir={out / 'sft'}", *cfg.sft_overrides])
 
     def evaluate():
         return _evaluate(cfg, out, Path(bundle_dir))
@@ -120,7 +129,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     stages.run("filter", filtering)
     tok_dir = stages.run("tokenizer", tokenizer)
     stages.run("tokenize", tokenize)
-    bundle_dir = stages.run("pretrain", pretrain)
+    pretrained = stages.run("pretrain", pretrain)
+    bundle_dir = stages.run("sft", sft) if cfg.sft_recipe else pretrained
     metrics = stages.run("evaluate", evaluate)
 
     report = {"preset": "tiny", "config": cfg.__dict__, "checkpoint": bundle_dir, "stage_seconds": stages.timings,
@@ -133,6 +143,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path) -> dict:
     from mmgen.eval.report import image_grid, pairs_grid
     from mmgen.eval.t2i import evaluate_reconstruction, evaluate_t2i
+    from mmgen.eval.understanding import evaluate_interleaved, evaluate_qa
     from mmgen.models.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -146,10 +157,23 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path) -> dict:
     (out / "t2i_samples.jsonl").write_text("".join(
         json.dumps({k: v for k, v in s.items() if k != "image"}) + "\n" for s in samples))
     split = t2i["splits"]
+    qa = evaluate_qa(bundle, n=cfg.eval_prompts, seed=cfg.eval_seed)
+    (out / "qa_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in qa.pop("samples")))
+    inter = evaluate_interleaved(bundle, n=cfg.eval_prompts, seed=cfg.eval_seed, temperature=cfg.temperature,
+                                 cfg_scale=cfg.cfg_scale)
+    inter_samples = inter.pop("samples")
+    image_grid([{"prompt": s["instruction"], "image": s["image"], "all_objects": s["exact"],
+                 "parsed": s["parsed"], "split": s["split"]} for s in inter_samples[:12]],
+               out / "interleaved_grid.png")
     metrics = {
         "t2i_accuracy": split["val"]["accuracy"],
         "t2i_accuracy_heldout_compositions": split["heldout"]["accuracy"],
+        "qa_accuracy": qa["splits"]["val"]["accuracy"],
+        "qa_accuracy_heldout_compositions": qa["splits"]["heldout"]["accuracy"],
+        "interleaved_accuracy": inter["splits"]["val"]["accuracy"],
         "t2i": split,
+        "qa": qa["splits"],
+        "interleaved": inter["splits"],
         "tokenizer_reconstruction": recon,
         "training": json.loads((bundle_dir / "mmgen.json").read_text()) if (bundle_dir / "mmgen.json").is_file() else {},
     }
@@ -177,6 +201,18 @@ def _write_markdown(r: dict, path: Path) -> None:
     rec = r["tokenizer_reconstruction"]
     lines += ["", "`heldout` prompts contain colour–shape pairs never seen in training.", "",
               "![prompts and generated images](t2i_grid.png)", "",
+              "## Image understanding: one question per image, exact single-word answers", "",
+              "| split | questions | accuracy | " + " | ".join(sorted(r["qa"]["val"]["by_type"])) + " |",
+              "| --- | --- | --- |" + " --- |" * len(r["qa"]["val"]["by_type"])]
+    for split, m in r["qa"].items():
+        lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | "
+                     + " | ".join(_pct(m["by_type"].get(k)) for k in sorted(r["qa"]["val"]["by_type"])) + " |")
+    lines += ["", "## Interleaved build-up documents: the next image after an instruction", "",
+              "| split | documents | next image exact (kept objects + change) | parsed | object recall |",
+              "| --- | --- | --- | --- | --- |"]
+    for split, m in r["interleaved"].items():
+        lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['parse_rate'])} | {_pct(m['object_recall'])} |")
+    lines += ["", "![instructions and generated next images](interleaved_grid.png)", "",
               "## Image tokenizer", "",
               f"Scene-parser agreement between {rec['n']} rendered scenes and their reconstructions: "
               f"{_pct(rec['scene_agreement'])}; PSNR {rec['psnr_db']:.1f} dB.", "",

@@ -10,6 +10,7 @@ def test_quickstart_end_to_end_small(tmp_path):
         out=str(tmp_path / "qs"), docs=160, seed=3, defect_rate=0.1, workers=1, launcher="none",
         tokenizer_overrides=["steps=8", "eval_images=16", "log_every=4", "ckpt_every=8", "progress=false"],
         train_overrides=["steps=3", "log_every=1", "save_every=3", "progress=false", "tensorboard=false"],
+        sft_overrides=["steps=2", "log_every=1", "save_every=2", "progress=false", "tensorboard=false"],
         eval_prompts=3,
     )
     report_md = quickstart(cfg)
@@ -22,6 +23,14 @@ def test_quickstart_end_to_end_small(tmp_path):
         m = report["t2i"][split]
         assert m["n"] == 3 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["parse_rate"] <= 1.0
     assert 0.0 <= report["t2i_accuracy"] <= 1.0
+    # QA and build-up evaluation scored every sample, on the SFT checkpoint.
+    assert report["checkpoint"].endswith("final") and "sft" in report["checkpoint"]
+    for key in ("qa_accuracy", "qa_accuracy_heldout_compositions", "interleaved_accuracy"):
+        assert 0.0 <= report[key] <= 1.0, key
+    qa = [json.loads(x) for x in (report_md.parent / "qa_samples.jsonl").read_text().splitlines()]
+    assert len(qa) == 6 and report["qa"]["val"]["accuracy"] == sum(s["correct"] for s in qa[:3]) / 3
+    assert report["interleaved"]["val"]["n"] == 3 and (report_md.parent / "interleaved_grid.png").is_file()
+    assert "## Image understanding" in report_md.read_text()
     assert (report_md.parent / "t2i_grid.png").stat().st_size > 0
     samples = (report_md.parent / "t2i_samples.jsonl").read_text().splitlines()
     assert len(samples) == 6

@@ -257,7 +257,7 @@ class _DocBuilder:
 
     def _decode_block(self, block: list[int]) -> Image:
         parsed = self.vocab.parse_image_block(block)
-        pil = self.bundle.image_tokenizer.decode(parsed["pix"][None])[0]
+        pil = decode_parsed_blocks(self.bundle, [parsed])[0]
         meta = {"codes_shape": [parsed["h"], parsed["w"]], "num_tokens": len(block),
                 "width": pil.size[0], "height": pil.size[1]}
         if parsed["sem"] is not None:
@@ -349,7 +349,75 @@ def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, tempera
     return doc
 
 
+def block_codes(parsed: dict):
+    """The codes a parsed image block hands its tokenizer: ``{"sem", "pix"}`` grids for a dual
+    tokenizer (its pixel decoder reads the semantic codes too, ILLUME+'s merge), the pixel grid otherwise."""
+    return {"sem": parsed["sem"], "pix": parsed["pix"]} if parsed.get("sem") is not None else parsed["pix"]
+
+
+def decode_parsed_blocks(bundle, parsed: Sequence[dict]) -> list:
+    """PIL images of parsed image blocks, one decoder call per grid shape."""
+    out: list = [None] * len(parsed)
+    by_shape: dict[tuple, list[int]] = {}
+    for r, p in enumerate(parsed):
+        by_shape.setdefault(np.asarray(p["pix"]).shape, []).append(r)
+    for idx in by_shape.values():
+        pix = np.stack([parsed[r]["pix"] for r in idx])
+        if parsed[idx[0]].get("sem") is not None:
+            codes = {"sem": np.stack([parsed[r]["sem"] for r in idx]), "pix": pix}
+        else:
+            codes = pix
+        for r, pil in zip(idx, bundle.image_tokenizer.decode(codes)):
+            out[r] = pil
+    return out
+
+
+def image_ids(bundle, images: Sequence) -> list[list[int]]:
+    """Token ids of PIL images as the model reads them: each image encoded by the bundle's tokenizer
+    and laid out by the vocab (``<image> <h_H> <w_W> [<sem> ...] <pix> ... </image>``)."""
+    out = bundle.image_tokenizer.encode(list(images))
+    pix, sem = (out["pix"], out.get("sem")) if isinstance(out, dict) else (out, None)
+    pix = np.asarray(pix.cpu() if torch.is_tensor(pix) else pix)
+    sem = None if sem is None else np.asarray(sem.cpu() if torch.is_tensor(sem) else sem)
+    use_sem = bundle.vocab.has("sem")
+    return [bundle.vocab.image_block(pix[i], sem=sem[i] if use_sem and sem is not None else None)
+            for i in range(len(pix))]
+
+
 @torch.no_grad()
+def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequence[Sequence[int]] | None = None,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                        cfg_scale: float = 1.0, batch_size: int = 8, size: tuple[int, int] | None = None,
+                        progress: bool = False, desc: str = "t2i") -> list:
+    """One image per prompt row: each row (token ids ending in ``<image>``) is continued by exactly
+    one image block under the grid constraint, then decoded. Batch ``i`` uses seed ``seed + i``."""
+    _check(bundle, "t2i", cfg_scale, temperature, top_p, top_k)
+    vocab = bundle.vocab
+    eos, pad = _special(bundle)
+    sizes = [tuple(size)] if size else default_image_sizes(bundle)
+    budget = max(vocab.image_block_len(h, w) for h, w in sizes) - 1
+    out: list = []
+    starts = range(0, len(rows), max(1, int(batch_size)))
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for bi, s in enumerate(starts):
+        chunk = [list(r) for r in rows[s:s + batch_size]]
+        if any(not r or r[-1] != vocab["<image>"] for r in chunk):
+            raise MMGenError("an image prompt row must end with the <image> token")
+        uncond = [list(r) for r in uncond_rows[s:s + batch_size]] if cfg_scale != 1.0 else None
+        blocks = [[vocab["<image>"]] for _ in chunk]
+        for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=budget, eos_id=eos, pad_id=pad,
+                                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + bi,
+                                         cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1):
+            for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
+                if a:
+                    blocks[r].append(t)
+        out += decode_parsed_blocks(bundle, [vocab.parse_image_block(b) for b in blocks])
+    return out
+
+
 def generate_images(bundle, prompts: Sequence[str], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     seed: int = 0, cfg_scale: float = 1.0, batch_size: int = 8,
                     size: tuple[int, int] | None = None, progress: bool = False) -> list:
@@ -359,37 +427,33 @@ def generate_images(bundle, prompts: Sequence[str], temperature: float = 1.0, to
     ``seed + i`` so results do not depend on how many batches ran before."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    _check(bundle, "t2i", cfg_scale, temperature, top_p, top_k)
+    rows = [prompt_ids(bundle, p, image=True) for p in prompts]
+    uncond = [prompt_ids(bundle, "", image=True) for _ in prompts] if cfg_scale != 1.0 else None
+    return generate_image_rows(bundle, rows, uncond, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               cfg_scale=cfg_scale, batch_size=batch_size, size=size, progress=progress)
+
+
+@torch.no_grad()
+def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: int = 16, batch_size: int = 16,
+                       progress: bool = False, desc: str = "text") -> list[str]:
+    """Greedy text continuation of each prompt row until ``</s>`` (no images): short answers."""
     vocab = bundle.vocab
     eos, pad = _special(bundle)
-    sizes = [tuple(size)] if size else default_image_sizes(bundle)
-    budget = max(vocab.image_block_len(h, w) for h, w in sizes) - 1
-    out: list = [None] * len(prompts)
-    starts = range(0, len(prompts), max(1, int(batch_size)))
+    out: list[str] = []
+    starts = range(0, len(rows), max(1, int(batch_size)))
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc="t2i", unit="batch")
-    for bi, s in enumerate(starts):
-        chunk = list(prompts[s:s + batch_size])
-        rows = [prompt_ids(bundle, p, image=True) for p in chunk]
-        uncond = [prompt_ids(bundle, "", image=True) for _ in chunk] if cfg_scale != 1.0 else None
-        blocks = [[vocab["<image>"]] for _ in chunk]
-        for tok, active in sample_tokens(bundle.model, vocab, rows, max_new_tokens=budget, eos_id=eos, pad_id=pad,
-                                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + bi,
-                                         cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1):
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for s in starts:
+        chunk = [list(r) for r in rows[s:s + batch_size]]
+        got: list[list[int]] = [[] for _ in chunk]
+        for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=max_new_tokens, eos_id=eos,
+                                         pad_id=pad, temperature=0.0, allow_images=False):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
-                if a:
-                    blocks[r].append(t)
-        grids = [vocab.parse_image_block(b)["pix"] for b in blocks]
-        # One decoder call per grid shape (all the same unless several sizes are allowed).
-        by_shape: dict[tuple, list[int]] = {}
-        for r, g in enumerate(grids):
-            by_shape.setdefault(g.shape, []).append(r)
-        for shape, idx in by_shape.items():
-            pils = bundle.image_tokenizer.decode(np.stack([grids[r] for r in idx]))
-            for r, pil in zip(idx, pils):
-                out[s + r] = pil
+                if a and t != eos:
+                    got[r].append(t)
+        out += [bundle.text_tokenizer.decode(g, skip_special_tokens=True).strip() for g in got]
     return out
 
 

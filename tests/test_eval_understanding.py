@@ -1,0 +1,74 @@
+"""QA and interleaved evaluation: prompts are exactly the prefixes training sequences start with, and
+the evaluators score real generations (a random tiny model), counting every sample."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from test_generate import make_tiny_bundle
+
+
+def _coded(bundle, doc):
+    from mmgen.data.code_shards import CodedDoc
+
+    codes = {}
+    for i, it in enumerate(doc.items):
+        if it.kind == "image":
+            codes[i] = np.asarray(bundle.image_tokenizer.encode([it.to_pil()]))[0]
+    return CodedDoc(doc, codes)
+
+
+def test_buildup_prompt_is_the_training_prefix(tmp_path):
+    from mmgen.data.sequence import build_sequence
+    from mmgen.eval.understanding import buildup_cases, buildup_prompt_ids
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    for case in buildup_cases(4, "val", seed=1, res=(32, 32)):
+        from mmgen.data.doc import Doc
+
+        prompt = buildup_prompt_ids(bundle, case["items"])
+        seq = build_sequence(_coded(bundle, Doc(items=case["items"])), bundle.text_tokenizer, bundle.vocab)
+        ids = seq["input_ids"].tolist()
+        # The prompt is the document so far (without its </s>) followed by <image>.
+        assert prompt[:-1] == ids[:len(prompt) - 1] and prompt[-1] == bundle.vocab["<image>"]
+        assert case["instruction"] and case["truth"]["objects"] is not None
+
+
+def test_qa_prompt_is_the_training_prefix_in_both_layouts(tmp_path):
+    from mmgen.data.doc import Doc, Text
+    from mmgen.data.sequence import build_chat_sequence, build_sequence
+    from mmgen.data.synthetic import random_scene, render
+    from mmgen.data.synthetic.text import qa_pairs
+    from mmgen.eval.understanding import qa_prompt_ids
+    from mmgen.inference.generate import image_ids
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    rng = random.Random(0)
+    scene = random_scene(rng, "val")
+    q, a, _ = qa_pairs(scene, rng, n=1)[0]
+    from mmgen.data.doc import Image
+
+    doc = Doc(items=[Image.from_pil(render(scene, 32, 32)), Text(q, {"role": "question"}), Text(a, {"role": "answer"})])
+    block = image_ids(bundle, [render(scene, 32, 32)])[0]
+    for stage, build in (("pretrain", build_sequence), ("sft", build_chat_sequence)):
+        bundle.meta["stage"] = stage
+        prompt = qa_prompt_ids(bundle, block, q)
+        ids = build(_coded(bundle, doc), bundle.text_tokenizer, bundle.vocab)["input_ids"].tolist()
+        assert ids[:len(prompt)] == prompt, stage
+        answer = bundle.text_tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+        assert answer.split()[0] == a  # the answer is what follows the prompt
+
+
+def test_evaluators_score_every_sample(tmp_path):
+    from mmgen.eval.understanding import evaluate_interleaved, evaluate_qa, normalize_answer
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    qa = evaluate_qa(bundle, n=3, splits=("val",))
+    assert qa["splits"]["val"]["n"] == 3 and len(qa["samples"]) == 3
+    assert all(s["correct"] == (normalize_answer(s["answer"]) == s["truth"]) for s in qa["samples"])
+    inter = evaluate_interleaved(bundle, n=2, seed=0)
+    assert len(inter["samples"]) == 2 and 0.0 <= inter["splits"]["val"]["accuracy"] <= 1.0
+    assert all(s["image"].size == (32, 32) for s in inter["samples"])
+    assert normalize_answer(" Red.") == "red" and normalize_answer("") == ""
