@@ -18,7 +18,8 @@ from mmgen.errors import MMGenError
 
 # Subcommand modules, in the order `mmgen --help` lists them (the life cycle of a model).
 COMMAND_MODULES = [
-    "world", "convert", "filter", "tokenizer", "audio_tokenizer", "detokenizer", "train", "generate", "eval", "chat", "quickstart", "clip", "train_quality",
+    "world", "convert", "train_quality", "filter", "clip", "tokenizer", "audio_tokenizer", "detokenizer", "train",
+    "generate", "eval", "chat", "quickstart",
 ]
 
 app = typer.Typer(
