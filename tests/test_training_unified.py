@@ -232,3 +232,18 @@ def test_weighted_loss_and_z_loss(vocab):
     torch.testing.assert_close(z - base, 1e-2 * lse.pow(2).sum() / 5)
     with pytest.raises(MMGenError, match="unknown modality"):
         modality_weights(vocab, {"imgae": 1.0})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(vocab):
+    ids = torch.tensor([[2, 5, 6, vocab["<image>"], vocab.code_range("pix")[0] + 1, 7, 3]])
+    grads = []
+    for ckpt in (False, True):
+        model = _model(vocab, code_head=True).train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.lm.model.gradient_checkpointing
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)
