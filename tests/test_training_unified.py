@@ -240,7 +240,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(vocab):
     for ckpt in (False, True):
         model = _model(vocab, code_head=True).train()
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from mmgen.training.trainer import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
             assert model.lm.model.gradient_checkpointing
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})

@@ -244,13 +244,22 @@ def build_model(cfg: TrainConfig, vocab, tok):
                                  tie_embeddings=m.tie_embeddings, text_tokenizer=tok,
                                  attn_implementation=m.attn_implementation, seed=cfg.seed, **wrap)
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if cfg.stage == "align":
         freeze_for_align(model, vocab)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (transformers 5 renamed the method)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 def freeze_for_align(model, vocab) -> None:
