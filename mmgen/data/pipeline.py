@@ -21,6 +21,15 @@ Output folder::
     tmp/KKKKK/                     the input being written; renamed into place when it is finished
     manifest.json summary.json report.md plots/*.png
 
+A recipe ending in two-pass selectors (``top_k``, ``top_fraction``, ranked ``source_quota``) runs in
+two passes. Pass 1 is the run above, except that the kept documents are staged in ``pass1/``
+(shards plus ``pass1/KKKKK.jsonl``, one row per document) while the selectors observe their values
+(in ``state/``). Then the selectors fix the selection over the whole corpus and pass 2 goes over
+``pass1/`` input by input, in order, in this process: selected documents are copied into
+``shards/``, the others go to ``rejects/KKKKK.select.jsonl`` with the selector's value, their stats
+rows become ``rejected``, and ``done2/KKKKK.json`` (the input's final counts) marks it finished.
+Both passes resume from their markers; ``pass1/`` is removed when pass 2 is complete.
+
 Counts always add up: input = kept + rejected + quarantined (documents). Node-level removals from
 kept documents are counted separately.
 """
@@ -91,7 +100,18 @@ def build_ops(recipe: Recipe) -> list[Op]:
     if late is not None:
         raise MMGenError(f"recipe '{recipe.name}': '{late.label}' comes after deduplication op "
                          f"'{ops[first_stateful].label}'; move deduplication ops to the end of the recipe")
+    # A selector must see documents in their final state: a dedup op after it would index the hashes
+    # of documents that the selection later drops, and reject their copies for nothing.
+    first_sel = next((i for i, o in enumerate(ops) if getattr(o, "selector", False)), len(ops))
+    late = next((o for o in ops[first_sel:] if not getattr(o, "selector", False)), None)
+    if late is not None:
+        raise MMGenError(f"recipe '{recipe.name}': '{late.label}' comes after selector '{ops[first_sel].label}'; "
+                         "selectors (top_k, top_fraction, source_quota) go at the very end of the recipe")
     return ops
+
+
+def two_pass_selectors(ops: list[Op]) -> list[Op]:
+    return [o for o in ops if getattr(o, "selector", False) and getattr(o, "two_pass", False)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,20 +272,26 @@ class _ShardCommit:
     """Everything one input file produces, written by the parent in input order.
 
     All of it goes to ``tmp/KKKKK/`` first and is renamed into place by :meth:`finish`, done marker
-    last: a kill at any moment leaves either a finished input or files a rerun removes."""
+    last: a kill at any moment leaves either a finished input or files a rerun removes.
 
-    def __init__(self, out: Path, k: int, ops: list[Op], shard_size: int, dry_run: bool, save_media: bool):
+    ``staged`` (a recipe with two-pass selectors): the kept documents are pass 1's output, not the
+    run's; they go to ``pass1/`` with a row per document (``pass1/KKKKK.jsonl``: id and where it came
+    from) for :class:`_SelectCommit` to decide on once the selection is fixed."""
+
+    def __init__(self, out: Path, k: int, ops: list[Op], shard_size: int, dry_run: bool, save_media: bool,
+                 staged: bool = False, tmp_root: str = "tmp"):
         self.out, self.k, self.ops, self.shard_size, self.dry_run = out, k, ops, shard_size, dry_run
-        self.save_media = save_media
+        self.save_media, self.staged = save_media, staged
         self.stateful = [o for o in ops if o.stateful]
         self.tag = f"{k:05d}"
-        self.tmp = out / "tmp" / self.tag
+        self.tmp = out / tmp_root / self.tag
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         self.rejects = open(self.tmp / "rejects.jsonl", "w", encoding="utf-8")
         self.quarantine = open(self.tmp / "quarantine.jsonl", "w", encoding="utf-8")
         self.stat_rows: list[tuple] = []
+        self.observed = open(self.tmp / "observed.jsonl", "w", encoding="utf-8") if staged else None
         self.writer = None
         self.c: dict[str, Any] = {"input": 0, "kept": 0, "rejected": 0, "quarantined": 0,
                                   "kept_with_nodes_removed": 0, "nodes_removed": 0, "nodes_quarantined": 0,
@@ -335,6 +361,8 @@ class _ShardCommit:
                 record["media"] = self._media(doc, [ev["item"]])
             (self.quarantine if status == "quarantined" else self.rejects).write(_json_line(record))
         self.stat_rows += _stat_rows(doc.id, "kept", stats)
+        if self.observed is not None:
+            self.observed.write(_json_line({"id": doc.id, "base": base, "lost_items": bool(events)}))
         if not self.dry_run:
             if self.writer is None:
                 from mmgen.data.shards import ShardWriter
@@ -368,11 +396,16 @@ class _ShardCommit:
         self.rejects.close()
         self.quarantine.close()
         outputs = []
+        kept_dir = self.out / ("pass1" if self.staged else "shards")
+        kept_dir.mkdir(exist_ok=True)
         if self.writer is not None:
             self.writer.close()
             for p in sorted((self.tmp / "shards").glob("*.tar")):
-                os.replace(p, self.out / "shards" / p.name)
+                os.replace(p, kept_dir / p.name)
                 outputs.append(p.name)
+        if self.observed is not None:
+            self.observed.close()
+            os.replace(self.tmp / "observed.jsonl", kept_dir / f"{self.tag}.jsonl")
         self.c["outputs"] = outputs
         write_stats_parquet(self.stat_rows, self.tmp / "stats.parquet")
         os.replace(self.tmp / "stats.parquet", self.out / "stats" / f"{self.tag}.parquet")
@@ -388,17 +421,121 @@ class _ShardCommit:
         return self.c
 
 
+class _SelectCommit(_ShardCommit):
+    """Pass 2 of a recipe with two-pass selectors, for input K: pass 1's kept documents of K in
+    order, each kept or rejected by the finalized selectors (the first that rejects names the reason).
+
+    The selected documents' tar members are copied as pass 1 wrote them, so the shards are what a
+    one-pass run would have written. Writes to ``tmp2/KKKKK/``, then renames into place: shards,
+    ``rejects/KKKKK.select.jsonl``, the stats rows' status, and ``done2/KKKKK.json`` (the input's final
+    counts) last."""
+
+    def __init__(self, out: Path, k: int, selectors: list[Op], pass1: dict, shard_size: int, dry_run: bool,
+                 save_media: bool):
+        super().__init__(out, k, selectors, shard_size, dry_run, save_media, tmp_root="tmp2")
+        self.selectors = selectors
+        self.c = json.loads(json.dumps(pass1))
+        self.rejected_ids: set[str] = set()
+
+    def pass1_docs(self):
+        """(row, doc, sample) for every document pass 1 kept for input K, in order."""
+        from mmgen.data.shards import _group_members, sample_to_doc
+
+        rows = [json.loads(x) for x in open(self.out / "pass1" / f"{self.tag}.jsonl", encoding="utf-8")]
+        if self.dry_run:  # nothing was written in pass 1: the decisions need only the ids
+            yield from ((r, Doc(items=[], id=r["id"]), None) for r in rows)
+            return
+        import tarfile
+
+        samples = (smp for p in sorted((self.out / "pass1").glob(f"part-{self.tag}-*.tar"))
+                   for smp in _group_members(tarfile.open(p, "r|"), str(p)))
+        for r, smp in zip(rows, samples, strict=True):
+            doc = sample_to_doc(smp)
+            if doc.id != r["id"]:
+                raise MMGenError(f"{self.out}/pass1 does not match its index at {r['id']}; delete {self.out} and rerun")
+            yield r, doc, smp
+
+    def run(self) -> dict:
+        for row, doc, sample in self.pass1_docs():
+            fate, stats = None, {}
+            for sel in self.selectors:
+                v = sel.decide(DocView(doc), None, doc.id)[0]
+                stats[sel.label] = v.stats
+                if v.reason is not None and fate is None:
+                    fate = {"op": sel.label, "reason": v.reason, "item": None, "stats": v.stats, "status": "rejected"}
+            if fate is not None:
+                self.c["kept"] -= 1
+                self.c["kept_with_nodes_removed"] -= int(row["lost_items"])
+                self.rejected_ids.add(doc.id)
+                self._drop(doc, fate, [], row["base"], {"doc": stats, "items": {}})
+                _maybe_die()
+                continue
+            if not self.dry_run:
+                if self.writer is None:
+                    from mmgen.data.shards import ShardWriter
+
+                    self.writer = ShardWriter(self.tmp / "shards", prefix=f"part-{self.tag}",
+                                              max_docs=self.shard_size, mtime=0.0)
+                self.writer.write_sample(doc, {k: v for k, v in sample.items() if k != "__key__"})
+            _maybe_die()
+        return self.finish()
+
+    def finish(self) -> dict:
+        self.rejects.close()
+        self.quarantine.close()
+        outputs = []
+        if self.writer is not None:
+            self.writer.close()
+            for p in sorted((self.tmp / "shards").glob("*.tar")):
+                os.replace(p, self.out / "shards" / p.name)
+                outputs.append(p.name)
+        self.c["outputs"] = outputs
+        if not self.dry_run:
+            os.replace(self.tmp / "rejects.jsonl", self.out / "rejects" / f"{self.tag}.select.jsonl")
+            for m in sorted((self.tmp / "media").glob("*")):  # content-addressed: merging twice is harmless
+                (self.out / "rejects" / "media" / self.tag).mkdir(exist_ok=True)
+                os.replace(m, self.out / "rejects" / "media" / self.tag / m.name)
+        self._restatus_stats()
+        _write_json(self.out / "done2" / f"{self.tag}.json", self.c)  # last: marks pass 2 of the input finished
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.c
+
+    def _restatus_stats(self) -> None:
+        """Pass 1 wrote the selector-rejected documents' stats as kept; they are rejected (idempotent,
+        so a pass 2 redone after a kill gives the same file)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.rejected_ids:
+            return
+        path = self.out / "stats" / f"{self.tag}.parquet"
+        t = pq.read_table(path)
+        status = ["rejected" if i in self.rejected_ids else s
+                  for i, s in zip(t.column("id").to_pylist(), t.column("status").to_pylist())]
+        t = t.set_column(t.schema.get_field_index("status"), "status", pa.array(status, type=pa.string()))
+        tmp = self.tmp / "stats.parquet"
+        pq.write_table(t, tmp, compression="zstd")
+        os.replace(tmp, path)
+
+
 _SUBDIRS = ("shards", "rejects", "rejects/media", "quarantine", "stats", "state", "done")
+_PASS2_DIRS = ("pass1", "done2")  # only in runs of recipes with two-pass selectors
 
 
-def _cleanup_from(out: Path, k: int) -> None:
+def _input_of(name: str) -> int | None:
+    """The input number in an output file name: ``part-KKKKK-NNNNNN.tar``, ``KKKKK.jsonl``, ``KKKKK.select.jsonl``."""
+    stem = name.split(".")[0].split("-")
+    num = stem[1] if stem[0] == "part" and len(stem) > 1 else stem[0]
+    return int(num) if num.isdigit() else None
+
+
+def _cleanup_from(out: Path, k: int, subdirs=_SUBDIRS + _PASS2_DIRS, tmp: str = "tmp") -> None:
     """Remove every trace of inputs >= k (an interrupted run's partial output)."""
-    shutil.rmtree(out / "tmp", ignore_errors=True)
-    for sub in _SUBDIRS:
+    shutil.rmtree(out / tmp, ignore_errors=True)
+    for sub in subdirs:
         for p in (out / sub).glob("*"):
-            stem = p.name.split(".")[0].split("-")
-            num = stem[1] if sub == "shards" and len(stem) > 1 else stem[0]
-            if num.isdigit() and int(num) >= k:
+            num = _input_of(p.name)
+            if num is not None and num >= k:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
@@ -459,6 +596,30 @@ def _resume(out: Path, n_inputs: int, ops: list[Op]) -> list[dict]:
     return counts
 
 
+def _select_pass(out: Path, selectors: list[Op], pass1: list[dict], shard_size: int, dry_run: bool,
+                 save_media: bool, progress: bool) -> list[dict]:
+    """Pass 2: fix the selection over everything pass 1 observed, then decide pass 1's kept documents
+    input by input in order (in this process: the decisions are lookups, the work is copying tar
+    members). Resumes from ``done2/`` markers like pass 1 does from ``done/``. Returns the final
+    counts per input."""
+    from tqdm import tqdm
+
+    for sel in selectors:
+        sel.finalize()
+    (out / "done2").mkdir(exist_ok=True)
+    counts: list[dict] = []
+    while len(counts) < len(pass1) and (out / "done2" / f"{len(counts):05d}.json").exists():
+        counts.append(json.loads((out / "done2" / f"{len(counts):05d}.json").read_text()))
+    _cleanup_from(out, len(counts), subdirs=("shards", "done2"), tmp="tmp2")
+    for p in (out / "rejects").glob("*.select.jsonl"):
+        if (_input_of(p.name) or 0) >= len(counts):
+            p.unlink()
+    for k in tqdm(range(len(counts), len(pass1)), desc="select", unit="file", disable=not progress):
+        counts.append(_SelectCommit(out, k, selectors, pass1[k], shard_size, dry_run, save_media).run())
+    shutil.rmtree(out / "pass1", ignore_errors=True)  # every input's pass 2 is done: the staging is spent
+    return counts
+
+
 def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000, dry_run: bool = False,
                progress: bool = True, executor: str = "local", input_format: str = "auto",
                save_reject_media: bool = False, report: bool = True) -> dict:
@@ -489,6 +650,7 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
     recipe_data = dataclasses.asdict(r)
     _open_run(out, {"recipe": recipe_data, "inputs": paths, "shard_size": shard_size, "dry_run": dry_run,
                     "input_format": input_format, "save_reject_media": save_reject_media})
+    selectors = two_pass_selectors(ops)
     counts = _resume(out, len(paths), ops)
     todo = list(range(len(counts), len(paths)))
     bar = tqdm(total=len(paths), initial=len(counts), unit="file", desc=f"filter {r.name}", disable=not progress,
@@ -496,7 +658,7 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
     try:
         with results_in_order(executor, workers, recipe_data, ops, [paths[k] for k in todo], input_format) as results:
             for k, recs in zip(todo, results):
-                commit = _ShardCommit(out, k, ops, shard_size, dry_run, save_reject_media)
+                commit = _ShardCommit(out, k, ops, shard_size, dry_run, save_reject_media, staged=bool(selectors))
                 for kind, rec in recs:
                     commit.bad(rec, paths[k]) if kind == "bad" else commit.doc(rec, paths[k])
                     _maybe_die()
@@ -505,9 +667,14 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
                 bar.set_postfix(docs=sum(c["input"] for c in counts), kept=sum(c["kept"] for c in counts))
     finally:
         bar.close()
+    if selectors:
+        counts = _select_pass(out, selectors, counts, shard_size, dry_run, save_reject_media, progress)
 
     summary = {"recipe": r.name, "inputs": len(paths), "dry_run": dry_run,
                "levels": {o.label: o.level for o in ops}, **_merge(counts, [o.label for o in ops])}
+    if selectors:
+        summary["selection"] = {o.label: {"observed": len(o.values), "selected": len(o.kept),
+                                          "rejected": summary["per_op"][o.label]["rejected"]} for o in selectors}
     summary["balanced"] = summary["input"] == summary["kept"] + summary["rejected"] + summary["quarantined"]
     _write_json(out / "summary.json", summary)
     if report:
