@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.train import (TokenizerTrainConfig, _check, _load_checkpoint, _save_checkpoint, _save_recon_grid,
-                                    _threads, edge_loss, latest_checkpoint, load_training_images, lr_at)
+from mmgen.tokenizers.train import (TokenizerTrainConfig, _check, _save_checkpoint, _save_recon_grid,
+                                    _threads, edge_loss, load_training_images, lr_at,
+                                    resume_or_start)
 
 
 def build_dualvitok_from_config(cfg: TokenizerTrainConfig, load_teacher: bool = True):
@@ -106,14 +107,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     extra = {"disc_optimizer": opt_d} if disc is not None else None
     holder = torch.nn.ModuleDict({"tokenizer": model, **({"disc": disc} if disc is not None else {})})
 
-    start, metrics_path = 0, out / "metrics.jsonl"
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = _load_checkpoint(ckpt, holder, opt, extra)
-        if metrics_path.exists():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    metrics_path = out / "metrics.jsonl"
+    start = resume_or_start(out, cfg.resume, holder, opt, extra)
 
     holder.train()
     window: dict[str, float] = {}

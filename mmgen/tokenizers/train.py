@@ -321,6 +321,23 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_or_start(out_dir: str | Path, resume: bool, model, opt, extra_opts: dict | None = None) -> int:
+    """The step a run starts at: the latest checkpoint's when ``resume`` finds one (model, optimizers
+    and RNG restored; metrics logged after it are dropped, as they will be logged again), else 0 with
+    a fresh ``metrics.jsonl``. Shared by every trainer that uses :func:`_save_checkpoint`."""
+    metrics_path = Path(out_dir) / "metrics.jsonl"
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is None:
+        metrics_path.unlink(missing_ok=True)
+        return 0
+    start = _load_checkpoint(ckpt, model, opt, extra_opts)
+    if metrics_path.exists():
+        kept = [ln for ln in metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    return start
+
+
 def _load_checkpoint(d: Path, model, opt, extra_opts: dict | None = None) -> int:
     from safetensors.torch import load_file
 
@@ -398,18 +415,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     opt = torch.optim.AdamW([{"params": params_rest, "weight_decay": cfg.weight_decay},
                              {"params": params_vq, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
 
-    start = 0
     metrics_path = out / "metrics.jsonl"
-    if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is not None:
-            start = _load_checkpoint(ckpt, model, opt)
-            # Drop metrics logged after the checkpoint: they will be logged again.
-            if metrics_path.exists():
-                kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start]
-                metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    start = resume_or_start(out, cfg.resume, model, opt)
 
     model.train()
     window: dict[str, float] = {}
