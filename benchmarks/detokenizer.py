@@ -40,7 +40,7 @@ def agreement(images: torch.Tensor, scenes) -> float:
 
 
 def sharpness(x: torch.Tensor, ref: torch.Tensor) -> float:
-    grad = lambda t: (t[..., 1:, :-1] - t[..., :-1, :-1]).abs() + (t[..., :-1, 1:] - t[..., :-1, :-1]).abs()  # noqa: E731
+    grad = lambda t: (t[..., 1:, :-1] - t[..., :-1, :-1]).abs() + (t[..., :-1, 1:] - t[..., :-1, :-1]).abs()
     return float(grad(x).mean() / grad(ref).mean())
 
 
@@ -90,7 +90,7 @@ def main() -> None:
 
     if args.sr_pipeline and Path(args.sr_pipeline).is_dir():
         truth = hi.float() / 127.5 - 1
-        up = lambda t: to_uint8_range(F.interpolate(t, scale_factor=2, mode="bicubic", align_corners=False))  # noqa: E731
+        up = lambda t: to_uint8_range(F.interpolate(t, scale_factor=2, mode="bicubic", align_corners=False))
         sr_pipe = load_pipeline(args.sr_pipeline)
         sr_rows = [["bicubic 2x of the VQ decoder output", f"{100 * agreement(up(vq), scenes):.1f}%",
                     round(float(psnr(up(vq), truth).mean()), 2), round(sharpness(up(vq), truth), 3)],

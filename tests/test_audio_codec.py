@@ -62,8 +62,9 @@ def test_resampling_and_stereo_are_handled(codec):
 
 
 def test_save_load_round_trip_is_bit_exact(codec, tmp_path):
-    from mmgen.tokenizers.audio import AudioCodec
     from transformers import DacModel
+
+    from mmgen.tokenizers.audio import AudioCodec
 
     codec.save_pretrained(tmp_path / "c")
     assert (tmp_path / "c" / "model.safetensors").is_file()

@@ -34,7 +34,7 @@ def tiny_pipe(sizes=(32,), names=("pix",), ppc=4, side=8):
 def test_sampling_shapes_determinism_and_schedulers():
     pipe = tiny_pipe()
     codes = torch.randint(0, 32, (2, 8, 8), generator=torch.Generator().manual_seed(1))
-    run = lambda **k: pipe(codes, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt", **k).images  # noqa: E731
+    run = lambda **k: pipe(codes, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt", **k).images
     a = run()
     assert a.shape == (2, 3, 32, 32) and a.abs().max() <= 1
     assert torch.equal(a, run())
@@ -68,7 +68,7 @@ def test_pipeline_save_load_round_trip(tmp_path):
     back = load_pipeline(tmp_path / "p")
     assert isinstance(back.conditioner, CodeConditioner)
     codes = torch.randint(0, 32, (1, 8, 8))
-    kw = dict(num_inference_steps=2, output_type="pt")
+    kw = {"num_inference_steps": 2, "output_type": "pt"}
     assert torch.equal(pipe(codes, generator=torch.Generator().manual_seed(0), **kw).images,
                        back(codes, generator=torch.Generator().manual_seed(0), **kw).images)
     with pytest.raises(MMGenError, match="not a detokenizer pipeline"):

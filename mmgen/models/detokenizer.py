@@ -22,8 +22,8 @@ scheduler swaps (DDIM, DPM-Solver++) work as for any diffusers pipeline::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,8 +43,8 @@ def _diffusers():
 
 
 _diffusers()
-from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DModel  # noqa: E402
-from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 SCHEDULERS = ("ddim", "dpm", "ddpm")
 
@@ -132,7 +132,7 @@ class CodeDetokenizerPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, conditioner=conditioner)
 
-    def use_scheduler(self, name: str) -> "CodeDetokenizerPipeline":
+    def use_scheduler(self, name: str) -> CodeDetokenizerPipeline:
         """Swap the sampler, keeping the noise schedule it was trained with."""
         self.scheduler = make_scheduler(name, dict(self.scheduler.config))
         return self
@@ -202,4 +202,4 @@ def load_pipeline(path: str | Path, device: str = "cpu") -> CodeDetokenizerPipel
     return pipe.to(device)
 
 
-__all__ = ["CodeConditioner", "CodeDetokenizerPipeline", "build_unet", "build_pipeline", "load_pipeline", "make_scheduler"]
+__all__ = ["CodeConditioner", "CodeDetokenizerPipeline", "build_pipeline", "build_unet", "load_pipeline", "make_scheduler"]

@@ -95,7 +95,7 @@ def shapes_pairs(n: int, low: int, high: int, seed: int, split: str = "train") -
     scenes = [random_scene(rng, split) for _ in range(n)]
     lo = np.stack([np.asarray(render(s, low, low), np.uint8) for s in scenes])
     hi = lo if high == low else np.stack([np.asarray(render(s, high, high), np.uint8) for s in scenes])
-    to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
     return to_t(lo), to_t(hi), scenes
 
 
@@ -119,7 +119,12 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     from mmgen.models.detokenizer import build_pipeline
     from mmgen.tokenizers import load_image_tokenizer
     from mmgen.tokenizers.base import tensor_to_pil
-    from mmgen.tokenizers.train import _load_checkpoint, _save_checkpoint, _threads, latest_checkpoint
+    from mmgen.tokenizers.train import (
+        _load_checkpoint,
+        _save_checkpoint,
+        _threads,
+        latest_checkpoint,
+    )
 
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "scale", "train_images"):
         if getattr(cfg, name) <= 0:
@@ -223,5 +228,12 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     return pipe_dir
 
 
-__all__ = ["DetokenizerTrainConfig", "DetokenizerModelConfig", "train_detokenizer", "code_grids", "grid_spec",
-           "shapes_pairs", "encode_all"]
+__all__ = [
+    "DetokenizerModelConfig",
+    "DetokenizerTrainConfig",
+    "code_grids",
+    "encode_all",
+    "grid_spec",
+    "shapes_pairs",
+    "train_detokenizer",
+]

@@ -17,9 +17,9 @@ Encoding is deterministic: eval mode, nearest-codebook argmax, no quantizer drop
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ class AudioCodec(torch.nn.Module):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: AudioCodecConfig | dict) -> "AudioCodec":
+    def from_config(cls, cfg: AudioCodecConfig | dict) -> AudioCodec:
         if isinstance(cfg, dict):
             cfg = AudioCodecConfig(**cfg)
         _check_config(cfg)
@@ -88,7 +88,7 @@ class AudioCodec(torch.nn.Module):
         return cls(model)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, device: str = "cpu") -> "AudioCodec":
+    def from_pretrained(cls, path_or_id: str | Path, device: str = "cpu") -> AudioCodec:
         """A local directory (``save_pretrained`` output, or any transformers DAC checkpoint) or a
         Hugging Face hub id such as ``descript/dac_16khz``."""
         p = Path(path_or_id)

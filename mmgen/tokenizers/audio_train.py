@@ -193,7 +193,12 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     from tqdm import tqdm
 
     from mmgen.config import save_config
-    from mmgen.tokenizers.train import _load_checkpoint, _save_checkpoint, _threads, latest_checkpoint
+    from mmgen.tokenizers.train import (
+        _load_checkpoint,
+        _save_checkpoint,
+        _threads,
+        latest_checkpoint,
+    )
 
     for name in ("steps", "batch_size", "log_every", "ckpt_every"):
         if getattr(cfg, name) <= 0:
@@ -219,7 +224,7 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.8, 0.99))
     tracker = CodebookUsage(codec.n_q, codec.codebook_size, cfg.usage_decay)
     state = torch.nn.ModuleDict({"codec": model, "tracker": tracker})  # what a checkpoint holds
-    sched = lambda step: cfg.lr * min(1.0, (step + 1) / 20)  # noqa: E731 - short warmup, then flat
+    sched = lambda step: cfg.lr * min(1.0, (step + 1) / 20)
 
     start, metrics_path = 0, out / "metrics.jsonl"
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
@@ -280,4 +285,4 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     return codec_dir
 
 
-__all__ = ["AudioTrainConfig", "train_audio_tokenizer", "spoken_captions", "real_clips", "evaluate", "default_real_audio"]
+__all__ = ["AudioTrainConfig", "default_real_audio", "evaluate", "real_clips", "spoken_captions", "train_audio_tokenizer"]

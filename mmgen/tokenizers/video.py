@@ -21,9 +21,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -209,15 +209,15 @@ class VideoEncoder:
         if isinstance(tokens, dict):
             grids = {name: self.full_grids(t) for name, t in tokens.items()}
             n = len(next(iter(grids.values())))
-            chunk = lambda i: {k: g[i: i + self.batch_size] for k, g in grids.items()}  # noqa: E731
+            chunk = lambda i: {k: g[i: i + self.batch_size] for k, g in grids.items()}
         else:
             grids = self.full_grids(tokens)
             n = len(grids)
-            chunk = lambda i: grids[i: i + self.batch_size]  # noqa: E731
+            chunk = lambda i: grids[i: i + self.batch_size]
         out = []
         for i in range(0, n, self.batch_size):
             out.extend(self.tokenizer.decode(chunk(i)))
         return out
 
 
-__all__ = ["VideoEncoder", "VideoTokens", "FrameBlock", "shot_changes"]
+__all__ = ["FrameBlock", "VideoEncoder", "VideoTokens", "shot_changes"]
