@@ -119,12 +119,7 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     from mmgen.models.detokenizer import build_pipeline
     from mmgen.tokenizers import load_image_tokenizer
     from mmgen.tokenizers.base import tensor_to_pil
-    from mmgen.tokenizers.train import (
-        _load_checkpoint,
-        _save_checkpoint,
-        _threads,
-        latest_checkpoint,
-    )
+    from mmgen.tokenizers.train import _save_checkpoint, _threads, resume_or_start
 
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "scale", "train_images"):
         if getattr(cfg, name) <= 0:
@@ -155,14 +150,7 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     model = torch.nn.ModuleDict({"unet": pipe.unet, "conditioner": pipe.conditioner})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-    start, metrics_path = 0, out / "metrics.jsonl"
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = _load_checkpoint(ckpt, model, opt)
-        if metrics_path.exists():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    start, metrics_path = resume_or_start(out, cfg.resume, model, opt), out / "metrics.jsonl"
 
     model.train()
     total, n_win, t0 = 0.0, 0, time.time()

@@ -193,12 +193,7 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     from tqdm import tqdm
 
     from mmgen.config import save_config
-    from mmgen.tokenizers.train import (
-        _load_checkpoint,
-        _save_checkpoint,
-        _threads,
-        latest_checkpoint,
-    )
+    from mmgen.tokenizers.train import _save_checkpoint, _threads, resume_or_start
 
     for name in ("steps", "batch_size", "log_every", "ckpt_every"):
         if getattr(cfg, name) <= 0:
@@ -226,14 +221,7 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     state = torch.nn.ModuleDict({"codec": model, "tracker": tracker})  # what a checkpoint holds
     sched = lambda step: cfg.lr * min(1.0, (step + 1) / 20)
 
-    start, metrics_path = 0, out / "metrics.jsonl"
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = _load_checkpoint(ckpt, state, opt)
-        if metrics_path.exists():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    start, metrics_path = resume_or_start(out, cfg.resume, state, opt), out / "metrics.jsonl"
 
     model.train()
     window: dict[str, float] = {}
