@@ -5,7 +5,9 @@ object (a small red circle vs a small orange square at the same place: the same 
 difference under 1 grey level), while a re-encoded, resized or slightly cropped copy of one scene
 moves further than that. The scene parser reads each picture back into (background, objects), and
 two pictures are near duplicates when they parse to the same scene and their perceptual hashes
-agree within ``radius`` bits. Images the parser cannot read are not judged.
+agree within ``radius`` bits. An image the parser cannot read (a crop can cut a small object in
+half) is compared by perceptual hash alone, against every kept image, within the much tighter
+``unparsed_radius``.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ class SceneNearDedup(StatefulOp):
     @dataclass
     class Params:
         radius: int = 32
+        unparsed_radius: int = 4
 
         def validate(self):
-            if not 0 <= self.radius <= 64:
+            if not (0 <= self.radius <= 64 and 0 <= self.unparsed_radius <= 64):
                 raise ValueError("radius must be in 0..64 (bits of a 64-bit perceptual hash)")
 
     def __init__(self, *a, **k):
@@ -55,10 +58,17 @@ class SceneNearDedup(StatefulOp):
                 pil = view.pil(i)
             except MediaError:
                 continue
-            key = scene_key(pil)
-            if key is not None:
-                out[i] = (key, phash(pil))
+            out[i] = (scene_key(pil), phash(pil))
         return out
+
+    def _match(self, key: str | None, h: int):
+        if key is None:
+            cands = (e for entries in self.seen.values() for e in entries)
+            radius = self.params.unparsed_radius
+        else:
+            cands, radius = iter(self.seen.get(key, ())), self.params.radius
+        hits = [(first_pos, d, first) for (kh, first, first_pos) in cands if (d := hamming(kh, h)) <= radius]
+        return min(hits)[1:] if hits else None  # the earliest kept image wins
 
     def decide(self, view, sig, doc_id):
         out = []
@@ -66,8 +76,7 @@ class SceneNearDedup(StatefulOp):
             if i not in sig:
                 continue
             key, h = sig[i]
-            hit = next(((d, first) for kh, first in self.seen.get(key, ()) if (d := hamming(kh, h)) <= self.params.radius),
-                       None)
+            hit = self._match(key, h)
             stats = {"phash": f"{h:x}"} | ({"distance": hit[0]} if hit else {})
             out.append(Verdict("near_duplicate_image" if hit else None, stats, item=i,
                                duplicate_of=hit[1] if hit else None))
@@ -79,4 +88,5 @@ class SceneNearDedup(StatefulOp):
                 self._add([sig[i][0], f"{sig[i][1]:x}", doc_id])
 
     def _insert(self, e):
-        self.seen.setdefault(e[0], []).append((int(e[1], 16), e[2]))
+        self._n = getattr(self, "_n", 0) + 1
+        self.seen.setdefault(e[0], []).append((int(e[1], 16), e[2], self._n))

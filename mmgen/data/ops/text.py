@@ -37,6 +37,13 @@ het een van niet zijn op te dat
 """.split()) - EN_STOPWORDS
 
 
+# English function words spelled like a function word of a language above (German "am", "an", "die",
+# "was"; Romance "a", "no", "me"; Dutch/German/Italian "in"): evidence for neither side, so they do not
+# count as English. Counted as English, "Die Bibliothek bleibt am Sonntag leider geschlossen." has as
+# many English function words as foreign ones and passed.
+SHARED_STOPWORDS = frozenset("am an so was die will also man do me no he or".split())
+
+
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
@@ -188,7 +195,8 @@ class Gibberish(TextOp):
 @register_op("stopwords")
 class Stopwords(TextOp):
     """English stopword ratio (share of words in a built-in list of English function words), the
-    share of function words of other languages, and the share of non-ASCII letters.
+    share of function words of other languages, and the share of non-ASCII letters. Words that are
+    function words in English and in one of the other languages (``SHARED_STOPWORDS``) count for neither.
 
     Low English and high foreign ratios, or many non-ASCII letters, mark non-English text."""
 
@@ -205,8 +213,10 @@ class Stopwords(TextOp):
         letters = [c for c in text if c.isalpha()]
         return {
             "words": n,
-            "en_stopword_ratio": round(sum(w in EN_STOPWORDS for w in ws) / n, 4) if n else 0.0,
-            "foreign_stopword_ratio": round(sum(w in FOREIGN_STOPWORDS for w in ws) / n, 4) if n else 0.0,
+            "en_stopword_ratio": round(sum(w in EN_STOPWORDS and w not in SHARED_STOPWORDS for w in ws) / n, 4)
+            if n else 0.0,
+            "foreign_stopword_ratio": round(sum(w in FOREIGN_STOPWORDS and w not in SHARED_STOPWORDS for w in ws) / n, 4)
+            if n else 0.0,
             "non_ascii_ratio": round(sum(not c.isascii() for c in letters) / len(letters), 4) if letters else 0.0,
         }
 
