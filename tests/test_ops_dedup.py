@@ -151,3 +151,30 @@ def test_source_quota_one_pass_and_ranked():
     ranked = build_op("source_quota", params={"max_docs": 2, "meta_field": "q"})
     assert ranked.two_pass
     assert _two_passes(ranked, docs) == ["source_quota", None, None, None]
+
+
+def test_doc_near_dedup_char_shingles_and_same_media():
+    from mmgen.data.doc import Video
+
+    cap = "A small red circle at the top left, on a black background."
+    edited = cap.replace("circle", "cirle")  # one dropped character
+    word = build_op("doc_near_dedup", params={"threshold": 0.8})
+    char = build_op("doc_near_dedup", params={"shingle": "char", "ngram": 5, "threshold": 0.8})
+    pair = [Doc([Text(cap)], id="a"), Doc([Text(edited)], id="b")]
+    assert feed(word, pair)[1] == [(None, None)]  # 3 of 10 word 3-grams changed
+    assert feed(char, pair)[1] == [("near_duplicate_doc", "a")]
+    # the same templated text over another clip is not a copy; over the same clip it is
+    clip = lambda b: Video(data=b, format="mp4")  # noqa: E731 - only the bytes are compared
+    op = build_op("doc_near_dedup", params={"shingle": "char", "ngram": 5, "threshold": 0.8})
+    docs = [Doc([clip(b"one"), Text(cap)], id="v1"), Doc([clip(b"two"), Text(edited)], id="v2"),
+            Doc([clip(b"one"), Text(edited)], id="v3")]
+    assert [r[0] for r in feed(op, docs)] == [(None, None), (None, None), ("near_duplicate_doc", "v1")]
+    with pytest.raises(Exception, match="shingle"):
+        build_op("doc_near_dedup", params={"shingle": "byte"})
+
+
+def test_stopwords_shared_function_words_count_for_neither():
+    op = build_op("stopwords", "doc")
+    s = op.text_stats("Die Bibliothek bleibt am Sonntag leider geschlossen.")
+    assert s["en_stopword_ratio"] == 0.0 and op.judge(s) == "non_english"  # "am" is German here
+    assert op.judge(op.text_stats("A large blue square sits at the top left of a gray background.")) is None

@@ -1,9 +1,11 @@
 """The ShapesWorld recipe against a world's labelled defects, and the scoring itself.
 
-What is asserted on the small world is what the recipe reaches on the 2,000-doc measurement too
-(see data_pipelines/README.md, "Quality on ShapesWorld"): the duplicate families (duplicate_image,
-near_duplicate_image, near_duplicate_doc) and non_english do not reach 0.95 yet and are only
-checked for what they do reach.
+The goal of issue 3 is asserted on a small world: precision and recall >= 0.95 for every defect
+type and >= 98% of clean documents untouched (the 2,400-doc measurement is in data_pipelines/README.md,
+"Quality on ShapesWorld"). At a defect rate of 0.5 each of the 12 types has about 20 examples, so
+one miss is a recall of 0.95. The one exception is near_duplicate_image recall (0.915 on the
+2,400-doc world, 18 of 20 here): a crop of a pixel or two makes the scene parser misread a small
+object at the border, and pHash alone cannot stand in (flat scenes collide: tried, 92 clean docs lost).
 """
 
 from __future__ import annotations
@@ -11,28 +13,25 @@ from __future__ import annotations
 import json
 
 from mmgen.data.pipeline import run_filter, score_against_labels
-from mmgen.data.synthetic.world import write_world
-
-SOLID = ("corrupt_image", "duplicate_doc", "empty_item", "extreme_aspect", "mismatched_caption", "ngram_spam",
-         "tiny_image")
+from mmgen.data.synthetic.world import DEFECT_TYPES, write_world
 
 
 def test_shapesworld_recipe_on_a_labelled_world(tmp_path):
     world = tmp_path / "world"
-    write_world(world, n_docs=360, seed=31, defect_rate=0.35, shard_size=120, mix="caption=0.5,qa=0.25,buildup=0.25",
+    write_world(world, n_docs=480, seed=31, defect_rate=0.5, shard_size=160, mix="caption=0.4,qa=0.3,buildup=0.3",
                 progress=False)
     s = run_filter("shapesworld", str(world / "*.tar"), tmp_path / "out", workers=1, progress=False, report=False)
-    assert s["balanced"] and s["input"] == 360
+    assert s["balanced"] and s["input"] == 480
     score = score_against_labels(tmp_path / "out", world / "labels.jsonl")
     labels = [json.loads(x) for x in (world / "labels.jsonl").open()]
     per = score["per_defect"]
     for t, row in per.items():  # the truth side comes from the labels, nothing else
         assert row["true"] == sum(any(d["type"] == t for d in lab["defects"]) for lab in labels)
-    for t in SOLID:
-        assert per[t]["true"] >= 5, t
-        assert per[t]["precision"] >= 0.95 and per[t]["recall"] >= 0.95, (t, per[t])
-    assert per["gibberish_text"]["recall"] >= 0.85 and per["gibberish_text"]["precision"] >= 0.95
-    assert per["near_duplicate_image"]["precision"] >= 0.9  # scene_near_dedup: precise, recall still short
+    assert set(per) == set(DEFECT_TYPES)
+    for t in DEFECT_TYPES:
+        assert per[t]["true"] >= 15, t
+        assert per[t]["precision"] >= 0.95, (t, per[t])
+        assert per[t]["recall"] >= (0.9 if t == "near_duplicate_image" else 0.95), (t, per[t])
     assert score["clean_kept_fraction"] >= 0.98, score
 
 

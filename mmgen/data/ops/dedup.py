@@ -340,7 +340,8 @@ class DocNearDedup(StatefulOp):
     n-gram shingles of the normalised text, candidates from a datasketch MinHashLSH index (``bands``
     bands of num_perm/bands rows), then a check that the estimated Jaccard similarity reaches
     ``threshold`` AND that the documents carry the same media: as many images, pairwise within
-    ``image_radius`` bits of perceptual hash, and the same audio and video bytes (templated captions
+    ``image_radius`` bits of perceptual hash (or byte-identical, ``exact_images``), and the same audio
+    and video bytes (templated captions
     repeat across different pictures and clips; those are not copies). Documents with fewer than
     ``min_words`` words are not judged (short texts collide by chance).
 
@@ -358,6 +359,9 @@ class DocNearDedup(StatefulOp):
         min_words: int = 5
         image_radius: int = 10
         shingle: str = "word"  # or "char"
+        # True: images must be byte-identical (SHA-1) instead of within image_radius. For synthetic
+        # flat scenes, whose perceptual hashes collide between different pictures.
+        exact_images: bool = False
 
         def validate(self):
             if self.shingle not in ("word", "char"):
@@ -387,7 +391,8 @@ class DocNearDedup(StatefulOp):
                 ph.append(phash(view.pil(i)))
             except MediaError:
                 ph.append(None)
-        media = [it.sha1() for _, it in view.items() if it.kind in ("audio", "video")]
+        kinds = ("audio", "video", "image") if self.params.exact_images else ("audio", "video")
+        media = [it.sha1() for _, it in view.items() if it.kind in kinds]
         sh = shingles(text, self.params.ngram, self.params.shingle)
         return {"minhash": minhash(sh, self.params.num_perm).hashvalues, "phash": ph, "media": media}
 
@@ -396,7 +401,8 @@ class DocNearDedup(StatefulOp):
                                         for x, y in zip(a, b))
 
     def _same_media(self, i: int, sig: dict) -> bool:
-        return self._same_images(self.phashes[i], sig["phash"]) and self.media[i] == sig.get("media", [])
+        same = self.params.exact_images or self._same_images(self.phashes[i], sig["phash"])
+        return same and self.media[i] == sig.get("media", [])
 
     def decide(self, view, sig, doc_id):
         if sig is None:

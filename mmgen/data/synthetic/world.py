@@ -43,6 +43,9 @@ class UniqueScenes:
     def __init__(self, tries: int = 100):
         self.tries = tries
         self.seen: set[str] = set()
+        # docs whose picture a duplicate_image / near_duplicate_image doc already reused: a second
+        # reuse of the same picture under a caption would be a near-duplicate document of the first
+        self.reused: set[str] = set()
 
     def draw(self, make, key=lambda scene: scene.key()):
         """Call ``make()`` until its result's ``key`` is new (at most ``tries`` times) and record it."""
@@ -202,7 +205,9 @@ def make_defective(dtype: str, rng: random.Random, split: str, size, sources: li
         doc.items[1].meta["describes"] = other.to_dict()
         label["reason"] = "caption describes a different scene than the image shows"
     elif dtype in ("duplicate_image", "near_duplicate_image"):
-        src = rng.choice([d for d in sources if d.images])
+        pool = [d for d in sources if d.images and d.id not in unique.reused]
+        src = rng.choice(pool or [d for d in sources if d.images])
+        unique.reused.add(src.id)
         img = src.images[0]
         scene = Scene.from_dict(img.meta["scene"])
         if dtype == "duplicate_image":
