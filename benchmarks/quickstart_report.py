@@ -1,0 +1,41 @@
+"""Copy the quality numbers of a quickstart run (``make demo``) into BENCHMARKS.md.
+
+    make demo && python benchmarks/quickstart_report.py --report runs/quickstart/report.json
+
+The quickstart itself measures (scene-parser judgements of generated images, exact QA answers);
+this script only tabulates its report.json beside the stage times, so the section says which run
+the numbers come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mmgen.utils.bench import md_table, write_section
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report", default="runs/quickstart/report.json")
+    ap.add_argument("--note", default="", help="conditions of the run (e.g. machine load)")
+    r = json.loads(Path(ap.parse_args().report).read_text())
+    args = ap.parse_args()
+    rows = [
+        ["text-to-image, all requested objects (val)", r["t2i"]["val"]["n"], r["t2i_accuracy"], ">= 0.80"],
+        ["text-to-image, held-out colour-shape pairs", r["t2i"]["heldout"]["n"], r["t2i_accuracy_heldout_compositions"], "reported"],
+        ["visual QA, exact answer (val)", r["qa"]["val"]["n"], r["qa_accuracy"], ">= 0.90"],
+        ["visual QA, held-out pairs", r["qa"]["heldout"]["n"], r["qa_accuracy_heldout_compositions"], "reported"],
+        ["build-up next image exact (val)", r["interleaved"]["val"]["n"], r["interleaved_accuracy"], ">= 0.70"],
+        ["tokenizer reconstruction, scene agreement", r["tokenizer_reconstruction"]["n"],
+         r["tokenizer_reconstruction"]["scene_agreement"], ">= 0.98 (issue 4)"],
+    ]
+    times = [[k, round(v)] for k, v in r["stage_seconds"].items()] + [["total", round(sum(r["stage_seconds"].values()))]]
+    body = (f"{args.note}\n\n" if args.note else "") + md_table(["metric", "n", "value", "goal"], rows)
+    body += "\n\nStage seconds:\n\n" + md_table(["stage", "seconds"], times)
+    write_section("quickstart_quality", "Quickstart quality (make demo, tiny preset)", body)
+
+
+if __name__ == "__main__":
+    main()
