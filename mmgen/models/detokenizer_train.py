@@ -115,21 +115,17 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     """Train the detokenizer; returns the saved pipeline's directory (``out_dir/pipeline``)."""
     from tqdm import tqdm
 
-    from mmgen.config import save_config
     from mmgen.models.detokenizer import build_pipeline
     from mmgen.tokenizers import load_image_tokenizer
     from mmgen.tokenizers.base import tensor_to_pil
-    from mmgen.tokenizers.train import _save_checkpoint, _threads, resume_or_start
+    from mmgen.tokenizers.train import _save_checkpoint, prepare_run_dir, resume_or_start
 
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "scale", "train_images"):
         if getattr(cfg, name) <= 0:
             raise MMGenError(f"{name} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.cond_drop < 1:
         raise MMGenError(f"cond_drop must be in [0, 1), got {cfg.cond_drop}")
-    torch.set_num_threads(_threads(cfg))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out = prepare_run_dir(cfg)
 
     tok = load_image_tokenizer(cfg.tokenizer).eval()
     res = int(tok.resolution[0])

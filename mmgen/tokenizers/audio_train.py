@@ -192,16 +192,12 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     """Train the audio codec; returns the directory it was saved to (``out_dir/codec``)."""
     from tqdm import tqdm
 
-    from mmgen.config import save_config
-    from mmgen.tokenizers.train import _save_checkpoint, _threads, resume_or_start
+    from mmgen.tokenizers.train import _save_checkpoint, prepare_run_dir, resume_or_start
 
     for name in ("steps", "batch_size", "log_every", "ckpt_every"):
         if getattr(cfg, name) <= 0:
             raise MMGenError(f"{name} must be positive, got {getattr(cfg, name)}")
-    torch.set_num_threads(_threads(cfg))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out = prepare_run_dir(cfg)
 
     torch.manual_seed(cfg.seed)
     codec = AudioCodec.from_config(cfg.model)

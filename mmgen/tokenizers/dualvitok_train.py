@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.train import (TokenizerTrainConfig, _check, _save_checkpoint, _save_recon_grid,
-                                    _threads, edge_loss, load_training_images, lr_at,
+                                    edge_loss, load_training_images, lr_at, prepare_run_dir,
                                     resume_or_start)
 
 
@@ -83,14 +83,10 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     """Train DualViTok from ``cfg``; returns ``out_dir/tokenizer``."""
     from tqdm import tqdm
 
-    from mmgen.config import save_config
     from mmgen.tokenizers.dualvitok import PatchGAN
 
     _check(cfg)
-    torch.set_num_threads(_threads(cfg))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out = prepare_run_dir(cfg)
     torch.manual_seed(cfg.seed)
     model = build_dualvitok_from_config(cfg)
     if cfg.resolution % model.sem_downsample:

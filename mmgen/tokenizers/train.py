@@ -321,6 +321,19 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def prepare_run_dir(cfg) -> Path:
+    """Set the trainer's thread count, create ``cfg.out_dir`` and save the resolved config into it
+    (shared by every trainer with ``threads`` and ``out_dir`` fields). Seeding stays with the caller:
+    some trainers must load models before drawing their first random numbers."""
+    from mmgen.config import save_config
+
+    torch.set_num_threads(_threads(cfg))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return out
+
+
 def resume_or_start(out_dir: str | Path, resume: bool, model, opt, extra_opts: dict | None = None) -> int:
     """The step a run starts at: the latest checkpoint's when ``resume`` finds one (model, optimizers
     and RNG restored; metrics logged after it are dropped, as they will be logged again), else 0 with
@@ -392,14 +405,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         raise MMGenError(f"unknown tokenizer '{cfg.tokenizer}' (use pixel_vq or dualvitok)")
     from tqdm import tqdm
 
-    from mmgen.config import save_config
     from mmgen.tokenizers.vq import psnr
 
     _check(cfg)
-    torch.set_num_threads(_threads(cfg))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out = prepare_run_dir(cfg)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
