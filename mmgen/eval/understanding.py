@@ -21,7 +21,8 @@ import re
 import numpy as np
 
 
-def _scenes(n: int, split: str, seed: int, tag: str, **kw) -> list:
+def _scenes(n: int, split: str, seed: int, tag: str, **kw) -> tuple[list, random.Random]:
+    """``n`` scenes of ``split`` and the generator that drew them (questions are drawn from it next)."""
     from mmgen.data.synthetic import random_scene, split_of
 
     rng = random.Random(f"{tag}-{split}-{seed}")
@@ -126,14 +127,14 @@ def evaluate_interleaved(bundle, n: int = 32, seed: int = 0, splits=("val",), te
     """Next-image accuracy on build-up documents, judged by the scene parser."""
     from mmgen.data.synthetic.scene import Scene
     from mmgen.eval.scene_parser import compare_scenes, parse_scene
-    from mmgen.inference.generate import generate_image_rows
+    from mmgen.inference.generate import generate_image_rows, prompt_ids
 
     res = resolution(bundle)
     result: dict = {"splits": {}, "samples": []}
     for split in splits:
         cases = buildup_cases(n, split, seed, res)
         rows = [buildup_prompt_ids(bundle, c["items"]) for c in cases]
-        uncond = [[*r[:1], bundle.vocab["<image>"]] for r in rows]  # <s> <image>: the empty prompt
+        uncond = [prompt_ids(bundle, "", image=True)] * len(rows)  # <s> <image>: the empty prompt
         images = generate_image_rows(bundle, rows, uncond, temperature=temperature, top_k=top_k, seed=seed,
                                      cfg_scale=cfg_scale, batch_size=batch_size, progress=True,
                                      desc=f"interleaved {split}")
