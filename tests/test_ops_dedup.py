@@ -173,6 +173,51 @@ def test_doc_near_dedup_char_shingles_and_same_media():
         build_op("doc_near_dedup", params={"shingle": "byte"})
 
 
+def test_doc_near_dedup_compares_the_media_documents_arrived_with():
+    """Two captions over different pictures are not copies, even after an earlier node operator
+    removed both pictures; over the same picture they are."""
+    cap = "A small red circle at the top left, on a black background."
+    edited = cap.replace("top left", "top right")
+    png = lambda colour: Image.from_pil(PILImage.new("RGB", (8, 8), colour))  # noqa: E731
+    docs = [Doc([png("red"), Text(cap)], id="a"), Doc([png("blue"), Text(edited)], id="b"),
+            Doc([png("red"), Text(edited)], id="c")]
+    op = build_op("doc_near_dedup", params={"shingle": "char", "ngram": 5, "threshold": 0.7, "exact_images": True})
+    out = []
+    for d in docs:  # as the runner does after an image filter took every picture
+        view = DocView(d)
+        view.remove(0)
+        sig = op.signature(view)
+        vs = op.decide(view, sig, d.id)
+        if not any(v.reason for v in vs):
+            op.commit(view, sig, d.id)
+        out.append([(v.reason, v.duplicate_of) for v in vs])
+    assert out == [[(None, None)], [(None, None)], [("near_duplicate_doc", "a")]]
+
+
+def test_scene_near_dedup_finds_cropped_copies_and_tells_scenes_apart():
+    from mmgen.data.ops.scene_dedup import uncropped_canvases
+    from mmgen.data.synthetic.scene import Obj, Scene, render
+
+    scene = Scene("navy", [Obj("circle", "orange", "large", (0, 1))])
+    other = Scene("navy", [Obj("square", "orange", "large", (0, 1))])  # same layout, other shape
+    pic = render(scene, 64, 64)
+    crop = pic.crop((0, 2, 64, 63))  # the world's near-duplicate crop that the parser cannot read
+    from mmgen.eval.scene_parser import parse_scene
+
+    assert parse_scene(crop) is None and parse_scene(pic).key() == scene.key()
+    canvases = uncropped_canvases(crop, 4)
+    assert [c.size for c in canvases] == [(s, s) for s in range(64, 69)]
+    assert any(parse_scene(c) is not None and parse_scene(c).key() == scene.key() for c in canvases)
+    img = lambda p: Image.from_pil(p)  # noqa: E731
+    docs = [Doc([img(pic)], id="orig"), Doc([img(render(other, 64, 64))], id="other"), Doc([img(crop)], id="crop")]
+    assert feed(build_op("scene_near_dedup"), docs) == [[(None, None)], [(None, None)],
+                                                        [("near_duplicate_image", "orig")]]
+    # the crop kept first: the original is found by the key of the crop's uncropped canvas
+    assert feed(build_op("scene_near_dedup"), docs[::-1])[2] == [("near_duplicate_image", "crop")]
+    # with uncropping off, only the tight perceptual-hash fallback is left, and it misses the crop
+    assert feed(build_op("scene_near_dedup", params={"uncrop": 0}), docs)[2] == [(None, None)]
+
+
 def test_stopwords_shared_function_words_count_for_neither():
     op = build_op("stopwords", "doc")
     s = op.text_stats("Die Bibliothek bleibt am Sonntag leider geschlossen.")

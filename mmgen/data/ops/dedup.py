@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from mmgen.data.doc import Text
+from mmgen.data.doc import Image, Text
 from mmgen.data.ops.base import DocView, Op, StatefulOp, Verdict, error_text, register_op
 from mmgen.errors import MediaError
 
@@ -346,7 +346,11 @@ class DocNearDedup(StatefulOp):
     ``min_words`` words are not judged (short texts collide by chance).
 
     Character shingles suit short texts: one edited character changes at most ``ngram`` of them,
-    while in a ten-word caption it changes three of eight word 3-grams (Jaccard 0.57)."""
+    while in a ten-word caption it changes three of eight word 3-grams (Jaccard 0.57).
+
+    The media compared are the ones the document arrived with, including items that earlier node
+    operators removed: two documents that carried different pictures are not copies of each other,
+    even when filtering stripped both pictures and left two similar templated captions."""
 
     levels = ("doc",)
 
@@ -385,14 +389,16 @@ class DocNearDedup(StatefulOp):
         text = view.text
         if len(normalize_text(text).split()) < self.params.min_words:
             return None
+        arrived = list(enumerate(view.doc.items))  # removed items included: see the class docstring
         ph = []
-        for i, _ in view.images():
-            try:
-                ph.append(phash(view.pil(i)))
-            except MediaError:
-                ph.append(None)
+        for i, it in arrived:
+            if isinstance(it, Image):
+                try:
+                    ph.append(phash(view.pil(i)))
+                except MediaError:
+                    ph.append(None)
         kinds = ("audio", "video", "image") if self.params.exact_images else ("audio", "video")
-        media = [it.sha1() for _, it in view.items() if it.kind in kinds]
+        media = [it.sha1() for _, it in arrived if it.kind in kinds]
         sh = shingles(text, self.params.ngram, self.params.shingle)
         return {"minhash": minhash(sh, self.params.num_perm).hashvalues, "phash": ph, "media": media}
 

@@ -5,9 +5,14 @@ object (a small red circle vs a small orange square at the same place: the same 
 difference under 1 grey level), while a re-encoded, resized or slightly cropped copy of one scene
 moves further than that. The scene parser reads each picture back into (background, objects), and
 two pictures are near duplicates when they parse to the same scene and their perceptual hashes
-agree within ``radius`` bits. An image the parser cannot read (a crop can cut a small object in
-half) is compared by perceptual hash alone, against every kept image, within the much tighter
-``unparsed_radius``.
+agree within ``radius`` bits.
+
+A crop of a pixel or two per side shrinks the parser's 3x3 grid with the picture, so a border object
+no longer fits any shape at its cell centre and the copy does not parse. Such a picture is padded
+back to a square canvas with its own border colour, centred, at each side from its longer side up to
+``uncrop`` pixels more, and every canvas that parses gives another key to match (or, when the picture
+is kept, to register). What still cannot be read is compared by perceptual hash alone, against every
+kept image, within the much tighter ``unparsed_radius``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,27 @@ from dataclasses import dataclass
 from mmgen.data.ops.base import StatefulOp, Verdict, register_op
 from mmgen.data.ops.dedup import hamming, phash
 from mmgen.errors import MediaError, MMGenError
+
+
+def uncropped_canvases(pil, uncrop: int):
+    """The picture centred on square canvases of side max(w, h) .. max(w, h) + ``uncrop``, filled
+    with the median colour of its border: the frames a slightly cropped square original had."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = pil.convert("RGB")
+    w, h = rgb.size
+    if uncrop <= 0 or abs(w - h) > uncrop or min(w, h) < 16:
+        return []
+    a = np.asarray(rgb)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    fill = tuple(int(v) for v in np.median(border, axis=0))
+    out = []
+    for side in range(max(w, h), max(w, h) + uncrop + 1):
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(rgb, ((side - w) // 2, (side - h) // 2))
+        out.append(canvas)
+    return out
 
 
 def scene_key(pil) -> str | None:
@@ -42,10 +68,13 @@ class SceneNearDedup(StatefulOp):
     class Params:
         radius: int = 32
         unparsed_radius: int = 4
+        uncrop: int = 4  # pixels a cropped copy's square canvas may exceed its longer side (0: off)
 
         def validate(self):
             if not (0 <= self.radius <= 64 and 0 <= self.unparsed_radius <= 64):
                 raise ValueError("radius must be in 0..64 (bits of a 64-bit perceptual hash)")
+            if not 0 <= self.uncrop <= 16:
+                raise ValueError("uncrop must be in 0..16 pixels")
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
@@ -58,25 +87,37 @@ class SceneNearDedup(StatefulOp):
                 pil = view.pil(i)
             except MediaError:
                 continue
-            out[i] = (scene_key(pil), phash(pil))
+            key, alts = scene_key(pil), []
+            if key is None:  # perhaps a cropped copy: the keys of its uncropped canvases
+                for canvas in uncropped_canvases(pil, self.params.uncrop):
+                    k = scene_key(canvas)
+                    if k is not None and all(k != a for a, _ in alts):
+                        alts.append((k, phash(canvas)))
+            out[i] = (key, phash(pil), alts)
         return out
 
-    def _match(self, key: str | None, h: int):
+    def _hits(self, key: str | None, h: int) -> list:
         if key is None:
             cands = (e for entries in self.seen.values() for e in entries)
             radius = self.params.unparsed_radius
         else:
             cands, radius = iter(self.seen.get(key, ())), self.params.radius
-        hits = [(first_pos, d, first) for (kh, first, first_pos) in cands if (d := hamming(kh, h)) <= radius]
-        return min(hits)[1:] if hits else None  # the earliest kept image wins
+        return [(first_pos, d, first) for (kh, first, first_pos) in cands if (d := hamming(kh, h)) <= radius]
+
+    def _match(self, key: str | None, h: int, alts) -> tuple | None:
+        """(distance, first doc) of the earliest kept image this one duplicates, or None."""
+        hits = self._hits(key, h) if key is not None else [x for k, ah in alts for x in self._hits(k, ah)]
+        if not hits and key is None:
+            hits = self._hits(None, h)
+        return min(hits)[1:] if hits else None
 
     def decide(self, view, sig, doc_id):
         out = []
         for i, _ in view.images():
             if i not in sig:
                 continue
-            key, h = sig[i]
-            hit = self._match(key, h)
+            key, h, alts = sig[i]
+            hit = self._match(key, h, alts)
             stats = {"phash": f"{h:x}"} | ({"distance": hit[0]} if hit else {})
             out.append(Verdict("near_duplicate_image" if hit else None, stats, item=i,
                                duplicate_of=hit[1] if hit else None))
@@ -85,7 +126,10 @@ class SceneNearDedup(StatefulOp):
     def commit(self, view, sig, doc_id):
         for i, _ in view.images():
             if i in sig:
-                self._add([sig[i][0], f"{sig[i][1]:x}", doc_id])
+                key, h, alts = sig[i]
+                self._add([key, f"{h:x}", doc_id])
+                for k, ah in alts:  # a kept crop is found again by the original's key
+                    self._add([k, f"{ah:x}", doc_id])
 
     def _insert(self, e):
         self._n = getattr(self, "_n", 0) + 1

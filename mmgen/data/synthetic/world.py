@@ -95,10 +95,15 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
     elif kind == "video":
         from mmgen.data.synthetic.media import VIDEO_FPS, encode_mp4, make_motion, render_motion
 
-        for _ in range(1000):
-            start, end, facts, text = make_motion(rng, split)
-            if split_of(start) == split:
-                break
+        def motion():
+            for _ in range(1000):
+                m = make_motion(rng, split)
+                if split_of(m[0]) == split:
+                    return m
+            return m
+
+        # a clip is its start and end scene: a repeat would be an unlabelled duplicate document
+        start, end, facts, text = unique.draw(motion, key=lambda m: f"video {m[0].key()} {m[1].key()}")
         n = rng.randint(8, 16)
         video = Video(data=encode_mp4(render_motion(start, end, n, *size), VIDEO_FPS), format="mp4",
                       meta={"fps": VIDEO_FPS, "frames": n, "width": size[0] - size[0] % 2,
