@@ -8,6 +8,7 @@ precision, communication).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -79,6 +80,13 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     modules_to_save: list[str] = field(default_factory=list)  # e.g. [code_head, image_projector]
+    # QLoRA: the frozen base's decoder Linear layers held in bitsandbytes 4-bit (NF4/FP4) or LLM.int8
+    # 8-bit while the adapters learn in full precision. Embeddings, output heads, projectors and
+    # modules_to_save are never quantized.
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True  # quantize the 4-bit blocks' absmax constants too (~0.37 bits/param saved)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16 on GPUs
 
 
 @dataclass
@@ -142,12 +150,36 @@ def check_config(cfg: TrainConfig) -> None:
         raise MMGenError(f"loss.prompt_dropout must be in [0, 1), got {cfg.loss.prompt_dropout}")
     if cfg.lora.enabled and cfg.stage != "sft":
         raise MMGenError("lora.enabled is for stage=sft (align and pretrain train the full model or the projectors)")
+    check_qlora(cfg)
     if cfg.init_from and not (Path(cfg.init_from) / "vocab.json").is_file():
         raise MMGenError(f"init_from={cfg.init_from} is not an mmgen bundle (no vocab.json); give a training run's final/")
     if not cfg.data.code_shards:
         raise MMGenError("no training data: set data.code_shards=DIR (code shards from `mmgen tokenize`)")
     if cfg.model.max_len is not None and cfg.model.max_len < cfg.data.seq_len:
         raise MMGenError(f"model.max_len {cfg.model.max_len} is shorter than data.seq_len {cfg.data.seq_len}")
+
+
+def check_qlora(cfg: TrainConfig) -> None:
+    q = cfg.lora.quantize
+    if q == "none":
+        return
+    if cfg.stage != "sft" or not cfg.lora.enabled:
+        raise MMGenError(f"lora.quantize={q} (QLoRA) is for stage=sft with lora.enabled=true: a quantized base "
+                         "cannot learn, only adapters on it can")
+    # ZeRO-3 partitions every parameter across ranks, and bitsandbytes keeps each packed weight's scales
+    # (quant_state) on the tensor object itself, which a partitioned shard loses. (DeepSpeed's own
+    # QLoRA + ZeRO-3 route loads the model inside zero.Init with quant_storage set; this trainer builds
+    # the model before deepspeed.initialize, so that route is not open.)
+    path = resolve_deepspeed_config(cfg.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MMGenError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    zero = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if zero == 3:
+        raise MMGenError(f"lora.quantize={q} does not work with ZeRO stage 3 ({cfg.deepspeed}): ZeRO-3 partitions the "
+                         "bitsandbytes weights and loses their quantization state; use deepspeed=training/ds_zero2_cpu.json "
+                         "(or ds_zero2_gpu.json): the frozen 4/8-bit base is small enough to keep whole on every rank")
 
 
 def resolve_deepspeed_config(path: str) -> Path:

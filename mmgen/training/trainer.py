@@ -228,11 +228,13 @@ def build_model(cfg: TrainConfig, vocab, tok):
     m = cfg.model
     wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim, "audio_feature_dim": m.audio_feature_dim,
             "projector_depth": m.projector_depth, "input_placement": m.input_placement}
+    qlora = cfg.lora.quantize != "none"
     if cfg.init_from:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from)
+        # QLoRA from a bundle quantizes while loading: the full-precision weights never sit in memory whole.
+        model = load_quantized(cfg.init_from, cfg) if qlora else AutoModelForCausalLM.from_pretrained(cfg.init_from)
         if not isinstance(model, MMGenForCausalLM):
             model = wrap_lm(model, vocab, **wrap)
     elif m.base or m.base_config:
@@ -243,6 +245,8 @@ def build_model(cfg: TrainConfig, vocab, tok):
                                  intermediate=m.intermediate, max_len=m.max_len or cfg.data.seq_len,
                                  tie_embeddings=m.tie_embeddings, text_tokenizer=tok,
                                  attn_implementation=m.attn_implementation, seed=cfg.seed, **wrap)
+    if qlora and not cfg.init_from:
+        model = quantize_for_qlora(model, cfg)
     if m.gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
@@ -282,21 +286,138 @@ def freeze_for_align(model, vocab) -> None:
 
 
 def apply_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     lc = cfg.lora
+    if lc.quantize != "none":
+        # Freezes the base and upcasts its 16-bit non-quantized weights (norms, embeddings) to fp32 for
+        # stable adapter training; checkpointing was already set up by build_model (non-reentrant).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                         modules_to_save=list(lc.modules_to_save) or None, bias="none")
     return get_peft_model(model, config)
 
 
-def unwrap_for_saving(model):
-    """The plain MMGenForCausalLM to put in the bundle (LoRA weights merged in)."""
-    if hasattr(model, "merge_and_unload"):
-        import copy
+def unwrap_for_saving(model, adapter_dir: Path | None = None):
+    """The plain MMGenForCausalLM to put in the bundle (LoRA weights merged in).
 
+    QLoRA: the adapters learnt on top of the *dequantized* 4/8-bit base, so they are merged into that
+    (dequantize, then load the saved adapter and merge) rather than re-quantized with the sum, which
+    would add a second rounding, or merged into the original full-precision weights, which the adapters
+    never saw. The bundle is then a plain full-precision checkpoint that loads without bitsandbytes."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    import copy
+
+    if not is_quantized(model):
         return copy.deepcopy(model).merge_and_unload()
+    from peft import PeftModel
+
+    base = copy.deepcopy(model).unload().dequantize().to("cpu")  # unload: adapters out, not merged
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+# -- QLoRA ---------------------------------------------------------------------------------------
+# Never quantized: the output heads over the extended vocab (lm_head is tied to the embeddings in the tiny
+# preset; its code rows are new and small), the code head and the projectors, which SFT may train in full
+# (modules_to_save). Embeddings are nn.Embedding, which bitsandbytes' Linear replacement never touches.
+QLORA_KEEP = ("lm_head", "code_head", "image_projector", "audio_projector")
+
+
+def is_quantized(model) -> bool:
+    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+
+
+def bitsandbytes_config(cfg: TrainConfig):
+    from transformers import BitsAndBytesConfig
+
+    lc = cfg.lora
+    keep = [*QLORA_KEEP, *lc.modules_to_save]
+    if lc.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lc.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=lc.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, lc.compute_dtype), llm_int8_skip_modules=keep)
+
+
+def qlora_device() -> str:
+    """This rank's device: bitsandbytes quantizes where the weights are placed."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return "cpu" if acc.device_name() == "cpu" else acc.device_name(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def check_bitsandbytes(cfg: TrainConfig, device: str) -> None:
+    """Run one quantized Linear forward and backward on ``device``: a missing package or a backend that
+    cannot run here (an old bitsandbytes without the CPU backend, an unsupported GPU) stops with one line
+    before any model is loaded."""
+    lc = cfg.lora
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise MMGenError(f"lora.quantize={lc.quantize} needs bitsandbytes ({e}); "
+                         "pip install 'bitsandbytes>=0.49', or set lora.quantize=none for plain LoRA") from None
+    try:
+        dense = torch.nn.Linear(64, 64)
+        if lc.quantize == "8bit":
+            layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+            layer.load_state_dict(dense.state_dict())
+        else:
+            layer = bnb.nn.Linear4bit(64, 64, compute_dtype=getattr(torch, lc.compute_dtype),
+                                      compress_statistics=lc.double_quant, quant_type=lc.bnb_4bit_quant_type)
+            layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type=lc.bnb_4bit_quant_type,
+                                             compress_statistics=lc.double_quant)
+            layer.bias = dense.bias
+        x = torch.randn(2, 64, device=device, requires_grad=True)
+        layer.to(device)(x).float().sum().backward()
+    except Exception as e:  # any backend failure, reported in one line with its cause
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise MMGenError(f"bitsandbytes {bnb.__version__} cannot run lora.quantize={lc.quantize} on {device}: "
+                         f"{type(e).__name__}: {why}; upgrade bitsandbytes or set lora.quantize=none") from None
+
+
+def load_quantized(source: str | Path, cfg: TrainConfig):
+    """``from_pretrained`` with a ``BitsAndBytesConfig``: the decoder's Linear layers become bitsandbytes
+    4-bit/8-bit layers as the weights load, on this rank's device."""
+    from transformers import AutoModelForCausalLM
+
+    device = qlora_device()
+    check_bitsandbytes(cfg, device)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bitsandbytes_config(cfg),
+                                                 device_map={"": device})
+    if not is_quantized(model):
+        raise MMGenError(f"lora.quantize={cfg.lora.quantize}: no Linear layer of {source} was quantized "
+                         "(the decoder has none outside the kept heads and projectors)")
     return model
+
+
+def quantize_for_qlora(model, cfg: TrainConfig):
+    """A model built in memory (from config, or a base decoder wrapped here) quantized by the same
+    transformers loader as a checkpoint, through a temporary save."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmgen_qlora_") as tmp:
+        model.save_pretrained(tmp)
+        quantized = load_quantized(tmp, cfg)
+    quantized.generation_config = model.generation_config
+    return quantized
+
+
+def parameter_bytes(model) -> int:
+    """Bytes held by the weights: parameters and buffers plus bitsandbytes' quantization constants
+    (4-bit absmax blocks and their nested quantization, 8-bit row scales)."""
+    n = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        n += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            n += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+                     if isinstance(v, torch.Tensor))
+        scb = getattr(t, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            n += scb.numel() * scb.element_size()
+    return n
 
 
 # -- continuous image input ---------------------------------------------------------------------
@@ -491,6 +612,7 @@ def run_training(cfg: TrainConfig) -> Path:
                "tokens_per_s": run_tokens / run_s if run_tokens else None, "world_size": world,
                "parameters": count_parameters(engine.module),
                "trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
+               "parameter_bytes": parameter_bytes(engine.module),
                "vocab_size": vocab.size,
                "data": {"sequences": data["seq_stats"], "packing": data["pack_stats"],
                         "image_grids": data["image_grids"]}}
@@ -502,7 +624,7 @@ def run_training(cfg: TrainConfig) -> Path:
         if rank == 0:
             if cfg.lora.enabled:
                 engine.module.save_pretrained(out_dir / "lora_adapter")
-            _save_bundle(unwrap_for_saving(engine.module), data, cfg, summary, final)
+            _save_bundle(unwrap_for_saving(engine.module, out_dir / "lora_adapter"), data, cfg, summary, final)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             plot_losses(metrics_path, out_dir / "loss.png")
     _barrier()
