@@ -139,6 +139,25 @@ def test_dead_codes_are_restarted_from_recent_encoder_outputs():
     assert (dist < 0.1).all()
 
 
+def test_foreground_weighting_targets_the_objects_of_a_scene():
+    from mmgen.data.synthetic import Obj, Scene, render
+    from mmgen.tokenizers.train import TokenizerTrainConfig, foreground_mask, pixel_losses
+
+    scene = Scene("white", [Obj("square", "blue", "large", (1, 1))])
+    pil = render(scene, 64, 64)
+    x = torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    mask = foreground_mask(x)[0, 0]
+    truth = torch.from_numpy((np.array(pil) != 255).any(axis=2))
+    assert torch.equal(mask.bool(), truth) and 0.05 < truth.float().mean() < 0.2
+    # painting the background everywhere: the weighted loss charges the missed object far more
+    recon = torch.ones_like(x)
+    plain = pixel_losses(recon, x, TokenizerTrainConfig(foreground_weight=0.0))
+    weighted = pixel_losses(recon, x, TokenizerTrainConfig(foreground_weight=8.0))
+    assert plain["l1"].item() == pytest.approx((recon - x).abs().mean().item())
+    assert weighted["l1"].item() == pytest.approx(9 * plain["l1"].item(), rel=1e-5)  # all error is on the object
+    assert weighted["rec"] > plain["rec"]
+
+
 # -- training ----------------------------------------------------------------------------------------
 
 def test_training_lowers_loss_and_writes_metrics_and_eval(trained):

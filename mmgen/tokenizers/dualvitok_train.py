@@ -25,9 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.train import (TokenizerTrainConfig, _check, _save_checkpoint, _save_recon_grid,
-                                    edge_loss, load_training_images, lr_at, prepare_run_dir,
-                                    resume_or_start)
+from mmgen.tokenizers.train import (
+    TokenizerTrainConfig,
+    _check,
+    _save_checkpoint,
+    _save_recon_grid,
+    load_training_images,
+    lr_at,
+    pixel_losses,
+    prepare_run_dir,
+    resume_or_start,
+)
 
 
 def build_dualvitok_from_config(cfg: TokenizerTrainConfig, load_teacher: bool = True):
@@ -59,14 +67,13 @@ def _cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfig, disc=None, step: int = 0) -> dict:
     recon = out["recon"]
-    losses = {"l1": (recon - x).abs().mean(), "l2": F.mse_loss(recon, x),
-              "edge": edge_loss(recon, x) if cfg.edge_weight > 0 else recon.new_zeros(()),
+    px = pixel_losses(recon, x, cfg)
+    losses = {"l1": px["l1"], "l2": px["l2"], "edge": px["edge"],
               "feature": _cosine_loss(out["feat_rec"], out["teacher"]), "quant": out["quant_loss"]}
     losses["perceptual"] = _cosine_loss(model.teacher(recon), out["teacher"]) if cfg.perceptual_weight > 0 else recon.new_zeros(())
     use_gan = disc is not None and step >= cfg.gan_start
     losses["gan_g"] = -disc(recon).mean() if use_gan else recon.new_zeros(())
-    losses["loss"] = (cfg.l1_weight * losses["l1"] + cfg.l2_weight * losses["l2"] + cfg.edge_weight * losses["edge"]
-                      + cfg.feature_weight * losses["feature"] + cfg.perceptual_weight * losses["perceptual"]
+    losses["loss"] = (px["rec"] + cfg.feature_weight * losses["feature"] + cfg.perceptual_weight * losses["perceptual"]
                       + cfg.vq_weight * losses["quant"] + (cfg.gan_weight * losses["gan_g"] if use_gan else 0))
     return losses
 
