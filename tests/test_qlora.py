@@ -123,11 +123,14 @@ def test_qlora_sft_writes_a_plain_bundle_that_generates(shards, start, tmp_path)
     from mmgen.training.trainer import sft
 
     out = tmp_path / "sft"
-    final = sft("tiny_sft", _over(shards, start, out))
+    sft("tiny_sft", _over(shards, start, out))
+    # resume (DeepSpeed checkpoint of step 2) runs one more step on the quantized model
+    final = sft("tiny_sft", _over(shards, start, out, steps=3))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     assert (out / "lora_adapter" / "adapter_config.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == 2
     assert summary["parameter_bytes"] < sum(t.numel() * t.element_size()
                                             for t in load_file(start / "model.safetensors").values())
 

@@ -404,6 +404,24 @@ def quantize_for_qlora(model, cfg: TrainConfig):
     return quantized
 
 
+# What bitsandbytes layers add to state_dict beside the weight (4-bit quant state, 8-bit row scales).
+_QUANT_STATE_KEYS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+                     ".quant_state.bitsandbytes__fp4", ".SCB", ".weight_format")
+
+
+def load_quantized_module(src: dict, dst) -> None:
+    """Load a DeepSpeed checkpoint's module state into a QLoRA model (resume).
+
+    bitsandbytes writes each quantized weight's quantization state into ``state_dict`` but its layers
+    do not read those entries back; they describe the frozen base, which ``build_model`` has already
+    quantized identically from the same source. Anything else missing or unexpected is an error."""
+    result = dst.load_state_dict(src, strict=False)
+    extra = [k for k in result.unexpected_keys if not k.endswith(_QUANT_STATE_KEYS)]
+    if result.missing_keys or extra:
+        raise MMGenError(f"the checkpoint does not match this QLoRA model (missing {result.missing_keys[:3]}, "
+                         f"unexpected {extra[:3]}); resume with the same lora.* settings or set resume=false")
+
+
 def parameter_bytes(model) -> int:
     """Bytes held by the weights: parameters and buffers plus bitsandbytes' quantization constants
     (4-bit absmax blocks and their nested quantization, 8-bit row scales)."""
@@ -525,7 +543,8 @@ def run_training(cfg: TrainConfig) -> Path:
 
     start = 0
     if cfg.resume and (ckpt_dir / "latest").is_file():
-        load_path, client = engine.load_checkpoint(str(ckpt_dir))
+        custom = load_quantized_module if cfg.lora.quantize != "none" else None
+        load_path, client = engine.load_checkpoint(str(ckpt_dir), custom_load_fn=custom)
         if load_path is None:
             raise MMGenError(f"could not resume from {ckpt_dir} (remove it or set resume=false)")
         start = int(client.get("step", engine.global_steps))
