@@ -357,7 +357,7 @@ def check_bitsandbytes(cfg: TrainConfig, device: str) -> None:
         import bitsandbytes as bnb
     except ImportError as e:
         raise MMGenError(f"lora.quantize={lc.quantize} needs bitsandbytes ({e}); "
-                         "pip install 'bitsandbytes>=0.49', or set lora.quantize=none for plain LoRA") from None
+                         "pip install 'bitsandbytes>=0.50', or set lora.quantize=none for plain LoRA") from None
     try:
         dense = torch.nn.Linear(64, 64)
         if lc.quantize == "8bit":
