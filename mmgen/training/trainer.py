@@ -371,7 +371,7 @@ def check_bitsandbytes(cfg: TrainConfig, device: str) -> None:
             layer.bias = dense.bias
         x = torch.randn(2, 64, device=device, requires_grad=True)
         layer.to(device)(x).float().sum().backward()
-    except Exception as e:  # any backend failure, reported in one line with its cause
+    except Exception as e:  # noqa: BLE001 -- any backend failure, reported in one line with its cause
         why = (str(e).strip().splitlines() or [""])[0][:200]
         raise MMGenError(f"bitsandbytes {bnb.__version__} cannot run lora.quantize={lc.quantize} on {device}: "
                          f"{type(e).__name__}: {why}; upgrade bitsandbytes or set lora.quantize=none") from None
