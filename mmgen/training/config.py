@@ -125,6 +125,10 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100  # DeepSpeed checkpoint interval (and always at the last step)
     keep_checkpoints: int = 2
+    # Every N optimizer steps (never at the last, which writes final/) a loadable bundle in
+    # out_dir/snapshots/step-NNNNNN/, with the step and the training seconds so far in its mmgen.json:
+    # the quality-against-training-time curve (benchmarks/quality_curve.py) evaluates them. 0: none.
+    snapshot_every: int = 0
     resume: bool = True  # continue from out_dir/checkpoints/latest when it exists
     threads: int | None = None  # torch CPU threads per rank (None: torch's default)
     tensorboard: bool = True
@@ -144,6 +148,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("steps", "micro_batch", "grad_accum", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise MMGenError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.snapshot_every < 0:
+        raise MMGenError(f"snapshot_every must be 0 (no snapshots) or a step interval, got {cfg.snapshot_every}")
     if cfg.data.seq_len < 16:
         raise MMGenError(f"data.seq_len {cfg.data.seq_len} is too short (use at least 16)")
     if not 0.0 <= cfg.loss.prompt_dropout < 1.0:

@@ -11,7 +11,8 @@ One rank's path through :func:`pretrain`:
    handed to ``deepspeed.initialize``;
 4. loop: each rank reads its own rows (a seeded permutation per epoch, so a resumed run reads
    exactly what an uninterrupted one would), ``engine.backward`` / ``engine.step``, metrics to JSONL
-   and TensorBoard, a DeepSpeed checkpoint every ``save_every`` steps;
+   and TensorBoard, a DeepSpeed checkpoint every ``save_every`` steps, a bundle snapshot every
+   ``snapshot_every`` steps (``out_dir/snapshots/step-NNNNNN``);
 5. rank 0 writes the mmgen bundle ``out_dir/final`` (model, text tokenizer, vocab, image tokenizer).
 """
 
@@ -541,13 +542,14 @@ def run_training(cfg: TrainConfig) -> Path:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(cfg))
 
-    start = 0
+    start, train_s0 = 0, 0.0
     if cfg.resume and (ckpt_dir / "latest").is_file():
         custom = load_quantized_module if cfg.lora.quantize != "none" else None
         load_path, client = engine.load_checkpoint(str(ckpt_dir), custom_load_fn=custom)
         if load_path is None:
             raise MMGenError(f"could not resume from {ckpt_dir} (remove it or set resume=false)")
         start = int(client.get("step", engine.global_steps))
+        train_s0 = float(client.get("train_s", 0.0))  # training seconds before the checkpoint
         _set_rng_state(client.get("rng", {}).get(str(rank)))
 
     sampler = RowSampler(n_rows, cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
@@ -571,6 +573,11 @@ def run_training(cfg: TrainConfig) -> Path:
 
     fill = data["pack_stats"]["fill_rate"]
     t_run = time.perf_counter()
+    snap_s = 0.0  # seconds spent writing snapshots: not training time
+
+    def train_seconds() -> float:
+        return train_s0 + time.perf_counter() - t_run - snap_s
+
     window = _Window(len(names))
     run_tokens, last = 0, {}
     metrics_path = out_dir / "metrics.jsonl"
@@ -618,16 +625,22 @@ def run_training(cfg: TrainConfig) -> Path:
             else:
                 rng_all = [_rng_state()]
             engine.save_checkpoint(str(ckpt_dir), tag=f"step_{done}",
-                                   client_state={"step": done, "rng": {str(r): s for r, s in enumerate(rng_all)}})
+                                   client_state={"step": done, "rng": {str(r): s for r, s in enumerate(rng_all)},
+                                                 "train_s": train_seconds()})
             if rank == 0:
                 _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.steps:
+            t_snap = time.perf_counter()
+            write_snapshot(engine, data, cfg, out_dir, done, train_seconds(), last, rank)
+            snap_s += time.perf_counter() - t_snap
     if bar is not None:
         bar.close()
     if writer is not None:
         writer.close()
 
-    run_s = time.perf_counter() - t_run
+    run_s = time.perf_counter() - t_run - snap_s
     summary = {"stage": cfg.stage, "steps": cfg.steps, "resumed_from": start, "final_loss": last.get("loss"),
+               "train_seconds": train_seconds(),
                "tokens_per_s": run_tokens / run_s if run_tokens else None, "world_size": world,
                "parameters": count_parameters(engine.module),
                "trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
@@ -636,18 +649,49 @@ def run_training(cfg: TrainConfig) -> Path:
                "data": {"sequences": data["seq_stats"], "packing": data["pack_stats"],
                         "image_grids": data["image_grids"]}}
     final = out_dir / "final"
+    save_run_bundle(engine, data, cfg, summary, final, out_dir / "lora_adapter", rank)
+    if rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_losses(metrics_path, out_dir / "loss.png")
+    _barrier()
+    return final
+
+
+def save_run_bundle(engine, data: dict, cfg: TrainConfig, summary: dict, dest: Path, adapter_dir: Path, rank: int,
+                    extra_meta: dict | None = None) -> None:
+    """Rank 0 writes the engine's model as a bundle at ``dest`` (LoRA merged); every rank must call it."""
+    import deepspeed
+
     # ZeRO 3 partitions the weights themselves: gather them (on every rank) before rank 0 saves.
     gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
               if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
     with gather:
         if rank == 0:
             if cfg.lora.enabled:
-                engine.module.save_pretrained(out_dir / "lora_adapter")
-            _save_bundle(unwrap_for_saving(engine.module, out_dir / "lora_adapter"), data, cfg, summary, final)
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            plot_losses(metrics_path, out_dir / "loss.png")
-    _barrier()
-    return final
+                engine.module.save_pretrained(adapter_dir)
+            _save_bundle(unwrap_for_saving(engine.module, adapter_dir), data, cfg, summary, dest, extra_meta)
+
+
+def write_snapshot(engine, data: dict, cfg: TrainConfig, out_dir: Path, step: int, train_s: float, logged: dict,
+                   rank: int) -> Path:
+    """The bundle the run would write if it ended now, at ``out_dir/snapshots/step-NNNNNN``.
+
+    Written under a ``.partial`` name and renamed, so a run killed mid-write leaves no half bundle for an
+    evaluator to load; a resumed run that passes the step again replaces it with the same weights."""
+    dest = out_dir / "snapshots" / f"step-{step:06d}"
+    part = dest.with_name(dest.name + ".partial")
+    if rank == 0:
+        shutil.rmtree(part, ignore_errors=True)
+    facts = {"step": step, "train_seconds": train_s}
+    summary = {"stage": cfg.stage, "steps": step, "of_steps": cfg.steps, "train_seconds": train_s, "last_logged": logged}
+    # Saving must leave the training stream untouched, so that a run with snapshots trains the same weights.
+    rng = _rng_state()
+    save_run_bundle(engine, data, cfg, summary, part, part / "lora_adapter", rank, {"snapshot": facts})
+    _set_rng_state(rng)
+    if rank == 0:
+        shutil.rmtree(dest, ignore_errors=True)
+        part.rename(dest)
+    return dest
 
 
 class _Window:
@@ -716,12 +760,12 @@ def plot_losses(metrics_path: Path, png: Path) -> Path | None:
     return png
 
 
-def _save_bundle(model, data: dict, cfg: TrainConfig, summary: dict, final: Path) -> None:
+def _save_bundle(model, data: dict, cfg: TrainConfig, summary: dict, final: Path, extra_meta: dict | None = None) -> None:
     from mmgen.models.bundle import Bundle
 
     image_tok = data["image_tokenizer"]
     meta = {"preset": cfg.preset, "stage": cfg.stage, "train": summary, "config": to_dict(cfg),
-            "image_grids": data["image_grids"]}
+            "image_grids": data["image_grids"], **(extra_meta or {})}
     if image_tok is not None:
         meta["image_resolution"] = list(image_tok.resolution)
     Bundle(model, data["text_tokenizer"], data["vocab"], image_tok, meta).save(final)
