@@ -161,7 +161,7 @@ def section(points: list[dict], args, seconds: dict, settings: str) -> str:
              p["buildup_recall"]] for p in points]
     table = md_table(["stage", "step", "train s", "loss (last logged)", "t2i val", "t2i held-out", "t2i parsed",
                       "QA val", "QA held-out", "build-up val", "build-up object recall"], rows)
-    wall = (f"training {seconds['train']:.0f} s (launcher and data preparation included), " if not args.reuse
+    wall = (f"training {seconds['train']:.0f} s (launcher and data preparation included), " if seconds["train"]
             else "training reused from an earlier run, ") + f"evaluation {seconds['eval']:.0f} s"
     best = {k: max(p[k] for p in points) for k in GOALS}
     missed = [f"{LABELS[k]} best {best[k]:.3f} < {g:.2f}" for k, g in GOALS.items() if best[k] < g]
@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=100, help="SFT steps (0: no SFT stage)")
     ap.add_argument("--eval-prompts", type=int, default=24, help="prompts per split (the quickstart uses 48)")
     ap.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "none"], help="as the quickstart's")
-    ap.add_argument("--reuse", action="store_true", help="evaluate the runs already in --out instead of retraining")
+    ap.add_argument("--reuse", action="store_true", help="the runs (and, for the same --eval-prompts, the scores) already in --out: no retraining")
     ap.add_argument("--note", default="", help="what the plot shows, looked at by eye (goes into the section)")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = ap.parse_args()
@@ -203,23 +203,29 @@ def main() -> None:
         raise SystemExit(f"no code shards at {run / 'codes'}: run `mmgen quickstart --out {run}` first")
     tok = tokenizer_dir(run)
     lm, sft = out / "lm", out / "sft"
-    t0 = time.perf_counter()
+    state_path = out / "quality_curve.json"
+    state = json.loads(state_path.read_text()) if args.reuse and state_path.is_file() else {}
     if not args.reuse:
+        t0 = time.perf_counter()
         shutil.rmtree(out, ignore_errors=True)  # a fresh curve: the trainer would otherwise resume
         train("tiny_pretrain", [f"data.code_shards={run / 'codes'}", f"data.image_tokenizer={tok}", f"out_dir={lm}",
                                 f"steps={args.steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
         if args.sft_steps:
             train("tiny_sft", [f"init_from={lm / 'final'}", f"data.code_shards={run / 'codes'}", f"out_dir={sft}",
                                f"steps={args.sft_steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
-    t1 = time.perf_counter()
-    points = curve(lm, args.eval_prompts, 0.0)
+        state = {"train_wall_s": time.perf_counter() - t0}
+    if state.get("eval_prompts") != args.eval_prompts or "points" not in state:
+        t1 = time.perf_counter()
+        points = curve(lm, args.eval_prompts, 0.0)
+        if args.sft_steps:
+            points += curve(sft, args.eval_prompts, points[-1]["train_seconds"])
+        state.update(eval_prompts=args.eval_prompts, points=points, eval_wall_s=time.perf_counter() - t1)
+        state_path.write_text(json.dumps(state, indent=1))
+    points = state["points"]
     losses = loss_rows(lm, points, 0.0)
     if args.sft_steps:
-        pretrain_s = points[-1]["train_seconds"]
-        points += curve(sft, args.eval_prompts, pretrain_s)
-        losses += loss_rows(sft, points, pretrain_s)
-    seconds = {"train": t1 - t0, "eval": time.perf_counter() - t1}
-    (out / "quality_curve.json").write_text(json.dumps(points, indent=1))
+        losses += loss_rows(sft, points, max(p["train_seconds"] for p in points if p["stage"] != "sft"))
+    seconds = {"train": state.get("train_wall_s"), "eval": state["eval_wall_s"]}
     plot(points, losses, PNG, args.eval_prompts)
     body = section(points, args, seconds, recipe(lm))
     if args.no_write:
