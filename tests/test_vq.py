@@ -325,7 +325,7 @@ def test_tiny_recipe_loads_and_builds_the_preset():
 
     cfg = load_config(TokenizerTrainConfig, recipe_path("tiny_vq", "tokenizers"))
     model = build_model(cfg)
-    assert cfg.resolution == 64 and model.code_shape(64, 64) == (8, 8)
+    assert cfg.resolution == 32 and model.code_shape(32, 32) == (8, 8) and model.downsample == 4
     assert 256 <= model.codebook_size <= 512 and model.num_parameters() < 5_000_000
     with pytest.raises(MMGenError, match="did you mean 'steps'"):
         load_config(TokenizerTrainConfig, recipe_path("tiny_vq", "tokenizers"), ["stepz=3"])

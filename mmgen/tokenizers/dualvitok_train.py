@@ -68,7 +68,7 @@ def _cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfig, disc=None, step: int = 0) -> dict:
     recon = out["recon"]
     px = pixel_losses(recon, x, cfg)
-    losses = {"l1": px["l1"], "l2": px["l2"], "edge": px["edge"],
+    losses = {"l1": px["l1"], "l2": px["l2"], "mse": px["mse"], "edge": px["edge"],
               "feature": _cosine_loss(out["feat_rec"], out["teacher"]), "quant": out["quant_loss"]}
     losses["perceptual"] = _cosine_loss(model.teacher(recon), out["teacher"]) if cfg.perceptual_weight > 0 else recon.new_zeros(())
     use_gan = disc is not None and step >= cfg.gan_start
@@ -145,7 +145,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
             rec = {"step": done, **{k: round(v / n_win, 6) for k, v in window.items()},
                    **{f"{n}_usage": round(float((c > 0).float().mean()), 4) for n, c in counts.items()},
                    "restarted_codes": restarts, "lr": round(lr, 8),
-                   "psnr": round(10 * math.log10(4.0 / max(window["l2"] / n_win, 1e-10)), 3),
+                   "psnr": round(10 * math.log10(4.0 / max(window["mse"] / n_win, 1e-10)), 3),
                    "elapsed_s": round(time.time() - t0, 2)}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")

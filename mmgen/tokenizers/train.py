@@ -186,7 +186,10 @@ def synthetic_images(n: int, size: int, seed: int, source: str = "shapes") -> li
             from mmgen.data.synthetic import random_scene, render
         except ImportError as e:
             raise MMGenError(f"synthetic_source=shapesworld needs mmgen.data.synthetic ({e}); use synthetic_source=shapes") from None
-        return [render(random_scene(rng, "train"), size, size) for _ in range(n)]
+        # Rendered at the world's 64x64 (or larger) and resized as encode() resizes corpus images, so
+        # that a small tokenizer trains on the soft edges it will be given, not on aliased renders.
+        side = max(size, 64)
+        return [_square(render(random_scene(rng, "train"), side, side), size) for _ in range(n)]
     raise MMGenError(f"unknown synthetic_source '{source}' (use shapesworld or shapes)")
 
 
@@ -283,7 +286,7 @@ def pixel_losses(recon: torch.Tensor, x: torch.Tensor, cfg: TokenizerTrainConfig
     l1 = (d.abs() * w).mean() if w is not None else d.abs().mean()
     l2 = (d.pow(2) * w).mean() if w is not None else d.pow(2).mean()
     edge = edge_loss(recon, x) if cfg.edge_weight > 0 else recon.new_zeros(())
-    return {"l1": l1, "l2": l2, "edge": edge,
+    return {"l1": l1, "l2": l2, "edge": edge, "mse": d.detach().pow(2).mean(),  # unweighted, for PSNR
             "rec": cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.edge_weight * edge}
 
 
@@ -481,7 +484,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                 for k in ("exp_avg", "exp_avg_sq"):
                     if k in state:
                         state[k][dead] = 0
-        vals = {"loss": loss.item(), "recon": rec.item(), "l1": l1.item(), "l2": l2.item(), "edge": edge.item(),
+        vals = {"loss": loss.item(), "recon": rec.item(), "l1": l1.item(), "l2": l2.item(), "mse": px["mse"].item(),
+                "edge": edge.item(),
                 "codebook": st["codebook_loss"].item(), "commitment": st["commitment_loss"].item(),
                 "perplexity": st["perplexity"].item()}
         for k, v in vals.items():
@@ -494,7 +498,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                     "usage": round(float((window_counts > 0).float().mean()), 4),
                     "window_perplexity": round(_perplexity(window_counts), 2),
                     "restarted_codes": restarts, "lr": round(lr_at(cfg, step), 8),
-                    "psnr": round(float(10 * math.log10(4.0 / max(window["l2"] / window_steps, 1e-10))), 3),
+                    "psnr": round(float(10 * math.log10(4.0 / max(window["mse"] / window_steps, 1e-10))), 3),
                     "elapsed_s": round(time.time() - t0, 2)}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec_) + "\n")
