@@ -85,6 +85,12 @@ def image_hash(pil, method: str = "phash", hash_size: int = 8, color: bool = Fal
     return out
 
 
+def image_dup_verdict(item: int, h: int, hit: tuple[str, int] | None) -> Verdict:
+    """The verdict of a near-duplicate image check: ``hit`` is (first doc id, Hamming distance) or None."""
+    stats = {"phash": f"{h:x}"} | ({"distance": hit[1]} if hit else {})
+    return Verdict("near_duplicate_image" if hit else None, stats, item=item, duplicate_of=hit[0] if hit else None)
+
+
 def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
@@ -285,9 +291,7 @@ class ImageNearDedup(StatefulOp):
                 near = [d for g in local if (d := self._close(g, h)) is not None]
                 hit = (doc_id, min(near)) if near else None
             local.append(h)
-            stats = {"phash": f"{h[0]:x}"} | ({"distance": hit[1]} if hit else {})
-            out.append(Verdict("near_duplicate_image" if hit else None, stats, item=i,
-                               duplicate_of=hit[0] if hit else None))
+            out.append(image_dup_verdict(i, h[0], hit))
         return out
 
     def commit(self, view, sig, doc_id):

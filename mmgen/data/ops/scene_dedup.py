@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from mmgen.data.ops.base import StatefulOp, Verdict, register_op
-from mmgen.data.ops.dedup import hamming, phash
+from mmgen.data.ops.base import StatefulOp, register_op
+from mmgen.data.ops.dedup import hamming, image_dup_verdict, phash
 from mmgen.errors import MediaError, MMGenError
 
 
@@ -78,7 +78,8 @@ class SceneNearDedup(StatefulOp):
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        self.seen: dict[str, list[tuple[int, str]]] = {}
+        self.seen: dict[str | None, list[tuple[int, str, int]]] = {}  # key -> (phash, doc id, kept position)
+        self._n = 0  # images registered so far: the position that makes "earliest kept" well defined
 
     def signature(self, view):
         out = {}
@@ -104,24 +105,19 @@ class SceneNearDedup(StatefulOp):
             cands, radius = iter(self.seen.get(key, ())), self.params.radius
         return [(first_pos, d, first) for (kh, first, first_pos) in cands if (d := hamming(kh, h)) <= radius]
 
-    def _match(self, key: str | None, h: int, alts) -> tuple | None:
-        """(distance, first doc) of the earliest kept image this one duplicates, or None."""
-        hits = self._hits(key, h) if key is not None else [x for k, ah in alts for x in self._hits(k, ah)]
-        if not hits and key is None:
-            hits = self._hits(None, h)
-        return min(hits)[1:] if hits else None
+    def _match(self, key: str | None, h: int, alts) -> tuple[str, int] | None:
+        """(first doc, distance) of the earliest kept image this one duplicates, or None."""
+        if key is not None:
+            hits = self._hits(key, h)
+        else:  # unreadable: the scenes of its uncropped canvases, else the tight perceptual-hash fallback
+            hits = [x for k, ah in alts for x in self._hits(k, ah)] or self._hits(None, h)
+        if not hits:
+            return None
+        _, d, first = min(hits)
+        return first, d
 
     def decide(self, view, sig, doc_id):
-        out = []
-        for i, _ in view.images():
-            if i not in sig:
-                continue
-            key, h, alts = sig[i]
-            hit = self._match(key, h, alts)
-            stats = {"phash": f"{h:x}"} | ({"distance": hit[0]} if hit else {})
-            out.append(Verdict("near_duplicate_image" if hit else None, stats, item=i,
-                               duplicate_of=hit[1] if hit else None))
-        return out
+        return [image_dup_verdict(i, sig[i][1], self._match(*sig[i])) for i, _ in view.images() if i in sig]
 
     def commit(self, view, sig, doc_id):
         for i, _ in view.images():
@@ -132,5 +128,5 @@ class SceneNearDedup(StatefulOp):
                     self._add([k, f"{ah:x}", doc_id])
 
     def _insert(self, e):
-        self._n = getattr(self, "_n", 0) + 1
+        self._n += 1
         self.seen.setdefault(e[0], []).append((int(e[1], 16), e[2], self._n))
