@@ -176,12 +176,7 @@ def check_qlora(cfg: TrainConfig) -> None:
     # (quant_state) on the tensor object itself, which a partitioned shard loses. (DeepSpeed's own
     # QLoRA + ZeRO-3 route loads the model inside zero.Init with quant_storage set; this trainer builds
     # the model before deepspeed.initialize, so that route is not open.)
-    path = resolve_deepspeed_config(cfg.deepspeed)
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MMGenError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
-    zero = (ds.get("zero_optimization") or {}).get("stage", 0)
+    zero = (read_deepspeed_config(cfg.deepspeed).get("zero_optimization") or {}).get("stage", 0)
     if zero == 3:
         raise MMGenError(f"lora.quantize={q} does not work with ZeRO stage 3 ({cfg.deepspeed}): ZeRO-3 partitions the "
                          "bitsandbytes weights and loses their quantization state; use deepspeed=training/ds_zero2_cpu.json "
@@ -195,6 +190,15 @@ def resolve_deepspeed_config(path: str) -> Path:
         if candidate.is_file():
             return candidate
     raise MMGenError(f"DeepSpeed config not found: {path} (give a path, e.g. deepspeed=training/ds_zero2_cpu.json)")
+
+
+def read_deepspeed_config(path: str) -> dict:
+    """The DeepSpeed JSON at ``path`` (see :func:`resolve_deepspeed_config`), parsed."""
+    p = resolve_deepspeed_config(path)
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise MMGenError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
 
 
 def check_global_batch(cfg: TrainConfig, world: int) -> None:

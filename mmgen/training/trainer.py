@@ -33,7 +33,7 @@ import torch
 
 from mmgen.config import to_dict
 from mmgen.errors import MMGenError
-from mmgen.training.config import TrainConfig, check_global_batch, load_train_config, resolve_deepspeed_config
+from mmgen.training.config import TrainConfig, check_global_batch, load_train_config, read_deepspeed_config
 
 
 # -- distributed ---------------------------------------------------------------------------------
@@ -195,11 +195,7 @@ def build_optimizer(model, cfg: TrainConfig):
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
-    path = resolve_deepspeed_config(cfg.deepspeed)
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MMGenError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    ds = read_deepspeed_config(cfg.deepspeed)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two below and the world size
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
     ds["gradient_accumulation_steps"] = cfg.grad_accum
