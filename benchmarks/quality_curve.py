@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from mmgen.quickstart import QuickstartConfig, train_stage
 from mmgen.utils.bench import md_table, write_section
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -41,17 +42,6 @@ def tokenizer_dir(run: Path) -> Path:
     return path
 
 
-def train(recipe: str, overrides: list[str], launcher: str) -> Path:
-    """The call the quickstart's train stage makes."""
-    if launcher == "deepspeed":
-        from mmgen.training.pretrain import launch_pretrain
-
-        return launch_pretrain(recipe, overrides)
-    from mmgen.training.trainer import pretrain
-
-    return pretrain(recipe, overrides)
-
-
 def bundles(out_dir: Path) -> list[Path]:
     """Snapshots in step order, then the final bundle."""
     snaps = sorted(p for p in (out_dir / "snapshots").glob("step-*") if not p.name.endswith(".partial"))
@@ -64,10 +54,11 @@ def evaluate(bundle_dir: Path, n: int) -> dict:
     from mmgen.eval.understanding import evaluate_interleaved, evaluate_qa
     from mmgen.models.bundle import load_bundle
 
+    q = QuickstartConfig()
     bundle = load_bundle(bundle_dir)
-    t2i = evaluate_t2i(bundle, n=n, seed=0, cfg_scale=1.0, temperature=1.0)["splits"]
-    qa = evaluate_qa(bundle, n=n, seed=0)["splits"]
-    inter = evaluate_interleaved(bundle, n=n, seed=0, temperature=1.0, cfg_scale=1.0)["splits"]
+    t2i = evaluate_t2i(bundle, n=n, seed=q.eval_seed, cfg_scale=q.cfg_scale, temperature=q.temperature)["splits"]
+    qa = evaluate_qa(bundle, n=n, seed=q.eval_seed)["splits"]
+    inter = evaluate_interleaved(bundle, n=n, seed=q.eval_seed, temperature=q.temperature, cfg_scale=q.cfg_scale)["splits"]
     meta = bundle.meta
     facts = meta.get("snapshot") or {"step": meta["train"]["steps"], "train_seconds": meta["train"]["train_seconds"]}
     loss = (meta["train"].get("last_logged") or {}).get("loss", meta["train"].get("final_loss"))
@@ -208,11 +199,11 @@ def main() -> None:
     if not args.reuse:
         t0 = time.perf_counter()
         shutil.rmtree(out, ignore_errors=True)  # a fresh curve: the trainer would otherwise resume
-        train("tiny_pretrain", [f"data.code_shards={run / 'codes'}", f"data.image_tokenizer={tok}", f"out_dir={lm}",
-                                f"steps={args.steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
+        train_stage("tiny_pretrain", [f"data.code_shards={run / 'codes'}", f"data.image_tokenizer={tok}", f"out_dir={lm}",
+                                      f"steps={args.steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
         if args.sft_steps:
-            train("tiny_sft", [f"init_from={lm / 'final'}", f"data.code_shards={run / 'codes'}", f"out_dir={sft}",
-                               f"steps={args.sft_steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
+            train_stage("tiny_sft", [f"init_from={lm / 'final'}", f"data.code_shards={run / 'codes'}", f"out_dir={sft}",
+                                     f"steps={args.sft_steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
         state = {"train_wall_s": time.perf_counter() - t0}
     if state.get("eval_prompts") != args.eval_prompts or "points" not in state:
         t1 = time.perf_counter()

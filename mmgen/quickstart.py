@@ -37,6 +37,18 @@ class QuickstartConfig:
     launcher: str = "deepspeed"  # deepspeed (training/pretrain.sh) or none (in-process)
 
 
+def train_stage(recipe: str, overrides: list[str], launcher: str = "deepspeed") -> Path:
+    """One training stage (pretrain or SFT recipe) through ``training/pretrain.sh``'s DeepSpeed launcher,
+    or in this process with ``launcher="none"``; returns its final bundle."""
+    if launcher == "deepspeed":
+        from mmgen.training.pretrain import launch_pretrain
+
+        return Path(launch_pretrain(recipe, overrides))
+    from mmgen.training.trainer import pretrain
+
+    return Path(pretrain(recipe, overrides))
+
+
 class _Stages:
     """Runs named stages once each, timing them and leaving a done marker with the stage's result."""
 
@@ -105,13 +117,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         return pretokenize(tok_dir, str(out / "filtered" / "shards"), out / "codes")
 
     def train(recipe: str, overrides: list[str]) -> str:
-        if cfg.launcher == "deepspeed":
-            from mmgen.training.pretrain import launch_pretrain
-
-            return str(launch_pretrain(recipe, overrides))
-        from mmgen.training.trainer import pretrain as train_in_process
-
-        return str(train_in_process(recipe, overrides))
+        return str(train_stage(recipe, overrides, cfg.launcher))
 
     def pretrain():
         return train(cfg.train_recipe, [f"data.code_shards={out / 'codes'}", f"data.image_tokenizer={tok_dir}",
