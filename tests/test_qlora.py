@@ -11,32 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmgen.data.code_shards import CodedDoc, CodeShardWriter
-from mmgen.data.doc import Doc, Image, Text
 from mmgen.errors import MMGenError
+from trainkit import CODEBOOK, COLORS, tiny_run, write_color_shard
 
-COLORS = ["red", "blue", "green", "yellow"]
-CODEBOOK = 32
 UP = "lm.model.layers.0.mlp.up_proj"
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """QA docs (image, question, answer) and caption docs (text -> 4x4 codes) in one code shard."""
-    out = tmp_path_factory.mktemp("codes")
-    rng = np.random.default_rng(0)
-    with CodeShardWriter(out) as w:
-        for i in range(16):
-            c = int(rng.integers(4))
-            codes = (4 * c + rng.integers(0, 4, size=(4, 4))) % CODEBOOK
-            if i % 2:
-                items = [Text(f"a {COLORS[c]} circle."), Image(path="<codes:1>", format="png")]
-                w.write(CodedDoc(Doc(items=items), codes={1: codes}))
-            else:
-                items = [Image(path="<codes:0>", format="png"), Text("What color is the circle?", {"role": "question"}),
-                         Text(COLORS[c], {"role": "answer"})]
-                w.write(CodedDoc(Doc(items=items), codes={0: codes}))
-    return out
+    return write_color_shard(tmp_path_factory.mktemp("codes"), 16)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +41,10 @@ def start(tmp_path_factory):
 
 
 def _over(shards, start, out_dir, **kw):
-    base = {"data.code_shards": str(shards), "data.seq_len": 64, "init_from": str(start), "model.code_head": "true",
-            "micro_batch": 2, "log_every": 1, "save_every": 10, "progress": False, "tensorboard": False,
-            "optim.warmup_steps": 1, "optim.lr": 1e-2, "out_dir": str(out_dir), "steps": 2, "lora.enabled": "true",
-            "lora.r": 4, "lora.quantize": "4bit", "lora.modules_to_save": "[code_head]"}
-    base.update(kw)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run(shards, out_dir, {"data.seq_len": 64, "init_from": str(start), "model.code_head": "true",
+                                      "save_every": 10, "tensorboard": False, "optim.lr": 1e-2, "steps": 2,
+                                      "lora.enabled": "true", "lora.r": 4, "lora.quantize": "4bit",
+                                      "lora.modules_to_save": "[code_head]"}, **kw)
 
 
 def _quantized_start(start, overrides):

@@ -12,6 +12,7 @@ import torch
 from mmgen.data.code_shards import CodedDoc, CodeShardWriter
 from mmgen.data.doc import Doc, Image, Text
 from mmgen.errors import MMGenError
+from trainkit import tiny_run
 
 CODEBOOK = 16
 
@@ -31,13 +32,12 @@ def code_shards(tmp_path_factory):
 
 
 def _overrides(code_shards, out_dir, **kw):
-    base = {"data.code_shards": str(code_shards), "data.codebook_size": CODEBOOK, "data.text_vocab_size": 280,
-            "data.max_grid": 4, "data.seq_len": 64, "model.hidden": 32, "model.layers": 1, "model.heads": 2,
-            "micro_batch": 2, "log_every": 1, "save_every": 2, "keep_checkpoints": 3, "progress": False,
-            "tensorboard": False, "optim.warmup_steps": 1, "out_dir": str(out_dir), "steps": 5,
-            "snapshot_every": 2, "loss.prompt_dropout": 0.3}  # drawn per step: resume must reproduce the drops
-    base.update(kw)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run(code_shards, out_dir, {"data.codebook_size": CODEBOOK, "data.text_vocab_size": 280,
+                                           "data.max_grid": 4, "data.seq_len": 64, "model.hidden": 32,
+                                           "model.layers": 1, "model.heads": 2, "save_every": 2, "keep_checkpoints": 3,
+                                           "tensorboard": False, "steps": 5, "snapshot_every": 2,
+                                           "loss.prompt_dropout": 0.3},  # drawn per step: resume must reproduce the drops
+                    **kw)
 
 
 @pytest.fixture(scope="module")

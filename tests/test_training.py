@@ -12,6 +12,7 @@ import torch
 from mmgen.data.code_shards import CodedDoc, CodeShardWriter
 from mmgen.data.doc import Doc, Image, Text
 from mmgen.errors import MMGenError
+from trainkit import tiny_run
 
 COLORS = ["red", "blue", "green", "yellow"]
 SHAPES = ["circle", "square", "cross", "triangle"]
@@ -34,13 +35,12 @@ def code_shards(tmp_path_factory):
 
 
 def _overrides(code_shards, out_dir, **kw):
-    base = {"data.code_shards": str(code_shards), "data.codebook_size": CODEBOOK, "data.text_vocab_size": 300,
-            "data.max_grid": 8, "data.seq_len": 96, "model.hidden": 32, "model.layers": 2, "model.heads": 2,
-            "micro_batch": 2, "grad_accum": 2, "log_every": 1, "save_every": 1, "progress": False,
-            "optim.warmup_steps": 1, "out_dir": str(out_dir), "steps": 1,
-            "loss.prompt_dropout": 0.3}  # drawn per step: resume must reproduce the drops too
-    base.update(kw)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run(code_shards, out_dir, {"data.codebook_size": CODEBOOK, "data.text_vocab_size": 300,
+                                           "data.max_grid": 8, "data.seq_len": 96, "model.hidden": 32,
+                                           "model.layers": 2, "model.heads": 2, "grad_accum": 2, "save_every": 1,
+                                           "steps": 1,
+                                           "loss.prompt_dropout": 0.3},  # drawn per step: resume must reproduce the drops too
+                    **kw)
 
 
 @pytest.fixture(scope="module")

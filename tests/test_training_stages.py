@@ -5,35 +5,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmgen.data.code_shards import CodedDoc, CodeShardWriter
-from mmgen.data.doc import Doc, Image, Text
-
-COLORS = ["red", "blue", "green", "yellow"]
-CODEBOOK = 32
-
+from trainkit import CODEBOOK, tiny_run, write_color_shard
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Caption docs (text -> 4x4 codes) and QA docs (image, question, answer) in one code shard."""
-    out = tmp_path_factory.mktemp("codes")
-    rng = np.random.default_rng(0)
-    with CodeShardWriter(out) as w:
-        for i in range(24):
-            c = int(rng.integers(4))
-            codes = (4 * c + rng.integers(0, 4, size=(4, 4))) % CODEBOOK
-            if i % 2:
-                items = [Text(f"a {COLORS[c]} circle."), Image(path="<codes:1>", format="png")]
-                w.write(CodedDoc(Doc(items=items), codes={1: codes}))
-            else:
-                items = [Image(path="<codes:0>", format="png"), Text("What color is the circle?", {"role": "question"}),
-                         Text(COLORS[c], {"role": "answer"})]
-                w.write(CodedDoc(Doc(items=items), codes={0: codes}))
-    return out
+    return write_color_shard(tmp_path_factory.mktemp("codes"), 24)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +28,10 @@ def pixel_vq(tmp_path_factory):
 
 
 def _over(shards, out_dir, **kw):
-    base = {"data.code_shards": str(shards), "data.codebook_size": CODEBOOK, "data.text_vocab_size": 300,
-            "data.max_grid": 8, "data.seq_len": 64, "model.hidden": 32, "model.layers": 2, "model.heads": 2,
-            "micro_batch": 2, "grad_accum": 1, "log_every": 1, "save_every": 10, "progress": False,
-            "tensorboard": False, "optim.warmup_steps": 1, "optim.lr": 1e-2, "out_dir": str(out_dir), "steps": 2}
-    base.update(kw)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run(shards, out_dir, {"data.codebook_size": CODEBOOK, "data.text_vocab_size": 300, "data.max_grid": 8,
+                                      "data.seq_len": 64, "model.hidden": 32, "model.layers": 2, "model.heads": 2,
+                                      "grad_accum": 1, "save_every": 10, "tensorboard": False, "optim.lr": 1e-2,
+                                      "steps": 2}, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,39 @@
+"""Pieces the training tests share: a tiny colour code shard and the key=value overrides of a tiny run.
+
+Imported as ``trainkit`` (pytest puts this folder on sys.path, as it does for conftest)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmgen.data.code_shards import CodedDoc, CodeShardWriter
+from mmgen.data.doc import Doc, Image, Text
+
+COLORS = ["red", "blue", "green", "yellow"]
+CODEBOOK = 32
+
+
+def write_color_shard(out, n_docs: int):
+    """Alternating QA docs (image, question, answer) and caption docs (text -> 4x4 codes); the codes
+    of a picture fall in the colour's quarter of the codebook, so there is something to learn."""
+    rng = np.random.default_rng(0)
+    with CodeShardWriter(out) as w:
+        for i in range(n_docs):
+            c = int(rng.integers(4))
+            codes = (4 * c + rng.integers(0, 4, size=(4, 4))) % CODEBOOK
+            if i % 2:
+                items = [Text(f"a {COLORS[c]} circle."), Image(path="<codes:1>", format="png")]
+                w.write(CodedDoc(Doc(items=items), codes={1: codes}))
+            else:
+                items = [Image(path="<codes:0>", format="png"), Text("What color is the circle?", {"role": "question"}),
+                         Text(COLORS[c], {"role": "answer"})]
+                w.write(CodedDoc(Doc(items=items), codes={0: codes}))
+    return out
+
+
+def tiny_run(code_shards, out_dir, settings: dict, **kw) -> list[str]:
+    """Overrides of a tiny run: the settings every training test shares, then the test's
+    ``settings``, then the call's ``kw`` (later wins)."""
+    merged = {"data.code_shards": str(code_shards), "out_dir": str(out_dir), "micro_batch": 2, "log_every": 1,
+              "progress": False, "optim.warmup_steps": 1, **settings, **kw}
+    return [f"{k}={v}" for k, v in merged.items()]
