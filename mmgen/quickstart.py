@@ -1,6 +1,7 @@
 """``mmgen quickstart``: every stage of the life cycle, end to end, on the ``tiny`` preset.
 
-    world -> filter -> image tokenizer -> code shards -> DeepSpeed pretraining -> SFT -> generation -> evaluation
+    world -> filter -> CLIP teacher -> image tokenizer (DualViTok) -> code shards -> DeepSpeed pretraining
+          -> SFT -> generation -> evaluation
 
 Each stage writes into its own folder under ``out`` and marks itself done (``out/.done/<stage>``), so
 a rerun after an interruption continues with the first unfinished stage. The result is
@@ -23,10 +24,12 @@ class QuickstartConfig:
     seed: int = 0
     defect_rate: float = 0.1
     workers: int = 2
-    tokenizer_recipe: str = "tiny_vq"  # in tokenizers/
+    tokenizer_recipe: str = "tiny_dualvitok"  # in tokenizers/; tiny_vq: pixel codes only, no CLIP stage
+    clip_recipe: str = "tiny_clip"  # in tokenizers/: DualViTok's semantic teacher, trained first
     filter_recipe: str = "shapesworld"  # in data_pipelines/
     train_recipe: str = "tiny_pretrain"  # in training/
     sft_recipe: str | None = "tiny_sft"  # in training/; None skips SFT (evaluation then uses the pretrained model)
+    clip_overrides: list[str] = field(default_factory=list)
     tokenizer_overrides: list[str] = field(default_factory=list)
     train_overrides: list[str] = field(default_factory=list)
     sft_overrides: list[str] = field(default_factory=list)
@@ -85,6 +88,7 @@ def _defect_scores(world_dir: Path, filter_dir: Path) -> dict:
 def quickstart(cfg: QuickstartConfig) -> Path:
     from mmgen.config import load_config
     from mmgen.paths import recipe_path
+    from mmgen.tokenizers.train import TokenizerTrainConfig, train_tokenizer
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,14 +106,20 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         summary = run_filter(cfg.filter_recipe, str(out / "world" / "*.tar"), out / "filtered", workers=cfg.workers)
         return {k: summary[k] for k in ("input", "kept", "rejected", "quarantined") if k in summary}
 
-    def tokenizer():
-        from mmgen.tokenizers.train import TokenizerTrainConfig, train_tokenizer
+    def clip():
+        from mmgen.models.clip_train import ClipTrainConfig, train_clip
 
+        ccfg = load_config(ClipTrainConfig, recipe_path(cfg.clip_recipe, "tokenizers"),
+                           [f"out_dir={out / 'clip'}", *cfg.clip_overrides])
+        return str(train_clip(ccfg))
+
+    def tokenizer():
         # The recipe trains on freshly rendered train-split scenes: the filtered shards also hold val and
         # held-out documents, whose images the tokenizer must not see either.
         overrides = [f"out_dir={out / 'tokenizer'}", *cfg.tokenizer_overrides]
-        tcfg = load_config(TokenizerTrainConfig, recipe_path(cfg.tokenizer_recipe, "tokenizers"), overrides)
-        return str(train_tokenizer(tcfg))
+        if tcfg.tokenizer == "dualvitok":
+            overrides.insert(1, f"dualvitok.teacher.name={clip_dir}")
+        return str(train_tokenizer(load_config(TokenizerTrainConfig, tok_recipe, overrides)))
 
     def tokenize():
         from mmgen.tokenizers.pretokenize import pretokenize
@@ -133,6 +143,9 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
     stages.run("world", world)
     stages.run("filter", filtering)
+    tok_recipe = recipe_path(cfg.tokenizer_recipe, "tokenizers")
+    tcfg = load_config(TokenizerTrainConfig, tok_recipe, list(cfg.tokenizer_overrides))
+    clip_dir = stages.run("clip", clip) if tcfg.tokenizer == "dualvitok" else None
     tok_dir = stages.run("tokenizer", tokenizer)
     stages.run("tokenize", tokenize)
     pretrained = stages.run("pretrain", pretrain)
@@ -183,8 +196,16 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path) -> dict:
         "tokenizer_reconstruction": recon,
         "training": json.loads((bundle_dir / "mmgen.json").read_text()) if (bundle_dir / "mmgen.json").is_file() else {},
     }
+    tok = bundle.image_tokenizer
+    metrics["tokenizer"] = {"type": type(tok).__name__, "tokens_per_image": tok.tokens_per_image(*tok.resolution),
+                            "training": _read_json(out / "tokenizer" / "eval.json"),
+                            "clip_teacher": _read_json(out / "clip" / "eval.json")}
     metrics["filter_defects"] = _defect_scores(out / "world", out / "filtered")
     return metrics
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _pct(x) -> str:
@@ -220,6 +241,7 @@ def _write_markdown(r: dict, path: Path) -> None:
         lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['parse_rate'])} | {_pct(m['object_recall'])} |")
     lines += ["", "![instructions and generated next images](interleaved_grid.png)", "",
               "## Image tokenizer", "",
+              f"{r['tokenizer']['type']}, {r['tokenizer']['tokens_per_image']} codes per image. "
               f"Scene-parser agreement between {rec['n']} rendered scenes and their reconstructions: "
               f"{_pct(rec['scene_agreement'])}; PSNR {rec['psnr_db']:.1f} dB.", "",
               "![originals (top) and reconstructions (bottom)](reconstructions.png)", ""]

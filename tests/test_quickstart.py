@@ -8,6 +8,7 @@ from mmgen.quickstart import QuickstartConfig, quickstart
 def test_quickstart_end_to_end_small(tmp_path):
     cfg = QuickstartConfig(
         out=str(tmp_path / "qs"), docs=160, seed=3, defect_rate=0.1, workers=1, launcher="none",
+        clip_overrides=["steps=4", "train_pairs=64", "eval_scenes=8", "batch_size=8", "progress=false"],
         tokenizer_overrides=["steps=8", "eval_images=16", "log_every=4", "ckpt_every=8", "progress=false"],
         train_overrides=["steps=3", "log_every=1", "save_every=3", "progress=false", "tensorboard=false"],
         sft_overrides=["steps=2", "log_every=1", "save_every=2", "progress=false", "tensorboard=false"],
@@ -23,6 +24,9 @@ def test_quickstart_end_to_end_small(tmp_path):
         m = report["t2i"][split]
         assert m["n"] == 3 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["parse_rate"] <= 1.0
     assert 0.0 <= report["t2i_accuracy"] <= 1.0
+    # The default tokenizer is DualViTok on a CLIP teacher the run trained itself: 4x4 semantic + 8x8 pixel codes.
+    assert report["tokenizer"]["type"] == "DualViTok" and report["tokenizer"]["tokens_per_image"] == 80
+    assert report["tokenizer"]["clip_teacher"]["steps"] == 4
     # QA and build-up evaluation scored every sample, on the SFT checkpoint.
     assert report["checkpoint"].endswith("final") and "sft" in report["checkpoint"]
     for key in ("qa_accuracy", "qa_accuracy_heldout_compositions", "interleaved_accuracy"):

@@ -76,6 +76,11 @@ class ImageTokenizer(torch.nn.Module):
         d = self.downsample
         return max(1, round(height / d)), max(1, round(width / d))
 
+    def tokens_per_image(self, width: int, height: int) -> int:
+        """Codes one image of this size becomes (every level; DualViTok adds its semantic grid)."""
+        h, w = self.code_shape(width, height)
+        return h * w
+
     def image_size_for(self, width: int, height: int) -> tuple[int, int]:
         h, w = self.code_shape(width, height)
         return w * self.downsample, h * self.downsample
