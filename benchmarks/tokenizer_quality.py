@@ -199,8 +199,10 @@ def main() -> None:
 
     eval_json = tok_dir.parent / "eval.json"
     train = json.loads(eval_json.read_text()) if eval_json.is_file() else {}
-    clip_eval = ROOT / "runs" / "clip" / "tiny" / "eval.json"
-    clip = json.loads(clip_eval.read_text()) if clip_eval.is_file() else {}
+    # the quick start keeps its teacher beside the tokenizer run (out/clip, out/tokenizer)
+    clip_eval = next((p for p in (tok_dir.parent.parent / "clip" / "eval.json", ROOT / "runs" / "clip" / "tiny" / "eval.json")
+                      if p.is_file()), None)
+    clip = json.loads(clip_eval.read_text()) if clip_eval else {}
     total_s, runs = training_seconds(tok_dir.parent)
     body = [
         f"Tokenizer `{Path(tok_dir).relative_to(ROOT) if Path(tok_dir).is_relative_to(ROOT) else tok_dir}` "
