@@ -5,30 +5,19 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from mmgen.data.code_shards import CodedDoc, CodeShardWriter
-from mmgen.data.doc import Doc, Image, Text
 from mmgen.errors import MMGenError
-from trainkit import tiny_run
+from trainkit import tiny_run, write_caption_shard
 
 CODEBOOK = 16
 
 
 @pytest.fixture(scope="module")
 def code_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("codes")
-    rng = np.random.default_rng(1)
-    colors, shapes = ["red", "blue", "green"], ["circle", "square", "star"]
-    with CodeShardWriter(out) as w:
-        for _ in range(24):
-            c, s = rng.integers(3), rng.integers(3)
-            codes = (3 * c + s + 8 * rng.integers(0, 2, size=(3, 3))) % CODEBOOK
-            doc = Doc(items=[Text(f"a {colors[c]} {shapes[s]}."), Image(path="<codes:1>", format="png")])
-            w.write(CodedDoc(doc, codes={1: codes}))
-    return out
+    return write_caption_shard(tmp_path_factory.mktemp("codes"), 24, ["red", "blue", "green"],
+                               ["circle", "square", "star"], CODEBOOK, grid=3, seed=1)
 
 
 def _overrides(code_shards, out_dir, **kw):

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmgen.data.code_shards import CodedDoc, CodeShardWriter
-from mmgen.data.doc import Doc, Image, Text
 from mmgen.errors import MMGenError
-from trainkit import tiny_run
+from trainkit import tiny_run, write_caption_shard
 
 COLORS = ["red", "blue", "green", "yellow"]
 SHAPES = ["circle", "square", "cross", "triangle"]
@@ -22,16 +20,9 @@ CODEBOOK = 32
 
 @pytest.fixture(scope="module")
 def code_shards(tmp_path_factory):
-    """40 caption docs whose 4x4 code grids depend on the caption (so there is something to learn)."""
-    out = tmp_path_factory.mktemp("codes")
-    rng = np.random.default_rng(0)
-    with CodeShardWriter(out, max_docs=25) as w:  # two shards
-        for _ in range(40):
-            c, s, p = rng.integers(4), rng.integers(4), rng.integers(3)
-            codes = (4 * c + s + 16 * rng.integers(0, 2, size=(4, 4))) % CODEBOOK
-            doc = Doc(items=[Text(f"a {COLORS[c]} {SHAPES[s]} at the {PLACES[p]}."), Image(path="<codes:1>", format="png")])
-            w.write(CodedDoc(doc, codes={1: codes}))
-    return out
+    """40 caption docs whose 4x4 code grids depend on the caption (so there is something to learn), two shards."""
+    return write_caption_shard(tmp_path_factory.mktemp("codes"), 40, COLORS, SHAPES, CODEBOOK, grid=4, seed=0,
+                               places=PLACES, max_docs=25)
 
 
 def _overrides(code_shards, out_dir, **kw):

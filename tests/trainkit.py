@@ -31,6 +31,21 @@ def write_color_shard(out, n_docs: int):
     return out
 
 
+def write_caption_shard(out, n_docs: int, colors: list[str], shapes: list[str], codebook: int, grid: int, seed: int,
+                        places: list[str] | None = None, max_docs: int = 5000):
+    """Caption docs "a <colour> <shape>[ at the <place>]." -> a grid x grid code picture whose codes are the
+    (colour, shape) index plus a random half-codebook offset, so the caption predicts every code's residue."""
+    rng = np.random.default_rng(seed)
+    with CodeShardWriter(out, max_docs=max_docs) as w:
+        for _ in range(n_docs):
+            c, s = rng.integers(len(colors)), rng.integers(len(shapes))
+            where = f" at the {places[rng.integers(len(places))]}" if places else ""
+            codes = (len(shapes) * c + s + codebook // 2 * rng.integers(0, 2, size=(grid, grid))) % codebook
+            doc = Doc(items=[Text(f"a {colors[c]} {shapes[s]}{where}."), Image(path="<codes:1>", format="png")])
+            w.write(CodedDoc(doc, codes={1: codes}))
+    return out
+
+
 def tiny_run(code_shards, out_dir, settings: dict, **kw) -> list[str]:
     """Overrides of a tiny run: the settings every training test shares, then the test's
     ``settings``, then the call's ``kw`` (later wins)."""
