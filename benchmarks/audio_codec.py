@@ -10,7 +10,6 @@ Reference row: silence (all-zero output) has SI-SNR undefined and the mel L1 of 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from mmgen.tokenizers.audio import AudioCodec, mel_l1, si_snr
 from mmgen.tokenizers.audio_train import default_real_audio, real_clips, spoken_captions
 from mmgen.utils.bench import md_table, write_section
+from mmgen.utils.files import read_json
 
 
 def scores(codec: AudioCodec, clips: list[np.ndarray], levels: int) -> tuple[float, float]:
@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(1)
     codec = AudioCodec.from_pretrained(args.codec)
     sr = codec.sample_rate
-    train_cfg = json.loads((Path(args.codec).parent / "eval.json").read_text()) if (Path(args.codec).parent / "eval.json").is_file() else {}
+    train_cfg = read_json(Path(args.codec).parent / "eval.json", {})
     speech = spoken_captions(args.heldout, "heldout", 1, sr, [150, 175, 200])
     _, tails, names = real_clips(default_real_audio(), sr, 0.2)
     tails = [t[: int(args.seconds * sr)] for t in tails]

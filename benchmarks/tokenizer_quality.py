@@ -170,6 +170,7 @@ def main() -> None:
     from mmgen.tokenizers import load_image_tokenizer
     from mmgen.tokenizers.quantizers import usage_fraction
     from mmgen.utils.bench import md_table, write_section
+    from mmgen.utils.files import read_json
 
     tok_dir = ensure_tokenizer(Path(args.tokenizer))
     tok = load_image_tokenizer(tok_dir)
@@ -197,12 +198,9 @@ def main() -> None:
     probe = probes(tok, args.probe_train, args.probe_test, w)
     seconds = time.time() - t0
 
-    eval_json = tok_dir.parent / "eval.json"
-    train = json.loads(eval_json.read_text()) if eval_json.is_file() else {}
+    train = read_json(tok_dir.parent / "eval.json", {})
     # the quick start keeps its teacher beside the tokenizer run (out/clip, out/tokenizer)
-    clip_eval = next((p for p in (tok_dir.parent.parent / "clip" / "eval.json", ROOT / "runs" / "clip" / "tiny" / "eval.json")
-                      if p.is_file()), None)
-    clip = json.loads(clip_eval.read_text()) if clip_eval else {}
+    clip = read_json(tok_dir.parent.parent / "clip" / "eval.json") or read_json(ROOT / "runs" / "clip" / "tiny" / "eval.json", {})
     total_s, runs = training_seconds(tok_dir.parent)
     body = [
         f"Tokenizer `{Path(tok_dir).relative_to(ROOT) if Path(tok_dir).is_relative_to(ROOT) else tok_dir}` "

@@ -164,6 +164,7 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path) -> dict:
     from mmgen.eval.t2i import evaluate_reconstruction, evaluate_t2i
     from mmgen.eval.understanding import evaluate_interleaved, evaluate_qa
     from mmgen.models.bundle import load_bundle
+    from mmgen.utils.files import read_json
 
     bundle = load_bundle(bundle_dir)
     recon = evaluate_reconstruction(bundle.image_tokenizer)
@@ -194,18 +195,15 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path) -> dict:
         "qa": qa["splits"],
         "interleaved": inter["splits"],
         "tokenizer_reconstruction": recon,
-        "training": json.loads((bundle_dir / "mmgen.json").read_text()) if (bundle_dir / "mmgen.json").is_file() else {},
+        "training": read_json(bundle_dir / "mmgen.json", {}),
     }
     tok = bundle.image_tokenizer
     metrics["tokenizer"] = {"type": type(tok).__name__, "tokens_per_image": tok.tokens_per_image(*tok.resolution),
-                            "training": _read_json(out / "tokenizer" / "eval.json"),
-                            "clip_teacher": _read_json(out / "clip" / "eval.json")}
+                            "training": read_json(out / "tokenizer" / "eval.json"),
+                            "clip_teacher": read_json(out / "clip" / "eval.json")}
     metrics["filter_defects"] = _defect_scores(out / "world", out / "filtered")
     return metrics
 
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _pct(x) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mmgen.errors import MMGenError
 from mmgen.models.vocab import Vocab
+from mmgen.utils.files import read_json
 
 
 @dataclass
@@ -60,5 +61,5 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
         from mmgen.tokenizers import load_image_tokenizer
 
         image_tokenizer = load_image_tokenizer(p / "image_tokenizer", device=device)
-    meta = json.loads((p / "mmgen.json").read_text()) if (p / "mmgen.json").is_file() else {}
+    meta = read_json(p / "mmgen.json", {})
     return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta)
