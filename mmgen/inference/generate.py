@@ -200,8 +200,14 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
         if not bool(active.any()) or step == max_new_tokens - 1:
             return
         step_tok = torch.cat([tok, tok]) if use_cfg else tok
+        grid = {}
+        if getattr(model.config, "grid_positions", False):
+            # The new token's grid cell depends only on the tokens since its block opened, which the
+            # conditional and unconditional rows share.
+            g = vocab.grid_position_ids(seq[:, :cur])[:, -1:]
+            grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
         out = model(input_ids=step_tok[:, None], attention_mask=attn_buf[:, :cur], position_ids=next_pos[:, None],
-                    past_key_values=past, use_cache=True)
+                    past_key_values=past, use_cache=True, **grid)
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1

@@ -13,6 +13,11 @@ checkpoint) and adds what the ILLUME+/Janus line needs on top of a text LLM:
   embeddings at the positions of the corresponding code tokens (``input_placement="codes"``, ILLUME+:
   the model reads pre-quantization features where it would otherwise read codes) or of a placeholder
   id (``"placeholder"``, LLaVA style);
+- optional **2-D grid position embeddings** for image codes (``grid_positions``): each semantic or
+  pixel code's input embedding gets a learned vector for its (branch, row, column) in the code grid.
+  RoPE alone tells a code only its distance from ``<pix>``; a small decoder trained for minutes does
+  not learn to turn that into a row and column, so it smears objects across the grid (the tiny
+  recipe's generations before this was added). LlamaGen-style 2-D positions, added at the input;
 - discrete output: the logits always span the whole vocab, so everything the model writes is a code.
 
 ``import mmgen.models`` registers the class with ``AutoConfig`` / ``AutoModelForCausalLM``, so a
@@ -27,7 +32,7 @@ import torch
 from torch import nn
 
 from mmgen.errors import MMGenError
-from mmgen.models.vocab import Vocab
+from mmgen.models.vocab import GRID_BRANCHES, Vocab
 from mmgen.utils.compat import ensure_torchvision
 
 ensure_torchvision()  # transformers' model modules import torchvision, broken next to CPU torch
@@ -56,6 +61,7 @@ class MMGenConfig(PreTrainedConfig):
     image_input_range: str = "pix"  # the code range whose positions image features overwrite
     image_placeholder_id: int | None = None
     audio_placeholder_id: int | None = None
+    grid_positions: bool = False  # learned (branch, row, col) embeddings added to image-code inputs
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -115,6 +121,7 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         self._no_split_modules = list(getattr(lm, "_no_split_modules", None) or [])
         hidden = text_config.hidden_size
         vocab = config.get_vocab() if config.vocab else None
+        self._vocab = vocab
         self.code_start = min((a for a, _ in vocab.ranges.values()), default=None) if vocab else None
         self.code_head = None
         if config.code_head:
@@ -125,6 +132,14 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
                                 if config.image_feature_dim else None)
         self.audio_projector = (mlp_projector(config.audio_feature_dim, hidden, config.projector_depth)
                                 if config.audio_feature_dim else None)
+        self.grid_position_embedding = None
+        if config.grid_positions:
+            if vocab is None:
+                raise MMGenError("grid_positions=True needs a vocab")
+            g = vocab.config.max_grid
+            # Row 0 (not an image code) stays zero; the rest start at zero too, so switching the table on
+            # changes nothing until training moves it.
+            self.grid_position_embedding = nn.Embedding(1 + len(GRID_BRANCHES) * g * g, hidden, padding_idx=0)
         self.post_init()
 
     def _init_weights(self, module):
@@ -134,6 +149,8 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        if module is getattr(self, "grid_position_embedding", None):
+            nn.init.zeros_(module.weight)
 
     # -- the embedding API the ecosystem expects (resize, PEFT, generate) -----------------------
     def get_input_embeddings(self):
@@ -165,8 +182,15 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         return (input_ids >= a) & (input_ids < b)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
-              audio_features: torch.Tensor | None = None) -> torch.Tensor:
+              audio_features: torch.Tensor | None = None, grid_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings: token rows, projected features where given, grid positions where enabled.
+        ``grid_positions`` (from :meth:`Vocab.grid_position_ids`) is needed only when ``input_ids`` is not the
+        whole sequence (cached decoding); otherwise it is computed here."""
         embeds = self.get_input_embeddings()(input_ids)
+        if self.grid_position_embedding is not None:
+            if grid_positions is None:
+                grid_positions = self._vocab.grid_position_ids(input_ids)
+            embeds = embeds + self.grid_position_embedding(grid_positions.to(input_ids.device)).to(embeds.dtype)
         for modality, feats in (("image", image_features), ("audio", audio_features)):
             if feats is None:
                 continue
@@ -182,6 +206,15 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
             embeds = embeds.masked_scatter(where[..., None], proj(feats.to(embeds.dtype)))
         return embeds
 
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        # transformers' generate() hands the model only the uncached tail of input_ids; the grid
+        # cells of that tail are read here, from the whole sequence, while it is still at hand.
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        tail = inputs.get("input_ids")
+        if self.grid_position_embedding is not None and tail is not None:
+            inputs["grid_positions"] = self._vocab.grid_position_ids(input_ids)[:, -tail.shape[-1]:]
+        return inputs
+
     # -- forward ------------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.get_output_embeddings()
@@ -193,9 +226,9 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
-                image_features=None, audio_features=None, **kwargs) -> CausalLMOutputWithPast:
+                image_features=None, audio_features=None, grid_positions=None, **kwargs) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, image_features, audio_features)
+            inputs_embeds = self.embed(input_ids, image_features, audio_features, grid_positions)
         out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                  position_ids=position_ids, past_key_values=past_key_values,
                                  use_cache=use_cache, **kwargs)
@@ -238,7 +271,8 @@ register_auto_classes()
 def wrap_lm(lm, vocab: Vocab, code_head: bool = False, image_feature_dim: int | None = None,
             audio_feature_dim: int | None = None, projector_depth: int = 2,
             input_placement: str = "codes", image_input_range: str = "pix",
-            image_placeholder_id: int | None = None, audio_placeholder_id: int | None = None) -> MMGenForCausalLM:
+            image_placeholder_id: int | None = None, audio_placeholder_id: int | None = None,
+            grid_positions: bool = False) -> MMGenForCausalLM:
     """Wrap a built or pretrained causal LM: extend its vocabulary to ``vocab`` and add the heads."""
     n = lm.get_input_embeddings().weight.shape[0]
     if n > vocab.size:
@@ -256,7 +290,7 @@ def wrap_lm(lm, vocab: Vocab, code_head: bool = False, image_feature_dim: int | 
                          image_feature_dim=image_feature_dim, audio_feature_dim=audio_feature_dim,
                          projector_depth=projector_depth, input_placement=input_placement,
                          image_input_range=image_input_range, image_placeholder_id=image_placeholder_id,
-                         audio_placeholder_id=audio_placeholder_id)
+                         audio_placeholder_id=audio_placeholder_id, grid_positions=grid_positions)
     config._attn_implementation = lm.config._attn_implementation
     model = MMGenForCausalLM(config, lm=lm)
     model.generation_config = lm.generation_config
@@ -267,7 +301,7 @@ def build_unified_lm(vocab: Vocab, base: str | dict | None = None, **kwargs) -> 
     """A unified LM over ``vocab`` from a decoder checkpoint path / hub id (``base`` a str), a config
     dict with ``model_type`` (built from config, random weights), or None: the tiny Llama."""
     wrap_keys = {"code_head", "image_feature_dim", "audio_feature_dim", "projector_depth", "input_placement",
-                 "image_input_range", "image_placeholder_id", "audio_placeholder_id"}
+                 "image_input_range", "image_placeholder_id", "audio_placeholder_id", "grid_positions"}
     wrap_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in wrap_keys}
     if base is None:
         from mmgen.models.lm import build_tiny_lm

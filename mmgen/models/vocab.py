@@ -29,6 +29,8 @@ import numpy as np
 
 from mmgen.errors import MMGenError
 
+GRID_BRANCHES = ("sem", "pix")  # code ranges laid out as grids inside image blocks, in grid-table order
+
 STRUCTURAL = [
     "<image>", "</image>", "<sem>", "</sem>", "<pix>", "</pix>", "<eol>",
     "<audio>", "</audio>", "<video>", "</video>", "<frame>", "</frame>",
@@ -161,6 +163,34 @@ class Vocab:
             ids += [self["<sem>"], *self._rows("sem", sem), self["</sem>"]]
         ids += [self["<pix>"], *self._rows("pix", pix), self["</pix>"], self["</image>"]]
         return ids
+
+    def grid_position_ids(self, input_ids):
+        """Per token of ``input_ids`` (a torch LongTensor, any leading shape), its row in a 2-D
+        grid-position table: 0 outside image code grids, else ``1 + branch * G*G + row * G + col``
+        with ``G = max_grid`` and ``branch`` the index in :data:`GRID_BRANCHES`.
+
+        Reads only the layout (``<sem>``/``<pix>`` open a grid, ``<eol>`` ends a row), so it works on
+        packed rows holding many documents and on any grid size. Cached decoding, which feeds one
+        token at a time, takes the last column of this over the sequence so far."""
+        import torch
+
+        G = self.config.max_grid
+        t = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        eol = input_ids == self["<eol>"]
+        eol_before = eol.long().cumsum(-1)
+        out = torch.zeros_like(input_ids)
+        for b, name in enumerate(GRID_BRANCHES):
+            if not self.has(name):
+                continue
+            lo, hi = self.code_range(name)
+            opener = input_ids == self[f"<{name}>"]
+            last_open = torch.where(opener, t, -1).cummax(-1).values
+            last_break = torch.where(opener | eol, t, -1).cummax(-1).values
+            row = eol_before - eol_before.gather(-1, last_open.clamp(min=0))
+            col = t - last_break - 1
+            inside = (input_ids >= lo) & (input_ids < hi) & (last_open >= 0)
+            out = torch.where(inside, 1 + b * G * G + row.clamp(0, G - 1) * G + col.clamp(0, G - 1), out)
+        return out
 
     def image_block_len(self, h: int, w: int) -> int:
         n = 3 + (h * (w + 1)) + 3

@@ -60,6 +60,9 @@ class ModelConfig:
     audio_feature_dim: int | None = None
     projector_depth: int = 2
     input_placement: Literal["codes", "placeholder"] = "codes"
+    # Learned (branch, row, col) embeddings added to image-code inputs (LlamaGen-style 2-D positions):
+    # a small decoder learns where each code sits far faster than from RoPE's 1-D distances alone.
+    grid_positions: bool = False
     gradient_checkpointing: bool = False
 
 

@@ -224,7 +224,7 @@ def build_model(cfg: TrainConfig, vocab, tok):
 
     m = cfg.model
     wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim, "audio_feature_dim": m.audio_feature_dim,
-            "projector_depth": m.projector_depth, "input_placement": m.input_placement}
+            "projector_depth": m.projector_depth, "input_placement": m.input_placement, "grid_positions": m.grid_positions}
     qlora = cfg.lora.quantize != "none"
     if cfg.init_from:
         from transformers import AutoModelForCausalLM
