@@ -72,3 +72,6 @@ def test_evaluators_score_every_sample(tmp_path):
     assert len(inter["samples"]) == 2 and 0.0 <= inter["splits"]["val"]["accuracy"] <= 1.0
     assert all(s["image"].size == (32, 32) for s in inter["samples"])
     assert normalize_answer(" Red.") == "red" and normalize_answer("") == ""
+    # two-word positions are answers too: "bottom" alone is not "bottom right", and vice versa
+    assert normalize_answer("Bottom right.</s> Is") == "bottom right"
+    assert normalize_answer("bottom is") == "bottom" and normalize_answer("center right") == "center"

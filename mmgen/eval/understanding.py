@@ -4,8 +4,8 @@ Both use the world's own generators, so the truth is exact:
 
 - **QA** (``qa_accuracy``): an image of a held-out-from-training scene and one question about colour,
   shape, count, position, size, background or a relation; the model's greedy answer must equal the
-  single-word truth. A checkpoint trained with SFT is asked in its chat layout
-  (``<s> User: [image] question Assistant:``), a pretrained one in the pretraining layout
+  truth (one word, or a two-word position such as "top left"). A checkpoint trained with SFT is
+  asked in its chat layout (``<s> User: [image] question Assistant:``), a pretrained one in the pretraining layout
   (``<s> [image] question``), which is how each saw QA documents in training.
 - **Interleaved** (``interleaved_accuracy``): a build-up document up to step ``k``'s instruction
   ("Move the red circle to the top right."), every earlier step's text and image included; the
@@ -39,8 +39,16 @@ def _uses_chat(bundle) -> bool:
 
 
 def normalize_answer(text: str) -> str:
-    """First word, lower case, without punctuation: answers are single words by construction."""
+    """The answer phrase ``text`` starts with, lower case, without punctuation: the longest run of
+    its first words that is a ShapesWorld answer ("bottom right" before "bottom"), else its first
+    word. Whatever the model writes after the answer is ignored."""
+    from mmgen.data.synthetic.text import answer_phrases
+
     words = re.findall(r"[a-z]+", text.lower())
+    phrases = answer_phrases()
+    for k in (2, 1):
+        if len(words) >= k and " ".join(words[:k]) in phrases:
+            return " ".join(words[:k])
     return words[0] if words else ""
 
 
@@ -56,7 +64,7 @@ def qa_prompt_ids(bundle, image_block: list[int], question: str) -> list[int]:
 
 
 def evaluate_qa(bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), batch_size: int = 16) -> dict:
-    """Greedy single-word answers to one question per scene, scored exactly, per split and per type."""
+    """Greedy short answers to one question per scene, scored exactly, per split and per type."""
     from mmgen.data.synthetic import render
     from mmgen.data.synthetic.text import qa_pairs
     from mmgen.inference.generate import generate_text_rows, image_ids

@@ -89,8 +89,16 @@ def _unique_name(scene: Scene, o: Obj) -> str:
     return f"the {o.shape} {position_phrase(o.cell)}"
 
 
+def answer_phrases() -> frozenset[str]:
+    """Every answer :func:`qa_pairs` can give: one word, except two-word positions ("top left")."""
+    from mmgen.data.synthetic.scene import SIZES
+
+    return frozenset([*COLORS, *SHAPES, *BACKGROUNDS, *NUMBER_WORDS, *SIZES, *POSITIONS.values(), "yes", "no"])
+
+
 def qa_pairs(scene: Scene, rng: random.Random, n: int = 3) -> list[tuple[str, str, str]]:
-    """``n`` (question, answer, type) triples about the scene, answers exact and single-word."""
+    """``n`` (question, answer, type) triples about the scene; answers are exact phrases of
+    :func:`answer_phrases` (single words, or a two-word position such as "bottom right")."""
     makers = ["color", "shape", "count", "count_color", "exists", "position", "size", "background", "relation"]
     out: list[tuple[str, str, str]] = []
     seen: set[str] = set()
