@@ -112,7 +112,7 @@ def test_two_ranks_equal_one_rank_with_the_doubled_batch(shards, tmp_path):
     a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
     ref = load_bundle(one)
     init = build_unified_lm(ref.vocab, hidden=32, layers=2, heads=2, max_len=64, seed=0,
-                            text_tokenizer=ref.text_tokenizer).state_dict()
+                            text_tokenizer=ref.text_tokenizer, grid_positions=ref.model.config.grid_positions).state_dict()
     assert a.keys() == b.keys()
     # Adam's steps are ~lr = 1e-2: the runs agree to 1/100 of a step, where a different batch moves
     # weights by whole steps. (Gradient sums in another order differ in the last float bits, and Adam
