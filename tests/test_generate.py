@@ -204,10 +204,23 @@ def test_constraint_works_inside_transformers_generate(bundle):
 
 
 # -- the sampling loop -----------------------------------------------------------------------------
+def _greedy_by_full_recompute(model, vocab: Vocab, row: list[int], steps: int) -> list[int]:
+    """The reference for cached decoding: greedy tokens under the 4x4 grid constraint, each step
+    running the model over the whole sequence so far."""
+    from mmgen.inference.constraints import ImageGridConstraint
+
+    seq = list(row)
+    proc = ImageGridConstraint(vocab, sizes=[(4, 4)])
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([seq])).logits[:, -1].float()
+            seq.append(int(proc(torch.tensor([seq]), logits).argmax(-1)))
+    return seq[len(row):]
+
+
 def test_kv_cache_and_left_padding_match_full_recompute(bundle):
     """Greedy decoding through the KV cache, batched with left padding, equals recomputing the whole
     sequence every step for each row alone."""
-    from mmgen.inference.constraints import ImageGridConstraint
     from mmgen.inference.generate import prompt_ids, sample_tokens
 
     vocab = bundle.vocab
@@ -221,13 +234,7 @@ def test_kv_cache_and_left_padding_match_full_recompute(bundle):
         for r in range(2):
             got[r].append(int(t[r]))
     for r, row in enumerate(rows):
-        seq = list(row)
-        proc = ImageGridConstraint(vocab, sizes=[(4, 4)])
-        with torch.no_grad():
-            for _ in range(steps):
-                logits = bundle.model(torch.tensor([seq])).logits[:, -1].float()
-                seq.append(int(proc(torch.tensor([seq]), logits).argmax(-1)))
-        assert got[r] == seq[len(row):]
+        assert got[r] == _greedy_by_full_recompute(bundle.model, vocab, row, steps)
 
 
 def test_t2i_generation_yields_decoded_image(bundle):
@@ -405,21 +412,15 @@ def test_grid_positions_survive_save_load_and_change_the_logits(grid_bundle):
 
 
 def test_grid_positions_in_cached_decoding_match_full_recompute(grid_bundle):
-    """The cached loop (ours, with and without CFG) and transformers' generate() hand each new code its
-    grid cell; greedy tokens equal recomputing the whole sequence every step."""
+    """Our cached loop and transformers' generate() hand each new code its grid cell: greedy tokens
+    equal recomputing the whole sequence every step."""
     from mmgen.inference.constraints import ImageGridConstraint
     from mmgen.inference.generate import prompt_ids, sample_tokens
 
     b, vocab, tok = grid_bundle, grid_bundle.vocab, grid_bundle.text_tokenizer
     row = prompt_ids(b, "a large red circle at the top left", image=True)
     steps = vocab.image_block_len(4, 4) - 1
-    seq = list(row)
-    proc = ImageGridConstraint(vocab, sizes=[(4, 4)])
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = b.model(torch.tensor([seq])).logits[:, -1].float()
-            seq.append(int(proc(torch.tensor([seq]), logits).argmax(-1)))
-    want = seq[len(row):]
+    want = _greedy_by_full_recompute(b.model, vocab, row, steps)
     assert len(set(want)) > 4  # positions vary the codes: the check is not trivially constant
     got = [int(t[0]) for t, _ in sample_tokens(b.model, vocab, [row], max_new_tokens=steps, eos_id=tok.eos_token_id,
                                                 pad_id=tok.pad_token_id, temperature=0.0, sizes=[(4, 4)])]
