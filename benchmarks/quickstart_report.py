@@ -4,27 +4,33 @@
 
 The quickstart itself measures (scene-parser judgements of generated images, exact QA answers);
 this script only tabulates its report.json beside the stage times, so the section says which run
-the numbers come from.
+the numbers come from, and keeps the run's text-to-image grid in the repository
+(benchmarks/quickstart_t2i_grid.png; benchmarks/out/ is not tracked).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from mmgen.utils.bench import md_table, write_section
+
+GRID = Path(__file__).parent / "quickstart_t2i_grid.png"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--report", default="runs/quickstart/report.json")
     ap.add_argument("--note", default="", help="conditions of the run (e.g. machine load)")
-    r = json.loads(Path(ap.parse_args().report).read_text())
     args = ap.parse_args()
+    r = json.loads(Path(args.report).read_text())
     rows = [
         ["text-to-image, all requested objects (val)", r["t2i"]["val"]["n"], r["t2i_accuracy"], ">= 0.80"],
         ["text-to-image, held-out colour-shape pairs", r["t2i"]["heldout"]["n"], r["t2i_accuracy_heldout_compositions"], "reported"],
+        ["text-to-image, share of images the scene parser can read (val)", r["t2i"]["val"]["n"],
+         r["t2i"]["val"]["parse_rate"], "reported"],
         ["visual QA, exact answer (val)", r["qa"]["val"]["n"], r["qa_accuracy"], ">= 0.90"],
         ["visual QA, held-out pairs", r["qa"]["heldout"]["n"], r["qa_accuracy_heldout_compositions"], "reported"],
         ["build-up next image exact (val)", r["interleaved"]["val"]["n"], r["interleaved_accuracy"], ">= 0.70"],
@@ -34,6 +40,11 @@ def main() -> None:
     times = [[k, round(v)] for k, v in r["stage_seconds"].items()] + [["total", round(sum(r["stage_seconds"].values()))]]
     body = (f"{args.note}\n\n" if args.note else "") + md_table(["metric", "n", "value", "goal"], rows)
     body += "\n\nStage seconds:\n\n" + md_table(["stage", "seconds"], times)
+    grid = Path(args.report).parent / "t2i_grid.png"
+    if grid.is_file():
+        shutil.copyfile(grid, GRID)
+        body += (f"\n\nGenerated images: `benchmarks/{GRID.name}` (the run's t2i_grid.png: 12 val prompts, then 12 "
+                 "held-out-pair prompts, each with the parser's verdict).")
     write_section("quickstart_quality", "Quickstart quality (make demo, tiny preset)", body)
 
 
