@@ -6,9 +6,10 @@
 Held-out ShapesWorld scenes are rendered at the tokenizer's resolution and encoded once; the VQ decoder
 and the diffusion pipeline (DDIM and DPM-Solver++, 4 / 8 / 25 steps) decode the same codes. Scene-parser
 agreement: the parse of the decoded image equals the scene (exact background and objects). The 2x mode
-draws 128x128 from the 64x64 codes; it is compared with bicubic upsampling of the VQ decoder's output
-and scored against the true 128x128 render. Sharpness: mean gradient magnitude relative to the truth's
-(1.0 = as sharp as the render, below = blurrier). PNGs go to benchmarks/out/.
+draws twice the tokenizer's resolution from the same codes; it is compared with bicubic upsampling of
+the VQ decoder's output and scored against the true render at that size. Sharpness: mean gradient magnitude relative to the truth's
+(1.0 = as sharp as the render, below = blurrier). PNGs go to benchmarks/out/; ``--note`` adds what
+they show, looked at by eye.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from mmgen.eval.scene_parser import compare_scenes, parse_scene
 from mmgen.models.detokenizer import load_pipeline
-from mmgen.models.detokenizer_train import encode_all, shapes_pairs
+from mmgen.models.detokenizer_train import encode_all, grid_spec, shapes_pairs
 from mmgen.tokenizers import load_image_tokenizer
 from mmgen.tokenizers.base import tensor_to_pil
 from mmgen.tokenizers.vq import psnr
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--sr-pipeline", default="runs/detokenizer/tiny_sr2/pipeline")
     ap.add_argument("--scenes", type=int, default=32)
     ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--note", default="", help="what the PNGs show, looked at by eye (goes into the section)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -67,8 +69,12 @@ def main() -> None:
     lo, hi, scenes = shapes_pairs(args.scenes, res, 2 * res, seed=777, split="heldout")
     x = lo.float() / 127.5 - 1
     grids = encode_all(tok, lo)
+    names = grid_spec(tok)[1]
+    # A multi-grid tokenizer (DualViTok: sem + pix) decodes from all of its grids, as the pipeline does.
+    codes = dict(zip(names, grids)) if len(grids) > 1 else grids[0]
+    shapes = " + ".join(f"{n} {g.shape[-2]}x{g.shape[-1]}" for n, g in zip(names, grids))
     with torch.no_grad():
-        vq = to_uint8_range(tok.decode_tensor(grids[0]))
+        vq = to_uint8_range(tok.decode_tensor(codes))
 
     rows = [["input render (ceiling)", "-", "-", f"{100 * agreement(x, scenes):.1f}%", "inf", "-"],
             ["VQ pixel decoder", "-", 1, f"{100 * agreement(vq, scenes):.1f}%", round(float(psnr(vq, x).mean()), 2), "-"]]
@@ -85,7 +91,7 @@ def main() -> None:
     tensor_to_pil(grid[None])[0].save(OUT / "detokenizer_vs_vq.png")
 
     body = (f"{args.scenes} held-out ShapesWorld scenes at {res}x{res}, tokenizer `{args.tokenizer}` "
-            f"({grids[0].shape[-2]}x{grids[0].shape[-1]} codes), pipeline `{args.pipeline}`, CFG scale {args.cfg}.\n\n"
+            f"({shapes} codes), pipeline `{args.pipeline}`, CFG scale {args.cfg}.\n\n"
             + md_table(["decoder", "steps", "network passes", "scene-parser agreement", "PSNR dB", "s / image"], rows))
 
     if args.sr_pipeline and Path(args.sr_pipeline).is_dir():
@@ -102,10 +108,13 @@ def main() -> None:
                             round(float(psnr(y, truth).mean()), 2), round(sharpness(y, truth), 3)])
         grid = torch.cat([torch.cat(list(t[:6]), -1) for t in (truth, up(vq), y)], -2)
         tensor_to_pil(grid[None])[0].save(OUT / "sr2x_truth_bicubic_diffusion.png")
-        body += ("\n\n2x super-resolution: 128x128 from the same 8x8 codes, against the true 128x128 render.\n\n"
+        body += (f"\n\n2x super-resolution: {2 * res}x{2 * res} from the same codes ({shapes}), against the true "
+                 f"{2 * res}x{2 * res} render.\n\n"
                  + md_table(["method", "scene-parser agreement", "PSNR dB", "sharpness vs truth"], sr_rows)
                  + "\n\nPNGs: `benchmarks/out/detokenizer_vs_vq.png` (rows: input, VQ decoder, diffusion ddim 8, dpm 25) and "
                    "`benchmarks/out/sr2x_truth_bicubic_diffusion.png` (rows: truth, bicubic of VQ, diffusion 2x dpm 25).")
+    if args.note:
+        body += f"\n\n{args.note}"
     write_section("detokenizer", "Diffusion detokenizer vs VQ decoder (tiny)", body)
     print(body)
 
