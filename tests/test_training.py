@@ -154,3 +154,23 @@ def test_cli_train_through_the_deepspeed_launcher(code_shards, tmp_path, monkeyp
     bundle = load_bundle(tmp_path / "run_cli" / "final")
     assert bundle.model.config.num_hidden_layers == 1
     assert json.loads((tmp_path / "run_cli" / "summary.json").read_text())["world_size"] == 1
+
+
+def test_stale_extension_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, capsys):
+    """A build killed mid-way leaves torch's extension lock behind, and the next DeepSpeed start would
+    wait on it forever; init_distributed clears locks old enough to have no live builder."""
+    import os
+    import time
+
+    from mmgen.utils.compat import STALE_LOCK_SECONDS, clear_stale_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    assert clear_stale_extension_locks() == [str(stale)]
+    assert not stale.exists() and live.exists()
+    assert "stale torch extension build lock" in capsys.readouterr().err

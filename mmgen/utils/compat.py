@@ -41,3 +41,36 @@ def ensure_torchvision():
     import torchvision
 
     return torchvision
+
+
+# -- torch C++ extension locks -------------------------------------------------------------------
+STALE_LOCK_SECONDS = 600
+
+
+def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_SECONDS) -> list[str]:
+    """Remove torch C++-extension build locks older than ``max_age_s``; returns what was removed.
+
+    DeepSpeed's CPU accelerator JIT-builds its shared-memory comm op on the first run, and
+    ``torch.utils.cpp_extension`` guards the build with a ``lock`` file that the builder deletes
+    when done. A run killed mid-build (Ctrl-C on a first run) leaves the file behind, and every later
+    run then waits on it forever without a word. A build takes well under a minute, so a lock this
+    old has no live builder."""
+    import os
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # Locks sit in <root>/<name>/ when TORCH_EXTENSIONS_DIR is set, else in <root>/py311_cpu/<name>/.
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in list(root.glob("*/lock")) + list(root.glob("*/*/lock")):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except OSError:
+            continue  # another rank removed it, or it is not ours to remove
+    for path in removed:
+        print(f"mmgen: removed a stale torch extension build lock (a build killed earlier): {path}", file=sys.stderr)
+    return removed
