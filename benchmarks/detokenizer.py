@@ -7,9 +7,9 @@ Held-out ShapesWorld scenes are rendered at the tokenizer's resolution and encod
 and the diffusion pipeline (DDIM and DPM-Solver++, 4 / 8 / 25 steps) decode the same codes. Scene-parser
 agreement: the parse of the decoded image equals the scene (exact background and objects). The 2x mode
 draws twice the tokenizer's resolution from the same codes; it is compared with bicubic upsampling of
-the VQ decoder's output and scored against the true render at that size. Sharpness: mean gradient magnitude relative to the truth's
-(1.0 = as sharp as the render, below = blurrier). PNGs go to benchmarks/out/; ``--note`` adds what
-they show, looked at by eye.
+the VQ decoder's output and scored against the true render at that size. Sharpness: mean gradient
+magnitude relative to the truth's (1.0 = as sharp as the render, below = blurrier). PNGs go to
+benchmarks/out/; ``--note`` adds what they show, looked at by eye.
 """
 
 from __future__ import annotations

@@ -205,7 +205,6 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path) -> dict:
     return metrics
 
 
-
 def _pct(x) -> str:
     return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
 

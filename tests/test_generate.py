@@ -430,3 +430,16 @@ def test_grid_positions_in_cached_decoding_match_full_recompute(grid_bundle):
                            do_sample=False, max_new_tokens=steps, min_new_tokens=steps, eos_token_id=None,
                            pad_token_id=tok.pad_token_id)
     assert out[0, len(row):].tolist() == want
+
+
+def test_grid_position_tail_equals_the_full_scan_on_every_prefix():
+    """Cached decoding reads only a block-long window; on every prefix of a sequence with text, a full
+    image block and a cut-off one, that window gives the same cells as scanning everything."""
+    vocab = Vocab(100, {"sem": 16, "pix": 32}, max_grid=4)
+    block = vocab.image_block(np.arange(16).reshape(4, 4) % 32, sem=np.arange(4).reshape(2, 2))
+    ids = torch.tensor([[5, 6, *block, *[7] * 50, *block[:20]]])
+    full = vocab.grid_position_ids(ids)
+    assert full.max() > 1 + 4 * 4  # pixel cells appear, not only semantic ones
+    for cut in range(1, ids.shape[1] + 1):
+        assert torch.equal(vocab.grid_position_ids_tail(ids[:, :cut]), full[:, cut - 1:cut])
+    assert torch.equal(vocab.grid_position_ids_tail(ids, 30), full[:, -30:])

@@ -178,7 +178,7 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
                 raise MMGenError(f"input_placement=placeholder needs {modality}_placeholder_id in the model config")
             return input_ids == pid
         name = cfg.image_input_range if modality == "image" else "audio"
-        a, b = cfg.get_vocab().code_range(name)
+        a, b = self._vocab.code_range(name)
         return (input_ids >= a) & (input_ids < b)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
@@ -212,7 +212,7 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         tail = inputs.get("input_ids")
         if self.grid_position_embedding is not None and tail is not None:
-            inputs["grid_positions"] = self._vocab.grid_position_ids(input_ids)[:, -tail.shape[-1]:]
+            inputs["grid_positions"] = self._vocab.grid_position_ids_tail(input_ids, tail.shape[-1])
         return inputs
 
     # -- forward ------------------------------------------------------------------------------

@@ -192,6 +192,14 @@ class Vocab:
             out = torch.where(inside, 1 + b * G * G + row.clamp(0, G - 1) * G + col.clamp(0, G - 1), out)
         return out
 
+    def grid_position_ids_tail(self, input_ids, n: int = 1):
+        """:meth:`grid_position_ids` of the last ``n`` tokens, read from the shortest window that holds
+        their image blocks: a code's cell depends only on the tokens since its block opened, and no
+        block is longer than a ``max_grid`` square one. Cached decoding asks this every step, so the
+        cost stays bounded by the block length instead of growing with the sequence."""
+        window = n + self.image_block_len(self.config.max_grid, self.config.max_grid)
+        return self.grid_position_ids(input_ids[..., -window:])[..., -n:]
+
     def image_block_len(self, h: int, w: int) -> int:
         n = 3 + (h * (w + 1)) + 3
         if self.has("sem"):

@@ -66,11 +66,11 @@ def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_SECONDS) -> list[s
     removed = []
     for lock in list(root.glob("*/lock")) + list(root.glob("*/*/lock")):
         try:
-            if time.time() - lock.stat().st_mtime > max_age_s:
-                lock.unlink()
-                removed.append(str(lock))
+            if time.time() - lock.stat().st_mtime <= max_age_s:
+                continue  # young enough to have a live builder
+            lock.unlink()
         except OSError:
             continue  # another rank removed it, or it is not ours to remove
-    for path in removed:
-        print(f"mmgen: removed a stale torch extension build lock (a build killed earlier): {path}", file=sys.stderr)
+        removed.append(str(lock))
+        print(f"mmgen: removed a stale torch extension build lock (a build killed earlier): {lock}", file=sys.stderr)
     return removed
