@@ -104,6 +104,33 @@ def test_save_load_bit_exact(tok, tmp_path):
     assert torch.equal(tok.decode_tensor(a), back.decode_tensor(b))
 
 
+def test_teacher_input_downsample_sees_the_pooled_image(teacher_dir, tmp_path):
+    """A tokenizer at twice its teacher's resolution: the teacher sees the 2x box-downscaled image,
+    the semantic grid keeps its size in codes, and the factor survives save/load."""
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
+
+    torch.manual_seed(0)
+    teacher = {"kind": "open_clip", "name": teacher_dir, "input_downsample": 2}
+    big = build_dualvitok_from_config(tiny_cfg(tmp_path, teacher_dir, resolution=64,
+                                               dualvitok={**TINY, "teacher": teacher})).eval()
+    assert big.teacher.patch == 16 and big.sem_downsample == 32
+    assert big.code_shapes(64, 64) == {"sem": (2, 2), "pix": (8, 8)}
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    small = torch.nn.functional.avg_pool2d(x, 2)
+    big.teacher.input_downsample = 1  # the same tower without the pooling, fed the pooled image
+    big.teacher.patch //= 2
+    want = big.teacher(small)
+    big.teacher.input_downsample, big.teacher.patch = 2, 16
+    assert torch.allclose(big.teacher(x), want, atol=1e-6)
+    big.save_pretrained(tmp_path / "tok")
+    back = load_image_tokenizer(tmp_path / "tok")
+    assert back.teacher.input_downsample == 2 and back.code_shapes(64, 64) == big.code_shapes(64, 64)
+    with pytest.raises(MMGenError, match="input_downsample"):
+        build_dualvitok_from_config(tiny_cfg(tmp_path / "bad", teacher_dir,
+                                             dualvitok={**TINY, "teacher": {**teacher, "input_downsample": 0}}))
+
+
 @pytest.mark.parametrize("gan", [0.0, 0.1])
 def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan):
     import mmgen.tokenizers.dualvitok_train as dt

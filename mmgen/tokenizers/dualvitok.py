@@ -42,13 +42,20 @@ class Teacher(nn.Module):
     """A frozen vision tower returning a patch-feature grid ``(B, D, H/p, W/p)`` for pixels in [-1, 1].
 
     Built from config alone (``model_cfg``), so a saved tokenizer reloads without the teacher's hub
-    weights; :meth:`load_weights` fills it from a name or local path when a tokenizer is first built."""
+    weights; :meth:`load_weights` fills it from a name or local path when a tokenizer is first built.
 
-    def __init__(self, kind: str, model_cfg: dict, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    ``input_downsample`` average-pools the pixels by that factor before the tower: a tokenizer may work
+    at a higher resolution than its teacher was trained at (the tiny one draws 64 px images from a
+    CLIP trained at 32 px). ``patch`` is then the tower's patch times the factor, in input pixels."""
+
+    def __init__(self, kind: str, model_cfg: dict, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_downsample: int = 1):
         super().__init__()
         if kind not in TEACHER_KINDS:
             raise MMGenError(f"unknown teacher kind '{kind}' (use one of {', '.join(TEACHER_KINDS)})")
+        if int(input_downsample) < 1:
+            raise MMGenError(f"teacher input_downsample must be a positive integer, got {input_downsample}")
         self.kind = kind
+        self.input_downsample = int(input_downsample)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if kind == "open_clip":
@@ -76,6 +83,7 @@ class Teacher(nn.Module):
             self.tower = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
             self.patch = int(self.tower.config.patch_size)
             self.dim = int(self.tower.config.hidden_size)
+        self.patch *= self.input_downsample
         self.requires_grad_(False)
 
     def load_weights(self, name_or_path: str) -> None:
@@ -101,9 +109,11 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = ((x + 1) / 2 - self.mean) / self.std
         b, _, h, w = x.shape
         gh, gw = h // self.patch, w // self.patch
+        if self.input_downsample > 1:
+            x = F.avg_pool2d(x, self.input_downsample)  # box filter: an anti-aliased downscale
+        x = ((x + 1) / 2 - self.mean) / self.std
         if self.kind == "open_clip":
             return self._open_clip(x, (gh, gw))
         if self.kind == "timm":
@@ -198,7 +208,8 @@ class DualViTok(ImageTokenizer):
                        pix_patch_size=pix_patch_size, pix_code_dim=pix_code_dim, sem_cond_dim=sem_cond_dim,
                        norm_groups=norm_groups, branch_dropout=branch_dropout)
         self.teacher = Teacher(self.teacher_spec["kind"], self.teacher_spec["model_cfg"],
-                               self.teacher_spec.get("mean", (0.5,) * 3), self.teacher_spec.get("std", (0.5,) * 3))
+                               self.teacher_spec.get("mean", (0.5,) * 3), self.teacher_spec.get("std", (0.5,) * 3),
+                               self.teacher_spec.get("input_downsample", 1))
         td = self.teacher.dim
         # semantic branch
         self.sem_in = nn.Linear(td, sem_width)
