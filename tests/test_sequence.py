@@ -10,6 +10,7 @@ from mmgen.data.code_shards import CodedDoc
 from mmgen.data.doc import Doc, Image, Text, Video
 from mmgen.data.packing import IGNORE_INDEX, causal_lm_loss, pack_sequences, packed_batch, split_at_boundaries
 from mmgen.data.sequence import build_sequence, build_sequences, encode_prompt
+from mmgen.errors import MMGenError
 from mmgen.models.text_tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_text_tokenizer
 from mmgen.models.vocab import Vocab
 
@@ -175,3 +176,75 @@ def test_packed_loss_equals_separate_losses(tok, vocab, attn):
                                batch["labels"], reduction="sum")
     assert packed.item() == pytest.approx(separate.item(), rel=1e-4)
     assert abs(plain.item() - separate.item()) > 1e-3
+
+
+def _merged_video(rng, books: dict, frames: int = 5, grid=(4, 6)):
+    """Random per-frame codes with ~60% of the cells of non-key frames merged (-1); frame 3 a keyframe."""
+    keys = [t in (0, 3) for t in range(frames)]
+    out = {}
+    for name, n in books.items():
+        shape = grid if name == "pix" else tuple(-(-s // 2) for s in grid)
+        codes = rng.integers(0, n, size=(frames, *shape))
+        merged = (rng.random(codes.shape) < 0.6) & ~np.asarray(keys)[:, None, None]
+        out[name] = np.where(merged, -1, codes)
+    return out, [0.0, 0.26, 0.5, 0.74, 1.0][:frames], keys
+
+
+@pytest.mark.parametrize("books", [{"pix": 64}, {"sem": 16, "pix": 64}])
+def test_video_block_round_trips_and_grid_cells_follow_the_skips(tok, books):
+    vocab = Vocab(len(tok), books, max_grid=8, video_times=8, video_time_step=0.25)
+    plain = Vocab(len(tok), books, max_grid=8)
+    # video ids come after every code range: switching video on moves no existing id
+    assert vocab.ranges == plain.ranges and vocab.size == plain.size + 8 + 8
+    grids, times, keys = _merged_video(np.random.default_rng(4), books)
+    ids = vocab.video_block(grids["pix"], times, keys, sem=grids.get("sem"))
+    back = vocab.parse_video_block(ids + [7, 7])
+    assert back["length"] == len(ids) and (back["h"], back["w"]) == (4, 6)
+    assert all(np.array_equal(back[k], grids[k]) for k in grids)
+    assert back["keyframes"].tolist() == keys and back["times"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    full = {k: np.where(g < 0, 0, g) for k, g in grids.items()}
+    unmerged = vocab.video_block(full["pix"], times, [True] * 5, sem=full.get("sem"))
+    assert len(ids) < len(unmerged)  # merged cells cost nothing, a merged run one <skip_n>
+
+    # every pixel code sits in its (row, col) cell although skips jump over merged cells
+    pos = vocab.grid_position_ids(torch.tensor([ids]))[0]
+    a, b = vocab.code_range("pix")
+    got = [int(p) for p, x in zip(pos, ids) if a <= x < b]
+    G = vocab.config.max_grid
+    want = [1 + G * G + r * G + c for t in range(5) for r in range(4) for c in range(6) if grids["pix"][t, r, c] >= 0]
+    assert got == want
+    window = torch.tensor([ids])
+    assert torch.equal(vocab.grid_position_ids_tail(window, 40), pos[None, -40:])
+
+    bad = list(ids)
+    first_skip = next(i for i, x in enumerate(bad) if vocab.skip_start <= x < vocab.time_start)
+    bad[first_skip] = vocab["<skip_8>"]  # jumps past the row end
+    with pytest.raises(ValueError, match="past the row end|malformed"):
+        vocab.parse_video_block(bad)
+    with pytest.raises(MMGenError, match="time"):
+        vocab.video_block(grids["pix"], [0, 1, 2, 3, 4.5], keys, sem=grids.get("sem"))
+    with pytest.raises(MMGenError, match="first video frame"):
+        vocab.video_block(grids["pix"], times, [False] + keys[1:], sem=grids.get("sem"))
+    with pytest.raises(MMGenError, match="no video layout"):
+        plain.video_block(grids["pix"], times, keys)
+
+
+def test_build_sequence_writes_video_blocks_or_counts_why_not(tok):
+    vocab = Vocab(len(tok), {"pix": 64}, max_grid=8, video_times=8, video_time_step=0.25)
+    grids, times, keys = _merged_video(np.random.default_rng(5), {"pix": 64})
+    frames = np.stack([times, keys], axis=1)
+    doc = Doc(items=[Text("a red circle moves."), Video(path="<codes:1>", format="mp4"),
+                     Video(path="<codes:2>", format="mp4"), Video(path="<codes:3>", format="mp4")])
+    long = np.stack([np.asarray(times) * 10, keys], axis=1)  # 10 s: past the last time token
+    cd = CodedDoc(doc, codes={1: grids["pix"], 3: grids["pix"]}, frames={1: frames, 3: long})
+    seq = build_sequence(cd, tok, vocab)
+    assert seq["skipped"] == {"video_without_codes": 1, "video_codes_not_in_vocab": 1}
+    ids = list(seq["input_ids"])
+    start = seq["boundaries"][1]
+    parsed = vocab.parse_video_block(ids[start:])
+    assert np.array_equal(parsed["pix"], grids["pix"]) and start + parsed["length"] == len(ids) - 1
+    # video codes are image codes of the same tokenizer: they are "image" loss targets
+    only_image = build_sequence(cd, tok, vocab, targets=("image",))["loss_mask"]
+    a, b = vocab.code_range("pix")
+    assert np.array_equal(only_image, (seq["input_ids"] >= a) & (seq["input_ids"] < b))
+    assert only_image.sum() == (grids["pix"] >= 0).sum()

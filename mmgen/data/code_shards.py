@@ -1,9 +1,11 @@
 """Code shards: Docs whose media are pre-tokenized into discrete codes (offline, as ILLUME+/Emu3 do).
 
 Same WebDataset layout as :mod:`mmgen.data.shards`, plus one member per tokenized media item,
-``KEY.I.codes.npy`` (item I's code array: ``(h, w)`` for an image, ``(levels, T)`` for audio), and,
-for DualViTok-style tokenizers, ``KEY.I.sem.npy`` for the semantic grid. The media bytes are kept
-only when asked (``keep_media``), so code shards stay small.
+``KEY.I.codes.npy`` (item I's code array: ``(h, w)`` for an image, ``(levels, T)`` for audio,
+``(T, h, w)`` for a video's sampled frames with -1 at the cells temporal merging left out), and,
+for DualViTok-style tokenizers, ``KEY.I.sem.npy`` for the semantic grid(s). A video also has
+``KEY.I.frames.npy``: ``(T, 2)`` float64, each frame's time in seconds and keyframe flag (1.0 / 0.0).
+The media bytes are kept only when asked (``keep_media``), so code shards stay small.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class CodedDoc:
     doc: Doc  # media items may be by-reference placeholders when bytes were not kept
     codes: dict[int, np.ndarray] = field(default_factory=dict)  # item index -> codes
     sem: dict[int, np.ndarray] = field(default_factory=dict)  # item index -> semantic codes
+    frames: dict[int, np.ndarray] = field(default_factory=dict)  # video item index -> (T, 2) time, keyframe
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -51,6 +54,8 @@ def coded_to_sample(cd: CodedDoc, key: str, keep_media: bool = False) -> dict:
         sample[f"{i}.codes.npy"] = _npy(codes)
     for i, sem in cd.sem.items():
         sample[f"{i}.sem.npy"] = _npy(sem)
+    for i, frames in cd.frames.items():
+        sample[f"{i}.frames.npy"] = _npy(frames)
     sample["json"] = json.dumps(obj, ensure_ascii=False).encode()
     return sample
 
@@ -64,13 +69,12 @@ def sample_to_coded(sample: dict) -> CodedDoc:
             entry = dict(entry, path=f"<codes:{i}>")  # a placeholder: the codes stand for the media
         items.append(entry)
     doc = Doc.from_json(dict(obj, items=items), media=media)
-    codes, sem = {}, {}
+    arrays: dict[str, dict[int, np.ndarray]] = {"codes": {}, "sem": {}, "frames": {}}
     for k, v in sample.items():
-        if k.endswith(".codes.npy"):
-            codes[int(k.split(".")[0])] = np.load(io.BytesIO(v), allow_pickle=False)
-        elif k.endswith(".sem.npy"):
-            sem[int(k.split(".")[0])] = np.load(io.BytesIO(v), allow_pickle=False)
-    return CodedDoc(doc, codes, sem)
+        parts = k.split(".")
+        if len(parts) == 3 and parts[2] == "npy" and parts[1] in arrays:
+            arrays[parts[1]][int(parts[0])] = np.load(io.BytesIO(v), allow_pickle=False)
+    return CodedDoc(doc, **arrays)
 
 
 class CodeShardWriter:

@@ -6,8 +6,10 @@ A document becomes::
 
 Consecutive Text items are joined with one space and encoded together (the tokenizer sees natural
 text); an image item becomes ``vocab.image_block(codes, sem)``; an audio item with codes becomes
-``vocab.audio_block(codes)`` when the vocab has an ``audio`` range. Items without usable codes (video,
-or audio before an audio tokenizer exists) are skipped and counted by reason, never silently.
+``vocab.audio_block(codes)`` when the vocab has an ``audio`` range; a video item with codes becomes
+``vocab.video_block(...)`` (keyframes whole, merged frames sparse) when the vocab has the video layout.
+Items without usable codes are skipped and counted by reason, never silently. Loss kinds follow the
+ids: audio codes are "audio", and video codes, which are image codes of the same tokenizer, "image".
 
 :func:`encode_prompt` is what text-to-image generation feeds the model: for a caption document
 ``[caption, image]`` the training sequence starts with exactly ``encode_prompt(caption, ...)``, so the
@@ -96,33 +98,8 @@ def build_sequence(coded_doc, text_tokenizer, vocab: Vocab, targets: Iterable[st
             if item.text.strip():
                 pending_text.append(item.text)
             continue
-        block = None
-        codes = coded_doc.codes.get(i)
-        if isinstance(item, Image):
-            if codes is None:
-                skipped["image_without_codes"] += 1
-            else:
-                grid = np.asarray(codes)
-                if grid.ndim == 3 and grid.shape[0] == 1:
-                    grid = grid[0]
-                sem = coded_doc.sem.get(i) if vocab.has("sem") else None
-                try:
-                    block = vocab.image_block(grid, sem=sem)
-                except MMGenError:
-                    skipped["image_codes_not_in_vocab"] += 1  # e.g. grid larger than max_grid
-        elif isinstance(item, Audio):
-            if codes is None or not vocab.has("audio"):
-                skipped["audio_without_codes"] += 1
-            else:
-                try:
-                    block = vocab.audio_block(codes)
-                except MMGenError:
-                    skipped["audio_codes_not_in_vocab"] += 1
-        elif isinstance(item, Video):
-            skipped["video_not_supported"] += 1
-        else:
-            skipped[f"{getattr(item, 'kind', type(item).__name__)}_not_supported"] += 1
-        if block is not None:
+        block = media_ids(coded_doc, i, vocab, skipped)
+        if block:
             flush_text()
             boundaries.append(len(ids))
             ids.extend(block)
@@ -144,6 +121,49 @@ def build_sequence(coded_doc, text_tokenizer, vocab: Vocab, targets: Iterable[st
         "skipped": dict(skipped),
         "doc_id": getattr(doc, "id", None),
     }
+
+
+def media_ids(coded_doc, i: int, vocab: Vocab, skipped: Counter) -> list[int]:
+    """The block of media item ``i`` (image, audio or video); [] and a counted reason when it has no
+    codes, the vocab has no layout for it, or its codes do not fit the vocab (e.g. a grid larger
+    than max_grid, a time past the last time token)."""
+    item = coded_doc.doc.items[i]
+    reason = _no_block_reason(coded_doc, i, vocab)
+    if reason is None:
+        try:
+            return _media_block(coded_doc, i, vocab)
+        except MMGenError:
+            reason = f"{item.kind}_codes_not_in_vocab"
+    skipped[reason] += 1
+    return []
+
+
+def _no_block_reason(coded_doc, i: int, vocab: Vocab) -> str | None:
+    """Why item ``i`` cannot become a block whatever its codes hold; None when it can."""
+    item = coded_doc.doc.items[i]
+    kind = getattr(item, "kind", type(item).__name__)
+    if isinstance(item, Audio) and not vocab.has("audio"):
+        return "audio_without_codes"  # with no audio range, codes would have nowhere to go
+    if isinstance(item, Video) and not vocab.has_video:
+        return "video_not_supported"
+    if not isinstance(item, (Image, Audio, Video)):
+        return f"{kind}_not_supported"
+    if i not in coded_doc.codes:
+        return f"{kind}_without_codes"
+    if isinstance(item, Video) and i not in coded_doc.frames:
+        return "video_without_frame_times"
+    return None
+
+
+def _media_block(coded_doc, i: int, vocab: Vocab) -> list[int]:
+    item, codes = coded_doc.doc.items[i], np.asarray(coded_doc.codes[i])
+    sem = coded_doc.sem.get(i) if vocab.has("sem") else None
+    if isinstance(item, Image):
+        return vocab.image_block(codes[0] if codes.ndim == 3 and codes.shape[0] == 1 else codes, sem=sem)
+    if isinstance(item, Audio):
+        return vocab.audio_block(codes)
+    frames = coded_doc.frames[i]
+    return vocab.video_block(codes, frames[:, 0], frames[:, 1] > 0, sem=sem)
 
 
 def _cond_span(ids: np.ndarray, boundaries: list[int], vocab: Vocab) -> tuple[int, int] | None:
@@ -184,29 +204,11 @@ def _turns(doc) -> list[tuple[str, list[int]]]:
 
 
 def _item_ids(coded_doc, i: int, text_tokenizer, vocab: Vocab, skipped: Counter) -> list[int]:
-    """Token ids of one item (text span, image or audio block); [] and a counted reason if none."""
+    """Token ids of one item (text span, image, audio or video block); [] and a counted reason if none."""
     item = coded_doc.doc.items[i]
     if isinstance(item, Text):
         return encode_text(item.text, text_tokenizer) if item.text.strip() else []
-    codes = coded_doc.codes.get(i)
-    try:
-        if isinstance(item, Image):
-            if codes is None:
-                skipped["image_without_codes"] += 1
-                return []
-            grid = np.asarray(codes)
-            grid = grid[0] if grid.ndim == 3 and grid.shape[0] == 1 else grid
-            return vocab.image_block(grid, sem=coded_doc.sem.get(i) if vocab.has("sem") else None)
-        if isinstance(item, Audio):
-            if codes is None or not vocab.has("audio"):
-                skipped["audio_without_codes"] += 1
-                return []
-            return vocab.audio_block(codes)
-    except MMGenError:
-        skipped[f"{item.kind}_codes_not_in_vocab"] += 1
-        return []
-    skipped[f"{getattr(item, 'kind', type(item).__name__)}_not_supported"] += 1
-    return []
+    return media_ids(coded_doc, i, vocab, skipped)
 
 
 def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab) -> dict:

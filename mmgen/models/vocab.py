@@ -6,6 +6,7 @@ Id space, in order::
     structural tokens           <image> </image> <sem> </sem> <pix> </pix> <eol> <audio> </audio> ...
     size tokens                 <h_1> .. <h_{max_grid}>, <w_1> .. <w_{max_grid}>  (code-grid height/width)
     code ranges                 one contiguous range per codebook, in the order given (e.g. sem, pix, audio)
+    video tokens (opt-in)       <skip_1> .. <skip_{max_grid}>, <time_0> .. <time_{video_times-1}>
 
 An image is written coarse to fine, ILLUME+ style (the semantic part only when a ``sem`` range exists)::
 
@@ -13,8 +14,22 @@ An image is written coarse to fine, ILLUME+ style (the semantic part only when a
 
 where H x W is the pixel-code grid and the semantic grid is ceil(H/sem_ratio) x ceil(W/sem_ratio).
 Audio is ``<audio> codes </audio>`` with residual levels interleaved frame by frame, each level in its
-own sub-range. Training, inference constraints and evaluation all ask this class; no other module
-hard-codes an offset.
+own sub-range.
+
+A video (only when ``video_times > 0``) is its sampled frames in order, each with its time::
+
+    <video> <frame> <time_k> image block </frame>                                  (keyframe)
+            <frame> <time_k> <sem> sparse rows </sem> <pix> sparse rows </pix> </frame>   (other frames)
+            ... </video>
+
+A keyframe is a whole image block (it declares the grid size every later frame shares). Any other
+frame writes only the codes temporal merging kept: each row lists its kept codes left to right, a
+``<skip_n>`` before a code jumps over n merged cells (copied from the previous frame), and ``<eol>``
+ends the row, the rest of it merged. Times are quantized to ``video_time_step`` seconds:
+``<time_k>`` is the frame at ``k * video_time_step`` s (nearest step); frame order is the order of the
+frames. The video codes share the image code ranges (same tokenizer, same codebook).
+Training, inference constraints and evaluation all ask this class; no other module hard-codes an
+offset.
 """
 
 from __future__ import annotations
@@ -44,12 +59,17 @@ class VocabConfig:
     max_grid: int = 64  # largest code-grid side an image block may declare
     sem_ratio: int = 2  # pixel grid / semantic grid, per side
     audio_levels: int = 1  # residual VQ levels sharing the "audio" range (size = levels * codebook)
+    video_times: int = 0  # <time_k> tokens; 0: no video layout (and no skip or time ids)
+    video_time_step: float = 0.5  # seconds between two consecutive time tokens
 
 
 class Vocab:
     def __init__(self, text_size: int, codebooks: dict[str, int] | None = None, max_grid: int = 64,
-                 sem_ratio: int = 2, audio_levels: int = 1):
-        self.config = VocabConfig(int(text_size), dict(codebooks or {}), int(max_grid), int(sem_ratio), int(audio_levels))
+                 sem_ratio: int = 2, audio_levels: int = 1, video_times: int = 0, video_time_step: float = 0.5):
+        self.config = VocabConfig(int(text_size), dict(codebooks or {}), int(max_grid), int(sem_ratio), int(audio_levels),
+                                  int(video_times), float(video_time_step))
+        if self.config.video_times < 0 or self.config.video_time_step <= 0:
+            raise MMGenError(f"video_times must be >= 0 and video_time_step > 0, got {video_times} and {video_time_step}")
         self.text_size = self.config.text_size
         self._tok2id: dict[str, int] = {}
         nxt = self.text_size
@@ -66,6 +86,12 @@ class Vocab:
                 raise MMGenError(f"codebook '{name}' must have a positive size, got {n}")
             self.ranges[name] = (nxt, nxt + int(n))
             nxt += int(n)
+        # Video ids come after the code ranges, so switching video on leaves every existing id where it
+        # was: a trained model gains video by growing its embedding table, nothing moves.
+        self.skip_start = self.time_start = nxt
+        if self.has_video:
+            self.time_start = self.skip_start + self.config.max_grid
+            nxt = self.time_start + self.config.video_times
         self.size = nxt
         self._id2tok = {v: k for k, v in self._tok2id.items()}
 
@@ -77,6 +103,10 @@ class Vocab:
         if token.startswith("<h_") or token.startswith("<w_"):
             n = int(token[3:-1])
             return self.size_token(token[1], n)
+        if self.has_video and token.startswith("<skip_"):
+            return self.skip_token(int(token[6:-1]))
+        if self.has_video and token.startswith("<time_") and 0 <= int(token[6:-1]) < self.config.video_times:
+            return self.time_start + int(token[6:-1])
         raise KeyError(token)
 
     def size_token(self, axis: str, n: int) -> int:
@@ -97,6 +127,10 @@ class Vocab:
         for name, (a, b) in self.ranges.items():
             if a <= i < b:
                 return f"<{name}_{i - a}>"
+        if self.skip_start <= i < self.time_start:
+            return f"<skip_{i - self.skip_start + 1}>"
+        if self.time_start <= i < self.size:
+            return f"<time_{i - self.time_start}>"
         raise IndexError(f"id {i} outside vocab of size {self.size}")
 
     @property
@@ -169,13 +203,20 @@ class Vocab:
         grid-position table: 0 outside image code grids, else ``1 + branch * G*G + row * G + col``
         with ``G = max_grid`` and ``branch`` the index in :data:`GRID_BRANCHES`.
 
-        Reads only the layout (``<sem>``/``<pix>`` open a grid, ``<eol>`` ends a row), so it works on
-        packed rows holding many documents and on any grid size. Cached decoding, which feeds one
-        token at a time, takes the last column of this over the sequence so far."""
+        Reads only the layout (``<sem>``/``<pix>`` open a grid, ``<eol>`` ends a row, ``<skip_n>`` in a
+        merged video frame moves n cells on), so it works on packed rows holding many documents and on
+        any grid size. Cached decoding, which feeds one token at a time, takes the last column of this
+        over the sequence so far."""
         import torch
 
         G = self.config.max_grid
-        t = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        # Cells advanced by each token: one, or n for <skip_n>; a code's column is the advance since its row began.
+        advance = torch.ones_like(input_ids)
+        if self.has_video:
+            is_skip = (input_ids >= self.skip_start) & (input_ids < self.time_start)
+            advance = torch.where(is_skip, input_ids - self.skip_start + 1, advance)
+        cells = advance.cumsum(-1)
+        index = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         eol = input_ids == self["<eol>"]
         eol_before = eol.long().cumsum(-1)
         out = torch.zeros_like(input_ids)
@@ -184,10 +225,10 @@ class Vocab:
                 continue
             lo, hi = self.code_range(name)
             opener = input_ids == self[f"<{name}>"]
-            last_open = torch.where(opener, t, -1).cummax(-1).values
-            last_break = torch.where(opener | eol, t, -1).cummax(-1).values
+            last_open = torch.where(opener, index, -1).cummax(-1).values
+            last_break = torch.where(opener | eol, index, -1).cummax(-1).values
             row = eol_before - eol_before.gather(-1, last_open.clamp(min=0))
-            col = t - last_break - 1
+            col = cells - cells.gather(-1, last_break.clamp(min=0)) - 1
             inside = (input_ids >= lo) & (input_ids < hi) & (last_open >= 0)
             out = torch.where(inside, 1 + b * G * G + row.clamp(0, G - 1) * G + col.clamp(0, G - 1), out)
         return out
@@ -318,10 +359,168 @@ class Vocab:
         frames = body.reshape(-1, levels).T
         return frames - (np.arange(levels) * per)[:, None]
 
+    # -- video blocks -------------------------------------------------------------------------
+    @property
+    def has_video(self) -> bool:
+        return self.config.video_times > 0
+
+    def _need_video(self) -> None:
+        if not self.has_video:
+            raise MMGenError("this vocab has no video layout (build it with video_times > 0)")
+
+    def skip_token(self, n: int) -> int:
+        self._need_video()
+        if not 1 <= n <= self.config.max_grid:
+            raise MMGenError(f"skip of {n} cells outside 1..{self.config.max_grid}")
+        return self.skip_start + n - 1
+
+    def time_token(self, seconds: float) -> int:
+        """``<time_k>`` of the nearest step; a time past the last token is an error, not a clamp (a
+        clamp would give later frames the same time and hide how long the clip is)."""
+        self._need_video()
+        k = round(float(seconds) / self.config.video_time_step)
+        if not 0 <= k < self.config.video_times:
+            last = (self.config.video_times - 1) * self.config.video_time_step
+            raise MMGenError(f"video time {seconds:.2f} s is outside 0..{last:g} s of the time tokens (raise vocab video_times)")
+        return self.time_start + k
+
+    def _sparse_rows(self, name: str, grid: np.ndarray) -> list[int]:
+        """Rows of a merged frame: kept codes (>= 0) in reading order, ``<skip_n>`` over each run of
+        merged cells (-1) that a kept code follows, ``<eol>`` per row.
+
+        Why skips rather than a ``<same>`` token per merged cell or a position token per kept code:
+        ``<same>`` keeps the frame as long as an unmerged one (merging would save no sequence length),
+        and a position token doubles every kept code (no saving at the usual ~50% kept) and needs
+        max_grid^2 ids. A skip costs one token per merged *run*, needs max_grid ids, and keeps the row
+        structure, so :meth:`grid_position_ids` still knows each code's cell and a merged row is never
+        longer than a full one."""
+        start, end = self.code_range(name)
+        out: list[int] = []
+        for row in np.asarray(grid, dtype=np.int64):
+            kept = np.flatnonzero(row >= 0)
+            if kept.size and row[kept].max() >= end - start:
+                raise MMGenError(f"{name} code out of range 0..{end - start - 1}")
+            col = 0
+            for c in kept:
+                if c > col:
+                    out.append(self.skip_token(int(c - col)))
+                out.append(start + int(row[c]))
+                col = int(c) + 1
+            out.append(self["<eol>"])
+        return out
+
+    def video_block(self, pix, times, keyframes, sem=None) -> list[int]:
+        """Token ids of a video from per-frame code grids ``pix`` ``(T, H, W)`` (and ``sem`` for a
+        two-level tokenizer) where -1 marks a merged cell, the frame times in seconds and keyframe
+        flags. Keyframes must be whole; the first frame must be one."""
+        self._need_video()
+        pix = np.asarray(pix, dtype=np.int64)
+        keys = [bool(k) for k in keyframes]
+        if pix.ndim != 3 or not len(pix) or len(times) != len(pix) or len(keys) != len(pix):
+            raise MMGenError(f"video codes must be (T, H, W) with T times and keyframe flags, got {pix.shape}, "
+                             f"{len(times)} times, {len(keys)} flags")
+        if not keys[0]:
+            raise MMGenError("the first video frame must be a keyframe (later frames copy merged cells from it)")
+        grids = {"pix": pix}
+        if self.has("sem"):
+            if sem is None:
+                raise MMGenError("this vocab has semantic codes: video_block needs sem=")
+            grids = {"sem": np.asarray(sem, dtype=np.int64), "pix": pix}
+            if grids["sem"].shape != (len(pix), *self.sem_grid(*pix.shape[1:])):
+                raise MMGenError(f"semantic video grids {grids['sem'].shape} do not match the pixel grids {pix.shape}")
+        ids = [self["<video>"]]
+        for t in range(len(pix)):
+            ids += [self["<frame>"], self.time_token(times[t])]
+            if keys[t]:
+                ids += self.image_block(pix[t], sem=grids["sem"][t] if "sem" in grids else None)
+            else:
+                for name, g in grids.items():
+                    ids += [self[f"<{name}>"], *self._sparse_rows(name, g[t]), self[f"</{name}>"]]
+            ids.append(self["</frame>"])
+        ids.append(self["</video>"])
+        return ids
+
+    def parse_video_block(self, ids: Sequence[int]) -> dict:
+        """Inverse of :meth:`video_block`: ``{'h', 'w', 'pix': (T, H, W), 'sem': array | None, 'times',
+        'keyframes', 'length'}`` with -1 at merged cells and times on the quantization steps.
+
+        Raises ValueError naming the first position that breaks the layout."""
+        self._need_video()
+        ids = [int(x) for x in ids]
+        if not ids or ids[0] != self["<video>"]:
+            raise ValueError("video block: expected <video> at position 0")
+        pos, size = 1, None
+        frames: dict[str, list[np.ndarray]] = {"sem": [], "pix": []}
+        times, keys = [], []
+        while pos < len(ids) and ids[pos] == self["<frame>"]:
+            pos += 1
+            if pos >= len(ids) or not self.time_start <= ids[pos] < self.size:
+                raise ValueError(f"video block: expected a time token at position {pos}")
+            times.append((ids[pos] - self.time_start) * self.config.video_time_step)
+            pos += 1
+            if pos < len(ids) and ids[pos] == self["<image>"]:
+                img = self.parse_image_block(ids[pos:])
+                size, keyframe = (img["h"], img["w"]), {"pix": img["pix"], "sem": img["sem"]}
+                pos += img["length"]
+            elif size is None:
+                raise ValueError(f"video block: the first frame must be a keyframe image block (position {pos})")
+            else:
+                keyframe = None
+                pos = self._parse_sparse_frame(ids, pos, size, frames)
+            if keyframe is not None:
+                for name, grids in frames.items():
+                    if keyframe[name] is not None:
+                        grids.append(keyframe[name])
+            keys.append(keyframe is not None)
+            if pos >= len(ids) or ids[pos] != self["</frame>"]:
+                raise ValueError(f"video block: expected </frame> at position {pos}")
+            pos += 1
+        if pos >= len(ids) or ids[pos] != self["</video>"] or not keys:
+            raise ValueError(f"video block: expected <frame> or </video> at position {pos}")
+        return {"h": size[0], "w": size[1], "pix": np.stack(frames["pix"]),
+                "sem": np.stack(frames["sem"]) if frames["sem"] else None,
+                "times": np.asarray(times, dtype=np.float64), "keyframes": np.asarray(keys, dtype=bool),
+                "length": pos + 1}
+
+    def _parse_sparse_frame(self, ids: list[int], pos: int, size: tuple[int, int], frames: dict) -> int:
+        """Parse the ``<sem>``/``<pix>`` parts of a merged frame at ``pos`` into ``frames``; the new pos."""
+        for name in [n for n in GRID_BRANCHES if self.has(n)]:
+            h, w = self.sem_grid(*size) if name == "sem" else size
+            if ids[pos:pos + 1] != [self[f"<{name}>"]]:
+                raise ValueError(f"video block: expected <{name}> at position {pos}")
+            pos += 1
+            start, end = self.code_range(name)
+            grid = np.full((h, w), -1, dtype=np.int64)
+            for r in range(h):
+                col = 0
+                while pos < len(ids) and ids[pos] != self["<eol>"]:
+                    x = ids[pos]
+                    if self.skip_start <= x < self.time_start:
+                        col += x - self.skip_start + 1
+                    elif start <= x < end and col < w:
+                        grid[r, col] = x - start
+                        col += 1
+                    else:
+                        raise ValueError(f"video block: row {r} of {name} codes malformed at position {pos}")
+                    if col > w:
+                        raise ValueError(f"video block: row {r} of {name} skips past the row end at position {pos}")
+                    pos += 1
+                if pos >= len(ids):
+                    raise ValueError(f"video block: row {r} of {name} has no <eol>")
+                pos += 1
+            if ids[pos:pos + 1] != [self[f"</{name}>"]]:
+                raise ValueError(f"video block: expected </{name}> at position {pos}")
+            frames[name].append(grid)
+            pos += 1
+        return pos
+
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"text_size": self.text_size, "codebooks": self.config.codebooks, "max_grid": self.config.max_grid,
-                "sem_ratio": self.config.sem_ratio, "audio_levels": self.config.audio_levels}
+        d = {"text_size": self.text_size, "codebooks": self.config.codebooks, "max_grid": self.config.max_grid,
+             "sem_ratio": self.config.sem_ratio, "audio_levels": self.config.audio_levels}
+        if self.has_video:  # written only when used, so vocabs without video keep their saved form
+            d.update(video_times=self.config.video_times, video_time_step=self.config.video_time_step)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Vocab":
