@@ -1,5 +1,6 @@
 """AudioCodec (transformers' DAC built from config): shapes, determinism, resampling, save/load,
-real files, clear errors, training + exact resume, the CLI and the real-scale preset on meta."""
+real files, clear errors, training + exact resume, the CLI and the real-scale preset on meta, and
+pre-tokenizing audio items into code shards that round-trip through the LM sequence."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from trainkit import TINY_AUDIO_CODEC as TINY
+from trainkit import tiny_pixel_vq
 
 from mmgen.errors import MediaError, MMGenError
 
-TINY = {"sampling_rate": 16000, "encoder_hidden_size": 4, "downsampling_ratios": [2, 4, 5, 8],
-        "decoder_hidden_size": 16, "hidden_size": 16, "n_codebooks": 2, "codebook_size": 16, "codebook_dim": 4}
 REAL_AUDIO = ["audio1.wav", "audio3.ogg", "video1.mp4", "video4.mp4"]
 
 
@@ -175,3 +176,62 @@ def test_real_scale_preset_builds_on_meta_and_loads_by_local_path(tmp_path):
     assert AudioCodec.from_pretrained(str(tmp_path / "hub_like")).n_q == 2
     with pytest.raises(MMGenError, match="cannot load audio codec"):
         AudioCodec.from_pretrained("no-such-org/no-such-codec")
+
+
+def _wav(x: np.ndarray, sr: int) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(x, np.float32).T, sr, format="WAV")
+    return buf.getvalue()
+
+
+def test_pretokenize_audio_codes_round_trip_through_sequences(codec, real_dir, tmp_path, capsys):
+    from mmgen.cli import main
+    from mmgen.data.code_shards import read_code_shards
+    from mmgen.data.doc import Audio, Doc, Text
+    from mmgen.data.sequence import build_sequence
+    from mmgen.data.shards import write_shards
+    from mmgen.models.text_tokenizer import train_text_tokenizer
+    from mmgen.models.vocab import Vocab
+    from mmgen.tokenizers.pretokenize import pretokenize
+
+    tiny_pixel_vq().save_pretrained(tmp_path / "vq")
+    codec.save_pretrained(tmp_path / "codec")
+    ogg = (real_dir / "audio3.ogg").read_bytes()
+    stereo = _wav(tone(0.5, 44100, channels=2), 44100)  # the codec wants 16 kHz mono
+    docs = [Doc([Text("a real clip."), Audio(data=ogg, format="ogg")]),
+            Doc([Text("a stereo tone."), Audio(data=stereo, format="wav")]),
+            Doc([Text("broken."), Audio(data=b"RIFF\x00\x00\x00\x00WAVEjunk" * 3, format="wav")]),
+            Doc([Text("empty."), Audio(data=_wav(np.zeros(0), 16000), format="wav")])]
+    write_shards(docs, tmp_path / "in")
+
+    plain = pretokenize(tmp_path / "vq", str(tmp_path / "in"), tmp_path / "plain", progress=False)
+    assert plain["docs_written"] == 4 and plain["audio_items_without_codes"] == 4 and plain["audio_items_encoded"] == 0
+    assert all(not c.codes for c in read_code_shards(plain["shards"]))  # as before the option existed
+
+    assert main(["tokenize", "--tokenizer", str(tmp_path / "vq"), "--audio-tokenizer", str(tmp_path / "codec"),
+                 "--input", str(tmp_path / "in"), "--out", str(tmp_path / "codes")]) == 0
+    assert "2 quarantined" in capsys.readouterr().out
+    s = json.loads((tmp_path / "codes" / "summary.json").read_text())
+    assert s["docs_in"] == s["docs_written"] + s["quarantined"] == 4
+    assert s["quarantine_reasons"] == {"undecodable_audio": 2} and s["audio_items_encoded"] == 2
+    assert s["audio"]["levels"] == 2 and s["audio"]["frame_rate"] == 50
+    coded = list(read_code_shards(s["shards"]))
+    real, mono = coded[0].codes[1], coded[1].codes[1]
+    assert real.dtype == np.int16 and np.array_equal(real, codec.encode(ogg).numpy())
+    assert mono.shape == (2, 25)  # 0.5 s at 50 code frames/s, whatever the input's rate and channels
+
+    tok = train_text_tokenizer(["a real clip.", "a stereo tone."] * 10, vocab_size=300)
+    vocab = Vocab(len(tok), {"pix": 32, "audio": 2 * 16}, max_grid=8, audio_levels=2)
+    for cd in coded:
+        seq = build_sequence(cd, tok, vocab)
+        ids = seq["input_ids"].tolist()
+        block = ids[ids.index(vocab["<audio>"]): ids.index(vocab["</audio>"]) + 1]
+        assert np.array_equal(vocab.parse_audio_block(block), cd.codes[1]) and not seq["skipped"]
+        audio_only = build_sequence(cd, tok, vocab, targets=("audio",))["loss_mask"]
+        assert audio_only.sum() == cd.codes[1].size  # every code of every level is an "audio" target
+    skipped = build_sequence(coded[0], tok, Vocab(len(tok), {"pix": 32}, max_grid=8))["skipped"]
+    assert skipped == {"audio_without_codes": 1}

@@ -1,22 +1,22 @@
 """VideoEncoder: PyAV decoding of the real clips and ShapesWorld clips, uniform and shot-change
-sampling, temporal token merging with a keep ratio, frame blocks with timestamps, decode back."""
+sampling, temporal token merging with a keep ratio, frame blocks with timestamps, decode back; and
+pre-tokenized videos that round-trip through the LM sequence's video blocks."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
+from trainkit import tiny_pixel_vq
 
 from mmgen.errors import MediaError, MMGenError
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from mmgen.tokenizers.vq import PixelVQ
-
-    torch.manual_seed(0)
-    return PixelVQ(resolution=(32, 32), channels=(8, 16), code_dim=4, codebook_size=32, norm_groups=4).eval()
+    return tiny_pixel_vq()
 
 
 def motion_frames(n: int = 6, seed: int = 0, size: int = 32):
@@ -129,3 +129,81 @@ def test_multi_grid_tokenizers_are_merged_grid_by_grid(tok):
     codes = enc.encode_frames(frames)
     assert all(torch.equal(enc.full_grids(vt[k]), codes[k]) for k in ("sem", "pix"))
     assert len(enc.decode(vt)) == len(frames)
+
+
+BROKEN_MP4 = b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50
+
+
+@pytest.fixture(scope="module")
+def text_tok():
+    from mmgen.models.text_tokenizer import train_text_tokenizer
+
+    return train_text_tokenizer(["a shape moves.", "a real clip.", "broken."] * 10, vocab_size=300)
+
+
+def _frames(tokens):
+    return [(b.index, b.keyframe, b.positions.tolist(), b.codes.tolist()) for b in tokens.blocks]
+
+
+def _parsed_video(cd, text_tok, vocab) -> dict:
+    from mmgen.data.sequence import build_sequence
+
+    seq = build_sequence(cd, text_tok, vocab)
+    assert not seq["skipped"]
+    ids = seq["input_ids"].tolist()
+    return vocab.parse_video_block(ids[ids.index(vocab["<video>"]):])
+
+
+def test_pretokenized_video_round_trips_through_the_sequence(tok, text_tok, real_dir, tmp_path):
+    from mmgen.data.code_shards import read_code_shards
+    from mmgen.data.doc import Doc, Text, Video
+    from mmgen.data.shards import write_shards
+    from mmgen.data.synthetic.media import encode_mp4
+    from mmgen.models.vocab import Vocab
+    from mmgen.tokenizers.pretokenize import pretokenize
+    from mmgen.tokenizers.video import VideoEncoder, VideoTokens
+
+    tok.save_pretrained(tmp_path / "vq")
+    clips = [encode_mp4(motion_frames(8, size=64), fps=8), (real_dir / "video1.mp4").read_bytes()]
+    docs = [Doc([Text("a shape moves."), Video(data=clips[0], format="mp4")]),
+            Doc([Text("a real clip."), Video(data=clips[1], format="mp4")]),
+            Doc([Text("broken."), Video(data=BROKEN_MP4, format="mp4")])]
+    write_shards(docs, tmp_path / "in")
+    plain = pretokenize(tmp_path / "vq", str(tmp_path / "in"), tmp_path / "plain", progress=False)
+    assert plain["docs_written"] == 3 and plain["video_items_without_codes"] == 3  # off by default: as before
+    assert all(not c.codes for c in read_code_shards(plain["shards"]))
+
+    s = pretokenize(tmp_path / "vq", str(tmp_path / "in"), tmp_path / "codes", video=True, video_fps=4.0,
+                    video_max_frames=8, progress=False)
+    assert s["docs_in"] == s["docs_written"] + s["quarantined"] == 3
+    assert s["quarantine_reasons"] == {"undecodable_video": 1} and s["video_items_encoded"] == 2
+    assert 0 < s["video_tokens_after"] < s["video_tokens_before"] == s["video_frames"] * 64
+    vocab = Vocab(len(text_tok), {"pix": 32}, max_grid=8, video_times=64, video_time_step=0.25)
+    enc = VideoEncoder(tok, fps=4.0, max_frames=8)
+    for cd, clip in zip(read_code_shards(s["shards"]), clips):
+        want = enc.encode(clip)
+        parsed = _parsed_video(cd, text_tok, vocab)
+        got = VideoTokens.from_grids(parsed["pix"], parsed["times"], parsed["keyframes"])
+        assert _frames(got) == _frames(want)
+        assert np.allclose(got.times, want.times, atol=0.125)  # quantized to 0.25 s steps
+        unmerged = vocab.video_block(enc.full_grids(want).numpy(), got.times, [True] * len(got.blocks))
+        assert parsed["length"] < len(unmerged)
+
+
+def test_two_grid_video_codes_round_trip_grid_by_grid(tok, text_tok):
+    from mmgen.data.code_shards import CodedDoc
+    from mmgen.data.doc import Doc, Text, Video
+    from mmgen.data.synthetic.media import encode_mp4
+    from mmgen.models.vocab import Vocab
+    from mmgen.tokenizers.pretokenize import encode_video_item
+    from mmgen.tokenizers.video import VideoEncoder
+
+    enc = VideoEncoder(TwoGridTokenizer(tok), fps=8.0, keep_ratio=0.5)
+    v = encode_video_item(enc, Video(data=encode_mp4(motion_frames(6, size=32), fps=8), format="mp4"))
+    assert v["sem"].shape == (6, 4, 4) and v["codes"].shape == (6, 8, 8) and v["after"] < v["before"]
+    cd = CodedDoc(Doc([Text("a shape moves."), Video(path="<codes:1>", format="mp4")]), codes={1: v["codes"]},
+                  sem={1: v["sem"]}, frames={1: v["frames"]})
+    vocab = Vocab(len(text_tok), {"sem": 32, "pix": 32}, max_grid=8, video_times=16, video_time_step=0.125)
+    parsed = _parsed_video(cd, text_tok, vocab)
+    assert np.array_equal(parsed["pix"], v["codes"]) and np.array_equal(parsed["sem"], v["sem"])
+    assert parsed["keyframes"].tolist() == (v["frames"][:, 1] > 0).tolist()

@@ -1,4 +1,5 @@
-"""Pieces the training tests share: a tiny colour code shard and the key=value overrides of a tiny run.
+"""Pieces several tests share: tiny colour and caption code shards, the key=value overrides of a
+tiny run, and the tiny tokenizers built from config (a pixel VQ, an audio codec).
 
 Imported as ``trainkit`` (pytest puts this folder on sys.path, as it does for conftest)."""
 
@@ -11,6 +12,19 @@ from mmgen.data.doc import Doc, Image, Text
 
 COLORS = ["red", "blue", "green", "yellow"]
 CODEBOOK = 32
+# A DAC small enough to build in a test: a 320-sample hop at 16 kHz (50 code frames/s), 2 levels of 16 codes.
+TINY_AUDIO_CODEC = {"sampling_rate": 16000, "encoder_hidden_size": 4, "downsampling_ratios": [2, 4, 5, 8],
+                    "decoder_hidden_size": 16, "hidden_size": 16, "n_codebooks": 2, "codebook_size": 16, "codebook_dim": 4}
+
+
+def tiny_pixel_vq():
+    """A randomly initialised PixelVQ: 32x32 images -> 8x8 codes of a 32-code book."""
+    import torch
+
+    from mmgen.tokenizers.vq import PixelVQ
+
+    torch.manual_seed(0)
+    return PixelVQ(resolution=(32, 32), channels=(8, 16), code_dim=4, codebook_size=CODEBOOK, norm_groups=4).eval()
 
 
 def write_color_shard(out, n_docs: int):

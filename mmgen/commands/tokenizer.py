@@ -37,15 +37,26 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", help="Images encoded per batch."),
         keep_media: bool = typer.Option(False, "--keep-media", help="Also keep the original media bytes in the code shards."),
         keep_aspect: bool = typer.Option(False, "--keep-aspect", help="Encode at each image's aspect ratio (same area) instead of the tokenizer's square resolution."),
+        audio_tokenizer: Optional[str] = typer.Option(None, "--audio-tokenizer", help="Directory of a saved audio codec (`mmgen train-audio-tokenizer`): audio items become (levels, T) codes."),
+        video: bool = typer.Option(False, "--video", help="Encode video items: sampled frames through the image tokenizer, with temporal token merging."),
+        video_fps: float = typer.Option(2.0, "--video-fps", help="Frames sampled per second of video."),
+        video_max_frames: int = typer.Option(16, "--video-max-frames", help="At most this many frames per video, spread over the clip."),
     ) -> None:
         """Pre-tokenize Doc shards: every image item becomes a grid of codes in code shards
-        (DualViTok: pixel codes plus the semantic grid beside them).
+        (DualViTok: pixel codes plus the semantic grid beside them); with --audio-tokenizer audio
+        items become codec codes, with --video video items become merged frame codes.
 
-        Example: mmgen tokenize --tokenizer runs/vq/tokenizer --input 'data/world/*.tar' --out runs/codes
+        \b
+        Examples:
+          mmgen tokenize --tokenizer runs/vq/tokenizer --input 'data/world/*.tar' --out runs/codes
+          mmgen tokenize --tokenizer runs/vq/tokenizer --audio-tokenizer runs/audio/codec --video --input data/world --out runs/codes
         """
         from mmgen.tokenizers.pretokenize import pretokenize
 
-        s = pretokenize(tokenizer, list(input), out, batch_size=batch_size, keep_media=keep_media, keep_aspect=keep_aspect)
+        s = pretokenize(tokenizer, list(input), out, batch_size=batch_size, keep_media=keep_media, keep_aspect=keep_aspect,
+                        audio_tokenizer=audio_tokenizer, video=video, video_fps=video_fps, video_max_frames=video_max_frames)
         typer.echo(f"{s['docs_in']} docs in: {s['docs_written']} written, {s['quarantined']} quarantined "
-                   f"({out}/quarantine.jsonl); {s['images_encoded']} images encoded; "
+                   f"({out}/quarantine.jsonl); {s['images_encoded']} images, {s['audio_items_encoded']} audio and "
+                   f"{s['video_items_encoded']} video items encoded ({s['video_tokens_after']} of "
+                   f"{s['video_tokens_before']} video tokens kept by merging); "
                    f"{s['audio_items_without_codes']} audio and {s['video_items_without_codes']} video items left without codes")

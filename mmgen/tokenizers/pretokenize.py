@@ -6,10 +6,21 @@ Images are encoded in batches with the saved image tokenizer and written with
 :class:`~mmgen.data.code_shards.CodeShardWriter` as ``(h, w)`` int16 arrays (int32 for codebooks
 larger than int16 can index). A dual tokenizer (DualViTok) writes both levels: the pixel grid as the
 item's codes and the semantic grid beside it (``KEY.I.sem.npy``), which is what
-:func:`mmgen.data.sequence.build_sequence` turns into ``<sem> ... </sem> <pix> ... </pix>``. A record that is not a Doc (a :class:`BadRecord` from the reader) or a
-Doc with an undecodable image is quarantined whole, with its reason, to ``out_dir/quarantine.jsonl``:
-``docs_in == docs_written + quarantined``. Audio and video items are kept without codes for now
-(no audio or video tokenizer in the skeleton); the summary counts them.
+:func:`mmgen.data.sequence.build_sequence` turns into ``<sem> ... </sem> <pix> ... </pix>``.
+
+Audio and video are opt-in, so a corpus tokenized without them stays as it was:
+
+- ``audio_tokenizer`` (a saved :class:`~mmgen.tokenizers.audio.AudioCodec`): each audio item is
+  decoded, mixed down to mono, resampled to the codec's rate and stored as ``(levels, T)`` codes;
+- ``video``: each video item goes through :class:`~mmgen.tokenizers.video.VideoEncoder` around the
+  same image tokenizer (sampled frames, per-frame codes, temporal merging) and is stored as
+  ``(T, h, w)`` codes with -1 at merged cells (and the semantic grids for DualViTok), plus each
+  frame's time and keyframe flag (``KEY.I.frames.npy``).
+
+Without them, audio and video items are kept without codes and counted. A record that is not a Doc
+(a :class:`BadRecord` from the reader) or a Doc with an image, audio or video item that cannot be
+decoded is quarantined whole, with its reason (``undecodable_image``, ``undecodable_audio``,
+``undecodable_video``), to ``out_dir/quarantine.jsonl``: ``docs_in == docs_written + quarantined``.
 """
 
 from __future__ import annotations
@@ -36,10 +47,78 @@ def target_size(tokenizer, width: int, height: int, keep_aspect: bool) -> tuple[
     return tokenizer.image_size_for(math.sqrt(area * aspect), math.sqrt(area / aspect))
 
 
+def code_dtype_for(sizes) -> type:
+    """The smallest integer dtype that holds every code (and -1, the merged-cell mark of videos)."""
+    return np.int16 if max(sizes) <= np.iinfo(np.int16).max + 1 else np.int32
+
+
+def encode_audio_item(codec, item) -> np.ndarray:
+    """An Audio item -> ``(levels, T)`` codes; undecodable or empty audio raises MediaError.
+
+    One item at a time: a batched encode pads to the longest item, and padding can flip near-tied codes
+    (see :meth:`AudioCodec.encode_batch`), so an item's codes would depend on its batch neighbours."""
+    wave = codec.load_waveform(item.load())
+    if not wave.size or not np.isfinite(wave).all():
+        raise MediaError(f"audio has no usable samples ({item.path or 'embedded'})")
+    with torch.no_grad():
+        return codec.encode_batch([wave])[0].numpy()
+
+
+def encode_video_item(encoder, item) -> dict:
+    """A Video item -> ``{"codes", "sem" (DualViTok only), "frames", "before", "after"}`` for the code
+    shards: grids with -1 at merged cells, (T, 2) times and keyframe flags, token counts."""
+    tokens = encoder.encode(item.load())
+    grids = tokens if isinstance(tokens, dict) else {"pix": tokens}
+    pix = grids["pix"]
+    out = {"codes": pix.to_grids(),
+           "frames": np.stack([pix.times, [float(b.keyframe) for b in pix.blocks]], axis=1).astype(np.float64),
+           "before": sum(t.tokens_before for t in grids.values()), "after": sum(t.tokens_after for t in grids.values())}
+    if "sem" in grids:
+        out["sem"] = grids["sem"].to_grids()
+    return out
+
+
+class _MediaCoder:
+    """Audio and video codes of one Doc (the opt-in parts of pre-tokenization) and their counts."""
+
+    def __init__(self, image_tokenizer, audio_tokenizer, video: bool, video_fps: float, video_max_frames: int,
+                 batch_size: int, video_dtype: type, stats: Counter):
+        from mmgen.tokenizers.audio import AudioCodec
+        from mmgen.tokenizers.video import VideoEncoder
+
+        self.codec = AudioCodec.from_pretrained(audio_tokenizer) if audio_tokenizer else None
+        self.video = (VideoEncoder(image_tokenizer, fps=video_fps, max_frames=video_max_frames, batch_size=batch_size)
+                      if video else None)
+        self.stats = stats
+        self.audio_dtype = code_dtype_for([self.codec.codebook_size if self.codec else 1])
+        self.video_dtype = video_dtype  # video grids hold the image tokenizer's codes
+
+    def encode(self, item, i: int, arrays: dict) -> None:
+        """Codes of audio/video item ``i`` into ``arrays`` (codes/sem/frames); MediaError if undecodable."""
+        if item.kind == "audio" and self.codec is not None:
+            arrays["codes"][i] = encode_audio_item(self.codec, item).astype(self.audio_dtype)
+            self.stats["audio_items_encoded"] += 1
+            self.stats["audio_code_frames"] += arrays["codes"][i].shape[1]
+        elif item.kind == "video" and self.video is not None:
+            v = encode_video_item(self.video, item)
+            arrays["codes"][i] = v["codes"].astype(self.video_dtype)
+            arrays["frames"][i] = v["frames"]
+            if "sem" in v:
+                arrays["sem"][i] = v["sem"].astype(self.video_dtype)
+            self.stats["video_items_encoded"] += 1
+            self.stats["video_frames"] += len(v["frames"])
+            self.stats["video_tokens_before"] += v["before"]
+            self.stats["video_tokens_after"] += v["after"]
+        else:
+            self.stats[f"{item.kind}_items_without_codes"] += 1
+
+
 def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_size: int = 64,
                 keep_media: bool = False, keep_aspect: bool = False, max_docs_per_shard: int = 5000,
-                progress: bool = True) -> dict:
-    """Encode every image item of the Docs in ``inputs`` into code shards under ``out_dir``.
+                progress: bool = True, audio_tokenizer: str | Path | None = None, video: bool = False,
+                video_fps: float = 2.0, video_max_frames: int = 16) -> dict:
+    """Encode every image item (and, when asked, every audio and video item) of the Docs in ``inputs``
+    into code shards under ``out_dir``.
 
     Returns a summary (also written to ``out_dir/summary.json``)."""
     from tqdm import tqdm
@@ -53,21 +132,23 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
         raise MMGenError(f"batch_size must be positive, got {batch_size}")
     tok = load_image_tokenizer(tokenizer_dir)
     sizes = getattr(tok, "codebook_sizes", {"pix": tok.codebook_size})
-    code_dtype = np.int16 if max(sizes.values()) <= np.iinfo(np.int16).max + 1 else np.int32
+    code_dtype = code_dtype_for(sizes.values())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     quarantine_path = out / "quarantine.jsonl"
     stats = Counter()
     reasons: Counter = Counter()
     grids: Counter = Counter()
+    media = _MediaCoder(tok, audio_tokenizer, video, video_fps, video_max_frames, batch_size, code_dtype, stats)
 
     # Docs wait here until their images have been encoded; encoding happens per batch of images.
-    pending: list[tuple[Doc, list[tuple[int, object, tuple[int, int]]]]] = []
+    # Each holds (doc, images to encode, the audio/video arrays already made).
+    pending: list[tuple[Doc, list[tuple[int, object, tuple[int, int]]], dict]] = []
     pending_images = 0
 
     def flush(writer) -> None:
         nonlocal pending, pending_images
-        jobs = [(d_i, it_i, pil, size) for d_i, (_, imgs) in enumerate(pending) for it_i, pil, size in imgs]
+        jobs = [(d_i, it_i, pil, size) for d_i, (_, imgs, _) in enumerate(pending) for it_i, pil, size in imgs]
         codes_of: dict[tuple[int, int], np.ndarray] = {}
         sem_of: dict[tuple[int, int], np.ndarray] = {}
         by_size: dict[tuple[int, int], list] = {}
@@ -84,9 +165,12 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
                     grids[f"{c.shape[0]}x{c.shape[1]}"] += 1
                     if sem is not None:
                         sem_of[(j[0], j[1])] = sem[k].astype(code_dtype)
-        for d_i, (doc, imgs) in enumerate(pending):
-            writer.write(CodedDoc(doc, {it_i: codes_of[(d_i, it_i)] for it_i, _, _ in imgs},
-                                  {it_i: sem_of[(d_i, it_i)] for it_i, _, _ in imgs if (d_i, it_i) in sem_of}))
+        for d_i, (doc, imgs, arrays) in enumerate(pending):
+            for it_i, _, _ in imgs:
+                arrays["codes"][it_i] = codes_of[(d_i, it_i)]
+                if (d_i, it_i) in sem_of:
+                    arrays["sem"][it_i] = sem_of[(d_i, it_i)]
+            writer.write(CodedDoc(doc, arrays["codes"], arrays["sem"], arrays["frames"]))
             stats["docs_written"] += 1
             stats["images_encoded"] += len(imgs)
         pending, pending_images = [], 0
@@ -103,23 +187,23 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
             if isinstance(rec, BadRecord):
                 quarantine(rec.to_json())
                 continue
-            imgs, failed = [], None
+            imgs, arrays, failed = [], {"codes": {}, "sem": {}, "frames": {}}, None
             for i, item in enumerate(rec.items):
                 kind = getattr(item, "kind", "text")
-                if kind == "image":
-                    try:
+                try:
+                    if kind == "image":
                         pil = item.to_pil()
-                    except MediaError as e:
-                        failed = (i, str(e))
-                        break
-                    imgs.append((i, pil, target_size(tok, pil.width, pil.height, keep_aspect)))
-                elif kind in ("audio", "video"):
-                    stats[f"{kind}_items_without_codes"] += 1
+                        imgs.append((i, pil, target_size(tok, pil.width, pil.height, keep_aspect)))
+                    elif kind in ("audio", "video"):
+                        media.encode(item, i, arrays)
+                except MediaError as e:
+                    failed = (i, kind, str(e))
+                    break
             if failed is not None:
-                quarantine({"id": rec.id, "provenance": rec.provenance, "reason": "undecodable_image",
-                            "item": failed[0], "detail": failed[1]})
+                quarantine({"id": rec.id, "provenance": rec.provenance, "reason": f"undecodable_{failed[1]}",
+                            "item": failed[0], "detail": failed[2]})
                 continue
-            pending.append((rec, imgs))
+            pending.append((rec, imgs, arrays))
             pending_images += len(imgs)
             if pending_images >= batch_size:
                 flush(writer)
@@ -130,11 +214,18 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
         "docs_in": stats["docs_in"], "docs_written": stats["docs_written"], "quarantined": stats["quarantined"],
         "quarantine_reasons": dict(reasons), "images_encoded": stats["images_encoded"],
         "code_grids": dict(grids), "code_dtype": np.dtype(code_dtype).name, "codebooks": dict(sizes),
-        "audio_items_without_codes": stats["audio_items_without_codes"],
-        "video_items_without_codes": stats["video_items_without_codes"],
-        "note": "audio and video items are kept without codes (no audio/video tokenizer yet)",
+        **{k: stats[k] for k in ("audio_items_encoded", "audio_code_frames", "audio_items_without_codes",
+                                 "video_items_encoded", "video_frames", "video_tokens_before", "video_tokens_after",
+                                 "video_items_without_codes")},
         "tokenizer": str(tokenizer_dir), "shards": shards, "quarantine": str(quarantine_path),
     }
+    if media.codec is not None:
+        summary["audio_tokenizer"] = str(audio_tokenizer)
+        summary["audio"] = {"levels": media.codec.n_q, "codebook_size": media.codec.codebook_size,
+                            "frame_rate": media.codec.frame_rate, "sample_rate": media.codec.sample_rate}
+    if stats["audio_items_without_codes"] or stats["video_items_without_codes"]:
+        summary["note"] = ("audio/video items without codes: pass audio_tokenizer (--audio-tokenizer) / "
+                           "video=True (--video) to encode them")
     assert summary["docs_in"] == summary["docs_written"] + summary["quarantined"]
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -16,6 +16,10 @@
 5. The result is a sequence of :class:`FrameBlock` (timestamp, keyframe flag, emitted positions and
    codes). :meth:`VideoEncoder.decode` rebuilds every frame's full grid by copying merged tokens
    forward from the previous frame, then decodes the grids with the image tokenizer.
+
+Code shards and :meth:`mmgen.models.vocab.Vocab.video_block` hold the same facts as dense arrays:
+:meth:`VideoTokens.to_grids` gives ``(T, h, w)`` codes with :data:`MERGED` where a frame emitted
+nothing, and :meth:`VideoTokens.from_grids` turns them back into frame blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.errors import MediaError, MMGenError
+
+MERGED = -1  # a cell a frame does not emit: the decoder copies it from the frame before
 
 
 @dataclass
@@ -65,6 +71,25 @@ class VideoTokens:
     @property
     def times(self) -> list[float]:
         return [b.time for b in self.blocks]
+
+    def to_grids(self) -> np.ndarray:
+        """``(T, h, w)`` int64: each frame's emitted codes, :data:`MERGED` at the cells it left out."""
+        out = np.full((len(self.blocks), self.grid[0] * self.grid[1]), MERGED, dtype=np.int64)
+        for i, b in enumerate(self.blocks):
+            out[i, b.positions.numpy()] = b.codes.numpy()
+        return out.reshape(len(self.blocks), *self.grid)
+
+    @classmethod
+    def from_grids(cls, grids, times: Sequence[float], keyframes: Sequence[bool]) -> VideoTokens:
+        """Inverse of :meth:`to_grids`, with each frame's time and keyframe flag."""
+        grids = np.asarray(grids, dtype=np.int64)
+        flat = grids.reshape(len(grids), -1)
+        blocks = []
+        for i, row in enumerate(flat):
+            pos = np.flatnonzero(row != MERGED)
+            blocks.append(FrameBlock(i, float(times[i]), bool(keyframes[i]), torch.from_numpy(pos),
+                                     torch.from_numpy(row[pos].copy())))
+        return cls(grid=tuple(int(x) for x in grids.shape[1:]), blocks=blocks)
 
     def to_dict(self) -> dict:
         return {"grid": list(self.grid), "tokens_before": self.tokens_before, "tokens_after": self.tokens_after,
@@ -220,4 +245,4 @@ class VideoEncoder:
         return out
 
 
-__all__ = ["FrameBlock", "VideoEncoder", "VideoTokens", "shot_changes"]
+__all__ = ["MERGED", "FrameBlock", "VideoEncoder", "VideoTokens", "shot_changes"]
