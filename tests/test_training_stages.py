@@ -1,5 +1,6 @@
 """Training stages end to end on a ~50k-parameter model: align (only new parts learn), SFT with LoRA
-from a bundle, and a two-rank run that equals one rank with the doubled batch."""
+from a bundle, a two-rank run that equals one rank with the doubled batch, and continuous audio input
+through the audio projector."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainkit import CODEBOOK, TINY_AUDIO_CODEC, tiny_run, write_audio_shard, write_color_shard
 
-from trainkit import CODEBOOK, tiny_run, write_color_shard
+from mmgen.errors import MMGenError
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -122,3 +125,42 @@ def test_two_ranks_equal_one_rank_with_the_doubled_batch(shards, tmp_path):
     la = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-5) and la[1] != la[0]
+
+
+@pytest.fixture(scope="module")
+def audio_codec_dir(tmp_path_factory):
+    from mmgen.tokenizers.audio import AudioCodec
+
+    out = tmp_path_factory.mktemp("codec")
+    torch.manual_seed(0)
+    AudioCodec.from_config(TINY_AUDIO_CODEC).save_pretrained(out)
+    return out
+
+
+def test_audio_features_train_the_audio_projector(audio_codec_dir, tmp_path):
+    from mmgen.models.bundle import load_bundle
+    from mmgen.models.unified import build_unified_lm
+    from mmgen.training.trainer import pretrain
+
+    shards = write_audio_shard(tmp_path / "codes", 8, levels=2, codebook=16)
+    # No weight decay and untied embeddings: a weight moves only when a gradient reaches it.
+    over = {"data.audio_tokenizer": str(audio_codec_dir), "model.audio_feature_dim": 16, "optim.weight_decay": 0,
+            "model.tie_embeddings": "false", "steps": 1}
+    final = pretrain(None, _over(shards, tmp_path / "run", **over))
+    bundle = load_bundle(final)
+    assert bundle.vocab.config.audio_levels == 2 and bundle.vocab.ranges["audio"][1] - bundle.vocab.ranges["audio"][0] == 32
+    init = build_unified_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=64, seed=0, audio_feature_dim=16,
+                            tie_embeddings=False, text_tokenizer=bundle.text_tokenizer).state_dict()
+    got = bundle.model.state_dict()
+    emb = "lm.model.embed_tokens.weight"
+    a, b = bundle.vocab.code_range("audio")
+    # the features replace the audio codes' input rows, so those rows get no gradient; the projector does
+    assert torch.equal(got[emb][a:b], init[emb][a:b])
+    assert not torch.equal(got["audio_projector.0.weight"], init["audio_projector.0.weight"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "loss_audio" in rows[-1]
+
+    with pytest.raises(MMGenError, match="audio_feature_dim=8 but .* 16-dimensional"):
+        pretrain(None, _over(shards, tmp_path / "bad", **{**over, "model.audio_feature_dim": 8}))
+    with pytest.raises(MMGenError, match="needs data.audio_tokenizer"):
+        pretrain(None, _over(shards, tmp_path / "none", **{**over, "data.audio_tokenizer": "null"}))

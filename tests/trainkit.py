@@ -1,4 +1,4 @@
-"""Pieces several tests share: tiny colour and caption code shards, the key=value overrides of a
+"""Pieces several tests share: tiny colour, caption and audio code shards, the key=value overrides of a
 tiny run, and the tiny tokenizers built from config (a pixel VQ, an audio codec).
 
 Imported as ``trainkit`` (pytest puts this folder on sys.path, as it does for conftest)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmgen.data.code_shards import CodedDoc, CodeShardWriter
-from mmgen.data.doc import Doc, Image, Text
+from mmgen.data.doc import Audio, Doc, Image, Text
 
 COLORS = ["red", "blue", "green", "yellow"]
 CODEBOOK = 32
@@ -56,6 +56,20 @@ def write_caption_shard(out, n_docs: int, colors: list[str], shapes: list[str], 
             where = f" at the {places[rng.integers(len(places))]}" if places else ""
             codes = (len(shapes) * c + s + codebook // 2 * rng.integers(0, 2, size=(grid, grid))) % codebook
             doc = Doc(items=[Text(f"a {colors[c]} {shapes[s]}{where}."), Image(path="<codes:1>", format="png")])
+            w.write(CodedDoc(doc, codes={1: codes}))
+    return out
+
+
+def write_audio_shard(out, n_docs: int, levels: int, codebook: int, seed: int = 0):
+    """Spoken-caption docs "a <colour> sound." -> (levels, T) audio codes, the first level's codes in
+    the colour's quarter of the codebook."""
+    rng = np.random.default_rng(seed)
+    with CodeShardWriter(out) as w:
+        for _ in range(n_docs):
+            c = int(rng.integers(len(COLORS)))
+            codes = rng.integers(0, codebook, size=(levels, int(rng.integers(6, 12))))
+            codes[0] = c * codebook // 4 + codes[0] % (codebook // 4)
+            doc = Doc(items=[Text(f"a {COLORS[c]} sound."), Audio(path="<codes:1>", format="wav")])
             w.write(CodedDoc(doc, codes={1: codes}))
     return out
 

@@ -169,6 +169,10 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm.base_model
 
     # -- continuous inputs --------------------------------------------------------------------
+    def input_range(self, modality: str) -> str:
+        """The code range whose positions ``modality`` features overwrite (input_placement=codes)."""
+        return self.config.image_input_range if modality == "image" else "audio"
+
     def feature_positions(self, input_ids: torch.Tensor, modality: str) -> torch.Tensor:
         """Boolean mask of the positions that ``modality`` features overwrite, in reading order."""
         cfg = self.config
@@ -177,8 +181,7 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
             if pid is None:
                 raise MMGenError(f"input_placement=placeholder needs {modality}_placeholder_id in the model config")
             return input_ids == pid
-        name = cfg.image_input_range if modality == "image" else "audio"
-        a, b = self._vocab.code_range(name)
+        a, b = self._vocab.code_range(self.input_range(modality))
         return (input_ids >= a) & (input_ids < b)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,

@@ -211,6 +211,14 @@ class AudioCodec(torch.nn.Module):
         z = self.model.quantizer.from_codes(codes[None].to(self.device))[0]
         return self.model.decoder(z).squeeze(1)[0].cpu().numpy()
 
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """``(n_q * codebook_size, hidden_size)``: row ``level * codebook_size + code`` is what that code
+        adds to the quantized latent (its level's codebook vector through the level's out-projection),
+        so a frame's latent is the sum of its levels' rows. The order is Vocab's audio sub-ranges."""
+        rows = [q.out_proj(q.codebook.weight.t()[None])[0].t() for q in self.model.quantizer.quantizers[: self.n_q]]
+        return torch.cat(rows).float().cpu()
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

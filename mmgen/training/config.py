@@ -23,6 +23,13 @@ class DataConfig:
     code_shards: str | list[str] = field(default_factory=list)  # file(s), directories or globs of code shards
     image_tokenizer: str | None = None  # directory of the image tokenizer that made the codes
     codebook_size: int | None = None  # pixel codebook size when no image tokenizer is given
+    # Directory of the audio codec that made the shards' audio codes: the vocab gets its "audio" range
+    # (levels x codebook) and model.audio_feature_dim reads its code vectors.
+    audio_tokenizer: str | None = None
+    # Video layout in the vocab (<time_k> tokens every video_time_step seconds, <skip_n>): 0 leaves the
+    # vocab as it was, and video items are skipped (counted) when sequences are built.
+    video_times: int = 0
+    video_time_step: float = 0.5
     text_tokenizer: str | None = None  # a saved Hugging Face tokenizer; None: train a BPE on the shards' texts
     text_vocab_size: int = 1000
     max_grid: int = 16  # largest image code-grid side the vocab can express

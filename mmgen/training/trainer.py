@@ -69,7 +69,7 @@ def _barrier():
 
 # -- data ----------------------------------------------------------------------------------------
 def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
-    """Text tokenizer, vocab, image tokenizer and packed rows for this run (identical on every rank)."""
+    """Text tokenizer, vocab, image and audio tokenizers and packed rows for this run (identical on every rank)."""
     from transformers import AutoTokenizer
 
     from mmgen.data.code_shards import read_code_shards
@@ -114,8 +114,13 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     else:
         raise MMGenError("the vocab needs the pixel codebook size: set data.image_tokenizer=DIR "
                          "(the tokenizer that made the code shards) or data.codebook_size=N")
+    audio_codec = None
+    if cfg.data.audio_tokenizer:
+        from mmgen.tokenizers.audio import AudioCodec
+
+        audio_codec = AudioCodec.from_pretrained(cfg.data.audio_tokenizer)
     vocab = (Vocab.load(Path(cfg.init_from) / "vocab.json") if cfg.init_from
-             else run_vocab(cfg, len(tok), codebook))
+             else run_vocab(cfg, len(tok), codebook, audio_codec))
     saved = out_dir / "vocab.json"
     if saved.is_file() and Vocab.load(saved) != vocab:
         raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); "
@@ -127,23 +132,31 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     rows, pack_stats = pack_sequences(seqs, cfg.data.seq_len, pad_id=tok.pad_token_id or 0, algorithm=cfg.data.packing)
     grids = Counter()
     for r in records:
-        for codes in getattr(r, "codes", {}).values():
-            if np.ndim(codes) >= 2:
+        for i, codes in getattr(r, "codes", {}).items():
+            if getattr(r.doc.items[i], "kind", None) == "image":  # audio and video codes are no image grids
                 grids[tuple(int(x) for x in np.shape(codes)[-2:])] += 1
-    return {"text_tokenizer": tok, "vocab": vocab, "image_tokenizer": image_tokenizer, "rows": rows,
-            "seq_stats": seq_stats.to_dict(), "pack_stats": pack_stats.to_dict(),
+    return {"text_tokenizer": tok, "vocab": vocab, "image_tokenizer": image_tokenizer, "audio_tokenizer": audio_codec,
+            "rows": rows, "seq_stats": seq_stats.to_dict(), "pack_stats": pack_stats.to_dict(),
             "image_grids": {f"{h}x{w}": n for (h, w), n in grids.most_common()}}
 
 
-def run_vocab(cfg: TrainConfig, n_text: int, codebook: int | None):
-    """The Vocab of a fresh run: text ids, then data.codebooks (or the pixel codebook)."""
+def run_vocab(cfg: TrainConfig, n_text: int, codebook: int | None, audio_codec=None):
+    """The Vocab of a fresh run: text ids, then data.codebooks (or the pixel codebook), the audio
+    codec's levels x codebook range when there is one, and the video layout when data.video_times > 0."""
     from mmgen.models.vocab import Vocab
 
     text_size = cfg.data.text_size or n_text
     if text_size < n_text:
         raise MMGenError(f"data.text_size {text_size} is smaller than the text tokenizer ({n_text} tokens)")
     books = dict(cfg.data.codebooks) if cfg.data.codebooks else {"pix": codebook}
-    return Vocab(text_size, books, max_grid=cfg.data.max_grid)
+    levels = 1
+    if audio_codec is not None:
+        levels, n = audio_codec.n_q, audio_codec.n_q * audio_codec.codebook_size
+        if books.setdefault("audio", n) != n:
+            raise MMGenError(f"data.codebooks.audio={books['audio']} but the audio codec has {levels} levels x "
+                             f"{audio_codec.codebook_size} codes = {n}; set data.codebooks.audio={n} or leave it out")
+    return Vocab(text_size, books, max_grid=cfg.data.max_grid, audio_levels=levels,
+                 video_times=cfg.data.video_times, video_time_step=cfg.data.video_time_step)
 
 
 class RowSampler:
@@ -438,35 +451,57 @@ def parameter_bytes(model) -> int:
     return n
 
 
-# -- continuous image input ---------------------------------------------------------------------
-def continuous_input_codebook(cfg: TrainConfig, data: dict) -> torch.Tensor | None:
-    """The vectors the image projector reads, one per pixel code: the image tokenizer's codebook.
+# -- continuous input ---------------------------------------------------------------------------
+FEATURE_SOURCES = {"image": ("image_tokenizer", "data.image_tokenizer"), "audio": ("audio_tokenizer", "data.audio_tokenizer")}
 
-    Code shards hold codes, not pixels, so the continuous input is the codebook vector of each code
-    (the tokenizer's quantized latent) rather than the pre-quantization feature; a tokenizer that
-    stores its pre-quantization features next to the codes can feed those through the same path."""
-    if not cfg.model.image_feature_dim:
+
+def code_vectors(tokenizer, range_name: str) -> torch.Tensor | None:
+    """Row k: the tokenizer's vector for id k of the ``range_name`` code range (None when it has no
+    codebook). An image tokenizer's quantizer gives them for ``arange`` codes (pixel VQ, and DualViTok's
+    sem/pix quantizers); the audio codec's are each level's codebook vectors through its out-projection."""
+    if range_name == "audio":
+        return tokenizer.code_vectors() if hasattr(tokenizer, "code_vectors") else None
+    q = getattr(tokenizer, f"{range_name}_quantizer", None) or getattr(tokenizer, "quantizer", None)
+    if q is None or not hasattr(q, "embed"):
         return None
-    tok = data["image_tokenizer"]
-    quantizer = getattr(tok, "quantizer", None)
-    if quantizer is None or not hasattr(quantizer, "codebook"):
-        raise MMGenError("model.image_feature_dim needs data.image_tokenizer with a codebook (the pixel VQ) to "
-                         "turn codes into continuous input; or set model.image_feature_dim=null")
+    n = getattr(tokenizer, "codebook_sizes", {}).get(range_name, tokenizer.codebook_size)
     with torch.no_grad():
-        book = quantizer.codebook().detach().float().cpu()
-    if book.shape[1] != cfg.model.image_feature_dim:
-        raise MMGenError(f"model.image_feature_dim={cfg.model.image_feature_dim} but the image tokenizer's codes are "
-                         f"{book.shape[1]}-dimensional; set model.image_feature_dim={book.shape[1]}")
-    return book
+        return q.embed(torch.arange(n, device=tokenizer.device).view(1, 1, n))[0, :, 0].t().float().cpu()
 
 
-def image_features(input_ids: torch.Tensor, codebook: torch.Tensor, engine) -> torch.Tensor:
-    """One codebook vector per image-code position of ``input_ids``, in reading order."""
+def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch.Tensor | None:
+    """The vectors the ``modality`` projector reads: one row per id of its input code range, None
+    when ``model.{modality}_feature_dim`` is unset.
+
+    Code shards hold codes, not pixels or waveforms, so the continuous input is each code's vector in
+    the tokenizer (its quantized latent) rather than the pre-quantization feature; a tokenizer that
+    stores its pre-quantization features next to the codes can feed those through the same path."""
+    dim = getattr(cfg.model, f"{modality}_feature_dim")
+    if not dim:
+        return None
+    key, option = FEATURE_SOURCES[modality]
+    range_name = "pix" if modality == "image" else "audio"
+    table = code_vectors(data[key], range_name) if data.get(key) is not None else None
+    if table is None:
+        raise MMGenError(f"model.{modality}_feature_dim needs {option} with a codebook to turn codes into continuous "
+                         f"input; set {option}=DIR or model.{modality}_feature_dim=null")
+    if table.shape[1] != dim:
+        raise MMGenError(f"model.{modality}_feature_dim={dim} but the {modality} tokenizer's code vectors are "
+                         f"{table.shape[1]}-dimensional; set model.{modality}_feature_dim={table.shape[1]}")
+    a, b = data["vocab"].code_range(range_name)
+    if table.shape[0] != b - a:
+        raise MMGenError(f"{option} has {table.shape[0]} {range_name} codes but the vocab's {range_name} range has "
+                         f"{b - a}; use the tokenizer that made the code shards")
+    return table
+
+
+def continuous_features(input_ids: torch.Tensor, table: torch.Tensor, engine, modality: str) -> torch.Tensor:
+    """One table row per position of ``input_ids`` that ``modality`` features overwrite, in reading order."""
     model = engine.module
     model = getattr(model, "get_base_model", lambda: model)()
-    where = model.feature_positions(input_ids, "image")
-    a, _ = model.config.get_vocab().code_range(model.config.image_input_range)
-    return codebook[input_ids[where] - a].to(engine.device)
+    where = model.feature_positions(input_ids, modality)
+    a, _ = model.config.get_vocab().code_range(model.input_range(modality))
+    return table[input_ids[where] - a].to(engine.device)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -536,6 +571,8 @@ def run_training(cfg: TrainConfig) -> Path:
     if rank == 0:
         vocab.save(out_dir / "vocab.json")
     n_rows = rows["input_ids"].shape[0]
+    # Before the model is built: a tokenizer that does not fit the feature dims stops the run at once.
+    tables = {m: t for m in FEATURE_SOURCES if (t := continuous_input_table(cfg, data, m)) is not None}
     model = build_model(cfg, vocab, tok)
     optimizer, scheduler = build_optimizer(model, cfg)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -553,7 +590,6 @@ def run_training(cfg: TrainConfig) -> Path:
 
     sampler = RowSampler(n_rows, cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
     dtype = _model_dtype(engine.module)
-    codebook = continuous_input_codebook(cfg, data)
     # Flash-attention kernels take packed rows as variable-length sequences found from the restarting
     # position ids (no mask); every other kernel gets the block-diagonal 4-D mask.
     attention = "varlen" if cfg.model.attn_implementation.startswith("flash") else "mask"
@@ -590,7 +626,7 @@ def run_training(cfg: TrainConfig) -> Path:
             rng = np.random.default_rng([cfg.seed, step, micro, rank, 17])
             batch = packed_batch(rows, idx, dtype=dtype, prompt_dropout=cfg.loss.prompt_dropout, rng=rng,
                                  attention=attention)
-            feats = {} if codebook is None else {"image_features": image_features(batch["input_ids"], codebook, engine)}
+            feats = {f"{m}_features": continuous_features(batch["input_ids"], t, engine, m) for m, t in tables.items()}
             if "attention_mask" in batch:
                 feats["attention_mask"] = batch["attention_mask"].to(engine.device)
             out = engine(input_ids=batch["input_ids"].to(engine.device),
