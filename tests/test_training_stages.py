@@ -60,6 +60,13 @@ def test_align_trains_only_projector_code_head_and_new_rows(align_run):
     text = bundle.vocab.text_size
     emb_key = "lm.model.embed_tokens.weight"
     changed = {k for k in got if not torch.equal(got[k], want[k])}
+    # the model stores the pixel VQ's code vectors it reads (not trained: a frozen table)
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.training.trainer import code_vectors
+
+    torch.testing.assert_close(got["image_code_vectors"], code_vectors(load_image_tokenizer(final / "image_tokenizer"), "pix"))
+    assert bundle.model.config.code_vectors == ["image"]
+    changed.discard("image_code_vectors")
     assert changed and all(k.startswith(("image_projector", "code_head")) or k in (emb_key, "lm.lm_head.weight")
                            for k in changed), changed
     assert any(k.startswith("image_projector") for k in changed) and "code_head.weight" in changed

@@ -109,6 +109,37 @@ def test_continuous_features_replace_exactly_the_code_positions(vocab):
         model.embed(ids, audio_features=torch.randn(1, 4))
 
 
+def test_stored_code_vectors_feed_the_projector_and_survive_save_load(vocab, tmp_path):
+    """Once set, the stored table stands in for explicit features (what generation and evaluation
+    rely on: they pass ids only), before and after save/load; cached decoding reads them too."""
+    from transformers import AutoModelForCausalLM
+
+    model = _model(vocab, image_feature_dim=8)
+    a = vocab.code_range("pix")[0]
+    ids = torch.tensor([[2, 5, vocab["<image>"], a + 1, a + 2, vocab["<eol>"], 9]])
+    table = torch.randn(32, 8)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.set_code_vectors("image", table)
+        explicit = model(input_ids=ids, image_features=table[[1, 2]]).logits
+        stored = model(input_ids=ids).logits
+    assert not torch.allclose(before, stored, atol=1e-4)  # the stored vectors are really read
+    torch.testing.assert_close(stored, explicit)
+    model.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.config.code_vectors == ["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, stored)
+        prefix = back(input_ids=ids[:, :4], use_cache=True)
+        step = back(input_ids=ids[:, 4:5], past_key_values=prefix.past_key_values, use_cache=True,
+                    position_ids=torch.tensor([[4]]))
+    torch.testing.assert_close(step.logits[:, -1], stored[:, 4], atol=1e-5, rtol=1e-4)
+    with pytest.raises(MMGenError, match="expects"):
+        model.set_code_vectors("image", torch.randn(31, 8))
+    with pytest.raises(MMGenError, match="no audio code vectors"):
+        model.set_code_vectors("audio", torch.randn(4, 4))
+
+
 def test_kv_cache_generation_matches_full_forward(vocab, tok):
     """The call pattern of mmgen.inference.generate: prefill with logits_to_keep=1, then one token
     at a time with past_key_values; the last logits equal a full forward's."""

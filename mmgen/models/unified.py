@@ -62,6 +62,8 @@ class MMGenConfig(PreTrainedConfig):
     image_placeholder_id: int | None = None
     audio_placeholder_id: int | None = None
     grid_positions: bool = False  # learned (branch, row, col) embeddings added to image-code inputs
+    # Modalities whose code vectors the model stores (set_code_vectors): their features come from the ids.
+    code_vectors: list | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -132,6 +134,14 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
                                 if config.image_feature_dim else None)
         self.audio_projector = (mlp_projector(config.audio_feature_dim, hidden, config.projector_depth)
                                 if config.audio_feature_dim else None)
+        # Frozen code-vector tables (saved with the weights): with input_placement=codes a code's
+        # continuous input is its tokenizer vector, so the model looks it up itself and training,
+        # generation and evaluation all read the same input without passing features around.
+        for modality in MODALITY_FEATURES:
+            dim = getattr(config, f"{modality}_feature_dim")
+            if dim and vocab is not None and config.input_placement == "codes" and self.input_range(modality) in vocab.ranges:
+                a, b = vocab.code_range(self.input_range(modality))
+                self.register_buffer(f"{modality}_code_vectors", torch.zeros(b - a, dim))
         self.grid_position_embedding = None
         if config.grid_positions:
             if vocab is None:
@@ -184,9 +194,29 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         a, b = self._vocab.code_range(self.input_range(modality))
         return (input_ids >= a) & (input_ids < b)
 
+    def set_code_vectors(self, modality: str, table: torch.Tensor) -> None:
+        """Store ``table`` (one row per id of the modality's input code range) as the continuous input
+        of those codes; from then on :meth:`embed` projects it wherever no features are passed."""
+        buf = getattr(self, f"{modality}_code_vectors", None)
+        if buf is None:
+            raise MMGenError(f"this model stores no {modality} code vectors (needs {modality}_feature_dim and "
+                             "input_placement=codes)")
+        if tuple(table.shape) != tuple(buf.shape):
+            raise MMGenError(f"{modality} code vectors of shape {tuple(table.shape)}, the model expects {tuple(buf.shape)}")
+        buf.copy_(table.to(buf.device, buf.dtype))
+        self.config.code_vectors = sorted({*(self.config.code_vectors or []), modality})
+
+    def stored_features(self, input_ids: torch.Tensor, modality: str) -> torch.Tensor | None:
+        """The stored code vectors at the ``modality`` positions of ``input_ids`` (None when none stored)."""
+        if modality not in (self.config.code_vectors or []):
+            return None
+        a, _ = self._vocab.code_range(self.input_range(modality))
+        return getattr(self, f"{modality}_code_vectors")[input_ids[self.feature_positions(input_ids, modality)] - a]
+
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
               audio_features: torch.Tensor | None = None, grid_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Input embeddings: token rows, projected features where given, grid positions where enabled.
+        """Input embeddings: token rows, projected features where given (else the stored code vectors, if
+        any), grid positions where enabled.
         ``grid_positions`` (from :meth:`Vocab.grid_position_ids`) is needed only when ``input_ids`` is not the
         whole sequence (cached decoding); otherwise it is computed here."""
         embeds = self.get_input_embeddings()(input_ids)
@@ -195,6 +225,8 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
                 grid_positions = self._vocab.grid_position_ids(input_ids)
             embeds = embeds + self.grid_position_embedding(grid_positions.to(input_ids.device)).to(embeds.dtype)
         for modality, feats in (("image", image_features), ("audio", audio_features)):
+            if feats is None:
+                feats = self.stored_features(input_ids, modality)
             if feats is None:
                 continue
             proj = self.image_projector if modality == "image" else self.audio_projector

@@ -67,6 +67,7 @@ class ModelConfig:
     audio_feature_dim: int | None = None
     projector_depth: int = 2
     input_placement: Literal["codes", "placeholder"] = "codes"
+    image_input_range: str = "pix"  # the code range image features stand for: pix, or sem (DualViTok's CLIP-aligned codes)
     # Learned (branch, row, col) embeddings added to image-code inputs (LlamaGen-style 2-D positions):
     # a small decoder learns where each code sits far faster than from RoPE's 1-D distances alone.
     grid_positions: bool = False

@@ -240,7 +240,8 @@ def build_model(cfg: TrainConfig, vocab, tok):
 
     m = cfg.model
     wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim, "audio_feature_dim": m.audio_feature_dim,
-            "projector_depth": m.projector_depth, "input_placement": m.input_placement, "grid_positions": m.grid_positions}
+            "projector_depth": m.projector_depth, "input_placement": m.input_placement, "grid_positions": m.grid_positions,
+            "image_input_range": m.image_input_range}
     qlora = cfg.lora.quantize != "none"
     if cfg.init_from:
         from transformers import AutoModelForCausalLM
@@ -480,7 +481,7 @@ def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch
     if not dim:
         return None
     key, option = FEATURE_SOURCES[modality]
-    range_name = "pix" if modality == "image" else "audio"
+    range_name = cfg.model.image_input_range if modality == "image" else "audio"
     table = code_vectors(data[key], range_name) if data.get(key) is not None else None
     if table is None:
         raise MMGenError(f"model.{modality}_feature_dim needs {option} with a codebook to turn codes into continuous "
@@ -493,15 +494,6 @@ def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch
         raise MMGenError(f"{option} has {table.shape[0]} {range_name} codes but the vocab's {range_name} range has "
                          f"{b - a}; use the tokenizer that made the code shards")
     return table
-
-
-def continuous_features(input_ids: torch.Tensor, table: torch.Tensor, engine, modality: str) -> torch.Tensor:
-    """One table row per position of ``input_ids`` that ``modality`` features overwrite, in reading order."""
-    model = engine.module
-    model = getattr(model, "get_base_model", lambda: model)()
-    where = model.feature_positions(input_ids, modality)
-    a, _ = model.config.get_vocab().code_range(model.input_range(modality))
-    return table[input_ids[where] - a].to(engine.device)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -574,6 +566,8 @@ def run_training(cfg: TrainConfig) -> Path:
     # Before the model is built: a tokenizer that does not fit the feature dims stops the run at once.
     tables = {m: t for m in FEATURE_SOURCES if (t := continuous_input_table(cfg, data, m)) is not None}
     model = build_model(cfg, vocab, tok)
+    for modality, table in tables.items():  # the model keeps them: inference then reads the same input
+        getattr(model, "get_base_model", lambda: model)().set_code_vectors(modality, table)
     optimizer, scheduler = build_optimizer(model, cfg)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(cfg))
@@ -626,7 +620,7 @@ def run_training(cfg: TrainConfig) -> Path:
             rng = np.random.default_rng([cfg.seed, step, micro, rank, 17])
             batch = packed_batch(rows, idx, dtype=dtype, prompt_dropout=cfg.loss.prompt_dropout, rng=rng,
                                  attention=attention)
-            feats = {f"{m}_features": continuous_features(batch["input_ids"], t, engine, m) for m, t in tables.items()}
+            feats = {}
             if "attention_mask" in batch:
                 feats["attention_mask"] = batch["attention_mask"].to(engine.device)
             out = engine(input_ids=batch["input_ids"].to(engine.device),
