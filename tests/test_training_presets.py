@@ -32,7 +32,7 @@ def test_qwen2_5_1_5b_preset_on_meta_device():
     assert sum(p.numel() for p in plain.parameters()) == QWEN25_15B_PARAMS
     assert QWEN25_15B_PARAMS - QWEN25_15B_EMBED == pytest.approx(1.31e9, rel=0.01)
 
-    vocab = run_vocab(cfg, n_text=151_665, codebook=None)  # the Qwen2.5 tokenizer's length
+    vocab = run_vocab(cfg, n_text=151_665, image_books=None)  # the Qwen2.5 tokenizer's length
     assert vocab.text_size == 151_936 and list(vocab.ranges) == ["sem", "pix"]
     assert vocab.code_range("sem")[1] - vocab.code_range("sem")[0] == 32768
     m = cfg.model

@@ -106,11 +106,11 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
             raise MMGenError(f"data.image_tokenizer: no tokenizer directory at {cfg.data.image_tokenizer} (train one with "
                              "`mmgen train-tokenizer`, or set data.image_tokenizer=null data.codebook_size=N)")
         image_tokenizer = load_image_tokenizer(cfg.data.image_tokenizer)
-        codebook = int(image_tokenizer.codebook_size)
+        books = image_codebooks(image_tokenizer)
     elif cfg.data.codebook_size:
-        codebook = int(cfg.data.codebook_size)
+        books = {"pix": int(cfg.data.codebook_size)}
     elif cfg.init_from or cfg.data.codebooks:
-        codebook = None  # the bundle's vocab, or data.codebooks, says
+        books = None  # the bundle's vocab, or data.codebooks, says
     else:
         raise MMGenError("the vocab needs the pixel codebook size: set data.image_tokenizer=DIR "
                          "(the tokenizer that made the code shards) or data.codebook_size=N")
@@ -120,7 +120,7 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
 
         audio_codec = AudioCodec.from_pretrained(cfg.data.audio_tokenizer)
     vocab = (Vocab.load(Path(cfg.init_from) / "vocab.json") if cfg.init_from
-             else run_vocab(cfg, len(tok), codebook, audio_codec))
+             else run_vocab(cfg, len(tok), books, audio_codec, getattr(image_tokenizer, "sem_ratio", 2)))
     saved = out_dir / "vocab.json"
     if saved.is_file() and Vocab.load(saved) != vocab:
         raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); "
@@ -140,22 +140,30 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
             "image_grids": {f"{h}x{w}": n for (h, w), n in grids.most_common()}}
 
 
-def run_vocab(cfg: TrainConfig, n_text: int, codebook: int | None, audio_codec=None):
-    """The Vocab of a fresh run: text ids, then data.codebooks (or the pixel codebook), the audio
-    codec's levels x codebook range when there is one, and the video layout when data.video_times > 0."""
+def image_codebooks(image_tokenizer) -> dict[str, int]:
+    """The code ranges an image tokenizer writes, in id order: DualViTok's {sem, pix} (the LM reads and
+    writes both levels, coarse to fine, as ILLUME+ does), a pixel VQ's {pix}."""
+    sizes = getattr(image_tokenizer, "codebook_sizes", None)
+    return {k: int(v) for k, v in sizes.items()} if sizes else {"pix": int(image_tokenizer.codebook_size)}
+
+
+def run_vocab(cfg: TrainConfig, n_text: int, image_books: dict[str, int] | None, audio_codec=None, sem_ratio: int = 2):
+    """The Vocab of a fresh run: text ids, then data.codebooks (default: the image tokenizer's code
+    ranges), the audio codec's levels x codebook range when there is one, and the video layout when
+    data.video_times > 0. ``data.codebooks: {pix: N}`` keeps a DualViTok run to its pixel codes."""
     from mmgen.models.vocab import Vocab
 
     text_size = cfg.data.text_size or n_text
     if text_size < n_text:
         raise MMGenError(f"data.text_size {text_size} is smaller than the text tokenizer ({n_text} tokens)")
-    books = dict(cfg.data.codebooks) if cfg.data.codebooks else {"pix": codebook}
+    books = dict(cfg.data.codebooks) if cfg.data.codebooks else dict(image_books or {})
     levels = 1
     if audio_codec is not None:
         levels, n = audio_codec.n_q, audio_codec.n_q * audio_codec.codebook_size
         if books.setdefault("audio", n) != n:
             raise MMGenError(f"data.codebooks.audio={books['audio']} but the audio codec has {levels} levels x "
                              f"{audio_codec.codebook_size} codes = {n}; set data.codebooks.audio={n} or leave it out")
-    return Vocab(text_size, books, max_grid=cfg.data.max_grid, audio_levels=levels,
+    return Vocab(text_size, books, max_grid=cfg.data.max_grid, sem_ratio=sem_ratio, audio_levels=levels,
                  video_times=cfg.data.video_times, video_time_step=cfg.data.video_time_step)
 
 
