@@ -83,3 +83,23 @@ def test_every_deepspeed_json_is_accepted_by_deepspeed(name):
     assert int(zero.stage) == int(name.split("zero")[1][0])
     assert ("offload" in name) == (zero.offload_optimizer is not None)
     assert ds["bf16"]["enabled"] == name.endswith("gpu")
+
+
+def test_run_vocab_follows_the_image_tokenizer_unless_the_recipe_narrows_it(tmp_path):
+    """DualViTok's two levels become two code ranges (with its sem_ratio) by default; data.codebooks may
+    keep only the pixel range, but never with another size than the tokenizer's."""
+    from mmgen.config import load_config
+    from mmgen.paths import recipe_path
+    from mmgen.training.config import TrainConfig
+    from mmgen.training.trainer import run_vocab
+
+    books = {"sem": 128, "pix": 512}
+    both = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.codebooks=null"]),
+                     n_text=300, image_books=books, sem_ratio=4)
+    assert list(both.ranges) == ["sem", "pix"] and both.config.sem_ratio == 4
+    assert both.code_range("pix")[1] - both.code_range("pix")[0] == 512
+    tiny = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []), n_text=300, image_books=books)
+    assert list(tiny.ranges) == ["pix"]  # the tiny recipe's measured choice
+    with pytest.raises(MMGenError, match="data.codebooks.pix=100 but the image tokenizer's pix codebook has 512"):
+        run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.codebooks={pix: 100}"]),
+                  n_text=300, image_books=books)

@@ -157,6 +157,10 @@ def run_vocab(cfg: TrainConfig, n_text: int, image_books: dict[str, int] | None,
     if text_size < n_text:
         raise MMGenError(f"data.text_size {text_size} is smaller than the text tokenizer ({n_text} tokens)")
     books = dict(cfg.data.codebooks) if cfg.data.codebooks else dict(image_books or {})
+    for name, n in (image_books or {}).items():  # a range the tokenizer also writes must have its size
+        if name in books and int(books[name]) != n:
+            raise MMGenError(f"data.codebooks.{name}={books[name]} but the image tokenizer's {name} codebook has {n} "
+                             f"codes; set data.codebooks.{name}={n}")
     levels = 1
     if audio_codec is not None:
         levels, n = audio_codec.n_q, audio_codec.n_q * audio_codec.codebook_size
