@@ -171,3 +171,5 @@ def test_audio_features_train_the_audio_projector(audio_codec_dir, tmp_path):
         pretrain(None, _over(shards, tmp_path / "bad", **{**over, "model.audio_feature_dim": 8}))
     with pytest.raises(MMGenError, match="needs data.audio_tokenizer"):
         pretrain(None, _over(shards, tmp_path / "none", **{**over, "data.audio_tokenizer": "null"}))
+    with pytest.raises(MMGenError, match="input_placement=placeholder: code shards carry codes"):
+        pretrain(None, _over(shards, tmp_path / "ph", **{**over, "model.input_placement": "placeholder"}))

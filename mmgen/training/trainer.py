@@ -492,6 +492,10 @@ def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch
     dim = getattr(cfg.model, f"{modality}_feature_dim")
     if not dim:
         return None
+    if cfg.model.input_placement != "codes":
+        raise MMGenError(f"model.{modality}_feature_dim with input_placement={cfg.model.input_placement}: code shards "
+                         "carry codes, whose vectors stand in for features only at the code positions; "
+                         "set model.input_placement=codes")
     key, option = FEATURE_SOURCES[modality]
     range_name = cfg.model.image_input_range if modality == "image" else "audio"
     table = code_vectors(data[key], range_name) if data.get(key) is not None else None
