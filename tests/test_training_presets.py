@@ -86,20 +86,26 @@ def test_every_deepspeed_json_is_accepted_by_deepspeed(name):
 
 
 def test_run_vocab_follows_the_image_tokenizer_unless_the_recipe_narrows_it(tmp_path):
-    """DualViTok's two levels become two code ranges (with its sem_ratio) by default; data.codebooks may
-    keep only the pixel range, but never with another size than the tokenizer's."""
+    """DualViTok's two levels become two code ranges (with its sem_ratio) by default; data.image_levels
+    narrows them (sizes still from the tokenizer); explicit data.codebooks must match its sizes."""
     from mmgen.config import load_config
     from mmgen.paths import recipe_path
     from mmgen.training.config import TrainConfig
     from mmgen.training.trainer import run_vocab
 
     books = {"sem": 128, "pix": 512}
-    both = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.codebooks=null"]),
+    both = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.image_levels=null"]),
                      n_text=300, image_books=books, sem_ratio=4)
     assert list(both.ranges) == ["sem", "pix"] and both.config.sem_ratio == 4
     assert both.code_range("pix")[1] - both.code_range("pix")[0] == 512
     tiny = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []), n_text=300, image_books=books)
-    assert list(tiny.ranges) == ["pix"]  # the tiny recipe's measured choice
+    assert list(tiny.ranges) == ["pix"] and tiny.code_range("pix")[1] - tiny.code_range("pix")[0] == 512  # measured choice
+    small = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []), n_text=300,
+                      image_books={"sem": 16, "pix": 32})
+    assert small.config.codebooks == {"pix": 32}  # sizes always come from the tokenizer
+    with pytest.raises(MMGenError, match=r"data.image_levels=\['pixel'\]: the image tokenizer writes sem, pix"):
+        run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.image_levels=[pixel]"]),
+                  n_text=300, image_books=books)
     with pytest.raises(MMGenError, match="data.codebooks.pix=100 but the image tokenizer's pix codebook has 512"):
         run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.codebooks={pix: 100}"]),
                   n_text=300, image_books=books)

@@ -23,6 +23,8 @@ class DataConfig:
     code_shards: str | list[str] = field(default_factory=list)  # file(s), directories or globs of code shards
     image_tokenizer: str | None = None  # directory of the image tokenizer that made the codes
     codebook_size: int | None = None  # pixel codebook size when no image tokenizer is given
+    # Which of the image tokenizer's code levels the LM reads and writes (DualViTok: sem, pix); None: all.
+    image_levels: list[str] | None = None
     # Directory of the audio codec that made the shards' audio codes: the vocab gets its "audio" range
     # (levels x codebook) and model.audio_feature_dim reads its code vectors.
     audio_tokenizer: str | None = None

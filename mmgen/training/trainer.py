@@ -150,13 +150,20 @@ def image_codebooks(image_tokenizer) -> dict[str, int]:
 def run_vocab(cfg: TrainConfig, n_text: int, image_books: dict[str, int] | None, audio_codec=None, sem_ratio: int = 2):
     """The Vocab of a fresh run: text ids, then data.codebooks (default: the image tokenizer's code
     ranges), the audio codec's levels x codebook range when there is one, and the video layout when
-    data.video_times > 0. ``data.codebooks: {pix: N}`` keeps a DualViTok run to its pixel codes."""
+    data.video_times > 0. ``data.image_levels: [pix]`` keeps a DualViTok run to its pixel codes."""
     from mmgen.models.vocab import Vocab
 
     text_size = cfg.data.text_size or n_text
     if text_size < n_text:
         raise MMGenError(f"data.text_size {text_size} is smaller than the text tokenizer ({n_text} tokens)")
-    books = dict(cfg.data.codebooks) if cfg.data.codebooks else dict(image_books or {})
+    image_books = dict(image_books or {})
+    if cfg.data.image_levels is not None and image_books:
+        unknown = [k for k in cfg.data.image_levels if k not in image_books]
+        if unknown or not cfg.data.image_levels:
+            raise MMGenError(f"data.image_levels={list(cfg.data.image_levels)}: the image tokenizer writes "
+                             f"{', '.join(image_books)}; name one or more of those")
+        image_books = {k: n for k, n in image_books.items() if k in cfg.data.image_levels}
+    books = dict(cfg.data.codebooks) if cfg.data.codebooks else image_books
     for name, n in (image_books or {}).items():  # a range the tokenizer also writes must have its size
         if name in books and int(books[name]) != n:
             raise MMGenError(f"data.codebooks.{name}={books[name]} but the image tokenizer's {name} codebook has {n} "
