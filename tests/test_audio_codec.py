@@ -205,19 +205,21 @@ def test_pretokenize_audio_codes_round_trip_through_sequences(codec, real_dir, t
     docs = [Doc([Text("a real clip."), Audio(data=ogg, format="ogg")]),
             Doc([Text("a stereo tone."), Audio(data=stereo, format="wav")]),
             Doc([Text("broken."), Audio(data=b"RIFF\x00\x00\x00\x00WAVEjunk" * 3, format="wav")]),
-            Doc([Text("empty."), Audio(data=_wav(np.zeros(0), 16000), format="wav")])]
+            Doc([Text("empty."), Audio(data=_wav(np.zeros(0), 16000), format="wav")]),
+            # a good item then a broken one: the Doc is quarantined and its good item not counted as encoded
+            Doc([Audio(data=stereo, format="wav"), Audio(data=b"RIFF\x00\x00\x00\x00WAVEjunk" * 3, format="wav")])]
     write_shards(docs, tmp_path / "in")
 
     plain = pretokenize(tmp_path / "vq", str(tmp_path / "in"), tmp_path / "plain", progress=False)
-    assert plain["docs_written"] == 4 and plain["audio_items_without_codes"] == 4 and plain["audio_items_encoded"] == 0
+    assert plain["docs_written"] == 5 and plain["audio_items_without_codes"] == 6 and plain["audio_items_encoded"] == 0
     assert all(not c.codes for c in read_code_shards(plain["shards"]))  # as before the option existed
 
     assert main(["tokenize", "--tokenizer", str(tmp_path / "vq"), "--audio-tokenizer", str(tmp_path / "codec"),
                  "--input", str(tmp_path / "in"), "--out", str(tmp_path / "codes")]) == 0
-    assert "2 quarantined" in capsys.readouterr().out
+    assert "3 quarantined" in capsys.readouterr().out
     s = json.loads((tmp_path / "codes" / "summary.json").read_text())
-    assert s["docs_in"] == s["docs_written"] + s["quarantined"] == 4
-    assert s["quarantine_reasons"] == {"undecodable_audio": 2} and s["audio_items_encoded"] == 2
+    assert s["docs_in"] == s["docs_written"] + s["quarantined"] == 5
+    assert s["quarantine_reasons"] == {"undecodable_audio": 3} and s["audio_items_encoded"] == 2
     assert s["audio"]["levels"] == 2 and s["audio"]["frame_rate"] == 50
     coded = list(read_code_shards(s["shards"]))
     real, mono = coded[0].codes[1], coded[1].codes[1]

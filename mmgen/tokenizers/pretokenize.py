@@ -82,35 +82,35 @@ class _MediaCoder:
     """Audio and video codes of one Doc (the opt-in parts of pre-tokenization) and their counts."""
 
     def __init__(self, image_tokenizer, audio_tokenizer, video: bool, video_fps: float, video_max_frames: int,
-                 batch_size: int, video_dtype: type, stats: Counter):
+                 batch_size: int, video_dtype: type):
         from mmgen.tokenizers.audio import AudioCodec
         from mmgen.tokenizers.video import VideoEncoder
 
         self.codec = AudioCodec.from_pretrained(audio_tokenizer) if audio_tokenizer else None
         self.video = (VideoEncoder(image_tokenizer, fps=video_fps, max_frames=video_max_frames, batch_size=batch_size)
                       if video else None)
-        self.stats = stats
         self.audio_dtype = code_dtype_for([self.codec.codebook_size if self.codec else 1])
         self.video_dtype = video_dtype  # video grids hold the image tokenizer's codes
 
-    def encode(self, item, i: int, arrays: dict) -> None:
-        """Codes of audio/video item ``i`` into ``arrays`` (codes/sem/frames); MediaError if undecodable."""
+    def encode(self, item, i: int, arrays: dict, counts: Counter) -> None:
+        """Codes of audio/video item ``i`` into ``arrays`` (codes/sem/frames), tallied in ``counts`` (the
+        Doc's own: they join the summary only if the whole Doc is written); MediaError if undecodable."""
         if item.kind == "audio" and self.codec is not None:
             arrays["codes"][i] = encode_audio_item(self.codec, item).astype(self.audio_dtype)
-            self.stats["audio_items_encoded"] += 1
-            self.stats["audio_code_frames"] += arrays["codes"][i].shape[1]
+            counts["audio_items_encoded"] += 1
+            counts["audio_code_frames"] += arrays["codes"][i].shape[1]
         elif item.kind == "video" and self.video is not None:
             v = encode_video_item(self.video, item)
             arrays["codes"][i] = v["codes"].astype(self.video_dtype)
             arrays["frames"][i] = v["frames"]
             if "sem" in v:
                 arrays["sem"][i] = v["sem"].astype(self.video_dtype)
-            self.stats["video_items_encoded"] += 1
-            self.stats["video_frames"] += len(v["frames"])
-            self.stats["video_tokens_before"] += v["before"]
-            self.stats["video_tokens_after"] += v["after"]
+            counts["video_items_encoded"] += 1
+            counts["video_frames"] += len(v["frames"])
+            counts["video_tokens_before"] += v["before"]
+            counts["video_tokens_after"] += v["after"]
         else:
-            self.stats[f"{item.kind}_items_without_codes"] += 1
+            counts[f"{item.kind}_items_without_codes"] += 1
 
 
 def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_size: int = 64,
@@ -139,7 +139,7 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     stats = Counter()
     reasons: Counter = Counter()
     grids: Counter = Counter()
-    media = _MediaCoder(tok, audio_tokenizer, video, video_fps, video_max_frames, batch_size, code_dtype, stats)
+    media = _MediaCoder(tok, audio_tokenizer, video, video_fps, video_max_frames, batch_size, code_dtype)
 
     # Docs wait here until their images have been encoded; encoding happens per batch of images.
     # Each holds (doc, images to encode, the audio/video arrays already made).
@@ -187,7 +187,7 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
             if isinstance(rec, BadRecord):
                 quarantine(rec.to_json())
                 continue
-            imgs, arrays, failed = [], {"codes": {}, "sem": {}, "frames": {}}, None
+            imgs, arrays, counts, failed = [], {"codes": {}, "sem": {}, "frames": {}}, Counter(), None
             for i, item in enumerate(rec.items):
                 kind = getattr(item, "kind", "text")
                 try:
@@ -195,7 +195,7 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
                         pil = item.to_pil()
                         imgs.append((i, pil, target_size(tok, pil.width, pil.height, keep_aspect)))
                     elif kind in ("audio", "video"):
-                        media.encode(item, i, arrays)
+                        media.encode(item, i, arrays, counts)
                 except MediaError as e:
                     failed = (i, kind, str(e))
                     break
@@ -203,6 +203,7 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
                 quarantine({"id": rec.id, "provenance": rec.provenance, "reason": f"undecodable_{failed[1]}",
                             "item": failed[0], "detail": failed[2]})
                 continue
+            stats.update(counts)  # a quarantined Doc's items are not counted as encoded
             pending.append((rec, imgs, arrays))
             pending_images += len(imgs)
             if pending_images >= batch_size:
