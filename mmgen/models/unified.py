@@ -45,6 +45,11 @@ IGNORE_INDEX = -100
 MODALITY_FEATURES = ("image", "audio")
 
 
+def feature_range(modality: str, image_input_range: str = "pix") -> str:
+    """The code range whose positions ``modality`` features stand for (input_placement=codes)."""
+    return image_input_range if modality == "image" else "audio"
+
+
 class MMGenConfig(PreTrainedConfig):
     """Config of :class:`MMGenForCausalLM`: the decoder's own config plus the multimodal parts."""
 
@@ -181,7 +186,7 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
     # -- continuous inputs --------------------------------------------------------------------
     def input_range(self, modality: str) -> str:
         """The code range whose positions ``modality`` features overwrite (input_placement=codes)."""
-        return self.config.image_input_range if modality == "image" else "audio"
+        return feature_range(modality, self.config.image_input_range)
 
     def feature_positions(self, input_ids: torch.Tensor, modality: str) -> torch.Tensor:
         """Boolean mask of the positions that ``modality`` features overwrite, in reading order."""

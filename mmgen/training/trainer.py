@@ -164,7 +164,7 @@ def run_vocab(cfg: TrainConfig, n_text: int, image_books: dict[str, int] | None,
                              f"{', '.join(image_books)}; name one or more of those")
         image_books = {k: n for k, n in image_books.items() if k in cfg.data.image_levels}
     books = dict(cfg.data.codebooks) if cfg.data.codebooks else image_books
-    for name, n in (image_books or {}).items():  # a range the tokenizer also writes must have its size
+    for name, n in image_books.items():  # a range the tokenizer also writes must have its size
         if name in books and int(books[name]) != n:
             raise MMGenError(f"data.codebooks.{name}={books[name]} but the image tokenizer's {name} codebook has {n} "
                              f"codes; set data.codebooks.{name}={n}")
@@ -496,6 +496,8 @@ def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch
     Code shards hold codes, not pixels or waveforms, so the continuous input is each code's vector in
     the tokenizer (its quantized latent) rather than the pre-quantization feature; a tokenizer that
     stores its pre-quantization features next to the codes can feed those through the same path."""
+    from mmgen.models.unified import feature_range
+
     dim = getattr(cfg.model, f"{modality}_feature_dim")
     if not dim:
         return None
@@ -504,7 +506,7 @@ def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch
                          "carry codes, whose vectors stand in for features only at the code positions; "
                          "set model.input_placement=codes")
     key, option = FEATURE_SOURCES[modality]
-    range_name = cfg.model.image_input_range if modality == "image" else "audio"
+    range_name = feature_range(modality, cfg.model.image_input_range)
     table = code_vectors(data[key], range_name) if data.get(key) is not None else None
     if table is None:
         raise MMGenError(f"model.{modality}_feature_dim needs {option} with a codebook to turn codes into continuous "
@@ -643,11 +645,9 @@ def run_training(cfg: TrainConfig) -> Path:
             rng = np.random.default_rng([cfg.seed, step, micro, rank, 17])
             batch = packed_batch(rows, idx, dtype=dtype, prompt_dropout=cfg.loss.prompt_dropout, rng=rng,
                                  attention=attention)
-            feats = {}
-            if "attention_mask" in batch:
-                feats["attention_mask"] = batch["attention_mask"].to(engine.device)
+            mask = {"attention_mask": batch["attention_mask"].to(engine.device)} if "attention_mask" in batch else {}
             out = engine(input_ids=batch["input_ids"].to(engine.device),
-                         position_ids=batch["position_ids"].to(engine.device), use_cache=False, **feats)
+                         position_ids=batch["position_ids"].to(engine.device), use_cache=False, **mask)
             # DeepSpeed averages gradients over ranks and divides the loss by grad_accum: scale back so
             # the step's gradient is that of the token mean over the whole global batch.
             loss, stats = lm_loss(out.logits, batch["labels"].to(engine.device), vocab, weights,
