@@ -139,6 +139,31 @@ def test_dead_codes_are_restarted_from_recent_encoder_outputs():
     assert (dist < 0.1).all()
 
 
+@pytest.mark.parametrize("sampling", ["error", "uniform"])
+def test_simvq_restarts_dead_codes_where_the_codebook_fits_worst(sampling):
+    """restart_sampling=error puts dead SimVQ codes on the vectors the codebook fits worst (a rare
+    far cluster), not on the flat majority that one code already holds; uniform may pick either."""
+    from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
+
+    torch.manual_seed(0)
+    q = Quantizer(QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling=sampling), 4)
+    common = q.q.codebook[0].detach()
+    far = common + 5.0 + 0.1 * torch.randn(8, 4)  # 8 "edge" vectors no code is near
+    q._recent = torch.cat([common.expand(248, 4), far])
+    q.usage.zero_()
+    q.usage[0] = 1.0  # every code but the one on the majority is dead
+    restarted = q.restart_dead_codes(torch.Generator().manual_seed(0))
+    assert restarted == 15
+    cb = q.q.codebook.detach()
+    assert torch.allclose(cb[0], common)  # the live code is left alone
+    on_far = int((torch.cdist(cb[1:], far).min(1).values < 1e-3).sum())
+    on_common = int((torch.cdist(cb[1:], common[None]).min(1).values < 1e-3).sum())
+    assert on_far + on_common == 15  # every restarted code sits on a recent encoder output
+    assert (on_far == 15) if sampling == "error" else (on_common > on_far)
+    with pytest.raises(MMGenError, match="restart_sampling"):
+        Quantizer(QuantizerConfig(kind="simvq", restart_sampling="kmeans"), 4)
+
+
 def test_foreground_weighting_targets_the_objects_of_a_scene():
     from mmgen.data.synthetic import Obj, Scene, render
     from mmgen.tokenizers.train import TokenizerTrainConfig, foreground_mask, pixel_losses

@@ -46,6 +46,7 @@ class QuantizerConfig:
     commitment_weight: float = 0.25
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     rvq_levels: int = 2
+    restart_sampling: str = "error"  # simvq dead-code restarts: error (where the codebook fits worst) | uniform
 
 
 class Quantizer(nn.Module):
@@ -126,14 +127,27 @@ class Quantizer(nn.Module):
         dead = torch.nonzero(self.usage < self.cfg.dead_code_threshold / self.codebook_size).flatten()
         if dead.numel() == 0:
             return 0
-        pick = torch.randint(0, self._recent.shape[0], (dead.numel(),), generator=generator)
-        target = self._recent[pick]
+        target = self._recent[self._restart_targets(dead.numel(), generator)]
         # codebook = frozen @ W.T: the frozen rows that W maps onto the targets. pinv (SVD) rather than
         # lstsq: LAPACK's lstsq is not bitwise repeatable here, and resume must be exact.
         sol = (torch.linalg.pinv(self.q.code_transform.weight) @ target.T).T
         self.q.frozen_codebook[dead] = sol
         self.usage[dead] = 1.0 / self.codebook_size
         return int(dead.numel())
+
+    def _restart_targets(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Indices of recent encoder outputs to restart ``n`` dead codes on. ``restart_sampling=error``
+        draws them in proportion to how badly the codebook fits them now: on flat-coloured scenes half
+        the vectors are background, and a code restarted on one of those only splits a region that was
+        already well coded (and leaves the shape edges coarse). ``uniform`` draws any recent vector."""
+        x = self._recent
+        if self.cfg.restart_sampling == "uniform":
+            return torch.randint(0, x.shape[0], (n,), generator=generator)
+        cb = self.q.codebook
+        err = (x.pow(2).sum(1, keepdim=True) - 2 * x @ cb.T + cb.pow(2).sum(1)[None]).min(1).values.clamp_min(0)
+        if float(err.sum()) <= 0:
+            return torch.randint(0, x.shape[0], (n,), generator=generator)
+        return torch.multinomial(err, n, replacement=int((err > 0).sum()) < n, generator=generator)
 
 
 def _library_quantizer(cfg: QuantizerConfig, dim: int):
@@ -146,6 +160,8 @@ def _library_quantizer(cfg: QuantizerConfig, dim: int):
         return FSQ(levels=list(cfg.fsq_levels), dim=dim), n, n
     if cfg.codebook_size < 2:
         raise MMGenError(f"codebook_size must be at least 2, got {cfg.codebook_size}")
+    if cfg.restart_sampling not in ("error", "uniform"):
+        raise MMGenError(f"restart_sampling must be error or uniform, got '{cfg.restart_sampling}'")
     if cfg.kind == "simvq":
         # rotation trick off: plain straight-through keeps encode/decode exactly the codebook lookup
         return SimVQ(dim=dim, codebook_size=cfg.codebook_size, rotation_trick=False,

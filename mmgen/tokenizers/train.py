@@ -73,6 +73,8 @@ class DualViTokConfig:
     sem_cond_dim: int = 16
     norm_groups: int = 8
     branch_dropout: float = 0.1
+    pix_encoder: str = "conv"  # conv (diffusers Encoder) or patch (each code sees only its own pixels)
+    pix_encoder_width: int = 256  # hidden width of the patch encoder's MLP
 
 
 @dataclass
