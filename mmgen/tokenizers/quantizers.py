@@ -46,7 +46,7 @@ class QuantizerConfig:
     commitment_weight: float = 0.25
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     rvq_levels: int = 2
-    restart_sampling: str = "error"  # simvq dead-code restarts: error (where the codebook fits worst) | uniform
+    restart_sampling: str = "uniform"  # simvq dead-code restarts: uniform (any recent vector) | error (where the codebook fits worst)
 
 
 class Quantizer(nn.Module):
