@@ -1,6 +1,8 @@
-"""``mmgen generate``: interleaved text and images from a trained checkpoint."""
+"""``mmgen generate``: interleaved text, images and speech from a trained checkpoint."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import typer
 
@@ -10,9 +12,14 @@ def register(app: typer.Typer) -> None:
     def generate_cmd(
         checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint directory (an mmgen bundle)."),
         prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
-        out: str = typer.Option("generated", "--out", help="Folder for the images (PNG) and doc.json."),
+        out: str = typer.Option("generated", "--out", help="Folder for the images (PNG), speech (WAV) and doc.json."),
         mode: str = typer.Option("auto", "--mode", help="auto (model decides), t2i (image right after the "
-                                                         "prompt) or text (no images)."),
+                                                         "prompt), tts (speech right after the prompt) or text "
+                                                         "(no images or speech)."),
+        allow_audio: bool = typer.Option(False, "--allow-audio", help="Let the model open audio blocks in auto "
+                                                                       "mode (needs a bundle with an audio codec)."),
+        max_audio_frames: Optional[int] = typer.Option(None, "--max-audio-frames", help="Most code frames per "
+                                                                                        "audio block (default: the token budget)."),
         seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed, same output."),
         cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance for image tokens "
                                                                   "(1 = off; 2-5 is typical)."),
@@ -22,25 +29,29 @@ def register(app: typer.Typer) -> None:
         top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
         device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     ):
-        """Generate interleaved text and images; print the text, write each image as PNG.
+        """Generate interleaved text, images and speech; print the text, write each image as PNG and each
+        audio block as WAV (at the codec's sample rate).
 
         \b
         Example:
             mmgen generate --checkpoint runs/tiny/final --mode t2i --cfg-scale 3 --seed 1
                 --prompt "a large red circle at the top left, on a black background." --out out/
+            mmgen generate --checkpoint runs/speech/final --mode tts --prompt "a red sound." --out out/
         """
-        from mmgen.data.doc import Image
+        from mmgen.data.doc import Audio, Image
         from mmgen.inference.generate import run_generate
 
         doc, paths = run_generate(checkpoint, prompt, out=out, mode=mode, seed=seed, cfg_scale=cfg_scale,
                                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, device=device)
-        k = 0
+                                  top_p=top_p, device=device, allow_audio=allow_audio,
+                                  max_audio_frames=max_audio_frames)
+        media = iter(paths)  # run_generate lists the files in item order
         for it in doc.items:
             if isinstance(it, Image):
-                typer.echo(f"[image {it.meta['width']}x{it.meta['height']}: {paths[k]}]")
-                k += 1
+                typer.echo(f"[image {it.meta['width']}x{it.meta['height']}: {next(media)}]")
+            elif isinstance(it, Audio):
+                typer.echo(f"[audio {it.meta['duration']:.2f} s: {next(media)}]")
             else:
                 typer.echo(it.text)
-        typer.echo(f"({doc.meta['new_tokens']} tokens, stopped at {doc.meta['stop']}; {len(paths)} image(s) in {out})",
-                   err=True)
+        typer.echo(f"({doc.meta['new_tokens']} tokens, stopped at {doc.meta['stop']}; {len(paths)} media file(s) "
+                   f"in {out})", err=True)

@@ -63,6 +63,15 @@ def decode_audio(data: bytes, sample_rate: int | None = None, mono: bool = True,
     return np.ascontiguousarray(x, dtype=np.float32), sr
 
 
+def encode_wav(x: np.ndarray, sample_rate: int) -> bytes:
+    """Mono float samples -> 16-bit PCM WAV bytes (clipped to [-1, 1]: PCM has no headroom)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0), int(sample_rate), format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
 def probe_audio(data: bytes, name: str | None = None) -> dict:
     import soundfile as sf
 

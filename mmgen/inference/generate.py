@@ -1,12 +1,16 @@
-"""Interleaved generation: one sampling loop with a KV cache writes text and images alike.
+"""Interleaved generation: one sampling loop with a KV cache writes text, images and speech alike.
 
-Text tokens and image-block tokens stream through the same loop; :class:`ImageGridConstraint` keeps
-every image block well formed, and each block is decoded by the bundle's image tokenizer as soon as
-it closes. The result is a :class:`~mmgen.data.doc.Doc` of Text and Image items.
+Text tokens and media-block tokens stream through the same loop; :class:`ImageGridConstraint` keeps
+every image block (and, with ``allow_audio``, every audio block) well formed, and each block is decoded
+as soon as it closes: images by the bundle's image tokenizer, audio codes by its audio codec into a WAV
+at the codec's sample rate. The result is a :class:`~mmgen.data.doc.Doc` of Text, Image and Audio items.
+
+Modes: ``auto`` (the model decides when to open a block), ``t2i`` (``<image>`` right after the prompt),
+``tts`` (``<audio>`` right after the prompt: text to speech) and ``text`` (no media).
 
 Classifier-free guidance (``cfg_scale > 1``) runs each prompt twice in one batch: the conditional row
 and an unconditional row whose prompt is replaced by the empty prompt (``<s>``). Both rows receive the
-same sampled tokens; while a row is inside an image block its image-token logits become
+same sampled tokens; while a row is inside a media block its non-text logits become
 ``uncond + s * (cond - uncond)`` (text logits are never guided).
 
 Rows of a batch are left-padded; position ids follow each row's own tokens, so a row's output does not
@@ -22,12 +26,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from mmgen.data.doc import Doc, Image, Text
+from mmgen.data.doc import Audio, Doc, Image, Text
 from mmgen.errors import MMGenError
 from mmgen.inference.constraints import ImageGridConstraint
 from mmgen.models.vocab import Vocab
 
-MODES = ("auto", "t2i", "text")
+MODES = ("auto", "t2i", "text", "tts")
+OPENERS = {"t2i": "<image>", "tts": "<audio>"}  # modes whose answer starts inside a media block
 
 
 # -- prompts and sizes ----------------------------------------------------------------------------
@@ -59,11 +64,16 @@ def default_image_sizes(bundle) -> list[tuple[int, int]]:
     return [(gh, gw)]
 
 
-def _check(bundle, mode: str, cfg_scale: float, temperature: float, top_p: float, top_k: int) -> None:
+def _check(bundle, mode: str, cfg_scale: float, temperature: float, top_p: float, top_k: int,
+           allow_audio: bool = False) -> None:
     if mode not in MODES:
         raise MMGenError(f"unknown mode '{mode}' (use one of: {', '.join(MODES)})")
     if mode == "t2i" and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):
         raise MMGenError("t2i mode needs a checkpoint with an image tokenizer and pixel codes in its vocab")
+    if mode == "text" and allow_audio:
+        raise MMGenError("text mode writes no audio: drop allow_audio, or use mode auto or tts")
+    if mode == "tts" or allow_audio:
+        check_audio(bundle, "tts mode" if mode == "tts" else "allow_audio")
     if cfg_scale < 1.0:
         raise MMGenError(f"cfg_scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
     if temperature < 0:
@@ -72,6 +82,20 @@ def _check(bundle, mode: str, cfg_scale: float, temperature: float, top_p: float
         raise MMGenError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise MMGenError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
+
+
+def check_audio(bundle, what: str) -> None:
+    """Speech output needs both halves: an "audio" range in the vocab and the codec to decode it."""
+    vocab = bundle.vocab
+    if not vocab.has("audio"):
+        raise MMGenError(f"{what} needs a checkpoint whose vocab has audio codes (train with data.audio_tokenizer=DIR)")
+    codec = getattr(bundle, "audio_tokenizer", None)
+    if codec is None:
+        raise MMGenError(f"{what} needs a checkpoint with an audio codec (its audio_tokenizer/ folder); "
+                         "retrain with data.audio_tokenizer=DIR, or copy the codec there")
+    if (codec.n_q, codec.codebook_size) != (vocab.config.audio_levels, vocab.audio_codebook_size):
+        raise MMGenError(f"the bundle's audio codec has {codec.n_q} levels x {codec.codebook_size} codes but the vocab "
+                         f"expects {vocab.config.audio_levels} x {vocab.audio_codebook_size}; use the codec it was trained with")
 
 
 # -- guidance and sampling --------------------------------------------------------------------------
@@ -130,7 +154,8 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
                   pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   cfg_scale: float = 1.0, uncond_rows: Sequence[Sequence[int]] | None = None,
                   sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
-                  stop_after_images: int | None = None, logits_hook=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  stop_after_images: int | None = None, logits_hook=None, allow_audio: bool = False,
+                  max_audio_frames: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sample continuations of ``rows`` under the grid constraint, one step at a time.
 
     Yields ``(tokens, active)`` per step: the (B,) new token ids and which rows were still generating
@@ -156,7 +181,8 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
     seq[:, :cur] = ids[:bsz]
     attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
     attn_buf[:, :cur] = attn
-    constraint = ImageGridConstraint(vocab, sizes=sizes, allow_images=allow_images, max_length=cur + max_new_tokens)
+    constraint = ImageGridConstraint(vocab, sizes=sizes, allow_images=allow_images, max_length=cur + max_new_tokens,
+                                     allow_audio=allow_audio, max_audio_frames=max_audio_frames)
     gen = torch.Generator().manual_seed(int(seed))
     image_cols = None
 
@@ -221,11 +247,13 @@ def _block_len(constraint: ImageGridConstraint, b: int) -> int:
 
 # -- assembling documents ---------------------------------------------------------------------------
 class _DocBuilder:
-    """Turns one row's token stream into Doc items: text spans and decoded image blocks."""
+    """Turns one row's token stream into Doc items: text spans, decoded image and audio blocks."""
 
-    def __init__(self, bundle):
+    def __init__(self, bundle, audio: bool = False):
         self.bundle = bundle
         self.vocab = bundle.vocab
+        # <audio> opens a block only when the constraint tracks audio; otherwise it is ignored as before.
+        self.openers = {self.vocab["<image>"], *([self.vocab["<audio>"]] if audio else [])}
         self.items: list = []
         self.text_ids: list[int] = []
         self.block: list[int] | None = None
@@ -240,17 +268,23 @@ class _DocBuilder:
             self.text_ids = []
 
     def push(self, t: int) -> bool:
-        """Add one token; True when it completed an image."""
+        """Add one token; True when it completed an image or audio block."""
         self.n_tokens += 1
         v = self.vocab
         if self.block is None:
-            if t == v["<image>"]:
+            if t in self.openers:
                 self._flush_text()
                 self.block = [t]
             elif t < v.text_size:
                 self.text_ids.append(t)
             return False
         self.block.append(t)
+        if self.block[0] == v["<audio>"]:
+            if t != v["</audio>"]:
+                return False
+            self.items.append(self._decode_audio_block(self.block))
+            self.block = None
+            return True
         if len(self.block) == 3:
             h = self.block[1] - v.h_start + 1
             w = self.block[2] - v.w_start + 1
@@ -270,6 +304,10 @@ class _DocBuilder:
             meta["sem_codes_shape"] = list(parsed["sem"].shape)
         return Image.from_pil(pil, meta=meta)
 
+    def _decode_audio_block(self, block: list[int]) -> Audio:
+        codes = self.vocab.parse_audio_block(block)
+        return audio_item(self.bundle.audio_tokenizer, codes, meta={"num_tokens": len(block)})
+
     def snapshot(self, meta: dict) -> Doc:
         items = list(self.items)
         if self.text_ids:
@@ -281,8 +319,30 @@ class _DocBuilder:
     def finish(self, meta: dict) -> Doc:
         self._flush_text()
         if self.block is not None:  # only when the budget ran out, which the constraint prevents
-            meta = {**meta, "unfinished_image_tokens": len(self.block)}
+            kind = "audio" if self.block[0] == self.vocab["<audio>"] else "image"
+            meta = {**meta, f"unfinished_{kind}_tokens": len(self.block)}
         return Doc(items=list(self.items), meta=dict(meta))
+
+
+def decode_audio_codes(codec, codes) -> np.ndarray:
+    """Mono waveform of ``(levels, T)`` codes, exactly ``T * hop`` samples long. DAC's transposed
+    convolutions return a few samples short of whole frames; padding the tail with silence keeps a
+    block's duration equal to its frames over the codec's frame rate."""
+    codes = np.asarray(codes, dtype=np.int64)
+    n = codes.shape[1] * codec.hop_length
+    y = np.asarray(codec.decode(codes), dtype=np.float32)[:n]
+    return np.pad(y, (0, n - len(y)))
+
+
+def audio_item(codec, codes, meta: dict | None = None) -> Audio:
+    """An Audio item holding the WAV (at the codec's sample rate) of ``(levels, T)`` codes."""
+    from mmgen.data.media import encode_wav
+
+    codes = np.asarray(codes, dtype=np.int64)
+    wave = decode_audio_codes(codec, codes)
+    facts = {"codes_shape": list(codes.shape), "frames": int(codes.shape[1]), "sample_rate": codec.sample_rate,
+             "duration": len(wave) / codec.sample_rate, **(meta or {})}
+    return Audio(data=encode_wav(wave, codec.sample_rate), format="wav", meta=facts)
 
 
 def _special(bundle) -> tuple[int, int]:
@@ -296,37 +356,38 @@ def _special(bundle) -> tuple[int, int]:
 
 def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, seed: int = 0, cfg_scale: float = 1.0, mode: str = "auto",
-                     sizes: Sequence[tuple[int, int]] | None = None) -> Iterator[Doc]:
+                     sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
+                     max_audio_frames: int | None = None) -> Iterator[Doc]:
     """Stream :func:`generate_interleaved`: yields the growing answer after each new token.
 
     Every yield is a fresh Doc of the completed items plus the text written so far; the last one is the
     finished answer (``meta['stop']`` says why it stopped: ``eos`` or ``max_new_tokens``)."""
-    _check(bundle, mode, cfg_scale, temperature, top_p, top_k)
+    _check(bundle, mode, cfg_scale, temperature, top_p, top_k, allow_audio)
     if max_new_tokens < 1:
         raise MMGenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     vocab = bundle.vocab
     eos, pad = _special(bundle)
     can_image = bundle.image_tokenizer is not None and vocab.has("pix") and mode != "text"
+    can_audio = allow_audio or mode == "tts"  # _check made sure the bundle can decode it
     sizes = list(sizes) if sizes else (default_image_sizes(bundle) if can_image else None)
-    if mode == "t2i":
-        need = min(vocab.image_block_len(h, w) for h, w in sizes) - 1  # <image> is already in the prompt
-        if max_new_tokens < need:
-            raise MMGenError(f"max_new_tokens {max_new_tokens} is too small for one image block "
-                             f"({need} tokens for a {sizes[0][0]}x{sizes[0][1]} grid); raise --max-new-tokens")
-    t2i = mode == "t2i"
-    rows = [prompt_ids(bundle, prompt, image=t2i)]
-    uncond = [prompt_ids(bundle, "", image=t2i)] if cfg_scale != 1.0 else None
-    builder = _DocBuilder(bundle)
-    if t2i:
-        builder.block = [vocab["<image>"]]
+    _check_budget(vocab, mode, max_new_tokens, sizes)
+    opener = [vocab[OPENERS[mode]]] if mode in OPENERS else []
+    rows = [prompt_ids(bundle, prompt, image=False) + opener]
+    uncond = [prompt_ids(bundle, "", image=False) + opener] if cfg_scale != 1.0 else None
+    builder = _DocBuilder(bundle, audio=can_audio)
+    if opener:
+        builder.block = list(opener)
     meta = {"prompt": prompt, "mode": mode, "seed": seed, "cfg_scale": cfg_scale, "temperature": temperature,
             "top_k": top_k, "top_p": top_p}
+    if can_audio:
+        meta["max_audio_frames"] = max_audio_frames
     stop = "max_new_tokens"
     new = 0
     t0 = time.perf_counter()
     for tok, active in sample_tokens(bundle.model, vocab, rows, max_new_tokens=max_new_tokens, eos_id=eos,
                                      pad_id=pad, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                     cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, allow_images=can_image):
+                                     cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, allow_images=can_image,
+                                     allow_audio=can_audio, max_audio_frames=max_audio_frames):
         if not bool(active[0]):
             break
         t = int(tok[0])
@@ -342,17 +403,38 @@ def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature
 
 def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, seed: int = 0, cfg_scale: float = 1.0, mode: str = "auto",
-                         sizes: Sequence[tuple[int, int]] | None = None) -> Doc:
-    """Continue ``prompt`` with interleaved text and images until ``</s>`` or ``max_new_tokens``.
+                         sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
+                         max_audio_frames: int | None = None) -> Doc:
+    """Continue ``prompt`` with interleaved text, images and (optionally) speech until ``</s>`` or
+    ``max_new_tokens``.
 
-    ``mode``: ``auto`` lets the model choose when to open an image; ``t2i`` opens one right after the
-    prompt; ``text`` forbids images. ``cfg_scale > 1`` turns on classifier-free guidance for image
-    tokens. The same arguments and seed give the same Doc."""
+    ``mode``: ``auto`` lets the model choose when to open an image (or, with ``allow_audio``, an audio
+    block); ``t2i`` opens an image right after the prompt; ``tts`` opens an audio block right after
+    the prompt (and allows audio); ``text`` forbids media. Each closed audio block becomes an Audio
+    item: a WAV decoded by the bundle's audio codec, ``frames x hop`` samples at its sample rate.
+    ``max_audio_frames`` caps the code frames of one audio block. ``cfg_scale > 1`` turns on
+    classifier-free guidance for the tokens inside media blocks. The same arguments and seed give
+    the same Doc."""
     doc = None
     for doc in iter_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, sizes=sizes):
+                                top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, sizes=sizes,
+                                allow_audio=allow_audio, max_audio_frames=max_audio_frames):
         pass
     return doc
+
+
+def _check_budget(vocab: Vocab, mode: str, max_new_tokens: int, sizes) -> None:
+    """A mode that opens a block in the prompt must have room to close it."""
+    if mode == "t2i":
+        need = min(vocab.image_block_len(h, w) for h, w in sizes) - 1  # <image> is already in the prompt
+        if max_new_tokens < need:
+            raise MMGenError(f"max_new_tokens {max_new_tokens} is too small for one image block "
+                             f"({need} tokens for a {sizes[0][0]}x{sizes[0][1]} grid); raise --max-new-tokens")
+    if mode == "tts":
+        need = vocab.audio_block_len(1) - 1  # <audio> is already in the prompt
+        if max_new_tokens < need:
+            raise MMGenError(f"max_new_tokens {max_new_tokens} is too small for one audio frame and </audio> "
+                             f"({need} tokens); raise --max-new-tokens")
 
 
 def block_codes(parsed: dict):
@@ -466,22 +548,27 @@ def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: in
 # -- the CLI stage ----------------------------------------------------------------------------------
 def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generated", mode: str = "auto",
                  seed: int = 0, cfg_scale: float = 1.0, max_new_tokens: int = 512, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, device: str = "cpu") -> tuple[Doc, list[Path]]:
-    """``mmgen generate``: load a checkpoint, generate, write images as PNG (and the Doc as JSON)."""
+                 top_k: int = 0, top_p: float = 1.0, device: str = "cpu", allow_audio: bool = False,
+                 max_audio_frames: int | None = None) -> tuple[Doc, list[Path]]:
+    """``mmgen generate``: load a checkpoint, generate, write images as PNG and speech as WAV (and the
+    Doc as JSON). Returns the Doc and the media files in item order."""
     from mmgen.models.bundle import load_bundle
     from mmgen.utils.compat import ensure_torchvision
 
     ensure_torchvision()
     bundle = load_bundle(checkpoint, device=device)
     doc = generate_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode)
+                               top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, allow_audio=allow_audio,
+                               max_audio_frames=max_audio_frames)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     names: list[str | None] = []
+    counts = {"image": 0, "audio": 0}
     for it in doc.items:
-        if isinstance(it, Image):
-            p = out / f"image_{len(paths)}.png"
+        if isinstance(it, (Image, Audio)):
+            p = out / f"{it.kind}_{counts[it.kind]}.{'png' if it.kind == 'image' else 'wav'}"
+            counts[it.kind] += 1
             p.write_bytes(it.load())
             paths.append(p)
             names.append(p.name)

@@ -6,6 +6,8 @@ Layout (every file in the ecosystem's own format, safetensors only)::
     DIR/tokenizer.json, ...                   the text tokenizer (transformers save_pretrained)
     DIR/vocab.json                            the Vocab: id layout of text, structural and code tokens
     DIR/image_tokenizer/                      the image tokenizer (mmgen.tokenizers save_pretrained)
+    DIR/audio_tokenizer/                      the audio codec (AudioCodec save_pretrained), when training used one:
+                                              what turns generated audio codes back into a waveform
     DIR/mmgen.json                            run facts: image resolution, preset, training summary
 """
 
@@ -27,6 +29,8 @@ class Bundle:
     vocab: Vocab
     image_tokenizer: object | None = None  # mmgen.tokenizers.ImageTokenizer
     meta: dict = field(default_factory=dict)
+    # After meta, so the positional Bundle(model, tok, vocab, image_tok, meta) calls keep their meaning.
+    audio_tokenizer: object | None = None  # mmgen.tokenizers.audio.AudioCodec
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -36,6 +40,8 @@ class Bundle:
         self.vocab.save(p / "vocab.json")
         if self.image_tokenizer is not None:
             self.image_tokenizer.save_pretrained(p / "image_tokenizer")
+        if self.audio_tokenizer is not None:
+            self.audio_tokenizer.save_pretrained(p / "audio_tokenizer")
         (p / "mmgen.json").write_text(json.dumps(self.meta, indent=1, default=str))
         return p
 
@@ -61,5 +67,10 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
         from mmgen.tokenizers import load_image_tokenizer
 
         image_tokenizer = load_image_tokenizer(p / "image_tokenizer", device=device)
+    audio_tokenizer = None
+    if (p / "audio_tokenizer").is_dir():  # bundles from before speech output have none: they still load
+        from mmgen.tokenizers.audio import AudioCodec
+
+        audio_tokenizer = AudioCodec.from_pretrained(p / "audio_tokenizer", device=device)
     meta = read_json(p / "mmgen.json", {})
-    return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta)
+    return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer)

@@ -331,6 +331,24 @@ class Vocab:
         return None
 
     # -- audio blocks -------------------------------------------------------------------------
+    @property
+    def audio_codebook_size(self) -> int:
+        """Codes per residual level: the "audio" range is ``audio_levels`` sub-ranges of this size."""
+        start, end = self.code_range("audio")
+        return (end - start) // self.config.audio_levels
+
+    def audio_level_range(self, level: int) -> tuple[int, int]:
+        """``(start, end)`` ids of residual level ``level``'s codes (level 0 is the coarsest)."""
+        if not 0 <= level < self.config.audio_levels:
+            raise MMGenError(f"audio level {level} outside 0..{self.config.audio_levels - 1}")
+        per = self.audio_codebook_size
+        start = self.code_range("audio")[0] + level * per
+        return start, start + per
+
+    def audio_block_len(self, frames: int) -> int:
+        """Tokens of an audio block of ``frames`` code frames: ``<audio>``, levels x frames codes, ``</audio>``."""
+        return 2 + frames * self.config.audio_levels
+
     def audio_block(self, codes) -> list[int]:
         """``<audio> codes </audio>``; ``codes`` is ``(levels, T)``, written frame-major."""
         codes = np.asarray(codes, dtype=np.int64)

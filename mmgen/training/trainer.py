@@ -13,7 +13,7 @@ One rank's path through :func:`pretrain`:
    exactly what an uninterrupted one would), ``engine.backward`` / ``engine.step``, metrics to JSONL
    and TensorBoard, a DeepSpeed checkpoint every ``save_every`` steps, a bundle snapshot every
    ``snapshot_every`` steps (``out_dir/snapshots/step-NNNNNN``);
-5. rank 0 writes the mmgen bundle ``out_dir/final`` (model, text tokenizer, vocab, image tokenizer).
+5. rank 0 writes the mmgen bundle ``out_dir/final`` (model, text tokenizer, vocab, image tokenizer, audio codec).
 """
 
 from __future__ import annotations
@@ -115,6 +115,8 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
         raise MMGenError("the vocab needs the pixel codebook size: set data.image_tokenizer=DIR "
                          "(the tokenizer that made the code shards) or data.codebook_size=N")
     audio_codec = None
+    if cfg.init_from and not cfg.data.audio_tokenizer and (Path(cfg.init_from) / "audio_tokenizer").is_dir():
+        cfg.data.audio_tokenizer = str(Path(cfg.init_from) / "audio_tokenizer")  # carried on, like the image tokenizer
     if cfg.data.audio_tokenizer:
         from mmgen.tokenizers.audio import AudioCodec
 
@@ -820,4 +822,8 @@ def _save_bundle(model, data: dict, cfg: TrainConfig, summary: dict, final: Path
             "image_grids": data["image_grids"], **(extra_meta or {})}
     if image_tok is not None:
         meta["image_resolution"] = list(image_tok.resolution)
-    Bundle(model, data["text_tokenizer"], data["vocab"], image_tok, meta).save(final)
+    audio_tok = data.get("audio_tokenizer")
+    if audio_tok is not None:
+        meta["audio_sample_rate"] = audio_tok.sample_rate
+    # The audio codec goes in too: without it a model that writes audio codes could not be heard.
+    Bundle(model, data["text_tokenizer"], data["vocab"], image_tok, meta, audio_tok).save(final)
