@@ -238,16 +238,8 @@ class ImageGridConstraint(LogitsProcessor):
         must_close = can_close and (
             (self.max_audio_frames is not None and frames >= self.max_audio_frames)
             or (remaining is not None and remaining < levels + 1))
-        key = ("audio", level, can_close, must_close)
-        m = self._masks.get(key)
-        if m is None:
-            m = torch.zeros(size, dtype=torch.bool)
-            if not must_close:
-                lo, hi = self.vocab.audio_level_range(level)
-                m[lo:hi] = True
-            m[self.audio_close] = can_close
-            self._masks[key] = m
-        return m.to(device)
+        ids = [] if must_close else list(range(*self.vocab.audio_level_range(level)))
+        return self._mask(("audio", level, can_close, must_close), ids + [self.audio_close] * can_close, size, device)
 
     def _w_toks_for(self, h_tok: int) -> list[int]:
         h = h_tok - self.vocab.h_start + 1

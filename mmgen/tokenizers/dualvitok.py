@@ -180,7 +180,8 @@ PIX_ENCODERS = ("conv", "patch")
 
 
 class PatchEncoder(nn.Module):
-    """A pixel encoder whose every code sees only its own ``patch x patch`` pixels (an MLP per patch).
+    """A pixel encoder whose every code sees only its own pixels: an MLP per ``patch x patch`` cell of
+    its input, which is the image already pixel-unshuffled by ``pix_patch_size`` (``in_channels`` wide).
 
     diffusers' conv ``Encoder`` gives each code a receptive field far beyond its patch and GroupNorm
     statistics of the whole image, so the same pixels get different codes in different scenes: on
@@ -189,10 +190,10 @@ class PatchEncoder(nn.Module):
     identical codes, which makes the code grid a local function of the picture; the decoder still
     sees every code's neighbours."""
 
-    def __init__(self, patch: int, code_dim: int, width: int = 256, layers: int = 3):
+    def __init__(self, in_channels: int, patch: int, code_dim: int, width: int = 256, layers: int = 3):
         super().__init__()
         self.patch = patch
-        dims = [3 * patch * patch] + [width] * (layers - 1)
+        dims = [in_channels * patch * patch] + [width] * (layers - 1)
         mods: list[nn.Module] = []
         for a, b in zip(dims, dims[1:]):
             mods += [nn.Conv2d(a, b, 1), nn.SiLU()]
@@ -235,9 +236,8 @@ class DualViTok(ImageTokenizer):
                        sem_decoder_layers=sem_decoder_layers, sem_merge=sem_merge, sem_code_dim=sem_code_dim,
                        pix_channels=[int(c) for c in pix_channels], pix_layers_per_block=pix_layers_per_block,
                        pix_patch_size=pix_patch_size, pix_code_dim=pix_code_dim, sem_cond_dim=sem_cond_dim,
-                       norm_groups=norm_groups, branch_dropout=branch_dropout)
-        if pix_encoder != "conv":  # older saved configs have no key: they are "conv"
-            self.hp.update(pix_encoder=pix_encoder, pix_encoder_width=pix_encoder_width)
+                       norm_groups=norm_groups, branch_dropout=branch_dropout, pix_encoder=pix_encoder,
+                       pix_encoder_width=pix_encoder_width)  # configs saved before pix_encoder load as "conv"
         self.teacher = Teacher(self.teacher_spec["kind"], self.teacher_spec["model_cfg"],
                                self.teacher_spec.get("mean", (0.5,) * 3), self.teacher_spec.get("std", (0.5,) * 3),
                                self.teacher_spec.get("input_downsample", 1))
@@ -258,7 +258,7 @@ class DualViTok(ImageTokenizer):
             raise MMGenError(f"every pixel channel count in {self.hp['pix_channels']} must be divisible by norm_groups={norm_groups}")
         self.downsample = pix_patch_size * 2 ** (levels - 1)
         if pix_encoder == "patch":
-            self.pix_encoder = PatchEncoder(self.downsample, pix_code_dim, pix_encoder_width)
+            self.pix_encoder = PatchEncoder(pix, 2 ** (levels - 1), pix_code_dim, pix_encoder_width)
         else:
             self.pix_encoder = Encoder(in_channels=pix, out_channels=pix_code_dim,
                                        down_block_types=("DownEncoderBlock2D",) * levels,
@@ -329,8 +329,6 @@ class DualViTok(ImageTokenizer):
 
     # -- pixel branch -----------------------------------------------------------------------------
     def pix_encode(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.pix_encoder, PatchEncoder):
-            return self.pix_encoder(x)
         return self.pix_encoder(F.pixel_unshuffle(x, self.hp["pix_patch_size"]) if self.hp["pix_patch_size"] > 1 else x)
 
     def pix_decode(self, pix_q: torch.Tensor | None, sem_q: torch.Tensor | None, grid: tuple[int, int] | None = None) -> torch.Tensor:

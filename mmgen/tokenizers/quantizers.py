@@ -141,13 +141,11 @@ class Quantizer(nn.Module):
         the vectors are background, and a code restarted on one of those only splits a region that was
         already well coded (and leaves the shape edges coarse). ``uniform`` draws any recent vector."""
         x = self._recent
-        if self.cfg.restart_sampling == "uniform":
-            return torch.randint(0, x.shape[0], (n,), generator=generator)
-        cb = self.q.codebook
-        err = (x.pow(2).sum(1, keepdim=True) - 2 * x @ cb.T + cb.pow(2).sum(1)[None]).min(1).values.clamp_min(0)
-        if float(err.sum()) <= 0:
-            return torch.randint(0, x.shape[0], (n,), generator=generator)
-        return torch.multinomial(err, n, replacement=int((err > 0).sum()) < n, generator=generator)
+        if self.cfg.restart_sampling == "error":
+            err = torch.cdist(x, self.q.codebook).min(1).values.pow(2)  # squared distance to the nearest code
+            if float(err.sum()) > 0:
+                return torch.multinomial(err, n, replacement=int((err > 0).sum()) < n, generator=generator)
+        return torch.randint(0, x.shape[0], (n,), generator=generator)
 
 
 def _library_quantizer(cfg: QuantizerConfig, dim: int):

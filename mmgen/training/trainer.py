@@ -68,6 +68,14 @@ def _barrier():
 
 
 # -- data ----------------------------------------------------------------------------------------
+def _inherit_tokenizers(cfg: TrainConfig) -> None:
+    """A stage started from a bundle (``init_from``) reuses the bundle's image tokenizer and audio codec
+    (its ``image_tokenizer/`` and ``audio_tokenizer/``) unless the recipe names its own."""
+    for name in ("image_tokenizer", "audio_tokenizer"):
+        if cfg.init_from and not getattr(cfg.data, name) and (Path(cfg.init_from) / name).is_dir():
+            setattr(cfg.data, name, str(Path(cfg.init_from) / name))
+
+
 def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     """Text tokenizer, vocab, image and audio tokenizers and packed rows for this run (identical on every rank)."""
     from transformers import AutoTokenizer
@@ -97,8 +105,7 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     tok = AutoTokenizer.from_pretrained(tok_dir)
 
     image_tokenizer = None
-    if cfg.init_from and not cfg.data.image_tokenizer and (Path(cfg.init_from) / "image_tokenizer").is_dir():
-        cfg.data.image_tokenizer = str(Path(cfg.init_from) / "image_tokenizer")
+    _inherit_tokenizers(cfg)
     if cfg.data.image_tokenizer:
         from mmgen.tokenizers import load_image_tokenizer
 
@@ -115,8 +122,6 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
         raise MMGenError("the vocab needs the pixel codebook size: set data.image_tokenizer=DIR "
                          "(the tokenizer that made the code shards) or data.codebook_size=N")
     audio_codec = None
-    if cfg.init_from and not cfg.data.audio_tokenizer and (Path(cfg.init_from) / "audio_tokenizer").is_dir():
-        cfg.data.audio_tokenizer = str(Path(cfg.init_from) / "audio_tokenizer")  # carried on, like the image tokenizer
     if cfg.data.audio_tokenizer:
         from mmgen.tokenizers.audio import AudioCodec
 
