@@ -91,6 +91,29 @@ def scene_agreement(recons, scenes) -> float:
     return float(np.mean([compare_scenes(parse_scene(r), s)["exact"] for r, s in zip(recons, scenes)]))
 
 
+def code_entropy(images, codes: torch.Tensor, patch: int) -> tuple[float, float]:
+    """Entropy of the pixel codes, and their entropy given the exact ``patch x patch`` pixels they stand
+    for (nats). The second is 0 when identical pixels always get the same code; what is left is
+    context the LM has to predict from a caption."""
+    import math
+    from collections import Counter, defaultdict
+
+    arr = np.stack([np.asarray(im) for im in images])
+    by_patch: dict = defaultdict(Counter)
+    n, gh, gw = codes.shape
+    for i in range(n):
+        for r in range(gh):
+            for c in range(gw):
+                by_patch[arr[i, patch * r:patch * (r + 1), patch * c:patch * (c + 1)].tobytes()][int(codes[i, r, c])] += 1
+
+    def h(cnt: Counter) -> float:
+        t = sum(cnt.values())
+        return -sum(v / t * math.log(v / t) for v in cnt.values())
+
+    total = n * gh * gw
+    return h(Counter(codes.flatten().tolist())), sum(sum(c.values()) / total * h(c) for c in by_patch.values())
+
+
 def real_photos(size) -> list:
     from PIL import Image
 
@@ -196,6 +219,7 @@ def main() -> None:
         results[label] = {"tokens_per_image": ntok, "scene_agreement": agree, "real_psnr_db": p}
     usage = {lvl: usage_fraction(getattr(tok, f"{lvl}_quantizer"), codes[lvl]) for lvl in ("sem", "pix")}
     probe = probes(tok, args.probe_train, args.probe_test, w)
+    h_code, h_given_patch = code_entropy(images, codes["pix"], tok.downsample)
     seconds = time.time() - t0
 
     train = read_json(tok_dir.parent / "eval.json", {})
@@ -221,6 +245,9 @@ def main() -> None:
         "",
         f"Codebook usage on the {len(scenes)} held-out scenes: semantic {100 * usage['sem'][0]:.1f}% of "
         f"{tok.codebook_sizes['sem']}, pixel {100 * usage['pix'][0]:.1f}% of {tok.codebook_sizes['pix']}.",
+        f"Pixel-code entropy {h_code:.2f} nats, {h_given_patch:.2f} nats given the exact {tok.downsample}x{tok.downsample} "
+        "pixels of the code's patch (0: the same pixels always get the same code; more is scene context the LM must "
+        "predict).",
         "",
         f"Linear probe (logistic regression on the codes' codebook vectors, all positions) predicting colour / "
         f"shape of the largest object, trained on {args.probe_train} train-split scenes, tested on {args.probe_test} "
@@ -235,7 +262,7 @@ def main() -> None:
     ]
     text = "\n".join(body)
     print(text)
-    print(json.dumps({"variants": results, "usage": usage, "probe": {"/".join(k): v for k, v in probe.items()}}))
+    print(json.dumps({"variants": results, "usage": usage, "pix_code_entropy": h_code, "pix_code_entropy_given_patch": h_given_patch, "probe": {"/".join(k): v for k, v in probe.items()}}))
     if not args.no_write:
         write_section("tokenizer_quality", "Image tokenizer quality (DualViTok, tiny)", text)
 
