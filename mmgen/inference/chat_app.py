@@ -1,7 +1,9 @@
-"""The interleaved chat: a Gradio app whose answers mix text and generated images.
+"""The interleaved chat: a Gradio app whose answers mix text, generated images and generated speech.
 
-Each answer is one assistant message whose parts are, in order, the text spans and the images of the
-generated Doc, streamed while the model writes. The same function is the named API endpoint ``/chat``,
+Each answer is one assistant message whose parts are, in order, the text spans, the images (PNG) and
+the speech (WAV, played by the chat's audio player) of the generated Doc, streamed while the model
+writes. The mode ``tts`` is offered only for bundles that can decode speech (an audio codec that
+matches the vocab's audio codes). The same function is the named API endpoint ``/chat``,
 so ``gradio_client.Client(url).predict(prompt, [], "t2i", 1.0, 0, 0, 3.0, 512, api_name="/chat")``
 returns the conversation with the answer's images as local files.
 
@@ -28,7 +30,9 @@ EXAMPLES = [
     ["A large blue circle in the center, on a white background.", "t2i"],
 ]
 
-MODE_CHOICES = [("auto: the model decides", "auto"), ("text to image", "t2i"), ("text only", "text")]
+MODE_CHOICES = [("auto: the model decides", "auto"), ("text to image", "t2i"), ("text to speech", "tts"),
+                ("text only", "text")]
+TTS_MIN_SECONDS = 0.5  # a tts answer always has room for at least this much speech
 
 
 def _gradio():
@@ -39,20 +43,47 @@ def _gradio():
     return gr
 
 
+def can_speak(bundle) -> bool:
+    """Whether generation accepts tts / allow_audio for ``bundle`` (generate.py's own check)."""
+    from mmgen.inference.generate import check_audio
+
+    try:
+        check_audio(bundle, "tts")
+    except MMGenError:
+        return False
+    return True
+
+
+def mode_choices(bundle) -> list[tuple[str, str]]:
+    """The modes the bundle can answer in: t2i needs images, tts speech, auto at least one of them."""
+    images = bundle.image_tokenizer is not None and bundle.vocab.has("pix")
+    speech = can_speak(bundle)
+    ok = {"auto": images or speech, "t2i": images, "tts": speech, "text": True}
+    return [c for c in MODE_CHOICES if ok[c[1]]]
+
+
+def _media_file(data: bytes, ext: str, media_dir: Path) -> str:
+    # Named by content: a streamed answer re-renders the same finished block on every update.
+    p = media_dir / f"{hashlib.sha1(data).hexdigest()[:16]}.{ext}"
+    if not p.exists():
+        p.write_bytes(data)
+    return str(p)
+
+
 def doc_to_message(doc, image_dir: Path) -> dict | None:
-    """The assistant message for a generated Doc: text spans and image files, in document order."""
-    from mmgen.data.doc import Image
+    """The assistant message for a generated Doc: text spans, image and speech files, in document order."""
+    from mmgen.data.doc import Audio, Image
 
     parts: list = []
     for it in doc.items:
         if isinstance(it, Image):
-            data = it.load()
-            p = image_dir / f"{hashlib.sha1(data).hexdigest()[:16]}.png"
-            if not p.exists():
-                p.write_bytes(data)
             h, w = it.meta.get("codes_shape", ["?", "?"])
-            parts.append({"path": str(p), "mime_type": "image/png",
+            parts.append({"path": _media_file(it.load(), "png", image_dir), "mime_type": "image/png",
                           "alt_text": f"generated image, {h}x{w} codes"})
+        elif isinstance(it, Audio):
+            # Gradio's Chatbot picks its player from the file's mime type (taken from the .wav suffix).
+            parts.append({"path": _media_file(it.load(), "wav", image_dir), "mime_type": "audio/wav",
+                          "alt_text": f"generated speech, {it.duration:.2f} s"})
         else:
             parts.append(it.text)
     return {"role": "assistant", "content": parts} if parts else None
@@ -66,6 +97,7 @@ class ChatEngine:
         # Under the system temp dir, where Gradio serves files from without an allowed_paths entry.
         self.image_dir = Path(image_dir or tempfile.mkdtemp(prefix="mmgen_chat_"))
         self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.speaks = can_speak(bundle)
 
     def answer(self, message: str, history: list | None, mode: str = "auto", temperature: float = 1.0,
                top_k: int = 0, seed: int = 0, cfg_scale: float = 1.0, max_new_tokens: int = 512,
@@ -84,16 +116,22 @@ class ChatEngine:
             # A t2i answer must hold at least one whole image block.
             need = max(self.bundle.vocab.image_block_len(h, w) for h, w in default_image_sizes(self.bundle))
             max_new_tokens = max(max_new_tokens, need)
+        if mode == "tts" and self.speaks:
+            # A tts answer must hold a short utterance, not just one frame (the budget closes the block).
+            codec = self.bundle.audio_tokenizer
+            frames = max(1, round(TTS_MIN_SECONDS * codec.frame_rate))
+            max_new_tokens = max(max_new_tokens, self.bundle.vocab.audio_block_len(frames))
         stream = iter_interleaved(self.bundle, message, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                                  top_k=int(top_k), seed=int(seed), cfg_scale=float(cfg_scale), mode=mode)
+                                  top_k=int(top_k), seed=int(seed), cfg_scale=float(cfg_scale), mode=mode,
+                                  allow_audio=self.speaks and mode != "text")
         last = 0.0
-        n_images = 0
+        n_media = 0
         doc = None
         for doc in stream:
-            images = len(doc.images)
+            media = len(doc.images) + len(doc.audios)
             now = time.monotonic()
-            if images != n_images or now - last >= stream_every_s:
-                n_images, last = images, now
+            if media != n_media or now - last >= stream_every_s:
+                n_media, last = media, now
                 msg = doc_to_message(doc, self.image_dir)
                 yield history + ([msg] if msg else [])
         msg = doc_to_message(doc, self.image_dir) if doc is not None else None
@@ -112,6 +150,9 @@ def _describe(bundle, checkpoint_dir) -> str:
         h, w = sizes[0]
         d = bundle.image_tokenizer.downsample
         img = f"images {w * d}x{h * d} px ({h}x{w} codes, {bundle.vocab.image_block_len(h, w)} tokens each)"
+    if can_speak(bundle):
+        codec = bundle.audio_tokenizer
+        img += f" · speech at {codec.sample_rate} Hz ({codec.frame_rate:g} frames/s, {codec.n_q} tokens a frame)"
     return (f"**Checkpoint** `{checkpoint_dir}` · {n_params / 1e6:.2f}M parameters · vocab {bundle.vocab.size} · {img}.  \n"
             "Each message is answered on its own: the model sees only the current prompt.")
 
@@ -127,10 +168,12 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
         bundle = load_bundle(checkpoint_dir, device=device)
     engine = ChatEngine(bundle)
     has_images = bundle.image_tokenizer is not None and bundle.vocab.has("pix")
+    # Guidance acts on every media token (generate.cfg_logits), so the label names what this bundle writes.
+    guided = " and ".join(k for k, on in (("image", has_images), ("audio", engine.speaks)) if on)
 
     def chat(message: str, history: list, mode: str, temperature: float, top_k: int, seed: int,
              cfg_scale: float, max_new_tokens: int):
-        """Answer `message` with interleaved text and images; returns the conversation."""
+        """Answer `message` with interleaved text, images and speech; returns the conversation."""
         try:
             yield from engine.answer(message, history, mode, temperature, top_k, seed, cfg_scale, max_new_tokens)
         except MMGenError as e:
@@ -148,10 +191,10 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
                                      label="prompt", show_label=False, scale=5, lines=1, autofocus=True)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80)
             with gr.Column(scale=1, min_width=240):
-                mode = gr.Radio(MODE_CHOICES if has_images else [("text only", "text")],
-                                value="t2i" if has_images else "text", label="mode")
+                mode = gr.Radio(mode_choices(bundle), label="mode",
+                                value="t2i" if has_images else "tts" if engine.speaks else "text")
                 cfg_scale = gr.Slider(1.0, 8.0, value=3.0 if has_images else 1.0, step=0.5,
-                                      label="CFG scale (image tokens; 1 = off)", interactive=has_images)
+                                      label=f"CFG scale ({guided or 'image'} tokens; 1 = off)", interactive=bool(guided))
                 temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature (0 = greedy)")
                 top_k = gr.Slider(0, 512, value=0, step=1, label="top-k (0 = off)")
                 seed = gr.Number(value=0, precision=0, label="seed")
