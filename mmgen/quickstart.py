@@ -96,9 +96,12 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     t_start = time.perf_counter()
 
     def world():
-        from mmgen.data.synthetic import write_world
+        from mmgen.data.synthetic import render_side, write_world
 
-        return write_world(out / "world", n_docs=cfg.docs, seed=cfg.seed, defect_rate=cfg.defect_rate)
+        # Pictures at a whole multiple of the tokenizer's side: its resize then moves every grid cell
+        # by whole pixels, so an object gets the same codes in every cell (see render_side).
+        return write_world(out / "world", n_docs=cfg.docs, seed=cfg.seed, defect_rate=cfg.defect_rate,
+                           size=render_side(tcfg.resolution))
 
     def filtering():
         from mmgen.data.pipeline import run_filter
@@ -141,10 +144,10 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     def evaluate():
         return _evaluate(cfg, out, Path(bundle_dir))
 
-    stages.run("world", world)
-    stages.run("filter", filtering)
     tok_recipe = recipe_path(cfg.tokenizer_recipe, "tokenizers")
     tcfg = load_config(TokenizerTrainConfig, tok_recipe, list(cfg.tokenizer_overrides))
+    stages.run("world", world)
+    stages.run("filter", filtering)
     clip_dir = stages.run("clip", clip) if tcfg.tokenizer == "dualvitok" else None
     tok_dir = stages.run("tokenizer", tokenizer)
     stages.run("tokenize", tokenize)

@@ -10,7 +10,8 @@ import pytest
 from mmgen.data.doc import Doc, Text
 from mmgen.data.shards import read_shard, write_shards
 from mmgen.data.synthetic import (BACKGROUNDS, COLORS, DEFECT_TYPES, DOC_KINDS, HELDOUT_PAIRS, Obj, Scene,
-                                  generate_world, make_doc, random_scene, render, split_of, write_world)
+                                  generate_world, make_doc, random_scene, render, render_side, split_of,
+                                  write_world)
 from mmgen.data.synthetic.text import CAPTION_TEMPLATES, caption, parse_caption, qa_pairs
 from mmgen.errors import MediaError, MMGenError
 from mmgen.eval.scene_parser import parse_scene
@@ -38,6 +39,30 @@ def test_scene_dict_roundtrip_and_render_any_size():
         assert len(colors) == 1 + len({o.color for o in scene.objects})
     with pytest.raises(ValueError):
         Scene("black", [Obj("circle", "red", "large", (0, 0)), Obj("cross", "blue", "small", (0, 0))]).validate()
+
+
+def test_render_side_keeps_an_object_the_same_in_every_cell():
+    """Rendered at render_side(36) = 72 and resized to 36 (a 3x3-code-per-cell tokenizer's size), the same
+    object is the same 12x12 pixels in every cell up to the resize's clipped kernel at the border; from the
+    world's plain 64 px the cells sit at fractional pixels and the blocks differ."""
+    from PIL import Image as PILImage
+
+    assert (render_side(32), render_side(36), render_side(100)) == (64, 72, 100)
+
+    def worst_block_difference(side: int) -> int:
+        worst = 0
+        for shape in ("triangle", "cross"):
+            blocks = []
+            for r in range(3):
+                for c in range(3):
+                    img = render(Scene("white", [Obj(shape, "red", "large", (r, c))]), side, side)
+                    a = np.asarray(img.resize((36, 36), PILImage.BICUBIC), dtype=int)
+                    blocks.append(a[12 * r:12 * (r + 1), 12 * c:12 * (c + 1)])
+            worst = max(worst, max(int(np.abs(b - blocks[4]).max()) for b in blocks))
+        return worst
+
+    assert worst_block_difference(render_side(36)) <= 8
+    assert worst_block_difference(64) > 50
 
 
 def test_caption_parse_roundtrip():

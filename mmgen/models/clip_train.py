@@ -48,13 +48,14 @@ def largest_object(scene):
 
 
 def shapes_pairs(n: int, size: int, seed: int, split: str = "train"):
-    """``n`` (scene, PIL image, caption) triples from ShapesWorld. Pictures are rendered at least at
-    the world's 64 px and left to the encoder's bicubic resize, as corpus pictures reach it."""
-    from mmgen.data.synthetic import caption, random_scene, render
+    """``n`` (scene, PIL image, caption) triples from ShapesWorld. Pictures are rendered at a whole
+    multiple of ``size`` of at least the world's 64 px (``render_side``) and left to the encoder's
+    bicubic resize, as corpus pictures reach it."""
+    from mmgen.data.synthetic import caption, random_scene, render, render_side
 
     rng = random.Random(f"clip-{split}-{seed}")
     out = []
-    side = max(size, 64)
+    side = render_side(size)
     for _ in range(n):
         s = random_scene(rng, split)
         out.append((s, render(s, side, side), caption(s, rng)))

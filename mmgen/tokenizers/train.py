@@ -185,12 +185,13 @@ def synthetic_images(n: int, size: int, seed: int, source: str = "shapes") -> li
         return [random_shapes_image(rng, size) for _ in range(n)]
     if source == "shapesworld":
         try:
-            from mmgen.data.synthetic import random_scene, render
+            from mmgen.data.synthetic import random_scene, render, render_side
         except ImportError as e:
             raise MMGenError(f"synthetic_source=shapesworld needs mmgen.data.synthetic ({e}); use synthetic_source=shapes") from None
-        # Rendered at the world's 64x64 (or larger) and resized as encode() resizes corpus images, so
-        # that a small tokenizer trains on the soft edges it will be given, not on aliased renders.
-        side = max(size, 64)
+        # Rendered at a whole multiple of the size, at least the world's 64 px, and resized as encode()
+        # resizes corpus images: a small tokenizer trains on the soft edges it will be given, not on
+        # aliased renders, and every cell keeps the same pixel phase (render_side).
+        side = render_side(size)
         return [_square(render(random_scene(rng, "train"), side, side), size) for _ in range(n)]
     raise MMGenError(f"unknown synthetic_source '{source}' (use shapesworld or shapes)")
 

@@ -216,6 +216,17 @@ def placement(obj: Obj, width: int, height: int) -> tuple:
     return (obj.shape, obj.color, cx, cy, SIZES[obj.size] * cell_side)
 
 
+WORLD_SIZE = 64  # the side the world renders its pictures at unless asked otherwise
+
+
+def render_side(size: int, at_least: int = WORLD_SIZE) -> int:
+    """The side to render a picture at that will be resized to ``size``: the smallest multiple of ``size``
+    that is at least ``at_least``. An integer downscale moves every cell by whole pixels, so when ``size``
+    is a multiple of GRID an object is the same pixels in every cell (and a patch tokenizer whose grid
+    divides the cell gives it the same codes wherever it stands)."""
+    return size * -(-at_least // size)
+
+
 def render(scene: Scene, width: int = 64, height: int = 64, supersample: int = 1):
     """The scene as a PIL RGB image of any size and aspect ratio. Shapes keep their proportions
     (a circle stays round); aliased by default so every pixel is a palette colour."""
