@@ -74,7 +74,7 @@ def evaluate_qa(bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), b
     for split in splits:
         scenes, rng = _scenes(n, split, seed, "qa")
         qas = [qa_pairs(s, rng, n=1)[0] for s in scenes]
-        blocks = image_ids(bundle, [render(s, *res) for s in scenes])
+        blocks = image_ids(bundle, [render(s, *render_size(res)) for s in scenes])
         rows = [qa_prompt_ids(bundle, b, q) for b, (q, _, _) in zip(blocks, qas)]
         answers = generate_text_rows(bundle, rows, max_new_tokens=6, batch_size=batch_size, progress=True,
                                      desc=f"qa {split}")
@@ -94,6 +94,14 @@ def resolution(bundle) -> tuple[int, int]:
     return tuple(v) if v else tuple(bundle.image_tokenizer.resolution)
 
 
+def render_size(res) -> tuple[int, int]:
+    """Where eval pictures are rendered for a model reading ``res``: as the quickstart's world renders its
+    corpus (render_side), so the tokenizer's resize gives the codes the model was trained on."""
+    from mmgen.data.synthetic import render_side
+
+    return tuple(render_side(int(x)) for x in res)
+
+
 def buildup_cases(n: int, split: str, seed: int, res) -> list[dict]:
     """``n`` build-up documents cut before a random step's image: the prompt items and the truth scene."""
     from mmgen.data.synthetic import make_doc
@@ -101,7 +109,7 @@ def buildup_cases(n: int, split: str, seed: int, res) -> list[dict]:
     rng = random.Random(f"buildup-{split}-{seed}")
     cases = []
     while len(cases) < n:
-        doc = make_doc("buildup", rng, split=split, size=res)
+        doc = make_doc("buildup", rng, split=split, size=render_size(res))
         steps = [i for i, it in enumerate(doc.items) if it.kind == "image" and it.meta.get("step", 0) > 0]
         cut = rng.choice(steps)  # the image to draw; the items before it are the prompt
         cases.append({"items": doc.items[:cut], "truth": doc.items[cut].meta["scene"],
