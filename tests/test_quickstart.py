@@ -24,8 +24,8 @@ def test_quickstart_end_to_end_small(tmp_path):
         m = report["t2i"][split]
         assert m["n"] == 3 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["parse_rate"] <= 1.0
     assert 0.0 <= report["t2i_accuracy"] <= 1.0
-    # The default tokenizer is DualViTok on a CLIP teacher the run trained itself: 4x4 semantic + 8x8 pixel codes.
-    assert report["tokenizer"]["type"] == "DualViTok" and report["tokenizer"]["tokens_per_image"] == 80
+    # The default tokenizer is DualViTok on a CLIP teacher the run trained itself: 3x3 semantic + 9x9 pixel codes.
+    assert report["tokenizer"]["type"] == "DualViTok" and report["tokenizer"]["tokens_per_image"] == 90
     assert report["tokenizer"]["clip_teacher"]["steps"] == 4
     # ... and the LM's vocab holds the code range the tiny recipe asks for, at the tokenizer's size.
     from mmgen.models.vocab import Vocab
