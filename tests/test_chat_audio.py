@@ -6,24 +6,15 @@ import dataclasses
 import io
 
 import numpy as np
-import pytest
+import test_speech_generation
 from test_chat import _free_port
 from test_generate import _bias_head, make_tiny_bundle
-from test_speech_generation import HOP, SR, make_speech_bundle
+from test_speech_generation import HOP, SR
+
+# The speech tests' tiny speaking bundle, as fixtures of this module too.
+speech_dir, speech = test_speech_generation.speech_dir, test_speech_generation.speech
 
 IMAGE_ONLY_MODES = [("auto: the model decides", "auto"), ("text to image", "t2i"), ("text only", "text")]
-
-
-@pytest.fixture(scope="module")
-def speech_dir(tmp_path_factory):
-    return make_speech_bundle(tmp_path_factory.mktemp("chat_speech_bundle"))
-
-
-@pytest.fixture()
-def speech(speech_dir):
-    from mmgen.models.bundle import load_bundle
-
-    return load_bundle(speech_dir)
 
 
 def _wav(path) -> tuple[np.ndarray, int]:

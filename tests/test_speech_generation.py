@@ -160,9 +160,10 @@ def _codec():
     return AudioCodec.from_config(TINY_AUDIO_CODEC)
 
 
-def make_speech_bundle(path):
-    """Save a tiny random LM whose vocab has pixel and audio codes, with an image tokenizer and the
-    tiny audio codec, to ``path`` (the chat tests speak with it too)."""
+@pytest.fixture(scope="module")
+def speech_dir(tmp_path_factory):
+    """A tiny random LM whose vocab has pixel and audio codes, saved with an image tokenizer and the
+    tiny audio codec (tests/test_chat_audio.py speaks with it too)."""
     from mmgen.models.bundle import Bundle
     from mmgen.models.lm import build_tiny_lm
     from mmgen.models.text_tokenizer import train_text_tokenizer
@@ -170,13 +171,9 @@ def make_speech_bundle(path):
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
     vocab = Vocab(len(tok), {"pix": 16, "audio": LEVELS * PER}, max_grid=8, audio_levels=LEVELS)
     model = build_tiny_lm(vocab, hidden=64, layers=1, heads=4, text_tokenizer=tok, seed=0)
+    path = tmp_path_factory.mktemp("speech_bundle")
     Bundle(model, tok, vocab, PaletteTokenizer(), {"image_resolution": list(RES)}, _codec()).save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def speech_dir(tmp_path_factory):
-    return make_speech_bundle(tmp_path_factory.mktemp("speech_bundle"))
 
 
 @pytest.fixture()

@@ -87,10 +87,10 @@ def evaluate_t2i(bundle, n: int = 32, seed: int = 0, cfg_scale: float = 1.0, tem
 def evaluate_reconstruction(image_tokenizer, n: int = 200, seed: int = 7, size: tuple[int, int] | None = None) -> dict:
     """Scene-parser agreement between rendered scenes and their tokenizer reconstructions; scenes are
     rendered at ``size`` (default: as the quickstart's world renders for this tokenizer, render_side)."""
-    from mmgen.data.synthetic import random_scene, render, render_side
+    from mmgen.data.synthetic import random_scene, render, render_size
     from mmgen.eval.scene_parser import compare_scenes, parse_scene
 
-    size = size or tuple(render_side(int(x)) for x in image_tokenizer.resolution)
+    size = size or render_size(image_tokenizer.resolution)
     rng = random.Random(f"recon-{seed}")
     scenes = [random_scene(rng, split=rng.choice(["val", "heldout"])) for _ in range(n)]
     originals = [render(s, *size) for s in scenes]

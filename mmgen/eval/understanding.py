@@ -65,7 +65,7 @@ def qa_prompt_ids(bundle, image_block: list[int], question: str) -> list[int]:
 
 def evaluate_qa(bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), batch_size: int = 16) -> dict:
     """Greedy short answers to one question per scene, scored exactly, per split and per type."""
-    from mmgen.data.synthetic import render
+    from mmgen.data.synthetic import render, render_size
     from mmgen.data.synthetic.text import qa_pairs
     from mmgen.inference.generate import generate_text_rows, image_ids
 
@@ -94,17 +94,9 @@ def resolution(bundle) -> tuple[int, int]:
     return tuple(v) if v else tuple(bundle.image_tokenizer.resolution)
 
 
-def render_size(res) -> tuple[int, int]:
-    """Where eval pictures are rendered for a model reading ``res``: as the quickstart's world renders its
-    corpus (render_side), so the tokenizer's resize gives the codes the model was trained on."""
-    from mmgen.data.synthetic import render_side
-
-    return tuple(render_side(int(x)) for x in res)
-
-
 def buildup_cases(n: int, split: str, seed: int, res) -> list[dict]:
     """``n`` build-up documents cut before a random step's image: the prompt items and the truth scene."""
-    from mmgen.data.synthetic import make_doc
+    from mmgen.data.synthetic import make_doc, render_size
 
     rng = random.Random(f"buildup-{split}-{seed}")
     cases = []

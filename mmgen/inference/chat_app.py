@@ -43,6 +43,11 @@ def _gradio():
     return gr
 
 
+def can_draw(bundle) -> bool:
+    """Whether the bundle writes images (an image tokenizer and the pixel code range)."""
+    return bundle.image_tokenizer is not None and bundle.vocab.has("pix")
+
+
 def can_speak(bundle) -> bool:
     """Whether generation accepts tts / allow_audio for ``bundle`` (generate.py's own check)."""
     from mmgen.inference.generate import check_audio
@@ -56,8 +61,7 @@ def can_speak(bundle) -> bool:
 
 def mode_choices(bundle) -> list[tuple[str, str]]:
     """The modes the bundle can answer in: t2i needs images, tts speech, auto at least one of them."""
-    images = bundle.image_tokenizer is not None and bundle.vocab.has("pix")
-    speech = can_speak(bundle)
+    images, speech = can_draw(bundle), can_speak(bundle)
     ok = {"auto": images or speech, "t2i": images, "tts": speech, "text": True}
     return [c for c in MODE_CHOICES if ok[c[1]]]
 
@@ -167,7 +171,7 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
         ensure_torchvision()
         bundle = load_bundle(checkpoint_dir, device=device)
     engine = ChatEngine(bundle)
-    has_images = bundle.image_tokenizer is not None and bundle.vocab.has("pix")
+    has_images = can_draw(bundle)
     # Guidance acts on every media token (generate.cfg_logits), so the label names what this bundle writes.
     guided = " and ".join(k for k, on in (("image", has_images), ("audio", engine.speaks)) if on)
 

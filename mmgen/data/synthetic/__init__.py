@@ -7,7 +7,7 @@ writer behind ``mmgen world``. The judge that reads images back is :mod:`mmgen.e
 
 from mmgen.data.synthetic.scene import (  # noqa: F401
     BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, SPLITS, Obj, Scene, random_scene, render,
-    render_side, split_of,
+    render_side, render_size, split_of,
 )
 from mmgen.data.synthetic.text import caption, parse_caption, parse_objects, qa_pairs  # noqa: F401
 from mmgen.data.synthetic.world import (  # noqa: F401

@@ -227,6 +227,12 @@ def render_side(size: int, at_least: int = WORLD_SIZE) -> int:
     return size * -(-at_least // size)
 
 
+def render_size(resolution) -> tuple[int, int]:
+    """``render_side`` of each side of a (width, height) ``resolution``: where to render pictures that a
+    tokenizer of that resolution will read, as the quick start's world renders its corpus."""
+    return tuple(render_side(int(x)) for x in resolution)
+
+
 def render(scene: Scene, width: int = 64, height: int = 64, supersample: int = 1):
     """The scene as a PIL RGB image of any size and aspect ratio. Shapes keep their proportions
     (a circle stays round); aliased by default so every pixel is a palette colour."""
