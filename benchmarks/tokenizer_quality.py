@@ -53,11 +53,14 @@ def ensure_tokenizer(path: Path) -> Path:
 
 
 def render_set(n: int, split: str, seed: int, size: int):
-    from mmgen.data.synthetic import random_scene, render
+    """``n`` scenes of ``split``, rendered as the quick start's world renders them for a tokenizer of side
+    ``size`` (render_side: a whole multiple of it, which the tokenizer's resize then brings down)."""
+    from mmgen.data.synthetic import random_scene, render, render_side
 
     rng = random.Random(f"tokq-{split}-{seed}")
     scenes = [random_scene(rng, split) for _ in range(n)]
-    return scenes, [render(s, size, size) for s in scenes]
+    side = render_side(size)
+    return scenes, [render(s, side, side) for s in scenes]
 
 
 def encode_all(tok, images, batch: int = 64) -> dict:
@@ -123,7 +126,7 @@ def real_photos(size) -> list:
 
 def unique_largest_set(n: int, split: str, seed: int, size: int):
     """Scenes whose largest object is unambiguous (one object, or exactly one large one)."""
-    from mmgen.data.synthetic import random_scene, render
+    from mmgen.data.synthetic import random_scene, render, render_side
 
     rng = random.Random(f"probe-{split}-{seed}")
     scenes = []
@@ -131,7 +134,8 @@ def unique_largest_set(n: int, split: str, seed: int, size: int):
         s = random_scene(rng, split)
         if len(s.objects) == 1 or sum(o.size == "large" for o in s.objects) == 1:
             scenes.append(s)
-    return scenes, [render(s, size, size) for s in scenes]
+    side = render_side(size)
+    return scenes, [render(s, side, side) for s in scenes]
 
 
 def code_features(tok, codes: torch.Tensor, level: str) -> torch.Tensor:
