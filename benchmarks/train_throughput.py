@@ -39,7 +39,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODEL = {"hidden": 256, "layers": 4, "heads": 4}  # the tiny preset (training/tiny_pretrain.yaml)
+
+
+def tiny_model() -> dict:
+    """The tiny preset's decoder shape, read from training/tiny_pretrain.yaml (what the quick start trains)."""
+    from mmgen.config import load_config
+    from mmgen.paths import recipe_path
+    from mmgen.training.config import TrainConfig
+
+    m = load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []).model
+    return {"hidden": m.hidden, "layers": m.layers, "heads": m.heads}
+
+
+MODEL = tiny_model()
 MIX = {"caption": 0.5, "qa": 0.25, "buildup": 0.25}
 
 

@@ -16,6 +16,9 @@ def test_quickstart_end_to_end_small(tmp_path):
     )
     report_md = quickstart(cfg)
     report = json.loads((report_md.parent / "report.json").read_text())
+    # The world follows the quick start's caption-leaning mix (caption documents the commonest kind).
+    world = json.loads((tmp_path / "qs" / ".done" / "world.json").read_text())["result"]
+    assert sum(world["kinds"].values()) == 160 and max(world["kinds"], key=world["kinds"].get) == "caption"
     # Counts of the filter stage add up.
     filt = json.loads((tmp_path / "qs" / ".done" / "filter.json").read_text())["result"]
     assert filt["input"] == filt["kept"] + filt["rejected"] + filt["quarantined"]
