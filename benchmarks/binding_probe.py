@@ -107,7 +107,7 @@ def run(model_size: str, n_objects: int | None, steps: int, every: int, lr: floa
             with torch.no_grad():
                 pred = model(input_ids=xv).logits.argmax(-1)
             acc = float((pred[occupied] == yv[occupied]).float().mean())
-            curve.append({"step": step, "seconds": t_train, "object_accuracy": acc, "loss": float(loss)})
+            curve.append({"step": step, "seconds": t_train, "object_accuracy": acc, "loss": loss.item()})
             print(f"{model_size} objects={n_objects or '1-3'} step {step}: object accuracy {acc:.3f} "
                   f"({t_train:.0f} s)", flush=True)
     return {"model": model_size, "objects": n_objects or "1-3", "curve": curve,
