@@ -93,7 +93,8 @@ def test_mode_list_offers_tts_only_when_the_bundle_can_speak(speech, tmp_path):
     plain = build_app("plain", bundle=make_tiny_bundle(tmp_path))
     radio, cfg = _component(plain, gr.Radio), _component(plain, gr.Slider, "CFG")
     assert radio.choices == IMAGE_ONLY_MODES and radio.value == "t2i"
-    assert cfg.label == "CFG scale (image tokens; 1 = off)" and cfg.interactive and cfg.value == 3.0
+    # guidance starts off (BENCHMARKS: CFG 3 left 4% of the quick start model's images parseable)
+    assert cfg.label == "CFG scale (image tokens; 1 = off)" and cfg.interactive and cfg.value == 1.0
     assert "speech" not in next(c for c in plain.blocks.values() if isinstance(c, gr.Markdown)).value
 
 

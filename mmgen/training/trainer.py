@@ -429,7 +429,20 @@ def load_quantized(source: str | Path, cfg: TrainConfig):
     if not is_quantized(model):
         raise MMGenError(f"lora.quantize={cfg.lora.quantize}: no Linear layer of {source} was quantized "
                          "(the decoder has none outside the kept heads and projectors)")
+    keep_4bit_layout(model)
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Turn off bitsandbytes' AVX512-BF16 CPU path on every 4-bit layer.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` called in eval mode on an input without grad repacks its
+    weight in place for a bf16 kernel, and from then on computes in bf16 (whatever the recipe's
+    ``compute_dtype``) through an op without autograd. A QLoRA model evaluates between steps and is
+    merged and saved from those weights, so mmgen keeps the one layout and dtype on every CPU."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantize_for_qlora(model, cfg: TrainConfig):
