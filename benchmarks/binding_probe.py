@@ -2,6 +2,7 @@
 
     python benchmarks/binding_probe.py                       # 128x2 and 256x4, one- and multi-object captions
     python benchmarks/binding_probe.py --steps 3000 --models 128x2 --no-write
+    python benchmarks/binding_probe.py --models 128x2 --objects 0 --cells own,target   # the LM's grid_target
 
 The text-to-image problem of the quick start with the image stripped away: a ShapesWorld caption
 (word-level tokens) is followed by one token per grid cell, row by row, naming the object in that cell
@@ -16,6 +17,11 @@ with up to three the model has to match the cell to the position phrase and read
 Steps, examples (steps x 64) and seconds until 50% and 90% of the objects are right are reported per
 model size, side by side in one run, so the model a CPU budget can afford to bind is known before the
 quick start spends 10 minutes training it. Writes the BENCHMARKS.md section "binding_probe" and a PNG.
+
+``--cells`` adds a learned cell embedding to the inputs, as the unified LM's grid positions do: ``own``
+gives each cell token the embedding of its own cell (``model.grid_positions``), ``target`` gives each
+input the cell it predicts (``model.grid_target``: the ``<img>`` token names cell 0, cell k's token
+names cell k + 1); ``none`` adds nothing.
 """
 
 from __future__ import annotations
@@ -73,7 +79,23 @@ def batch(data: CaptionGrid, items, torch):
     return x, y
 
 
-def run(model_size: str, n_objects: int | None, steps: int, every: int, lr: float, seed: int) -> dict:
+def cell_ids(x, y, cells: str, torch):
+    """Per input position, 1 + the cell its embedding names (0: none), for the ``--cells`` arm."""
+    out = torch.zeros_like(x)
+    if cells == "none":
+        return out
+    predicting = y >= 0  # the <img> token and the first 8 cell tokens, in cell order
+    k = predicting.long().cumsum(-1) - 1  # the cell each of them predicts
+    if cells == "target":
+        return torch.where(predicting, 1 + k, out)
+    # own: the cell token at t is the cell predicted at t - 1 (the <img> token has none)
+    own = torch.zeros_like(x)
+    own[:, 1:] = torch.where(predicting[:, :-1], 1 + k[:, :-1], 0)
+    return own
+
+
+def run(model_size: str, n_objects: int | None, steps: int, every: int, lr: float, seed: int,
+        cells: str = "none") -> dict:
     import torch
 
     from mmgen.utils.compat import ensure_torchvision
@@ -89,14 +111,20 @@ def run(model_size: str, n_objects: int | None, steps: int, every: int, lr: floa
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=256 + 1 + len(data.objects), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    cell_table = torch.nn.Embedding(10, hidden, padding_idx=0)  # zero-initialised, as in the unified LM
+    torch.nn.init.zeros_(cell_table.weight)
+
+    def forward(x, y):
+        return model(inputs_embeds=model.get_input_embeddings()(x) + cell_table(cell_ids(x, y, cells, torch))).logits
+
+    opt = torch.optim.AdamW([*model.parameters(), *cell_table.parameters()], lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     xv, yv = batch(data, val, torch)
     occupied = yv > data.cell_token(0)
     curve, t_train = [], 0.0
     for step in range(1, steps + 1):
         x, y = batch(data, [data.example(rng, n_objects) for _ in range(BATCH)], torch)
         t0 = time.perf_counter()
-        logits = model(input_ids=x).logits
+        logits = forward(x, y)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
@@ -105,12 +133,12 @@ def run(model_size: str, n_objects: int | None, steps: int, every: int, lr: floa
         t_train += time.perf_counter() - t0
         if step % every == 0:
             with torch.no_grad():
-                pred = model(input_ids=xv).logits.argmax(-1)
+                pred = forward(xv, yv).argmax(-1)
             acc = float((pred[occupied] == yv[occupied]).float().mean())
             curve.append({"step": step, "seconds": t_train, "object_accuracy": acc, "loss": loss.item()})
-            print(f"{model_size} objects={n_objects or '1-3'} step {step}: object accuracy {acc:.3f} "
+            print(f"{model_size} objects={n_objects or '1-3'} cells={cells} step {step}: object accuracy {acc:.3f} "
                   f"({t_train:.0f} s)", flush=True)
-    return {"model": model_size, "objects": n_objects or "1-3", "curve": curve,
+    return {"model": model_size, "objects": n_objects or "1-3", "cells": cells, "curve": curve,
             "s_per_step": t_train / steps, "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -127,7 +155,7 @@ def plot(results: list[dict], png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in results:
         ax.plot([c["step"] * BATCH for c in r["curve"]], [c["object_accuracy"] for c in r["curve"]],
-                label=f"{r['model']}, {r['objects']} objects")
+                label=f"{r['model']}, {r['objects']} objects, cells: {r['cells']}")
     ax.set_xlabel("caption -> grid examples seen")
     ax.set_ylabel("objects right (500 val captions)")
     ax.set_ylim(0, 1)
@@ -146,14 +174,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cells", default="none", help="comma-separated cell-embedding arms: none, own, target")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    results = [run(m, int(k) or None, args.steps, args.every, args.lr, args.seed)
-               for m in args.models.split(",") for k in args.objects.split(",")]
+    results = [run(m, int(k) or None, args.steps, args.every, args.lr, args.seed, c)
+               for m in args.models.split(",") for k in args.objects.split(",") for c in args.cells.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "binding_probe.json").write_text(json.dumps(results, indent=1))
     # the tracked PNG changes only with the section that shows it
@@ -164,13 +193,13 @@ def main() -> None:
 
     rows = []
     for r in results:
-        row = [r["model"], r["parameters"], r["objects"], round(r["s_per_step"] * 1000, 1)]
+        row = [r["model"], r["parameters"], r["objects"], r["cells"], round(r["s_per_step"] * 1000, 1)]
         for level in (0.5, 0.9):
             c = first_reaching(r["curve"], level)
             row += [f"{c['step'] * BATCH:,} ({c['seconds']:.0f} s)" if c else f"> {args.steps * BATCH:,}"]
         row.append(round(r["curve"][-1]["object_accuracy"], 3))
         rows.append(row)
-    table = md_table(["model (hidden x layers)", "parameters", "objects per caption", "ms per step of 64",
+    table = md_table(["model (hidden x layers)", "parameters", "objects per caption", "cell embedding", "ms per step of 64",
                       "examples (seconds) to 50% right", "to 90% right", f"right after {args.steps * BATCH:,}"], rows)
     print(table)
     if not args.no_write:

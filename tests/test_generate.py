@@ -380,16 +380,18 @@ def test_t2i_with_the_pixel_vq_tokenizer(tmp_path):
 
 
 # -- 2-D grid positions ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def grid_bundle(tmp_path_factory):
-    """A tiny unified model with grid position embeddings, its table randomised so positions matter."""
+@pytest.fixture(scope="module", params=[False, True], ids=["own-cell", "target-cell"])
+def grid_bundle(tmp_path_factory, request):
+    """A tiny unified model with grid position embeddings (of each code's own cell, or of the cell each
+    input predicts), its table randomised so positions matter."""
     from mmgen.models.bundle import Bundle, load_bundle
     from mmgen.models.text_tokenizer import train_text_tokenizer
     from mmgen.models.unified import build_unified_lm
 
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
     vocab = Vocab(len(tok), {"pix": 16}, max_grid=8)
-    model = build_unified_lm(vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0, grid_positions=True)
+    model = build_unified_lm(vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0, grid_positions=True,
+                             grid_target=request.param)
     with torch.no_grad():
         model.grid_position_embedding.weight[1:].normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
     path = tmp_path_factory.mktemp("grid_bundle")
@@ -400,13 +402,15 @@ def grid_bundle(tmp_path_factory):
 def test_grid_positions_survive_save_load_and_change_the_logits(grid_bundle):
     model, vocab = grid_bundle.model, grid_bundle.vocab
     table = model.grid_position_embedding.weight
-    assert table.shape == (1 + 2 * 8 * 8, 64) and bool(table[1:].abs().sum() > 0) and not table[0].any()
+    side = 9 if model.config.grid_target else 8  # target cells run to column/row max_grid (before <eol>)
+    assert table.shape == (1 + 2 * side * side, 64) and bool(table[1:].abs().sum() > 0) and not table[0].any()
     block = vocab.image_block(np.arange(16).reshape(4, 4) % 16)
     ids = torch.tensor([[1, *block]])
     with torch.no_grad():
         with_grid = model(ids).logits
         without = model(ids, grid_positions=torch.zeros_like(ids)).logits
-    first = int((ids[0] >= vocab.code_range("pix")[0]).nonzero()[0])
+    # the first token with a cell: the first code, or with target cells the <pix> that predicts it
+    first = int((ids[0] >= vocab.code_range("pix")[0]).nonzero()[0]) - int(model.config.grid_target)
     assert torch.allclose(with_grid[0, :first], without[0, :first], atol=1e-5)  # before the first code: untouched
     assert not torch.allclose(with_grid[0, first:], without[0, first:], atol=1e-3)
 
@@ -443,3 +447,32 @@ def test_grid_position_tail_equals_the_full_scan_on_every_prefix():
     for cut in range(1, ids.shape[1] + 1):
         assert torch.equal(vocab.grid_position_ids_tail(ids[:, :cut]), full[:, cut - 1:cut])
     assert torch.equal(vocab.grid_position_ids_tail(ids, 30), full[:, -30:])
+    target = vocab.grid_position_ids(ids, target=True)
+    for cut in range(1, ids.shape[1] + 1):
+        assert torch.equal(vocab.grid_position_ids_tail(ids[:, :cut], target=True), target[:, cut - 1:cut])
+
+
+def test_target_cells_name_the_cell_of_the_next_code():
+    """With ``target=True`` every input that precedes a code carries that code's (branch, row, col), in a
+    table of side max_grid + 1; an input followed by anything else carries the cell after it or none."""
+    vocab = Vocab(100, {"sem": 16, "pix": 32}, max_grid=4)
+    block = vocab.image_block(np.arange(12).reshape(3, 4) % 32, sem=np.arange(4).reshape(2, 2))
+    ids = torch.tensor([[5, 6, *block, 7, *block]])
+    own = vocab.grid_position_ids(ids)[0].tolist()
+    target = vocab.grid_position_ids(ids, target=True)[0].tolist()
+    G, side = 4, 5
+    assert vocab.grid_table_size(True) == 1 + 2 * side * side and max(target) < vocab.grid_table_size(True)
+
+    def cell(table_id, s):  # (branch, row, col) of a table row
+        k = table_id - 1
+        return k // (s * s), k % (s * s) // s, k % s
+
+    tokens = ids[0].tolist()
+    predicting_a_code = [t for t in range(len(tokens) - 1) if own[t + 1] > 0]
+    assert len(predicting_a_code) == 2 * (12 + 4)
+    for t in predicting_a_code:
+        assert cell(target[t], side) == cell(own[t + 1], G), t
+    # text, size tokens and closers predict no cell; the last code of a row points past the row (col 4)
+    assert all(target[t] == 0 for t, x in enumerate(tokens) if x in (5, 6, 7, vocab["<image>"], vocab["</image>"]))
+    last_of_row = [t for t in range(len(tokens) - 1) if own[t] > 0 and tokens[t + 1] == vocab["<eol>"]]
+    assert {cell(target[t], side)[2] for t in last_of_row if cell(target[t], side)[0] == 1} == {4}

@@ -230,7 +230,7 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
         if getattr(model.config, "grid_positions", False):
             # The new token's grid cell depends only on the tokens since its block opened, which the
             # conditional and unconditional rows share.
-            g = vocab.grid_position_ids_tail(seq[:, :cur])
+            g = model.grid_cells(seq[:, :cur], 1)
             grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
         out = model(input_ids=step_tok[:, None], attention_mask=attn_buf[:, :cur], position_ids=next_pos[:, None],
                     past_key_values=past, use_cache=True, **grid)

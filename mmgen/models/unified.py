@@ -17,7 +17,11 @@ checkpoint) and adds what the ILLUME+/Janus line needs on top of a text LLM:
   pixel code's input embedding gets a learned vector for its (branch, row, column) in the code grid.
   RoPE alone tells a code only its distance from ``<pix>``; a small decoder trained for minutes does
   not learn to turn that into a row and column, so it smears objects across the grid (the tiny
-  recipe's generations before this was added). LlamaGen-style 2-D positions, added at the input;
+  recipe's generations before this was added). LlamaGen-style 2-D positions, added at the input.
+  With ``grid_target`` the vector names the cell of the code the token *predicts* instead of its own
+  (RandAR's position instructions; :meth:`Vocab.grid_position_ids`): text-to-image then only has to
+  find which caption phrase names that cell, which a tiny decoder learns far sooner
+  (``benchmarks/binding_probe.py --target-cells``);
 - discrete output: the logits always span the whole vocab, so everything the model writes is a code.
 
 ``import mmgen.models`` registers the class with ``AutoConfig`` / ``AutoModelForCausalLM``, so a
@@ -67,6 +71,7 @@ class MMGenConfig(PreTrainedConfig):
     image_placeholder_id: int | None = None
     audio_placeholder_id: int | None = None
     grid_positions: bool = False  # learned (branch, row, col) embeddings added to image-code inputs
+    grid_target: bool = False  # ...naming the cell of the next code (the one predicted) instead of the input's own
     # Modalities whose code vectors the model stores (set_code_vectors): their features come from the ids.
     code_vectors: list | None = None
     tie_word_embeddings: bool = False
@@ -151,10 +156,10 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         if config.grid_positions:
             if vocab is None:
                 raise MMGenError("grid_positions=True needs a vocab")
-            g = vocab.config.max_grid
             # Row 0 (not an image code) stays zero; the rest start at zero too, so switching the table on
             # changes nothing until training moves it.
-            self.grid_position_embedding = nn.Embedding(1 + len(GRID_BRANCHES) * g * g, hidden, padding_idx=0)
+            self.grid_position_embedding = nn.Embedding(vocab.grid_table_size(config.grid_target), hidden,
+                                                        padding_idx=0)
         self.post_init()
 
     def _init_weights(self, module):
@@ -227,7 +232,7 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         embeds = self.get_input_embeddings()(input_ids)
         if self.grid_position_embedding is not None:
             if grid_positions is None:
-                grid_positions = self._vocab.grid_position_ids(input_ids)
+                grid_positions = self.grid_cells(input_ids)
             embeds = embeds + self.grid_position_embedding(grid_positions.to(input_ids.device)).to(embeds.dtype)
         for modality, feats in (("image", image_features), ("audio", audio_features)):
             if feats is None:
@@ -252,8 +257,16 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         tail = inputs.get("input_ids")
         if self.grid_position_embedding is not None and tail is not None:
-            inputs["grid_positions"] = self._vocab.grid_position_ids_tail(input_ids, tail.shape[-1])
+            inputs["grid_positions"] = self.grid_cells(input_ids, tail.shape[-1])
         return inputs
+
+    def grid_cells(self, input_ids: torch.Tensor, tail: int | None = None) -> torch.Tensor:
+        """Rows of the grid-position table for ``input_ids`` (own or target cells, as configured); with
+        ``tail``, those of its last ``tail`` tokens only (cached decoding)."""
+        target = bool(getattr(self.config, "grid_target", False))
+        if tail is None:
+            return self._vocab.grid_position_ids(input_ids, target)
+        return self._vocab.grid_position_ids_tail(input_ids, tail, target)
 
     # -- forward ------------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -312,7 +325,7 @@ def wrap_lm(lm, vocab: Vocab, code_head: bool = False, image_feature_dim: int | 
             audio_feature_dim: int | None = None, projector_depth: int = 2,
             input_placement: str = "codes", image_input_range: str = "pix",
             image_placeholder_id: int | None = None, audio_placeholder_id: int | None = None,
-            grid_positions: bool = False) -> MMGenForCausalLM:
+            grid_positions: bool = False, grid_target: bool = False) -> MMGenForCausalLM:
     """Wrap a built or pretrained causal LM: extend its vocabulary to ``vocab`` and add the heads."""
     n = lm.get_input_embeddings().weight.shape[0]
     if n > vocab.size:
@@ -330,7 +343,8 @@ def wrap_lm(lm, vocab: Vocab, code_head: bool = False, image_feature_dim: int | 
                          image_feature_dim=image_feature_dim, audio_feature_dim=audio_feature_dim,
                          projector_depth=projector_depth, input_placement=input_placement,
                          image_input_range=image_input_range, image_placeholder_id=image_placeholder_id,
-                         audio_placeholder_id=audio_placeholder_id, grid_positions=grid_positions)
+                         audio_placeholder_id=audio_placeholder_id, grid_positions=grid_positions,
+                         grid_target=grid_target)
     config._attn_implementation = lm.config._attn_implementation
     model = MMGenForCausalLM(config, lm=lm)
     model.generation_config = lm.generation_config
@@ -341,7 +355,8 @@ def build_unified_lm(vocab: Vocab, base: str | dict | None = None, **kwargs) -> 
     """A unified LM over ``vocab`` from a decoder checkpoint path / hub id (``base`` a str), a config
     dict with ``model_type`` (built from config, random weights), or None: the tiny Llama."""
     wrap_keys = {"code_head", "image_feature_dim", "audio_feature_dim", "projector_depth", "input_placement",
-                 "image_input_range", "image_placeholder_id", "audio_placeholder_id", "grid_positions"}
+                 "image_input_range", "image_placeholder_id", "audio_placeholder_id", "grid_positions",
+                 "grid_target"}
     wrap_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in wrap_keys}
     if base is None:
         from mmgen.models.lm import build_tiny_lm

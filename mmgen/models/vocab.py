@@ -198,7 +198,7 @@ class Vocab:
         ids += [self["<pix>"], *self._rows("pix", pix), self["</pix>"], self["</image>"]]
         return ids
 
-    def grid_position_ids(self, input_ids):
+    def grid_position_ids(self, input_ids, target: bool = False):
         """Per token of ``input_ids`` (a torch LongTensor, any leading shape), its row in a 2-D
         grid-position table: 0 outside image code grids, else ``1 + branch * G*G + row * G + col``
         with ``G = max_grid`` and ``branch`` the index in :data:`GRID_BRANCHES`.
@@ -206,12 +206,21 @@ class Vocab:
         Reads only the layout (``<sem>``/``<pix>`` open a grid, ``<eol>`` ends a row, ``<skip_n>`` in a
         merged video frame moves n cells on), so it works on packed rows holding many documents and on
         any grid size. Cached decoding, which feeds one token at a time, takes the last column of this
-        over the sequence so far."""
+        over the sequence so far.
+
+        ``target=True`` names instead the cell the *next* code goes to, on every token that precedes one
+        (the opener, each code or skip, each ``<eol>`` of an open grid): the input that predicts a code
+        then says where it lands, which is what RandAR's position instructions give a decoder. It is read
+        from the tokens up to each position, so training and cached decoding agree. Rows and columns run
+        to ``G`` inclusive (after a row's last code the next cell is column ``w``, where the layout puts
+        ``<eol>``), so this table has ``1 + branches * (G+1)**2`` rows: :meth:`grid_table_size`."""
         import torch
 
         G = self.config.max_grid
+        side = G + 1 if target else G  # table side
         # Cells advanced by each token: one, or n for <skip_n>; a code's column is the advance since its row began.
         advance = torch.ones_like(input_ids)
+        is_skip = torch.zeros_like(input_ids, dtype=torch.bool)
         if self.has_video:
             is_skip = (input_ids >= self.skip_start) & (input_ids < self.time_start)
             advance = torch.where(is_skip, input_ids - self.skip_start + 1, advance)
@@ -229,17 +238,30 @@ class Vocab:
             last_break = torch.where(opener | eol, index, -1).cummax(-1).values
             row = eol_before - eol_before.gather(-1, last_open.clamp(min=0))
             col = cells - cells.gather(-1, last_break.clamp(min=0)) - 1
-            inside = (input_ids >= lo) & (input_ids < hi) & (last_open >= 0)
-            out = torch.where(inside, 1 + b * G * G + row.clamp(0, G - 1) * G + col.clamp(0, G - 1), out)
+            code = (input_ids >= lo) & (input_ids < hi) & (last_open >= 0)
+            if target:
+                closed = torch.where(input_ids == self[f"</{name}>"], index, -1).cummax(-1).values
+                open_grid = (last_open >= 0) & (last_open > closed)
+                # after a code or skip: the next column; after the opener or an <eol>: column 0 of `row`
+                # (an <eol> counts itself in eol_before, so `row` is already the next row there)
+                col = torch.where(opener | eol, torch.zeros_like(col), col + 1)
+                code = open_grid & ((code | (is_skip & (last_open >= 0))) | opener | eol)
+            cell = 1 + b * side * side + row.clamp(0, side - 1) * side + col.clamp(0, side - 1)
+            out = torch.where(code, cell, out)
         return out
 
-    def grid_position_ids_tail(self, input_ids, n: int = 1):
+    def grid_table_size(self, target: bool = False) -> int:
+        """Rows of the embedding table that :meth:`grid_position_ids` indexes (row 0: no cell)."""
+        side = self.config.max_grid + (1 if target else 0)
+        return 1 + len(GRID_BRANCHES) * side * side
+
+    def grid_position_ids_tail(self, input_ids, n: int = 1, target: bool = False):
         """:meth:`grid_position_ids` of the last ``n`` tokens, read from the shortest window that holds
         their image blocks: a code's cell depends only on the tokens since its block opened, and no
         block is longer than a ``max_grid`` square one. Cached decoding asks this every step, so the
         cost stays bounded by the block length instead of growing with the sequence."""
         window = n + self.image_block_len(self.config.max_grid, self.config.max_grid)
-        return self.grid_position_ids(input_ids[..., -window:])[..., -n:]
+        return self.grid_position_ids(input_ids[..., -window:], target)[..., -n:]
 
     def image_block_len(self, h: int, w: int) -> int:
         n = 3 + (h * (w + 1)) + 3

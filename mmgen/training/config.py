@@ -73,6 +73,8 @@ class ModelConfig:
     # Learned (branch, row, col) embeddings added to image-code inputs (LlamaGen-style 2-D positions):
     # a small decoder learns where each code sits far faster than from RoPE's 1-D distances alone.
     grid_positions: bool = False
+    # ...naming the cell of the code each input predicts (RandAR's position instructions) instead of its own
+    grid_target: bool = False
     gradient_checkpointing: bool = False
 
 

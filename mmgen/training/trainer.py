@@ -267,6 +267,7 @@ def build_model(cfg: TrainConfig, vocab, tok):
     m = cfg.model
     wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim, "audio_feature_dim": m.audio_feature_dim,
             "projector_depth": m.projector_depth, "input_placement": m.input_placement, "grid_positions": m.grid_positions,
+            "grid_target": m.grid_target,
             "image_input_range": m.image_input_range}
     qlora = cfg.lora.quantize != "none"
     if cfg.init_from:
