@@ -49,6 +49,7 @@ def test_config_errors_are_one_line_and_name_the_key(code_shards, tmp_path, caps
 
     cfg = load_train_config("tiny_pretrain", ["steps=7", f"data.code_shards={code_shards}"])
     assert cfg.steps == 7 and cfg.model.layers == 2 and cfg.data.code_shards == str(code_shards)
+    assert cfg.data.chat == "roles"  # QA conversations in pretraining (tiny_pretrain.yaml says why)
     with pytest.raises(MMGenError, match="did you mean 'steps'"):
         load_train_config(None, ["stepz=3", "data.code_shards=x"])
     with pytest.raises(MMGenError, match="data.code_shards"):

@@ -241,6 +241,30 @@ def test_sft_chat_template_targets_only_assistant_turns(vocab, tok):
     assert cap["input_ids"][cap["loss_mask"]].tolist() == [*vocab.image_block(codes[0]), eos]
 
 
+def test_pretraining_can_take_role_documents_in_the_chat_template(vocab, tok):
+    """data.chat=roles: a QA document (items with roles) is built exactly as SFT builds it, a caption
+    document stays in the pretraining layout; all and none treat both alike. Counts add up."""
+    from mmgen.data.sequence import build_sequences
+
+    rng = np.random.default_rng(3)
+    qa = CodedDoc(Doc(items=[_img(0), Text(TEXTS[1], {"role": "question"}), Text(TEXTS[2], {"role": "answer"})]),
+                  codes={0: rng.integers(0, 32, size=(2, 2))})
+    cap = CodedDoc(Doc(items=[Text(TEXTS[0]), _img(1)]), codes={1: rng.integers(0, 32, size=(2, 2))})
+    chat_qa, chat_cap = (build_chat_sequence(d, tok, vocab)["input_ids"].tolist() for d in (qa, cap))
+    plain_qa, plain_cap = (build_sequence(d, tok, vocab)["input_ids"].tolist() for d in (qa, cap))
+    assert chat_qa != plain_qa and chat_cap != plain_cap
+    for mode, want in [("roles", [chat_qa, plain_cap]), ("all", [chat_qa, chat_cap]), ("none", [plain_qa, plain_cap])]:
+        seqs, stats = build_sequences([qa, cap], tok, vocab, chat=mode)
+        assert [s["input_ids"].tolist() for s in seqs] == want, mode
+        assert stats.docs_in == stats.sequences == 2
+    # pretraining on a conversation: the user's picture and question are targets too, the role tags not
+    seqs, _ = build_sequences([qa], tok, vocab, chat="roles", user_targets=True)
+    ids, mask = seqs[0]["input_ids"], seqs[0]["loss_mask"]
+    tags = [*tok.encode("User:", add_special_tokens=False), *tok.encode("Assistant:", add_special_tokens=False)]
+    assert ids.tolist() == chat_qa and not mask[0]
+    assert [x for x, m in zip(ids.tolist()[1:], mask[1:]) if not m] == tags
+
+
 def test_weighted_loss_and_z_loss(vocab):
     from mmgen.training.losses import lm_loss, modality_weights
 

@@ -180,12 +180,17 @@ ASSISTANT_ROLES = {"assistant", "gpt", "answer", "model"}
 USER_TAG, ASSISTANT_TAG = "User:", "Assistant:"
 
 
+def has_roles(doc) -> bool:
+    """Whether any item names its speaker (a conversation rather than a plain document)."""
+    return any(item.meta.get("role") in USER_ROLES | ASSISTANT_ROLES for item in doc.items)
+
+
 def _turns(doc) -> list[tuple[str, list[int]]]:
     """Items grouped into (role, item indices) turns. Items carry ``meta["role"]`` (LLaVA's
     ``from``, ShapesWorld's question/answer); an item without one continues the current turn. A
     document without any role is an instruction: its first item is the user's, the rest the answer."""
     roles = [item.meta.get("role") for item in doc.items]
-    if not any(r in USER_ROLES | ASSISTANT_ROLES for r in roles):
+    if not has_roles(doc):
         return [("user", [0]), ("assistant", list(range(1, len(doc.items))))] if doc.items else []
     turns: list[tuple[str, list[int]]] = []
     current = "user"
@@ -211,12 +216,14 @@ def _item_ids(coded_doc, i: int, text_tokenizer, vocab: Vocab, skipped: Counter)
     return media_ids(coded_doc, i, vocab, skipped)
 
 
-def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab) -> dict:
+def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab, user_targets: bool = False) -> dict:
     """One conversation -> ``<s> User: … Assistant: … </s> User: … Assistant: … </s>``.
 
     Only the assistant's tokens and the ``</s>`` that ends each assistant turn are targets (the
     model learns to answer and to stop, never to imitate the user); multi-turn, multi-image and
-    interleaved text+image answers all follow from the item order. Same keys as :func:`build_sequence`."""
+    interleaved text+image answers all follow from the item order. ``user_targets`` (pretraining on
+    conversations) makes the user's items targets too, so their pictures still teach the image codes;
+    the role tags never are. Same keys as :func:`build_sequence`."""
     bos, eos = _bos_eos(text_tokenizer)
     user_tag = encode_text(USER_TAG, text_tokenizer)
     asst_tag = encode_text(ASSISTANT_TAG, text_tokenizer)
@@ -230,7 +237,7 @@ def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab) -> dict:
         for i in items:
             piece = _item_ids(coded_doc, i, text_tokenizer, vocab, skipped)
             ids += piece
-            mask += [role == "assistant"] * len(piece)
+            mask += [role == "assistant" or user_targets] * len(piece)
         if role == "assistant":
             ids.append(eos)
             mask.append(True)
@@ -266,9 +273,12 @@ class SequenceStats:
 
 
 def build_sequences(records, text_tokenizer, vocab: Vocab, targets: Iterable[str] = TARGET_KINDS,
-                    max_docs: int | None = None, chat: bool = False) -> tuple[list[dict], SequenceStats]:
-    """:func:`build_sequence` (or :func:`build_chat_sequence` with ``chat``) over a stream of CodedDocs
-    (BadRecords are counted, not raised).
+                    max_docs: int | None = None, chat: bool | str = False,
+                    user_targets: bool = False) -> tuple[list[dict], SequenceStats]:
+    """:func:`build_sequence` (or :func:`build_chat_sequence`) over a stream of CodedDocs (BadRecords are
+    counted, not raised). ``chat``: ``"all"`` (or True) puts every document in the chat template,
+    ``"roles"`` only those whose items carry roles (:func:`has_roles`), ``"none"`` (or False) none;
+    ``user_targets`` as in :func:`build_chat_sequence`.
 
     Counts add up: ``docs_in = sequences + bad_records + empty_docs``."""
     stats = SequenceStats()
@@ -281,7 +291,8 @@ def build_sequences(records, text_tokenizer, vocab: Vocab, targets: Iterable[str
         if isinstance(rec, BadRecord):
             stats.bad_records += 1
             continue
-        seq = (build_chat_sequence(rec, text_tokenizer, vocab) if chat
+        as_chat = chat in (True, "all") or (chat == "roles" and has_roles(rec.doc))
+        seq = (build_chat_sequence(rec, text_tokenizer, vocab, user_targets) if as_chat
                else build_sequence(rec, text_tokenizer, vocab, targets))
         stats.skipped_items.update(seq["skipped"])
         if len(seq["input_ids"]) <= 2 or not seq["loss_mask"].any():  # only <s> </s>, or no target left

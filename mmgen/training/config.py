@@ -48,6 +48,11 @@ class DataConfig:
     # and validation documents of a corpus such as ShapesWorld must never reach training.
     splits: list[str] = field(default_factory=lambda: ["train"])
     loss_targets: list[str] = field(default_factory=lambda: ["text", "structural", "image", "audio"])
+    # Which documents take the chat template: "all" (the sft stage's default), "roles" (only documents
+    # whose items carry roles, e.g. ShapesWorld QA: conversations mixed into pretraining, so SFT meets a
+    # layout the model already reads), "none" (pretraining's default). The sft stage learns the assistant's
+    # turns only; other stages every item of either role (a user's picture still teaches image codes).
+    chat: Literal["auto", "all", "roles", "none"] = "auto"
 
 
 @dataclass

@@ -133,7 +133,10 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
         raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); "
                          "use a fresh out_dir or the same data settings")
 
-    seqs, seq_stats = build_sequences(records, tok, vocab, targets=cfg.data.loss_targets, chat=cfg.stage == "sft")
+    chat = cfg.data.chat if cfg.data.chat != "auto" else ("all" if cfg.stage == "sft" else "none")
+    # SFT learns to answer; pretraining on conversations still learns everything the user shows
+    seqs, seq_stats = build_sequences(records, tok, vocab, targets=cfg.data.loss_targets, chat=chat,
+                                      user_targets=cfg.stage != "sft")
     if not seqs:
         raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({seq_stats.to_dict()})")
     rows, pack_stats = pack_sequences(seqs, cfg.data.seq_len, pad_id=tok.pad_token_id or 0, algorithm=cfg.data.packing)

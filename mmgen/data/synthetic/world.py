@@ -23,6 +23,11 @@ from mmgen.errors import MMGenError
 DOC_KINDS = ("caption", "qa", "buildup", "video", "speech")
 DEFAULT_MIX = {"caption": 0.4, "qa": 0.2, "buildup": 0.2, "video": 0.1, "speech": 0.1}
 SPLIT_WEIGHTS = {"train": 0.85, "val": 0.05, "heldout": 0.10}
+# Question-answer pairs per QA document (inclusive range). A picture costs ~110 tokens, a pair ~12, so
+# more pairs per picture buy understanding examples at a fraction of the tokens.
+QA_PAIRS = (4, 8)
+# Share of caption and video documents whose text comes first (generation) rather than last (captioning).
+TEXT_FIRST = 0.5
 DEFECT_TYPES = (
     "mismatched_caption", "duplicate_image", "near_duplicate_image", "duplicate_doc", "near_duplicate_doc",
     "corrupt_image", "tiny_image", "extreme_aspect", "gibberish_text", "ngram_spam", "non_english",
@@ -64,7 +69,7 @@ def _image_item(scene: Scene, size: tuple[int, int], **meta) -> Image:
 
 def _ordered(rng: random.Random, media, text: Text) -> tuple[list, str]:
     """Media before text (captioning / understanding) or text before media (generation)."""
-    return ([media, text], "media_first") if rng.random() < 0.5 else ([text, media], "text_first")
+    return ([media, text], "media_first") if rng.random() < 1 - TEXT_FIRST else ([text, media], "text_first")
 
 
 def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tuple[int, int] = 64,
@@ -81,7 +86,7 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
     elif kind == "qa":
         scene = unique.draw(lambda: random_scene(rng, split))
         items = [_image_item(scene, size)]
-        for q, a, qtype in qa_pairs(scene, rng, n=rng.randint(2, 4)):
+        for q, a, qtype in qa_pairs(scene, rng, n=rng.randint(*QA_PAIRS)):
             items += [Text(q, {"role": "question", "qa_type": qtype}), Text(a, {"role": "answer"})]
     elif kind == "buildup":
         scene = unique.draw(lambda: random_scene(rng, split, n_objects=rng.randint(1, 2)))
