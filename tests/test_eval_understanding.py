@@ -52,8 +52,10 @@ def test_qa_prompt_is_the_training_prefix_in_both_layouts(tmp_path):
 
     doc = Doc(items=[Image.from_pil(render(scene, 32, 32)), Text(q, {"role": "question"}), Text(a, {"role": "answer"})])
     block = image_ids(bundle, [render(scene, 32, 32)])[0]
-    for stage, build in (("pretrain", build_sequence), ("sft", build_chat_sequence)):
-        bundle.meta["stage"] = stage
+    # a pretraining with data.chat=roles built its QA documents as conversations: ask it in that layout
+    for stage, chat, build in (("pretrain", "none", build_sequence), ("sft", "none", build_chat_sequence),
+                               ("pretrain", "roles", build_chat_sequence)):
+        bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
         prompt = qa_prompt_ids(bundle, block, q)
         ids = build(_coded(bundle, doc), bundle.text_tokenizer, bundle.vocab)["input_ids"].tolist()
         assert ids[:len(prompt)] == prompt, stage

@@ -35,7 +35,11 @@ def _scenes(n: int, split: str, seed: int, tag: str, **kw) -> tuple[list, random
 
 
 def _uses_chat(bundle) -> bool:
-    return bundle.meta.get("stage") == "sft"
+    """Whether the bundle learnt its questions in the chat template: after SFT, or from a pretraining
+    that built conversations that way (``data.chat`` roles or all)."""
+    if bundle.meta.get("stage") == "sft":
+        return True
+    return ((bundle.meta.get("config") or {}).get("data") or {}).get("chat") in ("roles", "all")
 
 
 def normalize_answer(text: str) -> str:
