@@ -16,10 +16,10 @@ from mmgen.data.synthetic.world import DEFECT_TYPES, write_world
 
 def test_shapesworld_recipe_on_a_labelled_world(tmp_path):
     world = tmp_path / "world"
-    write_world(world, n_docs=480, seed=31, defect_rate=0.5, shard_size=160, mix="caption=0.4,qa=0.3,buildup=0.3",
+    write_world(world, n_docs=600, seed=31, defect_rate=0.5, shard_size=200, mix="caption=0.4,qa=0.3,buildup=0.3",
                 progress=False)
     s = run_filter("shapesworld", str(world / "*.tar"), tmp_path / "out", workers=1, progress=False, report=False)
-    assert s["balanced"] and s["input"] == 480
+    assert s["balanced"] and s["input"] == 600
     score = score_against_labels(tmp_path / "out", world / "labels.jsonl")
     labels = [json.loads(x) for x in (world / "labels.jsonl").open()]
     per = score["per_defect"]
@@ -27,7 +27,7 @@ def test_shapesworld_recipe_on_a_labelled_world(tmp_path):
         assert row["true"] == sum(any(d["type"] == t for d in lab["defects"]) for lab in labels)
     assert set(per) == set(DEFECT_TYPES)
     for t in DEFECT_TYPES:
-        assert per[t]["true"] >= 15, t
+        assert per[t]["true"] >= 20, t  # so that a 0.95 recall can resolve one miss
         assert per[t]["precision"] >= 0.95, (t, per[t])
         assert per[t]["recall"] >= 0.95, (t, per[t])
     assert score["clean_kept_fraction"] >= 0.98, score
