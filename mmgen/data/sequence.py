@@ -180,6 +180,12 @@ ASSISTANT_ROLES = {"assistant", "gpt", "answer", "model"}
 USER_TAG, ASSISTANT_TAG = "User:", "Assistant:"
 
 
+def chat_layout(stage: str, chat: str = "auto") -> str:
+    """Which documents a run builds in the chat template (``data.chat``): as set, or by default every
+    one in the sft stage and none before it."""
+    return chat if chat != "auto" else ("all" if stage == "sft" else "none")
+
+
 def has_roles(doc) -> bool:
     """Whether any item names its speaker (a conversation rather than a plain document)."""
     return any(item.meta.get("role") in USER_ROLES | ASSISTANT_ROLES for item in doc.items)
@@ -273,12 +279,12 @@ class SequenceStats:
 
 
 def build_sequences(records, text_tokenizer, vocab: Vocab, targets: Iterable[str] = TARGET_KINDS,
-                    max_docs: int | None = None, chat: bool | str = False,
+                    max_docs: int | None = None, chat: str = "none",
                     user_targets: bool = False) -> tuple[list[dict], SequenceStats]:
     """:func:`build_sequence` (or :func:`build_chat_sequence`) over a stream of CodedDocs (BadRecords are
-    counted, not raised). ``chat``: ``"all"`` (or True) puts every document in the chat template,
-    ``"roles"`` only those whose items carry roles (:func:`has_roles`), ``"none"`` (or False) none;
-    ``user_targets`` as in :func:`build_chat_sequence`.
+    counted, not raised). ``chat``: ``"all"`` puts every document in the chat template, ``"roles"`` only
+    those whose items carry roles (:func:`has_roles`), ``"none"`` none; ``user_targets`` as in
+    :func:`build_chat_sequence`.
 
     Counts add up: ``docs_in = sequences + bad_records + empty_docs``."""
     stats = SequenceStats()
@@ -291,7 +297,7 @@ def build_sequences(records, text_tokenizer, vocab: Vocab, targets: Iterable[str
         if isinstance(rec, BadRecord):
             stats.bad_records += 1
             continue
-        as_chat = chat in (True, "all") or (chat == "roles" and has_roles(rec.doc))
+        as_chat = chat == "all" or (chat == "roles" and has_roles(rec.doc))
         seq = (build_chat_sequence(rec, text_tokenizer, vocab, user_targets) if as_chat
                else build_sequence(rec, text_tokenizer, vocab, targets))
         stats.skipped_items.update(seq["skipped"])

@@ -37,9 +37,11 @@ def _scenes(n: int, split: str, seed: int, tag: str, **kw) -> tuple[list, random
 def _uses_chat(bundle) -> bool:
     """Whether the bundle learnt its questions in the chat template: after SFT, or from a pretraining
     that built conversations that way (``data.chat`` roles or all)."""
-    if bundle.meta.get("stage") == "sft":
-        return True
-    return ((bundle.meta.get("config") or {}).get("data") or {}).get("chat") in ("roles", "all")
+    from mmgen.data.sequence import chat_layout
+
+    stage = bundle.meta.get("stage", "")
+    chat = ((bundle.meta.get("config") or {}).get("data") or {}).get("chat", "auto")
+    return stage == "sft" or chat_layout(stage, chat) != "none"
 
 
 def normalize_answer(text: str) -> str:

@@ -19,9 +19,9 @@ checkpoint) and adds what the ILLUME+/Janus line needs on top of a text LLM:
   not learn to turn that into a row and column, so it smears objects across the grid (the tiny
   recipe's generations before this was added). LlamaGen-style 2-D positions, added at the input.
   With ``grid_target`` the vector names the cell of the code the token *predicts* instead of its own
-  (RandAR's position instructions; :meth:`Vocab.grid_position_ids`): text-to-image then only has to
-  find which caption phrase names that cell, which a tiny decoder learns far sooner
-  (``benchmarks/binding_probe.py --target-cells``);
+  (RandAR's position instructions; :meth:`Vocab.grid_position_ids`). On the tiny recipe it bound
+  objects no sooner than own cells (``benchmarks/binding_probe.py --cells own,target``, BENCHMARKS.md),
+  so it is off there;
 - discrete output: the logits always span the whole vocab, so everything the model writes is a code.
 
 ``import mmgen.models`` registers the class with ``AutoConfig`` / ``AutoModelForCausalLM``, so a

@@ -245,7 +245,7 @@ class Vocab:
                 # after a code or skip: the next column; after the opener or an <eol>: column 0 of `row`
                 # (an <eol> counts itself in eol_before, so `row` is already the next row there)
                 col = torch.where(opener | eol, torch.zeros_like(col), col + 1)
-                code = open_grid & ((code | (is_skip & (last_open >= 0))) | opener | eol)
+                code = open_grid & (code | is_skip | opener | eol)
             cell = 1 + b * side * side + row.clamp(0, side - 1) * side + col.clamp(0, side - 1)
             out = torch.where(code, cell, out)
         return out

@@ -82,7 +82,7 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
 
     from mmgen.data.code_shards import read_code_shards
     from mmgen.data.packing import pack_sequences
-    from mmgen.data.sequence import build_sequences, doc_texts
+    from mmgen.data.sequence import build_sequences, chat_layout, doc_texts
     from mmgen.models.text_tokenizer import train_text_tokenizer
     from mmgen.models.vocab import Vocab
 
@@ -133,9 +133,9 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
         raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); "
                          "use a fresh out_dir or the same data settings")
 
-    chat = cfg.data.chat if cfg.data.chat != "auto" else ("all" if cfg.stage == "sft" else "none")
     # SFT learns to answer; pretraining on conversations still learns everything the user shows
-    seqs, seq_stats = build_sequences(records, tok, vocab, targets=cfg.data.loss_targets, chat=chat,
+    seqs, seq_stats = build_sequences(records, tok, vocab, targets=cfg.data.loss_targets,
+                                      chat=chat_layout(cfg.stage, cfg.data.chat),
                                       user_targets=cfg.stage != "sft")
     if not seqs:
         raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({seq_stats.to_dict()})")

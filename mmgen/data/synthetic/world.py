@@ -26,8 +26,6 @@ SPLIT_WEIGHTS = {"train": 0.85, "val": 0.05, "heldout": 0.10}
 # Question-answer pairs per QA document (inclusive range). A picture costs ~110 tokens, a pair ~12, so
 # more pairs per picture buy understanding examples at a fraction of the tokens.
 QA_PAIRS = (4, 8)
-# Share of caption and video documents whose text comes first (generation) rather than last (captioning).
-TEXT_FIRST = 0.5
 DEFECT_TYPES = (
     "mismatched_caption", "duplicate_image", "near_duplicate_image", "duplicate_doc", "near_duplicate_doc",
     "corrupt_image", "tiny_image", "extreme_aspect", "gibberish_text", "ngram_spam", "non_english",
@@ -69,7 +67,7 @@ def _image_item(scene: Scene, size: tuple[int, int], **meta) -> Image:
 
 def _ordered(rng: random.Random, media, text: Text) -> tuple[list, str]:
     """Media before text (captioning / understanding) or text before media (generation)."""
-    return ([media, text], "media_first") if rng.random() < 1 - TEXT_FIRST else ([text, media], "text_first")
+    return ([media, text], "media_first") if rng.random() < 0.5 else ([text, media], "text_first")
 
 
 def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tuple[int, int] = 64,
