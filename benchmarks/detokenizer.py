@@ -7,9 +7,11 @@ Held-out ShapesWorld scenes are rendered at the tokenizer's resolution and encod
 and the diffusion pipeline (DDIM and DPM-Solver++, 4 / 8 / 25 steps) decode the same codes. Scene-parser
 agreement: the parse of the decoded image equals the scene (exact background and objects). The 2x mode
 draws twice the tokenizer's resolution from the same codes; it is compared with bicubic upsampling of
-the VQ decoder's output and scored against the true render at that size. Sharpness: mean gradient
-magnitude relative to the truth's (1.0 = as sharp as the render, below = blurrier). PNGs go to
-benchmarks/out/; ``--note`` adds what they show, looked at by eye.
+the VQ decoder's output and scored against the true render at that size. Sharpness: mean squared
+finite difference relative to the truth's (1.0 = edges as steep as the render's, below = blurrier). The
+squared form is the one that sees blur: an edge spread over two pixels keeps its summed absolute
+difference but halves its summed square. PNGs go to benchmarks/out/; ``--note`` adds what they show,
+looked at by eye. A pipeline trained with ``condition_on_decode`` gets the tokenizer given here.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def agreement(images: torch.Tensor, scenes) -> float:
 
 
 def sharpness(x: torch.Tensor, ref: torch.Tensor) -> float:
-    grad = lambda t: (t[..., 1:, :-1] - t[..., :-1, :-1]).abs() + (t[..., :-1, 1:] - t[..., :-1, :-1]).abs()
-    return float(grad(x).mean() / grad(ref).mean())
+    energy = lambda t: (t[..., 1:, :-1] - t[..., :-1, :-1]).pow(2) + (t[..., :-1, 1:] - t[..., :-1, :-1]).pow(2)
+    return float(energy(x).mean() / energy(ref).mean())
 
 
 def sample(pipe, grids, steps: int, scheduler: str, cfg_scale: float) -> tuple[torch.Tensor, float]:
@@ -78,7 +80,7 @@ def main() -> None:
 
     rows = [["input render (ceiling)", "-", "-", f"{100 * agreement(x, scenes):.1f}%", "inf", "-"],
             ["VQ pixel decoder", "-", 1, f"{100 * agreement(vq, scenes):.1f}%", round(float(psnr(vq, x).mean()), 2), "-"]]
-    pipe = load_pipeline(args.pipeline)
+    pipe = load_pipeline(args.pipeline, tokenizer=tok)
     keep = {}
     for scheduler in ("ddim", "dpm"):
         for steps in (4, 8, 25):
@@ -97,7 +99,7 @@ def main() -> None:
     if args.sr_pipeline and Path(args.sr_pipeline).is_dir():
         truth = hi.float() / 127.5 - 1
         up = lambda t: to_uint8_range(F.interpolate(t, scale_factor=2, mode="bicubic", align_corners=False))
-        sr_pipe = load_pipeline(args.sr_pipeline)
+        sr_pipe = load_pipeline(args.sr_pipeline, tokenizer=tok)
         sr_rows = [["bicubic 2x of the VQ decoder output", f"{100 * agreement(up(vq), scenes):.1f}%",
                     round(float(psnr(up(vq), truth).mean()), 2), round(sharpness(up(vq), truth), 3)],
                    ["bicubic 2x of the input render (reference)", f"{100 * agreement(up(x), scenes):.1f}%",

@@ -118,6 +118,31 @@ def test_super_resolution_mode_doubles_the_output(tmp_path, vq_dir):
     assert out.shape == (1, 3, 64, 64)  # 32x32 tokenizer, 2x
 
 
+def test_decode_conditioned_pipeline_refines_the_tokenizers_own_decode(tmp_path, vq_dir):
+    from mmgen.models.detokenizer import load_pipeline
+    from mmgen.models.detokenizer_train import train_detokenizer
+    from mmgen.tokenizers import load_image_tokenizer
+
+    path = train_detokenizer(_cfg(tmp_path / "dec", vq_dir, scale=2, steps=2, eval_images=1,
+                                  model={"embed_dims": [4], "block_out_channels": [8, 16], "norm_num_groups": 4,
+                                         "condition_on_decode": True}))
+    pipe = load_pipeline(path)  # loads the tokenizer its conditioner names
+    assert pipe.conditioner.config.decoded_channels == 3 and pipe.unet.config.in_channels == 3 + 4 + 3
+    assert pipe.image_tokenizer is not None
+    codes = torch.randint(0, 32, (1, 8, 8), generator=torch.Generator().manual_seed(3))
+    run = lambda **k: pipe(codes, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt", **k).images
+    own = run()
+    assert own.shape == (1, 3, 64, 64)
+    tok = load_image_tokenizer(vq_dir)
+    with torch.no_grad():
+        assert torch.equal(own, run(decoded=tok.decode_tensor(codes).clamp(-1, 1)))  # the same decode, passed in
+    assert not torch.equal(own, run(decoded=torch.zeros(1, 3, 32, 32)))  # the decode is an input, not ignored
+
+    bare = load_pipeline(path, tokenizer=tmp_path / "missing")  # no tokenizer: a clear error at sampling
+    with pytest.raises(MMGenError, match="refines its tokenizer's decode"):
+        bare(codes, num_inference_steps=2)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from mmgen.cli import main
 
