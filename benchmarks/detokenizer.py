@@ -86,7 +86,7 @@ def main() -> None:
         for steps in (4, 8, 25):
             y, secs = sample(pipe, grids, steps, scheduler, args.cfg)
             keep[(scheduler, steps)] = y
-            rows.append([f"diffusion detokenizer, {scheduler}", steps, steps * 2, f"{100 * agreement(y, scenes):.1f}%",
+            rows.append([f"diffusion detokenizer, {scheduler}", steps, steps * (1 if args.cfg == 1.0 else 2), f"{100 * agreement(y, scenes):.1f}%",
                          round(float(psnr(y, x).mean()), 2), round(secs / len(y), 3)])
     n = min(8, len(x))
     grid = torch.cat([torch.cat(list(t[:n]), -1) for t in (x, vq, keep[("ddim", 8)], keep[("dpm", 25)])], -2)

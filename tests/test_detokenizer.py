@@ -143,6 +143,22 @@ def test_decode_conditioned_pipeline_refines_the_tokenizers_own_decode(tmp_path,
         bare(codes, num_inference_steps=2)
 
 
+def test_edge_weighted_loss_counts_edges_more():
+    from mmgen.models.detokenizer_train import edge_map, weighted_mse
+
+    x0 = -torch.ones(1, 3, 8, 8)
+    x0[..., :, 4:] = 1  # a full black-to-white step between columns 3 and 4
+    e = edge_map(x0)
+    assert e.shape == (1, 1, 8, 8) and torch.equal(e[0, 0, :, 3], torch.ones(8)) and e.sum() == 8
+    pred, target = torch.zeros_like(x0), torch.zeros_like(x0)
+    pred[..., :, 3] = 0.5  # the same error on the edge column ...
+    on_edge = weighted_mse(pred, target, x0, 16.0)
+    pred2 = torch.zeros_like(x0)
+    pred2[..., :, 0] = 0.5  # ... or on a flat column
+    assert on_edge > weighted_mse(pred2, target, x0, 16.0)
+    assert torch.isclose(weighted_mse(pred, target, x0, 0.0), torch.nn.functional.mse_loss(pred, target))
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from mmgen.cli import main
 

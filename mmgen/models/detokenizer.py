@@ -8,7 +8,7 @@ random share of conditions by null codes, so sampling can run classifier-free gu
 (``uncond + scale * (cond - uncond)``).
 
 ``decoded_channels: 3`` adds a second condition, SR3-style: the image tokenizer's own decode of the same
-codes, upsampled (bilinear) to the output size, as three more input channels. It is a function of the
+codes, upsampled (bicubic) to the output size, as three more input channels. It is a function of the
 codes alone, so the pipeline is still a decoder of codes; what changes is what the UNet must learn. From
 the embeddings alone it has to re-learn the whole VQ decoder (a tiny UNet trained for minutes draws
 blotches); with the decode in its input it learns the residual detail the VQ decoder misses (edges at
@@ -118,8 +118,9 @@ class CodeConditioner(ModelMixin, ConfigMixin):
         if self.uses_decoded:
             if decoded is None:
                 decoded = torch.zeros(grids[0].shape[0], 3, *size, device=maps[0].device)
-            maps.append(F.interpolate(decoded.to(maps[0].device, maps[0].dtype), size=size, mode="bilinear",
-                                      align_corners=False))
+            # bicubic: the residual then starts from the bicubic upscale of the decode, the usual baseline
+            maps.append(F.interpolate(decoded.to(maps[0].device, maps[0].dtype), size=size, mode="bicubic",
+                                      align_corners=False).clamp(-1, 1))
         return torch.cat(maps, dim=1)
 
 
