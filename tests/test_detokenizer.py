@@ -143,6 +143,25 @@ def test_decode_conditioned_pipeline_refines_the_tokenizers_own_decode(tmp_path,
         bare(codes, num_inference_steps=2)
 
 
+def test_decode_alone_conditioning_with_zero_width_code_maps():
+    from mmgen.models.detokenizer import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline([32], ["pix"], 8, 8, embed_dims=[0], block_out_channels=(8, 16), norm_num_groups=4,
+                          decoded_channels=3)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.in_channels == 3 + 3  # noisy image + the decode; the codes draw no maps
+    codes = torch.randint(0, 32, (1, 8, 8))
+    decoded = torch.rand(1, 3, 32, 32) * 2 - 1
+    out = pipe(codes, num_inference_steps=2, guidance_scale=1.0, output_type="pt", decoded=decoded,
+               generator=torch.Generator().manual_seed(0)).images
+    # zero-initialised residual: an untrained model returns the bicubic upscale of the decode
+    up = torch.nn.functional.interpolate(decoded, size=(64, 64), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert out.shape == (1, 3, 64, 64) and torch.allclose(out, up, atol=1e-5)
+    with pytest.raises(MMGenError, match="out of range"):
+        pipe(codes + 100, num_inference_steps=2, decoded=decoded)  # the grid is still checked
+
+
 def test_edge_weighted_loss_counts_edges_more():
     from mmgen.models.detokenizer_train import edge_map, weighted_mse
 

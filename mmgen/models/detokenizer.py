@@ -114,13 +114,15 @@ class CodeConditioner(ModelMixin, ConfigMixin):
         """Condition maps ``(B, channels, *size)``. ``decoded``: the tokenizer's decode of ``grids``
         (``(B, 3, h, w)`` in [-1, 1]), required when :attr:`uses_decoded`; zeros stand for it under null
         codes (pass ``None`` there)."""
+        # A grid with embed_dim 0 is named and checked but not drawn: a decode-conditioned model may
+        # take the decode alone (nearest-upsampled code maps print cell-sized blocks at 2x).
         maps = [F.interpolate(emb(g).permute(0, 3, 1, 2), size=size, mode="nearest")
-                for emb, g in zip(self.embeds, grids)]
+                for emb, g in zip(self.embeds, grids) if emb.embedding_dim]
         if self.uses_decoded:
             if decoded is None:
-                decoded = torch.zeros(grids[0].shape[0], 3, *size, device=maps[0].device)
+                decoded = torch.zeros(grids[0].shape[0], 3, *size, device=self.device)
             # bicubic: the residual then starts from the bicubic upscale of the decode, the usual baseline
-            maps.append(F.interpolate(decoded.to(maps[0].device, maps[0].dtype), size=size, mode="bicubic",
+            maps.append(F.interpolate(decoded.to(self.device, self.dtype), size=size, mode="bicubic",
                                       align_corners=False).clamp(-1, 1))
         return torch.cat(maps, dim=1)
 
