@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.eval.scene_parser import compare_scenes, parse_scene
-from mmgen.models.detokenizer import load_pipeline
+from mmgen.models.detokenizer import decode_grids, load_pipeline
 from mmgen.models.detokenizer_train import encode_all, grid_spec, shapes_pairs
 from mmgen.tokenizers import load_image_tokenizer
 from mmgen.tokenizers.base import tensor_to_pil
@@ -72,11 +72,9 @@ def main() -> None:
     x = lo.float() / 127.5 - 1
     grids = encode_all(tok, lo)
     names = grid_spec(tok)[1]
-    # A multi-grid tokenizer (DualViTok: sem + pix) decodes from all of its grids, as the pipeline does.
-    codes = dict(zip(names, grids)) if len(grids) > 1 else grids[0]
     shapes = " + ".join(f"{n} {g.shape[-2]}x{g.shape[-1]}" for n, g in zip(names, grids))
-    with torch.no_grad():
-        vq = to_uint8_range(tok.decode_tensor(codes))
+    with torch.no_grad():  # a multi-grid tokenizer (DualViTok: sem + pix) decodes from all of its grids
+        vq = to_uint8_range(decode_grids(tok, names, grids))
 
     rows = [["input render (ceiling)", "-", "-", f"{100 * agreement(x, scenes):.1f}%", "inf", "-"],
             ["VQ pixel decoder", "-", 1, f"{100 * agreement(vq, scenes):.1f}%", round(float(psnr(vq, x).mean()), 2), "-"]]

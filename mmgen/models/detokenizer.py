@@ -59,6 +59,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 SCHEDULERS = ("ddim", "dpm", "ddpm")
 
 
+def decode_grids(tokenizer, grid_names: Sequence[str], grids: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An image tokenizer's own decode of code grids given in conditioner order: ``(B, 3, h, w)`` in
+    [-1, 1]. A multi-grid tokenizer (DualViTok) takes them as a dict by name, a one-grid one bare."""
+    codes = dict(zip(grid_names, grids)) if len(grids) > 1 else grids[0]
+    return tokenizer.decode_tensor(codes).clamp(-1, 1)
+
+
 class CodeConditioner(ModelMixin, ConfigMixin):
     """A list of code grids -> one stack of embedding maps at the output resolution.
 
@@ -168,9 +175,7 @@ class CodeDetokenizerPipeline(DiffusionPipeline):
         if self.image_tokenizer is None:
             raise MMGenError("this detokenizer refines its tokenizer's decode: load it with "
                              "load_pipeline(path, tokenizer=DIR) or pass decoded=")
-        names = list(self.conditioner.config.grid_names)
-        codes = dict(zip(names, grids)) if len(grids) > 1 else grids[0]
-        return self.image_tokenizer.decode_tensor(codes).clamp(-1, 1)
+        return decode_grids(self.image_tokenizer, self.conditioner.config.grid_names, grids)
 
     def use_scheduler(self, name: str) -> CodeDetokenizerPipeline:
         """Swap the sampler, keeping the noise schedule it was trained with."""
@@ -201,7 +206,7 @@ class CodeDetokenizerPipeline(DiffusionPipeline):
         b = grids[0].shape[0]
         if self.conditioner.uses_decoded and decoded is None:
             decoded = self.decode_codes(grids)
-        cond = self.conditioner(grids, size, decoded if self.conditioner.uses_decoded else None)
+        cond = self.conditioner(grids, size, decoded)
         cfg = guidance_scale is not None and guidance_scale != 1.0
         if cfg:
             cond = torch.cat([self.conditioner(self.conditioner.null_codes(grids), size), cond])
@@ -265,4 +270,5 @@ def load_pipeline(path: str | Path, device: str = "cpu", tokenizer=None) -> Code
     return pipe.to(device)
 
 
-__all__ = ["CodeConditioner", "CodeDetokenizerPipeline", "build_pipeline", "build_unet", "load_pipeline", "make_scheduler"]
+__all__ = ["CodeConditioner", "CodeDetokenizerPipeline", "build_pipeline", "build_unet", "decode_grids", "load_pipeline",
+           "make_scheduler"]

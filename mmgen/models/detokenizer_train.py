@@ -97,13 +97,13 @@ def shapes_pairs(n: int, low: int, high: int, seed: int, split: str = "train") -
     start's corpus reaches a tokenizer (render_side); a direct render at 36 px is aliased enough that
     the scene parser reads only ~70% of them."""
     import numpy as np
-    from PIL import Image
 
     from mmgen.data.synthetic import random_scene, render
+    from mmgen.tokenizers.train import _square  # the tokenizers' own resize of training pictures
 
     rng = random.Random(seed)
     scenes = [random_scene(rng, split) for _ in range(n)]
-    draw = lambda s, side: np.asarray(render(s, 2 * side, 2 * side).resize((side, side), Image.BICUBIC), np.uint8)  # noqa: E731
+    draw = lambda s, side: _square(render(s, 2 * side, 2 * side), side)  # noqa: E731
     lo = np.stack([draw(s, low) for s in scenes])
     hi = lo if high == low else np.stack([draw(s, high) for s in scenes])
     to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
@@ -122,12 +122,11 @@ def encode_all(tokenizer, images_u8: torch.Tensor, batch: int = 64) -> list[torc
 def decode_all(tokenizer, grids: list[torch.Tensor], batch: int = 64) -> torch.Tensor:
     """The tokenizer's own decode of every item of ``grids`` (as :func:`encode_all` returns them),
     ``(N, 3, h, w)`` in [-1, 1]."""
+    from mmgen.models.detokenizer import decode_grids
+
     names = grid_spec(tokenizer)[1]
-    out = []
-    for i in range(0, len(grids[0]), batch):
-        part = [g[i: i + batch] for g in grids]
-        out.append(tokenizer.decode_tensor(dict(zip(names, part)) if len(part) > 1 else part[0]).clamp(-1, 1))
-    return torch.cat(out)
+    return torch.cat([decode_grids(tokenizer, names, [g[i: i + batch] for g in grids])
+                      for i in range(0, len(grids[0]), batch)])
 
 
 def edge_map(x: torch.Tensor) -> torch.Tensor:
