@@ -146,6 +146,17 @@ def code_features(tok, codes: torch.Tensor, level: str) -> torch.Tensor:
     return (v - v.mean(0)) / (v.std(0) + 1e-6)
 
 
+def teacher_features(tok, images, batch: int = 64) -> torch.Tensor:
+    """The frozen teacher's patch features, flattened over positions: the ceiling of what the semantic
+    codes (trained to reconstruct them) can carry."""
+    from mmgen.tokenizers.base import pil_to_tensor
+
+    with torch.no_grad():
+        v = torch.cat([tok.teacher(pil_to_tensor(images[i:i + batch], tok.resolution)).flatten(1)
+                       for i in range(0, len(images), batch)])
+    return (v - v.mean(0)) / (v.std(0) + 1e-6)
+
+
 def linear_probe(x_tr, y_tr, x_te, y_te, classes: int, steps: int = 300) -> float:
     """Multinomial logistic regression (full-batch L-BFGS, L2), accuracy on the test set."""
     torch.manual_seed(0)
@@ -176,8 +187,9 @@ def probes(tok, n_train: int, n_test: int, size: int) -> dict:
     for attr, values in (("color", list(COLORS)), ("shape", list(SHAPES))):
         y = {name: torch.tensor([values.index(getattr(largest_object(s), attr)) for s in scenes])
              for name, (scenes, _) in sets.items()}
-        for level in ("sem", "pix"):
-            feats = code_features(tok, torch.cat([codes[k][level] for k in sets]), level)
+        for level in ("sem", "pix", "teacher"):
+            feats = (teacher_features(tok, [im for k in sets for im in sets[k][1]]) if level == "teacher"
+                     else code_features(tok, torch.cat([codes[k][level] for k in sets]), level))
             f = dict(zip(sets, torch.split(feats, [len(sets[k][0]) for k in sets])))
             for split in ("val", "heldout"):
                 res[(attr, level, split)] = linear_probe(f["train"], y["train"], f[split], y[split], len(values))
@@ -211,6 +223,7 @@ def main() -> None:
     photos, names = real_photos((w, h))
     pcodes = encode_all(tok, photos)
     shapes = tok.code_shapes(w, h)
+    n_patches = (h // tok.teacher.patch) * (w // tok.teacher.patch)
     tokens = {"sem": shapes["sem"][0] * shapes["sem"][1], "pix": shapes["pix"][0] * shapes["pix"][1]}
 
     rows, results = [], {}
@@ -256,11 +269,14 @@ def main() -> None:
         f"Linear probe (logistic regression on the codes' codebook vectors, all positions) predicting colour / "
         f"shape of the largest object, trained on {args.probe_train} train-split scenes, tested on {args.probe_test} "
         "unseen `val` scenes and on {0} `heldout` scenes (colour-shape pairs never seen in any training); scenes "
-        "with an unambiguous largest object:".format(args.probe_test),
+        "with an unambiguous largest object. The last row probes the frozen teacher's own patch features, which the "
+        "semantic branch encodes: what its codes could carry at most.".format(args.probe_test),
         "",
         md_table(["codes", "tokens", "colour (val)", "shape (val)", "colour (heldout)", "shape (heldout)"],
                  [[name, tokens[lvl]] + [f"{100 * probe[(a, lvl, sp)]:.1f}%" for sp in ("val", "heldout") for a in ("color", "shape")]
-                  for name, lvl in (("semantic", "sem"), ("pixel", "pix"))]),
+                  for name, lvl in (("semantic", "sem"), ("pixel", "pix"))]
+                 + [["teacher patch features (the semantic codes' ceiling)", f"{n_patches} x {tok.teacher.dim}"]
+                    + [f"{100 * probe[(a, 'teacher', sp)]:.1f}%" for sp in ("val", "heldout") for a in ("color", "shape")]]),
         "",
         f"Measurement took {seconds:.0f} s.",
     ]
