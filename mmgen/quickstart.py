@@ -41,6 +41,9 @@ class QuickstartConfig:
     eval_seed: int = 0
     cfg_scale: float = 1.0
     temperature: float = 1.0
+    # The LM reads and writes one token per 3x3 block of pixel codes (mmgen.tokenizers.blocks): a
+    # ShapesWorld cell, so a picture is 9 tokens instead of 81. False: the pixel codes themselves.
+    code_blocks: bool = True
     launcher: str = "deepspeed"  # deepspeed (training/pretrain.sh) or none (in-process)
 
 
@@ -133,16 +136,25 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
         return pretokenize(tok_dir, str(out / "filtered" / "shards"), out / "codes")
 
+    def blocks():
+        from mmgen.tokenizers.blocks import fit_code_blocks
+        from mmgen.tokenizers.pretokenize import pretokenize
+
+        # fitted on the train split's codes only: val and held-out pictures stay unseen
+        block_tok = fit_code_blocks(tok_dir, out / "codes", out / "blocks" / "tokenizer")
+        pretokenize(block_tok, str(out / "filtered" / "shards"), out / "blocks" / "codes")
+        return str(block_tok)
+
     def train(recipe: str, overrides: list[str]) -> str:
         return str(train_stage(recipe, overrides, cfg.launcher))
 
     def pretrain():
-        return train(cfg.train_recipe, [f"data.code_shards={out / 'codes'}", f"data.image_tokenizer={tok_dir}",
+        return train(cfg.train_recipe, [f"data.code_shards={lm_codes}", f"data.image_tokenizer={lm_tok}",
                                         f"out_dir={out / 'lm'}", *cfg.train_overrides])
 
     def sft():
         # The SFT recipe's stage is sft: QA documents become chat turns with the loss on the answers.
-        return train(cfg.sft_recipe, [f"init_from={pretrained}", f"data.code_shards={out / 'codes'}",
+        return train(cfg.sft_recipe, [f"init_from={pretrained}", f"data.code_shards={lm_codes}",
                                       f"out_dir={out / 'sft'}", *cfg.sft_overrides])
 
     def evaluate():
@@ -155,6 +167,10 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     clip_dir = stages.run("clip", clip) if tcfg.tokenizer == "dualvitok" else None
     tok_dir = stages.run("tokenizer", tokenizer)
     stages.run("tokenize", tokenize)
+    lm_tok, lm_codes = tok_dir, out / "codes"
+    if cfg.code_blocks:
+        lm_tok = stages.run("blocks", blocks)
+        lm_codes = out / "blocks" / "codes"
     pretrained = stages.run("pretrain", pretrain)
     bundle_dir = stages.run("sft", sft) if cfg.sft_recipe else pretrained
     metrics = stages.run("evaluate", evaluate)
@@ -247,7 +263,9 @@ def _write_markdown(r: dict, path: Path) -> None:
               "## Image tokenizer", "",
               f"{r['tokenizer']['type']}, {r['tokenizer']['tokens_per_image']} codes per image. "
               f"Scene-parser agreement between {rec['n']} rendered scenes and their reconstructions: "
-              f"{_pct(rec['scene_agreement'])}; PSNR {rec['psnr_db']:.1f} dB.", "",
+              f"{_pct(rec['scene_agreement'])} ("
+              + ", ".join(f"{k} {_pct(v)}" for k, v in rec.get("scene_agreement_by_split", {}).items())
+              + f"); PSNR {rec['psnr_db']:.1f} dB.", "",
               "![originals (top) and reconstructions (bottom)](reconstructions.png)", ""]
     if "filter_defects" in r:
         lines += ["## Filtering: per-defect precision / recall against the world's labels", "",

@@ -27,14 +27,21 @@ def test_quickstart_end_to_end_small(tmp_path):
         m = report["t2i"][split]
         assert m["n"] == 3 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["parse_rate"] <= 1.0
     assert 0.0 <= report["t2i_accuracy"] <= 1.0
-    # The default tokenizer is DualViTok on a CLIP teacher the run trained itself: 3x3 semantic + 9x9 pixel codes.
-    assert report["tokenizer"]["type"] == "DualViTok" and report["tokenizer"]["tokens_per_image"] == 90
+    # The tokenizer is DualViTok on a CLIP teacher the run trained itself (3x3 semantic + 9x9 pixel codes),
+    # and the LM reads one code-block token per 3x3 pixel codes, fitted on the train split's codes.
+    assert report["tokenizer"]["type"] == "CodeBlockTokenizer" and report["tokenizer"]["tokens_per_image"] == 18
     assert report["tokenizer"]["clip_teacher"]["steps"] == 4
-    # ... and the LM's vocab holds the code range the tiny recipe asks for, at the tokenizer's size.
     from mmgen.models.vocab import Vocab
+    from mmgen.tokenizers import load_image_tokenizer
 
+    blocks = load_image_tokenizer(tmp_path / "qs" / "blocks" / "tokenizer")
+    assert type(blocks.inner).__name__ == "DualViTok" and blocks.fit_stats["splits"] == ["train"]
+    assert 0 < blocks.fit_stats["coverage"] <= 1 and blocks.fit_stats["table_size"] == blocks.codebook_size
+    # ... and the LM's vocab holds the block range the tiny recipe asks for, at the table's size.
     lm_vocab = Vocab.load(tmp_path / "qs" / "lm" / "vocab.json")
-    assert lm_vocab.config.codebooks == {"pix": 512}
+    assert lm_vocab.config.codebooks == {"pix": blocks.codebook_size}
+    rec = report["tokenizer_reconstruction"]
+    assert set(rec["scene_agreement_by_split"]) == {"val", "heldout"}
     # QA and build-up evaluation scored every sample, on the SFT checkpoint.
     assert report["checkpoint"].endswith("final") and "sft" in report["checkpoint"]
     for key in ("qa_accuracy", "qa_accuracy_heldout_compositions", "interleaved_accuracy"):

@@ -29,6 +29,33 @@ def register(app: typer.Typer) -> None:
         path = train_tokenizer(cfg)
         typer.echo(f"tokenizer saved to {path} (metrics: {cfg.out_dir}/metrics.jsonl, eval: {cfg.out_dir}/eval.json)")
 
+    @app.command("fit-blocks")
+    def fit_blocks_cmd(
+        tokenizer: str = typer.Option(..., "--tokenizer", help="Directory of the image tokenizer that wrote the code shards."),
+        codes: List[str] = typer.Option(..., "--codes", help="Code shards to count blocks in: a file, a directory or a glob (repeatable)."),
+        out: str = typer.Option(..., "--out", help="Directory for the code-block tokenizer (the inner tokenizer is copied into out/inner)."),
+        block: Optional[int] = typer.Option(None, "--block", help="Block side in codes (default: DualViTok's semantic ratio, one block per semantic code; else 2)."),
+        max_size: int = typer.Option(1024, "--max-size", help="At most this many blocks in the table (the LM's image code range)."),
+        min_count: int = typer.Option(2, "--min-count", help="Keep blocks seen at least this often."),
+        split: List[str] = typer.Option(["train"], "--split", help="Count documents of these splits only (repeatable); 'all' for every document."),
+    ) -> None:
+        """Fit a code-block table: one token per frequent BLOCK x BLOCK block of pixel codes, so an LM reads
+        and writes an image in fewer tokens (blocks outside the table become the nearest entry). Then
+        tokenize with --tokenizer OUT as with any tokenizer.
+
+        \b
+        Example:
+          mmgen fit-blocks --tokenizer runs/qs/tokenizer/tokenizer --codes runs/qs/codes --out runs/qs/blocks/tokenizer
+        """
+        from mmgen.tokenizers import load_image_tokenizer
+        from mmgen.tokenizers.blocks import fit_code_blocks
+
+        splits = None if "all" in split else list(split)
+        path = fit_code_blocks(tokenizer, list(codes), out, block=block, max_size=max_size, min_count=min_count, splits=splits)
+        s = load_image_tokenizer(path).fit_stats
+        typer.echo(f"{s['table_size']} blocks kept of {s['distinct']} distinct ({s['blocks']} blocks in {s['grids']} images): "
+                   f"the table covers {100 * s['coverage']:.2f}% of them; saved to {path}")
+
     @app.command("tokenize")
     def tokenize_cmd(
         tokenizer: str = typer.Option(..., "--tokenizer", help="Directory of a saved image tokenizer."),

@@ -137,7 +137,8 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> ImageTokenize
     p = Path(path)
     kind = _read_config(p).get("mmgen_type")
     if kind not in _REGISTRY:
-        import mmgen.tokenizers.dualvitok  # noqa: F401 - registers the built-in tokenizers
+        import mmgen.tokenizers.blocks  # noqa: F401 - registers the built-in tokenizers
+        import mmgen.tokenizers.dualvitok  # noqa: F401
         import mmgen.tokenizers.vq  # noqa: F401
     if kind not in _REGISTRY:
         raise MMGenError(f"unknown tokenizer type '{kind}' in {p / 'config.json'} (known: {', '.join(sorted(_REGISTRY))})")

@@ -1,0 +1,235 @@
+"""Code blocks: one token for each frequent k x k block of an image tokenizer's pixel codes.
+
+A second-stage vocabulary over visual codes, in the spirit of byte-pair encoding on quantized images
+(Zhang et al. 2024, "From Pixels to Tokens: Byte-Pair Encoding on Quantized Visual Modalities"),
+restricted to aligned square blocks so an image stays a grid. Why mmgen has it: the tiny DualViTok's
+pixel codes are cell-aligned (a ShapesWorld cell is exactly 3 x 3 codes, and an object gets the same
+block wherever it stands, see ``benchmarks/cell_codes.py``), so the demo corpus holds only a few hundred
+distinct blocks among its 127k. Writing one token per block cuts a picture from 81 codes to 9, and the
+LM binds a caption's objects to cells per token, as in ``benchmarks/binding_probe.py``, at a third of the
+sequence length.
+
+The table is fitted on code shards (``fit_block_table``): the ``max_size`` most frequent blocks seen at
+least ``min_count`` times. A block outside the table is written as the nearest entry (squared distance
+between the pixel quantizer's code vectors, summed over the block): lossy, so ``fit`` reports the
+table's coverage, and the reconstruction benchmarks measure the whole chain.
+
+``CodeBlockTokenizer`` wraps the fitted table and the inner tokenizer behind the usual tokenizer API, so
+``mmgen tokenize``, the LM bundle, generation and evaluation use it like any other image tokenizer. Its
+directory holds ``config.json``, ``model.safetensors`` (the table) and the inner tokenizer in ``inner/``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from mmgen.errors import MMGenError
+from mmgen.tokenizers.base import ImageTokenizer, load_image_tokenizer, pil_to_tensor, register_tokenizer, tensor_to_pil
+
+
+def blocks_of(grid: np.ndarray, block: int) -> np.ndarray:
+    """A ``(H, W)`` code grid -> ``(H/b, W/b, b*b)`` blocks, each read row-major."""
+    h, w = grid.shape
+    if h % block or w % block:
+        raise MMGenError(f"a {h}x{w} code grid does not split into {block}x{block} blocks")
+    return grid.reshape(h // block, block, w // block, block).transpose(0, 2, 1, 3).reshape(h // block, w // block, -1)
+
+
+def fit_block_table(grids: Iterable[np.ndarray], block: int, max_size: int = 1024, min_count: int = 2) -> tuple[np.ndarray, dict]:
+    """The most frequent ``block x block`` code blocks of ``grids`` (ties broken by the codes, so the
+    table is deterministic), at most ``max_size`` of them, each seen ``min_count`` times or more."""
+    counts: Counter = Counter()
+    n_grids = 0
+    for g in grids:
+        b = blocks_of(np.asarray(g), block)
+        counts.update(map(tuple, b.reshape(-1, b.shape[-1]).tolist()))
+        n_grids += 1
+    if not counts:
+        raise MMGenError("no image code grids to fit a block table on")
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    kept = [t for t, n in ranked[:max_size] if n >= min_count] or [ranked[0][0]]
+    total = sum(counts.values())
+    stats = {"grids": n_grids, "blocks": total, "distinct": len(counts), "table_size": len(kept),
+             "coverage": round(sum(counts[t] for t in kept) / total, 6)}
+    return np.asarray(kept, dtype=np.int64), stats
+
+
+@register_tokenizer("code_blocks")
+class CodeBlockTokenizer(ImageTokenizer):
+    """An inner image tokenizer whose pixel-code grid is rewritten as one token per ``block x block``
+    block from a fitted table. A DualViTok's semantic grid passes through unchanged when it has one
+    code per block (its ``sem_ratio`` equals ``block``)."""
+
+    def __init__(self, inner: ImageTokenizer, table: np.ndarray | torch.Tensor, block: int, fit_stats: dict | None = None):
+        super().__init__()
+        table = torch.as_tensor(np.asarray(table), dtype=torch.long)
+        if table.ndim != 2 or table.shape[1] != block * block or not len(table):
+            raise MMGenError(f"a block table must be (K, {block * block}) codes, got shape {tuple(table.shape)}")
+        n_pix = _pix_codebook(inner)
+        if int(table.min()) < 0 or int(table.max()) >= n_pix:
+            raise MMGenError(f"block table codes must lie in the inner pixel codebook 0..{n_pix - 1}")
+        self.inner = inner.eval()
+        self.block = int(block)
+        self.fit_stats = dict(fit_stats or {})
+        self.register_buffer("table", table)
+        self.resolution = tuple(inner.resolution)
+        self.downsample = inner.downsample * self.block
+        self.codebook_size = len(table)
+        sizes = getattr(inner, "codebook_sizes", None) or {}
+        # one semantic code per block: the LM's semantic grid is the block grid (ratio 1)
+        self.sem_ratio = 1
+        self.codebook_sizes = {"pix": self.codebook_size}
+        if "sem" in sizes and getattr(inner, "sem_ratio", 0) == self.block:
+            self.codebook_sizes = {"sem": int(sizes["sem"]), "pix": self.codebook_size}
+        sem_down = getattr(inner, "sem_downsample", 1)
+        if self.downsample % sem_down:
+            raise MMGenError(f"{self.block}x{self.block} blocks of {inner.downsample}-pixel codes ({self.downsample} px) must "
+                             f"tile the inner tokenizer's semantic cells ({sem_down} px)")
+        self._index = {tuple(row): i for i, row in enumerate(table.tolist())}
+        self._vectors = None
+
+    # -- blocks <-> pixel codes -------------------------------------------------------------------------
+    def to_blocks(self, pix: torch.Tensor) -> torch.Tensor:
+        """Inner pixel codes ``(B, H, W)`` -> block tokens ``(B, H/b, W/b)``; unseen blocks -> nearest entry."""
+        pix = pix.detach().cpu().long()
+        b = self.block
+        flat = [blocks_of(g, b) for g in pix.numpy()]
+        out = np.empty((len(flat), *flat[0].shape[:2]), dtype=np.int64) if flat else np.empty((0, 0, 0), np.int64)
+        missing = []
+        for n, grid in enumerate(flat):
+            for r in range(grid.shape[0]):
+                for c in range(grid.shape[1]):
+                    i = self._index.get(tuple(grid[r, c].tolist()))
+                    if i is None:
+                        missing.append((n, r, c))
+                    else:
+                        out[n, r, c] = i
+        if missing:
+            found = self._nearest(torch.as_tensor(np.stack([flat[n][r, c] for n, r, c in missing])))
+            for (n, r, c), i in zip(missing, found.tolist()):
+                out[n, r, c] = i
+        return torch.from_numpy(out).to(self.table.device)
+
+    def from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Block tokens ``(B, h, w)`` -> inner pixel codes ``(B, h*b, w*b)``."""
+        blocks = blocks.long().to(self.table.device)
+        n, h, w = blocks.shape
+        b = self.block
+        return self.table[blocks].view(n, h, w, b, b).permute(0, 1, 3, 2, 4).reshape(n, h * b, w * b)
+
+    def _nearest(self, tuples: torch.Tensor) -> torch.Tensor:
+        if self._vectors is None:  # (n_pix, D) code vectors of the inner pixel quantizer
+            q = getattr(self.inner, "pix_quantizer", None) or self.inner.quantizer
+            n = _pix_codebook(self.inner)
+            with torch.no_grad():
+                self._vectors = q.embed(torch.arange(n, device=self.inner.device).view(1, 1, n))[0, :, 0].T.cpu()
+        v = self._vectors
+        want = v[tuples.long()].flatten(1)  # (M, b*b*D)
+        have = v[self.table.cpu()].flatten(1)  # (K, b*b*D)
+        return torch.cdist(want, have).argmin(1)
+
+    # -- the tokenizer API ----------------------------------------------------------------------------
+    def tokens_per_image(self, width: int, height: int) -> int:
+        h, w = self.code_shape(width, height)
+        return h * w * len(self.codebook_sizes)  # the semantic grid, when kept, is the block grid
+
+    def get_config(self) -> dict:
+        return {"block": self.block, "inner": "inner", "fit_stats": self.fit_stats}
+
+    def encode_tensor(self, x: torch.Tensor, return_features: bool = False):
+        out = self.inner.encode_tensor(x)
+        if not isinstance(out, dict):
+            return self.to_blocks(out)
+        codes = {"pix": self.to_blocks(out["pix"])}
+        if "sem" in self.codebook_sizes:
+            codes["sem"] = out["sem"]
+        return codes
+
+    def decode_tensor(self, codes) -> torch.Tensor:
+        if not isinstance(codes, dict):
+            codes = {"pix": codes}
+        grids = {}
+        for name in ("sem", "pix"):
+            c = codes.get(name)
+            if c is None:
+                continue
+            c = torch.as_tensor(np.asarray(c) if not torch.is_tensor(c) else c, dtype=torch.long)
+            grids[name] = c[None] if c.ndim == 2 else c
+        if "pix" not in grids:
+            raise MMGenError("code-block decode needs the block grid ('pix')")
+        if grids["pix"].numel() and (int(grids["pix"].min()) < 0 or int(grids["pix"].max()) >= self.codebook_size):
+            raise MMGenError(f"block code out of range 0..{self.codebook_size - 1}")
+        pix = self.from_blocks(grids["pix"])
+        if "sem" in grids and "sem" in self.codebook_sizes:
+            return self.inner.decode_tensor({"sem": grids["sem"], "pix": pix})
+        return self.inner.decode_tensor(pix)
+
+    @torch.no_grad()
+    def encode(self, images, size: tuple[int, int] | None = None, return_features: bool = False):
+        size = self.image_size_for(*(size or self.resolution))
+        return self.encode_tensor(pil_to_tensor(images, size).to(self.device))
+
+    @torch.no_grad()
+    def decode(self, codes) -> list:
+        return tensor_to_pil(self.decode_tensor(codes))
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        self.inner.save_pretrained(p / "inner")
+        (p / "config.json").write_text(json.dumps({"mmgen_type": self.mmgen_type, **self.get_config()}, indent=1))
+        save_file({"table": self.table.contiguous().cpu()}, str(p / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu"):
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        cfg = json.loads((p / "config.json").read_text())
+        inner = load_image_tokenizer(p / cfg.get("inner", "inner"), device=device)
+        table = load_file(str(p / "model.safetensors"))["table"]
+        return cls(inner, table, int(cfg["block"]), cfg.get("fit_stats")).to(device).eval()
+
+
+def _pix_codebook(tok) -> int:
+    return int((getattr(tok, "codebook_sizes", None) or {}).get("pix", tok.codebook_size))
+
+
+def image_grids_of_shards(code_shards, splits: Iterable[str] | None = ("train",)) -> Iterable[np.ndarray]:
+    """Every image item's pixel-code grid in ``code_shards`` (documents of ``splits`` only; None: all)."""
+    from mmgen.data.code_shards import read_code_shards
+
+    wanted = set(splits) if splits else None
+    for r in read_code_shards(code_shards):
+        if not hasattr(r, "doc") or (wanted and r.doc.meta.get("split") not in wanted | {None}):
+            continue
+        for i, codes in r.codes.items():
+            if getattr(r.doc.items[i], "kind", None) == "image" and np.ndim(codes) == 2:
+                yield np.asarray(codes)
+
+
+def fit_code_blocks(tokenizer_dir: str | Path, code_shards, out_dir: str | Path, block: int | None = None,
+                    max_size: int = 1024, min_count: int = 2, splits: Iterable[str] | None = ("train",)) -> Path:
+    """Fit a block table on the image codes of ``code_shards`` (written by the tokenizer at
+    ``tokenizer_dir``) and save the wrapped tokenizer to ``out_dir``. ``block`` defaults to the inner
+    tokenizer's semantic ratio (one block per semantic code), else 2."""
+    inner = load_image_tokenizer(tokenizer_dir)
+    block = int(block or getattr(inner, "sem_ratio", 2))
+    table, stats = fit_block_table(image_grids_of_shards(code_shards, splits), block, max_size, min_count)
+    tok = CodeBlockTokenizer(inner, table, block, dict(stats, source=str(code_shards), splits=list(splits or [])))
+    tok.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+__all__ = ["CodeBlockTokenizer", "blocks_of", "fit_block_table", "fit_code_blocks", "image_grids_of_shards"]

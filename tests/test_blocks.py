@@ -1,0 +1,152 @@
+"""Code blocks (mmgen.tokenizers.blocks): table fitting, lossless round trips for blocks in the table,
+the nearest-entry fallback, save/load, pre-tokenization, DualViTok's semantic grid, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmgen.errors import MMGenError
+
+VQ = {"channels": [8, 16], "layers_per_block": 1, "patch_size": 2, "code_dim": 4, "codebook_size": 32, "norm_groups": 4}
+
+
+@pytest.fixture(scope="module")
+def inner():
+    from mmgen.tokenizers.vq import PixelVQ
+
+    torch.manual_seed(0)
+    return PixelVQ(resolution=(32, 32), **VQ).eval()  # 8x8 codes: 4x4 blocks of 2x2
+
+
+def scenes(n, seed=0, side=32):
+    import random
+
+    from mmgen.data.synthetic import random_scene, render
+
+    rng = random.Random(seed)
+    return [render(random_scene(rng, "val"), side, side) for _ in range(n)]
+
+
+def test_fit_ranks_blocks_by_count_and_reports_coverage():
+    from mmgen.tokenizers.blocks import blocks_of, fit_block_table
+
+    a, b, c = [[1, 1], [1, 1]], [[2, 3], [4, 5]], [[7, 7], [7, 6]]
+    grid1 = np.block([[np.array(a), np.array(b)], [np.array(a), np.array(a)]])  # a x3, b x1
+    grid2 = np.block([[np.array(b), np.array(c)], [np.array(a), np.array(b)]])  # a x1, b x2, c x1
+    assert blocks_of(grid1, 2)[0, 1].tolist() == [2, 3, 4, 5]  # a block is read row-major
+    table, stats = fit_block_table([grid1, grid2], block=2, min_count=2)
+    assert table.tolist() == [[1, 1, 1, 1], [2, 3, 4, 5]]  # a (4), b (3); c (1) is under min_count
+    assert stats["blocks"] == 8 and stats["distinct"] == 3 and stats["coverage"] == pytest.approx(7 / 8)
+    table, _ = fit_block_table([grid1, grid2], block=2, max_size=1, min_count=1)
+    assert table.tolist() == [[1, 1, 1, 1]]
+    with pytest.raises(MMGenError, match="does not split"):
+        fit_block_table([np.zeros((3, 4), int)], block=2)
+
+
+def test_blocks_in_the_table_round_trip_exactly(inner):
+    from mmgen.tokenizers.blocks import CodeBlockTokenizer, fit_block_table
+
+    images = scenes(12)
+    pix = inner.encode(images)
+    table, stats = fit_block_table(pix.numpy(), block=2, min_count=1)
+    assert stats["coverage"] == 1.0
+    tok = CodeBlockTokenizer(inner, table, block=2)
+    blocks = tok.encode(images)
+    assert blocks.shape == (12, 4, 4) and tok.code_shape(32, 32) == (4, 4) and tok.downsample == 8
+    assert torch.equal(tok.from_blocks(blocks), pix)
+    assert torch.equal(tok.encode(images), blocks)  # deterministic
+    # decoding blocks is decoding their pixel codes with the inner tokenizer
+    assert torch.equal(tok.decode_tensor(blocks), inner.decode_tensor(pix))
+    assert len(tok.decode(blocks[0])) == 1
+
+
+def test_a_block_outside_the_table_becomes_the_nearest_entry(inner):
+    from mmgen.tokenizers.blocks import CodeBlockTokenizer
+
+    tok = CodeBlockTokenizer(inner, np.array([[0, 0, 0, 0], [1, 1, 1, 1]]), block=2)
+    grid = torch.tensor([[[0, 0, 1, 1], [0, 1, 1, 1]]])  # left block 0,0,0,1 (3 of 4 like entry 0), right 1,1,1,1
+    assert tok.to_blocks(grid).tolist() == [[[0, 1]]]
+    grid = torch.tensor([[[1, 0], [1, 1]]])  # 1,0,1,1: 3 of 4 like entry 1
+    assert tok.to_blocks(grid).tolist() == [[[1]]]
+
+
+def test_save_load_and_pretokenize(inner, tmp_path):
+    from mmgen.data.code_shards import read_code_shards
+    from mmgen.data.synthetic import write_world
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.tokenizers.blocks import CodeBlockTokenizer, fit_code_blocks
+    from mmgen.tokenizers.pretokenize import pretokenize
+
+    inner.save_pretrained(tmp_path / "vq")
+    write_world(tmp_path / "world", n_docs=16, seed=2, size=32, progress=False)
+    pretokenize(tmp_path / "vq", str(tmp_path / "world"), tmp_path / "codes", batch_size=8, progress=False)
+    fit_code_blocks(tmp_path / "vq", str(tmp_path / "codes"), tmp_path / "blocks", block=2, min_count=1, splits=None)
+    tok = load_image_tokenizer(tmp_path / "blocks")
+    assert isinstance(tok, CodeBlockTokenizer) and tok.fit_stats["coverage"] == 1.0
+    images = scenes(4, seed=5)
+    assert torch.equal(tok.encode(images), tok.to_blocks(inner.encode(images)))
+    s = pretokenize(tmp_path / "blocks", str(tmp_path / "world"), tmp_path / "block_codes", batch_size=8, progress=False)
+    assert s["codebooks"] == {"pix": tok.codebook_size} and s["images_encoded"] > 0
+    plain = {c.doc.id: c.codes for c in read_code_shards(str(tmp_path / "codes"))}
+    n = 0
+    for c in read_code_shards(str(tmp_path / "block_codes")):
+        for i, grid in c.codes.items():  # every image's blocks are exactly its fitted pixel codes
+            assert np.array_equal(tok.from_blocks(torch.as_tensor(grid)[None])[0].numpy(), plain[c.doc.id][i])
+            n += 1
+    assert n == s["images_encoded"]
+
+
+def test_dualvitok_semantic_grid_passes_through(tmp_path):
+    from test_dualvitok import TEACHER_CFG, tiny_cfg  # the same tiny DualViTok and CLIP teacher
+
+    from mmgen.models.clip import build_open_clip, save_clip
+    from mmgen.tokenizers.blocks import CodeBlockTokenizer, fit_block_table
+    from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
+
+    torch.manual_seed(0)
+    teacher = str(save_clip(build_open_clip(TEACHER_CFG), tmp_path / "clip", TEACHER_CFG))
+    dual = build_dualvitok_from_config(tiny_cfg(tmp_path / "t", teacher)).eval()
+    images = scenes(6)
+    codes = dual.encode(images)
+    tok = CodeBlockTokenizer(dual, fit_block_table(codes["pix"].numpy(), dual.sem_ratio, min_count=1)[0], dual.sem_ratio)
+    assert tok.codebook_sizes == {"sem": dual.codebook_sizes["sem"], "pix": tok.codebook_size} and tok.sem_ratio == 1
+    out = tok.encode(images)
+    assert torch.equal(out["sem"], codes["sem"]) and out["pix"].shape == out["sem"].shape
+    assert tok.tokens_per_image(32, 32) == 2 * out["pix"][0].numel()
+    assert torch.equal(tok.decode_tensor(out), dual.decode_tensor(codes))
+    tok.save_pretrained(tmp_path / "blocks")
+    again = CodeBlockTokenizer.from_pretrained(tmp_path / "blocks")
+    assert torch.equal(again.encode(images)["pix"], out["pix"])
+
+
+def test_bad_tables_and_codes_are_clear_errors(inner):
+    from mmgen.tokenizers.blocks import CodeBlockTokenizer
+
+    with pytest.raises(MMGenError, match="inner pixel codebook"):
+        CodeBlockTokenizer(inner, np.array([[0, 0, 0, 99]]), block=2)
+    with pytest.raises(MMGenError, match=r"\(K, 4\)"):
+        CodeBlockTokenizer(inner, np.array([[0, 0, 0]]), block=2)
+    tok = CodeBlockTokenizer(inner, np.array([[0, 0, 0, 0]]), block=2)
+    with pytest.raises(MMGenError, match="out of range"):
+        tok.decode(torch.tensor([[0, 1]]))
+
+
+def test_fit_blocks_cli(inner, tmp_path):
+    from typer.testing import CliRunner
+
+    from mmgen.cli import app
+    from mmgen.data.synthetic import write_world
+    from mmgen.tokenizers.pretokenize import pretokenize
+
+    inner.save_pretrained(tmp_path / "vq")
+    write_world(tmp_path / "world", n_docs=12, seed=4, size=32, progress=False)
+    pretokenize(tmp_path / "vq", str(tmp_path / "world"), tmp_path / "codes", batch_size=8, progress=False)
+    args = ["fit-blocks", "--tokenizer", str(tmp_path / "vq"), "--codes", str(tmp_path / "codes"), "--out",
+            str(tmp_path / "blocks"), "--block", "2", "--max-size", "5", "--min-count", "1", "--split", "all"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "5 blocks kept of" in res.output and (tmp_path / "blocks" / "inner" / "config.json").is_file()
+    res = CliRunner().invoke(app, [*args[:-6], "--block", "3"])  # 8x8 codes do not split into 3x3 blocks
+    assert res.exit_code != 0 and "does not split" in str(res.exception or res.output)
