@@ -53,7 +53,9 @@ def test_qa_prompt_is_the_training_prefix_in_both_layouts(tmp_path):
     doc = Doc(items=[Image.from_pil(render(scene, 32, 32)), Text(q, {"role": "question"}), Text(a, {"role": "answer"})])
     block = image_ids(bundle, [render(scene, 32, 32)])[0]
     # a pretraining with data.chat=roles built its QA documents as conversations: ask it in that layout
-    for stage, chat, build in (("pretrain", "none", build_sequence), ("sft", "none", build_chat_sequence),
+    # (an sft run builds every document in the chat template unless data.chat says otherwise)
+    for stage, chat, build in (("pretrain", "none", build_sequence), ("sft", "auto", build_chat_sequence),
+                               ("sft", "roles", build_chat_sequence), ("sft", "none", build_sequence),
                                ("pretrain", "roles", build_chat_sequence)):
         bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
         prompt = qa_prompt_ids(bundle, block, q)
@@ -61,6 +63,33 @@ def test_qa_prompt_is_the_training_prefix_in_both_layouts(tmp_path):
         assert ids[:len(prompt)] == prompt, stage
         answer = bundle.text_tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
         assert answer.split()[0] == a  # the answer is what follows the prompt
+
+
+def test_t2i_and_buildup_prompts_are_the_training_prefix_in_both_layouts(tmp_path):
+    """Caption -> image and build-up documents have no roles: a bundle learnt them in the chat template
+    only when every document was built that way (an sft run's default), else in pretraining's layout."""
+    from mmgen.data.doc import Doc, Image, Text
+    from mmgen.data.sequence import build_chat_sequence, build_sequence
+    from mmgen.data.synthetic import make_doc, random_scene, render
+    from mmgen.eval.understanding import buildup_prompt_ids
+    from mmgen.inference.generate import prompt_ids
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    rng = random.Random(1)
+    scene = random_scene(rng, "val")
+    caption = Doc(items=[Text("a large red circle at the top left"), Image.from_pil(render(scene, 32, 32))])
+    buildup = make_doc("buildup", random.Random(2), split="val", size=32)
+    cut = [i for i, it in enumerate(buildup.items) if it.kind == "image"][1]  # draw the second picture
+    for stage, chat, build in (("pretrain", "roles", build_sequence), ("sft", "auto", build_chat_sequence),
+                               ("sft", "roles", build_sequence), ("sft", "all", build_chat_sequence)):
+        bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
+        prompt = prompt_ids(bundle, caption.items[0].text, image=True)
+        ids = build(_coded(bundle, caption), bundle.text_tokenizer, bundle.vocab)["input_ids"].tolist()
+        assert ids[:len(prompt)] == prompt, (stage, chat)
+        prompt = buildup_prompt_ids(bundle, buildup.items[:cut])
+        ids = build(_coded(bundle, buildup), bundle.text_tokenizer, bundle.vocab)["input_ids"].tolist()
+        assert ids[:len(prompt)] == prompt, (stage, chat)
+    assert prompt_ids(bundle, "", image=True) == [bundle.text_tokenizer.bos_token_id, bundle.vocab["<image>"]]
 
 
 def test_evaluators_score_every_sample(tmp_path):

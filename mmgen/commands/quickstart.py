@@ -8,10 +8,12 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    from mmgen.quickstart import QuickstartConfig  # light: its stages import their libraries when they run
+
     @app.command("quickstart")
     def quickstart_cmd(
         out: str = typer.Option("runs/quickstart", "--out", help="output folder (stages resume from here)"),
-        docs: int = typer.Option(10000, help="ShapesWorld documents to generate"),
+        docs: int = typer.Option(QuickstartConfig.docs, help="ShapesWorld documents to generate"),
         seed: int = typer.Option(0, help="world seed"),
         launcher: str = typer.Option("deepspeed", help="deepspeed (training/pretrain.sh) or none (in-process)"),
         overrides: Optional[List[str]] = typer.Argument(None, help="quickstart config overrides, key=value"),

@@ -68,13 +68,15 @@ def summarize(scores: list[dict]) -> dict:
 
 
 def evaluate_t2i(bundle, n: int = 32, seed: int = 0, cfg_scale: float = 1.0, temperature: float = 1.0,
-                 top_k: int = 0, batch_size: int = 16, splits=("val", "heldout")) -> dict:
-    """Generate an image for ``n`` prompts per split and score them. Returns metrics and samples."""
+                 top_k: int = 0, batch_size: int = 16, splits=("val", "heldout"), prompt_seed: int = 1234) -> dict:
+    """Generate an image for ``n`` prompts per split and score them. Returns metrics and samples.
+    ``seed`` drives sampling; ``prompt_seed`` picks the prompts (another value: a separate set, for
+    choosing sampling settings without looking at the reported prompts)."""
     from mmgen.inference.generate import generate_images
 
     result: dict = {"splits": {}, "samples": []}
     for split in splits:
-        items = t2i_eval_set(n, split)
+        items = t2i_eval_set(n, split, seed=prompt_seed)
         images = generate_images(bundle, [it.prompt for it in items], temperature=temperature, top_k=top_k,
                                  seed=seed, cfg_scale=cfg_scale, batch_size=batch_size, progress=True)
         scores = [score_image(img, it.scene) for img, it in zip(images, items)]

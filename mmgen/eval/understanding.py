@@ -34,16 +34,6 @@ def _scenes(n: int, split: str, seed: int, tag: str, **kw) -> tuple[list, random
     return out, rng
 
 
-def _uses_chat(bundle) -> bool:
-    """Whether the bundle learnt its questions in the chat template: after SFT, or from a pretraining
-    that built conversations that way (``data.chat`` roles or all)."""
-    from mmgen.data.sequence import chat_layout
-
-    stage = bundle.meta.get("stage", "")
-    chat = ((bundle.meta.get("config") or {}).get("data") or {}).get("chat", "auto")
-    return stage == "sft" or chat_layout(stage, chat) != "none"
-
-
 def normalize_answer(text: str) -> str:
     """The answer phrase ``text`` starts with, lower case, without punctuation: the longest run of
     its first words that is a ShapesWorld answer ("bottom right" before "bottom"), else its first
@@ -61,7 +51,9 @@ def normalize_answer(text: str) -> str:
 def qa_prompt_ids(bundle, image_block: list[int], question: str) -> list[int]:
     from mmgen.data.sequence import encode_chat_prompt, encode_prompt
 
-    if _uses_chat(bundle):
+    from mmgen.inference.generate import trained_in_chat
+
+    if trained_in_chat(bundle, conversation=True):
         return encode_chat_prompt(question, bundle.text_tokenizer, image_ids=image_block)
     bos = encode_prompt("", bundle.text_tokenizer, bundle.vocab, image=False)
     from mmgen.data.sequence import encode_text
@@ -116,23 +108,30 @@ def buildup_cases(n: int, split: str, seed: int, res) -> list[dict]:
 
 
 def buildup_prompt_ids(bundle, items) -> list[int]:
-    """The pretraining layout of a build-up document up to an instruction, then ``<image>``: consecutive
-    texts joined by a space, images as blocks of their own codes (what :func:`build_sequence` writes)."""
-    from mmgen.data.sequence import encode_prompt, encode_text
-    from mmgen.inference.generate import image_ids
+    """A build-up document up to an instruction, then ``<image>``, in the layout the bundle learnt it:
+    pretraining's (consecutive texts joined by a space, images as blocks of their own codes, what
+    :func:`build_sequence` writes) or, after SFT, the chat template's (the first item is the user's
+    turn, the rest the assistant's answer, each item on its own, as :func:`build_chat_sequence` writes)."""
+    from mmgen.data.sequence import ASSISTANT_TAG, USER_TAG, encode_prompt, encode_text
+    from mmgen.inference.generate import image_ids, trained_in_chat
 
-    ids = encode_prompt("", bundle.text_tokenizer, bundle.vocab, image=False)
+    tok = bundle.text_tokenizer
+    ids = encode_prompt("", tok, bundle.vocab, image=False)
+    if trained_in_chat(bundle):
+        pieces = [encode_text(it.text, tok) if it.kind == "text" else image_ids(bundle, [it.to_pil()])[0] for it in items]
+        ids += encode_text(USER_TAG, tok) + pieces[0] + encode_text(ASSISTANT_TAG, tok)
+        return ids + [t for p in pieces[1:] for t in p] + [bundle.vocab["<image>"]]
     texts: list[str] = []
     for it in items:
         if it.kind == "text":
             texts.append(it.text)
             continue
         if texts:
-            ids += encode_text(" ".join(texts), bundle.text_tokenizer)
+            ids += encode_text(" ".join(texts), tok)
             texts = []
         ids += image_ids(bundle, [it.to_pil()])[0]
     if texts:
-        ids += encode_text(" ".join(texts), bundle.text_tokenizer)
+        ids += encode_text(" ".join(texts), tok)
     return ids + [bundle.vocab["<image>"]]
 
 

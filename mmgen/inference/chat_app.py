@@ -201,7 +201,7 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
                 # t2i 0.19 / 0.19 / 0.04 and 88% / 54% / 4% of the images parse (BENCHMARKS, session 15).
                 cfg_scale = gr.Slider(1.0, 8.0, value=1.0, step=0.5,
                                       label=f"CFG scale ({guided or 'image'} tokens; 1 = off)", interactive=bool(guided))
-                temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature (0 = greedy)")
+                temperature = gr.Slider(0.0, 2.0, value=0.2, step=0.05, label="temperature (0 = greedy)")  # the quick start's
                 top_k = gr.Slider(0, 512, value=0, step=1, label="top-k (0 = off)")
                 seed = gr.Number(value=0, precision=0, label="seed")
                 max_new_tokens = gr.Slider(16, 2048, value=512, step=16, label="max new tokens")

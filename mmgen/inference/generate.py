@@ -36,10 +36,25 @@ OPENERS = {"t2i": "<image>", "tts": "<audio>"}  # modes whose answer starts insi
 
 
 # -- prompts and sizes ----------------------------------------------------------------------------
-def prompt_ids(bundle, prompt: str, image: bool) -> list[int]:
-    """``<s> text`` (plus ``<image>`` when ``image``): the prefix training used for the same text."""
-    from mmgen.data.sequence import encode_prompt
+def trained_in_chat(bundle, conversation: bool = False) -> bool:
+    """Whether the bundle learnt this kind of document in the chat template. Conversations (items
+    with roles, such as QA) were under ``data.chat`` roles or all; plain instructions (a caption and
+    its picture, a build-up document) only under all, which is what an SFT run does by default."""
+    from mmgen.data.sequence import chat_layout
 
+    stage = bundle.meta.get("stage", "")
+    layout = chat_layout(stage, ((bundle.meta.get("config") or {}).get("data") or {}).get("chat", "auto"))
+    return layout == "all" or (conversation and layout == "roles")
+
+
+def prompt_ids(bundle, prompt: str, image: bool) -> list[int]:
+    """The prefix training used for the same text: ``<s> text`` (plus ``<image>`` when ``image``), or
+    ``<s> User: text Assistant:`` (plus ``<image>``) for a bundle fine-tuned on chat turns. The empty
+    prompt stays ``<s>``: the unconditional row of classifier-free guidance, learnt in pretraining."""
+    from mmgen.data.sequence import encode_chat_prompt, encode_prompt
+
+    if prompt and trained_in_chat(bundle):
+        return encode_chat_prompt(prompt, bundle.text_tokenizer) + ([bundle.vocab["<image>"]] if image else [])
     return encode_prompt(prompt, bundle.text_tokenizer, bundle.vocab, image=image)
 
 
