@@ -42,6 +42,7 @@ def test_quickstart_end_to_end_small(tmp_path):
     assert lm_vocab.config.codebooks == {"pix": blocks.codebook_size}
     rec = report["tokenizer_reconstruction"]
     assert set(rec["scene_agreement_by_split"]) == {"val", "heldout"}
+    assert report["inner_tokenizer_reconstruction"]["n"] == rec["n"]  # DualViTok alone, the same scenes
     # QA and build-up evaluation scored every sample, on the SFT checkpoint.
     assert report["checkpoint"].endswith("final") and "sft" in report["checkpoint"]
     for key in ("qa_accuracy", "qa_accuracy_heldout_compositions", "interleaved_accuracy"):

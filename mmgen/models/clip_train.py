@@ -35,6 +35,11 @@ class ClipTrainConfig:
     lr: float = 1.0e-3
     weight_decay: float = 0.05
     warmup_steps: int = 30
+    # Region-text alignment (the RegionCLIP / FG-CLIP idea) on top of the image-caption loss: the patch
+    # tokens of each ShapesWorld cell, pooled and projected like the image embedding, classified among
+    # the batch's cell phrases ("a large red circle", "an empty cell") by text-embedding similarity.
+    # CLIP's loss acts on the pooled embedding only; DualViTok's semantic branch reads the patch tokens.
+    cell_weight: float = 0.0
     out_dir: str = "runs/clip/tiny"
     log_every: int = 50
     seed: int = 0
@@ -88,6 +93,38 @@ def zero_shot_accuracy(clip, scenes, images) -> dict:
     return {k: v / len(scenes) for k, v in hits.items()}
 
 
+def cell_phrases(scene) -> list[str]:
+    """One phrase per grid cell in row-major order: the object's size, colour and shape, or empty."""
+    from mmgen.data.synthetic.scene import GRID
+
+    out = []
+    for r in range(GRID):
+        for c in range(GRID):
+            o = scene.at((r, c))
+            out.append(f"a {o.size} {o.color} {o.shape}" if o else "an empty cell")
+    return out
+
+
+def cell_loss(model, tokenizer, patch_tokens: torch.Tensor, phrases: list[list[str]]) -> torch.Tensor:
+    """Cross-entropy of each cell's pooled, projected patch tokens against the text embeddings of the
+    distinct phrases in the batch (temperature: the model's logit scale)."""
+    import torch.nn.functional as F
+
+    n_cells = len(phrases[0])
+    side = int(round(n_cells ** 0.5))
+    b, n, w = patch_tokens.shape
+    g = int(round(n ** 0.5))
+    grid = patch_tokens.transpose(1, 2).reshape(b, w, g, g)
+    cells = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)  # (B, cells, width), row-major
+    proj = model.visual.proj
+    cells = F.normalize(cells @ proj if proj is not None else cells, dim=-1).reshape(b * n_cells, -1)
+    vocab = sorted({p for ps in phrases for p in ps})
+    index = {p: i for i, p in enumerate(vocab)}
+    text = F.normalize(model.encode_text(tokenizer(vocab)), dim=-1)
+    target = torch.tensor([index[p] for ps in phrases for p in ps])
+    return F.cross_entropy(model.logit_scale.exp() * cells @ text.T, target)
+
+
 def train_clip(cfg: ClipTrainConfig) -> Path:
     """Train the tiny CLIP; returns the saved model directory (``out_dir/clip``)."""
     from tqdm import tqdm
@@ -113,6 +150,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     pairs = shapes_pairs(cfg.train_pairs, size, cfg.seed)
     pixels = clip.pixels([p[1] for p in pairs])
     tokens = tokenizer([p[2] for p in pairs])
+    phrases = [cell_phrases(p[0]) for p in pairs]
     loss_fn = open_clip.ClipLoss()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -125,8 +163,18 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     model.train()
     for step in tqdm(range(cfg.steps), desc="train clip", disable=not cfg.progress, leave=False):
         idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
-        img_f, txt_f, scale = model(pixels[idx], tokens[idx])[:3]
-        loss = loss_fn(img_f, txt_f, scale)
+        if cfg.cell_weight > 0:
+            model.visual.output_tokens = True  # the pooled embedding and the patch tokens in one pass
+            pooled, patches = model.visual(pixels[idx])
+            model.visual.output_tokens = False
+            img_f = torch.nn.functional.normalize(pooled, dim=-1)
+            txt_f = model.encode_text(tokens[idx], normalize=True)
+            clip_loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+            region = cell_loss(model, tokenizer, patches, [phrases[i] for i in idx.tolist()])
+            loss = clip_loss + cfg.cell_weight * region
+        else:
+            img_f, txt_f, scale = model(pixels[idx], tokens[idx])[:3]
+            loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -134,7 +182,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))  # CLIP's cap on the temperature
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            metrics.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5),
+            extra = {"cell_loss": round(region.item(), 5)} if cfg.cell_weight > 0 else {}
+            metrics.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), **extra,
                                       "logit_scale": round(model.logit_scale.exp().item(), 3),
                                       "elapsed_s": round(time.time() - t0, 1)}) + "\n")
             metrics.flush()

@@ -143,6 +143,8 @@ class CodeBlockTokenizer(ImageTokenizer):
         return {"block": self.block, "inner": "inner", "fit_stats": self.fit_stats}
 
     def encode_tensor(self, x: torch.Tensor, return_features: bool = False):
+        if return_features:
+            raise MMGenError("code blocks have no continuous features; ask the inner tokenizer (tokenizer.inner)")
         out = self.inner.encode_tensor(x)
         if not isinstance(out, dict):
             return self.to_blocks(out)
@@ -173,7 +175,7 @@ class CodeBlockTokenizer(ImageTokenizer):
     @torch.no_grad()
     def encode(self, images, size: tuple[int, int] | None = None, return_features: bool = False):
         size = self.image_size_for(*(size or self.resolution))
-        return self.encode_tensor(pil_to_tensor(images, size).to(self.device))
+        return self.encode_tensor(pil_to_tensor(images, size).to(self.device), return_features=return_features)
 
     @torch.no_grad()
     def decode(self, codes) -> list:
