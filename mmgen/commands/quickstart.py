@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
 
         r = json.loads((report.parent / "report.json").read_text())
         print(f"\nreport: {report}  (grid: {report.parent / 't2i_grid.png'})")
-        print(f"t2i_accuracy {r['t2i_accuracy']:.3f}, held-out compositions {r['t2i_accuracy_heldout_compositions']:.3f}, "
-              f"tokenizer scene agreement {r['tokenizer_reconstruction']['scene_agreement']:.3f}")
+        rec = r.get("inner_tokenizer_reconstruction") or r["tokenizer_reconstruction"]
+        print(f"t2i_accuracy {r['t2i_accuracy']:.3f} (held-out compositions {r['t2i_accuracy_heldout_compositions']:.3f}), "
+              f"qa_accuracy {r['qa_accuracy']:.3f}, interleaved_accuracy {r['interleaved_accuracy']:.3f}, "
+              f"image tokenizer scene agreement {rec['scene_agreement']:.3f}")
         print(f"chat with the model: mmgen chat --checkpoint {r['checkpoint']}   "
               f"(or: .venv/bin/mmgen chat --checkpoint {r['checkpoint']}, then open http://127.0.0.1:7860)")
