@@ -39,8 +39,20 @@ def test_chat_app_answers_with_text_and_image_through_gradio_client(bundle_dir):
         assert "/chat" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         prompt = "a large red circle at the top left, on a black background."
         history = client.predict(prompt, [], "t2i", 1.0, 0, 5, 3.0, 48, api_name="/chat")
+        # a picture goes with a question: the model reads it first and answers in text
+        from gradio_client import handle_file
+
+        from mmgen.data.synthetic import random_scene, render
+
+        pic = bundle_dir / "question.png"
+        render(random_scene(__import__("random").Random(0), "val"), *RES).save(pic)
+        asked = client.predict("what colour is the background?", [], "text", 0.0, 0, 0, 1.0, 16, handle_file(str(pic)),
+                               api_name="/chat")
     finally:
         app.close()
+    assert [m["role"] for m in asked] == ["user", "assistant"]
+    assert [p["type"] for p in asked[0]["content"]] == ["file", "text"]  # the picture shown, then the question
+    assert all(p["type"] == "text" for p in asked[1]["content"])
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert history[0]["content"][0]["text"] == prompt
     parts = history[1]["content"]
@@ -69,3 +81,34 @@ def test_chat_engine_streams_and_refuses_share_links(bundle_dir):
     assert list(engine.answer("   ", [], mode="t2i")) == [[]]  # an empty message changes nothing
     with pytest.raises(MMGenError, match="share links"):
         serve(bundle_dir, share=True)
+
+
+def test_a_picture_reaches_the_prompt_in_the_layout_the_bundle_learnt(bundle_dir, monkeypatch):
+    import random
+
+    import mmgen.inference.generate as gen
+    from mmgen.data.synthetic import random_scene, render
+    from mmgen.inference.chat_app import ChatEngine
+    from mmgen.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    picture = render(random_scene(random.Random(1), "val"), *RES)
+    block = gen.image_ids(bundle, [picture])[0]
+    seen = []
+    real = gen.sample_tokens
+
+    def spy(model, vocab, rows, **kw):
+        seen.append([list(r) for r in rows])
+        return real(model, vocab, rows, **kw)
+
+    monkeypatch.setattr(gen, "sample_tokens", spy)
+    engine = ChatEngine(bundle)
+    for stage, chat, mode in (("pretrain", "none", "text"), ("sft", "auto", "text"), ("pretrain", "roles", "t2i")):
+        bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
+        final = list(engine.answer("is there a circle?", [], mode=mode, max_new_tokens=4, picture=picture))[-1]
+        assert final[0]["content"][0]["mime_type"] == "image/png" and final[0]["content"][1] == "is there a circle?"
+        want = gen.picture_prompt_ids(bundle, "is there a circle?", block, question=mode != "t2i")
+        assert seen[-1][0][:len(want)] == want
+        right_after_bos = want[1:1 + len(block)] == block  # the chat template puts "User:" before the picture
+        assert right_after_bos != gen.trained_in_chat(bundle, conversation=mode != "t2i"), (stage, chat, mode)
+    assert len(seen) == 3

@@ -49,16 +49,9 @@ def normalize_answer(text: str) -> str:
 
 
 def qa_prompt_ids(bundle, image_block: list[int], question: str) -> list[int]:
-    from mmgen.data.sequence import encode_chat_prompt, encode_prompt
+    from mmgen.inference.generate import picture_prompt_ids
 
-    from mmgen.inference.generate import trained_in_chat
-
-    if trained_in_chat(bundle, conversation=True):
-        return encode_chat_prompt(question, bundle.text_tokenizer, image_ids=image_block)
-    bos = encode_prompt("", bundle.text_tokenizer, bundle.vocab, image=False)
-    from mmgen.data.sequence import encode_text
-
-    return [*bos, *image_block, *encode_text(question, bundle.text_tokenizer)]
+    return picture_prompt_ids(bundle, question, image_block, question=True)
 
 
 def evaluate_qa(bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), batch_size: int = 16) -> dict:

@@ -5,7 +5,9 @@ the speech (WAV, played by the chat's audio player) of the generated Doc, stream
 writes. The mode ``tts`` is offered only for bundles that can decode speech (an audio codec that
 matches the vocab's audio codes). The same function is the named API endpoint ``/chat``,
 so ``gradio_client.Client(url).predict(prompt, [], "t2i", 1.0, 0, 0, 3.0, 512, api_name="/chat")``
-returns the conversation with the answer's images as local files.
+returns the conversation with the answer's images as local files. A picture can go with the message
+(the last argument, ``gradio_client.handle_file(path)``): the model sees it first, and answers a question
+about it (mode ``text``) or draws the next picture (mode ``t2i``).
 
 Nothing phones home: Gradio's analytics are off (environment and Blocks), fonts are the system's (no
 Google Fonts), and public share links are refused.
@@ -105,8 +107,10 @@ class ChatEngine:
 
     def answer(self, message: str, history: list | None, mode: str = "auto", temperature: float = 1.0,
                top_k: int = 0, seed: int = 0, cfg_scale: float = 1.0, max_new_tokens: int = 512,
-               stream_every_s: float = 0.2):
-        """Yield the conversation (messages format) while the answer grows; the last yield is final."""
+               stream_every_s: float = 0.2, picture=None):
+        """Yield the conversation (messages format) while the answer grows; the last yield is final.
+        ``picture`` (PIL) is shown to the model before the message: a question about it in the text
+        modes, an instruction for the next picture in t2i."""
         from mmgen.inference.generate import default_image_sizes, iter_interleaved
 
         history = list(history or [])
@@ -114,7 +118,16 @@ class ChatEngine:
         if not message:
             yield history
             return
-        history.append({"role": "user", "content": message})
+        if picture is not None:
+            import io
+
+            buf = io.BytesIO()
+            picture.convert("RGB").save(buf, format="PNG")
+            shown = {"path": _media_file(buf.getvalue(), "png", self.image_dir), "mime_type": "image/png",
+                     "alt_text": "the picture shown to the model"}
+            history.append({"role": "user", "content": [shown, message]})
+        else:
+            history.append({"role": "user", "content": message})
         max_new_tokens = int(max_new_tokens)
         if mode == "t2i" and self.bundle.image_tokenizer is not None:
             # A t2i answer must hold at least one whole image block.
@@ -127,7 +140,7 @@ class ChatEngine:
             max_new_tokens = max(max_new_tokens, self.bundle.vocab.audio_block_len(frames))
         stream = iter_interleaved(self.bundle, message, max_new_tokens=max_new_tokens, temperature=float(temperature),
                                   top_k=int(top_k), seed=int(seed), cfg_scale=float(cfg_scale), mode=mode,
-                                  allow_audio=self.speaks and mode != "text")
+                                  allow_audio=self.speaks and mode != "text", picture=picture)
         last = 0.0
         n_media = 0
         doc = None
@@ -176,10 +189,12 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
     guided = " and ".join(k for k, on in (("image", has_images), ("audio", engine.speaks)) if on)
 
     def chat(message: str, history: list, mode: str, temperature: float, top_k: int, seed: int,
-             cfg_scale: float, max_new_tokens: int):
-        """Answer `message` with interleaved text, images and speech; returns the conversation."""
+             cfg_scale: float, max_new_tokens: int, picture=None):
+        """Answer `message` with interleaved text, images and speech; returns the conversation. An
+        optional `picture` is shown to the model first (ask about it, or have the next one drawn)."""
         try:
-            yield from engine.answer(message, history, mode, temperature, top_k, seed, cfg_scale, max_new_tokens)
+            yield from engine.answer(message, history, mode, temperature, top_k, seed, cfg_scale, max_new_tokens,
+                                     picture=picture)
         except MMGenError as e:
             raise gr.Error(str(e)) from None
 
@@ -189,11 +204,15 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="conversation", height=520, elem_id="mmgen-chat", buttons=["copy", "copy_all"],
                                      feedback_options=None, group_consecutive_messages=False,
-                                     placeholder="Describe a ShapesWorld scene; pick *text to image* to force a picture.")
+                                     placeholder="Describe a ShapesWorld scene; pick *text to image* to force a picture. "
+                                                 "With a picture below: ask about it in *text only*, or describe "
+                                                 "a change and pick *text to image*.")
                 with gr.Row():
                     msg = gr.Textbox(placeholder="a large red circle at the top left, on a black background.",
                                      label="prompt", show_label=False, scale=5, lines=1, autofocus=True)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80)
+                picture = gr.Image(type="pil", label="picture (optional), shown to the model before your message",
+                                   sources=["upload", "clipboard"], height=200, visible=bundle.image_tokenizer is not None)
             with gr.Column(scale=1, min_width=240):
                 mode = gr.Radio(mode_choices(bundle), label="mode",
                                 value="t2i" if has_images else "tts" if engine.speaks else "text")
@@ -209,7 +228,7 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
         gr.Examples(examples=EXAMPLES if has_images else [[e[0], "text"] for e in EXAMPLES],
                     inputs=[msg, mode], label="ShapesWorld prompts")
 
-        inputs = [msg, chatbot, mode, temperature, top_k, seed, cfg_scale, max_new_tokens]
+        inputs = [msg, chatbot, mode, temperature, top_k, seed, cfg_scale, max_new_tokens, picture]
         event = gr.on([msg.submit, send.click], chat, inputs, chatbot, api_name="chat")
         event.then(lambda: "", None, msg, api_visibility="private")
         clear.click(lambda: [], None, chatbot, api_visibility="private")

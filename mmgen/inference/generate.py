@@ -58,6 +58,18 @@ def prompt_ids(bundle, prompt: str, image: bool) -> list[int]:
     return encode_prompt(prompt, bundle.text_tokenizer, bundle.vocab, image=image)
 
 
+def picture_prompt_ids(bundle, text: str, block: list[int], question: bool) -> list[int]:
+    """A picture (its image block ids), then ``text``, in the layout the bundle learnt such prompts: a
+    question about the picture (QA conversations) or, with ``question=False``, an instruction for the
+    next picture (build-up documents); the chat template where :func:`trained_in_chat` says so."""
+    from mmgen.data.sequence import encode_chat_prompt, encode_prompt, encode_text
+
+    tok = bundle.text_tokenizer
+    if trained_in_chat(bundle, conversation=question):
+        return encode_chat_prompt(text, tok, image_ids=block)
+    return encode_prompt("", tok, bundle.vocab, image=False) + list(block) + encode_text(text, tok)
+
+
 def default_image_sizes(bundle) -> list[tuple[int, int]]:
     """The code grids generation may declare: the tokenizer's grid at the training resolution."""
     tok = bundle.image_tokenizer
@@ -372,7 +384,7 @@ def _special(bundle) -> tuple[int, int]:
 def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, seed: int = 0, cfg_scale: float = 1.0, mode: str = "auto",
                      sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
-                     max_audio_frames: int | None = None) -> Iterator[Doc]:
+                     max_audio_frames: int | None = None, picture=None) -> Iterator[Doc]:
     """Stream :func:`generate_interleaved`: yields the growing answer after each new token.
 
     Every yield is a fresh Doc of the completed items plus the text written so far; the last one is the
@@ -387,7 +399,13 @@ def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature
     sizes = list(sizes) if sizes else (default_image_sizes(bundle) if can_image else None)
     _check_budget(vocab, mode, max_new_tokens, sizes)
     opener = [vocab[OPENERS[mode]]] if mode in OPENERS else []
-    rows = [prompt_ids(bundle, prompt, image=False) + opener]
+    if picture is not None:  # shown before the text: a question about it, or (t2i) what to draw next
+        if bundle.image_tokenizer is None:
+            raise MMGenError("this checkpoint has no image tokenizer, so it cannot read a picture")
+        block = image_ids(bundle, [picture])[0]
+        rows = [picture_prompt_ids(bundle, prompt, block, question=mode != "t2i") + opener]
+    else:
+        rows = [prompt_ids(bundle, prompt, image=False) + opener]
     uncond = [prompt_ids(bundle, "", image=False) + opener] if cfg_scale != 1.0 else None
     builder = _DocBuilder(bundle, audio=can_audio)
     if opener:
@@ -419,9 +437,9 @@ def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature
 def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, seed: int = 0, cfg_scale: float = 1.0, mode: str = "auto",
                          sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
-                         max_audio_frames: int | None = None) -> Doc:
+                         max_audio_frames: int | None = None, picture=None) -> Doc:
     """Continue ``prompt`` with interleaved text, images and (optionally) speech until ``</s>`` or
-    ``max_new_tokens``.
+    ``max_new_tokens``. ``picture`` (a PIL image) is shown to the model before the prompt's text.
 
     ``mode``: ``auto`` lets the model choose when to open an image (or, with ``allow_audio``, an audio
     block); ``t2i`` opens an image right after the prompt; ``tts`` opens an audio block right after
@@ -433,7 +451,7 @@ def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, tempera
     doc = None
     for doc in iter_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, sizes=sizes,
-                                allow_audio=allow_audio, max_audio_frames=max_audio_frames):
+                                allow_audio=allow_audio, max_audio_frames=max_audio_frames, picture=picture):
         pass
     return doc
 
