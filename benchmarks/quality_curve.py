@@ -33,13 +33,23 @@ COLORS = {"t2i_val": "tab:blue", "t2i_heldout": "tab:cyan", "qa_val": "tab:red",
           "buildup_val": "tab:green"}
 
 
-def tokenizer_dir(run: Path) -> Path:
-    """The image tokenizer the quickstart's pretrain stage was given (its stage marker says where)."""
-    marker = run / ".done" / "tokenizer.json"
-    path = Path(json.loads(marker.read_text())["result"]) if marker.is_file() else run / "tokenizer" / "tokenizer"
-    if not path.is_dir():
-        raise SystemExit(f"no image tokenizer at {path}: run `mmgen quickstart --out {run}` first")
-    return path
+def lm_inputs(run: Path) -> tuple[Path, Path]:
+    """The code shards and image tokenizer the quickstart's pretrain stage was given (the stage markers
+    say where): the code-block ones when the run has a blocks stage, else the tokenizer's own."""
+    done = run / ".done"
+    if (done / "blocks.json").is_file():
+        tok = Path(json.loads((done / "blocks.json").read_text())["result"])
+        codes = run / "blocks" / "codes"
+    else:
+        marker = done / "tokenizer.json"
+        tok = Path(json.loads(marker.read_text())["result"]) if marker.is_file() else run / "tokenizer" / "tokenizer"
+        codes = run / "codes"
+    if not tok.is_absolute() and not tok.is_dir():  # markers hold paths relative to the run's working dir
+        tok = run.parent.parent / tok
+    for path, what in ((codes, "code shards"), (tok, "image tokenizer")):
+        if not path.is_dir():
+            raise SystemExit(f"no {what} at {path}: run `mmgen quickstart --out {run}` first")
+    return codes, tok
 
 
 def bundles(out_dir: Path) -> list[Path]:
@@ -158,7 +168,7 @@ def section(points: list[dict], args, seconds: dict, settings: str) -> str:
     missed = [f"{LABELS[k]} best {best[k]:.3f} < {g:.2f}" for k, g in GOALS.items() if best[k] < g]
     intro = (f"Snapshots every {args.snapshot_every} steps of the tiny pretraining ({args.steps} steps; {settings}) "
              f"and SFT ({args.sft_steps} steps) on the code shards and image tokenizer of `{args.run}`; each evaluated "
-             f"with the quickstart's functions on **{args.eval_prompts} prompts per split** (the quickstart uses 48, "
+             f"with the quickstart's functions on **{args.eval_prompts} prompts per split** (the quickstart uses {QuickstartConfig.eval_prompts}, "
              f"so each value here moves in steps of {1 / args.eval_prompts:.3f}). Training seconds are the trainer's "
              f"own count (snapshot writing excluded). Wall: {wall}.")
     text = [
@@ -182,7 +192,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="pretraining steps (the recipe's 200)")
     ap.add_argument("--snapshot-every", type=int, default=25)
     ap.add_argument("--sft-steps", type=int, default=100, help="SFT steps (0: no SFT stage)")
-    ap.add_argument("--eval-prompts", type=int, default=24, help="prompts per split (the quickstart uses 48)")
+    ap.add_argument("--eval-prompts", type=int, default=24, help="prompts per split (the quickstart uses 200)")
     ap.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "none"], help="as the quickstart's")
     ap.add_argument("--reuse", action="store_true", help="the runs (and, for the same --eval-prompts, the scores) already in --out: no retraining")
     ap.add_argument("--note", default="", help="what the plot shows, looked at by eye (goes into the section)")
@@ -190,19 +200,17 @@ def main() -> None:
     args = ap.parse_args()
 
     run, out = Path(args.run), Path(args.out)
-    if not (run / "codes").is_dir():
-        raise SystemExit(f"no code shards at {run / 'codes'}: run `mmgen quickstart --out {run}` first")
-    tok = tokenizer_dir(run)
+    codes, tok = lm_inputs(run)
     lm, sft = out / "lm", out / "sft"
     state_path = out / "quality_curve.json"
     state = json.loads(state_path.read_text()) if args.reuse and state_path.is_file() else {}
     if not args.reuse:
         t0 = time.perf_counter()
         shutil.rmtree(out, ignore_errors=True)  # a fresh curve: the trainer would otherwise resume
-        train_stage("tiny_pretrain", [f"data.code_shards={run / 'codes'}", f"data.image_tokenizer={tok}", f"out_dir={lm}",
+        train_stage("tiny_pretrain", [f"data.code_shards={codes}", f"data.image_tokenizer={tok}", f"out_dir={lm}",
                                       f"steps={args.steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
         if args.sft_steps:
-            train_stage("tiny_sft", [f"init_from={lm / 'final'}", f"data.code_shards={run / 'codes'}", f"out_dir={sft}",
+            train_stage("tiny_sft", [f"init_from={lm / 'final'}", f"data.code_shards={codes}", f"out_dir={sft}",
                                      f"steps={args.sft_steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
         state = {"train_wall_s": time.perf_counter() - t0}
     if state.get("eval_prompts") != args.eval_prompts or "points" not in state:
