@@ -12,8 +12,8 @@ codes, upsampled (bicubic) to the output size, as three more input channels. It 
 codes alone, so the pipeline is still a decoder of codes; what changes is what the UNet must learn. From
 the embeddings alone it has to re-learn the whole VQ decoder (a tiny UNet trained for minutes draws
 blotches); with the decode in its input it only has to learn the residual the VQ decoder leaves (at 1x
-it redraws the decode within 0.5 dB after 400 steps; the 2x mode is not yet sharper than bicubic to the
-eye, BENCHMARKS "Diffusion detokenizer"). The null condition zeroes
+it redraws the decode within 0.5 dB after 400 steps; in the 2x mode x0 prediction looked no sharper than
+bicubic, v-prediction at 2,000 steps does, BENCHMARKS "Diffusion detokenizer"). The null condition zeroes
 that image along with the codes. Such a pipeline needs the tokenizer at sampling time:
 :func:`load_pipeline` loads the one its conditioner names, or the caller passes ``decoded=``.
 
