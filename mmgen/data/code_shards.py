@@ -116,3 +116,12 @@ def read_code_shards(paths) -> Iterator[CodedDoc | BadRecord]:
                     yield sample_to_coded(sample)
                 except (KeyError, ValueError) as e:
                     yield BadRecord(source=path, reason="bad_sample", member=sample.get("__key__"), detail=str(e))
+
+
+def read_code_shards_of_splits(paths, splits=None) -> Iterator[CodedDoc | BadRecord]:
+    """:func:`read_code_shards`, keeping the documents whose ``meta["split"]`` is one of ``splits`` (or
+    that name none); every record when ``splits`` is empty. Bad records pass through, to be counted."""
+    wanted = set(splits or [])
+    for r in read_code_shards(paths):
+        if not wanted or isinstance(r, BadRecord) or r.doc.meta.get("split") in wanted | {None}:
+            yield r

@@ -51,6 +51,28 @@ def tensor_to_pil(x: torch.Tensor) -> list:
     return [PILImage.fromarray(a) for a in arr]
 
 
+def as_code_grids(codes, sizes: dict[str, int], device=None) -> dict[str, torch.Tensor]:
+    """Codes as a multi-level tokenizer's decode takes them: a ``{name: grid}`` dict or a bare pixel grid,
+    each ``(B, h, w)`` or ``(h, w)`` -> ``{name: (B, h, w) long}`` for the names in ``sizes``, every code
+    checked against its codebook size (meta tensors skip the value check)."""
+    if not isinstance(codes, dict):
+        codes = {"pix": codes}
+    out = {}
+    for name, n in sizes.items():
+        c = codes.get(name)
+        if c is None:
+            continue
+        c = torch.as_tensor(np.asarray(c) if not torch.is_tensor(c) else c, dtype=torch.long)
+        if c.ndim == 2:
+            c = c[None]
+        if c.ndim != 3:
+            raise MMGenError(f"{name} codes must be (B, h, w) or (h, w), got shape {tuple(c.shape)}")
+        if c.numel() and c.device.type != "meta" and (c.min() < 0 or c.max() >= n):
+            raise MMGenError(f"{name} code out of range 0..{n - 1}")
+        out[name] = c if device is None else c.to(device)
+    return out
+
+
 class ImageTokenizer(torch.nn.Module):
     """Base class: subclasses implement ``encode_tensor``/``decode_tensor`` and set ``downsample``,
     ``codebook_size`` and ``resolution`` (the default (width, height) images are resized to)."""

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import ImageTokenizer, load_image_tokenizer, pil_to_tensor, register_tokenizer, tensor_to_pil
+from mmgen.tokenizers.base import (ImageTokenizer, as_code_grids, load_image_tokenizer, pil_to_tensor,
+                                   register_tokenizer, tensor_to_pil)
 
 
 def blocks_of(grid: np.ndarray, block: int) -> np.ndarray:
@@ -97,24 +98,16 @@ class CodeBlockTokenizer(ImageTokenizer):
     # -- blocks <-> pixel codes -------------------------------------------------------------------------
     def to_blocks(self, pix: torch.Tensor) -> torch.Tensor:
         """Inner pixel codes ``(B, H, W)`` -> block tokens ``(B, H/b, W/b)``; unseen blocks -> nearest entry."""
-        pix = pix.detach().cpu().long()
-        b = self.block
-        flat = [blocks_of(g, b) for g in pix.numpy()]
-        out = np.empty((len(flat), *flat[0].shape[:2]), dtype=np.int64) if flat else np.empty((0, 0, 0), np.int64)
-        missing = []
-        for n, grid in enumerate(flat):
-            for r in range(grid.shape[0]):
-                for c in range(grid.shape[1]):
-                    i = self._index.get(tuple(grid[r, c].tolist()))
-                    if i is None:
-                        missing.append((n, r, c))
-                    else:
-                        out[n, r, c] = i
-        if missing:
-            found = self._nearest(torch.as_tensor(np.stack([flat[n][r, c] for n, r, c in missing])))
-            for (n, r, c), i in zip(missing, found.tolist()):
-                out[n, r, c] = i
-        return torch.from_numpy(out).to(self.table.device)
+        grids = [blocks_of(g, self.block) for g in pix.detach().cpu().long().numpy()]
+        if not grids:
+            return torch.empty((0, 0, 0), dtype=torch.long, device=self.table.device)
+        rows = np.stack(grids)  # (B, h, w, b*b)
+        flat = rows.reshape(-1, rows.shape[-1])
+        ids = np.array([self._index.get(tuple(r), -1) for r in flat.tolist()], dtype=np.int64)
+        missing = ids < 0
+        if missing.any():
+            ids[missing] = self._nearest(torch.from_numpy(flat[missing])).numpy()
+        return torch.from_numpy(ids.reshape(rows.shape[:3])).to(self.table.device)
 
     def from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         """Block tokens ``(B, h, w)`` -> inner pixel codes ``(B, h*b, w*b)``."""
@@ -124,15 +117,14 @@ class CodeBlockTokenizer(ImageTokenizer):
         return self.table[blocks].view(n, h, w, b, b).permute(0, 1, 3, 2, 4).reshape(n, h * b, w * b)
 
     def _nearest(self, tuples: torch.Tensor) -> torch.Tensor:
-        if self._vectors is None:  # (n_pix, D) code vectors of the inner pixel quantizer
+        if self._vectors is None:  # (n_pix, D) code vectors of the inner pixel quantizer, and the table's
             q = getattr(self.inner, "pix_quantizer", None) or self.inner.quantizer
             n = _pix_codebook(self.inner)
             with torch.no_grad():
-                self._vectors = q.embed(torch.arange(n, device=self.inner.device).view(1, 1, n))[0, :, 0].T.cpu()
-        v = self._vectors
-        want = v[tuples.long()].flatten(1)  # (M, b*b*D)
-        have = v[self.table.cpu()].flatten(1)  # (K, b*b*D)
-        return torch.cdist(want, have).argmin(1)
+                codes = q.embed(torch.arange(n, device=self.inner.device).view(1, 1, n))[0, :, 0].T.cpu()
+            self._vectors = (codes, codes[self.table.cpu()].flatten(1))
+        codes, table = self._vectors
+        return torch.cdist(codes[tuples.long()].flatten(1), table).argmin(1)
 
     # -- the tokenizer API ----------------------------------------------------------------------------
     def tokens_per_image(self, width: int, height: int) -> int:
@@ -154,21 +146,11 @@ class CodeBlockTokenizer(ImageTokenizer):
         return codes
 
     def decode_tensor(self, codes) -> torch.Tensor:
-        if not isinstance(codes, dict):
-            codes = {"pix": codes}
-        grids = {}
-        for name in ("sem", "pix"):
-            c = codes.get(name)
-            if c is None:
-                continue
-            c = torch.as_tensor(np.asarray(c) if not torch.is_tensor(c) else c, dtype=torch.long)
-            grids[name] = c[None] if c.ndim == 2 else c
+        grids = as_code_grids(codes, self.codebook_sizes)
         if "pix" not in grids:
             raise MMGenError("code-block decode needs the block grid ('pix')")
-        if grids["pix"].numel() and (int(grids["pix"].min()) < 0 or int(grids["pix"].max()) >= self.codebook_size):
-            raise MMGenError(f"block code out of range 0..{self.codebook_size - 1}")
         pix = self.from_blocks(grids["pix"])
-        if "sem" in grids and "sem" in self.codebook_sizes:
+        if "sem" in grids:
             return self.inner.decode_tensor({"sem": grids["sem"], "pix": pix})
         return self.inner.decode_tensor(pix)
 
@@ -180,10 +162,6 @@ class CodeBlockTokenizer(ImageTokenizer):
     @torch.no_grad()
     def decode(self, codes) -> list:
         return tensor_to_pil(self.decode_tensor(codes))
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -210,11 +188,10 @@ def _pix_codebook(tok) -> int:
 
 def image_grids_of_shards(code_shards, splits: Iterable[str] | None = ("train",)) -> Iterable[np.ndarray]:
     """Every image item's pixel-code grid in ``code_shards`` (documents of ``splits`` only; None: all)."""
-    from mmgen.data.code_shards import read_code_shards
+    from mmgen.data.code_shards import read_code_shards_of_splits
 
-    wanted = set(splits) if splits else None
-    for r in read_code_shards(code_shards):
-        if not hasattr(r, "doc") or (wanted and r.doc.meta.get("split") not in wanted | {None}):
+    for r in read_code_shards_of_splits(code_shards, splits):
+        if not hasattr(r, "doc"):
             continue
         for i, codes in r.codes.items():
             if getattr(r.doc.items[i], "kind", None) == "image" and np.ndim(codes) == 2:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import ImageTokenizer, pil_to_tensor, register_tokenizer, tensor_to_pil
+from mmgen.tokenizers.base import ImageTokenizer, as_code_grids, pil_to_tensor, register_tokenizer, tensor_to_pil
 from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
 from mmgen.tokenizers.vq import _diffusers_vae_blocks
 
@@ -395,22 +395,7 @@ class DualViTok(ImageTokenizer):
         return tensor_to_pil(self.decode_tensor(codes))
 
     def _as_codes(self, codes) -> dict:
-        if not isinstance(codes, dict):
-            codes = {"pix": codes}
-        out = {}
-        for name in ("sem", "pix"):
-            c = codes.get(name)
-            if c is None:
-                continue
-            c = torch.as_tensor(np.asarray(c) if not torch.is_tensor(c) else c, dtype=torch.long)
-            if c.ndim == 2:
-                c = c[None]
-            if c.ndim != 3:
-                raise MMGenError(f"{name} codes must be (B, h, w) or (h, w), got shape {tuple(c.shape)}")
-            n = self.codebook_sizes[name]
-            if c.numel() and c.device.type != "meta" and (c.min() < 0 or c.max() >= n):
-                raise MMGenError(f"{name} code out of range 0..{n - 1}")
-            out[name] = c.to(self.device)
+        out = as_code_grids(codes, {n: self.codebook_sizes[n] for n in ("sem", "pix")}, self.device)
         if "sem" in out and "pix" in out:
             want = tuple(s // self.sem_ratio for s in out["pix"].shape[-2:])
             if tuple(out["sem"].shape[-2:]) != want or out["sem"].shape[0] != out["pix"].shape[0]:

@@ -80,15 +80,13 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     """Text tokenizer, vocab, image and audio tokenizers and packed rows for this run (identical on every rank)."""
     from transformers import AutoTokenizer
 
-    from mmgen.data.code_shards import read_code_shards
+    from mmgen.data.code_shards import read_code_shards_of_splits
     from mmgen.data.packing import pack_sequences
     from mmgen.data.sequence import build_sequences, chat_layout, doc_texts
     from mmgen.models.text_tokenizer import train_text_tokenizer
     from mmgen.models.vocab import Vocab
 
-    wanted = set(cfg.data.splits or [])
-    records = [r for r in read_code_shards(cfg.data.code_shards)
-               if not wanted or not hasattr(r, "doc") or r.doc.meta.get("split") in wanted | {None}]
+    records = list(read_code_shards_of_splits(cfg.data.code_shards, cfg.data.splits))
     if cfg.data.max_docs is not None:
         records = records[: cfg.data.max_docs]
 
