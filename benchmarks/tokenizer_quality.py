@@ -147,8 +147,8 @@ def code_features(tok, codes: torch.Tensor, level: str) -> torch.Tensor:
 
 
 def teacher_features(tok, images, batch: int = 64) -> torch.Tensor:
-    """The frozen teacher's patch features, flattened over positions: the ceiling of what the semantic
-    codes (trained to reconstruct them) can carry."""
+    """The frozen teacher's patch features, flattened over positions: what semantic codes trained only
+    to reconstruct them can carry at most."""
     from mmgen.tokenizers.base import pil_to_tensor
 
     with torch.no_grad():
@@ -269,13 +269,14 @@ def main() -> None:
         f"Linear probe (logistic regression on the codes' codebook vectors, all positions) predicting colour / "
         f"shape of the largest object, trained on {args.probe_train} train-split scenes, tested on {args.probe_test} "
         "unseen `val` scenes and on {0} `heldout` scenes (colour-shape pairs never seen in any training); scenes "
-        "with an unambiguous largest object. The last row probes the frozen teacher's own patch features, which the "
-        "semantic branch encodes: what its codes could carry at most.".format(args.probe_test),
+        "with an unambiguous largest object. The last row probes the frozen teacher's own patch features, the "
+        "semantic branch's input: all its codes carry unless the tokenizer was trained with region-text alignment "
+        "(`text_weight`), which adds what the cell phrases name.".format(args.probe_test),
         "",
         md_table(["codes", "tokens", "colour (val)", "shape (val)", "colour (heldout)", "shape (heldout)"],
                  [[name, tokens[lvl]] + [f"{100 * probe[(a, lvl, sp)]:.1f}%" for sp in ("val", "heldout") for a in ("color", "shape")]
                   for name, lvl in (("semantic", "sem"), ("pixel", "pix"))]
-                 + [["teacher patch features (the semantic codes' ceiling)", f"{n_patches} x {tok.teacher.dim}"]
+                 + [["teacher patch features (the semantic branch's input)", f"{n_patches} x {tok.teacher.dim}"]
                     + [f"{100 * probe[(a, 'teacher', sp)]:.1f}%" for sp in ("val", "heldout") for a in ("color", "shape")]]),
         "",
         f"Measurement took {seconds:.0f} s.",

@@ -162,12 +162,13 @@ def test_patch_encoder_codes_depend_only_on_their_own_pixels(teacher_dir, tmp_pa
         build("mlp")
 
 
-@pytest.mark.parametrize("gan", [0.0, 0.1])
-def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan):
+@pytest.mark.parametrize("gan,text", [(0.0, 0.0), (0.1, 0.0), (0.0, 1.0)])
+def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
     import mmgen.tokenizers.dualvitok_train as dt
     from mmgen.tokenizers.train import train_tokenizer
 
-    full = train_tokenizer(tiny_cfg(tmp_path / "full", teacher_dir, gan_weight=gan, gan_start=1))
+    over = {"gan_weight": gan, "gan_start": 1, "text_weight": text}
+    full = train_tokenizer(tiny_cfg(tmp_path / "full", teacher_dir, **over))
 
     class Killed(Exception):
         pass
@@ -182,22 +183,82 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan):
 
     monkeypatch.setattr(dt, "_save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        train_tokenizer(tiny_cfg(tmp_path / "part", teacher_dir, gan_weight=gan, gan_start=1))
+        train_tokenizer(tiny_cfg(tmp_path / "part", teacher_dir, **over))
     monkeypatch.setattr(dt, "_save_checkpoint", real_save)
-    part = train_tokenizer(tiny_cfg(tmp_path / "part", teacher_dir, gan_weight=gan, gan_start=1, resume=True))
+    part = train_tokenizer(tiny_cfg(tmp_path / "part", teacher_dir, **over, resume=True))
     m_full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     m_part = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     drop = ("elapsed_s",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in m_full] == \
            [{k: v for k, v in r.items() if k not in drop} for r in m_part]
     assert [r["step"] for r in m_full] == [1, 2, 3, 4] and ("disc" in m_full[-1]) == (gan > 0)
+    assert ("text" in m_full[-1]) == (text > 0) and all(r.get("text", 1) > 0 for r in m_full)
     from safetensors.torch import load_file
 
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert not any("text" in k for k in a)  # the region-text head is for training only
     report = json.loads((tmp_path / "full" / "eval.json").read_text())
     assert {"eval_psnr", "eval_sem_usage", "eval_pix_usage", "eval_teacher_cosine"} <= report.keys()
+    assert ("eval_region_text_acc" in report) == (text > 0) and 0 <= report.get("eval_region_text_acc", 0) <= 1
     assert (tmp_path / "full" / "recon.png").is_file()
+
+
+def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):
+    """The head scores every cell phrase; its loss reaches the semantic encoder through the codes'
+    straight-through estimator, cells without a phrase (-100) are ignored, and the accuracy counts
+    only known cells."""
+    import random
+
+    from mmgen.data.synthetic import all_cell_phrases, cell_phrases, random_scene
+    from mmgen.tokenizers.dualvitok_train import RegionTextHead, region_text_targets
+
+    vocab = all_cell_phrases()
+    assert len(vocab) == len(set(vocab)) == 1 + 2 * 7 * 4 and "a large red triangle" in vocab  # held-out pairs too
+    rng = random.Random(0)
+    known = [random_scene(rng, "train") for _ in range(3)]
+    cfg = tiny_cfg("unused", teacher_dir)
+    head, target = region_text_targets(cfg, known + [None])
+    assert target.shape == (4, 9) and bool((target[3] == -100).all())
+    assert [vocab[i] for i in target[0].tolist()] == cell_phrases(known[0])
+    model = type(tok)(**tok.get_config()).train()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    out = model(x)
+    loss, acc = head(out["sem_q"], target)
+    loss.backward()
+    assert loss.item() > 0 and 0 <= acc.item() <= 1
+    assert model.sem_to_code.weight.grad.abs().sum() > 0 and head.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.pix_decoder.parameters())  # it reads the codes, not the pixels
+    # a perfect head on one-hot "codes": accuracy 1 over the known cells only
+    perfect = RegionTextHead(len(vocab), torch.eye(len(vocab)), 50.0)
+    perfect.proj.weight.data = torch.eye(len(vocab))
+    perfect.proj.bias.data.zero_()
+    onehot = torch.nn.functional.one_hot(target.clamp_min(0), len(vocab)).float().permute(0, 2, 1).reshape(4, -1, 3, 3)
+    assert perfect(onehot, target)[1].item() == 1.0
+    with pytest.raises(MMGenError, match="scene is known"):
+        region_text_targets(cfg, [None, None])
+    bad = tiny_cfg("unused", teacher_dir, dualvitok={**TINY, "teacher": {"kind": "timm", "name": "x", "model_cfg": {}}})
+    with pytest.raises(MMGenError, match="text tower"):
+        region_text_targets(bad, known)
+
+
+def test_sem_swap_feeds_the_pixel_decoder_random_codes(tok):
+    """sem_swap replaces that share of semantic cells by codebook vectors of random codes, seeded by
+    the step's generator (resume stays exact), for the pixel decoder only."""
+    model = type(tok)(**{**tok.get_config(), "sem_swap": 0.5})
+    model.load_state_dict(tok.state_dict())
+    model.train()
+    sem_q = model.sem_quantizer.embed(torch.zeros(64, 2, 2, dtype=torch.long))
+    a = model._swap_sem_codes(sem_q, torch.Generator().manual_seed(1))
+    b = model._swap_sem_codes(sem_q, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    changed = (a != sem_q).any(1).float().mean().item()
+    assert 0.35 < changed < 0.6  # half the cells drawn, ~1/16 of those draw code 0 again
+    book = model.sem_quantizer.embed(torch.arange(16).view(1, 4, 4)).flatten(2)[0].T  # (16, D)
+    assert torch.cdist(a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]), book).min(1).values.max() < 2e-3  # (cdist is computed through a matmul)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out["sem_q"], model.sem_quantizer(model.sem_encode(model.teacher_features(x)))[0])  # the text loss's view is unswapped
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmgen.data.synthetic.text import cell_phrases  # noqa: F401  (re-exported: the region loss's targets)
 from mmgen.errors import MMGenError
 from mmgen.models.clip import TINY_CLIP_CFG, build_open_clip, save_clip
 
@@ -93,18 +94,6 @@ def zero_shot_accuracy(clip, scenes, images) -> dict:
     return {k: v / len(scenes) for k, v in hits.items()}
 
 
-def cell_phrases(scene) -> list[str]:
-    """One phrase per grid cell in row-major order: the object's size, colour and shape, or empty."""
-    from mmgen.data.synthetic.scene import GRID
-
-    out = []
-    for r in range(GRID):
-        for c in range(GRID):
-            o = scene.at((r, c))
-            out.append(f"a {o.size} {o.color} {o.shape}" if o else "an empty cell")
-    return out
-
-
 def cell_loss(model, tokenizer, patch_tokens: torch.Tensor, phrases: list[list[str]]) -> torch.Tensor:
     """Cross-entropy of each cell's pooled, projected patch tokens against the text embeddings of the
     distinct phrases in the batch (temperature: the model's logit scale)."""
@@ -117,12 +106,20 @@ def cell_loss(model, tokenizer, patch_tokens: torch.Tensor, phrases: list[list[s
     grid = patch_tokens.transpose(1, 2).reshape(b, w, g, g)
     cells = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)  # (B, cells, width), row-major
     proj = model.visual.proj
-    cells = F.normalize(cells @ proj if proj is not None else cells, dim=-1).reshape(b * n_cells, -1)
+    cells = (cells @ proj if proj is not None else cells).reshape(b * n_cells, -1)
     vocab = sorted({p for ps in phrases for p in ps})
     index = {p: i for i, p in enumerate(vocab)}
-    text = F.normalize(model.encode_text(tokenizer(vocab)), dim=-1)
+    text = model.encode_text(tokenizer(vocab))
     target = torch.tensor([index[p] for ps in phrases for p in ps])
-    return F.cross_entropy(model.logit_scale.exp() * cells @ text.T, target)
+    return F.cross_entropy(region_text_logits(cells, text, model.logit_scale.exp()), target)
+
+
+def region_text_logits(regions: torch.Tensor, texts: torch.Tensor, scale) -> torch.Tensor:
+    """Scaled cosine similarity of region embeddings ``(N, D)`` to text embeddings ``(V, D)``: CLIP's
+    zero-shot classifier, here trained with cross-entropy (CLIP's cell loss, DualViTok's region-text head)."""
+    import torch.nn.functional as F
+
+    return scale * F.normalize(regions, dim=-1) @ F.normalize(texts, dim=-1).T
 
 
 def train_clip(cfg: ClipTrainConfig) -> Path:

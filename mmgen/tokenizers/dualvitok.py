@@ -221,7 +221,7 @@ class DualViTok(ImageTokenizer):
                  sem_quantizer: dict | None = None, pix_channels=(32, 64, 128), pix_layers_per_block: int = 1,
                  pix_patch_size: int = 2, pix_code_dim: int = 8, pix_quantizer: dict | None = None,
                  sem_cond_dim: int = 16, norm_groups: int = 8, branch_dropout: float = 0.1,
-                 pix_encoder: str = "conv", pix_encoder_width: int = 256):
+                 pix_encoder: str = "conv", pix_encoder_width: int = 256, sem_swap: float = 0.0):
         super().__init__()
         if pix_encoder not in PIX_ENCODERS:
             raise MMGenError(f"unknown pix_encoder '{pix_encoder}' (use one of {', '.join(PIX_ENCODERS)})")
@@ -237,7 +237,7 @@ class DualViTok(ImageTokenizer):
                        pix_channels=[int(c) for c in pix_channels], pix_layers_per_block=pix_layers_per_block,
                        pix_patch_size=pix_patch_size, pix_code_dim=pix_code_dim, sem_cond_dim=sem_cond_dim,
                        norm_groups=norm_groups, branch_dropout=branch_dropout, pix_encoder=pix_encoder,
-                       pix_encoder_width=pix_encoder_width)  # configs saved before pix_encoder load as "conv"
+                       pix_encoder_width=pix_encoder_width, sem_swap=sem_swap)  # configs saved before pix_encoder load as "conv"
         self.teacher = Teacher(self.teacher_spec["kind"], self.teacher_spec["model_cfg"],
                                self.teacher_spec.get("mean", (0.5,) * 3), self.teacher_spec.get("std", (0.5,) * 3),
                                self.teacher_spec.get("input_downsample", 1))
@@ -355,6 +355,9 @@ class DualViTok(ImageTokenizer):
         sem_q, sem_codes, sem_loss = self.sem_quantizer(self.sem_encode(feats))
         pix_q, pix_codes, pix_loss = self.pix_quantizer(self.pix_encode(x))
         feat_rec = self.sem_decode(sem_q)
+        out_sem_q = sem_q  # before branch dropout: what region-text alignment reads
+        if self.training and self.hp["sem_swap"] > 0:
+            sem_q = self._swap_sem_codes(sem_q, generator)
         p = self.hp["branch_dropout"]
         if self.training and p > 0:
             # One draw per image: drop semantics (p), drop pixels (p), or keep both.
@@ -363,7 +366,18 @@ class DualViTok(ImageTokenizer):
             pix_q = torch.where((u >= p) & (u < 2 * p), self.null_pix.view(1, -1, 1, 1), pix_q)
         recon = self.pix_decode(pix_q, sem_q)
         return {"recon": recon, "teacher": feats, "feat_rec": feat_rec, "sem_codes": sem_codes, "pix_codes": pix_codes,
-                "quant_loss": sem_loss + pix_loss}
+                "sem_q": out_sem_q, "quant_loss": sem_loss + pix_loss}
+
+    def _swap_sem_codes(self, sem_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Replace a ``sem_swap`` share of the semantic cells by random codes' vectors, for the pixel
+        decoder only. A semantic code names what a cell holds among what training showed; an unseen
+        object (a held-out colour-shape pair) gets the nearest seen one, and a decoder that trusts
+        it draws that instead. Taught that a semantic code may disagree with its pixels, the decoder
+        takes the pixel codes' word for the details and the semantic codes' for the rest."""
+        b, _, h, w = sem_q.shape
+        swap = torch.rand(b, 1, h, w, generator=generator) < self.hp["sem_swap"]
+        other = self.sem_quantizer.embed(torch.randint(0, self.codebook_sizes["sem"], (b, h, w), generator=generator))
+        return torch.where(swap.to(sem_q.device), other.to(sem_q.dtype), sem_q)
 
     # -- the tokenizer API ------------------------------------------------------------------------
     def encode_tensor(self, x: torch.Tensor, return_features: bool = False) -> dict:

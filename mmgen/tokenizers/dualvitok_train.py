@@ -7,7 +7,8 @@ Loss = L1 + L2 + edge on pixels
      + ``perceptual_weight`` * (1 - cos) between teacher features of the reconstruction and of the input
        (the teacher stands in for VGG/LPIPS, whose pretrained weights are not available here)
      + ``vq_weight`` * the quantizers' commitment losses
-     + ``gan_weight`` * PatchGAN hinge loss from step ``gan_start`` (0 turns it off).
+     + ``gan_weight`` * PatchGAN hinge loss from step ``gan_start`` (0 turns it off)
+     + ``text_weight`` * region-text cross-entropy of the semantic codes (:class:`RegionTextHead`, 0: off).
 
 Dead codes: the library restarts EMA codebooks (``dead_code_threshold``); SimVQ codebooks are
 restarted by mmgen every ``restart_every`` steps. Resume is exact: step N's batch and branch-dropout
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.train import (
@@ -61,11 +63,65 @@ def _clip_model_cfg(name: str) -> dict:
     return json.loads(p.read_text())["model_cfg"]
 
 
+class RegionTextHead(nn.Module):
+    """Training-only head of the region-text loss: a linear map from semantic code vectors to the
+    teacher CLIP's text space, scored against every cell phrase (``texts``: their unit text
+    embeddings) at CLIP's temperature. The saved tokenizer does not keep it: what it shapes is the
+    semantic codes themselves, which must tell apart what the phrases tell apart."""
+
+    def __init__(self, code_dim: int, texts: torch.Tensor, scale: float):
+        super().__init__()
+        self.proj = nn.Linear(code_dim, texts.shape[1])
+        self.register_buffer("texts", texts.float())
+        self.scale = float(scale)
+
+    def logits(self, sem_q: torch.Tensor, cells: int) -> torch.Tensor:
+        """``(B, D, h, w)`` quantized semantic map -> ``(B * cells, phrases)``, cells row-major (the
+        code map is pooled to the phrase grid when the two differ)."""
+        from mmgen.models.clip_train import region_text_logits
+
+        side = int(round(cells ** 0.5))
+        regions = F.adaptive_avg_pool2d(sem_q, side).flatten(2).transpose(1, 2).reshape(-1, sem_q.shape[1])
+        return region_text_logits(self.proj(regions), self.texts, self.scale)
+
+    def forward(self, sem_q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and accuracy over the cells with a phrase (``target`` ``(B, cells)``, -100: none)."""
+        logits = self.logits(sem_q, target.shape[1])
+        flat = target.reshape(-1)
+        known = flat >= 0
+        if not bool(known.any()):
+            return sem_q.new_zeros(()), sem_q.new_zeros(())
+        acc = (logits.argmax(-1)[known] == flat[known]).float().mean()
+        return F.cross_entropy(logits, flat, ignore_index=-100), acc
+
+
+def region_text_targets(cfg: TokenizerTrainConfig, scenes: list):
+    """The region-text head and each image's cell-phrase indices ``(N, cells)`` (-100 where the scene
+    is unknown), with the phrases embedded once by the teacher CLIP's text tower."""
+    from mmgen.data.synthetic import all_cell_phrases, cell_phrases
+    from mmgen.models.clip import load_clip
+
+    teacher = cfg.dualvitok.teacher
+    if teacher.get("kind") != "open_clip" or not teacher.get("name"):
+        raise MMGenError("text_weight needs a CLIP teacher with a text tower (dualvitok.teacher kind=open_clip, name=DIR)")
+    known = [s for s in scenes if s is not None]
+    if not known:
+        raise MMGenError("text_weight needs images whose scene is known: synthetic_images=N with synthetic_source=shapesworld")
+    vocab = all_cell_phrases()
+    clip = load_clip(teacher["name"])
+    texts = clip.encode_text(vocab)
+    index = {p: i for i, p in enumerate(vocab)}
+    cells = len(cell_phrases(known[0]))
+    target = torch.tensor([[index[p] for p in cell_phrases(s)] if s is not None else [-100] * cells for s in scenes])
+    return RegionTextHead(cfg.dualvitok.sem_code_dim, texts, clip.model.logit_scale.exp().item()), target
+
+
 def _cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(a, b, dim=1)).mean()
 
 
-def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfig, disc=None, step: int = 0) -> dict:
+def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfig, disc=None, step: int = 0,
+                     text_head: RegionTextHead | None = None, text_target: torch.Tensor | None = None) -> dict:
     recon = out["recon"]
     px = pixel_losses(recon, x, cfg)
     losses = {"l1": px["l1"], "l2": px["l2"], "mse": px["mse"], "edge": px["edge"],
@@ -75,6 +131,9 @@ def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfi
     losses["gan_g"] = -disc(recon).mean() if use_gan else recon.new_zeros(())
     losses["loss"] = (px["rec"] + cfg.feature_weight * losses["feature"] + cfg.perceptual_weight * losses["perceptual"]
                       + cfg.vq_weight * losses["quant"] + (cfg.gan_weight * losses["gan_g"] if use_gan else 0))
+    if text_head is not None:
+        losses["text"], losses["text_acc"] = text_head(out["sem_q"], text_target)
+        losses["loss"] = losses["loss"] + cfg.text_weight * losses["text"]
     return losses
 
 
@@ -99,16 +158,20 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     if cfg.resolution % model.sem_downsample:
         raise MMGenError(f"resolution {cfg.resolution} is not a multiple of DualViTok's semantic downsampling {model.sem_downsample}")
     disc = PatchGAN() if cfg.gan_weight > 0 else None
-    images, data_stats = load_training_images(cfg)
+    images, data_stats, scenes = load_training_images(cfg, with_scenes=True)
+    text_head, text_target = region_text_targets(cfg, scenes) if cfg.text_weight > 0 else (None, None)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     n_eval = min(cfg.eval_images, len(images) // 10)
     eval_x, train_x = images[order[:n_eval]], images[order[n_eval:]]
+    if text_head is not None:
+        eval_t, train_t = text_target[order[:n_eval]], text_target[order[n_eval:]]
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad] + (list(text_head.parameters()) if text_head else [])
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
     extra = {"disc_optimizer": opt_d} if disc is not None else None
-    holder = torch.nn.ModuleDict({"tokenizer": model, **({"disc": disc} if disc is not None else {})})
+    holder = torch.nn.ModuleDict({"tokenizer": model, **({"disc": disc} if disc is not None else {}),
+                                  **({"text_head": text_head} if text_head is not None else {})})
 
     metrics_path = out / "metrics.jsonl"
     start = resume_or_start(out, cfg.resume, holder, opt, extra)
@@ -120,12 +183,13 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train dualvitok",
                      disable=not cfg.progress, leave=False):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x = train_x[torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)].float() / 127.5 - 1.0
+        idx = torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)
+        x = train_x[idx].float() / 127.5 - 1.0
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         o = model(x, generator=g)
-        losses = dualvitok_losses(model, o, x, cfg, disc, step)
+        losses = dualvitok_losses(model, o, x, cfg, disc, step, text_head, train_t[idx] if text_head is not None else None)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if cfg.grad_clip > 0:
@@ -163,6 +227,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
               "train_seconds": round(time.time() - t0, 1)}  # of this run, i.e. steps resumed_from_step..steps
     if n_eval:
         report.update(evaluate_dualvitok(model, eval_x, out / "recon.png"))
+        if text_head is not None:
+            report["eval_region_text_acc"] = round(region_text_accuracy(model, text_head.eval(), eval_x, eval_t), 4)
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     return tok_dir
 
@@ -193,3 +259,16 @@ def evaluate_dualvitok(model, images_u8: torch.Tensor, grid_path: Path | None = 
             **{f"eval_{n}_usage": [round(u, 4) for u in usage_fraction(getattr(model, f"{n}_quantizer"), c)]
                for n, c in codes.items()},
             **{f"eval_{n}_perplexity": round(perplexity(c, model.codebook_sizes[n]), 2) for n, c in codes.items()}}
+
+
+@torch.no_grad()
+def region_text_accuracy(model, head: RegionTextHead, images_u8: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of held-out cells (with a known phrase) whose encoded semantic code the head names right."""
+    hits = total = 0
+    for i in range(0, len(images_u8), 64):
+        codes = model.encode_tensor(images_u8[i:i + 64].float() / 127.5 - 1.0)["sem"]
+        t = target[i:i + 64].reshape(-1)
+        pred = head.logits(model.sem_quantizer.embed(codes), target.shape[1]).argmax(-1)
+        hits += int((pred == t)[t >= 0].sum())
+        total += int((t >= 0).sum())
+    return hits / max(total, 1)

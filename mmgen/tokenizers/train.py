@@ -4,8 +4,8 @@
     tokenizer_dir = train_tokenizer(cfg)
 
 Data: every image item of Doc shards (``inputs``), image folders (``image_dirs``) and, optionally,
-freshly drawn flat-shape scenes (``synthetic_images``), held in memory as uint8 at ``resolution``
-(non-square images are centre-cropped). A slice is held out for the final evaluation.
+freshly drawn scenes (``synthetic_images``, :func:`synthetic_scenes`), held in memory as uint8 at
+``resolution`` (non-square images are centre-cropped). A slice is held out for the final evaluation.
 
 Loss: L1 + L2 on pixels, an image-gradient (edge) term that keeps shape outlines sharp at almost no
 cost, and the quantizer's codebook + commitment losses. Dead codes are restarted every
@@ -73,6 +73,7 @@ class DualViTokConfig:
     sem_cond_dim: int = 16
     norm_groups: int = 8
     branch_dropout: float = 0.1
+    sem_swap: float = 0.0  # share of semantic cells the pixel decoder sees as a random code in training
     pix_encoder: str = "conv"  # conv (diffusers Encoder) or patch (each code sees only its own pixels)
     pix_encoder_width: int = 256  # hidden width of the patch encoder's MLP
 
@@ -112,6 +113,11 @@ class TokenizerTrainConfig:
     # DualViTok only
     feature_weight: float = 1.0  # cosine loss: semantic decoder output vs teacher features
     perceptual_weight: float = 0.1  # cosine loss: teacher features of the reconstruction vs of the input
+    # Region-text alignment of the semantic codes (the VILA-U / UniTok idea, per ShapesWorld cell): each
+    # cell's quantized semantic vector, through a training-only linear head, is classified among all
+    # cell phrases ("a large red circle", "an empty cell") embedded by the teacher CLIP's text tower.
+    # Only images whose scene is known (synthetic_source: shapesworld) take it. 0: off.
+    text_weight: float = 0.0
     gan_weight: float = 0.0  # PatchGAN hinge loss (0: off)
     gan_start: int = 0  # step the adversarial loss starts at
     disc_lr: float = 2e-4
@@ -177,12 +183,12 @@ def random_shapes_image(rng: random.Random, width: int = 64, height: int | None 
     return img
 
 
-def synthetic_images(n: int, size: int, seed: int, source: str = "shapes") -> list:
-    """``n`` scene images: ShapesWorld renders (train split, so held-out colour-shape pairs stay
-    unseen) or the built-in flat-shapes drawer."""
+def synthetic_scenes(n: int, size: int, seed: int, source: str = "shapes") -> tuple[list, list]:
+    """``n`` scene images and their scenes: ShapesWorld renders (train split, so held-out colour-shape
+    pairs stay unseen), or the built-in flat-shapes drawer (scenes ``None``: it keeps no record)."""
     rng = random.Random(seed)
     if source == "shapes":
-        return [random_shapes_image(rng, size) for _ in range(n)]
+        return [random_shapes_image(rng, size) for _ in range(n)], [None] * n
     if source == "shapesworld":
         try:
             from mmgen.data.synthetic import random_scene, render, render_side
@@ -192,7 +198,8 @@ def synthetic_images(n: int, size: int, seed: int, source: str = "shapes") -> li
         # resizes corpus images: a small tokenizer trains on the soft edges it will be given, not on
         # aliased renders, and every cell keeps the same pixel phase (render_side).
         side = render_side(size)
-        return [_square(render(random_scene(rng, "train"), side, side), size) for _ in range(n)]
+        scenes = [random_scene(rng, "train") for _ in range(n)]
+        return [_square(render(s, side, side), size) for s in scenes], scenes
     raise MMGenError(f"unknown synthetic_source '{source}' (use shapesworld or shapes)")
 
 
@@ -212,8 +219,9 @@ def _square(img, size: int):
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_training_images(cfg: TokenizerTrainConfig) -> tuple[torch.Tensor, dict]:
-    """All training images as a uint8 tensor ``(N, 3, R, R)`` and counts of what was read/skipped."""
+def load_training_images(cfg: TokenizerTrainConfig, with_scenes: bool = False):
+    """All training images as a uint8 tensor ``(N, 3, R, R)`` and counts of what was read/skipped;
+    ``with_scenes`` adds each image's ShapesWorld scene (``None`` where none is known: shards, folders)."""
     arrays: list[np.ndarray] = []
     stats = {"from_shards": 0, "from_dirs": 0, "synthetic": 0, "bad_records": 0, "undecodable": 0}
     limit = cfg.max_images
@@ -255,11 +263,16 @@ def load_training_images(cfg: TokenizerTrainConfig) -> tuple[torch.Tensor, dict]
                 stats["undecodable"] += 1
     if cfg.synthetic_images > 0 and not full():
         n = min(cfg.synthetic_images, limit - len(arrays))
-        arrays.extend(np.asarray(im, dtype=np.uint8) for im in synthetic_images(n, cfg.resolution, cfg.seed, cfg.synthetic_source))
+        images, scenes = synthetic_scenes(n, cfg.resolution, cfg.seed, cfg.synthetic_source)
+        arrays.extend(np.asarray(im, dtype=np.uint8) for im in images)
         stats["synthetic"] = n
+    else:
+        scenes = []
     if not arrays:
         raise MMGenError("no training images: set inputs=[shards...], image_dirs=[folders...] or synthetic_images=N")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if with_scenes:  # the synthetic scenes come last
+        return x, stats, [None] * (len(arrays) - len(scenes)) + list(scenes)
     return x, stats
 
 

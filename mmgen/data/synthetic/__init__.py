@@ -9,7 +9,9 @@ from mmgen.data.synthetic.scene import (  # noqa: F401
     BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, SPLITS, Obj, Scene, random_scene, render,
     render_side, render_size, split_of,
 )
-from mmgen.data.synthetic.text import caption, parse_caption, parse_objects, qa_pairs  # noqa: F401
+from mmgen.data.synthetic.text import (  # noqa: F401
+    all_cell_phrases, caption, cell_phrases, parse_caption, parse_objects, qa_pairs,
+)
 from mmgen.data.synthetic.world import (  # noqa: F401
     DEFECT_TYPES, DOC_KINDS, generate_world, make_doc, write_world,
 )

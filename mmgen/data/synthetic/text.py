@@ -35,6 +35,26 @@ def object_phrase(o: Obj) -> str:
     return f"a {o.size} {o.color} {o.shape} {position_phrase(o.cell)}"
 
 
+EMPTY_CELL = "an empty cell"
+
+
+def cell_phrases(scene: Scene) -> list[str]:
+    """One phrase per grid cell in row-major order: the object's size, colour and shape, or empty.
+    What region-text losses align a cell's image features with (CLIP teacher, DualViTok codes)."""
+    out = []
+    for r in range(GRID):
+        for c in range(GRID):
+            o = scene.at((r, c))
+            out.append(f"a {o.size} {o.color} {o.shape}" if o else EMPTY_CELL)
+    return out
+
+
+def all_cell_phrases() -> list[str]:
+    """Every phrase :func:`cell_phrases` can write (held-out colour-shape pairs included): the classes
+    a cell is told apart from."""
+    return [EMPTY_CELL] + [f"a {z} {c} {s}" for z in SIZES for c in COLORS for s in SHAPES]
+
+
 def join_phrases(parts: list[str]) -> str:
     if len(parts) <= 1:
         return "".join(parts)
