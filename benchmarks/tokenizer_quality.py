@@ -157,51 +157,79 @@ def teacher_features(tok, images, batch: int = 64) -> torch.Tensor:
     return (v - v.mean(0)) / (v.std(0) + 1e-6)
 
 
-def linear_probe(x_tr, y_tr, x_te, y_te, classes: int, steps: int = 300) -> float:
-    """Multinomial logistic regression (full-batch L-BFGS, L2), accuracy on the test set."""
+PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def fit_probe(x, y, classes: int, l2: float, steps: int = 300) -> torch.nn.Linear:
+    """Multinomial logistic regression (full-batch L-BFGS) with an L2 penalty on the weights."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(x_tr.shape[1], classes)
+    lin = torch.nn.Linear(x.shape[1], classes)
     opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(x_tr), y_tr) + 1e-4 * lin.weight.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(lin(x), y) + l2 * lin.weight.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
+    return lin
+
+
+def accuracy(lin, x, y) -> float:
     with torch.no_grad():
-        return float((lin(x_te).argmax(-1) == y_te).float().mean())
+        return float((lin(x).argmax(-1) == y).float().mean())
 
 
-def probes(tok, n_train: int, n_test: int, size: int) -> dict:
-    """Probe accuracy per (attribute, code level, test split): val = unseen scenes, heldout = scenes
-    with colour-shape pairs never seen by the tokenizer, the teacher or the probe."""
+def linear_probe(x_tr, y_tr, x_te, y_te, classes: int, l2: float | None = None) -> tuple[float, float]:
+    """Test accuracy of a linear probe and its L2 strength. ``l2=None`` picks it the way CLIP's
+    linear-probe protocol does: fitted on the first 80% of the training scenes for each strength in
+    PROBE_L2, scored on the last 20%, the best refitted on all of them. The test sets play no part."""
+    if l2 is None:
+        cut = int(0.8 * len(x_tr))
+        scores = [accuracy(fit_probe(x_tr[:cut], y_tr[:cut], classes, lam), x_tr[cut:], y_tr[cut:]) for lam in PROBE_L2]
+        l2 = PROBE_L2[int(np.argmax(scores))]
+    return accuracy(fit_probe(x_tr, y_tr, classes, l2), x_te, y_te), l2
+
+
+def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = None) -> tuple[dict, dict]:
+    """Probe accuracy per (attribute, code level, test split, training scenes): val = unseen scenes,
+    heldout = scenes with colour-shape pairs never seen by the tokenizer, the teacher or the probe; and
+    the L2 strength used per (attribute, code level, training scenes) (``l2=None``: chosen on the
+    training scenes, see linear_probe). Each training set is the first ``n`` of the largest one."""
     from mmgen.data.synthetic import COLORS, SHAPES
     from mmgen.models.clip_train import largest_object
 
     sets = {name: unique_largest_set(n, split, seed, size)
-            for name, n, split, seed in (("train", n_train, "train", 1), ("val", n_test, "val", 2), ("heldout", n_test, "heldout", 3))}
+            for name, n, split, seed in (("train", max(n_train), "train", 1), ("val", n_test, "val", 2),
+                                         ("heldout", n_test, "heldout", 3))}
     codes = {name: encode_all(tok, imgs) for name, (_, imgs) in sets.items()}
-    res = {}
-    for attr, values in (("color", list(COLORS)), ("shape", list(SHAPES))):
-        y = {name: torch.tensor([values.index(getattr(largest_object(s), attr)) for s in scenes])
-             for name, (scenes, _) in sets.items()}
-        for level in ("sem", "pix", "teacher"):
-            feats = (teacher_features(tok, [im for k in sets for im in sets[k][1]]) if level == "teacher"
-                     else code_features(tok, torch.cat([codes[k][level] for k in sets]), level))
-            f = dict(zip(sets, torch.split(feats, [len(sets[k][0]) for k in sets])))
-            for split in ("val", "heldout"):
-                res[(attr, level, split)] = linear_probe(f["train"], y["train"], f[split], y[split], len(values))
-    return res
+    res, chosen = {}, {}
+    for level in ("sem", "pix", "teacher"):
+        feats = (teacher_features(tok, [im for k in sets for im in sets[k][1]]) if level == "teacher"
+                 else code_features(tok, torch.cat([codes[k][level] for k in sets]), level))
+        f = dict(zip(sets, torch.split(feats, [len(sets[k][0]) for k in sets])))
+        for attr, values in (("color", list(COLORS)), ("shape", list(SHAPES))):
+            y = {name: torch.tensor([values.index(getattr(largest_object(s), attr)) for s in scenes])
+                 for name, (scenes, _) in sets.items()}
+            for n in (n_train[:1] if level == "teacher" else n_train):  # 5184 features: slow, and only a reference
+                lam = l2
+                for split in ("val", "heldout"):  # the first split's choice serves the second: one probe per level
+                    res[(attr, level, split, n)], lam = linear_probe(f["train"][:n], y["train"][:n], f[split], y[split],
+                                                                     len(values), lam)
+                chosen[(attr, level, n)] = lam
+    return res, chosen
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", default=str(ROOT / "runs" / "tokenizer" / "tiny_dualvitok" / "tokenizer"))
     ap.add_argument("--scenes", type=int, default=300, help="held-out scenes for agreement and codebook usage")
-    ap.add_argument("--probe-train", type=int, default=2000)
+    ap.add_argument("--probe-train", default="2000,6000",
+                    help="training scenes of the probes, comma-separated: one probe per count")
     ap.add_argument("--probe-test", type=int, default=500)
+    ap.add_argument("--probe-l2", type=float, default=None,
+                    help="fixed L2 strength of the probes (sessions up to 18 used 1e-4); default: chosen on the training scenes")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -235,7 +263,8 @@ def main() -> None:
         rows.append([label, ntok, f"{100 * agree:.1f}%", f"{p:.2f}"])
         results[label] = {"tokens_per_image": ntok, "scene_agreement": agree, "real_psnr_db": p}
     usage = {lvl: usage_fraction(getattr(tok, f"{lvl}_quantizer"), codes[lvl]) for lvl in ("sem", "pix")}
-    probe = probes(tok, args.probe_train, args.probe_test, w)
+    n_train = [int(n) for n in str(args.probe_train).split(",")]
+    probe, probe_l2 = probes(tok, n_train, args.probe_test, w, args.probe_l2)
     h_code, h_given_patch = code_entropy(images, codes["pix"], tok.downsample)
     seconds = time.time() - t0
 
@@ -267,23 +296,32 @@ def main() -> None:
         "predict).",
         "",
         f"Linear probe (logistic regression on the codes' codebook vectors, all positions) predicting colour / "
-        f"shape of the largest object, trained on {args.probe_train} train-split scenes, tested on {args.probe_test} "
-        "unseen `val` scenes and on {0} `heldout` scenes (colour-shape pairs never seen in any training); scenes "
-        "with an unambiguous largest object. The last row probes the frozen teacher's own patch features, the "
-        "semantic branch's input: all its codes carry unless the tokenizer was trained with region-text alignment "
-        "(`text_weight`), which adds what the cell phrases name.".format(args.probe_test),
+        f"shape of the largest object, trained on {' or '.join(map(str, n_train))} train-split scenes, tested on "
+        f"{args.probe_test} unseen `val` scenes and on {args.probe_test} `heldout` scenes (colour-shape pairs never "
+        "seen in any training); scenes with an unambiguous largest object. "
+        + (f"L2 strength {args.probe_l2:g} for every probe. " if args.probe_l2 is not None else
+           f"L2 strength chosen per probe from {', '.join(map(str, PROBE_L2))} on the last fifth of its training "
+           f"scenes (CLIP's linear-probe protocol); chosen: "
+           f"{', '.join(sorted({f'{v:g}' for v in probe_l2.values()}))}. ")
+        + "The teacher rows probe the frozen teacher's own patch features, the semantic branch's input: all its "
+        "codes carry unless the tokenizer was trained with region-text alignment (`text_weight`), which adds what "
+        "the cell phrases name. Each probe reads one set of positions with its own weights, so it needs scenes "
+        "enough to see each object at each position.",
         "",
-        md_table(["codes", "tokens", "colour (val)", "shape (val)", "colour (heldout)", "shape (heldout)"],
-                 [[name, tokens[lvl]] + [f"{100 * probe[(a, lvl, sp)]:.1f}%" for sp in ("val", "heldout") for a in ("color", "shape")]
-                  for name, lvl in (("semantic", "sem"), ("pixel", "pix"))]
-                 + [["teacher patch features (the semantic branch's input)", f"{n_patches} x {tok.teacher.dim}"]
-                    + [f"{100 * probe[(a, 'teacher', sp)]:.1f}%" for sp in ("val", "heldout") for a in ("color", "shape")]]),
+        md_table(["codes", "tokens", "probe training scenes", "colour (val)", "shape (val)", "colour (heldout)",
+                  "shape (heldout)"],
+                 [[name, ntok, n] + [f"{100 * probe[(a, lvl, sp, n)]:.1f}%" for sp in ("val", "heldout")
+                                     for a in ("color", "shape")]
+                  for name, lvl, ntok in (("semantic", "sem", tokens["sem"]), ("pixel", "pix", tokens["pix"]),
+                                          ("teacher patch features", "teacher", f"{n_patches} x {tok.teacher.dim}"))
+                  for n in n_train if lvl != "teacher" or n == n_train[0]]),
         "",
         f"Measurement took {seconds:.0f} s.",
     ]
     text = "\n".join(body)
     print(text)
-    print(json.dumps({"variants": results, "usage": usage, "pix_code_entropy": h_code, "pix_code_entropy_given_patch": h_given_patch, "probe": {"/".join(k): v for k, v in probe.items()}}))
+    print(json.dumps({"variants": results, "usage": usage, "pix_code_entropy": h_code, "pix_code_entropy_given_patch": h_given_patch, "probe": {"/".join(map(str, k)): v for k, v in probe.items()},
+                      "probe_l2": {"/".join(map(str, k)): v for k, v in probe_l2.items()}}))
     if not args.no_write:
         write_section("tokenizer_quality", "Image tokenizer quality (DualViTok, tiny)", text)
 
