@@ -42,14 +42,21 @@ def training_seconds(run_dir: Path) -> tuple[float, int]:
     return float(sum(ends)), len(ends)
 
 
+DEFAULT_TOKENIZER = ROOT / "runs" / "tokenizer" / "tiny_dualvitok" / "tokenizer"
+
+
 def ensure_tokenizer(path: Path) -> Path:
+    """The tokenizer at ``path``; only the default path is trained when missing (a mistyped
+    ``--tokenizer`` is an error, not a six-minute training run)."""
     if (path / "config.json").is_file():
         return path
+    if path.resolve() != DEFAULT_TOKENIZER.resolve():
+        raise SystemExit(f"no tokenizer at {path} (a directory with config.json); omit --tokenizer to train the default")
     clip = ROOT / "runs" / "clip" / "tiny" / "clip"
     if not (clip / "open_clip_config.json").is_file():
         subprocess.run([sys.executable, "-m", "mmgen", "train-clip", "tiny_clip", "progress=false"], check=True, cwd=ROOT)
     subprocess.run([sys.executable, "-m", "mmgen", "train-tokenizer", "tiny_dualvitok", "progress=false"], check=True, cwd=ROOT)
-    return ROOT / "runs" / "tokenizer" / "tiny_dualvitok" / "tokenizer"
+    return DEFAULT_TOKENIZER
 
 
 def render_set(n: int, split: str, seed: int, size: int):
@@ -223,7 +230,7 @@ def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokenizer", default=str(ROOT / "runs" / "tokenizer" / "tiny_dualvitok" / "tokenizer"))
+    ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     ap.add_argument("--scenes", type=int, default=300, help="held-out scenes for agreement and codebook usage")
     ap.add_argument("--probe-train", default="2000,6000",
                     help="training scenes of the probes, comma-separated: one probe per count")
