@@ -321,7 +321,7 @@ def main() -> None:
                                      for a in ("color", "shape")]
                   for name, lvl, ntok in (("semantic", "sem", tokens["sem"]), ("pixel", "pix", tokens["pix"]),
                                           ("teacher patch features", "teacher", f"{n_patches} x {tok.teacher.dim}"))
-                  for n in n_train if lvl != "teacher" or n == n_train[0]]),
+                  for n in n_train if ("color", lvl, "val", n) in probe]),
         "",
         f"Measurement took {seconds:.0f} s.",
     ]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmgen.data.synthetic.text import cell_phrases  # noqa: F401  (re-exported: the region loss's targets)
+from mmgen.data.synthetic.text import cell_phrases
 from mmgen.errors import MMGenError
 from mmgen.models.clip import TINY_CLIP_CFG, build_open_clip, save_clip
 
@@ -99,19 +99,25 @@ def cell_loss(model, tokenizer, patch_tokens: torch.Tensor, phrases: list[list[s
     distinct phrases in the batch (temperature: the model's logit scale)."""
     import torch.nn.functional as F
 
-    n_cells = len(phrases[0])
-    side = int(round(n_cells ** 0.5))
     b, n, w = patch_tokens.shape
     g = int(round(n ** 0.5))
-    grid = patch_tokens.transpose(1, 2).reshape(b, w, g, g)
-    cells = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)  # (B, cells, width), row-major
+    cells = cell_regions(patch_tokens.transpose(1, 2).reshape(b, w, g, g), len(phrases[0]))
     proj = model.visual.proj
-    cells = (cells @ proj if proj is not None else cells).reshape(b * n_cells, -1)
+    cells = cells @ proj if proj is not None else cells
     vocab = sorted({p for ps in phrases for p in ps})
     index = {p: i for i, p in enumerate(vocab)}
     text = model.encode_text(tokenizer(vocab))
     target = torch.tensor([index[p] for ps in phrases for p in ps])
     return F.cross_entropy(region_text_logits(cells, text, model.logit_scale.exp()), target)
+
+
+def cell_regions(grid: torch.Tensor, cells: int) -> torch.Tensor:
+    """A ``(B, D, h, w)`` feature map average-pooled to the square phrase grid of ``cells`` cells:
+    ``(B * cells, D)``, cells row-major as :func:`cell_phrases` lists them."""
+    import torch.nn.functional as F
+
+    side = int(round(cells ** 0.5))
+    return F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2).reshape(-1, grid.shape[1])
 
 
 def region_text_logits(regions: torch.Tensor, texts: torch.Tensor, scale) -> torch.Tensor:

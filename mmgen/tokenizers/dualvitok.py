@@ -355,7 +355,7 @@ class DualViTok(ImageTokenizer):
         sem_q, sem_codes, sem_loss = self.sem_quantizer(self.sem_encode(feats))
         pix_q, pix_codes, pix_loss = self.pix_quantizer(self.pix_encode(x))
         feat_rec = self.sem_decode(sem_q)
-        out_sem_q = sem_q  # before branch dropout: what region-text alignment reads
+        out_sem_q = sem_q  # before sem_swap and branch dropout: what region-text alignment reads
         if self.training and self.hp["sem_swap"] > 0:
             sem_q = self._swap_sem_codes(sem_q, generator)
         p = self.hp["branch_dropout"]

@@ -78,11 +78,9 @@ class RegionTextHead(nn.Module):
     def logits(self, sem_q: torch.Tensor, cells: int) -> torch.Tensor:
         """``(B, D, h, w)`` quantized semantic map -> ``(B * cells, phrases)``, cells row-major (the
         code map is pooled to the phrase grid when the two differ)."""
-        from mmgen.models.clip_train import region_text_logits
+        from mmgen.models.clip_train import cell_regions, region_text_logits
 
-        side = int(round(cells ** 0.5))
-        regions = F.adaptive_avg_pool2d(sem_q, side).flatten(2).transpose(1, 2).reshape(-1, sem_q.shape[1])
-        return region_text_logits(self.proj(regions), self.texts, self.scale)
+        return region_text_logits(self.proj(cell_regions(sem_q, cells)), self.texts, self.scale)
 
     def forward(self, sem_q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and accuracy over the cells with a phrase (``target`` ``(B, cells)``, -100: none)."""
@@ -166,7 +164,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     if text_head is not None:
         eval_t, train_t = text_target[order[:n_eval]], text_target[order[n_eval:]]
 
-    trainable = [p for p in model.parameters() if p.requires_grad] + (list(text_head.parameters()) if text_head else [])
+    trainable = [p for p in model.parameters() if p.requires_grad] + (list(text_head.parameters()) if text_head is not None else [])
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
     extra = {"disc_optimizer": opt_d} if disc is not None else None
@@ -226,16 +224,17 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
               "parameters": model.num_parameters(), "trainable_parameters": model.num_parameters(True),
               "train_seconds": round(time.time() - t0, 1)}  # of this run, i.e. steps resumed_from_step..steps
     if n_eval:
-        report.update(evaluate_dualvitok(model, eval_x, out / "recon.png"))
-        if text_head is not None:
-            report["eval_region_text_acc"] = round(region_text_accuracy(model, text_head.eval(), eval_x, eval_t), 4)
+        report.update(evaluate_dualvitok(model, eval_x, out / "recon.png",
+                                         (text_head.eval(), eval_t) if text_head is not None else None))
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     return tok_dir
 
 
 @torch.no_grad()
-def evaluate_dualvitok(model, images_u8: torch.Tensor, grid_path: Path | None = None) -> dict:
-    """Held-out PSNR (uint8 round trip), codebook usage of both quantizers, teacher-feature cosine."""
+def evaluate_dualvitok(model, images_u8: torch.Tensor, grid_path: Path | None = None, region_text=None) -> dict:
+    """Held-out PSNR (uint8 round trip), codebook usage of both quantizers, teacher-feature cosine;
+    with ``region_text`` = (head, cell targets), the share of known cells the head names right from
+    the encoded semantic codes."""
     from mmgen.tokenizers.quantizers import perplexity, usage_fraction
     from mmgen.tokenizers.vq import psnr
 
@@ -254,21 +253,12 @@ def evaluate_dualvitok(model, images_u8: torch.Tensor, grid_path: Path | None = 
     codes = {n: torch.cat(v) for n, v in codes.items()}
     if grid_path is not None:
         _save_recon_grid(x[:8], recon[:8], grid_path)
-    return {"eval_psnr": round(float(psnr(recon, x).mean()), 3),
-            "eval_teacher_cosine": round(float(torch.stack(feats).mean()), 4),
-            **{f"eval_{n}_usage": [round(u, 4) for u in usage_fraction(getattr(model, f"{n}_quantizer"), c)]
-               for n, c in codes.items()},
-            **{f"eval_{n}_perplexity": round(perplexity(c, model.codebook_sizes[n]), 2) for n, c in codes.items()}}
-
-
-@torch.no_grad()
-def region_text_accuracy(model, head: RegionTextHead, images_u8: torch.Tensor, target: torch.Tensor) -> float:
-    """Share of held-out cells (with a known phrase) whose encoded semantic code the head names right."""
-    hits = total = 0
-    for i in range(0, len(images_u8), 64):
-        codes = model.encode_tensor(images_u8[i:i + 64].float() / 127.5 - 1.0)["sem"]
-        t = target[i:i + 64].reshape(-1)
-        pred = head.logits(model.sem_quantizer.embed(codes), target.shape[1]).argmax(-1)
-        hits += int((pred == t)[t >= 0].sum())
-        total += int((t >= 0).sum())
-    return hits / max(total, 1)
+    report = {"eval_psnr": round(float(psnr(recon, x).mean()), 3),
+              "eval_teacher_cosine": round(float(torch.stack(feats).mean()), 4),
+              **{f"eval_{n}_usage": [round(u, 4) for u in usage_fraction(getattr(model, f"{n}_quantizer"), c)]
+                 for n, c in codes.items()},
+              **{f"eval_{n}_perplexity": round(perplexity(c, model.codebook_sizes[n]), 2) for n, c in codes.items()}}
+    if region_text is not None:
+        head, target = region_text
+        report["eval_region_text_acc"] = round(float(head(model.sem_quantizer.embed(codes["sem"]), target)[1]), 4)
+    return report
