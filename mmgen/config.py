@@ -137,9 +137,30 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     return data
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
+    """A recipe's mapping. ``base_recipe: other.yaml`` (relative to the recipe's folder) starts it from
+    that recipe, so a variant states only what it changes (mmengine's ``_base_`` idea)."""
+    key = Path(path).resolve()
+    if key in _seen:
+        raise MMGenError(f"recipe {path} inherits from itself through base_recipe")
+    data = read_yaml_mapping(path, "config file")
+    parent = data.pop("base_recipe", None)
+    if parent is None:
+        return data
+    return deep_merge(read_recipe(Path(path).parent / str(parent), (*_seen, key)), data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides."""
-    data = read_yaml_mapping(path) if path is not None else {}
+    """Load ``cls`` from an optional YAML recipe (see :func:`read_recipe`) plus ``key=value`` overrides."""
+    data = read_recipe(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data)
 

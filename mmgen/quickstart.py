@@ -32,11 +32,17 @@ class QuickstartConfig:
     workers: int = 2
     tokenizer_recipe: str = "tiny_dualvitok"  # in tokenizers/; tiny_vq: pixel codes only, no CLIP stage
     clip_recipe: str = "tiny_clip"  # in tokenizers/: DualViTok's semantic teacher, trained first
+    # DualViTok's second stage (in tokenizers/; "" skips it): text-aligned semantic codes, trained on the
+    # first stage's tokenizer with its pixel encoder and codebook fixed, so the pixel codes -- all the LM
+    # reads and writes -- are the first stage's exactly. It reads tokenizer_overrides too (the two stages
+    # share their architecture), then text_tokenizer_overrides.
+    text_tokenizer_recipe: str = "tiny_dualvitok_text"
     filter_recipe: str = "shapesworld"  # in data_pipelines/
     train_recipe: str = "tiny_pretrain"  # in training/
     sft_recipe: str | None = "tiny_sft"  # in training/; None skips SFT (evaluation then uses the pretrained model)
     clip_overrides: list[str] = field(default_factory=list)
     tokenizer_overrides: list[str] = field(default_factory=list)
+    text_tokenizer_overrides: list[str] = field(default_factory=list)
     train_overrides: list[str] = field(default_factory=list)
     sft_overrides: list[str] = field(default_factory=list)
     eval_prompts: int = 200  # per split (val, heldout), for t2i and QA; build-up documents use the val split
@@ -137,6 +143,12 @@ def quickstart(cfg: QuickstartConfig) -> Path:
             overrides.insert(1, f"dualvitok.teacher.name={clip_dir}")
         return str(train_tokenizer(load_config(TokenizerTrainConfig, tok_recipe, overrides)))
 
+    def tokenizer_text():
+        overrides = [*cfg.tokenizer_overrides, *cfg.text_tokenizer_overrides, f"init_from={first_tok}",
+                     f"dualvitok.teacher.name={clip_dir}", f"out_dir={out / 'tokenizer_text'}"]
+        recipe = recipe_path(cfg.text_tokenizer_recipe, "tokenizers")
+        return str(train_tokenizer(load_config(TokenizerTrainConfig, recipe, overrides)))
+
     def tokenize():
         from mmgen.tokenizers.pretokenize import pretokenize
 
@@ -164,14 +176,16 @@ def quickstart(cfg: QuickstartConfig) -> Path:
                                       f"out_dir={out / 'sft'}", *cfg.sft_overrides])
 
     def evaluate():
-        return _evaluate(cfg, out, Path(bundle_dir))
+        return _evaluate(cfg, out, Path(bundle_dir), Path(tok_dir))
 
     tok_recipe = recipe_path(cfg.tokenizer_recipe, "tokenizers")
     tcfg = load_config(TokenizerTrainConfig, tok_recipe, list(cfg.tokenizer_overrides))
     stages.run("world", world)
     stages.run("filter", filtering)
     clip_dir = stages.run("clip", clip) if tcfg.tokenizer == "dualvitok" else None
-    tok_dir = stages.run("tokenizer", tokenizer)
+    tok_dir = first_tok = stages.run("tokenizer", tokenizer)
+    if tcfg.tokenizer == "dualvitok" and cfg.text_tokenizer_recipe:
+        tok_dir = stages.run("tokenizer_text", tokenizer_text)
     stages.run("tokenize", tokenize)
     lm_tok, lm_codes = tok_dir, out / "codes"
     if cfg.code_blocks:
@@ -188,7 +202,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     return out / "report.md"
 
 
-def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path) -> dict:
+def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path, tok_dir: Path) -> dict:
     from mmgen.eval.report import image_grid, pairs_grid
     from mmgen.eval.t2i import evaluate_reconstruction, evaluate_t2i
     from mmgen.eval.understanding import evaluate_interleaved, evaluate_qa
@@ -232,7 +246,7 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path) -> dict:
         inner.pop("examples")
         metrics["inner_tokenizer_reconstruction"] = inner
     metrics["tokenizer"] = {"type": type(tok).__name__, "tokens_per_image": tok.tokens_per_image(*tok.resolution),
-                            "training": read_json(out / "tokenizer" / "eval.json"),
+                            "training": read_json(tok_dir.parent / "eval.json"),
                             "clip_teacher": read_json(out / "clip" / "eval.json")}
     metrics["filter_defects"] = _defect_scores(out / "world", out / "filtered")
     return metrics

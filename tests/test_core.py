@@ -37,6 +37,21 @@ def test_config_unknown_key_names_closest(tmp_path):
         load_config(Cfg, None, ["steps=abc"])
 
 
+def test_recipe_inherits_from_its_base_recipe(tmp_path):
+    (tmp_path / "base.yaml").write_text("steps: 5\nname: base\noptim:\n  lr: 0.01\n  betas: [0.5, 0.6]\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "v.yaml").write_text("base_recipe: ../base.yaml\noptim:\n  lr: 0.02\n")
+    cfg = load_config(Cfg, tmp_path / "sub" / "v.yaml", ["name=cli"])
+    # the variant's keys win, mappings merge key by key, the command line wins over both
+    assert (cfg.steps, cfg.name, cfg.optim.lr, cfg.optim.betas) == (5, "cli", 0.02, [0.5, 0.6])
+    (tmp_path / "loop.yaml").write_text("base_recipe: loop.yaml\n")
+    with pytest.raises(MMGenError, match="inherits from itself"):
+        load_config(Cfg, tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base_recipe: gone.yaml\n")
+    with pytest.raises(MMGenError, match="config file not found: .*gone.yaml"):
+        load_config(Cfg, tmp_path / "orphan.yaml")
+
+
 def test_vocab_image_block_roundtrip_and_constraint():
     v = Vocab(100, {"sem": 16, "pix": 32, "audio": 20}, max_grid=8, audio_levels=2)
     rng = np.random.default_rng(0)

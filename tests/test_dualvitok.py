@@ -204,6 +204,47 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
     assert (tmp_path / "full" / "recon.png").is_file()
 
 
+def test_staged_training_keeps_the_pixel_codes(teacher_dir, tmp_path):
+    """A second stage from a saved tokenizer (init_from) with the pixel encoder and codebook frozen
+    retrains a resized, text-aligned semantic branch and the pixel decoder, and every pixel code
+    stays exactly stage 1's."""
+    from safetensors.torch import load_file
+
+    from mmgen.models.clip import build_open_clip, save_clip
+    from mmgen.tokenizers.base import load_image_tokenizer
+    from mmgen.tokenizers.train import train_tokenizer
+
+    first = train_tokenizer(tiny_cfg(tmp_path / "s1", teacher_dir))
+    stage2 = {"init_from": str(first), "freeze": ["pix_encoder", "pix_quantizer"], "text_weight": 1.0,
+              "dualvitok": {**TINY, "sem_code_dim": 12, "sem_swap": 0.2, "teacher": {"kind": "open_clip", "name": teacher_dir}}}
+    second = train_tokenizer(tiny_cfg(tmp_path / "s2", teacher_dir, **stage2, steps=3))
+    a, b = load_image_tokenizer(first), load_image_tokenizer(second)
+    imgs = scenes(6)
+    assert torch.equal(a.encode(imgs)["pix"], b.encode(imgs)["pix"])
+    assert b.sem_quantizer.dim == 12 and a.sem_quantizer.dim == 8
+    wa, wb = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    frozen = [k for k in wa if k.startswith(("pix_encoder.", "pix_quantizer.q."))]
+    assert frozen and all(torch.equal(wa[k], wb[k]) for k in frozen)
+    assert not torch.equal(wa["pix_decoder.conv_in.weight"], wb["pix_decoder.conv_in.weight"])  # retrained
+    report = json.loads((tmp_path / "s2" / "eval.json").read_text())
+    assert {"sem_quantizer", "sem_cond", "null_sem"} <= set(report["fresh_parts"])
+    assert {"pix_decoder", "pix_encoder", "sem_encoder", "teacher"} <= set(report["loaded_parts"])
+    assert report["frozen_parts"] == ["pix_encoder", "pix_quantizer"] and "eval_region_text_acc" in report
+
+    with pytest.raises(MMGenError, match="freeze needs init_from"):
+        train_tokenizer(tiny_cfg(tmp_path / "e1", teacher_dir, freeze=["pix_encoder"]))
+    with pytest.raises(MMGenError, match="pix_encodr not a part of DualViTok"):
+        train_tokenizer(tiny_cfg(tmp_path / "e2", teacher_dir, init_from=str(first), freeze=["pix_encodr"]))
+    with pytest.raises(MMGenError, match="init_exclude: sem_encodr not a part"):
+        train_tokenizer(tiny_cfg(tmp_path / "e5", teacher_dir, init_from=str(first), init_exclude=["sem_encodr"]))
+    with pytest.raises(MMGenError, match="is not a saved tokenizer"):
+        train_tokenizer(tiny_cfg(tmp_path / "e3", teacher_dir, init_from=str(tmp_path / "nowhere")))
+    torch.manual_seed(1)
+    other = str(save_clip(build_open_clip(TEACHER_CFG), tmp_path / "clip2", TEACHER_CFG))
+    with pytest.raises(MMGenError, match="another teacher"):
+        train_tokenizer(tiny_cfg(tmp_path / "e4", other, init_from=str(first)))
+
+
 def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):
     """The head scores every cell phrase; its loss reaches the semantic encoder through the codes'
     straight-through estimator, cells without a phrase (-100) are ignored, and the accuracy counts
@@ -259,6 +300,16 @@ def test_sem_swap_feeds_the_pixel_decoder_random_codes(tok):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     out = model(x, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out["sem_q"], model.sem_quantizer(model.sem_encode(model.teacher_features(x)))[0])  # the text loss's view is unswapped
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_sem_pixel_grad_decides_whether_pixels_train_the_semantic_codes(tok, grad):
+    model = type(tok)(**{**tok.get_config(), "sem_pixel_grad": grad, "branch_dropout": 0.0}).train()
+    out = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    out["recon"].abs().sum().backward()
+    reached = model.sem_to_code.weight.grad is not None and bool(model.sem_to_code.weight.grad.abs().sum() > 0)
+    assert reached == grad
+    assert model.sem_cond.weight.grad.abs().sum() > 0  # the decoder side learns the codes either way
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):

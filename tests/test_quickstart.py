@@ -1,7 +1,9 @@
 """The walking skeleton end to end, at a toy scale: every stage runs and the report is honest."""
 
 import json
+import random
 
+from mmgen.data.synthetic import random_scene, render
 from mmgen.quickstart import QuickstartConfig, quickstart
 
 
@@ -36,6 +38,15 @@ def test_quickstart_end_to_end_small(tmp_path):
 
     blocks = load_image_tokenizer(tmp_path / "qs" / "blocks" / "tokenizer")
     assert type(blocks.inner).__name__ == "DualViTok" and blocks.fit_stats["splits"] == ["train"]
+    # DualViTok's second stage (text-aligned semantic codes) is the tokenizer the LM's blocks wrap; it
+    # started from the first stage, whose pixel codes it kept exactly.
+    stage2 = report["tokenizer"]["training"]
+    assert stage2["init_from"] == str(tmp_path / "qs" / "tokenizer" / "tokenizer") and "eval_region_text_acc" in stage2
+    first = load_image_tokenizer(tmp_path / "qs" / "tokenizer" / "tokenizer")
+    assert blocks.inner.codebook_sizes["sem"] == 64 != first.codebook_sizes["sem"]
+    rng = random.Random(5)
+    imgs = [render(random_scene(rng, "val"), 36, 36) for _ in range(4)]
+    assert (blocks.inner.encode(imgs)["pix"] == first.encode(imgs)["pix"]).all()
     assert 0 < blocks.fit_stats["coverage"] <= 1 and blocks.fit_stats["table_size"] == blocks.codebook_size
     # ... and the LM's vocab holds the block range the tiny recipe asks for, at the table's size.
     lm_vocab = Vocab.load(tmp_path / "qs" / "lm" / "vocab.json")

@@ -221,7 +221,8 @@ class DualViTok(ImageTokenizer):
                  sem_quantizer: dict | None = None, pix_channels=(32, 64, 128), pix_layers_per_block: int = 1,
                  pix_patch_size: int = 2, pix_code_dim: int = 8, pix_quantizer: dict | None = None,
                  sem_cond_dim: int = 16, norm_groups: int = 8, branch_dropout: float = 0.1,
-                 pix_encoder: str = "conv", pix_encoder_width: int = 256, sem_swap: float = 0.0):
+                 pix_encoder: str = "conv", pix_encoder_width: int = 256, sem_swap: float = 0.0,
+                 sem_pixel_grad: bool = True):
         super().__init__()
         if pix_encoder not in PIX_ENCODERS:
             raise MMGenError(f"unknown pix_encoder '{pix_encoder}' (use one of {', '.join(PIX_ENCODERS)})")
@@ -237,7 +238,8 @@ class DualViTok(ImageTokenizer):
                        pix_channels=[int(c) for c in pix_channels], pix_layers_per_block=pix_layers_per_block,
                        pix_patch_size=pix_patch_size, pix_code_dim=pix_code_dim, sem_cond_dim=sem_cond_dim,
                        norm_groups=norm_groups, branch_dropout=branch_dropout, pix_encoder=pix_encoder,
-                       pix_encoder_width=pix_encoder_width, sem_swap=sem_swap)  # configs saved before pix_encoder load as "conv"
+                       pix_encoder_width=pix_encoder_width, sem_swap=sem_swap,
+                       sem_pixel_grad=sem_pixel_grad)  # configs saved before pix_encoder load as "conv"
         self.teacher = Teacher(self.teacher_spec["kind"], self.teacher_spec["model_cfg"],
                                self.teacher_spec.get("mean", (0.5,) * 3), self.teacher_spec.get("std", (0.5,) * 3),
                                self.teacher_spec.get("input_downsample", 1))
@@ -356,6 +358,9 @@ class DualViTok(ImageTokenizer):
         pix_q, pix_codes, pix_loss = self.pix_quantizer(self.pix_encode(x))
         feat_rec = self.sem_decode(sem_q)
         out_sem_q = sem_q  # before sem_swap and branch dropout: what region-text alignment reads
+        if not self.hp["sem_pixel_grad"]:
+            # the semantic codes answer to the teacher (and the text) only; the pixel decoder adapts to them
+            sem_q = sem_q.detach()
         if self.training and self.hp["sem_swap"] > 0:
             sem_q = self._swap_sem_codes(sem_q, generator)
         p = self.hp["branch_dropout"]

@@ -114,6 +114,45 @@ def region_text_targets(cfg: TokenizerTrainConfig, scenes: list):
     return RegionTextHead(cfg.dualvitok.sem_code_dim, texts, clip.model.logit_scale.exp().item()), target
 
 
+def init_from_tokenizer(model, path: str, exclude: tuple = ()) -> dict:
+    """Copy a saved DualViTok's weights into ``model``, one top-level part at a time (``sem_encoder``,
+    ``pix_decoder``, ``null_sem``, ...): a part is copied when all its tensors match in name and
+    shape, and otherwise keeps its fresh initialisation (a resized semantic codebook, say, with the
+    layers around it). Returns what was copied and what was not, for eval.json."""
+    from safetensors.torch import load_file
+
+    f = Path(path) / "model.safetensors"
+    if not f.is_file():
+        raise MMGenError(f"init_from: {path} is not a saved tokenizer (no model.safetensors there)")
+    saved, own = load_file(str(f)), model.state_dict()
+    part = lambda k: k.split(".", 1)[0]  # noqa: E731
+    parts = sorted({part(k) for k in own})
+    if set(exclude) - set(parts):
+        raise MMGenError(f"init_exclude: {', '.join(sorted(set(exclude) - set(parts)))} not a part of DualViTok")
+    loaded = [n for n in parts if n not in exclude
+              and all(k in saved and saved[k].shape == v.shape for k, v in own.items() if part(k) == n)
+              and not any(part(k) == n and k not in own for k in saved)]
+    changed = [k for k in own if part(k) == "teacher" and "teacher" in loaded and not torch.equal(own[k], saved[k])]
+    if changed:
+        raise MMGenError(f"init_from: {path} was trained on another teacher than dualvitok.teacher.name "
+                         f"({len(changed)} teacher tensors differ); name the teacher it was trained on")
+    model.load_state_dict({k: saved[k] for k in own if part(k) in loaded}, strict=False)
+    return {"init_from": str(path), "loaded_parts": loaded, "fresh_parts": [n for n in parts if n not in loaded]}
+
+
+def freeze_parts(model, names: list[str]) -> list[nn.Module]:
+    """Stop gradients to the named top-level parts (modules, or parameters such as ``null_pix``);
+    returns the modules, to be kept in eval mode (a frozen quantizer then neither tracks usage nor
+    restarts codes, so the codes it assigns cannot move)."""
+    unknown = [n for n in names if not isinstance(getattr(model, n, None), (nn.Module, nn.Parameter))]
+    if unknown:
+        raise MMGenError(f"freeze: {', '.join(unknown)} not a part of DualViTok (top-level parts such as "
+                         f"pix_encoder, pix_quantizer, sem_encoder, pix_decoder, null_pix)")
+    for n in names:
+        getattr(model, n).requires_grad_(False)
+    return [getattr(model, n) for n in names if isinstance(getattr(model, n), nn.Module)]
+
+
 def _cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(a, b, dim=1)).mean()
 
@@ -155,6 +194,10 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     model = build_dualvitok_from_config(cfg)
     if cfg.resolution % model.sem_downsample:
         raise MMGenError(f"resolution {cfg.resolution} is not a multiple of DualViTok's semantic downsampling {model.sem_downsample}")
+    if cfg.freeze and not cfg.init_from:
+        raise MMGenError("freeze needs init_from: frozen parts of a fresh model would stay random")
+    init = init_from_tokenizer(model, cfg.init_from, tuple(cfg.init_exclude)) if cfg.init_from else {}
+    frozen = freeze_parts(model, cfg.freeze)
     disc = PatchGAN() if cfg.gan_weight > 0 else None
     images, data_stats, scenes = load_training_images(cfg, with_scenes=True)
     text_head, text_target = region_text_targets(cfg, scenes) if cfg.text_weight > 0 else (None, None)
@@ -175,6 +218,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     start = resume_or_start(out, cfg.resume, holder, opt, extra)
 
     holder.train()
+    for m in frozen:
+        m.eval()
     window: dict[str, float] = {}
     counts = {"sem": torch.zeros(model.codebook_sizes["sem"]), "pix": torch.zeros(model.codebook_sizes["pix"])}
     n_win, restarts, t0 = 0, 0, time.time()
@@ -196,7 +241,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
         if disc is not None and step >= cfg.gan_start:
             losses["disc"] = torch.tensor(_disc_step(disc, opt_d, o["recon"], x))
         if cfg.restart_every > 0 and (step + 1) % cfg.restart_every == 0:
-            restarts += model.sem_quantizer.restart_dead_codes(g) + model.pix_quantizer.restart_dead_codes(g)
+            restarts += sum(q.restart_dead_codes(g) for q in (model.sem_quantizer, model.pix_quantizer) if q not in frozen)
         for k, v in losses.items():
             window[k] = window.get(k, 0.0) + float(v.detach())
         for name in counts:
@@ -220,7 +265,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     tok_dir = out / "tokenizer"
     model.save_pretrained(tok_dir)
     report = {"steps": cfg.steps, "resumed_from_step": start, "train_images": len(train_x), "eval_images": n_eval,
-              "data": data_stats,
+              "data": data_stats, **init, "frozen_parts": list(cfg.freeze),
               "parameters": model.num_parameters(), "trainable_parameters": model.num_parameters(True),
               "train_seconds": round(time.time() - t0, 1)}  # of this run, i.e. steps resumed_from_step..steps
     if n_eval:

@@ -74,6 +74,7 @@ class DualViTokConfig:
     norm_groups: int = 8
     branch_dropout: float = 0.1
     sem_swap: float = 0.0  # share of semantic cells the pixel decoder sees as a random code in training
+    sem_pixel_grad: bool = True  # False: the pixel reconstruction loss does not reach the semantic codes
     pix_encoder: str = "conv"  # conv (diffusers Encoder) or patch (each code sees only its own pixels)
     pix_encoder_width: int = 256  # hidden width of the patch encoder's MLP
 
@@ -118,6 +119,12 @@ class TokenizerTrainConfig:
     # cell phrases ("a large red circle", "an empty cell") embedded by the teacher CLIP's text tower.
     # Only images whose scene is known (synthetic_source: shapesworld) take it. 0: off.
     text_weight: float = 0.0
+    # Staged training (DualViTok): start from a saved tokenizer's weights (each top-level part whose
+    # tensors all match this config's shapes; the others start fresh) and keep the named top-level parts
+    # fixed, e.g. [pix_encoder, pix_quantizer]: the pixel codes stay exactly the saved tokenizer's.
+    init_from: str = ""
+    init_exclude: list[str] = field(default_factory=list)  # top-level parts that start fresh even when they match
+    freeze: list[str] = field(default_factory=list)
     gan_weight: float = 0.0  # PatchGAN hinge loss (0: off)
     gan_start: int = 0  # step the adversarial loss starts at
     disc_lr: float = 2e-4
@@ -446,6 +453,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         return train_dualvitok(cfg)
     if cfg.tokenizer != "pixel_vq":
         raise MMGenError(f"unknown tokenizer '{cfg.tokenizer}' (use pixel_vq or dualvitok)")
+    if cfg.init_from or cfg.freeze:
+        raise MMGenError("init_from and freeze are DualViTok options (tokenizer: dualvitok)")
     from tqdm import tqdm
 
     from mmgen.tokenizers.vq import psnr
