@@ -245,6 +245,33 @@ def test_staged_training_keeps_the_pixel_codes(teacher_dir, tmp_path):
         train_tokenizer(tiny_cfg(tmp_path / "e4", other, init_from=str(first)))
 
 
+def test_prune_codes_drops_entries_no_image_uses(tok, tmp_path):
+    """Pruning keeps exactly the entries the images are encoded to, renumbered in order: the same
+    images then get the renumbered codes and decode to the same pixels, and the smaller codebook
+    saves and loads."""
+    from mmgen.tokenizers.base import load_image_tokenizer, pil_to_tensor
+
+    model = type(tok)(**tok.get_config())
+    model.load_state_dict(tok.state_dict())
+    model.eval()
+    imgs = scenes(12)
+    x = ((pil_to_tensor(imgs, (32, 32)) + 1) * 127.5).round().to(torch.uint8)
+    before = model.encode(imgs)
+    used = torch.unique(before["sem"])
+    assert len(used) < 16  # the fixture's random codebook leaves entries unused
+    report = model.prune_codes("sem", x)
+    assert report == {"codebook_size_before": 16, "codebook_size": len(used)} and model.codebook_sizes["sem"] == len(used)
+    after = model.encode(imgs)
+    assert torch.equal(after["sem"], torch.searchsorted(used, before["sem"])) and torch.equal(after["pix"], before["pix"])
+    assert torch.allclose(model.decode_tensor(after), tok.decode_tensor(before), atol=1e-5)
+    model.save_pretrained(tmp_path / "pruned")
+    back = load_image_tokenizer(tmp_path / "pruned")
+    assert back.codebook_sizes["sem"] == len(used) and torch.equal(back.encode(imgs)["sem"], after["sem"])
+    with pytest.raises(MMGenError, match="prune_codes takes code levels"):
+        from mmgen.tokenizers.train import train_tokenizer
+        train_tokenizer(tiny_cfg(tmp_path / "bad", "unused", prune_codes=["semantic"]))
+
+
 def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):
     """The head scores every cell phrase; its loss reaches the semantic encoder through the codes'
     straight-through estimator, cells without a phrase (-100) are ignored, and the accuracy counts

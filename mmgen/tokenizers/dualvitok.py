@@ -384,6 +384,23 @@ class DualViTok(ImageTokenizer):
         other = self.sem_quantizer.embed(torch.randint(0, self.codebook_sizes["sem"], (b, h, w), generator=generator))
         return torch.where(swap.to(sem_q.device), other.to(sem_q.dtype), sem_q)
 
+    @torch.no_grad()
+    def prune_codes(self, level: str, images: torch.Tensor, batch: int = 256) -> dict:
+        """Drop the ``level`` ("sem" or "pix") codebook entries that no image of ``images`` (uint8
+        ``(N, 3, H, W)``, the training set) is encoded to; returns the sizes before and after."""
+        was = self.training
+        self.eval()
+        used = torch.zeros(self.codebook_sizes[level], dtype=torch.bool)
+        for i in range(0, len(images), batch):
+            used[self.encode_tensor(images[i:i + batch].float().to(self.device) / 127.5 - 1.0)[level].flatten()] = True
+        q = getattr(self, f"{level}_quantizer")
+        before = q.codebook_size
+        q.keep_codes(torch.nonzero(used).flatten())
+        self.codebook_sizes[level] = q.codebook_size
+        self.codebook_size = self.codebook_sizes["pix"]
+        self.train(was)
+        return {"codebook_size_before": before, "codebook_size": q.codebook_size}
+
     # -- the tokenizer API ------------------------------------------------------------------------
     def encode_tensor(self, x: torch.Tensor, return_features: bool = False) -> dict:
         self._check_pixels(x)

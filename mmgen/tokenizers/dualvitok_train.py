@@ -189,13 +189,15 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     from mmgen.tokenizers.dualvitok import PatchGAN
 
     _check(cfg)
+    if set(cfg.prune_codes) - {"sem", "pix"}:
+        raise MMGenError(f"prune_codes takes code levels sem and pix, got {cfg.prune_codes}")
+    if cfg.freeze and not cfg.init_from:
+        raise MMGenError("freeze needs init_from: frozen parts of a fresh model would stay random")
     out = prepare_run_dir(cfg)
     torch.manual_seed(cfg.seed)
     model = build_dualvitok_from_config(cfg)
     if cfg.resolution % model.sem_downsample:
         raise MMGenError(f"resolution {cfg.resolution} is not a multiple of DualViTok's semantic downsampling {model.sem_downsample}")
-    if cfg.freeze and not cfg.init_from:
-        raise MMGenError("freeze needs init_from: frozen parts of a fresh model would stay random")
     init = init_from_tokenizer(model, cfg.init_from, tuple(cfg.init_exclude)) if cfg.init_from else {}
     frozen = freeze_parts(model, cfg.freeze)
     disc = PatchGAN() if cfg.gan_weight > 0 else None
@@ -262,10 +264,11 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
             _save_checkpoint(out / "checkpoints", holder, opt, done, cfg.keep_checkpoints, extra)
 
     model.eval()
+    pruned = {level: model.prune_codes(level, train_x) for level in cfg.prune_codes}
     tok_dir = out / "tokenizer"
     model.save_pretrained(tok_dir)
     report = {"steps": cfg.steps, "resumed_from_step": start, "train_images": len(train_x), "eval_images": n_eval,
-              "data": data_stats, **init, "frozen_parts": list(cfg.freeze),
+              "data": data_stats, **init, "frozen_parts": list(cfg.freeze), **({"pruned_codes": pruned} if pruned else {}),
               "parameters": model.num_parameters(), "trainable_parameters": model.num_parameters(True),
               "train_seconds": round(time.time() - t0, 1)}  # of this run, i.e. steps resumed_from_step..steps
     if n_eval:

@@ -24,6 +24,7 @@ eval mode (nearest code, no sampling, no EMA updates).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -134,6 +135,24 @@ class Quantizer(nn.Module):
         self.q.frozen_codebook[dead] = sol
         self.usage[dead] = 1.0 / self.codebook_size
         return int(dead.numel())
+
+    @torch.no_grad()
+    def keep_codes(self, keep: torch.Tensor) -> None:
+        """Shrink a SimVQ codebook to the entries ``keep`` (ascending indices; entry ``keep[i]`` becomes
+        code ``i``). For entries that dead-code restarts keep cycling without ever winning a vector:
+        dropped, they stop counting as unused."""
+        if self.kind != "simvq":
+            raise MMGenError(f"pruning codes is for simvq codebooks, not {self.kind}")
+        keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+        if keep.numel() < 2:
+            raise MMGenError(f"pruning would leave {keep.numel()} code(s); a codebook needs at least 2")
+        state = self.q.state_dict()
+        state["frozen_codebook"] = state["frozen_codebook"][keep]
+        self.cfg = dataclasses.replace(self.cfg, codebook_size=int(keep.numel()))
+        self.q, self.codebook_size, self.level_size = _library_quantizer(self.cfg, self.dim)
+        self.q.load_state_dict(state)
+        self.usage = self.usage[keep].clone()
+        self._recent = None
 
     def _restart_targets(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         """Indices of recent encoder outputs to restart ``n`` dead codes on. ``restart_sampling=error``

@@ -122,6 +122,9 @@ class TokenizerTrainConfig:
     # Staged training (DualViTok): start from a saved tokenizer's weights (each top-level part whose
     # tensors all match this config's shapes; the others start fresh) and keep the named top-level parts
     # fixed, e.g. [pix_encoder, pix_quantizer]: the pixel codes stay exactly the saved tokenizer's.
+    # DualViTok: code levels ("sem", "pix") whose entries no training image is encoded to are dropped after
+    # training (a SimVQ entry that dead-code restarts keep moving without it ever winning a vector).
+    prune_codes: list[str] = field(default_factory=list)
     init_from: str = ""
     init_exclude: list[str] = field(default_factory=list)  # top-level parts that start fresh even when they match
     freeze: list[str] = field(default_factory=list)
@@ -453,8 +456,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         return train_dualvitok(cfg)
     if cfg.tokenizer != "pixel_vq":
         raise MMGenError(f"unknown tokenizer '{cfg.tokenizer}' (use pixel_vq or dualvitok)")
-    if cfg.init_from or cfg.freeze:
-        raise MMGenError("init_from and freeze are DualViTok options (tokenizer: dualvitok)")
+    if cfg.init_from or cfg.freeze or cfg.prune_codes:
+        raise MMGenError("init_from, freeze and prune_codes are DualViTok options (tokenizer: dualvitok)")
     from tqdm import tqdm
 
     from mmgen.tokenizers.vq import psnr
