@@ -10,6 +10,10 @@ Loss = L1 + L2 + edge on pixels
      + ``gan_weight`` * PatchGAN hinge loss from step ``gan_start`` (0 turns it off)
      + ``text_weight`` * region-text cross-entropy of the semantic codes (:class:`RegionTextHead`, 0: off).
 
+Stages: ``init_from`` starts from a saved tokenizer (:func:`init_from_tokenizer`), ``freeze`` keeps parts
+fixed (:func:`freeze_parts`; the text-aligned second stage freezes the pixel side, so the pixel codes do
+not move), and ``prune_codes`` drops, after training, the entries no training image is encoded to.
+
 Dead codes: the library restarts EMA codebooks (``dead_code_threshold``); SimVQ codebooks are
 restarted by mmgen every ``restart_every`` steps. Resume is exact: step N's batch and branch-dropout
 draws come from a generator seeded by (seed, N), and checkpoints carry both optimizers and the RNG.
