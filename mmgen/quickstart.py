@@ -141,12 +141,14 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         overrides = [f"out_dir={out / 'tokenizer'}", *cfg.tokenizer_overrides]
         if tcfg.tokenizer == "dualvitok":
             overrides.insert(1, f"dualvitok.teacher.name={clip_dir}")
-        return str(train_tokenizer(load_config(TokenizerTrainConfig, tok_recipe, overrides)))
+        return train_tok(tok_recipe, overrides)
 
     def tokenizer_text():
-        overrides = [*cfg.tokenizer_overrides, *cfg.text_tokenizer_overrides, f"init_from={first_tok}",
-                     f"dualvitok.teacher.name={clip_dir}", f"out_dir={out / 'tokenizer_text'}"]
-        recipe = recipe_path(cfg.text_tokenizer_recipe, "tokenizers")
+        return train_tok(recipe_path(cfg.text_tokenizer_recipe, "tokenizers"),
+                         [*cfg.tokenizer_overrides, *cfg.text_tokenizer_overrides, f"init_from={first_tok}",
+                          f"dualvitok.teacher.name={clip_dir}", f"out_dir={out / 'tokenizer_text'}"])
+
+    def train_tok(recipe: Path, overrides: list[str]) -> str:
         return str(train_tokenizer(load_config(TokenizerTrainConfig, recipe, overrides)))
 
     def tokenize():

@@ -280,8 +280,15 @@ class DualViTok(ImageTokenizer):
             raise MMGenError(f"semantic downsampling {self.sem_downsample} (teacher patch {self.teacher.patch} x sem_merge "
                              f"{sem_merge}) must be a multiple of the pixel downsampling {self.downsample}")
         self.sem_ratio = self.sem_downsample // self.downsample
-        self.codebook_sizes = {"sem": self.sem_quantizer.codebook_size, "pix": self.pix_quantizer.codebook_size}
-        self.codebook_size = self.codebook_sizes["pix"]  # what callers that know one codebook mean
+
+    @property
+    def codebook_sizes(self) -> dict:
+        """Entries per code level, read from the quantizers (pruning shrinks them)."""
+        return {"sem": self.sem_quantizer.codebook_size, "pix": self.pix_quantizer.codebook_size}
+
+    @property
+    def codebook_size(self) -> int:  # what callers that know one codebook mean
+        return self.pix_quantizer.codebook_size
 
     def get_config(self) -> dict:
         return {"resolution": list(self.resolution), "teacher": {k: v for k, v in self.teacher_spec.items() if k != "name"},
@@ -396,8 +403,6 @@ class DualViTok(ImageTokenizer):
         q = getattr(self, f"{level}_quantizer")
         before = q.codebook_size
         q.keep_codes(torch.nonzero(used).flatten())
-        self.codebook_sizes[level] = q.codebook_size
-        self.codebook_size = self.codebook_sizes["pix"]
         self.train(was)
         return {"codebook_size_before": before, "codebook_size": q.codebook_size}
 
