@@ -168,7 +168,17 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
     from mmgen.tokenizers.train import train_tokenizer
 
     over = {"gan_weight": gan, "gan_start": 1, "text_weight": text}
+    if text:  # one semantic code per phrase cell (24 px, 3x3), dead codes restarted where the phrases fail
+        over.update(resolution=24, dualvitok={**TINY, "sem_merge": 1, "teacher": {"kind": "open_clip", "name": teacher_dir},
+                                              "sem_quantizer": {**TINY["sem_quantizer"], "restart_sampling": "loss",
+                                                                "dead_code_threshold": 2.0}})
+    from mmgen.tokenizers.quantizers import Quantizer
+
+    noted = []
+    real_note = Quantizer.note_vector_losses
+    monkeypatch.setattr(Quantizer, "note_vector_losses", lambda self, losses: noted.append(losses.shape) or real_note(self, losses))
     full = train_tokenizer(tiny_cfg(tmp_path / "full", teacher_dir, **over))
+    assert noted == ([(4, 9)] * 4 if text else [])  # each step's per-cell losses reach the semantic quantizer
 
     class Killed(Exception):
         pass
@@ -193,6 +203,7 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
            [{k: v for k, v in r.items() if k not in drop} for r in m_part]
     assert [r["step"] for r in m_full] == [1, 2, 3, 4] and ("disc" in m_full[-1]) == (gan > 0)
     assert ("text" in m_full[-1]) == (text > 0) and all(r.get("text", 1) > 0 for r in m_full)
+    assert sum(r["restarted_codes"] for r in m_full) > 0
     from safetensors.torch import load_file
 
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
@@ -245,6 +256,22 @@ def test_staged_training_keeps_the_pixel_codes(teacher_dir, tmp_path):
         train_tokenizer(tiny_cfg(tmp_path / "e4", other, init_from=str(first)))
 
 
+def test_loss_restarts_need_the_region_text_cells(teacher_dir, tmp_path):
+    from mmgen.tokenizers.train import train_tokenizer
+
+    def cfg(name, level="sem", **over):
+        dual = {**TINY, "teacher": {"kind": "open_clip", "name": teacher_dir},
+                f"{level}_quantizer": {**TINY[f"{level}_quantizer"], "restart_sampling": "loss"}}
+        return tiny_cfg(tmp_path / name, teacher_dir, dualvitok=dual, **over)
+
+    with pytest.raises(MMGenError, match="needs the region-text loss"):
+        train_tokenizer(cfg("a"))
+    with pytest.raises(MMGenError, match="4 codes for 9 cells"):  # 32 px: 2x2 semantic codes
+        train_tokenizer(cfg("b", text_weight=1.0))
+    with pytest.raises(MMGenError, match="only the semantic codes have a per-code loss"):
+        train_tokenizer(cfg("c", level="pix", text_weight=1.0))
+
+
 def test_prune_codes_drops_entries_no_image_uses(tok, tmp_path):
     """Pruning keeps exactly the entries the images are encoded to, renumbered in order: the same
     images then get the renumbered codes and decode to the same pixels, and the smaller codebook
@@ -292,9 +319,12 @@ def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):
     model = type(tok)(**tok.get_config()).train()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     out = model(x)
-    loss, acc = head(out["sem_q"], target)
+    loss, acc, cells = head(out["sem_q"], target)
     loss.backward()
     assert loss.item() > 0 and 0 <= acc.item() <= 1
+    # each cell's own cross-entropy (what restart_sampling=loss samples by): 0 where no phrase, mean = loss
+    assert cells.shape == (4, 9) and bool((cells[3] == 0).all()) and bool((cells[:3] > 0).all())
+    assert torch.allclose(cells[:3].mean(), loss)
     assert model.sem_to_code.weight.grad.abs().sum() > 0 and head.proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.pix_decoder.parameters())  # it reads the codes, not the pixels
     # a perfect head on one-hot "codes": accuracy 1 over the known cells only

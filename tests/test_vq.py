@@ -164,6 +164,33 @@ def test_simvq_restarts_dead_codes_where_the_codebook_fits_worst(sampling):
         Quantizer(QuantizerConfig(kind="simvq", restart_sampling="kmeans"), 4)
 
 
+def test_simvq_loss_restarts_go_where_the_noted_losses_are():
+    """restart_sampling=loss puts dead codes on the vectors whose noted training loss is high (two
+    classes sharing one code fit it closely, so the residual cannot find them); with no losses noted
+    for the last forward it falls back to error sampling; a loss count that does not match is an error."""
+    from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
+
+    torch.manual_seed(0)
+    q = Quantizer(QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling="loss"), 4).train()
+    z = torch.randn(2, 4, 4, 4)
+    q(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    losses = torch.zeros(2, 4, 4)
+    losses[1, 2, 3] = 1.0  # the one vector the trainer's task gets wrong
+    q.note_vector_losses(losses)
+    q.usage.fill_(1.0)
+    q.usage[[3, 7]] = 0.0
+    assert q.restart_dead_codes(torch.Generator().manual_seed(0)) == 2
+    target = flat[1 * 16 + 2 * 4 + 3]
+    assert torch.allclose(q.q.codebook[3], target, atol=1e-4) and torch.allclose(q.q.codebook[7], target, atol=1e-4)
+    q(z)  # a new forward forgets the losses: error sampling, onto some recent vector
+    q.usage[5] = 0.0
+    assert q.restart_dead_codes(torch.Generator().manual_seed(0)) == 1
+    assert float(torch.cdist(q.q.codebook[5:6], flat).min()) < 1e-3
+    with pytest.raises(MMGenError, match="3 vector losses for 32"):
+        q.note_vector_losses(torch.zeros(3))
+
+
 def test_foreground_weighting_targets_the_objects_of_a_scene():
     from mmgen.data.synthetic import Obj, Scene, render
     from mmgen.tokenizers.train import TokenizerTrainConfig, foreground_mask, pixel_losses

@@ -15,7 +15,8 @@ fixed (:func:`freeze_parts`; the text-aligned second stage freezes the pixel sid
 not move), and ``prune_codes`` drops, after training, the entries no training image is encoded to.
 
 Dead codes: the library restarts EMA codebooks (``dead_code_threshold``); SimVQ codebooks are
-restarted by mmgen every ``restart_every`` steps. Resume is exact: step N's batch and branch-dropout
+restarted by mmgen every ``restart_every`` steps, with ``sem_quantizer.restart_sampling: loss`` on the
+cells the region-text head names worst (two phrases sharing one code are invisible to the residual). Resume is exact: step N's batch and branch-dropout
 draws come from a generator seeded by (seed, N), and checkpoints carry both optimizers and the RNG.
 """
 
@@ -86,15 +87,17 @@ class RegionTextHead(nn.Module):
 
         return region_text_logits(self.proj(cell_regions(sem_q, cells)), self.texts, self.scale)
 
-    def forward(self, sem_q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and accuracy over the cells with a phrase (``target`` ``(B, cells)``, -100: none)."""
+    def forward(self, sem_q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss and accuracy over the cells with a phrase (``target`` ``(B, cells)``, -100: none), and
+        each cell's own cross-entropy ``(B, cells)`` (0 where there is no phrase)."""
         logits = self.logits(sem_q, target.shape[1])
         flat = target.reshape(-1)
         known = flat >= 0
+        cell = F.cross_entropy(logits, flat, ignore_index=-100, reduction="none")
         if not bool(known.any()):
-            return sem_q.new_zeros(()), sem_q.new_zeros(())
+            return sem_q.new_zeros(()), sem_q.new_zeros(()), cell.view_as(target)
         acc = (logits.argmax(-1)[known] == flat[known]).float().mean()
-        return F.cross_entropy(logits, flat, ignore_index=-100), acc
+        return cell.sum() / known.sum(), acc, cell.view_as(target)
 
 
 def region_text_targets(cfg: TokenizerTrainConfig, scenes: list):
@@ -173,9 +176,25 @@ def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfi
     losses["loss"] = (px["rec"] + cfg.feature_weight * losses["feature"] + cfg.perceptual_weight * losses["perceptual"]
                       + cfg.vq_weight * losses["quant"] + (cfg.gan_weight * losses["gan_g"] if use_gan else 0))
     if text_head is not None:
-        losses["text"], losses["text_acc"] = text_head(out["sem_q"], text_target)
+        losses["text"], losses["text_acc"], losses["text_cells"] = text_head(out["sem_q"], text_target)
         losses["loss"] = losses["loss"] + cfg.text_weight * losses["text"]
     return losses
+
+
+def _check_loss_restarts(model, cfg: TokenizerTrainConfig, text_target: torch.Tensor | None) -> None:
+    """``restart_sampling: loss`` restarts dead codes on the cells the region-text head names worst, so
+    it needs that head and one phrase cell per semantic code."""
+    if model.pix_quantizer.cfg.restart_sampling == "loss":
+        raise MMGenError("pix_quantizer.restart_sampling=loss: only the semantic codes have a per-code loss "
+                         "(the region-text cells); use error or uniform")
+    if model.sem_quantizer.cfg.restart_sampling != "loss":
+        return
+    if text_target is None:
+        raise MMGenError("sem_quantizer.restart_sampling=loss needs the region-text loss (text_weight > 0)")
+    grid = (cfg.resolution // model.sem_downsample) ** 2
+    if grid != text_target.shape[1]:
+        raise MMGenError(f"sem_quantizer.restart_sampling=loss needs one semantic code per phrase cell: "
+                         f"{grid} codes for {text_target.shape[1]} cells")
 
 
 def _disc_step(disc, opt_d, recon: torch.Tensor, x: torch.Tensor) -> float:
@@ -207,6 +226,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     disc = PatchGAN() if cfg.gan_weight > 0 else None
     images, data_stats, scenes = load_training_images(cfg, with_scenes=True)
     text_head, text_target = region_text_targets(cfg, scenes) if cfg.text_weight > 0 else (None, None)
+    _check_loss_restarts(model, cfg, text_target)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     n_eval = min(cfg.eval_images, len(images) // 10)
     eval_x, train_x = images[order[:n_eval]], images[order[n_eval:]]
@@ -239,6 +259,9 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
             group["lr"] = lr
         o = model(x, generator=g)
         losses = dualvitok_losses(model, o, x, cfg, disc, step, text_head, train_t[idx] if text_head is not None else None)
+        cell_losses = losses.pop("text_cells", None)
+        if cell_losses is not None and model.sem_quantizer.cfg.restart_sampling == "loss":
+            model.sem_quantizer.note_vector_losses(cell_losses)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if cfg.grad_clip > 0:

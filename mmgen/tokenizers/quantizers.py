@@ -12,7 +12,8 @@ Kinds (all from the library, chosen by config):
 * ``simvq``   -- ``SimVQ``: a frozen random codebook seen through a learned linear map (the whole
   codebook moves together, so it does not collapse); the library has no dead-code restart, so mmgen
   restarts a dead code by solving for the frozen vector that the linear map sends to a recent
-  encoder output (pseudo-inverse);
+  encoder output (pseudo-inverse), drawn uniformly, by residual (``error``) or by a per-vector
+  training loss the trainer notes (``loss``: DualViTok's region-text cells);
 * ``fsq``     -- ``FSQ``: finite scalar quantization, an implicit product codebook (no codebook to die);
 * ``rvq``     -- ``ResidualVQ``: several EMA codebooks on successive residuals; the per-level codes are
   combined into one index (mixed radix), so the LM still sees one token per position.
@@ -47,7 +48,9 @@ class QuantizerConfig:
     commitment_weight: float = 0.25
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     rvq_levels: int = 2
-    restart_sampling: str = "uniform"  # simvq dead-code restarts: uniform (any recent vector) | error (where the codebook fits worst)
+    # simvq dead-code restarts: uniform (any recent vector) | error (where the codebook fits worst) |
+    # loss (where a trainer-supplied per-vector loss is highest, see Quantizer.note_vector_losses)
+    restart_sampling: str = "uniform"
 
 
 class Quantizer(nn.Module):
@@ -64,6 +67,7 @@ class Quantizer(nn.Module):
         self.register_buffer("usage", torch.full((self.codebook_size if cfg.kind != "rvq" else cfg.rvq_levels * self.level_size,),
                                                  1.0 / self.level_size))
         self._recent: torch.Tensor | None = None
+        self._recent_loss: torch.Tensor | None = None
 
     # -- forward / lookup ---------------------------------------------------------------------------
     def forward(self, z: torch.Tensor):
@@ -79,6 +83,7 @@ class Quantizer(nn.Module):
         if self.training:
             self._track(levels.reshape(-1, levels.shape[-1]))
             self._recent = x.detach().reshape(-1, d)
+            self._recent_loss = None
         codes = self._combine(levels).view(b, h, w)
         return zq.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous(), codes, loss
 
@@ -152,15 +157,31 @@ class Quantizer(nn.Module):
         self.q, self.codebook_size, self.level_size = _library_quantizer(self.cfg, self.dim)
         self.q.load_state_dict(state)
         self.usage = self.usage[keep].clone()
-        self._recent = None
+        self._recent, self._recent_loss = None, None
+
+    @torch.no_grad()
+    def note_vector_losses(self, losses: torch.Tensor) -> None:
+        """A training loss per vector of the last forward (row-major ``(B, h, w)`` order), for
+        ``restart_sampling=loss``: a dead code then restarts where the codes serve the trainer's task
+        worst. What the residual cannot see: two phrases sharing one code fit that code closely
+        (the commitment loss pulls both onto it) while one of them is always named wrong."""
+        if self._recent is None or losses.numel() != self._recent.shape[0]:
+            raise MMGenError(f"{losses.numel()} vector losses for {0 if self._recent is None else self._recent.shape[0]} "
+                             f"recent vectors: note them right after the forward, one per code position")
+        self._recent_loss = losses.detach().reshape(-1).clamp_min(0).float()
 
     def _restart_targets(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         """Indices of recent encoder outputs to restart ``n`` dead codes on. ``restart_sampling=error``
         draws them in proportion to how badly the codebook fits them now: on flat-coloured scenes half
         the vectors are background, and a code restarted on one of those only splits a region that was
-        already well coded (and leaves the shape edges coarse). ``uniform`` draws any recent vector."""
+        already well coded (and leaves the shape edges coarse). ``loss`` draws them in proportion to the
+        losses noted by :meth:`note_vector_losses` (``error`` when none were noted for this forward).
+        ``uniform`` draws any recent vector."""
         x = self._recent
-        if self.cfg.restart_sampling == "error":
+        w = self._recent_loss if self.cfg.restart_sampling == "loss" else None
+        if w is not None and float(w.sum()) > 0:
+            return torch.multinomial(w, n, replacement=int((w > 0).sum()) < n, generator=generator)
+        if self.cfg.restart_sampling in ("error", "loss"):
             err = torch.cdist(x, self.q.codebook).min(1).values.pow(2)  # squared distance to the nearest code
             if float(err.sum()) > 0:
                 return torch.multinomial(err, n, replacement=int((err > 0).sum()) < n, generator=generator)
@@ -177,8 +198,8 @@ def _library_quantizer(cfg: QuantizerConfig, dim: int):
         return FSQ(levels=list(cfg.fsq_levels), dim=dim), n, n
     if cfg.codebook_size < 2:
         raise MMGenError(f"codebook_size must be at least 2, got {cfg.codebook_size}")
-    if cfg.restart_sampling not in ("error", "uniform"):
-        raise MMGenError(f"restart_sampling must be error or uniform, got '{cfg.restart_sampling}'")
+    if cfg.restart_sampling not in ("error", "loss", "uniform"):
+        raise MMGenError(f"restart_sampling must be error, loss or uniform, got '{cfg.restart_sampling}'")
     if cfg.kind == "simvq":
         # rotation trick off: plain straight-through keeps encode/decode exactly the codebook lookup
         return SimVQ(dim=dim, codebook_size=cfg.codebook_size, rotation_trick=False,
