@@ -22,6 +22,7 @@ import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,7 @@ def code_entropy(images, codes: torch.Tensor, patch: int) -> tuple[float, float]
     for (nats). The second is 0 when identical pixels always get the same code; what is left is
     context the LM has to predict from a caption."""
     import math
-    from collections import Counter, defaultdict
+    from collections import defaultdict
 
     arr = np.stack([np.asarray(im) for im in images])
     by_patch: dict = defaultdict(Counter)
@@ -199,11 +200,36 @@ def linear_probe(x_tr, y_tr, x_te, y_te, classes: int, l2: float | None = None) 
     return accuracy(fit_probe(x_tr, y_tr, classes, l2), x_te, y_te), l2
 
 
-def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = None) -> tuple[dict, dict]:
+def phrase_purity(train: tuple, test: tuple) -> tuple[float, list] | None:
+    """How well one semantic code names one cell phrase: each code is read as the phrase most of the
+    training cells it encodes show; returns the share of test cells whose code reads as their own
+    phrase, and the most frequent (true, read) confusions. ``train`` / ``test`` are (scenes, sem codes);
+    None when the code grid is not the phrase grid."""
+    from mmgen.data.synthetic import cell_phrases
+
+    def cells(scenes, codes):
+        flat = codes.flatten(1).tolist()
+        if len(flat[0]) != len(cell_phrases(scenes[0])):
+            return None
+        return [(p, c) for s, row in zip(scenes, flat) for p, c in zip(cell_phrases(s), row)]
+
+    tr, te = cells(*train), cells(*test)
+    if tr is None:
+        return None
+    seen: dict[int, Counter] = {}
+    for phrase, code in tr:
+        seen.setdefault(code, Counter())[phrase] += 1
+    read = {code: cnt.most_common(1)[0][0] for code, cnt in seen.items()}
+    wrong = Counter((p, read.get(c, "an unseen code")) for p, c in te if read.get(c) != p)
+    return 1 - sum(wrong.values()) / len(te), wrong.most_common(3)
+
+
+def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = None) -> tuple[dict, dict, tuple | None]:
     """Probe accuracy per (attribute, code level, test split, training scenes): val = unseen scenes,
     heldout = scenes with colour-shape pairs never seen by the tokenizer, the teacher or the probe; and
     the L2 strength used per (attribute, code level, training scenes) (``l2=None``: chosen on the
-    training scenes, see linear_probe). Each training set is the first ``n`` of the largest one."""
+    training scenes, see linear_probe). Each training set is the first ``n`` of the largest one. Also
+    :func:`phrase_purity` of the semantic codes on the val scenes."""
     from mmgen.data.synthetic import COLORS, SHAPES
     from mmgen.models.clip_train import largest_object
 
@@ -225,7 +251,8 @@ def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = N
                     res[(attr, level, split, n)], lam = linear_probe(f["train"][:n], y["train"][:n], f[split], y[split],
                                                                      len(values), lam)
                 chosen[(attr, level, n)] = lam
-    return res, chosen
+    purity = phrase_purity((sets["train"][0], codes["train"]["sem"]), (sets["val"][0], codes["val"]["sem"]))
+    return res, chosen, purity
 
 
 def main() -> None:
@@ -271,7 +298,7 @@ def main() -> None:
         results[label] = {"tokens_per_image": ntok, "scene_agreement": agree, "real_psnr_db": p}
     usage = {lvl: usage_fraction(getattr(tok, f"{lvl}_quantizer"), codes[lvl]) for lvl in ("sem", "pix")}
     n_train = [int(n) for n in str(args.probe_train).split(",")]
-    probe, probe_l2 = probes(tok, n_train, args.probe_test, w, args.probe_l2)
+    probe, probe_l2, purity = probes(tok, n_train, args.probe_test, w, args.probe_l2)
     h_code, h_given_patch = code_entropy(images, codes["pix"], tok.downsample)
     seconds = time.time() - t0
 
@@ -323,12 +350,20 @@ def main() -> None:
                                           ("teacher patch features", "teacher", f"{n_patches} x {tok.teacher.dim}"))
                   for n in n_train if ("color", lvl, "val", n) in probe]),
         "",
+        *([] if purity is None else [
+            f"One code, one phrase: with each semantic code read as the cell phrase it most often encodes in the "
+            f"{max(n_train)} probe-training scenes, {100 * purity[0]:.2f}% of the cells of the {args.probe_test} `val` "
+            "scenes read as their own phrase" + ("; most frequent misreadings (true → read, cells): "
+                        + "; ".join(f"{a} → {b}, {k}" for (a, b), k in purity[1]) if purity[1] else "") + ". A pair "
+            "of phrases sharing one code is what costs the probe most (the largest object's colour or shape is lost "
+            "whenever it is one of them).", ""]),
         f"Measurement took {seconds:.0f} s.",
     ]
     text = "\n".join(body)
     print(text)
     print(json.dumps({"variants": results, "usage": usage, "pix_code_entropy": h_code, "pix_code_entropy_given_patch": h_given_patch, "probe": {"/".join(map(str, k)): v for k, v in probe.items()},
-                      "probe_l2": {"/".join(map(str, k)): v for k, v in probe_l2.items()}}))
+                      "probe_l2": {"/".join(map(str, k)): v for k, v in probe_l2.items()},
+                      "phrase_purity": None if purity is None else purity[0]}))
     if not args.no_write:
         write_section("tokenizer_quality", "Image tokenizer quality (DualViTok, tiny)", text)
 

@@ -169,7 +169,7 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
 
     over = {"gan_weight": gan, "gan_start": 1, "text_weight": text}
     if text:  # one semantic code per phrase cell (24 px, 3x3), dead codes restarted where the phrases fail
-        over.update(resolution=24, dualvitok={**TINY, "sem_merge": 1, "teacher": {"kind": "open_clip", "name": teacher_dir},
+        over.update(resolution=24, text_prequant_weight=0.5, dualvitok={**TINY, "sem_merge": 1, "teacher": {"kind": "open_clip", "name": teacher_dir},
                                               "sem_quantizer": {**TINY["sem_quantizer"], "restart_sampling": "loss",
                                                                 "dead_code_threshold": 2.0}})
     from mmgen.tokenizers.quantizers import Quantizer
@@ -202,7 +202,7 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
     assert [{k: v for k, v in r.items() if k not in drop} for r in m_full] == \
            [{k: v for k, v in r.items() if k not in drop} for r in m_part]
     assert [r["step"] for r in m_full] == [1, 2, 3, 4] and ("disc" in m_full[-1]) == (gan > 0)
-    assert ("text" in m_full[-1]) == (text > 0) and all(r.get("text", 1) > 0 for r in m_full)
+    assert ("text" in m_full[-1]) == ("text_prequant" in m_full[-1]) == (text > 0) and all(r.get("text", 1) > 0 for r in m_full)
     assert sum(r["restarted_codes"] for r in m_full) > 0
     from safetensors.torch import load_file
 
@@ -256,7 +256,7 @@ def test_staged_training_keeps_the_pixel_codes(teacher_dir, tmp_path):
         train_tokenizer(tiny_cfg(tmp_path / "e4", other, init_from=str(first)))
 
 
-def test_loss_restarts_need_the_region_text_cells(teacher_dir, tmp_path):
+def test_region_text_options_need_the_region_text_cells(teacher_dir, tmp_path):
     from mmgen.tokenizers.train import train_tokenizer
 
     def cfg(name, level="sem", **over):
@@ -270,6 +270,8 @@ def test_loss_restarts_need_the_region_text_cells(teacher_dir, tmp_path):
         train_tokenizer(cfg("b", text_weight=1.0))
     with pytest.raises(MMGenError, match="only the semantic codes have a per-code loss"):
         train_tokenizer(cfg("c", level="pix", text_weight=1.0))
+    with pytest.raises(MMGenError, match="text_prequant_weight needs the region-text head"):
+        train_tokenizer(tiny_cfg(tmp_path / "d", teacher_dir, text_prequant_weight=1.0))
 
 
 def test_prune_codes_drops_entries_no_image_uses(tok, tmp_path):

@@ -361,7 +361,8 @@ class DualViTok(ImageTokenizer):
         """One training pass: reconstructions, teacher features and the quantizers' aux losses."""
         self._check_pixels(x)
         feats = self.teacher_features(x)
-        sem_q, sem_codes, sem_loss = self.sem_quantizer(self.sem_encode(feats))
+        sem_z = self.sem_encode(feats)
+        sem_q, sem_codes, sem_loss = self.sem_quantizer(sem_z)
         pix_q, pix_codes, pix_loss = self.pix_quantizer(self.pix_encode(x))
         feat_rec = self.sem_decode(sem_q)
         out_sem_q = sem_q  # before sem_swap and branch dropout: what region-text alignment reads
@@ -378,7 +379,7 @@ class DualViTok(ImageTokenizer):
             pix_q = torch.where((u >= p) & (u < 2 * p), self.null_pix.view(1, -1, 1, 1), pix_q)
         recon = self.pix_decode(pix_q, sem_q)
         return {"recon": recon, "teacher": feats, "feat_rec": feat_rec, "sem_codes": sem_codes, "pix_codes": pix_codes,
-                "sem_q": out_sem_q, "quant_loss": sem_loss + pix_loss}
+                "sem_q": out_sem_q, "sem_z": sem_z, "quant_loss": sem_loss + pix_loss}
 
     def _swap_sem_codes(self, sem_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Replace a ``sem_swap`` share of the semantic cells by random codes' vectors, for the pixel

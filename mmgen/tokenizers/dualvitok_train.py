@@ -8,7 +8,8 @@ Loss = L1 + L2 + edge on pixels
        (the teacher stands in for VGG/LPIPS, whose pretrained weights are not available here)
      + ``vq_weight`` * the quantizers' commitment losses
      + ``gan_weight`` * PatchGAN hinge loss from step ``gan_start`` (0 turns it off)
-     + ``text_weight`` * region-text cross-entropy of the semantic codes (:class:`RegionTextHead`, 0: off).
+     + ``text_weight`` * region-text cross-entropy of the semantic codes (:class:`RegionTextHead`, 0: off)
+     + ``text_prequant_weight`` * the same on the semantic encoder's output before quantization.
 
 Stages: ``init_from`` starts from a saved tokenizer (:func:`init_from_tokenizer`), ``freeze`` keeps parts
 fixed (:func:`freeze_parts`; the text-aligned second stage freezes the pixel side, so the pixel codes do
@@ -178,6 +179,9 @@ def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfi
     if text_head is not None:
         losses["text"], losses["text_acc"], losses["text_cells"] = text_head(out["sem_q"], text_target)
         losses["loss"] = losses["loss"] + cfg.text_weight * losses["text"]
+        if cfg.text_prequant_weight > 0:
+            losses["text_prequant"] = text_head(out["sem_z"], text_target)[0]
+            losses["loss"] = losses["loss"] + cfg.text_prequant_weight * losses["text_prequant"]
     return losses
 
 
@@ -214,6 +218,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     _check(cfg)
     if set(cfg.prune_codes) - {"sem", "pix"}:
         raise MMGenError(f"prune_codes takes code levels sem and pix, got {cfg.prune_codes}")
+    if cfg.text_prequant_weight > 0 and cfg.text_weight <= 0:
+        raise MMGenError("text_prequant_weight needs the region-text head: set text_weight > 0")
     if cfg.freeze and not cfg.init_from:
         raise MMGenError("freeze needs init_from: frozen parts of a fresh model would stay random")
     out = prepare_run_dir(cfg)

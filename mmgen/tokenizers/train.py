@@ -119,6 +119,11 @@ class TokenizerTrainConfig:
     # cell phrases ("a large red circle", "an empty cell") embedded by the teacher CLIP's text tower.
     # Only images whose scene is known (synthetic_source: shapesworld) take it. 0: off.
     text_weight: float = 0.0
+    # The same region-text loss on the semantic encoder's output before quantization (same head). Through
+    # the straight-through codes alone, two phrases that share a code get one averaged gradient and the
+    # commitment loss holds them together; scored before quantization, their vectors part, and the code
+    # restarts (residual or loss) find the pair. 0: off.
+    text_prequant_weight: float = 0.0
     # Staged training (DualViTok): start from a saved tokenizer's weights (each top-level part whose
     # tensors all match this config's shapes; the others start fresh) and keep the named top-level parts
     # fixed, e.g. [pix_encoder, pix_quantizer]: the pixel codes stay exactly the saved tokenizer's.
