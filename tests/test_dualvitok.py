@@ -171,7 +171,7 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
     if text:  # one semantic code per phrase cell (24 px, 3x3), dead codes restarted where the phrases fail
         over.update(resolution=24, text_prequant_weight=0.5, dualvitok={**TINY, "sem_merge": 1, "teacher": {"kind": "open_clip", "name": teacher_dir},
                                               "sem_quantizer": {**TINY["sem_quantizer"], "restart_sampling": "loss",
-                                                                "dead_code_threshold": 2.0}})
+                                                                "dead_code_window": 2}})
     from mmgen.tokenizers.quantizers import Quantizer
 
     noted = []

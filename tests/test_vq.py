@@ -191,6 +191,31 @@ def test_simvq_loss_restarts_go_where_the_noted_losses_are():
         q.note_vector_losses(torch.zeros(3))
 
 
+def test_simvq_dead_code_window_spares_rare_codes():
+    """With dead_code_window, a code is dead only after that many forwards without a vector, however
+    low its usage EMA (a rare object's code); the idle counts are saved, follow pruning, and the window
+    is refused for codebooks mmgen does not restart."""
+    from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
+
+    torch.manual_seed(0)
+    q = Quantizer(QuantizerConfig(kind="simvq", codebook_size=8, dead_code_window=3), 4).train()
+    cb = q.q.codebook.detach()
+    z = lambda codes: cb[codes].T.reshape(1, 4, 1, -1)  # noqa: E731 -- vectors exactly on the given codes
+    q(z([0, 1, 2]))
+    for _ in range(2):
+        q(z([0, 1]))
+    assert q.idle.tolist() == [0, 0, 2, 3, 3, 3, 3, 3]
+    q.usage.fill_(0.0)  # the EMA alone would call every code dead
+    assert q.restart_dead_codes(torch.Generator().manual_seed(0)) == 5 and q.idle.tolist() == [0, 0, 2, 0, 0, 0, 0, 0]
+    assert "idle" in q.state_dict()
+    q.keep_codes(torch.tensor([0, 2, 5]))
+    assert q.idle.shape == (3,) and q.codebook_size == 3
+    with pytest.raises(MMGenError, match="dead_code_window"):
+        Quantizer(QuantizerConfig(kind="fsq", dead_code_window=5), 4)
+    with pytest.raises(MMGenError, match="dead_code_window"):
+        Quantizer(QuantizerConfig(kind="simvq", dead_code_window=-1), 4)
+
+
 def test_foreground_weighting_targets_the_objects_of_a_scene():
     from mmgen.data.synthetic import Obj, Scene, render
     from mmgen.tokenizers.train import TokenizerTrainConfig, foreground_mask, pixel_losses

@@ -51,6 +51,10 @@ class QuantizerConfig:
     # simvq dead-code restarts: uniform (any recent vector) | error (where the codebook fits worst) |
     # loss (where a trainer-supplied per-vector loss is highest, see Quantizer.note_vector_losses)
     restart_sampling: str = "uniform"
+    # simvq: a code is dead when no vector was assigned to it in this many training forwards (0: when its
+    # usage EMA falls below dead_code_threshold / codebook_size). The EMA also kills live codes of rare
+    # contents: a phrase met 0.6 times per batch is absent for 10 batches running every few hundred steps.
+    dead_code_window: int = 0
 
 
 class Quantizer(nn.Module):
@@ -60,12 +64,16 @@ class Quantizer(nn.Module):
         super().__init__()
         if cfg.kind not in KINDS:
             raise MMGenError(f"unknown quantizer kind '{cfg.kind}' (use one of {', '.join(KINDS)})")
+        if cfg.dead_code_window < 0 or (cfg.dead_code_window > 0 and cfg.kind != "simvq"):
+            raise MMGenError(f"dead_code_window is a number of steps >= 0 for simvq codebooks, got {cfg.dead_code_window} for {cfg.kind}")
         self.kind = cfg.kind
         self.dim = dim
         self.cfg = cfg
         self.q, self.codebook_size, self.level_size = _library_quantizer(cfg, dim)
         self.register_buffer("usage", torch.full((self.codebook_size if cfg.kind != "rvq" else cfg.rvq_levels * self.level_size,),
                                                  1.0 / self.level_size))
+        if cfg.dead_code_window > 0:  # forwards since each code last won a vector (saved: resume stays exact)
+            self.register_buffer("idle", torch.zeros(self.codebook_size, dtype=torch.long))
         self._recent: torch.Tensor | None = None
         self._recent_loss: torch.Tensor | None = None
 
@@ -118,6 +126,8 @@ class Quantizer(nn.Module):
             counts = torch.bincount(levels[:, li].long(), minlength=self.level_size).float()
             shares.append(counts / counts.sum())
         self.usage.mul_(self.cfg.decay).add_(torch.cat(shares), alpha=1 - self.cfg.decay)
+        if self.cfg.dead_code_window > 0:
+            self.idle.add_(1).masked_fill_(shares[0] > 0, 0)
 
     def level_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """``(..., L)`` per-level indices of combined codes (L = 1 except for rvq)."""
@@ -130,7 +140,10 @@ class Quantizer(nn.Module):
         encoder outputs. Returns how many were restarted."""
         if self.kind != "simvq" or self._recent is None:
             return 0
-        dead = torch.nonzero(self.usage < self.cfg.dead_code_threshold / self.codebook_size).flatten()
+        if self.cfg.dead_code_window > 0:
+            dead = torch.nonzero(self.idle >= self.cfg.dead_code_window).flatten()
+        else:
+            dead = torch.nonzero(self.usage < self.cfg.dead_code_threshold / self.codebook_size).flatten()
         if dead.numel() == 0:
             return 0
         target = self._recent[self._restart_targets(dead.numel(), generator)]
@@ -139,6 +152,8 @@ class Quantizer(nn.Module):
         sol = (torch.linalg.pinv(self.q.code_transform.weight) @ target.T).T
         self.q.frozen_codebook[dead] = sol
         self.usage[dead] = 1.0 / self.codebook_size
+        if self.cfg.dead_code_window > 0:
+            self.idle[dead] = 0
         return int(dead.numel())
 
     @torch.no_grad()
@@ -157,6 +172,8 @@ class Quantizer(nn.Module):
         self.q, self.codebook_size, self.level_size = _library_quantizer(self.cfg, self.dim)
         self.q.load_state_dict(state)
         self.usage = self.usage[keep].clone()
+        if self.cfg.dead_code_window > 0:
+            self.idle = self.idle[keep].clone()
         self._recent, self._recent_loss = None, None
 
     @torch.no_grad()
