@@ -136,8 +136,9 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, generator: torch.Generator | None = None) -> int:
         """mmgen's restart for SimVQ (the library restarts vq_ema/rvq itself; fsq cannot die): codes
-        whose usage EMA fell below ``dead_code_threshold`` / codebook_size are moved onto recent
-        encoder outputs. Returns how many were restarted."""
+        whose usage EMA fell below ``dead_code_threshold`` / codebook_size (or, with
+        ``dead_code_window``, that won no vector in that many forwards) are moved onto recent encoder
+        outputs chosen by ``restart_sampling``. Returns how many were restarted."""
         if self.kind != "simvq" or self._recent is None:
             return 0
         if self.cfg.dead_code_window > 0:
