@@ -94,11 +94,12 @@ class RegionTextHead(nn.Module):
         logits = self.logits(sem_q, target.shape[1])
         flat = target.reshape(-1)
         known = flat >= 0
-        cell = F.cross_entropy(logits, flat, ignore_index=-100, reduction="none")
+        with torch.no_grad():  # for restart_sampling=loss only
+            cell = F.cross_entropy(logits, flat, ignore_index=-100, reduction="none").view_as(target)
         if not bool(known.any()):
-            return sem_q.new_zeros(()), sem_q.new_zeros(()), cell.view_as(target)
+            return sem_q.new_zeros(()), sem_q.new_zeros(()), cell
         acc = (logits.argmax(-1)[known] == flat[known]).float().mean()
-        return cell.sum() / known.sum(), acc, cell.view_as(target)
+        return F.cross_entropy(logits, flat, ignore_index=-100), acc, cell
 
 
 def region_text_targets(cfg: TokenizerTrainConfig, scenes: list):
