@@ -94,7 +94,9 @@ class RegionTextHead(nn.Module):
         logits = self.logits(sem_q, target.shape[1])
         flat = target.reshape(-1)
         known = flat >= 0
-        with torch.no_grad():  # for restart_sampling=loss only
+        # each cell's own loss, for restart_sampling=loss; the mean below stays cross_entropy's own
+        # reduction, so runs without loss restarts are bitwise what they were
+        with torch.no_grad():
             cell = F.cross_entropy(logits, flat, ignore_index=-100, reduction="none").view_as(target)
         if not bool(known.any()):
             return sem_q.new_zeros(()), sem_q.new_zeros(()), cell
@@ -196,10 +198,10 @@ def _check_loss_restarts(model, cfg: TokenizerTrainConfig, text_target: torch.Te
         return
     if text_target is None:
         raise MMGenError("sem_quantizer.restart_sampling=loss needs the region-text loss (text_weight > 0)")
-    grid = (cfg.resolution // model.sem_downsample) ** 2
-    if grid != text_target.shape[1]:
+    h, w = model.code_shapes(cfg.resolution, cfg.resolution)["sem"]
+    if h * w != text_target.shape[1]:
         raise MMGenError(f"sem_quantizer.restart_sampling=loss needs one semantic code per phrase cell: "
-                         f"{grid} codes for {text_target.shape[1]} cells")
+                         f"{h * w} codes for {text_target.shape[1]} cells")
 
 
 def _disc_step(disc, opt_d, recon: torch.Tensor, x: torch.Tensor) -> float:
