@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.errors import MMGenError
+from mmgen.tokenizers.base import uint8_to_unit
 
 
 @dataclass
@@ -114,7 +115,7 @@ def shapes_pairs(n: int, low: int, high: int, seed: int, split: str = "train") -
 def encode_all(tokenizer, images_u8: torch.Tensor, batch: int = 64) -> list[torch.Tensor]:
     grids: list[list[torch.Tensor]] = []
     for i in range(0, len(images_u8), batch):
-        grids.append(code_grids(tokenizer, images_u8[i: i + batch].float() / 127.5 - 1))
+        grids.append(code_grids(tokenizer, uint8_to_unit(images_u8[i: i + batch])))
     return [torch.cat(parts) for parts in zip(*grids)]
 
 
@@ -195,7 +196,7 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(hi), (cfg.batch_size,), generator=g)
-        x0 = hi[idx].float() / 127.5 - 1
+        x0 = uint8_to_unit(hi[idx])
         cond_grids = [gr[idx] for gr in grids]
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_drop
         nulls = pipe.conditioner.null_codes(cond_grids)
@@ -246,7 +247,7 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
         pipe.image_tokenizer = tok
         y = pipe(eg, num_inference_steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale,
                  generator=torch.Generator().manual_seed(cfg.seed), output_type="pt").images
-        ref = ehi.float() / 127.5 - 1
+        ref = uint8_to_unit(ehi)
         report["eval_psnr"] = round(float(psnr(y, ref).mean()), 3)
         report["eval_sampler"] = f"{type(pipe.scheduler).__name__}, {cfg.eval_steps} steps, cfg {cfg.guidance_scale}"
         grid = torch.cat([torch.cat(list(ref), -1), torch.cat(list(y), -1)], -2)

@@ -31,6 +31,16 @@ def register_tokenizer(name: str):
     return deco
 
 
+def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255) -> float in [-1, 1], the range every tokenizer and detokenizer reads."""
+    return x.float() / 127.5 - 1.0
+
+
+def through_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] pixels as they come back from an 8-bit image: what a user sees, and what evaluation scores."""
+    return ((x + 1) * 127.5).round() / 127.5 - 1
+
+
 def pil_to_tensor(images: Sequence, size: tuple[int, int]) -> torch.Tensor:
     """PIL images -> ``(B, 3, H, W)`` float in [-1, 1], resized to ``size`` = (width, height)."""
     from PIL import Image as PILImage
@@ -41,7 +51,7 @@ def pil_to_tensor(images: Sequence, size: tuple[int, int]) -> torch.Tensor:
         if img.size != tuple(size):
             img = img.resize(tuple(size), PILImage.BICUBIC)
         out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1))
-    return torch.stack(out) / 127.5 - 1.0
+    return uint8_to_unit(torch.stack(out))
 
 
 def tensor_to_pil(x: torch.Tensor) -> list:

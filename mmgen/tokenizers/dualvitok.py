@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import ImageTokenizer, as_code_grids, pil_to_tensor, register_tokenizer, tensor_to_pil
+from mmgen.tokenizers.base import (ImageTokenizer, as_code_grids, pil_to_tensor, register_tokenizer, tensor_to_pil,
+                                   uint8_to_unit)
 from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
 from mmgen.tokenizers.vq import _diffusers_vae_blocks
 
@@ -400,7 +401,7 @@ class DualViTok(ImageTokenizer):
         self.eval()
         used = torch.zeros(self.codebook_sizes[level], dtype=torch.bool)
         for i in range(0, len(images), batch):
-            used[self.encode_tensor(images[i:i + batch].float().to(self.device) / 127.5 - 1.0)[level].flatten()] = True
+            used[self.encode_tensor(uint8_to_unit(images[i:i + batch].to(self.device)))[level].flatten()] = True
         q = getattr(self, f"{level}_quantizer")
         before = q.codebook_size
         q.keep_codes(torch.nonzero(used).flatten())

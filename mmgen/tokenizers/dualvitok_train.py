@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgen.errors import MMGenError
+from mmgen.tokenizers.base import through_uint8, uint8_to_unit
 from mmgen.tokenizers.train import (
     TokenizerTrainConfig,
     _check,
@@ -262,7 +263,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
                      disable=not cfg.progress, leave=False):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)
-        x = train_x[idx].float() / 127.5 - 1.0
+        x = uint8_to_unit(train_x[idx])
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -322,13 +323,13 @@ def evaluate_dualvitok(model, images_u8: torch.Tensor, grid_path: Path | None = 
     from mmgen.tokenizers.quantizers import perplexity, usage_fraction
     from mmgen.tokenizers.vq import psnr
 
-    x = images_u8.float() / 127.5 - 1.0
+    x = uint8_to_unit(images_u8)
     codes, recons, feats = {"sem": [], "pix": []}, [], []
     for i in range(0, len(x), 64):
         xb = x[i:i + 64]
         c = model.encode_tensor(xb)
         r = model.decode_tensor(c).clamp(-1, 1)
-        recons.append(((r + 1) * 127.5).round() / 127.5 - 1)
+        recons.append(through_uint8(r))
         feats.append(F.cosine_similarity(model.sem_decode(model.sem_quantizer.embed(c["sem"])),
                                          model.teacher_features(xb), dim=1).mean())
         for n in codes:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mmgen.errors import MediaError, MMGenError
+from mmgen.tokenizers.base import through_uint8, uint8_to_unit
 from mmgen.tokenizers.quantizers import QuantizerConfig
 
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -496,7 +497,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)
-        x = train_x[idx].float() / 127.5 - 1.0
+        x = uint8_to_unit(train_x[idx])
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         recon, _codes, st = model(x)
@@ -548,11 +549,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
               "parameters": model.num_parameters(), "train_seconds": round(time.time() - t0, 1)}
     if n_eval:
         with torch.no_grad():
-            xe = eval_x.float() / 127.5 - 1.0
+            xe = uint8_to_unit(eval_x)
             codes = model.encode_tensor(xe)
             recon = model.decode_tensor(codes).clamp(-1, 1)
-            # Score the uint8 images a user would see.
-            recon = ((recon + 1) * 127.5).round() / 127.5 - 1
+            recon = through_uint8(recon)
             counts = torch.bincount(codes.flatten(), minlength=model.codebook_size).float()
         report.update({"eval_psnr": round(float(psnr(recon, xe).mean()), 3),
                        "eval_codebook_usage": round(float((counts > 0).float().mean()), 4),
