@@ -224,6 +224,16 @@ def phrase_purity(train: tuple, test: tuple) -> tuple[float, list] | None:
     return 1 - sum(wrong.values()) / len(te), wrong.most_common(3)
 
 
+def purity_line(purity: tuple[float, list], n_train: int, n_test: int) -> str:
+    share, misread = purity
+    worst = "; ".join(f"{a} → {b}, {k}" for (a, b), k in misread)
+    return (f"One code, one phrase: with each semantic code read as the cell phrase it most often encodes in the "
+            f"{n_train} probe-training scenes, {100 * share:.2f}% of the cells of the {n_test} `val` scenes read as "
+            f"their own phrase{f'; most frequent misreadings (true → read, cells): {worst}' if worst else ''}. A pair "
+            "of phrases sharing one code is what costs the probe most (the largest object's colour or shape is lost "
+            "whenever it is one of them).")
+
+
 def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = None) -> tuple[dict, dict, tuple | None]:
     """Probe accuracy per (attribute, code level, test split, training scenes): val = unseen scenes,
     heldout = scenes with colour-shape pairs never seen by the tokenizer, the teacher or the probe; and
@@ -350,13 +360,7 @@ def main() -> None:
                                           ("teacher patch features", "teacher", f"{n_patches} x {tok.teacher.dim}"))
                   for n in n_train if ("color", lvl, "val", n) in probe]),
         "",
-        *([] if purity is None else [
-            f"One code, one phrase: with each semantic code read as the cell phrase it most often encodes in the "
-            f"{max(n_train)} probe-training scenes, {100 * purity[0]:.2f}% of the cells of the {args.probe_test} `val` "
-            "scenes read as their own phrase" + ("; most frequent misreadings (true → read, cells): "
-                        + "; ".join(f"{a} → {b}, {k}" for (a, b), k in purity[1]) if purity[1] else "") + ". A pair "
-            "of phrases sharing one code is what costs the probe most (the largest object's colour or shape is lost "
-            "whenever it is one of them).", ""]),
+        *([] if purity is None else [purity_line(purity, max(n_train), args.probe_test), ""]),
         f"Measurement took {seconds:.0f} s.",
     ]
     text = "\n".join(body)
