@@ -136,3 +136,61 @@ def test_cell_phrases_and_region_loss(tmp_path):
                                                          "progress=false"]))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert out.is_dir() and all(r["cell_loss"] > 0 and r["loss"] > r["cell_loss"] for r in rows)
+
+
+def test_swap_attribute_changes_one_word_within_the_train_pairs():
+    """A hard negative caption is the true caption with one object's colour or shape replaced, never
+    by a held-out colour-shape pair, and still in the caption grammar."""
+    import random
+
+    from mmgen.data.synthetic import HELDOUT_PAIRS, caption, random_scene
+    from mmgen.data.synthetic.text import parse_caption, swap_attribute
+
+    rng = random.Random(5)
+    seen = set()
+    for _ in range(60):
+        scene = random_scene(rng, "train")
+        text = caption(scene, rng)
+        neg = swap_attribute(text, rng)
+        changed = [(a, b) for a, b in zip(text.split(), neg.split()) if a != b]
+        assert len(text.split()) == len(neg.split()) and len(changed) == 1
+        swapped = {p.cell: p for p in parse_caption(neg).objects}
+        assert not any((p.color, p.shape) in HELDOUT_PAIRS for p in swapped.values())
+        diff = [(o, swapped[o.cell]) for o in scene.objects if swapped[o.cell] != o]
+        assert len(swapped) == len(scene.objects) and len(diff) == 1
+        o, p = diff[0]
+        seen.add("shape" if o.shape != p.shape else "color")
+        assert (o.shape != p.shape) != (o.color != p.color) and o.size == p.size and o.cell == p.cell
+    assert seen == {"shape", "color"}
+    assert swap_attribute(text, random.Random(1)) == swap_attribute(text, random.Random(1))
+    with pytest.raises(MMGenError, match="no 'a SIZE COLOR SHAPE"):
+        swap_attribute("A black background.", rng)
+
+
+def test_hard_negative_loss_trains_both_towers(tmp_path):
+    import random
+
+    import torch
+
+    from mmgen.config import load_config
+    from mmgen.models.clip import build_open_clip, open_clip_module
+    from mmgen.models.clip_train import ClipTrainConfig, hard_negative_loss, train_clip
+
+    torch.manual_seed(0)
+    model = build_open_clip(MICRO_CFG)
+    tok = open_clip_module().get_tokenizer("ViT-B-32", context_length=MICRO_CFG["text_cfg"]["context_length"])
+    captions = ["A large red circle at the top, on a black background.",
+                "A small blue square on the left, on a white background."]
+    size = MICRO_CFG["vision_cfg"]["image_size"]
+    img_f, txt_f, _ = model(torch.randn(2, 3, size, size), tok(captions))[:3]
+    loss = hard_negative_loss(model, tok, img_f, txt_f, captions, random.Random(0))
+    loss.backward()
+    assert loss.item() > 0
+    assert model.visual.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
+    assert model.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
+    train_clip(load_config(ClipTrainConfig, None, [f"model={json.dumps(MICRO_CFG)}", "train_pairs=32", "eval_scenes=4",
+                                                   "steps=4", "batch_size=8", "warmup_steps=1", "log_every=2",
+                                                   "hard_negatives=2.0", f"out_dir={tmp_path}", "threads=1",
+                                                   "progress=false"]))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > 2.0 * r["hard_negative_loss"] > 0 for r in rows)

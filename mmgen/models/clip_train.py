@@ -41,6 +41,11 @@ class ClipTrainConfig:
     # the batch's cell phrases ("a large red circle", "an empty cell") by text-embedding similarity.
     # CLIP's loss acts on the pooled embedding only; DualViTok's semantic branch reads the patch tokens.
     cell_weight: float = 0.0
+    # Hard negatives (NegCLIP): each image is also contrasted with its own caption with one object's shape
+    # or colour swapped (swap_attribute, drawn afresh each step), at this weight beside ClipLoss. Without
+    # them a batch of multi-object captions is told apart by colour, position and background: the text
+    # tower then embeds "a large cyan circle" and "a large cyan cross" at cosine 0.9999.
+    hard_negatives: float = 0.0
     out_dir: str = "runs/clip/tiny"
     log_every: int = 50
     seed: int = 0
@@ -111,6 +116,18 @@ def cell_loss(model, tokenizer, patch_tokens: torch.Tensor, phrases: list[list[s
     return F.cross_entropy(region_text_logits(cells, text, model.logit_scale.exp()), target)
 
 
+def hard_negative_loss(model, tokenizer, img_f, txt_f, captions: list[str], rng: random.Random) -> torch.Tensor:
+    """Image-to-text cross-entropy over the batch's captions plus one attribute-swapped negative per
+    caption (NegCLIP's hard negatives); ``img_f`` / ``txt_f`` are the batch's unit embeddings."""
+    import torch.nn.functional as F
+
+    from mmgen.data.synthetic.text import swap_attribute
+
+    neg_f = model.encode_text(tokenizer([swap_attribute(c, rng) for c in captions]), normalize=True)
+    logits = model.logit_scale.exp() * img_f @ torch.cat([txt_f, neg_f]).T
+    return F.cross_entropy(logits, torch.arange(len(captions)))
+
+
 def cell_regions(grid: torch.Tensor, cells: int) -> torch.Tensor:
     """A ``(B, D, h, w)`` feature map average-pooled to the square phrase grid of ``cells`` cells:
     ``(B * cells, D)``, cells row-major as :func:`cell_phrases` lists them."""
@@ -152,7 +169,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
 
     pairs = shapes_pairs(cfg.train_pairs, size, cfg.seed)
     pixels = clip.pixels([p[1] for p in pairs])
-    tokens = tokenizer([p[2] for p in pairs])
+    captions = [p[2] for p in pairs]
+    tokens = tokenizer(captions)
     phrases = [cell_phrases(p[0]) for p in pairs]
     loss_fn = open_clip.ClipLoss()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -178,6 +196,10 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
         else:
             img_f, txt_f, scale = model(pixels[idx], tokens[idx])[:3]
             loss = loss_fn(img_f, txt_f, scale)
+        if cfg.hard_negatives > 0:
+            hard = hard_negative_loss(model, tokenizer, img_f, txt_f, [captions[i] for i in idx.tolist()],
+                                      random.Random(f"neg-{cfg.seed}-{step}"))
+            loss = loss + cfg.hard_negatives * hard
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -186,6 +208,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
             model.logit_scale.clamp_(0, np.log(100))  # CLIP's cap on the temperature
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             extra = {"cell_loss": round(region.item(), 5)} if cfg.cell_weight > 0 else {}
+            if cfg.hard_negatives > 0:
+                extra["hard_negative_loss"] = round(hard.item(), 5)
             metrics.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), **extra,
                                       "logit_scale": round(model.logit_scale.exp().item(), 3),
                                       "elapsed_s": round(time.time() - t0, 1)}) + "\n")
