@@ -296,9 +296,37 @@ def test_prune_codes_drops_entries_no_image_uses(tok, tmp_path):
     model.save_pretrained(tmp_path / "pruned")
     back = load_image_tokenizer(tmp_path / "pruned")
     assert back.codebook_sizes["sem"] == len(used) and torch.equal(back.encode(imgs)["sem"], after["sem"])
+    from mmgen.tokenizers.train import train_tokenizer
     with pytest.raises(MMGenError, match="prune_codes takes code levels"):
-        from mmgen.tokenizers.train import train_tokenizer
         train_tokenizer(tiny_cfg(tmp_path / "bad", "unused", prune_codes=["semantic"]))
+    with pytest.raises(MMGenError, match="prune_min_share must be in"):
+        train_tokenizer(tiny_cfg(tmp_path / "bad2", "unused", prune_min_share=0.1))
+
+
+def test_prune_min_share_drops_rarely_used_entries(tok):
+    """With a minimum share, entries used by fewer vectors than min_share / codebook size go too, and
+    the others keep their (renumbered) entries."""
+    from mmgen.tokenizers.base import pil_to_tensor
+
+    model = type(tok)(**tok.get_config())
+    model.load_state_dict(tok.state_dict())
+    model.eval()
+    imgs = scenes(12)
+    x = ((pil_to_tensor(imgs, (32, 32)) + 1) * 127.5).round().to(torch.uint8)
+    before = model.encode(imgs)["sem"]
+    counts = torch.bincount(before.flatten(), minlength=16)
+    rare = counts[counts > 0].min()
+    assert (counts > rare).sum() >= 2  # something must stay
+    min_share = float(rare + 0.5) / counts.sum().item() * 16  # just above the rarest used entry
+    kept = torch.nonzero(counts > rare).flatten()
+    codebook = model.sem_quantizer.q.codebook.clone()
+    report = model.prune_codes("sem", x, min_share=min_share)
+    assert report == {"codebook_size_before": 16, "codebook_size": len(kept)}
+    after = model.encode(imgs)["sem"]
+    keep_mask = counts[before] > rare
+    assert torch.equal(after[keep_mask], torch.searchsorted(kept, before[keep_mask]))
+    assert bool((~keep_mask).any())  # some vectors did have to move
+    assert torch.allclose(model.sem_quantizer.q.codebook, codebook[kept])
 
 
 def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):

@@ -394,17 +394,21 @@ class DualViTok(ImageTokenizer):
         return torch.where(swap.to(sem_q.device), other.to(sem_q.dtype), sem_q)
 
     @torch.no_grad()
-    def prune_codes(self, level: str, images: torch.Tensor, batch: int = 256) -> dict:
+    def prune_codes(self, level: str, images: torch.Tensor, min_share: float = 0.0, batch: int = 256) -> dict:
         """Drop the ``level`` ("sem" or "pix") codebook entries that no image of ``images`` (uint8
-        ``(N, 3, H, W)``, the training set) is encoded to; returns the sizes before and after."""
+        ``(N, 3, H, W)``, the training set) is encoded to, or that encode less than ``min_share`` of a
+        uniform share (1 / codebook size) of its vectors; returns the sizes before and after. A dropped
+        entry's vectors go to their next-nearest kept entry."""
         was = self.training
         self.eval()
-        used = torch.zeros(self.codebook_sizes[level], dtype=torch.bool)
+        counts = torch.zeros(self.codebook_sizes[level])
         for i in range(0, len(images), batch):
-            used[self.encode_tensor(uint8_to_unit(images[i:i + batch].to(self.device)))[level].flatten()] = True
+            codes = self.encode_tensor(uint8_to_unit(images[i:i + batch].to(self.device)))[level].flatten()
+            counts += torch.bincount(codes.cpu(), minlength=len(counts)).float()
         q = getattr(self, f"{level}_quantizer")
         before = q.codebook_size
-        q.keep_codes(torch.nonzero(used).flatten())
+        keep = (counts > 0) & (counts / counts.sum() >= min_share / before)
+        q.keep_codes(torch.nonzero(keep).flatten())
         self.train(was)
         return {"codebook_size_before": before, "codebook_size": q.codebook_size}
 

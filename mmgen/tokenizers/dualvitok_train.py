@@ -222,6 +222,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     _check(cfg)
     if set(cfg.prune_codes) - {"sem", "pix"}:
         raise MMGenError(f"prune_codes takes code levels sem and pix, got {cfg.prune_codes}")
+    if not 0 <= cfg.prune_min_share < 1 or (cfg.prune_min_share > 0 and not cfg.prune_codes):
+        raise MMGenError(f"prune_min_share must be in [0, 1) and needs prune_codes, got {cfg.prune_min_share}")
     if cfg.text_prequant_weight > 0 and cfg.text_weight <= 0:
         raise MMGenError("text_prequant_weight needs the region-text head: set text_weight > 0")
     if cfg.freeze and not cfg.init_from:
@@ -301,7 +303,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
             _save_checkpoint(out / "checkpoints", holder, opt, done, cfg.keep_checkpoints, extra)
 
     model.eval()
-    pruned = {level: model.prune_codes(level, train_x) for level in cfg.prune_codes}
+    pruned = {level: model.prune_codes(level, train_x, cfg.prune_min_share) for level in cfg.prune_codes}
     tok_dir = out / "tokenizer"
     model.save_pretrained(tok_dir)
     report = {"steps": cfg.steps, "resumed_from_step": start, "train_images": len(train_x), "eval_images": n_eval,

@@ -131,6 +131,10 @@ class TokenizerTrainConfig:
     # DualViTok: code levels ("sem", "pix") whose entries no training image is encoded to are dropped after
     # training (a SimVQ entry that dead-code restarts keep moving without it ever winning a vector).
     prune_codes: list[str] = field(default_factory=list)
+    # ... and the entries that encode under prune_min_share / codebook_size of the training vectors: the
+    # measure of SimVQ's dead-code rule (dead_code_threshold), applied once to the whole training set. A
+    # larger codebook leaves entries that restarts keep reviving and a handful of vectors keep alive.
+    prune_min_share: float = 0.0
     init_from: str = ""
     init_exclude: list[str] = field(default_factory=list)  # top-level parts that start fresh even when they match
     freeze: list[str] = field(default_factory=list)
@@ -462,7 +466,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         return train_dualvitok(cfg)
     if cfg.tokenizer != "pixel_vq":
         raise MMGenError(f"unknown tokenizer '{cfg.tokenizer}' (use pixel_vq or dualvitok)")
-    if cfg.init_from or cfg.freeze or cfg.prune_codes:
+    if cfg.init_from or cfg.freeze or cfg.prune_codes or cfg.prune_min_share:
         raise MMGenError("init_from, freeze and prune_codes are DualViTok options (tokenizer: dualvitok)")
     from tqdm import tqdm
 
