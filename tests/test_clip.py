@@ -100,6 +100,9 @@ def test_train_clip_tiny(tmp_path):
     assert [r["step"] for r in rows] == [3, 6] and all(r["loss"] > 0 for r in rows)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert 0 <= report["zero_shot_color_acc"] <= 1 and 0 <= report["zero_shot_shape_acc"] <= 1
+    sep = report["phrase_separation"]
+    for attr in ("shape", "color"):
+        assert -1 <= sep[f"{attr}_pair_cosine_mean"] <= sep[f"{attr}_pair_cosine_max"] <= 1
     assert load_clip(path).encode_text(["a red circle"]).shape == (1, 32)
     with pytest.raises(MMGenError, match="batch_size"):
         train_clip(load_config(ClipTrainConfig, None, ["batch_size=1", f"out_dir={tmp_path}"]))
@@ -194,3 +197,19 @@ def test_hard_negative_loss_trains_both_towers(tmp_path):
                                                    "progress=false"]))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] > 2.0 * r["hard_negative_loss"] > 0 for r in rows)
+
+
+def test_phrase_separation_reads_the_one_word_pairs():
+    """Pairs differing only in shape / colour, scored on a stand-in text tower whose embedding is the
+    colour word alone: shape pairs are identical (cosine 1), colour pairs orthogonal (0)."""
+    import torch
+
+    from mmgen.data.synthetic import COLORS
+    from mmgen.models.clip_train import phrase_separation
+
+    class ColourOnly:
+        def encode_text(self, texts):
+            return torch.stack([torch.eye(len(COLORS))[list(COLORS).index(t.split()[2])] for t in texts])
+
+    assert phrase_separation(ColourOnly()) == {"shape_pair_cosine_mean": 1.0, "shape_pair_cosine_max": 1.0,
+                                               "color_pair_cosine_mean": 0.0, "color_pair_cosine_max": 0.0}

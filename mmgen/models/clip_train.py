@@ -99,6 +99,24 @@ def zero_shot_accuracy(clip, scenes, images) -> dict:
     return {k: v / len(scenes) for k, v in hits.items()}
 
 
+def phrase_separation(clip) -> dict:
+    """How far apart the text tower puts cell phrases that differ in one word: mean and max cosine over
+    the pairs differing only in shape ("a large cyan circle" / "a large cyan cross") and only in colour.
+    DualViTok's region-text loss can only part codes whose phrases the text tower parts."""
+    from mmgen.data.synthetic.text import EMPTY_CELL, all_cell_phrases
+
+    phrases = [p for p in all_cell_phrases() if p != EMPTY_CELL]
+    words = [p.split() for p in phrases]  # a SIZE COLOR SHAPE
+    cos = clip.encode_text(phrases) @ clip.encode_text(phrases).T
+    out = {}
+    for attr, k in (("shape", 3), ("color", 2)):
+        vals = torch.tensor([float(cos[i, j]) for i in range(len(words)) for j in range(i + 1, len(words))
+                             if words[i][k] != words[j][k] and all(words[i][m] == words[j][m] for m in (1, 2, 3) if m != k)])
+        out[f"{attr}_pair_cosine_mean"] = round(float(vals.mean()), 4)
+        out[f"{attr}_pair_cosine_max"] = round(float(vals.max()), 4)
+    return out
+
+
 def cell_loss(model, tokenizer, patch_tokens: torch.Tensor, phrases: list[list[str]]) -> torch.Tensor:
     """Cross-entropy of each cell's pooled, projected patch tokens against the text embeddings of the
     distinct phrases in the batch (temperature: the model's logit scale)."""
@@ -222,6 +240,6 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     report = {"steps": cfg.steps, "train_pairs": len(pairs), "train_seconds": round(time.time() - t0, 1),
               "parameters": sum(p.numel() for p in model.parameters()),
               "heldout_scenes": len(held), "zero_shot_color_acc": round(acc["color"], 4),
-              "zero_shot_shape_acc": round(acc["shape"], 4)}
+              "zero_shot_shape_acc": round(acc["shape"], 4), "phrase_separation": phrase_separation(clip)}
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     return path
