@@ -107,7 +107,8 @@ def phrase_separation(clip) -> dict:
 
     phrases = [p for p in all_cell_phrases() if p != EMPTY_CELL]
     words = [p.split() for p in phrases]  # a SIZE COLOR SHAPE
-    cos = clip.encode_text(phrases) @ clip.encode_text(phrases).T
+    text = clip.encode_text(phrases)
+    cos = text @ text.T
     out = {}
     for attr, k in (("shape", 3), ("color", 2)):
         vals = torch.tensor([float(cos[i, j]) for i in range(len(words)) for j in range(i + 1, len(words))
