@@ -274,17 +274,24 @@ def test_region_text_options_need_the_region_text_cells(teacher_dir, tmp_path):
         train_tokenizer(tiny_cfg(tmp_path / "d", teacher_dir, text_prequant_weight=1.0))
 
 
-def test_prune_codes_drops_entries_no_image_uses(tok, tmp_path):
-    """Pruning keeps exactly the entries the images are encoded to, renumbered in order: the same
-    images then get the renumbered codes and decode to the same pixels, and the smaller codebook
-    saves and loads."""
-    from mmgen.tokenizers.base import load_image_tokenizer, pil_to_tensor
+def pruning_setup(tok):
+    """A copy of ``tok`` to prune, 12 scenes, and those scenes as the uint8 batch prune_codes reads."""
+    from mmgen.tokenizers.base import pil_to_tensor, unit_to_uint8
 
     model = type(tok)(**tok.get_config())
     model.load_state_dict(tok.state_dict())
     model.eval()
     imgs = scenes(12)
-    x = ((pil_to_tensor(imgs, (32, 32)) + 1) * 127.5).round().to(torch.uint8)
+    return model, imgs, unit_to_uint8(pil_to_tensor(imgs, (32, 32)))
+
+
+def test_prune_codes_drops_entries_no_image_uses(tok, tmp_path):
+    """Pruning keeps exactly the entries the images are encoded to, renumbered in order: the same
+    images then get the renumbered codes and decode to the same pixels, and the smaller codebook
+    saves and loads."""
+    from mmgen.tokenizers.base import load_image_tokenizer
+
+    model, imgs, x = pruning_setup(tok)
     before = model.encode(imgs)
     used = torch.unique(before["sem"])
     assert len(used) < 16  # the fixture's random codebook leaves entries unused
@@ -306,13 +313,7 @@ def test_prune_codes_drops_entries_no_image_uses(tok, tmp_path):
 def test_prune_min_share_drops_rarely_used_entries(tok):
     """With a minimum share, entries used by fewer vectors than min_share / codebook size go too, and
     the others keep their (renumbered) entries."""
-    from mmgen.tokenizers.base import pil_to_tensor
-
-    model = type(tok)(**tok.get_config())
-    model.load_state_dict(tok.state_dict())
-    model.eval()
-    imgs = scenes(12)
-    x = ((pil_to_tensor(imgs, (32, 32)) + 1) * 127.5).round().to(torch.uint8)
+    model, imgs, x = pruning_setup(tok)
     before = model.encode(imgs)["sem"]
     counts = torch.bincount(before.flatten(), minlength=16)
     rare = counts[counts > 0].min()

@@ -12,6 +12,7 @@ Outputs in ``out_dir``: ``clip/`` (open_clip local-dir format, see :func:`mmgen.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -111,8 +112,9 @@ def phrase_separation(clip) -> dict:
     cos = text @ text.T
     out = {}
     for attr, k in (("shape", 3), ("color", 2)):
-        vals = torch.tensor([float(cos[i, j]) for i in range(len(words)) for j in range(i + 1, len(words))
-                             if words[i][k] != words[j][k] and all(words[i][m] == words[j][m] for m in (1, 2, 3) if m != k)])
+        # the pairs whose words differ at position k and nowhere else
+        vals = torch.stack([cos[i, j] for i, j in itertools.combinations(range(len(words)), 2)
+                            if [a != b for a, b in zip(words[i], words[j])] == [m == k for m in range(4)]])
         out[f"{attr}_pair_cosine_mean"] = round(float(vals.mean()), 4)
         out[f"{attr}_pair_cosine_max"] = round(float(vals.max()), 4)
     return out

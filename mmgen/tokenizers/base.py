@@ -36,6 +36,11 @@ def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
+def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] pixels -> uint8 (0..255), clamped and rounded: the inverse of :func:`uint8_to_unit`."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def through_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] pixels as they come back from an 8-bit image: what a user sees, and what evaluation scores."""
     return ((x + 1) * 127.5).round() / 127.5 - 1
@@ -57,7 +62,7 @@ def pil_to_tensor(images: Sequence, size: tuple[int, int]) -> torch.Tensor:
 def tensor_to_pil(x: torch.Tensor) -> list:
     from PIL import Image as PILImage
 
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = unit_to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
     return [PILImage.fromarray(a) for a in arr]
 
 

@@ -467,7 +467,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     if cfg.tokenizer != "pixel_vq":
         raise MMGenError(f"unknown tokenizer '{cfg.tokenizer}' (use pixel_vq or dualvitok)")
     if cfg.init_from or cfg.freeze or cfg.prune_codes or cfg.prune_min_share:
-        raise MMGenError("init_from, freeze and prune_codes are DualViTok options (tokenizer: dualvitok)")
+        raise MMGenError("init_from, freeze, prune_codes and prune_min_share are DualViTok options (tokenizer: dualvitok)")
     from tqdm import tqdm
 
     from mmgen.tokenizers.vq import psnr

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 import re
 
-from mmgen.data.synthetic.scene import (BACKGROUNDS, COLORS, GRID, POSITION_PREPOSITION, POSITIONS, SHAPES,
-                                        SIZES, Obj, Scene)
+from mmgen.data.synthetic.scene import (BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, POSITION_PREPOSITION, POSITIONS,
+                                        SHAPES, SIZES, Obj, Scene)
 from mmgen.errors import MMGenError
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -90,19 +90,16 @@ def swap_attribute(text: str, rng: random.Random, attr: str | None = None) -> st
     """``text`` with one object's shape or colour (``attr``, else chosen by ``rng``) replaced by another
     value that keeps the object's colour-shape pair allowed in the train split: a hard negative caption
     that differs from the true one in that word only (NegCLIP's "swap", SugarCrepe's "replace-att")."""
-    from mmgen.data.synthetic.scene import pairs_allowed
-
     matches = list(_OBJ_RE.finditer(text.lower()))  # lower() keeps ASCII offsets, so spans index ``text``
     if not matches:
         raise MMGenError(f"no 'a SIZE COLOR SHAPE at the POSITION' phrase to swap in {text[:80]!r}")
     m = rng.choice(matches)
     color, shape = m.group(2), m.group(3)
     attr = attr or rng.choice(("color", "shape"))
-    allowed = set(pairs_allowed("train"))
     if attr == "shape":
-        group, options = 3, [s for s in SHAPES if s != shape and (color, s) in allowed]
+        group, options = 3, [s for s in SHAPES if s != shape and (color, s) not in HELDOUT_PAIRS]
     else:
-        group, options = 2, [c for c in COLORS if c != color and (c, shape) in allowed]
+        group, options = 2, [c for c in COLORS if c != color and (c, shape) not in HELDOUT_PAIRS]
     new = rng.choice(options)
     return text[:m.start(group)] + new + text[m.end(group):]
 
