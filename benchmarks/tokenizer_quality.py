@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
@@ -41,6 +42,49 @@ def training_seconds(run_dir: Path) -> tuple[float, int]:
     elapsed = [json.loads(x)["elapsed_s"] for x in path.read_text().splitlines() if x.strip()]
     ends = [a for a, b in zip(elapsed, elapsed[1:] + [-1.0]) if b < a]
     return float(sum(ends)), len(ends)
+
+
+def run_base(run_dir: Path, cfg: dict) -> Path:
+    """The directory a run was started in: the relative paths in its config.yaml are relative to it
+    (``out_dir`` is the run directory's own path from there)."""
+    out = Path(cfg.get("out_dir") or "").as_posix()
+    here = run_dir.resolve().as_posix()
+    if out and not out.startswith("/") and here.endswith("/" + out):
+        return Path(here[: -len(out) - 1])
+    return ROOT
+
+
+def training_lineage(run_dir: Path) -> tuple[list[dict], dict]:
+    """The training stages behind a tokenizer run, first to last, followed through ``init_from``
+    (each: run dir, steps, batch, wall seconds, resumed runs), and the final stage's teacher's
+    ``eval.json`` when the teacher is a CLIP run of mmgen's ({} otherwise)."""
+    from mmgen.utils.files import read_json
+
+    stages, teacher = [], None
+    while run_dir is not None and (run_dir / "config.yaml").is_file():
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        base = run_base(run_dir, cfg)
+        seconds, runs = training_seconds(run_dir)
+        stages.insert(0, {"dir": run_dir.resolve(), "steps": cfg.get("steps"), "batch": cfg.get("batch_size"),
+                          "seconds": seconds, "runs": runs})
+        name = ((cfg.get("dualvitok") or {}).get("teacher") or {}).get("name")
+        if teacher is None and name:
+            teacher = read_json((base / name).parent / "eval.json", {})
+        run_dir = (base / cfg["init_from"]).parent if cfg.get("init_from") else None
+    return stages, teacher or {}
+
+
+def lineage_line(stages: list[dict], clip: dict) -> str:
+    base = stages[-1]["dir"].parents[1] if stages else ROOT
+    parts = [f"stage {i} `{st['dir'].relative_to(base) if st['dir'].is_relative_to(base) else st['dir']}` "
+             f"{st['steps']} steps of batch {st['batch']} in {st['seconds']:.0f} s"
+             + (f" ({st['runs']} runs, resumed)" if st["runs"] > 1 else "")
+             for i, st in enumerate(stages, 1)]
+    teacher = (f"its CLIP teacher {clip.get('steps', '?')} steps in {clip.get('train_seconds', '?')} s (held-out "
+               f"zero-shot colour {clip.get('zero_shot_color_acc', '?')}, shape {clip.get('zero_shot_shape_acc', '?')})"
+               if clip else "its teacher not a CLIP run of mmgen's (no eval.json beside it)")
+    return (f"Training: DualViTok {'; '.join(parts) or 'no config.yaml beside the tokenizer'}; {teacher}; "
+            "2 shared CPU cores, other jobs running, so seconds are noisy.")
 
 
 DEFAULT_TOKENIZER = ROOT / "runs" / "tokenizer" / "tiny_dualvitok" / "tokenizer"
@@ -150,8 +194,7 @@ def code_features(tok, codes: torch.Tensor, level: str) -> torch.Tensor:
     """The codes' codebook vectors, flattened over positions: what a linear probe on codes sees."""
     with torch.no_grad():
         v = getattr(tok, f"{level}_quantizer").embed(codes)
-    v = v.flatten(1)
-    return (v - v.mean(0)) / (v.std(0) + 1e-6)
+    return v.flatten(1)
 
 
 def teacher_features(tok, images, batch: int = 64) -> torch.Tensor:
@@ -160,12 +203,20 @@ def teacher_features(tok, images, batch: int = 64) -> torch.Tensor:
     from mmgen.tokenizers.base import pil_to_tensor
 
     with torch.no_grad():
-        v = torch.cat([tok.teacher(pil_to_tensor(images[i:i + batch], tok.resolution)).flatten(1)
-                       for i in range(0, len(images), batch)])
-    return (v - v.mean(0)) / (v.std(0) + 1e-6)
+        return torch.cat([tok.teacher(pil_to_tensor(images[i:i + batch], tok.resolution)).flatten(1)
+                          for i in range(0, len(images), batch)])
 
 
-PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+def standardise(feats: dict[str, torch.Tensor], fit_on: str = "train") -> dict[str, torch.Tensor]:
+    """Every split scaled to zero mean, unit variance per feature with the statistics of ``fit_on``
+    alone, as a probe fitted before seeing the test scenes would be."""
+    mean, std = feats[fit_on].mean(0), feats[fit_on].std(0) + 1e-6
+    return {name: (v - mean) / std for name, v in feats.items()}
+
+
+# From no penalty at all up: up to session 22 the grid began at 1e-4, and 1e-4 was picked, so the
+# best strength could have lain below it.
+PROBE_L2 = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def fit_probe(x, y, classes: int, l2: float, steps: int = 300) -> torch.nn.Linear:
@@ -192,11 +243,12 @@ def accuracy(lin, x, y) -> float:
 def linear_probe(x_tr, y_tr, x_te, y_te, classes: int, l2: float | None = None) -> tuple[float, float]:
     """Test accuracy of a linear probe and its L2 strength. ``l2=None`` picks it the way CLIP's
     linear-probe protocol does: fitted on the first 80% of the training scenes for each strength in
-    PROBE_L2, scored on the last 20%, the best refitted on all of them. The test sets play no part."""
+    PROBE_L2, scored on the last 20%, the best refitted on all of them (on a tie, the strongest). The
+    test sets play no part."""
     if l2 is None:
         cut = int(0.8 * len(x_tr))
         scores = [accuracy(fit_probe(x_tr[:cut], y_tr[:cut], classes, lam), x_tr[cut:], y_tr[cut:]) for lam in PROBE_L2]
-        l2 = PROBE_L2[int(np.argmax(scores))]
+        l2 = PROBE_L2[max(range(len(PROBE_L2)), key=lambda i: (scores[i], i))]
     return accuracy(fit_probe(x_tr, y_tr, classes, l2), x_te, y_te), l2
 
 
@@ -251,7 +303,7 @@ def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = N
     for level in ("sem", "pix", "teacher"):
         feats = (teacher_features(tok, [im for k in sets for im in sets[k][1]]) if level == "teacher"
                  else code_features(tok, torch.cat([codes[k][level] for k in sets]), level))
-        f = dict(zip(sets, torch.split(feats, [len(sets[k][0]) for k in sets])))
+        f = standardise(dict(zip(sets, torch.split(feats, [len(sets[k][0]) for k in sets]))))
         for attr, values in (("color", list(COLORS)), ("shape", list(SHAPES))):
             y = {name: torch.tensor([values.index(getattr(largest_object(s), attr)) for s in scenes])
                  for name, (scenes, _) in sets.items()}
@@ -313,19 +365,13 @@ def main() -> None:
     seconds = time.time() - t0
 
     train = read_json(tok_dir.parent / "eval.json", {})
-    # the quick start keeps its teacher beside the tokenizer run (out/clip, out/tokenizer)
-    clip = read_json(tok_dir.parent.parent / "clip" / "eval.json") or read_json(ROOT / "runs" / "clip" / "tiny" / "eval.json", {})
-    total_s, runs = training_seconds(tok_dir.parent)
+    stages, clip = training_lineage(tok_dir.parent)
     body = [
         f"Tokenizer `{Path(tok_dir).relative_to(ROOT) if Path(tok_dir).is_relative_to(ROOT) else tok_dir}` "
         f"({tok.resolution[0]}x{tok.resolution[1]}, sem {shapes['sem'][0]}x{shapes['sem'][1]} codes from "
         f"{tok.codebook_sizes['sem']} entries, pix {shapes['pix'][0]}x{shapes['pix'][1]} from {tok.codebook_sizes['pix']}; "
         f"{train.get('parameters', tok.num_parameters()):,} parameters incl. the frozen teacher).",
-        f"Training: DualViTok {train.get('steps', '?')} steps of batch 16 in {total_s:.0f} s over {runs} resumed run(s); "
-        "its CLIP teacher "
-        f"{clip.get('steps', '?')} steps in {clip.get('train_seconds', '?')} s (held-out zero-shot colour "
-        f"{clip.get('zero_shot_color_acc', '?')}, shape {clip.get('zero_shot_shape_acc', '?')}); 2 shared CPU cores, "
-        "other jobs running, so seconds are noisy.",
+        lineage_line(stages, clip),
         "",
         f"Reconstruction: {len(scenes)} held-out ShapesWorld scenes (half `val`, half `heldout` pairs), scene-parser exact "
         f"agreement of input vs reconstruction; PSNR over the {len(photos)} real photos ({', '.join(names)}) resized to "
