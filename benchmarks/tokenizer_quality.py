@@ -56,7 +56,7 @@ def run_base(run_dir: Path, cfg: dict) -> Path:
 
 def training_lineage(run_dir: Path) -> tuple[list[dict], dict]:
     """The training stages behind a tokenizer run, first to last, followed through ``init_from``
-    (each: run dir, steps, batch, wall seconds, resumed runs), and the final stage's teacher's
+    (each: its ``out_dir``, steps, batch, wall seconds, resumed runs), and the final stage's teacher's
     ``eval.json`` when the teacher is a CLIP run of mmgen's ({} otherwise)."""
     from mmgen.utils.files import read_json
 
@@ -65,8 +65,8 @@ def training_lineage(run_dir: Path) -> tuple[list[dict], dict]:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         base = run_base(run_dir, cfg)
         seconds, runs = training_seconds(run_dir)
-        stages.insert(0, {"dir": run_dir.resolve(), "steps": cfg.get("steps"), "batch": cfg.get("batch_size"),
-                          "seconds": seconds, "runs": runs})
+        stages.insert(0, {"name": cfg.get("out_dir") or str(run_dir), "steps": cfg.get("steps"),
+                          "batch": cfg.get("batch_size"), "seconds": seconds, "runs": runs})
         name = ((cfg.get("dualvitok") or {}).get("teacher") or {}).get("name")
         if teacher is None and name:
             teacher = read_json((base / name).parent / "eval.json", {})
@@ -75,9 +75,7 @@ def training_lineage(run_dir: Path) -> tuple[list[dict], dict]:
 
 
 def lineage_line(stages: list[dict], clip: dict) -> str:
-    base = stages[-1]["dir"].parents[1] if stages else ROOT
-    parts = [f"stage {i} `{st['dir'].relative_to(base) if st['dir'].is_relative_to(base) else st['dir']}` "
-             f"{st['steps']} steps of batch {st['batch']} in {st['seconds']:.0f} s"
+    parts = [f"stage {i} `{st['name']}` {st['steps']} steps of batch {st['batch']} in {st['seconds']:.0f} s"
              + (f" ({st['runs']} runs, resumed)" if st["runs"] > 1 else "")
              for i, st in enumerate(stages, 1)]
     teacher = (f"its CLIP teacher {clip.get('steps', '?')} steps in {clip.get('train_seconds', '?')} s (held-out "
@@ -385,7 +383,8 @@ def main() -> None:
         "pixels of the code's patch (0: the same pixels always get the same code; more is scene context the LM must "
         "predict).",
         "",
-        f"Linear probe (logistic regression on the codes' codebook vectors, all positions) predicting colour / "
+        f"Linear probe (logistic regression on the codes' codebook vectors, all positions, each feature standardised "
+        f"with the probe's training scenes' mean and spread) predicting colour / "
         f"shape of the largest object, trained on {' or '.join(map(str, n_train))} train-split scenes, tested on "
         f"{args.probe_test} unseen `val` scenes and on {args.probe_test} `heldout` scenes (colour-shape pairs never "
         "seen in any training); scenes with an unambiguous largest object. "
