@@ -54,7 +54,8 @@ def main() -> None:
         for data, end, _ in clips:
             frames, times, keys = enc.sample_frames(data)
             vt = enc.merge(enc.encode_frames(frames), times, keys)
-            parts = vt.values() if isinstance(vt, dict) else [vt]  # DualViTok: sem and pix grids
+            grids = vt if isinstance(vt, dict) else {"": vt}  # DualViTok: sem and pix grids
+            parts = grids.values()
             before += sum(v.tokens_before for v in parts)
             after += sum(v.tokens_after for v in parts)
             last = enc.decode(vt)[-1]
@@ -63,8 +64,10 @@ def main() -> None:
         rows.append([label, before, after, round(after / before, 3), f"{100 * ok / len(clips):.1f}%",
                      f"{100 * ok_src / len(clips):.1f}%"])
     body = (f"{len(clips)} ShapesWorld motion clips (held-out split), {args.frames} frames each at 64x64 via mp4; "
-            f"image tokenizer `{args.tokenizer}` ({getattr(tok, 'mmgen_type', '?')}, {tok.code_shape(64, 64)[0]}x{tok.code_shape(64, 64)[1]} pixel codes per frame"
-            f"{', plus its semantic grid' if getattr(tok, 'mmgen_type', '') == 'dualvitok' else ''}). "
+            f"image tokenizer `{args.tokenizer}` ({getattr(tok, 'mmgen_type', '?')}, frames encoded at its "
+            f"{'x'.join(map(str, tok.resolution))} resolution: "
+            + " + ".join(f"{v.grid[0]}x{v.grid[1]}{f' {k}' if k else ''}" for k, v in grids.items())
+            + " codes per frame). "
             "Accuracy: exact scene-parser match (background and every object) of the last frame rebuilt from the "
             "merged tokens, against the clip's final scene; last column: the decoded mp4 frame itself (the ceiling).\n\n"
             + md_table(["setting", "tokens before", "tokens after", "after / before", "last frame exact (from tokens)",
