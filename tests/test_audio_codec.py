@@ -237,3 +237,22 @@ def test_pretokenize_audio_codes_round_trip_through_sequences(codec, real_dir, t
         assert audio_only.sum() == cd.codes[1].size  # every code of every level is an "audio" target
     skipped = build_sequence(coded[0], tok, Vocab(len(tok), {"pix": 32}, max_grid=8))["skipped"]
     assert skipped == {"audio_without_codes": 1}
+
+
+def test_logged_usage_counts_codes_that_won_frames_not_restarted_ones():
+    from types import SimpleNamespace
+
+    from mmgen.tokenizers.audio_train import CodebookUsage
+
+    k, d = 8, 2
+    quant = SimpleNamespace(codebook=torch.nn.Embedding(k, d))
+    model = SimpleNamespace(quantizer=SimpleNamespace(quantizers=[quant]))
+    opt = torch.optim.AdamW(quant.codebook.parameters())
+    tracker = CodebookUsage(1, k, decay=0.5)
+    out = SimpleNamespace(audio_codes=torch.tensor([[[0, 0, 1, 1]]]), projected_latents=torch.randn(1, d, 4))
+    restarted = tracker.update(model, out, threshold=0.5, restart=True, g=torch.Generator().manual_seed(0), opt=opt)
+    assert restarted == 6  # codes 2..7 won nothing
+    assert torch.all(tracker.usage[0, 2:] == 1 / k)  # their average was reset to a uniform share ...
+    assert tracker.window_usage() == 2 / k  # ... but the logged usage counts only codes 0 and 1
+    assert tracker.window_usage() == 0.0  # and a new window starts empty
+    assert "seen" not in tracker.state_dict()  # checkpoints are unchanged

@@ -138,6 +138,16 @@ class CodebookUsage(torch.nn.Module):
         super().__init__()
         self.decay = decay
         self.register_buffer("usage", torch.zeros(n_q, codebook_size))
+        # Which codes won a frame since the last log line. Not the usage average: a restart resets a
+        # code's average to a uniform share, so the average counts restarted codes as used.
+        # Not persistent: a checkpoint holds what training needs, and a log window starts afresh.
+        self.register_buffer("seen", torch.zeros(n_q, codebook_size, dtype=torch.bool), persistent=False)
+
+    def window_usage(self) -> float:
+        """Share of all levels' entries that won at least one frame since the last call."""
+        share = float(self.seen.float().mean())
+        self.seen.zero_()
+        return share
 
     @torch.no_grad()
     def update(self, model, out, threshold: float, restart: bool, g: torch.Generator, opt) -> int:
@@ -146,6 +156,7 @@ class CodebookUsage(torch.nn.Module):
         restarted = 0
         for q, quant in enumerate(model.quantizer.quantizers):
             counts = torch.bincount(out.audio_codes[:, q].flatten(), minlength=k).float()
+            self.seen[q] |= counts > 0
             self.usage[q].mul_(self.decay).add_(counts / counts.sum(), alpha=1 - self.decay)
             dead = torch.nonzero(self.usage[q] < threshold / k).flatten()
             if not restart or dead.numel() == 0:
@@ -237,14 +248,13 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
         opt.step()
         restart = cfg.restart_every > 0 and step % cfg.restart_every == 0
         vals["restarted_codes"] = tracker.update(model, fwd, cfg.dead_threshold, restart, g, opt)
-        vals["usage"] = float((tracker.usage > 0.1 / codec.codebook_size).float().mean())
         for k, v in vals.items():
             window[k] = window.get(k, 0.0) + v
         n_window += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             rec = {"step": done, **{k: round(v / n_window, 5) for k, v in window.items()},
-                   "elapsed_s": round(time.time() - t0, 2)}
+                   "usage": round(tracker.window_usage(), 5), "elapsed_s": round(time.time() - t0, 2)}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.3f}", mel=f"{rec['mel_l1']:.3f}")
