@@ -1,6 +1,6 @@
 """Audio codec reconstruction: log-mel L1 and SI-SNR at each number of residual levels (tokens/s), on
 held-out synthetic speech (espeak-ng, held-out ShapesWorld scenes) and on the held-out tails of the
-real clips; plus a bit-exact save/load round trip of the codes.
+real clips; codebook usage per level on both sets; plus a bit-exact save/load round trip of the codes.
 
     python benchmarks/audio_codec.py --codec runs/tokenizer/tiny_audio/codec
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mmgen.tokenizers.audio import AudioCodec, mel_l1, si_snr
-from mmgen.tokenizers.audio_train import default_real_audio, real_clips, spoken_captions
+from mmgen.tokenizers.audio_train import default_real_audio, evaluate, real_clips, spoken_captions
 from mmgen.utils.bench import md_table, write_section
 from mmgen.utils.files import read_json
 
@@ -36,7 +36,9 @@ def scores(codec: AudioCodec, clips: list[np.ndarray], levels: int) -> tuple[flo
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--codec", default="runs/tokenizer/tiny_audio/codec")
-    ap.add_argument("--heldout", type=int, default=12)
+    # 48 captions give ~13,000 frames, ~50 per entry of a 256-entry level: about what the image tokenizer's
+    # usage is measured on (300 scenes x 81 pixel codes for 512 entries). 12 (the trainer's eval) give ~13.
+    ap.add_argument("--heldout", type=int, default=48, help="held-out captions spoken for the speech set")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each real tail scored")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -56,6 +58,13 @@ def main() -> None:
             m, s = scores(codec, clips, q)
             rows.append([set_name, f"tiny DAC, {q} level(s)", int(q * codec.frame_rate), round(m, 3), round(s, 2)])
 
+    usage_lines = []
+    for set_name, clips in sets.items():
+        frames = sum(codec.code_length(len(x)) for x in clips)
+        usage = evaluate(codec, clips)["codebook_usage"]
+        usage_lines.append(f"- {set_name}: {' / '.join(f'{100 * u:.1f}%' for u in usage)} ({len(clips)} clips, "
+                           f"{frames:,} frames, {frames / codec.codebook_size:.0f} per entry)")
+
     with tempfile.TemporaryDirectory() as tmp:
         codec.save_pretrained(tmp)
         back = AudioCodec.from_pretrained(tmp)
@@ -66,6 +75,8 @@ def main() -> None:
             + f". Held-out speech: {len(speech)} espeak-ng captions of held-out-split scenes; real: the last 20% "
             f"(first {args.seconds:g} s) of {', '.join(names)}, never trained on.\n\n"
             + md_table(["set", "decoder", "tokens/s", "log-mel L1 (lower better)", "SI-SNR dB (higher better)"], rows)
+            + "\n\nCodebook usage per level (the share of its entries that encode at least one frame):\n"
+            + "\n".join(usage_lines)
             + f"\n\nCodes round-trip through save_pretrained/from_pretrained bit-exactly: **{'yes' if exact else 'NO'}** "
             f"({len(speech) + len(tails)} clips).")
     write_section("audio_codec", "Audio codec reconstruction (tiny)", body)
