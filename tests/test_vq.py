@@ -164,6 +164,30 @@ def test_simvq_restarts_dead_codes_where_the_codebook_fits_worst(sampling):
         Quantizer(QuantizerConfig(kind="simvq", restart_sampling="kmeans"), 4)
 
 
+@pytest.mark.parametrize("rtol", [0.0, 1e-2])
+def test_simvq_restart_rtol_bounds_the_frozen_row_of_a_near_singular_transform(rtol):
+    """A SimVQ restart solves frozen @ W.T = target. With W nearly singular the exact solve (rtol 0)
+    hits the target through a huge frozen row, which any later change of W then throws far; with
+    restart_rtol the row stays small and the code lands on the part of the target that W reaches."""
+    from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
+
+    torch.manual_seed(0)
+    q = Quantizer(QuantizerConfig(kind="simvq", codebook_size=8, dead_code_threshold=0.5, restart_sampling="uniform",
+                                  restart_rtol=rtol), 4)
+    with torch.no_grad():
+        q.q.code_transform.weight.copy_(torch.diag(torch.tensor([1.0, 1.0, 1.0, 1e-5])))
+    target = torch.ones(4)
+    q._recent = target[None]
+    q.usage.fill_(1.0)
+    q.usage[3] = 0.0
+    assert q.restart_dead_codes(torch.Generator().manual_seed(0)) == 1
+    row, code = q.q.frozen_codebook[3], q.q.codebook[3].detach()
+    if rtol == 0:
+        assert torch.allclose(code, target, atol=1e-3) and float(row.norm()) > 1e4
+    else:
+        assert torch.allclose(code, torch.tensor([1.0, 1.0, 1.0, 0.0]), atol=1e-4) and float(row.norm()) < 2
+
+
 def test_simvq_loss_restarts_go_where_the_noted_losses_are():
     """restart_sampling=loss puts dead codes on the vectors whose noted training loss is high (two
     classes sharing one code fit it closely, so the residual cannot find them); with no losses noted

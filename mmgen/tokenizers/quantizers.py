@@ -55,6 +55,10 @@ class QuantizerConfig:
     # usage EMA falls below dead_code_threshold / codebook_size). The EMA also kills live codes of rare
     # contents: a phrase met 0.6 times per batch is absent for 10 batches running every few hundred steps.
     dead_code_window: int = 0
+    # simvq restarts solve frozen @ W.T = target with pinv(W), cutting singular values under restart_rtol
+    # x the largest (0: torch's float-precision cutoff, the exact solve, which gives huge frozen rows when W
+    # is near-singular; a cut lands the code on the target's part that W reaches well).
+    restart_rtol: float = 0.0
 
 
 class Quantizer(nn.Module):
@@ -150,7 +154,9 @@ class Quantizer(nn.Module):
         target = self._recent[self._restart_targets(dead.numel(), generator)]
         # codebook = frozen @ W.T: the frozen rows that W maps onto the targets. pinv (SVD) rather than
         # lstsq: LAPACK's lstsq is not bitwise repeatable here, and resume must be exact.
-        sol = (torch.linalg.pinv(self.q.code_transform.weight) @ target.T).T
+        w = self.q.code_transform.weight
+        sol = ((torch.linalg.pinv(w, rtol=self.cfg.restart_rtol) if self.cfg.restart_rtol > 0 else torch.linalg.pinv(w))
+               @ target.T).T
         self.q.frozen_codebook[dead] = sol
         self.usage[dead] = 1.0 / self.codebook_size
         if self.cfg.dead_code_window > 0:
