@@ -186,6 +186,10 @@ def test_simvq_restart_rtol_bounds_the_frozen_row_of_a_near_singular_transform(r
         assert torch.allclose(code, target, atol=1e-3) and float(row.norm()) > 1e4
     else:
         assert torch.allclose(code, torch.tensor([1.0, 1.0, 1.0, 0.0]), atol=1e-4) and float(row.norm()) < 2
+    with pytest.raises(MMGenError, match="restart_rtol"):
+        Quantizer(QuantizerConfig(kind="simvq", restart_rtol=-0.1), 4)
+    with pytest.raises(MMGenError, match="restart_rtol"):
+        Quantizer(QuantizerConfig(kind="fsq", restart_rtol=0.01), 4)
 
 
 def test_simvq_loss_restarts_go_where_the_noted_losses_are():

@@ -70,6 +70,9 @@ class Quantizer(nn.Module):
             raise MMGenError(f"unknown quantizer kind '{cfg.kind}' (use one of {', '.join(KINDS)})")
         if cfg.dead_code_window < 0 or (cfg.dead_code_window > 0 and cfg.kind != "simvq"):
             raise MMGenError(f"dead_code_window is a number of steps >= 0 for simvq codebooks, got {cfg.dead_code_window} for {cfg.kind}")
+        if not 0 <= cfg.restart_rtol < 1 or (cfg.restart_rtol > 0 and cfg.kind != "simvq"):
+            raise MMGenError(f"restart_rtol is a share of the largest singular value in [0, 1) for simvq codebooks, "
+                             f"got {cfg.restart_rtol} for {cfg.kind}")
         self.kind = cfg.kind
         self.dim = dim
         self.cfg = cfg
