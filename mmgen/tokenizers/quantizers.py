@@ -157,9 +157,8 @@ class Quantizer(nn.Module):
         target = self._recent[self._restart_targets(dead.numel(), generator)]
         # codebook = frozen @ W.T: the frozen rows that W maps onto the targets. pinv (SVD) rather than
         # lstsq: LAPACK's lstsq is not bitwise repeatable here, and resume must be exact.
-        w = self.q.code_transform.weight
-        sol = ((torch.linalg.pinv(w, rtol=self.cfg.restart_rtol) if self.cfg.restart_rtol > 0 else torch.linalg.pinv(w))
-               @ target.T).T
+        # rtol None: torch's default cutoff (an explicit 0 would invert every singular value).
+        sol = (torch.linalg.pinv(self.q.code_transform.weight, rtol=self.cfg.restart_rtol or None) @ target.T).T
         self.q.frozen_codebook[dead] = sol
         self.usage[dead] = 1.0 / self.codebook_size
         if self.cfg.dead_code_window > 0:
