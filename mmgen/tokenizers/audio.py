@@ -270,4 +270,13 @@ def si_snr(ref: torch.Tensor, est: torch.Tensor, eps: float = 1e-8) -> float:
     return float(10 * torch.log10(target.pow(2).sum() / (noise.pow(2).sum() + eps) + eps))
 
 
-__all__ = ["AudioCodec", "AudioCodecConfig", "build_on_meta", "log_mel", "mel_l1", "si_snr"]
+def codebook_usage(codes: Sequence[torch.Tensor], codebook_size: int) -> list[float]:
+    """Per residual level, the share of its entries that encode at least one frame of ``codes``
+    (each ``(n_q, T)``, as :meth:`AudioCodec.encode` gives them)."""
+    used = torch.zeros(codes[0].shape[0], codebook_size, dtype=torch.bool)
+    for c in codes:
+        used.scatter_(1, c.cpu(), True)
+    return [float(u) for u in used.float().mean(1)]
+
+
+__all__ = ["AudioCodec", "AudioCodecConfig", "build_on_meta", "codebook_usage", "log_mel", "mel_l1", "si_snr"]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.audio import AudioCodec, AudioCodecConfig, log_mel, mel_l1, si_snr
+from mmgen.tokenizers.audio import AudioCodec, AudioCodecConfig, codebook_usage, log_mel, mel_l1, si_snr
 
 REAL_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real"
 
@@ -186,17 +186,17 @@ def codec_loss(model, x: torch.Tensor, cfg: AudioTrainConfig, sample_rate: int):
 
 
 def evaluate(codec: AudioCodec, clips: list[np.ndarray]) -> dict:
-    """Mean mel L1 and SI-SNR of encode -> decode over ``clips``."""
-    mels, snrs, used = [], [], torch.zeros(codec.n_q, codec.codebook_size, dtype=torch.bool)
+    """Mean mel L1 and SI-SNR of encode -> decode over ``clips``, and codebook usage per level."""
+    mels, snrs, all_codes = [], [], []
     for x in clips:
         codes = codec.encode(x, sample_rate=codec.sample_rate)
-        used.scatter_(1, codes, True)
+        all_codes.append(codes)
         y = codec.decode(codes)
         ref, est = torch.from_numpy(x), torch.from_numpy(y[: len(x)])
         mels.append(mel_l1(ref, est, codec.sample_rate))
         snrs.append(si_snr(ref, est))
     return {"mel_l1": round(float(np.mean(mels)), 4), "si_snr_db": round(float(np.mean(snrs)), 3), "clips": len(clips),
-            "codebook_usage": [round(float(u), 3) for u in used.float().mean(1)]}
+            "codebook_usage": [round(u, 3) for u in codebook_usage(all_codes, codec.codebook_size)]}
 
 
 def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
