@@ -16,3 +16,7 @@ class MMGenError(Exception):
 
 class MediaError(MMGenError):
     """A media item could not be read or decoded (missing file, corrupt bytes, unknown format)."""
+
+
+class NotFetchedError(MediaError):
+    """A media item is a URL reference whose bytes were never downloaded (``mmgen fetch`` gets them)."""

@@ -32,5 +32,15 @@ def register(app: typer.Typer) -> None:
 
         s = run_filter(recipe, input, out, workers=workers, shard_size=shard_size, dry_run=dry_run, executor=executor,
                        input_format=input_format, save_reject_media=save_reject_media)
-        typer.echo(f"{s['input']} docs: {s['kept']} kept ({s['kept_with_nodes_removed']} with {s['nodes_removed']} "
-                   f"items removed), {s['rejected']} rejected, {s['quarantined']} quarantined -> {out}/report.md")
+        typer.echo(summary_line(s, out))
+
+
+def summary_line(s: dict, out: str) -> str:
+    """The console summary: documents, then items removed or quarantined inside kept documents."""
+    line = (f"{s['input']} docs: {s['kept']} kept ({s['kept_with_nodes_removed']} with {s['nodes_removed']} "
+            f"items removed, {s.get('nodes_quarantined', 0)} items quarantined), {s['rejected']} rejected, "
+            f"{s['quarantined']} quarantined")
+    if s.get("media_not_fetched"):
+        line += (f"; {s['media_not_fetched']} media URLs not fetched were kept unjudged by pixel operators "
+                 f"(run `mmgen fetch` first to judge them)")
+    return line + f" -> {out}/report.md"

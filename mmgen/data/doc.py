@@ -5,8 +5,11 @@ with per-item metadata, document metadata, a stable id and provenance (where it 
 
 Media are held as *encoded bytes* (the original file's bytes, so round trips are byte-identical)
 plus cheap header facts (format, size, duration); pixels and samples are decoded only on demand.
-A media item may also be *by reference* (``path`` set, ``data`` not yet read): the bytes are read
-the first time they are needed, and a missing file raises :class:`MediaError` with the path.
+A media item may also be *by reference*: a ``path`` whose bytes are read the first time they are
+needed (a missing file raises :class:`MediaError` with the path), or a ``url`` (MMC4, OBELICS and
+OmniCorpus are distributed as image URLs). A URL is never fetched implicitly: reading the bytes of an
+item that has only a URL raises :class:`NotFetchedError`, and ``mmgen fetch`` downloads them. An item
+may hold both: the URL it came from and its local bytes or path.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
-from mmgen.errors import MediaError
+from mmgen.errors import MediaError, NotFetchedError
 
 # File extension -> canonical format name, for media identified by path or by sniffing.
 _EXT_FORMAT = {
@@ -28,9 +32,16 @@ _EXT_FORMAT = {
     "mp4": "mp4", "avi": "avi", "mov": "mov", "mkv": "mkv", "webm": "webm",
 }
 _FORMAT_EXT = {"jpeg": "jpg", "tiff": "tif"}
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_url(ref) -> bool:
+    return isinstance(ref, str) and bool(_URL.match(ref))
 
 
 def format_from_name(name: str | None) -> str | None:
+    if is_url(name):
+        name = name.split("?", 1)[0].split("#", 1)[0]
     if not name or "." not in name:
         return None
     return _EXT_FORMAT.get(name.rsplit(".", 1)[-1].lower())
@@ -78,25 +89,36 @@ class Text:
 
 @dataclass
 class _Media:
-    """Shared behaviour of media items: bytes held or read lazily from ``path``."""
+    """Shared behaviour of media items: bytes held, read lazily from ``path``, or a ``url`` reference."""
 
     data: bytes | None = None
     path: str | None = None  # where the bytes came from (provenance, and for by-reference items)
     format: str | None = None
     meta: dict = field(default_factory=dict)
+    url: str | None = None  # where the medium lives on the web; never fetched implicitly
 
     def __post_init__(self):
-        if self.data is None and self.path is None:
-            raise ValueError(f"{type(self).__name__} needs data or path")
+        if self.data is None and is_url(self.path):
+            self.path, self.url = None, self.url or self.path  # a URL given as a path is a URL reference
+        if self.data is None and self.path is None and self.url is None:
+            raise ValueError(f"{type(self).__name__} needs data, path or url")
         if self.format is None:
-            self.format = (sniff_format(self.data) if self.data is not None else None) or format_from_name(self.path)
+            self.format = ((sniff_format(self.data) if self.data is not None else None)
+                           or format_from_name(self.path) or format_from_name(self.url))
 
     @property
     def loaded(self) -> bool:
         return self.data is not None
 
+    @property
+    def fetched(self) -> bool:
+        """Whether the bytes are here (held or at a local path); False for a URL-only reference."""
+        return self.data is not None or self.path is not None
+
     def load(self) -> bytes:
         """The encoded bytes, reading ``path`` on first use."""
+        if self.data is None and self.path is None:
+            raise NotFetchedError(f"{self.kind} not fetched: {self.url} (run `mmgen fetch` to download it)")
         if self.data is None:
             try:
                 with open(self.path, "rb") as f:
@@ -114,6 +136,10 @@ class _Media:
 
     def sha1(self) -> str:
         return hashlib.sha1(self.load()).hexdigest()
+
+    def content_key(self) -> str:
+        """The bytes' SHA-1, or ``url:URL`` for a reference not fetched (identity without downloading)."""
+        return self.sha1() if self.fetched else f"url:{self.url}"
 
     @property
     def ext(self) -> str:
@@ -249,7 +275,10 @@ class Doc:
         h = hashlib.sha1()
         for it in self.items:
             h.update(it.kind.encode())
-            h.update(it.text.encode() if isinstance(it, Text) else (it.sha1().encode() if it.exists() else str(it.path).encode()))
+            if isinstance(it, Text):
+                h.update(it.text.encode())
+            else:
+                h.update(it.sha1().encode() if it.exists() else str(it.path or it.url).encode())
             h.update(b"\x00")
         return h.hexdigest()[:16]
 
@@ -271,6 +300,8 @@ class Doc:
                     entry["format"] = it.format
                 if it.path is not None:
                     entry["source_path"] = it.path
+                if it.url is not None:
+                    entry["url"] = it.url
             if it.meta:
                 entry["meta"] = it.meta
             items.append(entry)
@@ -291,12 +322,13 @@ class Doc:
                     if media is None or member not in media:
                         raise MediaError(f"{kind} member '{member}' is missing from the sample")
                     items.append(MEDIA_TYPES[kind](data=media[member], path=entry.get("source_path"),
-                                                   format=entry.get("format"), meta=meta))
+                                                   format=entry.get("format"), meta=meta, url=entry.get("url")))
                 else:
                     path = entry.get("path")
                     if path and base_dir and not os.path.isabs(path):
                         path = os.path.join(base_dir, path)
-                    items.append(MEDIA_TYPES[kind](path=path, format=entry.get("format"), meta=meta))
+                    items.append(MEDIA_TYPES[kind](path=path, format=entry.get("format"), meta=meta,
+                                                   url=entry.get("url")))
             else:
                 raise ValueError(f"unknown item type {kind!r}")
         return cls(items=items, id=obj.get("id"), meta=dict(obj.get("meta") or {}),

@@ -162,7 +162,9 @@ def counts_markdown(s: dict) -> list[str]:
              f"{s['quarantined']} quarantined (input = kept + rejected + quarantined: "
              f"{'yes' if s['balanced'] else 'NO'}).",
              f"{s['kept_with_nodes_removed']} kept documents lost items: {s['nodes_removed']} removed, "
-             f"{s['nodes_quarantined']} quarantined." + (" Dry run: no shards written." if s["dry_run"] else ""),
+             f"{s['nodes_quarantined']} quarantined." + (" Dry run: no shards written." if s["dry_run"] else "")
+             + (f" {s['media_not_fetched']} media URLs in kept documents were not fetched: kept as references, "
+                "judged by no pixel operator (`mmgen fetch` downloads them)." if s.get("media_not_fetched") else ""),
              "", "| operator | level | docs rejected | docs quarantined | nodes removed | nodes quarantined |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for op, c in s["per_op"].items():

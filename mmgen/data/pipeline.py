@@ -49,7 +49,7 @@ from typing import Any
 from mmgen.config import from_dict, read_yaml_mapping
 from mmgen.data.doc import BadRecord, Doc, Text
 from mmgen.data.ops.base import DocView, Op, Verdict, build_op, error_text
-from mmgen.errors import MediaError, MMGenError
+from mmgen.errors import MediaError, MMGenError, NotFetchedError
 
 
 @dataclass
@@ -149,6 +149,8 @@ def _apply(op: Op, view: DocView, verdicts: list[Verdict], stats: dict, events: 
 def _run_op(op: Op, view: DocView, stats: dict, events: list, decide_sig: Any = ..., doc_id: str = "") -> dict | None:
     try:
         verdicts = op.apply(view) if decide_sig is ... else op.decide(view, decide_sig, doc_id)
+    except NotFetchedError as e:  # the op needs bytes a URL reference does not have: it cannot judge this doc
+        verdicts = [Verdict(None, {"not_fetched": 1, "error": error_text(e)})]
     except MediaError as e:
         verdicts = [Verdict("undecodable_media", {"error": error_text(e)}, quarantine=True)]
     except Exception as e:  # noqa: BLE001 - one odd document must not stop a run; it is quarantined visibly
@@ -167,6 +169,9 @@ def process_doc(ops: list[Op], doc: Doc) -> dict:
     fate = None
     if not view.alive:
         fate = {"op": "pipeline", "reason": "empty_doc", "item": None, "stats": {}, "status": "rejected"}
+    for i in view.not_fetched():
+        # Kept as references and counted: pixel operators skip them (run `mmgen fetch` first to judge them).
+        stats["items"].setdefault(str(i), {})["fetch"] = {"not_fetched": 1}
     for op in ops:
         if fate is not None or op.stateful:
             break
@@ -177,6 +182,8 @@ def process_doc(ops: list[Op], doc: Doc) -> dict:
             if op.stateful:
                 try:
                     sigs[op.label] = op.signature(view)
+                except NotFetchedError:
+                    continue  # judged by nothing: decide() sees no signature, as for a short doc
                 except MediaError as e:
                     fate = {"op": op.label, "reason": "undecodable_media", "item": None,
                             "stats": {"error": error_text(e)}, "status": "quarantined"}
@@ -295,7 +302,7 @@ class _ShardCommit:
         self.writer = None
         self.c: dict[str, Any] = {"input": 0, "kept": 0, "rejected": 0, "quarantined": 0,
                                   "kept_with_nodes_removed": 0, "nodes_removed": 0, "nodes_quarantined": 0,
-                                  "by_op": {}, "reasons": {"rejected": {}, "quarantined": {}, "nodes_removed": {},
+                                  "media_not_fetched": 0, "by_op": {}, "reasons": {"rejected": {}, "quarantined": {}, "nodes_removed": {},
                                                            "nodes_quarantined": {}}}
 
     def _bump(self, op: str, what: str, reason: str) -> None:
@@ -349,6 +356,7 @@ class _ShardCommit:
         for op in self.stateful:
             op.commit(view, res["sigs"].get(op.label), doc.id)
         self.c["kept"] += 1
+        self.c["media_not_fetched"] += len(view.not_fetched())
         if events:
             self.c["kept_with_nodes_removed"] += 1
         for ev in events:
@@ -555,7 +563,7 @@ def _merge(counts: list[dict], labels: list[str]) -> dict:
     keys = ("rejected", "quarantined", "nodes_removed", "nodes_quarantined")
     return {
         **{k: total.get(k, 0) for k in ("input", "kept", "rejected", "quarantined", "kept_with_nodes_removed",
-                                         "nodes_removed", "nodes_quarantined")},
+                                         "nodes_removed", "nodes_quarantined", "media_not_fetched")},
         "per_op": {op: {k: by_op.get(op, Counter()).get(k, 0) for k in keys} for op in order},
         "per_reason": {what: dict(sorted(reasons.get(what, Counter()).items())) for what in keys},
         "output_shards": outputs,

@@ -2,7 +2,7 @@
 
 One sample per Doc: ``KEY.json`` (the Doc's canonical JSON, see :meth:`Doc.to_json`) plus one member
 per media item, ``KEY.I.EXT`` (I = the item's index in the Doc, EXT its format), holding the original
-encoded bytes. Shards are plain POSIX tars, readable by ``tar``, by ``webdataset.WebDataset`` and by
+encoded bytes; a URL reference not fetched has no member, its ``url`` is in the json. Shards are plain POSIX tars, readable by ``tar``, by ``webdataset.WebDataset`` and by
 :func:`read_shard` here, which — unlike webdataset's loader — turns a corrupt or truncated tar into
 :class:`BadRecord` entries and goes on, so one bad shard never stops a run.
 """
@@ -36,7 +36,7 @@ def doc_to_sample(doc: Doc, key: str) -> dict:
     sample: dict = {"__key__": key}
     names: list[str | None] = []
     for i, item in enumerate(doc.items):
-        if isinstance(item, Text):
+        if isinstance(item, Text) or not item.fetched:  # a URL reference travels in the json only
             names.append(None)
             continue
         name = f"{i}.{item.ext}"

@@ -7,19 +7,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from mmgen.data.doc import MEDIA_TYPES, BadRecord, Doc
+from mmgen.data.doc import MEDIA_TYPES, BadRecord, Doc, is_url
 from mmgen.paths import expand_inputs
 from mmgen.errors import MediaError
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-
 # Doc.meta keys that collide with a format's own field names travel inside this record key.
 COLLISION_KEY = "mmgen_meta"
+# Item metadata key carrying the source URL of a medium whose bytes the record references locally
+# (a fetched image): the format's media field holds the local copy, this key the URL it came from.
+URL_KEY = "mmgen_url"
 
 
 class RecordError(Exception):
@@ -29,10 +29,6 @@ class RecordError(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
-
-
-def is_url(ref: str | None) -> bool:
-    return bool(ref) and bool(_URL.match(str(ref)))
 
 
 def expand_jsonl_inputs(path, exts: tuple[str, ...] = (".jsonl",)) -> list[str]:
@@ -89,10 +85,12 @@ class ReadContext:
             ref = ref.get("path")
         if not isinstance(ref, str) or not ref:
             raise RecordError("bad_schema", f"{kind} reference must be a path or URL string, got {ref!r}")
+        if is_url(ref):
+            return MEDIA_TYPES[kind](url=ref, meta=meta)  # a reference, fetched only by `mmgen fetch`
         path, found = self.resolve(ref)
         if not found:
             where = f"; also looked under media_root {self.media_root}" if self.media_root else \
-                "; pass media_root / --media-root to say where media live"
+                "; relative paths are read from the input file's folder (mmgen convert takes --media-root)"
             raise RecordError("missing_media", f"{kind} file not found: {ref} (resolved to {path}{where})")
         return MEDIA_TYPES[kind](path=path, meta=meta)
 
@@ -171,8 +169,8 @@ class MediaExport:
         self.bytes = 0
 
     def ref(self, item) -> str:
-        if item.data is None and is_url(item.path):
-            return item.path  # kept by reference: nothing to copy, nothing lost
+        if not item.fetched:
+            return item.url  # kept by reference: nothing to copy, nothing lost
         data = item.load()  # MediaError for a missing file: the caller quarantines the doc
         name = f"{hashlib.sha1(data).hexdigest()}.{item.ext}"
         target = self.dir / name
@@ -249,7 +247,19 @@ def record_id(doc: Doc) -> str | None:
     return None if doc.id == doc.content_id() else doc.id
 
 
+def item_meta_out(item) -> dict:
+    """An item's metadata as a record stores it: plus the source URL of a medium held locally."""
+    if getattr(item, "url", None) and item.fetched:
+        return {**item.meta, URL_KEY: item.url}
+    return item.meta
+
+
 def doc_from_items(items: list, rec: dict, meta: dict) -> Doc:
+    for it in items:  # the inverse of item_meta_out
+        if URL_KEY in it.meta and hasattr(it, "url"):
+            url = it.meta.pop(URL_KEY)
+            if it.fetched:
+                it.url = url
     rid = rec.get("id")
     # The source id is kept as is (an int stays an int) so the record writes back unchanged.
     return Doc(items=items, id=rid if rid is not None and rid != "" else None, meta=meta)

@@ -35,7 +35,8 @@ def write(docs, out_path, on_bad=None, prefix: str = "shard", max_docs: int = 10
             try:
                 # Load every medium first so a missing file quarantines the doc before anything is written.
                 for it in doc.media:
-                    it.load()
+                    if it.fetched:  # URL references stay references
+                        it.load()
                 w.write(doc)
             except MediaError as e:
                 counts["bad"] += 1
@@ -44,8 +45,8 @@ def write(docs, out_path, on_bad=None, prefix: str = "shard", max_docs: int = 10
                                      reason="missing_media", detail=f"doc {doc.id}: {e}"))
                 continue
             counts["written"] += 1
-            counts["media_files"] += len(doc.media)
-            counts["media_bytes"] += sum(len(it.data) for it in doc.media)
+            counts["media_files"] += sum(1 for it in doc.media if it.data is not None)
+            counts["media_bytes"] += sum(len(it.data) for it in doc.media if it.data is not None)
         shards = w.shards
     counts["shards"] = len(shards)
     return counts

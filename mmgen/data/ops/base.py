@@ -76,8 +76,14 @@ class DocView:
     def texts(self) -> Iterator[tuple[int, Text]]:
         return ((i, it) for i, it in self.items() if isinstance(it, Text))
 
-    def images(self) -> Iterator[tuple[int, Image]]:
-        return ((i, it) for i, it in self.items() if isinstance(it, Image))
+    def images(self, fetched: bool = True) -> Iterator[tuple[int, Image]]:
+        """The alive images; by default only those whose bytes are here. An image that is a URL not yet
+        fetched is judged by no pixel operator: the runner records it as ``not_fetched`` instead."""
+        return ((i, it) for i, it in self.items() if isinstance(it, Image) and (it.fetched or not fetched))
+
+    def not_fetched(self) -> list[int]:
+        """Indices of alive media items that are URL references without bytes."""
+        return [i for i, it in self.items() if not isinstance(it, Text) and not it.fetched]
 
     @property
     def text(self) -> str:
@@ -265,7 +271,7 @@ def image_caption_pairs(view: DocView) -> list[tuple[int, int]]:
     items = list(view.items())
     out = []
     for pos, (i, it) in enumerate(items):
-        if not isinstance(it, Image):
+        if not isinstance(it, Image) or not it.fetched:
             continue
         cap = next((items[j][0] for j in range(pos - 1, -1, -1) if isinstance(items[j][1], Text)), None)
         if cap is None:

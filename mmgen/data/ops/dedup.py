@@ -162,7 +162,7 @@ class DocDedup(StatefulOp):
         norm = normalize_text if self.params.normalize else (lambda t: t)
         for _, it in view.items():
             h.update(it.kind.encode() + b"\x00")
-            h.update(norm(it.text).encode() if isinstance(it, Text) else it.sha1().encode())
+            h.update(norm(it.text).encode() if isinstance(it, Text) else it.content_key().encode())
             h.update(b"\x01")
         return h.hexdigest()
 
@@ -190,7 +190,7 @@ class ImageDedup(StatefulOp):
         self.seen: dict[str, str] = {}
 
     def signature(self, view):
-        return {i: img.sha1() for i, img in view.images()}
+        return {i: img.sha1() for i, img in view.images()}  # URLs not fetched: see url_dedup
 
     def decide(self, view, sig, doc_id):
         out, local = [], set()
@@ -402,7 +402,7 @@ class DocNearDedup(StatefulOp):
                 except MediaError:
                     ph.append(None)
         kinds = ("audio", "video", "image") if self.params.exact_images else ("audio", "video")
-        media = [it.sha1() for _, it in arrived if it.kind in kinds]
+        media = [it.content_key() for _, it in arrived if it.kind in kinds]
         sh = shingles(text, self.params.ngram, self.params.shingle)
         return {"minhash": minhash(sh, self.params.num_perm).hashvalues, "phash": ph, "media": media}
 
@@ -514,7 +514,8 @@ class UrlDedup(StatefulOp):
     def signature(self, view):
         if self.level == "doc":
             return self._key(view.doc.meta, self.params.doc_fields)
-        return {i: self._key(img.meta, self.params.item_fields, img.path) for i, img in view.images()}
+        return {i: ("url:" + normalize_url(img.url) if img.url and not self._key(img.meta, self.params.item_fields)
+                    else self._key(img.meta, self.params.item_fields, img.path)) for i, img in view.images(fetched=False)}
 
     def decide(self, view, sig, doc_id):
         if self.level == "doc":

@@ -25,7 +25,7 @@ def chunks(view: DocView) -> list[tuple[list[int], list[int]]]:
     for i, it in view.items():
         if isinstance(it, Text):
             texts.append(i)
-        elif isinstance(it, Image):
+        elif isinstance(it, Image) and it.fetched:  # a URL not fetched has no pixels to compare
             images.append(i)
         if int(it.meta.get("dj_eoc", 0)):
             out.append((texts, images))

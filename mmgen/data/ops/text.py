@@ -247,6 +247,9 @@ class EmptyItems(Op):
                 n = len(it.text.strip())
                 out.append(Verdict("empty_text" if n == 0 else None, {"chars": n}, item=i))
                 continue
+            if not it.fetched:  # a URL reference: its bytes are judged once fetched
+                out.append(Verdict(None, {"not_fetched": 1}, item=i))
+                continue
             try:
                 n = len(it.load())
             except MediaError as e:
