@@ -167,7 +167,8 @@ def test_format_specific_structure(real_dir, tmp_path):
     (doc,), _ = read_all(src, "mmc4", media_root=str(real_dir))
     assert [getattr(it, "text", it.kind) for it in doc.items] == \
         ["Sentence one.", "image", "Sentence two.", "Sentence three.", "image"]
-    assert doc.items[1].meta == {"raw_url": "https://cdn/cat.jpg", "matched_sim": 0.28}
+    assert doc.items[1].meta == {"matched_sim": 0.28}
+    assert (doc.items[1].url, doc.items[1].path) == ("https://cdn/cat.jpg", str(real_dir / "cat.jpg"))
     src = tmp_path / "llava.json"  # LLaVA's own files are one JSON array
     src.write_text(json.dumps(recs["llava"]))
     docs, bad = read_all(src, "llava", media_root=str(real_dir))
@@ -281,7 +282,14 @@ def test_cli_convert_end_to_end(real_dir, tmp_path, capsys):
     docs, bad = read_all(out, "wds")
     assert len(docs) == 2 and not bad and docs[0].videos[0].load() == (real_dir / "video1.mp4").read_bytes()
     # wds -> llava through the CLI, then read back.
+    capsys.readouterr()
     rc = main(["convert", "--from", "wds", "--to", "llava", str(out), str(tmp_path / "chat.json")])
+    err = capsys.readouterr().err
+    # An interleaved document is not a conversation: refused in one line, nothing left behind.
+    assert rc == 2 and "cannot be written as LLaVA turns without loss" in err and "--lossy" in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    assert not (tmp_path / "chat.json").exists()
+    rc = main(["convert", "--from", "wds", "--to", "llava", str(out), str(tmp_path / "chat.json"), "--lossy"])
     assert rc == 0 and len(json.loads((tmp_path / "chat.json").read_text())) == 2
     capsys.readouterr()
     rc = main(["convert", "--from", "dj", "--to", "webdatset", str(real_dir / "dj-demo-images.jsonl"), str(out)])

@@ -20,8 +20,13 @@ def register(app: typer.Typer) -> None:
         path_map: Optional[List[str]] = typer.Option(None, "--path-map",
                                                      help="Rewrite a media path prefix, OLD=NEW (repeatable)."),
         max_docs: int = typer.Option(1000, "--max-docs", help="Docs per shard (wds output)."),
+        lossy: bool = typer.Option(False, "--lossy", help="Allow a conversion that loses information (an "
+                                   "interleaved document into LLaVA turns); refused without it."),
     ):
         """Convert interleaved documents from one format to another, losslessly.
+
+        URL media stay URLs (``mmgen fetch`` downloads them). LLaVA holds conversations only: writing
+        another document there is refused unless --lossy.
 
         Media are copied next to the output (media/<sha1>.<ext>) or into the shards. Bad records are
         reported, written to OUT.errors.jsonl (OUT/errors.jsonl for wds) and skipped; the exit status
@@ -34,7 +39,7 @@ def register(app: typer.Typer) -> None:
         from mmgen.data.formats import convert
 
         opts = {"max_docs": max_docs} if dst.lower() in ("wds", "webdataset") else {}
-        summary = convert(input, output, src, dst, media_root=media_root, path_map=path_map, **opts)
+        summary = convert(input, output, src, dst, media_root=media_root, path_map=path_map, lossy=lossy, **opts)
         typer.echo(json.dumps(summary, ensure_ascii=False, indent=1))
         if summary["bad"]:
             typer.echo(f"{summary['bad']} bad record(s) skipped, reasons in {summary['errors_path']}", err=True)

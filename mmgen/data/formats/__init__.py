@@ -1,5 +1,10 @@
 """Lossless converters between :class:`~mmgen.data.doc.Doc` and the interleaved corpora formats.
 
+Every format but LLaVA holds any Doc: ``Doc -> X -> Doc`` keeps item order, texts, media bytes or
+references (URLs stay URLs; a fetched medium keeps its URL), every item's and the document's metadata.
+LLaVA holds conversations only: writing another Doc there refuses with a one-line error unless
+``lossy=True`` (``mmgen convert --lossy``).
+
 =========  ===================================================================================
 name       layout
 =========  ===================================================================================
@@ -97,8 +102,11 @@ def errors_path(output, fmt: str) -> Path:
 
 
 def convert(input, output, src: str, dst: str, media_root: str | None = None, path_map=None,
-            progress: bool = True, **opts) -> dict:
+            progress: bool = True, lossy: bool = False, **opts) -> dict:
     """Convert ``input`` (format ``src``) to ``output`` (format ``dst``).
+
+    A Doc the target cannot hold without loss (an interleaved document as LLaVA turns) stops the
+    conversion with :class:`MMGenError` and leaves no output, unless ``lossy`` is set.
 
     Bad records go to :func:`errors_path` with their reasons. Returns a summary whose counts add up:
     ``read == written + bad``; ``bad_reasons`` counts bad records by reason."""
@@ -132,8 +140,15 @@ def convert(input, output, src: str, dst: str, media_root: str | None = None, pa
         from tqdm import tqdm
 
         stream = tqdm(stream, desc=f"{src} -> {dst}", unit="doc", dynamic_ncols=True)
+    from mmgen.data.formats.llava import LossyConversionError
+
     try:
-        counts = write_records(stream, output, dst, on_bad=on_bad, **opts)
+        counts = write_records(stream, output, dst, on_bad=on_bad, lossy=lossy, **opts)
+    except LossyConversionError:
+        for p in (Path(output), err_path):  # a half-written output would pass for a whole one
+            if p.is_file():
+                p.unlink()
+        raise
     finally:
         if err_file is not None:
             err_file.close()

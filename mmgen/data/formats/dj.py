@@ -15,8 +15,8 @@ import re
 
 from mmgen.data.doc import Doc, Text
 from mmgen.data.formats._common import (
-    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, meta_from_extras, read_jsonl,
-    record_id, write_jsonl,
+    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, item_meta_out, meta_from_extras,
+    read_jsonl, record_id, write_jsonl,
 )
 
 TOKENS = {"image": "<__dj__image>", "audio": "<__dj__audio>", "video": "<__dj__video>"}
@@ -154,7 +154,7 @@ def doc_to_record(doc: Doc, media: MediaExport) -> dict:
         eoc = int(it.meta.get("dj_eoc", 0))
         units += [EOC] * eoc
         after_text = after_text and not eoc
-        rest = {k: v for k, v in it.meta.items() if k != "dj_eoc"}
+        rest = {k: v for k, v in (it.meta if isinstance(it, Text) else item_meta_out(it)).items() if k != "dj_eoc"}
         item_meta.append(rest or None)
     spacing = doc.meta.get(SPACING)
     if not (isinstance(spacing, list) and len(spacing) == len(units) + 1):

@@ -4,20 +4,30 @@
 
 Each turn's text between placeholders becomes a Text item (verbatim, so the turn is rebuilt exactly);
 a placeholder becomes the media item. Every item gets ``meta["role"]`` (the turn's ``from``) and
-``meta["turn"]``; other keys of a turn are copied to its items' meta. A Doc without roles is written
-as one ``human`` turn (its consecutive texts joined by a newline). Item metadata a turn cannot hold
+``meta["turn"]``; other keys of a turn are copied to its items' meta. Item metadata a turn cannot hold
 goes to an ``item_meta`` list.
+
+A turn holds one text between placeholders, so only a conversation converts without loss: every item
+with its ``role`` and ``turn``, no two texts in a row inside a turn. Any other Doc (an interleaved web
+document) raises :class:`LossyConversionError` unless written with ``lossy=True``: then a Doc without
+roles becomes one ``human`` turn and consecutive texts are joined by a newline.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 from mmgen.data.doc import Doc, Text
 from mmgen.data.formats._common import (
-    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, meta_from_extras, read_jsonl,
-    write_jsonl,
+    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, item_meta_out, meta_from_extras,
+    read_jsonl, write_jsonl,
 )
+from mmgen.errors import MMGenError
+
+
+class LossyConversionError(MMGenError):
+    """A Doc cannot be written in the target format without losing information."""
 
 TOKENS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 _TOKEN_KIND = {v: k for k, v in TOKENS.items()}
@@ -82,7 +92,26 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
     return doc_from_items(items, rec, meta)
 
 
-def doc_to_record(doc: Doc, media: MediaExport) -> dict:
+def loss(doc: Doc) -> str | None:
+    """Why ``doc`` cannot become LLaVA turns without loss, or None when it can."""
+    no_role = sum(1 for it in doc.items if "role" not in it.meta or "turn" not in it.meta)
+    merged = sum(1 for a, b in zip(doc.items, doc.items[1:])
+                 if isinstance(a, Text) and isinstance(b, Text) and a.meta.get("turn", -1) == b.meta.get("turn", -1))
+    if not no_role and not merged:
+        return None
+    n_texts = len(doc.texts)
+    why = [f"{no_role} of its {len(doc.items)} items have no conversation role/turn"] if no_role else []
+    if merged:
+        why.append(f"its {n_texts} texts would merge into {n_texts - merged}")
+    return "; ".join(why)
+
+
+def doc_to_record(doc: Doc, media: MediaExport, lossy: bool = False) -> dict:
+    if not lossy and (why := loss(doc)) is not None:
+        where = ":".join(str(doc.provenance[k]) for k in ("source", "line") if k in doc.provenance)
+        raise LossyConversionError(
+            f"doc {doc.id!r}{f' ({where})' if where else ''} cannot be written as LLaVA turns without loss: {why}; "
+            "pass --lossy (lossy=True) to convert anyway")
     # Group items into turns: by the recorded turn index, else by runs of the same role.
     groups: list[list] = []
     key_prev = object()
@@ -104,7 +133,8 @@ def doc_to_record(doc: Doc, media: MediaExport) -> dict:
         turn.update({k: v for k, v in shared.items() if k not in _ITEM_STRUCTURAL})
         prev_text = False
         for it in group:
-            rest = {k: v for k, v in it.meta.items() if k not in shared and k not in _ITEM_STRUCTURAL}
+            meta = it.meta if isinstance(it, Text) else item_meta_out(it)
+            rest = {k: v for k, v in meta.items() if k not in shared and k not in _ITEM_STRUCTURAL}
             if isinstance(it, Text) and prev_text:
                 # A turn holds one text between placeholders: consecutive texts merge (lossy, by design).
                 turn["value"] += "\n" + it.text
@@ -135,5 +165,6 @@ def read(path, **opts):
     return read_jsonl(path, record_to_doc, whole_json_ok=True, exts=(".jsonl", ".json"), **opts)
 
 
-def write(docs, out_path, **opts) -> dict:
-    return write_jsonl(docs, out_path, doc_to_record, as_json_array=str(out_path).endswith(".json"), **opts)
+def write(docs, out_path, lossy: bool = False, **opts) -> dict:
+    return write_jsonl(docs, out_path, functools.partial(doc_to_record, lossy=lossy),
+                       as_json_array=str(out_path).endswith(".json"), **opts)

@@ -12,8 +12,8 @@ import json
 
 from mmgen.data.doc import Audio, Doc, Image, Text, Video
 from mmgen.data.formats._common import (
-    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, meta_from_extras, read_jsonl,
-    record_id, write_jsonl,
+    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, item_meta_out, meta_from_extras,
+    read_jsonl, record_id, write_jsonl,
 )
 
 MEDIA_LISTS = {"images": "image", "audios": "audio", "videos": "video"}
@@ -84,7 +84,7 @@ def doc_to_record(doc: Doc, media: MediaExport) -> dict:
         else:
             key = {Image: "images", Audio: "audios", Video: "videos"}[type(it)]
             rec[key][i] = media.ref(it)
-        m = it.meta
+        m = it.meta if isinstance(it, Text) else item_meta_out(it)
         if set(m) == {"obelics_metadata"}:
             metadata.append(m["obelics_metadata"])
         else:
