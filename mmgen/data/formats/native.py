@@ -1,10 +1,11 @@
-"""mmgen's own jsonl: one :meth:`Doc.to_json` per line, media by path (relative to the file's folder).
+"""mmgen's own jsonl: one :meth:`Doc.to_json` per line, media by path (relative to the file's folder)
+or by ``url`` (a reference not fetched; a fetched medium has both).
 
 Lossless by construction; it is what ``mmgen.data.shards.read_docs`` reads for ``.jsonl`` inputs."""
 
 from __future__ import annotations
 
-from mmgen.data.doc import Doc, Text
+from mmgen.data.doc import Doc, Text, is_url
 from mmgen.data.formats._common import MediaExport, ReadContext, RecordError, read_jsonl, write_jsonl
 
 
@@ -15,7 +16,11 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
     for k, entry in enumerate(rec["items"]):
         if not isinstance(entry, dict):
             raise RecordError("bad_schema", f"items[{k}] is not an object")
-        if entry.get("type") != "text" and entry.get("path") and not entry.get("member"):
+        if entry.get("type") != "text" and is_url(entry.get("path")):
+            entry = dict(entry, url=entry.get("url") or entry["path"])  # a URL reference, not a file
+            entry.pop("path")
+            rec["items"][k] = entry
+        elif entry.get("type") != "text" and entry.get("path") and not entry.get("member"):
             path, found = ctx.resolve(entry["path"])
             if not found:
                 missing.append(f"{entry.get('type')} file not found: {entry['path']} (resolved to {path})")
@@ -31,7 +36,7 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
 def doc_to_record(doc: Doc, media: MediaExport) -> dict:
     obj = doc.to_json()
     for it, entry in zip(doc.items, obj["items"]):
-        if not isinstance(it, Text):
+        if not isinstance(it, Text) and it.fetched:
             entry["path"] = media.ref(it)
             entry.pop("source_path", None)  # absolute paths of this machine mean nothing elsewhere
     return obj
