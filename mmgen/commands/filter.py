@@ -37,8 +37,8 @@ def register(app: typer.Typer) -> None:
 
 def summary_line(s: dict, out: str) -> str:
     """The console summary: documents, then items removed or quarantined inside kept documents."""
-    line = (f"{s['input']} docs: {s['kept']} kept ({s['kept_with_nodes_removed']} with {s['nodes_removed']} "
-            f"items removed, {s.get('nodes_quarantined', 0)} items quarantined), {s['rejected']} rejected, "
+    line = (f"{s['input']} docs: {s['kept']} kept ({s['kept_with_nodes_removed']} of them lost items: "
+            f"{s['nodes_removed']} removed, {s.get('nodes_quarantined', 0)} quarantined), {s['rejected']} rejected, "
             f"{s['quarantined']} quarantined")
     if s.get("media_not_fetched"):
         line += (f"; {s['media_not_fetched']} media URLs not fetched were kept unjudged by pixel operators "

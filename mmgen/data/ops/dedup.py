@@ -524,7 +524,7 @@ class UrlDedup(StatefulOp):
             first = self.seen.get(sig)
             return [Verdict("duplicate_url" if first else None, {"url_key": sig}, duplicate_of=first)]
         out, local = [], set()
-        for i, _ in view.images():
+        for i, _ in view.images(fetched=False):  # a URL needs no bytes to be compared
             key = (sig or {}).get(i)
             if key is None:
                 continue
@@ -534,7 +534,7 @@ class UrlDedup(StatefulOp):
         return out
 
     def commit(self, view, sig, doc_id):
-        keys = [sig] if self.level == "doc" else [(sig or {}).get(i) for i, _ in view.images()]
+        keys = [sig] if self.level == "doc" else [(sig or {}).get(i) for i, _ in view.images(fetched=False)]
         for key in keys:
             if key is not None and key not in self.seen:
                 self._add([key, doc_id])
