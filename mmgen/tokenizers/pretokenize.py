@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmgen.errors import MediaError, MMGenError
+from mmgen.errors import MediaError, MMGenError, NotFetchedError
 
 
 def target_size(tokenizer, width: int, height: int, keep_aspect: bool) -> tuple[int, int]:
@@ -197,10 +197,10 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
                     elif kind in ("audio", "video"):
                         media.encode(item, i, arrays, counts)
                 except MediaError as e:
-                    failed = (i, kind, str(e))
+                    failed = (i, "not_fetched" if isinstance(e, NotFetchedError) else f"undecodable_{kind}", str(e))
                     break
             if failed is not None:
-                quarantine({"id": rec.id, "provenance": rec.provenance, "reason": f"undecodable_{failed[1]}",
+                quarantine({"id": rec.id, "provenance": rec.provenance, "reason": failed[1],
                             "item": failed[0], "detail": failed[2]})
                 continue
             stats.update(counts)  # a quarantined Doc's items are not counted as encoded

@@ -243,7 +243,7 @@ def load_training_images(cfg: TokenizerTrainConfig, with_scenes: bool = False):
     """All training images as a uint8 tensor ``(N, 3, R, R)`` and counts of what was read/skipped;
     ``with_scenes`` adds each image's ShapesWorld scene (``None`` where none is known: shards, folders)."""
     arrays: list[np.ndarray] = []
-    stats = {"from_shards": 0, "from_dirs": 0, "synthetic": 0, "bad_records": 0, "undecodable": 0}
+    stats = {"from_shards": 0, "from_dirs": 0, "synthetic": 0, "bad_records": 0, "undecodable": 0, "not_fetched": 0}
     limit = cfg.max_images
 
     def full() -> bool:
@@ -260,6 +260,9 @@ def load_training_images(cfg: TokenizerTrainConfig, with_scenes: bool = False):
                 stats["bad_records"] += 1
                 continue
             for item in doc.images:
+                if not item.fetched:  # a URL reference: `mmgen fetch` downloads it
+                    stats["not_fetched"] += 1
+                    continue
                 try:
                     arrays.append(_square(item.to_pil(), cfg.resolution))
                     stats["from_shards"] += 1
