@@ -171,7 +171,8 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
     todo = [u for u in wanted if u not in found or "error" in found[u]]
     previously = len(wanted) - len(todo)
     waves, period = _waves(todo, per_host_rate)
-    run = sum(1 for p in download_dir.glob("run*") if p.is_dir()) if download_dir.is_dir() else 0
+    done_runs = [int(p.name[3:6]) for p in download_dir.glob("run*-*") if p.is_dir()] if download_dir.is_dir() else []
+    run = max(done_runs, default=-1) + 1
     for w, wave in enumerate(waves):
         start = time.monotonic()
         _download(wave, download_dir / f"run{run:03d}-{w:05d}", timeout, retries, threads, processes, shard_size,
