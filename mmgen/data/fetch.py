@@ -24,6 +24,10 @@ Output folder::
 Resume: every run first takes in what earlier runs' img2dataset folders hold (finished shards'
 parquet, and the files of an interrupted shard), then downloads only the URLs not fetched yet.
 Counts add up: ``urls == fetched + failed``, and ``media_refs == media_fetched + media_failed``.
+
+img2dataset downloads in worker processes started with ``spawn``: a script that calls :func:`fetch`
+needs the usual ``if __name__ == "__main__":`` guard. Its per-host rate is kept by waves (img2dataset
+has no per-host limit), and a file is measured against ``max_bytes`` once downloaded.
 """
 
 from __future__ import annotations
