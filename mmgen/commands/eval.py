@@ -1,10 +1,13 @@
-"""``mmgen eval``: evaluation commands. ``eval_app`` is a typer sub-app so each suite adds its own
-subcommand (``mmgen eval scene``, ``mmgen eval t2i``, ...) here."""
+"""``mmgen eval``: evaluation commands, a typer sub-app: ``mmgen eval run`` (suites on a checkpoint, a
+report with intervals), ``mmgen eval compare`` (two reports side by side), ``mmgen eval geneval-prompts``
+(ShapesWorld's GenEval metadata), ``mmgen eval lmms-task`` (the lmms-eval task files) and
+``mmgen eval scene`` (the scene parser on image files)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -42,6 +45,73 @@ def scene(
             from mmgen.data.synthetic.text import caption
 
             typer.echo(f"{path}: {caption(res.scene, template=0)}")
+
+
+@eval_app.command("run")
+def run(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (an mmgen bundle)."),
+    suite: str = typer.Option("all", "--suite", help="Comma list of t2i, geneval, qa, interleaved, recon; or all."),
+    out: Path = typer.Option(Path("eval"), "--out", help="Folder for report.json, report.md, grids and per-sample results."),
+    n: int = typer.Option(200, "--n", help="Prompts / questions / documents per split (t2i, qa, interleaved)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: the quick start's, 0)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Default: generation_config.json, else the quick start's 0.2."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Default: generation_config.json, else 0 (off)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Default: generation_config.json, else 1 (off)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Default: generation_config.json's guidance_scale, else 1 (off)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batch (batch i samples with seed + i)."),
+    geneval_prompts: Optional[Path] = typer.Option(None, "--geneval-prompts", help="GenEval metadata jsonl (default: ShapesWorld's)."),
+    geneval_per_tag: int = typer.Option(25, "--geneval-per-tag", help="ShapesWorld GenEval prompts per tag."),
+    detector: str = typer.Option("scene_parser", "--detector", help="scene_parser, or a local directory of a zero-shot "
+                                                                     "detector (OWL-ViT, OWLv2, Grounding DINO) for real images."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+):
+    """Evaluate a checkpoint: generate, judge, and write report.json / report.md with PNG grids; every number
+    with its count and 95% interval, and what reproduces it. A rerun into the same --out resumes.
+
+    \b
+    Example:
+        mmgen eval run runs/quickstart/sft/final --suite t2i,geneval,qa --out runs/eval_sft
+        mmgen eval run runs/quickstart/sft/final --suite all --temperature 0 --out runs/eval_greedy
+    """
+    from mmgen.eval.run import run_eval
+
+    report = run_eval(checkpoint, suite, out, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                      seed=seed, device=device, n=n, batch_size=batch_size, geneval_per_tag=geneval_per_tag,
+                      geneval_prompts=str(geneval_prompts) if geneval_prompts else None, detector=detector)
+    typer.echo(f"wrote {out / 'report.md'} ({', '.join(report['suites'])})")
+
+
+@eval_app.command("compare")
+def compare(
+    a: Path = typer.Argument(..., help="report.json of the first run (A)."),
+    b: Path = typer.Argument(..., help="report.json of the second run (B)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+):
+    """Print every metric of two reports with its interval, B - A with its 95% interval, and the settings
+    that differ.
+
+    Example: mmgen eval compare runs/eval_a/report.json runs/eval_b/report.json
+    """
+    from mmgen.eval.run import compare_reports, format_comparison
+
+    cmp = compare_reports(a, b)
+    typer.echo(json.dumps(cmp, indent=1) if as_json else format_comparison(cmp))
+
+
+@eval_app.command("geneval-prompts")
+def geneval_prompts_cmd(
+    out: Path = typer.Option(Path("geneval_metadata.jsonl"), "--out", help="Where to write the metadata jsonl."),
+    per_tag: int = typer.Option(25, "--per-tag", help="Prompts per tag."),
+    seed: int = typer.Option(1234, "--seed", help="Draws the scenes."),
+):
+    """Write ShapesWorld's GenEval metadata (GenEval's evaluation_metadata.jsonl format).
+
+    Example: mmgen eval geneval-prompts --out prompts.jsonl --per-tag 50
+    """
+    from mmgen.eval.geneval import shapesworld_metadata, write_metadata
+
+    p = write_metadata(shapesworld_metadata(per_tag, seed=seed), out)
+    typer.echo(f"wrote {p}")
 
 
 def register(app: typer.Typer) -> None:

@@ -112,4 +112,5 @@ def evaluate_reconstruction(image_tokenizer, n: int = 200, seed: int = 7, size: 
         psnr.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
     return {"n": n, "scene_agreement": float(np.mean(exact)), "scene_agreement_by_split": by_split,
             "psnr_db": float(np.mean(psnr)),
+            "per_sample": {"exact": [bool(e) for e in exact], "split": splits, "psnr": [float(v) for v in psnr]},
             "examples": list(zip(originals[:8], recons[:8]))}

@@ -1,0 +1,405 @@
+"""The suites of ``mmgen eval run``: each builds its cases, runs them batch by batch, judges every
+sample and summarises with counts and 95% intervals.
+
+A suite's cases are fixed by its options alone, and batch ``i`` of a split samples with seed
+``seed + i`` (as :func:`mmgen.inference.generate.generate_image_rows` numbers its batches), so a
+batch gives the same result whether it runs in one go, after a resume, or inside the quick start.
+
+- ``t2i``: captions of val and held-out scenes -> one image each, judged by the scene parser;
+- ``geneval``: GenEval metadata (ShapesWorld's by default, or a file) -> one image per prompt, judged by
+  GenEval's rules over a detector (:mod:`mmgen.eval.geneval`);
+- ``qa``: a rendered scene and one question -> a greedy short answer, exact match;
+- ``interleaved``: a build-up document cut before a step's picture -> the next picture, exact scene,
+  plus InterleavedEval's five aspects judged by rules (:mod:`mmgen.eval.interleaved`);
+- ``recon``: the image tokenizer's round trip on rendered scenes (scene agreement, PSNR).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmgen.errors import MMGenError
+from mmgen.eval.stats import mean_interval, proportion
+
+SUITES = ("t2i", "geneval", "qa", "interleaved", "recon")
+_NEEDS_IMAGES = {"t2i", "geneval", "interleaved", "recon"}
+
+
+@dataclass
+class EvalOptions:
+    n: int = 200  # prompts / questions / documents per split (t2i, qa, interleaved)
+    prompt_seed: int = 1234  # picks the t2i prompts (the quick start's value)
+    batch_size: int = 16
+    geneval_prompts: str | None = None  # GenEval metadata jsonl; None: ShapesWorld's, generated
+    geneval_per_tag: int = 25
+    detector: str = "scene_parser"  # or a local directory of a transformers zero-shot detector
+    recon_n: int = 200
+    recon_seed: int = 7
+    interleaved_splits: tuple[str, ...] = ("val",)
+    qa_max_new_tokens: int = 6
+
+
+@dataclass
+class Context:
+    out: Path
+    sampling: dict
+    opts: EvalOptions
+    extra: dict = field(default_factory=dict)
+
+    def save_image(self, img, rel: str) -> str:
+        p = self.out / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        img.save(p)
+        return rel
+
+    def load_image(self, rel: str):
+        from PIL import Image
+
+        with Image.open(self.out / rel) as im:
+            return im.convert("RGB")
+
+
+def parse_suites(spec: str | list[str]) -> list[str]:
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [s.strip() for s in names if s.strip()]
+    if names == ["all"]:
+        return list(SUITES)
+    bad = [s for s in names if s not in SUITES]
+    if bad or not names:
+        raise MMGenError(f"unknown suite {', '.join(bad) or '(none)'}; use a comma list of {', '.join(SUITES)} or all")
+    return list(dict.fromkeys(names))
+
+
+def check_bundle(bundle, suites: list[str], checkpoint) -> None:
+    need = [s for s in suites if s in _NEEDS_IMAGES]
+    if need and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):
+        raise MMGenError(f"suite {', '.join(need)} needs a checkpoint with an image tokenizer, and {checkpoint} has none "
+                         f"(no image_tokenizer/ or no pixel codes in its vocab); run --suite qa, or use a checkpoint "
+                         "trained with data.image_tokenizer=DIR")
+
+
+def _batches(items: list, size: int, prefix: str):
+    size = max(1, int(size))
+    return [(f"{prefix}/{bi}", bi, items[s:s + size]) for bi, s in enumerate(range(0, len(items), size))]
+
+
+def _pct_block(records, keys) -> dict:
+    return {k: proportion(sum(bool(r[k]) for r in records), len(records)) for k in keys}
+
+
+# -- t2i ---------------------------------------------------------------------------------------------
+class T2ISuite:
+    name = "t2i"
+    splits = ("val", "heldout")
+
+    def prepare(self, bundle, ctx: Context):
+        from mmgen.eval.t2i import t2i_eval_set
+
+        self.items = {sp: t2i_eval_set(ctx.opts.n, sp, seed=ctx.opts.prompt_seed) for sp in self.splits}
+        self.batches = []
+        for sp in self.splits:
+            self.batches += [(k, bi, (sp, bi * ctx.opts.batch_size, chunk))
+                             for k, bi, chunk in _batches(self.items[sp], ctx.opts.batch_size, sp)]
+        return [{"split": sp, "prompt": it.prompt, "scene": it.scene.to_dict()} for sp in self.splits for it in self.items[sp]]
+
+    def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
+        from mmgen.eval.t2i import score_image
+        from mmgen.inference.generate import generate_images
+
+        split, start, chunk = payload
+        s = ctx.sampling
+        images = generate_images(bundle, [it.prompt for it in chunk], temperature=s["temperature"], top_k=s["top_k"],
+                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+        out = []
+        for j, (it, img) in enumerate(zip(chunk, images)):
+            sc = score_image(img, it.scene)
+            out.append({"id": f"{split}/{start + j}", "split": split, "prompt": it.prompt, "truth": it.scene.to_dict(),
+                        "image": ctx.save_image(img, f"images/t2i/{split}_{start + j:04d}.png"), **sc})
+        return out
+
+    def summarize(self, records: list[dict]) -> dict:
+        from mmgen.eval.t2i import summarize
+
+        out = {}
+        for sp in self.splits:
+            rs = [r for r in records if r["split"] == sp]
+            if rs:
+                out[sp] = {**summarize(rs), "intervals": _pct_block(rs, ("all_objects", "exact_scene", "parsed"))}
+        return out
+
+    def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
+        rows = []
+        for sp in self.splits:
+            rows += [r for r in records if r["split"] == sp][:k]
+        return [{"images": [("generated", ctx.load_image(r["image"]))], "text": r["prompt"],
+                 "verdict": _verdict(r["all_objects"], r["parsed"]), "ok": r["all_objects"], "tag": r["split"]}
+                for r in rows]
+
+
+def _verdict(ok: bool, parsed: bool = True) -> str:
+    return "correct" if ok else ("unparseable" if not parsed else "wrong")
+
+
+# -- geneval -----------------------------------------------------------------------------------------
+class GenEvalSuite:
+    name = "geneval"
+
+    def prepare(self, bundle, ctx: Context):
+        from mmgen.eval.geneval import load_metadata, shapesworld_metadata
+
+        o = ctx.opts
+        self.entries = load_metadata(o.geneval_prompts) if o.geneval_prompts else \
+            shapesworld_metadata(o.geneval_per_tag, seed=o.prompt_seed)
+        self.batches = [(k, bi, (bi * o.batch_size, chunk)) for k, bi, chunk in _batches(self.entries, o.batch_size, "all")]
+        self._detector = None
+        return self.entries
+
+    def detector(self, ctx: Context):
+        if self._detector is None:
+            from mmgen.eval.geneval import SceneParserDetector, ZeroShotDetector
+
+            d = ctx.opts.detector
+            self._detector = SceneParserDetector() if d == "scene_parser" else ZeroShotDetector(d)
+        return self._detector
+
+    def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
+        from mmgen.eval.geneval import result_record
+        from mmgen.inference.generate import generate_images
+
+        start, chunk = payload
+        s = ctx.sampling
+        images = generate_images(bundle, [e["prompt"] for e in chunk], temperature=s["temperature"], top_k=s["top_k"],
+                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+        det = self.detector(ctx)
+        out = []
+        for j, (e, img) in enumerate(zip(chunk, images)):
+            rel = ctx.save_image(img, f"images/geneval/{start + j:04d}_{e['tag']}.png")
+            classes = sorted({r["class"] for r in e["include"] + e.get("exclude", [])})
+            dets = det.detect(img, classes)
+            out.append({"id": str(start + j), **result_record(e, dets, filename=rel,
+                                                              unreadable=getattr(det, "last_reason", None)), "image": rel})
+        return out
+
+    def summarize(self, records: list[dict]) -> dict:
+        from mmgen.eval.geneval import summarize
+
+        return summarize(records)
+
+    def write_results(self, records: list[dict], path: Path) -> None:
+        """GenEval's per-image results file (one JSON object per image)."""
+        keys = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
+        path.write_text("".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in sorted(records, key=lambda r: int(r["id"]))))
+
+    def panels(self, records: list[dict], ctx: Context, k: int = 4) -> list[dict]:
+        from mmgen.eval.geneval import TAGS
+
+        rows = []
+        for tag in TAGS:
+            rows += [r for r in records if r["tag"] == tag][:k]
+        return [{"images": [("generated", ctx.load_image(r["image"]))], "text": r["prompt"],
+                 "verdict": "correct" if r["correct"] else r["reason"].splitlines()[0], "ok": r["correct"],
+                 "tag": r["tag"] + (", held-out pair" if json.loads(r["metadata"]).get("heldout") else "")}
+                for r in rows]
+
+
+# -- qa ----------------------------------------------------------------------------------------------
+class QASuite:
+    name = "qa"
+    splits = ("val", "heldout")
+
+    def prepare(self, bundle, ctx: Context):
+        from mmgen.data.synthetic import render, render_size
+        from mmgen.data.synthetic.text import qa_pairs
+        from mmgen.eval.understanding import _scenes, qa_prompt_ids, resolution
+        from mmgen.inference.generate import image_ids
+
+        res = resolution(bundle) if bundle.image_tokenizer is not None else None
+        if res is None:
+            raise MMGenError("suite qa shows the model a picture: the checkpoint needs an image tokenizer")
+        self.cases, self.batches, items = {}, [], []
+        for sp in self.splits:
+            scenes, rng = _scenes(ctx.opts.n, sp, ctx.sampling["seed"], "qa")
+            qas = [qa_pairs(s, rng, n=1)[0] for s in scenes]
+            # every picture of a split encoded in one call, as the quick start always did
+            blocks = image_ids(bundle, [render(s, *render_size(res)) for s in scenes])
+            rows = [qa_prompt_ids(bundle, b, q) for b, (q, _, _) in zip(blocks, qas)]
+            cases = [{"scene": s, "qa": qa, "row": row} for s, qa, row in zip(scenes, qas, rows)]
+            self.batches += [(k, bi, (sp, bi * ctx.opts.batch_size, chunk))
+                             for k, bi, chunk in _batches(cases, ctx.opts.batch_size, sp)]
+            items += [{"split": sp, "scene": c["scene"].to_dict(), "question": c["qa"][0], "truth": c["qa"][1]} for c in cases]
+        return items
+
+    def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
+        from mmgen.eval.understanding import normalize_answer
+        from mmgen.inference.generate import generate_text_rows
+
+        split, start, chunk = payload
+        answers = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=ctx.opts.qa_max_new_tokens,
+                                     batch_size=len(chunk))
+        return [{"id": f"{split}/{start + j}", "split": split, "question": c["qa"][0], "truth": c["qa"][1], "qtype": c["qa"][2],
+                 "answer": a, "correct": normalize_answer(a) == c["qa"][1], "scene": c["scene"].to_dict()}
+                for j, (c, a) in enumerate(zip(chunk, answers))]
+
+    def summarize(self, records: list[dict]) -> dict:
+        out = {}
+        for sp in self.splits:
+            rs = [r for r in records if r["split"] == sp]
+            if not rs:
+                continue
+            by_type: dict[str, list[bool]] = {}
+            for r in rs:
+                by_type.setdefault(r["qtype"], []).append(r["correct"])
+            out[sp] = {"n": len(rs), "accuracy": float(np.mean([r["correct"] for r in rs])),
+                       "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())},
+                       "intervals": {"accuracy": proportion(sum(r["correct"] for r in rs), len(rs)),
+                                     **{f"by_type.{k}": proportion(sum(v), len(v)) for k, v in sorted(by_type.items())}}}
+        return out
+
+    def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
+        from mmgen.data.synthetic import Scene, render
+
+        rows = []
+        for sp in self.splits:
+            rows += [r for r in records if r["split"] == sp][:k]
+        return [{"images": [("input", render(Scene.from_dict(r["scene"]), 72, 72))],
+                 "text": f"Q: {r['question']}\nA: {r['answer'] or '(nothing)'}\ntruth: {r['truth']}",
+                 "verdict": "correct" if r["correct"] else "wrong", "ok": r["correct"], "tag": r["split"]} for r in rows]
+
+
+# -- interleaved -------------------------------------------------------------------------------------
+class InterleavedSuite:
+    name = "interleaved"
+
+    def prepare(self, bundle, ctx: Context):
+        from mmgen.eval.understanding import buildup_cases, buildup_prompt_ids, resolution
+        from mmgen.inference.generate import prompt_ids
+
+        res = resolution(bundle)
+        self.batches, items = [], []
+        uncond = prompt_ids(bundle, "", image=True)  # <s> <image>: the empty prompt
+        for sp in ctx.opts.interleaved_splits:
+            cases = buildup_cases(ctx.opts.n, sp, ctx.sampling["seed"], res)
+            for c in cases:
+                c["row"], c["uncond"] = buildup_prompt_ids(bundle, c["items"]), uncond
+            self.batches += [(k, bi, (sp, bi * ctx.opts.batch_size, chunk))
+                             for k, bi, chunk in _batches(cases, ctx.opts.batch_size, sp)]
+            items += [{"split": sp, "instruction": c["instruction"], "truth": c["truth"],
+                       "document": [it.text if it.kind == "text" else it.meta.get("scene") for it in c["items"]]}
+                      for c in cases]
+        return items
+
+    def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
+        from mmgen.data.synthetic.scene import Scene
+        from mmgen.eval.interleaved import judge_step
+        from mmgen.eval.scene_parser import compare_scenes, parse_scene
+        from mmgen.inference.generate import generate_image_rows
+
+        split, start, chunk = payload
+        s = ctx.sampling
+        images = generate_image_rows(bundle, [c["row"] for c in chunk], [c["uncond"] for c in chunk],
+                                     temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi,
+                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+        out = []
+        for j, (c, img) in enumerate(zip(chunk, images)):
+            i = start + j
+            pred = parse_scene(img)
+            truth = Scene.from_dict(c["truth"])
+            cmp = compare_scenes(pred, truth)
+            before = [it for it in c["items"] if it.kind == "image"][-1]
+            prev_scene = Scene.from_dict(before.meta["scene"])
+            out.append({"id": f"{split}/{i}", "split": split, "instruction": c["instruction"], "truth": c["truth"],
+                        "before": ctx.save_image(before.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
+                        "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
+                        "exact": cmp["exact"], "parsed": cmp["parsed"], "object_recall": cmp["object_recall"],
+                        "pred": pred.to_dict() if pred is not None else None,
+                        "aspects": judge_step(prev_scene, c["instruction"], pred, truth)})
+        return out
+
+    def summarize(self, records: list[dict]) -> dict:
+        from mmgen.eval.interleaved import ASPECTS
+
+        out = {}
+        for sp in ctx_splits(records):
+            rs = [r for r in records if r["split"] == sp]
+            out[sp] = {"n": len(rs), "accuracy": float(np.mean([r["exact"] for r in rs])),
+                       "parse_rate": float(np.mean([r["parsed"] for r in rs])),
+                       "object_recall": float(np.mean([r["object_recall"] for r in rs])),
+                       "intervals": {**_pct_block(rs, ("exact", "parsed")),
+                                     "object_recall": mean_interval([r["object_recall"] for r in rs])},
+                       "aspects": {a: proportion(sum(r["aspects"][a]["pass"] for r in rs if a in r["aspects"]),
+                                                 sum(a in r["aspects"] for r in rs)) for a in ASPECTS
+                                   if any(a in r["aspects"] for r in rs)}}
+        return out
+
+    def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
+        from mmgen.data.synthetic import Scene, render
+
+        out = []
+        for r in records[:k]:
+            exp = ctx.load_image(r["image"]).size
+            out.append({"images": [("before", ctx.load_image(r["before"])), ("generated", ctx.load_image(r["image"])),
+                                   ("expected", render(Scene.from_dict(r["truth"]), *exp))],
+                        "text": r["instruction"], "verdict": _verdict(r["exact"], r["parsed"]), "ok": r["exact"],
+                        "tag": r["split"]})
+        return out
+
+
+def ctx_splits(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["split"] for r in records))
+
+
+# -- recon -------------------------------------------------------------------------------------------
+class ReconSuite:
+    name = "recon"
+
+    def prepare(self, bundle, ctx: Context):
+        self.batches = [("all/0", 0, None)]
+        return {"n": ctx.opts.recon_n, "seed": ctx.opts.recon_seed}
+
+    def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
+        from mmgen.eval.t2i import evaluate_reconstruction
+
+        out = []
+        toks = [("tokenizer", bundle.image_tokenizer)]
+        if hasattr(bundle.image_tokenizer, "inner"):  # code blocks: also the image tokenizer under the table
+            toks.append(("inner_tokenizer", bundle.image_tokenizer.inner))
+        for name, tok in toks:
+            r = evaluate_reconstruction(tok, n=ctx.opts.recon_n, seed=ctx.opts.recon_seed)
+            ex = r.pop("examples")
+            if name == "tokenizer":
+                for i, (a, b) in enumerate(ex):
+                    ctx.save_image(a, f"images/recon/{i:02d}_original.png")
+                    ctx.save_image(b, f"images/recon/{i:02d}_reconstruction.png")
+            out.append({"id": name, "which": name, "type": type(tok).__name__, **r})
+        return out
+
+    def summarize(self, records: list[dict]) -> dict:
+        out = {}
+        for r in records:
+            m = {k: v for k, v in r.items() if k not in ("id", "which", "per_sample")}
+            ps = r.get("per_sample", {})
+            m["intervals"] = {"scene_agreement": proportion(sum(ps.get("exact", [])), len(ps.get("exact", []))),
+                              "psnr_db": mean_interval(ps.get("psnr", []))}
+            for sp in sorted(set(ps.get("split", []))):
+                e = [x for x, s in zip(ps["exact"], ps["split"]) if s == sp]
+                m["intervals"][f"scene_agreement_by_split.{sp}"] = proportion(sum(e), len(e))
+            out[r["which"]] = m
+        return out
+
+    def panels(self, records: list[dict], ctx: Context, k: int = 8) -> list[dict]:
+        out = []
+        for i in range(k):
+            a, b = f"images/recon/{i:02d}_original.png", f"images/recon/{i:02d}_reconstruction.png"
+            if (ctx.out / a).is_file():
+                out.append({"images": [("original", ctx.load_image(a)), ("reconstruction", ctx.load_image(b))],
+                            "text": "", "verdict": "", "ok": None, "tag": ""})
+        return out
+
+
+SUITE_CLASSES: dict[str, Any] = {"t2i": T2ISuite, "geneval": GenEvalSuite, "qa": QASuite,
+                                 "interleaved": InterleavedSuite, "recon": ReconSuite}
