@@ -47,6 +47,7 @@ class QuickstartConfig:
     sft_overrides: list[str] = field(default_factory=list)
     eval_prompts: int = 200  # per split (val, heldout), for t2i and QA; build-up documents use the val split
     eval_seed: int = 0
+    eval_suites: str = "t2i,qa,interleaved,recon"  # mmgen eval run's suites; add geneval for GenEval's six tags
     cfg_scale: float = 1.0
     # Chosen on prompts the report does not use (evaluate_t2i prompt_seed=99, build-up seed 1; BENCHMARKS
     # "Code blocks"): t2i 0.76 / 0.84 / 0.88 / 0.88 / 0.89 and build-up 0.57 / 0.68 / 0.71 / 0.74 / 0.72
@@ -205,51 +206,35 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
 
 def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path, tok_dir: Path) -> dict:
-    from mmgen.eval.report import image_grid, pairs_grid
-    from mmgen.eval.t2i import evaluate_reconstruction, evaluate_t2i
-    from mmgen.eval.understanding import evaluate_interleaved, evaluate_qa
-    from mmgen.models.bundle import load_bundle
+    """``mmgen eval run`` on the final checkpoint with the quick start's settings (``out/eval`` holds its
+    report, grids and per-sample results; an interrupted evaluation resumes there)."""
+    from mmgen.eval.run import run_eval
     from mmgen.utils.files import read_json
 
-    bundle = load_bundle(bundle_dir)
-    recon = evaluate_reconstruction(bundle.image_tokenizer)
-    pairs_grid(recon.pop("examples"), out / "reconstructions.png")
-    t2i = evaluate_t2i(bundle, n=cfg.eval_prompts, seed=cfg.eval_seed, cfg_scale=cfg.cfg_scale,
-                       temperature=cfg.temperature)
-    samples = t2i.pop("samples")
-    image_grid([s for s in samples if s["split"] == "val"][:12] + [s for s in samples if s["split"] == "heldout"][:12],
-               out / "t2i_grid.png")
-    (out / "t2i_samples.jsonl").write_text("".join(
-        json.dumps({k: v for k, v in s.items() if k != "image"}) + "\n" for s in samples))
-    split = t2i["splits"]
-    qa = evaluate_qa(bundle, n=cfg.eval_prompts, seed=cfg.eval_seed)
-    (out / "qa_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in qa.pop("samples")))
-    inter = evaluate_interleaved(bundle, n=cfg.eval_prompts, seed=cfg.eval_seed, temperature=cfg.temperature,
-                                 cfg_scale=cfg.cfg_scale)
-    inter_samples = inter.pop("samples")
-    image_grid([{"prompt": s["instruction"], "image": s["image"], "all_objects": s["exact"],
-                 "parsed": s["parsed"], "split": s["split"]} for s in inter_samples[:12]],
-               out / "interleaved_grid.png")
-    metrics = {
-        "t2i_accuracy": split["val"]["accuracy"],
-        "t2i_accuracy_heldout_compositions": split["heldout"]["accuracy"],
-        "qa_accuracy": qa["splits"]["val"]["accuracy"],
-        "qa_accuracy_heldout_compositions": qa["splits"]["heldout"]["accuracy"],
-        "interleaved_accuracy": inter["splits"]["val"]["accuracy"],
-        "t2i": split,
-        "qa": qa["splits"],
-        "interleaved": inter["splits"],
-        "tokenizer_reconstruction": recon,
-        "training": read_json(bundle_dir / "mmgen.json", {}),
-    }
-    tok = bundle.image_tokenizer
-    if hasattr(tok, "inner"):  # code blocks: the image tokenizer under the table, on the same scenes
-        inner = evaluate_reconstruction(tok.inner)
-        inner.pop("examples")
-        metrics["inner_tokenizer_reconstruction"] = inner
-    metrics["tokenizer"] = {"type": type(tok).__name__, "tokens_per_image": tok.tokens_per_image(*tok.resolution),
-                            "training": read_json(tok_dir.parent / "eval.json"),
-                            "clip_teacher": read_json(out / "clip" / "eval.json")}
+    rep = run_eval(bundle_dir, cfg.eval_suites, out / "eval", temperature=cfg.temperature, top_k=0, top_p=1.0,
+                   cfg_scale=cfg.cfg_scale, seed=cfg.eval_seed, n=cfg.eval_prompts)
+    suites = {name: e["metrics"] for name, e in rep["suites"].items()}
+    metrics: dict = {"eval_report": str(out / "eval" / "report.json"),
+                     "checkpoint_sha256": rep["checkpoint"]["sha256"], "sampling": rep["sampling"]}
+    if "t2i" in suites:
+        metrics.update(t2i_accuracy=suites["t2i"]["val"]["accuracy"],
+                       t2i_accuracy_heldout_compositions=suites["t2i"]["heldout"]["accuracy"], t2i=suites["t2i"])
+    if "qa" in suites:
+        metrics.update(qa_accuracy=suites["qa"]["val"]["accuracy"],
+                       qa_accuracy_heldout_compositions=suites["qa"]["heldout"]["accuracy"], qa=suites["qa"])
+    if "interleaved" in suites:
+        metrics.update(interleaved_accuracy=suites["interleaved"]["val"]["accuracy"], interleaved=suites["interleaved"])
+    if "geneval" in suites:
+        metrics["geneval"] = suites["geneval"]
+    metrics["training"] = read_json(bundle_dir / "mmgen.json", {})
+    if "recon" in suites:
+        metrics["tokenizer_reconstruction"] = suites["recon"]["tokenizer"]
+        if "inner_tokenizer" in suites["recon"]:  # code blocks: the image tokenizer under the table, same scenes
+            metrics["inner_tokenizer_reconstruction"] = suites["recon"]["inner_tokenizer"]
+        tok = suites["recon"]["tokenizer"]
+        metrics["tokenizer"] = {"type": tok["type"], "tokens_per_image": tok.get("tokens_per_image"),
+                                "training": read_json(tok_dir.parent / "eval.json"),
+                                "clip_teacher": read_json(out / "clip" / "eval.json")}
     metrics["filter_defects"] = _defect_scores(out / "world", out / "filtered")
     return metrics
 
@@ -263,6 +248,9 @@ def _write_markdown(r: dict, path: Path) -> None:
     lines = [
         "# mmgen quickstart report (tiny preset)", "",
         f"Checkpoint: `{r['checkpoint']}` — chat with it: `mmgen chat --checkpoint {r['checkpoint']}`", "",
+        "Measured by `mmgen eval run` (sampling: " + ", ".join(f"{k} {v}" for k, v in r.get("sampling", {}).items()
+                                                              if k != "sources") + "): every figure's count, 95% interval "
+        "and the settings that reproduce it are in [eval/report.md](eval/report.md).", "",
         "## Text-to-image, judged by the ShapesWorld scene parser", "",
         "| split | prompts | all requested objects (shape+colour+position) | exact scene | parsed | shape | colour | size |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -273,7 +261,7 @@ def _write_markdown(r: dict, path: Path) -> None:
                      f"| {_pct(a.get('shape'))} | {_pct(a.get('color'))} | {_pct(a.get('size'))} |")
     rec = r["tokenizer_reconstruction"]
     lines += ["", "`heldout` prompts contain colour–shape pairs never seen in training.", "",
-              "![prompts and generated images](t2i_grid.png)", "",
+              "![prompts and generated images](eval/t2i_grid.png)", "",
               "## Image understanding: one question per image, exact single-word answers", "",
               "| split | questions | accuracy | " + " | ".join(sorted(r["qa"]["val"]["by_type"])) + " |",
               "| --- | --- | --- |" + " --- |" * len(r["qa"]["val"]["by_type"])]
@@ -285,14 +273,14 @@ def _write_markdown(r: dict, path: Path) -> None:
               "| --- | --- | --- | --- | --- |"]
     for split, m in r["interleaved"].items():
         lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['parse_rate'])} | {_pct(m['object_recall'])} |")
-    lines += ["", "![instructions and generated next images](interleaved_grid.png)", "",
+    lines += ["", "![before, generated and expected pictures of build-up steps](eval/interleaved_grid.png)", "",
               "## Image tokenizer", "",
               f"{r['tokenizer']['type']}, {r['tokenizer']['tokens_per_image']} codes per image. "
               f"Scene-parser agreement between {rec['n']} rendered scenes and their reconstructions: "
               f"{_pct(rec['scene_agreement'])} ("
               + ", ".join(f"{k} {_pct(v)}" for k, v in rec.get("scene_agreement_by_split", {}).items())
               + f"); PSNR {rec['psnr_db']:.1f} dB.", "",
-              "![originals (top) and reconstructions (bottom)](reconstructions.png)", ""]
+              "![originals and their reconstructions](eval/recon_grid.png)", ""]
     if "inner_tokenizer_reconstruction" in r:
         inner = r["inner_tokenizer_reconstruction"]
         lines += [f"The image tokenizer under the code-block table, alone: {_pct(inner['scene_agreement'])} ("

@@ -25,16 +25,20 @@ from mmgen.eval.suites import SUITE_CLASSES, Context, EvalOptions, check_bundle,
 
 
 def _read_done(path: Path) -> dict[str, list[dict]]:
-    """Finished batches of a suite: {batch key: records}. A line cut short by a kill is ignored (its
-    batch runs again)."""
+    """Finished batches of a suite: {batch key: records}. A line cut short by a kill is dropped from
+    the file (its batch runs again and is appended whole)."""
     done: dict[str, list[dict]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[rec["batch"]] = rec["records"]
+    if not path.is_file():
+        return done
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[rec["batch"]] = rec["records"]
+        kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
     return done
 
 
@@ -68,6 +72,8 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
         from mmgen.eval.geneval import load_metadata
 
         load_metadata(opts.geneval_prompts)  # a wrong file fails now, before any model loads
+    if not (ckpt / "image_tokenizer").is_dir():  # before any weights load: the one-line error comes first
+        check_bundle(type("NoImages", (), {"image_tokenizer": None})(), names, ckpt)
     sampling = sampling_settings(ckpt, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed)
     ck = checkpoint_hash(ckpt)
     if bundle is None:

@@ -77,7 +77,7 @@ def parse_suites(spec: str | list[str]) -> list[str]:
 
 def check_bundle(bundle, suites: list[str], checkpoint) -> None:
     need = [s for s in suites if s in _NEEDS_IMAGES]
-    if need and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):
+    if need and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):  # no image tokenizer: vocab unread
         raise MMGenError(f"suite {', '.join(need)} needs a checkpoint with an image tokenizer, and {checkpoint} has none "
                          f"(no image_tokenizer/ or no pixel codes in its vocab); run --suite qa, or use a checkpoint "
                          "trained with data.image_tokenizer=DIR")
@@ -375,7 +375,8 @@ class ReconSuite:
                 for i, (a, b) in enumerate(ex):
                     ctx.save_image(a, f"images/recon/{i:02d}_original.png")
                     ctx.save_image(b, f"images/recon/{i:02d}_reconstruction.png")
-            out.append({"id": name, "which": name, "type": type(tok).__name__, **r})
+            out.append({"id": name, "which": name, "type": type(tok).__name__,
+                        "tokens_per_image": tok.tokens_per_image(*tok.resolution), **r})
         return out
 
     def summarize(self, records: list[dict]) -> dict:
