@@ -34,6 +34,10 @@ $(STAMP): pyproject.toml constraints.txt | system-deps
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt --no-build-isolation deepspeed
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# lmms-eval (the mmgen[lmms] extra) without its own dependency tree, which pins wandb==0.25.0 and
+	# av<16 and pulls dozens of task-specific packages; the plug-in and its tests need only these.
+	$(PY) -m pip install -q -c constraints.txt --no-deps 'lmms-eval>=0.7,<0.8'
+	$(PY) -m pip install -q -c constraints.txt datasets evaluate sacrebleu tenacity pytablewriter 'filelock<4'
 	@touch $(STAMP)
 
 clean:

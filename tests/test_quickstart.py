@@ -60,13 +60,18 @@ def test_quickstart_end_to_end_small(tmp_path):
     assert report["checkpoint"].endswith("final") and "sft" in report["checkpoint"]
     for key in ("qa_accuracy", "qa_accuracy_heldout_compositions", "interleaved_accuracy"):
         assert 0.0 <= report[key] <= 1.0, key
-    qa = [json.loads(x) for x in (report_md.parent / "qa_samples.jsonl").read_text().splitlines()]
+    # The evaluation stage is `mmgen eval run` with the quick start's settings: its report, grids and samples.
+    ev = report_md.parent / "eval"
+    assert report["eval_report"] == str(ev / "report.json") and report["sampling"]["temperature"] == cfg.temperature
+    records = lambda suite: [r for line in (ev / "samples" / f"{suite}.jsonl").read_text().splitlines()  # noqa: E731
+                             for r in json.loads(line)["records"]]
+    qa = records("qa")
     assert len(qa) == 6 and report["qa"]["val"]["accuracy"] == sum(s["correct"] for s in qa[:3]) / 3
-    assert report["interleaved"]["val"]["n"] == 3 and (report_md.parent / "interleaved_grid.png").is_file()
-    assert "## Image understanding" in report_md.read_text()
-    assert (report_md.parent / "t2i_grid.png").stat().st_size > 0
-    samples = (report_md.parent / "t2i_samples.jsonl").read_text().splitlines()
-    assert len(samples) == 6
+    assert report["qa"]["val"]["intervals"]["accuracy"]["n"] == 3
+    assert report["interleaved"]["val"]["n"] == 3 and (ev / "interleaved_grid.png").is_file()
+    assert "## Image understanding" in report_md.read_text() and "eval/report.md" in report_md.read_text()
+    assert (ev / "t2i_grid.png").stat().st_size > 0
+    assert len(records("t2i")) == 6
     # A rerun skips every finished stage and reproduces the same metrics.
     again = json.loads((quickstart(cfg).parent / "report.json").read_text())
     assert again["t2i"] == report["t2i"]

@@ -114,5 +114,41 @@ def geneval_prompts_cmd(
     typer.echo(f"wrote {p}")
 
 
+@eval_app.command("lmms-task")
+def lmms_task_cmd(
+    out: Path = typer.Option(Path("lmms_tasks"), "--out", help="Folder for the dataset and the task YAML (--include_path)."),
+    n: int = typer.Option(200, "--n", help="Questions per split (val, heldout)."),
+    seed: int = typer.Option(0, "--seed", help="Draws the scenes and questions (the qa suite's seed)."),
+):
+    """Write ShapesWorld QA as an lmms-eval task over a local dataset (needs mmgen[lmms]).
+
+    \b
+    Example:
+        mmgen eval lmms-task --out lmms_tasks --n 200
+        lmms-eval --model mmgen --model_args pretrained=runs/quickstart/sft/final \\
+            --tasks shapesworld_qa --include_path lmms_tasks --output_path lmms_out
+    """
+    from mmgen.eval.lmms_task import write_qa_task
+
+    typer.echo(f"wrote {write_qa_task(out, n=n, seed=seed)}")
+
+
+@eval_app.command("lmms", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lmms_cmd(ctx: typer.Context):
+    """Run lmms-eval's command line with mmgen's torchvision shim applied first (needs mmgen[lmms]).
+
+    \b
+    Example:
+        mmgen eval lmms eval --model mmgen --model_args pretrained=runs/quickstart/sft/final \\
+            --tasks shapesworld_qa --include_path lmms_tasks --output_path lmms_out
+    """
+    from mmgen.errors import MMGenError
+    from mmgen.eval.lmms_cli import main
+
+    rc = main(list(ctx.args))
+    if rc:
+        raise MMGenError(f"lmms-eval exited with status {rc}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
