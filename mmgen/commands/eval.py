@@ -133,6 +133,40 @@ def lmms_task_cmd(
     typer.echo(f"wrote {write_qa_task(out, n=n, seed=seed)}")
 
 
+@eval_app.command("judge")
+def judge_cmd(
+    run_dir: Path = typer.Argument(..., help="An mmgen eval run folder with the interleaved suite."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
+    model: str = typer.Option("gpt-4o", "--model", help="Model name sent to the endpoint."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the endpoint's key."),
+    local: Optional[Path] = typer.Option(None, "--local", help="Local directory of a transformers vision-language model."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Folder of <aspect>.txt judge prompts (default: eval/judge_prompts)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Judge only the first N steps."),
+):
+    """Ask a model judge InterleavedEval's five questions about the interleaved steps of a run, and write
+    how far its verdicts agree with the exact ShapesWorld rules (judge_agreement.json).
+
+    \b
+    Example:
+        mmgen eval judge runs/eval_sft --endpoint http://127.0.0.1:8000/v1 --model Qwen2-VL-7B-Instruct
+        mmgen eval judge runs/eval_sft --local models/smolvlm --limit 50
+    """
+    import os
+
+    from mmgen.errors import MMGenError
+    from mmgen.eval.judges import EndpointJudge, LocalJudge, agreement
+
+    if bool(endpoint) == bool(local):
+        raise MMGenError("give exactly one judge: --endpoint URL or --local DIR")
+    judge = EndpointJudge(endpoint, model, api_key=os.environ.get(api_key_env), prompts_dir=prompts) if endpoint \
+        else LocalJudge(local, prompts_dir=prompts)
+    res = agreement(run_dir, judge, limit=limit)
+    for aspect, m in res["aspects"].items():
+        a = m["agreement"]
+        typer.echo(f"{aspect:22s} agreement {a['value'] if a['value'] is not None else float('nan'):.2f} "
+                   f"[{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] n={a['n']} kappa {m['kappa']}")
+
+
 @eval_app.command("lmms", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def lmms_cmd(ctx: typer.Context):
     """Run lmms-eval's command line with mmgen's torchvision shim applied first (needs mmgen[lmms]).
