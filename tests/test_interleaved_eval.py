@@ -159,3 +159,49 @@ def test_endpoint_errors_are_one_line(tmp_path):
     (tmp_path / "helpfulness.txt").write_text("q")
     with pytest.raises(MMGenError, match="lacks text_quality.txt"):
         load_prompts(tmp_path)
+
+
+def tiny_vlm(path):
+    """A randomly initialised LLaVA (tiny CLIP vision tower, one-layer Llama) with a word-level tokenizer,
+    an image processor and a chat template, built from config and saved to ``path``."""
+    from mmgen.utils.compat import ensure_torchvision
+
+    ensure_torchvision()
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    words = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "verdict:", "yes", "no", "answer:"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}answer:{% endif %}")
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=template)
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=1, bos_token_id=2, eos_token_id=3),
+        image_token_id=4, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def test_local_judge_with_a_tiny_vlm(tmp_path):
+    """The plumbing of a local judge: a random tiny VLM loaded by path through AutoModelForImageTextToText
+    answers greedily (the same reply twice) with words of its vocabulary, read as a verdict."""
+    from mmgen.eval.judges import LocalJudge, parse_verdict
+
+    judge = LocalJudge(tiny_vlm(tmp_path / "vlm"), max_new_tokens=3)
+    a = judge.judge("image_coherence", "Remove the red circle.", render(BEFORE, 40, 40), render(BEFORE, 40, 40))
+    b = judge.judge("image_coherence", "Remove the red circle.", render(BEFORE, 40, 40), render(BEFORE, 40, 40))
+    assert a == b and a["pass"] == parse_verdict(a["reply"])
+    assert set(a["reply"].split()) <= {"<unk>", "verdict:", "yes", "no", "answer:"}
+    assert judge.judge("perceptual_quality", "x", render(BEFORE, 40, 40), render(BEFORE, 40, 40))["reply"] is not None
