@@ -394,11 +394,16 @@ class ReconSuite:
 
     def panels(self, records: list[dict], ctx: Context, k: int = 8) -> list[dict]:
         out = []
+        main = next((r for r in records if r["which"] == "tokenizer"), {})
+        ps = main.get("per_sample", {})
         for i in range(k):
             a, b = f"images/recon/{i:02d}_original.png", f"images/recon/{i:02d}_reconstruction.png"
             if (ctx.out / a).is_file():
+                ok = bool(ps["exact"][i]) if i < len(ps.get("exact", [])) else None
                 out.append({"images": [("original", ctx.load_image(a)), ("reconstruction", ctx.load_image(b))],
-                            "text": "", "verdict": "", "ok": None, "tag": ""})
+                            "text": f"PSNR {ps['psnr'][i]:.1f} dB" if i < len(ps.get("psnr", [])) else "",
+                            "verdict": "" if ok is None else ("same scene" if ok else "scene differs"), "ok": ok,
+                            "tag": ps["split"][i] if i < len(ps.get("split", [])) else ""})
         return out
 
 
