@@ -42,7 +42,7 @@ def test_run_writes_a_reproducible_report(ckpt, tmp_path):
     (ckpt / "generation_config.json").write_text(json.dumps(gc))
     try:
         rep = run_eval(ckpt, "t2i,geneval,qa,interleaved,recon", tmp_path / "a", n=3, batch_size=2, geneval_per_tag=1,
-                       recon_n=4, top_p=0.9, progress=False)
+                       recon_n=4, continuation_n=2, top_p=0.9, progress=False)
     finally:
         (ckpt / "generation_config.json").unlink()
     s = rep["sampling"]
@@ -63,6 +63,9 @@ def test_run_writes_a_reproducible_report(ckpt, tmp_path):
     assert len(lines) == 6 and {"correct", "reason", "tag", "prompt", "metadata", "details"} <= set(json.loads(lines[0]))
     inter = rep["suites"]["interleaved"]["metrics"]["val"]
     assert set(inter["aspects"]) == {"perceptual_quality", "image_coherence", "text_image_coherence", "helpfulness"}
+    # continuation: the model writes the next instruction itself, so text quality is judged too
+    cont = rep["suites"]["interleaved"]["metrics"]["continuation_val"]
+    assert cont["n"] == 2 and cont["aspects"]["text_quality"]["n"] == 2
     assert rep["suites"]["recon"]["metrics"]["tokenizer"]["intervals"]["scene_agreement"]["n"] == 4
     md = (tmp_path / "a" / "report.md").read_text()
     assert "95% CI" in md and "seed 0" in md and "t2i_grid.png" in md

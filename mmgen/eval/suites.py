@@ -41,6 +41,8 @@ class EvalOptions:
     recon_n: int = 200
     recon_seed: int = 7
     interleaved_splits: tuple[str, ...] = ("val",)
+    # build-up documents the model continues itself (writes the next instruction, then draws it); 0: none
+    continuation_n: int = 0
     qa_max_new_tokens: int = 6
 
 
@@ -291,7 +293,54 @@ class InterleavedSuite:
             items += [{"split": sp, "instruction": c["instruction"], "truth": c["truth"],
                        "document": [it.text if it.kind == "text" else it.meta.get("scene") for it in c["items"]]}
                       for c in cases]
+        if ctx.opts.continuation_n:
+            from mmgen.eval.understanding import continuation_cases
+
+            for sp in ctx.opts.interleaved_splits:
+                cases = continuation_cases(ctx.opts.continuation_n, sp, ctx.sampling["seed"], res)
+                for c in cases:
+                    c["row"], c["uncond"] = buildup_prompt_ids(bundle, c["items"])[:-1], uncond  # no <image>: text first
+                self.batches += [(k, bi, (f"continuation_{sp}", bi * ctx.opts.batch_size, chunk))
+                                 for k, bi, chunk in _batches(cases, ctx.opts.batch_size, f"continuation_{sp}")]
+                items += [{"split": f"continuation_{sp}", "before": c["before"],
+                           "document": [it.text if it.kind == "text" else it.meta.get("scene") for it in c["items"]]}
+                          for c in cases]
         return items
+
+    def _continue(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
+        """The model writes the next instruction (greedy, up to its first full stop) and draws its picture;
+        the rules judge all five aspects, text quality included."""
+        from mmgen.data.sequence import encode_text
+        from mmgen.data.synthetic.scene import Scene
+        from mmgen.eval.interleaved import apply_instruction, judge_step
+        from mmgen.eval.scene_parser import parse_scene
+        from mmgen.inference.generate import generate_image_rows, generate_text_rows
+
+        split, start, chunk = payload
+        s = ctx.sampling
+        texts = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=32, batch_size=len(chunk))
+        texts = [t[:t.index(".") + 1] if "." in t else t for t in texts]
+        rows = [c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)]
+        images = generate_image_rows(bundle, rows, [c["uncond"] for c in chunk], temperature=s["temperature"],
+                                     top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"],
+                                     batch_size=len(chunk))
+        out = []
+        for j, (c, t, img) in enumerate(zip(chunk, texts, images)):
+            i = start + j
+            before = Scene.from_dict(c["before"])
+            pred = parse_scene(img)
+            truth = apply_instruction(before, t)
+            before_img = [it for it in c["items"] if it.kind == "image"][-1]
+            out.append({"id": f"{split}/{i}", "split": split, "instruction": t,
+                        "truth": truth.to_dict() if truth is not None else None,
+                        "before": ctx.save_image(before_img.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
+                        "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
+                        "exact": bool(truth is not None and pred is not None and pred.background == truth.background
+                                      and set(pred.objects) == set(truth.objects)),
+                        "parsed": pred is not None, "object_recall": _recall(pred, truth),
+                        "pred": pred.to_dict() if pred is not None else None,
+                        "aspects": judge_step(before, t, pred, model_text=True)})
+        return out
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
         from mmgen.data.synthetic.scene import Scene
@@ -300,6 +349,8 @@ class InterleavedSuite:
         from mmgen.inference.generate import generate_image_rows
 
         split, start, chunk = payload
+        if split.startswith("continuation_"):
+            return self._continue(bundle, bi, payload, ctx)
         s = ctx.sampling
         images = generate_image_rows(bundle, [c["row"] for c in chunk], [c["uncond"] for c in chunk],
                                      temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi,
@@ -337,16 +388,30 @@ class InterleavedSuite:
         return out
 
     def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
+        from PIL import Image as PILImage
+
         from mmgen.data.synthetic import Scene, render
 
         out = []
-        for r in records[:k]:
+        rows = []
+        for sp in ctx_splits(records):
+            rows += [r for r in records if r["split"] == sp][:k // len(ctx_splits(records)) or 1]
+        for r in rows:
             exp = ctx.load_image(r["image"]).size
+            expected = render(Scene.from_dict(r["truth"]), *exp) if r["truth"] else PILImage.new("RGB", exp, "gray")
             out.append({"images": [("before", ctx.load_image(r["before"])), ("generated", ctx.load_image(r["image"])),
-                                   ("expected", render(Scene.from_dict(r["truth"]), *exp))],
+                                   ("expected" if r["truth"] else "(not an edit)", expected)],
                         "text": r["instruction"], "verdict": _verdict(r["exact"], r["parsed"]), "ok": r["exact"],
                         "tag": r["split"]})
         return out
+
+
+def _recall(pred, truth) -> float:
+    if truth is None:
+        return 0.0
+    if not truth.objects:
+        return 1.0
+    return sum(o in set(pred.objects) for o in truth.objects) / len(truth.objects) if pred is not None else 0.0
 
 
 def ctx_splits(records: list[dict]) -> list[str]:

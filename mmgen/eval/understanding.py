@@ -100,6 +100,21 @@ def buildup_cases(n: int, split: str, seed: int, res) -> list[dict]:
     return cases
 
 
+def continuation_cases(n: int, split: str, seed: int, res) -> list[dict]:
+    """``n`` build-up documents cut right after a random step's picture (not the last): the model is to
+    write the next instruction and draw its picture. The truth is whatever its own instruction leads to."""
+    from mmgen.data.synthetic import make_doc, render_size
+
+    rng = random.Random(f"continuation-{split}-{seed}")
+    cases = []
+    while len(cases) < n:
+        doc = make_doc("buildup", rng, split=split, size=render_size(res))
+        images = [i for i, it in enumerate(doc.items) if it.kind == "image"][:-1]
+        cut = rng.choice(images) + 1
+        cases.append({"items": doc.items[:cut], "before": doc.items[cut - 1].meta["scene"]})
+    return cases
+
+
 def buildup_prompt_ids(bundle, items) -> list[int]:
     """A build-up document up to an instruction, then ``<image>``, in the layout the bundle learnt it:
     pretraining's (consecutive texts joined by a space, images as blocks of their own codes, what
