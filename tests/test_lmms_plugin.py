@@ -17,6 +17,17 @@ from test_generate import make_tiny_bundle  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _pil_truncated_images():
+    """lmms-eval sets PIL's process-wide ImageFile.LOAD_TRUNCATED_IMAGES when it is imported, which would
+    let corrupt images load in later tests of this worker (mmgen's filter must reject them): put it back."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 @pytest.fixture()
 def entry_point(tmp_path, monkeypatch):
     """The entry point as pyproject.toml declares it, visible to importlib.metadata: from the installed

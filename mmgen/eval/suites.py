@@ -27,7 +27,7 @@ from mmgen.errors import MMGenError
 from mmgen.eval.stats import mean_interval, proportion
 
 SUITES = ("t2i", "geneval", "qa", "interleaved", "recon")
-_NEEDS_IMAGES = {"t2i", "geneval", "interleaved", "recon"}
+_NEEDS_IMAGES = {"t2i", "geneval", "qa", "interleaved", "recon"}  # qa shows the model a picture
 
 
 @dataclass
@@ -81,8 +81,8 @@ def check_bundle(bundle, suites: list[str], checkpoint) -> None:
     need = [s for s in suites if s in _NEEDS_IMAGES]
     if need and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):  # no image tokenizer: vocab unread
         raise MMGenError(f"suite {', '.join(need)} needs a checkpoint with an image tokenizer, and {checkpoint} has none "
-                         f"(no image_tokenizer/ or no pixel codes in its vocab); run --suite qa, or use a checkpoint "
-                         "trained with data.image_tokenizer=DIR")
+                         f"(no image_tokenizer/ or no pixel codes in its vocab); evaluate a checkpoint trained with "
+                         "data.image_tokenizer=DIR")
 
 
 def _batches(items: list, size: int, prefix: str):
@@ -220,9 +220,7 @@ class QASuite:
         from mmgen.eval.understanding import _scenes, qa_prompt_ids, resolution
         from mmgen.inference.generate import image_ids
 
-        res = resolution(bundle) if bundle.image_tokenizer is not None else None
-        if res is None:
-            raise MMGenError("suite qa shows the model a picture: the checkpoint needs an image tokenizer")
+        res = resolution(bundle)
         self.cases, self.batches, items = {}, [], []
         for sp in self.splits:
             scenes, rng = _scenes(ctx.opts.n, sp, ctx.sampling["seed"], "qa")
