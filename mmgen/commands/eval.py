@@ -63,6 +63,8 @@ def run(
     geneval_per_tag: int = typer.Option(25, "--geneval-per-tag", help="ShapesWorld GenEval prompts per tag."),
     detector: str = typer.Option("scene_parser", "--detector", help="scene_parser, or a local directory of a zero-shot "
                                                                      "detector (OWL-ViT, OWLv2, Grounding DINO) for real images."),
+    continuation: int = typer.Option(0, "--continuation", help="Build-up documents the model continues itself "
+                                                                   "(writes the next instruction, then draws it)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
 ):
     """Evaluate a checkpoint: generate, judge, and write report.json / report.md with PNG grids; every number
@@ -77,7 +79,8 @@ def run(
 
     report = run_eval(checkpoint, suite, out, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                       seed=seed, device=device, n=n, batch_size=batch_size, geneval_per_tag=geneval_per_tag,
-                      geneval_prompts=str(geneval_prompts) if geneval_prompts else None, detector=detector)
+                      geneval_prompts=str(geneval_prompts) if geneval_prompts else None, detector=detector,
+                      continuation_n=continuation)
     typer.echo(f"wrote {out / 'report.md'} ({', '.join(report['suites'])})")
 
 
