@@ -21,6 +21,15 @@ from mmgen.paths import REPO_ROOT, recipe_path
 @dataclass
 class DataConfig:
     code_shards: str | list[str] = field(default_factory=list)  # file(s), directories or globs of code shards
+    # Where training rows come from: "memory" reads every code shard and packs on every rank at start
+    # (small corpora); "packed" streams the packed shards `mmgen pack` wrote to data.packed_shards, each
+    # rank its own shards through a shuffle buffer, so memory and start-up do not grow with the corpus.
+    source: Literal["memory", "packed"] = "memory"
+    packed_shards: str | None = None  # directory written by `mmgen pack` (data.source=packed)
+    shuffle_buffer: int = 512  # rows held by each data stream's shuffle buffer (data.source=packed)
+    streams: int | None = None  # data streams of the global batch; default the world size (data.source=packed)
+    # Documents (the first ones, in shard order) the text BPE is trained on when no tokenizer is given
+    text_sample_docs: int = 20000
     image_tokenizer: str | None = None  # directory of the image tokenizer that made the codes
     codebook_size: int | None = None  # pixel codebook size when no image tokenizer is given
     # Which of the image tokenizer's code levels the LM reads and writes (DualViTok: sem, pix); None: all.
@@ -179,8 +188,17 @@ def check_config(cfg: TrainConfig) -> None:
     check_qlora(cfg)
     if cfg.init_from and not (Path(cfg.init_from) / "vocab.json").is_file():
         raise MMGenError(f"init_from={cfg.init_from} is not an mmgen bundle (no vocab.json); give a training run's final/")
-    if not cfg.data.code_shards:
+    if cfg.data.source == "packed":
+        if not cfg.data.packed_shards:
+            raise MMGenError("data.source=packed needs data.packed_shards=DIR (packed shards from `mmgen pack`)")
+        if cfg.data.max_docs is not None:
+            raise MMGenError("data.max_docs applies to data.source=memory; pack fewer code shards instead")
+        if cfg.data.shuffle_buffer < 1 or (cfg.data.streams is not None and cfg.data.streams < 1):
+            raise MMGenError("data.shuffle_buffer and data.streams must be at least 1")
+    elif not cfg.data.code_shards:
         raise MMGenError("no training data: set data.code_shards=DIR (code shards from `mmgen tokenize`)")
+    if cfg.data.text_sample_docs < 1:
+        raise MMGenError(f"data.text_sample_docs must be at least 1, got {cfg.data.text_sample_docs}")
     if cfg.model.max_len is not None and cfg.model.max_len < cfg.data.seq_len:
         raise MMGenError(f"model.max_len {cfg.model.max_len} is shorter than data.seq_len {cfg.data.seq_len}")
 

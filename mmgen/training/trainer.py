@@ -4,13 +4,16 @@ One rank's path through :func:`pretrain`:
 
 1. distributed setup: under the ``deepspeed`` launcher the env (RANK, WORLD_SIZE, ...) is given;
    run in-process it becomes a single-rank job (gloo on CPU), so debugging needs no launcher;
-2. data: read the code shards, get the text tokenizer (trained on the shards' texts by rank 0 and
-   saved in the run directory, so a resumed run and every rank use the very same ids), build the
-   :class:`~mmgen.models.vocab.Vocab`, turn documents into sequences and pack them into rows;
+2. data: get the text tokenizer (trained on a sample of the shards' texts by rank 0 and saved in the
+   run directory, so a resumed run and every rank use the very same ids), build the
+   :class:`~mmgen.models.vocab.Vocab`; then either read the code shards, turn documents into
+   sequences and pack them into rows in memory (``data.source=memory``), or open the packed shards
+   ``mmgen pack`` wrote, which each rank streams (``data.source=packed``, :mod:`mmgen.training.streaming`);
 3. model and engine: the tiny Llama from config, torch AdamW with a warmup + decay schedule, all
    handed to ``deepspeed.initialize``;
-4. loop: each rank reads its own rows (a seeded permutation per epoch, so a resumed run reads
-   exactly what an uninterrupted one would), ``engine.backward`` / ``engine.step``, metrics to JSONL
+4. loop: each rank reads its own rows (in memory: a seeded permutation per epoch; streamed: its own
+   shards, the streams' positions saved in the checkpoint; either way a resumed run reads exactly
+   what an uninterrupted one would), ``engine.backward`` / ``engine.step``, metrics to JSONL
    and TensorBoard, a DeepSpeed checkpoint every ``save_every`` steps, a bundle snapshot every
    ``snapshot_every`` steps (``out_dir/snapshots/step-NNNNNN``);
 5. rank 0 writes the mmgen bundle ``out_dir/final`` (model, text tokenizer, vocab, image tokenizer, audio codec).
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from mmgen.config import to_dict
+from mmgen.data.doc import BadRecord
 from mmgen.errors import MMGenError
 from mmgen.training.config import TrainConfig, check_global_batch, load_train_config, read_deepspeed_config
 
@@ -76,31 +80,36 @@ def _inherit_tokenizers(cfg: TrainConfig) -> None:
             setattr(cfg.data, name, str(Path(cfg.init_from) / name))
 
 
-def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
-    """Text tokenizer, vocab, image and audio tokenizers and packed rows for this run (identical on every rank)."""
+def text_tokenizer_for(cfg: TrainConfig, tok_dir: Path, rank: int, records=None):
+    """The run's text tokenizer, saved at ``tok_dir`` once (by rank 0) and loaded from there on every
+    rank: the bundle's (``init_from``), ``data.text_tokenizer``, or a byte-level BPE trained on the texts
+    of the first ``data.text_sample_docs`` documents (``records``, else read from the code shards)."""
+    from itertools import islice
+
     from transformers import AutoTokenizer
 
     from mmgen.data.code_shards import read_code_shards_of_splits
-    from mmgen.data.packing import pack_sequences
-    from mmgen.data.sequence import build_sequences, chat_layout, doc_texts
+    from mmgen.data.sequence import doc_texts
     from mmgen.models.text_tokenizer import train_text_tokenizer
-    from mmgen.models.vocab import Vocab
 
-    records = list(read_code_shards_of_splits(cfg.data.code_shards, cfg.data.splits))
-    if cfg.data.max_docs is not None:
-        records = records[: cfg.data.max_docs]
-
-    tok_dir = out_dir / "text_tokenizer"
     if rank == 0 and not (tok_dir / "tokenizer_config.json").is_file():
         if cfg.init_from:  # continue with the ids the starting bundle was trained on
             tok = AutoTokenizer.from_pretrained(cfg.init_from)
         elif cfg.data.text_tokenizer:
             tok = AutoTokenizer.from_pretrained(cfg.data.text_tokenizer)
         else:
-            tok = train_text_tokenizer(doc_texts(records), vocab_size=cfg.data.text_vocab_size)
+            if records is None:
+                records = read_code_shards_of_splits(cfg.data.code_shards, cfg.data.splits)
+            sample = islice((r for r in records if not isinstance(r, BadRecord)), cfg.data.text_sample_docs)
+            tok = train_text_tokenizer(doc_texts(sample), vocab_size=cfg.data.text_vocab_size)
         tok.save_pretrained(tok_dir)
     _barrier()
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def media_tokenizers_and_vocab(cfg: TrainConfig, tok):
+    """(vocab, image tokenizer or None, audio codec or None) of a run with text tokenizer ``tok``."""
+    from mmgen.models.vocab import Vocab
 
     image_tokenizer = None
     _inherit_tokenizers(cfg)
@@ -126,26 +135,90 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
         audio_codec = AudioCodec.from_pretrained(cfg.data.audio_tokenizer)
     vocab = (Vocab.load(Path(cfg.init_from) / "vocab.json") if cfg.init_from
              else run_vocab(cfg, len(tok), books, audio_codec, getattr(image_tokenizer, "sem_ratio", 2)))
-    saved = out_dir / "vocab.json"
-    if saved.is_file() and Vocab.load(saved) != vocab:
-        raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); "
-                         "use a fresh out_dir or the same data settings")
+    return vocab, image_tokenizer, audio_codec
 
-    # SFT learns to answer; pretraining on conversations still learns everything the user shows
-    seqs, seq_stats = build_sequences(records, tok, vocab, targets=cfg.data.loss_targets,
-                                      chat=chat_layout(cfg.stage, cfg.data.chat),
-                                      user_targets=cfg.stage != "sft")
-    if not seqs:
-        raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({seq_stats.to_dict()})")
-    rows, pack_stats = pack_sequences(seqs, cfg.data.seq_len, pad_id=tok.pad_token_id or 0, algorithm=cfg.data.packing)
+
+def _check_saved_vocab(saved: Path, vocab, hint: str) -> None:
+    from mmgen.models.vocab import Vocab
+
+    if saved.is_file() and Vocab.load(saved) != vocab:
+        raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); {hint}")
+
+
+def sequence_settings(cfg: TrainConfig) -> dict:
+    """What the rows depend on besides the tokenizers: kept in packed shards' index and checked at training."""
+    from mmgen.data.sequence import chat_layout
+
+    return {"seq_len": cfg.data.seq_len, "packing": cfg.data.packing, "splits": list(cfg.data.splits or []),
+            "targets": list(cfg.data.loss_targets), "chat": chat_layout(cfg.stage, cfg.data.chat),
+            "user_targets": cfg.stage != "sft"}
+
+
+def image_grid_counts(records) -> Counter:
     grids = Counter()
     for r in records:
         for i, codes in getattr(r, "codes", {}).items():
             if getattr(r.doc.items[i], "kind", None) == "image":  # audio and video codes are no image grids
                 grids[tuple(int(x) for x in np.shape(codes)[-2:])] += 1
+    return grids
+
+
+def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
+    """Text tokenizer, vocab, image and audio tokenizers and the rows of this run: every packed row in
+    memory (``data.source=memory``, identical on every rank) or the index of the packed shards the
+    ranks stream (``data.source=packed``, ``rows`` None)."""
+    if cfg.data.source == "packed":
+        return prepare_packed(cfg, out_dir, rank)
+    from mmgen.data.code_shards import read_code_shards_of_splits
+    from mmgen.data.packing import pack_sequences
+    from mmgen.data.sequence import build_sequences
+
+    records = list(read_code_shards_of_splits(cfg.data.code_shards, cfg.data.splits))
+    if cfg.data.max_docs is not None:
+        records = records[: cfg.data.max_docs]
+    tok = text_tokenizer_for(cfg, out_dir / "text_tokenizer", rank, records)
+    vocab, image_tokenizer, audio_codec = media_tokenizers_and_vocab(cfg, tok)
+    _check_saved_vocab(out_dir / "vocab.json", vocab, "use a fresh out_dir or the same data settings")
+
+    # SFT learns to answer; pretraining on conversations still learns everything the user shows
+    seq = sequence_settings(cfg)
+    seqs, seq_stats = build_sequences(records, tok, vocab, targets=seq["targets"], chat=seq["chat"],
+                                      user_targets=seq["user_targets"])
+    if not seqs:
+        raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({seq_stats.to_dict()})")
+    rows, pack_stats = pack_sequences(seqs, cfg.data.seq_len, pad_id=tok.pad_token_id or 0, algorithm=cfg.data.packing)
+    grids = image_grid_counts(records)
     return {"text_tokenizer": tok, "vocab": vocab, "image_tokenizer": image_tokenizer, "audio_tokenizer": audio_codec,
-            "rows": rows, "seq_stats": seq_stats.to_dict(), "pack_stats": pack_stats.to_dict(),
-            "image_grids": {f"{h}x{w}": n for (h, w), n in grids.most_common()}}
+            "rows": rows, "n_rows": int(rows["input_ids"].shape[0]), "seq_stats": seq_stats.to_dict(),
+            "pack_stats": pack_stats.to_dict(), "image_grids": {f"{h}x{w}": n for (h, w), n in grids.most_common()}}
+
+
+def prepare_packed(cfg: TrainConfig, out_dir: Path, rank: int) -> dict:
+    """The tokenizers and vocab of packed shards (checked against this run's settings) and their index."""
+    from mmgen.data.packed_shards import read_index
+
+    packed = Path(cfg.data.packed_shards)
+    index = read_index(packed)
+    want = sequence_settings(cfg)
+    diff = {k: (index["settings"].get(k), v) for k, v in want.items() if index["settings"].get(k) != v}
+    if diff:
+        k, (got, need) = next(iter(diff.items()))
+        raise MMGenError(f"packed shards {packed} were built with {k}={got!r}, this run needs {need!r}; "
+                         f"rerun `mmgen pack` with this run's config")
+    tok_dir = out_dir / "text_tokenizer"
+    if rank == 0 and not (tok_dir / "tokenizer_config.json").is_file():
+        shutil.copytree(packed / "text_tokenizer", tok_dir, dirs_exist_ok=True)
+    _barrier()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    vocab, image_tokenizer, audio_codec = media_tokenizers_and_vocab(cfg, tok)
+    _check_saved_vocab(packed / "vocab.json", vocab, "rerun `mmgen pack` with this run's data settings")
+    _check_saved_vocab(out_dir / "vocab.json", vocab, "use a fresh out_dir or the same data settings")
+    return {"text_tokenizer": tok, "vocab": vocab, "image_tokenizer": image_tokenizer, "audio_tokenizer": audio_codec,
+            "rows": None, "index": index, "n_rows": int(index["totals"]["packing"]["rows"]),
+            "seq_stats": index["totals"]["sequences"], "pack_stats": index["totals"]["packing"],
+            "image_grids": index["totals"]["image_grids"]}
 
 
 def image_codebooks(image_tokenizer) -> dict[str, int]:
@@ -555,6 +628,84 @@ def step_denominator(rows: dict, sampler: "RowSampler", step: int, grad_accum: i
     return float(n)
 
 
+def _targets(labels: np.ndarray) -> int:
+    return int((labels[:, 1:] != -100).sum())
+
+
+class MemoryBatches:
+    """Micro-batches from rows held in memory (every rank holds all of them): :class:`RowSampler`.
+
+    Prompt dropout draws from a generator keyed by (seed, step, micro, rank): a resumed run drops
+    exactly the captions an uninterrupted one would."""
+
+    def __init__(self, rows: dict, cfg: TrainConfig, rank: int, world: int):
+        self.rows, self.cfg, self.rank, self.world = rows, cfg, rank, world
+        self.sampler = RowSampler(rows["input_ids"].shape[0], cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
+
+    def step(self, step: int, dtype, attention: str) -> tuple[list[dict], float]:
+        from mmgen.data.packing import packed_batch
+
+        cfg = self.cfg
+        denom = step_denominator(self.rows, self.sampler, step, cfg.grad_accum, self.world)
+        batches = [packed_batch(self.rows, self.sampler.indices(step, micro), dtype=dtype,
+                                prompt_dropout=cfg.loss.prompt_dropout,
+                                rng=np.random.default_rng([cfg.seed, step, micro, self.rank, 17]), attention=attention)
+                   for micro in range(cfg.grad_accum)]
+        return batches, denom
+
+    def state(self) -> dict:
+        return {}
+
+
+class StreamedBatches:
+    """Micro-batches streamed from packed shards (:mod:`mmgen.training.streaming`); the step's target
+    count is summed over ranks. Prompt dropout is keyed by (seed, step, micro, stream), so it follows
+    the rows whatever rank reads them."""
+
+    def __init__(self, index: dict, cfg: TrainConfig, rank: int, world: int, state: dict | None):
+        from mmgen.training.streaming import StreamBatches
+
+        self.cfg, self.world = cfg, world
+        state = state or {}
+        if state and state.get("streams") != (cfg.data.streams or world):
+            raise MMGenError(f"the checkpoint's data position is for data.streams={state.get('streams')}, this run has "
+                             f"{cfg.data.streams or world}; resume with data.streams={state.get('streams')}")
+        self.reader = StreamBatches(index, cfg.micro_batch, rank, world, cfg.seed, cfg.data.shuffle_buffer,
+                                    cfg.data.streams, state.get("positions"))
+
+    def step(self, step: int, dtype, attention: str) -> tuple[list[dict], float]:
+        from mmgen.data.packing import packed_batch
+        from mmgen.models.lm import packed_attention_mask
+
+        cfg = self.cfg
+        parts = [self.reader.next() for _ in range(cfg.grad_accum)]
+        n = torch.tensor([float(sum(_targets(rows["labels"]) for micro in parts for _, rows in micro))],
+                         dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(n)
+        batches = []
+        for micro, streams in enumerate(parts):
+            pieces = [packed_batch(rows, np.arange(rows["input_ids"].shape[0]), dtype=dtype,
+                                   prompt_dropout=cfg.loss.prompt_dropout,
+                                   rng=np.random.default_rng([cfg.seed, step, micro, s, 17]), attention="varlen")
+                      for s, rows in streams]
+            batch = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+            if attention == "mask":
+                batch["attention_mask"] = packed_attention_mask(batch["segment_ids"], dtype=dtype)
+            batches.append(batch)
+        return batches, float(n.item())
+
+    def state(self) -> dict:
+        """Every rank's stream positions (a collective: all ranks call it)."""
+        mine = self.reader.positions()
+        everyone = [None] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        return {"streams": self.reader.n_streams, "positions": {k: v for d in everyone for k, v in d.items()}}
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
 
@@ -584,7 +735,17 @@ def sft(config_path: str | Path | None = "tiny_sft", overrides: list[str] | None
     return pretrain(config_path, [*(overrides or []), "stage=sft"])
 
 
+def _peak_rss_mib() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 def run_training(cfg: TrainConfig) -> Path:
+    t_start = time.perf_counter()
+    first_step_s = None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -592,7 +753,6 @@ def run_training(cfg: TrainConfig) -> Path:
     check_global_batch(cfg, world)
     import deepspeed
 
-    from mmgen.data.packing import packed_batch
     from mmgen.models.lm import count_parameters
     from mmgen.training.losses import lm_loss, modality_names, modality_weights
 
@@ -606,10 +766,10 @@ def run_training(cfg: TrainConfig) -> Path:
     _barrier()
 
     data = prepare_data(cfg, out_dir, rank)
-    tok, vocab, rows = data["text_tokenizer"], data["vocab"], data["rows"]
+    tok, vocab = data["text_tokenizer"], data["vocab"]
     if rank == 0:
         vocab.save(out_dir / "vocab.json")
-    n_rows = rows["input_ids"].shape[0]
+    n_rows = data["n_rows"]
     # Before the model is built: a tokenizer that does not fit the feature dims stops the run at once.
     tables = {m: t for m in FEATURE_SOURCES if (t := continuous_input_table(cfg, data, m)) is not None}
     model = build_model(cfg, vocab, tok)
@@ -619,7 +779,7 @@ def run_training(cfg: TrainConfig) -> Path:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(cfg))
 
-    start, train_s0 = 0, 0.0
+    start, train_s0, data_state = 0, 0.0, None
     if cfg.resume and (ckpt_dir / "latest").is_file():
         custom = load_quantized_module if cfg.lora.quantize != "none" else None
         load_path, client = engine.load_checkpoint(str(ckpt_dir), custom_load_fn=custom)
@@ -628,8 +788,10 @@ def run_training(cfg: TrainConfig) -> Path:
         start = int(client.get("step", engine.global_steps))
         train_s0 = float(client.get("train_s", 0.0))  # training seconds before the checkpoint
         _set_rng_state(client.get("rng", {}).get(str(rank)))
+        data_state = client.get("data")
 
-    sampler = RowSampler(n_rows, cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
+    batches = (MemoryBatches(data["rows"], cfg, rank, world) if data["rows"] is not None
+               else StreamedBatches(data["index"], cfg, rank, world, data_state))
     dtype = _model_dtype(engine.module)
     # Flash-attention kernels take packed rows as variable-length sequences found from the restarting
     # position ids (no mask); every other kernel gets the block-diagonal 4-D mask.
@@ -659,14 +821,8 @@ def run_training(cfg: TrainConfig) -> Path:
     metrics_path = out_dir / "metrics.jsonl"
     engine.train()
     for step in range(start, cfg.steps):
-        denom = step_denominator(rows, sampler, step, cfg.grad_accum, world)
-        for micro in range(cfg.grad_accum):
-            idx = sampler.indices(step, micro)
-            # Prompt dropout draws from a generator keyed by (seed, step, micro, rank): a resumed run
-            # drops exactly the captions an uninterrupted one would.
-            rng = np.random.default_rng([cfg.seed, step, micro, rank, 17])
-            batch = packed_batch(rows, idx, dtype=dtype, prompt_dropout=cfg.loss.prompt_dropout, rng=rng,
-                                 attention=attention)
+        step_batches, denom = batches.step(step, dtype, attention)
+        for batch in step_batches:
             mask = {"attention_mask": batch["attention_mask"].to(engine.device)} if "attention_mask" in batch else {}
             out = engine(input_ids=batch["input_ids"].to(engine.device),
                          position_ids=batch["position_ids"].to(engine.device), use_cache=False, **mask)
@@ -678,6 +834,8 @@ def run_training(cfg: TrainConfig) -> Path:
             engine.step()
             window.add(loss.item() / (world * cfg.grad_accum), stats, int((batch["segment_ids"] >= 0).sum()))
         done = step + 1
+        if first_step_s is None:  # start-up included: what a larger corpus would slow down
+            first_step_s = time.perf_counter() - t_start
         if done % cfg.log_every == 0 or done == cfg.steps:
             last = window.flush(world, done, n_rows, cfg, fill, scheduler.get_last_lr()[0], names, t_run)
             run_tokens += last.pop("_tokens")
@@ -700,7 +858,7 @@ def run_training(cfg: TrainConfig) -> Path:
                 rng_all = [_rng_state()]
             engine.save_checkpoint(str(ckpt_dir), tag=f"step_{done}",
                                    client_state={"step": done, "rng": {str(r): s for r, s in enumerate(rng_all)},
-                                                 "train_s": train_seconds()})
+                                                 "train_s": train_seconds(), "data": batches.state()})
             if rank == 0:
                 _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.steps:
@@ -713,9 +871,15 @@ def run_training(cfg: TrainConfig) -> Path:
         writer.close()
 
     run_s = time.perf_counter() - t_run - snap_s
+    rss = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rss, _peak_rss_mib())
+    else:
+        rss = [_peak_rss_mib()]
     summary = {"stage": cfg.stage, "steps": cfg.steps, "resumed_from": start, "final_loss": last.get("loss"),
                "train_seconds": train_seconds(),
                "tokens_per_s": run_tokens / run_s if run_tokens else None, "world_size": world,
+               "first_step_s": first_step_s, "peak_rss_mib_per_rank": rss, "data_source": cfg.data.source,
                "parameters": count_parameters(engine.module),
                "trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
                "parameter_bytes": parameter_bytes(engine.module),
