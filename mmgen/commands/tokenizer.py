@@ -68,6 +68,8 @@ def register(app: typer.Typer) -> None:
         video: bool = typer.Option(False, "--video", help="Encode video items: sampled frames through the image tokenizer, with temporal token merging."),
         video_fps: float = typer.Option(2.0, "--video-fps", help="Frames sampled per second of video."),
         video_max_frames: int = typer.Option(16, "--video-max-frames", help="At most this many frames per video, spread over the clip."),
+        executor: str = typer.Option("local", "--executor", help="Where the input files are tokenized: local (processes on this machine) or ray (Ray tasks; RAY_ADDRESS for a running cluster)."),
+        workers: int = typer.Option(1, "--workers", help="Worker processes (local) or CPUs of a local Ray cluster; the shards are the same for any number."),
     ) -> None:
         """Pre-tokenize Doc shards: every image item becomes a grid of codes in code shards
         (DualViTok: pixel codes plus the semantic grid beside them); with --audio-tokenizer audio
@@ -77,11 +79,15 @@ def register(app: typer.Typer) -> None:
         Examples:
           mmgen tokenize --tokenizer runs/vq/tokenizer --input 'data/world/*.tar' --out runs/codes
           mmgen tokenize --tokenizer runs/vq/tokenizer --audio-tokenizer runs/audio/codec --video --input data/world --out runs/codes
+          mmgen tokenize --tokenizer runs/vq/tokenizer --input data/world --out runs/codes --executor ray --workers 8
+
+        Each input file is a work unit with a done marker: run the same command again to resume.
         """
         from mmgen.tokenizers.pretokenize import pretokenize
 
         s = pretokenize(tokenizer, list(input), out, batch_size=batch_size, keep_media=keep_media, keep_aspect=keep_aspect,
-                        audio_tokenizer=audio_tokenizer, video=video, video_fps=video_fps, video_max_frames=video_max_frames)
+                        audio_tokenizer=audio_tokenizer, video=video, video_fps=video_fps, video_max_frames=video_max_frames,
+                        executor=executor, workers=workers)
         typer.echo(f"{s['docs_in']} docs in: {s['docs_written']} written, {s['quarantined']} quarantined "
                    f"({out}/quarantine.jsonl); {s['images_encoded']} images, {s['audio_items_encoded']} audio and "
                    f"{s['video_items_encoded']} video items encoded ({s['video_tokens_after']} of "

@@ -84,7 +84,8 @@ class CodeShardWriter:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self.keep_media = keep_media
         self.count = 0
-        self._w = wds.ShardWriter(str(Path(out_dir) / f"{prefix}-%06d.tar"), maxcount=max_docs, verbose=0)
+        # a fixed mtime: the same documents give the same bytes, whenever and wherever they are written
+        self._w = wds.ShardWriter(str(Path(out_dir) / f"{prefix}-%06d.tar"), maxcount=max_docs, verbose=0, mtime=0.0)
 
     def write(self, cd: CodedDoc) -> None:
         self._w.write(coded_to_sample(cd, sample_key(cd.doc, self.count), self.keep_media))

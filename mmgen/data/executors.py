@@ -1,11 +1,12 @@
-"""Where ``mmgen filter`` runs the per-input work: in this process, in local worker processes, or on Ray.
+"""Where per-file work runs: in this process, in local worker processes, or on Ray.
 
-Each executor maps :func:`mmgen.data.pipeline.process_input` over the input files and hands the
-results back IN INPUT ORDER; the parent then decides deduplication and writes everything. So the
-output is byte-identical whatever the executor or the number of workers.
+:func:`map_in_order` maps a module-level function over jobs and hands the results back IN JOB ORDER.
+``mmgen filter`` maps :func:`mmgen.data.pipeline.process_input` over its input files (the parent then
+decides deduplication and writes everything); ``mmgen tokenize`` and ``mmgen pack`` map one shard's
+work each. So the output is byte-identical whatever the executor or the number of workers.
 
 Ray: tasks on the cluster that ``ray.init`` finds (``RAY_ADDRESS`` for a running cluster; otherwise a
-local one with ``workers`` CPUs). At most ``2 * workers`` inputs are in flight, so the parent's memory
+local one with ``workers`` CPUs). At most ``2 * workers`` jobs are in flight, so the parent's memory
 stays bounded on any corpus size.
 """
 
@@ -48,37 +49,59 @@ def run_one(recipe_data: dict, path: str, fmt: str) -> list:
     return process_input(_ops_for(recipe_data), path, fmt)
 
 
-def _pool_run(args: tuple) -> list:
-    return run_one(*args)
+def _call(job: tuple):
+    fn, args = job
+    return fn(*args)
+
+
+def _start_worker(initializer, initargs) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if initializer is not None:
+        initializer(*initargs)
 
 
 @contextlib.contextmanager
-def results_in_order(executor: str, workers: int, recipe_data: dict, ops, paths: list[str], fmt: str) -> Iterator[Iterator[list]]:
-    """An iterator over ``process_input`` results of ``paths``, in order; workers are stopped on exit."""
+def map_in_order(executor: str, workers: int, fn, jobs: list[tuple], initializer=None, initargs: tuple = ()):
+    """An iterator over ``fn(*job)`` for ``jobs``, in order; workers are stopped on exit.
+
+    ``fn`` (and ``initializer``, run once per worker process) must be module-level functions: worker
+    processes and Ray tasks import them. ``local`` with one worker runs in this process."""
     if executor not in EXECUTORS:
         raise MMGenError(f"unknown executor '{executor}' (use one of: {', '.join(EXECUTORS)})")
     if executor == "ray":
-        with _ray_results(workers, recipe_data, paths, fmt) as it:
+        with _ray_map(workers, fn, jobs) as it:
             yield it
         return
-    if workers <= 1 or len(paths) <= 1:
-        from mmgen.data.pipeline import process_input
-
-        yield (process_input(ops, p, fmt) for p in paths)
+    if workers <= 1 or len(jobs) <= 1:
+        yield (fn(*job) for job in jobs)
         return
     import multiprocessing as mp
 
     # spawn: workers start clean (no inherited threads or open files), on every platform
-    pool = mp.get_context("spawn").Pool(min(workers, len(paths)), initializer=_init_worker, initargs=(recipe_data,))
+    pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_start_worker,
+                                        initargs=(initializer, initargs))
     try:
-        yield pool.imap(_pool_run, [(recipe_data, p, fmt) for p in paths], chunksize=1)
+        yield pool.imap(_call, [(fn, job) for job in jobs], chunksize=1)
     finally:
         pool.terminate()
         pool.join()
 
 
 @contextlib.contextmanager
-def _ray_results(workers: int, recipe_data: dict, paths: list[str], fmt: str):
+def results_in_order(executor: str, workers: int, recipe_data: dict, ops, paths: list[str], fmt: str) -> Iterator[Iterator[list]]:
+    """An iterator over ``process_input`` results of ``paths``, in order; workers are stopped on exit."""
+    if executor == "local" and (workers <= 1 or len(paths) <= 1):
+        from mmgen.data.pipeline import process_input
+
+        yield (process_input(ops, p, fmt) for p in paths)  # the operators already built here
+        return
+    with map_in_order(executor, workers, run_one, [(recipe_data, p, fmt) for p in paths],
+                      initializer=_init_worker if executor == "local" else None, initargs=(recipe_data,)) as it:
+        yield it
+
+
+@contextlib.contextmanager
+def _ray_map(workers: int, fn, jobs: list[tuple]):
     try:
         import ray
     except ImportError:
@@ -88,21 +111,21 @@ def _ray_results(workers: int, recipe_data: dict, paths: list[str], fmt: str):
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
-    task = ray.remote(num_cpus=1)(run_one)
+    task = ray.remote(num_cpus=1)(fn)
 
     def gen():
         window = max(2, 2 * workers)
         pending: deque = deque()
-        todo = iter(paths)
-        for p in todo:
-            pending.append(task.remote(recipe_data, p, fmt))
+        todo = iter(jobs)
+        for job in todo:
+            pending.append(task.remote(*job))
             if len(pending) >= window:
                 break
         while pending:
             out = ray.get(pending.popleft())
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(task.remote(recipe_data, nxt, fmt))
+                pending.append(task.remote(*nxt))
             yield out
 
     try:

@@ -1,6 +1,6 @@
 """Pre-tokenization: Doc shards -> code shards (every image item replaced by its code grid).
 
-    summary = pretokenize("runs/tokenizer/tokenizer", "data/world/*.tar", "runs/codes")
+    summary = pretokenize("runs/tokenizer/tokenizer", "data/world/*.tar", "runs/codes", workers=2)
 
 Images are encoded in batches with the saved image tokenizer and written with
 :class:`~mmgen.data.code_shards.CodeShardWriter` as ``(h, w)`` int16 arrays (int32 for codebooks
@@ -21,6 +21,11 @@ Without them, audio and video items are kept without codes and counted. A record
 (a :class:`BadRecord` from the reader) or a Doc with an image, audio or video item that cannot be
 decoded is quarantined whole, with its reason (``undecodable_image``, ``undecodable_audio``,
 ``undecodable_video``), to ``out_dir/quarantine.jsonl``: ``docs_in == docs_written + quarantined``.
+
+Input files are the work units (``executor``/``workers``: :func:`mmgen.data.executors.map_in_order`).
+Input ``I`` becomes ``codes-IIIIII-NNNNNN.tar`` and, once those are complete, ``done/IIIIII.json``
+(its counts and quarantined records); a rerun skips what is done. Images are batched within an
+input file, never across files, so the bytes do not depend on which worker ran what.
 """
 
 from __future__ import annotations
@@ -113,123 +118,227 @@ class _MediaCoder:
             counts[f"{item.kind}_items_without_codes"] += 1
 
 
+_CODERS: dict = {}
+
+
+class _ShardCoder:
+    """What a worker holds to tokenize shards: the image tokenizer, the audio/video coder, the settings."""
+
+    def __init__(self, p: dict):
+        from mmgen.tokenizers.base import load_image_tokenizer
+
+        self.p = p
+        self.tok = load_image_tokenizer(p["tokenizer"])
+        self.sizes = getattr(self.tok, "codebook_sizes", {"pix": self.tok.codebook_size})
+        self.code_dtype = code_dtype_for(self.sizes.values())
+        self.media = _MediaCoder(self.tok, p["audio_tokenizer"], p["video"], p["video_fps"], p["video_max_frames"],
+                                 p["batch_size"], self.code_dtype)
+
+    def run(self, index: int, path: str, out: Path) -> dict:
+        """Tokenize one input file into ``out/codes-IIIIII-NNNNNN.tar``; its counts and quarantined records."""
+        from mmgen.data.code_shards import CodedDoc, CodeShardWriter
+        from mmgen.data.doc import BadRecord, Doc
+        from mmgen.data.shards import read_docs
+
+        tok, batch_size, p = self.tok, self.p["batch_size"], self.p
+        stats, reasons, grids, quarantined = Counter(), Counter(), Counter(), []
+        # Docs wait here until their images have been encoded; encoding happens per batch of images.
+        # Each holds (doc, images to encode, the audio/video arrays already made).
+        pending: list[tuple[Doc, list[tuple[int, object, tuple[int, int]]], dict]] = []
+        pending_images = 0
+
+        def flush(writer) -> None:
+            nonlocal pending, pending_images
+            jobs = [(d_i, it_i, pil, size) for d_i, (_, imgs, _) in enumerate(pending) for it_i, pil, size in imgs]
+            codes_of: dict[tuple[int, int], np.ndarray] = {}
+            sem_of: dict[tuple[int, int], np.ndarray] = {}
+            by_size: dict[tuple[int, int], list] = {}
+            for job in jobs:
+                by_size.setdefault(job[3], []).append(job)
+            for size, group in by_size.items():
+                for s in range(0, len(group), batch_size):
+                    chunk = group[s:s + batch_size]
+                    with torch.no_grad():
+                        enc = tok.encode([j[2] for j in chunk], size=size)
+                    codes, sem = (enc["pix"], enc["sem"].cpu().numpy()) if isinstance(enc, dict) else (enc, None)
+                    for k, (j, c) in enumerate(zip(chunk, codes.cpu().numpy())):
+                        codes_of[(j[0], j[1])] = c.astype(self.code_dtype)
+                        grids[f"{c.shape[0]}x{c.shape[1]}"] += 1
+                        if sem is not None:
+                            sem_of[(j[0], j[1])] = sem[k].astype(self.code_dtype)
+            for d_i, (doc, imgs, arrays) in enumerate(pending):
+                for it_i, _, _ in imgs:
+                    arrays["codes"][it_i] = codes_of[(d_i, it_i)]
+                    if (d_i, it_i) in sem_of:
+                        arrays["sem"][it_i] = sem_of[(d_i, it_i)]
+                writer.write(CodedDoc(doc, arrays["codes"], arrays["sem"], arrays["frames"]))
+                stats["docs_written"] += 1
+                stats["images_encoded"] += len(imgs)
+            pending, pending_images = [], 0
+
+        def quarantine(entry: dict) -> None:
+            stats["quarantined"] += 1
+            reasons[entry["reason"]] += 1
+            quarantined.append(entry)
+
+        with CodeShardWriter(out, prefix=f"codes-{index:06d}", max_docs=p["max_docs_per_shard"],
+                             keep_media=p["keep_media"]) as writer:
+            for rec in read_docs(path):
+                stats["docs_in"] += 1
+                if isinstance(rec, BadRecord):
+                    quarantine(rec.to_json())
+                    continue
+                imgs, arrays, counts, failed = [], {"codes": {}, "sem": {}, "frames": {}}, Counter(), None
+                for i, item in enumerate(rec.items):
+                    kind = getattr(item, "kind", "text")
+                    try:
+                        if kind == "image":
+                            pil = item.to_pil()
+                            imgs.append((i, pil, target_size(tok, pil.width, pil.height, p["keep_aspect"])))
+                        elif kind in ("audio", "video"):
+                            self.media.encode(item, i, arrays, counts)
+                    except MediaError as e:
+                        failed = (i, "not_fetched" if isinstance(e, NotFetchedError) else f"undecodable_{kind}", str(e))
+                        break
+                if failed is not None:
+                    quarantine({"id": rec.id, "provenance": rec.provenance, "reason": failed[1],
+                                "item": failed[0], "detail": failed[2]})
+                    continue
+                stats.update(counts)  # a quarantined Doc's items are not counted as encoded
+                pending.append((rec, imgs, arrays))
+                pending_images += len(imgs)
+                if pending_images >= batch_size:
+                    flush(writer)
+            flush(writer)
+        return {"input": path, "stats": dict(stats), "reasons": dict(reasons), "grids": dict(grids),
+                "quarantine": quarantined, "shards": sorted(x.name for x in out.glob(f"codes-{index:06d}-*.tar"))}
+
+
+def tokenize_shard(params: dict, index: int, path: str, out_dir: str) -> dict:
+    """One work unit of :func:`pretokenize` (a worker process or Ray task): input file ``index`` into
+    its code shards, written under a temporary directory and moved into ``out_dir``, then its done
+    marker ``out_dir/done/IIIIII.json`` (which the return value equals). A rerun finds the marker and
+    skips the file; a file without one is tokenized again from scratch."""
+    import shutil
+
+    key = json.dumps(params, sort_keys=True)
+    if key not in _CODERS:
+        _CODERS.clear()
+        _CODERS[key] = _ShardCoder(params)
+    out = Path(out_dir)
+    part = out / "partial" / f"{index:06d}"
+    shutil.rmtree(part, ignore_errors=True)
+    for stale in out.glob(f"codes-{index:06d}-*.tar"):  # left by a run killed between the moves below
+        stale.unlink()
+    part.mkdir(parents=True)
+    entry = {"params": params, **_CODERS[key].run(index, path, part)}
+    for name in entry["shards"]:
+        (part / name).replace(out / name)
+    part.rmdir()
+    marker = out / "done" / f"{index:06d}.json"
+    marker.parent.mkdir(exist_ok=True)
+    tmp = marker.with_suffix(".partial")
+    tmp.write_text(json.dumps(entry, ensure_ascii=False, sort_keys=True))
+    tmp.replace(marker)
+    return entry
+
+
 def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_size: int = 64,
                 keep_media: bool = False, keep_aspect: bool = False, max_docs_per_shard: int = 5000,
                 progress: bool = True, audio_tokenizer: str | Path | None = None, video: bool = False,
-                video_fps: float = 2.0, video_max_frames: int = 16) -> dict:
+                video_fps: float = 2.0, video_max_frames: int = 16, executor: str = "local", workers: int = 1) -> dict:
     """Encode every image item (and, when asked, every audio and video item) of the Docs in ``inputs``
     into code shards under ``out_dir``.
+
+    Each input file is one work unit, run by ``executor`` (``local``: this process, or ``workers``
+    spawned processes; ``ray``: Ray tasks, see :mod:`mmgen.data.executors`) and written as
+    ``codes-IIIIII-NNNNNN.tar`` (input I, at most ``max_docs_per_shard`` documents each) with a done
+    marker; a rerun into the same ``out_dir`` skips the inputs already done, so a killed run resumes.
+    The shards do not depend on the executor or the number of workers, to the byte.
 
     Returns a summary (also written to ``out_dir/summary.json``)."""
     from tqdm import tqdm
 
-    from mmgen.data.code_shards import CodedDoc, CodeShardWriter
-    from mmgen.data.doc import BadRecord, Doc
-    from mmgen.data.shards import read_docs
-    from mmgen.tokenizers.base import load_image_tokenizer
+    from mmgen.data.executors import map_in_order
+    from mmgen.paths import expand_inputs
 
     if batch_size <= 0:
         raise MMGenError(f"batch_size must be positive, got {batch_size}")
-    tok = load_image_tokenizer(tokenizer_dir)
-    sizes = getattr(tok, "codebook_sizes", {"pix": tok.codebook_size})
-    code_dtype = code_dtype_for(sizes.values())
+    if workers < 1:
+        raise MMGenError(f"workers must be at least 1, got {workers}")
+    paths = expand_inputs(inputs)
+    params = {"tokenizer": str(tokenizer_dir), "batch_size": batch_size, "keep_media": keep_media,
+              "keep_aspect": keep_aspect, "max_docs_per_shard": max_docs_per_shard,
+              "audio_tokenizer": str(audio_tokenizer) if audio_tokenizer else None, "video": video,
+              "video_fps": video_fps, "video_max_frames": video_max_frames}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    entries: dict[int, dict] = {}
+    for i, path in enumerate(paths):
+        marker = out / "done" / f"{i:06d}.json"
+        if marker.is_file():
+            entry = json.loads(marker.read_text())
+            if entry.get("params") != params or entry.get("input") != path:
+                raise MMGenError(f"{out} holds code shards made from other inputs or settings ({marker}); "
+                                 "tokenize into a fresh --out directory")
+            entries[i] = entry
+    todo = [i for i in range(len(paths)) if i not in entries]
+    with map_in_order(executor, workers, tokenize_shard, [(params, i, paths[i], str(out)) for i in todo]) as results:
+        bar = tqdm(total=len(paths), initial=len(entries), desc="tokenize", unit="shard", disable=not progress)
+        for i, entry in zip(todo, results):
+            entries[i] = entry
+            bar.update(1)
+        bar.close()
+
+    stats, reasons, grids = Counter(), Counter(), Counter()
     quarantine_path = out / "quarantine.jsonl"
-    stats = Counter()
-    reasons: Counter = Counter()
-    grids: Counter = Counter()
-    media = _MediaCoder(tok, audio_tokenizer, video, video_fps, video_max_frames, batch_size, code_dtype)
-
-    # Docs wait here until their images have been encoded; encoding happens per batch of images.
-    # Each holds (doc, images to encode, the audio/video arrays already made).
-    pending: list[tuple[Doc, list[tuple[int, object, tuple[int, int]]], dict]] = []
-    pending_images = 0
-
-    def flush(writer) -> None:
-        nonlocal pending, pending_images
-        jobs = [(d_i, it_i, pil, size) for d_i, (_, imgs, _) in enumerate(pending) for it_i, pil, size in imgs]
-        codes_of: dict[tuple[int, int], np.ndarray] = {}
-        sem_of: dict[tuple[int, int], np.ndarray] = {}
-        by_size: dict[tuple[int, int], list] = {}
-        for job in jobs:
-            by_size.setdefault(job[3], []).append(job)
-        for size, group in by_size.items():
-            for s in range(0, len(group), batch_size):
-                chunk = group[s:s + batch_size]
-                with torch.no_grad():
-                    out = tok.encode([j[2] for j in chunk], size=size)
-                codes, sem = (out["pix"], out["sem"].cpu().numpy()) if isinstance(out, dict) else (out, None)
-                for k, (j, c) in enumerate(zip(chunk, codes.cpu().numpy())):
-                    codes_of[(j[0], j[1])] = c.astype(code_dtype)
-                    grids[f"{c.shape[0]}x{c.shape[1]}"] += 1
-                    if sem is not None:
-                        sem_of[(j[0], j[1])] = sem[k].astype(code_dtype)
-        for d_i, (doc, imgs, arrays) in enumerate(pending):
-            for it_i, _, _ in imgs:
-                arrays["codes"][it_i] = codes_of[(d_i, it_i)]
-                if (d_i, it_i) in sem_of:
-                    arrays["sem"][it_i] = sem_of[(d_i, it_i)]
-            writer.write(CodedDoc(doc, arrays["codes"], arrays["sem"], arrays["frames"]))
-            stats["docs_written"] += 1
-            stats["images_encoded"] += len(imgs)
-        pending, pending_images = [], 0
-
-    with CodeShardWriter(out, max_docs=max_docs_per_shard, keep_media=keep_media) as writer, \
-            open(quarantine_path, "w") as qf:
-        def quarantine(entry: dict) -> None:
-            stats["quarantined"] += 1
-            reasons[entry["reason"]] += 1
-            qf.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
-        for rec in tqdm(read_docs(inputs), desc="tokenize", unit="doc", disable=not progress):
-            stats["docs_in"] += 1
-            if isinstance(rec, BadRecord):
-                quarantine(rec.to_json())
-                continue
-            imgs, arrays, counts, failed = [], {"codes": {}, "sem": {}, "frames": {}}, Counter(), None
-            for i, item in enumerate(rec.items):
-                kind = getattr(item, "kind", "text")
-                try:
-                    if kind == "image":
-                        pil = item.to_pil()
-                        imgs.append((i, pil, target_size(tok, pil.width, pil.height, keep_aspect)))
-                    elif kind in ("audio", "video"):
-                        media.encode(item, i, arrays, counts)
-                except MediaError as e:
-                    failed = (i, "not_fetched" if isinstance(e, NotFetchedError) else f"undecodable_{kind}", str(e))
-                    break
-            if failed is not None:
-                quarantine({"id": rec.id, "provenance": rec.provenance, "reason": failed[1],
-                            "item": failed[0], "detail": failed[2]})
-                continue
-            stats.update(counts)  # a quarantined Doc's items are not counted as encoded
-            pending.append((rec, imgs, arrays))
-            pending_images += len(imgs)
-            if pending_images >= batch_size:
-                flush(writer)
-        flush(writer)
-        shards = sorted(str(p) for p in out.glob("codes-*.tar"))
-
+    with open(quarantine_path, "w") as qf:
+        for i in range(len(paths)):
+            e = entries[i]
+            stats.update(e["stats"])
+            reasons.update(e["reasons"])
+            grids.update(e["grids"])
+            for q in e["quarantine"]:
+                qf.write(json.dumps(q, ensure_ascii=False) + "\n")
+    shards = [str(out / name) for i in range(len(paths)) for name in entries[i]["shards"]]
+    coder_info = _coder_info(params)
     summary = {
         "docs_in": stats["docs_in"], "docs_written": stats["docs_written"], "quarantined": stats["quarantined"],
         "quarantine_reasons": dict(reasons), "images_encoded": stats["images_encoded"],
-        "code_grids": dict(grids), "code_dtype": np.dtype(code_dtype).name, "codebooks": dict(sizes),
+        "code_grids": dict(grids), **coder_info["codebooks"],
         **{k: stats[k] for k in ("audio_items_encoded", "audio_code_frames", "audio_items_without_codes",
                                  "video_items_encoded", "video_frames", "video_tokens_before", "video_tokens_after",
                                  "video_items_without_codes")},
         "tokenizer": str(tokenizer_dir), "shards": shards, "quarantine": str(quarantine_path),
+        "inputs": len(paths), "inputs_resumed": len(paths) - len(todo), "executor": executor, "workers": workers,
     }
-    if media.codec is not None:
+    if coder_info.get("audio"):
         summary["audio_tokenizer"] = str(audio_tokenizer)
-        summary["audio"] = {"levels": media.codec.n_q, "codebook_size": media.codec.codebook_size,
-                            "frame_rate": media.codec.frame_rate, "sample_rate": media.codec.sample_rate}
+        summary["audio"] = coder_info["audio"]
     if stats["audio_items_without_codes"] or stats["video_items_without_codes"]:
         summary["note"] = ("audio/video items without codes: pass audio_tokenizer (--audio-tokenizer) / "
                            "video=True (--video) to encode them")
-    assert summary["docs_in"] == summary["docs_written"] + summary["quarantined"]
+    if summary["docs_in"] != summary["docs_written"] + summary["quarantined"]:
+        raise MMGenError(f"tokenize counts do not add up in {out}: {summary['docs_in']} in, {summary['docs_written']} "
+                         f"written, {summary['quarantined']} quarantined")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _coder_info(params: dict) -> dict:
+    """Codebook facts for the summary, from the saved tokenizers' configs (no weights are needed)."""
+    from mmgen.tokenizers.base import load_image_tokenizer
+
+    tok = load_image_tokenizer(params["tokenizer"])
+    sizes = getattr(tok, "codebook_sizes", {"pix": tok.codebook_size})
+    info = {"codebooks": {"code_dtype": np.dtype(code_dtype_for(sizes.values())).name, "codebooks": dict(sizes)}}
+    if params["audio_tokenizer"]:
+        from mmgen.tokenizers.audio import AudioCodec
+
+        codec = AudioCodec.from_pretrained(params["audio_tokenizer"])
+        info["audio"] = {"levels": codec.n_q, "codebook_size": codec.codebook_size, "frame_rate": codec.frame_rate,
+                         "sample_rate": codec.sample_rate}
+    return info
 
 
 def encode_image_files(tokenizer, paths, size: tuple[int, int] | None = None) -> torch.Tensor:
