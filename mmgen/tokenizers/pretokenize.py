@@ -210,6 +210,9 @@ class _ShardCoder:
                 if pending_images >= batch_size:
                     flush(writer)
             flush(writer)
+        if not stats["docs_written"]:  # the writer opens its first shard up front: no empty shard is kept
+            for empty in out.glob(f"codes-{index:06d}-*.tar"):
+                empty.unlink()
         return {"input": path, "stats": dict(stats), "reasons": dict(reasons), "grids": dict(grids),
                 "quarantine": quarantined, "shards": sorted(x.name for x in out.glob(f"codes-{index:06d}-*.tar"))}
 
@@ -238,7 +241,7 @@ def tokenize_shard(params: dict, index: int, path: str, out_dir: str) -> dict:
     marker = out / "done" / f"{index:06d}.json"
     marker.parent.mkdir(exist_ok=True)
     tmp = marker.with_suffix(".partial")
-    tmp.write_text(json.dumps(entry, ensure_ascii=False, sort_keys=True))
+    tmp.write_text(json.dumps(entry, ensure_ascii=False))  # key order kept: quarantine.jsonl is rebuilt from it
     tmp.replace(marker)
     return entry
 
