@@ -1,4 +1,5 @@
-"""``mmgen train`` and ``mmgen sft``: DeepSpeed training of the unified LM (any stage) on code shards."""
+"""``mmgen train`` and ``mmgen sft``: DeepSpeed training of the unified LM (any stage) on code shards;
+``mmgen pack``: the packed shards a streamed run reads."""
 
 from __future__ import annotations
 
@@ -72,3 +73,28 @@ def register(app: typer.Typer) -> None:
             mmgen sft tiny_sft init_from=runs/tiny_pretrain/final lora.enabled=true
         """
         typer.echo(f"bundle: {_run(config, [*(overrides or []), 'stage=sft'], launcher, num_gpus, hostfile)}")
+
+    @app.command("pack")
+    def pack_cmd(
+        config: str = typer.Argument("tiny_pretrain", help="Training YAML, or a recipe name in training/: its data settings decide the rows."),
+        overrides: Optional[List[str]] = _OVERRIDES,
+        out: str = typer.Option(..., "--out", help="Output directory: packed-*.tar, index.json, text_tokenizer/, vocab.json."),
+        executor: str = typer.Option("local", "--executor", help="local (processes on this machine) or ray (Ray tasks)."),
+        workers: int = typer.Option(1, "--workers", help="Worker processes (local) or CPUs of a local Ray cluster."),
+    ):
+        """Pack code shards into ready-to-train rows, one packed shard per code shard, with the text
+        tokenizer trained once on a sample (data.text_sample_docs). Train on them with
+        data.source=packed data.packed_shards=OUT: each rank streams its own shards. Rerun to resume.
+
+        Examples:
+
+            mmgen pack tiny_pretrain data.code_shards=runs/qs/codes data.image_tokenizer=runs/qs/vq --out runs/qs/packed
+
+            mmgen train tiny_pretrain data.source=packed data.packed_shards=runs/qs/packed data.image_tokenizer=runs/qs/vq
+        """
+        from mmgen.training.pack import pack
+
+        index = pack(config, list(overrides or []), out, executor=executor, workers=workers)
+        t = index["totals"]["packing"]
+        typer.echo(f"{t['docs']} documents -> {t['rows']} rows of {t['seq_len']} tokens (fill {t['fill_rate']:.3f}) "
+                   f"in {len(index['shards'])} packed shards; {t['docs_dropped']} dropped (an item longer than a row); {out}/index.json")

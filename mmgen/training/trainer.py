@@ -695,6 +695,16 @@ class StreamedBatches:
             batches.append(batch)
         return batches, float(n.item())
 
+    def shards_per_rank(self) -> list[list[str]]:
+        """The packed shards each rank reads (a collective)."""
+        mine = sorted(Path(p).name for p in self.reader.shard_paths())
+        everyone = [None] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        return everyone
+
     def state(self) -> dict:
         """Every rank's stream positions (a collective: all ranks call it)."""
         mine = self.reader.positions()
@@ -871,6 +881,7 @@ def run_training(cfg: TrainConfig) -> Path:
         writer.close()
 
     run_s = time.perf_counter() - t_run - snap_s
+    streamed = {"shards_per_rank": batches.shards_per_rank()} if isinstance(batches, StreamedBatches) else {}
     rss = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(rss, _peak_rss_mib())
@@ -885,7 +896,7 @@ def run_training(cfg: TrainConfig) -> Path:
                "parameter_bytes": parameter_bytes(engine.module),
                "vocab_size": vocab.size,
                "data": {"sequences": data["seq_stats"], "packing": data["pack_stats"],
-                        "image_grids": data["image_grids"]}}
+                        "image_grids": data["image_grids"], **streamed}}
     final = out_dir / "final"
     save_run_bundle(engine, data, cfg, summary, final, out_dir / "lora_adapter", rank)
     if rank == 0:

@@ -1,0 +1,133 @@
+"""``mmgen pack``: code shards -> packed shards, once, before training (see :mod:`mmgen.data.packed_shards`).
+
+    mmgen pack tiny_pretrain data.code_shards=runs/qs/codes --out runs/qs/packed --workers 2
+    mmgen train tiny_pretrain data.source=packed data.packed_shards=runs/qs/packed
+
+Steps, each resumable:
+
+1. the text tokenizer, trained once on the first ``data.text_sample_docs`` documents (or the bundle's /
+   ``data.text_tokenizer``), saved to ``OUT/text_tokenizer``, and the run's vocab to ``OUT/vocab.json``;
+2. every code shard, a work unit on :func:`mmgen.data.executors.map_in_order`: its documents of
+   ``data.splits`` become sequences (:func:`mmgen.data.sequence.build_sequences`, the stage's chat
+   layout and targets) and are packed by :func:`mmgen.data.packing.pack_sequences` exactly as the
+   in-memory trainer packs them (the same algorithm, per shard rather than over the corpus), written
+   to ``packed-IIIIII.tar`` with a done marker; a rerun skips the shards already done;
+3. ``OUT/index.json``: the settings, each shard's rows and statistics, and the totals.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from mmgen.errors import MMGenError
+
+_PACKERS: dict = {}
+
+
+def _packer(out_dir: str):
+    """(text tokenizer, vocab) of a pack output directory, loaded once per worker process."""
+    if out_dir not in _PACKERS:
+        from transformers import AutoTokenizer
+
+        from mmgen.models.vocab import Vocab
+
+        _PACKERS.clear()
+        _PACKERS[out_dir] = (AutoTokenizer.from_pretrained(Path(out_dir) / "text_tokenizer"),
+                             Vocab.load(Path(out_dir) / "vocab.json"))
+    return _PACKERS[out_dir]
+
+
+def pack_shard(settings: dict, index: int, path: str, out_dir: str) -> dict:
+    """One work unit: code shard ``path`` -> ``packed-IIIIII.tar`` and its done marker; returns its entry."""
+    from mmgen.data.code_shards import read_code_shards_of_splits
+    from mmgen.data.packed_shards import shard_name, write_packed_shard
+    from mmgen.data.packing import pack_sequences
+    from mmgen.data.sequence import build_sequences
+    from mmgen.training.trainer import image_grid_counts
+
+    tok, vocab = _packer(out_dir)
+    records = list(read_code_shards_of_splits(path, settings["splits"]))
+    seqs, seq_stats = build_sequences(records, tok, vocab, targets=settings["targets"], chat=settings["chat"],
+                                      user_targets=settings["user_targets"])
+    grids = image_grid_counts(records)
+    del records
+    entry = {"input": path, "settings": settings, "name": shard_name(index), "rows": 0,
+             "sequences": seq_stats.to_dict(), "image_grids": {f"{h}x{w}": n for (h, w), n in sorted(grids.items())}}
+    out = Path(out_dir)
+    if seqs:
+        rows, pack_stats = pack_sequences(seqs, settings["seq_len"], pad_id=tok.pad_token_id or 0,
+                                          algorithm=settings["packing"])
+        entry["rows"], entry["packing"] = pack_stats.rows, pack_stats.to_dict()
+        write_packed_shard(out / entry["name"], rows, {k: entry[k] for k in ("input", "packing", "sequences")})
+    marker = out / (entry["name"][:-4] + ".done.json")
+    tmp = marker.with_name(marker.name + ".partial")
+    tmp.write_text(json.dumps(entry))
+    tmp.replace(marker)
+    return entry
+
+
+def _totals(entries: list[dict], seq_len: int) -> dict:
+    packing, seqs, skipped, grids = Counter(), Counter(), Counter(), Counter()
+    for e in entries:
+        packing.update({k: v for k, v in e.get("packing", {}).items() if k not in ("seq_len", "fill_rate")})
+        seqs.update({k: v for k, v in e["sequences"].items() if k != "skipped_items"})
+        skipped.update(e["sequences"].get("skipped_items", {}))
+        grids.update(e["image_grids"])
+    packing = {k: packing[k] for k in ("docs", "rows", "chunks", "docs_split", "docs_dropped", "tokens")}
+    packing["seq_len"] = seq_len
+    packing["fill_rate"] = round(packing["tokens"] / (packing["rows"] * seq_len), 4) if packing["rows"] else 0.0
+    return {"packing": packing, "sequences": {**dict(seqs), "skipped_items": dict(skipped)},
+            "image_grids": dict(grids.most_common())}
+
+
+def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | Path, executor: str = "local",
+         workers: int = 1, progress: bool = True) -> dict:
+    """Write packed shards for the training run ``config`` + ``overrides`` describes; returns the index."""
+    from tqdm import tqdm
+
+    from mmgen.data.executors import map_in_order
+    from mmgen.data.packed_shards import INDEX
+    from mmgen.paths import expand_inputs
+    from mmgen.training.config import load_train_config
+    from mmgen.training.trainer import (_check_saved_vocab, media_tokenizers_and_vocab, sequence_settings,
+                                        text_tokenizer_for)
+
+    cfg = load_train_config(config, [*(overrides or []), "data.source=memory"])
+    if workers < 1:
+        raise MMGenError(f"workers must be at least 1, got {workers}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = expand_inputs(cfg.data.code_shards, (".tar",))
+    tok = text_tokenizer_for(cfg, out / "text_tokenizer", 0)
+    vocab, _, _ = media_tokenizers_and_vocab(cfg, tok)
+    _check_saved_vocab(out / "vocab.json", vocab, "pack into a fresh --out directory")
+    vocab.save(out / "vocab.json")
+    settings = sequence_settings(cfg)
+
+    entries: dict[int, dict] = {}
+    for i, path in enumerate(paths):
+        marker = out / f"packed-{i:06d}.done.json"
+        if marker.is_file():
+            entry = json.loads(marker.read_text())
+            if entry["settings"] != settings or entry["input"] != path:
+                raise MMGenError(f"{out} holds packed shards of other code shards or settings ({marker}); "
+                                 "pack into a fresh --out directory")
+            entries[i] = entry
+    todo = [i for i in range(len(paths)) if i not in entries]
+    with map_in_order(executor, workers, pack_shard, [(settings, i, paths[i], str(out)) for i in todo]) as results:
+        bar = tqdm(total=len(paths), initial=len(entries), desc="pack", unit="shard", disable=not progress)
+        for i, entry in zip(todo, results):
+            entries[i] = entry
+            bar.update(1)
+        bar.close()
+    ordered = [entries[i] for i in range(len(paths))]
+    totals = _totals(ordered, cfg.data.seq_len)
+    if not totals["packing"]["rows"]:
+        raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({totals['sequences']})")
+    index = {"settings": settings, "code_shards": paths, "totals": totals,
+             "shards": [{"name": e["name"], "rows": e["rows"], "input": e["input"], "packing": e["packing"],
+                         "sequences": e["sequences"]} for e in ordered if e["rows"]]}
+    (out / INDEX).write_text(json.dumps(index, indent=1))
+    return index
