@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 
 
@@ -58,6 +59,9 @@ class QuickstartConfig:
     # ShapesWorld cell, so a picture is 9 tokens instead of 81. False: the pixel codes themselves.
     code_blocks: bool = True
     launcher: str = "deepspeed"  # deepspeed (training/pretrain.sh) or none (in-process)
+    # Where the LM stages read their rows: memory (every code shard read and packed at start) or packed
+    # (`mmgen pack` once per stage into OUT/packed_<stage>, then streamed; training/README.md)
+    data_source: Literal["memory", "packed"] = "memory"
 
 
 def train_stage(recipe: str, overrides: list[str], launcher: str = "deepspeed") -> Path:
@@ -169,14 +173,25 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     def train(recipe: str, overrides: list[str]) -> str:
         return str(train_stage(recipe, overrides, cfg.launcher))
 
+    def data_for(stage: str, recipe: str, overrides: list[str]) -> list[str]:
+        """The stage's overrides, reading packed shards written first when cfg.data_source is packed."""
+        if cfg.data_source == "memory":
+            return overrides
+        from mmgen.training.pack import pack
+
+        packed = out / f"packed_{stage}"
+        pack(recipe, overrides, packed, workers=cfg.workers)
+        return [*overrides, "data.source=packed", f"data.packed_shards={packed}"]
+
     def pretrain():
-        return train(cfg.train_recipe, [f"data.code_shards={lm_codes}", f"data.image_tokenizer={lm_tok}",
-                                        f"out_dir={out / 'lm'}", *cfg.train_overrides])
+        return train(cfg.train_recipe, data_for("pretrain", cfg.train_recipe, [
+            f"data.code_shards={lm_codes}", f"data.image_tokenizer={lm_tok}", f"out_dir={out / 'lm'}",
+            *cfg.train_overrides]))
 
     def sft():
         # The SFT recipe's stage is sft: QA documents become chat turns with the loss on the answers.
-        return train(cfg.sft_recipe, [f"init_from={pretrained}", f"data.code_shards={lm_codes}",
-                                      f"out_dir={out / 'sft'}", *cfg.sft_overrides])
+        return train(cfg.sft_recipe, data_for("sft", cfg.sft_recipe, [
+            f"init_from={pretrained}", f"data.code_shards={lm_codes}", f"out_dir={out / 'sft'}", *cfg.sft_overrides]))
 
     def evaluate():
         return _evaluate(cfg, out, Path(bundle_dir), Path(tok_dir))

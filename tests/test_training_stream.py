@@ -186,3 +186,14 @@ def test_two_nodes_equal_one_node_with_the_doubled_batch_and_resume_across_them(
     a, b = _final_weights(two), _final_weights(one)
     # As for two ranks of one node: gradient sums in another order differ in the last float bits.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_a_run_whose_settings_differ_from_the_packed_shards_stops_with_one_line(code_shards, packed, tmp_path):
+    from mmgen.errors import MMGenError
+    from mmgen.training.trainer import pretrain
+
+    stream = {"data.source": "packed", "data.packed_shards": str(packed[0])}
+    with pytest.raises(MMGenError, match="built with seq_len=64, this run needs 96"):
+        pretrain(None, _over(code_shards, tmp_path / "run", **{**stream, "data.seq_len": 96}))
+    with pytest.raises(MMGenError, match="no packed shards at"):
+        pretrain(None, _over(code_shards, tmp_path / "run2", **{**stream, "data.packed_shards": str(tmp_path)}))
