@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--scale-steps", type=int, default=10)
     ap.add_argument("--tokenize-shards", type=int, default=6)
-    ap.add_argument("--tokenize-docs-per-shard", type=int, default=300)
+    ap.add_argument("--tokenize-docs-per-shard", type=int, default=800)
     ap.add_argument("--work", help="scratch directory (default: a temp dir, removed at the end)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
