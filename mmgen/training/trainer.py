@@ -149,6 +149,7 @@ def sequence_settings(cfg: TrainConfig) -> dict:
     """What the rows depend on besides the tokenizers: kept in packed shards' index and checked at training."""
     from mmgen.data.sequence import chat_layout
 
+    # SFT learns to answer; pretraining on conversations still learns everything the user shows
     return {"seq_len": cfg.data.seq_len, "packing": cfg.data.packing, "splits": list(cfg.data.splits or []),
             "targets": list(cfg.data.loss_targets), "chat": chat_layout(cfg.stage, cfg.data.chat),
             "user_targets": cfg.stage != "sft"}
