@@ -152,7 +152,7 @@ def _run_op(op: Op, view: DocView, stats: dict, events: list, decide_sig: Any = 
     except NotFetchedError as e:  # the op needs bytes a URL reference does not have: it cannot judge this doc
         verdicts = [Verdict(None, {"not_fetched": 1, "error": error_text(e)})]
     except MediaError as e:
-        verdicts = [Verdict("undecodable_media", {"error": error_text(e)}, quarantine=True)]
+        verdicts = [Verdict(e.reason, {"error": error_text(e)}, quarantine=True)]
     except Exception as e:  # noqa: BLE001 - one odd document must not stop a run; it is quarantined visibly
         verdicts = [Verdict("op_error", {"error": f"{type(e).__name__}: {error_text(e)}"}, quarantine=True)]
     fate = _apply(op, view, verdicts, stats, events)
@@ -185,7 +185,7 @@ def process_doc(ops: list[Op], doc: Doc) -> dict:
                 except NotFetchedError:
                     continue  # judged by nothing: decide() sees no signature, as for a short doc
                 except MediaError as e:
-                    fate = {"op": op.label, "reason": "undecodable_media", "item": None,
+                    fate = {"op": op.label, "reason": e.reason, "item": None,
                             "stats": {"error": error_text(e)}, "status": "quarantined"}
                     break
     return {"doc": doc, "alive": view.alive, "stats": stats, "events": events, "fate": fate, "sigs": sigs,
@@ -700,7 +700,8 @@ REASON_DEFECT = {
     "caption_mismatch": "mismatched_caption", "duplicate_image": "duplicate_image",
     "near_duplicate_image": "near_duplicate_image", "duplicate_doc": "duplicate_doc",
     "near_duplicate_doc": "near_duplicate_doc", "corrupt_image": "corrupt_image",
-    "undecodable_media": "corrupt_image", "image_too_small": "tiny_image", "extreme_aspect": "extreme_aspect",
+    "undecodable_media": "corrupt_image", "truncated_image": "corrupt_image", "not_an_image": "corrupt_image",
+    "image_too_small": "tiny_image", "extreme_aspect": "extreme_aspect",
     "gibberish": "gibberish_text", "special_characters": "gibberish_text", "low_alnum": "gibberish_text",
     "ngram_repetition": "ngram_spam", "non_english": "non_english", "too_short": "empty_item",
     "empty_text": "empty_item", "empty_image": "empty_item", "empty_audio": "empty_item",
