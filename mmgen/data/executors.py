@@ -1,11 +1,11 @@
 """Where ``mmgen filter`` runs the per-input work: in this process, in local worker processes, or on Ray.
 
-Each executor maps :func:`mmgen.data.pipeline.process_input` over the input files and hands the
-results back IN INPUT ORDER; the parent then decides deduplication and writes everything. So the
+Each executor maps :func:`mmgen.data.pipeline.process_unit` over the work units (whole files, byte
+ranges of a large jsonl, row groups of a parquet file) and hands the results back IN UNIT ORDER; the parent then decides deduplication and writes everything. So the
 output is byte-identical whatever the executor or the number of workers.
 
 Ray: tasks on the cluster that ``ray.init`` finds (``RAY_ADDRESS`` for a running cluster; otherwise a
-local one with ``workers`` CPUs). At most ``2 * workers`` inputs are in flight, so the parent's memory
+local one with ``workers`` CPUs). At most ``2 * workers`` units are in flight, so the parent's memory
 stays bounded on any corpus size.
 """
 
@@ -42,10 +42,10 @@ def _init_worker(recipe_data: dict) -> None:
     _ops_for(recipe_data)
 
 
-def run_one(recipe_data: dict, path: str, fmt: str) -> list:
-    from mmgen.data.pipeline import process_input
+def run_one(recipe_data: dict, unit, read_opts: dict) -> list:
+    from mmgen.data.pipeline import process_unit
 
-    return process_input(_ops_for(recipe_data), path, fmt)
+    return process_unit(_ops_for(recipe_data), unit, read_opts)
 
 
 def _pool_run(args: tuple) -> list:
@@ -53,32 +53,32 @@ def _pool_run(args: tuple) -> list:
 
 
 @contextlib.contextmanager
-def results_in_order(executor: str, workers: int, recipe_data: dict, ops, paths: list[str], fmt: str) -> Iterator[Iterator[list]]:
-    """An iterator over ``process_input`` results of ``paths``, in order; workers are stopped on exit."""
+def results_in_order(executor: str, workers: int, recipe_data: dict, ops, units: list, read_opts: dict) -> Iterator[Iterator[list]]:
+    """An iterator over ``process_unit`` results of ``units``, in order; workers are stopped on exit."""
     if executor not in EXECUTORS:
         raise MMGenError(f"unknown executor '{executor}' (use one of: {', '.join(EXECUTORS)})")
     if executor == "ray":
-        with _ray_results(workers, recipe_data, paths, fmt) as it:
+        with _ray_results(workers, recipe_data, units, read_opts) as it:
             yield it
         return
-    if workers <= 1 or len(paths) <= 1:
-        from mmgen.data.pipeline import process_input
+    if workers <= 1 or len(units) <= 1:
+        from mmgen.data.pipeline import process_unit
 
-        yield (process_input(ops, p, fmt) for p in paths)
+        yield (process_unit(ops, u, read_opts) for u in units)
         return
     import multiprocessing as mp
 
     # spawn: workers start clean (no inherited threads or open files), on every platform
-    pool = mp.get_context("spawn").Pool(min(workers, len(paths)), initializer=_init_worker, initargs=(recipe_data,))
+    pool = mp.get_context("spawn").Pool(min(workers, len(units)), initializer=_init_worker, initargs=(recipe_data,))
     try:
-        yield pool.imap(_pool_run, [(recipe_data, p, fmt) for p in paths], chunksize=1)
+        yield pool.imap(_pool_run, [(recipe_data, u, read_opts) for u in units], chunksize=1)
     finally:
         pool.terminate()
         pool.join()
 
 
 @contextlib.contextmanager
-def _ray_results(workers: int, recipe_data: dict, paths: list[str], fmt: str):
+def _ray_results(workers: int, recipe_data: dict, units: list, read_opts: dict):
     try:
         import ray
     except ImportError:
@@ -93,16 +93,16 @@ def _ray_results(workers: int, recipe_data: dict, paths: list[str], fmt: str):
     def gen():
         window = max(2, 2 * workers)
         pending: deque = deque()
-        todo = iter(paths)
-        for p in todo:
-            pending.append(task.remote(recipe_data, p, fmt))
+        todo = iter(units)
+        for u in todo:
+            pending.append(task.remote(recipe_data, u, read_opts))
             if len(pending) >= window:
                 break
         while pending:
             out = ray.get(pending.popleft())
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(task.remote(recipe_data, nxt, fmt))
+                pending.append(task.remote(recipe_data, nxt, read_opts))
             yield out
 
     try:
