@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
         video: bool = typer.Option(False, "--video", help="Encode video items: sampled frames through the image tokenizer, with temporal token merging."),
         video_fps: float = typer.Option(2.0, "--video-fps", help="Frames sampled per second of video."),
         video_max_frames: int = typer.Option(16, "--video-max-frames", help="At most this many frames per video, spread over the clip."),
+        max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Images (and video frames) of more pixels are quarantined as too_many_pixels before decoding (default 89,478,485)."),
     ) -> None:
         """Pre-tokenize Doc shards: every image item becomes a grid of codes in code shards
         (DualViTok: pixel codes plus the semantic grid beside them); with --audio-tokenizer audio
@@ -81,7 +82,8 @@ def register(app: typer.Typer) -> None:
         from mmgen.tokenizers.pretokenize import pretokenize
 
         s = pretokenize(tokenizer, list(input), out, batch_size=batch_size, keep_media=keep_media, keep_aspect=keep_aspect,
-                        audio_tokenizer=audio_tokenizer, video=video, video_fps=video_fps, video_max_frames=video_max_frames)
+                        audio_tokenizer=audio_tokenizer, video=video, video_fps=video_fps, video_max_frames=video_max_frames,
+                        max_image_pixels=max_image_pixels)
         typer.echo(f"{s['docs_in']} docs in: {s['docs_written']} written, {s['quarantined']} quarantined "
                    f"({out}/quarantine.jsonl); {s['images_encoded']} images, {s['audio_items_encoded']} audio and "
                    f"{s['video_items_encoded']} video items encoded ({s['video_tokens_after']} of "

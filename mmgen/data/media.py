@@ -56,20 +56,18 @@ def open_image(data: bytes, name: str | None = None, declared: str | None = None
     sniffed = sniff_format(data)
     if declared in _SNIFFED_IMAGE and sniffed is not None and sniffed != declared:
         raise MediaError(f"{where} is declared {declared} but its bytes are {sniffed}", reason="format_mismatch")
-    limit = _limits["pixels"]
-    if PILImage.MAX_IMAGE_PIXELS is not None and PILImage.MAX_IMAGE_PIXELS < limit:
-        PILImage.MAX_IMAGE_PIXELS = limit  # Pillow's own bomb check must not be stricter than the one asked for
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-        try:
-            img = PILImage.open(io.BytesIO(data))
-        except PILImage.DecompressionBombError as e:
-            raise MediaError(f"{where}: {e}", reason="too_many_pixels") from None
-        except UnidentifiedImageError:
-            what = "empty file" if not data else f"{len(data)} bytes starting {data[:8]!r}"
-            raise MediaError(f"{where} is not an image of a known format ({what})", reason="not_an_image") from None
-        except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on a damaged header
-            raise MediaError(f"cannot read image header ({where}): {type(e).__name__}: {e}") from None
+    pil_limit = PILImage.MAX_IMAGE_PIXELS
+    PILImage.MAX_IMAGE_PIXELS = None  # the limit is checked here, once, with this process's setting
+    try:
+        img = PILImage.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        what = "empty file" if not data else f"{len(data)} bytes starting {data[:8]!r}"
+        raise MediaError(f"{where} is not an image of a known format ({what})", reason="not_an_image") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on a damaged header
+        reason = "truncated_image" if "runcated" in str(e) else "undecodable_media"
+        raise MediaError(f"cannot read image header ({where}): {type(e).__name__}: {e}", reason=reason) from None
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = pil_limit
     check_pixels(*img.size, name=where)
     return img
 
@@ -83,7 +81,7 @@ def decode_image(data: bytes, name: str | None = None, declared: str | None = No
             warnings.simplefilter("ignore")  # Pillow warns on odd but decodable files (EXIF, palettes)
             img.load()
     except OSError as e:
-        reason = "truncated_image" if "truncated" in str(e) or "broken data stream" in str(e) else "undecodable_media"
+        reason = "truncated_image" if "runcated" in str(e) or "broken data stream" in str(e) else "undecodable_media"
         raise MediaError(f"cannot decode image ({where}): {e}", reason=reason) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a media error
         raise MediaError(f"cannot decode image ({where}): {type(e).__name__}: {e}") from None

@@ -116,9 +116,13 @@ class _MediaCoder:
 def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_size: int = 64,
                 keep_media: bool = False, keep_aspect: bool = False, max_docs_per_shard: int = 5000,
                 progress: bool = True, audio_tokenizer: str | Path | None = None, video: bool = False,
-                video_fps: float = 2.0, video_max_frames: int = 16) -> dict:
+                video_fps: float = 2.0, video_max_frames: int = 16, max_image_pixels: int | None = None) -> dict:
     """Encode every image item (and, when asked, every audio and video item) of the Docs in ``inputs``
     into code shards under ``out_dir``.
+
+    A Doc with a medium that cannot be decoded is quarantined with the reason (an image of more than
+    ``max_image_pixels`` pixels, default :data:`mmgen.data.media.DEFAULT_MAX_IMAGE_PIXELS`, is
+    ``too_many_pixels`` and is never decoded).
 
     Returns a summary (also written to ``out_dir/summary.json``)."""
     from tqdm import tqdm
@@ -128,8 +132,11 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     from mmgen.data.shards import read_docs
     from mmgen.tokenizers.base import load_image_tokenizer
 
+    from mmgen.data.media import set_max_image_pixels
+
     if batch_size <= 0:
         raise MMGenError(f"batch_size must be positive, got {batch_size}")
+    set_max_image_pixels(max_image_pixels)
     tok = load_image_tokenizer(tokenizer_dir)
     sizes = getattr(tok, "codebook_sizes", {"pix": tok.codebook_size})
     code_dtype = code_dtype_for(sizes.values())
@@ -197,7 +204,10 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
                     elif kind in ("audio", "video"):
                         media.encode(item, i, arrays, counts)
                 except MediaError as e:
-                    failed = (i, "not_fetched" if isinstance(e, NotFetchedError) else f"undecodable_{kind}", str(e))
+                    # a bomb, a mislabelled or truncated image, a URL never fetched: each says so
+                    reason = "not_fetched" if isinstance(e, NotFetchedError) else \
+                        e.reason if e.reason != "undecodable_media" else f"undecodable_{kind}"
+                    failed = (i, reason, str(e))
                     break
             if failed is not None:
                 quarantine({"id": rec.id, "provenance": rec.provenance, "reason": failed[1],

@@ -239,6 +239,26 @@ def read_jsonl(path, record_to_doc: Callable[[dict, ReadContext], Doc], media_ro
             yield doc
 
 
+def checked_media(records: Iterable[Doc | BadRecord]) -> Iterator[Doc | BadRecord]:
+    """Docs whose images pass the header checks of :func:`mmgen.data.media.open_image` (pixel limit,
+    an image at all, the format it claims); a Doc that fails becomes a BadRecord with the reason.
+    URL references are not fetched, so not checked; a missing file is left to the writer."""
+    from mmgen.data.media import open_image
+
+    for rec in records:
+        if isinstance(rec, Doc):
+            try:
+                for it in rec.images:
+                    if it.data is None and (is_url(it.path) or not it.exists()):
+                        continue
+                    open_image(it.load(), it.path, it.format).close()
+            except MediaError as e:
+                rec = BadRecord(source=str(rec.provenance.get("source", rec.provenance.get("shard", ""))),
+                                line=rec.provenance.get("line"), member=rec.provenance.get("member"),
+                                reason=e.reason, detail=f"doc {rec.id}: {e}")
+        yield rec
+
+
 class MediaExport:
     """Writes media bytes into ``media/`` beside an output file, named by content hash, and returns the
     reference (relative to the output's folder) to put in the record. Same bytes -> one file."""
