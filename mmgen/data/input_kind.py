@@ -85,7 +85,7 @@ def sniff_input(path: str) -> InputKind:
 
     if not compression and tarfile.is_tarfile(path):  # an old (v7) tar without the ustar magic
         return InputKind("tar")
-    if b"\x00" not in head:
+    if b"\x00" not in head or head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"["):
         # text: jsonl, whatever its first line holds (a damaged line is quarantined as bad_json)
         return InputKind("jsonl", compression)
     shown = head[:12]

@@ -287,6 +287,8 @@ STATS_COLUMNS = ("id", "status", "item", "op", "stat", "value", "text")
 
 def _stat_rows(doc_id: str, status: str, stats: dict) -> list[tuple]:
     """Long-format rows (one per statistic) for the parquet stats: the ops' stats differ in shape."""
+    if not isinstance(doc_id, str):  # a source id may be any JSON value; the column holds text
+        doc_id = json.dumps(doc_id, sort_keys=True, default=str)
     rows = []
     for item, per_op in [(-1, stats["doc"])] + [(int(i), d) for i, d in stats["items"].items()]:
         for op, values in per_op.items():
