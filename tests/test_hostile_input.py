@@ -255,3 +255,19 @@ def test_compressed_and_mislabelled_inputs(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_tokenize_quarantines_bombs_and_mislabelled_images(tmp_path):
+    from trainkit import tiny_pixel_vq
+
+    from mmgen.tokenizers.pretokenize import pretokenize
+
+    tiny_pixel_vq().save_pretrained(tmp_path / "vq")
+    docs = [Doc([Text("a good picture"), Image(data=png_bytes(1, 32, 32))], id="good"),
+            Doc([Text("a bomb"), Image(data=bomb_png())], id="bomb"),
+            Doc([Text("png bytes said to be jpeg"), Image(data=png_bytes(2), format="jpeg")], id="mislabelled"),
+            Doc([Text("cut"), Image(data=jpeg_bytes(3)[:600])], id="cut")]
+    write_shards(docs, tmp_path / "in")
+    s = pretokenize(tmp_path / "vq", str(tmp_path / "in"), tmp_path / "codes", progress=False)
+    assert (s["docs_in"], s["docs_written"], s["quarantined"]) == (4, 1, 3)
+    assert s["quarantine_reasons"] == {"too_many_pixels": 1, "format_mismatch": 1, "truncated_image": 1}
