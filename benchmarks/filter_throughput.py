@@ -198,7 +198,7 @@ def run_mmgen(inputs: str, work: Path, workers: int, tag: str) -> tuple[dict, se
     (work / "mmgen.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     m = measure([sys.executable, "-m", "mmgen", "filter", "--recipe", str(work / "mmgen.yaml"), "--input",
-                 inputs, "--out", str(out), "--workers", str(workers),
+                 inputs, "--out", str(out), "--workers", str(workers), "--media-root", str(work / "dj_corpus"),
                  "--shard-size", "2000", "--input-format", "dj"], env)
     kept = {str(d.id) for p in sorted((out / "shards").glob("*.tar")) for d in read_shard(p)}
     return m, kept, json.loads((out / "summary.json").read_text())
@@ -245,7 +245,7 @@ def main() -> None:
         mm, mm_kept, summary = run_mmgen(mm_input, work, args.workers, tag)
         print(f"[{tag}] mmgen: {mm['seconds']:.1f}s, peak {mm['peak_rss_mb']:.0f} MB, kept {len(mm_kept)} "
               f"({summary['units']} work units)", flush=True)
-        assert summary["input"] == n, (summary["input"], n)
+        assert summary["input"] == n and summary["quarantined"] == 0, (summary["input"], n, summary["per_reason"])
         differ = dj_kept ^ mm_kept
         res[tag] = {"dj": dj, "mm": mm, "dj_kept": dj_kept, "mm_kept": mm_kept, "units": summary["units"],
                     "agree": 1 - len(differ) / n, "differ": differ, "ratio": dj["seconds"] / mm["seconds"],
@@ -277,7 +277,9 @@ def main() -> None:
         *[v + "\n" for v in verdicts],
         "mmgen cuts a jsonl into byte-range work units at line starts (about 1/64 of the corpus each, at "
         "least 256 KiB), so one large file keeps every worker busy; the units depend only on the input, so "
-        "the output is the same for any number of workers.",
+        "the output is the same for any number of workers. The one-file corpus lies in a folder of its own "
+        "and names its images by absolute path in the many-file corpus's folder, so mmgen gets "
+        "`--media-root` for that folder (records may name media only inside the corpus).",
         "",
         "Recipe (same name, same parameters on both sides; mmgen at `level: doc`): "
         + ", ".join(f"`{name}` {json.dumps(dj)}" for name, dj, _ in OPS) + ".",
