@@ -66,9 +66,20 @@ class ReadContext:
             self._roots = [os.path.realpath(d) for d in dirs if d]
         return self._roots
 
+    def _realpath(self, path: str) -> str:
+        """``os.path.realpath`` with the folders' resolution cached: a corpus names thousands of files
+        in a few folders, and resolving every component of every path is a system call each."""
+        if os.path.islink(path):
+            return os.path.realpath(path)
+        cache = self.__dict__.setdefault("_real_dirs", {})
+        folder, name = os.path.split(path)
+        if folder not in cache:
+            cache[folder] = os.path.realpath(folder)
+        return os.path.join(cache[folder], name)
+
     def check_inside(self, path: str, ref: str) -> str:
         """``path`` with its symlinks resolved, or RecordError ``path_outside_root``."""
-        real = os.path.realpath(path)
+        real = self._realpath(os.path.abspath(path))
         if not self.allow_outside_root and not any(inside(real, r) for r in self.roots()):
             raise RecordError("path_outside_root",
                               f"media path {ref!r} resolves to {real}, outside the corpus ({', '.join(self.roots())}); "
