@@ -239,6 +239,7 @@ def main() -> None:
     print(f"corpus: {n} docs in {len(files)} Data-Juicer jsonl files, and as one file", flush=True)
     layouts = {"many": (files[0].parent, str(files[0].parent / "part-*.jsonl")), "one": (single, str(single))}
     res = {}
+    load = [os.getloadavg()[0]]  # the cores are shared: say how busy they were
     for tag, (dj_input, mm_input) in layouts.items():
         dj, dj_kept = run_dj(py, dj_input, work, args.workers, tag)
         print(f"[{tag}] data-juicer: {dj['seconds']:.1f}s, peak {dj['peak_rss_mb']:.0f} MB, kept {len(dj_kept)}", flush=True)
@@ -250,6 +251,7 @@ def main() -> None:
         res[tag] = {"dj": dj, "mm": mm, "dj_kept": dj_kept, "mm_kept": mm_kept, "units": summary["units"],
                     "agree": 1 - len(differ) / n, "differ": differ, "ratio": dj["seconds"] / mm["seconds"],
                     "reasons": why_differs(differ, work / f"mmgen_out_{tag}")}
+        load.append(os.getloadavg()[0])
     from mmgen.utils.bench import md_table, write_section
 
     what = {"many": f"{len(files)} files", "one": "one file"}
@@ -268,7 +270,9 @@ def main() -> None:
         f"10% labelled defects, corrupt images and exact copies left out), one image and one or more paragraphs "
         f"each, written as Data-Juicer jsonl by mmgen's converter into {len(files)} files, and the same documents "
         f"as one {single.stat().st_size / 2 ** 20:.1f} MB file; {args.workers} workers "
-        "each; times end to end (process start-up included); memory = peak RSS summed over the process tree "
+        f"each; the machine's 1-minute load average was {min(load):.1f}-{max(load):.1f} during the runs "
+        "(other jobs share its cores, so both tools ran slower than alone, one after the other); "
+        "times end to end (process start-up included); memory = peak RSS summed over the process tree "
         "(psutil, 50 ms sampling). mmgen also writes the kept documents as WebDataset shards with their image "
         "bytes, every reject with its stats, and parquet stats; Data-Juicer writes the kept jsonl.",
         "",

@@ -6,7 +6,7 @@ an image of more than :func:`max_image_pixels` pixels (a decompression bomb: a 1
 20000x20000 pixels, 1.2 GB once decoded) before any pixel is decoded. The limit is process-wide, set
 by :func:`set_max_image_pixels` (``max_image_pixels`` in a filter recipe, ``--max-image-pixels`` on the
 command line); the default is Pillow's own warning threshold. Failures are :class:`MediaError` with a
-reason code for the quarantine: ``too_many_pixels``, ``not_an_image`` (no image format recognised),
+reason code for the quarantine: ``too_many_pixels``, ``not_an_image`` (no image signature at all),
 ``format_mismatch`` (the bytes are one format, the name or record says another), ``truncated_image``.
 """
 
@@ -61,6 +61,8 @@ def open_image(data: bytes, name: str | None = None, declared: str | None = None
     try:
         img = PILImage.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if sniffed is not None:  # an image signature followed by bytes no decoder reads: a damaged image
+            raise MediaError(f"cannot read image header ({where}): {sniffed} signature, unreadable header") from None
         what = "empty file" if not data else f"{len(data)} bytes starting {data[:8]!r}"
         raise MediaError(f"{where} is not an image of a known format ({what})", reason="not_an_image") from None
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on a damaged header
