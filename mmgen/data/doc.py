@@ -161,7 +161,11 @@ class Image(_Media):
         :func:`mmgen.data.media.open_image` (pixel limit, declared format)."""
         from mmgen.data.media import decode_image
 
-        return decode_image(self.load(), self.path, self.format, mode)
+        return decode_image(self.load(), self.path, self.declared_format(), mode)
+
+    def declared_format(self) -> str | None:
+        """The format the corpus claims for the bytes; a URL's name is no such claim (servers lie)."""
+        return None if self.url else self.format
 
     @property
     def size(self) -> tuple[int, int]:
@@ -169,7 +173,7 @@ class Image(_Media):
         if "width" not in self.meta or "height" not in self.meta:
             from mmgen.data.media import open_image
 
-            with open_image(self.load(), self.path, self.format) as img:
+            with open_image(self.load(), self.path, self.declared_format()) as img:
                 self.meta["width"], self.meta["height"] = img.size
         return self.meta["width"], self.meta["height"]
 

@@ -262,7 +262,7 @@ def checked_media(records: Iterable[Doc | BadRecord]) -> Iterator[Doc | BadRecor
                 for it in rec.images:
                     if it.data is None and (is_url(it.path) or not it.exists()):
                         continue
-                    open_image(it.load(), it.path, it.format).close()
+                    open_image(it.load(), it.path, it.declared_format()).close()
             except MediaError as e:
                 rec = BadRecord(source=str(rec.provenance.get("source", rec.provenance.get("shard", ""))),
                                 line=rec.provenance.get("line"), member=rec.provenance.get("member"),
