@@ -15,8 +15,22 @@ class MMGenError(Exception):
 
 
 class MediaError(MMGenError):
-    """A media item could not be read or decoded (missing file, corrupt bytes, unknown format)."""
+    """A media item could not be read or decoded (missing file, corrupt bytes, unknown format).
+
+    ``reason`` is the quarantine reason code: ``undecodable_media`` unless the cause is known more
+    precisely (``too_many_pixels``, ``truncated_image``, ``format_mismatch``, ``not_an_image``, ...)."""
+
+    default_reason = "undecodable_media"
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or self.default_reason
+
+    def __reduce__(self):  # keeps the reason when a worker process hands the error back
+        return type(self), (self.args[0], self.reason)
 
 
 class NotFetchedError(MediaError):
     """A media item is a URL reference whose bytes were never downloaded (``mmgen fetch`` gets them)."""
+
+    default_reason = "not_fetched"

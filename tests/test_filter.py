@@ -202,8 +202,8 @@ def test_runner_quarantine_counts_workers_and_resume(tmp_path, monkeypatch):
     import mmgen.data.pipeline as pl
 
     seen = []
-    real = pl.process_input
-    monkeypatch.setattr(pl, "process_input", lambda ops, path, *a: seen.append(Path(path).name) or real(ops, path, *a))
+    real = pl.process_unit
+    monkeypatch.setattr(pl, "process_unit", lambda ops, unit, *a: seen.append(Path(unit.path).name) or real(ops, unit, *a))
     s3 = run_filter(_recipe(), str(src / "*.tar"), out, workers=1, shard_size=4, progress=False)
     assert seen == ["s2-000000.tar", "s3-000000.tar"]
     assert s3 == s1 and _snapshot(out) == _snapshot(tmp_path / "o2")

@@ -237,7 +237,8 @@ def test_bad_records_have_reasons_and_counts_add_up(real_dir, tmp_path):
         json.dumps({"text": "ok again"}),
     ]) + "\n")
     out = tmp_path / "out.jsonl"
-    s = convert(src, out, "dj", "obelics", progress=False)
+    # the image lives outside the input's folder: media_root names its folder as part of the corpus
+    s = convert(src, out, "dj", "obelics", media_root=str(real_dir), progress=False)
     assert (s["read"], s["written"], s["bad"]) == (7, 2, 5)
     assert s["bad_reasons"] == {"bad_json": 1, "bad_schema": 2, "media_count_mismatch": 1, "missing_media": 1}
     errs = records(errors_path(out, "obelics"))

@@ -108,4 +108,4 @@ def test_format_and_decode(real_dir):
 def test_undecodable_header_is_quarantined_not_rejected():
     doc = Doc(items=[Image(data=b"garbage bytes", format="png")])
     [v] = build_op("image_shape_filter", level="node").apply(DocView(doc))
-    assert v.quarantine and v.reason == "undecodable_media"
+    assert v.quarantine and v.reason == "not_an_image"

@@ -97,7 +97,7 @@ def test_every_kind_of_bad_input_is_quarantined(tmp_path, real_dir):
     (src / "e.jsonl").write_text(json.dumps(dj[0]) + "\n")
 
     out = tmp_path / "out"
-    s = run_filter(RECIPE, str(src / "*"), out, workers=1, progress=False)
+    s = run_filter(RECIPE, str(src / "*"), out, workers=1, progress=False, media_root=str(real_dir))
     assert_accounting(s, out)
     q = quarantine(out)
     by_reason = {r["reason"]: r for r in q}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 
@@ -17,6 +19,10 @@ def register(app: typer.Typer) -> None:
         input_format: str = typer.Option("auto", "--input-format", help="Format of jsonl/parquet inputs: auto, mmgen, obelics, mmc4, dj, llava."),
         save_reject_media: bool = typer.Option(False, "--save-reject-media", help="Also copy rejected images/audio/video into rejects/media/ to inspect."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Compute statistics, report and decisions only; write no shards (to choose thresholds)."),
+        media_root: Optional[str] = typer.Option(None, "--media-root", help="A folder records' media paths may name besides the input file's own folder; paths leading anywhere else are quarantined (path_outside_root)."),
+        allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Let records name media files anywhere (trusted corpora only)."),
+        unit_bytes: Optional[int] = typer.Option(None, "--unit-bytes", help="Size of a work unit of a large jsonl/parquet file (default: about 1/64 of the corpus, 256 KiB to 64 MiB)."),
+        max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Images (and video frames) of more pixels are quarantined as too_many_pixels before decoding (default: the recipe's, else 89,478,485)."),
     ) -> None:
         """Filter and deduplicate documents with a recipe of operators.
 
@@ -31,7 +37,8 @@ def register(app: typer.Typer) -> None:
         from mmgen.data.pipeline import run_filter
 
         s = run_filter(recipe, input, out, workers=workers, shard_size=shard_size, dry_run=dry_run, executor=executor,
-                       input_format=input_format, save_reject_media=save_reject_media)
+                       input_format=input_format, save_reject_media=save_reject_media, media_root=media_root,
+                       allow_outside_root=allow_outside_root, unit_bytes=unit_bytes, max_image_pixels=max_image_pixels)
         typer.echo(summary_line(s, out))
 
 

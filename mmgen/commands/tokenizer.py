@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
         video_max_frames: int = typer.Option(16, "--video-max-frames", help="At most this many frames per video, spread over the clip."),
         executor: str = typer.Option("local", "--executor", help="Where the input files are tokenized: local (processes on this machine) or ray (Ray tasks; RAY_ADDRESS for a running cluster)."),
         workers: int = typer.Option(1, "--workers", help="Worker processes (local) or CPUs of a local Ray cluster; the shards are the same for any number."),
+        max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Images (and video frames) of more pixels are quarantined as too_many_pixels before decoding (default 89,478,485)."),
     ) -> None:
         """Pre-tokenize Doc shards: every image item becomes a grid of codes in code shards
         (DualViTok: pixel codes plus the semantic grid beside them); with --audio-tokenizer audio
@@ -87,7 +88,7 @@ def register(app: typer.Typer) -> None:
 
         s = pretokenize(tokenizer, list(input), out, batch_size=batch_size, keep_media=keep_media, keep_aspect=keep_aspect,
                         audio_tokenizer=audio_tokenizer, video=video, video_fps=video_fps, video_max_frames=video_max_frames,
-                        executor=executor, workers=workers)
+                        executor=executor, workers=workers, max_image_pixels=max_image_pixels)
         typer.echo(f"{s['docs_in']} docs in: {s['docs_written']} written, {s['quarantined']} quarantined "
                    f"({out}/quarantine.jsonl); {s['images_encoded']} images, {s['audio_items_encoded']} audio and "
                    f"{s['video_items_encoded']} video items encoded ({s['video_tokens_after']} of "

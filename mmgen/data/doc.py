@@ -157,28 +157,24 @@ class Image(_Media):
         return cls(data=buf.getvalue(), format=format.lower(), meta=dict(meta or {}))
 
     def to_pil(self, mode: str | None = "RGB"):
-        """Decode to a PIL image (``mode=None`` keeps the file's own mode)."""
-        from PIL import Image as PILImage, UnidentifiedImageError
+        """Decode to a PIL image (``mode=None`` keeps the file's own mode), after the header checks of
+        :func:`mmgen.data.media.open_image` (pixel limit, declared format)."""
+        from mmgen.data.media import decode_image
 
-        try:
-            img = PILImage.open(io.BytesIO(self.load()))
-            img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            where = self.path or "embedded image"
-            raise MediaError(f"cannot decode image ({where}): {e}") from None
-        return img.convert(mode) if mode and img.mode != mode else img
+        return decode_image(self.load(), self.path, self.declared_format(), mode)
+
+    def declared_format(self) -> str | None:
+        """The format the corpus claims for the bytes; a URL's name is no such claim (servers lie)."""
+        return None if self.url else self.format
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height) from the header only; cached in ``meta``."""
+        """(width, height) from the header only (checked against the pixel limit); cached in ``meta``."""
         if "width" not in self.meta or "height" not in self.meta:
-            from PIL import Image as PILImage
+            from mmgen.data.media import open_image
 
-            try:
-                with PILImage.open(io.BytesIO(self.load())) as img:
-                    self.meta["width"], self.meta["height"] = img.size
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a media error
-                raise MediaError(f"cannot read image header ({self.path or 'embedded'}): {e}") from None
+            with open_image(self.load(), self.path, self.declared_format()) as img:
+                self.meta["width"], self.meta["height"] = img.size
         return self.meta["width"], self.meta["height"]
 
 

@@ -1,9 +1,10 @@
 """Where per-file work runs: in this process, in local worker processes, or on Ray.
 
 :func:`map_in_order` maps a module-level function over jobs and hands the results back IN JOB ORDER.
-``mmgen filter`` maps :func:`mmgen.data.pipeline.process_input` over its input files (the parent then
-decides deduplication and writes everything); ``mmgen tokenize`` and ``mmgen pack`` map one shard's
-work each. So the output is byte-identical whatever the executor or the number of workers.
+``mmgen filter`` maps :func:`mmgen.data.pipeline.process_unit` over its work units (whole files, byte
+ranges of a large jsonl, row groups of a parquet file; the parent then decides deduplication and
+writes everything); ``mmgen tokenize`` and ``mmgen pack`` map one shard's work each. So the output is
+byte-identical whatever the executor or the number of workers.
 
 Ray: tasks on the cluster that ``ray.init`` finds (``RAY_ADDRESS`` for a running cluster; otherwise a
 local one with ``workers`` CPUs). At most ``2 * workers`` jobs are in flight, so the parent's memory
@@ -43,10 +44,10 @@ def _init_worker(recipe_data: dict) -> None:
     _ops_for(recipe_data)
 
 
-def run_one(recipe_data: dict, path: str, fmt: str) -> list:
-    from mmgen.data.pipeline import process_input
+def run_one(recipe_data: dict, unit, read_opts: dict) -> list:
+    from mmgen.data.pipeline import process_unit
 
-    return process_input(_ops_for(recipe_data), path, fmt)
+    return process_unit(_ops_for(recipe_data), unit, read_opts)
 
 
 def _call(job: tuple):
@@ -88,14 +89,14 @@ def map_in_order(executor: str, workers: int, fn, jobs: list[tuple], initializer
 
 
 @contextlib.contextmanager
-def results_in_order(executor: str, workers: int, recipe_data: dict, ops, paths: list[str], fmt: str) -> Iterator[Iterator[list]]:
-    """An iterator over ``process_input`` results of ``paths``, in order; workers are stopped on exit."""
-    if executor == "local" and (workers <= 1 or len(paths) <= 1):
-        from mmgen.data.pipeline import process_input
+def results_in_order(executor: str, workers: int, recipe_data: dict, ops, units: list, read_opts: dict) -> Iterator[Iterator[list]]:
+    """An iterator over ``process_unit`` results of ``units``, in order; workers are stopped on exit."""
+    if executor == "local" and (workers <= 1 or len(units) <= 1):
+        from mmgen.data.pipeline import process_unit
 
-        yield (process_input(ops, p, fmt) for p in paths)  # the operators already built here
+        yield (process_unit(ops, u, read_opts) for u in units)  # the operators already built here
         return
-    with map_in_order(executor, workers, run_one, [(recipe_data, p, fmt) for p in paths],
+    with map_in_order(executor, workers, run_one, [(recipe_data, u, read_opts) for u in units],
                       initializer=_init_worker if executor == "local" else None, initargs=(recipe_data,)) as it:
         yield it
 

@@ -1,12 +1,93 @@
-"""Decoding and probing of audio and video bytes (soundfile for audio, PyAV for everything else)."""
+"""Decoding and probing of media bytes: images (Pillow) behind an explicit pixel limit, audio
+(soundfile, PyAV for the rest) and video (PyAV).
+
+Every image decode in mmgen goes through :func:`open_image`, which reads the header first and refuses
+an image of more than :func:`max_image_pixels` pixels (a decompression bomb: a 1 MB PNG can claim
+20000x20000 pixels, 1.2 GB once decoded) before any pixel is decoded. The limit is process-wide, set
+by :func:`set_max_image_pixels` (``max_image_pixels`` in a filter recipe, ``--max-image-pixels`` on the
+command line); the default is Pillow's own warning threshold. Failures are :class:`MediaError` with a
+reason code for the quarantine: ``too_many_pixels``, ``not_an_image`` (no image signature at all),
+``format_mismatch`` (the bytes are one format, the name or record says another), ``truncated_image``.
+"""
 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 
-from mmgen.errors import MediaError
+from mmgen.errors import MediaError, MMGenError
+
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS: 0.25 GiB of RGBA
+_limits = {"pixels": DEFAULT_MAX_IMAGE_PIXELS}
+# Formats that sniff_format names from the first bytes; only these are compared with a declared format.
+_SNIFFED_IMAGE = {"png", "jpeg", "webp", "gif", "bmp"}
+
+
+def set_max_image_pixels(n: int | None) -> None:
+    """Set the process-wide pixel limit (None: back to the default)."""
+    if n is None:
+        n = DEFAULT_MAX_IMAGE_PIXELS
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise MMGenError(f"max_image_pixels must be a positive integer, got {n!r}")
+    _limits["pixels"] = n
+
+
+def max_image_pixels() -> int:
+    return _limits["pixels"]
+
+
+def check_pixels(width: int, height: int, name: str | None = None, what: str = "image") -> None:
+    limit = _limits["pixels"]
+    if width * height > limit:
+        raise MediaError(f"{what} of {width}x{height} = {width * height:,} pixels is over the limit of {limit:,} "
+                         f"({name or 'embedded'}; raise max_image_pixels to allow it)", reason="too_many_pixels")
+
+
+def open_image(data: bytes, name: str | None = None, declared: str | None = None):
+    """A lazily decoded PIL image whose header passed the checks (format, pixel limit). Nothing but the
+    header has been read; call :func:`decode_image` for the pixels."""
+    from PIL import Image as PILImage, UnidentifiedImageError
+
+    from mmgen.data.doc import sniff_format
+
+    where = name or "embedded image"
+    sniffed = sniff_format(data)
+    if declared in _SNIFFED_IMAGE and sniffed is not None and sniffed != declared:
+        raise MediaError(f"{where} is declared {declared} but its bytes are {sniffed}", reason="format_mismatch")
+    pil_limit = PILImage.MAX_IMAGE_PIXELS
+    PILImage.MAX_IMAGE_PIXELS = None  # the limit is checked here, once, with this process's setting
+    try:
+        img = PILImage.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if sniffed is not None:  # an image signature followed by bytes no decoder reads: a damaged image
+            raise MediaError(f"cannot read image header ({where}): {sniffed} signature, unreadable header") from None
+        what = "empty file" if not data else f"{len(data)} bytes starting {data[:8]!r}"
+        raise MediaError(f"{where} is not an image of a known format ({what})", reason="not_an_image") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on a damaged header
+        reason = "truncated_image" if "runcated" in str(e) else "undecodable_media"
+        raise MediaError(f"cannot read image header ({where}): {type(e).__name__}: {e}", reason=reason) from None
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = pil_limit
+    check_pixels(*img.size, name=where)
+    return img
+
+
+def decode_image(data: bytes, name: str | None = None, declared: str | None = None, mode: str | None = "RGB"):
+    """Bytes -> a decoded PIL image, after :func:`open_image`'s header checks."""
+    img = open_image(data, name, declared)
+    where = name or "embedded image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns on odd but decodable files (EXIF, palettes)
+            img.load()
+    except OSError as e:
+        reason = "truncated_image" if "runcated" in str(e) or "broken data stream" in str(e) else "undecodable_media"
+        raise MediaError(f"cannot decode image ({where}): {e}", reason=reason) from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a media error
+        raise MediaError(f"cannot decode image ({where}): {type(e).__name__}: {e}") from None
+    return img.convert(mode) if mode and img.mode != mode else img
 
 
 def _resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
@@ -91,6 +172,7 @@ def probe_video(data: bytes, name: str | None = None) -> dict:
             stream = next((s for s in box.streams if s.type == "video"), None)
             if stream is None:
                 raise MediaError(f"no video stream in {name or 'embedded media'}")
+            check_pixels(stream.width or 0, stream.height or 0, name, what="video frame")
             duration = float(stream.duration * stream.time_base) if stream.duration else (box.duration or 0) / 1e6
             return {"duration": duration, "fps": float(stream.average_rate or 0), "width": stream.width,
                     "height": stream.height, "frames": int(stream.frames or 0)}
@@ -113,6 +195,7 @@ def decode_video(data: bytes, fps: float | None = None, max_frames: int | None =
             stream = next((s for s in box.streams if s.type == "video"), None)
             if stream is None:
                 raise MediaError(f"no video stream in {name or 'embedded media'}")
+            check_pixels(stream.width or 0, stream.height or 0, name, what="video frame")
             for frame in box.decode(stream):
                 t = float(frame.pts * stream.time_base) if frame.pts is not None else len(frames) / 25.0
                 if fps is not None and t + 1e-6 < next_t:

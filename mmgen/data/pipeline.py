@@ -2,22 +2,28 @@
 
     summary = run_filter("shapesworld", "world/*.tar", "filtered/", workers=2)
 
-Work is split by input file (a WebDataset tar, a jsonl in any converter format, a parquet file;
-see :mod:`mmgen.data.filter_inputs`). Workers (local processes or Ray tasks, see
+Work is split into work units: whole input files (a WebDataset tar, plain or compressed; a
+compressed jsonl), byte ranges of a large jsonl aligned to line starts, runs of row groups of a
+parquet file (see :mod:`mmgen.data.filter_inputs`), so one large file keeps every worker busy. Units
+depend only on the inputs and ``unit_bytes``. Workers (local processes or Ray tasks, see
 :mod:`mmgen.data.executors`) run the stateless operators and compute the hashes of the
 deduplication operators; the parent takes the workers' results in input order, runs the
 deduplication decisions against the run-wide index, and writes everything. The output therefore
-does not depend on the executor or the number of workers.
+does not depend on the executor or the number of workers: the kept documents are those of the
+inputs in input order (file by file, line by line), whatever the unit size; with the same unit size
+the output is the same byte for byte. Media paths in records stay inside the corpus (the input's
+folder or ``media_root``; see :class:`mmgen.data.formats._common.ReadContext`), and images over
+``max_image_pixels`` are quarantined (``too_many_pixels``) before they are decoded.
 
-Output folder::
+Output folder (K numbers the work units; a small file is one unit)::
 
-    shards/part-KKKKK-NNNNNN.tar   kept documents of input file K (at most shard_size per tar)
+    shards/part-KKKKK-NNNNNN.tar   kept documents of unit K (at most shard_size per tar)
     rejects/KKKKK.jsonl            every rejected document and every removed node, with op, reason, stats
     rejects/media/KKKKK/           the rejected media, with --save-reject-media
     quarantine/KKKKK.jsonl         unreadable records, corrupt tars, undecodable or missing media
     stats/KKKKK.parquet            every operator's statistics, one row per (doc, item, op, stat)
     state/KKKKK.json               what input K added to the deduplication indexes
-    done/KKKKK.json                input K is finished (its counts); a rerun skips it
+    done/KKKKK.json                unit K is finished (its counts); a rerun skips it
     tmp/KKKKK/                     the input being written; renamed into place when it is finished
     manifest.json summary.json report.md plots/*.png
 
@@ -65,6 +71,9 @@ class Recipe:
     name: str = ""
     description: str = ""
     ops: list[OpSpec] = field(default_factory=list)
+    # images (and video frames) of more pixels are quarantined as too_many_pixels before decoding;
+    # None: mmgen.data.media.DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int | None = None
 
 
 def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
@@ -86,6 +95,9 @@ def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
 
 
 def build_ops(recipe: Recipe) -> list[Op]:
+    from mmgen.data.media import set_max_image_pixels
+
+    set_max_image_pixels(recipe.max_image_pixels)  # the process's decodes, in workers and the parent alike
     ops: list[Op] = []
     for i, spec in enumerate(recipe.ops):
         where = f"recipe '{recipe.name}' ops[{i}] ({spec.op}): "
@@ -152,7 +164,7 @@ def _run_op(op: Op, view: DocView, stats: dict, events: list, decide_sig: Any = 
     except NotFetchedError as e:  # the op needs bytes a URL reference does not have: it cannot judge this doc
         verdicts = [Verdict(None, {"not_fetched": 1, "error": error_text(e)})]
     except MediaError as e:
-        verdicts = [Verdict("undecodable_media", {"error": error_text(e)}, quarantine=True)]
+        verdicts = [Verdict(e.reason, {"error": error_text(e)}, quarantine=True)]
     except Exception as e:  # noqa: BLE001 - one odd document must not stop a run; it is quarantined visibly
         verdicts = [Verdict("op_error", {"error": f"{type(e).__name__}: {error_text(e)}"}, quarantine=True)]
     fate = _apply(op, view, verdicts, stats, events)
@@ -185,8 +197,12 @@ def process_doc(ops: list[Op], doc: Doc) -> dict:
                 except NotFetchedError:
                     continue  # judged by nothing: decide() sees no signature, as for a short doc
                 except MediaError as e:
-                    fate = {"op": op.label, "reason": "undecodable_media", "item": None,
+                    fate = {"op": op.label, "reason": e.reason, "item": None,
                             "stats": {"error": error_text(e)}, "status": "quarantined"}
+                    break
+                except Exception as e:  # noqa: BLE001 - one odd document never stops a run
+                    fate = {"op": op.label, "reason": "op_error", "item": None,
+                            "stats": {"error": f"{type(e).__name__}: {error_text(e)}"}, "status": "quarantined"}
                     break
     return {"doc": doc, "alive": view.alive, "stats": stats, "events": events, "fate": fate, "sigs": sigs,
             "sample": _encode(view) if fate is None else None}
@@ -205,13 +221,31 @@ def _encode(view: DocView) -> tuple | None:
     return tuple(view.alive), sample
 
 
-def process_input(ops: list[Op], path: str, fmt: str = "auto") -> list:
-    """Everything a worker computes for one input file: ("bad", record) and ("doc", result) in order."""
-    from mmgen.data.filter_inputs import read_input
+def process_unit(ops: list[Op], unit, read_opts: dict | None = None) -> list:
+    """Everything a worker computes for one work unit: ("bad", record) and ("doc", result) in order."""
+    from mmgen.data.filter_inputs import read_unit
 
     out = []
-    for rec in read_input(path, fmt):
-        out.append(("bad", rec.to_json()) if isinstance(rec, BadRecord) else ("doc", process_doc(ops, rec)))
+    records = read_unit(unit, **(read_opts or {}))
+    while True:
+        try:
+            rec = next(records)
+        except StopIteration:
+            break
+        except Exception as e:  # noqa: BLE001 - a reader fault is quarantined with the unit's place, the run goes on
+            out.append(("bad", BadRecord(source=unit.path, reason="reader_error",
+                                         detail=f"{type(e).__name__}: {error_text(e)}; rest of the unit not read").to_json()))
+            break
+        if isinstance(rec, BadRecord):
+            out.append(("bad", rec.to_json()))
+            continue
+        try:
+            out.append(("doc", process_doc(ops, rec)))
+        except Exception as e:  # noqa: BLE001 - e.g. metadata no JSON can hold: quarantined, never fatal
+            where = {k: v for k, v in rec.provenance.items() if k in ("line", "member")}
+            out.append(("bad", BadRecord(source=unit.path, reason="op_error", line=where.get("line"),
+                                         member=where.get("member"),
+                                         detail=f"{type(e).__name__}: {error_text(e)}").to_json()))
     return out
 
 
@@ -253,6 +287,8 @@ STATS_COLUMNS = ("id", "status", "item", "op", "stat", "value", "text")
 
 def _stat_rows(doc_id: str, status: str, stats: dict) -> list[tuple]:
     """Long-format rows (one per statistic) for the parquet stats: the ops' stats differ in shape."""
+    if not isinstance(doc_id, str):  # a source id may be any JSON value; the column holds text
+        doc_id = json.dumps(doc_id, sort_keys=True, default=str)
     rows = []
     for item, per_op in [(-1, stats["doc"])] + [(int(i), d) for i, d in stats["items"].items()]:
         for op, values in per_op.items():
@@ -630,20 +666,27 @@ def _select_pass(out: Path, selectors: list[Op], pass1: list[dict], shard_size: 
 
 def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000, dry_run: bool = False,
                progress: bool = True, executor: str = "local", input_format: str = "auto",
-               save_reject_media: bool = False, report: bool = True) -> dict:
+               save_reject_media: bool = False, report: bool = True, media_root: str | None = None,
+               allow_outside_root: bool = False, unit_bytes: int | None = None,
+               max_image_pixels: int | None = None) -> dict:
     """Filter ``inputs`` (glob, directory, path or list of them) with ``recipe`` into ``out_dir``.
 
     ``executor``: ``local`` (``workers`` processes) or ``ray`` (Ray tasks; the cluster ``ray.init``
-    finds). ``input_format``: ``auto`` or a converter format for jsonl/parquet inputs. Returns the
-    summary (also written to ``out_dir/summary.json``). Rerunning into the same folder resumes:
-    finished input files are skipped and the final output is the same as an uninterrupted run's."""
+    finds). ``input_format``: ``auto`` or a converter format for jsonl/parquet inputs.
+    ``media_root``: a folder records' media paths may also name (besides the input file's own folder);
+    ``allow_outside_root`` lifts that limit. ``unit_bytes``: the size of a jsonl/parquet work unit
+    (None: about 1/64 of the corpus, 256 KiB to 64 MiB). ``max_image_pixels``: overrides the recipe's.
+    Returns the summary (also written to ``out_dir/summary.json``). Rerunning into the same folder
+    resumes: finished units are skipped and the final output is the same as an uninterrupted run's."""
     from tqdm import tqdm
 
     from mmgen.data.executors import EXECUTORS, results_in_order
-    from mmgen.data.filter_inputs import INPUT_EXTS, INPUT_FORMATS
+    from mmgen.data.filter_inputs import INPUT_EXTS, INPUT_FORMATS, auto_unit_bytes, plan_units
     from mmgen.data.shards import expand_inputs
 
     r = load_recipe(recipe)
+    if max_image_pixels is not None:
+        r = dataclasses.replace(r, max_image_pixels=max_image_pixels)
     ops = build_ops(r)
     if workers < 1:
         raise MMGenError(f"workers must be >= 1, got {workers}")
@@ -653,22 +696,33 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
         raise MMGenError(f"unknown executor '{executor}' (use one of: {', '.join(EXECUTORS)})")
     if input_format not in INPUT_FORMATS:
         raise MMGenError(f"unknown input format '{input_format}' (use one of: {', '.join(INPUT_FORMATS)})")
+    if unit_bytes is not None and (isinstance(unit_bytes, bool) or not isinstance(unit_bytes, int) or unit_bytes < 1):
+        raise MMGenError(f"unit_bytes must be a positive integer, got {unit_bytes!r}")
+    if media_root is not None:
+        if not os.path.isdir(os.path.expanduser(str(media_root))):
+            raise MMGenError(f"media root '{media_root}' is not a directory (give the folder holding the media files)")
+        media_root = os.path.abspath(os.path.expanduser(str(media_root)))
     paths = [os.path.abspath(p) for p in expand_inputs(inputs, INPUT_EXTS)]
+    unit_bytes = unit_bytes or auto_unit_bytes(paths)
+    units = plan_units(paths, input_format, unit_bytes)
+    read_opts = {"media_root": media_root, "allow_outside_root": bool(allow_outside_root)}
     out = Path(out_dir)
     recipe_data = dataclasses.asdict(r)
     _open_run(out, {"recipe": recipe_data, "inputs": paths, "shard_size": shard_size, "dry_run": dry_run,
-                    "input_format": input_format, "save_reject_media": save_reject_media})
+                    "input_format": input_format, "save_reject_media": save_reject_media,
+                    "unit_bytes": unit_bytes, **read_opts})
     selectors = two_pass_selectors(ops)
-    counts = _resume(out, len(paths), ops)
-    todo = list(range(len(counts), len(paths)))
-    bar = tqdm(total=len(paths), initial=len(counts), unit="file", desc=f"filter {r.name}", disable=not progress,
+    counts = _resume(out, len(units), ops)
+    todo = list(range(len(counts), len(units)))
+    bar = tqdm(total=len(units), initial=len(counts), unit="unit", desc=f"filter {r.name}", disable=not progress,
                dynamic_ncols=True)
     try:
-        with results_in_order(executor, workers, recipe_data, ops, [paths[k] for k in todo], input_format) as results:
+        with results_in_order(executor, workers, recipe_data, ops, [units[k] for k in todo], read_opts) as results:
             for k, recs in zip(todo, results):
                 commit = _ShardCommit(out, k, ops, shard_size, dry_run, save_reject_media, staged=bool(selectors))
+                source = units[k].path
                 for kind, rec in recs:
-                    commit.bad(rec, paths[k]) if kind == "bad" else commit.doc(rec, paths[k])
+                    commit.bad(rec, source) if kind == "bad" else commit.doc(rec, source)
                     _maybe_die()
                 counts.append(commit.finish())
                 bar.update(1)
@@ -678,7 +732,7 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
     if selectors:
         counts = _select_pass(out, selectors, counts, shard_size, dry_run, save_reject_media, progress)
 
-    summary = {"recipe": r.name, "inputs": len(paths), "dry_run": dry_run,
+    summary = {"recipe": r.name, "inputs": len(paths), "units": len(units), "dry_run": dry_run,
                "levels": {o.label: o.level for o in ops}, **_merge(counts, [o.label for o in ops])}
     if selectors:
         summary["selection"] = {o.label: {"observed": len(o.values), "selected": len(o.kept),
@@ -700,7 +754,8 @@ REASON_DEFECT = {
     "caption_mismatch": "mismatched_caption", "duplicate_image": "duplicate_image",
     "near_duplicate_image": "near_duplicate_image", "duplicate_doc": "duplicate_doc",
     "near_duplicate_doc": "near_duplicate_doc", "corrupt_image": "corrupt_image",
-    "undecodable_media": "corrupt_image", "image_too_small": "tiny_image", "extreme_aspect": "extreme_aspect",
+    "undecodable_media": "corrupt_image", "truncated_image": "corrupt_image", "not_an_image": "corrupt_image",
+    "image_too_small": "tiny_image", "extreme_aspect": "extreme_aspect",
     "gibberish": "gibberish_text", "special_characters": "gibberish_text", "low_alnum": "gibberish_text",
     "ngram_repetition": "ngram_spam", "non_english": "non_english", "too_short": "empty_item",
     "empty_text": "empty_item", "empty_image": "empty_item", "empty_audio": "empty_item",

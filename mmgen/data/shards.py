@@ -146,7 +146,7 @@ def _group_members(tf: tarfile.TarFile, source: str) -> Iterator[dict | BadRecor
                 current = {"__key__": key}
             f = tf.extractfile(member)
             current[suffix] = f.read() if f else b""
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - tarfile, zlib, zstd: any broken stream ends the shard here
         # The sample being read when the tar broke is incomplete: report it, keep what came before.
         yield BadRecord(source=source, reason="corrupt_tar", detail=f"tar unreadable after this point: {e}",
                         member=current["__key__"] if current else None)
@@ -155,16 +155,42 @@ def _group_members(tf: tarfile.TarFile, source: str) -> Iterator[dict | BadRecor
         yield current
 
 
-def read_shard(path: str | Path) -> Iterator[Doc | BadRecord]:
-    """Docs of one shard, in order; a bad sample or a broken tar becomes a BadRecord."""
+def _outside_refs(doc: Doc, source: str, media_root: str | None) -> str | None:
+    """A media item of a sample that names a file instead of a member must stay inside the corpus
+    (the shard's folder or ``media_root``): the reason to refuse the sample, or None."""
+    from mmgen.data.formats._common import ReadContext, RecordError
+
+    ctx = ReadContext(source=source, media_root=media_root)
+    for it in doc.media:
+        if it.data is None and it.path is not None:
+            ref = it.path
+            if not os.path.isabs(ref):
+                ref = os.path.join(ctx.base_dir, ref)
+            try:
+                it.path = ctx.check_inside(ref, it.path)
+            except RecordError as e:
+                return e.detail
+    return None
+
+
+def read_shard(path: str | Path, media_root: str | None = None,
+               allow_outside_root: bool = False) -> Iterator[Doc | BadRecord]:
+    """Docs of one shard (plain, gzip or zstd tar), in order; a bad sample or a broken tar becomes a
+    BadRecord. A sample whose media name a file outside the corpus is refused (``path_outside_root``)."""
+    from mmgen.data.input_kind import GZIP_MAGIC, ZSTD_MAGIC, open_decompressed
+
     source = str(path)
     try:
-        tf = tarfile.open(source, "r|*")
-    except (tarfile.TarError, OSError) as e:
+        with open(source, "rb") as f:
+            magic = f.read(4)
+        compression = "gzip" if magic.startswith(GZIP_MAGIC) else "zstd" if magic.startswith(ZSTD_MAGIC) else None
+        stream = open_decompressed(source, compression)
+        tf = tarfile.open(fileobj=stream, mode="r|*" if compression is None else "r|")  # r|*: bz2, xz too
+    except (tarfile.TarError, OSError, EOFError, MMGenError) as e:
         yield BadRecord(source=source, reason="corrupt_tar", detail=str(e))
         return
     broken = False
-    with tf:
+    with tf, stream:
         for index, sample in enumerate(_group_members(tf, source)):
             if isinstance(sample, BadRecord):
                 broken = broken or sample.reason == "corrupt_tar"
@@ -176,13 +202,17 @@ def read_shard(path: str | Path) -> Iterator[Doc | BadRecord]:
                 continue
             try:
                 doc = sample_to_doc(sample)
-            except (ValueError, KeyError, MMGenError) as e:
-                yield BadRecord(source=source, reason="bad_sample", member=sample["__key__"], detail=str(e))
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError, MMGenError) as e:
+                yield BadRecord(source=source, reason="bad_sample", member=sample["__key__"], detail=str(e)[:300])
+                continue
+            outside = None if allow_outside_root else _outside_refs(doc, source, media_root)
+            if outside is not None:
+                yield BadRecord(source=source, reason="path_outside_root", member=sample["__key__"], detail=outside)
                 continue
             doc.provenance.setdefault("shard", source)
             doc.provenance.setdefault("member", sample["__key__"])
             yield doc
-        junk = 0 if broken else _bytes_after_archive(source, tf.offset)
+        junk = 0 if broken or compression else _bytes_after_archive(source, tf.offset)
         if junk:
             # tarfile ends its iteration quietly at a header it cannot read: say so, or a cut shard
             # would lose its remaining samples without a trace

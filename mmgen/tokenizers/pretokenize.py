@@ -138,9 +138,11 @@ class _ShardCoder:
         """Tokenize one input file into ``out/codes-IIIIII-NNNNNN.tar``; its counts and quarantined records."""
         from mmgen.data.code_shards import CodedDoc, CodeShardWriter
         from mmgen.data.doc import BadRecord, Doc
+        from mmgen.data.media import set_max_image_pixels
         from mmgen.data.shards import read_docs
 
         tok, batch_size, p = self.tok, self.p["batch_size"], self.p
+        set_max_image_pixels(p.get("max_image_pixels"))  # the limit is per process: set in each worker
         stats, reasons, grids, quarantined = Counter(), Counter(), Counter(), []
         # Docs wait here until their images have been encoded; encoding happens per batch of images.
         # Each holds (doc, images to encode, the audio/video arrays already made).
@@ -198,7 +200,10 @@ class _ShardCoder:
                         elif kind in ("audio", "video"):
                             self.media.encode(item, i, arrays, counts)
                     except MediaError as e:
-                        failed = (i, "not_fetched" if isinstance(e, NotFetchedError) else f"undecodable_{kind}", str(e))
+                        # a bomb, a mislabelled or truncated image, a URL never fetched: each says so
+                        reason = "not_fetched" if isinstance(e, NotFetchedError) else \
+                            e.reason if e.reason != "undecodable_media" else f"undecodable_{kind}"
+                        failed = (i, reason, str(e))
                         break
                 if failed is not None:
                     quarantine({"id": rec.id, "provenance": rec.provenance, "reason": failed[1],
@@ -249,7 +254,8 @@ def tokenize_shard(params: dict, index: int, path: str, out_dir: str) -> dict:
 def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_size: int = 64,
                 keep_media: bool = False, keep_aspect: bool = False, max_docs_per_shard: int = 5000,
                 progress: bool = True, audio_tokenizer: str | Path | None = None, video: bool = False,
-                video_fps: float = 2.0, video_max_frames: int = 16, executor: str = "local", workers: int = 1) -> dict:
+                video_fps: float = 2.0, video_max_frames: int = 16, executor: str = "local", workers: int = 1,
+                max_image_pixels: int | None = None) -> dict:
     """Encode every image item (and, when asked, every audio and video item) of the Docs in ``inputs``
     into code shards under ``out_dir``.
 
@@ -258,6 +264,10 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     ``codes-IIIIII-NNNNNN.tar`` (input I, at most ``max_docs_per_shard`` documents each) with a done
     marker; a rerun into the same ``out_dir`` skips the inputs already done, so a killed run resumes.
     The shards do not depend on the executor or the number of workers, to the byte.
+
+    A Doc with a medium that cannot be decoded is quarantined with the reason (an image of more than
+    ``max_image_pixels`` pixels, default :data:`mmgen.data.media.DEFAULT_MAX_IMAGE_PIXELS`, is
+    ``too_many_pixels`` and is never decoded).
 
     Returns a summary (also written to ``out_dir/summary.json``)."""
     from tqdm import tqdm
@@ -269,11 +279,15 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
         raise MMGenError(f"batch_size must be positive, got {batch_size}")
     if workers < 1:
         raise MMGenError(f"workers must be at least 1, got {workers}")
+    from mmgen.data.media import set_max_image_pixels
+
+    set_max_image_pixels(max_image_pixels)  # a bad limit is an error here, before any worker starts
     paths = expand_inputs(inputs)
     params = {"tokenizer": str(tokenizer_dir), "batch_size": batch_size, "keep_media": keep_media,
               "keep_aspect": keep_aspect, "max_docs_per_shard": max_docs_per_shard,
               "audio_tokenizer": str(audio_tokenizer) if audio_tokenizer else None, "video": video,
-              "video_fps": video_fps, "video_max_frames": video_max_frames}
+              "video_fps": video_fps, "video_max_frames": video_max_frames,
+              "max_image_pixels": max_image_pixels}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries: dict[int, dict] = {}

@@ -271,18 +271,17 @@ def load_training_images(cfg: TokenizerTrainConfig, with_scenes: bool = False):
     for folder in cfg.image_dirs:
         if not os.path.isdir(folder):
             raise MMGenError(f"image folder not found: {folder} (image_dirs takes directories of image files)")
-        from PIL import Image as PILImage
+        from mmgen.data.doc import Image
 
         for p in sorted(Path(folder).rglob("*")):
             if full():
                 break
             if p.suffix.lower() not in _IMAGE_EXTS:
                 continue
-            try:
-                with PILImage.open(p) as img:
-                    arrays.append(_square(img, cfg.resolution))
+            try:  # through mmgen's decoder: the pixel limit keeps a decompression bomb out
+                arrays.append(_square(Image(path=str(p)).to_pil(mode=None), cfg.resolution))
                 stats["from_dirs"] += 1
-            except (OSError, ValueError, SyntaxError):
+            except (MediaError, OSError, ValueError, SyntaxError):
                 stats["undecodable"] += 1
     if cfg.synthetic_images > 0 and not full():
         n = min(cfg.synthetic_images, limit - len(arrays))

@@ -67,23 +67,27 @@ def _path_map(path_map) -> dict[str, str]:
     return out
 
 
-def read_records(path, fmt: str, media_root: str | None = None, path_map=None, **opts) -> Iterator[Doc | BadRecord]:
+def read_records(path, fmt: str, media_root: str | None = None, path_map=None, allow_outside_root: bool = False,
+                 **opts) -> Iterator[Doc | BadRecord]:
     """Docs (or BadRecords, never an exception for a bad record) from ``path`` in format ``fmt``.
 
     ``media_root``: where relative media references live when they do not resolve against the input
     file's folder (leading folders of a reference are dropped until a file is found there).
     ``path_map``: prefix rewrites applied to media references first, e.g. ``{"../../tests/ops/data/": "/data/"}``.
+    Media paths stay inside the input's folder, ``media_root`` and the ``path_map`` targets: a record
+    naming a file elsewhere is a BadRecord ``path_outside_root`` unless ``allow_outside_root``.
     An unknown format or a missing input raises MMGenError (an unusable argument, not a bad record)."""
     module = format_module(fmt)
     if media_root is not None and not os.path.isdir(os.path.expanduser(str(media_root))):
         raise MMGenError(f"media root '{media_root}' is not a directory (give the folder holding the media files)")
     if module.__name__.endswith(".wds"):
         module.expand_shards(path)  # fail now, not at the first next(), on a missing input
-        return module.read(path, **opts)
+        return module.read(path, media_root=media_root, allow_outside_root=allow_outside_root, **opts)
     from mmgen.data.formats._common import expand_jsonl_inputs
 
     expand_jsonl_inputs(path, (".jsonl", ".json"))
-    return module.read(path, media_root=media_root, path_map=_path_map(path_map), **opts)
+    return module.read(path, media_root=media_root, path_map=_path_map(path_map), allow_outside_root=allow_outside_root,
+                       **opts)
 
 
 def write_records(docs: Iterable[Doc | BadRecord], out_path, fmt: str,
@@ -102,18 +106,26 @@ def errors_path(output, fmt: str) -> Path:
 
 
 def convert(input, output, src: str, dst: str, media_root: str | None = None, path_map=None,
-            progress: bool = True, lossy: bool = False, **opts) -> dict:
+            progress: bool = True, lossy: bool = False, allow_outside_root: bool = False,
+            max_image_pixels: int | None = None, **opts) -> dict:
     """Convert ``input`` (format ``src``) to ``output`` (format ``dst``).
 
     A Doc the target cannot hold without loss (an interleaved document as LLaVA turns) stops the
     conversion with :class:`MMGenError` and leaves no output, unless ``lossy`` is set.
 
     Bad records go to :func:`errors_path` with their reasons. Returns a summary whose counts add up:
-    ``read == written + bad``; ``bad_reasons`` counts bad records by reason."""
+    ``read == written + bad``; ``bad_reasons`` counts bad records by reason. Image headers are checked
+    before anything is copied (:func:`mmgen.data.formats._common.checked_media`): a decompression bomb
+    over ``max_image_pixels``, a file that is no image or another format than it says is a bad record."""
+    from mmgen.data.formats._common import checked_media
+    from mmgen.data.media import set_max_image_pixels
+
     format_module(src), format_module(dst)
+    set_max_image_pixels(max_image_pixels)
     if os.path.abspath(str(input)) == os.path.abspath(str(output)):
         raise MMGenError(f"output '{output}' is the input: write the conversion to another path")
-    records = read_records(input, src, media_root=media_root, path_map=path_map)
+    records = checked_media(read_records(input, src, media_root=media_root, path_map=path_map,
+                                         allow_outside_root=allow_outside_root))
     err_path = errors_path(output, dst)
     if err_path.exists():
         err_path.unlink()  # a stale quarantine from an earlier run would misreport this one

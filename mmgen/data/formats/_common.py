@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from mmgen.data.doc import MEDIA_TYPES, BadRecord, Doc, is_url
 from mmgen.paths import expand_inputs
-from mmgen.errors import MediaError
+from mmgen.errors import MediaError, MMGenError
 
 # Doc.meta keys that collide with a format's own field names travel inside this record key.
 COLLISION_KEY = "mmgen_meta"
@@ -35,45 +35,90 @@ def expand_jsonl_inputs(path, exts: tuple[str, ...] = (".jsonl",)) -> list[str]:
     return expand_inputs(path, exts)
 
 
+def inside(path: str, root: str) -> bool:
+    """Whether ``path`` lies under ``root`` (both already absolute and resolved)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 @dataclass
 class ReadContext:
-    """Where a record came from, and how its media references map to files."""
+    """Where a record came from, and how its media references map to files.
+
+    A record's media paths stay inside the corpus: the input file's folder, ``media_root`` and the
+    targets of ``path_map`` (folders the user named). A reference whose file resolves elsewhere (``..``,
+    an absolute path, a symlink leading out) is refused with reason ``path_outside_root`` unless
+    ``allow_outside_root``; ``~`` in a record is a plain folder name, never the user's home."""
 
     source: str
     media_root: str | None = None
     path_map: dict[str, str] = field(default_factory=dict)
     line: int | None = None
+    allow_outside_root: bool = False
 
     @property
     def base_dir(self) -> str:
         return os.path.dirname(os.path.abspath(self.source))
 
+    def roots(self) -> list[str]:
+        if getattr(self, "_roots", None) is None:
+            dirs = [self.base_dir] + ([os.path.expanduser(self.media_root)] if self.media_root else [])
+            dirs += [v if v.endswith(os.sep) or os.path.isdir(v) else os.path.dirname(v) for v in self.path_map.values()]
+            self._roots = [os.path.realpath(d) for d in dirs if d]
+        return self._roots
+
+    def _realpath(self, path: str) -> str:
+        """``os.path.realpath`` with the folders' resolution cached: a corpus names thousands of files
+        in a few folders, and resolving every component of every path is a system call each."""
+        if os.path.islink(path):
+            return os.path.realpath(path)
+        cache = self.__dict__.setdefault("_real_dirs", {})
+        folder, name = os.path.split(path)
+        if folder not in cache:
+            cache[folder] = os.path.realpath(folder)
+        return os.path.join(cache[folder], name)
+
+    def check_inside(self, path: str, ref: str) -> str:
+        """``path`` with its symlinks resolved, or RecordError ``path_outside_root``."""
+        real = self._realpath(os.path.abspath(path))
+        if not self.allow_outside_root and not any(inside(real, r) for r in self.roots()):
+            raise RecordError("path_outside_root",
+                              f"media path {ref!r} resolves to {real}, outside the corpus ({', '.join(self.roots())}); "
+                              "pass --media-root for the folder holding the media, or --allow-outside-root")
+        return real
+
     def resolve(self, ref: str) -> tuple[str, bool]:
         """``ref`` -> (path or URL, found). URLs are kept by reference and count as found.
 
-        A relative path is tried against the jsonl's folder, then against ``media_root``, then against
-        ``media_root`` with leading folders dropped one by one, so references written on another machine
-        (``../../tests/ops/data/x.png``) find ``media_root/x.png``."""
+        A relative path is tried against the input file's folder, then against ``media_root``, then
+        against ``media_root`` with leading folders dropped one by one, so references written on
+        another machine (``../../tests/ops/data/x.png``) find ``media_root/x.png``. A file found
+        outside the corpus raises RecordError ``path_outside_root`` (see the class)."""
         ref = str(ref)
         if is_url(ref):
             return ref, True
+        original = ref
         for prefix, repl in self.path_map.items():
             if ref.startswith(prefix):
                 ref = repl + ref[len(prefix):]
                 break
-        ref = os.path.expanduser(ref)
+        if "\x00" in ref:
+            raise RecordError("bad_schema", f"media path {original!r} holds a NUL byte")
         if os.path.isabs(ref):
-            return ref, os.path.isfile(ref)
-        first = os.path.normpath(os.path.join(self.base_dir, ref))
-        candidates = [first]
-        if self.media_root:
-            root = os.path.abspath(os.path.expanduser(self.media_root))
-            parts = [p for p in Path(ref).parts if p not in ("..", ".")]
-            candidates += [os.path.join(root, *parts[k:]) for k in range(len(parts))]
+            candidates = [os.path.normpath(ref)]
+        else:
+            candidates = [os.path.normpath(os.path.join(self.base_dir, ref))]
+            if self.media_root:
+                root = os.path.abspath(os.path.expanduser(self.media_root))
+                parts = [p for p in Path(ref).parts if p not in ("..", ".")]
+                candidates += [os.path.join(root, *parts[k:]) for k in range(len(parts))]
         for c in candidates:
-            if os.path.isfile(c):
-                return c, True
-        return first, False
+            try:
+                found = os.path.isfile(c)
+            except (OSError, ValueError):  # a name too long for the file system is no file
+                found = False
+            if found:
+                return self.check_inside(c, original), True
+        return candidates[0], False
 
     def media(self, kind: str, ref: Any, meta: dict | None = None):
         """A media item for ``ref`` (a path/URL, or a HF-datasets style ``{"bytes", "path"}`` dict)."""
@@ -98,41 +143,89 @@ class ReadContext:
         return BadRecord(source=self.source, reason=reason, detail=detail, line=self.line, raw=raw)
 
 
-def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False) -> Iterator[tuple[int, str, Any]]:
+def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False,
+                      byte_range: tuple[int, int, int] | None = None) -> Iterator[tuple[int, str, Any]]:
     """(line number, raw text, parsed object or a BadRecord) for each non-blank line.
 
-    With ``whole_json_ok`` a file holding one JSON array (LLaVA's ``.json`` files) yields its elements,
-    numbered from 1 by position."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        if whole_json_ok:
-            head = f.read(4096).lstrip()
-            f.seek(0)
-            if head.startswith("["):
-                try:
-                    arr = json.load(f)
-                except json.JSONDecodeError as e:
-                    ctx.line = None
-                    yield 0, "", ctx.bad("bad_json", f"file is not valid JSON: {e}")
-                    return
-                for i, obj in enumerate(arr, 1):
-                    yield i, "", obj
-                return
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    The file may be gzip or zstd compressed (told by its magic bytes). With ``whole_json_ok`` a file
+    holding one JSON array (LLaVA's ``.json`` files) yields its elements, numbered from 1 by position.
+    ``byte_range = (start, end, first_line)`` reads only the lines that START in ``[start, end)`` of an
+    uncompressed file, numbering them from ``first_line`` (a work unit of a large file)."""
+    from mmgen.data.input_kind import open_decompressed, sniff_input
+
+    compression = None
+    if byte_range is None:
+        kind = sniff_input(path)
+        if kind.kind != "jsonl":
+            hint = "format 'wds'" if kind.kind == "tar" else "mmgen filter, which reads parquet"
+            raise MMGenError(f"{path} holds a {kind.kind}{' (' + kind.compression + ')' if kind.compression else ''}, "
+                             f"not jsonl: read it with {hint}")
+        compression = kind.compression
+    f = open_decompressed(path, compression)
+    try:
+        yield from _json_lines(f, ctx, whole_json_ok, byte_range)
+    except (OSError, EOFError, ValueError, MMGenError) as e:  # a damaged compressed stream: keep what came before
+        ctx.line = None
+        yield 0, "", ctx.bad("corrupt_input", f"{type(e).__name__}: {e}")
+    finally:
+        f.close()
+
+
+def _json_lines(f, ctx: ReadContext, whole_json_ok: bool, byte_range):
+    if byte_range is None and whole_json_ok:
+        head = f.peek(4096)[:4096].lstrip(b"\xef\xbb\xbf \t\r\n") if hasattr(f, "peek") else b""
+        if head.startswith(b"["):
             try:
-                yield lineno, line, json.loads(line)
-            except json.JSONDecodeError as e:
-                ctx.line = lineno
-                yield lineno, line, ctx.bad("bad_json", f"line {lineno}: {e.msg} at column {e.colno}", raw=line.rstrip("\n"))
+                arr = json.loads(f.read().decode("utf-8", "replace"))
+            except (ValueError, RecursionError) as e:
+                ctx.line = None
+                yield 0, "", ctx.bad("bad_json", f"file is not valid JSON: {str(e)[:200]}")
+                return
+            if not isinstance(arr, list):
+                arr = [arr]
+            for i, obj in enumerate(arr, 1):
+                yield i, "", obj
+            return
+    pos, lineno, end = 0, 0, None
+    if byte_range is not None:
+        start, end, lineno = byte_range
+        lineno -= 1
+        pos = start
+        if start > 0:
+            f.seek(start - 1)
+            pos = start - 1 + len(f.readline())  # to the first line that starts at or after ``start``
+    for braw in f:
+        if end is not None and pos >= end:
+            break
+        pos += len(braw)
+        lineno += 1
+        line = braw.decode("utf-8", "replace")
+        if not line.strip():
+            continue
+        try:
+            yield lineno, line, json.loads(line)
+        except json.JSONDecodeError as e:
+            ctx.line = lineno
+            yield lineno, line, ctx.bad("bad_json", f"line {lineno}: {e.msg} at column {e.colno}", raw=line.rstrip("\n"))
+        except (ValueError, RecursionError) as e:  # nesting deeper than the parser goes, huge numbers
+            ctx.line = lineno
+            yield lineno, line, ctx.bad("bad_json", f"line {lineno}: {type(e).__name__}: {str(e)[:200]}",
+                                        raw=line.rstrip("\n"))
 
 
 def read_jsonl(path, record_to_doc: Callable[[dict, ReadContext], Doc], media_root: str | None = None,
-               path_map: dict | None = None, whole_json_ok: bool = False, exts=(".jsonl",), **_) -> Iterator[Doc | BadRecord]:
-    """Docs from jsonl files via ``record_to_doc``; every failure becomes a BadRecord and the run goes on."""
-    for file in expand_jsonl_inputs(path, exts):
-        ctx = ReadContext(source=file, media_root=media_root, path_map=dict(path_map or {}))
-        for lineno, raw, obj in iter_json_records(file, ctx, whole_json_ok):
+               path_map: dict | None = None, whole_json_ok: bool = False, exts=(".jsonl",),
+               allow_outside_root: bool = False, byte_range: tuple[int, int, int] | None = None,
+               **_) -> Iterator[Doc | BadRecord]:
+    """Docs from jsonl files via ``record_to_doc``; every failure becomes a BadRecord and the run goes on.
+
+    ``byte_range``: only the lines starting in that range of the one file ``path`` (see
+    :func:`iter_json_records`)."""
+    files = [str(path)] if byte_range is not None else expand_jsonl_inputs(path, exts)
+    for file in files:
+        ctx = ReadContext(source=file, media_root=media_root, path_map=dict(path_map or {}),
+                          allow_outside_root=allow_outside_root)
+        for lineno, raw, obj in iter_json_records(file, ctx, whole_json_ok, byte_range):
             if isinstance(obj, BadRecord):
                 yield obj
                 continue
@@ -149,12 +242,32 @@ def read_jsonl(path, record_to_doc: Callable[[dict, ReadContext], Doc], media_ro
             except MediaError as e:  # unreadable file found only when hashing for the content id
                 yield ctx.bad("missing_media", str(e), raw_text)
                 continue
-            except (TypeError, ValueError, KeyError, AttributeError) as e:
-                yield ctx.bad("bad_schema", f"{type(e).__name__}: {e}", raw_text)
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError, OverflowError) as e:
+                yield ctx.bad("bad_schema", f"{type(e).__name__}: {str(e)[:200]}", raw_text)
                 continue
             doc.provenance.setdefault("source", file)
             doc.provenance.setdefault("line", lineno)
             yield doc
+
+
+def checked_media(records: Iterable[Doc | BadRecord]) -> Iterator[Doc | BadRecord]:
+    """Docs whose images pass the header checks of :func:`mmgen.data.media.open_image` (pixel limit,
+    an image at all, the format it claims); a Doc that fails becomes a BadRecord with the reason.
+    URL references are not fetched, so not checked; a missing file is left to the writer."""
+    from mmgen.data.media import open_image
+
+    for rec in records:
+        if isinstance(rec, Doc):
+            try:
+                for it in rec.images:
+                    if it.data is None and (is_url(it.path) or not it.exists()):
+                        continue
+                    open_image(it.load(), it.path, it.declared_format()).close()
+            except MediaError as e:
+                rec = BadRecord(source=str(rec.provenance.get("source", rec.provenance.get("shard", ""))),
+                                line=rec.provenance.get("line"), member=rec.provenance.get("member"),
+                                reason=e.reason, detail=f"doc {rec.id}: {e}")
+        yield rec
 
 
 class MediaExport:

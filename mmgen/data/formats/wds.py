@@ -14,11 +14,11 @@ def expand_shards(path) -> list[str]:
     return expand_inputs(path, (".tar",))
 
 
-def read(path, **_):
+def read(path, media_root=None, allow_outside_root: bool = False, **_):
     from mmgen.data.shards import read_shard
 
     for shard in expand_shards(path):
-        yield from read_shard(shard)
+        yield from read_shard(shard, media_root=media_root, allow_outside_root=allow_outside_root)
 
 
 def write(docs, out_path, on_bad=None, prefix: str = "shard", max_docs: int = 1000, **_) -> dict:

@@ -176,7 +176,7 @@ class ImageOp(Op):
             try:
                 stats = self.image_stats(view, i, img)
             except MediaError as e:
-                out.append(Verdict("undecodable_media", {"error": error_text(e)}, item=i, quarantine=True))
+                out.append(Verdict(e.reason, {"error": error_text(e)}, item=i, quarantine=True))
                 continue
             out.append(Verdict(self.judge(stats), stats, item=i))
         return out

@@ -459,7 +459,7 @@ class ImageDocNearDedup(Op):
             try:
                 h = phash(view.pil(i), self.params.hash_size)
             except MediaError as e:
-                out.append(Verdict("undecodable_media", {"error": error_text(e)}, item=i, quarantine=True))
+                out.append(Verdict(e.reason, {"error": error_text(e)}, item=i, quarantine=True))
                 continue
             near = [(hamming(h, g), j) for g, j in seen if hamming(h, g) <= self.params.radius]
             seen.append((h, i))

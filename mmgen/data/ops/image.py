@@ -22,7 +22,10 @@ class ImageDecode(ImageOp):
             try:
                 pil = view.pil(i)
             except Exception as e:  # noqa: BLE001 - to_pil raises MediaError; anything else is also undecodable
-                out.append(Verdict("corrupt_image", {"decodable": False, "bytes": len(img.data or b""),
+                # a bomb or a mislabelled file keeps its own reason; every other failure is a corrupt image
+                reason = getattr(e, "reason", None)
+                reason = reason if reason in ("too_many_pixels", "format_mismatch") else "corrupt_image"
+                out.append(Verdict(reason, {"decodable": False, "bytes": len(img.data or b""),
                                                      "error": error_text(e)}, item=i, quarantine=True))
                 continue
             out.append(Verdict(None, {"decodable": True, "format": img.format, "width": pil.width,

@@ -278,7 +278,7 @@ class QualityScore(ImageOp):
             try:
                 pils.append(view.pil(i))
             except MediaError as e:
-                out.append(Verdict("undecodable_media", {"error": error_text(e)}, item=i, quarantine=True))
+                out.append(Verdict(e.reason, {"error": error_text(e)}, item=i, quarantine=True))
                 continue
             texts.append(view.doc.items[cap].text)
             pairs.append((i, cap))

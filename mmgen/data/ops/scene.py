@@ -60,7 +60,7 @@ class SceneCaptionMatch(ImageOp):
             try:
                 pred = parse_scene(view.pil(i))
             except MediaError as e:
-                out.append(Verdict("undecodable_media", {"error": error_text(e)}, item=i, quarantine=True))
+                out.append(Verdict(e.reason, {"error": error_text(e)}, item=i, quarantine=True))
                 continue
             if pred is None:
                 out.append(Verdict(None, {"parsed": False}, item=i))

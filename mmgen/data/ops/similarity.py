@@ -98,7 +98,7 @@ class ImageTextSimilarityFilter(Op):
             try:
                 pils[i] = self._pil(view, i)
             except MediaError as e:
-                out.append(Verdict("undecodable_media", {"error": error_text(e)}, item=i, quarantine=True))
+                out.append(Verdict(e.reason, {"error": error_text(e)}, item=i, quarantine=True))
         if self.level == "node":
             for i, cap in image_caption_pairs(view):
                 if i in pils:
