@@ -88,6 +88,35 @@ def map_in_order(executor: str, workers: int, fn, jobs: list[tuple], initializer
         pool.join()
 
 
+def map_resumable(executor: str, workers: int, fn, jobs: list[tuple], markers: list, same_work, desc: str,
+                  progress: bool = True) -> tuple[list, int]:
+    """``fn(*job)`` for every job whose done marker (a JSON file ``fn`` writes, equal to its return value)
+    is missing, the markers' entries for the rest: all entries in job order. ``same_work(i, entry)``
+    says whether a marker left by an earlier run was made by the same job; a marker that was not stops
+    the run with an error naming it, since mixing two runs' outputs would be silent corruption.
+    Returns the entries and how many of them came from earlier runs."""
+    import json
+
+    from tqdm import tqdm
+
+    entries: dict[int, dict] = {}
+    for i, marker in enumerate(markers):
+        if marker.is_file():
+            entry = json.loads(marker.read_text())
+            if not same_work(i, entry):
+                raise MMGenError(f"{marker.parent} holds output of other inputs or settings ({marker}); "
+                                 "write into a fresh --out directory")
+            entries[i] = entry
+    todo = [i for i in range(len(jobs)) if i not in entries]
+    with map_in_order(executor, workers, fn, [jobs[i] for i in todo]) as results:
+        bar = tqdm(total=len(jobs), initial=len(entries), desc=desc, unit="shard", disable=not progress)
+        for i, entry in zip(todo, results):
+            entries[i] = entry
+            bar.update(1)
+        bar.close()
+    return [entries[i] for i in range(len(jobs))], len(jobs) - len(todo)
+
+
 @contextlib.contextmanager
 def results_in_order(executor: str, workers: int, recipe_data: dict, ops, units: list, read_opts: dict) -> Iterator[Iterator[list]]:
     """An iterator over ``process_unit`` results of ``units``, in order; workers are stopped on exit."""

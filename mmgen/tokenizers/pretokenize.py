@@ -22,7 +22,7 @@ Without them, audio and video items are kept without codes and counted. A record
 decoded is quarantined whole, with its reason (``undecodable_image``, ``undecodable_audio``,
 ``undecodable_video``), to ``out_dir/quarantine.jsonl``: ``docs_in == docs_written + quarantined``.
 
-Input files are the work units (``executor``/``workers``: :func:`mmgen.data.executors.map_in_order`).
+Input files are the work units (``executor``/``workers``: :func:`mmgen.data.executors.map_resumable`).
 Input ``I`` becomes ``codes-IIIIII-NNNNNN.tar`` and, once those are complete, ``done/IIIIII.json``
 (its counts and quarantined records); a rerun skips what is done. Images are batched within an
 input file, never across files, so the bytes do not depend on which worker ran what.
@@ -272,7 +272,7 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     Returns a summary (also written to ``out_dir/summary.json``)."""
     from tqdm import tqdm
 
-    from mmgen.data.executors import map_in_order
+    from mmgen.data.executors import map_resumable
     from mmgen.paths import expand_inputs
 
     if batch_size <= 0:
@@ -290,22 +290,10 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
               "max_image_pixels": max_image_pixels}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries: dict[int, dict] = {}
-    for i, path in enumerate(paths):
-        marker = out / "done" / f"{i:06d}.json"
-        if marker.is_file():
-            entry = json.loads(marker.read_text())
-            if entry.get("params") != params or entry.get("input") != path:
-                raise MMGenError(f"{out} holds code shards made from other inputs or settings ({marker}); "
-                                 "tokenize into a fresh --out directory")
-            entries[i] = entry
-    todo = [i for i in range(len(paths)) if i not in entries]
-    with map_in_order(executor, workers, tokenize_shard, [(params, i, paths[i], str(out)) for i in todo]) as results:
-        bar = tqdm(total=len(paths), initial=len(entries), desc="tokenize", unit="shard", disable=not progress)
-        for i, entry in zip(todo, results):
-            entries[i] = entry
-            bar.update(1)
-        bar.close()
+    entries, resumed = map_resumable(executor, workers, tokenize_shard, [(params, i, p, str(out)) for i, p in enumerate(paths)],
+                                     [out / "done" / f"{i:06d}.json" for i in range(len(paths))],
+                                     lambda i, e: e.get("params") == params and e.get("input") == paths[i],
+                                     "tokenize", progress)
 
     stats, reasons, grids = Counter(), Counter(), Counter()
     quarantine_path = out / "quarantine.jsonl"
@@ -327,7 +315,7 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
                                  "video_items_encoded", "video_frames", "video_tokens_before", "video_tokens_after",
                                  "video_items_without_codes")},
         "tokenizer": str(tokenizer_dir), "shards": shards, "quarantine": str(quarantine_path),
-        "inputs": len(paths), "inputs_resumed": len(paths) - len(todo), "executor": executor, "workers": workers,
+        "inputs": len(paths), "inputs_resumed": resumed, "executor": executor, "workers": workers,
     }
     if coder_info.get("audio"):
         summary["audio_tokenizer"] = str(audio_tokenizer)

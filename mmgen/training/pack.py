@@ -7,7 +7,7 @@ Steps, each resumable:
 
 1. the text tokenizer, trained once on the first ``data.text_sample_docs`` documents (or the bundle's /
    ``data.text_tokenizer``), saved to ``OUT/text_tokenizer``, and the run's vocab to ``OUT/vocab.json``;
-2. every code shard, a work unit on :func:`mmgen.data.executors.map_in_order`: its documents of
+2. every code shard, a work unit on :func:`mmgen.data.executors.map_resumable`: its documents of
    ``data.splits`` become sequences (:func:`mmgen.data.sequence.build_sequences`, the stage's chat
    layout and targets) and are packed by :func:`mmgen.data.packing.pack_sequences` exactly as the
    in-memory trainer packs them (the same algorithm, per shard rather than over the corpus), written
@@ -87,7 +87,7 @@ def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | 
     """Write packed shards for the training run ``config`` + ``overrides`` describes; returns the index."""
     from tqdm import tqdm
 
-    from mmgen.data.executors import map_in_order
+    from mmgen.data.executors import map_resumable
     from mmgen.data.packed_shards import INDEX
     from mmgen.paths import expand_inputs
     from mmgen.training.config import load_train_config
@@ -106,23 +106,9 @@ def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | 
     vocab.save(out / "vocab.json")
     settings = sequence_settings(cfg)
 
-    entries: dict[int, dict] = {}
-    for i, path in enumerate(paths):
-        marker = out / f"packed-{i:06d}.done.json"
-        if marker.is_file():
-            entry = json.loads(marker.read_text())
-            if entry["settings"] != settings or entry["input"] != path:
-                raise MMGenError(f"{out} holds packed shards of other code shards or settings ({marker}); "
-                                 "pack into a fresh --out directory")
-            entries[i] = entry
-    todo = [i for i in range(len(paths)) if i not in entries]
-    with map_in_order(executor, workers, pack_shard, [(settings, i, paths[i], str(out)) for i in todo]) as results:
-        bar = tqdm(total=len(paths), initial=len(entries), desc="pack", unit="shard", disable=not progress)
-        for i, entry in zip(todo, results):
-            entries[i] = entry
-            bar.update(1)
-        bar.close()
-    ordered = [entries[i] for i in range(len(paths))]
+    ordered, _ = map_resumable(executor, workers, pack_shard, [(settings, i, p, str(out)) for i, p in enumerate(paths)],
+                            [out / f"packed-{i:06d}.done.json" for i in range(len(paths))],
+                            lambda i, e: e["settings"] == settings and e["input"] == paths[i], "pack", progress)
     totals = _totals(ordered, cfg.data.seq_len)
     if not totals["packing"]["rows"]:
         raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({totals['sequences']})")
