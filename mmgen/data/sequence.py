@@ -36,8 +36,15 @@ TARGET_KINDS = ("text", "structural", "image", "audio")
 
 
 def encode_text(text: str, text_tokenizer) -> list[int]:
-    """Token ids of one text span, without special tokens (shared by training and inference)."""
-    return list(text_tokenizer.encode(text.strip(), add_special_tokens=False))
+    """Token ids of one text span, without special tokens (shared by training and inference).
+
+    Every piece of text -- a corpus caption in training, a user's prompt at inference -- becomes ids
+    here, and only here. ``split_special_tokens`` makes a typed ``</s>``, ``<s>``, ``<pad>``, ``<unk>``
+    (or a pretrained tokenizer's ``<|im_start|>``) plain characters: text can never end a document,
+    fake a turn or open a block. Structural tokens (``<image>``, ``<eol>``, ...) are Vocab ids past
+    the text tokenizer's range, which no text encodes to. Text without such strings is encoded
+    exactly as before."""
+    return list(text_tokenizer.encode(text.strip(), add_special_tokens=False, split_special_tokens=True))
 
 
 def _bos_eos(text_tokenizer) -> tuple[int, int]:

@@ -91,24 +91,47 @@ def default_image_sizes(bundle) -> list[tuple[int, int]]:
     return [(gh, gw)]
 
 
-def _check(bundle, mode: str, cfg_scale: float, temperature: float, top_p: float, top_k: int,
-           allow_audio: bool = False) -> None:
+def check_options(mode: str = "auto", max_new_tokens: int = 1, temperature=None, top_k=None, top_p=None,
+                  cfg_scale=None, allow_audio: bool = False) -> None:
+    """The checks that need no model: ``mmgen generate`` runs them before it loads the checkpoint."""
+    from mmgen.inference.settings import DEFAULT_SAMPLING
+
     if mode not in MODES:
         raise MMGenError(f"unknown mode '{mode}' (use one of: {', '.join(MODES)})")
-    if mode == "t2i" and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):
-        raise MMGenError("t2i mode needs a checkpoint with an image tokenizer and pixel codes in its vocab")
     if mode == "text" and allow_audio:
         raise MMGenError("text mode writes no audio: drop allow_audio, or use mode auto or tts")
+    if max_new_tokens < 1:
+        raise MMGenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    DEFAULT_SAMPLING.override(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+
+
+def _check(bundle, mode: str, allow_audio: bool = False) -> None:
+    check_options(mode, allow_audio=allow_audio)
+    if mode == "t2i" and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):
+        raise MMGenError("t2i mode needs a checkpoint with an image tokenizer and pixel codes in its vocab")
     if mode == "tts" or allow_audio:
         check_audio(bundle, "tts mode" if mode == "tts" else "allow_audio")
-    if cfg_scale < 1.0:
-        raise MMGenError(f"cfg_scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
-    if temperature < 0:
-        raise MMGenError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise MMGenError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise MMGenError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
+
+
+def context_length(model) -> int | None:
+    """How many positions the model reads (``max_position_embeddings``), None when its config has no limit."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def fit_to_context(model, prompt_len: int, max_new_tokens: int) -> tuple[int, str | None]:
+    """``max_new_tokens`` cut to what fits after a ``prompt_len``-token prompt, and a note when it was
+    cut. A prompt that leaves no room is a one-line MMGenError."""
+    ctx = context_length(model)
+    if ctx is None:
+        return max_new_tokens, None
+    if prompt_len >= ctx:
+        raise MMGenError(f"the prompt is {prompt_len} tokens but the model reads at most {ctx}; shorten it")
+    room = ctx - prompt_len
+    if max_new_tokens <= room:
+        return max_new_tokens, None
+    return room, (f"max_new_tokens {max_new_tokens} capped to {room}: the model reads {ctx} tokens and the "
+                  f"prompt takes {prompt_len}")
 
 
 def check_audio(bundle, what: str) -> None:
@@ -381,23 +404,28 @@ def _special(bundle) -> tuple[int, int]:
     return int(eos), int(pad)
 
 
-def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0, seed: int = 0, cfg_scale: float = 1.0, mode: str = "auto",
+def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float | None = None,
+                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                     cfg_scale: float | None = None, mode: str = "auto",
                      sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
                      max_audio_frames: int | None = None, picture=None) -> Iterator[Doc]:
     """Stream :func:`generate_interleaved`: yields the growing answer after each new token.
 
     Every yield is a fresh Doc of the completed items plus the text written so far; the last one is the
-    finished answer (``meta['stop']`` says why it stopped: ``eos`` or ``max_new_tokens``)."""
-    _check(bundle, mode, cfg_scale, temperature, top_p, top_k, allow_audio)
-    if max_new_tokens < 1:
-        raise MMGenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    finished answer (``meta['stop']`` says why it stopped: ``eos`` or ``max_new_tokens``). Sampling
+    options left None are the bundle's (:func:`mmgen.inference.settings.bundle_sampling`);
+    ``max_new_tokens`` is cut to what the model's context leaves after the prompt (``meta['note']``)."""
+    from mmgen.inference.settings import bundle_sampling
+
+    check_options(mode, max_new_tokens, allow_audio=allow_audio)
+    sampling = bundle_sampling(bundle, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    temperature, top_k, top_p, cfg_scale = sampling.temperature, sampling.top_k, sampling.top_p, sampling.cfg_scale
+    _check(bundle, mode, allow_audio)
     vocab = bundle.vocab
     eos, pad = _special(bundle)
     can_image = bundle.image_tokenizer is not None and vocab.has("pix") and mode != "text"
     can_audio = allow_audio or mode == "tts"  # _check made sure the bundle can decode it
     sizes = list(sizes) if sizes else (default_image_sizes(bundle) if can_image else None)
-    _check_budget(vocab, mode, max_new_tokens, sizes)
     opener = [vocab[OPENERS[mode]]] if mode in OPENERS else []
     if picture is not None:  # shown before the text: a question about it, or (t2i) what to draw next
         if bundle.image_tokenizer is None:
@@ -407,11 +435,15 @@ def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature
     else:
         rows = [prompt_ids(bundle, prompt, image=False) + opener]
     uncond = [prompt_ids(bundle, "", image=False) + opener] if cfg_scale != 1.0 else None
+    max_new_tokens, note = fit_to_context(bundle.model, len(rows[0]), max_new_tokens)
+    _check_budget(vocab, mode, max_new_tokens, sizes)
     builder = _DocBuilder(bundle, audio=can_audio)
     if opener:
         builder.block = list(opener)
     meta = {"prompt": prompt, "mode": mode, "seed": seed, "cfg_scale": cfg_scale, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p}
+            "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    if note:
+        meta["note"] = note
     if can_audio:
         meta["max_audio_frames"] = max_audio_frames
     stop = "max_new_tokens"
@@ -434,8 +466,9 @@ def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature
     yield builder.finish(meta)
 
 
-def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0,
-                         top_p: float = 1.0, seed: int = 0, cfg_scale: float = 1.0, mode: str = "auto",
+def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float | None = None,
+                         top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                         cfg_scale: float | None = None, mode: str = "auto",
                          sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
                          max_audio_frames: int | None = None, picture=None) -> Doc:
     """Continue ``prompt`` with interleaved text, images and (optionally) speech until ``</s>`` or
@@ -446,8 +479,8 @@ def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, tempera
     the prompt (and allows audio); ``text`` forbids media. Each closed audio block becomes an Audio
     item: a WAV decoded by the bundle's audio codec, ``frames x hop`` samples at its sample rate.
     ``max_audio_frames`` caps the code frames of one audio block. ``cfg_scale > 1`` turns on
-    classifier-free guidance for the tokens inside media blocks. The same arguments and seed give
-    the same Doc."""
+    classifier-free guidance for the tokens inside media blocks. Sampling options left None are the
+    bundle's (its ``generation_config.json``). The same arguments and seed give the same Doc."""
     doc = None
     for doc in iter_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, sizes=sizes,
@@ -507,12 +540,19 @@ def image_ids(bundle, images: Sequence) -> list[list[int]]:
 
 @torch.no_grad()
 def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequence[Sequence[int]] | None = None,
-                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        cfg_scale: float = 1.0, batch_size: int = 8, size: tuple[int, int] | None = None,
-                        progress: bool = False, desc: str = "t2i") -> list:
+                        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                        seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
+                        size: tuple[int, int] | None = None, progress: bool = False, desc: str = "t2i") -> list:
     """One image per prompt row: each row (token ids ending in ``<image>``) is continued by exactly
-    one image block under the grid constraint, then decoded. Batch ``i`` uses seed ``seed + i``."""
-    _check(bundle, "t2i", cfg_scale, temperature, top_p, top_k)
+    one image block under the grid constraint, then decoded. Batch ``i`` uses seed ``seed + i``.
+    Sampling options left None are the bundle's. ``uncond_rows`` are needed when guidance is on."""
+    from mmgen.inference.settings import bundle_sampling
+
+    s = bundle_sampling(bundle, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    temperature, top_k, top_p, cfg_scale = s.temperature, s.top_k, s.top_p, s.cfg_scale
+    _check(bundle, "t2i")
+    if cfg_scale != 1.0 and uncond_rows is None:
+        raise MMGenError("classifier-free guidance needs one unconditional prompt per row")
     vocab = bundle.vocab
     eos, pad = _special(bundle)
     sizes = [tuple(size)] if size else default_image_sizes(bundle)
@@ -527,6 +567,9 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
         chunk = [list(r) for r in rows[s:s + batch_size]]
         if any(not r or r[-1] != vocab["<image>"] for r in chunk):
             raise MMGenError("an image prompt row must end with the <image> token")
+        if fit_to_context(bundle.model, max(len(r) for r in chunk), budget)[1]:
+            raise MMGenError(f"a prompt of {max(len(r) for r in chunk)} tokens leaves no room for a {budget}-token "
+                             f"image block in the model's {context_length(bundle.model)} positions; shorten it")
         uncond = [list(r) for r in uncond_rows[s:s + batch_size]] if cfg_scale != 1.0 else None
         blocks = [[vocab["<image>"]] for _ in chunk]
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=budget, eos_id=eos, pad_id=pad,
@@ -539,15 +582,19 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
     return out
 
 
-def generate_images(bundle, prompts: Sequence[str], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    seed: int = 0, cfg_scale: float = 1.0, batch_size: int = 8,
+def generate_images(bundle, prompts: Sequence[str], temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
                     size: tuple[int, int] | None = None, progress: bool = False) -> list:
     """Text-to-image for many prompts, batched: one PIL image per prompt, in order.
 
     ``size`` is the (H, W) code grid (default: the tokenizer's native grid). Batch ``i`` uses seed
-    ``seed + i`` so results do not depend on how many batches ran before."""
+    ``seed + i`` so results do not depend on how many batches ran before. Sampling options left None
+    are the bundle's."""
+    from mmgen.inference.settings import bundle_sampling
+
     if isinstance(prompts, str):
         prompts = [prompts]
+    cfg_scale = bundle_sampling(bundle, cfg_scale=cfg_scale).cfg_scale
     rows = [prompt_ids(bundle, p, image=True) for p in prompts]
     uncond = [prompt_ids(bundle, "", image=True) for _ in prompts] if cfg_scale != 1.0 else None
     return generate_image_rows(bundle, rows, uncond, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -580,14 +627,21 @@ def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: in
 
 # -- the CLI stage ----------------------------------------------------------------------------------
 def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generated", mode: str = "auto",
-                 seed: int = 0, cfg_scale: float = 1.0, max_new_tokens: int = 512, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, device: str = "cpu", allow_audio: bool = False,
+                 seed: int = 0, cfg_scale: float | None = None, max_new_tokens: int = 512,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 device: str = "cpu", allow_audio: bool = False,
                  max_audio_frames: int | None = None) -> tuple[Doc, list[Path]]:
     """``mmgen generate``: load a checkpoint, generate, write images as PNG and speech as WAV (and the
-    Doc as JSON). Returns the Doc and the media files in item order."""
-    from mmgen.models.bundle import load_bundle
+    Doc as JSON). Returns the Doc and the media files in item order. Sampling options left None are
+    the bundle's (its ``generation_config.json``); every option is checked before the model loads."""
+    from mmgen.models.bundle import check_bundle_dir, load_bundle
     from mmgen.utils.compat import ensure_torchvision
 
+    check_options(mode, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                  allow_audio=allow_audio)
+    if max_audio_frames is not None and max_audio_frames < 1:
+        raise MMGenError(f"max_audio_frames must be >= 1, got {max_audio_frames}")
+    check_bundle_dir(checkpoint)
     ensure_torchvision()
     bundle = load_bundle(checkpoint, device=device)
     doc = generate_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
