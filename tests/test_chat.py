@@ -96,13 +96,15 @@ def test_a_picture_reaches_the_prompt_in_the_layout_the_bundle_learnt(bundle_dir
     picture = render(random_scene(random.Random(1), "val"), *RES)
     block = gen.image_ids(bundle, [picture])[0]
     seen = []
-    real = gen.sample_tokens
+    import mmgen.inference.pipeline as pipeline
+
+    real = pipeline.decode_loop
 
     def spy(model, vocab, rows, **kw):
         seen.append([list(r) for r in rows])
         return real(model, vocab, rows, **kw)
 
-    monkeypatch.setattr(gen, "sample_tokens", spy)
+    monkeypatch.setattr(pipeline, "decode_loop", spy)
     engine = ChatEngine(bundle)
     for stage, chat, mode in (("pretrain", "none", "text"), ("sft", "auto", "text"), ("pretrain", "roles", "t2i")):
         bundle.meta.update(stage=stage, config={"data": {"chat": chat}})

@@ -245,7 +245,7 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, conc
     engine = ChatEngine(bundle, max_prompt_chars=max_prompt_chars)
     defaults = bundle_sampling(bundle)  # the sliders start at the settings the bundle was evaluated with
     has_images = can_draw(bundle)
-    # Guidance acts on every media token (generate.cfg_logits), so the label names what this bundle writes.
+    # Guidance acts on every media token (processors.MediaCFGLogitsProcessor), so the label names what this bundle writes.
     guided = " and ".join(k for k, on in (("image", has_images), ("audio", engine.speaks)) if on)
 
     def chat(message: str, history: list, mode: str, temperature: float, top_k: int, seed: int,
