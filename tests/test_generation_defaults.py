@@ -192,28 +192,45 @@ def test_chat_refuses_empty_oversized_and_overlong_messages(bundle_dir):
 
 
 def test_chat_app_queue_cache_and_bad_uploads(bundle_dir, tmp_path):
-    import gradio as gr
-    from gradio.data_classes import ImageData
-
-    from mmgen.inference.chat_app import CONCURRENCY, DELETE_CACHE, build_app
+    from mmgen.errors import MMGenError
+    from mmgen.inference.chat_app import CONCURRENCY, DELETE_CACHE, build_app, load_picture
     from mmgen.models.bundle import load_bundle
 
     app = build_app(bundle_dir, bundle=load_bundle(bundle_dir))
     assert CONCURRENCY > 1 and app._queue.default_concurrency_limit == CONCURRENCY
     assert app.delete_cache == DELETE_CACHE
-    pictures = [b for b in app.blocks.values() if isinstance(b, gr.Image)]
-    assert len(pictures) == 1
     bad = tmp_path / "upload.png"
     bad.write_bytes(b"this is not a picture")
-    with pytest.raises(gr.Error) as e:
-        pictures[0].preprocess(ImageData(path=str(bad), orig_name="upload.png"))
-    assert "could not be read as an image" in e.value.message and str(tmp_path) not in e.value.message
-    image_dir = app.mmgen_engine.image_dir
-    assert image_dir.is_dir()
-    del app
-    import gc
+    with pytest.raises(MMGenError, match="could not be read as an image") as e:
+        load_picture(bad)
+    assert str(tmp_path) not in str(e.value)
+    from PIL import Image
 
-    gc.collect()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+    assert load_picture(tmp_path / "ok.png").size == (8, 8)
+
+
+def test_chat_server_answers_a_bad_upload_with_one_clear_line(bundle_dir, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from mmgen.inference.chat_app import build_app, launch
+    from mmgen.models.bundle import load_bundle
+    from test_chat import _free_port
+
+    bad = tmp_path / "upload.png"
+    bad.write_bytes(b"this is not a picture")
+    app = build_app(bundle_dir, bundle=load_bundle(bundle_dir))
+    url = launch(app, host="127.0.0.1", port=_free_port(), block=False)
+    try:
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception) as bad_upload:
+            client.predict("what colour?", [], "text", 0.0, 0, 0, 1.0, 16, handle_file(str(bad)), api_name="/chat")
+        with pytest.raises(Exception) as empty:
+            client.predict("  ", [], "text", 0.0, 0, 0, 1.0, 16, api_name="/chat")
+    finally:
+        app.close()
+    assert "could not be read as an image" in str(bad_upload.value) and "/tmp" not in str(bad_upload.value)
+    assert "type a message" in str(empty.value)
 
 
 def test_two_chat_users_are_answered_at_the_same_time(bundle_dir):

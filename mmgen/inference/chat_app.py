@@ -15,8 +15,9 @@ Google Fonts), and public share links are refused.
 Several people share one server fairly: the queue runs ``concurrency`` answers at once (Gradio's
 ``default_concurrency_limit``), and a request is bounded before any work starts -- a prompt longer than
 ``max_prompt_chars`` or than the model's context is refused with one line, and ``max_new_tokens`` is
-cut to what the context leaves. Errors the user can fix arrive as ``gr.Error`` messages; anything else
-is shown without its details (``show_error=False``), so no server path reaches a browser. Generated
+cut to what the context leaves. Errors the user can fix arrive as ``gr.Error`` messages (an upload that is not
+an image included: the chat opens uploads itself); anything else is shown without its details
+(``show_error=False``), so no server path reaches a browser. Uploads are capped at ``MAX_UPLOAD``. Generated
 media and uploads are deleted after an hour (``delete_cache``) and the chat's own media folder when the
 app is garbage collected or the process exits.
 """
@@ -48,6 +49,7 @@ TTS_MIN_SECONDS = 0.5  # a tts answer always has room for at least this much spe
 MAX_PROMPT_CHARS = 2000
 CONCURRENCY = 2  # answers generated at once; the rest wait in the queue
 QUEUE_SIZE = 32  # waiting requests beyond this are turned away at once instead of waiting minutes
+MAX_UPLOAD = "10mb"  # Gradio's max_file_size: a ShapesWorld picture is a few kB
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete Gradio's cached files older than an hour
 
 
@@ -192,22 +194,18 @@ def _num(v, cast):
     return None if v is None else cast(v)
 
 
-def _picture_component(gr):
-    """``gr.Image`` whose unreadable uploads become a one-line message (Gradio's own error names the
-    server's temp file); a template of Image, so the browser renders it as one."""
+def load_picture(path) -> "object":
+    """An uploaded file as an RGB PIL image, or a one-line MMGenError that names no server path.
+    The chat takes the upload as a file and opens it here: ``gr.Image`` would open it in Gradio's own
+    preprocessing, whose error for a file that is not an image names the server's temp file."""
+    from PIL import Image, UnidentifiedImageError
 
-    class Picture(gr.Image):
-        is_template = True
-
-        def preprocess(self, payload):
-            from PIL import UnidentifiedImageError
-
-            try:
-                return super().preprocess(payload)
-            except (UnidentifiedImageError, OSError, ValueError):
-                raise gr.Error("the picture could not be read as an image; upload a PNG, JPEG or WebP file") from None
-
-    return Picture
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise MMGenError("the picture could not be read as an image; upload a PNG, JPEG or WebP file") from None
 
 
 def _describe(bundle, checkpoint_dir) -> str:
@@ -253,8 +251,9 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, conc
         """Answer `message` with interleaved text, images and speech; returns the conversation. An
         optional `picture` is shown to the model first (ask about it, or have the next one drawn)."""
         try:
+            shown = load_picture(picture) if picture else None
             yield from engine.answer(message, history, mode, temperature, top_k, seed, cfg_scale, max_new_tokens,
-                                     picture=picture)
+                                     picture=shown)
         except MMGenError as e:
             raise gr.Error(str(e)) from None
 
@@ -272,8 +271,9 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, conc
                                      label="prompt", show_label=False, scale=5, lines=1, autofocus=True,
                                      max_length=engine.max_prompt_chars)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80)
-                picture = _picture_component(gr)(type="pil", label="picture (optional), shown to the model before your message",
-                                   sources=["upload", "clipboard"], height=200, visible=bundle.image_tokenizer is not None)
+                picture = gr.File(label="picture (optional), shown to the model before your message",
+                                  file_types=["image"], type="filepath", height=120,
+                                  visible=bundle.image_tokenizer is not None)
             with gr.Column(scale=1, min_width=240):
                 mode = gr.Radio(mode_choices(bundle), label="mode",
                                 value="t2i" if has_images else "tts" if engine.speaks else "text")
@@ -312,7 +312,7 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, block: bool = 
     """Start serving ``app``; returns its local URL (after Ctrl-C when ``block``)."""
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True,
                quiet=True, show_error=False, theme=_theme(), css=CSS, footer_links=["api", "settings"],
-               ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False)
+               max_file_size=MAX_UPLOAD, ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False)
     url = app.local_url
     if block:
         print(f"mmgen chat running at {url} (Ctrl-C to stop)", flush=True)
