@@ -91,6 +91,7 @@ def test_a_picture_reaches_the_prompt_in_the_layout_the_bundle_learnt(bundle_dir
     from mmgen.data.synthetic import random_scene, render
     from mmgen.inference.chat_app import ChatEngine
     from mmgen.models.bundle import load_bundle
+    from mmgen.processing.processor import ChatTemplate
 
     bundle = load_bundle(bundle_dir)
     picture = render(random_scene(random.Random(1), "val"), *RES)
@@ -108,6 +109,7 @@ def test_a_picture_reaches_the_prompt_in_the_layout_the_bundle_learnt(bundle_dir
     engine = ChatEngine(bundle)
     for stage, chat, mode in (("pretrain", "none", "text"), ("sft", "auto", "text"), ("pretrain", "roles", "t2i")):
         bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
+        bundle.chat_template = ChatTemplate.from_training(bundle.meta)  # what a run of this stage saves
         final = list(engine.answer("is there a circle?", [], mode=mode, max_new_tokens=4, picture=picture))[-1]
         assert final[0]["content"][0]["mime_type"] == "image/png" and final[0]["content"][1] == "is there a circle?"
         want = gen.picture_prompt_ids(bundle, "is there a circle?", block, question=mode != "t2i")

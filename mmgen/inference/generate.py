@@ -26,48 +26,50 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from mmgen.data.doc import Audio, Doc, Image, Text
+from mmgen.data.doc import Audio, Doc, Image, Text  # noqa: F401
 from mmgen.errors import MMGenError
 from mmgen.inference.constraints import ImageGridConstraint  # noqa: F401  (re-exported)
 from mmgen.models.vocab import Vocab
+from mmgen.processing.processor import audio_item, block_codes, decode_audio_codes  # noqa: F401  (re-exported)
 
 MODES = ("auto", "t2i", "text", "tts")
 OPENERS = {"t2i": "<image>", "tts": "<audio>"}  # modes whose answer starts inside a media block
 
 
-# -- prompts and sizes ----------------------------------------------------------------------------
-def trained_in_chat(bundle, conversation: bool = False) -> bool:
-    """Whether the bundle learnt this kind of document in the chat template. Conversations (items
-    with roles, such as QA) were under ``data.chat`` roles or all; plain instructions (a caption and
-    its picture, a build-up document) only under all, which is what an SFT run does by default."""
-    from mmgen.data.sequence import chat_layout
+# -- prompts and sizes: the bundle's processor (mmgen.processing.processor) lays them out ----
+def _processor(bundle):
+    from mmgen.processing.processor import MMGenProcessor
 
-    stage = bundle.meta.get("stage", "")
-    layout = chat_layout(stage, ((bundle.meta.get("config") or {}).get("data") or {}).get("chat", "auto"))
-    return layout == "all" or (conversation and layout == "roles")
+    return MMGenProcessor.from_bundle(bundle)
+
+
+def trained_in_chat(bundle, conversation: bool = False) -> bool:
+    """:meth:`MMGenProcessor.trained_in_chat <mmgen.processing.processor.MMGenProcessor.trained_in_chat>`."""
+    return _processor(bundle).trained_in_chat(conversation)
 
 
 def prompt_ids(bundle, prompt: str, image: bool) -> list[int]:
-    """The prefix training used for the same text: ``<s> text`` (plus ``<image>`` when ``image``), or
-    ``<s> User: text Assistant:`` (plus ``<image>``) for a bundle fine-tuned on chat turns. The empty
-    prompt stays ``<s>``: the unconditional row of classifier-free guidance, learnt in pretraining."""
-    from mmgen.data.sequence import encode_chat_prompt, encode_prompt
-
-    if prompt and trained_in_chat(bundle):
-        return encode_chat_prompt(prompt, bundle.text_tokenizer) + ([bundle.vocab["<image>"]] if image else [])
-    return encode_prompt(prompt, bundle.text_tokenizer, bundle.vocab, image=image)
+    """:meth:`MMGenProcessor.prompt_ids <mmgen.processing.processor.MMGenProcessor.prompt_ids>`."""
+    return _processor(bundle).prompt_ids(prompt, image)
 
 
 def picture_prompt_ids(bundle, text: str, block: list[int], question: bool) -> list[int]:
-    """A picture (its image block ids), then ``text``, in the layout the bundle learnt such prompts: a
-    question about the picture (QA conversations) or, with ``question=False``, an instruction for the
-    next picture (build-up documents); the chat template where :func:`trained_in_chat` says so."""
-    from mmgen.data.sequence import encode_chat_prompt, encode_prompt, encode_text
+    """:meth:`MMGenProcessor.picture_prompt_ids <mmgen.processing.processor.MMGenProcessor.picture_prompt_ids>`."""
+    return _processor(bundle).picture_prompt_ids(text, block, question)
 
-    tok = bundle.text_tokenizer
-    if trained_in_chat(bundle, conversation=question):
-        return encode_chat_prompt(text, tok, image_ids=block)
-    return encode_prompt("", tok, bundle.vocab, image=False) + list(block) + encode_text(text, tok)
+
+def image_ids(bundle, images: Sequence) -> list[list[int]]:
+    """:meth:`MMGenProcessor.image_ids <mmgen.processing.processor.MMGenProcessor.image_ids>`."""
+    return _processor(bundle).image_ids(images)
+
+
+def decode_parsed_blocks(bundle, parsed: Sequence[dict]) -> list:
+    """:meth:`MMGenProcessor.decode_image_blocks <mmgen.processing.processor.MMGenProcessor.decode_image_blocks>`."""
+    return _processor(bundle).decode_image_blocks(parsed)
+
+
+def _DocBuilder(bundle, audio: bool = False):
+    return _processor(bundle).doc_decoder(audio=audio)
 
 
 def default_image_sizes(bundle) -> list[tuple[int, int]]:
@@ -158,105 +160,6 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], **kw) -> I
 
 
 # -- assembling documents ---------------------------------------------------------------------------
-class _DocBuilder:
-    """Turns one row's token stream into Doc items: text spans, decoded image and audio blocks."""
-
-    def __init__(self, bundle, audio: bool = False):
-        self.bundle = bundle
-        self.vocab = bundle.vocab
-        # <audio> opens a block only when the constraint tracks audio; otherwise it is ignored as before.
-        self.openers = {self.vocab["<image>"], *([self.vocab["<audio>"]] if audio else [])}
-        self.items: list = []
-        self.text_ids: list[int] = []
-        self.block: list[int] | None = None
-        self.block_len = -1
-        self.n_tokens = 0
-
-    def _flush_text(self) -> None:
-        if self.text_ids:
-            text = self.bundle.text_tokenizer.decode(self.text_ids, skip_special_tokens=True)
-            if text.strip():
-                self.items.append(Text(text.strip()))
-            self.text_ids = []
-
-    def push(self, t: int) -> bool:
-        """Add one token; True when it completed an image or audio block."""
-        self.n_tokens += 1
-        v = self.vocab
-        if self.block is None:
-            if t in self.openers:
-                self._flush_text()
-                self.block = [t]
-            elif t < v.text_size:
-                self.text_ids.append(t)
-            return False
-        self.block.append(t)
-        if self.block[0] == v["<audio>"]:
-            if t != v["</audio>"]:
-                return False
-            self.items.append(self._decode_audio_block(self.block))
-            self.block = None
-            return True
-        if len(self.block) == 3:
-            h = self.block[1] - v.h_start + 1
-            w = self.block[2] - v.w_start + 1
-            self.block_len = v.image_block_len(h, w)
-        if len(self.block) == self.block_len:
-            self.items.append(self._decode_block(self.block))
-            self.block, self.block_len = None, -1
-            return True
-        return False
-
-    def _decode_block(self, block: list[int]) -> Image:
-        parsed = self.vocab.parse_image_block(block)
-        pil = decode_parsed_blocks(self.bundle, [parsed])[0]
-        meta = {"codes_shape": [parsed["h"], parsed["w"]], "num_tokens": len(block),
-                "width": pil.size[0], "height": pil.size[1]}
-        if parsed["sem"] is not None:
-            meta["sem_codes_shape"] = list(parsed["sem"].shape)
-        return Image.from_pil(pil, meta=meta)
-
-    def _decode_audio_block(self, block: list[int]) -> Audio:
-        codes = self.vocab.parse_audio_block(block)
-        return audio_item(self.bundle.audio_tokenizer, codes, meta={"num_tokens": len(block)})
-
-    def snapshot(self, meta: dict) -> Doc:
-        items = list(self.items)
-        if self.text_ids:
-            text = self.bundle.text_tokenizer.decode(self.text_ids, skip_special_tokens=True).strip()
-            if text:
-                items.append(Text(text))
-        return Doc(items=items, meta=dict(meta))
-
-    def finish(self, meta: dict) -> Doc:
-        self._flush_text()
-        if self.block is not None:  # only when the budget ran out, which the constraint prevents
-            kind = "audio" if self.block[0] == self.vocab["<audio>"] else "image"
-            meta = {**meta, f"unfinished_{kind}_tokens": len(self.block)}
-        return Doc(items=list(self.items), meta=dict(meta))
-
-
-def decode_audio_codes(codec, codes) -> np.ndarray:
-    """Mono waveform of ``(levels, T)`` codes, exactly ``T * hop`` samples long. DAC's transposed
-    convolutions return a few samples short of whole frames; padding the tail with silence keeps a
-    block's duration equal to its frames over the codec's frame rate."""
-    codes = np.asarray(codes, dtype=np.int64)
-    n = codes.shape[1] * codec.hop_length
-    y = np.asarray(codec.decode(codes), dtype=np.float32)[:n]
-    return np.pad(y, (0, n - len(y)))
-
-
-def audio_item(codec, codes, meta: dict | None = None) -> Audio:
-    """An Audio item holding the WAV (at the codec's sample rate) of ``(levels, T)`` codes."""
-    from mmgen.data.media import encode_wav
-
-    codes = np.asarray(codes, dtype=np.int64)
-    wave = decode_audio_codes(codec, codes)
-    facts = {"codes_shape": list(codes.shape), "frames": int(codes.shape[1]), "sample_rate": codec.sample_rate,
-             "duration": len(wave) / codec.sample_rate, **(meta or {})}
-    return Audio(data=encode_wav(wave, codec.sample_rate), format="wav", meta=facts)
-
-
 def _special(bundle) -> tuple[int, int]:
     tok = bundle.text_tokenizer
     eos = tok.eos_token_id
@@ -321,41 +224,6 @@ def _check_budget(vocab: Vocab, mode: str, max_new_tokens: int, sizes) -> None:
         if max_new_tokens < need:
             raise MMGenError(f"max_new_tokens {max_new_tokens} is too small for one audio frame and </audio> "
                              f"({need} tokens); raise --max-new-tokens")
-
-
-def block_codes(parsed: dict):
-    """The codes a parsed image block hands its tokenizer: ``{"sem", "pix"}`` grids for a dual
-    tokenizer (its pixel decoder reads the semantic codes too, ILLUME+'s merge), the pixel grid otherwise."""
-    return {"sem": parsed["sem"], "pix": parsed["pix"]} if parsed.get("sem") is not None else parsed["pix"]
-
-
-def decode_parsed_blocks(bundle, parsed: Sequence[dict]) -> list:
-    """PIL images of parsed image blocks, one decoder call per grid shape."""
-    out: list = [None] * len(parsed)
-    by_shape: dict[tuple, list[int]] = {}
-    for r, p in enumerate(parsed):
-        by_shape.setdefault(np.asarray(p["pix"]).shape, []).append(r)
-    for idx in by_shape.values():
-        pix = np.stack([parsed[r]["pix"] for r in idx])
-        if parsed[idx[0]].get("sem") is not None:
-            codes = {"sem": np.stack([parsed[r]["sem"] for r in idx]), "pix": pix}
-        else:
-            codes = pix
-        for r, pil in zip(idx, bundle.image_tokenizer.decode(codes)):
-            out[r] = pil
-    return out
-
-
-def image_ids(bundle, images: Sequence) -> list[list[int]]:
-    """Token ids of PIL images as the model reads them: each image encoded by the bundle's tokenizer
-    and laid out by the vocab (``<image> <h_H> <w_W> [<sem> ...] <pix> ... </image>``)."""
-    out = bundle.image_tokenizer.encode(list(images))
-    pix, sem = (out["pix"], out.get("sem")) if isinstance(out, dict) else (out, None)
-    pix = np.asarray(pix.cpu() if torch.is_tensor(pix) else pix)
-    sem = None if sem is None else np.asarray(sem.cpu() if torch.is_tensor(sem) else sem)
-    use_sem = bundle.vocab.has("sem")
-    return [bundle.vocab.image_block(pix[i], sem=sem[i] if use_sem and sem is not None else None)
-            for i in range(len(pix))]
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@
 5. **decode media** -- closed image blocks through the image tokenizer, audio blocks through the codec,
    into a :class:`~mmgen.data.doc.Doc`.
 
+Steps 2 and 5 are the bundle's :class:`~mmgen.processing.processor.MMGenProcessor`.
+
 The loop is written here rather than delegated to ``model.generate()`` because one step must see the
 conditional and unconditional rows of classifier-free guidance together (``generate()`` runs the
 unconditional pass as a second model call with its own cache per step, and cannot guide only the rows
@@ -154,8 +156,11 @@ class MMGenPipeline:
     while it grows. ``options`` is a :class:`GenerationOptions` (or its fields as keywords); the
     options actually used, sampling settings resolved, are saved in ``doc.meta['options']``."""
 
-    def __init__(self, bundle):
+    def __init__(self, bundle, processor=None):
+        from mmgen.processing.processor import MMGenProcessor
+
         self.bundle = bundle
+        self.processor = processor or MMGenProcessor.from_bundle(bundle)
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu") -> "MMGenPipeline":
@@ -185,18 +190,16 @@ class MMGenPipeline:
     def encode_prompt(self, prompt: str, options: GenerationOptions, picture=None) -> tuple[list[int], list[int] | None]:
         """The conditional row (in the layout the bundle learnt, ending with the mode's opener) and,
         with guidance on, the unconditional row (the empty prompt, same opener)."""
-        from mmgen.inference.generate import OPENERS, image_ids, picture_prompt_ids, prompt_ids
+        from mmgen.inference.generate import OPENERS
 
-        b = self.bundle
-        opener = [b.vocab[OPENERS[options.mode]]] if options.mode in OPENERS else []
+        proc = self.processor
+        opener = [proc.vocab[OPENERS[options.mode]]] if options.mode in OPENERS else []
         if picture is not None:  # shown before the text: a question about it, or (t2i) what to draw next
-            if b.image_tokenizer is None:
-                raise MMGenError("this checkpoint has no image tokenizer, so it cannot read a picture")
-            block = image_ids(b, [picture])[0]
-            row = picture_prompt_ids(b, prompt, block, question=options.mode != "t2i") + opener
+            block = proc.image_ids([picture])[0]
+            row = proc.picture_prompt_ids(prompt, block, question=options.mode != "t2i") + opener
         else:
-            row = prompt_ids(b, prompt, image=False) + opener
-        uncond = prompt_ids(b, "", image=False) + opener if options.cfg_scale != 1.0 else None
+            row = proc.prompt_ids(prompt, image=False) + opener
+        uncond = proc.prompt_ids("", image=False) + opener if options.cfg_scale != 1.0 else None
         return row, uncond
 
     # 3 + 4. prepare the cache, decode loop -----------------------------------------------------------
@@ -207,7 +210,7 @@ class MMGenPipeline:
         import time
         from dataclasses import replace
 
-        from mmgen.inference.generate import _check_budget, _DocBuilder, _special, default_image_sizes, fit_to_context
+        from mmgen.inference.generate import _check_budget, _special, default_image_sizes, fit_to_context
 
         o = self.check_inputs(replace(options or GenerationOptions(), **kw))
         b, vocab = self.bundle, self.bundle.vocab
@@ -218,7 +221,7 @@ class MMGenPipeline:
         row, uncond = self.encode_prompt(prompt, o, picture)
         budget, note = fit_to_context(b.model, len(row), o.max_new_tokens)
         _check_budget(vocab, o.mode, budget, sizes)
-        builder = _DocBuilder(b, audio=can_audio)
+        builder = self.processor.doc_decoder(audio=can_audio)
         if o.mode in ("t2i", "tts"):
             builder.block = [row[-1]]  # the opener the prompt ends with
         meta = {"prompt": prompt, "mode": o.mode, "seed": o.seed, "cfg_scale": o.cfg_scale,

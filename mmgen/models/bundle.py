@@ -10,6 +10,7 @@ Layout (every file in the ecosystem's own format, safetensors only)::
                                               what turns generated audio codes back into a waveform
     DIR/generation_config.json                transformers' GenerationConfig: bos/eos/pad and the sampling
                                               settings the recipe was evaluated with (mmgen.inference.settings)
+    DIR/processor_config.json                 the chat template (mmgen.processing.processor.ChatTemplate)
     DIR/mmgen.json                            run facts: image resolution, preset, training summary
 """
 
@@ -35,6 +36,8 @@ class Bundle:
     audio_tokenizer: object | None = None  # mmgen.tokenizers.audio.AudioCodec
     # transformers.GenerationConfig: the sampling settings generation starts from (None: the defaults)
     generation_config: object | None = None
+    # mmgen.processing.processor.ChatTemplate, saved as processor_config.json (None: from the training facts)
+    chat_template: object | None = None
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -46,6 +49,10 @@ class Bundle:
             self.image_tokenizer.save_pretrained(p / "image_tokenizer")
         if self.audio_tokenizer is not None:
             self.audio_tokenizer.save_pretrained(p / "audio_tokenizer")
+        # The chat template goes in explicitly: generation never re-derives it from the training config.
+        from mmgen.processing.processor import ChatTemplate
+
+        (self.chat_template or ChatTemplate.from_training(self.meta)).save(p)
         if self.generation_config is not None:  # after the model, whose save wrote transformers' defaults
             self.generation_config.save_pretrained(p)
         (p / "mmgen.json").write_text(json.dumps(self.meta, indent=1, default=str))
@@ -122,4 +129,7 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
 
         audio_tokenizer = AudioCodec.from_pretrained(p / "audio_tokenizer", device=device)
     meta = read_json(p / "mmgen.json", {})
-    return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer, generation_config)
+    from mmgen.processing.processor import ChatTemplate
+
+    return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer, generation_config,
+                  ChatTemplate.load(p))
