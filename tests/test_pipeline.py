@@ -135,3 +135,22 @@ def test_pipeline_options_load_like_every_config_and_are_saved_with_the_output(b
     assert old.images[0].load() == doc.images[0].load()
     with pytest.raises(MMGenError, match="max_audio_frames"):
         pipe("x", opts, max_audio_frames=0)
+
+
+def test_fp8_kv_cache_holds_a_quarter_of_the_bytes_and_still_draws(bundle):
+    from mmgen.errors import MMGenError
+    from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline, cache_bytes, make_cache
+
+    pipe = MMGenPipeline(bundle)
+    opts = GenerationOptions(mode="t2i", max_new_tokens=30, temperature=0.0)
+    plain = pipe("a red circle", opts)
+    small = pipe("a red circle", opts, cache="fp8")
+    p, q = plain.meta["cache"], small.meta["cache"]
+    assert p["kind"] == "dynamic" and q["kind"] == "fp8" and p["tokens"] == q["tokens"] > 20
+    # measured from the tensors the layers hold: float32 keys/values against fp8 ones plus scales
+    assert p["bytes"] == 2 * 2 * p["tokens"] * bundle.model.config.hidden_size * 4  # 2 layers x (k, v), no GQA
+    assert q["bytes"] < p["bytes"] / 3
+    assert len(small.images) == 1 and small.images[0].meta["codes_shape"] == [4, 4]
+    assert cache_bytes(make_cache(bundle.model)) == 0
+    with pytest.raises(MMGenError, match="unknown cache 'int3'"):
+        pipe("a red circle", opts, cache="int3")

@@ -47,9 +47,48 @@ class GenerationOptions:
     allow_audio: bool = False
     max_audio_frames: int | None = None
     sizes: list[list[int]] = field(default_factory=list)  # (H, W) code grids; empty: the tokenizer's own
+    # The KV cache: "dynamic" (transformers' DynamicCache, exact) or "fp8" (transformers' QuantizedCache with
+    # its fp8 backend: keys and values held in 8-bit floats with a per-tensor scale, a quarter of float32)
+    cache: str = "dynamic"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+CACHES = ("dynamic", "fp8")
+
+
+def make_cache(model, kind: str = "dynamic"):
+    """A new transformers ``Cache`` of ``kind`` (:data:`CACHES`) for ``model``."""
+    from transformers import DynamicCache, QuantizedCache
+
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    if kind == "fp8":
+        return QuantizedCache("fp8", model.config)
+    raise MMGenError(f"unknown cache '{kind}' (use one of: {', '.join(CACHES)})")
+
+
+def cache_bytes(cache) -> int:
+    """Bytes the cache's layers actually hold: every tensor they keep (full-precision keys and values,
+    quantized states and their scales), counted once each."""
+    seen: set[int] = set()
+    total = 0
+
+    def visit(x):
+        nonlocal total
+        if torch.is_tensor(x):
+            if id(x) not in seen:
+                seen.add(id(x))
+                total += x.nelement() * x.element_size()
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+
+    for layer in cache.layers:
+        for v in vars(layer).values():
+            visit(v)
+    return total
 
 
 def _prepare_inputs_for(model) -> dict:
@@ -85,7 +124,7 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     is ``pad_id``). Rows are left-padded; position ids follow each row's own tokens. With guidance
     (``cfg_scale != 1``) the batch holds the conditional rows then ``uncond_rows``; both receive the
     sampled token. ``cache`` is the ``transformers.Cache`` to fill (default: a new ``DynamicCache``)."""
-    from transformers import DynamicCache, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
     from mmgen.inference.constraints import ImageGridConstraint
     from mmgen.inference.processors import BlockAwareEosCriteria, ImagesDoneCriteria, step_processors
@@ -114,7 +153,7 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
                                        if stop_after_images is not None else []))
     gen = torch.Generator().manual_seed(int(seed))
     how = _prepare_inputs_for(model)
-    cache = DynamicCache(config=model.config) if cache is None else cache
+    cache = make_cache(model) if cache is None else cache
     keep = {"logits_to_keep": 1} if how["logits_to_keep"] else {}  # the prefill needs the last position only
     out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True,
                 **{how["cache_kw"]: cache}, **keep)
@@ -179,6 +218,8 @@ class MMGenPipeline:
 
         o = options
         check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio)
+        if o.cache not in CACHES:
+            raise MMGenError(f"unknown cache '{o.cache}' (use one of: {', '.join(CACHES)})")
         if o.max_audio_frames is not None and o.max_audio_frames < 1:
             raise MMGenError(f"max_audio_frames must be >= 1, got {o.max_audio_frames}")
         s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
@@ -232,11 +273,12 @@ class MMGenPipeline:
         if can_audio:
             meta["max_audio_frames"] = o.max_audio_frames
         stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
+        cache = make_cache(b.model, o.cache)  # 3. prepare the cache
         for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
                                        cfg_scale=o.cfg_scale, uncond_rows=[uncond] if uncond else None, sizes=sizes,
                                        allow_images=can_image, allow_audio=can_audio,
-                                       max_audio_frames=o.max_audio_frames):
+                                       max_audio_frames=o.max_audio_frames, cache=cache):
             if not bool(active[0]):
                 break
             t = int(tok[0])
@@ -246,7 +288,8 @@ class MMGenPipeline:
                 break
             builder.push(t)  # 5. decode media: a block is decoded as soon as it closes
             yield builder.snapshot({**meta, "new_tokens": new})
-        meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3))
+        meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3),
+                    cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)})
         yield builder.finish(meta)
 
     def __call__(self, prompt: str, options: GenerationOptions | None = None, picture=None, **kw):
