@@ -1,4 +1,6 @@
-"""Interleaved generation: one sampling loop with a KV cache writes text, images and speech alike.
+"""Interleaved generation: the entry points most callers use, built on :mod:`mmgen.inference.pipeline`
+(one decode loop with an explicit KV cache writes text, images and speech alike) and the bundle's
+:class:`~mmgen.processing.processor.MMGenProcessor` (prompts in, Docs out).
 
 Text tokens and media-block tokens stream through the same loop; :class:`ImageGridConstraint` keeps
 every image block (and, with ``allow_audio``, every audio block) well formed, and each block is decoded
