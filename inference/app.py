@@ -1,6 +1,6 @@
 """Recipe entry: serve the interleaved chat for a checkpoint.
 
-    python inference/app.py --checkpoint runs/tiny/final --port 7860
+    python inference/app.py --checkpoint runs/quickstart/sft/final --port 7860
 
 Same as ``mmgen chat``; copy and edit this file to change the serving setup (host, device). The app
 itself is :func:`mmgen.inference.chat_app.build_app`.

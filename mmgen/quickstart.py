@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mmgen.inference.settings import DEFAULT_SAMPLING
 
 
 @dataclass
@@ -49,12 +50,15 @@ class QuickstartConfig:
     eval_prompts: int = 200  # per split (val, heldout), for t2i and QA; build-up documents use the val split
     eval_seed: int = 0
     eval_suites: str = "t2i,qa,interleaved,recon"  # mmgen eval run's suites; add geneval for GenEval's six tags
-    cfg_scale: float = 1.0
+    # The sampling settings below are the evaluation's and are saved with the final bundle
+    # (generation_config.json), so `mmgen generate` and `mmgen chat` start from them; bundles without
+    # the file fall back to the same values (mmgen.inference.settings.DEFAULT_SAMPLING).
+    cfg_scale: float = DEFAULT_SAMPLING.cfg_scale
     # Chosen on prompts the report does not use (evaluate_t2i prompt_seed=99, build-up seed 1; BENCHMARKS
     # "Code blocks"): t2i 0.76 / 0.84 / 0.88 / 0.88 / 0.89 and build-up 0.57 / 0.68 / 0.71 / 0.74 / 0.72
     # at temperature 1 / 0.7 / 0.4 / 0.2 / greedy. One token decides a cell's object, so sampling noise
     # costs a whole object.
-    temperature: float = 0.2
+    temperature: float = DEFAULT_SAMPLING.temperature
     # The LM reads and writes one token per 3x3 block of pixel codes (mmgen.tokenizers.blocks): a
     # ShapesWorld cell, so a picture is 9 tokens instead of 81. False: the pixel codes themselves.
     code_blocks: bool = True
@@ -111,6 +115,7 @@ def _defect_scores(world_dir: Path, filter_dir: Path) -> dict:
 
 def quickstart(cfg: QuickstartConfig) -> Path:
     from mmgen.config import load_config
+    from mmgen.inference.settings import SamplingSettings, save_generation_config
     from mmgen.paths import recipe_path
     from mmgen.tokenizers.train import TokenizerTrainConfig, train_tokenizer
 
@@ -211,6 +216,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         lm_codes = out / "blocks" / "codes"
     pretrained = stages.run("pretrain", pretrain)
     bundle_dir = stages.run("sft", sft) if cfg.sft_recipe else pretrained
+    save_generation_config(bundle_dir, SamplingSettings(temperature=cfg.temperature, cfg_scale=cfg.cfg_scale))
     metrics = stages.run("evaluate", evaluate)
 
     report = {"preset": "tiny", "config": cfg.__dict__, "checkpoint": bundle_dir, "stage_seconds": stages.timings,

@@ -78,7 +78,8 @@ def test_chat_engine_streams_and_refuses_share_links(bundle_dir):
     assert final[0] == {"role": "user", "content": "a small blue square"}
     # max_new_tokens below one block is raised to fit a whole image in t2i mode.
     assert final[1]["content"][0]["mime_type"] == "image/png"
-    assert list(engine.answer("   ", [], mode="t2i")) == [[]]  # an empty message changes nothing
+    with pytest.raises(MMGenError, match="type a message"):  # an empty message is a one-line message
+        list(engine.answer("   ", [], mode="t2i"))
     with pytest.raises(MMGenError, match="share links"):
         serve(bundle_dir, share=True)
 
@@ -90,21 +91,25 @@ def test_a_picture_reaches_the_prompt_in_the_layout_the_bundle_learnt(bundle_dir
     from mmgen.data.synthetic import random_scene, render
     from mmgen.inference.chat_app import ChatEngine
     from mmgen.models.bundle import load_bundle
+    from mmgen.processing.processor import ChatTemplate
 
     bundle = load_bundle(bundle_dir)
     picture = render(random_scene(random.Random(1), "val"), *RES)
     block = gen.image_ids(bundle, [picture])[0]
     seen = []
-    real = gen.sample_tokens
+    import mmgen.inference.pipeline as pipeline
+
+    real = pipeline.decode_loop
 
     def spy(model, vocab, rows, **kw):
         seen.append([list(r) for r in rows])
         return real(model, vocab, rows, **kw)
 
-    monkeypatch.setattr(gen, "sample_tokens", spy)
+    monkeypatch.setattr(pipeline, "decode_loop", spy)
     engine = ChatEngine(bundle)
     for stage, chat, mode in (("pretrain", "none", "text"), ("sft", "auto", "text"), ("pretrain", "roles", "t2i")):
         bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
+        bundle.chat_template = ChatTemplate.from_training(bundle.meta)  # what a run of this stage saves
         final = list(engine.answer("is there a circle?", [], mode=mode, max_new_tokens=4, picture=picture))[-1]
         assert final[0]["content"][0]["mime_type"] == "image/png" and final[0]["content"][1] == "is there a circle?"
         want = gen.picture_prompt_ids(bundle, "is there a circle?", block, question=mode != "t2i")

@@ -445,7 +445,7 @@ def test_pretokenize_writes_sem_and_pix_layout(tok, tmp_path):
     class Tok:  # the smallest text tokenizer build_sequence needs
         bos_token_id, eos_token_id = 1, 2
 
-        def encode(self, text, add_special_tokens=False):
+        def encode(self, text, add_special_tokens=False, split_special_tokens=False):
             return [3 + (hash(w) % 50) for w in text.split()]
 
     vocab = Vocab(text_size=60, codebooks=tok.codebook_sizes, max_grid=16, sem_ratio=tok.sem_ratio)

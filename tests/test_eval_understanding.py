@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 
+from mmgen.processing.processor import ChatTemplate
 from test_generate import make_tiny_bundle
 
 
@@ -58,6 +59,7 @@ def test_qa_prompt_is_the_training_prefix_in_both_layouts(tmp_path):
                                ("sft", "roles", build_chat_sequence), ("sft", "none", build_sequence),
                                ("pretrain", "roles", build_chat_sequence)):
         bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
+        bundle.chat_template = ChatTemplate.from_training(bundle.meta)  # what a run of this stage saves
         prompt = qa_prompt_ids(bundle, block, q)
         ids = build(_coded(bundle, doc), bundle.text_tokenizer, bundle.vocab)["input_ids"].tolist()
         assert ids[:len(prompt)] == prompt, stage
@@ -83,6 +85,7 @@ def test_t2i_and_buildup_prompts_are_the_training_prefix_in_both_layouts(tmp_pat
     for stage, chat, build in (("pretrain", "roles", build_sequence), ("sft", "auto", build_chat_sequence),
                                ("sft", "roles", build_sequence), ("sft", "all", build_chat_sequence)):
         bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
+        bundle.chat_template = ChatTemplate.from_training(bundle.meta)  # what a run of this stage saves
         prompt = prompt_ids(bundle, caption.items[0].text, image=True)
         ids = build(_coded(bundle, caption), bundle.text_tokenizer, bundle.vocab)["input_ids"].tolist()
         assert ids[:len(prompt)] == prompt, (stage, chat)

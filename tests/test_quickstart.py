@@ -58,6 +58,12 @@ def test_quickstart_end_to_end_small(tmp_path):
     assert report["inner_tokenizer_reconstruction"]["n"] == rec["n"]  # DualViTok alone, the same scenes
     # QA and build-up evaluation scored every sample, on the SFT checkpoint.
     assert report["checkpoint"].endswith("final") and "sft" in report["checkpoint"]
+    # the final bundle carries the sampling settings its evaluation used (transformers' GenerationConfig)
+    from mmgen.inference.settings import load_generation_config
+
+    gen = json.loads((tmp_path / "qs" / "sft" / "final" / "generation_config.json").read_text())
+    assert (gen["do_sample"], gen["temperature"], gen["guidance_scale"]) == (True, cfg.temperature, cfg.cfg_scale)
+    assert load_generation_config(report["checkpoint"]).temperature == cfg.temperature
     for key in ("qa_accuracy", "qa_accuracy_heldout_compositions", "interleaved_accuracy"):
         assert 0.0 <= report[key] <= 1.0, key
     # The evaluation stage is `mmgen eval run` with the quick start's settings: its report, grids and samples.

@@ -20,8 +20,11 @@ def register(app: typer.Typer) -> None:
 
         \b
         Example:
-            mmgen chat --checkpoint runs/tiny/final --port 7860
+            mmgen chat --checkpoint runs/quickstart/sft/final --port 7860
         """
         from mmgen.inference.chat_app import serve
+        from mmgen.models.bundle import check_bundle_dir
+
+        check_bundle_dir(checkpoint)  # before gradio and the model load
 
         serve(checkpoint, host=host, port=port, device=device)

@@ -21,20 +21,27 @@ def register(app: typer.Typer) -> None:
         max_audio_frames: Optional[int] = typer.Option(None, "--max-audio-frames", help="Most code frames per "
                                                                                         "audio block (default: the token budget)."),
         seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed, same output."),
-        cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance for image tokens "
-                                                                  "(1 = off; 2-5 is typical)."),
-        max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Most tokens to generate."),
-        temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0 = greedy)."),
-        top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = all)."),
-        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+        cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance for media "
+                                                  "tokens (1 = off). Default: the checkpoint's own setting."),
+        max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Most tokens to generate (cut to what "
+                                                                          "the model's context leaves)."),
+        temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (0 = greedy). "
+                                                    "Default: the checkpoint's own setting."),
+        top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = all). "
+                                                                  "Default: the checkpoint's own setting."),
+        top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1] (1 = off). "
+                                                                    "Default: the checkpoint's own setting."),
         device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     ):
         """Generate interleaved text, images and speech; print the text, write each image as PNG and each
         audio block as WAV (at the codec's sample rate).
 
+        Temperature, top-k, top-p and CFG scale default to the settings the checkpoint was evaluated
+        with (its generation_config.json; the quick start's for checkpoints without one).
+
         \b
         Example:
-            mmgen generate --checkpoint runs/tiny/final --mode t2i --cfg-scale 3 --seed 1
+            mmgen generate --checkpoint runs/quickstart/sft/final --mode t2i --seed 1
                 --prompt "a large red circle at the top left, on a black background." --out out/
             mmgen generate --checkpoint runs/speech/final --mode tts --prompt "a red sound." --out out/
         """
@@ -53,5 +60,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"[audio {it.meta['duration']:.2f} s: {next(media)}]")
             else:
                 typer.echo(it.text)
+        if doc.meta.get("note"):
+            typer.echo(f"note: {doc.meta['note']}", err=True)
         typer.echo(f"({doc.meta['new_tokens']} tokens, stopped at {doc.meta['stop']}; {len(paths)} media file(s) "
                    f"in {out})", err=True)

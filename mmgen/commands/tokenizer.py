@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
 
         \b
         Example:
-          mmgen fit-blocks --tokenizer runs/qs/tokenizer/tokenizer --codes runs/qs/codes --out runs/qs/blocks/tokenizer
+          mmgen fit-blocks --tokenizer runs/quickstart/tokenizer_text/tokenizer --codes runs/quickstart/codes --out runs/blocks/tokenizer
         """
         from mmgen.tokenizers import load_image_tokenizer
         from mmgen.tokenizers.blocks import fit_code_blocks

@@ -47,9 +47,9 @@ def register(app: typer.Typer) -> None:
 
         Examples:
 
-            mmgen train training/tiny_pretrain.yaml data.code_shards=runs/qs/codes data.image_tokenizer=runs/qs/vq steps=200
+            mmgen train training/tiny_pretrain.yaml data.code_shards=runs/quickstart/blocks/codes data.image_tokenizer=runs/quickstart/blocks/tokenizer steps=200
 
-            mmgen train tiny_align data.code_shards=runs/qs/codes data.image_tokenizer=runs/qs/vq
+            mmgen train tiny_align data.code_shards=runs/quickstart/blocks/codes data.image_tokenizer=runs/quickstart/blocks/tokenizer
 
             mmgen train tiny_pretrain ... --num-gpus 2      # two ranks on one machine
         """
@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
 
         Examples:
 
-            mmgen sft tiny_sft init_from=runs/tiny_pretrain/final data.code_shards=runs/qs/codes
+            mmgen sft tiny_sft init_from=runs/tiny_pretrain/final data.code_shards=runs/quickstart/blocks/codes
 
             mmgen sft tiny_sft init_from=runs/tiny_pretrain/final lora.enabled=true
         """

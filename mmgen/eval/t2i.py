@@ -67,11 +67,12 @@ def summarize(scores: list[dict]) -> dict:
             "attr_acc": attrs}
 
 
-def evaluate_t2i(bundle, n: int = 32, seed: int = 0, cfg_scale: float = 1.0, temperature: float = 1.0,
-                 top_k: int = 0, batch_size: int = 16, splits=("val", "heldout"), prompt_seed: int = 1234) -> dict:
+def evaluate_t2i(bundle, n: int = 32, seed: int = 0, cfg_scale: float | None = None, temperature: float | None = None,
+                 top_k: int | None = None, batch_size: int = 16, splits=("val", "heldout"), prompt_seed: int = 1234) -> dict:
     """Generate an image for ``n`` prompts per split and score them. Returns metrics and samples.
     ``seed`` drives sampling; ``prompt_seed`` picks the prompts (another value: a separate set, for
-    choosing sampling settings without looking at the reported prompts)."""
+    choosing sampling settings without looking at the reported prompts). Sampling options left None
+    are the bundle's (its ``generation_config.json``)."""
     from mmgen.inference.generate import generate_images
 
     result: dict = {"splits": {}, "samples": []}

@@ -143,9 +143,10 @@ def buildup_prompt_ids(bundle, items) -> list[int]:
     return ids + [bundle.vocab["<image>"]]
 
 
-def evaluate_interleaved(bundle, n: int = 32, seed: int = 0, splits=("val",), temperature: float = 1.0,
-                         top_k: int = 0, cfg_scale: float = 1.0, batch_size: int = 16) -> dict:
-    """Next-image accuracy on build-up documents, judged by the scene parser."""
+def evaluate_interleaved(bundle, n: int = 32, seed: int = 0, splits=("val",), temperature: float | None = None,
+                         top_k: int | None = None, cfg_scale: float | None = None, batch_size: int = 16) -> dict:
+    """Next-image accuracy on build-up documents, judged by the scene parser. Sampling options left
+    None are the bundle's (its ``generation_config.json``)."""
     from mmgen.data.synthetic.scene import Scene
     from mmgen.eval.scene_parser import compare_scenes, parse_scene
     from mmgen.inference.generate import generate_image_rows, prompt_ids

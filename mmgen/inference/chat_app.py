@@ -4,13 +4,22 @@ Each answer is one assistant message whose parts are, in order, the text spans, 
 the speech (WAV, played by the chat's audio player) of the generated Doc, streamed while the model
 writes. The mode ``tts`` is offered only for bundles that can decode speech (an audio codec that
 matches the vocab's audio codes). The same function is the named API endpoint ``/chat``,
-so ``gradio_client.Client(url).predict(prompt, [], "t2i", 1.0, 0, 0, 3.0, 512, api_name="/chat")``
+so ``gradio_client.Client(url).predict(prompt, [], "t2i", 0.2, 0, 0, 1.0, 512, api_name="/chat")``
 returns the conversation with the answer's images as local files. A picture can go with the message
 (the last argument, ``gradio_client.handle_file(path)``): the model sees it first, and answers a question
 about it (mode ``text``) or draws the next picture (mode ``t2i``).
 
 Nothing phones home: Gradio's analytics are off (environment and Blocks), fonts are the system's (no
 Google Fonts), and public share links are refused.
+
+Several people share one server fairly: the queue runs ``concurrency`` answers at once (Gradio's
+``default_concurrency_limit``), and a request is bounded before any work starts -- a prompt longer than
+``max_prompt_chars`` or than the model's context is refused with one line, and ``max_new_tokens`` is
+cut to what the context leaves. Errors the user can fix arrive as ``gr.Error`` messages (an upload that is not
+an image included: the chat opens uploads itself); anything else is shown without its details
+(``show_error=False``), so no server path reaches a browser. Uploads are capped at ``MAX_UPLOAD``. Generated
+media and uploads are deleted after an hour (``delete_cache``) and the chat's own media folder when the
+app is garbage collected or the process exits.
 """
 
 from __future__ import annotations
@@ -35,6 +44,13 @@ EXAMPLES = [
 MODE_CHOICES = [("auto: the model decides", "auto"), ("text to image", "t2i"), ("text to speech", "tts"),
                 ("text only", "text")]
 TTS_MIN_SECONDS = 0.5  # a tts answer always has room for at least this much speech
+# A ShapesWorld caption is ~100 characters; this bounds the tokenizer's work on a pasted novel long
+# before the context check (tokens) refuses it.
+MAX_PROMPT_CHARS = 2000
+CONCURRENCY = 2  # answers generated at once; the rest wait in the queue
+QUEUE_SIZE = 32  # waiting requests beyond this are turned away at once instead of waiting minutes
+MAX_UPLOAD = "10mb"  # Gradio's max_file_size: a ShapesWorld picture is a few kB
+DELETE_CACHE = (600, 3600)  # every 10 minutes, delete Gradio's cached files older than an hour
 
 
 def _gradio():
@@ -98,26 +114,43 @@ def doc_to_message(doc, image_dir: Path) -> dict | None:
 class ChatEngine:
     """Holds the loaded bundle and answers one prompt at a time (Gradio's queue serialises calls)."""
 
-    def __init__(self, bundle, image_dir: str | Path | None = None):
+    def __init__(self, bundle, image_dir: str | Path | None = None, max_prompt_chars: int = MAX_PROMPT_CHARS):
+        import shutil
+        import weakref
+
         self.bundle = bundle
-        # Under the system temp dir, where Gradio serves files from without an allowed_paths entry.
-        self.image_dir = Path(image_dir or tempfile.mkdtemp(prefix="mmgen_chat_"))
+        if image_dir is None:
+            # Under the system temp dir, where Gradio serves files from without an allowed_paths entry;
+            # removed with the engine (or at exit), since Gradio keeps its own copies of what it served.
+            image_dir = tempfile.mkdtemp(prefix="mmgen_chat_")
+            weakref.finalize(self, shutil.rmtree, image_dir, True)
+        self.image_dir = Path(image_dir)
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self.speaks = can_speak(bundle)
+        self.max_prompt_chars = int(max_prompt_chars)
 
-    def answer(self, message: str, history: list | None, mode: str = "auto", temperature: float = 1.0,
-               top_k: int = 0, seed: int = 0, cfg_scale: float = 1.0, max_new_tokens: int = 512,
+    def check_message(self, message: str | None) -> str:
+        """The stripped message, or a one-line MMGenError for an empty or oversized one."""
+        message = (message or "").strip()
+        if not message:
+            raise MMGenError("type a message first (a picture goes with a question or an instruction)")
+        if len(message) > self.max_prompt_chars:
+            raise MMGenError(f"the message is {len(message)} characters; this chat takes at most "
+                             f"{self.max_prompt_chars}")
+        return message
+
+    def answer(self, message: str, history: list | None, mode: str = "auto", temperature: float | None = None,
+               top_k: int | None = None, seed: int = 0, cfg_scale: float | None = None, max_new_tokens: int = 512,
                stream_every_s: float = 0.2, picture=None):
         """Yield the conversation (messages format) while the answer grows; the last yield is final.
         ``picture`` (PIL) is shown to the model before the message: a question about it in the text
-        modes, an instruction for the next picture in t2i."""
+        modes, an instruction for the next picture in t2i. Sampling options left None are the
+        bundle's. An empty or oversized message, or one longer than the model's context, is a
+        one-line MMGenError before any generation."""
         from mmgen.inference.generate import default_image_sizes, iter_interleaved
 
         history = list(history or [])
-        message = (message or "").strip()
-        if not message:
-            yield history
-            return
+        message = self.check_message(message)
         if picture is not None:
             import io
 
@@ -138,8 +171,8 @@ class ChatEngine:
             codec = self.bundle.audio_tokenizer
             frames = max(1, round(TTS_MIN_SECONDS * codec.frame_rate))
             max_new_tokens = max(max_new_tokens, self.bundle.vocab.audio_block_len(frames))
-        stream = iter_interleaved(self.bundle, message, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                                  top_k=int(top_k), seed=int(seed), cfg_scale=float(cfg_scale), mode=mode,
+        stream = iter_interleaved(self.bundle, message, max_new_tokens=max_new_tokens, temperature=_num(temperature, float),
+                                  top_k=_num(top_k, int), seed=int(seed), cfg_scale=_num(cfg_scale, float), mode=mode,
                                   allow_audio=self.speaks and mode != "text", picture=picture)
         last = 0.0
         n_media = 0
@@ -155,6 +188,24 @@ class ChatEngine:
         if msg is None:
             msg = {"role": "assistant", "content": "(the model ended its answer without writing anything)"}
         yield history + [msg]
+
+
+def _num(v, cast):
+    return None if v is None else cast(v)
+
+
+def load_picture(path) -> "object":
+    """An uploaded file as an RGB PIL image, or a one-line MMGenError that names no server path.
+    The chat takes the upload as a file and opens it here: ``gr.Image`` would open it in Gradio's own
+    preprocessing, whose error for a file that is not an image names the server's temp file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise MMGenError("the picture could not be read as an image; upload a PNG, JPEG or WebP file") from None
 
 
 def _describe(bundle, checkpoint_dir) -> str:
@@ -174,8 +225,12 @@ def _describe(bundle, checkpoint_dir) -> str:
             "Each message is answered on its own: the model sees only the current prompt.")
 
 
-def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
-    """The chat as a ``gr.Blocks`` (not launched). ``bundle`` skips loading when already in memory."""
+def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, concurrency: int = CONCURRENCY,
+              max_prompt_chars: int = MAX_PROMPT_CHARS):
+    """The chat as a ``gr.Blocks`` (not launched). ``bundle`` skips loading when already in memory;
+    ``concurrency`` answers run at once (the model is shared read-only; each answer has its own cache)."""
+    from mmgen.inference.settings import bundle_sampling
+
     gr = _gradio()
     if bundle is None:
         from mmgen.models.bundle import load_bundle
@@ -183,9 +238,12 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
 
         ensure_torchvision()
         bundle = load_bundle(checkpoint_dir, device=device)
-    engine = ChatEngine(bundle)
+    if int(concurrency) < 1:
+        raise MMGenError(f"concurrency must be >= 1, got {concurrency}")
+    engine = ChatEngine(bundle, max_prompt_chars=max_prompt_chars)
+    defaults = bundle_sampling(bundle)  # the sliders start at the settings the bundle was evaluated with
     has_images = can_draw(bundle)
-    # Guidance acts on every media token (generate.cfg_logits), so the label names what this bundle writes.
+    # Guidance acts on every media token (processors.MediaCFGLogitsProcessor), so the label names what this bundle writes.
     guided = " and ".join(k for k, on in (("image", has_images), ("audio", engine.speaks)) if on)
 
     def chat(message: str, history: list, mode: str, temperature: float, top_k: int, seed: int,
@@ -193,12 +251,13 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
         """Answer `message` with interleaved text, images and speech; returns the conversation. An
         optional `picture` is shown to the model first (ask about it, or have the next one drawn)."""
         try:
+            shown = load_picture(picture) if picture else None
             yield from engine.answer(message, history, mode, temperature, top_k, seed, cfg_scale, max_new_tokens,
-                                     picture=picture)
+                                     picture=shown)
         except MMGenError as e:
             raise gr.Error(str(e)) from None
 
-    with gr.Blocks(title="mmgen chat", analytics_enabled=False, fill_height=True) as app:
+    with gr.Blocks(title="mmgen chat", analytics_enabled=False, fill_height=True, delete_cache=DELETE_CACHE) as app:
         gr.Markdown("## mmgen · interleaved chat\n" + _describe(bundle, checkpoint_dir))
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
@@ -209,19 +268,19 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
                                                  "a change and pick *text to image*.")
                 with gr.Row():
                     msg = gr.Textbox(placeholder="a large red circle at the top left, on a black background.",
-                                     label="prompt", show_label=False, scale=5, lines=1, autofocus=True)
+                                     label="prompt", show_label=False, scale=5, lines=1, autofocus=True,
+                                     max_length=engine.max_prompt_chars)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80)
-                picture = gr.Image(type="pil", label="picture (optional), shown to the model before your message",
-                                   sources=["upload", "clipboard"], height=200, visible=bundle.image_tokenizer is not None)
+                picture = gr.File(label="picture (optional), shown to the model before your message",
+                                  file_types=["image"], type="filepath", height=120,
+                                  visible=bundle.image_tokenizer is not None)
             with gr.Column(scale=1, min_width=240):
                 mode = gr.Radio(mode_choices(bundle), label="mode",
                                 value="t2i" if has_images else "tts" if engine.speaks else "text")
-                # Guidance off by default: on the quick start's model, 48 val prompts, CFG 1 / 2 / 3 gave
-                # t2i 0.19 / 0.19 / 0.04 and 88% / 54% / 4% of the images parse (BENCHMARKS, session 15).
-                cfg_scale = gr.Slider(1.0, 8.0, value=1.0, step=0.5,
+                cfg_scale = gr.Slider(1.0, 8.0, value=defaults.cfg_scale, step=0.5,
                                       label=f"CFG scale ({guided or 'image'} tokens; 1 = off)", interactive=bool(guided))
-                temperature = gr.Slider(0.0, 2.0, value=0.2, step=0.05, label="temperature (0 = greedy)")  # the quick start's
-                top_k = gr.Slider(0, 512, value=0, step=1, label="top-k (0 = off)")
+                temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="temperature (0 = greedy)")
+                top_k = gr.Slider(0, 512, value=defaults.top_k, step=1, label="top-k (0 = off)")
                 seed = gr.Number(value=0, precision=0, label="seed")
                 max_new_tokens = gr.Slider(16, 2048, value=512, step=16, label="max new tokens")
                 clear = gr.Button("Clear conversation")
@@ -232,7 +291,7 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None):
         event = gr.on([msg.submit, send.click], chat, inputs, chatbot, api_name="chat")
         event.then(lambda: "", None, msg, api_visibility="private")
         clear.click(lambda: [], None, chatbot, api_visibility="private")
-    app.queue(default_concurrency_limit=1)
+    app.queue(default_concurrency_limit=int(concurrency), max_size=QUEUE_SIZE)
     app.mmgen_engine = engine
     return app
 
@@ -252,8 +311,8 @@ CSS = ("#mmgen-chat .message img { width: 160px !important; height: 160px !impor
 def launch(app, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True) -> str:
     """Start serving ``app``; returns its local URL (after Ctrl-C when ``block``)."""
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True,
-               quiet=True, show_error=True, theme=_theme(), css=CSS, footer_links=["api", "settings"],
-               ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False)
+               quiet=True, show_error=False, theme=_theme(), css=CSS, footer_links=["api", "settings"],
+               max_file_size=MAX_UPLOAD, ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False)
     url = app.local_url
     if block:
         print(f"mmgen chat running at {url} (Ctrl-C to stop)", flush=True)

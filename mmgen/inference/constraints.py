@@ -129,6 +129,8 @@ class ImageGridConstraint(LogitsProcessor):
     def observe(self, input_ids: torch.LongTensor) -> None:
         """Advance every row's state by the last token of ``input_ids`` (or scan, on the first call)."""
         bsz, length = input_ids.shape
+        if self._seen is not None and length == self._seen and bsz == len(self.pos):
+            return  # already seen: several processors of one step may each ask
         if self._seen is None or length != self._seen + 1 or bsz != len(self.pos):
             rows = input_ids.tolist()
             states = [self._scan(r) for r in rows]

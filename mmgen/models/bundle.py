@@ -8,6 +8,9 @@ Layout (every file in the ecosystem's own format, safetensors only)::
     DIR/image_tokenizer/                      the image tokenizer (mmgen.tokenizers save_pretrained)
     DIR/audio_tokenizer/                      the audio codec (AudioCodec save_pretrained), when training used one:
                                               what turns generated audio codes back into a waveform
+    DIR/generation_config.json                transformers' GenerationConfig: bos/eos/pad and the sampling
+                                              settings the recipe was evaluated with (mmgen.inference.settings)
+    DIR/processor_config.json                 the chat template (mmgen.processing.processor.ChatTemplate)
     DIR/mmgen.json                            run facts: image resolution, preset, training summary
 """
 
@@ -31,6 +34,10 @@ class Bundle:
     meta: dict = field(default_factory=dict)
     # After meta, so the positional Bundle(model, tok, vocab, image_tok, meta) calls keep their meaning.
     audio_tokenizer: object | None = None  # mmgen.tokenizers.audio.AudioCodec
+    # transformers.GenerationConfig: the sampling settings generation starts from (None: the defaults)
+    generation_config: object | None = None
+    # mmgen.processing.processor.ChatTemplate, saved as processor_config.json (None: from the training facts)
+    chat_template: object | None = None
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -42,8 +49,47 @@ class Bundle:
             self.image_tokenizer.save_pretrained(p / "image_tokenizer")
         if self.audio_tokenizer is not None:
             self.audio_tokenizer.save_pretrained(p / "audio_tokenizer")
+        # The chat template goes in explicitly: generation never re-derives it from the training config.
+        from mmgen.processing.processor import ChatTemplate
+
+        (self.chat_template or ChatTemplate.from_training(self.meta)).save(p)
+        if self.generation_config is not None:  # after the model, whose save wrote transformers' defaults
+            self.generation_config.save_pretrained(p)
         (p / "mmgen.json").write_text(json.dumps(self.meta, indent=1, default=str))
         return p
+
+
+def read_generation_config(path: str | Path):
+    """The bundle's ``generation_config.json`` as a ``transformers.GenerationConfig``, None without one;
+    a file that does not parse is a one-line MMGenError naming it."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(f.parent)
+    except Exception as e:  # JSON syntax, unknown value types: transformers raises several kinds
+        raise MMGenError(f"{f} is not a valid generation config ({_first_line(e)}); fix or delete it") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def check_bundle_dir(path: str | Path) -> Path:
+    """``path`` as an mmgen bundle directory, or a one-line MMGenError saying what is missing (cheap:
+    reads nothing but file names, so commands check it before loading anything)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise MMGenError(f"checkpoint directory {p} does not exist; train one with `mmgen quickstart` "
+                         "(its final bundle is named in runs/quickstart/report.json) or `mmgen train`")
+    missing = [n for n in ("config.json", "vocab.json") if not (p / n).is_file()]
+    if missing:
+        raise MMGenError(f"{p} is not an mmgen checkpoint (no {' or '.join(missing)}); "
+                         "train one with `mmgen quickstart` or `mmgen train`")
+    return p
 
 
 def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
@@ -55,12 +101,22 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
 
     import mmgen.models.unified  # noqa: F401  (registers MMGenForCausalLM with the Auto classes)
 
-    p = Path(path)
-    if not (p / "vocab.json").is_file() or not (p / "config.json").is_file():
-        raise MMGenError(f"{p} is not an mmgen checkpoint (needs config.json and vocab.json); "
-                         "train one with `mmgen quickstart` or `mmgen train`")
+    p = check_bundle_dir(path)
+    try:
+        json.loads((p / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MMGenError(f"{p / 'config.json'} is not valid JSON ({_first_line(e)}); the checkpoint is damaged") from None
     vocab = Vocab.load(p / "vocab.json")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
+    generation_config = read_generation_config(p)
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # a truncated, corrupt or missing weights file
+        weights = sorted(x.name for x in p.glob("*.safetensors")) or ["model.safetensors"]
+        raise MMGenError(f"{p / weights[0]} could not be loaded ({_first_line(e)}); "
+                         "the checkpoint is damaged or incomplete, copy or save it again") from None
+    model = model.to(device).eval()
     text_tokenizer = AutoTokenizer.from_pretrained(p)
     image_tokenizer = None
     if (p / "image_tokenizer").is_dir():
@@ -73,4 +129,7 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
 
         audio_tokenizer = AudioCodec.from_pretrained(p / "audio_tokenizer", device=device)
     meta = read_json(p / "mmgen.json", {})
-    return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer)
+    from mmgen.processing.processor import ChatTemplate
+
+    return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer, generation_config,
+                  ChatTemplate.load(p))

@@ -1,0 +1,299 @@
+"""The generation pipeline: one object, numbered steps, transformers' parts.
+
+``MMGenPipeline(bundle)(prompt, GenerationOptions(...))`` runs
+
+1. **check inputs** -- every option, before any work (:meth:`MMGenPipeline.check_inputs`);
+2. **encode the prompt** -- the layout the bundle learnt, plus the unconditional row for guidance;
+3. **prepare the cache** -- an explicit ``transformers.DynamicCache`` for the whole batch;
+4. **decode loop** -- each step's logits go through a ``LogitsProcessorList`` (media-block CFG, the grid
+   constraint, transformers' temperature / top-k / top-p warpers) and rows stop through a
+   ``StoppingCriteriaList``;
+5. **decode media** -- closed image blocks through the image tokenizer, audio blocks through the codec,
+   into a :class:`~mmgen.data.doc.Doc`.
+
+Steps 2 and 5 are the bundle's :class:`~mmgen.processing.processor.MMGenProcessor`.
+
+The loop is written here rather than delegated to ``model.generate()`` because one step must see the
+conditional and unconditional rows of classifier-free guidance together (``generate()`` runs the
+unconditional pass as a second model call with its own cache per step, and cannot guide only the rows
+that are inside a media block), and because the chat streams the answer token by token as a Doc.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from mmgen.errors import MMGenError
+from mmgen.models.vocab import Vocab
+
+
+@dataclass
+class GenerationOptions:
+    """Every option of one generation call (``key=value`` overrides and YAML like every mmgen config;
+    saved with the output as ``doc.meta['options']``). Sampling options left None are the bundle's
+    (its ``generation_config.json``, :func:`mmgen.inference.settings.bundle_sampling`)."""
+
+    mode: str = "auto"  # auto | t2i | tts | text
+    max_new_tokens: int = 512
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float | None = None
+    seed: int = 0
+    allow_audio: bool = False
+    max_audio_frames: int | None = None
+    sizes: list[list[int]] = field(default_factory=list)  # (H, W) code grids; empty: the tokenizer's own
+    # The KV cache: "dynamic" (transformers' DynamicCache, exact) or "fp8" (transformers' QuantizedCache with
+    # its fp8 backend: keys and values held in 8-bit floats with a per-tensor scale, a quarter of float32)
+    cache: str = "dynamic"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CACHES = ("dynamic", "fp8")
+
+
+def make_cache(model, kind: str = "dynamic"):
+    """A new transformers ``Cache`` of ``kind`` (:data:`CACHES`) for ``model``."""
+    from transformers import DynamicCache, QuantizedCache
+
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    if kind == "fp8":
+        return QuantizedCache("fp8", model.config)
+    raise MMGenError(f"unknown cache '{kind}' (use one of: {', '.join(CACHES)})")
+
+
+def cache_bytes(cache) -> int:
+    """Bytes the cache's layers actually hold: every tensor they keep (full-precision keys and values,
+    quantized states and their scales), counted once each."""
+    seen: set[int] = set()
+    total = 0
+
+    def visit(x):
+        nonlocal total
+        if torch.is_tensor(x):
+            if id(x) not in seen:
+                seen.add(id(x))
+                total += x.nelement() * x.element_size()
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+
+    for layer in cache.layers:
+        for v in vars(layer).values():
+            visit(v)
+    return total
+
+
+def _prepare_inputs_for(model) -> dict:
+    """The keyword a forward takes its cache by: transformers 5.x models call it ``cache`` and keep
+    ``past_key_values`` as a deprecated alias; mmgen's own model passes it on as ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache_kw": "cache" if "cache" in params else "past_key_values",
+            "logits_to_keep": "logits_to_keep" in params}
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths as one left-padded batch and its attention mask."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, length - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, length - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
+                pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                cfg_scale: float = 1.0, uncond_rows: Sequence[Sequence[int]] | None = None,
+                sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
+                stop_after_images: int | None = None, logits_hook=None, allow_audio: bool = False,
+                max_audio_frames: int | None = None, cache=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Steps 3 and 4: continue ``rows`` token by token, yielding ``(tokens, active)`` per step.
+
+    ``tokens`` are the (B,) new ids, ``active`` which rows were still generating (a finished row's token
+    is ``pad_id``). Rows are left-padded; position ids follow each row's own tokens. With guidance
+    (``cfg_scale != 1``) the batch holds the conditional rows then ``uncond_rows``; both receive the
+    sampled token. ``cache`` is the ``transformers.Cache`` to fill (default: a new ``DynamicCache``)."""
+    from transformers import StoppingCriteriaList
+
+    from mmgen.inference.constraints import ImageGridConstraint
+    from mmgen.inference.processors import BlockAwareEosCriteria, ImagesDoneCriteria, step_processors
+
+    if not rows:
+        return
+    device = next(model.parameters()).device
+    bsz = len(rows)
+    use_cfg = cfg_scale != 1.0
+    if use_cfg and (uncond_rows is None or len(uncond_rows) != bsz):
+        raise MMGenError("classifier-free guidance needs one unconditional prompt per row")
+    all_rows = list(rows) + (list(uncond_rows) if use_cfg else [])
+    ids, attn = left_pad(all_rows, pad_id, device)
+    position = (attn.cumsum(-1) - 1).clamp(min=0)
+    # Preallocated, so a step writes one column instead of copying the whole sequence.
+    cur = ids.shape[1]
+    seq = torch.full((bsz, cur + max_new_tokens), pad_id, dtype=torch.long, device=device)
+    seq[:, :cur] = ids[:bsz]
+    attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
+    attn_buf[:, :cur] = attn
+    constraint = ImageGridConstraint(vocab, sizes=sizes, allow_images=allow_images, max_length=cur + max_new_tokens,
+                                     allow_audio=allow_audio, max_audio_frames=max_audio_frames)
+    processors = step_processors(vocab, constraint, cfg_scale, temperature, top_k, top_p, logits_hook)
+    stopping = StoppingCriteriaList([BlockAwareEosCriteria(eos_id, constraint)]
+                                    + ([ImagesDoneCriteria(stop_after_images, constraint)]
+                                       if stop_after_images is not None else []))
+    gen = torch.Generator().manual_seed(int(seed))
+    how = _prepare_inputs_for(model)
+    cache = make_cache(model) if cache is None else cache
+    keep = {"logits_to_keep": 1} if how["logits_to_keep"] else {}  # the prefill needs the last position only
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True,
+                **{how["cache_kw"]: cache}, **keep)
+    logits = out.logits[:, -1, :].float()
+    next_pos = position[:, -1] + 1
+    active = torch.ones(bsz, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        scores = processors(seq[:, :cur], logits)
+        if temperature == 0:
+            tok = scores.argmax(-1)
+        else:
+            probs = scores.softmax(-1)
+            tok = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(scores.device)
+        tok = torch.where(active, tok, torch.full_like(tok, pad_id))
+        was_active = active.clone()
+        seq[:, cur] = tok
+        cur += 1
+        active = active & ~stopping(seq[:, :cur], scores)
+        yield tok, was_active
+        if not bool(active.any()) or step == max_new_tokens - 1:
+            return
+        step_tok = torch.cat([tok, tok]) if use_cfg else tok
+        grid = {}
+        if getattr(model.config, "grid_positions", False):
+            # The new token's grid cell depends only on the tokens since its block opened, which the
+            # conditional and unconditional rows share.
+            g = model.grid_cells(seq[:, :cur], 1)
+            grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
+        out = model(input_ids=step_tok[:, None], attention_mask=attn_buf[:, :cur], position_ids=next_pos[:, None],
+                    use_cache=True, **{how["cache_kw"]: cache}, **grid)
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+
+
+class MMGenPipeline:
+    """Interleaved generation from one bundle, as numbered steps (see the module docstring).
+
+    ``pipe(prompt, options)`` returns the finished :class:`~mmgen.data.doc.Doc`; :meth:`stream` yields it
+    while it grows. ``options`` is a :class:`GenerationOptions` (or its fields as keywords); the
+    options actually used, sampling settings resolved, are saved in ``doc.meta['options']``."""
+
+    def __init__(self, bundle, processor=None):
+        from mmgen.processing.processor import MMGenProcessor
+
+        self.bundle = bundle
+        self.processor = processor or MMGenProcessor.from_bundle(bundle)
+
+    @classmethod
+    def from_pretrained(cls, path, device: str = "cpu") -> "MMGenPipeline":
+        from mmgen.models.bundle import load_bundle
+
+        return cls(load_bundle(path, device=device))
+
+    # 1. check inputs ------------------------------------------------------------------------------
+    def check_inputs(self, options: GenerationOptions) -> GenerationOptions:
+        """``options`` with the bundle's sampling settings filled in; a one-line MMGenError for any
+        option this bundle cannot honour."""
+        from dataclasses import replace
+
+        from mmgen.inference.generate import _check, check_options
+        from mmgen.inference.settings import bundle_sampling
+
+        o = options
+        check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio)
+        if o.cache not in CACHES:
+            raise MMGenError(f"unknown cache '{o.cache}' (use one of: {', '.join(CACHES)})")
+        if o.max_audio_frames is not None and o.max_audio_frames < 1:
+            raise MMGenError(f"max_audio_frames must be >= 1, got {o.max_audio_frames}")
+        s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                            cfg_scale=o.cfg_scale)
+        _check(self.bundle, o.mode, o.allow_audio)
+        return replace(o, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
+
+    # 2. encode the prompt ---------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, options: GenerationOptions, picture=None) -> tuple[list[int], list[int] | None]:
+        """The conditional row (in the layout the bundle learnt, ending with the mode's opener) and,
+        with guidance on, the unconditional row (the empty prompt, same opener)."""
+        from mmgen.inference.generate import OPENERS
+
+        proc = self.processor
+        opener = [proc.vocab[OPENERS[options.mode]]] if options.mode in OPENERS else []
+        if picture is not None:  # shown before the text: a question about it, or (t2i) what to draw next
+            block = proc.image_ids([picture])[0]
+            row = proc.picture_prompt_ids(prompt, block, question=options.mode != "t2i") + opener
+        else:
+            row = proc.prompt_ids(prompt, image=False) + opener
+        uncond = proc.prompt_ids("", image=False) + opener if options.cfg_scale != 1.0 else None
+        return row, uncond
+
+    # 3 + 4. prepare the cache, decode loop -----------------------------------------------------------
+    def stream(self, prompt: str, options: GenerationOptions | None = None, picture=None, **kw):
+        """Yield the growing answer after each new token: a fresh Doc of the completed items plus the
+        text so far; the last yield is the finished answer (``meta['stop']``: ``eos`` or
+        ``max_new_tokens``). ``max_new_tokens`` is cut to what the context leaves (``meta['note']``)."""
+        import time
+        from dataclasses import replace
+
+        from mmgen.inference.generate import _check_budget, _special, default_image_sizes, fit_to_context
+
+        o = self.check_inputs(replace(options or GenerationOptions(), **kw))
+        b, vocab = self.bundle, self.bundle.vocab
+        eos, pad = _special(b)
+        can_image = b.image_tokenizer is not None and vocab.has("pix") and o.mode != "text"
+        can_audio = o.allow_audio or o.mode == "tts"  # check_inputs made sure the bundle can decode it
+        sizes = [tuple(s) for s in o.sizes] if o.sizes else (default_image_sizes(b) if can_image else None)
+        row, uncond = self.encode_prompt(prompt, o, picture)
+        budget, note = fit_to_context(b.model, len(row), o.max_new_tokens)
+        _check_budget(vocab, o.mode, budget, sizes)
+        builder = self.processor.doc_decoder(audio=can_audio)
+        if o.mode in ("t2i", "tts"):
+            builder.block = [row[-1]]  # the opener the prompt ends with
+        meta = {"prompt": prompt, "mode": o.mode, "seed": o.seed, "cfg_scale": o.cfg_scale,
+                "temperature": o.temperature, "top_k": o.top_k, "top_p": o.top_p, "max_new_tokens": budget,
+                "options": o.to_dict()}
+        if note:
+            meta["note"] = note
+        if can_audio:
+            meta["max_audio_frames"] = o.max_audio_frames
+        stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
+        cache = make_cache(b.model, o.cache)  # 3. prepare the cache
+        for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
+                                       temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
+                                       cfg_scale=o.cfg_scale, uncond_rows=[uncond] if uncond else None, sizes=sizes,
+                                       allow_images=can_image, allow_audio=can_audio,
+                                       max_audio_frames=o.max_audio_frames, cache=cache):
+            if not bool(active[0]):
+                break
+            t = int(tok[0])
+            new += 1
+            if t == eos and builder.block is None:
+                stop = "eos"
+                break
+            builder.push(t)  # 5. decode media: a block is decoded as soon as it closes
+            yield builder.snapshot({**meta, "new_tokens": new})
+        meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3),
+                    cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)})
+        yield builder.finish(meta)
+
+    def __call__(self, prompt: str, options: GenerationOptions | None = None, picture=None, **kw):
+        doc = None
+        for doc in self.stream(prompt, options, picture=picture, **kw):
+            pass
+        return doc
