@@ -163,3 +163,17 @@ def test_cli_run_and_compare(ckpt, tmp_path, capsys):
     assert (out / "report.json").is_file() and "wrote" in capsys.readouterr().out
     assert main(["eval", "compare", str(out / "report.json"), str(out / "report.json")]) == 0
     assert "+0.0" in capsys.readouterr().out
+
+
+def test_sampling_sources_credit_the_file_only_with_the_keys_it_holds(tmp_path):
+    import json
+
+    from mmgen.eval.provenance import sampling_settings
+    from mmgen.quickstart import QuickstartConfig
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "bos_token_id": 1}))
+    s = sampling_settings(tmp_path, cfg_scale=2.0)
+    assert s["temperature"] == 0.7 and s["sources"]["temperature"] == "generation_config.json"
+    assert s["cfg_scale"] == 2.0 and s["sources"]["cfg_scale"] == "explicit"
+    assert s["top_k"] == 0 and s["sources"]["top_k"] == "quickstart"
+    assert s["seed"] == QuickstartConfig().eval_seed

@@ -56,28 +56,19 @@ def prompt_set_hash(items) -> str:
 
 
 def _generation_config(checkpoint: Path) -> dict:
-    """The sampling keys a checkpoint's generation_config.json sets (those it leaves unset are absent)."""
-    keys = ("do_sample", "temperature", "top_k", "top_p", "guidance_scale")
-    try:
-        from mmgen.inference.settings import load_generation_config  # the inference package's reader, when present
-    except ImportError:
-        load_generation_config = None
-    if load_generation_config is not None:
-        cfg = load_generation_config(checkpoint)
-        if cfg is None:
-            return {}
-        d = cfg if isinstance(cfg, dict) else {k: getattr(cfg, k, None) for k in keys}
-        return {k: d[k] for k in keys if d.get(k) is not None}
-    f = checkpoint / "generation_config.json"
-    if not f.is_file():
-        return {}
-    from transformers import GenerationConfig
+    """The sampling keys a checkpoint's generation_config.json sets (those it leaves unset are absent).
 
-    try:
-        cfg = GenerationConfig.from_pretrained(checkpoint)
-    except (OSError, ValueError) as e:
-        raise MMGenError(f"{f}: not a valid generation config ({str(e).splitlines()[0]})") from None
-    return {k: getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None}
+    The file's own keys are read, not a loaded ``GenerationConfig``: a loaded one fills unset fields
+    with defaults, and the report would then credit the file with values it never held."""
+    import json
+
+    from mmgen.models.bundle import read_generation_config
+
+    if read_generation_config(checkpoint) is None:  # None without a file; a damaged one is a one-line error
+        return {}
+    d = json.loads((checkpoint / "generation_config.json").read_text())
+    keys = ("do_sample", "temperature", "top_k", "top_p", "guidance_scale")
+    return {k: d[k] for k in keys if d.get(k) is not None}
 
 
 def sampling_settings(checkpoint: str | Path, temperature: float | None = None, top_k: int | None = None,
