@@ -92,11 +92,12 @@ def cache_bytes(cache) -> int:
 
 
 def _prepare_inputs_for(model) -> dict:
-    """The keyword a forward takes its cache by: transformers 5.x models call it ``cache`` and keep
-    ``past_key_values`` as a deprecated alias; mmgen's own model passes it on as ``past_key_values``."""
+    """How a forward takes its cache (:func:`~mmgen.models.unified.cache_keyword`) and whether it can
+    compute logits for the last position only."""
+    from mmgen.models.unified import cache_keyword
+
     params = inspect.signature(model.forward).parameters
-    return {"cache_kw": "cache" if "cache" in params else "past_key_values",
-            "logits_to_keep": "logits_to_keep" in params}
+    return {"cache_kw": cache_keyword(model), "logits_to_keep": "logits_to_keep" in params}
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

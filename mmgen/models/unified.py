@@ -100,6 +100,14 @@ class MMGenConfig(PreTrainedConfig):
         return Vocab.from_dict(self.vocab)
 
 
+def cache_keyword(module: nn.Module) -> str:
+    """The keyword ``module.forward`` takes its KV cache by: transformers 5 calls it ``cache`` (with
+    ``past_key_values`` a deprecated alias); earlier releases only know ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def mlp_projector(in_dim: int, hidden: int, depth: int) -> nn.Sequential:
     """LLaVA-1.5's MLP projector: Linear, then (GELU, Linear) ``depth - 1`` times."""
     layers: list[nn.Module] = [nn.Linear(in_dim, hidden)]
@@ -277,14 +285,16 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
                                     None if head.bias is None else head.bias[: self.code_start])
         return torch.cat([text, self.code_head(hidden)], dim=-1)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
-                image_features=None, audio_features=None, grid_positions=None, **kwargs) -> CausalLMOutputWithPast:
+                image_features=None, audio_features=None, grid_positions=None, past_key_values=None,
+                **kwargs) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, image_features, audio_features, grid_positions)
-        out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                 position_ids=position_ids, past_key_values=past_key_values,
-                                 use_cache=use_cache, **kwargs)
+        cache = cache if cache is not None else past_key_values  # the older name, as transformers keeps it
+        base = self.lm.base_model
+        out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=use_cache, **{cache_keyword(base): cache}, **kwargs)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
