@@ -28,8 +28,9 @@ class DataConfig:
     packed_shards: str | None = None  # directory written by `mmgen pack` (data.source=packed)
     shuffle_buffer: int = 512  # rows held by each data stream's shuffle buffer (data.source=packed)
     streams: int | None = None  # data streams of the global batch; default the world size (data.source=packed)
-    # Documents (the first ones, in shard order) the text BPE is trained on when no tokenizer is given
-    text_sample_docs: int = 20000
+    # Documents (the first ones, in shard order) the text BPE is trained on when no tokenizer is given;
+    # large enough that the demo's corpus (about 25,000 documents) is read whole
+    text_sample_docs: int = 200000
     image_tokenizer: str | None = None  # directory of the image tokenizer that made the codes
     codebook_size: int | None = None  # pixel codebook size when no image tokenizer is given
     # Which of the image tokenizer's code levels the LM reads and writes (DualViTok: sem, pix); None: all.
