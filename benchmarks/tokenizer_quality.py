@@ -212,8 +212,8 @@ def standardise(feats: dict[str, torch.Tensor], fit_on: str = "train") -> dict[s
     return {name: (v - mean) / std for name, v in feats.items()}
 
 
-# From no penalty at all up: up to session 22 the grid began at 1e-4, and 1e-4 was picked, so the
-# best strength could have lain below it.
+# From no penalty at all up: a grid that began at 1e-4 picked 1e-4, so the best strength could lie
+# below it.
 PROBE_L2 = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -323,7 +323,7 @@ def main() -> None:
                     help="training scenes of the probes, comma-separated: one probe per count")
     ap.add_argument("--probe-test", type=int, default=500)
     ap.add_argument("--probe-l2", type=float, default=None,
-                    help="fixed L2 strength of the probes (sessions up to 18 used 1e-4); default: chosen on the training scenes")
+                    help="fixed L2 strength of the probes (1e-4 reproduces the earliest probe numbers); default: chosen on the training scenes")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -25,7 +25,7 @@ class QuickstartConfig:
     # ShapesWorld documents. The LM learns to bind a caption's objects to grid cells only after tens of
     # thousands of caption -> image examples (benchmarks/binding_probe.py), so the world is large and
     # leans to captions; video and speech documents still exercise the filter. 30,000 rather than
-    # 10,000 (same recipes, code blocks, 6,000 steps; BENCHMARKS "Code blocks"): after SFT, on 144
+    # 10,000 (same recipes, code blocks, 6,000 steps; docs/experiments/2026-12-06-code-blocks.md): after SFT, on 144
     # prompts / 200 questions at temperature 0.4, t2i 0.73 against 0.54, QA 0.93 against 0.85 (~3 min more).
     docs: int = 30000
     mix: str = "caption=0.5,qa=0.2,buildup=0.2,video=0.05,speech=0.05"

@@ -9,7 +9,7 @@ an option the caller sets wins over the file.
 A bundle without these keys (older bundles, or a model saved with transformers' defaults only) gets
 :data:`DEFAULT_SAMPLING`, the quick start's evaluated settings -- never transformers' temperature 1.0:
 one token decides a ShapesWorld cell's object, and the quick start chose 0.2 on prompts its report does
-not use (t2i 0.76 at temperature 1 against 0.88 at 0.2; QuickstartConfig, BENCHMARKS "Code blocks").
+not use (t2i 0.76 at temperature 1 against 0.88 at 0.2; QuickstartConfig, docs/experiments/2026-12-06-code-blocks.md).
 """
 
 from __future__ import annotations
