@@ -6,7 +6,7 @@
 Each model is built from config with the same seed by the trainer's own ``build_model`` (SFT stage,
 LoRA r=16 on q/k/v/o), once with ``lora.quantize=none`` (the baseline) and once each with ``4bit``
 (NF4, double quantization, fp32 compute) and ``8bit`` (LLM.int8). Reported: the bytes the weights
-take (``trainer.parameter_bytes``: parameters and buffers plus bitsandbytes' quantization constants),
+take (``training.qlora.parameter_bytes``: parameters and buffers plus bitsandbytes' quantization constants),
 their ratio to the baseline, and the same for the decoder's Linear layers alone (the part QLoRA
 quantizes; embeddings, heads and projectors stay full precision). Step time: forward, backward and
 AdamW step on one batch of 4 x 512 random tokens, arms interleaved over rounds, median per arm,
@@ -41,7 +41,7 @@ MODELS = {
 def build(model_over: dict, text_size: int, quantize: str):
     from mmgen.models.vocab import Vocab
     from mmgen.training.config import load_train_config
-    from mmgen.training.trainer import build_model
+    from mmgen.training.model_setup import build_model
 
     over = {"init_from": "null", "data.code_shards": "unused", "data.seq_len": 512, "lora.enabled": "true",
             "lora.quantize": quantize, **model_over}
@@ -54,7 +54,7 @@ def linear_bytes(model) -> int:
     """Bytes of the decoder's Linear layers (the LoRA-wrapped base layers included), adapters excluded."""
     import bitsandbytes as bnb
 
-    from mmgen.training.trainer import parameter_bytes
+    from mmgen.training.qlora import parameter_bytes
 
     # peft's LoRA wrappers are also called Linear/Linear4bit: only the layers themselves, by class.
     total = 0
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    from mmgen.training.trainer import parameter_bytes
+    from mmgen.training.qlora import parameter_bytes
 
     mem_rows, speed_rows = [], []
     for label, (over, text_size) in MODELS.items():
@@ -110,7 +110,7 @@ def main() -> None:
                                f"{med[q] / med['none']:.2f}"])
         print(speed_rows[-3:], flush=True)
 
-    body = ("Weight bytes of the SFT model (LoRA r=16 on q/k/v/o) as built by `trainer.build_model`: plain LoRA "
+    body = ("Weight bytes of the SFT model (LoRA r=16 on q/k/v/o) as built by `training.model_setup.build_model`: plain LoRA "
             "(fp32 base) against QLoRA. \"Decoder Linear\" is the part bitsandbytes quantizes; embeddings, the "
             "output head and projectors stay fp32, which is why the whole-model ratio of a small-hidden, "
             "large-vocab model stays far below the 4-bit ratio of its layers.\n\n"

@@ -94,7 +94,7 @@ def data_path_ms(packed: Path, codes: Path, codebook: int, steps: int, blocks: i
 
     from mmgen.data.packed_shards import read_index, read_packed_shard
     from mmgen.training.config import load_train_config
-    from mmgen.training.trainer import MemoryBatches, StreamedBatches
+    from mmgen.training.data import MemoryBatches, StreamedBatches
 
     cfg = load_train_config("tiny_pretrain", train_overrides(packed / "unused", codes, codebook, 1, "memory", None))
     index = read_index(packed)

@@ -49,7 +49,7 @@ def _over(shards, start, out_dir, **kw):
 
 def _quantized_start(start, overrides):
     from mmgen.training.config import load_train_config
-    from mmgen.training.trainer import load_quantized
+    from mmgen.training.qlora import load_quantized
 
     return load_quantized(start, load_train_config("tiny_sft", overrides))
 
@@ -61,7 +61,9 @@ def test_qlora_step_trains_only_adapters_on_a_quantized_base(shards, start, tmp_
 
     from mmgen.models.bundle import load_bundle
     from mmgen.training.config import load_train_config
-    from mmgen.training.trainer import build_model, build_optimizer, parameter_bytes
+    from mmgen.training.model_setup import build_model
+    from mmgen.training.optim import build_optimizer
+    from mmgen.training.qlora import parameter_bytes
 
     extra = {"lora.quantize": quantize} if from_bundle else {"lora.quantize": quantize, "init_from": "null",
                                                              "model.hidden": 64, "model.layers": 2, "model.heads": 2}
@@ -89,7 +91,7 @@ def test_qlora_step_trains_only_adapters_on_a_quantized_base(shards, start, tmp_
     optimizer.step()
     assert torch.isfinite(loss)
     # the forward above ran in eval mode: on AVX512-BF16 CPUs bitsandbytes would have repacked the
-    # 4-bit weights in place unless mmgen turns that off (trainer.keep_4bit_layout)
+    # 4-bit weights in place unless mmgen turns that off (training.qlora.keep_4bit_layout)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert any("lora_B" in n for n in changed) and any("code_head.modules_to_save" in n for n in changed)
     assert all(".lora_" in n or "modules_to_save" in n for n in changed), changed
@@ -156,7 +158,7 @@ def test_qlora_config_errors(shards, start, tmp_path, over, message):
 
 def test_qlora_without_bitsandbytes_or_its_backend(shards, start, tmp_path, monkeypatch):
     from mmgen.training.config import load_train_config
-    from mmgen.training.trainer import check_bitsandbytes
+    from mmgen.training.qlora import check_bitsandbytes
 
     cfg = load_train_config("tiny_sft", _over(shards, start, tmp_path))
     check_bitsandbytes(cfg, "cpu")  # the CPU backend runs 4-bit here

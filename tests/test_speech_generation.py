@@ -326,11 +326,11 @@ def test_the_trainers_bundle_carries_the_codec_it_trained_with(speech, tmp_path)
     from mmgen.inference.generate import generate_interleaved
     from mmgen.models.bundle import load_bundle
     from mmgen.training.config import TrainConfig
-    from mmgen.training.trainer import _save_bundle
+    from mmgen.training.checkpointing import save_bundle
 
     data = {"text_tokenizer": speech.text_tokenizer, "vocab": speech.vocab, "image_tokenizer": None,
             "audio_tokenizer": speech.audio_tokenizer, "image_grids": {}}
-    _save_bundle(speech.model, data, TrainConfig(), {"steps": 0}, tmp_path / "final")
+    save_bundle(speech.model, data, TrainConfig(), {"steps": 0}, tmp_path / "final")
     bundle = load_bundle(tmp_path / "final")
     assert bundle.audio_tokenizer is not None and bundle.meta["audio_sample_rate"] == SR
     doc = generate_interleaved(bundle, "a red sound.", mode="tts", max_new_tokens=2 * LEVELS + 1, seed=0)

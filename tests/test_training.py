@@ -65,7 +65,8 @@ def test_config_errors_are_one_line_and_name_the_key(code_shards, tmp_path, caps
 
 def test_row_sampler_splits_ranks_and_schedule_warms_up():
     from mmgen.training.config import TrainConfig
-    from mmgen.training.trainer import RowSampler, lr_lambda
+    from mmgen.training.data import RowSampler
+    from mmgen.training.optim import lr_lambda
 
     n, mb, ga, world = 12, 2, 1, 2
     samplers = [RowSampler(n, mb, ga, r, world, seed=5) for r in range(world)]

@@ -22,7 +22,7 @@ def _cfg():
 def test_qwen2_5_1_5b_preset_on_meta_device():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mmgen.training.trainer import run_vocab
+    from mmgen.training.data import run_vocab
     from mmgen.models.unified import MMGenForCausalLM, build_unified_lm
 
     cfg = _cfg()
@@ -54,7 +54,7 @@ def test_qwen2_5_1_5b_preset_on_meta_device():
 
 def test_preset_deepspeed_config_is_consistent():
     from mmgen.training.config import check_global_batch
-    from mmgen.training.trainer import deepspeed_config
+    from mmgen.training.optim import deepspeed_config
 
     cfg = _cfg()
     ds = deepspeed_config(cfg)
@@ -76,7 +76,7 @@ def test_every_deepspeed_json_is_accepted_by_deepspeed(name):
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from mmgen.training.config import TrainConfig
-    from mmgen.training.trainer import deepspeed_config
+    from mmgen.training.optim import deepspeed_config
 
     ds = deepspeed_config(TrainConfig(deepspeed=f"training/{name}.json"))
     zero = DeepSpeedZeroConfig(**ds["zero_optimization"])
@@ -91,7 +91,7 @@ def test_run_vocab_follows_the_image_tokenizer_unless_the_recipe_narrows_it(tmp_
     from mmgen.config import load_config
     from mmgen.paths import recipe_path
     from mmgen.training.config import TrainConfig
-    from mmgen.training.trainer import run_vocab
+    from mmgen.training.data import run_vocab
 
     books = {"sem": 128, "pix": 512}
     both = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.image_levels=null"]),

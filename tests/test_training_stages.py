@@ -62,7 +62,7 @@ def test_align_trains_only_projector_code_head_and_new_rows(align_run):
     changed = {k for k in got if not torch.equal(got[k], want[k])}
     # the model stores the pixel VQ's code vectors it reads (not trained: a frozen table)
     from mmgen.tokenizers import load_image_tokenizer
-    from mmgen.training.trainer import code_vectors
+    from mmgen.training.model_setup import code_vectors
 
     torch.testing.assert_close(got["image_code_vectors"], code_vectors(load_image_tokenizer(final / "image_tokenizer"), "pix"))
     assert bundle.model.config.code_vectors == ["image"]

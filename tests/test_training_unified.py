@@ -295,7 +295,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(vocab):
     for ckpt in (False, True):
         model = _model(vocab, code_head=True).train()
         if ckpt:
-            from mmgen.training.trainer import enable_activation_checkpointing
+            from mmgen.training.model_setup import enable_activation_checkpointing
 
             enable_activation_checkpointing(model)
             assert model.lm.model.gradient_checkpointing

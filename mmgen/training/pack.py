@@ -45,7 +45,7 @@ def pack_shard(settings: dict, index: int, path: str, out_dir: str) -> dict:
     from mmgen.data.packed_shards import shard_name, write_packed_shard
     from mmgen.data.packing import pack_sequences
     from mmgen.data.sequence import build_sequences
-    from mmgen.training.trainer import image_grid_counts
+    from mmgen.training.data import image_grid_counts
 
     tok, vocab = _packer(out_dir)
     records = list(read_code_shards_of_splits(path, settings["splits"]))
@@ -85,14 +85,13 @@ def _totals(entries: list[dict], seq_len: int) -> dict:
 def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | Path, executor: str = "local",
          workers: int = 1, progress: bool = True) -> dict:
     """Write packed shards for the training run ``config`` + ``overrides`` describes; returns the index."""
-    from tqdm import tqdm
 
     from mmgen.data.executors import map_resumable
     from mmgen.data.packed_shards import INDEX
     from mmgen.paths import expand_inputs
     from mmgen.training.config import load_train_config
-    from mmgen.training.trainer import (_check_saved_vocab, media_tokenizers_and_vocab, sequence_settings,
-                                        text_tokenizer_for)
+    from mmgen.training.data import (check_saved_vocab, media_tokenizers_and_vocab, sequence_settings,
+                                     text_tokenizer_for)
 
     cfg = load_train_config(config, [*(overrides or []), "data.source=memory"])
     if workers < 1:
@@ -102,7 +101,7 @@ def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | 
     paths = expand_inputs(cfg.data.code_shards, (".tar",))
     tok = text_tokenizer_for(cfg, out / "text_tokenizer", 0)
     vocab, _, _ = media_tokenizers_and_vocab(cfg, tok)
-    _check_saved_vocab(out / "vocab.json", vocab, "pack into a fresh --out directory")
+    check_saved_vocab(out / "vocab.json", vocab, "pack into a fresh --out directory")
     vocab.save(out / "vocab.json")
     settings = sequence_settings(cfg)
 

@@ -1,0 +1,39 @@
+"""Distributed setup: the launcher's environment, or a single-rank gloo group when run in-process
+(so a training run can be debugged without a launcher)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed through DeepSpeed once per process."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from mmgen.utils.compat import clear_stale_extension_locks
+
+    clear_stale_extension_locks()  # DeepSpeed JIT-builds an op below; a killed earlier build would hang it
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # not under a launcher: a single-rank job in this process
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def barrier():
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()

@@ -1,0 +1,51 @@
+"""Optimisation: AdamW with a warmup + decay schedule, and the DeepSpeed config the run hands
+``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmgen.training.config import TrainConfig, read_deepspeed_config
+
+
+def lr_lambda(cfg: TrainConfig):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - o.warmup_steps)
+        t = min(1.0, (step - o.warmup_steps) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * t)) if o.schedule == "cosine" else 1 - t
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
+
+    return f
+
+
+def build_optimizer(model, cfg: TrainConfig):
+    # No weight decay on norms and biases (1-D tensors): decaying them only fights the normalisation.
+    frozen_rows = getattr(model, "_mmgen_frozen_rows", None)
+    emb = model.get_input_embeddings().weight if frozen_rows else None
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and p is not emb]
+    no_decay = [p for p in model.parameters() if p.requires_grad and (p.ndim < 2 or p is emb)]
+    # Empty groups are left out: ZeRO drops them, and the scheduler must see the same groups.
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.optim.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return opt, sched
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    ds = read_deepspeed_config(cfg.deepspeed)
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two below and the world size
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["zero_allow_untested_optimizer"] = True  # a plain torch AdamW, which ZeRO 1/2 handle fine
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed's own printing quiet
+    return ds
