@@ -12,7 +12,8 @@ from PIL import Image as PILImage
 
 from mmgen.data.doc import Doc, Image, Text
 from mmgen.data.ops import build_op, hamming, phash
-from mmgen.data.pipeline import process_doc, run_filter
+from mmgen.data.filter_worker import process_doc
+from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard, write_shards
 from mmgen.errors import MMGenError
 
@@ -199,7 +200,7 @@ def test_runner_quarantine_counts_workers_and_resume(tmp_path, monkeypatch):
     for k in ("00002", "00003"):
         (out / "done" / f"{k}.json").unlink()
     (out / "rejects" / "00002.jsonl").write_text("partial")
-    import mmgen.data.pipeline as pl
+    import mmgen.data.filter_worker as pl
 
     seen = []
     real = pl.process_unit

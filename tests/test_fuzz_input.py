@@ -18,7 +18,8 @@ import pytest
 
 from mmgen.data.doc import Doc, Image, Text
 from mmgen.data.formats import convert
-from mmgen.data.pipeline import KILL_ENV, run_filter
+from mmgen.data.filter_commit import KILL_ENV
+from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -142,7 +142,7 @@ def test_range_params_validated():
 
 
 def test_shipped_recipes_build():
-    from mmgen.data.pipeline import build_ops, load_recipe
+    from mmgen.data.filter_recipe import build_ops, load_recipe
 
     for name in ("obelics_en", "caption_pairs"):
         ops = build_ops(load_recipe(name))

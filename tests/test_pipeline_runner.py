@@ -15,7 +15,8 @@ import pytest
 from PIL import Image as PILImage
 
 from mmgen.data.doc import Doc, Image, Text
-from mmgen.data.pipeline import KILL_ENV, run_filter
+from mmgen.data.filter_commit import KILL_ENV
+from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard, write_shards
 
 CAPTION = "A large blue square sits at the top left of a gray background."

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from mmgen.data.doc import Doc, Text
-from mmgen.data.pipeline import KILL_ENV
+from mmgen.data.filter_commit import KILL_ENV
 from mmgen.data.shards import read_shard, write_shards
 
 FRACTION = 0.4

@@ -1,7 +1,7 @@
 """Where per-file work runs: in this process, in local worker processes, or on Ray.
 
 :func:`map_in_order` maps a module-level function over jobs and hands the results back IN JOB ORDER.
-``mmgen filter`` maps :func:`mmgen.data.pipeline.process_unit` over its work units (whole files, byte
+``mmgen filter`` maps :func:`mmgen.data.filter_worker.process_unit` over its work units (whole files, byte
 ranges of a large jsonl, row groups of a parquet file; the parent then decides deduplication and
 writes everything); ``mmgen tokenize`` and ``mmgen pack`` map one shard's work each. So the output is
 byte-identical whatever the executor or the number of workers.
@@ -32,7 +32,7 @@ def _ops_for(recipe_data: dict):
     key = json.dumps(recipe_data, sort_keys=True, default=str)
     if key not in _WORKER_OPS:
         from mmgen.config import from_dict
-        from mmgen.data.pipeline import Recipe, build_ops
+        from mmgen.data.filter_recipe import Recipe, build_ops
 
         _WORKER_OPS.clear()
         _WORKER_OPS[key] = build_ops(from_dict(Recipe, recipe_data))
@@ -45,7 +45,7 @@ def _init_worker(recipe_data: dict) -> None:
 
 
 def run_one(recipe_data: dict, unit, read_opts: dict) -> list:
-    from mmgen.data.pipeline import process_unit
+    from mmgen.data.filter_worker import process_unit
 
     return process_unit(_ops_for(recipe_data), unit, read_opts)
 
@@ -121,7 +121,7 @@ def map_resumable(executor: str, workers: int, fn, jobs: list[tuple], markers: l
 def results_in_order(executor: str, workers: int, recipe_data: dict, ops, units: list, read_opts: dict) -> Iterator[Iterator[list]]:
     """An iterator over ``process_unit`` results of ``units``, in order; workers are stopped on exit."""
     if executor == "local" and (workers <= 1 or len(units) <= 1):
-        from mmgen.data.pipeline import process_unit
+        from mmgen.data.filter_worker import process_unit
 
         yield (process_unit(ops, u, read_opts) for u in units)  # the operators already built here
         return

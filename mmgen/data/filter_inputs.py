@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from mmgen.data.doc import BadRecord, Doc
-from mmgen.data.input_kind import INPUT_EXTS, open_decompressed, sniff_input
+from mmgen.data.input_kind import open_decompressed, sniff_input
 from mmgen.errors import MMGenError
 
 INPUT_FORMATS = ("auto", "wds", "mmgen", "obelics", "mmc4", "dj", "llava")
