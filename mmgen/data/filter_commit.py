@@ -31,8 +31,6 @@ def provenance_of(doc: Doc) -> dict:
 
 # Test hook: SIGKILL this process after committing this many documents (a crash at a random point).
 KILL_ENV = "MMGEN_FILTER_KILL_AFTER_DOCS"
-
-
 _committed_docs = 0
 
 
