@@ -32,3 +32,13 @@ def _torch_threads():
         torch.set_num_threads(1)
     except ImportError:
         pass
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    """A tiny random bundle (``bundlekit.make_tiny_bundle``), one per test module: tests may change its files."""
+    from bundlekit import make_tiny_bundle
+
+    path = tmp_path_factory.mktemp("tiny_bundle")
+    make_tiny_bundle(path)
+    return path

@@ -7,20 +7,13 @@ import socket
 
 import pytest
 
-from test_generate import RES, make_tiny_bundle  # the same tiny bundle and test tokenizer
+from bundlekit import RES  # the tiny bundle's image size
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat_bundle")
-    make_tiny_bundle(path)
-    return path
 
 
 def test_chat_app_answers_with_text_and_image_through_gradio_client(bundle_dir):

@@ -8,7 +8,7 @@ import io
 import numpy as np
 import test_speech_generation
 from test_chat import _free_port
-from test_generate import _bias_head, make_tiny_bundle
+from bundlekit import bias_head, make_tiny_bundle
 from test_speech_generation import HOP, SR
 
 # The speech tests' tiny speaking bundle, as fixtures of this module too.
@@ -31,7 +31,7 @@ def _audio_parts(message: dict) -> list[dict]:
 def test_tts_answer_is_a_playable_wav_of_at_least_half_a_second(speech, tmp_path):
     from mmgen.inference.chat_app import ChatEngine
 
-    _bias_head(speech, {speech.vocab["</audio>"]: -30.0})  # talk until the budget closes the block
+    bias_head(speech, {speech.vocab["</audio>"]: -30.0})  # talk until the budget closes the block
     engine = ChatEngine(speech, tmp_path)
     final = list(engine.answer("a red sound.", [], mode="tts", max_new_tokens=4, stream_every_s=0.0))[-1]
     assert final[0] == {"role": "user", "content": "a red sound."}
@@ -53,7 +53,7 @@ def test_tts_answer_is_a_playable_wav_of_at_least_half_a_second(speech, tmp_path
 def test_auto_mode_may_speak_only_with_a_codec(speech, tmp_path):
     from mmgen.inference.chat_app import ChatEngine
 
-    _bias_head(speech, {speech.vocab["<audio>"]: 20.0, speech.vocab["<image>"]: -30.0})
+    bias_head(speech, {speech.vocab["<audio>"]: 20.0, speech.vocab["<image>"]: -30.0})
     final = list(ChatEngine(speech, tmp_path).answer("a red sound.", [], mode="auto", max_new_tokens=12))[-1]
     assert _audio_parts(final[1])
     mute = dataclasses.replace(speech, audio_tokenizer=None)  # same vocab, no codec: audio stays off

@@ -9,14 +9,6 @@ import pytest
 
 from mmgen.errors import MMGenError
 from mmgen.eval.stats import difference, proportion, wilson
-from test_generate import make_tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval_bundle")
-    make_tiny_bundle(path)
-    return path
 
 
 def test_wilson_and_newcombe_on_known_counts():
@@ -35,16 +27,16 @@ def _records(out, suite):
             for r in json.loads(line)["records"]]
 
 
-def test_run_writes_a_reproducible_report(ckpt, tmp_path):
+def test_run_writes_a_reproducible_report(bundle_dir, tmp_path):
     from mmgen.eval.run import run_eval
 
     gc = {"do_sample": True, "temperature": 0.7, "top_k": 5, "guidance_scale": 1.5}
-    (ckpt / "generation_config.json").write_text(json.dumps(gc))
+    (bundle_dir / "generation_config.json").write_text(json.dumps(gc))
     try:
-        rep = run_eval(ckpt, "t2i,geneval,qa,interleaved,recon", tmp_path / "a", n=3, batch_size=2, geneval_per_tag=1,
+        rep = run_eval(bundle_dir, "t2i,geneval,qa,interleaved,recon", tmp_path / "a", n=3, batch_size=2, geneval_per_tag=1,
                        recon_n=4, continuation_n=2, top_p=0.9, progress=False)
     finally:
-        (ckpt / "generation_config.json").unlink()
+        (bundle_dir / "generation_config.json").unlink()
     s = rep["sampling"]
     assert (s["temperature"], s["top_k"], s["top_p"], s["cfg_scale"], s["seed"]) == (0.7, 5, 0.9, 1.5, 0)
     assert s["sources"] == {"temperature": "generation_config.json", "top_k": "generation_config.json", "top_p": "explicit",
@@ -73,36 +65,36 @@ def test_run_writes_a_reproducible_report(ckpt, tmp_path):
         assert (tmp_path / "a" / f"{name}_grid.png").is_file()
 
 
-def test_same_seed_same_result_and_resume_after_a_kill(ckpt, tmp_path):
+def test_same_seed_same_result_and_resume_after_a_kill(bundle_dir, tmp_path):
     from mmgen.eval.run import run_eval
 
     kw = dict(n=4, batch_size=2, temperature=1.0, progress=False)
-    full = run_eval(ckpt, "t2i", tmp_path / "full", **kw)
+    full = run_eval(bundle_dir, "t2i", tmp_path / "full", **kw)
     # a run killed after its first batch, mid-way through writing the second line
     part = tmp_path / "part"
-    run_eval(ckpt, "t2i", part, **kw)
+    run_eval(bundle_dir, "t2i", part, **kw)
     store = part / "samples" / "t2i.jsonl"
     first, second = store.read_text().splitlines()[:2]
     store.write_text(first + "\n" + second[:40])
-    again = run_eval(ckpt, "t2i", part, **kw)
+    again = run_eval(bundle_dir, "t2i", part, **kw)
     assert again["suites"]["t2i"]["resumed_batches"] == 1
     strip = lambda rs: [{k: v for k, v in r.items() if k != "image"} for r in rs]  # noqa: E731
     assert strip(_records(part, "t2i")[-8:]) == strip(_records(tmp_path / "full", "t2i"))
     assert again["suites"]["t2i"]["metrics"] == full["suites"]["t2i"]["metrics"]
     # another seed is another run: the folder refuses to mix them
     with pytest.raises(MMGenError, match="holds results of another run .*sampling"):
-        run_eval(ckpt, "t2i", part, **{**kw, "seed": 1})
+        run_eval(bundle_dir, "t2i", part, **{**kw, "seed": 1})
 
 
-def test_suites_give_the_numbers_of_the_evaluation_functions(ckpt, tmp_path):
+def test_suites_give_the_numbers_of_the_evaluation_functions(bundle_dir, tmp_path):
     """What the quick start reported before it called mmgen eval: same prompts, seeds and batches, same numbers."""
     from mmgen.eval.run import run_eval
     from mmgen.eval.t2i import evaluate_t2i
     from mmgen.eval.understanding import evaluate_interleaved, evaluate_qa
     from mmgen.models.bundle import load_bundle
 
-    bundle = load_bundle(ckpt)
-    rep = run_eval(ckpt, "t2i,qa,interleaved", tmp_path / "e", n=5, batch_size=16, temperature=1.0, seed=3,
+    bundle = load_bundle(bundle_dir)
+    rep = run_eval(bundle_dir, "t2i,qa,interleaved", tmp_path / "e", n=5, batch_size=16, temperature=1.0, seed=3,
                    progress=False, bundle=bundle)
     m = {k: v["metrics"] for k, v in rep["suites"].items()}
     old = evaluate_t2i(bundle, n=5, seed=3, temperature=1.0)["splits"]
@@ -116,11 +108,11 @@ def test_suites_give_the_numbers_of_the_evaluation_functions(ckpt, tmp_path):
         inter["splits"]["val"][k] for k in ("accuracy", "parse_rate", "object_recall"))
 
 
-def test_compare_prints_differences_with_intervals(ckpt, tmp_path):
+def test_compare_prints_differences_with_intervals(bundle_dir, tmp_path):
     from mmgen.eval.run import compare_reports, format_comparison, run_eval
 
-    a = run_eval(ckpt, "qa", tmp_path / "a", n=3, progress=False)
-    b = run_eval(ckpt, "qa", tmp_path / "b", n=3, seed=5, progress=False)
+    a = run_eval(bundle_dir, "qa", tmp_path / "a", n=3, progress=False)
+    b = run_eval(bundle_dir, "qa", tmp_path / "b", n=3, seed=5, progress=False)
     cmp = compare_reports(tmp_path / "a" / "report.json", tmp_path / "b" / "report.json")
     rows = {r["metric"]: r for r in cmp["rows"]}
     assert "qa.val.intervals.accuracy" in rows and rows["qa.val.intervals.accuracy"]["a"]["n"] == 3
@@ -131,15 +123,15 @@ def test_compare_prints_differences_with_intervals(ckpt, tmp_path):
     assert a["suites"]["qa"]["prompt_set"]["sha256"] != b["suites"]["qa"]["prompt_set"]["sha256"]
 
 
-def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
+def test_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
     from mmgen.cli import main
     from mmgen.models.bundle import Bundle, load_bundle
 
-    assert main(["eval", "run", str(ckpt), "--suite", "t2i,speech", "--out", str(tmp_path / "x")]) == 2
+    assert main(["eval", "run", str(bundle_dir), "--suite", "t2i,speech", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown suite speech; use a comma list of t2i, geneval, qa, interleaved, recon or all"
     # a checkpoint without an image tokenizer, asked for t2i
-    b = load_bundle(ckpt)
+    b = load_bundle(bundle_dir)
     Bundle(b.model, b.text_tokenizer, b.vocab, None, b.meta).save(tmp_path / "textonly")
     capsys.readouterr()
     assert main(["eval", "run", str(tmp_path / "textonly"), "--suite", "t2i", "--out", str(tmp_path / "y")]) == 2
@@ -147,7 +139,7 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     assert err.startswith("error: suite t2i needs a checkpoint with an image tokenizer") and "\n" not in err
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"caption": "a red circle"}\n')
-    assert main(["eval", "run", str(ckpt), "--suite", "geneval", "--geneval-prompts", str(bad),
+    assert main(["eval", "run", str(bundle_dir), "--suite", "geneval", "--geneval-prompts", str(bad),
                  "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "prompts.jsonl:1: missing tag, prompt, include" in err and "\n" not in err
@@ -155,11 +147,11 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     assert "report not found" in capsys.readouterr().err
 
 
-def test_cli_run_and_compare(ckpt, tmp_path, capsys):
+def test_cli_run_and_compare(bundle_dir, tmp_path, capsys):
     from mmgen.cli import main
 
     out = tmp_path / "r"
-    assert main(["eval", "run", str(ckpt), "--suite", "qa", "--n", "2", "--out", str(out)]) == 0
+    assert main(["eval", "run", str(bundle_dir), "--suite", "qa", "--n", "2", "--out", str(out)]) == 0
     assert (out / "report.json").is_file() and "wrote" in capsys.readouterr().out
     assert main(["eval", "compare", str(out / "report.json"), str(out / "report.json")]) == 0
     assert "+0.0" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import random
 import numpy as np
 
 from mmgen.processing.processor import ChatTemplate
-from test_generate import make_tiny_bundle
+from bundlekit import make_tiny_bundle
 
 
 def _coded(bundle, doc):

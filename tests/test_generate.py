@@ -10,74 +10,13 @@ import pytest
 import torch
 
 from mmgen.models.vocab import Vocab
-from mmgen.tokenizers.base import ImageTokenizer, register_tokenizer
-
-TEXTS = ["a large red circle at the top left, on a black background.",
-         "a small blue square in the center, on a white background.",
-         "two green triangles at the bottom right, on a gray background."] * 4
-RES = (32, 32)  # (width, height) -> a 4x4 code grid at downsample 8
-
-
-@register_tokenizer("test_palette")
-class PaletteTokenizer(ImageTokenizer):
-    """Test-only image tokenizer: each code is a flat colour patch (a fixed random palette)."""
-
-    def __init__(self, codebook_size: int = 16, downsample: int = 8, resolution=RES):
-        super().__init__()
-        self.codebook_size, self.downsample, self.resolution = codebook_size, downsample, tuple(resolution)
-        g = torch.Generator().manual_seed(0)
-        self.palette = torch.nn.Parameter(torch.rand(codebook_size, 3, generator=g) * 2 - 1)
-
-    def encode_tensor(self, x):
-        pooled = torch.nn.functional.avg_pool2d(x, self.downsample).permute(0, 2, 3, 1)
-        return torch.cdist(pooled.reshape(-1, 3), self.palette).argmin(-1).reshape(pooled.shape[:3])
-
-    def decode_tensor(self, codes):
-        img = self.palette[codes].permute(0, 3, 1, 2)
-        return img.repeat_interleave(self.downsample, 2).repeat_interleave(self.downsample, 3)
-
-    def get_config(self):
-        return {"codebook_size": self.codebook_size, "downsample": self.downsample, "resolution": list(self.resolution)}
-
-
-def make_tiny_bundle(path):
-    """Save a tiny random bundle (2 layers, hidden 64) to ``path`` and load it back."""
-    from mmgen.models.bundle import Bundle, load_bundle
-    from mmgen.models.lm import build_tiny_lm
-    from mmgen.models.text_tokenizer import train_text_tokenizer
-
-    tok = train_text_tokenizer(TEXTS, vocab_size=300)
-    vocab = Vocab(len(tok), {"pix": 16}, max_grid=8)
-    model = build_tiny_lm(vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0)
-    Bundle(model, tok, vocab, PaletteTokenizer(), {"image_resolution": list(RES)}).save(path)
-    return load_bundle(path)
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_bundle")
-    make_tiny_bundle(path)
-    return path
-
+from bundlekit import RES, TEXTS, PaletteTokenizer, bias_head
 
 @pytest.fixture()
 def bundle(bundle_dir):
     from mmgen.models.bundle import load_bundle
 
     return load_bundle(bundle_dir)
-
-
-def _bias_head(bundle, ids_bias: dict[int, float]):
-    """Give the LM head a bias so the model prefers some ids (a random model never would)."""
-    model = bundle.model
-    old = model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(old.weight)
-        head.bias.zero_()
-        for i, b in ids_bias.items():
-            head.bias[i] = b
-    model.lm_head = head
 
 
 def _blocks(vocab: Vocab, ids: list[int]) -> list[list[int]]:
@@ -300,7 +239,7 @@ def test_text_mode_stops_at_eos_and_never_opens_an_image(bundle):
     vocab = bundle.vocab
     eos = bundle.text_tokenizer.eos_token_id
     # The model now loves <image> and often ends: text mode must still write no image.
-    _bias_head(bundle, {vocab["<image>"]: 20.0, eos: 5.0})
+    bias_head(bundle, {vocab["<image>"]: 20.0, eos: 5.0})
     doc = generate_interleaved(bundle, "a large red circle", mode="text", max_new_tokens=200, seed=0)
     assert doc.meta["stop"] == "eos"
     assert 1 <= doc.meta["new_tokens"] < 200

@@ -10,14 +10,6 @@ import threading
 import numpy as np
 import pytest
 
-from test_generate import make_tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("defaults_bundle")
-    make_tiny_bundle(path)
-    return path
 
 
 def _error_line(stderr: str) -> str:

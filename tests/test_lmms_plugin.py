@@ -12,7 +12,6 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="the mmgen[lmms] extra (make install installs it)")
 
-from test_generate import make_tiny_bundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,13 +44,6 @@ def entry_point(tmp_path, monkeypatch):
     return declared
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lmms_bundle")
-    make_tiny_bundle(path)
-    return path
-
-
 def test_registry_finds_the_mmgen_model(entry_point):
     from lmms_eval.api.model import lmms
     from lmms_eval.models.registry_v2 import ModelRegistryV2
@@ -69,14 +61,14 @@ class _Req:
         self.args = args
 
 
-def test_model_answers_the_three_request_types(ckpt, tmp_path):
+def test_model_answers_the_three_request_types(bundle_dir, tmp_path):
     from mmgen.data.synthetic import random_scene, render
     from mmgen.eval.lmms_model import MMGenLMM
     from mmgen.inference.generate import generate_text_rows, image_ids, picture_prompt_ids
 
     import random
 
-    lm = MMGenLMM(pretrained=str(ckpt), output_dir=str(tmp_path / "imgs"), mode="t2i", temperature=1.0)
+    lm = MMGenLMM(pretrained=str(bundle_dir), output_dir=str(tmp_path / "imgs"), mode="t2i", temperature=1.0)
     img = render(random_scene(random.Random(0), "val"), 32, 32)
     docs = {"task": {"test": [{"image": img, "q": "What color is the circle?"}, {"q": "a red circle"}]}}
     lm.task_dict = docs
@@ -105,7 +97,7 @@ def test_model_answers_the_three_request_types(ckpt, tmp_path):
     assert seen[1][1] == list(rounds[:2]) and seen[1][2] == {"k": 1} and seen[2][2] == {"k": 2}
 
 
-def test_lmms_eval_runs_the_shapesworld_qa_task_offline(entry_point, ckpt, tmp_path):
+def test_lmms_eval_runs_the_shapesworld_qa_task_offline(entry_point, bundle_dir, tmp_path):
     """lmms-eval's evaluator (what its command line calls) on the task YAML and local dataset mmgen
     writes; the task manager reads only that folder, not lmms-eval's hundreds of bundled tasks."""
     from mmgen.eval.lmms_cli import main
@@ -120,7 +112,7 @@ def test_lmms_eval_runs_the_shapesworld_qa_task_offline(entry_point, ckpt, tmp_p
     if "mmgen" not in MODEL_REGISTRY_V2.list_model_names():  # lmms-eval was imported before the entry point was visible
         MODEL_REGISTRY_V2.load_entrypoint_manifests(overwrite=True)
     write_qa_task(tmp_path / "tasks", n=2, size=(32, 32))
-    out = simple_evaluate(model="mmgen", model_args=f"pretrained={ckpt},output_dir={tmp_path / 'imgs'}",
+    out = simple_evaluate(model="mmgen", model_args=f"pretrained={bundle_dir},output_dir={tmp_path / 'imgs'}",
                           tasks=["shapesworld_qa"], batch_size=1, bootstrap_iters=0, log_samples=True,
                           task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
     r = out["results"]["shapesworld_qa"]

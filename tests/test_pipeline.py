@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmgen.models.vocab import Vocab
-from test_generate import make_tiny_bundle
+from bundlekit import make_tiny_bundle
 
 
 @pytest.fixture(scope="module")

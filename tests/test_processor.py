@@ -10,14 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from test_generate import RES, make_tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("processor_bundle")
-    make_tiny_bundle(path)
-    return path
+from bundlekit import RES
 
 
 def test_the_chat_template_is_saved_with_the_bundle_not_inferred_later(bundle_dir, tmp_path):

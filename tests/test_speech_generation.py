@@ -14,7 +14,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_generate import RES, TEXTS, PaletteTokenizer, _bias_head, make_tiny_bundle
+from bundlekit import RES, TEXTS, PaletteTokenizer, bias_head, make_tiny_bundle
 from trainkit import TINY_AUDIO_CODEC
 
 from mmgen.errors import MMGenError
@@ -208,7 +208,7 @@ def test_tts_writes_one_whole_speech_block(speech):
     from mmgen.inference.generate import generate_interleaved
 
     vocab = speech.vocab
-    _bias_head(speech, {vocab["</audio>"]: -30.0})  # a random model might stop at once; make it talk
+    bias_head(speech, {vocab["</audio>"]: -30.0})  # a random model might stop at once; make it talk
     doc = generate_interleaved(speech, "a red sound.", mode="tts", max_new_tokens=40, max_audio_frames=5, seed=0)
     audio = doc.items[0]
     assert isinstance(audio, Audio) and audio.format == "wav"
@@ -224,7 +224,7 @@ def test_the_budget_closes_the_block(speech):
     """No frame cap: the token budget alone ends the block, whole, with nothing left unfinished."""
     from mmgen.inference.generate import generate_interleaved
 
-    _bias_head(speech, {speech.vocab["</audio>"]: -30.0})
+    bias_head(speech, {speech.vocab["</audio>"]: -30.0})
     doc = generate_interleaved(speech, "a blue sound.", mode="tts", max_new_tokens=3 * LEVELS + 1, seed=1)
     assert [it.kind for it in doc.items] == ["audio"] and doc.items[0].meta["frames"] == 3
     assert _wave(doc.items[0])[0].shape == (3 * HOP,)
@@ -266,7 +266,7 @@ def test_auto_mode_writes_audio_only_when_allowed(speech):
     from mmgen.inference.generate import generate_interleaved
 
     vocab = speech.vocab
-    _bias_head(speech, {vocab["<audio>"]: 20.0, vocab["<image>"]: -30.0})
+    bias_head(speech, {vocab["<audio>"]: 20.0, vocab["<image>"]: -30.0})
     doc = generate_interleaved(speech, "a red sound.", mode="auto", max_new_tokens=20, seed=0, allow_audio=True,
                                max_audio_frames=2)
     assert doc.items[0].kind == "audio" and len(doc.audios) >= 2  # it loves <audio>: block after block

@@ -1,0 +1,64 @@
+"""A tiny random bundle several tests share: a test image tokenizer (flat colour patches), a text
+tokenizer trained on three captions, a 2-layer LM, and a way to bias its head.
+
+Imported as ``bundlekit`` (pytest puts this folder on sys.path, as it does for conftest)."""
+
+from __future__ import annotations
+
+import torch
+
+from mmgen.models.vocab import Vocab
+from mmgen.tokenizers.base import ImageTokenizer, register_tokenizer
+
+TEXTS = ["a large red circle at the top left, on a black background.",
+         "a small blue square in the center, on a white background.",
+         "two green triangles at the bottom right, on a gray background."] * 4
+RES = (32, 32)  # (width, height) -> a 4x4 code grid at downsample 8
+
+
+@register_tokenizer("test_palette")
+class PaletteTokenizer(ImageTokenizer):
+    """Test-only image tokenizer: each code is a flat colour patch (a fixed random palette)."""
+
+    def __init__(self, codebook_size: int = 16, downsample: int = 8, resolution=RES):
+        super().__init__()
+        self.codebook_size, self.downsample, self.resolution = codebook_size, downsample, tuple(resolution)
+        g = torch.Generator().manual_seed(0)
+        self.palette = torch.nn.Parameter(torch.rand(codebook_size, 3, generator=g) * 2 - 1)
+
+    def encode_tensor(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, self.downsample).permute(0, 2, 3, 1)
+        return torch.cdist(pooled.reshape(-1, 3), self.palette).argmin(-1).reshape(pooled.shape[:3])
+
+    def decode_tensor(self, codes):
+        img = self.palette[codes].permute(0, 3, 1, 2)
+        return img.repeat_interleave(self.downsample, 2).repeat_interleave(self.downsample, 3)
+
+    def get_config(self):
+        return {"codebook_size": self.codebook_size, "downsample": self.downsample, "resolution": list(self.resolution)}
+
+
+def make_tiny_bundle(path):
+    """Save a tiny random bundle (2 layers, hidden 64) to ``path`` and load it back."""
+    from mmgen.models.bundle import Bundle, load_bundle
+    from mmgen.models.lm import build_tiny_lm
+    from mmgen.models.text_tokenizer import train_text_tokenizer
+
+    tok = train_text_tokenizer(TEXTS, vocab_size=300)
+    vocab = Vocab(len(tok), {"pix": 16}, max_grid=8)
+    model = build_tiny_lm(vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0)
+    Bundle(model, tok, vocab, PaletteTokenizer(), {"image_resolution": list(RES)}).save(path)
+    return load_bundle(path)
+
+
+def bias_head(bundle, ids_bias: dict[int, float]):
+    """Give the LM head a bias so the model prefers some ids (a random model never would)."""
+    model = bundle.model
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        for i, b in ids_bias.items():
+            head.bias[i] = b
+    model.lm_head = head
