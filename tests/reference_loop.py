@@ -1,6 +1,7 @@
 """The plain sampling loop generation used before the pipeline: the reference the pipeline must match.
 
-Kept verbatim (no transformers processors, a past_key_values cache passed around) so that
+Kept verbatim (no transformers processors, a past_key_values cache passed around; only the left
+padding, which both share, comes from the pipeline) so that
 tests/test_pipeline.py can show token for token that the pipeline, built from transformers'
 LogitsProcessorList, warpers, StoppingCriteria and an explicit DynamicCache, decodes exactly as before.
 Not imported by the library.
@@ -14,6 +15,7 @@ import torch
 
 from mmgen.errors import MMGenError
 from mmgen.inference.constraints import ImageGridConstraint
+from mmgen.inference.pipeline import left_pad
 from mmgen.models.vocab import Vocab
 
 
@@ -55,17 +57,6 @@ def _sample(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(scores.device)
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, length - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, length - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 # -- the loop ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
@@ -91,7 +82,7 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
         all_rows = list(rows) + list(uncond_rows)
     else:
         all_rows = list(rows)
-    ids, attn = _left_pad(all_rows, pad_id, device)
+    ids, attn = left_pad(all_rows, pad_id, device)
     position = (attn.cumsum(-1) - 1).clamp(min=0)
     # Preallocated, so a step writes one column instead of copying the whole sequence.
     cur = ids.shape[1]
