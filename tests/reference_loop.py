@@ -151,6 +151,6 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
 def _block_len(constraint: ImageGridConstraint, b: int) -> int:
     if constraint.pos[b] < 3:
         return -1
-    return constraint._block_length(constraint.h_tok[b], constraint.w_tok[b])
+    return constraint.block_length(constraint.h_tok[b], constraint.w_tok[b])
 
 

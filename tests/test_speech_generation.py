@@ -233,7 +233,8 @@ def test_the_budget_closes_the_block(speech):
 
 def test_wav_is_the_codec_decoding_of_the_sampled_codes(speech):
     """The WAV holds exactly what the codec makes of the block's codes (up to 16-bit PCM)."""
-    from mmgen.inference.generate import audio_item, decode_audio_codes, prompt_ids, sample_tokens
+    from mmgen.inference.generate import prompt_ids, sample_tokens
+    from mmgen.processing.processor import audio_item, decode_audio_codes
 
     vocab, tok = speech.vocab, speech.text_tokenizer
     row = prompt_ids(speech, "a green sound.", image=False) + [vocab["<audio>"]]

@@ -102,7 +102,7 @@ class ImageGridConstraint(LogitsProcessor):
         self.audio_pos: list[int] = []  # per row: tokens of the open audio block so far (0 = none open)
         self.completed_audio: list[int] = []  # per row: audio blocks closed since the first call
 
-    def _block_length(self, h_tok: int, w_tok: int) -> int:
+    def block_length(self, h_tok: int, w_tok: int) -> int:
         key = (h_tok, w_tok)
         if key not in self._block_len:
             h = h_tok - self.vocab.h_start + 1
@@ -159,7 +159,7 @@ class ImageGridConstraint(LogitsProcessor):
             elif p == 2:
                 self.w_tok[b] = t
             p += 1
-            if p >= 3 and p == self._block_length(self.h_tok[b], self.w_tok[b]):
+            if p >= 3 and p == self.block_length(self.h_tok[b], self.w_tok[b]):
                 p = 0  # the block is complete: the row is free again
                 self.completed[b] += 1
             self.pos[b] = p
@@ -189,7 +189,7 @@ class ImageGridConstraint(LogitsProcessor):
         return m.to(device)
 
     def _fits(self, h_tok: int, w_tok: int, used: int, remaining: int | None) -> bool:
-        return remaining is None or self._block_length(h_tok, w_tok) - used <= remaining
+        return remaining is None or self.block_length(h_tok, w_tok) - used <= remaining
 
     def _row_mask(self, b: int, size: int, remaining: int | None, device) -> torch.Tensor | None:
         if self.audio_pos[b]:

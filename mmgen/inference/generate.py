@@ -21,18 +21,14 @@ depend on the other prompts in its batch beyond floating-point noise.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
-from mmgen.data.doc import Audio, Doc, Image, Text  # noqa: F401
+from mmgen.data.doc import Audio, Doc, Image
 from mmgen.errors import MMGenError
-from mmgen.inference.constraints import ImageGridConstraint  # noqa: F401  (re-exported)
 from mmgen.models.vocab import Vocab
-from mmgen.processing.processor import audio_item, block_codes, decode_audio_codes  # noqa: F401  (re-exported)
 
 MODES = ("auto", "t2i", "text", "tts")
 OPENERS = {"t2i": "<image>", "tts": "<audio>"}  # modes whose answer starts inside a media block
@@ -68,10 +64,6 @@ def image_ids(bundle, images: Sequence) -> list[list[int]]:
 def decode_parsed_blocks(bundle, parsed: Sequence[dict]) -> list:
     """:meth:`MMGenProcessor.decode_image_blocks <mmgen.processing.processor.MMGenProcessor.decode_image_blocks>`."""
     return _processor(bundle).decode_image_blocks(parsed)
-
-
-def _DocBuilder(bundle, audio: bool = False):
-    return _processor(bundle).doc_decoder(audio=audio)
 
 
 def default_image_sizes(bundle) -> list[tuple[int, int]]:

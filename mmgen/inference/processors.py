@@ -74,20 +74,10 @@ def sampling_warpers(temperature: float, top_k: int, top_p: float) -> list[Logit
 
 def step_processors(vocab: Vocab, constraint: ImageGridConstraint, cfg_scale: float, temperature: float,
                     top_k: int, top_p: float, logits_hook=None) -> LogitsProcessorList:
-    """The whole step: guidance (also the hook's view of the raw logits), grid mask, warpers."""
-    return LogitsProcessorList([MediaCFGLogitsProcessor(cfg_scale, vocab, constraint, logits_hook), _Mask(constraint),
+    """The whole step: guidance (also the hook's view of the raw logits), the grid constraint (a
+    LogitsProcessor itself; guidance already advanced its state), warpers."""
+    return LogitsProcessorList([MediaCFGLogitsProcessor(cfg_scale, vocab, constraint, logits_hook), constraint,
                                 *sampling_warpers(temperature, top_k, top_p)])
-
-
-class _Mask(LogitsProcessor):
-    """The grid constraint's mask for the state :class:`MediaCFGLogitsProcessor` already advanced."""
-
-    def __init__(self, constraint: ImageGridConstraint):
-        self.constraint = constraint
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.constraint.observe(input_ids)  # a no-op for a length it has seen
-        return self.constraint.mask(scores)
 
 
 class BlockAwareEosCriteria(StoppingCriteria):
@@ -110,6 +100,6 @@ class ImagesDoneCriteria(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
         c = self.constraint
-        closes = [p >= 3 and p + 1 == c._block_length(h, w) for p, h, w in zip(c.pos, c.h_tok, c.w_tok)]
+        closes = [p >= 3 and p + 1 == c.block_length(h, w) for p, h, w in zip(c.pos, c.h_tok, c.w_tok)]
         done = [k + int(x) >= self.n for k, x in zip(c.completed, closes)]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

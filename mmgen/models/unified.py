@@ -30,6 +30,8 @@ saved directory loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and no 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Literal
 
 import torch
@@ -103,9 +105,12 @@ class MMGenConfig(PreTrainedConfig):
 def cache_keyword(module: nn.Module) -> str:
     """The keyword ``module.forward`` takes its KV cache by: transformers 5 calls it ``cache`` (with
     ``past_key_values`` a deprecated alias); earlier releases only know ``past_key_values``."""
-    import inspect
+    return _cache_keyword(type(module))
 
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:  # once per class: forward runs at every step
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def mlp_projector(in_dim: int, hidden: int, depth: int) -> nn.Sequential:

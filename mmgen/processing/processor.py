@@ -244,8 +244,9 @@ class DocDecoder:
 
     def snapshot(self, meta: dict) -> Doc:
         items = list(self.items)
-        if self.text_ids and self._text():
-            items.append(Text(self._text()))
+        text = self._text() if self.text_ids else ""
+        if text:
+            items.append(Text(text))
         return Doc(items=items, meta=dict(meta))
 
     def finish(self, meta: dict) -> Doc:
