@@ -13,16 +13,11 @@ from mmgen.data.doc import Doc, Text
 from mmgen.data.filter_worker import run_op
 from mmgen.data.ops.base import DocView, Op
 from mmgen.errors import MMGenError, MediaError
+from mmgen.utils.files import write_json
 
 
 def json_line(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str) + "\n"
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
-    os.replace(tmp, path)  # a marker is either whole or absent, even after a crash
 
 
 def provenance_of(doc: Doc) -> dict:

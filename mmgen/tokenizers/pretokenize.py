@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from mmgen.errors import MediaError, MMGenError, NotFetchedError
+from mmgen.utils.files import write_json
 
 
 def target_size(tokenizer, width: int, height: int, keep_aspect: bool) -> tuple[int, int]:
@@ -222,6 +223,11 @@ class _ShardCoder:
                 "quarantine": quarantined, "shards": sorted(x.name for x in out.glob(f"codes-{index:06d}-*.tar"))}
 
 
+def marker_path(out: Path, index: int) -> Path:
+    """The done marker of input file ``index``: written once its code shards are in place."""
+    return out / "done" / f"{index:06d}.json"
+
+
 def tokenize_shard(params: dict, index: int, path: str, out_dir: str) -> dict:
     """One work unit of :func:`pretokenize` (a worker process or Ray task): input file ``index`` into
     its code shards, written under a temporary directory and moved into ``out_dir``, then its done
@@ -243,11 +249,9 @@ def tokenize_shard(params: dict, index: int, path: str, out_dir: str) -> dict:
     for name in entry["shards"]:
         (part / name).replace(out / name)
     part.rmdir()
-    marker = out / "done" / f"{index:06d}.json"
+    marker = marker_path(out, index)
     marker.parent.mkdir(exist_ok=True)
-    tmp = marker.with_suffix(".partial")
-    tmp.write_text(json.dumps(entry, ensure_ascii=False))  # key order kept: quarantine.jsonl is rebuilt from it
-    tmp.replace(marker)
+    write_json(marker, entry, sort_keys=False)  # key order kept: quarantine.jsonl is rebuilt from it
     return entry
 
 
@@ -291,7 +295,7 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries, resumed = map_resumable(executor, workers, tokenize_shard, [(params, i, p, str(out)) for i, p in enumerate(paths)],
-                                     [out / "done" / f"{i:06d}.json" for i in range(len(paths))],
+                                     [marker_path(out, i) for i in range(len(paths))],
                                      lambda i, e: e.get("params") == params and e.get("input") == paths[i],
                                      "tokenize", progress)
 

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from mmgen.errors import MMGenError
+from mmgen.utils.files import write_json
 
 _PACKERS: dict = {}
 
@@ -37,6 +38,13 @@ def _packer(out_dir: str):
         _PACKERS[out_dir] = (AutoTokenizer.from_pretrained(Path(out_dir) / "text_tokenizer"),
                              Vocab.load(Path(out_dir) / "vocab.json"))
     return _PACKERS[out_dir]
+
+
+def marker_path(out: Path, index: int) -> Path:
+    """The done marker of packed shard ``index``: present only once its tar is complete."""
+    from mmgen.data.packed_shards import shard_name
+
+    return out / shard_name(index).replace(".tar", ".done.json")
 
 
 def pack_shard(settings: dict, index: int, path: str, out_dir: str) -> dict:
@@ -61,10 +69,7 @@ def pack_shard(settings: dict, index: int, path: str, out_dir: str) -> dict:
                                           algorithm=settings["packing"])
         entry["rows"], entry["packing"] = pack_stats.rows, pack_stats.to_dict()
         write_packed_shard(out / entry["name"], rows, {k: entry[k] for k in ("input", "packing", "sequences")})
-    marker = out / (entry["name"][:-4] + ".done.json")
-    tmp = marker.with_name(marker.name + ".partial")
-    tmp.write_text(json.dumps(entry))
-    tmp.replace(marker)
+    write_json(marker_path(out, index), entry, sort_keys=False)  # the index keeps the entries' key order
     return entry
 
 
@@ -106,7 +111,7 @@ def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | 
     settings = sequence_settings(cfg)
 
     ordered, _ = map_resumable(executor, workers, pack_shard, [(settings, i, p, str(out)) for i, p in enumerate(paths)],
-                            [out / f"packed-{i:06d}.done.json" for i in range(len(paths))],
+                            [marker_path(out, i) for i in range(len(paths))],
                             lambda i, e: e["settings"] == settings and e["input"] == paths[i], "pack", progress)
     totals = _totals(ordered, cfg.data.seq_len)
     if not totals["packing"]["rows"]:
