@@ -109,6 +109,26 @@ def image_grid_counts(records) -> Counter:
     return grids
 
 
+def pack_records(records: list, tok, vocab, settings: dict):
+    """Documents ``records`` as packed rows, built with ``settings`` (:func:`sequence_settings`): their
+    sequences in the stage's chat layout and targets, packed by :func:`mmgen.data.packing.pack_sequences`.
+    Returns (rows, sequence stats, packing stats, image grid counts); rows and packing stats are None
+    when no document is trainable. A caller that passes the only reference to ``records`` has them
+    freed before the packing."""
+    from mmgen.data.packing import pack_sequences
+    from mmgen.processing.sequence import build_sequences
+
+    seqs, seq_stats = build_sequences(records, tok, vocab, targets=settings["targets"], chat=settings["chat"],
+                                      user_targets=settings["user_targets"])
+    grids = image_grid_counts(records)
+    del records
+    if not seqs:
+        return None, seq_stats, None, grids
+    rows, pack_stats = pack_sequences(seqs, settings["seq_len"], pad_id=tok.pad_token_id or 0,
+                                      algorithm=settings["packing"])
+    return rows, seq_stats, pack_stats, grids
+
+
 def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     """Text tokenizer, vocab, image and audio tokenizers and the rows of this run: every packed row in
     memory (``data.source=memory``, identical on every rank) or the index of the packed shards the
@@ -116,8 +136,6 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     if cfg.data.source == "packed":
         return prepare_packed(cfg, out_dir, rank)
     from mmgen.data.code_shards import read_code_shards_of_splits
-    from mmgen.data.packing import pack_sequences
-    from mmgen.data.sequence import build_sequences
 
     records = list(read_code_shards_of_splits(cfg.data.code_shards, cfg.data.splits))
     if cfg.data.max_docs is not None:
@@ -126,14 +144,9 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     vocab, image_tokenizer, audio_codec = media_tokenizers_and_vocab(cfg, tok)
     check_saved_vocab(out_dir / "vocab.json", vocab, "use a fresh out_dir or the same data settings")
 
-    # SFT learns to answer; pretraining on conversations still learns everything the user shows
-    seq = sequence_settings(cfg)
-    seqs, seq_stats = build_sequences(records, tok, vocab, targets=seq["targets"], chat=seq["chat"],
-                                      user_targets=seq["user_targets"])
-    if not seqs:
+    rows, seq_stats, pack_stats, grids = pack_records(records, tok, vocab, sequence_settings(cfg))
+    if rows is None:
         raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({seq_stats.to_dict()})")
-    rows, pack_stats = pack_sequences(seqs, cfg.data.seq_len, pad_id=tok.pad_token_id or 0, algorithm=cfg.data.packing)
-    grids = image_grid_counts(records)
     return {"text_tokenizer": tok, "vocab": vocab, "image_tokenizer": image_tokenizer, "audio_tokenizer": audio_codec,
             "rows": rows, "n_rows": int(rows["input_ids"].shape[0]), "seq_stats": seq_stats.to_dict(),
             "pack_stats": pack_stats.to_dict(), "image_grids": {f"{h}x{w}": n for (h, w), n in grids.most_common()}}

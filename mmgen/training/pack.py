@@ -51,22 +51,16 @@ def pack_shard(settings: dict, index: int, path: str, out_dir: str) -> dict:
     """One work unit: code shard ``path`` -> ``packed-IIIIII.tar`` and its done marker; returns its entry."""
     from mmgen.data.code_shards import read_code_shards_of_splits
     from mmgen.data.packed_shards import shard_name, write_packed_shard
-    from mmgen.data.packing import pack_sequences
-    from mmgen.data.sequence import build_sequences
-    from mmgen.training.data import image_grid_counts
+    from mmgen.training.data import pack_records
 
     tok, vocab = _packer(out_dir)
-    records = list(read_code_shards_of_splits(path, settings["splits"]))
-    seqs, seq_stats = build_sequences(records, tok, vocab, targets=settings["targets"], chat=settings["chat"],
-                                      user_targets=settings["user_targets"])
-    grids = image_grid_counts(records)
-    del records
+    # the records' only reference goes to pack_records, which frees them before packing
+    rows, seq_stats, pack_stats, grids = pack_records(list(read_code_shards_of_splits(path, settings["splits"])),
+                                                      tok, vocab, settings)
     entry = {"input": path, "settings": settings, "name": shard_name(index), "rows": 0,
              "sequences": seq_stats.to_dict(), "image_grids": {f"{h}x{w}": n for (h, w), n in sorted(grids.items())}}
     out = Path(out_dir)
-    if seqs:
-        rows, pack_stats = pack_sequences(seqs, settings["seq_len"], pad_id=tok.pad_token_id or 0,
-                                          algorithm=settings["packing"])
+    if rows is not None:
         entry["rows"], entry["packing"] = pack_stats.rows, pack_stats.to_dict()
         write_packed_shard(out / entry["name"], rows, {k: entry[k] for k in ("input", "packing", "sequences")})
     write_json(marker_path(out, index), entry, sort_keys=False)  # the index keeps the entries' key order
