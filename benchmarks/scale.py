@@ -115,6 +115,8 @@ def data_path_ms(packed: Path, codes: Path, codebook: int, steps: int, blocks: i
 
 def scaled_corpus(packed: Path, dest: Path, factor: int) -> Path:
     """``factor`` copies of a packed corpus as hard links (falling back to symlinks across filesystems)."""
+    from mmgen.data.packing import PackStats
+
     index = json.loads((packed / "index.json").read_text())
     dest.mkdir(parents=True)
     shutil.copytree(packed / "text_tokenizer", dest / "text_tokenizer")
@@ -128,9 +130,8 @@ def scaled_corpus(packed: Path, dest: Path, factor: int) -> Path:
             except OSError:
                 os.symlink(packed / s["name"], dest / name)
             shards.append({**s, "name": name})
-    totals = json.loads(json.dumps(index["totals"]))
-    for k in ("docs", "rows", "chunks", "docs_split", "docs_dropped", "tokens"):
-        totals["packing"][k] *= factor
+    packing = index["totals"]["packing"]
+    totals = {**index["totals"], "packing": PackStats.total([packing] * factor, packing["seq_len"]).to_dict()}
     (dest / "index.json").write_text(json.dumps({**index, "totals": totals, "shards": shards}))
     return dest
 

@@ -19,7 +19,7 @@ document is dropped and counted.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -40,6 +40,12 @@ class PackStats:
     @property
     def fill_rate(self) -> float:
         return self.tokens / (self.rows * self.seq_len) if self.rows else 0.0
+
+    @classmethod
+    def total(cls, stats: list[dict], seq_len: int) -> "PackStats":
+        """The sum of several packings' counts (their :meth:`to_dict`), into rows of ``seq_len``."""
+        return cls(**{f.name: sum(s.get(f.name, 0) for s in stats) for f in fields(cls) if f.name != "seq_len"},
+                   seq_len=seq_len)
 
     def to_dict(self) -> dict:
         return {"docs": self.docs, "rows": self.rows, "chunks": self.chunks, "docs_split": self.docs_split,

@@ -68,15 +68,14 @@ def pack_shard(settings: dict, index: int, path: str, out_dir: str) -> dict:
 
 
 def _totals(entries: list[dict], seq_len: int) -> dict:
-    packing, seqs, skipped, grids = Counter(), Counter(), Counter(), Counter()
+    from mmgen.data.packing import PackStats
+
+    seqs, skipped, grids = Counter(), Counter(), Counter()
     for e in entries:
-        packing.update({k: v for k, v in e.get("packing", {}).items() if k not in ("seq_len", "fill_rate")})
         seqs.update({k: v for k, v in e["sequences"].items() if k != "skipped_items"})
         skipped.update(e["sequences"].get("skipped_items", {}))
         grids.update(e["image_grids"])
-    packing = {k: packing[k] for k in ("docs", "rows", "chunks", "docs_split", "docs_dropped", "tokens")}
-    packing["seq_len"] = seq_len
-    packing["fill_rate"] = round(packing["tokens"] / (packing["rows"] * seq_len), 4) if packing["rows"] else 0.0
+    packing = PackStats.total([e["packing"] for e in entries if "packing" in e], seq_len).to_dict()
     return {"packing": packing, "sequences": {**dict(seqs), "skipped_items": dict(skipped)},
             "image_grids": dict(grids.most_common())}
 
