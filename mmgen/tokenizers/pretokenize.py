@@ -30,6 +30,7 @@ input file, never across files, so the bytes do not depend on which worker ran w
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -117,9 +118,6 @@ class _MediaCoder:
             counts["video_tokens_after"] += v["after"]
         else:
             counts[f"{item.kind}_items_without_codes"] += 1
-
-
-_CODERS: dict = {}
 
 
 class _ShardCoder:
@@ -223,6 +221,12 @@ class _ShardCoder:
                 "quarantine": quarantined, "shards": sorted(x.name for x in out.glob(f"codes-{index:06d}-*.tar"))}
 
 
+@functools.lru_cache(maxsize=1)
+def _coder(key: str) -> _ShardCoder:
+    """The coder for the settings ``key`` (the params as JSON), built once per worker process (models load once)."""
+    return _ShardCoder(json.loads(key))
+
+
 def marker_path(out: Path, index: int) -> Path:
     """The done marker of input file ``index``: written once its code shards are in place."""
     return out / "done" / f"{index:06d}.json"
@@ -235,17 +239,14 @@ def tokenize_shard(params: dict, index: int, path: str, out_dir: str) -> dict:
     skips the file; a file without one is tokenized again from scratch."""
     import shutil
 
-    key = json.dumps(params, sort_keys=True)
-    if key not in _CODERS:
-        _CODERS.clear()
-        _CODERS[key] = _ShardCoder(params)
+    coder = _coder(json.dumps(params, sort_keys=True))
     out = Path(out_dir)
     part = out / "partial" / f"{index:06d}"
     shutil.rmtree(part, ignore_errors=True)
     for stale in out.glob(f"codes-{index:06d}-*.tar"):  # left by a run killed between the moves below
         stale.unlink()
     part.mkdir(parents=True)
-    entry = {"params": params, **_CODERS[key].run(index, path, part)}
+    entry = {"params": params, **coder.run(index, path, part)}
     for name in entry["shards"]:
         (part / name).replace(out / name)
     part.rmdir()

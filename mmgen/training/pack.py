@@ -17,6 +17,7 @@ Steps, each resumable:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -24,20 +25,14 @@ from pathlib import Path
 from mmgen.errors import MMGenError
 from mmgen.utils.files import write_json
 
-_PACKERS: dict = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _packer(out_dir: str):
     """(text tokenizer, vocab) of a pack output directory, loaded once per worker process."""
-    if out_dir not in _PACKERS:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
 
-        _PACKERS.clear()
-        _PACKERS[out_dir] = (AutoTokenizer.from_pretrained(Path(out_dir) / "text_tokenizer"),
-                             Vocab.load(Path(out_dir) / "vocab.json"))
-    return _PACKERS[out_dir]
+    return AutoTokenizer.from_pretrained(Path(out_dir) / "text_tokenizer"), Vocab.load(Path(out_dir) / "vocab.json")
 
 
 def marker_path(out: Path, index: int) -> Path:
