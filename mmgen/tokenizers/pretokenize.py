@@ -133,6 +133,15 @@ class _ShardCoder:
         self.media = _MediaCoder(self.tok, p["audio_tokenizer"], p["video"], p["video_fps"], p["video_max_frames"],
                                  p["batch_size"], self.code_dtype)
 
+    def summary(self) -> dict:
+        """Codebook facts for the run's summary: the image codebooks and code dtype, the audio codec's."""
+        info = {"codebooks": {"code_dtype": np.dtype(self.code_dtype).name, "codebooks": dict(self.sizes)}}
+        codec = self.media.codec
+        if codec is not None:
+            info["audio"] = {"levels": codec.n_q, "codebook_size": codec.codebook_size,
+                             "frame_rate": codec.frame_rate, "sample_rate": codec.sample_rate}
+        return info
+
     def run(self, index: int, path: str, out: Path) -> dict:
         """Tokenize one input file into ``out/codes-IIIIII-NNNNNN.tar``; its counts and quarantined records."""
         from mmgen.data.code_shards import CodedDoc, CodeShardWriter
@@ -222,9 +231,13 @@ class _ShardCoder:
 
 
 @functools.lru_cache(maxsize=1)
-def _coder(key: str) -> _ShardCoder:
-    """The coder for the settings ``key`` (the params as JSON), built once per worker process (models load once)."""
+def _coder_of(key: str) -> _ShardCoder:
     return _ShardCoder(json.loads(key))
+
+
+def _coder(params: dict) -> _ShardCoder:
+    """The coder for ``params``, built once per worker process (models load once)."""
+    return _coder_of(json.dumps(params, sort_keys=True))
 
 
 def marker_path(out: Path, index: int) -> Path:
@@ -239,7 +252,7 @@ def tokenize_shard(params: dict, index: int, path: str, out_dir: str) -> dict:
     skips the file; a file without one is tokenized again from scratch."""
     import shutil
 
-    coder = _coder(json.dumps(params, sort_keys=True))
+    coder = _coder(params)
     out = Path(out_dir)
     part = out / "partial" / f"{index:06d}"
     shutil.rmtree(part, ignore_errors=True)
@@ -311,7 +324,8 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
             for q in e["quarantine"]:
                 qf.write(json.dumps(q, ensure_ascii=False) + "\n")
     shards = [str(out / name) for i in range(len(paths)) for name in entries[i]["shards"]]
-    coder_info = _coder_info(params)
+    # this process's coder: the one the shards were made with when it ran them (one local worker)
+    coder_info = _coder(params).summary()
     summary = {
         "docs_in": stats["docs_in"], "docs_written": stats["docs_written"], "quarantined": stats["quarantined"],
         "quarantine_reasons": dict(reasons), "images_encoded": stats["images_encoded"],
@@ -333,22 +347,6 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
                          f"written, {summary['quarantined']} quarantined")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def _coder_info(params: dict) -> dict:
-    """Codebook facts for the summary, from the saved tokenizers' configs (no weights are needed)."""
-    from mmgen.tokenizers.base import load_image_tokenizer
-
-    tok = load_image_tokenizer(params["tokenizer"])
-    sizes = getattr(tok, "codebook_sizes", {"pix": tok.codebook_size})
-    info = {"codebooks": {"code_dtype": np.dtype(code_dtype_for(sizes.values())).name, "codebooks": dict(sizes)}}
-    if params["audio_tokenizer"]:
-        from mmgen.tokenizers.audio import AudioCodec
-
-        codec = AudioCodec.from_pretrained(params["audio_tokenizer"])
-        info["audio"] = {"levels": codec.n_q, "codebook_size": codec.codebook_size, "frame_rate": codec.frame_rate,
-                         "sample_rate": codec.sample_rate}
-    return info
 
 
 def encode_image_files(tokenizer, paths, size: tuple[int, int] | None = None) -> torch.Tensor:
