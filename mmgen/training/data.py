@@ -14,7 +14,7 @@ import torch
 from mmgen.data.doc import BadRecord
 from mmgen.errors import MMGenError
 from mmgen.training.config import TrainConfig
-from mmgen.training.distributed import barrier
+from mmgen.training.distributed import barrier, gather
 
 
 def _inherit_tokenizers(cfg: TrainConfig) -> None:
@@ -318,20 +318,9 @@ class StreamedBatches:
 
     def shards_per_rank(self) -> list[list[str]]:
         """The packed shards each rank reads (a collective)."""
-        mine = sorted(Path(p).name for p in self.reader.shard_paths())
-        everyone = [None] * self.world
-        if self.world > 1:
-            torch.distributed.all_gather_object(everyone, mine)
-        else:
-            everyone = [mine]
-        return everyone
+        return gather(sorted(Path(p).name for p in self.reader.shard_paths()), self.world)
 
     def state(self) -> dict:
         """Every rank's stream positions (a collective: all ranks call it)."""
-        mine = self.reader.positions()
-        everyone = [None] * self.world
-        if self.world > 1:
-            torch.distributed.all_gather_object(everyone, mine)
-        else:
-            everyone = [mine]
+        everyone = gather(self.reader.positions(), self.world)
         return {"streams": self.reader.n_streams, "positions": {k: v for d in everyone for k, v in d.items()}}

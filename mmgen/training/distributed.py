@@ -37,3 +37,12 @@ def init_distributed() -> tuple[int, int]:
 def barrier():
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
+
+
+def gather(obj, world: int) -> list:
+    """Every rank's ``obj``, in rank order (a collective: all ranks call it)."""
+    if world <= 1:
+        return [obj]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, obj)
+    return everyone

@@ -31,7 +31,7 @@ from mmgen.errors import MMGenError
 from mmgen.training.checkpointing import prune_checkpoints, rng_state, save_run_bundle, set_rng_state, write_snapshot
 from mmgen.training.config import TrainConfig, check_global_batch, load_train_config
 from mmgen.training.data import MemoryBatches, StreamedBatches, prepare_data
-from mmgen.training.distributed import barrier, init_distributed
+from mmgen.training.distributed import barrier, gather, init_distributed
 from mmgen.training.metrics import MetricWindow, peak_rss_mib, plot_losses
 from mmgen.training.model_setup import FEATURE_SOURCES, build_model, continuous_input_table, model_dtype
 from mmgen.training.optim import build_optimizer, deepspeed_config
@@ -165,11 +165,7 @@ def run_training(cfg: TrainConfig) -> Path:
         if bar is not None:
             bar.update(1)
         if done % cfg.save_every == 0 or done == cfg.steps:
-            rng_all = [None] * world
-            if world > 1:
-                torch.distributed.all_gather_object(rng_all, rng_state())
-            else:
-                rng_all = [rng_state()]
+            rng_all = gather(rng_state(), world)
             engine.save_checkpoint(str(ckpt_dir), tag=f"step_{done}",
                                    client_state={"step": done, "rng": {str(r): s for r, s in enumerate(rng_all)},
                                                  "train_s": train_seconds(), "data": batches.state()})
@@ -186,11 +182,7 @@ def run_training(cfg: TrainConfig) -> Path:
 
     run_s = time.perf_counter() - t_run - snap_s
     streamed = {"shards_per_rank": batches.shards_per_rank()} if isinstance(batches, StreamedBatches) else {}
-    rss = [None] * world
-    if world > 1:
-        torch.distributed.all_gather_object(rss, peak_rss_mib())
-    else:
-        rss = [peak_rss_mib()]
+    rss = gather(peak_rss_mib(), world)
     summary = {"stage": cfg.stage, "steps": cfg.steps, "resumed_from": start, "final_loss": last.get("loss"),
                "train_seconds": train_seconds(),
                "tokens_per_s": run_tokens / run_s if run_tokens else None, "world_size": world,
