@@ -113,6 +113,21 @@ def test_a_stream_started_at_a_position_continues_the_uninterrupted_order(packed
         assert np.array_equal(resumed, full[start:start + total])
 
 
+def test_a_resumed_stream_reads_each_shard_once_up_to_its_first_rows(packed, monkeypatch):
+    from mmgen.data.packed_shards import read_index
+    from mmgen.training import streaming
+
+    shards = [(s["path"], s["rows"]) for s in read_index(packed[0])["shards"]]
+    total = sum(n for _, n in shards)
+    reads = []
+    read = streaming.read_packed_shard
+    monkeypatch.setattr(streaming, "read_packed_shard", lambda path: reads.append(path) or read(path))
+    for start in range(1, total + 10, 3):
+        reads.clear()
+        streaming.PackedRowStream(shards, seed=3, stream=1, buffer=5, start=start).take(1)
+        assert len(reads) == len(set(reads)), (start, reads)
+
+
 def _final_weights(run: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -91,18 +91,23 @@ class PackedRowStream:
         return out
 
     def _replay(self, start: int) -> None:
+        current = None
+
         def index(k, row):
+            nonlocal current
+            current = k
             return (k, row)
 
         while self.position < start:
             if self._step(index) is not None:
                 self.position += 1
-        # the buffer's rows, read a shard at a time
+        # the buffer's rows, read a shard at a time; the shard the source is in goes last, so the first
+        # take finds it loaded (the last row replayed is in the buffer: the shard is among these)
         by_shard: dict[int, list[int]] = {}
         for j, (k, _) in enumerate(self._buf):
             by_shard.setdefault(k, []).append(j)
-        for k, slots in by_shard.items():
-            for j in slots:
+        for k in sorted(by_shard, key=lambda k: k == current):
+            for j in by_shard[k]:
                 self._buf[j] = self._row(*self._buf[j])
 
     def take(self, n: int) -> dict:
