@@ -25,29 +25,38 @@ def _inherit_tokenizers(cfg: TrainConfig) -> None:
             setattr(cfg.data, name, str(Path(cfg.init_from) / name))
 
 
-def text_tokenizer_for(cfg: TrainConfig, tok_dir: Path, rank: int, records=None):
-    """The run's text tokenizer, saved at ``tok_dir`` once (by rank 0) and loaded from there on every
-    rank: the bundle's (``init_from``), ``data.text_tokenizer``, or a byte-level BPE trained on the texts
-    of the first ``data.text_sample_docs`` documents (``records``, else read from the code shards)."""
+def _new_text_tokenizer(cfg: TrainConfig, records=None):
+    """The bundle's text tokenizer (``init_from``), ``data.text_tokenizer``, or a byte-level BPE trained on
+    the texts of the first ``data.text_sample_docs`` documents (``records``, else read from the code shards)."""
     from itertools import islice
 
     from transformers import AutoTokenizer
 
     from mmgen.data.code_shards import read_code_shards_of_splits
-    from mmgen.data.sequence import doc_texts
     from mmgen.models.text_tokenizer import train_text_tokenizer
+    from mmgen.processing.sequence import doc_texts
+
+    if cfg.init_from:  # continue with the ids the starting bundle was trained on
+        return AutoTokenizer.from_pretrained(cfg.init_from)
+    if cfg.data.text_tokenizer:
+        return AutoTokenizer.from_pretrained(cfg.data.text_tokenizer)
+    if records is None:
+        records = read_code_shards_of_splits(cfg.data.code_shards, cfg.data.splits)
+    sample = islice((r for r in records if not isinstance(r, BadRecord)), cfg.data.text_sample_docs)
+    return train_text_tokenizer(doc_texts(sample), vocab_size=cfg.data.text_vocab_size)
+
+
+def text_tokenizer_for(cfg: TrainConfig, tok_dir: Path, rank: int, records=None, copy_from: Path | None = None):
+    """The run's text tokenizer, saved at ``tok_dir`` once (by rank 0) and loaded from there on every
+    rank: a copy of the files at ``copy_from`` (packed shards' tokenizer, the ids their rows are written
+    in), else :func:`_new_text_tokenizer` of ``records``."""
+    from transformers import AutoTokenizer
 
     if rank == 0 and not (tok_dir / "tokenizer_config.json").is_file():
-        if cfg.init_from:  # continue with the ids the starting bundle was trained on
-            tok = AutoTokenizer.from_pretrained(cfg.init_from)
-        elif cfg.data.text_tokenizer:
-            tok = AutoTokenizer.from_pretrained(cfg.data.text_tokenizer)
+        if copy_from is not None:
+            shutil.copytree(copy_from, tok_dir, dirs_exist_ok=True)
         else:
-            if records is None:
-                records = read_code_shards_of_splits(cfg.data.code_shards, cfg.data.splits)
-            sample = islice((r for r in records if not isinstance(r, BadRecord)), cfg.data.text_sample_docs)
-            tok = train_text_tokenizer(doc_texts(sample), vocab_size=cfg.data.text_vocab_size)
-        tok.save_pretrained(tok_dir)
+            _new_text_tokenizer(cfg, records).save_pretrained(tok_dir)
     barrier()
     return AutoTokenizer.from_pretrained(tok_dir)
 
@@ -164,13 +173,7 @@ def prepare_packed(cfg: TrainConfig, out_dir: Path, rank: int) -> dict:
         k, (got, need) = next(iter(diff.items()))
         raise MMGenError(f"packed shards {packed} were built with {k}={got!r}, this run needs {need!r}; "
                          f"rerun `mmgen pack` with this run's config")
-    tok_dir = out_dir / "text_tokenizer"
-    if rank == 0 and not (tok_dir / "tokenizer_config.json").is_file():
-        shutil.copytree(packed / "text_tokenizer", tok_dir, dirs_exist_ok=True)
-    barrier()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = text_tokenizer_for(cfg, out_dir / "text_tokenizer", rank, copy_from=packed / "text_tokenizer")
     vocab, image_tokenizer, audio_codec = media_tokenizers_and_vocab(cfg, tok)
     check_saved_vocab(packed / "vocab.json", vocab, "rerun `mmgen pack` with this run's data settings")
     check_saved_vocab(out_dir / "vocab.json", vocab, "use a fresh out_dir or the same data settings")
