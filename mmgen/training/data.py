@@ -280,6 +280,9 @@ class MemoryBatches:
     def state(self) -> dict:
         return {}
 
+    def summary(self) -> dict:
+        return {}
+
 
 class StreamedBatches:
     """Micro-batches streamed from packed shards (:mod:`mmgen.training.streaming`); the step's target
@@ -319,9 +322,9 @@ class StreamedBatches:
             batches.append(batch)
         return batches, float(n.item())
 
-    def shards_per_rank(self) -> list[list[str]]:
-        """The packed shards each rank reads (a collective)."""
-        return gather(sorted(Path(p).name for p in self.reader.shard_paths()), self.world)
+    def summary(self) -> dict:
+        """The packed shards each rank reads, for the run's summary (a collective: all ranks call it)."""
+        return {"shards_per_rank": gather(sorted(Path(p).name for p in self.reader.shard_paths()), self.world)}
 
     def state(self) -> dict:
         """Every rank's stream positions (a collective: all ranks call it)."""

@@ -181,7 +181,7 @@ def run_training(cfg: TrainConfig) -> Path:
         writer.close()
 
     run_s = time.perf_counter() - t_run - snap_s
-    streamed = {"shards_per_rank": batches.shards_per_rank()} if isinstance(batches, StreamedBatches) else {}
+    source_summary = batches.summary()
     rss = gather(peak_rss_mib(), world)
     summary = {"stage": cfg.stage, "steps": cfg.steps, "resumed_from": start, "final_loss": last.get("loss"),
                "train_seconds": train_seconds(),
@@ -192,7 +192,7 @@ def run_training(cfg: TrainConfig) -> Path:
                "parameter_bytes": parameter_bytes(engine.module),
                "vocab_size": vocab.size,
                "data": {"sequences": data["seq_stats"], "packing": data["pack_stats"],
-                        "image_grids": data["image_grids"], **streamed}}
+                        "image_grids": data["image_grids"], **source_summary}}
     final = out_dir / "final"
     save_run_bundle(engine, data, cfg, summary, final, out_dir / "lora_adapter", rank)
     if rank == 0:
