@@ -89,7 +89,6 @@ def train_run(work: Path, name: str, codes: Path, codebook: int, steps: int, sou
 def data_path_ms(packed: Path, codes: Path, codebook: int, steps: int, blocks: int = 4) -> dict:
     """Milliseconds per optimizer step spent making the batches (rows, prompt dropout, masks), both paths
     in this process, interleaved in blocks: the data path's own cost, without the model's noise."""
-    import numpy as np
     import torch
 
     from mmgen.data.packed_shards import read_index, read_packed_shard
@@ -115,6 +114,7 @@ def data_path_ms(packed: Path, codes: Path, codebook: int, steps: int, blocks: i
 
 def scaled_corpus(packed: Path, dest: Path, factor: int) -> Path:
     """``factor`` copies of a packed corpus as hard links (falling back to symlinks across filesystems)."""
+    from mmgen.data.packed_shards import shard_name
     from mmgen.data.packing import PackStats
 
     index = json.loads((packed / "index.json").read_text())
@@ -124,7 +124,7 @@ def scaled_corpus(packed: Path, dest: Path, factor: int) -> Path:
     shards = []
     for copy in range(factor):
         for s in index["shards"]:
-            name = f"packed-{len(shards):06d}.tar"
+            name = shard_name(len(shards))
             try:
                 os.link(packed / s["name"], dest / name)
             except OSError:
@@ -201,6 +201,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    from mmgen.training.config import load_train_config
     from mmgen.training.pack import pack
 
     work = Path(args.work or tempfile.mkdtemp(prefix="mmgen_scale_"))
@@ -209,8 +210,9 @@ def main(argv=None) -> int:
         codes = Path(args.codes) if args.codes else synthetic_code_shards(work / "codes", args.docs, args.docs_per_shard,
                                                                           args.codebook)
         t = time.perf_counter()
-        index = pack("tiny_pretrain", train_overrides(work / "unused", codes, args.codebook, 1, "memory", None),
-                     work / "packed", progress=False)
+        over = train_overrides(work / "unused", codes, args.codebook, 1, "memory", None)
+        cfg = load_train_config("tiny_pretrain", over)
+        index = pack("tiny_pretrain", over, work / "packed", progress=False)
         pack_s = time.perf_counter() - t
         totals = index["totals"]["packing"]
         print(f"packed {totals['docs']} docs into {totals['rows']} rows in {pack_s:.1f} s", flush=True)
@@ -262,7 +264,8 @@ def main(argv=None) -> int:
                          [[r["executor"], r["workers"], r["docs"], f"{r['seconds']:.1f}", f"{r['docs_per_s']:.1f}",
                            f"{r['docs_per_s'] / t1:.2f}", f"{r['startup']:.1f}", f"{r['net_docs_per_s']:.1f}",
                            f"{r['net_docs_per_s'] / n1:.2f}", same[f"{r['executor']} x{r['workers']}"]] for r in tok_rows])
-    step_ms = 2048 * side["memory"][0]["data"]["packing"]["fill_rate"] / m_tps * 1000
+    rows_per_step = cfg.micro_batch * cfg.grad_accum  # one rank
+    step_ms = rows_per_step * cfg.data.seq_len * side["memory"][0]["data"]["packing"]["fill_rate"] / m_tps * 1000
     per_round = {k: ", ".join(f"{s['tokens_per_s']:.0f}" for s in v) for k, v in side.items()}
     lo_first = min(base_first, *(s["first_step_s"] for _, s in scaled))
     hi_first = max(base_first, *(s["first_step_s"] for _, s in scaled))
@@ -270,7 +273,7 @@ def main(argv=None) -> int:
         f"Corpus: {'code shards ' + str(args.codes) if args.codes else f'{args.docs} synthetic documents of the quick start size (1-3 steps of caption + 8x8 code grid)'}"
         f" in {len(index['shards'])} code shards -> `mmgen pack` ({pack_s:.1f} s, 1 worker): {totals['docs']} documents, "
         f"{totals['rows']} rows of {totals['seq_len']} tokens, fill {totals['fill_rate']}. The tiny recipe "
-        f"(`training/tiny_pretrain.yaml`, 2 x 1024 tokens per step), one rank, 1 thread, each run a fresh process; "
+        f"(`training/tiny_pretrain.yaml`, {rows_per_step} x {cfg.data.seq_len} tokens per step), one rank, 1 thread, each run a fresh process; "
         f"{args.rounds} rounds of {args.steps} steps interleaved (memory, streamed, memory, ...), medians; tokens/s over "
         f"all steps of a run; time to first step counts the process's start-up (imports, data, model, DeepSpeed). "
         f"The scaled corpora ({', '.join(f'{k}x' for k in args.scales)}) are {args.scale_steps}-step runs on packed "

@@ -1,6 +1,6 @@
 """Packed shards: rows already packed for training, one tar per code shard, and a manifest.
 
-``mmgen pack`` writes them (:mod:`mmgen.training.packing_step`); the trainer streams them
+``mmgen pack`` writes them (:mod:`mmgen.training.pack`); the trainer streams them
 (:mod:`mmgen.training.streaming`), so a rank holds one shard and a shuffle buffer, never the corpus.
 
 Layout of ``DIR``::

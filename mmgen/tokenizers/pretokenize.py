@@ -6,7 +6,7 @@ Images are encoded in batches with the saved image tokenizer and written with
 :class:`~mmgen.data.code_shards.CodeShardWriter` as ``(h, w)`` int16 arrays (int32 for codebooks
 larger than int16 can index). A dual tokenizer (DualViTok) writes both levels: the pixel grid as the
 item's codes and the semantic grid beside it (``KEY.I.sem.npy``), which is what
-:func:`mmgen.data.sequence.build_sequence` turns into ``<sem> ... </sem> <pix> ... </pix>``.
+:func:`mmgen.processing.sequence.build_sequence` turns into ``<sem> ... </sem> <pix> ... </pix>``.
 
 Audio and video are opt-in, so a corpus tokenized without them stays as it was:
 
@@ -288,8 +288,6 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     ``too_many_pixels`` and is never decoded).
 
     Returns a summary (also written to ``out_dir/summary.json``)."""
-    from tqdm import tqdm
-
     from mmgen.data.executors import map_resumable
     from mmgen.paths import expand_inputs
 

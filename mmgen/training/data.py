@@ -63,7 +63,7 @@ def text_tokenizer_for(cfg: TrainConfig, tok_dir: Path, rank: int, records=None,
 
 def media_tokenizers_and_vocab(cfg: TrainConfig, tok):
     """(vocab, image tokenizer or None, audio codec or None) of a run with text tokenizer ``tok``."""
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
 
     image_tokenizer = None
     _inherit_tokenizers(cfg)
@@ -93,7 +93,7 @@ def media_tokenizers_and_vocab(cfg: TrainConfig, tok):
 
 
 def check_saved_vocab(saved: Path, vocab, hint: str) -> None:
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
 
     if saved.is_file() and Vocab.load(saved) != vocab:
         raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); {hint}")
@@ -101,7 +101,7 @@ def check_saved_vocab(saved: Path, vocab, hint: str) -> None:
 
 def sequence_settings(cfg: TrainConfig) -> dict:
     """What the rows depend on besides the tokenizers: kept in packed shards' index and checked at training."""
-    from mmgen.data.sequence import chat_layout
+    from mmgen.processing.sequence import chat_layout
 
     # SFT learns to answer; pretraining on conversations still learns everything the user shows
     return {"seq_len": cfg.data.seq_len, "packing": cfg.data.packing, "splits": list(cfg.data.splits or []),
@@ -194,7 +194,7 @@ def run_vocab(cfg: TrainConfig, n_text: int, image_books: dict[str, int] | None,
     """The Vocab of a fresh run: text ids, then data.codebooks (default: the image tokenizer's code
     ranges), the audio codec's levels x codebook range when there is one, and the video layout when
     data.video_times > 0. ``data.image_levels: [pix]`` keeps a DualViTok run to its pixel codes."""
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
 
     text_size = cfg.data.text_size or n_text
     if text_size < n_text:
@@ -294,11 +294,12 @@ class StreamedBatches:
 
         self.cfg, self.world = cfg, world
         state = state or {}
-        if state and state.get("streams") != (cfg.data.streams or world):
+        streams = cfg.data.streams or world
+        if state and state.get("streams") != streams:
             raise MMGenError(f"the checkpoint's data position is for data.streams={state.get('streams')}, this run has "
-                             f"{cfg.data.streams or world}; resume with data.streams={state.get('streams')}")
+                             f"{streams}; resume with data.streams={state.get('streams')}")
         self.reader = StreamBatches(index, cfg.micro_batch, rank, world, cfg.seed, cfg.data.shuffle_buffer,
-                                    cfg.data.streams, state.get("positions"))
+                                    streams, state.get("positions"))
 
     def step(self, step: int, dtype, attention: str) -> tuple[list[dict], float]:
         from mmgen.data.packing import packed_batch

@@ -12,7 +12,7 @@ import torch
 
 from mmgen.data.packing import IGNORE_INDEX
 from mmgen.errors import MMGenError
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 IMAGE_RANGES = ("sem", "pix")
 

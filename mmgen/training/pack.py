@@ -8,7 +8,7 @@ Steps, each resumable:
 1. the text tokenizer, trained once on the first ``data.text_sample_docs`` documents (or the bundle's /
    ``data.text_tokenizer``), saved to ``OUT/text_tokenizer``, and the run's vocab to ``OUT/vocab.json``;
 2. every code shard, a work unit on :func:`mmgen.data.executors.map_resumable`: its documents of
-   ``data.splits`` become sequences (:func:`mmgen.data.sequence.build_sequences`, the stage's chat
+   ``data.splits`` become sequences (:func:`mmgen.processing.sequence.build_sequences`, the stage's chat
    layout and targets) and are packed by :func:`mmgen.data.packing.pack_sequences` exactly as the
    in-memory trainer packs them (the same algorithm, per shard rather than over the corpus), written
    to ``packed-IIIIII.tar`` with a done marker; a rerun skips the shards already done;

@@ -49,12 +49,13 @@ def rank_streams(streams: int, rank: int, world: int) -> range:
 class PackedRowStream:
     """One data stream over some packed shards: rows one at a time, shuffled within a bounded buffer.
 
-    ``shards``: ``(path, rows)`` pairs; ``start``: rows already handed out (a resumed run)."""
+    ``shards``: ``(path, rows)`` pairs; ``buffer``: rows the shuffle buffer holds, at least 1
+    (``data.shuffle_buffer``, checked with the config); ``start``: rows already handed out (a resumed run)."""
 
     def __init__(self, shards: list[tuple[str, int]], seed: int, stream: int, buffer: int, start: int = 0):
         if not shards or not any(n for _, n in shards):
             raise MMGenError(f"data stream {stream} has no packed rows")
-        self.shards, self.seed, self.stream, self.size = shards, seed, stream, max(1, buffer)
+        self.shards, self.seed, self.stream, self.size = shards, seed, stream, buffer
         self.position = 0
         self._rng = random.Random(seed * 1_000_003 + stream)
         self._source = self._indices()

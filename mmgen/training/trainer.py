@@ -6,7 +6,7 @@ One rank's path through :func:`pretrain`:
    run in-process it becomes a single-rank job (gloo on CPU), so debugging needs no launcher;
 2. data: get the text tokenizer (trained on a sample of the shards' texts by rank 0 and saved in the
    run directory, so a resumed run and every rank use the very same ids), build the
-   :class:`~mmgen.models.vocab.Vocab`; then either read the code shards, turn documents into
+   :class:`~mmgen.processing.vocab.Vocab`; then either read the code shards, turn documents into
    sequences and pack them into rows in memory (``data.source=memory``), or open the packed shards
    ``mmgen pack`` wrote, which each rank streams (``data.source=packed``, :mod:`mmgen.training.streaming`);
 3. model and engine: the tiny Llama from config, torch AdamW with a warmup + decay schedule, all
