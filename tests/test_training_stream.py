@@ -78,6 +78,15 @@ def test_pack_rows_are_the_trainers_packing_per_shard_and_any_worker_count_agree
         assert (two / entry["name"]).read_bytes() == (out / entry["name"]).read_bytes()
 
 
+def test_pack_refuses_max_docs_rather_than_packing_every_document(code_shards, tmp_path):
+    from mmgen.errors import MMGenError
+    from mmgen.training.pack import pack
+
+    with pytest.raises(MMGenError, match="data.max_docs applies to data.source=memory"):
+        pack(None, _over(code_shards, tmp_path / "unused", **{"data.max_docs": 10}), tmp_path / "packed", progress=False)
+    assert not (tmp_path / "packed").exists()
+
+
 def test_ranks_never_read_the_same_shard_and_one_rank_with_both_streams_reads_the_same_rows(packed):
     from mmgen.data.packed_shards import read_index
     from mmgen.errors import MMGenError

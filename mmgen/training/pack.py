@@ -87,6 +87,8 @@ def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | 
                                      text_tokenizer_for)
 
     cfg = load_train_config(config, [*(overrides or []), "data.source=memory"])
+    if cfg.data.max_docs is not None:  # the in-memory source's cap: packed shards hold every document
+        raise MMGenError("data.max_docs applies to data.source=memory; pack fewer code shards instead")
     if workers < 1:
         raise MMGenError(f"workers must be at least 1, got {workers}")
     out = Path(out_dir)
