@@ -114,6 +114,23 @@ def test_killed_run_resumes_to_the_same_output(big_jsonl, tmp_path):
     assert again == ref and snapshot(out) == snapshot(tmp_path / "ref")
 
 
+def test_resume_takes_the_units_from_the_manifest(big_jsonl, tmp_path, monkeypatch):
+    import mmgen.data.filter_inputs as filter_inputs
+
+    ref = run_filter(RECIPE, str(big_jsonl), tmp_path / "run", workers=1, progress=False, unit_bytes=2000)
+    saved = json.loads((tmp_path / "run" / "manifest.json").read_text())["units"]
+    assert len(saved) == ref["units"] and saved[1]["start"] > 0 and saved[1]["first_line"] > 1
+
+    def no_planning(*a, **k):
+        raise AssertionError("a resumed run planned its units again")
+
+    monkeypatch.setattr(filter_inputs, "plan_units", no_planning)
+    for p in (tmp_path / "run" / "done").glob("*.json"):
+        if p.name >= "00003.json":
+            p.unlink()
+    assert run_filter(RECIPE, str(big_jsonl), tmp_path / "run", workers=1, progress=False, unit_bytes=2000) == ref
+
+
 def test_parquet_row_groups_are_units(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
