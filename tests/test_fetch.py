@@ -39,7 +39,7 @@ def test_fetch_attaches_media_records_failures_and_resumes(real_dir, tmp_path):
         assert "404" in fails["missing/bus2.jpg"]["reason"]
         assert "timed out" in fails["slow/bed.jpg"]["reason"]
         assert "corrupt image" in fails["truncated/cat.jpg"]["reason"]
-        assert fails["huge/poster.png"]["reason"] == "image area too large (6000x6000)"
+        assert fails["huge/poster.png"]["reason"].startswith("image area too large: image of 6000x6000 = ")
         assert fails["img/blip.jpg"]["reason"].startswith("file too large (496395 bytes")
         assert all(f["docs"] for f in fails.values())
 
@@ -98,3 +98,24 @@ def test_not_fetched_media_never_read_implicitly():
     with pytest.raises(NotFetchedError, match="not fetched: https://example.org/a.jpg .*mmgen fetch"):
         img.load()
     assert Image(path="https://example.org/b.png").url == "https://example.org/b.png"  # a URL is never a path
+
+
+def test_area_limit_above_pillows_own_bomb_check():
+    """The area limit is mmgen's alone: an image over twice Pillow's warning threshold passes a limit
+    set above it (Pillow's own check would call it corrupt) and is refused by a limit below it."""
+    import io
+
+    from PIL import Image
+
+    from mmgen.data import media
+    from mmgen.data.fetch import _check
+
+    buf = io.BytesIO()
+    Image.new("1", (13600, 13600)).save(buf, "PNG")  # 185 M pixels in 22 KB
+    try:
+        media.set_max_image_pixels(200_000_000)
+        assert _check(buf.getvalue(), "image", None, 0, None) is None
+        media.set_max_image_pixels(100_000_000)
+        assert _check(buf.getvalue(), "image", None, 0, None).startswith("image area too large: image of 13600x13600")
+    finally:
+        media.set_max_image_pixels(None)

@@ -32,11 +32,10 @@ has no per-host limit), and a file is measured against ``max_bytes`` once downlo
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -56,29 +55,33 @@ def _inputs(input, input_format: str):
         yield from read_input(path, input_format)
 
 
-def _check(data: bytes, kind: str, max_bytes: int | None, min_image_size: int, max_image_area: float | None,
+def _check(data: bytes, kind: str, max_bytes: int | None, min_image_size: int,
            max_aspect_ratio: float | None) -> str | None:
-    """Why the downloaded bytes are not acceptable, or None."""
+    """Why the downloaded bytes are not acceptable, or None. An image goes through
+    :func:`mmgen.data.media.open_image` (header only: an image over the pixel limit, which
+    :func:`fetch` sets from ``max_image_area``, is refused before it is decoded), then
+    :func:`~mmgen.data.media.decode_image`."""
+    from mmgen.data.media import decode_image, open_image
+    from mmgen.errors import MediaError
+
     if not data:
         return "empty response"
     if max_bytes is not None and len(data) > max_bytes:
         return f"file too large ({len(data)} bytes > {max_bytes})"
     if kind != "image":
         return None if sniff_format(data) else f"not a recognised {kind} file"
-    from PIL import Image as PILImage
-
     try:
-        with PILImage.open(io.BytesIO(data)) as img:
-            w, h = img.size  # header only: a huge image is refused before it is decoded
-            if min(w, h) < min_image_size:
-                return f"image too small ({w}x{h})"
-            if max_image_area is not None and w * h > max_image_area:
-                return f"image area too large ({w}x{h})"
-            if max_aspect_ratio is not None and max(w, h) / max(min(w, h), 1) > max_aspect_ratio:
-                return f"aspect ratio too large ({w}x{h})"
-            img.load()
-    except Exception as e:  # noqa: BLE001 - every decoder failure is a reason, recorded with the URL
-        return f"corrupt image: {type(e).__name__}: {e}"
+        with open_image(data, "downloaded image") as img:
+            w, h = img.size
+        if min(w, h) < min_image_size:
+            return f"image too small ({w}x{h})"
+        if max_aspect_ratio is not None and max(w, h) / max(min(w, h), 1) > max_aspect_ratio:
+            return f"aspect ratio too large ({w}x{h})"
+        decode_image(data, "downloaded image", mode=None).close()
+    except MediaError as e:  # every decoder failure is a reason, recorded with the URL
+        if e.reason == "too_many_pixels":
+            return f"image area too large: {e}"
+        return f"corrupt image: {e}"
     return None
 
 
@@ -150,10 +153,12 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
     """Download every URL medium of the documents in ``input`` into ``out`` (see the module docstring).
 
     ``timeout``: seconds a connection may stay silent; ``max_bytes``, ``min_image_size`` (shorter side,
-    pixels), ``max_image_area`` (pixels; PIL's decompression-bomb limit by default), ``max_aspect_ratio``:
+    pixels), ``max_image_area`` (pixels; twice Pillow's warning threshold by default, None: no limit; checked
+on the header, before decoding), ``max_aspect_ratio``:
     limits a download must meet; ``per_host_rate``: requests per second to one host at most (None: no
     limit). Rerunning with the same ``out`` resumes: nothing fetched before is fetched again."""
     from mmgen.data.formats import DIR_FORMATS, format_module, write_records
+    from mmgen.data.media import max_image_pixels, set_max_image_pixels
 
     format_module(output_format)
     out = Path(out)
@@ -186,16 +191,21 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
     found = _collect(download_dir)
 
     result: dict[str, tuple[bytes | None, str | None]] = {}
-    for url, kind in wanted.items():
-        got = found.get(url)
-        if got is None:
-            result[url] = (None, "no result from the downloader")
-        elif "error" in got:
-            result[url] = (None, got["error"])
-        else:
-            data = Path(got["file"]).read_bytes()
-            why = _check(data, kind, max_bytes, min_image_size, max_image_area, max_aspect_ratio)
-            result[url] = (None, why) if why else (data, None)
+    previous_limit = max_image_pixels()
+    set_max_image_pixels(sys.maxsize if max_image_area is None else max(1, int(max_image_area)))
+    try:
+        for url, kind in wanted.items():
+            got = found.get(url)
+            if got is None:
+                result[url] = (None, "no result from the downloader")
+            elif "error" in got:
+                result[url] = (None, got["error"])
+            else:
+                data = Path(got["file"]).read_bytes()
+                why = _check(data, kind, max_bytes, min_image_size, max_aspect_ratio)
+                result[url] = (None, why) if why else (data, None)
+    finally:
+        set_max_image_pixels(previous_limit)  # the limit is this call's, not the process's
 
     users: dict[str, list] = defaultdict(list)
     n_fetched_items = n_failed_items = 0
