@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from mmgen.data.doc import BadRecord, Doc
-from mmgen.data.input_kind import open_decompressed, sniff_input
+from mmgen.data.input_kind import InputKind, open_decompressed, sniff_input
 from mmgen.errors import MMGenError
 
 INPUT_FORMATS = ("auto", "wds", "mmgen", "obelics", "mmc4", "dj", "llava")
@@ -79,6 +79,12 @@ class WorkUnit:
     end: int | None = None
     first_line: int = 1
     split: bool = False  # one of several units of its file
+    array: bool = False  # jsonl: one JSON array, not a record per line
+
+    @property
+    def input_kind(self) -> InputKind:
+        """What the file holds, as :func:`sniff_input` told when planning: its readers sniff nothing again."""
+        return InputKind(self.kind, self.compression, self.array)
 
 
 def _line_starts(path: str, size: int, unit_bytes: int) -> list[int]:
@@ -131,10 +137,8 @@ def plan_units(paths: list[str], fmt: str = "auto", unit_bytes: int | None = Non
             first = _first_record(path, kind.compression)
             name = detect_format(first) if first is not None else "mmgen"
         size = os.path.getsize(path)
-        with open_decompressed(path, kind.compression) as f:
-            array = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
-        if name is None or not kind.seekable or array or size <= unit_bytes:
-            units.append(WorkUnit(path, "jsonl", name, kind.compression))
+        if name is None or not kind.seekable or kind.array or size <= unit_bytes:
+            units.append(WorkUnit(path, "jsonl", name, kind.compression, array=kind.array))
             continue
         starts = _line_starts(path, size, unit_bytes)
         lines = _newlines_between(path, starts, size)
@@ -171,7 +175,8 @@ def read_unit(unit: WorkUnit, media_root: str | None = None,
     if unit.kind == "tar":
         from mmgen.data.shards import read_shard
 
-        yield from read_shard(unit.path, media_root=media_root, allow_outside_root=allow_outside_root)
+        yield from read_shard(unit.path, media_root=media_root, allow_outside_root=allow_outside_root,
+                              compression=unit.compression)
         return
     if unit.kind == "parquet":
         yield from _read_parquet(unit, media_root, allow_outside_root)
@@ -181,7 +186,7 @@ def read_unit(unit: WorkUnit, media_root: str | None = None,
                         detail="no record has a field that names its format (items, texts, text_list, conversations "
                                "or text); pass --input-format")
         return
-    opts = {"media_root": media_root, "allow_outside_root": allow_outside_root}
+    opts = {"media_root": media_root, "allow_outside_root": allow_outside_root, "kind": unit.input_kind}
     if unit.end is not None:
         opts["byte_range"] = (unit.start, unit.end, unit.first_line)
     if unit.fmt != "llava":  # LLaVA's reader always accepts a .json array

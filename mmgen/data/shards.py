@@ -173,17 +173,18 @@ def _outside_refs(doc: Doc, source: str, media_root: str | None) -> str | None:
     return None
 
 
-def read_shard(path: str | Path, media_root: str | None = None,
-               allow_outside_root: bool = False) -> Iterator[Doc | BadRecord]:
+def read_shard(path: str | Path, media_root: str | None = None, allow_outside_root: bool = False,
+               compression: str | None = "sniff") -> Iterator[Doc | BadRecord]:
     """Docs of one shard (plain, gzip or zstd tar), in order; a bad sample or a broken tar becomes a
-    BadRecord. A sample whose media name a file outside the corpus is refused (``path_outside_root``)."""
-    from mmgen.data.input_kind import GZIP_MAGIC, ZSTD_MAGIC, open_decompressed
+    BadRecord. A sample whose media name a file outside the corpus is refused (``path_outside_root``).
+    ``compression``: ``gzip``, ``zstd`` or None when already known, else told by the first bytes."""
+    from mmgen.data.input_kind import compression_of, open_decompressed
 
     source = str(path)
     try:
-        with open(source, "rb") as f:
-            magic = f.read(4)
-        compression = "gzip" if magic.startswith(GZIP_MAGIC) else "zstd" if magic.startswith(ZSTD_MAGIC) else None
+        if compression == "sniff":
+            with open(source, "rb") as f:
+                compression = compression_of(f.read(4))
         stream = open_decompressed(source, compression)
         tf = tarfile.open(fileobj=stream, mode="r|*" if compression is None else "r|")  # r|*: bz2, xz too
     except (tarfile.TarError, OSError, EOFError, MMGenError) as e:
@@ -221,10 +222,8 @@ def read_shard(path: str | Path, media_root: str | None = None,
 
 
 def _bytes_after_archive(path: str, offset: int) -> int:
-    """Non-zero bytes after the end of a plain tar's last member (0 for a whole or compressed file)."""
+    """Non-zero bytes after the end of a plain tar's last member (0 for a whole file)."""
     with open(path, "rb") as f:
-        if f.read(2) == b"\x1f\x8b":  # gzip: offsets are into the decompressed stream
-            return 0
         f.seek(offset)
         junk = 0
         while chunk := f.read(1 << 20):

@@ -144,26 +144,25 @@ class ReadContext:
 
 
 def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False,
-                      byte_range: tuple[int, int, int] | None = None) -> Iterator[tuple[int, str, Any]]:
+                      byte_range: tuple[int, int, int] | None = None, kind=None) -> Iterator[tuple[int, str, Any]]:
     """(line number, raw text, parsed object or a BadRecord) for each non-blank line.
 
-    The file may be gzip or zstd compressed (told by its magic bytes). With ``whole_json_ok`` a file
+    The file may be gzip or zstd compressed (told by its magic bytes, or by ``kind``, the
+    :class:`~mmgen.data.input_kind.InputKind` already sniffed). With ``whole_json_ok`` a file
     holding one JSON array (LLaVA's ``.json`` files) yields its elements, numbered from 1 by position.
     ``byte_range = (start, end, first_line)`` reads only the lines that START in ``[start, end)`` of an
     uncompressed file, numbering them from ``first_line`` (a work unit of a large file)."""
-    from mmgen.data.input_kind import open_decompressed, sniff_input
+    from mmgen.data.input_kind import InputKind, open_decompressed, sniff_input
 
-    compression = None
-    if byte_range is None:
-        kind = sniff_input(path)
-        if kind.kind != "jsonl":
-            hint = "format 'wds'" if kind.kind == "tar" else "mmgen filter, which reads parquet"
-            raise MMGenError(f"{path} holds a {kind.kind}{' (' + kind.compression + ')' if kind.compression else ''}, "
-                             f"not jsonl: read it with {hint}")
-        compression = kind.compression
-    f = open_decompressed(path, compression)
+    if kind is None:
+        kind = InputKind("jsonl") if byte_range is not None else sniff_input(path)
+    if kind.kind != "jsonl":
+        hint = "format 'wds'" if kind.kind == "tar" else "mmgen filter, which reads parquet"
+        raise MMGenError(f"{path} holds a {kind.kind}{' (' + kind.compression + ')' if kind.compression else ''}, "
+                         f"not jsonl: read it with {hint}")
+    f = open_decompressed(path, kind.compression)
     try:
-        yield from _json_lines(f, ctx, whole_json_ok, byte_range)
+        yield from _json_lines(f, ctx, whole_json_ok and kind.array, byte_range)
     except (OSError, EOFError, ValueError, MMGenError) as e:  # a damaged compressed stream: keep what came before
         ctx.line = None
         yield 0, "", ctx.bad("corrupt_input", f"{type(e).__name__}: {e}")
@@ -171,21 +170,19 @@ def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False,
         f.close()
 
 
-def _json_lines(f, ctx: ReadContext, whole_json_ok: bool, byte_range):
-    if byte_range is None and whole_json_ok:
-        head = f.peek(4096)[:4096].lstrip(b"\xef\xbb\xbf \t\r\n") if hasattr(f, "peek") else b""
-        if head.startswith(b"["):
-            try:
-                arr = json.loads(f.read().decode("utf-8", "replace"))
-            except (ValueError, RecursionError) as e:
-                ctx.line = None
-                yield 0, "", ctx.bad("bad_json", f"file is not valid JSON: {str(e)[:200]}")
-                return
-            if not isinstance(arr, list):
-                arr = [arr]
-            for i, obj in enumerate(arr, 1):
-                yield i, "", obj
+def _json_lines(f, ctx: ReadContext, array: bool, byte_range):
+    if array:
+        try:
+            arr = json.loads(f.read().decode("utf-8", "replace"))
+        except (ValueError, RecursionError) as e:
+            ctx.line = None
+            yield 0, "", ctx.bad("bad_json", f"file is not valid JSON: {str(e)[:200]}")
             return
+        if not isinstance(arr, list):
+            arr = [arr]
+        for i, obj in enumerate(arr, 1):
+            yield i, "", obj
+        return
     pos, lineno, end = 0, 0, None
     if byte_range is not None:
         start, end, lineno = byte_range
@@ -216,16 +213,16 @@ def _json_lines(f, ctx: ReadContext, whole_json_ok: bool, byte_range):
 def read_jsonl(path, record_to_doc: Callable[[dict, ReadContext], Doc], media_root: str | None = None,
                path_map: dict | None = None, whole_json_ok: bool = False, exts=(".jsonl",),
                allow_outside_root: bool = False, byte_range: tuple[int, int, int] | None = None,
-               **_) -> Iterator[Doc | BadRecord]:
+               kind=None, **_) -> Iterator[Doc | BadRecord]:
     """Docs from jsonl files via ``record_to_doc``; every failure becomes a BadRecord and the run goes on.
 
-    ``byte_range``: only the lines starting in that range of the one file ``path`` (see
-    :func:`iter_json_records`)."""
-    files = [str(path)] if byte_range is not None else expand_jsonl_inputs(path, exts)
+    ``byte_range``: only the lines starting in that range of the one file ``path``; ``kind``: what the
+    one file ``path`` holds, already sniffed (see :func:`iter_json_records`)."""
+    files = [str(path)] if byte_range is not None or kind is not None else expand_jsonl_inputs(path, exts)
     for file in files:
         ctx = ReadContext(source=file, media_root=media_root, path_map=dict(path_map or {}),
                           allow_outside_root=allow_outside_root)
-        for lineno, raw, obj in iter_json_records(file, ctx, whole_json_ok, byte_range):
+        for lineno, raw, obj in iter_json_records(file, ctx, whole_json_ok, byte_range, kind):
             if isinstance(obj, BadRecord):
                 yield obj
                 continue
