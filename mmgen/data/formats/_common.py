@@ -130,9 +130,7 @@ class ReadContext:
             ref = ref.get("path")
         if not isinstance(ref, str) or not ref:
             raise RecordError("bad_schema", f"{kind} reference must be a path or URL string, got {ref!r}")
-        if is_url(ref):
-            return MEDIA_TYPES[kind](url=ref, meta=meta)  # a reference, fetched only by `mmgen fetch`
-        path, found = self.resolve(ref)
+        path, found = self.resolve(ref)  # a URL stays a URL: a reference, fetched only by `mmgen fetch`
         if not found:
             where = f"; also looked under media_root {self.media_root}" if self.media_root else \
                 "; relative paths are read from the input file's folder (mmgen convert takes --media-root)"
