@@ -119,3 +119,21 @@ def test_area_limit_above_pillows_own_bomb_check():
         assert _check(buf.getvalue(), "image", None, 0, None).startswith("image area too large: image of 13600x13600")
     finally:
         media.set_max_image_pixels(None)
+
+
+def test_records_the_writer_refuses_keep_their_reasons(tmp_path, monkeypatch):
+    """An input record that could not be read and a document whose file is gone by the time it is written
+    both land in errors.jsonl with their reasons, and the counts add up."""
+    import mmgen.data.fetch as fetch_module
+    from mmgen.data.doc import BadRecord, Image, Text
+
+    gone = Doc(items=[Text("a picture"), Image(path=str(tmp_path / "gone.png"))], id="gone")
+    kept = Doc(items=[Text("no media at all")], id="kept")
+    unread = BadRecord(source="in.jsonl", reason="bad_json", line=2)
+    monkeypatch.setattr(fetch_module, "_inputs", lambda *a: iter([gone, unread, kept]))
+    monkeypatch.setattr(fetch_module, "_download", lambda *a: None)  # no URL to download
+    s = fetch(tmp_path / "in", tmp_path / "out", progress=False)
+    assert (s["records"], s["docs"], s["written"], s["bad"]) == (3, 2, 1, 1)
+    errors = records(tmp_path / "out/errors.jsonl")
+    assert [e["reason"] for e in errors] == ["missing_media", "bad_json"]
+    assert "gone.png" in errors[0]["detail"]

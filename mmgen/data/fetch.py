@@ -17,7 +17,8 @@ Output folder::
                                           ``meta["fetch_error"]``
     media/                                the fetched files, named by content hash
     failures.jsonl                        one line per failed URL: url, reason, kind, the docs that use it
-    errors.jsonl                          input records that could not be read (with their reasons)
+    errors.jsonl                          input records that could not be read, documents that could not be
+                                          written (with their reasons)
     download/RUN-WAVE/                    img2dataset's work folders (url list, shards, per-shard parquet)
     summary.json
 
@@ -229,13 +230,12 @@ on the header, before decoding), ``max_aspect_ratio``:
             if data is None:
                 f.write(json.dumps({"url": url, "kind": wanted[url], "reason": why, "docs": users[url]},
                                    ensure_ascii=False) + "\n")
-    errors_path = out / "errors.jsonl"
-    with open(errors_path, "w", encoding="utf-8") as f:
-        for b in bad:
-            f.write(json.dumps(b.to_json(), ensure_ascii=False) + "\n")
     target = out / "shards" if output_format in DIR_FORMATS or format_module(output_format).__name__.endswith(".wds") \
         else out / "docs.jsonl"
-    counts = write_records(docs, target, output_format)
+    with open(out / "errors.jsonl", "w", encoding="utf-8") as errors:
+        # the unreadable input records and the documents the writer refuses, in input order, with reasons
+        counts = write_records(records, target, output_format,
+                               on_bad=lambda b: errors.write(json.dumps(b.to_json(), ensure_ascii=False) + "\n"))
     n_failed = sum(1 for data, _ in result.values() if data is None)
     reasons: dict[str, int] = defaultdict(int)
     for data, why in result.values():
@@ -249,6 +249,6 @@ on the header, before decoding), ``max_aspect_ratio``:
         "waves": len(waves), "failures_path": str(failures_path),
     }
     assert summary["urls"] == summary["fetched"] + summary["failed"], summary
-    assert summary["records"] == summary["written"] + summary["bad"] + counts["bad"], summary
+    assert summary["records"] == summary["written"] + counts["bad"], summary
     (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
