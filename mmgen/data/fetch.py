@@ -101,17 +101,16 @@ def _waves(urls: list[str], per_host_rate: float | None) -> tuple[list[list[str]
     return waves, period
 
 
-def _collect(download_dir: Path) -> dict[str, dict]:
-    """What earlier img2dataset runs left: url -> {"file"} for a download, {"error"} for a failure.
+def _collect(runs: list[Path], found: dict[str, dict] | None = None) -> dict[str, dict]:
+    """What the img2dataset work folders ``runs`` (in order) hold, added to ``found``: url -> {"file"}
+    for a download, {"error"} for a failure (a download from any run wins over a failure).
 
     Finished shards have a parquet of every sample's status; an interrupted shard has only the files
     of the samples it finished (``KEY.jpg`` + ``KEY.json``), which are taken too."""
     import pyarrow.parquet as pq
 
-    found: dict[str, dict] = {}
-    if not download_dir.is_dir():
-        return found
-    for run in sorted(download_dir.iterdir()):
+    found = {} if found is None else found
+    for run in runs:
         for meta_file in sorted(run.glob("*/*.json")):
             try:
                 meta = json.loads(meta_file.read_text())
@@ -176,7 +175,7 @@ on the header, before decoding), ``max_aspect_ratio``:
                 wanted.setdefault(it.url, it.kind)
 
     download_dir = out / "download"
-    found = _collect(download_dir)
+    found = _collect(sorted(download_dir.iterdir()) if download_dir.is_dir() else [])
     # Bytes downloaded before are checked again, never downloaded again; failed downloads are retried.
     todo = [u for u in wanted if u not in found or "error" in found[u]]
     previously = len(wanted) - len(todo)
@@ -189,7 +188,7 @@ on the header, before decoding), ``max_aspect_ratio``:
                   user_agent_token)
         if w + 1 < len(waves):
             time.sleep(max(0.0, period - (time.monotonic() - start)))
-    found = _collect(download_dir)
+    _collect([download_dir / f"run{run:03d}-{w:05d}" for w in range(len(waves))], found)  # this run's folders
 
     result: dict[str, tuple[bytes | None, str | None]] = {}
     previous_limit = max_image_pixels()
