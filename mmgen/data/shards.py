@@ -155,12 +155,12 @@ def _group_members(tf: tarfile.TarFile, source: str) -> Iterator[dict | BadRecor
         yield current
 
 
-def _outside_refs(doc: Doc, source: str, media_root: str | None) -> str | None:
+def _outside_refs(doc: Doc, ctx) -> str | None:
     """A media item of a sample that names a file instead of a member must stay inside the corpus
-    (the shard's folder or ``media_root``): the reason to refuse the sample, or None."""
-    from mmgen.data.formats._common import ReadContext, RecordError
+    (the shard's folder or ``media_root``, held by the shard's ``ReadContext``): the reason to refuse
+    the sample, or None."""
+    from mmgen.data.formats._common import RecordError
 
-    ctx = ReadContext(source=source, media_root=media_root)
     for it in doc.media:
         if it.data is None and it.path is not None:
             ref = it.path
@@ -178,6 +178,7 @@ def read_shard(path: str | Path, media_root: str | None = None, allow_outside_ro
     """Docs of one shard (plain, gzip or zstd tar), in order; a bad sample or a broken tar becomes a
     BadRecord. A sample whose media name a file outside the corpus is refused (``path_outside_root``).
     ``compression``: ``gzip``, ``zstd`` or None when already known, else told by the first bytes."""
+    from mmgen.data.formats._common import ReadContext
     from mmgen.data.input_kind import compression_of, open_decompressed
 
     source = str(path)
@@ -191,6 +192,7 @@ def read_shard(path: str | Path, media_root: str | None = None, allow_outside_ro
         yield BadRecord(source=source, reason="corrupt_tar", detail=str(e))
         return
     broken = False
+    ctx = ReadContext(source=source, media_root=media_root)  # one per shard: its folder resolutions are cached
     with tf, stream:
         for index, sample in enumerate(_group_members(tf, source)):
             if isinstance(sample, BadRecord):
@@ -206,7 +208,7 @@ def read_shard(path: str | Path, media_root: str | None = None, allow_outside_ro
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError, MMGenError) as e:
                 yield BadRecord(source=source, reason="bad_sample", member=sample["__key__"], detail=str(e)[:300])
                 continue
-            outside = None if allow_outside_root else _outside_refs(doc, source, media_root)
+            outside = None if allow_outside_root else _outside_refs(doc, ctx)
             if outside is not None:
                 yield BadRecord(source=source, reason="path_outside_root", member=sample["__key__"], detail=outside)
                 continue
