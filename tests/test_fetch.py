@@ -137,3 +137,18 @@ def test_records_the_writer_refuses_keep_their_reasons(tmp_path, monkeypatch):
     errors = records(tmp_path / "out/errors.jsonl")
     assert [e["reason"] for e in errors] == ["missing_media", "bad_json"]
     assert "gone.png" in errors[0]["detail"]
+
+
+def test_a_folder_of_compressed_jsonl_is_read(tmp_path, monkeypatch):
+    """A folder input is searched for every input name the filter reads (.jsonl.gz among them)."""
+    import gzip
+
+    import mmgen.data.fetch as fetch_module
+
+    (tmp_path / "in").mkdir()
+    with gzip.open(tmp_path / "in" / "part.jsonl.gz", "wt") as f:
+        for i in range(3):
+            f.write(json.dumps({"id": f"d{i}", "items": [{"type": "text", "text": f"doc {i}"}]}) + "\n")
+    monkeypatch.setattr(fetch_module, "_download", lambda *a: None)  # no URL to download
+    s = fetch(tmp_path / "in", tmp_path / "out", progress=False)
+    assert (s["records"], s["docs"], s["written"]) == (3, 3, 3)

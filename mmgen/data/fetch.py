@@ -50,9 +50,10 @@ FETCH_ERROR = "fetch_error"  # item meta: why the medium could not be fetched
 
 def _inputs(input, input_format: str):
     from mmgen.data.filter_inputs import read_input
+    from mmgen.data.input_kind import INPUT_EXTS
     from mmgen.paths import expand_inputs
 
-    for path in expand_inputs(input, (".jsonl", ".json", ".tar", ".parquet")):
+    for path in expand_inputs(input, INPUT_EXTS):
         yield from read_input(path, input_format)
 
 
@@ -157,10 +158,10 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
 on the header, before decoding), ``max_aspect_ratio``:
     limits a download must meet; ``per_host_rate``: requests per second to one host at most (None: no
     limit). Rerunning with the same ``out`` resumes: nothing fetched before is fetched again."""
-    from mmgen.data.formats import DIR_FORMATS, format_module, write_records
+    from mmgen.data.formats import format_module, write_records
     from mmgen.data.media import max_image_pixels, set_max_image_pixels
 
-    format_module(output_format)
+    writer = format_module(output_format)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if per_host_rate is not None and per_host_rate <= 0:
@@ -229,8 +230,7 @@ on the header, before decoding), ``max_aspect_ratio``:
             if data is None:
                 f.write(json.dumps({"url": url, "kind": wanted[url], "reason": why, "docs": users[url]},
                                    ensure_ascii=False) + "\n")
-    target = out / "shards" if output_format in DIR_FORMATS or format_module(output_format).__name__.endswith(".wds") \
-        else out / "docs.jsonl"
+    target = out / "shards" if writer.__name__.endswith(".wds") else out / "docs.jsonl"
     with open(out / "errors.jsonl", "w", encoding="utf-8") as errors:
         # the unreadable input records and the documents the writer refuses, in input order, with reasons
         counts = write_records(records, target, output_format,

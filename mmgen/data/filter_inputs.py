@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -251,5 +252,5 @@ def _raw(rec: dict) -> str:
 def read_input(path: str, fmt: str = "auto", media_root: str | None = None,
                allow_outside_root: bool = False) -> Iterator[Doc | BadRecord]:
     """Docs and BadRecords of one input file, in file order."""
-    for unit in plan_units([path], fmt, unit_bytes=MAX_UNIT_BYTES << 20):
+    for unit in plan_units([path], fmt, unit_bytes=sys.maxsize):  # no file is cut: one unit each
         yield from read_unit(unit, media_root, allow_outside_root)
