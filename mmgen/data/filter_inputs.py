@@ -79,7 +79,6 @@ class WorkUnit:
     start: int = 0
     end: int | None = None
     first_line: int = 1
-    split: bool = False  # one of several units of its file
     array: bool = False  # jsonl: one JSON array, not a record per line
 
     @property
@@ -144,7 +143,7 @@ def plan_units(paths: list[str], fmt: str = "auto", unit_bytes: int | None = Non
         starts = _line_starts(path, size, unit_bytes)
         lines = _newlines_between(path, starts, size)
         ends = starts[1:] + [size]
-        units += [WorkUnit(path, "jsonl", name, None, s, e, n, len(starts) > 1) for s, e, n in zip(starts, ends, lines)]
+        units += [WorkUnit(path, "jsonl", name, None, s, e, n) for s, e, n in zip(starts, ends, lines)]
     return units
 
 
@@ -162,10 +161,7 @@ def _parquet_units(path: str, fmt: str, unit_bytes: int) -> list[WorkUnit]:
         if acc >= unit_bytes or g == meta.num_row_groups - 1:
             units.append(WorkUnit(path, "parquet", fmt, None, start, g + 1, first))
             start, acc, first = g + 1, 0, rows + 1
-    if not units:
-        return [WorkUnit(path, "parquet", fmt)]
-    split = len(units) > 1
-    return [WorkUnit(u.path, u.kind, u.fmt, None, u.start, u.end, u.first_line, split) for u in units]
+    return units or [WorkUnit(path, "parquet", fmt)]
 
 
 def read_unit(unit: WorkUnit, media_root: str | None = None,

@@ -255,7 +255,7 @@ def checked_media(records: Iterable[Doc | BadRecord]) -> Iterator[Doc | BadRecor
         if isinstance(rec, Doc):
             try:
                 for it in rec.images:
-                    if it.data is None and (is_url(it.path) or not it.exists()):
+                    if not it.exists():  # a URL reference (no path) or a file gone: not checked here
                         continue
                     open_image(it.load(), it.path, it.declared_format()).close()
             except MediaError as e:
