@@ -192,6 +192,7 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
 
     from mmgen.data.executors import EXECUTORS, results_in_order
     from mmgen.data.filter_inputs import INPUT_FORMATS, auto_unit_bytes, plan_units
+    from mmgen.data.formats._common import checked_media_root
     from mmgen.data.input_kind import INPUT_EXTS
     from mmgen.data.shards import expand_inputs
 
@@ -209,10 +210,7 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
         raise MMGenError(f"unknown input format '{input_format}' (use one of: {', '.join(INPUT_FORMATS)})")
     if unit_bytes is not None and (isinstance(unit_bytes, bool) or not isinstance(unit_bytes, int) or unit_bytes < 1):
         raise MMGenError(f"unit_bytes must be a positive integer, got {unit_bytes!r}")
-    if media_root is not None:
-        if not os.path.isdir(os.path.expanduser(str(media_root))):
-            raise MMGenError(f"media root '{media_root}' is not a directory (give the folder holding the media files)")
-        media_root = os.path.abspath(os.path.expanduser(str(media_root)))
+    media_root = checked_media_root(media_root)
     paths = [os.path.abspath(p) for p in expand_inputs(inputs, INPUT_EXTS)]
     unit_bytes = unit_bytes or auto_unit_bytes(paths)
     read_opts = {"media_root": media_root, "allow_outside_root": bool(allow_outside_root)}

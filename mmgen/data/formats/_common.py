@@ -4,6 +4,7 @@ and the rules that keep unknown fields so that ``X -> Doc -> X`` is lossless.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,16 @@ def expand_jsonl_inputs(path, exts: tuple[str, ...] = (".jsonl",)) -> list[str]:
     return expand_inputs(path, exts)
 
 
+def checked_media_root(media_root) -> str | None:
+    """``media_root`` as an absolute folder (None stays None); MMGenError if it is no folder."""
+    if media_root is None:
+        return None
+    folder = os.path.expanduser(str(media_root))
+    if not os.path.isdir(folder):
+        raise MMGenError(f"media root '{media_root}' is not a directory (give the folder holding the media files)")
+    return os.path.abspath(folder)
+
+
 def inside(path: str, root: str) -> bool:
     """Whether ``path`` lies under ``root`` (both already absolute and resolved)."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
@@ -59,19 +70,23 @@ class ReadContext:
     def base_dir(self) -> str:
         return os.path.dirname(os.path.abspath(self.source))
 
+    @functools.cached_property
     def roots(self) -> list[str]:
-        if getattr(self, "_roots", None) is None:
-            dirs = [self.base_dir] + ([os.path.expanduser(self.media_root)] if self.media_root else [])
-            dirs += [v if v.endswith(os.sep) or os.path.isdir(v) else os.path.dirname(v) for v in self.path_map.values()]
-            self._roots = [os.path.realpath(d) for d in dirs if d]
-        return self._roots
+        """The corpus folders, symlinks resolved: media paths must stay inside one of them."""
+        dirs = [self.base_dir] + ([os.path.expanduser(self.media_root)] if self.media_root else [])
+        dirs += [v if v.endswith(os.sep) or os.path.isdir(v) else os.path.dirname(v) for v in self.path_map.values()]
+        return [os.path.realpath(d) for d in dirs if d]
+
+    @functools.cached_property
+    def _real_dirs(self) -> dict[str, str]:
+        return {}
 
     def _realpath(self, path: str) -> str:
         """``os.path.realpath`` with the folders' resolution cached: a corpus names thousands of files
         in a few folders, and resolving every component of every path is a system call each."""
         if os.path.islink(path):
             return os.path.realpath(path)
-        cache = self.__dict__.setdefault("_real_dirs", {})
+        cache = self._real_dirs
         folder, name = os.path.split(path)
         if folder not in cache:
             cache[folder] = os.path.realpath(folder)
@@ -80,9 +95,9 @@ class ReadContext:
     def check_inside(self, path: str, ref: str) -> str:
         """``path`` with its symlinks resolved, or RecordError ``path_outside_root``."""
         real = self._realpath(os.path.abspath(path))
-        if not self.allow_outside_root and not any(inside(real, r) for r in self.roots()):
+        if not self.allow_outside_root and not any(inside(real, r) for r in self.roots):
             raise RecordError("path_outside_root",
-                              f"media path {ref!r} resolves to {real}, outside the corpus ({', '.join(self.roots())}); "
+                              f"media path {ref!r} resolves to {real}, outside the corpus ({', '.join(self.roots)}); "
                               "pass --media-root for the folder holding the media, or --allow-outside-root")
         return real
 
