@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from mmgen.data.doc import BadRecord, Doc
-from mmgen.errors import MMGenError
+from mmgen.errors import LossyConversionError, MMGenError
 
 _MODULES = {"obelics": "obelics", "mmc4": "mmc4", "dj": "dj", "llava": "llava", "wds": "wds", "mmgen": "native"}
 FORMATS: list[str] = list(_MODULES)
@@ -151,8 +151,6 @@ def convert(input, output, src: str, dst: str, media_root: str | None = None, pa
         from tqdm import tqdm
 
         stream = tqdm(stream, desc=f"{src} -> {dst}", unit="doc", dynamic_ncols=True)
-    from mmgen.data.formats.llava import LossyConversionError
-
     try:
         counts = write_records(stream, output, dst, on_bad=on_bad, lossy=lossy, **opts)
     except LossyConversionError:
