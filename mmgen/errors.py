@@ -34,3 +34,7 @@ class NotFetchedError(MediaError):
     """A media item is a URL reference whose bytes were never downloaded (``mmgen fetch`` gets them)."""
 
     default_reason = "not_fetched"
+
+
+class LossyConversionError(MMGenError):
+    """A Doc cannot be written in the target format without losing information."""

@@ -39,7 +39,7 @@ def test_fetch_attaches_media_records_failures_and_resumes(real_dir, tmp_path):
         assert "404" in fails["missing/bus2.jpg"]["reason"]
         assert "timed out" in fails["slow/bed.jpg"]["reason"]
         assert "corrupt image" in fails["truncated/cat.jpg"]["reason"]
-        assert fails["huge/poster.png"]["reason"] == "image area too large (6000x6000)"
+        assert fails["huge/poster.png"]["reason"].startswith("image area too large: image of 6000x6000 = ")
         assert fails["img/blip.jpg"]["reason"].startswith("file too large (496395 bytes")
         assert all(f["docs"] for f in fails.values())
 
@@ -98,3 +98,57 @@ def test_not_fetched_media_never_read_implicitly():
     with pytest.raises(NotFetchedError, match="not fetched: https://example.org/a.jpg .*mmgen fetch"):
         img.load()
     assert Image(path="https://example.org/b.png").url == "https://example.org/b.png"  # a URL is never a path
+
+
+def test_area_limit_above_pillows_own_bomb_check():
+    """The area limit is mmgen's alone: an image over twice Pillow's warning threshold passes a limit
+    set above it (Pillow's own check would call it corrupt) and is refused by a limit below it."""
+    import io
+
+    from PIL import Image
+
+    from mmgen.data import media
+    from mmgen.data.fetch import _check
+
+    buf = io.BytesIO()
+    Image.new("1", (13600, 13600)).save(buf, "PNG")  # 185 M pixels in 22 KB
+    try:
+        media.set_max_image_pixels(200_000_000)
+        assert _check(buf.getvalue(), "image", None, 0, None) is None
+        media.set_max_image_pixels(100_000_000)
+        assert _check(buf.getvalue(), "image", None, 0, None).startswith("image area too large: image of 13600x13600")
+    finally:
+        media.set_max_image_pixels(None)
+
+
+def test_records_the_writer_refuses_keep_their_reasons(tmp_path, monkeypatch):
+    """An input record that could not be read and a document whose file is gone by the time it is written
+    both land in errors.jsonl with their reasons, and the counts add up."""
+    import mmgen.data.fetch as fetch_module
+    from mmgen.data.doc import BadRecord, Image, Text
+
+    gone = Doc(items=[Text("a picture"), Image(path=str(tmp_path / "gone.png"))], id="gone")
+    kept = Doc(items=[Text("no media at all")], id="kept")
+    unread = BadRecord(source="in.jsonl", reason="bad_json", line=2)
+    monkeypatch.setattr(fetch_module, "_inputs", lambda *a: iter([gone, unread, kept]))
+    monkeypatch.setattr(fetch_module, "_download", lambda *a: None)  # no URL to download
+    s = fetch(tmp_path / "in", tmp_path / "out", progress=False)
+    assert (s["records"], s["docs"], s["written"], s["bad"]) == (3, 2, 1, 1)
+    errors = records(tmp_path / "out/errors.jsonl")
+    assert [e["reason"] for e in errors] == ["missing_media", "bad_json"]
+    assert "gone.png" in errors[0]["detail"]
+
+
+def test_a_folder_of_compressed_jsonl_is_read(tmp_path, monkeypatch):
+    """A folder input is searched for every input name the filter reads (.jsonl.gz among them)."""
+    import gzip
+
+    import mmgen.data.fetch as fetch_module
+
+    (tmp_path / "in").mkdir()
+    with gzip.open(tmp_path / "in" / "part.jsonl.gz", "wt") as f:
+        for i in range(3):
+            f.write(json.dumps({"id": f"d{i}", "items": [{"type": "text", "text": f"doc {i}"}]}) + "\n")
+    monkeypatch.setattr(fetch_module, "_download", lambda *a: None)  # no URL to download
+    s = fetch(tmp_path / "in", tmp_path / "out", progress=False)
+    assert (s["records"], s["docs"], s["written"]) == (3, 3, 3)

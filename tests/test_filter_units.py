@@ -82,7 +82,7 @@ def test_units_partition_the_lines(big_jsonl):
         blank = {i + 1 for i, x in enumerate(big_jsonl.read_text().splitlines()) if not x.strip()}
         assert seen == [i for i in range(1, n_lines + 1) if i not in blank], unit_bytes
         if unit_bytes == 1000:
-            assert len(units) > 10 and all(u.split for u in units)
+            assert len(units) > 10 and all(u.path == str(big_jsonl) and u.end is not None for u in units)
         if unit_bytes == 10 ** 9:
             assert len(units) == 1
 
@@ -112,6 +112,23 @@ def test_killed_run_resumes_to_the_same_output(big_jsonl, tmp_path):
     assert 0 < done < ref["units"]
     again = run_filter(RECIPE, str(big_jsonl), out, workers=1, progress=False, unit_bytes=2000)
     assert again == ref and snapshot(out) == snapshot(tmp_path / "ref")
+
+
+def test_resume_takes_the_units_from_the_manifest(big_jsonl, tmp_path, monkeypatch):
+    import mmgen.data.filter_inputs as filter_inputs
+
+    ref = run_filter(RECIPE, str(big_jsonl), tmp_path / "run", workers=1, progress=False, unit_bytes=2000)
+    saved = json.loads((tmp_path / "run" / "manifest.json").read_text())["units"]
+    assert len(saved) == ref["units"] and saved[1]["start"] > 0 and saved[1]["first_line"] > 1
+
+    def no_planning(*a, **k):
+        raise AssertionError("a resumed run planned its units again")
+
+    monkeypatch.setattr(filter_inputs, "plan_units", no_planning)
+    for p in (tmp_path / "run" / "done").glob("*.json"):
+        if p.name >= "00003.json":
+            p.unlink()
+    assert run_filter(RECIPE, str(big_jsonl), tmp_path / "run", workers=1, progress=False, unit_bytes=2000) == ref
 
 
 def test_parquet_row_groups_are_units(tmp_path):

@@ -297,3 +297,12 @@ def test_cli_convert_end_to_end(real_dir, tmp_path, capsys):
     assert rc == 2 and "did you mean 'wds'" in capsys.readouterr().err
     rc = main(["convert", "--from", "dj", "--to", "wds", str(tmp_path / "missing.jsonl"), str(out)])
     assert rc == 2 and "error: no input files match" in capsys.readouterr().err
+
+
+def test_url_given_as_a_path_is_a_url_reference(tmp_path):
+    url = "https://example.org/a.png"
+    assert Doc.from_json({"items": [{"type": "image", "path": url}]}, base_dir=str(tmp_path)).items[0].url == url
+    p = tmp_path / "docs.jsonl"
+    p.write_text(json.dumps({"items": [{"type": "text", "text": "hi"}, {"type": "image", "path": url}]}) + "\n")
+    (doc,) = read_records(p, "mmgen")
+    assert (doc.items[1].url, doc.items[1].path, doc.items[1].fetched) == (url, None, False)

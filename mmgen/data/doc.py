@@ -321,7 +321,7 @@ class Doc:
                                                    format=entry.get("format"), meta=meta, url=entry.get("url")))
                 else:
                     path = entry.get("path")
-                    if path and base_dir and not os.path.isabs(path):
+                    if path and base_dir and not os.path.isabs(path) and not is_url(path):
                         path = os.path.join(base_dir, path)
                     items.append(MEDIA_TYPES[kind](path=path, format=entry.get("format"), meta=meta,
                                                    url=entry.get("url")))

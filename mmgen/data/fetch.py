@@ -17,7 +17,8 @@ Output folder::
                                           ``meta["fetch_error"]``
     media/                                the fetched files, named by content hash
     failures.jsonl                        one line per failed URL: url, reason, kind, the docs that use it
-    errors.jsonl                          input records that could not be read (with their reasons)
+    errors.jsonl                          input records that could not be read, documents that could not be
+                                          written (with their reasons)
     download/RUN-WAVE/                    img2dataset's work folders (url list, shards, per-shard parquet)
     summary.json
 
@@ -32,11 +33,10 @@ has no per-host limit), and a file is measured against ``max_bytes`` once downlo
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -50,35 +50,40 @@ FETCH_ERROR = "fetch_error"  # item meta: why the medium could not be fetched
 
 def _inputs(input, input_format: str):
     from mmgen.data.filter_inputs import read_input
+    from mmgen.data.input_kind import INPUT_EXTS
     from mmgen.paths import expand_inputs
 
-    for path in expand_inputs(input, (".jsonl", ".json", ".tar", ".parquet")):
+    for path in expand_inputs(input, INPUT_EXTS):
         yield from read_input(path, input_format)
 
 
-def _check(data: bytes, kind: str, max_bytes: int | None, min_image_size: int, max_image_area: float | None,
+def _check(data: bytes, kind: str, max_bytes: int | None, min_image_size: int,
            max_aspect_ratio: float | None) -> str | None:
-    """Why the downloaded bytes are not acceptable, or None."""
+    """Why the downloaded bytes are not acceptable, or None. An image goes through
+    :func:`mmgen.data.media.open_image` (header only: an image over the pixel limit, which
+    :func:`fetch` sets from ``max_image_area``, is refused before it is decoded), then
+    :func:`~mmgen.data.media.decode_image`."""
+    from mmgen.data.media import decode_image, open_image
+    from mmgen.errors import MediaError
+
     if not data:
         return "empty response"
     if max_bytes is not None and len(data) > max_bytes:
         return f"file too large ({len(data)} bytes > {max_bytes})"
     if kind != "image":
         return None if sniff_format(data) else f"not a recognised {kind} file"
-    from PIL import Image as PILImage
-
     try:
-        with PILImage.open(io.BytesIO(data)) as img:
-            w, h = img.size  # header only: a huge image is refused before it is decoded
-            if min(w, h) < min_image_size:
-                return f"image too small ({w}x{h})"
-            if max_image_area is not None and w * h > max_image_area:
-                return f"image area too large ({w}x{h})"
-            if max_aspect_ratio is not None and max(w, h) / max(min(w, h), 1) > max_aspect_ratio:
-                return f"aspect ratio too large ({w}x{h})"
-            img.load()
-    except Exception as e:  # noqa: BLE001 - every decoder failure is a reason, recorded with the URL
-        return f"corrupt image: {type(e).__name__}: {e}"
+        with open_image(data, "downloaded image") as img:
+            w, h = img.size
+        if min(w, h) < min_image_size:
+            return f"image too small ({w}x{h})"
+        if max_aspect_ratio is not None and max(w, h) / max(min(w, h), 1) > max_aspect_ratio:
+            return f"aspect ratio too large ({w}x{h})"
+        decode_image(data, "downloaded image", mode=None).close()
+    except MediaError as e:  # every decoder failure is a reason, recorded with the URL
+        if e.reason == "too_many_pixels":
+            return f"image area too large: {e}"
+        return f"corrupt image: {e}"
     return None
 
 
@@ -97,17 +102,16 @@ def _waves(urls: list[str], per_host_rate: float | None) -> tuple[list[list[str]
     return waves, period
 
 
-def _collect(download_dir: Path) -> dict[str, dict]:
-    """What earlier img2dataset runs left: url -> {"file"} for a download, {"error"} for a failure.
+def _collect(runs: list[Path], found: dict[str, dict] | None = None) -> dict[str, dict]:
+    """What the img2dataset work folders ``runs`` (in order) hold, added to ``found``: url -> {"file"}
+    for a download, {"error"} for a failure (a download from any run wins over a failure).
 
     Finished shards have a parquet of every sample's status; an interrupted shard has only the files
     of the samples it finished (``KEY.jpg`` + ``KEY.json``), which are taken too."""
     import pyarrow.parquet as pq
 
-    found: dict[str, dict] = {}
-    if not download_dir.is_dir():
-        return found
-    for run in sorted(download_dir.iterdir()):
+    found = {} if found is None else found
+    for run in runs:
         for meta_file in sorted(run.glob("*/*.json")):
             try:
                 meta = json.loads(meta_file.read_text())
@@ -150,12 +154,14 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
     """Download every URL medium of the documents in ``input`` into ``out`` (see the module docstring).
 
     ``timeout``: seconds a connection may stay silent; ``max_bytes``, ``min_image_size`` (shorter side,
-    pixels), ``max_image_area`` (pixels; PIL's decompression-bomb limit by default), ``max_aspect_ratio``:
+    pixels), ``max_image_area`` (pixels; twice Pillow's warning threshold by default, None: no limit; checked
+on the header, before decoding), ``max_aspect_ratio``:
     limits a download must meet; ``per_host_rate``: requests per second to one host at most (None: no
     limit). Rerunning with the same ``out`` resumes: nothing fetched before is fetched again."""
-    from mmgen.data.formats import DIR_FORMATS, format_module, write_records
+    from mmgen.data.formats import format_module, write_records
+    from mmgen.data.media import max_image_pixels, set_max_image_pixels
 
-    format_module(output_format)
+    writer = format_module(output_format)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if per_host_rate is not None and per_host_rate <= 0:
@@ -170,7 +176,7 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
                 wanted.setdefault(it.url, it.kind)
 
     download_dir = out / "download"
-    found = _collect(download_dir)
+    found = _collect(sorted(download_dir.iterdir()) if download_dir.is_dir() else [])
     # Bytes downloaded before are checked again, never downloaded again; failed downloads are retried.
     todo = [u for u in wanted if u not in found or "error" in found[u]]
     previously = len(wanted) - len(todo)
@@ -183,19 +189,24 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
                   user_agent_token)
         if w + 1 < len(waves):
             time.sleep(max(0.0, period - (time.monotonic() - start)))
-    found = _collect(download_dir)
+    _collect([download_dir / f"run{run:03d}-{w:05d}" for w in range(len(waves))], found)  # this run's folders
 
     result: dict[str, tuple[bytes | None, str | None]] = {}
-    for url, kind in wanted.items():
-        got = found.get(url)
-        if got is None:
-            result[url] = (None, "no result from the downloader")
-        elif "error" in got:
-            result[url] = (None, got["error"])
-        else:
-            data = Path(got["file"]).read_bytes()
-            why = _check(data, kind, max_bytes, min_image_size, max_image_area, max_aspect_ratio)
-            result[url] = (None, why) if why else (data, None)
+    previous_limit = max_image_pixels()
+    set_max_image_pixels(sys.maxsize if max_image_area is None else max(1, int(max_image_area)))
+    try:
+        for url, kind in wanted.items():
+            got = found.get(url)
+            if got is None:
+                result[url] = (None, "no result from the downloader")
+            elif "error" in got:
+                result[url] = (None, got["error"])
+            else:
+                data = Path(got["file"]).read_bytes()
+                why = _check(data, kind, max_bytes, min_image_size, max_aspect_ratio)
+                result[url] = (None, why) if why else (data, None)
+    finally:
+        set_max_image_pixels(previous_limit)  # the limit is this call's, not the process's
 
     users: dict[str, list] = defaultdict(list)
     n_fetched_items = n_failed_items = 0
@@ -219,13 +230,11 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
             if data is None:
                 f.write(json.dumps({"url": url, "kind": wanted[url], "reason": why, "docs": users[url]},
                                    ensure_ascii=False) + "\n")
-    errors_path = out / "errors.jsonl"
-    with open(errors_path, "w", encoding="utf-8") as f:
-        for b in bad:
-            f.write(json.dumps(b.to_json(), ensure_ascii=False) + "\n")
-    target = out / "shards" if output_format in DIR_FORMATS or format_module(output_format).__name__.endswith(".wds") \
-        else out / "docs.jsonl"
-    counts = write_records(docs, target, output_format)
+    target = out / "shards" if writer.__name__.endswith(".wds") else out / "docs.jsonl"
+    with open(out / "errors.jsonl", "w", encoding="utf-8") as errors:
+        # the unreadable input records and the documents the writer refuses, in input order, with reasons
+        counts = write_records(records, target, output_format,
+                               on_bad=lambda b: errors.write(json.dumps(b.to_json(), ensure_ascii=False) + "\n"))
     n_failed = sum(1 for data, _ in result.values() if data is None)
     reasons: dict[str, int] = defaultdict(int)
     for data, why in result.values():
@@ -239,6 +248,6 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
         "waves": len(waves), "failures_path": str(failures_path),
     }
     assert summary["urls"] == summary["fetched"] + summary["failed"], summary
-    assert summary["records"] == summary["written"] + summary["bad"] + counts["bad"], summary
+    assert summary["records"] == summary["written"] + counts["bad"], summary
     (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     return summary

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
 from mmgen.data.doc import BadRecord, Doc
-from mmgen.data.input_kind import open_decompressed, sniff_input
+from mmgen.data.input_kind import InputKind, open_decompressed, sniff_input
 from mmgen.errors import MMGenError
 
 INPUT_FORMATS = ("auto", "wds", "mmgen", "obelics", "mmc4", "dj", "llava")
@@ -78,7 +79,12 @@ class WorkUnit:
     start: int = 0
     end: int | None = None
     first_line: int = 1
-    split: bool = False  # one of several units of its file
+    array: bool = False  # jsonl: one JSON array, not a record per line
+
+    @property
+    def input_kind(self) -> InputKind:
+        """What the file holds, as :func:`sniff_input` told when planning: its readers sniff nothing again."""
+        return InputKind(self.kind, self.compression, self.array)
 
 
 def _line_starts(path: str, size: int, unit_bytes: int) -> list[int]:
@@ -131,15 +137,13 @@ def plan_units(paths: list[str], fmt: str = "auto", unit_bytes: int | None = Non
             first = _first_record(path, kind.compression)
             name = detect_format(first) if first is not None else "mmgen"
         size = os.path.getsize(path)
-        with open_decompressed(path, kind.compression) as f:
-            array = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
-        if name is None or not kind.seekable or array or size <= unit_bytes:
-            units.append(WorkUnit(path, "jsonl", name, kind.compression))
+        if name is None or not kind.seekable or kind.array or size <= unit_bytes:
+            units.append(WorkUnit(path, "jsonl", name, kind.compression, array=kind.array))
             continue
         starts = _line_starts(path, size, unit_bytes)
         lines = _newlines_between(path, starts, size)
         ends = starts[1:] + [size]
-        units += [WorkUnit(path, "jsonl", name, None, s, e, n, len(starts) > 1) for s, e, n in zip(starts, ends, lines)]
+        units += [WorkUnit(path, "jsonl", name, None, s, e, n) for s, e, n in zip(starts, ends, lines)]
     return units
 
 
@@ -157,10 +161,7 @@ def _parquet_units(path: str, fmt: str, unit_bytes: int) -> list[WorkUnit]:
         if acc >= unit_bytes or g == meta.num_row_groups - 1:
             units.append(WorkUnit(path, "parquet", fmt, None, start, g + 1, first))
             start, acc, first = g + 1, 0, rows + 1
-    if not units:
-        return [WorkUnit(path, "parquet", fmt)]
-    split = len(units) > 1
-    return [WorkUnit(u.path, u.kind, u.fmt, None, u.start, u.end, u.first_line, split) for u in units]
+    return units or [WorkUnit(path, "parquet", fmt)]
 
 
 def read_unit(unit: WorkUnit, media_root: str | None = None,
@@ -171,7 +172,8 @@ def read_unit(unit: WorkUnit, media_root: str | None = None,
     if unit.kind == "tar":
         from mmgen.data.shards import read_shard
 
-        yield from read_shard(unit.path, media_root=media_root, allow_outside_root=allow_outside_root)
+        yield from read_shard(unit.path, media_root=media_root, allow_outside_root=allow_outside_root,
+                              compression=unit.compression)
         return
     if unit.kind == "parquet":
         yield from _read_parquet(unit, media_root, allow_outside_root)
@@ -181,7 +183,7 @@ def read_unit(unit: WorkUnit, media_root: str | None = None,
                         detail="no record has a field that names its format (items, texts, text_list, conversations "
                                "or text); pass --input-format")
         return
-    opts = {"media_root": media_root, "allow_outside_root": allow_outside_root}
+    opts = {"media_root": media_root, "allow_outside_root": allow_outside_root, "kind": unit.input_kind}
     if unit.end is not None:
         opts["byte_range"] = (unit.start, unit.end, unit.first_line)
     if unit.fmt != "llava":  # LLaVA's reader always accepts a .json array
@@ -246,5 +248,5 @@ def _raw(rec: dict) -> str:
 def read_input(path: str, fmt: str = "auto", media_root: str | None = None,
                allow_outside_root: bool = False) -> Iterator[Doc | BadRecord]:
     """Docs and BadRecords of one input file, in file order."""
-    for unit in plan_units([path], fmt, unit_bytes=MAX_UNIT_BYTES << 20):
+    for unit in plan_units([path], fmt, unit_bytes=sys.maxsize):  # no file is cut: one unit each
         yield from read_unit(unit, media_root, allow_outside_root)

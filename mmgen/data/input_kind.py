@@ -2,7 +2,7 @@
 compression.
 
 ``sniff_input(path)`` is one of ``tar`` (a WebDataset shard, plain, gzip or zstd), ``parquet``,
-``jsonl`` (also a ``.json`` array) and ``compression`` is ``None``, ``gzip`` or ``zstd``. A file that is
+``jsonl`` (also a ``.json`` array: ``array``) and ``compression`` is ``None``, ``gzip`` or ``zstd``. A file that is
 none of these is a one-line :class:`MMGenError` naming what its first bytes look like: a ``.tar.gz``
 shard is never parsed as text lines, and a picture passed as input never becomes thousands of
 ``bad_json`` records.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -30,6 +29,7 @@ INPUT_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".jsonl", ".jsonl.gz", ".js
 class InputKind:
     kind: str  # tar | parquet | jsonl
     compression: str | None = None  # None | gzip | zstd
+    array: bool = False  # jsonl: the file is one JSON array (LLaVA's .json), not a record per line
 
     @property
     def seekable(self) -> bool:
@@ -54,7 +54,12 @@ def open_decompressed(path: str, compression: str | None) -> BinaryIO:
     return open(path, "rb")
 
 
-def _head(path: str, compression: str | None, n: int = 1024) -> bytes:
+def compression_of(magic: bytes) -> str | None:
+    """``gzip``, ``zstd`` or None, told by a file's first bytes."""
+    return "gzip" if magic.startswith(GZIP_MAGIC) else "zstd" if magic.startswith(ZSTD_MAGIC) else None
+
+
+def _head(path: str, compression: str | None, n: int = 4096) -> bytes:
     try:
         with open_decompressed(path, compression) as f:
             return f.read(n)
@@ -72,10 +77,10 @@ def sniff_input(path: str) -> InputKind:
     """The kind of ``path`` from its first bytes; a one-line MMGenError for anything mmgen cannot read."""
     try:
         with open(path, "rb") as f:
-            magic = f.read(512)
+            magic = f.read(4096)
     except OSError as e:
         raise MMGenError(f"cannot read input {path}: {e.strerror}") from None
-    compression = "gzip" if magic.startswith(GZIP_MAGIC) else "zstd" if magic.startswith(ZSTD_MAGIC) else None
+    compression = compression_of(magic)
     head = _head(path, compression) if compression else magic
     if magic.startswith(PARQUET_MAGIC):
         return InputKind("parquet")
@@ -85,9 +90,10 @@ def sniff_input(path: str) -> InputKind:
 
     if not compression and tarfile.is_tarfile(path):  # an old (v7) tar without the ustar magic
         return InputKind("tar")
-    if b"\x00" not in head or head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"["):
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if b"\x00" not in head[:1024 if compression else 512] or start in (b"{", b"["):
         # text: jsonl, whatever its first line holds (a damaged line is quarantined as bad_json)
-        return InputKind("jsonl", compression)
+        return InputKind("jsonl", compression, array=start == b"[")
     shown = head[:12]
     raise MMGenError(f"input {path} is not jsonl, parquet or a tar shard (its {'decompressed ' if compression else ''}"
                      f"content starts with {shown!r}); pass only corpus files")

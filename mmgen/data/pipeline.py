@@ -25,7 +25,8 @@ Output folder (K numbers the work units; a small file is one unit)::
     state/KKKKK.json               what input K added to the deduplication indexes
     done/KKKKK.json                unit K is finished (its counts); a rerun skips it
     tmp/KKKKK/                     the input being written; renamed into place when it is finished
-    manifest.json summary.json report.md plots/*.png
+    manifest.json                  the job and its work units (a resume plans nothing, reads no input)
+    summary.json report.md plots/*.png
 
 A recipe ending in two-pass selectors (``top_k``, ``top_fraction``, ranked ``source_quota``) runs in
 two passes. Pass 1 is the run above, except that the kept documents are staged in ``pass1/``
@@ -100,24 +101,39 @@ def _merge(counts: list[dict], labels: list[str]) -> dict:
     }
 
 
-def _open_run(out: Path, manifest: dict) -> None:
-    """Create the output folder, or check that the one there holds a run of the same job (to resume)."""
-    out.mkdir(parents=True, exist_ok=True)
+def _open_run(out: Path, job: dict, plan) -> list:
+    """The work units of the run in ``out``: those its manifest saved when the folder holds a run of
+    the same job (a resume plans nothing, so it reads no input), else ``plan()``'s, saved with the job
+    in a new manifest. Refuses a folder holding anything else."""
+    from mmgen.data.filter_inputs import WorkUnit
+
     mpath = out / "manifest.json"
     if mpath.exists():
         try:
             old = json.loads(mpath.read_text())
         except ValueError:
             old = None
-        if old != json.loads(json.dumps(manifest)):
+        saved = old.pop("units", None) if isinstance(old, dict) else None
+        if old != json.loads(json.dumps(job)):
             raise MMGenError(f"{out} holds a filter run with other inputs, recipe or options; "
                              "use a new --out folder or delete this one")
+        if saved is None:
+            units = plan()  # a manifest written before the units were saved in it
+        else:
+            try:
+                units = [WorkUnit(**u) for u in saved]
+            except TypeError:
+                raise MMGenError(f"{mpath} holds work units this version cannot read; use a new --out folder "
+                                 "or delete this one") from None
     else:
-        if any(out.iterdir()):
+        if out.is_dir() and any(out.iterdir()):
             raise MMGenError(f"output folder {out} is not empty and holds no filter run; use a new --out folder")
-        write_json(mpath, manifest)
+        units = plan()
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(mpath, {**job, "units": [dataclasses.asdict(u) for u in units]})
     for sub in _SUBDIRS:
         (out / sub).mkdir(exist_ok=True)
+    return units
 
 
 def _resume(out: Path, n_inputs: int, ops: list[Op]) -> list[dict]:
@@ -176,6 +192,7 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
 
     from mmgen.data.executors import EXECUTORS, results_in_order
     from mmgen.data.filter_inputs import INPUT_FORMATS, auto_unit_bytes, plan_units
+    from mmgen.data.formats._common import checked_media_root
     from mmgen.data.input_kind import INPUT_EXTS
     from mmgen.data.shards import expand_inputs
 
@@ -193,19 +210,16 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
         raise MMGenError(f"unknown input format '{input_format}' (use one of: {', '.join(INPUT_FORMATS)})")
     if unit_bytes is not None and (isinstance(unit_bytes, bool) or not isinstance(unit_bytes, int) or unit_bytes < 1):
         raise MMGenError(f"unit_bytes must be a positive integer, got {unit_bytes!r}")
-    if media_root is not None:
-        if not os.path.isdir(os.path.expanduser(str(media_root))):
-            raise MMGenError(f"media root '{media_root}' is not a directory (give the folder holding the media files)")
-        media_root = os.path.abspath(os.path.expanduser(str(media_root)))
+    media_root = checked_media_root(media_root)
     paths = [os.path.abspath(p) for p in expand_inputs(inputs, INPUT_EXTS)]
     unit_bytes = unit_bytes or auto_unit_bytes(paths)
-    units = plan_units(paths, input_format, unit_bytes)
     read_opts = {"media_root": media_root, "allow_outside_root": bool(allow_outside_root)}
     out = Path(out_dir)
     recipe_data = dataclasses.asdict(r)
-    _open_run(out, {"recipe": recipe_data, "inputs": paths, "shard_size": shard_size, "dry_run": dry_run,
-                    "input_format": input_format, "save_reject_media": save_reject_media,
-                    "unit_bytes": unit_bytes, **read_opts})
+    units = _open_run(out, {"recipe": recipe_data, "inputs": paths, "shard_size": shard_size, "dry_run": dry_run,
+                            "input_format": input_format, "save_reject_media": save_reject_media,
+                            "unit_bytes": unit_bytes, **read_opts},
+                      lambda: plan_units(paths, input_format, unit_bytes))
     selectors = two_pass_selectors(ops)
     counts = _resume(out, len(units), ops)
     todo = list(range(len(counts), len(units)))

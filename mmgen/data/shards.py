@@ -155,12 +155,12 @@ def _group_members(tf: tarfile.TarFile, source: str) -> Iterator[dict | BadRecor
         yield current
 
 
-def _outside_refs(doc: Doc, source: str, media_root: str | None) -> str | None:
+def _outside_refs(doc: Doc, ctx) -> str | None:
     """A media item of a sample that names a file instead of a member must stay inside the corpus
-    (the shard's folder or ``media_root``): the reason to refuse the sample, or None."""
-    from mmgen.data.formats._common import ReadContext, RecordError
+    (the shard's folder or ``media_root``, held by the shard's ``ReadContext``): the reason to refuse
+    the sample, or None."""
+    from mmgen.data.formats._common import RecordError
 
-    ctx = ReadContext(source=source, media_root=media_root)
     for it in doc.media:
         if it.data is None and it.path is not None:
             ref = it.path
@@ -173,23 +173,26 @@ def _outside_refs(doc: Doc, source: str, media_root: str | None) -> str | None:
     return None
 
 
-def read_shard(path: str | Path, media_root: str | None = None,
-               allow_outside_root: bool = False) -> Iterator[Doc | BadRecord]:
+def read_shard(path: str | Path, media_root: str | None = None, allow_outside_root: bool = False,
+               compression: str | None = "sniff") -> Iterator[Doc | BadRecord]:
     """Docs of one shard (plain, gzip or zstd tar), in order; a bad sample or a broken tar becomes a
-    BadRecord. A sample whose media name a file outside the corpus is refused (``path_outside_root``)."""
-    from mmgen.data.input_kind import GZIP_MAGIC, ZSTD_MAGIC, open_decompressed
+    BadRecord. A sample whose media name a file outside the corpus is refused (``path_outside_root``).
+    ``compression``: ``gzip``, ``zstd`` or None when already known, else told by the first bytes."""
+    from mmgen.data.formats._common import ReadContext
+    from mmgen.data.input_kind import compression_of, open_decompressed
 
     source = str(path)
     try:
-        with open(source, "rb") as f:
-            magic = f.read(4)
-        compression = "gzip" if magic.startswith(GZIP_MAGIC) else "zstd" if magic.startswith(ZSTD_MAGIC) else None
+        if compression == "sniff":
+            with open(source, "rb") as f:
+                compression = compression_of(f.read(4))
         stream = open_decompressed(source, compression)
         tf = tarfile.open(fileobj=stream, mode="r|*" if compression is None else "r|")  # r|*: bz2, xz too
     except (tarfile.TarError, OSError, EOFError, MMGenError) as e:
         yield BadRecord(source=source, reason="corrupt_tar", detail=str(e))
         return
     broken = False
+    ctx = ReadContext(source=source, media_root=media_root)  # one per shard: its folder resolutions are cached
     with tf, stream:
         for index, sample in enumerate(_group_members(tf, source)):
             if isinstance(sample, BadRecord):
@@ -205,7 +208,7 @@ def read_shard(path: str | Path, media_root: str | None = None,
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError, MMGenError) as e:
                 yield BadRecord(source=source, reason="bad_sample", member=sample["__key__"], detail=str(e)[:300])
                 continue
-            outside = None if allow_outside_root else _outside_refs(doc, source, media_root)
+            outside = None if allow_outside_root else _outside_refs(doc, ctx)
             if outside is not None:
                 yield BadRecord(source=source, reason="path_outside_root", member=sample["__key__"], detail=outside)
                 continue
@@ -221,10 +224,8 @@ def read_shard(path: str | Path, media_root: str | None = None,
 
 
 def _bytes_after_archive(path: str, offset: int) -> int:
-    """Non-zero bytes after the end of a plain tar's last member (0 for a whole or compressed file)."""
+    """Non-zero bytes after the end of a plain tar's last member (0 for a whole file)."""
     with open(path, "rb") as f:
-        if f.read(2) == b"\x1f\x8b":  # gzip: offsets are into the decompressed stream
-            return 0
         f.seek(offset)
         junk = 0
         while chunk := f.read(1 << 20):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from mmgen.data.doc import BadRecord, Doc
-from mmgen.errors import MMGenError
+from mmgen.errors import LossyConversionError, MMGenError
 
 _MODULES = {"obelics": "obelics", "mmc4": "mmc4", "dj": "dj", "llava": "llava", "wds": "wds", "mmgen": "native"}
 FORMATS: list[str] = list(_MODULES)
@@ -77,14 +77,13 @@ def read_records(path, fmt: str, media_root: str | None = None, path_map=None, a
     Media paths stay inside the input's folder, ``media_root`` and the ``path_map`` targets: a record
     naming a file elsewhere is a BadRecord ``path_outside_root`` unless ``allow_outside_root``.
     An unknown format or a missing input raises MMGenError (an unusable argument, not a bad record)."""
+    from mmgen.data.formats._common import checked_media_root, expand_jsonl_inputs
+
     module = format_module(fmt)
-    if media_root is not None and not os.path.isdir(os.path.expanduser(str(media_root))):
-        raise MMGenError(f"media root '{media_root}' is not a directory (give the folder holding the media files)")
+    checked_media_root(media_root)  # fail now; records keep naming the folder as given
     if module.__name__.endswith(".wds"):
         module.expand_shards(path)  # fail now, not at the first next(), on a missing input
         return module.read(path, media_root=media_root, allow_outside_root=allow_outside_root, **opts)
-    from mmgen.data.formats._common import expand_jsonl_inputs
-
     expand_jsonl_inputs(path, (".jsonl", ".json"))
     return module.read(path, media_root=media_root, path_map=_path_map(path_map), allow_outside_root=allow_outside_root,
                        **opts)
@@ -152,8 +151,6 @@ def convert(input, output, src: str, dst: str, media_root: str | None = None, pa
         from tqdm import tqdm
 
         stream = tqdm(stream, desc=f"{src} -> {dst}", unit="doc", dynamic_ncols=True)
-    from mmgen.data.formats.llava import LossyConversionError
-
     try:
         counts = write_records(stream, output, dst, on_bad=on_bad, lossy=lossy, **opts)
     except LossyConversionError:

@@ -4,6 +4,7 @@ and the rules that keep unknown fields so that ``X -> Doc -> X`` is lossless.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,16 @@ def expand_jsonl_inputs(path, exts: tuple[str, ...] = (".jsonl",)) -> list[str]:
     return expand_inputs(path, exts)
 
 
+def checked_media_root(media_root) -> str | None:
+    """``media_root`` as an absolute folder (None stays None); MMGenError if it is no folder."""
+    if media_root is None:
+        return None
+    folder = os.path.expanduser(str(media_root))
+    if not os.path.isdir(folder):
+        raise MMGenError(f"media root '{media_root}' is not a directory (give the folder holding the media files)")
+    return os.path.abspath(folder)
+
+
 def inside(path: str, root: str) -> bool:
     """Whether ``path`` lies under ``root`` (both already absolute and resolved)."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
@@ -59,19 +70,23 @@ class ReadContext:
     def base_dir(self) -> str:
         return os.path.dirname(os.path.abspath(self.source))
 
+    @functools.cached_property
     def roots(self) -> list[str]:
-        if getattr(self, "_roots", None) is None:
-            dirs = [self.base_dir] + ([os.path.expanduser(self.media_root)] if self.media_root else [])
-            dirs += [v if v.endswith(os.sep) or os.path.isdir(v) else os.path.dirname(v) for v in self.path_map.values()]
-            self._roots = [os.path.realpath(d) for d in dirs if d]
-        return self._roots
+        """The corpus folders, symlinks resolved: media paths must stay inside one of them."""
+        dirs = [self.base_dir] + ([os.path.expanduser(self.media_root)] if self.media_root else [])
+        dirs += [v if v.endswith(os.sep) or os.path.isdir(v) else os.path.dirname(v) for v in self.path_map.values()]
+        return [os.path.realpath(d) for d in dirs if d]
+
+    @functools.cached_property
+    def _real_dirs(self) -> dict[str, str]:
+        return {}
 
     def _realpath(self, path: str) -> str:
         """``os.path.realpath`` with the folders' resolution cached: a corpus names thousands of files
         in a few folders, and resolving every component of every path is a system call each."""
         if os.path.islink(path):
             return os.path.realpath(path)
-        cache = self.__dict__.setdefault("_real_dirs", {})
+        cache = self._real_dirs
         folder, name = os.path.split(path)
         if folder not in cache:
             cache[folder] = os.path.realpath(folder)
@@ -80,9 +95,9 @@ class ReadContext:
     def check_inside(self, path: str, ref: str) -> str:
         """``path`` with its symlinks resolved, or RecordError ``path_outside_root``."""
         real = self._realpath(os.path.abspath(path))
-        if not self.allow_outside_root and not any(inside(real, r) for r in self.roots()):
+        if not self.allow_outside_root and not any(inside(real, r) for r in self.roots):
             raise RecordError("path_outside_root",
-                              f"media path {ref!r} resolves to {real}, outside the corpus ({', '.join(self.roots())}); "
+                              f"media path {ref!r} resolves to {real}, outside the corpus ({', '.join(self.roots)}); "
                               "pass --media-root for the folder holding the media, or --allow-outside-root")
         return real
 
@@ -130,9 +145,7 @@ class ReadContext:
             ref = ref.get("path")
         if not isinstance(ref, str) or not ref:
             raise RecordError("bad_schema", f"{kind} reference must be a path or URL string, got {ref!r}")
-        if is_url(ref):
-            return MEDIA_TYPES[kind](url=ref, meta=meta)  # a reference, fetched only by `mmgen fetch`
-        path, found = self.resolve(ref)
+        path, found = self.resolve(ref)  # a URL stays a URL: a reference, fetched only by `mmgen fetch`
         if not found:
             where = f"; also looked under media_root {self.media_root}" if self.media_root else \
                 "; relative paths are read from the input file's folder (mmgen convert takes --media-root)"
@@ -144,26 +157,25 @@ class ReadContext:
 
 
 def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False,
-                      byte_range: tuple[int, int, int] | None = None) -> Iterator[tuple[int, str, Any]]:
+                      byte_range: tuple[int, int, int] | None = None, kind=None) -> Iterator[tuple[int, str, Any]]:
     """(line number, raw text, parsed object or a BadRecord) for each non-blank line.
 
-    The file may be gzip or zstd compressed (told by its magic bytes). With ``whole_json_ok`` a file
+    The file may be gzip or zstd compressed (told by its magic bytes, or by ``kind``, the
+    :class:`~mmgen.data.input_kind.InputKind` already sniffed). With ``whole_json_ok`` a file
     holding one JSON array (LLaVA's ``.json`` files) yields its elements, numbered from 1 by position.
     ``byte_range = (start, end, first_line)`` reads only the lines that START in ``[start, end)`` of an
     uncompressed file, numbering them from ``first_line`` (a work unit of a large file)."""
-    from mmgen.data.input_kind import open_decompressed, sniff_input
+    from mmgen.data.input_kind import InputKind, open_decompressed, sniff_input
 
-    compression = None
-    if byte_range is None:
-        kind = sniff_input(path)
-        if kind.kind != "jsonl":
-            hint = "format 'wds'" if kind.kind == "tar" else "mmgen filter, which reads parquet"
-            raise MMGenError(f"{path} holds a {kind.kind}{' (' + kind.compression + ')' if kind.compression else ''}, "
-                             f"not jsonl: read it with {hint}")
-        compression = kind.compression
-    f = open_decompressed(path, compression)
+    if kind is None:
+        kind = InputKind("jsonl") if byte_range is not None else sniff_input(path)
+    if kind.kind != "jsonl":
+        hint = "format 'wds'" if kind.kind == "tar" else "mmgen filter, which reads parquet"
+        raise MMGenError(f"{path} holds a {kind.kind}{' (' + kind.compression + ')' if kind.compression else ''}, "
+                         f"not jsonl: read it with {hint}")
+    f = open_decompressed(path, kind.compression)
     try:
-        yield from _json_lines(f, ctx, whole_json_ok, byte_range)
+        yield from _json_lines(f, ctx, whole_json_ok and kind.array, byte_range)
     except (OSError, EOFError, ValueError, MMGenError) as e:  # a damaged compressed stream: keep what came before
         ctx.line = None
         yield 0, "", ctx.bad("corrupt_input", f"{type(e).__name__}: {e}")
@@ -171,21 +183,19 @@ def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False,
         f.close()
 
 
-def _json_lines(f, ctx: ReadContext, whole_json_ok: bool, byte_range):
-    if byte_range is None and whole_json_ok:
-        head = f.peek(4096)[:4096].lstrip(b"\xef\xbb\xbf \t\r\n") if hasattr(f, "peek") else b""
-        if head.startswith(b"["):
-            try:
-                arr = json.loads(f.read().decode("utf-8", "replace"))
-            except (ValueError, RecursionError) as e:
-                ctx.line = None
-                yield 0, "", ctx.bad("bad_json", f"file is not valid JSON: {str(e)[:200]}")
-                return
-            if not isinstance(arr, list):
-                arr = [arr]
-            for i, obj in enumerate(arr, 1):
-                yield i, "", obj
+def _json_lines(f, ctx: ReadContext, array: bool, byte_range):
+    if array:
+        try:
+            arr = json.loads(f.read().decode("utf-8", "replace"))
+        except (ValueError, RecursionError) as e:
+            ctx.line = None
+            yield 0, "", ctx.bad("bad_json", f"file is not valid JSON: {str(e)[:200]}")
             return
+        if not isinstance(arr, list):
+            arr = [arr]
+        for i, obj in enumerate(arr, 1):
+            yield i, "", obj
+        return
     pos, lineno, end = 0, 0, None
     if byte_range is not None:
         start, end, lineno = byte_range
@@ -216,16 +226,16 @@ def _json_lines(f, ctx: ReadContext, whole_json_ok: bool, byte_range):
 def read_jsonl(path, record_to_doc: Callable[[dict, ReadContext], Doc], media_root: str | None = None,
                path_map: dict | None = None, whole_json_ok: bool = False, exts=(".jsonl",),
                allow_outside_root: bool = False, byte_range: tuple[int, int, int] | None = None,
-               **_) -> Iterator[Doc | BadRecord]:
+               kind=None, **_) -> Iterator[Doc | BadRecord]:
     """Docs from jsonl files via ``record_to_doc``; every failure becomes a BadRecord and the run goes on.
 
-    ``byte_range``: only the lines starting in that range of the one file ``path`` (see
-    :func:`iter_json_records`)."""
-    files = [str(path)] if byte_range is not None else expand_jsonl_inputs(path, exts)
+    ``byte_range``: only the lines starting in that range of the one file ``path``; ``kind``: what the
+    one file ``path`` holds, already sniffed (see :func:`iter_json_records`)."""
+    files = [str(path)] if byte_range is not None or kind is not None else expand_jsonl_inputs(path, exts)
     for file in files:
         ctx = ReadContext(source=file, media_root=media_root, path_map=dict(path_map or {}),
                           allow_outside_root=allow_outside_root)
-        for lineno, raw, obj in iter_json_records(file, ctx, whole_json_ok, byte_range):
+        for lineno, raw, obj in iter_json_records(file, ctx, whole_json_ok, byte_range, kind):
             if isinstance(obj, BadRecord):
                 yield obj
                 continue
@@ -260,7 +270,7 @@ def checked_media(records: Iterable[Doc | BadRecord]) -> Iterator[Doc | BadRecor
         if isinstance(rec, Doc):
             try:
                 for it in rec.images:
-                    if it.data is None and (is_url(it.path) or not it.exists()):
+                    if not it.exists():  # a URL reference (no path) or a file gone: not checked here
                         continue
                     open_image(it.load(), it.path, it.declared_format()).close()
             except MediaError as e:

@@ -23,11 +23,7 @@ from mmgen.data.formats._common import (
     MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, item_meta_out, meta_from_extras,
     read_jsonl, write_jsonl,
 )
-from mmgen.errors import MMGenError
-
-
-class LossyConversionError(MMGenError):
-    """A Doc cannot be written in the target format without losing information."""
+from mmgen.errors import LossyConversionError
 
 TOKENS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 _TOKEN_KIND = {v: k for k, v in TOKENS.items()}

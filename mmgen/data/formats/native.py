@@ -5,7 +5,7 @@ Lossless by construction; it is what ``mmgen.data.shards.read_docs`` reads for `
 
 from __future__ import annotations
 
-from mmgen.data.doc import Doc, Text, is_url
+from mmgen.data.doc import Doc, Text
 from mmgen.data.formats._common import MediaExport, ReadContext, RecordError, read_jsonl, write_jsonl
 
 
@@ -16,12 +16,8 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
     for k, entry in enumerate(rec["items"]):
         if not isinstance(entry, dict):
             raise RecordError("bad_schema", f"items[{k}] is not an object")
-        if entry.get("type") != "text" and is_url(entry.get("path")):
-            entry = dict(entry, url=entry.get("url") or entry["path"])  # a URL reference, not a file
-            entry.pop("path")
-            rec["items"][k] = entry
-        elif entry.get("type") != "text" and entry.get("path") and not entry.get("member"):
-            path, found = ctx.resolve(entry["path"])
+        if entry.get("type") != "text" and entry.get("path") and not entry.get("member"):
+            path, found = ctx.resolve(entry["path"])  # a URL stays a URL: the item is a reference
             if not found:
                 missing.append(f"{entry.get('type')} file not found: {entry['path']} (resolved to {path})")
             entry = dict(entry, path=path)

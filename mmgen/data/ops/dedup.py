@@ -504,18 +504,21 @@ class UrlDedup(StatefulOp):
         super().__init__(*a, **k)
         self.seen: dict[str, str] = {}
 
-    def _key(self, meta: dict, fields: list, path: str | None = None) -> str | None:
+    def _key(self, meta: dict, fields: list, path: str | None = None, url: str | None = None) -> str | None:
+        """The first of ``fields`` in ``meta``, else the item's own ``url``, else its ``path``."""
         for f in fields:
             v = meta.get(f)
             if isinstance(v, str) and v.strip():
                 return "url:" + normalize_url(v) if "://" in v else "url:" + v.strip()
+        if url:
+            return "url:" + normalize_url(url)
         return "path:" + os.path.normpath(path) if path and self.params.use_path else None
 
     def signature(self, view):
         if self.level == "doc":
             return self._key(view.doc.meta, self.params.doc_fields)
-        return {i: ("url:" + normalize_url(img.url) if img.url and not self._key(img.meta, self.params.item_fields)
-                    else self._key(img.meta, self.params.item_fields, img.path)) for i, img in view.images(fetched=False)}
+        return {i: self._key(img.meta, self.params.item_fields, img.path, img.url)
+                for i, img in view.images(fetched=False)}
 
     def decide(self, view, sig, doc_id):
         if self.level == "doc":
