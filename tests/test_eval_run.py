@@ -169,3 +169,23 @@ def test_sampling_sources_credit_the_file_only_with_the_keys_it_holds(tmp_path):
     assert s["cfg_scale"] == 2.0 and s["sources"]["cfg_scale"] == "explicit"
     assert s["top_k"] == 0 and s["sources"]["top_k"] == "quickstart"
     assert s["seed"] == QuickstartConfig().eval_seed
+
+
+def test_eval_samples_with_the_settings_generate_uses(bundle_dir):
+    """One rule for both: a file that asks to sample without a temperature means transformers' 1."""
+    from mmgen.eval.provenance import sampling_settings
+    from mmgen.inference.settings import bundle_sampling
+    from mmgen.models.bundle import load_bundle
+
+    (bundle_dir / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 5}))
+    try:
+        s = sampling_settings(bundle_dir)
+        g = bundle_sampling(load_bundle(bundle_dir))
+        with pytest.raises(MMGenError, match="temperature must be >= 0"):
+            sampling_settings(bundle_dir, temperature=-1.0)
+    finally:
+        (bundle_dir / "generation_config.json").unlink()
+    assert (s["temperature"], s["top_k"], s["top_p"], s["cfg_scale"]) == (g.temperature, g.top_k, g.top_p, g.cfg_scale)
+    assert s["temperature"] == 1.0 and s["top_k"] == 5
+    assert s["sources"]["temperature"] == s["sources"]["top_k"] == "generation_config.json"
+    assert s["sources"]["top_p"] == "quickstart"
