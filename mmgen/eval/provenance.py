@@ -69,7 +69,7 @@ def sampling_settings(checkpoint: str | Path, temperature: float | None = None, 
     settings ``mmgen generate`` uses for the same checkpoint and options
     (:class:`~mmgen.inference.settings.SamplingSettings`, checked), plus the evaluation's seed."""
     from mmgen.inference.settings import DEFAULT_SAMPLING, SamplingSettings
-    from mmgen.models.bundle import read_generation_config
+    from mmgen.models.bundle import GENERATION_CONFIG, read_generation_config
     from mmgen.quickstart import QuickstartConfig
 
     # A loaded GenerationConfig leaves every sampling field the file does not hold at None, so the
@@ -79,7 +79,7 @@ def sampling_settings(checkpoint: str | Path, temperature: float | None = None, 
     explicit = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale}
     s = base.override(**explicit)
     sources = {k: "explicit" if explicit[k] is not None
-               else "generation_config.json" if gc is not None and any(getattr(gc, f, None) is not None for f in fks)
+               else GENERATION_CONFIG if gc is not None and any(getattr(gc, f, None) is not None for f in fks)
                else "quickstart" for k, fks in _FILE_KEYS.items()}
     sources["seed"] = "explicit" if seed is not None else "quickstart"
     return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "cfg_scale": s.cfg_scale,
