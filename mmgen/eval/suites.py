@@ -48,12 +48,15 @@ class EvalOptions:
 
 @dataclass
 class Context:
-    out: Path
+    out: Path | None  # None: in memory, records hold the images themselves (run_in_memory)
     sampling: dict
     opts: EvalOptions
     extra: dict = field(default_factory=dict)
 
-    def save_image(self, img, rel: str) -> str:
+    def save_image(self, img, rel: str):
+        """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
+        if self.out is None:
+            return img
         p = self.out / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         img.save(p)
@@ -85,6 +88,29 @@ def check_bundle(bundle, suites: list[str], checkpoint) -> None:
                          "data.image_tokenizer=DIR")
 
 
+def run_in_memory(suite, bundle, sampling: dict, opts: EvalOptions, progress: bool = False) -> list[dict]:
+    """Every record of ``suite`` in batch order, nothing written: the evaluation functions
+    (:func:`mmgen.eval.t2i.evaluate_t2i`, ...) are this plus ``suite.summarize``, so they give the
+    numbers ``mmgen eval run`` gives for the same settings."""
+    ctx = Context(out=None, sampling=sampling, opts=opts)
+    suite.prepare(bundle, ctx)
+    batches = suite.batches
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=suite.name, unit="batch")
+    return [r for _, bi, payload in batches for r in suite.run_batch(bundle, bi, payload, ctx)]
+
+
+def function_sampling(bundle, seed: int, **given) -> dict:
+    """The sampling dict of an evaluation function: the bundle's settings with ``given`` (those not
+    None) in their place, and ``seed``."""
+    from mmgen.inference.settings import bundle_sampling
+
+    s = bundle_sampling(bundle, **given)
+    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "cfg_scale": s.cfg_scale, "seed": seed}
+
+
 def _batches(items: list, size: int, prefix: str):
     size = max(1, int(size))
     return [(f"{prefix}/{bi}", bi, items[s:s + size]) for bi, s in enumerate(range(0, len(items), size))]
@@ -97,7 +123,9 @@ def _pct_block(records, keys) -> dict:
 # -- t2i ---------------------------------------------------------------------------------------------
 class T2ISuite:
     name = "t2i"
-    splits = ("val", "heldout")
+
+    def __init__(self, splits=("val", "heldout")):
+        self.splits = tuple(splits)
 
     def prepare(self, bundle, ctx: Context):
         from mmgen.eval.t2i import t2i_eval_set
@@ -212,19 +240,19 @@ class GenEvalSuite:
 # -- qa ----------------------------------------------------------------------------------------------
 class QASuite:
     name = "qa"
-    splits = ("val", "heldout")
+
+    def __init__(self, splits=("val", "heldout")):
+        self.splits = tuple(splits)
 
     def prepare(self, bundle, ctx: Context):
         from mmgen.data.synthetic import render, render_size
-        from mmgen.data.synthetic.text import qa_pairs
-        from mmgen.eval.understanding import _scenes, qa_prompt_ids, resolution
+        from mmgen.eval.understanding import qa_cases, qa_prompt_ids, resolution
         from mmgen.inference.generate import image_ids
 
         res = resolution(bundle)
-        self.cases, self.batches, items = {}, [], []
+        self.batches, items = [], []
         for sp in self.splits:
-            scenes, rng = _scenes(ctx.opts.n, sp, ctx.sampling["seed"], "qa")
-            qas = [qa_pairs(s, rng, n=1)[0] for s in scenes]
+            scenes, qas = map(list, zip(*qa_cases(ctx.opts.n, sp, ctx.sampling["seed"])))
             # every picture of a split encoded in one call, as the quick start always did
             blocks = image_ids(bundle, [render(s, *render_size(res)) for s in scenes])
             rows = [qa_prompt_ids(bundle, b, q) for b, (q, _, _) in zip(blocks, qas)]
