@@ -25,6 +25,7 @@ import numpy as np
 
 from mmgen.errors import MMGenError
 from mmgen.eval.stats import mean_interval, proportion
+from mmgen.models.bundle import can_draw
 
 SUITES = ("t2i", "geneval", "qa", "interleaved", "recon")
 _NEEDS_IMAGES = {"t2i", "geneval", "qa", "interleaved", "recon"}  # qa shows the model a picture
@@ -82,7 +83,7 @@ def parse_suites(spec: str | list[str]) -> list[str]:
 
 def check_bundle(bundle, suites: list[str], checkpoint) -> None:
     need = [s for s in suites if s in _NEEDS_IMAGES]
-    if need and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):  # no image tokenizer: vocab unread
+    if need and not can_draw(bundle):
         raise MMGenError(f"suite {', '.join(need)} needs a checkpoint with an image tokenizer, and {checkpoint} has none "
                          f"(no image_tokenizer/ or no pixel codes in its vocab); evaluate a checkpoint trained with "
                          "data.image_tokenizer=DIR")

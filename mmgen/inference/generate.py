@@ -28,6 +28,7 @@ import torch
 
 from mmgen.data.doc import Audio, Doc, Image
 from mmgen.errors import MMGenError
+from mmgen.models.bundle import can_draw
 from mmgen.models.vocab import Vocab
 
 MODES = ("auto", "t2i", "text", "tts")
@@ -103,7 +104,7 @@ def check_options(mode: str = "auto", max_new_tokens: int = 1, temperature=None,
 
 def _check(bundle, mode: str, allow_audio: bool = False) -> None:
     check_options(mode, allow_audio=allow_audio)
-    if mode == "t2i" and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):
+    if mode == "t2i" and not can_draw(bundle):
         raise MMGenError("t2i mode needs a checkpoint with an image tokenizer and pixel codes in its vocab")
     if mode == "tts" or allow_audio:
         check_audio(bundle, "tts mode" if mode == "tts" else "allow_audio")

@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import torch
 
 from mmgen.errors import MMGenError
+from mmgen.models.bundle import can_draw
 from mmgen.models.vocab import Vocab
 
 
@@ -257,7 +258,7 @@ class MMGenPipeline:
         o = self.check_inputs(replace(options or GenerationOptions(), **kw))
         b, vocab = self.bundle, self.bundle.vocab
         eos, pad = _special(b)
-        can_image = b.image_tokenizer is not None and vocab.has("pix") and o.mode != "text"
+        can_image = can_draw(b) and o.mode != "text"
         can_audio = o.allow_audio or o.mode == "tts"  # check_inputs made sure the bundle can decode it
         sizes = [tuple(s) for s in o.sizes] if o.sizes else (default_image_sizes(b) if can_image else None)
         row, uncond = self.encode_prompt(prompt, o, picture)

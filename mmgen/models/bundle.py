@@ -60,6 +60,12 @@ class Bundle:
         return p
 
 
+def can_draw(bundle) -> bool:
+    """Whether ``bundle`` writes images: an image tokenizer to decode them and the pixel code range in
+    its vocab to write them in."""
+    return bundle.image_tokenizer is not None and bundle.vocab.has("pix")
+
+
 def read_generation_config(path: str | Path):
     """The bundle's ``generation_config.json`` as a ``transformers.GenerationConfig``, None without one;
     a file that does not parse is a one-line MMGenError naming it."""
