@@ -219,11 +219,8 @@ class MMGenPipeline:
         from mmgen.inference.settings import bundle_sampling
 
         o = options
-        check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio)
-        if o.cache not in CACHES:
-            raise MMGenError(f"unknown cache '{o.cache}' (use one of: {', '.join(CACHES)})")
-        if o.max_audio_frames is not None and o.max_audio_frames < 1:
-            raise MMGenError(f"max_audio_frames must be >= 1, got {o.max_audio_frames}")
+        check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames,
+                      cache=o.cache)
         s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             cfg_scale=o.cfg_scale)
         _check(self.bundle, o.mode, o.allow_audio)
