@@ -340,7 +340,7 @@ class InterleavedSuite:
         from mmgen.data.sequence import encode_text
         from mmgen.data.synthetic.scene import Scene
         from mmgen.eval.interleaved import apply_instruction, judge_step
-        from mmgen.eval.scene_parser import parse_scene
+        from mmgen.eval.scene_parser import compare_scenes, parse_scene
         from mmgen.inference.generate import generate_image_rows, generate_text_rows
 
         split, start, chunk = payload
@@ -357,14 +357,14 @@ class InterleavedSuite:
             before = Scene.from_dict(c["before"])
             pred = parse_scene(img)
             truth = apply_instruction(before, t)
+            # an instruction that is not an edit has no truth: neither exact nor any object recalled
+            cmp = compare_scenes(pred, truth) if truth is not None else {"exact": False, "object_recall": 0.0}
             before_img = [it for it in c["items"] if it.kind == "image"][-1]
             out.append({"id": f"{split}/{i}", "split": split, "instruction": t,
                         "truth": truth.to_dict() if truth is not None else None,
                         "before": ctx.save_image(before_img.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
                         "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
-                        "exact": bool(truth is not None and pred is not None and pred.background == truth.background
-                                      and set(pred.objects) == set(truth.objects)),
-                        "parsed": pred is not None, "object_recall": _recall(pred, truth),
+                        "exact": cmp["exact"], "parsed": pred is not None, "object_recall": cmp["object_recall"],
                         "pred": pred.to_dict() if pred is not None else None,
                         "aspects": judge_step(before, t, pred, model_text=True)})
         return out
@@ -431,14 +431,6 @@ class InterleavedSuite:
                         "text": r["instruction"], "verdict": _verdict(r["exact"], r["parsed"]), "ok": r["exact"],
                         "tag": r["split"]})
         return out
-
-
-def _recall(pred, truth) -> float:
-    if truth is None:
-        return 0.0
-    if not truth.objects:
-        return 1.0
-    return sum(o in set(pred.objects) for o in truth.objects) / len(truth.objects) if pred is not None else 0.0
 
 
 def ctx_splits(records: list[dict]) -> list[str]:
