@@ -116,15 +116,19 @@ def buildup_prompt_ids(bundle, items) -> list[int]:
     pretraining's (consecutive texts joined by a space, images as blocks of their own codes, what
     :func:`build_sequence` writes) or, after SFT, the chat template's (the first item is the user's
     turn, the rest the assistant's answer, each item on its own, as :func:`build_chat_sequence` writes)."""
-    from mmgen.data.sequence import ASSISTANT_TAG, USER_TAG, encode_prompt, encode_text
-    from mmgen.inference.generate import image_ids, trained_in_chat
+    from mmgen.processing.processor import MMGenProcessor
+    from mmgen.processing.sequence import encode_prompt, encode_text
 
+    proc = MMGenProcessor.from_bundle(bundle)
     tok = bundle.text_tokenizer
+    if proc.trained_in_chat():
+        first, rest = items[0], items[1:]
+        ids = proc.chat_prompt_ids(first.text) if first.kind == "text" else \
+            proc.chat_prompt_ids("", image_ids=proc.image_ids([first.to_pil()])[0])
+        for it in rest:
+            ids += encode_text(it.text, tok) if it.kind == "text" else proc.image_ids([it.to_pil()])[0]
+        return ids + [bundle.vocab["<image>"]]
     ids = encode_prompt("", tok, bundle.vocab, image=False)
-    if trained_in_chat(bundle):
-        pieces = [encode_text(it.text, tok) if it.kind == "text" else image_ids(bundle, [it.to_pil()])[0] for it in items]
-        ids += encode_text(USER_TAG, tok) + pieces[0] + encode_text(ASSISTANT_TAG, tok)
-        return ids + [t for p in pieces[1:] for t in p] + [bundle.vocab["<image>"]]
     texts: list[str] = []
     for it in items:
         if it.kind == "text":
@@ -133,7 +137,7 @@ def buildup_prompt_ids(bundle, items) -> list[int]:
         if texts:
             ids += encode_text(" ".join(texts), tok)
             texts = []
-        ids += image_ids(bundle, [it.to_pil()])[0]
+        ids += proc.image_ids([it.to_pil()])[0]
     if texts:
         ids += encode_text(" ".join(texts), tok)
     return ids + [bundle.vocab["<image>"]]
