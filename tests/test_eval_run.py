@@ -133,6 +133,7 @@ def test_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
     # a checkpoint without an image tokenizer, asked for t2i
     b = load_bundle(bundle_dir)
     Bundle(b.model, b.text_tokenizer, b.vocab, None, b.meta).save(tmp_path / "textonly")
+    (tmp_path / "textonly" / "model.safetensors").write_bytes(b"cut")  # the check reads files only, before the weights
     capsys.readouterr()
     assert main(["eval", "run", str(tmp_path / "textonly"), "--suite", "t2i", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip()
@@ -143,6 +144,12 @@ def test_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "prompts.jsonl:1: missing tag, prompt, include" in err and "\n" not in err
+    assert main(["eval", "run", str(tmp_path / "nowhere"), "--suite", "qa", "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint directory") and "does not exist" in err and "\n" not in err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "run", str(tmp_path / "empty"), "--suite", "qa", "--out", str(tmp_path / "w")]) == 2
+    assert "is not an mmgen checkpoint (no config.json or vocab.json)" in capsys.readouterr().err
     assert main(["eval", "compare", str(tmp_path / "nope.json"), str(tmp_path / "nope.json")]) == 2
     assert "report not found" in capsys.readouterr().err
 

@@ -25,7 +25,6 @@ import numpy as np
 
 from mmgen.errors import MMGenError
 from mmgen.eval.stats import mean_interval, proportion
-from mmgen.models.bundle import can_draw
 
 SUITES = ("t2i", "geneval", "qa", "interleaved", "recon")
 _NEEDS_IMAGES = {"t2i", "geneval", "qa", "interleaved", "recon"}  # qa shows the model a picture
@@ -81,9 +80,11 @@ def parse_suites(spec: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_bundle(bundle, suites: list[str], checkpoint) -> None:
+def check_suites(drawable: bool, suites: list[str], checkpoint) -> None:
+    """A one-line MMGenError when a suite needs images and the checkpoint cannot draw (``drawable``:
+    :func:`~mmgen.models.bundle.can_draw` of the bundle, or of its files before it loads)."""
     need = [s for s in suites if s in _NEEDS_IMAGES]
-    if need and not can_draw(bundle):
+    if need and not drawable:
         raise MMGenError(f"suite {', '.join(need)} needs a checkpoint with an image tokenizer, and {checkpoint} has none "
                          f"(no image_tokenizer/ or no pixel codes in its vocab); evaluate a checkpoint trained with "
                          "data.image_tokenizer=DIR")
@@ -121,8 +122,19 @@ def _pct_block(records, keys) -> dict:
     return {k: proportion(sum(bool(r[k]) for r in records), len(records)) for k in keys}
 
 
+class Suite:
+    """What every suite has: ``prepare`` (its cases and ``batches``), ``run_batch`` (judged records),
+    ``summarize``, ``panels`` (the report's grid, ``grid_cols`` wide) and ``finish``."""
+
+    name = ""
+    grid_cols = 6
+
+    def finish(self, records: list[dict], ctx: Context, entry: dict) -> None:
+        """Write what the suite keeps besides its samples into ``ctx.out`` and note it in its report ``entry``."""
+
+
 # -- t2i ---------------------------------------------------------------------------------------------
-class T2ISuite:
+class T2ISuite(Suite):
     name = "t2i"
 
     def __init__(self, splits=("val", "heldout")):
@@ -177,7 +189,7 @@ def _verdict(ok: bool, parsed: bool = True) -> str:
 
 
 # -- geneval -----------------------------------------------------------------------------------------
-class GenEvalSuite:
+class GenEvalSuite(Suite):
     name = "geneval"
 
     def prepare(self, bundle, ctx: Context):
@@ -226,6 +238,13 @@ class GenEvalSuite:
         keys = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
         path.write_text("".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in sorted(records, key=lambda r: int(r["id"]))))
 
+    def finish(self, records: list[dict], ctx: Context, entry: dict) -> None:
+        """GenEval's own files: the per-image results and the metadata the prompts came from."""
+        self.write_results(records, ctx.out / "geneval_results.jsonl")
+        (ctx.out / "geneval_metadata.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.entries))
+        entry["prompt_set"]["file"] = ctx.opts.geneval_prompts or "ShapesWorld (generated; geneval_metadata.jsonl)"
+        entry["detector"] = ctx.opts.detector
+
     def panels(self, records: list[dict], ctx: Context, k: int = 4) -> list[dict]:
         from mmgen.eval.geneval import TAGS
 
@@ -239,7 +258,7 @@ class GenEvalSuite:
 
 
 # -- qa ----------------------------------------------------------------------------------------------
-class QASuite:
+class QASuite(Suite):
     name = "qa"
 
     def __init__(self, splits=("val", "heldout")):
@@ -301,8 +320,9 @@ class QASuite:
 
 
 # -- interleaved -------------------------------------------------------------------------------------
-class InterleavedSuite:
+class InterleavedSuite(Suite):
     name = "interleaved"
+    grid_cols = 4  # each panel holds three pictures
 
     def prepare(self, bundle, ctx: Context):
         from mmgen.eval.understanding import buildup_cases, buildup_prompt_ids, resolution
@@ -438,7 +458,7 @@ def ctx_splits(records: list[dict]) -> list[str]:
 
 
 # -- recon -------------------------------------------------------------------------------------------
-class ReconSuite:
+class ReconSuite(Suite):
     name = "recon"
 
     def prepare(self, bundle, ctx: Context):

@@ -66,6 +66,13 @@ def can_draw(bundle) -> bool:
     return bundle.image_tokenizer is not None and bundle.vocab.has("pix")
 
 
+def checkpoint_can_draw(path: str | Path) -> bool:
+    """:func:`can_draw` from a bundle directory's files, before anything loads: an ``image_tokenizer/``
+    folder and pixel codes in ``vocab.json``."""
+    p = Path(path)
+    return (p / "image_tokenizer").is_dir() and Vocab.load(p / "vocab.json").has("pix")
+
+
 def read_generation_config(path: str | Path):
     """The bundle's ``generation_config.json`` as a ``transformers.GenerationConfig``, None without one;
     a file that does not parse is a one-line MMGenError naming it."""
