@@ -203,12 +203,6 @@ class MMGenPipeline:
         self.bundle = bundle
         self.processor = processor or MMGenProcessor.from_bundle(bundle)
 
-    @classmethod
-    def from_pretrained(cls, path, device: str = "cpu") -> "MMGenPipeline":
-        from mmgen.models.bundle import load_bundle
-
-        return cls(load_bundle(path, device=device))
-
     # 1. check inputs ------------------------------------------------------------------------------
     def check_inputs(self, options: GenerationOptions) -> GenerationOptions:
         """``options`` with the bundle's sampling settings filled in; a one-line MMGenError for any

@@ -166,12 +166,10 @@ class MMGenProcessor:
         for r, p in enumerate(parsed):
             by_shape.setdefault(np.asarray(p["pix"]).shape, []).append(r)
         for idx in by_shape.values():
-            pix = np.stack([parsed[r]["pix"] for r in idx])
-            if parsed[idx[0]].get("sem") is not None:
-                codes = {"sem": np.stack([parsed[r]["sem"] for r in idx]), "pix": pix}
-            else:
-                codes = pix
-            for r, pil in zip(idx, self.image_tokenizer.decode(codes)):
+            has_sem = parsed[idx[0]].get("sem") is not None
+            stacked = {"pix": np.stack([parsed[r]["pix"] for r in idx]),
+                       "sem": np.stack([parsed[r]["sem"] for r in idx]) if has_sem else None}
+            for r, pil in zip(idx, self.image_tokenizer.decode(block_codes(stacked))):
                 out[r] = pil
         return out
 
