@@ -68,14 +68,14 @@ def sampling_settings(checkpoint: str | Path, temperature: float | None = None, 
     """The sampling settings an evaluation uses, each with where it came from (``sources``): the
     settings ``mmgen generate`` uses for the same checkpoint and options
     (:class:`~mmgen.inference.settings.SamplingSettings`, checked), plus the evaluation's seed."""
-    from mmgen.inference.settings import DEFAULT_SAMPLING, SamplingSettings
+    from mmgen.inference.settings import SamplingSettings
     from mmgen.models.bundle import GENERATION_CONFIG, read_generation_config
     from mmgen.quickstart import QuickstartConfig
 
     # A loaded GenerationConfig leaves every sampling field the file does not hold at None, so the
     # file is credited only with the keys it holds.
     gc = read_generation_config(checkpoint)  # None without a file; a damaged one is a one-line error
-    base = SamplingSettings.from_generation_config(gc) if gc is not None else DEFAULT_SAMPLING
+    base = SamplingSettings.from_generation_config(gc)
     explicit = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale}
     s = base.override(**explicit)
     sources = {k: "explicit" if explicit[k] is not None

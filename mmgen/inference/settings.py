@@ -63,7 +63,7 @@ class SamplingSettings:
 
     @classmethod
     def from_generation_config(cls, gc) -> "SamplingSettings":
-        """The settings a GenerationConfig holds. One that sets none of do_sample / temperature /
+        """The settings a GenerationConfig holds (None holds none). One that sets none of do_sample / temperature /
         top_k / top_p gets :data:`DEFAULT_SAMPLING`'s (guidance_scale still read); otherwise an unset
         field means what it means to transformers' sampling: temperature 1, top-k and top-p off."""
         get = lambda k: getattr(gc, k, None)  # noqa: E731
@@ -103,5 +103,5 @@ def bundle_sampling(bundle, temperature=None, top_k=None, top_p=None, cfg_scale=
     """The settings one generation call uses: the bundle's own (its model's ``generation_config``, which
     transformers loaded from ``generation_config.json``), with every argument that is not None in its place."""
     gc = getattr(bundle.model, "generation_config", None)
-    base = SamplingSettings.from_generation_config(gc) if gc is not None else DEFAULT_SAMPLING
+    base = SamplingSettings.from_generation_config(gc)
     return base.override(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
