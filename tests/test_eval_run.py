@@ -133,6 +133,7 @@ def test_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
     # a checkpoint without an image tokenizer, asked for t2i
     b = load_bundle(bundle_dir)
     Bundle(b.model, b.text_tokenizer, b.vocab, None, b.meta).save(tmp_path / "textonly")
+    (tmp_path / "textonly" / "model.safetensors").write_bytes(b"cut")  # the check reads files only, before the weights
     capsys.readouterr()
     assert main(["eval", "run", str(tmp_path / "textonly"), "--suite", "t2i", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip()
@@ -143,6 +144,12 @@ def test_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "prompts.jsonl:1: missing tag, prompt, include" in err and "\n" not in err
+    assert main(["eval", "run", str(tmp_path / "nowhere"), "--suite", "qa", "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint directory") and "does not exist" in err and "\n" not in err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "run", str(tmp_path / "empty"), "--suite", "qa", "--out", str(tmp_path / "w")]) == 2
+    assert "is not an mmgen checkpoint (no config.json or vocab.json)" in capsys.readouterr().err
     assert main(["eval", "compare", str(tmp_path / "nope.json"), str(tmp_path / "nope.json")]) == 2
     assert "report not found" in capsys.readouterr().err
 
@@ -169,3 +176,23 @@ def test_sampling_sources_credit_the_file_only_with_the_keys_it_holds(tmp_path):
     assert s["cfg_scale"] == 2.0 and s["sources"]["cfg_scale"] == "explicit"
     assert s["top_k"] == 0 and s["sources"]["top_k"] == "quickstart"
     assert s["seed"] == QuickstartConfig().eval_seed
+
+
+def test_eval_samples_with_the_settings_generate_uses(bundle_dir):
+    """One rule for both: a file that asks to sample without a temperature means transformers' 1."""
+    from mmgen.eval.provenance import sampling_settings
+    from mmgen.inference.settings import bundle_sampling
+    from mmgen.models.bundle import load_bundle
+
+    (bundle_dir / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 5}))
+    try:
+        s = sampling_settings(bundle_dir)
+        g = bundle_sampling(load_bundle(bundle_dir))
+        with pytest.raises(MMGenError, match="temperature must be >= 0"):
+            sampling_settings(bundle_dir, temperature=-1.0)
+    finally:
+        (bundle_dir / "generation_config.json").unlink()
+    assert (s["temperature"], s["top_k"], s["top_p"], s["cfg_scale"]) == (g.temperature, g.top_k, g.top_p, g.cfg_scale)
+    assert s["temperature"] == 1.0 and s["top_k"] == 5
+    assert s["sources"]["temperature"] == s["sources"]["top_k"] == "generation_config.json"
+    assert s["sources"]["top_p"] == "quickstart"

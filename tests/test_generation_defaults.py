@@ -43,7 +43,10 @@ def test_generation_config_round_trip_keeps_the_model_ids(bundle_dir, tmp_path):
     save_generation_config(d, SamplingSettings(temperature=0.0))
     greedy = load_generation_config(d)
     assert greedy.do_sample is False and greedy.temperature is None
-    assert load_bundle(d).generation_config.do_sample is False
+    assert load_bundle(d).model.generation_config.do_sample is False
+    # a bundle saved again keeps its settings: the model's own save writes them
+    load_bundle(d).save(tmp_path / "again")
+    assert load_bundle(tmp_path / "again").model.generation_config.do_sample is False
     # a bundle with no file at all (older bundles) gets the defaults too
     (d / "generation_config.json").unlink()
     assert load_generation_config(d).temperature == DEFAULT_SAMPLING.temperature
@@ -52,6 +55,8 @@ def test_generation_config_round_trip_keeps_the_model_ids(bundle_dir, tmp_path):
 
     with pytest.raises(MMGenError, match="generation_config.json"):
         load_generation_config(d)
+    with pytest.raises(MMGenError, match="generation_config.json is not a valid generation config"):
+        load_bundle(d)  # before the weights load
 
 
 def test_generation_uses_the_bundles_settings_unless_told_otherwise(bundle_dir, tmp_path):

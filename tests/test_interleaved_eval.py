@@ -205,3 +205,28 @@ def test_local_judge_with_a_tiny_vlm(tmp_path):
     assert a == b and a["pass"] == parse_verdict(a["reply"])
     assert set(a["reply"].split()) <= {"<unk>", "verdict:", "yes", "no", "answer:"}
     assert judge.judge("perceptual_quality", "x", render(BEFORE, 40, 40), render(BEFORE, 40, 40))["reply"] is not None
+
+
+def test_a_continuation_is_scored_by_compare_scenes(monkeypatch, tmp_path):
+    """The model removes the last object, then draws a picture the parser cannot read: no object of the
+    (empty) truth is credited, as compare_scenes scores an unparsed picture."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    import mmgen.inference.generate as gen
+    from mmgen.data.doc import Image, Text
+    from mmgen.eval.suites import Context, EvalOptions, InterleavedSuite
+
+    before = Scene("black", [RED_CIRCLE])
+    noise = PILImage.fromarray(np.random.RandomState(0).randint(0, 255, (72, 72, 3), dtype=np.uint8))
+    monkeypatch.setattr(gen, "generate_text_rows", lambda *a, **k: ["Remove the red circle. Then more"])
+    monkeypatch.setattr(gen, "generate_image_rows", lambda *a, **k: [noise])
+    case = {"row": [1], "uncond": [1], "before": before.to_dict(),
+            "items": [Text("A scene."), Image.from_pil(render(before, 72, 72), meta={"scene": before.to_dict()})]}
+    bundle = type("B", (), {"text_tokenizer": None, "vocab": {"<image>": 5}})()
+    monkeypatch.setattr("mmgen.data.sequence.encode_text", lambda t, tok: [7])
+    ctx = Context(out=tmp_path, sampling={"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "seed": 0},
+                  opts=EvalOptions())
+    [rec] = InterleavedSuite().run_batch(bundle, 0, ("continuation_val", 0, [case]), ctx)
+    assert rec["instruction"] == "Remove the red circle." and rec["truth"] == Scene("black", []).to_dict()
+    assert (rec["parsed"], rec["exact"], rec["object_recall"]) == (False, False, 0.0)

@@ -154,3 +154,15 @@ def test_fp8_kv_cache_holds_a_quarter_of_the_bytes_and_still_draws(bundle):
     assert cache_bytes(make_cache(bundle.model)) == 0
     with pytest.raises(MMGenError, match="unknown cache 'int3'"):
         pipe("a red circle", opts, cache="int3")
+
+
+def test_option_checks_need_no_model():
+    """check_options holds every check that needs no bundle; the pipeline and mmgen generate both run it."""
+    from mmgen.errors import MMGenError
+    from mmgen.inference.generate import check_options
+
+    check_options("t2i", 10, max_audio_frames=3, cache="fp8")
+    with pytest.raises(MMGenError, match="unknown cache 'int3'"):
+        check_options(cache="int3")
+    with pytest.raises(MMGenError, match="max_audio_frames must be >= 1"):
+        check_options(max_audio_frames=0)

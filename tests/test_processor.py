@@ -63,6 +63,39 @@ def test_prompt_and_chat_ids_are_the_prefixes_training_writes(bundle_dir):
     assert two.count(tok.eos_token_id) == 1 and two[:len(encode_chat_prompt("hi", tok))] == encode_chat_prompt("hi", tok)
 
 
+def test_the_templates_tags_are_the_ones_every_prompt_uses(bundle_dir, tmp_path):
+    """Tags saved in processor_config.json act: prompts, pictures, chats and build-up documents are laid
+    out with them, as build_chat_sequence trains with them."""
+    from mmgen.data.code_shards import CodedDoc
+    from mmgen.data.synthetic import make_doc
+    from mmgen.eval.understanding import buildup_prompt_ids
+    from mmgen.models.bundle import load_bundle
+    from mmgen.processing.processor import ChatTemplate, MMGenProcessor
+    from mmgen.processing.sequence import build_chat_sequence, encode_text
+
+    d = tmp_path / "b"
+    shutil.copytree(bundle_dir, d)
+    ChatTemplate("all", "Q:", "A:").save(d)
+    bundle = load_bundle(d)
+    proc = MMGenProcessor.from_bundle(bundle)
+    tok = bundle.text_tokenizer
+    q, a = encode_text("Q:", tok), encode_text("A:", tok)
+    assert encode_text("User:", tok) != q
+    prompt = proc.prompt_ids("a red circle", image=False)
+    assert prompt == [tok.bos_token_id, *q, *encode_text("a red circle", tok), *a]
+    assert proc.chat_ids([{"role": "user", "content": "a red circle"}]) == prompt
+    block = [bundle.vocab["<image>"]]  # any ids: the picture sits between the user tag and the text
+    assert proc.picture_prompt_ids("what colour?", block, question=True) == \
+        [tok.bos_token_id, *q, *block, *encode_text("what colour?", tok), *a]
+    doc = make_doc("buildup", random.Random(2), split="val", size=RES[0])
+    cut = [i for i, it in enumerate(doc.items) if it.kind == "image"][1]
+    codes = {i: np.asarray(bundle.image_tokenizer.encode([it.to_pil()]))[0]
+             for i, it in enumerate(doc.items) if it.kind == "image"}
+    built = build_chat_sequence(CodedDoc(doc, codes), tok, bundle.vocab, user_tag="Q:", assistant_tag="A:")
+    prompt = buildup_prompt_ids(bundle, doc.items[:cut])
+    assert built["input_ids"].tolist()[:len(prompt)] == prompt and prompt[1:1 + len(q)] == q
+
+
 def test_decode_turns_generated_ids_back_into_a_doc(bundle_dir):
     from mmgen.models.bundle import load_bundle
     from mmgen.processing.processor import MMGenProcessor

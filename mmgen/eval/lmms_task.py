@@ -22,13 +22,11 @@ TASK = "shapesworld_qa"
 
 def qa_docs(n: int = 200, seed: int = 0, splits=("val", "heldout"), size: tuple[int, int] = (72, 72)) -> list[dict]:
     from mmgen.data.synthetic import render
-    from mmgen.data.synthetic.text import qa_pairs
-    from mmgen.eval.understanding import _scenes
+    from mmgen.eval.understanding import qa_cases
 
     docs = []
     for sp in splits:
-        scenes, rng = _scenes(n, sp, seed, "qa")
-        for i, (s, (q, a, t)) in enumerate(zip(scenes, [qa_pairs(s, rng, n=1)[0] for s in scenes])):
+        for i, (s, (q, a, t)) in enumerate(qa_cases(n, sp, seed)):
             docs.append({"id": f"{sp}/{i}", "image": render(s, *size), "question": q, "answer": a, "qtype": t,
                          "split": sp})
     return docs

@@ -1,10 +1,11 @@
 """What a number needs to be reproduced: the checkpoint's hash, the sampling settings, the prompt set's
 hash and the evaluator's version.
 
-Sampling settings come, first to last: the caller's explicit values, the checkpoint's
-``generation_config.json`` (transformers' ``GenerationConfig``; classifier-free guidance as
-``guidance_scale``, ``do_sample: false`` meaning greedy), then the quick start's settings
-(:class:`mmgen.quickstart.QuickstartConfig`), with which the quick start's own report was made.
+Sampling settings are the ones ``mmgen generate`` uses (:func:`mmgen.inference.settings.bundle_sampling`'s
+rules): the caller's explicit values, else the checkpoint's ``generation_config.json`` (transformers'
+``GenerationConfig``; classifier-free guidance as ``guidance_scale``, ``do_sample: false`` meaning greedy),
+else the quick start's evaluated settings (:data:`mmgen.inference.settings.DEFAULT_SAMPLING`), with
+which the quick start's own report was made.
 """
 
 from __future__ import annotations
@@ -55,39 +56,31 @@ def prompt_set_hash(items) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _generation_config(checkpoint: Path) -> dict:
-    """The sampling keys a checkpoint's generation_config.json sets (those it leaves unset are absent).
-
-    The file's own keys are read, not a loaded ``GenerationConfig``: a loaded one fills unset fields
-    with defaults, and the report would then credit the file with values it never held."""
-    import json
-
-    from mmgen.models.bundle import read_generation_config
-
-    if read_generation_config(checkpoint) is None:  # None without a file; a damaged one is a one-line error
-        return {}
-    d = json.loads((checkpoint / "generation_config.json").read_text())
-    keys = ("do_sample", "temperature", "top_k", "top_p", "guidance_scale")
-    return {k: d[k] for k in keys if d.get(k) is not None}
+# Which of a generation config's keys decide each setting: the file is credited with a setting only
+# when it holds one of them (do_sample decides the temperature: false is greedy, true without a
+# temperature is transformers' 1).
+_FILE_KEYS = {"temperature": ("do_sample", "temperature"), "top_k": ("top_k",), "top_p": ("top_p",),
+              "cfg_scale": ("guidance_scale",)}
 
 
 def sampling_settings(checkpoint: str | Path, temperature: float | None = None, top_k: int | None = None,
                       top_p: float | None = None, cfg_scale: float | None = None, seed: int | None = None) -> dict:
-    """The sampling settings an evaluation uses, each with where it came from (``sources``)."""
+    """The sampling settings an evaluation uses, each with where it came from (``sources``): the
+    settings ``mmgen generate`` uses for the same checkpoint and options
+    (:class:`~mmgen.inference.settings.SamplingSettings`, checked), plus the evaluation's seed."""
+    from mmgen.inference.settings import SamplingSettings
+    from mmgen.models.bundle import GENERATION_CONFIG, read_generation_config
     from mmgen.quickstart import QuickstartConfig
 
-    qs = QuickstartConfig()
-    base = {"temperature": qs.temperature, "top_k": 0, "top_p": 1.0, "cfg_scale": qs.cfg_scale, "seed": qs.eval_seed}
-    sources = {k: "quickstart" for k in base}
-    gc = _generation_config(Path(checkpoint))
-    from_file = {"temperature": gc.get("temperature"), "top_k": gc.get("top_k"), "top_p": gc.get("top_p"),
-                 "cfg_scale": gc.get("guidance_scale")}
-    if gc.get("do_sample") is False:
-        from_file["temperature"] = 0.0
-    for k, v in from_file.items():
-        if v is not None:
-            base[k], sources[k] = type(base[k])(v), "generation_config.json"
-    for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale, "seed": seed}.items():
-        if v is not None:
-            base[k], sources[k] = type(base[k])(v), "explicit"
-    return {**base, "sources": sources}
+    # A loaded GenerationConfig leaves every sampling field the file does not hold at None, so the
+    # file is credited only with the keys it holds.
+    gc = read_generation_config(checkpoint)  # None without a file; a damaged one is a one-line error
+    base = SamplingSettings.from_generation_config(gc)
+    explicit = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale}
+    s = base.override(**explicit)
+    sources = {k: "explicit" if explicit[k] is not None
+               else GENERATION_CONFIG if gc is not None and any(getattr(gc, f, None) is not None for f in fks)
+               else "quickstart" for k, fks in _FILE_KEYS.items()}
+    sources["seed"] = "explicit" if seed is not None else "quickstart"
+    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "cfg_scale": s.cfg_scale,
+            "seed": int(seed) if seed is not None else QuickstartConfig().eval_seed, "sources": sources}

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from mmgen.errors import MMGenError
 from mmgen.eval.provenance import EVALUATOR_VERSION, checkpoint_hash, prompt_set_hash, sampling_settings
-from mmgen.eval.suites import SUITE_CLASSES, Context, EvalOptions, check_bundle, parse_suites
+from mmgen.eval.suites import SUITE_CLASSES, Context, EvalOptions, check_suites, parse_suites
+from mmgen.models.bundle import can_draw, check_bundle_dir, checkpoint_can_draw
 
 
 def _read_done(path: Path) -> dict[str, list[dict]]:
@@ -65,22 +66,19 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
     opts = EvalOptions(**options)
     if opts.n < 1 or opts.batch_size < 1:
         raise MMGenError("n and batch_size must be at least 1")
-    ckpt = Path(checkpoint)
-    if not ckpt.is_dir():
-        raise MMGenError(f"checkpoint not found: {ckpt} (give a directory written by mmgen train / quickstart)")
+    ckpt = check_bundle_dir(checkpoint)
     if opts.geneval_prompts and "geneval" in names:
         from mmgen.eval.geneval import load_metadata
 
         load_metadata(opts.geneval_prompts)  # a wrong file fails now, before any model loads
-    if not (ckpt / "image_tokenizer").is_dir():  # before any weights load: the one-line error comes first
-        check_bundle(type("NoImages", (), {"image_tokenizer": None})(), names, ckpt)
+    check_suites(checkpoint_can_draw(ckpt), names, ckpt)  # before any weights load: the one-line error comes first
     sampling = sampling_settings(ckpt, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed)
     ck = checkpoint_hash(ckpt)
     if bundle is None:
         from mmgen.models.bundle import load_bundle
 
         bundle = load_bundle(ckpt, device=device)
-    check_bundle(bundle, names, ckpt)
+    check_suites(can_draw(bundle), names, ckpt)  # a bundle given in memory is checked too
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     run = {"checkpoint_sha256": ck["sha256"], "sampling": {k: v for k, v in sampling.items() if k != "sources"},
@@ -132,16 +130,12 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
                  "prompt_set": {"sha256": prompt_set_hash(items),
                                 "size": len(items) if isinstance(items, list) else None},
                  "metrics": suite.summarize(records)}
-        if name == "geneval":
-            suite.write_results(records, out / "geneval_results.jsonl")
-            (out / "geneval_metadata.jsonl").write_text("".join(json.dumps(e) + "\n" for e in suite.entries))
-            entry["prompt_set"]["file"] = opts.geneval_prompts or "ShapesWorld (generated; geneval_metadata.jsonl)"
-            entry["detector"] = opts.detector
+        suite.finish(records, ctx, entry)
         panels = suite.panels(records, ctx)
         if panels:
             from mmgen.eval.report import panel_grid
 
-            entry["grid"] = panel_grid(panels, out / f"{name}_grid.png", cols=4 if name == "interleaved" else 6).name
+            entry["grid"] = panel_grid(panels, out / f"{name}_grid.png", cols=suite.grid_cols).name
         report["suites"][name] = entry
     report["seconds"] = time.perf_counter() - t0
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))

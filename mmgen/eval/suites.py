@@ -48,12 +48,15 @@ class EvalOptions:
 
 @dataclass
 class Context:
-    out: Path
+    out: Path | None  # None: in memory, records hold the images themselves (run_in_memory)
     sampling: dict
     opts: EvalOptions
     extra: dict = field(default_factory=dict)
 
-    def save_image(self, img, rel: str) -> str:
+    def save_image(self, img, rel: str):
+        """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
+        if self.out is None:
+            return img
         p = self.out / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         img.save(p)
@@ -77,12 +80,37 @@ def parse_suites(spec: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_bundle(bundle, suites: list[str], checkpoint) -> None:
+def check_suites(drawable: bool, suites: list[str], checkpoint) -> None:
+    """A one-line MMGenError when a suite needs images and the checkpoint cannot draw (``drawable``:
+    :func:`~mmgen.models.bundle.can_draw` of the bundle, or of its files before it loads)."""
     need = [s for s in suites if s in _NEEDS_IMAGES]
-    if need and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):  # no image tokenizer: vocab unread
+    if need and not drawable:
         raise MMGenError(f"suite {', '.join(need)} needs a checkpoint with an image tokenizer, and {checkpoint} has none "
                          f"(no image_tokenizer/ or no pixel codes in its vocab); evaluate a checkpoint trained with "
                          "data.image_tokenizer=DIR")
+
+
+def run_in_memory(suite, bundle, sampling: dict, opts: EvalOptions, progress: bool = False) -> list[dict]:
+    """Every record of ``suite`` in batch order, nothing written: the evaluation functions
+    (:func:`mmgen.eval.t2i.evaluate_t2i`, ...) are this plus ``suite.summarize``, so they give the
+    numbers ``mmgen eval run`` gives for the same settings."""
+    ctx = Context(out=None, sampling=sampling, opts=opts)
+    suite.prepare(bundle, ctx)
+    batches = suite.batches
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=suite.name, unit="batch")
+    return [r for _, bi, payload in batches for r in suite.run_batch(bundle, bi, payload, ctx)]
+
+
+def function_sampling(bundle, seed: int, **given) -> dict:
+    """The sampling dict of an evaluation function: the bundle's settings with ``given`` (those not
+    None) in their place, and ``seed``."""
+    from mmgen.inference.settings import bundle_sampling
+
+    s = bundle_sampling(bundle, **given)
+    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "cfg_scale": s.cfg_scale, "seed": seed}
 
 
 def _batches(items: list, size: int, prefix: str):
@@ -94,10 +122,23 @@ def _pct_block(records, keys) -> dict:
     return {k: proportion(sum(bool(r[k]) for r in records), len(records)) for k in keys}
 
 
+class Suite:
+    """What every suite has: ``prepare`` (its cases and ``batches``), ``run_batch`` (judged records),
+    ``summarize``, ``panels`` (the report's grid, ``grid_cols`` wide) and ``finish``."""
+
+    name = ""
+    grid_cols = 6
+
+    def finish(self, records: list[dict], ctx: Context, entry: dict) -> None:
+        """Write what the suite keeps besides its samples into ``ctx.out`` and note it in its report ``entry``."""
+
+
 # -- t2i ---------------------------------------------------------------------------------------------
-class T2ISuite:
+class T2ISuite(Suite):
     name = "t2i"
-    splits = ("val", "heldout")
+
+    def __init__(self, splits=("val", "heldout")):
+        self.splits = tuple(splits)
 
     def prepare(self, bundle, ctx: Context):
         from mmgen.eval.t2i import t2i_eval_set
@@ -148,7 +189,7 @@ def _verdict(ok: bool, parsed: bool = True) -> str:
 
 
 # -- geneval -----------------------------------------------------------------------------------------
-class GenEvalSuite:
+class GenEvalSuite(Suite):
     name = "geneval"
 
     def prepare(self, bundle, ctx: Context):
@@ -197,6 +238,13 @@ class GenEvalSuite:
         keys = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
         path.write_text("".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in sorted(records, key=lambda r: int(r["id"]))))
 
+    def finish(self, records: list[dict], ctx: Context, entry: dict) -> None:
+        """GenEval's own files: the per-image results and the metadata the prompts came from."""
+        self.write_results(records, ctx.out / "geneval_results.jsonl")
+        (ctx.out / "geneval_metadata.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.entries))
+        entry["prompt_set"]["file"] = ctx.opts.geneval_prompts or "ShapesWorld (generated; geneval_metadata.jsonl)"
+        entry["detector"] = ctx.opts.detector
+
     def panels(self, records: list[dict], ctx: Context, k: int = 4) -> list[dict]:
         from mmgen.eval.geneval import TAGS
 
@@ -210,21 +258,21 @@ class GenEvalSuite:
 
 
 # -- qa ----------------------------------------------------------------------------------------------
-class QASuite:
+class QASuite(Suite):
     name = "qa"
-    splits = ("val", "heldout")
+
+    def __init__(self, splits=("val", "heldout")):
+        self.splits = tuple(splits)
 
     def prepare(self, bundle, ctx: Context):
         from mmgen.data.synthetic import render, render_size
-        from mmgen.data.synthetic.text import qa_pairs
-        from mmgen.eval.understanding import _scenes, qa_prompt_ids, resolution
+        from mmgen.eval.understanding import qa_cases, qa_prompt_ids, resolution
         from mmgen.inference.generate import image_ids
 
         res = resolution(bundle)
-        self.cases, self.batches, items = {}, [], []
+        self.batches, items = [], []
         for sp in self.splits:
-            scenes, rng = _scenes(ctx.opts.n, sp, ctx.sampling["seed"], "qa")
-            qas = [qa_pairs(s, rng, n=1)[0] for s in scenes]
+            scenes, qas = map(list, zip(*qa_cases(ctx.opts.n, sp, ctx.sampling["seed"])))
             # every picture of a split encoded in one call, as the quick start always did
             blocks = image_ids(bundle, [render(s, *render_size(res)) for s in scenes])
             rows = [qa_prompt_ids(bundle, b, q) for b, (q, _, _) in zip(blocks, qas)]
@@ -272,8 +320,9 @@ class QASuite:
 
 
 # -- interleaved -------------------------------------------------------------------------------------
-class InterleavedSuite:
+class InterleavedSuite(Suite):
     name = "interleaved"
+    grid_cols = 4  # each panel holds three pictures
 
     def prepare(self, bundle, ctx: Context):
         from mmgen.eval.understanding import buildup_cases, buildup_prompt_ids, resolution
@@ -311,7 +360,7 @@ class InterleavedSuite:
         from mmgen.data.sequence import encode_text
         from mmgen.data.synthetic.scene import Scene
         from mmgen.eval.interleaved import apply_instruction, judge_step
-        from mmgen.eval.scene_parser import parse_scene
+        from mmgen.eval.scene_parser import compare_scenes, parse_scene
         from mmgen.inference.generate import generate_image_rows, generate_text_rows
 
         split, start, chunk = payload
@@ -328,14 +377,14 @@ class InterleavedSuite:
             before = Scene.from_dict(c["before"])
             pred = parse_scene(img)
             truth = apply_instruction(before, t)
+            # an instruction that is not an edit has no truth: neither exact nor any object recalled
+            cmp = compare_scenes(pred, truth) if truth is not None else {"exact": False, "object_recall": 0.0}
             before_img = [it for it in c["items"] if it.kind == "image"][-1]
             out.append({"id": f"{split}/{i}", "split": split, "instruction": t,
                         "truth": truth.to_dict() if truth is not None else None,
                         "before": ctx.save_image(before_img.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
                         "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
-                        "exact": bool(truth is not None and pred is not None and pred.background == truth.background
-                                      and set(pred.objects) == set(truth.objects)),
-                        "parsed": pred is not None, "object_recall": _recall(pred, truth),
+                        "exact": cmp["exact"], "parsed": pred is not None, "object_recall": cmp["object_recall"],
                         "pred": pred.to_dict() if pred is not None else None,
                         "aspects": judge_step(before, t, pred, model_text=True)})
         return out
@@ -404,20 +453,12 @@ class InterleavedSuite:
         return out
 
 
-def _recall(pred, truth) -> float:
-    if truth is None:
-        return 0.0
-    if not truth.objects:
-        return 1.0
-    return sum(o in set(pred.objects) for o in truth.objects) / len(truth.objects) if pred is not None else 0.0
-
-
 def ctx_splits(records: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["split"] for r in records))
 
 
 # -- recon -------------------------------------------------------------------------------------------
-class ReconSuite:
+class ReconSuite(Suite):
     name = "recon"
 
     def prepare(self, bundle, ctx: Context):

@@ -69,22 +69,19 @@ def summarize(scores: list[dict]) -> dict:
 
 def evaluate_t2i(bundle, n: int = 32, seed: int = 0, cfg_scale: float | None = None, temperature: float | None = None,
                  top_k: int | None = None, batch_size: int = 16, splits=("val", "heldout"), prompt_seed: int = 1234) -> dict:
-    """Generate an image for ``n`` prompts per split and score them. Returns metrics and samples.
-    ``seed`` drives sampling; ``prompt_seed`` picks the prompts (another value: a separate set, for
-    choosing sampling settings without looking at the reported prompts). Sampling options left None
-    are the bundle's (its ``generation_config.json``)."""
-    from mmgen.inference.generate import generate_images
+    """Generate an image for ``n`` prompts per split and score them (the ``t2i`` suite of ``mmgen eval
+    run``, in memory). Returns metrics and samples. ``seed`` drives sampling; ``prompt_seed`` picks the
+    prompts (another value: a separate set, for choosing sampling settings without looking at the
+    reported prompts). Sampling options left None are the bundle's (its ``generation_config.json``)."""
+    from mmgen.eval.suites import EvalOptions, T2ISuite, function_sampling, run_in_memory
 
-    result: dict = {"splits": {}, "samples": []}
-    for split in splits:
-        items = t2i_eval_set(n, split, seed=prompt_seed)
-        images = generate_images(bundle, [it.prompt for it in items], temperature=temperature, top_k=top_k,
-                                 seed=seed, cfg_scale=cfg_scale, batch_size=batch_size, progress=True)
-        scores = [score_image(img, it.scene) for img, it in zip(images, items)]
-        result["splits"][split] = summarize(scores)
-        result["samples"] += [{"prompt": it.prompt, "split": split, "image": img, **sc}
-                              for it, img, sc in zip(items, images, scores)]
-    return result
+    suite = T2ISuite(splits)
+    sampling = function_sampling(bundle, seed, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale)
+    records = run_in_memory(suite, bundle, sampling, EvalOptions(n=n, prompt_seed=prompt_seed, batch_size=batch_size),
+                            progress=True)
+    summary = suite.summarize(records)
+    return {"splits": {sp: {k: v for k, v in summary[sp].items() if k != "intervals"} for sp in splits},
+            "samples": [{k: v for k, v in r.items() if k not in ("id", "truth")} for r in records]}
 
 
 def evaluate_reconstruction(image_tokenizer, n: int = 200, seed: int = 7, size: tuple[int, int] | None = None) -> dict:

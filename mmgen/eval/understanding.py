@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 import re
 
-import numpy as np
 
 
 def _scenes(n: int, split: str, seed: int, tag: str, **kw) -> tuple[list, random.Random]:
@@ -54,30 +53,27 @@ def qa_prompt_ids(bundle, image_block: list[int], question: str) -> list[int]:
     return picture_prompt_ids(bundle, question, image_block, question=True)
 
 
-def evaluate_qa(bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), batch_size: int = 16) -> dict:
-    """Greedy short answers to one question per scene, scored exactly, per split and per type."""
-    from mmgen.data.synthetic import render, render_size
+def qa_cases(n: int, split: str, seed: int) -> list[tuple]:
+    """``n`` QA cases of ``split``: each a scene and one ``(question, answer, type)`` about it, drawn
+    after all the scenes from the generator that drew them. The ``qa`` suite, the evaluation function
+    and the lmms-eval task all ask the same questions for the same ``n`` and ``seed``."""
     from mmgen.data.synthetic.text import qa_pairs
-    from mmgen.inference.generate import generate_text_rows, image_ids
 
-    res = resolution(bundle)
-    result: dict = {"splits": {}, "samples": []}
-    for split in splits:
-        scenes, rng = _scenes(n, split, seed, "qa")
-        qas = [qa_pairs(s, rng, n=1)[0] for s in scenes]
-        blocks = image_ids(bundle, [render(s, *render_size(res)) for s in scenes])
-        rows = [qa_prompt_ids(bundle, b, q) for b, (q, _, _) in zip(blocks, qas)]
-        answers = generate_text_rows(bundle, rows, max_new_tokens=6, batch_size=batch_size, progress=True,
-                                     desc=f"qa {split}")
-        correct = [normalize_answer(a) == truth for a, (_, truth, _) in zip(answers, qas)]
-        by_type: dict[str, list[bool]] = {}
-        for ok, (_, _, qtype) in zip(correct, qas):
-            by_type.setdefault(qtype, []).append(ok)
-        result["splits"][split] = {"n": n, "accuracy": float(np.mean(correct)),
-                                   "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())}}
-        result["samples"] += [{"split": split, "question": q, "truth": t, "answer": a, "correct": ok}
-                              for (q, t, _), a, ok in zip(qas, answers, correct)]
-    return result
+    scenes, rng = _scenes(n, split, seed, "qa")
+    return list(zip(scenes, [qa_pairs(s, rng, n=1)[0] for s in scenes]))
+
+
+def evaluate_qa(bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), batch_size: int = 16) -> dict:
+    """Greedy short answers to one question per scene, scored exactly, per split and per type: the
+    ``qa`` suite of ``mmgen eval run``, in memory."""
+    from mmgen.eval.suites import EvalOptions, QASuite, function_sampling, run_in_memory
+
+    suite = QASuite(splits)
+    records = run_in_memory(suite, bundle, function_sampling(bundle, seed), EvalOptions(n=n, batch_size=batch_size),
+                            progress=True)
+    summary = suite.summarize(records)
+    return {"splits": {sp: {k: summary[sp][k] for k in ("n", "accuracy", "by_type")} for sp in splits},
+            "samples": [{k: r[k] for k in ("split", "question", "truth", "answer", "correct")} for r in records]}
 
 
 def resolution(bundle) -> tuple[int, int]:
@@ -120,15 +116,19 @@ def buildup_prompt_ids(bundle, items) -> list[int]:
     pretraining's (consecutive texts joined by a space, images as blocks of their own codes, what
     :func:`build_sequence` writes) or, after SFT, the chat template's (the first item is the user's
     turn, the rest the assistant's answer, each item on its own, as :func:`build_chat_sequence` writes)."""
-    from mmgen.data.sequence import ASSISTANT_TAG, USER_TAG, encode_prompt, encode_text
-    from mmgen.inference.generate import image_ids, trained_in_chat
+    from mmgen.processing.processor import MMGenProcessor
+    from mmgen.processing.sequence import encode_prompt, encode_text
 
+    proc = MMGenProcessor.from_bundle(bundle)
     tok = bundle.text_tokenizer
+    if proc.trained_in_chat():
+        first, rest = items[0], items[1:]
+        ids = proc.chat_prompt_ids(first.text) if first.kind == "text" else \
+            proc.chat_prompt_ids("", image_ids=proc.image_ids([first.to_pil()])[0])
+        for it in rest:
+            ids += encode_text(it.text, tok) if it.kind == "text" else proc.image_ids([it.to_pil()])[0]
+        return ids + [bundle.vocab["<image>"]]
     ids = encode_prompt("", tok, bundle.vocab, image=False)
-    if trained_in_chat(bundle):
-        pieces = [encode_text(it.text, tok) if it.kind == "text" else image_ids(bundle, [it.to_pil()])[0] for it in items]
-        ids += encode_text(USER_TAG, tok) + pieces[0] + encode_text(ASSISTANT_TAG, tok)
-        return ids + [t for p in pieces[1:] for t in p] + [bundle.vocab["<image>"]]
     texts: list[str] = []
     for it in items:
         if it.kind == "text":
@@ -137,7 +137,7 @@ def buildup_prompt_ids(bundle, items) -> list[int]:
         if texts:
             ids += encode_text(" ".join(texts), tok)
             texts = []
-        ids += image_ids(bundle, [it.to_pil()])[0]
+        ids += proc.image_ids([it.to_pil()])[0]
     if texts:
         ids += encode_text(" ".join(texts), tok)
     return ids + [bundle.vocab["<image>"]]
@@ -145,29 +145,16 @@ def buildup_prompt_ids(bundle, items) -> list[int]:
 
 def evaluate_interleaved(bundle, n: int = 32, seed: int = 0, splits=("val",), temperature: float | None = None,
                          top_k: int | None = None, cfg_scale: float | None = None, batch_size: int = 16) -> dict:
-    """Next-image accuracy on build-up documents, judged by the scene parser. Sampling options left
-    None are the bundle's (its ``generation_config.json``)."""
-    from mmgen.data.synthetic.scene import Scene
-    from mmgen.eval.scene_parser import compare_scenes, parse_scene
-    from mmgen.inference.generate import generate_image_rows, prompt_ids
+    """Next-image accuracy on build-up documents, judged by the scene parser: the ``interleaved``
+    suite of ``mmgen eval run``, in memory. Sampling options left None are the bundle's (its
+    ``generation_config.json``)."""
+    from mmgen.eval.suites import EvalOptions, InterleavedSuite, function_sampling, run_in_memory
 
-    res = resolution(bundle)
-    result: dict = {"splits": {}, "samples": []}
-    for split in splits:
-        cases = buildup_cases(n, split, seed, res)
-        rows = [buildup_prompt_ids(bundle, c["items"]) for c in cases]
-        uncond = [prompt_ids(bundle, "", image=True)] * len(rows)  # <s> <image>: the empty prompt
-        images = generate_image_rows(bundle, rows, uncond, temperature=temperature, top_k=top_k, seed=seed,
-                                     cfg_scale=cfg_scale, batch_size=batch_size, progress=True,
-                                     desc=f"interleaved {split}")
-        scores = []
-        for c, img in zip(cases, images):
-            truth = Scene.from_dict(c["truth"])
-            cmp = compare_scenes(parse_scene(img), truth)
-            scores.append({"exact": cmp["exact"], "parsed": cmp["parsed"], "object_recall": cmp["object_recall"]})
-        result["splits"][split] = {"n": n, "accuracy": float(np.mean([s["exact"] for s in scores])),
-                                   "parse_rate": float(np.mean([s["parsed"] for s in scores])),
-                                   "object_recall": float(np.mean([s["object_recall"] for s in scores]))}
-        result["samples"] += [{"split": split, "instruction": c["instruction"], "truth": c["truth"], "image": img, **s}
-                              for c, img, s in zip(cases, images, scores)]
-    return result
+    suite = InterleavedSuite()
+    sampling = function_sampling(bundle, seed, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale)
+    records = run_in_memory(suite, bundle, sampling,
+                            EvalOptions(n=n, batch_size=batch_size, interleaved_splits=tuple(splits)), progress=True)
+    summary = suite.summarize(records)
+    keys = ("split", "instruction", "truth", "image", "exact", "parsed", "object_recall")
+    return {"splits": {sp: {k: summary[sp][k] for k in ("n", "accuracy", "parse_rate", "object_recall")} for sp in splits},
+            "samples": [{k: r[k] for k in keys} for r in records]}

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from mmgen.errors import MMGenError
+from mmgen.models.bundle import can_draw
 
 # Captions in ShapesWorld's grammar (what the tiny preset is trained on), the last one with a
 # held-out colour-shape pair (blue circle) that never appears in training.
@@ -59,11 +60,6 @@ def _gradio():
     import gradio as gr
 
     return gr
-
-
-def can_draw(bundle) -> bool:
-    """Whether the bundle writes images (an image tokenizer and the pixel code range)."""
-    return bundle.image_tokenizer is not None and bundle.vocab.has("pix")
 
 
 def can_speak(bundle) -> bool:
@@ -162,7 +158,7 @@ class ChatEngine:
         else:
             history.append({"role": "user", "content": message})
         max_new_tokens = int(max_new_tokens)
-        if mode == "t2i" and self.bundle.image_tokenizer is not None:
+        if mode == "t2i" and can_draw(self.bundle):
             # A t2i answer must hold at least one whole image block.
             need = max(self.bundle.vocab.image_block_len(h, w) for h, w in default_image_sizes(self.bundle))
             max_new_tokens = max(max_new_tokens, need)

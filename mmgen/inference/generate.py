@@ -28,6 +28,7 @@ import torch
 
 from mmgen.data.doc import Audio, Doc, Image
 from mmgen.errors import MMGenError
+from mmgen.models.bundle import can_draw
 from mmgen.models.vocab import Vocab
 
 MODES = ("auto", "t2i", "text", "tts")
@@ -88,8 +89,12 @@ def default_image_sizes(bundle) -> list[tuple[int, int]]:
 
 
 def check_options(mode: str = "auto", max_new_tokens: int = 1, temperature=None, top_k=None, top_p=None,
-                  cfg_scale=None, allow_audio: bool = False) -> None:
-    """The checks that need no model: ``mmgen generate`` runs them before it loads the checkpoint."""
+                  cfg_scale=None, allow_audio: bool = False, max_audio_frames: int | None = None,
+                  cache: str = "dynamic") -> None:
+    """The checks that need no model: ``mmgen generate`` runs them before it loads the checkpoint,
+    :meth:`MMGenPipeline.check_inputs <mmgen.inference.pipeline.MMGenPipeline.check_inputs>` before it
+    generates."""
+    from mmgen.inference.pipeline import CACHES
     from mmgen.inference.settings import DEFAULT_SAMPLING
 
     if mode not in MODES:
@@ -98,12 +103,16 @@ def check_options(mode: str = "auto", max_new_tokens: int = 1, temperature=None,
         raise MMGenError("text mode writes no audio: drop allow_audio, or use mode auto or tts")
     if max_new_tokens < 1:
         raise MMGenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if cache not in CACHES:
+        raise MMGenError(f"unknown cache '{cache}' (use one of: {', '.join(CACHES)})")
+    if max_audio_frames is not None and max_audio_frames < 1:
+        raise MMGenError(f"max_audio_frames must be >= 1, got {max_audio_frames}")
     DEFAULT_SAMPLING.override(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
 
 
 def _check(bundle, mode: str, allow_audio: bool = False) -> None:
-    check_options(mode, allow_audio=allow_audio)
-    if mode == "t2i" and (bundle.image_tokenizer is None or not bundle.vocab.has("pix")):
+    """The checks that need the bundle: can it write what ``mode`` / ``allow_audio`` ask for."""
+    if mode == "t2i" and not can_draw(bundle):
         raise MMGenError("t2i mode needs a checkpoint with an image tokenizer and pixel codes in its vocab")
     if mode == "tts" or allow_audio:
         check_audio(bundle, "tts mode" if mode == "tts" else "allow_audio")
@@ -320,9 +329,7 @@ def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generat
     from mmgen.utils.compat import ensure_torchvision
 
     check_options(mode, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                  allow_audio=allow_audio)
-    if max_audio_frames is not None and max_audio_frames < 1:
-        raise MMGenError(f"max_audio_frames must be >= 1, got {max_audio_frames}")
+                  allow_audio=allow_audio, max_audio_frames=max_audio_frames)
     check_bundle_dir(checkpoint)
     ensure_torchvision()
     bundle = load_bundle(checkpoint, device=device)

@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import torch
 
 from mmgen.errors import MMGenError
+from mmgen.models.bundle import can_draw
 from mmgen.models.vocab import Vocab
 
 
@@ -202,12 +203,6 @@ class MMGenPipeline:
         self.bundle = bundle
         self.processor = processor or MMGenProcessor.from_bundle(bundle)
 
-    @classmethod
-    def from_pretrained(cls, path, device: str = "cpu") -> "MMGenPipeline":
-        from mmgen.models.bundle import load_bundle
-
-        return cls(load_bundle(path, device=device))
-
     # 1. check inputs ------------------------------------------------------------------------------
     def check_inputs(self, options: GenerationOptions) -> GenerationOptions:
         """``options`` with the bundle's sampling settings filled in; a one-line MMGenError for any
@@ -218,11 +213,8 @@ class MMGenPipeline:
         from mmgen.inference.settings import bundle_sampling
 
         o = options
-        check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio)
-        if o.cache not in CACHES:
-            raise MMGenError(f"unknown cache '{o.cache}' (use one of: {', '.join(CACHES)})")
-        if o.max_audio_frames is not None and o.max_audio_frames < 1:
-            raise MMGenError(f"max_audio_frames must be >= 1, got {o.max_audio_frames}")
+        check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames,
+                      cache=o.cache)
         s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             cfg_scale=o.cfg_scale)
         _check(self.bundle, o.mode, o.allow_audio)
@@ -257,7 +249,7 @@ class MMGenPipeline:
         o = self.check_inputs(replace(options or GenerationOptions(), **kw))
         b, vocab = self.bundle, self.bundle.vocab
         eos, pad = _special(b)
-        can_image = b.image_tokenizer is not None and vocab.has("pix") and o.mode != "text"
+        can_image = can_draw(b) and o.mode != "text"
         can_audio = o.allow_audio or o.mode == "tts"  # check_inputs made sure the bundle can decode it
         sizes = [tuple(s) for s in o.sizes] if o.sizes else (default_image_sizes(b) if can_image else None)
         row, uncond = self.encode_prompt(prompt, o, picture)

@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mmgen.errors import MMGenError
-
-GENERATION_CONFIG = "generation_config.json"
+from mmgen.models.bundle import GENERATION_CONFIG, read_generation_config
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class SamplingSettings:
 
     @classmethod
     def from_generation_config(cls, gc) -> "SamplingSettings":
-        """The settings a GenerationConfig holds. One that sets none of do_sample / temperature /
+        """The settings a GenerationConfig holds (None holds none). One that sets none of do_sample / temperature /
         top_k / top_p gets :data:`DEFAULT_SAMPLING`'s (guidance_scale still read); otherwise an unset
         field means what it means to transformers' sampling: temperature 1, top-k and top-p off."""
         get = lambda k: getattr(gc, k, None)  # noqa: E731
@@ -89,24 +88,20 @@ def load_generation_config(bundle_dir: str | Path):
     """The ``transformers.GenerationConfig`` a bundle's generation uses by default: its
     ``generation_config.json`` with any unset sampling field filled from :data:`DEFAULT_SAMPLING`
     (all of them when the file is missing). A corrupt file is a one-line :class:`MMGenError`."""
-    from mmgen.models.bundle import read_generation_config
-
     gc = read_generation_config(bundle_dir)
     return SamplingSettings.from_generation_config(gc).to_generation_config(base=gc)
 
 
 def save_generation_config(bundle_dir: str | Path, settings: SamplingSettings) -> Path:
     """Write ``settings`` into the bundle's ``generation_config.json``, keeping its other fields."""
-    from mmgen.models.bundle import read_generation_config
-
     gc = settings.check().to_generation_config(base=read_generation_config(bundle_dir))
     gc.save_pretrained(bundle_dir)
     return Path(bundle_dir) / GENERATION_CONFIG
 
 
 def bundle_sampling(bundle, temperature=None, top_k=None, top_p=None, cfg_scale=None) -> SamplingSettings:
-    """The settings one generation call uses: the bundle's own (:func:`load_generation_config`), with
-    every argument that is not None in its place."""
-    gc = getattr(bundle, "generation_config", None)
-    base = SamplingSettings.from_generation_config(gc) if gc is not None else DEFAULT_SAMPLING
+    """The settings one generation call uses: the bundle's own (its model's ``generation_config``, which
+    transformers loaded from ``generation_config.json``), with every argument that is not None in its place."""
+    gc = getattr(bundle.model, "generation_config", None)
+    base = SamplingSettings.from_generation_config(gc)
     return base.override(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)

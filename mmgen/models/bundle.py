@@ -24,6 +24,9 @@ from mmgen.errors import MMGenError
 from mmgen.models.vocab import Vocab
 from mmgen.utils.files import read_json
 
+# transformers' GenerationConfig file: bos/eos/pad and the sampling settings generation starts from
+GENERATION_CONFIG = "generation_config.json"
+
 
 @dataclass
 class Bundle:
@@ -34,8 +37,8 @@ class Bundle:
     meta: dict = field(default_factory=dict)
     # After meta, so the positional Bundle(model, tok, vocab, image_tok, meta) calls keep their meaning.
     audio_tokenizer: object | None = None  # mmgen.tokenizers.audio.AudioCodec
-    # transformers.GenerationConfig: the sampling settings generation starts from (None: the defaults)
-    generation_config: object | None = None
+    # The sampling settings generation starts from are the model's own ``generation_config``, which
+    # transformers loads and saves with it (mmgen.inference.settings.bundle_sampling reads it).
     # mmgen.processing.processor.ChatTemplate, saved as processor_config.json (None: from the training facts)
     chat_template: object | None = None
 
@@ -53,16 +56,27 @@ class Bundle:
         from mmgen.processing.processor import ChatTemplate
 
         (self.chat_template or ChatTemplate.from_training(self.meta)).save(p)
-        if self.generation_config is not None:  # after the model, whose save wrote transformers' defaults
-            self.generation_config.save_pretrained(p)
         (p / "mmgen.json").write_text(json.dumps(self.meta, indent=1, default=str))
         return p
+
+
+def can_draw(bundle) -> bool:
+    """Whether ``bundle`` writes images: an image tokenizer to decode them and the pixel code range in
+    its vocab to write them in."""
+    return bundle.image_tokenizer is not None and bundle.vocab.has("pix")
+
+
+def checkpoint_can_draw(path: str | Path) -> bool:
+    """:func:`can_draw` from a bundle directory's files, before anything loads: an ``image_tokenizer/``
+    folder and pixel codes in ``vocab.json``."""
+    p = Path(path)
+    return (p / "image_tokenizer").is_dir() and Vocab.load(p / "vocab.json").has("pix")
 
 
 def read_generation_config(path: str | Path):
     """The bundle's ``generation_config.json`` as a ``transformers.GenerationConfig``, None without one;
     a file that does not parse is a one-line MMGenError naming it."""
-    f = Path(path) / "generation_config.json"
+    f = Path(path) / GENERATION_CONFIG
     if not f.is_file():
         return None
     from transformers import GenerationConfig
@@ -107,7 +121,7 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
     except (ValueError, UnicodeDecodeError) as e:
         raise MMGenError(f"{p / 'config.json'} is not valid JSON ({_first_line(e)}); the checkpoint is damaged") from None
     vocab = Vocab.load(p / "vocab.json")
-    generation_config = read_generation_config(p)
+    read_generation_config(p)  # a damaged file is a one-line error here; the model loads it below
     from safetensors import SafetensorError
 
     try:
@@ -131,5 +145,5 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
     meta = read_json(p / "mmgen.json", {})
     from mmgen.processing.processor import ChatTemplate
 
-    return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer, generation_config,
-                  ChatTemplate.load(p))
+    return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer=audio_tokenizer,
+                  chat_template=ChatTemplate.load(p))

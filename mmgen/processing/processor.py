@@ -21,6 +21,7 @@ import numpy as np
 
 from mmgen.data.doc import Audio, Doc, Image, Text
 from mmgen.errors import MMGenError
+from mmgen.processing.sequence import ASSISTANT_TAG, USER_TAG
 from mmgen.processing.vocab import Vocab
 
 PROCESSOR_CONFIG = "processor_config.json"
@@ -34,8 +35,8 @@ class ChatTemplate:
     or ``all`` (every document, SFT's default)."""
 
     layout: str = "none"
-    user_tag: str = "User:"
-    assistant_tag: str = "Assistant:"
+    user_tag: str = USER_TAG
+    assistant_tag: str = ASSISTANT_TAG
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -44,7 +45,7 @@ class ChatTemplate:
     @classmethod
     def from_training(cls, meta: dict) -> "ChatTemplate":
         """The template a training run used, from its bundle facts (stage and ``data.chat``)."""
-        from mmgen.processing.sequence import ASSISTANT_TAG, USER_TAG, chat_layout
+        from mmgen.processing.sequence import chat_layout
 
         chat = ((meta.get("config") or {}).get("data") or {}).get("chat", "auto")
         return cls(chat_layout(meta.get("stage", ""), chat), USER_TAG, ASSISTANT_TAG)
@@ -92,25 +93,34 @@ class MMGenProcessor:
     def trained_in_chat(self, conversation: bool = False) -> bool:
         return self.chat_template.applies(conversation)
 
+    def chat_prompt_ids(self, text: str, image_ids: list[int] | None = None) -> list[int]:
+        """``<s> User: [image] text Assistant:`` with the template's tags (:func:`encode_chat_prompt
+        <mmgen.processing.sequence.encode_chat_prompt>`, the layout training writes)."""
+        from mmgen.processing.sequence import encode_chat_prompt
+
+        t = self.chat_template
+        return encode_chat_prompt(text, self.text_tokenizer, image_ids=image_ids, user_tag=t.user_tag,
+                                  assistant_tag=t.assistant_tag)
+
     def prompt_ids(self, prompt: str, image: bool) -> list[int]:
         """The prefix training used for the same text: ``<s> text`` (plus ``<image>`` when ``image``), or
         ``<s> User: text Assistant:`` (plus ``<image>``) under a chat template that applies. The empty
         prompt stays ``<s>``: the unconditional row of classifier-free guidance, learnt in pretraining."""
-        from mmgen.processing.sequence import encode_chat_prompt, encode_prompt
+        from mmgen.processing.sequence import encode_prompt
 
         if prompt and self.trained_in_chat():
-            return encode_chat_prompt(prompt, self.text_tokenizer) + ([self.vocab["<image>"]] if image else [])
+            return self.chat_prompt_ids(prompt) + ([self.vocab["<image>"]] if image else [])
         return encode_prompt(prompt, self.text_tokenizer, self.vocab, image=image)
 
     def picture_prompt_ids(self, text: str, block: list[int], question: bool) -> list[int]:
         """A picture (its image block ids), then ``text``: a question about the picture (QA
         conversations) or, with ``question=False``, an instruction for the next picture (build-up
         documents), in the chat layout where the template says so."""
-        from mmgen.processing.sequence import encode_chat_prompt, encode_prompt, encode_text
+        from mmgen.processing.sequence import encode_prompt, encode_text
 
         tok = self.text_tokenizer
         if self.trained_in_chat(conversation=question):
-            return encode_chat_prompt(text, tok, image_ids=block)
+            return self.chat_prompt_ids(text, image_ids=block)
         return encode_prompt("", tok, self.vocab, image=False) + list(block) + encode_text(text, tok)
 
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
@@ -156,12 +166,10 @@ class MMGenProcessor:
         for r, p in enumerate(parsed):
             by_shape.setdefault(np.asarray(p["pix"]).shape, []).append(r)
         for idx in by_shape.values():
-            pix = np.stack([parsed[r]["pix"] for r in idx])
-            if parsed[idx[0]].get("sem") is not None:
-                codes = {"sem": np.stack([parsed[r]["sem"] for r in idx]), "pix": pix}
-            else:
-                codes = pix
-            for r, pil in zip(idx, self.image_tokenizer.decode(codes)):
+            has_sem = parsed[idx[0]].get("sem") is not None
+            stacked = {"pix": np.stack([parsed[r]["pix"] for r in idx]),
+                       "sem": np.stack([parsed[r]["sem"] for r in idx]) if has_sem else None}
+            for r, pil in zip(idx, self.image_tokenizer.decode(block_codes(stacked))):
                 out[r] = pil
         return out
 

@@ -229,22 +229,24 @@ def _item_ids(coded_doc, i: int, text_tokenizer, vocab: Vocab, skipped: Counter)
     return media_ids(coded_doc, i, vocab, skipped)
 
 
-def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab, user_targets: bool = False) -> dict:
+def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab, user_targets: bool = False,
+                        user_tag: str = USER_TAG, assistant_tag: str = ASSISTANT_TAG) -> dict:
     """One conversation -> ``<s> User: … Assistant: … </s> User: … Assistant: … </s>``.
 
     Only the assistant's tokens and the ``</s>`` that ends each assistant turn are targets (the
     model learns to answer and to stop, never to imitate the user); multi-turn, multi-image and
     interleaved text+image answers all follow from the item order. ``user_targets`` (pretraining on
     conversations) makes the user's items targets too, so their pictures still teach the image codes;
-    the role tags never are. Same keys as :func:`build_sequence`."""
+    the role tags (``user_tag``, ``assistant_tag``: a bundle's :class:`~mmgen.processing.processor.ChatTemplate`
+    holds them) never are. Same keys as :func:`build_sequence`."""
     bos, eos = _bos_eos(text_tokenizer)
-    user_tag = encode_text(USER_TAG, text_tokenizer)
-    asst_tag = encode_text(ASSISTANT_TAG, text_tokenizer)
+    user_ids = encode_text(user_tag, text_tokenizer)
+    asst_ids = encode_text(assistant_tag, text_tokenizer)
     ids, mask, boundaries = [bos], [False], []
     skipped: Counter = Counter()
     for role, items in _turns(coded_doc.doc):
         boundaries.append(len(ids))
-        tag = asst_tag if role == "assistant" else user_tag
+        tag = asst_ids if role == "assistant" else user_ids
         ids += tag
         mask += [False] * len(tag)
         for i in items:
@@ -263,12 +265,13 @@ def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab, user_targets: b
             "skipped": dict(skipped), "doc_id": getattr(coded_doc.doc, "id", None)}
 
 
-def encode_chat_prompt(text: str, text_tokenizer, image_ids: list[int] | None = None) -> list[int]:
+def encode_chat_prompt(text: str, text_tokenizer, image_ids: list[int] | None = None, user_tag: str = USER_TAG,
+                       assistant_tag: str = ASSISTANT_TAG) -> list[int]:
     """The prefix a chat turn is answered from: ``<s> User: [image] text Assistant:`` (what
-    :func:`build_chat_sequence` trains on, so inference sees the trained layout)."""
+    :func:`build_chat_sequence` trains on with the same tags, so inference sees the trained layout)."""
     bos, _ = _bos_eos(text_tokenizer)
-    return [bos, *encode_text(USER_TAG, text_tokenizer), *(image_ids or []), *encode_text(text, text_tokenizer),
-            *encode_text(ASSISTANT_TAG, text_tokenizer)]
+    return [bos, *encode_text(user_tag, text_tokenizer), *(image_ids or []), *encode_text(text, text_tokenizer),
+            *encode_text(assistant_tag, text_tokenizer)]
 
 
 @dataclass
