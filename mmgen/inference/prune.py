@@ -1,0 +1,612 @@
+"""Prefill pruning and merging of the visual tokens a prompt shows (training-free).
+
+A picture the model *reads* costs tens to hundreds of code tokens at every layer of the prefill, while
+the answer depends on a few of them. The pipeline's prefill can drop or merge them, per code grid of every
+image or video block that the prompt closes (never the block the model is writing: its opener ends the
+prompt and it has no closer yet). ``prune_method``:
+
+- ``fastv`` -- FastV: layers ``0 .. K-1`` read every token; layer ``K-1``'s attention from the last
+  token ranks each grid's codes and only the top ``ratio`` of them go on to layers ``K ..``;
+- ``text`` -- the SparseVLM idea: the ranking attention comes from the prompt's text tokens that read the
+  picture, and among them only the *raters*, the ones whose attention to the grid is above the mean of
+  theirs (the words about the picture, not the filler);
+- ``pyramid`` -- the PyramidDrop idea: several (layer, ratio) stages, each ranking by the last token's
+  attention at its layer, so the cut deepens with depth (``prune_schedule``; by default three stages
+  from ``prune_layer`` to the top, keeping ``ratio ** (1/3)``, ``ratio ** (2/3)``, ``ratio``);
+- ``merge`` -- before the LLM: similarity-based selection and merging of each grid's tokens
+  (:mod:`mmgen.inference.token_merge`, VisionZip / ToMe), on the route the model reads them by: input
+  embeddings of discrete codes, or, for a model that reads continuous tokenizer features through its
+  projector, the features before the projector.
+
+How the in-LLM methods stay cheap and exact where nothing is dropped:
+
+- only the q.k sub-block the ranking needs is computed, eagerly, from the scoring layer's input (its
+  queries for the ranking rows) and the keys that layer just wrote to the cache; every layer still runs
+  on its own attention kernel (SDPA / flash attention), with no attention weights materialised;
+- from layer ``K`` on, hooks on the decoder layers feed them the kept tokens only, with the positions,
+  rotary embeddings and causal mask of the kept tokens: kept tokens keep their **original RoPE
+  positions** (``position_ids``; transformers 5 has no ``cache_position``);
+- rows are re-left-padded to the longest kept row, so batches of different prompt lengths stay one
+  rectangular batch; the decode steps continue at the next original position with an attention mask of
+  the pruned length;
+- the cache ends up holding **only the kept tokens' keys and values, in every layer** (the early layers'
+  entries for dropped tokens are removed too, so every layer has one length and one mask); the prefill
+  runs on a scratch ``DynamicCache`` and the kept entries are then written into the pipeline's cache with
+  its own ``update``, so any transformers ``Cache`` (fp8, a compressed one) receives them as a prefill;
+- with guidance, the unconditional row of a pair takes the conditional row's decision for every block the
+  two rows share (identical kept indices), so the guided pair reads the same picture tokens.
+
+Keep ratio 1 runs all of this and reproduces the plain pipeline's tokens exactly (``tests/test_prune.py``).
+
+For benchmarks: :func:`prefill_flops` (analytic FLOPs of one sequence's prefill from its token count per
+layer), :class:`PrefillPruner` (``pruner.prefill(...)``, then ``pruner.report``: tokens in / kept per
+block, FLOPs with and without pruning) and :func:`prefill_only` (one timed prefill, plain or pruned).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mmgen.errors import MMGenError
+from mmgen.inference.token_merge import (
+    kept_count,
+    merge_flops,
+    merge_plan,
+    merge_vectors,
+)
+from mmgen.processing.vocab import GRID_BRANCHES, Vocab
+
+PRUNE_METHODS = ("none", "fastv", "text", "pyramid", "merge")
+IN_LLM = ("fastv", "text", "pyramid")  # the methods that rank inside the decoder, at a layer
+PYRAMID_STAGES = 3  # default stages of pyramid (PyramidDrop uses 4 on 32-36 layers; small models have few)
+
+
+# -- options -------------------------------------------------------------------------------------------------
+def _depth(model_config) -> int | None:
+    return None if model_config is None else int(model_config.num_hidden_layers)
+
+
+def parse_schedule(text: str) -> list[list[float]]:
+    """``"1:0.5,2:0.25"`` -> ``[[1, 0.5], [2, 0.25]]`` (the ``--prune-schedule`` flag)."""
+    stages = []
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        try:
+            layer, ratio = part.split(":")
+            stages.append([int(layer), float(ratio)])
+        except ValueError:
+            raise MMGenError(f"prune_schedule stage '{part}' is not LAYER:RATIO (e.g. 1:0.5,2:0.25)") from None
+    return stages
+
+
+def check_prune_options(options, model_config=None) -> None:
+    """One-line MMGenError for any ``prune_*`` option outside its range; with ``model_config`` also the
+    layers against the model's depth. ``options`` is a GenerationOptions (or anything with its fields)."""
+    method, ratio, layer = options.prune_method, options.prune_ratio, options.prune_layer
+    schedule = options.prune_schedule
+    if method not in PRUNE_METHODS:
+        raise MMGenError(f"unknown prune_method '{method}' (use one of: {', '.join(PRUNE_METHODS)})")
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+        raise MMGenError(f"prune_ratio must be in (0, 1] (the share of each picture's tokens kept), got {ratio}")
+    if schedule and method != "pyramid":
+        raise MMGenError(f"prune_schedule sets the stages of prune_method=pyramid, not of '{method}'")
+    depth = _depth(model_config)
+    if method in IN_LLM and not schedule:
+        _check_layer("prune_layer", layer, depth)
+    last = (0, 1.0)
+    for i, stage in enumerate(schedule or []):
+        if not isinstance(stage, (list, tuple)) or len(stage) != 2:
+            raise MMGenError(f"prune_schedule[{i}] must be a [layer, ratio] pair, got {stage!r}")
+        k, r = stage
+        if isinstance(k, float) and k != int(k):
+            raise MMGenError(f"prune_schedule[{i}]: layer must be an integer, got {k}")
+        _check_layer(f"prune_schedule[{i}] layer", int(k), depth)
+        if not 0 < r <= 1:
+            raise MMGenError(f"prune_schedule[{i}]: ratio must be in (0, 1], got {r}")
+        if int(k) <= last[0] or r > last[1]:
+            raise MMGenError(f"prune_schedule[{i}] = {list(stage)}: stages go deeper (layers increasing) and keep no "
+                             f"more (ratios not increasing) than the stage before, {list(last)}")
+        last = (int(k), r)
+
+
+def _check_layer(name: str, layer, depth: int | None) -> None:
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
+        raise MMGenError(f"{name} must be an integer >= 1 (layer K ranks by the attention of layer K-1), got {layer}")
+    if depth is not None and layer >= depth:
+        raise MMGenError(f"{name} {layer} >= the model's depth {depth}: tokens are dropped from layer K on, "
+                         f"so K must be below {depth}")
+
+
+def make_pruner(options) -> PrefillPruner | None:
+    """The pruner ``options`` ask for (None for ``prune_method=none``)."""
+    if options.prune_method == "none":
+        return None
+    return PrefillPruner(options.prune_method, options.prune_ratio, options.prune_layer,
+                         [list(s) for s in options.prune_schedule or []])
+
+
+# -- analytic cost --------------------------------------------------------------------------------------------
+def prefill_flops(config, n_tokens_per_layer: Sequence[int]) -> int:
+    """Analytic FLOPs (2 per multiply-add) of one sequence's prefill through a Llama-style decoder
+    (Llama, Qwen2, Mistral: GQA attention, gated MLP) when layer ``l`` reads ``n_tokens_per_layer[l]``
+    tokens: the q/k/v/o projections, causal attention (``q.k`` and ``p.v`` over ``n (n + 1) / 2`` pairs),
+    the gated MLP, and the output head for the last position (the prefill's only logits)."""
+    depth = int(config.num_hidden_layers)
+    if len(n_tokens_per_layer) != depth:
+        raise MMGenError(f"{len(n_tokens_per_layer)} token counts for a model of {depth} layers; give one per layer")
+    d = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    hd = int(getattr(config, "head_dim", None) or d // heads)
+    inter = int(config.intermediate_size)
+    total = 0
+    for n in n_tokens_per_layer:
+        n = int(n)
+        proj = 2 * n * d * (2 * heads * hd + 2 * kv * hd)
+        attn = 2 * 2 * heads * hd * (n * (n + 1) // 2)
+        mlp = 2 * 3 * n * d * inter
+        total += proj + attn + mlp
+    return total + 2 * d * int(config.vocab_size)
+
+
+# -- which tokens a prompt shows -----------------------------------------------------------------------------
+@dataclass
+class Block:
+    """One image or video block a row reads: where it is and its code grids (positions in the row)."""
+
+    kind: str  # "image" | "video"
+    start: int
+    end: int  # position of its closer
+    grids: list[list[int]] = field(default_factory=list)  # per code grid (sem, pix, each video frame's)
+
+
+def read_blocks(row: Sequence[int], vocab: Vocab) -> list[Block]:
+    """The closed image and video blocks of ``row`` (a keyframe's image block belongs to its video) and
+    the positions of each one's code grids. A block still open at the end of the row is the one being
+    written: it is not read, so it is not returned."""
+    ids = [int(t) for t in row]
+    s = vocab.structural_ids
+    opener = {s["<image>"]: "image", s["<video>"]: "video"}
+    closer = {s["</image>"], s["</video>"]}
+    grid_open = {s[f"<{b}>"]: vocab.code_range(b) for b in GRID_BRANCHES if vocab.has(b)}
+    grid_close = {s[f"</{b}>"] for b in GRID_BRANCHES if vocab.has(b)}
+    blocks, outer, depth, span, grid = [], None, 0, None, None
+    for i, t in enumerate(ids):
+        if t in opener:
+            if outer is None:
+                outer = Block(opener[t], i, -1)
+            depth += 1
+        elif t in closer and outer is not None:
+            depth -= 1
+            if depth == 0:
+                outer.end = i
+                if outer.grids:
+                    blocks.append(outer)
+                outer, span, grid = None, None, None
+        elif outer is None:
+            continue
+        elif t in grid_open:
+            span, grid = grid_open[t], []
+        elif t in grid_close:
+            if grid:
+                outer.grids.append(grid)
+            span, grid = None, None
+        elif span is not None and span[0] <= t < span[1]:
+            grid.append(i)
+    return blocks
+
+
+def _shared_blocks(rows_ids: Sequence[Sequence[int]], blocks: list[list[Block]], n_cond: int) -> dict:
+    """``{(uncond_row, block): (cond_row, block)}`` for every block an unconditional row shares (same ids)
+    with its conditional row: the unconditional row takes that decision."""
+    out = {}
+    if len(rows_ids) != 2 * n_cond:
+        return out
+    for u in range(n_cond, 2 * n_cond):
+        c = u - n_cond
+        free = {j: tuple(rows_ids[c][b.start:b.end + 1]) for j, b in enumerate(blocks[c])}
+        for j, b in enumerate(blocks[u]):
+            key = tuple(rows_ids[u][b.start:b.end + 1])
+            match = next((i for i, k in free.items() if k == key), None)
+            if match is not None:
+                out[(u, j)] = (c, match)
+                del free[match]
+    return out
+
+
+# -- the pruner ------------------------------------------------------------------------------------------------
+class PrefillPruner:
+    """Prefill pruning for :func:`mmgen.inference.pipeline.decode_loop` (see the module docstring).
+
+    ``prefill(model, vocab, ids, attn, position, cache, n_cond)`` runs the prefill of a left-padded batch
+    into ``cache`` and returns ``(output, attention_mask)``: the model output (last-position logits) and
+    the 2-D mask of the pruned cache. ``report`` then holds what it did: per row and block the code
+    tokens in and kept, the tokens per layer, and the prefill FLOPs with and without pruning."""
+
+    def __init__(self, method: str, ratio: float = 1.0, layer: int = 2, schedule: Sequence[Sequence[float]] = ()):
+        if method not in PRUNE_METHODS or method == "none":
+            raise MMGenError(f"unknown prune_method '{method}' (use one of: {', '.join(PRUNE_METHODS[1:])})")
+        self.method, self.ratio, self.layer = method, float(ratio), int(layer)
+        self.schedule = [[int(k), float(r)] for k, r in schedule]
+        self.report: dict = {}
+        self.kept: list[list[list[int]]] = []  # per row and block: its kept code tokens (reading order)
+
+    def stages(self, depth: int) -> list[tuple[int, float]]:
+        """The (layer, ratio) stages of an in-LLM method on a ``depth``-layer model."""
+        if self.method != "pyramid":
+            return [(self.layer, self.ratio)]
+        if self.schedule:
+            return [(k, r) for k, r in self.schedule]
+        span = depth - self.layer
+        layers = sorted({self.layer + (span * i) // PYRAMID_STAGES for i in range(PYRAMID_STAGES)})
+        return [(k, self.ratio ** ((i + 1) / len(layers))) for i, k in enumerate(layers)]
+
+    @torch.no_grad()
+    def prefill(self, model, vocab: Vocab, ids: torch.Tensor, attn: torch.Tensor, position: torch.Tensor, cache,
+                n_cond: int | None = None):
+        from mmgen.inference.pipeline import _prepare_inputs_for
+
+        if cache.get_seq_length() != 0:
+            raise MMGenError("prefill pruning fills an empty cache; this one already holds tokens")
+        n_cond = ids.shape[0] if n_cond is None else n_cond
+        rows = [r[m.bool()].tolist() for r, m in zip(ids.cpu(), attn.cpu())]
+        pad = (attn == 0).sum(-1).tolist()  # left padding per row: a row's position p is column pad + p
+        blocks = [read_blocks(r, vocab) for r in rows]
+        # grids as batch columns, the per-row lists shared by every stage
+        grids = [[[torch.tensor([pad[b] + p for p in g], dtype=torch.long) for g in blk.grids] for blk in blocks[b]]
+                 for b in range(len(rows))]
+        shared = _shared_blocks(rows, blocks, n_cond)
+        how = _prepare_inputs_for(model)
+        depth = int(model.config.num_hidden_layers)
+        if self.method == "merge":
+            run = _MergeRun(model, ids, attn, position, grids, shared, self.ratio)
+            out = run.forward(cache, how)
+            counts = [[int(n)] * depth for n in run.valid.sum(-1).tolist()]
+        else:
+            run = _InLLMRun(self, model, vocab, ids, attn, position, grids, shared, self.stages(depth))
+            out = run.forward(cache, how)
+            counts = run.tokens_per_layer()
+        self.report = self._report(model.config, blocks, grids, run, counts, attn)
+        self.kept = [[_block_kept(run.alive[b][j], [len(g) for g in grids[b][j]]) for j in range(len(blocks[b]))]
+                     for b in range(len(rows))]
+        return out, run.valid.long()
+
+    def _report(self, config, blocks, grids, run, counts, attn) -> dict:
+        full = [int(n) for n in attn.sum(-1).tolist()]
+        depth = int(config.num_hidden_layers)
+        rows = []
+        for b, row_blocks in enumerate(blocks):
+            rows.append([{"kind": blk.kind, "tokens": sum(len(g) for g in blk.grids),
+                          "kept": sum(int(run.alive[b][j][k].numel()) for k in range(len(blk.grids)))}
+                         for j, blk in enumerate(row_blocks)])
+        flops = sum(prefill_flops(config, c) for c in counts) + run.overhead_flops
+        flops_full = sum(prefill_flops(config, [n] * depth) for n in full)
+        stages = [[k, round(r, 6)] for k, r in run.stages]
+        return {"method": self.method, "ratio": self.ratio, "stages": stages, "blocks": rows,
+                "tokens": full, "tokens_kept": [c[-1] for c in counts], "tokens_per_layer": counts,
+                "flops": int(flops), "flops_full": int(flops_full), "flops_ratio": round(flops / flops_full, 6)}
+
+
+def _block_kept(alive: list[torch.Tensor], sizes: list[int]) -> list[int]:
+    """Kept tokens of one block as indices into its code tokens in reading order (grid after grid)."""
+    out, offset = [], 0
+    for grid, n in zip(alive, sizes):
+        out += [offset + int(i) for i in grid]
+        offset += n
+    return out
+
+
+def _left_pad_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a (B, L) keep mask: the (B, L') gather index of each row's kept columns, left-padded (pads
+    point at column 0), and the (B, L') mask of real entries."""
+    n = keep.sum(-1)
+    width = int(n.max())
+    # stable sort puts dropped columns first and keeps the kept ones in order
+    order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[:, -width:] if width else keep[:, :0].long()
+    valid = torch.arange(width, device=keep.device)[None, :] >= (width - n)[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def _embed(model, ids: torch.Tensor) -> torch.Tensor:
+    """The input embeddings the model's forward would compute for ``ids``."""
+    return model.embed(ids) if hasattr(model, "embed") else model.get_input_embeddings()(ids)
+
+
+def _model_call(model, how, cache, **inputs):
+    keep = {"logits_to_keep": 1} if how["logits_to_keep"] else {}
+    return model(use_cache=True, **{how["cache_kw"]: cache}, **inputs, **keep)
+
+
+class _MergeRun:
+    """``merge``: each grid's tokens merged in the input embeddings, then one plain forward of the rest."""
+
+    def __init__(self, model, ids, attn, position, grids, shared, ratio):
+        self.overhead_flops = 0
+        self.stages: list = []  # no layer stages: every layer reads the merged tokens
+        embeds = _embed(model, ids)
+        feats = _continuous_features(model, ids)
+        proj = getattr(model, "image_projector", None)
+        keep = attn.bool().clone()
+        self.alive = [[[torch.arange(len(g)) for g in blk] for blk in row] for row in grids]
+        plans: dict = {}
+        for b, row in enumerate(grids):
+            for j, blk in enumerate(row):
+                for k, cols in enumerate(blk):
+                    n = len(cols)
+                    n_keep = kept_count(ratio, n)
+                    route = feats is not None and bool(feats[1][b, cols[0]])
+                    sim_vectors = feats[0][b, cols] if route else embeds[b, cols]
+                    if (b, j) in shared:
+                        c, cj = shared[(b, j)]
+                        kept, assign = plans[(c, cj, k)]
+                    else:
+                        kept, assign = merge_plan(sim_vectors, n_keep)
+                        self.overhead_flops += merge_flops(n, sim_vectors.shape[-1]) if n_keep < n else 0
+                    plans[(b, j, k)] = (kept, assign)
+                    self.alive[b][j][k] = kept.cpu()
+                    if len(kept) == n:
+                        continue
+                    merged = merge_vectors(sim_vectors, assign, len(kept))
+                    if route:  # continuous features merge before the projector, as a vision encoder's merge would
+                        merged = proj(merged.to(embeds.dtype))
+                    targets = cols[kept.cpu()].to(ids.device)
+                    embeds[b, targets] = merged.to(embeds.dtype)
+                    dropped = torch.ones(n, dtype=torch.bool)
+                    dropped[kept.cpu()] = False
+                    keep[b, cols[dropped].to(ids.device)] = False
+        self.index, self.valid = _left_pad_index(keep)
+        self.embeds = embeds.gather(1, self.index[..., None].expand(-1, -1, embeds.shape[-1]))
+        self.position = torch.where(self.valid, position.gather(1, self.index), torch.zeros_like(self.index))
+        self.model = model
+
+    def forward(self, cache, how):
+        return _model_call(self.model, how, cache, inputs_embeds=self.embeds, attention_mask=self.valid.long(),
+                           position_ids=self.position)
+
+
+def _continuous_features(model, ids: torch.Tensor):
+    """``(features, where)`` when the model reads its image codes as continuous tokenizer features through
+    its projector (stored code vectors, ``input_placement=codes``): the ``(B, L, F)`` features (zero
+    elsewhere) and the ``(B, L)`` positions that carry them. None when it reads embeddings only."""
+    cfg = model.config
+    if getattr(model, "image_projector", None) is None or "image" not in (getattr(cfg, "code_vectors", None) or []):
+        return None
+    where = model.feature_positions(ids, "image")
+    table = model.image_code_vectors
+    a, _ = model._vocab.code_range(model.input_range("image"))
+    feats = table[(ids - a).clamp(0, table.shape[0] - 1)] * where[..., None]
+    return feats, where
+
+
+class _InLLMRun:
+    """One in-LLM pruned prefill: scoring hooks on the stages' scoring attentions, feeding hooks on the
+    decoder layers from the first stage on, then the scratch cache compacted into the real one."""
+
+    def __init__(self, pruner, model, vocab, ids, attn, position, grids, shared, stages):
+        self.model, self.pruner, self.vocab = model, pruner, vocab
+        self.decoder = model.get_decoder()
+        self.layers = list(self.decoder.layers)
+        self.stages = stages
+        self.ids, self.grids, self.shared = ids, grids, shared
+        self.overhead_flops = 0
+        B, L = ids.shape
+        self.alive = [[[torch.arange(len(g)) for g in blk] for blk in row] for row in grids]
+        cols = torch.arange(L, device=ids.device).expand(B, L)
+        self.valid = attn.bool()
+        self.attn0, self.position0 = attn, position
+        self.orig = torch.where(self.valid, cols, torch.full_like(cols, -1))  # each column's column in the input
+        self.history = [self.orig]  # per stage, from the full input on
+        self.feed: dict | None = None  # what the layers of the current stage are fed
+        self.index: torch.Tensor | None = None  # gather index into the previous stage, for the stage's first layer
+        self.scratch = None
+
+    # the hooks -------------------------------------------------------------------------------------------
+    def _score_hook(self, stage: int):
+        def hook(module, args, kwargs, output):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            keys = self.scratch.layers[module.layer_idx].keys
+            self._advance(stage, module, hidden, keys, cos, sin)
+        return hook
+
+    def _feed_hook(self, layer: int, starts: bool):
+        layer_type = (getattr(self.decoder.config, "layer_types", None) or [None] * len(self.layers))[layer]
+
+        def hook(module, args, kwargs):
+            if self.feed is None:
+                return None
+            if starts:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = hidden.gather(1, self.index[..., None].expand(-1, -1, hidden.shape[-1]))
+                if args:
+                    args = (hidden, *args[1:])
+                else:
+                    kwargs["hidden_states"] = hidden
+            kwargs["attention_mask"] = self.feed["masks"].get(layer_type, self.feed["masks"][None])
+            kwargs["position_ids"] = self.feed["position"]
+            kwargs["position_embeddings"] = self.feed["rope"]
+            return args, kwargs
+        return hook
+
+    # one stage's decision --------------------------------------------------------------------------------
+    def _advance(self, stage: int, attn_module, hidden, keys, cos, sin):
+        ratio = self.stages[stage][1]
+        valid, orig = self.valid, self.orig
+        queries, qvalid = self._queries(valid, orig)
+        probs = self._attention(attn_module, hidden, keys, cos, sin, valid, queries, qvalid)  # (B, Q, L)
+        inverse = _inverse(orig, valid, self.ids.shape[1])
+        keep = valid.clone()
+        decided: dict = {}
+        for b, row in enumerate(self.grids):
+            for j, blk in enumerate(row):
+                for k, cols in enumerate(blk):
+                    alive = self.alive[b][j][k]
+                    target = kept_count(ratio, len(cols))
+                    if len(alive) <= target:
+                        continue
+                    if (b, j) in self.shared:
+                        c, cj = self.shared[(b, j)]
+                        new = decided[(c, cj, k)]
+                    else:
+                        at = inverse[b, cols[alive].to(inverse.device)]  # current columns of the alive tokens
+                        score = self._grid_score(probs[b], queries[b], qvalid[b], at)
+                        top = torch.topk(score.float().cpu(), target, sorted=False).indices
+                        new = alive[top.sort().values]
+                    decided[(b, j, k)] = new
+                    gone = alive[~torch.isin(alive, new)]
+                    keep[b, inverse[b, cols[gone].to(inverse.device)]] = False
+                    self.alive[b][j][k] = new
+        self.index, self.valid = _left_pad_index(keep)
+        self.orig = torch.where(self.valid, orig.gather(1, self.index), torch.full_like(self.index, -1))
+        self.history.append(self.orig)
+        position = torch.where(self.valid, self.position0.gather(1, self.orig.clamp(min=0)), torch.zeros_like(self.index))
+        rope = tuple(t.gather(1, self.index[..., None].expand(-1, -1, t.shape[-1])) for t in (cos, sin))
+        self.feed = {"position": position, "rope": rope, "masks": self._masks(hidden, position)}
+
+    def _queries(self, valid, orig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, Q) columns whose attention ranks the grids, and which of them are real: the last token
+        (fastv, pyramid), or every text token after the row's first grid plus the last token (text)."""
+        B, L = valid.shape
+        last = torch.full((B, 1), L - 1, dtype=torch.long, device=valid.device)
+        if self.pruner.method != "text":
+            return last, torch.ones_like(last, dtype=torch.bool)
+        ids = self.ids.gather(1, orig.clamp(min=0))
+        first = torch.tensor([min((int(g[0]) for blk in row for g in blk), default=ids.shape[1])
+                              for row in self.grids], device=valid.device)
+        text = valid & (ids < self.vocab.text_size) & (orig > first[:, None])
+        text[:, -1] = True
+        index, qvalid = _left_pad_index(text)
+        return index, qvalid
+
+    def _attention(self, module, hidden, keys, cos, sin, valid, queries, qvalid) -> torch.Tensor:
+        """Softmax attention (mean over heads) of the ``queries`` columns over every column: the q.k
+        sub-block the ranking needs, recomputed from this layer's input and the keys it just cached."""
+        B, Q = queries.shape
+        hd = keys.shape[-1]
+        x = hidden.gather(1, queries[..., None].expand(-1, -1, hidden.shape[-1]))
+        q = module.q_proj(x).view(B, Q, -1, hd)
+        if getattr(module, "q_norm", None) is not None:
+            q = module.q_norm(q)
+        q = q.transpose(1, 2)
+        cq, sq = (t.gather(1, queries[..., None].expand(-1, -1, t.shape[-1])) for t in (cos, sin))
+        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb  # the model's own RoPE
+        q, _ = rope(q, q, cq, sq)
+        heads = q.shape[1]
+        k = keys.repeat_interleave(heads // keys.shape[1], dim=1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * float(getattr(module, "scaling", hd ** -0.5))
+        L = keys.shape[2]
+        allowed = valid[:, None, None, :] & (torch.arange(L, device=valid.device)[None, None, None, :]
+                                              <= queries[:, None, :, None])
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)
+        d = hidden.shape[-1]
+        self.overhead_flops += int(qvalid.sum()) * (2 * d * heads * hd + 2 * 2 * heads * hd * L)
+        return probs
+
+    def _grid_score(self, probs, queries, qvalid, at) -> torch.Tensor:
+        """How much attention each of a grid's alive tokens (columns ``at``) receives from the raters."""
+        if self.pruner.method != "text":
+            return probs[0, at]
+        cand = qvalid & (queries > at.max())  # text that reads the grid (the last token always does)
+        p = probs[cand][:, at]
+        relevance = p.mean(-1)
+        raters = relevance >= relevance.mean()  # SparseVLM: the text tokens about the picture
+        return p[raters].mean(0)
+
+    def _masks(self, hidden, position) -> dict:
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
+
+        cfg = self.decoder.config
+        shape = hidden.new_empty((self.valid.shape[0], self.valid.shape[1], 1))
+        args = dict(config=cfg, inputs_embeds=shape, attention_mask=self.valid.long(), cache=None,
+                    position_ids=position)
+        masks = {None: create_causal_mask(**args)}
+        masks["full_attention"] = masks[None]
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
+        return masks
+
+    # the run ---------------------------------------------------------------------------------------------
+    def forward(self, cache, how):
+        from transformers import DynamicCache
+
+        self.scratch = DynamicCache()
+        first = self.stages[0][0]
+        starts = {k for k, _ in self.stages}
+        handles = [self.layers[k - 1].self_attn.register_forward_hook(self._score_hook(i), with_kwargs=True)
+                   for i, (k, _) in enumerate(self.stages)]
+        handles += [self.layers[l].register_forward_pre_hook(self._feed_hook(l, l in starts), with_kwargs=True)
+                    for l in range(first, len(self.layers))]
+        try:
+            out = _model_call(self.model, how, self.scratch, input_ids=self.ids, attention_mask=self.attn0,
+                              position_ids=self.position0)
+        finally:
+            for h in handles:
+                h.remove()
+        self._compact_into(cache)
+        self.scratch = None
+        return out
+
+    def stage_of(self, layer: int) -> int:
+        return sum(1 for k, _ in self.stages if k <= layer)
+
+    def tokens_per_layer(self) -> list[list[int]]:
+        per_stage = [(h >= 0).sum(-1).tolist() for h in self.history]
+        return [[int(per_stage[self.stage_of(l)][b]) for l in range(len(self.layers))]
+                for b in range(self.ids.shape[0])]
+
+    def _compact_into(self, cache) -> None:
+        """Write the kept tokens' keys and values of every layer into ``cache`` (in the final stage's
+        columns), dropping the early layers' entries for tokens that later stages dropped."""
+        final, width = self.history[-1], self.ids.shape[1]
+        where = [_inverse(h, h >= 0, width) for h in self.history]
+        for l, layer in enumerate(self.scratch.layers):
+            inv = where[self.stage_of(l)]
+            index = inv.gather(1, final.clamp(min=0))  # pads read column 0's entry; the mask hides them
+            k, v = layer.keys, layer.values
+            g = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            cache.update(k.gather(2, g), v.gather(2, g), l)
+
+
+def _inverse(orig: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) map from an input column to its column in a stage whose columns came from ``orig``
+    (0 for input columns the stage no longer has)."""
+    B, L = orig.shape
+    inv = torch.zeros((B, width + 1), dtype=torch.long, device=orig.device)
+    slot = torch.where(valid, orig, torch.full_like(orig, width))
+    inv.scatter_(1, slot, torch.arange(L, device=orig.device).expand(B, L).contiguous())
+    return inv[:, :width]
+
+
+# -- a prefill on its own (benchmarks) ---------------------------------------------------------------------------
+@torch.no_grad()
+def prefill_only(model, vocab: Vocab, rows: Sequence[Sequence[int]], pruner: PrefillPruner | None = None,
+                 uncond_rows: Sequence[Sequence[int]] | None = None, pad_id: int = 0) -> dict:
+    """One prefill of ``rows`` (and ``uncond_rows`` after them, as guidance batches them), plain or through
+    ``pruner``: ``{"seconds", "tokens", "logits", "report"}`` with the wall time of the forward alone, the
+    cache length it left, the last-position logits and the pruner's report (None when plain)."""
+    from mmgen.inference.pipeline import _prepare_inputs_for, left_pad, make_cache
+
+    device = next(model.parameters()).device
+    all_rows = list(rows) + list(uncond_rows or [])
+    ids, attn = left_pad(all_rows, pad_id, device)
+    position = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = make_cache(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    if pruner is None:
+        out = _model_call(model, _prepare_inputs_for(model), cache, input_ids=ids, attention_mask=attn,
+                          position_ids=position)
+    else:
+        out, _ = pruner.prefill(model, vocab, ids, attn, position, cache, n_cond=len(rows))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - t0, "tokens": cache.get_seq_length(), "logits": out.logits[:, -1],
+            "report": None if pruner is None else pruner.report}
