@@ -12,6 +12,7 @@ from bundlekit import make_tiny_bundle
 from mmgen.errors import MMGenError
 
 METHODS = ["fastv", "text", "pyramid", "merge"]
+BASELINES = ["random", "stride"]
 QUESTIONS = ["what colour is the circle?", "is there a small blue square in the center of it, on a white background?"]
 
 
@@ -183,7 +184,7 @@ def test_merge_decodes_like_a_plain_forward_over_the_merged_sequence(bundle):
     """After a merged prefill, every decode step continues at the next original position with a mask of the
     pruned cache: its logits equal a cache-free forward over the merged embeddings plus the new tokens."""
     from mmgen.inference.pipeline import left_pad
-    from mmgen.inference.prune import _MergeRun
+    from mmgen.inference.prune import _BeforeLLMRun
 
     model, vocab = bundle.model, bundle.vocab
     rows = _rows(bundle)
@@ -193,7 +194,7 @@ def test_merge_decodes_like_a_plain_forward_over_the_merged_sequence(bundle):
                      logits_hook=lambda cond, uncond, guided, in_block: seen.append(cond.clone()))
     ids, attn = left_pad(rows, 0, "cpu")
     position = (attn.cumsum(-1) - 1).clamp(min=0)
-    run = _MergeRun(model, ids, attn, position, *_grids_and_shared(rows, vocab, ids, attn), 0.25)
+    run = _BeforeLLMRun(model, ids, attn, position, *_grids_and_shared(rows, vocab, ids, attn), 0.25)
     for r in range(len(rows)):
         valid = run.valid[r]
         embeds, pos = run.embeds[r][valid], run.position[r][valid]
@@ -215,7 +216,7 @@ def _grids_and_shared(rows, vocab, ids, attn):
     return grids, {}
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + BASELINES)
 def test_a_batch_of_different_lengths_with_cfg_decodes_each_row_as_it_would_alone(bundle, models, method):
     model, vocab = models["llama"], bundle.vocab
     rows = _rows(bundle, QUESTIONS + ["a"], t2i=True)
@@ -259,7 +260,7 @@ def test_cfg_rows_keep_identical_indices_of_the_picture_they_share(bundle, model
 
 
 @pytest.mark.parametrize("base", ["llama", "qwen2"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + BASELINES)
 def test_a_pruned_run_holds_fewer_kv_entries_and_reports_them(bundle, models, base, method):
     from mmgen.inference.pipeline import cache_bytes, make_cache
 
@@ -310,7 +311,7 @@ def test_continuous_features_merge_before_the_projector(bundle):
     """A model that reads its pixel codes as tokenizer features through its projector: ratio 1 is exact, and
     a merged token's input is the projector applied to the mean of its group's features."""
     from mmgen.inference.pipeline import left_pad
-    from mmgen.inference.prune import _MergeRun
+    from mmgen.inference.prune import _BeforeLLMRun
     from mmgen.models.unified import build_unified_lm
 
     vocab = bundle.vocab
@@ -324,7 +325,7 @@ def test_continuous_features_merge_before_the_projector(bundle):
     ids, attn = left_pad(rows, 0, "cpu")
     position = (attn.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        run = _MergeRun(model, ids, attn, position, *_grids_and_shared(rows, vocab, ids, attn), 0.25)
+        run = _BeforeLLMRun(model, ids, attn, position, *_grids_and_shared(rows, vocab, ids, attn), 0.25)
         grid = _grids_and_shared(rows, vocab, ids, attn)[0][0][0][0]
         from mmgen.inference.token_merge import merge_plan
 
@@ -337,6 +338,16 @@ def test_continuous_features_merge_before_the_projector(bundle):
         at = [int((cols == c).nonzero()) for c in grid[kept]]
         assert torch.allclose(got[at], want, atol=1e-5)
         assert run.position[0][run.valid[0]][at].tolist() == position[0, grid[kept]].tolist()
+
+
+def test_baselines_keep_evenly_spaced_or_seeded_random_tokens():
+    from mmgen.inference.prune import baseline_plan
+
+    assert baseline_plan("stride", 64, 4).tolist() == [0, 21, 42, 63]
+    assert baseline_plan("stride", 10, 10).tolist() == list(range(10))
+    a, b = baseline_plan("random", 64, 16, seed=1), baseline_plan("random", 64, 16, seed=2)
+    assert a.tolist() == baseline_plan("random", 64, 16, seed=1).tolist() and a.tolist() != b.tolist()
+    assert len(set(a.tolist())) == 16 and a.tolist() == sorted(a.tolist())
 
 
 def test_blocks_read_are_the_closed_ones_with_their_grids(bundle):
@@ -380,6 +391,7 @@ BAD = [
     (dict(prune_method="merge", prune_ratio=1.5), r"prune_ratio must be in \(0, 1\]"),
     (dict(prune_method="fastv", prune_layer=2), "prune_layer 2 >= the model's depth 2"),
     (dict(prune_method="text", prune_layer=0), "prune_layer must be an integer >= 1"),
+    (dict(prune_method="none", prune_layer=-1), "prune_layer must be an integer >= 1"),
     (dict(prune_method="fastv", prune_schedule=[[1, 0.5]]), "prune_schedule sets the stages of prune_method=pyramid"),
     (dict(prune_method="pyramid", prune_schedule=[[1, 0.5], [1, 0.25]]), r"prune_schedule\[1\] = \[1, 0.25\]"),
     (dict(prune_method="pyramid", prune_schedule=[[1, 0.25], [1, 0.5]]), r"stages go deeper"),

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         picture: Optional[str] = typer.Option(None, "--picture", help="An image file shown to the model before the "
                                               "prompt: ask about it, or (--mode t2i) say what to draw next."),
         prune_method: str = typer.Option("none", "--prune-method", help="Prefill pruning of the picture's tokens: "
-                                         "none, fastv, text, pyramid or merge."),
+                                         "none, fastv, text, pyramid, merge, or the random / stride baselines."),
         prune_ratio: float = typer.Option(1.0, "--prune-ratio", help="Share of each picture's code tokens kept, in "
                                                                      "(0, 1]."),
         prune_layer: int = typer.Option(2, "--prune-layer", help="fastv/text/pyramid: the layer K from which "

@@ -52,8 +52,8 @@ class GenerationOptions:
     # its fp8 backend: keys and values held in 8-bit floats with a per-tensor scale, a quarter of float32)
     cache: str = "dynamic"
     # Prefill pruning of the picture tokens the prompt shows (mmgen.inference.prune): none | fastv | text | pyramid |
-    # merge; the share of each code grid kept; the layer K from which in-LLM methods drop tokens; pyramid's own
-    # [layer, ratio] stages (empty: three stages from prune_layer, ending at prune_ratio; given: they replace both)
+    # merge | random | stride; the share of each code grid kept; the layer K from which fastv/text/pyramid drop
+    # tokens; pyramid's [layer, ratio] stages (empty: three from prune_layer to prune_ratio; given: they replace both)
     prune_method: str = "none"
     prune_ratio: float = 1.0
     prune_layer: int = 2

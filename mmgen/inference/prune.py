@@ -16,7 +16,9 @@ prompt and it has no closer yet). ``prune_method``:
 - ``merge`` -- before the LLM: similarity-based selection and merging of each grid's tokens
   (:mod:`mmgen.inference.token_merge`, VisionZip / ToMe), on the route the model reads them by: input
   embeddings of discrete codes, or, for a model that reads continuous tokenizer features through its
-  projector, the features before the projector.
+  projector, the features before the projector;
+- ``random``, ``stride`` -- the baselines any ranking must beat: before the LLM, keep a seeded uniform draw
+  of each grid's tokens, or evenly spaced ones.
 
 How the in-LLM methods stay cheap and exact where nothing is dropped:
 
@@ -53,16 +55,12 @@ from dataclasses import dataclass, field
 import torch
 
 from mmgen.errors import MMGenError
-from mmgen.inference.token_merge import (
-    kept_count,
-    merge_flops,
-    merge_plan,
-    merge_vectors,
-)
+from mmgen.inference.token_merge import kept_count, merge_flops, merge_plan, merge_vectors
 from mmgen.processing.vocab import GRID_BRANCHES, Vocab
 
-PRUNE_METHODS = ("none", "fastv", "text", "pyramid", "merge")
+PRUNE_METHODS = ("none", "fastv", "text", "pyramid", "merge", "random", "stride")
 IN_LLM = ("fastv", "text", "pyramid")  # the methods that rank inside the decoder, at a layer
+BEFORE_LLM = ("merge", "random", "stride")  # the methods that cut the input embeddings
 PYRAMID_STAGES = 3  # default stages of pyramid (PyramidDrop uses 4 on 32-36 layers; small models have few)
 
 
@@ -94,9 +92,10 @@ def check_prune_options(options, model_config=None) -> None:
         raise MMGenError(f"prune_ratio must be in (0, 1] (the share of each picture's tokens kept), got {ratio}")
     if schedule and method != "pyramid":
         raise MMGenError(f"prune_schedule sets the stages of prune_method=pyramid, not of '{method}'")
+    # prune_layer is checked whatever the method (it must make sense when the method changes), against the
+    # depth only where it is used
+    _check_layer("prune_layer", layer, _depth(model_config) if method in IN_LLM and not schedule else None)
     depth = _depth(model_config)
-    if method in IN_LLM and not schedule:
-        _check_layer("prune_layer", layer, depth)
     last = (0, 1.0)
     for i, stage in enumerate(schedule or []):
         if not isinstance(stage, (list, tuple)) or len(stage) != 2:
@@ -126,7 +125,7 @@ def make_pruner(options) -> PrefillPruner | None:
     if options.prune_method == "none":
         return None
     return PrefillPruner(options.prune_method, options.prune_ratio, options.prune_layer,
-                         [list(s) for s in options.prune_schedule or []])
+                         [list(s) for s in options.prune_schedule or []], seed=options.seed)
 
 
 # -- analytic cost --------------------------------------------------------------------------------------------
@@ -227,10 +226,11 @@ class PrefillPruner:
     the 2-D mask of the pruned cache. ``report`` then holds what it did: per row and block the code
     tokens in and kept, the tokens per layer, and the prefill FLOPs with and without pruning."""
 
-    def __init__(self, method: str, ratio: float = 1.0, layer: int = 2, schedule: Sequence[Sequence[float]] = ()):
+    def __init__(self, method: str, ratio: float = 1.0, layer: int = 2, schedule: Sequence[Sequence[float]] = (),
+                 seed: int = 0):
         if method not in PRUNE_METHODS or method == "none":
             raise MMGenError(f"unknown prune_method '{method}' (use one of: {', '.join(PRUNE_METHODS[1:])})")
-        self.method, self.ratio, self.layer = method, float(ratio), int(layer)
+        self.method, self.ratio, self.layer, self.seed = method, float(ratio), int(layer), int(seed)
         self.schedule = [[int(k), float(r)] for k, r in schedule]
         self.report: dict = {}
         self.kept: list[list[list[int]]] = []  # per row and block: its kept code tokens (reading order)
@@ -262,8 +262,8 @@ class PrefillPruner:
         shared = _shared_blocks(rows, blocks, n_cond)
         how = _prepare_inputs_for(model)
         depth = int(model.config.num_hidden_layers)
-        if self.method == "merge":
-            run = _MergeRun(model, ids, attn, position, grids, shared, self.ratio)
+        if self.method in BEFORE_LLM:
+            run = _BeforeLLMRun(model, ids, attn, position, grids, shared, self.ratio, self.method, self.seed)
             out = run.forward(cache, how)
             counts = [[int(n)] * depth for n in run.valid.sum(-1).tolist()]
         else:
@@ -321,12 +321,21 @@ def _model_call(model, how, cache, **inputs):
     return model(use_cache=True, **{how["cache_kw"]: cache}, **inputs, **keep)
 
 
-class _MergeRun:
-    """``merge``: each grid's tokens merged in the input embeddings, then one plain forward of the rest."""
+def baseline_plan(method: str, n: int, keep: int, seed: int = 0) -> torch.Tensor:
+    """The kept indices of an ``n``-token grid under a baseline that looks at nothing: ``stride`` (evenly
+    spaced in reading order) or ``random`` (a uniform draw, reproducible from ``seed``)."""
+    if method == "stride":
+        return torch.linspace(0, n - 1, keep).round().long().unique()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:keep].sort().values
 
-    def __init__(self, model, ids, attn, position, grids, shared, ratio):
+
+class _BeforeLLMRun:
+    """``merge``, ``random``, ``stride``: each grid cut in the input embeddings (merged into the kept tokens,
+    or just dropped), then one plain forward of what is left."""
+
+    def __init__(self, model, ids, attn, position, grids, shared, ratio, method="merge", seed=0):
         self.overhead_flops = 0
-        self.stages: list = []  # no layer stages: every layer reads the merged tokens
+        self.stages: list = []  # no layer stages: every layer reads the cut grids
         embeds = _embed(model, ids)
         feats = _continuous_features(model, ids)
         proj = getattr(model, "image_projector", None)
@@ -343,18 +352,20 @@ class _MergeRun:
                     if (b, j) in shared:
                         c, cj = shared[(b, j)]
                         kept, assign = plans[(c, cj, k)]
-                    else:
+                    elif method == "merge":
                         kept, assign = merge_plan(sim_vectors, n_keep)
                         self.overhead_flops += merge_flops(n, sim_vectors.shape[-1]) if n_keep < n else 0
+                    else:  # the draw depends on the grid's place in its row only, not on the batch around it
+                        kept, assign = baseline_plan(method, n, n_keep, seed + 7919 * (j * 64 + k)), None
                     plans[(b, j, k)] = (kept, assign)
                     self.alive[b][j][k] = kept.cpu()
                     if len(kept) == n:
                         continue
-                    merged = merge_vectors(sim_vectors, assign, len(kept))
-                    if route:  # continuous features merge before the projector, as a vision encoder's merge would
-                        merged = proj(merged.to(embeds.dtype))
-                    targets = cols[kept.cpu()].to(ids.device)
-                    embeds[b, targets] = merged.to(embeds.dtype)
+                    if assign is not None:
+                        merged = merge_vectors(sim_vectors, assign, len(kept))
+                        if route:  # continuous features merge before the projector, as a vision encoder's would
+                            merged = proj(merged.to(embeds.dtype))
+                        embeds[b, cols[kept.cpu()].to(ids.device)] = merged.to(embeds.dtype)
                     dropped = torch.ones(n, dtype=torch.bool)
                     dropped[kept.cpu()] = False
                     keep[b, cols[dropped].to(ids.device)] = False
