@@ -302,6 +302,9 @@ def test_the_pipeline_prunes_the_shown_picture_and_reports_it_in_meta(bundle):
     assert p["blocks"][1] == []  # the unconditional row shows no picture
     assert doc.meta["cache"]["tokens"] == plain.meta["cache"]["tokens"] - 8
     assert doc.meta["options"]["prune_method"] == "text" and len(doc.images) == 1
+    # any transformers Cache receives the kept tokens as its prefill: here the fp8 one
+    small = pipe("a small blue square", opts, picture=picture, prune_method="merge", prune_ratio=0.5, cache="fp8")
+    assert small.meta["cache"]["tokens"] == doc.meta["cache"]["tokens"] and len(small.images) == 1
     # one forward per token the answer took (the prefill gave the first; a closing </s> is not an answer token)
     assert plain.meta["forward_passes"] == plain.meta["new_tokens"] + (plain.meta["stop"] == "eos")
     assert "prune" not in plain.meta
@@ -310,7 +313,7 @@ def test_the_pipeline_prunes_the_shown_picture_and_reports_it_in_meta(bundle):
 def test_continuous_features_merge_before_the_projector(bundle):
     """A model that reads its pixel codes as tokenizer features through its projector: ratio 1 is exact, and
     a merged token's input is the projector applied to the mean of its group's features."""
-    from mmgen.inference.pipeline import left_pad
+    from mmgen.inference.pipeline import left_pad, make_cache
     from mmgen.inference.prune import _BeforeLLMRun
     from mmgen.models.unified import build_unified_lm
 
@@ -320,8 +323,12 @@ def test_continuous_features_merge_before_the_projector(bundle):
                              text_tokenizer=bundle.text_tokenizer).eval()
     model.set_code_vectors("image", torch.randn(16, 8))
     rows = _rows(bundle)
-    assert _decode(model, vocab, rows, prune=_pruner("merge", 1.0), temperature=0.0) == \
-        _decode(model, vocab, rows, temperature=0.0)
+    plain = _decode(model, vocab, rows, temperature=0.0)
+    assert _decode(model, vocab, rows, prune=_pruner("merge", 1.0), temperature=0.0) == plain
+    assert _decode(model, vocab, rows, prune=_pruner("fastv", 1.0), temperature=0.0) == plain
+    cache = make_cache(model)
+    assert len(_decode(model, vocab, rows, prune=_pruner("fastv", 0.25), cache=cache, temperature=0.0)[0]) == 24
+    assert cache.get_seq_length() == max(len(r) for r in rows) - 48 + 23
     ids, attn = left_pad(rows, 0, "cpu")
     position = (attn.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
