@@ -439,3 +439,15 @@ def test_cli_generate_prunes_a_picture_and_rejects_bad_options(bundle_dir, tmp_p
         assert main(bad) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0]
+
+
+def test_the_evaluation_entry_points_take_a_pruner(bundle):
+    """QA answers and build-up pictures (what the evaluation suites generate) can be measured under pruning."""
+    from mmgen.inference.generate import generate_image_rows, generate_text_rows
+
+    rows = _rows(bundle)
+    assert generate_text_rows(bundle, rows, max_new_tokens=4, prune=_pruner("fastv", 1.0)) == \
+        generate_text_rows(bundle, rows, max_new_tokens=4)
+    pruner = _pruner("merge", 0.25)
+    images = generate_image_rows(bundle, _rows(bundle, t2i=True), temperature=0.0, cfg_scale=1.0, prune=pruner)
+    assert len(images) == 2 and [b["kept"] for row in pruner.report["blocks"] for b in row] == [16, 16]
