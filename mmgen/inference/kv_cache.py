@@ -142,6 +142,7 @@ class _Rows:
         self.seen = 0  # columns of the loop's mask so far (padding included)
         self.real: torch.Tensor | None = None  # (B,) tokens seen per row
         self.pads: torch.Tensor | None = None  # (B,) padding entries each row holds (at the front)
+        self.measure = lambda: None  # records the bytes held right now (the cache's peak)
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -194,6 +195,7 @@ class _Budget:
                 else:
                     score = torch.nn.functional.avg_pool1d(attn, POOL, stride=1, padding=POOL // 2)
             if rows.drop:
+                rows.measure()  # the whole prompt of this layer is held until it is compressed
                 self._evict(score, new - rows.drop)
             return keys, values
         # Decoding: the planned evictions come first, among the committed entries only, so that the
@@ -318,6 +320,7 @@ class CompressedKVCache(Cache):
         self.policy, self.rows, self.quantized, self.peak_bytes = policy, _Rows(), quantize, 0
         layer = Fp8BudgetLayer if quantize else BudgetLayer
         super().__init__(layers=[layer(policy, self.rows) for _ in range(config.num_hidden_layers)])
+        self.rows.measure = self._measure
         if policy.scored:
             _hook_attention(model, config.num_hidden_layers)
 
@@ -325,7 +328,7 @@ class CompressedKVCache(Cache):
         """The 2-D mask of the next forward over the entries held, from ``mask`` over every token seen
         and the forward's new ones (left-padded rows); plans the forward's evictions."""
         rows = self.rows
-        self.peak_bytes = max(self.peak_bytes, cache_size(self))
+        self._measure()
         new, held = mask.shape[-1] - rows.seen, self.get_seq_length()
         if new < 1:
             raise MMGenError(f"the attention mask covers {mask.shape[-1]} tokens but the cache has seen {rows.seen}: "
@@ -350,6 +353,9 @@ class CompressedKVCache(Cache):
             step = torch.cat([kept.to(mask.dtype), mask[:, rows.seen:]], -1)
         rows.mask, rows.seen, rows.forward = step.bool(), rows.seen + new, rows.forward + 1
         return step
+
+    def _measure(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, cache_size(self))
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_mask_sizes(0)[0]
@@ -416,8 +422,8 @@ def attention_mask_for(cache, mask: torch.Tensor) -> torch.Tensor:
 
 
 def kv_stats(cache) -> dict:
-    """What ``cache`` holds: ``bytes`` now and ``bytes_peak`` (measured between forwards, from the
-    tensors themselves), ``entries`` per row, layer and KV head (padding included), and, for a compressed
+    """What ``cache`` holds: ``bytes`` now and ``bytes_peak`` (measured from the tensors themselves between
+    forwards, and at the prefill while a layer still holds the whole prompt), ``entries`` per row, layer and KV head (padding included), and, for a compressed
     cache, per row ``tokens_seen`` (padding excluded) and ``tokens_held`` (the entries that are tokens)."""
     now = cache_size(cache)
     if not isinstance(cache, CompressedKVCache):
