@@ -86,7 +86,7 @@ def test_a_small_budget_holds_fewer_bytes_and_still_draws(bundle, models, base, 
     model, rows = models[base], _documents(bundle)
     plain = make_kv_cache(model)
     want, _ = _decode(model, bundle, rows, plain, cfg=2.5)
-    full, longest = kv_stats(plain), max(len(r) for r in rows)
+    full = kv_stats(plain)
     for quantize in (False, True):
         cache = make_kv_cache(model, method, quantize=quantize, **SMALL)
         got, _ = _decode(model, bundle, rows, cache, cfg=2.5)
@@ -94,7 +94,7 @@ def test_a_small_budget_holds_fewer_bytes_and_still_draws(bundle, models, base, 
             parsed = bundle.vocab.parse_image_block([bundle.vocab["<image>"], *g])
             assert parsed["pix"].shape == (4, 4)
         s = kv_stats(cache)
-        assert s["method"] == method and s["quantized"] == quantize and s["bytes_peak"] >= s["bytes"]
+        assert s["method"] == method and s["quantized"] == quantize
         seen, held = s["tokens_seen"], s["tokens_held"]
         assert seen[:3] == [len(r) + 24 for r in rows] and seen[3:] == [2 + 24] * 3  # 24 tokens fed after the prefill
         if method == "snapkv":  # the prompt is cut to the budget; the answer is kept whole
@@ -105,9 +105,8 @@ def test_a_small_budget_holds_fewer_bytes_and_still_draws(bundle, models, base, 
         # bytes per entry: the model's precision (h2o adds a float32 score per entry and KV head), or 8 bits
         per_entry = s["bytes"] / s["entries"] / (full["bytes"] / full["entries"])
         assert (0.25 <= per_entry < 0.35) if quantize else (1 <= per_entry < 1.1)
-        # the peak includes the whole prompt of one layer while it is compressed (2 layers here)
-        assert s["bytes_peak"] >= full["bytes"] * longest / full["entries"] / 2 * (0.25 if quantize else 1)
-        assert s["bytes_peak"] < full["bytes"] * (0.25 if quantize else 0.75)
+        # a layer stores only what it keeps of the prompt: the cache never held more than it holds now
+        assert s["bytes_peak"] == s["bytes"] < full["bytes"] * (0.15 if quantize else 0.45)
     assert full["bytes"] == full["bytes_peak"] and full["entries"] == max(len(r) for r in rows) + 24
 
 
@@ -318,13 +317,15 @@ def test_crop_rolls_back_a_forward_of_drafts_exactly(bundle, models, method, qua
 
 # -- the pipeline, the CLI, bad options --------------------------------------------------------------
 def test_the_pipeline_reports_kv_bytes_and_tokens(bundle):
+    from mmgen.config import load_config
     from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
 
     pipe = MMGenPipeline(bundle)
     opts = GenerationOptions(mode="t2i", max_new_tokens=30, temperature=0.0, cfg_scale=2.0)
     plain = pipe("a large red circle at the top left, on a black background.", opts)
-    small = pipe("a large red circle at the top left, on a black background.", opts, kv_method="h2o", kv_budget=8,
-                 kv_window=2, kv_sinks=2, cache="fp8")
+    kv = load_config(GenerationOptions, None, ["mode=t2i", "max_new_tokens=30", "temperature=0", "cfg_scale=2",
+                                               "kv_method=h2o", "kv_budget=8", "kv_window=2", "kv_sinks=2", "cache=fp8"])
+    small = pipe("a large red circle at the top left, on a black background.", kv)
     p, s = plain.meta["kv"], small.meta["kv"]
     assert p == {"method": "none", "quantized": False, "bytes": plain.meta["cache"]["bytes"],
                  "bytes_peak": plain.meta["cache"]["bytes"], "entries": plain.meta["cache"]["tokens"]}

@@ -17,13 +17,16 @@ loop fills like any other cache (``GenerationOptions.kv_method``):
   prompt is scored by its last ``kv_window`` queries (as snapkv, without pooling); every decoded token
   then adds the attention it gives to each held entry.
 
-``kv_budget`` counts every entry a row holds per layer and KV head, sinks and window included; a cache
-holds at most ``kv_budget`` of them plus the tokens of the last forward (one per step when decoding
-plainly), because a forward never evicts the entries it writes itself: under speculative verification
-those are drafts, not yet committed. ``kv_budget=None`` evicts nothing: the tokens are exactly those of
-the plain cache. ``cache=fp8`` composes with every method: the kept entries are held as transformers'
-``Fp8QuantizedLayer`` holds them (8-bit floats, per-tensor scale frozen at the prefill), and eviction
-gathers the 8-bit entries as they are, without quantizing again.
+``kv_budget`` counts every entry a row holds per layer and KV head, sinks and window included. The
+prefill attends to the whole prompt, and each layer stores only the part of it that it keeps. A
+decoding forward first evicts
+committed entries down to the budget, then attends to them and to its own new entries, which it never
+evicts (under speculative verification they are drafts, not yet committed): between forwards a cache
+holds at most ``kv_budget`` entries plus those of the last forward (one when decoding plainly).
+``kv_budget=None`` evicts nothing: the tokens are exactly those of the plain cache. ``cache=fp8``
+composes with every method: the kept entries are held as transformers' ``Fp8QuantizedLayer`` holds them
+(8-bit floats, per-tensor scale frozen at the prefill), and eviction gathers the 8-bit entries as they
+are, without quantizing again.
 
 **Selection is per layer, per row and per KV head.** The layout ``[batch, kv_heads, entries, head_dim]``
 lets each head gather its own entries; only the number of entries must be the same in every row, head
@@ -45,11 +48,13 @@ decoding (h2o). The model itself stays on SDPA / flash attention.
 :func:`attention_mask_for`, which turns the mask over every token seen into one over the entries held
 (and plans the forward's evictions). A forward without it is a one-line error, not a wrong mask.
 
-**Rollback.** ``cache.crop(-n)`` drops the last ``n`` entries of every layer (and the attention their
-queries gave, not yet added to the h2o scores): for ``n`` up to the tokens of the last forward it undoes
-that forward exactly, since nothing it wrote was evicted. Further back it drops the ``n`` most recent
-entries held, which are the ``n`` most recent tokens while ``n <= kv_window`` (snapkv and h2o keep the
-window whole).
+**Rollback.** ``cache.crop(-n)`` drops the last ``n`` entries of every layer, and the attention their
+queries gave (not yet added to the h2o scores). For ``n`` up to the entries of the last forward it undoes
+that forward: what the forward evicted depended on committed entries only and would have been evicted
+by the next forward anyway, so every later forward computes what it would have without the drafts.
+Further back it drops the ``n`` most recent entries held, which are the ``n`` most recent tokens while
+``n <= kv_window`` (snapkv and h2o keep the window whole). ``get_seq_length()`` is the number of entries
+held, not a position: a loop over a compressed cache keeps its own positions.
 
 For the benchmark::
 
@@ -142,7 +147,6 @@ class _Rows:
         self.seen = 0  # columns of the loop's mask so far (padding included)
         self.real: torch.Tensor | None = None  # (B,) tokens seen per row
         self.pads: torch.Tensor | None = None  # (B,) padding entries each row holds (at the front)
-        self.measure = lambda: None  # records the bytes held right now (the cache's peak)
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -175,6 +179,7 @@ class _Budget:
         self.scores: torch.Tensor | None = None  # h2o: attention each held entry has received, (B, Hkv, S)
         self.pending: torch.Tensor | None = None  # h2o: the last forward's queries' attention, (B, Hkv, q, S)
         self.planned = 0  # the forward this layer last ran in
+        self.num_kv_heads = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
         rows, policy = self.rows, self.policy
@@ -182,22 +187,23 @@ class _Budget:
             raise MMGenError("a forward over a compressed KV cache needs its attention mask from "
                              "mmgen.inference.kv_cache.attention_mask_for(cache, mask)")
         self.planned = rows.forward
+        self.num_kv_heads = key_states.shape[1]
         source, self.source = self.source, None
         heavy = policy.method == "h2o" and policy.budget is not None
-        if rows.prefill:  # every prompt entry is attended to once, then the prompt is compressed
-            keys, values = super().update(key_states, value_states, *args, **kwargs)
-            new = keys.shape[-2]
+        if rows.prefill:  # the forward attends to the whole prompt; the layer keeps only the chosen part of it
+            new = key_states.shape[-2]
             score = None
             if heavy or (policy.scored and rows.drop):
-                attn = self._attention(source, keys, min(policy.window, new)).sum(2)  # (B, Hkv, T)
-                if heavy:
-                    score = self.scores = attn
-                else:
-                    score = torch.nn.functional.avg_pool1d(attn, POOL, stride=1, padding=POOL // 2)
-            if rows.drop:
-                rows.measure()  # the whole prompt of this layer is held until it is compressed
-                self._evict(score, new - rows.drop)
-            return keys, values
+                attn = self._attention(source, key_states, min(policy.window, new)).sum(2)  # (B, Hkv, T)
+                score = attn if heavy else torch.nn.functional.avg_pool1d(attn, POOL, stride=1, padding=POOL // 2)
+                self.scores = attn if heavy else None
+            if not rows.drop:
+                return super().update(key_states, value_states, *args, **kwargs)
+            idx = self._choose(score, new - rows.drop)
+            if self.scores is not None:
+                self.scores = torch.gather(self.scores, 2, idx)
+            super().update(_gather(key_states, idx), _gather(value_states, idx), *args, **kwargs)
+            return key_states, value_states
         # Decoding: the planned evictions come first, among the committed entries only, so that the
         # forward attends to what stays and a crop of its own entries undoes it exactly.
         if heavy and self.pending is not None:
@@ -217,19 +223,23 @@ class _Budget:
         drop = 0 if self.rows.prefill else self.rows.drop
         return self.get_seq_length() - drop + query_length, 0
 
-    def _evict(self, score, keep: int) -> None:
-        """Keep ``keep`` of the held entries per row and head: sinks and (snapkv, h2o) the recent window
-        always, then the best ``score`` (streaming: the most recent); padding only when a row has too few tokens."""
-        p, held = self.policy, self.get_seq_length()
-        real = self.rows.candidates[:, :held]
-        b, h = real.shape[0], self._stored_keys().shape[1]
+    def _choose(self, score, keep: int) -> torch.Tensor:
+        """(B, Hkv, keep) indices, in sequence order, of the candidate entries each row and head keeps:
+        sinks and (snapkv, h2o) the recent window always, then the best ``score`` (streaming: the most
+        recent); padding only when a row has too few tokens."""
+        p, real = self.policy, self.rows.candidates
+        (b, held), h = real.shape, self.num_kv_heads
         if score is None:
             score = torch.arange(held, device=real.device, dtype=torch.float32).expand(b, h, -1)
         protect = real & (real.cumsum(-1) <= p.sinks)
         if p.method != "streaming":
             protect = protect | (torch.arange(held, device=real.device) >= held - p.window)
         score = score.float().masked_fill(protect[:, None], float("inf")).masked_fill(~real[:, None], float("-inf"))
-        idx = score.topk(keep, dim=-1).indices.sort(-1).values
+        return score.topk(keep, dim=-1).indices.sort(-1).values
+
+    def _evict(self, score, keep: int) -> None:
+        """Keep ``keep`` of the held entries (:meth:`_choose`)."""
+        idx = self._choose(score, keep)
         self._keep(idx)
         if self.scores is not None:
             self.scores = torch.gather(self.scores, 2, idx)
@@ -320,7 +330,6 @@ class CompressedKVCache(Cache):
         self.policy, self.rows, self.quantized, self.peak_bytes = policy, _Rows(), quantize, 0
         layer = Fp8BudgetLayer if quantize else BudgetLayer
         super().__init__(layers=[layer(policy, self.rows) for _ in range(config.num_hidden_layers)])
-        self.rows.measure = self._measure
         if policy.scored:
             _hook_attention(model, config.num_hidden_layers)
 
@@ -328,7 +337,7 @@ class CompressedKVCache(Cache):
         """The 2-D mask of the next forward over the entries held, from ``mask`` over every token seen
         and the forward's new ones (left-padded rows); plans the forward's evictions."""
         rows = self.rows
-        self._measure()
+        self.peak_bytes = max(self.peak_bytes, cache_size(self))
         new, held = mask.shape[-1] - rows.seen, self.get_seq_length()
         if new < 1:
             raise MMGenError(f"the attention mask covers {mask.shape[-1]} tokens but the cache has seen {rows.seen}: "
@@ -353,9 +362,6 @@ class CompressedKVCache(Cache):
             step = torch.cat([kept.to(mask.dtype), mask[:, rows.seen:]], -1)
         rows.mask, rows.seen, rows.forward = step.bool(), rows.seen + new, rows.forward + 1
         return step
-
-    def _measure(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, cache_size(self))
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_mask_sizes(0)[0]
@@ -422,8 +428,8 @@ def attention_mask_for(cache, mask: torch.Tensor) -> torch.Tensor:
 
 
 def kv_stats(cache) -> dict:
-    """What ``cache`` holds: ``bytes`` now and ``bytes_peak`` (measured from the tensors themselves between
-    forwards, and at the prefill while a layer still holds the whole prompt), ``entries`` per row, layer and KV head (padding included), and, for a compressed
+    """What ``cache`` holds: ``bytes`` now and ``bytes_peak`` (measured from the tensors themselves, between
+    forwards), ``entries`` per row, layer and KV head (padding included), and, for a compressed
     cache, per row ``tokens_seen`` (padding excluded) and ``tokens_held`` (the entries that are tokens)."""
     now = cache_size(cache)
     if not isinstance(cache, CompressedKVCache):
@@ -444,8 +450,9 @@ def kv_stats(cache) -> dict:
 def budget_sweep(model, vocab, rows: Sequence[Sequence[int]], settings: Sequence[dict], **decode_kw) -> list[dict]:
     """Decode ``rows`` once per setting (:func:`make_kv_cache` keywords; the first is the reference,
     usually ``{}`` = the plain cache) with the same ``decode_loop`` keywords, and return per setting
-    :func:`kv_stats`, ``seconds``, ``tokens_per_s`` (tokens written by all rows) and ``agreement``: the
-    fraction of written tokens equal to the reference's, position by position."""
+    :func:`kv_stats`, ``seconds`` (wall) and ``cpu_seconds`` (this process's CPU time: steadier on a shared
+    machine), ``tokens_per_s`` (tokens written by all rows, over wall time) and ``agreement``: the fraction
+    of written tokens equal to the reference's, position by position."""
     import time
 
     from mmgen.inference.pipeline import decode_loop
@@ -454,16 +461,16 @@ def budget_sweep(model, vocab, rows: Sequence[Sequence[int]], settings: Sequence
     for s in settings:
         cache = make_kv_cache(model, **s)
         got: list[list[int]] = [[] for _ in rows]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for tok, active in decode_loop(model, vocab, rows, cache=cache, **decode_kw):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a:
                     got[r].append(t)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         ref = got if ref is None else ref
         n = sum(len(g) for g in got)
         same = sum(a == b for g, r in zip(got, ref) for a, b in zip(g, r))
-        out.append({**kv_stats(cache), "setting": dict(s), "seconds": round(seconds, 4),
+        out.append({**kv_stats(cache), "setting": dict(s), "seconds": round(seconds, 4), "cpu_seconds": round(cpu, 4),
                     "tokens_per_s": round(n / seconds, 2), "agreement": same / max(1, sum(len(r) for r in ref)),
                     "tokens": got})
     return out
