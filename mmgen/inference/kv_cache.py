@@ -168,8 +168,8 @@ def _rotary(module):
 class _Budget:
     """Eviction on top of a transformers cache layer; the storage (``_keep``, ``_drop_last``) is the
     subclass's. ``update`` returns the keys and values the forward's mask was sized for: at the prefill
-    every prompt entry (then the prompt is compressed), while decoding what the planned evictions leave
-    plus the forward's own entries."""
+    every prompt entry (of which it stores the part it keeps), while decoding what the planned evictions
+    leave plus the forward's own entries."""
 
     is_croppable = True
 
