@@ -315,6 +315,35 @@ def test_crop_rolls_back_a_forward_of_drafts_exactly(bundle, models, method, qua
             assert torch.equal(a.scores, b.scores) and torch.equal(a.pending, b.pending)
 
 
+@pytest.mark.parametrize("prune", ["merge", "fastv"])
+def test_kv_compression_composes_with_prefill_pruning(bundle, prune):
+    """A pruned prefill fills a compressed cache as its prefill (before the LLM: one forward the cache
+    scores; in the LLM: the kept entries written into it): no budget is the pruned plain run token for
+    token, and a budget holds what it says."""
+    from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
+
+    pipe = MMGenPipeline(bundle)
+    shown = bundle.image_tokenizer.decode(np.random.default_rng(2).integers(0, 16, (4, 4)))[0]
+    opts = GenerationOptions(mode="t2i", max_new_tokens=30, temperature=1.0, cfg_scale=2.0, seed=5,
+                             prune_method=prune, prune_ratio=0.5, prune_layer=1)
+    pruned = pipe("a small blue square", opts, picture=shown)
+    methods = ["streaming", "h2o"] if prune == "merge" else ["streaming"]
+    for method in methods:
+        same = pipe("a small blue square", opts, picture=shown, kv_method=method)
+        assert same.images[0].load() == pruned.images[0].load() and same.meta["prune"] == pruned.meta["prune"]
+        small = pipe("a small blue square", opts, picture=shown, kv_method=method, kv_budget=12, kv_window=4,
+                     kv_sinks=2)
+        assert small.meta["kv"]["entries"] == 13 and len(small.images) == 1
+        assert small.meta["kv"]["tokens_seen"][0] == pruned.meta["kv"]["entries"] - pruned.meta["new_tokens"] + \
+            small.meta["new_tokens"]  # the pruned prompt, then the answer
+    if prune == "fastv":
+        from mmgen.errors import MMGenError
+
+        with pytest.raises(MMGenError, match="kv_method=h2o scores the prompt in its prefill forward, which "
+                                             "prune_method=fastv replaces"):
+            pipe("a small blue square", opts, picture=shown, kv_method="h2o", kv_budget=12, kv_window=4)
+
+
 # -- the pipeline, the CLI, bad options --------------------------------------------------------------
 def test_the_pipeline_reports_kv_bytes_and_tokens(bundle):
     from mmgen.config import load_config

@@ -126,6 +126,12 @@ def check_kv_options(options, model_config=None) -> None:
         if budget < kept:
             raise MMGenError(f"kv_budget {budget} is below what kv_method={m} always keeps ({what} = {kept}); "
                              "raise kv_budget or lower the others")
+    from mmgen.inference.prune import IN_LLM
+
+    prune = getattr(options, "prune_method", "none")
+    if budget is not None and m in ("snapkv", "h2o") and prune in IN_LLM:
+        raise MMGenError(f"kv_method={m} scores the prompt in its prefill forward, which prune_method={prune} "
+                         "replaces by its own; use kv_method=streaming, or prune_method merge, random or stride")
     if m != "none" and model_config is not None:
         types, _ = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
         other = sorted(set(types) - {"full_attention"})
