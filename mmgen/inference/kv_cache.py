@@ -56,6 +56,12 @@ Further back it drops the ``n`` most recent entries held, which are the ``n`` mo
 ``n <= kv_window`` (snapkv and h2o keep the window whole). ``get_seq_length()`` is the number of entries
 held, not a position: a loop over a compressed cache keeps its own positions.
 
+**With prefill pruning** (:mod:`mmgen.inference.prune`) the pruned prompt is the cache's prefill. The
+methods that cut the input (merge, random, stride) run one forward over it, scored like any prefill; the
+in-LLM ones (fastv, text, pyramid) write the kept entries in without a forward of the cache's own, so
+snapkv and h2o cannot score that prompt and a budget with them is a one-line error (streaming, or no
+budget, works with every pruning method).
+
 For the benchmark::
 
     from mmgen.inference.kv_cache import make_kv_cache, kv_stats, budget_sweep
