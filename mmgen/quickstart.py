@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mmgen.errors import MMGenError
 from mmgen.inference.settings import DEFAULT_SAMPLING
 
 
@@ -78,6 +79,27 @@ def train_stage(recipe: str, overrides: list[str], launcher: str = "deepspeed") 
     from mmgen.training.trainer import pretrain
 
     return Path(pretrain(recipe, overrides))
+
+
+def lm_inputs(run: str | Path) -> tuple[Path, Path]:
+    """The code shards and image tokenizer the quickstart run ``run`` gave its pretrain stage (the stage
+    markers say where): the code-block ones when the run has a blocks stage, else the tokenizer's own. What
+    a retraining of the LM stages alone starts from (benchmarks/quality_curve.py, benchmarks/robustness.py)."""
+    run = Path(run)
+    done = run / ".done"
+    if (done / "blocks.json").is_file():
+        tok = Path(json.loads((done / "blocks.json").read_text())["result"])
+        codes = run / "blocks" / "codes"
+    else:  # the second stage's tokenizer when the run has one (its pixel codes are the first stage's)
+        marker = next((m for m in (done / "tokenizer_text.json", done / "tokenizer.json") if m.is_file()), None)
+        tok = Path(json.loads(marker.read_text())["result"]) if marker else run / "tokenizer" / "tokenizer"
+        codes = run / "codes"
+    if not tok.is_absolute() and not tok.is_dir():  # markers hold paths relative to the run's working dir
+        tok = run.parent.parent / tok
+    for path, what in ((codes, "code shards"), (tok, "image tokenizer")):
+        if not path.is_dir():
+            raise MMGenError(f"no {what} at {path}: run `mmgen quickstart --out {run}` first")
+    return codes, tok
 
 
 class _Stages:
