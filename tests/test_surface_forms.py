@@ -171,3 +171,35 @@ def test_prompt_variation_out_of_range_is_a_one_line_error():
 
     with pytest.raises(MMGenError, match=r"data.prompt_variation must be in \[0, 1\], got 1.5"):
         load_train_config("tiny_pretrain", ["data.prompt_variation=1.5", "data.code_shards=x"])
+
+
+def test_packed_shards_and_the_in_memory_trainer_vary_the_same_prompts_the_same_way(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mmgen.data.code_shards import CodedDoc, CodeShardWriter
+    from mmgen.data.packed_shards import read_packed_shard
+    from mmgen.training.config import load_train_config
+    from mmgen.training.data import prepare_data
+    from mmgen.training.pack import pack
+
+    shards = tmp_path / "codes"
+    with CodeShardWriter(shards) as w:  # one shard: the trainer packs the corpus, pack a shard at a time
+        for d in _world_docs(30):
+            w.write(CodedDoc(d, codes={i: np.full((3, 3), i) for i, it in enumerate(d.items) if it.kind == "image"}))
+    over = [f"data.code_shards={shards}", "data.prompt_variation=1.0", "data.image_tokenizer=null",
+            "data.codebook_size=16", "data.text_vocab_size=300", "data.seq_len=256", f"out_dir={tmp_path / 'run'}"]
+    index = pack("tiny_pretrain", over, tmp_path / "packed", progress=False)
+    assert index["settings"]["prompt_variation"] == 1.0
+    mem = prepare_data(load_train_config("tiny_pretrain", over), tmp_path / "run", 0)
+    got = read_packed_shard(tmp_path / "packed" / index["shards"][0]["name"])
+    for k in got:
+        assert np.array_equal(got[k], mem["rows"][k]), k
+    tok = AutoTokenizer.from_pretrained(tmp_path / "packed" / "text_tokenizer")
+    text = tok.decode([int(i) for i in got["input_ids"].ravel() if i < len(tok)])
+    varied = [it.text for d in _world_docs(30) for it in vary_prompts(d, 1.0).texts if "surface_of" in it.meta]
+    assert varied and all(v in text for v in varied)
+    # a run asking for other prompts than the packed shards hold stops with one line
+    with pytest.raises(MMGenError, match="prompt_variation"):
+        prepare_data(load_train_config("tiny_pretrain", [*over[:1], "data.prompt_variation=0.5", *over[2:],
+                                                         "data.source=packed", f"data.packed_shards={tmp_path / 'packed'}"]),
+                     tmp_path / "run2", 0)
