@@ -124,12 +124,13 @@ def training_records(paths, settings: dict):
         return records
     from mmgen.data.synthetic.surface import vary_prompts
 
-    return (r if isinstance(r, BadRecord) else _with_doc(r, vary_prompts(r.doc, rate)) for r in records)
+    def varied():
+        for r in records:
+            if not isinstance(r, BadRecord):
+                vary_prompts(r.doc, rate)  # its texts only: the record's codes and media stay as read
+            yield r
 
-
-def _with_doc(record, doc):
-    record.doc = doc
-    return record
+    return varied()
 
 
 def image_grid_counts(records) -> Counter:

@@ -157,10 +157,11 @@ def vary_prompt(text: str, rng: random.Random, rate: float) -> str:
 
 
 def vary_prompts(doc, rate: float, seed: int = 0):
-    """``doc`` with each caption that comes right before an image (a text-to-image prompt) rewritten by
-    :func:`vary_prompt`, drawn from a generator keyed by the document's id and ``seed``: the same
-    document is varied the same way in every run, on any rank or worker. Media, their codes and every
-    other text are left as they are; the document's id stays, so it can be traced to its source."""
+    """Each caption of ``doc`` that comes right before an image (a text-to-image prompt) rewritten in
+    place by :func:`vary_prompt` (the item's ``surface_of`` keeps the original), drawn from a generator
+    keyed by the document's id and ``seed``: the same document is varied the same way in every run, on
+    any rank or worker. Media, their codes and every other text are left as they are; the document's id
+    stays, so it can be traced to its source. Returns ``doc``."""
     from mmgen.data.doc import Text
 
     if rate <= 0:
