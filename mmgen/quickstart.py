@@ -50,8 +50,9 @@ class QuickstartConfig:
     sft_overrides: list[str] = field(default_factory=list)
     eval_prompts: int = 200  # per split (val, heldout), for t2i and QA; build-up documents use the val split
     eval_seed: int = 0
-    # mmgen eval run's suites; add geneval for GenEval's six tags, robust for t2i per surface form of the prompt
-    eval_suites: str = "t2i,qa,interleaved,recon"
+    # mmgen eval run's suites (add geneval for GenEval's six tags); robust: the val prompts again in each
+    # surface form people type, seconds of the evaluation stage
+    eval_suites: str = "t2i,robust,qa,interleaved,recon"
     # The sampling settings below are the evaluation's and are saved with the final bundle
     # (generation_config.json), so `mmgen generate` and `mmgen chat` start from them; bundles without
     # the file fall back to the same values (mmgen.inference.settings.DEFAULT_SAMPLING).

@@ -14,7 +14,7 @@ def test_quickstart_end_to_end_small(tmp_path):
         tokenizer_overrides=["steps=8", "eval_images=16", "log_every=4", "ckpt_every=8", "progress=false"],
         train_overrides=["steps=3", "log_every=1", "save_every=3", "progress=false", "tensorboard=false"],
         sft_overrides=["steps=2", "log_every=1", "save_every=2", "progress=false", "tensorboard=false"],
-        eval_prompts=3, eval_suites="t2i,robust,qa,interleaved,recon",
+        eval_prompts=3,
     )
     report_md = quickstart(cfg)
     report = json.loads((report_md.parent / "report.json").read_text())
