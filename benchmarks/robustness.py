@@ -149,12 +149,12 @@ def main() -> None:
 
     torch.set_num_threads(1)
     run, out = Path(args.run), Path(args.out)
-    before = Path(args.before) if args.before else final_bundle(run)
     train_seconds = 0.0
     if args.after:
         after = Path(args.after)
-    else:
+    else:  # needs only the run's tokenizer stages: it may start while the run still trains its own LM
         after, train_seconds = retrain(run, out, args.variation, args.override)
+    before = Path(args.before) if args.before else final_bundle(run)
     reports, seconds = {}, {}
     for label, bundle in (("before", before), ("after", after)):
         t0 = time.perf_counter()
