@@ -39,7 +39,7 @@ MODELS = {
 
 
 def build(model_over: dict, text_size: int, quantize: str):
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
     from mmgen.training.config import load_train_config
     from mmgen.training.model_setup import build_model
 

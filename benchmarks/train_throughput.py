@@ -59,10 +59,10 @@ def make_data(n_docs: int, work: Path, seed: int = 0):
     """ShapesWorld docs -> code shards (for the trainer) and token sequences (for the baseline)."""
     from mmgen.data.code_shards import CodedDoc, CodeShardWriter
     from mmgen.data.doc import Image
-    from mmgen.data.sequence import build_sequences, doc_texts
+    from mmgen.processing.sequence import build_sequences, doc_texts
     from mmgen.data.synthetic.world import generate_world
     from mmgen.models.text_tokenizer import train_text_tokenizer
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.vq import PixelVQ
 
     torch.manual_seed(seed)

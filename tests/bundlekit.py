@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 from mmgen.tokenizers.base import ImageTokenizer, register_tokenizer
 
 TEXTS = ["a large red circle at the top left, on a black background.",

@@ -16,7 +16,7 @@ import torch
 from mmgen.errors import MMGenError
 from mmgen.inference.constraints import ImageGridConstraint
 from mmgen.inference.pipeline import left_pad
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 
 def image_token_mask(vocab: Vocab, size: int, device=None) -> torch.Tensor:

@@ -192,10 +192,10 @@ def test_pretokenize_audio_codes_round_trip_through_sequences(codec, real_dir, t
     from mmgen.cli import main
     from mmgen.data.code_shards import read_code_shards
     from mmgen.data.doc import Audio, Doc, Text
-    from mmgen.data.sequence import build_sequence
+    from mmgen.processing.sequence import build_sequence
     from mmgen.data.shards import write_shards
     from mmgen.models.text_tokenizer import train_text_tokenizer
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import pretokenize
 
     tiny_pixel_vq().save_pretrained(tmp_path / "vq")

@@ -7,7 +7,7 @@ import pytest
 
 from mmgen.config import load_config
 from mmgen.errors import MMGenError
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 
 @dataclass

@@ -429,9 +429,9 @@ def test_real_photos_and_undecodable_file(tok, real_dir, tmp_path):
 
 def test_pretokenize_writes_sem_and_pix_layout(tok, tmp_path):
     from mmgen.data.code_shards import read_code_shards
-    from mmgen.data.sequence import build_sequence
+    from mmgen.processing.sequence import build_sequence
     from mmgen.data.synthetic import write_world
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import pretokenize
 
     tok.save_pretrained(tmp_path / "tok")
@@ -504,7 +504,7 @@ def test_bundle_and_generation_with_dual_vocab(tok, tmp_path):
     from mmgen.models.bundle import Bundle, load_bundle
     from mmgen.models.lm import build_tiny_lm
     from mmgen.models.text_tokenizer import train_text_tokenizer
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.dualvitok import DualViTok
 
     text = train_text_tokenizer(["a red circle on a white background", "a blue square at the top"] * 20, vocab_size=300)

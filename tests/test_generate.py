@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 from bundlekit import RES, TEXTS, PaletteTokenizer, bias_head
 
 @pytest.fixture()

@@ -108,7 +108,7 @@ def test_max_new_tokens_is_capped_by_the_context_and_long_prompts_are_refused(bu
 def test_typed_special_tokens_are_plain_text_in_prompts_and_training(bundle_dir):
     from mmgen.data.code_shards import CodedDoc
     from mmgen.data.doc import Doc, Text
-    from mmgen.data.sequence import build_sequence, encode_text
+    from mmgen.processing.sequence import build_sequence, encode_text
     from mmgen.inference.generate import prompt_ids
     from mmgen.models.bundle import load_bundle
 

@@ -224,7 +224,7 @@ def test_a_continuation_is_scored_by_compare_scenes(monkeypatch, tmp_path):
     case = {"row": [1], "uncond": [1], "before": before.to_dict(),
             "items": [Text("A scene."), Image.from_pil(render(before, 72, 72), meta={"scene": before.to_dict()})]}
     bundle = type("B", (), {"text_tokenizer": None, "vocab": {"<image>": 5}})()
-    monkeypatch.setattr("mmgen.data.sequence.encode_text", lambda t, tok: [7])
+    monkeypatch.setattr("mmgen.processing.sequence.encode_text", lambda t, tok: [7])
     ctx = Context(out=tmp_path, sampling={"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "seed": 0},
                   opts=EvalOptions())
     [rec] = InterleavedSuite().run_batch(bundle, 0, ("continuation_val", 0, [case]), ctx)

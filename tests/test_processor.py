@@ -113,13 +113,3 @@ def test_decode_turns_generated_ids_back_into_a_doc(bundle_dir):
     assert img.meta["codes_shape"] == [4, 4] and img.to_pil().size == RES
     # the image tokenizer reads the decoded picture back to the very same codes
     assert proc.image_ids([img.to_pil()])[0] == bundle.vocab.image_block(codes)
-
-
-def test_the_layout_has_one_home_and_old_imports_still_work():
-    import mmgen.data.sequence as old_seq
-    import mmgen.models.vocab as old_vocab
-    import mmgen.processing.sequence as seq
-    import mmgen.processing.vocab as vocab
-
-    assert old_vocab.Vocab is vocab.Vocab
-    assert old_seq.build_sequence is seq.build_sequence and old_seq.encode_text is seq.encode_text

@@ -28,7 +28,7 @@ def start(tmp_path_factory):
     from mmgen.models.bundle import Bundle
     from mmgen.models.text_tokenizer import train_text_tokenizer
     from mmgen.models.unified import build_unified_lm
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
 
     texts = [f"a {c} circle. What color is the circle? {c}" for c in COLORS] * 8
     tok = train_text_tokenizer(texts, vocab_size=300)

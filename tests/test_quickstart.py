@@ -33,7 +33,7 @@ def test_quickstart_end_to_end_small(tmp_path):
     # and the LM reads one code-block token per 3x3 pixel codes, fitted on the train split's codes.
     assert report["tokenizer"]["type"] == "CodeBlockTokenizer" and report["tokenizer"]["tokens_per_image"] == 18
     assert report["tokenizer"]["clip_teacher"]["steps"] == 4
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers import load_image_tokenizer
 
     blocks = load_image_tokenizer(tmp_path / "qs" / "blocks" / "tokenizer")

@@ -9,10 +9,10 @@ import torch
 from mmgen.data.code_shards import CodedDoc
 from mmgen.data.doc import Doc, Image, Text, Video
 from mmgen.data.packing import IGNORE_INDEX, causal_lm_loss, pack_sequences, packed_batch, split_at_boundaries
-from mmgen.data.sequence import build_sequence, build_sequences, encode_prompt
+from mmgen.processing.sequence import build_sequence, build_sequences, encode_prompt
 from mmgen.errors import MMGenError
 from mmgen.models.text_tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_text_tokenizer
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 CAPTIONS = [
     "a red circle at the top left.", "two blue squares at the bottom right.", "a green star in the center.",

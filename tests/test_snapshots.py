@@ -51,7 +51,7 @@ def _assert_same(a: dict, b: dict):
 
 
 def test_snapshots_at_every_interval_but_the_last_step_hold_that_steps_weights(snapshot_run):
-    from mmgen.data.sequence import encode_prompt
+    from mmgen.processing.sequence import encode_prompt
     from mmgen.models.bundle import load_bundle
 
     snaps = snapshot_run / "snapshots"

@@ -18,7 +18,7 @@ from bundlekit import RES, TEXTS, PaletteTokenizer, bias_head, make_tiny_bundle
 from trainkit import TINY_AUDIO_CODEC
 
 from mmgen.errors import MMGenError
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 LEVELS, PER = TINY_AUDIO_CODEC["n_codebooks"], TINY_AUDIO_CODEC["codebook_size"]
 HOP = int(np.prod(TINY_AUDIO_CODEC["downsampling_ratios"]))

@@ -57,8 +57,8 @@ def test_pack_rows_are_the_trainers_packing_per_shard_and_any_worker_count_agree
     from mmgen.data.code_shards import read_code_shards
     from mmgen.data.packed_shards import read_packed_shard
     from mmgen.data.packing import pack_sequences
-    from mmgen.data.sequence import build_sequences
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.sequence import build_sequences
+    from mmgen.processing.vocab import Vocab
     from mmgen.training.pack import pack
 
     out, index = packed

@@ -10,10 +10,10 @@ import torch
 from mmgen.data.code_shards import CodedDoc
 from mmgen.data.doc import Doc, Image, Text
 from mmgen.data.packing import IGNORE_INDEX, causal_lm_loss, pack_sequences, packed_batch
-from mmgen.data.sequence import build_chat_sequence, build_sequence, encode_chat_prompt
+from mmgen.processing.sequence import build_chat_sequence, build_sequence, encode_chat_prompt
 from mmgen.errors import MMGenError
 from mmgen.models.text_tokenizer import train_text_tokenizer
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 TEXTS = ["a red circle at the top left.", "What color is the circle?", "red", "How many shapes are there?",
          "two", "a blue square in the center.", "User: Assistant:"]
@@ -244,7 +244,7 @@ def test_sft_chat_template_targets_only_assistant_turns(vocab, tok):
 def test_pretraining_can_take_role_documents_in_the_chat_template(vocab, tok):
     """data.chat=roles: a QA document (items with roles) is built exactly as SFT builds it, a caption
     document stays in the pretraining layout; all and none treat both alike. Counts add up."""
-    from mmgen.data.sequence import build_sequences
+    from mmgen.processing.sequence import build_sequences
 
     rng = np.random.default_rng(3)
     qa = CodedDoc(Doc(items=[_img(0), Text(TEXTS[1], {"role": "question"}), Text(TEXTS[2], {"role": "answer"})]),

@@ -146,7 +146,7 @@ def _frames(tokens):
 
 
 def _parsed_video(cd, text_tok, vocab) -> dict:
-    from mmgen.data.sequence import build_sequence
+    from mmgen.processing.sequence import build_sequence
 
     seq = build_sequence(cd, text_tok, vocab)
     assert not seq["skipped"]
@@ -159,7 +159,7 @@ def test_pretokenized_video_round_trips_through_the_sequence(tok, text_tok, real
     from mmgen.data.doc import Doc, Text, Video
     from mmgen.data.shards import write_shards
     from mmgen.data.synthetic.media import encode_mp4
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import pretokenize
     from mmgen.tokenizers.video import VideoEncoder, VideoTokens
 
@@ -194,7 +194,7 @@ def test_two_grid_video_codes_round_trip_grid_by_grid(tok, text_tok):
     from mmgen.data.code_shards import CodedDoc
     from mmgen.data.doc import Doc, Text, Video
     from mmgen.data.synthetic.media import encode_mp4
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import encode_video_item
     from mmgen.tokenizers.video import VideoEncoder
 

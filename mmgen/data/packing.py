@@ -148,7 +148,7 @@ def minimum_bin_slack(lengths: list[int], cap: int, budget: int = 2000) -> list[
 
 def pack_sequences(seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: bool = True,
                    algorithm: str = "ffd") -> tuple[dict, PackStats]:
-    """Pack sequences (from :func:`mmgen.data.sequence.build_sequence`) into rows of ``seq_len``:
+    """Pack sequences (from :func:`mmgen.processing.sequence.build_sequence`) into rows of ``seq_len``:
     first-fit-decreasing (``algorithm="ffd"``) or minimum bin slack (``"mbs"``, fuller rows).
 
     Returns ``(rows, stats)`` where rows holds int64 numpy arrays ``(R, seq_len)``: ``input_ids``,

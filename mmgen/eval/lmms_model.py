@@ -127,7 +127,7 @@ class MMGenLMM(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        from mmgen.data.sequence import encode_text
+        from mmgen.processing.sequence import encode_text
         from mmgen.inference.generate import image_ids, picture_prompt_ids, prompt_ids
 
         out = []

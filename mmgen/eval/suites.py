@@ -418,7 +418,7 @@ class InterleavedSuite(Suite):
     def _continue(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
         """The model writes the next instruction (greedy, up to its first full stop) and draws its picture;
         the rules judge all five aspects, text quality included."""
-        from mmgen.data.sequence import encode_text
+        from mmgen.processing.sequence import encode_text
         from mmgen.data.synthetic.scene import Scene
         from mmgen.eval.interleaved import apply_instruction, judge_step
         from mmgen.eval.scene_parser import compare_scenes, parse_scene

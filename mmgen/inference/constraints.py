@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from mmgen.errors import MMGenError
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 from mmgen.utils.compat import ensure_torchvision
 
 ensure_torchvision()  # transformers' generation package imports torchvision on a CPU-only torch

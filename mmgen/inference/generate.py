@@ -29,7 +29,7 @@ import torch
 from mmgen.data.doc import Audio, Doc, Image
 from mmgen.errors import MMGenError
 from mmgen.models.bundle import can_draw
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 MODES = ("auto", "t2i", "text", "tts")
 OPENERS = {"t2i": "<image>", "tts": "<audio>"}  # modes whose answer starts inside a media block

@@ -30,7 +30,7 @@ import torch
 
 from mmgen.errors import MMGenError
 from mmgen.models.bundle import can_draw
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mmgen.inference.constraints import ImageGridConstraint  # also makes transformers importable on CPU torch
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria,  # noqa: E402  (after the compat shim)
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)

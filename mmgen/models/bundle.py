@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmgen.errors import MMGenError
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 from mmgen.utils.files import read_json
 
 # transformers' GenerationConfig file: bos/eos/pad and the sampling settings generation starts from

@@ -1,4 +1,4 @@
-"""The decoder of the unified LM: one decoder-only transformer over the whole :class:`~mmgen.models.vocab.Vocab`.
+"""The decoder of the unified LM: one decoder-only transformer over the whole :class:`~mmgen.processing.vocab.Vocab`.
 
 Text, structural, size and code tokens share one embedding table (Emu3 / Lumina-mGPT / Anole style).
 :func:`build_tiny_lm` builds the ``tiny`` preset's ``transformers.LlamaForCausalLM`` from config;
@@ -16,7 +16,7 @@ import torch
 
 from mmgen.errors import MMGenError
 from mmgen.models.text_tokenizer import BOS_ID, EOS_ID, PAD_ID
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 from mmgen.utils.compat import ensure_torchvision  # transformers' model modules import torchvision
 
 

@@ -7,7 +7,7 @@ pretrained one (Qwen2.5, Llama) without touching the rest of the code.
 
 Special tokens take the first ids, in a fixed order, so every tiny checkpoint agrees on them:
 ``<pad>`` 0, ``<unk>`` 1, ``<s>`` 2, ``</s>`` 3. The tokenizer adds no special tokens by itself:
-:mod:`mmgen.data.sequence` places ``<s>``/``</s>`` explicitly around interleaved documents, because a
+:mod:`mmgen.processing.sequence` places ``<s>``/``</s>`` explicitly around interleaved documents, because a
 text item in the middle of a document must not get its own ``<s>``.
 """
 

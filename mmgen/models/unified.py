@@ -3,7 +3,7 @@
 The wrapper holds the decoder as ``self.lm`` (built by ``AutoModelForCausalLM`` from a config or a
 checkpoint) and adds what the ILLUME+/Janus line needs on top of a text LLM:
 
-- **vocabulary extension** from :class:`~mmgen.models.vocab.Vocab`: the decoder's embeddings grow to
+- **vocabulary extension** from :class:`~mmgen.processing.vocab.Vocab`: the decoder's embeddings grow to
   ``vocab.size`` with ``resize_token_embeddings(mean_resizing=True)``, so new rows start at the mean
   of the pretrained ones (a random row would dwarf or vanish next to trained ones);
 - an optional **separate output head for the code ranges** (Janus' generation head): text logits come
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mmgen.errors import MMGenError
-from mmgen.models.vocab import GRID_BRANCHES, Vocab
+from mmgen.processing.vocab import GRID_BRANCHES, Vocab
 from mmgen.utils.compat import ensure_torchvision
 
 ensure_torchvision()  # transformers' model modules import torchvision, broken next to CPU torch

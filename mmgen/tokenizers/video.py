@@ -17,7 +17,7 @@
    codes). :meth:`VideoEncoder.decode` rebuilds every frame's full grid by copying merged tokens
    forward from the previous frame, then decodes the grids with the image tokenizer.
 
-Code shards and :meth:`mmgen.models.vocab.Vocab.video_block` hold the same facts as dense arrays:
+Code shards and :meth:`mmgen.processing.vocab.Vocab.video_block` hold the same facts as dense arrays:
 :meth:`VideoTokens.to_grids` gives ``(T, h, w)`` codes with :data:`MERGED` where a frame emitted
 nothing, and :meth:`VideoTokens.from_grids` turns them back into frame blocks.
 """
