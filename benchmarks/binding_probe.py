@@ -43,7 +43,7 @@ class CaptionGrid:
     """ShapesWorld captions as word ids, and each scene's 3x3 grid of object ids (0 = empty)."""
 
     def __init__(self):
-        from mmgen.data.synthetic.scene import COLORS, SHAPES, SIZES
+        from mmgen.world.scene import COLORS, SHAPES, SIZES
 
         self.objects = [(s, c, z) for s in SHAPES for c in COLORS for z in SIZES]
         self.words: dict[str, int] = {}
@@ -54,7 +54,7 @@ class CaptionGrid:
         return [self.words.setdefault(w, WORD0 + len(self.words)) for w in text.lower().split()]
 
     def example(self, rng: random.Random, n_objects: int | None) -> tuple[list[int], list[int]]:
-        from mmgen.data.synthetic import caption, random_scene
+        from mmgen.world import caption, random_scene
 
         scene = random_scene(rng, "train", n_objects=n_objects)
         grid = [0] * 9

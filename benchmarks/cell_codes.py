@@ -36,7 +36,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from mmgen.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, Obj, Scene, render, render_side
+    from mmgen.world import BACKGROUNDS, COLORS, SHAPES, SIZES, Obj, Scene, render, render_side
     from mmgen.tokenizers import load_image_tokenizer
     from mmgen.utils.compat import ensure_torchvision
 

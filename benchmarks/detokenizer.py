@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmgen.eval.scene_parser import compare_scenes, parse_scene
+from mmgen.world.scene_parser import compare_scenes, parse_scene
 from mmgen.models.detokenizer import decode_grids, load_pipeline
 from mmgen.models.detokenizer_train import encode_all, grid_spec, shapes_pairs
 from mmgen.tokenizers import load_image_tokenizer
-from mmgen.tokenizers.base import tensor_to_pil
+from mmgen.utils.pixels import tensor_to_pil
 from mmgen.tokenizers.vq import psnr
 from mmgen.utils.bench import md_table, write_section
 

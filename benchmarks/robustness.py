@@ -8,7 +8,7 @@ pretraining, then SFT) trained again on the run's own code shards and image toke
 quickstart's launcher and overrides and ``data.prompt_variation`` at ``--variation`` in both stages
 (the recipes' value when not given); world, filter and tokenizers are the run's. Both bundles go
 through ``mmgen eval run`` with the quick start's sampling settings and seed, suites robust (every val
-prompt in each surface form of :data:`mmgen.data.synthetic.surface.SURFACE_FORMS`), qa and
+prompt in each surface form of :data:`mmgen.world.surface.SURFACE_FORMS`), qa and
 interleaved, ``--n`` prompts per form and split. The ``robustness`` section of BENCHMARKS.md holds each
 form's accuracy with its 95% interval, after - before with Newcombe's interval, and QA and build-up.
 Training and evaluation resume where they stopped (``--out`` keeps both).

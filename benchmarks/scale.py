@@ -141,7 +141,7 @@ def tokenize_arms(work: Path, n_shards: int, docs_per_shard: int) -> tuple[list,
     import torch
 
     from mmgen.data.shards import write_shards
-    from mmgen.data.synthetic.world import generate_world
+    from mmgen.world.documents import generate_world
     from mmgen.tokenizers.pretokenize import pretokenize
     from mmgen.tokenizers.vq import PixelVQ
 

@@ -105,7 +105,7 @@ def ensure_tokenizer(path: Path) -> Path:
 def render_set(n: int, split: str, seed: int, size: int):
     """``n`` scenes of ``split``, rendered as the quick start's world renders them for a tokenizer of side
     ``size`` (render_side: a whole multiple of it, which the tokenizer's resize then brings down)."""
-    from mmgen.data.synthetic import random_scene, render, render_side
+    from mmgen.world import random_scene, render, render_side
 
     rng = random.Random(f"tokq-{split}-{seed}")
     scenes = [random_scene(rng, split) for _ in range(n)]
@@ -139,7 +139,7 @@ def psnr(a, b) -> float:
 
 
 def scene_agreement(recons, scenes) -> float:
-    from mmgen.eval.scene_parser import compare_scenes, parse_scene
+    from mmgen.world.scene_parser import compare_scenes, parse_scene
 
     return float(np.mean([compare_scenes(parse_scene(r), s)["exact"] for r, s in zip(recons, scenes)]))
 
@@ -176,7 +176,7 @@ def real_photos(size) -> list:
 
 def unique_largest_set(n: int, split: str, seed: int, size: int):
     """Scenes whose largest object is unambiguous (one object, or exactly one large one)."""
-    from mmgen.data.synthetic import random_scene, render, render_side
+    from mmgen.world import random_scene, render, render_side
 
     rng = random.Random(f"probe-{split}-{seed}")
     scenes = []
@@ -198,7 +198,7 @@ def code_features(tok, codes: torch.Tensor, level: str) -> torch.Tensor:
 def teacher_features(tok, images, batch: int = 64) -> torch.Tensor:
     """The frozen teacher's patch features, flattened over positions: what semantic codes trained only
     to reconstruct them can carry at most."""
-    from mmgen.tokenizers.base import pil_to_tensor
+    from mmgen.utils.pixels import pil_to_tensor
 
     with torch.no_grad():
         return torch.cat([tok.teacher(pil_to_tensor(images[i:i + batch], tok.resolution)).flatten(1)
@@ -255,7 +255,7 @@ def phrase_purity(train: tuple, test: tuple) -> tuple[float, list] | None:
     training cells it encodes show; returns the share of test cells whose code reads as their own
     phrase, and the most frequent (true, read) confusions. ``train`` / ``test`` are (scenes, sem codes);
     None when the code grid is not the phrase grid."""
-    from mmgen.data.synthetic import cell_phrases
+    from mmgen.world import cell_phrases
 
     def cells(scenes, codes):
         flat = codes.flatten(1).tolist()
@@ -290,7 +290,7 @@ def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = N
     the L2 strength used per (attribute, code level, training scenes) (``l2=None``: chosen on the
     training scenes, see linear_probe). Each training set is the first ``n`` of the largest one. Also
     :func:`phrase_purity` of the semantic codes on the val scenes."""
-    from mmgen.data.synthetic import COLORS, SHAPES
+    from mmgen.world import COLORS, SHAPES
     from mmgen.models.clip_train import largest_object
 
     sets = {name: unique_largest_set(n, split, seed, size)

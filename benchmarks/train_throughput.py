@@ -60,7 +60,7 @@ def make_data(n_docs: int, work: Path, seed: int = 0):
     from mmgen.data.code_shards import CodedDoc, CodeShardWriter
     from mmgen.data.doc import Image
     from mmgen.processing.sequence import build_sequences, doc_texts
-    from mmgen.data.synthetic.world import generate_world
+    from mmgen.world.documents import generate_world
     from mmgen.models.text_tokenizer import train_text_tokenizer
     from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.vq import PixelVQ

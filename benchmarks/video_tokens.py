@@ -15,8 +15,8 @@ import random
 
 import torch
 
-from mmgen.data.synthetic.media import encode_mp4, make_motion, render_motion
-from mmgen.eval.scene_parser import compare_scenes, parse_scene
+from mmgen.world.media import encode_mp4, make_motion, render_motion
+from mmgen.world.scene_parser import compare_scenes, parse_scene
 from mmgen.tokenizers import load_image_tokenizer
 from mmgen.tokenizers.video import VideoEncoder
 from mmgen.utils.bench import md_table, write_section

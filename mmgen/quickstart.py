@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from mmgen.errors import MMGenError
+from mmgen.eval.provenance import DEFAULT_EVAL_SEED
 from mmgen.inference.settings import DEFAULT_SAMPLING
 
 
@@ -49,7 +50,7 @@ class QuickstartConfig:
     train_overrides: list[str] = field(default_factory=list)
     sft_overrides: list[str] = field(default_factory=list)
     eval_prompts: int = 200  # per split (val, heldout), for t2i and QA; build-up documents use the val split
-    eval_seed: int = 0
+    eval_seed: int = DEFAULT_EVAL_SEED
     # mmgen eval run's suites (add geneval for GenEval's six tags); robust: the val prompts again in each
     # surface form people type, seconds of the evaluation stage
     eval_suites: str = "t2i,robust,qa,interleaved,recon"
@@ -149,7 +150,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     t_start = time.perf_counter()
 
     def world():
-        from mmgen.data.synthetic import render_side, write_world
+        from mmgen.world import render_side, write_world
 
         # Pictures at a whole multiple of the tokenizer's side: its resize then moves every grid cell
         # by whole pixels, so an object gets the same codes in every cell (see render_side).

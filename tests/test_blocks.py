@@ -23,7 +23,7 @@ def inner():
 def scenes(n, seed=0, side=32):
     import random
 
-    from mmgen.data.synthetic import random_scene, render
+    from mmgen.world import random_scene, render
 
     rng = random.Random(seed)
     return [render(random_scene(rng, "val"), side, side) for _ in range(n)]
@@ -74,7 +74,7 @@ def test_a_block_outside_the_table_becomes_the_nearest_entry(inner):
 
 def test_save_load_and_pretokenize(inner, tmp_path):
     from mmgen.data.code_shards import read_code_shards
-    from mmgen.data.synthetic import write_world
+    from mmgen.world import write_world
     from mmgen.tokenizers import load_image_tokenizer
     from mmgen.tokenizers.blocks import CodeBlockTokenizer, fit_code_blocks
     from mmgen.tokenizers.pretokenize import pretokenize
@@ -101,7 +101,7 @@ def test_save_load_and_pretokenize(inner, tmp_path):
 def test_dualvitok_semantic_grid_passes_through(tmp_path):
     from test_dualvitok import TEACHER_CFG, tiny_cfg  # the same tiny DualViTok and CLIP teacher
 
-    from mmgen.models.clip import build_open_clip, save_clip
+    from mmgen.backbones.clip import build_open_clip, save_clip
     from mmgen.tokenizers.blocks import CodeBlockTokenizer, fit_block_table
     from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
 
@@ -137,7 +137,7 @@ def test_fit_blocks_cli(inner, tmp_path):
     from typer.testing import CliRunner
 
     from mmgen.cli import app
-    from mmgen.data.synthetic import write_world
+    from mmgen.world import write_world
     from mmgen.tokenizers.pretokenize import pretokenize
 
     inner.save_pretrained(tmp_path / "vq")

@@ -35,7 +35,7 @@ def test_chat_app_answers_with_text_and_image_through_gradio_client(bundle_dir):
         # a picture goes with a question: the model reads it first and answers in text
         from gradio_client import handle_file
 
-        from mmgen.data.synthetic import random_scene, render
+        from mmgen.world import random_scene, render
 
         pic = bundle_dir / "question.png"
         render(random_scene(__import__("random").Random(0), "val"), *RES).save(pic)
@@ -81,7 +81,7 @@ def test_a_picture_reaches_the_prompt_in_the_layout_the_bundle_learnt(bundle_dir
     import random
 
     import mmgen.inference.generate as gen
-    from mmgen.data.synthetic import random_scene, render
+    from mmgen.world import random_scene, render
     from mmgen.inference.chat_app import ChatEngine
     from mmgen.models.bundle import load_bundle
     from mmgen.processing.processor import ChatTemplate

@@ -17,7 +17,7 @@ MICRO_CFG = {
 
 
 def _images(n=3):
-    from mmgen.data.synthetic import random_scene, render
+    from mmgen.world import random_scene, render
     import random
 
     rng = random.Random(0)
@@ -25,7 +25,7 @@ def _images(n=3):
 
 
 def test_save_load_encode_roundtrip(tmp_path):
-    from mmgen.models.clip import build_open_clip, load_clip, open_clip_module, save_clip
+    from mmgen.backbones.clip import build_open_clip, load_clip, open_clip_module, save_clip
 
     torch.manual_seed(0)
     model = build_open_clip(MICRO_CFG).eval()
@@ -49,7 +49,7 @@ def test_save_load_encode_roundtrip(tmp_path):
 
 
 def test_load_errors(tmp_path):
-    from mmgen.models.clip import load_clip
+    from mmgen.backbones.clip import load_clip
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(MMGenError, match="not a CLIP directory"):
@@ -67,7 +67,7 @@ def test_transformers_clip_dir(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-    from mmgen.models.clip import load_clip
+    from mmgen.backbones.clip import load_clip
 
     words = ["[PAD]", "[UNK]", "a", "red", "blue", "circle", "square", "end"]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
@@ -89,7 +89,7 @@ def test_transformers_clip_dir(tmp_path):
 
 def test_train_clip_tiny(tmp_path):
     from mmgen.config import load_config
-    from mmgen.models.clip import load_clip
+    from mmgen.backbones.clip import load_clip
     from mmgen.models.clip_train import ClipTrainConfig, train_clip
 
     cfg = load_config(ClipTrainConfig, None, [f"model={json.dumps(MICRO_CFG)}", "train_pairs=48", "eval_scenes=6",
@@ -115,8 +115,8 @@ def test_cell_phrases_and_region_loss(tmp_path):
     import torch
 
     from mmgen.config import load_config
-    from mmgen.data.synthetic import random_scene
-    from mmgen.models.clip import build_open_clip, open_clip_module
+    from mmgen.world import random_scene
+    from mmgen.backbones.clip import build_open_clip, open_clip_module
     from mmgen.models.clip_train import ClipTrainConfig, cell_loss, cell_phrases, train_clip
 
     scene = random_scene(random.Random(3), "train", n_objects=2)
@@ -146,8 +146,8 @@ def test_swap_attribute_changes_one_word_within_the_train_pairs():
     by a held-out colour-shape pair, and still in the caption grammar."""
     import random
 
-    from mmgen.data.synthetic import HELDOUT_PAIRS, caption, random_scene
-    from mmgen.data.synthetic.text import parse_caption, swap_attribute
+    from mmgen.world import HELDOUT_PAIRS, caption, random_scene
+    from mmgen.world.text import parse_caption, swap_attribute
 
     rng = random.Random(5)
     seen = set()
@@ -176,7 +176,7 @@ def test_hard_negative_loss_trains_both_towers(tmp_path):
     import torch
 
     from mmgen.config import load_config
-    from mmgen.models.clip import build_open_clip, open_clip_module
+    from mmgen.backbones.clip import build_open_clip, open_clip_module
     from mmgen.models.clip_train import ClipTrainConfig, hard_negative_loss, train_clip
 
     torch.manual_seed(0)
@@ -204,7 +204,7 @@ def test_phrase_separation_reads_the_one_word_pairs():
     colour word alone: shape pairs are identical (cosine 1), colour pairs orthogonal (0)."""
     import torch
 
-    from mmgen.data.synthetic import COLORS
+    from mmgen.world import COLORS
     from mmgen.models.clip_train import phrase_separation
 
     class ColourOnly:

@@ -24,7 +24,7 @@ TINY = {"sem_width": 16, "sem_heads": 2, "sem_encoder_layers": 1, "sem_decoder_l
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    from mmgen.models.clip import build_open_clip, save_clip
+    from mmgen.backbones.clip import build_open_clip, save_clip
 
     torch.manual_seed(0)
     return str(save_clip(build_open_clip(TEACHER_CFG), tmp_path_factory.mktemp("clip") / "clip", TEACHER_CFG))
@@ -52,7 +52,7 @@ def tok(teacher_dir, tmp_path_factory):
 def scenes(n, w=32, h=32, seed=0):
     import random
 
-    from mmgen.data.synthetic import random_scene, render
+    from mmgen.world import random_scene, render
 
     rng = random.Random(seed)
     return [render(random_scene(rng, "val"), w, h) for _ in range(n)]
@@ -221,7 +221,7 @@ def test_staged_training_keeps_the_pixel_codes(teacher_dir, tmp_path):
     stays exactly stage 1's."""
     from safetensors.torch import load_file
 
-    from mmgen.models.clip import build_open_clip, save_clip
+    from mmgen.backbones.clip import build_open_clip, save_clip
     from mmgen.tokenizers.base import load_image_tokenizer
     from mmgen.tokenizers.train import train_tokenizer
 
@@ -276,7 +276,7 @@ def test_region_text_options_need_the_region_text_cells(teacher_dir, tmp_path):
 
 def pruning_setup(tok):
     """A copy of ``tok`` to prune, 12 scenes, and those scenes as the uint8 batch prune_codes reads."""
-    from mmgen.tokenizers.base import pil_to_tensor, unit_to_uint8
+    from mmgen.utils.pixels import pil_to_tensor, unit_to_uint8
 
     model = type(tok)(**tok.get_config())
     model.load_state_dict(tok.state_dict())
@@ -336,7 +336,7 @@ def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):
     only known cells."""
     import random
 
-    from mmgen.data.synthetic import all_cell_phrases, cell_phrases, random_scene
+    from mmgen.world import all_cell_phrases, cell_phrases, random_scene
     from mmgen.tokenizers.dualvitok_train import RegionTextHead, region_text_targets
 
     vocab = all_cell_phrases()
@@ -430,7 +430,7 @@ def test_real_photos_and_undecodable_file(tok, real_dir, tmp_path):
 def test_pretokenize_writes_sem_and_pix_layout(tok, tmp_path):
     from mmgen.data.code_shards import read_code_shards
     from mmgen.processing.sequence import build_sequence
-    from mmgen.data.synthetic import write_world
+    from mmgen.world import write_world
     from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import pretokenize
 

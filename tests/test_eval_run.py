@@ -111,8 +111,8 @@ def test_suites_give_the_numbers_of_the_evaluation_functions(bundle_dir, tmp_pat
 def test_robust_suite_judges_each_prompt_in_every_surface_form(bundle_dir, tmp_path):
     """Per form: the t2i prompts rewritten, judged and counted apart; as written, the t2i suite's own
     records (same prompts, same seeds: the forms differ in their text alone); in the report and its comparison."""
-    from mmgen.data.synthetic import parse_caption
-    from mmgen.data.synthetic.surface import SURFACE_FORMS, surface_form
+    from mmgen.world import parse_caption
+    from mmgen.world.surface import SURFACE_FORMS, surface_form
     from mmgen.eval.run import compare_reports, run_eval
 
     kw = dict(n=3, batch_size=2, temperature=1.0, progress=False)

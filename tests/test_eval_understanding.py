@@ -40,8 +40,8 @@ def test_buildup_prompt_is_the_training_prefix(tmp_path):
 def test_qa_prompt_is_the_training_prefix_in_both_layouts(tmp_path):
     from mmgen.data.doc import Doc, Text
     from mmgen.processing.sequence import build_chat_sequence, build_sequence
-    from mmgen.data.synthetic import random_scene, render
-    from mmgen.data.synthetic.text import qa_pairs
+    from mmgen.world import random_scene, render
+    from mmgen.world.text import qa_pairs
     from mmgen.eval.understanding import qa_prompt_ids
     from mmgen.inference.generate import image_ids
 
@@ -72,7 +72,7 @@ def test_t2i_and_buildup_prompts_are_the_training_prefix_in_both_layouts(tmp_pat
     only when every document was built that way (an sft run's default), else in pretraining's layout."""
     from mmgen.data.doc import Doc, Image, Text
     from mmgen.processing.sequence import build_chat_sequence, build_sequence
-    from mmgen.data.synthetic import make_doc, random_scene, render
+    from mmgen.world import make_doc, random_scene, render
     from mmgen.eval.understanding import buildup_prompt_ids
     from mmgen.inference.generate import prompt_ids
 

@@ -214,6 +214,25 @@ def test_runner_quarantine_counts_workers_and_resume(tmp_path, monkeypatch):
         run_filter({"name": "t", "ops": [{"op": "gibberish"}]}, str(src / "*.tar"), out, workers=1, progress=False)
 
 
+def test_operator_modules_register_their_operators_in_spawned_workers(tmp_path):
+    """ShapesWorld's operators live beside its scene parser (mmgen.world.ops); a recipe that names the
+    module runs them in this process and in worker processes that start clean, with one result."""
+    from mmgen.world.documents import write_world
+
+    write_world(tmp_path / "w", n_docs=40, seed=5, defect_rate=0.6, shard_size=10, mix="caption=1", progress=False)
+    labels = [json.loads(x) for x in (tmp_path / "w" / "labels.jsonl").open()]
+    mismatched = sum(any(d["type"] == "mismatched_caption" for d in lab["defects"]) for lab in labels)
+    recipe = {"name": "scenes", "operator_modules": ["mmgen.world.ops"],
+              "ops": [{"op": "scene_caption_match", "level": "node"}]}
+    src = str(tmp_path / "w" / "*.tar")
+    one = run_filter(recipe, src, tmp_path / "one", workers=1, progress=False, report=False)
+    two = run_filter(recipe, src, tmp_path / "two", workers=2, progress=False, report=False)
+    assert mismatched >= 1 and one["per_op"]["scene_caption_match"]["nodes_removed"] == mismatched
+    assert two == one and _snapshot(tmp_path / "two") == _snapshot(tmp_path / "one")
+    with pytest.raises(MMGenError, match="cannot import operator module 'mmgen.no_such_ops'"):
+        run_filter({**recipe, "operator_modules": ["mmgen.no_such_ops"]}, src, tmp_path / "bad", progress=False)
+
+
 def test_recipe_errors():
     with pytest.raises(MMGenError, match=r"ops\[1\] \(gibberish\).*'params.max_scor'.*did you mean 'max_score'"):
         run_filter({"name": "x", "ops": [{"op": "text_length"}, {"op": "gibberish", "params": {"max_scor": 0.2}}]},

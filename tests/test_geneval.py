@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from mmgen.data.synthetic import Obj, Scene, parse_caption, render
-from mmgen.data.synthetic.scene import HELDOUT_PAIRS
+from mmgen.world import Obj, Scene, parse_caption, render
+from mmgen.world.scene import HELDOUT_PAIRS
 from mmgen.errors import MMGenError
 from mmgen.eval.geneval import (TAGS, SceneParserDetector, judge, load_metadata, result_record, shapesworld_metadata,
                                 summarize, write_metadata)

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from mmgen.data.synthetic import Obj, Scene, render
+from mmgen.world import Obj, Scene, render
 from mmgen.eval.interleaved import ASPECTS, apply_instruction, judge_step
 
 RED_CIRCLE = Obj("circle", "red", "large", (0, 0))
@@ -63,7 +63,7 @@ def test_each_aspect_on_good_and_bad_steps():
 
 
 def test_rules_through_the_scene_parser():
-    from mmgen.eval.scene_parser import parse_scene
+    from mmgen.world.scene_parser import parse_scene
 
     text = "Make the red circle yellow."
     truth = apply_instruction(BEFORE, text)

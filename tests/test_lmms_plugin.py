@@ -62,7 +62,7 @@ class _Req:
 
 
 def test_model_answers_the_three_request_types(bundle_dir, tmp_path):
-    from mmgen.data.synthetic import random_scene, render
+    from mmgen.world import random_scene, render
     from mmgen.eval.lmms_model import MMGenLMM
     from mmgen.inference.generate import generate_text_rows, image_ids, picture_prompt_ids
 

@@ -195,14 +195,14 @@ def test_doc_near_dedup_compares_the_media_documents_arrived_with():
 
 
 def test_scene_near_dedup_finds_cropped_copies_and_tells_scenes_apart():
-    from mmgen.data.ops.scene_dedup import uncropped_canvases
-    from mmgen.data.synthetic.scene import Obj, Scene, render
+    from mmgen.world.ops import uncropped_canvases
+    from mmgen.world.scene import Obj, Scene, render
 
     scene = Scene("navy", [Obj("circle", "orange", "large", (0, 1))])
     other = Scene("navy", [Obj("square", "orange", "large", (0, 1))])  # same layout, other shape
     pic = render(scene, 64, 64)
     crop = pic.crop((0, 2, 64, 63))  # the world's near-duplicate crop that the parser cannot read
-    from mmgen.eval.scene_parser import parse_scene
+    from mmgen.world.scene_parser import parse_scene
 
     assert parse_scene(crop) is None and parse_scene(pic).key() == scene.key()
     canvases = uncropped_canvases(crop, 4)
@@ -265,15 +265,15 @@ def test_doc_near_dedup_finds_the_earliest_band_sharing_copy(exact_images):
 
 def test_a_picture_is_parsed_once_for_the_caption_check_and_the_scene_dedup(monkeypatch):
     """scene_caption_match and scene_near_dedup both need the parsed scene: one parse per picture."""
-    import mmgen.eval.scene_parser as sp
-
-    calls = []
-    real = sp.parse_scene
-    monkeypatch.setattr(sp, "parse_scene", lambda pil: calls.append(1) or real(pil))
     import random
 
-    from mmgen.data.synthetic.scene import random_scene, render
-    from mmgen.data.synthetic.text import caption
+    import mmgen.world.ops as world_ops  # where both operators look the parser up
+    from mmgen.world.scene import random_scene, render
+    from mmgen.world.text import caption
+
+    calls = []
+    real = world_ops.parse_scene
+    monkeypatch.setattr(world_ops, "parse_scene", lambda pil: calls.append(1) or real(pil))
 
     scene = random_scene(random.Random(3))
     doc = Doc([Image.from_pil(render(scene)), Text(caption(scene, random.Random(3)))])

@@ -17,7 +17,7 @@ from mmgen.errors import MMGenError
 
 
 def _captions(n, seed=0):
-    from mmgen.data.synthetic import caption, random_scene
+    from mmgen.world import caption, random_scene
 
     rng = random.Random(seed)
     return [caption(random_scene(rng), rng) for _ in range(n)]
@@ -84,7 +84,7 @@ def test_perplexity_model_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from mmgen.models.clip import TINY_CLIP_CFG, build_open_clip, save_clip
+    from mmgen.backbones.clip import TINY_CLIP_CFG, build_open_clip, save_clip
 
     torch.manual_seed(0)
     model = build_open_clip(TINY_CLIP_CFG)
@@ -95,7 +95,7 @@ def tiny_clip(tmp_path_factory):
 
 def _dj_reference(clip_dir, text, pils, mode):
     """Data-Juicer's statistic: the model's logits_per_text / 100, reduced over the chunk's images."""
-    from mmgen.models.clip import load_clip
+    from mmgen.backbones.clip import load_clip
 
     enc = load_clip(clip_dir)
     img_f, txt_f, scale = enc.model(enc.pixels(pils), enc.tokenize([text]))
@@ -140,7 +140,7 @@ def test_image_text_similarity_matches_dj_formula(tiny_clip, real_dir):
 
 @pytest.fixture(scope="module")
 def quality_model(tmp_path_factory):
-    from mmgen.data.ops.quality import train_quality
+    from mmgen.training.quality import train_quality
 
     out = tmp_path_factory.mktemp("quality")
     metrics = train_quality(out, examples=1600, epochs=8, seed=0, val_examples=200)
@@ -156,7 +156,8 @@ def test_quality_scorer_learns_levels(quality_model):
 
 
 def test_quality_score_op_node_doc_and_top_fraction(quality_model):
-    from mmgen.data.ops.quality import load_quality, make_examples, score_pairs
+    from mmgen.data.ops.quality import load_quality, score_pairs
+    from mmgen.training.quality import make_examples
     from mmgen.data.ops.select import TopFraction
 
     out, _ = quality_model
@@ -193,7 +194,7 @@ def test_quality_model_missing(tmp_path):
 
 def test_noise_image_scores_low_even_with_a_true_caption(quality_model):
     from mmgen.data.ops.quality import load_quality, score_pairs
-    from mmgen.data.synthetic import caption, random_scene, render
+    from mmgen.world import caption, random_scene, render
 
     out, _ = quality_model
     rng = random.Random(3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from mmgen.data.pipeline import run_filter, score_against_labels
-from mmgen.data.synthetic.world import DEFECT_TYPES, write_world
+from mmgen.world.documents import DEFECT_TYPES, write_world
 
 
 def test_shapesworld_recipe_on_a_labelled_world(tmp_path):

@@ -52,7 +52,7 @@ def test_prompt_and_chat_ids_are_the_prefixes_training_writes(bundle_dir):
     assert proc.prompt_ids("a red circle", image=True) == encode_prompt("a red circle", tok, bundle.vocab)
     chat = MMGenProcessor(tok, bundle.vocab, bundle.image_tokenizer, chat_template=ChatTemplate("all"))
     assert chat.chat_ids([{"role": "user", "content": "a red circle"}]) == encode_chat_prompt("a red circle", tok)
-    from mmgen.data.synthetic import random_scene, render
+    from mmgen.world import random_scene, render
 
     pic = render(random_scene(random.Random(0), "val"), *RES)
     block = chat.image_ids([pic])[0]
@@ -67,7 +67,7 @@ def test_the_templates_tags_are_the_ones_every_prompt_uses(bundle_dir, tmp_path)
     """Tags saved in processor_config.json act: prompts, pictures, chats and build-up documents are laid
     out with them, as build_chat_sequence trains with them."""
     from mmgen.data.code_shards import CodedDoc
-    from mmgen.data.synthetic import make_doc
+    from mmgen.world import make_doc
     from mmgen.eval.understanding import buildup_prompt_ids
     from mmgen.models.bundle import load_bundle
     from mmgen.processing.processor import ChatTemplate, MMGenProcessor

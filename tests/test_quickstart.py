@@ -3,7 +3,7 @@
 import json
 import random
 
-from mmgen.data.synthetic import random_scene, render
+from mmgen.world import random_scene, render
 from mmgen.quickstart import QuickstartConfig, quickstart
 
 
@@ -79,7 +79,7 @@ def test_quickstart_end_to_end_small(tmp_path):
     assert (ev / "t2i_grid.png").stat().st_size > 0
     assert len(records("t2i")) == 6
     # the robust suite: the val prompts in every surface form, in the report with an example each
-    from mmgen.data.synthetic.surface import SURFACE_FORMS
+    from mmgen.world.surface import SURFACE_FORMS
 
     assert len(records("robust")) == 3 * len(SURFACE_FORMS)
     assert report["robust"]["as_written"]["accuracy"] == report["t2i"]["val"]["accuracy"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from mmgen.data.synthetic.scene import Obj, Scene, random_scene, render
-from mmgen.eval.scene_parser import compare_scenes, parse_scene, parse_scene_report, scene_contains
+from mmgen.world.scene import Obj, Scene, random_scene, render
+from mmgen.world.scene_parser import compare_scenes, parse_scene, parse_scene_report, scene_contains
 
 
 def degrade(img, rng, quality=40, sigma=8.0, blur=0.6):
@@ -96,7 +96,7 @@ def test_real_photos_are_unparseable(real_dir):
 
 def test_dark_shade_is_not_snapped_to_palette():
     # a half-brightness red circle is not "red": the parser must not round it to the palette
-    from mmgen.data.synthetic.scene import render_objects
+    from mmgen.world.scene import render_objects
 
     img = render_objects("black", [("circle", (115, 12, 12), 32, 32, 17)], 64, 64)
     assert parse_scene(img) is None
@@ -122,7 +122,7 @@ def test_compare_and_contains():
 
 def test_eval_scene_cli(tmp_path, real_dir, capsys):
     from mmgen.cli import main
-    from mmgen.data.synthetic.text import parse_caption
+    from mmgen.world.text import parse_caption
 
     truth = Scene("white", [Obj("triangle", "green", "large", (2, 1))])
     p = tmp_path / "scene.png"

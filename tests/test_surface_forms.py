@@ -10,10 +10,10 @@ import random
 import numpy as np
 import pytest
 
-from mmgen.data.synthetic import Scene, caption, parse_caption, random_scene
-from mmgen.data.synthetic.surface import (EDITS, SURFACE_FORMS, apply_edits, check_forms, surface_form, vary_prompt,
+from mmgen.world import Scene, caption, parse_caption, random_scene
+from mmgen.world.surface import (EDITS, SURFACE_FORMS, apply_edits, check_forms, surface_form, vary_prompt,
                                           vary_prompts)
-from mmgen.data.synthetic.text import CAPTION_TEMPLATES, caption_parts
+from mmgen.world.text import CAPTION_TEMPLATES, caption_parts
 from mmgen.errors import MMGenError
 
 
@@ -88,7 +88,7 @@ def test_vary_prompt_rate_and_mix_of_edits():
 
 
 def _world_docs(n=40, seed=0):
-    from mmgen.data.synthetic import make_doc
+    from mmgen.world import make_doc
 
     rng = random.Random(seed)
     return [make_doc(kind, rng, "train", size=36) for kind in ["caption", "qa", "buildup"] * (n // 3)]

@@ -20,7 +20,7 @@ def tok():
 
 
 def motion_frames(n: int = 6, seed: int = 0, size: int = 32):
-    from mmgen.data.synthetic.media import make_motion, render_motion
+    from mmgen.world.media import make_motion, render_motion
 
     start, end, _, _ = make_motion(random.Random(seed), "train")
     return render_motion(start, end, n, size, size)
@@ -78,7 +78,7 @@ def test_encode_is_deterministic_and_blocks_serialise(tok):
 
 
 def test_shapesworld_mp4_round_trip(tok):
-    from mmgen.data.synthetic.media import encode_mp4
+    from mmgen.world.media import encode_mp4
     from mmgen.tokenizers.video import VideoEncoder
 
     data = encode_mp4(motion_frames(8, size=64), fps=8)
@@ -158,7 +158,7 @@ def test_pretokenized_video_round_trips_through_the_sequence(tok, text_tok, real
     from mmgen.data.code_shards import read_code_shards
     from mmgen.data.doc import Doc, Text, Video
     from mmgen.data.shards import write_shards
-    from mmgen.data.synthetic.media import encode_mp4
+    from mmgen.world.media import encode_mp4
     from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import pretokenize
     from mmgen.tokenizers.video import VideoEncoder, VideoTokens
@@ -193,7 +193,7 @@ def test_pretokenized_video_round_trips_through_the_sequence(tok, text_tok, real
 def test_two_grid_video_codes_round_trip_grid_by_grid(tok, text_tok):
     from mmgen.data.code_shards import CodedDoc
     from mmgen.data.doc import Doc, Text, Video
-    from mmgen.data.synthetic.media import encode_mp4
+    from mmgen.world.media import encode_mp4
     from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import encode_video_item
     from mmgen.tokenizers.video import VideoEncoder

@@ -245,7 +245,7 @@ def test_simvq_dead_code_window_spares_rare_codes():
 
 
 def test_foreground_weighting_targets_the_objects_of_a_scene():
-    from mmgen.data.synthetic import Obj, Scene, render
+    from mmgen.world import Obj, Scene, render
     from mmgen.tokenizers.train import TokenizerTrainConfig, foreground_mask, pixel_losses
 
     scene = Scene("white", [Obj("square", "blue", "large", (1, 1))])

@@ -9,12 +9,12 @@ import pytest
 
 from mmgen.data.doc import Doc, Text
 from mmgen.data.shards import read_shard, write_shards
-from mmgen.data.synthetic import (BACKGROUNDS, COLORS, DEFECT_TYPES, DOC_KINDS, HELDOUT_PAIRS, Obj, Scene,
+from mmgen.world import (BACKGROUNDS, COLORS, DEFECT_TYPES, DOC_KINDS, HELDOUT_PAIRS, Obj, Scene,
                                   generate_world, make_doc, random_scene, render, render_side, split_of,
                                   write_world)
-from mmgen.data.synthetic.text import CAPTION_TEMPLATES, caption, parse_caption, qa_pairs
+from mmgen.world.text import CAPTION_TEMPLATES, caption, parse_caption, qa_pairs
 from mmgen.errors import MediaError, MMGenError
-from mmgen.eval.scene_parser import parse_scene
+from mmgen.world.scene_parser import parse_scene
 
 NUMBERS = ["zero", "one", "two", "three"]
 
@@ -136,7 +136,7 @@ def test_every_doc_kind_is_well_formed(tmp_path):
 
 
 def test_speech_without_espeak_is_a_clear_error(monkeypatch):
-    import mmgen.data.synthetic.media as media
+    import mmgen.world.media as media
 
     monkeypatch.setattr(media.shutil, "which", lambda name: None)
     with pytest.raises(MMGenError, match=r"espeak-ng not found: install it \(apt-get install espeak-ng\)"):

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from mmgen.data.synthetic.surface import SURFACE_FORMS
+from mmgen.world.surface import SURFACE_FORMS
 
 eval_app = typer.Typer(help="Evaluation: the ShapesWorld scene parser and benchmark suites.", no_args_is_help=True,
                        add_completion=False, rich_markup_mode=None)
@@ -29,7 +29,7 @@ def scene(
     from PIL import Image, UnidentifiedImageError
 
     from mmgen.errors import MMGenError
-    from mmgen.eval.scene_parser import parse_scene_report
+    from mmgen.world.scene_parser import parse_scene_report
 
     for path in images:
         if not path.is_file():
@@ -44,7 +44,7 @@ def scene(
         elif res.scene is None:
             typer.echo(f"{path}: unparseable ({res.reason})")
         else:
-            from mmgen.data.synthetic.text import caption
+            from mmgen.world.text import caption
 
             typer.echo(f"{path}: {caption(res.scene, template=0)}")
 

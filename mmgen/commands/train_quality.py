@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
         Then in a recipe: {op: quality_score, level: node, params: {model: runs/quality, min_score: 0.5}}
         """
-        from mmgen.data.ops.quality import train_quality
+        from mmgen.training.quality import train_quality
 
         m = train_quality(out, examples=examples, epochs=epochs, seed=seed, image_size=image_size, lr=lr)
         typer.echo(json.dumps(m, indent=1))

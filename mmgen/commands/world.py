@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
         Example: mmgen world --out data/world --docs 3000 --seed 0 --defect-rate 0.1 --mix caption=0.5,qa=0.5
         """
-        from mmgen.data.synthetic.world import write_world
+        from mmgen.world.documents import write_world
 
         summary = write_world(out, n_docs=docs, seed=seed, defect_rate=defect_rate, shard_size=shard_size,
                               mix=mix or None, size=size)

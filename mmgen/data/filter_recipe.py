@@ -3,6 +3,7 @@ and built into operator instances."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass, field
 
@@ -24,6 +25,9 @@ class Recipe:
     name: str = ""
     description: str = ""
     ops: list[OpSpec] = field(default_factory=list)
+    # Modules that define operators beyond mmgen.data.ops' own (Data-Juicer's custom operator paths):
+    # imported before the operators are built, in the parent and in every worker, so they register.
+    operator_modules: list[str] = field(default_factory=list)
     # images (and video frames) of more pixels are quarantined as too_many_pixels before decoding;
     # None: mmgen.data.media.DEFAULT_MAX_IMAGE_PIXELS
     max_image_pixels: int | None = None
@@ -47,9 +51,19 @@ def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
     return r
 
 
+def import_operator_modules(recipe: Recipe) -> None:
+    """Import the recipe's ``operator_modules``, so that the operators they define are registered."""
+    for name in recipe.operator_modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MMGenError(f"recipe '{recipe.name}': cannot import operator module '{name}' ({e})") from None
+
+
 def build_ops(recipe: Recipe) -> list[Op]:
     from mmgen.data.media import set_max_image_pixels
 
+    import_operator_modules(recipe)
     set_max_image_pixels(recipe.max_image_pixels)  # the process's decodes, in workers and the parent alike
     ops: list[Op] = []
     for i, spec in enumerate(recipe.ops):

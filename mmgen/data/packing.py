@@ -7,7 +7,7 @@ Each row carries:
 
 - ``position_ids`` that restart at 0 for every document (RoPE sees each document as if alone);
 - ``segment_ids``: which document of the row a token belongs to (-1 for padding), from which
-  :func:`mmgen.models.lm.packed_attention_mask` builds the block-diagonal causal mask;
+  :func:`packed_attention_mask` builds the block-diagonal causal mask;
 - ``labels``: the input id where the token is a training target, else -100. The first token of each
   segment is never a target, since its predecessor in the row belongs to another document.
 
@@ -239,6 +239,25 @@ def drop_prompts(ids: np.ndarray, seg: np.ndarray, pos: np.ndarray, labels: np.n
     return dropped
 
 
+def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """4-D additive mask ``(B, 1, L, L)``: 0 where query i may attend key j (same segment, j <= i),
+    the dtype's minimum elsewhere. Segment id < 0 marks padding, which attends only to itself so that
+    no softmax row is empty."""
+    seg = segment_ids
+    if seg.ndim == 1:
+        seg = seg[None]
+    L = seg.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()
+    same = seg[:, :, None] == seg[:, None, :]
+    allowed = same & causal[None]
+    pad = seg < 0
+    eye = torch.eye(L, dtype=torch.bool, device=seg.device)[None]
+    allowed = torch.where(pad[:, :, None], eye, allowed)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 def packed_batch(rows: dict, index, dtype: torch.dtype = torch.float32, prompt_dropout: float = 0.0,
                  rng: np.random.Generator | None = None, attention: str = "mask") -> dict:
     """Model inputs for some rows: ``input_ids``, ``position_ids``, ``labels`` and the attention.
@@ -247,8 +266,6 @@ def packed_batch(rows: dict, index, dtype: torch.dtype = torch.float32, prompt_d
     ``attention="varlen"``: no mask, only the per-document ``position_ids`` — what transformers'
     flash-attention path turns into ``cu_seqlens`` for variable-length kernels (GPU only); the results
     are the same. ``prompt_dropout`` with ``rng`` applies :func:`drop_prompts`."""
-    from mmgen.models.lm import packed_attention_mask
-
     idx = np.atleast_1d(np.asarray(index))
     ids = rows["input_ids"][idx].copy()
     seg = rows["segment_ids"][idx].copy()

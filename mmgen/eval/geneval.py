@@ -96,8 +96,8 @@ def shapesworld_metadata(n_per_tag: int = 25, seed: int = 0, heldout_every: int 
     """GenEval metadata for ShapesWorld: ``n_per_tag`` prompts of each tag; every ``heldout_every``-th
     prompt of a tag holds a held-out colour-shape pair (the others are val-split scenes). Each entry
     keeps the scene it was drawn from (``scene``) and ``heldout``."""
-    from mmgen.data.synthetic import caption
-    from mmgen.data.synthetic.scene import HELDOUT_PAIRS, SHAPES, Obj, Scene, pairs_allowed, split_of, BACKGROUNDS, POSITIONS, SIZES
+    from mmgen.world import caption
+    from mmgen.world.scene import HELDOUT_PAIRS, SHAPES, Obj, Scene, pairs_allowed, split_of, BACKGROUNDS, POSITIONS, SIZES
 
     rng = random.Random(f"geneval-{seed}")
     seen_pairs = pairs_allowed("train")
@@ -306,8 +306,8 @@ class SceneParserDetector:
         self.last_reason: str | None = None
 
     def detect(self, image, classes: Sequence[str] = ()) -> list[Detection]:
-        from mmgen.data.synthetic.scene import GRID
-        from mmgen.eval.scene_parser import parse_scene_report
+        from mmgen.world.scene import GRID
+        from mmgen.world.scene_parser import parse_scene_report
 
         res = parse_scene_report(image)
         self.last_reason = res.reason

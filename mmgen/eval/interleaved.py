@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from mmgen.data.synthetic.scene import COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene
+from mmgen.world.scene import COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene
 
 ASPECTS = ("text_quality", "perceptual_quality", "image_coherence", "text_image_coherence", "helpfulness")
 

@@ -21,7 +21,7 @@ TASK = "shapesworld_qa"
 
 
 def qa_docs(n: int = 200, seed: int = 0, splits=("val", "heldout"), size: tuple[int, int] = (72, 72)) -> list[dict]:
-    from mmgen.data.synthetic import render
+    from mmgen.world import render
     from mmgen.eval.understanding import qa_cases
 
     docs = []

@@ -67,7 +67,7 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
     if opts.n < 1 or opts.batch_size < 1:
         raise MMGenError("n and batch_size must be at least 1")
     if "robust" in names:
-        from mmgen.data.synthetic.surface import check_forms
+        from mmgen.world.surface import check_forms
 
         opts.robust_forms = check_forms(opts.robust_forms)  # a wrong name fails now, before any model loads
         if opts.robust_split not in ("val", "heldout"):

@@ -7,7 +7,7 @@ batch gives the same result whether it runs in one go, after a resume, or inside
 
 - ``t2i``: captions of val and held-out scenes -> one image each, judged by the scene parser;
 - ``robust``: the t2i suite's prompts of one split, each in every surface form people type
-  (:mod:`mmgen.data.synthetic.surface`: lower-case first letter, no final period, odd spacing, another
+  (:mod:`mmgen.world.surface`: lower-case first letter, no final period, odd spacing, another
   word order, the grammar's synonyms), accuracy per form;
 - ``geneval``: GenEval metadata (ShapesWorld's by default, or a file) -> one image per prompt, judged by
   GenEval's rules over a detector (:mod:`mmgen.eval.geneval`);
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mmgen.data.synthetic.surface import SURFACE_FORMS
+from mmgen.world.surface import SURFACE_FORMS
 from mmgen.errors import MMGenError
 from mmgen.eval.stats import mean_interval, proportion
 
@@ -204,14 +204,14 @@ def _t2i_summary(records: list[dict], key: str, groups) -> dict:
 # -- robust ------------------------------------------------------------------------------------------
 class RobustSuite(Suite):
     """The t2i suite's prompts of ``robust_split``, each rewritten in every surface form of
-    ``robust_forms`` (:func:`mmgen.data.synthetic.surface.surface_form`, keyed by ``prompt_seed`` and
+    ``robust_forms`` (:func:`mmgen.world.surface.surface_form`, keyed by ``prompt_seed`` and
     the prompt's index). Batch i of every form samples with seed + i, as the t2i suite's batch i of that
     split does: the forms differ in their text alone, and ``as_written`` gives the t2i suite's numbers."""
 
     name = "robust"
 
     def prepare(self, bundle, ctx: Context):
-        from mmgen.data.synthetic.surface import check_forms, surface_form
+        from mmgen.world.surface import check_forms, surface_form
         from mmgen.eval.t2i import T2IItem, t2i_eval_set
 
         o = ctx.opts
@@ -326,7 +326,7 @@ class QASuite(Suite):
         self.splits = tuple(splits)
 
     def prepare(self, bundle, ctx: Context):
-        from mmgen.data.synthetic import render, render_size
+        from mmgen.world import render, render_size
         from mmgen.eval.understanding import qa_cases, qa_prompt_ids, resolution
         from mmgen.inference.generate import image_ids
 
@@ -370,7 +370,7 @@ class QASuite(Suite):
         return out
 
     def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
-        from mmgen.data.synthetic import Scene, render
+        from mmgen.world import Scene, render
 
         rows = []
         for sp in self.splits:
@@ -419,9 +419,9 @@ class InterleavedSuite(Suite):
         """The model writes the next instruction (greedy, up to its first full stop) and draws its picture;
         the rules judge all five aspects, text quality included."""
         from mmgen.processing.sequence import encode_text
-        from mmgen.data.synthetic.scene import Scene
+        from mmgen.world.scene import Scene
         from mmgen.eval.interleaved import apply_instruction, judge_step
-        from mmgen.eval.scene_parser import compare_scenes, parse_scene
+        from mmgen.world.scene_parser import compare_scenes, parse_scene
         from mmgen.inference.generate import generate_image_rows, generate_text_rows
 
         split, start, chunk = payload
@@ -451,9 +451,9 @@ class InterleavedSuite(Suite):
         return out
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
-        from mmgen.data.synthetic.scene import Scene
+        from mmgen.world.scene import Scene
         from mmgen.eval.interleaved import judge_step
-        from mmgen.eval.scene_parser import compare_scenes, parse_scene
+        from mmgen.world.scene_parser import compare_scenes, parse_scene
         from mmgen.inference.generate import generate_image_rows
 
         split, start, chunk = payload
@@ -498,7 +498,7 @@ class InterleavedSuite(Suite):
     def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
         from PIL import Image as PILImage
 
-        from mmgen.data.synthetic import Scene, render
+        from mmgen.world import Scene, render
 
         out = []
         rows = []

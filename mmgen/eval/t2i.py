@@ -18,13 +18,13 @@ import numpy as np
 @dataclass
 class T2IItem:
     prompt: str
-    scene: object  # mmgen.data.synthetic.Scene
+    scene: object  # mmgen.world.Scene
     split: str
 
 
 def t2i_eval_set(n: int, split: str, seed: int = 1234) -> list[T2IItem]:
     """``n`` scenes of ``split`` (val or heldout) with their canonical captions."""
-    from mmgen.data.synthetic import caption, random_scene, split_of
+    from mmgen.world import caption, random_scene, split_of
 
     rng = random.Random(f"t2i-{split}-{seed}")
     items: list[T2IItem] = []
@@ -38,7 +38,7 @@ def t2i_eval_set(n: int, split: str, seed: int = 1234) -> list[T2IItem]:
 
 def score_image(image, scene) -> dict:
     """Scene-parser judgement of one generated image against the scene its prompt describes."""
-    from mmgen.eval.scene_parser import compare_scenes, parse_scene, scene_contains
+    from mmgen.world.scene_parser import compare_scenes, parse_scene, scene_contains
 
     pred = parse_scene(image)
     cmp = compare_scenes(pred, scene)
@@ -87,8 +87,8 @@ def evaluate_t2i(bundle, n: int = 32, seed: int = 0, cfg_scale: float | None = N
 def evaluate_reconstruction(image_tokenizer, n: int = 200, seed: int = 7, size: tuple[int, int] | None = None) -> dict:
     """Scene-parser agreement between rendered scenes and their tokenizer reconstructions; scenes are
     rendered at ``size`` (default: as the quickstart's world renders for this tokenizer, render_side)."""
-    from mmgen.data.synthetic import random_scene, render, render_size
-    from mmgen.eval.scene_parser import compare_scenes, parse_scene
+    from mmgen.world import random_scene, render, render_size
+    from mmgen.world.scene_parser import compare_scenes, parse_scene
 
     size = size or render_size(image_tokenizer.resolution)
     rng = random.Random(f"recon-{seed}")

@@ -22,7 +22,7 @@ import re
 
 def _scenes(n: int, split: str, seed: int, tag: str, **kw) -> tuple[list, random.Random]:
     """``n`` scenes of ``split`` and the generator that drew them (questions are drawn from it next)."""
-    from mmgen.data.synthetic import random_scene, split_of
+    from mmgen.world import random_scene, split_of
 
     rng = random.Random(f"{tag}-{split}-{seed}")
     out = []
@@ -37,7 +37,7 @@ def normalize_answer(text: str) -> str:
     """The answer phrase ``text`` starts with, lower case, without punctuation: the longest run of
     its first words that is a ShapesWorld answer ("bottom right" before "bottom"), else its first
     word. Whatever the model writes after the answer is ignored."""
-    from mmgen.data.synthetic.text import answer_phrases
+    from mmgen.world.text import answer_phrases
 
     words = re.findall(r"[a-z]+", text.lower())
     phrases = answer_phrases()
@@ -57,7 +57,7 @@ def qa_cases(n: int, split: str, seed: int) -> list[tuple]:
     """``n`` QA cases of ``split``: each a scene and one ``(question, answer, type)`` about it, drawn
     after all the scenes from the generator that drew them. The ``qa`` suite, the evaluation function
     and the lmms-eval task all ask the same questions for the same ``n`` and ``seed``."""
-    from mmgen.data.synthetic.text import qa_pairs
+    from mmgen.world.text import qa_pairs
 
     scenes, rng = _scenes(n, split, seed, "qa")
     return list(zip(scenes, [qa_pairs(s, rng, n=1)[0] for s in scenes]))
@@ -83,7 +83,7 @@ def resolution(bundle) -> tuple[int, int]:
 
 def buildup_cases(n: int, split: str, seed: int, res) -> list[dict]:
     """``n`` build-up documents cut before a random step's image: the prompt items and the truth scene."""
-    from mmgen.data.synthetic import make_doc, render_size
+    from mmgen.world import make_doc, render_size
 
     rng = random.Random(f"buildup-{split}-{seed}")
     cases = []
@@ -99,7 +99,7 @@ def buildup_cases(n: int, split: str, seed: int, res) -> list[dict]:
 def continuation_cases(n: int, split: str, seed: int, res) -> list[dict]:
     """``n`` build-up documents cut right after a random step's picture (not the last): the model is to
     write the next instruction and draw its picture. The truth is whatever its own instruction leads to."""
-    from mmgen.data.synthetic import make_doc, render_size
+    from mmgen.world import make_doc, render_size
 
     rng = random.Random(f"continuation-{split}-{seed}")
     cases = []

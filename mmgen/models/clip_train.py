@@ -6,7 +6,7 @@ rendered at the vision tower's resolution with a caption from the world's gramma
 zero-shot classification on held-out-pair scenes (colour-shape pairs never seen in training): for the
 largest object, which colour (shape) prompt out of all colours (shapes) is nearest to the image.
 
-Outputs in ``out_dir``: ``clip/`` (open_clip local-dir format, see :func:`mmgen.models.clip.save_clip`),
+Outputs in ``out_dir``: ``clip/`` (open_clip local-dir format, see :func:`mmgen.backbones.clip.save_clip`),
 ``metrics.jsonl`` and ``eval.json``.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmgen.data.synthetic.text import cell_phrases
+from mmgen.world.text import cell_phrases
 from mmgen.errors import MMGenError
-from mmgen.models.clip import TINY_CLIP_CFG, build_open_clip, save_clip
+from mmgen.backbones.clip import TINY_CLIP_CFG, build_open_clip, cell_regions, region_text_logits, save_clip
 
 
 @dataclass
@@ -63,7 +63,7 @@ def shapes_pairs(n: int, size: int, seed: int, split: str = "train"):
     """``n`` (scene, PIL image, caption) triples from ShapesWorld. Pictures are rendered at a whole
     multiple of ``size`` of at least the world's 64 px (``render_side``) and left to the encoder's
     bicubic resize, as corpus pictures reach it."""
-    from mmgen.data.synthetic import caption, random_scene, render, render_side
+    from mmgen.world import caption, random_scene, render, render_side
 
     rng = random.Random(f"clip-{split}-{seed}")
     out = []
@@ -75,7 +75,7 @@ def shapes_pairs(n: int, size: int, seed: int, split: str = "train"):
 
 
 def _prompt(obj, color: str, shape: str, background: str) -> str:
-    from mmgen.data.synthetic.text import position_phrase
+    from mmgen.world.text import position_phrase
 
     text = f"a {obj.size} {color} {shape} {position_phrase(obj.cell)}, on a {background} background."
     return text[0].upper() + text[1:]
@@ -85,7 +85,7 @@ def _prompt(obj, color: str, shape: str, background: str) -> str:
 def zero_shot_accuracy(clip, scenes, images) -> dict:
     """Zero-shot colour and shape accuracy of the largest object: one prompt per candidate value,
     everything else in the prompt true to the scene."""
-    from mmgen.data.synthetic import COLORS, SHAPES
+    from mmgen.world import COLORS, SHAPES
 
     img = clip.encode_image(images)
     hits = {"color": 0, "shape": 0}
@@ -104,7 +104,7 @@ def phrase_separation(clip) -> dict:
     """How far apart the text tower puts cell phrases that differ in one word: mean and max cosine over
     the pairs differing only in shape ("a large cyan circle" / "a large cyan cross") and only in colour.
     DualViTok's region-text loss can only part codes whose phrases the text tower parts."""
-    from mmgen.data.synthetic.text import EMPTY_CELL, all_cell_phrases
+    from mmgen.world.text import EMPTY_CELL, all_cell_phrases
 
     phrases = [p for p in all_cell_phrases() if p != EMPTY_CELL]
     words = [p.split() for p in phrases]  # a SIZE COLOR SHAPE
@@ -142,28 +142,11 @@ def hard_negative_loss(model, tokenizer, img_f, txt_f, captions: list[str], rng:
     caption (NegCLIP's hard negatives); ``img_f`` / ``txt_f`` are the batch's unit embeddings."""
     import torch.nn.functional as F
 
-    from mmgen.data.synthetic.text import swap_attribute
+    from mmgen.world.text import swap_attribute
 
     neg_f = model.encode_text(tokenizer([swap_attribute(c, rng) for c in captions]), normalize=True)
     logits = model.logit_scale.exp() * img_f @ torch.cat([txt_f, neg_f]).T
     return F.cross_entropy(logits, torch.arange(len(captions)))
-
-
-def cell_regions(grid: torch.Tensor, cells: int) -> torch.Tensor:
-    """A ``(B, D, h, w)`` feature map average-pooled to the square phrase grid of ``cells`` cells:
-    ``(B * cells, D)``, cells row-major as :func:`cell_phrases` lists them."""
-    import torch.nn.functional as F
-
-    side = int(round(cells ** 0.5))
-    return F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2).reshape(-1, grid.shape[1])
-
-
-def region_text_logits(regions: torch.Tensor, texts: torch.Tensor, scale) -> torch.Tensor:
-    """Scaled cosine similarity of region embeddings ``(N, D)`` to text embeddings ``(V, D)``: CLIP's
-    zero-shot classifier, here trained with cross-entropy (CLIP's cell loss, DualViTok's region-text head)."""
-    import torch.nn.functional as F
-
-    return scale * F.normalize(regions, dim=-1) @ F.normalize(texts, dim=-1).T
 
 
 def train_clip(cfg: ClipTrainConfig) -> Path:
@@ -171,7 +154,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     from tqdm import tqdm
 
     from mmgen.config import save_config
-    from mmgen.models.clip import ClipEncoder, open_clip_module
+    from mmgen.backbones.clip import ClipEncoder, open_clip_module
 
     open_clip = open_clip_module()
 

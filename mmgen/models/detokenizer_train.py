@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import uint8_to_unit
+from mmgen.utils.pixels import uint8_to_unit
 
 
 @dataclass
@@ -99,7 +99,7 @@ def shapes_pairs(n: int, low: int, high: int, seed: int, split: str = "train") -
     the scene parser reads only ~70% of them."""
     import numpy as np
 
-    from mmgen.data.synthetic import random_scene, render
+    from mmgen.world import random_scene, render
     from mmgen.tokenizers.train import _square  # the tokenizers' own resize of training pictures
 
     rng = random.Random(seed)
@@ -155,7 +155,7 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
 
     from mmgen.models.detokenizer import build_pipeline
     from mmgen.tokenizers import load_image_tokenizer
-    from mmgen.tokenizers.base import tensor_to_pil
+    from mmgen.utils.pixels import tensor_to_pil
     from mmgen.tokenizers.train import _save_checkpoint, prepare_run_dir, resume_or_start
 
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "scale", "train_images"):

@@ -5,9 +5,9 @@ Text, structural, size and code tokens share one embedding table (Emu3 / Lumina-
 training wraps it (or any pretrained decoder) in :class:`mmgen.models.unified.MMGenForCausalLM`, which
 adds the vocabulary extension, the optional code head and the continuous-input projectors.
 
-Packed rows (several documents in one row, :mod:`mmgen.data.packing`) are run with a 4-D additive
-block-diagonal causal mask from :func:`packed_attention_mask`: transformers passes a 4-D mask to the
-attention kernels as is (eager and sdpa), so no document attends to another.
+Packed rows (several documents in one row) are run with the 4-D additive block-diagonal causal mask
+of :func:`mmgen.data.packing.packed_attention_mask`: transformers passes a 4-D mask to the attention
+kernels as is (eager and sdpa), so no document attends to another.
 """
 
 from __future__ import annotations
@@ -82,25 +82,6 @@ def extend_pretrained_lm(model, vocab: Vocab):
                          "build the Vocab with the model's text_size")
     model.resize_token_embeddings(vocab.size, mean_resizing=True)
     return model
-
-
-def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """4-D additive mask ``(B, 1, L, L)``: 0 where query i may attend key j (same segment, j <= i),
-    the dtype's minimum elsewhere. Segment id < 0 marks padding, which attends only to itself so that
-    no softmax row is empty."""
-    seg = segment_ids
-    if seg.ndim == 1:
-        seg = seg[None]
-    L = seg.shape[-1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()
-    same = seg[:, :, None] == seg[:, None, :]
-    allowed = same & causal[None]
-    pad = seg < 0
-    eye = torch.eye(L, dtype=torch.bool, device=seg.device)[None]
-    allowed = torch.where(pad[:, :, None], eye, allowed)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
 
 
 def count_parameters(model) -> int:

@@ -73,9 +73,9 @@ class AudioTrainConfig:
 def spoken_captions(n: int, split: str, seed: int, sample_rate: int, speeds: list[int]) -> list[np.ndarray]:
     """``n`` ShapesWorld captions of ``split`` scenes, spoken by espeak-ng at varied speeds."""
     from mmgen.data.media import decode_audio
-    from mmgen.data.synthetic import random_scene
-    from mmgen.data.synthetic.media import speak
-    from mmgen.data.synthetic.text import caption
+    from mmgen.world import random_scene
+    from mmgen.world.media import speak
+    from mmgen.world.text import caption
 
     rng = random.Random(seed)
     out = []

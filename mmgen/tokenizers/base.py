@@ -4,8 +4,9 @@ A tokenizer directory holds ``config.json`` (with ``"mmgen_type"`` naming the cl
 ``model.safetensors``. :func:`load_image_tokenizer` dispatches on that name, so the LM bundle, the
 ``tokenize`` stage and the chat app load whatever tokenizer a checkpoint was trained with.
 
-Pixel conventions: images go in as PIL images (any size: they are resized to a multiple of the
-downsampling factor) or float tensors ``(B, 3, H, W)`` in ``[-1, 1]``; codes are int64 ``(B, h, w)``.
+Pixel conventions (:mod:`mmgen.utils.pixels`): images go in as PIL images (any size: they are resized
+to a multiple of the downsampling factor) or float tensors ``(B, 3, H, W)`` in ``[-1, 1]``; codes are
+int64 ``(B, h, w)``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from mmgen.errors import MMGenError
+from mmgen.utils.pixels import pil_to_tensor, tensor_to_pil
 
 _REGISTRY: dict[str, type] = {}
 
@@ -29,41 +31,6 @@ def register_tokenizer(name: str):
         return cls
 
     return deco
-
-
-def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (0..255) -> float in [-1, 1], the range every tokenizer and detokenizer reads."""
-    return x.float() / 127.5 - 1.0
-
-
-def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] pixels -> uint8 (0..255), clamped and rounded: the inverse of :func:`uint8_to_unit`."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def through_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] pixels as they come back from an 8-bit image: what a user sees, and what evaluation scores."""
-    return ((x + 1) * 127.5).round() / 127.5 - 1
-
-
-def pil_to_tensor(images: Sequence, size: tuple[int, int]) -> torch.Tensor:
-    """PIL images -> ``(B, 3, H, W)`` float in [-1, 1], resized to ``size`` = (width, height)."""
-    from PIL import Image as PILImage
-
-    out = []
-    for img in images:
-        img = img.convert("RGB")
-        if img.size != tuple(size):
-            img = img.resize(tuple(size), PILImage.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1))
-    return uint8_to_unit(torch.stack(out))
-
-
-def tensor_to_pil(x: torch.Tensor) -> list:
-    from PIL import Image as PILImage
-
-    arr = unit_to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
-    return [PILImage.fromarray(a) for a in arr]
 
 
 def as_code_grids(codes, sizes: dict[str, int], device=None) -> dict[str, torch.Tensor]:

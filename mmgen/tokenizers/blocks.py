@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import (ImageTokenizer, as_code_grids, load_image_tokenizer, pil_to_tensor,
-                                   register_tokenizer, tensor_to_pil)
+from mmgen.tokenizers.base import ImageTokenizer, as_code_grids, load_image_tokenizer, register_tokenizer
+from mmgen.utils.pixels import pil_to_tensor, tensor_to_pil
 
 
 def blocks_of(grid: np.ndarray, block: int) -> np.ndarray:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import (ImageTokenizer, as_code_grids, pil_to_tensor, register_tokenizer, tensor_to_pil,
-                                   uint8_to_unit)
+from mmgen.tokenizers.base import ImageTokenizer, as_code_grids, register_tokenizer
+from mmgen.utils.pixels import pil_to_tensor, tensor_to_pil, uint8_to_unit
 from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
 from mmgen.tokenizers.vq import _diffusers_vae_blocks
 
@@ -60,7 +60,7 @@ class Teacher(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if kind == "open_clip":
-            from mmgen.models.clip import build_open_clip
+            from mmgen.backbones.clip import build_open_clip
 
             self.tower = build_open_clip(model_cfg).visual
             self.patch = int(self.tower.patch_size[0])
@@ -90,7 +90,7 @@ class Teacher(nn.Module):
     def load_weights(self, name_or_path: str) -> None:
         """Copy a pretrained tower's weights in (an mmgen CLIP dir, a timm/transformers name or path)."""
         if self.kind == "open_clip":
-            from mmgen.models.clip import load_clip
+            from mmgen.backbones.clip import load_clip
 
             src = load_clip(name_or_path).model.visual.state_dict()
         elif self.kind == "timm":

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import through_uint8, uint8_to_unit
+from mmgen.utils.pixels import through_uint8, uint8_to_unit
 from mmgen.tokenizers.train import (
     TokenizerTrainConfig,
     _check,
@@ -85,7 +85,7 @@ class RegionTextHead(nn.Module):
     def logits(self, sem_q: torch.Tensor, cells: int) -> torch.Tensor:
         """``(B, D, h, w)`` quantized semantic map -> ``(B * cells, phrases)``, cells row-major (the
         code map is pooled to the phrase grid when the two differ)."""
-        from mmgen.models.clip_train import cell_regions, region_text_logits
+        from mmgen.backbones.clip import cell_regions, region_text_logits
 
         return region_text_logits(self.proj(cell_regions(sem_q, cells)), self.texts, self.scale)
 
@@ -108,8 +108,8 @@ class RegionTextHead(nn.Module):
 def region_text_targets(cfg: TokenizerTrainConfig, scenes: list):
     """The region-text head and each image's cell-phrase indices ``(N, cells)`` (-100 where the scene
     is unknown), with the phrases embedded once by the teacher CLIP's text tower."""
-    from mmgen.data.synthetic import all_cell_phrases, cell_phrases
-    from mmgen.models.clip import load_clip
+    from mmgen.world import all_cell_phrases, cell_phrases
+    from mmgen.backbones.clip import load_clip
 
     teacher = cfg.dualvitok.teacher
     if teacher.get("kind") != "open_clip" or not teacher.get("name"):

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mmgen.errors import MediaError, MMGenError
-from mmgen.tokenizers.base import through_uint8, uint8_to_unit
+from mmgen.utils.pixels import through_uint8, uint8_to_unit
 from mmgen.tokenizers.quantizers import QuantizerConfig
 
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -87,7 +87,7 @@ class TokenizerTrainConfig:
     inputs: list[str] = field(default_factory=list)  # Doc shards: files, directories or globs
     image_dirs: list[str] = field(default_factory=list)  # folders of image files (searched recursively)
     synthetic_images: int = 0  # extra scenes drawn on the fly
-    synthetic_source: str = "shapesworld"  # "shapesworld" (mmgen.data.synthetic, train split) or "shapes" (built-in drawer)
+    synthetic_source: str = "shapesworld"  # "shapesworld" (mmgen.world, train split) or "shapes" (built-in drawer)
     max_images: int = 50000  # cap on images held in memory
     resolution: int = 64
     eval_images: int = 128  # held out for the final PSNR / usage numbers
@@ -211,9 +211,9 @@ def synthetic_scenes(n: int, size: int, seed: int, source: str = "shapes") -> tu
         return [random_shapes_image(rng, size) for _ in range(n)], [None] * n
     if source == "shapesworld":
         try:
-            from mmgen.data.synthetic import random_scene, render, render_side
+            from mmgen.world import random_scene, render, render_side
         except ImportError as e:
-            raise MMGenError(f"synthetic_source=shapesworld needs mmgen.data.synthetic ({e}); use synthetic_source=shapes") from None
+            raise MMGenError(f"synthetic_source=shapesworld needs mmgen.world ({e}); use synthetic_source=shapes") from None
         # Rendered at a whole multiple of the size, at least the world's 64 px, and resized as encode()
         # resizes corpus images: a small tokenizer trains on the soft edges it will be given, not on
         # aliased renders, and every cell keeps the same pixel phase (render_side).
@@ -574,7 +574,7 @@ def _perplexity(counts: torch.Tensor) -> float:
 
 
 def _save_recon_grid(x: torch.Tensor, recon: torch.Tensor, path: Path) -> None:
-    from mmgen.tokenizers.base import tensor_to_pil
+    from mmgen.utils.pixels import tensor_to_pil
 
     top = torch.cat(list(x), dim=-1)
     bottom = torch.cat(list(recon), dim=-1)

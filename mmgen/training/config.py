@@ -65,7 +65,7 @@ class DataConfig:
     chat: Literal["auto", "all", "roles", "none"] = "auto"
     # Share of text-to-image prompts (a caption in the world's grammar right before its picture) rewritten
     # as people type them: lower-case first letter, no final period, odd spacing, another word order or a
-    # synonym the grammar allows (mmgen.data.synthetic.surface). The picture, its codes and the scene stay;
+    # synonym the grammar allows (mmgen.world.surface). The picture, its codes and the scene stay;
     # the text tokenizer trained by the run sees the rewritten forms too. 0: every text as written.
     prompt_variation: float = 0.0
 

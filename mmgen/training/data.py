@@ -114,7 +114,7 @@ def sequence_settings(cfg: TrainConfig) -> dict:
 def training_records(paths, settings: dict):
     """The documents of code shards ``paths`` a run with ``settings`` (:func:`sequence_settings`) trains
     on: those of its splits, with ``prompt_variation`` of their text-to-image prompts rewritten in another
-    surface form (:func:`mmgen.data.synthetic.surface.vary_prompts`; the same way in every run, as it is
+    surface form (:func:`mmgen.world.surface.vary_prompts`; the same way in every run, as it is
     keyed by each document's id). Bad records pass through, to be counted."""
     from mmgen.data.code_shards import read_code_shards_of_splits
 
@@ -122,7 +122,7 @@ def training_records(paths, settings: dict):
     rate = settings.get("prompt_variation", 0.0)
     if not rate:
         return records
-    from mmgen.data.synthetic.surface import vary_prompts
+    from mmgen.world.surface import vary_prompts
 
     def varied():
         for r in records:
@@ -325,7 +325,7 @@ class StreamedBatches:
 
     def step(self, step: int, dtype, attention: str) -> tuple[list[dict], float]:
         from mmgen.data.packing import packed_batch
-        from mmgen.models.lm import packed_attention_mask
+        from mmgen.data.packing import packed_attention_mask
 
         cfg = self.cfg
         parts = [self.reader.next() for _ in range(cfg.grad_accum)]

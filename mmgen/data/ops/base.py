@@ -250,7 +250,8 @@ def build_op(op: str, level: str | None = None, params: dict | None = None, labe
     from mmgen.data import ops as _ops  # noqa: F401 - registers the built-in operators
 
     if op not in OPS:
-        raise MMGenError(f"{where}unknown operator '{op}'{closest(op, OPS)} (known: {', '.join(sorted(OPS))})")
+        raise MMGenError(f"{where}unknown operator '{op}'{closest(op, OPS)} (known: {', '.join(sorted(OPS))}; "
+                        "operators defined elsewhere need their module in the recipe's operator_modules)")
     cls = OPS[op]
     if level is not None and level not in LEVELS:
         raise MMGenError(f"{where}level must be 'doc' or 'node', got {level!r}")

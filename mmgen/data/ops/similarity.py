@@ -13,7 +13,7 @@ from mmgen.errors import MediaError
 
 @lru_cache(maxsize=2)
 def _clip(name_or_path: str, device: str):
-    from mmgen.models.clip import load_clip
+    from mmgen.backbones.clip import load_clip
 
     return load_clip(name_or_path, device=device)
 
@@ -47,7 +47,7 @@ class ImageTextSimilarityFilter(Op):
     ``horizontal_flip``/``vertical_flip`` flip images first, as Data-Juicer's options.
 
     ``model``: a directory saved by ``mmgen train-clip`` / open_clip, a transformers CLIP directory,
-    or an open_clip model name (loaded by :func:`mmgen.models.clip.load_clip`; never downloaded here).
+    or an open_clip model name (loaded by :func:`mmgen.backbones.clip.load_clip`; never downloaded here).
 
     Difference: Data-Juicer reports ``logits_per_text / 100``, the cosine times the model's learned
     logit scale over 100; that equals the cosine reported here when the scale sits at CLIP's cap of

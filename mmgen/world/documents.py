@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 from mmgen.data.doc import Audio, Doc, Image, Text, Video
-from mmgen.data.synthetic.scene import (HELDOUT_PAIRS, Scene, pairs_allowed, random_scene, render, split_of)
-from mmgen.data.synthetic.text import (FOREIGN_SENTENCES, caption, gibberish, join_phrases, ngram_spam,
+from mmgen.world.scene import (HELDOUT_PAIRS, Scene, pairs_allowed, random_scene, render, split_of)
+from mmgen.world.text import (FOREIGN_SENTENCES, caption, gibberish, join_phrases, ngram_spam,
                                        object_phrase, parse_objects, qa_pairs, random_edit,
                                        small_text_edit)
 from mmgen.errors import MMGenError
@@ -96,7 +96,7 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
             scene, text, edit = unique.draw(lambda: random_edit(scene, rng, allowed), key=lambda r: r[0].key())
             items += [Text(text, {"step": k, "edit": edit}), _image_item(scene, size, step=k)]
     elif kind == "video":
-        from mmgen.data.synthetic.media import VIDEO_FPS, encode_mp4, make_motion, render_motion
+        from mmgen.world.media import VIDEO_FPS, encode_mp4, make_motion, render_motion
 
         def motion():
             for _ in range(1000):
@@ -114,7 +114,7 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
                             "scene_start": start.to_dict(), "scene_end": end.to_dict(), **facts})
         items, meta["order"] = _ordered(rng, video, Text(text))
     elif kind == "speech":
-        from mmgen.data.synthetic.media import speak
+        from mmgen.world.media import speak
 
         scene = unique.draw(lambda: random_scene(rng, split))
         text = caption(scene, rng)
@@ -342,7 +342,7 @@ def generate_world(n_docs: int, seed: int = 0, defect_rate: float = 0.0, mix: st
     # leave in order once their speech is in (the bytes do not depend on timing).
     from concurrent.futures import ThreadPoolExecutor
 
-    from mmgen.data.synthetic.media import speak
+    from mmgen.world.media import speak
 
     pool = ThreadPoolExecutor(max_workers=2)
     pending: deque[tuple[Doc, dict]] = deque()

@@ -1,11 +1,17 @@
-"""Near-duplicate ShapesWorld pictures, judged by what they show.
+"""ShapesWorld's data-quality operators, judged exactly by the scene parser. They register into
+:mod:`mmgen.data.ops` when this module is imported (``import mmgen.world.ops``), like any operator
+defined outside the data package.
 
-Perceptual hashes cannot tell two flat synthetic scenes apart when they differ only in one small
-object (a small red circle vs a small orange square at the same place: the same pHash, a thumbnail
-difference under 1 grey level), while a re-encoded, resized or slightly cropped copy of one scene
-moves further than that. The scene parser reads each picture back into (background, objects), and
-two pictures are near duplicates when they parse to the same scene and their perceptual hashes
-agree within ``radius`` bits.
+``scene_caption_match`` fills the slot of caption-image alignment: on real data a model score does
+(CLIP similarity); on ShapesWorld the scene parser reads the image back into facts and the caption
+grammar reads the caption into facts, so a mismatched caption is detected exactly and offline.
+
+``scene_near_dedup`` finds near-duplicate pictures by what they show. Perceptual hashes cannot tell two
+flat synthetic scenes apart when they differ only in one small object (a small red circle vs a small
+orange square at the same place: the same pHash, a thumbnail difference under 1 grey level), while a
+re-encoded, resized or slightly cropped copy of one scene moves further than that. The scene parser
+reads each picture back into (background, objects), and two pictures are near duplicates when they
+parse to the same scene and their perceptual hashes agree within ``radius`` bits.
 
 A crop of a pixel or two per side shrinks the parser's 3x3 grid with the picture, so a border object
 no longer fits any shape at its cell centre and the copy does not parse. Such a picture is padded
@@ -20,17 +26,60 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from mmgen.data.ops.base import StatefulOp, register_op
+import numpy as np
+from PIL import Image as PILImage
+
+from mmgen.data.ops.base import ImageOp, StatefulOp, Verdict, error_text, image_caption_pairs, register_op
 from mmgen.data.ops.dedup import hamming, image_dup_verdict, phash
-from mmgen.errors import MediaError, MMGenError
+from mmgen.errors import MediaError
+from mmgen.world.scene_parser import parse_scene, scene_contains
+from mmgen.world.text import parse_caption
+
+
+@register_op("scene_caption_match")
+class SceneCaptionMatch(ImageOp):
+    """Whether each image shows what its caption says: the caption (the nearest text item before
+    the image, else the one after) is parsed into required objects, the image by the scene parser;
+    a mismatch when a parsed caption names an object the parsed image lacks. Images or captions
+    that do not parse are not judged. ``node`` level drops the image (or its caption, ``drop: text``)."""
+
+    @dataclass
+    class Params:
+        drop: str = "image"
+
+        def validate(self):
+            if self.drop not in ("image", "text"):
+                raise ValueError("drop must be 'image' or 'text'")
+
+    def apply(self, view):
+        out = []
+        for i, cap_i in image_caption_pairs(view):
+            cap = (cap_i, view.doc.items[cap_i])
+            try:
+                want = parse_caption(cap[1].text)
+            except Exception:  # noqa: BLE001 - free text the grammar does not cover is not judged
+                want = None
+            if not want:
+                continue
+            try:
+                pred = view.derived("scene", i, parse_scene)
+            except MediaError as e:
+                out.append(Verdict(e.reason, {"error": error_text(e)}, item=i, quarantine=True))
+                continue
+            if pred is None:
+                out.append(Verdict(None, {"parsed": False}, item=i))
+                continue
+            objs = getattr(want, "objects", want)
+            bg = getattr(want, "background", None)
+            ok = scene_contains(pred, objs, background=bg)
+            out.append(Verdict(None if ok else "caption_mismatch", {"parsed": True, "caption_item": cap[0]},
+                               item=i if self.params.drop == "image" else cap[0]))
+        return out
 
 
 def uncropped_canvases(pil, uncrop: int):
     """The picture centred on square canvases of side max(w, h) .. max(w, h) + ``uncrop``, filled
     with the median colour of its border: the frames a slightly cropped square original had."""
-    import numpy as np
-    from PIL import Image
-
     rgb = pil.convert("RGB")
     w, h = rgb.size
     if uncrop <= 0 or abs(w - h) > uncrop or min(w, h) < 16:
@@ -40,29 +89,22 @@ def uncropped_canvases(pil, uncrop: int):
     fill = tuple(int(v) for v in np.median(border, axis=0))
     out = []
     for side in range(max(w, h), max(w, h) + uncrop + 1):
-        canvas = Image.new("RGB", (side, side), fill)
+        canvas = PILImage.new("RGB", (side, side), fill)
         canvas.paste(rgb, ((side - w) // 2, (side - h) // 2))
         out.append(canvas)
     return out
 
 
-def _parse_scene(pil):
-    try:
-        from mmgen.eval.scene_parser import parse_scene
-    except ImportError as e:
-        raise MMGenError(f"scene_near_dedup needs the ShapesWorld scene parser ({e}); remove the op") from None
-    return parse_scene(pil)
-
-
 def key_of(scene) -> str | None:
-    """A parsed scene as a comparable string (None: the picture did not parse)."""
+    """A parsed scene as canonical JSON, a comparable key (None: the picture did not parse)."""
     if scene is None:
         return None
     return json.dumps(scene.to_dict() if hasattr(scene, "to_dict") else str(scene), sort_keys=True)
 
 
 def scene_key(pil) -> str | None:
-    return key_of(_parse_scene(pil))
+    """The key of the scene a picture parses to."""
+    return key_of(parse_scene(pil))
 
 
 @register_op("scene_near_dedup")
@@ -96,7 +138,7 @@ class SceneNearDedup(StatefulOp):
                 pil = view.pil(i)
             except MediaError:
                 continue
-            key, alts = key_of(view.derived("scene", i, _parse_scene)), []
+            key, alts = key_of(view.derived("scene", i, parse_scene)), []
             if key is None:  # perhaps a cropped copy: the keys of its uncropped canvases
                 for canvas in uncropped_canvases(pil, self.params.uncrop):
                     k = scene_key(canvas)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from mmgen.data.synthetic.scene import (BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, POSITION_PREPOSITION, POSITIONS,
+from mmgen.world.scene import (BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, POSITION_PREPOSITION, POSITIONS,
                                         SHAPES, SIZES, Obj, Scene)
 from mmgen.errors import MMGenError
 
@@ -147,7 +147,7 @@ def _unique_name(scene: Scene, o: Obj) -> str:
 
 def answer_phrases() -> frozenset[str]:
     """Every answer :func:`qa_pairs` can give: one word, except two-word positions ("top left")."""
-    from mmgen.data.synthetic.scene import SIZES
+    from mmgen.world.scene import SIZES
 
     return frozenset([*COLORS, *SHAPES, *BACKGROUNDS, *NUMBER_WORDS, *SIZES, *POSITIONS.values(), "yes", "no"])
 

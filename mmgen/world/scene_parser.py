@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmgen.data.synthetic.scene import BACKGROUNDS, COLORS, GRID, SHAPES, SIZES, Obj, Scene, shape_mask
+from mmgen.world.scene import BACKGROUNDS, COLORS, GRID, SHAPES, SIZES, Obj, Scene, shape_mask
 
 # Working resolution: larger inputs are box-downscaled so the shorter side is at most this (cells
 # of 32 px are plenty), which also averages away pixel noise; smaller inputs are used as they are.

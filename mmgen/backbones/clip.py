@@ -73,7 +73,7 @@ class ClipEncoder:
 
     def pixels(self, images: Sequence) -> torch.Tensor:
         """PIL images -> normalised ``(N, 3, H, W)`` at the model's input size (bicubic resize)."""
-        from mmgen.tokenizers.base import pil_to_tensor
+        from mmgen.utils.pixels import pil_to_tensor
 
         h, w = self.image_size
         x = (pil_to_tensor(images, (w, h)) + 1) / 2
@@ -174,3 +174,16 @@ def load_clip(name_or_path: str | Path, device: str = "cpu", pretrained: str | N
         raise MMGenError(f"no CLIP model directory at {p}; pass a directory saved by `mmgen train-clip`, "
                          "or an open_clip model name with pretrained=TAG_OR_FILE")
     return _load_open_clip(str(name_or_path), pretrained, device)
+
+
+def cell_regions(grid: torch.Tensor, cells: int) -> torch.Tensor:
+    """A ``(B, D, h, w)`` feature map average-pooled to the square phrase grid of ``cells`` cells:
+    ``(B * cells, D)``, cells row-major as :func:`mmgen.world.text.cell_phrases` lists them."""
+    side = int(round(cells ** 0.5))
+    return F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2).reshape(-1, grid.shape[1])
+
+
+def region_text_logits(regions: torch.Tensor, texts: torch.Tensor, scale) -> torch.Tensor:
+    """Scaled cosine similarity of region embeddings ``(N, D)`` to text embeddings ``(V, D)``: CLIP's
+    zero-shot classifier, here trained with cross-entropy (CLIP's cell loss, DualViTok's region-text head)."""
+    return scale * F.normalize(regions, dim=-1) @ F.normalize(texts, dim=-1).T

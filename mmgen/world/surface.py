@@ -3,7 +3,7 @@
 A text-to-image prompt in the world's grammar can reach the model with a lower-case first letter,
 without its final full stop, with odd spacing, its objects in another order or another template,
 or with the synonyms the grammar allows ("one" for the article "a"; "at", "on" and "in" before a
-position). Every form keeps the facts: :func:`~mmgen.data.synthetic.text.parse_caption` reads the
+position). Every form keeps the facts: :func:`~mmgen.world.text.parse_caption` reads the
 same scene from each. Two users of the same edits:
 
 - the robustness suite of ``mmgen eval run`` (:data:`SURFACE_FORMS`: each prompt in every form);
@@ -18,7 +18,7 @@ import itertools
 import random
 import re
 
-from mmgen.data.synthetic.text import CAPTION_TEMPLATES, _OBJ_RE, caption_parts, caption_text
+from mmgen.world.text import CAPTION_TEMPLATES, _OBJ_RE, caption_parts, caption_text
 from mmgen.errors import MMGenError
 
 # The edits, in the order they compose: the grammar-level ones need the caption as :func:`caption` wrote it.
