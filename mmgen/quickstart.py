@@ -142,7 +142,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     from mmgen.config import load_config
     from mmgen.inference.settings import SamplingSettings, save_generation_config
     from mmgen.paths import recipe_path
-    from mmgen.tokenizers.train import TokenizerTrainConfig, train_tokenizer
+    from mmgen.tokenizers.train import train_tokenizer
+    from mmgen.tokenizers.train_config import TokenizerTrainConfig
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,14 @@
-"""A tiny random bundle several tests share: a test image tokenizer (flat colour patches), a text
-tokenizer trained on three captions, a 2-layer LM, and a way to bias its head.
+"""What several tests share: a tiny random bundle (a test image tokenizer of flat colour patches, a
+text tokenizer trained on three captions, a 2-layer LM, and a way to bias its head), and a free port
+for the servers tests start on 127.0.0.1.
 
 Imported as ``bundlekit`` (pytest puts this folder on sys.path, as it does for conftest)."""
 
 from __future__ import annotations
+
+import socket
+import struct
+import zlib
 
 import torch
 
@@ -74,3 +79,39 @@ def tiny_qwen2(vocab: Vocab, tok, **config):
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       **config)
     return Qwen2ForCausalLM(cfg).eval()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_speech_bundle(path):
+    """A tiny random LM whose vocab has pixel and audio codes, saved at ``path`` with the palette image
+    tokenizer and the tiny audio codec (``trainkit.tiny_audio_codec``)."""
+    from mmgen.models.bundle import Bundle
+    from mmgen.models.lm import build_tiny_lm
+    from mmgen.models.text_tokenizer import train_text_tokenizer
+
+    from trainkit import TINY_AUDIO_CODEC, tiny_audio_codec
+
+    levels, per = TINY_AUDIO_CODEC["n_codebooks"], TINY_AUDIO_CODEC["codebook_size"]
+    tok = train_text_tokenizer(TEXTS, vocab_size=300)
+    vocab = Vocab(len(tok), {"pix": 16, "audio": levels * per}, max_grid=8, audio_levels=levels)
+    model = build_tiny_lm(vocab, hidden=64, layers=1, heads=4, text_tokenizer=tok, seed=0)
+    Bundle(model, tok, vocab, PaletteTokenizer(), {"image_resolution": list(RES)}, tiny_audio_codec()).save(path)
+    return path
+
+
+def bomb_png(w: int = 20000, h: int = 20000) -> bytes:
+    """A real decompression bomb: a valid 1-bit PNG of w x h white pixels, a few hundred kB."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + b"\xff" * ((w + 7) // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

@@ -42,3 +42,19 @@ def bundle_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_bundle")
     make_tiny_bundle(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def speech_dir(tmp_path_factory) -> Path:
+    """A tiny random bundle that can speak (``bundlekit.make_speech_bundle``), one per test module."""
+    from bundlekit import make_speech_bundle
+
+    return make_speech_bundle(tmp_path_factory.mktemp("speech_bundle"))
+
+
+@pytest.fixture()
+def speech(speech_dir):
+    """The speaking bundle, loaded afresh for each test."""
+    from mmgen.models.bundle import load_bundle
+
+    return load_bundle(speech_dir)

@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from trainkit import TINY_AUDIO_CODEC as TINY
-from trainkit import tiny_pixel_vq
 
 from mmgen.errors import MediaError, MMGenError
+
+from trainkit import TINY_AUDIO_CODEC as TINY
+from trainkit import tiny_pixel_vq
 
 REAL_AUDIO = ["audio1.wav", "audio3.ogg", "video1.mp4", "video4.mp4"]
 
@@ -192,9 +193,9 @@ def test_pretokenize_audio_codes_round_trip_through_sequences(codec, real_dir, t
     from mmgen.cli import main
     from mmgen.data.code_shards import read_code_shards
     from mmgen.data.doc import Audio, Doc, Text
-    from mmgen.processing.sequence import build_sequence
     from mmgen.data.shards import write_shards
     from mmgen.models.text_tokenizer import train_text_tokenizer
+    from mmgen.processing.sequence import build_sequence
     from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import pretokenize
 

@@ -74,10 +74,10 @@ def test_a_block_outside_the_table_becomes_the_nearest_entry(inner):
 
 def test_save_load_and_pretokenize(inner, tmp_path):
     from mmgen.data.code_shards import read_code_shards
-    from mmgen.world import write_world
     from mmgen.tokenizers import load_image_tokenizer
     from mmgen.tokenizers.blocks import CodeBlockTokenizer, fit_code_blocks
     from mmgen.tokenizers.pretokenize import pretokenize
+    from mmgen.world import write_world
 
     inner.save_pretrained(tmp_path / "vq")
     write_world(tmp_path / "world", n_docs=16, seed=2, size=32, progress=False)
@@ -99,15 +99,15 @@ def test_save_load_and_pretokenize(inner, tmp_path):
 
 
 def test_dualvitok_semantic_grid_passes_through(tmp_path):
-    from test_dualvitok import TEACHER_CFG, tiny_cfg  # the same tiny DualViTok and CLIP teacher
-
     from mmgen.backbones.clip import build_open_clip, save_clip
     from mmgen.tokenizers.blocks import CodeBlockTokenizer, fit_block_table
     from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
 
+    from trainkit import TEACHER_CFG, tiny_dualvitok_cfg  # the same tiny DualViTok and CLIP teacher
+
     torch.manual_seed(0)
     teacher = str(save_clip(build_open_clip(TEACHER_CFG), tmp_path / "clip", TEACHER_CFG))
-    dual = build_dualvitok_from_config(tiny_cfg(tmp_path / "t", teacher)).eval()
+    dual = build_dualvitok_from_config(tiny_dualvitok_cfg(tmp_path / "t", teacher)).eval()
     images = scenes(6)
     codes = dual.encode(images)
     tok = CodeBlockTokenizer(dual, fit_block_table(codes["pix"].numpy(), dual.sem_ratio, min_count=1)[0], dual.sem_ratio)
@@ -137,8 +137,8 @@ def test_fit_blocks_cli(inner, tmp_path):
     from typer.testing import CliRunner
 
     from mmgen.cli import app
-    from mmgen.world import write_world
     from mmgen.tokenizers.pretokenize import pretokenize
+    from mmgen.world import write_world
 
     inner.save_pretrained(tmp_path / "vq")
     write_world(tmp_path / "world", n_docs=12, seed=4, size=32, progress=False)

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
-from bundlekit import RES  # the tiny bundle's image size
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bundlekit import RES, free_port  # RES: the tiny bundle's image size
 
 
 def test_chat_app_answers_with_text_and_image_through_gradio_client(bundle_dir):
@@ -24,7 +17,7 @@ def test_chat_app_answers_with_text_and_image_through_gradio_client(bundle_dir):
 
     app = build_app(bundle_dir)
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and app.analytics_enabled is False
-    url = launch(app, host="127.0.0.1", port=_free_port(), block=False)
+    url = launch(app, host="127.0.0.1", port=free_port(), block=False)
     try:
         assert url.startswith("http://127.0.0.1:")
         assert app.share_url is None
@@ -81,10 +74,10 @@ def test_a_picture_reaches_the_prompt_in_the_layout_the_bundle_learnt(bundle_dir
     import random
 
     import mmgen.inference.generate as gen
-    from mmgen.world import random_scene, render
     from mmgen.inference.chat_app import ChatEngine
     from mmgen.models.bundle import load_bundle
     from mmgen.processing.processor import ChatTemplate
+    from mmgen.world import random_scene, render
 
     bundle = load_bundle(bundle_dir)
     picture = render(random_scene(random.Random(1), "val"), *RES)

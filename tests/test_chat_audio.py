@@ -6,13 +6,10 @@ import dataclasses
 import io
 
 import numpy as np
-import test_speech_generation
-from test_chat import _free_port
-from bundlekit import bias_head, make_tiny_bundle
-from test_speech_generation import HOP, SR
 
-# The speech tests' tiny speaking bundle, as fixtures of this module too.
-speech_dir, speech = test_speech_generation.speech_dir, test_speech_generation.speech
+from bundlekit import bias_head, free_port, make_tiny_bundle
+from trainkit import AUDIO_HOP as HOP
+from trainkit import AUDIO_SR as SR
 
 IMAGE_ONLY_MODES = [("auto: the model decides", "auto"), ("text to image", "t2i"), ("text only", "text")]
 
@@ -104,7 +101,7 @@ def test_chat_app_speaks_through_gradio_client(speech_dir):
     from mmgen.inference.chat_app import build_app, launch
 
     app = build_app(speech_dir)
-    url = launch(app, host="127.0.0.1", port=_free_port(), block=False)
+    url = launch(app, host="127.0.0.1", port=free_port(), block=False)
     try:
         history = Client(url, verbose=False).predict("a red sound.", [], "tts", 1.0, 0, 3, 2.0, 16, api_name="/chat")
     finally:

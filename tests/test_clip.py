@@ -17,8 +17,9 @@ MICRO_CFG = {
 
 
 def _images(n=3):
-    from mmgen.world import random_scene, render
     import random
+
+    from mmgen.world import random_scene, render
 
     rng = random.Random(0)
     return [render(random_scene(rng, "train"), 40, 24) for _ in range(n)]
@@ -64,10 +65,10 @@ def test_transformers_clip_dir(tmp_path):
     from mmgen.utils.compat import ensure_torchvision
 
     ensure_torchvision()
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
     from mmgen.backbones.clip import load_clip
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = ["[PAD]", "[UNK]", "a", "red", "blue", "circle", "square", "end"]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
@@ -88,8 +89,8 @@ def test_transformers_clip_dir(tmp_path):
 
 
 def test_train_clip_tiny(tmp_path):
-    from mmgen.config import load_config
     from mmgen.backbones.clip import load_clip
+    from mmgen.config import load_config
     from mmgen.models.clip_train import ClipTrainConfig, train_clip
 
     cfg = load_config(ClipTrainConfig, None, [f"model={json.dumps(MICRO_CFG)}", "train_pairs=48", "eval_scenes=6",
@@ -114,10 +115,10 @@ def test_cell_phrases_and_region_loss(tmp_path):
 
     import torch
 
-    from mmgen.config import load_config
-    from mmgen.world import random_scene
     from mmgen.backbones.clip import build_open_clip, open_clip_module
+    from mmgen.config import load_config
     from mmgen.models.clip_train import ClipTrainConfig, cell_loss, cell_phrases, train_clip
+    from mmgen.world import random_scene
 
     scene = random_scene(random.Random(3), "train", n_objects=2)
     phrases = cell_phrases(scene)
@@ -175,8 +176,8 @@ def test_hard_negative_loss_trains_both_towers(tmp_path):
 
     import torch
 
-    from mmgen.config import load_config
     from mmgen.backbones.clip import build_open_clip, open_clip_module
+    from mmgen.config import load_config
     from mmgen.models.clip_train import ClipTrainConfig, hard_negative_loss, train_clip
 
     torch.manual_seed(0)
@@ -204,8 +205,8 @@ def test_phrase_separation_reads_the_one_word_pairs():
     colour word alone: shape pairs are identical (cosine 1), colour pairs orthogonal (0)."""
     import torch
 
-    from mmgen.world import COLORS
     from mmgen.models.clip_train import phrase_separation
+    from mmgen.world import COLORS
 
     class ColourOnly:
         def encode_text(self, texts):

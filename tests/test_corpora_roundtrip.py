@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from corpus_server import records
 from mmgen.data.doc import Doc, Image, Text
 from mmgen.data.formats import FORMATS, convert, read_records, write_records
 from mmgen.errors import MMGenError
+
+from corpus_server import records
 
 DATA = Path(__file__).parent / "data"
 LOSSLESS = [f for f in FORMATS if f != "llava"]

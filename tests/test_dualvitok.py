@@ -12,14 +12,7 @@ import torch
 from mmgen.config import load_config
 from mmgen.errors import MediaError, MMGenError
 
-TEACHER_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "layers": 1, "heads": 2, "mlp_ratio": 2.0},
-}
-TINY = {"sem_width": 16, "sem_heads": 2, "sem_encoder_layers": 1, "sem_decoder_layers": 1, "sem_merge": 2, "sem_code_dim": 8,
-        "sem_quantizer": {"kind": "simvq", "codebook_size": 16}, "pix_channels": [8, 16], "pix_patch_size": 4,
-        "pix_code_dim": 4, "pix_quantizer": {"kind": "simvq", "codebook_size": 32}, "sem_cond_dim": 4, "norm_groups": 4}
+from trainkit import TEACHER_CFG, TINY_DUALVITOK, tiny_dualvitok_cfg
 
 
 @pytest.fixture(scope="module")
@@ -30,23 +23,12 @@ def teacher_dir(tmp_path_factory):
     return str(save_clip(build_open_clip(TEACHER_CFG), tmp_path_factory.mktemp("clip") / "clip", TEACHER_CFG))
 
 
-def tiny_cfg(out_dir, teacher_dir, **over):
-    from mmgen.tokenizers.train import TokenizerTrainConfig
-
-    base = {"tokenizer": "dualvitok", "synthetic_images": 48, "resolution": 32, "eval_images": 8,
-            "dualvitok": {**TINY, "teacher": {"kind": "open_clip", "name": teacher_dir}},
-            "steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2,
-            "restart_every": 2, "out_dir": str(out_dir), "threads": 1, "progress": False}
-    base.update(over)
-    return load_config(TokenizerTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
-
-
 @pytest.fixture(scope="module")
 def tok(teacher_dir, tmp_path_factory):
     from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
 
     torch.manual_seed(0)
-    return build_dualvitok_from_config(tiny_cfg(tmp_path_factory.mktemp("t"), teacher_dir)).eval()
+    return build_dualvitok_from_config(tiny_dualvitok_cfg(tmp_path_factory.mktemp("t"), teacher_dir)).eval()
 
 
 def scenes(n, w=32, h=32, seed=0):
@@ -112,8 +94,8 @@ def test_teacher_input_downsample_sees_the_pooled_image(teacher_dir, tmp_path):
 
     torch.manual_seed(0)
     teacher = {"kind": "open_clip", "name": teacher_dir, "input_downsample": 2}
-    big = build_dualvitok_from_config(tiny_cfg(tmp_path, teacher_dir, resolution=64,
-                                               dualvitok={**TINY, "teacher": teacher})).eval()
+    big = build_dualvitok_from_config(tiny_dualvitok_cfg(tmp_path, teacher_dir, resolution=64,
+                                               dualvitok={**TINY_DUALVITOK, "teacher": teacher})).eval()
     assert big.teacher.patch == 16 and big.sem_downsample == 32
     assert big.code_shapes(64, 64) == {"sem": (2, 2), "pix": (8, 8)}
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -127,8 +109,8 @@ def test_teacher_input_downsample_sees_the_pooled_image(teacher_dir, tmp_path):
     back = load_image_tokenizer(tmp_path / "tok")
     assert back.teacher.input_downsample == 2 and back.code_shapes(64, 64) == big.code_shapes(64, 64)
     with pytest.raises(MMGenError, match="input_downsample"):
-        build_dualvitok_from_config(tiny_cfg(tmp_path / "bad", teacher_dir,
-                                             dualvitok={**TINY, "teacher": {**teacher, "input_downsample": 0}}))
+        build_dualvitok_from_config(tiny_dualvitok_cfg(tmp_path / "bad", teacher_dir,
+                                             dualvitok={**TINY_DUALVITOK, "teacher": {**teacher, "input_downsample": 0}}))
 
 
 def test_patch_encoder_codes_depend_only_on_their_own_pixels(teacher_dir, tmp_path):
@@ -139,8 +121,8 @@ def test_patch_encoder_codes_depend_only_on_their_own_pixels(teacher_dir, tmp_pa
 
     def build(enc):
         torch.manual_seed(0)
-        return build_dualvitok_from_config(tiny_cfg(tmp_path / enc, teacher_dir,
-                                                    dualvitok={**TINY, "pix_encoder": enc, "pix_encoder_width": 32,
+        return build_dualvitok_from_config(tiny_dualvitok_cfg(tmp_path / enc, teacher_dir,
+                                                    dualvitok={**TINY_DUALVITOK, "pix_encoder": enc, "pix_encoder_width": 32,
                                                                "teacher": {"kind": "open_clip", "name": teacher_dir}})).eval()
 
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -151,7 +133,7 @@ def test_patch_encoder_codes_depend_only_on_their_own_pixels(teacher_dir, tmp_pa
         fx, fy = tok.pix_encode(x), tok.pix_encode(y)
         assert torch.equal(fx[:, :, 0], fy[:, :, 0]) is local, enc
         assert not torch.equal(fx[:, :, 1:], fy[:, :, 1:])
-    cfg = tiny_cfg(tmp_path / "run", teacher_dir, dualvitok={**TINY, "pix_encoder": "patch", "pix_encoder_width": 32,
+    cfg = tiny_dualvitok_cfg(tmp_path / "run", teacher_dir, dualvitok={**TINY_DUALVITOK, "pix_encoder": "patch", "pix_encoder_width": 32,
                                                                 "teacher": {"kind": "open_clip", "name": teacher_dir}})
     out = train_dualvitok(cfg)
     back = load_image_tokenizer(out)
@@ -169,21 +151,21 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
 
     over = {"gan_weight": gan, "gan_start": 1, "text_weight": text}
     if text:  # one semantic code per phrase cell (24 px, 3x3), dead codes restarted where the phrases fail
-        over.update(resolution=24, text_prequant_weight=0.5, dualvitok={**TINY, "sem_merge": 1, "teacher": {"kind": "open_clip", "name": teacher_dir},
-                                              "sem_quantizer": {**TINY["sem_quantizer"], "restart_sampling": "loss",
+        over.update(resolution=24, text_prequant_weight=0.5, dualvitok={**TINY_DUALVITOK, "sem_merge": 1, "teacher": {"kind": "open_clip", "name": teacher_dir},
+                                              "sem_quantizer": {**TINY_DUALVITOK["sem_quantizer"], "restart_sampling": "loss",
                                                                 "dead_code_window": 2}})
     from mmgen.tokenizers.quantizers import Quantizer
 
     noted = []
     real_note = Quantizer.note_vector_losses
     monkeypatch.setattr(Quantizer, "note_vector_losses", lambda self, losses: noted.append(losses.shape) or real_note(self, losses))
-    full = train_tokenizer(tiny_cfg(tmp_path / "full", teacher_dir, **over))
+    full = train_tokenizer(tiny_dualvitok_cfg(tmp_path / "full", teacher_dir, **over))
     assert noted == ([(4, 9)] * 4 if text else [])  # each step's per-cell losses reach the semantic quantizer
 
     class Killed(Exception):
         pass
 
-    real_save = dt._save_checkpoint
+    real_save = dt.save_checkpoint
 
     def save_then_die(*args):
         path = real_save(*args)
@@ -191,11 +173,11 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
             raise Killed
         return path
 
-    monkeypatch.setattr(dt, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(dt, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        train_tokenizer(tiny_cfg(tmp_path / "part", teacher_dir, **over))
-    monkeypatch.setattr(dt, "_save_checkpoint", real_save)
-    part = train_tokenizer(tiny_cfg(tmp_path / "part", teacher_dir, **over, resume=True))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path / "part", teacher_dir, **over))
+    monkeypatch.setattr(dt, "save_checkpoint", real_save)
+    part = train_tokenizer(tiny_dualvitok_cfg(tmp_path / "part", teacher_dir, **over, resume=True))
     m_full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     m_part = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     drop = ("elapsed_s",)
@@ -225,10 +207,10 @@ def test_staged_training_keeps_the_pixel_codes(teacher_dir, tmp_path):
     from mmgen.tokenizers.base import load_image_tokenizer
     from mmgen.tokenizers.train import train_tokenizer
 
-    first = train_tokenizer(tiny_cfg(tmp_path / "s1", teacher_dir))
+    first = train_tokenizer(tiny_dualvitok_cfg(tmp_path / "s1", teacher_dir))
     stage2 = {"init_from": str(first), "freeze": ["pix_encoder", "pix_quantizer"], "text_weight": 1.0,
-              "dualvitok": {**TINY, "sem_code_dim": 12, "sem_swap": 0.2, "teacher": {"kind": "open_clip", "name": teacher_dir}}}
-    second = train_tokenizer(tiny_cfg(tmp_path / "s2", teacher_dir, **stage2, steps=3))
+              "dualvitok": {**TINY_DUALVITOK, "sem_code_dim": 12, "sem_swap": 0.2, "teacher": {"kind": "open_clip", "name": teacher_dir}}}
+    second = train_tokenizer(tiny_dualvitok_cfg(tmp_path / "s2", teacher_dir, **stage2, steps=3))
     a, b = load_image_tokenizer(first), load_image_tokenizer(second)
     imgs = scenes(6)
     assert torch.equal(a.encode(imgs)["pix"], b.encode(imgs)["pix"])
@@ -243,26 +225,26 @@ def test_staged_training_keeps_the_pixel_codes(teacher_dir, tmp_path):
     assert report["frozen_parts"] == ["pix_encoder", "pix_quantizer"] and "eval_region_text_acc" in report
 
     with pytest.raises(MMGenError, match="freeze needs init_from"):
-        train_tokenizer(tiny_cfg(tmp_path / "e1", teacher_dir, freeze=["pix_encoder"]))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path / "e1", teacher_dir, freeze=["pix_encoder"]))
     with pytest.raises(MMGenError, match="pix_encodr not a part of DualViTok"):
-        train_tokenizer(tiny_cfg(tmp_path / "e2", teacher_dir, init_from=str(first), freeze=["pix_encodr"]))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path / "e2", teacher_dir, init_from=str(first), freeze=["pix_encodr"]))
     with pytest.raises(MMGenError, match="init_exclude: sem_encodr not a part"):
-        train_tokenizer(tiny_cfg(tmp_path / "e5", teacher_dir, init_from=str(first), init_exclude=["sem_encodr"]))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path / "e5", teacher_dir, init_from=str(first), init_exclude=["sem_encodr"]))
     with pytest.raises(MMGenError, match="is not a saved tokenizer"):
-        train_tokenizer(tiny_cfg(tmp_path / "e3", teacher_dir, init_from=str(tmp_path / "nowhere")))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path / "e3", teacher_dir, init_from=str(tmp_path / "nowhere")))
     torch.manual_seed(1)
     other = str(save_clip(build_open_clip(TEACHER_CFG), tmp_path / "clip2", TEACHER_CFG))
     with pytest.raises(MMGenError, match="another teacher"):
-        train_tokenizer(tiny_cfg(tmp_path / "e4", other, init_from=str(first)))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path / "e4", other, init_from=str(first)))
 
 
 def test_region_text_options_need_the_region_text_cells(teacher_dir, tmp_path):
     from mmgen.tokenizers.train import train_tokenizer
 
     def cfg(name, level="sem", **over):
-        dual = {**TINY, "teacher": {"kind": "open_clip", "name": teacher_dir},
-                f"{level}_quantizer": {**TINY[f"{level}_quantizer"], "restart_sampling": "loss"}}
-        return tiny_cfg(tmp_path / name, teacher_dir, dualvitok=dual, **over)
+        dual = {**TINY_DUALVITOK, "teacher": {"kind": "open_clip", "name": teacher_dir},
+                f"{level}_quantizer": {**TINY_DUALVITOK[f"{level}_quantizer"], "restart_sampling": "loss"}}
+        return tiny_dualvitok_cfg(tmp_path / name, teacher_dir, dualvitok=dual, **over)
 
     with pytest.raises(MMGenError, match="needs the region-text loss"):
         train_tokenizer(cfg("a"))
@@ -271,7 +253,7 @@ def test_region_text_options_need_the_region_text_cells(teacher_dir, tmp_path):
     with pytest.raises(MMGenError, match="only the semantic codes have a per-code loss"):
         train_tokenizer(cfg("c", level="pix", text_weight=1.0))
     with pytest.raises(MMGenError, match="text_prequant_weight needs the region-text head"):
-        train_tokenizer(tiny_cfg(tmp_path / "d", teacher_dir, text_prequant_weight=1.0))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path / "d", teacher_dir, text_prequant_weight=1.0))
 
 
 def pruning_setup(tok):
@@ -305,9 +287,9 @@ def test_prune_codes_drops_entries_no_image_uses(tok, tmp_path):
     assert back.codebook_sizes["sem"] == len(used) and torch.equal(back.encode(imgs)["sem"], after["sem"])
     from mmgen.tokenizers.train import train_tokenizer
     with pytest.raises(MMGenError, match="prune_codes takes code levels"):
-        train_tokenizer(tiny_cfg(tmp_path / "bad", "unused", prune_codes=["semantic"]))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path / "bad", "unused", prune_codes=["semantic"]))
     with pytest.raises(MMGenError, match="prune_min_share must be in"):
-        train_tokenizer(tiny_cfg(tmp_path / "bad2", "unused", prune_min_share=0.1))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path / "bad2", "unused", prune_min_share=0.1))
 
 
 def test_prune_min_share_drops_rarely_used_entries(tok):
@@ -336,14 +318,14 @@ def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):
     only known cells."""
     import random
 
-    from mmgen.world import all_cell_phrases, cell_phrases, random_scene
     from mmgen.tokenizers.dualvitok_train import RegionTextHead, region_text_targets
+    from mmgen.world import all_cell_phrases, cell_phrases, random_scene
 
     vocab = all_cell_phrases()
     assert len(vocab) == len(set(vocab)) == 1 + 2 * 7 * 4 and "a large red triangle" in vocab  # held-out pairs too
     rng = random.Random(0)
     known = [random_scene(rng, "train") for _ in range(3)]
-    cfg = tiny_cfg("unused", teacher_dir)
+    cfg = tiny_dualvitok_cfg("unused", teacher_dir)
     head, target = region_text_targets(cfg, known + [None])
     assert target.shape == (4, 9) and bool((target[3] == -100).all())
     assert [vocab[i] for i in target[0].tolist()] == cell_phrases(known[0])
@@ -366,7 +348,7 @@ def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):
     assert perfect(onehot, target)[1].item() == 1.0
     with pytest.raises(MMGenError, match="scene is known"):
         region_text_targets(cfg, [None, None])
-    bad = tiny_cfg("unused", teacher_dir, dualvitok={**TINY, "teacher": {"kind": "timm", "name": "x", "model_cfg": {}}})
+    bad = tiny_dualvitok_cfg("unused", teacher_dir, dualvitok={**TINY_DUALVITOK, "teacher": {"kind": "timm", "name": "x", "model_cfg": {}}})
     with pytest.raises(MMGenError, match="text tower"):
         region_text_targets(bad, known)
 
@@ -404,7 +386,7 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
     from mmgen.tokenizers.train import train_tokenizer
 
     with pytest.raises(MMGenError, match="mmgen train-clip"):
-        train_tokenizer(tiny_cfg(tmp_path, str(tmp_path / "nope")))
+        train_tokenizer(tiny_dualvitok_cfg(tmp_path, str(tmp_path / "nope")))
 
 
 def test_real_photos_and_undecodable_file(tok, real_dir, tmp_path):
@@ -430,9 +412,9 @@ def test_real_photos_and_undecodable_file(tok, real_dir, tmp_path):
 def test_pretokenize_writes_sem_and_pix_layout(tok, tmp_path):
     from mmgen.data.code_shards import read_code_shards
     from mmgen.processing.sequence import build_sequence
-    from mmgen.world import write_world
     from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import pretokenize
+    from mmgen.world import write_world
 
     tok.save_pretrained(tmp_path / "tok")
     write_world(tmp_path / "world", n_docs=12, seed=1, size=32, progress=False)
@@ -464,7 +446,7 @@ def test_other_quantizers(teacher_dir, kind, tmp_path):
     from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
 
     q = {"kind": kind, "codebook_size": 8, "fsq_levels": [4, 4], "rvq_levels": 2}
-    cfg = tiny_cfg(tmp_path, teacher_dir, dualvitok={**TINY, "teacher": {"kind": "open_clip", "name": teacher_dir},
+    cfg = tiny_dualvitok_cfg(tmp_path, teacher_dir, dualvitok={**TINY_DUALVITOK, "teacher": {"kind": "open_clip", "name": teacher_dir},
                                                       "pix_quantizer": q})
     torch.manual_seed(0)
     m = build_dualvitok_from_config(cfg)
@@ -482,7 +464,7 @@ def test_other_quantizers(teacher_dir, kind, tmp_path):
 def test_real_scale_preset_on_meta():
     from mmgen.paths import recipe_path
     from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
-    from mmgen.tokenizers.train import TokenizerTrainConfig
+    from mmgen.tokenizers.train_config import TokenizerTrainConfig
 
     cfg = load_config(TokenizerTrainConfig, recipe_path("dualvitok_siglip_large", "tokenizers"))
     with torch.device("meta"):

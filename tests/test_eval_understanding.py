@@ -8,6 +8,7 @@ import random
 import numpy as np
 
 from mmgen.processing.processor import ChatTemplate
+
 from bundlekit import make_tiny_bundle
 
 
@@ -22,8 +23,8 @@ def _coded(bundle, doc):
 
 
 def test_buildup_prompt_is_the_training_prefix(tmp_path):
-    from mmgen.processing.sequence import build_sequence
     from mmgen.eval.understanding import buildup_cases, buildup_prompt_ids
+    from mmgen.processing.sequence import build_sequence
 
     bundle = make_tiny_bundle(tmp_path / "b")
     for case in buildup_cases(4, "val", seed=1, res=(32, 32)):
@@ -39,11 +40,11 @@ def test_buildup_prompt_is_the_training_prefix(tmp_path):
 
 def test_qa_prompt_is_the_training_prefix_in_both_layouts(tmp_path):
     from mmgen.data.doc import Doc, Text
+    from mmgen.eval.understanding import qa_prompt_ids
+    from mmgen.inference.generate import image_ids
     from mmgen.processing.sequence import build_chat_sequence, build_sequence
     from mmgen.world import random_scene, render
     from mmgen.world.text import qa_pairs
-    from mmgen.eval.understanding import qa_prompt_ids
-    from mmgen.inference.generate import image_ids
 
     bundle = make_tiny_bundle(tmp_path / "b")
     rng = random.Random(0)
@@ -71,10 +72,10 @@ def test_t2i_and_buildup_prompts_are_the_training_prefix_in_both_layouts(tmp_pat
     """Caption -> image and build-up documents have no roles: a bundle learnt them in the chat template
     only when every document was built that way (an sft run's default), else in pretraining's layout."""
     from mmgen.data.doc import Doc, Image, Text
-    from mmgen.processing.sequence import build_chat_sequence, build_sequence
-    from mmgen.world import make_doc, random_scene, render
     from mmgen.eval.understanding import buildup_prompt_ids
     from mmgen.inference.generate import prompt_ids
+    from mmgen.processing.sequence import build_chat_sequence, build_sequence
+    from mmgen.world import make_doc, random_scene, render
 
     bundle = make_tiny_bundle(tmp_path / "b")
     rng = random.Random(1)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from corpus_server import localize, records, serve
 from mmgen.data.doc import Doc
 from mmgen.data.fetch import fetch
 from mmgen.data.formats import read_records
+
+from corpus_server import localize, records, serve
 
 DATA = Path(__file__).parent / "data"
 # The timeout leaves a loaded CI machine room for the good files; the slow route outlasts it by far.
@@ -108,15 +109,15 @@ def test_area_limit_above_pillows_own_bomb_check():
     from PIL import Image
 
     from mmgen.data import media
-    from mmgen.data.fetch import _check
+    from mmgen.data.fetch import download_problem
 
     buf = io.BytesIO()
     Image.new("1", (13600, 13600)).save(buf, "PNG")  # 185 M pixels in 22 KB
     try:
         media.set_max_image_pixels(200_000_000)
-        assert _check(buf.getvalue(), "image", None, 0, None) is None
+        assert download_problem(buf.getvalue(), "image", None, 0, None) is None
         media.set_max_image_pixels(100_000_000)
-        assert _check(buf.getvalue(), "image", None, 0, None).startswith("image area too large: image of 13600x13600")
+        assert download_problem(buf.getvalue(), "image", None, 0, None).startswith("image area too large: image of 13600x13600")
     finally:
         media.set_max_image_pixels(None)
 
@@ -130,8 +131,8 @@ def test_records_the_writer_refuses_keep_their_reasons(tmp_path, monkeypatch):
     gone = Doc(items=[Text("a picture"), Image(path=str(tmp_path / "gone.png"))], id="gone")
     kept = Doc(items=[Text("no media at all")], id="kept")
     unread = BadRecord(source="in.jsonl", reason="bad_json", line=2)
-    monkeypatch.setattr(fetch_module, "_inputs", lambda *a: iter([gone, unread, kept]))
-    monkeypatch.setattr(fetch_module, "_download", lambda *a: None)  # no URL to download
+    monkeypatch.setattr(fetch_module, "input_docs", lambda *a: iter([gone, unread, kept]))
+    monkeypatch.setattr(fetch_module, "download_urls", lambda *a: None)  # no URL to download
     s = fetch(tmp_path / "in", tmp_path / "out", progress=False)
     assert (s["records"], s["docs"], s["written"], s["bad"]) == (3, 2, 1, 1)
     errors = records(tmp_path / "out/errors.jsonl")
@@ -149,6 +150,6 @@ def test_a_folder_of_compressed_jsonl_is_read(tmp_path, monkeypatch):
     with gzip.open(tmp_path / "in" / "part.jsonl.gz", "wt") as f:
         for i in range(3):
             f.write(json.dumps({"id": f"d{i}", "items": [{"type": "text", "text": f"doc {i}"}]}) + "\n")
-    monkeypatch.setattr(fetch_module, "_download", lambda *a: None)  # no URL to download
+    monkeypatch.setattr(fetch_module, "download_urls", lambda *a: None)  # no URL to download
     s = fetch(tmp_path / "in", tmp_path / "out", progress=False)
     assert (s["records"], s["docs"], s["written"]) == (3, 3, 3)

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image as PILImage
 
 from mmgen.data.doc import Doc, Image, Text
-from mmgen.data.ops import build_op, hamming, phash
 from mmgen.data.filter_worker import process_doc
+from mmgen.data.ops import build_op, hamming, phash
 from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard, write_shards
 from mmgen.errors import MMGenError

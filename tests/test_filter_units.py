@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mmgen.data.doc import BadRecord
-from mmgen.data.filter_inputs import plan_units, read_unit
 from mmgen.data.filter_commit import KILL_ENV
+from mmgen.data.filter_inputs import plan_units, read_unit
 from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard
 

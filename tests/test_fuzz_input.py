@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from mmgen.data.doc import Doc, Image, Text
-from mmgen.data.formats import convert
 from mmgen.data.filter_commit import KILL_ENV
+from mmgen.data.formats import convert
 from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard, write_shards
 
@@ -56,7 +56,7 @@ def _flip(data: bytes, rng: random.Random, n: int) -> bytes:
 
 def _media(root: Path, rng: random.Random) -> list[str]:
     """Media files in the corpus: good ones, damaged copies, a bomb, text and nothing named as images."""
-    from test_hostile_input import bomb_png
+    from bundlekit import bomb_png
 
     names = []
     for i in range(6):

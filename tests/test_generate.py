@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from mmgen.processing.vocab import Vocab
+
 from bundlekit import RES, TEXTS, PaletteTokenizer, bias_head
+
 
 @pytest.fixture()
 def bundle(bundle_dir):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 
-
 def _error_line(stderr: str) -> str:
     """The CLI's one error line, the last of stderr (transformers' weight-loading bar may come before it),
     and no traceback."""
@@ -22,8 +21,12 @@ def _error_line(stderr: str) -> str:
 
 # -- generation_config.json -----------------------------------------------------------------------------
 def test_generation_config_round_trip_keeps_the_model_ids(bundle_dir, tmp_path):
-    from mmgen.inference.settings import (DEFAULT_SAMPLING, SamplingSettings, load_generation_config,
-                                          save_generation_config)
+    from mmgen.inference.settings import (
+        DEFAULT_SAMPLING,
+        SamplingSettings,
+        load_generation_config,
+        save_generation_config,
+    )
     from mmgen.models.bundle import load_bundle
 
     d = tmp_path / "b"
@@ -108,9 +111,9 @@ def test_max_new_tokens_is_capped_by_the_context_and_long_prompts_are_refused(bu
 def test_typed_special_tokens_are_plain_text_in_prompts_and_training(bundle_dir):
     from mmgen.data.code_shards import CodedDoc
     from mmgen.data.doc import Doc, Text
-    from mmgen.processing.sequence import build_sequence, encode_text
     from mmgen.inference.generate import prompt_ids
     from mmgen.models.bundle import load_bundle
+    from mmgen.processing.sequence import build_sequence, encode_text
 
     bundle = load_bundle(bundle_dir)
     tok, vocab = bundle.text_tokenizer, bundle.vocab
@@ -212,12 +215,13 @@ def test_chat_server_answers_a_bad_upload_with_one_clear_line(bundle_dir, tmp_pa
 
     from mmgen.inference.chat_app import build_app, launch
     from mmgen.models.bundle import load_bundle
-    from test_chat import _free_port
+
+    from bundlekit import free_port
 
     bad = tmp_path / "upload.png"
     bad.write_bytes(b"this is not a picture")
     app = build_app(bundle_dir, bundle=load_bundle(bundle_dir))
-    url = launch(app, host="127.0.0.1", port=_free_port(), block=False)
+    url = launch(app, host="127.0.0.1", port=free_port(), block=False)
     try:
         client = Client(url, verbose=False)
         with pytest.raises(Exception) as bad_upload:
@@ -236,7 +240,8 @@ def test_two_chat_users_are_answered_at_the_same_time(bundle_dir):
 
     from mmgen.inference.chat_app import build_app, launch
     from mmgen.models.bundle import load_bundle
-    from test_chat import _free_port
+
+    from bundlekit import free_port
 
     app = build_app(bundle_dir, bundle=load_bundle(bundle_dir))
     engine = app.mmgen_engine
@@ -253,7 +258,7 @@ def test_two_chat_users_are_answered_at_the_same_time(bundle_dir):
         yield from real(message, history, *args, **kw)
 
     engine.answer = answer
-    url = launch(app, host="127.0.0.1", port=_free_port(), block=False)
+    url = launch(app, host="127.0.0.1", port=free_port(), block=False)
     try:
         client = Client(url, verbose=False)
         first = client.submit("first", [], "text", 0.0, 0, 0, 1.0, 16, api_name="/chat")

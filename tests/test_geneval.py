@@ -7,11 +7,19 @@ import json
 
 import pytest
 
+from mmgen.errors import MMGenError
+from mmgen.eval.geneval import (
+    TAGS,
+    SceneParserDetector,
+    judge,
+    load_metadata,
+    result_record,
+    shapesworld_metadata,
+    summarize,
+    write_metadata,
+)
 from mmgen.world import Obj, Scene, parse_caption, render
 from mmgen.world.scene import HELDOUT_PAIRS
-from mmgen.errors import MMGenError
-from mmgen.eval.geneval import (TAGS, SceneParserDetector, judge, load_metadata, result_record, shapesworld_metadata,
-                                summarize, write_metadata)
 
 
 def _verdict(entry, *objs, bg="black"):
@@ -112,7 +120,13 @@ def tiny_owlvit(path):
 
     ensure_torchvision()
     import torch
-    from transformers import CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+    from transformers import (
+        CLIPTokenizer,
+        OwlViTConfig,
+        OwlViTForObjectDetection,
+        OwlViTImageProcessor,
+        OwlViTProcessor,
+    )
 
     vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}
     for ch in "abcdefghijklmnopqrstuvwxyz":

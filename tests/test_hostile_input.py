@@ -8,11 +8,9 @@ import gzip
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 import tarfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,8 @@ from mmgen.data.formats import convert
 from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard, write_shards
 from mmgen.errors import MediaError, MMGenError
+
+from bundlekit import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,18 +39,6 @@ def jpeg_bytes(seed: int) -> bytes:
     buf = io.BytesIO()
     PILImage.open(io.BytesIO(png_bytes(seed))).convert("RGB").save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def bomb_png(w: int = 20000, h: int = 20000) -> bytes:
-    """A real decompression bomb: a valid 1-bit PNG of w x h white pixels, a few hundred kB."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    row = b"\x00" + b"\xff" * ((w + 7) // 8)
-    z = zlib.compressobj(9)
-    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def balanced(s: dict) -> bool:
@@ -258,9 +246,9 @@ def test_compressed_and_mislabelled_inputs(tmp_path):
 
 
 def test_tokenize_quarantines_bombs_and_mislabelled_images(tmp_path):
-    from trainkit import tiny_pixel_vq
-
     from mmgen.tokenizers.pretokenize import pretokenize
+
+    from trainkit import tiny_pixel_vq
 
     tiny_pixel_vq().save_pretrained(tmp_path / "vq")
     docs = [Doc([Text("a good picture"), Image(data=png_bytes(1, 32, 32))], id="good"),

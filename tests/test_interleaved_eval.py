@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from mmgen.world import Obj, Scene, render
 from mmgen.eval.interleaved import ASPECTS, apply_instruction, judge_step
+from mmgen.world import Obj, Scene, render
 
 RED_CIRCLE = Obj("circle", "red", "large", (0, 0))
 BLUE_SQUARE = Obj("square", "blue", "small", (1, 1))
@@ -168,9 +168,17 @@ def tiny_vlm(path):
 
     ensure_torchvision()
     import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
     words = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "verdict:", "yes", "no", "answer:"]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

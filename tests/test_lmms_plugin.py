@@ -5,10 +5,10 @@ command line runs the ShapesWorld QA task mmgen writes, offline. (`make install`
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 pytest.importorskip("lmms_eval", reason="the mmgen[lmms] extra (make install installs it)")
 
@@ -62,11 +62,11 @@ class _Req:
 
 
 def test_model_answers_the_three_request_types(bundle_dir, tmp_path):
-    from mmgen.world import random_scene, render
+    import random
+
     from mmgen.eval.lmms_model import MMGenLMM
     from mmgen.inference.generate import generate_text_rows, image_ids, picture_prompt_ids
-
-    import random
+    from mmgen.world import random_scene, render
 
     lm = MMGenLMM(pretrained=str(bundle_dir), output_dir=str(tmp_path / "imgs"), mode="t2i", temperature=1.0)
     img = render(random_scene(random.Random(0), "val"), 32, 32)

@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 
 from mmgen.data.doc import Doc, Image, Text
 from mmgen.data.ops import DocView, build_op
-from mmgen.data.ops.dedup import hamming, image_hash, minhash, normalize_url, phash, shingles
+from mmgen.data.ops.hashing import hamming, image_hash, minhash, normalize_url, phash, shingles
 
 
 def feed(op, docs):

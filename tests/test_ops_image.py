@@ -7,7 +7,8 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage, ImageFilter
+from PIL import Image as PILImage
+from PIL import ImageFilter
 
 from mmgen.data.doc import Doc, Image, Text
 from mmgen.data.formats import read_records

@@ -157,8 +157,8 @@ def test_quality_scorer_learns_levels(quality_model):
 
 def test_quality_score_op_node_doc_and_top_fraction(quality_model):
     from mmgen.data.ops.quality import load_quality, score_pairs
-    from mmgen.training.quality import make_examples
     from mmgen.data.ops.select import TopFraction
+    from mmgen.training.quality import make_examples
 
     out, _ = quality_model
     ex = make_examples(40, seed=7)

@@ -39,6 +39,7 @@ SETTINGS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, 
 def test_decode_loop_reproduces_the_plain_loop(bundle, base, settings):
     from mmgen.inference.generate import default_image_sizes
     from mmgen.inference.pipeline import decode_loop
+
     from reference_loop import sample_tokens as reference
 
     model = bundle.model if base == "llama" else tiny_qwen2(bundle.vocab, bundle.text_tokenizer)

@@ -67,11 +67,11 @@ def test_the_templates_tags_are_the_ones_every_prompt_uses(bundle_dir, tmp_path)
     """Tags saved in processor_config.json act: prompts, pictures, chats and build-up documents are laid
     out with them, as build_chat_sequence trains with them."""
     from mmgen.data.code_shards import CodedDoc
-    from mmgen.world import make_doc
     from mmgen.eval.understanding import buildup_prompt_ids
     from mmgen.models.bundle import load_bundle
     from mmgen.processing.processor import ChatTemplate, MMGenProcessor
     from mmgen.processing.sequence import build_chat_sequence, encode_text
+    from mmgen.world import make_doc
 
     d = tmp_path / "b"
     shutil.copytree(bundle_dir, d)

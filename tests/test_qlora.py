@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmgen.errors import MMGenError
+
 from trainkit import CODEBOOK, COLORS, tiny_run, write_color_shard
 
 UP = "lm.model.layers.0.mlp.up_proj"

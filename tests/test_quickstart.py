@@ -3,8 +3,8 @@
 import json
 import random
 
-from mmgen.world import random_scene, render
 from mmgen.quickstart import QuickstartConfig, quickstart
+from mmgen.world import random_scene, render
 
 
 def test_quickstart_end_to_end_small(tmp_path):

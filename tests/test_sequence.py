@@ -9,9 +9,9 @@ import torch
 from mmgen.data.code_shards import CodedDoc
 from mmgen.data.doc import Doc, Image, Text, Video
 from mmgen.data.packing import IGNORE_INDEX, causal_lm_loss, pack_sequences, packed_batch, split_at_boundaries
-from mmgen.processing.sequence import build_sequence, build_sequences, encode_prompt
 from mmgen.errors import MMGenError
 from mmgen.models.text_tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_text_tokenizer
+from mmgen.processing.sequence import build_sequence, build_sequences, encode_prompt
 from mmgen.processing.vocab import Vocab
 
 CAPTIONS = [

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmgen.errors import MMGenError
+
 from trainkit import tiny_run, write_caption_shard
 
 CODEBOOK = 16
@@ -51,8 +52,8 @@ def _assert_same(a: dict, b: dict):
 
 
 def test_snapshots_at_every_interval_but_the_last_step_hold_that_steps_weights(snapshot_run):
-    from mmgen.processing.sequence import encode_prompt
     from mmgen.models.bundle import load_bundle
+    from mmgen.processing.sequence import encode_prompt
 
     snaps = snapshot_run / "snapshots"
     # Step 5 is the last: final/ is its bundle, so no snapshot repeats it.

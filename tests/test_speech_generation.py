@@ -14,15 +14,15 @@ import random
 import numpy as np
 import pytest
 import torch
-from bundlekit import RES, TEXTS, PaletteTokenizer, bias_head, make_tiny_bundle
-from trainkit import TINY_AUDIO_CODEC
 
 from mmgen.errors import MMGenError
 from mmgen.processing.vocab import Vocab
 
+from bundlekit import bias_head, make_tiny_bundle
+from trainkit import AUDIO_HOP, AUDIO_SR, TINY_AUDIO_CODEC, tiny_audio_codec
+
 LEVELS, PER = TINY_AUDIO_CODEC["n_codebooks"], TINY_AUDIO_CODEC["codebook_size"]
-HOP = int(np.prod(TINY_AUDIO_CODEC["downsampling_ratios"]))
-SR = TINY_AUDIO_CODEC["sampling_rate"]
+HOP, SR = AUDIO_HOP, AUDIO_SR
 
 
 def _allowed(proc, rows) -> list[set[int]]:
@@ -152,37 +152,6 @@ def test_random_rows_write_only_whole_frames_and_whole_images():
     assert sum(proc.completed_audio) >= 4
 
 
-# -- a tiny bundle that can speak ---------------------------------------------------------------------
-def _codec():
-    from mmgen.tokenizers.audio import AudioCodec
-
-    torch.manual_seed(0)
-    return AudioCodec.from_config(TINY_AUDIO_CODEC)
-
-
-@pytest.fixture(scope="module")
-def speech_dir(tmp_path_factory):
-    """A tiny random LM whose vocab has pixel and audio codes, saved with an image tokenizer and the
-    tiny audio codec (tests/test_chat_audio.py speaks with it too)."""
-    from mmgen.models.bundle import Bundle
-    from mmgen.models.lm import build_tiny_lm
-    from mmgen.models.text_tokenizer import train_text_tokenizer
-
-    tok = train_text_tokenizer(TEXTS, vocab_size=300)
-    vocab = Vocab(len(tok), {"pix": 16, "audio": LEVELS * PER}, max_grid=8, audio_levels=LEVELS)
-    model = build_tiny_lm(vocab, hidden=64, layers=1, heads=4, text_tokenizer=tok, seed=0)
-    path = tmp_path_factory.mktemp("speech_bundle")
-    Bundle(model, tok, vocab, PaletteTokenizer(), {"image_resolution": list(RES)}, _codec()).save(path)
-    return path
-
-
-@pytest.fixture()
-def speech(speech_dir):
-    from mmgen.models.bundle import load_bundle
-
-    return load_bundle(speech_dir)
-
-
 def _wave(item):
     """(samples, sample rate) of an Audio item, read back from its WAV bytes."""
     return item.to_array()
@@ -194,7 +163,7 @@ def test_bundle_carries_the_audio_codec(speech, speech_dir):
     assert (speech_dir / "audio_tokenizer" / "model.safetensors").is_file()
     assert isinstance(speech.audio_tokenizer, AudioCodec)
     codes = torch.randint(0, PER, (LEVELS, 6), generator=torch.Generator().manual_seed(0))
-    assert np.array_equal(speech.audio_tokenizer.decode(codes), _codec().decode(codes))
+    assert np.array_equal(speech.audio_tokenizer.decode(codes), tiny_audio_codec().decode(codes))
 
 
 def test_old_bundle_without_audio_still_loads(tmp_path):
@@ -326,8 +295,8 @@ def test_the_trainers_bundle_carries_the_codec_it_trained_with(speech, tmp_path)
     (the bundle writer itself: a whole DeepSpeed run would cost minutes for the same check)."""
     from mmgen.inference.generate import generate_interleaved
     from mmgen.models.bundle import load_bundle
-    from mmgen.training.config import TrainConfig
     from mmgen.training.checkpointing import save_bundle
+    from mmgen.training.config import TrainConfig
 
     data = {"text_tokenizer": speech.text_tokenizer, "vocab": speech.vocab, "image_tokenizer": None,
             "audio_tokenizer": speech.audio_tokenizer, "image_grids": {}}

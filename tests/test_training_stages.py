@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import CODEBOOK, TINY_AUDIO_CODEC, tiny_run, write_audio_shard, write_color_shard
 
 from mmgen.errors import MMGenError
+
+from trainkit import CODEBOOK, TINY_AUDIO_CODEC, tiny_run, write_audio_shard, write_color_shard
 
 
 @pytest.fixture(scope="module")

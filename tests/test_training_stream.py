@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from bundlekit import free_port
 from trainkit import tiny_run, write_caption_shard
 
 COLORS = ["red", "blue", "green", "yellow"]
@@ -168,15 +168,10 @@ def test_streamed_resume_reproduces_the_uninterrupted_loss_curve(code_shards, pa
     assert data["packing"]["docs"] == 96 and len(data["shards_per_rank"][0]) == 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_nodes(overrides: list[str]) -> None:
     """Two torchrun launchers, one process each, meeting at a c10d store on 127.0.0.1: two "nodes"."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join(sys.path))
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),

@@ -10,9 +10,9 @@ import torch
 from mmgen.data.code_shards import CodedDoc
 from mmgen.data.doc import Doc, Image, Text
 from mmgen.data.packing import IGNORE_INDEX, causal_lm_loss, pack_sequences, packed_batch
-from mmgen.processing.sequence import build_chat_sequence, build_sequence, encode_chat_prompt
 from mmgen.errors import MMGenError
 from mmgen.models.text_tokenizer import train_text_tokenizer
+from mmgen.processing.sequence import build_chat_sequence, build_sequence, encode_chat_prompt
 from mmgen.processing.vocab import Vocab
 
 TEXTS = ["a red circle at the top left.", "What color is the circle?", "red", "How many shapes are there?",
@@ -70,9 +70,9 @@ def test_auto_class_round_trip_safetensors_and_code_head(vocab, tmp_path):
 
 
 def test_vocab_extension_rows_start_at_the_mean_and_text_rows_are_kept(vocab):
-    from mmgen.models.unified import wrap_lm  # first: it makes transformers' model imports work next to CPU torch
-
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: I001
+
+    from mmgen.models.unified import wrap_lm  # first: it makes transformers' model imports work next to CPU torch
 
     torch.manual_seed(0)
     text_lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab.text_size, hidden_size=32, intermediate_size=64,

@@ -9,9 +9,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from trainkit import tiny_pixel_vq
 
 from mmgen.errors import MediaError, MMGenError
+
+from trainkit import tiny_pixel_vq
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,8 @@ def test_encode_is_deterministic_and_blocks_serialise(tok):
 
 
 def test_shapesworld_mp4_round_trip(tok):
-    from mmgen.world.media import encode_mp4
     from mmgen.tokenizers.video import VideoEncoder
+    from mmgen.world.media import encode_mp4
 
     data = encode_mp4(motion_frames(8, size=64), fps=8)
     vt = VideoEncoder(tok, fps=4.0, max_frames=8).encode(data)
@@ -158,10 +159,10 @@ def test_pretokenized_video_round_trips_through_the_sequence(tok, text_tok, real
     from mmgen.data.code_shards import read_code_shards
     from mmgen.data.doc import Doc, Text, Video
     from mmgen.data.shards import write_shards
-    from mmgen.world.media import encode_mp4
     from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import pretokenize
     from mmgen.tokenizers.video import VideoEncoder, VideoTokens
+    from mmgen.world.media import encode_mp4
 
     tok.save_pretrained(tmp_path / "vq")
     clips = [encode_mp4(motion_frames(8, size=64), fps=8), (real_dir / "video1.mp4").read_bytes()]
@@ -193,10 +194,10 @@ def test_pretokenized_video_round_trips_through_the_sequence(tok, text_tok, real
 def test_two_grid_video_codes_round_trip_grid_by_grid(tok, text_tok):
     from mmgen.data.code_shards import CodedDoc
     from mmgen.data.doc import Doc, Text, Video
-    from mmgen.world.media import encode_mp4
     from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.pretokenize import encode_video_item
     from mmgen.tokenizers.video import VideoEncoder
+    from mmgen.world.media import encode_mp4
 
     enc = VideoEncoder(TwoGridTokenizer(tok), fps=8.0, keep_ratio=0.5)
     v = encode_video_item(enc, Video(data=encode_mp4(motion_frames(6, size=32), fps=8), format="mp4"))

@@ -25,7 +25,7 @@ def tiny_tokenizer(seed: int = 0):
 
 
 def tiny_cfg(out_dir, **over):
-    from mmgen.tokenizers.train import TokenizerTrainConfig
+    from mmgen.tokenizers.train_config import TokenizerTrainConfig
 
     base = {"synthetic_images": 80, "synthetic_source": "shapes", "resolution": 32, "eval_images": 8, "model": dict(TINY_MODEL),
             "steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "log_every": 4, "ckpt_every": 4,
@@ -35,7 +35,7 @@ def tiny_cfg(out_dir, **over):
 
 
 def shapes(n: int, size: int = 32, seed: int = 0):
-    from mmgen.tokenizers.train import random_shapes_image
+    from mmgen.tokenizers.train_data import random_shapes_image
 
     rng = random.Random(seed)
     return [random_shapes_image(rng, size) for _ in range(n)]
@@ -245,8 +245,9 @@ def test_simvq_dead_code_window_spares_rare_codes():
 
 
 def test_foreground_weighting_targets_the_objects_of_a_scene():
+    from mmgen.tokenizers.losses import foreground_mask, pixel_losses
+    from mmgen.tokenizers.train_config import TokenizerTrainConfig
     from mmgen.world import Obj, Scene, render
-    from mmgen.tokenizers.train import TokenizerTrainConfig, foreground_mask, pixel_losses
 
     scene = Scene("white", [Obj("square", "blue", "large", (1, 1))])
     pil = render(scene, 64, 64)
@@ -294,7 +295,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     class Killed(Exception):
         pass
 
-    real_save = tr._save_checkpoint
+    real_save = tr.save_checkpoint
 
     def save_then_die(ckpt_dir, model, opt, step, keep):
         path = real_save(ckpt_dir, model, opt, step, keep)
@@ -302,10 +303,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
             raise Killed
         return path
 
-    monkeypatch.setattr(tr, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(tr, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         tr.train_tokenizer(tiny_cfg(tmp_path / "cut", steps=8, restart_every=3))
-    monkeypatch.setattr(tr, "_save_checkpoint", real_save)
+    monkeypatch.setattr(tr, "save_checkpoint", real_save)
     assert tr.latest_checkpoint(tmp_path / "cut").name == "step_00000004"
     resumed = tr.train_tokenizer(tiny_cfg(tmp_path / "cut", steps=8, restart_every=3, resume=True))
 
@@ -321,7 +322,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
 def test_training_reads_images_from_doc_shards_and_folders(tmp_path):
     from mmgen.data.doc import Doc, Image, Text
     from mmgen.data.shards import write_shards
-    from mmgen.tokenizers.train import load_training_images
+    from mmgen.tokenizers.train_data import load_training_images
 
     docs = [Doc([Text("a scene"), Image.from_pil(im), Image.from_pil(im2)]) for im, im2 in zip(shapes(3), shapes(3, seed=1))]
     docs.append(Doc([Image(data=b"\x89PNG\r\n\x1a\nbroken", format="png")]))
@@ -391,9 +392,9 @@ def test_pretokenize_quarantines_bad_records_and_counts_add_up(trained, tmp_path
 
 
 def test_keep_aspect_encodes_at_the_image_aspect(trained, tmp_path):
+    from mmgen.data.code_shards import read_code_shards
     from mmgen.data.doc import Doc, Image
     from mmgen.data.shards import write_shards
-    from mmgen.data.code_shards import read_code_shards
     from mmgen.tokenizers.pretokenize import pretokenize
 
     _, tok_dir = trained
@@ -426,7 +427,8 @@ def test_real_photos_encode_and_decode(trained, real_dir):
 
 def test_tiny_recipe_loads_and_builds_the_preset():
     from mmgen.paths import recipe_path
-    from mmgen.tokenizers.train import TokenizerTrainConfig, build_model
+    from mmgen.tokenizers.train import build_model
+    from mmgen.tokenizers.train_config import TokenizerTrainConfig
 
     cfg = load_config(TokenizerTrainConfig, recipe_path("tiny_vq", "tokenizers"))
     model = build_model(cfg)

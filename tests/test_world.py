@@ -9,12 +9,25 @@ import pytest
 
 from mmgen.data.doc import Doc, Text
 from mmgen.data.shards import read_shard, write_shards
-from mmgen.world import (BACKGROUNDS, COLORS, DEFECT_TYPES, DOC_KINDS, HELDOUT_PAIRS, Obj, Scene,
-                                  generate_world, make_doc, random_scene, render, render_side, split_of,
-                                  write_world)
-from mmgen.world.text import CAPTION_TEMPLATES, caption, parse_caption, qa_pairs
 from mmgen.errors import MediaError, MMGenError
+from mmgen.world import (
+    BACKGROUNDS,
+    COLORS,
+    DEFECT_TYPES,
+    DOC_KINDS,
+    HELDOUT_PAIRS,
+    Obj,
+    Scene,
+    generate_world,
+    make_doc,
+    random_scene,
+    render,
+    render_side,
+    split_of,
+    write_world,
+)
 from mmgen.world.scene_parser import parse_scene
+from mmgen.world.text import CAPTION_TEMPLATES, caption, parse_caption, qa_pairs
 
 NUMBERS = ["zero", "one", "two", "three"]
 

@@ -1,20 +1,26 @@
 """Pieces several tests share: tiny colour, caption and audio code shards, the key=value overrides of a
-tiny run, and the tiny tokenizers built from config (a pixel VQ, an audio codec).
+tiny run, and the tiny tokenizers built from config (a pixel VQ, an audio codec, a DualViTok training config).
 
 Imported as ``trainkit`` (pytest puts this folder on sys.path, as it does for conftest)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from mmgen.config import load_config
 from mmgen.data.code_shards import CodedDoc, CodeShardWriter
 from mmgen.data.doc import Audio, Doc, Image, Text
+from mmgen.tokenizers.train_config import TokenizerTrainConfig
 
 COLORS = ["red", "blue", "green", "yellow"]
 CODEBOOK = 32
 # A DAC small enough to build in a test: a 320-sample hop at 16 kHz (50 code frames/s), 2 levels of 16 codes.
 TINY_AUDIO_CODEC = {"sampling_rate": 16000, "encoder_hidden_size": 4, "downsampling_ratios": [2, 4, 5, 8],
                     "decoder_hidden_size": 16, "hidden_size": 16, "n_codebooks": 2, "codebook_size": 16, "codebook_dim": 4}
+AUDIO_HOP = int(np.prod(TINY_AUDIO_CODEC["downsampling_ratios"]))  # samples per code frame
+AUDIO_SR = TINY_AUDIO_CODEC["sampling_rate"]
 
 
 def tiny_pixel_vq():
@@ -25,6 +31,16 @@ def tiny_pixel_vq():
 
     torch.manual_seed(0)
     return PixelVQ(resolution=(32, 32), channels=(8, 16), code_dim=4, codebook_size=CODEBOOK, norm_groups=4).eval()
+
+
+def tiny_audio_codec():
+    """The tiny DAC of :data:`TINY_AUDIO_CODEC`, random weights drawn from seed 0."""
+    import torch
+
+    from mmgen.tokenizers.audio import AudioCodec
+
+    torch.manual_seed(0)
+    return AudioCodec.from_config(TINY_AUDIO_CODEC)
 
 
 def write_color_shard(out, n_docs: int):
@@ -80,3 +96,25 @@ def tiny_run(code_shards, out_dir, settings: dict, **kw) -> list[str]:
     merged = {"data.code_shards": str(code_shards), "out_dir": str(out_dir), "micro_batch": 2, "log_every": 1,
               "progress": False, "optim.warmup_steps": 1, **settings, **kw}
     return [f"{k}={v}" for k, v in merged.items()]
+
+
+# A tiny DualViTok and its CLIP teacher (open_clip model config).
+TEACHER_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "layers": 1, "heads": 2, "mlp_ratio": 2.0},
+}
+TINY_DUALVITOK = {"sem_width": 16, "sem_heads": 2, "sem_encoder_layers": 1, "sem_decoder_layers": 1, "sem_merge": 2,
+                  "sem_code_dim": 8, "sem_quantizer": {"kind": "simvq", "codebook_size": 16}, "pix_channels": [8, 16],
+                  "pix_patch_size": 4, "pix_code_dim": 4, "pix_quantizer": {"kind": "simvq", "codebook_size": 32},
+                  "sem_cond_dim": 4, "norm_groups": 4}
+
+
+def tiny_dualvitok_cfg(out_dir, teacher_dir, **over):
+    """A DualViTok training config of a few steps on 48 scenes of 32 px, the teacher CLIP at ``teacher_dir``."""
+    base = {"tokenizer": "dualvitok", "synthetic_images": 48, "resolution": 32, "eval_images": 8,
+            "dualvitok": {**TINY_DUALVITOK, "teacher": {"kind": "open_clip", "name": teacher_dir}},
+            "steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2,
+            "restart_every": 2, "out_dir": str(out_dir), "threads": 1, "progress": False}
+    base.update(over)
+    return load_config(TokenizerTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])

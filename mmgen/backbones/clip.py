@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.errors import MMGenError
+from mmgen.utils.compat import ensure_torchvision
+from mmgen.utils.pixels import pil_to_tensor
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -36,7 +38,6 @@ TINY_CLIP_CFG = {
 
 def open_clip_module():
     # open_clip imports torchvision, which is broken next to CPU torch without mmgen's shim.
-    from mmgen.utils.compat import ensure_torchvision
 
     ensure_torchvision()
     import open_clip
@@ -73,8 +74,6 @@ class ClipEncoder:
 
     def pixels(self, images: Sequence) -> torch.Tensor:
         """PIL images -> normalised ``(N, 3, H, W)`` at the model's input size (bicubic resize)."""
-        from mmgen.utils.pixels import pil_to_tensor
-
         h, w = self.image_size
         x = (pil_to_tensor(images, (w, h)) + 1) / 2
         return ((x - self.mean) / self.std).to(self.device)
@@ -144,8 +143,6 @@ def _load_open_clip(name: str, pretrained: str | None, device) -> ClipEncoder:
 
 
 def _load_hf_clip(path: Path, device) -> ClipEncoder:
-    from mmgen.utils.compat import ensure_torchvision
-
     ensure_torchvision()
     from transformers import AutoModel, AutoProcessor, AutoTokenizer
 

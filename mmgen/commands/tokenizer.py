@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
         """
         from mmgen.config import load_config
         from mmgen.paths import recipe_path
-        from mmgen.tokenizers.train import TokenizerTrainConfig, train_tokenizer
+        from mmgen.tokenizers.train import train_tokenizer
+        from mmgen.tokenizers.train_config import TokenizerTrainConfig
 
         cfg = load_config(TokenizerTrainConfig, recipe_path(config, "tokenizers"), overrides or [])
         path = train_tokenizer(cfg)

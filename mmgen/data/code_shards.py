@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from mmgen.data.doc import BadRecord, Doc, Text
-from mmgen.data.shards import _group_members, expand_inputs, sample_key
+from mmgen.data.shards import tar_samples, expand_inputs, sample_key
 
 
 @dataclass
@@ -109,7 +109,7 @@ def read_code_shards(paths) -> Iterator[CodedDoc | BadRecord]:
             yield BadRecord(source=path, reason="corrupt_tar", detail=str(e))
             continue
         with tf:
-            for sample in _group_members(tf, path):
+            for sample in tar_samples(tf, path):
                 if isinstance(sample, BadRecord):
                     yield sample
                     continue

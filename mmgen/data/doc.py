@@ -18,65 +18,12 @@ import hashlib
 import io
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
+from mmgen.data.media import decode_audio, decode_image, decode_video, open_image, probe_audio, probe_video
+from mmgen.data.media_format import ext_for, format_from_name, is_url, sniff_format
 from mmgen.errors import MediaError, NotFetchedError
-
-# File extension -> canonical format name, for media identified by path or by sniffing.
-_EXT_FORMAT = {
-    "jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp",
-    "tif": "tiff", "tiff": "tiff",
-    "wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mp3", "opus": "opus", "m4a": "m4a",
-    "mp4": "mp4", "avi": "avi", "mov": "mov", "mkv": "mkv", "webm": "webm",
-}
-_FORMAT_EXT = {"jpeg": "jpg", "tiff": "tif"}
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-
-
-def is_url(ref) -> bool:
-    return isinstance(ref, str) and bool(_URL.match(ref))
-
-
-def format_from_name(name: str | None) -> str | None:
-    if is_url(name):
-        name = name.split("?", 1)[0].split("#", 1)[0]
-    if not name or "." not in name:
-        return None
-    return _EXT_FORMAT.get(name.rsplit(".", 1)[-1].lower())
-
-
-def ext_for(fmt: str | None, default: str = "bin") -> str:
-    return _FORMAT_EXT.get(fmt, fmt) if fmt else default
-
-
-def sniff_format(data: bytes) -> str | None:
-    """Recognise a media container from its first bytes (no decoding)."""
-    head = data[:16]
-    if head.startswith(b"\x89PNG"):
-        return "png"
-    if head.startswith(b"\xff\xd8"):
-        return "jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "wav"
-    if head.startswith(b"GIF8"):
-        return "gif"
-    if head.startswith(b"BM"):
-        return "bmp"
-    if head.startswith(b"OggS"):
-        return "ogg"
-    if head.startswith(b"fLaC"):
-        return "flac"
-    if head[4:8] == b"ftyp":
-        return "mp4"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "webm"
-    if head.startswith(b"ID3") or head[:2] == b"\xff\xfb":
-        return "mp3"
-    return None
 
 
 @dataclass
@@ -159,8 +106,6 @@ class Image(_Media):
     def to_pil(self, mode: str | None = "RGB"):
         """Decode to a PIL image (``mode=None`` keeps the file's own mode), after the header checks of
         :func:`mmgen.data.media.open_image` (pixel limit, declared format)."""
-        from mmgen.data.media import decode_image
-
         return decode_image(self.load(), self.path, self.declared_format(), mode)
 
     def declared_format(self) -> str | None:
@@ -171,8 +116,6 @@ class Image(_Media):
     def size(self) -> tuple[int, int]:
         """(width, height) from the header only (checked against the pixel limit); cached in ``meta``."""
         if "width" not in self.meta or "height" not in self.meta:
-            from mmgen.data.media import open_image
-
             with open_image(self.load(), self.path, self.declared_format()) as img:
                 self.meta["width"], self.meta["height"] = img.size
         return self.meta["width"], self.meta["height"]
@@ -184,15 +127,11 @@ class Audio(_Media):
 
     def to_array(self, sample_rate: int | None = None, mono: bool = True):
         """Decode to float32 samples ``(channels, n)`` (or ``(n,)`` when mono) and the sample rate."""
-        from mmgen.data.media import decode_audio
-
         return decode_audio(self.load(), sample_rate=sample_rate, mono=mono, name=self.path)
 
     @property
     def duration(self) -> float:
         if "duration" not in self.meta:
-            from mmgen.data.media import probe_audio
-
             self.meta.update(probe_audio(self.load(), name=self.path))
         return self.meta["duration"]
 
@@ -203,15 +142,11 @@ class Video(_Media):
 
     def frames(self, fps: float | None = None, max_frames: int | None = None):
         """Decode to a list of PIL frames (optionally resampled to ``fps``) and their timestamps."""
-        from mmgen.data.media import decode_video
-
         return decode_video(self.load(), fps=fps, max_frames=max_frames, name=self.path)
 
     @property
     def duration(self) -> float:
         if "duration" not in self.meta:
-            from mmgen.data.media import probe_video
-
             self.meta.update(probe_video(self.load(), name=self.path))
         return self.meta["duration"]
 

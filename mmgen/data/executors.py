@@ -18,6 +18,9 @@ import os
 from collections import deque
 from typing import Iterator
 
+from mmgen.config import from_dict
+from mmgen.data.filter_recipe import Recipe, build_ops
+from mmgen.data.filter_worker import process_unit
 from mmgen.errors import MMGenError
 
 EXECUTORS = ("local", "ray")
@@ -31,9 +34,6 @@ def _ops_for(recipe_data: dict):
 
     key = json.dumps(recipe_data, sort_keys=True, default=str)
     if key not in _WORKER_OPS:
-        from mmgen.config import from_dict
-        from mmgen.data.filter_recipe import Recipe, build_ops
-
         _WORKER_OPS.clear()
         _WORKER_OPS[key] = build_ops(from_dict(Recipe, recipe_data))
     return _WORKER_OPS[key]
@@ -45,8 +45,6 @@ def _init_worker(recipe_data: dict) -> None:
 
 
 def run_one(recipe_data: dict, unit, read_opts: dict) -> list:
-    from mmgen.data.filter_worker import process_unit
-
     return process_unit(_ops_for(recipe_data), unit, read_opts)
 
 
@@ -121,8 +119,6 @@ def map_resumable(executor: str, workers: int, fn, jobs: list[tuple], markers: l
 def results_in_order(executor: str, workers: int, recipe_data: dict, ops, units: list, read_opts: dict) -> Iterator[Iterator[list]]:
     """An iterator over ``process_unit`` results of ``units``, in order; workers are stopped on exit."""
     if executor == "local" and (workers <= 1 or len(units) <= 1):
-        from mmgen.data.filter_worker import process_unit
-
         yield (process_unit(ops, u, read_opts) for u in units)  # the operators already built here
         return
     with map_in_order(executor, workers, run_one, [(recipe_data, u, read_opts) for u in units],

@@ -42,30 +42,29 @@ from collections import defaultdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mmgen.data.doc import BadRecord, Doc, sniff_format
-from mmgen.errors import MMGenError
+from mmgen.data.doc import BadRecord, Doc
+from mmgen.data.filter_inputs import read_input
+from mmgen.data.formats import format_module, write_records
+from mmgen.data.input_kind import INPUT_EXTS
+from mmgen.data.media import decode_image, max_image_pixels, open_image, set_max_image_pixels
+from mmgen.data.media_format import sniff_format
+from mmgen.errors import MediaError, MMGenError
+from mmgen.paths import expand_inputs
 
 FETCH_ERROR = "fetch_error"  # item meta: why the medium could not be fetched
 
 
-def _inputs(input, input_format: str):
-    from mmgen.data.filter_inputs import read_input
-    from mmgen.data.input_kind import INPUT_EXTS
-    from mmgen.paths import expand_inputs
-
+def input_docs(input, input_format: str):
     for path in expand_inputs(input, INPUT_EXTS):
         yield from read_input(path, input_format)
 
 
-def _check(data: bytes, kind: str, max_bytes: int | None, min_image_size: int,
+def download_problem(data: bytes, kind: str, max_bytes: int | None, min_image_size: int,
            max_aspect_ratio: float | None) -> str | None:
     """Why the downloaded bytes are not acceptable, or None. An image goes through
     :func:`mmgen.data.media.open_image` (header only: an image over the pixel limit, which
     :func:`fetch` sets from ``max_image_area``, is refused before it is decoded), then
     :func:`~mmgen.data.media.decode_image`."""
-    from mmgen.data.media import decode_image, open_image
-    from mmgen.errors import MediaError
-
     if not data:
         return "empty response"
     if max_bytes is not None and len(data) > max_bytes:
@@ -129,7 +128,7 @@ def _collect(runs: list[Path], found: dict[str, dict] | None = None) -> dict[str
     return found
 
 
-def _download(urls: list[str], folder: Path, timeout: float, retries: int, threads: int, processes: int,
+def download_urls(urls: list[str], folder: Path, timeout: float, retries: int, threads: int, processes: int,
               shard_size: int, user_agent_token: str | None) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations: no network check
     import pyarrow as pa
@@ -158,15 +157,12 @@ def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", 
 on the header, before decoding), ``max_aspect_ratio``:
     limits a download must meet; ``per_host_rate``: requests per second to one host at most (None: no
     limit). Rerunning with the same ``out`` resumes: nothing fetched before is fetched again."""
-    from mmgen.data.formats import format_module, write_records
-    from mmgen.data.media import max_image_pixels, set_max_image_pixels
-
     writer = format_module(output_format)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if per_host_rate is not None and per_host_rate <= 0:
         raise MMGenError(f"per_host_rate must be positive (requests per second), got {per_host_rate}")
-    records = list(_inputs(input, input_format))
+    records = list(input_docs(input, input_format))
     docs = [r for r in records if isinstance(r, Doc)]
     bad = [r for r in records if isinstance(r, BadRecord)]
     wanted: dict[str, str] = {}  # url -> kind
@@ -185,7 +181,7 @@ on the header, before decoding), ``max_aspect_ratio``:
     run = max(done_runs, default=-1) + 1
     for w, wave in enumerate(waves):
         start = time.monotonic()
-        _download(wave, download_dir / f"run{run:03d}-{w:05d}", timeout, retries, threads, processes, shard_size,
+        download_urls(wave, download_dir / f"run{run:03d}-{w:05d}", timeout, retries, threads, processes, shard_size,
                   user_agent_token)
         if w + 1 < len(waves):
             time.sleep(max(0.0, period - (time.monotonic() - start)))
@@ -203,7 +199,7 @@ on the header, before decoding), ``max_aspect_ratio``:
                 result[url] = (None, got["error"])
             else:
                 data = Path(got["file"]).read_bytes()
-                why = _check(data, kind, max_bytes, min_image_size, max_aspect_ratio)
+                why = download_problem(data, kind, max_bytes, min_image_size, max_aspect_ratio)
                 result[url] = (None, why) if why else (data, None)
     finally:
         set_max_image_pixels(previous_limit)  # the limit is this call's, not the process's

@@ -12,7 +12,8 @@ from typing import Any
 from mmgen.data.doc import Doc, Text
 from mmgen.data.filter_worker import run_op
 from mmgen.data.ops.base import DocView, Op
-from mmgen.errors import MMGenError, MediaError
+from mmgen.data.shards import ShardWriter, tar_samples, sample_to_doc
+from mmgen.errors import MediaError, MMGenError
 from mmgen.utils.files import write_json
 
 
@@ -166,8 +167,6 @@ class ShardCommit:
             self.observed.write(json_line({"id": doc.id, "base": base, "lost_items": bool(events)}))
         if not self.dry_run:
             if self.writer is None:
-                from mmgen.data.shards import ShardWriter
-
                 self.writer = ShardWriter(self.tmp / "shards", prefix=f"part-{self.tag}", max_docs=self.shard_size,
                                           mtime=0.0)
             pre = res.get("sample")
@@ -240,8 +239,6 @@ class SelectCommit(ShardCommit):
 
     def pass1_docs(self):
         """(row, doc, sample) for every document pass 1 kept for input K, in order."""
-        from mmgen.data.shards import _group_members, sample_to_doc
-
         rows = [json.loads(x) for x in open(self.out / "pass1" / f"{self.tag}.jsonl", encoding="utf-8")]
         if self.dry_run:  # nothing was written in pass 1: the decisions need only the ids
             yield from ((r, Doc(items=[], id=r["id"]), None) for r in rows)
@@ -249,7 +246,7 @@ class SelectCommit(ShardCommit):
         import tarfile
 
         samples = (smp for p in sorted((self.out / "pass1").glob(f"part-{self.tag}-*.tar"))
-                   for smp in _group_members(tarfile.open(p, "r|"), str(p)))
+                   for smp in tar_samples(tarfile.open(p, "r|"), str(p)))
         for r, smp in zip(rows, samples, strict=True):
             doc = sample_to_doc(smp)
             if doc.id != r["id"]:
@@ -273,8 +270,6 @@ class SelectCommit(ShardCommit):
                 continue
             if not self.dry_run:
                 if self.writer is None:
-                    from mmgen.data.shards import ShardWriter
-
                     self.writer = ShardWriter(self.tmp / "shards", prefix=f"part-{self.tag}",
                                               max_docs=self.shard_size, mtime=0.0)
                 self.writer.write_sample(doc, {k: v for k, v in sample.items() if k != "__key__"})

@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from mmgen.data.doc import BadRecord, Doc
+from mmgen.data.formats import format_module
+from mmgen.data.formats.common import ReadContext, RecordError
 from mmgen.data.input_kind import InputKind, open_decompressed, sniff_input
-from mmgen.errors import MMGenError
+from mmgen.data.shards import read_shard
+from mmgen.errors import MediaError, MMGenError
 
 INPUT_FORMATS = ("auto", "wds", "mmgen", "obelics", "mmc4", "dj", "llava")
 
@@ -167,11 +170,7 @@ def _parquet_units(path: str, fmt: str, unit_bytes: int) -> list[WorkUnit]:
 def read_unit(unit: WorkUnit, media_root: str | None = None,
               allow_outside_root: bool = False) -> Iterator[Doc | BadRecord]:
     """Docs and BadRecords of one work unit, in file order."""
-    from mmgen.data.formats import format_module
-
     if unit.kind == "tar":
-        from mmgen.data.shards import read_shard
-
         yield from read_shard(unit.path, media_root=media_root, allow_outside_root=allow_outside_root,
                               compression=unit.compression)
         return
@@ -196,10 +195,6 @@ def _read_parquet(unit: WorkUnit, media_root: str | None = None, allow_outside_r
     """Rows of a parquet file (the unit's row groups) as records of a converter format (OBELICS on the
     Hub is parquet)."""
     import pyarrow.parquet as pq
-
-    from mmgen.data.formats import format_module
-    from mmgen.data.formats._common import ReadContext, RecordError
-    from mmgen.errors import MediaError
 
     path, fmt = unit.path, unit.fmt
     try:

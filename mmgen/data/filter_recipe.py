@@ -8,8 +8,10 @@ import os
 from dataclasses import dataclass, field
 
 from mmgen.config import from_dict, read_yaml_mapping
+from mmgen.data.media import set_max_image_pixels
 from mmgen.data.ops.base import Op, build_op
 from mmgen.errors import MMGenError
+from mmgen.paths import recipe_path
 
 
 @dataclass
@@ -40,8 +42,6 @@ def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
     if isinstance(recipe, dict):
         data = recipe
     else:
-        from mmgen.paths import recipe_path
-
         path = recipe_path(recipe, "data_pipelines")
         data = read_yaml_mapping(path, "recipe")
         data.setdefault("name", path.stem)
@@ -61,8 +61,6 @@ def import_operator_modules(recipe: Recipe) -> None:
 
 
 def build_ops(recipe: Recipe) -> list[Op]:
-    from mmgen.data.media import set_max_image_pixels
-
     import_operator_modules(recipe)
     set_max_image_pixels(recipe.max_image_pixels)  # the process's decodes, in workers and the parent alike
     ops: list[Op] = []

@@ -13,6 +13,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from mmgen.data.shards import read_shard
+
 EXAMPLES_PER_REASON = 3
 STATUS_COLORS = {"kept": "#4C72B0", "rejected": "#DD8452", "quarantined": "#C44E52"}
 
@@ -143,8 +145,6 @@ def _examples(out: Path) -> dict[str, list[dict]]:
 
 
 def _kept_examples(out: Path, n: int = EXAMPLES_PER_REASON) -> list[str]:
-    from mmgen.data.shards import read_shard
-
     shown = []
     for p in sorted((out / "shards").glob("*.tar")):
         for doc in read_shard(p):

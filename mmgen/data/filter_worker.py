@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from mmgen.data.doc import BadRecord, Doc, Text
+from mmgen.data.filter_inputs import read_unit
 from mmgen.data.ops.base import DocView, Op, Verdict, error_text
+from mmgen.data.shards import doc_to_sample
 from mmgen.errors import MediaError, NotFetchedError
 
 
@@ -91,8 +93,6 @@ def process_doc(ops: list[Op], doc: Doc) -> dict:
 def encode_view(view: DocView) -> tuple | None:
     """The shard members of the document as it stands, encoded here in the worker: the parent writes
     every kept document, and serialising them there would make it the bottleneck."""
-    from mmgen.data.shards import doc_to_sample
-
     try:
         sample = doc_to_sample(view.result(), "")
     except MediaError:
@@ -103,8 +103,6 @@ def encode_view(view: DocView) -> tuple | None:
 
 def process_unit(ops: list[Op], unit, read_opts: dict | None = None) -> list:
     """Everything a worker computes for one work unit: ("bad", record) and ("doc", result) in order."""
-    from mmgen.data.filter_inputs import read_unit
-
     out = []
     records = read_unit(unit, **(read_opts or {}))
     while True:

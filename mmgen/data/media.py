@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 
+from mmgen.data.media_format import sniff_format
 from mmgen.errors import MediaError, MMGenError
 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS: 0.25 GiB of RGBA
@@ -48,9 +49,8 @@ def check_pixels(width: int, height: int, name: str | None = None, what: str = "
 def open_image(data: bytes, name: str | None = None, declared: str | None = None):
     """A lazily decoded PIL image whose header passed the checks (format, pixel limit). Nothing but the
     header has been read; call :func:`decode_image` for the pixels."""
-    from PIL import Image as PILImage, UnidentifiedImageError
-
-    from mmgen.data.doc import sniff_format
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
 
     where = name or "embedded image"
     sniffed = sniff_format(data)
@@ -90,7 +90,7 @@ def decode_image(data: bytes, name: str | None = None, declared: str | None = No
     return img.convert(mode) if mode and img.mode != mode else img
 
 
-def _resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
+def resample_audio(x: np.ndarray, sr: int, target: int) -> np.ndarray:
     """Band-limited polyphase resampling along the last axis."""
     if sr == target:
         return x
@@ -139,7 +139,7 @@ def decode_audio(data: bytes, sample_rate: int | None = None, mono: bool = True,
     if mono:
         x = x.mean(axis=0)
     if sample_rate:
-        x = _resample(x, sr, sample_rate)
+        x = resample_audio(x, sr, sample_rate)
         sr = sample_rate
     return np.ascontiguousarray(x, dtype=np.float32), sr
 

@@ -12,7 +12,7 @@ deduplication decisions against the run-wide index, and writes everything. The o
 does not depend on the executor or the number of workers: the kept documents are those of the
 inputs in input order (file by file, line by line), whatever the unit size; with the same unit size
 the output is the same byte for byte. Media paths in records stay inside the corpus (the input's
-folder or ``media_root``; see :class:`mmgen.data.formats._common.ReadContext`), and images over
+folder or ``media_root``; see :class:`mmgen.data.formats.common.ReadContext`), and images over
 ``max_image_pixels`` are quarantined (``too_many_pixels``) before they are decoded.
 
 Output folder (K numbers the work units; a small file is one unit)::
@@ -49,11 +49,16 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from mmgen.data.executors import EXECUTORS, results_in_order
 from mmgen.data.filter_commit import SelectCommit, ShardCommit, maybe_die, write_json
+from mmgen.data.filter_inputs import INPUT_FORMATS, WorkUnit, auto_unit_bytes, plan_units
 from mmgen.data.filter_recipe import build_ops, load_recipe, two_pass_selectors
+from mmgen.data.filter_report import write_report
+from mmgen.data.formats.common import checked_media_root
+from mmgen.data.input_kind import INPUT_EXTS
 from mmgen.data.ops.base import Op
+from mmgen.data.shards import expand_inputs
 from mmgen.errors import MMGenError
-
 
 _SUBDIRS = ("shards", "rejects", "rejects/media", "quarantine", "stats", "state", "done")
 
@@ -105,8 +110,6 @@ def _open_run(out: Path, job: dict, plan) -> list:
     """The work units of the run in ``out``: those its manifest saved when the folder holds a run of
     the same job (a resume plans nothing, so it reads no input), else ``plan()``'s, saved with the job
     in a new manifest. Refuses a folder holding anything else."""
-    from mmgen.data.filter_inputs import WorkUnit
-
     mpath = out / "manifest.json"
     if mpath.exists():
         try:
@@ -190,12 +193,6 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
     resumes: finished units are skipped and the final output is the same as an uninterrupted run's."""
     from tqdm import tqdm
 
-    from mmgen.data.executors import EXECUTORS, results_in_order
-    from mmgen.data.filter_inputs import INPUT_FORMATS, auto_unit_bytes, plan_units
-    from mmgen.data.formats._common import checked_media_root
-    from mmgen.data.input_kind import INPUT_EXTS
-    from mmgen.data.shards import expand_inputs
-
     r = load_recipe(recipe)
     if max_image_pixels is not None:
         r = dataclasses.replace(r, max_image_pixels=max_image_pixels)
@@ -249,8 +246,6 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
     summary["balanced"] = summary["input"] == summary["kept"] + summary["rejected"] + summary["quarantined"]
     write_json(out / "summary.json", summary)
     if report:
-        from mmgen.data.filter_report import write_report
-
         write_report(out, summary, ops)
     return summary
 

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from mmgen.data.doc import BadRecord, Doc, Text
-from mmgen.paths import expand_inputs
+from mmgen.data.formats import read_records
+from mmgen.data.formats.common import ReadContext, RecordError
+from mmgen.data.input_kind import compression_of, open_decompressed
 from mmgen.errors import MMGenError
+from mmgen.paths import expand_inputs
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -127,7 +130,7 @@ def write_shards(docs: Iterable[Doc], out_dir: str | Path, prefix: str = "shard"
     return sorted(str(p) for p in Path(out_dir).glob(f"{prefix}-*.tar"))
 
 
-def _group_members(tf: tarfile.TarFile, source: str) -> Iterator[dict | BadRecord]:
+def tar_samples(tf: tarfile.TarFile, source: str) -> Iterator[dict | BadRecord]:
     """Yield webdataset-style samples from an open tar, grouping consecutive members by key."""
     current: dict | None = None
     try:
@@ -159,8 +162,6 @@ def _outside_refs(doc: Doc, ctx) -> str | None:
     """A media item of a sample that names a file instead of a member must stay inside the corpus
     (the shard's folder or ``media_root``, held by the shard's ``ReadContext``): the reason to refuse
     the sample, or None."""
-    from mmgen.data.formats._common import RecordError
-
     for it in doc.media:
         if it.data is None and it.path is not None:
             ref = it.path
@@ -178,9 +179,6 @@ def read_shard(path: str | Path, media_root: str | None = None, allow_outside_ro
     """Docs of one shard (plain, gzip or zstd tar), in order; a bad sample or a broken tar becomes a
     BadRecord. A sample whose media name a file outside the corpus is refused (``path_outside_root``).
     ``compression``: ``gzip``, ``zstd`` or None when already known, else told by the first bytes."""
-    from mmgen.data.formats._common import ReadContext
-    from mmgen.data.input_kind import compression_of, open_decompressed
-
     source = str(path)
     try:
         if compression == "sniff":
@@ -194,7 +192,7 @@ def read_shard(path: str | Path, media_root: str | None = None, allow_outside_ro
     broken = False
     ctx = ReadContext(source=source, media_root=media_root)  # one per shard: its folder resolutions are cached
     with tf, stream:
-        for index, sample in enumerate(_group_members(tf, source)):
+        for index, sample in enumerate(tar_samples(tf, source)):
             if isinstance(sample, BadRecord):
                 broken = broken or sample.reason == "corrupt_tar"
                 yield sample
@@ -237,8 +235,6 @@ def read_docs(paths: str | Path | list, strict: bool = False) -> Iterator[Doc | 
     """Docs from shards (``.tar``) or mmgen jsonl (one ``Doc.to_json`` per line, media by path)."""
     for path in expand_inputs(paths):
         if path.endswith(".jsonl"):
-            from mmgen.data.formats import read_records
-
             yield from read_records(path, "mmgen")
         else:
             yield from read_shard(path)

@@ -97,7 +97,17 @@ def shapesworld_metadata(n_per_tag: int = 25, seed: int = 0, heldout_every: int 
     prompt of a tag holds a held-out colour-shape pair (the others are val-split scenes). Each entry
     keeps the scene it was drawn from (``scene``) and ``heldout``."""
     from mmgen.world import caption
-    from mmgen.world.scene import HELDOUT_PAIRS, SHAPES, Obj, Scene, pairs_allowed, split_of, BACKGROUNDS, POSITIONS, SIZES
+    from mmgen.world.scene import (
+        BACKGROUNDS,
+        HELDOUT_PAIRS,
+        POSITIONS,
+        SHAPES,
+        SIZES,
+        Obj,
+        Scene,
+        pairs_allowed,
+        split_of,
+    )
 
     rng = random.Random(f"geneval-{seed}")
     seen_pairs = pairs_allowed("train")

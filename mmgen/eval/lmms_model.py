@@ -85,8 +85,13 @@ class MMGenLMM(lmms):
 
     # -- one answer ----------------------------------------------------------------------------------
     def _answer(self, context: str, images: list, gen_kwargs: dict, name: str) -> str:
-        from mmgen.inference.generate import (generate_images, generate_interleaved, generate_text_rows, image_ids,
-                                              picture_prompt_ids)
+        from mmgen.inference.generate import (
+            generate_images,
+            generate_interleaved,
+            generate_text_rows,
+            image_ids,
+            picture_prompt_ids,
+        )
 
         gen_kwargs = dict(gen_kwargs or {})
         until = gen_kwargs.get("until")
@@ -127,8 +132,8 @@ class MMGenLMM(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        from mmgen.processing.sequence import encode_text
         from mmgen.inference.generate import image_ids, picture_prompt_ids, prompt_ids
+        from mmgen.processing.sequence import encode_text
 
         out = []
         for req in tqdm(requests, desc="mmgen loglikelihood", disable=self.rank != 0):

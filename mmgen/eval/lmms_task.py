@@ -21,8 +21,8 @@ TASK = "shapesworld_qa"
 
 
 def qa_docs(n: int = 200, seed: int = 0, splits=("val", "heldout"), size: tuple[int, int] = (72, 72)) -> list[dict]:
-    from mmgen.world import render
     from mmgen.eval.understanding import qa_cases
+    from mmgen.world import render
 
     docs = []
     for sp in splits:

@@ -51,7 +51,8 @@ def panel_grid(panels: list[dict], path: str | Path, cols: int = 6, cell: int = 
     """A grid of framed panels. Each panel is ``{"images": [(label, PIL image), ...], "text": str,
     "verdict": str, "ok": bool | None, "tag": str}``: its images side by side under their labels, then
     the whole text wrapped to the panel's width, then the verdict in green (ok) or red."""
-    from PIL import Image as PILImage, ImageDraw
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
 
     font = _font()
     n_img = max((len(p["images"]) for p in panels), default=1)

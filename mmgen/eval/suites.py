@@ -15,6 +15,9 @@ batch gives the same result whether it runs in one go, after a resume, or inside
 - ``interleaved``: a build-up document cut before a step's picture -> the next picture, exact scene,
   plus InterleavedEval's five aspects judged by rules (:mod:`mmgen.eval.interleaved`);
 - ``recon``: the image tokenizer's round trip on rendered scenes (scene agreement, PSNR).
+
+Kept as one module: the five suites are short subclasses of one protocol (cases, batches, a judge, a
+summary) and read best side by side.
 """
 
 from __future__ import annotations
@@ -326,9 +329,9 @@ class QASuite(Suite):
         self.splits = tuple(splits)
 
     def prepare(self, bundle, ctx: Context):
-        from mmgen.world import render, render_size
         from mmgen.eval.understanding import qa_cases, qa_prompt_ids, resolution
         from mmgen.inference.generate import image_ids
+        from mmgen.world import render, render_size
 
         res = resolution(bundle)
         self.batches, items = [], []
@@ -418,11 +421,11 @@ class InterleavedSuite(Suite):
     def _continue(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
         """The model writes the next instruction (greedy, up to its first full stop) and draws its picture;
         the rules judge all five aspects, text quality included."""
+        from mmgen.eval.interleaved import apply_instruction, judge_step
+        from mmgen.inference.generate import generate_image_rows, generate_text_rows
         from mmgen.processing.sequence import encode_text
         from mmgen.world.scene import Scene
-        from mmgen.eval.interleaved import apply_instruction, judge_step
         from mmgen.world.scene_parser import compare_scenes, parse_scene
-        from mmgen.inference.generate import generate_image_rows, generate_text_rows
 
         split, start, chunk = payload
         s = ctx.sampling
@@ -451,10 +454,10 @@ class InterleavedSuite(Suite):
         return out
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
-        from mmgen.world.scene import Scene
         from mmgen.eval.interleaved import judge_step
-        from mmgen.world.scene_parser import compare_scenes, parse_scene
         from mmgen.inference.generate import generate_image_rows
+        from mmgen.world.scene import Scene
+        from mmgen.world.scene_parser import compare_scenes, parse_scene
 
         split, start, chunk = payload
         if split.startswith("continuation_"):

@@ -19,7 +19,6 @@ import random
 import re
 
 
-
 def _scenes(n: int, split: str, seed: int, tag: str, **kw) -> tuple[list, random.Random]:
     """``n`` scenes of ``split`` and the generator that drew them (questions are drawn from it next)."""
     from mmgen.world import random_scene, split_of

@@ -110,7 +110,7 @@ def check_options(mode: str = "auto", max_new_tokens: int = 1, temperature=None,
     DEFAULT_SAMPLING.override(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
 
 
-def _check(bundle, mode: str, allow_audio: bool = False) -> None:
+def check_mode_supported(bundle, mode: str, allow_audio: bool = False) -> None:
     """The checks that need the bundle: can it write what ``mode`` / ``allow_audio`` ask for."""
     if mode == "t2i" and not can_draw(bundle):
         raise MMGenError("t2i mode needs a checkpoint with an image tokenizer and pixel codes in its vocab")
@@ -163,7 +163,7 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], **kw) -> I
 
 
 # -- assembling documents ---------------------------------------------------------------------------
-def _special(bundle) -> tuple[int, int]:
+def eos_and_pad_ids(bundle) -> tuple[int, int]:
     tok = bundle.text_tokenizer
     eos = tok.eos_token_id
     if eos is None:
@@ -219,7 +219,7 @@ def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, tempera
     return doc
 
 
-def _check_budget(vocab: Vocab, mode: str, max_new_tokens: int, sizes) -> None:
+def check_block_budget(vocab: Vocab, mode: str, max_new_tokens: int, sizes) -> None:
     """A mode that opens a block in the prompt must have room to close it."""
     if mode == "t2i":
         need = min(vocab.image_block_len(h, w) for h, w in sizes) - 1  # <image> is already in the prompt
@@ -247,11 +247,11 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
 
     s = bundle_sampling(bundle, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
     temperature, top_k, top_p, cfg_scale = s.temperature, s.top_k, s.top_p, s.cfg_scale
-    _check(bundle, "t2i")
+    check_mode_supported(bundle, "t2i")
     if cfg_scale != 1.0 and uncond_rows is None:
         raise MMGenError("classifier-free guidance needs one unconditional prompt per row")
     vocab = bundle.vocab
-    eos, pad = _special(bundle)
+    eos, pad = eos_and_pad_ids(bundle)
     sizes = [tuple(size)] if size else default_image_sizes(bundle)
     budget = max(vocab.image_block_len(h, w) for h, w in sizes) - 1
     out: list = []
@@ -305,7 +305,7 @@ def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: in
     """Greedy text continuation of each prompt row until ``</s>`` (no images): short answers. ``prune`` (a
     :class:`~mmgen.inference.prune.PrefillPruner`) prunes the pictures the rows show."""
     vocab = bundle.vocab
-    eos, pad = _special(bundle)
+    eos, pad = eos_and_pad_ids(bundle)
     out: list[str] = []
     starts = range(0, len(rows), max(1, int(batch_size)))
     if progress:

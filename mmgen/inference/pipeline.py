@@ -231,7 +231,7 @@ class MMGenPipeline:
         option this bundle cannot honour."""
         from dataclasses import replace
 
-        from mmgen.inference.generate import _check, check_options
+        from mmgen.inference.generate import check_mode_supported, check_options
         from mmgen.inference.kv_cache import check_kv_options
         from mmgen.inference.prune import check_prune_options
         from mmgen.inference.settings import bundle_sampling
@@ -242,7 +242,7 @@ class MMGenPipeline:
         check_kv_options(o, self.bundle.model.config)
         s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             cfg_scale=o.cfg_scale)
-        _check(self.bundle, o.mode, o.allow_audio)
+        check_mode_supported(self.bundle, o.mode, o.allow_audio)
         check_prune_options(o, self.bundle.model.config)
         return replace(o, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
 
@@ -270,19 +270,19 @@ class MMGenPipeline:
         import time
         from dataclasses import replace
 
-        from mmgen.inference.generate import _check_budget, _special, default_image_sizes, fit_to_context
+        from mmgen.inference.generate import check_block_budget, default_image_sizes, eos_and_pad_ids, fit_to_context
         from mmgen.inference.kv_cache import kv_cache_for, kv_stats
         from mmgen.inference.prune import make_pruner
 
         o = self.check_inputs(replace(options or GenerationOptions(), **kw))
         b, vocab = self.bundle, self.bundle.vocab
-        eos, pad = _special(b)
+        eos, pad = eos_and_pad_ids(b)
         can_image = can_draw(b) and o.mode != "text"
         can_audio = o.allow_audio or o.mode == "tts"  # check_inputs made sure the bundle can decode it
         sizes = [tuple(s) for s in o.sizes] if o.sizes else (default_image_sizes(b) if can_image else None)
         row, uncond = self.encode_prompt(prompt, o, picture)
         budget, note = fit_to_context(b.model, len(row), o.max_new_tokens)
-        _check_budget(vocab, o.mode, budget, sizes)
+        check_block_budget(vocab, o.mode, budget, sizes)
         builder = self.processor.doc_decoder(audio=can_audio)
         if o.mode in ("t2i", "tts"):
             builder.block = [row[-1]]  # the opener the prompt ends with

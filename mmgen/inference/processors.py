@@ -9,12 +9,17 @@ is a ``StoppingCriteriaList`` of :class:`BlockAwareEosCriteria` and :class:`Imag
 from __future__ import annotations
 
 import torch
+from transformers import (  # noqa: E402  (after the compat shim)
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from mmgen.inference.constraints import ImageGridConstraint  # also makes transformers importable on CPU torch
 from mmgen.processing.vocab import Vocab
-
-from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria,  # noqa: E402  (after the compat shim)
-                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 
 class MediaCFGLogitsProcessor(LogitsProcessor):

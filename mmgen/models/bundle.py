@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmgen.errors import MMGenError
+from mmgen.processing.processor import ChatTemplate
 from mmgen.processing.vocab import Vocab
+from mmgen.utils.compat import ensure_torchvision
 from mmgen.utils.files import read_json
 
 # transformers' GenerationConfig file: bos/eos/pad and the sampling settings generation starts from
@@ -53,7 +55,6 @@ class Bundle:
         if self.audio_tokenizer is not None:
             self.audio_tokenizer.save_pretrained(p / "audio_tokenizer")
         # The chat template goes in explicitly: generation never re-derives it from the training config.
-        from mmgen.processing.processor import ChatTemplate
 
         (self.chat_template or ChatTemplate.from_training(self.meta)).save(p)
         (p / "mmgen.json").write_text(json.dumps(self.meta, indent=1, default=str))
@@ -108,8 +109,6 @@ def check_bundle_dir(path: str | Path) -> Path:
 
 def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
     """Load a bundle written by :meth:`Bundle.save` (or by training) from a local directory."""
-    from mmgen.utils.compat import ensure_torchvision
-
     ensure_torchvision()  # transformers' model classes import torchvision, broken next to CPU torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,7 +142,6 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
 
         audio_tokenizer = AudioCodec.from_pretrained(p / "audio_tokenizer", device=device)
     meta = read_json(p / "mmgen.json", {})
-    from mmgen.processing.processor import ChatTemplate
 
     return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer=audio_tokenizer,
                   chat_template=ChatTemplate.load(p))

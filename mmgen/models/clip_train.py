@@ -22,9 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmgen.world.text import cell_phrases
+from mmgen.backbones.clip import (
+    TINY_CLIP_CFG,
+    ClipEncoder,
+    build_open_clip,
+    cell_regions,
+    open_clip_module,
+    region_text_logits,
+    save_clip,
+)
+from mmgen.config import save_config
 from mmgen.errors import MMGenError
-from mmgen.backbones.clip import TINY_CLIP_CFG, build_open_clip, cell_regions, region_text_logits, save_clip
+from mmgen.world import COLORS, SHAPES, caption, random_scene, render, render_side
+from mmgen.world.text import EMPTY_CELL, all_cell_phrases, cell_phrases, position_phrase, swap_attribute
 
 
 @dataclass
@@ -63,8 +73,6 @@ def shapes_pairs(n: int, size: int, seed: int, split: str = "train"):
     """``n`` (scene, PIL image, caption) triples from ShapesWorld. Pictures are rendered at a whole
     multiple of ``size`` of at least the world's 64 px (``render_side``) and left to the encoder's
     bicubic resize, as corpus pictures reach it."""
-    from mmgen.world import caption, random_scene, render, render_side
-
     rng = random.Random(f"clip-{split}-{seed}")
     out = []
     side = render_side(size)
@@ -75,8 +83,6 @@ def shapes_pairs(n: int, size: int, seed: int, split: str = "train"):
 
 
 def _prompt(obj, color: str, shape: str, background: str) -> str:
-    from mmgen.world.text import position_phrase
-
     text = f"a {obj.size} {color} {shape} {position_phrase(obj.cell)}, on a {background} background."
     return text[0].upper() + text[1:]
 
@@ -85,8 +91,6 @@ def _prompt(obj, color: str, shape: str, background: str) -> str:
 def zero_shot_accuracy(clip, scenes, images) -> dict:
     """Zero-shot colour and shape accuracy of the largest object: one prompt per candidate value,
     everything else in the prompt true to the scene."""
-    from mmgen.world import COLORS, SHAPES
-
     img = clip.encode_image(images)
     hits = {"color": 0, "shape": 0}
     for i, s in enumerate(scenes):
@@ -104,8 +108,6 @@ def phrase_separation(clip) -> dict:
     """How far apart the text tower puts cell phrases that differ in one word: mean and max cosine over
     the pairs differing only in shape ("a large cyan circle" / "a large cyan cross") and only in colour.
     DualViTok's region-text loss can only part codes whose phrases the text tower parts."""
-    from mmgen.world.text import EMPTY_CELL, all_cell_phrases
-
     phrases = [p for p in all_cell_phrases() if p != EMPTY_CELL]
     words = [p.split() for p in phrases]  # a SIZE COLOR SHAPE
     text = clip.encode_text(phrases)
@@ -142,8 +144,6 @@ def hard_negative_loss(model, tokenizer, img_f, txt_f, captions: list[str], rng:
     caption (NegCLIP's hard negatives); ``img_f`` / ``txt_f`` are the batch's unit embeddings."""
     import torch.nn.functional as F
 
-    from mmgen.world.text import swap_attribute
-
     neg_f = model.encode_text(tokenizer([swap_attribute(c, rng) for c in captions]), normalize=True)
     logits = model.logit_scale.exp() * img_f @ torch.cat([txt_f, neg_f]).T
     return F.cross_entropy(logits, torch.arange(len(captions)))
@@ -152,9 +152,6 @@ def hard_negative_loss(model, tokenizer, img_f, txt_f, captions: list[str], rng:
 def train_clip(cfg: ClipTrainConfig) -> Path:
     """Train the tiny CLIP; returns the saved model directory (``out_dir/clip``)."""
     from tqdm import tqdm
-
-    from mmgen.config import save_config
-    from mmgen.backbones.clip import ClipEncoder, open_clip_module
 
     open_clip = open_clip_module()
 

@@ -41,20 +41,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgen.errors import MMGenError
+from mmgen.tokenizers import load_image_tokenizer
+from mmgen.utils.compat import ensure_torchvision
 
+ensure_torchvision()  # diffusers imports transformers, whose import touches torchvision: the CPU shim first
 
-def _diffusers():
-    from mmgen.utils.compat import ensure_torchvision
-
-    ensure_torchvision()
-    import diffusers
-
-    return diffusers
-
-
-_diffusers()
-from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DModel
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    ImagePipelineOutput,
+    ModelMixin,
+    UNet2DModel,
+)
+from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
 
 SCHEDULERS = ("ddim", "dpm", "ddpm")
 
@@ -149,8 +150,7 @@ def build_unet(cond_channels: int, sample_size: int, block_out_channels: Sequenc
 
 def make_scheduler(name: str, config: dict | None = None, prediction_type: str = "sample"):
     """A diffusers scheduler by short name (ddim, dpm = DPM-Solver++ multistep, ddpm)."""
-    d = _diffusers()
-    classes = {"ddim": d.DDIMScheduler, "dpm": d.DPMSolverMultistepScheduler, "ddpm": d.DDPMScheduler}
+    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
     if name not in classes:
         raise MMGenError(f"unknown scheduler '{name}' (use one of {', '.join(SCHEDULERS)})")
     if config is not None:
@@ -263,8 +263,6 @@ def load_pipeline(path: str | Path, device: str = "cpu", tokenizer=None) -> Code
     if pipe.conditioner.uses_decoded:
         tokenizer = tokenizer if tokenizer is not None else pipe.conditioner.config.tokenizer
         if isinstance(tokenizer, (str, Path)):
-            from mmgen.tokenizers import load_image_tokenizer
-
             tokenizer = load_image_tokenizer(tokenizer) if tokenizer and Path(tokenizer).is_dir() else None
         pipe.image_tokenizer = tokenizer.eval().to(device) if tokenizer is not None else None
     return pipe.to(device)

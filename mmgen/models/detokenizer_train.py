@@ -29,7 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.errors import MMGenError
-from mmgen.utils.pixels import uint8_to_unit
+from mmgen.tokenizers import load_image_tokenizer
+from mmgen.tokenizers.train_data import square_image
+from mmgen.tokenizers.vq import psnr
+from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
+from mmgen.utils.pixels import tensor_to_pil, uint8_to_unit
+from mmgen.world import random_scene, render
 
 
 @dataclass
@@ -99,12 +104,9 @@ def shapes_pairs(n: int, low: int, high: int, seed: int, split: str = "train") -
     the scene parser reads only ~70% of them."""
     import numpy as np
 
-    from mmgen.world import random_scene, render
-    from mmgen.tokenizers.train import _square  # the tokenizers' own resize of training pictures
-
     rng = random.Random(seed)
     scenes = [random_scene(rng, split) for _ in range(n)]
-    draw = lambda s, side: _square(render(s, 2 * side, 2 * side), side)  # noqa: E731
+    draw = lambda s, side: square_image(render(s, 2 * side, 2 * side), side)  # noqa: E731
     lo = np.stack([draw(s, low) for s in scenes])
     hi = lo if high == low else np.stack([draw(s, high) for s in scenes])
     to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
@@ -154,9 +156,6 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     from tqdm import tqdm
 
     from mmgen.models.detokenizer import build_pipeline
-    from mmgen.tokenizers import load_image_tokenizer
-    from mmgen.utils.pixels import tensor_to_pil
-    from mmgen.tokenizers.train import _save_checkpoint, prepare_run_dir, resume_or_start
 
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "scale", "train_images"):
         if getattr(cfg, name) <= 0:
@@ -230,7 +229,7 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             total, n_win = 0.0, 0
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save_checkpoint(out / "checkpoints", model, opt, done, cfg.keep_checkpoints)
+            save_checkpoint(out / "checkpoints", model, opt, done, cfg.keep_checkpoints)
     bar.close()
     train_s = time.time() - t0
 
@@ -240,8 +239,6 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     report = {"steps": cfg.steps, "train_seconds": round(train_s, 1), "train_images": cfg.train_images,
               "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()), "scale": cfg.scale}
     if cfg.eval_images:
-        from mmgen.tokenizers.vq import psnr
-
         elo, ehi, _ = shapes_pairs(cfg.eval_images, res, res * cfg.scale, cfg.seed + 1, split="heldout")
         eg = encode_all(tok, elo)
         pipe.image_tokenizer = tok

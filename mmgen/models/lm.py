@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mmgen.errors import MMGenError
-from mmgen.models.text_tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mmgen.models.text_tokenizer import BOS_ID, EOS_ID, PAD_ID, special_ids
 from mmgen.processing.vocab import Vocab
 from mmgen.utils.compat import ensure_torchvision  # transformers' model modules import torchvision
 
@@ -33,8 +33,6 @@ def build_tiny_lm(vocab: Vocab, hidden: int = 256, layers: int = 4, heads: int =
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if text_tokenizer is not None:
-        from mmgen.models.text_tokenizer import special_ids
-
         ids = special_ids(text_tokenizer)
         bos_token_id, eos_token_id, pad_token_id = ids["bos"], ids["eos"], ids["pad"]
     if hidden % heads:

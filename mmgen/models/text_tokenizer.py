@@ -30,8 +30,9 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 1000, min_frequ
 
     Deterministic: the same texts in the same order give the same merges and ids. Any string can be
     encoded afterwards (byte fallback), so prompts with words never seen in training still work."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB:
         raise MMGenError(f"text vocab_size {vocab_size} is too small for a byte-level BPE (use at least {MIN_VOCAB})")

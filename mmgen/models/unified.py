@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mmgen.errors import MMGenError
-from mmgen.processing.vocab import GRID_BRANCHES, Vocab
+from mmgen.processing.vocab import Vocab
 from mmgen.utils.compat import ensure_torchvision
 
 ensure_torchvision()  # transformers' model modules import torchvision, broken next to CPU torch
@@ -46,6 +46,9 @@ ensure_torchvision()  # transformers' model modules import torchvision, broken n
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel  # noqa: E402
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+
+from mmgen.data.packing import causal_lm_loss
+from mmgen.models.lm import build_tiny_lm
 
 IGNORE_INDEX = -100
 MODALITY_FEATURES = ("image", "audio")
@@ -308,8 +311,6 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.logits(hidden)
         loss = None
         if labels is not None:
-            from mmgen.data.packing import causal_lm_loss
-
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=getattr(out, "hidden_states", None),
@@ -374,8 +375,6 @@ def build_unified_lm(vocab: Vocab, base: str | dict | None = None, **kwargs) -> 
                  "grid_target"}
     wrap_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in wrap_keys}
     if base is None:
-        from mmgen.models.lm import build_tiny_lm
-
         lm = build_tiny_lm(vocab, **kwargs)
     elif isinstance(base, dict):
         cfg = dict(base)

@@ -20,8 +20,16 @@ from typing import Sequence
 import numpy as np
 
 from mmgen.data.doc import Audio, Doc, Image, Text
+from mmgen.data.media import encode_wav
 from mmgen.errors import MMGenError
-from mmgen.processing.sequence import ASSISTANT_TAG, USER_TAG
+from mmgen.processing.sequence import (
+    ASSISTANT_TAG,
+    USER_TAG,
+    chat_layout,
+    encode_chat_prompt,
+    encode_prompt,
+    encode_text,
+)
 from mmgen.processing.vocab import Vocab
 
 PROCESSOR_CONFIG = "processor_config.json"
@@ -45,8 +53,6 @@ class ChatTemplate:
     @classmethod
     def from_training(cls, meta: dict) -> "ChatTemplate":
         """The template a training run used, from its bundle facts (stage and ``data.chat``)."""
-        from mmgen.processing.sequence import chat_layout
-
         chat = ((meta.get("config") or {}).get("data") or {}).get("chat", "auto")
         return cls(chat_layout(meta.get("stage", ""), chat), USER_TAG, ASSISTANT_TAG)
 
@@ -96,8 +102,6 @@ class MMGenProcessor:
     def chat_prompt_ids(self, text: str, image_ids: list[int] | None = None) -> list[int]:
         """``<s> User: [image] text Assistant:`` with the template's tags (:func:`encode_chat_prompt
         <mmgen.processing.sequence.encode_chat_prompt>`, the layout training writes)."""
-        from mmgen.processing.sequence import encode_chat_prompt
-
         t = self.chat_template
         return encode_chat_prompt(text, self.text_tokenizer, image_ids=image_ids, user_tag=t.user_tag,
                                   assistant_tag=t.assistant_tag)
@@ -106,8 +110,6 @@ class MMGenProcessor:
         """The prefix training used for the same text: ``<s> text`` (plus ``<image>`` when ``image``), or
         ``<s> User: text Assistant:`` (plus ``<image>``) under a chat template that applies. The empty
         prompt stays ``<s>``: the unconditional row of classifier-free guidance, learnt in pretraining."""
-        from mmgen.processing.sequence import encode_prompt
-
         if prompt and self.trained_in_chat():
             return self.chat_prompt_ids(prompt) + ([self.vocab["<image>"]] if image else [])
         return encode_prompt(prompt, self.text_tokenizer, self.vocab, image=image)
@@ -116,8 +118,6 @@ class MMGenProcessor:
         """A picture (its image block ids), then ``text``: a question about the picture (QA
         conversations) or, with ``question=False``, an instruction for the next picture (build-up
         documents), in the chat layout where the template says so."""
-        from mmgen.processing.sequence import encode_prompt, encode_text
-
         tok = self.text_tokenizer
         if self.trained_in_chat(conversation=question):
             return self.chat_prompt_ids(text, image_ids=block)
@@ -127,8 +127,6 @@ class MMGenProcessor:
         """A conversation (``[{"role": "user"|"assistant", "content": str | PIL | [parts]}]``, the
         messages format of transformers' chat templates) as the ids the model answers from: every
         turn in the bundle's chat layout, ending with the assistant tag."""
-        from mmgen.processing.sequence import encode_text
-
         tok = self.text_tokenizer
         ids = [tok.bos_token_id]
         for m in messages:
@@ -283,8 +281,6 @@ def decode_audio_codes(codec, codes) -> np.ndarray:
 
 def audio_item(codec, codes, meta: dict | None = None) -> Audio:
     """An Audio item holding the WAV (at the codec's sample rate) of ``(levels, T)`` codes."""
-    from mmgen.data.media import encode_wav
-
     codes = np.asarray(codes, dtype=np.int64)
     wave = decode_audio_codes(codec, codes)
     facts = {"codes_shape": list(codes.shape), "frames": int(codes.shape[1]), "sample_rate": codec.sample_rate,

@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmgen.data.media import resample_audio, decode_audio
 from mmgen.errors import MediaError, MMGenError
+from mmgen.utils.compat import ensure_torchvision
 
 
 def _transformers():
     # transformers' modeling import touches torchvision: install the CPU shim first.
-    from mmgen.utils.compat import ensure_torchvision
 
     ensure_torchvision()
     import transformers
@@ -140,8 +141,6 @@ class AudioCodec(torch.nn.Module):
     # -- input handling -----------------------------------------------------------------------
     def load_waveform(self, audio, sample_rate: int | None = None) -> np.ndarray:
         """Any accepted audio input -> mono float32 samples at the codec's rate."""
-        from mmgen.data.media import _resample, decode_audio
-
         if isinstance(audio, (str, Path)):
             p = Path(audio)
             if not p.is_file():
@@ -158,7 +157,7 @@ class AudioCodec(torch.nn.Module):
             raise MMGenError(f"expected samples shaped (n,) or (channels, n), got {x.shape}")
         if sample_rate is None:
             raise MMGenError("raw samples need their sample_rate (e.g. encode(x, sample_rate=44100))")
-        return _resample(x.astype(np.float32), int(sample_rate), self.sample_rate)
+        return resample_audio(x.astype(np.float32), int(sample_rate), self.sample_rate)
 
     # -- the API --------------------------------------------------------------------------------
     @torch.no_grad()

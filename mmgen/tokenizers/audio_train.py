@@ -27,8 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmgen.errors import MMGenError
+from mmgen.data.media import decode_audio
+from mmgen.errors import MediaError, MMGenError
 from mmgen.tokenizers.audio import AudioCodec, AudioCodecConfig, codebook_usage, log_mel, mel_l1, si_snr
+from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
+from mmgen.world import random_scene
+from mmgen.world.media import speak
+from mmgen.world.text import caption
 
 REAL_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real"
 
@@ -72,11 +77,6 @@ class AudioTrainConfig:
 
 def spoken_captions(n: int, split: str, seed: int, sample_rate: int, speeds: list[int]) -> list[np.ndarray]:
     """``n`` ShapesWorld captions of ``split`` scenes, spoken by espeak-ng at varied speeds."""
-    from mmgen.data.media import decode_audio
-    from mmgen.world import random_scene
-    from mmgen.world.media import speak
-    from mmgen.world.text import caption
-
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -88,9 +88,6 @@ def spoken_captions(n: int, split: str, seed: int, sample_rate: int, speeds: lis
 
 def real_clips(paths: list[str], sample_rate: int, eval_fraction: float) -> tuple[list, list, list[str]]:
     """(train heads, held-out tails, names) of the real recordings."""
-    from mmgen.data.media import decode_audio
-    from mmgen.errors import MediaError
-
     heads, tails, names = [], [], []
     for p in paths:
         path = Path(p)
@@ -203,8 +200,6 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     """Train the audio codec; returns the directory it was saved to (``out_dir/codec``)."""
     from tqdm import tqdm
 
-    from mmgen.tokenizers.train import _save_checkpoint, prepare_run_dir, resume_or_start
-
     for name in ("steps", "batch_size", "log_every", "ckpt_every"):
         if getattr(cfg, name) <= 0:
             raise MMGenError(f"{name} must be positive, got {getattr(cfg, name)}")
@@ -260,7 +255,7 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", mel=f"{rec['mel_l1']:.3f}")
             window, n_window = {}, 0
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save_checkpoint(out / "checkpoints", state, opt, done, cfg.keep_checkpoints)
+            save_checkpoint(out / "checkpoints", state, opt, done, cfg.keep_checkpoints)
     bar.close()
     train_s = time.time() - t0
 

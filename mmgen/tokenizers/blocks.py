@@ -29,6 +29,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from mmgen.data.code_shards import read_code_shards_of_splits
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.base import ImageTokenizer, as_code_grids, load_image_tokenizer, register_tokenizer
 from mmgen.utils.pixels import pil_to_tensor, tensor_to_pil
@@ -188,8 +189,6 @@ def _pix_codebook(tok) -> int:
 
 def image_grids_of_shards(code_shards, splits: Iterable[str] | None = ("train",)) -> Iterable[np.ndarray]:
     """Every image item's pixel-code grid in ``code_shards`` (documents of ``splits`` only; None: all)."""
-    from mmgen.data.code_shards import read_code_shards_of_splits
-
     for r in read_code_shards_of_splits(code_shards, splits):
         if not hasattr(r, "doc"):
             continue

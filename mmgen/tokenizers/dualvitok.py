@@ -23,16 +23,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmgen.backbones.clip import build_open_clip, load_clip
+from mmgen.config import from_dict
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.base import ImageTokenizer, as_code_grids, register_tokenizer
-from mmgen.utils.pixels import pil_to_tensor, tensor_to_pil, uint8_to_unit
 from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
-from mmgen.tokenizers.vq import _diffusers_vae_blocks
+from mmgen.tokenizers.vq import diffusers_vae_blocks
+from mmgen.utils.compat import ensure_torchvision
+from mmgen.utils.pixels import pil_to_tensor, tensor_to_pil, uint8_to_unit
 
 TEACHER_KINDS = ("open_clip", "timm", "transformers")
 
@@ -60,8 +62,6 @@ class Teacher(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if kind == "open_clip":
-            from mmgen.backbones.clip import build_open_clip
-
             self.tower = build_open_clip(model_cfg).visual
             self.patch = int(self.tower.patch_size[0])
             self.dim = int(self.tower.transformer.width)
@@ -75,8 +75,6 @@ class Teacher(nn.Module):
             self.patch = int(self.tower.patch_embed.patch_size[0])
             self.dim = int(self.tower.num_features)
         else:
-            from mmgen.utils.compat import ensure_torchvision
-
             ensure_torchvision()
             from transformers import AutoConfig, AutoModel
 
@@ -90,8 +88,6 @@ class Teacher(nn.Module):
     def load_weights(self, name_or_path: str) -> None:
         """Copy a pretrained tower's weights in (an mmgen CLIP dir, a timm/transformers name or path)."""
         if self.kind == "open_clip":
-            from mmgen.backbones.clip import load_clip
-
             src = load_clip(name_or_path).model.visual.state_dict()
         elif self.kind == "timm":
             import timm
@@ -207,7 +203,6 @@ class PatchEncoder(nn.Module):
 def _qcfg(d) -> QuantizerConfig:
     if isinstance(d, QuantizerConfig):
         return d
-    from mmgen.config import from_dict
 
     return from_dict(QuantizerConfig, dict(d or {}), prefix="quantizer.")
 
@@ -254,7 +249,7 @@ class DualViTok(ImageTokenizer):
         self.sem_decoder = _blocks(sem_width, sem_decoder_layers, sem_heads)
         self.sem_out = nn.Linear(sem_width, td)
         # pixel branch
-        Encoder, Decoder = _diffusers_vae_blocks()
+        Encoder, Decoder = diffusers_vae_blocks()
         levels = len(self.hp["pix_channels"])
         pix = 3 * pix_patch_size ** 2
         if any(c % norm_groups for c in self.hp["pix_channels"]):

@@ -1,6 +1,8 @@
 """Training DualViTok (``mmgen train-tokenizer`` with ``tokenizer: dualvitok``); plain PyTorch.
 
-Shares data loading, the LR schedule and the safetensors checkpoints with :mod:`mmgen.tokenizers.train`.
+Shares its configuration, data loading, losses and LR schedule with the pixel VQ trainer
+(:mod:`mmgen.tokenizers.train_config`, :mod:`~mmgen.tokenizers.train_data`, :mod:`~mmgen.tokenizers.losses`) and
+the safetensors checkpoints with every small trainer (:mod:`mmgen.utils.checkpoints`).
 
 Loss = L1 + L2 + edge on pixels
      + ``feature_weight`` * (1 - cos) between the semantic decoder's output and the teacher's features
@@ -32,25 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmgen.backbones.clip import cell_regions, load_clip, region_text_logits
 from mmgen.errors import MMGenError
+from mmgen.tokenizers.dualvitok import PatchGAN, build_dualvitok
+from mmgen.tokenizers.losses import pixel_losses
+from mmgen.tokenizers.quantizers import perplexity, usage_fraction
+from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_config, lr_at
+from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
+from mmgen.tokenizers.vq import psnr
+from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
 from mmgen.utils.pixels import through_uint8, uint8_to_unit
-from mmgen.tokenizers.train import (
-    TokenizerTrainConfig,
-    _check,
-    _save_checkpoint,
-    _save_recon_grid,
-    load_training_images,
-    lr_at,
-    pixel_losses,
-    prepare_run_dir,
-    resume_or_start,
-)
+from mmgen.world import all_cell_phrases, cell_phrases
 
 
 def build_dualvitok_from_config(cfg: TokenizerTrainConfig, load_teacher: bool = True):
     import dataclasses
-
-    from mmgen.tokenizers.dualvitok import build_dualvitok
 
     d = dataclasses.asdict(cfg.dualvitok)
     teacher = dict(d.pop("teacher"))
@@ -85,8 +83,6 @@ class RegionTextHead(nn.Module):
     def logits(self, sem_q: torch.Tensor, cells: int) -> torch.Tensor:
         """``(B, D, h, w)`` quantized semantic map -> ``(B * cells, phrases)``, cells row-major (the
         code map is pooled to the phrase grid when the two differ)."""
-        from mmgen.backbones.clip import cell_regions, region_text_logits
-
         return region_text_logits(self.proj(cell_regions(sem_q, cells)), self.texts, self.scale)
 
     def forward(self, sem_q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,9 +104,6 @@ class RegionTextHead(nn.Module):
 def region_text_targets(cfg: TokenizerTrainConfig, scenes: list):
     """The region-text head and each image's cell-phrase indices ``(N, cells)`` (-100 where the scene
     is unknown), with the phrases embedded once by the teacher CLIP's text tower."""
-    from mmgen.world import all_cell_phrases, cell_phrases
-    from mmgen.backbones.clip import load_clip
-
     teacher = cfg.dualvitok.teacher
     if teacher.get("kind") != "open_clip" or not teacher.get("name"):
         raise MMGenError("text_weight needs a CLIP teacher with a text tower (dualvitok.teacher kind=open_clip, name=DIR)")
@@ -217,9 +210,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     """Train DualViTok from ``cfg``; returns ``out_dir/tokenizer``."""
     from tqdm import tqdm
 
-    from mmgen.tokenizers.dualvitok import PatchGAN
-
-    _check(cfg)
+    check_train_config(cfg)
     if set(cfg.prune_codes) - {"sem", "pix"}:
         raise MMGenError(f"prune_codes takes code levels sem and pix, got {cfg.prune_codes}")
     if not 0 <= cfg.prune_min_share < 1 or (cfg.prune_min_share > 0 and not cfg.prune_codes):
@@ -300,7 +291,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
             window, n_win, restarts = {}, 0, 0
             counts = {n: torch.zeros_like(c) for n, c in counts.items()}
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save_checkpoint(out / "checkpoints", holder, opt, done, cfg.keep_checkpoints, extra)
+            save_checkpoint(out / "checkpoints", holder, opt, done, cfg.keep_checkpoints, extra)
 
     model.eval()
     pruned = {level: model.prune_codes(level, train_x, cfg.prune_min_share) for level in cfg.prune_codes}
@@ -322,9 +313,6 @@ def evaluate_dualvitok(model, images_u8: torch.Tensor, grid_path: Path | None = 
     """Held-out PSNR (uint8 round trip), codebook usage of both quantizers, teacher-feature cosine;
     with ``region_text`` = (head, cell targets), the share of known cells the head names right from
     the encoded semantic codes."""
-    from mmgen.tokenizers.quantizers import perplexity, usage_fraction
-    from mmgen.tokenizers.vq import psnr
-
     x = uint8_to_unit(images_u8)
     codes, recons, feats = {"sem": [], "pix": []}, [], []
     for i in range(0, len(x), 64):
@@ -339,7 +327,7 @@ def evaluate_dualvitok(model, images_u8: torch.Tensor, grid_path: Path | None = 
     recon = torch.cat(recons)
     codes = {n: torch.cat(v) for n, v in codes.items()}
     if grid_path is not None:
-        _save_recon_grid(x[:8], recon[:8], grid_path)
+        save_recon_grid(x[:8], recon[:8], grid_path)
     report = {"eval_psnr": round(float(psnr(recon, x).mean()), 3),
               "eval_teacher_cosine": round(float(torch.stack(feats).mean()), 4),
               **{f"eval_{n}_usage": [round(u, 4) for u in usage_fraction(getattr(model, f"{n}_quantizer"), c)]

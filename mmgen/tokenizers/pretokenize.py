@@ -39,7 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmgen.data.code_shards import CodedDoc, CodeShardWriter
+from mmgen.data.doc import BadRecord, Doc, Image
+from mmgen.data.executors import map_resumable
+from mmgen.data.media import set_max_image_pixels
+from mmgen.data.shards import read_docs
 from mmgen.errors import MediaError, MMGenError, NotFetchedError
+from mmgen.paths import expand_inputs
+from mmgen.tokenizers.audio import AudioCodec
+from mmgen.tokenizers.base import load_image_tokenizer
+from mmgen.tokenizers.video import VideoEncoder
 from mmgen.utils.files import write_json
 
 
@@ -90,9 +99,6 @@ class _MediaCoder:
 
     def __init__(self, image_tokenizer, audio_tokenizer, video: bool, video_fps: float, video_max_frames: int,
                  batch_size: int, video_dtype: type):
-        from mmgen.tokenizers.audio import AudioCodec
-        from mmgen.tokenizers.video import VideoEncoder
-
         self.codec = AudioCodec.from_pretrained(audio_tokenizer) if audio_tokenizer else None
         self.video = (VideoEncoder(image_tokenizer, fps=video_fps, max_frames=video_max_frames, batch_size=batch_size)
                       if video else None)
@@ -124,8 +130,6 @@ class _ShardCoder:
     """What a worker holds to tokenize shards: the image tokenizer, the audio/video coder, the settings."""
 
     def __init__(self, p: dict):
-        from mmgen.tokenizers.base import load_image_tokenizer
-
         self.p = p
         self.tok = load_image_tokenizer(p["tokenizer"])
         self.sizes = getattr(self.tok, "codebook_sizes", {"pix": self.tok.codebook_size})
@@ -144,11 +148,6 @@ class _ShardCoder:
 
     def run(self, index: int, path: str, out: Path) -> dict:
         """Tokenize one input file into ``out/codes-IIIIII-NNNNNN.tar``; its counts and quarantined records."""
-        from mmgen.data.code_shards import CodedDoc, CodeShardWriter
-        from mmgen.data.doc import BadRecord, Doc
-        from mmgen.data.media import set_max_image_pixels
-        from mmgen.data.shards import read_docs
-
         tok, batch_size, p = self.tok, self.p["batch_size"], self.p
         set_max_image_pixels(p.get("max_image_pixels"))  # the limit is per process: set in each worker
         stats, reasons, grids, quarantined = Counter(), Counter(), Counter(), []
@@ -288,14 +287,10 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     ``too_many_pixels`` and is never decoded).
 
     Returns a summary (also written to ``out_dir/summary.json``)."""
-    from mmgen.data.executors import map_resumable
-    from mmgen.paths import expand_inputs
-
     if batch_size <= 0:
         raise MMGenError(f"batch_size must be positive, got {batch_size}")
     if workers < 1:
         raise MMGenError(f"workers must be at least 1, got {workers}")
-    from mmgen.data.media import set_max_image_pixels
 
     set_max_image_pixels(max_image_pixels)  # a bad limit is an error here, before any worker starts
     paths = expand_inputs(inputs)
@@ -350,7 +345,5 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
 def encode_image_files(tokenizer, paths, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Codes ``(B, h, w)`` for image files; an unreadable or undecodable file raises
     :class:`~mmgen.errors.MediaError` naming it."""
-    from mmgen.data.doc import Image
-
     images = [Image(path=str(p)).to_pil() for p in paths]
     return tokenizer.encode(images, size=size)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmgen.data.media import decode_video
 from mmgen.errors import MediaError, MMGenError
 
 MERGED = -1  # a cell a frame does not emit: the decoder copies it from the frame before
@@ -128,8 +129,6 @@ class VideoEncoder:
     # -- 1, 2: decode and sample -------------------------------------------------------------------
     def sample_frames(self, video) -> tuple[list, list[float], list[bool]]:
         """A path or bytes -> (PIL frames, timestamps, keyframe flags)."""
-        from mmgen.data.media import decode_video
-
         name = None
         if isinstance(video, (str, Path)):
             name = str(video)

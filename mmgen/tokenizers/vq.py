@@ -25,12 +25,11 @@ from torch import nn
 
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.base import ImageTokenizer, register_tokenizer
+from mmgen.utils.compat import ensure_torchvision
 
 
-def _diffusers_vae_blocks():
+def diffusers_vae_blocks():
     # diffusers pulls in transformers, whose import touches torchvision: install the CPU shim first.
-    from mmgen.utils.compat import ensure_torchvision
-
     ensure_torchvision()
     from diffusers.models.autoencoders.vae import Decoder, Encoder
 
@@ -147,7 +146,7 @@ class PixelVQ(ImageTokenizer):
         self.usage_decay = usage_decay
         self.downsample = patch_size * 2 ** (len(self.channels) - 1)
 
-        Encoder, Decoder = _diffusers_vae_blocks()
+        Encoder, Decoder = diffusers_vae_blocks()
         levels = len(self.channels)
         pix = 3 * patch_size * patch_size
         self.encoder = Encoder(in_channels=pix, out_channels=code_dim, down_block_types=("DownEncoderBlock2D",) * levels,

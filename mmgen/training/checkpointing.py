@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mmgen.config import to_dict
+from mmgen.models.bundle import Bundle
 from mmgen.training.config import TrainConfig
 from mmgen.training.model_setup import unwrap_for_saving
 
@@ -69,8 +70,6 @@ def write_snapshot(engine, data: dict, cfg: TrainConfig, out_dir: Path, step: in
 
 
 def save_bundle(model, data: dict, cfg: TrainConfig, summary: dict, final: Path, extra_meta: dict | None = None) -> None:
-    from mmgen.models.bundle import Bundle
-
     image_tok = data["image_tokenizer"]
     meta = {"preset": cfg.preset, "stage": cfg.stage, "train": summary, "config": to_dict(cfg),
             "image_grids": data["image_grids"], **(extra_meta or {})}

@@ -11,10 +11,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmgen.data.code_shards import read_code_shards_of_splits
 from mmgen.data.doc import BadRecord
+from mmgen.data.packed_shards import read_index
+from mmgen.data.packing import pack_sequences, packed_attention_mask, packed_batch
 from mmgen.errors import MMGenError
+from mmgen.models.text_tokenizer import train_text_tokenizer
+from mmgen.processing.sequence import build_sequences, chat_layout, doc_texts
+from mmgen.processing.vocab import Vocab
+from mmgen.tokenizers import load_image_tokenizer
+from mmgen.tokenizers.audio import AudioCodec
 from mmgen.training.config import TrainConfig
 from mmgen.training.distributed import barrier, gather
+from mmgen.training.streaming import StreamBatches
+from mmgen.world.surface import vary_prompts
 
 
 def _inherit_tokenizers(cfg: TrainConfig) -> None:
@@ -31,9 +41,6 @@ def _new_text_tokenizer(cfg: TrainConfig, records=None):
     from itertools import islice
 
     from transformers import AutoTokenizer
-
-    from mmgen.models.text_tokenizer import train_text_tokenizer
-    from mmgen.processing.sequence import doc_texts
 
     if cfg.init_from:  # continue with the ids the starting bundle was trained on
         return AutoTokenizer.from_pretrained(cfg.init_from)
@@ -62,13 +69,9 @@ def text_tokenizer_for(cfg: TrainConfig, tok_dir: Path, rank: int, records=None,
 
 def media_tokenizers_and_vocab(cfg: TrainConfig, tok):
     """(vocab, image tokenizer or None, audio codec or None) of a run with text tokenizer ``tok``."""
-    from mmgen.processing.vocab import Vocab
-
     image_tokenizer = None
     _inherit_tokenizers(cfg)
     if cfg.data.image_tokenizer:
-        from mmgen.tokenizers import load_image_tokenizer
-
         if not Path(cfg.data.image_tokenizer).is_dir():
             raise MMGenError(f"data.image_tokenizer: no tokenizer directory at {cfg.data.image_tokenizer} (train one with "
                              "`mmgen train-tokenizer`, or set data.image_tokenizer=null data.codebook_size=N)")
@@ -83,8 +86,6 @@ def media_tokenizers_and_vocab(cfg: TrainConfig, tok):
                          "(the tokenizer that made the code shards) or data.codebook_size=N")
     audio_codec = None
     if cfg.data.audio_tokenizer:
-        from mmgen.tokenizers.audio import AudioCodec
-
         audio_codec = AudioCodec.from_pretrained(cfg.data.audio_tokenizer)
     vocab = (Vocab.load(Path(cfg.init_from) / "vocab.json") if cfg.init_from
              else run_vocab(cfg, len(tok), books, audio_codec, getattr(image_tokenizer, "sem_ratio", 2)))
@@ -92,16 +93,12 @@ def media_tokenizers_and_vocab(cfg: TrainConfig, tok):
 
 
 def check_saved_vocab(saved: Path, vocab, hint: str) -> None:
-    from mmgen.processing.vocab import Vocab
-
     if saved.is_file() and Vocab.load(saved) != vocab:
         raise MMGenError(f"{saved} was written by a run with another vocab ({Vocab.load(saved)} vs {vocab}); {hint}")
 
 
 def sequence_settings(cfg: TrainConfig) -> dict:
     """What the rows depend on besides the tokenizers: kept in packed shards' index and checked at training."""
-    from mmgen.processing.sequence import chat_layout
-
     # SFT learns to answer; pretraining on conversations still learns everything the user shows
     out = {"seq_len": cfg.data.seq_len, "packing": cfg.data.packing, "splits": list(cfg.data.splits or []),
            "targets": list(cfg.data.loss_targets), "chat": chat_layout(cfg.stage, cfg.data.chat),
@@ -116,13 +113,10 @@ def training_records(paths, settings: dict):
     on: those of its splits, with ``prompt_variation`` of their text-to-image prompts rewritten in another
     surface form (:func:`mmgen.world.surface.vary_prompts`; the same way in every run, as it is
     keyed by each document's id). Bad records pass through, to be counted."""
-    from mmgen.data.code_shards import read_code_shards_of_splits
-
     records = read_code_shards_of_splits(paths, settings["splits"])
     rate = settings.get("prompt_variation", 0.0)
     if not rate:
         return records
-    from mmgen.world.surface import vary_prompts
 
     def varied():
         for r in records:
@@ -148,9 +142,6 @@ def pack_records(records: list, tok, vocab, settings: dict):
     Returns (rows, sequence stats, packing stats, image grid counts); rows and packing stats are None
     when no document is trainable. A caller that passes the only reference to ``records`` has them
     freed before the packing."""
-    from mmgen.data.packing import pack_sequences
-    from mmgen.processing.sequence import build_sequences
-
     seqs, seq_stats = build_sequences(records, tok, vocab, targets=settings["targets"], chat=settings["chat"],
                                       user_targets=settings["user_targets"])
     grids = image_grid_counts(records)
@@ -185,8 +176,6 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
 
 def prepare_packed(cfg: TrainConfig, out_dir: Path, rank: int) -> dict:
     """The tokenizers and vocab of packed shards (checked against this run's settings) and their index."""
-    from mmgen.data.packed_shards import read_index
-
     packed = Path(cfg.data.packed_shards)
     index = read_index(packed)
     want = sequence_settings(cfg)
@@ -216,8 +205,6 @@ def run_vocab(cfg: TrainConfig, n_text: int, image_books: dict[str, int] | None,
     """The Vocab of a fresh run: text ids, then data.codebooks (default: the image tokenizer's code
     ranges), the audio codec's levels x codebook range when there is one, and the video layout when
     data.video_times > 0. ``data.image_levels: [pix]`` keeps a DualViTok run to its pixel codes."""
-    from mmgen.processing.vocab import Vocab
-
     text_size = cfg.data.text_size or n_text
     if text_size < n_text:
         raise MMGenError(f"data.text_size {text_size} is smaller than the text tokenizer ({n_text} tokens)")
@@ -289,8 +276,6 @@ class MemoryBatches:
         self.sampler = RowSampler(rows["input_ids"].shape[0], cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
 
     def step(self, step: int, dtype, attention: str) -> tuple[list[dict], float]:
-        from mmgen.data.packing import packed_batch
-
         cfg = self.cfg
         denom = step_denominator(self.rows, self.sampler, step, cfg.grad_accum, self.world)
         batches = [packed_batch(self.rows, self.sampler.indices(step, micro), dtype=dtype,
@@ -312,8 +297,6 @@ class StreamedBatches:
     the rows whatever rank reads them."""
 
     def __init__(self, index: dict, cfg: TrainConfig, rank: int, world: int, state: dict | None):
-        from mmgen.training.streaming import StreamBatches
-
         self.cfg, self.world = cfg, world
         state = state or {}
         streams = cfg.data.streams or world
@@ -324,9 +307,6 @@ class StreamedBatches:
                                     streams, state.get("positions"))
 
     def step(self, step: int, dtype, attention: str) -> tuple[list[dict], float]:
-        from mmgen.data.packing import packed_batch
-        from mmgen.data.packing import packed_attention_mask
-
         cfg = self.cfg
         parts = [self.reader.next() for _ in range(cfg.grad_accum)]
         n = torch.tensor([float(sum(_targets(rows["labels"]) for micro in parts for _, rows in micro))],

@@ -8,6 +8,8 @@ import socket
 
 import torch
 
+from mmgen.utils.compat import clear_stale_extension_locks
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -19,7 +21,6 @@ def init_distributed() -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed through DeepSpeed once per process."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from mmgen.utils.compat import clear_stale_extension_locks
 
     clear_stale_extension_locks()  # DeepSpeed JIT-builds an op below; a killed earlier build would hang it
     import deepspeed

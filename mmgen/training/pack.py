@@ -22,29 +22,30 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from mmgen.data.executors import map_resumable
+from mmgen.data.packed_shards import INDEX, shard_name, write_packed_shard
 from mmgen.errors import MMGenError
+from mmgen.paths import expand_inputs
+from mmgen.processing.vocab import Vocab
+from mmgen.training.config import load_train_config
 from mmgen.utils.files import write_json
+
 
 @functools.lru_cache(maxsize=1)
 def _packer(out_dir: str):
     """(text tokenizer, vocab) of a pack output directory, loaded once per worker process."""
     from transformers import AutoTokenizer
 
-    from mmgen.processing.vocab import Vocab
-
     return AutoTokenizer.from_pretrained(Path(out_dir) / "text_tokenizer"), Vocab.load(Path(out_dir) / "vocab.json")
 
 
 def marker_path(out: Path, index: int) -> Path:
     """The done marker of packed shard ``index``: present only once its tar is complete."""
-    from mmgen.data.packed_shards import shard_name
-
     return out / shard_name(index).replace(".tar", ".done.json")
 
 
 def pack_shard(settings: dict, index: int, path: str, out_dir: str) -> dict:
     """One work unit: code shard ``path`` -> ``packed-IIIIII.tar`` and its done marker; returns its entry."""
-    from mmgen.data.packed_shards import shard_name, write_packed_shard
     from mmgen.training.data import pack_records, training_records
 
     tok, vocab = _packer(out_dir)
@@ -77,12 +78,7 @@ def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | 
          workers: int = 1, progress: bool = True) -> dict:
     """Write packed shards for the training run ``config`` + ``overrides`` describes; returns the index."""
 
-    from mmgen.data.executors import map_resumable
-    from mmgen.data.packed_shards import INDEX
-    from mmgen.paths import expand_inputs
-    from mmgen.training.config import load_train_config
-    from mmgen.training.data import (check_saved_vocab, media_tokenizers_and_vocab, sequence_settings,
-                                     text_tokenizer_for)
+    from mmgen.training.data import check_saved_vocab, media_tokenizers_and_vocab, sequence_settings, text_tokenizer_for
 
     cfg = load_train_config(config, [*(overrides or []), "data.source=memory"])
     if cfg.data.max_docs is not None:  # the in-memory source's cap: packed shards hold every document

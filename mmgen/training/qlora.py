@@ -11,7 +11,6 @@ import torch
 from mmgen.errors import MMGenError
 from mmgen.training.config import TrainConfig
 
-
 # Never quantized: the output heads over the extended vocab (lm_head is tied to the embeddings in the tiny
 # preset; its code rows are new and small), the code head and the projectors, which SFT may train in full
 # (modules_to_save). Embeddings are nn.Embedding, which bitsandbytes' Linear replacement never touches.

@@ -25,8 +25,15 @@ import torch.nn.functional as F
 from PIL import Image as PILImage
 from safetensors.torch import save_file
 
-from mmgen.data.ops.quality import (CONFIG_FILE, N_LEVELS, WEIGHTS_FILE, QualityConfig, batch_inputs, build_model,
-                                    score_pairs)
+from mmgen.data.ops.quality import (
+    CONFIG_FILE,
+    N_LEVELS,
+    WEIGHTS_FILE,
+    QualityConfig,
+    batch_inputs,
+    build_model,
+    score_pairs,
+)
 from mmgen.errors import MMGenError
 from mmgen.world import COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, caption, random_scene, render
 from mmgen.world.text import gibberish

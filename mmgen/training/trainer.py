@@ -27,11 +27,14 @@ from pathlib import Path
 
 import torch
 
+from mmgen.config import save_config
 from mmgen.errors import MMGenError
+from mmgen.models.lm import count_parameters
 from mmgen.training.checkpointing import prune_checkpoints, rng_state, save_run_bundle, set_rng_state, write_snapshot
 from mmgen.training.config import TrainConfig, check_global_batch, load_train_config
 from mmgen.training.data import MemoryBatches, StreamedBatches, prepare_data
 from mmgen.training.distributed import barrier, gather, init_distributed
+from mmgen.training.losses import lm_loss, modality_names, modality_weights
 from mmgen.training.metrics import MetricWindow, peak_rss_mib, plot_losses
 from mmgen.training.model_setup import FEATURE_SOURCES, build_model, continuous_input_table, model_dtype
 from mmgen.training.optim import build_optimizer, deepspeed_config
@@ -67,14 +70,10 @@ def run_training(cfg: TrainConfig) -> Path:
     check_global_batch(cfg, world)
     import deepspeed
 
-    from mmgen.models.lm import count_parameters
-    from mmgen.training.losses import lm_loss, modality_names, modality_weights
-
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        from mmgen.config import save_config
 
         save_config(cfg, out_dir / "config.yaml")
     barrier()

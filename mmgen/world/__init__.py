@@ -8,13 +8,35 @@ that reads any picture back into facts (:mod:`~mmgen.world.scene_parser`); and t
 operators built on it (:mod:`~mmgen.world.ops`). Every package from tokenizers up may use it.
 """
 
+from mmgen.world.documents import (  # noqa: F401
+    DEFECT_TYPES,
+    DOC_KINDS,
+    generate_world,
+    make_doc,
+    write_world,
+)
 from mmgen.world.scene import (  # noqa: F401
-    BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, SPLITS, Obj, Scene, random_scene, render,
-    render_side, render_size, split_of,
+    BACKGROUNDS,
+    COLORS,
+    GRID,
+    HELDOUT_PAIRS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    Obj,
+    Scene,
+    random_scene,
+    render,
+    render_side,
+    render_size,
+    split_of,
 )
 from mmgen.world.text import (  # noqa: F401
-    all_cell_phrases, caption, cell_phrases, parse_caption, parse_objects, qa_pairs,
-)
-from mmgen.world.documents import (  # noqa: F401
-    DEFECT_TYPES, DOC_KINDS, generate_world, make_doc, write_world,
+    all_cell_phrases,
+    caption,
+    cell_phrases,
+    parse_caption,
+    parse_objects,
+    qa_pairs,
 )

@@ -14,11 +14,22 @@ from pathlib import Path
 from typing import Iterator
 
 from mmgen.data.doc import Audio, Doc, Image, Text, Video
-from mmgen.world.scene import (HELDOUT_PAIRS, Scene, pairs_allowed, random_scene, render, split_of)
-from mmgen.world.text import (FOREIGN_SENTENCES, caption, gibberish, join_phrases, ngram_spam,
-                                       object_phrase, parse_objects, qa_pairs, random_edit,
-                                       small_text_edit)
+from mmgen.data.shards import ShardWriter
 from mmgen.errors import MMGenError
+from mmgen.world.media import VIDEO_FPS, encode_mp4, make_motion, render_motion, speak
+from mmgen.world.scene import HELDOUT_PAIRS, Scene, pairs_allowed, random_scene, render, split_of
+from mmgen.world.text import (
+    FOREIGN_SENTENCES,
+    caption,
+    gibberish,
+    join_phrases,
+    ngram_spam,
+    object_phrase,
+    parse_objects,
+    qa_pairs,
+    random_edit,
+    small_text_edit,
+)
 
 DOC_KINDS = ("caption", "qa", "buildup", "video", "speech")
 DEFAULT_MIX = {"caption": 0.4, "qa": 0.2, "buildup": 0.2, "video": 0.1, "speech": 0.1}
@@ -96,8 +107,6 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
             scene, text, edit = unique.draw(lambda: random_edit(scene, rng, allowed), key=lambda r: r[0].key())
             items += [Text(text, {"step": k, "edit": edit}), _image_item(scene, size, step=k)]
     elif kind == "video":
-        from mmgen.world.media import VIDEO_FPS, encode_mp4, make_motion, render_motion
-
         def motion():
             for _ in range(1000):
                 m = make_motion(rng, split)
@@ -114,8 +123,6 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
                             "scene_start": start.to_dict(), "scene_end": end.to_dict(), **facts})
         items, meta["order"] = _ordered(rng, video, Text(text))
     elif kind == "speech":
-        from mmgen.world.media import speak
-
         scene = unique.draw(lambda: random_scene(rng, split))
         text = caption(scene, rng)
         wav = (speaker or speak)(text)
@@ -342,8 +349,6 @@ def generate_world(n_docs: int, seed: int = 0, defect_rate: float = 0.0, mix: st
     # leave in order once their speech is in (the bytes do not depend on timing).
     from concurrent.futures import ThreadPoolExecutor
 
-    from mmgen.world.media import speak
-
     pool = ThreadPoolExecutor(max_workers=2)
     pending: deque[tuple[Doc, dict]] = deque()
 
@@ -403,8 +408,6 @@ def write_world(out_dir: str | Path, n_docs: int = 1000, seed: int = 0, defect_r
     import time
 
     from tqdm import tqdm
-
-    from mmgen.data.shards import ShardWriter
 
     out = Path(out_dir)
     if out.exists() and any(out.glob("world-*.tar")):

@@ -10,10 +10,20 @@ import subprocess
 
 import numpy as np
 
-from mmgen.world.scene import (COLORS, POSITIONS, SIZES, Obj, Scene, pairs_allowed, placement,
-                                        render_objects)
-from mmgen.world.text import object_phrase
 from mmgen.errors import MMGenError
+from mmgen.world.scene import (
+    BACKGROUNDS,
+    COLORS,
+    HELDOUT_PAIRS,
+    POSITIONS,
+    SIZES,
+    Obj,
+    Scene,
+    pairs_allowed,
+    placement,
+    render_objects,
+)
+from mmgen.world.text import object_phrase
 
 VIDEO_CODECS = ("libx264", "mpeg4", "libvpx")  # first one the installed PyAV can encode wins
 VIDEO_FPS = 8
@@ -61,13 +71,9 @@ def encode_mp4(frames: list, fps: int = VIDEO_FPS) -> bytes:
 
 def make_motion(rng: random.Random, split: str) -> tuple[Scene, Scene, dict, str]:
     """A one-object motion clip: (start scene, end scene, motion facts, description)."""
-    from mmgen.world.scene import BACKGROUNDS
-
     bg = rng.choice(list(BACKGROUNDS))
     pairs = pairs_allowed(split)
     if split == "heldout":
-        from mmgen.world.scene import HELDOUT_PAIRS
-
         pairs = sorted(HELDOUT_PAIRS)
     color, shape = rng.choice(pairs)
     kind = rng.choice(["move", "grow", "shrink", "recolor"])

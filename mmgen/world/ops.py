@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image as PILImage
 
 from mmgen.data.ops.base import ImageOp, StatefulOp, Verdict, error_text, image_caption_pairs, register_op
-from mmgen.data.ops.dedup import hamming, image_dup_verdict, phash
+from mmgen.data.ops.dedup import image_dup_verdict
+from mmgen.data.ops.hashing import hamming, phash
 from mmgen.errors import MediaError
 from mmgen.world.scene_parser import parse_scene, scene_contains
 from mmgen.world.text import parse_caption

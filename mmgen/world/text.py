@@ -12,9 +12,19 @@ from __future__ import annotations
 import random
 import re
 
-from mmgen.world.scene import (BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, POSITION_PREPOSITION, POSITIONS,
-                                        SHAPES, SIZES, Obj, Scene)
 from mmgen.errors import MMGenError
+from mmgen.world.scene import (
+    BACKGROUNDS,
+    COLORS,
+    GRID,
+    HELDOUT_PAIRS,
+    POSITION_PREPOSITION,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+)
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = (
@@ -147,8 +157,6 @@ def _unique_name(scene: Scene, o: Obj) -> str:
 
 def answer_phrases() -> frozenset[str]:
     """Every answer :func:`qa_pairs` can give: one word, except two-word positions ("top left")."""
-    from mmgen.world.scene import SIZES
-
     return frozenset([*COLORS, *SHAPES, *BACKGROUNDS, *NUMBER_WORDS, *SIZES, *POSITIONS.values(), "yes", "no"])
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from mmgen.data.doc import BadRecord, Doc
+from mmgen.data.formats.common import checked_media, checked_media_root, expand_jsonl_inputs
+from mmgen.data.media import set_max_image_pixels
 from mmgen.errors import LossyConversionError, MMGenError
 
 _MODULES = {"obelics": "obelics", "mmc4": "mmc4", "dj": "dj", "llava": "llava", "wds": "wds", "mmgen": "native"}
@@ -77,8 +79,6 @@ def read_records(path, fmt: str, media_root: str | None = None, path_map=None, a
     Media paths stay inside the input's folder, ``media_root`` and the ``path_map`` targets: a record
     naming a file elsewhere is a BadRecord ``path_outside_root`` unless ``allow_outside_root``.
     An unknown format or a missing input raises MMGenError (an unusable argument, not a bad record)."""
-    from mmgen.data.formats._common import checked_media_root, expand_jsonl_inputs
-
     module = format_module(fmt)
     checked_media_root(media_root)  # fail now; records keep naming the folder as given
     if module.__name__.endswith(".wds"):
@@ -114,11 +114,8 @@ def convert(input, output, src: str, dst: str, media_root: str | None = None, pa
 
     Bad records go to :func:`errors_path` with their reasons. Returns a summary whose counts add up:
     ``read == written + bad``; ``bad_reasons`` counts bad records by reason. Image headers are checked
-    before anything is copied (:func:`mmgen.data.formats._common.checked_media`): a decompression bomb
+    before anything is copied (:func:`mmgen.data.formats.common.checked_media`): a decompression bomb
     over ``max_image_pixels``, a file that is no image or another format than it says is a bad record."""
-    from mmgen.data.formats._common import checked_media
-    from mmgen.data.media import set_max_image_pixels
-
     format_module(src), format_module(dst)
     set_max_image_pixels(max_image_pixels)
     if os.path.abspath(str(input)) == os.path.abspath(str(output)):

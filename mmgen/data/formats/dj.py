@@ -14,9 +14,17 @@ from __future__ import annotations
 import re
 
 from mmgen.data.doc import Doc, Text
-from mmgen.data.formats._common import (
-    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, item_meta_out, meta_from_extras,
-    read_jsonl, record_id, write_jsonl,
+from mmgen.data.formats.common import (
+    MediaExport,
+    ReadContext,
+    RecordError,
+    doc_from_items,
+    extras_from_meta,
+    item_meta_out,
+    meta_from_extras,
+    read_jsonl,
+    record_id,
+    write_jsonl,
 )
 
 TOKENS = {"image": "<__dj__image>", "audio": "<__dj__audio>", "video": "<__dj__video>"}

@@ -19,9 +19,16 @@ import functools
 import re
 
 from mmgen.data.doc import Doc, Text
-from mmgen.data.formats._common import (
-    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, item_meta_out, meta_from_extras,
-    read_jsonl, write_jsonl,
+from mmgen.data.formats.common import (
+    MediaExport,
+    ReadContext,
+    RecordError,
+    doc_from_items,
+    extras_from_meta,
+    item_meta_out,
+    meta_from_extras,
+    read_jsonl,
+    write_jsonl,
 )
 from mmgen.errors import LossyConversionError
 

@@ -20,9 +20,16 @@ Every other entry field stays in the item's meta, every other record key in ``Do
 from __future__ import annotations
 
 from mmgen.data.doc import MEDIA_TYPES, Audio, Doc, Image, Text, Video
-from mmgen.data.formats._common import (
-    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, meta_from_extras, read_jsonl,
-    record_id, write_jsonl,
+from mmgen.data.formats.common import (
+    MediaExport,
+    ReadContext,
+    RecordError,
+    doc_from_items,
+    extras_from_meta,
+    meta_from_extras,
+    read_jsonl,
+    record_id,
+    write_jsonl,
 )
 
 INFO_LISTS = {"image_info": ("image", "image_name"), "audio_info": ("audio", "audio_name"),

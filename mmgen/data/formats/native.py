@@ -6,7 +6,7 @@ Lossless by construction; it is what ``mmgen.data.shards.read_docs`` reads for `
 from __future__ import annotations
 
 from mmgen.data.doc import Doc, Text
-from mmgen.data.formats._common import MediaExport, ReadContext, RecordError, read_jsonl, write_jsonl
+from mmgen.data.formats.common import MediaExport, ReadContext, RecordError, read_jsonl, write_jsonl
 
 
 def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:

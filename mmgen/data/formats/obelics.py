@@ -11,9 +11,17 @@ from __future__ import annotations
 import json
 
 from mmgen.data.doc import Audio, Doc, Image, Text, Video
-from mmgen.data.formats._common import (
-    MediaExport, ReadContext, RecordError, doc_from_items, extras_from_meta, item_meta_out, meta_from_extras,
-    read_jsonl, record_id, write_jsonl,
+from mmgen.data.formats.common import (
+    MediaExport,
+    ReadContext,
+    RecordError,
+    doc_from_items,
+    extras_from_meta,
+    item_meta_out,
+    meta_from_extras,
+    read_jsonl,
+    record_id,
+    write_jsonl,
 )
 
 MEDIA_LISTS = {"images": "image", "audios": "audio", "videos": "video"}

@@ -4,8 +4,8 @@ Input: a ``.tar``, a directory of shards or a glob. Output: a directory of ``sha
 
 from __future__ import annotations
 
-
 from mmgen.data.doc import BadRecord
+from mmgen.data.shards import ShardWriter, read_shard
 from mmgen.errors import MediaError
 from mmgen.paths import expand_inputs
 
@@ -15,15 +15,11 @@ def expand_shards(path) -> list[str]:
 
 
 def read(path, media_root=None, allow_outside_root: bool = False, **_):
-    from mmgen.data.shards import read_shard
-
     for shard in expand_shards(path):
         yield from read_shard(shard, media_root=media_root, allow_outside_root=allow_outside_root)
 
 
 def write(docs, out_path, on_bad=None, prefix: str = "shard", max_docs: int = 1000, **_) -> dict:
-    from mmgen.data.shards import ShardWriter
-
     counts = {"written": 0, "bad": 0, "media_files": 0, "media_bytes": 0}
     with ShardWriter(out_path, prefix=prefix, max_docs=max_docs) as w:
         for doc in docs:

@@ -8,8 +8,18 @@ built-in operators register when this package is imported; operators defined els
 their module is (ShapesWorld's: ``import mmgen.world.ops``).
 """
 
+from mmgen.data.ops import dedup, image, language, quality, select, similarity, text, text_dj  # noqa: F401,E402 - registration side effects
 from mmgen.data.ops.base import (  # noqa: F401
-    LEVELS, OPS, DocView, ImageOp, NoParams, Op, StatefulOp, TextOp, Verdict, build_op, register_op,
+    LEVELS,
+    OPS,
+    DocView,
+    ImageOp,
+    NoParams,
+    Op,
+    StatefulOp,
+    TextOp,
+    Verdict,
+    build_op,
+    register_op,
 )
-from mmgen.data.ops import dedup, image, language, quality, select, similarity, text  # noqa: F401,E402 - registration side effects
-from mmgen.data.ops.dedup import hamming, minhash, phash  # noqa: F401,E402
+from mmgen.data.ops.hashing import hamming, minhash, phash  # noqa: F401,E402

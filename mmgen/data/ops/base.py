@@ -247,8 +247,6 @@ def closest(name: str, valid) -> str:
 def build_op(op: str, level: str | None = None, params: dict | None = None, label: str | None = None,
              where: str = "") -> Op:
     """Construct a registered operator from recipe values, with one-line errors for every mistake."""
-    from mmgen.data import ops as _ops  # noqa: F401 - registers the built-in operators
-
     if op not in OPS:
         raise MMGenError(f"{where}unknown operator '{op}'{closest(op, OPS)} (known: {', '.join(sorted(OPS))}; "
                         "operators defined elsewhere need their module in the recipe's operator_modules)")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmgen.data.doc import sniff_format
+from mmgen.data.media_format import sniff_format
 from mmgen.data.ops.base import ImageOp, Verdict, error_text, register_op
 
 

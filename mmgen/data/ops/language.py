@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from mmgen.data.ops.base import TextOp, register_op
 from mmgen.errors import MMGenError
+from mmgen.utils.compat import ensure_torchvision
 
 
 @lru_cache(maxsize=1)
@@ -70,8 +71,6 @@ class LanguageIdScoreFilter(TextOp):
 def load_causal_lm(name_or_path: str, device: str = "cpu"):
     """(model, tokenizer) of a causal LM from a local directory or a cached hub id; never downloads."""
     import torch
-
-    from mmgen.utils.compat import ensure_torchvision
 
     ensure_torchvision()  # transformers' model modules import torchvision, broken next to CPU torch without it
     from transformers import AutoModelForCausalLM, AutoTokenizer

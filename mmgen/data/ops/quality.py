@@ -29,8 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mmgen.data.ops.base import (REDUCE_MODES, ImageOp, Verdict, error_text, image_caption_pairs, reduce_scores,
-                                 register_op)
+from mmgen.data.ops.base import (
+    REDUCE_MODES,
+    ImageOp,
+    Verdict,
+    error_text,
+    image_caption_pairs,
+    reduce_scores,
+    register_op,
+)
 from mmgen.errors import MediaError, MMGenError
 
 CONFIG_FILE, WEIGHTS_FILE = "quality_config.json", "quality_model.safetensors"

@@ -6,8 +6,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from mmgen.data.doc import Image, Text
-from mmgen.data.ops.base import (REDUCE_MODES, DocView, Op, Verdict, error_text, image_caption_pairs, reduce_scores,
-                                 register_op)
+from mmgen.data.ops.base import (
+    REDUCE_MODES,
+    DocView,
+    Op,
+    Verdict,
+    error_text,
+    image_caption_pairs,
+    reduce_scores,
+    register_op,
+)
 from mmgen.errors import MediaError
 
 

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from mmgen.data.doc import MEDIA_TYPES, BadRecord, Doc, is_url
-from mmgen.paths import expand_inputs
+from mmgen.data.doc import MEDIA_TYPES, BadRecord, Doc
+from mmgen.data.input_kind import InputKind, open_decompressed, sniff_input
+from mmgen.data.media import open_image
+from mmgen.data.media_format import is_url
 from mmgen.errors import MediaError, MMGenError
+from mmgen.paths import expand_inputs
 
 # Doc.meta keys that collide with a format's own field names travel inside this record key.
 COLLISION_KEY = "mmgen_meta"
@@ -165,8 +168,6 @@ def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False,
     holding one JSON array (LLaVA's ``.json`` files) yields its elements, numbered from 1 by position.
     ``byte_range = (start, end, first_line)`` reads only the lines that START in ``[start, end)`` of an
     uncompressed file, numbering them from ``first_line`` (a work unit of a large file)."""
-    from mmgen.data.input_kind import InputKind, open_decompressed, sniff_input
-
     if kind is None:
         kind = InputKind("jsonl") if byte_range is not None else sniff_input(path)
     if kind.kind != "jsonl":
@@ -264,8 +265,6 @@ def checked_media(records: Iterable[Doc | BadRecord]) -> Iterator[Doc | BadRecor
     """Docs whose images pass the header checks of :func:`mmgen.data.media.open_image` (pixel limit,
     an image at all, the format it claims); a Doc that fails becomes a BadRecord with the reason.
     URL references are not fetched, so not checked; a missing file is left to the writer."""
-    from mmgen.data.media import open_image
-
     for rec in records:
         if isinstance(rec, Doc):
             try:
