@@ -36,9 +36,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from mmgen.world import BACKGROUNDS, COLORS, SHAPES, SIZES, Obj, Scene, render, render_side
     from mmgen.tokenizers import load_image_tokenizer
     from mmgen.utils.compat import ensure_torchvision
+    from mmgen.world import BACKGROUNDS, COLORS, SHAPES, SIZES, Obj, Scene, render, render_side
 
     ensure_torchvision()
     tok = load_image_tokenizer(args.tokenizer)

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmgen.world.scene_parser import compare_scenes, parse_scene
 from mmgen.models.detokenizer import decode_grids, load_pipeline
 from mmgen.models.detokenizer_train import encode_all, grid_spec, shapes_pairs
 from mmgen.tokenizers import load_image_tokenizer
-from mmgen.utils.pixels import tensor_to_pil
 from mmgen.tokenizers.vq import psnr
 from mmgen.utils.bench import md_table, write_section
+from mmgen.utils.pixels import tensor_to_pil
+from mmgen.world.scene_parser import compare_scenes, parse_scene
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -43,7 +43,9 @@ def agreement(images: torch.Tensor, scenes) -> float:
 
 
 def sharpness(x: torch.Tensor, ref: torch.Tensor) -> float:
-    energy = lambda t: (t[..., 1:, :-1] - t[..., :-1, :-1]).pow(2) + (t[..., :-1, 1:] - t[..., :-1, :-1]).pow(2)
+    def energy(t):
+        return (t[..., 1:, :-1] - t[..., :-1, :-1]).pow(2) + (t[..., :-1, 1:] - t[..., :-1, :-1]).pow(2)
+
     return float(energy(x).mean() / energy(ref).mean())
 
 
@@ -96,7 +98,10 @@ def main() -> None:
 
     if args.sr_pipeline and Path(args.sr_pipeline).is_dir():
         truth = hi.float() / 127.5 - 1
-        up = lambda t: to_uint8_range(F.interpolate(t, scale_factor=2, mode="bicubic", align_corners=False))
+
+        def up(t):
+            return to_uint8_range(F.interpolate(t, scale_factor=2, mode="bicubic", align_corners=False))
+
         sr_pipe = load_pipeline(args.sr_pipeline, tokenizer=tok)
         sr_rows = [["bicubic 2x of the VQ decoder output", f"{100 * agreement(up(vq), scenes):.1f}%",
                     round(float(psnr(up(vq), truth).mean()), 2), round(sharpness(up(vq), truth), 3)],

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmgen.utils.bench import md_table, write_section
+from mmgen.utils.bench import md_table, write_section  # noqa: E402
 
 QWEN_05B_4L = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 4,
                "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
@@ -99,7 +99,7 @@ def main() -> None:
         if "tiny" not in label:
             continue
         times = {q: [] for q in arms}
-        for q, (m, vocab) in arms.items():
+        for m, vocab in arms.values():
             step_seconds(m, vocab, [])  # warm-up
         for _ in range(args.rounds):
             for q, (m, vocab) in arms.items():

@@ -122,7 +122,7 @@ def scaled_corpus(packed: Path, dest: Path, factor: int) -> Path:
     shutil.copytree(packed / "text_tokenizer", dest / "text_tokenizer")
     shutil.copy(packed / "vocab.json", dest / "vocab.json")
     shards = []
-    for copy in range(factor):
+    for _ in range(factor):
         for s in index["shards"]:
             name = shard_name(len(shards))
             try:
@@ -141,9 +141,9 @@ def tokenize_arms(work: Path, n_shards: int, docs_per_shard: int) -> tuple[list,
     import torch
 
     from mmgen.data.shards import write_shards
-    from mmgen.world.documents import generate_world
     from mmgen.tokenizers.pretokenize import pretokenize
     from mmgen.tokenizers.vq import PixelVQ
+    from mmgen.world.documents import generate_world
 
     torch.manual_seed(0)
     PixelVQ(resolution=(64, 64), codebook_size=512).eval().save_pretrained(work / "vq")

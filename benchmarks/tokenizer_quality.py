@@ -290,8 +290,8 @@ def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = N
     the L2 strength used per (attribute, code level, training scenes) (``l2=None``: chosen on the
     training scenes, see linear_probe). Each training set is the first ``n`` of the largest one. Also
     :func:`phrase_purity` of the semantic codes on the val scenes."""
-    from mmgen.world import COLORS, SHAPES
     from mmgen.models.clip_train import largest_object
+    from mmgen.world import COLORS, SHAPES
 
     sets = {name: unique_largest_set(n, split, seed, size)
             for name, n, split, seed in (("train", max(n_train), "train", 1), ("val", n_test, "val", 2),

@@ -59,11 +59,11 @@ def make_data(n_docs: int, work: Path, seed: int = 0):
     """ShapesWorld docs -> code shards (for the trainer) and token sequences (for the baseline)."""
     from mmgen.data.code_shards import CodedDoc, CodeShardWriter
     from mmgen.data.doc import Image
-    from mmgen.processing.sequence import build_sequences, doc_texts
-    from mmgen.world.documents import generate_world
     from mmgen.models.text_tokenizer import train_text_tokenizer
+    from mmgen.processing.sequence import build_sequences, doc_texts
     from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers.vq import PixelVQ
+    from mmgen.world.documents import generate_world
 
     torch.manual_seed(seed)
     vq = PixelVQ(resolution=(64, 64), codebook_size=512).eval()  # 8x8 codes per 64x64 image

@@ -15,11 +15,11 @@ import random
 
 import torch
 
-from mmgen.world.media import encode_mp4, make_motion, render_motion
-from mmgen.world.scene_parser import compare_scenes, parse_scene
 from mmgen.tokenizers import load_image_tokenizer
 from mmgen.tokenizers.video import VideoEncoder
 from mmgen.utils.bench import md_table, write_section
+from mmgen.world.media import encode_mp4, make_motion, render_motion
+from mmgen.world.scene_parser import compare_scenes, parse_scene
 
 SETTINGS = [  # (label, keep_ratio, similarity_threshold)
     ("no merging (every frame in full)", 1.0, 2.0),

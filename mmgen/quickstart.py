@@ -298,15 +298,18 @@ def _write_markdown(r: dict, path: Path) -> None:
         "# mmgen quickstart report (tiny preset)", "",
         f"Checkpoint: `{r['checkpoint']}` — chat with it: `mmgen chat --checkpoint {r['checkpoint']}`", "",
         "Measured by `mmgen eval run` (sampling: " + ", ".join(f"{k} {v}" for k, v in r.get("sampling", {}).items()
-                                                              if k != "sources") + "): every figure's count, 95% interval "
+                                                               if k != "sources") + "): every figure's count, 95% "
+                                                                                    "interval "
         "and the settings that reproduce it are in [eval/report.md](eval/report.md).", "",
         "## Text-to-image, judged by the ShapesWorld scene parser", "",
-        "| split | prompts | all requested objects (shape+colour+position) | exact scene | parsed | shape | colour | size |",
+        "| split | prompts | all requested objects (shape+colour+position) | exact scene | parsed | shape | colour | "
+        "size |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for split, m in t2i.items():
         a = m.get("attr_acc", {})
-        lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['exact_scene'])} | {_pct(m['parse_rate'])} "
+        lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['exact_scene'])} | "
+                     f"{_pct(m['parse_rate'])} "
                      f"| {_pct(a.get('shape'))} | {_pct(a.get('color'))} | {_pct(a.get('size'))} |")
     rec = r["tokenizer_reconstruction"]
     lines += ["", "`heldout` prompts contain colour–shape pairs never seen in training.", "",
@@ -327,7 +330,8 @@ def _write_markdown(r: dict, path: Path) -> None:
               "| split | documents | next image exact (kept objects + change) | parsed | object recall |",
               "| --- | --- | --- | --- | --- |"]
     for split, m in r["interleaved"].items():
-        lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['parse_rate'])} | {_pct(m['object_recall'])} |")
+        lines.append(
+            f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['parse_rate'])} | {_pct(m['object_recall'])} |")
     lines += ["", "![before, generated and expected pictures of build-up steps](eval/interleaved_grid.png)", "",
               "## Image tokenizer", "",
               f"{r['tokenizer']['type']}, {r['tokenizer']['tokens_per_image']} codes per image. "
@@ -341,7 +345,7 @@ def _write_markdown(r: dict, path: Path) -> None:
         lines += [f"The image tokenizer under the code-block table, alone: {_pct(inner['scene_agreement'])} ("
                   + ", ".join(f"{k} {_pct(v)}" for k, v in inner.get("scene_agreement_by_split", {}).items())
                   + f"); PSNR {inner['psnr_db']:.1f} dB. The table was fitted on the train split's codes: objects of "
-                  "held-out colour-shape pairs are outside it and become their nearest seen object.", ""]
+                    "held-out colour-shape pairs are outside it and become their nearest seen object.", ""]
     if "filter_defects" in r:
         lines += ["## Filtering: per-defect precision / recall against the world's labels", "",
                   "| defect | docs | precision | recall |", "| --- | --- | --- | --- |"]

@@ -36,7 +36,8 @@ def test_facts_shapes_and_batched_encode(codec):
     assert codec.hop_length == 320 and codec.frame_rate == 50 and codec.tokens_per_second == 100
     a, b = tone(0.5, 16000), tone(0.23, 16000)
     codes = codec.encode([a, b], sample_rate=16000)
-    assert [tuple(c.shape) for c in codes] == [(2, 25), (2, codec.code_length(len(b)))] and codec.code_length(len(b)) == 12
+    assert [tuple(c.shape) for c in codes] == [
+        (2, 25), (2, codec.code_length(len(b)))] and codec.code_length(len(b)) == 12
     assert all(c.dtype == torch.int64 and int(c.min()) >= 0 and int(c.max()) < 16 for c in codes)
     y = codec.decode(codes[0])
     assert y.ndim == 1 and abs(len(y) - 25 * 320) <= 320

@@ -87,7 +87,8 @@ def test_save_load_and_pretokenize(inner, tmp_path):
     assert isinstance(tok, CodeBlockTokenizer) and tok.fit_stats["coverage"] == 1.0
     images = scenes(4, seed=5)
     assert torch.equal(tok.encode(images), tok.to_blocks(inner.encode(images)))
-    s = pretokenize(tmp_path / "blocks", str(tmp_path / "world"), tmp_path / "block_codes", batch_size=8, progress=False)
+    s = pretokenize(
+        tmp_path / "blocks", str(tmp_path / "world"), tmp_path / "block_codes", batch_size=8, progress=False)
     assert s["codebooks"] == {"pix": tok.codebook_size} and s["images_encoded"] > 0
     plain = {c.doc.id: c.codes for c in read_code_shards(str(tmp_path / "codes"))}
     n = 0
@@ -110,7 +111,8 @@ def test_dualvitok_semantic_grid_passes_through(tmp_path):
     dual = build_dualvitok_from_config(tiny_dualvitok_cfg(tmp_path / "t", teacher)).eval()
     images = scenes(6)
     codes = dual.encode(images)
-    tok = CodeBlockTokenizer(dual, fit_block_table(codes["pix"].numpy(), dual.sem_ratio, min_count=1)[0], dual.sem_ratio)
+    tok = CodeBlockTokenizer(
+        dual, fit_block_table(codes["pix"].numpy(), dual.sem_ratio, min_count=1)[0], dual.sem_ratio)
     assert tok.codebook_sizes == {"sem": dual.codebook_sizes["sem"], "pix": tok.codebook_size} and tok.sem_ratio == 1
     out = tok.encode(images)
     assert torch.equal(out["sem"], codes["sem"]) and out["pix"].shape == out["sem"].shape

@@ -74,10 +74,11 @@ def test_transformers_clip_dir(tmp_path):
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path / "hf")
-    cfg = CLIPConfig(text_config={"vocab_size": len(words), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "max_position_embeddings": 16,
+    cfg = CLIPConfig(text_config={"vocab_size": len(words), "hidden_size": 16, "intermediate_size": 32,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
                                   "bos_token_id": 2, "eos_token_id": 7, "pad_token_id": 0},
-                     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2,
                                     "image_size": 32, "patch_size": 8}, projection_dim=8)
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(tmp_path / "hf")

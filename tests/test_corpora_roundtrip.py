@@ -61,7 +61,8 @@ def test_mmc4_keeps_url_name_order_and_similarity_rows(tmp_path):
     imgs = doc.images
     assert [i.url.rsplit("/", 1)[1] for i in imgs] == ["cat.jpg", "lena.jpg"]
     assert [i.meta["mmc4_info_index"] for i in imgs] == [1, 0]
-    assert imgs[1].meta["image_name"] == "5e0d3c1f2a7b.jpg" and imgs[1].meta["face_detections"] == [[0.31, 0.22, 0.58, 0.61, 0.998]]
+    assert imgs[1].meta["image_name"] == "5e0d3c1f2a7b.jpg" and imgs[1].meta["face_detections"] == [
+        [0.31, 0.22, 0.58, 0.61, 0.998]]
     assert not imgs[0].fetched and imgs[0].meta["face_detections"] is None
     for via in ("obelics", "dj", "wds", "mmgen"):
         mid = _target(tmp_path, via, via)
@@ -75,7 +76,8 @@ def test_mmc4_keeps_url_name_order_and_similarity_rows(tmp_path):
 def test_fetched_media_keep_their_url_through_every_format(real_dir, tmp_path):
     doc = Doc(id="f1", items=[
         Text("A bus."),
-        Image(data=(real_dir / "img2.jpg").read_bytes(), url="https://cdn.example.org/bus.jpg", meta={"matched_sim": 0.27}),
+        Image(data=(real_dir / "img2.jpg").read_bytes(), url="https://cdn.example.org/bus.jpg",
+              meta={"matched_sim": 0.27}),
         Image(url="https://cdn.example.org/gone.jpg", meta={"fetch_error": "HTTP Error 404: Not Found"}),
         Text("The end."),
     ], meta={"url": "https://example.org/page"})
@@ -100,7 +102,8 @@ def test_real_data_juicer_records_round_trip(real_dir, tmp_path):
 def test_llava_refuses_interleaved_documents_unless_lossy(tmp_path):
     src = DATA / SAMPLES["mmc4"]
     out = tmp_path / "chat.json"
-    with pytest.raises(MMGenError, match=r"cannot be written as LLaVA turns without loss: .*texts would merge.*--lossy"):
+    with pytest.raises(
+        MMGenError, match=r"cannot be written as LLaVA turns without loss: .*texts would merge.*--lossy"):
         convert(src, out, "mmc4", "llava", progress=False)
     assert not out.exists()
     s = convert(src, out, "mmc4", "llava", progress=False, lossy=True)

@@ -34,7 +34,11 @@ def tiny_pipe(sizes=(32,), names=("pix",), ppc=4, side=8):
 def test_sampling_shapes_determinism_and_schedulers():
     pipe = tiny_pipe()
     codes = torch.randint(0, 32, (2, 8, 8), generator=torch.Generator().manual_seed(1))
-    run = lambda **k: pipe(codes, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt", **k).images
+
+    def run(**k):
+        return pipe(codes, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    **k).images
+
     a = run()
     assert a.shape == (2, 3, 32, 32) and a.abs().max() <= 1
     assert torch.equal(a, run())
@@ -130,7 +134,11 @@ def test_decode_conditioned_pipeline_refines_the_tokenizers_own_decode(tmp_path,
     assert pipe.conditioner.config.decoded_channels == 3 and pipe.unet.config.in_channels == 3 + 4 + 3
     assert pipe.image_tokenizer is not None
     codes = torch.randint(0, 32, (1, 8, 8), generator=torch.Generator().manual_seed(3))
-    run = lambda **k: pipe(codes, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt", **k).images
+
+    def run(**k):
+        return pipe(codes, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    **k).images
+
     own = run()
     assert own.shape == (1, 3, 64, 64)
     tok = load_image_tokenizer(vq_dir)
@@ -197,7 +205,8 @@ def test_real_scale_preset_builds_on_meta():
     m = cfg.model
     with torch.device("meta"):
         # DualViTok-like codes: a semantic and a pixel grid of 32x32 for 256px inputs, drawn at 2x.
-        pipe = build_pipeline([32768, 32768], ["sem", "pix"], 8 * cfg.scale, 32, block_out_channels=m.block_out_channels,
+        pipe = build_pipeline([32768, 32768], ["sem", "pix"], 8 * cfg.scale, 32,
+                              block_out_channels=m.block_out_channels,
                               layers_per_block=m.layers_per_block, norm_num_groups=m.norm_num_groups,
                               attention=m.attention, scheduler=m.scheduler, prediction_type=m.prediction_type)
     n = sum(p.numel() for p in pipe.unet.parameters())

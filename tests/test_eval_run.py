@@ -18,7 +18,8 @@ def test_wilson_and_newcombe_on_known_counts():
     assert proportion(81, 263)["ci95"] == pytest.approx([0.2553, 0.3662], abs=1e-4)
     # Newcombe (1998), method 10: 56/70 vs 48/80 -> difference 0.2, interval (0.0524, 0.3339)
     d = difference(proportion(48, 80), proportion(56, 70))
-    assert d["value"] == pytest.approx(0.2) and d["ci95"] == pytest.approx([0.0524, 0.3339], abs=1e-4) and d["significant"]
+    assert d["value"] == pytest.approx(
+        0.2) and d["ci95"] == pytest.approx([0.0524, 0.3339], abs=1e-4) and d["significant"]
     assert not difference(proportion(5, 10), proportion(6, 10))["significant"]
 
 
@@ -33,13 +34,15 @@ def test_run_writes_a_reproducible_report(bundle_dir, tmp_path):
     gc = {"do_sample": True, "temperature": 0.7, "top_k": 5, "guidance_scale": 1.5}
     (bundle_dir / "generation_config.json").write_text(json.dumps(gc))
     try:
-        rep = run_eval(bundle_dir, "t2i,geneval,qa,interleaved,recon", tmp_path / "a", n=3, batch_size=2, geneval_per_tag=1,
+        rep = run_eval(bundle_dir, "t2i,geneval,qa,interleaved,recon", tmp_path / "a", n=3, batch_size=2,
+                       geneval_per_tag=1,
                        recon_n=4, continuation_n=2, top_p=0.9, progress=False)
     finally:
         (bundle_dir / "generation_config.json").unlink()
     s = rep["sampling"]
     assert (s["temperature"], s["top_k"], s["top_p"], s["cfg_scale"], s["seed"]) == (0.7, 5, 0.9, 1.5, 0)
-    assert s["sources"] == {"temperature": "generation_config.json", "top_k": "generation_config.json", "top_p": "explicit",
+    assert s["sources"] == {"temperature": "generation_config.json", "top_k": "generation_config.json",
+                            "top_p": "explicit",
                             "cfg_scale": "generation_config.json", "seed": "quickstart"}
     assert len(rep["checkpoint"]["sha256"]) == 64 and "model.safetensors" in rep["checkpoint"]["hashed_files"]
     assert "tokenizer.json" in rep["checkpoint"]["hashed_files"]
@@ -49,10 +52,12 @@ def test_run_writes_a_reproducible_report(bundle_dir, tmp_path):
     acc = t2i["metrics"]["val"]["intervals"]["all_objects"]
     assert acc["n"] == 3 and acc["k"] == round(3 * t2i["metrics"]["val"]["accuracy"]) and len(acc["ci95"]) == 2
     ge = rep["suites"]["geneval"]["metrics"]
-    assert ge["images"]["n"] == 6 and set(ge["tags"]) == {"single_object", "two_object", "counting", "colors", "position",
-                                                          "color_attr"}
+    assert ge["images"]["n"] == 6 and set(
+        ge["tags"]) == {"single_object", "two_object", "counting", "colors", "position",
+                        "color_attr"}
     lines = (tmp_path / "a" / "geneval_results.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and {"correct", "reason", "tag", "prompt", "metadata", "details"} <= set(json.loads(lines[0]))
+    assert len(
+        lines) == 6 and {"correct", "reason", "tag", "prompt", "metadata", "details"} <= set(json.loads(lines[0]))
     inter = rep["suites"]["interleaved"]["metrics"]["val"]
     assert set(inter["aspects"]) == {"perceptual_quality", "image_coherence", "text_image_coherence", "helpfulness"}
     # continuation: the model writes the next instruction itself, so text quality is judged too

@@ -200,11 +200,12 @@ def test_runner_quarantine_counts_workers_and_resume(tmp_path, monkeypatch):
     for k in ("00002", "00003"):
         (out / "done" / f"{k}.json").unlink()
     (out / "rejects" / "00002.jsonl").write_text("partial")
-    import mmgen.data.filter_worker as pl
+    import mmgen.data.executors as pl  # where the runner looks process_unit up
 
     seen = []
     real = pl.process_unit
-    monkeypatch.setattr(pl, "process_unit", lambda ops, unit, *a: seen.append(Path(unit.path).name) or real(ops, unit, *a))
+    monkeypatch.setattr(
+        pl, "process_unit", lambda ops, unit, *a: seen.append(Path(unit.path).name) or real(ops, unit, *a))
     s3 = run_filter(_recipe(), str(src / "*.tar"), out, workers=1, shard_size=4, progress=False)
     assert seen == ["s2-000000.tar", "s3-000000.tar"]
     assert s3 == s1 and _snapshot(out) == _snapshot(tmp_path / "o2")

@@ -115,7 +115,7 @@ def test_killed_run_resumes_to_the_same_output(big_jsonl, tmp_path):
 
 
 def test_resume_takes_the_units_from_the_manifest(big_jsonl, tmp_path, monkeypatch):
-    import mmgen.data.filter_inputs as filter_inputs
+    import mmgen.data.pipeline as filter_pipeline  # where the runner looks plan_units up
 
     ref = run_filter(RECIPE, str(big_jsonl), tmp_path / "run", workers=1, progress=False, unit_bytes=2000)
     saved = json.loads((tmp_path / "run" / "manifest.json").read_text())["units"]
@@ -124,7 +124,7 @@ def test_resume_takes_the_units_from_the_manifest(big_jsonl, tmp_path, monkeypat
     def no_planning(*a, **k):
         raise AssertionError("a resumed run planned its units again")
 
-    monkeypatch.setattr(filter_inputs, "plan_units", no_planning)
+    monkeypatch.setattr(filter_pipeline, "plan_units", no_planning)
     for p in (tmp_path / "run" / "done").glob("*.json"):
         if p.name >= "00003.json":
             p.unlink()

@@ -12,7 +12,8 @@ from mmgen.data.shards import read_shard
 
 DATA = Path(__file__).parent / "data"
 RECIPE = {"name": "urls", "ops": [
-    {"op": "empty_items"}, {"op": "image_decode"}, {"op": "image_shape_filter", "params": {"min_width": 10, "min_height": 10}},
+    {"op": "empty_items"}, {"op": "image_decode"},
+    {"op": "image_shape_filter", "params": {"min_width": 10, "min_height": 10}},
     {"op": "image_doc_near_dedup"}, {"op": "url_dedup", "level": "node"}, {"op": "image_dedup"}, {"op": "doc_dedup"},
 ]}
 
@@ -43,10 +44,12 @@ def test_console_summary_counts_node_quarantines(tmp_path, real_dir, capsys):
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    docs = [Doc(items=[Text("a real photo and a broken one"), Image(path=str(real_dir / "cat.jpg")), Image(path=str(broken))])]
+    docs = [Doc(items=[Text("a real photo and a broken one"), Image(path=str(real_dir / "cat.jpg")),
+                       Image(path=str(broken))])]
     write_records(docs, tmp_path / "in.jsonl", "mmgen")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("ops:\n  - op: image_decode\n")
     rc = main(["filter", "-r", str(recipe), "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o"), "-w", "1"])
     out = capsys.readouterr().out
-    assert rc == 0 and "1 docs: 1 kept (1 of them lost items: 0 removed, 1 quarantined), 0 rejected, 0 quarantined" in out
+    assert rc == 0
+    assert "1 docs: 1 kept (1 of them lost items: 0 removed, 1 quarantined), 0 rejected, 0 quarantined" in out

@@ -103,10 +103,12 @@ def _source_records(real_dir: Path) -> dict[str, list[dict]]:
     meta_img = {"src": "https://example.org/img1.png", "alt_text": "a bed", "rendered_width": 336}
     return {
         "obelics": [
-            {"texts": ["First paragraph.", None, "Second paragraph.", None], "images": [None, "img1.png", None, "img8.jpg"],
+            {"texts": ["First paragraph.", None, "Second paragraph.", None],
+             "images": [None, "img1.png", None, "img8.jpg"],
              "metadata": json.dumps([None, meta_img, None, {"src": "b"}]),
              "general_metadata": json.dumps({"url": "https://example.org", "warc_record_offset": 12})},
-            {"id": "omni-1", "texts": [None, "Caption after a URL image."], "images": ["https://example.org/x.jpg", None],
+            {"id": "omni-1", "texts": [None, "Caption after a URL image."],
+             "images": ["https://example.org/x.jpg", None],
              "metadata": [{"width": 10}, None], "general_metadata": {"url": "u"}, "language": "en"},
         ],
         "mmc4": [
@@ -173,7 +175,8 @@ def test_format_specific_structure(real_dir, tmp_path):
     src.write_text(json.dumps(recs["llava"]))
     docs, bad = read_all(src, "llava", media_root=str(real_dir))
     assert len(docs) == 3 and not bad
-    assert [(it.kind, it.meta["role"]) for it in docs[0].items] == [("image", "human"), ("text", "human"), ("text", "gpt")]
+    assert [(it.kind, it.meta["role"]) for it in docs[0].items] == [
+        ("image", "human"), ("text", "human"), ("text", "gpt")]
     assert docs[0].id == "000001"
     out = tmp_path / "o" / "llava.json"
     write_records(docs, out, "llava")
@@ -183,7 +186,8 @@ def test_format_specific_structure(real_dir, tmp_path):
 def test_real_data_juicer_demos(real_dir, tmp_path):
     docs, bad = read_all(real_dir / "dj-demo-images.jsonl", "dj", media_root=str(real_dir))
     assert len(docs) == 3 and not bad
-    assert [d.images[0].load() for d in docs] == [(real_dir / n).read_bytes() for n in ("img1.png", "img2.jpg", "img3.jpg")]
+    assert [d.images[0].load() for d in docs] == [
+        (real_dir / n).read_bytes() for n in ("img1.png", "img2.jpg", "img3.jpg")]
     assert [d.texts[0].text for d in docs][:2] == ["A comfortable bed.", "A bus."]
     # The same via an explicit prefix rewrite instead of a media root.
     docs2, _ = read_all(real_dir / "dj-demo-images.jsonl", "dj", path_map={"../../tests/ops/data/": f"{real_dir}/"})

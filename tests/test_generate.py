@@ -170,7 +170,7 @@ def test_kv_cache_and_left_padding_match_full_recompute(bundle):
     assert len(rows[0]) != len(rows[1])
     steps = 12
     got = [[], []]
-    for t, active in sample_tokens(bundle.model, vocab, rows, max_new_tokens=steps, eos_id=tok.eos_token_id,
+    for t, _ in sample_tokens(bundle.model, vocab, rows, max_new_tokens=steps, eos_id=tok.eos_token_id,
                                    pad_id=tok.pad_token_id, temperature=0.0, sizes=[(4, 4)]):
         for r in range(2):
             got[r].append(int(t[r]))
@@ -310,7 +310,8 @@ def test_t2i_with_the_pixel_vq_tokenizer(tmp_path):
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
     vq = PixelVQ(resolution=RES, channels=(8, 16), patch_size=2, codebook_size=32, code_dim=4, norm_groups=8)
     vocab = Vocab(len(tok), {"pix": 32}, max_grid=16)
-    Bundle(build_tiny_lm(vocab, hidden=64, layers=1, heads=4, text_tokenizer=tok, seed=0), tok, vocab, vq, {}).save(tmp_path)
+    Bundle(build_tiny_lm(vocab, hidden=64, layers=1, heads=4, text_tokenizer=tok, seed=0), tok, vocab, vq,
+           {}).save(tmp_path)
     bundle = load_bundle(tmp_path)
     assert type(bundle.image_tokenizer).__name__ == "PixelVQ"
     doc = generate_interleaved(bundle, "a red circle", mode="t2i", max_new_tokens=vocab.image_block_len(8, 8) - 1,
@@ -368,10 +369,11 @@ def test_grid_positions_in_cached_decoding_match_full_recompute(grid_bundle):
     want = _greedy_by_full_recompute(b.model, vocab, row, steps)
     assert len(set(want)) > 4  # positions vary the codes: the check is not trivially constant
     got = [int(t[0]) for t, _ in sample_tokens(b.model, vocab, [row], max_new_tokens=steps, eos_id=tok.eos_token_id,
-                                                pad_id=tok.pad_token_id, temperature=0.0, sizes=[(4, 4)])]
+                                               pad_id=tok.pad_token_id, temperature=0.0, sizes=[(4, 4)])]
     assert got == want
     ids = torch.tensor([row])
-    out = b.model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[ImageGridConstraint(vocab, sizes=[(4, 4)])],
+    out = b.model.generate(ids, attention_mask=torch.ones_like(ids),
+                           logits_processor=[ImageGridConstraint(vocab, sizes=[(4, 4)])],
                            do_sample=False, max_new_tokens=steps, min_new_tokens=steps, eos_token_id=None,
                            pad_token_id=tok.pad_token_id)
     assert out[0, len(row):].tolist() == want

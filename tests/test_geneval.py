@@ -134,9 +134,10 @@ def tiny_owlvit(path):
         vocab[ch + "</w>"] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=[])
     torch.manual_seed(0)
-    cfg = OwlViTConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=64),
-                       vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    cfg = OwlViTConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64),
+                       vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2,
                                           image_size=32, patch_size=8), projection_dim=16)
     OwlViTForObjectDetection(cfg).save_pretrained(path)
     ip = OwlViTImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})

@@ -30,7 +30,8 @@ def test_the_edit_grammar_applies(text, after):
 
 
 @pytest.mark.parametrize("text", ["Remove the green circle.", "Move the blue square to the top left.",
-                                  "Make the red circle red.", "Paint everything purple.", "Add a red circle at the top left."])
+                                  "Make the red circle red.", "Paint everything purple.",
+                                  "Add a red circle at the top left."])
 def test_instructions_that_do_not_apply(text):
     assert apply_instruction(BEFORE, text) is None
 
@@ -142,8 +143,10 @@ def test_endpoint_judge_and_its_agreement_with_the_rules(server, tmp_path):
     assert ic["agreement"]["k"] == 2 and ic["agreement"]["n"] == 2 and ic["kappa"] is None
     hp = res["aspects"]["helpfulness"]  # exact: yes, no; the server: no, no
     assert hp["agreement"]["k"] == 1 and hp["kappa"] == 0.0
-    assert (run / "judge_agreement.json").is_file() and len((run / "judge_verdicts.jsonl").read_text().splitlines()) == 8
-    assert parse_verdict("Verdict: No.") is False and parse_verdict("yes, it does") is True and parse_verdict("maybe") is None
+    assert (
+        run / "judge_agreement.json").is_file() and len((run / "judge_verdicts.jsonl").read_text().splitlines()) == 8
+    assert parse_verdict(
+        "Verdict: No.") is False and parse_verdict("yes, it does") is True and parse_verdict("maybe") is None
     assert cohen_kappa([(True, True), (False, False)]) == 1.0
 
 
@@ -186,7 +189,8 @@ def tiny_vlm(path):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
     template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}answer:{% endif %}")
+                "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}answer:{% "
+                "endif %}")
     ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=template)
@@ -195,7 +199,8 @@ def tiny_vlm(path):
         vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        image_size=32, patch_size=8),
         text_config=LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=1, bos_token_id=2, eos_token_id=3),
+                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=1, bos_token_id=2,
+                                eos_token_id=3),
         image_token_id=4, vision_feature_select_strategy="default", vision_feature_layer=-1)
     LlavaForConditionalGeneration(cfg).save_pretrained(path)
     proc.save_pretrained(path)

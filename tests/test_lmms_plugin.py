@@ -39,7 +39,8 @@ def entry_point(tmp_path, monkeypatch):
         d = tmp_path / "site" / "mmgen_entry_points-0.dist-info"
         d.mkdir(parents=True)
         (d / "METADATA").write_text("Metadata-Version: 2.1\nName: mmgen-entry-points\nVersion: 0\n")
-        (d / "entry_points.txt").write_text("[lmms_eval.models]\n" + "".join(f"{k} = {v}\n" for k, v in declared.items()))
+        lines = "".join(f"{k} = {v}\n" for k, v in declared.items())
+        (d / "entry_points.txt").write_text("[lmms_eval.models]\n" + lines)
         monkeypatch.syspath_prepend(str(tmp_path / "site"))
     return declared
 
@@ -74,15 +75,17 @@ def test_model_answers_the_three_request_types(bundle_dir, tmp_path):
     lm.task_dict = docs
     visual = lambda d: [d["image"]] if "image" in d else []  # noqa: E731
     # generate_until: a question about a picture is answered in text; a prompt without one draws (t2i mode)
-    answer, drawn = lm.generate_until([_Req("What color is the circle?", {"max_new_tokens": 4, "until": ["\n"]}, visual, 0, "task", "test"),
-                                       _Req("a red circle", {}, visual, 1, "task", "test")])
+    question = _Req("What color is the circle?", {"max_new_tokens": 4, "until": ["\n"]}, visual, 0, "task", "test")
+    answer, drawn = lm.generate_until([question, _Req("a red circle", {}, visual, 1, "task", "test")])
     row = picture_prompt_ids(lm.bundle, "What color is the circle?", image_ids(lm.bundle, [img])[0], question=True)
     assert answer == generate_text_rows(lm.bundle, [row], max_new_tokens=4)[0].split("\n")[0].strip()
     out = json.loads(drawn)
     assert out["text"] == "" and len(out["images"]) == 1 and Path(out["images"][0]).is_file()
     # loglikelihood: the greedy continuation is greedy, another one is not, and both are log-probabilities
     greedy = generate_text_rows(lm.bundle, [row], max_new_tokens=1)[0]
-    (lp, is_greedy), = lm.loglikelihood([_Req("What color is the circle?", " " + greedy if greedy else "x", visual, 0, "task", "test")])
+    (lp,
+     is_greedy), = lm.loglikelihood([
+         _Req("What color is the circle?", " " + greedy if greedy else "x", visual, 0, "task", "test")])
     assert lp <= 0.0
     # multi-round: round 0 answers the context, then doc_to_text leads until it says stop
     seen = []
@@ -92,7 +95,8 @@ def test_model_answers_the_three_request_types(bundle_dir, tmp_path):
         return [doc["image"]], f"round {round_idx}?", round_idx == 3, None, {"k": round_idx}
 
     lm.mode = "text"
-    (rounds,) = lm.generate_until_multi_round([_Req("first?", {"max_new_tokens": 3}, visual, doc_to_text, 0, "task", "test")])
+    (rounds,
+     ) = lm.generate_until_multi_round([_Req("first?", {"max_new_tokens": 3}, visual, doc_to_text, 0, "task", "test")])
     assert len(rounds) == 3 and [s[0] for s in seen] == [1, 2, 3]
     assert seen[1][1] == list(rounds[:2]) and seen[1][2] == {"k": 1} and seen[2][2] == {"k": 2}
 

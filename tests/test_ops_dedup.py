@@ -80,7 +80,8 @@ def test_phash_agrees_with_imagehash_and_finds_reencoded_copies(real_dir):
 
     docs = [Doc([Text("portrait"), Image(path=str(real_dir / "lena.jpg"))], id="p"),
             Doc([Text("a cat"), Image(path=str(real_dir / "cat.jpg"))], id="c"),
-            Doc([Text("again"), Image(data=jpeg(lena, 40, (300, 300))), Image(path=str(real_dir / "img2.jpg"))], id="q")]
+            Doc([Text("again"), Image(data=jpeg(lena, 40, (300, 300))), Image(path=str(real_dir / "img2.jpg"))],
+                id="q")]
     for method in ("phash", "dhash"):
         op = build_op("image_near_dedup", params={"radius": 6, "method": method})
         assert feed(op, docs)[2] == [("near_duplicate_image", "p"), (None, None)], method
@@ -88,7 +89,8 @@ def test_phash_agrees_with_imagehash_and_finds_reencoded_copies(real_dir):
 
 def test_near_duplicates_inside_one_document(real_dir):
     cat = PILImage.open(real_dir / "cat.jpg")
-    doc = Doc([Image(path=str(real_dir / "cat.jpg")), Text("the same cat, smaller:"), Image(data=jpeg(cat, 50, (320, 240))),
+    doc = Doc([Image(path=str(real_dir / "cat.jpg")), Text("the same cat, smaller:"),
+               Image(data=jpeg(cat, 50, (320, 240))),
                Image(path=str(real_dir / "img2.jpg"))])
     vs = build_op("image_doc_near_dedup").apply(DocView(doc))
     assert [(v.item, v.reason) for v in vs] == [(0, None), (2, "near_duplicate_image_in_doc"), (3, None)]
@@ -101,12 +103,13 @@ def test_url_dedup_doc_and_node(real_dir):
             Doc([Text("y")], meta={"url": "http://www.example.com/page/?id=3&utm_medium=mail"}, id="b"),
             Doc([Text("z")], meta={"url": "https://example.com/page?id=4"}, id="c"),
             Doc([Text("no url")], id="d")]
-    assert feed(build_op("url_dedup", level="doc"), docs) == [[(None, None)], [("duplicate_url", "a")], [(None, None)], []]
+    assert feed(
+        build_op("url_dedup", level="doc"), docs) == [[(None, None)], [("duplicate_url", "a")], [(None, None)], []]
     lena = str(real_dir / "lena.jpg")
     imgs = [Doc([Image(path=lena), Image(data=b"x", meta={"src": "http://i.example.com/1.png"})], id="p"),
             Doc([Image(path=lena), Image(data=b"y", meta={"src": "http://i.example.com/2.png"})], id="q")]
     assert feed(build_op("url_dedup", level="node"), imgs) == [[(None, None), (None, None)],
-                                                              [("duplicate_url", "p"), (None, None)]]
+                                                               [("duplicate_url", "p"), (None, None)]]
 
 
 def _two_passes(op, docs):

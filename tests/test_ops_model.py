@@ -110,7 +110,7 @@ def test_image_text_similarity_matches_dj_formula(tiny_clip, real_dir):
                              path_map={"../../tests/ops/data/": f"{real_dir}/"}))
     for mode in ("avg", "min"):
         op = build_op("image_text_similarity_filter", params={"model": str(tiny_clip), "reduce_mode": mode,
-                                                               "min_score": -1.0})
+                                                              "min_score": -1.0})
         for d in docs:
             [v] = op.apply(DocView(d))
             [text] = [t.text for t in d.texts]
@@ -119,7 +119,8 @@ def test_image_text_similarity_matches_dj_formula(tiny_clip, real_dir):
 
     # two chunks (Data-Juicer's <|__dj__eoc|>), any vs all
     lena, cat = Image(path=str(real_dir / "lena.jpg")), Image(path=str(real_dir / "cat.jpg"))
-    doc = Doc([lena, Text("a portrait", meta={"dj_eoc": 1}), Text("a cat"), cat, Image(path=str(real_dir / "img2.jpg"))])
+    doc = Doc(
+        [lena, Text("a portrait", meta={"dj_eoc": 1}), Text("a cat"), cat, Image(path=str(real_dir / "img2.jpg"))])
     op = build_op("image_text_similarity_filter", params={"model": str(tiny_clip), "min_score": -1.0})
     [v] = op.apply(DocView(doc))
     s = v.stats["similarity"]
@@ -130,7 +131,7 @@ def test_image_text_similarity_matches_dj_formula(tiny_clip, real_dir):
     mid = (lo + hi) / 2
     any_op = build_op("image_text_similarity_filter", params={"model": str(tiny_clip), "min_score": mid})
     all_op = build_op("image_text_similarity_filter", params={"model": str(tiny_clip), "min_score": mid,
-                                                               "any_or_all": "all"})
+                                                              "any_or_all": "all"})
     assert any_op.apply(DocView(doc))[0].reason is None
     assert all_op.apply(DocView(doc))[0].reason == "low_image_text_similarity"
     node = build_op("image_text_similarity_filter", level="node", params={"model": str(tiny_clip), "min_score": 2.0})

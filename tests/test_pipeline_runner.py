@@ -90,7 +90,8 @@ def test_every_kind_of_bad_input_is_quarantined(tmp_path, real_dir):
                 Image(path=str(real_dir / "cat.jpg"))]).to_json()
     (src / "c.jsonl").write_text(json.dumps(good) + "\n{\"items\": [\n[1, 2]\n")
     # 4. OBELICS with texts/images lists of different lengths
-    ob = [{"texts": ["A cat photo follows.", None], "images": [None, str(real_dir / "cat.jpg")], "metadata": [None, None]},
+    ob = [{"texts": ["A cat photo follows.", None], "images": [None, str(real_dir / "cat.jpg")],
+           "metadata": [None, None]},
           {"texts": ["Lists of", "different", "lengths"], "images": [None], "metadata": [None]}]
     (src / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ob))
     # 5. Data-Juicer: two image placeholders for one image path

@@ -60,7 +60,8 @@ def test_prompt_and_chat_ids_are_the_prefixes_training_writes(bundle_dir):
         encode_chat_prompt("what colour?", tok, image_ids=block)
     two = chat.chat_ids([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"},
                          {"role": "user", "content": "and?"}])
-    assert two.count(tok.eos_token_id) == 1 and two[:len(encode_chat_prompt("hi", tok))] == encode_chat_prompt("hi", tok)
+    assert two.count(
+        tok.eos_token_id) == 1 and two[:len(encode_chat_prompt("hi", tok))] == encode_chat_prompt("hi", tok)
 
 
 def test_the_templates_tags_are_the_ones_every_prompt_uses(bundle_dir, tmp_path):

@@ -26,7 +26,8 @@ def _overrides(code_shards, out_dir, **kw):
                                            "data.max_grid": 4, "data.seq_len": 64, "model.hidden": 32,
                                            "model.layers": 1, "model.heads": 2, "save_every": 2, "keep_checkpoints": 3,
                                            "tensorboard": False, "steps": 5, "snapshot_every": 2,
-                                           "loss.prompt_dropout": 0.3},  # drawn per step: resume must reproduce the drops
+                                           # drawn per step: resume must reproduce the drops
+                                           "loss.prompt_dropout": 0.3},
                     **kw)
 
 

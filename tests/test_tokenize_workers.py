@@ -49,7 +49,8 @@ def corpus(tmp_path_factory):
 def _tokenize(corpus, out, **kw):
     from mmgen.tokenizers.pretokenize import pretokenize
 
-    return pretokenize(corpus / "vq", str(corpus / "in"), out, batch_size=8, max_docs_per_shard=10, progress=False, **kw)
+    return pretokenize(
+        corpus / "vq", str(corpus / "in"), out, batch_size=8, max_docs_per_shard=10, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,8 @@ def _overrides(code_shards, out_dir, **kw):
                                            "data.max_grid": 8, "data.seq_len": 96, "model.hidden": 32,
                                            "model.layers": 2, "model.heads": 2, "grad_accum": 2, "save_every": 1,
                                            "steps": 1,
-                                           "loss.prompt_dropout": 0.3},  # drawn per step: resume must reproduce the drops too
+                                           # drawn per step: resume must reproduce the drops too
+                                           "loss.prompt_dropout": 0.3},
                     **kw)
 
 
@@ -99,7 +100,8 @@ def test_one_deepspeed_step_writes_checkpoint_metrics_and_a_bundle_that_reloads(
     assert summary["data"]["sequences"]["sequences"] == 40 and summary["data"]["image_grids"] == {"4x4": 40}
 
     bundle = load_bundle(final)
-    assert bundle.vocab.size == bundle.model.config.vocab_size and bundle.vocab.code_range("pix")[1] - bundle.vocab.code_range("pix")[0] == CODEBOOK
+    assert bundle.vocab.size == bundle.model.config.vocab_size and bundle.vocab.code_range(
+        "pix")[1] - bundle.vocab.code_range("pix")[0] == CODEBOOK
     assert bundle.meta["train"]["steps"] == 1 and bundle.meta["stage"] == "pretrain"
     prompt = torch.tensor([encode_prompt("a red circle at the top left.", bundle.text_tokenizer, bundle.vocab)])
 
@@ -150,8 +152,8 @@ def test_cli_train_through_the_deepspeed_launcher(code_shards, tmp_path, monkeyp
     from mmgen.models.bundle import load_bundle
 
     monkeypatch.chdir(tmp_path)  # pretrain.sh works from any directory; out_dir is relative to here
-    rc = main(["train", "tiny_pretrain", *_overrides(code_shards, "run_cli", **{"model.layers": 1, "data.image_tokenizer": "null"}),
-               "threads=1", "--launcher", "deepspeed"])
+    over = _overrides(code_shards, "run_cli", **{"model.layers": 1, "data.image_tokenizer": "null"})
+    rc = main(["train", "tiny_pretrain", *over, "threads=1", "--launcher", "deepspeed"])
     assert rc == 0, capsys.readouterr().err[-2000:]
     assert "bundle: run_cli/final" in capsys.readouterr().out
     bundle = load_bundle(tmp_path / "run_cli" / "final")

@@ -60,7 +60,8 @@ def test_preset_deepspeed_config_is_consistent():
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds.get("fp16", {}).get("enabled")
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-    assert ds["train_micro_batch_size_per_gpu"] == cfg.micro_batch and ds["gradient_accumulation_steps"] == cfg.grad_accum
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.micro_batch
+    assert ds["gradient_accumulation_steps"] == cfg.grad_accum
     assert ds["gradient_clipping"] == cfg.optim.grad_clip and "train_batch_size" not in ds
     check_global_batch(cfg, 8)  # the world size the preset is written for
     with pytest.raises(MMGenError, match="grad_accum=16 for 4 ranks"):
@@ -98,8 +99,10 @@ def test_run_vocab_follows_the_image_tokenizer_unless_the_recipe_narrows_it(tmp_
                      n_text=300, image_books=books, sem_ratio=4)
     assert list(both.ranges) == ["sem", "pix"] and both.config.sem_ratio == 4
     assert both.code_range("pix")[1] - both.code_range("pix")[0] == 512
-    tiny = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []), n_text=300, image_books=books)
-    assert list(tiny.ranges) == ["pix"] and tiny.code_range("pix")[1] - tiny.code_range("pix")[0] == 512  # measured choice
+    tiny = run_vocab(
+        load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []), n_text=300, image_books=books)
+    # measured choice
+    assert list(tiny.ranges) == ["pix"] and tiny.code_range("pix")[1] - tiny.code_range("pix")[0] == 512
     small = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []), n_text=300,
                       image_books={"sem": 16, "pix": 32})
     assert small.config.codebooks == {"pix": 32}  # sizes always come from the tokenizer

@@ -43,8 +43,9 @@ def align_run(shards, pixel_vq, tmp_path_factory):
     from mmgen.training.trainer import pretrain
 
     out = tmp_path_factory.mktemp("align")
-    final = pretrain("tiny_align", _over(shards, out, **{"data.image_tokenizer": str(pixel_vq), "data.codebook_size": "null",
-                                                          "model.image_feature_dim": 8, "model.code_head": "true"}))
+    final = pretrain("tiny_align",
+                     _over(shards, out, **{"data.image_tokenizer": str(pixel_vq), "data.codebook_size": "null",
+                                           "model.image_feature_dim": 8, "model.code_head": "true"}))
     return out, final
 
 
@@ -65,7 +66,8 @@ def test_align_trains_only_projector_code_head_and_new_rows(align_run):
     from mmgen.tokenizers import load_image_tokenizer
     from mmgen.training.model_setup import code_vectors
 
-    torch.testing.assert_close(got["image_code_vectors"], code_vectors(load_image_tokenizer(final / "image_tokenizer"), "pix"))
+    torch.testing.assert_close(
+        got["image_code_vectors"], code_vectors(load_image_tokenizer(final / "image_tokenizer"), "pix"))
     assert bundle.model.config.code_vectors == ["image"]
     changed.discard("image_code_vectors")
     assert changed and all(k.startswith(("image_projector", "code_head")) or k in (emb_key, "lm.lm_head.weight")
@@ -88,8 +90,8 @@ def test_sft_with_lora_from_a_bundle(align_run, shards, tmp_path):
     _, start = align_run
     out = tmp_path / "sft"
     final = sft("tiny_sft", _over(shards, out, init_from=str(start), **{"lora.enabled": "true", "lora.r": 4,
-                                                                      "data.codebook_size": "null",
-                                                                      "model.code_head": "true"}))
+                                                                        "data.codebook_size": "null",
+                                                                        "model.code_head": "true"}))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stage"] == "sft"
     assert summary["trainable_parameters"] < 0.2 * summary["parameters"]  # adapters only
@@ -123,7 +125,8 @@ def test_two_ranks_equal_one_rank_with_the_doubled_batch(shards, tmp_path):
     a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
     ref = load_bundle(one)
     init = build_unified_lm(ref.vocab, hidden=32, layers=2, heads=2, max_len=64, seed=0,
-                            text_tokenizer=ref.text_tokenizer, grid_positions=ref.model.config.grid_positions).state_dict()
+                            text_tokenizer=ref.text_tokenizer,
+                            grid_positions=ref.model.config.grid_positions).state_dict()
     assert a.keys() == b.keys()
     # Adam's steps are ~lr = 1e-2: the runs agree to 1/100 of a step, where a different batch moves
     # weights by whole steps. (Gradient sums in another order differ in the last float bits, and Adam
@@ -156,7 +159,8 @@ def test_audio_features_train_the_audio_projector(audio_codec_dir, tmp_path):
             "model.tie_embeddings": "false", "steps": 1}
     final = pretrain(None, _over(shards, tmp_path / "run", **over))
     bundle = load_bundle(final)
-    assert bundle.vocab.config.audio_levels == 2 and bundle.vocab.ranges["audio"][1] - bundle.vocab.ranges["audio"][0] == 32
+    assert bundle.vocab.config.audio_levels == 2
+    assert bundle.vocab.ranges["audio"][1] - bundle.vocab.ranges["audio"][0] == 32
     init = build_unified_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=64, seed=0, audio_feature_dim=16,
                             tie_embeddings=False, text_tokenizer=bundle.text_tokenizer).state_dict()
     got = bundle.model.state_dict()

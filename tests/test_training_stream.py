@@ -85,7 +85,8 @@ def test_pack_refuses_max_docs_rather_than_packing_every_document(code_shards, t
     from mmgen.training.pack import pack
 
     with pytest.raises(MMGenError, match="data.max_docs applies to data.source=memory"):
-        pack(None, _over(code_shards, tmp_path / "unused", **{"data.max_docs": 10}), tmp_path / "packed", progress=False)
+        pack(
+            None, _over(code_shards, tmp_path / "unused", **{"data.max_docs": 10}), tmp_path / "packed", progress=False)
     assert not (tmp_path / "packed").exists()
 
 

@@ -27,7 +27,8 @@ def tiny_tokenizer(seed: int = 0):
 def tiny_cfg(out_dir, **over):
     from mmgen.tokenizers.train_config import TokenizerTrainConfig
 
-    base = {"synthetic_images": 80, "synthetic_source": "shapes", "resolution": 32, "eval_images": 8, "model": dict(TINY_MODEL),
+    base = {"synthetic_images": 80, "synthetic_source": "shapes", "resolution": 32, "eval_images": 8,
+            "model": dict(TINY_MODEL),
             "steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "log_every": 4, "ckpt_every": 4,
             "restart_every": 2, "out_dir": str(out_dir), "threads": 1, "progress": False}
     base.update(over)
@@ -146,7 +147,8 @@ def test_simvq_restarts_dead_codes_where_the_codebook_fits_worst(sampling):
     from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
 
     torch.manual_seed(0)
-    q = Quantizer(QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling=sampling), 4)
+    q = Quantizer(
+        QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling=sampling), 4)
     common = q.q.codebook[0].detach()
     far = common + 5.0 + 0.1 * torch.randn(8, 4)  # 8 "edge" vectors no code is near
     q._recent = torch.cat([common.expand(248, 4), far])
@@ -199,7 +201,8 @@ def test_simvq_loss_restarts_go_where_the_noted_losses_are():
     from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
 
     torch.manual_seed(0)
-    q = Quantizer(QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling="loss"), 4).train()
+    q = Quantizer(
+        QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling="loss"), 4).train()
     z = torch.randn(2, 4, 4, 4)
     q(z)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
@@ -324,7 +327,8 @@ def test_training_reads_images_from_doc_shards_and_folders(tmp_path):
     from mmgen.data.shards import write_shards
     from mmgen.tokenizers.train_data import load_training_images
 
-    docs = [Doc([Text("a scene"), Image.from_pil(im), Image.from_pil(im2)]) for im, im2 in zip(shapes(3), shapes(3, seed=1))]
+    docs = [Doc([Text("a scene"), Image.from_pil(im), Image.from_pil(im2)]) for im,
+            im2 in zip(shapes(3), shapes(3, seed=1))]
     docs.append(Doc([Image(data=b"\x89PNG\r\n\x1a\nbroken", format="png")]))
     shard_dir = tmp_path / "shards"
     write_shards(docs, shard_dir)

@@ -43,7 +43,8 @@ def _corpus(base: str, path: Path) -> None:
     recs = []
     for k in range(4):
         a, b = PHOTOS[2 * k], PHOTOS[2 * k + 1]
-        para = [" ".join(sentences[(k + j) % 6] for j in range(3)), " ".join(sentences[(k + j + 3) % 6] for j in range(3))]
+        para = [
+            " ".join(sentences[(k + j) % 6] for j in range(3)), " ".join(sentences[(k + j + 3) % 6] for j in range(3))]
         recs.append({"texts": [f"Notes from a city walk, part {k + 1}.", None, para[0], None, para[1]],
                      "images": [None, f"{base}/img/{a}", None, f"{base}/img/{b}", None],
                      "metadata": [None, {"alt_text": a}, None, {"alt_text": b}, None],
@@ -78,7 +79,8 @@ def test_readme_walkthrough_runs(real_dir, tmp_path, monkeypatch):
     with serve(real_dir) as (base, hits):
         _corpus(base, tmp_path / "corpus.jsonl")
         for cmd in commands[:-1]:
-            args = [str(tmp_path / "base") if a == "BASE" else a.replace("=BASE", f"={tmp_path / 'base'}") for a in cmd[1:]]
+            args = [
+                str(tmp_path / "base") if a == "BASE" else a.replace("=BASE", f"={tmp_path / 'base'}") for a in cmd[1:]]
             assert main(args + TINY[cmd[1]]) == 0, cmd
     fetched = json.loads((tmp_path / "fetched/summary.json").read_text())
     assert (fetched["urls"], fetched["fetched"], fetched["failed"]) == (8, 8, 0)

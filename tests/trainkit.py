@@ -18,7 +18,8 @@ COLORS = ["red", "blue", "green", "yellow"]
 CODEBOOK = 32
 # A DAC small enough to build in a test: a 320-sample hop at 16 kHz (50 code frames/s), 2 levels of 16 codes.
 TINY_AUDIO_CODEC = {"sampling_rate": 16000, "encoder_hidden_size": 4, "downsampling_ratios": [2, 4, 5, 8],
-                    "decoder_hidden_size": 16, "hidden_size": 16, "n_codebooks": 2, "codebook_size": 16, "codebook_dim": 4}
+                    "decoder_hidden_size": 16, "hidden_size": 16, "n_codebooks": 2, "codebook_size": 16,
+                    "codebook_dim": 4}
 AUDIO_HOP = int(np.prod(TINY_AUDIO_CODEC["downsampling_ratios"]))  # samples per code frame
 AUDIO_SR = TINY_AUDIO_CODEC["sampling_rate"]
 

@@ -15,8 +15,8 @@ own classes (:func:`build_open_clip`) and trained contrastively by :mod:`mmgen.m
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +53,15 @@ def build_open_clip(model_cfg: dict, device: str | torch.device = "cpu"):
     try:
         return open_clip.CLIP(**cfg).to(device)
     except TypeError as e:
-        raise MMGenError(f"invalid open_clip model config ({e}); expected keys embed_dim, vision_cfg, text_cfg") from None
+        raise MMGenError(
+            f"invalid open_clip model config ({e}); expected keys embed_dim, vision_cfg, text_cfg") from None
 
 
 class ClipEncoder:
     """Wraps an open_clip or transformers CLIP model: ``encode_image`` / ``encode_text`` -> unit vectors."""
 
-    def __init__(self, model, tokenize, image_size: tuple[int, int], mean, std, kind: str, model_cfg: dict | None = None):
+    def __init__(self, model, tokenize, image_size: tuple[int, int], mean, std, kind: str,
+                 model_cfg: dict | None = None):
         self.model = model.eval()
         self.tokenize = tokenize
         self.image_size = image_size  # (height, width)
@@ -83,7 +85,8 @@ class ClipEncoder:
         if not len(images):
             raise MMGenError("encode_image needs at least one image")
         x = self.pixels(images)
-        feats = self.model.encode_image(x) if self.kind == "open_clip" else self.model.get_image_features(pixel_values=x)
+        feats = self.model.encode_image(
+            x) if self.kind == "open_clip" else self.model.get_image_features(pixel_values=x)
         return F.normalize(_as_tensor(feats).float(), dim=-1)
 
     @torch.no_grad()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 
 
@@ -11,7 +9,8 @@ def register(app: typer.Typer) -> None:
     @app.command("train-clip")
     def train_clip_cmd(
         config: str = typer.Argument(..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_clip)."),
-        overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. steps=600 out_dir=runs/clip"),
+        overrides: list[str] | None = typer.Argument(
+            None, help="key=value overrides, e.g. steps=600 out_dir=runs/clip"),
     ) -> None:
         """Train a tiny open_clip model contrastively on ShapesWorld captions and images.
 

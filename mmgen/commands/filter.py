@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 
 def register(app: typer.Typer) -> None:
     @app.command("filter")
     def filter_cmd(
-        recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML path, or a name in data_pipelines/ (e.g. shapesworld)."),
-        input: str = typer.Option(..., "--input", "-i", help="Input files: a glob ('data/*.tar'), a directory, a .tar, a .jsonl (any converter format) or a .parquet."),
-        out: str = typer.Option(..., "--out", "-o", help="Output folder (kept shards, rejects/, quarantine/, stats/, summary.json, report.md). Rerun to resume."),
-        executor: str = typer.Option("local", "--executor", "-e", help="local (worker processes) or ray (Ray tasks; RAY_ADDRESS for a running cluster)."),
-        workers: int = typer.Option(2, "--workers", "-w", help="Worker processes / Ray CPUs (the output does not depend on it)."),
+        recipe: str = typer.Option(
+            ..., "--recipe", "-r", help="Recipe YAML path, or a name in data_pipelines/ (e.g. shapesworld)."),
+        input: str = typer.Option(..., "--input", "-i",
+                                  help="Input files: a glob ('data/*.tar'), a directory, a .tar, a .jsonl (any "
+                                       "converter format) or a .parquet."),
+        out: str = typer.Option(..., "--out", "-o",
+                                help="Output folder (kept shards, rejects/, quarantine/, stats/, summary.json, "
+                                     "report.md). Rerun to resume."),
+        executor: str = typer.Option("local", "--executor", "-e",
+                                     help="local (worker processes) or ray (Ray tasks; RAY_ADDRESS for a running "
+                                          "cluster)."),
+        workers: int = typer.Option(
+            2, "--workers", "-w", help="Worker processes / Ray CPUs (the output does not depend on it)."),
         shard_size: int = typer.Option(1000, "--shard-size", help="Documents per output shard."),
-        input_format: str = typer.Option("auto", "--input-format", help="Format of jsonl/parquet inputs: auto, mmgen, obelics, mmc4, dj, llava."),
-        save_reject_media: bool = typer.Option(False, "--save-reject-media", help="Also copy rejected images/audio/video into rejects/media/ to inspect."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Compute statistics, report and decisions only; write no shards (to choose thresholds)."),
-        media_root: Optional[str] = typer.Option(None, "--media-root", help="A folder records' media paths may name besides the input file's own folder; paths leading anywhere else are quarantined (path_outside_root)."),
-        allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Let records name media files anywhere (trusted corpora only)."),
-        unit_bytes: Optional[int] = typer.Option(None, "--unit-bytes", help="Size of a work unit of a large jsonl/parquet file (default: about 1/64 of the corpus, 256 KiB to 64 MiB)."),
-        max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Images (and video frames) of more pixels are quarantined as too_many_pixels before decoding (default: the recipe's, else 89,478,485)."),
+        input_format: str = typer.Option(
+            "auto", "--input-format", help="Format of jsonl/parquet inputs: auto, mmgen, obelics, mmc4, dj, llava."),
+        save_reject_media: bool = typer.Option(
+            False, "--save-reject-media", help="Also copy rejected images/audio/video into rejects/media/ to inspect."),
+        dry_run: bool = typer.Option(False, "--dry-run",
+                                     help="Compute statistics, report and decisions only; write no shards (to choose "
+                                          "thresholds)."),
+        media_root: str | None = typer.Option(None, "--media-root",
+                                              help="A folder records' media paths may name besides the input file's "
+                                                   "own folder; paths leading anywhere else are quarantined "
+                                                   "(path_outside_root)."),
+        allow_outside_root: bool = typer.Option(
+            False, "--allow-outside-root", help="Let records name media files anywhere (trusted corpora only)."),
+        unit_bytes: int | None = typer.Option(None, "--unit-bytes",
+                                              help="Size of a work unit of a large jsonl/parquet file (default: about "
+                                                   "1/64 of the corpus, 256 KiB to 64 MiB)."),
+        max_image_pixels: int | None = typer.Option(None, "--max-image-pixels",
+                                                    help="Images (and video frames) of more pixels are quarantined as "
+                                                         "too_many_pixels before decoding (default: the recipe's, else "
+                                                         "89,478,485)."),
     ) -> None:
         """Filter and deduplicate documents with a recipe of operators.
 

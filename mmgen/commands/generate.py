@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 
@@ -14,23 +12,24 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
         out: str = typer.Option("generated", "--out", help="Folder for the images (PNG), speech (WAV) and doc.json."),
         mode: str = typer.Option("auto", "--mode", help="auto (model decides), t2i (image right after the "
-                                                         "prompt), tts (speech right after the prompt) or text "
-                                                         "(no images or speech)."),
+                                                        "prompt), tts (speech right after the prompt) or text "
+                                                        "(no images or speech)."),
         allow_audio: bool = typer.Option(False, "--allow-audio", help="Let the model open audio blocks in auto "
-                                                                       "mode (needs a bundle with an audio codec)."),
-        max_audio_frames: Optional[int] = typer.Option(None, "--max-audio-frames", help="Most code frames per "
-                                                                                        "audio block (default: the token budget)."),
+                                                                      "mode (needs a bundle with an audio codec)."),
+        max_audio_frames: int | None = typer.Option(None, "--max-audio-frames", help="Most code frames per "
+                                                                                     "audio block (default: the "
+                                                                                     "token budget)."),
         seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed, same output."),
-        cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance for media "
-                                                  "tokens (1 = off). Default: the checkpoint's own setting."),
+        cfg_scale: float | None = typer.Option(None, "--cfg-scale", help="Classifier-free guidance for media "
+                                               "tokens (1 = off). Default: the checkpoint's own setting."),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Most tokens to generate (cut to what "
-                                                                          "the model's context leaves)."),
-        temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (0 = greedy). "
-                                                    "Default: the checkpoint's own setting."),
-        top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = all). "
-                                                                  "Default: the checkpoint's own setting."),
-        top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1] (1 = off). "
-                                                                    "Default: the checkpoint's own setting."),
+                                                                         "the model's context leaves)."),
+        temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature (0 = greedy). "
+                                                                             "Default: the checkpoint's own setting."),
+        top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = all). "
+                                                               "Default: the checkpoint's own setting."),
+        top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1] (1 = off). "
+                                                                 "Default: the checkpoint's own setting."),
         device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
         picture: Optional[str] = typer.Option(None, "--picture", help="An image file shown to the model before the "
                                               "prompt: ask about it, or (--mode t2i) say what to draw next."),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 
 
@@ -16,7 +14,7 @@ def register(app: typer.Typer) -> None:
         docs: int = typer.Option(QuickstartConfig.docs, help="ShapesWorld documents to generate"),
         seed: int = typer.Option(0, help="world seed"),
         launcher: str = typer.Option("deepspeed", help="deepspeed (training/pretrain.sh) or none (in-process)"),
-        overrides: Optional[List[str]] = typer.Argument(None, help="quickstart config overrides, key=value"),
+        overrides: list[str] | None = typer.Argument(None, help="quickstart config overrides, key=value"),
     ) -> None:
         """Run world -> filter -> tokenizer -> code shards -> DeepSpeed pretraining -> generation -> report.
 
@@ -35,7 +33,8 @@ def register(app: typer.Typer) -> None:
         r = json.loads((report.parent / "report.json").read_text())
         print(f"\nreport: {report}  (grid: {report.parent / 't2i_grid.png'})")
         rec = r.get("inner_tokenizer_reconstruction") or r["tokenizer_reconstruction"]
-        print(f"t2i_accuracy {r['t2i_accuracy']:.3f} (held-out compositions {r['t2i_accuracy_heldout_compositions']:.3f}), "
+        print(f"t2i_accuracy {r['t2i_accuracy']:.3f} (held-out compositions "
+              f"{r['t2i_accuracy_heldout_compositions']:.3f}), "
               f"qa_accuracy {r['qa_accuracy']:.3f}, interleaved_accuracy {r['interleaved_accuracy']:.3f}, "
               f"image tokenizer scene agreement {rec['scene_agreement']:.3f}")
         print(f"chat with the model: mmgen chat --checkpoint {r['checkpoint']}   "

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 
 
@@ -25,7 +23,7 @@ def _run(config: str, overrides: list[str], launcher: str, num_gpus: int, hostfi
 
 
 _LAUNCHER = typer.Option("deepspeed", "--launcher", help="deepspeed: training/pretrain.sh through the DeepSpeed "
-                         "launcher; none: one rank in this process (debugging).")
+                                                         "launcher; none: one rank in this process (debugging).")
 _NUM_GPUS = typer.Option(1, "--num-gpus", help="Ranks per node (CPU processes without a GPU).")
 _HOSTFILE = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for multi-node runs.")
 _OVERRIDES = typer.Argument(None, help="Config overrides, key=value (e.g. steps=50).")
@@ -35,10 +33,10 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
         config: str = typer.Argument("tiny_pretrain", help="Training YAML, or a recipe name in training/."),
-        overrides: Optional[List[str]] = _OVERRIDES,
+        overrides: list[str] | None = _OVERRIDES,
         launcher: str = _LAUNCHER,
         num_gpus: int = _NUM_GPUS,
-        hostfile: Optional[str] = _HOSTFILE,
+        hostfile: str | None = _HOSTFILE,
     ):
         """Train the unified LM with DeepSpeed (stage align, pretrain or sft, as the config says);
         writes OUT_DIR/final (an mmgen bundle).
@@ -47,9 +45,11 @@ def register(app: typer.Typer) -> None:
 
         Examples:
 
-            mmgen train training/tiny_pretrain.yaml data.code_shards=runs/quickstart/blocks/codes data.image_tokenizer=runs/quickstart/blocks/tokenizer steps=200
+            mmgen train training/tiny_pretrain.yaml data.code_shards=runs/quickstart/blocks/codes \\
+              data.image_tokenizer=runs/quickstart/blocks/tokenizer steps=200
 
-            mmgen train tiny_align data.code_shards=runs/quickstart/blocks/codes data.image_tokenizer=runs/quickstart/blocks/tokenizer
+            mmgen train tiny_align data.code_shards=runs/quickstart/blocks/codes \\
+              data.image_tokenizer=runs/quickstart/blocks/tokenizer
 
             mmgen train tiny_pretrain ... --num-gpus 2      # two ranks on one machine
         """
@@ -58,10 +58,10 @@ def register(app: typer.Typer) -> None:
     @app.command("sft")
     def sft_cmd(
         config: str = typer.Argument("tiny_sft", help="SFT YAML, or a recipe name in training/."),
-        overrides: Optional[List[str]] = _OVERRIDES,
+        overrides: list[str] | None = _OVERRIDES,
         launcher: str = _LAUNCHER,
         num_gpus: int = _NUM_GPUS,
-        hostfile: Optional[str] = _HOSTFILE,
+        hostfile: str | None = _HOSTFILE,
     ):
         """Supervised fine-tuning in the chat template (loss on assistant turns only); `mmgen train`
         with stage=sft. Python: mmgen.training.trainer.sft(config, overrides).
@@ -76,10 +76,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command("pack")
     def pack_cmd(
-        config: str = typer.Argument("tiny_pretrain", help="Training YAML, or a recipe name in training/: its data settings decide the rows."),
-        overrides: Optional[List[str]] = _OVERRIDES,
-        out: str = typer.Option(..., "--out", help="Output directory: packed-*.tar, index.json, text_tokenizer/, vocab.json."),
-        executor: str = typer.Option("local", "--executor", help="local (processes on this machine) or ray (Ray tasks)."),
+        config: str = typer.Argument(
+            "tiny_pretrain", help="Training YAML, or a recipe name in training/: its data settings decide the rows."),
+        overrides: list[str] | None = _OVERRIDES,
+        out: str = typer.Option(
+            ..., "--out", help="Output directory: packed-*.tar, index.json, text_tokenizer/, vocab.json."),
+        executor: str = typer.Option(
+            "local", "--executor", help="local (processes on this machine) or ray (Ray tasks)."),
         workers: int = typer.Option(1, "--workers", help="Worker processes (local) or CPUs of a local Ray cluster."),
     ):
         """Pack code shards into ready-to-train rows, one packed shard per code shard, with the text
@@ -90,11 +93,13 @@ def register(app: typer.Typer) -> None:
 
             mmgen pack tiny_pretrain data.code_shards=runs/qs/codes data.image_tokenizer=runs/qs/vq --out runs/qs/packed
 
-            mmgen train tiny_pretrain data.source=packed data.packed_shards=runs/qs/packed data.image_tokenizer=runs/qs/vq
+            mmgen train tiny_pretrain data.source=packed data.packed_shards=runs/qs/packed \\
+              data.image_tokenizer=runs/qs/vq
         """
         from mmgen.training.pack import pack
 
         index = pack(config, list(overrides or []), out, executor=executor, workers=workers)
         t = index["totals"]["packing"]
         typer.echo(f"{t['docs']} documents -> {t['rows']} rows of {t['seq_len']} tokens (fill {t['fill_rate']:.3f}) "
-                   f"in {len(index['shards'])} packed shards; {t['docs_dropped']} dropped (an item longer than a row); {out}/index.json")
+                   f"in {len(index['shards'])} packed shards; {t['docs_dropped']} dropped (an item longer than a row); "
+                   f"{out}/index.json")

@@ -13,14 +13,14 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from mmgen.data.doc import BadRecord, Doc, Text
-from mmgen.data.shards import tar_samples, expand_inputs, sample_key
+from mmgen.data.shards import expand_inputs, sample_key, tar_samples
 
 
 @dataclass

@@ -18,8 +18,9 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Union
+from typing import Any
 
 from mmgen.data.media import decode_audio, decode_image, decode_video, open_image, probe_audio, probe_video
 from mmgen.data.media_format import ext_for, format_from_name, is_url, sniff_format
@@ -98,7 +99,7 @@ class Image(_Media):
     kind = "image"
 
     @classmethod
-    def from_pil(cls, img, format: str = "png", meta: dict | None = None, **save_kwargs) -> "Image":
+    def from_pil(cls, img, format: str = "png", meta: dict | None = None, **save_kwargs) -> Image:
         buf = io.BytesIO()
         img.save(buf, format=format.upper(), **save_kwargs)
         return cls(data=buf.getvalue(), format=format.lower(), meta=dict(meta or {}))
@@ -151,7 +152,7 @@ class Video(_Media):
         return self.meta["duration"]
 
 
-Item = Union[Text, Image, Audio, Video]
+Item = Text | Image | Audio | Video
 MEDIA_TYPES = {"image": Image, "audio": Audio, "video": Video}
 
 
@@ -239,7 +240,7 @@ class Doc:
         return {"id": self.id, "meta": self.meta, "provenance": self.provenance, "items": items}
 
     @classmethod
-    def from_json(cls, obj: dict, media: dict[str, bytes] | None = None, base_dir: str | None = None) -> "Doc":
+    def from_json(cls, obj: dict, media: dict[str, bytes] | None = None, base_dir: str | None = None) -> Doc:
         """Inverse of :meth:`to_json`; ``media`` maps member names to bytes."""
         items: list[Item] = []
         for entry in obj.get("items", []):
@@ -287,5 +288,6 @@ class BadRecord:
                 "reason": self.reason, "detail": self.detail, "raw": raw}
 
     def __str__(self) -> str:
-        where = self.source + (f":{self.line}" if self.line is not None else "") + (f"[{self.member}]" if self.member else "")
+        where = self.source + (
+            f":{self.line}" if self.line is not None else "") + (f"[{self.member}]" if self.member else "")
         return f"{where}: {self.reason}: {self.detail}"

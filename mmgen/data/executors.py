@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 from mmgen.config import from_dict
 from mmgen.data.filter_recipe import Recipe, build_ops
@@ -116,7 +116,8 @@ def map_resumable(executor: str, workers: int, fn, jobs: list[tuple], markers: l
 
 
 @contextlib.contextmanager
-def results_in_order(executor: str, workers: int, recipe_data: dict, ops, units: list, read_opts: dict) -> Iterator[Iterator[list]]:
+def results_in_order(executor: str, workers: int, recipe_data: dict, ops, units: list,
+                     read_opts: dict) -> Iterator[Iterator[list]]:
     """An iterator over ``process_unit`` results of ``units``, in order; workers are stopped on exit."""
     if executor == "local" and (workers <= 1 or len(units) <= 1):
         yield (process_unit(ops, u, read_opts) for u in units)  # the operators already built here

@@ -12,7 +12,7 @@ from typing import Any
 from mmgen.data.doc import Doc, Text
 from mmgen.data.filter_worker import run_op
 from mmgen.data.ops.base import DocView, Op
-from mmgen.data.shards import ShardWriter, tar_samples, sample_to_doc
+from mmgen.data.shards import ShardWriter, sample_to_doc, tar_samples
 from mmgen.errors import MediaError, MMGenError
 from mmgen.utils.files import write_json
 
@@ -96,8 +96,9 @@ class ShardCommit:
         self.writer = None
         self.c: dict[str, Any] = {"input": 0, "kept": 0, "rejected": 0, "quarantined": 0,
                                   "kept_with_nodes_removed": 0, "nodes_removed": 0, "nodes_quarantined": 0,
-                                  "media_not_fetched": 0, "by_op": {}, "reasons": {"rejected": {}, "quarantined": {}, "nodes_removed": {},
-                                                           "nodes_quarantined": {}}}
+                                  "media_not_fetched": 0, "by_op": {},
+                                  "reasons": {"rejected": {}, "quarantined": {}, "nodes_removed": {},
+                                              "nodes_quarantined": {}}}
 
     def _bump(self, op: str, what: str, reason: str) -> None:
         by = self.c["by_op"].setdefault(op, {})
@@ -215,7 +216,7 @@ class ShardCommit:
             if (self.tmp / "media").exists():
                 os.replace(self.tmp / "media", self.out / "rejects" / "media" / self.tag)
         write_json(self.out / "state" / f"{self.tag}.json",
-                    {op.label: op.state_delta() for op in self.stateful})
+                   {op.label: op.state_delta() for op in self.stateful})
         write_json(self.out / "done" / f"{self.tag}.json", self.c)  # last: marks the input finished
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.c

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from mmgen.data.doc import BadRecord, Doc
 from mmgen.data.formats import format_module
@@ -225,7 +225,8 @@ def _read_parquet(unit: WorkUnit, media_root: str | None = None, allow_outside_r
                 except MediaError as e:
                     yield ctx.bad("missing_media", str(e), _raw(rec))
                     continue
-                except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError, OverflowError) as e:
+                except (
+                    TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError, OverflowError) as e:
                     yield ctx.bad("bad_schema", f"{type(e).__name__}: {str(e)[:200]}", _raw(rec))
                     continue
                 doc.provenance.setdefault("source", path)
@@ -237,7 +238,8 @@ def _read_parquet(unit: WorkUnit, media_root: str | None = None, allow_outside_r
 
 
 def _raw(rec: dict) -> str:
-    return json.dumps(rec, ensure_ascii=False, default=lambda b: f"<{len(b)} bytes>" if isinstance(b, bytes) else str(b))
+    return json.dumps(
+        rec, ensure_ascii=False, default=lambda b: f"<{len(b)} bytes>" if isinstance(b, bytes) else str(b))
 
 
 def read_input(path: str, fmt: str = "auto", media_root: str | None = None,

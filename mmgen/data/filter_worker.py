@@ -112,7 +112,8 @@ def process_unit(ops: list[Op], unit, read_opts: dict | None = None) -> list:
             break
         except Exception as e:  # noqa: BLE001 - a reader fault is quarantined with the unit's place, the run goes on
             out.append(("bad", BadRecord(source=unit.path, reason="reader_error",
-                                         detail=f"{type(e).__name__}: {error_text(e)}; rest of the unit not read").to_json()))
+                                         detail=f"{type(e).__name__}: {error_text(e)}; rest of the unit not "
+                                                f"read").to_json()))
             break
         if isinstance(rec, BadRecord):
             out.append(("bad", rec.to_json()))

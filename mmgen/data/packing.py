@@ -42,7 +42,7 @@ class PackStats:
         return self.tokens / (self.rows * self.seq_len) if self.rows else 0.0
 
     @classmethod
-    def total(cls, stats: list[dict], seq_len: int) -> "PackStats":
+    def total(cls, stats: list[dict], seq_len: int) -> PackStats:
         """The sum of several packings' counts (their :meth:`to_dict`), into rows of ``seq_len``."""
         return cls(**{f.name: sum(s.get(f.name, 0) for s in stats) for f in fields(cls) if f.name != "seq_len"},
                    seq_len=seq_len)

@@ -2,7 +2,8 @@
 
 One sample per Doc: ``KEY.json`` (the Doc's canonical JSON, see :meth:`Doc.to_json`) plus one member
 per media item, ``KEY.I.EXT`` (I = the item's index in the Doc, EXT its format), holding the original
-encoded bytes; a URL reference not fetched has no member, its ``url`` is in the json. Shards are plain POSIX tars, readable by ``tar``, by ``webdataset.WebDataset`` and by
+encoded bytes; a URL reference not fetched has no member, its ``url`` is in the json. Shards are plain
+POSIX tars, readable by ``tar``, by ``webdataset.WebDataset`` and by
 :func:`read_shard` here, which — unlike webdataset's loader — turns a corrupt or truncated tar into
 :class:`BadRecord` entries and goes on, so one bad shard never stops a run.
 """
@@ -15,8 +16,8 @@ import os
 import re
 import tarfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from mmgen.data.doc import BadRecord, Doc, Text
 from mmgen.data.formats import read_records
@@ -192,7 +193,7 @@ def read_shard(path: str | Path, media_root: str | None = None, allow_outside_ro
     broken = False
     ctx = ReadContext(source=source, media_root=media_root)  # one per shard: its folder resolutions are cached
     with tf, stream:
-        for index, sample in enumerate(tar_samples(tf, source)):
+        for sample in tar_samples(tf, source):
             if isinstance(sample, BadRecord):
                 broken = broken or sample.reason == "corrupt_tar"
                 yield sample

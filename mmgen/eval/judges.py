@@ -21,8 +21,8 @@ import json
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mmgen.errors import MMGenError
 from mmgen.eval.interleaved import ASPECTS

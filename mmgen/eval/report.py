@@ -64,7 +64,7 @@ def panel_grid(panels: list[dict], path: str | Path, cols: int = 6, cell: int = 
         head = [f"[{p['tag']}]"] if p.get("tag") else []
         verdict = wrap(p["verdict"], font, text_w) if p.get("verdict") else []
         bodies.append((head, lines, verdict))
-    text_rows = max((len(h) + len(l) + len(v) for h, l, v in bodies), default=0)
+    text_rows = max((len(h) + len(body) + len(v) for h, body, v in bodies), default=0)
     ph = _PAD + _LINE + cell + _PAD + text_rows * _LINE + _PAD
     cols = max(1, min(cols, len(panels)))
     rows = max(1, -(-len(panels) // cols))

@@ -190,7 +190,7 @@ def _num(v, cast):
     return None if v is None else cast(v)
 
 
-def load_picture(path) -> "object":
+def load_picture(path) -> object:
     """An uploaded file as an RGB PIL image, or a one-line MMGenError that names no server path.
     The chat takes the upload as a file and opens it here: ``gr.Image`` would open it in Gradio's own
     preprocessing, whose error for a file that is not an image names the server's temp file."""

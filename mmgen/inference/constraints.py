@@ -20,7 +20,7 @@ the sequence. The prompt is scanned once, on the first call, to find a block it 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -23,8 +23,8 @@ that are inside a media block), and because the chat streams the answer token by
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
@@ -321,6 +321,6 @@ class MMGenPipeline:
 
     def __call__(self, prompt: str, options: GenerationOptions | None = None, picture=None, **kw):
         doc = None
-        for doc in self.stream(prompt, options, picture=picture, **kw):
+        for doc in self.stream(prompt, options, picture=picture, **kw):  # noqa: B007 - the last Doc is the answer
             pass
         return doc

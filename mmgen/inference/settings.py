@@ -31,7 +31,7 @@ class SamplingSettings:
     top_p: float = 1.0
     cfg_scale: float = 1.0
 
-    def check(self) -> "SamplingSettings":
+    def check(self) -> SamplingSettings:
         if self.temperature < 0:
             raise MMGenError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -42,7 +42,7 @@ class SamplingSettings:
             raise MMGenError(f"cfg_scale must be >= 1 (1 turns guidance off), got {self.cfg_scale}")
         return self
 
-    def override(self, temperature=None, top_k=None, top_p=None, cfg_scale=None) -> "SamplingSettings":
+    def override(self, temperature=None, top_k=None, top_p=None, cfg_scale=None) -> SamplingSettings:
         """These settings with every argument that is not None put in their place, checked."""
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale}
         cast = {"temperature": float, "top_k": int, "top_p": float, "cfg_scale": float}
@@ -62,7 +62,7 @@ class SamplingSettings:
         return gc
 
     @classmethod
-    def from_generation_config(cls, gc) -> "SamplingSettings":
+    def from_generation_config(cls, gc) -> SamplingSettings:
         """The settings a GenerationConfig holds (None holds none). One that sets none of do_sample / temperature /
         top_k / top_p gets :data:`DEFAULT_SAMPLING`'s (guidance_scale still read); otherwise an unset
         field means what it means to transformers' sampling: temperature 1, top-k and top-p off."""

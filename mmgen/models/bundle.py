@@ -118,7 +118,8 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
     try:
         json.loads((p / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise MMGenError(f"{p / 'config.json'} is not valid JSON ({_first_line(e)}); the checkpoint is damaged") from None
+        raise MMGenError(
+            f"{p / 'config.json'} is not valid JSON ({_first_line(e)}); the checkpoint is damaged") from None
     vocab = Vocab.load(p / "vocab.json")
     read_generation_config(p)  # a damaged file is a one-line error here; the model loads it below
     from safetensors import SafetensorError

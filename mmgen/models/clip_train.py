@@ -176,15 +176,16 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     loss_fn = open_clip.ClipLoss()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
                                               * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps))))
     metrics = open(out / "metrics.jsonl", "w")
     t0 = time.time()
     model.train()
     for step in tqdm(range(cfg.steps), desc="train clip", disable=not cfg.progress, leave=False):
-        idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+        idx = torch.randint(
+            0, len(pairs), (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
         if cfg.cell_weight > 0:
             model.visual.output_tokens = True  # the pooled embedding and the patch tokens in one pass
             pooled, patches = model.visual(pixels[idx])

@@ -80,7 +80,8 @@ class CodeConditioner(ModelMixin, ConfigMixin):
                  tokenizer_type: str = "pixel_vq", tokenizer_resolution: int = 64, decoded_channels: int = 0):
         super().__init__()
         if int(decoded_channels) not in (0, 3):
-            raise MMGenError(f"decoded_channels is 0 (codes only) or 3 (codes + the tokenizer's RGB decode), got {decoded_channels}")
+            raise MMGenError(
+                f"decoded_channels is 0 (codes only) or 3 (codes + the tokenizer's RGB decode), got {decoded_channels}")
         if not (len(codebook_sizes) == len(embed_dims) == len(grid_names)):
             raise MMGenError("codebook_sizes, embed_dims and grid_names need one entry per code grid")
         self.embeds = nn.ModuleList(nn.Embedding(int(n) + 1, int(d)) for n, d in zip(codebook_sizes, embed_dims))
@@ -103,7 +104,8 @@ class CodeConditioner(ModelMixin, ConfigMixin):
 
     def check(self, grids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(grids) != len(self.embeds):
-            raise MMGenError(f"expected {len(self.embeds)} code grid(s) ({', '.join(self.config.grid_names)}), got {len(grids)}")
+            raise MMGenError(
+                f"expected {len(self.embeds)} code grid(s) ({', '.join(self.config.grid_names)}), got {len(grids)}")
         out = []
         for g, n, name in zip(grids, self.config.codebook_sizes, self.config.grid_names):
             g = torch.as_tensor(np.asarray(g) if not torch.is_tensor(g) else g, dtype=torch.long)
@@ -268,5 +270,6 @@ def load_pipeline(path: str | Path, device: str = "cpu", tokenizer=None) -> Code
     return pipe.to(device)
 
 
-__all__ = ["CodeConditioner", "CodeDetokenizerPipeline", "build_pipeline", "build_unet", "decode_grids", "load_pipeline",
+__all__ = ["CodeConditioner", "CodeDetokenizerPipeline", "build_pipeline", "build_unet", "decode_grids",
+           "load_pipeline",
            "make_scheduler"]

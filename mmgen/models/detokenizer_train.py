@@ -97,7 +97,8 @@ def grid_spec(tokenizer) -> tuple[list[int], list[str]]:
     return [int(tokenizer.codebook_size)], ["pix"]
 
 
-def shapes_pairs(n: int, low: int, high: int, seed: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor, list]:
+def shapes_pairs(n: int, low: int, high: int, seed: int,
+                 split: str = "train") -> tuple[torch.Tensor, torch.Tensor, list]:
     """``n`` ShapesWorld scenes at ``low`` and ``high`` pixels: (low uint8, high uint8, scenes). Each is
     rendered at twice its side and brought down by the tokenizer's own bicubic resize, as the quick
     start's corpus reaches a tokenizer (render_side); a direct render at 36 px is aliased enough that
@@ -109,8 +110,10 @@ def shapes_pairs(n: int, low: int, high: int, seed: int, split: str = "train") -
     draw = lambda s, side: square_image(render(s, 2 * side, 2 * side), side)  # noqa: E731
     lo = np.stack([draw(s, low) for s in scenes])
     hi = lo if high == low else np.stack([draw(s, high) for s in scenes])
-    to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
-    return to_t(lo), to_t(hi), scenes
+    def to_tensor(a):
+        return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+    return to_tensor(lo), to_tensor(hi), scenes
 
 
 @torch.no_grad()
@@ -171,7 +174,8 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     grids = encode_all(tok, lo)
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    pipe = build_pipeline(sizes, names, tok.downsample * cfg.scale, max(g.shape[-1] for g in grids), embed_dims=m.embed_dims or None,
+    pipe = build_pipeline(sizes, names, tok.downsample * cfg.scale, max(g.shape[-1] for g in grids),
+                          embed_dims=m.embed_dims or None,
                           block_out_channels=m.block_out_channels, layers_per_block=m.layers_per_block,
                           norm_num_groups=m.norm_num_groups, attention=m.attention, scheduler=m.scheduler,
                           prediction_type=m.prediction_type, tokenizer=str(cfg.tokenizer),
@@ -223,7 +227,8 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
         n_win += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            rec = {"step": done, "loss": round(total / n_win, 6), "lr": _lr(cfg, step), "elapsed_s": round(time.time() - t0, 2)}
+            rec = {"step": done, "loss": round(total / n_win, 6), "lr": _lr(cfg, step),
+                   "elapsed_s": round(time.time() - t0, 2)}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.4f}")

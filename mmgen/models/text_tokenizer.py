@@ -13,7 +13,7 @@ text item in the middle of a document must not get its own ``<s>``.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from mmgen.errors import MMGenError
 

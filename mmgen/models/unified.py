@@ -37,7 +37,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mmgen.data.packing import causal_lm_loss
 from mmgen.errors import MMGenError
+from mmgen.models.lm import build_tiny_lm
 from mmgen.processing.vocab import Vocab
 from mmgen.utils.compat import ensure_torchvision
 
@@ -46,9 +48,6 @@ ensure_torchvision()  # transformers' model modules import torchvision, broken n
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel  # noqa: E402
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
-
-from mmgen.data.packing import causal_lm_loss
-from mmgen.models.lm import build_tiny_lm
 
 IGNORE_INDEX = -100
 MODALITY_FEATURES = ("image", "audio")
@@ -165,7 +164,8 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         # generation and evaluation all read the same input without passing features around.
         for modality in MODALITY_FEATURES:
             dim = getattr(config, f"{modality}_feature_dim")
-            if dim and vocab is not None and config.input_placement == "codes" and self.input_range(modality) in vocab.ranges:
+            if dim and vocab is not None and config.input_placement == "codes" and self.input_range(
+                modality) in vocab.ranges:
                 a, b = vocab.code_range(self.input_range(modality))
                 self.register_buffer(f"{modality}_code_vectors", torch.zeros(b - a, dim))
         self.grid_position_embedding = None
@@ -228,7 +228,8 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
             raise MMGenError(f"this model stores no {modality} code vectors (needs {modality}_feature_dim and "
                              "input_placement=codes)")
         if tuple(table.shape) != tuple(buf.shape):
-            raise MMGenError(f"{modality} code vectors of shape {tuple(table.shape)}, the model expects {tuple(buf.shape)}")
+            raise MMGenError(
+                f"{modality} code vectors of shape {tuple(table.shape)}, the model expects {tuple(buf.shape)}")
         buf.copy_(table.to(buf.device, buf.dtype))
         self.config.code_vectors = sorted({*(self.config.code_vectors or []), modality})
 

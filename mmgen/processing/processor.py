@@ -13,9 +13,9 @@ existed get it from their training facts once, on load (:meth:`ChatTemplate.from
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class ChatTemplate:
             raise MMGenError(f"unknown chat template layout '{self.layout}' (use one of: {', '.join(LAYOUTS)})")
 
     @classmethod
-    def from_training(cls, meta: dict) -> "ChatTemplate":
+    def from_training(cls, meta: dict) -> ChatTemplate:
         """The template a training run used, from its bundle facts (stage and ``data.chat``)."""
         chat = ((meta.get("config") or {}).get("data") or {}).get("chat", "auto")
         return cls(chat_layout(meta.get("stage", ""), chat), USER_TAG, ASSISTANT_TAG)
@@ -62,7 +62,7 @@ class ChatTemplate:
         return p
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ChatTemplate | None":
+    def load(cls, directory: str | Path) -> ChatTemplate | None:
         p = Path(directory) / PROCESSOR_CONFIG
         if not p.is_file():
             return None
@@ -90,7 +90,7 @@ class MMGenProcessor:
         self.chat_template = chat_template or ChatTemplate()
 
     @classmethod
-    def from_bundle(cls, bundle) -> "MMGenProcessor":
+    def from_bundle(cls, bundle) -> MMGenProcessor:
         template = getattr(bundle, "chat_template", None) or ChatTemplate.from_training(bundle.meta)
         return cls(bundle.text_tokenizer, bundle.vocab, bundle.image_tokenizer,
                    getattr(bundle, "audio_tokenizer", None), template)
@@ -171,7 +171,7 @@ class MMGenProcessor:
                 out[r] = pil
         return out
 
-    def doc_decoder(self, audio: bool = False) -> "DocDecoder":
+    def doc_decoder(self, audio: bool = False) -> DocDecoder:
         """A streaming decoder of one row's generated ids (``push`` each, ``finish`` at the end)."""
         return DocDecoder(self, audio=audio)
 

@@ -38,7 +38,8 @@ class VideoLayout:
         k = round(float(seconds) / self.config.video_time_step)
         if not 0 <= k < self.config.video_times:
             last = (self.config.video_times - 1) * self.config.video_time_step
-            raise MMGenError(f"video time {seconds:.2f} s is outside 0..{last:g} s of the time tokens (raise vocab video_times)")
+            raise MMGenError(
+                f"video time {seconds:.2f} s is outside 0..{last:g} s of the time tokens (raise vocab video_times)")
         return self.time_start + k
 
     def _sparse_rows(self, name: str, grid: np.ndarray) -> list[int]:

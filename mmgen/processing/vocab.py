@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -68,10 +68,12 @@ class VocabConfig:
 class Vocab(VideoLayout):
     def __init__(self, text_size: int, codebooks: dict[str, int] | None = None, max_grid: int = 64,
                  sem_ratio: int = 2, audio_levels: int = 1, video_times: int = 0, video_time_step: float = 0.5):
-        self.config = VocabConfig(int(text_size), dict(codebooks or {}), int(max_grid), int(sem_ratio), int(audio_levels),
+        self.config = VocabConfig(int(text_size), dict(codebooks or {}), int(max_grid), int(sem_ratio),
+                                  int(audio_levels),
                                   int(video_times), float(video_time_step))
         if self.config.video_times < 0 or self.config.video_time_step <= 0:
-            raise MMGenError(f"video_times must be >= 0 and video_time_step > 0, got {video_times} and {video_time_step}")
+            raise MMGenError(
+                f"video_times must be >= 0 and video_time_step > 0, got {video_times} and {video_time_step}")
         self.text_size = self.config.text_size
         self._tok2id: dict[str, int] = {}
         nxt = self.text_size
@@ -200,7 +202,8 @@ class Vocab(VideoLayout):
                 raise MMGenError("this vocab has semantic codes: image_block needs sem=")
             sem = np.asarray(sem)
             if sem.shape != self.sem_grid(h, w):
-                raise MMGenError(f"semantic grid {sem.shape} does not match {self.sem_grid(h, w)} for a {h}x{w} pixel grid")
+                raise MMGenError(
+                    f"semantic grid {sem.shape} does not match {self.sem_grid(h, w)} for a {h}x{w} pixel grid")
             ids += [self["<sem>"], *self._rows("sem", sem), self["</sem>"]]
         ids += [self["<pix>"], *self._rows("pix", pix), self["</pix>"], self["</image>"]]
         return ids
@@ -415,7 +418,7 @@ class Vocab(VideoLayout):
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Vocab":
+    def from_dict(cls, d: dict) -> Vocab:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -426,7 +429,7 @@ class Vocab(VideoLayout):
         p.write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocab":
+    def load(cls, path: str | Path) -> Vocab:
         p = Path(path)
         if p.is_dir():
             p = p / "vocab.json"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmgen.data.media import resample_audio, decode_audio
+from mmgen.data.media import decode_audio, resample_audio
 from mmgen.errors import MediaError, MMGenError
 from mmgen.utils.compat import ensure_torchvision
 
@@ -193,9 +193,11 @@ class AudioCodec(torch.nn.Module):
         if single:
             codes = codes[None]
         if codes.ndim != 3 or codes.shape[1] != self.n_q:
-            raise MMGenError(f"expected audio codes shaped ({self.n_q}, T), got {tuple(codes.shape[-2:]) if codes.ndim >= 2 else tuple(codes.shape)}")
+            got = tuple(codes.shape[-2:]) if codes.ndim >= 2 else tuple(codes.shape)
+            raise MMGenError(f"expected audio codes shaped ({self.n_q}, T), got {got}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise MMGenError(f"audio code out of range 0..{self.codebook_size - 1}; were these codes made by another codec?")
+            raise MMGenError(
+                f"audio code out of range 0..{self.codebook_size - 1}; were these codes made by another codec?")
         self.model.eval()
         y = self.model.decode(audio_codes=codes.to(self.device), return_dict=True).audio_values.cpu().numpy()
         return y[0] if single else y

@@ -221,7 +221,9 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.8, 0.99))
     tracker = CodebookUsage(codec.n_q, codec.codebook_size, cfg.usage_decay)
     state = torch.nn.ModuleDict({"codec": model, "tracker": tracker})  # what a checkpoint holds
-    sched = lambda step: cfg.lr * min(1.0, (step + 1) / 20)
+
+    def sched(step):
+        return cfg.lr * min(1.0, (step + 1) / 20)
 
     start, metrics_path = resume_or_start(out, cfg.resume, state, opt), out / "metrics.jsonl"
 
@@ -262,7 +264,8 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     codec.eval()
     codec_dir = out / "codec"
     codec.save_pretrained(codec_dir)
-    held = spoken_captions(cfg.eval_captions, "heldout", cfg.seed + 1, sr, cfg.voice_speeds) if cfg.eval_captions else []
+    held = spoken_captions(
+        cfg.eval_captions, "heldout", cfg.seed + 1, sr, cfg.voice_speeds) if cfg.eval_captions else []
     report = {"steps": cfg.steps, "train_seconds": round(train_s, 1), "data_seconds": round(t0 - t_data, 1),
               "parameters": codec.num_parameters(), "tokens_per_second": codec.tokens_per_second,
               "train_clips": {"synthetic": len(clips), "real": real_names}}
@@ -274,4 +277,5 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     return codec_dir
 
 
-__all__ = ["AudioTrainConfig", "default_real_audio", "evaluate", "real_clips", "spoken_captions", "train_audio_tokenizer"]
+__all__ = [
+    "AudioTrainConfig", "default_real_audio", "evaluate", "real_clips", "spoken_captions", "train_audio_tokenizer"]

@@ -12,8 +12,8 @@ int64 ``(B, h, w)``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -145,5 +145,6 @@ def load_image_tokenizer(path: str | Path, device: str = "cpu") -> ImageTokenize
         import mmgen.tokenizers.dualvitok  # noqa: F401
         import mmgen.tokenizers.vq  # noqa: F401
     if kind not in _REGISTRY:
-        raise MMGenError(f"unknown tokenizer type '{kind}' in {p / 'config.json'} (known: {', '.join(sorted(_REGISTRY))})")
+        raise MMGenError(
+            f"unknown tokenizer type '{kind}' in {p / 'config.json'} (known: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[kind].from_pretrained(p, device=device)

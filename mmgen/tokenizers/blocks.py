@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -43,7 +43,8 @@ def blocks_of(grid: np.ndarray, block: int) -> np.ndarray:
     return grid.reshape(h // block, block, w // block, block).transpose(0, 2, 1, 3).reshape(h // block, w // block, -1)
 
 
-def fit_block_table(grids: Iterable[np.ndarray], block: int, max_size: int = 1024, min_count: int = 2) -> tuple[np.ndarray, dict]:
+def fit_block_table(grids: Iterable[np.ndarray], block: int, max_size: int = 1024,
+                    min_count: int = 2) -> tuple[np.ndarray, dict]:
     """The most frequent ``block x block`` code blocks of ``grids`` (ties broken by the codes, so the
     table is deterministic), at most ``max_size`` of them, each seen ``min_count`` times or more."""
     counts: Counter = Counter()
@@ -68,7 +69,8 @@ class CodeBlockTokenizer(ImageTokenizer):
     block from a fitted table. A DualViTok's semantic grid passes through unchanged when it has one
     code per block (its ``sem_ratio`` equals ``block``)."""
 
-    def __init__(self, inner: ImageTokenizer, table: np.ndarray | torch.Tensor, block: int, fit_stats: dict | None = None):
+    def __init__(self, inner: ImageTokenizer, table: np.ndarray | torch.Tensor, block: int,
+                 fit_stats: dict | None = None):
         super().__init__()
         table = torch.as_tensor(np.asarray(table), dtype=torch.long)
         if table.ndim != 2 or table.shape[1] != block * block or not len(table):
@@ -91,7 +93,8 @@ class CodeBlockTokenizer(ImageTokenizer):
             self.codebook_sizes = {"sem": int(sizes["sem"]), "pix": self.codebook_size}
         sem_down = getattr(inner, "sem_downsample", 1)
         if self.downsample % sem_down:
-            raise MMGenError(f"{self.block}x{self.block} blocks of {inner.downsample}-pixel codes ({self.downsample} px) must "
+            raise MMGenError(f"{self.block}x{self.block} blocks of {inner.downsample}-pixel codes ({self.downsample} "
+                             f"px) must "
                              f"tile the inner tokenizer's semantic cells ({sem_down} px)")
         self._index = {tuple(row): i for i, row in enumerate(table.tolist())}
         self._vectors = None

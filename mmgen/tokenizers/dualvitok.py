@@ -21,7 +21,7 @@ pixel codes, and the benchmark compares full, pixel-only and semantic-only recon
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,8 @@ class Teacher(nn.Module):
     at a higher resolution than its teacher was trained at (the tiny one draws 64 px images from a
     CLIP trained at 32 px). ``patch`` is then the tower's patch times the factor, in input pixels."""
 
-    def __init__(self, kind: str, model_cfg: dict, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_downsample: int = 1):
+    def __init__(self, kind: str, model_cfg: dict, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                 input_downsample: int = 1):
         super().__init__()
         if kind not in TEACHER_KINDS:
             raise MMGenError(f"unknown teacher kind '{kind}' (use one of {', '.join(TEACHER_KINDS)})")
@@ -100,7 +101,8 @@ class Teacher(nn.Module):
         missing, unexpected = self.tower.load_state_dict(src, strict=False)
         if missing:
             raise MMGenError(f"teacher weights from {name_or_path} do not fit the teacher config "
-                             f"({len(missing)} missing, e.g. {missing[0]}); make teacher.model_cfg match the checkpoint")
+                             f"({len(missing)} missing, e.g. {missing[0]}); make teacher.model_cfg match the "
+                             f"checkpoint")
 
     def train(self, mode: bool = True):  # frozen: always in eval mode (no dropout, fixed norms)
         return super().train(False)
@@ -253,19 +255,22 @@ class DualViTok(ImageTokenizer):
         levels = len(self.hp["pix_channels"])
         pix = 3 * pix_patch_size ** 2
         if any(c % norm_groups for c in self.hp["pix_channels"]):
-            raise MMGenError(f"every pixel channel count in {self.hp['pix_channels']} must be divisible by norm_groups={norm_groups}")
+            raise MMGenError(f"every pixel channel count in {self.hp['pix_channels']} must be divisible by "
+                             f"norm_groups={norm_groups}")
         self.downsample = pix_patch_size * 2 ** (levels - 1)
         if pix_encoder == "patch":
             self.pix_encoder = PatchEncoder(pix, 2 ** (levels - 1), pix_code_dim, pix_encoder_width)
         else:
             self.pix_encoder = Encoder(in_channels=pix, out_channels=pix_code_dim,
                                        down_block_types=("DownEncoderBlock2D",) * levels,
-                                       block_out_channels=self.hp["pix_channels"], layers_per_block=pix_layers_per_block,
+                                       block_out_channels=self.hp["pix_channels"],
+                                       layers_per_block=pix_layers_per_block,
                                        norm_num_groups=norm_groups, double_z=False, mid_block_add_attention=False)
         self.pix_quantizer = Quantizer(_qcfg(pix_quantizer), pix_code_dim)
         self.sem_cond = nn.Conv2d(sem_code_dim, sem_cond_dim, 1)
         self.pix_decoder = Decoder(in_channels=pix_code_dim + sem_cond_dim, out_channels=pix,
-                                   up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=self.hp["pix_channels"],
+                                   up_block_types=("UpDecoderBlock2D",) * levels,
+                                   block_out_channels=self.hp["pix_channels"],
                                    layers_per_block=pix_layers_per_block, norm_num_groups=norm_groups,
                                    mid_block_add_attention=False)
         self.null_sem = nn.Parameter(torch.zeros(sem_code_dim))
@@ -273,7 +278,8 @@ class DualViTok(ImageTokenizer):
 
         self.sem_downsample = self.teacher.patch * sem_merge
         if self.sem_downsample % self.downsample:
-            raise MMGenError(f"semantic downsampling {self.sem_downsample} (teacher patch {self.teacher.patch} x sem_merge "
+            raise MMGenError(f"semantic downsampling {self.sem_downsample} (teacher patch {self.teacher.patch} x "
+                             f"sem_merge "
                              f"{sem_merge}) must be a multiple of the pixel downsampling {self.downsample}")
         self.sem_ratio = self.sem_downsample // self.downsample
 
@@ -287,8 +293,10 @@ class DualViTok(ImageTokenizer):
         return self.pix_quantizer.codebook_size
 
     def get_config(self) -> dict:
-        return {"resolution": list(self.resolution), "teacher": {k: v for k, v in self.teacher_spec.items() if k != "name"},
-                **self.hp, "sem_quantizer": _asdict(self.sem_quantizer.cfg), "pix_quantizer": _asdict(self.pix_quantizer.cfg)}
+        return {"resolution": list(self.resolution),
+                "teacher": {k: v for k, v in self.teacher_spec.items() if k != "name"},
+                **self.hp, "sem_quantizer": _asdict(self.sem_quantizer.cfg),
+                "pix_quantizer": _asdict(self.pix_quantizer.cfg)}
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -336,7 +344,8 @@ class DualViTok(ImageTokenizer):
     def pix_encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pix_encoder(F.pixel_unshuffle(x, self.hp["pix_patch_size"]) if self.hp["pix_patch_size"] > 1 else x)
 
-    def pix_decode(self, pix_q: torch.Tensor | None, sem_q: torch.Tensor | None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def pix_decode(self, pix_q: torch.Tensor | None, sem_q: torch.Tensor | None,
+                   grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Pixels from the quantized maps; a missing map (None) is replaced by its learned null vector."""
         if pix_q is None and sem_q is None:
             raise MMGenError("decode needs semantic codes, pixel codes or both")
@@ -444,7 +453,8 @@ class DualViTok(ImageTokenizer):
                 raise MMGenError(f"semantic grid {tuple(out['sem'].shape)} does not match pixel grid "
                                  f"{tuple(out['pix'].shape)} (expected sem {want}, sem_ratio {self.sem_ratio})")
         if "pix" in out and any(s % self.sem_ratio for s in out["pix"].shape[-2:]):
-            raise MMGenError(f"pixel grid {tuple(out['pix'].shape[-2:])} must be a multiple of sem_ratio {self.sem_ratio}")
+            raise MMGenError(
+                f"pixel grid {tuple(out['pix'].shape[-2:])} must be a multiple of sem_ratio {self.sem_ratio}")
         if not out:
             raise MMGenError("decode needs 'sem' and/or 'pix' codes")
         return out

@@ -19,8 +19,9 @@ not move), and ``prune_codes`` drops, after training, the entries no training im
 
 Dead codes: the library restarts EMA codebooks (``dead_code_threshold``); SimVQ codebooks are
 restarted by mmgen every ``restart_every`` steps, with ``sem_quantizer.restart_sampling: loss`` on the
-cells the region-text head names worst (two phrases sharing one code are invisible to the residual). Resume is exact: step N's batch and branch-dropout
-draws come from a generator seeded by (seed, N), and checkpoints carry both optimizers and the RNG.
+cells the region-text head names worst (two phrases sharing one code are invisible to the residual).
+Resume is exact: step N's batch and branch-dropout draws come from a generator seeded by (seed, N),
+and checkpoints carry both optimizers and the RNG.
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ def build_dualvitok_from_config(cfg: TokenizerTrainConfig, load_teacher: bool = 
     name = teacher.get("name")
     if "model_cfg" not in teacher:
         if teacher.get("kind") != "open_clip" or not name:
-            raise MMGenError("dualvitok.teacher needs model_cfg (the tower's config), or kind=open_clip with name= a CLIP dir")
+            raise MMGenError(
+                "dualvitok.teacher needs model_cfg (the tower's config), or kind=open_clip with name= a CLIP dir")
         teacher["model_cfg"] = _clip_model_cfg(name)
-    return build_dualvitok({"resolution": (cfg.resolution, cfg.resolution), "teacher": teacher, **d}, load_teacher=load_teacher)
+    return build_dualvitok(
+        {"resolution": (cfg.resolution, cfg.resolution), "teacher": teacher, **d}, load_teacher=load_teacher)
 
 
 def _clip_model_cfg(name: str) -> dict:
@@ -106,10 +109,12 @@ def region_text_targets(cfg: TokenizerTrainConfig, scenes: list):
     is unknown), with the phrases embedded once by the teacher CLIP's text tower."""
     teacher = cfg.dualvitok.teacher
     if teacher.get("kind") != "open_clip" or not teacher.get("name"):
-        raise MMGenError("text_weight needs a CLIP teacher with a text tower (dualvitok.teacher kind=open_clip, name=DIR)")
+        raise MMGenError(
+            "text_weight needs a CLIP teacher with a text tower (dualvitok.teacher kind=open_clip, name=DIR)")
     known = [s for s in scenes if s is not None]
     if not known:
-        raise MMGenError("text_weight needs images whose scene is known: synthetic_images=N with synthetic_source=shapesworld")
+        raise MMGenError(
+            "text_weight needs images whose scene is known: synthetic_images=N with synthetic_source=shapesworld")
     vocab = all_cell_phrases()
     clip = load_clip(teacher["name"])
     texts = clip.encode_text(vocab)
@@ -168,7 +173,8 @@ def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfi
     px = pixel_losses(recon, x, cfg)
     losses = {"l1": px["l1"], "l2": px["l2"], "mse": px["mse"], "edge": px["edge"],
               "feature": _cosine_loss(out["feat_rec"], out["teacher"]), "quant": out["quant_loss"]}
-    losses["perceptual"] = _cosine_loss(model.teacher(recon), out["teacher"]) if cfg.perceptual_weight > 0 else recon.new_zeros(())
+    losses["perceptual"] = _cosine_loss(
+        model.teacher(recon), out["teacher"]) if cfg.perceptual_weight > 0 else recon.new_zeros(())
     use_gan = disc is not None and step >= cfg.gan_start
     losses["gan_g"] = -disc(recon).mean() if use_gan else recon.new_zeros(())
     losses["loss"] = (px["rec"] + cfg.feature_weight * losses["feature"] + cfg.perceptual_weight * losses["perceptual"]
@@ -223,7 +229,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = build_dualvitok_from_config(cfg)
     if cfg.resolution % model.sem_downsample:
-        raise MMGenError(f"resolution {cfg.resolution} is not a multiple of DualViTok's semantic downsampling {model.sem_downsample}")
+        raise MMGenError(f"resolution {cfg.resolution} is not a multiple of DualViTok's semantic downsampling "
+                         f"{model.sem_downsample}")
     init = init_from_tokenizer(model, cfg.init_from, tuple(cfg.init_exclude)) if cfg.init_from else {}
     frozen = freeze_parts(model, cfg.freeze)
     disc = PatchGAN() if cfg.gan_weight > 0 else None
@@ -236,7 +243,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     if text_head is not None:
         eval_t, train_t = text_target[order[:n_eval]], text_target[order[n_eval:]]
 
-    trainable = [p for p in model.parameters() if p.requires_grad] + (list(text_head.parameters()) if text_head is not None else [])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable += list(text_head.parameters()) if text_head is not None else []
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
     extra = {"disc_optimizer": opt_d} if disc is not None else None
@@ -261,7 +269,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr
         o = model(x, generator=g)
-        losses = dualvitok_losses(model, o, x, cfg, disc, step, text_head, train_t[idx] if text_head is not None else None)
+        losses = dualvitok_losses(
+            model, o, x, cfg, disc, step, text_head, train_t[idx] if text_head is not None else None)
         cell_losses = losses.pop("text_cells", None)
         if cell_losses is not None and model.sem_quantizer.cfg.restart_sampling == "loss":
             model.sem_quantizer.note_vector_losses(cell_losses)
@@ -273,7 +282,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
         if disc is not None and step >= cfg.gan_start:
             losses["disc"] = torch.tensor(_disc_step(disc, opt_d, o["recon"], x))
         if cfg.restart_every > 0 and (step + 1) % cfg.restart_every == 0:
-            restarts += sum(q.restart_dead_codes(g) for q in (model.sem_quantizer, model.pix_quantizer) if q not in frozen)
+            restarts += sum(
+                q.restart_dead_codes(g) for q in (model.sem_quantizer, model.pix_quantizer) if q not in frozen)
         for k, v in losses.items():
             window[k] = window.get(k, 0.0) + float(v.detach())
         for name in counts:
@@ -298,7 +308,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     tok_dir = out / "tokenizer"
     model.save_pretrained(tok_dir)
     report = {"steps": cfg.steps, "resumed_from_step": start, "train_images": len(train_x), "eval_images": n_eval,
-              "data": data_stats, **init, "frozen_parts": list(cfg.freeze), **({"pruned_codes": pruned} if pruned else {}),
+              "data": data_stats, **init, "frozen_parts": list(cfg.freeze),
+              **({"pruned_codes": pruned} if pruned else {}),
               "parameters": model.num_parameters(), "trainable_parameters": model.num_parameters(True),
               "train_seconds": round(time.time() - t0, 1)}  # of this run, i.e. steps resumed_from_step..steps
     if n_eval:

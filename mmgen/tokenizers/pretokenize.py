@@ -301,7 +301,8 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
               "max_image_pixels": max_image_pixels}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries, resumed = map_resumable(executor, workers, tokenize_shard, [(params, i, p, str(out)) for i, p in enumerate(paths)],
+    entries, resumed = map_resumable(executor, workers, tokenize_shard,
+                                     [(params, i, p, str(out)) for i, p in enumerate(paths)],
                                      [marker_path(out, i) for i in range(len(paths))],
                                      lambda i, e: e.get("params") == params and e.get("input") == paths[i],
                                      "tokenize", progress)

@@ -69,7 +69,8 @@ class Quantizer(nn.Module):
         if cfg.kind not in KINDS:
             raise MMGenError(f"unknown quantizer kind '{cfg.kind}' (use one of {', '.join(KINDS)})")
         if cfg.dead_code_window < 0 or (cfg.dead_code_window > 0 and cfg.kind != "simvq"):
-            raise MMGenError(f"dead_code_window is a number of steps >= 0 for simvq codebooks, got {cfg.dead_code_window} for {cfg.kind}")
+            raise MMGenError(f"dead_code_window is a number of steps >= 0 for simvq codebooks, got "
+                             f"{cfg.dead_code_window} for {cfg.kind}")
         if not 0 <= cfg.restart_rtol < 1 or (cfg.restart_rtol > 0 and cfg.kind != "simvq"):
             raise MMGenError(f"restart_rtol is a share of the largest singular value in [0, 1) for simvq codebooks, "
                              f"got {cfg.restart_rtol} for {cfg.kind}")
@@ -77,8 +78,8 @@ class Quantizer(nn.Module):
         self.dim = dim
         self.cfg = cfg
         self.q, self.codebook_size, self.level_size = _library_quantizer(cfg, dim)
-        self.register_buffer("usage", torch.full((self.codebook_size if cfg.kind != "rvq" else cfg.rvq_levels * self.level_size,),
-                                                 1.0 / self.level_size))
+        n_usage = self.codebook_size if cfg.kind != "rvq" else cfg.rvq_levels * self.level_size
+        self.register_buffer("usage", torch.full((n_usage,), 1.0 / self.level_size))
         if cfg.dead_code_window > 0:  # forwards since each code last won a vector (saved: resume stays exact)
             self.register_buffer("idle", torch.zeros(self.codebook_size, dtype=torch.long))
         self._recent: torch.Tensor | None = None
@@ -192,7 +193,8 @@ class Quantizer(nn.Module):
         worst. What the residual cannot see: two phrases sharing one code fit that code closely
         (the commitment loss pulls both onto it) while one of them is always named wrong."""
         if self._recent is None or losses.numel() != self._recent.shape[0]:
-            raise MMGenError(f"{losses.numel()} vector losses for {0 if self._recent is None else self._recent.shape[0]} "
+            recent = 0 if self._recent is None else self._recent.shape[0]
+            raise MMGenError(f"{losses.numel()} vector losses for {recent} "
                              f"recent vectors: note them right after the forward, one per code position")
         self._recent_loss = losses.detach().reshape(-1).clamp_min(0).float()
 

@@ -42,7 +42,8 @@ from mmgen.utils.pixels import through_uint8, uint8_to_unit
 
 def build_model(cfg: TokenizerTrainConfig):
     m = cfg.model
-    return PixelVQ(resolution=(cfg.resolution, cfg.resolution), channels=m.channels, layers_per_block=m.layers_per_block,
+    return PixelVQ(resolution=(cfg.resolution, cfg.resolution), channels=m.channels,
+                   layers_per_block=m.layers_per_block,
                    patch_size=m.patch_size, code_dim=m.code_dim, codebook_size=m.codebook_size,
                    norm_groups=m.norm_groups, attention=m.attention, l2_norm=m.l2_norm, beta=m.beta,
                    usage_decay=m.usage_decay)
@@ -56,14 +57,16 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     if cfg.tokenizer != "pixel_vq":
         raise MMGenError(f"unknown tokenizer '{cfg.tokenizer}' (use pixel_vq or dualvitok)")
     if cfg.init_from or cfg.freeze or cfg.prune_codes or cfg.prune_min_share:
-        raise MMGenError("init_from, freeze, prune_codes and prune_min_share are DualViTok options (tokenizer: dualvitok)")
+        raise MMGenError(
+            "init_from, freeze, prune_codes and prune_min_share are DualViTok options (tokenizer: dualvitok)")
     check_train_config(cfg)
     out = prepare_run_dir(cfg)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     if cfg.resolution % model.downsample:
-        raise MMGenError(f"resolution {cfg.resolution} is not a multiple of the model's downsampling factor {model.downsample}")
+        raise MMGenError(
+            f"resolution {cfg.resolution} is not a multiple of the model's downsampling factor {model.downsample}")
     images, data_stats = load_training_images(cfg)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     n_eval = min(cfg.eval_images, len(images) // 10)

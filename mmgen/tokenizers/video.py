@@ -233,11 +233,15 @@ class VideoEncoder:
         if isinstance(tokens, dict):
             grids = {name: self.full_grids(t) for name, t in tokens.items()}
             n = len(next(iter(grids.values())))
-            chunk = lambda i: {k: g[i: i + self.batch_size] for k, g in grids.items()}
+
+            def chunk(i):
+                return {k: g[i: i + self.batch_size] for k, g in grids.items()}
         else:
             grids = self.full_grids(tokens)
             n = len(grids)
-            chunk = lambda i: grids[i: i + self.batch_size]
+
+            def chunk(i):
+                return grids[i: i + self.batch_size]
         out = []
         for i in range(0, n, self.batch_size):
             out.extend(self.tokenizer.decode(chunk(i)))

@@ -134,7 +134,8 @@ class PixelVQ(ImageTokenizer):
         self.resolution = (int(resolution[0]), int(resolution[1]))
         self.channels = tuple(int(c) for c in channels)
         if any(c % norm_groups for c in self.channels):
-            raise MMGenError(f"every channel count in {list(self.channels)} must be divisible by norm_groups={norm_groups}")
+            raise MMGenError(
+                f"every channel count in {list(self.channels)} must be divisible by norm_groups={norm_groups}")
         self.layers_per_block = layers_per_block
         self.patch_size = patch_size
         self.code_dim = code_dim
@@ -149,7 +150,8 @@ class PixelVQ(ImageTokenizer):
         Encoder, Decoder = diffusers_vae_blocks()
         levels = len(self.channels)
         pix = 3 * patch_size * patch_size
-        self.encoder = Encoder(in_channels=pix, out_channels=code_dim, down_block_types=("DownEncoderBlock2D",) * levels,
+        self.encoder = Encoder(in_channels=pix, out_channels=code_dim,
+                               down_block_types=("DownEncoderBlock2D",) * levels,
                                block_out_channels=self.channels, layers_per_block=layers_per_block,
                                norm_num_groups=norm_groups, double_z=False, mid_block_add_attention=attention)
         self.quantizer = VectorQuantizer(codebook_size, code_dim, beta=beta, l2_norm=l2_norm, usage_decay=usage_decay)
@@ -202,7 +204,8 @@ class PixelVQ(ImageTokenizer):
         if codes.ndim != 3:
             raise MMGenError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise MMGenError(f"code out of range 0..{self.codebook_size - 1} (got {int(codes.min())}..{int(codes.max())}); "
+            raise MMGenError(f"code out of range 0..{self.codebook_size - 1} (got "
+                             f"{int(codes.min())}..{int(codes.max())}); "
                              f"were these codes made by another tokenizer?")
         return self.decode_latents(self.quantizer.embed(codes))
 

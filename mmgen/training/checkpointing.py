@@ -58,7 +58,8 @@ def write_snapshot(engine, data: dict, cfg: TrainConfig, out_dir: Path, step: in
     if rank == 0:
         shutil.rmtree(part, ignore_errors=True)
     facts = {"step": step, "train_seconds": train_s}
-    summary = {"stage": cfg.stage, "steps": step, "of_steps": cfg.steps, "train_seconds": train_s, "last_logged": logged}
+    summary = {
+        "stage": cfg.stage, "steps": step, "of_steps": cfg.steps, "train_seconds": train_s, "last_logged": logged}
     # Saving must leave the training stream untouched, so that a run with snapshots trains the same weights.
     rng = rng_state()
     save_run_bundle(engine, data, cfg, summary, part, part / "lora_adapter", rank, {"snapshot": facts})
@@ -69,7 +70,8 @@ def write_snapshot(engine, data: dict, cfg: TrainConfig, out_dir: Path, step: in
     return dest
 
 
-def save_bundle(model, data: dict, cfg: TrainConfig, summary: dict, final: Path, extra_meta: dict | None = None) -> None:
+def save_bundle(model, data: dict, cfg: TrainConfig, summary: dict, final: Path,
+                extra_meta: dict | None = None) -> None:
     image_tok = data["image_tokenizer"]
     meta = {"preset": cfg.preset, "stage": cfg.stage, "train": summary, "config": to_dict(cfg),
             "image_grids": data["image_grids"], **(extra_meta or {})}

@@ -89,7 +89,8 @@ class ModelConfig:
     audio_feature_dim: int | None = None
     projector_depth: int = 2
     input_placement: Literal["codes", "placeholder"] = "codes"
-    image_input_range: str = "pix"  # the code range image features stand for: pix, or sem (DualViTok's CLIP-aligned codes)
+    # the code range image features stand for: pix, or sem (DualViTok's CLIP-aligned codes)
+    image_input_range: str = "pix"
     # Learned (branch, row, col) embeddings added to image-code inputs (LlamaGen-style 2-D positions):
     # a small decoder learns where each code sits far faster than from RoPE's 1-D distances alone.
     grid_positions: bool = False
@@ -195,7 +196,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise MMGenError("lora.enabled is for stage=sft (align and pretrain train the full model or the projectors)")
     check_qlora(cfg)
     if cfg.init_from and not (Path(cfg.init_from) / "vocab.json").is_file():
-        raise MMGenError(f"init_from={cfg.init_from} is not an mmgen bundle (no vocab.json); give a training run's final/")
+        raise MMGenError(
+            f"init_from={cfg.init_from} is not an mmgen bundle (no vocab.json); give a training run's final/")
     if cfg.data.source == "packed":
         if not cfg.data.packed_shards:
             raise MMGenError("data.source=packed needs data.packed_shards=DIR (packed shards from `mmgen pack`)")
@@ -225,7 +227,8 @@ def check_qlora(cfg: TrainConfig) -> None:
     zero = (read_deepspeed_config(cfg.deepspeed).get("zero_optimization") or {}).get("stage", 0)
     if zero == 3:
         raise MMGenError(f"lora.quantize={q} does not work with ZeRO stage 3 ({cfg.deepspeed}): ZeRO-3 partitions the "
-                         "bitsandbytes weights and loses their quantization state; use deepspeed=training/ds_zero2_cpu.json "
+                         "bitsandbytes weights and loses their quantization state; use "
+                         "deepspeed=training/ds_zero2_cpu.json "
                          "(or ds_zero2_gpu.json): the frozen 4/8-bit base is small enough to keep whole on every rank")
 
 
@@ -254,5 +257,6 @@ def check_global_batch(cfg: TrainConfig, world: int) -> None:
     if got != cfg.global_batch:
         need = cfg.global_batch / (cfg.micro_batch * world)
         hint = f"grad_accum={int(need)}" if need == int(need) and need >= 1 else "another micro_batch"
-        raise MMGenError(f"global_batch={cfg.global_batch} but micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum} "
+        raise MMGenError(f"global_batch={cfg.global_batch} but micro_batch {cfg.micro_batch} x grad_accum "
+                         f"{cfg.grad_accum} "
                          f"x {world} ranks = {got}; set {hint} for {world} ranks")

@@ -73,7 +73,8 @@ def media_tokenizers_and_vocab(cfg: TrainConfig, tok):
     _inherit_tokenizers(cfg)
     if cfg.data.image_tokenizer:
         if not Path(cfg.data.image_tokenizer).is_dir():
-            raise MMGenError(f"data.image_tokenizer: no tokenizer directory at {cfg.data.image_tokenizer} (train one with "
+            raise MMGenError(f"data.image_tokenizer: no tokenizer directory at {cfg.data.image_tokenizer} (train one "
+                             f"with "
                              "`mmgen train-tokenizer`, or set data.image_tokenizer=null data.codebook_size=N)")
         image_tokenizer = load_image_tokenizer(cfg.data.image_tokenizer)
         books = image_codebooks(image_tokenizer)
@@ -250,7 +251,7 @@ class RowSampler:
         return np.array([self._perm(k // self.n)[k % self.n] for k in range(first, first + self.mb)])
 
 
-def step_denominator(rows: dict, sampler: "RowSampler", step: int, grad_accum: int, world: int) -> float:
+def step_denominator(rows: dict, sampler: RowSampler, step: int, grad_accum: int, world: int) -> float:
     """Target tokens of one optimizer step over all ranks and micro-batches (every rank holds all rows)."""
     n = 0
     for r in range(world):

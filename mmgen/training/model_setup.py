@@ -22,8 +22,10 @@ def build_model(cfg: TrainConfig, vocab, tok):
     from mmgen.models.unified import MMGenForCausalLM, build_unified_lm, wrap_lm
 
     m = cfg.model
-    wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim, "audio_feature_dim": m.audio_feature_dim,
-            "projector_depth": m.projector_depth, "input_placement": m.input_placement, "grid_positions": m.grid_positions,
+    wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim,
+            "audio_feature_dim": m.audio_feature_dim,
+            "projector_depth": m.projector_depth, "input_placement": m.input_placement,
+            "grid_positions": m.grid_positions,
             "grid_target": m.grid_target,
             "image_input_range": m.image_input_range}
     qlora = cfg.lora.quantize != "none"
@@ -115,7 +117,8 @@ def unwrap_for_saving(model, adapter_dir: Path | None = None):
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-FEATURE_SOURCES = {"image": ("image_tokenizer", "data.image_tokenizer"), "audio": ("audio_tokenizer", "data.audio_tokenizer")}
+FEATURE_SOURCES = {
+    "image": ("image_tokenizer", "data.image_tokenizer"), "audio": ("audio_tokenizer", "data.audio_tokenizer")}
 
 
 def code_vectors(tokenizer, range_name: str) -> torch.Tensor | None:

@@ -20,8 +20,8 @@ resume are exactly those an uninterrupted run reads.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from itertools import count
-from typing import Iterator
 
 import numpy as np
 

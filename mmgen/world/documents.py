@@ -10,8 +10,8 @@ import difflib
 import json
 import random
 from collections import Counter, deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mmgen.data.doc import Audio, Doc, Image, Text, Video
 from mmgen.data.shards import ShardWriter
@@ -99,12 +99,14 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
             items += [Text(q, {"role": "question", "qa_type": qtype}), Text(a, {"role": "answer"})]
     elif kind == "buildup":
         scene = unique.draw(lambda: random_scene(rng, split, n_objects=rng.randint(1, 2)))
-        first = f"Start with {join_phrases([object_phrase(o) for o in scene.objects])}, on a {scene.background} background."
+        first = (f"Start with {join_phrases([object_phrase(o) for o in scene.objects])}, "
+                 f"on a {scene.background} background.")
         items = [Text(first, {"step": 0}), _image_item(scene, size, step=0)]
         # later steps must not bring a held-out pair into a train/val document
         allowed = pairs_allowed(split)
         for k in range(1, rng.randint(3, 5)):
-            scene, text, edit = unique.draw(lambda: random_edit(scene, rng, allowed), key=lambda r: r[0].key())
+            scene, text, edit = unique.draw(lambda prev=scene: random_edit(prev, rng, allowed),
+                                            key=lambda r: r[0].key())
             items += [Text(text, {"step": k, "edit": edit}), _image_item(scene, size, step=k)]
     elif kind == "video":
         def motion():
@@ -126,7 +128,8 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
         scene = unique.draw(lambda: random_scene(rng, split))
         text = caption(scene, rng)
         wav = (speaker or speak)(text)
-        audio = Audio(data=wav if isinstance(wav, bytes) else b"", format="wav", meta={"transcript": text, "voice": "en"})
+        audio = Audio(
+            data=wav if isinstance(wav, bytes) else b"", format="wav", meta={"transcript": text, "voice": "en"})
         if not isinstance(wav, bytes):
             audio._pending = wav  # filled in by generate_world before the doc leaves it
         items = [_image_item(scene, size), audio, Text(text, {"role": "transcript"})]
@@ -240,7 +243,8 @@ def make_defective(dtype: str, rng: random.Random, split: str, size, sources: li
         if dtype == "duplicate_doc":
             label["reason"] = f"exact copy of doc {src.id}"
         else:
-            i = max(range(len(doc.items)), key=lambda j: len(doc.items[j].text) if isinstance(doc.items[j], Text) else -1)
+            i = max(
+                range(len(doc.items)), key=lambda j: len(doc.items[j].text) if isinstance(doc.items[j], Text) else -1)
             before = doc.items[i].text
             after = small_text_edit(before, rng)
             # An edit inside a fact word ("red" -> "rd") makes the text describe another picture, a
@@ -311,7 +315,8 @@ def parse_mix(mix: str | dict | None) -> dict[str, float]:
             try:
                 out[k.strip()] = float(v)
             except ValueError:
-                raise MMGenError(f"bad --mix weight {v!r} for {k.strip()}: use a number, e.g. {k.strip()}=0.5") from None
+                raise MMGenError(
+                    f"bad --mix weight {v!r} for {k.strip()}: use a number, e.g. {k.strip()}=0.5") from None
         mix = out
     for k, v in mix.items():
         if k not in DOC_KINDS:

@@ -67,7 +67,7 @@ class Obj:
         return {"shape": self.shape, "color": self.color, "size": self.size, "cell": list(self.cell)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Obj":
+    def from_dict(cls, d: dict) -> Obj:
         return cls(shape=d["shape"], color=d["color"], size=d["size"], cell=(int(d["cell"][0]), int(d["cell"][1])))
 
     @property
@@ -90,7 +90,7 @@ class Scene:
         return {"background": self.background, "objects": [o.to_dict() for o in self.objects]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scene":
+    def from_dict(cls, d: dict) -> Scene:
         return cls(background=d["background"], objects=[Obj.from_dict(o) for o in d.get("objects", [])])
 
     def key(self) -> str:
@@ -100,7 +100,7 @@ class Scene:
     def at(self, cell: tuple[int, int]) -> Obj | None:
         return next((o for o in self.objects if o.cell == tuple(cell)), None)
 
-    def validate(self) -> "Scene":
+    def validate(self) -> Scene:
         if self.background not in BACKGROUNDS:
             raise ValueError(f"unknown background {self.background!r}")
         cells = [o.cell for o in self.objects]

@@ -268,7 +268,8 @@ def parse_scene_report(img, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Pars
         objects.append(Obj(shape=shape, color=_COLOR_NAMES[c1], size=size, cell=(row, col)))
         evidence.append({"cell": [row, col], "bbox": [int(x0 + bx0), int(y0 + by0), int(bw), int(bh)],
                          "side": round(float(side), 3), "color_err": round(float(errs[c1]), 1),
-                         "color_margin": round(float(errs[c2] - errs[c1]), 1), "color_reach": round(float(reach[c1]), 2),
+                         "color_margin": round(float(errs[c2] - errs[c1]), 1),
+                         "color_reach": round(float(reach[c1]), 2),
                          "shape_err": round(float(e1), 3), "shape_margin": round(float(e2 - e1), 3)})
         exp = np.zeros((H, W), bool)
         exp[y0:y1, x0:x1] = ndimage.binary_dilation(keep, iterations=2)

@@ -28,8 +28,8 @@ import difflib
 import importlib
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from mmgen.data.doc import BadRecord, Doc
 from mmgen.data.formats.common import checked_media, checked_media_root, expand_jsonl_inputs

@@ -8,9 +8,10 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from mmgen.data.doc import MEDIA_TYPES, BadRecord, Doc
 from mmgen.data.input_kind import InputKind, open_decompressed, sniff_input
@@ -143,7 +144,8 @@ class ReadContext:
         meta = dict(meta or {})
         if isinstance(ref, dict) and ref.get("bytes") is not None:
             data = ref["bytes"]
-            return MEDIA_TYPES[kind](data=data if isinstance(data, bytes) else bytes(data), path=ref.get("path"), meta=meta)
+            return MEDIA_TYPES[kind](
+                data=data if isinstance(data, bytes) else bytes(data), path=ref.get("path"), meta=meta)
         if isinstance(ref, dict):
             ref = ref.get("path")
         if not isinstance(ref, str) or not ref:
@@ -217,7 +219,8 @@ def _json_lines(f, ctx: ReadContext, array: bool, byte_range):
             yield lineno, line, json.loads(line)
         except json.JSONDecodeError as e:
             ctx.line = lineno
-            yield lineno, line, ctx.bad("bad_json", f"line {lineno}: {e.msg} at column {e.colno}", raw=line.rstrip("\n"))
+            yield lineno, line, ctx.bad(
+                "bad_json", f"line {lineno}: {e.msg} at column {e.colno}", raw=line.rstrip("\n"))
         except (ValueError, RecursionError) as e:  # nesting deeper than the parser goes, huge numbers
             ctx.line = lineno
             yield lineno, line, ctx.bad("bad_json", f"line {lineno}: {type(e).__name__}: {str(e)[:200]}",

@@ -62,7 +62,8 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
     if not all(isinstance(v, str) for v in values):
         raise RecordError("bad_schema", "every turn needs a string 'value'")
     counts = {k: sum(v.count(t) for v in values) for k, t in TOKENS.items()}
-    wrong = [f"{counts[k]} {TOKENS[k]} for {len(refs[k])} '{k}' references" for k in TOKENS if counts[k] != len(refs[k])]
+    wrong = [
+        f"{counts[k]} {TOKENS[k]} for {len(refs[k])} '{k}' references" for k in TOKENS if counts[k] != len(refs[k])]
     if wrong:
         raise RecordError("media_count_mismatch", "; ".join(wrong))
     items, missing, used = [], [], {k: 0 for k in TOKENS}

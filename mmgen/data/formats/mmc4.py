@@ -66,7 +66,7 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
     if not isinstance(text_meta, list) or len(text_meta) != len(texts):
         raise RecordError("bad_schema", "'text_meta' must be parallel to 'text_list'")
     media_items, placement, explicit, lists = [], [], [], {}
-    for key, (kind, name_key) in INFO_LISTS.items():
+    for key in INFO_LISTS:
         infos = rec.get(key)
         if infos is None:
             continue

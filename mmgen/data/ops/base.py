@@ -16,14 +16,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from mmgen.config import from_dict
 from mmgen.data.doc import Doc, Image, Item, Text
 from mmgen.errors import MediaError, MMGenError
 
-OPS: dict[str, type["Op"]] = {}
+OPS: dict[str, type[Op]] = {}
 LEVELS = ("doc", "node")
 
 
@@ -249,7 +250,7 @@ def build_op(op: str, level: str | None = None, params: dict | None = None, labe
     """Construct a registered operator from recipe values, with one-line errors for every mistake."""
     if op not in OPS:
         raise MMGenError(f"{where}unknown operator '{op}'{closest(op, OPS)} (known: {', '.join(sorted(OPS))}; "
-                        "operators defined elsewhere need their module in the recipe's operator_modules)")
+                         "operators defined elsewhere need their module in the recipe's operator_modules)")
     cls = OPS[op]
     if level is not None and level not in LEVELS:
         raise MMGenError(f"{where}level must be 'doc' or 'node', got {level!r}")

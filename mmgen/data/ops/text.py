@@ -214,7 +214,8 @@ class Stopwords(TextOp):
             "words": n,
             "en_stopword_ratio": round(sum(w in EN_STOPWORDS and w not in SHARED_STOPWORDS for w in ws) / n, 4)
             if n else 0.0,
-            "foreign_stopword_ratio": round(sum(w in FOREIGN_STOPWORDS and w not in SHARED_STOPWORDS for w in ws) / n, 4)
+            "foreign_stopword_ratio": round(
+                sum(w in FOREIGN_STOPWORDS and w not in SHARED_STOPWORDS for w in ws) / n, 4)
             if n else 0.0,
             "non_ascii_ratio": round(sum(not c.isascii() for c in letters) / len(letters), 4) if letters else 0.0,
         }

@@ -204,7 +204,8 @@ def _word_list(words: list[str], path: str | None) -> frozenset[str]:
             with open(path, encoding="utf-8") as f:
                 return frozenset(w.strip().lower() for w in f if w.strip())
         except OSError as e:
-            raise MMGenError(f"cannot read word list {path}: {e.strerror} (give a text file, one word a line)") from None
+            raise MMGenError(
+                f"cannot read word list {path}: {e.strerror} (give a text file, one word a line)") from None
     return frozenset(w.lower() for w in words)
 
 
