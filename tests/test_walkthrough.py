@@ -95,4 +95,6 @@ def test_readme_walkthrough_runs(real_dir, tmp_path, monkeypatch):
 
     final = tmp_path / commands[-1][commands[-1].index("--checkpoint") + 1]
     assert len(AutoTokenizer.from_pretrained(final)) == len(AutoTokenizer.from_pretrained(tmp_path / "base"))
-    assert build_app(final) is not None
+    import gradio as gr
+
+    assert any(isinstance(c, gr.Chatbot) for c in build_app(final).blocks.values())
