@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from bundlekit import make_tiny_bundle
 
 from mmgen.errors import MMGenError
+
+from bundlekit import make_tiny_bundle
 
 METHODS = ["fastv", "text", "pyramid", "merge"]
 BASELINES = ["random", "stride"]
@@ -139,15 +140,16 @@ def _layerwise_reference(model, ids_row: list[int], kept_cols: list[int], layer:
     pos = torch.arange(len(ids_row))[None]
     hidden = dec.embed_tokens(ids)
     full, part = DynamicCache(), DynamicCache()
-    for l, block in enumerate(dec.layers):
-        if l == layer:
+    for i, block in enumerate(dec.layers):
+        if i == layer:
             hidden, pos = hidden[:, kept_cols], pos[:, kept_cols]
         mask = create_causal_mask(config=dec.config, inputs_embeds=hidden, attention_mask=torch.ones_like(pos),
                                   cache=None, position_ids=pos)
         hidden = block(hidden, attention_mask=mask, position_embeddings=dec.rotary_emb(hidden, pos), position_ids=pos,
-                       cache=full if l < layer else part, use_cache=True)
+                       cache=full if i < layer else part, use_cache=True)
     logits = model.lm_head(dec.norm(hidden))[0, -1]
-    keys = [full.layers[l].keys[0][:, kept_cols] if l < layer else part.layers[l].keys[0] for l in range(len(dec.layers))]
+    keys = [full.layers[i].keys[0][:, kept_cols] if i < layer else part.layers[i].keys[0]
+            for i in range(len(dec.layers))]
     return logits, keys
 
 
@@ -184,7 +186,7 @@ def test_merge_decodes_like_a_plain_forward_over_the_merged_sequence(bundle):
     """After a merged prefill, every decode step continues at the next original position with a mask of the
     pruned cache: its logits equal a cache-free forward over the merged embeddings plus the new tokens."""
     from mmgen.inference.pipeline import left_pad
-    from mmgen.inference.prune import _BeforeLLMRun
+    from mmgen.inference.prune import BeforeLLMRun
 
     model, vocab = bundle.model, bundle.vocab
     rows = _rows(bundle)
@@ -194,7 +196,7 @@ def test_merge_decodes_like_a_plain_forward_over_the_merged_sequence(bundle):
                      logits_hook=lambda cond, uncond, guided, in_block: seen.append(cond.clone()))
     ids, attn = left_pad(rows, 0, "cpu")
     position = (attn.cumsum(-1) - 1).clamp(min=0)
-    run = _BeforeLLMRun(model, ids, attn, position, *_grids_and_shared(rows, vocab, ids, attn), 0.25)
+    run = BeforeLLMRun(model, ids, attn, position, *_grids_and_shared(rows, vocab, ids, attn), 0.25)
     for r in range(len(rows)):
         valid = run.valid[r]
         embeds, pos = run.embeds[r][valid], run.position[r][valid]
@@ -278,8 +280,8 @@ def test_a_pruned_run_holds_fewer_kv_entries_and_reports_them(bundle, models, ba
         rep = pruner.report
         assert [[b["tokens"], b["kept"]] for row in rep["blocks"] for b in row] == [[64, kept], [64, kept]]
         assert rep["tokens_kept"] == [len(r) - 64 + kept for r in rows]
-        assert 0 < rep["flops"] < rep["flops_full"] and rep["flops_ratio"] == pytest.approx(rep["flops"] / rep["flops_full"],
-                                                                                             rel=1e-5)
+        assert 0 < rep["flops"] < rep["flops_full"]
+        assert rep["flops_ratio"] == pytest.approx(rep["flops"] / rep["flops_full"], rel=1e-5)
         if method == "pyramid":  # three stages deepening the cut: 4 layers, K=1 -> stages at 1, 2, 3
             assert [k for k, _ in rep["stages"]] == [1, 2, 3]
             assert len(set(rep["tokens_per_layer"][0])) == 4
@@ -314,7 +316,7 @@ def test_continuous_features_merge_before_the_projector(bundle):
     """A model that reads its pixel codes as tokenizer features through its projector: ratio 1 is exact, and
     a merged token's input is the projector applied to the mean of its group's features."""
     from mmgen.inference.pipeline import left_pad, make_cache
-    from mmgen.inference.prune import _BeforeLLMRun
+    from mmgen.inference.prune import BeforeLLMRun
     from mmgen.models.unified import build_unified_lm
 
     vocab = bundle.vocab
@@ -332,7 +334,7 @@ def test_continuous_features_merge_before_the_projector(bundle):
     ids, attn = left_pad(rows, 0, "cpu")
     position = (attn.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        run = _BeforeLLMRun(model, ids, attn, position, *_grids_and_shared(rows, vocab, ids, attn), 0.25)
+        run = BeforeLLMRun(model, ids, attn, position, *_grids_and_shared(rows, vocab, ids, attn), 0.25)
         grid = _grids_and_shared(rows, vocab, ids, attn)[0][0][0][0]
         from mmgen.inference.token_merge import merge_plan
 
@@ -434,7 +436,8 @@ def test_cli_generate_prunes_a_picture_and_rejects_bad_options(bundle_dir, tmp_p
     capsys.readouterr()
     for bad, message in ((args("--prune-ratio", "0"), "prune_ratio must be in (0, 1]"),
                          (args("--prune-method", "pyramid", "--prune-schedule", "1-0.5"), "is not LAYER:RATIO"),
-                         (args("--prune-method", "fastv", "--prune-layer", "5"), "prune_layer 5 >= the model's depth 2"),
+                         (args("--prune-method", "fastv", "--prune-layer", "5"),
+                          "prune_layer 5 >= the model's depth 2"),
                          (args(shown=str(tmp_path / "none.png")), "does not exist")):
         assert main(bad) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1] (1 = off). "
                                                                  "Default: the checkpoint's own setting."),
         device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
-        picture: Optional[str] = typer.Option(None, "--picture", help="An image file shown to the model before the "
+        picture: str | None = typer.Option(None, "--picture", help="An image file shown to the model before the "
                                               "prompt: ask about it, or (--mode t2i) say what to draw next."),
         prune_method: str = typer.Option("none", "--prune-method", help="Prefill pruning of the picture's tokens: "
                                          "none, fastv, text, pyramid, merge, or the random / stride baselines."),
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
                                                                      "(0, 1]."),
         prune_layer: int = typer.Option(2, "--prune-layer", help="fastv/text/pyramid: the layer K from which "
                                                                  "only the kept tokens go on."),
-        prune_schedule: Optional[str] = typer.Option(None, "--prune-schedule", help="pyramid stages as "
+        prune_schedule: str | None = typer.Option(None, "--prune-schedule", help="pyramid stages as "
                                                      "LAYER:RATIO,... (e.g. 1:0.5,2:0.25); replaces --prune-layer "
                                                      "and --prune-ratio."),
         cache: Optional[str] = typer.Option(None, "--cache", help="KV cache storage: dynamic (the model's precision, "

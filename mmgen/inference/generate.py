@@ -373,9 +373,10 @@ def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generat
     return doc, paths
 
 
-def _read_picture(path) -> "object":
+def _read_picture(path) -> object:
     """An image file as an RGB PIL image, or a one-line MMGenError."""
-    from PIL import Image as PILImage, UnidentifiedImageError
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
 
     try:
         with PILImage.open(path) as im:

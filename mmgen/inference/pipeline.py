@@ -105,7 +105,7 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def _prepare_inputs_for(model) -> dict:
+def prepare_inputs_for(model) -> dict:
     """How a forward takes its cache (:func:`~mmgen.models.unified.cache_keyword`) and whether it can
     compute logits for the last position only."""
     from mmgen.models.unified import cache_keyword
@@ -168,7 +168,7 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
                                     + ([ImagesDoneCriteria(stop_after_images, constraint)]
                                        if stop_after_images is not None else []))
     gen = torch.Generator().manual_seed(int(seed))
-    how = _prepare_inputs_for(model)
+    how = prepare_inputs_for(model)
     cache = make_cache(model) if cache is None else cache
     keep = {"logits_to_keep": 1} if how["logits_to_keep"] else {}  # the prefill needs the last position only
     if prune is not None:

@@ -249,7 +249,7 @@ class PrefillPruner:
     @torch.no_grad()
     def prefill(self, model, vocab: Vocab, ids: torch.Tensor, attn: torch.Tensor, position: torch.Tensor, cache,
                 n_cond: int | None = None):
-        from mmgen.inference.pipeline import _prepare_inputs_for
+        from mmgen.inference.pipeline import prepare_inputs_for
 
         if cache.get_seq_length() != 0:
             raise MMGenError("prefill pruning fills an empty cache; this one already holds tokens")
@@ -261,10 +261,10 @@ class PrefillPruner:
         grids = [[[torch.tensor([pad[b] + p for p in g], dtype=torch.long) for g in blk.grids] for blk in blocks[b]]
                  for b in range(len(rows))]
         shared = _shared_blocks(rows, blocks, n_cond)
-        how = _prepare_inputs_for(model)
+        how = prepare_inputs_for(model)
         depth = int(model.config.num_hidden_layers)
         if self.method in BEFORE_LLM:
-            run = _BeforeLLMRun(model, ids, attn, position, grids, shared, self.ratio, self.method, self.seed)
+            run = BeforeLLMRun(model, ids, attn, position, grids, shared, self.ratio, self.method, self.seed)
             out = run.forward(cache, how)
             counts = [[int(n)] * depth for n in run.valid.sum(-1).tolist()]
         else:
@@ -333,7 +333,7 @@ def baseline_plan(method: str, n: int, keep: int, seed: int = 0) -> torch.Tensor
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:keep].sort().values
 
 
-class _BeforeLLMRun:
+class BeforeLLMRun:
     """``merge``, ``random``, ``stride``: each grid cut in the input embeddings (merged into the kept tokens,
     or just dropped), then one plain forward of what is left."""
 
@@ -406,7 +406,7 @@ def prefill_only(model, vocab: Vocab, rows: Sequence[Sequence[int]], pruner: Pre
     """One prefill of ``rows`` (and ``uncond_rows`` after them, as guidance batches them), plain or through
     ``pruner``: ``{"seconds", "tokens", "logits", "report"}`` with the wall time of the forward alone, the
     cache length it left, the last-position logits and the pruner's report (None when plain)."""
-    from mmgen.inference.pipeline import _prepare_inputs_for, left_pad, make_cache
+    from mmgen.inference.pipeline import left_pad, make_cache, prepare_inputs_for
 
     device = next(model.parameters()).device
     all_rows = list(rows) + list(uncond_rows or [])
@@ -417,7 +417,7 @@ def prefill_only(model, vocab: Vocab, rows: Sequence[Sequence[int]], pruner: Pre
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     if pruner is None:
-        out = model_call(model, _prepare_inputs_for(model), cache, input_ids=ids, attention_mask=attn,
+        out = model_call(model, prepare_inputs_for(model), cache, input_ids=ids, attention_mask=attn,
                           position_ids=position)
     else:
         out, _ = pruner.prefill(model, vocab, ids, attn, position, cache, n_cond=len(rows))

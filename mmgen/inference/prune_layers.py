@@ -181,8 +181,8 @@ class LayerPruning:
         starts = {k for k, _ in self.stages}
         handles = [self.layers[k - 1].self_attn.register_forward_hook(self._score_hook(i), with_kwargs=True)
                    for i, (k, _) in enumerate(self.stages)]
-        handles += [self.layers[l].register_forward_pre_hook(self._feed_hook(l, l in starts), with_kwargs=True)
-                    for l in range(first, len(self.layers))]
+        handles += [self.layers[i].register_forward_pre_hook(self._feed_hook(i, i in starts), with_kwargs=True)
+                    for i in range(first, len(self.layers))]
         try:
             out = model_call(self.model, how, self.scratch, input_ids=self.ids, attention_mask=self.attn0,
                               position_ids=self.position0)
@@ -198,7 +198,7 @@ class LayerPruning:
 
     def tokens_per_layer(self) -> list[list[int]]:
         per_stage = [(h >= 0).sum(-1).tolist() for h in self.history]
-        return [[int(per_stage[self.stage_of(l)][b]) for l in range(len(self.layers))]
+        return [[int(per_stage[self.stage_of(i)][b]) for i in range(len(self.layers))]
                 for b in range(self.ids.shape[0])]
 
     def _compact_into(self, cache) -> None:
@@ -209,12 +209,12 @@ class LayerPruning:
         attention_mask_for(cache, self.valid.long())  # a compressed cache takes these entries as its prefill
         final, width = self.history[-1], self.ids.shape[1]
         where = [_inverse(h, h >= 0, width) for h in self.history]
-        for l, layer in enumerate(self.scratch.layers):
-            inv = where[self.stage_of(l)]
+        for i, layer in enumerate(self.scratch.layers):
+            inv = where[self.stage_of(i)]
             index = inv.gather(1, final.clamp(min=0))  # pads read column 0's entry; the mask hides them
             k, v = layer.keys, layer.values
             g = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-            cache.update(k.gather(2, g), v.gather(2, g), l)
+            cache.update(k.gather(2, g), v.gather(2, g), i)
 
 
 def _inverse(orig: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
