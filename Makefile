@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	# $(VENV)/bin/ruff format --check .  # on once the whole code base is formatted in a single commit
-	$(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports --no-logo
 	$(PY) -m pytest -n $(WORKERS) --durations=15 tests
 
 install: $(STAMP)

@@ -292,6 +292,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     from safetensors.torch import load_file
 
     import mmgen.tokenizers.train as tr
+    from mmgen.utils.checkpoints import latest_checkpoint
 
     full = tr.train_tokenizer(tiny_cfg(tmp_path / "full", steps=8, restart_every=3))
 
@@ -310,7 +311,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     with pytest.raises(Killed):
         tr.train_tokenizer(tiny_cfg(tmp_path / "cut", steps=8, restart_every=3))
     monkeypatch.setattr(tr, "save_checkpoint", real_save)
-    assert tr.latest_checkpoint(tmp_path / "cut").name == "step_00000004"
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000004"
     resumed = tr.train_tokenizer(tiny_cfg(tmp_path / "cut", steps=8, restart_every=3, resume=True))
 
     def losses(d):

@@ -211,7 +211,7 @@ def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, tempera
     further :class:`~mmgen.inference.pipeline.GenerationOptions` fields, e.g. ``prune_method="fastv"``,
     ``kv_method="h2o"``."""
     doc = None
-    for doc in iter_interleaved(bundle, prompt,  # noqa: B007 - drained: the last Doc is the answer max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+    for doc in iter_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,  # noqa: B007 - the last Doc is the answer
                                 top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, sizes=sizes,
                                 allow_audio=allow_audio, max_audio_frames=max_audio_frames, picture=picture,
                                 **options):
