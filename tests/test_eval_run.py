@@ -116,9 +116,9 @@ def test_suites_give_the_numbers_of_the_evaluation_functions(bundle_dir, tmp_pat
 def test_robust_suite_judges_each_prompt_in_every_surface_form(bundle_dir, tmp_path):
     """Per form: the t2i prompts rewritten, judged and counted apart; as written, the t2i suite's own
     records (same prompts, same seeds: the forms differ in their text alone); in the report and its comparison."""
+    from mmgen.eval.run import compare_reports, run_eval
     from mmgen.world import parse_caption
     from mmgen.world.surface import SURFACE_FORMS, surface_form
-    from mmgen.eval.run import compare_reports, run_eval
 
     kw = dict(n=3, batch_size=2, temperature=1.0, progress=False)
     rep = run_eval(bundle_dir, "t2i,robust", tmp_path / "a", **kw)
@@ -151,7 +151,8 @@ def test_robust_suite_judges_each_prompt_in_every_surface_form(bundle_dir, tmp_p
     run_eval(bundle_dir, "robust", tmp_path / "b", robust_forms="as_written,no_period", **kw)
     cmp = compare_reports(tmp_path / "a" / "report.json", tmp_path / "b" / "report.json")
     rows = {r["metric"] for r in cmp["rows"]}
-    assert {"robust.as_written.intervals.all_objects", "robust.no_period.intervals.all_objects", "robust.lowest"} <= rows
+    assert {
+        "robust.as_written.intervals.all_objects", "robust.no_period.intervals.all_objects", "robust.lowest"} <= rows
     assert "robust.spacing.intervals.all_objects" in cmp["only_a"]
     # a resumed run reuses every batch
     again = run_eval(bundle_dir, "t2i,robust", tmp_path / "a", **kw)

@@ -37,7 +37,8 @@ def _documents(bundle, images=(4, 3, 2)) -> list[list[int]]:
         rng = np.random.default_rng(r)
         row = prompt_ids(bundle, TEXTS[r], image=False)
         for k in range(n):
-            row += bundle.vocab.image_block(rng.integers(0, 16, (4, 4))) + prompt_ids(bundle, TEXTS[r + k + 1], image=False)[1:]
+            picture = bundle.vocab.image_block(rng.integers(0, 16, (4, 4)))
+            row += picture + prompt_ids(bundle, TEXTS[r + k + 1], image=False)[1:]
         rows.append(row + [bundle.vocab["<image>"]])
     return rows
 
@@ -50,7 +51,10 @@ def _decode(model, bundle, rows, cache=None, cfg=1.0, temperature=1.0, **kw):
     logits = []
     got: list[list[int]] = [[] for _ in rows]
     uncond = [prompt_ids(bundle, "", image=True) for _ in rows] if cfg != 1.0 else None
-    hook = lambda cond, unc, guided, in_block: logits.append((cond.clone(), None if unc is None else unc.clone()))  # noqa: E731
+
+    def hook(cond, unc, guided, in_block):
+        logits.append((cond.clone(), None if unc is None else unc.clone()))
+
     for tok, active in decode_loop(model, bundle.vocab, rows, max_new_tokens=25, eos_id=3, pad_id=0, seed=3,
                                    temperature=temperature, top_k=8, cfg_scale=cfg, uncond_rows=uncond,
                                    sizes=default_image_sizes(bundle), stop_after_images=1, cache=cache,
@@ -353,7 +357,8 @@ def test_the_pipeline_reports_kv_bytes_and_tokens(bundle):
     opts = GenerationOptions(mode="t2i", max_new_tokens=30, temperature=0.0, cfg_scale=2.0)
     plain = pipe("a large red circle at the top left, on a black background.", opts)
     kv = load_config(GenerationOptions, None, ["mode=t2i", "max_new_tokens=30", "temperature=0", "cfg_scale=2",
-                                               "kv_method=h2o", "kv_budget=8", "kv_window=2", "kv_sinks=2", "cache=fp8"])
+                                               "kv_method=h2o", "kv_budget=8", "kv_window=2", "kv_sinks=2",
+                                               "cache=fp8"])
     small = pipe("a large red circle at the top left, on a black background.", kv)
     p, s = plain.meta["kv"], small.meta["kv"]
     assert p == {"method": "none", "quantized": False, "bytes": plain.meta["cache"]["bytes"],
@@ -382,7 +387,8 @@ BAD = [({"kv_method": "pyramid"}, "unknown kv_method 'pyramid'"),
        ({"kv_method": "h2o", "kv_window": 0}, "kv_window must be >= 1, got 0"),
        ({"kv_method": "streaming", "kv_sinks": -1}, "kv_sinks must be >= 0, got -1"),
        ({"kv_budget": 64}, "kv_budget 64 needs a kv_method that evicts"),
-       ({"kv_method": "snapkv", "kv_budget": 30}, r"kv_budget 30 is below what kv_method=snapkv always keeps \(kv_sinks 4 \+ kv_window 32 = 36\)"),
+       ({"kv_method": "snapkv", "kv_budget": 30},
+        r"kv_budget 30 is below what kv_method=snapkv always keeps \(kv_sinks 4 \+ kv_window 32 = 36\)"),
        ({"kv_method": "streaming", "kv_budget": 4}, r"kv_budget 4 is below .* \(kv_sinks 4 \+ 1 recent token = 5\)")]
 
 
@@ -405,7 +411,8 @@ def test_what_a_compressed_cache_cannot_do_is_a_one_line_error(bundle, models):
 
     sliding = tiny_qwen2(bundle.vocab, bundle.text_tokenizer, use_sliding_window=True, sliding_window=16,
                          max_window_layers=0)
-    with pytest.raises(MMGenError, match="compresses full-attention layers only; this model also has sliding_attention"):
+    with pytest.raises(
+        MMGenError, match="compresses full-attention layers only; this model also has sliding_attention"):
         make_kv_cache(sliding, "h2o", budget=64)
     model = models["llama"]
     cache = make_kv_cache(model, "h2o", budget=40, window=8)

@@ -10,11 +10,10 @@ import random
 import numpy as np
 import pytest
 
-from mmgen.world import Scene, caption, parse_caption, random_scene
-from mmgen.world.surface import (EDITS, SURFACE_FORMS, apply_edits, check_forms, surface_form, vary_prompt,
-                                          vary_prompts)
-from mmgen.world.text import CAPTION_TEMPLATES, caption_parts
 from mmgen.errors import MMGenError
+from mmgen.world import Scene, caption, parse_caption, random_scene
+from mmgen.world.surface import EDITS, SURFACE_FORMS, apply_edits, check_forms, surface_form, vary_prompt, vary_prompts
+from mmgen.world.text import CAPTION_TEMPLATES, caption_parts
 
 
 def _prompts(n=60, seed=3):
@@ -42,7 +41,8 @@ def test_every_form_is_deterministic_differs_and_reads_as_the_same_scene():
         assert all({x, y} <= {"a", "one"} or {x, y} <= {"at", "on", "in"} for x, y in swaps), forms["synonyms"]
     # another seed draws other forms somewhere in the set
     p = _prompts(20)
-    assert [surface_form(it.prompt, "word_order", 0) for it in p] != [surface_form(it.prompt, "word_order", 1) for it in p]
+    assert [surface_form(it.prompt, "word_order", 0) for it in p] != [
+        surface_form(it.prompt, "word_order", 1) for it in p]
 
 
 def test_caption_parts_reads_every_template_and_object_order():
@@ -125,7 +125,7 @@ def test_vary_prompts_rewrites_prompts_only_and_keeps_pictures_and_scenes():
 def test_training_records_vary_prompts_and_the_text_tokenizer_learns_from_them(tmp_path, monkeypatch):
     from mmgen.data.code_shards import CodedDoc, CodeShardWriter, read_code_shards
     from mmgen.training.config import load_train_config
-    from mmgen.training.data import _new_text_tokenizer, sequence_settings, training_records
+    from mmgen.training.data import new_text_tokenizer, sequence_settings, training_records
 
     docs = _world_docs(60)
     shards = tmp_path / "codes"
@@ -155,11 +155,12 @@ def test_training_records_vary_prompts_and_the_text_tokenizer_learns_from_them(t
         [[t.text for t in r.doc.texts] for r in plain]
 
     seen = {}
-    import mmgen.models.text_tokenizer as tt
+    import mmgen.training.data as training_data  # where new_text_tokenizer looks the trainer up
 
-    real = tt.train_text_tokenizer
-    monkeypatch.setattr(tt, "train_text_tokenizer", lambda texts, **kw: real(seen.setdefault("texts", list(texts)), **kw))
-    tok = _new_text_tokenizer(cfg)
+    real = training_data.train_text_tokenizer
+    monkeypatch.setattr(training_data, "train_text_tokenizer",
+                        lambda texts, **kw: real(seen.setdefault("texts", list(texts)), **kw))
+    tok = new_text_tokenizer(cfg)
     varied = [it.text for r in recs for it in r.doc.texts if "surface_of" in it.meta]
     assert varied and set(varied) <= set(seen["texts"])
     assert not set(varied) & {it.text for r in plain for it in r.doc.texts}
@@ -201,5 +202,6 @@ def test_packed_shards_and_the_in_memory_trainer_vary_the_same_prompts_the_same_
     # a run asking for other prompts than the packed shards hold stops with one line
     with pytest.raises(MMGenError, match="prompt_variation"):
         prepare_data(load_train_config("tiny_pretrain", [*over[:1], "data.prompt_variation=0.5", *over[2:],
-                                                         "data.source=packed", f"data.packed_shards={tmp_path / 'packed'}"]),
+                                                         "data.source=packed",
+                                                         f"data.packed_shards={tmp_path / 'packed'}"]),
                      tmp_path / "run2", 0)

@@ -190,7 +190,8 @@ def test_a_run_leaves_no_shared_memory_buffer_behind(tmp_path):
     code = ("import os, torch\n"
             "from mmgen.training.distributed import init_distributed\n"
             "init_distributed()\n"
-            "maps = sorted({w for l in open('/proc/self/maps') for w in l.split() if 'deepspeed_allreduce_buffer' in w})\n"
+            "maps = sorted({w for l in open('/proc/self/maps') for w in l.split() if 'deepspeed_allreduce_buffer' in "
+            "w})\n"
             "t = torch.ones(3)\n"
             "torch.distributed.all_reduce(t)\n"
             "print(len(maps), all(not os.path.exists(p) for p in maps), t.tolist())\n")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -52,24 +51,31 @@ def scene(
 @eval_app.command("run")
 def run(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (an mmgen bundle)."),
-    suite: str = typer.Option("all", "--suite", help="Comma list of t2i, robust, geneval, qa, interleaved, recon; or all."),
-    out: Path = typer.Option(Path("eval"), "--out", help="Folder for report.json, report.md, grids and per-sample results."),
+    suite: str = typer.Option(
+        "all", "--suite", help="Comma list of t2i, robust, geneval, qa, interleaved, recon; or all."),
+    out: Path = typer.Option(
+        Path("eval"), "--out", help="Folder for report.json, report.md, grids and per-sample results."),
     n: int = typer.Option(200, "--n", help="Prompts / questions / documents per split (t2i, qa, interleaved)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: the quick start's, 0)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Default: generation_config.json, else the quick start's 0.2."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Default: generation_config.json, else 0 (off)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Default: generation_config.json, else 1 (off)."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Default: generation_config.json's guidance_scale, else 1 (off)."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed (default: the quick start's, 0)."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", help="Default: generation_config.json, else the quick start's 0.2."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Default: generation_config.json, else 0 (off)."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Default: generation_config.json, else 1 (off)."),
+    cfg_scale: float | None = typer.Option(
+        None, "--cfg-scale", help="Default: generation_config.json's guidance_scale, else 1 (off)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batch (batch i samples with seed + i)."),
-    geneval_prompts: Optional[Path] = typer.Option(None, "--geneval-prompts", help="GenEval metadata jsonl (default: ShapesWorld's)."),
+    geneval_prompts: Path | None = typer.Option(
+        None, "--geneval-prompts", help="GenEval metadata jsonl (default: ShapesWorld's)."),
     geneval_per_tag: int = typer.Option(25, "--geneval-per-tag", help="ShapesWorld GenEval prompts per tag."),
     detector: str = typer.Option("scene_parser", "--detector", help="scene_parser, or a local directory of a zero-shot "
-                                                                     "detector (OWL-ViT, OWLv2, Grounding DINO) for real images."),
+                                                                    "detector (OWL-ViT, OWLv2, Grounding DINO) for "
+                                                                    "real images."),
     continuation: int = typer.Option(0, "--continuation", help="Build-up documents the model continues itself "
-                                                                   "(writes the next instruction, then draws it)."),
+                                                               "(writes the next instruction, then draws it)."),
     forms: str = typer.Option(",".join(SURFACE_FORMS), "--forms", help="The robust suite's surface forms, a comma list "
                                                                        "of " + ", ".join(SURFACE_FORMS) + "."),
-    robust_split: str = typer.Option("val", "--robust-split", help="Whose t2i prompts the robust suite rewrites: val or heldout."),
+    robust_split: str = typer.Option(
+        "val", "--robust-split", help="Whose t2i prompts the robust suite rewrites: val or heldout."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
 ):
     """Evaluate a checkpoint: generate, judge, and write report.json / report.md with PNG grids; every number
@@ -79,7 +85,8 @@ def run(
     Example:
         mmgen eval run runs/quickstart/sft/final --suite t2i,geneval,qa --out runs/eval_sft
         mmgen eval run runs/quickstart/sft/final --suite all --temperature 0 --out runs/eval_greedy
-        mmgen eval run runs/quickstart/sft/final --suite robust --forms as_written,lower_first,no_period --out runs/eval_robust
+        mmgen eval run runs/quickstart/sft/final --suite robust --forms as_written,lower_first,no_period \\
+          --out runs/eval_robust
     """
     from mmgen.eval.run import run_eval
 
@@ -125,7 +132,8 @@ def geneval_prompts_cmd(
 
 @eval_app.command("lmms-task")
 def lmms_task_cmd(
-    out: Path = typer.Option(Path("lmms_tasks"), "--out", help="Folder for the dataset and the task YAML (--include_path)."),
+    out: Path = typer.Option(
+        Path("lmms_tasks"), "--out", help="Folder for the dataset and the task YAML (--include_path)."),
     n: int = typer.Option(200, "--n", help="Questions per split (val, heldout)."),
     seed: int = typer.Option(0, "--seed", help="Draws the scenes and questions (the qa suite's seed)."),
 ):
@@ -145,12 +153,15 @@ def lmms_task_cmd(
 @eval_app.command("judge")
 def judge_cmd(
     run_dir: Path = typer.Argument(..., help="An mmgen eval run folder with the interleaved suite."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
+    endpoint: str | None = typer.Option(
+        None, "--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
     model: str = typer.Option("gpt-4o", "--model", help="Model name sent to the endpoint."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the endpoint's key."),
-    local: Optional[Path] = typer.Option(None, "--local", help="Local directory of a transformers vision-language model."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Folder of <aspect>.txt judge prompts (default: eval/judge_prompts)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Judge only the first N steps."),
+    api_key_env: str = typer.Option(
+        "OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the endpoint's key."),
+    local: Path | None = typer.Option(None, "--local", help="Local directory of a transformers vision-language model."),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="Folder of <aspect>.txt judge prompts (default: eval/judge_prompts)."),
+    limit: int | None = typer.Option(None, "--limit", help="Judge only the first N steps."),
 ):
     """Ask a model judge InterleavedEval's five questions about the interleaved steps of a run, and write
     how far its verdicts agree with the exact ShapesWorld rules (judge_agreement.json).

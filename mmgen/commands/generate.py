@@ -42,16 +42,16 @@ def register(app: typer.Typer) -> None:
         prune_schedule: str | None = typer.Option(None, "--prune-schedule", help="pyramid stages as "
                                                      "LAYER:RATIO,... (e.g. 1:0.5,2:0.25); replaces --prune-layer "
                                                      "and --prune-ratio."),
-        cache: Optional[str] = typer.Option(None, "--cache", help="KV cache storage: dynamic (the model's precision, "
-                                            "default) or fp8 (8-bit floats, a quarter of float32)."),
-        kv_method: Optional[str] = typer.Option(None, "--kv-method", help="KV-cache compression: none (default), "
+        cache: str | None = typer.Option(None, "--cache", help="KV cache storage: dynamic (the model's precision, "
+                                                               "default) or fp8 (8-bit floats, a quarter of float32)."),
+        kv_method: str | None = typer.Option(None, "--kv-method", help="KV-cache compression: none (default), "
                                                 "snapkv (prompt at prefill), streaming (sinks + recent) or h2o "
                                                 "(sinks + recent + heavy hitters)."),
-        kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="Most KV entries a row holds per layer "
-                                                "and head (default: no limit)."),
-        kv_window: Optional[int] = typer.Option(None, "--kv-window", help="snapkv/h2o: observation window and "
-                                                "recent entries always kept (default 32)."),
-        kv_sinks: Optional[int] = typer.Option(None, "--kv-sinks", help="First tokens always kept (default 4)."),
+        kv_budget: int | None = typer.Option(None, "--kv-budget", help="Most KV entries a row holds per layer "
+                                                                       "and head (default: no limit)."),
+        kv_window: int | None = typer.Option(None, "--kv-window", help="snapkv/h2o: observation window and "
+                                                                       "recent entries always kept (default 32)."),
+        kv_sinks: int | None = typer.Option(None, "--kv-sinks", help="First tokens always kept (default 4)."),
     ):
         """Generate interleaved text, images and speech; print the text, write each image as PNG and each
         audio block as WAV (at the codec's sample rate).

@@ -16,7 +16,7 @@ batch gives the same result whether it runs in one go, after a resume, or inside
   plus InterleavedEval's five aspects judged by rules (:mod:`mmgen.eval.interleaved`);
 - ``recon``: the image tokenizer's round trip on rendered scenes (scene agreement, PSNR).
 
-Kept as one module: the five suites are short subclasses of one protocol (cases, batches, a judge, a
+Kept as one module: the suites are short subclasses of one protocol (cases, batches, a judge, a
 summary) and read best side by side.
 """
 
@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from mmgen.world.surface import SURFACE_FORMS
 from mmgen.errors import MMGenError
 from mmgen.eval.stats import mean_interval, proportion
+from mmgen.world.surface import SURFACE_FORMS
 
 SUITES = ("t2i", "robust", "geneval", "qa", "interleaved", "recon")
 _NEEDS_IMAGES = {"t2i", "robust", "geneval", "qa", "interleaved", "recon"}  # qa shows the model a picture
@@ -214,8 +214,8 @@ class RobustSuite(Suite):
     name = "robust"
 
     def prepare(self, bundle, ctx: Context):
-        from mmgen.world.surface import check_forms, surface_form
         from mmgen.eval.t2i import T2IItem, t2i_eval_set
+        from mmgen.world.surface import check_forms, surface_form
 
         o = ctx.opts
         self.forms = check_forms(o.robust_forms)

@@ -77,8 +77,8 @@ For the benchmark::
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, Fp8QuantizedLayer, get_layer_types_and_kwargs

@@ -35,7 +35,7 @@ def _inherit_tokenizers(cfg: TrainConfig) -> None:
             setattr(cfg.data, name, str(Path(cfg.init_from) / name))
 
 
-def _new_text_tokenizer(cfg: TrainConfig, records=None):
+def new_text_tokenizer(cfg: TrainConfig, records=None):
     """The bundle's text tokenizer (``init_from``), ``data.text_tokenizer``, or a byte-level BPE trained on
     the texts of the first ``data.text_sample_docs`` documents (``records``, else read from the code shards)."""
     from itertools import islice
@@ -55,14 +55,14 @@ def _new_text_tokenizer(cfg: TrainConfig, records=None):
 def text_tokenizer_for(cfg: TrainConfig, tok_dir: Path, rank: int, records=None, copy_from: Path | None = None):
     """The run's text tokenizer, saved at ``tok_dir`` once (by rank 0) and loaded from there on every
     rank: a copy of the files at ``copy_from`` (packed shards' tokenizer, the ids their rows are written
-    in), else :func:`_new_text_tokenizer` of ``records``."""
+    in), else :func:`new_text_tokenizer` of ``records``."""
     from transformers import AutoTokenizer
 
     if rank == 0 and not (tok_dir / "tokenizer_config.json").is_file():
         if copy_from is not None:
             shutil.copytree(copy_from, tok_dir, dirs_exist_ok=True)
         else:
-            _new_text_tokenizer(cfg, records).save_pretrained(tok_dir)
+            new_text_tokenizer(cfg, records).save_pretrained(tok_dir)
     barrier()
     return AutoTokenizer.from_pretrained(tok_dir)
 

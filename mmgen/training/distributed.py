@@ -46,7 +46,8 @@ def release_shm_buffers() -> list[str]:
     the memory is freed when the last process using it exits."""
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({w for line in f for w in line.split() if w.startswith("/dev/shm/deepspeed_allreduce_buffer")})
+            paths = sorted(
+                {w for line in f for w in line.split() if w.startswith("/dev/shm/deepspeed_allreduce_buffer")})
     except OSError:  # not Linux: nothing of ours to find
         return []
     released = []

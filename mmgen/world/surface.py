@@ -18,8 +18,8 @@ import itertools
 import random
 import re
 
-from mmgen.world.text import CAPTION_TEMPLATES, _OBJ_RE, caption_parts, caption_text
 from mmgen.errors import MMGenError
+from mmgen.world.text import CAPTION_TEMPLATES, OBJECT_PHRASE_RE, caption_parts, caption_text
 
 # The edits, in the order they compose: the grammar-level ones need the caption as :func:`caption` wrote it.
 EDITS = ("word_order", "synonyms", "no_period", "lower_first", "spacing")
@@ -83,7 +83,7 @@ def word_order(text: str, rng: random.Random) -> str:
 def synonyms(text: str, rng: random.Random) -> str:
     """Each object phrase's article and preposition, each with probability 1/2, swapped for another
     word the grammar reads the same ("one large red circle in the top left"); at least one swap."""
-    matches = list(_OBJ_RE.finditer(text.lower()))  # lower() keeps ASCII offsets, so spans index ``text``
+    matches = list(OBJECT_PHRASE_RE.finditer(text.lower()))  # lower() keeps ASCII offsets, so spans index ``text``
     if not matches:
         raise MMGenError(f"no 'a SIZE COLOR SHAPE at the POSITION' phrase in {text[:80]!r}")
     slots = []  # (start, end, word) of each article and preposition

@@ -102,7 +102,7 @@ def caption_parts(text: str) -> tuple[int, list[Obj], str] | None:
 
 
 _ALT = lambda xs: "|".join(sorted((re.escape(x) for x in xs), key=len, reverse=True))  # noqa: E731
-_OBJ_RE = re.compile(rf"\b(?:a|an|one)\s+({_ALT(SIZES)})\s+({_ALT(COLORS)})\s+({_ALT(SHAPES)})\s+"
+OBJECT_PHRASE_RE = re.compile(rf"\b(?:a|an|one)\s+({_ALT(SIZES)})\s+({_ALT(COLORS)})\s+({_ALT(SHAPES)})\s+"
                      rf"(?:at|on|in)\s+the\s+({_ALT(_CELL_OF)})\b")
 _BG_RE = re.compile(rf"\b({_ALT(BACKGROUNDS)})\s+background\b")
 
@@ -111,14 +111,14 @@ def parse_objects(text: str) -> list[Obj]:
     """Every "a SIZE COLOR SHAPE at the POSITION" phrase in ``text``."""
     t = " ".join(text.lower().split())
     return [Obj(shape=m.group(3), color=m.group(2), size=m.group(1), cell=_CELL_OF[m.group(4)])
-            for m in _OBJ_RE.finditer(t)]
+            for m in OBJECT_PHRASE_RE.finditer(t)]
 
 
 def swap_attribute(text: str, rng: random.Random, attr: str | None = None) -> str:
     """``text`` with one object's shape or colour (``attr``, else chosen by ``rng``) replaced by another
     value that keeps the object's colour-shape pair allowed in the train split: a hard negative caption
     that differs from the true one in that word only (NegCLIP's "swap", SugarCrepe's "replace-att")."""
-    matches = list(_OBJ_RE.finditer(text.lower()))  # lower() keeps ASCII offsets, so spans index ``text``
+    matches = list(OBJECT_PHRASE_RE.finditer(text.lower()))  # lower() keeps ASCII offsets, so spans index ``text``
     if not matches:
         raise MMGenError(f"no 'a SIZE COLOR SHAPE at the POSITION' phrase to swap in {text[:80]!r}")
     m = rng.choice(matches)
