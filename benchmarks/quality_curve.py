@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from mmgen.quickstart import QuickstartConfig, train_stage
+from mmgen.quickstart import QuickstartConfig, lm_inputs, train_stage
 from mmgen.utils.bench import md_table, write_section
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -31,25 +31,6 @@ LABELS = {"t2i_val": "text-to-image (val)", "t2i_heldout": "text-to-image (held-
           "buildup_val": "build-up next image (val)"}
 COLORS = {"t2i_val": "tab:blue", "t2i_heldout": "tab:cyan", "qa_val": "tab:red", "qa_heldout": "tab:orange",
           "buildup_val": "tab:green"}
-
-
-def lm_inputs(run: Path) -> tuple[Path, Path]:
-    """The code shards and image tokenizer the quickstart's pretrain stage was given (the stage markers
-    say where): the code-block ones when the run has a blocks stage, else the tokenizer's own."""
-    done = run / ".done"
-    if (done / "blocks.json").is_file():
-        tok = Path(json.loads((done / "blocks.json").read_text())["result"])
-        codes = run / "blocks" / "codes"
-    else:
-        marker = done / "tokenizer.json"
-        tok = Path(json.loads(marker.read_text())["result"]) if marker.is_file() else run / "tokenizer" / "tokenizer"
-        codes = run / "codes"
-    if not tok.is_absolute() and not tok.is_dir():  # markers hold paths relative to the run's working dir
-        tok = run.parent.parent / tok
-    for path, what in ((codes, "code shards"), (tok, "image tokenizer")):
-        if not path.is_dir():
-            raise SystemExit(f"no {what} at {path}: run `mmgen quickstart --out {run}` first")
-    return codes, tok
 
 
 def bundles(out_dir: Path) -> list[Path]:

@@ -80,6 +80,33 @@ def train_stage(recipe: str, overrides: list[str], launcher: str = "deepspeed") 
     return Path(pretrain(recipe, overrides))
 
 
+def lm_inputs(run: str | Path, code_blocks: bool | None = None) -> tuple[Path, Path]:
+    """The code shards and image tokenizer a quick-start run's LM stages read, found through its stage
+    markers: with ``code_blocks`` (None: when the run has a blocks stage) the code-block ones, else the
+    image tokenizer's own codes (the second stage's tokenizer when the run has one: its pixel codes are
+    the first stage's). A missing stage is a one-line MMGenError."""
+    from mmgen.errors import MMGenError
+
+    run = Path(run)
+    done = run / ".done"
+    if code_blocks is None:
+        code_blocks = (done / "blocks.json").is_file()
+    stages = ("blocks",) if code_blocks else ("tokenizer_text", "tokenizer")
+    marker = next((done / f"{s}.json" for s in stages if (done / f"{s}.json").is_file()), None)
+    codes = run / "blocks" / "codes" if code_blocks else run / "codes"
+    tokenize = done / ("blocks.json" if code_blocks else "tokenize.json")
+    if marker is None or not tokenize.is_file():
+        raise MMGenError(f"{run} has no finished {stages[0]} stage ({'blocks' if code_blocks else 'tokenize'}); "
+                         f"run `mmgen quickstart --out {run}` until it has")
+    tok = Path(json.loads(marker.read_text())["result"])
+    if not tok.is_absolute() and not tok.is_dir():  # markers hold paths relative to the run's working dir
+        tok = run.parent.parent / tok
+    for path, what in ((codes, "code shards"), (tok, "image tokenizer")):
+        if not path.is_dir():
+            raise MMGenError(f"no {what} at {path}: run `mmgen quickstart --out {run}` first")
+    return codes, tok
+
+
 class _Stages:
     """Runs named stages once each, timing them and leaving a done marker with the stage's result."""
 
