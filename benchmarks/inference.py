@@ -10,7 +10,8 @@ recipe with its LM on the 81 pixel codes of a picture and 4 layers (``training/i
 96 tokens a picture), from the code shards and DualViTok tokenizer of a quick-start run (``--run``), with
 mmgen's own training entry point (:func:`mmgen.quickstart.train_stage`, what ``mmgen train`` runs), then
 the quick start's SFT; and a continuous-input variant (``inference_substrate_continuous.yaml``: the
-pictures it reads enter as codebook vectors through an MLP projector). Their baseline accuracies come
+discrete one's bundle learns, as LLaVA's first stage, to read its pictures as codebook vectors through a
+new MLP projector on its frozen decoder). Their baseline accuracies come
 from mmgen's evaluation functions (the suites of ``mmgen eval run``): text-to-image, visual QA and
 build-up next image, judged by the ShapesWorld scene parser.
 
@@ -43,7 +44,8 @@ from mmgen.utils.bench import md_table, write_section
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("substrate", "prune", "spec", "kv", "all")
-# The substrate's two variants: the recipe each trains with (in training/).
+# The substrate's two variants: the recipe each trains with (in training/). The continuous one starts from
+# the discrete one's final bundle (a projector aligned on its frozen decoder).
 VARIANTS = {"discrete": "inference_substrate", "continuous": "inference_substrate_continuous"}
 KEEP_RATIOS = (0.75, 0.5, 0.25, 0.1)
 PREFIXES = {"prune": "prune_", "spec": "spec_", "kv": "kv_"}
@@ -51,10 +53,20 @@ WHAT = {"prune": "prefill pruning", "spec": "speculative Jacobi decoding", "kv":
 
 
 # -- the substrate ----------------------------------------------------------------------------------
-def train_substrate(run: Path, out: Path, variant: str, steps: int | None, sft_steps: int | None,
-                    launcher: str, overrides: list[str] = ()) -> dict:
-    """Train (or find, from an earlier run) one substrate variant: the pretraining recipe, then the quick
-    start's SFT recipe from its bundle, with the quick start's sampling settings saved beside it."""
+def _stage_facts(bundle_dir: Path, wall: float) -> dict:
+    meta = json.loads((Path(bundle_dir) / "mmgen.json").read_text())
+    t = meta["train"]
+    return {"stage": meta["stage"], "steps": t["steps"], "train_seconds": t["train_seconds"], "wall_seconds": wall,
+            "loss": (t.get("last_logged") or {}).get("loss", t.get("final_loss")),
+            "tokens_per_s": t.get("tokens_per_s")}
+
+
+def train_substrate(run: Path, out: Path, variant: str, steps: int | None, sft_steps: int | None, launcher: str,
+                    overrides: list[str] = (), init_from: str | None = None) -> dict:
+    """Train (or find, from an earlier run) one substrate variant with mmgen's training entry point: the
+    discrete one is the substrate recipe's pretraining, then the quick start's SFT recipe from its bundle;
+    the continuous one aligns a projector on ``init_from`` (the discrete one's final bundle). The quick
+    start's sampling settings are saved beside the final bundle."""
     from mmgen.inference.settings import SamplingSettings, save_generation_config
     from mmgen.quickstart import QuickstartConfig, lm_inputs, train_stage
 
@@ -66,33 +78,28 @@ def train_substrate(run: Path, out: Path, variant: str, steps: int | None, sft_s
             return facts
     codes, tok = lm_inputs(run, code_blocks=False)
     q = QuickstartConfig()
-    lm, sft = out / variant / "lm", out / variant / "sft"
-    over = [f"data.code_shards={codes}", f"data.image_tokenizer={tok}", f"out_dir={lm}"]
-    over += [f"steps={steps}"] if steps else []
-    over += list(overrides)
+    over = [f"data.code_shards={codes}", f"data.image_tokenizer={tok}", f"out_dir={out / variant / 'lm'}",
+            *([f"steps={steps}"] if steps else []), *([f"init_from={init_from}"] if init_from else []), *overrides]
+    stages = []
     t0 = time.perf_counter()
-    pretrained = train_stage(VARIANTS[variant], over, launcher)
-    t1 = time.perf_counter()
-    # Rows of 1024 tokens (the pretraining's) rather than the SFT recipe's 512, at the same tokens per step:
-    # a build-up document of five 96-token pictures does not fit 512 and would be cut between its pictures.
-    sft_over = [f"init_from={pretrained}", f"data.code_shards={codes}", f"out_dir={sft}", "data.seq_len=1024",
-                "micro_batch=2"]
-    sft_over += [f"steps={sft_steps}"] if sft_steps else []
-    final = train_stage(q.sft_recipe, sft_over, launcher)
-    t2 = time.perf_counter()
+    final = train_stage(VARIANTS[variant], over, launcher)
+    stages.append(_stage_facts(final, time.perf_counter() - t0))
+    if variant == "discrete":
+        # Rows of 1024 tokens (the pretraining's) rather than the SFT recipe's 512, at the same tokens per
+        # step: a build-up document of five 96-token pictures does not fit 512 and would be cut between them.
+        sft_over = [f"init_from={final}", f"data.code_shards={codes}", f"out_dir={out / variant / 'sft'}",
+                    "data.seq_len=1024", "micro_batch=2", *([f"steps={sft_steps}"] if sft_steps else [])]
+        t1 = time.perf_counter()
+        final = train_stage(q.sft_recipe, sft_over, launcher)
+        stages.append(_stage_facts(final, time.perf_counter() - t1))
     save_generation_config(final, SamplingSettings(temperature=q.temperature, cfg_scale=q.cfg_scale))
-    pre_meta = json.loads((Path(pretrained) / "mmgen.json").read_text())
-    sft_meta = json.loads((Path(final) / "mmgen.json").read_text())
-    c = pre_meta["config"]
+    c = json.loads((Path(final) / "config.json").read_text())  # the model as built, whatever the last stage's recipe says
+    t = c["text_config"]
     facts = {"variant": variant, "recipe": VARIANTS[variant], "bundle": str(final), "run": str(run),
-             "code_shards": str(codes), "image_tokenizer": str(tok), "launcher": launcher,
-             "pretrain": {"steps": pre_meta["train"]["steps"], "train_seconds": pre_meta["train"]["train_seconds"],
-                          "wall_seconds": t1 - t0, "loss": (pre_meta["train"].get("last_logged") or {}).get("loss")},
-             "sft": {"steps": sft_meta["train"]["steps"], "train_seconds": sft_meta["train"]["train_seconds"],
-                     "wall_seconds": t2 - t1},
-             "model": {k: c["model"][k] for k in ("hidden", "layers", "heads", "image_feature_dim")},
-             "seq_len": c["data"]["seq_len"], "micro_batch": c["micro_batch"],
-             "threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+             "code_shards": str(codes), "image_tokenizer": str(tok), "launcher": launcher, "stages": stages,
+             "model": {"hidden": t["hidden_size"], "layers": t["num_hidden_layers"], "heads": t["num_attention_heads"],
+                       "image_feature_dim": c.get("image_feature_dim")},
+             "threads": os.environ.get("OMP_NUM_THREADS", "unset"), "init_from": init_from}
     facts_path.write_text(json.dumps(facts, indent=1))
     return facts
 
@@ -152,13 +159,13 @@ def substrate_text(results: dict) -> str:
     lines = []
     for variant, f in subs.items():
         m = f["model"]
-        feat = f", pictures read as {m['image_feature_dim']}-d codebook vectors through an MLP projector" \
-            if m.get("image_feature_dim") else ""
-        lines.append(f"- **{variant}** (`training/{f['recipe']}.yaml`): hidden {m['hidden']} x {m['layers']} layers{feat}; "
-                     f"{f.get('tokens_per_picture', '?')} tokens a picture; pretraining {f['pretrain']['steps']} steps in "
-                     f"{f['pretrain']['train_seconds'] / 60:.1f} min (trainer's count; {f['pretrain']['wall_seconds'] / 60:.1f} min "
-                     f"wall with start-up), SFT {f['sft']['steps']} steps in {f['sft']['train_seconds'] / 60:.1f} min; "
-                     f"OMP_NUM_THREADS={f['threads']}, launcher {f['launcher']}")
+        how = (f"the discrete substrate with a projector aligned on its frozen decoder, reading each picture as "
+               f"{m['image_feature_dim']}-d codebook vectors") if m.get("image_feature_dim") else \
+            f"hidden {m['hidden']} x {m['layers']} layers"
+        stages = "; ".join(f"{st['stage']} {st['steps']} steps in {st['train_seconds'] / 60:.1f} min "
+                           f"({st['wall_seconds'] / 60:.1f} min with start-up)" for st in f["stages"])
+        lines.append(f"- **{variant}** (`training/{f['recipe']}.yaml`): {how}; {f.get('tokens_per_picture', '?')} tokens "
+                     f"a picture; {stages}; OMP_NUM_THREADS={f['threads']}, launcher {f['launcher']}")
     rows = []
     for variant, b in base.items():
         rows.append([variant, _pct(b["t2i"]["val"]["accuracy"]), _pct(b["t2i"]["heldout"]["accuracy"]),
@@ -169,6 +176,8 @@ def substrate_text(results: dict) -> str:
     cfg = results.get("settings", {}).get("cfg_scale")
     table = md_table(["substrate", "t2i val", "t2i held-out pairs", "t2i parsed", f"t2i val, CFG {cfg}", "QA val",
                       "QA held-out pairs", "build-up val", "build-up object recall"], rows) if rows else ""
+    if not base:
+        table = "(not evaluated yet: run the `substrate` section)"
     return "\n".join([
         f"Trained from the quick-start run `{next(iter(subs.values()))['run']}` (its DualViTok code shards and tokenizer, "
         "no code-block table), pretraining then the quick start's SFT:", "", *lines, "",
@@ -207,9 +216,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the recipe's)")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the recipe's)")
+    ap.add_argument("--align-steps", type=int, default=None, help="the continuous variant's align steps (default: the recipe's)")
     ap.add_argument("--variants", default="discrete,continuous", help="substrate variants to train and use")
     ap.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
-                    help="an override for both pretraining recipes (repeatable)")
+                    help="an override of the substrate recipes (repeatable)")
     ap.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "none"], help="as the quick start's")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = ap.parse_args()
@@ -235,10 +245,13 @@ def main() -> None:
         res_path.write_text(json.dumps(results, indent=1, default=str))
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if "continuous" in variants and "discrete" not in variants and "discrete" not in results.get("substrate", {}):
+        raise SystemExit("error: the continuous substrate starts from the discrete one: train that first")
     subs = results.setdefault("substrate", {})
     for v in variants:
-        subs[v] = {**subs.get(v, {}), **train_substrate(run, out, v, args.steps, args.sft_steps, args.launcher,
-                                                             args.train_override)}
+        init = subs["discrete"]["bundle"] if v == "continuous" else None
+        subs[v] = {**subs.get(v, {}), **train_substrate(run, out, v, args.steps if v == "discrete" else args.align_steps,
+                                                        args.sft_steps, args.launcher, args.train_override, init)}
         save()
     bundles = {v: load_bundle(subs[v]["bundle"]) for v in variants}
     for v, b in bundles.items():

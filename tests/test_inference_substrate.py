@@ -29,19 +29,19 @@ def test_substrate_recipe_is_the_quick_start_recipe_on_pixel_codes_with_four_lay
     assert sub.data.seq_len >= 5 * 96  # a build-up document's five pictures fit one row
 
 
-def test_continuous_variant_reads_the_tokenizers_pixel_vectors():
+def test_continuous_variant_aligns_a_projector_for_the_tokenizers_pixel_vectors():
     from mmgen.config import load_config
     from mmgen.paths import recipe_path
     from mmgen.tokenizers.train import TokenizerTrainConfig
 
-    sub, cont = _load("inference_substrate"), _load("inference_substrate_continuous")
+    sub = _load("inference_substrate")
+    cont = _load("inference_substrate_continuous", ["init_from=null"])
     tok = load_config(TokenizerTrainConfig, recipe_path("tiny_dualvitok", "tokenizers"))
-    assert cont.model.image_feature_dim == tok.dualvitok.pix_code_dim
+    assert cont.stage == "align" and cont.model.image_feature_dim == tok.dualvitok.pix_code_dim
     assert cont.model.input_placement == "codes" and cont.model.image_input_range == "pix"
     assert cont.out_dir != sub.out_dir
-    # the same recipe otherwise
     assert {**vars(cont.model), "image_feature_dim": None} == vars(sub.model)
-    assert (cont.data, cont.optim, cont.steps) == (sub.data, sub.optim, sub.steps)
+    assert cont.data == sub.data
 
 
 def test_lm_inputs_finds_a_runs_codes_through_its_markers(tmp_path):
@@ -69,3 +69,37 @@ def test_lm_inputs_finds_a_runs_codes_through_its_markers(tmp_path):
     # markers written by a run started from the repository root hold paths relative to it
     mark("blocks", "runs/qs/blocktok")
     assert lm_inputs(run)[1] == tmp_path / "runs" / "qs" / "blocktok"
+
+
+def test_align_from_a_bundle_adds_the_projector_it_lacks(tmp_path):
+    """The continuous variant's route: a trained bundle without a projector, then the align stage with
+    model.image_feature_dim: the projector is added and learns, the decoder does not move."""
+    import torch
+    from trainkit import tiny_pixel_vq, tiny_run, write_color_shard
+
+    from mmgen.models.bundle import load_bundle
+    from mmgen.training.trainer import pretrain
+
+    shards = write_color_shard(tmp_path / "codes", 24)
+    vq_dir = tmp_path / "vq"
+    tiny_pixel_vq().save_pretrained(vq_dir)
+    base = {"data.image_tokenizer": str(vq_dir), "data.text_vocab_size": 300, "data.max_grid": 8, "data.seq_len": 64,
+            "model.hidden": 32, "model.layers": 2, "model.heads": 2, "save_every": 10, "tensorboard": False,
+            "optim.lr": 1e-2, "steps": 2}
+    first = pretrain("tiny_pretrain", tiny_run(shards, tmp_path / "lm", base))
+    before = load_bundle(first).model
+    assert before.image_projector is None
+    aligned = pretrain("inference_substrate_continuous",
+                       tiny_run(shards, tmp_path / "align", base, init_from=str(first), **{"model.image_feature_dim": 4}))
+    after = load_bundle(aligned).model
+    assert after.config.image_feature_dim == 4 and after.config.code_vectors == ["image"]
+    got, was = after.state_dict(), before.state_dict()
+    assert {k for k in got if k not in was} == {"image_code_vectors", *(k for k in got if k.startswith("image_projector."))}
+    frozen = [k for k in was if k.startswith("lm.model.layers.")]
+    assert frozen and all(torch.equal(got[k], was[k]) for k in frozen)
+    # the bundle's own projector stays; one of another width is refused in one line
+    from mmgen.models.unified import add_feature_inputs
+
+    assert add_feature_inputs(after, image_feature_dim=4) is after
+    with pytest.raises(MMGenError, match="image_feature_dim=8 but the model being trained reads 4"):
+        add_feature_inputs(after, image_feature_dim=8)

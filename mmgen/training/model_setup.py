@@ -19,7 +19,7 @@ def model_dtype(model) -> torch.dtype:
 def build_model(cfg: TrainConfig, vocab, tok):
     """The unified LM of this run: from ``init_from`` (a bundle), a real decoder (``model.base`` /
     ``model.base_config``) or the tiny Llama; then the stage's trainable set, LoRA and checkpointing."""
-    from mmgen.models.unified import MMGenForCausalLM, build_unified_lm, wrap_lm
+    from mmgen.models.unified import MMGenForCausalLM, add_feature_inputs, build_unified_lm, wrap_lm
 
     m = cfg.model
     wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim, "audio_feature_dim": m.audio_feature_dim,
@@ -35,6 +35,11 @@ def build_model(cfg: TrainConfig, vocab, tok):
         model = load_quantized(cfg.init_from, cfg) if qlora else AutoModelForCausalLM.from_pretrained(cfg.init_from)
         if not isinstance(model, MMGenForCausalLM):
             model = wrap_lm(model, vocab, **wrap)
+        elif not qlora:
+            # A bundle that reads no features yet gets the projectors this run's config asks for (the
+            # align stage then trains them on the frozen decoder); its own settings win otherwise.
+            model = add_feature_inputs(model, m.image_feature_dim, m.audio_feature_dim, m.projector_depth,
+                                       m.input_placement, m.image_input_range)
     elif m.base or m.base_config:
         torch.manual_seed(cfg.seed)
         model = build_unified_lm(vocab, base=m.base or m.base_config, attn_implementation=m.attn_implementation, **wrap)
