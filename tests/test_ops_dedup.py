@@ -223,3 +223,41 @@ def test_stopwords_shared_function_words_count_for_neither():
     s = op.text_stats("Die Bibliothek bleibt am Sonntag leider geschlossen.")
     assert s["en_stopword_ratio"] == 0.0 and op.judge(s) == "non_english"  # "am" is German here
     assert op.judge(op.text_stats("A large blue square sits at the top left of a gray background.")) is None
+
+
+@pytest.mark.parametrize("exact_images", [True, False])
+def test_doc_near_dedup_finds_the_earliest_band_sharing_copy(exact_images):
+    """Templated captions: the operator's verdicts equal a brute-force reading of its rule (the
+    earliest kept document sharing an LSH band, at Jaccard >= threshold, with the same media), whether
+    candidates come from the LSH index or, with exact_images, from the documents of the same media."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(0)
+    colors, shapes = ["red", "blue", "green", "cyan"], ["circle", "square", "cross", "triangle"]
+    texts = [f"On a {rng.choice(colors)} background: a small {rng.choice(colors)} {rng.choice(shapes)} at the top "
+             f"and a large {rng.choice(colors)} {rng.choice(shapes)} on the left." for _ in range(300)]
+    texts += [t.lower() for t in texts[:40]] + [t.replace(".", "!") for t in texts[40:80]]
+    media = [[f"m{i % 50}"] if i % 3 else [] for i in range(len(texts))]
+    params = {"shingle": "char", "ngram": 5, "num_perm": 64, "bands": 16, "threshold": 0.8, "min_words": 5,
+              "exact_images": exact_images}
+    op = build_op("doc_near_dedup", params=params)
+    kept: list[tuple[np.ndarray, list, str]] = []
+    n_dups = 0
+    for i, (text, med) in enumerate(zip(texts, media)):
+        values = minhash(shingles(text, 5, "char"), 64).hashvalues
+        sig = {"minhash": values, "phash": [], "media": med}
+        expected = None
+        for hv, m, doc_id in kept:
+            band = (hv.reshape(16, -1) == values.reshape(16, -1)).all(1).any()
+            if band and np.mean(hv == values) >= 0.8 and m == med:
+                expected = doc_id
+                break
+        verdict = op.decide(None, sig, str(i))[0]
+        assert verdict.duplicate_of == expected
+        if expected is None:
+            op.commit(None, sig, str(i))
+            kept.append((values, med, str(i)))
+        n_dups += expected is not None
+    assert n_dups >= 20  # the lower-cased / re-punctuated copies that share their original's media

@@ -322,12 +322,21 @@ def shingles(text: str, n: int, unit: str = "word") -> set[str]:
 MINHASH_SCHEME = "affine32"
 
 
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int):
+    """The hash permutations of a (num_perm, seed) MinHash: drawing them costs more than hashing a
+    caption, so they are drawn once per process."""
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME).permutations
+
+
 def minhash(items: set[str], num_perm: int, seed: int = 1):
     """datasketch MinHash of a set of strings (its hash values travel between processes and into
     the JSON state; :func:`minhash_from_values` rebuilds it)."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME)
+    m = MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME, permutations=_permutations(num_perm, seed))
     m.update_batch([x.encode("utf-8") for x in sorted(items)])
     return m
 
@@ -384,7 +393,11 @@ class DocNearDedup(StatefulOp):
         p = self.params
         # threshold only sizes the bands when params is not given; the exact check is ours below
         self.lsh = MinHashLSH(num_perm=p.num_perm, params=(p.bands, p.num_perm // p.bands))
-        self.sigs: list = []
+        # Every kept signature as one row: a document's LSH candidates (thousands for templated captions)
+        # are scored in one vectorised comparison instead of one MinHash.jaccard call each.
+        self.hashes = np.zeros((0, p.num_perm), dtype=np.uint32)
+        self.n = 0
+        self.by_media: dict[tuple, list[int]] = {}  # exact_images: kept documents by media list
         self.phashes: list[list[int]] = []
         self.media: list[list[str]] = []
         self.ids: list[str] = []
@@ -417,12 +430,34 @@ class DocNearDedup(StatefulOp):
     def decide(self, view, sig, doc_id):
         if sig is None:
             return []
-        mh = minhash_from_values(sig["minhash"])
-        for i in sorted(self.lsh.query(mh)):  # the earliest kept document that is similar enough
-            sim = float(self.sigs[i].jaccard(mh))
-            if sim >= self.params.threshold and self._same_media(i, sig):
-                return [Verdict("near_duplicate_doc", {"jaccard_est": round(sim, 4)}, duplicate_of=self.ids[i])]
+        values = np.asarray(sig["minhash"], dtype=np.uint32)
+        cands = self._candidates(values, sig.get("media", []))
+        if cands.size:
+            # MinHash's Jaccard estimate: the share of equal hash values (datasketch's jaccard)
+            sims = np.count_nonzero(self.hashes[cands] == values, axis=1) / values.size
+            close = sims >= self.params.threshold
+            for i, sim in zip(cands[close], sims[close]):
+                if self._same_media(int(i), sig):  # the earliest kept document that is similar enough
+                    return [Verdict("near_duplicate_doc", {"jaccard_est": round(float(sim), 4)},
+                                    duplicate_of=self.ids[int(i)])]
         return [Verdict(None, {})]
+
+    def _candidates(self, values: np.ndarray, media: list) -> np.ndarray:
+        """Indices (ascending) of kept documents that share at least one LSH band with ``values``.
+
+        With ``exact_images`` a copy must carry the same media bytes, so a document with media is
+        compared only with the kept documents of the same media list, and the band test is run on
+        them directly (exact band equality, the LSH's own rule): templated captions put thousands of
+        documents in the same LSH buckets, and querying them costs a set union per document."""
+        if self.params.exact_images and media:
+            group = self.by_media.get(tuple(media))
+            if not group:
+                return np.zeros(0, dtype=np.int64)
+            idx = np.asarray(group, dtype=np.int64)
+            bands = self.params.bands
+            same_band = (self.hashes[idx].reshape(len(idx), bands, -1) == values.reshape(bands, -1)).all(2).any(1)
+            return idx[same_band]
+        return np.array(sorted(self.lsh.query(minhash_from_values(values))), dtype=np.int64)
 
     def commit(self, view, sig, doc_id):
         if sig is not None:
@@ -431,12 +466,19 @@ class DocNearDedup(StatefulOp):
 
     def _insert(self, e):
         mh = minhash_from_values(e[0])
-        idx = len(self.sigs)
-        self.sigs.append(mh)
+        idx = self.n
+        if idx == len(self.hashes):  # grow by doubling: appends stay amortised O(1)
+            self.hashes = np.concatenate([self.hashes, np.zeros((max(1024, idx), self.hashes.shape[1]), np.uint32)])
+        self.hashes[idx] = mh.hashvalues
+        self.n += 1
         self.ids.append(e[1])
         self.phashes.append([None if h is None else int(h, 16) for h in e[2]])
-        self.media.append(e[3] if len(e) > 3 else [])
-        self.lsh.insert(idx, mh)
+        media = e[3] if len(e) > 3 else []
+        self.media.append(media)
+        if self.params.exact_images and media:
+            self.by_media.setdefault(tuple(media), []).append(idx)
+        else:
+            self.lsh.insert(idx, mh)
 
 
 @register_op("image_doc_near_dedup")
