@@ -44,6 +44,8 @@ class EvalOptions:
     # build-up documents the model continues itself (writes the next instruction, then draws it); 0: none
     continuation_n: int = 0
     qa_max_new_tokens: int = 6
+    # build-up documents with at least this many pictures, cut before the last (0: any, cut at a random step)
+    interleaved_min_images: int = 0
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Context:
     sampling: dict
     opts: EvalOptions
     extra: dict = field(default_factory=dict)
+    # GenerationOptions whose KV cache and accelerations every generation call uses (None: the plain loop)
+    generation: Any = None
 
     def save_image(self, img, rel: str):
         """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
@@ -90,11 +94,12 @@ def check_suites(drawable: bool, suites: list[str], checkpoint) -> None:
                          "data.image_tokenizer=DIR")
 
 
-def run_in_memory(suite, bundle, sampling: dict, opts: EvalOptions, progress: bool = False) -> list[dict]:
+def run_in_memory(suite, bundle, sampling: dict, opts: EvalOptions, progress: bool = False,
+                  generation=None) -> list[dict]:
     """Every record of ``suite`` in batch order, nothing written: the evaluation functions
     (:func:`mmgen.eval.t2i.evaluate_t2i`, ...) are this plus ``suite.summarize``, so they give the
-    numbers ``mmgen eval run`` gives for the same settings."""
-    ctx = Context(out=None, sampling=sampling, opts=opts)
+    numbers ``mmgen eval run`` gives for the same settings. ``generation``: see :class:`Context`."""
+    ctx = Context(out=None, sampling=sampling, opts=opts, generation=generation)
     suite.prepare(bundle, ctx)
     batches = suite.batches
     if progress:
@@ -157,7 +162,8 @@ class T2ISuite(Suite):
         split, start, chunk = payload
         s = ctx.sampling
         images = generate_images(bundle, [it.prompt for it in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                                 options=ctx.generation)
         out = []
         for j, (it, img) in enumerate(zip(chunk, images)):
             sc = score_image(img, it.scene)
@@ -217,7 +223,8 @@ class GenEvalSuite(Suite):
         start, chunk = payload
         s = ctx.sampling
         images = generate_images(bundle, [e["prompt"] for e in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                                 options=ctx.generation)
         det = self.detector(ctx)
         out = []
         for j, (e, img) in enumerate(zip(chunk, images)):
@@ -288,7 +295,7 @@ class QASuite(Suite):
 
         split, start, chunk = payload
         answers = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=ctx.opts.qa_max_new_tokens,
-                                     batch_size=len(chunk))
+                                     batch_size=len(chunk), options=ctx.generation)
         return [{"id": f"{split}/{start + j}", "split": split, "question": c["qa"][0], "truth": c["qa"][1], "qtype": c["qa"][2],
                  "answer": a, "correct": normalize_answer(a) == c["qa"][1], "scene": c["scene"].to_dict()}
                 for j, (c, a) in enumerate(zip(chunk, answers))]
@@ -332,7 +339,7 @@ class InterleavedSuite(Suite):
         self.batches, items = [], []
         uncond = prompt_ids(bundle, "", image=True)  # <s> <image>: the empty prompt
         for sp in ctx.opts.interleaved_splits:
-            cases = buildup_cases(ctx.opts.n, sp, ctx.sampling["seed"], res)
+            cases = buildup_cases(ctx.opts.n, sp, ctx.sampling["seed"], res, ctx.opts.interleaved_min_images)
             for c in cases:
                 c["row"], c["uncond"] = buildup_prompt_ids(bundle, c["items"]), uncond
             self.batches += [(k, bi, (sp, bi * ctx.opts.batch_size, chunk))
@@ -365,12 +372,13 @@ class InterleavedSuite(Suite):
 
         split, start, chunk = payload
         s = ctx.sampling
-        texts = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=32, batch_size=len(chunk))
+        texts = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=32, batch_size=len(chunk),
+                                   options=ctx.generation)
         texts = [t[:t.index(".") + 1] if "." in t else t for t in texts]
         rows = [c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)]
         images = generate_image_rows(bundle, rows, [c["uncond"] for c in chunk], temperature=s["temperature"],
                                      top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"],
-                                     batch_size=len(chunk))
+                                     batch_size=len(chunk), options=ctx.generation)
         out = []
         for j, (c, t, img) in enumerate(zip(chunk, texts, images)):
             i = start + j
@@ -401,7 +409,7 @@ class InterleavedSuite(Suite):
         s = ctx.sampling
         images = generate_image_rows(bundle, [c["row"] for c in chunk], [c["uncond"] for c in chunk],
                                      temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi,
-                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk), options=ctx.generation)
         out = []
         for j, (c, img) in enumerate(zip(chunk, images)):
             i = start + j

@@ -233,10 +233,15 @@ def _check_budget(vocab: Vocab, mode: str, max_new_tokens: int, sizes) -> None:
 def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequence[Sequence[int]] | None = None,
                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
-                        size: tuple[int, int] | None = None, progress: bool = False, desc: str = "t2i") -> list:
+                        size: tuple[int, int] | None = None, progress: bool = False, desc: str = "t2i",
+                        options=None) -> list:
     """One image per prompt row: each row (token ids ending in ``<image>``) is continued by exactly
     one image block under the grid constraint, then decoded. Batch ``i`` uses seed ``seed + i``.
-    Sampling options left None are the bundle's. ``uncond_rows`` are needed when guidance is on."""
+    Sampling options left None are the bundle's. ``uncond_rows`` are needed when guidance is on.
+    ``options`` (a :class:`~mmgen.inference.pipeline.GenerationOptions`) chooses the decode loop's other
+    parts, its KV cache and accelerations (:func:`~mmgen.inference.pipeline.loop_kwargs`); its sampling
+    fields are not read here."""
+    from mmgen.inference.pipeline import loop_kwargs
     from mmgen.inference.settings import bundle_sampling
 
     s = bundle_sampling(bundle, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
@@ -265,7 +270,8 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
         blocks = [[vocab["<image>"]] for _ in chunk]
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + bi,
-                                         cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1):
+                                         cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1,
+                                         **loop_kwargs(bundle.model, options)):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a:
                     blocks[r].append(t)
@@ -275,12 +281,12 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
 
 def generate_images(bundle, prompts: Sequence[str], temperature: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
-                    size: tuple[int, int] | None = None, progress: bool = False) -> list:
+                    size: tuple[int, int] | None = None, progress: bool = False, options=None) -> list:
     """Text-to-image for many prompts, batched: one PIL image per prompt, in order.
 
     ``size`` is the (H, W) code grid (default: the tokenizer's native grid). Batch ``i`` uses seed
     ``seed + i`` so results do not depend on how many batches ran before. Sampling options left None
-    are the bundle's."""
+    are the bundle's; ``options`` as in :func:`generate_image_rows`."""
     from mmgen.inference.settings import bundle_sampling
 
     if isinstance(prompts, str):
@@ -289,13 +295,16 @@ def generate_images(bundle, prompts: Sequence[str], temperature: float | None = 
     rows = [prompt_ids(bundle, p, image=True) for p in prompts]
     uncond = [prompt_ids(bundle, "", image=True) for _ in prompts] if cfg_scale != 1.0 else None
     return generate_image_rows(bundle, rows, uncond, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               cfg_scale=cfg_scale, batch_size=batch_size, size=size, progress=progress)
+                               cfg_scale=cfg_scale, batch_size=batch_size, size=size, progress=progress, options=options)
 
 
 @torch.no_grad()
 def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: int = 16, batch_size: int = 16,
-                       progress: bool = False, desc: str = "text") -> list[str]:
-    """Greedy text continuation of each prompt row until ``</s>`` (no images): short answers."""
+                       progress: bool = False, desc: str = "text", options=None) -> list[str]:
+    """Greedy text continuation of each prompt row until ``</s>`` (no images): short answers. ``options``
+    as in :func:`generate_image_rows`."""
+    from mmgen.inference.pipeline import loop_kwargs
+
     vocab = bundle.vocab
     eos, pad = _special(bundle)
     out: list[str] = []
@@ -308,7 +317,8 @@ def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: in
         chunk = [list(r) for r in rows[s:s + batch_size]]
         got: list[list[int]] = [[] for _ in chunk]
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=max_new_tokens, eos_id=eos,
-                                         pad_id=pad, temperature=0.0, allow_images=False):
+                                         pad_id=pad, temperature=0.0, allow_images=False,
+                                         **loop_kwargs(bundle.model, options)):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a and t != eos:
                     got[r].append(t)

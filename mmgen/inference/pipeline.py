@@ -70,6 +70,14 @@ def make_cache(model, kind: str = "dynamic"):
     raise MMGenError(f"unknown cache '{kind}' (use one of: {', '.join(CACHES)})")
 
 
+def loop_kwargs(model, options: GenerationOptions | None) -> dict:
+    """:func:`decode_loop`'s keyword arguments for the parts of one call that ``options`` choose (the KV
+    cache), built fresh for that call; ``{}`` for None (the loop's defaults)."""
+    if options is None:
+        return {}
+    return {"cache": make_cache(model, options.cache)}
+
+
 def cache_bytes(cache) -> int:
     """Bytes the cache's layers actually hold: every tensor they keep (full-precision keys and values,
     quantized states and their scales), counted once each."""
@@ -266,12 +274,13 @@ class MMGenPipeline:
         if can_audio:
             meta["max_audio_frames"] = o.max_audio_frames
         stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
-        cache = make_cache(b.model, o.cache)  # 3. prepare the cache
+        extra = loop_kwargs(b.model, o)  # 3. prepare the cache
+        cache = extra["cache"]
         for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
                                        cfg_scale=o.cfg_scale, uncond_rows=[uncond] if uncond else None, sizes=sizes,
                                        allow_images=can_image, allow_audio=can_audio,
-                                       max_audio_frames=o.max_audio_frames, cache=cache):
+                                       max_audio_frames=o.max_audio_frames, **extra):
             if not bool(active[0]):
                 break
             t = int(tok[0])
