@@ -130,6 +130,119 @@ def baseline(bundle, n: int, cfg_scale: float, seed: int) -> dict:
     return out
 
 
+# -- measuring one setting ------------------------------------------------------------------------------
+class Probe:
+    """What a generation costs, measured the same way whatever the method: hooks on the model count its
+    forward calls and time each generation call (from its first forward to its last, on one cache: image
+    decoding and judging left out), and read the bytes its cache holds when the call ends (and the peak,
+    where the cache keeps one)."""
+
+    def __init__(self, model):
+        self.calls: list[dict] = []
+        self._cache, self._call = None, None
+        self._hooks = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                       model.register_forward_hook(self._post, with_kwargs=True)]
+
+    def _pre(self, module, args, kwargs):
+        cache = kwargs.get("cache")
+        cache = kwargs.get("past_key_values") if cache is None else cache
+        if cache is not self._cache or self._call is None:
+            self._close()
+            x = kwargs.get("input_ids")
+            x = kwargs.get("inputs_embeds") if x is None else x
+            self._cache = cache
+            self._call = {"forwards": 0, "rows": int(x.shape[0]), "start": time.perf_counter()}
+        self._call["forwards"] += 1
+
+    def _post(self, module, args, kwargs, out):
+        self._call["end"] = time.perf_counter()
+
+    def _close(self):
+        if self._call is None:
+            return
+        from mmgen.inference.pipeline import cache_bytes
+
+        c, held = self._call, self._cache
+        c["seconds"] = c.pop("end", c["start"]) - c.pop("start")
+        if held is not None:
+            stats = _kv_stats(held)
+            c["bytes"], c["bytes_peak"] = stats.get("bytes", cache_bytes(held)), stats.get("bytes_peak")
+        self.calls.append(c)
+        self._cache, self._call = None, None
+
+    def finish(self) -> list[dict]:
+        self._close()
+        for h in self._hooks:
+            h.remove()
+        return self.calls
+
+
+def _kv_stats(cache) -> dict:
+    try:
+        from mmgen.inference.kv_cache import kv_stats
+    except ImportError:
+        return {}
+    return kv_stats(cache)
+
+
+TASKS = {"t2i": "text-to-image (val)", "qa": "visual QA (val)", "buildup": "build-up next image (val)",
+         "buildup4": "build-up, documents of >= 4 pictures (val)"}
+
+
+def evaluate(bundle, task: str, n: int, seed: int, options: dict | None = None, cfg_scale: float | None = None) -> dict:
+    """Accuracy of one task with mmgen's evaluation functions (val split), generation through
+    ``GenerationOptions(**options)``, and what the probe saw: forward passes and seconds per generation
+    call, KV bytes per document at the end of each call (a guided document's two rows together)."""
+    from mmgen.eval.t2i import evaluate_t2i
+    from mmgen.eval.understanding import evaluate_interleaved, evaluate_qa
+    from mmgen.inference.pipeline import GenerationOptions
+
+    o = GenerationOptions(**options) if options else None
+    probe = Probe(bundle.model)
+    t0 = time.perf_counter()
+    try:
+        if task == "t2i":
+            r = evaluate_t2i(bundle, n=n, seed=seed, cfg_scale=cfg_scale, splits=("val",), options=o)
+        elif task == "qa":
+            r = evaluate_qa(bundle, n=n, seed=seed, splits=("val",), options=o)
+        else:
+            r = evaluate_interleaved(bundle, n=n, seed=seed, cfg_scale=cfg_scale, options=o,
+                                     min_images=4 if task == "buildup4" else 0)
+    finally:
+        calls = probe.finish()
+    wall = time.perf_counter() - t0
+    m = r["splits"]["val"]
+    guided = (cfg_scale or 1.0) != 1.0 and task != "qa"
+    docs = [c["rows"] // (2 if guided else 1) for c in calls]
+    out = {"task": task, "options": options or {}, "cfg_scale": cfg_scale, "n": m["n"], "accuracy": m["accuracy"],
+           "calls": len(calls), "forwards": sum(c["forwards"] for c in calls),
+           "forwards_per_call": sum(c["forwards"] for c in calls) / max(1, len(calls)),
+           "generation_seconds": sum(c["seconds"] for c in calls), "wall_seconds": wall,
+           "bytes_per_doc": sum(c.get("bytes", 0) for c in calls) / max(1, sum(docs))}
+    peaks = [c.get("bytes_peak") for c in calls]
+    if all(p is not None for p in peaks) and peaks:
+        out["peak_bytes_per_doc"] = sum(peaks) / max(1, sum(docs))
+    if "parse_rate" in m:
+        out["parse_rate"] = m["parse_rate"]
+    print(f"[inference]   {task} {options or 'plain'}: accuracy {out['accuracy']:.3f}, {out['forwards_per_call']:.1f} "
+          f"forwards/call, {out['generation_seconds']:.1f} s generating, {out['bytes_per_doc'] / 1024:.0f} KiB/doc",
+          flush=True)
+    return out
+
+
+def plain_twice(bundle, task, n, seed, cfg_scale, run) -> dict:
+    """The plain pipeline measured before and after a sweep (``run``), its seconds the mean of the two
+    (the spread says how much the shared machine moved meanwhile)."""
+    first = evaluate(bundle, task, n, seed, None, cfg_scale)
+    results = run()
+    second = evaluate(bundle, task, n, seed, None, cfg_scale)
+    plain = dict(first)
+    plain["generation_seconds"] = (first["generation_seconds"] + second["generation_seconds"]) / 2
+    plain["seconds_spread"] = abs(first["generation_seconds"] - second["generation_seconds"]) / max(plain["generation_seconds"], 1e-9)
+    plain["accuracy_second"] = second["accuracy"]
+    return {"plain": plain, "runs": results}
+
+
 # -- which methods this checkout has --------------------------------------------------------------
 def method_options(section: str) -> list[str]:
     """The ``GenerationOptions`` fields of a section's method (its prefix), empty when it is not here."""
@@ -145,6 +258,121 @@ def missing(sections: list[str]) -> str | None:
         return None
     return "; ".join(f"GenerationOptions has no {PREFIXES[s]}* options ({WHAT[s]} is not in this checkout)"
                      for s in absent)
+
+
+# -- the sections ----------------------------------------------------------------------------------
+def task_rows(bundle, task: str, n: int, seed: int) -> list[list[int]]:
+    """The prompt rows the evaluation suite of ``task`` generates from (its own cases and layout)."""
+    from mmgen.eval.suites import Context, EvalOptions, InterleavedSuite, QASuite, function_sampling
+
+    suite = QASuite(("val",)) if task == "qa" else InterleavedSuite()
+    opts = EvalOptions(n=n, interleaved_min_images=4 if task == "buildup4" else 0)
+    suite.prepare(bundle, Context(out=None, sampling=function_sampling(bundle, seed), opts=opts))
+    return [c["row"] for _, _, payload in suite.batches for c in payload[-1]]
+
+
+def prefill_cost(bundle, rows: list[list[int]], options: dict, repeats: int = 3, batch: int = 16) -> dict:
+    """Prefill FLOPs (the pruner's analytic count) and wall time of ``rows`` in batches, pruned by
+    ``options`` against plain; the two timed alternately ``repeats`` times per batch, the fastest of each kept."""
+    from mmgen.inference.pipeline import GenerationOptions
+    from mmgen.inference.prune import make_pruner, prefill_only
+
+    pad = bundle.text_tokenizer.pad_token_id or 0
+    flops = flops_full = 0
+    plain_s = pruned_s = 0.0
+    for s in range(0, len(rows), batch):
+        chunk = rows[s:s + batch]
+        best = {"plain": float("inf"), "pruned": float("inf")}
+        for _ in range(repeats):
+            best["plain"] = min(best["plain"], prefill_only(bundle.model, bundle.vocab, chunk, None, pad_id=pad)["seconds"])
+            r = prefill_only(bundle.model, bundle.vocab, chunk, make_pruner(GenerationOptions(**options)), pad_id=pad)
+            best["pruned"] = min(best["pruned"], r["seconds"])
+        flops += r["report"]["flops"]
+        flops_full += r["report"]["flops_full"]
+        plain_s += best["plain"]
+        pruned_s += best["pruned"]
+    return {"flops_ratio": flops / flops_full, "flops": flops, "flops_full": flops_full,
+            "prefill_seconds": pruned_s, "prefill_seconds_plain": plain_s, "prefill_speedup": plain_s / pruned_s}
+
+
+def prune_settings(variant: str) -> list[dict]:
+    """Every pruning method at every keep ratio (the in-LLM ones also ranking at layer 1, so that three of
+    the four layers are cut); the continuous substrate gets the methods whose route differs there."""
+    from mmgen.inference.prune import IN_LLM, PRUNE_METHODS
+
+    methods = [m for m in PRUNE_METHODS if m != "none"]
+    if variant == "continuous":
+        methods = [m for m in methods if m not in IN_LLM] + ["fastv"]
+    out = []
+    for m in methods:
+        for layer in ((1, 2) if m in ("fastv", "text") else (None,)):
+            for r in KEEP_RATIOS:
+                out.append({"prune_method": m, "prune_ratio": r, **({"prune_layer": layer} if layer else {})})
+    return out
+
+
+def run_prune(bundles: dict, n: int, seed: int) -> dict:
+    out = {}
+    for v, b in bundles.items():
+        print(f"[inference] prune: {v} substrate", flush=True)
+        rows = {t: task_rows(b, t, n, seed) for t in ("qa", "buildup")}
+
+        plain = {t: evaluate(b, t, n, seed) for t in ("qa", "buildup")}
+        runs = [{"options": o, **{t: evaluate(b, t, n, seed, o) for t in ("qa", "buildup")},
+                 "cost": {t: prefill_cost(b, rows[t], o) for t in ("qa", "buildup")}} for o in prune_settings(v)]
+        out[v] = {"plain": plain, "runs": runs}
+    return out
+
+
+def spec_settings() -> list[dict]:
+    """Speculative Jacobi decoding at its default window, then the relaxed acceptance's delta sweep."""
+    base = {"spec_decoding": True, "spec_window": 16}
+    return [base] + [{**base, "spec_delta": d} for d in SPEC_DELTAS]
+
+
+SPEC_DELTAS = (0.05, 0.1, 0.2, 0.4)
+
+
+def run_spec(bundles: dict, n: int, seed: int, cfg_scale: float) -> dict:
+    out = {}
+    for v, b in bundles.items():
+        print(f"[inference] spec: {v} substrate, CFG {cfg_scale}", flush=True)
+        out[v] = plain_twice(b, "t2i", n, seed, cfg_scale,
+                             lambda b=b: [evaluate(b, "t2i", n, seed, o, cfg_scale) for o in spec_settings()])
+    return out
+
+
+KV_BUDGETS = (64, 128, 192)
+
+
+def kv_settings() -> list[dict]:
+    """transformers' fp8 cache alone, each compression method at each budget, and the best-compressing
+    mix (h2o in 8-bit)."""
+    from mmgen.inference.kv_cache import METHODS
+
+    out = [{"cache": "fp8"}]
+    for m in (m for m in METHODS if m != "none"):
+        out += [{"kv_method": m, "kv_budget": k} for k in KV_BUDGETS]
+    out += [{"kv_method": "h2o", "kv_budget": k, "cache": "fp8"} for k in KV_BUDGETS]
+    return out
+
+
+def run_kv(bundles: dict, n: int, seed: int) -> dict:
+    out = {}
+    for v, b in bundles.items():
+        print(f"[inference] kv: {v} substrate", flush=True)
+        out[v] = plain_twice(b, "buildup4", n, seed, None,
+                             lambda b=b: [evaluate(b, "buildup4", n, seed, o) for o in kv_settings()])
+    return out
+
+
+def run_all(bundles: dict, n: int, seed: int, cfg_scale: float, combo: dict) -> dict:
+    out = {}
+    for v, b in bundles.items():
+        print(f"[inference] all at once: {v} substrate, CFG {cfg_scale}: {combo}", flush=True)
+        out[v] = plain_twice(b, "buildup4", n, seed, cfg_scale,
+                             lambda b=b: [evaluate(b, "buildup4", n, seed, combo, cfg_scale)])
+    return out
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -194,15 +422,199 @@ def section_text(results: dict, name: str, title: str, render) -> str:
     return f"### {title}\n\n{render(r)}"
 
 
+def _pts(x: float, base: float) -> str:
+    return f"{100 * (x - base):+.1f}"
+
+
+def _opts(o: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in o.items()) or "plain"
+
+
+def prune_text(r: dict) -> str:
+    parts = ["Prefill FLOPs are the pruner's analytic count (matrix products, 2 per multiply-add; the merge's "
+             "similarity products included) summed over the prompts, as a share of the same prompts' plain prefill; "
+             "prefill speed-up is plain / pruned wall time of the prefill alone (batches of 16, the faster of 3 "
+             "alternating runs each). Accuracy change in points against the plain pipeline on the same prompts.", ""]
+    for v, d in r.items():
+        p = d["plain"]
+        rows = []
+        for x in d["runs"]:
+            o, c = x["options"], x["cost"]
+            rows.append([o["prune_method"], o.get("prune_layer", "-"), o["prune_ratio"],
+                         f"{100 * c['qa']['flops_ratio']:.0f}%", f"{100 * c['buildup']['flops_ratio']:.0f}%",
+                         f"{c['qa']['prefill_speedup']:.2f}x", f"{c['buildup']['prefill_speedup']:.2f}x",
+                         f"{x['qa']['accuracy']:.3f} ({_pts(x['qa']['accuracy'], p['qa']['accuracy'])})",
+                         f"{x['buildup']['accuracy']:.3f} ({_pts(x['buildup']['accuracy'], p['buildup']['accuracy'])})"])
+        ok = [x for x in d["runs"] if 1 - x["cost"]["qa"]["flops_ratio"] >= 0.6 and 1 - x["cost"]["buildup"]["flops_ratio"] >= 0.6
+              and x["qa"]["accuracy"] >= p["qa"]["accuracy"] - 0.01 and x["buildup"]["accuracy"] >= p["buildup"]["accuracy"] - 0.01]
+        goal = ("Goal (>= 60% fewer prefill FLOPs at <= 1 point loss on both): met by "
+                + "; ".join(f"{_opts(x['options'])} ({100 * (1 - x['cost']['qa']['flops_ratio']):.0f}% / "
+                            f"{100 * (1 - x['cost']['buildup']['flops_ratio']):.0f}% fewer, prefill "
+                            f"{x['cost']['qa']['prefill_speedup']:.2f}x / {x['cost']['buildup']['prefill_speedup']:.2f}x faster)"
+                            for x in ok)) if ok else \
+            "Goal (>= 60% fewer prefill FLOPs at <= 1 point loss on both QA and build-up): not met by any setting."
+        parts += [f"**{v} substrate** -- plain: QA {p['qa']['accuracy']:.3f}, build-up {p['buildup']['accuracy']:.3f} "
+                  f"({p['qa']['n']} questions / documents).", "",
+                  md_table(["method", "layer K", "keep", "FLOPs QA", "FLOPs build-up", "prefill speed-up QA",
+                            "prefill speed-up build-up", "QA (pts)", "build-up (pts)"], rows), "", goal, ""]
+    parts.append("Plot: `benchmarks/inference_prune.png`.")
+    return "\n".join(parts)
+
+
+def _speed_rows(d: dict, extra) -> tuple[list, dict]:
+    p = d["plain"]
+    rows = [["plain", f"{p['forwards_per_call']:.1f}", "1.00x", "1.00x", f"{p['accuracy']:.3f}", "", *extra(p, p)]]
+    for x in d["runs"]:
+        rows.append([_opts(x["options"]), f"{x['forwards_per_call']:.1f}",
+                     f"{p['forwards_per_call'] / x['forwards_per_call']:.2f}x",
+                     f"{p['generation_seconds'] / x['generation_seconds']:.2f}x", f"{x['accuracy']:.3f}",
+                     _pts(x["accuracy"], p["accuracy"]), *extra(x, p)])
+    return rows, p
+
+
+def spec_text(r: dict, cfg: float) -> str:
+    parts = [f"Text-to-image on val prompts with guidance (CFG {cfg}) at the quick start's temperature: forward passes "
+             "per image (all pictures of a batch advance together, so per batch), generation time (first to last "
+             "forward of each batch; decoding and judging excluded) as plain / method, accuracy by the scene parser.", ""]
+    for v, d in r.items():
+        rows, p = _speed_rows(d, lambda x, p: [])
+        ok = [x for x in d["runs"] if p["forwards_per_call"] / x["forwards_per_call"] >= 2.5
+              and p["generation_seconds"] / x["generation_seconds"] >= 2 and abs(x["accuracy"] - p["accuracy"]) <= 0.02]
+        parts += [f"**{v} substrate** ({p['n']} prompts; the plain run's time is the mean of one before and one after "
+                  f"the methods, {100 * p['seconds_spread']:.0f}% apart)", "",
+                  md_table(["setting", "forwards / image", "fewer passes", "speed-up", "t2i", "pts"], rows), "",
+                  ("Goal (>= 2.5x fewer passes, >= 2x wall time, <= 2 points change): met by "
+                   + "; ".join(_opts(x["options"]) for x in ok)) if ok else
+                  "Goal (>= 2.5x fewer passes, >= 2x wall time, <= 2 points change): not met.", ""]
+    parts.append("Plot: `benchmarks/inference_spec.png`.")
+    return "\n".join(parts)
+
+
+def kv_text(r: dict) -> str:
+    parts = ["Build-up documents of at least 4 pictures, cut before the last (the model reads 3-4 pictures, 96 tokens "
+             "each, and their instructions, then draws the next): KV bytes per document held when its picture is done "
+             "(the tensors the cache layers hold, measured), the peak where the cache records one, and accuracy.", ""]
+
+    def extra(x, p):
+        peak = x.get("peak_bytes_per_doc")
+        return [f"{x['bytes_per_doc'] / 1024:.0f}", f"{p['bytes_per_doc'] / x['bytes_per_doc']:.2f}x",
+                f"{peak / 1024:.0f}" if peak else "-"]
+
+    for v, d in r.items():
+        rows, p = _speed_rows(d, extra)
+        ok = [x for x in d["runs"] if p["bytes_per_doc"] / x["bytes_per_doc"] >= 5 and x["accuracy"] >= p["accuracy"] - 0.01]
+        parts += [f"**{v} substrate** ({p['n']} documents)", "",
+                  md_table(["setting", "forwards / image", "fewer passes", "speed-up", "build-up", "pts", "KiB held / doc",
+                            "fewer bytes", "peak KiB / doc"], rows), "",
+                  ("Goal (>= 5x fewer KV bytes at <= 1 point loss): met by " + "; ".join(_opts(x["options"]) for x in ok))
+                  if ok else "Goal (>= 5x fewer KV bytes at <= 1 point loss): not met.", ""]
+    parts.append("Plot: `benchmarks/inference_kv.png`.")
+    return "\n".join(parts)
+
+
+def all_text(r: dict, cfg: float) -> str:
+    parts = [f"Pruning + KV compression + speculative decoding together, guidance on (CFG {cfg}), on the build-up "
+             "documents of at least 4 pictures: end-to-end generation time and accuracy.", ""]
+    for v, d in r.items():
+        rows, p = _speed_rows(d, lambda x, p: [f"{x['bytes_per_doc'] / 1024:.0f}"])
+        ok = [x for x in d["runs"] if p["generation_seconds"] / x["generation_seconds"] >= 3
+              and x["accuracy"] >= p["accuracy"] - 0.02]
+        parts += [f"**{v} substrate** ({p['n']} documents)", "",
+                  md_table(["setting", "forwards / image", "fewer passes", "speed-up", "build-up", "pts", "KiB held / doc"],
+                           rows), "",
+                  "Goal (>= 3x end-to-end at <= 2 points loss): " + ("met." if ok else "not met."), ""]
+    return "\n".join(parts)
+
+
 def report(results: dict) -> str:
+    cfg = results.get("settings", {}).get("cfg_scale")
     parts = ["Every method against the plain pipeline on the same checkpoint, the same prompts and seeds, "
              "side by side in one run; speed as ratios (the machine is shared, absolute seconds move).", "",
              "### Substrate", "", substrate_text(results)]
-    parts += ["", section_text(results, "prune", "Prefill pruning", lambda r: r.get("text", ""))]
-    parts += ["", section_text(results, "spec", "Speculative Jacobi decoding", lambda r: r.get("text", ""))]
-    parts += ["", section_text(results, "kv", "KV-cache compression", lambda r: r.get("text", ""))]
-    parts += ["", section_text(results, "all", "All at once", lambda r: r.get("text", ""))]
+    parts += ["", section_text(results, "prune", "Prefill pruning", prune_text)]
+    parts += ["", section_text(results, "spec", "Speculative Jacobi decoding", lambda r: spec_text(r, cfg))]
+    parts += ["", section_text(results, "kv", "KV-cache compression", kv_text)]
+    parts += ["", section_text(results, "all", "All at once", lambda r: all_text(r, cfg))]
     return "\n".join(parts)
+
+
+# The all-at-once setting: one of each method, chosen from their own sections' results.
+ALL_AT_ONCE = "prune_method=merge,prune_ratio=0.5,kv_method=h2o,kv_budget=128,spec_decoding=true,spec_window=16"
+
+
+def parse_options(pairs: dict) -> dict:
+    """``key=value`` strings typed as GenerationOptions' fields (mmgen's config loader: an unknown key is an
+    error naming the closest)."""
+    from mmgen.config import load_config
+    from mmgen.inference.pipeline import GenerationOptions
+
+    o = load_config(GenerationOptions, None, [f"{k}={v}" for k, v in pairs.items()])
+    return {k: getattr(o, k) for k in pairs}
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def plot(results: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    r = results.get("prune")
+    if r and "skipped" not in r:
+        fig, axes = plt.subplots(len(r), 2, figsize=(10, 4 * len(r)), dpi=100, squeeze=False)
+        for row, (v, d) in enumerate(r.items()):
+            for col, task in enumerate(("qa", "buildup")):
+                ax = axes[row][col]
+                groups: dict = {}
+                for x in d["runs"]:
+                    o = x["options"]
+                    key = o["prune_method"] + (f" K={o['prune_layer']}" if "prune_layer" in o else "")
+                    groups.setdefault(key, []).append((x["cost"][task]["flops_ratio"], x[task]["accuracy"]))
+                for i, (key, pts) in enumerate(sorted(groups.items())):
+                    pts.sort()
+                    base = key.split()[0] in ("random", "stride")
+                    ax.plot([a for a, _ in pts], [b for _, b in pts], ":" if base else "-", marker="osD^v<>ph*"[i % 10],
+                            label=key)
+                ax.scatter([1.0], [d["plain"][task]["accuracy"]], color="black", zorder=5, label="plain")
+                ax.axvline(0.4, color="gray", lw=1, ls="--")
+                ax.set_xlabel("prefill FLOPs, share of plain (dashed: the 60% cut)")
+                ax.set_ylabel(f"{TASKS[task]} accuracy")
+                ax.set_title(f"{v} substrate", fontsize=9)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=6)
+        made.append(_save(fig, HERE / "inference_prune.png"))
+    for name, task, xkey, xlabel in (("spec", "t2i", "forwards_per_call", "forward passes per image"),
+                                     ("kv", "buildup4", "bytes_per_doc", "KV KiB held per document")):
+        r = results.get(name)
+        if not r or "skipped" in r:
+            continue
+        fig, axes = plt.subplots(1, len(r), figsize=(6 * len(r), 4.5), dpi=100, squeeze=False)
+        for col, (v, d) in enumerate(r.items()):
+            ax = axes[0][col]
+            scale = 1024 if xkey == "bytes_per_doc" else 1
+            for x in [d["plain"], *d["runs"]]:
+                ax.scatter(x[xkey] / scale, x["accuracy"], color="black" if x is d["plain"] else "tab:blue")
+                ax.annotate(_opts(x["options"]).replace("spec_decoding=True, ", "").replace("kv_method=", ""),
+                            (x[xkey] / scale, x["accuracy"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{TASKS[task]} accuracy")
+            if xkey == "bytes_per_doc":
+                ax.set_xscale("log")
+            ax.set_title(f"{v} substrate", fontsize=9)
+            ax.grid(alpha=0.3)
+        made.append(_save(fig, HERE / f"inference_{name}.png"))
+    return made
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    print(f"[inference] plot: {path}")
+    return path
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -221,6 +633,8 @@ def main() -> None:
     ap.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                     help="an override of the substrate recipes (repeatable)")
     ap.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "none"], help="as the quick start's")
+    ap.add_argument("--all-options", default=ALL_AT_ONCE,
+                    help="the GenerationOptions of the all-at-once section, comma-separated key=value")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = ap.parse_args()
 
@@ -269,7 +683,17 @@ def main() -> None:
         if why:
             print(f"[inference] {name}: skipped: {why}")
             results[name] = {"skipped": why}
+        elif name == "prune":
+            results[name] = run_prune(bundles, args.n, args.seed)
+        elif name == "spec":
+            results[name] = run_spec(bundles, args.n, args.seed, args.cfg_scale)
+        elif name == "kv":
+            results[name] = run_kv(bundles, args.n, args.seed)
+        else:
+            combo = dict(o.split("=", 1) for o in args.all_options.split(","))
+            results[name] = run_all(bundles, args.n, args.seed, args.cfg_scale, parse_options(combo))
         save()
+    plot(results)
 
     body = report(results)
     if args.no_write:

@@ -271,7 +271,7 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + bi,
                                          cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1,
-                                         **loop_kwargs(bundle.model, options)):
+                                         **loop_kwargs(bundle, options)):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a:
                     blocks[r].append(t)
@@ -318,7 +318,7 @@ def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: in
         got: list[list[int]] = [[] for _ in chunk]
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=max_new_tokens, eos_id=eos,
                                          pad_id=pad, temperature=0.0, allow_images=False,
-                                         **loop_kwargs(bundle.model, options)):
+                                         **loop_kwargs(bundle, options)):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a and t != eos:
                     got[r].append(t)

@@ -70,12 +70,12 @@ def make_cache(model, kind: str = "dynamic"):
     raise MMGenError(f"unknown cache '{kind}' (use one of: {', '.join(CACHES)})")
 
 
-def loop_kwargs(model, options: GenerationOptions | None) -> dict:
+def loop_kwargs(bundle, options: GenerationOptions | None) -> dict:
     """:func:`decode_loop`'s keyword arguments for the parts of one call that ``options`` choose (the KV
-    cache), built fresh for that call; ``{}`` for None (the loop's defaults)."""
+    cache), built fresh for that call from ``bundle``; ``{}`` for None (the loop's defaults)."""
     if options is None:
         return {}
-    return {"cache": make_cache(model, options.cache)}
+    return {"cache": make_cache(bundle.model, options.cache)}
 
 
 def cache_bytes(cache) -> int:
@@ -274,7 +274,7 @@ class MMGenPipeline:
         if can_audio:
             meta["max_audio_frames"] = o.max_audio_frames
         stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
-        extra = loop_kwargs(b.model, o)  # 3. prepare the cache
+        extra = loop_kwargs(b, o)  # 3. prepare the cache
         cache = extra["cache"]
         for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
