@@ -18,7 +18,7 @@ build-up next image, judged by the ShapesWorld scene parser.
 **The sections** (each runs when ``GenerationOptions`` has its options, and is skipped with the reason
 printed otherwise):
 
-- ``prune``: prefill FLOPs (analytic, :mod:`mmgen.inference.cost`) and prefill wall time against QA and
+- ``prune``: prefill FLOPs (analytic, :func:`mmgen.inference.prune.prefill_flops`) and prefill wall time against QA and
   build-up accuracy, at keep ratios 0.75 / 0.5 / 0.25 / 0.1, per method beside random and uniform-stride
   selection;
 - ``spec``: forward passes per image and wall time against text-to-image accuracy, guidance on, and the

@@ -52,3 +52,31 @@ def test_buildup_cases_with_many_pictures_are_cut_before_the_last():
     assert [c["instruction"] for c in buildup_cases(5, "val", 3, (32, 32))] == \
         [c["instruction"] for c in buildup_cases(5, "val", 3, (32, 32), min_images=0)]
     assert min(sum(it.kind == "image" for it in c["items"]) for c in buildup_cases(30, "val", 3, (32, 32))) == 1
+
+
+def test_qa_under_pruning_reads_fewer_prefill_tokens(tmp_path):
+    import pytest
+
+    from mmgen.errors import MMGenError
+    from mmgen.eval.understanding import evaluate_qa
+    from mmgen.inference.pipeline import GenerationOptions
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    widths = []
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("input_ids")
+        x = kwargs.get("inputs_embeds") if x is None else x
+        if x.shape[1] > 1:  # a prefill
+            widths.append(int(x.shape[1]))
+
+    handle = bundle.model.register_forward_pre_hook(hook, with_kwargs=True)
+    evaluate_qa(bundle, n=3, splits=("val",))
+    plain = list(widths)
+    widths.clear()
+    evaluate_qa(bundle, n=3, splits=("val",), options=GenerationOptions(prune_method="merge", prune_ratio=0.25))
+    handle.remove()
+    # the 4x4 picture of each question keeps 4 of its 16 codes
+    assert len(widths) == len(plain) == 1 and widths[0] == plain[0] - 12
+    with pytest.raises(MMGenError, match="prune_ratio must be in"):
+        evaluate_qa(bundle, n=3, splits=("val",), options=GenerationOptions(prune_method="merge", prune_ratio=0))

@@ -261,3 +261,24 @@ def test_doc_near_dedup_finds_the_earliest_band_sharing_copy(exact_images):
             kept.append((values, med, str(i)))
         n_dups += expected is not None
     assert n_dups >= 20  # the lower-cased / re-punctuated copies that share their original's media
+
+
+def test_a_picture_is_parsed_once_for_the_caption_check_and_the_scene_dedup(monkeypatch):
+    """scene_caption_match and scene_near_dedup both need the parsed scene: one parse per picture."""
+    import mmgen.eval.scene_parser as sp
+
+    calls = []
+    real = sp.parse_scene
+    monkeypatch.setattr(sp, "parse_scene", lambda pil: calls.append(1) or real(pil))
+    import random
+
+    from mmgen.data.synthetic.scene import random_scene, render
+    from mmgen.data.synthetic.text import caption
+
+    scene = random_scene(random.Random(3))
+    doc = Doc([Image.from_pil(render(scene)), Text(caption(scene, random.Random(3)))])
+    view = DocView(doc)
+    match, dedup = build_op("scene_caption_match", level="node"), build_op("scene_near_dedup")
+    match.apply(view)
+    dedup.signature(view)
+    assert len(calls) == 1

@@ -32,6 +32,17 @@ def register(app: typer.Typer) -> None:
         top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1] (1 = off). "
                                                                     "Default: the checkpoint's own setting."),
         device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+        picture: Optional[str] = typer.Option(None, "--picture", help="An image file shown to the model before the "
+                                              "prompt: ask about it, or (--mode t2i) say what to draw next."),
+        prune_method: str = typer.Option("none", "--prune-method", help="Prefill pruning of the picture's tokens: "
+                                         "none, fastv, text, pyramid, merge, or the random / stride baselines."),
+        prune_ratio: float = typer.Option(1.0, "--prune-ratio", help="Share of each picture's code tokens kept, in "
+                                                                     "(0, 1]."),
+        prune_layer: int = typer.Option(2, "--prune-layer", help="fastv/text/pyramid: the layer K from which "
+                                                                 "only the kept tokens go on."),
+        prune_schedule: Optional[str] = typer.Option(None, "--prune-schedule", help="pyramid stages as "
+                                                     "LAYER:RATIO,... (e.g. 1:0.5,2:0.25); replaces --prune-layer "
+                                                     "and --prune-ratio."),
     ):
         """Generate interleaved text, images and speech; print the text, write each image as PNG and each
         audio block as WAV (at the codec's sample rate).
@@ -44,14 +55,19 @@ def register(app: typer.Typer) -> None:
             mmgen generate --checkpoint runs/quickstart/sft/final --mode t2i --seed 1
                 --prompt "a large red circle at the top left, on a black background." --out out/
             mmgen generate --checkpoint runs/speech/final --mode tts --prompt "a red sound." --out out/
+            mmgen generate --checkpoint runs/quickstart/sft/final --picture scene.png --mode text
+                --prompt "what colour is the circle?" --prune-method fastv --prune-ratio 0.25 --prune-layer 1
         """
         from mmgen.data.doc import Audio, Image
         from mmgen.inference.generate import run_generate
+        from mmgen.inference.prune import parse_schedule
 
         doc, paths = run_generate(checkpoint, prompt, out=out, mode=mode, seed=seed, cfg_scale=cfg_scale,
                                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, device=device, allow_audio=allow_audio,
-                                  max_audio_frames=max_audio_frames)
+                                  max_audio_frames=max_audio_frames, picture=picture, prune_method=prune_method,
+                                  prune_ratio=prune_ratio, prune_layer=prune_layer,
+                                  prune_schedule=parse_schedule(prune_schedule or ""))
         media = iter(paths)  # run_generate lists the files in item order
         for it in doc.items:
             if isinstance(it, Image):
@@ -60,6 +76,10 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"[audio {it.meta['duration']:.2f} s: {next(media)}]")
             else:
                 typer.echo(it.text)
+        if doc.meta.get("prune"):
+            p = doc.meta["prune"]
+            typer.echo(f"(pruned: {p['method']} kept {p['tokens_kept'][0]} of {p['tokens'][0]} prompt tokens, "
+                       f"prefill FLOPs x{p['flops_ratio']:.2f})", err=True)
         if doc.meta.get("note"):
             typer.echo(f"note: {doc.meta['note']}", err=True)
         typer.echo(f"({doc.meta['new_tokens']} tokens, stopped at {doc.meta['stop']}; {len(paths)} media file(s) "

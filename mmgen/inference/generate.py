@@ -176,19 +176,20 @@ def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature
                      top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                      cfg_scale: float | None = None, mode: str = "auto",
                      sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
-                     max_audio_frames: int | None = None, picture=None) -> Iterator[Doc]:
+                     max_audio_frames: int | None = None, picture=None, **options) -> Iterator[Doc]:
     """Stream :func:`generate_interleaved` (:meth:`MMGenPipeline.stream <mmgen.inference.pipeline.MMGenPipeline.stream>`):
     yields the growing answer after each new token.
 
     Every yield is a fresh Doc of the completed items plus the text written so far; the last one is the
     finished answer (``meta['stop']`` says why it stopped: ``eos`` or ``max_new_tokens``). Sampling
     options left None are the bundle's (:func:`mmgen.inference.settings.bundle_sampling`);
-    ``max_new_tokens`` is cut to what the model's context leaves after the prompt (``meta['note']``)."""
+    ``max_new_tokens`` is cut to what the model's context leaves after the prompt (``meta['note']``).
+    ``options`` are further :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``)."""
     from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
 
     options = GenerationOptions(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, cfg_scale=cfg_scale, seed=seed, allow_audio=allow_audio,
-                                max_audio_frames=max_audio_frames, sizes=[list(s) for s in sizes or []])
+                                max_audio_frames=max_audio_frames, sizes=[list(s) for s in sizes or []], **options)
     yield from MMGenPipeline(bundle).stream(prompt, options, picture=picture)
 
 
@@ -196,7 +197,7 @@ def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, tempera
                          top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                          cfg_scale: float | None = None, mode: str = "auto",
                          sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
-                         max_audio_frames: int | None = None, picture=None) -> Doc:
+                         max_audio_frames: int | None = None, picture=None, **options) -> Doc:
     """Continue ``prompt`` with interleaved text, images and (optionally) speech until ``</s>`` or
     ``max_new_tokens``. ``picture`` (a PIL image) is shown to the model before the prompt's text.
 
@@ -206,11 +207,13 @@ def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, tempera
     item: a WAV decoded by the bundle's audio codec, ``frames x hop`` samples at its sample rate.
     ``max_audio_frames`` caps the code frames of one audio block. ``cfg_scale > 1`` turns on
     classifier-free guidance for the tokens inside media blocks. Sampling options left None are the
-    bundle's (its ``generation_config.json``). The same arguments and seed give the same Doc."""
+    bundle's (its ``generation_config.json``). The same arguments and seed give the same Doc. ``options`` are
+    further :class:`~mmgen.inference.pipeline.GenerationOptions` fields, e.g. ``prune_method="fastv"``."""
     doc = None
     for doc in iter_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, sizes=sizes,
-                                allow_audio=allow_audio, max_audio_frames=max_audio_frames, picture=picture):
+                                allow_audio=allow_audio, max_audio_frames=max_audio_frames, picture=picture,
+                                **options):
         pass
     return doc
 
@@ -229,19 +232,29 @@ def _check_budget(vocab: Vocab, mode: str, max_new_tokens: int, sizes) -> None:
                              f"({need} tokens); raise --max-new-tokens")
 
 
+def _loop_kwargs(bundle, options, prune) -> dict:
+    """The decode loop's parts for one batch: those ``options`` choose, with ``prune`` given in place."""
+    from mmgen.inference.pipeline import loop_kwargs
+
+    kw = loop_kwargs(bundle, options)
+    if prune is not None:
+        kw["prune"] = prune
+    return kw
+
+
 @torch.no_grad()
 def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequence[Sequence[int]] | None = None,
                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
                         size: tuple[int, int] | None = None, progress: bool = False, desc: str = "t2i",
-                        options=None) -> list:
+                        options=None, prune=None) -> list:
     """One image per prompt row: each row (token ids ending in ``<image>``) is continued by exactly
     one image block under the grid constraint, then decoded. Batch ``i`` uses seed ``seed + i``.
     Sampling options left None are the bundle's. ``uncond_rows`` are needed when guidance is on.
     ``options`` (a :class:`~mmgen.inference.pipeline.GenerationOptions`) chooses the decode loop's other
     parts, its KV cache and accelerations (:func:`~mmgen.inference.pipeline.loop_kwargs`); its sampling
-    fields are not read here."""
-    from mmgen.inference.pipeline import loop_kwargs
+    fields are not read here. ``prune`` (a :class:`~mmgen.inference.prune.PrefillPruner`) prunes the
+    pictures the rows show instead of the one ``options`` would build, so its ``report`` can be read after."""
     from mmgen.inference.settings import bundle_sampling
 
     s = bundle_sampling(bundle, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
@@ -271,7 +284,7 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + bi,
                                          cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1,
-                                         **loop_kwargs(bundle, options)):
+                                         **_loop_kwargs(bundle, options, prune)):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a:
                     blocks[r].append(t)
@@ -300,11 +313,9 @@ def generate_images(bundle, prompts: Sequence[str], temperature: float | None = 
 
 @torch.no_grad()
 def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: int = 16, batch_size: int = 16,
-                       progress: bool = False, desc: str = "text", options=None) -> list[str]:
+                       progress: bool = False, desc: str = "text", options=None, prune=None) -> list[str]:
     """Greedy text continuation of each prompt row until ``</s>`` (no images): short answers. ``options``
-    as in :func:`generate_image_rows`."""
-    from mmgen.inference.pipeline import loop_kwargs
-
+    and ``prune`` as in :func:`generate_image_rows`."""
     vocab = bundle.vocab
     eos, pad = _special(bundle)
     out: list[str] = []
@@ -318,7 +329,7 @@ def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: in
         got: list[list[int]] = [[] for _ in chunk]
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=max_new_tokens, eos_id=eos,
                                          pad_id=pad, temperature=0.0, allow_images=False,
-                                         **loop_kwargs(bundle, options)):
+                                         **_loop_kwargs(bundle, options, prune)):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a and t != eos:
                     got[r].append(t)
@@ -330,22 +341,28 @@ def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: in
 def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generated", mode: str = "auto",
                  seed: int = 0, cfg_scale: float | None = None, max_new_tokens: int = 512,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 device: str = "cpu", allow_audio: bool = False,
-                 max_audio_frames: int | None = None) -> tuple[Doc, list[Path]]:
+                 device: str = "cpu", allow_audio: bool = False, max_audio_frames: int | None = None,
+                 picture: str | Path | None = None, **options) -> tuple[Doc, list[Path]]:
     """``mmgen generate``: load a checkpoint, generate, write images as PNG and speech as WAV (and the
     Doc as JSON). Returns the Doc and the media files in item order. Sampling options left None are
-    the bundle's (its ``generation_config.json``); every option is checked before the model loads."""
+    the bundle's (its ``generation_config.json``); every option is checked before the model loads.
+    ``picture`` (an image file) is shown to the model before the prompt's text; ``options`` are further
+    :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``)."""
+    from mmgen.inference.pipeline import GenerationOptions
+    from mmgen.inference.prune import check_prune_options
     from mmgen.models.bundle import check_bundle_dir, load_bundle
     from mmgen.utils.compat import ensure_torchvision
 
     check_options(mode, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                   allow_audio=allow_audio, max_audio_frames=max_audio_frames)
+    check_prune_options(GenerationOptions(**options))
+    shown = _read_picture(picture) if picture is not None else None
     check_bundle_dir(checkpoint)
     ensure_torchvision()
     bundle = load_bundle(checkpoint, device=device)
     doc = generate_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, allow_audio=allow_audio,
-                               max_audio_frames=max_audio_frames)
+                               max_audio_frames=max_audio_frames, picture=shown, **options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -364,3 +381,17 @@ def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generat
 
     (out / "doc.json").write_text(json.dumps(doc.to_json(media_names=names), indent=1, ensure_ascii=False))
     return doc, paths
+
+
+def _read_picture(path) -> "object":
+    """An image file as an RGB PIL image, or a one-line MMGenError."""
+    from PIL import Image as PILImage, UnidentifiedImageError
+
+    try:
+        with PILImage.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise MMGenError(f"picture {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, PILImage.DecompressionBombError):
+        raise MMGenError(f"picture {path} could not be read as an image; give a PNG, JPEG or WebP file") from None

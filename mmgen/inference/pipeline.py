@@ -51,6 +51,13 @@ class GenerationOptions:
     # The KV cache: "dynamic" (transformers' DynamicCache, exact) or "fp8" (transformers' QuantizedCache with
     # its fp8 backend: keys and values held in 8-bit floats with a per-tensor scale, a quarter of float32)
     cache: str = "dynamic"
+    # Prefill pruning of the picture tokens the prompt shows (mmgen.inference.prune): none | fastv | text | pyramid |
+    # merge | random | stride; the share of each code grid kept; the layer K from which fastv/text/pyramid drop
+    # tokens; pyramid's [layer, ratio] stages (empty: three from prune_layer to prune_ratio; given: they replace both)
+    prune_method: str = "none"
+    prune_ratio: float = 1.0
+    prune_layer: int = 2
+    prune_schedule: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,10 +79,14 @@ def make_cache(model, kind: str = "dynamic"):
 
 def loop_kwargs(bundle, options: GenerationOptions | None) -> dict:
     """:func:`decode_loop`'s keyword arguments for the parts of one call that ``options`` choose (the KV
-    cache), built fresh for that call from ``bundle``; ``{}`` for None (the loop's defaults)."""
+    cache, the prefill pruner), built fresh for that call from ``bundle``; ``{}`` for None (the loop's
+    defaults)."""
     if options is None:
         return {}
-    return {"cache": make_cache(bundle.model, options.cache)}
+    from mmgen.inference.prune import check_prune_options, make_pruner
+
+    check_prune_options(options, bundle.model.config)
+    return {"cache": make_cache(bundle.model, options.cache), "prune": make_pruner(options)}
 
 
 def cache_bytes(cache) -> int:
@@ -127,13 +138,15 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
                 cfg_scale: float = 1.0, uncond_rows: Sequence[Sequence[int]] | None = None,
                 sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
                 stop_after_images: int | None = None, logits_hook=None, allow_audio: bool = False,
-                max_audio_frames: int | None = None, cache=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                max_audio_frames: int | None = None, cache=None, prune=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Steps 3 and 4: continue ``rows`` token by token, yielding ``(tokens, active)`` per step.
 
     ``tokens`` are the (B,) new ids, ``active`` which rows were still generating (a finished row's token
     is ``pad_id``). Rows are left-padded; position ids follow each row's own tokens. With guidance
     (``cfg_scale != 1``) the batch holds the conditional rows then ``uncond_rows``; both receive the
-    sampled token. ``cache`` is the ``transformers.Cache`` to fill (default: a new ``DynamicCache``)."""
+    sampled token. ``cache`` is the ``transformers.Cache`` to fill (default: a new ``DynamicCache``). ``prune``, a
+    :class:`~mmgen.inference.prune.PrefillPruner`, prunes the picture tokens at the prefill: the cache then
+    holds fewer columns than the rows, and the steps' attention mask follows the cache."""
     from transformers import StoppingCriteriaList
 
     from mmgen.inference.constraints import ImageGridConstraint
@@ -153,8 +166,6 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     cur = ids.shape[1]
     seq = torch.full((bsz, cur + max_new_tokens), pad_id, dtype=torch.long, device=device)
     seq[:, :cur] = ids[:bsz]
-    attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
-    attn_buf[:, :cur] = attn
     constraint = ImageGridConstraint(vocab, sizes=sizes, allow_images=allow_images, max_length=cur + max_new_tokens,
                                      allow_audio=allow_audio, max_audio_frames=max_audio_frames)
     processors = step_processors(vocab, constraint, cfg_scale, temperature, top_k, top_p, logits_hook)
@@ -165,8 +176,14 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     how = _prepare_inputs_for(model)
     cache = make_cache(model) if cache is None else cache
     keep = {"logits_to_keep": 1} if how["logits_to_keep"] else {}  # the prefill needs the last position only
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True,
-                **{how["cache_kw"]: cache}, **keep)
+    if prune is not None:
+        out, attn = prune.prefill(model, vocab, ids, attn, position, cache, n_cond=bsz)
+    else:
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True,
+                    **{how["cache_kw"]: cache}, **keep)
+    dropped = cur - attn.shape[1]  # prefill columns pruning left out of the cache
+    attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
+    attn_buf[:, :attn.shape[1]] = attn
     logits = out.logits[:, -1, :].float()
     next_pos = position[:, -1] + 1
     active = torch.ones(bsz, dtype=torch.bool, device=device)
@@ -192,7 +209,7 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
             # conditional and unconditional rows share.
             g = model.grid_cells(seq[:, :cur], 1)
             grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
-        out = model(input_ids=step_tok[:, None], attention_mask=attn_buf[:, :cur], position_ids=next_pos[:, None],
+        out = model(input_ids=step_tok[:, None], attention_mask=attn_buf[:, :cur - dropped], position_ids=next_pos[:, None],
                     use_cache=True, **{how["cache_kw"]: cache}, **grid)
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
@@ -218,6 +235,7 @@ class MMGenPipeline:
         from dataclasses import replace
 
         from mmgen.inference.generate import _check, check_options
+        from mmgen.inference.prune import check_prune_options
         from mmgen.inference.settings import bundle_sampling
 
         o = options
@@ -226,6 +244,7 @@ class MMGenPipeline:
         s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             cfg_scale=o.cfg_scale)
         _check(self.bundle, o.mode, o.allow_audio)
+        check_prune_options(o, self.bundle.model.config)
         return replace(o, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
 
     # 2. encode the prompt ---------------------------------------------------------------------------
@@ -253,6 +272,7 @@ class MMGenPipeline:
         from dataclasses import replace
 
         from mmgen.inference.generate import _check_budget, _special, default_image_sizes, fit_to_context
+        from mmgen.inference.prune import make_pruner
 
         o = self.check_inputs(replace(options or GenerationOptions(), **kw))
         b, vocab = self.bundle, self.bundle.vocab
@@ -274,13 +294,15 @@ class MMGenPipeline:
         if can_audio:
             meta["max_audio_frames"] = o.max_audio_frames
         stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
-        extra = loop_kwargs(b, o)  # 3. prepare the cache
-        cache = extra["cache"]
+        extra = loop_kwargs(b, o)  # 3. prepare the cache (and the prefill pruner)
+        cache, pruner = extra["cache"], extra["prune"]
+        passes = 0  # each answer token took one forward (the prefill, then one step each)
         for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
                                        cfg_scale=o.cfg_scale, uncond_rows=[uncond] if uncond else None, sizes=sizes,
                                        allow_images=can_image, allow_audio=can_audio,
                                        max_audio_frames=o.max_audio_frames, **extra):
+            passes += 1
             if not bool(active[0]):
                 break
             t = int(tok[0])
@@ -291,7 +313,10 @@ class MMGenPipeline:
             builder.push(t)  # 5. decode media: a block is decoded as soon as it closes
             yield builder.snapshot({**meta, "new_tokens": new})
         meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3),
-                    cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)})
+                    cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)},
+                    forward_passes=passes)
+        if pruner is not None:
+            meta["prune"] = pruner.report
         yield builder.finish(meta)
 
     def __call__(self, prompt: str, options: GenerationOptions | None = None, picture=None, **kw):

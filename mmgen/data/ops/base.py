@@ -62,12 +62,14 @@ class DocView:
     """A document as the operator chain sees it: the original Doc plus which items are still alive.
 
     Item indices always refer to the original Doc, so reject records point at the input item.
-    Decoded images are cached so several image operators decode each image once."""
+    Decoded images, and values derived from them (:meth:`derived`), are cached so several operators
+    decode or analyse each image once."""
 
     def __init__(self, doc: Doc):
         self.doc = doc
         self.alive: list[int] = list(range(len(doc.items)))
         self._pil: dict[int, Any] = {}
+        self._derived: dict[tuple[str, int], Any] = {}
 
     def items(self) -> Iterator[tuple[int, Item]]:
         for i in self.alive:
@@ -102,6 +104,14 @@ class DocView:
         if index not in self._pil:
             self._pil[index] = self.doc.items[index].to_pil("RGB")
         return self._pil[index]
+
+    def derived(self, name: str, index: int, fn):
+        """``fn(self.pil(index))``, computed once per item and ``name`` (a parsed scene is wanted by the
+        caption check and by the scene deduplication alike); MediaError propagates, uncached."""
+        key = (name, index)
+        if key not in self._derived:
+            self._derived[key] = fn(self.pil(index))
+        return self._derived[key]
 
     def result(self) -> Doc:
         """The Doc with removed items dropped (same id: node removal does not change identity)."""

@@ -58,7 +58,7 @@ class SceneCaptionMatch(ImageOp):
             if not want:
                 continue
             try:
-                pred = parse_scene(view.pil(i))
+                pred = view.derived("scene", i, parse_scene)
             except MediaError as e:
                 out.append(Verdict(e.reason, {"error": error_text(e)}, item=i, quarantine=True))
                 continue

@@ -46,15 +46,23 @@ def uncropped_canvases(pil, uncrop: int):
     return out
 
 
-def scene_key(pil) -> str | None:
+def _parse_scene(pil):
     try:
         from mmgen.eval.scene_parser import parse_scene
     except ImportError as e:
         raise MMGenError(f"scene_near_dedup needs the ShapesWorld scene parser ({e}); remove the op") from None
-    scene = parse_scene(pil)
+    return parse_scene(pil)
+
+
+def key_of(scene) -> str | None:
+    """A parsed scene as a comparable string (None: the picture did not parse)."""
     if scene is None:
         return None
     return json.dumps(scene.to_dict() if hasattr(scene, "to_dict") else str(scene), sort_keys=True)
+
+
+def scene_key(pil) -> str | None:
+    return key_of(_parse_scene(pil))
 
 
 @register_op("scene_near_dedup")
@@ -88,7 +96,7 @@ class SceneNearDedup(StatefulOp):
                 pil = view.pil(i)
             except MediaError:
                 continue
-            key, alts = scene_key(pil), []
+            key, alts = key_of(view.derived("scene", i, _parse_scene)), []
             if key is None:  # perhaps a cropped copy: the keys of its uncropped canvases
                 for canvas in uncropped_canvases(pil, self.params.uncrop):
                     k = scene_key(canvas)
