@@ -295,14 +295,15 @@ def prefill_cost(bundle, rows: list[list[int]], options: dict, repeats: int = 3,
             "prefill_seconds": pruned_s, "prefill_seconds_plain": plain_s, "prefill_speedup": plain_s / pruned_s}
 
 
-def prune_settings(variant: str) -> list[dict]:
-    """Every pruning method at every keep ratio (the in-LLM ones also ranking at layer 1, so that three of
-    the four layers are cut); the continuous substrate gets the methods whose route differs there."""
+def prune_settings(variant: str, only: list[str] | None = None) -> list[dict]:
+    """Every pruning method (or those in ``only``) at every keep ratio, the in-LLM ones also ranking at
+    layer 1, so that three of the four layers are cut; the continuous substrate gets the methods whose
+    route differs there (before the LLM: features merged before the projector) and FastV."""
     from mmgen.inference.prune import IN_LLM, PRUNE_METHODS
 
-    methods = [m for m in PRUNE_METHODS if m != "none"]
+    methods = [m for m in PRUNE_METHODS if m != "none" and (not only or m in only)]
     if variant == "continuous":
-        methods = [m for m in methods if m not in IN_LLM] + ["fastv"]
+        methods = [m for m in methods if m not in IN_LLM or m == "fastv"]
     out = []
     for m in methods:
         for layer in ((1, 2) if m in ("fastv", "text") else (None,)):
@@ -311,7 +312,7 @@ def prune_settings(variant: str) -> list[dict]:
     return out
 
 
-def run_prune(bundles: dict, n: int, seed: int) -> dict:
+def run_prune(bundles: dict, n: int, seed: int, only: list[str] | None = None) -> dict:
     out = {}
     for v, b in bundles.items():
         print(f"[inference] prune: {v} substrate", flush=True)
@@ -319,7 +320,7 @@ def run_prune(bundles: dict, n: int, seed: int) -> dict:
 
         plain = {t: evaluate(b, t, n, seed) for t in ("qa", "buildup")}
         runs = [{"options": o, **{t: evaluate(b, t, n, seed, o) for t in ("qa", "buildup")},
-                 "cost": {t: prefill_cost(b, rows[t], o) for t in ("qa", "buildup")}} for o in prune_settings(v)]
+                 "cost": {t: prefill_cost(b, rows[t], o) for t in ("qa", "buildup")}} for o in prune_settings(v, only)]
         out[v] = {"plain": plain, "runs": runs}
     return out
 
@@ -553,7 +554,7 @@ def parse_options(pairs: dict) -> dict:
 
 
 # -- plots -----------------------------------------------------------------------------------------
-def plot(results: dict) -> list[Path]:
+def plot(results: dict, where: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -583,7 +584,7 @@ def plot(results: dict) -> list[Path]:
                 ax.set_title(f"{v} substrate", fontsize=9)
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=6)
-        made.append(_save(fig, HERE / "inference_prune.png"))
+        made.append(_save(fig, where / "inference_prune.png"))
     for name, task, xkey, xlabel in (("spec", "t2i", "forwards_per_call", "forward passes per image"),
                                      ("kv", "buildup4", "bytes_per_doc", "KV KiB held per document")):
         r = results.get(name)
@@ -603,7 +604,7 @@ def plot(results: dict) -> list[Path]:
                 ax.set_xscale("log")
             ax.set_title(f"{v} substrate", fontsize=9)
             ax.grid(alpha=0.3)
-        made.append(_save(fig, HERE / f"inference_{name}.png"))
+        made.append(_save(fig, where / f"inference_{name}.png"))
     return made
 
 
@@ -633,6 +634,7 @@ def main() -> None:
     ap.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                     help="an override of the substrate recipes (repeatable)")
     ap.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "none"], help="as the quick start's")
+    ap.add_argument("--prune-methods", default="", help="comma list of prune methods to sweep (default: all)")
     ap.add_argument("--all-options", default=ALL_AT_ONCE,
                     help="the GenerationOptions of the all-at-once section, comma-separated key=value")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
@@ -684,7 +686,8 @@ def main() -> None:
             print(f"[inference] {name}: skipped: {why}")
             results[name] = {"skipped": why}
         elif name == "prune":
-            results[name] = run_prune(bundles, args.n, args.seed)
+            only = [m for m in args.prune_methods.split(",") if m] or None
+            results[name] = run_prune(bundles, args.n, args.seed, only)
         elif name == "spec":
             results[name] = run_spec(bundles, args.n, args.seed, args.cfg_scale)
         elif name == "kv":
@@ -693,7 +696,7 @@ def main() -> None:
             combo = dict(o.split("=", 1) for o in args.all_options.split(","))
             results[name] = run_all(bundles, args.n, args.seed, args.cfg_scale, parse_options(combo))
         save()
-    plot(results)
+    plot(results, out if args.no_write else HERE)  # a --no-write run leaves benchmarks/ as it was
 
     body = report(results)
     if args.no_write:
