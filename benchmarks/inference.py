@@ -146,12 +146,14 @@ class Probe:
     def _pre(self, module, args, kwargs):
         cache = kwargs.get("cache")
         cache = kwargs.get("past_key_values") if cache is None else cache
-        if cache is not self._cache or self._call is None:
+        # A generation call starts on an empty cache. (A pruned prefill runs on a scratch cache and hands
+        # the kept entries to the call's own, which the steps then fill: one call, its last cache held.)
+        if self._call is None or cache is None or cache.get_seq_length() == 0:
             self._close()
             x = kwargs.get("input_ids")
             x = kwargs.get("inputs_embeds") if x is None else x
-            self._cache = cache
             self._call = {"forwards": 0, "rows": int(x.shape[0]), "start": time.perf_counter()}
+        self._cache = cache
         self._call["forwards"] += 1
 
     def _post(self, module, args, kwargs, out):
