@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mmgen.errors import MMGenError
 from mmgen.inference.settings import DEFAULT_SAMPLING
 
 
@@ -49,7 +50,9 @@ class QuickstartConfig:
     sft_overrides: list[str] = field(default_factory=list)
     eval_prompts: int = 200  # per split (val, heldout), for t2i and QA; build-up documents use the val split
     eval_seed: int = 0
-    eval_suites: str = "t2i,qa,interleaved,recon"  # mmgen eval run's suites; add geneval for GenEval's six tags
+    # mmgen eval run's suites (add geneval for GenEval's six tags); robust: the val prompts again in each
+    # surface form people type, seconds of the evaluation stage
+    eval_suites: str = "t2i,robust,qa,interleaved,recon"
     # The sampling settings below are the evaluation's and are saved with the final bundle
     # (generation_config.json), so `mmgen generate` and `mmgen chat` start from them; bundles without
     # the file fall back to the same values (mmgen.inference.settings.DEFAULT_SAMPLING).
@@ -84,7 +87,8 @@ def lm_inputs(run: str | Path, code_blocks: bool | None = None) -> tuple[Path, P
     """The code shards and image tokenizer a quick-start run's LM stages read, found through its stage
     markers: with ``code_blocks`` (None: when the run has a blocks stage) the code-block ones, else the
     image tokenizer's own codes (the second stage's tokenizer when the run has one: its pixel codes are
-    the first stage's). A missing stage is a one-line MMGenError."""
+    the first stage's). A missing stage is a one-line MMGenError. What a retraining of the LM stages alone
+    starts from (benchmarks/quality_curve.py, benchmarks/robustness.py, benchmarks/inference.py)."""
     from mmgen.errors import MMGenError
 
     run = Path(run)
@@ -272,6 +276,8 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path, tok_dir: Path)
                        qa_accuracy_heldout_compositions=suites["qa"]["heldout"]["accuracy"], qa=suites["qa"])
     if "interleaved" in suites:
         metrics.update(interleaved_accuracy=suites["interleaved"]["val"]["accuracy"], interleaved=suites["interleaved"])
+    if "robust" in suites:
+        metrics["robust"] = {**suites["robust"], "examples": rep["suites"]["robust"]["forms"]}
     if "geneval" in suites:
         metrics["geneval"] = suites["geneval"]
     metrics["training"] = read_json(bundle_dir / "mmgen.json", {})
@@ -309,8 +315,14 @@ def _write_markdown(r: dict, path: Path) -> None:
                      f"| {_pct(a.get('shape'))} | {_pct(a.get('color'))} | {_pct(a.get('size'))} |")
     rec = r["tokenizer_reconstruction"]
     lines += ["", "`heldout` prompts contain colour–shape pairs never seen in training.", "",
-              "![prompts and generated images](eval/t2i_grid.png)", "",
-              "## Image understanding: one question per image, exact single-word answers", "",
+              "![prompts and generated images](eval/t2i_grid.png)", ""]
+    if "robust" in r:  # the same val prompts as people type them
+        rb = r["robust"]
+        lines += ["## Text-to-image per surface form of the prompt", "",
+                  "| form | prompts | all requested objects | example |", "| --- | --- | --- | --- |"]
+        lines += [f"| {f} | {rb[f]['n']} | {_pct(rb[f]['accuracy'])} | `{ex}` |" for f, ex in rb["examples"].items()]
+        lines += ["", f"Lowest: {rb['lowest']['form']} ({_pct(rb['lowest']['value'])}).", ""]
+    lines += ["## Image understanding: one question per image, exact single-word answers", "",
               "| split | questions | accuracy | " + " | ".join(sorted(r["qa"]["val"]["by_type"])) + " |",
               "| --- | --- | --- |" + " --- |" * len(r["qa"]["val"]["by_type"])]
     for split, m in r["qa"].items():

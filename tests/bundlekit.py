@@ -62,3 +62,15 @@ def bias_head(bundle, ids_bias: dict[int, float]):
         for i, b in ids_bias.items():
             head.bias[i] = b
     model.lm_head = head
+
+
+def tiny_qwen2(vocab: Vocab, tok, **config):
+    """A tiny random Qwen2 decoder over ``vocab`` (2 layers, 4 query heads sharing 2 KV heads)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab.size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      **config)
+    return Qwen2ForCausalLM(cfg).eval()

@@ -108,6 +108,52 @@ def test_suites_give_the_numbers_of_the_evaluation_functions(bundle_dir, tmp_pat
         inter["splits"]["val"][k] for k in ("accuracy", "parse_rate", "object_recall"))
 
 
+def test_robust_suite_judges_each_prompt_in_every_surface_form(bundle_dir, tmp_path):
+    """Per form: the t2i prompts rewritten, judged and counted apart; as written, the t2i suite's own
+    records (same prompts, same seeds: the forms differ in their text alone); in the report and its comparison."""
+    from mmgen.data.synthetic import parse_caption
+    from mmgen.data.synthetic.surface import SURFACE_FORMS, surface_form
+    from mmgen.eval.run import compare_reports, run_eval
+
+    kw = dict(n=3, batch_size=2, temperature=1.0, progress=False)
+    rep = run_eval(bundle_dir, "t2i,robust", tmp_path / "a", **kw)
+    recs = _records(tmp_path / "a", "robust")
+    t2i = {r["id"]: r for r in _records(tmp_path / "a", "t2i")}
+    assert len(recs) == 3 * len(SURFACE_FORMS)
+    for r in recs:
+        i = int(r["id"].split("/")[1])
+        base = t2i[f"val/{i}"]
+        assert r["prompt"] == surface_form(base["prompt"], r["form"], f"1234-{i}")
+        assert parse_caption(r["prompt"]).key() == parse_caption(base["prompt"]).key()
+        if r["form"] == "as_written":
+            assert {k: v for k, v in r.items() if k not in ("id", "image", "form")} == \
+                {k: v for k, v in base.items() if k not in ("id", "image")}
+        else:
+            assert r["prompt"] != base["prompt"]
+    m = rep["suites"]["robust"]["metrics"]
+    assert set(SURFACE_FORMS) <= set(m)
+    for form in SURFACE_FORMS:
+        mine = [r for r in recs if r["form"] == form]
+        assert m[form]["intervals"]["all_objects"]["k"] == sum(r["all_objects"] for r in mine)
+        assert m[form]["n"] == m[form]["intervals"]["all_objects"]["n"] == 3
+    assert m["as_written"]["accuracy"] == rep["suites"]["t2i"]["metrics"]["val"]["accuracy"]
+    worst = m["lowest"]
+    assert worst["value"] == min(m[f]["accuracy"] for f in SURFACE_FORMS) and worst["form"] in SURFACE_FORMS
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "| form | accuracy (all objects) |" in md and "| lower_no_period |" in md and "robust_grid.png" in md
+    assert (tmp_path / "a" / "robust_grid.png").is_file()
+    # fewer forms, another run; the comparison pairs the forms both hold
+    run_eval(bundle_dir, "robust", tmp_path / "b", robust_forms="as_written,no_period", **kw)
+    cmp = compare_reports(tmp_path / "a" / "report.json", tmp_path / "b" / "report.json")
+    rows = {r["metric"] for r in cmp["rows"]}
+    assert {"robust.as_written.intervals.all_objects", "robust.no_period.intervals.all_objects", "robust.lowest"} <= rows
+    assert "robust.spacing.intervals.all_objects" in cmp["only_a"]
+    # a resumed run reuses every batch
+    again = run_eval(bundle_dir, "t2i,robust", tmp_path / "a", **kw)
+    assert again["suites"]["robust"]["resumed_batches"] == 2 * len(SURFACE_FORMS)
+    assert again["suites"]["robust"]["metrics"] == m
+
+
 def test_compare_prints_differences_with_intervals(bundle_dir, tmp_path):
     from mmgen.eval.run import compare_reports, format_comparison, run_eval
 
@@ -129,7 +175,11 @@ def test_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
 
     assert main(["eval", "run", str(bundle_dir), "--suite", "t2i,speech", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: unknown suite speech; use a comma list of t2i, geneval, qa, interleaved, recon or all"
+    assert err == "error: unknown suite speech; use a comma list of t2i, robust, geneval, qa, interleaved, recon or all"
+    assert main(["eval", "run", str(bundle_dir), "--suite", "robust", "--forms", "as_written,shouting",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown surface form 'shouting'; use a comma list of as_written,") and "\n" not in err
     # a checkpoint without an image tokenizer, asked for t2i
     b = load_bundle(bundle_dir)
     Bundle(b.model, b.text_tokenizer, b.vocab, None, b.meta).save(tmp_path / "textonly")

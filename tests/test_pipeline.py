@@ -4,25 +4,13 @@ DynamicCache) decodes token for token as the plain loop it replaced (tests/refer
 from __future__ import annotations
 
 import pytest
-import torch
 
-from mmgen.models.vocab import Vocab
-from bundlekit import make_tiny_bundle
+from bundlekit import make_tiny_bundle, tiny_qwen2
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     return make_tiny_bundle(tmp_path_factory.mktemp("pipeline_bundle"))
-
-
-def _qwen2(vocab: Vocab, tok):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab.size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return Qwen2ForCausalLM(cfg).eval()
 
 
 def _streams(loop, model, vocab, rows, **kw) -> list[list[int]]:
@@ -53,7 +41,7 @@ def test_decode_loop_reproduces_the_plain_loop(bundle, base, settings):
     from mmgen.inference.pipeline import decode_loop
     from reference_loop import sample_tokens as reference
 
-    model = bundle.model if base == "llama" else _qwen2(bundle.vocab, bundle.text_tokenizer)
+    model = bundle.model if base == "llama" else tiny_qwen2(bundle.vocab, bundle.text_tokenizer)
     vocab = bundle.vocab
     kw = dict(eos_id=3, pad_id=0, seed=11, sizes=default_image_sizes(bundle), **settings)
     if kw.get("cfg_scale", 1.0) != 1.0:

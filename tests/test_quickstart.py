@@ -78,6 +78,13 @@ def test_quickstart_end_to_end_small(tmp_path):
     assert "## Image understanding" in report_md.read_text() and "eval/report.md" in report_md.read_text()
     assert (ev / "t2i_grid.png").stat().st_size > 0
     assert len(records("t2i")) == 6
+    # the robust suite: the val prompts in every surface form, in the report with an example each
+    from mmgen.data.synthetic.surface import SURFACE_FORMS
+
+    assert len(records("robust")) == 3 * len(SURFACE_FORMS)
+    assert report["robust"]["as_written"]["accuracy"] == report["t2i"]["val"]["accuracy"]
+    md = report_md.read_text()
+    assert "## Text-to-image per surface form of the prompt" in md and "| lower_no_period | 3 |" in md
     # A rerun skips every finished stage and reproduces the same metrics.
     again = json.loads((quickstart(cfg).parent / "report.json").read_text())
     assert again["t2i"] == report["t2i"]

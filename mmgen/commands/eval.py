@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from mmgen.data.synthetic.surface import SURFACE_FORMS
+
 eval_app = typer.Typer(help="Evaluation: the ShapesWorld scene parser and benchmark suites.", no_args_is_help=True,
                        add_completion=False, rich_markup_mode=None)
 
@@ -50,7 +52,7 @@ def scene(
 @eval_app.command("run")
 def run(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (an mmgen bundle)."),
-    suite: str = typer.Option("all", "--suite", help="Comma list of t2i, geneval, qa, interleaved, recon; or all."),
+    suite: str = typer.Option("all", "--suite", help="Comma list of t2i, robust, geneval, qa, interleaved, recon; or all."),
     out: Path = typer.Option(Path("eval"), "--out", help="Folder for report.json, report.md, grids and per-sample results."),
     n: int = typer.Option(200, "--n", help="Prompts / questions / documents per split (t2i, qa, interleaved)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: the quick start's, 0)."),
@@ -65,6 +67,9 @@ def run(
                                                                      "detector (OWL-ViT, OWLv2, Grounding DINO) for real images."),
     continuation: int = typer.Option(0, "--continuation", help="Build-up documents the model continues itself "
                                                                    "(writes the next instruction, then draws it)."),
+    forms: str = typer.Option(",".join(SURFACE_FORMS), "--forms", help="The robust suite's surface forms, a comma list "
+                                                                       "of " + ", ".join(SURFACE_FORMS) + "."),
+    robust_split: str = typer.Option("val", "--robust-split", help="Whose t2i prompts the robust suite rewrites: val or heldout."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
 ):
     """Evaluate a checkpoint: generate, judge, and write report.json / report.md with PNG grids; every number
@@ -74,13 +79,14 @@ def run(
     Example:
         mmgen eval run runs/quickstart/sft/final --suite t2i,geneval,qa --out runs/eval_sft
         mmgen eval run runs/quickstart/sft/final --suite all --temperature 0 --out runs/eval_greedy
+        mmgen eval run runs/quickstart/sft/final --suite robust --forms as_written,lower_first,no_period --out runs/eval_robust
     """
     from mmgen.eval.run import run_eval
 
     report = run_eval(checkpoint, suite, out, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                       seed=seed, device=device, n=n, batch_size=batch_size, geneval_per_tag=geneval_per_tag,
                       geneval_prompts=str(geneval_prompts) if geneval_prompts else None, detector=detector,
-                      continuation_n=continuation)
+                      continuation_n=continuation, robust_forms=forms, robust_split=robust_split)
     typer.echo(f"wrote {out / 'report.md'} ({', '.join(report['suites'])})")
 
 

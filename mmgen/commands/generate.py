@@ -43,6 +43,16 @@ def register(app: typer.Typer) -> None:
         prune_schedule: Optional[str] = typer.Option(None, "--prune-schedule", help="pyramid stages as "
                                                      "LAYER:RATIO,... (e.g. 1:0.5,2:0.25); replaces --prune-layer "
                                                      "and --prune-ratio."),
+        cache: Optional[str] = typer.Option(None, "--cache", help="KV cache storage: dynamic (the model's precision, "
+                                            "default) or fp8 (8-bit floats, a quarter of float32)."),
+        kv_method: Optional[str] = typer.Option(None, "--kv-method", help="KV-cache compression: none (default), "
+                                                "snapkv (prompt at prefill), streaming (sinks + recent) or h2o "
+                                                "(sinks + recent + heavy hitters)."),
+        kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="Most KV entries a row holds per layer "
+                                                "and head (default: no limit)."),
+        kv_window: Optional[int] = typer.Option(None, "--kv-window", help="snapkv/h2o: observation window and "
+                                                "recent entries always kept (default 32)."),
+        kv_sinks: Optional[int] = typer.Option(None, "--kv-sinks", help="First tokens always kept (default 4)."),
     ):
         """Generate interleaved text, images and speech; print the text, write each image as PNG and each
         audio block as WAV (at the codec's sample rate).
@@ -57,17 +67,21 @@ def register(app: typer.Typer) -> None:
             mmgen generate --checkpoint runs/speech/final --mode tts --prompt "a red sound." --out out/
             mmgen generate --checkpoint runs/quickstart/sft/final --picture scene.png --mode text
                 --prompt "what colour is the circle?" --prune-method fastv --prune-ratio 0.25 --prune-layer 1
+            mmgen generate --checkpoint runs/quickstart/sft/final --prompt "..." --kv-method h2o --kv-budget 256
+                --cache fp8
         """
         from mmgen.data.doc import Audio, Image
         from mmgen.inference.generate import run_generate
         from mmgen.inference.prune import parse_schedule
 
+        given = dict(cache=cache, kv_method=kv_method, kv_budget=kv_budget, kv_window=kv_window, kv_sinks=kv_sinks)
         doc, paths = run_generate(checkpoint, prompt, out=out, mode=mode, seed=seed, cfg_scale=cfg_scale,
                                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, device=device, allow_audio=allow_audio,
                                   max_audio_frames=max_audio_frames, picture=picture, prune_method=prune_method,
                                   prune_ratio=prune_ratio, prune_layer=prune_layer,
-                                  prune_schedule=parse_schedule(prune_schedule or ""))
+                                  prune_schedule=parse_schedule(prune_schedule or ""),
+                                  **{k: v for k, v in given.items() if v is not None})
         media = iter(paths)  # run_generate lists the files in item order
         for it in doc.items:
             if isinstance(it, Image):
@@ -82,5 +96,9 @@ def register(app: typer.Typer) -> None:
                        f"prefill FLOPs x{p['flops_ratio']:.2f})", err=True)
         if doc.meta.get("note"):
             typer.echo(f"note: {doc.meta['note']}", err=True)
+        kv = doc.meta["kv"]
+        if kv["method"] != "none":
+            typer.echo(f"kv cache ({kv['method']}, budget {kv['budget']}): {kv['tokens_held'][0]} of "
+                       f"{kv['tokens_seen'][0]} tokens held, {kv['bytes']} bytes (peak {kv['bytes_peak']})", err=True)
         typer.echo(f"({doc.meta['new_tokens']} tokens, stopped at {doc.meta['stop']}; {len(paths)} media file(s) "
                    f"in {out})", err=True)

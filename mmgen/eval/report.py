@@ -133,6 +133,10 @@ def write_eval_markdown(report: dict, path: str | Path) -> Path:
                   + (f"; {e['resumed_batches']} batches reused from an earlier run" if e.get("resumed_batches") else "") + ".", "",
                   "| metric | value | 95% CI | count |", "| --- | --- | --- | --- |"]
         lines += _rows(e["metrics"])
+        if e.get("forms"):  # the robust suite: each surface form with an example prompt
+            lines += ["", "| form | accuracy (all objects) | 95% CI | count | example prompt |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {f} | {_ci(e['metrics'].get(f, {}).get('intervals', {}).get('all_objects'))} | `{p}` |"
+                      for f, p in e["forms"].items()]
         if e.get("grid"):
             lines += ["", f"![{name}: prompts, outputs and verdicts]({e['grid']})"]
         lines.append("")

@@ -51,7 +51,7 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
              cfg_scale: float | None = None, seed: int | None = None, device: str = "cpu",
              progress: bool = True, bundle=None, **options) -> dict:
-    """Evaluate ``checkpoint`` on ``suites`` (comma list of t2i, geneval, qa, interleaved, recon, or all)
+    """Evaluate ``checkpoint`` on ``suites`` (comma list of t2i, robust, geneval, qa, interleaved, recon, or all)
     and write the report into ``out``; returns the report. Sampling settings left None come from the
     checkpoint's generation_config.json, else the quick start's settings. ``options`` are
     :class:`~mmgen.eval.suites.EvalOptions` fields (n, prompt_seed, batch_size, geneval_prompts, ...)."""
@@ -66,6 +66,12 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
     opts = EvalOptions(**options)
     if opts.n < 1 or opts.batch_size < 1:
         raise MMGenError("n and batch_size must be at least 1")
+    if "robust" in names:
+        from mmgen.data.synthetic.surface import check_forms
+
+        opts.robust_forms = check_forms(opts.robust_forms)  # a wrong name fails now, before any model loads
+        if opts.robust_split not in ("val", "heldout"):
+            raise MMGenError(f"robust_split must be val or heldout, got {opts.robust_split!r}")
     ckpt = check_bundle_dir(checkpoint)
     if opts.geneval_prompts and "geneval" in names:
         from mmgen.eval.geneval import load_metadata
@@ -83,7 +89,8 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
     (out / "samples").mkdir(parents=True, exist_ok=True)
     run = {"checkpoint_sha256": ck["sha256"], "sampling": {k: v for k, v in sampling.items() if k != "sources"},
            "options": asdict(opts), "evaluator_version": EVALUATOR_VERSION}
-    run["options"]["interleaved_splits"] = list(opts.interleaved_splits)
+    # as JSON reads them back, so a resumed run's options compare equal
+    run["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in run["options"].items()}
     run_file = out / "run.json"
     if run_file.is_file() and any((out / "samples").iterdir()):
         old = json.loads(run_file.read_text())

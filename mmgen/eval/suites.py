@@ -6,6 +6,9 @@ A suite's cases are fixed by its options alone, and batch ``i`` of a split sampl
 batch gives the same result whether it runs in one go, after a resume, or inside the quick start.
 
 - ``t2i``: captions of val and held-out scenes -> one image each, judged by the scene parser;
+- ``robust``: the t2i suite's prompts of one split, each in every surface form people type
+  (:mod:`mmgen.data.synthetic.surface`: lower-case first letter, no final period, odd spacing, another
+  word order, the grammar's synonyms), accuracy per form;
 - ``geneval``: GenEval metadata (ShapesWorld's by default, or a file) -> one image per prompt, judged by
   GenEval's rules over a detector (:mod:`mmgen.eval.geneval`);
 - ``qa``: a rendered scene and one question -> a greedy short answer, exact match;
@@ -23,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from mmgen.data.synthetic.surface import SURFACE_FORMS
 from mmgen.errors import MMGenError
 from mmgen.eval.stats import mean_interval, proportion
 
-SUITES = ("t2i", "geneval", "qa", "interleaved", "recon")
-_NEEDS_IMAGES = {"t2i", "geneval", "qa", "interleaved", "recon"}  # qa shows the model a picture
+SUITES = ("t2i", "robust", "geneval", "qa", "interleaved", "recon")
+_NEEDS_IMAGES = {"t2i", "robust", "geneval", "qa", "interleaved", "recon"}  # qa shows the model a picture
 
 
 @dataclass
@@ -46,6 +50,8 @@ class EvalOptions:
     qa_max_new_tokens: int = 6
     # build-up documents with at least this many pictures, cut before the last (0: any, cut at a random step)
     interleaved_min_images: int = 0
+    robust_forms: tuple[str, ...] = tuple(SURFACE_FORMS)  # the robust suite's surface forms
+    robust_split: str = "val"  # whose t2i prompts the robust suite rewrites
 
 
 @dataclass
@@ -156,30 +162,11 @@ class T2ISuite(Suite):
         return [{"split": sp, "prompt": it.prompt, "scene": it.scene.to_dict()} for sp in self.splits for it in self.items[sp]]
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
-        from mmgen.eval.t2i import score_image
-        from mmgen.inference.generate import generate_images
-
         split, start, chunk = payload
-        s = ctx.sampling
-        images = generate_images(bundle, [it.prompt for it in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
-                                 options=ctx.generation)
-        out = []
-        for j, (it, img) in enumerate(zip(chunk, images)):
-            sc = score_image(img, it.scene)
-            out.append({"id": f"{split}/{start + j}", "split": split, "prompt": it.prompt, "truth": it.scene.to_dict(),
-                        "image": ctx.save_image(img, f"images/t2i/{split}_{start + j:04d}.png"), **sc})
-        return out
+        return _draw_and_judge(bundle, bi, chunk, ctx, split, start, f"images/t2i/{split}")
 
     def summarize(self, records: list[dict]) -> dict:
-        from mmgen.eval.t2i import summarize
-
-        out = {}
-        for sp in self.splits:
-            rs = [r for r in records if r["split"] == sp]
-            if rs:
-                out[sp] = {**summarize(rs), "intervals": _pct_block(rs, ("all_objects", "exact_scene", "parsed"))}
-        return out
+        return _t2i_summary(records, "split", self.splits)
 
     def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
         rows = []
@@ -192,6 +179,80 @@ class T2ISuite(Suite):
 
 def _verdict(ok: bool, parsed: bool = True) -> str:
     return "correct" if ok else ("unparseable" if not parsed else "wrong")
+
+
+def _draw_and_judge(bundle, bi: int, chunk, ctx: Context, tag: str, start: int, image_prefix: str) -> list[dict]:
+    """One image per T2IItem of ``chunk`` (batch ``bi``: seed + bi), judged by the scene parser."""
+    from mmgen.eval.t2i import score_image
+    from mmgen.inference.generate import generate_images
+
+    s = ctx.sampling
+    images = generate_images(bundle, [it.prompt for it in chunk], temperature=s["temperature"], top_k=s["top_k"],
+                             top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                             options=ctx.generation)
+    return [{"id": f"{tag}/{start + j}", "split": it.split, "prompt": it.prompt, "truth": it.scene.to_dict(),
+             "image": ctx.save_image(img, f"{image_prefix}_{start + j:04d}.png"), **score_image(img, it.scene)}
+            for j, (it, img) in enumerate(zip(chunk, images))]
+
+
+def _t2i_summary(records: list[dict], key: str, groups) -> dict:
+    """t2i metrics with intervals for each group of ``records`` (by ``record[key]``)."""
+    from mmgen.eval.t2i import summarize
+
+    out = {}
+    for g in groups:
+        rs = [r for r in records if r[key] == g]
+        if rs:
+            out[g] = {**summarize(rs), "intervals": _pct_block(rs, ("all_objects", "exact_scene", "parsed"))}
+    return out
+
+
+# -- robust ------------------------------------------------------------------------------------------
+class RobustSuite(Suite):
+    """The t2i suite's prompts of ``robust_split``, each rewritten in every surface form of
+    ``robust_forms`` (:func:`mmgen.data.synthetic.surface.surface_form`, keyed by ``prompt_seed`` and
+    the prompt's index). Batch i of every form samples with seed + i, as the t2i suite's batch i of that
+    split does: the forms differ in their text alone, and ``as_written`` gives the t2i suite's numbers."""
+
+    name = "robust"
+
+    def prepare(self, bundle, ctx: Context):
+        from mmgen.data.synthetic.surface import check_forms, surface_form
+        from mmgen.eval.t2i import T2IItem, t2i_eval_set
+
+        o = ctx.opts
+        self.forms = check_forms(o.robust_forms)
+        self.grid_cols = len(self.forms)
+        base = t2i_eval_set(o.n, o.robust_split, seed=o.prompt_seed)
+        self.batches, items = [], []
+        for form in self.forms:
+            cases = [T2IItem(surface_form(it.prompt, form, f"{o.prompt_seed}-{i}"), it.scene, it.split)
+                     for i, it in enumerate(base)]
+            self.batches += [(k, bi, (form, bi * o.batch_size, chunk)) for k, bi, chunk in _batches(cases, o.batch_size, form)]
+            items += [{"form": form, "split": it.split, "prompt": it.prompt, "scene": it.scene.to_dict()} for it in cases]
+        return items
+
+    def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
+        form, start, chunk = payload
+        return [{**r, "form": form} for r in _draw_and_judge(bundle, bi, chunk, ctx, form, start, f"images/robust/{form}")]
+
+    def summarize(self, records: list[dict]) -> dict:
+        out = _t2i_summary(records, "form", self.forms)
+        if out:
+            worst = min(out, key=lambda f: out[f]["accuracy"])
+            out["lowest"] = {"form": worst, **out[worst]["intervals"]["all_objects"]}
+        return out
+
+    def finish(self, records: list[dict], ctx: Context, entry: dict) -> None:
+        """An example prompt of each form for the report's table."""
+        entry["forms"] = {f: next((r["prompt"] for r in records if r["form"] == f), "") for f in self.forms}
+
+    def panels(self, records: list[dict], ctx: Context, k: int = 4) -> list[dict]:
+        by_id = {r["id"]: r for r in records}
+        rows = [by_id[f"{f}/{i}"] for i in range(k) for f in self.forms if f"{f}/{i}" in by_id]
+        return [{"images": [("generated", ctx.load_image(r["image"]))], "text": repr(r["prompt"]),
+                 "verdict": _verdict(r["all_objects"], r["parsed"]), "ok": r["all_objects"], "tag": r["form"]}
+                for r in rows]
 
 
 # -- geneval -----------------------------------------------------------------------------------------
@@ -519,5 +580,5 @@ class ReconSuite(Suite):
         return out
 
 
-SUITE_CLASSES: dict[str, Any] = {"t2i": T2ISuite, "geneval": GenEvalSuite, "qa": QASuite,
+SUITE_CLASSES: dict[str, Any] = {"t2i": T2ISuite, "robust": RobustSuite, "geneval": GenEvalSuite, "qa": QASuite,
                                  "interleaved": InterleavedSuite, "recon": ReconSuite}

@@ -208,7 +208,8 @@ def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, tempera
     ``max_audio_frames`` caps the code frames of one audio block. ``cfg_scale > 1`` turns on
     classifier-free guidance for the tokens inside media blocks. Sampling options left None are the
     bundle's (its ``generation_config.json``). The same arguments and seed give the same Doc. ``options`` are
-    further :class:`~mmgen.inference.pipeline.GenerationOptions` fields, e.g. ``prune_method="fastv"``."""
+    further :class:`~mmgen.inference.pipeline.GenerationOptions` fields, e.g. ``prune_method="fastv"``,
+    ``kv_method="h2o"``."""
     doc = None
     for doc in iter_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, sizes=sizes,
@@ -347,15 +348,18 @@ def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generat
     Doc as JSON). Returns the Doc and the media files in item order. Sampling options left None are
     the bundle's (its ``generation_config.json``); every option is checked before the model loads.
     ``picture`` (an image file) is shown to the model before the prompt's text; ``options`` are further
-    :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``)."""
+    :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``, ``cache``, ``kv_*``)."""
+    from mmgen.inference.kv_cache import check_kv_options
     from mmgen.inference.pipeline import GenerationOptions
     from mmgen.inference.prune import check_prune_options
     from mmgen.models.bundle import check_bundle_dir, load_bundle
     from mmgen.utils.compat import ensure_torchvision
 
+    opts = GenerationOptions(**options)
     check_options(mode, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                  allow_audio=allow_audio, max_audio_frames=max_audio_frames)
-    check_prune_options(GenerationOptions(**options))
+                  allow_audio=allow_audio, max_audio_frames=max_audio_frames, cache=opts.cache)
+    check_prune_options(opts)
+    check_kv_options(opts)
     shown = _read_picture(picture) if picture is not None else None
     check_bundle_dir(checkpoint)
     ensure_torchvision()

@@ -4,7 +4,8 @@
 
 1. **check inputs** -- every option, before any work (:meth:`MMGenPipeline.check_inputs`);
 2. **encode the prompt** -- the layout the bundle learnt, plus the unconditional row for guidance;
-3. **prepare the cache** -- an explicit ``transformers.DynamicCache`` for the whole batch;
+3. **prepare the cache** -- an explicit transformers ``Cache`` for the whole batch (``DynamicCache``, the fp8
+   ``QuantizedCache``, or a compressed one from :mod:`mmgen.inference.kv_cache`);
 4. **decode loop** -- each step's logits go through a ``LogitsProcessorList`` (media-block CFG, the grid
    constraint, transformers' temperature / top-k / top-p warpers) and rows stop through a
    ``StoppingCriteriaList``;
@@ -58,6 +59,11 @@ class GenerationOptions:
     prune_ratio: float = 1.0
     prune_layer: int = 2
     prune_schedule: list[list[float]] = field(default_factory=list)
+    # KV-cache compression (mmgen.inference.kv_cache): which entries of the prompt and the answer the cache keeps
+    kv_method: str = "none"  # none | snapkv (prompt, at prefill) | streaming (sinks + recent) | h2o (+ heavy hitters)
+    kv_budget: int | None = None  # most entries a row holds per layer and KV head (None: no eviction, exact)
+    kv_window: int = 32  # snapkv / h2o: observation window of the prompt, and the recent entries always kept
+    kv_sinks: int = 4  # the first tokens of each row, always kept
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,10 +89,12 @@ def loop_kwargs(bundle, options: GenerationOptions | None) -> dict:
     defaults)."""
     if options is None:
         return {}
+    from mmgen.inference.kv_cache import check_kv_options, kv_cache_for
     from mmgen.inference.prune import check_prune_options, make_pruner
 
     check_prune_options(options, bundle.model.config)
-    return {"cache": make_cache(bundle.model, options.cache), "prune": make_pruner(options)}
+    check_kv_options(options, bundle.model.config)
+    return {"cache": kv_cache_for(bundle.model, options), "prune": make_pruner(options)}
 
 
 def cache_bytes(cache) -> int:
@@ -150,6 +158,7 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     from transformers import StoppingCriteriaList
 
     from mmgen.inference.constraints import ImageGridConstraint
+    from mmgen.inference.kv_cache import attention_mask_for
     from mmgen.inference.processors import BlockAwareEosCriteria, ImagesDoneCriteria, step_processors
 
     if not rows:
@@ -179,8 +188,8 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     if prune is not None:
         out, attn = prune.prefill(model, vocab, ids, attn, position, cache, n_cond=bsz)
     else:
-        out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True,
-                    **{how["cache_kw"]: cache}, **keep)
+        out = model(input_ids=ids, attention_mask=attention_mask_for(cache, attn), position_ids=position,
+                    use_cache=True, **{how["cache_kw"]: cache}, **keep)
     dropped = cur - attn.shape[1]  # prefill columns pruning left out of the cache
     attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
     attn_buf[:, :attn.shape[1]] = attn
@@ -209,7 +218,9 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
             # conditional and unconditional rows share.
             g = model.grid_cells(seq[:, :cur], 1)
             grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
-        out = model(input_ids=step_tok[:, None], attention_mask=attn_buf[:, :cur - dropped], position_ids=next_pos[:, None],
+        # A compressed cache holds fewer entries than tokens seen: its own mask (positions stay the rows' own).
+        out = model(input_ids=step_tok[:, None], attention_mask=attention_mask_for(cache, attn_buf[:, :cur - dropped]),
+                    position_ids=next_pos[:, None],
                     use_cache=True, **{how["cache_kw"]: cache}, **grid)
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
@@ -235,12 +246,14 @@ class MMGenPipeline:
         from dataclasses import replace
 
         from mmgen.inference.generate import _check, check_options
+        from mmgen.inference.kv_cache import check_kv_options
         from mmgen.inference.prune import check_prune_options
         from mmgen.inference.settings import bundle_sampling
 
         o = options
         check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames,
                       cache=o.cache)
+        check_kv_options(o, self.bundle.model.config)
         s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             cfg_scale=o.cfg_scale)
         _check(self.bundle, o.mode, o.allow_audio)
@@ -272,6 +285,7 @@ class MMGenPipeline:
         from dataclasses import replace
 
         from mmgen.inference.generate import _check_budget, _special, default_image_sizes, fit_to_context
+        from mmgen.inference.kv_cache import kv_cache_for, kv_stats
         from mmgen.inference.prune import make_pruner
 
         o = self.check_inputs(replace(options or GenerationOptions(), **kw))
@@ -314,7 +328,7 @@ class MMGenPipeline:
             yield builder.snapshot({**meta, "new_tokens": new})
         meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3),
                     cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)},
-                    forward_passes=passes)
+                    forward_passes=passes, kv=kv_stats(cache))
         if pruner is not None:
             meta["prune"] = pruner.report
         yield builder.finish(meta)

@@ -379,8 +379,10 @@ class _BeforeLLMRun:
         self.model = model
 
     def forward(self, cache, how):
-        return model_call(self.model, how, cache, inputs_embeds=self.embeds, attention_mask=self.valid.long(),
-                           position_ids=self.position)
+        from mmgen.inference.kv_cache import attention_mask_for
+
+        return model_call(self.model, how, cache, inputs_embeds=self.embeds,
+                          attention_mask=attention_mask_for(cache, self.valid.long()), position_ids=self.position)
 
 
 def _continuous_features(model, ids: torch.Tensor):

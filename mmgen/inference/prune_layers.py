@@ -204,6 +204,9 @@ class LayerPruning:
     def _compact_into(self, cache) -> None:
         """Write the kept tokens' keys and values of every layer into ``cache`` (in the final stage's
         columns), dropping the early layers' entries for tokens that later stages dropped."""
+        from mmgen.inference.kv_cache import attention_mask_for
+
+        attention_mask_for(cache, self.valid.long())  # a compressed cache takes these entries as its prefill
         final, width = self.history[-1], self.ids.shape[1]
         where = [_inverse(h, h >= 0, width) for h in self.history]
         for l, layer in enumerate(self.scratch.layers):

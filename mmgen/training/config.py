@@ -63,6 +63,11 @@ class DataConfig:
     # layout the model already reads), "none" (pretraining's default). The sft stage learns the assistant's
     # turns only; other stages every item of either role (a user's picture still teaches image codes).
     chat: Literal["auto", "all", "roles", "none"] = "auto"
+    # Share of text-to-image prompts (a caption in the world's grammar right before its picture) rewritten
+    # as people type them: lower-case first letter, no final period, odd spacing, another word order or a
+    # synonym the grammar allows (mmgen.data.synthetic.surface). The picture, its codes and the scene stay;
+    # the text tokenizer trained by the run sees the rewritten forms too. 0: every text as written.
+    prompt_variation: float = 0.0
 
 
 @dataclass
@@ -184,6 +189,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise MMGenError(f"data.seq_len {cfg.data.seq_len} is too short (use at least 16)")
     if not 0.0 <= cfg.loss.prompt_dropout < 1.0:
         raise MMGenError(f"loss.prompt_dropout must be in [0, 1), got {cfg.loss.prompt_dropout}")
+    if not 0.0 <= cfg.data.prompt_variation <= 1.0:
+        raise MMGenError(f"data.prompt_variation must be in [0, 1], got {cfg.data.prompt_variation}")
     if cfg.lora.enabled and cfg.stage != "sft":
         raise MMGenError("lora.enabled is for stage=sft (align and pretrain train the full model or the projectors)")
     check_qlora(cfg)

@@ -32,7 +32,6 @@ def _new_text_tokenizer(cfg: TrainConfig, records=None):
 
     from transformers import AutoTokenizer
 
-    from mmgen.data.code_shards import read_code_shards_of_splits
     from mmgen.models.text_tokenizer import train_text_tokenizer
     from mmgen.processing.sequence import doc_texts
 
@@ -40,8 +39,8 @@ def _new_text_tokenizer(cfg: TrainConfig, records=None):
         return AutoTokenizer.from_pretrained(cfg.init_from)
     if cfg.data.text_tokenizer:
         return AutoTokenizer.from_pretrained(cfg.data.text_tokenizer)
-    if records is None:
-        records = read_code_shards_of_splits(cfg.data.code_shards, cfg.data.splits)
+    if records is None:  # the documents the run trains on, varied prompts included: the BPE learns their forms too
+        records = training_records(cfg.data.code_shards, sequence_settings(cfg))
     sample = islice((r for r in records if not isinstance(r, BadRecord)), cfg.data.text_sample_docs)
     return train_text_tokenizer(doc_texts(sample), vocab_size=cfg.data.text_vocab_size)
 
@@ -104,9 +103,34 @@ def sequence_settings(cfg: TrainConfig) -> dict:
     from mmgen.processing.sequence import chat_layout
 
     # SFT learns to answer; pretraining on conversations still learns everything the user shows
-    return {"seq_len": cfg.data.seq_len, "packing": cfg.data.packing, "splits": list(cfg.data.splits or []),
-            "targets": list(cfg.data.loss_targets), "chat": chat_layout(cfg.stage, cfg.data.chat),
-            "user_targets": cfg.stage != "sft"}
+    out = {"seq_len": cfg.data.seq_len, "packing": cfg.data.packing, "splits": list(cfg.data.splits or []),
+           "targets": list(cfg.data.loss_targets), "chat": chat_layout(cfg.stage, cfg.data.chat),
+           "user_targets": cfg.stage != "sft"}
+    if cfg.data.prompt_variation:  # only when on: packed shards written before the switch existed still match
+        out["prompt_variation"] = float(cfg.data.prompt_variation)
+    return out
+
+
+def training_records(paths, settings: dict):
+    """The documents of code shards ``paths`` a run with ``settings`` (:func:`sequence_settings`) trains
+    on: those of its splits, with ``prompt_variation`` of their text-to-image prompts rewritten in another
+    surface form (:func:`mmgen.data.synthetic.surface.vary_prompts`; the same way in every run, as it is
+    keyed by each document's id). Bad records pass through, to be counted."""
+    from mmgen.data.code_shards import read_code_shards_of_splits
+
+    records = read_code_shards_of_splits(paths, settings["splits"])
+    rate = settings.get("prompt_variation", 0.0)
+    if not rate:
+        return records
+    from mmgen.data.synthetic.surface import vary_prompts
+
+    def varied():
+        for r in records:
+            if not isinstance(r, BadRecord):
+                vary_prompts(r.doc, rate)  # its texts only: the record's codes and media stay as read
+            yield r
+
+    return varied()
 
 
 def image_grid_counts(records) -> Counter:
@@ -144,9 +168,7 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     ranks stream (``data.source=packed``, ``rows`` None)."""
     if cfg.data.source == "packed":
         return prepare_packed(cfg, out_dir, rank)
-    from mmgen.data.code_shards import read_code_shards_of_splits
-
-    records = list(read_code_shards_of_splits(cfg.data.code_shards, cfg.data.splits))
+    records = list(training_records(cfg.data.code_shards, sequence_settings(cfg)))
     if cfg.data.max_docs is not None:
         records = records[: cfg.data.max_docs]
     tok = text_tokenizer_for(cfg, out_dir / "text_tokenizer", rank, records)

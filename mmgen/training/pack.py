@@ -44,14 +44,12 @@ def marker_path(out: Path, index: int) -> Path:
 
 def pack_shard(settings: dict, index: int, path: str, out_dir: str) -> dict:
     """One work unit: code shard ``path`` -> ``packed-IIIIII.tar`` and its done marker; returns its entry."""
-    from mmgen.data.code_shards import read_code_shards_of_splits
     from mmgen.data.packed_shards import shard_name, write_packed_shard
-    from mmgen.training.data import pack_records
+    from mmgen.training.data import pack_records, training_records
 
     tok, vocab = _packer(out_dir)
     # the records' only reference goes to pack_records, which frees them before packing
-    rows, seq_stats, pack_stats, grids = pack_records(list(read_code_shards_of_splits(path, settings["splits"])),
-                                                      tok, vocab, settings)
+    rows, seq_stats, pack_stats, grids = pack_records(list(training_records(path, settings)), tok, vocab, settings)
     entry = {"input": path, "settings": settings, "name": shard_name(index), "rows": 0,
              "sequences": seq_stats.to_dict(), "image_grids": {f"{h}x{w}": n for (h, w), n in sorted(grids.items())}}
     out = Path(out_dir)

@@ -68,9 +68,27 @@ def caption(scene: Scene, rng: random.Random | None = None, template: int | None
         rng.shuffle(objs)
     if template is None:
         template = rng.randrange(len(CAPTION_TEMPLATES)) if rng is not None else 0
-    text = CAPTION_TEMPLATES[template].format(objects=join_phrases([object_phrase(o) for o in objs]),
-                                              bg=scene.background)
+    return caption_text(objs, scene.background, template)
+
+
+def caption_text(objs: list[Obj], background: str, template: int) -> str:
+    """The caption of template ``template`` naming ``objs`` in the order given."""
+    text = CAPTION_TEMPLATES[template].format(objects=join_phrases([object_phrase(o) for o in objs]), bg=background)
     return text[0].upper() + text[1:]
+
+
+def caption_parts(text: str) -> tuple[int, list[Obj], str] | None:
+    """(template, objects in the order the text names them, background) of a caption exactly as
+    :func:`caption` writes it; None for any other text (another sentence, or a caption already
+    rewritten)."""
+    objs = parse_objects(text)
+    bg = _BG_RE.search(text.lower())
+    if not objs or bg is None:
+        return None
+    for t in range(len(CAPTION_TEMPLATES)):
+        if caption_text(objs, bg.group(1), t) == text:
+            return t, objs, bg.group(1)
+    return None
 
 
 _ALT = lambda xs: "|".join(sorted((re.escape(x) for x in xs), key=len, reverse=True))  # noqa: E731
