@@ -173,3 +173,26 @@ def test_audio_features_train_the_audio_projector(audio_codec_dir, tmp_path):
         pretrain(None, _over(shards, tmp_path / "none", **{**over, "data.audio_tokenizer": "null"}))
     with pytest.raises(MMGenError, match="input_placement=placeholder: code shards carry codes"):
         pretrain(None, _over(shards, tmp_path / "ph", **{**over, "model.input_placement": "placeholder"}))
+
+
+def test_a_run_leaves_no_shared_memory_buffer_behind(tmp_path):
+    """DeepSpeed's CPU all-reduce buffer (/dev/shm) is unlinked once the ranks have mapped it, and the
+    collective still works through the mapping."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, torch\n"
+            "from mmgen.training.distributed import init_distributed\n"
+            "init_distributed()\n"
+            "maps = sorted({w for l in open('/proc/self/maps') for w in l.split() if 'deepspeed_allreduce_buffer' in w})\n"
+            "t = torch.ones(3)\n"
+            "torch.distributed.all_reduce(t)\n"
+            "print(len(maps), all(not os.path.exists(p) for p in maps), t.tolist())\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n, gone, total = out.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert int(n) >= 1 and gone == "True" and total == "[1.0, 1.0, 1.0]"
