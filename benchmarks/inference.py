@@ -595,27 +595,50 @@ def plot(results: dict, where: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=6)
         made.append(_save(fig, where / "inference_prune.png"))
-    for name, task, xkey, xlabel in (("spec", "t2i", "forwards_per_call", "forward passes per image"),
-                                     ("kv", "buildup4", "bytes_per_doc", "KV KiB held per document")):
+    for name, task, xkey, xlabel in (("spec", "t2i", "forwards_per_call", "forward passes per picture"),
+                                     ("kv", "buildup4", "bytes_per_doc", "KV KiB held per document (log)")):
         r = results.get(name)
         if not r or "skipped" in r:
             continue
         fig, axes = plt.subplots(1, len(r), figsize=(6 * len(r), 4.5), dpi=100, squeeze=False)
+        scale = 1024 if xkey == "bytes_per_doc" else 1
         for col, (v, d) in enumerate(r.items()):
             ax = axes[0][col]
-            scale = 1024 if xkey == "bytes_per_doc" else 1
-            for x in [d["plain"], *d["runs"]]:
-                ax.scatter(x[xkey] / scale, x["accuracy"], color="black" if x is d["plain"] else "tab:blue")
-                ax.annotate(_opts(x["options"]).replace("spec_decoding=True, ", "").replace("kv_method=", ""),
-                            (x[xkey] / scale, x["accuracy"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            groups: dict = {}
+            for x in d["runs"]:
+                groups.setdefault(_series(name, x["options"]), []).append(x)
+            for i, (key, xs) in enumerate(sorted(groups.items())):
+                xs.sort(key=lambda x: x[xkey])
+                ax.plot([x[xkey] / scale for x in xs], [x["accuracy"] for x in xs], "-", marker="osD^v<>ph*"[i % 10],
+                        label=key)
+                for x in xs:
+                    ax.annotate(_point(name, x["options"]), (x[xkey] / scale, x["accuracy"]), fontsize=6,
+                                xytext=(3, 3), textcoords="offset points")
+            p = d["plain"]
+            ax.scatter([p[xkey] / scale], [p["accuracy"]], color="black", zorder=5, label="plain")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{TASKS[task]} accuracy")
             if xkey == "bytes_per_doc":
                 ax.set_xscale("log")
             ax.set_title(f"{v} substrate", fontsize=9)
             ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
         made.append(_save(fig, where / f"inference_{name}.png"))
     return made
+
+
+def _series(section: str, o: dict) -> str:
+    """The line a setting belongs to in its section's plot."""
+    if section == "spec":
+        return f"SJD window {o.get('spec_window')}"
+    return o.get("kv_method", "no eviction") + (" + fp8" if o.get("cache") == "fp8" else "")
+
+
+def _point(section: str, o: dict) -> str:
+    """A setting's label on its line."""
+    if section == "spec":
+        return f"delta {o.get('spec_delta', 0.0)}"
+    return str(o["kv_budget"]) if "kv_budget" in o else ""
 
 
 def _save(fig, path: Path) -> Path:
