@@ -53,6 +53,14 @@ def register(app: typer.Typer) -> None:
         kv_window: Optional[int] = typer.Option(None, "--kv-window", help="snapkv/h2o: observation window and "
                                                 "recent entries always kept (default 32)."),
         kv_sinks: Optional[int] = typer.Option(None, "--kv-sinks", help="First tokens always kept (default 4)."),
+        spec: bool = typer.Option(False, "--spec/--no-spec", help="Speculative Jacobi decoding of image blocks: "
+                                                                  "several code tokens per forward pass, same "
+                                                                  "distribution (greedy: same tokens)."),
+        spec_window: int = typer.Option(16, "--spec-window", help="Draft tokens verified per forward pass (>= 1)."),
+        spec_delta: float = typer.Option(0.0, "--spec-delta", help="Relaxed acceptance: most codebook-neighbour "
+                                                                   "mass credited to a draft, in [0, 1] (0 = exact)."),
+        spec_neighbours: int = typer.Option(8, "--spec-neighbours", help="Codebook neighbours per code that the "
+                                                                         "relaxed acceptance credits."),
     ):
         """Generate interleaved text, images and speech; print the text, write each image as PNG and each
         audio block as WAV (at the codec's sample rate).
@@ -69,6 +77,7 @@ def register(app: typer.Typer) -> None:
                 --prompt "what colour is the circle?" --prune-method fastv --prune-ratio 0.25 --prune-layer 1
             mmgen generate --checkpoint runs/quickstart/sft/final --prompt "..." --kv-method h2o --kv-budget 256
                 --cache fp8
+            mmgen generate --checkpoint runs/quickstart/sft/final --mode t2i --prompt "..." --spec --spec-window 16
         """
         from mmgen.data.doc import Audio, Image
         from mmgen.inference.generate import run_generate
@@ -80,7 +89,8 @@ def register(app: typer.Typer) -> None:
                                   top_p=top_p, device=device, allow_audio=allow_audio,
                                   max_audio_frames=max_audio_frames, picture=picture, prune_method=prune_method,
                                   prune_ratio=prune_ratio, prune_layer=prune_layer,
-                                  prune_schedule=parse_schedule(prune_schedule or ""),
+                                  prune_schedule=parse_schedule(prune_schedule or ""), spec_decoding=spec,
+                                  spec_window=spec_window, spec_delta=spec_delta, spec_neighbours=spec_neighbours,
                                   **{k: v for k, v in given.items() if v is not None})
         media = iter(paths)  # run_generate lists the files in item order
         for it in doc.items:
@@ -102,3 +112,7 @@ def register(app: typer.Typer) -> None:
                        f"{kv['tokens_seen'][0]} tokens held, {kv['bytes']} bytes (peak {kv['bytes_peak']})", err=True)
         typer.echo(f"({doc.meta['new_tokens']} tokens, stopped at {doc.meta['stop']}; {len(paths)} media file(s) "
                    f"in {out})", err=True)
+        if "spec" in doc.meta:
+            s = doc.meta["spec"]
+            typer.echo(f"(speculative decoding: {doc.meta['forward_passes']} forward passes, "
+                       f"{s['tokens'] / max(1, s['passes']):.2f} tokens per pass)", err=True)

@@ -184,7 +184,8 @@ def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature
     finished answer (``meta['stop']`` says why it stopped: ``eos`` or ``max_new_tokens``). Sampling
     options left None are the bundle's (:func:`mmgen.inference.settings.bundle_sampling`);
     ``max_new_tokens`` is cut to what the model's context leaves after the prompt (``meta['note']``).
-    ``options`` are further :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``)."""
+    ``options`` are further :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``,
+    ``spec_decoding=True``, ...)."""
     from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
 
     options = GenerationOptions(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -238,11 +239,13 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
                         size: tuple[int, int] | None = None, progress: bool = False, desc: str = "t2i",
-                        prune=None) -> list:
+                        prune=None, spec=None, stats: dict | None = None) -> list:
     """One image per prompt row: each row (token ids ending in ``<image>``) is continued by exactly
     one image block under the grid constraint, then decoded. Batch ``i`` uses seed ``seed + i``.
     Sampling options left None are the bundle's. ``uncond_rows`` are needed when guidance is on.
-    ``prune`` (a :class:`~mmgen.inference.prune.PrefillPruner`) prunes the pictures the rows show."""
+    ``prune`` (a :class:`~mmgen.inference.prune.PrefillPruner`) prunes the pictures the rows show; ``spec``
+    (a :class:`~mmgen.inference.speculative.SpeculativeJacobi`) decodes the blocks speculatively, and
+    ``stats['forward_passes']`` adds up the forward passes of all batches."""
     from mmgen.inference.settings import bundle_sampling
 
     s = bundle_sampling(bundle, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
@@ -272,7 +275,7 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + bi,
                                          cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1,
-                                         prune=prune):
+                                         prune=prune, spec=spec, stats=stats):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a:
                     blocks[r].append(t)
@@ -282,12 +285,13 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
 
 def generate_images(bundle, prompts: Sequence[str], temperature: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
-                    size: tuple[int, int] | None = None, progress: bool = False) -> list:
+                    size: tuple[int, int] | None = None, progress: bool = False, spec=None,
+                    stats: dict | None = None) -> list:
     """Text-to-image for many prompts, batched: one PIL image per prompt, in order.
 
     ``size`` is the (H, W) code grid (default: the tokenizer's native grid). Batch ``i`` uses seed
     ``seed + i`` so results do not depend on how many batches ran before. Sampling options left None
-    are the bundle's."""
+    are the bundle's. ``spec``, ``stats``: as :func:`generate_image_rows`."""
     from mmgen.inference.settings import bundle_sampling
 
     if isinstance(prompts, str):
@@ -296,7 +300,8 @@ def generate_images(bundle, prompts: Sequence[str], temperature: float | None = 
     rows = [prompt_ids(bundle, p, image=True) for p in prompts]
     uncond = [prompt_ids(bundle, "", image=True) for _ in prompts] if cfg_scale != 1.0 else None
     return generate_image_rows(bundle, rows, uncond, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               cfg_scale=cfg_scale, batch_size=batch_size, size=size, progress=progress)
+                               cfg_scale=cfg_scale, batch_size=batch_size, size=size, progress=progress, spec=spec,
+                               stats=stats)
 
 
 @torch.no_grad()
@@ -334,10 +339,12 @@ def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generat
     Doc as JSON). Returns the Doc and the media files in item order. Sampling options left None are
     the bundle's (its ``generation_config.json``); every option is checked before the model loads.
     ``picture`` (an image file) is shown to the model before the prompt's text; ``options`` are further
-    :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``, ``cache``, ``kv_*``)."""
+    :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``, ``cache``, ``kv_*``,
+    ``spec_*``)."""
     from mmgen.inference.kv_cache import check_kv_options
     from mmgen.inference.pipeline import GenerationOptions
     from mmgen.inference.prune import check_prune_options
+    from mmgen.inference.speculative import check_spec_options
     from mmgen.models.bundle import check_bundle_dir, load_bundle
     from mmgen.utils.compat import ensure_torchvision
 
@@ -346,6 +353,7 @@ def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generat
                   allow_audio=allow_audio, max_audio_frames=max_audio_frames, cache=opts.cache)
     check_prune_options(opts)
     check_kv_options(opts)
+    check_spec_options(opts)
     shown = _read_picture(picture) if picture is not None else None
     check_bundle_dir(checkpoint)
     ensure_torchvision()

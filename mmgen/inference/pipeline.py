@@ -64,6 +64,11 @@ class GenerationOptions:
     kv_budget: int | None = None  # most entries a row holds per layer and KV head (None: no eviction, exact)
     kv_window: int = 32  # snapkv / h2o: observation window of the prompt, and the recent entries always kept
     kv_sinks: int = 4  # the first tokens of each row, always kept
+    # Speculative Jacobi decoding of image blocks (mmgen.inference.speculative); off decodes plainly
+    spec_decoding: bool = False
+    spec_window: int = 16  # draft tokens verified per forward pass
+    spec_delta: float = 0.0  # relaxed acceptance: most codebook-neighbour mass credited to a draft (0: exact)
+    spec_neighbours: int = 8  # nearest codebook codes per code that the relaxed acceptance credits
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +137,8 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
                 cfg_scale: float = 1.0, uncond_rows: Sequence[Sequence[int]] | None = None,
                 sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
                 stop_after_images: int | None = None, logits_hook=None, allow_audio: bool = False,
-                max_audio_frames: int | None = None, cache=None, prune=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                max_audio_frames: int | None = None, cache=None, prune=None, spec=None,
+                stats: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Steps 3 and 4: continue ``rows`` token by token, yielding ``(tokens, active)`` per step.
 
     ``tokens`` are the (B,) new ids, ``active`` which rows were still generating (a finished row's token
@@ -140,7 +146,9 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     (``cfg_scale != 1``) the batch holds the conditional rows then ``uncond_rows``; both receive the
     sampled token. ``cache`` is the ``transformers.Cache`` to fill (default: a new ``DynamicCache``). ``prune``, a
     :class:`~mmgen.inference.prune.PrefillPruner`, prunes the picture tokens at the prefill: the cache then
-    holds fewer columns than the rows, and the steps' attention mask follows the cache."""
+    holds fewer columns than the rows, and the steps' attention mask follows the cache. ``spec`` (a
+    :class:`~mmgen.inference.speculative.SpeculativeJacobi`) decodes image blocks with speculative Jacobi
+    decoding; ``stats['forward_passes']`` counts the model calls, prefill included."""
     from transformers import StoppingCriteriaList
 
     from mmgen.inference.constraints import ImageGridConstraint
@@ -181,6 +189,17 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     attn_buf[:, :attn.shape[1]] = attn
     logits = out.logits[:, -1, :].float()
     next_pos = position[:, -1] + 1
+    stats = {} if stats is None else stats
+    stats["forward_passes"] = stats.get("forward_passes", 0) + 1
+    if spec is not None:
+        from mmgen.inference.speculative import jacobi_decode
+
+        yield from jacobi_decode(model, vocab, spec, cache=cache, cache_kw=how["cache_kw"], seq=seq, cur=cur,
+                                 attn=attn_buf, dropped=dropped, next_pos=next_pos, logits=logits,
+                                 processors=processors, stopping=stopping, constraint=constraint, cfg_scale=cfg_scale,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, gen=gen,
+                                 max_new_tokens=max_new_tokens, pad_id=pad_id, stats=stats)
+        return
     active = torch.ones(bsz, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         scores = processors(seq[:, :cur], logits)
@@ -208,6 +227,7 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
         out = model(input_ids=step_tok[:, None], attention_mask=attention_mask_for(cache, attn_buf[:, :cur - dropped]),
                     position_ids=next_pos[:, None],
                     use_cache=True, **{how["cache_kw"]: cache}, **grid)
+        stats["forward_passes"] += 1
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
 
@@ -235,6 +255,7 @@ class MMGenPipeline:
         from mmgen.inference.kv_cache import check_kv_options
         from mmgen.inference.prune import check_prune_options
         from mmgen.inference.settings import bundle_sampling
+        from mmgen.inference.speculative import check_spec_options
 
         o = options
         check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames,
@@ -244,6 +265,7 @@ class MMGenPipeline:
                             cfg_scale=o.cfg_scale)
         _check(self.bundle, o.mode, o.allow_audio)
         check_prune_options(o, self.bundle.model.config)
+        check_spec_options(o, self.bundle)
         return replace(o, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
 
     # 2. encode the prompt ---------------------------------------------------------------------------
@@ -273,6 +295,7 @@ class MMGenPipeline:
         from mmgen.inference.generate import _check_budget, _special, default_image_sizes, fit_to_context
         from mmgen.inference.kv_cache import kv_cache_for, kv_stats
         from mmgen.inference.prune import make_pruner
+        from mmgen.inference.speculative import speculative_from_options
 
         o = self.check_inputs(replace(options or GenerationOptions(), **kw))
         b, vocab = self.bundle, self.bundle.vocab
@@ -296,13 +319,13 @@ class MMGenPipeline:
         stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
         cache = kv_cache_for(b.model, o)  # 3. prepare the cache
         pruner = make_pruner(o)
-        passes = 0  # each answer token took one forward (the prefill, then one step each)
+        spec, stats = speculative_from_options(o, b), {}
         for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
                                        cfg_scale=o.cfg_scale, uncond_rows=[uncond] if uncond else None, sizes=sizes,
                                        allow_images=can_image, allow_audio=can_audio,
-                                       max_audio_frames=o.max_audio_frames, cache=cache, prune=pruner):
-            passes += 1
+                                       max_audio_frames=o.max_audio_frames, cache=cache, prune=pruner, spec=spec,
+                                       stats=stats):
             if not bool(active[0]):
                 break
             t = int(tok[0])
@@ -314,9 +337,11 @@ class MMGenPipeline:
             yield builder.snapshot({**meta, "new_tokens": new})
         meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3),
                     cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)},
-                    forward_passes=passes, kv=kv_stats(cache))
+                    forward_passes=stats.get("forward_passes", 0), kv=kv_stats(cache))
         if pruner is not None:
             meta["prune"] = pruner.report
+        if spec is not None:
+            meta["spec"] = spec.stats
         yield builder.finish(meta)
 
     def __call__(self, prompt: str, options: GenerationOptions | None = None, picture=None, **kw):

@@ -163,6 +163,20 @@ class ImageTokenizer(torch.nn.Module):
         return model.to(device).eval()
 
 
+def code_vectors(tokenizer, range_name: str) -> torch.Tensor | None:
+    """Row k: the tokenizer's vector for id k of the ``range_name`` code range (None when it has no
+    codebook). An image tokenizer's quantizer gives them for ``arange`` codes (pixel VQ, and DualViTok's
+    sem/pix quantizers); the audio codec's are each level's codebook vectors through its out-projection."""
+    if range_name == "audio":
+        return tokenizer.code_vectors() if hasattr(tokenizer, "code_vectors") else None
+    q = getattr(tokenizer, f"{range_name}_quantizer", None) or getattr(tokenizer, "quantizer", None)
+    if q is None or not hasattr(q, "embed"):
+        return None
+    n = getattr(tokenizer, "codebook_sizes", {}).get(range_name, tokenizer.codebook_size)
+    with torch.no_grad():
+        return q.embed(torch.arange(n, device=tokenizer.device).view(1, 1, n))[0, :, 0].t().float().cpu()
+
+
 def _read_config(p: Path) -> dict:
     if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
         raise MMGenError(f"{p} is not a tokenizer directory (needs config.json and model.safetensors)")
