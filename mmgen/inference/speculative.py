@@ -161,10 +161,11 @@ def codebook_neighbours(vocab, image_tokenizer, k: int) -> torch.Tensor:
 # -- the loop ---------------------------------------------------------------------------------------
 class _Window:
     """Per row: the tokens after the last committed one (pending first, then drafts), how many of them
-    there are, how many are pending (already exact samples), and each draft's distribution."""
+    there are, how many are pending (already exact samples), each draft's distribution, and the grid
+    masks of the window's positions and the one after it (what the verification applies)."""
 
-    def __init__(self, tokens, length, pending, q):
-        self.tokens, self.length, self.pending, self.q = tokens, length, pending, q
+    def __init__(self, tokens, length, pending, q, masks=None):
+        self.tokens, self.length, self.pending, self.q, self.masks = tokens, length, pending, q, masks
 
     @classmethod
     def empty(cls, bsz: int, media: int, device):
@@ -282,7 +283,7 @@ def jacobi_decode(model, vocab, spec: SpeculativeJacobi, *, cache, cache_kw: str
     report.setdefault("per_pass", [])
     win = _Window.empty(bsz, media, device)
     step_logits = logits[:, None, :]  # (rows, 1 + window, V): the targets of the last forward
-    pos = next_pos.clone()  # position of the token step_logits[:, 0] predicts
+    position = next_pos.clone()  # (rows,) position of the token step_logits[:, 0] predicts
     active = torch.ones(bsz, dtype=torch.bool, device=device)
     step = 0
     while True:
@@ -299,7 +300,7 @@ def jacobi_decode(model, vocab, spec: SpeculativeJacobi, *, cache, cache_kw: str
         out = first[:, None]
         made = torch.ones(bsz, dtype=torch.long, device=device)
         if fed:
-            target = sampler.probs(guided, masks.rows(block_pos, fed + 1, spec_rows))
+            target = sampler.probs(guided, win.masks)
             slot0 = sampler.probs(scores[:, lo:hi])
             target[:, 0] = torch.where(spec_rows[:, None], slot0, torch.full_like(slot0, 1.0 / media))
             out, made_spec, tested, accepted = _verify(win, target, left, budget, spec, sampler, lo)
@@ -330,7 +331,7 @@ def jacobi_decode(model, vocab, spec: SpeculativeJacobi, *, cache, cache_kw: str
                 _crop(cache, n - 1 - j)  # the tokens after the last one written never count
                 return
             constraint.observe(seq[:, :cur])  # the state of the next position
-        pos = pos + n
+        position = position + n
         win = _next_window(win, out, made, n, k, target, guided, left, constraint, masks, sampler, active, spec.window,
                            max_new_tokens - step, lo, device)
         width = win.size
@@ -340,12 +341,11 @@ def jacobi_decode(model, vocab, spec: SpeculativeJacobi, *, cache, cache_kw: str
             g = model.grid_cells(torch.cat([seq[:, :cur], win.tokens[:, :width]], 1), 1 + width)
             extra["grid_positions"] = torch.cat([g, g]) if use_cfg else g
         ids = torch.cat([feed, feed]) if use_cfg else feed
-        positions = (pos - 1)[:, None] + torch.arange(1 + width, device=device)
+        positions = (position - 1)[:, None] + torch.arange(1 + width, device=device)
         mask = attention_mask_for(cache, attn[:, :cur - dropped + width])  # every token seen, then the window
         res = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache},
                     **extra)
-        if stats is not None:
-            stats["forward_passes"] = stats.get("forward_passes", 0) + 1
+        stats["forward_passes"] = stats.get("forward_passes", 0) + 1
         step_logits = res.logits.float()
 
 
@@ -436,9 +436,9 @@ def _next_window(win: _Window, out, made, n: int, k, target, guided, left, const
     valid = torch.minimum(k + 1, torch.clamp(left, min=1)) if target is not None else torch.ones_like(k)
     pending = src < made[:, None]
     jacobi = (~pending) & (src < valid[:, None])
-    new_masks = masks.rows(block_pos, width, size > 0)
+    new_masks = masks.rows(block_pos, width + 1, size > 0)
     last = guided[torch.arange(bsz, device=device), (valid - 1).clamp(min=0, max=guided.shape[1] - 1)]
-    q = sampler.probs(last[:, None, :].expand(-1, width, -1), new_masks)
+    q = sampler.probs(last[:, None, :].expand(-1, width, -1), new_masks[:, :width])
     if target is not None:
         from_target = target[torch.arange(bsz, device=device)[:, None], src.clamp(max=target.shape[1] - 1)]
         q = torch.where(jacobi[..., None], from_target, q)
@@ -447,7 +447,7 @@ def _next_window(win: _Window, out, made, n: int, k, target, guided, left, const
     tokens = torch.where(pending, kept, drawn)
     live = torch.arange(width, device=device)[None, :] < size[:, None]
     tokens = torch.where(live, tokens, torch.zeros_like(tokens))
-    return _Window(tokens, size, torch.minimum((made - n).clamp(min=0), size), q)
+    return _Window(tokens, size, torch.minimum((made - n).clamp(min=0), size), q, new_masks)
 
 
 # -- measuring --------------------------------------------------------------------------------------
