@@ -136,15 +136,17 @@ def test_greedy_sjd_with_text_rows_beside_image_rows(llama, cfg_scale):
     assert spec.stats["passes"] < max(len(g) for g in want)
 
 
-def test_greedy_sjd_with_grid_position_embeddings(tmp_path):
+@pytest.mark.parametrize("codebooks", [{"pix": 16}, {"sem": 8, "pix": 16}], ids=["pix", "sem+pix"])
+def test_greedy_sjd_with_grid_position_embeddings(codebooks):
     """A model whose image codes get learned (branch, row, column) embeddings: the verifying forward hands
-    every window token its grid cell, so greedy SJD still writes the plain tokens."""
+    every window token its grid cell, so greedy SJD still writes the plain tokens; also for two-branch
+    blocks (a semantic grid, then the pixel grid), whose masks change at </sem> <pix>."""
     from mmgen.inference.speculative import SpeculativeJacobi
     from mmgen.models.text_tokenizer import train_text_tokenizer
     from mmgen.models.unified import build_unified_lm
 
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
-    vocab = Vocab(len(tok), {"pix": 16}, max_grid=8)
+    vocab = Vocab(len(tok), codebooks, max_grid=8)
     model = build_unified_lm(vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0, grid_positions=True,
                              grid_target=True, tie_embeddings=False).eval()
     with torch.no_grad():
@@ -153,10 +155,11 @@ def test_greedy_sjd_with_grid_position_embeddings(tmp_path):
     b = type("Parts", (), {"model": model, "vocab": vocab, "text_tokenizer": tok})()
 
     rows = [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False), vocab["<image>"]] for p in PROMPTS]
-    kw = _kw(b, 3, 1.0, temperature=0.0, max_new_tokens=30, stop_after_images=1)
+    kw = _kw(b, 3, 1.0, temperature=0.0, max_new_tokens=vocab.image_block_len(*GRID), stop_after_images=1)
     want = _streams(b, rows, **kw)
     spec = SpeculativeJacobi(window=6)
     assert _streams(b, rows, spec=spec, **kw) == want
+    assert all(len(g) == vocab.image_block_len(*GRID) - 1 for g in want)
     assert len({t for g in want for t in g[3:]}) > 4 and spec.stats["passes"] < len(want[0])
 
 
@@ -168,6 +171,9 @@ def test_window_of_one_and_text_only_decoding_stay_exact(llama):
     rows = _rows(llama, PROMPTS, image=True)
     kw = _kw(llama, 3, 2.0, temperature=0.0, max_new_tokens=40, stop_after_images=1)
     assert _streams(llama, rows, spec=SpeculativeJacobi(window=1), **kw) == _streams(llama, rows, **kw)
+    kw["max_new_tokens"] = 12  # a block the prompt opened, cut by the budget: the window stops at it
+    cut = _streams(llama, rows, spec=SpeculativeJacobi(window=16), **kw)
+    assert cut == _streams(llama, rows, **kw) and all(len(g) == 12 for g in cut)
     text = _rows(llama, PROMPTS, image=False)
     kw = _kw(llama, 3, 1.0, temperature=0.9, top_k=20, seed=3, max_new_tokens=25, allow_images=False)
     spec = SpeculativeJacobi(window=16)
@@ -224,19 +230,30 @@ def test_sampled_sjd_draws_the_plain_samplers_distribution(llama):
     the first three codes' empirical distributions fit the exact marginals (chi-square, p > 0.001 each;
     with 400 draws this flags a shift of about 0.1 in total variation, which a broken residual or
     acceptance rule causes here). The same test passes for the plain loop, which checks the harness;
-    about half the drafts are rejected, so the residual draw carries weight in what is tested."""
+    about half the drafts are rejected, so the residual draw carries weight in what is tested. Every
+    later code position (past the <eol>s, whose masks change) has the same distribution in both runs
+    (chi-square of homogeneity, p > 0.001 / 16)."""
+    from scipy.stats import chi2_contingency
+
     from mmgen.inference.speculative import SpeculativeJacobi
 
     n = 400
     exact = _exact_code_marginals(llama, PROMPTS[0], 3)
     kw = _kw(llama, n, CFG, temperature=TEMPERATURE, top_k=TOP_K, seed=0, max_new_tokens=30, stop_after_images=1)
     rows = _rows(llama, PROMPTS[:1], image=True) * n
-    lo = llama.vocab.code_range("pix")[0]
+    lo, hi = llama.vocab.code_range("pix")
     spec = SpeculativeJacobi(window=6)
+    runs = []
     for run in (None, spec):
-        toks = torch.tensor(_streams(llama, rows, spec=run, **kw))
+        runs.append(toks := torch.tensor(_streams(llama, rows, spec=run, **kw)))
         for i, probs in enumerate(exact):
             assert _chi_square_p(toks[:, 3 + i] - lo, probs) > 1e-3, (run, i)
+    codes = [i for i in range(runs[0].shape[1]) if lo <= int(runs[0][0, i]) < hi]
+    assert len(codes) == GRID[0] * GRID[1]
+    for i in codes:
+        table = torch.stack([torch.bincount(r[:, i] - lo, minlength=hi - lo) for r in runs])
+        table = table[:, table.sum(0) > 0]
+        assert chi2_contingency(table.numpy()).pvalue > 1e-3 / len(codes), i
     s = spec.stats
     assert 0.2 < s["accepted"] / s["drafts"] < 0.8 and s["passes"] < toks.shape[1]
 
