@@ -17,7 +17,9 @@ Steps 2 and 5 are the bundle's :class:`~mmgen.processing.processor.MMGenProcesso
 The loop is written here rather than delegated to ``model.generate()`` because one step must see the
 conditional and unconditional rows of classifier-free guidance together (``generate()`` runs the
 unconditional pass as a second model call with its own cache per step, and cannot guide only the rows
-that are inside a media block), and because the chat streams the answer token by token as a Doc.
+that are inside a media block), because the chat streams the answer token by token as a Doc, and
+because speculative Jacobi decoding (:mod:`mmgen.inference.speculative`) verifies a window of drafts per
+call on the guided distribution of those rows.
 """
 
 from __future__ import annotations

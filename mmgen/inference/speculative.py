@@ -23,12 +23,14 @@ the step's ``LogitsProcessorList`` itself. Drafts are drawn from distributions b
 position with one allowed token (``<eol>``, ``</pix>``, ``</image>``) is always accepted. Text, audio
 blocks and the size tokens are decoded plainly, one token per pass.
 
-Rollback: the verifying forward appends ``[last, window]`` to the KV cache; after the commit the cache is
-cropped (``Cache.crop``) back to the committed tokens, less the last one, which the next pass feeds
-again, exactly the state the plain loop keeps. Cropping was chosen over recomputing from a copy: it
-costs nothing on a ``DynamicCache`` and keeps the one-forward-per-pass count, and a cache that cannot
-crop (transformers' quantized caches say so with ``is_croppable``) is refused with a one-line error.
-Only committed tokens are in the cache between passes, so a compressed cache only ever evicts those.
+Rollback: the verifying forward appends ``[last, window]`` to the KV cache; right after the
+verification the cache is cropped (``Cache.crop``) back to the committed tokens, less the last one,
+which the next pass feeds again: exactly the state the plain loop keeps. Cropping is chosen over
+keeping the cache at the committed tokens and recomputing, which would need a copy of every layer per
+pass (to verify on) or a second forward for the accepted tokens; a crop costs nothing on a
+``DynamicCache``. A cache that cannot crop (transformers' quantized caches say so with
+``is_croppable``) is refused with a one-line error. Only committed tokens are in the cache between
+passes, so a compressed cache only ever evicts those.
 
 Batches: every pass commits the same number ``n`` of tokens to all rows (the fewest any active row
 produced), so the cache stays rectangular and the stopping criteria, the grid constraint and the
@@ -39,8 +41,13 @@ thrown away; the batch then advances about as fast as its slowest row would alon
 
 Relaxed acceptance (the LANTERN idea): with ``delta > 0`` a draft code is credited, in the acceptance
 test only, with the target mass of its ``k`` nearest codes in the image tokenizer's codebook (latent
-proximity), at most ``delta``: ``min(1, (p_t(x) + min(delta, p_t(N_k(x)))) / p_{t-1}(x))``. Visually
-interchangeable codes then stop costing a pass each; ``delta = 0`` is the exact rule above.
+proximity), at most ``delta``: ``min(1, (p_t(x) + min(delta, p_t(N_k(x)))) / p_{t-1}(x))``. A draft that
+is a near neighbour of what the model prefers then passes more often, at a distribution shift bounded
+by the credit; ``delta = 0`` is the exact rule above.
+
+Why a loop of its own: transformers' assisted generation (``generate(assistant_model=...)``, prompt
+lookup) verifies a separate drafter's greedy proposals, for batch size 1 and without the CFG rows; SJD
+drafts with the model's own previous pass and accepts by probability ratio, on the guided distribution.
 
 Functions to call:
 
@@ -145,13 +152,12 @@ def codebook_neighbours(vocab, image_tokenizer, k: int) -> torch.Tensor:
         found = True
         if kk < 1:
             continue
-        vecs = vecs[:n].float()
+        vecs, first = vecs[:n].float(), start - vocab.text_size  # the range's first media column
         for s in range(0, n, 1024):  # chunks: a 16k codebook's full distance matrix would be 1 GiB
             d = torch.cdist(vecs[s:s + 1024], vecs)
             rows = torch.arange(d.shape[0])
             d[rows, s + rows] = float("inf")  # a code is not its own neighbour
-            near = d.topk(kk, largest=False).indices
-            table[start - vocab.text_size + s: start - vocab.text_size + s + d.shape[0], :kk] = near + start - vocab.text_size
+            table[first + s: first + s + d.shape[0], :kk] = first + d.topk(kk, largest=False).indices
     if not found:
         raise MMGenError("relaxed acceptance (spec_delta > 0) needs the image tokenizer's codebook, and this bundle's "
                          "tokenizer has none; set spec_delta=0")
