@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ def test_greedy_sjd_with_text_rows_beside_image_rows(llama, cfg_scale):
     from mmgen.inference.speculative import SpeculativeJacobi
 
     model = copy.deepcopy(llama.model)
-    bias_head(type("Wrapped", (), {"model": model.lm})(), {llama.vocab["<image>"]: 4.0})
+    bias_head(SimpleNamespace(model=model.lm), {llama.vocab["<image>"]: 4.0})
     rows = [_rows(llama, PROMPTS[:1], image=True)[0], *_rows(llama, PROMPTS[1:], image=False)]
     kw = _kw(llama, 3, cfg_scale, temperature=0.0, max_new_tokens=70)
     kw["uncond_rows"] = [*_rows(llama, [""], image=True), *_rows(llama, ["", ""], image=False)] if cfg_scale != 1 else None
@@ -133,6 +134,9 @@ def test_greedy_sjd_with_text_rows_beside_image_rows(llama, cfg_scale):
     assert got == want
     image = llama.vocab["<image>"]
     assert any(image in g for g in want[1:])  # a text row opened an image of its own later
+    # until a text row opens its image (or stops), every pass commits one token
+    text_until = min(g.index(image) if image in g else len(g) for g in want[1:])
+    assert text_until > 3 and spec.stats["per_pass"][:text_until] == [1] * text_until
     assert spec.stats["passes"] < max(len(g) for g in want)
 
 
@@ -152,8 +156,7 @@ def test_greedy_sjd_with_grid_position_embeddings(codebooks):
     with torch.no_grad():
         model.grid_position_embedding.weight[1:].normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
         model.get_output_embeddings().weight.mul_(30.0)
-    b = type("Parts", (), {"model": model, "vocab": vocab, "text_tokenizer": tok})()
-
+    b = SimpleNamespace(model=model, vocab=vocab, text_tokenizer=tok)
     rows = [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False), vocab["<image>"]] for p in PROMPTS]
     kw = _kw(b, 3, 1.0, temperature=0.0, max_new_tokens=vocab.image_block_len(*GRID), stop_after_images=1)
     want = _streams(b, rows, **kw)
