@@ -338,6 +338,31 @@ def test_pipeline_reports_passes_and_writes_the_same_picture(llama):
     assert "spec" not in plain.meta and fast.meta["options"]["spec_window"] == 8
 
 
+def test_composes_with_prefill_pruning_and_kv_compression(llama):
+    """SJD on top of the other accelerations, CFG on, greedy, a picture shown before the prompt: pruned
+    at the prefill (fastv, half its codes) into a compressed cache that evicts nothing (h2o, no budget),
+    SJD draws the plain loop's picture under the same options. With a binding budget (streaming, 20
+    entries) the window's queries see more entries than the plain steps' do, so the tokens may differ,
+    but the block is whole and, drafts rolled back, the cache holds what the plain one holds."""
+    from PIL import Image as PILImage
+
+    from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
+
+    pipe, picture = MMGenPipeline(llama), PILImage.new("RGB", (16, 16), (200, 30, 30))
+    base = dict(mode="t2i", max_new_tokens=30, temperature=0.0, cfg_scale=2.0)
+    for extra in (dict(prune_method="fastv", prune_ratio=0.5, prune_layer=1, kv_method="h2o"),
+                  dict(kv_method="streaming", kv_budget=20, kv_sinks=2)):
+        opts = GenerationOptions(**base, **extra)
+        plain = pipe("a red circle", opts, picture=picture)
+        fast = pipe("a red circle", opts, picture=picture, spec_decoding=True, spec_window=8)
+        if extra.get("kv_budget") is None:
+            assert fast.images[0].load() == plain.images[0].load()
+            assert fast.meta["prune"]["tokens_kept"] == plain.meta["prune"]["tokens_kept"]
+        assert fast.images[0].meta["codes_shape"] == list(GRID)
+        assert fast.meta["kv"]["entries"] == plain.meta["kv"]["entries"]
+        assert fast.meta["forward_passes"] < plain.meta["forward_passes"]
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(spec_window=0), "spec_window must be >= 1"),
     (dict(spec_delta=-0.1), r"spec_delta must be in \[0, 1\]"),
