@@ -52,6 +52,19 @@ class Context:
     sampling: dict
     opts: EvalOptions
     extra: dict = field(default_factory=dict)
+    # GenerationOptions whose detok_* fields choose the pictures' decoder (None: the image tokenizer's)
+    detok: Any = None
+
+    def image_decoder(self, bundle, seed: int):
+        """What draws a batch's pictures when it samples with ``seed``: the detokenizer ``detok`` chooses
+        (:func:`mmgen.inference.detokenize.image_decoder`, its noise seeded by ``seed``), or None."""
+        if self.detok is None:
+            return None
+        from dataclasses import replace
+
+        from mmgen.inference.detokenize import image_decoder
+
+        return image_decoder(bundle, replace(self.detok, seed=int(seed)))
 
     def save_image(self, img, rel: str):
         """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
@@ -157,7 +170,8 @@ class T2ISuite(Suite):
         split, start, chunk = payload
         s = ctx.sampling
         images = generate_images(bundle, [it.prompt for it in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                                 image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         out = []
         for j, (it, img) in enumerate(zip(chunk, images)):
             sc = score_image(img, it.scene)
@@ -217,7 +231,8 @@ class GenEvalSuite(Suite):
         start, chunk = payload
         s = ctx.sampling
         images = generate_images(bundle, [e["prompt"] for e in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                                 image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         det = self.detector(ctx)
         out = []
         for j, (e, img) in enumerate(zip(chunk, images)):
@@ -370,7 +385,7 @@ class InterleavedSuite(Suite):
         rows = [c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)]
         images = generate_image_rows(bundle, rows, [c["uncond"] for c in chunk], temperature=s["temperature"],
                                      top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"],
-                                     batch_size=len(chunk))
+                                     batch_size=len(chunk), image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         out = []
         for j, (c, t, img) in enumerate(zip(chunk, texts, images)):
             i = start + j
@@ -401,7 +416,8 @@ class InterleavedSuite(Suite):
         s = ctx.sampling
         images = generate_image_rows(bundle, [c["row"] for c in chunk], [c["uncond"] for c in chunk],
                                      temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi,
-                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                                     image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         out = []
         for j, (c, img) in enumerate(zip(chunk, images)):
             i = start + j
