@@ -10,34 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bundlekit import RES, PaletteTokenizer, make_tiny_bundle
+from bundlekit import RES, PaletteTokenizer, make_tiny_bundle, tiny_detok
 from mmgen.errors import MMGenError
 
 PROMPT = "a large red circle at the top left, on a black background."
-
-
-def tiny_detok(tok, sizes=(16,), names=("pix",), ppc=8, side=4, seed=0, **over):
-    """A random tiny pipeline for ``tok``'s codes (codes only: its pictures differ from the tokenizer's)."""
-    from mmgen.models.detokenizer import build_pipeline
-
-    torch.manual_seed(seed)
-    kw = dict(tokenizer_type=tok.mmgen_type, tokenizer_resolution=int(tok.resolution[0]),
-              tokenizer_sha256=tok.fingerprint())
-    kw.update(over)
-    return build_pipeline(list(sizes), list(names), ppc, side, embed_dims=[4] * len(sizes), block_out_channels=(8, 16),
-                          norm_num_groups=4, **kw)
-
-
-@pytest.fixture(scope="module")
-def detok_bundle(tmp_path_factory):
-    """(bundle dir, its 1x pipeline directory): a tiny bundle saved with a 1x and a 2x detokenizer."""
-    from mmgen.models.detokenizer_set import DetokenizerSet
-
-    root = tmp_path_factory.mktemp("detok_bundle")
-    b = make_tiny_bundle(root / "plain")
-    b.detokenizer = DetokenizerSet({1: tiny_detok(b.image_tokenizer), 2: tiny_detok(b.image_tokenizer, ppc=16)})
-    b.save(root / "bundle")
-    return root / "bundle"
 
 
 def _codes_of(image_item, tok) -> torch.Tensor:
