@@ -5,7 +5,7 @@ control kind)``: each entry becomes one Gradio control whose value reaches the p
 (checked like any ``key=value`` option, :meth:`GenerationOptions.build
 <mmgen.inference.pipeline.GenerationOptions.build>`), so a new generation option reaches the chat with
 one line here. Kinds: ``slider`` (``args`` = minimum, maximum, step), ``number``, ``checkbox`` and
-``dropdown`` (``args`` = the choices). ``none_at`` is the control value that means the field's None
+``dropdown`` (``args`` = the choices: values, or (label, value) pairs). ``none_at`` is the control value that means the field's None
 (e.g. a budget of 0 = unlimited); ``needs`` names what the bundle must have for the control to act
 (``detokenizer``), otherwise it is shown greyed out.
 
@@ -29,7 +29,7 @@ class SpeedControl:
     field: str  # a GenerationOptions field
     label: str
     kind: str  # one of KINDS
-    args: tuple = ()  # slider: (minimum, maximum, step); dropdown: the choices
+    args: tuple = ()  # slider: (minimum, maximum, step); dropdown: the choices (values or (label, value) pairs)
     none_at: Any = None  # the control value that stands for the field's None
     needs: str = ""  # "detokenizer": acts only when the bundle's pictures are drawn by one
 
@@ -38,7 +38,8 @@ SPEED_CONTROLS = (
     SpeedControl("cache", "KV cache (fp8: transformers' QuantizedCache, a quarter of float32's bytes)", "dropdown",
                  ("dynamic", "fp8")),
     SpeedControl("detok_steps", "detokenizer steps", "slider", (1, 50, 1), needs="detokenizer"),
-    SpeedControl("detok_scheduler", "detokenizer sampler (empty: the saved one)", "dropdown", ("", "ddim", "dpm", "ddpm"),
+    SpeedControl("detok_scheduler", "detokenizer sampler", "dropdown",
+                 (("the saved one", "saved"), ("DDIM", "ddim"), ("DPM-Solver++", "dpm"), ("DDPM", "ddpm")), none_at="saved",
                  needs="detokenizer"),
 )
 

@@ -44,9 +44,9 @@ def check_detok_options(options, bundle=None) -> None:
         raise MMGenError(f"detok_cfg_scale must be >= 1 (1 turns the detokenizer's guidance off), got {o.detok_cfg_scale}")
     if o.detok_scale not in SCALES:
         raise MMGenError(f"detok_scale must be 1 or 2 (2x super-resolution), got {o.detok_scale}")
-    if o.detok_scheduler and o.detok_scheduler not in DETOK_SCHEDULERS:
+    if o.detok_scheduler is not None and o.detok_scheduler not in DETOK_SCHEDULERS:
         raise MMGenError(f"unknown detok_scheduler '{o.detok_scheduler}' (use one of: {', '.join(DETOK_SCHEDULERS)}, "
-                         "or leave it empty for the saved one)")
+                         "or leave it out for the saved one)")
     path = str(o.detok_path or "auto")
     if path not in ("auto", "none") and not Path(path).is_dir():
         raise MMGenError(f"detokenizer directory {path} does not exist (detok_path: auto, none or a directory)")
@@ -95,7 +95,7 @@ class DetokenizerDecoder:
     """Draws parsed image blocks with one detokenizer pipeline at fixed settings; its own seeded noise,
     so the same call draws the same pictures."""
 
-    def __init__(self, pipe, facts: dict, steps: int, cfg_scale: float, scheduler: str = "", seed: int = 0):
+    def __init__(self, pipe, facts: dict, steps: int, cfg_scale: float, scheduler: str | None = None, seed: int = 0):
         import torch
 
         self.pipe, self.facts = pipe, facts

@@ -64,7 +64,7 @@ class GenerationOptions:
     detok_steps: int = 8
     detok_cfg_scale: float = 1.0
     detok_scale: int = 1  # 2: the 2x super-resolution pipeline
-    detok_scheduler: str = ""  # "": the sampler saved with it; ddim, dpm or ddpm
+    detok_scheduler: str | None = None  # None: the sampler saved with it; ddim, dpm or ddpm
 
     def to_dict(self) -> dict:
         return asdict(self)
