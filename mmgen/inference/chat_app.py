@@ -158,6 +158,13 @@ class ChatEngine:
 
         return can_draw(self.bundle) and image_decoder(self.bundle, self.defaults) is not None
 
+    def detokenizer_scales(self) -> list[int]:
+        """The output scales the chat's detokenizer draws at (1: the tokenizer's resolution, 2: twice it)."""
+        from mmgen.inference.detokenize import detokenizer_for
+
+        detoks = detokenizer_for(self.bundle, self.defaults)
+        return detoks.scales if detoks is not None else []
+
     def answer(self, message: str, history: list | None, mode: str = "auto", temperature: float | None = None,
                top_k: int | None = None, seed: int = 0, cfg_scale: float | None = None, max_new_tokens: int = 512,
                stream_every_s: float = 0.2, picture=None, options: dict | None = None):
@@ -234,7 +241,7 @@ def load_picture(path) -> "object":
         raise MMGenError("the picture could not be read as an image; upload a PNG, JPEG or WebP file") from None
 
 
-def _describe(bundle, checkpoint_dir) -> str:
+def _describe(bundle, checkpoint_dir, detokenizer: dict | None = None) -> str:
     from mmgen.inference.generate import default_image_sizes
 
     n_params = sum(p.numel() for p in bundle.model.parameters())
@@ -244,6 +251,8 @@ def _describe(bundle, checkpoint_dir) -> str:
         h, w = sizes[0]
         d = bundle.image_tokenizer.downsample
         img = f"images {w * d}x{h * d} px ({h}x{w} codes, {bundle.vocab.image_block_len(h, w)} tokens each)"
+        if detokenizer:
+            img += f" drawn by the diffusion detokenizer ({', '.join(f'{s}x' for s in detokenizer['scales'])})"
     if can_speak(bundle):
         codec = bundle.audio_tokenizer
         img += f" · speech at {codec.sample_rate} Hz ({codec.frame_rate:g} frames/s, {codec.n_q} tokens a frame)"
@@ -287,7 +296,9 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, conc
             raise gr.Error(str(e)) from None
 
     with gr.Blocks(title="mmgen chat", analytics_enabled=False, fill_height=True, delete_cache=DELETE_CACHE) as app:
-        gr.Markdown("## mmgen · interleaved chat\n" + _describe(bundle, checkpoint_dir))
+        drawn = engine.draws_with_detokenizer()
+        detok = {"scales": engine.detokenizer_scales()} if drawn else None
+        gr.Markdown("## mmgen · interleaved chat\n" + _describe(bundle, checkpoint_dir, detok))
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="conversation", height=520, elem_id="mmgen-chat", buttons=["copy", "copy_all"],
@@ -315,8 +326,7 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, conc
                 with gr.Accordion("speed", open=False, elem_id="mmgen-speed"):
                     gr.Markdown("Options of the generation pipeline; under each answer: its forward passes, "
                                 "tokens/s and KV-cache bytes.")
-                    speed = build_speed_panel(gr, engine.defaults,
-                                              {"detokenizer": engine.draws_with_detokenizer()}, SPEED_CONTROLS)
+                    speed = build_speed_panel(gr, engine.defaults, {"detokenizer": drawn}, SPEED_CONTROLS)
                 clear = gr.Button("Clear conversation")
         gr.Examples(examples=EXAMPLES if has_images else [[e[0], "text"] for e in EXAMPLES],
                     inputs=[msg, mode], label="ShapesWorld prompts")

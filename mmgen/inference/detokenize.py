@@ -58,24 +58,30 @@ def check_detok_options(options, bundle=None) -> None:
 
 def _chosen(bundle, options):
     """(DetokenizerSet, facts) of the detokenizer ``options`` choose for ``bundle``, or None; checked."""
-    from mmgen.models.bundle import can_draw
     from mmgen.models.detokenizer_set import check_fits
+
+    detoks = detokenizer_for(bundle, options)
+    if detoks is None:
+        if options.detok_scale != 1:  # (detok_path none with a scale is refused before, without the bundle)
+            raise MMGenError(f"detok_scale {options.detok_scale} needs a detokenizer: this checkpoint has none "
+                             "(give one with --detokenizer DIR)")
+        return None
+    facts = detoks.facts(options.detok_scale)
+    check_fits(facts, bundle.image_tokenizer, bundle.vocab)
+    return detoks, facts
+
+
+def detokenizer_for(bundle, options):
+    """The :class:`~mmgen.models.detokenizer_set.DetokenizerSet` ``options`` choose for ``bundle`` (None:
+    the image tokenizer's decoder draws), unchecked."""
+    from mmgen.models.bundle import can_draw
 
     path = str(options.detok_path or "auto")
     if path == "none":
         return None
     if path == "auto":
-        detoks = getattr(bundle, "detokenizer", None) if can_draw(bundle) else None
-        if detoks is None:
-            if options.detok_scale != 1:
-                raise MMGenError(f"detok_scale {options.detok_scale} needs a detokenizer: this checkpoint has none "
-                                 "(give one with --detokenizer DIR)")
-            return None
-    else:
-        detoks = _from_dir(path)
-    facts = detoks.facts(options.detok_scale)
-    check_fits(facts, bundle.image_tokenizer, bundle.vocab)
-    return detoks, facts
+        return getattr(bundle, "detokenizer", None) if can_draw(bundle) else None
+    return _from_dir(path)
 
 
 _DIRS: dict[str, object] = {}
@@ -164,4 +170,5 @@ def decoder_label(info: dict | None) -> str:
     return f"image tokenizer's decoder ({info.get('tokenizer') or 'codes'})"
 
 
-__all__ = ["DETOK_SCHEDULERS", "DetokenizerDecoder", "SCALES", "check_detok_options", "decoder_label", "image_decoder"]
+__all__ = ["DETOK_SCHEDULERS", "DetokenizerDecoder", "SCALES", "check_detok_options", "decoder_label", "detokenizer_for",
+           "image_decoder"]
