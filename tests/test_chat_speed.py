@@ -17,7 +17,7 @@ def test_every_speed_control_names_a_generation_option():
     from mmgen.inference.chat_speed import SPEED_CONTROLS, SpeedControl, check_controls, speed_options
 
     check_controls(SPEED_CONTROLS)
-    assert {c.field for c in SPEED_CONTROLS} >= {"cache", "detok_steps"}
+    assert {c.field for c in SPEED_CONTROLS} >= {"prune_method", "prune_ratio", "cache", "detok_steps"}
     with pytest.raises(MMGenError, match="names 'prune_rate', which is not a generation option"):
         check_controls([SpeedControl("prune_rate", "keep ratio", "slider", (0.1, 1, 0.1))])
     with pytest.raises(MMGenError, match="kind 'knob'"):
@@ -38,6 +38,7 @@ def test_the_panels_options_reach_the_pipeline_and_each_answer_shows_its_cost(de
 
     from mmgen.inference import pipeline
     from mmgen.inference.chat_app import build_app, launch
+    from mmgen.inference.chat_speed import SPEED_CONTROLS
 
     seen = []
     real = pipeline.MMGenPipeline.stream
@@ -55,15 +56,19 @@ def test_the_panels_options_reach_the_pipeline_and_each_answer_shows_its_cost(de
     steps = _component(app, gr.Slider, "speed-detok_steps")
     assert steps.interactive and steps.value == 8 and steps.label == "detokenizer steps"
     assert _component(app, gr.Dropdown, "speed-cache").value == "dynamic"
+    layer = _component(app, gr.Number, "speed-prune_layer")
+    assert layer.maximum == 1 and layer.value == 1  # the tiny LM has 2 layers: K is 1 at most
     url = launch(app, host="127.0.0.1", port=_free_port(), block=False)
+    want = {"prune_method": "merge", "prune_ratio": 0.5, "prune_layer": 1, "cache": "fp8", "detok_steps": 3,
+            "detok_scheduler": "dpm"}
     try:
         # message, history, mode, temperature, top-k, seed, CFG, max new tokens, picture, then the panel in its order
-        history = Client(url, verbose=False).predict(PROMPT, [], "t2i", 1.0, 0, 5, 1.0, 48, None, "fp8", 3, "dpm",
-                                                     api_name="/chat")
+        history = Client(url, verbose=False).predict(PROMPT, [], "t2i", 1.0, 0, 5, 1.0, 48, None,
+                                                     *[want[c.field] for c in SPEED_CONTROLS], api_name="/chat")
     finally:
         app.close()
     options, doc = seen[-1]
-    assert (options.cache, options.detok_steps, options.detok_scheduler) == ("fp8", 3, "dpm")
+    assert {k: getattr(options, k) for k in want} == want
     texts = [p["text"] for p in history[1]["content"] if p["type"] == "text"]
     assert history[1]["content"][0]["type"] == "file"
     assert history[1]["content"][1] == {"type": "text", "text": "*drawn by the diffusion detokenizer 1x, dpm 3 steps, CFG off*"}

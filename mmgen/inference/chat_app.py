@@ -326,7 +326,9 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, conc
                 with gr.Accordion("speed", open=False, elem_id="mmgen-speed"):
                     gr.Markdown("Options of the generation pipeline; under each answer: its forward passes, "
                                 "tokens/s and KV-cache bytes.")
-                    speed = build_speed_panel(gr, engine.defaults, {"detokenizer": drawn}, SPEED_CONTROLS)
+                    depth = getattr(bundle.model.config, "num_hidden_layers", None)
+                    speed = build_speed_panel(gr, engine.defaults, {"detokenizer": drawn},
+                                              {"layers": depth - 1 if depth else None}, SPEED_CONTROLS)
                 clear = gr.Button("Clear conversation")
         gr.Examples(examples=EXAMPLES if has_images else [[e[0], "text"] for e in EXAMPLES],
                     inputs=[msg, mode], label="ShapesWorld prompts")

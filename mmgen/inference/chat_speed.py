@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from mmgen.errors import MMGenError
+from mmgen.inference.prune import PRUNE_METHODS
 
 KINDS = ("slider", "number", "checkbox", "dropdown")
 
@@ -32,9 +33,13 @@ class SpeedControl:
     args: tuple = ()  # slider: (minimum, maximum, step); dropdown: the choices (values or (label, value) pairs)
     none_at: Any = None  # the control value that stands for the field's None
     needs: str = ""  # "detokenizer": acts only when the bundle's pictures are drawn by one
+    max_from: str = ""  # "layers": a slider's maximum is the model's last layer index (depth - 1)
 
 
 SPEED_CONTROLS = (
+    SpeedControl("prune_method", "pruning of the picture you show (prefill)", "dropdown", PRUNE_METHODS),
+    SpeedControl("prune_ratio", "pruning: share of the picture's tokens kept", "slider", (0.05, 1.0, 0.05)),
+    SpeedControl("prune_layer", "pruning: layer K (fastv, text, pyramid)", "slider", (1, 1, 1), max_from="layers"),
     SpeedControl("cache", "KV cache (fp8: transformers' QuantizedCache, a quarter of float32's bytes)", "dropdown",
                  ("dynamic", "fp8")),
     SpeedControl("detok_steps", "detokenizer steps", "slider", (1, 50, 1), needs="detokenizer"),
@@ -56,9 +61,11 @@ def check_controls(controls=SPEED_CONTROLS) -> None:
             raise MMGenError(f"speed control '{c.label}' has kind '{c.kind}' (use one of: {', '.join(KINDS)})")
 
 
-def build_speed_panel(gr, defaults, available: dict[str, bool], controls=SPEED_CONTROLS) -> list:
+def build_speed_panel(gr, defaults, available: dict[str, bool], limits: dict[str, int] | None = None,
+                      controls=SPEED_CONTROLS) -> list:
     """One Gradio component per control, in order, starting at ``defaults`` (GenerationOptions); call it
-    inside the panel's ``gr.Accordion``. ``available[needs]`` False greys a control out."""
+    inside the panel's ``gr.Accordion``. ``available[needs]`` False greys a control out; ``limits[max_from]``
+    is a slider's maximum (its value is clamped to it)."""
     check_controls(controls)
     out = []
     for c in controls:
@@ -69,7 +76,13 @@ def build_speed_panel(gr, defaults, available: dict[str, bool], controls=SPEED_C
         common = {"label": label, "interactive": on, "elem_id": f"speed-{c.field}"}
         if c.kind == "slider":
             lo, hi, step = c.args
-            out.append(gr.Slider(lo, hi, value=value, step=step, **common))
+            if c.max_from and (limits or {}).get(c.max_from) is not None:
+                hi = max(lo, limits[c.max_from])
+                value = min(max(value, lo), hi)
+            if hi > lo:
+                out.append(gr.Slider(lo, hi, value=value, step=step, **common))
+            else:  # one allowed value (a 2-layer model's K): Gradio's slider needs a range
+                out.append(gr.Number(value=value, minimum=lo, maximum=hi, step=step, **common))
         elif c.kind == "number":
             out.append(gr.Number(value=value, **common))
         elif c.kind == "checkbox":
