@@ -166,6 +166,8 @@ def test_eval_draws_through_the_detokenizer_and_resumes_only_with_the_same_decod
     assert dec["kind"] == "detokenizer" and dec["steps"] == 2
     assert "drawn by the diffusion detokenizer 1x, ddim 2 steps" in rep["inference"]["image_decoding"]
     assert rep["suites"]["t2i"]["samples"] == 4
+    assert "Generated pictures: one image block under the grid constraint, drawn by the diffusion detokenizer" in \
+        (tmp_path / "ev" / "report.md").read_text()
     with pytest.raises(MMGenError, match="different image_decoder"):
         run_eval(detok_bundle, "t2i", tmp_path / "ev", detok={"detok_path": "none"}, **kw)
     again = run_eval(detok_bundle, "t2i", tmp_path / "ev", detok={"detok_steps": 2}, **kw)
