@@ -64,9 +64,24 @@ class GenerationOptions:
     kv_budget: int | None = None  # most entries a row holds per layer and KV head (None: no eviction, exact)
     kv_window: int = 32  # snapkv / h2o: observation window of the prompt, and the recent entries always kept
     kv_sinks: int = 4  # the first tokens of each row, always kept
+    # The diffusion detokenizer draws the pictures (mmgen.inference.detokenize): detok_path "auto" is the
+    # bundle's detokenizer/ when it has one, "none" the image tokenizer's decoder, or a directory
+    detok_path: str = "auto"
+    detok_steps: int = 8
+    detok_cfg_scale: float = 1.0
+    detok_scale: int = 1  # 2: the 2x super-resolution pipeline
+    detok_scheduler: str | None = None  # None: the sampler saved with it; ddim, dpm or ddpm
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def build(cls, overrides: Sequence[str] = (), **fields) -> "GenerationOptions":
+        """Options from ``fields`` with ``key=value`` ``overrides`` on top (the CLI's trailing
+        arguments); an unknown key or a value of the wrong type is a one-line MMGenError naming it."""
+        from mmgen.config import apply_overrides, from_dict
+
+        return from_dict(cls, apply_overrides(fields, list(overrides)))
 
 
 CACHES = ("dynamic", "fp8")
@@ -132,7 +147,8 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
                 cfg_scale: float = 1.0, uncond_rows: Sequence[Sequence[int]] | None = None,
                 sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
                 stop_after_images: int | None = None, logits_hook=None, allow_audio: bool = False,
-                max_audio_frames: int | None = None, cache=None, prune=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                max_audio_frames: int | None = None, cache=None, prune=None,
+                stats: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Steps 3 and 4: continue ``rows`` token by token, yielding ``(tokens, active)`` per step.
 
     ``tokens`` are the (B,) new ids, ``active`` which rows were still generating (a finished row's token
@@ -140,7 +156,8 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     (``cfg_scale != 1``) the batch holds the conditional rows then ``uncond_rows``; both receive the
     sampled token. ``cache`` is the ``transformers.Cache`` to fill (default: a new ``DynamicCache``). ``prune``, a
     :class:`~mmgen.inference.prune.PrefillPruner`, prunes the picture tokens at the prefill: the cache then
-    holds fewer columns than the rows, and the steps' attention mask follows the cache."""
+    holds fewer columns than the rows, and the steps' attention mask follows the cache.
+    ``stats['forward_passes']`` counts every model forward the loop makes (one per batch, CFG rows included)."""
     from transformers import StoppingCriteriaList
 
     from mmgen.inference.constraints import ImageGridConstraint
@@ -168,14 +185,22 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
                                     + ([ImagesDoneCriteria(stop_after_images, constraint)]
                                        if stop_after_images is not None else []))
     gen = torch.Generator().manual_seed(int(seed))
+    stats = {} if stats is None else stats
+    stats.setdefault("forward_passes", 0)
+
+    def forward(**kw):
+        stats["forward_passes"] += 1
+        return model(**kw)
+
     how = _prepare_inputs_for(model)
     cache = make_cache(model) if cache is None else cache
     keep = {"logits_to_keep": 1} if how["logits_to_keep"] else {}  # the prefill needs the last position only
     if prune is not None:
+        stats["forward_passes"] += 1  # a pruned prefill is one pass through the layers, fewer tokens after layer K
         out, attn = prune.prefill(model, vocab, ids, attn, position, cache, n_cond=bsz)
     else:
-        out = model(input_ids=ids, attention_mask=attention_mask_for(cache, attn), position_ids=position,
-                    use_cache=True, **{how["cache_kw"]: cache}, **keep)
+        out = forward(input_ids=ids, attention_mask=attention_mask_for(cache, attn), position_ids=position, use_cache=True,
+                      **{how["cache_kw"]: cache}, **keep)
     dropped = cur - attn.shape[1]  # prefill columns pruning left out of the cache
     attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
     attn_buf[:, :attn.shape[1]] = attn
@@ -205,9 +230,8 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
             g = model.grid_cells(seq[:, :cur], 1)
             grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
         # A compressed cache holds fewer entries than tokens seen: its own mask (positions stay the rows' own).
-        out = model(input_ids=step_tok[:, None], attention_mask=attention_mask_for(cache, attn_buf[:, :cur - dropped]),
-                    position_ids=next_pos[:, None],
-                    use_cache=True, **{how["cache_kw"]: cache}, **grid)
+        out = forward(input_ids=step_tok[:, None], attention_mask=attention_mask_for(cache, attn_buf[:, :cur - dropped]),
+                      position_ids=next_pos[:, None], use_cache=True, **{how["cache_kw"]: cache}, **grid)
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
 
@@ -231,6 +255,7 @@ class MMGenPipeline:
         option this bundle cannot honour."""
         from dataclasses import replace
 
+        from mmgen.inference.detokenize import check_detok_options
         from mmgen.inference.generate import _check, check_options
         from mmgen.inference.kv_cache import check_kv_options
         from mmgen.inference.prune import check_prune_options
@@ -240,6 +265,7 @@ class MMGenPipeline:
         check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames,
                       cache=o.cache)
         check_kv_options(o, self.bundle.model.config)
+        check_detok_options(o, self.bundle)
         s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             cfg_scale=o.cfg_scale)
         _check(self.bundle, o.mode, o.allow_audio)
@@ -270,6 +296,7 @@ class MMGenPipeline:
         import time
         from dataclasses import replace
 
+        from mmgen.inference.detokenize import image_decoder
         from mmgen.inference.generate import _check_budget, _special, default_image_sizes, fit_to_context
         from mmgen.inference.kv_cache import kv_cache_for, kv_stats
         from mmgen.inference.prune import make_pruner
@@ -283,7 +310,7 @@ class MMGenPipeline:
         row, uncond = self.encode_prompt(prompt, o, picture)
         budget, note = fit_to_context(b.model, len(row), o.max_new_tokens)
         _check_budget(vocab, o.mode, budget, sizes)
-        builder = self.processor.doc_decoder(audio=can_audio)
+        builder = self.processor.doc_decoder(audio=can_audio, image_decoder=image_decoder(b, o) if can_image else None)
         if o.mode in ("t2i", "tts"):
             builder.block = [row[-1]]  # the opener the prompt ends with
         meta = {"prompt": prompt, "mode": o.mode, "seed": o.seed, "cfg_scale": o.cfg_scale,
@@ -293,16 +320,17 @@ class MMGenPipeline:
             meta["note"] = note
         if can_audio:
             meta["max_audio_frames"] = o.max_audio_frames
+        if can_image:
+            meta["image_decoder"] = builder.decoder_info  # what draws this answer's pictures
+        stats = {"forward_passes": 0}
         stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
         cache = kv_cache_for(b.model, o)  # 3. prepare the cache
         pruner = make_pruner(o)
-        passes = 0  # each answer token took one forward (the prefill, then one step each)
         for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
                                        cfg_scale=o.cfg_scale, uncond_rows=[uncond] if uncond else None, sizes=sizes,
                                        allow_images=can_image, allow_audio=can_audio,
-                                       max_audio_frames=o.max_audio_frames, cache=cache, prune=pruner):
-            passes += 1
+                                       max_audio_frames=o.max_audio_frames, cache=cache, prune=pruner, stats=stats):
             if not bool(active[0]):
                 break
             t = int(tok[0])
@@ -312,9 +340,11 @@ class MMGenPipeline:
                 break
             builder.push(t)  # 5. decode media: a block is decoded as soon as it closes
             yield builder.snapshot({**meta, "new_tokens": new})
-        meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3),
+        seconds = time.perf_counter() - t0
+        meta.update(new_tokens=new, stop=stop, seconds=round(seconds, 3), forward_passes=stats["forward_passes"],
+                    tokens_per_s=round(new / seconds, 2) if seconds > 0 else None,
                     cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)},
-                    forward_passes=passes, kv=kv_stats(cache))
+                    kv=kv_stats(cache))
         if pruner is not None:
             meta["prune"] = pruner.report
         yield builder.finish(meta)
