@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--pipeline", default="runs/detokenizer/tiny/pipeline")
     ap.add_argument("--sr-pipeline", default="runs/detokenizer/tiny_sr2/pipeline")
     ap.add_argument("--scenes", type=int, default=32)
+    ap.add_argument("--split", default="heldout", help="scenes of this split (val: colour-shape pairs seen in training, "
+                                                        "which a code-block tokenizer's table holds)")
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--note", default="", help="what the PNGs show, looked at by eye (goes into the section)")
     ap.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
@@ -69,7 +71,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     tok = load_image_tokenizer(args.tokenizer)
     res = int(tok.resolution[0])
-    lo, hi, scenes = shapes_pairs(args.scenes, res, 2 * res, seed=777, split="heldout")
+    lo, hi, scenes = shapes_pairs(args.scenes, res, 2 * res, seed=777, split=args.split)
     x = lo.float() / 127.5 - 1
     pipe = load_pipeline(args.pipeline, tokenizer=tok)
     names = list(pipe.conditioner.config.grid_names)  # the grids it draws from (an LM's bundle: those the LM writes)
@@ -91,7 +93,7 @@ def main() -> None:
     grid = torch.cat([torch.cat(list(t[:n]), -1) for t in (x, vq, keep[("ddim", 8)], keep[("dpm", 25)])], -2)
     tensor_to_pil(grid[None])[0].save(OUT / "detokenizer_vs_vq.png")
 
-    body = (f"{args.scenes} held-out ShapesWorld scenes at {res}x{res}, tokenizer `{args.tokenizer}` "
+    body = (f"{args.scenes} {'held-out' if args.split == 'heldout' else args.split} ShapesWorld scenes at {res}x{res}, tokenizer `{args.tokenizer}` "
             f"({shapes} codes), pipeline `{args.pipeline}`, CFG scale {args.cfg}.\n\n"
             + md_table(["decoder", "steps", "network passes", "scene-parser agreement", "PSNR dB", "s / image"], rows))
 

@@ -54,7 +54,7 @@ def test_the_panels_options_reach_the_pipeline_and_each_answer_shows_its_cost(de
     panel = next(c for c in app.blocks.values() if isinstance(c, gr.Accordion) and c.label == "speed")
     assert panel.open is False  # collapsed until asked for
     steps = _component(app, gr.Slider, "speed-detok_steps")
-    assert steps.interactive and steps.value == 8 and steps.label == "detokenizer steps"
+    assert steps.interactive and steps.value == 4 and steps.label == "detokenizer steps"
     assert _component(app, gr.Dropdown, "speed-cache").value == "dynamic"
     layer = _component(app, gr.Number, "speed-prune_layer")
     assert layer.maximum == 1 and layer.value == 1  # the tiny LM has 2 layers: K is 1 at most

@@ -74,7 +74,7 @@ def run(
     detokenizer: Optional[str] = typer.Option(None, "--detokenizer", help="Draw pictures with this diffusion detokenizer "
                                               "(a pipeline directory, or a folder of x1/ x2/); none: the image tokenizer's "
                                               "decoder. Default: the checkpoint's detokenizer/ when it has one."),
-    detok_steps: Optional[int] = typer.Option(None, "--detok-steps", help="Detokenizer denoising steps (default 8)."),
+    detok_steps: Optional[int] = typer.Option(None, "--detok-steps", help="Detokenizer denoising steps (default 4)."),
     detok_cfg_scale: Optional[float] = typer.Option(None, "--detok-cfg-scale", help="Detokenizer guidance (1 = off)."),
     detok_scale: Optional[int] = typer.Option(None, "--detok-scale", help="2: the 2x super-resolution detokenizer."),
     detok_scheduler: Optional[str] = typer.Option(None, "--detok-scheduler", help="ddim, dpm or ddpm instead of the "

@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
                                                   "detokenizer (a pipeline directory, or a folder of x1/ x2/); none: "
                                                   "the image tokenizer's decoder. Default: the checkpoint's "
                                                   "detokenizer/ when it has one."),
-        detok_steps: Optional[int] = typer.Option(None, "--detok-steps", help="Detokenizer denoising steps (default 8)."),
+        detok_steps: Optional[int] = typer.Option(None, "--detok-steps", help="Detokenizer denoising steps (default 4)."),
         detok_cfg_scale: Optional[float] = typer.Option(None, "--detok-cfg-scale", help="Detokenizer guidance "
                                                         "(1 = off, the default)."),
         detok_scale: Optional[int] = typer.Option(None, "--detok-scale", help="2: draw at twice the tokenizer's "

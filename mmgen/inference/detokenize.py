@@ -161,7 +161,7 @@ def image_decoder(bundle, options, device=None) -> DetokenizerDecoder | None:
 
 def decoder_label(info: dict | None) -> str:
     """A decoder's item meta (``meta['decoder']``) as a phrase for people, e.g. ``diffusion
-    detokenizer 1x, ddim 8 steps, CFG 1``."""
+    detokenizer 1x, ddim 4 steps, CFG off``."""
     if not info:
         return "image tokenizer's decoder"
     if info.get("kind") == "detokenizer":
