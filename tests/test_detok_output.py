@@ -25,12 +25,12 @@ def _codes_of(image_item, tok) -> torch.Tensor:
 def test_generate_draws_through_the_bundles_detokenizer_and_says_so(detok_bundle, base):
     from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
     from mmgen.models.bundle import load_bundle
-    from test_pipeline import _qwen2
+    from bundlekit import tiny_qwen2
 
     b = load_bundle(detok_bundle)
     assert b.detokenizer.scales == [1, 2] and not b.detokenizer._loaded  # nothing loads before a picture
     if base == "qwen2":
-        b.model = _qwen2(b.vocab, b.text_tokenizer)
+        b.model = tiny_qwen2(b.vocab, b.text_tokenizer)
     pipe = MMGenPipeline(b)
     o = GenerationOptions(mode="t2i", max_new_tokens=30, seed=3, cfg_scale=2.0, detok_steps=3)
     drawn = pipe(PROMPT, o)
