@@ -58,6 +58,19 @@ class Context:
     sampling: dict
     opts: EvalOptions
     extra: dict = field(default_factory=dict)
+    # GenerationOptions whose detok_* fields choose the pictures' decoder (None: the image tokenizer's)
+    detok: Any = None
+
+    def image_decoder(self, bundle, seed: int):
+        """What draws a batch's pictures when it samples with ``seed``: the detokenizer ``detok`` chooses
+        (:func:`mmgen.inference.detokenize.image_decoder`, its noise seeded by ``seed``), or None."""
+        if self.detok is None:
+            return None
+        from dataclasses import replace
+
+        from mmgen.inference.detokenize import image_decoder
+
+        return image_decoder(bundle, replace(self.detok, seed=int(seed)))
 
     def save_image(self, img, rel: str):
         """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
@@ -183,7 +196,8 @@ def _draw_and_judge(bundle, bi: int, chunk, ctx: Context, tag: str, start: int, 
 
     s = ctx.sampling
     images = generate_images(bundle, [it.prompt for it in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                             top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                             top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                             image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
     return [{"id": f"{tag}/{start + j}", "split": it.split, "prompt": it.prompt, "truth": it.scene.to_dict(),
              "image": ctx.save_image(img, f"{image_prefix}_{start + j:04d}.png"), **score_image(img, it.scene)}
             for j, (it, img) in enumerate(zip(chunk, images))]
@@ -278,7 +292,8 @@ class GenEvalSuite(Suite):
         start, chunk = payload
         s = ctx.sampling
         images = generate_images(bundle, [e["prompt"] for e in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                                 image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         det = self.detector(ctx)
         out = []
         for j, (e, img) in enumerate(zip(chunk, images)):
@@ -431,7 +446,7 @@ class InterleavedSuite(Suite):
         rows = [c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)]
         images = generate_image_rows(bundle, rows, [c["uncond"] for c in chunk], temperature=s["temperature"],
                                      top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"],
-                                     batch_size=len(chunk))
+                                     batch_size=len(chunk), image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         out = []
         for j, (c, t, img) in enumerate(zip(chunk, texts, images)):
             i = start + j
@@ -462,7 +477,8 @@ class InterleavedSuite(Suite):
         s = ctx.sampling
         images = generate_image_rows(bundle, [c["row"] for c in chunk], [c["uncond"] for c in chunk],
                                      temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi,
-                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                                     image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         out = []
         for j, (c, img) in enumerate(zip(chunk, images)):
             i = start + j

@@ -71,9 +71,24 @@ class GenerationOptions:
     spec_window: int = 16  # draft tokens verified per forward pass
     spec_delta: float = 0.0  # relaxed acceptance: most codebook-neighbour mass credited to a draft (0: exact)
     spec_neighbours: int = 8  # nearest codebook codes per code that the relaxed acceptance credits
+    # The diffusion detokenizer draws the pictures (mmgen.inference.detokenize): detok_path "auto" is the
+    # bundle's detokenizer/ when it has one, "none" the image tokenizer's decoder, or a directory
+    detok_path: str = "auto"
+    detok_steps: int = 4  # 4 draws as well as 8 or 25 (BENCHMARKS "Diffusion detokenizer"), at half of 8's cost
+    detok_cfg_scale: float = 1.0
+    detok_scale: int = 1  # 2: the 2x super-resolution pipeline
+    detok_scheduler: str | None = None  # None: the sampler saved with it; ddim, dpm or ddpm
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def build(cls, overrides: Sequence[str] = (), **fields) -> "GenerationOptions":
+        """Options from ``fields`` with ``key=value`` ``overrides`` on top (the CLI's trailing
+        arguments); an unknown key or a value of the wrong type is a one-line MMGenError naming it."""
+        from mmgen.config import apply_overrides, from_dict
+
+        return from_dict(cls, apply_overrides(fields, list(overrides)))
 
 
 CACHES = ("dynamic", "fp8")
@@ -150,7 +165,8 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     :class:`~mmgen.inference.prune.PrefillPruner`, prunes the picture tokens at the prefill: the cache then
     holds fewer columns than the rows, and the steps' attention mask follows the cache. ``spec`` (a
     :class:`~mmgen.inference.speculative.SpeculativeJacobi`) decodes image blocks with speculative Jacobi
-    decoding; ``stats['forward_passes']`` counts the model calls, prefill included."""
+    decoding. ``stats['forward_passes']`` counts every model forward the loop makes (one per batch, CFG rows
+    included; a verified window is one)."""
     from transformers import StoppingCriteriaList
 
     from mmgen.inference.constraints import ImageGridConstraint
@@ -178,21 +194,27 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
                                     + ([ImagesDoneCriteria(stop_after_images, constraint)]
                                        if stop_after_images is not None else []))
     gen = torch.Generator().manual_seed(int(seed))
+    stats = {} if stats is None else stats
+    stats.setdefault("forward_passes", 0)
+
+    def forward(**kw):
+        stats["forward_passes"] += 1
+        return model(**kw)
+
     how = _prepare_inputs_for(model)
     cache = make_cache(model) if cache is None else cache
     keep = {"logits_to_keep": 1} if how["logits_to_keep"] else {}  # the prefill needs the last position only
     if prune is not None:
+        stats["forward_passes"] += 1  # a pruned prefill is one pass through the layers, fewer tokens after layer K
         out, attn = prune.prefill(model, vocab, ids, attn, position, cache, n_cond=bsz)
     else:
-        out = model(input_ids=ids, attention_mask=attention_mask_for(cache, attn), position_ids=position,
-                    use_cache=True, **{how["cache_kw"]: cache}, **keep)
+        out = forward(input_ids=ids, attention_mask=attention_mask_for(cache, attn), position_ids=position, use_cache=True,
+                      **{how["cache_kw"]: cache}, **keep)
     dropped = cur - attn.shape[1]  # prefill columns pruning left out of the cache
     attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
     attn_buf[:, :attn.shape[1]] = attn
     logits = out.logits[:, -1, :].float()
     next_pos = position[:, -1] + 1
-    stats = {} if stats is None else stats
-    stats["forward_passes"] = stats.get("forward_passes", 0) + 1
     if spec is not None:
         from mmgen.inference.speculative import jacobi_decode
 
@@ -226,10 +248,8 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
             g = model.grid_cells(seq[:, :cur], 1)
             grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
         # A compressed cache holds fewer entries than tokens seen: its own mask (positions stay the rows' own).
-        out = model(input_ids=step_tok[:, None], attention_mask=attention_mask_for(cache, attn_buf[:, :cur - dropped]),
-                    position_ids=next_pos[:, None],
-                    use_cache=True, **{how["cache_kw"]: cache}, **grid)
-        stats["forward_passes"] += 1
+        out = forward(input_ids=step_tok[:, None], attention_mask=attention_mask_for(cache, attn_buf[:, :cur - dropped]),
+                      position_ids=next_pos[:, None], use_cache=True, **{how["cache_kw"]: cache}, **grid)
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
 
@@ -253,6 +273,7 @@ class MMGenPipeline:
         option this bundle cannot honour."""
         from dataclasses import replace
 
+        from mmgen.inference.detokenize import check_detok_options
         from mmgen.inference.generate import _check, check_options
         from mmgen.inference.kv_cache import check_kv_options
         from mmgen.inference.prune import check_prune_options
@@ -263,6 +284,7 @@ class MMGenPipeline:
         check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames,
                       cache=o.cache)
         check_kv_options(o, self.bundle.model.config)
+        check_detok_options(o, self.bundle)
         s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             cfg_scale=o.cfg_scale)
         _check(self.bundle, o.mode, o.allow_audio)
@@ -294,6 +316,7 @@ class MMGenPipeline:
         import time
         from dataclasses import replace
 
+        from mmgen.inference.detokenize import image_decoder
         from mmgen.inference.generate import _check_budget, _special, default_image_sizes, fit_to_context
         from mmgen.inference.kv_cache import kv_cache_for, kv_stats
         from mmgen.inference.prune import make_pruner
@@ -308,7 +331,7 @@ class MMGenPipeline:
         row, uncond = self.encode_prompt(prompt, o, picture)
         budget, note = fit_to_context(b.model, len(row), o.max_new_tokens)
         _check_budget(vocab, o.mode, budget, sizes)
-        builder = self.processor.doc_decoder(audio=can_audio)
+        builder = self.processor.doc_decoder(audio=can_audio, image_decoder=image_decoder(b, o) if can_image else None)
         if o.mode in ("t2i", "tts"):
             builder.block = [row[-1]]  # the opener the prompt ends with
         meta = {"prompt": prompt, "mode": o.mode, "seed": o.seed, "cfg_scale": o.cfg_scale,
@@ -318,10 +341,13 @@ class MMGenPipeline:
             meta["note"] = note
         if can_audio:
             meta["max_audio_frames"] = o.max_audio_frames
+        if can_image:
+            meta["image_decoder"] = builder.decoder_info  # what draws this answer's pictures
+        stats = {"forward_passes": 0}
         stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
         cache = kv_cache_for(b.model, o)  # 3. prepare the cache
         pruner = make_pruner(o)
-        spec, stats = speculative_from_options(o, b), {}
+        spec = speculative_from_options(o, b)
         for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
                                        cfg_scale=o.cfg_scale, uncond_rows=[uncond] if uncond else None, sizes=sizes,
@@ -337,9 +363,11 @@ class MMGenPipeline:
                 break
             builder.push(t)  # 5. decode media: a block is decoded as soon as it closes
             yield builder.snapshot({**meta, "new_tokens": new})
-        meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3),
+        seconds = time.perf_counter() - t0
+        meta.update(new_tokens=new, stop=stop, seconds=round(seconds, 3), forward_passes=stats["forward_passes"],
+                    tokens_per_s=round(new / seconds, 2) if seconds > 0 else None,
                     cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)},
-                    forward_passes=stats.get("forward_passes", 0), kv=kv_stats(cache))
+                    kv=kv_stats(cache))
         if pruner is not None:
             meta["prune"] = pruner.report
         if spec is not None:

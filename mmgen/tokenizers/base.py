@@ -143,6 +143,25 @@ class ImageTokenizer(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def fingerprint(self) -> str:
+        """sha256 of what gives a code its meaning: the tokenizer's type, geometry (resolution,
+        downsampling, codebook size) and every weight and buffer (names, dtypes, shapes, bytes). Two tokenizers with the same fingerprint turn the same
+        pictures into the same codes and back; a model trained on one tokenizer's codes (an LM, a
+        detokenizer) records it to refuse another's. Computed once per object."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            import hashlib
+
+            facts = {"mmgen_type": self.mmgen_type, "resolution": list(self.resolution),
+                     "downsample": int(self.downsample), "codebook_size": int(self.codebook_size)}
+            h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+            for name, t in sorted(self.state_dict().items()):
+                t = t.detach().cpu().contiguous()
+                h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            cached = self._fingerprint = h.hexdigest()
+        return cached
+
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
