@@ -42,3 +42,11 @@ def bundle_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_bundle")
     make_tiny_bundle(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def detok_bundle(tmp_path_factory) -> Path:
+    """A tiny bundle saved with a tiny random 1x and 2x detokenizer (``bundlekit.make_detok_bundle``)."""
+    from bundlekit import make_detok_bundle
+
+    return make_detok_bundle(tmp_path_factory.mktemp("detok_bundle"))

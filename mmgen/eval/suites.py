@@ -60,8 +60,20 @@ class Context:
     sampling: dict
     opts: EvalOptions
     extra: dict = field(default_factory=dict)
-    # GenerationOptions whose KV cache and accelerations every generation call uses (None: the plain loop)
+    # GenerationOptions every generation call uses: its KV cache and accelerations, and its detok_* fields
+    # choose the pictures' decoder (None: the plain loop and the image tokenizer's decoder)
     generation: Any = None
+
+    def image_decoder(self, bundle, seed: int):
+        """What draws a batch's pictures when it samples with ``seed``: the detokenizer ``generation``
+        chooses (:func:`mmgen.inference.detokenize.image_decoder`, its noise seeded by ``seed``), or None."""
+        if self.generation is None:
+            return None
+        from dataclasses import replace
+
+        from mmgen.inference.detokenize import image_decoder
+
+        return image_decoder(bundle, replace(self.generation, seed=int(seed)))
 
     def save_image(self, img, rel: str):
         """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
@@ -189,7 +201,8 @@ def _draw_and_judge(bundle, bi: int, chunk, ctx: Context, tag: str, start: int, 
     s = ctx.sampling
     images = generate_images(bundle, [it.prompt for it in chunk], temperature=s["temperature"], top_k=s["top_k"],
                              top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
-                             options=ctx.generation)
+                             options=ctx.generation,
+                             image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
     return [{"id": f"{tag}/{start + j}", "split": it.split, "prompt": it.prompt, "truth": it.scene.to_dict(),
              "image": ctx.save_image(img, f"{image_prefix}_{start + j:04d}.png"), **score_image(img, it.scene)}
             for j, (it, img) in enumerate(zip(chunk, images))]
@@ -285,7 +298,8 @@ class GenEvalSuite(Suite):
         s = ctx.sampling
         images = generate_images(bundle, [e["prompt"] for e in chunk], temperature=s["temperature"], top_k=s["top_k"],
                                  top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
-                                 options=ctx.generation)
+                                 options=ctx.generation,
+                                 image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         det = self.detector(ctx)
         out = []
         for j, (e, img) in enumerate(zip(chunk, images)):
@@ -439,7 +453,8 @@ class InterleavedSuite(Suite):
         rows = [c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)]
         images = generate_image_rows(bundle, rows, [c["uncond"] for c in chunk], temperature=s["temperature"],
                                      top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"],
-                                     batch_size=len(chunk), options=ctx.generation)
+                                     batch_size=len(chunk), options=ctx.generation,
+                                     image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         out = []
         for j, (c, t, img) in enumerate(zip(chunk, texts, images)):
             i = start + j
@@ -470,7 +485,8 @@ class InterleavedSuite(Suite):
         s = ctx.sampling
         images = generate_image_rows(bundle, [c["row"] for c in chunk], [c["uncond"] for c in chunk],
                                      temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi,
-                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk), options=ctx.generation)
+                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk), options=ctx.generation,
+                                     image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         out = []
         for j, (c, img) in enumerate(zip(chunk, images)):
             i = start + j

@@ -17,6 +17,11 @@ from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance of logits: ``uncond + scale * (cond - uncond)``."""
+    return uncond + scale * (cond - uncond)
+
+
 class MediaCFGLogitsProcessor(LogitsProcessor):
     """Classifier-free guidance on media tokens only, for rows inside a media block.
 
@@ -50,7 +55,7 @@ class MediaCFGLogitsProcessor(LogitsProcessor):
             uncond, guided = None, cond
         else:
             uncond = scores[bsz:]
-            mixed = uncond + self.guidance_scale * (cond - uncond)
+            mixed = cfg_mix(cond, uncond, self.guidance_scale)
             where = in_block[:, None] & self.media_columns(scores.shape[-1], scores.device)[None, :]
             guided = torch.where(where, mixed, cond)
         if self.logits_hook is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mmgen.errors import MMGenError
+from mmgen.tokenizers.base import code_vectors
 from mmgen.training.config import TrainConfig
 from mmgen.training.qlora import is_quantized, load_quantized, quantize_for_qlora
 
@@ -121,20 +122,6 @@ def unwrap_for_saving(model, adapter_dir: Path | None = None):
 
 
 FEATURE_SOURCES = {"image": ("image_tokenizer", "data.image_tokenizer"), "audio": ("audio_tokenizer", "data.audio_tokenizer")}
-
-
-def code_vectors(tokenizer, range_name: str) -> torch.Tensor | None:
-    """Row k: the tokenizer's vector for id k of the ``range_name`` code range (None when it has no
-    codebook). An image tokenizer's quantizer gives them for ``arange`` codes (pixel VQ, and DualViTok's
-    sem/pix quantizers); the audio codec's are each level's codebook vectors through its out-projection."""
-    if range_name == "audio":
-        return tokenizer.code_vectors() if hasattr(tokenizer, "code_vectors") else None
-    q = getattr(tokenizer, f"{range_name}_quantizer", None) or getattr(tokenizer, "quantizer", None)
-    if q is None or not hasattr(q, "embed"):
-        return None
-    n = getattr(tokenizer, "codebook_sizes", {}).get(range_name, tokenizer.codebook_size)
-    with torch.no_grad():
-        return q.embed(torch.arange(n, device=tokenizer.device).view(1, 1, n))[0, :, 0].t().float().cpu()
 
 
 def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch.Tensor | None:
