@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.models.detokenizer import decode_grids, load_pipeline
-from mmgen.models.detokenizer_train import encode_all, grid_spec, shapes_pairs
+from mmgen.models.detokenizer_train import encode_all, shapes_pairs
 from mmgen.tokenizers import load_image_tokenizer
 from mmgen.tokenizers.vq import psnr
 from mmgen.utils.bench import md_table, write_section
@@ -63,24 +63,27 @@ def main() -> None:
     ap.add_argument("--pipeline", default="runs/detokenizer/tiny/pipeline")
     ap.add_argument("--sr-pipeline", default="runs/detokenizer/tiny_sr2/pipeline")
     ap.add_argument("--scenes", type=int, default=32)
+    ap.add_argument("--split", default="heldout", help="scenes of this split (val: colour-shape pairs seen in training, "
+                                                        "which a code-block tokenizer's table holds)")
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--note", default="", help="what the PNGs show, looked at by eye (goes into the section)")
+    ap.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
     args = ap.parse_args()
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     tok = load_image_tokenizer(args.tokenizer)
     res = int(tok.resolution[0])
-    lo, hi, scenes = shapes_pairs(args.scenes, res, 2 * res, seed=777, split="heldout")
+    lo, hi, scenes = shapes_pairs(args.scenes, res, 2 * res, seed=777, split=args.split)
     x = lo.float() / 127.5 - 1
-    grids = encode_all(tok, lo)
-    names = grid_spec(tok)[1]
+    pipe = load_pipeline(args.pipeline, tokenizer=tok)
+    names = list(pipe.conditioner.config.grid_names)  # the grids it draws from (an LM's bundle: those the LM writes)
+    grids = encode_all(tok, lo, names=names)
     shapes = " + ".join(f"{n} {g.shape[-2]}x{g.shape[-1]}" for n, g in zip(names, grids))
-    with torch.no_grad():  # a multi-grid tokenizer (DualViTok: sem + pix) decodes from all of its grids
+    with torch.no_grad():  # the tokenizer decodes from the same grids (DualViTok: sem + pix, or pix alone)
         vq = to_uint8_range(decode_grids(tok, names, grids))
 
     rows = [["input render (ceiling)", "-", "-", f"{100 * agreement(x, scenes):.1f}%", "inf", "-"],
             ["VQ pixel decoder", "-", 1, f"{100 * agreement(vq, scenes):.1f}%", round(float(psnr(vq, x).mean()), 2), "-"]]
-    pipe = load_pipeline(args.pipeline, tokenizer=tok)
     keep = {}
     for scheduler in ("ddim", "dpm"):
         for steps in (4, 8, 25):
@@ -92,7 +95,7 @@ def main() -> None:
     grid = torch.cat([torch.cat(list(t[:n]), -1) for t in (x, vq, keep[("ddim", 8)], keep[("dpm", 25)])], -2)
     tensor_to_pil(grid[None])[0].save(OUT / "detokenizer_vs_vq.png")
 
-    body = (f"{args.scenes} held-out ShapesWorld scenes at {res}x{res}, tokenizer `{args.tokenizer}` "
+    body = (f"{args.scenes} {'held-out' if args.split == 'heldout' else args.split} ShapesWorld scenes at {res}x{res}, tokenizer `{args.tokenizer}` "
             f"({shapes} codes), pipeline `{args.pipeline}`, CFG scale {args.cfg}.\n\n"
             + md_table(["decoder", "steps", "network passes", "scene-parser agreement", "PSNR dB", "s / image"], rows))
 
@@ -120,7 +123,8 @@ def main() -> None:
                    "`benchmarks/out/sr2x_truth_bicubic_diffusion.png` (rows: truth, bicubic of VQ, diffusion 2x dpm 25).")
     if args.note:
         body += f"\n\n{args.note}"
-    write_section("detokenizer", "Diffusion detokenizer vs VQ decoder (tiny)", body)
+    if not args.no_write:
+        write_section("detokenizer", "Diffusion detokenizer vs VQ decoder (tiny)", body)
     print(body)
 
 

@@ -1,7 +1,7 @@
 """``mmgen quickstart``: every stage of the life cycle, end to end, on the ``tiny`` preset.
 
     world -> filter -> CLIP teacher -> image tokenizer (DualViTok) -> code shards -> DeepSpeed pretraining
-          -> SFT -> generation -> evaluation
+          -> SFT -> diffusion detokenizer (packed into the final bundle) -> generation -> evaluation
 
 Each stage writes into its own folder under ``out`` and marks itself done (``out/.done/<stage>``), so
 a rerun after an interruption continues with the first unfinished stage. The result is
@@ -44,11 +44,18 @@ class QuickstartConfig:
     filter_recipe: str = "shapesworld"  # in data_pipelines/
     train_recipe: str = "tiny_pretrain"  # in training/
     sft_recipe: str | None = "tiny_sft"  # in training/; None skips SFT (evaluation then uses the pretrained model)
+    # The 1x diffusion detokenizer packed into the final bundle (in tokenizers/; "" skips it): trained for the
+    # bundle's image tokenizer and the codes its LM writes (`mmgen train-detokenizer ... bundle=`), so
+    # generation, the chat and the evaluation draw pictures through it. 200 steps draw what the tokenizer's
+    # decoder draws (100% scene agreement on val scenes, 42.8 dB vs its 44.3; ~0.45 CPU-s a step at one
+    # thread, docs/experiments/2026-12-07-detokenizer-in-the-quick-start.md).
+    detokenizer_recipe: str = "tiny_detokenizer_quickstart"
     clip_overrides: list[str] = field(default_factory=list)
     tokenizer_overrides: list[str] = field(default_factory=list)
     text_tokenizer_overrides: list[str] = field(default_factory=list)
     train_overrides: list[str] = field(default_factory=list)
     sft_overrides: list[str] = field(default_factory=list)
+    detokenizer_overrides: list[str] = field(default_factory=list)
     eval_prompts: int = 200  # per split (val, heldout), for t2i and QA; build-up documents use the val split
     eval_seed: int = DEFAULT_EVAL_SEED
     # mmgen eval run's suites (add geneval for GenEval's six tags); robust: the val prompts again in each
@@ -84,19 +91,24 @@ def train_stage(recipe: str, overrides: list[str], launcher: str = "deepspeed") 
     return Path(pretrain(recipe, overrides))
 
 
-def lm_inputs(run: str | Path) -> tuple[Path, Path]:
-    """The code shards and image tokenizer the quickstart run ``run`` gave its pretrain stage (the stage
-    markers say where): the code-block ones when the run has a blocks stage, else the tokenizer's own. What
-    a retraining of the LM stages alone starts from (benchmarks/quality_curve.py, benchmarks/robustness.py)."""
+def lm_inputs(run: str | Path, code_blocks: bool | None = None) -> tuple[Path, Path]:
+    """The code shards and image tokenizer a quick-start run's LM stages read, found through its stage
+    markers: with ``code_blocks`` (None: when the run has a blocks stage) the code-block ones, else the
+    image tokenizer's own codes (the second stage's tokenizer when the run has one: its pixel codes are
+    the first stage's). A missing stage is a one-line MMGenError. What a retraining of the LM stages alone
+    starts from (benchmarks/quality_curve.py, benchmarks/robustness.py, benchmarks/inference.py)."""
     run = Path(run)
     done = run / ".done"
-    if (done / "blocks.json").is_file():
-        tok = Path(json.loads((done / "blocks.json").read_text())["result"])
-        codes = run / "blocks" / "codes"
-    else:  # the second stage's tokenizer when the run has one (its pixel codes are the first stage's)
-        marker = next((m for m in (done / "tokenizer_text.json", done / "tokenizer.json") if m.is_file()), None)
-        tok = Path(json.loads(marker.read_text())["result"]) if marker else run / "tokenizer" / "tokenizer"
-        codes = run / "codes"
+    if code_blocks is None:
+        code_blocks = (done / "blocks.json").is_file()
+    stages = ("blocks",) if code_blocks else ("tokenizer_text", "tokenizer")
+    marker = next((done / f"{s}.json" for s in stages if (done / f"{s}.json").is_file()), None)
+    codes = run / "blocks" / "codes" if code_blocks else run / "codes"
+    tokenize = done / ("blocks.json" if code_blocks else "tokenize.json")
+    if marker is None or not tokenize.is_file():
+        raise MMGenError(f"{run} has no finished {stages[0]} stage ({'blocks' if code_blocks else 'tokenize'}); "
+                         f"run `mmgen quickstart --out {run}` until it has")
+    tok = Path(json.loads(marker.read_text())["result"])
     if not tok.is_absolute() and not tok.is_dir():  # markers hold paths relative to the run's working dir
         tok = run.parent.parent / tok
     for path, what in ((codes, "code shards"), (tok, "image tokenizer")):
@@ -144,6 +156,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     from mmgen.paths import recipe_path
     from mmgen.tokenizers.train import train_tokenizer
     from mmgen.tokenizers.train_config import TokenizerTrainConfig
+    from mmgen.utils.files import read_json
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,6 +237,15 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         return train(cfg.sft_recipe, data_for("sft", cfg.sft_recipe, [
             f"init_from={pretrained}", f"data.code_shards={lm_codes}", f"out_dir={out / 'sft'}", *cfg.sft_overrides]))
 
+    def detokenizer():
+        from mmgen.models.detokenizer_train import DetokenizerTrainConfig, train_detokenizer
+
+        dcfg = load_config(DetokenizerTrainConfig, recipe_path(cfg.detokenizer_recipe, "tokenizers"),
+                           [f"bundle={bundle_dir}", f"out_dir={out / 'detokenizer'}", "progress=false",
+                            *cfg.detokenizer_overrides])
+        train_detokenizer(dcfg)
+        return read_json(out / "detokenizer" / "eval.json")
+
     def evaluate():
         return _evaluate(cfg, out, Path(bundle_dir), Path(tok_dir))
 
@@ -243,7 +265,10 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     pretrained = stages.run("pretrain", pretrain)
     bundle_dir = stages.run("sft", sft) if cfg.sft_recipe else pretrained
     save_generation_config(bundle_dir, SamplingSettings(temperature=cfg.temperature, cfg_scale=cfg.cfg_scale))
+    detok = stages.run("detokenizer", detokenizer) if cfg.detokenizer_recipe else None
     metrics = stages.run("evaluate", evaluate)
+    if detok:
+        metrics["detokenizer"] = detok
 
     report = {"preset": "tiny", "config": cfg.__dict__, "checkpoint": bundle_dir, "stage_seconds": stages.timings,
               "total_seconds_this_run": time.perf_counter() - t_start, **metrics}
@@ -262,7 +287,8 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path, tok_dir: Path)
                    cfg_scale=cfg.cfg_scale, seed=cfg.eval_seed, n=cfg.eval_prompts)
     suites = {name: e["metrics"] for name, e in rep["suites"].items()}
     metrics: dict = {"eval_report": str(out / "eval" / "report.json"),
-                     "checkpoint_sha256": rep["checkpoint"]["sha256"], "sampling": rep["sampling"]}
+                     "checkpoint_sha256": rep["checkpoint"]["sha256"], "sampling": rep["sampling"],
+                     "image_decoding": rep["inference"]["image_decoding"]}
     if "t2i" in suites:
         metrics.update(t2i_accuracy=suites["t2i"]["val"]["accuracy"],
                        t2i_accuracy_heldout_compositions=suites["t2i"]["heldout"]["accuracy"], t2i=suites["t2i"])
@@ -302,6 +328,7 @@ def _write_markdown(r: dict, path: Path) -> None:
                                                                                     "interval "
         "and the settings that reproduce it are in [eval/report.md](eval/report.md).", "",
         "## Text-to-image, judged by the ShapesWorld scene parser", "",
+        f"Generated pictures: {r['image_decoding']}." if r.get("image_decoding") else "", "",
         "| split | prompts | all requested objects (shape+colour+position) | exact scene | parsed | shape | colour | "
         "size |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -115,3 +115,26 @@ def bomb_png(w: int = 20000, h: int = 20000) -> bytes:
     idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def tiny_detok(tok, sizes=(16,), names=("pix",), ppc=8, side=4, seed=0, **over):
+    """A random tiny detokenizer pipeline for ``tok``'s codes (codes only: it draws other pictures than
+    the tokenizer's decoder); ``over`` replaces what it records of its tokenizer."""
+    from mmgen.models.detokenizer import build_pipeline
+
+    torch.manual_seed(seed)
+    kw = dict(tokenizer_type=tok.mmgen_type, tokenizer_resolution=int(tok.resolution[0]),
+              tokenizer_sha256=tok.fingerprint())
+    kw.update(over)
+    return build_pipeline(list(sizes), list(names), ppc, side, embed_dims=[4] * len(sizes), block_out_channels=(8, 16),
+                          norm_num_groups=4, **kw)
+
+
+def make_detok_bundle(root):
+    """The tiny bundle saved at ``root/bundle`` with a 1x and a 2x detokenizer (``detokenizer/x1``, ``x2``)."""
+    from mmgen.models.detokenizer_set import DetokenizerSet
+
+    b = make_tiny_bundle(root / "plain")
+    b.detokenizer = DetokenizerSet({1: tiny_detok(b.image_tokenizer), 2: tiny_detok(b.image_tokenizer, ppc=16)})
+    b.save(root / "bundle")
+    return root / "bundle"

@@ -58,3 +58,11 @@ def speech(speech_dir):
     from mmgen.models.bundle import load_bundle
 
     return load_bundle(speech_dir)
+
+
+@pytest.fixture(scope="module")
+def detok_bundle(tmp_path_factory) -> Path:
+    """A tiny bundle saved with a tiny random 1x and 2x detokenizer (``bundlekit.make_detok_bundle``)."""
+    from bundlekit import make_detok_bundle
+
+    return make_detok_bundle(tmp_path_factory.mktemp("detok_bundle"))

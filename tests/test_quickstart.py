@@ -16,6 +16,8 @@ def test_quickstart_end_to_end_small(tmp_path):
         tokenizer_overrides=["steps=8", "eval_images=16", "log_every=4", "ckpt_every=8", "progress=false"],
         train_overrides=["steps=3", "log_every=1", "save_every=3", "progress=false", "tensorboard=false"],
         sft_overrides=["steps=2", "log_every=1", "save_every=2", "progress=false", "tensorboard=false"],
+        detokenizer_overrides=["steps=2", "train_images=8", "eval_images=2", "batch_size=4", "log_every=1",
+                               "ckpt_every=2"],
         eval_prompts=3,
     )
     report_md = quickstart(cfg)
@@ -95,6 +97,18 @@ def test_quickstart_end_to_end_small(tmp_path):
     assert report["robust"]["as_written"]["accuracy"] == report["t2i"]["val"]["accuracy"]
     md = report_md.read_text()
     assert "## Text-to-image per surface form of the prompt" in md and "| lower_no_period | 3 |" in md
+    # The 1x detokenizer is packed into the final bundle, for its block tokenizer's pixel codes (all the LM
+    # writes), and the evaluation drew its pictures through it.
+    from mmgen.models.detokenizer_set import pipeline_facts
+
+    facts = pipeline_facts(tmp_path / "qs" / "sft" / "final" / "detokenizer" / "x1")
+    assert facts["scale"] == 1 and facts["grid_names"] == ["pix"] and facts["tokenizer_type"] == "code_blocks"
+    tok = load_image_tokenizer(tmp_path / "qs" / "sft" / "final" / "image_tokenizer")
+    assert facts["tokenizer_sha256"] == tok.fingerprint()
+    assert report["detokenizer"]["steps"] == 2 and "detokenizer" in report["stage_seconds"]
+    assert report["image_decoding"].startswith("one image block under the grid constraint, drawn by the diffusion "
+                                               "detokenizer 1x")
+    assert "Generated pictures: one image block" in report_md.read_text()
     # A rerun skips every finished stage and reproduces the same metrics.
     again = json.loads((quickstart(cfg).parent / "report.json").read_text())
     assert again["t2i"] == report["t2i"]

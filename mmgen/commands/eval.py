@@ -77,9 +77,19 @@ def run(
     robust_split: str = typer.Option(
         "val", "--robust-split", help="Whose t2i prompts the robust suite rewrites: val or heldout."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    detokenizer: str | None = typer.Option(None, "--detokenizer", help="Draw pictures with this diffusion detokenizer "
+                                              "(a pipeline directory, or a folder of x1/ x2/); none: the image "
+                                              "tokenizer's decoder. Default: the checkpoint's detokenizer/ when it "
+                                              "has one."),
+    detok_steps: int | None = typer.Option(None, "--detok-steps", help="Detokenizer denoising steps (default 4)."),
+    detok_cfg_scale: float | None = typer.Option(None, "--detok-cfg-scale", help="Detokenizer guidance (1 = off)."),
+    detok_scale: int | None = typer.Option(None, "--detok-scale", help="2: the 2x super-resolution detokenizer."),
+    detok_scheduler: str | None = typer.Option(None, "--detok-scheduler", help="ddim, dpm or ddpm instead of the "
+                                                  "detokenizer's saved sampler."),
 ):
     """Evaluate a checkpoint: generate, judge, and write report.json / report.md with PNG grids; every number
     with its count and 95% interval, and what reproduces it. A rerun into the same --out resumes.
+    Pictures are drawn as mmgen generate draws them: by the checkpoint's detokenizer when it has one.
 
     \b
     Example:
@@ -87,13 +97,17 @@ def run(
         mmgen eval run runs/quickstart/sft/final --suite all --temperature 0 --out runs/eval_greedy
         mmgen eval run runs/quickstart/sft/final --suite robust --forms as_written,lower_first,no_period \\
           --out runs/eval_robust
+        mmgen eval run runs/quickstart/sft/final --suite t2i --detokenizer none --out runs/eval_vq_decoder
     """
     from mmgen.eval.run import run_eval
 
+    detok = {"detok_path": detokenizer, "detok_steps": detok_steps, "detok_cfg_scale": detok_cfg_scale,
+             "detok_scale": detok_scale, "detok_scheduler": detok_scheduler}
     report = run_eval(checkpoint, suite, out, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                       seed=seed, device=device, n=n, batch_size=batch_size, geneval_per_tag=geneval_per_tag,
                       geneval_prompts=str(geneval_prompts) if geneval_prompts else None, detector=detector,
-                      continuation_n=continuation, robust_forms=forms, robust_split=robust_split)
+                      continuation_n=continuation, robust_forms=forms, robust_split=robust_split,
+                      detok={k: v for k, v in detok.items() if v is not None})
     typer.echo(f"wrote {out / 'report.md'} ({', '.join(report['suites'])})")
 
 

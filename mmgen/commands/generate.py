@@ -48,10 +48,29 @@ def register(app: typer.Typer) -> None:
                                                 "snapkv (prompt at prefill), streaming (sinks + recent) or h2o "
                                                 "(sinks + recent + heavy hitters)."),
         kv_budget: int | None = typer.Option(None, "--kv-budget", help="Most KV entries a row holds per layer "
-                                                                       "and head (default: no limit)."),
+                                                "and head (default: no limit)."),
         kv_window: int | None = typer.Option(None, "--kv-window", help="snapkv/h2o: observation window and "
-                                                                       "recent entries always kept (default 32)."),
+                                                "recent entries always kept (default 32)."),
         kv_sinks: int | None = typer.Option(None, "--kv-sinks", help="First tokens always kept (default 4)."),
+        spec: bool = typer.Option(False, "--spec/--no-spec", help="Speculative Jacobi decoding of image blocks: "
+                                                                  "several code tokens per forward pass, same "
+                                                                  "distribution (greedy: same tokens)."),
+        spec_window: int = typer.Option(16, "--spec-window", help="Draft tokens verified per forward pass (>= 1)."),
+        spec_delta: float = typer.Option(0.0, "--spec-delta", help="Relaxed acceptance: most codebook-neighbour "
+                                                                   "mass credited to a draft, in [0, 1] (0 = exact)."),
+        spec_neighbours: int = typer.Option(8, "--spec-neighbours", help="Codebook neighbours per code that the "
+                                                                         "relaxed acceptance credits."),
+        detokenizer: str | None = typer.Option(None, "--detokenizer", help="Draw pictures with this diffusion "
+                                                  "detokenizer (a pipeline directory, or a folder of x1/ x2/); none: "
+                                                  "the image tokenizer's decoder. Default: the checkpoint's "
+                                                  "detokenizer/ when it has one."),
+        detok_steps: int | None = typer.Option(None, "--detok-steps", help="Detokenizer denoising steps (default 4)."),
+        detok_cfg_scale: float | None = typer.Option(None, "--detok-cfg-scale", help="Detokenizer guidance "
+                                                        "(1 = off, the default)."),
+        detok_scale: int | None = typer.Option(None, "--detok-scale", help="2: draw at twice the tokenizer's "
+                                                  "resolution with the 2x super-resolution detokenizer."),
+        options: list[str] | None = typer.Argument(None, help="More generation options as key=value (any "
+                                                      "GenerationOptions field), e.g. detok_scheduler=dpm cache=fp8."),
     ):
         """Generate interleaved text, images and speech; print the text, write each image as PNG and each
         audio block as WAV (at the codec's sample rate).
@@ -59,28 +78,39 @@ def register(app: typer.Typer) -> None:
         Temperature, top-k, top-p and CFG scale default to the settings the checkpoint was evaluated
         with (its generation_config.json; the quick start's for checkpoints without one).
 
+        Pictures are drawn by the checkpoint's diffusion detokenizer when it has one (its detokenizer/
+        folder) or --detokenizer names one, else by the image tokenizer's decoder; the last line says which.
+
         \b
         Example:
             mmgen generate --checkpoint runs/quickstart/sft/final --mode t2i --seed 1
                 --prompt "a large red circle at the top left, on a black background." --out out/
+            mmgen generate --checkpoint runs/quickstart/sft/final --mode t2i --prompt "a blue star"
+                --detokenizer runs/detok/pipeline --detok-steps 4 detok_scheduler=dpm
             mmgen generate --checkpoint runs/speech/final --mode tts --prompt "a red sound." --out out/
             mmgen generate --checkpoint runs/quickstart/sft/final --picture scene.png --mode text
                 --prompt "what colour is the circle?" --prune-method fastv --prune-ratio 0.25 --prune-layer 1
             mmgen generate --checkpoint runs/quickstart/sft/final --prompt "..." --kv-method h2o --kv-budget 256
                 --cache fp8
+            mmgen generate --checkpoint runs/quickstart/sft/final --mode t2i --prompt "..." --spec --spec-window 16
         """
         from mmgen.data.doc import Audio, Image
+        from mmgen.inference.detokenize import decoder_label
         from mmgen.inference.generate import run_generate
         from mmgen.inference.prune import parse_schedule
 
         given = dict(cache=cache, kv_method=kv_method, kv_budget=kv_budget, kv_window=kv_window, kv_sinks=kv_sinks)
+        flags = {"detok_path": detokenizer, "detok_steps": detok_steps, "detok_cfg_scale": detok_cfg_scale,
+                 "detok_scale": detok_scale}
         doc, paths = run_generate(checkpoint, prompt, out=out, mode=mode, seed=seed, cfg_scale=cfg_scale,
                                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, device=device, allow_audio=allow_audio,
                                   max_audio_frames=max_audio_frames, picture=picture, prune_method=prune_method,
                                   prune_ratio=prune_ratio, prune_layer=prune_layer,
-                                  prune_schedule=parse_schedule(prune_schedule or ""),
-                                  **{k: v for k, v in given.items() if v is not None})
+                                  prune_schedule=parse_schedule(prune_schedule or ""), spec_decoding=spec,
+                                  spec_window=spec_window, spec_delta=spec_delta, spec_neighbours=spec_neighbours,
+                                  overrides=options or [],
+                                  **{k: v for k, v in {**given, **flags}.items() if v is not None})
         media = iter(paths)  # run_generate lists the files in item order
         for it in doc.items:
             if isinstance(it, Image):
@@ -99,5 +129,11 @@ def register(app: typer.Typer) -> None:
         if kv["method"] != "none":
             typer.echo(f"kv cache ({kv['method']}, budget {kv['budget']}): {kv['tokens_held'][0]} of "
                        f"{kv['tokens_seen'][0]} tokens held, {kv['bytes']} bytes (peak {kv['bytes_peak']})", err=True)
-        typer.echo(f"({doc.meta['new_tokens']} tokens, stopped at {doc.meta['stop']}; {len(paths)} media file(s) "
-                   f"in {out})", err=True)
+        drawn = f"; pictures drawn by the {decoder_label(doc.meta['image_decoder'])}" if doc.images else ""
+        typer.echo(f"({doc.meta['new_tokens']} tokens, {doc.meta['forward_passes']} forward passes, "
+                   f"{doc.meta['tokens_per_s']} tokens/s, stopped at {doc.meta['stop']}; {len(paths)} media file(s) "
+                   f"in {out}{drawn})", err=True)
+        if "spec" in doc.meta:
+            s = doc.meta["spec"]
+            typer.echo(f"(speculative decoding: {s['tokens'] / max(1, s['passes']):.2f} image tokens per forward pass)",
+                       err=True)

@@ -103,8 +103,13 @@ class MMGenLMM(lmms):
             n = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
             return _cut(generate_text_rows(self.bundle, [row], max_new_tokens=n, batch_size=1)[0], until).strip()
         if mode == "t2i":
+            from mmgen.inference.detokenize import image_decoder
+            from mmgen.inference.pipeline import GenerationOptions
+
+            # drawn as generate_interleaved below draws: by the bundle's detokenizer when it has one
             img = generate_images(self.bundle, [context], temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                  seed=s["seed"], cfg_scale=s["cfg_scale"], batch_size=1)[0]
+                                  seed=s["seed"], cfg_scale=s["cfg_scale"], batch_size=1,
+                                  image_decoder=image_decoder(self.bundle, GenerationOptions(seed=s["seed"])))[0]
             return json.dumps({"text": "", "images": [self._save(img, name, 0)]}, ensure_ascii=False)
         doc = generate_interleaved(self.bundle, context, max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
                                    temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"],

@@ -23,10 +23,10 @@ EVALUATOR_VERSION = "1.0"
 DEFAULT_EVAL_SEED = 0
 
 # Files whose bytes decide what a checkpoint generates: the LM's weights, the text tokenizer, the
-# id layout and the media tokenizers' own weights and configs.
+# id layout, the media tokenizers' own weights and configs, and the detokenizers that draw its pictures.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                     "tokenizer.model", "added_tokens.json", "config.json")
-_MEDIA_DIRS = ("image_tokenizer", "audio_tokenizer")
+_MEDIA_DIRS = ("image_tokenizer", "audio_tokenizer", "detokenizer")
 
 
 def checkpoint_files(checkpoint: str | Path) -> list[Path]:

@@ -127,6 +127,7 @@ def write_eval_markdown(report: dict, path: str | Path) -> Path:
              f"(weights and tokenizer files). Evaluator {report['evaluator']['version']}.", "",
              f"Sampling: temperature {s['temperature']}, top-k {s['top_k']}, top-p {s['top_p']}, CFG scale {s['cfg_scale']}, "
              f"seed {s['seed']} (from: " + ", ".join(f"{k} {v}" for k, v in s["sources"].items()) + ").", "",
+             f"Generated pictures: {report.get('inference', {}).get('image_decoding', 'decoded by the image tokenizer')}.", "",
              "Every figure is a share of judged samples with its Wilson 95% interval and the counts behind it "
              "(PSNR and object recall: the mean with its normal 95% interval).", ""]
     for name, e in report["suites"].items():

@@ -44,18 +44,29 @@ def _read_done(path: Path) -> dict[str, list[dict]]:
 
 
 def _fingerprint(run: dict) -> dict:
-    return {k: run[k] for k in ("checkpoint_sha256", "sampling", "options", "evaluator_version")}
+    return {k: run.get(k) for k in ("checkpoint_sha256", "sampling", "options", "evaluator_version", "image_decoder")}
 
 
 def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str | Path = "eval", *,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
              cfg_scale: float | None = None, seed: int | None = None, device: str = "cpu",
-             progress: bool = True, bundle=None, **options) -> dict:
+             progress: bool = True, bundle=None, detok: dict | None = None, **options) -> dict:
     """Evaluate ``checkpoint`` on ``suites`` (comma list of t2i, robust, geneval, qa, interleaved, recon, or all)
     and write the report into ``out``; returns the report. Sampling settings left None come from the
     checkpoint's generation_config.json, else the quick start's settings. ``options`` are
-    :class:`~mmgen.eval.suites.EvalOptions` fields (n, prompt_seed, batch_size, geneval_prompts, ...)."""
+    :class:`~mmgen.eval.suites.EvalOptions` fields (n, prompt_seed, batch_size, geneval_prompts, ...).
+    ``detok`` holds :class:`~mmgen.inference.pipeline.GenerationOptions`' ``detok_*`` fields: generated
+    pictures are drawn as ``mmgen generate`` draws them, by the checkpoint's detokenizer when it has one
+    (:mod:`mmgen.inference.detokenize`)."""
+    from mmgen.inference.detokenize import check_detok_options, decoder_label, image_decoder
+    from mmgen.inference.pipeline import GenerationOptions
+
     names = parse_suites(suites)
+    bad = sorted(k for k in (detok or {}) if not k.startswith("detok_"))
+    if bad:
+        raise MMGenError(f"detok takes the detok_* generation options only, got {bad[0]!r}")
+    detok_opts = GenerationOptions.build(**(detok or {}))
+    check_detok_options(detok_opts)
     known = {f.name for f in fields(EvalOptions)}
     bad = sorted(set(options) - known)
     if bad:
@@ -85,10 +96,12 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
 
         bundle = load_bundle(ckpt, device=device)
     check_suites(can_draw(bundle), names, ckpt)  # a bundle given in memory is checked too
+    decoder = image_decoder(bundle, detok_opts) if can_draw(bundle) else None  # a misfit is a one-line error here
+    decoder_info = dict(decoder.info) if decoder is not None else None
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     run = {"checkpoint_sha256": ck["sha256"], "sampling": {k: v for k, v in sampling.items() if k != "sources"},
-           "options": asdict(opts), "evaluator_version": EVALUATOR_VERSION}
+           "options": asdict(opts), "evaluator_version": EVALUATOR_VERSION, "image_decoder": decoder_info}
     # as JSON reads them back, so a resumed run's options compare equal
     run["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in run["options"].items()}
     run_file = out / "run.json"
@@ -100,7 +113,9 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
                              "give another --out, or delete that folder to start over")
     run_file.write_text(json.dumps(run, indent=1))
 
-    ctx = Context(out=out, sampling=sampling, opts=opts)
+    ctx = Context(out=out, sampling=sampling, opts=opts, generation=detok_opts if decoder is not None else None)
+    drawn = f"drawn by the {decoder_label(decoder_info)} ({decoder_info['path']})" if decoder_info \
+        else "decoded by the bundle's image tokenizer"
     t0 = time.perf_counter()
     report = {
         "evaluator": {"name": "mmgen eval", "version": EVALUATOR_VERSION},
@@ -108,7 +123,8 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
         "sampling": sampling,
         "inference": {"device": device, "dtype": str(getattr(bundle.model, "dtype", "")), "batch_size": opts.batch_size,
                       "qa_decoding": f"greedy, at most {opts.qa_max_new_tokens} new tokens",
-                      "image_decoding": "one image block under the grid constraint, decoded by the bundle's image tokenizer",
+                      "image_decoding": f"one image block under the grid constraint, {drawn}",
+                      "image_decoder": decoder_info,
                       "torch_threads": _threads()},
         "options": run["options"],
         "machine": {"python": platform.python_version(), "platform": platform.platform()},

@@ -51,6 +51,8 @@ class EvalOptions:
     # build-up documents the model continues itself (writes the next instruction, then draws it); 0: none
     continuation_n: int = 0
     qa_max_new_tokens: int = 6
+    # build-up documents with at least this many pictures, cut before the last (0: any, cut at a random step)
+    interleaved_min_images: int = 0
     robust_forms: tuple[str, ...] = tuple(SURFACE_FORMS)  # the robust suite's surface forms
     robust_split: str = "val"  # whose t2i prompts the robust suite rewrites
 
@@ -61,6 +63,20 @@ class Context:
     sampling: dict
     opts: EvalOptions
     extra: dict = field(default_factory=dict)
+    # GenerationOptions every generation call uses: its KV cache and accelerations, and its detok_* fields
+    # choose the pictures' decoder (None: the plain loop and the image tokenizer's decoder)
+    generation: Any = None
+
+    def image_decoder(self, bundle, seed: int):
+        """What draws a batch's pictures when it samples with ``seed``: the detokenizer ``generation``
+        chooses (:func:`mmgen.inference.detokenize.image_decoder`, its noise seeded by ``seed``), or None."""
+        if self.generation is None:
+            return None
+        from dataclasses import replace
+
+        from mmgen.inference.detokenize import image_decoder
+
+        return image_decoder(bundle, replace(self.generation, seed=int(seed)))
 
     def save_image(self, img, rel: str):
         """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
@@ -99,11 +115,12 @@ def check_suites(drawable: bool, suites: list[str], checkpoint) -> None:
                          "data.image_tokenizer=DIR")
 
 
-def run_in_memory(suite, bundle, sampling: dict, opts: EvalOptions, progress: bool = False) -> list[dict]:
+def run_in_memory(suite, bundle, sampling: dict, opts: EvalOptions, progress: bool = False,
+                  generation=None) -> list[dict]:
     """Every record of ``suite`` in batch order, nothing written: the evaluation functions
     (:func:`mmgen.eval.t2i.evaluate_t2i`, ...) are this plus ``suite.summarize``, so they give the
-    numbers ``mmgen eval run`` gives for the same settings."""
-    ctx = Context(out=None, sampling=sampling, opts=opts)
+    numbers ``mmgen eval run`` gives for the same settings. ``generation``: see :class:`Context`."""
+    ctx = Context(out=None, sampling=sampling, opts=opts, generation=generation)
     suite.prepare(bundle, ctx)
     batches = suite.batches
     if progress:
@@ -186,7 +203,9 @@ def _draw_and_judge(bundle, bi: int, chunk, ctx: Context, tag: str, start: int, 
 
     s = ctx.sampling
     images = generate_images(bundle, [it.prompt for it in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                             top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                             top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                             options=ctx.generation,
+                             image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
     return [{"id": f"{tag}/{start + j}", "split": it.split, "prompt": it.prompt, "truth": it.scene.to_dict(),
              "image": ctx.save_image(img, f"{image_prefix}_{start + j:04d}.png"), **score_image(img, it.scene)}
             for j, (it, img) in enumerate(zip(chunk, images))]
@@ -281,7 +300,9 @@ class GenEvalSuite(Suite):
         start, chunk = payload
         s = ctx.sampling
         images = generate_images(bundle, [e["prompt"] for e in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
+                                 options=ctx.generation,
+                                 image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         det = self.detector(ctx)
         out = []
         for j, (e, img) in enumerate(zip(chunk, images)):
@@ -352,7 +373,7 @@ class QASuite(Suite):
 
         split, start, chunk = payload
         answers = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=ctx.opts.qa_max_new_tokens,
-                                     batch_size=len(chunk))
+                                     batch_size=len(chunk), options=ctx.generation)
         return [{"id": f"{split}/{start + j}", "split": split, "question": c["qa"][0], "truth": c["qa"][1], "qtype": c["qa"][2],
                  "answer": a, "correct": normalize_answer(a) == c["qa"][1], "scene": c["scene"].to_dict()}
                 for j, (c, a) in enumerate(zip(chunk, answers))]
@@ -396,7 +417,7 @@ class InterleavedSuite(Suite):
         self.batches, items = [], []
         uncond = prompt_ids(bundle, "", image=True)  # <s> <image>: the empty prompt
         for sp in ctx.opts.interleaved_splits:
-            cases = buildup_cases(ctx.opts.n, sp, ctx.sampling["seed"], res)
+            cases = buildup_cases(ctx.opts.n, sp, ctx.sampling["seed"], res, ctx.opts.interleaved_min_images)
             for c in cases:
                 c["row"], c["uncond"] = buildup_prompt_ids(bundle, c["items"]), uncond
             self.batches += [(k, bi, (sp, bi * ctx.opts.batch_size, chunk))
@@ -429,12 +450,14 @@ class InterleavedSuite(Suite):
 
         split, start, chunk = payload
         s = ctx.sampling
-        texts = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=32, batch_size=len(chunk))
+        texts = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=32, batch_size=len(chunk),
+                                   options=ctx.generation)
         texts = [t[:t.index(".") + 1] if "." in t else t for t in texts]
         rows = [c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)]
         images = generate_image_rows(bundle, rows, [c["uncond"] for c in chunk], temperature=s["temperature"],
                                      top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"],
-                                     batch_size=len(chunk))
+                                     batch_size=len(chunk), options=ctx.generation,
+                                     image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         out = []
         for j, (c, t, img) in enumerate(zip(chunk, texts, images)):
             i = start + j
@@ -465,7 +488,8 @@ class InterleavedSuite(Suite):
         s = ctx.sampling
         images = generate_image_rows(bundle, [c["row"] for c in chunk], [c["uncond"] for c in chunk],
                                      temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi,
-                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk))
+                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk), options=ctx.generation,
+                                     image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
         out = []
         for j, (c, img) in enumerate(zip(chunk, images)):
             i = start + j

@@ -68,17 +68,19 @@ def summarize(scores: list[dict]) -> dict:
 
 
 def evaluate_t2i(bundle, n: int = 32, seed: int = 0, cfg_scale: float | None = None, temperature: float | None = None,
-                 top_k: int | None = None, batch_size: int = 16, splits=("val", "heldout"), prompt_seed: int = 1234) -> dict:
+                 top_k: int | None = None, batch_size: int = 16, splits=("val", "heldout"), prompt_seed: int = 1234,
+                 options=None) -> dict:
     """Generate an image for ``n`` prompts per split and score them (the ``t2i`` suite of ``mmgen eval
     run``, in memory). Returns metrics and samples. ``seed`` drives sampling; ``prompt_seed`` picks the
     prompts (another value: a separate set, for choosing sampling settings without looking at the
-    reported prompts). Sampling options left None are the bundle's (its ``generation_config.json``)."""
+    reported prompts). Sampling options left None are the bundle's (its ``generation_config.json``);
+    ``options``: a GenerationOptions whose KV cache and accelerations the generation uses."""
     from mmgen.eval.suites import EvalOptions, T2ISuite, function_sampling, run_in_memory
 
     suite = T2ISuite(splits)
     sampling = function_sampling(bundle, seed, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale)
     records = run_in_memory(suite, bundle, sampling, EvalOptions(n=n, prompt_seed=prompt_seed, batch_size=batch_size),
-                            progress=True)
+                            progress=True, generation=options)
     summary = suite.summarize(records)
     return {"splits": {sp: {k: v for k, v in summary[sp].items() if k != "intervals"} for sp in splits},
             "samples": [{k: v for k, v in r.items() if k not in ("id", "truth")} for r in records]}

@@ -62,14 +62,16 @@ def qa_cases(n: int, split: str, seed: int) -> list[tuple]:
     return list(zip(scenes, [qa_pairs(s, rng, n=1)[0] for s in scenes]))
 
 
-def evaluate_qa(bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), batch_size: int = 16) -> dict:
+def evaluate_qa(bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), batch_size: int = 16,
+                options=None) -> dict:
     """Greedy short answers to one question per scene, scored exactly, per split and per type: the
-    ``qa`` suite of ``mmgen eval run``, in memory."""
+    ``qa`` suite of ``mmgen eval run``, in memory. ``options``: a GenerationOptions whose KV cache and
+    accelerations the generation uses (:class:`mmgen.eval.suites.Context`)."""
     from mmgen.eval.suites import EvalOptions, QASuite, function_sampling, run_in_memory
 
     suite = QASuite(splits)
     records = run_in_memory(suite, bundle, function_sampling(bundle, seed), EvalOptions(n=n, batch_size=batch_size),
-                            progress=True)
+                            progress=True, generation=options)
     summary = suite.summarize(records)
     return {"splits": {sp: {k: summary[sp][k] for k in ("n", "accuracy", "by_type")} for sp in splits},
             "samples": [{k: r[k] for k in ("split", "question", "truth", "answer", "correct")} for r in records]}
@@ -80,16 +82,20 @@ def resolution(bundle) -> tuple[int, int]:
     return tuple(v) if v else tuple(bundle.image_tokenizer.resolution)
 
 
-def buildup_cases(n: int, split: str, seed: int, res) -> list[dict]:
-    """``n`` build-up documents cut before a random step's image: the prompt items and the truth scene."""
+def buildup_cases(n: int, split: str, seed: int, res, min_images: int = 0) -> list[dict]:
+    """``n`` build-up documents cut before a random step's image: the prompt items and the truth scene.
+    With ``min_images``, only documents of at least that many pictures, cut before the last one (the
+    longest context they give), drawn from a generator of their own."""
     from mmgen.world import make_doc, render_size
 
-    rng = random.Random(f"buildup-{split}-{seed}")
+    rng = random.Random(f"buildup-{split}-{seed}" + (f"-min{min_images}" if min_images else ""))
     cases = []
     while len(cases) < n:
         doc = make_doc("buildup", rng, split=split, size=render_size(res))
         steps = [i for i, it in enumerate(doc.items) if it.kind == "image" and it.meta.get("step", 0) > 0]
-        cut = rng.choice(steps)  # the image to draw; the items before it are the prompt
+        if min_images and len(steps) + 1 < min_images:
+            continue
+        cut = steps[-1] if min_images else rng.choice(steps)  # the image to draw; the items before it are the prompt
         cases.append({"items": doc.items[:cut], "truth": doc.items[cut].meta["scene"],
                       "instruction": doc.items[cut - 1].text})
     return cases
@@ -143,16 +149,19 @@ def buildup_prompt_ids(bundle, items) -> list[int]:
 
 
 def evaluate_interleaved(bundle, n: int = 32, seed: int = 0, splits=("val",), temperature: float | None = None,
-                         top_k: int | None = None, cfg_scale: float | None = None, batch_size: int = 16) -> dict:
+                         top_k: int | None = None, cfg_scale: float | None = None, batch_size: int = 16,
+                         min_images: int = 0, options=None) -> dict:
     """Next-image accuracy on build-up documents, judged by the scene parser: the ``interleaved``
     suite of ``mmgen eval run``, in memory. Sampling options left None are the bundle's (its
-    ``generation_config.json``)."""
+    ``generation_config.json``); ``min_images`` as in :func:`buildup_cases`, ``options`` as in
+    :func:`evaluate_qa`."""
     from mmgen.eval.suites import EvalOptions, InterleavedSuite, function_sampling, run_in_memory
 
     suite = InterleavedSuite()
     sampling = function_sampling(bundle, seed, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale)
     records = run_in_memory(suite, bundle, sampling,
-                            EvalOptions(n=n, batch_size=batch_size, interleaved_splits=tuple(splits)), progress=True)
+                            EvalOptions(n=n, batch_size=batch_size, interleaved_splits=tuple(splits),
+                                        interleaved_min_images=min_images), progress=True, generation=options)
     summary = suite.summarize(records)
     keys = ("split", "instruction", "truth", "image", "exact", "parsed", "object_recall")
     return {"splits": {sp: {k: summary[sp][k] for k in ("n", "accuracy", "parse_rate", "object_recall")} for sp in splits},

@@ -1,8 +1,10 @@
 """The interleaved chat: a Gradio app whose answers mix text, generated images and generated speech.
 
-Each answer is one assistant message whose parts are, in order, the text spans, the images (PNG) and
-the speech (WAV, played by the chat's audio player) of the generated Doc, streamed while the model
-writes. The mode ``tts`` is offered only for bundles that can decode speech (an audio codec that
+Each answer is one assistant message whose parts are, in order, the text spans, the images (PNG, each
+with a line saying which decoder drew it: the image tokenizer's, or the bundle's diffusion detokenizer)
+and the speech (WAV, played by the chat's audio player) of the generated Doc, streamed while the model
+writes; a finished answer ends with what it cost (forward passes, tokens/s, KV-cache bytes). A collapsed
+"speed" panel sets the generation pipeline's speed options (:mod:`mmgen.inference.chat_speed`). The mode ``tts`` is offered only for bundles that can decode speech (an audio codec that
 matches the vocab's audio codes). The same function is the named API endpoint ``/chat``,
 so ``gradio_client.Client(url).predict(prompt, [], "t2i", 0.2, 0, 0, 1.0, 512, api_name="/chat")``
 returns the conversation with the answer's images as local files. A picture can go with the message
@@ -89,8 +91,10 @@ def _media_file(data: bytes, ext: str, media_dir: Path) -> str:
 
 
 def doc_to_message(doc, image_dir: Path) -> dict | None:
-    """The assistant message for a generated Doc: text spans, image and speech files, in document order."""
+    """The assistant message for a generated Doc: text spans, image and speech files, in document order;
+    under each generated picture the decoder that drew it, and under a finished answer its statistics."""
     from mmgen.data.doc import Audio, Image
+    from mmgen.inference.chat_speed import answer_stats, picture_caption
 
     parts: list = []
     for it in doc.items:
@@ -98,23 +102,36 @@ def doc_to_message(doc, image_dir: Path) -> dict | None:
             h, w = it.meta.get("codes_shape", ["?", "?"])
             parts.append({"path": _media_file(it.load(), "png", image_dir), "mime_type": "image/png",
                           "alt_text": f"generated image, {h}x{w} codes"})
+            caption = picture_caption(it.meta)
+            if caption:
+                parts.append(caption)
         elif isinstance(it, Audio):
             # Gradio's Chatbot picks its player from the file's mime type (taken from the .wav suffix).
             parts.append({"path": _media_file(it.load(), "wav", image_dir), "mime_type": "audio/wav",
                           "alt_text": f"generated speech, {it.duration:.2f} s"})
         else:
             parts.append(it.text)
+    stats = answer_stats(doc.meta) if parts else None
+    if stats:
+        parts.append(stats)
     return {"role": "assistant", "content": parts} if parts else None
 
 
 class ChatEngine:
     """Holds the loaded bundle and answers one prompt at a time (Gradio's queue serialises calls)."""
 
-    def __init__(self, bundle, image_dir: str | Path | None = None, max_prompt_chars: int = MAX_PROMPT_CHARS):
+    def __init__(self, bundle, image_dir: str | Path | None = None, max_prompt_chars: int = MAX_PROMPT_CHARS,
+                 detokenizer: str | None = None):
         import shutil
         import weakref
 
+        from mmgen.inference.detokenize import check_detok_options
+        from mmgen.inference.pipeline import GenerationOptions
+
         self.bundle = bundle
+        # The options every answer starts from; the panel and the sliders set the rest per answer.
+        self.defaults = GenerationOptions(detok_path=detokenizer or "auto")
+        check_detok_options(self.defaults, bundle)  # a detokenizer for another tokenizer fails at start-up
         if image_dir is None:
             # Under the system temp dir, where Gradio serves files from without an allowed_paths entry;
             # removed with the engine (or at exit), since Gradio keeps its own copies of what it served.
@@ -135,15 +152,32 @@ class ChatEngine:
                              f"{self.max_prompt_chars}")
         return message
 
+    def draws_with_detokenizer(self) -> bool:
+        """Whether this chat's pictures come from a diffusion detokenizer (the panel's detok_* controls act)."""
+        from mmgen.inference.detokenize import image_decoder
+
+        return can_draw(self.bundle) and image_decoder(self.bundle, self.defaults) is not None
+
+    def detokenizer_scales(self) -> list[int]:
+        """The output scales the chat's detokenizer draws at (1: the tokenizer's resolution, 2: twice it)."""
+        from mmgen.inference.detokenize import detokenizer_for
+
+        detoks = detokenizer_for(self.bundle, self.defaults)
+        return detoks.scales if detoks is not None else []
+
     def answer(self, message: str, history: list | None, mode: str = "auto", temperature: float | None = None,
                top_k: int | None = None, seed: int = 0, cfg_scale: float | None = None, max_new_tokens: int = 512,
-               stream_every_s: float = 0.2, picture=None):
+               stream_every_s: float = 0.2, picture=None, options: dict | None = None):
         """Yield the conversation (messages format) while the answer grows; the last yield is final.
         ``picture`` (PIL) is shown to the model before the message: a question about it in the text
         modes, an instruction for the next picture in t2i. Sampling options left None are the
-        bundle's. An empty or oversized message, or one longer than the model's context, is a
-        one-line MMGenError before any generation."""
-        from mmgen.inference.generate import default_image_sizes, iter_interleaved
+        bundle's; ``options`` sets any other GenerationOptions field (the speed panel's). An empty or
+        oversized message, one longer than the model's context, or an invalid option is a one-line
+        MMGenError before any generation."""
+        from dataclasses import asdict
+
+        from mmgen.inference.generate import default_image_sizes
+        from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
 
         history = list(history or [])
         message = self.check_message(message)
@@ -167,9 +201,12 @@ class ChatEngine:
             codec = self.bundle.audio_tokenizer
             frames = max(1, round(TTS_MIN_SECONDS * codec.frame_rate))
             max_new_tokens = max(max_new_tokens, self.bundle.vocab.audio_block_len(frames))
-        stream = iter_interleaved(self.bundle, message, max_new_tokens=max_new_tokens, temperature=_num(temperature, float),
-                                  top_k=_num(top_k, int), seed=int(seed), cfg_scale=_num(cfg_scale, float), mode=mode,
-                                  allow_audio=self.speaks and mode != "text", picture=picture)
+        o = GenerationOptions.build(**{**asdict(self.defaults), **(options or {}), "mode": mode,
+                                       "max_new_tokens": max_new_tokens, "temperature": _num(temperature, float),
+                                       "top_k": _num(top_k, int), "seed": int(seed), "cfg_scale": _num(cfg_scale, float),
+                                       "allow_audio": self.speaks and mode != "text"})
+        # a pipeline per answer: its processor reads the bundle's chat template as it is now
+        stream = MMGenPipeline(self.bundle).stream(message, o, picture=picture)
         last = 0.0
         n_media = 0
         doc = None
@@ -204,7 +241,7 @@ def load_picture(path) -> object:
         raise MMGenError("the picture could not be read as an image; upload a PNG, JPEG or WebP file") from None
 
 
-def _describe(bundle, checkpoint_dir) -> str:
+def _describe(bundle, checkpoint_dir, detokenizer: dict | None = None) -> str:
     from mmgen.inference.generate import default_image_sizes
 
     n_params = sum(p.numel() for p in bundle.model.parameters())
@@ -214,6 +251,8 @@ def _describe(bundle, checkpoint_dir) -> str:
         h, w = sizes[0]
         d = bundle.image_tokenizer.downsample
         img = f"images {w * d}x{h * d} px ({h}x{w} codes, {bundle.vocab.image_block_len(h, w)} tokens each)"
+        if detokenizer:
+            img += f" drawn by the diffusion detokenizer ({', '.join(f'{s}x' for s in detokenizer['scales'])})"
     if can_speak(bundle):
         codec = bundle.audio_tokenizer
         img += f" · speech at {codec.sample_rate} Hz ({codec.frame_rate:g} frames/s, {codec.n_q} tokens a frame)"
@@ -222,9 +261,11 @@ def _describe(bundle, checkpoint_dir) -> str:
 
 
 def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, concurrency: int = CONCURRENCY,
-              max_prompt_chars: int = MAX_PROMPT_CHARS):
+              max_prompt_chars: int = MAX_PROMPT_CHARS, detokenizer: str | None = None):
     """The chat as a ``gr.Blocks`` (not launched). ``bundle`` skips loading when already in memory;
-    ``concurrency`` answers run at once (the model is shared read-only; each answer has its own cache)."""
+    ``concurrency`` answers run at once (the model is shared read-only; each answer has its own cache).
+    ``detokenizer`` (a directory, or ``none``) chooses what draws the pictures instead of the bundle's own."""
+    from mmgen.inference.chat_speed import SPEED_CONTROLS, build_speed_panel, speed_options
     from mmgen.inference.settings import bundle_sampling
 
     gr = _gradio()
@@ -236,25 +277,28 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, conc
         bundle = load_bundle(checkpoint_dir, device=device)
     if int(concurrency) < 1:
         raise MMGenError(f"concurrency must be >= 1, got {concurrency}")
-    engine = ChatEngine(bundle, max_prompt_chars=max_prompt_chars)
+    engine = ChatEngine(bundle, max_prompt_chars=max_prompt_chars, detokenizer=detokenizer)
     defaults = bundle_sampling(bundle)  # the sliders start at the settings the bundle was evaluated with
     has_images = can_draw(bundle)
     # Guidance acts on every media token (processors.MediaCFGLogitsProcessor), so the label names what this bundle writes.
     guided = " and ".join(k for k, on in (("image", has_images), ("audio", engine.speaks)) if on)
 
     def chat(message: str, history: list, mode: str, temperature: float, top_k: int, seed: int,
-             cfg_scale: float, max_new_tokens: int, picture=None):
+             cfg_scale: float, max_new_tokens: int, picture=None, *speed):
         """Answer `message` with interleaved text, images and speech; returns the conversation. An
-        optional `picture` is shown to the model first (ask about it, or have the next one drawn)."""
+        optional `picture` is shown to the model first (ask about it, or have the next one drawn); the
+        remaining arguments are the speed panel's options, in its order."""
         try:
             shown = load_picture(picture) if picture else None
             yield from engine.answer(message, history, mode, temperature, top_k, seed, cfg_scale, max_new_tokens,
-                                     picture=shown)
+                                     picture=shown, options=speed_options(speed))
         except MMGenError as e:
             raise gr.Error(str(e)) from None
 
     with gr.Blocks(title="mmgen chat", analytics_enabled=False, fill_height=True, delete_cache=DELETE_CACHE) as app:
-        gr.Markdown("## mmgen · interleaved chat\n" + _describe(bundle, checkpoint_dir))
+        drawn = engine.draws_with_detokenizer()
+        detok = {"scales": engine.detokenizer_scales()} if drawn else None
+        gr.Markdown("## mmgen · interleaved chat\n" + _describe(bundle, checkpoint_dir, detok))
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="conversation", height=520, elem_id="mmgen-chat", buttons=["copy", "copy_all"],
@@ -279,11 +323,17 @@ def build_app(checkpoint_dir: str | Path, device: str = "cpu", bundle=None, conc
                 top_k = gr.Slider(0, 512, value=defaults.top_k, step=1, label="top-k (0 = off)")
                 seed = gr.Number(value=0, precision=0, label="seed")
                 max_new_tokens = gr.Slider(16, 2048, value=512, step=16, label="max new tokens")
+                with gr.Accordion("speed", open=False, elem_id="mmgen-speed"):
+                    gr.Markdown("Options of the generation pipeline; under each answer: its forward passes, "
+                                "tokens/s and KV-cache bytes.")
+                    depth = getattr(bundle.model.config, "num_hidden_layers", None)
+                    speed = build_speed_panel(gr, engine.defaults, {"detokenizer": drawn},
+                                              {"layers": depth - 1 if depth else None}, SPEED_CONTROLS)
                 clear = gr.Button("Clear conversation")
         gr.Examples(examples=EXAMPLES if has_images else [[e[0], "text"] for e in EXAMPLES],
                     inputs=[msg, mode], label="ShapesWorld prompts")
 
-        inputs = [msg, chatbot, mode, temperature, top_k, seed, cfg_scale, max_new_tokens, picture]
+        inputs = [msg, chatbot, mode, temperature, top_k, seed, cfg_scale, max_new_tokens, picture, *speed]
         event = gr.on([msg.submit, send.click], chat, inputs, chatbot, api_name="chat")
         event.then(lambda: "", None, msg, api_visibility="private")
         clear.click(lambda: [], None, chatbot, api_visibility="private")
@@ -320,12 +370,12 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, block: bool = 
 
 
 def serve(checkpoint_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          device: str = "cpu", block: bool = True):
+          device: str = "cpu", block: bool = True, detokenizer: str | None = None):
     """Load a checkpoint and serve the chat at ``http://host:port``; returns the app when not blocking."""
     if share:
         raise MMGenError("public share links are disabled (they route through gradio.live); "
                          "bind --host 0.0.0.0 and use your own tunnel or reverse proxy instead")
-    app = build_app(checkpoint_dir, device=device)
+    app = build_app(checkpoint_dir, device=device, detokenizer=detokenizer)
     url = launch(app, host=host, port=port, block=block)
     if not block:
         print(f"mmgen chat running at {url}", flush=True)

@@ -214,6 +214,8 @@ class ImageGridConstraint(LogitsProcessor):
                     m[self.audio_open] = audio_ok
                 self._masks[key] = m
             return self._masks[key].to(device)
+        if p >= 3:
+            return self.block_allowed(p, self.h_tok[b], self.w_tok[b], size, device)
         allowed = v.image_next_allowed(_BlockView(p, self.h_tok[b], self.w_tok[b]), self.sizes)
         if p in (1, 2) and remaining is not None:
             # Keep only grids whose whole block still fits in the token budget. A block the prompt
@@ -225,6 +227,17 @@ class ImageGridConstraint(LogitsProcessor):
             allowed = fit or allowed
         if allowed is None:  # cannot happen: a complete block resets pos to 0
             raise RuntimeError("grid constraint: block already complete")
+        key = ("range", *allowed) if isinstance(allowed, tuple) else ("ids", *allowed)
+        return self._mask(key, allowed, size, device)
+
+    def block_allowed(self, p: int, h_tok: int, w_tok: int, size: int, device=None) -> torch.Tensor:
+        """(size,) bool: the ids allowed at index ``p >= 3`` of an image block whose size tokens are
+        ``h_tok``, ``w_tok`` -- what :meth:`mask` applies there. Past the size tokens it depends on nothing
+        else (not on the token budget: the block was only opened because it fits), so speculative
+        decoding asks it for positions ahead of a row's current one."""
+        allowed = self.vocab.image_next_allowed(_BlockView(p, h_tok, w_tok), self.sizes)
+        if allowed is None:
+            raise MMGenError(f"grid constraint: index {p} is past the end of the image block")
         key = ("range", *allowed) if isinstance(allowed, tuple) else ("ids", *allowed)
         return self._mask(key, allowed, size, device)
 

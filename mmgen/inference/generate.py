@@ -62,9 +62,9 @@ def image_ids(bundle, images: Sequence) -> list[list[int]]:
     return _processor(bundle).image_ids(images)
 
 
-def decode_parsed_blocks(bundle, parsed: Sequence[dict]) -> list:
+def decode_parsed_blocks(bundle, parsed: Sequence[dict], image_decoder=None) -> list:
     """:meth:`MMGenProcessor.decode_image_blocks <mmgen.processing.processor.MMGenProcessor.decode_image_blocks>`."""
-    return _processor(bundle).decode_image_blocks(parsed)
+    return _processor(bundle).decode_image_blocks(parsed, image_decoder)
 
 
 def default_image_sizes(bundle) -> list[tuple[int, int]]:
@@ -184,7 +184,8 @@ def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature
     finished answer (``meta['stop']`` says why it stopped: ``eos`` or ``max_new_tokens``). Sampling
     options left None are the bundle's (:func:`mmgen.inference.settings.bundle_sampling`);
     ``max_new_tokens`` is cut to what the model's context leaves after the prompt (``meta['note']``).
-    ``options`` are further :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``)."""
+    ``options`` are further :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``,
+    ``spec_decoding=True``, ...)."""
     from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
 
     options = GenerationOptions(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -233,16 +234,31 @@ def check_block_budget(vocab: Vocab, mode: str, max_new_tokens: int, sizes) -> N
                              f"({need} tokens); raise --max-new-tokens")
 
 
+def _loop_kwargs(bundle, options, prune=None, spec=None, stats=None) -> dict:
+    """The decode loop's parts for one batch: those ``options`` choose, with ``prune`` and ``spec`` given
+    in place (so the caller can read their reports after), and ``stats`` to add the forward passes to."""
+    from mmgen.inference.pipeline import loop_kwargs
+
+    kw = loop_kwargs(bundle, options)
+    kw.update({k: v for k, v in {"prune": prune, "spec": spec, "stats": stats}.items() if v is not None})
+    return kw
+
+
 @torch.no_grad()
 def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequence[Sequence[int]] | None = None,
                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
                         size: tuple[int, int] | None = None, progress: bool = False, desc: str = "t2i",
-                        prune=None) -> list:
+                        options=None, prune=None, spec=None, image_decoder=None, stats: dict | None = None) -> list:
     """One image per prompt row: each row (token ids ending in ``<image>``) is continued by exactly
-    one image block under the grid constraint, then decoded. Batch ``i`` uses seed ``seed + i``.
-    Sampling options left None are the bundle's. ``uncond_rows`` are needed when guidance is on.
-    ``prune`` (a :class:`~mmgen.inference.prune.PrefillPruner`) prunes the pictures the rows show."""
+    one image block under the grid constraint, then decoded (by the image tokenizer, or by
+    ``image_decoder``: :func:`mmgen.inference.detokenize.image_decoder`). Batch ``i`` uses seed
+    ``seed + i``. Sampling options left None are the bundle's. ``uncond_rows`` are needed when guidance is on.
+    ``options`` (a :class:`~mmgen.inference.pipeline.GenerationOptions`) chooses the decode loop's other
+    parts, its KV cache and accelerations (:func:`~mmgen.inference.pipeline.loop_kwargs`); its sampling
+    fields are not read here. ``prune`` (a :class:`~mmgen.inference.prune.PrefillPruner`) and ``spec`` (a
+    :class:`~mmgen.inference.speculative.SpeculativeJacobi`) replace the ones ``options`` would build, so
+    their reports can be read after; ``stats['forward_passes']`` adds up the forward passes of all batches."""
     from mmgen.inference.settings import bundle_sampling
 
     s = bundle_sampling(bundle, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
@@ -272,22 +288,23 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + bi,
                                          cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1,
-                                         prune=prune):
+                                         **_loop_kwargs(bundle, options, prune, spec, stats)):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a:
                     blocks[r].append(t)
-        out += decode_parsed_blocks(bundle, [vocab.parse_image_block(b) for b in blocks])
+        out += decode_parsed_blocks(bundle, [vocab.parse_image_block(b) for b in blocks], image_decoder)
     return out
 
 
 def generate_images(bundle, prompts: Sequence[str], temperature: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
-                    size: tuple[int, int] | None = None, progress: bool = False) -> list:
+                    size: tuple[int, int] | None = None, progress: bool = False, options=None, spec=None,
+                    image_decoder=None, stats: dict | None = None) -> list:
     """Text-to-image for many prompts, batched: one PIL image per prompt, in order.
 
     ``size`` is the (H, W) code grid (default: the tokenizer's native grid). Batch ``i`` uses seed
     ``seed + i`` so results do not depend on how many batches ran before. Sampling options left None
-    are the bundle's."""
+    are the bundle's; ``options``, ``spec``, ``image_decoder`` and ``stats`` as in :func:`generate_image_rows`."""
     from mmgen.inference.settings import bundle_sampling
 
     if isinstance(prompts, str):
@@ -296,14 +313,15 @@ def generate_images(bundle, prompts: Sequence[str], temperature: float | None = 
     rows = [prompt_ids(bundle, p, image=True) for p in prompts]
     uncond = [prompt_ids(bundle, "", image=True) for _ in prompts] if cfg_scale != 1.0 else None
     return generate_image_rows(bundle, rows, uncond, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               cfg_scale=cfg_scale, batch_size=batch_size, size=size, progress=progress)
+                               cfg_scale=cfg_scale, batch_size=batch_size, size=size, progress=progress,
+                               options=options, spec=spec, image_decoder=image_decoder, stats=stats)
 
 
 @torch.no_grad()
 def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: int = 16, batch_size: int = 16,
-                       progress: bool = False, desc: str = "text", prune=None) -> list[str]:
-    """Greedy text continuation of each prompt row until ``</s>`` (no images): short answers. ``prune`` (a
-    :class:`~mmgen.inference.prune.PrefillPruner`) prunes the pictures the rows show."""
+                       progress: bool = False, desc: str = "text", options=None, prune=None) -> list[str]:
+    """Greedy text continuation of each prompt row until ``</s>`` (no images): short answers. ``options``
+    and ``prune`` as in :func:`generate_image_rows`."""
     vocab = bundle.vocab
     eos, pad = eos_and_pad_ids(bundle)
     out: list[str] = []
@@ -316,7 +334,8 @@ def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: in
         chunk = [list(r) for r in rows[s:s + batch_size]]
         got: list[list[int]] = [[] for _ in chunk]
         for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=max_new_tokens, eos_id=eos,
-                                         pad_id=pad, temperature=0.0, allow_images=False, prune=prune):
+                                         pad_id=pad, temperature=0.0, allow_images=False,
+                                         **_loop_kwargs(bundle, options, prune)):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a and t != eos:
                     got[r].append(t)
@@ -329,30 +348,36 @@ def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generat
                  seed: int = 0, cfg_scale: float | None = None, max_new_tokens: int = 512,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  device: str = "cpu", allow_audio: bool = False, max_audio_frames: int | None = None,
-                 picture: str | Path | None = None, **options) -> tuple[Doc, list[Path]]:
+                 picture: str | Path | None = None, overrides: Sequence[str] = (), **options) -> tuple[Doc, list[Path]]:
     """``mmgen generate``: load a checkpoint, generate, write images as PNG and speech as WAV (and the
     Doc as JSON). Returns the Doc and the media files in item order. Sampling options left None are
-    the bundle's (its ``generation_config.json``); every option is checked before the model loads.
-    ``picture`` (an image file) is shown to the model before the prompt's text; ``options`` are further
-    :class:`~mmgen.inference.pipeline.GenerationOptions` fields (``prune_method=...``, ``cache``, ``kv_*``)."""
+    the bundle's (its ``generation_config.json``). ``picture`` (an image file) is shown to the model
+    before the prompt's text. ``options`` and then ``overrides`` (``key=value`` strings, the CLI's trailing
+    arguments) set any other :class:`~mmgen.inference.pipeline.GenerationOptions` field, e.g.
+    ``prune_method``, ``kv_method``, ``detok_steps``, ``spec_decoding``, ``cache``. Every option is checked
+    before the model loads."""
+    from mmgen.inference.detokenize import check_detok_options
     from mmgen.inference.kv_cache import check_kv_options
-    from mmgen.inference.pipeline import GenerationOptions
+    from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
     from mmgen.inference.prune import check_prune_options
+    from mmgen.inference.speculative import check_spec_options
     from mmgen.models.bundle import check_bundle_dir, load_bundle
     from mmgen.utils.compat import ensure_torchvision
 
-    opts = GenerationOptions(**options)
-    check_options(mode, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                  allow_audio=allow_audio, max_audio_frames=max_audio_frames, cache=opts.cache)
-    check_prune_options(opts)
-    check_kv_options(opts)
+    o = GenerationOptions.build(overrides, mode=mode, seed=seed, cfg_scale=cfg_scale, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p, allow_audio=allow_audio,
+                                max_audio_frames=max_audio_frames, **options)
+    check_options(o.mode, o.max_new_tokens, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                  cfg_scale=o.cfg_scale, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames, cache=o.cache)
+    check_prune_options(o)
+    check_detok_options(o)
+    check_kv_options(o)
+    check_spec_options(o)
     shown = _read_picture(picture) if picture is not None else None
     check_bundle_dir(checkpoint)
     ensure_torchvision()
     bundle = load_bundle(checkpoint, device=device)
-    doc = generate_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, allow_audio=allow_audio,
-                               max_audio_frames=max_audio_frames, picture=shown, **options)
+    doc = MMGenPipeline(bundle)(prompt, o, picture=shown)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

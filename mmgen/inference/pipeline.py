@@ -17,7 +17,9 @@ Steps 2 and 5 are the bundle's :class:`~mmgen.processing.processor.MMGenProcesso
 The loop is written here rather than delegated to ``model.generate()`` because one step must see the
 conditional and unconditional rows of classifier-free guidance together (``generate()`` runs the
 unconditional pass as a second model call with its own cache per step, and cannot guide only the rows
-that are inside a media block), and because the chat streams the answer token by token as a Doc.
+that are inside a media block), because the chat streams the answer token by token as a Doc, and
+because speculative Jacobi decoding (:mod:`mmgen.inference.speculative`) verifies a window of drafts per
+call on the guided distribution of those rows.
 """
 
 from __future__ import annotations
@@ -64,9 +66,29 @@ class GenerationOptions:
     kv_budget: int | None = None  # most entries a row holds per layer and KV head (None: no eviction, exact)
     kv_window: int = 32  # snapkv / h2o: observation window of the prompt, and the recent entries always kept
     kv_sinks: int = 4  # the first tokens of each row, always kept
+    # Speculative Jacobi decoding of image blocks (mmgen.inference.speculative); off decodes plainly
+    spec_decoding: bool = False
+    spec_window: int = 16  # draft tokens verified per forward pass
+    spec_delta: float = 0.0  # relaxed acceptance: most codebook-neighbour mass credited to a draft (0: exact)
+    spec_neighbours: int = 8  # nearest codebook codes per code that the relaxed acceptance credits
+    # The diffusion detokenizer draws the pictures (mmgen.inference.detokenize): detok_path "auto" is the
+    # bundle's detokenizer/ when it has one, "none" the image tokenizer's decoder, or a directory
+    detok_path: str = "auto"
+    detok_steps: int = 4  # 4 draws as well as 8 or 25 (BENCHMARKS "Diffusion detokenizer"), at half of 8's cost
+    detok_cfg_scale: float = 1.0
+    detok_scale: int = 1  # 2: the 2x super-resolution pipeline
+    detok_scheduler: str | None = None  # None: the sampler saved with it; ddim, dpm or ddpm
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def build(cls, overrides: Sequence[str] = (), **fields) -> GenerationOptions:
+        """Options from ``fields`` with ``key=value`` ``overrides`` on top (the CLI's trailing
+        arguments); an unknown key or a value of the wrong type is a one-line MMGenError naming it."""
+        from mmgen.config import apply_overrides, from_dict
+
+        return from_dict(cls, apply_overrides(fields, list(overrides)))
 
 
 CACHES = ("dynamic", "fp8")
@@ -81,6 +103,23 @@ def make_cache(model, kind: str = "dynamic"):
     if kind == "fp8":
         return QuantizedCache("fp8", model.config)
     raise MMGenError(f"unknown cache '{kind}' (use one of: {', '.join(CACHES)})")
+
+
+def loop_kwargs(bundle, options: GenerationOptions | None) -> dict:
+    """:func:`decode_loop`'s keyword arguments for the parts of one call that ``options`` choose (the KV
+    cache, the prefill pruner, speculative decoding), built fresh for that call from ``bundle``; ``{}`` for
+    None (the loop's defaults)."""
+    if options is None:
+        return {}
+    from mmgen.inference.kv_cache import check_kv_options, kv_cache_for
+    from mmgen.inference.prune import check_prune_options, make_pruner
+    from mmgen.inference.speculative import check_spec_options, speculative_from_options
+
+    check_prune_options(options, bundle.model.config)
+    check_kv_options(options, bundle.model.config)
+    check_spec_options(options, bundle)
+    return {"cache": kv_cache_for(bundle.model, options), "prune": make_pruner(options),
+            "spec": speculative_from_options(options, bundle)}
 
 
 def cache_bytes(cache) -> int:
@@ -132,7 +171,8 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
                 cfg_scale: float = 1.0, uncond_rows: Sequence[Sequence[int]] | None = None,
                 sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
                 stop_after_images: int | None = None, logits_hook=None, allow_audio: bool = False,
-                max_audio_frames: int | None = None, cache=None, prune=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                max_audio_frames: int | None = None, cache=None, prune=None, spec=None,
+                stats: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Steps 3 and 4: continue ``rows`` token by token, yielding ``(tokens, active)`` per step.
 
     ``tokens`` are the (B,) new ids, ``active`` which rows were still generating (a finished row's token
@@ -140,7 +180,10 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     (``cfg_scale != 1``) the batch holds the conditional rows then ``uncond_rows``; both receive the
     sampled token. ``cache`` is the ``transformers.Cache`` to fill (default: a new ``DynamicCache``). ``prune``, a
     :class:`~mmgen.inference.prune.PrefillPruner`, prunes the picture tokens at the prefill: the cache then
-    holds fewer columns than the rows, and the steps' attention mask follows the cache."""
+    holds fewer columns than the rows, and the steps' attention mask follows the cache. ``spec`` (a
+    :class:`~mmgen.inference.speculative.SpeculativeJacobi`) decodes image blocks with speculative Jacobi
+    decoding. ``stats['forward_passes']`` counts every model forward the loop makes (one per batch, CFG rows
+    included; a verified window is one)."""
     from transformers import StoppingCriteriaList
 
     from mmgen.inference.constraints import ImageGridConstraint
@@ -168,19 +211,36 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
                                     + ([ImagesDoneCriteria(stop_after_images, constraint)]
                                        if stop_after_images is not None else []))
     gen = torch.Generator().manual_seed(int(seed))
+    stats = {} if stats is None else stats
+    stats.setdefault("forward_passes", 0)
+
+    def forward(**kw):
+        stats["forward_passes"] += 1
+        return model(**kw)
+
     how = prepare_inputs_for(model)
     cache = make_cache(model) if cache is None else cache
     keep = {"logits_to_keep": 1} if how["logits_to_keep"] else {}  # the prefill needs the last position only
     if prune is not None:
+        stats["forward_passes"] += 1  # a pruned prefill is one pass through the layers, fewer tokens after layer K
         out, attn = prune.prefill(model, vocab, ids, attn, position, cache, n_cond=bsz)
     else:
-        out = model(input_ids=ids, attention_mask=attention_mask_for(cache, attn), position_ids=position,
-                    use_cache=True, **{how["cache_kw"]: cache}, **keep)
+        out = forward(input_ids=ids, attention_mask=attention_mask_for(cache, attn), position_ids=position, use_cache=True,
+                      **{how["cache_kw"]: cache}, **keep)
     dropped = cur - attn.shape[1]  # prefill columns pruning left out of the cache
     attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
     attn_buf[:, :attn.shape[1]] = attn
     logits = out.logits[:, -1, :].float()
     next_pos = position[:, -1] + 1
+    if spec is not None:
+        from mmgen.inference.speculative import jacobi_decode
+
+        yield from jacobi_decode(model, vocab, spec, cache=cache, cache_kw=how["cache_kw"], seq=seq, cur=cur,
+                                 attn=attn_buf, dropped=dropped, next_pos=next_pos, logits=logits,
+                                 processors=processors, stopping=stopping, constraint=constraint, cfg_scale=cfg_scale,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, gen=gen,
+                                 max_new_tokens=max_new_tokens, pad_id=pad_id, stats=stats)
+        return
     active = torch.ones(bsz, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         scores = processors(seq[:, :cur], logits)
@@ -205,9 +265,8 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
             g = model.grid_cells(seq[:, :cur], 1)
             grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
         # A compressed cache holds fewer entries than tokens seen: its own mask (positions stay the rows' own).
-        out = model(input_ids=step_tok[:, None], attention_mask=attention_mask_for(cache, attn_buf[:, :cur - dropped]),
-                    position_ids=next_pos[:, None],
-                    use_cache=True, **{how["cache_kw"]: cache}, **grid)
+        out = forward(input_ids=step_tok[:, None], attention_mask=attention_mask_for(cache, attn_buf[:, :cur - dropped]),
+                      position_ids=next_pos[:, None], use_cache=True, **{how["cache_kw"]: cache}, **grid)
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
 
@@ -231,19 +290,23 @@ class MMGenPipeline:
         option this bundle cannot honour."""
         from dataclasses import replace
 
+        from mmgen.inference.detokenize import check_detok_options
         from mmgen.inference.generate import check_mode_supported, check_options
         from mmgen.inference.kv_cache import check_kv_options
         from mmgen.inference.prune import check_prune_options
         from mmgen.inference.settings import bundle_sampling
+        from mmgen.inference.speculative import check_spec_options
 
         o = options
         check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames,
                       cache=o.cache)
         check_kv_options(o, self.bundle.model.config)
+        check_detok_options(o, self.bundle)
         s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             cfg_scale=o.cfg_scale)
         check_mode_supported(self.bundle, o.mode, o.allow_audio)
         check_prune_options(o, self.bundle.model.config)
+        check_spec_options(o, self.bundle)
         return replace(o, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
 
     # 2. encode the prompt ---------------------------------------------------------------------------
@@ -270,9 +333,9 @@ class MMGenPipeline:
         import time
         from dataclasses import replace
 
+        from mmgen.inference.detokenize import image_decoder
         from mmgen.inference.generate import check_block_budget, default_image_sizes, eos_and_pad_ids, fit_to_context
-        from mmgen.inference.kv_cache import kv_cache_for, kv_stats
-        from mmgen.inference.prune import make_pruner
+        from mmgen.inference.kv_cache import kv_stats
 
         o = self.check_inputs(replace(options or GenerationOptions(), **kw))
         b, vocab = self.bundle, self.bundle.vocab
@@ -283,7 +346,7 @@ class MMGenPipeline:
         row, uncond = self.encode_prompt(prompt, o, picture)
         budget, note = fit_to_context(b.model, len(row), o.max_new_tokens)
         check_block_budget(vocab, o.mode, budget, sizes)
-        builder = self.processor.doc_decoder(audio=can_audio)
+        builder = self.processor.doc_decoder(audio=can_audio, image_decoder=image_decoder(b, o) if can_image else None)
         if o.mode in ("t2i", "tts"):
             builder.block = [row[-1]]  # the opener the prompt ends with
         meta = {"prompt": prompt, "mode": o.mode, "seed": o.seed, "cfg_scale": o.cfg_scale,
@@ -293,16 +356,17 @@ class MMGenPipeline:
             meta["note"] = note
         if can_audio:
             meta["max_audio_frames"] = o.max_audio_frames
+        if can_image:
+            meta["image_decoder"] = builder.decoder_info  # what draws this answer's pictures
+        stats = {"forward_passes": 0}
         stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
-        cache = kv_cache_for(b.model, o)  # 3. prepare the cache
-        pruner = make_pruner(o)
-        passes = 0  # each answer token took one forward (the prefill, then one step each)
+        extra = loop_kwargs(b, o)  # 3. prepare the cache (and the prefill pruner, speculative decoding)
+        cache, pruner, spec = extra["cache"], extra["prune"], extra["spec"]
         for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
                                        cfg_scale=o.cfg_scale, uncond_rows=[uncond] if uncond else None, sizes=sizes,
                                        allow_images=can_image, allow_audio=can_audio,
-                                       max_audio_frames=o.max_audio_frames, cache=cache, prune=pruner):
-            passes += 1
+                                       max_audio_frames=o.max_audio_frames, stats=stats, **extra):
             if not bool(active[0]):
                 break
             t = int(tok[0])
@@ -312,11 +376,15 @@ class MMGenPipeline:
                 break
             builder.push(t)  # 5. decode media: a block is decoded as soon as it closes
             yield builder.snapshot({**meta, "new_tokens": new})
-        meta.update(new_tokens=new, stop=stop, seconds=round(time.perf_counter() - t0, 3),
+        seconds = time.perf_counter() - t0
+        meta.update(new_tokens=new, stop=stop, seconds=round(seconds, 3), forward_passes=stats["forward_passes"],
+                    tokens_per_s=round(new / seconds, 2) if seconds > 0 else None,
                     cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)},
-                    forward_passes=passes, kv=kv_stats(cache))
+                    kv=kv_stats(cache))
         if pruner is not None:
             meta["prune"] = pruner.report
+        if spec is not None:
+            meta["spec"] = spec.stats
         yield builder.finish(meta)
 
     def __call__(self, prompt: str, options: GenerationOptions | None = None, picture=None, **kw):

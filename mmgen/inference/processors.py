@@ -22,6 +22,11 @@ from mmgen.inference.constraints import ImageGridConstraint  # also makes transf
 from mmgen.processing.vocab import Vocab
 
 
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance of logits: ``uncond + scale * (cond - uncond)``."""
+    return uncond + scale * (cond - uncond)
+
+
 class MediaCFGLogitsProcessor(LogitsProcessor):
     """Classifier-free guidance on media tokens only, for rows inside a media block.
 
@@ -55,7 +60,7 @@ class MediaCFGLogitsProcessor(LogitsProcessor):
             uncond, guided = None, cond
         else:
             uncond = scores[bsz:]
-            mixed = uncond + self.guidance_scale * (cond - uncond)
+            mixed = cfg_mix(cond, uncond, self.guidance_scale)
             where = in_block[:, None] & self.media_columns(scores.shape[-1], scores.device)[None, :]
             guided = torch.where(where, mixed, cond)
         if self.logits_hook is not None:

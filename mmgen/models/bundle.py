@@ -8,6 +8,9 @@ Layout (every file in the ecosystem's own format, safetensors only)::
     DIR/image_tokenizer/                      the image tokenizer (mmgen.tokenizers save_pretrained)
     DIR/audio_tokenizer/                      the audio codec (AudioCodec save_pretrained), when training used one:
                                               what turns generated audio codes back into a waveform
+    DIR/detokenizer/x1/, x2/                  optional diffusion detokenizers of the image tokenizer's codes, by
+                                              output scale (mmgen.models.detokenizer_set): generation draws
+                                              pictures through them
     DIR/generation_config.json                transformers' GenerationConfig: bos/eos/pad and the sampling
                                               settings the recipe was evaluated with (mmgen.inference.settings)
     DIR/processor_config.json                 the chat template (mmgen.processing.processor.ChatTemplate)
@@ -43,6 +46,9 @@ class Bundle:
     # transformers loads and saves with it (mmgen.inference.settings.bundle_sampling reads it).
     # mmgen.processing.processor.ChatTemplate, saved as processor_config.json (None: from the training facts)
     chat_template: object | None = None
+    # mmgen.models.detokenizer_set.DetokenizerSet, saved as detokenizer/ (None: pictures come from the
+    # tokenizer's decoder)
+    detokenizer: object | None = None
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -57,6 +63,10 @@ class Bundle:
         # The chat template goes in explicitly: generation never re-derives it from the training config.
 
         (self.chat_template or ChatTemplate.from_training(self.meta)).save(p)
+        if self.detokenizer is not None:
+            from mmgen.models.detokenizer_set import DETOKENIZER_DIR
+
+            self.detokenizer.save(p / DETOKENIZER_DIR)
         (p / "mmgen.json").write_text(json.dumps(self.meta, indent=1, default=str))
         return p
 
@@ -143,6 +153,9 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
 
         audio_tokenizer = AudioCodec.from_pretrained(p / "audio_tokenizer", device=device)
     meta = read_json(p / "mmgen.json", {})
+    from mmgen.models.detokenizer_set import DETOKENIZER_DIR, DetokenizerSet
 
+    # read from its JSON files only: the pipelines load when the first picture is drawn
+    detok = DetokenizerSet.from_dir(p / DETOKENIZER_DIR) if (p / DETOKENIZER_DIR).is_dir() else None
     return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer=audio_tokenizer,
-                  chat_template=ChatTemplate.load(p))
+                  chat_template=ChatTemplate.load(p), detokenizer=detok)

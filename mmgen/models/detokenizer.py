@@ -62,8 +62,9 @@ SCHEDULERS = ("ddim", "dpm", "ddpm")
 
 def decode_grids(tokenizer, grid_names: Sequence[str], grids: Sequence[torch.Tensor]) -> torch.Tensor:
     """An image tokenizer's own decode of code grids given in conditioner order: ``(B, 3, h, w)`` in
-    [-1, 1]. A multi-grid tokenizer (DualViTok) takes them as a dict by name, a one-grid one bare."""
-    codes = dict(zip(grid_names, grids)) if len(grids) > 1 else grids[0]
+    [-1, 1]. A multi-grid tokenizer (DualViTok) takes them as a dict by name, a lone pixel grid bare
+    (which a one-grid tokenizer needs, and a multi-grid one reads as its pixel grid)."""
+    codes = grids[0] if list(grid_names) == ["pix"] else dict(zip(grid_names, grids))
     return tokenizer.decode_tensor(codes).clamp(-1, 1)
 
 
@@ -71,13 +72,15 @@ class CodeConditioner(ModelMixin, ConfigMixin):
     """A list of code grids -> one stack of embedding maps at the output resolution.
 
     ``grid_names`` say which code grid is which (e.g. ``["pix"]`` or ``["sem", "pix"]``) and
-    ``tokenizer`` / ``tokenizer_type`` which image tokenizer made them, so a checkpoint names its
-    codes' origin."""
+    ``tokenizer`` / ``tokenizer_type`` / ``tokenizer_sha256`` (:meth:`ImageTokenizer.fingerprint
+    <mmgen.tokenizers.base.ImageTokenizer.fingerprint>`) which image tokenizer made them, so a
+    checkpoint names its codes' origin and generation refuses another tokenizer's codes."""
 
     @register_to_config
     def __init__(self, codebook_sizes: Sequence[int] = (512,), embed_dims: Sequence[int] = (16,),
                  grid_names: Sequence[str] = ("pix",), pixels_per_code: int = 8, tokenizer: str = "",
-                 tokenizer_type: str = "pixel_vq", tokenizer_resolution: int = 64, decoded_channels: int = 0):
+                 tokenizer_type: str = "pixel_vq", tokenizer_resolution: int = 64, decoded_channels: int = 0,
+                 tokenizer_sha256: str = ""):
         super().__init__()
         if int(decoded_channels) not in (0, 3):
             raise MMGenError(
@@ -236,11 +239,12 @@ def build_pipeline(codebook_sizes: Sequence[int], grid_names: Sequence[str], pix
                    layers_per_block: int = 1, norm_num_groups: int = 8, attention: bool = False,
                    scheduler: str = "ddim", prediction_type: str = "sample", tokenizer: str = "",
                    tokenizer_type: str = "pixel_vq", tokenizer_resolution: int = 64,
-                   decoded_channels: int = 0) -> CodeDetokenizerPipeline:
+                   decoded_channels: int = 0, tokenizer_sha256: str = "") -> CodeDetokenizerPipeline:
     embed_dims = list(embed_dims or [16] * len(codebook_sizes))
     cond = CodeConditioner(codebook_sizes=list(codebook_sizes), embed_dims=embed_dims, grid_names=list(grid_names),
                            pixels_per_code=pixels_per_code, tokenizer=tokenizer, tokenizer_type=tokenizer_type,
-                           tokenizer_resolution=tokenizer_resolution, decoded_channels=decoded_channels)
+                           tokenizer_resolution=tokenizer_resolution, decoded_channels=decoded_channels,
+                           tokenizer_sha256=tokenizer_sha256)
     unet = build_unet(cond.channels, grid_side * pixels_per_code, block_out_channels, layers_per_block,
                       norm_num_groups, attention)
     if decoded_channels and prediction_type == "sample":  # a residual over the decode starts at zero

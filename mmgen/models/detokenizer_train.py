@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.errors import MMGenError
+from mmgen.models.detokenizer_set import grid_spec
 from mmgen.tokenizers import load_image_tokenizer
 from mmgen.tokenizers.train_data import square_image
 from mmgen.tokenizers.vq import psnr
@@ -54,6 +55,12 @@ class DetokenizerModelConfig:
 @dataclass
 class DetokenizerTrainConfig:
     tokenizer: str = "runs/tokenizer/tiny_vq/tokenizer"  # directory of a saved image tokenizer
+    # Which of the tokenizer's code grids condition the pipeline (empty: all of them). A generated
+    # picture has only the grids its LM writes: the quick start's LM writes pixel codes alone.
+    grids: list[str] = field(default_factory=list)
+    # A bundle to train for: its image tokenizer and the grids its LM writes (tokenizer and grids are
+    # then taken from it), and the trained pipeline is added to it as detokenizer/x{scale}/.
+    bundle: str = ""
     scale: int = 1  # output size / tokenizer resolution: 2 trains the 2x super-resolution decoder
     train_images: int = 2000
     eval_images: int = 8
@@ -79,22 +86,25 @@ class DetokenizerTrainConfig:
     progress: bool = True
 
 
-def code_grids(tokenizer, x: torch.Tensor) -> list[torch.Tensor]:
-    """The code grids an image tokenizer gives for pixels ``x``, in :func:`grid_spec` order: a
-    multi-grid tokenizer (DualViTok) returns a dict of grids from ``encode_tensor``, a single-grid
-    one (PixelVQ) one grid."""
+def code_grids(tokenizer, x: torch.Tensor, names: list[str] | None = None) -> list[torch.Tensor]:
+    """The code grids an image tokenizer gives for pixels ``x``, in :func:`grid_spec` order (or the
+    order of ``names``): a multi-grid tokenizer (DualViTok) returns a dict of grids from
+    ``encode_tensor``, a single-grid one (PixelVQ) one grid."""
     out = tokenizer.encode_tensor(x)
     if isinstance(out, dict):
-        return [out[name] for name in grid_spec(tokenizer)[1]]
+        return [out[name] for name in (names or grid_spec(tokenizer)[1])]
     return [out]
 
 
-def grid_spec(tokenizer) -> tuple[list[int], list[str]]:
-    """(codebook sizes, grid names) of a tokenizer's code grids."""
-    sizes = getattr(tokenizer, "codebook_sizes", None)
-    if isinstance(sizes, dict):
-        return [int(v) for v in sizes.values()], list(sizes)
-    return [int(tokenizer.codebook_size)], ["pix"]
+def chosen_grids(tokenizer, names: list[str]) -> tuple[list[int], list[str]]:
+    """(codebook sizes, names) of the grids ``names`` picks from the tokenizer's (all when empty)."""
+    sizes, all_names = grid_spec(tokenizer)
+    if not names:
+        return sizes, all_names
+    bad = [n for n in names if n not in all_names]
+    if bad:
+        raise MMGenError(f"grids: the tokenizer has no '{bad[0]}' code grid (it has {', '.join(all_names)})")
+    return [sizes[all_names.index(n)] for n in names], list(names)
 
 
 def shapes_pairs(n: int, low: int, high: int, seed: int,
@@ -117,20 +127,21 @@ def shapes_pairs(n: int, low: int, high: int, seed: int,
 
 
 @torch.no_grad()
-def encode_all(tokenizer, images_u8: torch.Tensor, batch: int = 64) -> list[torch.Tensor]:
+def encode_all(tokenizer, images_u8: torch.Tensor, batch: int = 64,
+               names: list[str] | None = None) -> list[torch.Tensor]:
     grids: list[list[torch.Tensor]] = []
     for i in range(0, len(images_u8), batch):
-        grids.append(code_grids(tokenizer, uint8_to_unit(images_u8[i: i + batch])))
+        grids.append(code_grids(tokenizer, uint8_to_unit(images_u8[i: i + batch]), names))
     return [torch.cat(parts) for parts in zip(*grids)]
 
 
 @torch.no_grad()
-def decode_all(tokenizer, grids: list[torch.Tensor], batch: int = 64) -> torch.Tensor:
-    """The tokenizer's own decode of every item of ``grids`` (as :func:`encode_all` returns them),
-    ``(N, 3, h, w)`` in [-1, 1]."""
+def decode_all(tokenizer, grids: list[torch.Tensor], batch: int = 64, names: list[str] | None = None) -> torch.Tensor:
+    """The tokenizer's own decode of every item of ``grids`` (as :func:`encode_all` returns them, the
+    grids of ``names``), ``(N, 3, h, w)`` in [-1, 1]."""
     from mmgen.models.detokenizer import decode_grids
 
-    names = grid_spec(tokenizer)[1]
+    names = names or grid_spec(tokenizer)[1]
     return torch.cat([decode_grids(tokenizer, names, [g[i: i + batch] for g in grids])
                       for i in range(0, len(grids[0]), batch)])
 
@@ -165,13 +176,15 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
             raise MMGenError(f"{name} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.cond_drop < 1:
         raise MMGenError(f"cond_drop must be in [0, 1), got {cfg.cond_drop}")
+    if cfg.bundle:
+        cfg = for_bundle(cfg)
     out = prepare_run_dir(cfg)
 
     tok = load_image_tokenizer(cfg.tokenizer).eval()
     res = int(tok.resolution[0])
-    sizes, names = grid_spec(tok)
+    sizes, names = chosen_grids(tok, cfg.grids)
     lo, hi, _ = shapes_pairs(cfg.train_images, res, res * cfg.scale, cfg.seed)
-    grids = encode_all(tok, lo)
+    grids = encode_all(tok, lo, names=names)
     torch.manual_seed(cfg.seed)
     m = cfg.model
     pipe = build_pipeline(sizes, names, tok.downsample * cfg.scale, max(g.shape[-1] for g in grids),
@@ -180,9 +193,9 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
                           norm_num_groups=m.norm_num_groups, attention=m.attention, scheduler=m.scheduler,
                           prediction_type=m.prediction_type, tokenizer=str(cfg.tokenizer),
                           tokenizer_type=getattr(tok, "mmgen_type", ""), tokenizer_resolution=res,
-                          decoded_channels=3 if m.condition_on_decode else 0)
+                          decoded_channels=3 if m.condition_on_decode else 0, tokenizer_sha256=tok.fingerprint())
     pipe.set_progress_bar_config(disable=True)
-    decoded = decode_all(tok, grids) if m.condition_on_decode else None
+    decoded = decode_all(tok, grids, names=names) if m.condition_on_decode else None
     from mmgen.models.detokenizer import make_scheduler
 
     noise_sched = make_scheduler("ddpm", dict(pipe.scheduler.config))
@@ -245,7 +258,7 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
               "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()), "scale": cfg.scale}
     if cfg.eval_images:
         elo, ehi, _ = shapes_pairs(cfg.eval_images, res, res * cfg.scale, cfg.seed + 1, split="heldout")
-        eg = encode_all(tok, elo)
+        eg = encode_all(tok, elo, names=names)
         pipe.image_tokenizer = tok
         y = pipe(eg, num_inference_steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale,
                  generator=torch.Generator().manual_seed(cfg.seed), output_type="pt").images
@@ -254,14 +267,36 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
         report["eval_sampler"] = f"{type(pipe.scheduler).__name__}, {cfg.eval_steps} steps, cfg {cfg.guidance_scale}"
         grid = torch.cat([torch.cat(list(ref), -1), torch.cat(list(y), -1)], -2)
         tensor_to_pil(grid[None])[0].save(out / "samples.png")
+    if cfg.bundle:
+        from mmgen.models.detokenizer_set import add_detokenizer
+
+        report["bundle"] = str(add_detokenizer(cfg.bundle, pipe_dir))
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     return pipe_dir
+
+
+def for_bundle(cfg: DetokenizerTrainConfig) -> DetokenizerTrainConfig:
+    """``cfg`` training for the bundle ``cfg.bundle``: its image tokenizer, and the code grids its LM
+    writes (a one-line error for a bundle that writes no pictures)."""
+    from dataclasses import replace
+
+    from mmgen.models.bundle import check_bundle_dir
+    from mmgen.models.vocab import Vocab
+
+    b = check_bundle_dir(cfg.bundle)
+    vocab = Vocab.load(b / "vocab.json")
+    if not (b / "image_tokenizer").is_dir() or not vocab.has("pix"):
+        raise MMGenError(f"{b} writes no pictures (no image_tokenizer/ or no pixel codes in its vocab): "
+                         "it has nothing for a detokenizer to draw")
+    return replace(cfg, tokenizer=str(b / "image_tokenizer"), grids=[g for g in ("sem", "pix") if vocab.has(g)])
 
 
 __all__ = [
     "DetokenizerModelConfig",
     "DetokenizerTrainConfig",
+    "chosen_grids",
     "code_grids",
+    "for_bundle",
     "decode_all",
     "encode_all",
     "grid_spec",

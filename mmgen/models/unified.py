@@ -368,6 +368,45 @@ def wrap_lm(lm, vocab: Vocab, code_head: bool = False, image_feature_dim: int | 
     return model
 
 
+def add_feature_inputs(model: MMGenForCausalLM, image_feature_dim: int | None = None,
+                       audio_feature_dim: int | None = None, projector_depth: int = 2, input_placement: str = "codes",
+                       image_input_range: str = "pix") -> MMGenForCausalLM:
+    """``model`` with the continuous-input projectors it lacks (LLaVA's and ILLUME+'s first stage: a trained
+    decoder learns to read features through a new projector): a new wrapper around the same decoder that
+    keeps every weight ``model`` had, the new projectors freshly initialised. A projector ``model`` already
+    has stays; one of another width is a one-line MMGenError."""
+    want = {"image": image_feature_dim, "audio": audio_feature_dim}
+    have = {m: getattr(model.config, f"{m}_feature_dim") for m in MODALITY_FEATURES}
+    for m in MODALITY_FEATURES:
+        if want[m] and have[m] and want[m] != have[m]:
+            raise MMGenError(f"model.{m}_feature_dim={want[m]} but the model being trained reads {have[m]}-dimensional "
+                             f"{m} features; set model.{m}_feature_dim={have[m]} (or null)")
+    new = [m for m in MODALITY_FEATURES if want[m] and not have[m]]
+    if not new:
+        return model
+    if any(have.values()) and (model.config.input_placement != input_placement
+                               or model.config.image_input_range != image_input_range):
+        raise MMGenError("the model already reads features with other model.input_placement / model.image_input_range "
+                         f"({model.config.input_placement}, {model.config.image_input_range}); keep those")
+    config = MMGenConfig.from_dict(model.config.to_dict())
+    for m in new:
+        setattr(config, f"{m}_feature_dim", int(want[m]))
+    if not any(have.values()):
+        config.projector_depth, config.input_placement = projector_depth, input_placement
+        config.image_input_range = image_input_range
+    if "image" in new and input_placement == "codes" and image_input_range not in model._vocab.ranges:
+        raise MMGenError(f"image_input_range '{image_input_range}' is not a code range of the vocab "
+                         f"(has: {', '.join(model._vocab.ranges)})")
+    config._attn_implementation = model.config._attn_implementation
+    grown = MMGenForCausalLM(config, lm=model.lm)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    fresh = tuple(f"{m}_projector." for m in new) + tuple(f"{m}_code_vectors" for m in new)
+    if unexpected or any(not k.startswith(fresh) for k in missing):
+        raise MMGenError(f"adding {', '.join(new)} inputs lost weights: missing {missing}, unexpected {unexpected}")
+    grown.generation_config = model.generation_config
+    return grown
+
+
 def build_unified_lm(vocab: Vocab, base: str | dict | None = None, **kwargs) -> MMGenForCausalLM:
     """A unified LM over ``vocab`` from a decoder checkpoint path / hub id (``base`` a str), a config
     dict with ``model_type`` (built from config, random weights), or None: the tiny Llama."""

@@ -157,8 +157,12 @@ class MMGenProcessor:
                 for i in range(len(pix))]
 
     # -- ids -> Doc ---------------------------------------------------------------------------------------
-    def decode_image_blocks(self, parsed: Sequence[dict]) -> list:
-        """PIL images of parsed image blocks, one decoder call per grid shape."""
+    def decode_image_blocks(self, parsed: Sequence[dict], image_decoder=None) -> list:
+        """PIL images of parsed image blocks, one decoder call per grid shape: the image tokenizer's
+        decoder, or ``image_decoder`` (an object whose ``decode(parsed)`` returns PIL images, e.g. the
+        diffusion detokenizer's :class:`~mmgen.inference.detokenize.DetokenizerDecoder`)."""
+        if image_decoder is not None:
+            return image_decoder.decode(parsed)
         out: list = [None] * len(parsed)
         by_shape: dict[tuple, list[int]] = {}
         for r, p in enumerate(parsed):
@@ -171,9 +175,10 @@ class MMGenProcessor:
                 out[r] = pil
         return out
 
-    def doc_decoder(self, audio: bool = False) -> DocDecoder:
-        """A streaming decoder of one row's generated ids (``push`` each, ``finish`` at the end)."""
-        return DocDecoder(self, audio=audio)
+    def doc_decoder(self, audio: bool = False, image_decoder=None) -> DocDecoder:
+        """A streaming decoder of one row's generated ids (``push`` each, ``finish`` at the end); its
+        pictures come from ``image_decoder`` when given (see :meth:`decode_image_blocks`)."""
+        return DocDecoder(self, audio=audio, image_decoder=image_decoder)
 
     def decode(self, ids: Sequence[int], audio: bool = True, meta: dict | None = None) -> Doc:
         """Generated ids as a Doc: text spans, and every closed image or audio block decoded."""
@@ -184,11 +189,16 @@ class MMGenProcessor:
 
 
 class DocDecoder:
-    """Turns one row's token stream into Doc items: text spans, decoded image and audio blocks."""
+    """Turns one row's token stream into Doc items: text spans, decoded image and audio blocks. Each
+    Image item's ``meta['decoder']`` says what drew it: the ``image_decoder``'s ``info``, or
+    ``{"kind": "tokenizer", ...}`` for the image tokenizer's own decoder."""
 
-    def __init__(self, processor: MMGenProcessor, audio: bool = False):
+    def __init__(self, processor: MMGenProcessor, audio: bool = False, image_decoder=None):
         self.processor = processor
         self.vocab = processor.vocab
+        self.image_decoder = image_decoder
+        self.decoder_info = dict(image_decoder.info) if image_decoder is not None else \
+            {"kind": "tokenizer", "tokenizer": getattr(processor.image_tokenizer, "mmgen_type", "")}
         # <audio> opens a block only when the constraint tracks audio; otherwise it is ignored.
         self.openers = {self.vocab["<image>"], *([self.vocab["<audio>"]] if audio else [])}
         self.items: list = []
@@ -237,9 +247,9 @@ class DocDecoder:
 
     def _decode_block(self, block: list[int]) -> Image:
         parsed = self.vocab.parse_image_block(block)
-        pil = self.processor.decode_image_blocks([parsed])[0]
+        pil = self.processor.decode_image_blocks([parsed], self.image_decoder)[0]
         meta = {"codes_shape": [parsed["h"], parsed["w"]], "num_tokens": len(block),
-                "width": pil.size[0], "height": pil.size[1]}
+                "width": pil.size[0], "height": pil.size[1], "decoder": dict(self.decoder_info)}
         if parsed["sem"] is not None:
             meta["sem_codes_shape"] = list(parsed["sem"].shape)
         return Image.from_pil(pil, meta=meta)

@@ -110,6 +110,26 @@ class ImageTokenizer(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def fingerprint(self) -> str:
+        """sha256 of what gives a code its meaning: the tokenizer's type, geometry (resolution,
+        downsampling, codebook size) and every weight and buffer (names, dtypes, shapes, bytes). Two
+        tokenizers with the same fingerprint turn the same pictures into the same codes and back; a model
+        trained on one tokenizer's codes (an LM, a detokenizer) records it to refuse another's.
+        Computed once per object."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            import hashlib
+
+            facts = {"mmgen_type": self.mmgen_type, "resolution": list(self.resolution),
+                     "downsample": int(self.downsample), "codebook_size": int(self.codebook_size)}
+            h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+            for name, t in sorted(self.state_dict().items()):
+                t = t.detach().cpu().contiguous()
+                h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            cached = self._fingerprint = h.hexdigest()
+        return cached
+
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
@@ -128,6 +148,20 @@ class ImageTokenizer(torch.nn.Module):
         model = cls(**cfg)
         model.load_state_dict(load_file(str(p / "model.safetensors"), device=device))
         return model.to(device).eval()
+
+
+def code_vectors(tokenizer, range_name: str) -> torch.Tensor | None:
+    """Row k: the tokenizer's vector for id k of the ``range_name`` code range (None when it has no
+    codebook). An image tokenizer's quantizer gives them for ``arange`` codes (pixel VQ, and DualViTok's
+    sem/pix quantizers); the audio codec's are each level's codebook vectors through its out-projection."""
+    if range_name == "audio":
+        return tokenizer.code_vectors() if hasattr(tokenizer, "code_vectors") else None
+    q = getattr(tokenizer, f"{range_name}_quantizer", None) or getattr(tokenizer, "quantizer", None)
+    if q is None or not hasattr(q, "embed"):
+        return None
+    n = getattr(tokenizer, "codebook_sizes", {}).get(range_name, tokenizer.codebook_size)
+    with torch.no_grad():
+        return q.embed(torch.arange(n, device=tokenizer.device).view(1, 1, n))[0, :, 0].t().float().cpu()
 
 
 def _read_config(p: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mmgen.errors import MMGenError
+from mmgen.tokenizers.base import code_vectors
 from mmgen.training.config import TrainConfig
 from mmgen.training.qlora import is_quantized, load_quantized, quantize_for_qlora
 
@@ -19,7 +20,7 @@ def model_dtype(model) -> torch.dtype:
 def build_model(cfg: TrainConfig, vocab, tok):
     """The unified LM of this run: from ``init_from`` (a bundle), a real decoder (``model.base`` /
     ``model.base_config``) or the tiny Llama; then the stage's trainable set, LoRA and checkpointing."""
-    from mmgen.models.unified import MMGenForCausalLM, build_unified_lm, wrap_lm
+    from mmgen.models.unified import MMGenForCausalLM, add_feature_inputs, build_unified_lm, wrap_lm
 
     m = cfg.model
     wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim,
@@ -37,6 +38,11 @@ def build_model(cfg: TrainConfig, vocab, tok):
         model = load_quantized(cfg.init_from, cfg) if qlora else AutoModelForCausalLM.from_pretrained(cfg.init_from)
         if not isinstance(model, MMGenForCausalLM):
             model = wrap_lm(model, vocab, **wrap)
+        elif not qlora:
+            # A bundle that reads no features yet gets the projectors this run's config asks for (the
+            # align stage then trains them on the frozen decoder); its own settings win otherwise.
+            model = add_feature_inputs(model, m.image_feature_dim, m.audio_feature_dim, m.projector_depth,
+                                       m.input_placement, m.image_input_range)
     elif m.base or m.base_config:
         torch.manual_seed(cfg.seed)
         model = build_unified_lm(vocab, base=m.base or m.base_config, attn_implementation=m.attn_implementation, **wrap)
@@ -119,20 +125,6 @@ def unwrap_for_saving(model, adapter_dir: Path | None = None):
 
 FEATURE_SOURCES = {
     "image": ("image_tokenizer", "data.image_tokenizer"), "audio": ("audio_tokenizer", "data.audio_tokenizer")}
-
-
-def code_vectors(tokenizer, range_name: str) -> torch.Tensor | None:
-    """Row k: the tokenizer's vector for id k of the ``range_name`` code range (None when it has no
-    codebook). An image tokenizer's quantizer gives them for ``arange`` codes (pixel VQ, and DualViTok's
-    sem/pix quantizers); the audio codec's are each level's codebook vectors through its out-projection."""
-    if range_name == "audio":
-        return tokenizer.code_vectors() if hasattr(tokenizer, "code_vectors") else None
-    q = getattr(tokenizer, f"{range_name}_quantizer", None) or getattr(tokenizer, "quantizer", None)
-    if q is None or not hasattr(q, "embed"):
-        return None
-    n = getattr(tokenizer, "codebook_sizes", {}).get(range_name, tokenizer.codebook_size)
-    with torch.no_grad():
-        return q.embed(torch.arange(n, device=tokenizer.device).view(1, 1, n))[0, :, 0].t().float().cpu()
 
 
 def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch.Tensor | None:
