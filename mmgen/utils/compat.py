@@ -47,14 +47,32 @@ def ensure_torchvision():
 STALE_LOCK_SECONDS = 600
 
 
+def _builder_alive(build_dir) -> bool:
+    """Whether a process works in ``build_dir`` (ninja and the compilers it starts run there). Without
+    ``/proc`` (not Linux) nothing can be seen, so the answer is no and the lock's age decides alone."""
+    import os
+    from pathlib import Path
+
+    target = os.path.realpath(build_dir)
+    for pid in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.path.realpath(pid / "cwd") == target:
+                return True
+        except OSError:
+            continue  # gone, or not ours to read
+    return False
+
+
 def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_SECONDS) -> list[str]:
-    """Remove torch C++-extension build locks older than ``max_age_s``; returns what was removed.
+    """Remove torch C++-extension build locks older than ``max_age_s`` with no process building in
+    their directory; returns what was removed.
 
     DeepSpeed's CPU accelerator JIT-builds its shared-memory comm op on the first run, and
     ``torch.utils.cpp_extension`` guards the build with a ``lock`` file that the builder deletes
     when done. A run killed mid-build (Ctrl-C on a first run) leaves the file behind, and every later
-    run then waits on it forever without a word. A build takes well under a minute, so a lock this
-    old has no live builder."""
+    run then waits on it forever without a word. A build takes well under a minute on an idle machine
+    but can take more than ten under memory pressure, so age alone is not enough: a lock is stale only
+    when, besides being old, no process (ninja, a compiler) works in its build directory."""
     import os
     import time
     from pathlib import Path
@@ -66,8 +84,8 @@ def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_SECONDS) -> list[s
     removed = []
     for lock in list(root.glob("*/lock")) + list(root.glob("*/*/lock")):
         try:
-            if time.time() - lock.stat().st_mtime <= max_age_s:
-                continue  # young enough to have a live builder
+            if time.time() - lock.stat().st_mtime <= max_age_s or _builder_alive(lock.parent):
+                continue  # a live builder may hold it
             lock.unlink()
         except OSError:
             continue  # another rank removed it, or it is not ours to remove
