@@ -202,3 +202,36 @@ def test_a_run_leaves_no_shared_memory_buffer_behind(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     n, gone, total = out.stdout.strip().splitlines()[-1].split(" ", 2)
     assert int(n) >= 1 and gone == "True" and total == "[1.0, 1.0, 1.0]"
+
+
+def test_orphaned_shared_memory_buffers_are_swept_and_mapped_or_young_ones_kept(tmp_path):
+    """A run killed before it released its all-reduce buffer leaves the file in /dev/shm; the next start
+    removes it when it is old and no process maps it, and keeps one that a process maps or that is young."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from mmgen.training.distributed import ORPHAN_SHM_SECONDS, sweep_orphan_shm_buffers
+
+    prefix = f"/dev/shm/mmgen_test_buffer_{uuid.uuid4().hex}"
+    orphan, mapped, young = (f"{prefix}_{n}" for n in ("orphan", "mapped", "young"))
+    old = time.time() - ORPHAN_SHM_SECONDS - 60
+    for p in (orphan, mapped, young):
+        with open(p, "wb") as f:
+            f.write(b"\0" * 4096)
+    for p in (orphan, mapped):
+        os.utime(p, (old, old))
+    holder = subprocess.Popen([sys.executable, "-c", "import mmap, sys, time\n"
+                               f"f = open({mapped!r}, 'r+b'); m = mmap.mmap(f.fileno(), 4096); f.close()\n"
+                               "print('mapped', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        assert sweep_orphan_shm_buffers(prefix) == [orphan]
+        assert not os.path.exists(orphan) and os.path.exists(mapped) and os.path.exists(young)
+    finally:
+        holder.kill()
+        holder.wait()
+        assert sweep_orphan_shm_buffers(prefix) == [mapped]  # its last mapping went with the process
+        os.unlink(young)

@@ -23,6 +23,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     clear_stale_extension_locks()  # DeepSpeed JIT-builds an op below; a killed earlier build would hang it
+    sweep_orphan_shm_buffers()  # what runs killed before release_shm_buffers left in RAM
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -58,6 +59,54 @@ def release_shm_buffers() -> list[str]:
         except OSError:
             continue  # already gone
     return released
+
+
+SHM_BUFFER_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
+ORPHAN_SHM_SECONDS = 300
+
+
+def _mapped_anywhere(paths: set[str]) -> set[str]:
+    """Those of ``paths`` that some process we can read maps (other users' processes are skipped:
+    their files are not ours to remove either)."""
+    from pathlib import Path
+
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        mapped.update(p for p in paths if p in text)
+    return mapped
+
+
+def sweep_orphan_shm_buffers(prefix: str = SHM_BUFFER_PREFIX, max_age_s: float = ORPHAN_SHM_SECONDS) -> list[str]:
+    """Unlink DeepSpeed all-reduce buffers that no process maps and that are older than ``max_age_s``;
+    returns their paths. A run killed before :func:`release_shm_buffers` (during start-up, or a rank
+    that died before the barrier) leaves its 67 MB file behind; the age keeps a buffer that a rank is
+    creating right now, before it maps it."""
+    import glob
+
+    old = {p for p in glob.glob(prefix + "*") if _age(p) > max_age_s}
+    if not old:
+        return []
+    swept = []
+    for p in sorted(old - _mapped_anywhere(old)):
+        try:
+            os.unlink(p)
+            swept.append(p)
+        except OSError:
+            continue  # gone already, or another user's
+    return swept
+
+
+def _age(path: str) -> float:
+    import time
+
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def barrier():
