@@ -37,7 +37,7 @@ def psnr(a, b) -> float:
 
 def agreement(images, baseline) -> tuple[float, int]:
     """Share of the baseline's parseable pictures whose scene the detokenizer's picture repeats, and how many parsed."""
-    from mmgen.eval.scene_parser import compare_scenes, parse_scene
+    from mmgen.world.scene_parser import compare_scenes, parse_scene
 
     base = [parse_scene(b) if b is not None else None for b in baseline]
     pairs = [(im, s) for im, s in zip(images, base) if s is not None]

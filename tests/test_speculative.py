@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmgen.models.vocab import Vocab
+from mmgen.processing.vocab import Vocab
 
 from bundlekit import TEXTS, bias_head
 

@@ -185,7 +185,7 @@ def add_detokenizer(bundle_dir: str | Path, pipeline_dir: str | Path) -> Path:
     """Copy a saved pipeline into ``bundle_dir/detokenizer/x{scale}/`` after checking it fits the
     bundle's image tokenizer and LM; returns the folder it went to."""
     from mmgen.models.bundle import check_bundle_dir
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
     from mmgen.tokenizers import load_image_tokenizer
 
     b = check_bundle_dir(bundle_dir)

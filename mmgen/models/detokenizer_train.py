@@ -281,7 +281,7 @@ def for_bundle(cfg: DetokenizerTrainConfig) -> DetokenizerTrainConfig:
     from dataclasses import replace
 
     from mmgen.models.bundle import check_bundle_dir
-    from mmgen.models.vocab import Vocab
+    from mmgen.processing.vocab import Vocab
 
     b = check_bundle_dir(cfg.bundle)
     vocab = Vocab.load(b / "vocab.json")
