@@ -24,7 +24,7 @@ from mmgen.utils.bench import md_table, write_section
 
 OUT = Path(__file__).resolve().parent / "out"
 PNG = OUT / "quality_curve.png"
-# Issue 5's targets for the tiny recipe (the goal column of the quickstart_quality section).
+# The tiny recipe's targets (the goal column of the quickstart_quality section).
 GOALS = {"t2i_val": 0.80, "qa_val": 0.90, "buildup_val": 0.70}
 LABELS = {"t2i_val": "text-to-image (val)", "t2i_heldout": "text-to-image (held-out pairs)",
           "qa_val": "visual QA exact (val)", "qa_heldout": "visual QA exact (held-out pairs)",

@@ -1,6 +1,6 @@
 """The ShapesWorld recipe against a world's labelled defects, and the scoring itself.
 
-The goal of issue 3 is asserted on a small world: precision and recall >= 0.95 for every defect
+The filter's quality goal is asserted on a small world: precision and recall >= 0.95 for every defect
 type and >= 98% of clean documents untouched (the 2,400-doc measurement is in data_pipelines/README.md,
 "Quality on ShapesWorld"). At a defect rate of 0.5 each of the 12 types has about 20 examples, so
 one miss is a recall of 0.95.
