@@ -135,5 +135,5 @@ def register(app: typer.Typer) -> None:
                    f"in {out}{drawn})", err=True)
         if "spec" in doc.meta:
             s = doc.meta["spec"]
-            typer.echo(f"(speculative decoding: {s['tokens'] / max(1, s['passes']):.2f} image tokens per forward pass)",
+            typer.echo(f"(speculative decoding: {s['tokens'] / max(1, s['passes']):.2f} image tokens per pass)",
                        err=True)
