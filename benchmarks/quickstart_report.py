@@ -43,8 +43,19 @@ def main() -> None:
                  for split, v in rec.get("scene_agreement_by_split", {}).items()]
     else:
         rows.append(["tokenizer reconstruction, scene agreement", rec["n"], rec["scene_agreement"], ">= 0.98"])
+    forms = {k: v for k, v in r.get("robust", {}).items() if isinstance(v, dict) and "accuracy" in v}
+    if forms:  # the robust suite: the t2i prompts in the surface forms people type
+        low = r["robust"]["lowest"]
+        rows.append([f"text-to-image, lowest of {len(forms)} prompt surface forms (val; {low['form']})", low["n"],
+                     low["value"], "reported"])
     times = [[k, round(v)] for k, v in r["stage_seconds"].items()] + [["total", round(sum(r["stage_seconds"].values()))]]
     body = (f"{args.note}\n\n" if args.note else "") + md_table(["metric", "n", "value", "goal"], rows)
+    if forms:
+        body += "\n\nText-to-image accuracy per prompt surface form (`mmgen eval run --suite robust`):\n\n"
+        body += md_table(["form", "n", "accuracy", "example"],
+                         [[k, v["n"], v["accuracy"], r["robust"].get("examples", {}).get(k, "")] for k, v in forms.items()])
+    if r.get("image_decoding"):
+        body += f"\n\nGenerated pictures: {r['image_decoding']}."
     body += "\n\nStage seconds:\n\n" + md_table(["stage", "seconds"], times)
     grid = Path(args.report).parent / "t2i_grid.png"
     if grid.is_file():

@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_chat import _free_port
 
 from mmgen.errors import MMGenError
 
-from bundlekit import make_tiny_bundle
+from bundlekit import free_port, make_tiny_bundle
 
 PROMPT = "a large red circle at the top left, on a black background."
 
@@ -60,7 +59,7 @@ def test_the_panels_options_reach_the_pipeline_and_each_answer_shows_its_cost(de
     assert _component(app, gr.Dropdown, "speed-cache").value == "dynamic"
     layer = _component(app, gr.Number, "speed-prune_layer")
     assert layer.maximum == 1 and layer.value == 1  # the tiny LM has 2 layers: K is 1 at most
-    url = launch(app, host="127.0.0.1", port=_free_port(), block=False)
+    url = launch(app, host="127.0.0.1", port=free_port(), block=False)
     want = {"prune_method": "merge", "prune_ratio": 0.5, "prune_layer": 1, "cache": "fp8", "kv_method": "streaming",
             "kv_budget": 64, "spec_decoding": True, "spec_window": 8, "detok_steps": 3, "detok_scheduler": "dpm"}
     try:

@@ -289,18 +289,18 @@ def test_acceptance_rule_and_residual(delta, accept):
     the target is p = (.05, .9, .05, 0) and code 1 is code 0's codebook neighbour. Strict SJD accepts with
     probability p/q = 0.1; the relaxed rule with (p + min(delta, p(neighbours))) / q, capped at 1. A
     rejected draft is replaced from the residual max(0, p - q) / Z, here code 1 always."""
-    from mmgen.inference.speculative import SpeculativeJacobi, _Sampler, _verify, _Window
+    from mmgen.inference.speculative import DraftSampler, DraftWindow, SpeculativeJacobi, verify_drafts
 
     rows, lo = 4000, 10
     p = torch.tensor([0.05, 0.9, 0.05, 0.0])
     q = torch.tensor([0.5, 0.1, 0.2, 0.2])
-    win = _Window(torch.full((rows, 1), lo), torch.ones(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long),
-                  q.expand(rows, 1, 4).clone())
+    one, zero = torch.ones(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+    win = DraftWindow(torch.full((rows, 1), lo), one, zero, q.expand(rows, 1, 4).clone())
     target = torch.stack([p, torch.full((4,), 0.25)]).expand(rows, 2, 4).clone()
     near = torch.tensor([[1], [0], [3], [2]])
     spec = SpeculativeJacobi(window=1, delta=delta, neighbours=near)
-    out, made, tested, accepted = _verify(win, target, torch.full((rows,), 9), 9, spec,
-                                          _Sampler(1.0, 0, 1.0, torch.Generator().manual_seed(0)), lo)
+    out, made, tested, accepted = verify_drafts(win, target, torch.full((rows,), 9), 9, spec,
+                                          DraftSampler(1.0, 0, 1.0, torch.Generator().manual_seed(0)), lo)
     assert tested == rows and abs(accepted / rows - accept) < 0.025
     rejected = out[:, 0] != lo
     assert int(rejected.sum()) == rows - accepted and bool((out[rejected, 0] == lo + 1).all())

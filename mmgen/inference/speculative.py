@@ -165,7 +165,7 @@ def codebook_neighbours(vocab, image_tokenizer, k: int) -> torch.Tensor:
 
 
 # -- the loop ---------------------------------------------------------------------------------------
-class _Window:
+class DraftWindow:
     """Per row: the tokens after the last committed one (pending first, then drafts), how many of them
     there are, how many are pending (already exact samples), each draft's distribution, and the grid
     masks of the window's positions and the one after it (what the verification applies)."""
@@ -220,7 +220,7 @@ class _BlockMasks:
         return out
 
 
-class _Sampler:
+class DraftSampler:
     """Targets and draws, the way the step samples: warpers, softmax (one-hot argmax when greedy), and the
     loop's torch.Generator for every random number."""
 
@@ -280,14 +280,14 @@ def jacobi_decode(model, vocab, spec: SpeculativeJacobi, *, cache, cache_kw: str
     use_cfg = logits.shape[0] != bsz
     lo, hi = vocab.text_size, vocab.size
     media = hi - lo
-    sampler = _Sampler(temperature, top_k, top_p, gen)
+    sampler = DraftSampler(temperature, top_k, top_p, gen)
     masks = _BlockMasks(constraint, vocab, logits.shape[-1], device)
     report = spec.stats  # accumulates over the calls that share these settings (batches of one run)
     report.update(window=spec.window, delta=spec.delta)
     for key in ("passes", "tokens", "drafts", "accepted"):
         report.setdefault(key, 0)
     report.setdefault("per_pass", [])
-    win = _Window.empty(bsz, media, device)
+    win = DraftWindow.empty(bsz, media, device)
     step_logits = logits[:, None, :]  # (rows, 1 + window, V): the targets of the last forward
     position = next_pos.clone()  # (rows,) position of the token step_logits[:, 0] predicts
     active = torch.ones(bsz, dtype=torch.bool, device=device)
@@ -309,7 +309,7 @@ def jacobi_decode(model, vocab, spec: SpeculativeJacobi, *, cache, cache_kw: str
             target = sampler.probs(guided, win.masks)
             slot0 = sampler.probs(scores[:, lo:hi])
             target[:, 0] = torch.where(spec_rows[:, None], slot0, torch.full_like(slot0, 1.0 / media))
-            out, made_spec, tested, accepted = _verify(win, target, left, budget, spec, sampler, lo)
+            out, made_spec, tested, accepted = verify_drafts(win, target, left, budget, spec, sampler, lo)
             out = torch.where(spec_rows[:, None], out, torch.cat([first[:, None], out[:, 1:]], 1))
             made = torch.where(spec_rows, made_spec, made)
             report["drafts"] += tested
@@ -362,7 +362,7 @@ def _crop(cache, tokens: int) -> None:
         cache.crop(-tokens)
 
 
-def _plain_draw(scores: torch.Tensor, sampler: _Sampler) -> torch.Tensor:
+def _plain_draw(scores: torch.Tensor, sampler: DraftSampler) -> torch.Tensor:
     """The plain loop's draw from the processed scores (same random numbers, so text decodes the same)."""
     if sampler.greedy:
         return scores.argmax(-1)
@@ -377,8 +377,8 @@ def _block_left(constraint, block_pos: torch.Tensor) -> torch.Tensor:
     return torch.tensor(left, dtype=torch.long, device=block_pos.device)
 
 
-def _verify(win: _Window, target: torch.Tensor, left: torch.Tensor, budget: int, spec: SpeculativeJacobi,
-            sampler: _Sampler, lo: int):
+def verify_drafts(win: DraftWindow, target: torch.Tensor, left: torch.Tensor, budget: int, spec: SpeculativeJacobi,
+            sampler: DraftSampler, lo: int):
     """SJD's test of each row's window against this pass's targets (B, 1 + fed, media). Returns the
     tokens each row produced (B, 1 + fed) ids, how many (B,), and the drafts tested and accepted."""
     bsz, fed = win.tokens.shape[0], target.shape[1] - 1
@@ -424,8 +424,8 @@ def _neighbour_mass(ext: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
     return ext.gather(-1, near).sum(-1)
 
 
-def _next_window(win: _Window, out, made, n: int, k, target, guided, left, constraint, masks: _BlockMasks,
-                 sampler: _Sampler, active, window: int, budget: int, lo: int, device) -> _Window:
+def _next_window(win: DraftWindow, out, made, n: int, k, target, guided, left, constraint, masks: _BlockMasks,
+                 sampler: DraftSampler, active, window: int, budget: int, lo: int, device) -> DraftWindow:
     """The window each row feeds next, after ``n`` tokens were committed: its pending tokens (produced
     past ``n``), then the Jacobi update of the drafts this pass targeted, then new positions drawn from
     the row's last target under their own grid masks."""
@@ -436,7 +436,7 @@ def _next_window(win: _Window, out, made, n: int, k, target, guided, left, const
     size = torch.where(active & (block_pos >= 3), size, torch.zeros_like(size))
     width = int(size.max()) if bsz else 0
     if width == 0:
-        return _Window.empty(bsz, media, device)
+        return DraftWindow.empty(bsz, media, device)
     src = n + torch.arange(width, device=device)[None, :].expand(bsz, -1)  # slot in this pass's numbering
     # targets this pass computed for a row: positions 0..k, those inside its block
     valid = torch.minimum(k + 1, torch.clamp(left, min=1)) if target is not None else torch.ones_like(k)
@@ -453,7 +453,7 @@ def _next_window(win: _Window, out, made, n: int, k, target, guided, left, const
     tokens = torch.where(pending, kept, drawn)
     live = torch.arange(width, device=device)[None, :] < size[:, None]
     tokens = torch.where(live, tokens, torch.zeros_like(tokens))
-    return _Window(tokens, size, torch.minimum((made - n).clamp(min=0), size), q, new_masks)
+    return DraftWindow(tokens, size, torch.minimum((made - n).clamp(min=0), size), q, new_masks)
 
 
 # -- measuring --------------------------------------------------------------------------------------
