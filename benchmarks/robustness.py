@@ -3,15 +3,18 @@ varied prompts (``data.prompt_variation``), with visual QA and build-up beside i
 
     python benchmarks/robustness.py --run runs/quickstart --out runs/robustness
 
-*Before* is the quickstart run's final bundle as it is. *After* is the run's LM stages (the tiny
-pretraining, then SFT) trained again on the run's own code shards and image tokenizer, with the
-quickstart's launcher and overrides and ``data.prompt_variation`` at ``--variation`` in both stages
-(the recipes' value when not given); world, filter and tokenizers are the run's. Both bundles go
-through ``mmgen eval run`` with the quick start's sampling settings and seed, suites robust (every val
-prompt in each surface form of :data:`mmgen.world.surface.SURFACE_FORMS`), qa and
-interleaved, ``--n`` prompts per form and split. The ``robustness`` section of BENCHMARKS.md holds each
-form's accuracy with its 95% interval, after - before with Newcombe's interval, and QA and build-up.
-Training and evaluation resume where they stopped (``--out`` keeps both).
+Both arms train the quickstart run's LM stages (the tiny pretraining, then SFT) again on the run's own
+code shards and image tokenizer, with the quickstart's launcher and overrides; world, filter and
+tokenizers are the run's. *Before* trains with ``data.prompt_variation=0`` (every prompt as the world
+writes it, ``OUT/before``), *after* with ``--variation`` (the recipes' value when not given, ``OUT``);
+nothing else differs. ``--before BUNDLE`` / ``--after BUNDLE`` evaluate a bundle trained elsewhere
+instead (a quickstart run made by recipes without varied prompts is a *before*), and ``--train-only
+before|after`` trains one arm and stops, so the two can train at once. Both bundles go through ``mmgen
+eval run`` with the quick start's sampling settings and seed, suites robust (every val prompt in each
+surface form of :data:`mmgen.world.surface.SURFACE_FORMS`), qa and interleaved, ``--n`` prompts
+per form and split. The ``robustness`` section of BENCHMARKS.md holds each form's accuracy with its 95%
+interval, after - before with Newcombe's interval, and QA and build-up. Training and evaluation resume
+where they stopped (``--out`` keeps both).
 """
 
 from __future__ import annotations
@@ -27,16 +30,6 @@ from mmgen.utils.bench import md_table, write_section
 
 GOALS = {"t2i": 0.90, "qa": 0.90, "buildup": 0.80}
 SUITES = "robust,qa,interleaved"
-
-
-def final_bundle(run: Path) -> Path:
-    """The bundle the quickstart run evaluated (its sft stage's, else its pretraining's)."""
-    for stage in ("sft", "pretrain"):
-        marker = run / ".done" / f"{stage}.json"
-        if marker.is_file():
-            p = Path(json.loads(marker.read_text())["result"])
-            return p if p.is_absolute() or p.is_dir() else run.parent.parent / p
-    raise SystemExit(f"{run} has no trained LM yet: run `mmgen quickstart --out {run}` first")
 
 
 def retrain(run: Path, out: Path, variation: float | None, overrides: list[str]) -> tuple[Path, float]:
@@ -105,25 +98,28 @@ def section(before: dict, after: dict, info: dict) -> str:
         others.append([label, _pct(a), _pct(b), _diff(a, b),
                        "reported" if goal is None else ("met" if b["value"] >= goal else "missed") + f" (>= {goal:.2f})"])
     s = before["sampling"]
+    arms = "; ".join(
+        f"{k}: `{info['bundles'][k]}`, data.prompt_variation {info['variation'][k]}"
+        + (f", {info['train_seconds'][k] / 60:.0f} min of training in this call" if info["train_seconds"].get(k, 0) > 60 else "")
+        for k in ("before", "after"))
+    retrained = (f"The {' and '.join(info['retrained'])} arm{'s' if len(info['retrained']) > 1 else ''} trained the run's LM "
+                 "stages again on its code shards and image tokenizer, with data.prompt_variation as below in pretraining "
+                 "and SFT" + (f" and overrides {' '.join(info['overrides'])}" if info["overrides"] else "") + ". "
+                 if info["retrained"] else "")
     text = [
-        f"Before: `{info['before']}` (trained with data.prompt_variation {info['variation_before']}). After: the same "
-        f"run's LM stages trained again on its code shards and image tokenizer with data.prompt_variation "
-        f"{info['variation_after']} in pretraining and SFT" + (f", overrides {' '.join(info['overrides'])}"
-                                                                if info["overrides"] else "") + f" (`{info['after']}`; "
-        + (f"{info['train_seconds'] / 60:.0f} min of training in this call" if info["train_seconds"] > 60
-           else "trained by an earlier call") + "). "
+        retrained + f"Bundles: {arms}. "
         f"Both evaluated by `mmgen eval run --suite {SUITES}` at the quick start's settings (temperature "
         f"{s['temperature']}, CFG scale {s['cfg_scale']}, seed {s['seed']}), {info['n']} val prompts per form: "
         "every form of a prompt is drawn with the same seeds, so forms differ in their text alone; `as_written` is the "
         "t2i suite's val figure. Each value: accuracy (every requested object with its shape, colour and cell) "
         "[Wilson 95% interval] k/n; after - before in points with Newcombe's 95% interval (* excludes 0).",
         "",
-        md_table(["form", "example (after's run)", "before", "after", "after - before", f"goal >= {GOALS['t2i']:.2f}"], rows),
+        md_table(["form", "example", "before", "after", "after - before", f"goal >= {GOALS['t2i']:.2f}"], rows),
         "",
         md_table(["metric", "before", "after", "after - before", "goal"], others),
         "",
-        f"Evaluation wall time: before {info['eval_seconds']['before'] / 60:.0f} min, after "
-        f"{info['eval_seconds']['after'] / 60:.0f} min (reports: `{info['reports']['before']}`, `{info['reports']['after']}`).",
+        f"Evaluation wall time in this call: before {info['eval_seconds']['before'] / 60:.1f} min, after "
+        f"{info['eval_seconds']['after'] / 60:.1f} min (reports: `{info['reports']['before']}`, `{info['reports']['after']}`).",
     ]
     if info.get("note"):
         text += ["", info["note"]]
@@ -132,14 +128,16 @@ def section(before: dict, after: dict, info: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/quickstart", help="a finished quickstart run (its bundle is 'before')")
+    ap.add_argument("--run", default="runs/quickstart", help="a quickstart run whose tokenizer stages are done")
     ap.add_argument("--out", default="runs/robustness", help="where the retrained LM stages and both evaluations go")
-    ap.add_argument("--variation", type=float, default=None, help="data.prompt_variation of the retraining "
+    ap.add_argument("--variation", type=float, default=None, help="data.prompt_variation of the after arm "
                                                                   "(default: the recipes' own)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for both LM stages (repeatable; e.g. steps=50 for a quick look)")
-    ap.add_argument("--before", default=None, help="another bundle to compare against (default: the run's)")
-    ap.add_argument("--after", default=None, help="a bundle already trained: evaluate it instead of retraining")
+                    help="a config override for both LM stages of both arms (repeatable; e.g. steps=50 for a quick look)")
+    ap.add_argument("--before", default=None, help="a bundle to evaluate as the before arm instead of training it")
+    ap.add_argument("--after", default=None, help="a bundle to evaluate as the after arm instead of training it")
+    ap.add_argument("--train-only", choices=["before", "after"], default=None,
+                    help="train this arm and stop (run the other arm in another process to train both at once)")
     ap.add_argument("--n", type=int, default=200, help="val prompts per form, questions and build-up documents per split")
     ap.add_argument("--note", default="", help="conditions of the run (goes into the section)")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
@@ -149,21 +147,26 @@ def main() -> None:
 
     torch.set_num_threads(1)
     run, out = Path(args.run), Path(args.out)
-    train_seconds = 0.0
-    if args.after:
-        after = Path(args.after)
-    else:  # needs only the run's tokenizer stages: it may start while the run still trains its own LM
-        after, train_seconds = retrain(run, out, args.variation, args.override)
-    before = Path(args.before) if args.before else final_bundle(run)
+    arms = {"before": (args.before, out / "before", 0.0), "after": (args.after, out, args.variation)}
+    bundles, train_seconds = {}, {}
+    for label in ("before", "after") if args.train_only is None else (args.train_only,):
+        given, where, variation = arms[label]
+        if given:
+            bundles[label], train_seconds[label] = Path(given), 0.0
+        else:
+            bundles[label], train_seconds[label] = retrain(run, where, variation, args.override)
+    if args.train_only:
+        print(f"[robustness] {args.train_only}: {bundles[args.train_only]}")
+        return
     reports, seconds = {}, {}
-    for label, bundle in (("before", before), ("after", after)):
+    for label, bundle in bundles.items():
         t0 = time.perf_counter()
         reports[label] = evaluate(bundle, out / f"eval_{label}", args.n)
         seconds[label] = time.perf_counter() - t0
-    info = {"before": str(before), "after": str(after), "variation_before": variation_of(before),
-            "variation_after": variation_of(after), "train_seconds": train_seconds, "n": args.n,
-            "eval_seconds": seconds, "overrides": args.override, "reports": {k: str(out / f"eval_{k}" / "report.json") for k in reports},
-            "note": args.note}
+    info = {"bundles": {k: str(v) for k, v in bundles.items()},
+            "variation": {k: variation_of(v) for k, v in bundles.items()}, "retrained": [k for k in arms if not arms[k][0]],
+            "train_seconds": train_seconds, "n": args.n, "eval_seconds": seconds, "overrides": args.override,
+            "reports": {k: str(out / f"eval_{k}" / "report.json") for k in reports}, "note": args.note}
     body = section(reports["before"], reports["after"], info)
     if args.no_write:
         print(body)
