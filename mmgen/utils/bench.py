@@ -47,10 +47,12 @@ def command_line() -> str:
     return " ".join(["python", shlex.quote(str(script)), *map(shlex.quote, sys.argv[1:])])
 
 
-def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace (or append) the section ``name`` of BENCHMARKS.md with ``body`` under ``title``."""
+def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS_MD, command: str | None = None) -> None:
+    """Replace (or append) the section ``name`` of BENCHMARKS.md with ``body`` under ``title``. ``command``
+    is what reproduces the numbers (default: this process's command line; a script that rewrites its
+    section from saved results passes the command of the run that measured them)."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = (f"{start}\n## {title}\n\nCommand: `{command_line()}`  \nMachine: {machine_line()}\n\n"
+    block = (f"{start}\n## {title}\n\nCommand: `{command or command_line()}`  \nMachine: {machine_line()}\n\n"
              f"{body.strip()}\n{end}")
     text = path.read_text() if path.is_file() else _HEADER
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
