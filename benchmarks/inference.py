@@ -440,7 +440,8 @@ def section_text(results: dict, name: str, title: str, render) -> str:
         return f"### {title}\n\nNot run yet."
     if "skipped" in r:
         return f"### {title}\n\nSkipped: {r['skipped']}."
-    return f"### {title}\n\n{render(r)}"
+    how = f"Measured by `{r['command']}`.\n\n" if r.get("command") else ""
+    return f"### {title}\n\n{how}{render(r)}"
 
 
 def _pts(x: float, base: float) -> str:
@@ -750,6 +751,7 @@ def main() -> None:
         else:
             combo = dict(o.split("=", 1) for o in args.all_options.split(","))
             results[name] = run_all(bundles, args.n, args.seed, args.cfg_scale, parse_options(combo))
+        results[name]["command"] = command_line()  # sections may come from different runs
         save()
     plot(results, out if args.no_write else HERE)  # a --no-write run leaves benchmarks/ as it was
 
