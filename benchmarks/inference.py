@@ -387,6 +387,12 @@ def run_all(bundles: dict, n: int, seed: int, cfg_scale: float, combo: dict) -> 
 
 
 # -- the report -------------------------------------------------------------------------------------
+def _weak(*plain) -> str:
+    """What a goal line adds when a plain accuracy it compares against is under WEAK_BASELINE."""
+    low = [a for a in plain if a < WEAK_BASELINE]
+    return (f" Plain accuracy {_pct(min(low))}: too weak to decide the accuracy part (see Substrate)." if low else "")
+
+
 def _pct(x) -> str:
     return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
 
@@ -440,7 +446,8 @@ def section_text(results: dict, name: str, title: str, render) -> str:
         return f"### {title}\n\nNot run yet."
     if "skipped" in r:
         return f"### {title}\n\nSkipped: {r['skipped']}."
-    how = f"Measured by `{r['command']}`.\n\n" if r.get("command") else ""
+    cmd = results.get("commands", {}).get(name)
+    how = f"Measured by `{cmd}`.\n\n" if cmd else ""
     return f"### {title}\n\n{how}{render(r)}"
 
 
@@ -475,6 +482,7 @@ def prune_text(r: dict) -> str:
                             f"{x['cost']['qa']['prefill_speedup']:.2f}x / {x['cost']['buildup']['prefill_speedup']:.2f}x faster)"
                             for x in ok)) if ok else \
             "Goal (>= 60% fewer prefill FLOPs at <= 1 point loss on both QA and build-up): not met by any setting."
+        goal += _weak(p["qa"]["accuracy"], p["buildup"]["accuracy"])
         parts += [f"**{v} substrate** -- plain: QA {p['qa']['accuracy']:.3f}, build-up {p['buildup']['accuracy']:.3f} "
                   f"({p['qa']['n']} questions / documents).", "",
                   md_table(["method", "layer K", "keep", "FLOPs QA", "FLOPs build-up", "prefill speed-up QA",
@@ -509,8 +517,9 @@ def spec_text(r: dict, cfg: float) -> str:
                   md_table(["setting", "forwards / picture", "fewer passes", "wall speed-up", "CPU speed-up", "t2i", "pts"],
                            rows), "",
                   ("Goal (>= 2.5x fewer passes, >= 2x wall time, <= 2 points change): met by "
-                   + "; ".join(_opts(x["options"]) for x in ok)) if ok else
+                   + "; ".join(_opts(x["options"]) for x in ok) + ".") if ok else
                   "Goal (>= 2.5x fewer passes, >= 2x wall time, <= 2 points change): not met.", ""]
+        parts[-2] += _weak(p["accuracy"])
     parts.append("Plot: `benchmarks/inference_spec.png`.")
     return "\n".join(parts)
 
@@ -531,8 +540,9 @@ def kv_text(r: dict) -> str:
         parts += [f"**{v} substrate** ({p['n']} documents)", "",
                   md_table(["setting", "forwards / picture", "fewer passes", "wall speed-up", "CPU speed-up", "build-up", "pts",
                             "KiB held / doc", "fewer bytes", "peak KiB / doc"], rows), "",
-                  ("Goal (>= 5x fewer KV bytes at <= 1 point loss): met by " + "; ".join(_opts(x["options"]) for x in ok))
+                  ("Goal (>= 5x fewer KV bytes at <= 1 point loss): met by " + "; ".join(_opts(x["options"]) for x in ok) + ".")
                   if ok else "Goal (>= 5x fewer KV bytes at <= 1 point loss): not met.", ""]
+        parts[-2] += _weak(p["accuracy"])
     parts.append("Plot: `benchmarks/inference_kv.png`.")
     return "\n".join(parts)
 
@@ -548,6 +558,7 @@ def all_text(r: dict, cfg: float) -> str:
                   md_table(["setting", "forwards / picture", "fewer passes", "wall speed-up", "CPU speed-up", "build-up", "pts",
                             "KiB held / doc"], rows), "",
                   "Goal (>= 3x end-to-end at <= 2 points loss): " + ("met." if ok else "not met."), ""]
+        parts[-2] += _weak(p["accuracy"])
     return "\n".join(parts)
 
 
@@ -751,7 +762,7 @@ def main() -> None:
         else:
             combo = dict(o.split("=", 1) for o in args.all_options.split(","))
             results[name] = run_all(bundles, args.n, args.seed, args.cfg_scale, parse_options(combo))
-        results[name]["command"] = command_line()  # sections may come from different runs
+        results.setdefault("commands", {})[name] = command_line()  # sections may come from different runs
         save()
     plot(results, out if args.no_write else HERE)  # a --no-write run leaves benchmarks/ as it was
 
