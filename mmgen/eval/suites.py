@@ -67,16 +67,18 @@ class Context:
     # choose the pictures' decoder (None: the plain loop and the image tokenizer's decoder)
     generation: Any = None
 
-    def image_decoder(self, bundle, seed: int):
-        """What draws a batch's pictures when it samples with ``seed``: the detokenizer ``generation``
-        chooses (:func:`mmgen.inference.detokenize.image_decoder`, its noise seeded by ``seed``), or None."""
-        if self.generation is None:
-            return None
+    def draw_kwargs(self, bundle, bi: int) -> dict:
+        """The keyword arguments of ``generate_images`` / ``generate_image_rows`` for batch ``bi``: the run's
+        sampling with seed + bi, the generation options, and what draws the pictures (the detokenizer
+        ``generation`` chooses, its noise seeded the same way, or None for the tokenizer's decoder)."""
         from dataclasses import replace
 
         from mmgen.inference.detokenize import image_decoder
 
-        return image_decoder(bundle, replace(self.generation, seed=int(seed)))
+        s, seed = self.sampling, self.sampling["seed"] + bi
+        decoder = None if self.generation is None else image_decoder(bundle, replace(self.generation, seed=int(seed)))
+        return {"temperature": s["temperature"], "top_k": s["top_k"], "top_p": s["top_p"], "seed": seed,
+                "cfg_scale": s["cfg_scale"], "options": self.generation, "image_decoder": decoder}
 
     def save_image(self, img, rel: str):
         """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
@@ -201,11 +203,7 @@ def _draw_and_judge(bundle, bi: int, chunk, ctx: Context, tag: str, start: int, 
     from mmgen.eval.t2i import score_image
     from mmgen.inference.generate import generate_images
 
-    s = ctx.sampling
-    images = generate_images(bundle, [it.prompt for it in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                             top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
-                             options=ctx.generation,
-                             image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
+    images = generate_images(bundle, [it.prompt for it in chunk], batch_size=len(chunk), **ctx.draw_kwargs(bundle, bi))
     return [{"id": f"{tag}/{start + j}", "split": it.split, "prompt": it.prompt, "truth": it.scene.to_dict(),
              "image": ctx.save_image(img, f"{image_prefix}_{start + j:04d}.png"), **score_image(img, it.scene)}
             for j, (it, img) in enumerate(zip(chunk, images))]
@@ -298,11 +296,8 @@ class GenEvalSuite(Suite):
         from mmgen.inference.generate import generate_images
 
         start, chunk = payload
-        s = ctx.sampling
-        images = generate_images(bundle, [e["prompt"] for e in chunk], temperature=s["temperature"], top_k=s["top_k"],
-                                 top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"], batch_size=len(chunk),
-                                 options=ctx.generation,
-                                 image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
+        images = generate_images(bundle, [e["prompt"] for e in chunk], batch_size=len(chunk),
+                                 **ctx.draw_kwargs(bundle, bi))
         det = self.detector(ctx)
         out = []
         for j, (e, img) in enumerate(zip(chunk, images)):
@@ -449,15 +444,12 @@ class InterleavedSuite(Suite):
         from mmgen.world.scene_parser import compare_scenes, parse_scene
 
         split, start, chunk = payload
-        s = ctx.sampling
         texts = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=32, batch_size=len(chunk),
                                    options=ctx.generation)
         texts = [t[:t.index(".") + 1] if "." in t else t for t in texts]
         rows = [c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)]
-        images = generate_image_rows(bundle, rows, [c["uncond"] for c in chunk], temperature=s["temperature"],
-                                     top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi, cfg_scale=s["cfg_scale"],
-                                     batch_size=len(chunk), options=ctx.generation,
-                                     image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
+        images = generate_image_rows(bundle, rows, [c["uncond"] for c in chunk], batch_size=len(chunk),
+                                     **ctx.draw_kwargs(bundle, bi))
         out = []
         for j, (c, t, img) in enumerate(zip(chunk, texts, images)):
             i = start + j
@@ -485,11 +477,8 @@ class InterleavedSuite(Suite):
         split, start, chunk = payload
         if split.startswith("continuation_"):
             return self._continue(bundle, bi, payload, ctx)
-        s = ctx.sampling
         images = generate_image_rows(bundle, [c["row"] for c in chunk], [c["uncond"] for c in chunk],
-                                     temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"] + bi,
-                                     cfg_scale=s["cfg_scale"], batch_size=len(chunk), options=ctx.generation,
-                                     image_decoder=ctx.image_decoder(bundle, s["seed"] + bi))
+                                     batch_size=len(chunk), **ctx.draw_kwargs(bundle, bi))
         out = []
         for j, (c, img) in enumerate(zip(chunk, images)):
             i = start + j
