@@ -19,6 +19,7 @@ def test_quickstart_end_to_end_small(tmp_path):
         detokenizer_overrides=["steps=2", "train_images=8", "eval_images=2", "batch_size=4", "log_every=1",
                                "ckpt_every=2"],
         eval_prompts=3,
+        text_tokenizer_recipe="tiny_dualvitok_text",  # the demo leaves DualViTok's second stage out; run it here
     )
     report_md = quickstart(cfg)
     report = json.loads((report_md.parent / "report.json").read_text())

@@ -57,6 +57,12 @@ def test_text_tokenizer_round_trip_special_ids_and_reload(tok, tmp_path):
     assert back.get_vocab() == tok.get_vocab()
     assert back.encode(CAPTIONS[1], add_special_tokens=False) == tok.encode(CAPTIONS[1], add_special_tokens=False)
     assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (BOS_ID, EOS_ID, PAD_ID)
+    # runs of spaces and tabs read as one space, also after a reload; newlines are kept
+    typed = CAPTIONS[1].replace(" ", "  ", 2).replace(" ", "\t", 1)
+    assert typed != CAPTIONS[1]
+    for t in (tok, back):
+        assert t.encode(typed, add_special_tokens=False) == t.encode(CAPTIONS[1], add_special_tokens=False)
+        assert t.decode(t.encode("a\n\nb  c", add_special_tokens=False)) == "a\n\nb c"
 
 
 def test_build_sequence_layout_and_prompt_agreement(tok, vocab):

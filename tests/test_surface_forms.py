@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 import numpy as np
 import pytest
@@ -198,7 +199,8 @@ def test_packed_shards_and_the_in_memory_trainer_vary_the_same_prompts_the_same_
     tok = AutoTokenizer.from_pretrained(tmp_path / "packed" / "text_tokenizer")
     text = tok.decode([int(i) for i in got["input_ids"].ravel() if i < len(tok)])
     varied = [it.text for d in _world_docs(30) for it in vary_prompts(d, 1.0).texts if "surface_of" in it.meta]
-    assert varied and all(v in text for v in varied)
+    # the text tokenizer reads runs of spaces as one (its normalizer), so decoded prompts are single-spaced
+    assert varied and all(re.sub(r"[ \t]+", " ", v) in text for v in varied)
     # a run asking for other prompts than the packed shards hold stops with one line
     with pytest.raises(MMGenError, match="prompt_variation"):
         prepare_data(load_train_config("tiny_pretrain", [*over[:1], "data.prompt_variation=0.5", *over[2:],

@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
         \b
         Example:
-          mmgen fit-blocks --tokenizer runs/quickstart/tokenizer_text/tokenizer --codes runs/quickstart/codes \\
+          mmgen fit-blocks --tokenizer runs/quickstart/tokenizer/tokenizer --codes runs/quickstart/codes \\
             --out runs/blocks/tokenizer
         """
         from mmgen.tokenizers import load_image_tokenizer
