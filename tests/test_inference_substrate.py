@@ -23,8 +23,9 @@ def test_substrate_recipe_is_the_quick_start_recipe_on_pixel_codes_with_four_lay
     assert sub.model.hidden % sub.model.heads == 0
     # everything else is the quick start's pretraining
     assert (sub.model.heads, sub.model.grid_positions) == (base.model.heads, True)
-    assert (sub.optim, sub.loss, sub.data.seq_len, sub.data.chat) == (base.optim, base.loss, base.data.seq_len,
-                                                                      base.data.chat)
+    assert (sub.optim, sub.loss, sub.data.chat) == (base.optim, base.loss, base.data.chat)
+    # ... with rows twice as long, at the same tokens a step (a picture is 96 tokens here, 12 there)
+    assert sub.data.seq_len * sub.micro_batch == base.data.seq_len * base.micro_batch
     # DualViTok's two levels reach the vocab as the pixel range alone: a 9x9 picture is 96 tokens
     vocab = run_vocab(sub, n_text=1000, image_books={"sem": 128, "pix": 512})
     assert list(vocab.ranges) == ["pix"] and vocab.image_block_len(9, 9) == 96
