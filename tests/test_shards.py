@@ -92,3 +92,36 @@ def test_read_docs_mmgen_jsonl(real_dir, tmp_path):
     out = list(read_docs(tmp_path / "docs.jsonl"))
     assert isinstance(out[0], BadRecord) and out[0].reason == "missing_media" and out[0].line == 1
     assert all(isinstance(d, Doc) for d in out[1:])
+
+
+def test_code_shards_have_no_pax_headers_and_arrays_read_back_exactly(tmp_path):
+    import io
+
+    import numpy as np
+    import pytest
+
+    from mmgen.data.code_shards import CodedDoc, CodeShardWriter, load_npy, read_code_shards
+
+    arrays = [np.arange(81, dtype=np.int16).reshape(9, 9), np.full((2, 3, 3), -1, np.int32),
+              np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.array(7, np.int64)]
+    with CodeShardWriter(tmp_path, max_docs=10) as w:
+        for k in range(3):
+            doc = Doc(items=[Text(f"doc {k}"), *[Image(path=f"<codes:{i}>", format="png") for i in range(len(arrays))]],
+                      id=f"d{k}")
+            w.write(CodedDoc(doc, codes={i + 1: a for i, a in enumerate(arrays)}))
+    (shard,) = tmp_path.glob("*.tar")
+    with tarfile.open(shard) as tf:  # a float mtime would put a pax header before every member
+        members = tf.getmembers()
+    assert members and all(m.pax_headers == {} and m.mtime == 0 for m in members)
+    docs = list(read_code_shards([str(shard)]))
+    assert [d.doc.id for d in docs] == ["d0", "d1", "d2"]
+    for d in docs:
+        for i, a in enumerate(arrays):
+            got = d.codes[i + 1]
+            assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a) and got.flags.writeable
+    buf = io.BytesIO()
+    np.save(buf, arrays[0])
+    with pytest.raises(ValueError, match="truncated"):
+        load_npy(buf.getvalue()[:-3])
+    with pytest.raises(ValueError, match="not a .npy"):
+        load_npy(b"PK\x03\x04 not numpy")

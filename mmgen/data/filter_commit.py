@@ -169,7 +169,7 @@ class ShardCommit:
         if not self.dry_run:
             if self.writer is None:
                 self.writer = ShardWriter(self.tmp / "shards", prefix=f"part-{self.tag}", max_docs=self.shard_size,
-                                          mtime=0.0)
+                                          mtime=0)
             pre = res.get("sample")
             if pre is not None and list(pre[0]) == view.alive:  # dedup removed nothing since the worker
                 self.writer.write_sample(doc, pre[1])
@@ -272,7 +272,7 @@ class SelectCommit(ShardCommit):
             if not self.dry_run:
                 if self.writer is None:
                     self.writer = ShardWriter(self.tmp / "shards", prefix=f"part-{self.tag}",
-                                              max_docs=self.shard_size, mtime=0.0)
+                                              max_docs=self.shard_size, mtime=0)
                 self.writer.write_sample(doc, {k: v for k, v in sample.items() if k != "__key__"})
             maybe_die()
         return self.finish()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmgen.data.code_shards import load_npy
 from mmgen.errors import MMGenError
 
 ROW_ARRAYS = {"input_ids": np.int32, "labels": np.int32, "position_ids": np.int32, "segment_ids": np.int16,
@@ -67,7 +68,7 @@ def read_packed_shard(path: str | Path) -> dict:
         with tarfile.open(path, "r") as tf:
             for m in tf.getmembers():
                 if m.name.startswith("rows.") and m.name.endswith(".npy"):
-                    rows[m.name[5:-4]] = np.load(io.BytesIO(tf.extractfile(m).read()), allow_pickle=False)
+                    rows[m.name[5:-4]] = load_npy(tf.extractfile(m).read())
     except (tarfile.TarError, OSError, ValueError) as e:
         raise MMGenError(f"packed shard {path} is unreadable ({e}); rerun `mmgen pack` to rewrite it") from None
     missing = [k for k in ROW_ARRAYS if k not in rows]

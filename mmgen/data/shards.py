@@ -67,7 +67,7 @@ class ShardWriter:
     filter or converter run would pay for nothing. It records the shard names it wrote."""
 
     def __init__(self, out_dir: str | Path, prefix: str = "shard", max_docs: int = 1000,
-                 max_bytes: int = 256 << 20, start_shard: int = 0, mtime: float | None = None):
+                 max_bytes: int = 256 << 20, start_shard: int = 0, mtime: int | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.max_docs, self.max_bytes, self.mtime = prefix, max_docs, max_bytes, mtime
@@ -99,7 +99,9 @@ class ShardWriter:
         if self._tar is None or self._in_shard >= self.max_docs or self._bytes >= self.max_bytes:
             self._next()
         key = sample.pop("__key__")
-        now = time.time()
+        # whole seconds: a float mtime makes tarfile write a pax header (1 KiB) before every member, which
+        # doubled the headers a reader parses
+        now = int(time.time())
         for name in sorted(sample):
             data = sample[name]
             info = tarfile.TarInfo(f"{key}.{name}")
