@@ -208,12 +208,12 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         return pretokenize(tok_dir, str(out / "filtered" / "shards"), out / "codes")
 
     def blocks():
-        from mmgen.tokenizers.blocks import fit_code_blocks
-        from mmgen.tokenizers.pretokenize import pretokenize
+        from mmgen.tokenizers.blocks import fit_code_blocks, reblock_code_shards
 
-        # fitted on the train split's codes only: val and held-out pictures stay unseen
+        # fitted on the train split's codes only: val and held-out pictures stay unseen; the block shards are
+        # made from the code shards (what tokenizing the pictures again would write, without decoding them)
         block_tok = fit_code_blocks(tok_dir, out / "codes", out / "blocks" / "tokenizer")
-        pretokenize(block_tok, str(out / "filtered" / "shards"), out / "blocks" / "codes")
+        reblock_code_shards(block_tok, out / "codes", out / "blocks" / "codes")
         return str(block_tok)
 
     def train(recipe: str, overrides: list[str]) -> str:

@@ -97,6 +97,21 @@ def test_save_load_and_pretokenize(inner, tmp_path):
             assert np.array_equal(tok.from_blocks(torch.as_tensor(grid)[None])[0].numpy(), plain[c.doc.id][i])
             n += 1
     assert n == s["images_encoded"]
+    # the code shards rewritten for the block tokenizer are what tokenizing the pictures again writes
+    from mmgen.tokenizers.blocks import reblock_code_shards
+
+    r = reblock_code_shards(tmp_path / "blocks", str(tmp_path / "codes"), tmp_path / "reblocked", progress=False)
+    assert (r["docs_in"], r["docs_written"], r["images_reblocked"]) == (s["docs_written"], s["docs_written"], n)
+    again = {c.doc.id: c for c in read_code_shards(str(tmp_path / "block_codes"))}
+    got = list(read_code_shards(str(tmp_path / "reblocked")))
+    assert [c.doc.id for c in got] == list(again)
+    for c in got:
+        want = again[c.doc.id]
+        assert c.codes.keys() == want.codes.keys() and c.sem.keys() == want.sem.keys()
+        assert all(np.array_equal(c.codes[i], want.codes[i]) and c.codes[i].dtype == want.codes[i].dtype for i in c.codes)
+        assert c.doc.to_json() == want.doc.to_json()
+    with pytest.raises(MMGenError, match="no code-block tokenizer"):
+        reblock_code_shards(tmp_path / "vq", str(tmp_path / "codes"), tmp_path / "nope", progress=False)
 
 
 def test_dualvitok_semantic_grid_passes_through(tmp_path):

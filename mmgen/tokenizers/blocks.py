@@ -213,4 +213,74 @@ def fit_code_blocks(tokenizer_dir: str | Path, code_shards, out_dir: str | Path,
     return Path(out_dir)
 
 
-__all__ = ["CodeBlockTokenizer", "blocks_of", "fit_block_table", "fit_code_blocks", "image_grids_of_shards"]
+def reblock_code_shards(tokenizer_dir: str | Path, code_shards, out_dir: str | Path, max_docs_per_shard: int = 5000,
+                        progress: bool = True) -> dict:
+    """``code_shards`` written by the inner tokenizer of the code-block tokenizer at ``tokenizer_dir``,
+    rewritten for it: each image's pixel-code grid becomes its block grid and its semantic grid is kept
+    only when the block tokenizer keeps it, as ``mmgen tokenize --tokenizer BLOCKS`` writes them from the
+    pictures (``CodeBlockTokenizer.encode`` is the inner encode followed by :meth:`to_blocks`), without
+    decoding or encoding a picture (the same codes up to the encoder's near-ties, which depend on how
+    pictures are batched: 4 of the demo's 42,708 pictures differ in one block). Audio codes pass through. Video codes were merged over time on the
+    inner codes, so a corpus with them must be tokenized again instead. Input shard I becomes
+    ``codes-IIIIII-NNNNNN.tar``; returns the summary, also written to ``out_dir/summary.json``."""
+    from tqdm import tqdm
+
+    from mmgen.data.code_shards import CodedDoc, CodeShardWriter, read_code_shards
+    from mmgen.paths import expand_inputs
+    from mmgen.tokenizers.pretokenize import code_dtype_for
+
+    tok = load_image_tokenizer(tokenizer_dir)
+    if not isinstance(tok, CodeBlockTokenizer):
+        raise MMGenError(f"{tokenizer_dir} is no code-block tokenizer (fit one with `mmgen fit-blocks`)")
+    keep_sem = "sem" in tok.codebook_sizes
+    dtype = code_dtype_for(tok.codebook_sizes.values())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = expand_inputs(code_shards, (".tar",))
+    stats, grids, shards = {"docs_in": 0, "docs_written": 0, "images_reblocked": 0, "bad_records": 0}, {}, []
+    for index, path in enumerate(tqdm(paths, desc="reblock", unit="shard", disable=not progress)):
+        docs = []
+        for rec in read_code_shards([path]):
+            if not isinstance(rec, CodedDoc):
+                stats["bad_records"] += 1
+                continue
+            for i in rec.codes:
+                if getattr(rec.doc.items[i], "kind", None) == "video":
+                    raise MMGenError(f"{path}: document {rec.doc.id} has video codes, merged over time on the inner "
+                                     "codes; tokenize the corpus with the block tokenizer instead")
+            docs.append(rec)
+        stats["docs_in"] += len(docs)
+        # one to_blocks call per grid shape and shard: blocks outside the table are looked up together
+        by_shape: dict[tuple, list[tuple[int, int]]] = {}
+        for d, rec in enumerate(docs):
+            for i, grid in rec.codes.items():
+                if getattr(rec.doc.items[i], "kind", None) == "image":
+                    by_shape.setdefault(np.shape(grid), []).append((d, i))
+        blocks: dict[tuple[int, int], np.ndarray] = {}
+        for where in by_shape.values():
+            stacked = torch.from_numpy(np.stack([np.asarray(docs[d].codes[i]) for d, i in where]))
+            for (d, i), grid in zip(where, tok.to_blocks(stacked).numpy().astype(dtype)):
+                blocks[(d, i)] = grid
+                key = f"{grid.shape[0]}x{grid.shape[1]}"
+                grids[key] = grids.get(key, 0) + 1
+        stats["images_reblocked"] += len(blocks)
+        with CodeShardWriter(out, prefix=f"codes-{index:06d}", max_docs=max_docs_per_shard) as writer:
+            for d, rec in enumerate(docs):
+                codes = {i: blocks.get((d, i), c) for i, c in rec.codes.items()}
+                sem = {i: g for i, g in rec.sem.items() if keep_sem and (d, i) in blocks}
+                writer.write(CodedDoc(rec.doc, codes, sem, dict(rec.frames)))
+                stats["docs_written"] += 1
+        found = sorted(out.glob(f"codes-{index:06d}-*.tar"))
+        if writer.count == 0:  # the writer opens its first shard up front: no empty shard is kept
+            for empty in found:
+                empty.unlink()
+            found = []
+        shards += [str(f) for f in found]
+    summary = {**stats, "code_grids": grids, "code_dtype": np.dtype(dtype).name, "codebooks": tok.codebook_sizes,
+               "tokenizer": str(tokenizer_dir), "source": str(code_shards), "shards": shards}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+__all__ = ["CodeBlockTokenizer", "blocks_of", "fit_block_table", "fit_code_blocks", "image_grids_of_shards",
+           "reblock_code_shards"]
