@@ -220,9 +220,10 @@ def reblock_code_shards(tokenizer_dir: str | Path, code_shards, out_dir: str | P
     only when the block tokenizer keeps it, as ``mmgen tokenize --tokenizer BLOCKS`` writes them from the
     pictures (``CodeBlockTokenizer.encode`` is the inner encode followed by :meth:`to_blocks`), without
     decoding or encoding a picture (the same codes up to the encoder's near-ties, which depend on how
-    pictures are batched: 4 of the demo's 42,708 pictures differ in one block). Audio codes pass through. Video codes were merged over time on the
-    inner codes, so a corpus with them must be tokenized again instead. Input shard I becomes
-    ``codes-IIIIII-NNNNNN.tar``; returns the summary, also written to ``out_dir/summary.json``."""
+    pictures are batched: 4 of the demo's 42,708 pictures differ in one block). Audio codes pass through.
+    Video codes were merged over time on the inner codes, so a corpus with them must be tokenized again
+    instead. Input shard I becomes ``codes-IIIIII-NNNNNN.tar``; returns the summary, also written to
+    ``out_dir/summary.json``."""
     from tqdm import tqdm
 
     from mmgen.data.code_shards import CodedDoc, CodeShardWriter, read_code_shards
