@@ -108,7 +108,8 @@ def test_save_load_and_pretokenize(inner, tmp_path):
     for c in got:
         want = again[c.doc.id]
         assert c.codes.keys() == want.codes.keys() and c.sem.keys() == want.sem.keys()
-        assert all(np.array_equal(c.codes[i], want.codes[i]) and c.codes[i].dtype == want.codes[i].dtype for i in c.codes)
+        assert all(np.array_equal(c.codes[i], want.codes[i]) and c.codes[i].dtype == want.codes[i].dtype
+                   for i in c.codes)
         assert c.doc.to_json() == want.doc.to_json()
     with pytest.raises(MMGenError, match="no code-block tokenizer"):
         reblock_code_shards(tmp_path / "vq", str(tmp_path / "codes"), tmp_path / "nope", progress=False)

@@ -157,6 +157,26 @@ def _fit_hypotheses(soft: np.ndarray, cx: float, cy: float, cell_side: float) ->
     return sorted((float(e), s, z) for (s, z), e in zip(names, best))
 
 
+_FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)  # scipy's default (4-connected) structure
+
+
+def _label_per_cell(fg: np.ndarray, row_of: np.ndarray, col_of: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected foreground blobs, none crossing a grid line (blur or blockiness can bridge neighbours):
+    one labelling of ``fg`` with an empty row / column put in at each grid line, then taken out again.
+    The labels are numbered in scan order, as labelling cell by cell would be up to their order."""
+    from scipy import ndimage
+
+    cut_r = np.flatnonzero(np.diff(row_of)) + 1  # first row / column of each cell after the first
+    cut_c = np.flatnonzero(np.diff(col_of)) + 1
+    gapped = np.insert(np.insert(fg, cut_r, False, axis=0), cut_c, False, axis=1)
+    labels, n = ndimage.label(gapped, structure=_FOUR)
+    keep_r = np.ones(gapped.shape[0], bool)
+    keep_r[cut_r + np.arange(len(cut_r))] = False
+    keep_c = np.ones(gapped.shape[1], bool)
+    keep_c[cut_c + np.arange(len(cut_c))] = False
+    return np.ascontiguousarray(labels[keep_r][:, keep_c]), n
+
+
 def parse_scene_report(img, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> ParseResult:
     """Parse ``img`` (PIL image or HxWx3 uint8 array); the result says why when it cannot."""
     from scipy import ndimage
@@ -191,13 +211,7 @@ def parse_scene_report(img, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Pars
     col_of = np.minimum((np.arange(W) / cw).astype(int), GRID - 1)
     row_of = np.minimum((np.arange(H) / ch).astype(int), GRID - 1)
     cell_id = row_of[:, None] * GRID + col_of[None, :]
-    # Labelling each cell separately cuts blobs that blur or blockiness bridged across a grid line.
-    labels = np.zeros((H, W), np.int32)
-    n_labels = 0
-    for cid in range(GRID * GRID):
-        lab_c, n_c = ndimage.label(fg & (cell_id == cid))
-        labels[lab_c > 0] = lab_c[lab_c > 0] + n_labels
-        n_labels += n_c
+    labels, n_labels = _label_per_cell(fg, row_of, col_of)
     if n_labels == 0:
         return ParseResult(None, "no objects found")
     areas = np.bincount(labels.ravel(), minlength=n_labels + 1)
@@ -233,7 +247,7 @@ def parse_scene_report(img, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Pars
         axis = (_ycc(np.array(COLORS[_COLOR_NAMES[c1]], np.float32)) - bg_ycc) * _YCC_WEIGHT
         proj = ((ycc[y0:y1, x0:x1] - bg_ycc) @ axis) / float(axis @ (axis / _YCC_WEIGHT))
         half = proj >= 0.5
-        lab_h, n_h = ndimage.label(half)
+        lab_h, n_h = ndimage.label(half, structure=_FOUR)
         if n_h == 0:
             return ParseResult(None, "blob vanished on re-thresholding")
         # the component overlapping the original blob the most
@@ -272,7 +286,7 @@ def parse_scene_report(img, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Pars
                          "color_reach": round(float(reach[c1]), 2),
                          "shape_err": round(float(e1), 3), "shape_margin": round(float(e2 - e1), 3)})
         exp = np.zeros((H, W), bool)
-        exp[y0:y1, x0:x1] = ndimage.binary_dilation(keep, iterations=2)
+        exp[y0:y1, x0:x1] = ndimage.binary_dilation(keep, structure=_FOUR, iterations=2)
         explained |= exp
     if not objects:
         return ParseResult(None, "no object-sized blobs")
