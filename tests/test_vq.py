@@ -467,3 +467,30 @@ def test_cli_train_and_tokenize(tmp_path, capsys):
     assert "not a tokenizer directory" in capsys.readouterr().err
     assert main(["train-tokenizer", str(recipe), "lr=-1"]) == 2
     assert main(["train-tokenizer", "no_such_recipe"]) == 2
+
+
+def test_bf16_training_keeps_the_code_search_in_float32(tmp_path):
+    """precision=bf16 autocasts the model's pass; the quantizers still search and return float32, so a
+    pass under autocast picks the codes a float32 pass picks, and training writes a float32 tokenizer."""
+    from mmgen.tokenizers import load_image_tokenizer
+    from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
+    from mmgen.tokenizers.train import train_tokenizer
+
+    torch.manual_seed(0)
+    z = torch.randn(4, 8, 5, 5)
+    for q in (Quantizer(QuantizerConfig(kind="simvq", codebook_size=64), 8).eval(), tiny_tokenizer().quantizer):
+        dim = q.dim if hasattr(q, "dim") else 4
+        zz = z[:, :dim]
+        plain, rounded = q(zz), q(zz.bfloat16().float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = q(zz)
+            cast_bf16 = q(zz.bfloat16())  # an encoder under autocast hands over bf16 features
+        assert torch.equal(plain[1], cast[1]) and cast[0].dtype == torch.float32
+        assert torch.equal(rounded[1], cast_bf16[1]) and cast_bf16[0].dtype == torch.float32
+    tok_dir = train_tokenizer(tiny_cfg(tmp_path / "bf16", steps=4, precision="bf16"))
+    rows = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    tok = load_image_tokenizer(tok_dir)
+    assert all(p.dtype == torch.float32 for p in tok.parameters())
+    with pytest.raises(MMGenError, match="precision"):
+        train_tokenizer(tiny_cfg(tmp_path / "bad", precision="fp8"))

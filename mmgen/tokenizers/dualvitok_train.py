@@ -40,7 +40,7 @@ from mmgen.errors import MMGenError
 from mmgen.tokenizers.dualvitok import PatchGAN, build_dualvitok
 from mmgen.tokenizers.losses import pixel_losses
 from mmgen.tokenizers.quantizers import perplexity, usage_fraction
-from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_config, lr_at
+from mmgen.tokenizers.train_config import TokenizerTrainConfig, autocast, check_train_config, lr_at
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
@@ -268,7 +268,9 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        o = model(x, generator=g)
+        with autocast(cfg):  # the model's pass only: the losses compare float32 tensors
+            o = model(x, generator=g)
+        o = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in o.items()}
         losses = dualvitok_losses(
             model, o, x, cfg, disc, step, text_head, train_t[idx] if text_head is not None else None)
         cell_losses = losses.pop("text_cells", None)

@@ -87,6 +87,12 @@ class Quantizer(nn.Module):
 
     # -- forward / lookup ---------------------------------------------------------------------------
     def forward(self, z: torch.Tensor):
+        # The nearest-code search and the codebook's losses in float32 even under autocast: bf16 distances
+        # tie near codes, and which one wins would then be rounding noise.
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor):
         b, d, h, w = z.shape
         x = z.permute(0, 2, 3, 1).reshape(b, h * w, d)
         if self.kind == "fsq":

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.dualvitok_train import train_dualvitok
 from mmgen.tokenizers.losses import pixel_losses
-from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_config, lr_at
+from mmgen.tokenizers.train_config import TokenizerTrainConfig, autocast, check_train_config, lr_at
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import PixelVQ, psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
@@ -92,7 +92,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         x = uint8_to_unit(train_x[idx])
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        recon, _codes, st = model(x)
+        with autocast(cfg):  # the model's pass only: the losses compare float32 tensors
+            recon, _codes, st = model(x)
+        recon, st = recon.float(), {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                                    for k, v in st.items()}
         px = pixel_losses(recon, x, cfg)
         l1, l2, edge, rec = px["l1"], px["l2"], px["edge"], px["rec"]
         loss = rec + cfg.vq_weight * st["vq_loss"]

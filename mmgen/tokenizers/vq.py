@@ -73,6 +73,11 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor):
         """``z`` (B, dim, h, w) -> (straight-through quantized z, codes (B, h, w), stats dict)."""
+        # float32 even under autocast: with bf16 similarities, which of two near codes wins is rounding noise
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor):
         b, c, h, w = z.shape
         z_flat = z.permute(0, 2, 3, 1).reshape(-1, c)
         if self.l2_norm:
