@@ -490,6 +490,7 @@ def test_bf16_training_keeps_the_code_search_in_float32(tmp_path):
     tok_dir = train_tokenizer(tiny_cfg(tmp_path / "bf16", steps=4, precision="bf16"))
     rows = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    assert json.loads((tmp_path / "bf16" / "eval.json").read_text())["precision"] == "bf16"
     tok = load_image_tokenizer(tok_dir)
     assert all(p.dtype == torch.float32 for p in tok.parameters())
     with pytest.raises(MMGenError, match="precision"):

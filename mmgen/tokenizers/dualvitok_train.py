@@ -40,7 +40,13 @@ from mmgen.errors import MMGenError
 from mmgen.tokenizers.dualvitok import PatchGAN, build_dualvitok
 from mmgen.tokenizers.losses import pixel_losses
 from mmgen.tokenizers.quantizers import perplexity, usage_fraction
-from mmgen.tokenizers.train_config import TokenizerTrainConfig, autocast, check_train_config, lr_at
+from mmgen.tokenizers.train_config import (
+    TokenizerTrainConfig,
+    autocast,
+    check_train_config,
+    lr_at,
+    resolved_precision,
+)
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
@@ -313,6 +319,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
               "data": data_stats, **init, "frozen_parts": list(cfg.freeze),
               **({"pruned_codes": pruned} if pruned else {}),
               "parameters": model.num_parameters(), "trainable_parameters": model.num_parameters(True),
+              "precision": resolved_precision(cfg.precision),
               "train_seconds": round(time.time() - t0, 1)}  # of this run, i.e. steps resumed_from_step..steps
     if n_eval:
         report.update(evaluate_dualvitok(model, eval_x, out / "recon.png",

@@ -33,7 +33,13 @@ from tqdm import tqdm
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.dualvitok_train import train_dualvitok
 from mmgen.tokenizers.losses import pixel_losses
-from mmgen.tokenizers.train_config import TokenizerTrainConfig, autocast, check_train_config, lr_at
+from mmgen.tokenizers.train_config import (
+    TokenizerTrainConfig,
+    autocast,
+    check_train_config,
+    lr_at,
+    resolved_precision,
+)
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import PixelVQ, psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
@@ -141,7 +147,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     tok_dir = out / "tokenizer"
     model.save_pretrained(tok_dir)
     report = {"steps": cfg.steps, "train_images": len(train_x), "eval_images": n_eval, "data": data_stats,
-              "parameters": model.num_parameters(), "train_seconds": round(time.time() - t0, 1)}
+              "parameters": model.num_parameters(),
+              "precision": resolved_precision(cfg.precision), "train_seconds": round(time.time() - t0, 1)}
     if n_eval:
         with torch.no_grad():
             xe = uint8_to_unit(eval_x)

@@ -117,9 +117,11 @@ class TokenizerTrainConfig:
     gan_weight: float = 0.0  # PatchGAN hinge loss (0: off)
     gan_start: int = 0  # step the adversarial loss starts at
     disc_lr: float = 2e-4
-    # fp32, or bf16: the forward pass and the losses under torch.autocast in bfloat16 (convolutions and
-    # matmuls; the quantizers' code search stays float32; weights, gradients and Adam stay float32). GPUs,
-    # and CPUs with AVX512-BF16 / AMX, run it faster: the demo's DualViTok step 1.5x on 2 such cores.
+    # fp32, bf16 or auto: bf16 runs each step's forward pass under torch.autocast in bfloat16 (convolutions
+    # and matmuls; the losses, the quantizers' code search, weights and Adam stay float32); auto is bf16
+    # where the hardware computes it natively (a GPU with bf16, a CPU whose oneDNN has bf16 kernels), fp32
+    # elsewhere. The demo's DualViTok trains 1.27-1.42x the steps/s in bf16 on 2 AVX512-BF16 cores
+    # (benchmarks/tokenizer_precision.py).
     precision: str = "fp32"
     # bookkeeping
     out_dir: str = "runs/tokenizer"
@@ -142,12 +144,22 @@ def check_train_config(cfg: TokenizerTrainConfig) -> None:
         raise MMGenError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def resolved_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """``precision`` with ``auto`` decided for ``device``: bf16 where it runs natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def autocast(cfg: TokenizerTrainConfig, device: str | torch.device = "cpu"):
     """The training step's autocast context for ``cfg.precision`` (a no-op context for fp32)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    bf16 = resolved_precision(cfg.precision, device) == "bf16"
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def lr_at(cfg: TokenizerTrainConfig, step: int) -> float:
