@@ -48,9 +48,9 @@ class QuickstartConfig:
     sft_recipe: str | None = "tiny_sft"  # in training/; None skips SFT (evaluation then uses the pretrained model)
     # The 1x diffusion detokenizer packed into the final bundle (in tokenizers/; "" skips it): trained for the
     # bundle's image tokenizer and the codes its LM writes (`mmgen train-detokenizer ... bundle=`), so
-    # generation, the chat and the evaluation draw pictures through it. 200 steps draw what the tokenizer's
-    # decoder draws (100% scene agreement on val scenes, 42.8 dB vs its 44.3; ~0.45 CPU-s a step at one
-    # thread, docs/experiments/2026-12-07-detokenizer-in-the-quick-start.md).
+    # generation, the chat and the evaluation draw pictures through it. 100 steps draw what the tokenizer's
+    # decoder draws (100% scene agreement on 64 val prompts, 44.2 dB against its picture; ~0.45 CPU-s a step
+    # at one thread, docs/experiments/2026-12-07-detokenizer-in-the-quick-start.md).
     detokenizer_recipe: str = "tiny_detokenizer_quickstart"
     clip_overrides: list[str] = field(default_factory=list)
     tokenizer_overrides: list[str] = field(default_factory=list)
