@@ -121,7 +121,7 @@ class TokenizerTrainConfig:
     # and matmuls; the losses, the quantizers' code search, weights and Adam stay float32); auto is bf16
     # where the hardware computes it natively (a GPU with bf16, a CPU whose oneDNN has bf16 kernels), fp32
     # elsewhere. The demo's DualViTok trains 1.27-1.42x the steps/s in bf16 on 2 AVX512-BF16 cores
-    # (benchmarks/tokenizer_precision.py).
+    # (benchmarks/tokenizer_precision.py), but an LM drew worse from its codes: tiny_dualvitok.yaml keeps fp32.
     precision: str = "fp32"
     # bookkeeping
     out_dir: str = "runs/tokenizer"
