@@ -89,8 +89,10 @@ class Quantizer(nn.Module):
     def forward(self, z: torch.Tensor):
         # The nearest-code search and the codebook's losses in float32 even under autocast: bf16 distances
         # tie near codes, and which one wins would then be rounding noise.
-        with torch.autocast(z.device.type, enabled=False):
-            return self._quantize(z.float())
+        if z.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(z.device.type):
+            with torch.autocast(z.device.type, enabled=False):
+                return self._quantize(z.float())
+        return self._quantize(z)
 
     def _quantize(self, z: torch.Tensor):
         b, d, h, w = z.shape
