@@ -108,14 +108,13 @@ def _plot(values_by_status: dict, lines: list, title: str, path: Path) -> None:
 def write_plots(out: Path, ops) -> list[tuple[str, str, str]]:
     """One histogram per numeric (op, stat); returns [(op, stat, png path relative to out)]."""
     import numpy as np
+    import pyarrow.compute as pc
 
     table = _load_stats(out)
     if table is None or table.num_rows == 0:
         return []
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    import pyarrow.compute as pc
-
     value = table.column("value")
     table = table.filter(pc.and_(pc.is_valid(value), pc.invert(pc.is_nan(value))))
     # grouped by Arrow: a Python loop over every (document, statistic) row cost more than the plots

@@ -238,7 +238,7 @@ def reblock_code_shards(tokenizer_dir: str | Path, code_shards, out_dir: str | P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = expand_inputs(code_shards, (".tar",))
-    stats, grids, shards = {"docs_in": 0, "docs_written": 0, "images_reblocked": 0, "bad_records": 0}, {}, []
+    stats, grids, shards = {"docs_in": 0, "docs_written": 0, "images_reblocked": 0, "bad_records": 0}, Counter(), []
     for index, path in enumerate(tqdm(paths, desc="reblock", unit="shard", disable=not progress)):
         docs = []
         for rec in read_code_shards([path]):
@@ -262,8 +262,7 @@ def reblock_code_shards(tokenizer_dir: str | Path, code_shards, out_dir: str | P
             stacked = torch.from_numpy(np.stack([np.asarray(docs[d].codes[i]) for d, i in where]))
             for (d, i), grid in zip(where, tok.to_blocks(stacked).numpy().astype(dtype)):
                 blocks[(d, i)] = grid
-                key = f"{grid.shape[0]}x{grid.shape[1]}"
-                grids[key] = grids.get(key, 0) + 1
+                grids[f"{grid.shape[0]}x{grid.shape[1]}"] += 1
         stats["images_reblocked"] += len(blocks)
         with CodeShardWriter(out, prefix=f"codes-{index:06d}", max_docs=max_docs_per_shard) as writer:
             for d, rec in enumerate(docs):
@@ -277,7 +276,7 @@ def reblock_code_shards(tokenizer_dir: str | Path, code_shards, out_dir: str | P
                 empty.unlink()
             found = []
         shards += [str(f) for f in found]
-    summary = {**stats, "code_grids": grids, "code_dtype": np.dtype(dtype).name, "codebooks": tok.codebook_sizes,
+    summary = {**stats, "code_grids": dict(grids), "code_dtype": np.dtype(dtype).name, "codebooks": tok.codebook_sizes,
                "tokenizer": str(tokenizer_dir), "source": str(code_shards), "shards": shards}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -44,6 +44,7 @@ from mmgen.tokenizers.train_config import (
     TokenizerTrainConfig,
     autocast,
     check_train_config,
+    float32_outputs,
     lr_at,
     resolved_precision,
 )
@@ -276,7 +277,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
             group["lr"] = lr
         with autocast(cfg):  # the model's pass only: the losses compare float32 tensors
             o = model(x, generator=g)
-        o = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in o.items()}
+        o = float32_outputs(o)
         losses = dualvitok_losses(
             model, o, x, cfg, disc, step, text_head, train_t[idx] if text_head is not None else None)
         cell_losses = losses.pop("text_cells", None)

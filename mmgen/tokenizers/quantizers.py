@@ -61,6 +61,15 @@ class QuantizerConfig:
     restart_rtol: float = 0.0
 
 
+def quantize_in_float32(quantize, z: torch.Tensor):
+    """``quantize(z)``, in float32 while autocast is on: the nearest-code search and the codebook's losses
+    with bf16 distances tie near codes, and which one wins would then be rounding noise."""
+    if z.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(z.device.type):
+        with torch.autocast(z.device.type, enabled=False):
+            return quantize(z.float())
+    return quantize(z)
+
+
 class Quantizer(nn.Module):
     """Wraps one library quantizer; inputs are channel-first feature maps ``(B, D, h, w)``."""
 
@@ -87,12 +96,7 @@ class Quantizer(nn.Module):
 
     # -- forward / lookup ---------------------------------------------------------------------------
     def forward(self, z: torch.Tensor):
-        # The nearest-code search and the codebook's losses in float32 even under autocast: bf16 distances
-        # tie near codes, and which one wins would then be rounding noise.
-        if z.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(z.device.type):
-            with torch.autocast(z.device.type, enabled=False):
-                return self._quantize(z.float())
-        return self._quantize(z)
+        return quantize_in_float32(self._quantize, z)
 
     def _quantize(self, z: torch.Tensor):
         b, d, h, w = z.shape

@@ -37,6 +37,7 @@ from mmgen.tokenizers.train_config import (
     TokenizerTrainConfig,
     autocast,
     check_train_config,
+    float32_outputs,
     lr_at,
     resolved_precision,
 )
@@ -100,8 +101,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
             group["lr"] = lr_at(cfg, step)
         with autocast(cfg):  # the model's pass only: the losses compare float32 tensors
             recon, _codes, st = model(x)
-        recon, st = recon.float(), {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-                                    for k, v in st.items()}
+        recon, st = recon.float(), float32_outputs(st)
         px = pixel_losses(recon, x, cfg)
         l1, l2, edge, rec = px["l1"], px["l2"], px["edge"], px["rec"]
         loss = rec + cfg.vq_weight * st["vq_loss"]

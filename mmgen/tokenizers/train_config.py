@@ -6,6 +6,7 @@ learning-rate schedule it describes.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -147,6 +148,7 @@ def check_train_config(cfg: TokenizerTrainConfig) -> None:
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
+@functools.lru_cache(maxsize=8)  # asked every step: decide once per device
 def resolved_precision(precision: str, device: str | torch.device = "cpu") -> str:
     """``precision`` with ``auto`` decided for ``device``: bf16 where it runs natively, else fp32."""
     if precision != "auto":
@@ -160,6 +162,11 @@ def autocast(cfg: TokenizerTrainConfig, device: str | torch.device = "cpu"):
     """The training step's autocast context for ``cfg.precision`` (a no-op context for fp32)."""
     bf16 = resolved_precision(cfg.precision, device) == "bf16"
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def float32_outputs(out: dict) -> dict:
+    """A model pass's outputs with every floating tensor in float32, for losses computed outside autocast."""
+    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
 
 
 def lr_at(cfg: TokenizerTrainConfig, step: int) -> float:

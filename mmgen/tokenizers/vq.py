@@ -25,6 +25,7 @@ from torch import nn
 
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.base import ImageTokenizer, register_tokenizer
+from mmgen.tokenizers.quantizers import quantize_in_float32
 from mmgen.utils.compat import ensure_torchvision
 
 
@@ -73,11 +74,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor):
         """``z`` (B, dim, h, w) -> (straight-through quantized z, codes (B, h, w), stats dict)."""
-        # float32 even under autocast: with bf16 similarities, which of two near codes wins is rounding noise
-        if z.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(z.device.type):
-            with torch.autocast(z.device.type, enabled=False):
-                return self._quantize(z.float())
-        return self._quantize(z)
+        return quantize_in_float32(self._quantize, z)
 
     def _quantize(self, z: torch.Tensor):
         b, c, h, w = z.shape

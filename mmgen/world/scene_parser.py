@@ -170,11 +170,9 @@ def _label_per_cell(fg: np.ndarray, row_of: np.ndarray, col_of: np.ndarray) -> t
     cut_c = np.flatnonzero(np.diff(col_of)) + 1
     gapped = np.insert(np.insert(fg, cut_r, False, axis=0), cut_c, False, axis=1)
     labels, n = ndimage.label(gapped, structure=_FOUR)
-    keep_r = np.ones(gapped.shape[0], bool)
-    keep_r[cut_r + np.arange(len(cut_r))] = False
-    keep_c = np.ones(gapped.shape[1], bool)
-    keep_c[cut_c + np.arange(len(cut_c))] = False
-    return np.ascontiguousarray(labels[keep_r][:, keep_c]), n
+    # the inserted rows / columns sit at the cut indices shifted by the ones inserted before them
+    labels = np.delete(labels, cut_r + np.arange(len(cut_r)), axis=0)
+    return np.delete(labels, cut_c + np.arange(len(cut_c)), axis=1), n
 
 
 def parse_scene_report(img, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> ParseResult:
