@@ -40,18 +40,12 @@ from mmgen.errors import MMGenError
 from mmgen.tokenizers.dualvitok import PatchGAN, build_dualvitok
 from mmgen.tokenizers.losses import pixel_losses
 from mmgen.tokenizers.quantizers import perplexity, usage_fraction
-from mmgen.tokenizers.train_config import (
-    TokenizerTrainConfig,
-    autocast,
-    check_train_config,
-    float32_outputs,
-    lr_at,
-    resolved_precision,
-)
+from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_config, lr_at
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
 from mmgen.utils.pixels import through_uint8, uint8_to_unit
+from mmgen.utils.precision import autocast, float32_outputs, resolved_precision
 from mmgen.world import all_cell_phrases, cell_phrases
 
 
@@ -275,7 +269,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        with autocast(cfg):  # the model's pass only: the losses compare float32 tensors
+        with autocast(cfg.precision):  # the model's pass only: the losses compare float32 tensors
             o = model(x, generator=g)
         o = float32_outputs(o)
         losses = dualvitok_losses(

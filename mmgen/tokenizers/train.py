@@ -33,18 +33,12 @@ from tqdm import tqdm
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.dualvitok_train import train_dualvitok
 from mmgen.tokenizers.losses import pixel_losses
-from mmgen.tokenizers.train_config import (
-    TokenizerTrainConfig,
-    autocast,
-    check_train_config,
-    float32_outputs,
-    lr_at,
-    resolved_precision,
-)
+from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_config, lr_at
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import PixelVQ, psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
 from mmgen.utils.pixels import through_uint8, uint8_to_unit
+from mmgen.utils.precision import autocast, float32_outputs, resolved_precision
 
 
 def build_model(cfg: TokenizerTrainConfig):
@@ -99,7 +93,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         x = uint8_to_unit(train_x[idx])
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        with autocast(cfg):  # the model's pass only: the losses compare float32 tensors
+        with autocast(cfg.precision):  # the model's pass only: the losses compare float32 tensors
             recon, _codes, st = model(x)
         recon, st = recon.float(), float32_outputs(st)
         px = pixel_losses(recon, x, cfg)

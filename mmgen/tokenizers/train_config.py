@@ -6,14 +6,12 @@ learning-rate schedule it describes.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.quantizers import QuantizerConfig
+from mmgen.utils.precision import check_precision
 
 
 @dataclass
@@ -141,32 +139,7 @@ def check_train_config(cfg: TokenizerTrainConfig) -> None:
             raise MMGenError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise MMGenError(f"lr must be positive, got {cfg.lr}")
-    if cfg.precision not in PRECISIONS:
-        raise MMGenError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-
-
-PRECISIONS = ("fp32", "bf16", "auto")
-
-
-@functools.lru_cache(maxsize=8)  # asked every step: decide once per device
-def resolved_precision(precision: str, device: str | torch.device = "cpu") -> str:
-    """``precision`` with ``auto`` decided for ``device``: bf16 where it runs natively, else fp32."""
-    if precision != "auto":
-        return precision
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def autocast(cfg: TokenizerTrainConfig, device: str | torch.device = "cpu"):
-    """The training step's autocast context for ``cfg.precision`` (a no-op context for fp32)."""
-    bf16 = resolved_precision(cfg.precision, device) == "bf16"
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def float32_outputs(out: dict) -> dict:
-    """A model pass's outputs with every floating tensor in float32, for losses computed outside autocast."""
-    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+    check_precision(cfg.precision)
 
 
 def lr_at(cfg: TokenizerTrainConfig, step: int) -> float:

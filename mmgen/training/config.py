@@ -16,6 +16,7 @@ from typing import Literal
 from mmgen.config import load_config
 from mmgen.errors import MMGenError
 from mmgen.paths import REPO_ROOT, recipe_path
+from mmgen.utils.precision import check_precision
 
 
 @dataclass
@@ -167,6 +168,11 @@ class TrainConfig:
     snapshot_every: int = 0
     resume: bool = True  # continue from out_dir/checkpoints/latest when it exists
     threads: int | None = None  # torch CPU threads per rank (None: torch's default)
+    # fp32, bf16 or auto (mmgen.utils.precision): bf16 runs the forward pass under torch.autocast in
+    # bfloat16 while weights, Adam and the loss stay float32. That is mixed precision for the CPU DeepSpeed
+    # configs, whose own bf16 block is off; the GPU configs' bf16 block (bf16 weights, float32 master
+    # copies) already computes in bf16, and autocast on top changes nothing.
+    precision: str = "fp32"
     tensorboard: bool = True
     progress: bool = True
     preset: str = "tiny"
@@ -181,6 +187,7 @@ def load_train_config(config: str | Path | None, overrides: list[str] | None = N
 
 
 def check_config(cfg: TrainConfig) -> None:
+    check_precision(cfg.precision)
     for name in ("steps", "micro_batch", "grad_accum", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise MMGenError(f"{name} must be at least 1, got {getattr(cfg, name)}")

@@ -39,6 +39,7 @@ from mmgen.training.metrics import MetricWindow, peak_rss_mib, plot_losses
 from mmgen.training.model_setup import FEATURE_SOURCES, build_model, continuous_input_table, model_dtype
 from mmgen.training.optim import build_optimizer, deepspeed_config
 from mmgen.training.qlora import load_quantized_module, parameter_bytes
+from mmgen.utils.precision import autocast, resolved_precision
 
 
 def pretrain(config_path: str | Path | None = None, overrides: list[str] | None = None) -> Path:
@@ -137,11 +138,13 @@ def run_training(cfg: TrainConfig) -> Path:
         step_batches, denom = batches.step(step, dtype, attention)
         for batch in step_batches:
             mask = {"attention_mask": batch["attention_mask"].to(engine.device)} if "attention_mask" in batch else {}
-            out = engine(input_ids=batch["input_ids"].to(engine.device),
-                         position_ids=batch["position_ids"].to(engine.device), use_cache=False, **mask)
+            with autocast(cfg.precision, engine.device):
+                out = engine(input_ids=batch["input_ids"].to(engine.device),
+                             position_ids=batch["position_ids"].to(engine.device), use_cache=False, **mask)
             # DeepSpeed averages gradients over ranks and divides the loss by grad_accum: scale back so
-            # the step's gradient is that of the token mean over the whole global batch.
-            loss, stats = lm_loss(out.logits, batch["labels"].to(engine.device), vocab, weights,
+            # the step's gradient is that of the token mean over the whole global batch. The loss is
+            # taken in float32 whatever the forward computed in.
+            loss, stats = lm_loss(out.logits.float(), batch["labels"].to(engine.device), vocab, weights,
                                   denom / (world * cfg.grad_accum), z_loss=cfg.loss.z_loss)
             engine.backward(loss)
             engine.step()
@@ -186,6 +189,7 @@ def run_training(cfg: TrainConfig) -> Path:
                "train_seconds": train_seconds(),
                "tokens_per_s": run_tokens / run_s if run_tokens else None, "world_size": world,
                "first_step_s": first_step_s, "peak_rss_mib_per_rank": rss, "data_source": cfg.data.source,
+               "precision": resolved_precision(cfg.precision, engine.device),
                "parameters": count_parameters(engine.module),
                "trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
                "parameter_bytes": parameter_bytes(engine.module),
