@@ -21,9 +21,11 @@ TEXTS = ["a large red circle at the top left, on a black background.",
 RES = (32, 32)  # (width, height) -> a 4x4 code grid at downsample 8
 
 
-@register_tokenizer("test_palette")
+@register_tokenizer
 class PaletteTokenizer(ImageTokenizer):
     """Test-only image tokenizer: each code is a flat colour patch (a fixed random palette)."""
+
+    mmgen_type = "test_palette"
 
     def __init__(self, codebook_size: int = 16, downsample: int = 8, resolution=RES):
         super().__init__()

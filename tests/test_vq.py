@@ -95,6 +95,36 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
         assert torch.equal(loaded.decode_tensor(codes), tok.decode_tensor(codes))
 
 
+def test_tokenizers_save_and_load_as_hub_models(tmp_path):
+    """PyTorchModelHubMixin: the class's own from_pretrained reads what save_pretrained wrote (with a model
+    card), a missing weight fails instead of loading half a model, and an unknown type is one clear line."""
+    from safetensors.torch import load_file, save_file
+
+    from mmgen.tokenizers import ImageTokenizer, load_image_tokenizer, register_tokenizer
+    from mmgen.tokenizers.vq import PixelVQ
+
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert "library_name: mmgen" in (tmp_path / "tok" / "README.md").read_text()
+    direct = PixelVQ.from_pretrained(tmp_path / "tok")
+    assert direct.fingerprint() == tok.fingerprint() == load_image_tokenizer(tmp_path / "tok").fingerprint()
+    assert not direct.training
+
+    weights = load_file(str(tmp_path / "tok" / "model.safetensors"))
+    weights.pop(next(k for k in weights if k.startswith("decoder.")))
+    save_file(weights, str(tmp_path / "tok" / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="[Mm]issing"):
+        load_image_tokenizer(tmp_path / "tok")
+
+    cfg = json.loads((tmp_path / "tok" / "config.json").read_text())
+    (tmp_path / "tok" / "config.json").write_text(json.dumps({**cfg, "mmgen_type": "no_such_tokenizer"}))
+    with pytest.raises(MMGenError, match="unknown tokenizer type 'no_such_tokenizer'"):
+        load_image_tokenizer(tmp_path / "tok")
+    with pytest.raises(MMGenError, match="not an ImageTokenizer subclass"):
+        register_tokenizer(ImageTokenizer)
+
+
 def test_out_of_range_codes_and_bad_tensors_are_clear_errors():
     tok = tiny_tokenizer()
     with pytest.raises(MMGenError, match="out of range"):

@@ -1,8 +1,12 @@
 """The image-tokenizer API every stage uses, and loading any saved tokenizer by directory.
 
-A tokenizer directory holds ``config.json`` (with ``"mmgen_type"`` naming the class) and
-``model.safetensors``. :func:`load_image_tokenizer` dispatches on that name, so the LM bundle, the
-``tokenize`` stage and the chat app load whatever tokenizer a checkpoint was trained with.
+Tokenizers save and load like other Hugging Face models: each is a ``torch.nn.Module`` with
+``huggingface_hub``'s ``PyTorchModelHubMixin``, so ``save_pretrained(dir)`` writes ``config.json`` (the
+``__init__`` arguments that rebuild the model as it is now, and ``"mmgen_type"``), ``model.safetensors``
+and a model card, and ``Class.from_pretrained(dir)`` reads them back (or ``push_to_hub`` shares them).
+:func:`load_image_tokenizer` picks the class from ``mmgen_type`` (as transformers' auto classes pick one
+from a config's ``model_type``), so the LM bundle, the ``tokenize`` stage and the chat app load
+whatever tokenizer a checkpoint was trained with.
 
 Pixel conventions (:mod:`mmgen.utils.pixels`): images go in as PIL images (any size: they are resized
 to a multiple of the downsampling factor) or float tensors ``(B, 3, H, W)`` in ``[-1, 1]``; codes are
@@ -17,20 +21,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 
 from mmgen.errors import MMGenError
 from mmgen.utils.pixels import pil_to_tensor, tensor_to_pil
 
-_REGISTRY: dict[str, type] = {}
+# The built-in tokenizers by the ``mmgen_type`` their config.json records: (module, class), imported
+# when first loaded. register_tokenizer adds others.
+TOKENIZER_TYPES: dict[str, tuple[str, str] | type] = {
+    "pixel_vq": ("mmgen.tokenizers.vq", "PixelVQ"),
+    "dualvitok": ("mmgen.tokenizers.dualvitok", "DualViTok"),
+    "code_blocks": ("mmgen.tokenizers.blocks", "CodeBlockTokenizer"),
+}
 
 
-def register_tokenizer(name: str):
-    def deco(cls):
-        _REGISTRY[name] = cls
-        cls.mmgen_type = name
-        return cls
+def register_tokenizer(cls: type) -> type:
+    """Make :func:`load_image_tokenizer` load a tokenizer class of your own (a subclass of
+    :class:`ImageTokenizer` with its own ``mmgen_type``); usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, ImageTokenizer)) or cls.mmgen_type == ImageTokenizer.mmgen_type:
+        raise MMGenError(f"{cls!r} is not an ImageTokenizer subclass with a mmgen_type of its own")
+    TOKENIZER_TYPES[cls.mmgen_type] = cls
+    return cls
 
-    return deco
+
+def tokenizer_class(kind: str | None) -> type:
+    """The class of a saved tokenizer's ``mmgen_type``."""
+    entry = TOKENIZER_TYPES.get(kind or "")
+    if entry is None:
+        raise MMGenError(f"unknown tokenizer type '{kind}' (known: {', '.join(sorted(TOKENIZER_TYPES))})")
+    if isinstance(entry, tuple):
+        import importlib
+
+        entry = getattr(importlib.import_module(entry[0]), entry[1])
+    return entry
 
 
 def as_code_grids(codes, sizes: dict[str, int], device=None) -> dict[str, torch.Tensor]:
@@ -55,9 +78,23 @@ def as_code_grids(codes, sizes: dict[str, int], device=None) -> dict[str, torch.
     return out
 
 
-class ImageTokenizer(torch.nn.Module):
-    """Base class: subclasses implement ``encode_tensor``/``decode_tensor`` and set ``downsample``,
-    ``codebook_size`` and ``resolution`` (the default (width, height) images are resized to)."""
+# The model card save_pretrained writes beside the weights (the mixin fills in the YAML header).
+MODEL_CARD = """---
+# For reference on model card metadata, see the spec: https://github.com/huggingface/hub-docs/blob/main/modelcard.md?plain=1
+{{ card_data }}
+---
+
+An mmgen image tokenizer (images <-> discrete codes). Load it with
+`mmgen.tokenizers.load_image_tokenizer(path)`; `config.json` holds its type (`mmgen_type`) and the arguments
+that rebuild it, `model.safetensors` its weights.
+"""
+
+
+class ImageTokenizer(torch.nn.Module, PyTorchModelHubMixin, library_name="mmgen", tags=["image-tokenizer"],
+                     model_card_template=MODEL_CARD):
+    """Base class: subclasses implement ``encode_tensor``/``decode_tensor`` and ``get_config``, name
+    themselves with ``mmgen_type`` and set ``downsample``, ``codebook_size`` and ``resolution`` (the
+    default (width, height) images are resized to)."""
 
     mmgen_type = "base"
     downsample: int = 8
@@ -72,6 +109,8 @@ class ImageTokenizer(torch.nn.Module):
         raise NotImplementedError
 
     def get_config(self) -> dict:
+        """The ``__init__`` arguments that rebuild this model as it is now (pruning a codebook after
+        construction changes them), JSON-serialisable."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------
@@ -130,23 +169,27 @@ class ImageTokenizer(torch.nn.Module):
             cached = self._fingerprint = h.hexdigest()
         return cached
 
-    def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+    # -- saving and loading: PyTorchModelHubMixin ------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, **kwargs):
+        """``config.json`` (``mmgen_type`` and :meth:`get_config`), ``model.safetensors`` and a model card.
 
-        p = Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        (p / "config.json").write_text(json.dumps({"mmgen_type": self.mmgen_type, **self.get_config()}, indent=1))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(p / "model.safetensors"))
+        The mixin would save the arguments the model was built with; the live config is saved instead."""
+        kwargs["config"] = {"mmgen_type": self.mmgen_type, **self.get_config()}
+        return super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu"):
-        from safetensors.torch import load_file
+    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False,
+                         local_files_only=False, token=None, map_location: str = "cpu", strict: bool = True,
+                         device: str | None = None, **model_kwargs):
+        """The mixin's loading step for a local directory (mmgen downloads nothing at run time; a hub
+        repository is fetched first with ``huggingface_hub.snapshot_download``): every weight must match."""
+        from safetensors.torch import load_model
 
-        p = Path(path)
-        cfg = _read_config(p)
-        cfg.pop("mmgen_type", None)
-        model = cls(**cfg)
-        model.load_state_dict(load_file(str(p / "model.safetensors"), device=device))
+        p = Path(model_id)
+        _check_tokenizer_dir(p)
+        device = device or map_location
+        model = cls(**model_kwargs)
+        load_model(model, str(p / "model.safetensors"), strict=strict, device=str(device))
         return model.to(device).eval()
 
 
@@ -164,21 +207,18 @@ def code_vectors(tokenizer, range_name: str) -> torch.Tensor | None:
         return q.embed(torch.arange(n, device=tokenizer.device).view(1, 1, n))[0, :, 0].t().float().cpu()
 
 
-def _read_config(p: Path) -> dict:
+def _check_tokenizer_dir(p: Path) -> None:
     if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
         raise MMGenError(f"{p} is not a tokenizer directory (needs config.json and model.safetensors)")
-    return json.loads((p / "config.json").read_text())
 
 
 def load_image_tokenizer(path: str | Path, device: str = "cpu") -> ImageTokenizer:
     """Load any saved mmgen image tokenizer from its directory."""
     p = Path(path)
-    kind = _read_config(p).get("mmgen_type")
-    if kind not in _REGISTRY:
-        import mmgen.tokenizers.blocks  # noqa: F401 - registers the built-in tokenizers
-        import mmgen.tokenizers.dualvitok  # noqa: F401
-        import mmgen.tokenizers.vq  # noqa: F401
-    if kind not in _REGISTRY:
-        raise MMGenError(
-            f"unknown tokenizer type '{kind}' in {p / 'config.json'} (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[kind].from_pretrained(p, device=device)
+    _check_tokenizer_dir(p)
+    kind = json.loads((p / "config.json").read_text()).get("mmgen_type")
+    try:
+        cls = tokenizer_class(kind)
+    except MMGenError as e:
+        raise MMGenError(f"{e} in {p / 'config.json'}") from None
+    return cls.from_pretrained(p, device=device)

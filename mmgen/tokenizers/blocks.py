@@ -31,7 +31,7 @@ import torch
 
 from mmgen.data.code_shards import read_code_shards_of_splits
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import ImageTokenizer, as_code_grids, load_image_tokenizer, register_tokenizer
+from mmgen.tokenizers.base import ImageTokenizer, as_code_grids, load_image_tokenizer
 from mmgen.utils.pixels import pil_to_tensor, tensor_to_pil
 
 
@@ -63,11 +63,12 @@ def fit_block_table(grids: Iterable[np.ndarray], block: int, max_size: int = 102
     return np.asarray(kept, dtype=np.int64), stats
 
 
-@register_tokenizer("code_blocks")
 class CodeBlockTokenizer(ImageTokenizer):
     """An inner image tokenizer whose pixel-code grid is rewritten as one token per ``block x block``
     block from a fitted table. A DualViTok's semantic grid passes through unchanged when it has one
     code per block (its ``sem_ratio`` equals ``block``)."""
+
+    mmgen_type = "code_blocks"
 
     def __init__(self, inner: ImageTokenizer, table: np.ndarray | torch.Tensor, block: int,
                  fit_stats: dict | None = None):
@@ -167,23 +168,22 @@ class CodeBlockTokenizer(ImageTokenizer):
     def decode(self, codes) -> list:
         return tensor_to_pil(self.decode_tensor(codes))
 
-    def save_pretrained(self, path: str | Path) -> None:
+    # -- saving and loading: the inner tokenizer in ``inner/``, the table in model.safetensors --------------
+    def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
 
-        p = Path(path)
-        self.inner.save_pretrained(p / "inner")
-        (p / "config.json").write_text(json.dumps({"mmgen_type": self.mmgen_type, **self.get_config()}, indent=1))
-        save_file({"table": self.table.contiguous().cpu()}, str(p / "model.safetensors"))
+        self.inner.save_pretrained(Path(save_directory) / "inner")
+        save_file({"table": self.table.contiguous().cpu()}, str(Path(save_directory) / "model.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu"):
+    def _from_pretrained(cls, *, model_id: str, config: dict, map_location: str = "cpu", device: str | None = None,
+                         **_hub_kwargs):
         from safetensors.torch import load_file
 
-        p = Path(path)
-        cfg = json.loads((p / "config.json").read_text())
-        inner = load_image_tokenizer(p / cfg.get("inner", "inner"), device=device)
+        p, device = Path(model_id), device or map_location
+        inner = load_image_tokenizer(p / config.get("inner", "inner"), device=device)
         table = load_file(str(p / "model.safetensors"))["table"]
-        return cls(inner, table, int(cfg["block"]), cfg.get("fit_stats")).to(device).eval()
+        return cls(inner, table, int(config["block"]), config.get("fit_stats")).to(device).eval()
 
 
 def _pix_codebook(tok) -> int:

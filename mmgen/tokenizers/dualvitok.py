@@ -30,7 +30,7 @@ from torch import nn
 from mmgen.backbones.clip import build_open_clip, load_clip
 from mmgen.config import from_dict
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import ImageTokenizer, as_code_grids, register_tokenizer
+from mmgen.tokenizers.base import ImageTokenizer, as_code_grids
 from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
 from mmgen.tokenizers.vq import diffusers_vae_blocks
 from mmgen.utils.compat import ensure_torchvision
@@ -209,10 +209,11 @@ def _qcfg(d) -> QuantizerConfig:
     return from_dict(QuantizerConfig, dict(d or {}), prefix="quantizer.")
 
 
-@register_tokenizer("dualvitok")
 class DualViTok(ImageTokenizer):
     """Semantic + pixel image tokenizer (ILLUME+). ``downsample`` is the pixel branch's factor;
     ``sem_downsample = teacher patch * sem_merge`` must be ``sem_ratio`` times it (Vocab's sem_ratio)."""
+
+    mmgen_type = "dualvitok"
 
     def __init__(self, resolution=(64, 64), teacher: dict | None = None, sem_width: int = 128, sem_heads: int = 4,
                  sem_encoder_layers: int = 2, sem_decoder_layers: int = 2, sem_merge: int = 2, sem_code_dim: int = 32,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgen.errors import MMGenError
-from mmgen.tokenizers.base import ImageTokenizer, register_tokenizer
+from mmgen.tokenizers.base import ImageTokenizer
 from mmgen.tokenizers.quantizers import quantize_in_float32
 from mmgen.utils.compat import ensure_torchvision
 
@@ -122,12 +122,13 @@ class VectorQuantizer(nn.Module):
         return dead
 
 
-@register_tokenizer("pixel_vq")
 class PixelVQ(ImageTokenizer):
     """VQ-VAE tokenizer: diffusers Encoder -> VectorQuantizer -> diffusers Decoder.
 
     ``downsample = patch_size * 2 ** (len(channels) - 1)``; the tiny preset (patch 2, three
     levels) maps 64x64 images to 8x8 codes."""
+
+    mmgen_type = "pixel_vq"
 
     def __init__(self, resolution=(64, 64), channels=(32, 64, 128), layers_per_block: int = 1,
                  patch_size: int = 2, code_dim: int = 8, codebook_size: int = 512, norm_groups: int = 8,
