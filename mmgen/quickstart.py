@@ -76,9 +76,10 @@ class QuickstartConfig:
     # ShapesWorld cell, so a picture is 9 tokens instead of 81. False: the pixel codes themselves.
     code_blocks: bool = True
     launcher: str = "deepspeed"  # deepspeed (training/pretrain.sh) or none (in-process)
-    # Where the LM stages read their rows: memory (every code shard read and packed at start) or packed
-    # (`mmgen pack` once per stage into OUT/packed_<stage>, then streamed; training/README.md)
-    data_source: Literal["memory", "packed"] = "memory"
+    # Where the LM stages read their rows: packed (`mmgen pack` once per stage into OUT/packed_<stage>, then
+    # streamed: memory and start-up do not grow with the corpus; training/README.md) or memory (every code
+    # shard read and packed in the trainer at start)
+    data_source: Literal["memory", "packed"] = "packed"
 
 
 def train_stage(recipe: str, overrides: list[str], launcher: str = "deepspeed") -> Path:
@@ -321,54 +322,60 @@ def _pct(x) -> str:
 
 
 def _write_markdown(r: dict, path: Path) -> None:
-    t2i = r["t2i"]
+    """report.md: a section per suite the evaluation ran (``eval_suites`` may leave some out)."""
     lines = [
         "# mmgen quickstart report (tiny preset)", "",
         f"Checkpoint: `{r['checkpoint']}` — chat with it: `mmgen chat --checkpoint {r['checkpoint']}`", "",
         "Measured by `mmgen eval run` (sampling: " + ", ".join(f"{k} {v}" for k, v in r.get("sampling", {}).items()
-                                                               if k != "sources") + "): every figure's count, 95% "
-                                                                                    "interval "
-        "and the settings that reproduce it are in [eval/report.md](eval/report.md).", "",
-        "## Text-to-image, judged by the ShapesWorld scene parser", "",
-        f"Generated pictures: {r['image_decoding']}." if r.get("image_decoding") else "", "",
-        "| split | prompts | all requested objects (shape+colour+position) | exact scene | parsed | shape | colour | "
-        "size |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                                                               if k != "sources")
+        + "): every figure's count, 95% interval and the settings that reproduce it are in "
+          "[eval/report.md](eval/report.md).", "",
     ]
-    for split, m in t2i.items():
-        a = m.get("attr_acc", {})
-        lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['exact_scene'])} | "
-                     f"{_pct(m['parse_rate'])} "
-                     f"| {_pct(a.get('shape'))} | {_pct(a.get('color'))} | {_pct(a.get('size'))} |")
-    rec = r["tokenizer_reconstruction"]
-    lines += ["", "`heldout` prompts contain colour–shape pairs never seen in training.", "",
-              "![prompts and generated images](eval/t2i_grid.png)", ""]
+    if "t2i" in r:
+        lines += ["## Text-to-image, judged by the ShapesWorld scene parser", "",
+                  f"Generated pictures: {r['image_decoding']}." if r.get("image_decoding") else "", "",
+                  "| split | prompts | all requested objects (shape+colour+position) | exact scene | parsed | shape | "
+                  "colour | size |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for split, m in r["t2i"].items():
+            a = m.get("attr_acc", {})
+            lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['exact_scene'])} | "
+                         f"{_pct(m['parse_rate'])} "
+                         f"| {_pct(a.get('shape'))} | {_pct(a.get('color'))} | {_pct(a.get('size'))} |")
+        lines += ["", "`heldout` prompts contain colour–shape pairs never seen in training.", "",
+                  "![prompts and generated images](eval/t2i_grid.png)", ""]
     if "robust" in r:  # the same val prompts as people type them
         rb = r["robust"]
         lines += ["## Text-to-image per surface form of the prompt", "",
                   "| form | prompts | all requested objects | example |", "| --- | --- | --- | --- |"]
         lines += [f"| {f} | {rb[f]['n']} | {_pct(rb[f]['accuracy'])} | `{ex}` |" for f, ex in rb["examples"].items()]
         lines += ["", f"Lowest: {rb['lowest']['form']} ({_pct(rb['lowest']['value'])}).", ""]
-    lines += ["## Image understanding: one question per image, exact single-word answers", "",
-              "| split | questions | accuracy | " + " | ".join(sorted(r["qa"]["val"]["by_type"])) + " |",
-              "| --- | --- | --- |" + " --- |" * len(r["qa"]["val"]["by_type"])]
-    for split, m in r["qa"].items():
-        lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | "
-                     + " | ".join(_pct(m["by_type"].get(k)) for k in sorted(r["qa"]["val"]["by_type"])) + " |")
-    lines += ["", "## Interleaved build-up documents: the next image after an instruction", "",
-              "| split | documents | next image exact (kept objects + change) | parsed | object recall |",
-              "| --- | --- | --- | --- | --- |"]
-    for split, m in r["interleaved"].items():
-        lines.append(
-            f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['parse_rate'])} | {_pct(m['object_recall'])} |")
-    lines += ["", "![before, generated and expected pictures of build-up steps](eval/interleaved_grid.png)", "",
-              "## Image tokenizer", "",
-              f"{r['tokenizer']['type']}, {r['tokenizer']['tokens_per_image']} codes per image. "
-              f"Scene-parser agreement between {rec['n']} rendered scenes and their reconstructions: "
-              f"{_pct(rec['scene_agreement'])} ("
-              + ", ".join(f"{k} {_pct(v)}" for k, v in rec.get("scene_agreement_by_split", {}).items())
-              + f"); PSNR {rec['psnr_db']:.1f} dB.", "",
-              "![originals and their reconstructions](eval/recon_grid.png)", ""]
+    if "qa" in r:
+        types = sorted(r["qa"]["val"]["by_type"])
+        lines += ["## Image understanding: one question per image, exact single-word answers", "",
+                  "| split | questions | accuracy | " + " | ".join(types) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(types)]
+        for split, m in r["qa"].items():
+            lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | "
+                         + " | ".join(_pct(m["by_type"].get(k)) for k in types) + " |")
+        lines.append("")
+    if "interleaved" in r:
+        lines += ["## Interleaved build-up documents: the next image after an instruction", "",
+                  "| split | documents | next image exact (kept objects + change) | parsed | object recall |",
+                  "| --- | --- | --- | --- | --- |"]
+        for split, m in r["interleaved"].items():
+            lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['parse_rate'])} | "
+                         f"{_pct(m['object_recall'])} |")
+        lines += ["", "![before, generated and expected pictures of build-up steps](eval/interleaved_grid.png)", ""]
+    if "tokenizer_reconstruction" in r:
+        rec = r["tokenizer_reconstruction"]
+        lines += ["## Image tokenizer", "",
+                  f"{r['tokenizer']['type']}, {r['tokenizer']['tokens_per_image']} codes per image. "
+                  f"Scene-parser agreement between {rec['n']} rendered scenes and their reconstructions: "
+                  f"{_pct(rec['scene_agreement'])} ("
+                  + ", ".join(f"{k} {_pct(v)}" for k, v in rec.get("scene_agreement_by_split", {}).items())
+                  + f"); PSNR {rec['psnr_db']:.1f} dB.", "",
+                  "![originals and their reconstructions](eval/recon_grid.png)", ""]
     if "inner_tokenizer_reconstruction" in r:
         inner = r["inner_tokenizer_reconstruction"]
         lines += [f"The image tokenizer under the code-block table, alone: {_pct(inner['scene_agreement'])} ("

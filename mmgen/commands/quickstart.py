@@ -31,11 +31,12 @@ def register(app: typer.Typer) -> None:
         import json
 
         r = json.loads((report.parent / "report.json").read_text())
-        print(f"\nreport: {report}  (grid: {report.parent / 't2i_grid.png'})")
-        rec = r.get("inner_tokenizer_reconstruction") or r["tokenizer_reconstruction"]
-        print(f"t2i_accuracy {r['t2i_accuracy']:.3f} (held-out compositions "
-              f"{r['t2i_accuracy_heldout_compositions']:.3f}), "
-              f"qa_accuracy {r['qa_accuracy']:.3f}, interleaved_accuracy {r['interleaved_accuracy']:.3f}, "
-              f"image tokenizer scene agreement {rec['scene_agreement']:.3f}")
+        print(f"\nreport: {report}  (grids: {report.parent / 'eval'})")
+        figures = [(name, r.get(key)) for name, key in (
+            ("t2i_accuracy", "t2i_accuracy"), ("held-out compositions", "t2i_accuracy_heldout_compositions"),
+            ("qa_accuracy", "qa_accuracy"), ("interleaved_accuracy", "interleaved_accuracy"))]
+        rec = r.get("inner_tokenizer_reconstruction") or r.get("tokenizer_reconstruction")
+        figures.append(("image tokenizer scene agreement", rec and rec["scene_agreement"]))
+        print(", ".join(f"{name} {value:.3f}" for name, value in figures if value is not None))
         print(f"chat with the model: mmgen chat --checkpoint {r['checkpoint']}   "
               f"(or: .venv/bin/mmgen chat --checkpoint {r['checkpoint']}, then open http://127.0.0.1:7860)")
