@@ -53,7 +53,8 @@ def test_chat_app_answers_with_text_and_image_through_gradio_client(bundle_dir):
 
 def test_chat_engine_streams_and_refuses_share_links(bundle_dir):
     from mmgen.errors import MMGenError
-    from mmgen.inference.chat_app import ChatEngine, serve
+    from mmgen.inference.chat_app import serve
+    from mmgen.inference.chat_engine import ChatEngine
     from mmgen.models.bundle import load_bundle
 
     engine = ChatEngine(load_bundle(bundle_dir))
@@ -74,7 +75,7 @@ def test_a_picture_reaches_the_prompt_in_the_layout_the_bundle_learnt(bundle_dir
     import random
 
     import mmgen.inference.generate as gen
-    from mmgen.inference.chat_app import ChatEngine
+    from mmgen.inference.chat_engine import ChatEngine
     from mmgen.models.bundle import load_bundle
     from mmgen.processing.processor import ChatTemplate
     from mmgen.world import random_scene, render

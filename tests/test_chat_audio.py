@@ -26,7 +26,7 @@ def _audio_parts(message: dict) -> list[dict]:
 
 
 def test_tts_answer_is_a_playable_wav_of_at_least_half_a_second(speech, tmp_path):
-    from mmgen.inference.chat_app import ChatEngine
+    from mmgen.inference.chat_engine import ChatEngine
 
     bias_head(speech, {speech.vocab["</audio>"]: -30.0})  # talk until the budget closes the block
     engine = ChatEngine(speech, tmp_path)
@@ -48,7 +48,7 @@ def test_tts_answer_is_a_playable_wav_of_at_least_half_a_second(speech, tmp_path
 
 
 def test_auto_mode_may_speak_only_with_a_codec(speech, tmp_path):
-    from mmgen.inference.chat_app import ChatEngine
+    from mmgen.inference.chat_engine import ChatEngine
 
     bias_head(speech, {speech.vocab["<audio>"]: 20.0, speech.vocab["<image>"]: -30.0})
     final = list(ChatEngine(speech, tmp_path).answer("a red sound.", [], mode="auto", max_new_tokens=12))[-1]
@@ -61,7 +61,7 @@ def test_auto_mode_may_speak_only_with_a_codec(speech, tmp_path):
 def test_doc_to_message_keeps_document_order_and_writes_each_block_once(tmp_path):
     from mmgen.data.doc import Audio, Doc, Image, Text
     from mmgen.data.media import encode_wav
-    from mmgen.inference.chat_app import doc_to_message
+    from mmgen.inference.chat_engine import doc_to_message
 
     png = Image(data=b"\x89PNG fake", format="png", meta={"codes_shape": [2, 2]})
     wav = Audio(data=encode_wav(np.zeros(160, np.float32), 16000), format="wav")
@@ -79,7 +79,8 @@ def _component(app, cls, label_start: str = ""):
 def test_mode_list_offers_tts_only_when_the_bundle_can_speak(speech, tmp_path):
     import gradio as gr
 
-    from mmgen.inference.chat_app import build_app, mode_choices
+    from mmgen.inference.chat_app import build_app
+    from mmgen.inference.chat_engine import mode_choices
 
     assert [v for _, v in mode_choices(speech)] == ["auto", "t2i", "tts", "text"]
     assert mode_choices(dataclasses.replace(speech, audio_tokenizer=None)) == IMAGE_ONLY_MODES

@@ -82,7 +82,8 @@ def test_the_panels_options_reach_the_pipeline_and_each_answer_shows_its_cost(de
 
 
 def test_engine_answers_with_panel_options_and_refuses_bad_ones(detok_bundle, tmp_path):
-    from mmgen.inference.chat_app import ChatEngine, build_app
+    from mmgen.inference.chat_app import build_app
+    from mmgen.inference.chat_engine import ChatEngine
     from mmgen.models.bundle import load_bundle
 
     engine = ChatEngine(load_bundle(detok_bundle))

@@ -252,7 +252,7 @@ def test_text_mode_stops_at_eos_and_never_opens_an_image(bundle):
 
 
 def test_generate_images_batched(bundle):
-    from mmgen.inference.generate import generate_images
+    from mmgen.inference.batch_generation import generate_images
 
     prompts = ["a red circle", "a blue square at the top", "a green star"]
     imgs = generate_images(bundle, prompts, seed=0, cfg_scale=2.0, batch_size=2)
@@ -328,7 +328,7 @@ def grid_bundle(tmp_path_factory, request):
     input predicts), its table randomised so positions matter."""
     from mmgen.models.bundle import Bundle, load_bundle
     from mmgen.models.text_tokenizer import train_text_tokenizer
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
 
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
     vocab = Vocab(len(tok), {"pix": 16}, max_grid=8)

@@ -175,7 +175,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(bundle_dir, tm
 # -- the chat ----------------------------------------------------------------------------------------------
 def test_chat_refuses_empty_oversized_and_overlong_messages(bundle_dir):
     from mmgen.errors import MMGenError
-    from mmgen.inference.chat_app import ChatEngine
+    from mmgen.inference.chat_engine import ChatEngine
     from mmgen.models.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -193,7 +193,8 @@ def test_chat_refuses_empty_oversized_and_overlong_messages(bundle_dir):
 
 def test_chat_app_queue_cache_and_bad_uploads(bundle_dir, tmp_path):
     from mmgen.errors import MMGenError
-    from mmgen.inference.chat_app import CONCURRENCY, DELETE_CACHE, build_app, load_picture
+    from mmgen.inference.chat_app import CONCURRENCY, DELETE_CACHE, build_app
+    from mmgen.inference.chat_engine import load_picture
     from mmgen.models.bundle import load_bundle
 
     app = build_app(bundle_dir, bundle=load_bundle(bundle_dir))

@@ -103,7 +103,7 @@ def test_align_from_a_bundle_adds_the_projector_it_lacks(tmp_path):
     frozen = [k for k in was if k.startswith("lm.model.layers.")]
     assert frozen and all(torch.equal(got[k], was[k]) for k in frozen)
     # the bundle's own projector stays; one of another width is refused in one line
-    from mmgen.models.unified import add_feature_inputs
+    from mmgen.models.unified_build import add_feature_inputs
 
     assert add_feature_inputs(after, image_feature_dim=4) is after
     with pytest.raises(MMGenError, match="image_feature_dim=8 but the model being trained reads 4"):

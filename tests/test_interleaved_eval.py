@@ -227,7 +227,7 @@ def test_a_continuation_is_scored_by_compare_scenes(monkeypatch, tmp_path):
     import numpy as np
     from PIL import Image as PILImage
 
-    import mmgen.inference.generate as gen
+    import mmgen.inference.batch_generation as gen
     from mmgen.data.doc import Image, Text
     from mmgen.eval.suites import Context, EvalOptions, InterleavedSuite
 

@@ -154,14 +154,14 @@ def test_rows_and_cfg_rows_keep_what_they_would_keep_alone(bundle, models, base,
 def test_padding_is_evicted_first_whatever_it_scores(bundle, models, method, monkeypatch):
     """A row keeps padding only when it has too few tokens, in every layer and head alike (its mask is
     `entry >= padding`), even if a scorer ranks padding first: here one that adds 100 to every padding entry."""
-    from mmgen.inference import kv_cache
+    from mmgen.inference import kv_cache, kv_layers
 
-    scorer = kv_cache._Budget._attention
+    scorer = kv_layers._Budget._attention
 
     def rank_padding_first(self, source, keys, n):
         return scorer(self, source, keys, n) + 100.0 * ~self.rows.mask[:, None, None, :]
 
-    monkeypatch.setattr(kv_cache._Budget, "_attention", rank_padding_first)
+    monkeypatch.setattr(kv_layers._Budget, "_attention", rank_padding_first)
     model, rows = models["qwen2"], _documents(bundle)
 
     def run(rs):

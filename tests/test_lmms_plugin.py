@@ -66,7 +66,8 @@ def test_model_answers_the_three_request_types(bundle_dir, tmp_path):
     import random
 
     from mmgen.eval.lmms_model import MMGenLMM
-    from mmgen.inference.generate import generate_text_rows, image_ids, picture_prompt_ids
+    from mmgen.inference.batch_generation import generate_text_rows
+    from mmgen.inference.generate import image_ids, picture_prompt_ids
     from mmgen.world import random_scene, render
 
     lm = MMGenLMM(pretrained=str(bundle_dir), output_dir=str(tmp_path / "imgs"), mode="t2i", temperature=1.0)

@@ -317,7 +317,7 @@ def test_continuous_features_merge_before_the_projector(bundle):
     a merged token's input is the projector applied to the mean of its group's features."""
     from mmgen.inference.pipeline import left_pad, make_cache
     from mmgen.inference.prune import BeforeLLMRun
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
 
     vocab = bundle.vocab
     torch.manual_seed(0)
@@ -446,7 +446,7 @@ def test_cli_generate_prunes_a_picture_and_rejects_bad_options(bundle_dir, tmp_p
 
 def test_the_evaluation_entry_points_take_a_pruner(bundle):
     """QA answers and build-up pictures (what the evaluation suites generate) can be measured under pruning."""
-    from mmgen.inference.generate import generate_image_rows, generate_text_rows
+    from mmgen.inference.batch_generation import generate_image_rows, generate_text_rows
 
     rows = _rows(bundle)
     assert generate_text_rows(bundle, rows, max_new_tokens=4, prune=_pruner("fastv", 1.0)) == \

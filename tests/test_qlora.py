@@ -28,7 +28,7 @@ def start(tmp_path_factory):
     """The bundle SFT starts from: a tiny unified LM with a code head, built from config and saved."""
     from mmgen.models.bundle import Bundle
     from mmgen.models.text_tokenizer import train_text_tokenizer
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
     from mmgen.processing.vocab import Vocab
 
     texts = [f"a {c} circle. What color is the circle? {c}" for c in COLORS] * 8

@@ -1,4 +1,4 @@
-"""Speculative Jacobi decoding of image blocks (mmgen.inference.speculative).
+"""Speculative Jacobi decoding of image blocks (mmgen.inference.speculative, its drafts mmgen.inference.drafts).
 
 Greedy SJD writes the plain loop's tokens exactly (CFG on and off, rows of different prompt lengths,
 text rows beside image rows, tiny Llama and Qwen2 bases, grid position embeddings); sampled SJD draws
@@ -29,7 +29,7 @@ def _save_bundle(path, base: str):
     input and samples almost uniformly, so every draft would pass and nothing be tested."""
     from mmgen.models.bundle import Bundle, load_bundle
     from mmgen.models.text_tokenizer import special_ids, train_text_tokenizer
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
     from mmgen.tokenizers.vq import PixelVQ
 
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
@@ -149,7 +149,7 @@ def test_greedy_sjd_with_grid_position_embeddings(codebooks):
     blocks (a semantic grid, then the pixel grid), whose masks change at </sem> <pix>."""
     from mmgen.inference.speculative import SpeculativeJacobi
     from mmgen.models.text_tokenizer import train_text_tokenizer
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
 
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
     vocab = Vocab(len(tok), codebooks, max_grid=8)
@@ -289,7 +289,8 @@ def test_acceptance_rule_and_residual(delta, accept):
     the target is p = (.05, .9, .05, 0) and code 1 is code 0's codebook neighbour. Strict SJD accepts with
     probability p/q = 0.1; the relaxed rule with (p + min(delta, p(neighbours))) / q, capped at 1. A
     rejected draft is replaced from the residual max(0, p - q) / Z, here code 1 always."""
-    from mmgen.inference.speculative import DraftSampler, DraftWindow, SpeculativeJacobi, verify_drafts
+    from mmgen.inference.drafts import DraftSampler, DraftWindow, verify_drafts
+    from mmgen.inference.speculative import SpeculativeJacobi
 
     rows, lo = 4000, 10
     p = torch.tensor([0.05, 0.9, 0.05, 0.0])

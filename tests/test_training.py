@@ -86,7 +86,7 @@ def test_row_sampler_splits_ranks_and_schedule_warms_up():
 
 def test_one_deepspeed_step_writes_checkpoint_metrics_and_a_bundle_that_reloads(one_step_run):
     from mmgen.models.bundle import load_bundle
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
     from mmgen.processing.sequence import encode_prompt
 
     out, final = one_step_run

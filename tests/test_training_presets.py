@@ -22,7 +22,8 @@ def _cfg():
 def test_qwen2_5_1_5b_preset_on_meta_device():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mmgen.models.unified import MMGenForCausalLM, build_unified_lm
+    from mmgen.models.unified import MMGenForCausalLM
+    from mmgen.models.unified_build import build_unified_lm
     from mmgen.training.data import run_vocab
 
     cfg = _cfg()

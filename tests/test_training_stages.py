@@ -51,7 +51,7 @@ def align_run(shards, pixel_vq, tmp_path_factory):
 
 def test_align_trains_only_projector_code_head_and_new_rows(align_run):
     from mmgen.models.bundle import load_bundle
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
 
     out, final = align_run
     bundle = load_bundle(final)
@@ -120,7 +120,7 @@ def test_two_ranks_equal_one_rank_with_the_doubled_batch(shards, tmp_path):
                                           **{"data.image_tokenizer": "null", "loss.prompt_dropout": 0.0}))
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     from mmgen.models.bundle import load_bundle
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
 
     a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
     ref = load_bundle(one)
@@ -150,7 +150,7 @@ def audio_codec_dir(tmp_path_factory):
 
 def test_audio_features_train_the_audio_projector(audio_codec_dir, tmp_path):
     from mmgen.models.bundle import load_bundle
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
     from mmgen.training.trainer import pretrain
 
     shards = write_audio_shard(tmp_path / "codes", 8, levels=2, codebook=16)

@@ -34,7 +34,7 @@ def _img(i: int) -> Image:
 
 
 def _model(vocab, **kw):
-    from mmgen.models.unified import build_unified_lm
+    from mmgen.models.unified_build import build_unified_lm
 
     return build_unified_lm(vocab, hidden=32, layers=2, heads=2, max_len=256, seed=0, **kw).eval()
 
@@ -72,7 +72,7 @@ def test_auto_class_round_trip_safetensors_and_code_head(vocab, tmp_path):
 def test_vocab_extension_rows_start_at_the_mean_and_text_rows_are_kept(vocab):
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: I001
 
-    from mmgen.models.unified import wrap_lm  # first: it makes transformers' model imports work next to CPU torch
+    from mmgen.models.unified_build import wrap_lm  # first: it makes transformers' model imports work next to CPU torch
 
     torch.manual_seed(0)
     text_lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab.text_size, hidden_size=32, intermediate_size=64,

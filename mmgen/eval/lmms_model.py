@@ -85,13 +85,8 @@ class MMGenLMM(lmms):
 
     # -- one answer ----------------------------------------------------------------------------------
     def _answer(self, context: str, images: list, gen_kwargs: dict, name: str) -> str:
-        from mmgen.inference.generate import (
-            generate_images,
-            generate_interleaved,
-            generate_text_rows,
-            image_ids,
-            picture_prompt_ids,
-        )
+        from mmgen.inference.batch_generation import generate_images, generate_text_rows
+        from mmgen.inference.generate import generate_interleaved, image_ids, picture_prompt_ids
 
         gen_kwargs = dict(gen_kwargs or {})
         until = gen_kwargs.get("until")

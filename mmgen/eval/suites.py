@@ -2,7 +2,7 @@
 sample and summarises with counts and 95% intervals.
 
 A suite's cases are fixed by its options alone, and batch ``i`` of a split samples with seed
-``seed + i`` (as :func:`mmgen.inference.generate.generate_image_rows` numbers its batches), so a
+``seed + i`` (as :func:`mmgen.inference.batch_generation.generate_image_rows` numbers its batches), so a
 batch gives the same result whether it runs in one go, after a resume, or inside the quick start.
 
 - ``t2i``: captions of val and held-out scenes -> one image each, judged by the scene parser;
@@ -201,7 +201,7 @@ def _verdict(ok: bool, parsed: bool = True) -> str:
 def _draw_and_judge(bundle, bi: int, chunk, ctx: Context, tag: str, start: int, image_prefix: str) -> list[dict]:
     """One image per T2IItem of ``chunk`` (batch ``bi``: seed + bi), judged by the scene parser."""
     from mmgen.eval.t2i import score_image
-    from mmgen.inference.generate import generate_images
+    from mmgen.inference.batch_generation import generate_images
 
     images = generate_images(bundle, [it.prompt for it in chunk], batch_size=len(chunk), **ctx.draw_kwargs(bundle, bi))
     return [{"id": f"{tag}/{start + j}", "split": it.split, "prompt": it.prompt, "truth": it.scene.to_dict(),
@@ -293,7 +293,7 @@ class GenEvalSuite(Suite):
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
         from mmgen.eval.geneval import result_record
-        from mmgen.inference.generate import generate_images
+        from mmgen.inference.batch_generation import generate_images
 
         start, chunk = payload
         images = generate_images(bundle, [e["prompt"] for e in chunk], batch_size=len(chunk),
@@ -364,7 +364,7 @@ class QASuite(Suite):
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
         from mmgen.eval.understanding import normalize_answer
-        from mmgen.inference.generate import generate_text_rows
+        from mmgen.inference.batch_generation import generate_text_rows
 
         split, start, chunk = payload
         answers = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=ctx.opts.qa_max_new_tokens,
@@ -438,7 +438,7 @@ class InterleavedSuite(Suite):
         """The model writes the next instruction (greedy, up to its first full stop) and draws its picture;
         the rules judge all five aspects, text quality included."""
         from mmgen.eval.interleaved import apply_instruction, judge_step
-        from mmgen.inference.generate import generate_image_rows, generate_text_rows
+        from mmgen.inference.batch_generation import generate_image_rows, generate_text_rows
         from mmgen.processing.sequence import encode_text
         from mmgen.world.scene import Scene
         from mmgen.world.scene_parser import compare_scenes, parse_scene
@@ -470,7 +470,7 @@ class InterleavedSuite(Suite):
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
         from mmgen.eval.interleaved import judge_step
-        from mmgen.inference.generate import generate_image_rows
+        from mmgen.inference.batch_generation import generate_image_rows
         from mmgen.world.scene import Scene
         from mmgen.world.scene_parser import compare_scenes, parse_scene
 

@@ -20,7 +20,8 @@ def model_dtype(model) -> torch.dtype:
 def build_model(cfg: TrainConfig, vocab, tok):
     """The unified LM of this run: from ``init_from`` (a bundle), a real decoder (``model.base`` /
     ``model.base_config``) or the tiny Llama; then the stage's trainable set, LoRA and checkpointing."""
-    from mmgen.models.unified import MMGenForCausalLM, add_feature_inputs, build_unified_lm, wrap_lm
+    from mmgen.models.unified import MMGenForCausalLM
+    from mmgen.models.unified_build import add_feature_inputs, build_unified_lm, wrap_lm
 
     m = cfg.model
     wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim,
