@@ -14,10 +14,10 @@ WORKERS ?= 2
 demo: $(STAMP)
 	$(VENV)/bin/mmgen quickstart --out $(OUT)
 
-# Lint (ruff), the one-way package chain (import-linter, contract in pyproject.toml), then the suite.
+# Lint and formatting (ruff), the one-way package chain (import-linter, contract in pyproject.toml), then the suite.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	# $(VENV)/bin/ruff format --check .  # on once the whole code base is formatted in a single commit
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-logo
 	$(PY) -m pytest -n $(WORKERS) --durations=15 tests
 

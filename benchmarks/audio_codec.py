@@ -63,24 +63,35 @@ def main() -> None:
     for set_name, clips in sets.items():
         frames = sum(c.shape[1] for c in codes[set_name])
         usage = codebook_usage(codes[set_name], codec.codebook_size)
-        usage_lines.append(f"- {set_name}: {' / '.join(f'{100 * u:.1f}%' for u in usage)} ({len(clips)} clips, "
-                           f"{frames:,} frames, {frames / codec.codebook_size:.0f} per entry)")
+        usage_lines.append(
+            f"- {set_name}: {' / '.join(f'{100 * u:.1f}%' for u in usage)} ({len(clips)} clips, "
+            f"{frames:,} frames, {frames / codec.codebook_size:.0f} per entry)"
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         codec.save_pretrained(tmp)
         back = AudioCodec.from_pretrained(tmp)
-        exact = all(torch.equal(c, back.encode(x, sample_rate=sr))
-                    for name, clips in sets.items() for x, c in zip(clips, codes[name]))
-    body = (f"Codec `{args.codec}`: {codec.n_q} residual levels x {codec.frame_rate:g} frames/s, codebooks of "
-            f"{codec.codebook_size}, {codec.num_parameters() / 1e6:.2f}M parameters"
-            + (f", trained {train_cfg.get('steps')} steps in {train_cfg.get('train_seconds')} s on a shared CPU" if train_cfg else "")
-            + f". Held-out speech: {len(speech)} espeak-ng captions of held-out-split scenes; real: the last 20% "
-            f"(first {args.seconds:g} s) of {', '.join(names)}, never trained on.\n\n"
-            + md_table(["set", "decoder", "tokens/s", "log-mel L1 (lower better)", "SI-SNR dB (higher better)"], rows)
-            + "\n\nCodebook usage per level (the share of its entries that encode at least one frame):\n"
-            + "\n".join(usage_lines)
-            + f"\n\nCodes round-trip through save_pretrained/from_pretrained bit-exactly: **{'yes' if exact else 'NO'}** "
-            f"({len(speech) + len(tails)} clips).")
+        exact = all(
+            torch.equal(c, back.encode(x, sample_rate=sr))
+            for name, clips in sets.items()
+            for x, c in zip(clips, codes[name])
+        )
+    body = (
+        f"Codec `{args.codec}`: {codec.n_q} residual levels x {codec.frame_rate:g} frames/s, codebooks of "
+        f"{codec.codebook_size}, {codec.num_parameters() / 1e6:.2f}M parameters"
+        + (
+            f", trained {train_cfg.get('steps')} steps in {train_cfg.get('train_seconds')} s on a shared CPU"
+            if train_cfg
+            else ""
+        )
+        + f". Held-out speech: {len(speech)} espeak-ng captions of held-out-split scenes; real: the last 20% "
+        f"(first {args.seconds:g} s) of {', '.join(names)}, never trained on.\n\n"
+        + md_table(["set", "decoder", "tokens/s", "log-mel L1 (lower better)", "SI-SNR dB (higher better)"], rows)
+        + "\n\nCodebook usage per level (the share of its entries that encode at least one frame):\n"
+        + "\n".join(usage_lines)
+        + f"\n\nCodes round-trip through save_pretrained/from_pretrained bit-exactly: **{'yes' if exact else 'NO'}** "
+        f"({len(speech) + len(tails)} clips)."
+    )
     write_section("audio_codec", "Audio codec reconstruction (tiny)", body)
     print(body)
 

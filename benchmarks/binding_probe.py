@@ -73,9 +73,9 @@ def batch(data: CaptionGrid, items, torch):
     x = torch.full((len(seqs), n), PAD, dtype=torch.long)
     y = torch.full((len(seqs), n), -100, dtype=torch.long)
     for b, ((ids, grid), s) in enumerate(zip(items, seqs)):
-        x[b, :len(s)] = torch.tensor(s)
+        x[b, : len(s)] = torch.tensor(s)
         # position t predicts token t + 1: the caption's last token (<img>) predicts the first cell
-        y[b, len(ids) - 1:len(s) - 1] = torch.tensor([data.cell_token(g) for g in grid])
+        y[b, len(ids) - 1 : len(s) - 1] = torch.tensor([data.cell_token(g) for g in grid])
     return x, y
 
 
@@ -94,8 +94,9 @@ def cell_ids(x, y, cells: str, torch):
     return own
 
 
-def run(model_size: str, n_objects: int | None, steps: int, every: int, lr: float, seed: int,
-        cells: str = "none") -> dict:
+def run(
+    model_size: str, n_objects: int | None, steps: int, every: int, lr: float, seed: int, cells: str = "none"
+) -> dict:
     import torch
 
     from mmgen.utils.compat import ensure_torchvision
@@ -108,9 +109,17 @@ def run(model_size: str, n_objects: int | None, steps: int, every: int, lr: floa
     rng = random.Random(seed)
     val = [data.example(random.Random(f"val-{i}"), n_objects) for i in range(500)]
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=256 + 1 + len(data.objects), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=256 + 1 + len(data.objects),
+            hidden_size=hidden,
+            intermediate_size=hidden * 8 // 3,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
+    )
     cell_table = torch.nn.Embedding(10, hidden, padding_idx=0)  # zero-initialised, as in the unified LM
     torch.nn.init.zeros_(cell_table.weight)
 
@@ -136,10 +145,19 @@ def run(model_size: str, n_objects: int | None, steps: int, every: int, lr: floa
                 pred = forward(xv, yv).argmax(-1)
             acc = float((pred[occupied] == yv[occupied]).float().mean())
             curve.append({"step": step, "seconds": t_train, "object_accuracy": acc, "loss": loss.item()})
-            print(f"{model_size} objects={n_objects or '1-3'} cells={cells} step {step}: object accuracy {acc:.3f} "
-                  f"({t_train:.0f} s)", flush=True)
-    return {"model": model_size, "objects": n_objects or "1-3", "cells": cells, "curve": curve,
-            "s_per_step": t_train / steps, "parameters": sum(p.numel() for p in model.parameters())}
+            print(
+                f"{model_size} objects={n_objects or '1-3'} cells={cells} step {step}: object accuracy {acc:.3f} "
+                f"({t_train:.0f} s)",
+                flush=True,
+            )
+    return {
+        "model": model_size,
+        "objects": n_objects or "1-3",
+        "cells": cells,
+        "curve": curve,
+        "s_per_step": t_train / steps,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def first_reaching(curve: list[dict], level: float):
@@ -154,8 +172,11 @@ def plot(results: list[dict], png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in results:
-        ax.plot([c["step"] * BATCH for c in r["curve"]], [c["object_accuracy"] for c in r["curve"]],
-                label=f"{r['model']}, {r['objects']} objects, cells: {r['cells']}")
+        ax.plot(
+            [c["step"] * BATCH for c in r["curve"]],
+            [c["object_accuracy"] for c in r["curve"]],
+            label=f"{r['model']}, {r['objects']} objects, cells: {r['cells']}",
+        )
     ax.set_xlabel("caption -> grid examples seen")
     ax.set_ylabel("objects right (500 val captions)")
     ax.set_ylim(0, 1)
@@ -181,8 +202,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    results = [run(m, int(k) or None, args.steps, args.every, args.lr, args.seed, c)
-               for m in args.models.split(",") for k in args.objects.split(",") for c in args.cells.split(",")]
+    results = [
+        run(m, int(k) or None, args.steps, args.every, args.lr, args.seed, c)
+        for m in args.models.split(",")
+        for k in args.objects.split(",")
+        for c in args.cells.split(",")
+    ]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "binding_probe.json").write_text(json.dumps(results, indent=1))
     # the tracked PNG changes only with the section that shows it
@@ -199,19 +224,35 @@ def main() -> None:
             row += [f"{c['step'] * BATCH:,} ({c['seconds']:.0f} s)" if c else f"> {args.steps * BATCH:,}"]
         row.append(round(r["curve"][-1]["object_accuracy"], 3))
         rows.append(row)
-    table = md_table(["model (hidden x layers)", "parameters", "objects per caption", "cell embedding", "ms per step of 64",
-                      "examples (seconds) to 50% right", "to 90% right", f"right after {args.steps * BATCH:,}"], rows)
+    table = md_table(
+        [
+            "model (hidden x layers)",
+            "parameters",
+            "objects per caption",
+            "cell embedding",
+            "ms per step of 64",
+            "examples (seconds) to 50% right",
+            "to 90% right",
+            f"right after {args.steps * BATCH:,}",
+        ],
+        rows,
+    )
     print(table)
     if not args.no_write:
-        write_section("binding_probe", "Binding probe: caption -> grid cells without the image", f"""
+        write_section(
+            "binding_probe",
+            "Binding probe: caption -> grid cells without the image",
+            f"""
 {table}
 
-Each row trains from scratch on fresh captions (batch {BATCH}, lr {args.lr}, AdamW, {args.threads} threads), scored every
+Each row trains from scratch on fresh captions (batch {BATCH}, lr {args.lr}, AdamW, {args.threads} threads), \
+scored every
 {args.every} steps on 500 unseen val captions; a level is reported at the first score that reaches it. The curves:
 `benchmarks/binding_probe.png`.
 
 ![binding probe](benchmarks/binding_probe.png)
-""")
+""",
+        )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def cell_blocks(codes, g: int) -> list[tuple]:
     out = []
     for i, (r, c) in enumerate((r, c) for r in range(3) for c in range(3)):
         r0, c0, n = (r * g) // 3, (c * g) // 3, g // 3
-        out.append(tuple(codes[i, r0:r0 + n, c0:c0 + n].flatten().tolist()))
+        out.append(tuple(codes[i, r0 : r0 + n, c0 : c0 + n].flatten().tolist()))
     return out
 
 
@@ -46,16 +46,23 @@ def main() -> None:
     rng = random.Random(0)
     distinct, commonest = [], []
     for _ in range(args.objects):
-        c, s, z, bg = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(SIZES)), rng.choice(list(BACKGROUNDS))
+        c, s, z, bg = (
+            rng.choice(list(COLORS)),
+            rng.choice(SHAPES),
+            rng.choice(list(SIZES)),
+            rng.choice(list(BACKGROUNDS)),
+        )
         imgs = [render(Scene(bg, [Obj(s, c, z, (r, k))]), side, side) for r in range(3) for k in range(3)]
         out = tok.encode(imgs)
         codes = np.asarray(torch.as_tensor(out["pix"] if isinstance(out, dict) else out))
         counts = collections.Counter(cell_blocks(codes, codes.shape[-1]))
         distinct.append(len(counts))
         commonest.append(counts.most_common(1)[0][1] / 9)
-    print(f"{args.tokenizer}: {tok.resolution[0]} px, {codes.shape[-1]}x{codes.shape[-1]} pixel codes, pictures "
-          f"rendered at {side} px: {np.mean(distinct):.2f} distinct code blocks per object (of 9), "
-          f"{np.mean(commonest):.3f} of cells equal to the commonest")
+    print(
+        f"{args.tokenizer}: {tok.resolution[0]} px, {codes.shape[-1]}x{codes.shape[-1]} pixel codes, pictures "
+        f"rendered at {side} px: {np.mean(distinct):.2f} distinct code blocks per object (of 9), "
+        f"{np.mean(commonest):.3f} of cells equal to the commonest"
+    )
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
 Runs ``mmgen generate --checkpoint CKPT --mode t2i --prompt P --seed S`` through ``mmgen.cli.main`` in this
 process, one call per prompt (``benchmarks/generate_defaults.py``'s ``run_cli``; the bundle loads once
 for the whole run, each decoder is warmed up by one untimed call), on the first ``--n`` val prompts of
-the quick start's t2i evaluation, once with ``--detokenizer none`` (the image tokenizer's decoder: the baseline) and once per ``--steps`` with the
-bundle's detokenizer (or ``--detokenizer DIR``). Every call has the same seed, so every setting draws
-the same generated codes: the LM's sampling does not depend on the decoder.
+the quick start's t2i evaluation, once with ``--detokenizer none`` (the image tokenizer's decoder: the
+baseline) and once per ``--steps`` with the bundle's detokenizer (or ``--detokenizer DIR``). Every call
+has the same seed, so every setting draws the same generated codes: the LM's sampling does not depend
+on the decoder.
 
 Per setting: scene agreement with the baseline (the scene parser reads the same scene from both
 pictures, over the prompts whose baseline picture parses), PSNR against the baseline picture, the
@@ -32,7 +33,7 @@ def psnr(a, b) -> float:
     """PSNR (dB) of two PIL pictures of the same size, 8-bit."""
     x, y = (np.asarray(im, dtype=np.float64) for im in (a, b))
     mse = max(float(((x - y) ** 2).mean()), 1e-10)
-    return 10 * np.log10(255.0 ** 2 / mse)
+    return 10 * np.log10(255.0**2 / mse)
 
 
 def agreement(images, baseline) -> tuple[float, int]:
@@ -82,23 +83,49 @@ def main() -> None:
             run_cli(args.checkpoint, prompts[:1], warm, args.seed)
     base, base_s = run_cli(args.checkpoint, prompts, ["--detokenizer", "none"], args.seed)
     m = score(base, items)
-    rows = [["image tokenizer's decoder (`--detokenizer none`)", "-", "100%", "inf", f"{m['accuracy']:.3f}",
-             f"{base_s / len(prompts):.3f}", "1.00"]]
+    rows = [
+        [
+            "image tokenizer's decoder (`--detokenizer none`)",
+            "-",
+            "100%",
+            "inf",
+            f"{m['accuracy']:.3f}",
+            f"{base_s / len(prompts):.3f}",
+            "1.00",
+        ]
+    ]
     print(rows[-1], flush=True)
     keep = {"tokenizer": base}
-    runs = [(f"detokenizer, {s} steps (`--detok-steps {s}`)", s, [*given, "--detok-steps", str(s)], False)
-            for s in map(int, args.steps.split(","))]
+    runs = [
+        (f"detokenizer, {s} steps (`--detok-steps {s}`)", s, [*given, "--detok-steps", str(s)], False)
+        for s in map(int, args.steps.split(","))
+    ]
     if args.sr2x:
-        runs.append(("2x super-resolution detokenizer, 8 steps (`--detok-scale 2`)", 8,
-                     [*given, "--detok-scale", "2", "--detok-steps", "8"], True))
+        runs.append(
+            (
+                "2x super-resolution detokenizer, 8 steps (`--detok-scale 2`)",
+                8,
+                [*given, "--detok-scale", "2", "--detok-steps", "8"],
+                True,
+            )
+        )
     for name, steps, extra, sr in runs:
         images, secs = run_cli(args.checkpoint, prompts, extra, args.seed)
         keep[name] = images
         ref = [b.resize(im.size, Image.BICUBIC) if sr else b for b, im in zip(base, images)]
         agree, parsed = agreement(images, base)
         m = score(images, items)
-        rows.append([name, steps, f"{100 * agree:.1f}% of {parsed}", f"{np.mean([psnr(a, b) for a, b in zip(images, ref)]):.2f}",
-                     f"{m['accuracy']:.3f}", f"{secs / len(prompts):.3f}", f"{secs / base_s:.2f}"])
+        rows.append(
+            [
+                name,
+                steps,
+                f"{100 * agree:.1f}% of {parsed}",
+                f"{np.mean([psnr(a, b) for a, b in zip(images, ref)]):.2f}",
+                f"{m['accuracy']:.3f}",
+                f"{secs / len(prompts):.3f}",
+                f"{secs / base_s:.2f}",
+            ]
+        )
         print(rows[-1], flush=True)
 
     out = Path(__file__).resolve().parent / "out"
@@ -112,20 +139,35 @@ def main() -> None:
             grid.paste(im.resize((side * 3, side * 3), Image.NEAREST), (c * side * 3, r * side * 3))
     grid.save(out / "detokenizer_output.png")
 
-    facts = json.loads((Path(detok) / "x1" / "conditioner" / "config.json").read_text()) \
-        if (Path(detok) / "x1").is_dir() else json.loads((Path(detok) / "conditioner" / "config.json").read_text())
-    table = md_table(["decoder", "steps", "scene agreement with the decoder's picture", "PSNR dB vs it",
-                      "t2i accuracy (all objects)", "s / `mmgen generate` call", "time vs the decoder"], rows)
-    body = (f"Checkpoint `{args.checkpoint}`, detokenizer `{detok}` (conditioned on its tokenizer's "
-            f"{' + '.join(facts['grid_names'])} codes{' and decode' if facts.get('decoded_channels') else ''}); "
-            f"the first {args.n} val prompts of the quick start's t2i evaluation, each drawn by one "
-            f"`mmgen generate --mode t2i --seed {args.seed}` call per setting (the same codes in every setting). "
-            "Scene agreement: the scene parser reads the same scene from the detokenizer's picture as from the "
-            "tokenizer decoder's, over the pictures of the decoder that parse; PSNR against the decoder's picture "
-            "(2x: against its bicubic 2x). Time: whole `mmgen generate` calls (LM, decoding, PNG), the bundle and "
-            "each detokenizer loaded before timing.\n\n"
-            f"{table}\n\nPNG: `benchmarks/out/detokenizer_output.png` (rows: the tokenizer's decoder, then the "
-            f"detokenizer at {args.steps} steps; first {k} prompts, 3x enlarged).")
+    facts = (
+        json.loads((Path(detok) / "x1" / "conditioner" / "config.json").read_text())
+        if (Path(detok) / "x1").is_dir()
+        else json.loads((Path(detok) / "conditioner" / "config.json").read_text())
+    )
+    table = md_table(
+        [
+            "decoder",
+            "steps",
+            "scene agreement with the decoder's picture",
+            "PSNR dB vs it",
+            "t2i accuracy (all objects)",
+            "s / `mmgen generate` call",
+            "time vs the decoder",
+        ],
+        rows,
+    )
+    body = (
+        f"Checkpoint `{args.checkpoint}`, detokenizer `{detok}` (conditioned on its tokenizer's "
+        f"{' + '.join(facts['grid_names'])} codes{' and decode' if facts.get('decoded_channels') else ''}); "
+        f"the first {args.n} val prompts of the quick start's t2i evaluation, each drawn by one "
+        f"`mmgen generate --mode t2i --seed {args.seed}` call per setting (the same codes in every setting). "
+        "Scene agreement: the scene parser reads the same scene from the detokenizer's picture as from the "
+        "tokenizer decoder's, over the pictures of the decoder that parse; PSNR against the decoder's picture "
+        "(2x: against its bicubic 2x). Time: whole `mmgen generate` calls (LM, decoding, PNG), the bundle and "
+        "each detokenizer loaded before timing.\n\n"
+        f"{table}\n\nPNG: `benchmarks/out/detokenizer_output.png` (rows: the tokenizer's decoder, then the "
+        f"detokenizer at {args.steps} steps; first {k} prompts, 3x enlarged)."
+    )
     if args.note:
         body += f"\n\n{args.note}"
     print(table)

@@ -34,17 +34,32 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 OPS = [
     ("text_length_filter", {"min_len": 20, "max_len": 100000}, {"min_value": 20, "max_value": 100000}),
     ("words_num_filter", {"min_num": 3, "max_num": 10000}, {"min_value": 3, "max_value": 10000}),
-    ("character_repetition_filter", {"rep_len": 10, "min_ratio": 0.0, "max_ratio": 0.5},
-     {"rep_len": 10, "min_value": 0.0, "max_value": 0.5}),
+    (
+        "character_repetition_filter",
+        {"rep_len": 10, "min_ratio": 0.0, "max_ratio": 0.5},
+        {"rep_len": 10, "min_value": 0.0, "max_value": 0.5},
+    ),
     ("special_characters_filter", {"min_ratio": 0.0, "max_ratio": 0.5}, {"min_value": 0.0, "max_value": 0.5}),
-    ("alphanumeric_filter", {"tokenization": False, "min_ratio": 0.5, "max_ratio": 1.0},
-     {"min_value": 0.5, "max_value": 1.0}),
-    ("image_aspect_ratio_filter", {"min_ratio": 0.333, "max_ratio": 3.0, "any_or_all": "any"},
-     {"min_ratio": 0.333, "max_ratio": 3.0, "any_or_all": "any"}),
-    ("image_shape_filter", {"min_width": 24, "min_height": 24, "any_or_all": "any"},
-     {"min_width": 24, "min_height": 24, "any_or_all": "any"}),
-    ("image_size_filter", {"min_size": "100", "max_size": "20MB", "any_or_all": "any"},
-     {"min_size": "100", "max_size": "20MB", "any_or_all": "any"}),
+    (
+        "alphanumeric_filter",
+        {"tokenization": False, "min_ratio": 0.5, "max_ratio": 1.0},
+        {"min_value": 0.5, "max_value": 1.0},
+    ),
+    (
+        "image_aspect_ratio_filter",
+        {"min_ratio": 0.333, "max_ratio": 3.0, "any_or_all": "any"},
+        {"min_ratio": 0.333, "max_ratio": 3.0, "any_or_all": "any"},
+    ),
+    (
+        "image_shape_filter",
+        {"min_width": 24, "min_height": 24, "any_or_all": "any"},
+        {"min_width": 24, "min_height": 24, "any_or_all": "any"},
+    ),
+    (
+        "image_size_filter",
+        {"min_size": "100", "max_size": "20MB", "any_or_all": "any"},
+        {"min_size": "100", "max_size": "20MB", "any_or_all": "any"},
+    ),
 ]
 
 
@@ -80,22 +95,47 @@ def build_corpus(work: Path, n_docs: int, per_file: int) -> tuple[list[Path], di
     world = work / "world"
     if world.exists():
         shutil.rmtree(world)
-    subprocess.run([sys.executable, "-m", "mmgen", "world", "--out", str(world), "--docs",
-                    str(n_docs - n_real + n_docs // 50), "--seed", "2026", "--defect-rate", "0.1",
-                    "--mix", "caption=0.7,qa=0.3", "--shard-size", "2000"], check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmgen",
+            "world",
+            "--out",
+            str(world),
+            "--docs",
+            str(n_docs - n_real + n_docs // 50),
+            "--seed",
+            "2026",
+            "--defect-rate",
+            "0.1",
+            "--mix",
+            "caption=0.7,qa=0.3",
+            "--shard-size",
+            "2000",
+        ],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+    )
     labels = {json.loads(x)["id"]: json.loads(x) for x in (world / "labels.jsonl").open()}
     photos = sorted(p for p in REAL.glob("*") if p.suffix.lower() in (".jpg", ".png"))
-    texts = ["A photograph taken outdoors, shared with the data set as an example of real images.",
-             "This picture shows a real scene; it is used to check that filters treat photos well.",
-             "Photo.", "wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow"]
+    texts = [
+        "A photograph taken outdoors, shared with the data set as an example of real images.",
+        "This picture shows a real scene; it is used to check that filters treat photos well.",
+        "Photo.",
+        "wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow wow",
+    ]
 
     def docs():
         k = 0
         for doc in iter_good_docs(str(world / "*.tar")):
             defects = [d["type"] for d in labels.get(doc.id, {}).get("defects", [])]
-            if "corrupt_image" in defects or "duplicate_doc" in defects or any(
-                    not isinstance(it, Text) and not it.load() for it in doc.items):
+            if (
+                "corrupt_image" in defects
+                or "duplicate_doc" in defects
+                or any(not isinstance(it, Text) and not it.load() for it in doc.items)
+            ):
                 # Unreadable media (corrupt or zero-byte) and repeated ids are left out: one unreadable
                 # image makes Data-Juicer drop its whole batch (skip_op_error), which is not a decision.
                 continue
@@ -104,8 +144,9 @@ def build_corpus(work: Path, n_docs: int, per_file: int) -> tuple[list[Path], di
             k += 1
             yield doc
         for i in range(n_real):
-            yield Doc([Image(data=photos[i % len(photos)].read_bytes()), Text(texts[i % len(texts)])],
-                      id=f"real-{i:06d}")
+            yield Doc(
+                [Image(data=photos[i % len(photos)].read_bytes()), Text(texts[i % len(texts)])], id=f"real-{i:06d}"
+            )
 
     def write(batch, part) -> int:
         path = out / f"part-{part:04d}.jsonl"
@@ -114,9 +155,13 @@ def build_corpus(work: Path, n_docs: int, per_file: int) -> tuple[list[Path], di
         # per-row varying nested shapes Hugging Face datasets' JSON loader cannot unify into a schema.
         rows = [json.loads(x) for x in path.open()]
         # Absolute media paths: Data-Juicer resolves relative ones against its working directory.
-        path.write_text("".join(json.dumps({"id": r["id"], "text": r["text"],
-                                            "images": [str(out / x) for x in r.get("images", [])]}) + "\n"
-                                for r in rows))
+        path.write_text(
+            "".join(
+                json.dumps({"id": r["id"], "text": r["text"], "images": [str(out / x) for x in r.get("images", [])]})
+                + "\n"
+                for r in rows
+            )
+        )
         return n
 
     out.mkdir(parents=True)
@@ -155,11 +200,12 @@ def measure(cmd: list[str], env: dict) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{''.join(lines)[-3000:]}")
-    return {"seconds": wall, "peak_rss_mb": peak / 2 ** 20, "log": "".join(lines)}
+    return {"seconds": wall, "peak_rss_mb": peak / 2**20, "log": "".join(lines)}
 
 
 def single_file(files: list[Path], work: Path) -> Path:
-    """The same documents, in the same order, as one jsonl (in a folder of its own: Data-Juicer reads a folder whole)."""
+    """The same documents, in the same order, as one jsonl (in a folder of its own: Data-Juicer reads a
+    folder whole)."""
     path = work / "dj_single" / "corpus.jsonl"
     path.parent.mkdir(exist_ok=True)
     with open(path, "wb") as out:
@@ -174,11 +220,24 @@ def run_dj(py: Path, dataset: Path, work: Path, workers: int, tag: str) -> tuple
     out = work / f"dj_out_{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cfg = {"project_name": "mmgen-bench", "dataset_path": str(dataset), "export_path": str(out / "kept.jsonl"),
-           "np": workers, "text_keys": "text", "image_key": "images", "use_cache": False, "open_tracer": False,
-           "process": [{name: dict(dj)} for name, dj, _ in OPS]}
+    cfg = {
+        "project_name": "mmgen-bench",
+        "dataset_path": str(dataset),
+        "export_path": str(out / "kept.jsonl"),
+        "np": workers,
+        "text_keys": "text",
+        "image_key": "images",
+        "use_cache": False,
+        "open_tracer": False,
+        "process": [{name: dict(dj)} for name, dj, _ in OPS],
+    }
     (work / f"dj_{tag}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(work / f"hf_cache_{tag}"), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_CACHE": str(work / f"hf_cache_{tag}"),
+        "HF_HUB_OFFLINE": "1",
+    }
     m = measure([str(py), "-m", "data_juicer.tools.process_data", "--config", str(work / f"dj_{tag}.yaml")], env)
     kept = set()
     for p in [out / "kept.jsonl"]:  # not kept_stats.jsonl beside it
@@ -197,9 +256,29 @@ def run_mmgen(inputs: str, work: Path, workers: int, tag: str) -> tuple[dict, se
     recipe = {"name": "dj_equivalent", "ops": [{"op": name, "level": "doc", "params": p} for name, _, p in OPS]}
     (work / "mmgen.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    m = measure([sys.executable, "-m", "mmgen", "filter", "--recipe", str(work / "mmgen.yaml"), "--input",
-                 inputs, "--out", str(out), "--workers", str(workers), "--media-root", str(work / "dj_corpus"),
-                 "--shard-size", "2000", "--input-format", "dj"], env)
+    m = measure(
+        [
+            sys.executable,
+            "-m",
+            "mmgen",
+            "filter",
+            "--recipe",
+            str(work / "mmgen.yaml"),
+            "--input",
+            inputs,
+            "--out",
+            str(out),
+            "--workers",
+            str(workers),
+            "--media-root",
+            str(work / "dj_corpus"),
+            "--shard-size",
+            "2000",
+            "--input-format",
+            "dj",
+        ],
+        env,
+    )
     kept = {str(d.id) for p in sorted((out / "shards").glob("*.tar")) for d in read_shard(p)}
     return m, kept, json.loads((out / "summary.json").read_text())
 
@@ -231,8 +310,9 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     py = ensure_dj(args.skip_install)
-    dj_version = subprocess.run([str(py), "-c", "import data_juicer; print(data_juicer.__version__)"],
-                                capture_output=True, text=True).stdout.strip()
+    dj_version = subprocess.run(
+        [str(py), "-c", "import data_juicer; print(data_juicer.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
     files, info = build_corpus(work, args.docs, args.per_file)
     n = info["written"]
     single = single_file(files, work)
@@ -242,65 +322,101 @@ def main() -> None:
     load = [os.getloadavg()[0]]  # the cores are shared: say how busy they were
     for tag, (dj_input, mm_input) in layouts.items():
         dj, dj_kept = run_dj(py, dj_input, work, args.workers, tag)
-        print(f"[{tag}] data-juicer: {dj['seconds']:.1f}s, peak {dj['peak_rss_mb']:.0f} MB, kept {len(dj_kept)}", flush=True)
+        print(
+            f"[{tag}] data-juicer: {dj['seconds']:.1f}s, peak {dj['peak_rss_mb']:.0f} MB, kept {len(dj_kept)}",
+            flush=True,
+        )
         mm, mm_kept, summary = run_mmgen(mm_input, work, args.workers, tag)
-        print(f"[{tag}] mmgen: {mm['seconds']:.1f}s, peak {mm['peak_rss_mb']:.0f} MB, kept {len(mm_kept)} "
-              f"({summary['units']} work units)", flush=True)
+        print(
+            f"[{tag}] mmgen: {mm['seconds']:.1f}s, peak {mm['peak_rss_mb']:.0f} MB, kept {len(mm_kept)} "
+            f"({summary['units']} work units)",
+            flush=True,
+        )
         assert summary["input"] == n and summary["quarantined"] == 0, (summary["input"], n, summary["per_reason"])
         differ = dj_kept ^ mm_kept
-        res[tag] = {"dj": dj, "mm": mm, "dj_kept": dj_kept, "mm_kept": mm_kept, "units": summary["units"],
-                    "agree": 1 - len(differ) / n, "differ": differ, "ratio": dj["seconds"] / mm["seconds"],
-                    "reasons": why_differs(differ, work / f"mmgen_out_{tag}")}
+        res[tag] = {
+            "dj": dj,
+            "mm": mm,
+            "dj_kept": dj_kept,
+            "mm_kept": mm_kept,
+            "units": summary["units"],
+            "agree": 1 - len(differ) / n,
+            "differ": differ,
+            "ratio": dj["seconds"] / mm["seconds"],
+            "reasons": why_differs(differ, work / f"mmgen_out_{tag}"),
+        }
         load.append(os.getloadavg()[0])
     from mmgen.utils.bench import md_table, write_section
 
     what = {"many": f"{len(files)} files", "one": "one file"}
     rows = []
     for tag, r in res.items():
-        rows.append([f"Data-Juicer {dj_version}", what[tag], f"{n / r['dj']['seconds']:.0f}", f"{r['dj']['seconds']:.1f}",
-                     f"{r['dj']['peak_rss_mb']:.0f}", len(r["dj_kept"])])
-        rows.append([f"mmgen filter ({r['units']} work units)", what[tag], f"{n / r['mm']['seconds']:.0f}",
-                     f"{r['mm']['seconds']:.1f}", f"{r['mm']['peak_rss_mb']:.0f}", len(r["mm_kept"])])
-    verdicts = [f"**{what[tag]}: mmgen / Data-Juicer throughput {r['ratio']:.2f}x** (goal >= 3x); same keep/drop "
-                f"decision on **{100 * r['agree']:.2f}%** of documents (goal >= 99.5%); {len(r['differ'])} differ: "
-                + (", ".join(f"{k}: {v}" for k, v in sorted(r["reasons"].items())) or "none") + "."
-                for tag, r in res.items()]
-    body = "\n".join([
-        f"{n} documents ({info['real_photo_docs']} around the real photos, the rest ShapesWorld caption/QA docs with "
-        f"10% labelled defects, corrupt images and exact copies left out), one image and one or more paragraphs "
-        f"each, written as Data-Juicer jsonl by mmgen's converter into {len(files)} files, and the same documents "
-        f"as one {single.stat().st_size / 2 ** 20:.1f} MB file; {args.workers} workers "
-        f"each; the machine's 1-minute load average was {min(load):.1f}-{max(load):.1f} during the runs "
-        "(other jobs share its cores, so both tools ran slower than alone, one after the other); "
-        "times end to end (process start-up included); memory = peak RSS summed over the process tree "
-        "(psutil, 50 ms sampling). mmgen also writes the kept documents as WebDataset shards with their image "
-        "bytes, every reject with its stats, and parquet stats; Data-Juicer writes the kept jsonl.",
-        "",
-        md_table(["tool", "input", "docs/s", "seconds", "peak MB", "kept"], rows),
-        "",
-        *[v + "\n" for v in verdicts],
-        "mmgen cuts a jsonl into byte-range work units at line starts (about 1/64 of the corpus each, at "
-        "least 256 KiB), so one large file keeps every worker busy; the units depend only on the input, so "
-        "the output is the same for any number of workers. The one-file corpus lies in a folder of its own "
-        "and names its images by absolute path in the many-file corpus's folder, so mmgen gets "
-        "`--media-root` for that folder (records may name media only inside the corpus).",
-        "",
-        "Recipe (same name, same parameters on both sides; mmgen at `level: doc`): "
-        + ", ".join(f"`{name}` {json.dumps(dj)}" for name, dj, _ in OPS) + ".",
-        "",
-        "Semantics that differ, and why:",
-        "- Text statistics: Data-Juicer measures the sample's `text` field, which holds the media placeholders "
-        "(`<__dj__image>`, `<|__dj__eoc|>`) between the paragraphs; mmgen measures the paragraphs joined by a "
-        "blank line, placeholders never being text. Placeholders add ~27 characters, 2 words and ~13 special "
-        "characters per image, so `text_length_filter`, `words_num_filter`, `special_characters_filter` and "
-        "`alphanumeric_filter` see different numbers near their thresholds (an empty caption is 0 characters "
-        "for mmgen and ~27 for Data-Juicer).",
-        "- Unreadable images are left out of the corpus: in Data-Juicer 1.6.1 one image that fails to open "
-        "makes the operator's whole batch fail, and with `skip_op_error` the whole batch is dropped; mmgen "
-        "quarantines that one document (or image) and goes on.",
-        "- `image_size_filter` is the encoded file size in both; `image_shape_filter` reads width/height from "
-        "the header in mmgen and from the decoded image in Data-Juicer (same numbers on valid files).",
-    ])
+        rows.append(
+            [
+                f"Data-Juicer {dj_version}",
+                what[tag],
+                f"{n / r['dj']['seconds']:.0f}",
+                f"{r['dj']['seconds']:.1f}",
+                f"{r['dj']['peak_rss_mb']:.0f}",
+                len(r["dj_kept"]),
+            ]
+        )
+        rows.append(
+            [
+                f"mmgen filter ({r['units']} work units)",
+                what[tag],
+                f"{n / r['mm']['seconds']:.0f}",
+                f"{r['mm']['seconds']:.1f}",
+                f"{r['mm']['peak_rss_mb']:.0f}",
+                len(r["mm_kept"]),
+            ]
+        )
+    verdicts = [
+        f"**{what[tag]}: mmgen / Data-Juicer throughput {r['ratio']:.2f}x** (goal >= 3x); same keep/drop "
+        f"decision on **{100 * r['agree']:.2f}%** of documents (goal >= 99.5%); {len(r['differ'])} differ: "
+        + (", ".join(f"{k}: {v}" for k, v in sorted(r["reasons"].items())) or "none")
+        + "."
+        for tag, r in res.items()
+    ]
+    body = "\n".join(
+        [
+            f"{n} documents ({info['real_photo_docs']} around the real photos, the rest ShapesWorld caption/QA docs "
+            "with 10% labelled defects, corrupt images and exact copies left out), one image and one or more "
+            f"paragraphs each, written as Data-Juicer jsonl by mmgen's converter into {len(files)} files, and the same "
+            f"documents as one {single.stat().st_size / 2**20:.1f} MB file; {args.workers} workers each; the machine's "
+            f"1-minute load average was {min(load):.1f}-{max(load):.1f} during the runs (other jobs share its cores, "
+            "so both tools ran slower than alone, one after the other); times end to end (process start-up included); "
+            "memory = peak RSS summed over the process tree (psutil, 50 ms sampling). mmgen also writes the kept "
+            "documents as WebDataset shards with their image bytes, every reject with its stats, and parquet stats; "
+            "Data-Juicer writes the kept jsonl.",
+            "",
+            md_table(["tool", "input", "docs/s", "seconds", "peak MB", "kept"], rows),
+            "",
+            *[v + "\n" for v in verdicts],
+            "mmgen cuts a jsonl into byte-range work units at line starts (about 1/64 of the corpus each, at "
+            "least 256 KiB), so one large file keeps every worker busy; the units depend only on the input, so "
+            "the output is the same for any number of workers. The one-file corpus lies in a folder of its own "
+            "and names its images by absolute path in the many-file corpus's folder, so mmgen gets "
+            "`--media-root` for that folder (records may name media only inside the corpus).",
+            "",
+            "Recipe (same name, same parameters on both sides; mmgen at `level: doc`): "
+            + ", ".join(f"`{name}` {json.dumps(dj)}" for name, dj, _ in OPS)
+            + ".",
+            "",
+            "Semantics that differ, and why:",
+            "- Text statistics: Data-Juicer measures the sample's `text` field, which holds the media placeholders "
+            "(`<__dj__image>`, `<|__dj__eoc|>`) between the paragraphs; mmgen measures the paragraphs joined by a "
+            "blank line, placeholders never being text. Placeholders add ~27 characters, 2 words and ~13 special "
+            "characters per image, so `text_length_filter`, `words_num_filter`, `special_characters_filter` and "
+            "`alphanumeric_filter` see different numbers near their thresholds (an empty caption is 0 characters "
+            "for mmgen and ~27 for Data-Juicer).",
+            "- Unreadable images are left out of the corpus: in Data-Juicer 1.6.1 one image that fails to open "
+            "makes the operator's whole batch fail, and with `skip_op_error` the whole batch is dropped; mmgen "
+            "quarantines that one document (or image) and goes on.",
+            "- `image_size_filter` is the encoded file size in both; `image_shape_filter` reads width/height from "
+            "the header in mmgen and from the decoded image in Data-Juicer (same numbers on valid files).",
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("filter_throughput", "Filtering throughput: mmgen filter vs Data-Juicer", body)

@@ -5,9 +5,9 @@
 Runs the command as a user would, ``mmgen generate --checkpoint CKPT --mode t2i --prompt P``, through
 ``mmgen.cli.main`` in this process, one call per prompt (option parsing, checks, sampling settings from
 the bundle's ``generation_config.json``, PNG output); the bundle is loaded once and handed to every call
-(``--reload`` loads it in every call, as separate commands would), on the first ``--n`` val prompts of the quick start's t2i
-evaluation (``mmgen.eval.t2i.t2i_eval_set``, same prompt seed), and scores each PNG with the same
-scene-parser judge (``score_image``). Side by side in the same run: the command the docs used to show,
+(``--reload`` loads it in every call, as separate commands would), on the first ``--n`` val prompts of
+the quick start's t2i evaluation (``mmgen.eval.t2i.t2i_eval_set``, same prompt seed), and scores each
+PNG with the same scene-parser judge (``score_image``). Side by side in the same run: the command the docs used to show,
 ``--temperature 1 --cfg-scale 3`` (transformers' default temperature). The report's own val accuracy
 (its batched evaluation, same prompts) is the reference.
 """
@@ -25,7 +25,9 @@ from pathlib import Path
 from mmgen.utils.bench import md_table, write_section
 
 
-def run_cli(checkpoint: str, prompts: list[str], extra: list[str], seed: int, reload: bool = False) -> tuple[list, float]:
+def run_cli(
+    checkpoint: str, prompts: list[str], extra: list[str], seed: int, reload: bool = False
+) -> tuple[list, float]:
     """PIL images written by one ``mmgen generate`` call per prompt (None where it wrote none)."""
     import functools
 
@@ -44,8 +46,22 @@ def run_cli(checkpoint: str, prompts: list[str], extra: list[str], seed: int, re
             out = Path(tmp) / str(i)
             err = io.StringIO()
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-                rc = main(["generate", "--checkpoint", checkpoint, "--mode", "t2i", "--prompt", p, "--seed", str(seed),
-                           "--out", str(out), *extra])
+                rc = main(
+                    [
+                        "generate",
+                        "--checkpoint",
+                        checkpoint,
+                        "--mode",
+                        "t2i",
+                        "--prompt",
+                        p,
+                        "--seed",
+                        str(seed),
+                        "--out",
+                        str(out),
+                        *extra,
+                    ]
+                )
             if rc != 0:
                 raise SystemExit(f"mmgen generate failed on prompt {i}: {err.getvalue().strip()[-300:]}")
             png = out / "image_0.png"
@@ -60,8 +76,16 @@ def score(images, items) -> dict:
     scores = []
     for img, it in zip(images, items):
         if img is None:
-            scores.append({"parsed": False, "all_objects": False, "exact_scene": False, "background": False,
-                           "object_recall": 0.0, "attr_acc": {}})
+            scores.append(
+                {
+                    "parsed": False,
+                    "all_objects": False,
+                    "exact_scene": False,
+                    "background": False,
+                    "object_recall": 0.0,
+                    "attr_acc": {},
+                }
+            )
         else:
             scores.append(score_image(img, it.scene))
     return summarize(scores)
@@ -91,8 +115,12 @@ def main() -> None:
     has_file = (Path(ckpt) / "generation_config.json").is_file()
     runs = {
         "`mmgen generate --checkpoint CKPT --mode t2i --prompt P` (the bundle's settings)": [],
-        "the same with `--temperature 1 --cfg-scale 3` (the old documented command)": ["--temperature", "1",
-                                                                                       "--cfg-scale", "3"],
+        "the same with `--temperature 1 --cfg-scale 3` (the old documented command)": [
+            "--temperature",
+            "1",
+            "--cfg-scale",
+            "3",
+        ],
     }
     rows, results = [], {}
     for name, extra in runs.items():
@@ -109,20 +137,33 @@ def main() -> None:
         got = [s for s in got if s["split"] == "val"][: args.n]
         if [s["prompt"] for s in got] == prompts:
             first = sum(bool(s["all_objects"]) for s in got) / len(got)
-    rows.append([f"the report's t2i evaluation (batched, temperature {report['config']['temperature']}, "
-                 f"CFG {report['config']['cfg_scale']}), all {val['n']} val prompts", val["n"], val["accuracy"],
-                 val["parse_rate"], val["exact_scene"], "-"])
+    rows.append(
+        [
+            f"the report's t2i evaluation (batched, temperature {report['config']['temperature']}, "
+            f"CFG {report['config']['cfg_scale']}), all {val['n']} val prompts",
+            val["n"],
+            val["accuracy"],
+            val["parse_rate"],
+            val["exact_scene"],
+            "-",
+        ]
+    )
     if first is not None:
         rows.append(["the report's t2i evaluation, the same first prompts", args.n, first, "-", "-", "-"])
     table = md_table(["run", "prompts", "t2i accuracy (all objects)", "parsed", "exact scene", "s / prompt"], rows)
-    settings = (f"do_sample={gc.do_sample}, temperature={gc.temperature}, top_k={gc.top_k}, top_p={gc.top_p}, "
-                f"guidance_scale={gc.guidance_scale}")
-    body = (f"Checkpoint `{ckpt}` ({'its generation_config.json' if has_file else 'no sampling settings saved: the defaults'}:"
-            f" {settings}); the first {args.n} val prompts of the quick start's t2i evaluation, seed {args.seed} for "
-            f"every call, each image judged by the scene parser exactly as the evaluation judges it.\n\n{table}\n\n"
-            "The command without sampling options now draws with the settings the recipe was evaluated with. "
-            "A single call samples with its own seed where the evaluation samples in batches, so the two agree "
-            "within sampling noise, not token for token.\n")
+    settings = (
+        f"do_sample={gc.do_sample}, temperature={gc.temperature}, top_k={gc.top_k}, top_p={gc.top_p}, "
+        f"guidance_scale={gc.guidance_scale}"
+    )
+    body = (
+        f"Checkpoint `{ckpt}` "
+        f"({'its generation_config.json' if has_file else 'no sampling settings saved: the defaults'}: {settings}); "
+        f"the first {args.n} val prompts of the quick start's t2i evaluation, seed {args.seed} for every call, each "
+        f"image judged by the scene parser exactly as the evaluation judges it.\n\n{table}\n\nThe command without "
+        "sampling options now draws with the settings the recipe was evaluated with. A single call samples with its "
+        "own seed where the evaluation samples in batches, so the two agree within sampling noise, not token for "
+        "token.\n"
+    )
     print(table)
     if not args.no_write:
         write_section("generate_defaults", "`mmgen generate` defaults against the quick start's evaluation", body)

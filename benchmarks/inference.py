@@ -59,13 +59,26 @@ WHAT = {"prune": "prefill pruning", "spec": "speculative Jacobi decoding", "kv":
 def _stage_facts(bundle_dir: Path, wall: float) -> dict:
     meta = json.loads((Path(bundle_dir) / "mmgen.json").read_text())
     t = meta["train"]
-    return {"stage": meta["stage"], "steps": t["steps"], "train_seconds": t["train_seconds"], "wall_seconds": wall,
-            "loss": (t.get("last_logged") or {}).get("loss", t.get("final_loss")),
-            "tokens_per_s": t.get("tokens_per_s")}
+    return {
+        "stage": meta["stage"],
+        "steps": t["steps"],
+        "train_seconds": t["train_seconds"],
+        "wall_seconds": wall,
+        "loss": (t.get("last_logged") or {}).get("loss", t.get("final_loss")),
+        "tokens_per_s": t.get("tokens_per_s"),
+    }
 
 
-def train_substrate(run: Path, out: Path, variant: str, steps: int | None, sft_steps: int | None, launcher: str,
-                    overrides: list[str] = (), init_from: str | None = None) -> dict:
+def train_substrate(
+    run: Path,
+    out: Path,
+    variant: str,
+    steps: int | None,
+    sft_steps: int | None,
+    launcher: str,
+    overrides: list[str] = (),
+    init_from: str | None = None,
+) -> dict:
     """Train (or find, from an earlier run) one substrate variant with mmgen's training entry point: the
     discrete one is the substrate recipe's pretraining, then the quick start's SFT recipe from its bundle;
     the continuous one aligns a projector on ``init_from`` (the discrete one's final bundle). The quick
@@ -81,8 +94,14 @@ def train_substrate(run: Path, out: Path, variant: str, steps: int | None, sft_s
             return facts
     codes, tok = lm_inputs(run, code_blocks=False)
     q = QuickstartConfig()
-    over = [f"data.code_shards={codes}", f"data.image_tokenizer={tok}", f"out_dir={out / variant / 'lm'}",
-            *([f"steps={steps}"] if steps else []), *([f"init_from={init_from}"] if init_from else []), *overrides]
+    over = [
+        f"data.code_shards={codes}",
+        f"data.image_tokenizer={tok}",
+        f"out_dir={out / variant / 'lm'}",
+        *([f"steps={steps}"] if steps else []),
+        *([f"init_from={init_from}"] if init_from else []),
+        *overrides,
+    ]
     stages = []
     t0 = time.perf_counter()
     final = train_stage(VARIANTS[variant], over, launcher)
@@ -90,19 +109,40 @@ def train_substrate(run: Path, out: Path, variant: str, steps: int | None, sft_s
     if variant == "discrete":
         # Rows of 1024 tokens (the pretraining's) rather than the SFT recipe's 512, at the same tokens per
         # step: a build-up document of five 96-token pictures does not fit 512 and would be cut between them.
-        sft_over = [f"init_from={final}", f"data.code_shards={codes}", f"out_dir={out / variant / 'sft'}",
-                    "data.seq_len=1024", "micro_batch=2", *([f"steps={sft_steps}"] if sft_steps else [])]
+        sft_over = [
+            f"init_from={final}",
+            f"data.code_shards={codes}",
+            f"out_dir={out / variant / 'sft'}",
+            "data.seq_len=1024",
+            "micro_batch=2",
+            *([f"steps={sft_steps}"] if sft_steps else []),
+        ]
         t1 = time.perf_counter()
         final = train_stage(q.sft_recipe, sft_over, launcher)
         stages.append(_stage_facts(final, time.perf_counter() - t1))
     save_generation_config(final, SamplingSettings(temperature=q.temperature, cfg_scale=q.cfg_scale))
-    c = json.loads((Path(final) / "config.json").read_text())  # the model as built, whatever the last stage's recipe says
+    c = json.loads(
+        (Path(final) / "config.json").read_text()
+    )  # the model as built, whatever the last stage's recipe says
     t = c["text_config"]
-    facts = {"variant": variant, "recipe": VARIANTS[variant], "bundle": str(final), "run": str(run),
-             "code_shards": str(codes), "image_tokenizer": str(tok), "launcher": launcher, "stages": stages,
-             "model": {"hidden": t["hidden_size"], "layers": t["num_hidden_layers"], "heads": t["num_attention_heads"],
-                       "image_feature_dim": c.get("image_feature_dim")},
-             "threads": os.environ.get("OMP_NUM_THREADS", "unset"), "init_from": init_from}
+    facts = {
+        "variant": variant,
+        "recipe": VARIANTS[variant],
+        "bundle": str(final),
+        "run": str(run),
+        "code_shards": str(codes),
+        "image_tokenizer": str(tok),
+        "launcher": launcher,
+        "stages": stages,
+        "model": {
+            "hidden": t["hidden_size"],
+            "layers": t["num_hidden_layers"],
+            "heads": t["num_attention_heads"],
+            "image_feature_dim": c.get("image_feature_dim"),
+        },
+        "threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "init_from": init_from,
+    }
     facts_path.write_text(json.dumps(facts, indent=1))
     return facts
 
@@ -144,8 +184,10 @@ class Probe:
     def __init__(self, model):
         self.calls: list[dict] = []
         self._cache, self._call = None, None
-        self._hooks = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                       model.register_forward_hook(self._post, with_kwargs=True)]
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post, with_kwargs=True),
+        ]
 
     def _pre(self, module, args, kwargs):
         cache = kwargs.get("cache")
@@ -156,8 +198,12 @@ class Probe:
             self._close()
             x = kwargs.get("input_ids")
             x = kwargs.get("inputs_embeds") if x is None else x
-            self._call = {"forwards": 0, "rows": int(x.shape[0]), "start": time.perf_counter(),
-                          "cpu_start": time.process_time()}
+            self._call = {
+                "forwards": 0,
+                "rows": int(x.shape[0]),
+                "start": time.perf_counter(),
+                "cpu_start": time.process_time(),
+            }
         self._cache = cache
         self._call["forwards"] += 1
 
@@ -193,8 +239,12 @@ def _kv_stats(cache) -> dict:
     return kv_stats(cache)
 
 
-TASKS = {"t2i": "text-to-image (val)", "qa": "visual QA (val)", "buildup": "build-up next image (val)",
-         "buildup4": "build-up, documents of >= 4 pictures (val)"}
+TASKS = {
+    "t2i": "text-to-image (val)",
+    "qa": "visual QA (val)",
+    "buildup": "build-up next image (val)",
+    "buildup4": "build-up, documents of >= 4 pictures (val)",
+}
 
 
 def evaluate(bundle, task: str, n: int, seed: int, options: dict | None = None, cfg_scale: float | None = None) -> dict:
@@ -214,28 +264,39 @@ def evaluate(bundle, task: str, n: int, seed: int, options: dict | None = None, 
         elif task == "qa":
             r = evaluate_qa(bundle, n=n, seed=seed, splits=("val",), options=o)
         else:
-            r = evaluate_interleaved(bundle, n=n, seed=seed, cfg_scale=cfg_scale, options=o,
-                                     min_images=4 if task == "buildup4" else 0)
+            r = evaluate_interleaved(
+                bundle, n=n, seed=seed, cfg_scale=cfg_scale, options=o, min_images=4 if task == "buildup4" else 0
+            )
     finally:
         calls = probe.finish()
     wall = time.perf_counter() - t0
     m = r["splits"]["val"]
     guided = (cfg_scale or 1.0) != 1.0 and task != "qa"
     docs = [c["rows"] // (2 if guided else 1) for c in calls]
-    out = {"task": task, "options": options or {}, "cfg_scale": cfg_scale, "n": m["n"], "accuracy": m["accuracy"],
-           "calls": len(calls), "forwards": sum(c["forwards"] for c in calls),
-           "forwards_per_call": sum(c["forwards"] for c in calls) / max(1, len(calls)),
-           "generation_seconds": sum(c["seconds"] for c in calls), "wall_seconds": wall,
-           "generation_cpu_seconds": sum(c["cpu_seconds"] for c in calls),
-           "bytes_per_doc": sum(c.get("bytes", 0) for c in calls) / max(1, sum(docs))}
+    out = {
+        "task": task,
+        "options": options or {},
+        "cfg_scale": cfg_scale,
+        "n": m["n"],
+        "accuracy": m["accuracy"],
+        "calls": len(calls),
+        "forwards": sum(c["forwards"] for c in calls),
+        "forwards_per_call": sum(c["forwards"] for c in calls) / max(1, len(calls)),
+        "generation_seconds": sum(c["seconds"] for c in calls),
+        "wall_seconds": wall,
+        "generation_cpu_seconds": sum(c["cpu_seconds"] for c in calls),
+        "bytes_per_doc": sum(c.get("bytes", 0) for c in calls) / max(1, sum(docs)),
+    }
     peaks = [c.get("bytes_peak") for c in calls]
     if all(p is not None for p in peaks) and peaks:
         out["peak_bytes_per_doc"] = sum(peaks) / max(1, sum(docs))
     if "parse_rate" in m:
         out["parse_rate"] = m["parse_rate"]
-    print(f"[inference]   {task} {options or 'plain'}: accuracy {out['accuracy']:.3f}, {out['forwards_per_call']:.1f} "
-          f"forwards/call, {out['generation_seconds']:.1f} s generating, {out['bytes_per_doc'] / 1024:.0f} KiB/doc",
-          flush=True)
+    print(
+        f"[inference]   {task} {options or 'plain'}: accuracy {out['accuracy']:.3f}, {out['forwards_per_call']:.1f} "
+        f"forwards/call, {out['generation_seconds']:.1f} s generating, {out['bytes_per_doc'] / 1024:.0f} KiB/doc",
+        flush=True,
+    )
     return out
 
 
@@ -248,7 +309,9 @@ def plain_twice(bundle, task, n, seed, cfg_scale, run) -> dict:
     plain = dict(first)
     for k in ("generation_seconds", "generation_cpu_seconds"):
         plain[k] = (first[k] + second[k]) / 2
-    plain["seconds_spread"] = abs(first["generation_seconds"] - second["generation_seconds"]) / max(plain["generation_seconds"], 1e-9)
+    plain["seconds_spread"] = abs(first["generation_seconds"] - second["generation_seconds"]) / max(
+        plain["generation_seconds"], 1e-9
+    )
     plain["accuracy_second"] = second["accuracy"]
     return {"plain": plain, "runs": results}
 
@@ -266,8 +329,9 @@ def missing(sections: list[str]) -> str | None:
     absent = [s for s in sections if not method_options(s)]
     if not absent:
         return None
-    return "; ".join(f"GenerationOptions has no {PREFIXES[s]}* options ({WHAT[s]} is not in this checkout)"
-                     for s in absent)
+    return "; ".join(
+        f"GenerationOptions has no {PREFIXES[s]}* options ({WHAT[s]} is not in this checkout)" for s in absent
+    )
 
 
 # -- the sections ----------------------------------------------------------------------------------
@@ -291,18 +355,26 @@ def prefill_cost(bundle, rows: list[list[int]], options: dict, repeats: int = 3,
     flops = flops_full = 0
     plain_s = pruned_s = 0.0
     for s in range(0, len(rows), batch):
-        chunk = rows[s:s + batch]
+        chunk = rows[s : s + batch]
         best = {"plain": float("inf"), "pruned": float("inf")}
         for _ in range(repeats):
-            best["plain"] = min(best["plain"], prefill_only(bundle.model, bundle.vocab, chunk, None, pad_id=pad)["seconds"])
+            best["plain"] = min(
+                best["plain"], prefill_only(bundle.model, bundle.vocab, chunk, None, pad_id=pad)["seconds"]
+            )
             r = prefill_only(bundle.model, bundle.vocab, chunk, make_pruner(GenerationOptions(**options)), pad_id=pad)
             best["pruned"] = min(best["pruned"], r["seconds"])
         flops += r["report"]["flops"]
         flops_full += r["report"]["flops_full"]
         plain_s += best["plain"]
         pruned_s += best["pruned"]
-    return {"flops_ratio": flops / flops_full, "flops": flops, "flops_full": flops_full,
-            "prefill_seconds": pruned_s, "prefill_seconds_plain": plain_s, "prefill_speedup": plain_s / pruned_s}
+    return {
+        "flops_ratio": flops / flops_full,
+        "flops": flops,
+        "flops_full": flops_full,
+        "prefill_seconds": pruned_s,
+        "prefill_seconds_plain": plain_s,
+        "prefill_speedup": plain_s / pruned_s,
+    }
 
 
 def prune_settings(variant: str, only: list[str] | None = None) -> list[dict]:
@@ -316,7 +388,7 @@ def prune_settings(variant: str, only: list[str] | None = None) -> list[dict]:
         methods = [m for m in methods if m not in IN_LLM or m == "fastv"]
     out = []
     for m in methods:
-        for layer in ((1, 2) if m in ("fastv", "text") else (None,)):
+        for layer in (1, 2) if m in ("fastv", "text") else (None,):
             for r in KEEP_RATIOS:
                 out.append({"prune_method": m, "prune_ratio": r, **({"prune_layer": layer} if layer else {})})
     return out
@@ -329,8 +401,14 @@ def run_prune(bundles: dict, n: int, seed: int, only: list[str] | None = None) -
         rows = {t: task_rows(b, t, n, seed) for t in ("qa", "buildup")}
 
         plain = {t: evaluate(b, t, n, seed) for t in ("qa", "buildup")}
-        runs = [{"options": o, **{t: evaluate(b, t, n, seed, o) for t in ("qa", "buildup")},
-                 "cost": {t: prefill_cost(b, rows[t], o) for t in ("qa", "buildup")}} for o in prune_settings(v, only)]
+        runs = [
+            {
+                "options": o,
+                **{t: evaluate(b, t, n, seed, o) for t in ("qa", "buildup")},
+                "cost": {t: prefill_cost(b, rows[t], o) for t in ("qa", "buildup")},
+            }
+            for o in prune_settings(v, only)
+        ]
         out[v] = {"plain": plain, "runs": runs}
     return out
 
@@ -348,8 +426,14 @@ def run_spec(bundles: dict, n: int, seed: int, cfg_scale: float) -> dict:
     out = {}
     for v, b in bundles.items():
         print(f"[inference] spec: {v} substrate, CFG {cfg_scale}", flush=True)
-        out[v] = plain_twice(b, "t2i", n, seed, cfg_scale,
-                             lambda b=b: [evaluate(b, "t2i", n, seed, o, cfg_scale) for o in spec_settings()])
+        out[v] = plain_twice(
+            b,
+            "t2i",
+            n,
+            seed,
+            cfg_scale,
+            lambda b=b: [evaluate(b, "t2i", n, seed, o, cfg_scale) for o in spec_settings()],
+        )
     return out
 
 
@@ -372,8 +456,9 @@ def run_kv(bundles: dict, n: int, seed: int) -> dict:
     out = {}
     for v, b in bundles.items():
         print(f"[inference] kv: {v} substrate", flush=True)
-        out[v] = plain_twice(b, "buildup4", n, seed, None,
-                             lambda b=b: [evaluate(b, "buildup4", n, seed, o) for o in kv_settings()])
+        out[v] = plain_twice(
+            b, "buildup4", n, seed, None, lambda b=b: [evaluate(b, "buildup4", n, seed, o) for o in kv_settings()]
+        )
     return out
 
 
@@ -381,8 +466,9 @@ def run_all(bundles: dict, n: int, seed: int, cfg_scale: float, combo: dict) -> 
     out = {}
     for v, b in bundles.items():
         print(f"[inference] all at once: {v} substrate, CFG {cfg_scale}: {combo}", flush=True)
-        out[v] = plain_twice(b, "buildup4", n, seed, cfg_scale,
-                             lambda b=b: [evaluate(b, "buildup4", n, seed, combo, cfg_scale)])
+        out[v] = plain_twice(
+            b, "buildup4", n, seed, cfg_scale, lambda b=b: [evaluate(b, "buildup4", n, seed, combo, cfg_scale)]
+        )
     return out
 
 
@@ -390,7 +476,7 @@ def run_all(bundles: dict, n: int, seed: int, cfg_scale: float, combo: dict) -> 
 def _weak(*plain) -> str:
     """What a goal line adds when a plain accuracy it compares against is under WEAK_BASELINE."""
     low = [a for a in plain if a < WEAK_BASELINE]
-    return (f" Plain accuracy {_pct(min(low))}: too weak to decide the accuracy part (see Substrate)." if low else "")
+    return f" Plain accuracy {_pct(min(low))}: too weak to decide the accuracy part (see Substrate)." if low else ""
 
 
 def _pct(x) -> str:
@@ -404,40 +490,92 @@ def substrate_text(results: dict) -> str:
     lines = []
     for variant, f in subs.items():
         m = f["model"]
-        how = (f"the discrete substrate with a projector aligned on its frozen decoder, reading each picture as "
-               f"{m['image_feature_dim']}-d codebook vectors") if m.get("image_feature_dim") else \
-            f"hidden {m['hidden']} x {m['layers']} layers"
-        stages = "; ".join(f"{st['stage']} {st['steps']} steps in {st['train_seconds'] / 60:.1f} min "
-                           f"({st['wall_seconds'] / 60:.1f} min with start-up)" for st in f["stages"])
-        lines.append(f"- **{variant}** (`training/{f['recipe']}.yaml`): {how}; {f.get('tokens_per_picture', '?')} tokens "
-                     f"a picture; {stages}; OMP_NUM_THREADS={f['threads']}, launcher {f['launcher']}")
+        how = (
+            (
+                f"the discrete substrate with a projector aligned on its frozen decoder, reading each picture as "
+                f"{m['image_feature_dim']}-d codebook vectors"
+            )
+            if m.get("image_feature_dim")
+            else f"hidden {m['hidden']} x {m['layers']} layers"
+        )
+        stages = "; ".join(
+            f"{st['stage']} {st['steps']} steps in {st['train_seconds'] / 60:.1f} min "
+            f"({st['wall_seconds'] / 60:.1f} min with start-up)"
+            for st in f["stages"]
+        )
+        lines.append(
+            f"- **{variant}** (`training/{f['recipe']}.yaml`): {how}; {f.get('tokens_per_picture', '?')} tokens "
+            f"a picture; {stages}; OMP_NUM_THREADS={f['threads']}, launcher {f['launcher']}"
+        )
     rows = []
     for variant, b in base.items():
-        rows.append([variant, _pct(b["t2i"]["val"]["accuracy"]), _pct(b["t2i"]["heldout"]["accuracy"]),
-                     _pct(b["t2i"]["val"]["parse_rate"]), _pct(b["t2i_cfg"]["val"]["accuracy"]),
-                     _pct(b["qa"]["val"]["accuracy"]), _pct(b["qa"]["heldout"]["accuracy"]),
-                     _pct(b["buildup"]["val"]["accuracy"]), _pct(b["buildup"]["val"]["object_recall"])])
+        rows.append(
+            [
+                variant,
+                _pct(b["t2i"]["val"]["accuracy"]),
+                _pct(b["t2i"]["heldout"]["accuracy"]),
+                _pct(b["t2i"]["val"]["parse_rate"]),
+                _pct(b["t2i_cfg"]["val"]["accuracy"]),
+                _pct(b["qa"]["val"]["accuracy"]),
+                _pct(b["qa"]["heldout"]["accuracy"]),
+                _pct(b["buildup"]["val"]["accuracy"]),
+                _pct(b["buildup"]["val"]["object_recall"]),
+            ]
+        )
     n = next(iter(base.values()))["qa"]["val"]["n"] if base else 0
     cfg = results.get("settings", {}).get("cfg_scale")
-    table = md_table(["substrate", "t2i val", "t2i held-out pairs", "t2i parsed", f"t2i val, CFG {cfg}", "QA val",
-                      "QA held-out pairs", "build-up val", "build-up object recall"], rows) if rows else ""
+    table = (
+        md_table(
+            [
+                "substrate",
+                "t2i val",
+                "t2i held-out pairs",
+                "t2i parsed",
+                f"t2i val, CFG {cfg}",
+                "QA val",
+                "QA held-out pairs",
+                "build-up val",
+                "build-up object recall",
+            ],
+            rows,
+        )
+        if rows
+        else ""
+    )
     if not base:
         table = "(not evaluated yet: run the `substrate` section)"
-    weak = [f"{variant} {task} {_pct(acc)}" for variant, b in base.items()
-            for task, acc in (("t2i", b["t2i"]["val"]["accuracy"]), ("QA", b["qa"]["val"]["accuracy"]),
-                              ("build-up", b["buildup"]["val"]["accuracy"])) if acc < WEAK_BASELINE]
+    weak = [
+        f"{variant} {task} {_pct(acc)}"
+        for variant, b in base.items()
+        for task, acc in (
+            ("t2i", b["t2i"]["val"]["accuracy"]),
+            ("QA", b["qa"]["val"]["accuracy"]),
+            ("build-up", b["buildup"]["val"]["accuracy"]),
+        )
+        if acc < WEAK_BASELINE
+    ]
     if weak:
-        table += (f"\n\n**Too weak to test the accuracy goals on:** {', '.join(weak)} (under "
-                  f"{_pct(WEAK_BASELINE)}). A task this far from solved cannot show a loss of 1-2 points, and a method "
-                  "that keeps its accuracy there may only show that the model barely uses the picture (compare a low "
-                  "keep ratio with the random baseline). The cost columns (FLOPs, forward passes, bytes, seconds) hold; "
-                  "the accuracy columns of these tasks do not decide the goals. A longer-trained substrate (`--steps`) "
-                  "is needed for that.")
-    return "\n".join([
-        f"Trained from the quick-start run `{next(iter(subs.values()))['run']}` (its DualViTok code shards and tokenizer, "
-        "no code-block table), pretraining then the quick start's SFT:", "", *lines, "",
-        f"Baseline accuracies ({n} prompts / questions / documents per split; the quick start's sampling: temperature "
-        f"{results.get('settings', {}).get('temperature')}, no guidance unless stated):", "", table])
+        table += (
+            f"\n\n**Too weak to test the accuracy goals on:** {', '.join(weak)} (under "
+            f"{_pct(WEAK_BASELINE)}). A task this far from solved cannot show a loss of 1-2 points, and a method "
+            "that keeps its accuracy there may only show that the model barely uses the picture (compare a low "
+            "keep ratio with the random baseline). The cost columns (FLOPs, forward passes, bytes, seconds) hold; "
+            "the accuracy columns of these tasks do not decide the goals. A longer-trained substrate (`--steps`) "
+            "is needed for that."
+        )
+    return "\n".join(
+        [
+            f"Trained from the quick-start run `{next(iter(subs.values()))['run']}` (its DualViTok code shards and "
+            "tokenizer, no code-block table), pretraining then the quick start's SFT:",
+            "",
+            *lines,
+            "",
+            f"Baseline accuracies ({n} prompts / questions / documents per split; the quick start's sampling: "
+            f"temperature {results.get('settings', {}).get('temperature')}, no guidance unless stated):",
+            "",
+            table,
+        ]
+    )
 
 
 def section_text(results: dict, name: str, title: str, render) -> str:
@@ -460,113 +598,242 @@ def _opts(o: dict) -> str:
 
 
 def prune_text(r: dict) -> str:
-    parts = ["Prefill FLOPs are the pruner's analytic count (matrix products, 2 per multiply-add; the merge's "
-             "similarity products included) summed over the prompts, as a share of the same prompts' plain prefill; "
-             "prefill speed-up is plain / pruned wall time of the prefill alone (batches of 16, the faster of 3 "
-             "alternating runs each). Accuracy change in points against the plain pipeline on the same prompts.", ""]
+    parts = [
+        "Prefill FLOPs are the pruner's analytic count (matrix products, 2 per multiply-add; the merge's "
+        "similarity products included) summed over the prompts, as a share of the same prompts' plain prefill; "
+        "prefill speed-up is plain / pruned wall time of the prefill alone (batches of 16, the faster of 3 "
+        "alternating runs each). Accuracy change in points against the plain pipeline on the same prompts.",
+        "",
+    ]
     for v, d in r.items():
         p = d["plain"]
         rows = []
         for x in d["runs"]:
             o, c = x["options"], x["cost"]
-            rows.append([o["prune_method"], o.get("prune_layer", "-"), o["prune_ratio"],
-                         f"{100 * c['qa']['flops_ratio']:.0f}%", f"{100 * c['buildup']['flops_ratio']:.0f}%",
-                         f"{c['qa']['prefill_speedup']:.2f}x", f"{c['buildup']['prefill_speedup']:.2f}x",
-                         f"{x['qa']['accuracy']:.3f} ({_pts(x['qa']['accuracy'], p['qa']['accuracy'])})",
-                         f"{x['buildup']['accuracy']:.3f} ({_pts(x['buildup']['accuracy'], p['buildup']['accuracy'])})"])
-        ok = [x for x in d["runs"] if 1 - x["cost"]["qa"]["flops_ratio"] >= 0.6 and 1 - x["cost"]["buildup"]["flops_ratio"] >= 0.6
-              and x["qa"]["accuracy"] >= p["qa"]["accuracy"] - 0.01 and x["buildup"]["accuracy"] >= p["buildup"]["accuracy"] - 0.01]
-        goal = ("Goal (>= 60% fewer prefill FLOPs at <= 1 point loss on both): met by "
-                + "; ".join(f"{_opts(x['options'])} ({100 * (1 - x['cost']['qa']['flops_ratio']):.0f}% / "
-                            f"{100 * (1 - x['cost']['buildup']['flops_ratio']):.0f}% fewer, prefill "
-                            f"{x['cost']['qa']['prefill_speedup']:.2f}x / {x['cost']['buildup']['prefill_speedup']:.2f}x faster)"
-                            for x in ok)) if ok else \
-            "Goal (>= 60% fewer prefill FLOPs at <= 1 point loss on both QA and build-up): not met by any setting."
+            rows.append(
+                [
+                    o["prune_method"],
+                    o.get("prune_layer", "-"),
+                    o["prune_ratio"],
+                    f"{100 * c['qa']['flops_ratio']:.0f}%",
+                    f"{100 * c['buildup']['flops_ratio']:.0f}%",
+                    f"{c['qa']['prefill_speedup']:.2f}x",
+                    f"{c['buildup']['prefill_speedup']:.2f}x",
+                    f"{x['qa']['accuracy']:.3f} ({_pts(x['qa']['accuracy'], p['qa']['accuracy'])})",
+                    f"{x['buildup']['accuracy']:.3f} ({_pts(x['buildup']['accuracy'], p['buildup']['accuracy'])})",
+                ]
+            )
+        ok = [
+            x
+            for x in d["runs"]
+            if 1 - x["cost"]["qa"]["flops_ratio"] >= 0.6
+            and 1 - x["cost"]["buildup"]["flops_ratio"] >= 0.6
+            and x["qa"]["accuracy"] >= p["qa"]["accuracy"] - 0.01
+            and x["buildup"]["accuracy"] >= p["buildup"]["accuracy"] - 0.01
+        ]
+        goal = (
+            (
+                "Goal (>= 60% fewer prefill FLOPs at <= 1 point loss on both): met by "
+                + "; ".join(
+                    f"{_opts(x['options'])} ({100 * (1 - x['cost']['qa']['flops_ratio']):.0f}% / "
+                    f"{100 * (1 - x['cost']['buildup']['flops_ratio']):.0f}% fewer, prefill "
+                    f"{x['cost']['qa']['prefill_speedup']:.2f}x / {x['cost']['buildup']['prefill_speedup']:.2f}x "
+                    "faster)"
+                    for x in ok
+                )
+            )
+            if ok
+            else "Goal (>= 60% fewer prefill FLOPs at <= 1 point loss on both QA and build-up): not met by any setting."
+        )
         goal += _weak(p["qa"]["accuracy"], p["buildup"]["accuracy"])
-        parts += [f"**{v} substrate** -- plain: QA {p['qa']['accuracy']:.3f}, build-up {p['buildup']['accuracy']:.3f} "
-                  f"({p['qa']['n']} questions / documents).", "",
-                  md_table(["method", "layer K", "keep", "FLOPs QA", "FLOPs build-up", "prefill speed-up QA",
-                            "prefill speed-up build-up", "QA (pts)", "build-up (pts)"], rows), "", goal, ""]
+        parts += [
+            f"**{v} substrate** -- plain: QA {p['qa']['accuracy']:.3f}, build-up {p['buildup']['accuracy']:.3f} "
+            f"({p['qa']['n']} questions / documents).",
+            "",
+            md_table(
+                [
+                    "method",
+                    "layer K",
+                    "keep",
+                    "FLOPs QA",
+                    "FLOPs build-up",
+                    "prefill speed-up QA",
+                    "prefill speed-up build-up",
+                    "QA (pts)",
+                    "build-up (pts)",
+                ],
+                rows,
+            ),
+            "",
+            goal,
+            "",
+        ]
     parts.append("Plot: `benchmarks/inference_prune.png`.")
     return "\n".join(parts)
 
 
 def _speed_rows(d: dict, extra) -> tuple[list, dict]:
     p = d["plain"]
-    rows = [["plain", f"{p['forwards_per_call']:.1f}", "1.00x", "1.00x", "1.00x", f"{p['accuracy']:.3f}", "",
-             *extra(p, p)]]
+    rows = [
+        ["plain", f"{p['forwards_per_call']:.1f}", "1.00x", "1.00x", "1.00x", f"{p['accuracy']:.3f}", "", *extra(p, p)]
+    ]
     for x in d["runs"]:
-        rows.append([_opts(x["options"]), f"{x['forwards_per_call']:.1f}",
-                     f"{p['forwards_per_call'] / x['forwards_per_call']:.2f}x",
-                     f"{p['generation_seconds'] / x['generation_seconds']:.2f}x",
-                     f"{p['generation_cpu_seconds'] / x['generation_cpu_seconds']:.2f}x", f"{x['accuracy']:.3f}",
-                     _pts(x["accuracy"], p["accuracy"]), *extra(x, p)])
+        rows.append(
+            [
+                _opts(x["options"]),
+                f"{x['forwards_per_call']:.1f}",
+                f"{p['forwards_per_call'] / x['forwards_per_call']:.2f}x",
+                f"{p['generation_seconds'] / x['generation_seconds']:.2f}x",
+                f"{p['generation_cpu_seconds'] / x['generation_cpu_seconds']:.2f}x",
+                f"{x['accuracy']:.3f}",
+                _pts(x["accuracy"], p["accuracy"]),
+                *extra(x, p),
+            ]
+        )
     return rows, p
 
 
 def spec_text(r: dict, cfg: float) -> str:
-    parts = [f"Text-to-image on val prompts with guidance (CFG {cfg}) at the quick start's temperature: forward passes "
-             "per image (all pictures of a batch advance together, so per batch), generation time (first to last "
-             "forward of each batch; decoding and judging excluded) as plain / method, accuracy by the scene parser.", ""]
+    parts = [
+        f"Text-to-image on val prompts with guidance (CFG {cfg}) at the quick start's temperature: forward passes "
+        "per image (all pictures of a batch advance together, so per batch), generation time (first to last "
+        "forward of each batch; decoding and judging excluded) as plain / method, accuracy by the scene parser.",
+        "",
+    ]
     for v, d in r.items():
         rows, p = _speed_rows(d, lambda x, p: [])
-        ok = [x for x in d["runs"] if p["forwards_per_call"] / x["forwards_per_call"] >= 2.5
-              and p["generation_seconds"] / x["generation_seconds"] >= 2 and abs(x["accuracy"] - p["accuracy"]) <= 0.02]
-        parts += [f"**{v} substrate** ({p['n']} prompts; the plain run's time is the mean of one before and one after "
-                  f"the methods, {100 * p['seconds_spread']:.0f}% apart)", "",
-                  md_table(["setting", "forwards / picture", "fewer passes", "wall speed-up", "CPU speed-up", "t2i", "pts"],
-                           rows), "",
-                  ("Goal (>= 2.5x fewer passes, >= 2x wall time, <= 2 points change): met by "
-                   + "; ".join(_opts(x["options"]) for x in ok) + ".") if ok else
-                  "Goal (>= 2.5x fewer passes, >= 2x wall time, <= 2 points change): not met.", ""]
+        ok = [
+            x
+            for x in d["runs"]
+            if p["forwards_per_call"] / x["forwards_per_call"] >= 2.5
+            and p["generation_seconds"] / x["generation_seconds"] >= 2
+            and abs(x["accuracy"] - p["accuracy"]) <= 0.02
+        ]
+        parts += [
+            f"**{v} substrate** ({p['n']} prompts; the plain run's time is the mean of one before and one after "
+            f"the methods, {100 * p['seconds_spread']:.0f}% apart)",
+            "",
+            md_table(
+                ["setting", "forwards / picture", "fewer passes", "wall speed-up", "CPU speed-up", "t2i", "pts"], rows
+            ),
+            "",
+            (
+                "Goal (>= 2.5x fewer passes, >= 2x wall time, <= 2 points change): met by "
+                + "; ".join(_opts(x["options"]) for x in ok)
+                + "."
+            )
+            if ok
+            else "Goal (>= 2.5x fewer passes, >= 2x wall time, <= 2 points change): not met.",
+            "",
+        ]
         parts[-2] += _weak(p["accuracy"])
     parts.append("Plot: `benchmarks/inference_spec.png`.")
     return "\n".join(parts)
 
 
 def kv_text(r: dict) -> str:
-    parts = ["Build-up documents of at least 4 pictures, cut before the last (the model reads 3-4 pictures, 96 tokens "
-             "each, and their instructions, then draws the next): KV bytes per document held when its picture is done "
-             "(the tensors the cache layers hold, measured), the peak where the cache records one, and accuracy.", ""]
+    parts = [
+        "Build-up documents of at least 4 pictures, cut before the last (the model reads 3-4 pictures, 96 tokens "
+        "each, and their instructions, then draws the next): KV bytes per document held when its picture is done "
+        "(the tensors the cache layers hold, measured), the peak where the cache records one, and accuracy.",
+        "",
+    ]
 
     def extra(x, p):
         peak = x.get("peak_bytes_per_doc")
-        return [f"{x['bytes_per_doc'] / 1024:.0f}", f"{p['bytes_per_doc'] / x['bytes_per_doc']:.2f}x",
-                f"{peak / 1024:.0f}" if peak else "-"]
+        return [
+            f"{x['bytes_per_doc'] / 1024:.0f}",
+            f"{p['bytes_per_doc'] / x['bytes_per_doc']:.2f}x",
+            f"{peak / 1024:.0f}" if peak else "-",
+        ]
 
     for v, d in r.items():
         rows, p = _speed_rows(d, extra)
-        ok = [x for x in d["runs"] if p["bytes_per_doc"] / x["bytes_per_doc"] >= 5 and x["accuracy"] >= p["accuracy"] - 0.01]
-        parts += [f"**{v} substrate** ({p['n']} documents)", "",
-                  md_table(["setting", "forwards / picture", "fewer passes", "wall speed-up", "CPU speed-up", "build-up", "pts",
-                            "KiB held / doc", "fewer bytes", "peak KiB / doc"], rows), "",
-                  ("Goal (>= 5x fewer KV bytes at <= 1 point loss): met by " + "; ".join(_opts(x["options"]) for x in ok) + ".")
-                  if ok else "Goal (>= 5x fewer KV bytes at <= 1 point loss): not met.", ""]
+        ok = [
+            x
+            for x in d["runs"]
+            if p["bytes_per_doc"] / x["bytes_per_doc"] >= 5 and x["accuracy"] >= p["accuracy"] - 0.01
+        ]
+        parts += [
+            f"**{v} substrate** ({p['n']} documents)",
+            "",
+            md_table(
+                [
+                    "setting",
+                    "forwards / picture",
+                    "fewer passes",
+                    "wall speed-up",
+                    "CPU speed-up",
+                    "build-up",
+                    "pts",
+                    "KiB held / doc",
+                    "fewer bytes",
+                    "peak KiB / doc",
+                ],
+                rows,
+            ),
+            "",
+            (
+                "Goal (>= 5x fewer KV bytes at <= 1 point loss): met by "
+                + "; ".join(_opts(x["options"]) for x in ok)
+                + "."
+            )
+            if ok
+            else "Goal (>= 5x fewer KV bytes at <= 1 point loss): not met.",
+            "",
+        ]
         parts[-2] += _weak(p["accuracy"])
     parts.append("Plot: `benchmarks/inference_kv.png`.")
     return "\n".join(parts)
 
 
 def all_text(r: dict, cfg: float) -> str:
-    parts = [f"Pruning + KV compression + speculative decoding together, guidance on (CFG {cfg}), on the build-up "
-             "documents of at least 4 pictures: end-to-end generation time and accuracy.", ""]
+    parts = [
+        f"Pruning + KV compression + speculative decoding together, guidance on (CFG {cfg}), on the build-up "
+        "documents of at least 4 pictures: end-to-end generation time and accuracy.",
+        "",
+    ]
     for v, d in r.items():
         rows, p = _speed_rows(d, lambda x, p: [f"{x['bytes_per_doc'] / 1024:.0f}"])
-        ok = [x for x in d["runs"] if p["generation_seconds"] / x["generation_seconds"] >= 3
-              and x["accuracy"] >= p["accuracy"] - 0.02]
-        parts += [f"**{v} substrate** ({p['n']} documents)", "",
-                  md_table(["setting", "forwards / picture", "fewer passes", "wall speed-up", "CPU speed-up", "build-up", "pts",
-                            "KiB held / doc"], rows), "",
-                  "Goal (>= 3x end-to-end at <= 2 points loss): " + ("met." if ok else "not met."), ""]
+        ok = [
+            x
+            for x in d["runs"]
+            if p["generation_seconds"] / x["generation_seconds"] >= 3 and x["accuracy"] >= p["accuracy"] - 0.02
+        ]
+        parts += [
+            f"**{v} substrate** ({p['n']} documents)",
+            "",
+            md_table(
+                [
+                    "setting",
+                    "forwards / picture",
+                    "fewer passes",
+                    "wall speed-up",
+                    "CPU speed-up",
+                    "build-up",
+                    "pts",
+                    "KiB held / doc",
+                ],
+                rows,
+            ),
+            "",
+            "Goal (>= 3x end-to-end at <= 2 points loss): " + ("met." if ok else "not met."),
+            "",
+        ]
         parts[-2] += _weak(p["accuracy"])
     return "\n".join(parts)
 
 
 def report(results: dict) -> str:
     cfg = results.get("settings", {}).get("cfg_scale")
-    parts = ["Every method against the plain pipeline on the same checkpoint, the same prompts and seeds, "
-             "side by side in one run; speed as ratios (the machine is shared, absolute seconds move).", "",
-             "### Substrate", "", substrate_text(results)]
+    parts = [
+        "Every method against the plain pipeline on the same checkpoint, the same prompts and seeds, "
+        "side by side in one run; speed as ratios (the machine is shared, absolute seconds move).",
+        "",
+        "### Substrate",
+        "",
+        substrate_text(results),
+    ]
     parts += ["", section_text(results, "prune", "Prefill pruning", prune_text)]
     parts += ["", section_text(results, "spec", "Speculative Jacobi decoding", lambda r: spec_text(r, cfg))]
     parts += ["", section_text(results, "kv", "KV-cache compression", kv_text)]
@@ -610,8 +877,13 @@ def plot(results: dict, where: Path) -> list[Path]:
                 for i, (key, pts) in enumerate(sorted(groups.items())):
                     pts.sort()
                     base = key.split()[0] in ("random", "stride")
-                    ax.plot([a for a, _ in pts], [b for _, b in pts], ":" if base else "-", marker="osD^v<>ph*"[i % 10],
-                            label=key)
+                    ax.plot(
+                        [a for a, _ in pts],
+                        [b for _, b in pts],
+                        ":" if base else "-",
+                        marker="osD^v<>ph*"[i % 10],
+                        label=key,
+                    )
                 ax.scatter([1.0], [d["plain"][task]["accuracy"]], color="black", zorder=5, label="plain")
                 ax.axvline(0.4, color="gray", lw=1, ls="--")
                 ax.set_xlabel("prefill FLOPs, share of plain (dashed: the 60% cut)")
@@ -620,8 +892,10 @@ def plot(results: dict, where: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=6)
         made.append(_save(fig, where / "inference_prune.png"))
-    for name, task, xkey, xlabel in (("spec", "t2i", "forwards_per_call", "forward passes per picture"),
-                                     ("kv", "buildup4", "bytes_per_doc", "KV KiB held per document (log)")):
+    for name, task, xkey, xlabel in (
+        ("spec", "t2i", "forwards_per_call", "forward passes per picture"),
+        ("kv", "buildup4", "bytes_per_doc", "KV KiB held per document (log)"),
+    ):
         r = results.get(name)
         if not r or "skipped" in r:
             continue
@@ -634,11 +908,21 @@ def plot(results: dict, where: Path) -> list[Path]:
                 groups.setdefault(_series(name, x["options"]), []).append(x)
             for i, (key, xs) in enumerate(sorted(groups.items())):
                 xs.sort(key=lambda x: x[xkey])
-                ax.plot([x[xkey] / scale for x in xs], [x["accuracy"] for x in xs], "-", marker="osD^v<>ph*"[i % 10],
-                        label=key)
+                ax.plot(
+                    [x[xkey] / scale for x in xs],
+                    [x["accuracy"] for x in xs],
+                    "-",
+                    marker="osD^v<>ph*"[i % 10],
+                    label=key,
+                )
                 for x in xs:
-                    ax.annotate(_point(name, x["options"]), (x[xkey] / scale, x["accuracy"]), fontsize=6,
-                                xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(
+                        _point(name, x["options"]),
+                        (x[xkey] / scale, x["accuracy"]),
+                        fontsize=6,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
             p = d["plain"]
             ax.scatter([p[xkey] / scale], [p["accuracy"]], color="black", zorder=5, label="plain")
             ax.set_xlabel(xlabel)
@@ -679,7 +963,9 @@ def _save(fig, path: Path) -> Path:
 # -- main -------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/quickstart", help="a quick-start run directory (its code shards and tokenizer)")
+    ap.add_argument(
+        "--run", default="runs/quickstart", help="a quick-start run directory (its code shards and tokenizer)"
+    )
     ap.add_argument("--out", default="runs/inference-substrate", help="where the substrate and the results are kept")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     ap.add_argument("--n", type=int, default=100, help="prompts / questions / documents per split and setting")
@@ -687,17 +973,31 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the recipe's)")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the recipe's)")
-    ap.add_argument("--align-steps", type=int, default=None, help="the continuous variant's align steps (default: the recipe's)")
+    ap.add_argument(
+        "--align-steps", type=int, default=None, help="the continuous variant's align steps (default: the recipe's)"
+    )
     ap.add_argument("--variants", default="discrete,continuous", help="substrate variants to train and use")
-    ap.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
-                    help="an override of the substrate recipes (repeatable)")
+    ap.add_argument(
+        "--train-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override of the substrate recipes (repeatable)",
+    )
     ap.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "none"], help="as the quick start's")
     ap.add_argument("--prune-methods", default="", help="comma list of prune methods to sweep (default: all)")
-    ap.add_argument("--all-options", default=ALL_AT_ONCE,
-                    help="the GenerationOptions of the all-at-once section, comma-separated key=value")
+    ap.add_argument(
+        "--all-options",
+        default=ALL_AT_ONCE,
+        help="the GenerationOptions of the all-at-once section, comma-separated key=value",
+    )
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
-    ap.add_argument("--render", action="store_true", help="rewrite the section and plots from --out/results.json "
-                    "(the measuring run's command stays), running nothing")
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="rewrite the section and plots from --out/results.json "
+        "(the measuring run's command stays), running nothing",
+    )
     args = ap.parse_args()
     title = "Inference engine on the tiny substrate: pruning, speculative decoding, KV compression"
     if args.render:
@@ -720,8 +1020,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    results["settings"] = {"n": args.n, "cfg_scale": args.cfg_scale, "seed": args.seed,
-                           "temperature": DEFAULT_SAMPLING.temperature}
+    results["settings"] = {
+        "n": args.n,
+        "cfg_scale": args.cfg_scale,
+        "seed": args.seed,
+        "temperature": DEFAULT_SAMPLING.temperature,
+    }
     results["command"] = command_line()
 
     def save():
@@ -733,8 +1037,19 @@ def main() -> None:
     subs = results.setdefault("substrate", {})
     for v in variants:
         init = subs["discrete"]["bundle"] if v == "continuous" else None
-        subs[v] = {**subs.get(v, {}), **train_substrate(run, out, v, args.steps if v == "discrete" else args.align_steps,
-                                                        args.sft_steps, args.launcher, args.train_override, init)}
+        subs[v] = {
+            **subs.get(v, {}),
+            **train_substrate(
+                run,
+                out,
+                v,
+                args.steps if v == "discrete" else args.align_steps,
+                args.sft_steps,
+                args.launcher,
+                args.train_override,
+                init,
+            ),
+        }
         save()
     bundles = {v: load_bundle(subs[v]["bundle"]) for v in variants}
     for v, b in bundles.items():

@@ -28,12 +28,22 @@ sys.path.insert(0, str(ROOT))
 
 from mmgen.utils.bench import md_table, write_section  # noqa: E402
 
-QWEN_05B_4L = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 4,
-               "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-               "tie_word_embeddings": True, "max_position_embeddings": 512}
+QWEN_05B_4L = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 512,
+}
 MODELS = {
-    "tiny preset (hidden 256, 4 layers, text 1000 + pix 512)": ({"model.hidden": 256, "model.layers": 4,
-                                                                   "model.heads": 4}, 1000),
+    "tiny preset (hidden 256, 4 layers, text 1000 + pix 512)": (
+        {"model.hidden": 256, "model.layers": 4, "model.heads": 4},
+        1000,
+    ),
     "Qwen2.5-0.5B shape, 4 of 24 layers (text 151936 + pix 512)": ({"model.base_config": QWEN_05B_4L}, 151936),
 }
 
@@ -43,8 +53,14 @@ def build(model_over: dict, text_size: int, quantize: str):
     from mmgen.training.config import load_train_config
     from mmgen.training.model_setup import build_model
 
-    over = {"init_from": "null", "data.code_shards": "unused", "data.seq_len": 512, "lora.enabled": "true",
-            "lora.quantize": quantize, **model_over}
+    over = {
+        "init_from": "null",
+        "data.code_shards": "unused",
+        "data.seq_len": 512,
+        "lora.enabled": "true",
+        "lora.quantize": quantize,
+        **model_over,
+    }
     cfg = load_train_config("tiny_sft", [f"{k}={v}" for k, v in over.items()])
     vocab = Vocab(text_size, {"pix": 512}, max_grid=16)
     return build_model(cfg, vocab, None), vocab
@@ -92,8 +108,10 @@ def main() -> None:
         row = [label, f"{base_all / 2**20:.2f} MiB", f"{base_lin / 2**20:.2f} MiB"]
         for q in ("4bit", "8bit"):
             m = arms[q][0]
-            row += [f"{parameter_bytes(m) / 2**20:.2f} MiB ({base_all / parameter_bytes(m):.2f}x)",
-                    f"{linear_bytes(m) / 2**20:.2f} MiB ({base_lin / linear_bytes(m):.2f}x)"]
+            row += [
+                f"{parameter_bytes(m) / 2**20:.2f} MiB ({base_all / parameter_bytes(m):.2f}x)",
+                f"{linear_bytes(m) / 2**20:.2f} MiB ({base_lin / linear_bytes(m):.2f}x)",
+            ]
         mem_rows.append(row)
         print(row, flush=True)
         if "tiny" not in label:
@@ -106,21 +124,40 @@ def main() -> None:
                 step_seconds(m, vocab, times[q])
         med = {q: statistics.median(v) for q, v in times.items()}
         for q in arms:
-            speed_rows.append([label, "LoRA (fp32 base)" if q == "none" else f"QLoRA {q}", f"{med[q]:.3f}",
-                               f"{med[q] / med['none']:.2f}"])
+            speed_rows.append(
+                [
+                    label,
+                    "LoRA (fp32 base)" if q == "none" else f"QLoRA {q}",
+                    f"{med[q]:.3f}",
+                    f"{med[q] / med['none']:.2f}",
+                ]
+            )
         print(speed_rows[-3:], flush=True)
 
-    body = ("Weight bytes of the SFT model (LoRA r=16 on q/k/v/o) as built by `training.model_setup.build_model`: plain LoRA "
-            "(fp32 base) against QLoRA. \"Decoder Linear\" is the part bitsandbytes quantizes; embeddings, the "
-            "output head and projectors stay fp32, which is why the whole-model ratio of a small-hidden, "
-            "large-vocab model stays far below the 4-bit ratio of its layers.\n\n"
-            + md_table(["model", "LoRA: all weights", "LoRA: decoder Linear", "QLoRA 4bit: all",
-                        "QLoRA 4bit: decoder Linear", "QLoRA 8bit: all", "QLoRA 8bit: decoder Linear"], mem_rows)
-            + f"\n\nSFT step (forward + backward + AdamW, 4 x 512 tokens, median of {args.rounds} interleaved rounds): "
-            "bitsandbytes 0.50's CPU backend runs a fused 4-bit GEMM forward but dequantizes each weight for the "
-            "backward matmul, and trains 8-bit through MatMul8bitFp (no fast int8 kernels on CPU, its source says), "
-            "so on this CPU QLoRA buys memory with time. Not measured on a GPU here.\n\n"
-            + md_table(["model", "arm", "seconds / step", "ratio to LoRA"], speed_rows))
+    body = (
+        "Weight bytes of the SFT model (LoRA r=16 on q/k/v/o) as built by `training.model_setup.build_model`: plain "
+        "LoRA "
+        '(fp32 base) against QLoRA. "Decoder Linear" is the part bitsandbytes quantizes; embeddings, the '
+        "output head and projectors stay fp32, which is why the whole-model ratio of a small-hidden, "
+        "large-vocab model stays far below the 4-bit ratio of its layers.\n\n"
+        + md_table(
+            [
+                "model",
+                "LoRA: all weights",
+                "LoRA: decoder Linear",
+                "QLoRA 4bit: all",
+                "QLoRA 4bit: decoder Linear",
+                "QLoRA 8bit: all",
+                "QLoRA 8bit: decoder Linear",
+            ],
+            mem_rows,
+        )
+        + f"\n\nSFT step (forward + backward + AdamW, 4 x 512 tokens, median of {args.rounds} interleaved rounds): "
+        "bitsandbytes 0.50's CPU backend runs a fused 4-bit GEMM forward but dequantizes each weight for the "
+        "backward matmul, and trains 8-bit through MatMul8bitFp (no fast int8 kernels on CPU, its source says), "
+        "so on this CPU QLoRA buys memory with time. Not measured on a GPU here.\n\n"
+        + md_table(["model", "arm", "seconds / step", "ratio to LoRA"], speed_rows)
+    )
     print(body)
     if not args.no_write:
         write_section("qlora_memory", "QLoRA: weight memory and step time against LoRA", body)

@@ -26,11 +26,20 @@ OUT = Path(__file__).resolve().parent / "out"
 PNG = OUT / "quality_curve.png"
 # The tiny recipe's targets (the goal column of the quickstart_quality section).
 GOALS = {"t2i_val": 0.80, "qa_val": 0.90, "buildup_val": 0.70}
-LABELS = {"t2i_val": "text-to-image (val)", "t2i_heldout": "text-to-image (held-out pairs)",
-          "qa_val": "visual QA exact (val)", "qa_heldout": "visual QA exact (held-out pairs)",
-          "buildup_val": "build-up next image (val)"}
-COLORS = {"t2i_val": "tab:blue", "t2i_heldout": "tab:cyan", "qa_val": "tab:red", "qa_heldout": "tab:orange",
-          "buildup_val": "tab:green"}
+LABELS = {
+    "t2i_val": "text-to-image (val)",
+    "t2i_heldout": "text-to-image (held-out pairs)",
+    "qa_val": "visual QA exact (val)",
+    "qa_heldout": "visual QA exact (held-out pairs)",
+    "buildup_val": "build-up next image (val)",
+}
+COLORS = {
+    "t2i_val": "tab:blue",
+    "t2i_heldout": "tab:cyan",
+    "qa_val": "tab:red",
+    "qa_heldout": "tab:orange",
+    "buildup_val": "tab:green",
+}
 
 
 def bundles(out_dir: Path) -> list[Path]:
@@ -49,15 +58,26 @@ def evaluate(bundle_dir: Path, n: int) -> dict:
     bundle = load_bundle(bundle_dir)
     t2i = evaluate_t2i(bundle, n=n, seed=q.eval_seed, cfg_scale=q.cfg_scale, temperature=q.temperature)["splits"]
     qa = evaluate_qa(bundle, n=n, seed=q.eval_seed)["splits"]
-    inter = evaluate_interleaved(bundle, n=n, seed=q.eval_seed, temperature=q.temperature, cfg_scale=q.cfg_scale)["splits"]
+    inter = evaluate_interleaved(bundle, n=n, seed=q.eval_seed, temperature=q.temperature, cfg_scale=q.cfg_scale)[
+        "splits"
+    ]
     meta = bundle.meta
     facts = meta.get("snapshot") or {"step": meta["train"]["steps"], "train_seconds": meta["train"]["train_seconds"]}
     loss = (meta["train"].get("last_logged") or {}).get("loss", meta["train"].get("final_loss"))
-    return {"stage": meta["stage"], "step": facts["step"], "stage_seconds": facts["train_seconds"], "loss": loss,
-            "t2i_val": t2i["val"]["accuracy"], "t2i_heldout": t2i["heldout"]["accuracy"],
-            "t2i_parsed": t2i["val"]["parse_rate"], "qa_val": qa["val"]["accuracy"],
-            "qa_heldout": qa["heldout"]["accuracy"], "buildup_val": inter["val"]["accuracy"],
-            "buildup_recall": inter["val"]["object_recall"], "qa_by_type": qa["val"]["by_type"]}
+    return {
+        "stage": meta["stage"],
+        "step": facts["step"],
+        "stage_seconds": facts["train_seconds"],
+        "loss": loss,
+        "t2i_val": t2i["val"]["accuracy"],
+        "t2i_heldout": t2i["heldout"]["accuracy"],
+        "t2i_parsed": t2i["val"]["parse_rate"],
+        "qa_val": qa["val"]["accuracy"],
+        "qa_heldout": qa["heldout"]["accuracy"],
+        "buildup_val": inter["val"]["accuracy"],
+        "buildup_recall": inter["val"]["object_recall"],
+        "qa_by_type": qa["val"]["by_type"],
+    }
 
 
 def curve(out_dir: Path, n: int, offset: float) -> list[dict]:
@@ -68,9 +88,11 @@ def curve(out_dir: Path, n: int, offset: float) -> list[dict]:
         p["train_seconds"] = offset + p["stage_seconds"]
         p["stage_dir"] = str(out_dir)
         points.append(p)
-        print(f"[quality_curve] {p['stage']} step {p['step']}: {p['train_seconds']:.0f} s, t2i {p['t2i_val']:.3f}, "
-              f"qa {p['qa_val']:.3f}, build-up {p['buildup_val']:.3f} (eval {time.perf_counter() - t0:.0f} s)",
-              flush=True)
+        print(
+            f"[quality_curve] {p['stage']} step {p['step']}: {p['train_seconds']:.0f} s, t2i {p['t2i_val']:.3f}, "
+            f"qa {p['qa_val']:.3f}, build-up {p['buildup_val']:.3f} (eval {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     return points
 
 
@@ -98,12 +120,27 @@ def plot(points: list[dict], losses: list[dict], png: Path, n: int) -> Path:
     # Several metrics sit on the same values (0 for every image metric here): shrinking markers keep
     # each line visible under the next.
     for i, (key, label) in enumerate(LABELS.items()):
-        ax.plot(x, [p[key] for p in points], "-" if key.endswith("_val") else ":", marker="osD^v"[i],
-                ms=8 - 1.2 * i, lw=2.2 - 0.3 * i, color=COLORS[key], label=label, mfc="none" if i % 2 else None)
+        ax.plot(
+            x,
+            [p[key] for p in points],
+            "-" if key.endswith("_val") else ":",
+            marker="osD^v"[i],
+            ms=8 - 1.2 * i,
+            lw=2.2 - 0.3 * i,
+            color=COLORS[key],
+            label=label,
+            mfc="none" if i % 2 else None,
+        )
     for key, goal in GOALS.items():
         ax.axhline(goal, ls="--", lw=1, color=COLORS[key], alpha=0.7)
-        ax.text(0.005, goal + 0.01, f"goal {LABELS[key].split(' (')[0]} {goal:.2f}", color=COLORS[key], fontsize=7,
-                transform=ax.get_yaxis_transform())
+        ax.text(
+            0.005,
+            goal + 0.01,
+            f"goal {LABELS[key].split(' (')[0]} {goal:.2f}",
+            color=COLORS[key],
+            fontsize=7,
+            transform=ax.get_yaxis_transform(),
+        )
     ax.set_ylabel(f"accuracy ({n} prompts per split)")
     ax.set_ylim(-0.03, 1.0)
     ax.legend(fontsize=7, loc="center right")
@@ -133,25 +170,59 @@ def plot(points: list[dict], losses: list[dict], png: Path, n: int) -> Path:
 def recipe(out_dir: Path) -> str:
     """The settings the pretraining ran with, from its final bundle (recipes change; say which one ran)."""
     c = json.loads((out_dir / "final" / "mmgen.json").read_text())["config"]
-    return (f"seq_len {c['data']['seq_len']}, micro_batch {c['micro_batch']} x grad_accum {c['grad_accum']}, "
-            f"lr {c['optim']['lr']}, hidden {c['model']['hidden']} x {c['model']['layers']} layers")
+    return (
+        f"seq_len {c['data']['seq_len']}, micro_batch {c['micro_batch']} x grad_accum {c['grad_accum']}, "
+        f"lr {c['optim']['lr']}, hidden {c['model']['hidden']} x {c['model']['layers']} layers"
+    )
 
 
 def section(points: list[dict], args, seconds: dict, settings: str) -> str:
-    rows = [[p["stage"], p["step"], round(p["train_seconds"]), "n/a" if p["loss"] is None else round(p["loss"], 3),
-             p["t2i_val"], p["t2i_heldout"], p["t2i_parsed"], p["qa_val"], p["qa_heldout"], p["buildup_val"],
-             p["buildup_recall"]] for p in points]
-    table = md_table(["stage", "step", "train s", "loss (last logged)", "t2i val", "t2i held-out", "t2i parsed",
-                      "QA val", "QA held-out", "build-up val", "build-up object recall"], rows)
-    wall = (f"training {seconds['train']:.0f} s (launcher and data preparation included), " if seconds["train"]
-            else "training reused from an earlier run, ") + f"evaluation {seconds['eval']:.0f} s"
+    rows = [
+        [
+            p["stage"],
+            p["step"],
+            round(p["train_seconds"]),
+            "n/a" if p["loss"] is None else round(p["loss"], 3),
+            p["t2i_val"],
+            p["t2i_heldout"],
+            p["t2i_parsed"],
+            p["qa_val"],
+            p["qa_heldout"],
+            p["buildup_val"],
+            p["buildup_recall"],
+        ]
+        for p in points
+    ]
+    table = md_table(
+        [
+            "stage",
+            "step",
+            "train s",
+            "loss (last logged)",
+            "t2i val",
+            "t2i held-out",
+            "t2i parsed",
+            "QA val",
+            "QA held-out",
+            "build-up val",
+            "build-up object recall",
+        ],
+        rows,
+    )
+    wall = (
+        f"training {seconds['train']:.0f} s (launcher and data preparation included), "
+        if seconds["train"]
+        else "training reused from an earlier run, "
+    ) + f"evaluation {seconds['eval']:.0f} s"
     best = {k: max(p[k] for p in points) for k in GOALS}
     missed = [f"{LABELS[k]} best {best[k]:.3f} < {g:.2f}" for k, g in GOALS.items() if best[k] < g]
-    intro = (f"Snapshots every {args.snapshot_every} steps of the tiny pretraining ({args.steps} steps; {settings}) "
-             f"and SFT ({args.sft_steps} steps) on the code shards and image tokenizer of `{args.run}`; each evaluated "
-             f"with the quickstart's functions on **{args.eval_prompts} prompts per split** (the quickstart uses {QuickstartConfig.eval_prompts}, "
-             f"so each value here moves in steps of {1 / args.eval_prompts:.3f}). Training seconds are the trainer's "
-             f"own count (snapshot writing excluded). Wall: {wall}.")
+    intro = (
+        f"Snapshots every {args.snapshot_every} steps of the tiny pretraining ({args.steps} steps; {settings}) and SFT "
+        f"({args.sft_steps} steps) on the code shards and image tokenizer of `{args.run}`; each evaluated with the "
+        f"quickstart's functions on **{args.eval_prompts} prompts per split** (the quickstart uses "
+        f"{QuickstartConfig.eval_prompts}, so each value here moves in steps of {1 / args.eval_prompts:.3f}). Training "
+        f"seconds are the trainer's own count (snapshot writing excluded). Wall: {wall}."
+    )
     text = [
         intro,
         "",
@@ -175,7 +246,11 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=100, help="SFT steps (0: no SFT stage)")
     ap.add_argument("--eval-prompts", type=int, default=24, help="prompts per split (the quickstart uses 200)")
     ap.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "none"], help="as the quickstart's")
-    ap.add_argument("--reuse", action="store_true", help="the runs (and, for the same --eval-prompts, the scores) already in --out: no retraining")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="the runs (and, for the same --eval-prompts, the scores) already in --out: no retraining",
+    )
     ap.add_argument("--note", default="", help="what the plot shows, looked at by eye (goes into the section)")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = ap.parse_args()
@@ -188,11 +263,29 @@ def main() -> None:
     if not args.reuse:
         t0 = time.perf_counter()
         shutil.rmtree(out, ignore_errors=True)  # a fresh curve: the trainer would otherwise resume
-        train_stage("tiny_pretrain", [f"data.code_shards={codes}", f"data.image_tokenizer={tok}", f"out_dir={lm}",
-                                      f"steps={args.steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
+        train_stage(
+            "tiny_pretrain",
+            [
+                f"data.code_shards={codes}",
+                f"data.image_tokenizer={tok}",
+                f"out_dir={lm}",
+                f"steps={args.steps}",
+                f"snapshot_every={args.snapshot_every}",
+            ],
+            args.launcher,
+        )
         if args.sft_steps:
-            train_stage("tiny_sft", [f"init_from={lm / 'final'}", f"data.code_shards={codes}", f"out_dir={sft}",
-                                     f"steps={args.sft_steps}", f"snapshot_every={args.snapshot_every}"], args.launcher)
+            train_stage(
+                "tiny_sft",
+                [
+                    f"init_from={lm / 'final'}",
+                    f"data.code_shards={codes}",
+                    f"out_dir={sft}",
+                    f"steps={args.sft_steps}",
+                    f"snapshot_every={args.snapshot_every}",
+                ],
+                args.launcher,
+            )
         state = {"train_wall_s": time.perf_counter() - t0}
     if state.get("eval_prompts") != args.eval_prompts or "points" not in state:
         t1 = time.perf_counter()

@@ -52,8 +52,10 @@ def agreement(tok_dir: Path, n: int = 300) -> dict:
     for split in ("val", "heldout"):
         scenes, images = render_set(n, split, 7, tok.resolution[0])
         codes = encode_all(tok, images)
-        out[split] = {"full": scene_agreement(decode_variant(tok, codes, ("sem", "pix")), scenes),
-                      "pix": scene_agreement(decode_variant(tok, codes, ("pix",)), scenes)}
+        out[split] = {
+            "full": scene_agreement(decode_variant(tok, codes, ("sem", "pix")), scenes),
+            "pix": scene_agreement(decode_variant(tok, codes, ("pix",)), scenes),
+        }
     return out
 
 
@@ -72,28 +74,40 @@ def main() -> None:
     work = Path(args.work)
     rates: dict[str, list[float]] = {a: [] for a in ARMS}
     for r in range(args.rounds):
-        for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
+        for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
             ev = train(args.clip, work / f"short_{arm}", arm, args.steps)
             rates[arm].append(args.steps / ev["train_seconds"])
             print(f"round {r}: {arm} {rates[arm][-1]:.2f} steps/s", flush=True)
     ratios = [b / f for f, b in zip(rates["fp32"], rates["bf16"])]
     rows = [[arm, ", ".join(f"{x:.2f}" for x in rates[arm])] for arm in ARMS]
-    body = (f"The demo's DualViTok recipe, {args.steps} steps per run, {args.rounds} rounds in alternating order, "
-            "2 threads; steps/s of the training loop.\n\n" + md_table(["precision", "steps/s per round"], rows)
-            + f"\n\n**bf16 / fp32 steps/s: {min(ratios):.2f}-{max(ratios):.2f}x**\n")
+    body = (
+        f"The demo's DualViTok recipe, {args.steps} steps per run, {args.rounds} rounds in alternating order, "
+        "2 threads; steps/s of the training loop.\n\n"
+        + md_table(["precision", "steps/s per round"], rows)
+        + f"\n\n**bf16 / fp32 steps/s: {min(ratios):.2f}-{max(ratios):.2f}x**\n"
+    )
     if args.full:
         full_rows = []
         for arm in ARMS:
             ev = train(args.clip, work / f"full_{arm}", arm, None)
             ag = agreement(work / f"full_{arm}" / "tokenizer")
-            full_rows.append([arm, ev["steps"], f"{ev['train_seconds']:.0f}", f"{ev['eval_psnr']:.1f}",
-                              f"{100 * ag['val']['full']:.1f}% / {100 * ag['val']['pix']:.1f}%",
-                              f"{100 * ag['heldout']['full']:.1f}% / {100 * ag['heldout']['pix']:.1f}%"])
+            full_rows.append(
+                [
+                    arm,
+                    ev["steps"],
+                    f"{ev['train_seconds']:.0f}",
+                    f"{ev['eval_psnr']:.1f}",
+                    f"{100 * ag['val']['full']:.1f}% / {100 * ag['val']['pix']:.1f}%",
+                    f"{100 * ag['heldout']['full']:.1f}% / {100 * ag['heldout']['pix']:.1f}%",
+                ]
+            )
             print(full_rows[-1], flush=True)
-        body += ("\nTrained to the recipe's steps, then judged by the scene parser on 300 val scenes and 300 with "
-                 "held-out colour-shape pairs (reconstruction read back exactly: both levels / pixel codes alone):\n\n"
-                 + md_table(["precision", "steps", "train s", "eval PSNR dB", "val scenes", "held-out pairs"],
-                            full_rows) + "\n")
+        body += (
+            "\nTrained to the recipe's steps, then judged by the scene parser on 300 val scenes and 300 with "
+            "held-out colour-shape pairs (reconstruction read back exactly: both levels / pixel codes alone):\n\n"
+            + md_table(["precision", "steps", "train s", "eval PSNR dB", "val scenes", "held-out pairs"], full_rows)
+            + "\n"
+        )
     print(body)
     if not args.no_write:
         write_section("tokenizer_precision", "Tokenizer training in bf16 autocast", body)

@@ -65,8 +65,16 @@ def training_lineage(run_dir: Path) -> tuple[list[dict], dict]:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         base = run_base(run_dir, cfg)
         seconds, runs = training_seconds(run_dir)
-        stages.insert(0, {"name": cfg.get("out_dir") or str(run_dir), "steps": cfg.get("steps"),
-                          "batch": cfg.get("batch_size"), "seconds": seconds, "runs": runs})
+        stages.insert(
+            0,
+            {
+                "name": cfg.get("out_dir") or str(run_dir),
+                "steps": cfg.get("steps"),
+                "batch": cfg.get("batch_size"),
+                "seconds": seconds,
+                "runs": runs,
+            },
+        )
         name = ((cfg.get("dualvitok") or {}).get("teacher") or {}).get("name")
         if teacher is None and name:
             teacher = read_json((base / name).parent / "eval.json", {})
@@ -75,14 +83,21 @@ def training_lineage(run_dir: Path) -> tuple[list[dict], dict]:
 
 
 def lineage_line(stages: list[dict], clip: dict) -> str:
-    parts = [f"stage {i} `{st['name']}` {st['steps']} steps of batch {st['batch']} in {st['seconds']:.0f} s"
-             + (f" ({st['runs']} runs, resumed)" if st["runs"] > 1 else "")
-             for i, st in enumerate(stages, 1)]
-    teacher = (f"its CLIP teacher {clip.get('steps', '?')} steps in {clip.get('train_seconds', '?')} s (held-out "
-               f"zero-shot colour {clip.get('zero_shot_color_acc', '?')}, shape {clip.get('zero_shot_shape_acc', '?')})"
-               if clip else "its teacher not a CLIP run of mmgen's (no eval.json beside it)")
-    return (f"Training: DualViTok {'; '.join(parts) or 'no config.yaml beside the tokenizer'}; {teacher}; "
-            "2 shared CPU cores, other jobs running, so seconds are noisy.")
+    parts = [
+        f"stage {i} `{st['name']}` {st['steps']} steps of batch {st['batch']} in {st['seconds']:.0f} s"
+        + (f" ({st['runs']} runs, resumed)" if st["runs"] > 1 else "")
+        for i, st in enumerate(stages, 1)
+    ]
+    teacher = (
+        f"its CLIP teacher {clip.get('steps', '?')} steps in {clip.get('train_seconds', '?')} s (held-out "
+        f"zero-shot colour {clip.get('zero_shot_color_acc', '?')}, shape {clip.get('zero_shot_shape_acc', '?')})"
+        if clip
+        else "its teacher not a CLIP run of mmgen's (no eval.json beside it)"
+    )
+    return (
+        f"Training: DualViTok {'; '.join(parts) or 'no config.yaml beside the tokenizer'}; {teacher}; "
+        "2 shared CPU cores, other jobs running, so seconds are noisy."
+    )
 
 
 DEFAULT_TOKENIZER = ROOT / "runs" / "tokenizer" / "tiny_dualvitok" / "tokenizer"
@@ -94,11 +109,17 @@ def ensure_tokenizer(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     if path.resolve() != DEFAULT_TOKENIZER.resolve():
-        raise SystemExit(f"no tokenizer at {path} (a directory with config.json); omit --tokenizer to train the default")
+        raise SystemExit(
+            f"no tokenizer at {path} (a directory with config.json); omit --tokenizer to train the default"
+        )
     clip = ROOT / "runs" / "clip" / "tiny" / "clip"
     if not (clip / "open_clip_config.json").is_file():
-        subprocess.run([sys.executable, "-m", "mmgen", "train-clip", "tiny_clip", "progress=false"], check=True, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "mmgen", "train-tokenizer", "tiny_dualvitok", "progress=false"], check=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "mmgen", "train-clip", "tiny_clip", "progress=false"], check=True, cwd=ROOT
+        )
+    subprocess.run(
+        [sys.executable, "-m", "mmgen", "train-tokenizer", "tiny_dualvitok", "progress=false"], check=True, cwd=ROOT
+    )
     return DEFAULT_TOKENIZER
 
 
@@ -116,7 +137,7 @@ def render_set(n: int, split: str, seed: int, size: int):
 def encode_all(tok, images, batch: int = 64) -> dict:
     out = {"sem": [], "pix": []}
     for i in range(0, len(images), batch):
-        c = tok.encode(images[i:i + batch])
+        c = tok.encode(images[i : i + batch])
         for k in out:
             out[k].append(c[k])
     return {k: torch.cat(v) for k, v in out.items()}
@@ -129,13 +150,13 @@ def decode_variant(tok, codes: dict, keep: tuple, batch: int = 64) -> list:
     n = len(codes["pix"])
     out = []
     for i in range(0, n, batch):
-        out += tok.decode({k: codes[k][i:i + batch] for k in keep})
+        out += tok.decode({k: codes[k][i : i + batch] for k in keep})
     return out
 
 
 def psnr(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(10 * np.log10(255.0 ** 2 / max(np.mean((a - b) ** 2), 1e-10)))
+    return float(10 * np.log10(255.0**2 / max(np.mean((a - b) ** 2), 1e-10)))
 
 
 def scene_agreement(recons, scenes) -> float:
@@ -157,7 +178,9 @@ def code_entropy(images, codes: torch.Tensor, patch: int) -> tuple[float, float]
     for i in range(n):
         for r in range(gh):
             for c in range(gw):
-                by_patch[arr[i, patch * r:patch * (r + 1), patch * c:patch * (c + 1)].tobytes()][int(codes[i, r, c])] += 1
+                by_patch[arr[i, patch * r : patch * (r + 1), patch * c : patch * (c + 1)].tobytes()][
+                    int(codes[i, r, c])
+                ] += 1
 
     def h(cnt: Counter) -> float:
         t = sum(cnt.values())
@@ -201,8 +224,12 @@ def teacher_features(tok, images, batch: int = 64) -> torch.Tensor:
     from mmgen.utils.pixels import pil_to_tensor
 
     with torch.no_grad():
-        return torch.cat([tok.teacher(pil_to_tensor(images[i:i + batch], tok.resolution)).flatten(1)
-                          for i in range(0, len(images), batch)])
+        return torch.cat(
+            [
+                tok.teacher(pil_to_tensor(images[i : i + batch], tok.resolution)).flatten(1)
+                for i in range(0, len(images), batch)
+            ]
+        )
 
 
 def standardise(feats: dict[str, torch.Tensor], fit_on: str = "train") -> dict[str, torch.Tensor]:
@@ -277,11 +304,13 @@ def phrase_purity(train: tuple, test: tuple) -> tuple[float, list] | None:
 def purity_line(purity: tuple[float, list], n_train: int, n_test: int) -> str:
     share, misread = purity
     worst = "; ".join(f"{a} → {b}, {k}" for (a, b), k in misread)
-    return (f"One code, one phrase: with each semantic code read as the cell phrase it most often encodes in the "
-            f"{n_train} probe-training scenes, {100 * share:.2f}% of the cells of the {n_test} `val` scenes read as "
-            f"their own phrase{f'; most frequent misreadings (true → read, cells): {worst}' if worst else ''}. A pair "
-            "of phrases sharing one code is what costs the probe most (the largest object's colour or shape is lost "
-            "whenever it is one of them).")
+    return (
+        f"One code, one phrase: with each semantic code read as the cell phrase it most often encodes in the "
+        f"{n_train} probe-training scenes, {100 * share:.2f}% of the cells of the {n_test} `val` scenes read as "
+        f"their own phrase{f'; most frequent misreadings (true → read, cells): {worst}' if worst else ''}. A pair "
+        "of phrases sharing one code is what costs the probe most (the largest object's colour or shape is lost "
+        "whenever it is one of them)."
+    )
 
 
 def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = None) -> tuple[dict, dict, tuple | None]:
@@ -293,23 +322,34 @@ def probes(tok, n_train: list[int], n_test: int, size: int, l2: float | None = N
     from mmgen.models.clip_train import largest_object
     from mmgen.world import COLORS, SHAPES
 
-    sets = {name: unique_largest_set(n, split, seed, size)
-            for name, n, split, seed in (("train", max(n_train), "train", 1), ("val", n_test, "val", 2),
-                                         ("heldout", n_test, "heldout", 3))}
+    sets = {
+        name: unique_largest_set(n, split, seed, size)
+        for name, n, split, seed in (
+            ("train", max(n_train), "train", 1),
+            ("val", n_test, "val", 2),
+            ("heldout", n_test, "heldout", 3),
+        )
+    }
     codes = {name: encode_all(tok, imgs) for name, (_, imgs) in sets.items()}
     res, chosen = {}, {}
     for level in ("sem", "pix", "teacher"):
-        feats = (teacher_features(tok, [im for k in sets for im in sets[k][1]]) if level == "teacher"
-                 else code_features(tok, torch.cat([codes[k][level] for k in sets]), level))
+        feats = (
+            teacher_features(tok, [im for k in sets for im in sets[k][1]])
+            if level == "teacher"
+            else code_features(tok, torch.cat([codes[k][level] for k in sets]), level)
+        )
         f = standardise(dict(zip(sets, torch.split(feats, [len(sets[k][0]) for k in sets]))))
         for attr, values in (("color", list(COLORS)), ("shape", list(SHAPES))):
-            y = {name: torch.tensor([values.index(getattr(largest_object(s), attr)) for s in scenes])
-                 for name, (scenes, _) in sets.items()}
-            for n in (n_train[:1] if level == "teacher" else n_train):  # 5184 features: slow, and only a reference
+            y = {
+                name: torch.tensor([values.index(getattr(largest_object(s), attr)) for s in scenes])
+                for name, (scenes, _) in sets.items()
+            }
+            for n in n_train[:1] if level == "teacher" else n_train:  # 5184 features: slow, and only a reference
                 lam = l2
                 for split in ("val", "heldout"):  # the first split's choice serves the second: one probe per level
-                    res[(attr, level, split, n)], lam = linear_probe(f["train"][:n], y["train"][:n], f[split], y[split],
-                                                                     len(values), lam)
+                    res[(attr, level, split, n)], lam = linear_probe(
+                        f["train"][:n], y["train"][:n], f[split], y[split], len(values), lam
+                    )
                 chosen[(attr, level, n)] = lam
     purity = phrase_purity((sets["train"][0], codes["train"]["sem"]), (sets["val"][0], codes["val"]["sem"]))
     return res, chosen, purity
@@ -319,11 +359,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     ap.add_argument("--scenes", type=int, default=300, help="held-out scenes for agreement and codebook usage")
-    ap.add_argument("--probe-train", default="2000,6000",
-                    help="training scenes of the probes, comma-separated: one probe per count")
+    ap.add_argument(
+        "--probe-train", default="2000,6000", help="training scenes of the probes, comma-separated: one probe per count"
+    )
     ap.add_argument("--probe-test", type=int, default=500)
-    ap.add_argument("--probe-l2", type=float, default=None,
-                    help="fixed L2 strength of the probes (1e-4 reproduces the earliest probe numbers); default: chosen on the training scenes")
+    ap.add_argument(
+        "--probe-l2",
+        type=float,
+        default=None,
+        help="fixed L2 strength of the probes (1e-4 reproduces the earliest probe numbers); "
+        "default: chosen on the training scenes",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -367,52 +413,81 @@ def main() -> None:
     body = [
         f"Tokenizer `{Path(tok_dir).relative_to(ROOT) if Path(tok_dir).is_relative_to(ROOT) else tok_dir}` "
         f"({tok.resolution[0]}x{tok.resolution[1]}, sem {shapes['sem'][0]}x{shapes['sem'][1]} codes from "
-        f"{tok.codebook_sizes['sem']} entries, pix {shapes['pix'][0]}x{shapes['pix'][1]} from {tok.codebook_sizes['pix']}; "
-        f"{train.get('parameters', tok.num_parameters()):,} parameters incl. the frozen teacher).",
+        f"{tok.codebook_sizes['sem']} entries, pix {shapes['pix'][0]}x{shapes['pix'][1]} from "
+        f"{tok.codebook_sizes['pix']}; {train.get('parameters', tok.num_parameters()):,} parameters incl. the frozen "
+        "teacher).",
         lineage_line(stages, clip),
         "",
-        f"Reconstruction: {len(scenes)} held-out ShapesWorld scenes (half `val`, half `heldout` pairs), scene-parser exact "
-        f"agreement of input vs reconstruction; PSNR over the {len(photos)} real photos ({', '.join(names)}) resized to "
-        f"{w}x{h}. The three rows decode the same codes; a missing level is its learned null vector.",
+        f"Reconstruction: {len(scenes)} held-out ShapesWorld scenes (half `val`, half `heldout` pairs), scene-parser "
+        f"exact agreement of input vs reconstruction; PSNR over the {len(photos)} real photos ({', '.join(names)}) "
+        f"resized to {w}x{h}. The three rows decode the same codes; a missing level is its learned null vector.",
         "",
         md_table(["decoding", "tokens / image", "scene agreement", "real-photo PSNR (dB)"], rows),
         "",
         f"Codebook usage on the {len(scenes)} held-out scenes: semantic {100 * usage['sem'][0]:.1f}% of "
         f"{tok.codebook_sizes['sem']}, pixel {100 * usage['pix'][0]:.1f}% of {tok.codebook_sizes['pix']}.",
-        f"Pixel-code entropy {h_code:.2f} nats, {h_given_patch:.2f} nats given the exact {tok.downsample}x{tok.downsample} "
-        "pixels of the code's patch (0: the same pixels always get the same code; more is scene context the LM must "
-        "predict).",
+        f"Pixel-code entropy {h_code:.2f} nats, {h_given_patch:.2f} nats given the exact "
+        f"{tok.downsample}x{tok.downsample} pixels of the code's patch (0: the same pixels always get the same code; "
+        "more is scene context the LM must predict).",
         "",
         f"Linear probe (logistic regression on the codes' codebook vectors, all positions, each feature standardised "
         f"with the probe's training scenes' mean and spread) predicting colour / "
         f"shape of the largest object, trained on {' or '.join(map(str, n_train))} train-split scenes, tested on "
         f"{args.probe_test} unseen `val` scenes and on {args.probe_test} `heldout` scenes (colour-shape pairs never "
         "seen in any training); scenes with an unambiguous largest object. "
-        + (f"L2 strength {args.probe_l2:g} for every probe. " if args.probe_l2 is not None else
-           f"L2 strength chosen per probe from {', '.join(map(str, PROBE_L2))} on the last fifth of its training "
-           f"scenes (CLIP's linear-probe protocol); chosen: "
-           f"{', '.join(sorted({f'{v:g}' for v in probe_l2.values()}))}. ")
+        + (
+            f"L2 strength {args.probe_l2:g} for every probe. "
+            if args.probe_l2 is not None
+            else f"L2 strength chosen per probe from {', '.join(map(str, PROBE_L2))} on the last fifth of its training "
+            f"scenes (CLIP's linear-probe protocol); chosen: "
+            f"{', '.join(sorted({f'{v:g}' for v in probe_l2.values()}))}. "
+        )
         + "The teacher rows probe the frozen teacher's own patch features, the semantic branch's input: all its "
         "codes carry unless the tokenizer was trained with region-text alignment (`text_weight`), which adds what "
         "the cell phrases name. Each probe reads one set of positions with its own weights, so it needs scenes "
         "enough to see each object at each position.",
         "",
-        md_table(["codes", "tokens", "probe training scenes", "colour (val)", "shape (val)", "colour (heldout)",
-                  "shape (heldout)"],
-                 [[name, ntok, n] + [f"{100 * probe[(a, lvl, sp, n)]:.1f}%" for sp in ("val", "heldout")
-                                     for a in ("color", "shape")]
-                  for name, lvl, ntok in (("semantic", "sem", tokens["sem"]), ("pixel", "pix", tokens["pix"]),
-                                          ("teacher patch features", "teacher", f"{n_patches} x {tok.teacher.dim}"))
-                  for n in n_train if ("color", lvl, "val", n) in probe]),
+        md_table(
+            [
+                "codes",
+                "tokens",
+                "probe training scenes",
+                "colour (val)",
+                "shape (val)",
+                "colour (heldout)",
+                "shape (heldout)",
+            ],
+            [
+                [name, ntok, n]
+                + [f"{100 * probe[(a, lvl, sp, n)]:.1f}%" for sp in ("val", "heldout") for a in ("color", "shape")]
+                for name, lvl, ntok in (
+                    ("semantic", "sem", tokens["sem"]),
+                    ("pixel", "pix", tokens["pix"]),
+                    ("teacher patch features", "teacher", f"{n_patches} x {tok.teacher.dim}"),
+                )
+                for n in n_train
+                if ("color", lvl, "val", n) in probe
+            ],
+        ),
         "",
         *([] if purity is None else [purity_line(purity, max(n_train), args.probe_test), ""]),
         f"Measurement took {seconds:.0f} s.",
     ]
     text = "\n".join(body)
     print(text)
-    print(json.dumps({"variants": results, "usage": usage, "pix_code_entropy": h_code, "pix_code_entropy_given_patch": h_given_patch, "probe": {"/".join(map(str, k)): v for k, v in probe.items()},
-                      "probe_l2": {"/".join(map(str, k)): v for k, v in probe_l2.items()},
-                      "phrase_purity": None if purity is None else purity[0]}))
+    print(
+        json.dumps(
+            {
+                "variants": results,
+                "usage": usage,
+                "pix_code_entropy": h_code,
+                "pix_code_entropy_given_patch": h_given_patch,
+                "probe": {"/".join(map(str, k)): v for k, v in probe.items()},
+                "probe_l2": {"/".join(map(str, k)): v for k, v in probe_l2.items()},
+                "phrase_purity": None if purity is None else purity[0],
+            }
+        )
+    )
     if not args.no_write:
         write_section("tokenizer_quality", "Image tokenizer quality (DualViTok, tiny)", text)
 

@@ -41,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-
 def tiny_model() -> dict:
     """The tiny preset's decoder shape, read from training/tiny_pretrain.yaml (what the quick start trains)."""
     from mmgen.config import load_config
@@ -139,19 +138,47 @@ def baseline(seqs, vocab, tok, steps: int, warmup: int, batch_docs: int, device:
     return {"tokens_per_s": useful / dt, "fill": useful / padded, "seconds": dt}
 
 
-def mmgen_arm(shards, work: Path, codebook: int, steps: int, warmup: int, micro_batch: int, seq_len: int,
-              device: str, seed: int, threads: int, precision: str = "fp32") -> dict:
+def mmgen_arm(
+    shards,
+    work: Path,
+    codebook: int,
+    steps: int,
+    warmup: int,
+    micro_batch: int,
+    seq_len: int,
+    device: str,
+    seed: int,
+    threads: int,
+    precision: str = "fp32",
+) -> dict:
     """(b) the trainer; its metrics.jsonl second window covers exactly the timed steps."""
     from mmgen.training.trainer import pretrain
 
     out = work / f"mmgen_{time.monotonic_ns()}"
     ds = "training/ds_zero2_gpu.json" if device == "cuda" else "training/ds_zero2_cpu.json"
-    overrides = [f"data.code_shards={shards}", f"data.text_tokenizer={work / 'text_tokenizer'}", "data.image_tokenizer=null",
-                 f"data.codebook_size={codebook}", "data.max_grid=16", f"data.seq_len={seq_len}", "data.splits=[]",
-                 *(f"model.{k}={v}" for k, v in MODEL.items()), f"micro_batch={micro_batch}", "grad_accum=1",
-                 f"steps={warmup + steps}", f"log_every={warmup}", f"save_every={10**6}", "progress=false",
-                 "tensorboard=false", f"deepspeed={ds}", f"seed={seed}", f"out_dir={out}", "loss.prompt_dropout=0",
-                 f"threads={threads}", f"precision={precision}"]
+    overrides = [
+        f"data.code_shards={shards}",
+        f"data.text_tokenizer={work / 'text_tokenizer'}",
+        "data.image_tokenizer=null",
+        f"data.codebook_size={codebook}",
+        "data.max_grid=16",
+        f"data.seq_len={seq_len}",
+        "data.splits=[]",
+        *(f"model.{k}={v}" for k, v in MODEL.items()),
+        f"micro_batch={micro_batch}",
+        "grad_accum=1",
+        f"steps={warmup + steps}",
+        f"log_every={warmup}",
+        f"save_every={10**6}",
+        "progress=false",
+        "tensorboard=false",
+        f"deepspeed={ds}",
+        f"seed={seed}",
+        f"out_dir={out}",
+        "loss.prompt_dropout=0",
+        f"threads={threads}",
+        f"precision={precision}",
+    ]
     if steps % warmup:
         raise SystemExit("--steps must be a multiple of --warmup (the trainer logs in windows of --warmup steps)")
     pretrain(None, overrides)
@@ -160,8 +187,12 @@ def mmgen_arm(shards, work: Path, codebook: int, steps: int, warmup: int, micro_
     timed = rows[1:]  # the first window is the warm-up
     tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
     shutil.rmtree(out, ignore_errors=True)
-    return {"tokens_per_s": tokens_per_s, "fill": summary["data"]["packing"]["fill_rate"],
-            "packing": summary["data"]["packing"], "params": summary["parameters"]}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "fill": summary["data"]["packing"]["fill_rate"],
+        "packing": summary["data"]["packing"],
+        "params": summary["parameters"],
+    }
 
 
 def model_flops_per_token(params: int, layers: int, hidden: int, ctx: float) -> float:
@@ -177,10 +208,20 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps first (also the trainer's log window)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, nargs="+", default=[512, 1024],
-                    help="packed row lengths to measure (rows per step scale so tokens per step stay equal)")
-    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                    help="the trainer's precision (bf16: forward under autocast) for each row length")
+    ap.add_argument(
+        "--seq-len",
+        type=int,
+        nargs="+",
+        default=[512, 1024],
+        help="packed row lengths to measure (rows per step scale so tokens per step stay equal)",
+    )
+    ap.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="the trainer's precision (bf16: forward under autocast) for each row length",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -200,10 +241,26 @@ def main(argv=None) -> int:
         for r in range(args.rounds):  # interleaved, so load from other jobs hits every arm alike
             base_runs.append(baseline(seqs, vocab, tok, args.steps, args.warmup, batch_docs, args.device, seed=r))
             for L, p in arms:
-                mm_runs[L, p].append(mmgen_arm(shards, work, codebook, args.steps, args.warmup, max(1, step_tokens // L),
-                                               L, args.device, seed=r, threads=args.threads, precision=p))
-            print(f"round {r}: baseline {base_runs[-1]['tokens_per_s']:.0f} tok/s, mmgen "
-                  + ", ".join(f"{mm_runs[arm][-1]['tokens_per_s']:.0f} {arm}" for arm in arms), flush=True)
+                mm_runs[L, p].append(
+                    mmgen_arm(
+                        shards,
+                        work,
+                        codebook,
+                        args.steps,
+                        args.warmup,
+                        max(1, step_tokens // L),
+                        L,
+                        args.device,
+                        seed=r,
+                        threads=args.threads,
+                        precision=p,
+                    )
+                )
+            print(
+                f"round {r}: baseline {base_runs[-1]['tokens_per_s']:.0f} tok/s, mmgen "
+                + ", ".join(f"{mm_runs[arm][-1]['tokens_per_s']:.0f} {arm}" for arm in arms),
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -211,40 +268,70 @@ def main(argv=None) -> int:
     params = mm_runs[arms[0]][0]["params"]
     ctx = float((lengths**2).sum() / lengths.sum())  # token-weighted mean document length
     fpt = model_flops_per_token(params, MODEL["layers"], MODEL["hidden"], ctx)
-    rows = [["(a) PyTorch loop, right-padded batches", f"{batch_docs} docs", f"{b_tps:.0f}",
-             f"{statistics.median(x['fill'] for x in base_runs):.3f}", f"{100 * b_tps * fpt / peak:.2f}%", "1.00"]]
+    rows = [
+        [
+            "(a) PyTorch loop, right-padded batches",
+            f"{batch_docs} docs",
+            f"{b_tps:.0f}",
+            f"{statistics.median(x['fill'] for x in base_runs):.3f}",
+            f"{100 * b_tps * fpt / peak:.2f}%",
+            "1.00",
+        ]
+    ]
     packing_lines = []
     for (L, p), runs in mm_runs.items():
         m_tps = statistics.median(x["tokens_per_s"] for x in runs)
         if p == args.precision[0]:
             pack = runs[0]["packing"]
-            packing_lines.append(f"rows of {L}: {pack['docs']} docs into {pack['rows']} rows, fill rate "
-                                 f"{pack['fill_rate']:.3f}, {pack['docs_split']} split, {pack['docs_dropped']} dropped")
+            packing_lines.append(
+                f"rows of {L}: {pack['docs']} docs into {pack['rows']} rows, fill rate "
+                f"{pack['fill_rate']:.3f}, {pack['docs_split']} split, {pack['docs_dropped']} dropped"
+            )
         arm = f"packing into {L}" + (f", {p} autocast" if p != "fp32" else "")
-        rows.append([f"(b) mmgen trainer, DeepSpeed ZeRO-2 + {arm}", f"{max(1, step_tokens // L)} x {L}",
-                     f"{m_tps:.0f}", f"{runs[0]['fill']:.3f}", f"{100 * m_tps * fpt / peak:.2f}%", f"{m_tps / b_tps:.2f}"])
-    body = "\n".join([
-        f"{len(seqs)} ShapesWorld documents (caption/QA/build-up; {lengths.mean():.0f} tokens on average, "
-        f"{lengths.min()}-{lengths.max()}), the tiny preset's Llama ({params / 1e6:.2f}M parameters), "
-        f"{step_tokens} tokens per step in every arm, {args.steps} timed steps after {args.warmup} warm-up steps per arm, "
-        f"{args.rounds} rounds run interleaved (a, b, b', a, b, b', ...) on a shared machine; medians over rounds. "
-        f"Device: {args.device}, {'bf16' if args.device == 'cuda' else 'fp32 unless the arm says bf16'}, "
-        f"{args.threads} threads. MFU counts FLOPs alike in every precision, over a float32 peak.",
-        "",
-        md_table(["arm", "batch", "useful tokens/s", "fill (non-pad share)", "MFU", "speed-up"], rows),
-        "",
-        "Packing (minimum bin slack): " + "; ".join(packing_lines) + ". "
-        f"MFU = (6 x parameters + attention) FLOPs per useful token x useful tokens/s over the peak of a "
-        f"2048^3 matmul measured here ({peak / 1e9:.1f} GFLOP/s).",
-        "Per-round tokens/s: baseline " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in base_runs) + "; "
-        + "; ".join(f"mmgen {L} {p}: " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in runs)
-                    for (L, p), runs in mm_runs.items()) + ".",
-    ])
+        rows.append(
+            [
+                f"(b) mmgen trainer, DeepSpeed ZeRO-2 + {arm}",
+                f"{max(1, step_tokens // L)} x {L}",
+                f"{m_tps:.0f}",
+                f"{runs[0]['fill']:.3f}",
+                f"{100 * m_tps * fpt / peak:.2f}%",
+                f"{m_tps / b_tps:.2f}",
+            ]
+        )
+    body = "\n".join(
+        [
+            f"{len(seqs)} ShapesWorld documents (caption/QA/build-up; {lengths.mean():.0f} tokens on average, "
+            f"{lengths.min()}-{lengths.max()}), the tiny preset's Llama ({params / 1e6:.2f}M parameters), "
+            f"{step_tokens} tokens per step in every arm, {args.steps} timed steps after {args.warmup} warm-up steps "
+            f"per arm, {args.rounds} rounds run interleaved (a, b, b', a, b, b', ...) on a shared machine; medians "
+            f"over rounds. Device: {args.device}, "
+            f"{'bf16' if args.device == 'cuda' else 'fp32 unless the arm says bf16'}, {args.threads} threads. MFU "
+            "counts FLOPs alike in every precision, over a float32 peak.",
+            "",
+            md_table(["arm", "batch", "useful tokens/s", "fill (non-pad share)", "MFU", "speed-up"], rows),
+            "",
+            "Packing (minimum bin slack): " + "; ".join(packing_lines) + ". "
+            f"MFU = (6 x parameters + attention) FLOPs per useful token x useful tokens/s over the peak of a "
+            f"2048^3 matmul measured here ({peak / 1e9:.1f} GFLOP/s).",
+            "Per-round tokens/s: baseline "
+            + ", ".join(f"{x['tokens_per_s']:.0f}" for x in base_runs)
+            + "; "
+            + "; ".join(
+                f"mmgen {L} {p}: " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in runs)
+                for (L, p), runs in mm_runs.items()
+            )
+            + ".",
+        ]
+    )
     print(body)
     if not args.no_write:
         name = "train_throughput" if args.device == "cpu" else "train_throughput_gpu"
-        write_section(name, "Training throughput: packing + DeepSpeed vs a padded PyTorch loop"
-                      + (" (GPU, bf16)" if args.device == "cuda" else ""), body)
+        write_section(
+            name,
+            "Training throughput: packing + DeepSpeed vs a padded PyTorch loop"
+            + (" (GPU, bf16)" if args.device == "cuda" else ""),
+            body,
+        )
     return 0
 
 

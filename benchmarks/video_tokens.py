@@ -48,8 +48,9 @@ def main() -> None:
 
     rows = []
     for label, keep, thr in SETTINGS:
-        enc = VideoEncoder(tok, fps=8.0, max_frames=args.frames, keep_ratio=keep, similarity_threshold=thr,
-                           scene_threshold=1.0)
+        enc = VideoEncoder(
+            tok, fps=8.0, max_frames=args.frames, keep_ratio=keep, similarity_threshold=thr, scene_threshold=1.0
+        )
         before = after = ok = ok_src = 0
         for data, end, _ in clips:
             frames, times, keys = enc.sample_frames(data)
@@ -61,17 +62,36 @@ def main() -> None:
             last = enc.decode(vt)[-1]
             ok += compare_scenes(parse_scene(last), end)["exact"]
             ok_src += compare_scenes(parse_scene(frames[-1]), end)["exact"]
-        rows.append([label, before, after, round(after / before, 3), f"{100 * ok / len(clips):.1f}%",
-                     f"{100 * ok_src / len(clips):.1f}%"])
-    body = (f"{len(clips)} ShapesWorld motion clips (held-out split), {args.frames} frames each at 64x64 via mp4; "
-            f"image tokenizer `{args.tokenizer}` ({getattr(tok, 'mmgen_type', '?')}, frames encoded at its "
-            f"{'x'.join(map(str, tok.resolution))} resolution: "
-            + " + ".join(f"{v.grid[0]}x{v.grid[1]}{f' {k}' if k else ''}" for k, v in grids.items())
-            + " codes per frame). "
-            "Accuracy: exact scene-parser match (background and every object) of the last frame rebuilt from the "
-            "merged tokens, against the clip's final scene; last column: the decoded mp4 frame itself (the ceiling).\n\n"
-            + md_table(["setting", "tokens before", "tokens after", "after / before", "last frame exact (from tokens)",
-                        "last frame exact (mp4 frame)"], rows))
+        rows.append(
+            [
+                label,
+                before,
+                after,
+                round(after / before, 3),
+                f"{100 * ok / len(clips):.1f}%",
+                f"{100 * ok_src / len(clips):.1f}%",
+            ]
+        )
+    body = (
+        f"{len(clips)} ShapesWorld motion clips (held-out split), {args.frames} frames each at 64x64 via mp4; "
+        f"image tokenizer `{args.tokenizer}` ({getattr(tok, 'mmgen_type', '?')}, frames encoded at its "
+        f"{'x'.join(map(str, tok.resolution))} resolution: "
+        + " + ".join(f"{v.grid[0]}x{v.grid[1]}{f' {k}' if k else ''}" for k, v in grids.items())
+        + " codes per frame). "
+        "Accuracy: exact scene-parser match (background and every object) of the last frame rebuilt from the "
+        "merged tokens, against the clip's final scene; last column: the decoded mp4 frame itself (the ceiling).\n\n"
+        + md_table(
+            [
+                "setting",
+                "tokens before",
+                "tokens after",
+                "after / before",
+                "last frame exact (from tokens)",
+                "last frame exact (mp4 frame)",
+            ],
+            rows,
+        )
+    )
     write_section(args.section, "Video tokens: temporal merging (tiny)", body)
     print(body)
 

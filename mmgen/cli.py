@@ -18,9 +18,20 @@ from mmgen.errors import MMGenError
 
 # Subcommand modules, in the order `mmgen --help` lists them (the life cycle of a model).
 COMMAND_MODULES = [
-    "world", "convert", "fetch", "train_quality", "filter", "clip", "tokenizer", "audio_tokenizer", "detokenizer",
+    "world",
+    "convert",
+    "fetch",
+    "train_quality",
+    "filter",
+    "clip",
+    "tokenizer",
+    "audio_tokenizer",
+    "detokenizer",
     "train",
-    "generate", "eval", "chat", "quickstart",
+    "generate",
+    "eval",
+    "chat",
+    "quickstart",
 ]
 
 app = typer.Typer(

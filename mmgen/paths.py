@@ -24,7 +24,8 @@ def recipe_path(name_or_path: str | os.PathLike, folder: str, suffix: str = ".ya
         return candidate
     known = sorted(q.stem for q in (REPO_ROOT / folder).glob(f"*{suffix}")) if (REPO_ROOT / folder).is_dir() else []
     raise MMGenError(
-        f"recipe '{name_or_path}' not found (a file path, or one of {folder}/: {', '.join(known) or 'none'})")
+        f"recipe '{name_or_path}' not found (a file path, or one of {folder}/: {', '.join(known) or 'none'})"
+    )
 
 
 def is_errors_file(path: str) -> bool:

@@ -110,8 +110,10 @@ def lm_inputs(run: str | Path, code_blocks: bool | None = None) -> tuple[Path, P
     codes = run / "blocks" / "codes" if code_blocks else run / "codes"
     tokenize = done / ("blocks.json" if code_blocks else "tokenize.json")
     if marker is None or not tokenize.is_file():
-        raise MMGenError(f"{run} has no finished {stages[0]} stage ({'blocks' if code_blocks else 'tokenize'}); "
-                         f"run `mmgen quickstart --out {run}` until it has")
+        raise MMGenError(
+            f"{run} has no finished {stages[0]} stage ({'blocks' if code_blocks else 'tokenize'}); "
+            f"run `mmgen quickstart --out {run}` until it has"
+        )
     tok = Path(json.loads(marker.read_text())["result"])
     if not tok.is_absolute() and not tok.is_dir():  # markers hold paths relative to the run's working dir
         tok = run.parent.parent / tok
@@ -172,8 +174,14 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
         # Pictures at a whole multiple of the tokenizer's side: its resize then moves every grid cell
         # by whole pixels, so an object gets the same codes in every cell (see render_side).
-        return write_world(out / "world", n_docs=cfg.docs, seed=cfg.seed, defect_rate=cfg.defect_rate,
-                           mix=cfg.mix, size=render_side(tcfg.resolution))
+        return write_world(
+            out / "world",
+            n_docs=cfg.docs,
+            seed=cfg.seed,
+            defect_rate=cfg.defect_rate,
+            mix=cfg.mix,
+            size=render_side(tcfg.resolution),
+        )
 
     def filtering():
         from mmgen.data.pipeline import run_filter
@@ -184,8 +192,11 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     def clip():
         from mmgen.models.clip_train import ClipTrainConfig, train_clip
 
-        ccfg = load_config(ClipTrainConfig, recipe_path(cfg.clip_recipe, "tokenizers"),
-                           [f"out_dir={out / 'clip'}", *cfg.clip_overrides])
+        ccfg = load_config(
+            ClipTrainConfig,
+            recipe_path(cfg.clip_recipe, "tokenizers"),
+            [f"out_dir={out / 'clip'}", *cfg.clip_overrides],
+        )
         return str(train_clip(ccfg))
 
     def tokenizer():
@@ -197,9 +208,16 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         return train_tok(tok_recipe, overrides)
 
     def tokenizer_text():
-        return train_tok(recipe_path(cfg.text_tokenizer_recipe, "tokenizers"),
-                         [*cfg.tokenizer_overrides, *cfg.text_tokenizer_overrides, f"init_from={first_tok}",
-                          f"dualvitok.teacher.name={clip_dir}", f"out_dir={out / 'tokenizer_text'}"])
+        return train_tok(
+            recipe_path(cfg.text_tokenizer_recipe, "tokenizers"),
+            [
+                *cfg.tokenizer_overrides,
+                *cfg.text_tokenizer_overrides,
+                f"init_from={first_tok}",
+                f"dualvitok.teacher.name={clip_dir}",
+                f"out_dir={out / 'tokenizer_text'}",
+            ],
+        )
 
     def train_tok(recipe: Path, overrides: list[str]) -> str:
         return str(train_tokenizer(load_config(TokenizerTrainConfig, recipe, overrides)))
@@ -232,21 +250,44 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         return [*overrides, "data.source=packed", f"data.packed_shards={packed}"]
 
     def pretrain():
-        return train(cfg.train_recipe, data_for("pretrain", cfg.train_recipe, [
-            f"data.code_shards={lm_codes}", f"data.image_tokenizer={lm_tok}", f"out_dir={out / 'lm'}",
-            *cfg.train_overrides]))
+        return train(
+            cfg.train_recipe,
+            data_for(
+                "pretrain",
+                cfg.train_recipe,
+                [
+                    f"data.code_shards={lm_codes}",
+                    f"data.image_tokenizer={lm_tok}",
+                    f"out_dir={out / 'lm'}",
+                    *cfg.train_overrides,
+                ],
+            ),
+        )
 
     def sft():
         # The SFT recipe's stage is sft: QA documents become chat turns with the loss on the answers.
-        return train(cfg.sft_recipe, data_for("sft", cfg.sft_recipe, [
-            f"init_from={pretrained}", f"data.code_shards={lm_codes}", f"out_dir={out / 'sft'}", *cfg.sft_overrides]))
+        return train(
+            cfg.sft_recipe,
+            data_for(
+                "sft",
+                cfg.sft_recipe,
+                [
+                    f"init_from={pretrained}",
+                    f"data.code_shards={lm_codes}",
+                    f"out_dir={out / 'sft'}",
+                    *cfg.sft_overrides,
+                ],
+            ),
+        )
 
     def detokenizer():
         from mmgen.models.detokenizer_train import DetokenizerTrainConfig, train_detokenizer
 
-        dcfg = load_config(DetokenizerTrainConfig, recipe_path(cfg.detokenizer_recipe, "tokenizers"),
-                           [f"bundle={bundle_dir}", f"out_dir={out / 'detokenizer'}", "progress=false",
-                            *cfg.detokenizer_overrides])
+        dcfg = load_config(
+            DetokenizerTrainConfig,
+            recipe_path(cfg.detokenizer_recipe, "tokenizers"),
+            [f"bundle={bundle_dir}", f"out_dir={out / 'detokenizer'}", "progress=false", *cfg.detokenizer_overrides],
+        )
         train_detokenizer(dcfg)
         return read_json(out / "detokenizer" / "eval.json")
 
@@ -274,8 +315,14 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     if detok:
         metrics["detokenizer"] = detok
 
-    report = {"preset": "tiny", "config": cfg.__dict__, "checkpoint": bundle_dir, "stage_seconds": stages.timings,
-              "total_seconds_this_run": time.perf_counter() - t_start, **metrics}
+    report = {
+        "preset": "tiny",
+        "config": cfg.__dict__,
+        "checkpoint": bundle_dir,
+        "stage_seconds": stages.timings,
+        "total_seconds_this_run": time.perf_counter() - t_start,
+        **metrics,
+    }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     write_report_markdown(report, out / "report.md")
     return out / "report.md"
@@ -287,18 +334,36 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path, tok_dir: Path)
     from mmgen.eval.run import run_eval
     from mmgen.utils.files import read_json
 
-    rep = run_eval(bundle_dir, cfg.eval_suites, out / "eval", temperature=cfg.temperature, top_k=0, top_p=1.0,
-                   cfg_scale=cfg.cfg_scale, seed=cfg.eval_seed, n=cfg.eval_prompts)
+    rep = run_eval(
+        bundle_dir,
+        cfg.eval_suites,
+        out / "eval",
+        temperature=cfg.temperature,
+        top_k=0,
+        top_p=1.0,
+        cfg_scale=cfg.cfg_scale,
+        seed=cfg.eval_seed,
+        n=cfg.eval_prompts,
+    )
     suites = {name: e["metrics"] for name, e in rep["suites"].items()}
-    metrics: dict = {"eval_report": str(out / "eval" / "report.json"),
-                     "checkpoint_sha256": rep["checkpoint"]["sha256"], "sampling": rep["sampling"],
-                     "image_decoding": rep["inference"]["image_decoding"]}
+    metrics: dict = {
+        "eval_report": str(out / "eval" / "report.json"),
+        "checkpoint_sha256": rep["checkpoint"]["sha256"],
+        "sampling": rep["sampling"],
+        "image_decoding": rep["inference"]["image_decoding"],
+    }
     if "t2i" in suites:
-        metrics.update(t2i_accuracy=suites["t2i"]["val"]["accuracy"],
-                       t2i_accuracy_heldout_compositions=suites["t2i"]["heldout"]["accuracy"], t2i=suites["t2i"])
+        metrics.update(
+            t2i_accuracy=suites["t2i"]["val"]["accuracy"],
+            t2i_accuracy_heldout_compositions=suites["t2i"]["heldout"]["accuracy"],
+            t2i=suites["t2i"],
+        )
     if "qa" in suites:
-        metrics.update(qa_accuracy=suites["qa"]["val"]["accuracy"],
-                       qa_accuracy_heldout_compositions=suites["qa"]["heldout"]["accuracy"], qa=suites["qa"])
+        metrics.update(
+            qa_accuracy=suites["qa"]["val"]["accuracy"],
+            qa_accuracy_heldout_compositions=suites["qa"]["heldout"]["accuracy"],
+            qa=suites["qa"],
+        )
     if "interleaved" in suites:
         metrics.update(interleaved_accuracy=suites["interleaved"]["val"]["accuracy"], interleaved=suites["interleaved"])
     if "robust" in suites:
@@ -311,8 +376,11 @@ def _evaluate(cfg: QuickstartConfig, out: Path, bundle_dir: Path, tok_dir: Path)
         if "inner_tokenizer" in suites["recon"]:  # code blocks: the image tokenizer under the table, same scenes
             metrics["inner_tokenizer_reconstruction"] = suites["recon"]["inner_tokenizer"]
         tok = suites["recon"]["tokenizer"]
-        metrics["tokenizer"] = {"type": tok["type"], "tokens_per_image": tok.get("tokens_per_image"),
-                                "training": read_json(tok_dir.parent / "eval.json"),
-                                "clip_teacher": read_json(out / "clip" / "eval.json")}
+        metrics["tokenizer"] = {
+            "type": tok["type"],
+            "tokens_per_image": tok.get("tokens_per_image"),
+            "training": read_json(tok_dir.parent / "eval.json"),
+            "clip_teacher": read_json(out / "clip" / "eval.json"),
+        }
     metrics["filter_defects"] = _defect_scores(out / "world", out / "filtered")
     return metrics

@@ -15,9 +15,11 @@ import torch
 from mmgen.processing.vocab import Vocab
 from mmgen.tokenizers.base import ImageTokenizer, register_tokenizer
 
-TEXTS = ["a large red circle at the top left, on a black background.",
-         "a small blue square in the center, on a white background.",
-         "two green triangles at the bottom right, on a gray background."] * 4
+TEXTS = [
+    "a large red circle at the top left, on a black background.",
+    "a small blue square in the center, on a white background.",
+    "two green triangles at the bottom right, on a gray background.",
+] * 4
 RES = (32, 32)  # (width, height) -> a 4x4 code grid at downsample 8
 
 
@@ -76,10 +78,19 @@ def tiny_qwen2(vocab: Vocab, tok, **config):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab.size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      **config)
+    cfg = Qwen2Config(
+        vocab_size=vocab.size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **config,
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -109,14 +120,19 @@ def make_speech_bundle(path):
 
 def bomb_png(w: int = 20000, h: int = 20000) -> bytes:
     """A real decompression bomb: a valid 1-bit PNG of w x h white pixels, a few hundred kB."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     row = b"\x00" + b"\xff" * ((w + 7) // 8)
     z = zlib.compressobj(9)
     idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def tiny_detok(tok, sizes=(16,), names=("pix",), ppc=8, side=4, seed=0, **over):
@@ -125,11 +141,20 @@ def tiny_detok(tok, sizes=(16,), names=("pix",), ppc=8, side=4, seed=0, **over):
     from mmgen.models.detokenizer import build_pipeline
 
     torch.manual_seed(seed)
-    kw = dict(tokenizer_type=tok.mmgen_type, tokenizer_resolution=int(tok.resolution[0]),
-              tokenizer_sha256=tok.fingerprint())
+    kw = dict(
+        tokenizer_type=tok.mmgen_type, tokenizer_resolution=int(tok.resolution[0]), tokenizer_sha256=tok.fingerprint()
+    )
     kw.update(over)
-    return build_pipeline(list(sizes), list(names), ppc, side, embed_dims=[4] * len(sizes), block_out_channels=(8, 16),
-                          norm_num_groups=4, **kw)
+    return build_pipeline(
+        list(sizes),
+        list(names),
+        ppc,
+        side,
+        embed_dims=[4] * len(sizes),
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        **kw,
+    )
 
 
 def make_detok_bundle(root):

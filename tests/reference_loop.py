@@ -22,12 +22,13 @@ from mmgen.processing.vocab import Vocab
 def image_token_mask(vocab: Vocab, size: int, device=None) -> torch.Tensor:
     """(V,) bool: the ids guidance acts on (everything that is not a text id)."""
     m = torch.zeros(size, dtype=torch.bool, device=device)
-    m[vocab.text_size: vocab.size] = True
+    m[vocab.text_size : vocab.size] = True
     return m
 
 
-def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rows_in_image: torch.Tensor,
-               image_cols: torch.Tensor) -> torch.Tensor:
+def cfg_logits(
+    cond: torch.Tensor, uncond: torch.Tensor, scale: float, rows_in_image: torch.Tensor, image_cols: torch.Tensor
+) -> torch.Tensor:
     """Classifier-free guidance on image tokens of rows inside an image block; cond logits elsewhere."""
     guided = uncond + scale * (cond - uncond)
     where = rows_in_image[:, None] & image_cols[None, :]
@@ -59,12 +60,27 @@ def _sample(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, 
 
 # -- the loop ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
-                  pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                  cfg_scale: float = 1.0, uncond_rows: Sequence[Sequence[int]] | None = None,
-                  sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
-                  stop_after_images: int | None = None, logits_hook=None, allow_audio: bool = False,
-                  max_audio_frames: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def sample_tokens(
+    model,
+    vocab: Vocab,
+    rows: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    cfg_scale: float = 1.0,
+    uncond_rows: Sequence[Sequence[int]] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
+    allow_images: bool = True,
+    stop_after_images: int | None = None,
+    logits_hook=None,
+    allow_audio: bool = False,
+    max_audio_frames: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sample continuations of ``rows`` under the grid constraint, one step at a time.
 
     Yields ``(tokens, active)`` per step: the (B,) new token ids and which rows were still generating
@@ -90,8 +106,14 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
     seq[:, :cur] = ids[:bsz]
     attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
     attn_buf[:, :cur] = attn
-    constraint = ImageGridConstraint(vocab, sizes=sizes, allow_images=allow_images, max_length=cur + max_new_tokens,
-                                     allow_audio=allow_audio, max_audio_frames=max_audio_frames)
+    constraint = ImageGridConstraint(
+        vocab,
+        sizes=sizes,
+        allow_images=allow_images,
+        max_length=cur + max_new_tokens,
+        allow_audio=allow_audio,
+        max_audio_frames=max_audio_frames,
+    )
     gen = torch.Generator().manual_seed(int(seed))
     image_cols = None
 
@@ -126,8 +148,11 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
         # The closing token of a block is only counted by observe() on the next step; count it here.
         finished = (tok == eos_id) & ~in_block
         if stop_after_images is not None:
-            closes = torch.tensor([p > 0 and p + 1 == _block_len(constraint, b) for b, p in enumerate(constraint.pos)],
-                                  dtype=torch.bool, device=device)
+            closes = torch.tensor(
+                [p > 0 and p + 1 == _block_len(constraint, b) for b, p in enumerate(constraint.pos)],
+                dtype=torch.bool,
+                device=device,
+            )
             done_images = torch.tensor(constraint.completed, device=device) + closes.long()
             finished |= done_images >= stop_after_images
         active = active & ~finished
@@ -141,8 +166,14 @@ def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new
             # conditional and unconditional rows share.
             g = model.grid_cells(seq[:, :cur], 1)
             grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
-        out = model(input_ids=step_tok[:, None], attention_mask=attn_buf[:, :cur], position_ids=next_pos[:, None],
-                    past_key_values=past, use_cache=True, **grid)
+        out = model(
+            input_ids=step_tok[:, None],
+            attention_mask=attn_buf[:, :cur],
+            position_ids=next_pos[:, None],
+            past_key_values=past,
+            use_cache=True,
+            **grid,
+        )
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
@@ -152,5 +183,3 @@ def _block_len(constraint: ImageGridConstraint, b: int) -> int:
     if constraint.pos[b] < 3:
         return -1
     return constraint.block_length(constraint.h_tok[b], constraint.w_tok[b])
-
-

@@ -36,8 +36,9 @@ def test_facts_shapes_and_batched_encode(codec):
     assert codec.hop_length == 320 and codec.frame_rate == 50 and codec.tokens_per_second == 100
     a, b = tone(0.5, 16000), tone(0.23, 16000)
     codes = codec.encode([a, b], sample_rate=16000)
-    assert [tuple(c.shape) for c in codes] == [
-        (2, 25), (2, codec.code_length(len(b)))] and codec.code_length(len(b)) == 12
+    assert [tuple(c.shape) for c in codes] == [(2, 25), (2, codec.code_length(len(b)))] and codec.code_length(
+        len(b)
+    ) == 12
     assert all(c.dtype == torch.int64 and int(c.min()) >= 0 and int(c.max()) < 16 for c in codes)
     y = codec.decode(codes[0])
     assert y.ndim == 1 and abs(len(y) - 25 * 320) <= 320
@@ -126,9 +127,21 @@ def _train_cfg(out_dir, real_dir, **over):
     from mmgen.config import load_config
     from mmgen.tokenizers.audio_train import AudioTrainConfig
 
-    base = {"synthetic_captions": 2, "eval_captions": 1, "real_audio": [str(real_dir / "audio1.wav")],
-            "segment_seconds": 0.2, "model": TINY, "steps": 4, "batch_size": 2, "log_every": 1, "ckpt_every": 2,
-            "out_dir": str(out_dir), "threads": 1, "progress": False, "mel_ffts": [256]}
+    base = {
+        "synthetic_captions": 2,
+        "eval_captions": 1,
+        "real_audio": [str(real_dir / "audio1.wav")],
+        "segment_seconds": 0.2,
+        "model": TINY,
+        "steps": 4,
+        "batch_size": 2,
+        "log_every": 1,
+        "ckpt_every": 2,
+        "out_dir": str(out_dir),
+        "threads": 1,
+        "progress": False,
+        "mel_ffts": [256],
+    }
     base.update(over)
     return load_config(AudioTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
 
@@ -204,20 +217,36 @@ def test_pretokenize_audio_codes_round_trip_through_sequences(codec, real_dir, t
     codec.save_pretrained(tmp_path / "codec")
     ogg = (real_dir / "audio3.ogg").read_bytes()
     stereo = _wav(tone(0.5, 44100, channels=2), 44100)  # the codec wants 16 kHz mono
-    docs = [Doc([Text("a real clip."), Audio(data=ogg, format="ogg")]),
-            Doc([Text("a stereo tone."), Audio(data=stereo, format="wav")]),
-            Doc([Text("broken."), Audio(data=b"RIFF\x00\x00\x00\x00WAVEjunk" * 3, format="wav")]),
-            Doc([Text("empty."), Audio(data=_wav(np.zeros(0), 16000), format="wav")]),
-            # a good item then a broken one: the Doc is quarantined and its good item not counted as encoded
-            Doc([Audio(data=stereo, format="wav"), Audio(data=b"RIFF\x00\x00\x00\x00WAVEjunk" * 3, format="wav")])]
+    docs = [
+        Doc([Text("a real clip."), Audio(data=ogg, format="ogg")]),
+        Doc([Text("a stereo tone."), Audio(data=stereo, format="wav")]),
+        Doc([Text("broken."), Audio(data=b"RIFF\x00\x00\x00\x00WAVEjunk" * 3, format="wav")]),
+        Doc([Text("empty."), Audio(data=_wav(np.zeros(0), 16000), format="wav")]),
+        # a good item then a broken one: the Doc is quarantined and its good item not counted as encoded
+        Doc([Audio(data=stereo, format="wav"), Audio(data=b"RIFF\x00\x00\x00\x00WAVEjunk" * 3, format="wav")]),
+    ]
     write_shards(docs, tmp_path / "in")
 
     plain = pretokenize(tmp_path / "vq", str(tmp_path / "in"), tmp_path / "plain", progress=False)
     assert plain["docs_written"] == 5 and plain["audio_items_without_codes"] == 6 and plain["audio_items_encoded"] == 0
     assert all(not c.codes for c in read_code_shards(plain["shards"]))  # as before the option existed
 
-    assert main(["tokenize", "--tokenizer", str(tmp_path / "vq"), "--audio-tokenizer", str(tmp_path / "codec"),
-                 "--input", str(tmp_path / "in"), "--out", str(tmp_path / "codes")]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                "--tokenizer",
+                str(tmp_path / "vq"),
+                "--audio-tokenizer",
+                str(tmp_path / "codec"),
+                "--input",
+                str(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "codes"),
+            ]
+        )
+        == 0
+    )
     assert "3 quarantined" in capsys.readouterr().out
     s = json.loads((tmp_path / "codes" / "summary.json").read_text())
     assert s["docs_in"] == s["docs_written"] + s["quarantined"] == 5
@@ -233,7 +262,7 @@ def test_pretokenize_audio_codes_round_trip_through_sequences(codec, real_dir, t
     for cd in coded:
         seq = build_sequence(cd, tok, vocab)
         ids = seq["input_ids"].tolist()
-        block = ids[ids.index(vocab["<audio>"]): ids.index(vocab["</audio>"]) + 1]
+        block = ids[ids.index(vocab["<audio>"]) : ids.index(vocab["</audio>"]) + 1]
         assert np.array_equal(vocab.parse_audio_block(block), cd.codes[1]) and not seq["skipped"]
         audio_only = build_sequence(cd, tok, vocab, targets=("audio",))["loss_mask"]
         assert audio_only.sum() == cd.codes[1].size  # every code of every level is an "audio" target

@@ -88,7 +88,8 @@ def test_save_load_and_pretokenize(inner, tmp_path):
     images = scenes(4, seed=5)
     assert torch.equal(tok.encode(images), tok.to_blocks(inner.encode(images)))
     s = pretokenize(
-        tmp_path / "blocks", str(tmp_path / "world"), tmp_path / "block_codes", batch_size=8, progress=False)
+        tmp_path / "blocks", str(tmp_path / "world"), tmp_path / "block_codes", batch_size=8, progress=False
+    )
     assert s["codebooks"] == {"pix": tok.codebook_size} and s["images_encoded"] > 0
     plain = {c.doc.id: c.codes for c in read_code_shards(str(tmp_path / "codes"))}
     n = 0
@@ -108,8 +109,9 @@ def test_save_load_and_pretokenize(inner, tmp_path):
     for c in got:
         want = again[c.doc.id]
         assert c.codes.keys() == want.codes.keys() and c.sem.keys() == want.sem.keys()
-        assert all(np.array_equal(c.codes[i], want.codes[i]) and c.codes[i].dtype == want.codes[i].dtype
-                   for i in c.codes)
+        assert all(
+            np.array_equal(c.codes[i], want.codes[i]) and c.codes[i].dtype == want.codes[i].dtype for i in c.codes
+        )
         assert c.doc.to_json() == want.doc.to_json()
     with pytest.raises(MMGenError, match="no code-block tokenizer"):
         reblock_code_shards(tmp_path / "vq", str(tmp_path / "codes"), tmp_path / "nope", progress=False)
@@ -128,7 +130,8 @@ def test_dualvitok_semantic_grid_passes_through(tmp_path):
     images = scenes(6)
     codes = dual.encode(images)
     tok = CodeBlockTokenizer(
-        dual, fit_block_table(codes["pix"].numpy(), dual.sem_ratio, min_count=1)[0], dual.sem_ratio)
+        dual, fit_block_table(codes["pix"].numpy(), dual.sem_ratio, min_count=1)[0], dual.sem_ratio
+    )
     assert tok.codebook_sizes == {"sem": dual.codebook_sizes["sem"], "pix": tok.codebook_size} and tok.sem_ratio == 1
     out = tok.encode(images)
     assert torch.equal(out["sem"], codes["sem"]) and out["pix"].shape == out["sem"].shape
@@ -161,8 +164,23 @@ def test_fit_blocks_cli(inner, tmp_path):
     inner.save_pretrained(tmp_path / "vq")
     write_world(tmp_path / "world", n_docs=12, seed=4, size=32, progress=False)
     pretokenize(tmp_path / "vq", str(tmp_path / "world"), tmp_path / "codes", batch_size=8, progress=False)
-    args = ["fit-blocks", "--tokenizer", str(tmp_path / "vq"), "--codes", str(tmp_path / "codes"), "--out",
-            str(tmp_path / "blocks"), "--block", "2", "--max-size", "5", "--min-count", "1", "--split", "all"]
+    args = [
+        "fit-blocks",
+        "--tokenizer",
+        str(tmp_path / "vq"),
+        "--codes",
+        str(tmp_path / "codes"),
+        "--out",
+        str(tmp_path / "blocks"),
+        "--block",
+        "2",
+        "--max-size",
+        "5",
+        "--min-count",
+        "1",
+        "--split",
+        "all",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "5 blocks kept of" in res.output and (tmp_path / "blocks" / "inner" / "config.json").is_file()

@@ -32,8 +32,9 @@ def test_chat_app_answers_with_text_and_image_through_gradio_client(bundle_dir):
 
         pic = bundle_dir / "question.png"
         render(random_scene(__import__("random").Random(0), "val"), *RES).save(pic)
-        asked = client.predict("what colour is the background?", [], "text", 0.0, 0, 0, 1.0, 16, handle_file(str(pic)),
-                               api_name="/chat")
+        asked = client.predict(
+            "what colour is the background?", [], "text", 0.0, 0, 0, 1.0, 16, handle_file(str(pic)), api_name="/chat"
+        )
     finally:
         app.close()
     assert [m["role"] for m in asked] == ["user", "assistant"]
@@ -58,8 +59,11 @@ def test_chat_engine_streams_and_refuses_share_links(bundle_dir):
     from mmgen.models.bundle import load_bundle
 
     engine = ChatEngine(load_bundle(bundle_dir))
-    yields = list(engine.answer("a small blue square", [], mode="t2i", seed=1, cfg_scale=2.0, max_new_tokens=8,
-                                stream_every_s=0.0))
+    yields = list(
+        engine.answer(
+            "a small blue square", [], mode="t2i", seed=1, cfg_scale=2.0, max_new_tokens=8, stream_every_s=0.0
+        )
+    )
     assert len(yields) >= 2  # the answer streams while it grows
     final = yields[-1]
     assert final[0] == {"role": "user", "content": "a small blue square"}
@@ -100,7 +104,7 @@ def test_a_picture_reaches_the_prompt_in_the_layout_the_bundle_learnt(bundle_dir
         final = list(engine.answer("is there a circle?", [], mode=mode, max_new_tokens=4, picture=picture))[-1]
         assert final[0]["content"][0]["mime_type"] == "image/png" and final[0]["content"][1] == "is there a circle?"
         want = gen.picture_prompt_ids(bundle, "is there a circle?", block, question=mode != "t2i")
-        assert seen[-1][0][:len(want)] == want
-        right_after_bos = want[1:1 + len(block)] == block  # the chat template puts "User:" before the picture
+        assert seen[-1][0][: len(want)] == want
+        right_after_bos = want[1 : 1 + len(block)] == block  # the chat template puts "User:" before the picture
         assert right_after_bos != gen.trained_in_chat(bundle, conversation=mode != "t2i"), (stage, chat, mode)
     assert len(seen) == 3

@@ -74,12 +74,28 @@ def test_transformers_clip_dir(tmp_path):
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path / "hf")
-    cfg = CLIPConfig(text_config={"vocab_size": len(words), "hidden_size": 16, "intermediate_size": 32,
-                                  "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
-                                  "bos_token_id": 2, "eos_token_id": 7, "pad_token_id": 0},
-                     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                    "num_attention_heads": 2,
-                                    "image_size": 32, "patch_size": 8}, projection_dim=8)
+    cfg = CLIPConfig(
+        text_config={
+            "vocab_size": len(words),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "bos_token_id": 2,
+            "eos_token_id": 7,
+            "pad_token_id": 0,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=8,
+    )
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(tmp_path / "hf")
     clip = load_clip(tmp_path / "hf")
@@ -94,9 +110,22 @@ def test_train_clip_tiny(tmp_path):
     from mmgen.config import load_config
     from mmgen.models.clip_train import ClipTrainConfig, phrase_separation, shapes_pairs, train_clip, zero_shot_accuracy
 
-    cfg = load_config(ClipTrainConfig, None, [f"model={json.dumps(MICRO_CFG)}", "train_pairs=48", "eval_scenes=6",
-                                              "steps=6", "batch_size=16", "warmup_steps=2", "log_every=3",
-                                              f"out_dir={tmp_path}", "threads=1", "progress=false"])
+    cfg = load_config(
+        ClipTrainConfig,
+        None,
+        [
+            f"model={json.dumps(MICRO_CFG)}",
+            "train_pairs=48",
+            "eval_scenes=6",
+            "steps=6",
+            "batch_size=16",
+            "warmup_steps=2",
+            "log_every=3",
+            f"out_dir={tmp_path}",
+            "threads=1",
+            "progress=false",
+        ],
+    )
     path = train_clip(cfg)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6] and all(r["loss"] > 0 for r in rows)
@@ -105,8 +134,10 @@ def test_train_clip_tiny(tmp_path):
     clip = load_clip(path)
     held = shapes_pairs(cfg.eval_scenes, MICRO_CFG["vision_cfg"]["image_size"], cfg.seed, split="heldout")
     acc = zero_shot_accuracy(clip, [h[0] for h in held], [h[1] for h in held])
-    assert (report["zero_shot_color_acc"], report["zero_shot_shape_acc"]) == (round(acc["color"], 4),
-                                                                              round(acc["shape"], 4))
+    assert (report["zero_shot_color_acc"], report["zero_shot_shape_acc"]) == (
+        round(acc["color"], 4),
+        round(acc["shape"], 4),
+    )
     sep = report["phrase_separation"]
     assert sep == phrase_separation(clip)
     for attr in ("shape", "color"):
@@ -141,10 +172,25 @@ def test_cell_phrases_and_region_loss(tmp_path):
     loss = cell_loss(model, tok, patches, [phrases, phrases[::-1]])
     loss.backward()  # reaches the vision tower's blocks through the patch tokens
     assert loss.item() > 0 and model.visual.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
-    out = train_clip(load_config(ClipTrainConfig, None, [f"model={json.dumps(cfg)}", "train_pairs=32", "eval_scenes=4",
-                                                         "steps=4", "batch_size=8", "warmup_steps=1", "log_every=2",
-                                                         "cell_weight=1.0", f"out_dir={tmp_path}", "threads=1",
-                                                         "progress=false"]))
+    out = train_clip(
+        load_config(
+            ClipTrainConfig,
+            None,
+            [
+                f"model={json.dumps(cfg)}",
+                "train_pairs=32",
+                "eval_scenes=4",
+                "steps=4",
+                "batch_size=8",
+                "warmup_steps=1",
+                "log_every=2",
+                "cell_weight=1.0",
+                f"out_dir={tmp_path}",
+                "threads=1",
+                "progress=false",
+            ],
+        )
+    )
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert out.is_dir() and all(r["cell_loss"] > 0 and r["loss"] > r["cell_loss"] for r in rows)
 
@@ -190,8 +236,10 @@ def test_hard_negative_loss_trains_both_towers(tmp_path):
     torch.manual_seed(0)
     model = build_open_clip(MICRO_CFG)
     tok = open_clip_module().get_tokenizer("ViT-B-32", context_length=MICRO_CFG["text_cfg"]["context_length"])
-    captions = ["A large red circle at the top, on a black background.",
-                "A small blue square on the left, on a white background."]
+    captions = [
+        "A large red circle at the top, on a black background.",
+        "A small blue square on the left, on a white background.",
+    ]
     size = MICRO_CFG["vision_cfg"]["image_size"]
     img_f, txt_f, _ = model(torch.randn(2, 3, size, size), tok(captions))[:3]
     loss = hard_negative_loss(model, tok, img_f, txt_f, captions, random.Random(0))
@@ -199,10 +247,25 @@ def test_hard_negative_loss_trains_both_towers(tmp_path):
     assert loss.item() > 0
     assert model.visual.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
     assert model.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
-    train_clip(load_config(ClipTrainConfig, None, [f"model={json.dumps(MICRO_CFG)}", "train_pairs=32", "eval_scenes=4",
-                                                   "steps=4", "batch_size=8", "warmup_steps=1", "log_every=2",
-                                                   "hard_negatives=2.0", f"out_dir={tmp_path}", "threads=1",
-                                                   "progress=false"]))
+    train_clip(
+        load_config(
+            ClipTrainConfig,
+            None,
+            [
+                f"model={json.dumps(MICRO_CFG)}",
+                "train_pairs=32",
+                "eval_scenes=4",
+                "steps=4",
+                "batch_size=8",
+                "warmup_steps=1",
+                "log_every=2",
+                "hard_negatives=2.0",
+                f"out_dir={tmp_path}",
+                "threads=1",
+                "progress=false",
+            ],
+        )
+    )
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] > 2.0 * r["hard_negative_loss"] > 0 for r in rows)
 
@@ -219,5 +282,9 @@ def test_phrase_separation_reads_the_one_word_pairs():
         def encode_text(self, texts):
             return torch.stack([torch.eye(len(COLORS))[list(COLORS).index(t.split()[2])] for t in texts])
 
-    assert phrase_separation(ColourOnly()) == {"shape_pair_cosine_mean": 1.0, "shape_pair_cosine_max": 1.0,
-                                               "color_pair_cosine_mean": 0.0, "color_pair_cosine_max": 0.0}
+    assert phrase_separation(ColourOnly()) == {
+        "shape_pair_cosine_mean": 1.0,
+        "shape_pair_cosine_max": 1.0,
+        "color_pair_cosine_mean": 0.0,
+        "color_pair_cosine_max": 0.0,
+    }

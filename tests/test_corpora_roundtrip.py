@@ -34,9 +34,20 @@ def _docs(path, fmt, **kw) -> list[Doc]:
 
 def fields(doc: Doc):
     """Everything a lossless conversion keeps, item by item."""
-    return ([(it.kind, it.text if isinstance(it, Text) else
-              (hashlib.sha1(it.load()).hexdigest() if it.fetched else None, it.url), it.meta) for it in doc.items],
-            doc.meta, doc.id)
+    return (
+        [
+            (
+                it.kind,
+                it.text
+                if isinstance(it, Text)
+                else (hashlib.sha1(it.load()).hexdigest() if it.fetched else None, it.url),
+                it.meta,
+            )
+            for it in doc.items
+        ],
+        doc.meta,
+        doc.id,
+    )
 
 
 @pytest.mark.parametrize("via", LOSSLESS)
@@ -62,7 +73,8 @@ def test_mmc4_keeps_url_name_order_and_similarity_rows(tmp_path):
     assert [i.url.rsplit("/", 1)[1] for i in imgs] == ["cat.jpg", "lena.jpg"]
     assert [i.meta["mmc4_info_index"] for i in imgs] == [1, 0]
     assert imgs[1].meta["image_name"] == "5e0d3c1f2a7b.jpg" and imgs[1].meta["face_detections"] == [
-        [0.31, 0.22, 0.58, 0.61, 0.998]]
+        [0.31, 0.22, 0.58, 0.61, 0.998]
+    ]
     assert not imgs[0].fetched and imgs[0].meta["face_detections"] is None
     for via in ("obelics", "dj", "wds", "mmgen"):
         mid = _target(tmp_path, via, via)
@@ -74,13 +86,20 @@ def test_mmc4_keeps_url_name_order_and_similarity_rows(tmp_path):
 
 
 def test_fetched_media_keep_their_url_through_every_format(real_dir, tmp_path):
-    doc = Doc(id="f1", items=[
-        Text("A bus."),
-        Image(data=(real_dir / "img2.jpg").read_bytes(), url="https://cdn.example.org/bus.jpg",
-              meta={"matched_sim": 0.27}),
-        Image(url="https://cdn.example.org/gone.jpg", meta={"fetch_error": "HTTP Error 404: Not Found"}),
-        Text("The end."),
-    ], meta={"url": "https://example.org/page"})
+    doc = Doc(
+        id="f1",
+        items=[
+            Text("A bus."),
+            Image(
+                data=(real_dir / "img2.jpg").read_bytes(),
+                url="https://cdn.example.org/bus.jpg",
+                meta={"matched_sim": 0.27},
+            ),
+            Image(url="https://cdn.example.org/gone.jpg", meta={"fetch_error": "HTTP Error 404: Not Found"}),
+            Text("The end."),
+        ],
+        meta={"url": "https://example.org/page"},
+    )
     for via in LOSSLESS:
         out = _target(tmp_path, via, via)
         assert write_records([doc], out, via)["written"] == 1
@@ -103,7 +122,8 @@ def test_llava_refuses_interleaved_documents_unless_lossy(tmp_path):
     src = DATA / SAMPLES["mmc4"]
     out = tmp_path / "chat.json"
     with pytest.raises(
-        MMGenError, match=r"cannot be written as LLaVA turns without loss: .*texts would merge.*--lossy"):
+        MMGenError, match=r"cannot be written as LLaVA turns without loss: .*texts would merge.*--lossy"
+    ):
         convert(src, out, "mmc4", "llava", progress=False)
     assert not out.exists()
     s = convert(src, out, "mmc4", "llava", progress=False, lossy=True)

@@ -38,15 +38,22 @@ def test_generate_draws_through_the_bundles_detokenizer_and_says_so(detok_bundle
     drawn = pipe(PROMPT, o)
     plain = pipe(PROMPT, o, detok_path="none")  # same tokens: the decoder does not steer the LM
     img, ref = drawn.images[0], plain.images[0]
-    assert img.meta["decoder"] == {"kind": "detokenizer", "scale": 1, "steps": 3, "cfg_scale": 1.0, "scheduler": "ddim",
-                                   "path": str(detok_bundle / "detokenizer" / "x1")}
+    assert img.meta["decoder"] == {
+        "kind": "detokenizer",
+        "scale": 1,
+        "steps": 3,
+        "cfg_scale": 1.0,
+        "scheduler": "ddim",
+        "path": str(detok_bundle / "detokenizer" / "x1"),
+    }
     assert drawn.meta["image_decoder"] == img.meta["decoder"]
     assert ref.meta["decoder"] == {"kind": "tokenizer", "tokenizer": "test_palette"}
     assert drawn.meta["options"]["detok_steps"] == 3 and img.meta["codes_shape"] == ref.meta["codes_shape"]
     # the picture is the detokenizer's drawing of the generated codes, with the call's seed
     codes = _codes_of(ref, b.image_tokenizer)
-    want = b.detokenizer.pipeline(1)([codes], num_inference_steps=3, guidance_scale=1.0,
-                                     generator=torch.Generator().manual_seed(3)).images[0]
+    want = b.detokenizer.pipeline(1)(
+        [codes], num_inference_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(3)
+    ).images[0]
     assert np.array_equal(np.asarray(img.to_pil()), np.asarray(want))
     assert not np.array_equal(np.asarray(img.to_pil()), np.asarray(ref.to_pil()))
     # the 2x pipeline draws the same codes at twice the size; another sampler is recorded
@@ -114,12 +121,14 @@ def test_every_detok_option_is_checked_in_one_line(detok_bundle, tmp_path):
     from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
     from mmgen.models.bundle import load_bundle
 
-    bad = {"detok_steps must be >= 1": dict(detok_steps=0),
-           "detok_cfg_scale must be >= 1": dict(detok_cfg_scale=0.5),
-           "detok_scale must be 1 or 2": dict(detok_scale=3),
-           "unknown detok_scheduler 'euler'": dict(detok_scheduler="euler"),
-           "detokenizer directory .* does not exist": dict(detok_path=str(tmp_path / "missing")),
-           "detok_scale 2 needs a detokenizer, and detok_path is none": dict(detok_path="none", detok_scale=2)}
+    bad = {
+        "detok_steps must be >= 1": dict(detok_steps=0),
+        "detok_cfg_scale must be >= 1": dict(detok_cfg_scale=0.5),
+        "detok_scale must be 1 or 2": dict(detok_scale=3),
+        "unknown detok_scheduler 'euler'": dict(detok_scheduler="euler"),
+        "detokenizer directory .* does not exist": dict(detok_path=str(tmp_path / "missing")),
+        "detok_scale 2 needs a detokenizer, and detok_path is none": dict(detok_path="none", detok_scale=2),
+    }
     for msg, kw in bad.items():
         with pytest.raises(MMGenError, match=msg) as e:
             check_detok_options(GenerationOptions(**kw))
@@ -131,8 +140,9 @@ def test_every_detok_option_is_checked_in_one_line(detok_bundle, tmp_path):
     only_1x = tmp_path / "only1x"
     tiny_detok(plain.image_tokenizer).save_pretrained(str(only_1x))
     with pytest.raises(MMGenError, match="has no 2x pipeline"):
-        MMGenPipeline(load_bundle(detok_bundle))(PROMPT, mode="t2i", max_new_tokens=30, detok_path=str(only_1x),
-                                                   detok_scale=2)
+        MMGenPipeline(load_bundle(detok_bundle))(
+            PROMPT, mode="t2i", max_new_tokens=30, detok_path=str(only_1x), detok_scale=2
+        )
     with pytest.raises(MMGenError, match="unknown config key 'detok_step'; did you mean 'detok_steps'"):
         GenerationOptions.build(["detok_step=4"])
 
@@ -141,19 +151,50 @@ def test_cli_generate_with_detokenizer_flags(detok_bundle, tmp_path, capsys):
     from mmgen.cli import main
 
     out = tmp_path / "out"
-    rc = main(["generate", "--checkpoint", str(detok_bundle), "--prompt", PROMPT, "--mode", "t2i",
-               "--max-new-tokens", "30", "--detok-steps", "2", "--out", str(out), "detok_scheduler=dpm"])
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(detok_bundle),
+            "--prompt",
+            PROMPT,
+            "--mode",
+            "t2i",
+            "--max-new-tokens",
+            "30",
+            "--detok-steps",
+            "2",
+            "--out",
+            str(out),
+            "detok_scheduler=dpm",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     assert "pictures drawn by the diffusion detokenizer 1x, dpm 2 steps, CFG off" in err and "forward passes" in err
     doc = json.loads((out / "doc.json").read_text())
     assert doc["items"][0]["meta"]["decoder"]["steps"] == 2 and doc["meta"]["image_decoder"]["scheduler"] == "dpm"
-    rc = main(["generate", "--checkpoint", str(detok_bundle), "--prompt", PROMPT, "--mode", "t2i",
-               "--detokenizer", "none", "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(detok_bundle),
+            "--prompt",
+            PROMPT,
+            "--mode",
+            "t2i",
+            "--detokenizer",
+            "none",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0 and "image tokenizer's decoder" in capsys.readouterr().err
-    for args, msg in ((["--detok-steps", "0"], "error: detok_steps must be >= 1"),
-                      (["detok_stepz=3"], "error: unknown config key 'detok_stepz'; did you mean 'detok_steps'?"),
-                      (["--detokenizer", str(tmp_path / "nope")], "does not exist")):
+    for args, msg in (
+        (["--detok-steps", "0"], "error: detok_steps must be >= 1"),
+        (["detok_stepz=3"], "error: unknown config key 'detok_stepz'; did you mean 'detok_steps'?"),
+        (["--detokenizer", str(tmp_path / "nope")], "does not exist"),
+    ):
         rc = main(["generate", "--checkpoint", str(detok_bundle), "--prompt", "x", "--out", str(out), *args])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
@@ -168,8 +209,10 @@ def test_eval_draws_through_the_detokenizer_and_resumes_only_with_the_same_decod
     assert dec["kind"] == "detokenizer" and dec["steps"] == 2
     assert "drawn by the diffusion detokenizer 1x, ddim 2 steps" in rep["inference"]["image_decoding"]
     assert rep["suites"]["t2i"]["samples"] == 4
-    assert "Generated pictures: one image block under the grid constraint, drawn by the diffusion detokenizer" in \
-        (tmp_path / "ev" / "report.md").read_text()
+    assert (
+        "Generated pictures: one image block under the grid constraint, drawn by the diffusion detokenizer"
+        in (tmp_path / "ev" / "report.md").read_text()
+    )
     with pytest.raises(MMGenError, match="different image_decoder"):
         run_eval(detok_bundle, "t2i", tmp_path / "ev", detok={"detok_path": "none"}, **kw)
     again = run_eval(detok_bundle, "t2i", tmp_path / "ev", detok={"detok_steps": 2}, **kw)
@@ -188,10 +231,24 @@ def test_train_detokenizer_for_a_bundle_adds_it_there(tmp_path):
     from mmgen.models.detokenizer_train import DetokenizerTrainConfig, train_detokenizer
 
     make_tiny_bundle(tmp_path / "b")
-    cfg = load_config(DetokenizerTrainConfig, None, [
-        f"bundle={tmp_path / 'b'}", f"out_dir={tmp_path / 'run'}", "steps=2", "batch_size=2", "train_images=4",
-        "eval_images=0", "log_every=1", "ckpt_every=2", "model.block_out_channels=[8,16]", "model.norm_num_groups=4",
-        "model.condition_on_decode=true", "progress=false"])
+    cfg = load_config(
+        DetokenizerTrainConfig,
+        None,
+        [
+            f"bundle={tmp_path / 'b'}",
+            f"out_dir={tmp_path / 'run'}",
+            "steps=2",
+            "batch_size=2",
+            "train_images=4",
+            "eval_images=0",
+            "log_every=1",
+            "ckpt_every=2",
+            "model.block_out_channels=[8,16]",
+            "model.norm_num_groups=4",
+            "model.condition_on_decode=true",
+            "progress=false",
+        ],
+    )
     train_detokenizer(cfg)
     b = load_bundle(tmp_path / "b")
     facts = pipeline_facts(tmp_path / "b" / "detokenizer" / "x1")

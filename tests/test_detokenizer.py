@@ -25,8 +25,9 @@ def tiny_pipe(sizes=(32,), names=("pix",), ppc=4, side=8):
     from mmgen.models.detokenizer import build_pipeline
 
     torch.manual_seed(0)
-    pipe = build_pipeline(list(sizes), list(names), ppc, side, embed_dims=[4] * len(sizes), block_out_channels=(8, 16),
-                          norm_num_groups=4)
+    pipe = build_pipeline(
+        list(sizes), list(names), ppc, side, embed_dims=[4] * len(sizes), block_out_channels=(8, 16), norm_num_groups=4
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -36,8 +37,9 @@ def test_sampling_shapes_determinism_and_schedulers():
     codes = torch.randint(0, 32, (2, 8, 8), generator=torch.Generator().manual_seed(1))
 
     def run(**k):
-        return pipe(codes, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt",
-                    **k).images
+        return pipe(
+            codes, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt", **k
+        ).images
 
     a = run()
     assert a.shape == (2, 3, 32, 32) and not torch.equal(a[0], a[1])  # two code grids, two pictures
@@ -73,8 +75,10 @@ def test_pipeline_save_load_round_trip(tmp_path):
     assert isinstance(back.conditioner, CodeConditioner)
     codes = torch.randint(0, 32, (1, 8, 8))
     kw = {"num_inference_steps": 2, "output_type": "pt"}
-    assert torch.equal(pipe(codes, generator=torch.Generator().manual_seed(0), **kw).images,
-                       back(codes, generator=torch.Generator().manual_seed(0), **kw).images)
+    assert torch.equal(
+        pipe(codes, generator=torch.Generator().manual_seed(0), **kw).images,
+        back(codes, generator=torch.Generator().manual_seed(0), **kw).images,
+    )
     with pytest.raises(MMGenError, match="not a detokenizer pipeline"):
         load_pipeline(tmp_path)
 
@@ -83,9 +87,20 @@ def _cfg(out_dir, vq_dir, **over):
     from mmgen.config import load_config
     from mmgen.models.detokenizer_train import DetokenizerTrainConfig
 
-    base = {"tokenizer": str(vq_dir), "train_images": 16, "eval_images": 2, "eval_steps": 2, "steps": 4,
-            "batch_size": 4, "log_every": 1, "ckpt_every": 2, "out_dir": str(out_dir), "threads": 1, "progress": False,
-            "model": {"embed_dims": [4], "block_out_channels": [8, 16], "norm_num_groups": 4}}
+    base = {
+        "tokenizer": str(vq_dir),
+        "train_images": 16,
+        "eval_images": 2,
+        "eval_steps": 2,
+        "steps": 4,
+        "batch_size": 4,
+        "log_every": 1,
+        "ckpt_every": 2,
+        "out_dir": str(out_dir),
+        "threads": 1,
+        "progress": False,
+        "model": {"embed_dims": [4], "block_out_channels": [8, 16], "norm_num_groups": 4},
+    }
     base.update(over)
     return load_config(DetokenizerTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
 
@@ -127,17 +142,25 @@ def test_decode_conditioned_pipeline_refines_the_tokenizers_own_decode(tmp_path,
     from mmgen.models.detokenizer_train import train_detokenizer
     from mmgen.tokenizers import load_image_tokenizer
 
-    path = train_detokenizer(_cfg(tmp_path / "dec", vq_dir, scale=2, steps=2, eval_images=1,
-                                  model={"embed_dims": [4], "block_out_channels": [8, 16], "norm_num_groups": 4,
-                                         "condition_on_decode": True}))
+    path = train_detokenizer(
+        _cfg(
+            tmp_path / "dec",
+            vq_dir,
+            scale=2,
+            steps=2,
+            eval_images=1,
+            model={"embed_dims": [4], "block_out_channels": [8, 16], "norm_num_groups": 4, "condition_on_decode": True},
+        )
+    )
     pipe = load_pipeline(path)  # loads the tokenizer its conditioner names
     assert pipe.conditioner.config.decoded_channels == 3 and pipe.unet.config.in_channels == 3 + 4 + 3
     assert pipe.image_tokenizer is not None
     codes = torch.randint(0, 32, (1, 8, 8), generator=torch.Generator().manual_seed(3))
 
     def run(**k):
-        return pipe(codes, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
-                    **k).images
+        return pipe(
+            codes, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt", **k
+        ).images
 
     own = run()
     assert own.shape == (1, 3, 64, 64)
@@ -155,14 +178,21 @@ def test_decode_alone_conditioning_with_zero_width_code_maps():
     from mmgen.models.detokenizer import build_pipeline
 
     torch.manual_seed(0)
-    pipe = build_pipeline([32], ["pix"], 8, 8, embed_dims=[0], block_out_channels=(8, 16), norm_num_groups=4,
-                          decoded_channels=3)
+    pipe = build_pipeline(
+        [32], ["pix"], 8, 8, embed_dims=[0], block_out_channels=(8, 16), norm_num_groups=4, decoded_channels=3
+    )
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.config.in_channels == 3 + 3  # noisy image + the decode; the codes draw no maps
     codes = torch.randint(0, 32, (1, 8, 8))
     decoded = torch.rand(1, 3, 32, 32) * 2 - 1
-    out = pipe(codes, num_inference_steps=2, guidance_scale=1.0, output_type="pt", decoded=decoded,
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        codes,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="pt",
+        decoded=decoded,
+        generator=torch.Generator().manual_seed(0),
+    ).images
     # zero-initialised residual: an untrained model returns the bicubic upscale of the decode
     up = torch.nn.functional.interpolate(decoded, size=(64, 64), mode="bicubic", align_corners=False).clamp(-1, 1)
     assert out.shape == (1, 3, 64, 64) and torch.allclose(out, up, atol=1e-5)
@@ -205,10 +235,18 @@ def test_real_scale_preset_builds_on_meta():
     m = cfg.model
     with torch.device("meta"):
         # DualViTok-like codes: a semantic and a pixel grid of 32x32 for 256px inputs, drawn at 2x.
-        pipe = build_pipeline([32768, 32768], ["sem", "pix"], 8 * cfg.scale, 32,
-                              block_out_channels=m.block_out_channels,
-                              layers_per_block=m.layers_per_block, norm_num_groups=m.norm_num_groups,
-                              attention=m.attention, scheduler=m.scheduler, prediction_type=m.prediction_type)
+        pipe = build_pipeline(
+            [32768, 32768],
+            ["sem", "pix"],
+            8 * cfg.scale,
+            32,
+            block_out_channels=m.block_out_channels,
+            layers_per_block=m.layers_per_block,
+            norm_num_groups=m.norm_num_groups,
+            attention=m.attention,
+            scheduler=m.scheduler,
+            prediction_type=m.prediction_type,
+        )
     n = sum(p.numel() for p in pipe.unet.parameters())
     assert next(pipe.unet.parameters()).device.type == "meta"
     assert 50e6 < n < 400e6 and pipe.unet.config.sample_size == 512 and pipe.unet.config.in_channels == 3 + 32

@@ -94,8 +94,9 @@ def test_teacher_input_downsample_sees_the_pooled_image(teacher_dir, tmp_path):
 
     torch.manual_seed(0)
     teacher = {"kind": "open_clip", "name": teacher_dir, "input_downsample": 2}
-    big = build_dualvitok_from_config(tiny_dualvitok_cfg(tmp_path, teacher_dir, resolution=64,
-                                                         dualvitok={**TINY_DUALVITOK, "teacher": teacher})).eval()
+    big = build_dualvitok_from_config(
+        tiny_dualvitok_cfg(tmp_path, teacher_dir, resolution=64, dualvitok={**TINY_DUALVITOK, "teacher": teacher})
+    ).eval()
     assert big.teacher.patch == 16 and big.sem_downsample == 32
     assert big.code_shapes(64, 64) == {"sem": (2, 2), "pix": (8, 8)}
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -109,9 +110,13 @@ def test_teacher_input_downsample_sees_the_pooled_image(teacher_dir, tmp_path):
     back = load_image_tokenizer(tmp_path / "tok")
     assert back.teacher.input_downsample == 2 and back.code_shapes(64, 64) == big.code_shapes(64, 64)
     with pytest.raises(MMGenError, match="input_downsample"):
-        build_dualvitok_from_config(tiny_dualvitok_cfg(tmp_path / "bad", teacher_dir,
-                                                       dualvitok={
-                                                 **TINY_DUALVITOK, "teacher": {**teacher, "input_downsample": 0}}))
+        build_dualvitok_from_config(
+            tiny_dualvitok_cfg(
+                tmp_path / "bad",
+                teacher_dir,
+                dualvitok={**TINY_DUALVITOK, "teacher": {**teacher, "input_downsample": 0}},
+            )
+        )
 
 
 def test_patch_encoder_codes_depend_only_on_their_own_pixels(teacher_dir, tmp_path):
@@ -122,11 +127,18 @@ def test_patch_encoder_codes_depend_only_on_their_own_pixels(teacher_dir, tmp_pa
 
     def build(enc):
         torch.manual_seed(0)
-        return build_dualvitok_from_config(tiny_dualvitok_cfg(tmp_path / enc, teacher_dir,
-                                                              dualvitok={**TINY_DUALVITOK, "pix_encoder": enc,
-                                                               "pix_encoder_width": 32,
-                                                               "teacher": {
-                                                                   "kind": "open_clip", "name": teacher_dir}})).eval()
+        return build_dualvitok_from_config(
+            tiny_dualvitok_cfg(
+                tmp_path / enc,
+                teacher_dir,
+                dualvitok={
+                    **TINY_DUALVITOK,
+                    "pix_encoder": enc,
+                    "pix_encoder_width": 32,
+                    "teacher": {"kind": "open_clip", "name": teacher_dir},
+                },
+            )
+        ).eval()
 
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = x.clone()
@@ -136,9 +148,16 @@ def test_patch_encoder_codes_depend_only_on_their_own_pixels(teacher_dir, tmp_pa
         fx, fy = tok.pix_encode(x), tok.pix_encode(y)
         assert torch.equal(fx[:, :, 0], fy[:, :, 0]) is local, enc
         assert not torch.equal(fx[:, :, 1:], fy[:, :, 1:])
-    cfg = tiny_dualvitok_cfg(tmp_path / "run", teacher_dir,
-                             dualvitok={**TINY_DUALVITOK, "pix_encoder": "patch", "pix_encoder_width": 32,
-                                        "teacher": {"kind": "open_clip", "name": teacher_dir}})
+    cfg = tiny_dualvitok_cfg(
+        tmp_path / "run",
+        teacher_dir,
+        dualvitok={
+            **TINY_DUALVITOK,
+            "pix_encoder": "patch",
+            "pix_encoder_width": 32,
+            "teacher": {"kind": "open_clip", "name": teacher_dir},
+        },
+    )
     out = train_dualvitok(cfg)
     back = load_image_tokenizer(out)
     assert back.hp["pix_encoder"] == "patch" and type(back.pix_encoder).__name__ == "PatchEncoder"
@@ -155,17 +174,23 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
 
     over = {"gan_weight": gan, "gan_start": 1, "text_weight": text}
     if text:  # one semantic code per phrase cell (24 px, 3x3), dead codes restarted where the phrases fail
-        over.update(resolution=24, text_prequant_weight=0.5,
-                    dualvitok={**TINY_DUALVITOK, "sem_merge": 1, "teacher": {"kind": "open_clip", "name": teacher_dir},
-                               "sem_quantizer": {**TINY_DUALVITOK["sem_quantizer"],
-                                                 "restart_sampling": "loss",
-                                                 "dead_code_window": 2}})
+        over.update(
+            resolution=24,
+            text_prequant_weight=0.5,
+            dualvitok={
+                **TINY_DUALVITOK,
+                "sem_merge": 1,
+                "teacher": {"kind": "open_clip", "name": teacher_dir},
+                "sem_quantizer": {**TINY_DUALVITOK["sem_quantizer"], "restart_sampling": "loss", "dead_code_window": 2},
+            },
+        )
     from mmgen.tokenizers.quantizers import Quantizer
 
     noted = []
     real_note = Quantizer.note_vector_losses
     monkeypatch.setattr(
-        Quantizer, "note_vector_losses", lambda self, losses: noted.append(losses.shape) or real_note(self, losses))
+        Quantizer, "note_vector_losses", lambda self, losses: noted.append(losses.shape) or real_note(self, losses)
+    )
     full = train_tokenizer(tiny_dualvitok_cfg(tmp_path / "full", teacher_dir, **over))
     assert noted == ([(4, 9)] * 4 if text else [])  # each step's per-cell losses reach the semantic quantizer
 
@@ -188,8 +213,9 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
     m_full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     m_part = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     drop = ("elapsed_s",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in m_full] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in m_part]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in m_full] == [
+        {k: v for k, v in r.items() if k not in drop} for r in m_part
+    ]
     assert [r["step"] for r in m_full] == [1, 2, 3, 4] and ("disc" in m_full[-1]) == (gan > 0)
     assert ("text" in m_full[-1]) == ("text_prequant" in m_full[-1]) == (text > 0)
     assert all(r.get("text", 1) > 0 for r in m_full)
@@ -216,9 +242,17 @@ def test_staged_training_keeps_the_pixel_codes(teacher_dir, tmp_path):
     from mmgen.tokenizers.train import train_tokenizer
 
     first = train_tokenizer(tiny_dualvitok_cfg(tmp_path / "s1", teacher_dir))
-    stage2 = {"init_from": str(first), "freeze": ["pix_encoder", "pix_quantizer"], "text_weight": 1.0,
-              "dualvitok": {**TINY_DUALVITOK, "sem_code_dim": 12, "sem_swap": 0.2,
-                            "teacher": {"kind": "open_clip", "name": teacher_dir}}}
+    stage2 = {
+        "init_from": str(first),
+        "freeze": ["pix_encoder", "pix_quantizer"],
+        "text_weight": 1.0,
+        "dualvitok": {
+            **TINY_DUALVITOK,
+            "sem_code_dim": 12,
+            "sem_swap": 0.2,
+            "teacher": {"kind": "open_clip", "name": teacher_dir},
+        },
+    }
     second = train_tokenizer(tiny_dualvitok_cfg(tmp_path / "s2", teacher_dir, **stage2, steps=3))
     a, b = load_image_tokenizer(first), load_image_tokenizer(second)
     imgs = scenes(6)
@@ -239,7 +273,8 @@ def test_staged_training_keeps_the_pixel_codes(teacher_dir, tmp_path):
         train_tokenizer(tiny_dualvitok_cfg(tmp_path / "e2", teacher_dir, init_from=str(first), freeze=["pix_encodr"]))
     with pytest.raises(MMGenError, match="init_exclude: sem_encodr not a part"):
         train_tokenizer(
-            tiny_dualvitok_cfg(tmp_path / "e5", teacher_dir, init_from=str(first), init_exclude=["sem_encodr"]))
+            tiny_dualvitok_cfg(tmp_path / "e5", teacher_dir, init_from=str(first), init_exclude=["sem_encodr"])
+        )
     with pytest.raises(MMGenError, match="is not a saved tokenizer"):
         train_tokenizer(tiny_dualvitok_cfg(tmp_path / "e3", teacher_dir, init_from=str(tmp_path / "nowhere")))
     torch.manual_seed(1)
@@ -252,8 +287,11 @@ def test_region_text_options_need_the_region_text_cells(teacher_dir, tmp_path):
     from mmgen.tokenizers.train import train_tokenizer
 
     def cfg(name, level="sem", **over):
-        dual = {**TINY_DUALVITOK, "teacher": {"kind": "open_clip", "name": teacher_dir},
-                f"{level}_quantizer": {**TINY_DUALVITOK[f"{level}_quantizer"], "restart_sampling": "loss"}}
+        dual = {
+            **TINY_DUALVITOK,
+            "teacher": {"kind": "open_clip", "name": teacher_dir},
+            f"{level}_quantizer": {**TINY_DUALVITOK[f"{level}_quantizer"], "restart_sampling": "loss"},
+        }
         return tiny_dualvitok_cfg(tmp_path / name, teacher_dir, dualvitok=dual, **over)
 
     with pytest.raises(MMGenError, match="needs the region-text loss"):
@@ -288,16 +326,19 @@ def test_prune_codes_drops_entries_no_image_uses(tok, tmp_path):
     used = torch.unique(before["sem"])
     assert len(used) < 16  # the fixture's random codebook leaves entries unused
     report = model.prune_codes("sem", x)
-    assert report == {
-        "codebook_size_before": 16, "codebook_size": len(used)} and model.codebook_sizes["sem"] == len(used)
+    assert report == {"codebook_size_before": 16, "codebook_size": len(used)} and model.codebook_sizes["sem"] == len(
+        used
+    )
     after = model.encode(imgs)
-    assert torch.equal(
-        after["sem"], torch.searchsorted(used, before["sem"])) and torch.equal(after["pix"], before["pix"])
+    assert torch.equal(after["sem"], torch.searchsorted(used, before["sem"])) and torch.equal(
+        after["pix"], before["pix"]
+    )
     assert torch.allclose(model.decode_tensor(after), tok.decode_tensor(before), atol=1e-5)
     model.save_pretrained(tmp_path / "pruned")
     back = load_image_tokenizer(tmp_path / "pruned")
     assert back.codebook_sizes["sem"] == len(used) and torch.equal(back.encode(imgs)["sem"], after["sem"])
     from mmgen.tokenizers.train import train_tokenizer
+
     with pytest.raises(MMGenError, match="prune_codes takes code levels"):
         train_tokenizer(tiny_dualvitok_cfg(tmp_path / "bad", "unused", prune_codes=["semantic"]))
     with pytest.raises(MMGenError, match="prune_min_share must be in"):
@@ -364,7 +405,8 @@ def test_region_text_head_trains_the_semantic_codes(tok, teacher_dir):
     with pytest.raises(MMGenError, match="scene is known"):
         region_text_targets(cfg, [None, None])
     bad = tiny_dualvitok_cfg(
-        "unused", teacher_dir, dualvitok={**TINY_DUALVITOK, "teacher": {"kind": "timm", "name": "x", "model_cfg": {}}})
+        "unused", teacher_dir, dualvitok={**TINY_DUALVITOK, "teacher": {"kind": "timm", "name": "x", "model_cfg": {}}}
+    )
     with pytest.raises(MMGenError, match="text tower"):
         region_text_targets(bad, known)
 
@@ -464,9 +506,11 @@ def test_other_quantizers(teacher_dir, kind, tmp_path):
     from mmgen.tokenizers.dualvitok_train import build_dualvitok_from_config
 
     q = {"kind": kind, "codebook_size": 8, "fsq_levels": [4, 4], "rvq_levels": 2}
-    cfg = tiny_dualvitok_cfg(tmp_path, teacher_dir,
-                             dualvitok={**TINY_DUALVITOK, "teacher": {"kind": "open_clip", "name": teacher_dir},
-                                        "pix_quantizer": q})
+    cfg = tiny_dualvitok_cfg(
+        tmp_path,
+        teacher_dir,
+        dualvitok={**TINY_DUALVITOK, "teacher": {"kind": "open_clip", "name": teacher_dir}, "pix_quantizer": q},
+    )
     torch.manual_seed(0)
     m = build_dualvitok_from_config(cfg)
     m(torch.rand(4, 3, 32, 32) * 2 - 1)  # a training pass (k-means init for the EMA codebooks)
@@ -510,12 +554,14 @@ def test_bundle_and_generation_with_dual_vocab(tok, tmp_path):
 
     text = train_text_tokenizer(["a red circle on a white background", "a blue square at the top"] * 20, vocab_size=300)
     vocab = Vocab(len(text), tok.codebook_sizes, max_grid=8, sem_ratio=tok.sem_ratio)
-    Bundle(build_tiny_lm(vocab, hidden=32, layers=1, heads=2, text_tokenizer=text, seed=0), text, vocab, tok,
-           {}).save(tmp_path)
+    Bundle(build_tiny_lm(vocab, hidden=32, layers=1, heads=2, text_tokenizer=text, seed=0), text, vocab, tok, {}).save(
+        tmp_path
+    )
     bundle = load_bundle(tmp_path)
     assert isinstance(bundle.image_tokenizer, DualViTok)
-    doc = generate_interleaved(bundle, "a red circle", mode="t2i", max_new_tokens=vocab.image_block_len(4, 4) - 1,
-                               seed=0, sizes=[(4, 4)])
+    doc = generate_interleaved(
+        bundle, "a red circle", mode="t2i", max_new_tokens=vocab.image_block_len(4, 4) - 1, seed=0, sizes=[(4, 4)]
+    )
     img = doc.images[0]
     assert img.meta["codes_shape"] == [4, 4] and img.meta["sem_codes_shape"] == [2, 2]
     assert img.to_pil().size == (32, 32)

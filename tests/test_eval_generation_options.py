@@ -25,9 +25,11 @@ def test_every_suite_generates_with_the_options_cache(tmp_path):
 
     bundle = make_tiny_bundle(tmp_path / "b")
     fp8 = GenerationOptions(cache="fp8")
-    for run in (lambda o: evaluate_t2i(bundle, n=2, splits=("val",), cfg_scale=2.0, options=o),
-                lambda o: evaluate_qa(bundle, n=2, splits=("val",), options=o),
-                lambda o: evaluate_interleaved(bundle, n=2, options=o)):
+    for run in (
+        lambda o: evaluate_t2i(bundle, n=2, splits=("val",), cfg_scale=2.0, options=o),
+        lambda o: evaluate_qa(bundle, n=2, splits=("val",), options=o),
+        lambda o: evaluate_interleaved(bundle, n=2, options=o),
+    ):
         seen, handle = _caches_seen(bundle.model)
         plain = run(None)
         assert seen and set(seen) == {"DynamicCache"}
@@ -49,8 +51,9 @@ def test_buildup_cases_with_many_pictures_are_cut_before_the_last():
         assert c["instruction"] == c["items"][-1].text and c["truth"]["objects"] is not None
         assert shown[-1].meta["step"] == len(shown) - 1
     # without min_images: the cases the suite always drew
-    assert [c["instruction"] for c in buildup_cases(5, "val", 3, (32, 32))] == \
-        [c["instruction"] for c in buildup_cases(5, "val", 3, (32, 32), min_images=0)]
+    assert [c["instruction"] for c in buildup_cases(5, "val", 3, (32, 32))] == [
+        c["instruction"] for c in buildup_cases(5, "val", 3, (32, 32), min_images=0)
+    ]
     assert min(sum(it.kind == "image" for it in c["items"]) for c in buildup_cases(30, "val", 3, (32, 32))) == 1
 
 

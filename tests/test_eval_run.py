@@ -18,14 +18,16 @@ def test_wilson_and_newcombe_on_known_counts():
     assert proportion(81, 263)["ci95"] == pytest.approx([0.2553, 0.3662], abs=1e-4)
     # Newcombe (1998), method 10: 56/70 vs 48/80 -> difference 0.2, interval (0.0524, 0.3339)
     d = difference(proportion(48, 80), proportion(56, 70))
-    assert d["value"] == pytest.approx(
-        0.2) and d["ci95"] == pytest.approx([0.0524, 0.3339], abs=1e-4) and d["significant"]
+    assert (
+        d["value"] == pytest.approx(0.2) and d["ci95"] == pytest.approx([0.0524, 0.3339], abs=1e-4) and d["significant"]
+    )
     assert not difference(proportion(5, 10), proportion(6, 10))["significant"]
 
 
 def _records(out, suite):
-    return [r for line in (out / "samples" / f"{suite}.jsonl").read_text().splitlines()
-            for r in json.loads(line)["records"]]
+    return [
+        r for line in (out / "samples" / f"{suite}.jsonl").read_text().splitlines() for r in json.loads(line)["records"]
+    ]
 
 
 def test_run_writes_a_reproducible_report(bundle_dir, tmp_path):
@@ -34,16 +36,29 @@ def test_run_writes_a_reproducible_report(bundle_dir, tmp_path):
     gc = {"do_sample": True, "temperature": 0.7, "top_k": 5, "guidance_scale": 1.5}
     (bundle_dir / "generation_config.json").write_text(json.dumps(gc))
     try:
-        rep = run_eval(bundle_dir, "t2i,geneval,qa,interleaved,recon", tmp_path / "a", n=3, batch_size=2,
-                       geneval_per_tag=1,
-                       recon_n=4, continuation_n=2, top_p=0.9, progress=False)
+        rep = run_eval(
+            bundle_dir,
+            "t2i,geneval,qa,interleaved,recon",
+            tmp_path / "a",
+            n=3,
+            batch_size=2,
+            geneval_per_tag=1,
+            recon_n=4,
+            continuation_n=2,
+            top_p=0.9,
+            progress=False,
+        )
     finally:
         (bundle_dir / "generation_config.json").unlink()
     s = rep["sampling"]
     assert (s["temperature"], s["top_k"], s["top_p"], s["cfg_scale"], s["seed"]) == (0.7, 5, 0.9, 1.5, 0)
-    assert s["sources"] == {"temperature": "generation_config.json", "top_k": "generation_config.json",
-                            "top_p": "explicit",
-                            "cfg_scale": "generation_config.json", "seed": "quickstart"}
+    assert s["sources"] == {
+        "temperature": "generation_config.json",
+        "top_k": "generation_config.json",
+        "top_p": "explicit",
+        "cfg_scale": "generation_config.json",
+        "seed": "quickstart",
+    }
     assert len(rep["checkpoint"]["sha256"]) == 64 and "model.safetensors" in rep["checkpoint"]["hashed_files"]
     assert "tokenizer.json" in rep["checkpoint"]["hashed_files"]
     assert rep["evaluator"]["version"] and set(rep["suites"]) == {"t2i", "geneval", "qa", "interleaved", "recon"}
@@ -52,12 +67,18 @@ def test_run_writes_a_reproducible_report(bundle_dir, tmp_path):
     acc = t2i["metrics"]["val"]["intervals"]["all_objects"]
     assert acc["n"] == 3 and acc["k"] == round(3 * t2i["metrics"]["val"]["accuracy"]) and len(acc["ci95"]) == 2
     ge = rep["suites"]["geneval"]["metrics"]
-    assert ge["images"]["n"] == 6 and set(
-        ge["tags"]) == {"single_object", "two_object", "counting", "colors", "position",
-                        "color_attr"}
+    assert ge["images"]["n"] == 6 and set(ge["tags"]) == {
+        "single_object",
+        "two_object",
+        "counting",
+        "colors",
+        "position",
+        "color_attr",
+    }
     lines = (tmp_path / "a" / "geneval_results.jsonl").read_text().splitlines()
-    assert len(
-        lines) == 6 and {"correct", "reason", "tag", "prompt", "metadata", "details"} <= set(json.loads(lines[0]))
+    assert len(lines) == 6 and {"correct", "reason", "tag", "prompt", "metadata", "details"} <= set(
+        json.loads(lines[0])
+    )
     inter = rep["suites"]["interleaved"]["metrics"]["val"]
     assert set(inter["aspects"]) == {"perceptual_quality", "image_coherence", "text_image_coherence", "helpfulness"}
     # continuation: the model writes the next instruction itself, so text quality is judged too
@@ -99,8 +120,17 @@ def test_suites_give_the_numbers_of_the_evaluation_functions(bundle_dir, tmp_pat
     from mmgen.models.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
-    rep = run_eval(bundle_dir, "t2i,qa,interleaved", tmp_path / "e", n=5, batch_size=16, temperature=1.0, seed=3,
-                   progress=False, bundle=bundle)
+    rep = run_eval(
+        bundle_dir,
+        "t2i,qa,interleaved",
+        tmp_path / "e",
+        n=5,
+        batch_size=16,
+        temperature=1.0,
+        seed=3,
+        progress=False,
+        bundle=bundle,
+    )
     m = {k: v["metrics"] for k, v in rep["suites"].items()}
     old = evaluate_t2i(bundle, n=5, seed=3, temperature=1.0)["splits"]
     for split in ("val", "heldout"):
@@ -110,7 +140,8 @@ def test_suites_give_the_numbers_of_the_evaluation_functions(bundle_dir, tmp_pat
     inter = evaluate_interleaved(bundle, n=5, seed=3, temperature=1.0)
     got = m["interleaved"]["val"]
     assert (got["accuracy"], got["parse_rate"], got["object_recall"]) == tuple(
-        inter["splits"]["val"][k] for k in ("accuracy", "parse_rate", "object_recall"))
+        inter["splits"]["val"][k] for k in ("accuracy", "parse_rate", "object_recall")
+    )
 
 
 def test_robust_suite_judges_each_prompt_in_every_surface_form(bundle_dir, tmp_path):
@@ -131,8 +162,9 @@ def test_robust_suite_judges_each_prompt_in_every_surface_form(bundle_dir, tmp_p
         assert r["prompt"] == surface_form(base["prompt"], r["form"], f"1234-{i}")
         assert parse_caption(r["prompt"]).key() == parse_caption(base["prompt"]).key()
         if r["form"] == "as_written":
-            assert {k: v for k, v in r.items() if k not in ("id", "image", "form")} == \
-                {k: v for k, v in base.items() if k not in ("id", "image")}
+            assert {k: v for k, v in r.items() if k not in ("id", "image", "form")} == {
+                k: v for k, v in base.items() if k not in ("id", "image")
+            }
         else:
             assert r["prompt"] != base["prompt"]
     m = rep["suites"]["robust"]["metrics"]
@@ -152,7 +184,10 @@ def test_robust_suite_judges_each_prompt_in_every_surface_form(bundle_dir, tmp_p
     cmp = compare_reports(tmp_path / "a" / "report.json", tmp_path / "b" / "report.json")
     rows = {r["metric"] for r in cmp["rows"]}
     assert {
-        "robust.as_written.intervals.all_objects", "robust.no_period.intervals.all_objects", "robust.lowest"} <= rows
+        "robust.as_written.intervals.all_objects",
+        "robust.no_period.intervals.all_objects",
+        "robust.lowest",
+    } <= rows
     assert "robust.spacing.intervals.all_objects" in cmp["only_a"]
     # a resumed run reuses every batch
     again = run_eval(bundle_dir, "t2i,robust", tmp_path / "a", **kw)
@@ -182,8 +217,22 @@ def test_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
     assert main(["eval", "run", str(bundle_dir), "--suite", "t2i,speech", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown suite speech; use a comma list of t2i, robust, geneval, qa, interleaved, recon or all"
-    assert main(["eval", "run", str(bundle_dir), "--suite", "robust", "--forms", "as_written,shouting",
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "run",
+                str(bundle_dir),
+                "--suite",
+                "robust",
+                "--forms",
+                "as_written,shouting",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown surface form 'shouting'; use a comma list of as_written,") and "\n" not in err
     # a checkpoint without an image tokenizer, asked for t2i
@@ -196,8 +245,22 @@ def test_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
     assert err.startswith("error: suite t2i needs a checkpoint with an image tokenizer") and "\n" not in err
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"caption": "a red circle"}\n')
-    assert main(["eval", "run", str(bundle_dir), "--suite", "geneval", "--geneval-prompts", str(bad),
-                 "--out", str(tmp_path / "z")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "run",
+                str(bundle_dir),
+                "--suite",
+                "geneval",
+                "--geneval-prompts",
+                str(bad),
+                "--out",
+                str(tmp_path / "z"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "prompts.jsonl:1: missing tag, prompt, include" in err and "\n" not in err
     assert main(["eval", "run", str(tmp_path / "nowhere"), "--suite", "qa", "--out", str(tmp_path / "w")]) == 2

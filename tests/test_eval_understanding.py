@@ -35,7 +35,7 @@ def test_buildup_prompt_is_the_training_prefix(tmp_path):
         seq = build_sequence(_coded(bundle, Doc(items=case["items"])), bundle.text_tokenizer, bundle.vocab)
         ids = seq["input_ids"].tolist()
         # The prompt is the document so far (without its </s>) followed by <image>.
-        assert prompt[:-1] == ids[:len(prompt) - 1] and prompt[-1] == bundle.vocab["<image>"]
+        assert prompt[:-1] == ids[: len(prompt) - 1] and prompt[-1] == bundle.vocab["<image>"]
         assert case["instruction"] and case["truth"]["objects"] is not None
 
 
@@ -57,15 +57,19 @@ def test_qa_prompt_is_the_training_prefix_in_both_layouts(tmp_path):
     block = image_ids(bundle, [render(scene, 32, 32)])[0]
     # a pretraining with data.chat=roles built its QA documents as conversations: ask it in that layout
     # (an sft run builds every document in the chat template unless data.chat says otherwise)
-    for stage, chat, build in (("pretrain", "none", build_sequence), ("sft", "auto", build_chat_sequence),
-                               ("sft", "roles", build_chat_sequence), ("sft", "none", build_sequence),
-                               ("pretrain", "roles", build_chat_sequence)):
+    for stage, chat, build in (
+        ("pretrain", "none", build_sequence),
+        ("sft", "auto", build_chat_sequence),
+        ("sft", "roles", build_chat_sequence),
+        ("sft", "none", build_sequence),
+        ("pretrain", "roles", build_chat_sequence),
+    ):
         bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
         bundle.chat_template = ChatTemplate.from_training(bundle.meta)  # what a run of this stage saves
         prompt = qa_prompt_ids(bundle, block, q)
         ids = build(_coded(bundle, doc), bundle.text_tokenizer, bundle.vocab)["input_ids"].tolist()
-        assert ids[:len(prompt)] == prompt, stage
-        answer = bundle.text_tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+        assert ids[: len(prompt)] == prompt, stage
+        answer = bundle.text_tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
         assert answer.split()[0] == a  # the answer is what follows the prompt
 
 
@@ -84,16 +88,20 @@ def test_t2i_and_buildup_prompts_are_the_training_prefix_in_both_layouts(tmp_pat
     caption = Doc(items=[Text("a large red circle at the top left"), Image.from_pil(render(scene, 32, 32))])
     buildup = make_doc("buildup", random.Random(2), split="val", size=32)
     cut = [i for i, it in enumerate(buildup.items) if it.kind == "image"][1]  # draw the second picture
-    for stage, chat, build in (("pretrain", "roles", build_sequence), ("sft", "auto", build_chat_sequence),
-                               ("sft", "roles", build_sequence), ("sft", "all", build_chat_sequence)):
+    for stage, chat, build in (
+        ("pretrain", "roles", build_sequence),
+        ("sft", "auto", build_chat_sequence),
+        ("sft", "roles", build_sequence),
+        ("sft", "all", build_chat_sequence),
+    ):
         bundle.meta.update(stage=stage, config={"data": {"chat": chat}})
         bundle.chat_template = ChatTemplate.from_training(bundle.meta)  # what a run of this stage saves
         prompt = prompt_ids(bundle, caption.items[0].text, image=True)
         ids = build(_coded(bundle, caption), bundle.text_tokenizer, bundle.vocab)["input_ids"].tolist()
-        assert ids[:len(prompt)] == prompt, (stage, chat)
+        assert ids[: len(prompt)] == prompt, (stage, chat)
         prompt = buildup_prompt_ids(bundle, buildup.items[:cut])
         ids = build(_coded(bundle, buildup), bundle.text_tokenizer, bundle.vocab)["input_ids"].tolist()
-        assert ids[:len(prompt)] == prompt, (stage, chat)
+        assert ids[: len(prompt)] == prompt, (stage, chat)
     assert prompt_ids(bundle, "", image=True) == [bundle.text_tokenizer.bos_token_id, bundle.vocab["<image>"]]
 
 

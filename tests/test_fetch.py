@@ -36,9 +36,15 @@ def test_fetch_attaches_media_records_failures_and_resumes(real_dir, tmp_path):
         assert (s["urls"], s["fetched"], s["failed"]) == (10, 5, 5)
         assert (s["media_refs"], s["media_fetched"], s["media_failed"]) == (11, 6, 5)
         fails = {
-            Path(f["url"]).parent.name + "/" + Path(f["url"]).name: f for f in records(tmp_path / "out/failures.jsonl")}
-        assert set(
-            fails) == {"missing/bus2.jpg", "slow/bed.jpg", "truncated/cat.jpg", "huge/poster.png", "img/blip.jpg"}
+            Path(f["url"]).parent.name + "/" + Path(f["url"]).name: f for f in records(tmp_path / "out/failures.jsonl")
+        }
+        assert set(fails) == {
+            "missing/bus2.jpg",
+            "slow/bed.jpg",
+            "truncated/cat.jpg",
+            "huge/poster.png",
+            "img/blip.jpg",
+        }
         assert "404" in fails["missing/bus2.jpg"]["reason"]
         assert "timed out" in fails["slow/bed.jpg"]["reason"]
         assert "corrupt image" in fails["truncated/cat.jpg"]["reason"]
@@ -67,8 +73,13 @@ def test_fetch_attaches_media_records_failures_and_resumes(real_dir, tmp_path):
             p.unlink()
         before = dict(hits)
         s2 = fetch(inp, tmp_path / "out", **LIMITS)
-        assert (
-            s2["urls"], s2["fetched"], s2["failed"], s2["already_fetched"], s2["downloaded_now"]) == (10, 5, 5, 8, 2)
+        assert (s2["urls"], s2["fetched"], s2["failed"], s2["already_fetched"], s2["downloaded_now"]) == (
+            10,
+            5,
+            5,
+            8,
+            2,
+        )
         again = {p: hits[p] - before.get(p, 0) for p in hits if hits[p] != before.get(p, 0)}
         assert again == {"/missing/bus2.jpg": 1, "/slow/bed.jpg": 1}
         assert records(tmp_path / "out/failures.jsonl") == list(fails.values())
@@ -79,11 +90,24 @@ def test_per_host_rate_splits_into_waves_and_cli(real_dir, tmp_path, capsys):
 
     with serve(real_dir) as (base, hits):
         src = localize(DATA / "obelics_sample.jsonl", base, tmp_path / "o.jsonl")
-        rc = main(["fetch", str(src), str(tmp_path / "out"), "--per-host-rate", "2", "--timeout", "5",
-                   "--max-image-area", "20000000", "--to", "wds"])
+        rc = main(
+            [
+                "fetch",
+                str(src),
+                str(tmp_path / "out"),
+                "--per-host-rate",
+                "2",
+                "--timeout",
+                "5",
+                "--max-image-area",
+                "20000000",
+                "--to",
+                "wds",
+            ]
+        )
         out = capsys.readouterr()
         assert rc == 0, out.err
-        s = json.loads(out.out[out.out.index("{"):out.out.rindex("}") + 1])
+        s = json.loads(out.out[out.out.index("{") : out.out.rindex("}") + 1])
         # 3 URLs on one host at 2 requests/s: two waves, a second apart.
         assert (s["urls"], s["fetched"], s["failed"], s["waves"]) == (3, 2, 1, 2)
         assert "3 URLs: 2 fetched" in out.err
@@ -120,8 +144,9 @@ def test_area_limit_above_pillows_own_bomb_check():
         media.set_max_image_pixels(200_000_000)
         assert download_problem(buf.getvalue(), "image", None, 0, None) is None
         media.set_max_image_pixels(100_000_000)
-        assert download_problem(
-            buf.getvalue(), "image", None, 0, None).startswith("image area too large: image of 13600x13600")
+        assert download_problem(buf.getvalue(), "image", None, 0, None).startswith(
+            "image area too large: image of 13600x13600"
+        )
     finally:
         media.set_max_image_pixels(None)
 

@@ -35,14 +35,17 @@ def fate_of(res) -> str | None:
     return res["fate"]["reason"] if res["fate"] else None
 
 
-@pytest.mark.parametrize("op,params,bad_text,reason", [
-    ("text_length", {"min_words": 4}, "Too short.", "too_short"),
-    ("char_repetition", {"n": 10, "max_ratio": 0.5}, "buy cheap pills now " * 12, "ngram_repetition"),
-    ("special_chars", {}, "@@## $$%% ^^&& **(( )) !!~~ ++== <<>>", "special_characters"),
-    ("gibberish", {}, "xqzt vbnrk pwqlm jjxkq zzvtr", "gibberish"),
-    ("stopwords", {}, "Un grand carré bleu est en haut à gauche sur un fond gris.", "non_english"),
-    ("stopwords", {}, "大きな青い四角が左上にあります", "non_english"),
-])
+@pytest.mark.parametrize(
+    "op,params,bad_text,reason",
+    [
+        ("text_length", {"min_words": 4}, "Too short.", "too_short"),
+        ("char_repetition", {"n": 10, "max_ratio": 0.5}, "buy cheap pills now " * 12, "ngram_repetition"),
+        ("special_chars", {}, "@@## $$%% ^^&& **(( )) !!~~ ++== <<>>", "special_characters"),
+        ("gibberish", {}, "xqzt vbnrk pwqlm jjxkq zzvtr", "gibberish"),
+        ("stopwords", {}, "Un grand carré bleu est en haut à gauche sur un fond gris.", "non_english"),
+        ("stopwords", {}, "大きな青い四角が左上にあります", "non_english"),
+    ],
+)
 def test_text_ops_node_and_doc_level(op, params, bad_text, reason):
     doc = Doc([Text(CAPTION), picture(0), Text(bad_text)])
     # node level: only the bad paragraph goes, the document survives with its other items
@@ -68,8 +71,10 @@ def test_empty_items_and_image_checks():
     assert fate_of(run_ops([("empty_items", "node", {})], Doc([Text("")]))) == "no_items_left"
 
     tiny, wide = picture(1, 16, 16), picture(2, 200, 40)
-    res = run_ops([("image_size", "node", {"min_side": 32}), ("image_aspect", "node", {"max_aspect": 3.0})],
-                  Doc([Text(CAPTION), tiny, picture(3), wide]))
+    res = run_ops(
+        [("image_size", "node", {"min_side": 32}), ("image_aspect", "node", {"max_aspect": 3.0})],
+        Doc([Text(CAPTION), tiny, picture(3), wide]),
+    )
     assert [(e["item"], e["reason"]) for e in res["events"]] == [(1, "image_too_small"), (3, "extreme_aspect")]
     assert res["alive"] == [0, 2] and res["stats"]["items"]["3"]["image_aspect"]["aspect"] == 5.0
     assert fate_of(run_ops([("image_aspect", "doc", {})], Doc([Text(CAPTION), wide]))) == "extreme_aspect"
@@ -109,18 +114,28 @@ def test_dedup_across_shards_with_real_images(tmp_path, real_dir):
     PILImage.open(real_dir / "lena.jpg").resize((256, 256)).save(buf, "JPEG", quality=40)
     cat = (real_dir / "cat.jpg").read_bytes()
     story = "The portrait was scanned in the lab and it has been used by many people for their tests since then."
-    docs_a = [Doc([Text("A portrait of a woman with a hat."), Image(data=lena)]),
-              Doc([Text("A cat is sitting and looking at the camera."), Image(data=cat)]),
-              Doc([Text(story), Image(data=lena)], id="story")]
-    docs_b = [Doc([Text("a portrait of a WOMAN,  with a hat!"), Image(data=lena)]),  # exact dup after normalising
-              Doc([Text("Another photo of the same portrait."), Image(data=buf.getvalue())]),  # near-dup image
-              Doc([Text(story.replace("many", "a lot of")), Image(data=buf.getvalue())]),  # near-dup doc
-              Doc([Text("The cat again, a second time."), Image(data=cat)])]  # exact dup image
+    docs_a = [
+        Doc([Text("A portrait of a woman with a hat."), Image(data=lena)]),
+        Doc([Text("A cat is sitting and looking at the camera."), Image(data=cat)]),
+        Doc([Text(story), Image(data=lena)], id="story"),
+    ]
+    docs_b = [
+        Doc([Text("a portrait of a WOMAN,  with a hat!"), Image(data=lena)]),  # exact dup after normalising
+        Doc([Text("Another photo of the same portrait."), Image(data=buf.getvalue())]),  # near-dup image
+        Doc([Text(story.replace("many", "a lot of")), Image(data=buf.getvalue())]),  # near-dup doc
+        Doc([Text("The cat again, a second time."), Image(data=cat)]),
+    ]  # exact dup image
     write_shards(docs_a, tmp_path / "in", prefix="a")
     write_shards(docs_b, tmp_path / "in", prefix="b")
-    recipe = {"name": "dd", "ops": [{"op": "doc_dedup"}, {"op": "doc_near_dedup", "params": {"threshold": 0.5}},
-                                    {"op": "image_dedup", "level": "node"},
-                                    {"op": "image_near_dedup", "level": "node", "params": {"radius": 8}}]}
+    recipe = {
+        "name": "dd",
+        "ops": [
+            {"op": "doc_dedup"},
+            {"op": "doc_near_dedup", "params": {"threshold": 0.5}},
+            {"op": "image_dedup", "level": "node"},
+            {"op": "image_near_dedup", "level": "node", "params": {"radius": 8}},
+        ],
+    }
     s = run_filter(recipe, str(tmp_path / "in"), tmp_path / "out", workers=1, progress=False)
     ids_a = [d.id for d in docs_a]
     rej = {(r["reason"], r["id"]): r["duplicate_of"] for r in _rejects(tmp_path / "out")}
@@ -151,16 +166,23 @@ def _corpus(tmp_path: Path) -> Path:
         docs.append(d)
     docs.append(Doc([Text(f"Picture {0}: " + CAPTION), picture(0)]))  # exact duplicate of doc 0
     for k in range(3):
-        write_shards(docs[k * 6:(k + 1) * 6 + (k == 2)], src, prefix=f"s{k}")
+        write_shards(docs[k * 6 : (k + 1) * 6 + (k == 2)], src, prefix=f"s{k}")
     good = (src / "s0-000000.tar").read_bytes()
     (src / "s3-000000.tar").write_bytes(good[: len(good) // 2] + b"\x00garbage" * 10)
     return src
 
 
 def _recipe():
-    return {"name": "t", "ops": [
-        {"op": "empty_items", "level": "node"}, {"op": "gibberish", "level": "node"},
-        {"op": "image_decode", "level": "node"}, {"op": "doc_dedup"}, {"op": "image_dedup", "level": "node"}]}
+    return {
+        "name": "t",
+        "ops": [
+            {"op": "empty_items", "level": "node"},
+            {"op": "gibberish", "level": "node"},
+            {"op": "image_decode", "level": "node"},
+            {"op": "doc_dedup"},
+            {"op": "image_dedup", "level": "node"},
+        ],
+    }
 
 
 def _snapshot(out: Path) -> dict:
@@ -205,7 +227,8 @@ def test_runner_quarantine_counts_workers_and_resume(tmp_path, monkeypatch):
     seen = []
     real = pl.process_unit
     monkeypatch.setattr(
-        pl, "process_unit", lambda ops, unit, *a: seen.append(Path(unit.path).name) or real(ops, unit, *a))
+        pl, "process_unit", lambda ops, unit, *a: seen.append(Path(unit.path).name) or real(ops, unit, *a)
+    )
     s3 = run_filter(_recipe(), str(src / "*.tar"), out, workers=1, shard_size=4, progress=False)
     assert seen == ["s2-000000.tar", "s3-000000.tar"]
     assert s3 == s1 and _snapshot(out) == _snapshot(tmp_path / "o2")
@@ -223,8 +246,11 @@ def test_operator_modules_register_their_operators_in_spawned_workers(tmp_path):
     write_world(tmp_path / "w", n_docs=40, seed=5, defect_rate=0.6, shard_size=10, mix="caption=1", progress=False)
     labels = [json.loads(x) for x in (tmp_path / "w" / "labels.jsonl").open()]
     mismatched = sum(any(d["type"] == "mismatched_caption" for d in lab["defects"]) for lab in labels)
-    recipe = {"name": "scenes", "operator_modules": ["mmgen.world.ops"],
-              "ops": [{"op": "scene_caption_match", "level": "node"}]}
+    recipe = {
+        "name": "scenes",
+        "operator_modules": ["mmgen.world.ops"],
+        "ops": [{"op": "scene_caption_match", "level": "node"}],
+    }
     src = str(tmp_path / "w" / "*.tar")
     one = run_filter(recipe, src, tmp_path / "one", workers=1, progress=False, report=False)
     two = run_filter(recipe, src, tmp_path / "two", workers=2, progress=False, report=False)
@@ -236,8 +262,11 @@ def test_operator_modules_register_their_operators_in_spawned_workers(tmp_path):
 
 def test_recipe_errors():
     with pytest.raises(MMGenError, match=r"ops\[1\] \(gibberish\).*'params.max_scor'.*did you mean 'max_score'"):
-        run_filter({"name": "x", "ops": [{"op": "text_length"}, {"op": "gibberish", "params": {"max_scor": 0.2}}]},
-                   "unused", "unused")
+        run_filter(
+            {"name": "x", "ops": [{"op": "text_length"}, {"op": "gibberish", "params": {"max_scor": 0.2}}]},
+            "unused",
+            "unused",
+        )
     with pytest.raises(MMGenError, match="did you mean 'image_near_dedup'"):
         run_filter({"ops": [{"op": "image_near_dedupe"}]}, "unused", "unused")
     with pytest.raises(MMGenError, match="move deduplication ops to the end"):
@@ -254,8 +283,20 @@ def test_cli_filter_named_recipe_and_dry_run(tmp_path, capsys):
     docs = [Doc([Text(f"Scene {i}. " + CAPTION), picture(i)]) for i in range(4)]
     docs += [Doc([Text("qqqq zzzz xxxx vvvv"), picture(9, 8, 8)])]  # gibberish text and a tiny image
     write_shards(docs, tmp_path / "in")
-    rc = main(["filter", "--recipe", "shapesworld", "--input", str(tmp_path / "in" / "*.tar"),
-               "--out", str(tmp_path / "dry"), "--workers", "1", "--dry-run"])
+    rc = main(
+        [
+            "filter",
+            "--recipe",
+            "shapesworld",
+            "--input",
+            str(tmp_path / "in" / "*.tar"),
+            "--out",
+            str(tmp_path / "dry"),
+            "--workers",
+            "1",
+            "--dry-run",
+        ]
+    )
     assert rc == 0 and "4 kept" in capsys.readouterr().out
     s = json.loads((tmp_path / "dry" / "summary.json").read_text())
     assert s["dry_run"] and s["rejected"] == 1 and not list((tmp_path / "dry" / "shards").glob("*.tar"))

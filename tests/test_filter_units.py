@@ -20,9 +20,14 @@ from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = {"name": "u", "ops": [{"op": "text_length", "level": "doc", "params": {"min_words": 3}},
-                               {"op": "special_characters_filter", "level": "doc", "params": {"max_value": 0.2}},
-                               {"op": "doc_dedup"}]}
+RECIPE = {
+    "name": "u",
+    "ops": [
+        {"op": "text_length", "level": "doc", "params": {"min_words": 3}},
+        {"op": "special_characters_filter", "level": "doc", "params": {"max_value": 0.2}},
+        {"op": "doc_dedup"},
+    ],
+}
 WORDS = ["red", "square", "circle", "sits", "left", "of", "a", "blue", "gray", "background", "large", "small"]
 
 
@@ -49,8 +54,10 @@ def canonical(out: Path) -> dict:
         for d in read_shard(p):
             d.provenance.pop("shard"), d.provenance.pop("member")  # where this run wrote it
             kept.append(d.to_json())
-    lines = {sub: [json.loads(x) for p in sorted((out / sub).glob("*.jsonl")) for x in p.open()]
-             for sub in ("rejects", "quarantine")}
+    lines = {
+        sub: [json.loads(x) for p in sorted((out / sub).glob("*.jsonl")) for x in p.open()]
+        for sub in ("rejects", "quarantine")
+    }
     summary = json.loads((out / "summary.json").read_text())
     for k in ("units", "output_shards"):
         summary.pop(k)
@@ -58,8 +65,11 @@ def canonical(out: Path) -> dict:
 
 
 def snapshot(out: Path) -> dict:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
 
 
 @pytest.fixture()
@@ -72,7 +82,7 @@ def big_jsonl(tmp_path) -> Path:
 
 def test_units_partition_the_lines(big_jsonl):
     n_lines = len(big_jsonl.read_text().splitlines())
-    for unit_bytes in (1, 97, 1000, 4096, 10 ** 9):
+    for unit_bytes in (1, 97, 1000, 4096, 10**9):
         units = plan_units([str(big_jsonl)], "auto", unit_bytes)
         assert all(u.fmt == "dj" for u in units)
         seen = []
@@ -83,7 +93,7 @@ def test_units_partition_the_lines(big_jsonl):
         assert seen == [i for i in range(1, n_lines + 1) if i not in blank], unit_bytes
         if unit_bytes == 1000:
             assert len(units) > 10 and all(u.path == str(big_jsonl) and u.end is not None for u in units)
-        if unit_bytes == 10 ** 9:
+        if unit_bytes == 10**9:
             assert len(units) == 1
 
 
@@ -102,11 +112,17 @@ def test_same_output_for_any_unit_size_and_worker_count(big_jsonl, tmp_path):
 def test_killed_run_resumes_to_the_same_output(big_jsonl, tmp_path):
     ref = run_filter(RECIPE, str(big_jsonl), tmp_path / "ref", workers=2, progress=False, unit_bytes=2000)
     out = tmp_path / "killed"
-    code = ("from mmgen.data.pipeline import run_filter; import json, sys; "
-            f"run_filter(json.loads(sys.argv[1]), {str(big_jsonl)!r}, {str(out)!r}, workers=2, progress=False, "
-            "unit_bytes=2000)")
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(RECIPE)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), KILL_ENV: "150"})
+    code = (
+        "from mmgen.data.pipeline import run_filter; import json, sys; "
+        f"run_filter(json.loads(sys.argv[1]), {str(big_jsonl)!r}, {str(out)!r}, workers=2, progress=False, "
+        "unit_bytes=2000)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(RECIPE)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), KILL_ENV: "150"},
+    )
     assert r.returncode == -9, r.stderr[-2000:]
     done = len(list((out / "done").glob("*.json")))
     assert 0 < done < ref["units"]
@@ -151,8 +167,9 @@ def test_ray_executor_matches_local_on_units(big_jsonl, tmp_path):
     local = run_filter(RECIPE, str(big_jsonl), tmp_path / "local", workers=2, progress=False, unit_bytes=4000)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        s = run_filter(RECIPE, str(big_jsonl), tmp_path / "ray", executor="ray", workers=2, progress=False,
-                       unit_bytes=4000)
+        s = run_filter(
+            RECIPE, str(big_jsonl), tmp_path / "ray", executor="ray", workers=2, progress=False, unit_bytes=4000
+        )
     finally:
         ray.shutdown()
     assert s == local and snapshot(tmp_path / "ray") == snapshot(tmp_path / "local")

@@ -11,18 +11,30 @@ from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard
 
 DATA = Path(__file__).parent / "data"
-RECIPE = {"name": "urls", "ops": [
-    {"op": "empty_items"}, {"op": "image_decode"},
-    {"op": "image_shape_filter", "params": {"min_width": 10, "min_height": 10}},
-    {"op": "image_doc_near_dedup"}, {"op": "url_dedup", "level": "node"}, {"op": "image_dedup"}, {"op": "doc_dedup"},
-]}
+RECIPE = {
+    "name": "urls",
+    "ops": [
+        {"op": "empty_items"},
+        {"op": "image_decode"},
+        {"op": "image_shape_filter", "params": {"min_width": 10, "min_height": 10}},
+        {"op": "image_doc_near_dedup"},
+        {"op": "url_dedup", "level": "node"},
+        {"op": "image_dedup"},
+        {"op": "doc_dedup"},
+    ],
+}
 
 
 def test_url_images_are_kept_unjudged_and_counted(tmp_path, capsys):
     from mmgen.commands.filter import summary_line
 
-    s = run_filter(RECIPE, [str(DATA / "mmc4_sample.jsonl"), str(DATA / "obelics_sample.jsonl")], tmp_path / "o",
-                   workers=1, progress=False)
+    s = run_filter(
+        RECIPE,
+        [str(DATA / "mmc4_sample.jsonl"), str(DATA / "obelics_sample.jsonl")],
+        tmp_path / "o",
+        workers=1,
+        progress=False,
+    )
     assert (s["input"], s["kept"], s["rejected"], s["quarantined"]) == (5, 5, 0, 0)
     # 10 URL images; the OBELICS bus photo has the URL of an MMC4 one: url_dedup needs no bytes to see it.
     assert (s["nodes_removed"], s["nodes_quarantined"], s["media_not_fetched"]) == (1, 0, 9)
@@ -44,8 +56,15 @@ def test_console_summary_counts_node_quarantines(tmp_path, real_dir, capsys):
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    docs = [Doc(items=[Text("a real photo and a broken one"), Image(path=str(real_dir / "cat.jpg")),
-                       Image(path=str(broken))])]
+    docs = [
+        Doc(
+            items=[
+                Text("a real photo and a broken one"),
+                Image(path=str(real_dir / "cat.jpg")),
+                Image(path=str(broken)),
+            ]
+        )
+    ]
     write_records(docs, tmp_path / "in.jsonl", "mmgen")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("ops:\n  - op: image_decode\n")

@@ -22,8 +22,9 @@ def out_for(tmp: Path, fmt: str, name: str = "out") -> Path:
 
 def signature(doc: Doc):
     """What must survive a round trip: item kinds and order, texts, media bytes, all metadata, id."""
-    items = [(it.kind, it.text if isinstance(it, Text) else hashlib.sha1(it.load()).hexdigest(), it.meta)
-             for it in doc.items]
+    items = [
+        (it.kind, it.text if isinstance(it, Text) else hashlib.sha1(it.load()).hexdigest(), it.meta) for it in doc.items
+    ]
     return items, doc.meta, doc.id
 
 
@@ -56,29 +57,36 @@ def records(path: Path) -> list[dict]:
 def rich_doc(real_dir) -> Doc:
     """Texts, every media kind from the real folder, item and doc metadata, a media-first opening,
     consecutive texts and a doc.meta key that collides with a format field."""
-    return Doc(items=[
-        Image(path=str(real_dir / "img1.png")),
-        Text("A comfortable bed.", {"lang": "en"}),
-        Text("Second sentence, same paragraph."),
-        Audio(path=str(real_dir / "audio3.ogg"), meta={"speaker": "s1"}),
-        Text("After the sound.  Two spaces inside."),
-        Video(path=str(real_dir / "video1.mp4")),
-        Image(data=(real_dir / "cat.jpg").read_bytes(), meta={"matched_sim": 0.31, "alt": "a cat"}),
-        Text("你好，最后一句。"),
-    ], meta={"url": "https://example.org/a", "texts": "a doc.meta key named like an OBELICS field"})
+    return Doc(
+        items=[
+            Image(path=str(real_dir / "img1.png")),
+            Text("A comfortable bed.", {"lang": "en"}),
+            Text("Second sentence, same paragraph."),
+            Audio(path=str(real_dir / "audio3.ogg"), meta={"speaker": "s1"}),
+            Text("After the sound.  Two spaces inside."),
+            Video(path=str(real_dir / "video1.mp4")),
+            Image(data=(real_dir / "cat.jpg").read_bytes(), meta={"matched_sim": 0.31, "alt": "a cat"}),
+            Text("你好，最后一句。"),
+        ],
+        meta={"url": "https://example.org/a", "texts": "a doc.meta key named like an OBELICS field"},
+    )
 
 
 @pytest.fixture()
 def chat_doc(real_dir) -> Doc:
-    return Doc(id="chat-7", items=[
-        Image(path=str(real_dir / "img2.jpg"), meta={"role": "human", "turn": 0}),
-        Text("\nWhat vehicle is this?", {"role": "human", "turn": 0}),
-        Text("A bus.", {"role": "gpt", "turn": 1, "weight": 1.0}),
-        Text("And this one?\n", {"role": "human", "turn": 2}),
-        Image(path=str(real_dir / "cat.jpg"), meta={"role": "human", "turn": 2}),
-        Video(path=str(real_dir / "video4.mp4"), meta={"role": "human", "turn": 2}),
-        Text("A cat, then a street.", {"role": "gpt", "turn": 3}),
-    ], meta={"source_set": "hand-made"})
+    return Doc(
+        id="chat-7",
+        items=[
+            Image(path=str(real_dir / "img2.jpg"), meta={"role": "human", "turn": 0}),
+            Text("\nWhat vehicle is this?", {"role": "human", "turn": 0}),
+            Text("A bus.", {"role": "gpt", "turn": 1, "weight": 1.0}),
+            Text("And this one?\n", {"role": "human", "turn": 2}),
+            Image(path=str(real_dir / "cat.jpg"), meta={"role": "human", "turn": 2}),
+            Video(path=str(real_dir / "video4.mp4"), meta={"role": "human", "turn": 2}),
+            Text("A cat, then a street.", {"role": "gpt", "turn": 3}),
+        ],
+        meta={"source_set": "hand-made"},
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -103,38 +111,78 @@ def _source_records(real_dir: Path) -> dict[str, list[dict]]:
     meta_img = {"src": "https://example.org/img1.png", "alt_text": "a bed", "rendered_width": 336}
     return {
         "obelics": [
-            {"texts": ["First paragraph.", None, "Second paragraph.", None],
-             "images": [None, "img1.png", None, "img8.jpg"],
-             "metadata": json.dumps([None, meta_img, None, {"src": "b"}]),
-             "general_metadata": json.dumps({"url": "https://example.org", "warc_record_offset": 12})},
-            {"id": "omni-1", "texts": [None, "Caption after a URL image."],
-             "images": ["https://example.org/x.jpg", None],
-             "metadata": [{"width": 10}, None], "general_metadata": {"url": "u"}, "language": "en"},
+            {
+                "texts": ["First paragraph.", None, "Second paragraph.", None],
+                "images": [None, "img1.png", None, "img8.jpg"],
+                "metadata": json.dumps([None, meta_img, None, {"src": "b"}]),
+                "general_metadata": json.dumps({"url": "https://example.org", "warc_record_offset": 12}),
+            },
+            {
+                "id": "omni-1",
+                "texts": [None, "Caption after a URL image."],
+                "images": ["https://example.org/x.jpg", None],
+                "metadata": [{"width": 10}, None],
+                "general_metadata": {"url": "u"},
+                "language": "en",
+            },
         ],
         "mmc4": [
-            {"url": "https://example.org/p", "text_list": ["Sentence one.", "Sentence two.", "Sentence three."],
-             "image_info": [{"image_name": "cat.jpg", "raw_url": "https://cdn/cat.jpg", "matched_text_index": 0,
-                             "matched_sim": 0.28},
-                            {"image_name": "img3.jpg", "raw_url": "https://cdn/3.jpg", "matched_text_index": 2,
-                             "matched_sim": 0.22}],
-             "similarity_matrix": [[0.28, 0.1, 0.0], [0.0, 0.1, 0.22]], "could_have_url_duplicate": 0},
+            {
+                "url": "https://example.org/p",
+                "text_list": ["Sentence one.", "Sentence two.", "Sentence three."],
+                "image_info": [
+                    {
+                        "image_name": "cat.jpg",
+                        "raw_url": "https://cdn/cat.jpg",
+                        "matched_text_index": 0,
+                        "matched_sim": 0.28,
+                    },
+                    {
+                        "image_name": "img3.jpg",
+                        "raw_url": "https://cdn/3.jpg",
+                        "matched_text_index": 2,
+                        "matched_sim": 0.22,
+                    },
+                ],
+                "similarity_matrix": [[0.28, 0.1, 0.0], [0.0, 0.1, 0.22]],
+                "could_have_url_duplicate": 0,
+            },
             {"text_list": ["Only a URL."], "image_info": [{"raw_url": "https://cdn/u.png", "matched_text_index": 0}]},
         ],
         "dj": [
-            {"text": "<__dj__image> A comfortable bed. <|__dj__eoc|> <__dj__audio> a sound <|__dj__eoc|>",
-             "images": ["img1.png"], "audios": ["audio1.wav"], "__dj__stats__": {"lang": "en"}},
-            {"text": "<__dj__video>  two spaces\nthen a line <__dj__image><__dj__image> end", "videos": ["video4.mp4"],
-             "images": ["lena.jpg", "lena-face.jpg"], "id": 42},
+            {
+                "text": "<__dj__image> A comfortable bed. <|__dj__eoc|> <__dj__audio> a sound <|__dj__eoc|>",
+                "images": ["img1.png"],
+                "audios": ["audio1.wav"],
+                "__dj__stats__": {"lang": "en"},
+            },
+            {
+                "text": "<__dj__video>  two spaces\nthen a line <__dj__image><__dj__image> end",
+                "videos": ["video4.mp4"],
+                "images": ["lena.jpg", "lena-face.jpg"],
+                "id": 42,
+            },
             {"text": "plain text only"},
         ],
         "llava": [
-            {"id": "000001", "image": "img2.jpg",
-             "conversations": [{"from": "human", "value": "<image>\nWhat is in the picture?"},
-                               {"from": "gpt", "value": "A bus on a street."}]},
-            {"id": "000002", "image": ["cat.jpg", "blip.jpg"], "video": ["video1.mp4"],
-             "conversations": [{"from": "human", "value": "Compare <image> and <image>, then <video>"},
-                               {"from": "gpt", "value": "Both are photos.", "weight": 0.5},
-                               {"from": "gpt", "value": "A second gpt turn."}]},
+            {
+                "id": "000001",
+                "image": "img2.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is in the picture?"},
+                    {"from": "gpt", "value": "A bus on a street."},
+                ],
+            },
+            {
+                "id": "000002",
+                "image": ["cat.jpg", "blip.jpg"],
+                "video": ["video1.mp4"],
+                "conversations": [
+                    {"from": "human", "value": "Compare <image> and <image>, then <video>"},
+                    {"from": "gpt", "value": "Both are photos.", "weight": 0.5},
+                    {"from": "gpt", "value": "A second gpt turn."},
+                ],
+            },
             {"id": "000003", "image": ["img10.jpg"], "conversations": [{"from": "human", "value": "<image>"}]},
         ],
     }
@@ -167,8 +215,13 @@ def test_format_specific_structure(real_dir, tmp_path):
     src = tmp_path / "mmc4.jsonl"
     src.write_text(json.dumps(recs["mmc4"][0]) + "\n")
     (doc,), _ = read_all(src, "mmc4", media_root=str(real_dir))
-    assert [getattr(it, "text", it.kind) for it in doc.items] == \
-        ["Sentence one.", "image", "Sentence two.", "Sentence three.", "image"]
+    assert [getattr(it, "text", it.kind) for it in doc.items] == [
+        "Sentence one.",
+        "image",
+        "Sentence two.",
+        "Sentence three.",
+        "image",
+    ]
     assert doc.items[1].meta == {"matched_sim": 0.28}
     assert (doc.items[1].url, doc.items[1].path) == ("https://cdn/cat.jpg", str(real_dir / "cat.jpg"))
     src = tmp_path / "llava.json"  # LLaVA's own files are one JSON array
@@ -176,7 +229,10 @@ def test_format_specific_structure(real_dir, tmp_path):
     docs, bad = read_all(src, "llava", media_root=str(real_dir))
     assert len(docs) == 3 and not bad
     assert [(it.kind, it.meta["role"]) for it in docs[0].items] == [
-        ("image", "human"), ("text", "human"), ("text", "gpt")]
+        ("image", "human"),
+        ("text", "human"),
+        ("text", "gpt"),
+    ]
     assert docs[0].id == "000001"
     out = tmp_path / "o" / "llava.json"
     write_records(docs, out, "llava")
@@ -187,7 +243,8 @@ def test_real_data_juicer_demos(real_dir, tmp_path):
     docs, bad = read_all(real_dir / "dj-demo-images.jsonl", "dj", media_root=str(real_dir))
     assert len(docs) == 3 and not bad
     assert [d.images[0].load() for d in docs] == [
-        (real_dir / n).read_bytes() for n in ("img1.png", "img2.jpg", "img3.jpg")]
+        (real_dir / n).read_bytes() for n in ("img1.png", "img2.jpg", "img3.jpg")
+    ]
     assert [d.texts[0].text for d in docs][:2] == ["A comfortable bed.", "A bus."]
     # The same via an explicit prefix rewrite instead of a media root.
     docs2, _ = read_all(real_dir / "dj-demo-images.jsonl", "dj", path_map={"../../tests/ops/data/": f"{real_dir}/"})
@@ -199,8 +256,12 @@ def test_real_data_juicer_demos(real_dir, tmp_path):
     docs, bad = read_all(real_dir / "dj-demo-videos.jsonl", "dj", media_root=str(real_dir))
     assert [d.texts[0].text for d in docs] == ["a cartoon", "一段卡通"]
     assert all(d.videos[0].load() == (real_dir / "video1.mp4").read_bytes() for d in docs)
-    assert [(b.line, b.reason) for b in bad] == [(3, "missing_media"), (4, "missing_media"),
-                                                 (5, "missing_media"), (6, "missing_media")]
+    assert [(b.line, b.reason) for b in bad] == [
+        (3, "missing_media"),
+        (4, "missing_media"),
+        (5, "missing_media"),
+        (6, "missing_media"),
+    ]
     assert ["video2.mp4" in bad[0].detail, "video3.mp4" in bad[3].detail] == [True, True]
 
     docs, bad = read_all(real_dir / "dj-demo-dedup.jsonl", "dj")
@@ -216,8 +277,13 @@ def test_chain_dj_wds_obelics_mmc4_dj(real_dir, tmp_path):
     lines += [json.dumps(r) for r in _source_records(real_dir)["dj"]]
     src.write_text("\n".join(lines) + "\n")
     summaries = []
-    steps = [("dj", src), ("wds", tmp_path / "s1"), ("obelics", tmp_path / "s2.jsonl"), ("mmc4", tmp_path / "s3.jsonl"),
-             ("dj", tmp_path / "s4.jsonl")]
+    steps = [
+        ("dj", src),
+        ("wds", tmp_path / "s1"),
+        ("obelics", tmp_path / "s2.jsonl"),
+        ("mmc4", tmp_path / "s3.jsonl"),
+        ("dj", tmp_path / "s4.jsonl"),
+    ]
     for (a, pa), (b, pb) in zip(steps, steps[1:]):
         summaries.append(convert(pa, pb, a, b, media_root=str(real_dir), progress=False))
     assert [(s["read"], s["written"], s["bad"]) for s in summaries] == [(len(lines), len(lines), 0)] * 4
@@ -230,24 +296,34 @@ def test_chain_dj_wds_obelics_mmc4_dj(real_dir, tmp_path):
 
 def test_bad_records_have_reasons_and_counts_add_up(real_dir, tmp_path):
     src = tmp_path / "bad.jsonl"
-    src.write_text("\n".join([
-        json.dumps({"text": "<__dj__image> fine", "images": [str(real_dir / "img1.png")]}),
-        '{"text": "broken json", ',
-        json.dumps({"texts_typo": "no text field"}),
-        json.dumps({"text": "<__dj__image> <__dj__image> two", "images": [str(real_dir / "img1.png")]}),
-        json.dumps({"text": "<__dj__audio> gone", "audios": ["nowhere/missing.wav"]}),
-        "",
-        json.dumps([1, 2]),
-        json.dumps({"text": "ok again"}),
-    ]) + "\n")
+    src.write_text(
+        "\n".join(
+            [
+                json.dumps({"text": "<__dj__image> fine", "images": [str(real_dir / "img1.png")]}),
+                '{"text": "broken json", ',
+                json.dumps({"texts_typo": "no text field"}),
+                json.dumps({"text": "<__dj__image> <__dj__image> two", "images": [str(real_dir / "img1.png")]}),
+                json.dumps({"text": "<__dj__audio> gone", "audios": ["nowhere/missing.wav"]}),
+                "",
+                json.dumps([1, 2]),
+                json.dumps({"text": "ok again"}),
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
     # the image lives outside the input's folder: media_root names its folder as part of the corpus
     s = convert(src, out, "dj", "obelics", media_root=str(real_dir), progress=False)
     assert (s["read"], s["written"], s["bad"]) == (7, 2, 5)
     assert s["bad_reasons"] == {"bad_json": 1, "bad_schema": 2, "media_count_mismatch": 1, "missing_media": 1}
     errs = records(errors_path(out, "obelics"))
-    assert [(e["line"], e["reason"]) for e in errs] == [(2, "bad_json"), (3, "bad_schema"), (4, "media_count_mismatch"),
-                                                        (5, "missing_media"), (7, "bad_schema")]
+    assert [(e["line"], e["reason"]) for e in errs] == [
+        (2, "bad_json"),
+        (3, "bad_schema"),
+        (4, "media_count_mismatch"),
+        (5, "missing_media"),
+        (7, "bad_schema"),
+    ]
     assert "missing.wav" in errs[3]["detail"] and errs[1]["raw"] == json.dumps({"texts_typo": "no text field"})
     assert len(records(out)) == 2
     # A media file that vanishes between reading and writing quarantines that doc, the rest is written.
@@ -275,11 +351,22 @@ def test_cli_convert_end_to_end(real_dir, tmp_path, capsys):
     from mmgen.cli import main
 
     out = tmp_path / "shards"
-    rc = main(["convert", "--from", "dj", "--to", "wds", str(real_dir / "dj-demo-videos.jsonl"), str(out),
-               "--media-root", str(real_dir)])
+    rc = main(
+        [
+            "convert",
+            "--from",
+            "dj",
+            "--to",
+            "wds",
+            str(real_dir / "dj-demo-videos.jsonl"),
+            str(out),
+            "--media-root",
+            str(real_dir),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0
-    summary = json.loads(captured.out[captured.out.index("{"):captured.out.rindex("}") + 1])
+    summary = json.loads(captured.out[captured.out.index("{") : captured.out.rindex("}") + 1])
     assert (summary["read"], summary["written"], summary["bad"]) == (6, 2, 4)
     assert "4 bad record(s)" in captured.err
     errs = records(out / "errors.jsonl")

@@ -26,15 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 20261207
 N_RECORDS = 320
 UNIT_BYTES = 6000
-RECIPE = {"name": "fuzz", "max_image_pixels": 4_000_000, "ops": [
-    {"op": "empty_items", "level": "node"},
-    {"op": "image_shape_filter", "level": "node", "params": {"min_width": 8, "min_height": 8}},
-    {"op": "image_decode", "level": "node"},
-    {"op": "text_length", "level": "doc", "params": {"min_words": 2}},
-    {"op": "special_characters_filter", "level": "doc", "params": {"max_value": 0.4}},
-    {"op": "doc_dedup"}, {"op": "image_near_dedup"}]}
+RECIPE = {
+    "name": "fuzz",
+    "max_image_pixels": 4_000_000,
+    "ops": [
+        {"op": "empty_items", "level": "node"},
+        {"op": "image_shape_filter", "level": "node", "params": {"min_width": 8, "min_height": 8}},
+        {"op": "image_decode", "level": "node"},
+        {"op": "text_length", "level": "doc", "params": {"min_words": 2}},
+        {"op": "special_characters_filter", "level": "doc", "params": {"max_value": 0.4}},
+        {"op": "doc_dedup"},
+        {"op": "image_near_dedup"},
+    ],
+}
 WORDS = "a red circle and blue square sit on the gray background left right top bottom".split()
-JUNK_VALUES = [None, 0, -1, 1.5, True, "", "x", [], {}, [None], [1, [2, [3]]], {"a": {"b": []}}, 10 ** 30, -1e308]
+JUNK_VALUES = [None, 0, -1, 1.5, True, "", "x", [], {}, [None], [1, [2, [3]]], {"a": {"b": []}}, 10**30, -1e308]
 
 
 def _png(rng: random.Random, w: int, h: int) -> bytes:
@@ -69,8 +75,16 @@ def _media(root: Path, rng: random.Random) -> list[str]:
     (root / "bomb.png").write_bytes(bomb_png(4000, 4000))  # 16M pixels: over the recipe's 4M
     (root / "text.png").write_text("not a picture\n")
     (root / "empty.png").write_bytes(b"")
-    return names + ["bomb.png", "text.png", "empty.png", "missing.png", "../outside.png", "/etc/hostname",
-                    "~/x.png", "sub/../../outside.png"]
+    return names + [
+        "bomb.png",
+        "text.png",
+        "empty.png",
+        "missing.png",
+        "../outside.png",
+        "/etc/hostname",
+        "~/x.png",
+        "sub/../../outside.png",
+    ]
 
 
 def _text(rng: random.Random) -> str:
@@ -83,18 +97,20 @@ def _junk(rng: random.Random, depth: int = 0):
         return rng.choice(JUNK_VALUES + [_text(rng)])
     if r < 0.75:
         return [_junk(rng, depth + 1) for _ in range(rng.randrange(4))]
-    return {rng.choice(["text", "images", "items", "id", "type", "path", "meta", "k"]): _junk(rng, depth + 1)
-            for _ in range(rng.randrange(4))}
+    return {
+        rng.choice(["text", "images", "items", "id", "type", "path", "meta", "k"]): _junk(rng, depth + 1)
+        for _ in range(rng.randrange(4))
+    }
 
 
 def _record(rng: random.Random, fmt: str, media: list[str]) -> dict:
     refs = [rng.choice(media) for _ in range(rng.randrange(0, 3))]
     if fmt == "dj":
         text = " ".join(f"<__dj__image> {_text(rng)}" for _ in refs) or _text(rng)
-        return {"id": f"r{rng.randrange(10 ** 6)}", "text": text, "images": refs}
+        return {"id": f"r{rng.randrange(10**6)}", "text": text, "images": refs}
     items = [{"type": "text", "text": _text(rng)}] + [{"type": "image", "path": r} for r in refs]
     rng.shuffle(items)
-    return {"id": f"m{rng.randrange(10 ** 6)}", "items": items, "meta": {"n": rng.randrange(9)}}
+    return {"id": f"m{rng.randrange(10**6)}", "items": items, "meta": {"n": rng.randrange(9)}}
 
 
 def _mutate(rng: random.Random, rec: dict, fmt: str) -> bytes:
@@ -164,19 +180,33 @@ def corpus(tmp_path_factory):
 
 
 def snapshot(out: Path) -> dict:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmgen", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "mmgen", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def test_fuzzed_filter_python_cli_and_resume(corpus, tmp_path):
     files, expected = corpus
-    ref = run_filter(RECIPE, str(files[0].parent), tmp_path / "py", workers=1, progress=False, unit_bytes=UNIT_BYTES,
-                     save_reject_media=True)
+    ref = run_filter(
+        RECIPE,
+        str(files[0].parent),
+        tmp_path / "py",
+        workers=1,
+        progress=False,
+        unit_bytes=UNIT_BYTES,
+        save_reject_media=True,
+    )
     assert ref["balanced"] and ref["input"] == expected >= N_RECORDS
     assert ref["kept"] > 20 and ref["rejected"] > 10 and ref["quarantined"] > 50
     reasons = set(ref["per_reason"]["quarantined"]) | set(ref["per_reason"]["nodes_quarantined"])
@@ -188,8 +218,20 @@ def test_fuzzed_filter_python_cli_and_resume(corpus, tmp_path):
 
     recipe = tmp_path / "fuzz.yaml"
     recipe.write_text(json.dumps(RECIPE))  # JSON is YAML
-    args = ["filter", "--recipe", str(recipe), "--out", None, "--workers", "2", "--unit-bytes", str(UNIT_BYTES),
-            "--save-reject-media", "--input", str(files[0].parent)]
+    args = [
+        "filter",
+        "--recipe",
+        str(recipe),
+        "--out",
+        None,
+        "--workers",
+        "2",
+        "--unit-bytes",
+        str(UNIT_BYTES),
+        "--save-reject-media",
+        "--input",
+        str(files[0].parent),
+    ]
     args[4] = str(tmp_path / "cli")
     r = _cli(*args)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -209,8 +251,11 @@ def test_fuzzed_filter_python_cli_and_resume(corpus, tmp_path):
 def test_fuzzed_convert_python_and_cli(corpus, tmp_path):
     files, _ = corpus
     for src, fmt, dst in ((files[0], "dj", "mmgen"), (files[1], "mmgen", "obelics"), (files[2], "wds", "dj")):
-        n = sum(1 for x in src.read_bytes().split(b"\n") if x.decode("utf-8", "replace").strip()) \
-            if fmt != "wds" else len(list(read_shard(src)))
+        n = (
+            sum(1 for x in src.read_bytes().split(b"\n") if x.decode("utf-8", "replace").strip())
+            if fmt != "wds"
+            else len(list(read_shard(src)))
+        )
         s = convert(src, tmp_path / f"{fmt}.out.jsonl", fmt, dst, progress=False)
         assert s["read"] == n == s["written"] + s["bad"] and s["written"] > 0 and s["bad"] > 0, (fmt, s)
         assert sum(s["bad_reasons"].values()) == s["bad"]

@@ -32,7 +32,7 @@ def _blocks(vocab: Vocab, ids: list[int]) -> list[list[int]]:
             h = ids[i + 1] - vocab.h_start + 1
             w = ids[i + 2] - vocab.w_start + 1
             n = vocab.image_block_len(h, w)
-            out.append(ids[i:i + n])
+            out.append(ids[i : i + n])
             i += n
         else:
             i += 1
@@ -52,8 +52,11 @@ def test_constraint_matches_vocab_and_blocks_parse(codebooks):
     rng = random.Random(0)
     gen = torch.Generator().manual_seed(0)
     # Row 0 starts inside a block, row 1 in text, row 2 right after a finished block.
-    rows = [[5, 6, vocab["<image>"]], [5, 6, 7], vocab.image_block(np.zeros((2, 3), int), None if "sem" not in codebooks
-                                                                   else np.zeros((1, 2), int))]
+    rows = [
+        [5, 6, vocab["<image>"]],
+        [5, 6, 7],
+        vocab.image_block(np.zeros((2, 3), int), None if "sem" not in codebooks else np.zeros((1, 2), int)),
+    ]
     width = max(len(r) for r in rows)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     text_ok = torch.zeros(vocab.size, dtype=torch.bool)
@@ -70,7 +73,7 @@ def test_constraint_matches_vocab_and_blocks_parse(codebooks):
                 spec = vocab.image_next_allowed(row[start:], sizes)
                 want = torch.zeros(vocab.size, dtype=torch.bool)
                 if isinstance(spec, tuple):
-                    want[spec[0]:spec[1]] = True
+                    want[spec[0] : spec[1]] = True
                 else:
                     want[spec] = True
             else:
@@ -89,8 +92,9 @@ def test_constraint_matches_vocab_and_blocks_parse(codebooks):
     n_blocks = 0
     for b in range(3):
         for block in _blocks(vocab, ids[b].tolist()):
-            if len(block) < 3 or len(block) < vocab.image_block_len(block[1] - vocab.h_start + 1,
-                                                                    block[2] - vocab.w_start + 1):
+            if len(block) < 3 or len(block) < vocab.image_block_len(
+                block[1] - vocab.h_start + 1, block[2] - vocab.w_start + 1
+            ):
                 continue  # the block still open at the end of the loop
             parsed = vocab.parse_image_block(block)
             assert (parsed["h"], parsed["w"]) in sizes
@@ -134,11 +138,20 @@ def test_constraint_works_inside_transformers_generate(bundle):
     n = vocab.image_block_len(4, 4) - 1
     proc = ImageGridConstraint(vocab, sizes=[(4, 4)])
     torch.manual_seed(0)
-    out = bundle.model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[proc], do_sample=True,
-                                max_new_tokens=n, min_new_tokens=n, top_k=0, top_p=1.0, eos_token_id=None,
-                                pad_token_id=bundle.text_tokenizer.pad_token_id)
+    out = bundle.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        logits_processor=[proc],
+        do_sample=True,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=None,
+        pad_token_id=bundle.text_tokenizer.pad_token_id,
+    )
     for r in range(2):
-        block = out[r, ids.shape[1] - 1:].tolist()
+        block = out[r, ids.shape[1] - 1 :].tolist()
         parsed = vocab.parse_image_block(block)
         assert parsed["pix"].shape == (4, 4) and parsed["length"] == len(block)
     assert not torch.equal(out[0], out[1])  # two samples of one prompt, drawn independently
@@ -156,7 +169,7 @@ def _greedy_by_full_recompute(model, vocab: Vocab, row: list[int], steps: int) -
         for _ in range(steps):
             logits = model(torch.tensor([seq])).logits[:, -1].float()
             seq.append(int(proc(torch.tensor([seq]), logits).argmax(-1)))
-    return seq[len(row):]
+    return seq[len(row) :]
 
 
 def test_kv_cache_and_left_padding_match_full_recompute(bundle):
@@ -170,8 +183,16 @@ def test_kv_cache_and_left_padding_match_full_recompute(bundle):
     assert len(rows[0]) != len(rows[1])
     steps = 12
     got = [[], []]
-    for t, _ in sample_tokens(bundle.model, vocab, rows, max_new_tokens=steps, eos_id=tok.eos_token_id,
-                                   pad_id=tok.pad_token_id, temperature=0.0, sizes=[(4, 4)]):
+    for t, _ in sample_tokens(
+        bundle.model,
+        vocab,
+        rows,
+        max_new_tokens=steps,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        temperature=0.0,
+        sizes=[(4, 4)],
+    ):
         for r in range(2):
             got[r].append(int(t[r]))
     for r, row in enumerate(rows):
@@ -182,8 +203,9 @@ def test_t2i_generation_yields_decoded_image(bundle):
     from mmgen.data.doc import Image
     from mmgen.inference.generate import generate_interleaved
 
-    doc = generate_interleaved(bundle, "a large red circle at the top left, on a black background.", mode="t2i",
-                               max_new_tokens=40, seed=3)
+    doc = generate_interleaved(
+        bundle, "a large red circle at the top left, on a black background.", mode="t2i", max_new_tokens=40, seed=3
+    )
     assert isinstance(doc.items[0], Image)
     img = doc.items[0]
     assert img.meta["codes_shape"] == [4, 4]
@@ -200,8 +222,9 @@ def test_generation_is_deterministic_by_seed(bundle):
     from mmgen.inference.generate import generate_interleaved
 
     def run(seed):
-        doc = generate_interleaved(bundle, "a small blue square", mode="t2i", max_new_tokens=32, seed=seed,
-                                   cfg_scale=2.0)
+        doc = generate_interleaved(
+            bundle, "a small blue square", mode="t2i", max_new_tokens=32, seed=seed, cfg_scale=2.0
+        )
         return [it.text if it.kind == "text" else it.load() for it in doc.items]
 
     a, b, c = run(7), run(7), run(8)
@@ -222,8 +245,21 @@ def test_cfg_guides_only_image_tokens_inside_blocks(bundle):
     rows = [prompt_ids(bundle, "a large red circle", image=False), prompt_ids(bundle, "a green star", image=True)]
     uncond = [prompt_ids(bundle, "", image=False), prompt_ids(bundle, "", image=True)]
     assert uncond[0] == [tok.bos_token_id]
-    list(sample_tokens(bundle.model, vocab, rows, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                       seed=0, cfg_scale=3.0, uncond_rows=uncond, sizes=[(4, 4)], logits_hook=hook))
+    list(
+        sample_tokens(
+            bundle.model,
+            vocab,
+            rows,
+            max_new_tokens=6,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            seed=0,
+            cfg_scale=3.0,
+            uncond_rows=uncond,
+            sizes=[(4, 4)],
+            logits_hook=hook,
+        )
+    )
     assert len(seen) == 6
     text = slice(0, vocab.text_size)
     img = slice(vocab.text_size, vocab.size)
@@ -282,8 +318,25 @@ def test_cli_generate_writes_png(bundle_dir, tmp_path, capsys):
     from mmgen.cli import main
 
     out = tmp_path / "out"
-    rc = main(["generate", "--checkpoint", str(bundle_dir), "--prompt", "a large red circle", "--mode", "t2i",
-               "--seed", "1", "--cfg-scale", "2", "--max-new-tokens", "30", "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(bundle_dir),
+            "--prompt",
+            "a large red circle",
+            "--mode",
+            "t2i",
+            "--seed",
+            "1",
+            "--cfg-scale",
+            "2",
+            "--max-new-tokens",
+            "30",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     stdout = capsys.readouterr().out
     png = out / "image_0.png"
@@ -310,12 +363,14 @@ def test_t2i_with_the_pixel_vq_tokenizer(tmp_path):
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
     vq = PixelVQ(resolution=RES, channels=(8, 16), patch_size=2, codebook_size=32, code_dim=4, norm_groups=8)
     vocab = Vocab(len(tok), {"pix": 32}, max_grid=16)
-    Bundle(build_tiny_lm(vocab, hidden=64, layers=1, heads=4, text_tokenizer=tok, seed=0), tok, vocab, vq,
-           {}).save(tmp_path)
+    Bundle(build_tiny_lm(vocab, hidden=64, layers=1, heads=4, text_tokenizer=tok, seed=0), tok, vocab, vq, {}).save(
+        tmp_path
+    )
     bundle = load_bundle(tmp_path)
     assert type(bundle.image_tokenizer).__name__ == "PixelVQ"
-    doc = generate_interleaved(bundle, "a red circle", mode="t2i", max_new_tokens=vocab.image_block_len(8, 8) - 1,
-                               seed=0, cfg_scale=2.0)
+    doc = generate_interleaved(
+        bundle, "a red circle", mode="t2i", max_new_tokens=vocab.image_block_len(8, 8) - 1, seed=0, cfg_scale=2.0
+    )
     img = doc.images[0]
     assert img.meta["codes_shape"] == [8, 8] and img.meta["num_tokens"] == vocab.image_block_len(8, 8)
     assert img.to_pil().size == RES
@@ -332,8 +387,9 @@ def grid_bundle(tmp_path_factory, request):
 
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
     vocab = Vocab(len(tok), {"pix": 16}, max_grid=8)
-    model = build_unified_lm(vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0, grid_positions=True,
-                             grid_target=request.param)
+    model = build_unified_lm(
+        vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0, grid_positions=True, grid_target=request.param
+    )
     with torch.no_grad():
         model.grid_position_embedding.weight[1:].normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
     path = tmp_path_factory.mktemp("grid_bundle")
@@ -368,15 +424,32 @@ def test_grid_positions_in_cached_decoding_match_full_recompute(grid_bundle):
     steps = vocab.image_block_len(4, 4) - 1
     want = _greedy_by_full_recompute(b.model, vocab, row, steps)
     assert len(set(want)) > 4  # positions vary the codes: the check is not trivially constant
-    got = [int(t[0]) for t, _ in sample_tokens(b.model, vocab, [row], max_new_tokens=steps, eos_id=tok.eos_token_id,
-                                               pad_id=tok.pad_token_id, temperature=0.0, sizes=[(4, 4)])]
+    got = [
+        int(t[0])
+        for t, _ in sample_tokens(
+            b.model,
+            vocab,
+            [row],
+            max_new_tokens=steps,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            temperature=0.0,
+            sizes=[(4, 4)],
+        )
+    ]
     assert got == want
     ids = torch.tensor([row])
-    out = b.model.generate(ids, attention_mask=torch.ones_like(ids),
-                           logits_processor=[ImageGridConstraint(vocab, sizes=[(4, 4)])],
-                           do_sample=False, max_new_tokens=steps, min_new_tokens=steps, eos_token_id=None,
-                           pad_token_id=tok.pad_token_id)
-    assert out[0, len(row):].tolist() == want
+    out = b.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        logits_processor=[ImageGridConstraint(vocab, sizes=[(4, 4)])],
+        do_sample=False,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        eos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+    )
+    assert out[0, len(row) :].tolist() == want
 
 
 def test_grid_position_tail_equals_the_full_scan_on_every_prefix():
@@ -388,11 +461,11 @@ def test_grid_position_tail_equals_the_full_scan_on_every_prefix():
     full = vocab.grid_position_ids(ids)
     assert full.max() > 1 + 4 * 4  # pixel cells appear, not only semantic ones
     for cut in range(1, ids.shape[1] + 1):
-        assert torch.equal(vocab.grid_position_ids_tail(ids[:, :cut]), full[:, cut - 1:cut])
+        assert torch.equal(vocab.grid_position_ids_tail(ids[:, :cut]), full[:, cut - 1 : cut])
     assert torch.equal(vocab.grid_position_ids_tail(ids, 30), full[:, -30:])
     target = vocab.grid_position_ids(ids, target=True)
     for cut in range(1, ids.shape[1] + 1):
-        assert torch.equal(vocab.grid_position_ids_tail(ids[:, :cut], target=True), target[:, cut - 1:cut])
+        assert torch.equal(vocab.grid_position_ids_tail(ids[:, :cut], target=True), target[:, cut - 1 : cut])
 
 
 def test_target_cells_name_the_cell_of_the_next_code():

@@ -33,13 +33,24 @@ def test_generation_config_round_trip_keeps_the_model_ids(bundle_dir, tmp_path):
     shutil.copytree(bundle_dir, d)
     # the model's own save wrote bos/eos/pad only: the quick start's defaults fill the sampling fields
     before = load_generation_config(d)
-    assert (before.do_sample, before.temperature, before.top_k, before.top_p, before.guidance_scale) == \
-        (True, DEFAULT_SAMPLING.temperature, 0, 1.0, 1.0)
+    assert (before.do_sample, before.temperature, before.top_k, before.top_p, before.guidance_scale) == (
+        True,
+        DEFAULT_SAMPLING.temperature,
+        0,
+        1.0,
+        1.0,
+    )
     assert before.eos_token_id == 3
     save_generation_config(d, SamplingSettings(temperature=0.7, top_k=5, top_p=0.9, cfg_scale=2.5))
     saved = json.loads((d / "generation_config.json").read_text())
-    assert {k: saved[k] for k in ("do_sample", "temperature", "top_k", "top_p", "guidance_scale", "eos_token_id")} == \
-        {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "guidance_scale": 2.5, "eos_token_id": 3}
+    assert {k: saved[k] for k in ("do_sample", "temperature", "top_k", "top_p", "guidance_scale", "eos_token_id")} == {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_k": 5,
+        "top_p": 0.9,
+        "guidance_scale": 2.5,
+        "eos_token_id": 3,
+    }
     from transformers import GenerationConfig
 
     assert GenerationConfig.from_pretrained(d).guidance_scale == 2.5  # transformers' own reader agrees
@@ -73,8 +84,9 @@ def test_generation_uses_the_bundles_settings_unless_told_otherwise(bundle_dir, 
     bundle = load_bundle(d)
     doc = generate_interleaved(bundle, "a red circle", mode="t2i", max_new_tokens=30)
     assert (doc.meta["temperature"], doc.meta["cfg_scale"]) == (0.0, 2.0)
-    explicit = generate_interleaved(bundle, "a red circle", mode="t2i", max_new_tokens=30, temperature=0.0,
-                                    cfg_scale=2.0, seed=9)  # greedy: the seed does not matter
+    explicit = generate_interleaved(
+        bundle, "a red circle", mode="t2i", max_new_tokens=30, temperature=0.0, cfg_scale=2.0, seed=9
+    )  # greedy: the seed does not matter
     assert np.array_equal(np.asarray(doc.images[0].to_pil()), np.asarray(explicit.images[0].to_pil()))
     told = generate_interleaved(bundle, "a red circle", mode="t2i", max_new_tokens=30, temperature=1.0, top_k=3)
     assert (told.meta["temperature"], told.meta["top_k"], told.meta["cfg_scale"]) == (1.0, 3, 2.0)
@@ -92,7 +104,7 @@ def test_max_new_tokens_is_capped_by_the_context_and_long_prompts_are_refused(bu
     bundle = load_bundle(bundle_dir)
     bundle.model.config.max_position_embeddings = 64
     n_prompt = len(prompt_ids(bundle, "a red circle", image=False))
-    doc = generate_interleaved(bundle, "a red circle", mode="text", max_new_tokens=10 ** 9, temperature=1.0)
+    doc = generate_interleaved(bundle, "a red circle", mode="text", max_new_tokens=10**9, temperature=1.0)
     assert doc.meta["max_new_tokens"] == 64 - n_prompt
     assert "capped" in doc.meta["note"] and doc.meta["new_tokens"] <= 64 - n_prompt
     with pytest.raises(MMGenError, match=r"the prompt is \d+ tokens but the model reads at most 64") as e:
@@ -101,8 +113,19 @@ def test_max_new_tokens_is_capped_by_the_context_and_long_prompts_are_refused(bu
 
     from mmgen.cli import main
 
-    rc = main(["generate", "--checkpoint", str(bundle_dir), "--prompt", "red " * 3000, "--mode", "text",
-               "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(bundle_dir),
+            "--prompt",
+            "red " * 3000,
+            "--mode",
+            "text",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = _error_line(capsys.readouterr().err)
     assert rc == 2 and "reads at most 2048" in err
 
@@ -131,15 +154,18 @@ def test_typed_special_tokens_are_plain_text_in_prompts_and_training(bundle_dir)
 
 
 # -- arguments before the model, damaged checkpoints -----------------------------------------------------
-@pytest.mark.parametrize("args,msg", [
-    (["--mode", "video"], "unknown mode 'video'"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["--top-k", "-2"], "top_k must be >= 0"),
-    (["--cfg-scale", "0.5"], "cfg_scale must be >= 1"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--mode", "video"], "unknown mode 'video'"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--top-k", "-2"], "top_k must be >= 0"),
+        (["--cfg-scale", "0.5"], "cfg_scale must be >= 1"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    ],
+)
 def test_cli_checks_arguments_before_loading_the_model(bundle_dir, tmp_path, capsys, monkeypatch, args, msg):
     import mmgen.models.bundle as bundle_mod
     from mmgen.cli import main
@@ -156,11 +182,14 @@ def test_cli_checks_arguments_before_loading_the_model(bundle_dir, tmp_path, cap
     assert rc == 2 and "does not exist" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("name,damage", [
-    ("model.safetensors", lambda b: b[: len(b) // 2]),  # truncated copy
-    ("model.safetensors", lambda b: b"\x00" * 64),
-    ("config.json", lambda b: b[:-10]),
-])
+@pytest.mark.parametrize(
+    "name,damage",
+    [
+        ("model.safetensors", lambda b: b[: len(b) // 2]),  # truncated copy
+        ("model.safetensors", lambda b: b"\x00" * 64),
+        ("config.json", lambda b: b[:-10]),
+    ],
+)
 def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(bundle_dir, tmp_path, capsys, name, damage):
     from mmgen.cli import main
 
@@ -187,7 +216,7 @@ def test_chat_refuses_empty_oversized_and_overlong_messages(bundle_dir):
     bundle.model.config.max_position_embeddings = 32
     with pytest.raises(MMGenError, match="reads at most 32"):
         list(engine.answer("red " * 100, [], mode="text"))
-    final = list(engine.answer("red", [], mode="text", max_new_tokens=10 ** 6))[-1]  # capped, not allocated
+    final = list(engine.answer("red", [], mode="text", max_new_tokens=10**6))[-1]  # capped, not allocated
     assert final[-1]["role"] == "assistant"
 
 

@@ -28,8 +28,12 @@ def _verdict(entry, *objs, bg="black"):
 
 
 def test_counting_needs_the_exact_count():
-    entry = {"tag": "counting", "prompt": "", "include": [{"class": "circle", "count": 2}],
-             "exclude": [{"class": "circle", "count": 3}]}
+    entry = {
+        "tag": "counting",
+        "prompt": "",
+        "include": [{"class": "circle", "count": 2}],
+        "exclude": [{"class": "circle", "count": 3}],
+    }
     two = [Obj("circle", "red", "large", (0, 0)), Obj("circle", "blue", "small", (2, 2))]
     assert _verdict(entry, *two) == (True, "")
     ok, reason = _verdict(entry, *two, Obj("circle", "green", "large", (1, 1)))  # an extra circle
@@ -41,8 +45,11 @@ def test_counting_needs_the_exact_count():
 
 
 def test_colour_binding_across_two_objects():
-    entry = {"tag": "color_attr", "prompt": "", "include": [{"class": "circle", "count": 1, "color": "red"},
-                                                            {"class": "square", "count": 1, "color": "blue"}]}
+    entry = {
+        "tag": "color_attr",
+        "prompt": "",
+        "include": [{"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1, "color": "blue"}],
+    }
     assert _verdict(entry, Obj("circle", "red", "large", (0, 0)), Obj("square", "blue", "large", (1, 2)))[0]
     ok, reason = _verdict(entry, Obj("circle", "blue", "large", (0, 0)), Obj("square", "red", "large", (1, 2)))
     assert not ok and "expected red circle>=1, found 0 red; and blue circle" in reason and "blue square" in reason
@@ -55,8 +62,11 @@ def test_colour_of_one_object():
 
 
 def test_position_off_by_one_cell_fails():
-    entry = {"tag": "position", "prompt": "", "include": [{"class": "circle", "count": 1},
-                                                          {"class": "square", "count": 1, "position": ["right of", 0]}]}
+    entry = {
+        "tag": "position",
+        "prompt": "",
+        "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["right of", 0]}],
+    }
     circle = Obj("circle", "red", "large", (1, 1))
     assert _verdict(entry, circle, Obj("square", "blue", "large", (0, 2)))[0]  # right column, other row: still right of
     ok, reason = _verdict(entry, circle, Obj("square", "blue", "large", (0, 1)))  # one cell up: same column
@@ -65,15 +75,19 @@ def test_position_off_by_one_cell_fails():
 
 
 def test_missing_target_and_unreadable_image():
-    entry = {"tag": "position", "prompt": "p", "include": [{"class": "circle", "count": 1},
-                                                           {"class": "square", "count": 1, "position": ["above", 0]}]}
+    entry = {
+        "tag": "position",
+        "prompt": "p",
+        "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["above", 0]}],
+    }
     ok, reason = _verdict(entry, Obj("square", "blue", "large", (0, 1)))
     assert not ok and reason.splitlines() == ["expected circle>=1, found 0", "no target for square to be above"]
     from PIL import Image
 
     det = SceneParserDetector()
-    rec = result_record(entry, det.detect(Image.new("RGB", (72, 72), (120, 60, 10)), []), "x.png",
-                        unreadable=det.last_reason)
+    rec = result_record(
+        entry, det.detect(Image.new("RGB", (72, 72), (120, 60, 10)), []), "x.png", unreadable=det.last_reason
+    )
     assert rec["correct"] is False and "(detector: border colour is no palette background" in rec["reason"]
     assert set(rec) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
     assert json.loads(rec["metadata"]) == entry and json.loads(rec["details"]) == {}
@@ -134,11 +148,25 @@ def tiny_owlvit(path):
         vocab[ch + "</w>"] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=[])
     torch.manual_seed(0)
-    cfg = OwlViTConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64),
-                       vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2,
-                                          image_size=32, patch_size=8), projection_dim=16)
+    cfg = OwlViTConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     OwlViTForObjectDetection(cfg).save_pretrained(path)
     ip = OwlViTImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})
     OwlViTProcessor(image_processor=ip, tokenizer=tok).save_pretrained(path)
@@ -158,8 +186,9 @@ def test_zero_shot_detector_plumbing(tmp_path):
     assert all(len(d.box) == 4 and d.color is not None for d in found)
     cut = sorted(d.score for d in found)[len(found) // 2]  # a threshold between the scores keeps those above it
     det.threshold = cut
-    assert sorted(d.score for d in det.detect(img, ["circle", "square"])) == sorted(d.score for d in found
-                                                                                   if d.score > cut)
+    assert sorted(d.score for d in det.detect(img, ["circle", "square"])) == sorted(
+        d.score for d in found if d.score > cut
+    )
     entry = {"tag": "single_object", "prompt": "p", "include": [{"class": "circle", "count": 1}]}
     rec = result_record(entry, found)
     assert rec["correct"] == any(d.cls == "circle" for d in found)

@@ -79,9 +79,11 @@ def test_truncated_and_mislabelled_media_have_reasons(tmp_path):
     png, jpg = png_bytes(1), jpeg_bytes(2)
     (tmp_path / "png_named.jpg").write_bytes(png)
     (tmp_path / "text.png").write_bytes(b"this is a caption, not a picture\n")
-    cases = {"format_mismatch": Image(path=str(tmp_path / "png_named.jpg")),
-             "not_an_image": Image(path=str(tmp_path / "text.png")),
-             "truncated_image": Image(data=jpg[: len(jpg) // 2])}
+    cases = {
+        "format_mismatch": Image(path=str(tmp_path / "png_named.jpg")),
+        "not_an_image": Image(path=str(tmp_path / "text.png")),
+        "truncated_image": Image(data=jpg[: len(jpg) // 2]),
+    }
     for reason, img in cases.items():
         with pytest.raises(MediaError) as e:
             img.to_pil()
@@ -92,12 +94,20 @@ def test_truncated_and_mislabelled_media_have_reasons(tmp_path):
 def _media_corpus(root: Path) -> Path:
     """A Data-Juicer jsonl with one good image per doc and the hostile ones (bomb, truncated, mislabelled)."""
     root.mkdir(parents=True)
-    files = {"good1.png": png_bytes(1), "good2.png": png_bytes(2), "bomb.png": bomb_png(),
-             "cut.jpg": jpeg_bytes(3)[:400], "png_named.jpg": png_bytes(4), "text.png": b"no picture here\n"}
+    files = {
+        "good1.png": png_bytes(1),
+        "good2.png": png_bytes(2),
+        "bomb.png": bomb_png(),
+        "cut.jpg": jpeg_bytes(3)[:400],
+        "png_named.jpg": png_bytes(4),
+        "text.png": b"no picture here\n",
+    }
     for name, data in files.items():
         (root / name).write_bytes(data)
-    lines = [{"id": f"d-{name}", "text": f"<__dj__image> A picture stored as {name}, described in words.",
-              "images": [name]} for name in files]
+    lines = [
+        {"id": f"d-{name}", "text": f"<__dj__image> A picture stored as {name}, described in words.", "images": [name]}
+        for name in files
+    ]
     src = root / "docs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in lines))
     return src
@@ -112,8 +122,12 @@ def test_bomb_in_filter_is_quarantined_and_resumes(tmp_path, level):
     s = run_filter(recipe, str(src), out, workers=1, progress=False)
     assert balanced(s) and s["input"] == 6
     q = {r["id"]: r["reason"] for r in quarantine(out)}
-    assert q == {"d-bomb.png": "too_many_pixels", "d-png_named.jpg": "format_mismatch", "d-text.png": "not_an_image",
-                 "d-cut.jpg": "truncated_image"}
+    assert q == {
+        "d-bomb.png": "too_many_pixels",
+        "d-png_named.jpg": "format_mismatch",
+        "d-text.png": "not_an_image",
+        "d-cut.jpg": "truncated_image",
+    }
     assert (out / "done" / "00000.json").exists()
     assert sum(s["per_reason"]["quarantined" if level == "doc" else "nodes_quarantined"].values()) == 4
     again = run_filter(recipe, str(src), out, workers=1, progress=False)
@@ -144,8 +158,10 @@ def _escape_corpus(tmp_path: Path) -> tuple[Path, Path]:
     (corpus / "ok.png").write_bytes(png_bytes(1))
     (corpus / "link.png").symlink_to(outside_png)
     refs = ["ok.png", "../secret.txt", str(secret), "~/secret.txt", "link.png", "../outside.png"]
-    recs = [{"id": f"r{i}", "text": f"<__dj__image> document number {i} with a picture in it.", "images": [ref]}
-            for i, ref in enumerate(refs)]
+    recs = [
+        {"id": f"r{i}", "text": f"<__dj__image> document number {i} with a picture in it.", "images": [ref]}
+        for i, ref in enumerate(refs)
+    ]
     src = corpus / "docs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return src, secret
@@ -159,8 +175,13 @@ def test_paths_outside_the_corpus_are_refused(tmp_path):
     s = run_filter(recipe, str(src), out, workers=1, progress=False, save_reject_media=True)
     assert balanced(s) and s["input"] == 6 and s["rejected"] == 1
     q = {r["line"]: r["reason"] for r in quarantine(out)}
-    assert q == {2: "path_outside_root", 3: "path_outside_root", 4: "missing_media", 5: "path_outside_root",
-                 6: "path_outside_root"}
+    assert q == {
+        2: "path_outside_root",
+        3: "path_outside_root",
+        4: "missing_media",
+        5: "path_outside_root",
+        6: "path_outside_root",
+    }
     saved = [p.read_bytes() for p in (out / "rejects" / "media").rglob("*") if p.is_file()]
     assert saved == [(src.parent / "ok.png").read_bytes()]
     # the folder named by --media-root is part of the corpus (where "~/secret.txt" finds secret.txt by
@@ -173,8 +194,11 @@ def test_paths_outside_the_corpus_are_refused(tmp_path):
     # convert: nothing outside the corpus reaches the output's media/
     out_file = tmp_path / "conv" / "out.jsonl"
     summary = convert(src, out_file, "dj", "mmgen", progress=False)
-    assert summary["read"] == 6 and summary["written"] == 1 and summary["bad_reasons"] == \
-        {"path_outside_root": 4, "missing_media": 1}
+    assert (
+        summary["read"] == 6
+        and summary["written"] == 1
+        and summary["bad_reasons"] == {"path_outside_root": 4, "missing_media": 1}
+    )
     copied = [p.read_bytes() for p in (out_file.parent / "media").iterdir()]
     assert copied == [(src.parent / "ok.png").read_bytes()]
     assert secret.read_bytes() not in copied
@@ -187,8 +211,9 @@ def test_wds_sample_naming_a_file_outside(tmp_path):
     shard.parent.mkdir()
     good = Doc([Text("a good document with a picture"), Image(data=png_bytes(1))], id="good")
     write_shards([good], shard.parent, prefix="s")
-    evil = json.dumps({"id": "evil", "items": [{"type": "text", "text": "x"},
-                                               {"type": "image", "path": str(secret)}]}).encode()
+    evil = json.dumps(
+        {"id": "evil", "items": [{"type": "text", "text": "x"}, {"type": "image", "path": str(secret)}]}
+    ).encode()
     with tarfile.open(shard, "a") as tf:
         info = tarfile.TarInfo("00000001_evil.json")
         info.size = len(evil)
@@ -213,8 +238,11 @@ def test_compressed_and_mislabelled_inputs(tmp_path):
     body = "".join(json.dumps(r) + "\n" for r in recs).encode()
     import zstandard
 
-    files = {"a.jsonl.gz": gzip.compress(body), "b.jsonl.zst": zstandard.ZstdCompressor().compress(body),
-             "c.jsonl": gzip.compress(body)}  # gzip whatever its name says
+    files = {
+        "a.jsonl.gz": gzip.compress(body),
+        "b.jsonl.zst": zstandard.ZstdCompressor().compress(body),
+        "c.jsonl": gzip.compress(body),
+    }  # gzip whatever its name says
     recipe = {"name": "r", "ops": [{"op": "text_length", "level": "doc", "params": {"min_words": 3}}]}
     plain = tmp_path / "plain.jsonl"
     plain.write_bytes(body)
@@ -238,9 +266,23 @@ def test_compressed_and_mislabelled_inputs(tmp_path):
     (tmp_path / "pic.jsonl").write_bytes(png_bytes(3))
     with pytest.raises(MMGenError, match="is not jsonl, parquet or a tar shard"):
         run_filter(recipe, str(tmp_path / "pic.jsonl"), tmp_path / "o-pic", workers=1, progress=False)
-    r = subprocess.run([sys.executable, "-m", "mmgen", "filter", "--recipe", "shapesworld", "--input",
-                        str(tmp_path / "pic.jsonl"), "--out", str(tmp_path / "o-cli")], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmgen",
+            "filter",
+            "--recipe",
+            "shapesworld",
+            "--input",
+            str(tmp_path / "pic.jsonl"),
+            "--out",
+            str(tmp_path / "o-cli"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -251,10 +293,12 @@ def test_tokenize_quarantines_bombs_and_mislabelled_images(tmp_path):
     from trainkit import tiny_pixel_vq
 
     tiny_pixel_vq().save_pretrained(tmp_path / "vq")
-    docs = [Doc([Text("a good picture"), Image(data=png_bytes(1, 32, 32))], id="good"),
-            Doc([Text("a bomb"), Image(data=bomb_png())], id="bomb"),
-            Doc([Text("png bytes said to be jpeg"), Image(data=png_bytes(2), format="jpeg")], id="mislabelled"),
-            Doc([Text("cut"), Image(data=jpeg_bytes(3)[:600])], id="cut")]
+    docs = [
+        Doc([Text("a good picture"), Image(data=png_bytes(1, 32, 32))], id="good"),
+        Doc([Text("a bomb"), Image(data=bomb_png())], id="bomb"),
+        Doc([Text("png bytes said to be jpeg"), Image(data=png_bytes(2), format="jpeg")], id="mislabelled"),
+        Doc([Text("cut"), Image(data=jpeg_bytes(3)[:600])], id="cut"),
+    ]
     write_shards(docs, tmp_path / "in")
     s = pretokenize(tmp_path / "vq", str(tmp_path / "in"), tmp_path / "codes", progress=False)
     assert (s["docs_in"], s["docs_written"], s["quarantined"]) == (4, 1, 3)

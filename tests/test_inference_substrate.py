@@ -87,9 +87,19 @@ def test_align_from_a_bundle_adds_the_projector_it_lacks(tmp_path):
     shards = write_color_shard(tmp_path / "codes", 24)
     vq_dir = tmp_path / "vq"
     tiny_pixel_vq().save_pretrained(vq_dir)
-    base = {"data.image_tokenizer": str(vq_dir), "data.text_vocab_size": 300, "data.max_grid": 8, "data.seq_len": 64,
-            "model.hidden": 32, "model.layers": 2, "model.heads": 2, "save_every": 10, "tensorboard": False,
-            "optim.lr": 1e-2, "steps": 2}
+    base = {
+        "data.image_tokenizer": str(vq_dir),
+        "data.text_vocab_size": 300,
+        "data.max_grid": 8,
+        "data.seq_len": 64,
+        "model.hidden": 32,
+        "model.layers": 2,
+        "model.heads": 2,
+        "save_every": 10,
+        "tensorboard": False,
+        "optim.lr": 1e-2,
+        "steps": 2,
+    }
     first = pretrain("tiny_pretrain", tiny_run(shards, tmp_path / "lm", base))
     before = load_bundle(first).model
     assert before.image_projector is None

@@ -18,20 +18,33 @@ BLUE_SQUARE = Obj("square", "blue", "small", (1, 1))
 BEFORE = Scene("black", [RED_CIRCLE, BLUE_SQUARE])
 
 
-@pytest.mark.parametrize("text, after", [
-    ("Add a small green cross at the bottom right.", [RED_CIRCLE, BLUE_SQUARE, Obj("cross", "green", "small", (2, 2))]),
-    ("Remove the red circle.", [BLUE_SQUARE]),
-    ("Move the blue square to the top.", [RED_CIRCLE, Obj("square", "blue", "small", (0, 1))]),
-    ("Make the red circle yellow.", [Obj("circle", "yellow", "large", (0, 0)), BLUE_SQUARE]),
-    ("Make the square in the center large.", [RED_CIRCLE, Obj("square", "blue", "large", (1, 1))]),
-])
+@pytest.mark.parametrize(
+    "text, after",
+    [
+        (
+            "Add a small green cross at the bottom right.",
+            [RED_CIRCLE, BLUE_SQUARE, Obj("cross", "green", "small", (2, 2))],
+        ),
+        ("Remove the red circle.", [BLUE_SQUARE]),
+        ("Move the blue square to the top.", [RED_CIRCLE, Obj("square", "blue", "small", (0, 1))]),
+        ("Make the red circle yellow.", [Obj("circle", "yellow", "large", (0, 0)), BLUE_SQUARE]),
+        ("Make the square in the center large.", [RED_CIRCLE, Obj("square", "blue", "large", (1, 1))]),
+    ],
+)
 def test_the_edit_grammar_applies(text, after):
     assert apply_instruction(BEFORE, text) == Scene("black", after)
 
 
-@pytest.mark.parametrize("text", ["Remove the green circle.", "Move the blue square to the top left.",
-                                  "Make the red circle red.", "Paint everything purple.",
-                                  "Add a red circle at the top left."])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Remove the green circle.",
+        "Move the blue square to the top left.",
+        "Make the red circle red.",
+        "Paint everything purple.",
+        "Add a red circle at the top left.",
+    ],
+)
 def test_instructions_that_do_not_apply(text):
     assert apply_instruction(BEFORE, text) is None
 
@@ -46,19 +59,35 @@ def test_each_aspect_on_good_and_bad_steps():
     assert _verdicts(text, truth, truth, model_text=True) == dict.fromkeys(ASPECTS, True)
     # the change made, but an untouched object lost: image coherence and helpfulness fail
     assert _verdicts(text, Scene("black", [Obj("square", "blue", "small", (0, 1))])) == {
-        "perceptual_quality": True, "image_coherence": False, "text_image_coherence": True, "helpfulness": False}
+        "perceptual_quality": True,
+        "image_coherence": False,
+        "text_image_coherence": True,
+        "helpfulness": False,
+    }
     # the scene kept but the change not made: text-image coherence fails
-    assert _verdicts(text, BEFORE) == {"perceptual_quality": True, "image_coherence": True,
-                                       "text_image_coherence": False, "helpfulness": False}
+    assert _verdicts(text, BEFORE) == {
+        "perceptual_quality": True,
+        "image_coherence": True,
+        "text_image_coherence": False,
+        "helpfulness": False,
+    }
     # everything right plus an extra object: only helpfulness fails
     extra = Scene("black", truth.objects + [Obj("cross", "cyan", "small", (2, 0))])
-    assert _verdicts(text, extra) == {"perceptual_quality": True, "image_coherence": True,
-                                      "text_image_coherence": True, "helpfulness": False}
+    assert _verdicts(text, extra) == {
+        "perceptual_quality": True,
+        "image_coherence": True,
+        "text_image_coherence": True,
+        "helpfulness": False,
+    }
     # the background changed: image coherence fails
     assert not _verdicts(text, Scene("white", truth.objects))["image_coherence"]
     # an unreadable picture fails every picture aspect
-    assert _verdicts(text, None) == {"perceptual_quality": False, "image_coherence": False,
-                                     "text_image_coherence": False, "helpfulness": False}
+    assert _verdicts(text, None) == {
+        "perceptual_quality": False,
+        "image_coherence": False,
+        "text_image_coherence": False,
+        "helpfulness": False,
+    }
     # a model-written instruction outside the grammar fails text quality and leaves nothing to compare
     assert _verdicts("Paint it purple.", BEFORE, model_text=True) == {"text_quality": False, "perceptual_quality": True}
 
@@ -85,8 +114,10 @@ class _Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 content = body["messages"][0]["content"]
-                n_images = sum(c["type"] == "image_url" and c["image_url"]["url"].startswith("data:image/png;base64,")
-                               for c in content)
+                n_images = sum(
+                    c["type"] == "image_url" and c["image_url"]["url"].startswith("data:image/png;base64,")
+                    for c in content
+                )
                 text = "verdict: yes" if "image coherence" in content[0]["text"] and n_images == 2 else "verdict: no"
                 reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
                 self.send_response(200)
@@ -135,18 +166,29 @@ def test_endpoint_judge_and_its_agreement_with_the_rules(server, tmp_path):
     for i, pred in enumerate([apply_instruction(BEFORE, "Remove the red circle."), BEFORE]):
         render(BEFORE, 48, 48).save(run / f"b{i}.png")
         render(pred, 48, 48).save(run / f"g{i}.png")
-        recs.append({"id": str(i), "instruction": "Remove the red circle.", "before": f"b{i}.png", "image": f"g{i}.png",
-                     "aspects": judge_step(BEFORE, "Remove the red circle.", pred)})
+        recs.append(
+            {
+                "id": str(i),
+                "instruction": "Remove the red circle.",
+                "before": f"b{i}.png",
+                "image": f"g{i}.png",
+                "aspects": judge_step(BEFORE, "Remove the red circle.", pred),
+            }
+        )
     (run / "samples" / "interleaved.jsonl").write_text(json.dumps({"batch": "val/0", "records": recs}) + "\n")
     res = agreement(run, judge, progress=False)
     ic = res["aspects"]["image_coherence"]  # exact: both keep the blue square; the server says yes: 2 of 2
     assert ic["agreement"]["k"] == 2 and ic["agreement"]["n"] == 2 and ic["kappa"] is None
     hp = res["aspects"]["helpfulness"]  # exact: yes, no; the server: no, no
     assert hp["agreement"]["k"] == 1 and hp["kappa"] == 0.0
+    assert (run / "judge_agreement.json").is_file() and len(
+        (run / "judge_verdicts.jsonl").read_text().splitlines()
+    ) == 8
     assert (
-        run / "judge_agreement.json").is_file() and len((run / "judge_verdicts.jsonl").read_text().splitlines()) == 8
-    assert parse_verdict(
-        "Verdict: No.") is False and parse_verdict("yes, it does") is True and parse_verdict("maybe") is None
+        parse_verdict("Verdict: No.") is False
+        and parse_verdict("yes, it does") is True
+        and parse_verdict("maybe") is None
+    )
     assert cohen_kappa([(True, True), (False, False)]) == 1.0
 
 
@@ -186,22 +228,53 @@ def tiny_vlm(path):
     words = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "verdict:", "yes", "no", "answer:"]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}answer:{% "
-                "endif %}")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    template = (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+        "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}answer:{% "
+        "endif %}"
+    )
     ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=template)
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
     torch.manual_seed(0)
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=1, bos_token_id=2,
-                                eos_token_id=3),
-        image_token_id=4, vision_feature_select_strategy="default", vision_feature_layer=-1)
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(words),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),
+        image_token_id=4,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
     LlavaForConditionalGeneration(cfg).save_pretrained(path)
     proc.save_pretrained(path)
     return path
@@ -235,12 +308,19 @@ def test_a_continuation_is_scored_by_compare_scenes(monkeypatch, tmp_path):
     noise = PILImage.fromarray(np.random.RandomState(0).randint(0, 255, (72, 72, 3), dtype=np.uint8))
     monkeypatch.setattr(gen, "generate_text_rows", lambda *a, **k: ["Remove the red circle. Then more"])
     monkeypatch.setattr(gen, "generate_image_rows", lambda *a, **k: [noise])
-    case = {"row": [1], "uncond": [1], "before": before.to_dict(),
-            "items": [Text("A scene."), Image.from_pil(render(before, 72, 72), meta={"scene": before.to_dict()})]}
+    case = {
+        "row": [1],
+        "uncond": [1],
+        "before": before.to_dict(),
+        "items": [Text("A scene."), Image.from_pil(render(before, 72, 72), meta={"scene": before.to_dict()})],
+    }
     bundle = type("B", (), {"text_tokenizer": None, "vocab": {"<image>": 5}})()
     monkeypatch.setattr("mmgen.processing.sequence.encode_text", lambda t, tok: [7])
-    ctx = Context(out=tmp_path, sampling={"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "seed": 0},
-                  opts=EvalOptions())
+    ctx = Context(
+        out=tmp_path,
+        sampling={"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "seed": 0},
+        opts=EvalOptions(),
+    )
     [rec] = InterleavedSuite().run_batch(bundle, 0, ("continuation_val", 0, [case]), ctx)
     assert rec["instruction"] == "Remove the red circle." and rec["truth"] == Scene("black", []).to_dict()
     assert (rec["parsed"], rec["exact"], rec["object_recall"]) == (False, False, 0.0)

@@ -55,10 +55,24 @@ def _decode(model, bundle, rows, cache=None, cfg=1.0, temperature=1.0, **kw):
     def hook(cond, unc, guided, in_block):
         logits.append((cond.clone(), None if unc is None else unc.clone()))
 
-    for tok, active in decode_loop(model, bundle.vocab, rows, max_new_tokens=25, eos_id=3, pad_id=0, seed=3,
-                                   temperature=temperature, top_k=8, cfg_scale=cfg, uncond_rows=uncond,
-                                   sizes=default_image_sizes(bundle), stop_after_images=1, cache=cache,
-                                   logits_hook=hook, **kw):
+    for tok, active in decode_loop(
+        model,
+        bundle.vocab,
+        rows,
+        max_new_tokens=25,
+        eos_id=3,
+        pad_id=0,
+        seed=3,
+        temperature=temperature,
+        top_k=8,
+        cfg_scale=cfg,
+        uncond_rows=uncond,
+        sizes=default_image_sizes(bundle),
+        stop_after_images=1,
+        cache=cache,
+        logits_hook=hook,
+        **kw,
+    ):
         for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
             if a:
                 got[r].append(t)
@@ -190,8 +204,14 @@ def _prefill(model, rows, cache, attentions=False):
     ids, mask = left_pad(rows, 0, "cpu")
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=attention_mask_for(cache, mask), position_ids=position, cache=cache,
-                     use_cache=True, output_attentions=attentions), mask.bool()
+        return model(
+            input_ids=ids,
+            attention_mask=attention_mask_for(cache, mask),
+            position_ids=position,
+            cache=cache,
+            use_cache=True,
+            output_attentions=attentions,
+        ), mask.bool()
 
 
 def _grouped(weights, kv_heads):
@@ -245,7 +265,7 @@ def test_h2o_scores_are_the_attention_each_entry_has_received(bundle, models, ba
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, output_attentions=True)
     prompt = max(len(r) for r in rows)
     queries = torch.zeros(ids.shape[1], dtype=torch.bool)
-    queries[prompt - window:] = True
+    queries[prompt - window :] = True
     real = mask.bool() & queries
     for layer, weights in enumerate(out.attentions):
         lay = cache.layers[layer]
@@ -270,12 +290,17 @@ def test_streaming_attends_to_the_sinks_and_the_recent_tokens_only(bundle, model
             x = seq if step == 0 else toks[step - 1].view(1, 1)
             pos = torch.arange(n - x.shape[1], n)[None]
             full_mask = torch.ones(1, n, dtype=torch.long)
-            a = model(input_ids=x, attention_mask=attention_mask_for(cache, full_mask), position_ids=pos, cache=cache,
-                      use_cache=True).logits[:, -1]
+            a = model(
+                input_ids=x,
+                attention_mask=attention_mask_for(cache, full_mask),
+                position_ids=pos,
+                cache=cache,
+                use_cache=True,
+            ).logits[:, -1]
             visible = full_mask.clone()
             committed = n - x.shape[1]
             if step and committed > budget:  # sinks + the most recent of the tokens before this one
-                visible[0, sinks:committed - (budget - sinks)] = 0
+                visible[0, sinks : committed - (budget - sinks)] = 0
             b = model(input_ids=x, attention_mask=visible, position_ids=pos, cache=plain, use_cache=True).logits[:, -1]
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             if step < len(toks):
@@ -303,12 +328,24 @@ def test_crop_rolls_back_a_forward_of_drafts_exactly(bundle, models, method, qua
             for i in range(toks.shape[1]):
                 if with_drafts and i == 5:
                     m = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], -1)
-                    model(input_ids=drafts, attention_mask=attention_mask_for(cache, m), cache=cache, use_cache=True,
-                          position_ids=pos + torch.arange(3))
+                    model(
+                        input_ids=drafts,
+                        attention_mask=attention_mask_for(cache, m),
+                        cache=cache,
+                        use_cache=True,
+                        position_ids=pos + torch.arange(3),
+                    )
                     cache.crop(-3)
                 mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], -1)
-                logits.append(model(input_ids=toks[:, i:i + 1], attention_mask=attention_mask_for(cache, mask),
-                                    cache=cache, use_cache=True, position_ids=pos).logits)
+                logits.append(
+                    model(
+                        input_ids=toks[:, i : i + 1],
+                        attention_mask=attention_mask_for(cache, mask),
+                        cache=cache,
+                        use_cache=True,
+                        position_ids=pos,
+                    ).logits
+                )
                 pos = pos + 1
         caches.append(cache)
         outs.append(torch.cat(logits, 1))
@@ -328,23 +365,36 @@ def test_kv_compression_composes_with_prefill_pruning(bundle, prune):
 
     pipe = MMGenPipeline(bundle)
     shown = bundle.image_tokenizer.decode(np.random.default_rng(2).integers(0, 16, (4, 4)))[0]
-    opts = GenerationOptions(mode="t2i", max_new_tokens=30, temperature=1.0, cfg_scale=2.0, seed=5,
-                             prune_method=prune, prune_ratio=0.5, prune_layer=1)
+    opts = GenerationOptions(
+        mode="t2i",
+        max_new_tokens=30,
+        temperature=1.0,
+        cfg_scale=2.0,
+        seed=5,
+        prune_method=prune,
+        prune_ratio=0.5,
+        prune_layer=1,
+    )
     pruned = pipe("a small blue square", opts, picture=shown)
     methods = ["streaming", "h2o"] if prune == "merge" else ["streaming"]
     for method in methods:
         same = pipe("a small blue square", opts, picture=shown, kv_method=method)
         assert same.images[0].load() == pruned.images[0].load() and same.meta["prune"] == pruned.meta["prune"]
-        small = pipe("a small blue square", opts, picture=shown, kv_method=method, kv_budget=12, kv_window=4,
-                     kv_sinks=2)
+        small = pipe(
+            "a small blue square", opts, picture=shown, kv_method=method, kv_budget=12, kv_window=4, kv_sinks=2
+        )
         assert small.meta["kv"]["entries"] == 13 and len(small.images) == 1
-        assert small.meta["kv"]["tokens_seen"][0] == pruned.meta["kv"]["entries"] - pruned.meta["new_tokens"] + \
-            small.meta["new_tokens"]  # the pruned prompt, then the answer
+        assert (
+            small.meta["kv"]["tokens_seen"][0]
+            == pruned.meta["kv"]["entries"] - pruned.meta["new_tokens"] + small.meta["new_tokens"]
+        )  # the pruned prompt, then the answer
     if prune == "fastv":
         from mmgen.errors import MMGenError
 
-        with pytest.raises(MMGenError, match="kv_method=h2o scores the prompt in its prefill forward, which "
-                                             "prune_method=fastv replaces"):
+        with pytest.raises(
+            MMGenError,
+            match="kv_method=h2o scores the prompt in its prefill forward, which prune_method=fastv replaces",
+        ):
             pipe("a small blue square", opts, picture=shown, kv_method="h2o", kv_budget=12, kv_window=4)
 
 
@@ -356,13 +406,30 @@ def test_the_pipeline_reports_kv_bytes_and_tokens(bundle):
     pipe = MMGenPipeline(bundle)
     opts = GenerationOptions(mode="t2i", max_new_tokens=30, temperature=0.0, cfg_scale=2.0)
     plain = pipe("a large red circle at the top left, on a black background.", opts)
-    kv = load_config(GenerationOptions, None, ["mode=t2i", "max_new_tokens=30", "temperature=0", "cfg_scale=2",
-                                               "kv_method=h2o", "kv_budget=8", "kv_window=2", "kv_sinks=2",
-                                               "cache=fp8"])
+    kv = load_config(
+        GenerationOptions,
+        None,
+        [
+            "mode=t2i",
+            "max_new_tokens=30",
+            "temperature=0",
+            "cfg_scale=2",
+            "kv_method=h2o",
+            "kv_budget=8",
+            "kv_window=2",
+            "kv_sinks=2",
+            "cache=fp8",
+        ],
+    )
     small = pipe("a large red circle at the top left, on a black background.", kv)
     p, s = plain.meta["kv"], small.meta["kv"]
-    assert p == {"method": "none", "quantized": False, "bytes": plain.meta["cache"]["bytes"],
-                 "bytes_peak": plain.meta["cache"]["bytes"], "entries": plain.meta["cache"]["tokens"]}
+    assert p == {
+        "method": "none",
+        "quantized": False,
+        "bytes": plain.meta["cache"]["bytes"],
+        "bytes_peak": plain.meta["cache"]["bytes"],
+        "entries": plain.meta["cache"]["tokens"],
+    }
     assert s["method"] == "h2o" and s["quantized"] and s["entries"] == 9 and s["tokens_held"] == [9, 9]
     assert s["tokens_seen"][0] - small.meta["new_tokens"] == p["entries"] - plain.meta["new_tokens"]  # the prompt
     assert s["bytes_peak"] < p["bytes"] / 4
@@ -374,8 +441,19 @@ def test_cli_generate_takes_the_kv_options(bundle, tmp_path, capsys):
     from mmgen.cli import main
 
     bundle.save(tmp_path / "b")
-    args = ["generate", "--checkpoint", str(tmp_path / "b"), "--prompt", "a large red circle at the top left",
-            "--mode", "t2i", "--max-new-tokens", "30", "--out", str(tmp_path / "out")]
+    args = [
+        "generate",
+        "--checkpoint",
+        str(tmp_path / "b"),
+        "--prompt",
+        "a large red circle at the top left",
+        "--mode",
+        "t2i",
+        "--max-new-tokens",
+        "30",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main([*args, "--kv-method", "streaming", "--kv-budget", "6", "--kv-sinks", "2", "--cache", "fp8"]) == 0
     err = capsys.readouterr().err
     assert "kv cache (streaming, budget 6): 7 of " in err and (tmp_path / "out" / "image_0.png").exists()
@@ -383,13 +461,17 @@ def test_cli_generate_takes_the_kv_options(bundle, tmp_path, capsys):
     assert "error: kv_budget 6 is below what kv_method=h2o always keeps" in capsys.readouterr().err
 
 
-BAD = [({"kv_method": "pyramid"}, "unknown kv_method 'pyramid'"),
-       ({"kv_method": "h2o", "kv_window": 0}, "kv_window must be >= 1, got 0"),
-       ({"kv_method": "streaming", "kv_sinks": -1}, "kv_sinks must be >= 0, got -1"),
-       ({"kv_budget": 64}, "kv_budget 64 needs a kv_method that evicts"),
-       ({"kv_method": "snapkv", "kv_budget": 30},
-        r"kv_budget 30 is below what kv_method=snapkv always keeps \(kv_sinks 4 \+ kv_window 32 = 36\)"),
-       ({"kv_method": "streaming", "kv_budget": 4}, r"kv_budget 4 is below .* \(kv_sinks 4 \+ 1 recent token = 5\)")]
+BAD = [
+    ({"kv_method": "pyramid"}, "unknown kv_method 'pyramid'"),
+    ({"kv_method": "h2o", "kv_window": 0}, "kv_window must be >= 1, got 0"),
+    ({"kv_method": "streaming", "kv_sinks": -1}, "kv_sinks must be >= 0, got -1"),
+    ({"kv_budget": 64}, "kv_budget 64 needs a kv_method that evicts"),
+    (
+        {"kv_method": "snapkv", "kv_budget": 30},
+        r"kv_budget 30 is below what kv_method=snapkv always keeps \(kv_sinks 4 \+ kv_window 32 = 36\)",
+    ),
+    ({"kv_method": "streaming", "kv_budget": 4}, r"kv_budget 4 is below .* \(kv_sinks 4 \+ 1 recent token = 5\)"),
+]
 
 
 @pytest.mark.parametrize("options,message", BAD, ids=[m.split(" ")[0] for _, m in BAD])
@@ -409,10 +491,12 @@ def test_what_a_compressed_cache_cannot_do_is_a_one_line_error(bundle, models):
     from mmgen.errors import MMGenError
     from mmgen.inference.kv_cache import attention_mask_for, make_kv_cache
 
-    sliding = tiny_qwen2(bundle.vocab, bundle.text_tokenizer, use_sliding_window=True, sliding_window=16,
-                         max_window_layers=0)
+    sliding = tiny_qwen2(
+        bundle.vocab, bundle.text_tokenizer, use_sliding_window=True, sliding_window=16, max_window_layers=0
+    )
     with pytest.raises(
-        MMGenError, match="compresses full-attention layers only; this model also has sliding_attention"):
+        MMGenError, match="compresses full-attention layers only; this model also has sliding_attention"
+    ):
         make_kv_cache(sliding, "h2o", budget=64)
     model = models["llama"]
     cache = make_kv_cache(model, "h2o", budget=40, window=8)

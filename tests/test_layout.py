@@ -30,8 +30,11 @@ def private_imports(source: str, module: str) -> list[str]:
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module not in (module, "__future__"):
-            out += [f"{module}:{node.lineno} imports {a.name} from {node.module}"
-                    for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            out += [
+                f"{module}:{node.lineno} imports {a.name} from {node.module}"
+                for a in node.names
+                if a.name.startswith("_") and not a.name.startswith("__")
+            ]
     return out
 
 
@@ -42,9 +45,9 @@ def test_no_module_imports_a_private_name_of_another():
 
 
 def test_the_private_import_check_sees_one():
-    source = ("import os\n\ndef f():\n"
-              "    from mmgen.data.media import _hidden, decode_image\n"
-              "    from os import __all__\n")
+    source = (
+        "import os\n\ndef f():\n    from mmgen.data.media import _hidden, decode_image\n    from os import __all__\n"
+    )
     assert private_imports(source, "mmgen.data.fetch") == ["mmgen.data.fetch:4 imports _hidden from mmgen.data.media"]
     assert private_imports(source, "mmgen.data.media") == []
 
@@ -54,8 +57,13 @@ def test_no_test_module_imports_another():
     found = []
     for p in _python_files("tests"):
         for node in ast.walk(ast.parse(p.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             found += [f"{p.name}:{node.lineno} imports {n}" for n in names if n and n.split(".")[0] in tests]
     assert found == []
 

@@ -84,9 +84,9 @@ def test_model_answers_the_three_request_types(bundle_dir, tmp_path):
     assert out["text"] == "" and len(out["images"]) == 1 and Path(out["images"][0]).is_file()
     # loglikelihood: the greedy continuation is greedy, another one is not, and both are log-probabilities
     greedy = generate_text_rows(lm.bundle, [row], max_new_tokens=1)[0]
-    (lp,
-     is_greedy), = lm.loglikelihood([
-         _Req("What color is the circle?", " " + greedy if greedy else "x", visual, 0, "task", "test")])
+    ((lp, is_greedy),) = lm.loglikelihood(
+        [_Req("What color is the circle?", " " + greedy if greedy else "x", visual, 0, "task", "test")]
+    )
     assert lp <= 0.0
     # multi-round: round 0 answers the context, then doc_to_text leads until it says stop
     seen = []
@@ -96,8 +96,9 @@ def test_model_answers_the_three_request_types(bundle_dir, tmp_path):
         return [doc["image"]], f"round {round_idx}?", round_idx == 3, None, {"k": round_idx}
 
     lm.mode = "text"
-    (rounds,
-     ) = lm.generate_until_multi_round([_Req("first?", {"max_new_tokens": 3}, visual, doc_to_text, 0, "task", "test")])
+    (rounds,) = lm.generate_until_multi_round(
+        [_Req("first?", {"max_new_tokens": 3}, visual, doc_to_text, 0, "task", "test")]
+    )
     assert len(rounds) == 3 and [s[0] for s in seen] == [1, 2, 3]
     assert seen[1][1] == list(rounds[:2]) and seen[1][2] == {"k": 1} and seen[2][2] == {"k": 2}
 
@@ -117,9 +118,15 @@ def test_lmms_eval_runs_the_shapesworld_qa_task_offline(entry_point, bundle_dir,
     if "mmgen" not in MODEL_REGISTRY_V2.list_model_names():  # lmms-eval was imported before the entry point was visible
         MODEL_REGISTRY_V2.load_entrypoint_manifests(overwrite=True)
     write_qa_task(tmp_path / "tasks", n=2, size=(32, 32))
-    out = simple_evaluate(model="mmgen", model_args=f"pretrained={bundle_dir},output_dir={tmp_path / 'imgs'}",
-                          tasks=["shapesworld_qa"], batch_size=1, bootstrap_iters=0, log_samples=True,
-                          task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+    out = simple_evaluate(
+        model="mmgen",
+        model_args=f"pretrained={bundle_dir},output_dir={tmp_path / 'imgs'}",
+        tasks=["shapesworld_qa"],
+        batch_size=1,
+        bootstrap_iters=0,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+    )
     r = out["results"]["shapesworld_qa"]
     samples = out["samples"]["shapesworld_qa"]
     assert len(samples) == 4 and out["n-samples"]["shapesworld_qa"]["effective"] == 4

@@ -11,8 +11,13 @@ from mmgen.errors import MediaError
 
 AUDIO = ["audio1.wav", "audio3.ogg"]
 VIDEO = ["video1.mp4", "video4.mp4"]
-IMAGES = {"img1.png": (336, 336), "img2.jpg": (640, 480), "img3.jpg": (342, 500), "cat.jpg": (640, 480),
-          "lena-face.jpg": (200, 200)}
+IMAGES = {
+    "img1.png": (336, 336),
+    "img2.jpg": (640, 480),
+    "img3.jpg": (342, 500),
+    "cat.jpg": (640, 480),
+    "lena-face.jpg": (200, 200),
+}
 
 
 @pytest.mark.parametrize("name", AUDIO)

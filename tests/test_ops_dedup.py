@@ -55,8 +55,10 @@ def test_doc_near_dedup_on_demo_texts(real_dir):
 
 def test_doc_near_dedup_state_round_trip():
     base = "the quick brown fox jumps over the lazy dog while the cat watches from the old wooden fence"
-    docs = [Doc([Text(base)], id="a"), Doc([Text("an entirely different text about stars, planets and moons far away")],
-                                           id="b")]
+    docs = [
+        Doc([Text(base)], id="a"),
+        Doc([Text("an entirely different text about stars, planets and moons far away")], id="b"),
+    ]
     later = [Doc([Text(base.replace("old", "very old"))], id="c")]
     op = build_op("doc_near_dedup", params={"threshold": 0.6})
     feed(op, docs)
@@ -78,10 +80,11 @@ def test_phash_agrees_with_imagehash_and_finds_reencoded_copies(real_dir):
     for other in ("cat.jpg", "img2.jpg", "img8.jpg"):
         assert hamming(phash(lena), phash(PILImage.open(real_dir / other))) > 16
 
-    docs = [Doc([Text("portrait"), Image(path=str(real_dir / "lena.jpg"))], id="p"),
-            Doc([Text("a cat"), Image(path=str(real_dir / "cat.jpg"))], id="c"),
-            Doc([Text("again"), Image(data=jpeg(lena, 40, (300, 300))), Image(path=str(real_dir / "img2.jpg"))],
-                id="q")]
+    docs = [
+        Doc([Text("portrait"), Image(path=str(real_dir / "lena.jpg"))], id="p"),
+        Doc([Text("a cat"), Image(path=str(real_dir / "cat.jpg"))], id="c"),
+        Doc([Text("again"), Image(data=jpeg(lena, 40, (300, 300))), Image(path=str(real_dir / "img2.jpg"))], id="q"),
+    ]
     for method in ("phash", "dhash"):
         op = build_op("image_near_dedup", params={"radius": 6, "method": method})
         assert feed(op, docs)[2] == [("near_duplicate_image", "p"), (None, None)], method
@@ -89,9 +92,14 @@ def test_phash_agrees_with_imagehash_and_finds_reencoded_copies(real_dir):
 
 def test_near_duplicates_inside_one_document(real_dir):
     cat = PILImage.open(real_dir / "cat.jpg")
-    doc = Doc([Image(path=str(real_dir / "cat.jpg")), Text("the same cat, smaller:"),
-               Image(data=jpeg(cat, 50, (320, 240))),
-               Image(path=str(real_dir / "img2.jpg"))])
+    doc = Doc(
+        [
+            Image(path=str(real_dir / "cat.jpg")),
+            Text("the same cat, smaller:"),
+            Image(data=jpeg(cat, 50, (320, 240))),
+            Image(path=str(real_dir / "img2.jpg")),
+        ]
+    )
     vs = build_op("image_doc_near_dedup").apply(DocView(doc))
     assert [(v.item, v.reason) for v in vs] == [(0, None), (2, "near_duplicate_image_in_doc"), (3, None)]
     assert vs[1].stats["same_as_item"] == 0
@@ -99,17 +107,27 @@ def test_near_duplicates_inside_one_document(real_dir):
 
 def test_url_dedup_doc_and_node(real_dir):
     assert normalize_url("HTTPS://www.Example.com/a/?utm_source=x&b=2&a=1#top") == "http://example.com/a?a=1&b=2"
-    docs = [Doc([Text("x")], meta={"url": "https://example.com/page?id=3"}, id="a"),
-            Doc([Text("y")], meta={"url": "http://www.example.com/page/?id=3&utm_medium=mail"}, id="b"),
-            Doc([Text("z")], meta={"url": "https://example.com/page?id=4"}, id="c"),
-            Doc([Text("no url")], id="d")]
-    assert feed(
-        build_op("url_dedup", level="doc"), docs) == [[(None, None)], [("duplicate_url", "a")], [(None, None)], []]
+    docs = [
+        Doc([Text("x")], meta={"url": "https://example.com/page?id=3"}, id="a"),
+        Doc([Text("y")], meta={"url": "http://www.example.com/page/?id=3&utm_medium=mail"}, id="b"),
+        Doc([Text("z")], meta={"url": "https://example.com/page?id=4"}, id="c"),
+        Doc([Text("no url")], id="d"),
+    ]
+    assert feed(build_op("url_dedup", level="doc"), docs) == [
+        [(None, None)],
+        [("duplicate_url", "a")],
+        [(None, None)],
+        [],
+    ]
     lena = str(real_dir / "lena.jpg")
-    imgs = [Doc([Image(path=lena), Image(data=b"x", meta={"src": "http://i.example.com/1.png"})], id="p"),
-            Doc([Image(path=lena), Image(data=b"y", meta={"src": "http://i.example.com/2.png"})], id="q")]
-    assert feed(build_op("url_dedup", level="node"), imgs) == [[(None, None), (None, None)],
-                                                               [("duplicate_url", "p"), (None, None)]]
+    imgs = [
+        Doc([Image(path=lena), Image(data=b"x", meta={"src": "http://i.example.com/1.png"})], id="p"),
+        Doc([Image(path=lena), Image(data=b"y", meta={"src": "http://i.example.com/2.png"})], id="q"),
+    ]
+    assert feed(build_op("url_dedup", level="node"), imgs) == [
+        [(None, None), (None, None)],
+        [("duplicate_url", "p"), (None, None)],
+    ]
 
 
 def _two_passes(op, docs):
@@ -126,19 +144,35 @@ def _two_passes(op, docs):
 
 
 def test_top_k_and_fraction_by_meta_field():
-    docs = [Doc([Text(f"doc {i}")], meta={"clip_score": s}, id=f"d{i}")
-            for i, s in enumerate([0.31, 0.12, 0.31, 0.45, None, 0.05])]
-    assert _two_passes(build_op("top_k", params={"meta_field": "clip_score", "k": 2}), docs) == \
-        [None, "not_selected", "not_selected", None, "not_selected", "not_selected"]  # tie 0.31: input order
-    assert _two_passes(build_op("top_fraction", params={"meta_field": "clip_score", "fraction": 0.4}), docs) == \
-        [None, "not_selected", "not_selected", None, "not_selected", "not_selected"]  # round(0.4 * 5) = 2
+    docs = [
+        Doc([Text(f"doc {i}")], meta={"clip_score": s}, id=f"d{i}")
+        for i, s in enumerate([0.31, 0.12, 0.31, 0.45, None, 0.05])
+    ]
+    assert _two_passes(build_op("top_k", params={"meta_field": "clip_score", "k": 2}), docs) == [
+        None,
+        "not_selected",
+        "not_selected",
+        None,
+        "not_selected",
+        "not_selected",
+    ]  # tie 0.31: input order
+    assert _two_passes(build_op("top_fraction", params={"meta_field": "clip_score", "fraction": 0.4}), docs) == [
+        None,
+        "not_selected",
+        "not_selected",
+        None,
+        "not_selected",
+        "not_selected",
+    ]  # round(0.4 * 5) = 2
     low = build_op("top_k", params={"meta_field": "clip_score", "k": 1, "descending": False})
     assert _two_passes(low, docs) == ["not_selected"] * 5 + [None]
 
 
 def test_top_k_by_an_inner_operator_stat():
-    docs = [Doc([Text(t)], id=str(i)) for i, t in enumerate(["short", "a much longer text than the others here",
-                                                             "medium length text"])]
+    docs = [
+        Doc([Text(t)], id=str(i))
+        for i, t in enumerate(["short", "a much longer text than the others here", "medium length text"])
+    ]
     op = build_op("top_k", params={"op": "text_length_filter", "stat": "text_len", "k": 2})
     assert _two_passes(op, docs) == ["not_selected", None, None]
     with pytest.raises(Exception, match="either params.op"):
@@ -146,8 +180,12 @@ def test_top_k_by_an_inner_operator_stat():
 
 
 def test_source_quota_one_pass_and_ranked():
-    docs = [Doc([Text("x")], meta={"url": u, "q": q}, id=f"d{i}") for i, (u, q) in enumerate(
-        [("https://a.com/1", 1), ("https://www.a.com/2", 3), ("https://b.org/1", 1), ("http://a.com/3", 2)])]
+    docs = [
+        Doc([Text("x")], meta={"url": u, "q": q}, id=f"d{i}")
+        for i, (u, q) in enumerate(
+            [("https://a.com/1", 1), ("https://www.a.com/2", 3), ("https://b.org/1", 1), ("http://a.com/3", 2)]
+        )
+    ]
     op = build_op("source_quota", params={"max_docs": 1})
     assert not op.two_pass
     assert [r for r, _ in (x[0] for x in feed(op, docs))] == [None, "source_quota", None, "source_quota"]
@@ -169,8 +207,11 @@ def test_doc_near_dedup_char_shingles_and_same_media():
     # the same templated text over another clip is not a copy; over the same clip it is
     clip = lambda b: Video(data=b, format="mp4")  # noqa: E731 - only the bytes are compared
     op = build_op("doc_near_dedup", params={"shingle": "char", "ngram": 5, "threshold": 0.8})
-    docs = [Doc([clip(b"one"), Text(cap)], id="v1"), Doc([clip(b"two"), Text(edited)], id="v2"),
-            Doc([clip(b"one"), Text(edited)], id="v3")]
+    docs = [
+        Doc([clip(b"one"), Text(cap)], id="v1"),
+        Doc([clip(b"two"), Text(edited)], id="v2"),
+        Doc([clip(b"one"), Text(edited)], id="v3"),
+    ]
     assert [r[0] for r in feed(op, docs)] == [(None, None), (None, None), ("near_duplicate_doc", "v1")]
     with pytest.raises(Exception, match="shingle"):
         build_op("doc_near_dedup", params={"shingle": "byte"})
@@ -182,8 +223,11 @@ def test_doc_near_dedup_compares_the_media_documents_arrived_with():
     cap = "A small red circle at the top left, on a black background."
     edited = cap.replace("top left", "top right")
     png = lambda colour: Image.from_pil(PILImage.new("RGB", (8, 8), colour))  # noqa: E731
-    docs = [Doc([png("red"), Text(cap)], id="a"), Doc([png("blue"), Text(edited)], id="b"),
-            Doc([png("red"), Text(edited)], id="c")]
+    docs = [
+        Doc([png("red"), Text(cap)], id="a"),
+        Doc([png("blue"), Text(edited)], id="b"),
+        Doc([png("red"), Text(edited)], id="c"),
+    ]
     op = build_op("doc_near_dedup", params={"shingle": "char", "ngram": 5, "threshold": 0.7, "exact_images": True})
     out = []
     for d in docs:  # as the runner does after an image filter took every picture
@@ -213,8 +257,11 @@ def test_scene_near_dedup_finds_cropped_copies_and_tells_scenes_apart():
     assert any(parse_scene(c) is not None and parse_scene(c).key() == scene.key() for c in canvases)
     img = lambda p: Image.from_pil(p)  # noqa: E731
     docs = [Doc([img(pic)], id="orig"), Doc([img(render(other, 64, 64))], id="other"), Doc([img(crop)], id="crop")]
-    assert feed(build_op("scene_near_dedup"), docs) == [[(None, None)], [(None, None)],
-                                                        [("near_duplicate_image", "orig")]]
+    assert feed(build_op("scene_near_dedup"), docs) == [
+        [(None, None)],
+        [(None, None)],
+        [("near_duplicate_image", "orig")],
+    ]
     # the crop kept first: the original is found by the key of the crop's uncropped canvas
     assert feed(build_op("scene_near_dedup"), docs[::-1])[2] == [("near_duplicate_image", "crop")]
     # with uncropping off, only the tight perceptual-hash fallback is left, and it misses the crop
@@ -239,12 +286,22 @@ def test_doc_near_dedup_finds_the_earliest_band_sharing_copy(exact_images):
 
     rng = random.Random(0)
     colors, shapes = ["red", "blue", "green", "cyan"], ["circle", "square", "cross", "triangle"]
-    texts = [f"On a {rng.choice(colors)} background: a small {rng.choice(colors)} {rng.choice(shapes)} at the top "
-             f"and a large {rng.choice(colors)} {rng.choice(shapes)} on the left." for _ in range(300)]
+    texts = [
+        f"On a {rng.choice(colors)} background: a small {rng.choice(colors)} {rng.choice(shapes)} at the top "
+        f"and a large {rng.choice(colors)} {rng.choice(shapes)} on the left."
+        for _ in range(300)
+    ]
     texts += [t.lower() for t in texts[:40]] + [t.replace(".", "!") for t in texts[40:80]]
     media = [[f"m{i % 50}"] if i % 3 else [] for i in range(len(texts))]
-    params = {"shingle": "char", "ngram": 5, "num_perm": 64, "bands": 16, "threshold": 0.8, "min_words": 5,
-              "exact_images": exact_images}
+    params = {
+        "shingle": "char",
+        "ngram": 5,
+        "num_perm": 64,
+        "bands": 16,
+        "threshold": 0.8,
+        "min_words": 5,
+        "exact_images": exact_images,
+    }
     op = build_op("doc_near_dedup", params=params)
     kept: list[tuple[np.ndarray, list, str]] = []
     n_dups = 0

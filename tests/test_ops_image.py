@@ -20,8 +20,9 @@ PHOTOS = ["img1.png", "img2.jpg", "img3.jpg", "cat.jpg", "lena.jpg", "blip.jpg"]
 
 @pytest.fixture(scope="module")
 def dj_docs(real_dir):
-    docs = list(read_records(str(real_dir / "dj-demo-images.jsonl"), "dj",
-                             path_map={"../../tests/ops/data/": f"{real_dir}/"}))
+    docs = list(
+        read_records(str(real_dir / "dj-demo-images.jsonl"), "dj", path_map={"../../tests/ops/data/": f"{real_dir}/"})
+    )
     assert len(docs) == 3 and all(isinstance(d, Doc) for d in docs)
     return docs
 
@@ -89,18 +90,27 @@ def test_blur_separates_sharp_from_blurred(real_dir):
     checker = np.indices((16, 16)).sum(0) % 2 * 255
     img = Image.from_pil(PILImage.fromarray(checker.astype(np.uint8)).convert("RGB"))
     [v] = op.apply(DocView(Doc(items=[img])))
-    assert v.stats["laplacian_var"] == pytest.approx(np.var(np.full((14, 14), 4 * 255.0) *
-                                                            np.where(np.indices((14, 14)).sum(0) % 2, -1, 1)))
+    assert v.stats["laplacian_var"] == pytest.approx(
+        np.var(np.full((14, 14), 4 * 255.0) * np.where(np.indices((14, 14)).sum(0) % 2, -1, 1))
+    )
 
 
 def test_format_and_decode(real_dir):
     buf = io.BytesIO()
     PILImage.new("RGB", (40, 40), "red").save(buf, format="BMP")
-    doc = Doc(items=[Image(path=str(real_dir / "img1.png")), Image(data=buf.getvalue()),
-                     Image(data=b"\xff\xd8\xff\xe0 not really a jpeg")])
+    doc = Doc(
+        items=[
+            Image(path=str(real_dir / "img1.png")),
+            Image(data=buf.getvalue()),
+            Image(data=b"\xff\xd8\xff\xe0 not really a jpeg"),
+        ]
+    )
     fmt = build_op("image_format", params={"formats": ["png", "jpeg"]})
-    assert [(v.stats["format"], v.reason) for v in fmt.apply(DocView(doc))] == \
-        [("png", None), ("bmp", "image_format"), ("jpeg", None)]
+    assert [(v.stats["format"], v.reason) for v in fmt.apply(DocView(doc))] == [
+        ("png", None),
+        ("bmp", "image_format"),
+        ("jpeg", None),
+    ]
     dec = build_op("image_decode")
     vs = dec.apply(DocView(doc))
     assert [v.quarantine for v in vs] == [False, False, True] and vs[2].reason == "corrupt_image"

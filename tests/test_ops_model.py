@@ -36,11 +36,20 @@ def tiny_lm(tmp_path_factory):
     texts = _captions(400)
     tok = train_text_tokenizer(texts, vocab_size=400)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=2,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=64,
+            n_embd=64,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(120):
-        batch = [[tok.bos_token_id] + tok(t)["input_ids"][:40] for t in texts[step % 20 * 20:][:20]]
+        batch = [[tok.bos_token_id] + tok(t)["input_ids"][:40] for t in texts[step % 20 * 20 :][:20]]
         n = max(map(len, batch))
         ids = torch.tensor([b + [tok.pad_token_id] * (n - len(b)) for b in batch])
         labels = ids.masked_fill(ids == tok.pad_token_id, -100)
@@ -106,11 +115,13 @@ def _dj_reference(clip_dir, text, pils, mode):
 def test_image_text_similarity_matches_dj_formula(tiny_clip, real_dir):
     from mmgen.data.formats import read_records
 
-    docs = list(read_records(str(real_dir / "dj-demo-images.jsonl"), "dj",
-                             path_map={"../../tests/ops/data/": f"{real_dir}/"}))
+    docs = list(
+        read_records(str(real_dir / "dj-demo-images.jsonl"), "dj", path_map={"../../tests/ops/data/": f"{real_dir}/"})
+    )
     for mode in ("avg", "min"):
-        op = build_op("image_text_similarity_filter", params={"model": str(tiny_clip), "reduce_mode": mode,
-                                                              "min_score": -1.0})
+        op = build_op(
+            "image_text_similarity_filter", params={"model": str(tiny_clip), "reduce_mode": mode, "min_score": -1.0}
+        )
         for d in docs:
             [v] = op.apply(DocView(d))
             [text] = [t.text for t in d.texts]
@@ -120,23 +131,29 @@ def test_image_text_similarity_matches_dj_formula(tiny_clip, real_dir):
     # two chunks (Data-Juicer's <|__dj__eoc|>), any vs all
     lena, cat = Image(path=str(real_dir / "lena.jpg")), Image(path=str(real_dir / "cat.jpg"))
     doc = Doc(
-        [lena, Text("a portrait", meta={"dj_eoc": 1}), Text("a cat"), cat, Image(path=str(real_dir / "img2.jpg"))])
+        [lena, Text("a portrait", meta={"dj_eoc": 1}), Text("a cat"), cat, Image(path=str(real_dir / "img2.jpg"))]
+    )
     op = build_op("image_text_similarity_filter", params={"model": str(tiny_clip), "min_score": -1.0})
     [v] = op.apply(DocView(doc))
     s = v.stats["similarity"]
     assert len(s) == 2
-    assert s[1] == pytest.approx(_dj_reference(tiny_clip, "a cat", [cat.to_pil(), PILImage.open(real_dir / "img2.jpg")],
-                                               "avg"), abs=1e-4)
+    assert s[1] == pytest.approx(
+        _dj_reference(tiny_clip, "a cat", [cat.to_pil(), PILImage.open(real_dir / "img2.jpg")], "avg"), abs=1e-4
+    )
     lo, hi = sorted(s)
     mid = (lo + hi) / 2
     any_op = build_op("image_text_similarity_filter", params={"model": str(tiny_clip), "min_score": mid})
-    all_op = build_op("image_text_similarity_filter", params={"model": str(tiny_clip), "min_score": mid,
-                                                              "any_or_all": "all"})
+    all_op = build_op(
+        "image_text_similarity_filter", params={"model": str(tiny_clip), "min_score": mid, "any_or_all": "all"}
+    )
     assert any_op.apply(DocView(doc))[0].reason is None
     assert all_op.apply(DocView(doc))[0].reason == "low_image_text_similarity"
     node = build_op("image_text_similarity_filter", level="node", params={"model": str(tiny_clip), "min_score": 2.0})
-    assert [(v.item, v.reason) for v in node.apply(DocView(doc))] == \
-        [(0, "low_image_text_similarity"), (3, "low_image_text_similarity"), (4, "low_image_text_similarity")]
+    assert [(v.item, v.reason) for v in node.apply(DocView(doc))] == [
+        (0, "low_image_text_similarity"),
+        (3, "low_image_text_similarity"),
+        (4, "low_image_text_similarity"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +189,21 @@ def test_quality_score_op_node_doc_and_top_fraction(quality_model):
     assert [v.reason for v in vs] == [None] * 3 + ["low_quality"] * 3
     want = score_pairs(load_quality(str(out)), [im for im, _ in good + junk], [t for _, t in good + junk])
     assert [v.stats["quality_score"] for v in vs] == pytest.approx(want, abs=1e-4)
-    [d] = build_op("quality_score", level="doc", params={"model": str(out), "reduce_mode": "min",
-                                                         "min_score": 0.3}).apply(DocView(doc))
+    [d] = build_op(
+        "quality_score", level="doc", params={"model": str(out), "reduce_mode": "min", "min_score": 0.3}
+    ).apply(DocView(doc))
     assert d.reason == "low_quality" and d.stats["quality_score"] == pytest.approx(min(want), abs=1e-4)
 
     docs = [Doc([Text(t), Image.from_pil(im)], id=f"d{i}") for i, (im, t) in enumerate(good + junk)]
-    sel = build_op("top_fraction", params={"op": "quality_score", "params": {"model": str(out), "min_score": 0.0},
-                                           "stat": "quality_score", "fraction": 0.5})
+    sel = build_op(
+        "top_fraction",
+        params={
+            "op": "quality_score",
+            "params": {"model": str(out), "min_score": 0.0},
+            "stat": "quality_score",
+            "fraction": 0.5,
+        },
+    )
     assert isinstance(sel, TopFraction)
     sigs = [sel.signature(DocView(d)) for d in docs]
     for d, s in zip(docs, sigs):  # pass 1 observes and keeps

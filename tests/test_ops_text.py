@@ -46,7 +46,7 @@ def ref_words(text):
 
 
 def ref_char_rep(text, n=10):
-    c = Counter(text[i:i + n] for i in range(len(text) - n + 1))
+    c = Counter(text[i : i + n] for i in range(len(text) - n + 1))
     if not c:
         return 0.0
     freq = sorted(c.values(), reverse=True)
@@ -56,7 +56,7 @@ def ref_char_rep(text, n=10):
 
 def ref_word_rep(text, n=10):
     ws = ref_words(text)
-    c = Counter(" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1))
+    c = Counter(" ".join(ws[i : i + n]) for i in range(len(ws) - n + 1))
     total = sum(c.values())
     return sum(f for f in c.values() if f > 1) / total if total else 0.0
 
@@ -99,8 +99,9 @@ def test_stopwords_flagged_and_punctuation():
     assert ratio == 0.0 and reason == "few_stopwords"
     ws = ref_words(en)
     want = sum(w in {"the", "on", "and", "it", "was", "with", "all", "of"} for w in ws) / len(ws)
-    assert doc_stat("stopwords_filter", en, "stopwords_ratio", words=["the", "on", "and", "it", "was", "with",
-                                                                        "all", "of"])[0] == pytest.approx(want)
+    assert doc_stat(
+        "stopwords_filter", en, "stopwords_ratio", words=["the", "on", "and", "it", "was", "with", "all", "of"]
+    )[0] == pytest.approx(want)
     r, reason = doc_stat("flagged_words_filter", "Free casino jackpot, hot xxx cams here", "flagged_words_ratio")
     assert r == pytest.approx(3 / 7, abs=1e-5) and reason == "flagged_words"
     assert doc_stat("flagged_words_filter", en, "flagged_words_ratio") == (0.0, None)

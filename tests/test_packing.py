@@ -29,8 +29,10 @@ def test_mbs_finds_the_exact_fits_ffd_misses():
 def test_mbs_fill_on_a_multimodal_length_mix():
     # caption docs ~ 90-110 tokens (one 8x8 image block), QA ~ 110-140, build-ups 250-450
     rng = np.random.default_rng(0)
-    lengths = [int(x) for x in np.concatenate([rng.integers(90, 111, 300), rng.integers(110, 141, 150),
-                                               rng.integers(250, 451, 150)])]
+    lengths = [
+        int(x)
+        for x in np.concatenate([rng.integers(90, 111, 300), rng.integers(110, 141, 150), rng.integers(250, 451, 150)])
+    ]
     cap = 512
     ffd, mbs = first_fit_decreasing(lengths, cap), minimum_bin_slack(lengths, cap)
     _valid(mbs, lengths, cap)
@@ -42,8 +44,10 @@ def test_mbs_fill_on_a_multimodal_length_mix():
 @pytest.mark.parametrize("algorithm", ["ffd", "mbs"])
 def test_pack_sequences_layout_with_either_algorithm(algorithm):
     rng = np.random.default_rng(1)
-    seqs = [{"input_ids": rng.integers(5, 50, size=n), "loss_mask": np.ones(n, bool), "boundaries": [1, n - 1]}
-            for n in rng.integers(10, 60, size=20)]
+    seqs = [
+        {"input_ids": rng.integers(5, 50, size=n), "loss_mask": np.ones(n, bool), "boundaries": [1, n - 1]}
+        for n in rng.integers(10, 60, size=20)
+    ]
     rows, stats = pack_sequences(seqs, 64, algorithm=algorithm)
     assert stats.tokens == sum(len(s["input_ids"]) for s in seqs) and stats.docs_dropped == 0
     for r in range(stats.rows):

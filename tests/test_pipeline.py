@@ -29,9 +29,14 @@ def _rows(bundle, prompts, image: bool):
 
 
 PROMPTS = ["a large red circle at the top left, on a black background.", "a blue square", "two green"]
-SETTINGS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=5),
-            dict(temperature=0.9, top_p=0.8), dict(temperature=0.7, top_k=7, top_p=0.9, cfg_scale=2.5),
-            dict(temperature=0.0, cfg_scale=3.0)]
+SETTINGS = [
+    dict(temperature=0.0),
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=0.9, top_p=0.8),
+    dict(temperature=0.7, top_k=7, top_p=0.9, cfg_scale=2.5),
+    dict(temperature=0.0, cfg_scale=3.0),
+]
 
 
 @pytest.mark.parametrize("base", ["llama", "qwen2"])
@@ -55,8 +60,9 @@ def test_decode_loop_reproduces_the_plain_loop(bundle, base, settings):
     if "uncond_rows" in kw:
         kw["uncond_rows"] = _rows(bundle, [""] * len(PROMPTS), image=False)
     auto = _rows(bundle, PROMPTS, image=False)
-    assert _streams(decode_loop, model, vocab, auto, max_new_tokens=30, **kw) == \
-        _streams(reference, model, vocab, auto, max_new_tokens=30, **kw)
+    assert _streams(decode_loop, model, vocab, auto, max_new_tokens=30, **kw) == _streams(
+        reference, model, vocab, auto, max_new_tokens=30, **kw
+    )
 
 
 def test_rows_of_different_lengths_decode_as_they_would_alone(bundle):
@@ -65,8 +71,9 @@ def test_rows_of_different_lengths_decode_as_they_would_alone(bundle):
 
     rows = _rows(bundle, PROMPTS, image=True)
     assert len({len(r) for r in rows}) == 3
-    kw = dict(eos_id=3, pad_id=0, temperature=0.0, sizes=default_image_sizes(bundle), max_new_tokens=40,
-              stop_after_images=1)
+    kw = dict(
+        eos_id=3, pad_id=0, temperature=0.0, sizes=default_image_sizes(bundle), max_new_tokens=40, stop_after_images=1
+    )
     together = _streams(decode_loop, bundle.model, bundle.vocab, rows, **kw)
     alone = [_streams(decode_loop, bundle.model, bundle.vocab, [r], **kw)[0] for r in rows]
     assert together == alone
@@ -79,8 +86,20 @@ def test_the_cache_is_an_explicit_dynamic_cache_filled_in_place(bundle):
 
     rows = _rows(bundle, PROMPTS[:2], image=False)
     cache = DynamicCache(config=bundle.model.config)
-    steps = sum(1 for _ in decode_loop(bundle.model, bundle.vocab, rows, max_new_tokens=5, eos_id=-1, pad_id=0,
-                                       temperature=0.0, allow_images=False, cache=cache))
+    steps = sum(
+        1
+        for _ in decode_loop(
+            bundle.model,
+            bundle.vocab,
+            rows,
+            max_new_tokens=5,
+            eos_id=-1,
+            pad_id=0,
+            temperature=0.0,
+            allow_images=False,
+            cache=cache,
+        )
+    )
     # the prefill and every step but the last wrote their keys and values into the cache we passed
     assert steps == 5 and cache.get_seq_length() == max(len(r) for r in rows) + steps - 1
 
@@ -118,8 +137,9 @@ def test_pipeline_options_load_like_every_config_and_are_saved_with_the_output(b
     # the same options through the old entry point give the same tokens
     from mmgen.inference.generate import generate_interleaved
 
-    old = generate_interleaved(bundle, "a red circle", mode="t2i", max_new_tokens=30, cfg_scale=2.0, temperature=0.0,
-                               seed=4)
+    old = generate_interleaved(
+        bundle, "a red circle", mode="t2i", max_new_tokens=30, cfg_scale=2.0, temperature=0.0, seed=4
+    )
     assert old.images[0].meta["codes_shape"] == doc.images[0].meta["codes_shape"]
     assert old.images[0].load() == doc.images[0].load()
     with pytest.raises(MMGenError, match="max_audio_frames"):

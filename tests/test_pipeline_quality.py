@@ -16,8 +16,15 @@ from mmgen.world.documents import DEFECT_TYPES, write_world
 
 def test_shapesworld_recipe_on_a_labelled_world(tmp_path):
     world = tmp_path / "world"
-    write_world(world, n_docs=600, seed=31, defect_rate=0.5, shard_size=200, mix="caption=0.4,qa=0.3,buildup=0.3",
-                progress=False)
+    write_world(
+        world,
+        n_docs=600,
+        seed=31,
+        defect_rate=0.5,
+        shard_size=200,
+        mix="caption=0.4,qa=0.3,buildup=0.3",
+        progress=False,
+    )
     s = run_filter("shapesworld", str(world / "*.tar"), tmp_path / "out", workers=1, progress=False, report=False)
     assert s["balanced"] and s["input"] == 600
     score = score_against_labels(tmp_path / "out", world / "labels.jsonl")
@@ -36,16 +43,27 @@ def test_shapesworld_recipe_on_a_labelled_world(tmp_path):
 def test_scoring_definitions(tmp_path):
     """Precision = flagged-and-true / flagged, recall = flagged-and-true / true, per defect type;
     documents are matched by their input position (the shard member's index prefix)."""
-    labels = [{"id": "a", "defects": []}, {"id": "b", "defects": [{"type": "gibberish_text"}]},
-              {"id": "c", "defects": [{"type": "gibberish_text"}]}, {"id": "d", "defects": [{"type": "tiny_image"}]}]
+    labels = [
+        {"id": "a", "defects": []},
+        {"id": "b", "defects": [{"type": "gibberish_text"}]},
+        {"id": "c", "defects": [{"type": "gibberish_text"}]},
+        {"id": "d", "defects": [{"type": "tiny_image"}]},
+    ]
     (tmp_path / "labels.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labels))
     out = tmp_path / "out"
     (out / "rejects").mkdir(parents=True)
     (out / "quarantine").mkdir()
-    rows = [{"id": "a", "provenance": {"member": "00000000_a"}, "level": "node", "reason": "gibberish"},
-            {"id": "b", "provenance": {"member": "00000001_b"}, "level": "doc", "reason": "no_items_left",
-             "removed_nodes_before": [{"reason": "gibberish"}]},
-            {"id": "d", "provenance": {"member": "00000003_d"}, "level": "node", "reason": "image_too_small"}]
+    rows = [
+        {"id": "a", "provenance": {"member": "00000000_a"}, "level": "node", "reason": "gibberish"},
+        {
+            "id": "b",
+            "provenance": {"member": "00000001_b"},
+            "level": "doc",
+            "reason": "no_items_left",
+            "removed_nodes_before": [{"reason": "gibberish"}],
+        },
+        {"id": "d", "provenance": {"member": "00000003_d"}, "level": "node", "reason": "image_too_small"},
+    ]
     (out / "rejects" / "00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = score_against_labels(out, tmp_path / "labels.jsonl")
     assert s["per_defect"]["gibberish_text"] == {"true": 2, "flagged": 2, "tp": 1, "precision": 0.5, "recall": 0.5}

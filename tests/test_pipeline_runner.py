@@ -20,10 +20,17 @@ from mmgen.data.pipeline import run_filter
 from mmgen.data.shards import read_shard, write_shards
 
 CAPTION = "A large blue square sits at the top left of a gray background."
-RECIPE = {"name": "t", "ops": [
-    {"op": "empty_items", "level": "node"}, {"op": "gibberish", "level": "node"},
-    {"op": "text_length", "level": "doc", "params": {"min_words": 3}},
-    {"op": "image_decode", "level": "node"}, {"op": "doc_dedup"}, {"op": "image_dedup", "level": "node"}]}
+RECIPE = {
+    "name": "t",
+    "ops": [
+        {"op": "empty_items", "level": "node"},
+        {"op": "gibberish", "level": "node"},
+        {"op": "text_length", "level": "doc", "params": {"min_words": 3}},
+        {"op": "image_decode", "level": "node"},
+        {"op": "doc_dedup"},
+        {"op": "image_dedup", "level": "node"},
+    ],
+}
 
 
 def picture(seed: int, w: int = 48, h: int = 48) -> Image:
@@ -58,8 +65,11 @@ def kept_docs(out: Path) -> list[Doc]:
 
 
 def snapshot(out: Path) -> dict:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
 
 
 def assert_accounting(s: dict, out: Path) -> None:
@@ -83,16 +93,26 @@ def test_every_kind_of_bad_input_is_quarantined(tmp_path, real_dir):
     (src / "a-000000.tar").write_bytes(whole[:cut])
     # 2. undecodable media inside a well-formed tar
     bad = picture(99).data
-    write_shards([Doc([Text(CAPTION + " Broken."), Image(data=bad[: len(bad) // 2], format="png")]),
-                  Doc([Text(CAPTION + " Fine."), picture(98)])], src, prefix="b")
+    write_shards(
+        [
+            Doc([Text(CAPTION + " Broken."), Image(data=bad[: len(bad) // 2], format="png")]),
+            Doc([Text(CAPTION + " Fine."), picture(98)]),
+        ],
+        src,
+        prefix="b",
+    )
     # 3. mmgen jsonl with an unreadable line and a line that is not an object
-    good = Doc([Text("A real cat photo from the shared folder."),
-                Image(path=str(real_dir / "cat.jpg"))]).to_json()
-    (src / "c.jsonl").write_text(json.dumps(good) + "\n{\"items\": [\n[1, 2]\n")
+    good = Doc([Text("A real cat photo from the shared folder."), Image(path=str(real_dir / "cat.jpg"))]).to_json()
+    (src / "c.jsonl").write_text(json.dumps(good) + '\n{"items": [\n[1, 2]\n')
     # 4. OBELICS with texts/images lists of different lengths
-    ob = [{"texts": ["A cat photo follows.", None], "images": [None, str(real_dir / "cat.jpg")],
-           "metadata": [None, None]},
-          {"texts": ["Lists of", "different", "lengths"], "images": [None], "metadata": [None]}]
+    ob = [
+        {
+            "texts": ["A cat photo follows.", None],
+            "images": [None, str(real_dir / "cat.jpg")],
+            "metadata": [None, None],
+        },
+        {"texts": ["Lists of", "different", "lengths"], "images": [None], "metadata": [None]},
+    ]
     (src / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ob))
     # 5. Data-Juicer: two image placeholders for one image path
     dj = [{"text": "<__dj__image> a cat <__dj__image> and more", "images": [str(real_dir / "cat.jpg")]}]
@@ -125,8 +145,14 @@ def test_parquet_input_in_obelics_layout(tmp_path, real_dir):
     import pyarrow.parquet as pq
 
     cat = (real_dir / "cat.jpg").read_bytes()
-    rows = [{"texts": [f"Row {i}: a cat sits and looks at the camera.", None],
-             "images": [None, {"bytes": cat, "path": "cat.jpg"}], "metadata": [None, None]} for i in range(3)]
+    rows = [
+        {
+            "texts": [f"Row {i}: a cat sits and looks at the camera.", None],
+            "images": [None, {"bytes": cat, "path": "cat.jpg"}],
+            "metadata": [None, None],
+        }
+        for i in range(3)
+    ]
     rows.append({"texts": ["short"], "images": [None], "metadata": [None]})
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ob.parquet")
     s = run_filter(RECIPE, str(tmp_path / "ob.parquet"), tmp_path / "out", workers=1, progress=False)
@@ -145,8 +171,9 @@ def _write_inputs(src: Path) -> None:
 
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mmgen.cli", "filter", *args], env=e, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mmgen.cli", "filter", *args], env=e, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_resume_after_sigkill_gives_the_same_output(tmp_path):
@@ -154,8 +181,18 @@ def test_resume_after_sigkill_gives_the_same_output(tmp_path):
     _write_inputs(src)
     ref = tmp_path / "ref"
     s_ref = run_filter(RECIPE, str(src / "*.tar"), ref, workers=1, shard_size=3, progress=False)
-    args = ["--recipe", json_recipe(tmp_path), "--input", str(src / "*.tar"), "--out", str(tmp_path / "run"),
-            "--shard-size", "3", "--workers", "2"]
+    args = [
+        "--recipe",
+        json_recipe(tmp_path),
+        "--input",
+        str(src / "*.tar"),
+        "--out",
+        str(tmp_path / "run"),
+        "--shard-size",
+        "3",
+        "--workers",
+        "2",
+    ]
     # killed in the middle of the second input (7 docs per input), then again in the third
     for kill_after in (10, 6):
         p = _cli(args, {KILL_ENV: str(kill_after)})
@@ -187,8 +224,9 @@ def test_ray_executor_matches_local(tmp_path):
     local = run_filter(RECIPE, str(src / "*.tar"), tmp_path / "local", workers=2, shard_size=4, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        s = run_filter(RECIPE, str(src / "*.tar"), tmp_path / "ray", executor="ray", workers=2, shard_size=4,
-                       progress=False)
+        s = run_filter(
+            RECIPE, str(src / "*.tar"), tmp_path / "ray", executor="ray", workers=2, shard_size=4, progress=False
+        )
     finally:
         ray.shutdown()
     assert s == local

@@ -18,11 +18,15 @@ from mmgen.data.filter_commit import KILL_ENV
 from mmgen.data.shards import read_shard, write_shards
 
 FRACTION = 0.4
-RECIPE = {"name": "select", "ops": [
-    {"op": "gibberish", "level": "node"},
-    {"op": "text_length", "level": "doc", "params": {"min_words": 3}},
-    {"op": "doc_dedup"},
-    {"op": "top_fraction", "params": {"op": "text_length_filter", "stat": "text_len", "fraction": FRACTION}}]}
+RECIPE = {
+    "name": "select",
+    "ops": [
+        {"op": "gibberish", "level": "node"},
+        {"op": "text_length", "level": "doc", "params": {"min_words": 3}},
+        {"op": "doc_dedup"},
+        {"op": "top_fraction", "params": {"op": "text_length_filter", "stat": "text_len", "fraction": FRACTION}},
+    ],
+}
 WORDS = "red blue green circle square star small large left right top bottom".split()
 
 
@@ -44,13 +48,17 @@ def corpus(k: int) -> list[Doc]:
 
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mmgen.cli", "filter", *args], env=e, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mmgen.cli", "filter", *args], env=e, capture_output=True, text=True, timeout=300
+    )
 
 
 def output(out: Path) -> dict:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "manifest.json" and p.suffix != ".png"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "manifest.json" and p.suffix != ".png"
+    }
 
 
 def test_top_fraction_selects_exactly_the_best_across_the_corpus(tmp_path):
@@ -74,7 +82,7 @@ def test_top_fraction_selects_exactly_the_best_across_the_corpus(tmp_path):
     observed = [(r["id"], r["value"]) for r in rows if r["op"] == "top_fraction" and r["stat"] == "value"]
     assert len(observed) == 24  # 30 - 3 too short - 3 copies
     ranked = sorted(range(len(observed)), key=lambda i: (-observed[i][1], i))
-    want = {observed[i][0] for i in ranked[:round(FRACTION * len(observed))]}
+    want = {observed[i][0] for i in ranked[: round(FRACTION * len(observed))]}
     assert len({v for _, v in observed}) < len(observed)  # there are ties to break
 
     kept = [d.id for p in sorted((out / "shards").glob("*.tar")) for d in read_shard(p)]

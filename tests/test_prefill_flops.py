@@ -17,8 +17,16 @@ def test_prefill_flops_match_torch_flop_counter(kind):
     ensure_torchvision()  # transformers' model modules import torchvision, broken next to CPU torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(kind, vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = AutoConfig.for_model(
+        kind,
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     n, layers, heads, head_dim = 11, 3, 4, 8
     counter = FlopCounterMode(display=False)

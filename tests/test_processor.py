@@ -26,8 +26,11 @@ def test_the_chat_template_is_saved_with_the_bundle_not_inferred_later(bundle_di
     assert loaded.chat_template == ChatTemplate("all")
     loaded.meta["stage"] = "pretrain"  # the saved template wins over whatever the facts say later
     proc = MMGenProcessor.from_bundle(loaded)
-    assert proc.trained_in_chat() and proc.prompt_ids("a red circle", image=False)[1:3] != \
-        MMGenProcessor.from_bundle(load_bundle(bundle_dir)).prompt_ids("a red circle", image=False)[1:3]
+    assert (
+        proc.trained_in_chat()
+        and proc.prompt_ids("a red circle", image=False)[1:3]
+        != MMGenProcessor.from_bundle(load_bundle(bundle_dir)).prompt_ids("a red circle", image=False)[1:3]
+    )
     # a bundle from before the file existed: its training facts, once, on load
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "sft", old)
@@ -56,12 +59,19 @@ def test_prompt_and_chat_ids_are_the_prefixes_training_writes(bundle_dir):
 
     pic = render(random_scene(random.Random(0), "val"), *RES)
     block = chat.image_ids([pic])[0]
-    assert chat.chat_ids([{"role": "user", "content": [pic, "what colour?"]}]) == \
-        encode_chat_prompt("what colour?", tok, image_ids=block)
-    two = chat.chat_ids([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"},
-                         {"role": "user", "content": "and?"}])
-    assert two.count(
-        tok.eos_token_id) == 1 and two[:len(encode_chat_prompt("hi", tok))] == encode_chat_prompt("hi", tok)
+    assert chat.chat_ids([{"role": "user", "content": [pic, "what colour?"]}]) == encode_chat_prompt(
+        "what colour?", tok, image_ids=block
+    )
+    two = chat.chat_ids(
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "and?"},
+        ]
+    )
+    assert two.count(tok.eos_token_id) == 1 and two[: len(encode_chat_prompt("hi", tok))] == encode_chat_prompt(
+        "hi", tok
+    )
 
 
 def test_the_templates_tags_are_the_ones_every_prompt_uses(bundle_dir, tmp_path):
@@ -86,15 +96,23 @@ def test_the_templates_tags_are_the_ones_every_prompt_uses(bundle_dir, tmp_path)
     assert prompt == [tok.bos_token_id, *q, *encode_text("a red circle", tok), *a]
     assert proc.chat_ids([{"role": "user", "content": "a red circle"}]) == prompt
     block = [bundle.vocab["<image>"]]  # any ids: the picture sits between the user tag and the text
-    assert proc.picture_prompt_ids("what colour?", block, question=True) == \
-        [tok.bos_token_id, *q, *block, *encode_text("what colour?", tok), *a]
+    assert proc.picture_prompt_ids("what colour?", block, question=True) == [
+        tok.bos_token_id,
+        *q,
+        *block,
+        *encode_text("what colour?", tok),
+        *a,
+    ]
     doc = make_doc("buildup", random.Random(2), split="val", size=RES[0])
     cut = [i for i, it in enumerate(doc.items) if it.kind == "image"][1]
-    codes = {i: np.asarray(bundle.image_tokenizer.encode([it.to_pil()]))[0]
-             for i, it in enumerate(doc.items) if it.kind == "image"}
+    codes = {
+        i: np.asarray(bundle.image_tokenizer.encode([it.to_pil()]))[0]
+        for i, it in enumerate(doc.items)
+        if it.kind == "image"
+    }
     built = build_chat_sequence(CodedDoc(doc, codes), tok, bundle.vocab, user_tag="Q:", assistant_tag="A:")
     prompt = buildup_prompt_ids(bundle, doc.items[:cut])
-    assert built["input_ids"].tolist()[:len(prompt)] == prompt and prompt[1:1 + len(q)] == q
+    assert built["input_ids"].tolist()[: len(prompt)] == prompt and prompt[1 : 1 + len(q)] == q
 
 
 def test_decode_turns_generated_ids_back_into_a_doc(bundle_dir):
@@ -105,8 +123,11 @@ def test_decode_turns_generated_ids_back_into_a_doc(bundle_dir):
     bundle = load_bundle(bundle_dir)
     proc = MMGenProcessor.from_bundle(bundle)
     codes = np.arange(16).reshape(4, 4) % 16
-    ids = encode_text("here it is:", bundle.text_tokenizer) + bundle.vocab.image_block(codes) + \
-        encode_text("done", bundle.text_tokenizer)
+    ids = (
+        encode_text("here it is:", bundle.text_tokenizer)
+        + bundle.vocab.image_block(codes)
+        + encode_text("done", bundle.text_tokenizer)
+    )
     doc = proc.decode(ids, meta={"k": 1})
     assert [it.kind for it in doc.items] == ["text", "image", "text"]
     assert doc.items[0].text == "here it is:" and doc.items[2].text == "done" and doc.meta == {"k": 1}

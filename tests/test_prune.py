@@ -32,9 +32,18 @@ def _deep(bundle, base: str):
     if base == "llama":
         return build_tiny_lm(bundle.vocab, hidden=64, layers=4, heads=4, kv_heads=2, text_tokenizer=tok, seed=1).eval()
     torch.manual_seed(1)
-    cfg = Qwen2Config(vocab_size=bundle.vocab.size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=bundle.vocab.size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -82,8 +91,11 @@ def _pruner(method: str, ratio: float, layer: int = 1):
     return PrefillPruner(method, ratio, layer)
 
 
-SETTINGS = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0, seed=7),
-            "sampled-cfg": dict(temperature=1.0, top_k=8, seed=3, cfg_scale=3.0)}
+SETTINGS = {
+    "greedy": dict(temperature=0.0),
+    "sampled": dict(temperature=1.0, seed=7),
+    "sampled-cfg": dict(temperature=1.0, top_k=8, seed=3, cfg_scale=3.0),
+}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -143,13 +155,21 @@ def _layerwise_reference(model, ids_row: list[int], kept_cols: list[int], layer:
     for i, block in enumerate(dec.layers):
         if i == layer:
             hidden, pos = hidden[:, kept_cols], pos[:, kept_cols]
-        mask = create_causal_mask(config=dec.config, inputs_embeds=hidden, attention_mask=torch.ones_like(pos),
-                                  cache=None, position_ids=pos)
-        hidden = block(hidden, attention_mask=mask, position_embeddings=dec.rotary_emb(hidden, pos), position_ids=pos,
-                       cache=full if i < layer else part, use_cache=True)
+        mask = create_causal_mask(
+            config=dec.config, inputs_embeds=hidden, attention_mask=torch.ones_like(pos), cache=None, position_ids=pos
+        )
+        hidden = block(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=dec.rotary_emb(hidden, pos),
+            position_ids=pos,
+            cache=full if i < layer else part,
+            use_cache=True,
+        )
     logits = model.lm_head(dec.norm(hidden))[0, -1]
-    keys = [full.layers[i].keys[0][:, kept_cols] if i < layer else part.layers[i].keys[0]
-            for i in range(len(dec.layers))]
+    keys = [
+        full.layers[i].keys[0][:, kept_cols] if i < layer else part.layers[i].keys[0] for i in range(len(dec.layers))
+    ]
     return logits, keys
 
 
@@ -192,8 +212,17 @@ def test_merge_decodes_like_a_plain_forward_over_the_merged_sequence(bundle):
     rows = _rows(bundle)
     seen: list[torch.Tensor] = []
     pruner = _pruner("merge", 0.25)
-    tokens = _decode(model, vocab, rows, prune=pruner, temperature=1.0, seed=5, max_new_tokens=6, allow_images=False,
-                     logits_hook=lambda cond, uncond, guided, in_block: seen.append(cond.clone()))
+    tokens = _decode(
+        model,
+        vocab,
+        rows,
+        prune=pruner,
+        temperature=1.0,
+        seed=5,
+        max_new_tokens=6,
+        allow_images=False,
+        logits_hook=lambda cond, uncond, guided, in_block: seen.append(cond.clone()),
+    )
     ids, attn = left_pad(rows, 0, "cpu")
     position = (attn.cumsum(-1) - 1).clamp(min=0)
     run = BeforeLLMRun(model, ids, attn, position, *_grids_and_shared(rows, vocab, ids, attn), 0.25)
@@ -213,8 +242,10 @@ def _grids_and_shared(rows, vocab, ids, attn):
     from mmgen.inference.prune import read_blocks
 
     pad = (attn == 0).sum(-1).tolist()
-    grids = [[[torch.tensor([pad[b] + p for p in g]) for g in blk.grids] for blk in read_blocks(r, vocab)]
-             for b, r in enumerate(rows)]
+    grids = [
+        [[torch.tensor([pad[b] + p for p in g]) for g in blk.grids] for blk in read_blocks(r, vocab)]
+        for b, r in enumerate(rows)
+    ]
     return grids, {}
 
 
@@ -321,8 +352,9 @@ def test_continuous_features_merge_before_the_projector(bundle):
 
     vocab = bundle.vocab
     torch.manual_seed(0)
-    model = build_unified_lm(vocab, None, hidden=64, layers=2, heads=4, image_feature_dim=8,
-                             text_tokenizer=bundle.text_tokenizer).eval()
+    model = build_unified_lm(
+        vocab, None, hidden=64, layers=2, heads=4, image_feature_dim=8, text_tokenizer=bundle.text_tokenizer
+    ).eval()
     model.set_code_vectors("image", torch.randn(16, 8))
     rows = _rows(bundle)
     plain = _decode(model, vocab, rows, temperature=0.0)
@@ -385,8 +417,15 @@ def test_prefill_flops_count_projections_attention_and_mlp():
 
     from mmgen.inference.prune import prefill_flops
 
-    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=8, num_attention_heads=2, num_key_value_heads=1,
-                          head_dim=4, intermediate_size=16, vocab_size=10)
+    cfg = SimpleNamespace(
+        num_hidden_layers=2,
+        hidden_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        intermediate_size=16,
+        vocab_size=10,
+    )
     one = 2 * 3 * 8 * (2 * 2 * 4 + 2 * 1 * 4) + 2 * 2 * 2 * 4 * 6 + 2 * 3 * 3 * 8 * 16  # n = 3
     assert prefill_flops(cfg, [3, 3]) == 2 * one + 2 * 8 * 10
     assert prefill_flops(cfg, [3, 1]) < prefill_flops(cfg, [3, 3])
@@ -426,19 +465,33 @@ def test_cli_generate_prunes_a_picture_and_rejects_bad_options(bundle_dir, tmp_p
 
     picture = tmp_path / "scene.png"
     Image.new("RGB", (32, 32), (10, 200, 10)).save(picture)
+
     def args(*flags, shown=str(picture)):
-        return ["generate", "--checkpoint", str(bundle_dir), "--prompt", "what is it?", "--picture", shown,
-                "--max-new-tokens", "4", "--out", str(tmp_path / "out"), *flags]
+        return [
+            "generate",
+            "--checkpoint",
+            str(bundle_dir),
+            "--prompt",
+            "what is it?",
+            "--picture",
+            shown,
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+            *flags,
+        ]
 
     assert main(args("--prune-method", "fastv", "--prune-ratio", "0.25", "--prune-layer", "1")) == 0
     assert "(pruned: fastv kept" in capsys.readouterr().err
     assert main(args("--prune-method", "pyramid", "--prune-schedule", "1:0.5")) == 0
     capsys.readouterr()
-    for bad, message in ((args("--prune-ratio", "0"), "prune_ratio must be in (0, 1]"),
-                         (args("--prune-method", "pyramid", "--prune-schedule", "1-0.5"), "is not LAYER:RATIO"),
-                         (args("--prune-method", "fastv", "--prune-layer", "5"),
-                          "prune_layer 5 >= the model's depth 2"),
-                         (args(shown=str(tmp_path / "none.png")), "does not exist")):
+    for bad, message in (
+        (args("--prune-ratio", "0"), "prune_ratio must be in (0, 1]"),
+        (args("--prune-method", "pyramid", "--prune-schedule", "1-0.5"), "is not LAYER:RATIO"),
+        (args("--prune-method", "fastv", "--prune-layer", "5"), "prune_layer 5 >= the model's depth 2"),
+        (args(shown=str(tmp_path / "none.png")), "does not exist"),
+    ):
         assert main(bad) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0]
@@ -449,8 +502,9 @@ def test_the_evaluation_entry_points_take_a_pruner(bundle):
     from mmgen.inference.batch_generation import generate_image_rows, generate_text_rows
 
     rows = _rows(bundle)
-    assert generate_text_rows(bundle, rows, max_new_tokens=4, prune=_pruner("fastv", 1.0)) == \
-        generate_text_rows(bundle, rows, max_new_tokens=4)
+    assert generate_text_rows(bundle, rows, max_new_tokens=4, prune=_pruner("fastv", 1.0)) == generate_text_rows(
+        bundle, rows, max_new_tokens=4
+    )
     pruner = _pruner("merge", 0.25)
     images = generate_image_rows(bundle, _rows(bundle, t2i=True), temperature=0.0, cfg_scale=1.0, prune=pruner)
     assert len(images) == 2 and [b["kept"] for row in pruner.report["blocks"] for b in row] == [16, 16]

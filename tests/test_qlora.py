@@ -34,18 +34,33 @@ def start(tmp_path_factory):
     texts = [f"a {c} circle. What color is the circle? {c}" for c in COLORS] * 8
     tok = train_text_tokenizer(texts, vocab_size=300)
     vocab = Vocab(len(tok), {"pix": CODEBOOK}, max_grid=8)
-    model = build_unified_lm(vocab, hidden=64, layers=2, heads=2, max_len=64, seed=0, code_head=True,
-                             text_tokenizer=tok)
+    model = build_unified_lm(
+        vocab, hidden=64, layers=2, heads=2, max_len=64, seed=0, code_head=True, text_tokenizer=tok
+    )
     out = tmp_path_factory.mktemp("start")
     Bundle(model, tok, vocab, None, {"stage": "pretrain"}).save(out)
     return out
 
 
 def _over(shards, start, out_dir, **kw):
-    return tiny_run(shards, out_dir, {"data.seq_len": 64, "init_from": str(start), "model.code_head": "true",
-                                      "save_every": 10, "tensorboard": False, "optim.lr": 1e-2, "steps": 2,
-                                      "lora.enabled": "true", "lora.r": 4, "lora.quantize": "4bit",
-                                      "lora.modules_to_save": "[code_head]"}, **kw)
+    return tiny_run(
+        shards,
+        out_dir,
+        {
+            "data.seq_len": 64,
+            "init_from": str(start),
+            "model.code_head": "true",
+            "save_every": 10,
+            "tensorboard": False,
+            "optim.lr": 1e-2,
+            "steps": 2,
+            "lora.enabled": "true",
+            "lora.r": 4,
+            "lora.quantize": "4bit",
+            "lora.modules_to_save": "[code_head]",
+        },
+        **kw,
+    )
 
 
 def _quantized_start(start, overrides):
@@ -66,8 +81,11 @@ def test_qlora_step_trains_only_adapters_on_a_quantized_base(shards, start, tmp_
     from mmgen.training.optim import build_optimizer
     from mmgen.training.qlora import parameter_bytes
 
-    extra = {"lora.quantize": quantize} if from_bundle else {"lora.quantize": quantize, "init_from": "null",
-                                                             "model.hidden": 64, "model.layers": 2, "model.heads": 2}
+    extra = (
+        {"lora.quantize": quantize}
+        if from_bundle
+        else {"lora.quantize": quantize, "init_from": "null", "model.hidden": 64, "model.layers": 2, "model.heads": 2}
+    )
     cfg = load_train_config("tiny_sft", _over(shards, start, tmp_path, **extra))
     ref = load_bundle(start)
     model = build_model(cfg, ref.vocab, ref.text_tokenizer)
@@ -117,8 +135,9 @@ def test_qlora_sft_writes_a_plain_bundle_that_generates(shards, start, tmp_path)
     assert (out / "lora_adapter" / "adapter_config.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == 2
-    assert summary["parameter_bytes"] < sum(t.numel() * t.element_size()
-                                            for t in load_file(start / "model.safetensors").values())
+    assert summary["parameter_bytes"] < sum(
+        t.numel() * t.element_size() for t in load_file(start / "model.safetensors").values()
+    )
 
     bundle = load_bundle(final)
     assert isinstance(bundle.model, MMGenForCausalLM)
@@ -144,12 +163,15 @@ def test_qlora_sft_writes_a_plain_bundle_that_generates(shards, start, tmp_path)
     assert doc.meta["new_tokens"] >= 1
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"lora.enabled": "false"}, "lora.enabled=true"),
-    ({"stage": "pretrain"}, "stage=sft"),
-    ({"deepspeed": "training/ds_zero3_cpu.json"}, "ZeRO stage 3"),
-    ({"lora.bnb_4bit_quant_type": "nf5"}, "nf4"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"lora.enabled": "false"}, "lora.enabled=true"),
+        ({"stage": "pretrain"}, "stage=sft"),
+        ({"deepspeed": "training/ds_zero3_cpu.json"}, "ZeRO stage 3"),
+        ({"lora.bnb_4bit_quant_type": "nf5"}, "nf4"),
+    ],
+)
 def test_qlora_config_errors(shards, start, tmp_path, over, message):
     from mmgen.training.config import load_train_config
 

@@ -11,13 +11,24 @@ from mmgen.world import random_scene, render
 
 def test_quickstart_end_to_end_small(tmp_path):
     cfg = QuickstartConfig(
-        out=str(tmp_path / "qs"), docs=160, seed=3, defect_rate=0.1, workers=1, launcher="none",
+        out=str(tmp_path / "qs"),
+        docs=160,
+        seed=3,
+        defect_rate=0.1,
+        workers=1,
+        launcher="none",
         clip_overrides=["steps=4", "train_pairs=64", "eval_scenes=8", "batch_size=8", "progress=false"],
         tokenizer_overrides=["steps=8", "eval_images=16", "log_every=4", "ckpt_every=8", "progress=false"],
         train_overrides=["steps=3", "log_every=1", "save_every=3", "progress=false", "tensorboard=false"],
         sft_overrides=["steps=2", "log_every=1", "save_every=2", "progress=false", "tensorboard=false"],
-        detokenizer_overrides=["steps=2", "train_images=8", "eval_images=2", "batch_size=4", "log_every=1",
-                               "ckpt_every=2"],
+        detokenizer_overrides=[
+            "steps=2",
+            "train_images=8",
+            "eval_images=2",
+            "batch_size=4",
+            "log_every=1",
+            "ckpt_every=2",
+        ],
         eval_prompts=3,
         text_tokenizer_recipe="tiny_dualvitok_text",  # the demo leaves DualViTok's second stage out; run it here
     )
@@ -33,8 +44,11 @@ def test_quickstart_end_to_end_small(tmp_path):
     ev = report_md.parent / "eval"
 
     def records(suite):
-        return [r for line in (ev / "samples" / f"{suite}.jsonl").read_text().splitlines()
-                for r in json.loads(line)["records"]]
+        return [
+            r
+            for line in (ev / "samples" / f"{suite}.jsonl").read_text().splitlines()
+            for r in json.loads(line)["records"]
+        ]
 
     def share(rows, key):
         return pytest.approx(sum(bool(r[key]) for r in rows) / len(rows))
@@ -107,8 +121,9 @@ def test_quickstart_end_to_end_small(tmp_path):
     tok = load_image_tokenizer(tmp_path / "qs" / "sft" / "final" / "image_tokenizer")
     assert facts["tokenizer_sha256"] == tok.fingerprint()
     assert report["detokenizer"]["steps"] == 2 and "detokenizer" in report["stage_seconds"]
-    assert report["image_decoding"].startswith("one image block under the grid constraint, drawn by the diffusion "
-                                               "detokenizer 1x")
+    assert report["image_decoding"].startswith(
+        "one image block under the grid constraint, drawn by the diffusion detokenizer 1x"
+    )
     assert "Generated pictures: one image block" in report_md.read_text()
     # A rerun skips every finished stage and reproduces the same metrics.
     again = json.loads((quickstart(cfg).parent / "report.json").read_text())

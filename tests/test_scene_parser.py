@@ -107,8 +107,14 @@ def test_compare_and_contains():
     truth = Scene("black", [Obj("circle", "red", "large", (0, 0)), Obj("square", "blue", "small", (1, 1))])
     same = compare_scenes(Scene.from_dict(truth.to_dict()), truth)
     assert same["exact"] and same["object_recall"] == 1.0 and same["object_precision"] == 1.0
-    pred = Scene("black", [Obj("circle", "green", "large", (0, 0)), Obj("square", "blue", "small", (1, 1)),
-                           Obj("cross", "cyan", "small", (2, 2))])
+    pred = Scene(
+        "black",
+        [
+            Obj("circle", "green", "large", (0, 0)),
+            Obj("square", "blue", "small", (1, 1)),
+            Obj("cross", "cyan", "small", (2, 2)),
+        ],
+    )
     c = compare_scenes(pred, truth)
     assert not c["exact"] and c["object_recall"] == 0.5 and abs(c["object_precision"] - 1 / 3) < 1e-9
     assert c["attr_acc"] == {"shape": 1.0, "color": 0.5, "size": 1.0} and not c["count"]

@@ -15,8 +15,11 @@ from mmgen.processing.sequence import build_sequence, build_sequences, encode_pr
 from mmgen.processing.vocab import Vocab
 
 CAPTIONS = [
-    "a red circle at the top left.", "two blue squares at the bottom right.", "a green star in the center.",
-    "a yellow triangle at the top right.", "three purple circles on a white background.",
+    "a red circle at the top left.",
+    "two blue squares at the bottom right.",
+    "a green star in the center.",
+    "a yellow triangle at the top right.",
+    "three purple circles on a white background.",
 ]
 
 
@@ -90,9 +93,17 @@ def test_build_sequence_layout_and_prompt_agreement(tok, vocab):
 
 def test_build_sequence_interleaved_skips_and_counts(tok, vocab):
     rng = np.random.default_rng(1)
-    doc = Doc(items=[Text("step one:"), Text("a red circle."), _placeholder_image(2),
-                     Video(path="clip.mp4", format="mp4"), Text("now a blue square."), _placeholder_image(5),
-                     _placeholder_image(6)])
+    doc = Doc(
+        items=[
+            Text("step one:"),
+            Text("a red circle."),
+            _placeholder_image(2),
+            Video(path="clip.mp4", format="mp4"),
+            Text("now a blue square."),
+            _placeholder_image(5),
+            _placeholder_image(6),
+        ]
+    )
     codes = {2: rng.integers(0, 64, size=(3, 5)), 5: rng.integers(0, 64, size=(1, 2, 2))}
     cd = CodedDoc(doc, codes=codes)  # item 6 has no codes
     seq = build_sequence(cd, tok, vocab)
@@ -100,10 +111,10 @@ def test_build_sequence_interleaved_skips_and_counts(tok, vocab):
     ids = list(seq["input_ids"])
     b = seq["boundaries"]
     # two consecutive text items are one text span, joined by a space
-    assert tok.decode(ids[b[0]:b[1]]) == "step one: a red circle."
-    assert np.array_equal(vocab.parse_image_block(ids[b[1]:b[2]])["pix"], codes[2])
-    assert tok.decode(ids[b[2]:b[3]]) == "now a blue square."
-    assert np.array_equal(vocab.parse_image_block(ids[b[3]:b[4]])["pix"], codes[5][0])
+    assert tok.decode(ids[b[0] : b[1]]) == "step one: a red circle."
+    assert np.array_equal(vocab.parse_image_block(ids[b[1] : b[2]])["pix"], codes[2])
+    assert tok.decode(ids[b[2] : b[3]]) == "now a blue square."
+    assert np.array_equal(vocab.parse_image_block(ids[b[3] : b[4]])["pix"], codes[5][0])
 
     seqs, stats = build_sequences([cd, CodedDoc(Doc(items=[Video(path="v.mp4", format="mp4")]))], tok, vocab)
     assert stats.docs_in == 2 and stats.sequences == 1 and stats.empty_docs == 1
@@ -169,8 +180,9 @@ def test_packed_loss_equals_separate_losses(tok, vocab, attn):
     assert stats.rows == 1  # all four documents share one row
     with torch.no_grad():
         batch = packed_batch(rows, [0])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits
         packed = causal_lm_loss(logits, batch["labels"], reduction="sum")
         separate = 0.0
         for s in seqs:
@@ -178,8 +190,11 @@ def test_packed_loss_equals_separate_losses(tok, vocab, attn):
             labels = torch.where(torch.from_numpy(s["loss_mask"])[None], ids, IGNORE_INDEX)
             separate += causal_lm_loss(model(input_ids=ids).logits, labels, reduction="sum")
         # without the block-diagonal mask the documents would see each other: the loss must differ
-        plain = causal_lm_loss(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits,
-                               batch["labels"], reduction="sum")
+        plain = causal_lm_loss(
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits,
+            batch["labels"],
+            reduction="sum",
+        )
     assert packed.item() == pytest.approx(separate.item(), rel=1e-4)
     assert abs(plain.item() - separate.item()) > 1e-3
 
@@ -239,8 +254,14 @@ def test_build_sequence_writes_video_blocks_or_counts_why_not(tok):
     vocab = Vocab(len(tok), {"pix": 64}, max_grid=8, video_times=8, video_time_step=0.25)
     grids, times, keys = _merged_video(np.random.default_rng(5), {"pix": 64})
     frames = np.stack([times, keys], axis=1)
-    doc = Doc(items=[Text("a red circle moves."), Video(path="<codes:1>", format="mp4"),
-                     Video(path="<codes:2>", format="mp4"), Video(path="<codes:3>", format="mp4")])
+    doc = Doc(
+        items=[
+            Text("a red circle moves."),
+            Video(path="<codes:1>", format="mp4"),
+            Video(path="<codes:2>", format="mp4"),
+            Video(path="<codes:3>", format="mp4"),
+        ]
+    )
     long = np.stack([np.asarray(times) * 10, keys], axis=1)  # 10 s: past the last time token
     cd = CodedDoc(doc, codes={1: grids["pix"], 3: grids["pix"]}, frames={1: frames, 3: long})
     seq = build_sequence(cd, tok, vocab)

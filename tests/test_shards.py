@@ -102,12 +102,18 @@ def test_code_shards_have_no_pax_headers_and_arrays_read_back_exactly(tmp_path):
 
     from mmgen.data.code_shards import CodedDoc, CodeShardWriter, load_npy, read_code_shards
 
-    arrays = [np.arange(81, dtype=np.int16).reshape(9, 9), np.full((2, 3, 3), -1, np.int32),
-              np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.array(7, np.int64)]
+    arrays = [
+        np.arange(81, dtype=np.int16).reshape(9, 9),
+        np.full((2, 3, 3), -1, np.int32),
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.array(7, np.int64),
+    ]
     with CodeShardWriter(tmp_path, max_docs=10) as w:
         for k in range(3):
-            doc = Doc(items=[Text(f"doc {k}"), *[Image(path=f"<codes:{i}>", format="png") for i in range(len(arrays))]],
-                      id=f"d{k}")
+            doc = Doc(
+                items=[Text(f"doc {k}"), *[Image(path=f"<codes:{i}>", format="png") for i in range(len(arrays))]],
+                id=f"d{k}",
+            )
             w.write(CodedDoc(doc, codes={i + 1: a for i, a in enumerate(arrays)}))
     (shard,) = tmp_path.glob("*.tar")
     with tarfile.open(shard) as tf:  # a float mtime would put a pax header before every member

@@ -17,18 +17,39 @@ CODEBOOK = 16
 
 @pytest.fixture(scope="module")
 def code_shards(tmp_path_factory):
-    return write_caption_shard(tmp_path_factory.mktemp("codes"), 24, ["red", "blue", "green"],
-                               ["circle", "square", "star"], CODEBOOK, grid=3, seed=1)
+    return write_caption_shard(
+        tmp_path_factory.mktemp("codes"),
+        24,
+        ["red", "blue", "green"],
+        ["circle", "square", "star"],
+        CODEBOOK,
+        grid=3,
+        seed=1,
+    )
 
 
 def _overrides(code_shards, out_dir, **kw):
-    return tiny_run(code_shards, out_dir, {"data.codebook_size": CODEBOOK, "data.text_vocab_size": 280,
-                                           "data.max_grid": 4, "data.seq_len": 64, "model.hidden": 32,
-                                           "model.layers": 1, "model.heads": 2, "save_every": 2, "keep_checkpoints": 3,
-                                           "tensorboard": False, "steps": 5, "snapshot_every": 2,
-                                           # drawn per step: resume must reproduce the drops
-                                           "loss.prompt_dropout": 0.3},
-                    **kw)
+    return tiny_run(
+        code_shards,
+        out_dir,
+        {
+            "data.codebook_size": CODEBOOK,
+            "data.text_vocab_size": 280,
+            "data.max_grid": 4,
+            "data.seq_len": 64,
+            "model.hidden": 32,
+            "model.layers": 1,
+            "model.heads": 2,
+            "save_every": 2,
+            "keep_checkpoints": 3,
+            "tensorboard": False,
+            "steps": 5,
+            "snapshot_every": 2,
+            # drawn per step: resume must reproduce the drops
+            "loss.prompt_dropout": 0.3,
+        },
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +86,11 @@ def test_snapshots_at_every_interval_but_the_last_step_hold_that_steps_weights(s
         assert bundle.meta["snapshot"]["step"] == step and bundle.meta["train"]["steps"] == step
         seconds.append(bundle.meta["snapshot"]["train_seconds"])
         # The engine's weights at that step, as the DeepSpeed checkpoint of the same step holds them.
-        states = torch.load(snapshot_run / "checkpoints" / f"step_{step}" / "mp_rank_00_model_states.pt",
-                            map_location="cpu", weights_only=False)["module"]
+        states = torch.load(
+            snapshot_run / "checkpoints" / f"step_{step}" / "mp_rank_00_model_states.pt",
+            map_location="cpu",
+            weights_only=False,
+        )["module"]
         got = bundle.model.state_dict()
         for k, v in states.items():
             torch.testing.assert_close(got[k], v, rtol=0, atol=0)
@@ -102,8 +126,9 @@ def test_a_resumed_run_writes_the_snapshots_an_uninterrupted_one_did(snapshot_ru
     # baseline is the checkpoint's own count (the step-2 snapshot was written after the checkpoint was
     # saved, so its count holds the save's seconds, which steps 3-4 need not exceed).
     meta = json.loads((crashed / "snapshots" / "step-000004" / "mmgen.json").read_text())
-    carried = torch.load(crashed / "checkpoints" / "step_2" / "mp_rank_00_model_states.pt", map_location="cpu",
-                         weights_only=False)["train_s"]
+    carried = torch.load(
+        crashed / "checkpoints" / "step_2" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["train_s"]
     assert 0 < carried < meta["snapshot"]["train_seconds"]
 
 

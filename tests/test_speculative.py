@@ -39,12 +39,23 @@ def _save_bundle(path, base: str):
         model = build_unified_lm(vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0, tie_embeddings=False)
     else:
         ids = special_ids(tok)
-        model = build_unified_lm(vocab, base={"model_type": "qwen2", "vocab_size": vocab.size, "hidden_size": 64,
-                                              "intermediate_size": 128, "num_hidden_layers": 2,
-                                              "num_attention_heads": 4, "num_key_value_heads": 2,
-                                              "max_position_embeddings": 512, "bos_token_id": ids["bos"],
-                                              "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
-                                              "tie_word_embeddings": False})
+        model = build_unified_lm(
+            vocab,
+            base={
+                "model_type": "qwen2",
+                "vocab_size": vocab.size,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 512,
+                "bos_token_id": ids["bos"],
+                "eos_token_id": ids["eos"],
+                "pad_token_id": ids["pad"],
+                "tie_word_embeddings": False,
+            },
+        )
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(3.0)
         model.get_output_embeddings().weight.mul_(30.0)
@@ -153,8 +164,17 @@ def test_greedy_sjd_with_grid_position_embeddings(codebooks):
 
     tok = train_text_tokenizer(TEXTS, vocab_size=300)
     vocab = Vocab(len(tok), codebooks, max_grid=8)
-    model = build_unified_lm(vocab, hidden=64, layers=2, heads=4, text_tokenizer=tok, seed=0, grid_positions=True,
-                             grid_target=True, tie_embeddings=False).eval()
+    model = build_unified_lm(
+        vocab,
+        hidden=64,
+        layers=2,
+        heads=4,
+        text_tokenizer=tok,
+        seed=0,
+        grid_positions=True,
+        grid_target=True,
+        tie_embeddings=False,
+    ).eval()
     with torch.no_grad():
         model.grid_position_embedding.weight[1:].normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
         model.get_output_embeddings().weight.mul_(30.0)
@@ -300,8 +320,9 @@ def test_acceptance_rule_and_residual(delta, accept):
     target = torch.stack([p, torch.full((4,), 0.25)]).expand(rows, 2, 4).clone()
     near = torch.tensor([[1], [0], [3], [2]])
     spec = SpeculativeJacobi(window=1, delta=delta, neighbours=near)
-    out, made, tested, accepted = verify_drafts(win, target, torch.full((rows,), 9), 9, spec,
-                                          DraftSampler(1.0, 0, 1.0, torch.Generator().manual_seed(0)), lo)
+    out, made, tested, accepted = verify_drafts(
+        win, target, torch.full((rows,), 9), 9, spec, DraftSampler(1.0, 0, 1.0, torch.Generator().manual_seed(0)), lo
+    )
     assert tested == rows and abs(accepted / rows - accept) < 0.025
     rejected = out[:, 0] != lo
     assert int(rejected.sum()) == rows - accepted and bool((out[rejected, 0] == lo + 1).all())
@@ -322,7 +343,7 @@ def test_codebook_neighbours_are_the_nearest_codes(llama):
         d = (vecs - vecs[c]).norm(dim=-1)
         d[c] = float("inf")
         assert set((table[lo + c] - lo).tolist()) == set(d.topk(3, largest=False).indices.tolist())
-    assert (table[: lo] == media).all()  # structural ids have no neighbours: they point at the empty column
+    assert (table[:lo] == media).all()  # structural ids have no neighbours: they point at the empty column
 
 
 # -- the pipeline, its options and errors --------------------------------------------------------------
@@ -353,8 +374,10 @@ def test_composes_with_prefill_pruning_and_kv_compression(llama):
 
     pipe, picture = MMGenPipeline(llama), PILImage.new("RGB", (16, 16), (200, 30, 30))
     base = dict(mode="t2i", max_new_tokens=30, temperature=0.0, cfg_scale=2.0)
-    for extra in (dict(prune_method="fastv", prune_ratio=0.5, prune_layer=1, kv_method="h2o"),
-                  dict(kv_method="streaming", kv_budget=20, kv_sinks=2)):
+    for extra in (
+        dict(prune_method="fastv", prune_ratio=0.5, prune_layer=1, kv_method="h2o"),
+        dict(kv_method="streaming", kv_budget=20, kv_sinks=2),
+    ):
         opts = GenerationOptions(**base, **extra)
         plain = pipe("a red circle", opts, picture=picture)
         fast = pipe("a red circle", opts, picture=picture, spec_decoding=True, spec_window=8)
@@ -366,13 +389,16 @@ def test_composes_with_prefill_pruning_and_kv_compression(llama):
         assert fast.meta["forward_passes"] < plain.meta["forward_passes"]
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(spec_window=0), "spec_window must be >= 1"),
-    (dict(spec_delta=-0.1), r"spec_delta must be in \[0, 1\]"),
-    (dict(spec_delta=1.5), r"spec_delta must be in \[0, 1\]"),
-    (dict(spec_neighbours=0), "spec_neighbours must be >= 1"),
-    (dict(spec_decoding=True, cache="fp8"), "the 'fp8' cache cannot do"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(spec_window=0), "spec_window must be >= 1"),
+        (dict(spec_delta=-0.1), r"spec_delta must be in \[0, 1\]"),
+        (dict(spec_delta=1.5), r"spec_delta must be in \[0, 1\]"),
+        (dict(spec_neighbours=0), "spec_neighbours must be >= 1"),
+        (dict(spec_decoding=True, cache="fp8"), "the 'fp8' cache cannot do"),
+    ],
+)
 def test_invalid_options_are_one_line_errors(llama, bad, message):
     from mmgen.errors import MMGenError
     from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
@@ -391,8 +417,9 @@ def test_relaxed_acceptance_needs_a_codebook(tmp_path):
 
     palette = make_tiny_bundle(tmp_path)  # its test tokenizer has a palette, no quantizer codebook
     with pytest.raises(MMGenError, match="needs the image tokenizer's codebook"):
-        MMGenPipeline(palette)("x", GenerationOptions(mode="t2i", max_new_tokens=30, spec_decoding=True,
-                                                      spec_delta=0.2))
+        MMGenPipeline(palette)(
+            "x", GenerationOptions(mode="t2i", max_new_tokens=30, spec_decoding=True, spec_delta=0.2)
+        )
     with pytest.raises(MMGenError, match="spec_window must be >= 1"):
         SpeculativeJacobi(window=0)
     with pytest.raises(MMGenError, match="needs the codebook neighbours"):
@@ -405,8 +432,25 @@ def test_cli_flags(llama, tmp_path, capsys):
     rc = main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--spec", "--spec-window", "0"])
     assert rc == 2 and "error: spec_window must be >= 1" in capsys.readouterr().err  # checked before loading
     llama.save(tmp_path / "b")
-    rc = main(["generate", "--checkpoint", str(tmp_path / "b"), "--prompt", "a red circle", "--mode", "t2i",
-               "--temperature", "0", "--max-new-tokens", "30", "--spec", "--spec-window", "8",
-               "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(tmp_path / "b"),
+            "--prompt",
+            "a red circle",
+            "--mode",
+            "t2i",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "30",
+            "--spec",
+            "--spec-window",
+            "8",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0 and "tokens per pass" in capsys.readouterr().err
     assert (tmp_path / "out" / "image_0.png").is_file()

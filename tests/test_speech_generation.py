@@ -137,13 +137,13 @@ def test_random_rows_write_only_whole_frames_and_whole_images():
         while i < len(row):
             if row[i] == vocab["<audio>"] and vocab["</audio>"] in row[i:]:
                 end = row.index(vocab["</audio>"], i)
-                codes = vocab.parse_audio_block(row[i:end + 1])
+                codes = vocab.parse_audio_block(row[i : end + 1])
                 assert 1 <= codes.shape[1] <= 4 and codes.min() >= 0 and codes.max() < 4
                 n_audio, i = n_audio + 1, end + 1
             elif row[i] == vocab["<image>"] and i + 3 <= len(row):
                 n = vocab.image_block_len(row[i + 1] - vocab.h_start + 1, row[i + 2] - vocab.w_start + 1)
                 if i + n <= len(row):
-                    assert vocab.parse_image_block(row[i:i + n])["pix"].shape == (2, 2)
+                    assert vocab.parse_image_block(row[i : i + n])["pix"].shape == (2, 2)
                     n_image += 1
                 i += n
             else:
@@ -208,8 +208,17 @@ def test_wav_is_the_codec_decoding_of_the_sampled_codes(speech):
     vocab, tok = speech.vocab, speech.text_tokenizer
     row = prompt_ids(speech, "a green sound.", image=False) + [vocab["<audio>"]]
     block = [vocab["<audio>"]]
-    for t, _ in sample_tokens(speech.model, vocab, [row], max_new_tokens=4 * LEVELS + 1, eos_id=tok.eos_token_id,
-                              pad_id=tok.pad_token_id, seed=2, allow_audio=True, allow_images=False):
+    for t, _ in sample_tokens(
+        speech.model,
+        vocab,
+        [row],
+        max_new_tokens=4 * LEVELS + 1,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        seed=2,
+        allow_audio=True,
+        allow_images=False,
+    ):
         block.append(int(t[0]))
         if block[-1] == vocab["</audio>"]:
             break
@@ -237,8 +246,9 @@ def test_auto_mode_writes_audio_only_when_allowed(speech):
 
     vocab = speech.vocab
     bias_head(speech, {vocab["<audio>"]: 20.0, vocab["<image>"]: -30.0})
-    doc = generate_interleaved(speech, "a red sound.", mode="auto", max_new_tokens=20, seed=0, allow_audio=True,
-                               max_audio_frames=2)
+    doc = generate_interleaved(
+        speech, "a red sound.", mode="auto", max_new_tokens=20, seed=0, allow_audio=True, max_audio_frames=2
+    )
     assert doc.items[0].kind == "audio" and len(doc.audios) >= 2  # it loves <audio>: block after block
     assert all(a.meta["frames"] <= 2 for a in doc.audios)
     doc = generate_interleaved(speech, "a red sound.", mode="auto", max_new_tokens=20, seed=0)
@@ -277,8 +287,25 @@ def test_cli_tts_writes_wav(speech_dir, tmp_path, capsys):
     from mmgen.cli import main
 
     out = tmp_path / "out"
-    rc = main(["generate", "--checkpoint", str(speech_dir), "--prompt", "a red sound.", "--mode", "tts",
-               "--max-audio-frames", "3", "--max-new-tokens", "12", "--seed", "1", "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(speech_dir),
+            "--prompt",
+            "a red sound.",
+            "--mode",
+            "tts",
+            "--max-audio-frames",
+            "3",
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     wav = out / "audio_0.wav"
     assert f"s: {wav}]" in capsys.readouterr().out
@@ -298,8 +325,13 @@ def test_the_trainers_bundle_carries_the_codec_it_trained_with(speech, tmp_path)
     from mmgen.training.checkpointing import save_bundle
     from mmgen.training.config import TrainConfig
 
-    data = {"text_tokenizer": speech.text_tokenizer, "vocab": speech.vocab, "image_tokenizer": None,
-            "audio_tokenizer": speech.audio_tokenizer, "image_grids": {}}
+    data = {
+        "text_tokenizer": speech.text_tokenizer,
+        "vocab": speech.vocab,
+        "image_tokenizer": None,
+        "audio_tokenizer": speech.audio_tokenizer,
+        "image_grids": {},
+    }
     save_bundle(speech.model, data, TrainConfig(), {"steps": 0}, tmp_path / "final")
     bundle = load_bundle(tmp_path / "final")
     assert bundle.audio_tokenizer is not None and bundle.meta["audio_sample_rate"] == SR

@@ -43,7 +43,8 @@ def test_every_form_is_deterministic_differs_and_reads_as_the_same_scene():
     # another seed draws other forms somewhere in the set
     p = _prompts(20)
     assert [surface_form(it.prompt, "word_order", 0) for it in p] != [
-        surface_form(it.prompt, "word_order", 1) for it in p]
+        surface_form(it.prompt, "word_order", 1) for it in p
+    ]
 
 
 def test_caption_parts_reads_every_template_and_object_order():
@@ -109,7 +110,7 @@ def test_vary_prompts_rewrites_prompts_only_and_keeps_pictures_and_scenes():
         for i, (old, it) in enumerate(zip(texts, d.items)):
             if it.kind != "text":
                 continue
-            is_prompt = d.meta["kind"] == "caption" and d.items[i + 1:i + 2] and d.items[i + 1].kind == "image"
+            is_prompt = d.meta["kind"] == "caption" and d.items[i + 1 : i + 2] and d.items[i + 1].kind == "image"
             if is_prompt:
                 prompts += 1
                 assert it.text != old and it.meta["surface_of"] == old
@@ -134,8 +135,15 @@ def test_training_records_vary_prompts_and_the_text_tokenizer_learns_from_them(t
         for d in docs:
             w.write(CodedDoc(d, codes={i: np.full((3, 3), i) for i, it in enumerate(d.items) if it.kind == "image"}))
     plain = list(read_code_shards(str(shards)))
-    cfg = load_train_config("tiny_pretrain", [f"data.code_shards={shards}", "data.prompt_variation=1.0",
-                                              "data.image_tokenizer=null", "data.codebook_size=16"])
+    cfg = load_train_config(
+        "tiny_pretrain",
+        [
+            f"data.code_shards={shards}",
+            "data.prompt_variation=1.0",
+            "data.image_tokenizer=null",
+            "data.codebook_size=16",
+        ],
+    )
     settings = sequence_settings(cfg)
     assert settings["prompt_variation"] == 1.0
     recs = list(training_records(str(shards), settings))
@@ -149,18 +157,22 @@ def test_training_records_vary_prompts_and_the_text_tokenizer_learns_from_them(t
         n_prompts += sum(a != b for a, b in zip(new, old))
     assert n_prompts >= 5
     # without the switch the records are the shards' own, and the settings as before it existed
-    off = load_train_config("tiny_pretrain", [f"data.code_shards={shards}", "data.prompt_variation=0",
-                                              "data.image_tokenizer=null", "data.codebook_size=16"])
+    off = load_train_config(
+        "tiny_pretrain",
+        [f"data.code_shards={shards}", "data.prompt_variation=0", "data.image_tokenizer=null", "data.codebook_size=16"],
+    )
     assert "prompt_variation" not in sequence_settings(off)
-    assert [[t.text for t in r.doc.texts] for r in training_records(str(shards), sequence_settings(off))] == \
-        [[t.text for t in r.doc.texts] for r in plain]
+    assert [[t.text for t in r.doc.texts] for r in training_records(str(shards), sequence_settings(off))] == [
+        [t.text for t in r.doc.texts] for r in plain
+    ]
 
     seen = {}
     import mmgen.training.data as training_data  # where new_text_tokenizer looks the trainer up
 
     real = training_data.train_text_tokenizer
-    monkeypatch.setattr(training_data, "train_text_tokenizer",
-                        lambda texts, **kw: real(seen.setdefault("texts", list(texts)), **kw))
+    monkeypatch.setattr(
+        training_data, "train_text_tokenizer", lambda texts, **kw: real(seen.setdefault("texts", list(texts)), **kw)
+    )
     tok = new_text_tokenizer(cfg)
     varied = [it.text for r in recs for it in r.doc.texts if "surface_of" in it.meta]
     assert varied and set(varied) <= set(seen["texts"])
@@ -188,8 +200,15 @@ def test_packed_shards_and_the_in_memory_trainer_vary_the_same_prompts_the_same_
     with CodeShardWriter(shards) as w:  # one shard: the trainer packs the corpus, pack a shard at a time
         for d in _world_docs(30):
             w.write(CodedDoc(d, codes={i: np.full((3, 3), i) for i, it in enumerate(d.items) if it.kind == "image"}))
-    over = [f"data.code_shards={shards}", "data.prompt_variation=1.0", "data.image_tokenizer=null",
-            "data.codebook_size=16", "data.text_vocab_size=300", "data.seq_len=256", f"out_dir={tmp_path / 'run'}"]
+    over = [
+        f"data.code_shards={shards}",
+        "data.prompt_variation=1.0",
+        "data.image_tokenizer=null",
+        "data.codebook_size=16",
+        "data.text_vocab_size=300",
+        "data.seq_len=256",
+        f"out_dir={tmp_path / 'run'}",
+    ]
     index = pack("tiny_pretrain", over, tmp_path / "packed", progress=False)
     assert index["settings"]["prompt_variation"] == 1.0
     mem = prepare_data(load_train_config("tiny_pretrain", over), tmp_path / "run", 0)
@@ -203,7 +222,17 @@ def test_packed_shards_and_the_in_memory_trainer_vary_the_same_prompts_the_same_
     assert varied and all(re.sub(r"[ \t]+", " ", v) in text for v in varied)
     # a run asking for other prompts than the packed shards hold stops with one line
     with pytest.raises(MMGenError, match="prompt_variation"):
-        prepare_data(load_train_config("tiny_pretrain", [*over[:1], "data.prompt_variation=0.5", *over[2:],
-                                                         "data.source=packed",
-                                                         f"data.packed_shards={tmp_path / 'packed'}"]),
-                     tmp_path / "run2", 0)
+        prepare_data(
+            load_train_config(
+                "tiny_pretrain",
+                [
+                    *over[:1],
+                    "data.prompt_variation=0.5",
+                    *over[2:],
+                    "data.source=packed",
+                    f"data.packed_shards={tmp_path / 'packed'}",
+                ],
+            ),
+            tmp_path / "run2",
+            0,
+        )

@@ -21,8 +21,11 @@ N_INPUTS = 4
 
 def snapshot(out: Path) -> dict:
     """Every output file's bytes, but the summary (it names the executor) and the done markers' params."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "summary.json" and p.parent.name != "done"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "summary.json" and p.parent.name != "done"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,8 @@ def _tokenize(corpus, out, **kw):
     from mmgen.tokenizers.pretokenize import pretokenize
 
     return pretokenize(
-        corpus / "vq", str(corpus / "in"), out, batch_size=8, max_docs_per_shard=10, progress=False, **kw)
+        corpus / "vq", str(corpus / "in"), out, batch_size=8, max_docs_per_shard=10, progress=False, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +78,9 @@ def test_two_workers_write_the_same_bytes_as_one(corpus, one_worker):
     out1, s1 = one_worker
     s2 = _tokenize(corpus, corpus / "two", workers=2)
     assert snapshot(corpus / "two") == snapshot(out1)
-    assert {k: v for k, v in s2.items() if k not in ("shards", "quarantine", "workers")} == \
-        {k: v for k, v in s1.items() if k not in ("shards", "quarantine", "workers")}
+    assert {k: v for k, v in s2.items() if k not in ("shards", "quarantine", "workers")} == {
+        k: v for k, v in s1.items() if k not in ("shards", "quarantine", "workers")
+    }
 
 
 def test_ray_tasks_write_the_same_bytes_as_one_worker(corpus, one_worker):
@@ -91,8 +96,20 @@ def test_ray_tasks_write_the_same_bytes_as_one_worker(corpus, one_worker):
 
 def test_killed_and_resumed_gives_byte_identical_shards(corpus, one_worker, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "mmgen.cli", "tokenize", "--tokenizer", str(corpus / "vq"), "--input",
-            str(corpus / "in"), "--out", str(out), "--batch-size", "8"]
+    args = [
+        sys.executable,
+        "-m",
+        "mmgen.cli",
+        "tokenize",
+        "--tokenizer",
+        str(corpus / "vq"),
+        "--input",
+        str(corpus / "in"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # max_docs_per_shard is a library argument; the CLI's default (5000) puts each input into one shard
     ref = tmp_path / "ref"

@@ -22,18 +22,31 @@ CODEBOOK = 32
 @pytest.fixture(scope="module")
 def code_shards(tmp_path_factory):
     """40 caption docs whose 4x4 code grids depend on the caption (so there is something to learn), two shards."""
-    return write_caption_shard(tmp_path_factory.mktemp("codes"), 40, COLORS, SHAPES, CODEBOOK, grid=4, seed=0,
-                               places=PLACES, max_docs=25)
+    return write_caption_shard(
+        tmp_path_factory.mktemp("codes"), 40, COLORS, SHAPES, CODEBOOK, grid=4, seed=0, places=PLACES, max_docs=25
+    )
 
 
 def _overrides(code_shards, out_dir, **kw):
-    return tiny_run(code_shards, out_dir, {"data.codebook_size": CODEBOOK, "data.text_vocab_size": 300,
-                                           "data.max_grid": 8, "data.seq_len": 96, "model.hidden": 32,
-                                           "model.layers": 2, "model.heads": 2, "grad_accum": 2, "save_every": 1,
-                                           "steps": 1,
-                                           # drawn per step: resume must reproduce the drops too
-                                           "loss.prompt_dropout": 0.3},
-                    **kw)
+    return tiny_run(
+        code_shards,
+        out_dir,
+        {
+            "data.codebook_size": CODEBOOK,
+            "data.text_vocab_size": 300,
+            "data.max_grid": 8,
+            "data.seq_len": 96,
+            "model.hidden": 32,
+            "model.layers": 2,
+            "model.heads": 2,
+            "grad_accum": 2,
+            "save_every": 1,
+            "steps": 1,
+            # drawn per step: resume must reproduce the drops too
+            "loss.prompt_dropout": 0.3,
+        },
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,19 +113,24 @@ def test_one_deepspeed_step_writes_checkpoint_metrics_and_a_bundle_that_reloads(
     assert summary["data"]["sequences"]["sequences"] == 40 and summary["data"]["image_grids"] == {"4x4": 40}
 
     bundle = load_bundle(final)
-    assert bundle.vocab.size == bundle.model.config.vocab_size and bundle.vocab.code_range(
-        "pix")[1] - bundle.vocab.code_range("pix")[0] == CODEBOOK
+    assert (
+        bundle.vocab.size == bundle.model.config.vocab_size
+        and bundle.vocab.code_range("pix")[1] - bundle.vocab.code_range("pix")[0] == CODEBOOK
+    )
     assert bundle.meta["train"]["steps"] == 1 and bundle.meta["stage"] == "pretrain"
     prompt = torch.tensor([encode_prompt("a red circle at the top left.", bundle.text_tokenizer, bundle.vocab)])
 
     # The DeepSpeed checkpoint (our own file from this run) holds the engine's weights after the step.
-    states = torch.load(out / "checkpoints" / "step_1" / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)
-    engine_model = build_unified_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=96,
-                                    text_tokenizer=bundle.text_tokenizer).eval()
+    states = torch.load(
+        out / "checkpoints" / "step_1" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
+    engine_model = build_unified_lm(
+        bundle.vocab, hidden=32, layers=2, heads=2, max_len=96, text_tokenizer=bundle.text_tokenizer
+    ).eval()
     engine_model.load_state_dict(states["module"])
-    init_model = build_unified_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=96,
-                                  text_tokenizer=bundle.text_tokenizer, seed=0).eval()
+    init_model = build_unified_lm(
+        bundle.vocab, hidden=32, layers=2, heads=2, max_len=96, text_tokenizer=bundle.text_tokenizer, seed=0
+    ).eval()
     with torch.no_grad():
         got = bundle.model(input_ids=prompt).logits
         want = engine_model(input_ids=prompt).logits

@@ -38,14 +38,23 @@ def test_qwen2_5_1_5b_preset_on_meta_device():
     assert vocab.code_range("sem")[1] - vocab.code_range("sem")[0] == 32768
     m = cfg.model
     with torch.device("meta"):
-        model = build_unified_lm(vocab, base=m.base_config, attn_implementation="sdpa", code_head=m.code_head,
-                                 image_feature_dim=m.image_feature_dim, projector_depth=m.projector_depth)
+        model = build_unified_lm(
+            vocab,
+            base=m.base_config,
+            attn_implementation="sdpa",
+            code_head=m.code_head,
+            image_feature_dim=m.image_feature_dim,
+            projector_depth=m.projector_depth,
+        )
     assert isinstance(model, MMGenForCausalLM) and next(model.parameters()).device.type == "meta"
     h = 1536
     code_start = vocab.code_range("sem")[0]
-    added = ((vocab.size - 151_936) * h  # new embedding rows (tied head: counted once)
-             + (vocab.size - code_start) * h  # Janus code head
-             + (1152 * h + h) + (h * h + h))  # 2-layer MLP projector from SigLIP width
+    added = (
+        (vocab.size - 151_936) * h  # new embedding rows (tied head: counted once)
+        + (vocab.size - code_start) * h  # Janus code head
+        + (1152 * h + h)
+        + (h * h + h)
+    )  # 2-layer MLP projector from SigLIP width
     assert sum(p.numel() for p in model.parameters()) == QWEN25_15B_PARAMS + added
     assert model.get_input_embeddings().weight.shape == (vocab.size, h)
     assert model.config.get_vocab() == vocab and model.config.vocab_size == vocab.size
@@ -71,8 +80,19 @@ def test_preset_deepspeed_config_is_consistent():
     assert cfg.data.seq_len <= cfg.model.base_config["max_position_embeddings"]
 
 
-@pytest.mark.parametrize("name", ["ds_zero0_cpu", "ds_zero1_cpu", "ds_zero2_cpu", "ds_zero3_cpu", "ds_zero2_gpu",
-                                  "ds_zero3_gpu", "ds_zero2_offload_gpu", "ds_zero3_offload_gpu"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ds_zero0_cpu",
+        "ds_zero1_cpu",
+        "ds_zero2_cpu",
+        "ds_zero3_cpu",
+        "ds_zero2_gpu",
+        "ds_zero3_gpu",
+        "ds_zero2_offload_gpu",
+        "ds_zero3_offload_gpu",
+    ],
+)
 def test_every_deepspeed_json_is_accepted_by_deepspeed(name):
     """DeepSpeed's own config model validates each file (stage, offload, precision keys)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -96,20 +116,34 @@ def test_run_vocab_follows_the_image_tokenizer_unless_the_recipe_narrows_it(tmp_
     from mmgen.training.data import run_vocab
 
     books = {"sem": 128, "pix": 512}
-    both = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.image_levels=null"]),
-                     n_text=300, image_books=books, sem_ratio=4)
+    both = run_vocab(
+        load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.image_levels=null"]),
+        n_text=300,
+        image_books=books,
+        sem_ratio=4,
+    )
     assert list(both.ranges) == ["sem", "pix"] and both.config.sem_ratio == 4
     assert both.code_range("pix")[1] - both.code_range("pix")[0] == 512
     tiny = run_vocab(
-        load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []), n_text=300, image_books=books)
+        load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []), n_text=300, image_books=books
+    )
     # measured choice
     assert list(tiny.ranges) == ["pix"] and tiny.code_range("pix")[1] - tiny.code_range("pix")[0] == 512
-    small = run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []), n_text=300,
-                      image_books={"sem": 16, "pix": 32})
+    small = run_vocab(
+        load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), []),
+        n_text=300,
+        image_books={"sem": 16, "pix": 32},
+    )
     assert small.config.codebooks == {"pix": 32}  # sizes always come from the tokenizer
     with pytest.raises(MMGenError, match=r"data.image_levels=\['pixel'\]: the image tokenizer writes sem, pix"):
-        run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.image_levels=[pixel]"]),
-                  n_text=300, image_books=books)
+        run_vocab(
+            load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.image_levels=[pixel]"]),
+            n_text=300,
+            image_books=books,
+        )
     with pytest.raises(MMGenError, match="data.codebooks.pix=100 but the image tokenizer's pix codebook has 512"):
-        run_vocab(load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.codebooks={pix: 100}"]),
-                  n_text=300, image_books=books)
+        run_vocab(
+            load_config(TrainConfig, recipe_path("tiny_pretrain", "training"), ["data.codebooks={pix: 100}"]),
+            n_text=300,
+            image_books=books,
+        )

@@ -26,16 +26,32 @@ def pixel_vq(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("vq")
     torch.manual_seed(0)
-    PixelVQ(resolution=(16, 16), channels=(8, 16), patch_size=2, code_dim=8, codebook_size=CODEBOOK,
-            norm_groups=4).save_pretrained(out)
+    PixelVQ(
+        resolution=(16, 16), channels=(8, 16), patch_size=2, code_dim=8, codebook_size=CODEBOOK, norm_groups=4
+    ).save_pretrained(out)
     return out
 
 
 def _over(shards, out_dir, **kw):
-    return tiny_run(shards, out_dir, {"data.codebook_size": CODEBOOK, "data.text_vocab_size": 300, "data.max_grid": 8,
-                                      "data.seq_len": 64, "model.hidden": 32, "model.layers": 2, "model.heads": 2,
-                                      "grad_accum": 1, "save_every": 10, "tensorboard": False, "optim.lr": 1e-2,
-                                      "steps": 2}, **kw)
+    return tiny_run(
+        shards,
+        out_dir,
+        {
+            "data.codebook_size": CODEBOOK,
+            "data.text_vocab_size": 300,
+            "data.max_grid": 8,
+            "data.seq_len": 64,
+            "model.hidden": 32,
+            "model.layers": 2,
+            "model.heads": 2,
+            "grad_accum": 1,
+            "save_every": 10,
+            "tensorboard": False,
+            "optim.lr": 1e-2,
+            "steps": 2,
+        },
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +59,19 @@ def align_run(shards, pixel_vq, tmp_path_factory):
     from mmgen.training.trainer import pretrain
 
     out = tmp_path_factory.mktemp("align")
-    final = pretrain("tiny_align",
-                     _over(shards, out, **{"data.image_tokenizer": str(pixel_vq), "data.codebook_size": "null",
-                                           "model.image_feature_dim": 8, "model.code_head": "true"}))
+    final = pretrain(
+        "tiny_align",
+        _over(
+            shards,
+            out,
+            **{
+                "data.image_tokenizer": str(pixel_vq),
+                "data.codebook_size": "null",
+                "model.image_feature_dim": 8,
+                "model.code_head": "true",
+            },
+        ),
+    )
     return out, final
 
 
@@ -55,8 +81,17 @@ def test_align_trains_only_projector_code_head_and_new_rows(align_run):
 
     out, final = align_run
     bundle = load_bundle(final)
-    init = build_unified_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=64, seed=0, code_head=True,
-                            image_feature_dim=8, text_tokenizer=bundle.text_tokenizer)
+    init = build_unified_lm(
+        bundle.vocab,
+        hidden=32,
+        layers=2,
+        heads=2,
+        max_len=64,
+        seed=0,
+        code_head=True,
+        image_feature_dim=8,
+        text_tokenizer=bundle.text_tokenizer,
+    )
     got, want = bundle.model.state_dict(), init.state_dict()
     assert got.keys() == want.keys()
     text = bundle.vocab.text_size
@@ -67,11 +102,13 @@ def test_align_trains_only_projector_code_head_and_new_rows(align_run):
     from mmgen.training.model_setup import code_vectors
 
     torch.testing.assert_close(
-        got["image_code_vectors"], code_vectors(load_image_tokenizer(final / "image_tokenizer"), "pix"))
+        got["image_code_vectors"], code_vectors(load_image_tokenizer(final / "image_tokenizer"), "pix")
+    )
     assert bundle.model.config.code_vectors == ["image"]
     changed.discard("image_code_vectors")
-    assert changed and all(k.startswith(("image_projector", "code_head")) or k in (emb_key, "lm.lm_head.weight")
-                           for k in changed), changed
+    assert changed and all(
+        k.startswith(("image_projector", "code_head")) or k in (emb_key, "lm.lm_head.weight") for k in changed
+    ), changed
     assert any(k.startswith("image_projector") for k in changed) and "code_head.weight" in changed
     assert torch.equal(got[emb_key][:text], want[emb_key][:text])  # the text rows did not move at all
     assert not torch.equal(got[emb_key][text:], want[emb_key][text:])
@@ -89,9 +126,15 @@ def test_sft_with_lora_from_a_bundle(align_run, shards, tmp_path):
 
     _, start = align_run
     out = tmp_path / "sft"
-    final = sft("tiny_sft", _over(shards, out, init_from=str(start), **{"lora.enabled": "true", "lora.r": 4,
-                                                                        "data.codebook_size": "null",
-                                                                        "model.code_head": "true"}))
+    final = sft(
+        "tiny_sft",
+        _over(
+            shards,
+            out,
+            init_from=str(start),
+            **{"lora.enabled": "true", "lora.r": 4, "data.codebook_size": "null", "model.code_head": "true"},
+        ),
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stage"] == "sft"
     assert summary["trainable_parameters"] < 0.2 * summary["parameters"]  # adapters only
@@ -113,20 +156,45 @@ def test_two_ranks_equal_one_rank_with_the_doubled_batch(shards, tmp_path):
     from mmgen.training.pretrain import launch_pretrain
     from mmgen.training.trainer import pretrain
 
-    two = launch_pretrain("tiny_pretrain", _over(shards, tmp_path / "two", micro_batch=1, grad_accum=2, threads=1,
-                                                 **{"data.image_tokenizer": "null", "loss.prompt_dropout": 0.0}),
-                          num_gpus=2, quiet=True)
-    one = pretrain("tiny_pretrain", _over(shards, tmp_path / "one", micro_batch=2, grad_accum=2,
-                                          **{"data.image_tokenizer": "null", "loss.prompt_dropout": 0.0}))
+    two = launch_pretrain(
+        "tiny_pretrain",
+        _over(
+            shards,
+            tmp_path / "two",
+            micro_batch=1,
+            grad_accum=2,
+            threads=1,
+            **{"data.image_tokenizer": "null", "loss.prompt_dropout": 0.0},
+        ),
+        num_gpus=2,
+        quiet=True,
+    )
+    one = pretrain(
+        "tiny_pretrain",
+        _over(
+            shards,
+            tmp_path / "one",
+            micro_batch=2,
+            grad_accum=2,
+            **{"data.image_tokenizer": "null", "loss.prompt_dropout": 0.0},
+        ),
+    )
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     from mmgen.models.bundle import load_bundle
     from mmgen.models.unified_build import build_unified_lm
 
     a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
     ref = load_bundle(one)
-    init = build_unified_lm(ref.vocab, hidden=32, layers=2, heads=2, max_len=64, seed=0,
-                            text_tokenizer=ref.text_tokenizer,
-                            grid_positions=ref.model.config.grid_positions).state_dict()
+    init = build_unified_lm(
+        ref.vocab,
+        hidden=32,
+        layers=2,
+        heads=2,
+        max_len=64,
+        seed=0,
+        text_tokenizer=ref.text_tokenizer,
+        grid_positions=ref.model.config.grid_positions,
+    ).state_dict()
     assert a.keys() == b.keys()
     # Adam's steps are ~lr = 1e-2: the runs agree to 1/100 of a step, where a different batch moves
     # weights by whole steps. (Gradient sums in another order differ in the last float bits, and Adam
@@ -155,14 +223,28 @@ def test_audio_features_train_the_audio_projector(audio_codec_dir, tmp_path):
 
     shards = write_audio_shard(tmp_path / "codes", 8, levels=2, codebook=16)
     # No weight decay and untied embeddings: a weight moves only when a gradient reaches it.
-    over = {"data.audio_tokenizer": str(audio_codec_dir), "model.audio_feature_dim": 16, "optim.weight_decay": 0,
-            "model.tie_embeddings": "false", "steps": 1}
+    over = {
+        "data.audio_tokenizer": str(audio_codec_dir),
+        "model.audio_feature_dim": 16,
+        "optim.weight_decay": 0,
+        "model.tie_embeddings": "false",
+        "steps": 1,
+    }
     final = pretrain(None, _over(shards, tmp_path / "run", **over))
     bundle = load_bundle(final)
     assert bundle.vocab.config.audio_levels == 2
     assert bundle.vocab.ranges["audio"][1] - bundle.vocab.ranges["audio"][0] == 32
-    init = build_unified_lm(bundle.vocab, hidden=32, layers=2, heads=2, max_len=64, seed=0, audio_feature_dim=16,
-                            tie_embeddings=False, text_tokenizer=bundle.text_tokenizer).state_dict()
+    init = build_unified_lm(
+        bundle.vocab,
+        hidden=32,
+        layers=2,
+        heads=2,
+        max_len=64,
+        seed=0,
+        audio_feature_dim=16,
+        tie_embeddings=False,
+        text_tokenizer=bundle.text_tokenizer,
+    ).state_dict()
     got = bundle.model.state_dict()
     emb = "lm.model.embed_tokens.weight"
     a, b = bundle.vocab.code_range("audio")
@@ -187,14 +269,16 @@ def test_a_run_leaves_no_shared_memory_buffer_behind(tmp_path):
     import subprocess
     import sys
 
-    code = ("import os, torch\n"
-            "from mmgen.training.distributed import init_distributed\n"
-            "init_distributed()\n"
-            "maps = sorted({w for l in open('/proc/self/maps') for w in l.split() if 'deepspeed_allreduce_buffer' in "
-            "w})\n"
-            "t = torch.ones(3)\n"
-            "torch.distributed.all_reduce(t)\n"
-            "print(len(maps), all(not os.path.exists(p) for p in maps), t.tolist())\n")
+    code = (
+        "import os, torch\n"
+        "from mmgen.training.distributed import init_distributed\n"
+        "init_distributed()\n"
+        "maps = sorted({w for l in open('/proc/self/maps') for w in l.split() if 'deepspeed_allreduce_buffer' in "
+        "w})\n"
+        "t = torch.ones(3)\n"
+        "torch.distributed.all_reduce(t)\n"
+        "print(len(maps), all(not os.path.exists(p) for p in maps), t.tolist())\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
@@ -223,9 +307,17 @@ def test_orphaned_shared_memory_buffers_are_swept_and_mapped_or_young_ones_kept(
             f.write(b"\0" * 4096)
     for p in (orphan, mapped):
         os.utime(p, (old, old))
-    holder = subprocess.Popen([sys.executable, "-c", "import mmap, sys, time\n"
-                               f"f = open({mapped!r}, 'r+b'); m = mmap.mmap(f.fileno(), 4096); f.close()\n"
-                               "print('mapped', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import mmap, sys, time\n"
+            f"f = open({mapped!r}, 'r+b'); m = mmap.mmap(f.fileno(), 4096); f.close()\n"
+            "print('mapped', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "mapped"
         assert sweep_orphan_shm_buffers(prefix) == [orphan]

@@ -25,12 +25,27 @@ CODEBOOK = 32
 
 
 def _over(code_shards, out_dir, **kw):
-    return tiny_run(code_shards, out_dir, {"data.codebook_size": CODEBOOK, "data.text_vocab_size": 300,
-                                           "data.max_grid": 8, "data.seq_len": 64, "model.hidden": 32,
-                                           "model.layers": 2, "model.heads": 2, "save_every": 1, "steps": 1,
-                                           "grad_accum": 2, "loss.prompt_dropout": 0.3, "threads": 1,
-                                           # packed with the default config, trained with tiny_pretrain's
-                                           "data.prompt_variation": 0}, **kw)
+    return tiny_run(
+        code_shards,
+        out_dir,
+        {
+            "data.codebook_size": CODEBOOK,
+            "data.text_vocab_size": 300,
+            "data.max_grid": 8,
+            "data.seq_len": 64,
+            "model.hidden": 32,
+            "model.layers": 2,
+            "model.heads": 2,
+            "save_every": 1,
+            "steps": 1,
+            "grad_accum": 2,
+            "loss.prompt_dropout": 0.3,
+            "threads": 1,
+            # packed with the default config, trained with tiny_pretrain's
+            "data.prompt_variation": 0,
+        },
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +82,14 @@ def test_pack_rows_are_the_trainers_packing_per_shard_and_any_worker_count_agree
     assert sum(s["rows"] for s in index["shards"]) == index["totals"]["packing"]["rows"]
     tok, vocab = AutoTokenizer.from_pretrained(out / "text_tokenizer"), Vocab.load(out / "vocab.json")
     for entry in index["shards"]:
-        seqs, _ = build_sequences(list(read_code_shards(entry["input"])), tok, vocab, chat="none", user_targets=True,
-                                  targets=["text", "structural", "image", "audio"])
+        seqs, _ = build_sequences(
+            list(read_code_shards(entry["input"])),
+            tok,
+            vocab,
+            chat="none",
+            user_targets=True,
+            targets=["text", "structural", "image", "audio"],
+        )
         want, stats = pack_sequences(seqs, 64, pad_id=tok.pad_token_id or 0, algorithm="mbs")
         got = read_packed_shard(out / entry["name"])
         assert entry["packing"] == stats.to_dict()
@@ -86,7 +107,8 @@ def test_pack_refuses_max_docs_rather_than_packing_every_document(code_shards, t
 
     with pytest.raises(MMGenError, match="data.max_docs applies to data.source=memory"):
         pack(
-            None, _over(code_shards, tmp_path / "unused", **{"data.max_docs": 10}), tmp_path / "packed", progress=False)
+            None, _over(code_shards, tmp_path / "unused", **{"data.max_docs": 10}), tmp_path / "packed", progress=False
+        )
     assert not (tmp_path / "packed").exists()
 
 
@@ -122,7 +144,7 @@ def test_a_stream_started_at_a_position_continues_the_uninterrupted_order(packed
     assert len(rows_seen) > total * 0.8  # a shuffle, not a repetition of a few rows
     for start in (1, 7, total + 3):
         resumed = PackedRowStream(shards, seed=3, stream=1, buffer=5, start=start).take(total)["input_ids"]
-        assert np.array_equal(resumed, full[start:start + total])
+        assert np.array_equal(resumed, full[start : start + total])
 
 
 def test_a_resumed_stream_reads_each_shard_once_up_to_its_first_rows(packed, monkeypatch):
@@ -169,17 +191,39 @@ def test_streamed_resume_reproduces_the_uninterrupted_loss_curve(code_shards, pa
     assert data["packing"]["docs"] == 96 and len(data["shards_per_rank"][0]) == 6
 
 
-
 def _two_nodes(overrides: list[str]) -> None:
     """Two torchrun launchers, one process each, meeting at a c10d store on 127.0.0.1: two "nodes"."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join(sys.path))
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "-m", "mmgen.training.pretrain", "tiny_pretrain", *overrides],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for node in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "mmgen.training.pretrain",
+                "tiny_pretrain",
+                *overrides,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     for p, err in zip(procs, errs):
         assert p.returncode == 0, err[-3000:]
@@ -191,8 +235,14 @@ def test_two_nodes_equal_one_node_with_the_doubled_batch_and_resume_across_them(
     its first step (it ends there) and resumed on both nodes."""
     from mmgen.training.trainer import pretrain
 
-    stream = {"data.source": "packed", "data.packed_shards": str(packed[0]), "data.image_tokenizer": "null",
-              "data.shuffle_buffer": 3, "data.streams": 2, "data.chat": "none"}
+    stream = {
+        "data.source": "packed",
+        "data.packed_shards": str(packed[0]),
+        "data.image_tokenizer": "null",
+        "data.shuffle_buffer": 3,
+        "data.streams": 2,
+        "data.chat": "none",
+    }
     two = tmp_path / "two"
     _two_nodes(_over(code_shards, two, micro_batch=1, **stream))
     shutil.rmtree(two / "final")

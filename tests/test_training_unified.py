@@ -15,8 +15,15 @@ from mmgen.models.text_tokenizer import train_text_tokenizer
 from mmgen.processing.sequence import build_chat_sequence, build_sequence, encode_chat_prompt
 from mmgen.processing.vocab import Vocab
 
-TEXTS = ["a red circle at the top left.", "What color is the circle?", "red", "How many shapes are there?",
-         "two", "a blue square in the center.", "User: Assistant:"]
+TEXTS = [
+    "a red circle at the top left.",
+    "What color is the circle?",
+    "red",
+    "How many shapes are there?",
+    "two",
+    "a blue square in the center.",
+    "User: Assistant:",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +82,16 @@ def test_vocab_extension_rows_start_at_the_mean_and_text_rows_are_kept(vocab):
     from mmgen.models.unified_build import wrap_lm  # first: it makes transformers' model imports work next to CPU torch
 
     torch.manual_seed(0)
-    text_lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab.text_size, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False))
+    text_lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab.text_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     old = text_lm.get_input_embeddings().weight.detach().clone()
     layers = {k: v.clone() for k, v in text_lm.model.layers.state_dict().items()}
     model = wrap_lm(text_lm, vocab, code_head=True, image_feature_dim=4)
@@ -85,7 +100,7 @@ def test_vocab_extension_rows_start_at_the_mean_and_text_rows_are_kept(vocab):
     emb = model.get_input_embeddings().weight.detach()
     assert emb.shape == (vocab.size, 32) and model.get_output_embeddings().weight.shape[0] == vocab.size
     torch.testing.assert_close(emb[: vocab.text_size], old)
-    new = emb[vocab.text_size:]
+    new = emb[vocab.text_size :]
     # mean_resizing samples around the mean of the trained rows: the new rows' mean sits near it
     assert (new.mean(0) - old.mean(0)).norm() < 0.5 * (old - old.mean(0)).norm(dim=1).mean()
     with pytest.raises(MMGenError, match="embedding rows"):
@@ -131,8 +146,12 @@ def test_stored_code_vectors_feed_the_projector_and_survive_save_load(vocab, tmp
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, stored)
         prefix = back(input_ids=ids[:, :4], use_cache=True)
-        step = back(input_ids=ids[:, 4:5], past_key_values=prefix.past_key_values, use_cache=True,
-                    position_ids=torch.tensor([[4]]))
+        step = back(
+            input_ids=ids[:, 4:5],
+            past_key_values=prefix.past_key_values,
+            use_cache=True,
+            position_ids=torch.tensor([[4]]),
+        )
     torch.testing.assert_close(step.logits[:, -1], stored[:, 4], atol=1e-5, rtol=1e-4)
     with pytest.raises(MMGenError, match="expects"):
         model.set_code_vectors("image", torch.randn(31, 8))
@@ -147,11 +166,22 @@ def test_kv_cache_generation_matches_full_forward(vocab, tok):
     ids = torch.tensor([[2, 5, 6, 7, vocab["<image>"], vocab.size_token("h", 2)]])
     with torch.no_grad():
         full = model(input_ids=ids).logits[:, -1]
-        out = model(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]),
-                    position_ids=torch.arange(ids.shape[1] - 1)[None], use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids[:, :-1],
+            attention_mask=torch.ones_like(ids[:, :-1]),
+            position_ids=torch.arange(ids.shape[1] - 1)[None],
+            use_cache=True,
+            logits_to_keep=1,
+        )
         assert out.logits.shape[1] == 1
-        step = model(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values,
-                     position_ids=torch.tensor([[ids.shape[1] - 1]]), use_cache=True, logits_to_keep=1)
+        step = model(
+            input_ids=ids[:, -1:],
+            attention_mask=torch.ones_like(ids),
+            past_key_values=out.past_key_values,
+            position_ids=torch.tensor([[ids.shape[1] - 1]]),
+            use_cache=True,
+            logits_to_keep=1,
+        )
     torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=1e-4)
     # and the ecosystem's generate() runs on it
     gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -176,9 +206,16 @@ def test_packed_loss_with_features_equals_unpacked(vocab, tok, attn):
 
     with torch.no_grad():
         b = packed_batch(rows, [0])
-        packed = causal_lm_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                      position_ids=b["position_ids"], image_features=feats(b["input_ids"])).logits,
-                                b["labels"], reduction="sum")
+        packed = causal_lm_loss(
+            model(
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                position_ids=b["position_ids"],
+                image_features=feats(b["input_ids"]),
+            ).logits,
+            b["labels"],
+            reduction="sum",
+        )
         separate = 0.0
         for s in seqs:
             ids = torch.from_numpy(s["input_ids"])[None]
@@ -193,8 +230,9 @@ def test_prompt_dropout_equals_training_on_the_uncaptioned_document(vocab, tok):
     cd = CodedDoc(Doc(items=[Text(TEXTS[0]), _img(1)]), codes={1: rng.integers(0, 32, size=(2, 3))})
     seq = build_sequence(cd, tok, vocab)
     assert seq["cond_span"] == (1, seq["boundaries"][1])
-    other = build_sequence(CodedDoc(Doc(items=[_img(0), Text(TEXTS[5])]), codes={0: rng.integers(0, 32, size=(2, 2))}),
-                           tok, vocab)
+    other = build_sequence(
+        CodedDoc(Doc(items=[_img(0), Text(TEXTS[5])]), codes={0: rng.integers(0, 32, size=(2, 2))}), tok, vocab
+    )
     assert other["cond_span"] is None  # image first: nothing to drop
     rows, _ = pack_sequences([seq, other], 96)
     b = packed_batch(rows, [0], prompt_dropout=0.999999, rng=np.random.default_rng(0))
@@ -203,11 +241,15 @@ def test_prompt_dropout_equals_training_on_the_uncaptioned_document(vocab, tok):
     a, e = seq["cond_span"]
     bare = np.concatenate([seq["input_ids"][:a], seq["input_ids"][e:]])
     with torch.no_grad():
-        dropped = causal_lm_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                       position_ids=b["position_ids"]).logits, b["labels"], reduction="sum")
+        dropped = causal_lm_loss(
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits,
+            b["labels"],
+            reduction="sum",
+        )
         ids = torch.from_numpy(bare)[None]
-        want = causal_lm_loss(model(input_ids=ids).logits, ids.clone().index_fill_(1, torch.tensor([0]), IGNORE_INDEX),
-                              reduction="sum")
+        want = causal_lm_loss(
+            model(input_ids=ids).logits, ids.clone().index_fill_(1, torch.tensor([0]), IGNORE_INDEX), reduction="sum"
+        )
         o = torch.from_numpy(other["input_ids"])[None]
         o_lab = torch.where(torch.from_numpy(other["loss_mask"])[None], o, IGNORE_INDEX)
         want = want + causal_lm_loss(model(input_ids=o).logits, o_lab, reduction="sum")
@@ -218,24 +260,37 @@ def test_prompt_dropout_equals_training_on_the_uncaptioned_document(vocab, tok):
 
 def test_sft_chat_template_targets_only_assistant_turns(vocab, tok):
     rng = np.random.default_rng(2)
-    doc = Doc(items=[_img(0), Text(TEXTS[1], {"role": "question"}), Text(TEXTS[2], {"role": "answer"}),
-                     Text(TEXTS[3], {"role": "question"}), Text(TEXTS[4], {"role": "answer"}), _img(5)])
+    doc = Doc(
+        items=[
+            _img(0),
+            Text(TEXTS[1], {"role": "question"}),
+            Text(TEXTS[2], {"role": "answer"}),
+            Text(TEXTS[3], {"role": "question"}),
+            Text(TEXTS[4], {"role": "answer"}),
+            _img(5),
+        ]
+    )
     codes = {0: rng.integers(0, 32, size=(2, 2)), 5: rng.integers(0, 32, size=(2, 2))}
     seq = build_chat_sequence(CodedDoc(doc, codes=codes), tok, vocab)
     ids, mask = seq["input_ids"], seq["loss_mask"]
     eos = tok.eos_token_id
     targets = ids[mask]
     # exactly the answers (the second one interleaved: text, then an image) and one </s> per answer
-    want = [*tok.encode(TEXTS[2], add_special_tokens=False), eos,
-            *tok.encode(TEXTS[4], add_special_tokens=False), *vocab.image_block(codes[5]), eos]
+    want = [
+        *tok.encode(TEXTS[2], add_special_tokens=False),
+        eos,
+        *tok.encode(TEXTS[4], add_special_tokens=False),
+        *vocab.image_block(codes[5]),
+        eos,
+    ]
     assert targets.tolist() == want
     # the question's image and text, and the role tags, are never targets
     user_image = vocab.image_block(codes[0])
     start = list(ids).index(vocab["<image>"])
-    assert list(ids[start:start + len(user_image)]) == user_image and not mask[start:start + len(user_image)].any()
+    assert list(ids[start : start + len(user_image)]) == user_image and not mask[start : start + len(user_image)].any()
     # inference prompt = the trained prefix up to the first answer
     prompt = encode_chat_prompt(TEXTS[1], tok, image_ids=user_image)
-    assert list(ids[:len(prompt)]) == prompt and mask[len(prompt)]
+    assert list(ids[: len(prompt)]) == prompt and mask[len(prompt)]
     # no roles at all: an instruction (first item the user's, the rest the answer)
     cap = build_chat_sequence(CodedDoc(Doc(items=[Text(TEXTS[0]), _img(1)]), codes={1: codes[0]}), tok, vocab)
     assert cap["input_ids"][cap["loss_mask"]].tolist() == [*vocab.image_block(codes[0]), eos]
@@ -247,8 +302,10 @@ def test_pretraining_can_take_role_documents_in_the_chat_template(vocab, tok):
     from mmgen.processing.sequence import build_sequences
 
     rng = np.random.default_rng(3)
-    qa = CodedDoc(Doc(items=[_img(0), Text(TEXTS[1], {"role": "question"}), Text(TEXTS[2], {"role": "answer"})]),
-                  codes={0: rng.integers(0, 32, size=(2, 2))})
+    qa = CodedDoc(
+        Doc(items=[_img(0), Text(TEXTS[1], {"role": "question"}), Text(TEXTS[2], {"role": "answer"})]),
+        codes={0: rng.integers(0, 32, size=(2, 2))},
+    )
     cap = CodedDoc(Doc(items=[Text(TEXTS[0]), _img(1)]), codes={1: rng.integers(0, 32, size=(2, 2))})
     chat_qa, chat_cap = (build_chat_sequence(d, tok, vocab)["input_ids"].tolist() for d in (qa, cap))
     plain_qa, plain_cap = (build_sequence(d, tok, vocab)["input_ids"].tolist() for d in (qa, cap))

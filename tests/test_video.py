@@ -152,7 +152,7 @@ def _parsed_video(cd, text_tok, vocab) -> dict:
     seq = build_sequence(cd, text_tok, vocab)
     assert not seq["skipped"]
     ids = seq["input_ids"].tolist()
-    return vocab.parse_video_block(ids[ids.index(vocab["<video>"]):])
+    return vocab.parse_video_block(ids[ids.index(vocab["<video>"]) :])
 
 
 def test_pretokenized_video_round_trips_through_the_sequence(tok, text_tok, real_dir, tmp_path):
@@ -166,16 +166,25 @@ def test_pretokenized_video_round_trips_through_the_sequence(tok, text_tok, real
 
     tok.save_pretrained(tmp_path / "vq")
     clips = [encode_mp4(motion_frames(8, size=64), fps=8), (real_dir / "video1.mp4").read_bytes()]
-    docs = [Doc([Text("a shape moves."), Video(data=clips[0], format="mp4")]),
-            Doc([Text("a real clip."), Video(data=clips[1], format="mp4")]),
-            Doc([Text("broken."), Video(data=BROKEN_MP4, format="mp4")])]
+    docs = [
+        Doc([Text("a shape moves."), Video(data=clips[0], format="mp4")]),
+        Doc([Text("a real clip."), Video(data=clips[1], format="mp4")]),
+        Doc([Text("broken."), Video(data=BROKEN_MP4, format="mp4")]),
+    ]
     write_shards(docs, tmp_path / "in")
     plain = pretokenize(tmp_path / "vq", str(tmp_path / "in"), tmp_path / "plain", progress=False)
     assert plain["docs_written"] == 3 and plain["video_items_without_codes"] == 3  # off by default: as before
     assert all(not c.codes for c in read_code_shards(plain["shards"]))
 
-    s = pretokenize(tmp_path / "vq", str(tmp_path / "in"), tmp_path / "codes", video=True, video_fps=4.0,
-                    video_max_frames=8, progress=False)
+    s = pretokenize(
+        tmp_path / "vq",
+        str(tmp_path / "in"),
+        tmp_path / "codes",
+        video=True,
+        video_fps=4.0,
+        video_max_frames=8,
+        progress=False,
+    )
     assert s["docs_in"] == s["docs_written"] + s["quarantined"] == 3
     assert s["quarantine_reasons"] == {"undecodable_video": 1} and s["video_items_encoded"] == 2
     assert 0 < s["video_tokens_after"] < s["video_tokens_before"] == s["video_frames"] * 64
@@ -202,8 +211,12 @@ def test_two_grid_video_codes_round_trip_grid_by_grid(tok, text_tok):
     enc = VideoEncoder(TwoGridTokenizer(tok), fps=8.0, keep_ratio=0.5)
     v = encode_video_item(enc, Video(data=encode_mp4(motion_frames(6, size=32), fps=8), format="mp4"))
     assert v["sem"].shape == (6, 4, 4) and v["codes"].shape == (6, 8, 8) and v["after"] < v["before"]
-    cd = CodedDoc(Doc([Text("a shape moves."), Video(path="<codes:1>", format="mp4")]), codes={1: v["codes"]},
-                  sem={1: v["sem"]}, frames={1: v["frames"]})
+    cd = CodedDoc(
+        Doc([Text("a shape moves."), Video(path="<codes:1>", format="mp4")]),
+        codes={1: v["codes"]},
+        sem={1: v["sem"]},
+        frames={1: v["frames"]},
+    )
     vocab = Vocab(len(text_tok), {"sem": 32, "pix": 32}, max_grid=8, video_times=16, video_time_step=0.125)
     parsed = _parsed_video(cd, text_tok, vocab)
     assert np.array_equal(parsed["pix"], v["codes"]) and np.array_equal(parsed["sem"], v["sem"])

@@ -13,8 +13,14 @@ import torch
 from mmgen.config import load_config
 from mmgen.errors import MediaError, MMGenError
 
-TINY_MODEL = {"channels": [8, 16], "layers_per_block": 1, "patch_size": 2, "code_dim": 4,
-              "codebook_size": 32, "norm_groups": 4}
+TINY_MODEL = {
+    "channels": [8, 16],
+    "layers_per_block": 1,
+    "patch_size": 2,
+    "code_dim": 4,
+    "codebook_size": 32,
+    "norm_groups": 4,
+}
 
 
 def tiny_tokenizer(seed: int = 0):
@@ -27,10 +33,23 @@ def tiny_tokenizer(seed: int = 0):
 def tiny_cfg(out_dir, **over):
     from mmgen.tokenizers.train_config import TokenizerTrainConfig
 
-    base = {"synthetic_images": 80, "synthetic_source": "shapes", "resolution": 32, "eval_images": 8,
-            "model": dict(TINY_MODEL),
-            "steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "log_every": 4, "ckpt_every": 4,
-            "restart_every": 2, "out_dir": str(out_dir), "threads": 1, "progress": False}
+    base = {
+        "synthetic_images": 80,
+        "synthetic_source": "shapes",
+        "resolution": 32,
+        "eval_images": 8,
+        "model": dict(TINY_MODEL),
+        "steps": 12,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "log_every": 4,
+        "ckpt_every": 4,
+        "restart_every": 2,
+        "out_dir": str(out_dir),
+        "threads": 1,
+        "progress": False,
+    }
     base.update(over)
     return load_config(TokenizerTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
 
@@ -52,6 +71,7 @@ def trained(tmp_path_factory):
 
 
 # -- the model ---------------------------------------------------------------------------------------
+
 
 def test_encode_decode_shapes_for_sizes_and_aspects():
     tok = tiny_tokenizer()
@@ -178,7 +198,8 @@ def test_simvq_restarts_dead_codes_where_the_codebook_fits_worst(sampling):
 
     torch.manual_seed(0)
     q = Quantizer(
-        QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling=sampling), 4)
+        QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling=sampling), 4
+    )
     common = q.q.codebook[0].detach()
     far = common + 5.0 + 0.1 * torch.randn(8, 4)  # 8 "edge" vectors no code is near
     q._recent = torch.cat([common.expand(248, 4), far])
@@ -204,8 +225,12 @@ def test_simvq_restart_rtol_bounds_the_frozen_row_of_a_near_singular_transform(r
     from mmgen.tokenizers.quantizers import Quantizer, QuantizerConfig
 
     torch.manual_seed(0)
-    q = Quantizer(QuantizerConfig(kind="simvq", codebook_size=8, dead_code_threshold=0.5, restart_sampling="uniform",
-                                  restart_rtol=rtol), 4)
+    q = Quantizer(
+        QuantizerConfig(
+            kind="simvq", codebook_size=8, dead_code_threshold=0.5, restart_sampling="uniform", restart_rtol=rtol
+        ),
+        4,
+    )
     with torch.no_grad():
         q.q.code_transform.weight.copy_(torch.diag(torch.tensor([1.0, 1.0, 1.0, 1e-5])))
     target = torch.ones(4)
@@ -232,7 +257,8 @@ def test_simvq_loss_restarts_go_where_the_noted_losses_are():
 
     torch.manual_seed(0)
     q = Quantizer(
-        QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling="loss"), 4).train()
+        QuantizerConfig(kind="simvq", codebook_size=16, dead_code_threshold=0.5, restart_sampling="loss"), 4
+    ).train()
     z = torch.randn(2, 4, 4, 4)
     q(z)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
@@ -299,6 +325,7 @@ def test_foreground_weighting_targets_the_objects_of_a_scene():
 
 # -- training ----------------------------------------------------------------------------------------
 
+
 def test_training_lowers_loss_and_writes_metrics_and_eval(trained):
     from mmgen.tokenizers import load_image_tokenizer
 
@@ -345,8 +372,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     resumed = tr.train_tokenizer(tiny_cfg(tmp_path / "cut", steps=8, restart_every=3, resume=True))
 
     def losses(d):
-        return [{k: r[k] for k in ("step", "loss", "recon", "commitment", "perplexity", "usage")}
-                for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+        return [
+            {k: r[k] for k in ("step", "loss", "recon", "commitment", "perplexity", "usage")}
+            for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+        ]
 
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
@@ -358,8 +387,9 @@ def test_training_reads_images_from_doc_shards_and_folders(tmp_path):
     from mmgen.data.shards import write_shards
     from mmgen.tokenizers.train_data import load_training_images
 
-    docs = [Doc([Text("a scene"), Image.from_pil(im), Image.from_pil(im2)]) for im,
-            im2 in zip(shapes(3), shapes(3, seed=1))]
+    docs = [
+        Doc([Text("a scene"), Image.from_pil(im), Image.from_pil(im2)]) for im, im2 in zip(shapes(3), shapes(3, seed=1))
+    ]
     docs.append(Doc([Image(data=b"\x89PNG\r\n\x1a\nbroken", format="png")]))
     shard_dir = tmp_path / "shards"
     write_shards(docs, shard_dir)
@@ -375,6 +405,7 @@ def test_training_reads_images_from_doc_shards_and_folders(tmp_path):
 
 
 # -- pre-tokenization --------------------------------------------------------------------------------
+
 
 def _wav_bytes() -> bytes:
     import soundfile as sf
@@ -460,6 +491,7 @@ def test_real_photos_encode_and_decode(trained, real_dir):
 
 # -- recipe and CLI ----------------------------------------------------------------------------------
 
+
 def test_tiny_recipe_loads_and_builds_the_preset():
     from mmgen.paths import recipe_path
     from mmgen.tokenizers.train import build_model
@@ -489,11 +521,27 @@ def test_cli_train_and_tokenize(tmp_path, capsys):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
     tok_dir = tmp_path / "run" / "tokenizer"
     write_shards([Doc([Image.from_pil(im)]) for im in shapes(3)], tmp_path / "in")
-    assert main(["tokenize", "--tokenizer", str(tok_dir), "--input", str(tmp_path / "in"),
-                 "--out", str(tmp_path / "codes")]) == 0
+    assert (
+        main(
+            ["tokenize", "--tokenizer", str(tok_dir), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "codes")]
+        )
+        == 0
+    )
     assert "3 docs in: 3 written, 0 quarantined" in capsys.readouterr().out
-    assert main(["tokenize", "--tokenizer", str(tmp_path / "nope"), "--input", str(tmp_path / "in"),
-                 "--out", str(tmp_path / "codes2")]) == 2
+    assert (
+        main(
+            [
+                "tokenize",
+                "--tokenizer",
+                str(tmp_path / "nope"),
+                "--input",
+                str(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "codes2"),
+            ]
+        )
+        == 2
+    )
     assert "not a tokenizer directory" in capsys.readouterr().err
     assert main(["train-tokenizer", str(recipe), "lr=-1"]) == 2
     assert main(["train-tokenizer", "no_such_recipe"]) == 2

@@ -19,8 +19,17 @@ TINY = {
     "filter": ["--workers", "1"],
     "train-tokenizer": ["steps=2", "batch_size=4", "eval_images=2", "progress=false"],
     "tokenize": ["--batch-size", "4"],
-    "train": ["steps=1", "log_every=1", "save_every=1", "progress=false", "tensorboard=false", "data.seq_len=256",
-              "micro_batch=1", "--launcher", "none"],
+    "train": [
+        "steps=1",
+        "log_every=1",
+        "save_every=1",
+        "progress=false",
+        "tensorboard=false",
+        "data.seq_len=256",
+        "micro_batch=1",
+        "--launcher",
+        "none",
+    ],
 }
 
 
@@ -44,11 +53,17 @@ def _corpus(base: str, path: Path) -> None:
     for k in range(4):
         a, b = PHOTOS[2 * k], PHOTOS[2 * k + 1]
         para = [
-            " ".join(sentences[(k + j) % 6] for j in range(3)), " ".join(sentences[(k + j + 3) % 6] for j in range(3))]
-        recs.append({"texts": [f"Notes from a city walk, part {k + 1}.", None, para[0], None, para[1]],
-                     "images": [None, f"{base}/img/{a}", None, f"{base}/img/{b}", None],
-                     "metadata": [None, {"alt_text": a}, None, {"alt_text": b}, None],
-                     "general_metadata": {"url": f"https://blog.example.org/walk-{k + 1}"}})
+            " ".join(sentences[(k + j) % 6] for j in range(3)),
+            " ".join(sentences[(k + j + 3) % 6] for j in range(3)),
+        ]
+        recs.append(
+            {
+                "texts": [f"Notes from a city walk, part {k + 1}.", None, para[0], None, para[1]],
+                "images": [None, f"{base}/img/{a}", None, f"{base}/img/{b}", None],
+                "metadata": [None, {"alt_text": a}, None, {"alt_text": b}, None],
+                "general_metadata": {"url": f"https://blog.example.org/walk-{k + 1}"},
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
 
 
@@ -61,11 +76,19 @@ def _base_lm(path: Path) -> None:
 
     from mmgen.models.text_tokenizer import train_text_tokenizer
 
-    tok = train_text_tokenizer(["a tiny base model for the walkthrough test, trained on nothing at all"] * 4,
-                               vocab_size=300)
+    tok = train_text_tokenizer(
+        ["a tiny base model for the walkthrough test, trained on nothing at all"] * 4, vocab_size=300
+    )
     tok.save_pretrained(path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
 
 
@@ -80,7 +103,8 @@ def test_readme_walkthrough_runs(real_dir, tmp_path, monkeypatch):
         _corpus(base, tmp_path / "corpus.jsonl")
         for cmd in commands[:-1]:
             args = [
-                str(tmp_path / "base") if a == "BASE" else a.replace("=BASE", f"={tmp_path / 'base'}") for a in cmd[1:]]
+                str(tmp_path / "base") if a == "BASE" else a.replace("=BASE", f"={tmp_path / 'base'}") for a in cmd[1:]
+            ]
             assert main(args + TINY[cmd[1]]) == 0, cmd
     fetched = json.loads((tmp_path / "fetched/summary.json").read_text())
     assert (fetched["urls"], fetched["fetched"], fetched["failed"]) == (8, 8, 0)

@@ -70,7 +70,7 @@ def test_render_side_keeps_an_object_the_same_in_every_cell():
                 for c in range(3):
                     img = render(Scene("white", [Obj(shape, "red", "large", (r, c))]), side, side)
                     a = np.asarray(img.resize((36, 36), PILImage.BICUBIC), dtype=int)
-                    blocks.append(a[12 * r:12 * (r + 1), 12 * c:12 * (c + 1)])
+                    blocks.append(a[12 * r : 12 * (r + 1), 12 * c : 12 * (c + 1)])
             worst = max(worst, max(int(np.abs(b - blocks[4]).max()) for b in blocks))
         return worst
 
@@ -102,14 +102,23 @@ def test_qa_answers_are_exact():
             elif kind == "shape":
                 assert a in {o.shape for o in scene.objects} and q.endswith("?")
             elif kind == "exists":
-                c, s = q[len("Is there a "):-1].split(" ")
+                c, s = q[len("Is there a ") : -1].split(" ")
                 assert (a == "yes") == any(o.color == c and o.shape == s for o in scene.objects)
             elif kind == "count_color":
                 c = q.split()[2]
                 assert a == NUMBERS[sum(o.color == c for o in scene.objects)]
             else:
                 assert a in {"yes", "no", "large", "small"} | set(COLORS) | {
-                    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"}
+                    "top left",
+                    "top",
+                    "top right",
+                    "left",
+                    "center",
+                    "right",
+                    "bottom left",
+                    "bottom",
+                    "bottom right",
+                }
     assert seen >= {"color", "shape", "count", "exists", "position", "size", "background", "relation"}
 
 
@@ -180,7 +189,7 @@ def test_defects_labeled_and_checkable():
         if not label["defects"]:
             # clean docs: every item present, decodable, images as stated, captions true
             for it in doc.items:
-                assert (it.text.strip() if isinstance(it, Text) else it.load())
+                assert it.text.strip() if isinstance(it, Text) else it.load()
             for im in doc.images:
                 assert parse_scene(im.to_pil()) == Scene.from_dict(im.meta["scene"])
             if doc.meta["kind"] == "caption":
@@ -249,8 +258,24 @@ def test_world_cli(tmp_path, capsys):
     from mmgen.cli import main
 
     out = tmp_path / "w"
-    assert main(["world", "--out", str(out), "--docs", "20", "--seed", "1", "--defect-rate", "0.25",
-                 "--mix", "caption=0.7,qa=0.3"]) == 0
+    assert (
+        main(
+            [
+                "world",
+                "--out",
+                str(out),
+                "--docs",
+                "20",
+                "--seed",
+                "1",
+                "--defect-rate",
+                "0.25",
+                "--mix",
+                "caption=0.7,qa=0.3",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     rows = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
     assert len(rows) == 20 == summary["docs"] and {r["kind"] for r in rows} <= {"caption", "qa"}

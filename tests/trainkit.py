@@ -17,9 +17,16 @@ from mmgen.tokenizers.train_config import TokenizerTrainConfig
 COLORS = ["red", "blue", "green", "yellow"]
 CODEBOOK = 32
 # A DAC small enough to build in a test: a 320-sample hop at 16 kHz (50 code frames/s), 2 levels of 16 codes.
-TINY_AUDIO_CODEC = {"sampling_rate": 16000, "encoder_hidden_size": 4, "downsampling_ratios": [2, 4, 5, 8],
-                    "decoder_hidden_size": 16, "hidden_size": 16, "n_codebooks": 2, "codebook_size": 16,
-                    "codebook_dim": 4}
+TINY_AUDIO_CODEC = {
+    "sampling_rate": 16000,
+    "encoder_hidden_size": 4,
+    "downsampling_ratios": [2, 4, 5, 8],
+    "decoder_hidden_size": 16,
+    "hidden_size": 16,
+    "n_codebooks": 2,
+    "codebook_size": 16,
+    "codebook_dim": 4,
+}
 AUDIO_HOP = int(np.prod(TINY_AUDIO_CODEC["downsampling_ratios"]))  # samples per code frame
 AUDIO_SR = TINY_AUDIO_CODEC["sampling_rate"]
 
@@ -56,14 +63,26 @@ def write_color_shard(out, n_docs: int):
                 items = [Text(f"a {COLORS[c]} circle."), Image(path="<codes:1>", format="png")]
                 w.write(CodedDoc(Doc(items=items), codes={1: codes}))
             else:
-                items = [Image(path="<codes:0>", format="png"), Text("What color is the circle?", {"role": "question"}),
-                         Text(COLORS[c], {"role": "answer"})]
+                items = [
+                    Image(path="<codes:0>", format="png"),
+                    Text("What color is the circle?", {"role": "question"}),
+                    Text(COLORS[c], {"role": "answer"}),
+                ]
                 w.write(CodedDoc(Doc(items=items), codes={0: codes}))
     return out
 
 
-def write_caption_shard(out, n_docs: int, colors: list[str], shapes: list[str], codebook: int, grid: int, seed: int,
-                        places: list[str] | None = None, max_docs: int = 5000):
+def write_caption_shard(
+    out,
+    n_docs: int,
+    colors: list[str],
+    shapes: list[str],
+    codebook: int,
+    grid: int,
+    seed: int,
+    places: list[str] | None = None,
+    max_docs: int = 5000,
+):
     """Caption docs "a <colour> <shape>[ at the <place>]." -> a grid x grid code picture whose codes are the
     (colour, shape) index plus a random half-codebook offset, so the caption predicts every code's residue."""
     rng = np.random.default_rng(seed)
@@ -94,8 +113,16 @@ def write_audio_shard(out, n_docs: int, levels: int, codebook: int, seed: int = 
 def tiny_run(code_shards, out_dir, settings: dict, **kw) -> list[str]:
     """Overrides of a tiny run: the settings every training test shares, then the test's
     ``settings``, then the call's ``kw`` (later wins)."""
-    merged = {"data.code_shards": str(code_shards), "out_dir": str(out_dir), "micro_batch": 2, "log_every": 1,
-              "progress": False, "optim.warmup_steps": 1, **settings, **kw}
+    merged = {
+        "data.code_shards": str(code_shards),
+        "out_dir": str(out_dir),
+        "micro_batch": 2,
+        "log_every": 1,
+        "progress": False,
+        "optim.warmup_steps": 1,
+        **settings,
+        **kw,
+    }
     return [f"{k}={v}" for k, v in merged.items()]
 
 
@@ -105,17 +132,41 @@ TEACHER_CFG = {
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "layers": 1, "heads": 2, "mlp_ratio": 2.0},
 }
-TINY_DUALVITOK = {"sem_width": 16, "sem_heads": 2, "sem_encoder_layers": 1, "sem_decoder_layers": 1, "sem_merge": 2,
-                  "sem_code_dim": 8, "sem_quantizer": {"kind": "simvq", "codebook_size": 16}, "pix_channels": [8, 16],
-                  "pix_patch_size": 4, "pix_code_dim": 4, "pix_quantizer": {"kind": "simvq", "codebook_size": 32},
-                  "sem_cond_dim": 4, "norm_groups": 4}
+TINY_DUALVITOK = {
+    "sem_width": 16,
+    "sem_heads": 2,
+    "sem_encoder_layers": 1,
+    "sem_decoder_layers": 1,
+    "sem_merge": 2,
+    "sem_code_dim": 8,
+    "sem_quantizer": {"kind": "simvq", "codebook_size": 16},
+    "pix_channels": [8, 16],
+    "pix_patch_size": 4,
+    "pix_code_dim": 4,
+    "pix_quantizer": {"kind": "simvq", "codebook_size": 32},
+    "sem_cond_dim": 4,
+    "norm_groups": 4,
+}
 
 
 def tiny_dualvitok_cfg(out_dir, teacher_dir, **over):
     """A DualViTok training config of a few steps on 48 scenes of 32 px, the teacher CLIP at ``teacher_dir``."""
-    base = {"tokenizer": "dualvitok", "synthetic_images": 48, "resolution": 32, "eval_images": 8,
-            "dualvitok": {**TINY_DUALVITOK, "teacher": {"kind": "open_clip", "name": teacher_dir}},
-            "steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2,
-            "restart_every": 2, "out_dir": str(out_dir), "threads": 1, "progress": False}
+    base = {
+        "tokenizer": "dualvitok",
+        "synthetic_images": 48,
+        "resolution": 32,
+        "eval_images": 8,
+        "dualvitok": {**TINY_DUALVITOK, "teacher": {"kind": "open_clip", "name": teacher_dir}},
+        "steps": 4,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "log_every": 1,
+        "ckpt_every": 2,
+        "restart_every": 2,
+        "out_dir": str(out_dir),
+        "threads": 1,
+        "progress": False,
+    }
     base.update(over)
     return load_config(TokenizerTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])

@@ -54,14 +54,16 @@ def build_open_clip(model_cfg: dict, device: str | torch.device = "cpu"):
         return open_clip.CLIP(**cfg).to(device)
     except TypeError as e:
         raise MMGenError(
-            f"invalid open_clip model config ({e}); expected keys embed_dim, vision_cfg, text_cfg") from None
+            f"invalid open_clip model config ({e}); expected keys embed_dim, vision_cfg, text_cfg"
+        ) from None
 
 
 class ClipEncoder:
     """Wraps an open_clip or transformers CLIP model: ``encode_image`` / ``encode_text`` -> unit vectors."""
 
-    def __init__(self, model, tokenize, image_size: tuple[int, int], mean, std, kind: str,
-                 model_cfg: dict | None = None):
+    def __init__(
+        self, model, tokenize, image_size: tuple[int, int], mean, std, kind: str, model_cfg: dict | None = None
+    ):
         self.model = model.eval()
         self.tokenize = tokenize
         self.image_size = image_size  # (height, width)
@@ -85,8 +87,9 @@ class ClipEncoder:
         if not len(images):
             raise MMGenError("encode_image needs at least one image")
         x = self.pixels(images)
-        feats = self.model.encode_image(
-            x) if self.kind == "open_clip" else self.model.get_image_features(pixel_values=x)
+        feats = (
+            self.model.encode_image(x) if self.kind == "open_clip" else self.model.get_image_features(pixel_values=x)
+        )
         return F.normalize(_as_tensor(feats).float(), dim=-1)
 
     @torch.no_grad()
@@ -114,8 +117,14 @@ def save_clip(model, path: str | Path, model_cfg: dict, preprocess_cfg: dict | N
     p.mkdir(parents=True, exist_ok=True)
     vision = model_cfg["vision_cfg"]
     size = vision.get("image_size", 224)
-    pre = {"size": size, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
-           "resize_mode": "squash", **(preprocess_cfg or {})}
+    pre = {
+        "size": size,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+        "resize_mode": "squash",
+        **(preprocess_cfg or {}),
+    }
     (p / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}, indent=1))
     model = getattr(model, "model", model)  # a ClipEncoder or a bare open_clip model
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(p / OPEN_CLIP_WEIGHTS))
@@ -171,15 +180,17 @@ def load_clip(name_or_path: str | Path, device: str = "cpu", pretrained: str | N
             return _load_hf_clip(p, device)
         raise MMGenError(f"{p} is not a CLIP directory (needs {OPEN_CLIP_CONFIG} or a transformers config.json)")
     if p.suffix in (".safetensors", ".pt", ".bin") or str(name_or_path).startswith(("/", ".")):
-        raise MMGenError(f"no CLIP model directory at {p}; pass a directory saved by `mmgen train-clip`, "
-                         "or an open_clip model name with pretrained=TAG_OR_FILE")
+        raise MMGenError(
+            f"no CLIP model directory at {p}; pass a directory saved by `mmgen train-clip`, "
+            "or an open_clip model name with pretrained=TAG_OR_FILE"
+        )
     return _load_open_clip(str(name_or_path), pretrained, device)
 
 
 def cell_regions(grid: torch.Tensor, cells: int) -> torch.Tensor:
     """A ``(B, D, h, w)`` feature map average-pooled to the square phrase grid of ``cells`` cells:
     ``(B * cells, D)``, cells row-major as :func:`mmgen.world.text.cell_phrases` lists them."""
-    side = int(round(cells ** 0.5))
+    side = int(round(cells**0.5))
     return F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2).reshape(-1, grid.shape[1])
 
 

@@ -10,7 +10,8 @@ def register(app: typer.Typer) -> None:
     def train_audio_tokenizer_cmd(
         config: str = typer.Argument(..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_audio)."),
         overrides: list[str] | None = typer.Argument(
-            None, help="key=value overrides, e.g. steps=100 out_dir=runs/audio"),
+            None, help="key=value overrides, e.g. steps=100 out_dir=runs/audio"
+        ),
     ) -> None:
         """Train the residual-VQ audio codec (DAC) on spoken ShapesWorld captions and real clips.
 

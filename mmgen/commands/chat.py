@@ -10,12 +10,17 @@ def register(app: typer.Typer) -> None:
     def chat_cmd(
         checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint directory (an mmgen bundle)."),
         port: int = typer.Option(7860, "--port", help="Port to serve on."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 for all; no public "
-                                                             "share links are ever made)."),
+        host: str = typer.Option(
+            "127.0.0.1", "--host", help="Interface to bind (0.0.0.0 for all; no public share links are ever made)."
+        ),
         device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
-        detokenizer: str = typer.Option(None, "--detokenizer", help="Draw pictures with this diffusion detokenizer "
-                                        "(a pipeline directory, or a folder of x1/ x2/); none: the image tokenizer's "
-                                        "decoder. Default: the checkpoint's detokenizer/ when it has one."),
+        detokenizer: str = typer.Option(
+            None,
+            "--detokenizer",
+            help="Draw pictures with this diffusion detokenizer "
+            "(a pipeline directory, or a folder of x1/ x2/); none: the image tokenizer's "
+            "decoder. Default: the checkpoint's detokenizer/ when it has one.",
+        ),
     ):
         """Serve a chat whose answers interleave text and generated images (Ctrl-C stops it).
 

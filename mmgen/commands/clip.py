@@ -10,7 +10,8 @@ def register(app: typer.Typer) -> None:
     def train_clip_cmd(
         config: str = typer.Argument(..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_clip)."),
         overrides: list[str] | None = typer.Argument(
-            None, help="key=value overrides, e.g. steps=600 out_dir=runs/clip"),
+            None, help="key=value overrides, e.g. steps=600 out_dir=runs/clip"
+        ),
     ) -> None:
         """Train a tiny open_clip model contrastively on ShapesWorld captions and images.
 
@@ -25,5 +26,7 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(ClipTrainConfig, recipe_path(config, "tokenizers"), overrides or [])
         path = train_clip(cfg)
         report = json.loads((path.parent / "eval.json").read_text())
-        typer.echo(f"CLIP saved to {path}; held-out zero-shot colour acc {report['zero_shot_color_acc']:.3f}, "
-                   f"shape acc {report['zero_shot_shape_acc']:.3f} (eval: {cfg.out_dir}/eval.json)")
+        typer.echo(
+            f"CLIP saved to {path}; held-out zero-shot colour acc {report['zero_shot_color_acc']:.3f}, "
+            f"shape acc {report['zero_shot_shape_acc']:.3f} (eval: {cfg.out_dir}/eval.json)"
+        )

@@ -9,9 +9,11 @@ def register(app: typer.Typer) -> None:
     @app.command("train-detokenizer")
     def train_detokenizer_cmd(
         config: str = typer.Argument(
-            ..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_detokenizer)."),
+            ..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_detokenizer)."
+        ),
         overrides: list[str] | None = typer.Argument(
-            None, help="key=value overrides, e.g. tokenizer=runs/vq/tokenizer scale=2"),
+            None, help="key=value overrides, e.g. tokenizer=runs/vq/tokenizer scale=2"
+        ),
     ) -> None:
         """Train the diffusion detokenizer (codes -> pixels, a diffusers pipeline) on an image tokenizer's codes.
 
@@ -28,5 +30,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = load_config(DetokenizerTrainConfig, recipe_path(config, "tokenizers"), overrides or [])
         path = train_detokenizer(cfg)
-        typer.echo(f"detokenizer pipeline saved to {path} (metrics: {cfg.out_dir}/metrics.jsonl, eval: "
-                   f"{cfg.out_dir}/eval.json)")
+        typer.echo(
+            f"detokenizer pipeline saved to {path} (metrics: {cfg.out_dir}/metrics.jsonl, eval: "
+            f"{cfg.out_dir}/eval.json)"
+        )

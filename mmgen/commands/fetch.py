@@ -11,26 +11,34 @@ def register(app: typer.Typer) -> None:
     @app.command("fetch")
     def fetch_cmd(
         input: str = typer.Argument(
-            ..., help="Input files: a jsonl in any converter format, a glob, a .tar or a .parquet."),
+            ..., help="Input files: a jsonl in any converter format, a glob, a .tar or a .parquet."
+        ),
         out: str = typer.Argument(
-            ..., help="Output folder (docs.jsonl, media/, failures.jsonl, summary.json). Rerun to resume."),
+            ..., help="Output folder (docs.jsonl, media/, failures.jsonl, summary.json). Rerun to resume."
+        ),
         input_format: str = typer.Option(
-            "auto", "--from", help="Input format: auto, mmgen, obelics, mmc4, dj, llava, wds."),
+            "auto", "--from", help="Input format: auto, mmgen, obelics, mmc4, dj, llava, wds."
+        ),
         output_format: str = typer.Option(
-            "mmgen", "--to", help="Output format: mmgen (docs.jsonl) or any converter format (wds: shards/)."),
+            "mmgen", "--to", help="Output format: mmgen (docs.jsonl) or any converter format (wds: shards/)."
+        ),
         timeout: float = typer.Option(
-            10, "--timeout", help="Seconds a connection may stay silent before the URL fails."),
+            10, "--timeout", help="Seconds a connection may stay silent before the URL fails."
+        ),
         retries: int = typer.Option(0, "--retries", help="Extra tries per URL."),
         threads: int = typer.Option(16, "--threads", help="Download threads per process."),
         processes: int = typer.Option(1, "--processes", help="Download processes."),
         max_bytes: int = typer.Option(64 << 20, "--max-bytes", help="Largest file accepted, in bytes."),
         min_image_size: int = typer.Option(0, "--min-image-size", help="Smallest accepted image side, in pixels."),
         max_image_area: float = typer.Option(
-            178956970, "--max-image-area", help="Largest accepted image area, in pixels."),
+            178956970, "--max-image-area", help="Largest accepted image area, in pixels."
+        ),
         max_aspect_ratio: float | None = typer.Option(
-            None, "--max-aspect-ratio", help="Largest accepted long/short side ratio."),
+            None, "--max-aspect-ratio", help="Largest accepted long/short side ratio."
+        ),
         per_host_rate: float | None = typer.Option(
-            None, "--per-host-rate", help="At most this many requests per second to one host."),
+            None, "--per-host-rate", help="At most this many requests per second to one host."
+        ),
     ) -> None:
         """Download the media of documents whose images, audio or video are URLs.
 
@@ -44,9 +52,24 @@ def register(app: typer.Typer) -> None:
         """
         from mmgen.data.fetch import fetch
 
-        s = fetch(input, out, input_format=input_format, output_format=output_format, timeout=timeout, retries=retries,
-                  threads=threads, processes=processes, max_bytes=max_bytes, min_image_size=min_image_size,
-                  max_image_area=max_image_area, max_aspect_ratio=max_aspect_ratio, per_host_rate=per_host_rate)
+        s = fetch(
+            input,
+            out,
+            input_format=input_format,
+            output_format=output_format,
+            timeout=timeout,
+            retries=retries,
+            threads=threads,
+            processes=processes,
+            max_bytes=max_bytes,
+            min_image_size=min_image_size,
+            max_image_area=max_image_area,
+            max_aspect_ratio=max_aspect_ratio,
+            per_host_rate=per_host_rate,
+        )
         typer.echo(json.dumps(s, ensure_ascii=False, indent=1))
-        typer.echo(f"{s['urls']} URLs: {s['fetched']} fetched ({s['already_fetched']} downloaded in an earlier run), "
-                   f"{s['failed']} failed -> {s['failures_path']}", err=True)
+        typer.echo(
+            f"{s['urls']} URLs: {s['fetched']} fetched ({s['already_fetched']} downloaded in an earlier run), "
+            f"{s['failed']} failed -> {s['failures_path']}",
+            err=True,
+        )

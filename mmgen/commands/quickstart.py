@@ -32,11 +32,19 @@ def register(app: typer.Typer) -> None:
 
         r = json.loads((report.parent / "report.json").read_text())
         print(f"\nreport: {report}  (grids: {report.parent / 'eval'})")
-        figures = [(name, r.get(key)) for name, key in (
-            ("t2i_accuracy", "t2i_accuracy"), ("held-out compositions", "t2i_accuracy_heldout_compositions"),
-            ("qa_accuracy", "qa_accuracy"), ("interleaved_accuracy", "interleaved_accuracy"))]
+        figures = [
+            (name, r.get(key))
+            for name, key in (
+                ("t2i_accuracy", "t2i_accuracy"),
+                ("held-out compositions", "t2i_accuracy_heldout_compositions"),
+                ("qa_accuracy", "qa_accuracy"),
+                ("interleaved_accuracy", "interleaved_accuracy"),
+            )
+        ]
         rec = r.get("inner_tokenizer_reconstruction") or r.get("tokenizer_reconstruction")
         figures.append(("image tokenizer scene agreement", rec and rec["scene_agreement"]))
         print(", ".join(f"{name} {value:.3f}" for name, value in figures if value is not None))
-        print(f"chat with the model: mmgen chat --checkpoint {r['checkpoint']}   "
-              f"(or: .venv/bin/mmgen chat --checkpoint {r['checkpoint']}, then open http://127.0.0.1:7860)")
+        print(
+            f"chat with the model: mmgen chat --checkpoint {r['checkpoint']}   "
+            f"(or: .venv/bin/mmgen chat --checkpoint {r['checkpoint']}, then open http://127.0.0.1:7860)"
+        )

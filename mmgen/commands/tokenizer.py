@@ -9,7 +9,8 @@ def register(app: typer.Typer) -> None:
     @app.command("train-tokenizer")
     def train_tokenizer_cmd(
         config: str = typer.Argument(
-            ..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_dualvitok, tiny_vq)."),
+            ..., help="Recipe YAML: a path, or a name in tokenizers/ (e.g. tiny_dualvitok, tiny_vq)."
+        ),
         overrides: list[str] | None = typer.Argument(None, help="key=value overrides, e.g. steps=100 out_dir=runs/vq"),
     ) -> None:
         """Train an image tokenizer from a recipe: DualViTok (semantic + pixel codes) or the pixel VQ.
@@ -32,20 +33,26 @@ def register(app: typer.Typer) -> None:
     @app.command("fit-blocks")
     def fit_blocks_cmd(
         tokenizer: str = typer.Option(
-            ..., "--tokenizer", help="Directory of the image tokenizer that wrote the code shards."),
+            ..., "--tokenizer", help="Directory of the image tokenizer that wrote the code shards."
+        ),
         codes: list[str] = typer.Option(
-            ..., "--codes", help="Code shards to count blocks in: a file, a directory or a glob (repeatable)."),
-        out: str = typer.Option(..., "--out",
-                                help="Directory for the code-block tokenizer (the inner tokenizer is copied into "
-                                     "out/inner)."),
-        block: int | None = typer.Option(None, "--block",
-                                         help="Block side in codes (default: DualViTok's semantic ratio, one block per "
-                                              "semantic code; else 2)."),
+            ..., "--codes", help="Code shards to count blocks in: a file, a directory or a glob (repeatable)."
+        ),
+        out: str = typer.Option(
+            ..., "--out", help="Directory for the code-block tokenizer (the inner tokenizer is copied into out/inner)."
+        ),
+        block: int | None = typer.Option(
+            None,
+            "--block",
+            help="Block side in codes (default: DualViTok's semantic ratio, one block per semantic code; else 2).",
+        ),
         max_size: int = typer.Option(
-            1024, "--max-size", help="At most this many blocks in the table (the LM's image code range)."),
+            1024, "--max-size", help="At most this many blocks in the table (the LM's image code range)."
+        ),
         min_count: int = typer.Option(2, "--min-count", help="Keep blocks seen at least this often."),
         split: list[str] = typer.Option(
-            ["train"], "--split", help="Count documents of these splits only (repeatable); 'all' for every document."),
+            ["train"], "--split", help="Count documents of these splits only (repeatable); 'all' for every document."
+        ),
     ) -> None:
         """Fit a code-block table: one token per frequent BLOCK x BLOCK block of pixel codes, so an LM reads
         and writes an image in fewer tokens (blocks outside the table become the nearest entry). Then
@@ -61,43 +68,64 @@ def register(app: typer.Typer) -> None:
 
         splits = None if "all" in split else list(split)
         path = fit_code_blocks(
-            tokenizer, list(codes), out, block=block, max_size=max_size, min_count=min_count, splits=splits)
+            tokenizer, list(codes), out, block=block, max_size=max_size, min_count=min_count, splits=splits
+        )
         s = load_image_tokenizer(path).fit_stats
-        typer.echo(f"{s['table_size']} blocks kept of {s['distinct']} distinct ({s['blocks']} blocks in {s['grids']} "
-                   f"images): "
-                   f"the table covers {100 * s['coverage']:.2f}% of them; saved to {path}")
+        typer.echo(
+            f"{s['table_size']} blocks kept of {s['distinct']} distinct ({s['blocks']} blocks in {s['grids']} "
+            f"images): "
+            f"the table covers {100 * s['coverage']:.2f}% of them; saved to {path}"
+        )
 
     @app.command("tokenize")
     def tokenize_cmd(
         tokenizer: str = typer.Option(..., "--tokenizer", help="Directory of a saved image tokenizer."),
         input: list[str] = typer.Option(..., "--input", help="Doc shards: a file, a directory or a glob (repeatable)."),
         out: str = typer.Option(
-            ..., "--out", help="Output directory for code shards, summary.json and quarantine.jsonl."),
+            ..., "--out", help="Output directory for code shards, summary.json and quarantine.jsonl."
+        ),
         batch_size: int = typer.Option(64, "--batch-size", help="Images encoded per batch."),
         keep_media: bool = typer.Option(
-            False, "--keep-media", help="Also keep the original media bytes in the code shards."),
-        keep_aspect: bool = typer.Option(False, "--keep-aspect",
-                                         help="Encode at each image's aspect ratio (same area) instead of the "
-                                              "tokenizer's square resolution."),
-        audio_tokenizer: str | None = typer.Option(None, "--audio-tokenizer",
-                                                   help="Directory of a saved audio codec (`mmgen "
-                                                        "train-audio-tokenizer`): audio items become (levels, T) "
-                                                        "codes."),
-        video: bool = typer.Option(False, "--video",
-                                   help="Encode video items: sampled frames through the image tokenizer, with temporal "
-                                        "token merging."),
+            False, "--keep-media", help="Also keep the original media bytes in the code shards."
+        ),
+        keep_aspect: bool = typer.Option(
+            False,
+            "--keep-aspect",
+            help="Encode at each image's aspect ratio (same area) instead of the tokenizer's square resolution.",
+        ),
+        audio_tokenizer: str | None = typer.Option(
+            None,
+            "--audio-tokenizer",
+            help="Directory of a saved audio codec (`mmgen "
+            "train-audio-tokenizer`): audio items become (levels, T) "
+            "codes.",
+        ),
+        video: bool = typer.Option(
+            False,
+            "--video",
+            help="Encode video items: sampled frames through the image tokenizer, with temporal token merging.",
+        ),
         video_fps: float = typer.Option(2.0, "--video-fps", help="Frames sampled per second of video."),
         video_max_frames: int = typer.Option(
-            16, "--video-max-frames", help="At most this many frames per video, spread over the clip."),
-        executor: str = typer.Option("local", "--executor",
-                                     help="Where the input files are tokenized: local (processes on this machine) or "
-                                          "ray (Ray tasks; RAY_ADDRESS for a running cluster)."),
-        workers: int = typer.Option(1, "--workers",
-                                    help="Worker processes (local) or CPUs of a local Ray cluster; the shards are the "
-                                         "same for any number."),
-        max_image_pixels: int | None = typer.Option(None, "--max-image-pixels",
-                                                    help="Images (and video frames) of more pixels are quarantined as "
-                                                         "too_many_pixels before decoding (default 89,478,485)."),
+            16, "--video-max-frames", help="At most this many frames per video, spread over the clip."
+        ),
+        executor: str = typer.Option(
+            "local",
+            "--executor",
+            help="Where the input files are tokenized: local (processes on this machine) or "
+            "ray (Ray tasks; RAY_ADDRESS for a running cluster).",
+        ),
+        workers: int = typer.Option(
+            1,
+            "--workers",
+            help="Worker processes (local) or CPUs of a local Ray cluster; the shards are the same for any number.",
+        ),
+        max_image_pixels: int | None = typer.Option(
+            None,
+            "--max-image-pixels",
+            help="Images (and video frames) of more pixels are quarantined as "
+            "too_many_pixels before decoding (default 89,478,485).",
+        ),
     ) -> None:
         """Pre-tokenize Doc shards: every image item becomes a grid of codes in code shards
         (DualViTok: pixel codes plus the semantic grid beside them); with --audio-tokenizer audio
@@ -114,14 +142,26 @@ def register(app: typer.Typer) -> None:
         """
         from mmgen.tokenizers.pretokenize import pretokenize
 
-        s = pretokenize(tokenizer, list(input), out, batch_size=batch_size, keep_media=keep_media,
-                        keep_aspect=keep_aspect,
-                        audio_tokenizer=audio_tokenizer, video=video, video_fps=video_fps,
-                        video_max_frames=video_max_frames,
-                        executor=executor, workers=workers, max_image_pixels=max_image_pixels)
-        typer.echo(f"{s['docs_in']} docs in: {s['docs_written']} written, {s['quarantined']} quarantined "
-                   f"({out}/quarantine.jsonl); {s['images_encoded']} images, {s['audio_items_encoded']} audio and "
-                   f"{s['video_items_encoded']} video items encoded ({s['video_tokens_after']} of "
-                   f"{s['video_tokens_before']} video tokens kept by merging); "
-                   f"{s['audio_items_without_codes']} audio and {s['video_items_without_codes']} video items left "
-                   f"without codes")
+        s = pretokenize(
+            tokenizer,
+            list(input),
+            out,
+            batch_size=batch_size,
+            keep_media=keep_media,
+            keep_aspect=keep_aspect,
+            audio_tokenizer=audio_tokenizer,
+            video=video,
+            video_fps=video_fps,
+            video_max_frames=video_max_frames,
+            executor=executor,
+            workers=workers,
+            max_image_pixels=max_image_pixels,
+        )
+        typer.echo(
+            f"{s['docs_in']} docs in: {s['docs_written']} written, {s['quarantined']} quarantined "
+            f"({out}/quarantine.jsonl); {s['images_encoded']} images, {s['audio_items_encoded']} audio and "
+            f"{s['video_items_encoded']} video items encoded ({s['video_tokens_after']} of "
+            f"{s['video_tokens_before']} video tokens kept by merging); "
+            f"{s['audio_items_without_codes']} audio and {s['video_items_without_codes']} video items left "
+            f"without codes"
+        )

@@ -22,8 +22,11 @@ def _run(config: str, overrides: list[str], launcher: str, num_gpus: int, hostfi
     raise MMGenError(f"unknown launcher '{launcher}' (use deepspeed or none)")
 
 
-_LAUNCHER = typer.Option("deepspeed", "--launcher", help="deepspeed: training/pretrain.sh through the DeepSpeed "
-                                                         "launcher; none: one rank in this process (debugging).")
+_LAUNCHER = typer.Option(
+    "deepspeed",
+    "--launcher",
+    help="deepspeed: training/pretrain.sh through the DeepSpeed launcher; none: one rank in this process (debugging).",
+)
 _NUM_GPUS = typer.Option(1, "--num-gpus", help="Ranks per node (CPU processes without a GPU).")
 _HOSTFILE = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for multi-node runs.")
 _OVERRIDES = typer.Argument(None, help="Config overrides, key=value (e.g. steps=50).")
@@ -77,12 +80,15 @@ def register(app: typer.Typer) -> None:
     @app.command("pack")
     def pack_cmd(
         config: str = typer.Argument(
-            "tiny_pretrain", help="Training YAML, or a recipe name in training/: its data settings decide the rows."),
+            "tiny_pretrain", help="Training YAML, or a recipe name in training/: its data settings decide the rows."
+        ),
         overrides: list[str] | None = _OVERRIDES,
         out: str = typer.Option(
-            ..., "--out", help="Output directory: packed-*.tar, index.json, text_tokenizer/, vocab.json."),
+            ..., "--out", help="Output directory: packed-*.tar, index.json, text_tokenizer/, vocab.json."
+        ),
         executor: str = typer.Option(
-            "local", "--executor", help="local (processes on this machine) or ray (Ray tasks)."),
+            "local", "--executor", help="local (processes on this machine) or ray (Ray tasks)."
+        ),
         workers: int = typer.Option(1, "--workers", help="Worker processes (local) or CPUs of a local Ray cluster."),
     ):
         """Pack code shards into ready-to-train rows, one packed shard per code shard, with the text
@@ -100,6 +106,8 @@ def register(app: typer.Typer) -> None:
 
         index = pack(config, list(overrides or []), out, executor=executor, workers=workers)
         t = index["totals"]["packing"]
-        typer.echo(f"{t['docs']} documents -> {t['rows']} rows of {t['seq_len']} tokens (fill {t['fill_rate']:.3f}) "
-                   f"in {len(index['shards'])} packed shards; {t['docs_dropped']} dropped (an item longer than a row); "
-                   f"{out}/index.json")
+        typer.echo(
+            f"{t['docs']} documents -> {t['rows']} rows of {t['seq_len']} tokens (fill {t['fill_rate']:.3f}) "
+            f"in {len(index['shards'])} packed shards; {t['docs_dropped']} dropped (an item longer than a row); "
+            f"{out}/index.json"
+        )

@@ -11,9 +11,11 @@ def register(app: typer.Typer) -> None:
     @app.command("train-quality")
     def train_quality_cmd(
         out: str = typer.Option(
-            ..., "--out", "-o", help="Output directory (quality_config.json + quality_model.safetensors)."),
+            ..., "--out", "-o", help="Output directory (quality_config.json + quality_model.safetensors)."
+        ),
         examples: int = typer.Option(
-            8000, "--examples", help="Generated ShapesWorld pairs to train on (four quality levels, balanced)."),
+            8000, "--examples", help="Generated ShapesWorld pairs to train on (four quality levels, balanced)."
+        ),
         epochs: int = typer.Option(30, "--epochs", help="Passes over the examples."),
         seed: int = typer.Option(0, "--seed", help="Seed for the examples and the initialisation."),
         image_size: int = typer.Option(32, "--image-size", help="Side the images are resized to."),

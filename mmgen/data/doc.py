@@ -51,8 +51,11 @@ class _Media:
         if self.data is None and self.path is None and self.url is None:
             raise ValueError(f"{type(self).__name__} needs data, path or url")
         if self.format is None:
-            self.format = ((sniff_format(self.data) if self.data is not None else None)
-                           or format_from_name(self.path) or format_from_name(self.url))
+            self.format = (
+                (sniff_format(self.data) if self.data is not None else None)
+                or format_from_name(self.path)
+                or format_from_name(self.url)
+            )
 
     @property
     def loaded(self) -> bool:
@@ -253,18 +256,30 @@ class Doc:
                 if member is not None:
                     if media is None or member not in media:
                         raise MediaError(f"{kind} member '{member}' is missing from the sample")
-                    items.append(MEDIA_TYPES[kind](data=media[member], path=entry.get("source_path"),
-                                                   format=entry.get("format"), meta=meta, url=entry.get("url")))
+                    items.append(
+                        MEDIA_TYPES[kind](
+                            data=media[member],
+                            path=entry.get("source_path"),
+                            format=entry.get("format"),
+                            meta=meta,
+                            url=entry.get("url"),
+                        )
+                    )
                 else:
                     path = entry.get("path")
                     if path and base_dir and not os.path.isabs(path) and not is_url(path):
                         path = os.path.join(base_dir, path)
-                    items.append(MEDIA_TYPES[kind](path=path, format=entry.get("format"), meta=meta,
-                                                   url=entry.get("url")))
+                    items.append(
+                        MEDIA_TYPES[kind](path=path, format=entry.get("format"), meta=meta, url=entry.get("url"))
+                    )
             else:
                 raise ValueError(f"unknown item type {kind!r}")
-        return cls(items=items, id=obj.get("id"), meta=dict(obj.get("meta") or {}),
-                   provenance=dict(obj.get("provenance") or {}))
+        return cls(
+            items=items,
+            id=obj.get("id"),
+            meta=dict(obj.get("meta") or {}),
+            provenance=dict(obj.get("provenance") or {}),
+        )
 
     def to_json_line(self) -> str:
         return json.dumps(self.to_json(), ensure_ascii=False)
@@ -284,10 +299,19 @@ class BadRecord:
 
     def to_json(self) -> dict:
         raw = self.raw.decode("utf-8", "replace") if isinstance(self.raw, bytes) else self.raw
-        return {"source": self.source, "line": self.line, "member": self.member,
-                "reason": self.reason, "detail": self.detail, "raw": raw}
+        return {
+            "source": self.source,
+            "line": self.line,
+            "member": self.member,
+            "reason": self.reason,
+            "detail": self.detail,
+            "raw": raw,
+        }
 
     def __str__(self) -> str:
-        where = self.source + (
-            f":{self.line}" if self.line is not None else "") + (f"[{self.member}]" if self.member else "")
+        where = (
+            self.source
+            + (f":{self.line}" if self.line is not None else "")
+            + (f"[{self.member}]" if self.member else "")
+        )
         return f"{where}: {self.reason}: {self.detail}"

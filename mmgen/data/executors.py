@@ -77,8 +77,9 @@ def map_in_order(executor: str, workers: int, fn, jobs: list[tuple], initializer
     import multiprocessing as mp
 
     # spawn: workers start clean (no inherited threads or open files), on every platform
-    pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_start_worker,
-                                        initargs=(initializer, initargs))
+    pool = mp.get_context("spawn").Pool(
+        min(workers, len(jobs)), initializer=_start_worker, initargs=(initializer, initargs)
+    )
     try:
         yield pool.imap(_call, [(fn, job) for job in jobs], chunksize=1)
     finally:
@@ -86,8 +87,9 @@ def map_in_order(executor: str, workers: int, fn, jobs: list[tuple], initializer
         pool.join()
 
 
-def map_resumable(executor: str, workers: int, fn, jobs: list[tuple], markers: list, same_work, desc: str,
-                  progress: bool = True) -> tuple[list, int]:
+def map_resumable(
+    executor: str, workers: int, fn, jobs: list[tuple], markers: list, same_work, desc: str, progress: bool = True
+) -> tuple[list, int]:
     """``fn(*job)`` for every job whose done marker (a JSON file ``fn`` writes, equal to its return value)
     is missing, the markers' entries for the rest: all entries in job order. ``same_work(i, entry)``
     says whether a marker left by an earlier run was made by the same job; a marker that was not stops
@@ -102,8 +104,10 @@ def map_resumable(executor: str, workers: int, fn, jobs: list[tuple], markers: l
         if marker.is_file():
             entry = json.loads(marker.read_text())
             if not same_work(i, entry):
-                raise MMGenError(f"{marker.parent} holds output of other inputs or settings ({marker}); "
-                                 "write into a fresh --out directory")
+                raise MMGenError(
+                    f"{marker.parent} holds output of other inputs or settings ({marker}); "
+                    "write into a fresh --out directory"
+                )
             entries[i] = entry
     todo = [i for i in range(len(jobs)) if i not in entries]
     with map_in_order(executor, workers, fn, [jobs[i] for i in todo]) as results:
@@ -116,14 +120,21 @@ def map_resumable(executor: str, workers: int, fn, jobs: list[tuple], markers: l
 
 
 @contextlib.contextmanager
-def results_in_order(executor: str, workers: int, recipe_data: dict, ops, units: list,
-                     read_opts: dict) -> Iterator[Iterator[list]]:
+def results_in_order(
+    executor: str, workers: int, recipe_data: dict, ops, units: list, read_opts: dict
+) -> Iterator[Iterator[list]]:
     """An iterator over ``process_unit`` results of ``units``, in order; workers are stopped on exit."""
     if executor == "local" and (workers <= 1 or len(units) <= 1):
         yield (process_unit(ops, u, read_opts) for u in units)  # the operators already built here
         return
-    with map_in_order(executor, workers, run_one, [(recipe_data, u, read_opts) for u in units],
-                      initializer=_init_worker if executor == "local" else None, initargs=(recipe_data,)) as it:
+    with map_in_order(
+        executor,
+        workers,
+        run_one,
+        [(recipe_data, u, read_opts) for u in units],
+        initializer=_init_worker if executor == "local" else None,
+        initargs=(recipe_data,),
+    ) as it:
         yield it
 
 
@@ -136,8 +147,13 @@ def _ray_map(workers: int, fn, jobs: list[tuple]):
     started = not ray.is_initialized()
     if started:
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=address,
+            num_cpus=None if address else workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     task = ray.remote(num_cpus=1)(fn)
 
     def gen():

@@ -59,8 +59,9 @@ def input_docs(input, input_format: str):
         yield from read_input(path, input_format)
 
 
-def download_problem(data: bytes, kind: str, max_bytes: int | None, min_image_size: int,
-           max_aspect_ratio: float | None) -> str | None:
+def download_problem(
+    data: bytes, kind: str, max_bytes: int | None, min_image_size: int, max_aspect_ratio: float | None
+) -> str | None:
     """Why the downloaded bytes are not acceptable, or None. An image goes through
     :func:`mmgen.data.media.open_image` (header only: an image over the pixel limit, which
     :func:`fetch` sets from ``max_image_area``, is refused before it is decoded), then
@@ -97,7 +98,7 @@ def _waves(urls: list[str], per_host_rate: float | None) -> tuple[list[list[str]
     for u in urls:
         by_host[urlsplit(u).netloc.lower()].append(u)
     n_waves = max(math.ceil(len(v) / per_wave) for v in by_host.values()) if by_host else 0
-    waves = [[u for v in by_host.values() for u in v[w * per_wave:(w + 1) * per_wave]] for w in range(n_waves)]
+    waves = [[u for v in by_host.values() for u in v[w * per_wave : (w + 1) * per_wave]] for w in range(n_waves)]
     return waves, period
 
 
@@ -128,8 +129,16 @@ def _collect(runs: list[Path], found: dict[str, dict] | None = None) -> dict[str
     return found
 
 
-def download_urls(urls: list[str], folder: Path, timeout: float, retries: int, threads: int, processes: int,
-              shard_size: int, user_agent_token: str | None) -> None:
+def download_urls(
+    urls: list[str],
+    folder: Path,
+    timeout: float,
+    retries: int,
+    threads: int,
+    processes: int,
+    shard_size: int,
+    user_agent_token: str | None,
+) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations: no network check
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -138,25 +147,53 @@ def download_urls(urls: list[str], folder: Path, timeout: float, retries: int, t
     folder.mkdir(parents=True, exist_ok=True)
     url_list = folder.parent / f"{folder.name}.urls.parquet"
     pq.write_table(pa.table({"url": urls}), url_list)
-    download(url_list=str(url_list), input_format="parquet", url_col="url", output_folder=str(folder),
-             output_format="files", processes_count=processes, thread_count=threads, timeout=timeout,
-             retries=retries, number_sample_per_shard=shard_size, resize_mode="no", disable_all_reencoding=True,
-             extract_exif=False, compute_hash=None, enable_wandb=False, incremental_mode="incremental",
-             user_agent_token=user_agent_token, disallowed_header_directives=["noai", "noimageai"])
+    download(
+        url_list=str(url_list),
+        input_format="parquet",
+        url_col="url",
+        output_folder=str(folder),
+        output_format="files",
+        processes_count=processes,
+        thread_count=threads,
+        timeout=timeout,
+        retries=retries,
+        number_sample_per_shard=shard_size,
+        resize_mode="no",
+        disable_all_reencoding=True,
+        extract_exif=False,
+        compute_hash=None,
+        enable_wandb=False,
+        incremental_mode="incremental",
+        user_agent_token=user_agent_token,
+        disallowed_header_directives=["noai", "noimageai"],
+    )
 
 
-def fetch(input, out, input_format: str = "auto", output_format: str = "mmgen", timeout: float = 10,
-          retries: int = 0, threads: int = 16, processes: int = 1, shard_size: int = 1000,
-          max_bytes: int | None = 64 << 20, min_image_size: int = 0, max_image_area: float | None = 178956970,
-          max_aspect_ratio: float | None = None, per_host_rate: float | None = None,
-          user_agent_token: str | None = "mmgen", progress: bool = True) -> dict:
+def fetch(
+    input,
+    out,
+    input_format: str = "auto",
+    output_format: str = "mmgen",
+    timeout: float = 10,
+    retries: int = 0,
+    threads: int = 16,
+    processes: int = 1,
+    shard_size: int = 1000,
+    max_bytes: int | None = 64 << 20,
+    min_image_size: int = 0,
+    max_image_area: float | None = 178956970,
+    max_aspect_ratio: float | None = None,
+    per_host_rate: float | None = None,
+    user_agent_token: str | None = "mmgen",
+    progress: bool = True,
+) -> dict:
     """Download every URL medium of the documents in ``input`` into ``out`` (see the module docstring).
 
-    ``timeout``: seconds a connection may stay silent; ``max_bytes``, ``min_image_size`` (shorter side,
-    pixels), ``max_image_area`` (pixels; twice Pillow's warning threshold by default, None: no limit; checked
-on the header, before decoding), ``max_aspect_ratio``:
-    limits a download must meet; ``per_host_rate``: requests per second to one host at most (None: no
-    limit). Rerunning with the same ``out`` resumes: nothing fetched before is fetched again."""
+        ``timeout``: seconds a connection may stay silent; ``max_bytes``, ``min_image_size`` (shorter side,
+        pixels), ``max_image_area`` (pixels; twice Pillow's warning threshold by default, None: no limit; checked
+    on the header, before decoding), ``max_aspect_ratio``:
+        limits a download must meet; ``per_host_rate``: requests per second to one host at most (None: no
+        limit). Rerunning with the same ``out`` resumes: nothing fetched before is fetched again."""
     writer = format_module(output_format)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,8 +218,16 @@ on the header, before decoding), ``max_aspect_ratio``:
     run = max(done_runs, default=-1) + 1
     for w, wave in enumerate(waves):
         start = time.monotonic()
-        download_urls(wave, download_dir / f"run{run:03d}-{w:05d}", timeout, retries, threads, processes, shard_size,
-                  user_agent_token)
+        download_urls(
+            wave,
+            download_dir / f"run{run:03d}-{w:05d}",
+            timeout,
+            retries,
+            threads,
+            processes,
+            shard_size,
+            user_agent_token,
+        )
         if w + 1 < len(waves):
             time.sleep(max(0.0, period - (time.monotonic() - start)))
     _collect([download_dir / f"run{run:03d}-{w:05d}" for w in range(len(waves))], found)  # this run's folders
@@ -224,24 +269,42 @@ on the header, before decoding), ``max_aspect_ratio``:
     with open(failures_path, "w", encoding="utf-8") as f:
         for url, (data, why) in result.items():
             if data is None:
-                f.write(json.dumps({"url": url, "kind": wanted[url], "reason": why, "docs": users[url]},
-                                   ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps({"url": url, "kind": wanted[url], "reason": why, "docs": users[url]}, ensure_ascii=False)
+                    + "\n"
+                )
     target = out / "shards" if writer.__name__.endswith(".wds") else out / "docs.jsonl"
     with open(out / "errors.jsonl", "w", encoding="utf-8") as errors:
         # the unreadable input records and the documents the writer refuses, in input order, with reasons
-        counts = write_records(records, target, output_format,
-                               on_bad=lambda b: errors.write(json.dumps(b.to_json(), ensure_ascii=False) + "\n"))
+        counts = write_records(
+            records,
+            target,
+            output_format,
+            on_bad=lambda b: errors.write(json.dumps(b.to_json(), ensure_ascii=False) + "\n"),
+        )
     n_failed = sum(1 for data, _ in result.values() if data is None)
     reasons: dict[str, int] = defaultdict(int)
     for data, why in result.values():
         if data is None:
             reasons[why.split(" (")[0].split(":")[0]] += 1
     summary = {
-        "input": str(input), "output": str(target), "records": len(records), "docs": len(docs), "bad": len(bad),
-        "written": counts["written"], "urls": len(wanted), "fetched": len(wanted) - n_failed, "failed": n_failed,
-        "already_fetched": previously, "downloaded_now": len(todo), "media_refs": n_fetched_items + n_failed_items,
-        "media_fetched": n_fetched_items, "media_failed": n_failed_items, "failure_reasons": dict(reasons),
-        "waves": len(waves), "failures_path": str(failures_path),
+        "input": str(input),
+        "output": str(target),
+        "records": len(records),
+        "docs": len(docs),
+        "bad": len(bad),
+        "written": counts["written"],
+        "urls": len(wanted),
+        "fetched": len(wanted) - n_failed,
+        "failed": n_failed,
+        "already_fetched": previously,
+        "downloaded_now": len(todo),
+        "media_refs": n_fetched_items + n_failed_items,
+        "media_fetched": n_fetched_items,
+        "media_failed": n_failed_items,
+        "failure_reasons": dict(reasons),
+        "waves": len(waves),
+        "failures_path": str(failures_path),
     }
     assert summary["urls"] == summary["fetched"] + summary["failed"], summary
     assert summary["records"] == summary["written"] + counts["bad"], summary

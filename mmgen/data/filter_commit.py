@@ -54,8 +54,17 @@ def _stat_rows(doc_id: str, status: str, stats: dict) -> list[tuple]:
                 if isinstance(v, bool) or isinstance(v, (int, float)):
                     rows.append((doc_id, status, item, op, name, float(v), None))
                 else:
-                    rows.append((doc_id, status, item, op, name, None,
-                                 v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)))
+                    rows.append(
+                        (
+                            doc_id,
+                            status,
+                            item,
+                            op,
+                            name,
+                            None,
+                            v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str),
+                        )
+                    )
     return rows
 
 
@@ -79,8 +88,17 @@ class ShardCommit:
     run's; they go to ``pass1/`` with a row per document (``pass1/KKKKK.jsonl``: id and where it came
     from) for :class:`SelectCommit` to decide on once the selection is fixed."""
 
-    def __init__(self, out: Path, k: int, ops: list[Op], shard_size: int, dry_run: bool, save_media: bool,
-                 staged: bool = False, tmp_root: str = "tmp"):
+    def __init__(
+        self,
+        out: Path,
+        k: int,
+        ops: list[Op],
+        shard_size: int,
+        dry_run: bool,
+        save_media: bool,
+        staged: bool = False,
+        tmp_root: str = "tmp",
+    ):
         self.out, self.k, self.ops, self.shard_size, self.dry_run = out, k, ops, shard_size, dry_run
         self.save_media, self.staged = save_media, staged
         self.stateful = [o for o in ops if o.stateful]
@@ -94,11 +112,18 @@ class ShardCommit:
         self.stat_rows: list[tuple] = []
         self.observed = open(self.tmp / "observed.jsonl", "w", encoding="utf-8") if staged else None
         self.writer = None
-        self.c: dict[str, Any] = {"input": 0, "kept": 0, "rejected": 0, "quarantined": 0,
-                                  "kept_with_nodes_removed": 0, "nodes_removed": 0, "nodes_quarantined": 0,
-                                  "media_not_fetched": 0, "by_op": {},
-                                  "reasons": {"rejected": {}, "quarantined": {}, "nodes_removed": {},
-                                              "nodes_quarantined": {}}}
+        self.c: dict[str, Any] = {
+            "input": 0,
+            "kept": 0,
+            "rejected": 0,
+            "quarantined": 0,
+            "kept_with_nodes_removed": 0,
+            "nodes_removed": 0,
+            "nodes_quarantined": 0,
+            "media_not_fetched": 0,
+            "by_op": {},
+            "reasons": {"rejected": {}, "quarantined": {}, "nodes_removed": {}, "nodes_quarantined": {}},
+        }
 
     def _bump(self, op: str, what: str, reason: str) -> None:
         by = self.c["by_op"].setdefault(op, {})
@@ -168,8 +193,9 @@ class ShardCommit:
             self.observed.write(json_line({"id": doc.id, "base": base, "lost_items": bool(events)}))
         if not self.dry_run:
             if self.writer is None:
-                self.writer = ShardWriter(self.tmp / "shards", prefix=f"part-{self.tag}", max_docs=self.shard_size,
-                                          mtime=0)
+                self.writer = ShardWriter(
+                    self.tmp / "shards", prefix=f"part-{self.tag}", max_docs=self.shard_size, mtime=0
+                )
             pre = res.get("sample")
             if pre is not None and list(pre[0]) == view.alive:  # dedup removed nothing since the worker
                 self.writer.write_sample(doc, pre[1])
@@ -215,8 +241,7 @@ class ShardCommit:
             os.replace(self.tmp / "quarantine.jsonl", self.out / "quarantine" / f"{self.tag}.jsonl")
             if (self.tmp / "media").exists():
                 os.replace(self.tmp / "media", self.out / "rejects" / "media" / self.tag)
-        write_json(self.out / "state" / f"{self.tag}.json",
-                   {op.label: op.state_delta() for op in self.stateful})
+        write_json(self.out / "state" / f"{self.tag}.json", {op.label: op.state_delta() for op in self.stateful})
         write_json(self.out / "done" / f"{self.tag}.json", self.c)  # last: marks the input finished
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.c
@@ -231,8 +256,9 @@ class SelectCommit(ShardCommit):
     ``rejects/KKKKK.select.jsonl``, the stats rows' status, and ``done2/KKKKK.json`` (the input's final
     counts) last."""
 
-    def __init__(self, out: Path, k: int, selectors: list[Op], pass1: dict, shard_size: int, dry_run: bool,
-                 save_media: bool):
+    def __init__(
+        self, out: Path, k: int, selectors: list[Op], pass1: dict, shard_size: int, dry_run: bool, save_media: bool
+    ):
         super().__init__(out, k, selectors, shard_size, dry_run, save_media, tmp_root="tmp2")
         self.selectors = selectors
         self.c = json.loads(json.dumps(pass1))
@@ -246,8 +272,11 @@ class SelectCommit(ShardCommit):
             return
         import tarfile
 
-        samples = (smp for p in sorted((self.out / "pass1").glob(f"part-{self.tag}-*.tar"))
-                   for smp in tar_samples(tarfile.open(p, "r|"), str(p)))
+        samples = (
+            smp
+            for p in sorted((self.out / "pass1").glob(f"part-{self.tag}-*.tar"))
+            for smp in tar_samples(tarfile.open(p, "r|"), str(p))
+        )
         for r, smp in zip(rows, samples, strict=True):
             doc = sample_to_doc(smp)
             if doc.id != r["id"]:
@@ -271,8 +300,9 @@ class SelectCommit(ShardCommit):
                 continue
             if not self.dry_run:
                 if self.writer is None:
-                    self.writer = ShardWriter(self.tmp / "shards", prefix=f"part-{self.tag}",
-                                              max_docs=self.shard_size, mtime=0)
+                    self.writer = ShardWriter(
+                        self.tmp / "shards", prefix=f"part-{self.tag}", max_docs=self.shard_size, mtime=0
+                    )
                 self.writer.write_sample(doc, {k: v for k, v in sample.items() if k != "__key__"})
             maybe_die()
         return self.finish()
@@ -307,8 +337,10 @@ class SelectCommit(ShardCommit):
             return
         path = self.out / "stats" / f"{self.tag}.parquet"
         t = pq.read_table(path)
-        status = ["rejected" if i in self.rejected_ids else s
-                  for i, s in zip(t.column("id").to_pylist(), t.column("status").to_pylist())]
+        status = [
+            "rejected" if i in self.rejected_ids else s
+            for i, s in zip(t.column("id").to_pylist(), t.column("status").to_pylist())
+        ]
         t = t.set_column(t.schema.get_field_index("status"), "status", pa.array(status, type=pa.string()))
         tmp = self.tmp / "stats.parquet"
         pq.write_table(t, tmp, compression="zstd")

@@ -33,8 +33,13 @@ from mmgen.errors import MediaError, MMGenError
 INPUT_FORMATS = ("auto", "wds", "mmgen", "obelics", "mmc4", "dj", "llava")
 
 # Checked in order: the first key present in a record names its format.
-_SIGNATURE_KEYS = (("items", "mmgen"), ("texts", "obelics"), ("text_list", "mmc4"),
-                   ("conversations", "llava"), ("text", "dj"))
+_SIGNATURE_KEYS = (
+    ("items", "mmgen"),
+    ("texts", "obelics"),
+    ("text_list", "mmc4"),
+    ("conversations", "llava"),
+    ("text", "dj"),
+)
 
 
 def detect_format(record: dict) -> str | None:
@@ -167,20 +172,25 @@ def _parquet_units(path: str, fmt: str, unit_bytes: int) -> list[WorkUnit]:
     return units or [WorkUnit(path, "parquet", fmt)]
 
 
-def read_unit(unit: WorkUnit, media_root: str | None = None,
-              allow_outside_root: bool = False) -> Iterator[Doc | BadRecord]:
+def read_unit(
+    unit: WorkUnit, media_root: str | None = None, allow_outside_root: bool = False
+) -> Iterator[Doc | BadRecord]:
     """Docs and BadRecords of one work unit, in file order."""
     if unit.kind == "tar":
-        yield from read_shard(unit.path, media_root=media_root, allow_outside_root=allow_outside_root,
-                              compression=unit.compression)
+        yield from read_shard(
+            unit.path, media_root=media_root, allow_outside_root=allow_outside_root, compression=unit.compression
+        )
         return
     if unit.kind == "parquet":
         yield from _read_parquet(unit, media_root, allow_outside_root)
         return
     if unit.fmt is None:
-        yield BadRecord(source=unit.path, reason="unknown_format",
-                        detail="no record has a field that names its format (items, texts, text_list, conversations "
-                               "or text); pass --input-format")
+        yield BadRecord(
+            source=unit.path,
+            reason="unknown_format",
+            detail="no record has a field that names its format (items, texts, text_list, conversations "
+            "or text); pass --input-format",
+        )
         return
     opts = {"media_root": media_root, "allow_outside_root": allow_outside_root, "kind": unit.input_kind}
     if unit.end is not None:
@@ -190,8 +200,9 @@ def read_unit(unit: WorkUnit, media_root: str | None = None,
     yield from format_module(unit.fmt).read(unit.path, **opts)
 
 
-def _read_parquet(unit: WorkUnit, media_root: str | None = None, allow_outside_root: bool = False,
-                  batch_rows: int = 256) -> Iterator[Doc | BadRecord]:
+def _read_parquet(
+    unit: WorkUnit, media_root: str | None = None, allow_outside_root: bool = False, batch_rows: int = 256
+) -> Iterator[Doc | BadRecord]:
     """Rows of a parquet file (the unit's row groups) as records of a converter format (OBELICS on the
     Hub is parquet)."""
     import pyarrow.parquet as pq
@@ -226,24 +237,37 @@ def _read_parquet(unit: WorkUnit, media_root: str | None = None, allow_outside_r
                     yield ctx.bad("missing_media", str(e), _raw(rec))
                     continue
                 except (
-                    TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError, OverflowError) as e:
+                    TypeError,
+                    ValueError,
+                    KeyError,
+                    AttributeError,
+                    IndexError,
+                    RecursionError,
+                    OverflowError,
+                ) as e:
                     yield ctx.bad("bad_schema", f"{type(e).__name__}: {str(e)[:200]}", _raw(rec))
                     continue
                 doc.provenance.setdefault("source", path)
                 doc.provenance.setdefault("line", row)
                 yield doc
     except Exception as e:  # noqa: BLE001 - a damaged row group: keep the rows before it
-        yield BadRecord(source=path, reason="corrupt_parquet", line=row + 1,
-                        detail=f"unreadable after row {row}: {type(e).__name__}: {e}")
+        yield BadRecord(
+            source=path,
+            reason="corrupt_parquet",
+            line=row + 1,
+            detail=f"unreadable after row {row}: {type(e).__name__}: {e}",
+        )
 
 
 def _raw(rec: dict) -> str:
     return json.dumps(
-        rec, ensure_ascii=False, default=lambda b: f"<{len(b)} bytes>" if isinstance(b, bytes) else str(b))
+        rec, ensure_ascii=False, default=lambda b: f"<{len(b)} bytes>" if isinstance(b, bytes) else str(b)
+    )
 
 
-def read_input(path: str, fmt: str = "auto", media_root: str | None = None,
-               allow_outside_root: bool = False) -> Iterator[Doc | BadRecord]:
+def read_input(
+    path: str, fmt: str = "auto", media_root: str | None = None, allow_outside_root: bool = False
+) -> Iterator[Doc | BadRecord]:
     """Docs and BadRecords of one input file, in file order."""
     for unit in plan_units([path], fmt, unit_bytes=sys.maxsize):  # no file is cut: one unit each
         yield from read_unit(unit, media_root, allow_outside_root)

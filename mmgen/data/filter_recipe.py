@@ -75,15 +75,19 @@ def build_ops(recipe: Recipe) -> list[Op]:
     first_stateful = next((i for i, o in enumerate(ops) if o.stateful), len(ops))
     late = next((o for o in ops[first_stateful:] if not o.stateful), None)
     if late is not None:
-        raise MMGenError(f"recipe '{recipe.name}': '{late.label}' comes after deduplication op "
-                         f"'{ops[first_stateful].label}'; move deduplication ops to the end of the recipe")
+        raise MMGenError(
+            f"recipe '{recipe.name}': '{late.label}' comes after deduplication op "
+            f"'{ops[first_stateful].label}'; move deduplication ops to the end of the recipe"
+        )
     # A selector must see documents in their final state: a dedup op after it would index the hashes
     # of documents that the selection later drops, and reject their copies for nothing.
     first_sel = next((i for i, o in enumerate(ops) if getattr(o, "selector", False)), len(ops))
     late = next((o for o in ops[first_sel:] if not getattr(o, "selector", False)), None)
     if late is not None:
-        raise MMGenError(f"recipe '{recipe.name}': '{late.label}' comes after selector '{ops[first_sel].label}'; "
-                         "selectors (top_k, top_fraction, source_quota) go at the very end of the recipe")
+        raise MMGenError(
+            f"recipe '{recipe.name}': '{late.label}' comes after selector '{ops[first_sel].label}'; "
+            "selectors (top_k, top_fraction, source_quota) go at the very end of the recipe"
+        )
     return ops
 
 

@@ -24,8 +24,11 @@ def thresholds(op) -> dict[str, list[tuple[str, float]]]:
 
     An op may say it outright with a ``thresholds`` mapping {stat: [param, ...]}; otherwise a
     parameter ``max_special_ratio`` belongs to a stat named ``special_ratio`` (or ending in it)."""
-    params = {f.name: getattr(op.params, f.name) for f in dataclasses.fields(op.params)} \
-        if dataclasses.is_dataclass(op.params) else {}
+    params = (
+        {f.name: getattr(op.params, f.name) for f in dataclasses.fields(op.params)}
+        if dataclasses.is_dataclass(op.params)
+        else {}
+    )
     numeric = {k: v for k, v in params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     explicit = getattr(op, "thresholds", None)
     if isinstance(explicit, dict):
@@ -86,8 +89,15 @@ def _plot(values_by_status: dict, lines: list, title: str, path: Path) -> None:
     for name, t in lines:
         if lo <= t <= hi:
             ax.axvline(t, color="black", linestyle="--", linewidth=1.2)
-            ax.annotate(f"{name} = {t:g}", (t, 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=8)
+            ax.annotate(
+                f"{name} = {t:g}",
+                (t, 1),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=8,
+            )
     if base.max() > 20 * max(1.0, float(np.median(base))):
         ax.set_yscale("log")
         ax.set_ylim(bottom=0.8)
@@ -168,19 +178,30 @@ def _kept_examples(out: Path, n: int = EXAMPLES_PER_REASON) -> list[str]:
 
 
 def counts_markdown(s: dict) -> list[str]:
-    lines = [f"# Filter report: {s['recipe']}", "",
-             f"{s['inputs']} input files, {s['input']} documents: **{s['kept']} kept**, {s['rejected']} rejected, "
-             f"{s['quarantined']} quarantined (input = kept + rejected + quarantined: "
-             f"{'yes' if s['balanced'] else 'NO'}).",
-             f"{s['kept_with_nodes_removed']} kept documents lost items: {s['nodes_removed']} removed, "
-             f"{s['nodes_quarantined']} quarantined." + (" Dry run: no shards written." if s["dry_run"] else "")
-             + (f" {s['media_not_fetched']} media URLs in kept documents were not fetched: kept as references, "
-                "judged by no pixel operator (`mmgen fetch` downloads them)." if s.get("media_not_fetched") else ""),
-             "", "| operator | level | docs rejected | docs quarantined | nodes removed | nodes quarantined |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# Filter report: {s['recipe']}",
+        "",
+        f"{s['inputs']} input files, {s['input']} documents: **{s['kept']} kept**, {s['rejected']} rejected, "
+        f"{s['quarantined']} quarantined (input = kept + rejected + quarantined: "
+        f"{'yes' if s['balanced'] else 'NO'}).",
+        f"{s['kept_with_nodes_removed']} kept documents lost items: {s['nodes_removed']} removed, "
+        f"{s['nodes_quarantined']} quarantined."
+        + (" Dry run: no shards written." if s["dry_run"] else "")
+        + (
+            f" {s['media_not_fetched']} media URLs in kept documents were not fetched: kept as references, "
+            "judged by no pixel operator (`mmgen fetch` downloads them)."
+            if s.get("media_not_fetched")
+            else ""
+        ),
+        "",
+        "| operator | level | docs rejected | docs quarantined | nodes removed | nodes quarantined |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for op, c in s["per_op"].items():
-        lines.append(f"| {op} | {s['levels'].get(op, '-')} | {c['rejected']} | {c['quarantined']} | "
-                     f"{c['nodes_removed']} | {c['nodes_quarantined']} |")
+        lines.append(
+            f"| {op} | {s['levels'].get(op, '-')} | {c['rejected']} | {c['quarantined']} | "
+            f"{c['nodes_removed']} | {c['nodes_quarantined']} |"
+        )
     lines += ["", "| outcome | reason | count |", "| --- | --- | ---: |"]
     for what, d in s["per_reason"].items():
         for reason, n in d.items():
@@ -193,9 +214,14 @@ def write_report(out_dir, summary: dict, ops) -> Path:
     lines = counts_markdown(summary)
     plots = write_plots(out, ops)
     if plots:
-        lines += ["", "## Statistics", "",
-                  "Every operator's statistic over all documents (items for node-level operators), stacked by "
-                  "the document's fate; dashed lines are the recipe's thresholds. Raw values: `stats/*.parquet`.", ""]
+        lines += [
+            "",
+            "## Statistics",
+            "",
+            "Every operator's statistic over all documents (items for node-level operators), stacked by "
+            "the document's fate; dashed lines are the recipe's thresholds. Raw values: `stats/*.parquet`.",
+            "",
+        ]
         lines += [f"### {op} / {stat}\n\n![{op} {stat}]({png})\n" for op, stat, png in plots]
     examples = _examples(out)
     if examples:
@@ -204,8 +230,10 @@ def write_report(out_dir, summary: dict, ops) -> Path:
             lines += [f"### {key}", "", "| id | level | item | excerpt | stats |", "| --- | --- | ---: | --- | --- |"]
             for r in recs:
                 stats = json.dumps(r.get("stats") or r.get("detail") or {}, sort_keys=True)[:120].replace("|", "\\|")
-                lines.append(f"| {r.get('id', r.get('source', ''))} | {r.get('level')} | {r.get('item', '')} | "
-                             f"{_excerpt(r)} | {stats} |")
+                lines.append(
+                    f"| {r.get('id', r.get('source', ''))} | {r.get('level')} | {r.get('item', '')} | "
+                    f"{_excerpt(r)} | {stats} |"
+                )
             lines.append("")
     kept = _kept_examples(out)
     if kept:

@@ -79,15 +79,32 @@ def process_doc(ops: list[Op], doc: Doc) -> dict:
                 except NotFetchedError:
                     continue  # judged by nothing: decide() sees no signature, as for a short doc
                 except MediaError as e:
-                    fate = {"op": op.label, "reason": e.reason, "item": None,
-                            "stats": {"error": error_text(e)}, "status": "quarantined"}
+                    fate = {
+                        "op": op.label,
+                        "reason": e.reason,
+                        "item": None,
+                        "stats": {"error": error_text(e)},
+                        "status": "quarantined",
+                    }
                     break
                 except Exception as e:  # noqa: BLE001 - one odd document never stops a run
-                    fate = {"op": op.label, "reason": "op_error", "item": None,
-                            "stats": {"error": f"{type(e).__name__}: {error_text(e)}"}, "status": "quarantined"}
+                    fate = {
+                        "op": op.label,
+                        "reason": "op_error",
+                        "item": None,
+                        "stats": {"error": f"{type(e).__name__}: {error_text(e)}"},
+                        "status": "quarantined",
+                    }
                     break
-    return {"doc": doc, "alive": view.alive, "stats": stats, "events": events, "fate": fate, "sigs": sigs,
-            "sample": encode_view(view) if fate is None else None}
+    return {
+        "doc": doc,
+        "alive": view.alive,
+        "stats": stats,
+        "events": events,
+        "fate": fate,
+        "sigs": sigs,
+        "sample": encode_view(view) if fate is None else None,
+    }
 
 
 def encode_view(view: DocView) -> tuple | None:
@@ -111,9 +128,16 @@ def process_unit(ops: list[Op], unit, read_opts: dict | None = None) -> list:
         except StopIteration:
             break
         except Exception as e:  # noqa: BLE001 - a reader fault is quarantined with the unit's place, the run goes on
-            out.append(("bad", BadRecord(source=unit.path, reason="reader_error",
-                                         detail=f"{type(e).__name__}: {error_text(e)}; rest of the unit not "
-                                                f"read").to_json()))
+            out.append(
+                (
+                    "bad",
+                    BadRecord(
+                        source=unit.path,
+                        reason="reader_error",
+                        detail=f"{type(e).__name__}: {error_text(e)}; rest of the unit not read",
+                    ).to_json(),
+                )
+            )
             break
         if isinstance(rec, BadRecord):
             out.append(("bad", rec.to_json()))
@@ -122,7 +146,16 @@ def process_unit(ops: list[Op], unit, read_opts: dict | None = None) -> list:
             out.append(("doc", process_doc(ops, rec)))
         except Exception as e:  # noqa: BLE001 - e.g. metadata no JSON can hold: quarantined, never fatal
             where = {k: v for k, v in rec.provenance.items() if k in ("line", "member")}
-            out.append(("bad", BadRecord(source=unit.path, reason="op_error", line=where.get("line"),
-                                         member=where.get("member"),
-                                         detail=f"{type(e).__name__}: {error_text(e)}").to_json()))
+            out.append(
+                (
+                    "bad",
+                    BadRecord(
+                        source=unit.path,
+                        reason="op_error",
+                        line=where.get("line"),
+                        member=where.get("member"),
+                        detail=f"{type(e).__name__}: {error_text(e)}",
+                    ).to_json(),
+                )
+            )
     return out

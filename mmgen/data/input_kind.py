@@ -21,8 +21,18 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PARQUET_MAGIC = b"PAR1"
 # The names a directory input is searched for (content decides what each file is).
-INPUT_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz",
-              ".parquet")
+INPUT_EXTS = (
+    ".tar",
+    ".tar.gz",
+    ".tgz",
+    ".tar.zst",
+    ".jsonl",
+    ".jsonl.gz",
+    ".jsonl.zst",
+    ".json",
+    ".json.gz",
+    ".parquet",
+)
 
 
 @dataclass(frozen=True)
@@ -91,9 +101,11 @@ def sniff_input(path: str) -> InputKind:
     if not compression and tarfile.is_tarfile(path):  # an old (v7) tar without the ustar magic
         return InputKind("tar")
     start = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
-    if b"\x00" not in head[:1024 if compression else 512] or start in (b"{", b"["):
+    if b"\x00" not in head[: 1024 if compression else 512] or start in (b"{", b"["):
         # text: jsonl, whatever its first line holds (a damaged line is quarantined as bad_json)
         return InputKind("jsonl", compression, array=start == b"[")
     shown = head[:12]
-    raise MMGenError(f"input {path} is not jsonl, parquet or a tar shard (its {'decompressed ' if compression else ''}"
-                     f"content starts with {shown!r}); pass only corpus files")
+    raise MMGenError(
+        f"input {path} is not jsonl, parquet or a tar shard (its {'decompressed ' if compression else ''}"
+        f"content starts with {shown!r}); pass only corpus files"
+    )

@@ -42,8 +42,11 @@ def max_image_pixels() -> int:
 def check_pixels(width: int, height: int, name: str | None = None, what: str = "image") -> None:
     limit = _limits["pixels"]
     if width * height > limit:
-        raise MediaError(f"{what} of {width}x{height} = {width * height:,} pixels is over the limit of {limit:,} "
-                         f"({name or 'embedded'}; raise max_image_pixels to allow it)", reason="too_many_pixels")
+        raise MediaError(
+            f"{what} of {width}x{height} = {width * height:,} pixels is over the limit of {limit:,} "
+            f"({name or 'embedded'}; raise max_image_pixels to allow it)",
+            reason="too_many_pixels",
+        )
 
 
 def open_image(data: bytes, name: str | None = None, declared: str | None = None):
@@ -174,8 +177,13 @@ def probe_video(data: bytes, name: str | None = None) -> dict:
                 raise MediaError(f"no video stream in {name or 'embedded media'}")
             check_pixels(stream.width or 0, stream.height or 0, name, what="video frame")
             duration = float(stream.duration * stream.time_base) if stream.duration else (box.duration or 0) / 1e6
-            return {"duration": duration, "fps": float(stream.average_rate or 0), "width": stream.width,
-                    "height": stream.height, "frames": int(stream.frames or 0)}
+            return {
+                "duration": duration,
+                "fps": float(stream.average_rate or 0),
+                "width": stream.width,
+                "height": stream.height,
+                "frames": int(stream.frames or 0),
+            }
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001

@@ -7,10 +7,25 @@ import re
 
 # File extension -> canonical format name, for media identified by path or by sniffing.
 _EXT_FORMAT = {
-    "jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp",
-    "tif": "tiff", "tiff": "tiff",
-    "wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mp3", "opus": "opus", "m4a": "m4a",
-    "mp4": "mp4", "avi": "avi", "mov": "mov", "mkv": "mkv", "webm": "webm",
+    "jpg": "jpeg",
+    "jpeg": "jpeg",
+    "png": "png",
+    "webp": "webp",
+    "gif": "gif",
+    "bmp": "bmp",
+    "tif": "tiff",
+    "tiff": "tiff",
+    "wav": "wav",
+    "flac": "flac",
+    "ogg": "ogg",
+    "mp3": "mp3",
+    "opus": "opus",
+    "m4a": "m4a",
+    "mp4": "mp4",
+    "avi": "avi",
+    "mov": "mov",
+    "mkv": "mkv",
+    "webm": "webm",
 }
 _FORMAT_EXT = {"jpeg": "jpg", "tiff": "tif"}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")

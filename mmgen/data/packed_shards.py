@@ -30,8 +30,13 @@ import numpy as np
 from mmgen.data.code_shards import load_npy
 from mmgen.errors import MMGenError
 
-ROW_ARRAYS = {"input_ids": np.int32, "labels": np.int32, "position_ids": np.int32, "segment_ids": np.int16,
-              "cond_mask": np.bool_}
+ROW_ARRAYS = {
+    "input_ids": np.int32,
+    "labels": np.int32,
+    "position_ids": np.int32,
+    "segment_ids": np.int16,
+    "cond_mask": np.bool_,
+}
 INDEX = "index.json"
 
 

@@ -44,13 +44,22 @@ class PackStats:
     @classmethod
     def total(cls, stats: list[dict], seq_len: int) -> PackStats:
         """The sum of several packings' counts (their :meth:`to_dict`), into rows of ``seq_len``."""
-        return cls(**{f.name: sum(s.get(f.name, 0) for s in stats) for f in fields(cls) if f.name != "seq_len"},
-                   seq_len=seq_len)
+        return cls(
+            **{f.name: sum(s.get(f.name, 0) for s in stats) for f in fields(cls) if f.name != "seq_len"},
+            seq_len=seq_len,
+        )
 
     def to_dict(self) -> dict:
-        return {"docs": self.docs, "rows": self.rows, "chunks": self.chunks, "docs_split": self.docs_split,
-                "docs_dropped": self.docs_dropped, "tokens": self.tokens, "seq_len": self.seq_len,
-                "fill_rate": round(self.fill_rate, 4)}
+        return {
+            "docs": self.docs,
+            "rows": self.rows,
+            "chunks": self.chunks,
+            "docs_split": self.docs_split,
+            "docs_dropped": self.docs_dropped,
+            "tokens": self.tokens,
+            "seq_len": self.seq_len,
+            "fill_rate": round(self.fill_rate, 4),
+        }
 
 
 def split_at_boundaries(seq: dict, seq_len: int) -> list[dict] | None:
@@ -77,8 +86,14 @@ def split_at_boundaries(seq: dict, seq_len: int) -> list[dict] | None:
         mask[0] = False  # a continuation chunk has no context for its first token
         span = seq.get("cond_span")
         keep = span is not None and a <= span[0] and span[1] <= b
-        out.append({"input_ids": ids[a:b], "loss_mask": mask, "doc_index": seq.get("doc_index"),
-                    "cond_span": (span[0] - a, span[1] - a) if keep else None})
+        out.append(
+            {
+                "input_ids": ids[a:b],
+                "loss_mask": mask,
+                "doc_index": seq.get("doc_index"),
+                "cond_span": (span[0] - a, span[1] - a) if keep else None,
+            }
+        )
     return out
 
 
@@ -146,8 +161,9 @@ def minimum_bin_slack(lengths: list[int], cap: int, budget: int = 2000) -> list[
     return rows
 
 
-def pack_sequences(seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: bool = True,
-                   algorithm: str = "ffd") -> tuple[dict, PackStats]:
+def pack_sequences(
+    seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: bool = True, algorithm: str = "ffd"
+) -> tuple[dict, PackStats]:
     """Pack sequences (from :func:`mmgen.processing.sequence.build_sequence`) into rows of ``seq_len``:
     first-fit-decreasing (``algorithm="ffd"``) or minimum bin slack (``"mbs"``, fuller rows).
 
@@ -201,7 +217,7 @@ def pack_sequences(seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: 
             out["doc_index"][r, sl] = c["doc_index"]
             if c.get("cond_span") is not None:
                 a, b = c["cond_span"]
-                out["cond_mask"][r, pos + a:pos + b] = True
+                out["cond_mask"][r, pos + a : pos + b] = True
             pos += n
             stats.tokens += n
         # Padding continues the position count so position ids stay in range and monotone per row.
@@ -211,8 +227,15 @@ def pack_sequences(seqs: list[dict], seq_len: int, pad_id: int = 0, split_long: 
     return out, stats
 
 
-def drop_prompts(ids: np.ndarray, seg: np.ndarray, pos: np.ndarray, labels: np.ndarray, cond: np.ndarray, p: float,
-                 rng: np.random.Generator) -> int:
+def drop_prompts(
+    ids: np.ndarray,
+    seg: np.ndarray,
+    pos: np.ndarray,
+    labels: np.ndarray,
+    cond: np.ndarray,
+    p: float,
+    rng: np.random.Generator,
+) -> int:
     """Prompt dropout for classifier-free guidance, in place on one batch of packed rows.
 
     Each document with a caption loses it with probability ``p``, so that its image is trained exactly
@@ -258,8 +281,14 @@ def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.
     return mask[:, None]
 
 
-def packed_batch(rows: dict, index, dtype: torch.dtype = torch.float32, prompt_dropout: float = 0.0,
-                 rng: np.random.Generator | None = None, attention: str = "mask") -> dict:
+def packed_batch(
+    rows: dict,
+    index,
+    dtype: torch.dtype = torch.float32,
+    prompt_dropout: float = 0.0,
+    rng: np.random.Generator | None = None,
+    attention: str = "mask",
+) -> dict:
     """Model inputs for some rows: ``input_ids``, ``position_ids``, ``labels`` and the attention.
 
     ``attention="mask"``: a 4-D block-diagonal ``attention_mask`` (eager and sdpa kernels).
@@ -290,8 +319,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     """Next-token cross-entropy: position t predicts ``labels[t + 1]`` (targets of -100 are ignored)."""
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     if reduction == "sum":
         return loss
     return loss / (target != IGNORE_INDEX).sum().clamp(min=1)

@@ -98,8 +98,19 @@ def _merge(counts: list[dict], labels: list[str]) -> dict:
     order = labels + sorted(set(by_op) - set(labels))
     keys = ("rejected", "quarantined", "nodes_removed", "nodes_quarantined")
     return {
-        **{k: total.get(k, 0) for k in ("input", "kept", "rejected", "quarantined", "kept_with_nodes_removed",
-                                         "nodes_removed", "nodes_quarantined", "media_not_fetched")},
+        **{
+            k: total.get(k, 0)
+            for k in (
+                "input",
+                "kept",
+                "rejected",
+                "quarantined",
+                "kept_with_nodes_removed",
+                "nodes_removed",
+                "nodes_quarantined",
+                "media_not_fetched",
+            )
+        },
         "per_op": {op: {k: by_op.get(op, Counter()).get(k, 0) for k in keys} for op in order},
         "per_reason": {what: dict(sorted(reasons.get(what, Counter()).items())) for what in keys},
         "output_shards": outputs,
@@ -118,16 +129,19 @@ def _open_run(out: Path, job: dict, plan) -> list:
             old = None
         saved = old.pop("units", None) if isinstance(old, dict) else None
         if old != json.loads(json.dumps(job)):
-            raise MMGenError(f"{out} holds a filter run with other inputs, recipe or options; "
-                             "use a new --out folder or delete this one")
+            raise MMGenError(
+                f"{out} holds a filter run with other inputs, recipe or options; "
+                "use a new --out folder or delete this one"
+            )
         if saved is None:
             units = plan()  # a manifest written before the units were saved in it
         else:
             try:
                 units = [WorkUnit(**u) for u in saved]
             except TypeError:
-                raise MMGenError(f"{mpath} holds work units this version cannot read; use a new --out folder "
-                                 "or delete this one") from None
+                raise MMGenError(
+                    f"{mpath} holds work units this version cannot read; use a new --out folder or delete this one"
+                ) from None
     else:
         if out.is_dir() and any(out.iterdir()):
             raise MMGenError(f"output folder {out} is not empty and holds no filter run; use a new --out folder")
@@ -153,8 +167,9 @@ def _resume(out: Path, n_inputs: int, ops: list[Op]) -> list[dict]:
     return counts
 
 
-def _select_pass(out: Path, selectors: list[Op], pass1: list[dict], shard_size: int, dry_run: bool,
-                 save_media: bool, progress: bool) -> list[dict]:
+def _select_pass(
+    out: Path, selectors: list[Op], pass1: list[dict], shard_size: int, dry_run: bool, save_media: bool, progress: bool
+) -> list[dict]:
     """Pass 2: fix the selection over everything pass 1 observed, then decide pass 1's kept documents
     input by input in order (in this process: the decisions are lookups, the work is copying tar
     members). Resumes from ``done2/`` markers like pass 1 does from ``done/``. Returns the final
@@ -177,11 +192,23 @@ def _select_pass(out: Path, selectors: list[Op], pass1: list[dict], shard_size: 
     return counts
 
 
-def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000, dry_run: bool = False,
-               progress: bool = True, executor: str = "local", input_format: str = "auto",
-               save_reject_media: bool = False, report: bool = True, media_root: str | None = None,
-               allow_outside_root: bool = False, unit_bytes: int | None = None,
-               max_image_pixels: int | None = None) -> dict:
+def run_filter(
+    recipe,
+    inputs,
+    out_dir,
+    workers: int = 2,
+    shard_size: int = 1000,
+    dry_run: bool = False,
+    progress: bool = True,
+    executor: str = "local",
+    input_format: str = "auto",
+    save_reject_media: bool = False,
+    report: bool = True,
+    media_root: str | None = None,
+    allow_outside_root: bool = False,
+    unit_bytes: int | None = None,
+    max_image_pixels: int | None = None,
+) -> dict:
     """Filter ``inputs`` (glob, directory, path or list of them) with ``recipe`` into ``out_dir``.
 
     ``executor``: ``local`` (``workers`` processes) or ``ray`` (Ray tasks; the cluster ``ray.init``
@@ -213,15 +240,31 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
     read_opts = {"media_root": media_root, "allow_outside_root": bool(allow_outside_root)}
     out = Path(out_dir)
     recipe_data = dataclasses.asdict(r)
-    units = _open_run(out, {"recipe": recipe_data, "inputs": paths, "shard_size": shard_size, "dry_run": dry_run,
-                            "input_format": input_format, "save_reject_media": save_reject_media,
-                            "unit_bytes": unit_bytes, **read_opts},
-                      lambda: plan_units(paths, input_format, unit_bytes))
+    units = _open_run(
+        out,
+        {
+            "recipe": recipe_data,
+            "inputs": paths,
+            "shard_size": shard_size,
+            "dry_run": dry_run,
+            "input_format": input_format,
+            "save_reject_media": save_reject_media,
+            "unit_bytes": unit_bytes,
+            **read_opts,
+        },
+        lambda: plan_units(paths, input_format, unit_bytes),
+    )
     selectors = two_pass_selectors(ops)
     counts = _resume(out, len(units), ops)
     todo = list(range(len(counts), len(units)))
-    bar = tqdm(total=len(units), initial=len(counts), unit="unit", desc=f"filter {r.name}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(units),
+        initial=len(counts),
+        unit="unit",
+        desc=f"filter {r.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         with results_in_order(executor, workers, recipe_data, ops, [units[k] for k in todo], read_opts) as results:
             for k, recs in zip(todo, results):
@@ -238,11 +281,23 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
     if selectors:
         counts = _select_pass(out, selectors, counts, shard_size, dry_run, save_reject_media, progress)
 
-    summary = {"recipe": r.name, "inputs": len(paths), "units": len(units), "dry_run": dry_run,
-               "levels": {o.label: o.level for o in ops}, **_merge(counts, [o.label for o in ops])}
+    summary = {
+        "recipe": r.name,
+        "inputs": len(paths),
+        "units": len(units),
+        "dry_run": dry_run,
+        "levels": {o.label: o.level for o in ops},
+        **_merge(counts, [o.label for o in ops]),
+    }
     if selectors:
-        summary["selection"] = {o.label: {"observed": len(o.values), "selected": len(o.kept),
-                                          "rejected": summary["per_op"][o.label]["rejected"]} for o in selectors}
+        summary["selection"] = {
+            o.label: {
+                "observed": len(o.values),
+                "selected": len(o.kept),
+                "rejected": summary["per_op"][o.label]["rejected"],
+            }
+            for o in selectors
+        }
     summary["balanced"] = summary["input"] == summary["kept"] + summary["rejected"] + summary["quarantined"]
     write_json(out / "summary.json", summary)
     if report:
@@ -252,19 +307,38 @@ def run_filter(recipe, inputs, out_dir, workers: int = 2, shard_size: int = 1000
 
 # Reason codes -> the ShapesWorld defect type they detect.
 REASON_DEFECT = {
-    "caption_mismatch": "mismatched_caption", "duplicate_image": "duplicate_image",
-    "near_duplicate_image": "near_duplicate_image", "duplicate_doc": "duplicate_doc",
-    "near_duplicate_doc": "near_duplicate_doc", "corrupt_image": "corrupt_image",
-    "undecodable_media": "corrupt_image", "truncated_image": "corrupt_image", "not_an_image": "corrupt_image",
-    "image_too_small": "tiny_image", "extreme_aspect": "extreme_aspect",
-    "gibberish": "gibberish_text", "special_characters": "gibberish_text", "low_alnum": "gibberish_text",
-    "ngram_repetition": "ngram_spam", "non_english": "non_english", "too_short": "empty_item",
-    "empty_text": "empty_item", "empty_image": "empty_item", "empty_audio": "empty_item",
-    "empty_video": "empty_item", "empty_doc": "empty_item",
+    "caption_mismatch": "mismatched_caption",
+    "duplicate_image": "duplicate_image",
+    "near_duplicate_image": "near_duplicate_image",
+    "duplicate_doc": "duplicate_doc",
+    "near_duplicate_doc": "near_duplicate_doc",
+    "corrupt_image": "corrupt_image",
+    "undecodable_media": "corrupt_image",
+    "truncated_image": "corrupt_image",
+    "not_an_image": "corrupt_image",
+    "image_too_small": "tiny_image",
+    "extreme_aspect": "extreme_aspect",
+    "gibberish": "gibberish_text",
+    "special_characters": "gibberish_text",
+    "low_alnum": "gibberish_text",
+    "ngram_repetition": "ngram_spam",
+    "non_english": "non_english",
+    "too_short": "empty_item",
+    "empty_text": "empty_item",
+    "empty_image": "empty_item",
+    "empty_audio": "empty_item",
+    "empty_video": "empty_item",
+    "empty_doc": "empty_item",
     # the Data-Juicer-named operators' reasons
-    "character_repetition": "ngram_spam", "word_repetition": "ngram_spam", "low_alphanumeric": "gibberish_text",
-    "wrong_language": "non_english", "aspect_ratio": "extreme_aspect", "image_shape": "tiny_image",
-    "text_length": "empty_item", "words_num": "empty_item", "near_duplicate_image_in_doc": "near_duplicate_image",
+    "character_repetition": "ngram_spam",
+    "word_repetition": "ngram_spam",
+    "low_alphanumeric": "gibberish_text",
+    "wrong_language": "non_english",
+    "aspect_ratio": "extreme_aspect",
+    "image_shape": "tiny_image",
+    "text_length": "empty_item",
+    "words_num": "empty_item",
+    "near_duplicate_image_in_doc": "near_duplicate_image",
 }
 
 
@@ -294,11 +368,19 @@ def score_against_labels(out_dir, labels_path) -> dict:
         truth = {i for i, lab in enumerate(labels) if any(d["type"] == t for d in lab["defects"])}
         pred = {i for i, f in flagged.items() if t in f}
         tp = len(truth & pred)
-        per[t] = {"true": len(truth), "flagged": len(pred), "tp": tp,
-                  "precision": round(tp / len(pred), 4) if pred else None,
-                  "recall": round(tp / len(truth), 4) if truth else None}
+        per[t] = {
+            "true": len(truth),
+            "flagged": len(pred),
+            "tp": tp,
+            "precision": round(tp / len(pred), 4) if pred else None,
+            "recall": round(tp / len(truth), 4) if truth else None,
+        }
     clean = [i for i, lab in enumerate(labels) if not lab["defects"]]
     touched = sum(1 for i in clean if flagged.get(i))
     # "kept" strictly: a clean document counts as lost when anything at all was taken from it
-    return {"per_defect": per, "clean_docs": len(clean), "clean_docs_touched": touched,
-            "clean_kept_fraction": round(1 - touched / len(clean), 4) if clean else None}
+    return {
+        "per_defect": per,
+        "clean_docs": len(clean),
+        "clean_docs_touched": touched,
+        "clean_kept_fraction": round(1 - touched / len(clean), 4) if clean else None,
+    }

@@ -66,8 +66,15 @@ class ShardWriter:
     writes with :mod:`tarfile` directly: importing webdataset imports torch, seconds of start-up that a
     filter or converter run would pay for nothing. It records the shard names it wrote."""
 
-    def __init__(self, out_dir: str | Path, prefix: str = "shard", max_docs: int = 1000,
-                 max_bytes: int = 256 << 20, start_shard: int = 0, mtime: int | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        prefix: str = "shard",
+        max_docs: int = 1000,
+        max_bytes: int = 256 << 20,
+        start_shard: int = 0,
+        mtime: int | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.max_docs, self.max_bytes, self.mtime = prefix, max_docs, max_bytes, mtime
@@ -154,8 +161,12 @@ def tar_samples(tf: tarfile.TarFile, source: str) -> Iterator[dict | BadRecord]:
             current[suffix] = f.read() if f else b""
     except Exception as e:  # noqa: BLE001 - tarfile, zlib, zstd: any broken stream ends the shard here
         # The sample being read when the tar broke is incomplete: report it, keep what came before.
-        yield BadRecord(source=source, reason="corrupt_tar", detail=f"tar unreadable after this point: {e}",
-                        member=current["__key__"] if current else None)
+        yield BadRecord(
+            source=source,
+            reason="corrupt_tar",
+            detail=f"tar unreadable after this point: {e}",
+            member=current["__key__"] if current else None,
+        )
         return
     if current is not None:
         yield current
@@ -177,8 +188,9 @@ def _outside_refs(doc: Doc, ctx) -> str | None:
     return None
 
 
-def read_shard(path: str | Path, media_root: str | None = None, allow_outside_root: bool = False,
-               compression: str | None = "sniff") -> Iterator[Doc | BadRecord]:
+def read_shard(
+    path: str | Path, media_root: str | None = None, allow_outside_root: bool = False, compression: str | None = "sniff"
+) -> Iterator[Doc | BadRecord]:
     """Docs of one shard (plain, gzip or zstd tar), in order; a bad sample or a broken tar becomes a
     BadRecord. A sample whose media name a file outside the corpus is refused (``path_outside_root``).
     ``compression``: ``gzip``, ``zstd`` or None when already known, else told by the first bytes."""
@@ -201,8 +213,12 @@ def read_shard(path: str | Path, media_root: str | None = None, allow_outside_ro
                 yield sample
                 continue
             if "json" not in sample:
-                yield BadRecord(source=source, reason="incomplete_sample", member=sample["__key__"],
-                                detail="sample has no .json member")
+                yield BadRecord(
+                    source=source,
+                    reason="incomplete_sample",
+                    member=sample["__key__"],
+                    detail="sample has no .json member",
+                )
                 continue
             try:
                 doc = sample_to_doc(sample)
@@ -220,8 +236,12 @@ def read_shard(path: str | Path, media_root: str | None = None, allow_outside_ro
         if junk:
             # tarfile ends its iteration quietly at a header it cannot read: say so, or a cut shard
             # would lose its remaining samples without a trace
-            yield BadRecord(source=source, reason="corrupt_tar", member=None,
-                            detail=f"{junk} bytes after offset {tf.offset} are not tar members (file cut or damaged)")
+            yield BadRecord(
+                source=source,
+                reason="corrupt_tar",
+                member=None,
+                detail=f"{junk} bytes after offset {tf.offset} are not tar members (file cut or damaged)",
+            )
 
 
 def _bytes_after_archive(path: str, offset: int) -> int:

@@ -47,23 +47,35 @@ POSITION_MARGIN = 0.5
 # -- metadata ---------------------------------------------------------------------------------------
 def _check_entry(e, where: str) -> dict:
     if not isinstance(e, dict):
-        raise MMGenError(f"{where}: expected a JSON object per line with tag, prompt and include (GenEval's metadata format)")
+        raise MMGenError(
+            f"{where}: expected a JSON object per line with tag, prompt and include (GenEval's metadata format)"
+        )
     missing = [k for k in ("tag", "prompt", "include") if k not in e]
     if missing:
-        raise MMGenError(f"{where}: missing {', '.join(missing)} (GenEval's metadata format: tag, prompt, include, exclude)")
+        raise MMGenError(
+            f"{where}: missing {', '.join(missing)} (GenEval's metadata format: tag, prompt, include, exclude)"
+        )
     if e["tag"] not in TAGS:
         raise MMGenError(f"{where}: unknown tag {e['tag']!r} (use one of {', '.join(TAGS)})")
     for kind in ("include", "exclude"):
         reqs = e.get(kind, [])
-        if not isinstance(reqs, list) or not all(isinstance(r, dict) and "class" in r and isinstance(r.get("count", 1), int)
-                                                 for r in reqs):
+        if not isinstance(reqs, list) or not all(
+            isinstance(r, dict) and "class" in r and isinstance(r.get("count", 1), int) for r in reqs
+        ):
             raise MMGenError(f"{where}: {kind} must be a list of {{class, count, ...}} objects")
         for r in reqs:
             pos = r.get("position")
-            if pos is not None and not (isinstance(pos, list) and len(pos) == 2 and pos[0] in RELATIONS
-                                        and isinstance(pos[1], int) and 0 <= pos[1] < len(e["include"])):
-                raise MMGenError(f"{where}: position must be [relation, include index] with relation one of "
-                                 f"{', '.join(RELATIONS)}, got {pos!r}")
+            if pos is not None and not (
+                isinstance(pos, list)
+                and len(pos) == 2
+                and pos[0] in RELATIONS
+                and isinstance(pos[1], int)
+                and 0 <= pos[1] < len(e["include"])
+            ):
+                raise MMGenError(
+                    f"{where}: position must be [relation, include index] with relation one of "
+                    f"{', '.join(RELATIONS)}, got {pos!r}"
+                )
     return e
 
 
@@ -125,8 +137,9 @@ def shapesworld_metadata(n_per_tag: int = 25, seed: int = 0, heldout_every: int 
         elif tag == "counting":
             n = rng.choice((2, 3))
             shape = rng.choice(SHAPES)
-            pairs = [p for p in (HELDOUT_PAIRS if heldout else seen_pairs) if p[1] == shape] or \
-                [p for p in seen_pairs if p[1] == shape]
+            pairs = [p for p in (HELDOUT_PAIRS if heldout else seen_pairs) if p[1] == shape] or [
+                p for p in seen_pairs if p[1] == shape
+            ]
             objs = [obj(rng.choice(pairs), cells[i]) for i in range(n)]
             if heldout and not any((o.color, o.shape) in HELDOUT_PAIRS for o in objs):
                 return None
@@ -164,11 +177,19 @@ def _entry(tag: str, scene, prompt: str, rng: random.Random, heldout: bool) -> d
         exclude = []
     else:  # position: the second object in a relation to the first that holds in the scene
         a, b = objs
-        include = [{"class": a.shape, "count": 1},
-                   {"class": b.shape, "count": 1, "position": [rng.choice(_grid_relations(b.cell, a.cell)), 0]}]
+        include = [
+            {"class": a.shape, "count": 1},
+            {"class": b.shape, "count": 1, "position": [rng.choice(_grid_relations(b.cell, a.cell)), 0]},
+        ]
         exclude = []
-    return {"tag": tag, "include": include, "exclude": exclude, "prompt": prompt,
-            "heldout": heldout, "scene": scene.to_dict()}
+    return {
+        "tag": tag,
+        "include": include,
+        "exclude": exclude,
+        "prompt": prompt,
+        "heldout": heldout,
+        "scene": scene.to_dict(),
+    }
 
 
 # -- detections and the rules ------------------------------------------------------------------------
@@ -176,6 +197,7 @@ def _entry(tag: str, scene, prompt: str, rng: random.Random, heldout: bool) -> d
 class Detection:
     """One detected object: class, confidence, box (x0, y0, x1, y1 in pixels), and where known its
     colour name and grid cell (the scene parser knows both exactly)."""
+
     cls: str
     score: float
     box: tuple[float, float, float, float]
@@ -195,6 +217,7 @@ class Detection:
 class Detector(Protocol):
     """What the GenEval rules need from a detector: the objects of ``classes`` in an image, and
     optionally why it could read nothing (``last_reason``)."""
+
     def detect(self, image, classes: Sequence[str]) -> list[Detection]: ...
 
 
@@ -250,8 +273,10 @@ def judge(entry: dict, detections: Sequence[Detection], margin: float = POSITION
             right = [d for d in found if d.color == req["color"]]
             if len(right) < count:
                 others = ", ".join(f"{d.color} {cls}" for d in found if d.color != req["color"])
-                reasons.append(f"expected {req['color']} {cls}>={count}, found {len(right)} {req['color']}"
-                               + (f"; and {others}" if others else ""))
+                reasons.append(
+                    f"expected {req['color']} {cls}>={count}, found {len(right)} {req['color']}"
+                    + (f"; and {others}" if others else "")
+                )
                 matched.append(None)
                 continue
             found = right
@@ -277,8 +302,13 @@ def judge(entry: dict, detections: Sequence[Detection], margin: float = POSITION
     return (not reasons, "\n".join(reasons))
 
 
-def result_record(entry: dict, detections: Sequence[Detection], filename: str = "",
-                  margin: float = POSITION_MARGIN, unreadable: str | None = None) -> dict:
+def result_record(
+    entry: dict,
+    detections: Sequence[Detection],
+    filename: str = "",
+    margin: float = POSITION_MARGIN,
+    unreadable: str | None = None,
+) -> dict:
     """One line of GenEval's per-image results (``metadata`` and ``details`` as JSON strings)."""
     correct, reason = judge(entry, detections, margin)
     if unreadable and not detections:
@@ -286,8 +316,15 @@ def result_record(entry: dict, detections: Sequence[Detection], filename: str = 
     details: dict[str, list] = {}
     for d in detections:
         details.setdefault(d.cls, []).append(d.to_dict())
-    return {"filename": filename, "tag": entry["tag"], "prompt": entry["prompt"], "correct": bool(correct),
-            "reason": reason, "metadata": json.dumps(entry), "details": json.dumps(details)}
+    return {
+        "filename": filename,
+        "tag": entry["tag"],
+        "prompt": entry["prompt"],
+        "correct": bool(correct),
+        "reason": reason,
+        "metadata": json.dumps(entry),
+        "details": json.dumps(details),
+    }
 
 
 def summarize(records: Sequence[dict]) -> dict:
@@ -326,23 +363,41 @@ class SceneParserDetector:
             return []
         w, h = image.size
         cw, ch = w / GRID, h / GRID
-        return [Detection(o.shape, 1.0, (o.cell[1] * cw, o.cell[0] * ch, (o.cell[1] + 1) * cw, (o.cell[0] + 1) * ch),
-                          color=o.color, cell=tuple(o.cell), extra={"size": o.size})
-                for o in res.scene.objects if not classes or o.shape in classes]
+        return [
+            Detection(
+                o.shape,
+                1.0,
+                (o.cell[1] * cw, o.cell[0] * ch, (o.cell[1] + 1) * cw, (o.cell[0] + 1) * ch),
+                color=o.color,
+                cell=tuple(o.cell),
+                extra={"size": o.size},
+            )
+            for o in res.scene.objects
+            if not classes or o.shape in classes
+        ]
 
 
 # Named colours for boxes of real images: the nearest of these to a box's median pixel. GenEval
 # classifies colour with CLIP on the crop; a detector wrapper may pass its own ``color_fn`` instead.
-BASIC_COLORS = {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 220, 30), "green": (40, 160, 60),
-                "blue": (40, 80, 220), "purple": (130, 50, 170), "pink": (240, 130, 180), "brown": (120, 75, 40),
-                "black": (20, 20, 20), "white": (240, 240, 240)}
+BASIC_COLORS = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 30),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "purple": (130, 50, 170),
+    "pink": (240, 130, 180),
+    "brown": (120, 75, 40),
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+}
 
 
 def box_color(image, box, palette: dict = BASIC_COLORS) -> str:
     import numpy as np
 
     x0, y0, x1, y1 = (int(round(v)) for v in box)
-    crop = np.asarray(image.convert("RGB"))[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)].reshape(-1, 3)
+    crop = np.asarray(image.convert("RGB"))[max(0, y0) : max(y0 + 1, y1), max(0, x0) : max(x0 + 1, x1)].reshape(-1, 3)
     med = np.median(crop, axis=0) if len(crop) else np.zeros(3)
     return min(palette, key=lambda c: float(np.sum((np.array(palette[c]) - med) ** 2)))
 
@@ -373,7 +428,8 @@ class ZeroShotDetector:
         with torch.no_grad():
             outputs = self.model(**inputs)
         res = self.processor.post_process_grounded_object_detection(
-            outputs, threshold=self.threshold, target_sizes=[image.size[::-1]], text_labels=[queries])[0]
+            outputs, threshold=self.threshold, target_sizes=[image.size[::-1]], text_labels=[queries]
+        )[0]
         out = []
         labels = res.get("text_labels") or [queries[int(i)] for i in res["labels"]]
         for score, box, label in zip(res["scores"].tolist(), res["boxes"].tolist(), labels):

@@ -32,7 +32,9 @@ _alt = lambda xs: "|".join(sorted((re.escape(x) for x in xs), key=len, reverse=T
 _POS = _alt(_CELL_OF)
 _NAME = rf"the (?:(?P<c>{_alt(COLORS)}) (?P<s>{_alt(SHAPES)})|(?P<s2>{_alt(SHAPES)}) (?:at|on|in) the (?P<p>{_POS}))"
 _EDITS = {
-    "add": re.compile(rf"^add an? (?P<z>{_alt(SIZES)}) (?P<c>{_alt(COLORS)}) (?P<s>{_alt(SHAPES)}) (?:at|on|in) the (?P<p>{_POS})\.$"),
+    "add": re.compile(
+        rf"^add an? (?P<z>{_alt(SIZES)}) (?P<c>{_alt(COLORS)}) (?P<s>{_alt(SHAPES)}) (?:at|on|in) the (?P<p>{_POS})\.$"
+    ),
     "remove": re.compile(rf"^remove {_NAME}\.$"),
     "move": re.compile(rf"^move {_NAME} to the (?P<to>{_POS})\.$"),
     "recolor": re.compile(rf"^make {_NAME} (?P<new>{_alt(COLORS)})\.$"),
@@ -80,20 +82,26 @@ def apply_instruction(scene: Scene, text: str) -> Scene | None:
     return None
 
 
-def judge_step(before: Scene, instruction: str, pred: Scene | None, truth: Scene | None = None,
-               model_text: bool = False) -> dict:
+def judge_step(
+    before: Scene, instruction: str, pred: Scene | None, truth: Scene | None = None, model_text: bool = False
+) -> dict:
     """Each aspect's verdict on one step: ``{aspect: {"pass": bool, "why": str}}``. ``truth`` is the
     scene the document shows next (else the instruction applied to ``before``); ``model_text`` adds
     text quality, for instructions the model wrote."""
     out: dict[str, dict] = {}
     applied = apply_instruction(before, instruction)
     if model_text:
-        out["text_quality"] = {"pass": applied is not None,
-                               "why": "an edit of the world's grammar that applies" if applied is not None
-                               else "not an applicable edit instruction of the world's grammar"}
+        out["text_quality"] = {
+            "pass": applied is not None,
+            "why": "an edit of the world's grammar that applies"
+            if applied is not None
+            else "not an applicable edit instruction of the world's grammar",
+        }
     truth = truth if truth is not None else applied
-    out["perceptual_quality"] = {"pass": pred is not None,
-                                 "why": "parses as a ShapesWorld scene" if pred is not None else "the parser cannot read it"}
+    out["perceptual_quality"] = {
+        "pass": pred is not None,
+        "why": "parses as a ShapesWorld scene" if pred is not None else "the parser cannot read it",
+    }
     if truth is None:  # an instruction that says nothing applicable: nothing to be coherent with
         return out
     kept = set(before.objects) & set(truth.objects)
@@ -102,16 +110,30 @@ def judge_step(before: Scene, instruction: str, pred: Scene | None, truth: Scene
     got = set(pred.objects) if pred is not None else set()
     lost = sorted(o.describe() + " at the " + o.position for o in kept - got)
     bg_ok = pred is not None and pred.background == truth.background
-    out["image_coherence"] = {"pass": pred is not None and not lost and bg_ok,
-                              "why": "kept the background and every untouched object" if pred is not None and not lost and bg_ok
-                              else ("lost " + ", ".join(lost) if lost else "background changed" if pred is not None else "unreadable")}
+    out["image_coherence"] = {
+        "pass": pred is not None and not lost and bg_ok,
+        "why": "kept the background and every untouched object"
+        if pred is not None and not lost and bg_ok
+        else ("lost " + ", ".join(lost) if lost else "background changed" if pred is not None else "unreadable"),
+    }
     missing = sorted(o.describe() + " at the " + o.position for o in created - got)
     stayed = sorted(o.describe() + " at the " + o.position for o in gone & got)
     ok = pred is not None and not missing and not stayed
-    out["text_image_coherence"] = {"pass": ok, "why": "shows the change" if ok else
-                                   "; ".join(filter(None, ["missing " + ", ".join(missing) if missing else "",
-                                                           "still shows " + ", ".join(stayed) if stayed else "",
-                                                           "" if pred is not None else "unreadable"]))}
+    out["text_image_coherence"] = {
+        "pass": ok,
+        "why": "shows the change"
+        if ok
+        else "; ".join(
+            filter(
+                None,
+                [
+                    "missing " + ", ".join(missing) if missing else "",
+                    "still shows " + ", ".join(stayed) if stayed else "",
+                    "" if pred is not None else "unreadable",
+                ],
+            )
+        ),
+    }
     exact = pred is not None and pred.background == truth.background and set(pred.objects) == set(truth.objects)
     out["helpfulness"] = {"pass": exact, "why": "the scene asked for, exactly" if exact else "not the scene asked for"}
     return out

@@ -30,8 +30,13 @@ from mmgen.paths import REPO_ROOT
 
 PROMPTS_DIR = REPO_ROOT / "eval" / "judge_prompts"
 # Pictures each aspect shows the judge: the scene before the step, the generated picture, or both.
-_PICTURES = {"text_quality": ("before",), "perceptual_quality": ("generated",), "image_coherence": ("before", "generated"),
-             "text_image_coherence": ("before", "generated"), "helpfulness": ("before", "generated")}
+_PICTURES = {
+    "text_quality": ("before",),
+    "perceptual_quality": ("generated",),
+    "image_coherence": ("before", "generated"),
+    "text_image_coherence": ("before", "generated"),
+    "helpfulness": ("before", "generated"),
+}
 
 
 def load_prompts(folder: str | Path | None = None) -> dict[str, str]:
@@ -66,7 +71,9 @@ class _Judge:
         if aspect not in ASPECTS:
             raise MMGenError(f"unknown aspect {aspect!r} (use one of {', '.join(ASPECTS)})")
         pics = {"before": before, "generated": generated}
-        reply = self.ask(self.prompts[aspect].replace("{instruction}", instruction), [pics[p] for p in _PICTURES[aspect]])
+        reply = self.ask(
+            self.prompts[aspect].replace("{instruction}", instruction), [pics[p] for p in _PICTURES[aspect]]
+        )
         return {"pass": parse_verdict(reply), "reply": reply}
 
 
@@ -74,17 +81,29 @@ class EndpointJudge(_Judge):
     """An OpenAI-compatible endpoint: ``url`` is its base (``http://host:port/v1``); ``api_key`` is
     sent as a bearer token when given."""
 
-    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
-                 max_tokens: int = 16, prompts_dir: str | Path | None = None):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_tokens: int = 16,
+        prompts_dir: str | Path | None = None,
+    ):
         super().__init__(prompts_dir)
         self.url = url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout, self.max_tokens = model, api_key, timeout, max_tokens
 
     def ask(self, question: str, images: Sequence) -> str:
         content = [{"type": "text", "text": question}] + [
-            {"type": "image_url", "image_url": {"url": _png_data_url(im)}} for im in images]
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0,
-                "max_tokens": self.max_tokens}
+            {"type": "image_url", "image_url": {"url": _png_data_url(im)}} for im in images
+        ]
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -104,7 +123,9 @@ class LocalJudge(_Judge):
     """A vision-language model of transformers from a local directory (its processor's chat template
     lays out the question and the pictures)."""
 
-    def __init__(self, path: str | Path, device: str = "cpu", max_new_tokens: int = 8, prompts_dir: str | Path | None = None):
+    def __init__(
+        self, path: str | Path, device: str = "cpu", max_new_tokens: int = 8, prompts_dir: str | Path | None = None
+    ):
         super().__init__(prompts_dir)
         from mmgen.utils.compat import ensure_torchvision
 
@@ -121,12 +142,19 @@ class LocalJudge(_Judge):
     def ask(self, question: str, images: Sequence) -> str:
         import torch
 
-        content = [{"type": "image", "image": im.convert("RGB")} for im in images] + [{"type": "text", "text": question}]
-        inputs = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=True, return_tensors="pt").to(self.device)
+        content = [{"type": "image", "image": im.convert("RGB")} for im in images] + [
+            {"type": "text", "text": question}
+        ]
+        inputs = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        ).to(self.device)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def agreement(run_dir: str | Path, judge: _Judge, limit: int | None = None, progress: bool = True) -> dict:
@@ -155,14 +183,20 @@ def agreement(run_dir: str | Path, judge: _Judge, limit: int | None = None, prog
         for aspect, exact in r["aspects"].items():
             v = judge.judge(aspect, r["instruction"], before, gen)
             pairs[aspect].append((exact["pass"], v["pass"]))
-            rows.append({"id": r["id"], "aspect": aspect, "exact": exact["pass"], "judge": v["pass"], "reply": v["reply"]})
+            rows.append(
+                {"id": r["id"], "aspect": aspect, "exact": exact["pass"], "judge": v["pass"], "reply": v["reply"]}
+            )
     out = {}
     for aspect, ps in pairs.items():
         if not ps:
             continue
         read = [(e, j) for e, j in ps if j is not None]
-        out[aspect] = {"agreement": proportion(sum(e == j for e, j in read), len(read)), "kappa": cohen_kappa(read),
-                       "unreadable_replies": len(ps) - len(read), "exact_pass_rate": proportion(sum(e for e, _ in ps), len(ps))}
+        out[aspect] = {
+            "agreement": proportion(sum(e == j for e, j in read), len(read)),
+            "kappa": cohen_kappa(read),
+            "unreadable_replies": len(ps) - len(read),
+            "exact_pass_rate": proportion(sum(e for e, _ in ps), len(ps)),
+        }
     result = {"judge": type(judge).__name__, "samples": len(records), "aspects": out}
     (run_dir / "judge_agreement.json").write_text(json.dumps(result, indent=1))
     (run_dir / "judge_verdicts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

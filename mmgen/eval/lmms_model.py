@@ -44,19 +44,30 @@ def _visual_images(visuals) -> list:
 
 
 def _cut(text: str, until) -> str:
-    for stop in ([until] if isinstance(until, str) else list(until or [])):
+    for stop in [until] if isinstance(until, str) else list(until or []):
         if stop and stop in text:
-            text = text[:text.index(stop)]
+            text = text[: text.index(stop)]
     return text
 
 
 class MMGenLMM(lmms):
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = 1, mode: str = "auto",
-                 output_dir: str = "lmms_eval_images", temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, cfg_scale: float | None = None, seed: int | None = None,
-                 max_new_tokens: int = 256, **kwargs) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        device: str = "cpu",
+        batch_size: int | str = 1,
+        mode: str = "auto",
+        output_dir: str = "lmms_eval_images",
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float | None = None,
+        seed: int | None = None,
+        max_new_tokens: int = 256,
+        **kwargs,
+    ) -> None:
         super().__init__()
         from mmgen.errors import MMGenError
         from mmgen.eval.provenance import sampling_settings
@@ -65,11 +76,14 @@ class MMGenLMM(lmms):
         if mode not in ("auto", "t2i", "text"):
             raise MMGenError(f"mode must be auto, t2i or text, got {mode!r}")
         self.bundle = load_bundle(pretrained, device=device)
-        self.sampling = sampling_settings(pretrained, temperature=None if temperature is None else float(temperature),
-                                          top_k=None if top_k is None else int(top_k),
-                                          top_p=None if top_p is None else float(top_p),
-                                          cfg_scale=None if cfg_scale is None else float(cfg_scale),
-                                          seed=None if seed is None else int(seed))
+        self.sampling = sampling_settings(
+            pretrained,
+            temperature=None if temperature is None else float(temperature),
+            top_k=None if top_k is None else int(top_k),
+            top_p=None if top_p is None else float(top_p),
+            cfg_scale=None if cfg_scale is None else float(cfg_scale),
+            seed=None if seed is None else int(seed),
+        )
         self.mode, self.max_new_tokens = mode, int(max_new_tokens)
         self.output_dir = Path(output_dir)
         self.batch_size_per_gpu = int(batch_size)
@@ -102,18 +116,36 @@ class MMGenLMM(lmms):
             from mmgen.inference.pipeline import GenerationOptions
 
             # drawn as generate_interleaved below draws: by the bundle's detokenizer when it has one
-            img = generate_images(self.bundle, [context], temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                  seed=s["seed"], cfg_scale=s["cfg_scale"], batch_size=1,
-                                  image_decoder=image_decoder(self.bundle, GenerationOptions(seed=s["seed"])))[0]
+            img = generate_images(
+                self.bundle,
+                [context],
+                temperature=s["temperature"],
+                top_k=s["top_k"],
+                top_p=s["top_p"],
+                seed=s["seed"],
+                cfg_scale=s["cfg_scale"],
+                batch_size=1,
+                image_decoder=image_decoder(self.bundle, GenerationOptions(seed=s["seed"])),
+            )[0]
             return json.dumps({"text": "", "images": [self._save(img, name, 0)]}, ensure_ascii=False)
-        doc = generate_interleaved(self.bundle, context, max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
-                                   temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"],
-                                   cfg_scale=s["cfg_scale"], mode="text" if mode == "text" else "auto")
+        doc = generate_interleaved(
+            self.bundle,
+            context,
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
+            temperature=s["temperature"],
+            top_k=s["top_k"],
+            top_p=s["top_p"],
+            seed=s["seed"],
+            cfg_scale=s["cfg_scale"],
+            mode="text" if mode == "text" else "auto",
+        )
         text = _cut("".join(it.text for it in doc.items if it.kind == "text"), until).strip()
         pics = [it.to_pil() for it in doc.items if it.kind == "image"]
         if not pics:
             return text
-        return json.dumps({"text": text, "images": [self._save(p, name, i) for i, p in enumerate(pics)]}, ensure_ascii=False)
+        return json.dumps(
+            {"text": text, "images": [self._save(p, name, i) for i, p in enumerate(pics)]}, ensure_ascii=False
+        )
 
     def _save(self, img, name: str, i: int) -> str:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +181,7 @@ class MMGenLMM(lmms):
                 ctx = prompt_ids(self.bundle, context, image=False)
             cont = encode_text(str(continuation), self.bundle.text_tokenizer)
             ids = torch.tensor([ctx + cont], device=self._device)
-            logits = self.bundle.model(input_ids=ids).logits[0, len(ctx) - 1:-1].float()
+            logits = self.bundle.model(input_ids=ids).logits[0, len(ctx) - 1 : -1].float()
             logp = torch.log_softmax(logits, dim=-1)
             target = torch.tensor(cont, device=self._device)
             out.append((float(logp.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())))
@@ -165,8 +197,9 @@ class MMGenLMM(lmms):
             info = None
             for k in range(64):  # lmms-eval's tasks end a dialogue in a few rounds; the bound stops a runaway one
                 if k > 0:
-                    visuals, context, terminal, _, info = doc_to_text(doc, previous_output=list(rounds), round_idx=k,
-                                                                      previous_round_info=info)
+                    visuals, context, terminal, _, info = doc_to_text(
+                        doc, previous_output=list(rounds), round_idx=k, previous_round_info=info
+                    )
                     if terminal:
                         break
                 rounds.append(self._answer(context, _visual_images(visuals), gen_kwargs, f"{task}_{doc_id}_r{k}"))

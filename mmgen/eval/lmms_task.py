@@ -27,8 +27,9 @@ def qa_docs(n: int = 200, seed: int = 0, splits=("val", "heldout"), size: tuple[
     docs = []
     for sp in splits:
         for i, (s, (q, a, t)) in enumerate(qa_cases(n, sp, seed)):
-            docs.append({"id": f"{sp}/{i}", "image": render(s, *size), "question": q, "answer": a, "qtype": t,
-                         "split": sp})
+            docs.append(
+                {"id": f"{sp}/{i}", "image": render(s, *size), "question": q, "answer": a, "qtype": t, "split": sp}
+            )
     return docs
 
 
@@ -41,14 +42,22 @@ def write_qa_task(out: str | Path, n: int = 200, seed: int = 0, size: tuple[int,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     docs = qa_docs(n, seed, size=size)
-    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
-                                  "question": datasets.Value("string"), "answer": datasets.Value("string"),
-                                  "qtype": datasets.Value("string"), "split": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "qtype": datasets.Value("string"),
+            "split": datasets.Value("string"),
+        }
+    )
     ds = datasets.Dataset.from_list(docs, features=features)
     datasets.DatasetDict({"test": ds}).save_to_disk(str(out / "data"))
-    yaml = f"""# ShapesWorld visual QA for lmms-eval, written by `mmgen eval lmms-task` ({len(docs)} questions, seed {seed}).
+    yaml = f"""# ShapesWorld visual QA for lmms-eval, written by `mmgen eval lmms-task` \
+({len(docs)} questions, seed {seed}).
 task: {TASK}
-dataset_path: {(out / 'data').resolve()}
+dataset_path: {(out / "data").resolve()}
 dataset_kwargs:
   load_from_disk: true
 test_split: test

@@ -24,8 +24,16 @@ DEFAULT_EVAL_SEED = 0
 
 # Files whose bytes decide what a checkpoint generates: the LM's weights, the text tokenizer, the
 # id layout, the media tokenizers' own weights and configs, and the detokenizers that draw its pictures.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                    "tokenizer.model", "added_tokens.json", "config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "config.json",
+)
 _MEDIA_DIRS = ("image_tokenizer", "audio_tokenizer", "detokenizer")
 
 
@@ -62,12 +70,22 @@ def prompt_set_hash(items) -> str:
 # Which of a generation config's keys decide each setting: the file is credited with a setting only
 # when it holds one of them (do_sample decides the temperature: false is greedy, true without a
 # temperature is transformers' 1).
-_FILE_KEYS = {"temperature": ("do_sample", "temperature"), "top_k": ("top_k",), "top_p": ("top_p",),
-              "cfg_scale": ("guidance_scale",)}
+_FILE_KEYS = {
+    "temperature": ("do_sample", "temperature"),
+    "top_k": ("top_k",),
+    "top_p": ("top_p",),
+    "cfg_scale": ("guidance_scale",),
+}
 
 
-def sampling_settings(checkpoint: str | Path, temperature: float | None = None, top_k: int | None = None,
-                      top_p: float | None = None, cfg_scale: float | None = None, seed: int | None = None) -> dict:
+def sampling_settings(
+    checkpoint: str | Path,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float | None = None,
+    seed: int | None = None,
+) -> dict:
     """The sampling settings an evaluation uses, each with where it came from (``sources``): the
     settings ``mmgen generate`` uses for the same checkpoint and options
     (:class:`~mmgen.inference.settings.SamplingSettings`, checked), plus the evaluation's seed."""
@@ -80,9 +98,20 @@ def sampling_settings(checkpoint: str | Path, temperature: float | None = None, 
     base = SamplingSettings.from_generation_config(gc)
     explicit = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale}
     s = base.override(**explicit)
-    sources = {k: "explicit" if explicit[k] is not None
-               else GENERATION_CONFIG if gc is not None and any(getattr(gc, f, None) is not None for f in fks)
-               else "quickstart" for k, fks in _FILE_KEYS.items()}
+    sources = {
+        k: "explicit"
+        if explicit[k] is not None
+        else GENERATION_CONFIG
+        if gc is not None and any(getattr(gc, f, None) is not None for f in fks)
+        else "quickstart"
+        for k, fks in _FILE_KEYS.items()
+    }
     sources["seed"] = "explicit" if seed is not None else "quickstart"
-    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "cfg_scale": s.cfg_scale,
-            "seed": int(seed) if seed is not None else DEFAULT_EVAL_SEED, "sources": sources}
+    return {
+        "temperature": s.temperature,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
+        "cfg_scale": s.cfg_scale,
+        "seed": int(seed) if seed is not None else DEFAULT_EVAL_SEED,
+        "sources": sources,
+    }

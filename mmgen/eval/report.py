@@ -122,23 +122,44 @@ def _rows(metrics: dict, prefix: str = "") -> list[str]:
 
 def write_eval_markdown(report: dict, path: str | Path) -> Path:
     s = report["sampling"]
-    lines = ["# mmgen eval report", "",
-             f"Checkpoint `{report['checkpoint']['path']}`, sha256 `{report['checkpoint']['sha256'][:16]}…` "
-             f"(weights and tokenizer files). Evaluator {report['evaluator']['version']}.", "",
-             f"Sampling: temperature {s['temperature']}, top-k {s['top_k']}, top-p {s['top_p']}, CFG scale {s['cfg_scale']}, "
-             f"seed {s['seed']} (from: " + ", ".join(f"{k} {v}" for k, v in s["sources"].items()) + ").", "",
-             f"Generated pictures: {report.get('inference', {}).get('image_decoding', 'decoded by the image tokenizer')}.", "",
-             "Every figure is a share of judged samples with its Wilson 95% interval and the counts behind it "
-             "(PSNR and object recall: the mean with its normal 95% interval).", ""]
+    lines = [
+        "# mmgen eval report",
+        "",
+        f"Checkpoint `{report['checkpoint']['path']}`, sha256 `{report['checkpoint']['sha256'][:16]}…` "
+        f"(weights and tokenizer files). Evaluator {report['evaluator']['version']}.",
+        "",
+        f"Sampling: temperature {s['temperature']}, top-k {s['top_k']}, top-p {s['top_p']}, CFG scale "
+        f"{s['cfg_scale']}, "
+        f"seed {s['seed']} (from: " + ", ".join(f"{k} {v}" for k, v in s["sources"].items()) + ").",
+        "",
+        f"Generated pictures: {report.get('inference', {}).get('image_decoding', 'decoded by the image tokenizer')}.",
+        "",
+        "Every figure is a share of judged samples with its Wilson 95% interval and the counts behind it "
+        "(PSNR and object recall: the mean with its normal 95% interval).",
+        "",
+    ]
     for name, e in report["suites"].items():
-        lines += [f"## {name}", "", f"{e['samples']} samples; prompt set sha256 `{e['prompt_set']['sha256'][:16]}…`"
-                  + (f"; {e['resumed_batches']} batches reused from an earlier run" if e.get("resumed_batches") else "") + ".", "",
-                  "| metric | value | 95% CI | count |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"## {name}",
+            "",
+            f"{e['samples']} samples; prompt set sha256 `{e['prompt_set']['sha256'][:16]}…`"
+            + (f"; {e['resumed_batches']} batches reused from an earlier run" if e.get("resumed_batches") else "")
+            + ".",
+            "",
+            "| metric | value | 95% CI | count |",
+            "| --- | --- | --- | --- |",
+        ]
         lines += _rows(e["metrics"])
         if e.get("forms"):  # the robust suite: each surface form with an example prompt
-            lines += ["", "| form | accuracy (all objects) | 95% CI | count | example prompt |", "| --- | --- | --- | --- | --- |"]
-            lines += [f"| {f} | {_ci(e['metrics'].get(f, {}).get('intervals', {}).get('all_objects'))} | `{p}` |"
-                      for f, p in e["forms"].items()]
+            lines += [
+                "",
+                "| form | accuracy (all objects) | 95% CI | count | example prompt |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            lines += [
+                f"| {f} | {_ci(e['metrics'].get(f, {}).get('intervals', {}).get('all_objects'))} | `{p}` |"
+                for f, p in e["forms"].items()
+            ]
         if e.get("grid"):
             lines += ["", f"![{name}: prompts, outputs and verdicts]({e['grid']})"]
         lines.append("")

@@ -47,10 +47,22 @@ def _fingerprint(run: dict) -> dict:
     return {k: run.get(k) for k in ("checkpoint_sha256", "sampling", "options", "evaluator_version", "image_decoder")}
 
 
-def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str | Path = "eval", *,
-             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-             cfg_scale: float | None = None, seed: int | None = None, device: str = "cpu",
-             progress: bool = True, bundle=None, detok: dict | None = None, **options) -> dict:
+def run_eval(
+    checkpoint: str | Path,
+    suites: str | list[str] = "all",
+    out: str | Path = "eval",
+    *,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    bundle=None,
+    detok: dict | None = None,
+    **options,
+) -> dict:
     """Evaluate ``checkpoint`` on ``suites`` (comma list of t2i, robust, geneval, qa, interleaved, recon, or all)
     and write the report into ``out``; returns the report. Sampling settings left None come from the
     checkpoint's generation_config.json, else the quick start's settings. ``options`` are
@@ -89,7 +101,9 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
 
         load_metadata(opts.geneval_prompts)  # a wrong file fails now, before any model loads
     check_suites(checkpoint_can_draw(ckpt), names, ckpt)  # before any weights load: the one-line error comes first
-    sampling = sampling_settings(ckpt, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed)
+    sampling = sampling_settings(
+        ckpt, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed
+    )
     ck = checkpoint_hash(ckpt)
     if bundle is None:
         from mmgen.models.bundle import load_bundle
@@ -100,8 +114,13 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
     decoder_info = dict(decoder.info) if decoder is not None else None
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    run = {"checkpoint_sha256": ck["sha256"], "sampling": {k: v for k, v in sampling.items() if k != "sources"},
-           "options": asdict(opts), "evaluator_version": EVALUATOR_VERSION, "image_decoder": decoder_info}
+    run = {
+        "checkpoint_sha256": ck["sha256"],
+        "sampling": {k: v for k, v in sampling.items() if k != "sources"},
+        "options": asdict(opts),
+        "evaluator_version": EVALUATOR_VERSION,
+        "image_decoder": decoder_info,
+    }
     # as JSON reads them back, so a resumed run's options compare equal
     run["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in run["options"].items()}
     run_file = out / "run.json"
@@ -109,23 +128,32 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
         old = json.loads(run_file.read_text())
         if _fingerprint(old) != _fingerprint(run):
             diff = [k for k in _fingerprint(run) if old.get(k) != run[k]]
-            raise MMGenError(f"{out} holds results of another run (different {', '.join(diff)}); "
-                             "give another --out, or delete that folder to start over")
+            raise MMGenError(
+                f"{out} holds results of another run (different {', '.join(diff)}); "
+                "give another --out, or delete that folder to start over"
+            )
     run_file.write_text(json.dumps(run, indent=1))
 
     ctx = Context(out=out, sampling=sampling, opts=opts, generation=detok_opts if decoder is not None else None)
-    drawn = f"drawn by the {decoder_label(decoder_info)} ({decoder_info['path']})" if decoder_info \
+    drawn = (
+        f"drawn by the {decoder_label(decoder_info)} ({decoder_info['path']})"
+        if decoder_info
         else "decoded by the bundle's image tokenizer"
+    )
     t0 = time.perf_counter()
     report = {
         "evaluator": {"name": "mmgen eval", "version": EVALUATOR_VERSION},
         "checkpoint": {"path": str(ckpt), "sha256": ck["sha256"], "hashed_files": ck["files"]},
         "sampling": sampling,
-        "inference": {"device": device, "dtype": str(getattr(bundle.model, "dtype", "")), "batch_size": opts.batch_size,
-                      "qa_decoding": f"greedy, at most {opts.qa_max_new_tokens} new tokens",
-                      "image_decoding": f"one image block under the grid constraint, {drawn}",
-                      "image_decoder": decoder_info,
-                      "torch_threads": _threads()},
+        "inference": {
+            "device": device,
+            "dtype": str(getattr(bundle.model, "dtype", "")),
+            "batch_size": opts.batch_size,
+            "qa_decoding": f"greedy, at most {opts.qa_max_new_tokens} new tokens",
+            "image_decoding": f"one image block under the grid constraint, {drawn}",
+            "image_decoder": decoder_info,
+            "torch_threads": _threads(),
+        },
         "options": run["options"],
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "suites": {},
@@ -140,8 +168,13 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
         if progress and todo:
             from tqdm import tqdm
 
-            it = tqdm(todo, desc=f"eval {name}", unit="batch", initial=len(suite.batches) - len(todo),
-                      total=len(suite.batches))
+            it = tqdm(
+                todo,
+                desc=f"eval {name}",
+                unit="batch",
+                initial=len(suite.batches) - len(todo),
+                total=len(suite.batches),
+            )
         with open(store, "a") as fh:
             for key, bi, payload in it:
                 recs = suite.run_batch(bundle, bi, payload, ctx)
@@ -149,10 +182,12 @@ def run_eval(checkpoint: str | Path, suites: str | list[str] = "all", out: str |
                 fh.flush()
                 done[key] = recs
         records = [r for key, _, _ in suite.batches for r in done[key]]
-        entry = {"samples": len(records), "resumed_batches": len(suite.batches) - len(todo),
-                 "prompt_set": {"sha256": prompt_set_hash(items),
-                                "size": len(items) if isinstance(items, list) else None},
-                 "metrics": suite.summarize(records)}
+        entry = {
+            "samples": len(records),
+            "resumed_batches": len(suite.batches) - len(todo),
+            "prompt_set": {"sha256": prompt_set_hash(items), "size": len(items) if isinstance(items, list) else None},
+            "metrics": suite.summarize(records),
+        }
         suite.finish(records, ctx, entry)
         panels = suite.panels(records, ctx)
         if panels:
@@ -212,16 +247,24 @@ def compare_reports(a: str | Path | dict, b: str | Path | dict) -> dict:
         if pa[path]["n"] and pb[path]["n"]:
             rows.append({"metric": path, "a": pa[path], "b": pb[path], "diff": difference(pa[path], pb[path])})
     settings = {}
-    for key, get in (("checkpoint", lambda r: r["checkpoint"]["sha256"]), ("evaluator", lambda r: r["evaluator"]["version"]),
-                     ("sampling", lambda r: {k: v for k, v in r["sampling"].items() if k != "sources"}),
-                     ("options", lambda r: r.get("options"))):
+    for key, get in (
+        ("checkpoint", lambda r: r["checkpoint"]["sha256"]),
+        ("evaluator", lambda r: r["evaluator"]["version"]),
+        ("sampling", lambda r: {k: v for k, v in r["sampling"].items() if k != "sources"}),
+        ("options", lambda r: r.get("options")),
+    ):
         if get(ra) != get(rb):
             settings[key] = {"a": get(ra), "b": get(rb)}
     for s in set(ra["suites"]) & set(rb["suites"]):
         ha, hb = ra["suites"][s]["prompt_set"]["sha256"], rb["suites"][s]["prompt_set"]["sha256"]
         if ha != hb:
             settings[f"{s}.prompt_set"] = {"a": ha, "b": hb}
-    return {"rows": rows, "settings": settings, "only_a": sorted(set(pa) - set(pb)), "only_b": sorted(set(pb) - set(pa))}
+    return {
+        "rows": rows,
+        "settings": settings,
+        "only_a": sorted(set(pa) - set(pb)),
+        "only_b": sorted(set(pb) - set(pa)),
+    }
 
 
 def format_comparison(cmp: dict) -> str:
@@ -232,8 +275,10 @@ def format_comparison(cmp: dict) -> str:
     for r in cmp["rows"]:
         d = r["diff"]
         mark = " *" if d["significant"] else ""
-        lines.append(f"{r['metric']:44s} {pct(r['a']):30s} {pct(r['b']):30s} "
-                     f"{100 * d['value']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]{mark}")
+        lines.append(
+            f"{r['metric']:44s} {pct(r['a']):30s} {pct(r['b']):30s} "
+            f"{100 * d['value']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]{mark}"
+        )
     lines.append("* the interval excludes 0")
     for k, v in cmp["settings"].items():
         lines.append(f"setting {k} differs: A {json.dumps(v['a'], default=str)} | B {json.dumps(v['b'], default=str)}")

@@ -77,8 +77,15 @@ class Context:
 
         s, seed = self.sampling, self.sampling["seed"] + bi
         decoder = None if self.generation is None else image_decoder(bundle, replace(self.generation, seed=int(seed)))
-        return {"temperature": s["temperature"], "top_k": s["top_k"], "top_p": s["top_p"], "seed": seed,
-                "cfg_scale": s["cfg_scale"], "options": self.generation, "image_decoder": decoder}
+        return {
+            "temperature": s["temperature"],
+            "top_k": s["top_k"],
+            "top_p": s["top_p"],
+            "seed": seed,
+            "cfg_scale": s["cfg_scale"],
+            "options": self.generation,
+            "image_decoder": decoder,
+        }
 
     def save_image(self, img, rel: str):
         """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
@@ -112,13 +119,16 @@ def check_suites(drawable: bool, suites: list[str], checkpoint) -> None:
     :func:`~mmgen.models.bundle.can_draw` of the bundle, or of its files before it loads)."""
     need = [s for s in suites if s in _NEEDS_IMAGES]
     if need and not drawable:
-        raise MMGenError(f"suite {', '.join(need)} needs a checkpoint with an image tokenizer, and {checkpoint} has none "
-                         f"(no image_tokenizer/ or no pixel codes in its vocab); evaluate a checkpoint trained with "
-                         "data.image_tokenizer=DIR")
+        raise MMGenError(
+            f"suite {', '.join(need)} needs a checkpoint with an image tokenizer, and {checkpoint} has none "
+            f"(no image_tokenizer/ or no pixel codes in its vocab); evaluate a checkpoint trained with "
+            "data.image_tokenizer=DIR"
+        )
 
 
-def run_in_memory(suite, bundle, sampling: dict, opts: EvalOptions, progress: bool = False,
-                  generation=None) -> list[dict]:
+def run_in_memory(
+    suite, bundle, sampling: dict, opts: EvalOptions, progress: bool = False, generation=None
+) -> list[dict]:
     """Every record of ``suite`` in batch order, nothing written: the evaluation functions
     (:func:`mmgen.eval.t2i.evaluate_t2i`, ...) are this plus ``suite.summarize``, so they give the
     numbers ``mmgen eval run`` gives for the same settings. ``generation``: see :class:`Context`."""
@@ -143,7 +153,7 @@ def function_sampling(bundle, seed: int, **given) -> dict:
 
 def _batches(items: list, size: int, prefix: str):
     size = max(1, int(size))
-    return [(f"{prefix}/{bi}", bi, items[s:s + size]) for bi, s in enumerate(range(0, len(items), size))]
+    return [(f"{prefix}/{bi}", bi, items[s : s + size]) for bi, s in enumerate(range(0, len(items), size))]
 
 
 def _pct_block(records, keys) -> dict:
@@ -174,9 +184,15 @@ class T2ISuite(Suite):
         self.items = {sp: t2i_eval_set(ctx.opts.n, sp, seed=ctx.opts.prompt_seed) for sp in self.splits}
         self.batches = []
         for sp in self.splits:
-            self.batches += [(k, bi, (sp, bi * ctx.opts.batch_size, chunk))
-                             for k, bi, chunk in _batches(self.items[sp], ctx.opts.batch_size, sp)]
-        return [{"split": sp, "prompt": it.prompt, "scene": it.scene.to_dict()} for sp in self.splits for it in self.items[sp]]
+            self.batches += [
+                (k, bi, (sp, bi * ctx.opts.batch_size, chunk))
+                for k, bi, chunk in _batches(self.items[sp], ctx.opts.batch_size, sp)
+            ]
+        return [
+            {"split": sp, "prompt": it.prompt, "scene": it.scene.to_dict()}
+            for sp in self.splits
+            for it in self.items[sp]
+        ]
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
         split, start, chunk = payload
@@ -189,9 +205,16 @@ class T2ISuite(Suite):
         rows = []
         for sp in self.splits:
             rows += [r for r in records if r["split"] == sp][:k]
-        return [{"images": [("generated", ctx.load_image(r["image"]))], "text": r["prompt"],
-                 "verdict": _verdict(r["all_objects"], r["parsed"]), "ok": r["all_objects"], "tag": r["split"]}
-                for r in rows]
+        return [
+            {
+                "images": [("generated", ctx.load_image(r["image"]))],
+                "text": r["prompt"],
+                "verdict": _verdict(r["all_objects"], r["parsed"]),
+                "ok": r["all_objects"],
+                "tag": r["split"],
+            }
+            for r in rows
+        ]
 
 
 def _verdict(ok: bool, parsed: bool = True) -> str:
@@ -204,9 +227,17 @@ def _draw_and_judge(bundle, bi: int, chunk, ctx: Context, tag: str, start: int, 
     from mmgen.inference.batch_generation import generate_images
 
     images = generate_images(bundle, [it.prompt for it in chunk], batch_size=len(chunk), **ctx.draw_kwargs(bundle, bi))
-    return [{"id": f"{tag}/{start + j}", "split": it.split, "prompt": it.prompt, "truth": it.scene.to_dict(),
-             "image": ctx.save_image(img, f"{image_prefix}_{start + j:04d}.png"), **score_image(img, it.scene)}
-            for j, (it, img) in enumerate(zip(chunk, images))]
+    return [
+        {
+            "id": f"{tag}/{start + j}",
+            "split": it.split,
+            "prompt": it.prompt,
+            "truth": it.scene.to_dict(),
+            "image": ctx.save_image(img, f"{image_prefix}_{start + j:04d}.png"),
+            **score_image(img, it.scene),
+        }
+        for j, (it, img) in enumerate(zip(chunk, images))
+    ]
 
 
 def _t2i_summary(records: list[dict], key: str, groups) -> dict:
@@ -240,15 +271,23 @@ class RobustSuite(Suite):
         base = t2i_eval_set(o.n, o.robust_split, seed=o.prompt_seed)
         self.batches, items = [], []
         for form in self.forms:
-            cases = [T2IItem(surface_form(it.prompt, form, f"{o.prompt_seed}-{i}"), it.scene, it.split)
-                     for i, it in enumerate(base)]
-            self.batches += [(k, bi, (form, bi * o.batch_size, chunk)) for k, bi, chunk in _batches(cases, o.batch_size, form)]
-            items += [{"form": form, "split": it.split, "prompt": it.prompt, "scene": it.scene.to_dict()} for it in cases]
+            cases = [
+                T2IItem(surface_form(it.prompt, form, f"{o.prompt_seed}-{i}"), it.scene, it.split)
+                for i, it in enumerate(base)
+            ]
+            self.batches += [
+                (k, bi, (form, bi * o.batch_size, chunk)) for k, bi, chunk in _batches(cases, o.batch_size, form)
+            ]
+            items += [
+                {"form": form, "split": it.split, "prompt": it.prompt, "scene": it.scene.to_dict()} for it in cases
+            ]
         return items
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
         form, start, chunk = payload
-        return [{**r, "form": form} for r in _draw_and_judge(bundle, bi, chunk, ctx, form, start, f"images/robust/{form}")]
+        return [
+            {**r, "form": form} for r in _draw_and_judge(bundle, bi, chunk, ctx, form, start, f"images/robust/{form}")
+        ]
 
     def summarize(self, records: list[dict]) -> dict:
         out = _t2i_summary(records, "form", self.forms)
@@ -264,9 +303,16 @@ class RobustSuite(Suite):
     def panels(self, records: list[dict], ctx: Context, k: int = 4) -> list[dict]:
         by_id = {r["id"]: r for r in records}
         rows = [by_id[f"{f}/{i}"] for i in range(k) for f in self.forms if f"{f}/{i}" in by_id]
-        return [{"images": [("generated", ctx.load_image(r["image"]))], "text": repr(r["prompt"]),
-                 "verdict": _verdict(r["all_objects"], r["parsed"]), "ok": r["all_objects"], "tag": r["form"]}
-                for r in rows]
+        return [
+            {
+                "images": [("generated", ctx.load_image(r["image"]))],
+                "text": repr(r["prompt"]),
+                "verdict": _verdict(r["all_objects"], r["parsed"]),
+                "ok": r["all_objects"],
+                "tag": r["form"],
+            }
+            for r in rows
+        ]
 
 
 # -- geneval -----------------------------------------------------------------------------------------
@@ -277,9 +323,14 @@ class GenEvalSuite(Suite):
         from mmgen.eval.geneval import load_metadata, shapesworld_metadata
 
         o = ctx.opts
-        self.entries = load_metadata(o.geneval_prompts) if o.geneval_prompts else \
-            shapesworld_metadata(o.geneval_per_tag, seed=o.prompt_seed)
-        self.batches = [(k, bi, (bi * o.batch_size, chunk)) for k, bi, chunk in _batches(self.entries, o.batch_size, "all")]
+        self.entries = (
+            load_metadata(o.geneval_prompts)
+            if o.geneval_prompts
+            else shapesworld_metadata(o.geneval_per_tag, seed=o.prompt_seed)
+        )
+        self.batches = [
+            (k, bi, (bi * o.batch_size, chunk)) for k, bi, chunk in _batches(self.entries, o.batch_size, "all")
+        ]
         self._detector = None
         return self.entries
 
@@ -296,16 +347,22 @@ class GenEvalSuite(Suite):
         from mmgen.inference.batch_generation import generate_images
 
         start, chunk = payload
-        images = generate_images(bundle, [e["prompt"] for e in chunk], batch_size=len(chunk),
-                                 **ctx.draw_kwargs(bundle, bi))
+        images = generate_images(
+            bundle, [e["prompt"] for e in chunk], batch_size=len(chunk), **ctx.draw_kwargs(bundle, bi)
+        )
         det = self.detector(ctx)
         out = []
         for j, (e, img) in enumerate(zip(chunk, images)):
             rel = ctx.save_image(img, f"images/geneval/{start + j:04d}_{e['tag']}.png")
             classes = sorted({r["class"] for r in e["include"] + e.get("exclude", [])})
             dets = det.detect(img, classes)
-            out.append({"id": str(start + j), **result_record(e, dets, filename=rel,
-                                                              unreadable=getattr(det, "last_reason", None)), "image": rel})
+            out.append(
+                {
+                    "id": str(start + j),
+                    **result_record(e, dets, filename=rel, unreadable=getattr(det, "last_reason", None)),
+                    "image": rel,
+                }
+            )
         return out
 
     def summarize(self, records: list[dict]) -> dict:
@@ -316,7 +373,9 @@ class GenEvalSuite(Suite):
     def write_results(self, records: list[dict], path: Path) -> None:
         """GenEval's per-image results file (one JSON object per image)."""
         keys = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
-        path.write_text("".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in sorted(records, key=lambda r: int(r["id"]))))
+        path.write_text(
+            "".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in sorted(records, key=lambda r: int(r["id"])))
+        )
 
     def finish(self, records: list[dict], ctx: Context, entry: dict) -> None:
         """GenEval's own files: the per-image results and the metadata the prompts came from."""
@@ -331,10 +390,16 @@ class GenEvalSuite(Suite):
         rows = []
         for tag in TAGS:
             rows += [r for r in records if r["tag"] == tag][:k]
-        return [{"images": [("generated", ctx.load_image(r["image"]))], "text": r["prompt"],
-                 "verdict": "correct" if r["correct"] else r["reason"].splitlines()[0], "ok": r["correct"],
-                 "tag": r["tag"] + (", held-out pair" if json.loads(r["metadata"]).get("heldout") else "")}
-                for r in rows]
+        return [
+            {
+                "images": [("generated", ctx.load_image(r["image"]))],
+                "text": r["prompt"],
+                "verdict": "correct" if r["correct"] else r["reason"].splitlines()[0],
+                "ok": r["correct"],
+                "tag": r["tag"] + (", held-out pair" if json.loads(r["metadata"]).get("heldout") else ""),
+            }
+            for r in rows
+        ]
 
 
 # -- qa ----------------------------------------------------------------------------------------------
@@ -357,9 +422,13 @@ class QASuite(Suite):
             blocks = image_ids(bundle, [render(s, *render_size(res)) for s in scenes])
             rows = [qa_prompt_ids(bundle, b, q) for b, (q, _, _) in zip(blocks, qas)]
             cases = [{"scene": s, "qa": qa, "row": row} for s, qa, row in zip(scenes, qas, rows)]
-            self.batches += [(k, bi, (sp, bi * ctx.opts.batch_size, chunk))
-                             for k, bi, chunk in _batches(cases, ctx.opts.batch_size, sp)]
-            items += [{"split": sp, "scene": c["scene"].to_dict(), "question": c["qa"][0], "truth": c["qa"][1]} for c in cases]
+            self.batches += [
+                (k, bi, (sp, bi * ctx.opts.batch_size, chunk))
+                for k, bi, chunk in _batches(cases, ctx.opts.batch_size, sp)
+            ]
+            items += [
+                {"split": sp, "scene": c["scene"].to_dict(), "question": c["qa"][0], "truth": c["qa"][1]} for c in cases
+            ]
         return items
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
@@ -367,11 +436,26 @@ class QASuite(Suite):
         from mmgen.inference.batch_generation import generate_text_rows
 
         split, start, chunk = payload
-        answers = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=ctx.opts.qa_max_new_tokens,
-                                     batch_size=len(chunk), options=ctx.generation)
-        return [{"id": f"{split}/{start + j}", "split": split, "question": c["qa"][0], "truth": c["qa"][1], "qtype": c["qa"][2],
-                 "answer": a, "correct": normalize_answer(a) == c["qa"][1], "scene": c["scene"].to_dict()}
-                for j, (c, a) in enumerate(zip(chunk, answers))]
+        answers = generate_text_rows(
+            bundle,
+            [c["row"] for c in chunk],
+            max_new_tokens=ctx.opts.qa_max_new_tokens,
+            batch_size=len(chunk),
+            options=ctx.generation,
+        )
+        return [
+            {
+                "id": f"{split}/{start + j}",
+                "split": split,
+                "question": c["qa"][0],
+                "truth": c["qa"][1],
+                "qtype": c["qa"][2],
+                "answer": a,
+                "correct": normalize_answer(a) == c["qa"][1],
+                "scene": c["scene"].to_dict(),
+            }
+            for j, (c, a) in enumerate(zip(chunk, answers))
+        ]
 
     def summarize(self, records: list[dict]) -> dict:
         out = {}
@@ -382,10 +466,15 @@ class QASuite(Suite):
             by_type: dict[str, list[bool]] = {}
             for r in rs:
                 by_type.setdefault(r["qtype"], []).append(r["correct"])
-            out[sp] = {"n": len(rs), "accuracy": float(np.mean([r["correct"] for r in rs])),
-                       "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())},
-                       "intervals": {"accuracy": proportion(sum(r["correct"] for r in rs), len(rs)),
-                                     **{f"by_type.{k}": proportion(sum(v), len(v)) for k, v in sorted(by_type.items())}}}
+            out[sp] = {
+                "n": len(rs),
+                "accuracy": float(np.mean([r["correct"] for r in rs])),
+                "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())},
+                "intervals": {
+                    "accuracy": proportion(sum(r["correct"] for r in rs), len(rs)),
+                    **{f"by_type.{k}": proportion(sum(v), len(v)) for k, v in sorted(by_type.items())},
+                },
+            }
         return out
 
     def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
@@ -394,9 +483,16 @@ class QASuite(Suite):
         rows = []
         for sp in self.splits:
             rows += [r for r in records if r["split"] == sp][:k]
-        return [{"images": [("input", render(Scene.from_dict(r["scene"]), 72, 72))],
-                 "text": f"Q: {r['question']}\nA: {r['answer'] or '(nothing)'}\ntruth: {r['truth']}",
-                 "verdict": "correct" if r["correct"] else "wrong", "ok": r["correct"], "tag": r["split"]} for r in rows]
+        return [
+            {
+                "images": [("input", render(Scene.from_dict(r["scene"]), 72, 72))],
+                "text": f"Q: {r['question']}\nA: {r['answer'] or '(nothing)'}\ntruth: {r['truth']}",
+                "verdict": "correct" if r["correct"] else "wrong",
+                "ok": r["correct"],
+                "tag": r["split"],
+            }
+            for r in rows
+        ]
 
 
 # -- interleaved -------------------------------------------------------------------------------------
@@ -415,23 +511,41 @@ class InterleavedSuite(Suite):
             cases = buildup_cases(ctx.opts.n, sp, ctx.sampling["seed"], res, ctx.opts.interleaved_min_images)
             for c in cases:
                 c["row"], c["uncond"] = buildup_prompt_ids(bundle, c["items"]), uncond
-            self.batches += [(k, bi, (sp, bi * ctx.opts.batch_size, chunk))
-                             for k, bi, chunk in _batches(cases, ctx.opts.batch_size, sp)]
-            items += [{"split": sp, "instruction": c["instruction"], "truth": c["truth"],
-                       "document": [it.text if it.kind == "text" else it.meta.get("scene") for it in c["items"]]}
-                      for c in cases]
+            self.batches += [
+                (k, bi, (sp, bi * ctx.opts.batch_size, chunk))
+                for k, bi, chunk in _batches(cases, ctx.opts.batch_size, sp)
+            ]
+            items += [
+                {
+                    "split": sp,
+                    "instruction": c["instruction"],
+                    "truth": c["truth"],
+                    "document": [it.text if it.kind == "text" else it.meta.get("scene") for it in c["items"]],
+                }
+                for c in cases
+            ]
         if ctx.opts.continuation_n:
             from mmgen.eval.understanding import continuation_cases
 
             for sp in ctx.opts.interleaved_splits:
                 cases = continuation_cases(ctx.opts.continuation_n, sp, ctx.sampling["seed"], res)
                 for c in cases:
-                    c["row"], c["uncond"] = buildup_prompt_ids(bundle, c["items"])[:-1], uncond  # no <image>: text first
-                self.batches += [(k, bi, (f"continuation_{sp}", bi * ctx.opts.batch_size, chunk))
-                                 for k, bi, chunk in _batches(cases, ctx.opts.batch_size, f"continuation_{sp}")]
-                items += [{"split": f"continuation_{sp}", "before": c["before"],
-                           "document": [it.text if it.kind == "text" else it.meta.get("scene") for it in c["items"]]}
-                          for c in cases]
+                    c["row"], c["uncond"] = (
+                        buildup_prompt_ids(bundle, c["items"])[:-1],
+                        uncond,
+                    )  # no <image>: text first
+                self.batches += [
+                    (k, bi, (f"continuation_{sp}", bi * ctx.opts.batch_size, chunk))
+                    for k, bi, chunk in _batches(cases, ctx.opts.batch_size, f"continuation_{sp}")
+                ]
+                items += [
+                    {
+                        "split": f"continuation_{sp}",
+                        "before": c["before"],
+                        "document": [it.text if it.kind == "text" else it.meta.get("scene") for it in c["items"]],
+                    }
+                    for c in cases
+                ]
         return items
 
     def _continue(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
@@ -444,12 +558,16 @@ class InterleavedSuite(Suite):
         from mmgen.world.scene_parser import compare_scenes, parse_scene
 
         split, start, chunk = payload
-        texts = generate_text_rows(bundle, [c["row"] for c in chunk], max_new_tokens=32, batch_size=len(chunk),
-                                   options=ctx.generation)
-        texts = [t[:t.index(".") + 1] if "." in t else t for t in texts]
-        rows = [c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)]
-        images = generate_image_rows(bundle, rows, [c["uncond"] for c in chunk], batch_size=len(chunk),
-                                     **ctx.draw_kwargs(bundle, bi))
+        texts = generate_text_rows(
+            bundle, [c["row"] for c in chunk], max_new_tokens=32, batch_size=len(chunk), options=ctx.generation
+        )
+        texts = [t[: t.index(".") + 1] if "." in t else t for t in texts]
+        rows = [
+            c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)
+        ]
+        images = generate_image_rows(
+            bundle, rows, [c["uncond"] for c in chunk], batch_size=len(chunk), **ctx.draw_kwargs(bundle, bi)
+        )
         out = []
         for j, (c, t, img) in enumerate(zip(chunk, texts, images)):
             i = start + j
@@ -459,13 +577,21 @@ class InterleavedSuite(Suite):
             # an instruction that is not an edit has no truth: neither exact nor any object recalled
             cmp = compare_scenes(pred, truth) if truth is not None else {"exact": False, "object_recall": 0.0}
             before_img = [it for it in c["items"] if it.kind == "image"][-1]
-            out.append({"id": f"{split}/{i}", "split": split, "instruction": t,
-                        "truth": truth.to_dict() if truth is not None else None,
-                        "before": ctx.save_image(before_img.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
-                        "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
-                        "exact": cmp["exact"], "parsed": pred is not None, "object_recall": cmp["object_recall"],
-                        "pred": pred.to_dict() if pred is not None else None,
-                        "aspects": judge_step(before, t, pred, model_text=True)})
+            out.append(
+                {
+                    "id": f"{split}/{i}",
+                    "split": split,
+                    "instruction": t,
+                    "truth": truth.to_dict() if truth is not None else None,
+                    "before": ctx.save_image(before_img.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
+                    "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
+                    "exact": cmp["exact"],
+                    "parsed": pred is not None,
+                    "object_recall": cmp["object_recall"],
+                    "pred": pred.to_dict() if pred is not None else None,
+                    "aspects": judge_step(before, t, pred, model_text=True),
+                }
+            )
         return out
 
     def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
@@ -477,8 +603,13 @@ class InterleavedSuite(Suite):
         split, start, chunk = payload
         if split.startswith("continuation_"):
             return self._continue(bundle, bi, payload, ctx)
-        images = generate_image_rows(bundle, [c["row"] for c in chunk], [c["uncond"] for c in chunk],
-                                     batch_size=len(chunk), **ctx.draw_kwargs(bundle, bi))
+        images = generate_image_rows(
+            bundle,
+            [c["row"] for c in chunk],
+            [c["uncond"] for c in chunk],
+            batch_size=len(chunk),
+            **ctx.draw_kwargs(bundle, bi),
+        )
         out = []
         for j, (c, img) in enumerate(zip(chunk, images)):
             i = start + j
@@ -487,12 +618,21 @@ class InterleavedSuite(Suite):
             cmp = compare_scenes(pred, truth)
             before = [it for it in c["items"] if it.kind == "image"][-1]
             prev_scene = Scene.from_dict(before.meta["scene"])
-            out.append({"id": f"{split}/{i}", "split": split, "instruction": c["instruction"], "truth": c["truth"],
-                        "before": ctx.save_image(before.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
-                        "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
-                        "exact": cmp["exact"], "parsed": cmp["parsed"], "object_recall": cmp["object_recall"],
-                        "pred": pred.to_dict() if pred is not None else None,
-                        "aspects": judge_step(prev_scene, c["instruction"], pred, truth)})
+            out.append(
+                {
+                    "id": f"{split}/{i}",
+                    "split": split,
+                    "instruction": c["instruction"],
+                    "truth": c["truth"],
+                    "before": ctx.save_image(before.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
+                    "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
+                    "exact": cmp["exact"],
+                    "parsed": cmp["parsed"],
+                    "object_recall": cmp["object_recall"],
+                    "pred": pred.to_dict() if pred is not None else None,
+                    "aspects": judge_step(prev_scene, c["instruction"], pred, truth),
+                }
+            )
         return out
 
     def summarize(self, records: list[dict]) -> dict:
@@ -501,14 +641,24 @@ class InterleavedSuite(Suite):
         out = {}
         for sp in ctx_splits(records):
             rs = [r for r in records if r["split"] == sp]
-            out[sp] = {"n": len(rs), "accuracy": float(np.mean([r["exact"] for r in rs])),
-                       "parse_rate": float(np.mean([r["parsed"] for r in rs])),
-                       "object_recall": float(np.mean([r["object_recall"] for r in rs])),
-                       "intervals": {**_pct_block(rs, ("exact", "parsed")),
-                                     "object_recall": mean_interval([r["object_recall"] for r in rs])},
-                       "aspects": {a: proportion(sum(r["aspects"][a]["pass"] for r in rs if a in r["aspects"]),
-                                                 sum(a in r["aspects"] for r in rs)) for a in ASPECTS
-                                   if any(a in r["aspects"] for r in rs)}}
+            out[sp] = {
+                "n": len(rs),
+                "accuracy": float(np.mean([r["exact"] for r in rs])),
+                "parse_rate": float(np.mean([r["parsed"] for r in rs])),
+                "object_recall": float(np.mean([r["object_recall"] for r in rs])),
+                "intervals": {
+                    **_pct_block(rs, ("exact", "parsed")),
+                    "object_recall": mean_interval([r["object_recall"] for r in rs]),
+                },
+                "aspects": {
+                    a: proportion(
+                        sum(r["aspects"][a]["pass"] for r in rs if a in r["aspects"]),
+                        sum(a in r["aspects"] for r in rs),
+                    )
+                    for a in ASPECTS
+                    if any(a in r["aspects"] for r in rs)
+                },
+            }
         return out
 
     def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
@@ -519,14 +669,23 @@ class InterleavedSuite(Suite):
         out = []
         rows = []
         for sp in ctx_splits(records):
-            rows += [r for r in records if r["split"] == sp][:k // len(ctx_splits(records)) or 1]
+            rows += [r for r in records if r["split"] == sp][: k // len(ctx_splits(records)) or 1]
         for r in rows:
             exp = ctx.load_image(r["image"]).size
             expected = render(Scene.from_dict(r["truth"]), *exp) if r["truth"] else PILImage.new("RGB", exp, "gray")
-            out.append({"images": [("before", ctx.load_image(r["before"])), ("generated", ctx.load_image(r["image"])),
-                                   ("expected" if r["truth"] else "(not an edit)", expected)],
-                        "text": r["instruction"], "verdict": _verdict(r["exact"], r["parsed"]), "ok": r["exact"],
-                        "tag": r["split"]})
+            out.append(
+                {
+                    "images": [
+                        ("before", ctx.load_image(r["before"])),
+                        ("generated", ctx.load_image(r["image"])),
+                        ("expected" if r["truth"] else "(not an edit)", expected),
+                    ],
+                    "text": r["instruction"],
+                    "verdict": _verdict(r["exact"], r["parsed"]),
+                    "ok": r["exact"],
+                    "tag": r["split"],
+                }
+            )
         return out
 
 
@@ -556,8 +715,15 @@ class ReconSuite(Suite):
                 for i, (a, b) in enumerate(ex):
                     ctx.save_image(a, f"images/recon/{i:02d}_original.png")
                     ctx.save_image(b, f"images/recon/{i:02d}_reconstruction.png")
-            out.append({"id": name, "which": name, "type": type(tok).__name__,
-                        "tokens_per_image": tok.tokens_per_image(*tok.resolution), **r})
+            out.append(
+                {
+                    "id": name,
+                    "which": name,
+                    "type": type(tok).__name__,
+                    "tokens_per_image": tok.tokens_per_image(*tok.resolution),
+                    **r,
+                }
+            )
         return out
 
     def summarize(self, records: list[dict]) -> dict:
@@ -565,8 +731,10 @@ class ReconSuite(Suite):
         for r in records:
             m = {k: v for k, v in r.items() if k not in ("id", "which", "per_sample")}
             ps = r.get("per_sample", {})
-            m["intervals"] = {"scene_agreement": proportion(sum(ps.get("exact", [])), len(ps.get("exact", []))),
-                              "psnr_db": mean_interval(ps.get("psnr", []))}
+            m["intervals"] = {
+                "scene_agreement": proportion(sum(ps.get("exact", [])), len(ps.get("exact", []))),
+                "psnr_db": mean_interval(ps.get("psnr", [])),
+            }
             for sp in sorted(set(ps.get("split", []))):
                 e = [x for x, s in zip(ps["exact"], ps["split"]) if s == sp]
                 m["intervals"][f"scene_agreement_by_split.{sp}"] = proportion(sum(e), len(e))
@@ -581,12 +749,23 @@ class ReconSuite(Suite):
             a, b = f"images/recon/{i:02d}_original.png", f"images/recon/{i:02d}_reconstruction.png"
             if (ctx.out / a).is_file():
                 ok = bool(ps["exact"][i]) if i < len(ps.get("exact", [])) else None
-                out.append({"images": [("original", ctx.load_image(a)), ("reconstruction", ctx.load_image(b))],
-                            "text": f"PSNR {ps['psnr'][i]:.1f} dB" if i < len(ps.get("psnr", [])) else "",
-                            "verdict": "" if ok is None else ("same scene" if ok else "scene differs"), "ok": ok,
-                            "tag": ps["split"][i] if i < len(ps.get("split", [])) else ""})
+                out.append(
+                    {
+                        "images": [("original", ctx.load_image(a)), ("reconstruction", ctx.load_image(b))],
+                        "text": f"PSNR {ps['psnr'][i]:.1f} dB" if i < len(ps.get("psnr", [])) else "",
+                        "verdict": "" if ok is None else ("same scene" if ok else "scene differs"),
+                        "ok": ok,
+                        "tag": ps["split"][i] if i < len(ps.get("split", [])) else "",
+                    }
+                )
         return out
 
 
-SUITE_CLASSES: dict[str, Any] = {"t2i": T2ISuite, "robust": RobustSuite, "geneval": GenEvalSuite, "qa": QASuite,
-                                 "interleaved": InterleavedSuite, "recon": ReconSuite}
+SUITE_CLASSES: dict[str, Any] = {
+    "t2i": T2ISuite,
+    "robust": RobustSuite,
+    "geneval": GenEvalSuite,
+    "qa": QASuite,
+    "interleaved": InterleavedSuite,
+    "recon": ReconSuite,
+}

@@ -62,14 +62,29 @@ def summarize(scores: list[dict]) -> dict:
     for a in ("shape", "color", "size"):
         vals = [s["attr_acc"][a] for s in scores if a in s["attr_acc"]]
         attrs[a] = float(np.mean(vals)) if vals else 0.0
-    return {"n": len(scores), "accuracy": mean("all_objects"), "exact_scene": mean("exact_scene"),
-            "parse_rate": mean("parsed"), "background": mean("background"), "object_recall": mean("object_recall"),
-            "attr_acc": attrs}
+    return {
+        "n": len(scores),
+        "accuracy": mean("all_objects"),
+        "exact_scene": mean("exact_scene"),
+        "parse_rate": mean("parsed"),
+        "background": mean("background"),
+        "object_recall": mean("object_recall"),
+        "attr_acc": attrs,
+    }
 
 
-def evaluate_t2i(bundle, n: int = 32, seed: int = 0, cfg_scale: float | None = None, temperature: float | None = None,
-                 top_k: int | None = None, batch_size: int = 16, splits=("val", "heldout"), prompt_seed: int = 1234,
-                 options=None) -> dict:
+def evaluate_t2i(
+    bundle,
+    n: int = 32,
+    seed: int = 0,
+    cfg_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    batch_size: int = 16,
+    splits=("val", "heldout"),
+    prompt_seed: int = 1234,
+    options=None,
+) -> dict:
     """Generate an image for ``n`` prompts per split and score them (the ``t2i`` suite of ``mmgen eval
     run``, in memory). Returns metrics and samples. ``seed`` drives sampling; ``prompt_seed`` picks the
     prompts (another value: a separate set, for choosing sampling settings without looking at the
@@ -79,11 +94,19 @@ def evaluate_t2i(bundle, n: int = 32, seed: int = 0, cfg_scale: float | None = N
 
     suite = T2ISuite(splits)
     sampling = function_sampling(bundle, seed, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale)
-    records = run_in_memory(suite, bundle, sampling, EvalOptions(n=n, prompt_seed=prompt_seed, batch_size=batch_size),
-                            progress=True, generation=options)
+    records = run_in_memory(
+        suite,
+        bundle,
+        sampling,
+        EvalOptions(n=n, prompt_seed=prompt_seed, batch_size=batch_size),
+        progress=True,
+        generation=options,
+    )
     summary = suite.summarize(records)
-    return {"splits": {sp: {k: v for k, v in summary[sp].items() if k != "intervals"} for sp in splits},
-            "samples": [{k: v for k, v in r.items() if k not in ("id", "truth")} for r in records]}
+    return {
+        "splits": {sp: {k: v for k, v in summary[sp].items() if k != "intervals"} for sp in splits},
+        "samples": [{k: v for k, v in r.items() if k not in ("id", "truth")} for r in records],
+    }
 
 
 def evaluate_reconstruction(image_tokenizer, n: int = 200, seed: int = 7, size: tuple[int, int] | None = None) -> dict:
@@ -101,7 +124,7 @@ def evaluate_reconstruction(image_tokenizer, n: int = 200, seed: int = 7, size: 
     originals = [render(s, *size) for s in scenes]
     recons = []
     for i in range(0, n, 64):
-        recons += image_tokenizer.decode(image_tokenizer.encode(originals[i:i + 64]))
+        recons += image_tokenizer.decode(image_tokenizer.encode(originals[i : i + 64]))
     exact = [compare_scenes(parse_scene(r), s)["exact"] for r, s in zip(recons, scenes)]
     by_split = {sp: float(np.mean([e for e, s2 in zip(exact, splits) if s2 == sp])) for sp in sorted(set(splits))}
     psnr = []
@@ -109,8 +132,12 @@ def evaluate_reconstruction(image_tokenizer, n: int = 200, seed: int = 7, size: 
         a = np.asarray(o, np.float32)
         b = np.asarray(r.resize(o.size), np.float32)
         mse = float(np.mean((a - b) ** 2))
-        psnr.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
-    return {"n": n, "scene_agreement": float(np.mean(exact)), "scene_agreement_by_split": by_split,
-            "psnr_db": float(np.mean(psnr)),
-            "per_sample": {"exact": [bool(e) for e in exact], "split": splits, "psnr": [float(v) for v in psnr]},
-            "examples": list(zip(originals[:8], recons[:8]))}
+        psnr.append(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+    return {
+        "n": n,
+        "scene_agreement": float(np.mean(exact)),
+        "scene_agreement_by_split": by_split,
+        "psnr_db": float(np.mean(psnr)),
+        "per_sample": {"exact": [bool(e) for e in exact], "split": splits, "psnr": [float(v) for v in psnr]},
+        "examples": list(zip(originals[:8], recons[:8])),
+    }

@@ -62,19 +62,28 @@ def qa_cases(n: int, split: str, seed: int) -> list[tuple]:
     return list(zip(scenes, [qa_pairs(s, rng, n=1)[0] for s in scenes]))
 
 
-def evaluate_qa(bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), batch_size: int = 16,
-                options=None) -> dict:
+def evaluate_qa(
+    bundle, n: int = 64, seed: int = 0, splits=("val", "heldout"), batch_size: int = 16, options=None
+) -> dict:
     """Greedy short answers to one question per scene, scored exactly, per split and per type: the
     ``qa`` suite of ``mmgen eval run``, in memory. ``options``: a GenerationOptions whose KV cache and
     accelerations the generation uses (:class:`mmgen.eval.suites.Context`)."""
     from mmgen.eval.suites import EvalOptions, QASuite, function_sampling, run_in_memory
 
     suite = QASuite(splits)
-    records = run_in_memory(suite, bundle, function_sampling(bundle, seed), EvalOptions(n=n, batch_size=batch_size),
-                            progress=True, generation=options)
+    records = run_in_memory(
+        suite,
+        bundle,
+        function_sampling(bundle, seed),
+        EvalOptions(n=n, batch_size=batch_size),
+        progress=True,
+        generation=options,
+    )
     summary = suite.summarize(records)
-    return {"splits": {sp: {k: summary[sp][k] for k in ("n", "accuracy", "by_type")} for sp in splits},
-            "samples": [{k: r[k] for k in ("split", "question", "truth", "answer", "correct")} for r in records]}
+    return {
+        "splits": {sp: {k: summary[sp][k] for k in ("n", "accuracy", "by_type")} for sp in splits},
+        "samples": [{k: r[k] for k in ("split", "question", "truth", "answer", "correct")} for r in records],
+    }
 
 
 def resolution(bundle) -> tuple[int, int]:
@@ -96,8 +105,9 @@ def buildup_cases(n: int, split: str, seed: int, res, min_images: int = 0) -> li
         if min_images and len(steps) + 1 < min_images:
             continue
         cut = steps[-1] if min_images else rng.choice(steps)  # the image to draw; the items before it are the prompt
-        cases.append({"items": doc.items[:cut], "truth": doc.items[cut].meta["scene"],
-                      "instruction": doc.items[cut - 1].text})
+        cases.append(
+            {"items": doc.items[:cut], "truth": doc.items[cut].meta["scene"], "instruction": doc.items[cut - 1].text}
+        )
     return cases
 
 
@@ -128,8 +138,11 @@ def buildup_prompt_ids(bundle, items) -> list[int]:
     tok = bundle.text_tokenizer
     if proc.trained_in_chat():
         first, rest = items[0], items[1:]
-        ids = proc.chat_prompt_ids(first.text) if first.kind == "text" else \
-            proc.chat_prompt_ids("", image_ids=proc.image_ids([first.to_pil()])[0])
+        ids = (
+            proc.chat_prompt_ids(first.text)
+            if first.kind == "text"
+            else proc.chat_prompt_ids("", image_ids=proc.image_ids([first.to_pil()])[0])
+        )
         for it in rest:
             ids += encode_text(it.text, tok) if it.kind == "text" else proc.image_ids([it.to_pil()])[0]
         return ids + [bundle.vocab["<image>"]]
@@ -148,9 +161,18 @@ def buildup_prompt_ids(bundle, items) -> list[int]:
     return ids + [bundle.vocab["<image>"]]
 
 
-def evaluate_interleaved(bundle, n: int = 32, seed: int = 0, splits=("val",), temperature: float | None = None,
-                         top_k: int | None = None, cfg_scale: float | None = None, batch_size: int = 16,
-                         min_images: int = 0, options=None) -> dict:
+def evaluate_interleaved(
+    bundle,
+    n: int = 32,
+    seed: int = 0,
+    splits=("val",),
+    temperature: float | None = None,
+    top_k: int | None = None,
+    cfg_scale: float | None = None,
+    batch_size: int = 16,
+    min_images: int = 0,
+    options=None,
+) -> dict:
     """Next-image accuracy on build-up documents, judged by the scene parser: the ``interleaved``
     suite of ``mmgen eval run``, in memory. Sampling options left None are the bundle's (its
     ``generation_config.json``); ``min_images`` as in :func:`buildup_cases`, ``options`` as in
@@ -159,10 +181,17 @@ def evaluate_interleaved(bundle, n: int = 32, seed: int = 0, splits=("val",), te
 
     suite = InterleavedSuite()
     sampling = function_sampling(bundle, seed, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale)
-    records = run_in_memory(suite, bundle, sampling,
-                            EvalOptions(n=n, batch_size=batch_size, interleaved_splits=tuple(splits),
-                                        interleaved_min_images=min_images), progress=True, generation=options)
+    records = run_in_memory(
+        suite,
+        bundle,
+        sampling,
+        EvalOptions(n=n, batch_size=batch_size, interleaved_splits=tuple(splits), interleaved_min_images=min_images),
+        progress=True,
+        generation=options,
+    )
     summary = suite.summarize(records)
     keys = ("split", "instruction", "truth", "image", "exact", "parsed", "object_recall")
-    return {"splits": {sp: {k: summary[sp][k] for k in ("n", "accuracy", "parse_rate", "object_recall")} for sp in splits},
-            "samples": [{k: r[k] for k in keys} for r in records]}
+    return {
+        "splits": {sp: {k: summary[sp][k] for k in ("n", "accuracy", "parse_rate", "object_recall")} for sp in splits},
+        "samples": [{k: r[k] for k in keys} for r in records],
+    }

@@ -34,11 +34,25 @@ def _loop_kwargs(bundle, options, prune=None, spec=None, stats=None) -> dict:
 
 
 @torch.no_grad()
-def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequence[Sequence[int]] | None = None,
-                        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                        seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
-                        size: tuple[int, int] | None = None, progress: bool = False, desc: str = "t2i",
-                        options=None, prune=None, spec=None, image_decoder=None, stats: dict | None = None) -> list:
+def generate_image_rows(
+    bundle,
+    rows: Sequence[Sequence[int]],
+    uncond_rows: Sequence[Sequence[int]] | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    cfg_scale: float | None = None,
+    batch_size: int = 8,
+    size: tuple[int, int] | None = None,
+    progress: bool = False,
+    desc: str = "t2i",
+    options=None,
+    prune=None,
+    spec=None,
+    image_decoder=None,
+    stats: dict | None = None,
+) -> list:
     """One image per prompt row: each row (token ids ending in ``<image>``) is continued by exactly
     one image block under the grid constraint, then decoded (by the image tokenizer, or by
     ``image_decoder``: :func:`mmgen.inference.detokenize.image_decoder`). Batch ``i`` uses seed
@@ -66,18 +80,33 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
 
         starts = tqdm(starts, desc=desc, unit="batch")
     for bi, s in enumerate(starts):
-        chunk = [list(r) for r in rows[s:s + batch_size]]
+        chunk = [list(r) for r in rows[s : s + batch_size]]
         if any(not r or r[-1] != vocab["<image>"] for r in chunk):
             raise MMGenError("an image prompt row must end with the <image> token")
         if fit_to_context(bundle.model, max(len(r) for r in chunk), budget)[1]:
-            raise MMGenError(f"a prompt of {max(len(r) for r in chunk)} tokens leaves no room for a {budget}-token "
-                             f"image block in the model's {context_length(bundle.model)} positions; shorten it")
-        uncond = [list(r) for r in uncond_rows[s:s + batch_size]] if cfg_scale != 1.0 else None
+            raise MMGenError(
+                f"a prompt of {max(len(r) for r in chunk)} tokens leaves no room for a {budget}-token "
+                f"image block in the model's {context_length(bundle.model)} positions; shorten it"
+            )
+        uncond = [list(r) for r in uncond_rows[s : s + batch_size]] if cfg_scale != 1.0 else None
         blocks = [[vocab["<image>"]] for _ in chunk]
-        for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=budget, eos_id=eos, pad_id=pad,
-                                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + bi,
-                                         cfg_scale=cfg_scale, uncond_rows=uncond, sizes=sizes, stop_after_images=1,
-                                         **_loop_kwargs(bundle, options, prune, spec, stats)):
+        for tok, active in sample_tokens(
+            bundle.model,
+            vocab,
+            chunk,
+            max_new_tokens=budget,
+            eos_id=eos,
+            pad_id=pad,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed + bi,
+            cfg_scale=cfg_scale,
+            uncond_rows=uncond,
+            sizes=sizes,
+            stop_after_images=1,
+            **_loop_kwargs(bundle, options, prune, spec, stats),
+        ):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a:
                     blocks[r].append(t)
@@ -85,10 +114,22 @@ def generate_image_rows(bundle, rows: Sequence[Sequence[int]], uncond_rows: Sequ
     return out
 
 
-def generate_images(bundle, prompts: Sequence[str], temperature: float | None = None, top_k: int | None = None,
-                    top_p: float | None = None, seed: int = 0, cfg_scale: float | None = None, batch_size: int = 8,
-                    size: tuple[int, int] | None = None, progress: bool = False, options=None, spec=None,
-                    image_decoder=None, stats: dict | None = None) -> list:
+def generate_images(
+    bundle,
+    prompts: Sequence[str],
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    cfg_scale: float | None = None,
+    batch_size: int = 8,
+    size: tuple[int, int] | None = None,
+    progress: bool = False,
+    options=None,
+    spec=None,
+    image_decoder=None,
+    stats: dict | None = None,
+) -> list:
     """Text-to-image for many prompts, batched: one PIL image per prompt, in order.
 
     ``size`` is the (H, W) code grid (default: the tokenizer's native grid). Batch ``i`` uses seed
@@ -101,14 +142,36 @@ def generate_images(bundle, prompts: Sequence[str], temperature: float | None = 
     cfg_scale = bundle_sampling(bundle, cfg_scale=cfg_scale).cfg_scale
     rows = [prompt_ids(bundle, p, image=True) for p in prompts]
     uncond = [prompt_ids(bundle, "", image=True) for _ in prompts] if cfg_scale != 1.0 else None
-    return generate_image_rows(bundle, rows, uncond, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               cfg_scale=cfg_scale, batch_size=batch_size, size=size, progress=progress,
-                               options=options, spec=spec, image_decoder=image_decoder, stats=stats)
+    return generate_image_rows(
+        bundle,
+        rows,
+        uncond,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        cfg_scale=cfg_scale,
+        batch_size=batch_size,
+        size=size,
+        progress=progress,
+        options=options,
+        spec=spec,
+        image_decoder=image_decoder,
+        stats=stats,
+    )
 
 
 @torch.no_grad()
-def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: int = 16, batch_size: int = 16,
-                       progress: bool = False, desc: str = "text", options=None, prune=None) -> list[str]:
+def generate_text_rows(
+    bundle,
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "text",
+    options=None,
+    prune=None,
+) -> list[str]:
     """Greedy text continuation of each prompt row until ``</s>`` (no images): short answers. ``options``
     and ``prune`` as in :func:`generate_image_rows`."""
     vocab = bundle.vocab
@@ -120,11 +183,19 @@ def generate_text_rows(bundle, rows: Sequence[Sequence[int]], max_new_tokens: in
 
         starts = tqdm(starts, desc=desc, unit="batch")
     for s in starts:
-        chunk = [list(r) for r in rows[s:s + batch_size]]
+        chunk = [list(r) for r in rows[s : s + batch_size]]
         got: list[list[int]] = [[] for _ in chunk]
-        for tok, active in sample_tokens(bundle.model, vocab, chunk, max_new_tokens=max_new_tokens, eos_id=eos,
-                                         pad_id=pad, temperature=0.0, allow_images=False,
-                                         **_loop_kwargs(bundle, options, prune)):
+        for tok, active in sample_tokens(
+            bundle.model,
+            vocab,
+            chunk,
+            max_new_tokens=max_new_tokens,
+            eos_id=eos,
+            pad_id=pad,
+            temperature=0.0,
+            allow_images=False,
+            **_loop_kwargs(bundle, options, prune),
+        ):
             for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a and t != eos:
                     got[r].append(t)

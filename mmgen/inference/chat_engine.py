@@ -15,8 +15,12 @@ from pathlib import Path
 from mmgen.errors import MMGenError
 from mmgen.models.bundle import can_draw
 
-MODE_CHOICES = [("auto: the model decides", "auto"), ("text to image", "t2i"), ("text to speech", "tts"),
-                ("text only", "text")]
+MODE_CHOICES = [
+    ("auto: the model decides", "auto"),
+    ("text to image", "t2i"),
+    ("text to speech", "tts"),
+    ("text only", "text"),
+]
 TTS_MIN_SECONDS = 0.5  # a tts answer always has room for at least this much speech
 # A ShapesWorld caption is ~100 characters; this bounds the tokenizer's work on a pasted novel long
 # before the context check (tokens) refuses it.
@@ -59,15 +63,25 @@ def doc_to_message(doc, image_dir: Path) -> dict | None:
     for it in doc.items:
         if isinstance(it, Image):
             h, w = it.meta.get("codes_shape", ["?", "?"])
-            parts.append({"path": _media_file(it.load(), "png", image_dir), "mime_type": "image/png",
-                          "alt_text": f"generated image, {h}x{w} codes"})
+            parts.append(
+                {
+                    "path": _media_file(it.load(), "png", image_dir),
+                    "mime_type": "image/png",
+                    "alt_text": f"generated image, {h}x{w} codes",
+                }
+            )
             caption = picture_caption(it.meta)
             if caption:
                 parts.append(caption)
         elif isinstance(it, Audio):
             # Gradio's Chatbot picks its player from the file's mime type (taken from the .wav suffix).
-            parts.append({"path": _media_file(it.load(), "wav", image_dir), "mime_type": "audio/wav",
-                          "alt_text": f"generated speech, {it.duration:.2f} s"})
+            parts.append(
+                {
+                    "path": _media_file(it.load(), "wav", image_dir),
+                    "mime_type": "audio/wav",
+                    "alt_text": f"generated speech, {it.duration:.2f} s",
+                }
+            )
         else:
             parts.append(it.text)
     stats = answer_stats(doc.meta) if parts else None
@@ -79,8 +93,13 @@ def doc_to_message(doc, image_dir: Path) -> dict | None:
 class ChatEngine:
     """Holds the loaded bundle and answers one prompt at a time (Gradio's queue serialises calls)."""
 
-    def __init__(self, bundle, image_dir: str | Path | None = None, max_prompt_chars: int = MAX_PROMPT_CHARS,
-                 detokenizer: str | None = None):
+    def __init__(
+        self,
+        bundle,
+        image_dir: str | Path | None = None,
+        max_prompt_chars: int = MAX_PROMPT_CHARS,
+        detokenizer: str | None = None,
+    ):
         import shutil
         import weakref
 
@@ -107,8 +126,9 @@ class ChatEngine:
         if not message:
             raise MMGenError("type a message first (a picture goes with a question or an instruction)")
         if len(message) > self.max_prompt_chars:
-            raise MMGenError(f"the message is {len(message)} characters; this chat takes at most "
-                             f"{self.max_prompt_chars}")
+            raise MMGenError(
+                f"the message is {len(message)} characters; this chat takes at most {self.max_prompt_chars}"
+            )
         return message
 
     def draws_with_detokenizer(self) -> bool:
@@ -124,9 +144,20 @@ class ChatEngine:
         detoks = detokenizer_for(self.bundle, self.defaults)
         return detoks.scales if detoks is not None else []
 
-    def answer(self, message: str, history: list | None, mode: str = "auto", temperature: float | None = None,
-               top_k: int | None = None, seed: int = 0, cfg_scale: float | None = None, max_new_tokens: int = 512,
-               stream_every_s: float = 0.2, picture=None, options: dict | None = None):
+    def answer(
+        self,
+        message: str,
+        history: list | None,
+        mode: str = "auto",
+        temperature: float | None = None,
+        top_k: int | None = None,
+        seed: int = 0,
+        cfg_scale: float | None = None,
+        max_new_tokens: int = 512,
+        stream_every_s: float = 0.2,
+        picture=None,
+        options: dict | None = None,
+    ):
         """Yield the conversation (messages format) while the answer grows; the last yield is final.
         ``picture`` (PIL) is shown to the model before the message: a question about it in the text
         modes, an instruction for the next picture in t2i. Sampling options left None are the
@@ -145,8 +176,11 @@ class ChatEngine:
 
             buf = io.BytesIO()
             picture.convert("RGB").save(buf, format="PNG")
-            shown = {"path": _media_file(buf.getvalue(), "png", self.image_dir), "mime_type": "image/png",
-                     "alt_text": "the picture shown to the model"}
+            shown = {
+                "path": _media_file(buf.getvalue(), "png", self.image_dir),
+                "mime_type": "image/png",
+                "alt_text": "the picture shown to the model",
+            }
             history.append({"role": "user", "content": [shown, message]})
         else:
             history.append({"role": "user", "content": message})
@@ -160,10 +194,19 @@ class ChatEngine:
             codec = self.bundle.audio_tokenizer
             frames = max(1, round(TTS_MIN_SECONDS * codec.frame_rate))
             max_new_tokens = max(max_new_tokens, self.bundle.vocab.audio_block_len(frames))
-        o = GenerationOptions.build(**{**asdict(self.defaults), **(options or {}), "mode": mode,
-                                       "max_new_tokens": max_new_tokens, "temperature": _num(temperature, float),
-                                       "top_k": _num(top_k, int), "seed": int(seed), "cfg_scale": _num(cfg_scale, float),
-                                       "allow_audio": self.speaks and mode != "text"})
+        o = GenerationOptions.build(
+            **{
+                **asdict(self.defaults),
+                **(options or {}),
+                "mode": mode,
+                "max_new_tokens": max_new_tokens,
+                "temperature": _num(temperature, float),
+                "top_k": _num(top_k, int),
+                "seed": int(seed),
+                "cfg_scale": _num(cfg_scale, float),
+                "allow_audio": self.speaks and mode != "text",
+            }
+        )
         # a pipeline per answer: its processor reads the bundle's chat template as it is now
         stream = MMGenPipeline(self.bundle).stream(message, o, picture=picture)
         last = 0.0

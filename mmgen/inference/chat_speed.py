@@ -5,9 +5,9 @@ control kind)``: each entry becomes one Gradio control whose value reaches the p
 (checked like any ``key=value`` option, :meth:`GenerationOptions.build
 <mmgen.inference.pipeline.GenerationOptions.build>`), so a new generation option reaches the chat with
 one line here. Kinds: ``slider`` (``args`` = minimum, maximum, step), ``number``, ``checkbox`` and
-``dropdown`` (``args`` = the choices: values, or (label, value) pairs). ``none_at`` is the control value that means the field's None
-(e.g. a budget of 0 = unlimited); ``needs`` names what the bundle must have for the control to act
-(``detokenizer``), otherwise it is shown greyed out.
+``dropdown`` (``args`` = the choices: values, or (label, value) pairs). ``none_at`` is the control value
+that means the field's None (e.g. a budget of 0 = unlimited); ``needs`` names what the bundle must have
+for the control to act (``detokenizer``), otherwise it is shown greyed out.
 
 Under each answer the chat shows what the answer cost, from the finished Doc's meta
 (:func:`answer_stats`): forward passes, tokens/s (new tokens over the answer's seconds) and the KV
@@ -41,17 +41,27 @@ SPEED_CONTROLS = (
     SpeedControl("prune_method", "pruning of the picture you show (prefill)", "dropdown", PRUNE_METHODS),
     SpeedControl("prune_ratio", "pruning: share of the picture's tokens kept", "slider", (0.05, 1.0, 0.05)),
     SpeedControl("prune_layer", "pruning: layer K (fastv, text, pyramid)", "slider", (1, 1, 1), max_from="layers"),
-    SpeedControl("cache", "KV cache (fp8: transformers' QuantizedCache, a quarter of float32's bytes)", "dropdown",
-                 ("dynamic", "fp8")),
-    SpeedControl("kv_method", "KV compression (snapkv, h2o: by attention; streaming: sinks + recent)", "dropdown",
-                 KV_METHODS),
+    SpeedControl(
+        "cache",
+        "KV cache (fp8: transformers' QuantizedCache, a quarter of float32's bytes)",
+        "dropdown",
+        ("dynamic", "fp8"),
+    ),
+    SpeedControl(
+        "kv_method", "KV compression (snapkv, h2o: by attention; streaming: sinks + recent)", "dropdown", KV_METHODS
+    ),
     SpeedControl("kv_budget", "KV budget: entries per layer and head (0: unlimited)", "number", none_at=0),
     SpeedControl("spec_decoding", "speculative Jacobi decoding of pictures (same distribution)", "checkbox"),
     SpeedControl("spec_window", "speculative decoding: drafts verified per pass", "slider", (1, 32, 1)),
     SpeedControl("detok_steps", "detokenizer steps", "slider", (1, 50, 1), needs="detokenizer"),
-    SpeedControl("detok_scheduler", "detokenizer sampler", "dropdown",
-                 (("the saved one", "saved"), ("DDIM", "ddim"), ("DPM-Solver++", "dpm"), ("DDPM", "ddpm")), none_at="saved",
-                 needs="detokenizer"),
+    SpeedControl(
+        "detok_scheduler",
+        "detokenizer sampler",
+        "dropdown",
+        (("the saved one", "saved"), ("DDIM", "ddim"), ("DPM-Solver++", "dpm"), ("DDPM", "ddpm")),
+        none_at="saved",
+        needs="detokenizer",
+    ),
 )
 
 
@@ -67,8 +77,9 @@ def check_controls(controls=SPEED_CONTROLS) -> None:
             raise MMGenError(f"speed control '{c.label}' has kind '{c.kind}' (use one of: {', '.join(KINDS)})")
 
 
-def build_speed_panel(gr, defaults, available: dict[str, bool], limits: dict[str, int] | None = None,
-                      controls=SPEED_CONTROLS) -> list:
+def build_speed_panel(
+    gr, defaults, available: dict[str, bool], limits: dict[str, int] | None = None, controls=SPEED_CONTROLS
+) -> list:
     """One Gradio component per control, in order, starting at ``defaults`` (GenerationOptions); call it
     inside the panel's ``gr.Accordion``. ``available[needs]`` False greys a control out; ``limits[max_from]``
     is a slider's maximum (its value is clamped to it)."""
@@ -144,5 +155,13 @@ def picture_caption(image_meta: dict) -> str | None:
     return f"*drawn by the {decoder_label(image_meta['decoder'])}*"
 
 
-__all__ = ["KINDS", "SPEED_CONTROLS", "SpeedControl", "answer_stats", "build_speed_panel", "check_controls",
-           "picture_caption", "speed_options"]
+__all__ = [
+    "KINDS",
+    "SPEED_CONTROLS",
+    "SpeedControl",
+    "answer_stats",
+    "build_speed_panel",
+    "check_controls",
+    "picture_caption",
+    "speed_options",
+]

@@ -69,9 +69,16 @@ class ImageGridConstraint(LogitsProcessor):
         max_audio_frames: most code frames per audio block (None: only the budget limits it).
     """
 
-    def __init__(self, vocab: Vocab, sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
-                 forbid_stray: bool = True, max_length: int | None = None, allow_audio: bool = False,
-                 max_audio_frames: int | None = None):
+    def __init__(
+        self,
+        vocab: Vocab,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        allow_images: bool = True,
+        forbid_stray: bool = True,
+        max_length: int | None = None,
+        allow_audio: bool = False,
+        max_audio_frames: int | None = None,
+    ):
         self.vocab = vocab
         self.sizes = [(int(h), int(w)) for h, w in sizes] if sizes else None
         if self.sizes:
@@ -84,7 +91,9 @@ class ImageGridConstraint(LogitsProcessor):
         self.image_id = vocab["<image>"]
         self.allow_audio = bool(allow_audio) and vocab.has("audio")
         if max_audio_frames is not None and max_audio_frames < 1:
-            raise MMGenError(f"max_audio_frames must be >= 1 (an audio block holds at least one frame), got {max_audio_frames}")
+            raise MMGenError(
+                f"max_audio_frames must be >= 1 (an audio block holds at least one frame), got {max_audio_frames}"
+            )
         self.max_audio_frames = max_audio_frames
         self.audio_open, self.audio_close = vocab["<audio>"], vocab["</audio>"]
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -182,7 +191,7 @@ class ImageGridConstraint(LogitsProcessor):
         if m is None:
             m = torch.zeros(size, dtype=torch.bool)
             if isinstance(ids_or_range, tuple):
-                m[ids_or_range[0]:ids_or_range[1]] = True
+                m[ids_or_range[0] : ids_or_range[1]] = True
             else:
                 m[list(ids_or_range)] = True
             self._masks[key] = m
@@ -252,7 +261,8 @@ class ImageGridConstraint(LogitsProcessor):
         can_close = level == 0 and frames >= 1
         must_close = can_close and (
             (self.max_audio_frames is not None and frames >= self.max_audio_frames)
-            or (remaining is not None and remaining < levels + 1))
+            or (remaining is not None and remaining < levels + 1)
+        )
         ids = [] if must_close else list(range(*self.vocab.audio_level_range(level)))
         return self._mask(("audio", level, can_close, must_close), ids + [self.audio_close] * can_close, size, device)
 

@@ -41,12 +41,16 @@ def check_detok_options(options, bundle=None) -> None:
     if o.detok_steps < 1:
         raise MMGenError(f"detok_steps must be >= 1, got {o.detok_steps}")
     if o.detok_cfg_scale < 1:
-        raise MMGenError(f"detok_cfg_scale must be >= 1 (1 turns the detokenizer's guidance off), got {o.detok_cfg_scale}")
+        raise MMGenError(
+            f"detok_cfg_scale must be >= 1 (1 turns the detokenizer's guidance off), got {o.detok_cfg_scale}"
+        )
     if o.detok_scale not in SCALES:
         raise MMGenError(f"detok_scale must be 1 or 2 (2x super-resolution), got {o.detok_scale}")
     if o.detok_scheduler is not None and o.detok_scheduler not in DETOK_SCHEDULERS:
-        raise MMGenError(f"unknown detok_scheduler '{o.detok_scheduler}' (use one of: {', '.join(DETOK_SCHEDULERS)}, "
-                         "or leave it out for the saved one)")
+        raise MMGenError(
+            f"unknown detok_scheduler '{o.detok_scheduler}' (use one of: {', '.join(DETOK_SCHEDULERS)}, "
+            "or leave it out for the saved one)"
+        )
     path = str(o.detok_path or "auto")
     if path not in ("auto", "none") and not Path(path).is_dir():
         raise MMGenError(f"detokenizer directory {path} does not exist (detok_path: auto, none or a directory)")
@@ -63,8 +67,10 @@ def _chosen(bundle, options):
     detoks = detokenizer_for(bundle, options)
     if detoks is None:
         if options.detok_scale != 1:  # (detok_path none with a scale is refused before, without the bundle)
-            raise MMGenError(f"detok_scale {options.detok_scale} needs a detokenizer: this checkpoint has none "
-                             "(give one with --detokenizer DIR)")
+            raise MMGenError(
+                f"detok_scale {options.detok_scale} needs a detokenizer: this checkpoint has none "
+                "(give one with --detokenizer DIR)"
+            )
         return None
     facts = detoks.facts(options.detok_scale)
     check_fits(facts, bundle.image_tokenizer, bundle.vocab)
@@ -108,9 +114,14 @@ class DetokenizerDecoder:
         self.steps, self.cfg_scale, self.scheduler = int(steps), float(cfg_scale), scheduler
         self.grid_names = list(facts["grid_names"])
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.info = {"kind": "detokenizer", "scale": int(facts["scale"]), "steps": self.steps,
-                     "cfg_scale": self.cfg_scale, "scheduler": scheduler or _short_name(pipe.scheduler),
-                     "path": facts.get("path", "")}
+        self.info = {
+            "kind": "detokenizer",
+            "scale": int(facts["scale"]),
+            "steps": self.steps,
+            "cfg_scale": self.cfg_scale,
+            "scheduler": scheduler or _short_name(pipe.scheduler),
+            "path": facts.get("path", ""),
+        }
 
     def decode(self, parsed: Sequence[dict]) -> list:
         """PIL images of parsed image blocks (:meth:`Vocab.parse_image_block`), one pipeline call per grid shape."""
@@ -123,15 +134,18 @@ class DetokenizerDecoder:
         for r, p in enumerate(parsed):
             by_shape.setdefault(np.asarray(p["pix"]).shape, []).append(r)
         for idx in by_shape.values():
-            grids = [torch.from_numpy(np.stack([np.asarray(parsed[r][name]) for r in idx])).long()
-                     for name in self.grid_names]
+            grids = [
+                torch.from_numpy(np.stack([np.asarray(parsed[r][name]) for r in idx])).long()
+                for name in self.grid_names
+            ]
             with _SAMPLING:
                 saved = self.pipe.scheduler
                 if self.scheduler:
                     self.pipe.scheduler = make_scheduler(self.scheduler, dict(saved.config))
                 try:
-                    images = self.pipe(grids, num_inference_steps=self.steps, guidance_scale=self.cfg_scale,
-                                       generator=self.generator).images
+                    images = self.pipe(
+                        grids, num_inference_steps=self.steps, guidance_scale=self.cfg_scale, generator=self.generator
+                    ).images
                 finally:
                     self.pipe.scheduler = saved
             for r, pil in zip(idx, images):
@@ -155,8 +169,9 @@ def image_decoder(bundle, options, device=None) -> DetokenizerDecoder | None:
     if device is None:
         device = str(next(bundle.model.parameters()).device)
     pipe = detoks.pipeline(options.detok_scale, tokenizer=bundle.image_tokenizer, device=device)
-    return DetokenizerDecoder(pipe, facts, options.detok_steps, options.detok_cfg_scale, options.detok_scheduler,
-                              seed=options.seed)
+    return DetokenizerDecoder(
+        pipe, facts, options.detok_steps, options.detok_cfg_scale, options.detok_scheduler, seed=options.seed
+    )
 
 
 def decoder_label(info: dict | None) -> str:
@@ -170,5 +185,12 @@ def decoder_label(info: dict | None) -> str:
     return f"image tokenizer's decoder ({info.get('tokenizer') or 'codes'})"
 
 
-__all__ = ["DETOK_SCHEDULERS", "DetokenizerDecoder", "SCALES", "check_detok_options", "decoder_label", "detokenizer_for",
-           "image_decoder"]
+__all__ = [
+    "DETOK_SCHEDULERS",
+    "DetokenizerDecoder",
+    "SCALES",
+    "check_detok_options",
+    "decoder_label",
+    "detokenizer_for",
+    "image_decoder",
+]

@@ -24,8 +24,12 @@ class DraftWindow:
     @classmethod
     def empty(cls, bsz: int, media: int, device):
         z = torch.zeros(bsz, dtype=torch.long, device=device)
-        return cls(torch.zeros((bsz, 0), dtype=torch.long, device=device), z, z.clone(),
-                   torch.zeros((bsz, 0, media), device=device))
+        return cls(
+            torch.zeros((bsz, 0), dtype=torch.long, device=device),
+            z,
+            z.clone(),
+            torch.zeros((bsz, 0, media), device=device),
+        )
 
     @property
     def size(self) -> int:
@@ -46,7 +50,7 @@ class BlockMasks:
             n = self.constraint.block_length(h_tok, w_tok)
             t = torch.ones((n, self.hi - self.lo), dtype=torch.bool)
             for p in range(3, n):
-                t[p] = self.constraint.block_allowed(p, h_tok, w_tok, self.size)[self.lo:self.hi]
+                t[p] = self.constraint.block_allowed(p, h_tok, w_tok, self.size)[self.lo : self.hi]
             self._tables[key] = t.to(self.device)
         return self._tables[key]
 
@@ -102,6 +106,7 @@ class DraftSampler:
     def uniform(self, shape, device) -> torch.Tensor:
         return torch.rand(shape, generator=self.gen).to(device)
 
+
 def plain_draw(scores: torch.Tensor, sampler: DraftSampler) -> torch.Tensor:
     """The plain loop's draw from the processed scores (same random numbers, so text decodes the same)."""
     if sampler.greedy:
@@ -112,13 +117,22 @@ def plain_draw(scores: torch.Tensor, sampler: DraftSampler) -> torch.Tensor:
 def block_left(constraint, block_pos: torch.Tensor) -> torch.Tensor:
     """Per row: tokens of its open image block still to write (the next one included); 0 when the grid
     is not declared yet or no image block is open."""
-    left = [constraint.block_length(h, w) - p if p >= 3 else 0
-            for p, h, w in zip(constraint.pos, constraint.h_tok, constraint.w_tok)]
+    left = [
+        constraint.block_length(h, w) - p if p >= 3 else 0
+        for p, h, w in zip(constraint.pos, constraint.h_tok, constraint.w_tok)
+    ]
     return torch.tensor(left, dtype=torch.long, device=block_pos.device)
 
 
-def verify_drafts(win: DraftWindow, target: torch.Tensor, left: torch.Tensor, budget: int, spec: SpeculativeJacobi,
-            sampler: DraftSampler, lo: int):
+def verify_drafts(
+    win: DraftWindow,
+    target: torch.Tensor,
+    left: torch.Tensor,
+    budget: int,
+    spec: SpeculativeJacobi,
+    sampler: DraftSampler,
+    lo: int,
+):
     """SJD's test of each row's window against this pass's targets (B, 1 + fed, media). Returns the
     tokens each row produced (B, 1 + fed) ids, how many (B,), and the drafts tested and accepted."""
     bsz, fed = win.tokens.shape[0], target.shape[1] - 1
@@ -164,8 +178,24 @@ def _neighbour_mass(ext: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
     return ext.gather(-1, near).sum(-1)
 
 
-def next_window(win: DraftWindow, out, made, n: int, k, target, guided, left, constraint, masks: BlockMasks,
-                sampler: DraftSampler, active, window: int, budget: int, lo: int, device) -> DraftWindow:
+def next_window(
+    win: DraftWindow,
+    out,
+    made,
+    n: int,
+    k,
+    target,
+    guided,
+    left,
+    constraint,
+    masks: BlockMasks,
+    sampler: DraftSampler,
+    active,
+    window: int,
+    budget: int,
+    lo: int,
+    device,
+) -> DraftWindow:
     """The window each row feeds next, after ``n`` tokens were committed: its pending tokens (produced
     past ``n``), then the Jacobi update of the drafts this pass targeted, then new positions drawn from
     the row's last target under their own grid masks."""

@@ -91,9 +91,17 @@ def default_image_sizes(bundle) -> list[tuple[int, int]]:
     return [(gh, gw)]
 
 
-def check_options(mode: str = "auto", max_new_tokens: int = 1, temperature=None, top_k=None, top_p=None,
-                  cfg_scale=None, allow_audio: bool = False, max_audio_frames: int | None = None,
-                  cache: str = "dynamic") -> None:
+def check_options(
+    mode: str = "auto",
+    max_new_tokens: int = 1,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    cfg_scale=None,
+    allow_audio: bool = False,
+    max_audio_frames: int | None = None,
+    cache: str = "dynamic",
+) -> None:
     """The checks that need no model: ``mmgen generate`` runs them before it loads the checkpoint,
     :meth:`MMGenPipeline.check_inputs <mmgen.inference.pipeline.MMGenPipeline.check_inputs>` before it
     generates."""
@@ -138,8 +146,10 @@ def fit_to_context(model, prompt_len: int, max_new_tokens: int) -> tuple[int, st
     room = ctx - prompt_len
     if max_new_tokens <= room:
         return max_new_tokens, None
-    return room, (f"max_new_tokens {max_new_tokens} capped to {room}: the model reads {ctx} tokens and the "
-                  f"prompt takes {prompt_len}")
+    return room, (
+        f"max_new_tokens {max_new_tokens} capped to {room}: the model reads {ctx} tokens and the "
+        f"prompt takes {prompt_len}"
+    )
 
 
 def check_audio(bundle, what: str) -> None:
@@ -149,15 +159,21 @@ def check_audio(bundle, what: str) -> None:
         raise MMGenError(f"{what} needs a checkpoint whose vocab has audio codes (train with data.audio_tokenizer=DIR)")
     codec = getattr(bundle, "audio_tokenizer", None)
     if codec is None:
-        raise MMGenError(f"{what} needs a checkpoint with an audio codec (its audio_tokenizer/ folder); "
-                         "retrain with data.audio_tokenizer=DIR, or copy the codec there")
+        raise MMGenError(
+            f"{what} needs a checkpoint with an audio codec (its audio_tokenizer/ folder); "
+            "retrain with data.audio_tokenizer=DIR, or copy the codec there"
+        )
     if (codec.n_q, codec.codebook_size) != (vocab.config.audio_levels, vocab.audio_codebook_size):
-        raise MMGenError(f"the bundle's audio codec has {codec.n_q} levels x {codec.codebook_size} codes but the vocab "
-                         f"expects {vocab.config.audio_levels} x {vocab.audio_codebook_size}; use the codec it was trained with")
+        raise MMGenError(
+            f"the bundle's audio codec has {codec.n_q} levels x {codec.codebook_size} codes but the vocab "
+            f"expects {vocab.config.audio_levels} x {vocab.audio_codebook_size}; use the codec it was trained with"
+        )
 
 
 # -- the decode loop -------------------------------------------------------------------------------
-def sample_tokens(model, vocab: Vocab, rows: Sequence[Sequence[int]], **kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def sample_tokens(
+    model, vocab: Vocab, rows: Sequence[Sequence[int]], **kw
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Continue ``rows`` one token at a time: :func:`mmgen.inference.pipeline.decode_loop` (same
     arguments), kept under this name for :mod:`mmgen.inference.batch_generation` and older callers."""
     from mmgen.inference.pipeline import decode_loop
@@ -175,13 +191,25 @@ def eos_and_pad_ids(bundle) -> tuple[int, int]:
     return int(eos), int(pad)
 
 
-def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float | None = None,
-                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                     cfg_scale: float | None = None, mode: str = "auto",
-                     sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
-                     max_audio_frames: int | None = None, picture=None, **options) -> Iterator[Doc]:
-    """Stream :func:`generate_interleaved` (:meth:`MMGenPipeline.stream <mmgen.inference.pipeline.MMGenPipeline.stream>`):
-    yields the growing answer after each new token.
+def iter_interleaved(
+    bundle,
+    prompt: str,
+    max_new_tokens: int = 512,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    cfg_scale: float | None = None,
+    mode: str = "auto",
+    sizes: Sequence[tuple[int, int]] | None = None,
+    allow_audio: bool = False,
+    max_audio_frames: int | None = None,
+    picture=None,
+    **options,
+) -> Iterator[Doc]:
+    """Stream :func:`generate_interleaved`
+    (:meth:`MMGenPipeline.stream <mmgen.inference.pipeline.MMGenPipeline.stream>`): yields the growing
+    answer after each new token.
 
     Every yield is a fresh Doc of the completed items plus the text written so far; the last one is the
     finished answer (``meta['stop']`` says why it stopped: ``eos`` or ``max_new_tokens``). Sampling
@@ -191,17 +219,38 @@ def iter_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature
     ``spec_decoding=True``, ...)."""
     from mmgen.inference.pipeline import GenerationOptions, MMGenPipeline
 
-    options = GenerationOptions(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, cfg_scale=cfg_scale, seed=seed, allow_audio=allow_audio,
-                                max_audio_frames=max_audio_frames, sizes=[list(s) for s in sizes or []], **options)
+    options = GenerationOptions(
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        allow_audio=allow_audio,
+        max_audio_frames=max_audio_frames,
+        sizes=[list(s) for s in sizes or []],
+        **options,
+    )
     yield from MMGenPipeline(bundle).stream(prompt, options, picture=picture)
 
 
-def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, temperature: float | None = None,
-                         top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                         cfg_scale: float | None = None, mode: str = "auto",
-                         sizes: Sequence[tuple[int, int]] | None = None, allow_audio: bool = False,
-                         max_audio_frames: int | None = None, picture=None, **options) -> Doc:
+def generate_interleaved(
+    bundle,
+    prompt: str,
+    max_new_tokens: int = 512,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    cfg_scale: float | None = None,
+    mode: str = "auto",
+    sizes: Sequence[tuple[int, int]] | None = None,
+    allow_audio: bool = False,
+    max_audio_frames: int | None = None,
+    picture=None,
+    **options,
+) -> Doc:
     """Continue ``prompt`` with interleaved text, images and (optionally) speech until ``</s>`` or
     ``max_new_tokens``. ``picture`` (a PIL image) is shown to the model before the prompt's text.
 
@@ -215,10 +264,22 @@ def generate_interleaved(bundle, prompt: str, max_new_tokens: int = 512, tempera
     further :class:`~mmgen.inference.pipeline.GenerationOptions` fields, e.g. ``prune_method="fastv"``,
     ``kv_method="h2o"``."""
     doc = None
-    for doc in iter_interleaved(bundle, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,  # noqa: B007 - the last Doc is the answer
-                                top_p=top_p, seed=seed, cfg_scale=cfg_scale, mode=mode, sizes=sizes,
-                                allow_audio=allow_audio, max_audio_frames=max_audio_frames, picture=picture,
-                                **options):
+    for doc in iter_interleaved(  # noqa: B007 - the last Doc is the answer
+        bundle,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        cfg_scale=cfg_scale,
+        mode=mode,
+        sizes=sizes,
+        allow_audio=allow_audio,
+        max_audio_frames=max_audio_frames,
+        picture=picture,
+        **options,
+    ):
         pass
     return doc
 
@@ -228,21 +289,38 @@ def check_block_budget(vocab: Vocab, mode: str, max_new_tokens: int, sizes) -> N
     if mode == "t2i":
         need = min(vocab.image_block_len(h, w) for h, w in sizes) - 1  # <image> is already in the prompt
         if max_new_tokens < need:
-            raise MMGenError(f"max_new_tokens {max_new_tokens} is too small for one image block "
-                             f"({need} tokens for a {sizes[0][0]}x{sizes[0][1]} grid); raise --max-new-tokens")
+            raise MMGenError(
+                f"max_new_tokens {max_new_tokens} is too small for one image block "
+                f"({need} tokens for a {sizes[0][0]}x{sizes[0][1]} grid); raise --max-new-tokens"
+            )
     if mode == "tts":
         need = vocab.audio_block_len(1) - 1  # <audio> is already in the prompt
         if max_new_tokens < need:
-            raise MMGenError(f"max_new_tokens {max_new_tokens} is too small for one audio frame and </audio> "
-                             f"({need} tokens); raise --max-new-tokens")
+            raise MMGenError(
+                f"max_new_tokens {max_new_tokens} is too small for one audio frame and </audio> "
+                f"({need} tokens); raise --max-new-tokens"
+            )
 
 
 # -- the CLI stage ----------------------------------------------------------------------------------
-def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generated", mode: str = "auto",
-                 seed: int = 0, cfg_scale: float | None = None, max_new_tokens: int = 512,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 device: str = "cpu", allow_audio: bool = False, max_audio_frames: int | None = None,
-                 picture: str | Path | None = None, overrides: Sequence[str] = (), **options) -> tuple[Doc, list[Path]]:
+def run_generate(
+    checkpoint: str | Path,
+    prompt: str,
+    out: str | Path = "generated",
+    mode: str = "auto",
+    seed: int = 0,
+    cfg_scale: float | None = None,
+    max_new_tokens: int = 512,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    device: str = "cpu",
+    allow_audio: bool = False,
+    max_audio_frames: int | None = None,
+    picture: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    **options,
+) -> tuple[Doc, list[Path]]:
     """``mmgen generate``: load a checkpoint, generate, write images as PNG and speech as WAV (and the
     Doc as JSON). Returns the Doc and the media files in item order. Sampling options left None are
     the bundle's (its ``generation_config.json``). ``picture`` (an image file) is shown to the model
@@ -258,11 +336,30 @@ def run_generate(checkpoint: str | Path, prompt: str, out: str | Path = "generat
     from mmgen.models.bundle import check_bundle_dir, load_bundle
     from mmgen.utils.compat import ensure_torchvision
 
-    o = GenerationOptions.build(overrides, mode=mode, seed=seed, cfg_scale=cfg_scale, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_k=top_k, top_p=top_p, allow_audio=allow_audio,
-                                max_audio_frames=max_audio_frames, **options)
-    check_options(o.mode, o.max_new_tokens, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
-                  cfg_scale=o.cfg_scale, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames, cache=o.cache)
+    o = GenerationOptions.build(
+        overrides,
+        mode=mode,
+        seed=seed,
+        cfg_scale=cfg_scale,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        allow_audio=allow_audio,
+        max_audio_frames=max_audio_frames,
+        **options,
+    )
+    check_options(
+        o.mode,
+        o.max_new_tokens,
+        temperature=o.temperature,
+        top_k=o.top_k,
+        top_p=o.top_p,
+        cfg_scale=o.cfg_scale,
+        allow_audio=o.allow_audio,
+        max_audio_frames=o.max_audio_frames,
+        cache=o.cache,
+    )
     check_prune_options(o)
     check_detok_options(o)
     check_kv_options(o)

@@ -100,23 +100,32 @@ def check_kv_options(options, model_config=None) -> None:
     if budget is not None:
         if m == "none":
             raise MMGenError(f"kv_budget {budget} needs a kv_method that evicts (snapkv, streaming or h2o)")
-        kept, what = (sinks + 1, f"kv_sinks {sinks} + 1 recent token") if m == "streaming" else \
-            (sinks + window, f"kv_sinks {sinks} + kv_window {window}")
+        kept, what = (
+            (sinks + 1, f"kv_sinks {sinks} + 1 recent token")
+            if m == "streaming"
+            else (sinks + window, f"kv_sinks {sinks} + kv_window {window}")
+        )
         if budget < kept:
-            raise MMGenError(f"kv_budget {budget} is below what kv_method={m} always keeps ({what} = {kept}); "
-                             "raise kv_budget or lower the others")
+            raise MMGenError(
+                f"kv_budget {budget} is below what kv_method={m} always keeps ({what} = {kept}); "
+                "raise kv_budget or lower the others"
+            )
     from mmgen.inference.prune import IN_LLM
 
     prune = getattr(options, "prune_method", "none")
     if budget is not None and m in ("snapkv", "h2o") and prune in IN_LLM:
-        raise MMGenError(f"kv_method={m} scores the prompt in its prefill forward, which prune_method={prune} "
-                         "replaces by its own; use kv_method=streaming, or prune_method merge, random or stride")
+        raise MMGenError(
+            f"kv_method={m} scores the prompt in its prefill forward, which prune_method={prune} "
+            "replaces by its own; use kv_method=streaming, or prune_method merge, random or stride"
+        )
     if m != "none" and model_config is not None:
         types, _ = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
         other = sorted(set(types) - {"full_attention"})
         if other:
-            raise MMGenError(f"kv_method={m} compresses full-attention layers only; this model also has "
-                             f"{', '.join(other)} layers (use kv_method=none)")
+            raise MMGenError(
+                f"kv_method={m} compresses full-attention layers only; this model also has "
+                f"{', '.join(other)} layers (use kv_method=none)"
+            )
 
 
 class CompressedKVCache(Cache):
@@ -138,8 +147,10 @@ class CompressedKVCache(Cache):
         self.peak_bytes = max(self.peak_bytes, cache_size(self))
         new, held = mask.shape[-1] - rows.seen, self.get_seq_length()
         if new < 1:
-            raise MMGenError(f"the attention mask covers {mask.shape[-1]} tokens but the cache has seen {rows.seen}: "
-                             "pass the mask over every token seen plus the new ones")
+            raise MMGenError(
+                f"the attention mask covers {mask.shape[-1]} tokens but the cache has seen {rows.seen}: "
+                "pass the mask over every token seen plus the new ones"
+            )
         rows.prefill = held == 0
         rows.drop = self.policy.evictions(held, new, rows.prefill)
         if rows.prefill:
@@ -152,12 +163,12 @@ class CompressedKVCache(Cache):
         else:
             rows.candidates = torch.arange(held, device=mask.device)[None] >= rows.pads[:, None]
             pads = rows.pads
-            rows.real = rows.real + mask[:, rows.seen:].sum(-1)
+            rows.real = rows.real + mask[:, rows.seen :].sum(-1)
         # Padding scores below every token, so each row evicts its padding first, in every layer and head.
         rows.pads = (pads - rows.drop).clamp(min=0)
         if not rows.prefill:
             kept = torch.arange(held - rows.drop, device=mask.device)[None] >= rows.pads[:, None]
-            step = torch.cat([kept.to(mask.dtype), mask[:, rows.seen:]], -1)
+            step = torch.cat([kept.to(mask.dtype), mask[:, rows.seen :]], -1)
         rows.mask, rows.seen, rows.forward = step.bool(), rows.seen + new, rows.forward + 1
         return step
 
@@ -190,8 +201,10 @@ def _hook_attention(model, layers: int) -> None:
     """Put :func:`_hand_source` on every attention module of ``model`` (once; it does nothing for other caches)."""
     mods = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
     if len(mods) != layers:
-        raise MMGenError(f"kv scoring reads each attention layer's q_proj; found {len(mods)} in {type(model).__name__} "
-                         f"for {layers} layers (use kv_method=streaming or none for this model)")
+        raise MMGenError(
+            f"kv scoring reads each attention layer's q_proj; found {len(mods)} in {type(model).__name__} "
+            f"for {layers} layers (use kv_method=streaming or none for this model)"
+        )
     for m in mods:
         rotary_function(m)
         if not getattr(m, "_mmgen_kv_hook", False):
@@ -199,15 +212,18 @@ def _hook_attention(model, layers: int) -> None:
             m._mmgen_kv_hook = True
 
 
-def make_kv_cache(model, method: str = "none", budget: int | None = None, window: int = 32, sinks: int = 4,
-                  quantize: bool = False) -> Cache:
+def make_kv_cache(
+    model, method: str = "none", budget: int | None = None, window: int = 32, sinks: int = 4, quantize: bool = False
+) -> Cache:
     """A new cache for ``model``: transformers' own for ``method='none'``
     (:func:`mmgen.inference.pipeline.make_cache`), else a :class:`CompressedKVCache`."""
     from types import SimpleNamespace
 
     from mmgen.inference.pipeline import make_cache
 
-    check_kv_options(SimpleNamespace(kv_method=method, kv_budget=budget, kv_window=window, kv_sinks=sinks), model.config)
+    check_kv_options(
+        SimpleNamespace(kv_method=method, kv_budget=budget, kv_window=window, kv_sinks=sinks), model.config
+    )
     if method == "none":
         return make_cache(model, "fp8" if quantize else "dynamic")
     return CompressedKVCache(model, KVPolicy(method, budget, window, sinks), quantize=quantize)
@@ -215,8 +231,14 @@ def make_kv_cache(model, method: str = "none", budget: int | None = None, window
 
 def kv_cache_for(model, options) -> Cache:
     """:func:`make_kv_cache` from a GenerationOptions (``kv_*`` fields, ``cache='fp8'`` to quantize)."""
-    return make_kv_cache(model, options.kv_method, options.kv_budget, options.kv_window, options.kv_sinks,
-                         quantize=options.cache == "fp8")
+    return make_kv_cache(
+        model,
+        options.kv_method,
+        options.kv_budget,
+        options.kv_window,
+        options.kv_sinks,
+        quantize=options.cache == "fp8",
+    )
 
 
 def attention_mask_for(cache, mask: torch.Tensor) -> torch.Tensor:
@@ -233,12 +255,25 @@ def kv_stats(cache) -> dict:
     if not isinstance(cache, CompressedKVCache):
         # A plain cache evicts nothing: it holds every token it has seen, and only grows.
         kind = "fp8" if type(cache).__name__ == "QuantizedCache" else "dynamic"
-        return {"method": "none", "quantized": kind == "fp8", "bytes": now, "bytes_peak": now,
-                "entries": cache.get_seq_length()}
+        return {
+            "method": "none",
+            "quantized": kind == "fp8",
+            "bytes": now,
+            "bytes_peak": now,
+            "entries": cache.get_seq_length(),
+        }
     p, rows, held = cache.policy, cache.rows, cache.get_seq_length()
     pads = rows.pads
-    out = {"method": p.method, "budget": p.budget, "window": p.window, "sinks": p.sinks, "quantized": cache.quantized,
-           "bytes": now, "bytes_peak": max(cache.peak_bytes, now), "entries": held}
+    out = {
+        "method": p.method,
+        "budget": p.budget,
+        "window": p.window,
+        "sinks": p.sinks,
+        "quantized": cache.quantized,
+        "bytes": now,
+        "bytes_peak": max(cache.peak_bytes, now),
+        "entries": held,
+    }
     if rows.real is not None:
         out["tokens_seen"] = rows.real.tolist()
         out["tokens_held"] = (held - pads).tolist()
@@ -268,7 +303,15 @@ def budget_sweep(model, vocab, rows: Sequence[Sequence[int]], settings: Sequence
         ref = got if ref is None else ref
         n = sum(len(g) for g in got)
         same = sum(a == b for g, r in zip(got, ref) for a, b in zip(g, r))
-        out.append({**kv_stats(cache), "setting": dict(s), "seconds": round(seconds, 4), "cpu_seconds": round(cpu, 4),
-                    "tokens_per_s": round(n / seconds, 2), "agreement": same / max(1, sum(len(r) for r in ref)),
-                    "tokens": got})
+        out.append(
+            {
+                **kv_stats(cache),
+                "setting": dict(s),
+                "seconds": round(seconds, 4),
+                "cpu_seconds": round(cpu, 4),
+                "tokens_per_s": round(n / seconds, 2),
+                "agreement": same / max(1, sum(len(r) for r in ref)),
+                "tokens": got,
+            }
+        )
     return out

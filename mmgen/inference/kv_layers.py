@@ -68,8 +68,10 @@ def rotary_function(module):
     """The rotary-embedding function of ``module``'s modeling module (the one its forward applies)."""
     fn = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
     if fn is None:
-        raise MMGenError(f"kv scoring needs the rotary function of {type(module).__name__}'s modeling module "
-                         "(apply_rotary_pos_emb); use kv_method=streaming or none for this model")
+        raise MMGenError(
+            f"kv scoring needs the rotary function of {type(module).__name__}'s modeling module "
+            "(apply_rotary_pos_emb); use kv_method=streaming or none for this model"
+        )
     return fn
 
 
@@ -92,8 +94,10 @@ class _Budget:
     def update(self, key_states, value_states, *args, **kwargs):
         rows, policy = self.rows, self.policy
         if self.planned == rows.forward:
-            raise MMGenError("a forward over a compressed KV cache needs its attention mask from "
-                             "mmgen.inference.kv_cache.attention_mask_for(cache, mask)")
+            raise MMGenError(
+                "a forward over a compressed KV cache needs its attention mask from "
+                "mmgen.inference.kv_cache.attention_mask_for(cache, mask)"
+            )
         self.planned = rows.forward
         self.num_kv_heads = key_states.shape[1]
         source, self.source = self.source, None
@@ -157,8 +161,10 @@ class _Budget:
         ``keys`` (the held entries and the forward's own), summed over the query heads of each KV head;
         zero for padding queries."""
         if source is None:
-            raise MMGenError("kv scoring got no attention input: build the cache with make_kv_cache(model, ...) "
-                             "for the model it runs with")
+            raise MMGenError(
+                "kv scoring got no attention input: build the cache with make_kv_cache(model, ...) "
+                "for the model it runs with"
+            )
         module, hidden, (cos, sin) = source
         bsz, hkv, total, dim = keys.shape
         q = module.q_proj(hidden[:, -n:]).view(bsz, n, -1, dim)
@@ -166,10 +172,12 @@ class _Budget:
             q = module.q_norm(q)
         q, _ = rotary_function(module)(q.transpose(1, 2), q.transpose(1, 2), cos[:, -n:], sin[:, -n:])
         q = q.reshape(bsz, hkv, -1, n, dim).float()
-        scale = getattr(module, "scaling", dim ** -0.5)
+        scale = getattr(module, "scaling", dim**-0.5)
         logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float()) * scale
         mask = self.rows.mask
-        causal = torch.arange(total, device=keys.device)[None] <= torch.arange(total - n, total, device=keys.device)[:, None]
+        causal = (
+            torch.arange(total, device=keys.device)[None] <= torch.arange(total - n, total, device=keys.device)[:, None]
+        )
         allowed = mask[:, None, None, None, :] & causal
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
         probs = probs.masked_fill(~mask[:, -n:][:, None, None, :, None], 0.0)  # padding queries (NaN rows) count 0
@@ -188,7 +196,7 @@ class _Budget:
             self.scores = self.scores[..., :-n]
         if self.pending is not None:
             q = self.pending.shape[2]
-            self.pending = self.pending[:, :, :q - n, :-n] if n < q else None
+            self.pending = self.pending[:, :, : q - n, :-n] if n < q else None
 
 
 class BudgetLayer(_Budget, DynamicLayer):

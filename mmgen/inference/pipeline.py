@@ -118,8 +118,11 @@ def loop_kwargs(bundle, options: GenerationOptions | None) -> dict:
     check_prune_options(options, bundle.model.config)
     check_kv_options(options, bundle.model.config)
     check_spec_options(options, bundle)
-    return {"cache": kv_cache_for(bundle.model, options), "prune": make_pruner(options),
-            "spec": speculative_from_options(options, bundle)}
+    return {
+        "cache": kv_cache_for(bundle.model, options),
+        "prune": make_pruner(options),
+        "spec": speculative_from_options(options, bundle),
+    }
 
 
 def cache_bytes(cache) -> int:
@@ -160,19 +163,37 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, length - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, length - len(r):] = 1
+            ids[i, length - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, length - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
-def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
-                pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                cfg_scale: float = 1.0, uncond_rows: Sequence[Sequence[int]] | None = None,
-                sizes: Sequence[tuple[int, int]] | None = None, allow_images: bool = True,
-                stop_after_images: int | None = None, logits_hook=None, allow_audio: bool = False,
-                max_audio_frames: int | None = None, cache=None, prune=None, spec=None,
-                stats: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def decode_loop(
+    model,
+    vocab: Vocab,
+    rows: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    cfg_scale: float = 1.0,
+    uncond_rows: Sequence[Sequence[int]] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
+    allow_images: bool = True,
+    stop_after_images: int | None = None,
+    logits_hook=None,
+    allow_audio: bool = False,
+    max_audio_frames: int | None = None,
+    cache=None,
+    prune=None,
+    spec=None,
+    stats: dict | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Steps 3 and 4: continue ``rows`` token by token, yielding ``(tokens, active)`` per step.
 
     ``tokens`` are the (B,) new ids, ``active`` which rows were still generating (a finished row's token
@@ -204,12 +225,19 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
     cur = ids.shape[1]
     seq = torch.full((bsz, cur + max_new_tokens), pad_id, dtype=torch.long, device=device)
     seq[:, :cur] = ids[:bsz]
-    constraint = ImageGridConstraint(vocab, sizes=sizes, allow_images=allow_images, max_length=cur + max_new_tokens,
-                                     allow_audio=allow_audio, max_audio_frames=max_audio_frames)
+    constraint = ImageGridConstraint(
+        vocab,
+        sizes=sizes,
+        allow_images=allow_images,
+        max_length=cur + max_new_tokens,
+        allow_audio=allow_audio,
+        max_audio_frames=max_audio_frames,
+    )
     processors = step_processors(vocab, constraint, cfg_scale, temperature, top_k, top_p, logits_hook)
-    stopping = StoppingCriteriaList([BlockAwareEosCriteria(eos_id, constraint)]
-                                    + ([ImagesDoneCriteria(stop_after_images, constraint)]
-                                       if stop_after_images is not None else []))
+    stopping = StoppingCriteriaList(
+        [BlockAwareEosCriteria(eos_id, constraint)]
+        + ([ImagesDoneCriteria(stop_after_images, constraint)] if stop_after_images is not None else [])
+    )
     gen = torch.Generator().manual_seed(int(seed))
     stats = {} if stats is None else stats
     stats.setdefault("forward_passes", 0)
@@ -225,21 +253,46 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
         stats["forward_passes"] += 1  # a pruned prefill is one pass through the layers, fewer tokens after layer K
         out, attn = prune.prefill(model, vocab, ids, attn, position, cache, n_cond=bsz)
     else:
-        out = forward(input_ids=ids, attention_mask=attention_mask_for(cache, attn), position_ids=position, use_cache=True,
-                      **{how["cache_kw"]: cache}, **keep)
+        out = forward(
+            input_ids=ids,
+            attention_mask=attention_mask_for(cache, attn),
+            position_ids=position,
+            use_cache=True,
+            **{how["cache_kw"]: cache},
+            **keep,
+        )
     dropped = cur - attn.shape[1]  # prefill columns pruning left out of the cache
     attn_buf = torch.ones((len(all_rows), cur + max_new_tokens), dtype=attn.dtype, device=device)
-    attn_buf[:, :attn.shape[1]] = attn
+    attn_buf[:, : attn.shape[1]] = attn
     logits = out.logits[:, -1, :].float()
     next_pos = position[:, -1] + 1
     if spec is not None:
         from mmgen.inference.speculative import jacobi_decode
 
-        yield from jacobi_decode(model, vocab, spec, cache=cache, cache_kw=how["cache_kw"], seq=seq, cur=cur,
-                                 attn=attn_buf, dropped=dropped, next_pos=next_pos, logits=logits,
-                                 processors=processors, stopping=stopping, constraint=constraint, cfg_scale=cfg_scale,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, gen=gen,
-                                 max_new_tokens=max_new_tokens, pad_id=pad_id, stats=stats)
+        yield from jacobi_decode(
+            model,
+            vocab,
+            spec,
+            cache=cache,
+            cache_kw=how["cache_kw"],
+            seq=seq,
+            cur=cur,
+            attn=attn_buf,
+            dropped=dropped,
+            next_pos=next_pos,
+            logits=logits,
+            processors=processors,
+            stopping=stopping,
+            constraint=constraint,
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            gen=gen,
+            max_new_tokens=max_new_tokens,
+            pad_id=pad_id,
+            stats=stats,
+        )
         return
     active = torch.ones(bsz, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -265,8 +318,14 @@ def decode_loop(model, vocab: Vocab, rows: Sequence[Sequence[int]], *, max_new_t
             g = model.grid_cells(seq[:, :cur], 1)
             grid = {"grid_positions": torch.cat([g, g]) if use_cfg else g}
         # A compressed cache holds fewer entries than tokens seen: its own mask (positions stay the rows' own).
-        out = forward(input_ids=step_tok[:, None], attention_mask=attention_mask_for(cache, attn_buf[:, :cur - dropped]),
-                      position_ids=next_pos[:, None], use_cache=True, **{how["cache_kw"]: cache}, **grid)
+        out = forward(
+            input_ids=step_tok[:, None],
+            attention_mask=attention_mask_for(cache, attn_buf[:, : cur - dropped]),
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **{how["cache_kw"]: cache},
+            **grid,
+        )
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
 
@@ -298,19 +357,21 @@ class MMGenPipeline:
         from mmgen.inference.speculative import check_spec_options
 
         o = options
-        check_options(o.mode, o.max_new_tokens, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames,
-                      cache=o.cache)
+        check_options(
+            o.mode, o.max_new_tokens, allow_audio=o.allow_audio, max_audio_frames=o.max_audio_frames, cache=o.cache
+        )
         check_kv_options(o, self.bundle.model.config)
         check_detok_options(o, self.bundle)
-        s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
-                            cfg_scale=o.cfg_scale)
+        s = bundle_sampling(self.bundle, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, cfg_scale=o.cfg_scale)
         check_mode_supported(self.bundle, o.mode, o.allow_audio)
         check_prune_options(o, self.bundle.model.config)
         check_spec_options(o, self.bundle)
         return replace(o, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
 
     # 2. encode the prompt ---------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str, options: GenerationOptions, picture=None) -> tuple[list[int], list[int] | None]:
+    def encode_prompt(
+        self, prompt: str, options: GenerationOptions, picture=None
+    ) -> tuple[list[int], list[int] | None]:
         """The conditional row (in the layout the bundle learnt, ending with the mode's opener) and,
         with guidance on, the unconditional row (the empty prompt, same opener)."""
         from mmgen.inference.generate import OPENERS
@@ -349,9 +410,17 @@ class MMGenPipeline:
         builder = self.processor.doc_decoder(audio=can_audio, image_decoder=image_decoder(b, o) if can_image else None)
         if o.mode in ("t2i", "tts"):
             builder.block = [row[-1]]  # the opener the prompt ends with
-        meta = {"prompt": prompt, "mode": o.mode, "seed": o.seed, "cfg_scale": o.cfg_scale,
-                "temperature": o.temperature, "top_k": o.top_k, "top_p": o.top_p, "max_new_tokens": budget,
-                "options": o.to_dict()}
+        meta = {
+            "prompt": prompt,
+            "mode": o.mode,
+            "seed": o.seed,
+            "cfg_scale": o.cfg_scale,
+            "temperature": o.temperature,
+            "top_k": o.top_k,
+            "top_p": o.top_p,
+            "max_new_tokens": budget,
+            "options": o.to_dict(),
+        }
         if note:
             meta["note"] = note
         if can_audio:
@@ -362,11 +431,26 @@ class MMGenPipeline:
         stop, new, t0 = "max_new_tokens", 0, time.perf_counter()
         extra = loop_kwargs(b, o)  # 3. prepare the cache (and the prefill pruner, speculative decoding)
         cache, pruner, spec = extra["cache"], extra["prune"], extra["spec"]
-        for tok, active in decode_loop(b.model, vocab, [row], max_new_tokens=budget, eos_id=eos, pad_id=pad,
-                                       temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
-                                       cfg_scale=o.cfg_scale, uncond_rows=[uncond] if uncond else None, sizes=sizes,
-                                       allow_images=can_image, allow_audio=can_audio,
-                                       max_audio_frames=o.max_audio_frames, stats=stats, **extra):
+        for tok, active in decode_loop(
+            b.model,
+            vocab,
+            [row],
+            max_new_tokens=budget,
+            eos_id=eos,
+            pad_id=pad,
+            temperature=o.temperature,
+            top_k=o.top_k,
+            top_p=o.top_p,
+            seed=o.seed,
+            cfg_scale=o.cfg_scale,
+            uncond_rows=[uncond] if uncond else None,
+            sizes=sizes,
+            allow_images=can_image,
+            allow_audio=can_audio,
+            max_audio_frames=o.max_audio_frames,
+            stats=stats,
+            **extra,
+        ):
             if not bool(active[0]):
                 break
             t = int(tok[0])
@@ -377,10 +461,15 @@ class MMGenPipeline:
             builder.push(t)  # 5. decode media: a block is decoded as soon as it closes
             yield builder.snapshot({**meta, "new_tokens": new})
         seconds = time.perf_counter() - t0
-        meta.update(new_tokens=new, stop=stop, seconds=round(seconds, 3), forward_passes=stats["forward_passes"],
-                    tokens_per_s=round(new / seconds, 2) if seconds > 0 else None,
-                    cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)},
-                    kv=kv_stats(cache))
+        meta.update(
+            new_tokens=new,
+            stop=stop,
+            seconds=round(seconds, 3),
+            forward_passes=stats["forward_passes"],
+            tokens_per_s=round(new / seconds, 2) if seconds > 0 else None,
+            cache={"kind": o.cache, "tokens": cache.get_seq_length(), "bytes": cache_bytes(cache)},
+            kv=kv_stats(cache),
+        )
         if pruner is not None:
             meta["prune"] = pruner.report
         if spec is not None:

@@ -47,7 +47,7 @@ class MediaCFGLogitsProcessor(LogitsProcessor):
     def media_columns(self, size: int, device) -> torch.Tensor:
         if self._media_cols is None or self._media_cols.shape[0] != size:
             m = torch.zeros(size, dtype=torch.bool, device=device)
-            m[self.vocab.text_size: self.vocab.size] = True
+            m[self.vocab.text_size : self.vocab.size] = True
             self._media_cols = m
         return self._media_cols
 
@@ -82,12 +82,24 @@ def sampling_warpers(temperature: float, top_k: int, top_p: float) -> list[Logit
     return out
 
 
-def step_processors(vocab: Vocab, constraint: ImageGridConstraint, cfg_scale: float, temperature: float,
-                    top_k: int, top_p: float, logits_hook=None) -> LogitsProcessorList:
+def step_processors(
+    vocab: Vocab,
+    constraint: ImageGridConstraint,
+    cfg_scale: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    logits_hook=None,
+) -> LogitsProcessorList:
     """The whole step: guidance (also the hook's view of the raw logits), the grid constraint (a
     LogitsProcessor itself; guidance already advanced its state), warpers."""
-    return LogitsProcessorList([MediaCFGLogitsProcessor(cfg_scale, vocab, constraint, logits_hook), constraint,
-                                *sampling_warpers(temperature, top_k, top_p)])
+    return LogitsProcessorList(
+        [
+            MediaCFGLogitsProcessor(cfg_scale, vocab, constraint, logits_hook),
+            constraint,
+            *sampling_warpers(temperature, top_k, top_p),
+        ]
+    )
 
 
 class BlockAwareEosCriteria(StoppingCriteria):

@@ -108,8 +108,10 @@ def check_prune_options(options, model_config=None) -> None:
         if not 0 < r <= 1:
             raise MMGenError(f"prune_schedule[{i}]: ratio must be in (0, 1], got {r}")
         if int(k) <= last[0] or r > last[1]:
-            raise MMGenError(f"prune_schedule[{i}] = {list(stage)}: stages go deeper (layers increasing) and keep no "
-                             f"more (ratios not increasing) than the stage before, {list(last)}")
+            raise MMGenError(
+                f"prune_schedule[{i}] = {list(stage)}: stages go deeper (layers increasing) and keep no "
+                f"more (ratios not increasing) than the stage before, {list(last)}"
+            )
         last = (int(k), r)
 
 
@@ -117,16 +119,23 @@ def _check_layer(name: str, layer, depth: int | None) -> None:
     if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
         raise MMGenError(f"{name} must be an integer >= 1 (layer K ranks by the attention of layer K-1), got {layer}")
     if depth is not None and layer >= depth:
-        raise MMGenError(f"{name} {layer} >= the model's depth {depth}: tokens are dropped from layer K on, "
-                         f"so K must be below {depth}")
+        raise MMGenError(
+            f"{name} {layer} >= the model's depth {depth}: tokens are dropped from layer K on, "
+            f"so K must be below {depth}"
+        )
 
 
 def make_pruner(options) -> PrefillPruner | None:
     """The pruner ``options`` ask for (None for ``prune_method=none``)."""
     if options.prune_method == "none":
         return None
-    return PrefillPruner(options.prune_method, options.prune_ratio, options.prune_layer,
-                         [list(s) for s in options.prune_schedule or []], seed=options.seed)
+    return PrefillPruner(
+        options.prune_method,
+        options.prune_ratio,
+        options.prune_layer,
+        [list(s) for s in options.prune_schedule or []],
+        seed=options.seed,
+    )
 
 
 # -- analytic cost --------------------------------------------------------------------------------------------
@@ -208,9 +217,9 @@ def _shared_blocks(rows_ids: Sequence[Sequence[int]], blocks: list[list[Block]],
         return out
     for u in range(n_cond, 2 * n_cond):
         c = u - n_cond
-        free = {j: tuple(rows_ids[c][b.start:b.end + 1]) for j, b in enumerate(blocks[c])}
+        free = {j: tuple(rows_ids[c][b.start : b.end + 1]) for j, b in enumerate(blocks[c])}
         for j, b in enumerate(blocks[u]):
-            key = tuple(rows_ids[u][b.start:b.end + 1])
+            key = tuple(rows_ids[u][b.start : b.end + 1])
             match = next((i for i, k in free.items() if k == key), None)
             if match is not None:
                 out[(u, j)] = (c, match)
@@ -227,8 +236,9 @@ class PrefillPruner:
     the 2-D mask of the pruned cache. ``report`` then holds what it did: per row and block the code
     tokens in and kept, the tokens per layer, and the prefill FLOPs with and without pruning."""
 
-    def __init__(self, method: str, ratio: float = 1.0, layer: int = 2, schedule: Sequence[Sequence[float]] = (),
-                 seed: int = 0):
+    def __init__(
+        self, method: str, ratio: float = 1.0, layer: int = 2, schedule: Sequence[Sequence[float]] = (), seed: int = 0
+    ):
         if method not in PRUNE_METHODS or method == "none":
             raise MMGenError(f"unknown prune_method '{method}' (use one of: {', '.join(PRUNE_METHODS[1:])})")
         self.method, self.ratio, self.layer, self.seed = method, float(ratio), int(layer), int(seed)
@@ -247,8 +257,16 @@ class PrefillPruner:
         return [(k, self.ratio ** ((i + 1) / len(layers))) for i, k in enumerate(layers)]
 
     @torch.no_grad()
-    def prefill(self, model, vocab: Vocab, ids: torch.Tensor, attn: torch.Tensor, position: torch.Tensor, cache,
-                n_cond: int | None = None):
+    def prefill(
+        self,
+        model,
+        vocab: Vocab,
+        ids: torch.Tensor,
+        attn: torch.Tensor,
+        position: torch.Tensor,
+        cache,
+        n_cond: int | None = None,
+    ):
         from mmgen.inference.pipeline import prepare_inputs_for
 
         if cache.get_seq_length() != 0:
@@ -258,8 +276,10 @@ class PrefillPruner:
         pad = (attn == 0).sum(-1).tolist()  # left padding per row: a row's position p is column pad + p
         blocks = [read_blocks(r, vocab) for r in rows]
         # grids as batch columns, the per-row lists shared by every stage
-        grids = [[[torch.tensor([pad[b] + p for p in g], dtype=torch.long) for g in blk.grids] for blk in blocks[b]]
-                 for b in range(len(rows))]
+        grids = [
+            [[torch.tensor([pad[b] + p for p in g], dtype=torch.long) for g in blk.grids] for blk in blocks[b]]
+            for b in range(len(rows))
+        ]
         shared = _shared_blocks(rows, blocks, n_cond)
         how = prepare_inputs_for(model)
         depth = int(model.config.num_hidden_layers)
@@ -274,8 +294,10 @@ class PrefillPruner:
             out = run.forward(cache, how)
             counts = run.tokens_per_layer()
         self.report = self._report(model.config, blocks, grids, run, counts, attn)
-        self.kept = [[_block_kept(run.alive[b][j], [len(g) for g in grids[b][j]]) for j in range(len(blocks[b]))]
-                     for b in range(len(rows))]
+        self.kept = [
+            [_block_kept(run.alive[b][j], [len(g) for g in grids[b][j]]) for j in range(len(blocks[b]))]
+            for b in range(len(rows))
+        ]
         return out, run.valid.long()
 
     def _report(self, config, blocks, grids, run, counts, attn) -> dict:
@@ -283,15 +305,31 @@ class PrefillPruner:
         depth = int(config.num_hidden_layers)
         rows = []
         for b, row_blocks in enumerate(blocks):
-            rows.append([{"kind": blk.kind, "tokens": sum(len(g) for g in blk.grids),
-                          "kept": sum(int(run.alive[b][j][k].numel()) for k in range(len(blk.grids)))}
-                         for j, blk in enumerate(row_blocks)])
+            rows.append(
+                [
+                    {
+                        "kind": blk.kind,
+                        "tokens": sum(len(g) for g in blk.grids),
+                        "kept": sum(int(run.alive[b][j][k].numel()) for k in range(len(blk.grids))),
+                    }
+                    for j, blk in enumerate(row_blocks)
+                ]
+            )
         flops = sum(prefill_flops(config, c) for c in counts) + run.overhead_flops
         flops_full = sum(prefill_flops(config, [n] * depth) for n in full)
         stages = [[k, round(r, 6)] for k, r in run.stages]
-        return {"method": self.method, "ratio": self.ratio, "stages": stages, "blocks": rows,
-                "tokens": full, "tokens_kept": [c[-1] for c in counts], "tokens_per_layer": counts,
-                "flops": int(flops), "flops_full": int(flops_full), "flops_ratio": round(flops / flops_full, 6)}
+        return {
+            "method": self.method,
+            "ratio": self.ratio,
+            "stages": stages,
+            "blocks": rows,
+            "tokens": full,
+            "tokens_kept": [c[-1] for c in counts],
+            "tokens_per_layer": counts,
+            "flops": int(flops),
+            "flops_full": int(flops_full),
+            "flops_ratio": round(flops / flops_full, 6),
+        }
 
 
 def _block_kept(alive: list[torch.Tensor], sizes: list[int]) -> list[int]:
@@ -381,8 +419,14 @@ class BeforeLLMRun:
     def forward(self, cache, how):
         from mmgen.inference.kv_cache import attention_mask_for
 
-        return model_call(self.model, how, cache, inputs_embeds=self.embeds,
-                          attention_mask=attention_mask_for(cache, self.valid.long()), position_ids=self.position)
+        return model_call(
+            self.model,
+            how,
+            cache,
+            inputs_embeds=self.embeds,
+            attention_mask=attention_mask_for(cache, self.valid.long()),
+            position_ids=self.position,
+        )
 
 
 def _continuous_features(model, ids: torch.Tensor):
@@ -401,8 +445,14 @@ def _continuous_features(model, ids: torch.Tensor):
 
 # -- a prefill on its own (benchmarks) ---------------------------------------------------------------------------
 @torch.no_grad()
-def prefill_only(model, vocab: Vocab, rows: Sequence[Sequence[int]], pruner: PrefillPruner | None = None,
-                 uncond_rows: Sequence[Sequence[int]] | None = None, pad_id: int = 0) -> dict:
+def prefill_only(
+    model,
+    vocab: Vocab,
+    rows: Sequence[Sequence[int]],
+    pruner: PrefillPruner | None = None,
+    uncond_rows: Sequence[Sequence[int]] | None = None,
+    pad_id: int = 0,
+) -> dict:
     """One prefill of ``rows`` (and ``uncond_rows`` after them, as guidance batches them), plain or through
     ``pruner``: ``{"seconds", "tokens", "logits", "report"}`` with the wall time of the forward alone, the
     cache length it left, the last-position logits and the pruner's report (None when plain)."""
@@ -417,11 +467,16 @@ def prefill_only(model, vocab: Vocab, rows: Sequence[Sequence[int]], pruner: Pre
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     if pruner is None:
-        out = model_call(model, prepare_inputs_for(model), cache, input_ids=ids, attention_mask=attn,
-                          position_ids=position)
+        out = model_call(
+            model, prepare_inputs_for(model), cache, input_ids=ids, attention_mask=attn, position_ids=position
+        )
     else:
         out, _ = pruner.prefill(model, vocab, ids, attn, position, cache, n_cond=len(rows))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - t0, "tokens": cache.get_seq_length(), "logits": out.logits[:, -1],
-            "report": None if pruner is None else pruner.report}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "tokens": cache.get_seq_length(),
+        "logits": out.logits[:, -1],
+        "report": None if pruner is None else pruner.report,
+    }

@@ -51,6 +51,7 @@ class LayerPruning:
             cos, sin = kwargs["position_embeddings"]
             keys = self.scratch.layers[module.layer_idx].keys
             self._advance(stage, module, hidden, keys, cos, sin)
+
         return hook
 
     def _feed_hook(self, layer: int, starts: bool):
@@ -70,6 +71,7 @@ class LayerPruning:
             kwargs["position_ids"] = self.feed["position"]
             kwargs["position_embeddings"] = self.feed["rope"]
             return args, kwargs
+
         return hook
 
     # one stage's decision --------------------------------------------------------------------------------
@@ -103,7 +105,9 @@ class LayerPruning:
         self.index, self.valid = left_pad_index(keep)
         self.orig = torch.where(self.valid, orig.gather(1, self.index), torch.full_like(self.index, -1))
         self.history.append(self.orig)
-        position = torch.where(self.valid, self.position0.gather(1, self.orig.clamp(min=0)), torch.zeros_like(self.index))
+        position = torch.where(
+            self.valid, self.position0.gather(1, self.orig.clamp(min=0)), torch.zeros_like(self.index)
+        )
         rope = tuple(t.gather(1, self.index[..., None].expand(-1, -1, t.shape[-1])) for t in (cos, sin))
         self.feed = {"position": position, "rope": rope, "masks": self._masks(hidden, position)}
 
@@ -115,8 +119,10 @@ class LayerPruning:
         if self.pruner.method != "text":
             return last, torch.ones_like(last, dtype=torch.bool)
         ids = self.ids.gather(1, orig.clamp(min=0))
-        first = torch.tensor([min((int(g[0]) for blk in row for g in blk), default=ids.shape[1])
-                              for row in self.grids], device=valid.device)
+        first = torch.tensor(
+            [min((int(g[0]) for blk in row for g in blk), default=ids.shape[1]) for row in self.grids],
+            device=valid.device,
+        )
         text = valid & (ids < self.vocab.text_size) & (orig > first[:, None])
         text[:, -1] = True
         index, qvalid = left_pad_index(text)
@@ -137,10 +143,11 @@ class LayerPruning:
         q, _ = rope(q, q, cq, sq)
         heads = q.shape[1]
         k = keys.repeat_interleave(heads // keys.shape[1], dim=1)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * float(getattr(module, "scaling", hd ** -0.5))
+        scores = (q.float() @ k.float().transpose(-1, -2)) * float(getattr(module, "scaling", hd**-0.5))
         L = keys.shape[2]
-        allowed = valid[:, None, None, :] & (torch.arange(L, device=valid.device)[None, None, None, :]
-                                              <= queries[:, None, :, None])
+        allowed = valid[:, None, None, :] & (
+            torch.arange(L, device=valid.device)[None, None, None, :] <= queries[:, None, :, None]
+        )
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)
         d = hidden.shape[-1]
         self.overhead_flops += int(qvalid.sum()) * (2 * d * heads * hd + 2 * 2 * heads * hd * L)
@@ -164,8 +171,9 @@ class LayerPruning:
 
         cfg = self.decoder.config
         shape = hidden.new_empty((self.valid.shape[0], self.valid.shape[1], 1))
-        args = dict(config=cfg, inputs_embeds=shape, attention_mask=self.valid.long(), cache=None,
-                    position_ids=position)
+        args = dict(
+            config=cfg, inputs_embeds=shape, attention_mask=self.valid.long(), cache=None, position_ids=position
+        )
         masks = {None: create_causal_mask(**args)}
         masks["full_attention"] = masks[None]
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
@@ -179,13 +187,23 @@ class LayerPruning:
         self.scratch = DynamicCache()
         first = self.stages[0][0]
         starts = {k for k, _ in self.stages}
-        handles = [self.layers[k - 1].self_attn.register_forward_hook(self._score_hook(i), with_kwargs=True)
-                   for i, (k, _) in enumerate(self.stages)]
-        handles += [self.layers[i].register_forward_pre_hook(self._feed_hook(i, i in starts), with_kwargs=True)
-                    for i in range(first, len(self.layers))]
+        handles = [
+            self.layers[k - 1].self_attn.register_forward_hook(self._score_hook(i), with_kwargs=True)
+            for i, (k, _) in enumerate(self.stages)
+        ]
+        handles += [
+            self.layers[i].register_forward_pre_hook(self._feed_hook(i, i in starts), with_kwargs=True)
+            for i in range(first, len(self.layers))
+        ]
         try:
-            out = model_call(self.model, how, self.scratch, input_ids=self.ids, attention_mask=self.attn0,
-                              position_ids=self.position0)
+            out = model_call(
+                self.model,
+                how,
+                self.scratch,
+                input_ids=self.ids,
+                attention_mask=self.attn0,
+                position_ids=self.position0,
+            )
         finally:
             for h in handles:
                 h.remove()
@@ -198,8 +216,9 @@ class LayerPruning:
 
     def tokens_per_layer(self) -> list[list[int]]:
         per_stage = [(h >= 0).sum(-1).tolist() for h in self.history]
-        return [[int(per_stage[self.stage_of(i)][b]) for i in range(len(self.layers))]
-                for b in range(self.ids.shape[0])]
+        return [
+            [int(per_stage[self.stage_of(i)][b]) for i in range(len(self.layers))] for b in range(self.ids.shape[0])
+        ]
 
     def _compact_into(self, cache) -> None:
         """Write the kept tokens' keys and values of every layer into ``cache`` (in the final stage's

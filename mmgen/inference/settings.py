@@ -72,8 +72,12 @@ class SamplingSettings:
             return replace(DEFAULT_SAMPLING, cfg_scale=cfg).check()
         if get("do_sample") is False:
             return cls(temperature=0.0, cfg_scale=cfg).check()
-        return cls(temperature=float(_or(get("temperature"), 1.0)), top_k=int(_or(get("top_k"), 0)),
-                   top_p=float(_or(get("top_p"), 1.0)), cfg_scale=cfg).check()
+        return cls(
+            temperature=float(_or(get("temperature"), 1.0)),
+            top_k=int(_or(get("top_k"), 0)),
+            top_p=float(_or(get("top_p"), 1.0)),
+            cfg_scale=cfg,
+        ).check()
 
 
 def _or(v, fallback):

@@ -103,11 +103,15 @@ class SpeculativeJacobi:
         if int(self.window) < 1:
             raise MMGenError(f"spec_window must be >= 1 (the draft window holds at least one token), got {self.window}")
         if not 0.0 <= float(self.delta) <= 1.0:
-            raise MMGenError(f"spec_delta must be in [0, 1] (the most probability mass a draft is credited; 0 is exact "
-                             f"SJD), got {self.delta}")
+            raise MMGenError(
+                f"spec_delta must be in [0, 1] (the most probability mass a draft is credited; 0 is exact "
+                f"SJD), got {self.delta}"
+            )
         if self.delta > 0 and self.neighbours is None:
-            raise MMGenError("relaxed acceptance (spec_delta > 0) needs the codebook neighbours: build the settings "
-                             "with speculative_from_options(options, bundle)")
+            raise MMGenError(
+                "relaxed acceptance (spec_delta > 0) needs the codebook neighbours: build the settings "
+                "with speculative_from_options(options, bundle)"
+            )
 
 
 # -- options ----------------------------------------------------------------------------------------
@@ -115,21 +119,29 @@ def check_spec_options(options, bundle=None) -> None:
     """One-line MMGenErrors for the ``spec_*`` fields of ``options`` (a GenerationOptions); with ``bundle``,
     also what the bundle must have: a croppable cache and, for the relaxed test, a codebook."""
     if options.spec_window < 1:
-        raise MMGenError(f"spec_window must be >= 1 (the draft window holds at least one token), got {options.spec_window}")
+        raise MMGenError(
+            f"spec_window must be >= 1 (the draft window holds at least one token), got {options.spec_window}"
+        )
     if not 0.0 <= options.spec_delta <= 1.0:
-        raise MMGenError(f"spec_delta must be in [0, 1] (the most probability mass a draft is credited; 0 is exact SJD), "
-                         f"got {options.spec_delta}")
+        raise MMGenError(
+            f"spec_delta must be in [0, 1] (the most probability mass a draft is credited; 0 is exact SJD), "
+            f"got {options.spec_delta}"
+        )
     if options.spec_neighbours < 1:
-        raise MMGenError(f"spec_neighbours must be >= 1 (codebook neighbours per code for the relaxed test), "
-                         f"got {options.spec_neighbours}")
+        raise MMGenError(
+            f"spec_neighbours must be >= 1 (codebook neighbours per code for the relaxed test), "
+            f"got {options.spec_neighbours}"
+        )
     if not options.spec_decoding or bundle is None:
         return
     from mmgen.inference.kv_cache import kv_cache_for
 
     if not kv_cache_for(bundle.model, options).is_croppable:
-        raise MMGenError(f"speculative decoding rolls rejected drafts back out of the KV cache, which the "
-                         f"'{options.cache}' cache cannot do without kv compression; use cache=dynamic (or a kv_method "
-                         f"with cache=fp8), or turn spec_decoding off")
+        raise MMGenError(
+            f"speculative decoding rolls rejected drafts back out of the KV cache, which the "
+            f"'{options.cache}' cache cannot do without kv compression; use cache=dynamic (or a kv_method "
+            f"with cache=fp8), or turn spec_decoding off"
+        )
     if options.spec_delta > 0:
         codebook_neighbours(bundle.vocab, bundle.image_tokenizer, 1)  # raises when there is no codebook
 
@@ -138,8 +150,11 @@ def speculative_from_options(options, bundle) -> SpeculativeJacobi | None:
     """The decode loop's settings for ``options`` (None when ``spec_decoding`` is off)."""
     if not options.spec_decoding:
         return None
-    table = (codebook_neighbours(bundle.vocab, bundle.image_tokenizer, options.spec_neighbours)
-             if options.spec_delta > 0 else None)
+    table = (
+        codebook_neighbours(bundle.vocab, bundle.image_tokenizer, options.spec_neighbours)
+        if options.spec_delta > 0
+        else None
+    )
     return SpeculativeJacobi(window=options.spec_window, delta=options.spec_delta, neighbours=table)
 
 
@@ -166,24 +181,45 @@ def codebook_neighbours(vocab, image_tokenizer, k: int) -> torch.Tensor:
             continue
         vecs, first = vecs[:n].float(), start - vocab.text_size  # the range's first media column
         for s in range(0, n, 1024):  # chunks: a 16k codebook's full distance matrix would be 1 GiB
-            d = torch.cdist(vecs[s:s + 1024], vecs)
+            d = torch.cdist(vecs[s : s + 1024], vecs)
             rows = torch.arange(d.shape[0])
             d[rows, s + rows] = float("inf")  # a code is not its own neighbour
-            table[first + s: first + s + d.shape[0], :kk] = first + d.topk(kk, largest=False).indices
+            table[first + s : first + s + d.shape[0], :kk] = first + d.topk(kk, largest=False).indices
     if not found:
-        raise MMGenError("relaxed acceptance (spec_delta > 0) needs the image tokenizer's codebook, and this bundle's "
-                         "tokenizer has none; set spec_delta=0")
+        raise MMGenError(
+            "relaxed acceptance (spec_delta > 0) needs the image tokenizer's codebook, and this bundle's "
+            "tokenizer has none; set spec_delta=0"
+        )
     return table
 
 
 # -- the loop ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def jacobi_decode(model, vocab, spec: SpeculativeJacobi, *, cache, cache_kw: str, seq: torch.Tensor, cur: int,
-                  attn: torch.Tensor, dropped: int, next_pos: torch.Tensor, logits: torch.Tensor, processors,
-                  stopping, constraint,
-                  cfg_scale: float, temperature: float, top_k: int, top_p: float, gen: torch.Generator,
-                  max_new_tokens: int, pad_id: int, stats: dict | None = None
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def jacobi_decode(
+    model,
+    vocab,
+    spec: SpeculativeJacobi,
+    *,
+    cache,
+    cache_kw: str,
+    seq: torch.Tensor,
+    cur: int,
+    attn: torch.Tensor,
+    dropped: int,
+    next_pos: torch.Tensor,
+    logits: torch.Tensor,
+    processors,
+    stopping,
+    constraint,
+    cfg_scale: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    gen: torch.Generator,
+    max_new_tokens: int,
+    pad_id: int,
+    stats: dict | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Step 4 of :func:`~mmgen.inference.pipeline.decode_loop` with speculative Jacobi decoding of image
     blocks (the module docstring says how). Takes over right after the prefill: ``seq`` (B, cur + budget)
     holds the conditional rows, ``attn`` the attention mask of all rows (2B with guidance) over every
@@ -195,8 +231,10 @@ def jacobi_decode(model, vocab, spec: SpeculativeJacobi, *, cache, cache_kw: str
     from mmgen.inference.processors import cfg_mix
 
     if not getattr(cache, "is_croppable", False):
-        raise MMGenError(f"speculative decoding rolls rejected drafts back with Cache.crop, which a "
-                         f"{type(cache).__name__} cannot do; use the dynamic cache")
+        raise MMGenError(
+            f"speculative decoding rolls rejected drafts back with Cache.crop, which a "
+            f"{type(cache).__name__} cannot do; use the dynamic cache"
+        )
     stats = {} if stats is None else stats
     bsz, device = seq.shape[0], seq.device
     use_cfg = logits.shape[0] != bsz
@@ -260,19 +298,36 @@ def jacobi_decode(model, vocab, spec: SpeculativeJacobi, *, cache, cache_kw: str
                 return
             constraint.observe(seq[:, :cur])  # the state of the next position
         position = position + n
-        win = next_window(win, out, made, n, k, target, guided, left, constraint, masks, sampler, active, spec.window,
-                          max_new_tokens - step, lo, device)
+        win = next_window(
+            win,
+            out,
+            made,
+            n,
+            k,
+            target,
+            guided,
+            left,
+            constraint,
+            masks,
+            sampler,
+            active,
+            spec.window,
+            max_new_tokens - step,
+            lo,
+            device,
+        )
         width = win.size
-        feed = torch.cat([seq[:, cur - 1:cur], win.tokens[:, :width]], 1)
+        feed = torch.cat([seq[:, cur - 1 : cur], win.tokens[:, :width]], 1)
         extra = {}
         if getattr(model.config, "grid_positions", False):
             g = model.grid_cells(torch.cat([seq[:, :cur], win.tokens[:, :width]], 1), 1 + width)
             extra["grid_positions"] = torch.cat([g, g]) if use_cfg else g
         ids = torch.cat([feed, feed]) if use_cfg else feed
         positions = (position - 1)[:, None] + torch.arange(1 + width, device=device)
-        mask = attention_mask_for(cache, attn[:, :cur - dropped + width])  # every token seen, then the window
-        res = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache},
-                    **extra)
+        mask = attention_mask_for(cache, attn[:, : cur - dropped + width])  # every token seen, then the window
+        res = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}, **extra
+        )
         stats["forward_passes"] = stats.get("forward_passes", 0) + 1
         step_logits = res.logits.float()
 
@@ -285,9 +340,20 @@ def _crop(cache, tokens: int) -> None:
 
 
 # -- measuring --------------------------------------------------------------------------------------
-def compare_t2i(bundle, prompts: Sequence[str], *, window: int = 16, delta: float = 0.0, neighbours: int = 8,
-                cfg_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
-                top_p: float | None = None, seed: int = 0, batch_size: int = 8) -> dict:
+def compare_t2i(
+    bundle,
+    prompts: Sequence[str],
+    *,
+    window: int = 16,
+    delta: float = 0.0,
+    neighbours: int = 8,
+    cfg_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict:
     """Text-to-image for ``prompts`` twice on the same seeds, plain and with SJD (``window``, ``delta``,
     ``neighbours``); sampling options left None are the bundle's. Returns ``{'plain': run, 'spec': run,
     'passes_ratio', 'seconds_ratio', 'cpu_seconds_ratio'}`` where a run is ``{'images', 'forward_passes',
@@ -303,12 +369,26 @@ def compare_t2i(bundle, prompts: Sequence[str], *, window: int = 16, delta: floa
     for name, spec in (("plain", None), ("spec", speculative_from_options(options, bundle))):
         stats: dict = {}
         t0, c0 = time.perf_counter(), time.process_time()
-        images = generate_images(bundle, list(prompts), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                 cfg_scale=cfg_scale, batch_size=batch_size, spec=spec, stats=stats)
+        images = generate_images(
+            bundle,
+            list(prompts),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            cfg_scale=cfg_scale,
+            batch_size=batch_size,
+            spec=spec,
+            stats=stats,
+        )
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        runs[name] = {"images": images, "forward_passes": stats["forward_passes"],
-                      "passes_per_image": stats["forward_passes"] / max(1, len(images)), "seconds": round(seconds, 4),
-                      "cpu_seconds": round(cpu, 4)}
+        runs[name] = {
+            "images": images,
+            "forward_passes": stats["forward_passes"],
+            "passes_per_image": stats["forward_passes"] / max(1, len(images)),
+            "seconds": round(seconds, 4),
+            "cpu_seconds": round(cpu, 4),
+        }
         if spec is not None:
             runs[name]["tokens_per_pass"] = round(spec.stats["tokens"] / max(1, spec.stats["passes"]), 3)
     runs["passes_ratio"] = runs["plain"]["forward_passes"] / runs["spec"]["forward_passes"]

@@ -108,12 +108,16 @@ def check_bundle_dir(path: str | Path) -> Path:
     reads nothing but file names, so commands check it before loading anything)."""
     p = Path(path)
     if not p.is_dir():
-        raise MMGenError(f"checkpoint directory {p} does not exist; train one with `mmgen quickstart` "
-                         "(its final bundle is named in runs/quickstart/report.json) or `mmgen train`")
+        raise MMGenError(
+            f"checkpoint directory {p} does not exist; train one with `mmgen quickstart` "
+            "(its final bundle is named in runs/quickstart/report.json) or `mmgen train`"
+        )
     missing = [n for n in ("config.json", "vocab.json") if not (p / n).is_file()]
     if missing:
-        raise MMGenError(f"{p} is not an mmgen checkpoint (no {' or '.join(missing)}); "
-                         "train one with `mmgen quickstart` or `mmgen train`")
+        raise MMGenError(
+            f"{p} is not an mmgen checkpoint (no {' or '.join(missing)}); "
+            "train one with `mmgen quickstart` or `mmgen train`"
+        )
     return p
 
 
@@ -129,7 +133,8 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
         json.loads((p / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise MMGenError(
-            f"{p / 'config.json'} is not valid JSON ({_first_line(e)}); the checkpoint is damaged") from None
+            f"{p / 'config.json'} is not valid JSON ({_first_line(e)}); the checkpoint is damaged"
+        ) from None
     vocab = Vocab.load(p / "vocab.json")
     read_generation_config(p)  # a damaged file is a one-line error here; the model loads it below
     from safetensors import SafetensorError
@@ -138,8 +143,10 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # a truncated, corrupt or missing weights file
         weights = sorted(x.name for x in p.glob("*.safetensors")) or ["model.safetensors"]
-        raise MMGenError(f"{p / weights[0]} could not be loaded ({_first_line(e)}); "
-                         "the checkpoint is damaged or incomplete, copy or save it again") from None
+        raise MMGenError(
+            f"{p / weights[0]} could not be loaded ({_first_line(e)}); "
+            "the checkpoint is damaged or incomplete, copy or save it again"
+        ) from None
     model = model.to(device).eval()
     text_tokenizer = AutoTokenizer.from_pretrained(p)
     image_tokenizer = None
@@ -157,5 +164,13 @@ def load_bundle(path: str | Path, device: str = "cpu", dtype=None) -> Bundle:
 
     # read from its JSON files only: the pipelines load when the first picture is drawn
     detok = DetokenizerSet.from_dir(p / DETOKENIZER_DIR) if (p / DETOKENIZER_DIR).is_dir() else None
-    return Bundle(model, text_tokenizer, vocab, image_tokenizer, meta, audio_tokenizer=audio_tokenizer,
-                  chat_template=ChatTemplate.load(p), detokenizer=detok)
+    return Bundle(
+        model,
+        text_tokenizer,
+        vocab,
+        image_tokenizer,
+        meta,
+        audio_tokenizer=audio_tokenizer,
+        chat_template=ChatTemplate.load(p),
+        detokenizer=detok,
+    )

@@ -96,8 +96,10 @@ def zero_shot_accuracy(clip, scenes, images) -> dict:
     for i, s in enumerate(scenes):
         o = largest_object(s)
         for attr, values in (("color", list(COLORS)), ("shape", list(SHAPES))):
-            prompts = [_prompt(o, v if attr == "color" else o.color, v if attr == "shape" else o.shape, s.background)
-                       for v in values]
+            prompts = [
+                _prompt(o, v if attr == "color" else o.color, v if attr == "shape" else o.shape, s.background)
+                for v in values
+            ]
             txt = clip.encode_text(prompts)
             pred = values[int((txt @ img[i]).argmax())]
             hits[attr] += pred == getattr(o, attr)
@@ -115,8 +117,13 @@ def phrase_separation(clip) -> dict:
     out = {}
     for attr, k in (("shape", 3), ("color", 2)):
         # the pairs whose words differ at position k and nowhere else
-        vals = torch.stack([cos[i, j] for i, j in itertools.combinations(range(len(words)), 2)
-                            if [a != b for a, b in zip(words[i], words[j])] == [m == k for m in range(4)]])
+        vals = torch.stack(
+            [
+                cos[i, j]
+                for i, j in itertools.combinations(range(len(words)), 2)
+                if [a != b for a, b in zip(words[i], words[j])] == [m == k for m in range(4)]
+            ]
+        )
         out[f"{attr}_pair_cosine_mean"] = round(float(vals.mean()), 4)
         out[f"{attr}_pair_cosine_max"] = round(float(vals.max()), 4)
     return out
@@ -128,7 +135,7 @@ def cell_loss(model, tokenizer, patch_tokens: torch.Tensor, phrases: list[list[s
     import torch.nn.functional as F
 
     b, n, w = patch_tokens.shape
-    g = int(round(n ** 0.5))
+    g = int(round(n**0.5))
     cells = cell_regions(patch_tokens.transpose(1, 2).reshape(b, w, g, g), len(phrases[0]))
     proj = model.visual.proj
     cells = cells @ proj if proj is not None else cells
@@ -178,14 +185,16 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
-                                              * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))
+    )
     metrics = open(out / "metrics.jsonl", "w")
     t0 = time.time()
     model.train()
     for step in tqdm(range(cfg.steps), desc="train clip", disable=not cfg.progress, leave=False):
         idx = torch.randint(
-            0, len(pairs), (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+            0, len(pairs), (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        )
         if cfg.cell_weight > 0:
             model.visual.output_tokens = True  # the pooled embedding and the patch tokens in one pass
             pooled, patches = model.visual(pixels[idx])
@@ -199,8 +208,14 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
             img_f, txt_f, scale = model(pixels[idx], tokens[idx])[:3]
             loss = loss_fn(img_f, txt_f, scale)
         if cfg.hard_negatives > 0:
-            hard = hard_negative_loss(model, tokenizer, img_f, txt_f, [captions[i] for i in idx.tolist()],
-                                      random.Random(f"neg-{cfg.seed}-{step}"))
+            hard = hard_negative_loss(
+                model,
+                tokenizer,
+                img_f,
+                txt_f,
+                [captions[i] for i in idx.tolist()],
+                random.Random(f"neg-{cfg.seed}-{step}"),
+            )
             loss = loss + cfg.hard_negatives * hard
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -212,18 +227,33 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
             extra = {"cell_loss": round(region.item(), 5)} if cfg.cell_weight > 0 else {}
             if cfg.hard_negatives > 0:
                 extra["hard_negative_loss"] = round(hard.item(), 5)
-            metrics.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), **extra,
-                                      "logit_scale": round(model.logit_scale.exp().item(), 3),
-                                      "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+            metrics.write(
+                json.dumps(
+                    {
+                        "step": step + 1,
+                        "loss": round(loss.item(), 5),
+                        **extra,
+                        "logit_scale": round(model.logit_scale.exp().item(), 3),
+                        "elapsed_s": round(time.time() - t0, 1),
+                    }
+                )
+                + "\n"
+            )
             metrics.flush()
     metrics.close()
     model.eval()
     path = save_clip(model, out / "clip", cfg.model)
     held = shapes_pairs(cfg.eval_scenes, size, cfg.seed, split="heldout")
     acc = zero_shot_accuracy(clip, [h[0] for h in held], [h[1] for h in held])
-    report = {"steps": cfg.steps, "train_pairs": len(pairs), "train_seconds": round(time.time() - t0, 1),
-              "parameters": sum(p.numel() for p in model.parameters()),
-              "heldout_scenes": len(held), "zero_shot_color_acc": round(acc["color"], 4),
-              "zero_shot_shape_acc": round(acc["shape"], 4), "phrase_separation": phrase_separation(clip)}
+    report = {
+        "steps": cfg.steps,
+        "train_pairs": len(pairs),
+        "train_seconds": round(time.time() - t0, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "heldout_scenes": len(held),
+        "zero_shot_color_acc": round(acc["color"], 4),
+        "zero_shot_shape_acc": round(acc["shape"], 4),
+        "phrase_separation": phrase_separation(clip),
+    }
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     return path

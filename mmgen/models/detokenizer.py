@@ -77,14 +77,23 @@ class CodeConditioner(ModelMixin, ConfigMixin):
     checkpoint names its codes' origin and generation refuses another tokenizer's codes."""
 
     @register_to_config
-    def __init__(self, codebook_sizes: Sequence[int] = (512,), embed_dims: Sequence[int] = (16,),
-                 grid_names: Sequence[str] = ("pix",), pixels_per_code: int = 8, tokenizer: str = "",
-                 tokenizer_type: str = "pixel_vq", tokenizer_resolution: int = 64, decoded_channels: int = 0,
-                 tokenizer_sha256: str = ""):
+    def __init__(
+        self,
+        codebook_sizes: Sequence[int] = (512,),
+        embed_dims: Sequence[int] = (16,),
+        grid_names: Sequence[str] = ("pix",),
+        pixels_per_code: int = 8,
+        tokenizer: str = "",
+        tokenizer_type: str = "pixel_vq",
+        tokenizer_resolution: int = 64,
+        decoded_channels: int = 0,
+        tokenizer_sha256: str = "",
+    ):
         super().__init__()
         if int(decoded_channels) not in (0, 3):
             raise MMGenError(
-                f"decoded_channels is 0 (codes only) or 3 (codes + the tokenizer's RGB decode), got {decoded_channels}")
+                f"decoded_channels is 0 (codes only) or 3 (codes + the tokenizer's RGB decode), got {decoded_channels}"
+            )
         if not (len(codebook_sizes) == len(embed_dims) == len(grid_names)):
             raise MMGenError("codebook_sizes, embed_dims and grid_names need one entry per code grid")
         self.embeds = nn.ModuleList(nn.Embedding(int(n) + 1, int(d)) for n, d in zip(codebook_sizes, embed_dims))
@@ -108,7 +117,8 @@ class CodeConditioner(ModelMixin, ConfigMixin):
     def check(self, grids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(grids) != len(self.embeds):
             raise MMGenError(
-                f"expected {len(self.embeds)} code grid(s) ({', '.join(self.config.grid_names)}), got {len(grids)}")
+                f"expected {len(self.embeds)} code grid(s) ({', '.join(self.config.grid_names)}), got {len(grids)}"
+            )
         out = []
         for g, n, name in zip(grids, self.config.codebook_sizes, self.config.grid_names):
             g = torch.as_tensor(np.asarray(g) if not torch.is_tensor(g) else g, dtype=torch.long)
@@ -117,40 +127,62 @@ class CodeConditioner(ModelMixin, ConfigMixin):
             if g.ndim != 3:
                 raise MMGenError(f"'{name}' codes must be (B, h, w) or (h, w), got shape {tuple(g.shape)}")
             if g.numel() and (int(g.min()) < 0 or int(g.max()) > n):
-                raise MMGenError(f"'{name}' code out of range 0..{n - 1}: were these codes made by another tokenizer "
-                                 f"than {self.config.tokenizer or self.config.tokenizer_type}?")
+                raise MMGenError(
+                    f"'{name}' code out of range 0..{n - 1}: were these codes made by another tokenizer "
+                    f"than {self.config.tokenizer or self.config.tokenizer_type}?"
+                )
             out.append(g.to(self.device))
         return out
 
-    def forward(self, grids: Sequence[torch.Tensor], size: tuple[int, int],
-                decoded: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, grids: Sequence[torch.Tensor], size: tuple[int, int], decoded: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Condition maps ``(B, channels, *size)``. ``decoded``: the tokenizer's decode of ``grids``
         (``(B, 3, h, w)`` in [-1, 1]), required when :attr:`uses_decoded`; zeros stand for it under null
         codes (pass ``None`` there)."""
         # A grid with embed_dim 0 is named and checked but not drawn: a decode-conditioned model may
         # take the decode alone (nearest-upsampled code maps print cell-sized blocks at 2x).
-        maps = [F.interpolate(emb(g).permute(0, 3, 1, 2), size=size, mode="nearest")
-                for emb, g in zip(self.embeds, grids) if emb.embedding_dim]
+        maps = [
+            F.interpolate(emb(g).permute(0, 3, 1, 2), size=size, mode="nearest")
+            for emb, g in zip(self.embeds, grids)
+            if emb.embedding_dim
+        ]
         if self.uses_decoded:
             if decoded is None:
                 decoded = torch.zeros(grids[0].shape[0], 3, *size, device=self.device)
             # bicubic: the residual then starts from the bicubic upscale of the decode, the usual baseline
-            maps.append(F.interpolate(decoded.to(self.device, self.dtype), size=size, mode="bicubic",
-                                      align_corners=False).clamp(-1, 1))
+            maps.append(
+                F.interpolate(
+                    decoded.to(self.device, self.dtype), size=size, mode="bicubic", align_corners=False
+                ).clamp(-1, 1)
+            )
         return torch.cat(maps, dim=1)
 
 
-def build_unet(cond_channels: int, sample_size: int, block_out_channels: Sequence[int] = (32, 64, 64),
-               layers_per_block: int = 1, norm_num_groups: int = 8, attention: bool = False) -> UNet2DModel:
+def build_unet(
+    cond_channels: int,
+    sample_size: int,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    attention: bool = False,
+) -> UNet2DModel:
     """A pixel-space UNet2DModel whose input is the noisy RGB image plus the condition maps."""
     levels = len(block_out_channels)
     down = ["DownBlock2D"] * levels
     up = ["UpBlock2D"] * levels
     if attention:  # attention at the coarsest level only: global layout at little cost
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    return UNet2DModel(sample_size=sample_size, in_channels=3 + cond_channels, out_channels=3,
-                       block_out_channels=tuple(block_out_channels), down_block_types=tuple(down),
-                       up_block_types=tuple(up), layers_per_block=layers_per_block, norm_num_groups=norm_num_groups)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3 + cond_channels,
+        out_channels=3,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+    )
 
 
 def make_scheduler(name: str, config: dict | None = None, prediction_type: str = "sample"):
@@ -178,8 +210,10 @@ class CodeDetokenizerPipeline(DiffusionPipeline):
     def decode_codes(self, grids: list[torch.Tensor]) -> torch.Tensor:
         """The image tokenizer's own decode of ``grids`` (B, 3, h, w) in [-1, 1]."""
         if self.image_tokenizer is None:
-            raise MMGenError("this detokenizer refines its tokenizer's decode: load it with "
-                             "load_pipeline(path, tokenizer=DIR) or pass decoded=")
+            raise MMGenError(
+                "this detokenizer refines its tokenizer's decode: load it with "
+                "load_pipeline(path, tokenizer=DIR) or pass decoded="
+            )
         return decode_grids(self.image_tokenizer, self.conditioner.config.grid_names, grids)
 
     def use_scheduler(self, name: str) -> CodeDetokenizerPipeline:
@@ -197,9 +231,16 @@ class CodeDetokenizerPipeline(DiffusionPipeline):
         return out
 
     @torch.no_grad()
-    def __call__(self, codes, num_inference_steps: int = 8, guidance_scale: float = 1.5,
-                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
-                 decoded: torch.Tensor | None = None):
+    def __call__(
+        self,
+        codes,
+        num_inference_steps: int = 8,
+        guidance_scale: float = 1.5,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        decoded: torch.Tensor | None = None,
+    ):
         """``codes``: a list with one code grid per conditioner entry (``(B, h, w)`` or ``(h, w)``), or a
         single grid for a one-grid conditioner. ``output_type``: "pil", "np" (HWC in [0, 1]) or "pt"
         (BCHW in [-1, 1]). ``decoded``: the tokenizer's decode of ``codes``, for a conditioner with
@@ -234,19 +275,39 @@ class CodeDetokenizerPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
-def build_pipeline(codebook_sizes: Sequence[int], grid_names: Sequence[str], pixels_per_code: int, grid_side: int,
-                   embed_dims: Sequence[int] | None = None, block_out_channels: Sequence[int] = (32, 64, 64),
-                   layers_per_block: int = 1, norm_num_groups: int = 8, attention: bool = False,
-                   scheduler: str = "ddim", prediction_type: str = "sample", tokenizer: str = "",
-                   tokenizer_type: str = "pixel_vq", tokenizer_resolution: int = 64,
-                   decoded_channels: int = 0, tokenizer_sha256: str = "") -> CodeDetokenizerPipeline:
+def build_pipeline(
+    codebook_sizes: Sequence[int],
+    grid_names: Sequence[str],
+    pixels_per_code: int,
+    grid_side: int,
+    embed_dims: Sequence[int] | None = None,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    attention: bool = False,
+    scheduler: str = "ddim",
+    prediction_type: str = "sample",
+    tokenizer: str = "",
+    tokenizer_type: str = "pixel_vq",
+    tokenizer_resolution: int = 64,
+    decoded_channels: int = 0,
+    tokenizer_sha256: str = "",
+) -> CodeDetokenizerPipeline:
     embed_dims = list(embed_dims or [16] * len(codebook_sizes))
-    cond = CodeConditioner(codebook_sizes=list(codebook_sizes), embed_dims=embed_dims, grid_names=list(grid_names),
-                           pixels_per_code=pixels_per_code, tokenizer=tokenizer, tokenizer_type=tokenizer_type,
-                           tokenizer_resolution=tokenizer_resolution, decoded_channels=decoded_channels,
-                           tokenizer_sha256=tokenizer_sha256)
-    unet = build_unet(cond.channels, grid_side * pixels_per_code, block_out_channels, layers_per_block,
-                      norm_num_groups, attention)
+    cond = CodeConditioner(
+        codebook_sizes=list(codebook_sizes),
+        embed_dims=embed_dims,
+        grid_names=list(grid_names),
+        pixels_per_code=pixels_per_code,
+        tokenizer=tokenizer,
+        tokenizer_type=tokenizer_type,
+        tokenizer_resolution=tokenizer_resolution,
+        decoded_channels=decoded_channels,
+        tokenizer_sha256=tokenizer_sha256,
+    )
+    unet = build_unet(
+        cond.channels, grid_side * pixels_per_code, block_out_channels, layers_per_block, norm_num_groups, attention
+    )
     if decoded_channels and prediction_type == "sample":  # a residual over the decode starts at zero
         torch.nn.init.zeros_(unet.conv_out.weight)
         torch.nn.init.zeros_(unet.conv_out.bias)
@@ -274,6 +335,12 @@ def load_pipeline(path: str | Path, device: str = "cpu", tokenizer=None) -> Code
     return pipe.to(device)
 
 
-__all__ = ["CodeConditioner", "CodeDetokenizerPipeline", "build_pipeline", "build_unet", "decode_grids",
-           "load_pipeline",
-           "make_scheduler"]
+__all__ = [
+    "CodeConditioner",
+    "CodeDetokenizerPipeline",
+    "build_pipeline",
+    "build_unet",
+    "decode_grids",
+    "load_pipeline",
+    "make_scheduler",
+]

@@ -45,8 +45,10 @@ def pipeline_facts(path: str | Path) -> dict:
     """A saved pipeline's conditioner config and output ``scale``, read from its JSON files (no weights load)."""
     p = Path(path)
     if not (p / "model_index.json").is_file():
-        raise MMGenError(f"{p} is not a detokenizer pipeline directory (needs model_index.json); "
-                         "train one with `mmgen train-detokenizer`")
+        raise MMGenError(
+            f"{p} is not a detokenizer pipeline directory (needs model_index.json); "
+            "train one with `mmgen train-detokenizer`"
+        )
     try:
         cond = read_json(p / "conditioner" / "config.json")
         unet = read_json(p / "unet" / "config.json")
@@ -93,8 +95,10 @@ class DetokenizerSet:
                     raise MMGenError(f"{d} holds a {scale}x detokenizer; name its folder x{scale}")
                 found[scale] = d
         if not found:
-            raise MMGenError(f"{p} holds no detokenizer: give a pipeline directory (model_index.json) or a folder "
-                             "of them named x1/, x2/")
+            raise MMGenError(
+                f"{p} holds no detokenizer: give a pipeline directory (model_index.json) or a folder "
+                "of them named x1/, x2/"
+            )
         return cls(found, source=str(p))
 
     @property
@@ -107,15 +111,20 @@ class DetokenizerSet:
         if isinstance(item, Path):
             return pipeline_facts(item)
         cond = dict(item.conditioner.config)
-        return {**cond, "scale": int(item.unet.config.sample_size) // int(cond["tokenizer_resolution"]),
-                "path": self.source}
+        return {
+            **cond,
+            "scale": int(item.unet.config.sample_size) // int(cond["tokenizer_resolution"]),
+            "path": self.source,
+        }
 
     def _item(self, scale: int):
         if int(scale) not in self._items:
             have = ", ".join(f"{s}x" for s in self.scales)
-            raise MMGenError(f"the detokenizer {self.source or '(in memory)'} has no {scale}x pipeline "
-                             f"(it has {have}); "
-                             f"train one with `mmgen train-detokenizer tiny_detokenizer scale={scale} bundle=DIR`")
+            raise MMGenError(
+                f"the detokenizer {self.source or '(in memory)'} has no {scale}x pipeline "
+                f"(it has {have}); "
+                f"train one with `mmgen train-detokenizer tiny_detokenizer scale={scale} bundle=DIR`"
+            )
         return self._items[int(scale)]
 
     def pipeline(self, scale: int, tokenizer=None, device: str = "cpu"):
@@ -161,24 +170,34 @@ def check_fits(facts: dict, tokenizer, vocab) -> None:
     kind = getattr(tokenizer, "mmgen_type", "")
     fix = "; train one for this checkpoint: mmgen train-detokenizer tiny_detokenizer bundle=CHECKPOINT"
     if facts.get("tokenizer_type") and facts["tokenizer_type"] != kind:
-        raise MMGenError(f"{where} was made for a {facts['tokenizer_type']} image tokenizer ({made_for}), "
-                         f"this checkpoint's is {kind}{fix}")
+        raise MMGenError(
+            f"{where} was made for a {facts['tokenizer_type']} image tokenizer ({made_for}), "
+            f"this checkpoint's is {kind}{fix}"
+        )
     res = int(tokenizer.resolution[0])
     if int(facts.get("tokenizer_resolution") or res) != res:
-        raise MMGenError(f"{where} was made for {facts['tokenizer_resolution']} px pictures ({made_for}), "
-                         f"this checkpoint's tokenizer draws {res} px{fix}")
+        raise MMGenError(
+            f"{where} was made for {facts['tokenizer_resolution']} px pictures ({made_for}), "
+            f"this checkpoint's tokenizer draws {res} px{fix}"
+        )
     sizes = dict(zip(grid_spec(tokenizer)[1], grid_spec(tokenizer)[0]))
     for name, n in zip(facts.get("grid_names", []), facts.get("codebook_sizes", [])):
         if not vocab.has(name):
-            raise MMGenError(f"{where} draws from '{name}' codes, which this checkpoint's LM does not write "
-                             f"(it writes {', '.join(g for g in ('sem', 'pix') if vocab.has(g))}){fix}")
+            raise MMGenError(
+                f"{where} draws from '{name}' codes, which this checkpoint's LM does not write "
+                f"(it writes {', '.join(g for g in ('sem', 'pix') if vocab.has(g))}){fix}"
+            )
         if sizes.get(name) != int(n):
-            raise MMGenError(f"{where} was made for an image tokenizer with {n} '{name}' codes ({made_for}), "
-                             f"this checkpoint's has {sizes.get(name, 0)}{fix}")
+            raise MMGenError(
+                f"{where} was made for an image tokenizer with {n} '{name}' codes ({made_for}), "
+                f"this checkpoint's has {sizes.get(name, 0)}{fix}"
+            )
     sha = facts.get("tokenizer_sha256")
     if sha and sha != tokenizer.fingerprint():
-        raise MMGenError(f"{where} was made for another image tokenizer ({made_for}, fingerprint {sha[:12]}; this "
-                         f"checkpoint's is {tokenizer.fingerprint()[:12]}): its codes mean other pictures{fix}")
+        raise MMGenError(
+            f"{where} was made for another image tokenizer ({made_for}, fingerprint {sha[:12]}; this "
+            f"checkpoint's is {tokenizer.fingerprint()[:12]}): its codes mean other pictures{fix}"
+        )
 
 
 def add_detokenizer(bundle_dir: str | Path, pipeline_dir: str | Path) -> Path:

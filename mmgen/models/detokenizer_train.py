@@ -107,8 +107,9 @@ def chosen_grids(tokenizer, names: list[str]) -> tuple[list[int], list[str]]:
     return [sizes[all_names.index(n)] for n in names], list(names)
 
 
-def shapes_pairs(n: int, low: int, high: int, seed: int,
-                 split: str = "train") -> tuple[torch.Tensor, torch.Tensor, list]:
+def shapes_pairs(
+    n: int, low: int, high: int, seed: int, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor, list]:
     """``n`` ShapesWorld scenes at ``low`` and ``high`` pixels: (low uint8, high uint8, scenes). Each is
     rendered at twice its side and brought down by the tokenizer's own bicubic resize, as the quick
     start's corpus reaches a tokenizer (render_side); a direct render at 36 px is aliased enough that
@@ -120,6 +121,7 @@ def shapes_pairs(n: int, low: int, high: int, seed: int,
     draw = lambda s, side: square_image(render(s, 2 * side, 2 * side), side)  # noqa: E731
     lo = np.stack([draw(s, low) for s in scenes])
     hi = lo if high == low else np.stack([draw(s, high) for s in scenes])
+
     def to_tensor(a):
         return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
 
@@ -127,11 +129,12 @@ def shapes_pairs(n: int, low: int, high: int, seed: int,
 
 
 @torch.no_grad()
-def encode_all(tokenizer, images_u8: torch.Tensor, batch: int = 64,
-               names: list[str] | None = None) -> list[torch.Tensor]:
+def encode_all(
+    tokenizer, images_u8: torch.Tensor, batch: int = 64, names: list[str] | None = None
+) -> list[torch.Tensor]:
     grids: list[list[torch.Tensor]] = []
     for i in range(0, len(images_u8), batch):
-        grids.append(code_grids(tokenizer, uint8_to_unit(images_u8[i: i + batch]), names))
+        grids.append(code_grids(tokenizer, uint8_to_unit(images_u8[i : i + batch]), names))
     return [torch.cat(parts) for parts in zip(*grids)]
 
 
@@ -142,8 +145,9 @@ def decode_all(tokenizer, grids: list[torch.Tensor], batch: int = 64, names: lis
     from mmgen.models.detokenizer import decode_grids
 
     names = names or grid_spec(tokenizer)[1]
-    return torch.cat([decode_grids(tokenizer, names, [g[i: i + batch] for g in grids])
-                      for i in range(0, len(grids[0]), batch)])
+    return torch.cat(
+        [decode_grids(tokenizer, names, [g[i : i + batch] for g in grids]) for i in range(0, len(grids[0]), batch)]
+    )
 
 
 def edge_map(x: torch.Tensor) -> torch.Tensor:
@@ -187,13 +191,24 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     grids = encode_all(tok, lo, names=names)
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    pipe = build_pipeline(sizes, names, tok.downsample * cfg.scale, max(g.shape[-1] for g in grids),
-                          embed_dims=m.embed_dims or None,
-                          block_out_channels=m.block_out_channels, layers_per_block=m.layers_per_block,
-                          norm_num_groups=m.norm_num_groups, attention=m.attention, scheduler=m.scheduler,
-                          prediction_type=m.prediction_type, tokenizer=str(cfg.tokenizer),
-                          tokenizer_type=getattr(tok, "mmgen_type", ""), tokenizer_resolution=res,
-                          decoded_channels=3 if m.condition_on_decode else 0, tokenizer_sha256=tok.fingerprint())
+    pipe = build_pipeline(
+        sizes,
+        names,
+        tok.downsample * cfg.scale,
+        max(g.shape[-1] for g in grids),
+        embed_dims=m.embed_dims or None,
+        block_out_channels=m.block_out_channels,
+        layers_per_block=m.layers_per_block,
+        norm_num_groups=m.norm_num_groups,
+        attention=m.attention,
+        scheduler=m.scheduler,
+        prediction_type=m.prediction_type,
+        tokenizer=str(cfg.tokenizer),
+        tokenizer_type=getattr(tok, "mmgen_type", ""),
+        tokenizer_resolution=res,
+        decoded_channels=3 if m.condition_on_decode else 0,
+        tokenizer_sha256=tok.fingerprint(),
+    )
     pipe.set_progress_bar_config(disable=True)
     decoded = decode_all(tok, grids, names=names) if m.condition_on_decode else None
     from mmgen.models.detokenizer import make_scheduler
@@ -207,8 +222,14 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     model.train()
     total, n_win, t0 = 0.0, 0, time.time()
     T = noise_sched.config.num_train_timesteps
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train detokenizer",
-               disable=not cfg.progress, leave=False)
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc="train detokenizer",
+        disable=not cfg.progress,
+        leave=False,
+    )
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(hi), (cfg.batch_size,), generator=g)
@@ -240,8 +261,12 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
         n_win += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            rec = {"step": done, "loss": round(total / n_win, 6), "lr": _lr(cfg, step),
-                   "elapsed_s": round(time.time() - t0, 2)}
+            rec = {
+                "step": done,
+                "loss": round(total / n_win, 6),
+                "lr": _lr(cfg, step),
+                "elapsed_s": round(time.time() - t0, 2),
+            }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -254,14 +279,24 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     model.eval()
     pipe_dir = out / "pipeline"
     pipe.save_pretrained(str(pipe_dir))
-    report = {"steps": cfg.steps, "train_seconds": round(train_s, 1), "train_images": cfg.train_images,
-              "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()), "scale": cfg.scale}
+    report = {
+        "steps": cfg.steps,
+        "train_seconds": round(train_s, 1),
+        "train_images": cfg.train_images,
+        "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+        "scale": cfg.scale,
+    }
     if cfg.eval_images:
         elo, ehi, _ = shapes_pairs(cfg.eval_images, res, res * cfg.scale, cfg.seed + 1, split="heldout")
         eg = encode_all(tok, elo, names=names)
         pipe.image_tokenizer = tok
-        y = pipe(eg, num_inference_steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale,
-                 generator=torch.Generator().manual_seed(cfg.seed), output_type="pt").images
+        y = pipe(
+            eg,
+            num_inference_steps=cfg.eval_steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            output_type="pt",
+        ).images
         ref = uint8_to_unit(ehi)
         report["eval_psnr"] = round(float(psnr(y, ref).mean()), 3)
         report["eval_sampler"] = f"{type(pipe.scheduler).__name__}, {cfg.eval_steps} steps, cfg {cfg.guidance_scale}"
@@ -286,8 +321,10 @@ def for_bundle(cfg: DetokenizerTrainConfig) -> DetokenizerTrainConfig:
     b = check_bundle_dir(cfg.bundle)
     vocab = Vocab.load(b / "vocab.json")
     if not (b / "image_tokenizer").is_dir() or not vocab.has("pix"):
-        raise MMGenError(f"{b} writes no pictures (no image_tokenizer/ or no pixel codes in its vocab): "
-                         "it has nothing for a detokenizer to draw")
+        raise MMGenError(
+            f"{b} writes no pictures (no image_tokenizer/ or no pixel codes in its vocab): "
+            "it has nothing for a detokenizer to draw"
+        )
     return replace(cfg, tokenizer=str(b / "image_tokenizer"), grids=[g for g in ("sem", "pix") if vocab.has(g)])
 
 

@@ -20,11 +20,23 @@ from mmgen.processing.vocab import Vocab
 from mmgen.utils.compat import ensure_torchvision  # transformers' model modules import torchvision
 
 
-def build_tiny_lm(vocab: Vocab, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
-                  intermediate: int | None = None, max_len: int = 2048, rope_theta: float = 10000.0,
-                  tie_embeddings: bool = True, bos_token_id: int = BOS_ID, eos_token_id: int = EOS_ID,
-                  pad_token_id: int = PAD_ID, text_tokenizer=None, attn_implementation: str = "sdpa",
-                  seed: int | None = None):
+def build_tiny_lm(
+    vocab: Vocab,
+    hidden: int = 256,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    max_len: int = 2048,
+    rope_theta: float = 10000.0,
+    tie_embeddings: bool = True,
+    bos_token_id: int = BOS_ID,
+    eos_token_id: int = EOS_ID,
+    pad_token_id: int = PAD_ID,
+    text_tokenizer=None,
+    attn_implementation: str = "sdpa",
+    seed: int | None = None,
+):
     """A randomly initialised ``LlamaForCausalLM`` whose vocabulary is ``vocab.size``.
 
     bos/eos/pad default to the ids of :func:`mmgen.models.text_tokenizer.train_text_tokenizer`; pass
@@ -76,8 +88,10 @@ def _swiglu_width(hidden: int) -> int:
 def extend_pretrained_lm(model, vocab: Vocab):
     """Grow a pretrained decoder's embeddings to ``vocab.size`` (text ids unchanged, new rows at the end)."""
     if model.config.vocab_size > vocab.size:
-        raise MMGenError(f"model vocab {model.config.vocab_size} is larger than the mmgen vocab {vocab.size}; "
-                         "build the Vocab with the model's text_size")
+        raise MMGenError(
+            f"model vocab {model.config.vocab_size} is larger than the mmgen vocab {vocab.size}; "
+            "build the Vocab with the model's text_size"
+        )
     model.resize_token_embeddings(vocab.size, mean_resizing=True)
     return model
 

@@ -58,7 +58,11 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 1000, min_frequ
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
         clean_up_tokenization_spaces=False,
     )
     ids = [fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]

@@ -156,17 +156,27 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
             if self.code_start is None:
                 raise MMGenError("code_head=True needs a vocab with at least one code range")
             self.code_head = nn.Linear(hidden, vocab.size - self.code_start, bias=False)
-        self.image_projector = (mlp_projector(config.image_feature_dim, hidden, config.projector_depth)
-                                if config.image_feature_dim else None)
-        self.audio_projector = (mlp_projector(config.audio_feature_dim, hidden, config.projector_depth)
-                                if config.audio_feature_dim else None)
+        self.image_projector = (
+            mlp_projector(config.image_feature_dim, hidden, config.projector_depth)
+            if config.image_feature_dim
+            else None
+        )
+        self.audio_projector = (
+            mlp_projector(config.audio_feature_dim, hidden, config.projector_depth)
+            if config.audio_feature_dim
+            else None
+        )
         # Frozen code-vector tables (saved with the weights): with input_placement=codes a code's
         # continuous input is its tokenizer vector, so the model looks it up itself and training,
         # generation and evaluation all read the same input without passing features around.
         for modality in MODALITY_FEATURES:
             dim = getattr(config, f"{modality}_feature_dim")
-            if dim and vocab is not None and config.input_placement == "codes" and self.input_range(
-                modality) in vocab.ranges:
+            if (
+                dim
+                and vocab is not None
+                and config.input_placement == "codes"
+                and self.input_range(modality) in vocab.ranges
+            ):
                 a, b = vocab.code_range(self.input_range(modality))
                 self.register_buffer(f"{modality}_code_vectors", torch.zeros(b - a, dim))
         self.grid_position_embedding = None
@@ -175,8 +185,9 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
                 raise MMGenError("grid_positions=True needs a vocab")
             # Row 0 (not an image code) stays zero; the rest start at zero too, so switching the table on
             # changes nothing until training moves it.
-            self.grid_position_embedding = nn.Embedding(vocab.grid_table_size(config.grid_target), hidden,
-                                                        padding_idx=0)
+            self.grid_position_embedding = nn.Embedding(
+                vocab.grid_table_size(config.grid_target), hidden, padding_idx=0
+            )
         self.post_init()
 
     def _init_weights(self, module):
@@ -226,11 +237,13 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         of those codes; from then on :meth:`embed` projects it wherever no features are passed."""
         buf = getattr(self, f"{modality}_code_vectors", None)
         if buf is None:
-            raise MMGenError(f"this model stores no {modality} code vectors (needs {modality}_feature_dim and "
-                             "input_placement=codes)")
+            raise MMGenError(
+                f"this model stores no {modality} code vectors (needs {modality}_feature_dim and input_placement=codes)"
+            )
         if tuple(table.shape) != tuple(buf.shape):
             raise MMGenError(
-                f"{modality} code vectors of shape {tuple(table.shape)}, the model expects {tuple(buf.shape)}")
+                f"{modality} code vectors of shape {tuple(table.shape)}, the model expects {tuple(buf.shape)}"
+            )
         buf.copy_(table.to(buf.device, buf.dtype))
         self.config.code_vectors = sorted({*(self.config.code_vectors or []), modality})
 
@@ -241,8 +254,13 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         a, _ = self._vocab.code_range(self.input_range(modality))
         return getattr(self, f"{modality}_code_vectors")[input_ids[self.feature_positions(input_ids, modality)] - a]
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
-              audio_features: torch.Tensor | None = None, grid_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
+        grid_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Input embeddings: token rows, projected features where given (else the stored code vectors, if
         any), grid positions where enabled.
         ``grid_positions`` (from :meth:`Vocab.grid_position_ids`) is needed only when ``input_ids`` is not the
@@ -259,13 +277,17 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
                 continue
             proj = self.image_projector if modality == "image" else self.audio_projector
             if proj is None:
-                raise MMGenError(f"{modality} features given but the model has no {modality} projector "
-                                 f"(set {modality}_feature_dim in the model config)")
+                raise MMGenError(
+                    f"{modality} features given but the model has no {modality} projector "
+                    f"(set {modality}_feature_dim in the model config)"
+                )
             where = self.feature_positions(input_ids, modality)
             n = int(where.sum())
             if feats.shape[0] != n:
-                raise MMGenError(f"{feats.shape[0]} {modality} feature vectors for {n} {modality} positions in the "
-                                 "input; give one vector per code (or placeholder) token, in reading order")
+                raise MMGenError(
+                    f"{feats.shape[0]} {modality} feature vectors for {n} {modality} positions in the "
+                    "input; give one vector per code (or placeholder) token, in reading order"
+                )
             embeds = embeds.masked_scatter(where[..., None], proj(feats.to(embeds.dtype)))
         return embeds
 
@@ -291,20 +313,39 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         head = self.get_output_embeddings()
         if self.code_head is None:
             return head(hidden)
-        text = nn.functional.linear(hidden, head.weight[: self.code_start],
-                                    None if head.bias is None else head.bias[: self.code_start])
+        text = nn.functional.linear(
+            hidden, head.weight[: self.code_start], None if head.bias is None else head.bias[: self.code_start]
+        )
         return torch.cat([text, self.code_head(hidden)], dim=-1)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
-                image_features=None, audio_features=None, grid_positions=None, past_key_values=None,
-                **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_features=None,
+        audio_features=None,
+        grid_positions=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, image_features, audio_features, grid_positions)
         cache = cache if cache is not None else past_key_values  # the older name, as transformers keeps it
         base = self.lm.base_model
-        out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=use_cache, **{cache_keyword(base): cache}, **kwargs)
+        out = base(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{cache_keyword(base): cache},
+            **kwargs,
+        )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
@@ -314,9 +355,13 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=getattr(out, "hidden_states", None),
-                                      attentions=getattr(out, "attentions", None))
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
+        )
 
 
 def _is_inside(module: nn.Module, parent: nn.Module) -> bool:

@@ -81,8 +81,14 @@ class ChatTemplate:
 class MMGenProcessor:
     """Doc / prompt / chat <-> ids for one bundle (``MMGenProcessor.from_bundle(bundle)``)."""
 
-    def __init__(self, text_tokenizer, vocab: Vocab, image_tokenizer=None, audio_tokenizer=None,
-                 chat_template: ChatTemplate | None = None):
+    def __init__(
+        self,
+        text_tokenizer,
+        vocab: Vocab,
+        image_tokenizer=None,
+        audio_tokenizer=None,
+        chat_template: ChatTemplate | None = None,
+    ):
         self.text_tokenizer = text_tokenizer
         self.vocab = vocab
         self.image_tokenizer = image_tokenizer
@@ -92,8 +98,13 @@ class MMGenProcessor:
     @classmethod
     def from_bundle(cls, bundle) -> MMGenProcessor:
         template = getattr(bundle, "chat_template", None) or ChatTemplate.from_training(bundle.meta)
-        return cls(bundle.text_tokenizer, bundle.vocab, bundle.image_tokenizer,
-                   getattr(bundle, "audio_tokenizer", None), template)
+        return cls(
+            bundle.text_tokenizer,
+            bundle.vocab,
+            bundle.image_tokenizer,
+            getattr(bundle, "audio_tokenizer", None),
+            template,
+        )
 
     # -- prompts -> ids -------------------------------------------------------------------------------
     def trained_in_chat(self, conversation: bool = False) -> bool:
@@ -103,8 +114,9 @@ class MMGenProcessor:
         """``<s> User: [image] text Assistant:`` with the template's tags (:func:`encode_chat_prompt
         <mmgen.processing.sequence.encode_chat_prompt>`, the layout training writes)."""
         t = self.chat_template
-        return encode_chat_prompt(text, self.text_tokenizer, image_ids=image_ids, user_tag=t.user_tag,
-                                  assistant_tag=t.assistant_tag)
+        return encode_chat_prompt(
+            text, self.text_tokenizer, image_ids=image_ids, user_tag=t.user_tag, assistant_tag=t.assistant_tag
+        )
 
     def prompt_ids(self, prompt: str, image: bool) -> list[int]:
         """The prefix training used for the same text: ``<s> text`` (plus ``<image>`` when ``image``), or
@@ -153,8 +165,9 @@ class MMGenProcessor:
         pix = np.asarray(pix.cpu() if torch.is_tensor(pix) else pix)
         sem = None if sem is None else np.asarray(sem.cpu() if torch.is_tensor(sem) else sem)
         use_sem = self.vocab.has("sem")
-        return [self.vocab.image_block(pix[i], sem=sem[i] if use_sem and sem is not None else None)
-                for i in range(len(pix))]
+        return [
+            self.vocab.image_block(pix[i], sem=sem[i] if use_sem and sem is not None else None) for i in range(len(pix))
+        ]
 
     # -- ids -> Doc ---------------------------------------------------------------------------------------
     def decode_image_blocks(self, parsed: Sequence[dict], image_decoder=None) -> list:
@@ -169,8 +182,10 @@ class MMGenProcessor:
             by_shape.setdefault(np.asarray(p["pix"]).shape, []).append(r)
         for idx in by_shape.values():
             has_sem = parsed[idx[0]].get("sem") is not None
-            stacked = {"pix": np.stack([parsed[r]["pix"] for r in idx]),
-                       "sem": np.stack([parsed[r]["sem"] for r in idx]) if has_sem else None}
+            stacked = {
+                "pix": np.stack([parsed[r]["pix"] for r in idx]),
+                "sem": np.stack([parsed[r]["sem"] for r in idx]) if has_sem else None,
+            }
             for r, pil in zip(idx, self.image_tokenizer.decode(block_codes(stacked))):
                 out[r] = pil
         return out
@@ -197,8 +212,11 @@ class DocDecoder:
         self.processor = processor
         self.vocab = processor.vocab
         self.image_decoder = image_decoder
-        self.decoder_info = dict(image_decoder.info) if image_decoder is not None else \
-            {"kind": "tokenizer", "tokenizer": getattr(processor.image_tokenizer, "mmgen_type", "")}
+        self.decoder_info = (
+            dict(image_decoder.info)
+            if image_decoder is not None
+            else {"kind": "tokenizer", "tokenizer": getattr(processor.image_tokenizer, "mmgen_type", "")}
+        )
         # <audio> opens a block only when the constraint tracks audio; otherwise it is ignored.
         self.openers = {self.vocab["<image>"], *([self.vocab["<audio>"]] if audio else [])}
         self.items: list = []
@@ -248,8 +266,13 @@ class DocDecoder:
     def _decode_block(self, block: list[int]) -> Image:
         parsed = self.vocab.parse_image_block(block)
         pil = self.processor.decode_image_blocks([parsed], self.image_decoder)[0]
-        meta = {"codes_shape": [parsed["h"], parsed["w"]], "num_tokens": len(block),
-                "width": pil.size[0], "height": pil.size[1], "decoder": dict(self.decoder_info)}
+        meta = {
+            "codes_shape": [parsed["h"], parsed["w"]],
+            "num_tokens": len(block),
+            "width": pil.size[0],
+            "height": pil.size[1],
+            "decoder": dict(self.decoder_info),
+        }
         if parsed["sem"] is not None:
             meta["sem_codes_shape"] = list(parsed["sem"].shape)
         return Image.from_pil(pil, meta=meta)
@@ -293,6 +316,11 @@ def audio_item(codec, codes, meta: dict | None = None) -> Audio:
     """An Audio item holding the WAV (at the codec's sample rate) of ``(levels, T)`` codes."""
     codes = np.asarray(codes, dtype=np.int64)
     wave = decode_audio_codes(codec, codes)
-    facts = {"codes_shape": list(codes.shape), "frames": int(codes.shape[1]), "sample_rate": codec.sample_rate,
-             "duration": len(wave) / codec.sample_rate, **(meta or {})}
+    facts = {
+        "codes_shape": list(codes.shape),
+        "frames": int(codes.shape[1]),
+        "sample_rate": codec.sample_rate,
+        "duration": len(wave) / codec.sample_rate,
+        **(meta or {}),
+    }
     return Audio(data=encode_wav(wave, codec.sample_rate), format="wav", meta=facts)

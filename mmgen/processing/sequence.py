@@ -229,8 +229,14 @@ def _item_ids(coded_doc, i: int, text_tokenizer, vocab: Vocab, skipped: Counter)
     return media_ids(coded_doc, i, vocab, skipped)
 
 
-def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab, user_targets: bool = False,
-                        user_tag: str = USER_TAG, assistant_tag: str = ASSISTANT_TAG) -> dict:
+def build_chat_sequence(
+    coded_doc,
+    text_tokenizer,
+    vocab: Vocab,
+    user_targets: bool = False,
+    user_tag: str = USER_TAG,
+    assistant_tag: str = ASSISTANT_TAG,
+) -> dict:
     """One conversation -> ``<s> User: … Assistant: … </s> User: … Assistant: … </s>``.
 
     Only the assistant's tokens and the ``</s>`` that ends each assistant turn are targets (the
@@ -260,18 +266,34 @@ def build_chat_sequence(coded_doc, text_tokenizer, vocab: Vocab, user_targets: b
         ids.append(eos)
         mask.append(False)
     arr = np.asarray(ids, dtype=np.int64)
-    return {"input_ids": arr, "loss_mask": np.asarray(mask, dtype=bool),
-            "modality": vocab.modality_of(arr).astype(np.int8), "boundaries": boundaries, "cond_span": None,
-            "skipped": dict(skipped), "doc_id": getattr(coded_doc.doc, "id", None)}
+    return {
+        "input_ids": arr,
+        "loss_mask": np.asarray(mask, dtype=bool),
+        "modality": vocab.modality_of(arr).astype(np.int8),
+        "boundaries": boundaries,
+        "cond_span": None,
+        "skipped": dict(skipped),
+        "doc_id": getattr(coded_doc.doc, "id", None),
+    }
 
 
-def encode_chat_prompt(text: str, text_tokenizer, image_ids: list[int] | None = None, user_tag: str = USER_TAG,
-                       assistant_tag: str = ASSISTANT_TAG) -> list[int]:
+def encode_chat_prompt(
+    text: str,
+    text_tokenizer,
+    image_ids: list[int] | None = None,
+    user_tag: str = USER_TAG,
+    assistant_tag: str = ASSISTANT_TAG,
+) -> list[int]:
     """The prefix a chat turn is answered from: ``<s> User: [image] text Assistant:`` (what
     :func:`build_chat_sequence` trains on with the same tags, so inference sees the trained layout)."""
     bos, _ = _bos_eos(text_tokenizer)
-    return [bos, *encode_text(user_tag, text_tokenizer), *(image_ids or []), *encode_text(text, text_tokenizer),
-            *encode_text(assistant_tag, text_tokenizer)]
+    return [
+        bos,
+        *encode_text(user_tag, text_tokenizer),
+        *(image_ids or []),
+        *encode_text(text, text_tokenizer),
+        *encode_text(assistant_tag, text_tokenizer),
+    ]
 
 
 @dataclass
@@ -284,13 +306,25 @@ class SequenceStats:
     skipped_items: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict:
-        return {"docs_in": self.docs_in, "sequences": self.sequences, "bad_records": self.bad_records,
-                "empty_docs": self.empty_docs, "tokens": self.tokens, "skipped_items": dict(self.skipped_items)}
+        return {
+            "docs_in": self.docs_in,
+            "sequences": self.sequences,
+            "bad_records": self.bad_records,
+            "empty_docs": self.empty_docs,
+            "tokens": self.tokens,
+            "skipped_items": dict(self.skipped_items),
+        }
 
 
-def build_sequences(records, text_tokenizer, vocab: Vocab, targets: Iterable[str] = TARGET_KINDS,
-                    max_docs: int | None = None, chat: str = "none",
-                    user_targets: bool = False) -> tuple[list[dict], SequenceStats]:
+def build_sequences(
+    records,
+    text_tokenizer,
+    vocab: Vocab,
+    targets: Iterable[str] = TARGET_KINDS,
+    max_docs: int | None = None,
+    chat: str = "none",
+    user_targets: bool = False,
+) -> tuple[list[dict], SequenceStats]:
     """:func:`build_sequence` (or :func:`build_chat_sequence`) over a stream of CodedDocs (BadRecords are
     counted, not raised). ``chat``: ``"all"`` puts every document in the chat template, ``"roles"`` only
     those whose items carry roles (:func:`has_roles`), ``"none"`` none; ``user_targets`` as in
@@ -308,8 +342,11 @@ def build_sequences(records, text_tokenizer, vocab: Vocab, targets: Iterable[str
             stats.bad_records += 1
             continue
         as_chat = chat == "all" or (chat == "roles" and has_roles(rec.doc))
-        seq = (build_chat_sequence(rec, text_tokenizer, vocab, user_targets) if as_chat
-               else build_sequence(rec, text_tokenizer, vocab, targets))
+        seq = (
+            build_chat_sequence(rec, text_tokenizer, vocab, user_targets)
+            if as_chat
+            else build_sequence(rec, text_tokenizer, vocab, targets)
+        )
         stats.skipped_items.update(seq["skipped"])
         if len(seq["input_ids"]) <= 2 or not seq["loss_mask"].any():  # only <s> </s>, or no target left
             stats.empty_docs += 1

@@ -39,7 +39,8 @@ class VideoLayout:
         if not 0 <= k < self.config.video_times:
             last = (self.config.video_times - 1) * self.config.video_time_step
             raise MMGenError(
-                f"video time {seconds:.2f} s is outside 0..{last:g} s of the time tokens (raise vocab video_times)")
+                f"video time {seconds:.2f} s is outside 0..{last:g} s of the time tokens (raise vocab video_times)"
+            )
         return self.time_start + k
 
     def _sparse_rows(self, name: str, grid: np.ndarray) -> list[int]:
@@ -75,8 +76,10 @@ class VideoLayout:
         pix = np.asarray(pix, dtype=np.int64)
         keys = [bool(k) for k in keyframes]
         if pix.ndim != 3 or not len(pix) or len(times) != len(pix) or len(keys) != len(pix):
-            raise MMGenError(f"video codes must be (T, H, W) with T times and keyframe flags, got {pix.shape}, "
-                             f"{len(times)} times, {len(keys)} flags")
+            raise MMGenError(
+                f"video codes must be (T, H, W) with T times and keyframe flags, got {pix.shape}, "
+                f"{len(times)} times, {len(keys)} flags"
+            )
         if not keys[0]:
             raise MMGenError("the first video frame must be a keyframe (later frames copy merged cells from it)")
         grids = {"pix": pix}
@@ -135,16 +138,21 @@ class VideoLayout:
             pos += 1
         if pos >= len(ids) or ids[pos] != self["</video>"] or not keys:
             raise ValueError(f"video block: expected <frame> or </video> at position {pos}")
-        return {"h": size[0], "w": size[1], "pix": np.stack(frames["pix"]),
-                "sem": np.stack(frames["sem"]) if frames["sem"] else None,
-                "times": np.asarray(times, dtype=np.float64), "keyframes": np.asarray(keys, dtype=bool),
-                "length": pos + 1}
+        return {
+            "h": size[0],
+            "w": size[1],
+            "pix": np.stack(frames["pix"]),
+            "sem": np.stack(frames["sem"]) if frames["sem"] else None,
+            "times": np.asarray(times, dtype=np.float64),
+            "keyframes": np.asarray(keys, dtype=bool),
+            "length": pos + 1,
+        }
 
     def _parse_sparse_frame(self, ids: list[int], pos: int, size: tuple[int, int], frames: dict) -> int:
         """Parse the ``<sem>``/``<pix>`` parts of a merged frame at ``pos`` into ``frames``; the new pos."""
         for name in self.grid_names:
             h, w = self.sem_grid(*size) if name == "sem" else size
-            if ids[pos:pos + 1] != [self[f"<{name}>"]]:
+            if ids[pos : pos + 1] != [self[f"<{name}>"]]:
                 raise ValueError(f"video block: expected <{name}> at position {pos}")
             pos += 1
             start, end = self.code_range(name)
@@ -166,7 +174,7 @@ class VideoLayout:
                 if pos >= len(ids):
                     raise ValueError(f"video block: row {r} of {name} has no <eol>")
                 pos += 1
-            if ids[pos:pos + 1] != [self[f"</{name}>"]]:
+            if ids[pos : pos + 1] != [self[f"</{name}>"]]:
                 raise ValueError(f"video block: expected </{name}> at position {pos}")
             frames[name].append(grid)
             pos += 1

@@ -49,8 +49,19 @@ from mmgen.processing.video_layout import VideoLayout
 GRID_BRANCHES = ("sem", "pix")  # code ranges laid out as grids inside image blocks, in grid-table order
 
 STRUCTURAL = [
-    "<image>", "</image>", "<sem>", "</sem>", "<pix>", "</pix>", "<eol>",
-    "<audio>", "</audio>", "<video>", "</video>", "<frame>", "</frame>",
+    "<image>",
+    "</image>",
+    "<sem>",
+    "</sem>",
+    "<pix>",
+    "</pix>",
+    "<eol>",
+    "<audio>",
+    "</audio>",
+    "<video>",
+    "</video>",
+    "<frame>",
+    "</frame>",
 ]
 
 
@@ -66,14 +77,29 @@ class VocabConfig:
 
 
 class Vocab(VideoLayout):
-    def __init__(self, text_size: int, codebooks: dict[str, int] | None = None, max_grid: int = 64,
-                 sem_ratio: int = 2, audio_levels: int = 1, video_times: int = 0, video_time_step: float = 0.5):
-        self.config = VocabConfig(int(text_size), dict(codebooks or {}), int(max_grid), int(sem_ratio),
-                                  int(audio_levels),
-                                  int(video_times), float(video_time_step))
+    def __init__(
+        self,
+        text_size: int,
+        codebooks: dict[str, int] | None = None,
+        max_grid: int = 64,
+        sem_ratio: int = 2,
+        audio_levels: int = 1,
+        video_times: int = 0,
+        video_time_step: float = 0.5,
+    ):
+        self.config = VocabConfig(
+            int(text_size),
+            dict(codebooks or {}),
+            int(max_grid),
+            int(sem_ratio),
+            int(audio_levels),
+            int(video_times),
+            float(video_time_step),
+        )
         if self.config.video_times < 0 or self.config.video_time_step <= 0:
             raise MMGenError(
-                f"video_times must be >= 0 and video_time_step > 0, got {video_times} and {video_time_step}")
+                f"video_times must be >= 0 and video_time_step > 0, got {video_times} and {video_time_step}"
+            )
         self.text_size = self.config.text_size
         self._tok2id: dict[str, int] = {}
         nxt = self.text_size
@@ -203,7 +229,8 @@ class Vocab(VideoLayout):
             sem = np.asarray(sem)
             if sem.shape != self.sem_grid(h, w):
                 raise MMGenError(
-                    f"semantic grid {sem.shape} does not match {self.sem_grid(h, w)} for a {h}x{w} pixel grid")
+                    f"semantic grid {sem.shape} does not match {self.sem_grid(h, w)} for a {h}x{w} pixel grid"
+                )
             ids += [self["<sem>"], *self._rows("sem", sem), self["</sem>"]]
         ids += [self["<pix>"], *self._rows("pix", pix), self["</pix>"], self["</image>"]]
         return ids
@@ -298,7 +325,7 @@ class Vocab(VideoLayout):
             start, end = self.code_range(name)
             rows = []
             for r in range(h):
-                row = ids[pos:pos + w]
+                row = ids[pos : pos + w]
                 if len(row) != w or any(not start <= x < end for x in row):
                     raise ValueError(f"image block: row {r} of {name} codes malformed at position {pos}")
                 rows.append([x - start for x in row])
@@ -411,8 +438,13 @@ class Vocab(VideoLayout):
 
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {"text_size": self.text_size, "codebooks": self.config.codebooks, "max_grid": self.config.max_grid,
-             "sem_ratio": self.config.sem_ratio, "audio_levels": self.config.audio_levels}
+        d = {
+            "text_size": self.text_size,
+            "codebooks": self.config.codebooks,
+            "max_grid": self.config.max_grid,
+            "sem_ratio": self.config.sem_ratio,
+            "audio_levels": self.config.audio_levels,
+        }
         if self.has_video:  # written only when used, so vocabs without video keep their saved form
             d.update(video_times=self.config.video_times, video_time_step=self.config.video_time_step)
         return d

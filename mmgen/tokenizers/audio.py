@@ -98,8 +98,10 @@ class AudioCodec(torch.nn.Module):
         try:
             model = _transformers().DacModel.from_pretrained(str(path_or_id), use_safetensors=True)
         except OSError as e:
-            raise MMGenError(f"cannot load audio codec '{path_or_id}': {str(e).splitlines()[0]} "
-                             f"(give a local directory, or a hub id with network access)") from None
+            raise MMGenError(
+                f"cannot load audio codec '{path_or_id}': {str(e).splitlines()[0]} "
+                f"(give a local directory, or a hub id with network access)"
+            ) from None
         return cls(model).to(device)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -197,7 +199,8 @@ class AudioCodec(torch.nn.Module):
             raise MMGenError(f"expected audio codes shaped ({self.n_q}, T), got {got}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise MMGenError(
-                f"audio code out of range 0..{self.codebook_size - 1}; were these codes made by another codec?")
+                f"audio code out of range 0..{self.codebook_size - 1}; were these codes made by another codec?"
+            )
         self.model.eval()
         y = self.model.decode(audio_codes=codes.to(self.device), return_dict=True).audio_values.cpu().numpy()
         return y[0] if single else y
@@ -242,17 +245,31 @@ def build_on_meta(cfg: AudioCodecConfig | dict) -> AudioCodec:
 
 # -- metrics ---------------------------------------------------------------------------------------
 
+
 def log_mel(x: torch.Tensor, sample_rate: int, n_fft: int = 1024, hop: int = 256, n_mels: int = 64) -> torch.Tensor:
     """Log-mel spectrogram ``(..., n_mels, frames)`` of waveforms ``(..., n)`` (Slaney mel filters
     from transformers' audio utilities; torchaudio is not needed)."""
     from transformers.audio_utils import mel_filter_bank
 
-    fb = torch.from_numpy(mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
-                                          max_frequency=sample_rate / 2, sampling_rate=sample_rate,
-                                          norm="slaney", mel_scale="slaney")).float().to(x.device)
+    fb = (
+        torch.from_numpy(
+            mel_filter_bank(
+                num_frequency_bins=n_fft // 2 + 1,
+                num_mel_filters=n_mels,
+                min_frequency=0.0,
+                max_frequency=sample_rate / 2,
+                sampling_rate=sample_rate,
+                norm="slaney",
+                mel_scale="slaney",
+            )
+        )
+        .float()
+        .to(x.device)
+    )
     lead = x.shape[:-1]
-    spec = torch.stft(x.reshape(-1, x.shape[-1]), n_fft, hop, window=torch.hann_window(n_fft, device=x.device),
-                      return_complex=True).abs()
+    spec = torch.stft(
+        x.reshape(-1, x.shape[-1]), n_fft, hop, window=torch.hann_window(n_fft, device=x.device), return_complex=True
+    ).abs()
     mel = torch.einsum("bft,fm->bmt", spec, fb)
     return torch.log(mel.clamp_min(1e-5)).reshape(*lead, n_mels, -1)
 

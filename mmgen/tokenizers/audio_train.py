@@ -75,6 +75,7 @@ class AudioTrainConfig:
 
 # -- data --------------------------------------------------------------------------------------------
 
+
 def spoken_captions(n: int, split: str, seed: int, sample_rate: int, speeds: list[int]) -> list[np.ndarray]:
     """``n`` ShapesWorld captions of ``split`` scenes, spoken by espeak-ng at varied speeds."""
     rng = random.Random(seed)
@@ -109,20 +110,22 @@ def default_real_audio() -> list[str]:
     return [str((REAL_DIR / n).resolve()) for n in names if (REAL_DIR / n).is_file()]
 
 
-def _crop_batch(clips: list[np.ndarray], real: list[np.ndarray], cfg: AudioTrainConfig, seg: int,
-                g: torch.Generator) -> torch.Tensor:
+def _crop_batch(
+    clips: list[np.ndarray], real: list[np.ndarray], cfg: AudioTrainConfig, seg: int, g: torch.Generator
+) -> torch.Tensor:
     batch = torch.zeros(cfg.batch_size, 1, seg)
     for i in range(cfg.batch_size):
         pool = real if real and float(torch.rand((), generator=g)) < cfg.real_weight else clips
         x = pool[int(torch.randint(0, len(pool), (), generator=g))]
         if len(x) > seg:
             s = int(torch.randint(0, len(x) - seg, (), generator=g))
-            x = x[s: s + seg]
+            x = x[s : s + seg]
         batch[i, 0, : len(x)] = torch.from_numpy(np.ascontiguousarray(x))
     return batch
 
 
 # -- the loop ----------------------------------------------------------------------------------------
+
 
 class CodebookUsage(torch.nn.Module):
     """Per-level usage EMA of every code, and restarts of dead codes from recent encoder outputs.
@@ -158,7 +161,7 @@ class CodebookUsage(torch.nn.Module):
             dead = torch.nonzero(self.usage[q] < threshold / k).flatten()
             if not restart or dead.numel() == 0:
                 continue
-            z = out.projected_latents[:, q * d:(q + 1) * d].permute(0, 2, 1).reshape(-1, d)
+            z = out.projected_latents[:, q * d : (q + 1) * d].permute(0, 2, 1).reshape(-1, d)
             pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=g)
             quant.codebook.weight.data[dead] = z[pick] + 0.01 * torch.randn(dead.numel(), d, generator=g)
             self.usage[q, dead] = 1.0 / k
@@ -175,8 +178,9 @@ def codec_loss(model, x: torch.Tensor, cfg: AudioTrainConfig, sample_rate: int):
     y = out.audio_values
     ref = x[:, 0, : y.shape[-1]]
     wave = (y - ref).abs().mean()
-    mel = sum((log_mel(y, sample_rate, n, n // 4) - log_mel(ref, sample_rate, n, n // 4)).abs().mean()
-              for n in cfg.mel_ffts) / max(1, len(cfg.mel_ffts))
+    mel = sum(
+        (log_mel(y, sample_rate, n, n // 4) - log_mel(ref, sample_rate, n, n // 4)).abs().mean() for n in cfg.mel_ffts
+    ) / max(1, len(cfg.mel_ffts))
     vq = out.loss.mean()
     loss = cfg.wave_weight * wave + cfg.mel_weight * mel + cfg.vq_weight * vq
     return loss, {"loss": loss.item(), "wave_l1": wave.item(), "mel_l1": mel.item(), "vq": vq.item()}, out
@@ -192,8 +196,12 @@ def evaluate(codec: AudioCodec, clips: list[np.ndarray]) -> dict:
         ref, est = torch.from_numpy(x), torch.from_numpy(y[: len(x)])
         mels.append(mel_l1(ref, est, codec.sample_rate))
         snrs.append(si_snr(ref, est))
-    return {"mel_l1": round(float(np.mean(mels)), 4), "si_snr_db": round(float(np.mean(snrs)), 3), "clips": len(clips),
-            "codebook_usage": [round(u, 3) for u in codebook_usage(all_codes, codec.codebook_size)]}
+    return {
+        "mel_l1": round(float(np.mean(mels)), 4),
+        "si_snr_db": round(float(np.mean(snrs)), 3),
+        "clips": len(clips),
+        "codebook_usage": [round(u, 3) for u in codebook_usage(all_codes, codec.codebook_size)],
+    }
 
 
 def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
@@ -230,8 +238,14 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     model.train()
     window: dict[str, float] = {}
     n_window, t0 = 0, time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train audio codec",
-               disable=not cfg.progress, leave=False)
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc="train audio codec",
+        disable=not cfg.progress,
+        leave=False,
+    )
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         x = _crop_batch(clips, real_heads, cfg, seg, g)
@@ -250,8 +264,12 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
         n_window += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            rec = {"step": done, **{k: round(v / n_window, 5) for k, v in window.items()},
-                   "usage": round(tracker.window_usage(), 5), "elapsed_s": round(time.time() - t0, 2)}
+            rec = {
+                "step": done,
+                **{k: round(v / n_window, 5) for k, v in window.items()},
+                "usage": round(tracker.window_usage(), 5),
+                "elapsed_s": round(time.time() - t0, 2),
+            }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.3f}", mel=f"{rec['mel_l1']:.3f}")
@@ -264,11 +282,17 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     codec.eval()
     codec_dir = out / "codec"
     codec.save_pretrained(codec_dir)
-    held = spoken_captions(
-        cfg.eval_captions, "heldout", cfg.seed + 1, sr, cfg.voice_speeds) if cfg.eval_captions else []
-    report = {"steps": cfg.steps, "train_seconds": round(train_s, 1), "data_seconds": round(t0 - t_data, 1),
-              "parameters": codec.num_parameters(), "tokens_per_second": codec.tokens_per_second,
-              "train_clips": {"synthetic": len(clips), "real": real_names}}
+    held = (
+        spoken_captions(cfg.eval_captions, "heldout", cfg.seed + 1, sr, cfg.voice_speeds) if cfg.eval_captions else []
+    )
+    report = {
+        "steps": cfg.steps,
+        "train_seconds": round(train_s, 1),
+        "data_seconds": round(t0 - t_data, 1),
+        "parameters": codec.num_parameters(),
+        "tokens_per_second": codec.tokens_per_second,
+        "train_clips": {"synthetic": len(clips), "real": real_names},
+    }
     if held:
         report["heldout_speech"] = evaluate(codec, held)
     if real_tails:
@@ -278,4 +302,10 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
 
 
 __all__ = [
-    "AudioTrainConfig", "default_real_audio", "evaluate", "real_clips", "spoken_captions", "train_audio_tokenizer"]
+    "AudioTrainConfig",
+    "default_real_audio",
+    "evaluate",
+    "real_clips",
+    "spoken_captions",
+    "train_audio_tokenizer",
+]

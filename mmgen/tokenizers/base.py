@@ -90,8 +90,13 @@ that rebuild it, `model.safetensors` its weights.
 """
 
 
-class ImageTokenizer(torch.nn.Module, PyTorchModelHubMixin, library_name="mmgen", tags=["image-tokenizer"],
-                     model_card_template=MODEL_CARD):
+class ImageTokenizer(
+    torch.nn.Module,
+    PyTorchModelHubMixin,
+    library_name="mmgen",
+    tags=["image-tokenizer"],
+    model_card_template=MODEL_CARD,
+):
     """Base class: subclasses implement ``encode_tensor``/``decode_tensor`` and ``get_config``, name
     themselves with ``mmgen_type`` and set ``downsample``, ``codebook_size`` and ``resolution`` (the
     default (width, height) images are resized to)."""
@@ -159,8 +164,12 @@ class ImageTokenizer(torch.nn.Module, PyTorchModelHubMixin, library_name="mmgen"
         if cached is None:
             import hashlib
 
-            facts = {"mmgen_type": self.mmgen_type, "resolution": list(self.resolution),
-                     "downsample": int(self.downsample), "codebook_size": int(self.codebook_size)}
+            facts = {
+                "mmgen_type": self.mmgen_type,
+                "resolution": list(self.resolution),
+                "downsample": int(self.downsample),
+                "codebook_size": int(self.codebook_size),
+            }
             h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
             for name, t in sorted(self.state_dict().items()):
                 t = t.detach().cpu().contiguous()
@@ -178,9 +187,20 @@ class ImageTokenizer(torch.nn.Module, PyTorchModelHubMixin, library_name="mmgen"
         return super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False,
-                         local_files_only=False, token=None, map_location: str = "cpu", strict: bool = True,
-                         device: str | None = None, **model_kwargs):
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision=None,
+        cache_dir=None,
+        force_download=False,
+        local_files_only=False,
+        token=None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        device: str | None = None,
+        **model_kwargs,
+    ):
         """The mixin's loading step for a local directory (mmgen downloads nothing at run time; a hub
         repository is fetched first with ``huggingface_hub.snapshot_download``): every weight must match."""
         from safetensors.torch import load_model

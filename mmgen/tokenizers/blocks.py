@@ -43,8 +43,9 @@ def blocks_of(grid: np.ndarray, block: int) -> np.ndarray:
     return grid.reshape(h // block, block, w // block, block).transpose(0, 2, 1, 3).reshape(h // block, w // block, -1)
 
 
-def fit_block_table(grids: Iterable[np.ndarray], block: int, max_size: int = 1024,
-                    min_count: int = 2) -> tuple[np.ndarray, dict]:
+def fit_block_table(
+    grids: Iterable[np.ndarray], block: int, max_size: int = 1024, min_count: int = 2
+) -> tuple[np.ndarray, dict]:
     """The most frequent ``block x block`` code blocks of ``grids`` (ties broken by the codes, so the
     table is deterministic), at most ``max_size`` of them, each seen ``min_count`` times or more."""
     counts: Counter = Counter()
@@ -58,8 +59,13 @@ def fit_block_table(grids: Iterable[np.ndarray], block: int, max_size: int = 102
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     kept = [t for t, n in ranked[:max_size] if n >= min_count] or [ranked[0][0]]
     total = sum(counts.values())
-    stats = {"grids": n_grids, "blocks": total, "distinct": len(counts), "table_size": len(kept),
-             "coverage": round(sum(counts[t] for t in kept) / total, 6)}
+    stats = {
+        "grids": n_grids,
+        "blocks": total,
+        "distinct": len(counts),
+        "table_size": len(kept),
+        "coverage": round(sum(counts[t] for t in kept) / total, 6),
+    }
     return np.asarray(kept, dtype=np.int64), stats
 
 
@@ -70,8 +76,9 @@ class CodeBlockTokenizer(ImageTokenizer):
 
     mmgen_type = "code_blocks"
 
-    def __init__(self, inner: ImageTokenizer, table: np.ndarray | torch.Tensor, block: int,
-                 fit_stats: dict | None = None):
+    def __init__(
+        self, inner: ImageTokenizer, table: np.ndarray | torch.Tensor, block: int, fit_stats: dict | None = None
+    ):
         super().__init__()
         table = torch.as_tensor(np.asarray(table), dtype=torch.long)
         if table.ndim != 2 or table.shape[1] != block * block or not len(table):
@@ -94,9 +101,11 @@ class CodeBlockTokenizer(ImageTokenizer):
             self.codebook_sizes = {"sem": int(sizes["sem"]), "pix": self.codebook_size}
         sem_down = getattr(inner, "sem_downsample", 1)
         if self.downsample % sem_down:
-            raise MMGenError(f"{self.block}x{self.block} blocks of {inner.downsample}-pixel codes ({self.downsample} "
-                             f"px) must "
-                             f"tile the inner tokenizer's semantic cells ({sem_down} px)")
+            raise MMGenError(
+                f"{self.block}x{self.block} blocks of {inner.downsample}-pixel codes ({self.downsample} "
+                f"px) must "
+                f"tile the inner tokenizer's semantic cells ({sem_down} px)"
+            )
         self._index = {tuple(row): i for i, row in enumerate(table.tolist())}
         self._vectors = None
 
@@ -176,8 +185,9 @@ class CodeBlockTokenizer(ImageTokenizer):
         save_file({"table": self.table.contiguous().cpu()}, str(Path(save_directory) / "model.safetensors"))
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, config: dict, map_location: str = "cpu", device: str | None = None,
-                         **_hub_kwargs):
+    def _from_pretrained(
+        cls, *, model_id: str, config: dict, map_location: str = "cpu", device: str | None = None, **_hub_kwargs
+    ):
         from safetensors.torch import load_file
 
         p, device = Path(model_id), device or map_location
@@ -200,8 +210,15 @@ def image_grids_of_shards(code_shards, splits: Iterable[str] | None = ("train",)
                 yield np.asarray(codes)
 
 
-def fit_code_blocks(tokenizer_dir: str | Path, code_shards, out_dir: str | Path, block: int | None = None,
-                    max_size: int = 1024, min_count: int = 2, splits: Iterable[str] | None = ("train",)) -> Path:
+def fit_code_blocks(
+    tokenizer_dir: str | Path,
+    code_shards,
+    out_dir: str | Path,
+    block: int | None = None,
+    max_size: int = 1024,
+    min_count: int = 2,
+    splits: Iterable[str] | None = ("train",),
+) -> Path:
     """Fit a block table on the image codes of ``code_shards`` (written by the tokenizer at
     ``tokenizer_dir``) and save the wrapped tokenizer to ``out_dir``. ``block`` defaults to the inner
     tokenizer's semantic ratio (one block per semantic code), else 2."""
@@ -213,8 +230,9 @@ def fit_code_blocks(tokenizer_dir: str | Path, code_shards, out_dir: str | Path,
     return Path(out_dir)
 
 
-def reblock_code_shards(tokenizer_dir: str | Path, code_shards, out_dir: str | Path, max_docs_per_shard: int = 5000,
-                        progress: bool = True) -> dict:
+def reblock_code_shards(
+    tokenizer_dir: str | Path, code_shards, out_dir: str | Path, max_docs_per_shard: int = 5000, progress: bool = True
+) -> dict:
     """``code_shards`` written by the inner tokenizer of the code-block tokenizer at ``tokenizer_dir``,
     rewritten for it: each image's pixel-code grid becomes its block grid and its semantic grid is kept
     only when the block tokenizer keeps it, as ``mmgen tokenize --tokenizer BLOCKS`` writes them from the
@@ -247,8 +265,10 @@ def reblock_code_shards(tokenizer_dir: str | Path, code_shards, out_dir: str | P
                 continue
             for i in rec.codes:
                 if getattr(rec.doc.items[i], "kind", None) == "video":
-                    raise MMGenError(f"{path}: document {rec.doc.id} has video codes, merged over time on the inner "
-                                     "codes; tokenize the corpus with the block tokenizer instead")
+                    raise MMGenError(
+                        f"{path}: document {rec.doc.id} has video codes, merged over time on the inner "
+                        "codes; tokenize the corpus with the block tokenizer instead"
+                    )
             docs.append(rec)
         stats["docs_in"] += len(docs)
         # one to_blocks call per grid shape and shard: blocks outside the table are looked up together
@@ -276,11 +296,24 @@ def reblock_code_shards(tokenizer_dir: str | Path, code_shards, out_dir: str | P
                 empty.unlink()
             found = []
         shards += [str(f) for f in found]
-    summary = {**stats, "code_grids": dict(grids), "code_dtype": np.dtype(dtype).name, "codebooks": tok.codebook_sizes,
-               "tokenizer": str(tokenizer_dir), "source": str(code_shards), "shards": shards}
+    summary = {
+        **stats,
+        "code_grids": dict(grids),
+        "code_dtype": np.dtype(dtype).name,
+        "codebooks": tok.codebook_sizes,
+        "tokenizer": str(tokenizer_dir),
+        "source": str(code_shards),
+        "shards": shards,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-__all__ = ["CodeBlockTokenizer", "blocks_of", "fit_block_table", "fit_code_blocks", "image_grids_of_shards",
-           "reblock_code_shards"]
+__all__ = [
+    "CodeBlockTokenizer",
+    "blocks_of",
+    "fit_block_table",
+    "fit_code_blocks",
+    "image_grids_of_shards",
+    "reblock_code_shards",
+]

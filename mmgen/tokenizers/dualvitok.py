@@ -37,9 +37,11 @@ from mmgen.utils.pixels import pil_to_tensor, tensor_to_pil, uint8_to_unit
 
 # -- small blocks -------------------------------------------------------------------------------------
 
+
 def _blocks(width: int, depth: int, heads: int) -> nn.Module:
-    layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=width * 2, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
+    layer = nn.TransformerEncoderLayer(
+        width, heads, dim_feedforward=width * 2, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
     return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False) if depth else nn.Identity()
 
 
@@ -107,13 +109,30 @@ class DualViTok(ImageTokenizer):
 
     mmgen_type = "dualvitok"
 
-    def __init__(self, resolution=(64, 64), teacher: dict | None = None, sem_width: int = 128, sem_heads: int = 4,
-                 sem_encoder_layers: int = 2, sem_decoder_layers: int = 2, sem_merge: int = 2, sem_code_dim: int = 32,
-                 sem_quantizer: dict | None = None, pix_channels=(32, 64, 128), pix_layers_per_block: int = 1,
-                 pix_patch_size: int = 2, pix_code_dim: int = 8, pix_quantizer: dict | None = None,
-                 sem_cond_dim: int = 16, norm_groups: int = 8, branch_dropout: float = 0.1,
-                 pix_encoder: str = "conv", pix_encoder_width: int = 256, sem_swap: float = 0.0,
-                 sem_pixel_grad: bool = True):
+    def __init__(
+        self,
+        resolution=(64, 64),
+        teacher: dict | None = None,
+        sem_width: int = 128,
+        sem_heads: int = 4,
+        sem_encoder_layers: int = 2,
+        sem_decoder_layers: int = 2,
+        sem_merge: int = 2,
+        sem_code_dim: int = 32,
+        sem_quantizer: dict | None = None,
+        pix_channels=(32, 64, 128),
+        pix_layers_per_block: int = 1,
+        pix_patch_size: int = 2,
+        pix_code_dim: int = 8,
+        pix_quantizer: dict | None = None,
+        sem_cond_dim: int = 16,
+        norm_groups: int = 8,
+        branch_dropout: float = 0.1,
+        pix_encoder: str = "conv",
+        pix_encoder_width: int = 256,
+        sem_swap: float = 0.0,
+        sem_pixel_grad: bool = True,
+    ):
         super().__init__()
         if pix_encoder not in PIX_ENCODERS:
             raise MMGenError(f"unknown pix_encoder '{pix_encoder}' (use one of {', '.join(PIX_ENCODERS)})")
@@ -122,58 +141,88 @@ class DualViTok(ImageTokenizer):
         self.resolution = (int(resolution[0]), int(resolution[1]))
         self.teacher_spec = dict(teacher or {})
         if "kind" not in self.teacher_spec or "model_cfg" not in self.teacher_spec:
-            raise MMGenError("teacher needs kind (open_clip|timm|transformers) and model_cfg "
-                             "(e.g. teacher: {kind: open_clip, model_cfg: {...}, name: runs/clip/tiny/clip})")
-        self.hp = dict(sem_width=sem_width, sem_heads=sem_heads, sem_encoder_layers=sem_encoder_layers,
-                       sem_decoder_layers=sem_decoder_layers, sem_merge=sem_merge, sem_code_dim=sem_code_dim,
-                       pix_channels=[int(c) for c in pix_channels], pix_layers_per_block=pix_layers_per_block,
-                       pix_patch_size=pix_patch_size, pix_code_dim=pix_code_dim, sem_cond_dim=sem_cond_dim,
-                       norm_groups=norm_groups, branch_dropout=branch_dropout, pix_encoder=pix_encoder,
-                       pix_encoder_width=pix_encoder_width, sem_swap=sem_swap,
-                       sem_pixel_grad=sem_pixel_grad)  # configs saved before pix_encoder load as "conv"
-        self.teacher = Teacher(self.teacher_spec["kind"], self.teacher_spec["model_cfg"],
-                               self.teacher_spec.get("mean", (0.5,) * 3), self.teacher_spec.get("std", (0.5,) * 3),
-                               self.teacher_spec.get("input_downsample", 1))
+            raise MMGenError(
+                "teacher needs kind (open_clip|timm|transformers) and model_cfg "
+                "(e.g. teacher: {kind: open_clip, model_cfg: {...}, name: runs/clip/tiny/clip})"
+            )
+        self.hp = dict(
+            sem_width=sem_width,
+            sem_heads=sem_heads,
+            sem_encoder_layers=sem_encoder_layers,
+            sem_decoder_layers=sem_decoder_layers,
+            sem_merge=sem_merge,
+            sem_code_dim=sem_code_dim,
+            pix_channels=[int(c) for c in pix_channels],
+            pix_layers_per_block=pix_layers_per_block,
+            pix_patch_size=pix_patch_size,
+            pix_code_dim=pix_code_dim,
+            sem_cond_dim=sem_cond_dim,
+            norm_groups=norm_groups,
+            branch_dropout=branch_dropout,
+            pix_encoder=pix_encoder,
+            pix_encoder_width=pix_encoder_width,
+            sem_swap=sem_swap,
+            sem_pixel_grad=sem_pixel_grad,
+        )  # configs saved before pix_encoder load as "conv"
+        self.teacher = Teacher(
+            self.teacher_spec["kind"],
+            self.teacher_spec["model_cfg"],
+            self.teacher_spec.get("mean", (0.5,) * 3),
+            self.teacher_spec.get("std", (0.5,) * 3),
+            self.teacher_spec.get("input_downsample", 1),
+        )
         td = self.teacher.dim
         # semantic branch
         self.sem_in = nn.Linear(td, sem_width)
         self.sem_encoder = _blocks(sem_width, sem_encoder_layers, sem_heads)
-        self.sem_to_code = nn.Linear(sem_width * sem_merge ** 2, sem_code_dim)
+        self.sem_to_code = nn.Linear(sem_width * sem_merge**2, sem_code_dim)
         self.sem_quantizer = Quantizer(_qcfg(sem_quantizer), sem_code_dim)
-        self.sem_from_code = nn.Linear(sem_code_dim, sem_width * sem_merge ** 2)
+        self.sem_from_code = nn.Linear(sem_code_dim, sem_width * sem_merge**2)
         self.sem_decoder = _blocks(sem_width, sem_decoder_layers, sem_heads)
         self.sem_out = nn.Linear(sem_width, td)
         # pixel branch
         Encoder, Decoder = diffusers_vae_blocks()
         levels = len(self.hp["pix_channels"])
-        pix = 3 * pix_patch_size ** 2
+        pix = 3 * pix_patch_size**2
         if any(c % norm_groups for c in self.hp["pix_channels"]):
-            raise MMGenError(f"every pixel channel count in {self.hp['pix_channels']} must be divisible by "
-                             f"norm_groups={norm_groups}")
+            raise MMGenError(
+                f"every pixel channel count in {self.hp['pix_channels']} must be divisible by norm_groups={norm_groups}"
+            )
         self.downsample = pix_patch_size * 2 ** (levels - 1)
         if pix_encoder == "patch":
             self.pix_encoder = PatchEncoder(pix, 2 ** (levels - 1), pix_code_dim, pix_encoder_width)
         else:
-            self.pix_encoder = Encoder(in_channels=pix, out_channels=pix_code_dim,
-                                       down_block_types=("DownEncoderBlock2D",) * levels,
-                                       block_out_channels=self.hp["pix_channels"],
-                                       layers_per_block=pix_layers_per_block,
-                                       norm_num_groups=norm_groups, double_z=False, mid_block_add_attention=False)
+            self.pix_encoder = Encoder(
+                in_channels=pix,
+                out_channels=pix_code_dim,
+                down_block_types=("DownEncoderBlock2D",) * levels,
+                block_out_channels=self.hp["pix_channels"],
+                layers_per_block=pix_layers_per_block,
+                norm_num_groups=norm_groups,
+                double_z=False,
+                mid_block_add_attention=False,
+            )
         self.pix_quantizer = Quantizer(_qcfg(pix_quantizer), pix_code_dim)
         self.sem_cond = nn.Conv2d(sem_code_dim, sem_cond_dim, 1)
-        self.pix_decoder = Decoder(in_channels=pix_code_dim + sem_cond_dim, out_channels=pix,
-                                   up_block_types=("UpDecoderBlock2D",) * levels,
-                                   block_out_channels=self.hp["pix_channels"],
-                                   layers_per_block=pix_layers_per_block, norm_num_groups=norm_groups,
-                                   mid_block_add_attention=False)
+        self.pix_decoder = Decoder(
+            in_channels=pix_code_dim + sem_cond_dim,
+            out_channels=pix,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=self.hp["pix_channels"],
+            layers_per_block=pix_layers_per_block,
+            norm_num_groups=norm_groups,
+            mid_block_add_attention=False,
+        )
         self.null_sem = nn.Parameter(torch.zeros(sem_code_dim))
         self.null_pix = nn.Parameter(torch.zeros(pix_code_dim))
 
         self.sem_downsample = self.teacher.patch * sem_merge
         if self.sem_downsample % self.downsample:
-            raise MMGenError(f"semantic downsampling {self.sem_downsample} (teacher patch {self.teacher.patch} x "
-                             f"sem_merge "
-                             f"{sem_merge}) must be a multiple of the pixel downsampling {self.downsample}")
+            raise MMGenError(
+                f"semantic downsampling {self.sem_downsample} (teacher patch {self.teacher.patch} x "
+                f"sem_merge "
+                f"{sem_merge}) must be a multiple of the pixel downsampling {self.downsample}"
+            )
         self.sem_ratio = self.sem_downsample // self.downsample
 
     @property
@@ -186,10 +235,13 @@ class DualViTok(ImageTokenizer):
         return self.pix_quantizer.codebook_size
 
     def get_config(self) -> dict:
-        return {"resolution": list(self.resolution),
-                "teacher": {k: v for k, v in self.teacher_spec.items() if k != "name"},
-                **self.hp, "sem_quantizer": _asdict(self.sem_quantizer.cfg),
-                "pix_quantizer": _asdict(self.pix_quantizer.cfg)}
+        return {
+            "resolution": list(self.resolution),
+            "teacher": {k: v for k, v in self.teacher_spec.items() if k != "name"},
+            **self.hp,
+            "sem_quantizer": _asdict(self.sem_quantizer.cfg),
+            "pix_quantizer": _asdict(self.pix_quantizer.cfg),
+        }
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -212,8 +264,10 @@ class DualViTok(ImageTokenizer):
             raise MMGenError(f"expected images as a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         if h % self.sem_downsample or w % self.sem_downsample:
-            raise MMGenError(f"image size {w}x{h} is not a multiple of {self.sem_downsample} (DualViTok's semantic "
-                             f"downsampling); resize it (encode() does this for PIL images)")
+            raise MMGenError(
+                f"image size {w}x{h} is not a multiple of {self.sem_downsample} (DualViTok's semantic "
+                f"downsampling); resize it (encode() does this for PIL images)"
+            )
 
     # -- semantic branch --------------------------------------------------------------------------
     def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,8 +291,9 @@ class DualViTok(ImageTokenizer):
     def pix_encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pix_encoder(F.pixel_unshuffle(x, self.hp["pix_patch_size"]) if self.hp["pix_patch_size"] > 1 else x)
 
-    def pix_decode(self, pix_q: torch.Tensor | None, sem_q: torch.Tensor | None,
-                   grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def pix_decode(
+        self, pix_q: torch.Tensor | None, sem_q: torch.Tensor | None, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Pixels from the quantized maps; a missing map (None) is replaced by its learned null vector."""
         if pix_q is None and sem_q is None:
             raise MMGenError("decode needs semantic codes, pixel codes or both")
@@ -276,8 +331,16 @@ class DualViTok(ImageTokenizer):
             sem_q = torch.where(u < p, self.null_sem.view(1, -1, 1, 1), sem_q)
             pix_q = torch.where((u >= p) & (u < 2 * p), self.null_pix.view(1, -1, 1, 1), pix_q)
         recon = self.pix_decode(pix_q, sem_q)
-        return {"recon": recon, "teacher": feats, "feat_rec": feat_rec, "sem_codes": sem_codes, "pix_codes": pix_codes,
-                "sem_q": out_sem_q, "sem_z": sem_z, "quant_loss": sem_loss + pix_loss}
+        return {
+            "recon": recon,
+            "teacher": feats,
+            "feat_rec": feat_rec,
+            "sem_codes": sem_codes,
+            "pix_codes": pix_codes,
+            "sem_q": out_sem_q,
+            "sem_z": sem_z,
+            "quant_loss": sem_loss + pix_loss,
+        }
 
     def _swap_sem_codes(self, sem_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Replace a ``sem_swap`` share of the semantic cells by random codes' vectors, for the pixel
@@ -300,7 +363,7 @@ class DualViTok(ImageTokenizer):
         self.eval()
         counts = torch.zeros(self.codebook_sizes[level])
         for i in range(0, len(images), batch):
-            codes = self.encode_tensor(uint8_to_unit(images[i:i + batch].to(self.device)))[level].flatten()
+            codes = self.encode_tensor(uint8_to_unit(images[i : i + batch].to(self.device)))[level].flatten()
             counts += torch.bincount(codes.cpu(), minlength=len(counts)).float()
         q = getattr(self, f"{level}_quantizer")
         before = q.codebook_size
@@ -343,11 +406,14 @@ class DualViTok(ImageTokenizer):
         if "sem" in out and "pix" in out:
             want = tuple(s // self.sem_ratio for s in out["pix"].shape[-2:])
             if tuple(out["sem"].shape[-2:]) != want or out["sem"].shape[0] != out["pix"].shape[0]:
-                raise MMGenError(f"semantic grid {tuple(out['sem'].shape)} does not match pixel grid "
-                                 f"{tuple(out['pix'].shape)} (expected sem {want}, sem_ratio {self.sem_ratio})")
+                raise MMGenError(
+                    f"semantic grid {tuple(out['sem'].shape)} does not match pixel grid "
+                    f"{tuple(out['pix'].shape)} (expected sem {want}, sem_ratio {self.sem_ratio})"
+                )
         if "pix" in out and any(s % self.sem_ratio for s in out["pix"].shape[-2:]):
             raise MMGenError(
-                f"pixel grid {tuple(out['pix'].shape[-2:])} must be a multiple of sem_ratio {self.sem_ratio}")
+                f"pixel grid {tuple(out['pix'].shape[-2:])} must be a multiple of sem_ratio {self.sem_ratio}"
+            )
         if not out:
             raise MMGenError("decode needs 'sem' and/or 'pix' codes")
         return out

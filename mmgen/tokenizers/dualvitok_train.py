@@ -58,17 +58,21 @@ def build_dualvitok_from_config(cfg: TokenizerTrainConfig, load_teacher: bool = 
     if "model_cfg" not in teacher:
         if teacher.get("kind") != "open_clip" or not name:
             raise MMGenError(
-                "dualvitok.teacher needs model_cfg (the tower's config), or kind=open_clip with name= a CLIP dir")
+                "dualvitok.teacher needs model_cfg (the tower's config), or kind=open_clip with name= a CLIP dir"
+            )
         teacher["model_cfg"] = _clip_model_cfg(name)
     return build_dualvitok(
-        {"resolution": (cfg.resolution, cfg.resolution), "teacher": teacher, **d}, load_teacher=load_teacher)
+        {"resolution": (cfg.resolution, cfg.resolution), "teacher": teacher, **d}, load_teacher=load_teacher
+    )
 
 
 def _clip_model_cfg(name: str) -> dict:
     p = Path(name) / "open_clip_config.json"
     if not p.is_file():
-        raise MMGenError(f"teacher CLIP not found at {name}: train it first with `mmgen train-clip tiny_clip` "
-                         f"(or set dualvitok.teacher.name=DIR)")
+        raise MMGenError(
+            f"teacher CLIP not found at {name}: train it first with `mmgen train-clip tiny_clip` "
+            f"(or set dualvitok.teacher.name=DIR)"
+        )
     return json.loads(p.read_text())["model_cfg"]
 
 
@@ -111,11 +115,13 @@ def region_text_targets(cfg: TokenizerTrainConfig, scenes: list):
     teacher = cfg.dualvitok.teacher
     if teacher.get("kind") != "open_clip" or not teacher.get("name"):
         raise MMGenError(
-            "text_weight needs a CLIP teacher with a text tower (dualvitok.teacher kind=open_clip, name=DIR)")
+            "text_weight needs a CLIP teacher with a text tower (dualvitok.teacher kind=open_clip, name=DIR)"
+        )
     known = [s for s in scenes if s is not None]
     if not known:
         raise MMGenError(
-            "text_weight needs images whose scene is known: synthetic_images=N with synthetic_source=shapesworld")
+            "text_weight needs images whose scene is known: synthetic_images=N with synthetic_source=shapesworld"
+        )
     vocab = all_cell_phrases()
     clip = load_clip(teacher["name"])
     texts = clip.encode_text(vocab)
@@ -140,13 +146,19 @@ def init_from_tokenizer(model, path: str, exclude: tuple = ()) -> dict:
     parts = sorted({part(k) for k in own})
     if set(exclude) - set(parts):
         raise MMGenError(f"init_exclude: {', '.join(sorted(set(exclude) - set(parts)))} not a part of DualViTok")
-    loaded = [n for n in parts if n not in exclude
-              and all(k in saved and saved[k].shape == v.shape for k, v in own.items() if part(k) == n)
-              and not any(part(k) == n and k not in own for k in saved)]
+    loaded = [
+        n
+        for n in parts
+        if n not in exclude
+        and all(k in saved and saved[k].shape == v.shape for k, v in own.items() if part(k) == n)
+        and not any(part(k) == n and k not in own for k in saved)
+    ]
     changed = [k for k in own if part(k) == "teacher" and "teacher" in loaded and not torch.equal(own[k], saved[k])]
     if changed:
-        raise MMGenError(f"init_from: {path} was trained on another teacher than dualvitok.teacher.name "
-                         f"({len(changed)} teacher tensors differ); name the teacher it was trained on")
+        raise MMGenError(
+            f"init_from: {path} was trained on another teacher than dualvitok.teacher.name "
+            f"({len(changed)} teacher tensors differ); name the teacher it was trained on"
+        )
     model.load_state_dict({k: saved[k] for k in own if part(k) in loaded}, strict=False)
     return {"init_from": str(path), "loaded_parts": loaded, "fresh_parts": [n for n in parts if n not in loaded]}
 
@@ -157,8 +169,10 @@ def freeze_parts(model, names: list[str]) -> list[nn.Module]:
     restarts codes, so the codes it assigns cannot move)."""
     unknown = [n for n in names if not isinstance(getattr(model, n, None), (nn.Module, nn.Parameter))]
     if unknown:
-        raise MMGenError(f"freeze: {', '.join(unknown)} not a part of DualViTok (top-level parts such as "
-                         f"pix_encoder, pix_quantizer, sem_encoder, pix_decoder, null_pix)")
+        raise MMGenError(
+            f"freeze: {', '.join(unknown)} not a part of DualViTok (top-level parts such as "
+            f"pix_encoder, pix_quantizer, sem_encoder, pix_decoder, null_pix)"
+        )
     for n in names:
         getattr(model, n).requires_grad_(False)
     return [getattr(model, n) for n in names if isinstance(getattr(model, n), nn.Module)]
@@ -168,18 +182,38 @@ def _cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(a, b, dim=1)).mean()
 
 
-def dualvitok_losses(model, out: dict, x: torch.Tensor, cfg: TokenizerTrainConfig, disc=None, step: int = 0,
-                     text_head: RegionTextHead | None = None, text_target: torch.Tensor | None = None) -> dict:
+def dualvitok_losses(
+    model,
+    out: dict,
+    x: torch.Tensor,
+    cfg: TokenizerTrainConfig,
+    disc=None,
+    step: int = 0,
+    text_head: RegionTextHead | None = None,
+    text_target: torch.Tensor | None = None,
+) -> dict:
     recon = out["recon"]
     px = pixel_losses(recon, x, cfg)
-    losses = {"l1": px["l1"], "l2": px["l2"], "mse": px["mse"], "edge": px["edge"],
-              "feature": _cosine_loss(out["feat_rec"], out["teacher"]), "quant": out["quant_loss"]}
-    losses["perceptual"] = _cosine_loss(
-        model.teacher(recon), out["teacher"]) if cfg.perceptual_weight > 0 else recon.new_zeros(())
+    losses = {
+        "l1": px["l1"],
+        "l2": px["l2"],
+        "mse": px["mse"],
+        "edge": px["edge"],
+        "feature": _cosine_loss(out["feat_rec"], out["teacher"]),
+        "quant": out["quant_loss"],
+    }
+    losses["perceptual"] = (
+        _cosine_loss(model.teacher(recon), out["teacher"]) if cfg.perceptual_weight > 0 else recon.new_zeros(())
+    )
     use_gan = disc is not None and step >= cfg.gan_start
     losses["gan_g"] = -disc(recon).mean() if use_gan else recon.new_zeros(())
-    losses["loss"] = (px["rec"] + cfg.feature_weight * losses["feature"] + cfg.perceptual_weight * losses["perceptual"]
-                      + cfg.vq_weight * losses["quant"] + (cfg.gan_weight * losses["gan_g"] if use_gan else 0))
+    losses["loss"] = (
+        px["rec"]
+        + cfg.feature_weight * losses["feature"]
+        + cfg.perceptual_weight * losses["perceptual"]
+        + cfg.vq_weight * losses["quant"]
+        + (cfg.gan_weight * losses["gan_g"] if use_gan else 0)
+    )
     if text_head is not None:
         losses["text"], losses["text_acc"], losses["text_cells"] = text_head(out["sem_q"], text_target)
         losses["loss"] = losses["loss"] + cfg.text_weight * losses["text"]
@@ -193,16 +227,20 @@ def _check_loss_restarts(model, cfg: TokenizerTrainConfig, text_target: torch.Te
     """``restart_sampling: loss`` restarts dead codes on the cells the region-text head names worst, so
     it needs that head and one phrase cell per semantic code."""
     if model.pix_quantizer.cfg.restart_sampling == "loss":
-        raise MMGenError("pix_quantizer.restart_sampling=loss: only the semantic codes have a per-code loss "
-                         "(the region-text cells); use error or uniform")
+        raise MMGenError(
+            "pix_quantizer.restart_sampling=loss: only the semantic codes have a per-code loss "
+            "(the region-text cells); use error or uniform"
+        )
     if model.sem_quantizer.cfg.restart_sampling != "loss":
         return
     if text_target is None:
         raise MMGenError("sem_quantizer.restart_sampling=loss needs the region-text loss (text_weight > 0)")
     h, w = model.code_shapes(cfg.resolution, cfg.resolution)["sem"]
     if h * w != text_target.shape[1]:
-        raise MMGenError(f"sem_quantizer.restart_sampling=loss needs one semantic code per phrase cell: "
-                         f"{h * w} codes for {text_target.shape[1]} cells")
+        raise MMGenError(
+            f"sem_quantizer.restart_sampling=loss needs one semantic code per phrase cell: "
+            f"{h * w} codes for {text_target.shape[1]} cells"
+        )
 
 
 def _disc_step(disc, opt_d, recon: torch.Tensor, x: torch.Tensor) -> float:
@@ -230,8 +268,9 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = build_dualvitok_from_config(cfg)
     if cfg.resolution % model.sem_downsample:
-        raise MMGenError(f"resolution {cfg.resolution} is not a multiple of DualViTok's semantic downsampling "
-                         f"{model.sem_downsample}")
+        raise MMGenError(
+            f"resolution {cfg.resolution} is not a multiple of DualViTok's semantic downsampling {model.sem_downsample}"
+        )
     init = init_from_tokenizer(model, cfg.init_from, tuple(cfg.init_exclude)) if cfg.init_from else {}
     frozen = freeze_parts(model, cfg.freeze)
     disc = PatchGAN() if cfg.gan_weight > 0 else None
@@ -249,8 +288,13 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
     extra = {"disc_optimizer": opt_d} if disc is not None else None
-    holder = torch.nn.ModuleDict({"tokenizer": model, **({"disc": disc} if disc is not None else {}),
-                                  **({"text_head": text_head} if text_head is not None else {})})
+    holder = torch.nn.ModuleDict(
+        {
+            "tokenizer": model,
+            **({"disc": disc} if disc is not None else {}),
+            **({"text_head": text_head} if text_head is not None else {}),
+        }
+    )
 
     metrics_path = out / "metrics.jsonl"
     start = resume_or_start(out, cfg.resume, holder, opt, extra)
@@ -261,8 +305,14 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     window: dict[str, float] = {}
     counts = {"sem": torch.zeros(model.codebook_sizes["sem"]), "pix": torch.zeros(model.codebook_sizes["pix"])}
     n_win, restarts, t0 = 0, 0, time.time()
-    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train dualvitok",
-                     disable=not cfg.progress, leave=False):
+    for step in tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc="train dualvitok",
+        disable=not cfg.progress,
+        leave=False,
+    ):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)
         x = uint8_to_unit(train_x[idx])
@@ -273,7 +323,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
             o = model(x, generator=g)
         o = float32_outputs(o)
         losses = dualvitok_losses(
-            model, o, x, cfg, disc, step, text_head, train_t[idx] if text_head is not None else None)
+            model, o, x, cfg, disc, step, text_head, train_t[idx] if text_head is not None else None
+        )
         cell_losses = losses.pop("text_cells", None)
         if cell_losses is not None and model.sem_quantizer.cfg.restart_sampling == "loss":
             model.sem_quantizer.note_vector_losses(cell_losses)
@@ -286,7 +337,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
             losses["disc"] = torch.tensor(_disc_step(disc, opt_d, o["recon"], x))
         if cfg.restart_every > 0 and (step + 1) % cfg.restart_every == 0:
             restarts += sum(
-                q.restart_dead_codes(g) for q in (model.sem_quantizer, model.pix_quantizer) if q not in frozen)
+                q.restart_dead_codes(g) for q in (model.sem_quantizer, model.pix_quantizer) if q not in frozen
+            )
         for k, v in losses.items():
             window[k] = window.get(k, 0.0) + float(v.detach())
         for name in counts:
@@ -294,11 +346,15 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
         n_win += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            rec = {"step": done, **{k: round(v / n_win, 6) for k, v in window.items()},
-                   **{f"{n}_usage": round(float((c > 0).float().mean()), 4) for n, c in counts.items()},
-                   "restarted_codes": restarts, "lr": round(lr, 8),
-                   "psnr": round(10 * math.log10(4.0 / max(window["mse"] / n_win, 1e-10)), 3),
-                   "elapsed_s": round(time.time() - t0, 2)}
+            rec = {
+                "step": done,
+                **{k: round(v / n_win, 6) for k, v in window.items()},
+                **{f"{n}_usage": round(float((c > 0).float().mean()), 4) for n, c in counts.items()},
+                "restarted_codes": restarts,
+                "lr": round(lr, 8),
+                "psnr": round(10 * math.log10(4.0 / max(window["mse"] / n_win, 1e-10)), 3),
+                "elapsed_s": round(time.time() - t0, 2),
+            }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             window, n_win, restarts = {}, 0, 0
@@ -310,15 +366,26 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     pruned = {level: model.prune_codes(level, train_x, cfg.prune_min_share) for level in cfg.prune_codes}
     tok_dir = out / "tokenizer"
     model.save_pretrained(tok_dir)
-    report = {"steps": cfg.steps, "resumed_from_step": start, "train_images": len(train_x), "eval_images": n_eval,
-              "data": data_stats, **init, "frozen_parts": list(cfg.freeze),
-              **({"pruned_codes": pruned} if pruned else {}),
-              "parameters": model.num_parameters(), "trainable_parameters": model.num_parameters(True),
-              "precision": resolved_precision(cfg.precision),
-              "train_seconds": round(time.time() - t0, 1)}  # of this run, i.e. steps resumed_from_step..steps
+    report = {
+        "steps": cfg.steps,
+        "resumed_from_step": start,
+        "train_images": len(train_x),
+        "eval_images": n_eval,
+        "data": data_stats,
+        **init,
+        "frozen_parts": list(cfg.freeze),
+        **({"pruned_codes": pruned} if pruned else {}),
+        "parameters": model.num_parameters(),
+        "trainable_parameters": model.num_parameters(True),
+        "precision": resolved_precision(cfg.precision),
+        "train_seconds": round(time.time() - t0, 1),
+    }  # of this run, i.e. steps resumed_from_step..steps
     if n_eval:
-        report.update(evaluate_dualvitok(model, eval_x, out / "recon.png",
-                                         (text_head.eval(), eval_t) if text_head is not None else None))
+        report.update(
+            evaluate_dualvitok(
+                model, eval_x, out / "recon.png", (text_head.eval(), eval_t) if text_head is not None else None
+            )
+        )
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     return tok_dir
 
@@ -331,23 +398,30 @@ def evaluate_dualvitok(model, images_u8: torch.Tensor, grid_path: Path | None = 
     x = uint8_to_unit(images_u8)
     codes, recons, feats = {"sem": [], "pix": []}, [], []
     for i in range(0, len(x), 64):
-        xb = x[i:i + 64]
+        xb = x[i : i + 64]
         c = model.encode_tensor(xb)
         r = model.decode_tensor(c).clamp(-1, 1)
         recons.append(through_uint8(r))
-        feats.append(F.cosine_similarity(model.sem_decode(model.sem_quantizer.embed(c["sem"])),
-                                         model.teacher_features(xb), dim=1).mean())
+        feats.append(
+            F.cosine_similarity(
+                model.sem_decode(model.sem_quantizer.embed(c["sem"])), model.teacher_features(xb), dim=1
+            ).mean()
+        )
         for n in codes:
             codes[n].append(c[n])
     recon = torch.cat(recons)
     codes = {n: torch.cat(v) for n, v in codes.items()}
     if grid_path is not None:
         save_recon_grid(x[:8], recon[:8], grid_path)
-    report = {"eval_psnr": round(float(psnr(recon, x).mean()), 3),
-              "eval_teacher_cosine": round(float(torch.stack(feats).mean()), 4),
-              **{f"eval_{n}_usage": [round(u, 4) for u in usage_fraction(getattr(model, f"{n}_quantizer"), c)]
-                 for n, c in codes.items()},
-              **{f"eval_{n}_perplexity": round(perplexity(c, model.codebook_sizes[n]), 2) for n, c in codes.items()}}
+    report = {
+        "eval_psnr": round(float(psnr(recon, x).mean()), 3),
+        "eval_teacher_cosine": round(float(torch.stack(feats).mean()), 4),
+        **{
+            f"eval_{n}_usage": [round(u, 4) for u in usage_fraction(getattr(model, f"{n}_quantizer"), c)]
+            for n, c in codes.items()
+        },
+        **{f"eval_{n}_perplexity": round(perplexity(c, model.codebook_sizes[n]), 2) for n, c in codes.items()},
+    }
     if region_text is not None:
         head, target = region_text
         report["eval_region_text_acc"] = round(float(head(model.sem_quantizer.embed(codes["sem"]), target)[1]), 4)

@@ -31,5 +31,10 @@ def pixel_losses(recon: torch.Tensor, x: torch.Tensor, cfg: TokenizerTrainConfig
     l1 = (d.abs() * w).mean() if w is not None else d.abs().mean()
     l2 = (d.pow(2) * w).mean() if w is not None else d.pow(2).mean()
     edge = edge_loss(recon, x) if cfg.edge_weight > 0 else recon.new_zeros(())
-    return {"l1": l1, "l2": l2, "edge": edge, "mse": d.detach().pow(2).mean(),  # unweighted, for PSNR
-            "rec": cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.edge_weight * edge}
+    return {
+        "l1": l1,
+        "l2": l2,
+        "edge": edge,
+        "mse": d.detach().pow(2).mean(),  # unweighted, for PSNR
+        "rec": cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.edge_weight * edge,
+    }

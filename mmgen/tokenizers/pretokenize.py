@@ -86,9 +86,12 @@ def encode_video_item(encoder, item) -> dict:
     tokens = encoder.encode(item.load())
     grids = tokens if isinstance(tokens, dict) else {"pix": tokens}
     pix = grids["pix"]
-    out = {"codes": pix.to_grids(),
-           "frames": np.stack([pix.times, [float(b.keyframe) for b in pix.blocks]], axis=1).astype(np.float64),
-           "before": sum(t.tokens_before for t in grids.values()), "after": sum(t.tokens_after for t in grids.values())}
+    out = {
+        "codes": pix.to_grids(),
+        "frames": np.stack([pix.times, [float(b.keyframe) for b in pix.blocks]], axis=1).astype(np.float64),
+        "before": sum(t.tokens_before for t in grids.values()),
+        "after": sum(t.tokens_after for t in grids.values()),
+    }
     if "sem" in grids:
         out["sem"] = grids["sem"].to_grids()
     return out
@@ -97,11 +100,22 @@ def encode_video_item(encoder, item) -> dict:
 class _MediaCoder:
     """Audio and video codes of one Doc (the opt-in parts of pre-tokenization) and their counts."""
 
-    def __init__(self, image_tokenizer, audio_tokenizer, video: bool, video_fps: float, video_max_frames: int,
-                 batch_size: int, video_dtype: type):
+    def __init__(
+        self,
+        image_tokenizer,
+        audio_tokenizer,
+        video: bool,
+        video_fps: float,
+        video_max_frames: int,
+        batch_size: int,
+        video_dtype: type,
+    ):
         self.codec = AudioCodec.from_pretrained(audio_tokenizer) if audio_tokenizer else None
-        self.video = (VideoEncoder(image_tokenizer, fps=video_fps, max_frames=video_max_frames, batch_size=batch_size)
-                      if video else None)
+        self.video = (
+            VideoEncoder(image_tokenizer, fps=video_fps, max_frames=video_max_frames, batch_size=batch_size)
+            if video
+            else None
+        )
         self.audio_dtype = code_dtype_for([self.codec.codebook_size if self.codec else 1])
         self.video_dtype = video_dtype  # video grids hold the image tokenizer's codes
 
@@ -134,16 +148,27 @@ class _ShardCoder:
         self.tok = load_image_tokenizer(p["tokenizer"])
         self.sizes = getattr(self.tok, "codebook_sizes", {"pix": self.tok.codebook_size})
         self.code_dtype = code_dtype_for(self.sizes.values())
-        self.media = _MediaCoder(self.tok, p["audio_tokenizer"], p["video"], p["video_fps"], p["video_max_frames"],
-                                 p["batch_size"], self.code_dtype)
+        self.media = _MediaCoder(
+            self.tok,
+            p["audio_tokenizer"],
+            p["video"],
+            p["video_fps"],
+            p["video_max_frames"],
+            p["batch_size"],
+            self.code_dtype,
+        )
 
     def summary(self) -> dict:
         """Codebook facts for the run's summary: the image codebooks and code dtype, the audio codec's."""
         info = {"codebooks": {"code_dtype": np.dtype(self.code_dtype).name, "codebooks": dict(self.sizes)}}
         codec = self.media.codec
         if codec is not None:
-            info["audio"] = {"levels": codec.n_q, "codebook_size": codec.codebook_size,
-                             "frame_rate": codec.frame_rate, "sample_rate": codec.sample_rate}
+            info["audio"] = {
+                "levels": codec.n_q,
+                "codebook_size": codec.codebook_size,
+                "frame_rate": codec.frame_rate,
+                "sample_rate": codec.sample_rate,
+            }
         return info
 
     def run(self, index: int, path: str, out: Path) -> dict:
@@ -166,7 +191,7 @@ class _ShardCoder:
                 by_size.setdefault(job[3], []).append(job)
             for size, group in by_size.items():
                 for s in range(0, len(group), batch_size):
-                    chunk = group[s:s + batch_size]
+                    chunk = group[s : s + batch_size]
                     with torch.no_grad():
                         enc = tok.encode([j[2] for j in chunk], size=size)
                     codes, sem = (enc["pix"], enc["sem"].cpu().numpy()) if isinstance(enc, dict) else (enc, None)
@@ -190,8 +215,9 @@ class _ShardCoder:
             reasons[entry["reason"]] += 1
             quarantined.append(entry)
 
-        with CodeShardWriter(out, prefix=f"codes-{index:06d}", max_docs=p["max_docs_per_shard"],
-                             keep_media=p["keep_media"]) as writer:
+        with CodeShardWriter(
+            out, prefix=f"codes-{index:06d}", max_docs=p["max_docs_per_shard"], keep_media=p["keep_media"]
+        ) as writer:
             for rec in read_docs(path):
                 stats["docs_in"] += 1
                 if isinstance(rec, BadRecord):
@@ -208,13 +234,25 @@ class _ShardCoder:
                             self.media.encode(item, i, arrays, counts)
                     except MediaError as e:
                         # a bomb, a mislabelled or truncated image, a URL never fetched: each says so
-                        reason = "not_fetched" if isinstance(e, NotFetchedError) else \
-                            e.reason if e.reason != "undecodable_media" else f"undecodable_{kind}"
+                        reason = (
+                            "not_fetched"
+                            if isinstance(e, NotFetchedError)
+                            else e.reason
+                            if e.reason != "undecodable_media"
+                            else f"undecodable_{kind}"
+                        )
                         failed = (i, reason, str(e))
                         break
                 if failed is not None:
-                    quarantine({"id": rec.id, "provenance": rec.provenance, "reason": failed[1],
-                                "item": failed[0], "detail": failed[2]})
+                    quarantine(
+                        {
+                            "id": rec.id,
+                            "provenance": rec.provenance,
+                            "reason": failed[1],
+                            "item": failed[0],
+                            "detail": failed[2],
+                        }
+                    )
                     continue
                 stats.update(counts)  # a quarantined Doc's items are not counted as encoded
                 pending.append((rec, imgs, arrays))
@@ -225,8 +263,14 @@ class _ShardCoder:
         if not stats["docs_written"]:  # the writer opens its first shard up front: no empty shard is kept
             for empty in out.glob(f"codes-{index:06d}-*.tar"):
                 empty.unlink()
-        return {"input": path, "stats": dict(stats), "reasons": dict(reasons), "grids": dict(grids),
-                "quarantine": quarantined, "shards": sorted(x.name for x in out.glob(f"codes-{index:06d}-*.tar"))}
+        return {
+            "input": path,
+            "stats": dict(stats),
+            "reasons": dict(reasons),
+            "grids": dict(grids),
+            "quarantine": quarantined,
+            "shards": sorted(x.name for x in out.glob(f"codes-{index:06d}-*.tar")),
+        }
 
 
 @functools.lru_cache(maxsize=1)
@@ -268,11 +312,23 @@ def tokenize_shard(params: dict, index: int, path: str, out_dir: str) -> dict:
     return entry
 
 
-def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_size: int = 64,
-                keep_media: bool = False, keep_aspect: bool = False, max_docs_per_shard: int = 5000,
-                progress: bool = True, audio_tokenizer: str | Path | None = None, video: bool = False,
-                video_fps: float = 2.0, video_max_frames: int = 16, executor: str = "local", workers: int = 1,
-                max_image_pixels: int | None = None) -> dict:
+def pretokenize(
+    tokenizer_dir: str | Path,
+    inputs,
+    out_dir: str | Path,
+    batch_size: int = 64,
+    keep_media: bool = False,
+    keep_aspect: bool = False,
+    max_docs_per_shard: int = 5000,
+    progress: bool = True,
+    audio_tokenizer: str | Path | None = None,
+    video: bool = False,
+    video_fps: float = 2.0,
+    video_max_frames: int = 16,
+    executor: str = "local",
+    workers: int = 1,
+    max_image_pixels: int | None = None,
+) -> dict:
     """Encode every image item (and, when asked, every audio and video item) of the Docs in ``inputs``
     into code shards under ``out_dir``.
 
@@ -294,18 +350,30 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
 
     set_max_image_pixels(max_image_pixels)  # a bad limit is an error here, before any worker starts
     paths = expand_inputs(inputs)
-    params = {"tokenizer": str(tokenizer_dir), "batch_size": batch_size, "keep_media": keep_media,
-              "keep_aspect": keep_aspect, "max_docs_per_shard": max_docs_per_shard,
-              "audio_tokenizer": str(audio_tokenizer) if audio_tokenizer else None, "video": video,
-              "video_fps": video_fps, "video_max_frames": video_max_frames,
-              "max_image_pixels": max_image_pixels}
+    params = {
+        "tokenizer": str(tokenizer_dir),
+        "batch_size": batch_size,
+        "keep_media": keep_media,
+        "keep_aspect": keep_aspect,
+        "max_docs_per_shard": max_docs_per_shard,
+        "audio_tokenizer": str(audio_tokenizer) if audio_tokenizer else None,
+        "video": video,
+        "video_fps": video_fps,
+        "video_max_frames": video_max_frames,
+        "max_image_pixels": max_image_pixels,
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries, resumed = map_resumable(executor, workers, tokenize_shard,
-                                     [(params, i, p, str(out)) for i, p in enumerate(paths)],
-                                     [marker_path(out, i) for i in range(len(paths))],
-                                     lambda i, e: e.get("params") == params and e.get("input") == paths[i],
-                                     "tokenize", progress)
+    entries, resumed = map_resumable(
+        executor,
+        workers,
+        tokenize_shard,
+        [(params, i, p, str(out)) for i, p in enumerate(paths)],
+        [marker_path(out, i) for i in range(len(paths))],
+        lambda i, e: e.get("params") == params and e.get("input") == paths[i],
+        "tokenize",
+        progress,
+    )
 
     stats, reasons, grids = Counter(), Counter(), Counter()
     quarantine_path = out / "quarantine.jsonl"
@@ -321,24 +389,47 @@ def pretokenize(tokenizer_dir: str | Path, inputs, out_dir: str | Path, batch_si
     # this process's coder: the one the shards were made with when it ran them (one local worker)
     coder_info = _coder(params).summary()
     summary = {
-        "docs_in": stats["docs_in"], "docs_written": stats["docs_written"], "quarantined": stats["quarantined"],
-        "quarantine_reasons": dict(reasons), "images_encoded": stats["images_encoded"],
-        "code_grids": dict(grids), **coder_info["codebooks"],
-        **{k: stats[k] for k in ("audio_items_encoded", "audio_code_frames", "audio_items_without_codes",
-                                 "video_items_encoded", "video_frames", "video_tokens_before", "video_tokens_after",
-                                 "video_items_without_codes")},
-        "tokenizer": str(tokenizer_dir), "shards": shards, "quarantine": str(quarantine_path),
-        "inputs": len(paths), "inputs_resumed": resumed, "executor": executor, "workers": workers,
+        "docs_in": stats["docs_in"],
+        "docs_written": stats["docs_written"],
+        "quarantined": stats["quarantined"],
+        "quarantine_reasons": dict(reasons),
+        "images_encoded": stats["images_encoded"],
+        "code_grids": dict(grids),
+        **coder_info["codebooks"],
+        **{
+            k: stats[k]
+            for k in (
+                "audio_items_encoded",
+                "audio_code_frames",
+                "audio_items_without_codes",
+                "video_items_encoded",
+                "video_frames",
+                "video_tokens_before",
+                "video_tokens_after",
+                "video_items_without_codes",
+            )
+        },
+        "tokenizer": str(tokenizer_dir),
+        "shards": shards,
+        "quarantine": str(quarantine_path),
+        "inputs": len(paths),
+        "inputs_resumed": resumed,
+        "executor": executor,
+        "workers": workers,
     }
     if coder_info.get("audio"):
         summary["audio_tokenizer"] = str(audio_tokenizer)
         summary["audio"] = coder_info["audio"]
     if stats["audio_items_without_codes"] or stats["video_items_without_codes"]:
-        summary["note"] = ("audio/video items without codes: pass audio_tokenizer (--audio-tokenizer) / "
-                           "video=True (--video) to encode them")
+        summary["note"] = (
+            "audio/video items without codes: pass audio_tokenizer (--audio-tokenizer) / "
+            "video=True (--video) to encode them"
+        )
     if summary["docs_in"] != summary["docs_written"] + summary["quarantined"]:
-        raise MMGenError(f"tokenize counts do not add up in {out}: {summary['docs_in']} in, {summary['docs_written']} "
-                         f"written, {summary['quarantined']} quarantined")
+        raise MMGenError(
+            f"tokenize counts do not add up in {out}: {summary['docs_in']} in, {summary['docs_written']} "
+            f"written, {summary['quarantined']} quarantined"
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -78,11 +78,15 @@ class Quantizer(nn.Module):
         if cfg.kind not in KINDS:
             raise MMGenError(f"unknown quantizer kind '{cfg.kind}' (use one of {', '.join(KINDS)})")
         if cfg.dead_code_window < 0 or (cfg.dead_code_window > 0 and cfg.kind != "simvq"):
-            raise MMGenError(f"dead_code_window is a number of steps >= 0 for simvq codebooks, got "
-                             f"{cfg.dead_code_window} for {cfg.kind}")
+            raise MMGenError(
+                f"dead_code_window is a number of steps >= 0 for simvq codebooks, got "
+                f"{cfg.dead_code_window} for {cfg.kind}"
+            )
         if not 0 <= cfg.restart_rtol < 1 or (cfg.restart_rtol > 0 and cfg.kind != "simvq"):
-            raise MMGenError(f"restart_rtol is a share of the largest singular value in [0, 1) for simvq codebooks, "
-                             f"got {cfg.restart_rtol} for {cfg.kind}")
+            raise MMGenError(
+                f"restart_rtol is a share of the largest singular value in [0, 1) for simvq codebooks, "
+                f"got {cfg.restart_rtol} for {cfg.kind}"
+            )
         self.kind = cfg.kind
         self.dim = dim
         self.cfg = cfg
@@ -136,7 +140,7 @@ class Quantizer(nn.Module):
 
     def _split(self, codes: torch.Tensor) -> torch.Tensor:
         n = self.cfg.rvq_levels
-        return torch.stack([(codes // self.level_size ** i) % self.level_size for i in range(n)], dim=-1)
+        return torch.stack([(codes // self.level_size**i) % self.level_size for i in range(n)], dim=-1)
 
     # -- usage and restarts ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -206,8 +210,10 @@ class Quantizer(nn.Module):
         (the commitment loss pulls both onto it) while one of them is always named wrong."""
         if self._recent is None or losses.numel() != self._recent.shape[0]:
             recent = 0 if self._recent is None else self._recent.shape[0]
-            raise MMGenError(f"{losses.numel()} vector losses for {recent} "
-                             f"recent vectors: note them right after the forward, one per code position")
+            raise MMGenError(
+                f"{losses.numel()} vector losses for {recent} "
+                f"recent vectors: note them right after the forward, one per code position"
+            )
         self._recent_loss = losses.detach().reshape(-1).clamp_min(0).float()
 
     def _restart_targets(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -242,24 +248,42 @@ def _library_quantizer(cfg: QuantizerConfig, dim: int):
         raise MMGenError(f"restart_sampling must be error, loss or uniform, got '{cfg.restart_sampling}'")
     if cfg.kind == "simvq":
         # rotation trick off: plain straight-through keeps encode/decode exactly the codebook lookup
-        return SimVQ(dim=dim, codebook_size=cfg.codebook_size, rotation_trick=False,
-                     commitment_weight=1.0, input_to_quantize_commit_loss_weight=cfg.commitment_weight), \
-            cfg.codebook_size, cfg.codebook_size
-    common = dict(dim=dim, codebook_size=cfg.codebook_size, codebook_dim=cfg.codebook_dim or None,
-                  decay=cfg.decay, kmeans_init=True, kmeans_iters=10, use_cosine_sim=cfg.cosine,
-                  threshold_ema_dead_code=cfg.dead_code_threshold, commitment_weight=cfg.commitment_weight)
+        return (
+            SimVQ(
+                dim=dim,
+                codebook_size=cfg.codebook_size,
+                rotation_trick=False,
+                commitment_weight=1.0,
+                input_to_quantize_commit_loss_weight=cfg.commitment_weight,
+            ),
+            cfg.codebook_size,
+            cfg.codebook_size,
+        )
+    common = dict(
+        dim=dim,
+        codebook_size=cfg.codebook_size,
+        codebook_dim=cfg.codebook_dim or None,
+        decay=cfg.decay,
+        kmeans_init=True,
+        kmeans_iters=10,
+        use_cosine_sim=cfg.cosine,
+        threshold_ema_dead_code=cfg.dead_code_threshold,
+        commitment_weight=cfg.commitment_weight,
+    )
     if cfg.kind == "vq_ema":
         return VectorQuantize(**common), cfg.codebook_size, cfg.codebook_size
     if cfg.rvq_levels < 1:
         raise MMGenError(f"rvq_levels must be >= 1, got {cfg.rvq_levels}")
-    return ResidualVQ(num_quantizers=cfg.rvq_levels, **common), cfg.codebook_size ** cfg.rvq_levels, cfg.codebook_size
+    return ResidualVQ(num_quantizers=cfg.rvq_levels, **common), cfg.codebook_size**cfg.rvq_levels, cfg.codebook_size
 
 
 def usage_fraction(quantizer: Quantizer, codes: torch.Tensor) -> list[float]:
     """Fraction of codebook entries used by ``codes`` (one value per residual level)."""
     levels = quantizer.level_codes(codes.reshape(-1))
-    return [float((torch.bincount(levels[:, i], minlength=quantizer.level_size) > 0).float().mean())
-            for i in range(levels.shape[-1])]
+    return [
+        float((torch.bincount(levels[:, i], minlength=quantizer.level_size) > 0).float().mean())
+        for i in range(levels.shape[-1])
+    ]
 
 
 def perplexity(codes: torch.Tensor, n: int) -> float:

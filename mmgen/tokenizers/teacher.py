@@ -24,8 +24,9 @@ class Teacher(nn.Module):
     at a higher resolution than its teacher was trained at (the tiny one draws 64 px images from a
     CLIP trained at 32 px). ``patch`` is then the tower's patch times the factor, in input pixels."""
 
-    def __init__(self, kind: str, model_cfg: dict, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                 input_downsample: int = 1):
+    def __init__(
+        self, kind: str, model_cfg: dict, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_downsample: int = 1
+    ):
         super().__init__()
         if kind not in TEACHER_KINDS:
             raise MMGenError(f"unknown teacher kind '{kind}' (use one of {', '.join(TEACHER_KINDS)})")
@@ -44,8 +45,9 @@ class Teacher(nn.Module):
             import timm
 
             cfg = dict(model_cfg)
-            self.tower = timm.create_model(cfg.pop("model_name"), pretrained=False, num_classes=0,
-                                           dynamic_img_size=True, **cfg)
+            self.tower = timm.create_model(
+                cfg.pop("model_name"), pretrained=False, num_classes=0, dynamic_img_size=True, **cfg
+            )
             self.patch = int(self.tower.patch_embed.patch_size[0])
             self.dim = int(self.tower.num_features)
         else:
@@ -73,9 +75,11 @@ class Teacher(nn.Module):
             src = AutoModel.from_pretrained(name_or_path).state_dict()
         missing, unexpected = self.tower.load_state_dict(src, strict=False)
         if missing:
-            raise MMGenError(f"teacher weights from {name_or_path} do not fit the teacher config "
-                             f"({len(missing)} missing, e.g. {missing[0]}); make teacher.model_cfg match the "
-                             f"checkpoint")
+            raise MMGenError(
+                f"teacher weights from {name_or_path} do not fit the teacher config "
+                f"({len(missing)} missing, e.g. {missing[0]}); make teacher.model_cfg match the "
+                f"checkpoint"
+            )
 
     def train(self, mode: bool = True):  # frozen: always in eval mode (no dropout, fixed norms)
         return super().train(False)
@@ -91,12 +95,14 @@ class Teacher(nn.Module):
         if self.kind == "timm":
             return self.tower.forward_intermediates(x, indices=1, intermediates_only=True, norm=True)[-1]
         hidden = self.tower(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
-        hidden = hidden[:, hidden.shape[1] - gh * gw:]  # drop prefix (class) tokens, if any
+        hidden = hidden[:, hidden.shape[1] - gh * gw :]  # drop prefix (class) tokens, if any
         return hidden.transpose(1, 2).reshape(b, -1, gh, gw)
 
     def _open_clip(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        run = lambda mod, inp: mod.forward_intermediates(inp, indices=1, intermediates_only=True,  # noqa: E731
-                                                         normalize_intermediates=True)["image_intermediates"][-1]
+        def run(mod, inp):
+            out = mod.forward_intermediates(inp, indices=1, intermediates_only=True, normalize_intermediates=True)
+            return out["image_intermediates"][-1]
+
         if grid == self.grid0:
             return run(self.tower, x)
         # Another image size: interpolate the position table (bicubic over the grid, class slot kept).

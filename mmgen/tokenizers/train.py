@@ -43,11 +43,19 @@ from mmgen.utils.precision import autocast, float32_outputs, resolved_precision
 
 def build_model(cfg: TokenizerTrainConfig):
     m = cfg.model
-    return PixelVQ(resolution=(cfg.resolution, cfg.resolution), channels=m.channels,
-                   layers_per_block=m.layers_per_block,
-                   patch_size=m.patch_size, code_dim=m.code_dim, codebook_size=m.codebook_size,
-                   norm_groups=m.norm_groups, attention=m.attention, l2_norm=m.l2_norm, beta=m.beta,
-                   usage_decay=m.usage_decay)
+    return PixelVQ(
+        resolution=(cfg.resolution, cfg.resolution),
+        channels=m.channels,
+        layers_per_block=m.layers_per_block,
+        patch_size=m.patch_size,
+        code_dim=m.code_dim,
+        codebook_size=m.codebook_size,
+        norm_groups=m.norm_groups,
+        attention=m.attention,
+        l2_norm=m.l2_norm,
+        beta=m.beta,
+        usage_decay=m.usage_decay,
+    )
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
@@ -59,7 +67,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         raise MMGenError(f"unknown tokenizer '{cfg.tokenizer}' (use pixel_vq or dualvitok)")
     if cfg.init_from or cfg.freeze or cfg.prune_codes or cfg.prune_min_share:
         raise MMGenError(
-            "init_from, freeze, prune_codes and prune_min_share are DualViTok options (tokenizer: dualvitok)")
+            "init_from, freeze, prune_codes and prune_min_share are DualViTok options (tokenizer: dualvitok)"
+        )
     check_train_config(cfg)
     out = prepare_run_dir(cfg)
 
@@ -67,7 +76,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     model = build_model(cfg)
     if cfg.resolution % model.downsample:
         raise MMGenError(
-            f"resolution {cfg.resolution} is not a multiple of the model's downsampling factor {model.downsample}")
+            f"resolution {cfg.resolution} is not a multiple of the model's downsampling factor {model.downsample}"
+        )
     images, data_stats = load_training_images(cfg)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     n_eval = min(cfg.eval_images, len(images) // 10)
@@ -75,8 +85,11 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
 
     params_vq = [model.quantizer.embedding]
     params_rest = [p for n, p in model.named_parameters() if n != "quantizer.embedding"]
-    opt = torch.optim.AdamW([{"params": params_rest, "weight_decay": cfg.weight_decay},
-                             {"params": params_vq, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [{"params": params_rest, "weight_decay": cfg.weight_decay}, {"params": params_vq, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.99),
+    )
 
     metrics_path = out / "metrics.jsonl"
     start = resume_or_start(out, cfg.resume, model, opt)
@@ -85,8 +98,14 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     window: dict[str, float] = {}
     window_counts = torch.zeros(model.codebook_size)
     window_steps, restarts, t0 = 0, 0, time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train tokenizer",
-               disable=not cfg.progress, leave=False)
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc="train tokenizer",
+        disable=not cfg.progress,
+        leave=False,
+    )
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)
@@ -113,22 +132,33 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                 for k in ("exp_avg", "exp_avg_sq"):
                     if k in state:
                         state[k][dead] = 0
-        vals = {"loss": loss.item(), "recon": rec.item(), "l1": l1.item(), "l2": l2.item(), "mse": px["mse"].item(),
-                "edge": edge.item(),
-                "codebook": st["codebook_loss"].item(), "commitment": st["commitment_loss"].item(),
-                "perplexity": st["perplexity"].item()}
+        vals = {
+            "loss": loss.item(),
+            "recon": rec.item(),
+            "l1": l1.item(),
+            "l2": l2.item(),
+            "mse": px["mse"].item(),
+            "edge": edge.item(),
+            "codebook": st["codebook_loss"].item(),
+            "commitment": st["commitment_loss"].item(),
+            "perplexity": st["perplexity"].item(),
+        }
         for k, v in vals.items():
             window[k] = window.get(k, 0.0) + v
         window_counts += st["counts"]
         window_steps += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            rec_ = {"step": done, **{k: round(v / window_steps, 6) for k, v in window.items()},
-                    "usage": round(float((window_counts > 0).float().mean()), 4),
-                    "window_perplexity": round(_perplexity(window_counts), 2),
-                    "restarted_codes": restarts, "lr": round(lr_at(cfg, step), 8),
-                    "psnr": round(float(10 * math.log10(4.0 / max(window["mse"] / window_steps, 1e-10))), 3),
-                    "elapsed_s": round(time.time() - t0, 2)}
+            rec_ = {
+                "step": done,
+                **{k: round(v / window_steps, 6) for k, v in window.items()},
+                "usage": round(float((window_counts > 0).float().mean()), 4),
+                "window_perplexity": round(_perplexity(window_counts), 2),
+                "restarted_codes": restarts,
+                "lr": round(lr_at(cfg, step), 8),
+                "psnr": round(float(10 * math.log10(4.0 / max(window["mse"] / window_steps, 1e-10))), 3),
+                "elapsed_s": round(time.time() - t0, 2),
+            }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec_) + "\n")
             bar.set_postfix(loss=f"{rec_['loss']:.4f}", psnr=f"{rec_['psnr']:.1f}", usage=f"{rec_['usage']:.2f}")
@@ -140,9 +170,15 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     model.eval()
     tok_dir = out / "tokenizer"
     model.save_pretrained(tok_dir)
-    report = {"steps": cfg.steps, "train_images": len(train_x), "eval_images": n_eval, "data": data_stats,
-              "parameters": model.num_parameters(),
-              "precision": resolved_precision(cfg.precision), "train_seconds": round(time.time() - t0, 1)}
+    report = {
+        "steps": cfg.steps,
+        "train_images": len(train_x),
+        "eval_images": n_eval,
+        "data": data_stats,
+        "parameters": model.num_parameters(),
+        "precision": resolved_precision(cfg.precision),
+        "train_seconds": round(time.time() - t0, 1),
+    }
     if n_eval:
         with torch.no_grad():
             xe = uint8_to_unit(eval_x)
@@ -150,9 +186,13 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
             recon = model.decode_tensor(codes).clamp(-1, 1)
             recon = through_uint8(recon)
             counts = torch.bincount(codes.flatten(), minlength=model.codebook_size).float()
-        report.update({"eval_psnr": round(float(psnr(recon, xe).mean()), 3),
-                       "eval_codebook_usage": round(float((counts > 0).float().mean()), 4),
-                       "eval_perplexity": round(_perplexity(counts), 2)})
+        report.update(
+            {
+                "eval_psnr": round(float(psnr(recon, xe).mean()), 3),
+                "eval_codebook_usage": round(float((counts > 0).float().mean()), 4),
+                "eval_perplexity": round(_perplexity(counts), 2),
+            }
+        )
         save_recon_grid(xe[:8], recon[:8], out / "recon.png")
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     return tok_dir

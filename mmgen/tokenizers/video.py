@@ -51,8 +51,13 @@ class FrameBlock:
         return int(self.codes.numel())
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "time": round(self.time, 4), "keyframe": self.keyframe,
-                "positions": self.positions.tolist(), "codes": self.codes.tolist()}
+        return {
+            "index": self.index,
+            "time": round(self.time, 4),
+            "keyframe": self.keyframe,
+            "positions": self.positions.tolist(),
+            "codes": self.codes.tolist(),
+        }
 
 
 @dataclass
@@ -88,13 +93,20 @@ class VideoTokens:
         blocks = []
         for i, row in enumerate(flat):
             pos = np.flatnonzero(row != MERGED)
-            blocks.append(FrameBlock(i, float(times[i]), bool(keyframes[i]), torch.from_numpy(pos),
-                                     torch.from_numpy(row[pos].copy())))
+            blocks.append(
+                FrameBlock(
+                    i, float(times[i]), bool(keyframes[i]), torch.from_numpy(pos), torch.from_numpy(row[pos].copy())
+                )
+            )
         return cls(grid=tuple(int(x) for x in grids.shape[1:]), blocks=blocks)
 
     def to_dict(self) -> dict:
-        return {"grid": list(self.grid), "tokens_before": self.tokens_before, "tokens_after": self.tokens_after,
-                "blocks": [b.to_dict() for b in self.blocks]}
+        return {
+            "grid": list(self.grid),
+            "tokens_before": self.tokens_before,
+            "tokens_after": self.tokens_after,
+            "blocks": [b.to_dict() for b in self.blocks],
+        }
 
 
 def thumb(img, side: int = 32) -> np.ndarray:
@@ -112,9 +124,18 @@ def shot_changes(frames: Sequence, threshold: float) -> list[bool]:
 
 
 class VideoEncoder:
-    def __init__(self, tokenizer, fps: float = 2.0, max_frames: int = 16, sampling: str = "uniform",
-                 scene_threshold: float = 0.25, keep_ratio: float = 0.5, similarity_threshold: float = 0.95,
-                 analysis_fps: float = 8.0, batch_size: int = 32):
+    def __init__(
+        self,
+        tokenizer,
+        fps: float = 2.0,
+        max_frames: int = 16,
+        sampling: str = "uniform",
+        scene_threshold: float = 0.25,
+        keep_ratio: float = 0.5,
+        similarity_threshold: float = 0.95,
+        analysis_fps: float = 8.0,
+        batch_size: int = 32,
+    ):
         if sampling not in ("uniform", "keyframes"):
             raise MMGenError(f"sampling must be 'uniform' or 'keyframes', got '{sampling}'")
         if not 0 < keep_ratio <= 1:
@@ -142,8 +163,11 @@ class VideoEncoder:
         else:
             picked = list(range(len(frames)))
         if len(picked) > self.max_frames:  # spread the kept frames evenly over the clip
-            picked = [picked[round(i * (len(picked) - 1) / (self.max_frames - 1))] for i in range(self.max_frames)] \
-                if self.max_frames > 1 else picked[:1]
+            picked = (
+                [picked[round(i * (len(picked) - 1) / (self.max_frames - 1))] for i in range(self.max_frames)]
+                if self.max_frames > 1
+                else picked[:1]
+            )
         frames = [frames[i] for i in picked]
         keys = [True] * len(frames) if self.sampling == "keyframes" else shot_changes(frames, self.scene_threshold)
         return frames, [times[i] for i in picked], keys
@@ -151,8 +175,9 @@ class VideoEncoder:
     # -- 3: encode ---------------------------------------------------------------------------------
     def encode_frames(self, frames: Sequence):
         """PIL frames -> codes ``(T, h, w)``; a multi-grid tokenizer (DualViTok) gives a dict of them."""
-        parts = [self.tokenizer.encode(list(frames[i: i + self.batch_size]))
-                 for i in range(0, len(frames), self.batch_size)]
+        parts = [
+            self.tokenizer.encode(list(frames[i : i + self.batch_size])) for i in range(0, len(frames), self.batch_size)
+        ]
         if isinstance(parts[0], dict):
             return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0] if not k.endswith("features")}
         return torch.cat(parts).cpu()
@@ -235,13 +260,14 @@ class VideoEncoder:
             n = len(next(iter(grids.values())))
 
             def chunk(i):
-                return {k: g[i: i + self.batch_size] for k, g in grids.items()}
+                return {k: g[i : i + self.batch_size] for k, g in grids.items()}
         else:
             grids = self.full_grids(tokens)
             n = len(grids)
 
             def chunk(i):
-                return grids[i: i + self.batch_size]
+                return grids[i : i + self.batch_size]
+
         out = []
         for i in range(0, n, self.batch_size):
             out.extend(self.tokenizer.decode(chunk(i)))

@@ -40,15 +40,16 @@ def diffusers_vae_blocks():
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer with usage tracking and dead-code restarts."""
 
-    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, l2_norm: bool = True,
-                 usage_decay: float = 0.9):
+    def __init__(
+        self, codebook_size: int, dim: int, beta: float = 0.25, l2_norm: bool = True, usage_decay: float = 0.9
+    ):
         super().__init__()
         self.codebook_size = codebook_size
         self.dim = dim
         self.beta = beta
         self.l2_norm = l2_norm
         self.usage_decay = usage_decay
-        self.embedding = nn.Parameter(torch.randn(codebook_size, dim) * (1.0 if l2_norm else dim ** -0.5))
+        self.embedding = nn.Parameter(torch.randn(codebook_size, dim) * (1.0 if l2_norm else dim**-0.5))
         # EMA of the fraction of vectors assigned to each code; starts uniform so that no code is
         # "dead" before it had a chance to be picked.
         self.register_buffer("usage", torch.full((codebook_size,), 1.0 / codebook_size))
@@ -130,9 +131,20 @@ class PixelVQ(ImageTokenizer):
 
     mmgen_type = "pixel_vq"
 
-    def __init__(self, resolution=(64, 64), channels=(32, 64, 128), layers_per_block: int = 1,
-                 patch_size: int = 2, code_dim: int = 8, codebook_size: int = 512, norm_groups: int = 8,
-                 attention: bool = False, l2_norm: bool = True, beta: float = 0.25, usage_decay: float = 0.9):
+    def __init__(
+        self,
+        resolution=(64, 64),
+        channels=(32, 64, 128),
+        layers_per_block: int = 1,
+        patch_size: int = 2,
+        code_dim: int = 8,
+        codebook_size: int = 512,
+        norm_groups: int = 8,
+        attention: bool = False,
+        l2_norm: bool = True,
+        beta: float = 0.25,
+        usage_decay: float = 0.9,
+    ):
         super().__init__()
         if isinstance(resolution, int):
             resolution = (resolution, resolution)
@@ -140,7 +152,8 @@ class PixelVQ(ImageTokenizer):
         self.channels = tuple(int(c) for c in channels)
         if any(c % norm_groups for c in self.channels):
             raise MMGenError(
-                f"every channel count in {list(self.channels)} must be divisible by norm_groups={norm_groups}")
+                f"every channel count in {list(self.channels)} must be divisible by norm_groups={norm_groups}"
+            )
         self.layers_per_block = layers_per_block
         self.patch_size = patch_size
         self.code_dim = code_dim
@@ -155,21 +168,40 @@ class PixelVQ(ImageTokenizer):
         Encoder, Decoder = diffusers_vae_blocks()
         levels = len(self.channels)
         pix = 3 * patch_size * patch_size
-        self.encoder = Encoder(in_channels=pix, out_channels=code_dim,
-                               down_block_types=("DownEncoderBlock2D",) * levels,
-                               block_out_channels=self.channels, layers_per_block=layers_per_block,
-                               norm_num_groups=norm_groups, double_z=False, mid_block_add_attention=attention)
+        self.encoder = Encoder(
+            in_channels=pix,
+            out_channels=code_dim,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            block_out_channels=self.channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_groups,
+            double_z=False,
+            mid_block_add_attention=attention,
+        )
         self.quantizer = VectorQuantizer(codebook_size, code_dim, beta=beta, l2_norm=l2_norm, usage_decay=usage_decay)
-        self.decoder = Decoder(in_channels=code_dim, out_channels=pix, up_block_types=("UpDecoderBlock2D",) * levels,
-                               block_out_channels=self.channels, layers_per_block=layers_per_block,
-                               norm_num_groups=norm_groups, mid_block_add_attention=attention)
+        self.decoder = Decoder(
+            in_channels=code_dim,
+            out_channels=pix,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=self.channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_groups,
+            mid_block_add_attention=attention,
+        )
 
     def get_config(self) -> dict:
         return {
-            "resolution": list(self.resolution), "channels": list(self.channels),
-            "layers_per_block": self.layers_per_block, "patch_size": self.patch_size, "code_dim": self.code_dim,
-            "codebook_size": self.codebook_size, "norm_groups": self.norm_groups, "attention": self.attention,
-            "l2_norm": self.l2_norm, "beta": self.beta, "usage_decay": self.usage_decay,
+            "resolution": list(self.resolution),
+            "channels": list(self.channels),
+            "layers_per_block": self.layers_per_block,
+            "patch_size": self.patch_size,
+            "code_dim": self.code_dim,
+            "codebook_size": self.codebook_size,
+            "norm_groups": self.norm_groups,
+            "attention": self.attention,
+            "l2_norm": self.l2_norm,
+            "beta": self.beta,
+            "usage_decay": self.usage_decay,
         }
 
     # -- the three stages --------------------------------------------------------------------------
@@ -178,8 +210,10 @@ class PixelVQ(ImageTokenizer):
             raise MMGenError(f"expected images as a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         if h % self.downsample or w % self.downsample:
-            raise MMGenError(f"image size {w}x{h} is not a multiple of the downsampling factor {self.downsample}; "
-                             f"resize it (encode() does this for PIL images)")
+            raise MMGenError(
+                f"image size {w}x{h} is not a multiple of the downsampling factor {self.downsample}; "
+                f"resize it (encode() does this for PIL images)"
+            )
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> continuous pre-quantization features ``(B, code_dim, h, w)``."""
@@ -209,9 +243,11 @@ class PixelVQ(ImageTokenizer):
         if codes.ndim != 3:
             raise MMGenError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise MMGenError(f"code out of range 0..{self.codebook_size - 1} (got "
-                             f"{int(codes.min())}..{int(codes.max())}); "
-                             f"were these codes made by another tokenizer?")
+            raise MMGenError(
+                f"code out of range 0..{self.codebook_size - 1} (got "
+                f"{int(codes.min())}..{int(codes.max())}); "
+                f"were these codes made by another tokenizer?"
+            )
         return self.decode_latents(self.quantizer.embed(codes))
 
     def num_parameters(self) -> int:

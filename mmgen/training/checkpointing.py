@@ -32,14 +32,25 @@ def set_rng_state(state: dict | None) -> None:
         np.random.set_state(state["numpy"])
 
 
-def save_run_bundle(engine, data: dict, cfg: TrainConfig, summary: dict, dest: Path, adapter_dir: Path, rank: int,
-                    extra_meta: dict | None = None) -> None:
+def save_run_bundle(
+    engine,
+    data: dict,
+    cfg: TrainConfig,
+    summary: dict,
+    dest: Path,
+    adapter_dir: Path,
+    rank: int,
+    extra_meta: dict | None = None,
+) -> None:
     """Rank 0 writes the engine's model as a bundle at ``dest`` (LoRA merged); every rank must call it."""
     import deepspeed
 
     # ZeRO 3 partitions the weights themselves: gather them (on every rank) before rank 0 saves.
-    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-              if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+    gather = (
+        deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+        if engine.zero_optimization_stage() == 3
+        else contextlib.nullcontext()
+    )
     with gather:
         if rank == 0:
             if cfg.lora.enabled:
@@ -47,8 +58,9 @@ def save_run_bundle(engine, data: dict, cfg: TrainConfig, summary: dict, dest: P
             save_bundle(unwrap_for_saving(engine.module, adapter_dir), data, cfg, summary, dest, extra_meta)
 
 
-def write_snapshot(engine, data: dict, cfg: TrainConfig, out_dir: Path, step: int, train_s: float, logged: dict,
-                   rank: int) -> Path:
+def write_snapshot(
+    engine, data: dict, cfg: TrainConfig, out_dir: Path, step: int, train_s: float, logged: dict, rank: int
+) -> Path:
     """The bundle the run would write if it ended now, at ``out_dir/snapshots/step-NNNNNN``.
 
     Written under a ``.partial`` name and renamed, so a run killed mid-write leaves no half bundle for an
@@ -59,7 +71,12 @@ def write_snapshot(engine, data: dict, cfg: TrainConfig, out_dir: Path, step: in
         shutil.rmtree(part, ignore_errors=True)
     facts = {"step": step, "train_seconds": train_s}
     summary = {
-        "stage": cfg.stage, "steps": step, "of_steps": cfg.steps, "train_seconds": train_s, "last_logged": logged}
+        "stage": cfg.stage,
+        "steps": step,
+        "of_steps": cfg.steps,
+        "train_seconds": train_s,
+        "last_logged": logged,
+    }
     # Saving must leave the training stream untouched, so that a run with snapshots trains the same weights.
     rng = rng_state()
     save_run_bundle(engine, data, cfg, summary, part, part / "lora_adapter", rank, {"snapshot": facts})
@@ -70,11 +87,18 @@ def write_snapshot(engine, data: dict, cfg: TrainConfig, out_dir: Path, step: in
     return dest
 
 
-def save_bundle(model, data: dict, cfg: TrainConfig, summary: dict, final: Path,
-                extra_meta: dict | None = None) -> None:
+def save_bundle(
+    model, data: dict, cfg: TrainConfig, summary: dict, final: Path, extra_meta: dict | None = None
+) -> None:
     image_tok = data["image_tokenizer"]
-    meta = {"preset": cfg.preset, "stage": cfg.stage, "train": summary, "config": to_dict(cfg),
-            "image_grids": data["image_grids"], **(extra_meta or {})}
+    meta = {
+        "preset": cfg.preset,
+        "stage": cfg.stage,
+        "train": summary,
+        "config": to_dict(cfg),
+        "image_grids": data["image_grids"],
+        **(extra_meta or {}),
+    }
     if image_tok is not None:
         meta["image_resolution"] = list(image_tok.resolution)
     audio_tok = data.get("audio_tokenizer")

@@ -204,7 +204,8 @@ def check_config(cfg: TrainConfig) -> None:
     check_qlora(cfg)
     if cfg.init_from and not (Path(cfg.init_from) / "vocab.json").is_file():
         raise MMGenError(
-            f"init_from={cfg.init_from} is not an mmgen bundle (no vocab.json); give a training run's final/")
+            f"init_from={cfg.init_from} is not an mmgen bundle (no vocab.json); give a training run's final/"
+        )
     if cfg.data.source == "packed":
         if not cfg.data.packed_shards:
             raise MMGenError("data.source=packed needs data.packed_shards=DIR (packed shards from `mmgen pack`)")
@@ -225,18 +226,22 @@ def check_qlora(cfg: TrainConfig) -> None:
     if q == "none":
         return
     if cfg.stage != "sft" or not cfg.lora.enabled:
-        raise MMGenError(f"lora.quantize={q} (QLoRA) is for stage=sft with lora.enabled=true: a quantized base "
-                         "cannot learn, only adapters on it can")
+        raise MMGenError(
+            f"lora.quantize={q} (QLoRA) is for stage=sft with lora.enabled=true: a quantized base "
+            "cannot learn, only adapters on it can"
+        )
     # ZeRO-3 partitions every parameter across ranks, and bitsandbytes keeps each packed weight's scales
     # (quant_state) on the tensor object itself, which a partitioned shard loses. (DeepSpeed's own
     # QLoRA + ZeRO-3 route loads the model inside zero.Init with quant_storage set; this trainer builds
     # the model before deepspeed.initialize, so that route is not open.)
     zero = (read_deepspeed_config(cfg.deepspeed).get("zero_optimization") or {}).get("stage", 0)
     if zero == 3:
-        raise MMGenError(f"lora.quantize={q} does not work with ZeRO stage 3 ({cfg.deepspeed}): ZeRO-3 partitions the "
-                         "bitsandbytes weights and loses their quantization state; use "
-                         "deepspeed=training/ds_zero2_cpu.json "
-                         "(or ds_zero2_gpu.json): the frozen 4/8-bit base is small enough to keep whole on every rank")
+        raise MMGenError(
+            f"lora.quantize={q} does not work with ZeRO stage 3 ({cfg.deepspeed}): ZeRO-3 partitions the "
+            "bitsandbytes weights and loses their quantization state; use "
+            "deepspeed=training/ds_zero2_cpu.json "
+            "(or ds_zero2_gpu.json): the frozen 4/8-bit base is small enough to keep whole on every rank"
+        )
 
 
 def resolve_deepspeed_config(path: str) -> Path:
@@ -264,6 +269,8 @@ def check_global_batch(cfg: TrainConfig, world: int) -> None:
     if got != cfg.global_batch:
         need = cfg.global_batch / (cfg.micro_batch * world)
         hint = f"grad_accum={int(need)}" if need == int(need) and need >= 1 else "another micro_batch"
-        raise MMGenError(f"global_batch={cfg.global_batch} but micro_batch {cfg.micro_batch} x grad_accum "
-                         f"{cfg.grad_accum} "
-                         f"x {world} ranks = {got}; set {hint} for {world} ranks")
+        raise MMGenError(
+            f"global_batch={cfg.global_batch} but micro_batch {cfg.micro_batch} x grad_accum "
+            f"{cfg.grad_accum} "
+            f"x {world} ranks = {got}; set {hint} for {world} ranks"
+        )

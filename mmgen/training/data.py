@@ -73,9 +73,11 @@ def media_tokenizers_and_vocab(cfg: TrainConfig, tok):
     _inherit_tokenizers(cfg)
     if cfg.data.image_tokenizer:
         if not Path(cfg.data.image_tokenizer).is_dir():
-            raise MMGenError(f"data.image_tokenizer: no tokenizer directory at {cfg.data.image_tokenizer} (train one "
-                             f"with "
-                             "`mmgen train-tokenizer`, or set data.image_tokenizer=null data.codebook_size=N)")
+            raise MMGenError(
+                f"data.image_tokenizer: no tokenizer directory at {cfg.data.image_tokenizer} (train one "
+                f"with "
+                "`mmgen train-tokenizer`, or set data.image_tokenizer=null data.codebook_size=N)"
+            )
         image_tokenizer = load_image_tokenizer(cfg.data.image_tokenizer)
         books = image_codebooks(image_tokenizer)
     elif cfg.data.codebook_size:
@@ -83,13 +85,18 @@ def media_tokenizers_and_vocab(cfg: TrainConfig, tok):
     elif cfg.init_from or cfg.data.codebooks:
         books = None  # the bundle's vocab, or data.codebooks, says
     else:
-        raise MMGenError("the vocab needs the pixel codebook size: set data.image_tokenizer=DIR "
-                         "(the tokenizer that made the code shards) or data.codebook_size=N")
+        raise MMGenError(
+            "the vocab needs the pixel codebook size: set data.image_tokenizer=DIR "
+            "(the tokenizer that made the code shards) or data.codebook_size=N"
+        )
     audio_codec = None
     if cfg.data.audio_tokenizer:
         audio_codec = AudioCodec.from_pretrained(cfg.data.audio_tokenizer)
-    vocab = (Vocab.load(Path(cfg.init_from) / "vocab.json") if cfg.init_from
-             else run_vocab(cfg, len(tok), books, audio_codec, getattr(image_tokenizer, "sem_ratio", 2)))
+    vocab = (
+        Vocab.load(Path(cfg.init_from) / "vocab.json")
+        if cfg.init_from
+        else run_vocab(cfg, len(tok), books, audio_codec, getattr(image_tokenizer, "sem_ratio", 2))
+    )
     return vocab, image_tokenizer, audio_codec
 
 
@@ -101,9 +108,14 @@ def check_saved_vocab(saved: Path, vocab, hint: str) -> None:
 def sequence_settings(cfg: TrainConfig) -> dict:
     """What the rows depend on besides the tokenizers: kept in packed shards' index and checked at training."""
     # SFT learns to answer; pretraining on conversations still learns everything the user shows
-    out = {"seq_len": cfg.data.seq_len, "packing": cfg.data.packing, "splits": list(cfg.data.splits or []),
-           "targets": list(cfg.data.loss_targets), "chat": chat_layout(cfg.stage, cfg.data.chat),
-           "user_targets": cfg.stage != "sft"}
+    out = {
+        "seq_len": cfg.data.seq_len,
+        "packing": cfg.data.packing,
+        "splits": list(cfg.data.splits or []),
+        "targets": list(cfg.data.loss_targets),
+        "chat": chat_layout(cfg.stage, cfg.data.chat),
+        "user_targets": cfg.stage != "sft",
+    }
     if cfg.data.prompt_variation:  # only when on: packed shards written before the switch existed still match
         out["prompt_variation"] = float(cfg.data.prompt_variation)
     return out
@@ -143,14 +155,16 @@ def pack_records(records: list, tok, vocab, settings: dict):
     Returns (rows, sequence stats, packing stats, image grid counts); rows and packing stats are None
     when no document is trainable. A caller that passes the only reference to ``records`` has them
     freed before the packing."""
-    seqs, seq_stats = build_sequences(records, tok, vocab, targets=settings["targets"], chat=settings["chat"],
-                                      user_targets=settings["user_targets"])
+    seqs, seq_stats = build_sequences(
+        records, tok, vocab, targets=settings["targets"], chat=settings["chat"], user_targets=settings["user_targets"]
+    )
     grids = image_grid_counts(records)
     del records
     if not seqs:
         return None, seq_stats, None, grids
-    rows, pack_stats = pack_sequences(seqs, settings["seq_len"], pad_id=tok.pad_token_id or 0,
-                                      algorithm=settings["packing"])
+    rows, pack_stats = pack_sequences(
+        seqs, settings["seq_len"], pad_id=tok.pad_token_id or 0, algorithm=settings["packing"]
+    )
     return rows, seq_stats, pack_stats, grids
 
 
@@ -170,9 +184,17 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, rank: int):
     rows, seq_stats, pack_stats, grids = pack_records(records, tok, vocab, sequence_settings(cfg))
     if rows is None:
         raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({seq_stats.to_dict()})")
-    return {"text_tokenizer": tok, "vocab": vocab, "image_tokenizer": image_tokenizer, "audio_tokenizer": audio_codec,
-            "rows": rows, "n_rows": int(rows["input_ids"].shape[0]), "seq_stats": seq_stats.to_dict(),
-            "pack_stats": pack_stats.to_dict(), "image_grids": {f"{h}x{w}": n for (h, w), n in grids.most_common()}}
+    return {
+        "text_tokenizer": tok,
+        "vocab": vocab,
+        "image_tokenizer": image_tokenizer,
+        "audio_tokenizer": audio_codec,
+        "rows": rows,
+        "n_rows": int(rows["input_ids"].shape[0]),
+        "seq_stats": seq_stats.to_dict(),
+        "pack_stats": pack_stats.to_dict(),
+        "image_grids": {f"{h}x{w}": n for (h, w), n in grids.most_common()},
+    }
 
 
 def prepare_packed(cfg: TrainConfig, out_dir: Path, rank: int) -> dict:
@@ -183,16 +205,26 @@ def prepare_packed(cfg: TrainConfig, out_dir: Path, rank: int) -> dict:
     diff = {k: (index["settings"].get(k), v) for k, v in want.items() if index["settings"].get(k) != v}
     if diff:
         k, (got, need) = next(iter(diff.items()))
-        raise MMGenError(f"packed shards {packed} were built with {k}={got!r}, this run needs {need!r}; "
-                         f"rerun `mmgen pack` with this run's config")
+        raise MMGenError(
+            f"packed shards {packed} were built with {k}={got!r}, this run needs {need!r}; "
+            f"rerun `mmgen pack` with this run's config"
+        )
     tok = text_tokenizer_for(cfg, out_dir / "text_tokenizer", rank, copy_from=packed / "text_tokenizer")
     vocab, image_tokenizer, audio_codec = media_tokenizers_and_vocab(cfg, tok)
     check_saved_vocab(packed / "vocab.json", vocab, "rerun `mmgen pack` with this run's data settings")
     check_saved_vocab(out_dir / "vocab.json", vocab, "use a fresh out_dir or the same data settings")
-    return {"text_tokenizer": tok, "vocab": vocab, "image_tokenizer": image_tokenizer, "audio_tokenizer": audio_codec,
-            "rows": None, "index": index, "n_rows": int(index["totals"]["packing"]["rows"]),
-            "seq_stats": index["totals"]["sequences"], "pack_stats": index["totals"]["packing"],
-            "image_grids": index["totals"]["image_grids"]}
+    return {
+        "text_tokenizer": tok,
+        "vocab": vocab,
+        "image_tokenizer": image_tokenizer,
+        "audio_tokenizer": audio_codec,
+        "rows": None,
+        "index": index,
+        "n_rows": int(index["totals"]["packing"]["rows"]),
+        "seq_stats": index["totals"]["sequences"],
+        "pack_stats": index["totals"]["packing"],
+        "image_grids": index["totals"]["image_grids"],
+    }
 
 
 def image_codebooks(image_tokenizer) -> dict[str, int]:
@@ -213,22 +245,35 @@ def run_vocab(cfg: TrainConfig, n_text: int, image_books: dict[str, int] | None,
     if cfg.data.image_levels is not None and image_books:
         unknown = [k for k in cfg.data.image_levels if k not in image_books]
         if unknown or not cfg.data.image_levels:
-            raise MMGenError(f"data.image_levels={list(cfg.data.image_levels)}: the image tokenizer writes "
-                             f"{', '.join(image_books)}; name one or more of those")
+            raise MMGenError(
+                f"data.image_levels={list(cfg.data.image_levels)}: the image tokenizer writes "
+                f"{', '.join(image_books)}; name one or more of those"
+            )
         image_books = {k: n for k, n in image_books.items() if k in cfg.data.image_levels}
     books = dict(cfg.data.codebooks) if cfg.data.codebooks else image_books
     for name, n in image_books.items():  # a range the tokenizer also writes must have its size
         if name in books and int(books[name]) != n:
-            raise MMGenError(f"data.codebooks.{name}={books[name]} but the image tokenizer's {name} codebook has {n} "
-                             f"codes; set data.codebooks.{name}={n}")
+            raise MMGenError(
+                f"data.codebooks.{name}={books[name]} but the image tokenizer's {name} codebook has {n} "
+                f"codes; set data.codebooks.{name}={n}"
+            )
     levels = 1
     if audio_codec is not None:
         levels, n = audio_codec.n_q, audio_codec.n_q * audio_codec.codebook_size
         if books.setdefault("audio", n) != n:
-            raise MMGenError(f"data.codebooks.audio={books['audio']} but the audio codec has {levels} levels x "
-                             f"{audio_codec.codebook_size} codes = {n}; set data.codebooks.audio={n} or leave it out")
-    return Vocab(text_size, books, max_grid=cfg.data.max_grid, sem_ratio=sem_ratio, audio_levels=levels,
-                 video_times=cfg.data.video_times, video_time_step=cfg.data.video_time_step)
+            raise MMGenError(
+                f"data.codebooks.audio={books['audio']} but the audio codec has {levels} levels x "
+                f"{audio_codec.codebook_size} codes = {n}; set data.codebooks.audio={n} or leave it out"
+            )
+    return Vocab(
+        text_size,
+        books,
+        max_grid=cfg.data.max_grid,
+        sem_ratio=sem_ratio,
+        audio_levels=levels,
+        video_times=cfg.data.video_times,
+        video_time_step=cfg.data.video_time_step,
+    )
 
 
 class RowSampler:
@@ -279,10 +324,17 @@ class MemoryBatches:
     def step(self, step: int, dtype, attention: str) -> tuple[list[dict], float]:
         cfg = self.cfg
         denom = step_denominator(self.rows, self.sampler, step, cfg.grad_accum, self.world)
-        batches = [packed_batch(self.rows, self.sampler.indices(step, micro), dtype=dtype,
-                                prompt_dropout=cfg.loss.prompt_dropout,
-                                rng=np.random.default_rng([cfg.seed, step, micro, self.rank, 17]), attention=attention)
-                   for micro in range(cfg.grad_accum)]
+        batches = [
+            packed_batch(
+                self.rows,
+                self.sampler.indices(step, micro),
+                dtype=dtype,
+                prompt_dropout=cfg.loss.prompt_dropout,
+                rng=np.random.default_rng([cfg.seed, step, micro, self.rank, 17]),
+                attention=attention,
+            )
+            for micro in range(cfg.grad_accum)
+        ]
         return batches, denom
 
     def state(self) -> dict:
@@ -302,24 +354,35 @@ class StreamedBatches:
         state = state or {}
         streams = cfg.data.streams or world
         if state and state.get("streams") != streams:
-            raise MMGenError(f"the checkpoint's data position is for data.streams={state.get('streams')}, this run has "
-                             f"{streams}; resume with data.streams={state.get('streams')}")
-        self.reader = StreamBatches(index, cfg.micro_batch, rank, world, cfg.seed, cfg.data.shuffle_buffer,
-                                    streams, state.get("positions"))
+            raise MMGenError(
+                f"the checkpoint's data position is for data.streams={state.get('streams')}, this run has "
+                f"{streams}; resume with data.streams={state.get('streams')}"
+            )
+        self.reader = StreamBatches(
+            index, cfg.micro_batch, rank, world, cfg.seed, cfg.data.shuffle_buffer, streams, state.get("positions")
+        )
 
     def step(self, step: int, dtype, attention: str) -> tuple[list[dict], float]:
         cfg = self.cfg
         parts = [self.reader.next() for _ in range(cfg.grad_accum)]
-        n = torch.tensor([float(sum(_targets(rows["labels"]) for micro in parts for _, rows in micro))],
-                         dtype=torch.float64)
+        n = torch.tensor(
+            [float(sum(_targets(rows["labels"]) for micro in parts for _, rows in micro))], dtype=torch.float64
+        )
         if self.world > 1:
             torch.distributed.all_reduce(n)
         batches = []
         for micro, streams in enumerate(parts):
-            pieces = [packed_batch(rows, np.arange(rows["input_ids"].shape[0]), dtype=dtype,
-                                   prompt_dropout=cfg.loss.prompt_dropout,
-                                   rng=np.random.default_rng([cfg.seed, step, micro, s, 17]), attention="varlen")
-                      for s, rows in streams]
+            pieces = [
+                packed_batch(
+                    rows,
+                    np.arange(rows["input_ids"].shape[0]),
+                    dtype=dtype,
+                    prompt_dropout=cfg.loss.prompt_dropout,
+                    rng=np.random.default_rng([cfg.seed, step, micro, s, 17]),
+                    attention="varlen",
+                )
+                for s, rows in streams
+            ]
             batch = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
             if attention == "mask":
                 batch["attention_mask"] = packed_attention_mask(batch["segment_ids"], dtype=dtype)

@@ -29,8 +29,14 @@ def init_distributed() -> tuple[int, int]:
 
     if not torch.distributed.is_initialized():
         if "RANK" not in os.environ:  # not under a launcher: a single-rank job in this process
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            os.environ.update(
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_SIZE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()),
+            )
         backend = "gloo" if get_accelerator().device_name() == "cpu" else None
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         barrier()  # every rank has mapped every peer's shared-memory buffer before any name goes
@@ -48,7 +54,8 @@ def release_shm_buffers() -> list[str]:
     try:
         with open("/proc/self/maps") as f:
             paths = sorted(
-                {w for line in f for w in line.split() if w.startswith("/dev/shm/deepspeed_allreduce_buffer")})
+                {w for line in f for w in line.split() if w.startswith("/dev/shm/deepspeed_allreduce_buffer")}
+            )
     except OSError:  # not Linux: nothing of ours to find
         return []
     released = []

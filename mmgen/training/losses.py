@@ -46,16 +46,23 @@ def target_modality(labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
     return out
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab: Vocab, weights: torch.Tensor,
-            denominator: float, z_loss: float = 0.0) -> tuple[torch.Tensor, dict]:
+def lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab: Vocab,
+    weights: torch.Tensor,
+    denominator: float,
+    z_loss: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
     """``sum_t w(t) * CE_t / denominator`` (+ z-loss), with position t predicting ``labels[t + 1]``.
 
     Returns the loss and per-modality sums of unweighted cross-entropy and token counts (for logging)."""
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
     valid = target != IGNORE_INDEX
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                           ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(target)
     mod = target_modality(target, vocab)
     w = weights.to(logits.device)[mod] * valid
     loss = (ce * w).sum()

@@ -42,10 +42,15 @@ class MetricWindow:
             torch.distributed.all_reduce(v)
         elapsed = time.perf_counter() - self.t0
         steps = v[1].item() / (cfg.grad_accum * world)
-        row = {"step": done, "loss": v[0].item() / max(steps, 1e-9), "lr": lr,
-               "tokens_per_s": v[2].item() / max(elapsed, 1e-9), "fill_rate": fill,
-               "epoch": done * cfg.grad_accum * world * cfg.micro_batch / n_rows,
-               "elapsed_s": time.perf_counter() - t_run}
+        row = {
+            "step": done,
+            "loss": v[0].item() / max(steps, 1e-9),
+            "lr": lr,
+            "tokens_per_s": v[2].item() / max(elapsed, 1e-9),
+            "fill_rate": fill,
+            "epoch": done * cfg.grad_accum * world * cfg.micro_batch / n_rows,
+            "elapsed_s": time.perf_counter() - t_run,
+        }
         for k, name in enumerate(names):
             n = v[4 + 2 * k].item()
             if n:

@@ -24,12 +24,16 @@ def build_model(cfg: TrainConfig, vocab, tok):
     from mmgen.models.unified_build import add_feature_inputs, build_unified_lm, wrap_lm
 
     m = cfg.model
-    wrap = {"code_head": m.code_head, "image_feature_dim": m.image_feature_dim,
-            "audio_feature_dim": m.audio_feature_dim,
-            "projector_depth": m.projector_depth, "input_placement": m.input_placement,
-            "grid_positions": m.grid_positions,
-            "grid_target": m.grid_target,
-            "image_input_range": m.image_input_range}
+    wrap = {
+        "code_head": m.code_head,
+        "image_feature_dim": m.image_feature_dim,
+        "audio_feature_dim": m.audio_feature_dim,
+        "projector_depth": m.projector_depth,
+        "input_placement": m.input_placement,
+        "grid_positions": m.grid_positions,
+        "grid_target": m.grid_target,
+        "image_input_range": m.image_input_range,
+    }
     qlora = cfg.lora.quantize != "none"
     if cfg.init_from:
         from transformers import AutoModelForCausalLM
@@ -42,16 +46,32 @@ def build_model(cfg: TrainConfig, vocab, tok):
         elif not qlora:
             # A bundle that reads no features yet gets the projectors this run's config asks for (the
             # align stage then trains them on the frozen decoder); its own settings win otherwise.
-            model = add_feature_inputs(model, m.image_feature_dim, m.audio_feature_dim, m.projector_depth,
-                                       m.input_placement, m.image_input_range)
+            model = add_feature_inputs(
+                model,
+                m.image_feature_dim,
+                m.audio_feature_dim,
+                m.projector_depth,
+                m.input_placement,
+                m.image_input_range,
+            )
     elif m.base or m.base_config:
         torch.manual_seed(cfg.seed)
         model = build_unified_lm(vocab, base=m.base or m.base_config, attn_implementation=m.attn_implementation, **wrap)
     else:
-        model = build_unified_lm(vocab, hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads,
-                                 intermediate=m.intermediate, max_len=m.max_len or cfg.data.seq_len,
-                                 tie_embeddings=m.tie_embeddings, text_tokenizer=tok,
-                                 attn_implementation=m.attn_implementation, seed=cfg.seed, **wrap)
+        model = build_unified_lm(
+            vocab,
+            hidden=m.hidden,
+            layers=m.layers,
+            heads=m.heads,
+            kv_heads=m.kv_heads,
+            intermediate=m.intermediate,
+            max_len=m.max_len or cfg.data.seq_len,
+            tie_embeddings=m.tie_embeddings,
+            text_tokenizer=tok,
+            attn_implementation=m.attn_implementation,
+            seed=cfg.seed,
+            **wrap,
+        )
     if qlora and not cfg.init_from:
         model = quantize_for_qlora(model, cfg)
     if m.gradient_checkpointing:
@@ -100,8 +120,14 @@ def apply_lora(model, cfg: TrainConfig):
         # Freezes the base and upcasts its 16-bit non-quantized weights (norms, embeddings) to fp32 for
         # stable adapter training; checkpointing was already set up by build_model (non-reentrant).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
-                        modules_to_save=list(lc.modules_to_save) or None, bias="none")
+    config = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules),
+        modules_to_save=list(lc.modules_to_save) or None,
+        bias="none",
+    )
     return get_peft_model(model, config)
 
 
@@ -125,7 +151,9 @@ def unwrap_for_saving(model, adapter_dir: Path | None = None):
 
 
 FEATURE_SOURCES = {
-    "image": ("image_tokenizer", "data.image_tokenizer"), "audio": ("audio_tokenizer", "data.audio_tokenizer")}
+    "image": ("image_tokenizer", "data.image_tokenizer"),
+    "audio": ("audio_tokenizer", "data.audio_tokenizer"),
+}
 
 
 def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch.Tensor | None:
@@ -141,20 +169,28 @@ def continuous_input_table(cfg: TrainConfig, data: dict, modality: str) -> torch
     if not dim:
         return None
     if cfg.model.input_placement != "codes":
-        raise MMGenError(f"model.{modality}_feature_dim with input_placement={cfg.model.input_placement}: code shards "
-                         "carry codes, whose vectors stand in for features only at the code positions; "
-                         "set model.input_placement=codes")
+        raise MMGenError(
+            f"model.{modality}_feature_dim with input_placement={cfg.model.input_placement}: code shards "
+            "carry codes, whose vectors stand in for features only at the code positions; "
+            "set model.input_placement=codes"
+        )
     key, option = FEATURE_SOURCES[modality]
     range_name = feature_range(modality, cfg.model.image_input_range)
     table = code_vectors(data[key], range_name) if data.get(key) is not None else None
     if table is None:
-        raise MMGenError(f"model.{modality}_feature_dim needs {option} with a codebook to turn codes into continuous "
-                         f"input; set {option}=DIR or model.{modality}_feature_dim=null")
+        raise MMGenError(
+            f"model.{modality}_feature_dim needs {option} with a codebook to turn codes into continuous "
+            f"input; set {option}=DIR or model.{modality}_feature_dim=null"
+        )
     if table.shape[1] != dim:
-        raise MMGenError(f"model.{modality}_feature_dim={dim} but the {modality} tokenizer's code vectors are "
-                         f"{table.shape[1]}-dimensional; set model.{modality}_feature_dim={table.shape[1]}")
+        raise MMGenError(
+            f"model.{modality}_feature_dim={dim} but the {modality} tokenizer's code vectors are "
+            f"{table.shape[1]}-dimensional; set model.{modality}_feature_dim={table.shape[1]}"
+        )
     a, b = data["vocab"].code_range(range_name)
     if table.shape[0] != b - a:
-        raise MMGenError(f"{option} has {table.shape[0]} {range_name} codes but the vocab's {range_name} range has "
-                         f"{b - a}; use the tokenizer that made the code shards")
+        raise MMGenError(
+            f"{option} has {table.shape[0]} {range_name} codes but the vocab's {range_name} range has "
+            f"{b - a}; use the tokenizer that made the code shards"
+        )
     return table

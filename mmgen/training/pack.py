@@ -51,8 +51,14 @@ def pack_shard(settings: dict, index: int, path: str, out_dir: str) -> dict:
     tok, vocab = _packer(out_dir)
     # the records' only reference goes to pack_records, which frees them before packing
     rows, seq_stats, pack_stats, grids = pack_records(list(training_records(path, settings)), tok, vocab, settings)
-    entry = {"input": path, "settings": settings, "name": shard_name(index), "rows": 0,
-             "sequences": seq_stats.to_dict(), "image_grids": {f"{h}x{w}": n for (h, w), n in sorted(grids.items())}}
+    entry = {
+        "input": path,
+        "settings": settings,
+        "name": shard_name(index),
+        "rows": 0,
+        "sequences": seq_stats.to_dict(),
+        "image_grids": {f"{h}x{w}": n for (h, w), n in sorted(grids.items())},
+    }
     out = Path(out_dir)
     if rows is not None:
         entry["rows"], entry["packing"] = pack_stats.rows, pack_stats.to_dict()
@@ -70,12 +76,21 @@ def _totals(entries: list[dict], seq_len: int) -> dict:
         skipped.update(e["sequences"].get("skipped_items", {}))
         grids.update(e["image_grids"])
     packing = PackStats.total([e["packing"] for e in entries if "packing" in e], seq_len).to_dict()
-    return {"packing": packing, "sequences": {**dict(seqs), "skipped_items": dict(skipped)},
-            "image_grids": dict(grids.most_common())}
+    return {
+        "packing": packing,
+        "sequences": {**dict(seqs), "skipped_items": dict(skipped)},
+        "image_grids": dict(grids.most_common()),
+    }
 
 
-def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | Path, executor: str = "local",
-         workers: int = 1, progress: bool = True) -> dict:
+def pack(
+    config: str | Path | None,
+    overrides: list[str] | None,
+    out_dir: str | Path,
+    executor: str = "local",
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
     """Write packed shards for the training run ``config`` + ``overrides`` describes; returns the index."""
 
     from mmgen.training.data import check_saved_vocab, media_tokenizers_and_vocab, sequence_settings, text_tokenizer_for
@@ -94,14 +109,34 @@ def pack(config: str | Path | None, overrides: list[str] | None, out_dir: str | 
     vocab.save(out / "vocab.json")
     settings = sequence_settings(cfg)
 
-    ordered, _ = map_resumable(executor, workers, pack_shard, [(settings, i, p, str(out)) for i, p in enumerate(paths)],
-                            [marker_path(out, i) for i in range(len(paths))],
-                            lambda i, e: e["settings"] == settings and e["input"] == paths[i], "pack", progress)
+    ordered, _ = map_resumable(
+        executor,
+        workers,
+        pack_shard,
+        [(settings, i, p, str(out)) for i, p in enumerate(paths)],
+        [marker_path(out, i) for i in range(len(paths))],
+        lambda i, e: e["settings"] == settings and e["input"] == paths[i],
+        "pack",
+        progress,
+    )
     totals = _totals(ordered, cfg.data.seq_len)
     if not totals["packing"]["rows"]:
         raise MMGenError(f"no trainable documents in {cfg.data.code_shards} ({totals['sequences']})")
-    index = {"settings": settings, "code_shards": paths, "totals": totals,
-             "shards": [{"name": e["name"], "rows": e["rows"], "input": e["input"], "packing": e["packing"],
-                         "sequences": e["sequences"]} for e in ordered if e["rows"]]}
+    index = {
+        "settings": settings,
+        "code_shards": paths,
+        "totals": totals,
+        "shards": [
+            {
+                "name": e["name"],
+                "rows": e["rows"],
+                "input": e["input"],
+                "packing": e["packing"],
+                "sequences": e["sequences"],
+            }
+            for e in ordered
+            if e["rows"]
+        ],
+    }
     (out / INDEX).write_text(json.dumps(index, indent=1))
     return index

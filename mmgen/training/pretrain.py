@@ -22,8 +22,13 @@ PRETRAIN_SH = REPO_ROOT / "training" / "pretrain.sh"
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
 
 
-def launch_pretrain(config_path: str | Path, overrides: list[str] | None = None, num_gpus: int = 1,
-                    hostfile: str | None = None, quiet: bool = False) -> Path:
+def launch_pretrain(
+    config_path: str | Path,
+    overrides: list[str] | None = None,
+    num_gpus: int = 1,
+    hostfile: str | None = None,
+    quiet: bool = False,
+) -> Path:
     """Run ``training/pretrain.sh`` (the ``deepspeed`` launcher) in a subprocess; returns the bundle path.
 
     ``num_gpus`` is ranks per node (CPU processes when no GPU is visible); ``hostfile`` a DeepSpeed
@@ -40,8 +45,10 @@ def launch_pretrain(config_path: str | Path, overrides: list[str] | None = None,
     proc = subprocess.run(["bash", str(PRETRAIN_SH), str(path), *overrides], env=env, text=True, **kw)
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
-        raise MMGenError(f"pretraining failed (exit {proc.returncode}){': ' + tail[0] if tail else ''}; "
-                         "see the log above, or run with --launcher none to debug in one process")
+        raise MMGenError(
+            f"pretraining failed (exit {proc.returncode}){': ' + tail[0] if tail else ''}; "
+            "see the log above, or run with --launcher none to debug in one process"
+        )
     final = Path(cfg.out_dir) / "final"
     if not (final / "config.json").is_file():
         raise MMGenError(f"pretraining finished but wrote no bundle at {final}")

@@ -28,9 +28,13 @@ def bitsandbytes_config(cfg: TrainConfig):
     keep = [*QLORA_KEEP, *lc.modules_to_save]
     if lc.quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lc.bnb_4bit_quant_type,
-                              bnb_4bit_use_double_quant=lc.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, lc.compute_dtype), llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=lc.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=lc.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, lc.compute_dtype),
+        llm_int8_skip_modules=keep,
+    )
 
 
 def qlora_device() -> str:
@@ -49,25 +53,38 @@ def check_bitsandbytes(cfg: TrainConfig, device: str) -> None:
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise MMGenError(f"lora.quantize={lc.quantize} needs bitsandbytes ({e}); "
-                         "pip install 'bitsandbytes>=0.50', or set lora.quantize=none for plain LoRA") from None
+        raise MMGenError(
+            f"lora.quantize={lc.quantize} needs bitsandbytes ({e}); "
+            "pip install 'bitsandbytes>=0.50', or set lora.quantize=none for plain LoRA"
+        ) from None
     try:
         dense = torch.nn.Linear(64, 64)
         if lc.quantize == "8bit":
             layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
             layer.load_state_dict(dense.state_dict())
         else:
-            layer = bnb.nn.Linear4bit(64, 64, compute_dtype=getattr(torch, lc.compute_dtype),
-                                      compress_statistics=lc.double_quant, quant_type=lc.bnb_4bit_quant_type)
-            layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type=lc.bnb_4bit_quant_type,
-                                             compress_statistics=lc.double_quant)
+            layer = bnb.nn.Linear4bit(
+                64,
+                64,
+                compute_dtype=getattr(torch, lc.compute_dtype),
+                compress_statistics=lc.double_quant,
+                quant_type=lc.bnb_4bit_quant_type,
+            )
+            layer.weight = bnb.nn.Params4bit(
+                dense.weight.data,
+                requires_grad=False,
+                quant_type=lc.bnb_4bit_quant_type,
+                compress_statistics=lc.double_quant,
+            )
             layer.bias = dense.bias
         x = torch.randn(2, 64, device=device, requires_grad=True)
         layer.to(device)(x).float().sum().backward()
     except Exception as e:  # noqa: BLE001 -- any backend failure, reported in one line with its cause
         why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise MMGenError(f"bitsandbytes {bnb.__version__} cannot run lora.quantize={lc.quantize} on {device}: "
-                         f"{type(e).__name__}: {why}; upgrade bitsandbytes or set lora.quantize=none") from None
+        raise MMGenError(
+            f"bitsandbytes {bnb.__version__} cannot run lora.quantize={lc.quantize} on {device}: "
+            f"{type(e).__name__}: {why}; upgrade bitsandbytes or set lora.quantize=none"
+        ) from None
 
 
 def load_quantized(source: str | Path, cfg: TrainConfig):
@@ -77,11 +94,14 @@ def load_quantized(source: str | Path, cfg: TrainConfig):
 
     device = qlora_device()
     check_bitsandbytes(cfg, device)
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bitsandbytes_config(cfg),
-                                                 device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=bitsandbytes_config(cfg), device_map={"": device}
+    )
     if not is_quantized(model):
-        raise MMGenError(f"lora.quantize={cfg.lora.quantize}: no Linear layer of {source} was quantized "
-                         "(the decoder has none outside the kept heads and projectors)")
+        raise MMGenError(
+            f"lora.quantize={cfg.lora.quantize}: no Linear layer of {source} was quantized "
+            "(the decoder has none outside the kept heads and projectors)"
+        )
     keep_4bit_layout(model)
     return model
 
@@ -111,8 +131,16 @@ def quantize_for_qlora(model, cfg: TrainConfig):
 
 
 # What bitsandbytes layers add to state_dict beside the weight (4-bit quant state, 8-bit row scales).
-_QUANT_STATE_KEYS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
-                     ".quant_state.bitsandbytes__fp4", ".SCB", ".weight_format")
+_QUANT_STATE_KEYS = (
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+    ".quant_state.bitsandbytes__fp4",
+    ".SCB",
+    ".weight_format",
+)
 
 
 def load_quantized_module(src: dict, dst) -> None:
@@ -124,8 +152,10 @@ def load_quantized_module(src: dict, dst) -> None:
     result = dst.load_state_dict(src, strict=False)
     extra = [k for k in result.unexpected_keys if not k.endswith(_QUANT_STATE_KEYS)]
     if result.missing_keys or extra:
-        raise MMGenError(f"the checkpoint does not match this QLoRA model (missing {result.missing_keys[:3]}, "
-                         f"unexpected {extra[:3]}); resume with the same lora.* settings or set resume=false")
+        raise MMGenError(
+            f"the checkpoint does not match this QLoRA model (missing {result.missing_keys[:3]}, "
+            f"unexpected {extra[:3]}); resume with the same lora.* settings or set resume=false"
+        )
 
 
 def parameter_bytes(model) -> int:
@@ -136,8 +166,9 @@ def parameter_bytes(model) -> int:
         n += t.numel() * t.element_size()
         state = getattr(t, "quant_state", None)
         if state is not None:
-            n += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
-                     if isinstance(v, torch.Tensor))
+            n += sum(
+                v.numel() * v.element_size() for v in state.as_dict(packed=True).values() if isinstance(v, torch.Tensor)
+            )
         scb = getattr(t, "SCB", None)
         if isinstance(scb, torch.Tensor):
             n += scb.numel() * scb.element_size()

@@ -79,8 +79,16 @@ def make_examples(n: int, seed: int = 0, size: int = 64) -> list[tuple]:
     return out
 
 
-def train_quality(out: str | Path, examples: int = 8000, epochs: int = 30, seed: int = 0, image_size: int = 32,
-                  batch_size: int = 64, lr: float = 3e-3, val_examples: int = 400) -> dict:
+def train_quality(
+    out: str | Path,
+    examples: int = 8000,
+    epochs: int = 30,
+    seed: int = 0,
+    image_size: int = 32,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    val_examples: int = 400,
+) -> dict:
     """Train the scorer on ``examples`` generated pairs; save it to ``out``; return validation
     accuracy, per-level mean score and the path."""
     if examples < N_LEVELS * 4 or epochs < 1:
@@ -98,7 +106,7 @@ def train_quality(out: str | Path, examples: int = 8000, epochs: int = 30, seed:
     for _ in range(epochs):
         perm = torch.randperm(len(train), generator=order)
         for s in range(0, len(train), batch_size):
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             loss = F.cross_entropy(model(*_select(inputs, idx)), labels[idx])
             opt.zero_grad()
             loss.backward()
@@ -109,9 +117,19 @@ def train_quality(out: str | Path, examples: int = 8000, epochs: int = 30, seed:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps({"config": dataclasses.asdict(cfg), "levels": N_LEVELS,
-                                               "train_examples": examples, "epochs": epochs, "seed": seed,
-                                               "val": metrics}, indent=1))
+    (out / CONFIG_FILE).write_text(
+        json.dumps(
+            {
+                "config": dataclasses.asdict(cfg),
+                "levels": N_LEVELS,
+                "train_examples": examples,
+                "epochs": epochs,
+                "seed": seed,
+                "val": metrics,
+            },
+            indent=1,
+        )
+    )
     return {**metrics, "path": str(out)}
 
 
@@ -126,5 +144,7 @@ def evaluate(model, examples) -> dict:
     pred = logits.argmax(-1).numpy()
     levels = np.array([x[2] for x in examples])
     scores = np.array(score_pairs(model, [x[0] for x in examples], [x[1] for x in examples]))
-    return {"accuracy": round(float((pred == levels).mean()), 4),
-            "mean_score_by_level": {int(k): round(float(scores[levels == k].mean()), 4) for k in range(N_LEVELS)}}
+    return {
+        "accuracy": round(float((pred == levels).mean()), 4),
+        "mean_score_by_level": {int(k): round(float(scores[levels == k].mean()), 4) for k in range(N_LEVELS)},
+    }

@@ -32,9 +32,11 @@ from mmgen.errors import MMGenError
 def stream_shards(n_shards: int, streams: int, seed: int) -> list[list[int]]:
     """Shard indices of each stream: a seeded permutation dealt out round-robin."""
     if n_shards < streams:
-        raise MMGenError(f"{n_shards} packed shard(s) for {streams} data streams (one per rank unless data.streams "
-                         "says): every stream needs a shard of its own: tokenize into more, smaller code shards "
-                         "(mmgen pack writes one packed shard per code shard) or use fewer ranks")
+        raise MMGenError(
+            f"{n_shards} packed shard(s) for {streams} data streams (one per rank unless data.streams "
+            "says): every stream needs a shard of its own: tokenize into more, smaller code shards "
+            "(mmgen pack writes one packed shard per code shard) or use fewer ranks"
+        )
     perm = np.random.default_rng([seed, 7]).permutation(n_shards)
     return [sorted(int(i) for i in perm[s::streams]) for s in range(streams)]
 
@@ -125,20 +127,33 @@ class PackedRowStream:
 class StreamBatches:
     """The micro-batches of one rank from its data streams (see the module docstring)."""
 
-    def __init__(self, index: dict, micro_batch: int, rank: int, world: int, seed: int, buffer: int,
-                 streams: int | None = None, positions: dict | None = None):
+    def __init__(
+        self,
+        index: dict,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        buffer: int,
+        streams: int | None = None,
+        positions: dict | None = None,
+    ):
         self.n_streams = streams or world
         self.mine = rank_streams(self.n_streams, rank, world)
         per_rank = len(self.mine)
         if micro_batch % per_rank:
-            raise MMGenError(f"micro_batch={micro_batch} must be a multiple of the {per_rank} data streams each rank "
-                             f"reads (data.streams={self.n_streams} over {world} ranks)")
+            raise MMGenError(
+                f"micro_batch={micro_batch} must be a multiple of the {per_rank} data streams each rank "
+                f"reads (data.streams={self.n_streams} over {world} ranks)"
+            )
         self.per_stream = micro_batch // per_rank
         shards = [(s["path"], int(s["rows"])) for s in index["shards"]]
         owned = stream_shards(len(shards), self.n_streams, seed)
         positions = positions or {}
-        self.streams = {s: PackedRowStream([shards[k] for k in owned[s]], seed, s, buffer,
-                                           start=int(positions.get(str(s), 0))) for s in self.mine}
+        self.streams = {
+            s: PackedRowStream([shards[k] for k in owned[s]], seed, s, buffer, start=int(positions.get(str(s), 0)))
+            for s in self.mine
+        }
 
     def shard_paths(self) -> set[str]:
         return {p for st in self.streams.values() for p, _ in st.shards}

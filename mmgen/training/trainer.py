@@ -90,8 +90,9 @@ def run_training(cfg: TrainConfig) -> Path:
     for modality, table in tables.items():  # the model keeps them: inference then reads the same input
         getattr(model, "get_base_model", lambda: model)().set_code_vectors(modality, table)
     optimizer, scheduler = build_optimizer(model, cfg)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(cfg))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
 
     start, train_s0, data_state = 0, 0.0, None
     if cfg.resume and (ckpt_dir / "latest").is_file():
@@ -104,8 +105,11 @@ def run_training(cfg: TrainConfig) -> Path:
         set_rng_state(client.get("rng", {}).get(str(rank)))
         data_state = client.get("data")
 
-    batches = (MemoryBatches(data["rows"], cfg, rank, world) if data["rows"] is not None
-               else StreamedBatches(data["index"], cfg, rank, world, data_state))
+    batches = (
+        MemoryBatches(data["rows"], cfg, rank, world)
+        if data["rows"] is not None
+        else StreamedBatches(data["index"], cfg, rank, world, data_state)
+    )
     dtype = model_dtype(engine.module)
     # Flash-attention kernels take packed rows as variable-length sequences found from the restarting
     # position ids (no mask); every other kernel gets the block-diagonal 4-D mask.
@@ -139,13 +143,23 @@ def run_training(cfg: TrainConfig) -> Path:
         for batch in step_batches:
             mask = {"attention_mask": batch["attention_mask"].to(engine.device)} if "attention_mask" in batch else {}
             with autocast(cfg.precision, engine.device):
-                out = engine(input_ids=batch["input_ids"].to(engine.device),
-                             position_ids=batch["position_ids"].to(engine.device), use_cache=False, **mask)
+                out = engine(
+                    input_ids=batch["input_ids"].to(engine.device),
+                    position_ids=batch["position_ids"].to(engine.device),
+                    use_cache=False,
+                    **mask,
+                )
             # DeepSpeed averages gradients over ranks and divides the loss by grad_accum: scale back so
             # the step's gradient is that of the token mean over the whole global batch. The loss is
             # taken in float32 whatever the forward computed in.
-            loss, stats = lm_loss(out.logits.float(), batch["labels"].to(engine.device), vocab, weights,
-                                  denom / (world * cfg.grad_accum), z_loss=cfg.loss.z_loss)
+            loss, stats = lm_loss(
+                out.logits.float(),
+                batch["labels"].to(engine.device),
+                vocab,
+                weights,
+                denom / (world * cfg.grad_accum),
+                z_loss=cfg.loss.z_loss,
+            )
             engine.backward(loss)
             engine.step()
             window.add(loss.item() / (world * cfg.grad_accum), stats, int((batch["segment_ids"] >= 0).sum()))
@@ -168,9 +182,16 @@ def run_training(cfg: TrainConfig) -> Path:
             bar.update(1)
         if done % cfg.save_every == 0 or done == cfg.steps:
             rng_all = gather(rng_state(), world)
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step_{done}",
-                                   client_state={"step": done, "rng": {str(r): s for r, s in enumerate(rng_all)},
-                                                 "train_s": train_seconds(), "data": batches.state()})
+            engine.save_checkpoint(
+                str(ckpt_dir),
+                tag=f"step_{done}",
+                client_state={
+                    "step": done,
+                    "rng": {str(r): s for r, s in enumerate(rng_all)},
+                    "train_s": train_seconds(),
+                    "data": batches.state(),
+                },
+            )
             if rank == 0:
                 prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.steps:
@@ -185,17 +206,29 @@ def run_training(cfg: TrainConfig) -> Path:
     run_s = time.perf_counter() - t_run - snap_s
     source_summary = batches.summary()
     rss = gather(peak_rss_mib(), world)
-    summary = {"stage": cfg.stage, "steps": cfg.steps, "resumed_from": start, "final_loss": last.get("loss"),
-               "train_seconds": train_seconds(),
-               "tokens_per_s": run_tokens / run_s if run_tokens else None, "world_size": world,
-               "first_step_s": first_step_s, "peak_rss_mib_per_rank": rss, "data_source": cfg.data.source,
-               "precision": resolved_precision(cfg.precision, engine.device),
-               "parameters": count_parameters(engine.module),
-               "trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
-               "parameter_bytes": parameter_bytes(engine.module),
-               "vocab_size": vocab.size,
-               "data": {"sequences": data["seq_stats"], "packing": data["pack_stats"],
-                        "image_grids": data["image_grids"], **source_summary}}
+    summary = {
+        "stage": cfg.stage,
+        "steps": cfg.steps,
+        "resumed_from": start,
+        "final_loss": last.get("loss"),
+        "train_seconds": train_seconds(),
+        "tokens_per_s": run_tokens / run_s if run_tokens else None,
+        "world_size": world,
+        "first_step_s": first_step_s,
+        "peak_rss_mib_per_rank": rss,
+        "data_source": cfg.data.source,
+        "precision": resolved_precision(cfg.precision, engine.device),
+        "parameters": count_parameters(engine.module),
+        "trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
+        "parameter_bytes": parameter_bytes(engine.module),
+        "vocab_size": vocab.size,
+        "data": {
+            "sequences": data["seq_stats"],
+            "packing": data["pack_stats"],
+            "image_grids": data["image_grids"],
+            **source_summary,
+        },
+    }
     final = out_dir / "final"
     save_run_bundle(engine, data, cfg, summary, final, out_dir / "lora_adapter", rank)
     if rank == 0:

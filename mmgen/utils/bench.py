@@ -52,8 +52,10 @@ def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS_MD, 
     is what reproduces the numbers (default: this process's command line; a script that rewrites its
     section from saved results passes the command of the run that measured them)."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = (f"{start}\n## {title}\n\nCommand: `{command or command_line()}`  \nMachine: {machine_line()}\n\n"
-             f"{body.strip()}\n{end}")
+    block = (
+        f"{start}\n## {title}\n\nCommand: `{command or command_line()}`  \nMachine: {machine_line()}\n\n"
+        f"{body.strip()}\n{end}"
+    )
     text = path.read_text() if path.is_file() else _HEADER
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

@@ -40,8 +40,11 @@ def save_checkpoint(ckpt_dir: Path, model, opt, step: int, keep: int, extra_opts
 
 def _optimizer_tensors(opt) -> tuple[dict, list]:
     osd = opt.state_dict()
-    tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
-               for i, st in osd["state"].items() for k, v in st.items()}
+    tensors = {
+        f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+        for i, st in osd["state"].items()
+        for k, v in st.items()
+    }
     return tensors, osd["param_groups"]
 
 
@@ -80,8 +83,9 @@ def resume_or_start(out_dir: str | Path, resume: bool, model, opt, extra_opts: d
         return 0
     start = load_checkpoint(ckpt, model, opt, extra_opts)
     if metrics_path.exists():
-        kept = [ln for ln in metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        kept = [
+            ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start
+        ]
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
     return start
 

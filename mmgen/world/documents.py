@@ -38,8 +38,17 @@ SPLIT_WEIGHTS = {"train": 0.85, "val": 0.05, "heldout": 0.10}
 # more pairs per picture buy understanding examples at a fraction of the tokens.
 QA_PAIRS = (4, 8)
 DEFECT_TYPES = (
-    "mismatched_caption", "duplicate_image", "near_duplicate_image", "duplicate_doc", "near_duplicate_doc",
-    "corrupt_image", "tiny_image", "extreme_aspect", "gibberish_text", "ngram_spam", "non_english",
+    "mismatched_caption",
+    "duplicate_image",
+    "near_duplicate_image",
+    "duplicate_doc",
+    "near_duplicate_doc",
+    "corrupt_image",
+    "tiny_image",
+    "extreme_aspect",
+    "gibberish_text",
+    "ngram_spam",
+    "non_english",
     "empty_item",
 )
 _NEEDS_SOURCE = {"duplicate_image", "near_duplicate_image", "duplicate_doc", "near_duplicate_doc"}
@@ -81,8 +90,14 @@ def _ordered(rng: random.Random, media, text: Text) -> tuple[list, str]:
     return ([media, text], "media_first") if rng.random() < 0.5 else ([text, media], "text_first")
 
 
-def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tuple[int, int] = 64,
-             speaker=None, unique: UniqueScenes | None = None) -> Doc:
+def make_doc(
+    kind: str,
+    rng: random.Random,
+    split: str = "train",
+    size: int | tuple[int, int] = 64,
+    speaker=None,
+    unique: UniqueScenes | None = None,
+) -> Doc:
     """One clean ShapesWorld document of ``kind`` whose scenes belong to ``split``. ``speaker``
     (text -> wav bytes, or a Future of them) replaces espeak-ng for speech docs; ``unique`` keeps its
     pictures new across a world."""
@@ -99,16 +114,19 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
             items += [Text(q, {"role": "question", "qa_type": qtype}), Text(a, {"role": "answer"})]
     elif kind == "buildup":
         scene = unique.draw(lambda: random_scene(rng, split, n_objects=rng.randint(1, 2)))
-        first = (f"Start with {join_phrases([object_phrase(o) for o in scene.objects])}, "
-                 f"on a {scene.background} background.")
+        first = (
+            f"Start with {join_phrases([object_phrase(o) for o in scene.objects])}, on a {scene.background} background."
+        )
         items = [Text(first, {"step": 0}), _image_item(scene, size, step=0)]
         # later steps must not bring a held-out pair into a train/val document
         allowed = pairs_allowed(split)
         for k in range(1, rng.randint(3, 5)):
-            scene, text, edit = unique.draw(lambda prev=scene: random_edit(prev, rng, allowed),
-                                            key=lambda r: r[0].key())
+            scene, text, edit = unique.draw(
+                lambda prev=scene: random_edit(prev, rng, allowed), key=lambda r: r[0].key()
+            )
             items += [Text(text, {"step": k, "edit": edit}), _image_item(scene, size, step=k)]
     elif kind == "video":
+
         def motion():
             for _ in range(1000):
                 m = make_motion(rng, split)
@@ -119,17 +137,28 @@ def make_doc(kind: str, rng: random.Random, split: str = "train", size: int | tu
         # a clip is its start and end scene: a repeat would be an unlabelled duplicate document
         start, end, facts, text = unique.draw(motion, key=lambda m: f"video {m[0].key()} {m[1].key()}")
         n = rng.randint(8, 16)
-        video = Video(data=encode_mp4(render_motion(start, end, n, *size), VIDEO_FPS), format="mp4",
-                      meta={"fps": VIDEO_FPS, "frames": n, "width": size[0] - size[0] % 2,
-                            "height": size[1] - size[1] % 2, "duration": n / VIDEO_FPS,
-                            "scene_start": start.to_dict(), "scene_end": end.to_dict(), **facts})
+        video = Video(
+            data=encode_mp4(render_motion(start, end, n, *size), VIDEO_FPS),
+            format="mp4",
+            meta={
+                "fps": VIDEO_FPS,
+                "frames": n,
+                "width": size[0] - size[0] % 2,
+                "height": size[1] - size[1] % 2,
+                "duration": n / VIDEO_FPS,
+                "scene_start": start.to_dict(),
+                "scene_end": end.to_dict(),
+                **facts,
+            },
+        )
         items, meta["order"] = _ordered(rng, video, Text(text))
     elif kind == "speech":
         scene = unique.draw(lambda: random_scene(rng, split))
         text = caption(scene, rng)
         wav = (speaker or speak)(text)
         audio = Audio(
-            data=wav if isinstance(wav, bytes) else b"", format="wav", meta={"transcript": text, "voice": "en"})
+            data=wav if isinstance(wav, bytes) else b"", format="wav", meta={"transcript": text, "voice": "en"}
+        )
         if not isinstance(wav, bytes):
             audio._pending = wav  # filled in by generate_world before the doc leaves it
         items = [_image_item(scene, size), audio, Text(text, {"role": "transcript"})]
@@ -209,8 +238,9 @@ def _corrupt(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return data[:16] + rng.randbytes(max(32, len(data) - 16)), "garbage after a valid header"
 
 
-def make_defective(dtype: str, rng: random.Random, split: str, size, sources: list[Doc],
-                   unique: UniqueScenes | None = None) -> tuple[Doc, dict]:
+def make_defective(
+    dtype: str, rng: random.Random, split: str, size, sources: list[Doc], unique: UniqueScenes | None = None
+) -> tuple[Doc, dict]:
     """A document with exactly one defect of type ``dtype`` and its label ``{"type", "reason", ...}``."""
     label: dict = {"type": dtype}
     unique = unique or UniqueScenes(tries=1)
@@ -244,7 +274,8 @@ def make_defective(dtype: str, rng: random.Random, split: str, size, sources: li
             label["reason"] = f"exact copy of doc {src.id}"
         else:
             i = max(
-                range(len(doc.items)), key=lambda j: len(doc.items[j].text) if isinstance(doc.items[j], Text) else -1)
+                range(len(doc.items)), key=lambda j: len(doc.items[j].text) if isinstance(doc.items[j], Text) else -1
+            )
             before = doc.items[i].text
             after = small_text_edit(before, rng)
             # An edit inside a fact word ("red" -> "rd") makes the text describe another picture, a
@@ -316,7 +347,8 @@ def parse_mix(mix: str | dict | None) -> dict[str, float]:
                 out[k.strip()] = float(v)
             except ValueError:
                 raise MMGenError(
-                    f"bad --mix weight {v!r} for {k.strip()}: use a number, e.g. {k.strip()}=0.5") from None
+                    f"bad --mix weight {v!r} for {k.strip()}: use a number, e.g. {k.strip()}=0.5"
+                ) from None
         mix = out
     for k, v in mix.items():
         if k not in DOC_KINDS:
@@ -335,8 +367,13 @@ def _pick(rng: random.Random, weights: dict[str, float]) -> str:
     return rng.choices(list(weights), weights=list(weights.values()))[0]
 
 
-def generate_world(n_docs: int, seed: int = 0, defect_rate: float = 0.0, mix: str | dict | None = None,
-                   size: int | tuple[int, int] = 64) -> Iterator[tuple[Doc, dict]]:
+def generate_world(
+    n_docs: int,
+    seed: int = 0,
+    defect_rate: float = 0.0,
+    mix: str | dict | None = None,
+    size: int | tuple[int, int] = 64,
+) -> Iterator[tuple[Doc, dict]]:
     """``n_docs`` (doc, label) pairs, deterministic in ``seed``. A ``defect_rate`` share of docs
     carry one labeled defect; defect types are drawn in shuffled rounds so every type appears once
     per ``len(DEFECT_TYPES)`` defective docs. Labels: ``{"id", "split", "kind", "defects"}``."""
@@ -405,9 +442,16 @@ def _draw_docs(n_docs, seed, defect_rate, weights, size, rng, sources, cycle, sp
         yield doc, {"id": doc.id, "split": doc.meta["split"], "kind": doc.meta["kind"], "defects": defects}
 
 
-def write_world(out_dir: str | Path, n_docs: int = 1000, seed: int = 0, defect_rate: float = 0.0,
-                shard_size: int = 1000, mix: str | dict | None = None, size: int = 64,
-                progress: bool = True) -> dict:
+def write_world(
+    out_dir: str | Path,
+    n_docs: int = 1000,
+    seed: int = 0,
+    defect_rate: float = 0.0,
+    shard_size: int = 1000,
+    mix: str | dict | None = None,
+    size: int = 64,
+    progress: bool = True,
+) -> dict:
     """Write ``n_docs`` ShapesWorld docs as WebDataset shards ``world-NNNNNN.tar`` plus
     ``labels.jsonl`` (one row per doc, in shard order) into ``out_dir``; returns a summary."""
     import time
@@ -424,9 +468,11 @@ def write_world(out_dir: str | Path, n_docs: int = 1000, seed: int = 0, defect_r
     mix = parse_mix(mix)  # fail on a bad mix before any file is created
     t0 = time.perf_counter()
     kinds, splits, defects = Counter(), Counter(), Counter()
-    with ShardWriter(out, prefix="world", max_docs=shard_size, mtime=0) as writer, \
-            open(out / "labels.jsonl", "w", encoding="utf-8") as labels, \
-            tqdm(total=n_docs, desc="world", unit="doc", disable=not progress) as bar:
+    with (
+        ShardWriter(out, prefix="world", max_docs=shard_size, mtime=0) as writer,
+        open(out / "labels.jsonl", "w", encoding="utf-8") as labels,
+        tqdm(total=n_docs, desc="world", unit="doc", disable=not progress) as bar,
+    ):
         for doc, label in generate_world(n_docs, seed, defect_rate, mix, size):
             writer.write(doc)
             labels.write(json.dumps(label, ensure_ascii=False) + "\n")
@@ -437,8 +483,16 @@ def write_world(out_dir: str | Path, n_docs: int = 1000, seed: int = 0, defect_r
             bar.update(1)
         shards = writer.shards
     seconds = time.perf_counter() - t0
-    return {"out": str(out), "docs": n_docs, "shards": shards, "labels": str(out / "labels.jsonl"),
-            "kinds": dict(kinds), "splits": dict(splits), "defects": dict(defects),
-            "clean": n_docs - sum(defects.values()), "seconds": round(seconds, 2),
-            "docs_per_second": round(n_docs / seconds, 1) if seconds > 0 else None,
-            "heldout_pairs": sorted(map(list, HELDOUT_PAIRS))}
+    return {
+        "out": str(out),
+        "docs": n_docs,
+        "shards": shards,
+        "labels": str(out / "labels.jsonl"),
+        "kinds": dict(kinds),
+        "splits": dict(splits),
+        "defects": dict(defects),
+        "clean": n_docs - sum(defects.values()),
+        "seconds": round(seconds, 2),
+        "docs_per_second": round(n_docs / seconds, 1) if seconds > 0 else None,
+        "heldout_pairs": sorted(map(list, HELDOUT_PAIRS)),
+    }

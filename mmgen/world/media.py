@@ -39,8 +39,10 @@ def video_codec() -> str:
             return name
         except Exception:  # noqa: BLE001 - PyAV raises codec-specific errors for missing encoders
             continue
-    raise MMGenError(f"no video encoder among {', '.join(VIDEO_CODECS)} in this PyAV build: "
-                     f"install a PyAV wheel with FFmpeg encoders (pip install av)")
+    raise MMGenError(
+        f"no video encoder among {', '.join(VIDEO_CODECS)} in this PyAV build: "
+        f"install a PyAV wheel with FFmpeg encoders (pip install av)"
+    )
 
 
 def encode_mp4(frames: list, fps: int = VIDEO_FPS) -> bytes:
@@ -115,8 +117,9 @@ def speak(text: str, voice: str = "en", speed: int = 170) -> bytes:
     if exe is None:
         raise MMGenError("espeak-ng not found: install it (apt-get install espeak-ng)")
     try:
-        out = subprocess.run([exe, "-v", voice, "-s", str(speed), "--stdout", text],
-                             capture_output=True, check=True, timeout=60)
+        out = subprocess.run(
+            [exe, "-v", voice, "-s", str(speed), "--stdout", text], capture_output=True, check=True, timeout=60
+        )
     except subprocess.CalledProcessError as e:
         raise MMGenError(f"espeak-ng failed on {text[:40]!r}: {e.stderr.decode(errors='replace').strip()}") from None
     return out.stdout

@@ -73,8 +73,13 @@ class SceneCaptionMatch(ImageOp):
             objs = getattr(want, "objects", want)
             bg = getattr(want, "background", None)
             ok = scene_contains(pred, objs, background=bg)
-            out.append(Verdict(None if ok else "caption_mismatch", {"parsed": True, "caption_item": cap[0]},
-                               item=i if self.params.drop == "image" else cap[0]))
+            out.append(
+                Verdict(
+                    None if ok else "caption_mismatch",
+                    {"parsed": True, "caption_item": cap[0]},
+                    item=i if self.params.drop == "image" else cap[0],
+                )
+            )
         return out
 
 

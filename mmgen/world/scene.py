@@ -40,18 +40,29 @@ GRID = 3
 MAX_OBJECTS = 3
 # Cell -> the phrase used in captions ("at the top left", "in the center").
 POSITIONS: dict[tuple[int, int], str] = {
-    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
-    (1, 0): "left", (1, 1): "center", (1, 2): "right",
-    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
+    (0, 0): "top left",
+    (0, 1): "top",
+    (0, 2): "top right",
+    (1, 0): "left",
+    (1, 1): "center",
+    (1, 2): "right",
+    (2, 0): "bottom left",
+    (2, 1): "bottom",
+    (2, 2): "bottom right",
 }
 POSITION_PREPOSITION: dict[str, str] = {"center": "in", "left": "on", "right": "on"}  # default "at"
 # Arm thickness of the cross as a fraction of its side: thick enough to stay a cross after blur.
 CROSS_ARM = 1 / 3
 
 # Colour-shape pairs that never appear in the train split (compositional generalisation test).
-HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset({
-    ("red", "triangle"), ("blue", "circle"), ("green", "cross"), ("yellow", "square"),
-})
+HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("red", "triangle"),
+        ("blue", "circle"),
+        ("green", "cross"),
+        ("yellow", "square"),
+    }
+)
 SPLITS = ("train", "val", "heldout")
 VAL_FRACTION = 1 / 20  # of scenes without a held-out pair, chosen by a stable hash of the scene
 
@@ -194,8 +205,9 @@ def draw_shape(canvas: np.ndarray, shape: str, rgb, cx: float, cy: float, side: 
     canvas[y0:y1, x0:x1][m] = rgb
 
 
-def render_objects(background: str | tuple, placed: list[tuple], width: int = 64, height: int = 64,
-                   supersample: int = 1):
+def render_objects(
+    background: str | tuple, placed: list[tuple], width: int = 64, height: int = 64, supersample: int = 1
+):
     """Render free-form placements ``(shape, rgb_or_color_name, cx, cy, side)`` (used by videos for
     in-between frames). ``supersample`` > 1 anti-aliases by box-filtering a larger canvas."""
     from PIL import Image
@@ -238,5 +250,6 @@ def render(scene: Scene, width: int = 64, height: int = 64, supersample: int = 1
     (a circle stays round); aliased by default so every pixel is a palette colour."""
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    return render_objects(scene.background, [placement(o, width, height) for o in scene.objects],
-                          width, height, supersample)
+    return render_objects(
+        scene.background, [placement(o, width, height) for o in scene.objects], width, height, supersample
+    )

@@ -40,9 +40,10 @@ def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     foreground thresholds mean the same thing for every palette entry."""
     c = np.asarray(rgb, np.float32) / 255.0
     c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375],
-                  [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]], np.float32)
+    m = np.array(
+        [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
+        np.float32,
+    )
     xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883], np.float32)
     f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
     L = 116 * f[..., 1] - 16
@@ -67,17 +68,17 @@ _BG_LAB = _srgb_to_lab(np.array([BACKGROUNDS[c] for c in _BG_NAMES], np.float32)
 
 @dataclass
 class Thresholds:
-    bg_max_dist: float = 22.0       # border median must be this close (Lab) to a palette background
-    bg_border_frac: float = 0.6     # ... and this share of border pixels must agree with it
-    fg_dist: float = 24.0           # a pixel this far from the background is foreground
-    color_max_err: float = 60.0     # mean RGB distance of blob pixels from the bg-colour mixing line
-    color_margin: float = 10.0      # ... and the runner-up colour's error at least this much larger
-    color_reach: float = 0.7        # the blob's core must reach the full colour (not a darker shade)
-    shape_max_err: float = 0.30     # best hypothesis' squared error, as a fraction of its area
-    shape_margin: float = 0.02      # ... and the runner-up's error at least this much larger
-    center_tol: float = 0.22        # bbox centre within this fraction of a cell from the cell centre
-    min_blob: float = 0.08          # blobs smaller than this fraction of a cell's square area are noise
-    max_stray: float = 0.06         # unexplained foreground, as a fraction of the cell area, tolerated
+    bg_max_dist: float = 22.0  # border median must be this close (Lab) to a palette background
+    bg_border_frac: float = 0.6  # ... and this share of border pixels must agree with it
+    fg_dist: float = 24.0  # a pixel this far from the background is foreground
+    color_max_err: float = 60.0  # mean RGB distance of blob pixels from the bg-colour mixing line
+    color_margin: float = 10.0  # ... and the runner-up colour's error at least this much larger
+    color_reach: float = 0.7  # the blob's core must reach the full colour (not a darker shade)
+    shape_max_err: float = 0.30  # best hypothesis' squared error, as a fraction of its area
+    shape_margin: float = 0.02  # ... and the runner-up's error at least this much larger
+    center_tol: float = 0.22  # bbox centre within this fraction of a cell from the cell centre
+    min_blob: float = 0.08  # blobs smaller than this fraction of a cell's square area are noise
+    max_stray: float = 0.06  # unexplained foreground, as a fraction of the cell area, tolerated
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -90,8 +91,7 @@ class ParseResult:
     objects: list[dict] = field(default_factory=list)  # per-object evidence: confidences, bbox
 
     def to_dict(self) -> dict:
-        return {"scene": self.scene.to_dict() if self.scene else None, "reason": self.reason,
-                "objects": self.objects}
+        return {"scene": self.scene.to_dict() if self.scene else None, "reason": self.reason, "objects": self.objects}
 
 
 def _to_array(img) -> np.ndarray:
@@ -127,7 +127,7 @@ def _hypotheses(h: int, w: int, cx: float, cy: float, cell_side: float):
     from scipy.ndimage import gaussian_filter
 
     k = max(1, min(4, round(48 / cell_side)))  # supersampling: anti-aliased hypotheses
-    ys, xs = np.mgrid[0:h * k, 0:w * k].astype(np.float32)
+    ys, xs = np.mgrid[0 : h * k, 0 : w * k].astype(np.float32)
     ys, xs = (ys[None] + 0.5) / k, (xs[None] + 0.5) / k
     d = np.array([-1.0, 0.0, 1.0], np.float32) * _SHIFT * cell_side
     dx, dy = np.meshgrid(d, d)
@@ -140,8 +140,9 @@ def _hypotheses(h: int, w: int, cx: float, cy: float, cell_side: float):
             names.append((shape, size))
     M = np.stack(masks)
     area = np.maximum(M.sum(axis=(2, 3)), 1.0)
-    levels = [gaussian_filter(M, (0, 0, b * cell_side, b * cell_side), mode="constant") if b else M
-              for b in _BLUR_LEVELS]
+    levels = [
+        gaussian_filter(M, (0, 0, b * cell_side, b * cell_side), mode="constant") if b else M for b in _BLUR_LEVELS
+    ]
     return names, levels, area
 
 
@@ -189,8 +190,14 @@ def parse_scene_report(img, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Pars
 
     # 1. background from the border ring
     ring = max(1, min(H, W) // 64)
-    border = np.concatenate([lab[:ring].reshape(-1, 3), lab[-ring:].reshape(-1, 3),
-                             lab[:, :ring].reshape(-1, 3), lab[:, -ring:].reshape(-1, 3)])
+    border = np.concatenate(
+        [
+            lab[:ring].reshape(-1, 3),
+            lab[-ring:].reshape(-1, 3),
+            lab[:, :ring].reshape(-1, 3),
+            lab[:, -ring:].reshape(-1, 3),
+        ]
+    )
     med = np.median(border, axis=0)
     d_bg = np.linalg.norm(_BG_LAB - med, axis=1)
     bi = int(np.argmin(d_bg))
@@ -230,9 +237,12 @@ def parse_scene_report(img, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Pars
         order = np.argsort(errs)
         c1, c2 = order[0], order[1]
         if errs[c1] > t.color_max_err or errs[c2] - errs[c1] < t.color_margin or reach[c1] < t.color_reach:
-            return ParseResult(None, f"blob colour fits no palette colour confidently "
-                                     f"({_COLOR_NAMES[c1]} err {errs[c1]:.0f} reach {reach[c1]:.2f}, "
-                                     f"then {_COLOR_NAMES[c2]} err {errs[c2]:.0f})")
+            return ParseResult(
+                None,
+                f"blob colour fits no palette colour confidently "
+                f"({_COLOR_NAMES[c1]} err {errs[c1]:.0f} reach {reach[c1]:.2f}, "
+                f"then {_COLOR_NAMES[c2]} err {errs[c2]:.0f})",
+            )
         # silhouette: re-threshold half-way between background and the snapped palette colour,
         # within the blob's cell only
         cid = int(np.bincount(cell_id[sl][comp]).argmax())
@@ -273,16 +283,25 @@ def parse_scene_report(img, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Pars
         fits = _fit_hypotheses(soft, (col + 0.5) * cw - x0, (row + 0.5) * ch - y0, cell_side)
         (e1, shape, size), (e2, shape2, size2) = fits[0], fits[1]
         if e1 > t.shape_max_err or e2 - e1 < t.shape_margin:
-            return ParseResult(None, f"blob fits no shape/size confidently ({size} {shape} err {e1:.2f}, "
-                                     f"{size2} {shape2} err {e2:.2f})")
+            return ParseResult(
+                None,
+                f"blob fits no shape/size confidently ({size} {shape} err {e1:.2f}, {size2} {shape2} err {e2:.2f})",
+            )
         if any(o.cell == (row, col) for o in objects):
             return ParseResult(None, f"two blobs in cell {(row, col)}")
         objects.append(Obj(shape=shape, color=_COLOR_NAMES[c1], size=size, cell=(row, col)))
-        evidence.append({"cell": [row, col], "bbox": [int(x0 + bx0), int(y0 + by0), int(bw), int(bh)],
-                         "side": round(float(side), 3), "color_err": round(float(errs[c1]), 1),
-                         "color_margin": round(float(errs[c2] - errs[c1]), 1),
-                         "color_reach": round(float(reach[c1]), 2),
-                         "shape_err": round(float(e1), 3), "shape_margin": round(float(e2 - e1), 3)})
+        evidence.append(
+            {
+                "cell": [row, col],
+                "bbox": [int(x0 + bx0), int(y0 + by0), int(bw), int(bh)],
+                "side": round(float(side), 3),
+                "color_err": round(float(errs[c1]), 1),
+                "color_margin": round(float(errs[c2] - errs[c1]), 1),
+                "color_reach": round(float(reach[c1]), 2),
+                "shape_err": round(float(e1), 3),
+                "shape_margin": round(float(e2 - e1), 3),
+            }
+        )
         exp = np.zeros((H, W), bool)
         exp[y0:y1, x0:x1] = ndimage.binary_dilation(keep, structure=_FOUR, iterations=2)
         explained |= exp
@@ -308,8 +327,16 @@ def compare_scenes(pred: Scene | None, truth: Scene) -> dict:
     accuracies are over truth objects whose cell holds a predicted object."""
     n_truth = len(truth.objects)
     if pred is None:
-        return {"parsed": False, "exact": False, "background": False, "count": False,
-                "object_recall": 0.0, "object_precision": 0.0, "matches": [], "attr_acc": {}}
+        return {
+            "parsed": False,
+            "exact": False,
+            "background": False,
+            "count": False,
+            "object_recall": 0.0,
+            "object_precision": 0.0,
+            "matches": [],
+            "attr_acc": {},
+        }
     matches, exact_objs, attr_hits, matched = [], 0, {"shape": 0, "color": 0, "size": 0}, 0
     for o in truth.objects:
         p = pred.at(o.cell)

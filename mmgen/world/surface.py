@@ -43,7 +43,7 @@ def lower_first(text: str) -> str:
     i = next((k for k, ch in enumerate(text) if ch.isalpha()), None)
     if i is None or not text[i].isupper():
         raise MMGenError(f"no upper-case first letter to lower in {text[:80]!r}")
-    return text[:i] + text[i].lower() + text[i + 1:]
+    return text[:i] + text[i].lower() + text[i + 1 :]
 
 
 def no_period(text: str) -> str:
@@ -75,8 +75,14 @@ def word_order(text: str, rng: random.Random) -> str:
     if parts is None:
         raise MMGenError(f"not a caption in the world's grammar, so no other word order: {text[:80]!r}")
     _, objs, bg = parts
-    options = sorted({caption_text(list(order), bg, t) for t in range(len(CAPTION_TEMPLATES))
-                      for order in itertools.permutations(objs)} - {text})
+    options = sorted(
+        {
+            caption_text(list(order), bg, t)
+            for t in range(len(CAPTION_TEMPLATES))
+            for order in itertools.permutations(objs)
+        }
+        - {text}
+    )
     return rng.choice(options)
 
 
@@ -88,7 +94,7 @@ def synonyms(text: str, rng: random.Random) -> str:
         raise MMGenError(f"no 'a SIZE COLOR SHAPE at the POSITION' phrase in {text[:80]!r}")
     slots = []  # (start, end, word) of each article and preposition
     for m in matches:
-        phrase = text[m.start():m.end()]
+        phrase = text[m.start() : m.end()]
         article = phrase.split(maxsplit=1)[0]
         slots.append((m.start(), m.start() + len(article), article))
         p = re.search(r"\s(at|on|in)\s+the\s", phrase, re.IGNORECASE)
@@ -135,8 +141,9 @@ def check_forms(forms) -> tuple[str, ...]:
     names = [f.strip() for f in (forms.split(",") if isinstance(forms, str) else forms) if f.strip()]
     bad = [f for f in names if f not in SURFACE_FORMS]
     if bad or not names:
-        raise MMGenError(f"unknown surface form {bad[0] if bad else '(none)'!r}; use a comma list of "
-                         f"{', '.join(SURFACE_FORMS)}")
+        raise MMGenError(
+            f"unknown surface form {bad[0] if bad else '(none)'!r}; use a comma list of {', '.join(SURFACE_FORMS)}"
+        )
     return tuple(dict.fromkeys(names))
 
 

@@ -102,16 +102,20 @@ def caption_parts(text: str) -> tuple[int, list[Obj], str] | None:
 
 
 _ALT = lambda xs: "|".join(sorted((re.escape(x) for x in xs), key=len, reverse=True))  # noqa: E731
-OBJECT_PHRASE_RE = re.compile(rf"\b(?:a|an|one)\s+({_ALT(SIZES)})\s+({_ALT(COLORS)})\s+({_ALT(SHAPES)})\s+"
-                     rf"(?:at|on|in)\s+the\s+({_ALT(_CELL_OF)})\b")
+OBJECT_PHRASE_RE = re.compile(
+    rf"\b(?:a|an|one)\s+({_ALT(SIZES)})\s+({_ALT(COLORS)})\s+({_ALT(SHAPES)})\s+"
+    rf"(?:at|on|in)\s+the\s+({_ALT(_CELL_OF)})\b"
+)
 _BG_RE = re.compile(rf"\b({_ALT(BACKGROUNDS)})\s+background\b")
 
 
 def parse_objects(text: str) -> list[Obj]:
     """Every "a SIZE COLOR SHAPE at the POSITION" phrase in ``text``."""
     t = " ".join(text.lower().split())
-    return [Obj(shape=m.group(3), color=m.group(2), size=m.group(1), cell=_CELL_OF[m.group(4)])
-            for m in OBJECT_PHRASE_RE.finditer(t)]
+    return [
+        Obj(shape=m.group(3), color=m.group(2), size=m.group(1), cell=_CELL_OF[m.group(4)])
+        for m in OBJECT_PHRASE_RE.finditer(t)
+    ]
 
 
 def swap_attribute(text: str, rng: random.Random, attr: str | None = None) -> str:
@@ -129,7 +133,7 @@ def swap_attribute(text: str, rng: random.Random, attr: str | None = None) -> st
     else:
         group, options = 2, [c for c in COLORS if c != color and (c, shape) not in HELDOUT_PAIRS]
     new = rng.choice(options)
-    return text[:m.start(group)] + new + text[m.end(group):]
+    return text[: m.start(group)] + new + text[m.end(group) :]
 
 
 def parse_caption(text: str) -> Scene:
@@ -138,8 +142,10 @@ def parse_caption(text: str) -> Scene:
     bg = _BG_RE.search(t)
     objs = parse_objects(t)
     if bg is None or not objs:
-        raise MMGenError(f"not a ShapesWorld caption: {text[:80]!r} (expected e.g. 'a large red circle at "
-                         f"the top left, on a black background.')")
+        raise MMGenError(
+            f"not a ShapesWorld caption: {text[:80]!r} (expected e.g. 'a large red circle at "
+            f"the top left, on a black background.')"
+        )
     try:
         return Scene(background=bg.group(1), objects=objs).validate()
     except ValueError as e:
@@ -195,8 +201,12 @@ def qa_pairs(scene: Scene, rng: random.Random, n: int = 3) -> list[tuple[str, st
                 continue
             o, p = rng.sample(scene.objects, 2)
             rel = rng.choice(["left of", "right of", "above", "below"])
-            holds = {"left of": o.cell[1] < p.cell[1], "right of": o.cell[1] > p.cell[1],
-                     "above": o.cell[0] < p.cell[0], "below": o.cell[0] > p.cell[0]}[rel]
+            holds = {
+                "left of": o.cell[1] < p.cell[1],
+                "right of": o.cell[1] > p.cell[1],
+                "above": o.cell[0] < p.cell[0],
+                "below": o.cell[0] > p.cell[0],
+            }[rel]
             q = f"Is {_unique_name(scene, o)} {rel} {_unique_name(scene, p)}?"
             a = "yes" if holds else "no"
         if q in seen:
@@ -247,15 +257,21 @@ def random_edit(scene: Scene, rng: random.Random, allowed_pairs: list[tuple[str,
 # -- defective text ----------------------------------------------------------------------------------
 # Fixed sentences in other languages, written for this project (not translations of any source).
 FOREIGN_SENTENCES = {
-    "fr": ["Un grand cercle rouge se trouve en haut à gauche, sur un fond noir.",
-           "Il fait beau aujourd'hui et nous allons nous promener au bord de la rivière.",
-           "La boulangerie du coin ouvre très tôt le matin."],
-    "de": ["Ein kleines blaues Quadrat liegt in der Mitte auf weißem Hintergrund.",
-           "Morgen fahren wir mit dem Zug in die Berge und wandern bis zum Abend.",
-           "Die Bibliothek bleibt am Sonntag leider geschlossen."],
-    "es": ["Un triángulo verde grande está abajo a la derecha, sobre un fondo azul oscuro.",
-           "Mañana vamos a cocinar una paella con nuestros amigos del barrio.",
-           "El museo de la ciudad tiene una exposición nueva de pintura."],
+    "fr": [
+        "Un grand cercle rouge se trouve en haut à gauche, sur un fond noir.",
+        "Il fait beau aujourd'hui et nous allons nous promener au bord de la rivière.",
+        "La boulangerie du coin ouvre très tôt le matin.",
+    ],
+    "de": [
+        "Ein kleines blaues Quadrat liegt in der Mitte auf weißem Hintergrund.",
+        "Morgen fahren wir mit dem Zug in die Berge und wandern bis zum Abend.",
+        "Die Bibliothek bleibt am Sonntag leider geschlossen.",
+    ],
+    "es": [
+        "Un triángulo verde grande está abajo a la derecha, sobre un fondo azul oscuro.",
+        "Mañana vamos a cocinar una paella con nuestros amigos del barrio.",
+        "El museo de la ciudad tiene una exposición nueva de pintura.",
+    ],
 }
 
 
@@ -284,5 +300,5 @@ def small_text_edit(text: str, rng: random.Random) -> str:
     letters = [i for i, ch in enumerate(text) if ch.isalpha()]
     i = rng.choice(letters) if letters else 0
     if op == "drop_char":
-        return text[:i] + text[i + 1:]
+        return text[:i] + text[i + 1 :]
     return text[:i] + text[i] + text[i:]

@@ -38,8 +38,14 @@ from mmgen.errors import LossyConversionError, MMGenError
 
 _MODULES = {"obelics": "obelics", "mmc4": "mmc4", "dj": "dj", "llava": "llava", "wds": "wds", "mmgen": "native"}
 FORMATS: list[str] = list(_MODULES)
-_ALIASES = {"omnicorpus": "obelics", "data-juicer": "dj", "datajuicer": "dj", "sharegpt": "llava",
-            "webdataset": "wds", "jsonl": "mmgen"}
+_ALIASES = {
+    "omnicorpus": "obelics",
+    "data-juicer": "dj",
+    "datajuicer": "dj",
+    "sharegpt": "llava",
+    "webdataset": "wds",
+    "jsonl": "mmgen",
+}
 # Formats whose output is a directory rather than one file.
 DIR_FORMATS = {"wds"}
 
@@ -61,7 +67,7 @@ def _path_map(path_map) -> dict[str, str]:
     if isinstance(path_map, dict):
         return {str(k): str(v) for k, v in path_map.items()}
     out = {}
-    for entry in ([path_map] if isinstance(path_map, str) else path_map):
+    for entry in [path_map] if isinstance(path_map, str) else path_map:
         if "=" not in entry:
             raise MMGenError(f"path map entry '{entry}' needs the form OLD_PREFIX=NEW_PREFIX")
         old, new = entry.split("=", 1)
@@ -69,8 +75,9 @@ def _path_map(path_map) -> dict[str, str]:
     return out
 
 
-def read_records(path, fmt: str, media_root: str | None = None, path_map=None, allow_outside_root: bool = False,
-                 **opts) -> Iterator[Doc | BadRecord]:
+def read_records(
+    path, fmt: str, media_root: str | None = None, path_map=None, allow_outside_root: bool = False, **opts
+) -> Iterator[Doc | BadRecord]:
     """Docs (or BadRecords, never an exception for a bad record) from ``path`` in format ``fmt``.
 
     ``media_root``: where relative media references live when they do not resolve against the input
@@ -85,12 +92,14 @@ def read_records(path, fmt: str, media_root: str | None = None, path_map=None, a
         module.expand_shards(path)  # fail now, not at the first next(), on a missing input
         return module.read(path, media_root=media_root, allow_outside_root=allow_outside_root, **opts)
     expand_jsonl_inputs(path, (".jsonl", ".json"))
-    return module.read(path, media_root=media_root, path_map=_path_map(path_map), allow_outside_root=allow_outside_root,
-                       **opts)
+    return module.read(
+        path, media_root=media_root, path_map=_path_map(path_map), allow_outside_root=allow_outside_root, **opts
+    )
 
 
-def write_records(docs: Iterable[Doc | BadRecord], out_path, fmt: str,
-                  on_bad: Callable[[BadRecord], None] | None = None, **opts) -> dict:
+def write_records(
+    docs: Iterable[Doc | BadRecord], out_path, fmt: str, on_bad: Callable[[BadRecord], None] | None = None, **opts
+) -> dict:
     """Write Docs to ``out_path`` in ``fmt``; returns counts ``{"written", "bad", "media_files", ...}``.
 
     BadRecords in ``docs``, and Docs that cannot be written (a media file gone missing), are counted as
@@ -104,9 +113,19 @@ def errors_path(output, fmt: str) -> Path:
     return Path(output) / "errors.jsonl" if name in DIR_FORMATS else Path(str(output) + ".errors.jsonl")
 
 
-def convert(input, output, src: str, dst: str, media_root: str | None = None, path_map=None,
-            progress: bool = True, lossy: bool = False, allow_outside_root: bool = False,
-            max_image_pixels: int | None = None, **opts) -> dict:
+def convert(
+    input,
+    output,
+    src: str,
+    dst: str,
+    media_root: str | None = None,
+    path_map=None,
+    progress: bool = True,
+    lossy: bool = False,
+    allow_outside_root: bool = False,
+    max_image_pixels: int | None = None,
+    **opts,
+) -> dict:
     """Convert ``input`` (format ``src``) to ``output`` (format ``dst``).
 
     A Doc the target cannot hold without loss (an interleaved document as LLaVA turns) stops the
@@ -120,8 +139,9 @@ def convert(input, output, src: str, dst: str, media_root: str | None = None, pa
     set_max_image_pixels(max_image_pixels)
     if os.path.abspath(str(input)) == os.path.abspath(str(output)):
         raise MMGenError(f"output '{output}' is the input: write the conversion to another path")
-    records = checked_media(read_records(input, src, media_root=media_root, path_map=path_map,
-                                         allow_outside_root=allow_outside_root))
+    records = checked_media(
+        read_records(input, src, media_root=media_root, path_map=path_map, allow_outside_root=allow_outside_root)
+    )
     err_path = errors_path(output, dst)
     if err_path.exists():
         err_path.unlink()  # a stale quarantine from an earlier run would misreport this one
@@ -158,9 +178,17 @@ def convert(input, output, src: str, dst: str, media_root: str | None = None, pa
     finally:
         if err_file is not None:
             err_file.close()
-    summary = {"input": str(input), "output": str(output), "from": src, "to": dst, "read": read_n,
-               "written": counts["written"], "bad": counts["bad"], "bad_reasons": reasons,
-               "errors_path": str(err_path) if err_file is not None else None}
+    summary = {
+        "input": str(input),
+        "output": str(output),
+        "from": src,
+        "to": dst,
+        "read": read_n,
+        "written": counts["written"],
+        "bad": counts["bad"],
+        "bad_reasons": reasons,
+        "errors_path": str(err_path) if err_file is not None else None,
+    }
     summary.update({k: v for k, v in counts.items() if k not in summary})
     assert summary["read"] == summary["written"] + summary["bad"], summary
     return summary

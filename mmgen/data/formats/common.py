@@ -100,9 +100,11 @@ class ReadContext:
         """``path`` with its symlinks resolved, or RecordError ``path_outside_root``."""
         real = self._realpath(os.path.abspath(path))
         if not self.allow_outside_root and not any(inside(real, r) for r in self.roots):
-            raise RecordError("path_outside_root",
-                              f"media path {ref!r} resolves to {real}, outside the corpus ({', '.join(self.roots)}); "
-                              "pass --media-root for the folder holding the media, or --allow-outside-root")
+            raise RecordError(
+                "path_outside_root",
+                f"media path {ref!r} resolves to {real}, outside the corpus ({', '.join(self.roots)}); "
+                "pass --media-root for the folder holding the media, or --allow-outside-root",
+            )
         return real
 
     def resolve(self, ref: str) -> tuple[str, bool]:
@@ -118,7 +120,7 @@ class ReadContext:
         original = ref
         for prefix, repl in self.path_map.items():
             if ref.startswith(prefix):
-                ref = repl + ref[len(prefix):]
+                ref = repl + ref[len(prefix) :]
                 break
         if "\x00" in ref:
             raise RecordError("bad_schema", f"media path {original!r} holds a NUL byte")
@@ -145,15 +147,19 @@ class ReadContext:
         if isinstance(ref, dict) and ref.get("bytes") is not None:
             data = ref["bytes"]
             return MEDIA_TYPES[kind](
-                data=data if isinstance(data, bytes) else bytes(data), path=ref.get("path"), meta=meta)
+                data=data if isinstance(data, bytes) else bytes(data), path=ref.get("path"), meta=meta
+            )
         if isinstance(ref, dict):
             ref = ref.get("path")
         if not isinstance(ref, str) or not ref:
             raise RecordError("bad_schema", f"{kind} reference must be a path or URL string, got {ref!r}")
         path, found = self.resolve(ref)  # a URL stays a URL: a reference, fetched only by `mmgen fetch`
         if not found:
-            where = f"; also looked under media_root {self.media_root}" if self.media_root else \
-                "; relative paths are read from the input file's folder (mmgen convert takes --media-root)"
+            where = (
+                f"; also looked under media_root {self.media_root}"
+                if self.media_root
+                else "; relative paths are read from the input file's folder (mmgen convert takes --media-root)"
+            )
             raise RecordError("missing_media", f"{kind} file not found: {ref} (resolved to {path}{where})")
         return MEDIA_TYPES[kind](path=path, meta=meta)
 
@@ -161,8 +167,9 @@ class ReadContext:
         return BadRecord(source=self.source, reason=reason, detail=detail, line=self.line, raw=raw)
 
 
-def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False,
-                      byte_range: tuple[int, int, int] | None = None, kind=None) -> Iterator[tuple[int, str, Any]]:
+def iter_json_records(
+    path: str, ctx: ReadContext, whole_json_ok: bool = False, byte_range: tuple[int, int, int] | None = None, kind=None
+) -> Iterator[tuple[int, str, Any]]:
     """(line number, raw text, parsed object or a BadRecord) for each non-blank line.
 
     The file may be gzip or zstd compressed (told by its magic bytes, or by ``kind``, the
@@ -174,8 +181,10 @@ def iter_json_records(path: str, ctx: ReadContext, whole_json_ok: bool = False,
         kind = InputKind("jsonl") if byte_range is not None else sniff_input(path)
     if kind.kind != "jsonl":
         hint = "format 'wds'" if kind.kind == "tar" else "mmgen filter, which reads parquet"
-        raise MMGenError(f"{path} holds a {kind.kind}{' (' + kind.compression + ')' if kind.compression else ''}, "
-                         f"not jsonl: read it with {hint}")
+        raise MMGenError(
+            f"{path} holds a {kind.kind}{' (' + kind.compression + ')' if kind.compression else ''}, "
+            f"not jsonl: read it with {hint}"
+        )
     f = open_decompressed(path, kind.compression)
     try:
         yield from _json_lines(f, ctx, whole_json_ok and kind.array, byte_range)
@@ -219,26 +228,41 @@ def _json_lines(f, ctx: ReadContext, array: bool, byte_range):
             yield lineno, line, json.loads(line)
         except json.JSONDecodeError as e:
             ctx.line = lineno
-            yield lineno, line, ctx.bad(
-                "bad_json", f"line {lineno}: {e.msg} at column {e.colno}", raw=line.rstrip("\n"))
+            yield (
+                lineno,
+                line,
+                ctx.bad("bad_json", f"line {lineno}: {e.msg} at column {e.colno}", raw=line.rstrip("\n")),
+            )
         except (ValueError, RecursionError) as e:  # nesting deeper than the parser goes, huge numbers
             ctx.line = lineno
-            yield lineno, line, ctx.bad("bad_json", f"line {lineno}: {type(e).__name__}: {str(e)[:200]}",
-                                        raw=line.rstrip("\n"))
+            yield (
+                lineno,
+                line,
+                ctx.bad("bad_json", f"line {lineno}: {type(e).__name__}: {str(e)[:200]}", raw=line.rstrip("\n")),
+            )
 
 
-def read_jsonl(path, record_to_doc: Callable[[dict, ReadContext], Doc], media_root: str | None = None,
-               path_map: dict | None = None, whole_json_ok: bool = False, exts=(".jsonl",),
-               allow_outside_root: bool = False, byte_range: tuple[int, int, int] | None = None,
-               kind=None, **_) -> Iterator[Doc | BadRecord]:
+def read_jsonl(
+    path,
+    record_to_doc: Callable[[dict, ReadContext], Doc],
+    media_root: str | None = None,
+    path_map: dict | None = None,
+    whole_json_ok: bool = False,
+    exts=(".jsonl",),
+    allow_outside_root: bool = False,
+    byte_range: tuple[int, int, int] | None = None,
+    kind=None,
+    **_,
+) -> Iterator[Doc | BadRecord]:
     """Docs from jsonl files via ``record_to_doc``; every failure becomes a BadRecord and the run goes on.
 
     ``byte_range``: only the lines starting in that range of the one file ``path``; ``kind``: what the
     one file ``path`` holds, already sniffed (see :func:`iter_json_records`)."""
     files = [str(path)] if byte_range is not None or kind is not None else expand_jsonl_inputs(path, exts)
     for file in files:
-        ctx = ReadContext(source=file, media_root=media_root, path_map=dict(path_map or {}),
-                          allow_outside_root=allow_outside_root)
+        ctx = ReadContext(
+            source=file, media_root=media_root, path_map=dict(path_map or {}), allow_outside_root=allow_outside_root
+        )
         for lineno, raw, obj in iter_json_records(file, ctx, whole_json_ok, byte_range, kind):
             if isinstance(obj, BadRecord):
                 yield obj
@@ -276,9 +300,13 @@ def checked_media(records: Iterable[Doc | BadRecord]) -> Iterator[Doc | BadRecor
                         continue
                     open_image(it.load(), it.path, it.declared_format()).close()
             except MediaError as e:
-                rec = BadRecord(source=str(rec.provenance.get("source", rec.provenance.get("shard", ""))),
-                                line=rec.provenance.get("line"), member=rec.provenance.get("member"),
-                                reason=e.reason, detail=f"doc {rec.id}: {e}")
+                rec = BadRecord(
+                    source=str(rec.provenance.get("source", rec.provenance.get("shard", ""))),
+                    line=rec.provenance.get("line"),
+                    member=rec.provenance.get("member"),
+                    reason=e.reason,
+                    detail=f"doc {rec.id}: {e}",
+                )
         yield rec
 
 
@@ -309,8 +337,14 @@ class MediaExport:
         return f"{self.subdir}/{name}"
 
 
-def write_jsonl(docs: Iterable, out_path, doc_to_record: Callable[[Doc, MediaExport], dict],
-                on_bad: Callable[[BadRecord], None] | None = None, as_json_array: bool = False, **_) -> dict:
+def write_jsonl(
+    docs: Iterable,
+    out_path,
+    doc_to_record: Callable[[Doc, MediaExport], dict],
+    on_bad: Callable[[BadRecord], None] | None = None,
+    as_json_array: bool = False,
+    **_,
+) -> dict:
     """Write one record per Doc; a Doc whose media cannot be read is quarantined, not half-written."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -330,8 +364,14 @@ def write_jsonl(docs: Iterable, out_path, doc_to_record: Callable[[Doc, MediaExp
                 counts["bad"] += 1
                 if on_bad:
                     reason = e.reason if isinstance(e, RecordError) else "missing_media"
-                    on_bad(BadRecord(source=str(doc.provenance.get("source", "")), line=doc.provenance.get("line"),
-                                     reason=reason, detail=f"doc {doc.id}: {e}"))
+                    on_bad(
+                        BadRecord(
+                            source=str(doc.provenance.get("source", "")),
+                            line=doc.provenance.get("line"),
+                            reason=reason,
+                            detail=f"doc {doc.id}: {e}",
+                        )
+                    )
                 continue
             if as_json_array:
                 records.append(rec)
@@ -346,6 +386,7 @@ def write_jsonl(docs: Iterable, out_path, doc_to_record: Callable[[Doc, MediaExp
 
 
 # -- keeping unknown fields -------------------------------------------------------------------------
+
 
 def meta_from_extras(rec: dict, reserved: set[str]) -> dict:
     """Record keys a format does not own become Doc.meta (collisions come back from ``mmgen_meta``)."""

@@ -57,7 +57,7 @@ def _units(text: str, text_lengths: list[int] | None, spacing: list[str] | None)
                 n = next(lengths, None)
                 if n is None:
                     raise RecordError("bad_schema", "'text_lengths' has fewer entries than text pieces")
-                units.append(("text", text[pos:pos + n]))
+                units.append(("text", text[pos : pos + n]))
                 pos += n
         if pos != len(text):
             raise RecordError("bad_schema", "'text_lengths' / 'dj_spacing' do not cover 'text'")
@@ -79,7 +79,7 @@ def _units(text: str, text_lengths: list[int] | None, spacing: list[str] | None)
         lead = piece[: len(piece) - len(piece.lstrip())]
         seps.append(pending + lead)
         units.append(("text", stripped))
-        pending = piece[len(piece.rstrip()):]
+        pending = piece[len(piece.rstrip()) :]
     seps.append(pending)
     return units, seps
 

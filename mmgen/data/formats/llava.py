@@ -63,7 +63,8 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
         raise RecordError("bad_schema", "every turn needs a string 'value'")
     counts = {k: sum(v.count(t) for v in values) for k, t in TOKENS.items()}
     wrong = [
-        f"{counts[k]} {TOKENS[k]} for {len(refs[k])} '{k}' references" for k in TOKENS if counts[k] != len(refs[k])]
+        f"{counts[k]} {TOKENS[k]} for {len(refs[k])} '{k}' references" for k in TOKENS if counts[k] != len(refs[k])
+    ]
     if wrong:
         raise RecordError("media_count_mismatch", "; ".join(wrong))
     items, missing, used = [], [], {k: 0 for k in TOKENS}
@@ -99,8 +100,11 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
 def loss(doc: Doc) -> str | None:
     """Why ``doc`` cannot become LLaVA turns without loss, or None when it can."""
     no_role = sum(1 for it in doc.items if "role" not in it.meta or "turn" not in it.meta)
-    merged = sum(1 for a, b in zip(doc.items, doc.items[1:])
-                 if isinstance(a, Text) and isinstance(b, Text) and a.meta.get("turn", -1) == b.meta.get("turn", -1))
+    merged = sum(
+        1
+        for a, b in zip(doc.items, doc.items[1:])
+        if isinstance(a, Text) and isinstance(b, Text) and a.meta.get("turn", -1) == b.meta.get("turn", -1)
+    )
     if not no_role and not merged:
         return None
     n_texts = len(doc.texts)
@@ -115,7 +119,8 @@ def doc_to_record(doc: Doc, media: MediaExport, lossy: bool = False) -> dict:
         where = ":".join(str(doc.provenance[k]) for k in ("source", "line") if k in doc.provenance)
         raise LossyConversionError(
             f"doc {doc.id!r}{f' ({where})' if where else ''} cannot be written as LLaVA turns without loss: {why}; "
-            "pass --lossy (lossy=True) to convert anyway")
+            "pass --lossy (lossy=True) to convert anyway"
+        )
     # Group items into turns: by the recorded turn index, else by runs of the same role.
     groups: list[list] = []
     key_prev = object()
@@ -170,5 +175,10 @@ def read(path, **opts):
 
 
 def write(docs, out_path, lossy: bool = False, **opts) -> dict:
-    return write_jsonl(docs, out_path, functools.partial(doc_to_record, lossy=lossy),
-                       as_json_array=str(out_path).endswith(".json"), **opts)
+    return write_jsonl(
+        docs,
+        out_path,
+        functools.partial(doc_to_record, lossy=lossy),
+        as_json_array=str(out_path).endswith(".json"),
+        **opts,
+    )

@@ -32,8 +32,11 @@ from mmgen.data.formats.common import (
     write_jsonl,
 )
 
-INFO_LISTS = {"image_info": ("image", "image_name"), "audio_info": ("audio", "audio_name"),
-              "video_info": ("video", "video_name")}
+INFO_LISTS = {
+    "image_info": ("image", "image_name"),
+    "audio_info": ("audio", "audio_name"),
+    "video_info": ("video", "video_name"),
+}
 RESERVED = {"id", "text_list", "text_meta", *INFO_LISTS}
 INFO_INDEX = "mmc4_info_index"  # item meta: position in its info list, when that is not document order
 _ENTRY_STRUCTURAL = {"matched_text_index", "before_text", "item_index", INFO_INDEX}
@@ -77,8 +80,10 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
                 raise RecordError("bad_schema", f"{key}[{j}] is not an object")
             idx = info.get("matched_text_index", 0)
             if not isinstance(idx, int) or idx < 0 or (texts and idx >= len(texts)) or (not texts and idx != 0):
-                raise RecordError("bad_schema", f"{key}[{j}].matched_text_index {idx!r} is not a sentence index "
-                                                f"(text_list has {len(texts)})")
+                raise RecordError(
+                    "bad_schema",
+                    f"{key}[{j}].matched_text_index {idx!r} is not a sentence index (text_list has {len(texts)})",
+                )
             media_items.append(_entry_item(ctx, key, j, info))
             lists.setdefault(key, []).append(media_items[-1])
             placement.append((idx, bool(info.get("before_text"))))
@@ -94,8 +99,9 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
         it = iter(sentences)
         items = [s if s is not None else next(it) for s in slots]
     else:
-        items = [sentences[k] if kind == "t" else media_items[k]
-                 for kind, k in _canonical_order(len(sentences), placement)]
+        items = [
+            sentences[k] if kind == "t" else media_items[k] for kind, k in _canonical_order(len(sentences), placement)
+        ]
     where = {id(x): p for p, x in enumerate(items)}
     for entries in lists.values():
         positions = [where[id(m)] for m in entries]

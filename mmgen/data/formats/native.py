@@ -26,7 +26,8 @@ def record_to_doc(rec: dict, ctx: ReadContext) -> Doc:
         raise RecordError("missing_media", "; ".join(missing))
     if any(e.get("member") for e in rec["items"]):
         raise RecordError(
-            "bad_schema", "items name tar members: this is a WebDataset sample, read it with format 'wds'")
+            "bad_schema", "items name tar members: this is a WebDataset sample, read it with format 'wds'"
+        )
     return Doc.from_json(rec, base_dir=ctx.base_dir)
 
 

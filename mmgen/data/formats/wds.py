@@ -37,8 +37,14 @@ def write(docs, out_path, on_bad=None, prefix: str = "shard", max_docs: int = 10
             except MediaError as e:
                 counts["bad"] += 1
                 if on_bad:
-                    on_bad(BadRecord(source=str(doc.provenance.get("source", "")), line=doc.provenance.get("line"),
-                                     reason="missing_media", detail=f"doc {doc.id}: {e}"))
+                    on_bad(
+                        BadRecord(
+                            source=str(doc.provenance.get("source", "")),
+                            line=doc.provenance.get("line"),
+                            reason="missing_media",
+                            detail=f"doc {doc.id}: {e}",
+                        )
+                    )
                 continue
             counts["written"] += 1
             counts["media_files"] += sum(1 for it in doc.media if it.data is not None)

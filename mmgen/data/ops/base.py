@@ -118,8 +118,12 @@ class DocView:
         """The Doc with removed items dropped (same id: node removal does not change identity)."""
         if len(self.alive) == len(self.doc.items):
             return self.doc
-        return Doc(items=[self.doc.items[i] for i in self.alive], id=self.doc.id, meta=dict(self.doc.meta),
-                   provenance=dict(self.doc.provenance))
+        return Doc(
+            items=[self.doc.items[i] for i in self.alive],
+            id=self.doc.id,
+            meta=dict(self.doc.meta),
+            provenance=dict(self.doc.provenance),
+        )
 
 
 class Op:
@@ -135,8 +139,9 @@ class Op:
         self.params = params if params is not None else self.Params()
         self.level = level or self.default_level
         if self.level not in self.levels:
-            raise MMGenError(f"operator '{self.name}' does not support level '{self.level}' "
-                             f"(use one of: {', '.join(self.levels)})")
+            raise MMGenError(
+                f"operator '{self.name}' does not support level '{self.level}' (use one of: {', '.join(self.levels)})"
+            )
         self.label = label or self.name  # the name used in reports (a recipe may use one op twice)
 
     def apply(self, view: DocView) -> list[Verdict]:
@@ -245,12 +250,15 @@ def closest(name: str, valid) -> str:
     return f"; did you mean '{m[0]}'?" if m else ""
 
 
-def build_op(op: str, level: str | None = None, params: dict | None = None, label: str | None = None,
-             where: str = "") -> Op:
+def build_op(
+    op: str, level: str | None = None, params: dict | None = None, label: str | None = None, where: str = ""
+) -> Op:
     """Construct a registered operator from recipe values, with one-line errors for every mistake."""
     if op not in OPS:
-        raise MMGenError(f"{where}unknown operator '{op}'{closest(op, OPS)} (known: {', '.join(sorted(OPS))}; "
-                         "operators defined elsewhere need their module in the recipe's operator_modules)")
+        raise MMGenError(
+            f"{where}unknown operator '{op}'{closest(op, OPS)} (known: {', '.join(sorted(OPS))}; "
+            "operators defined elsewhere need their module in the recipe's operator_modules)"
+        )
     cls = OPS[op]
     if level is not None and level not in LEVELS:
         raise MMGenError(f"{where}level must be 'doc' or 'node', got {level!r}")

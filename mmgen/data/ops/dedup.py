@@ -148,7 +148,7 @@ class ImageNearDedup(StatefulOp):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         p = self.params
-        self.index = HammingIndex(p.hash_size ** 2 * (3 if p.color else 1), p.radius)
+        self.index = HammingIndex(p.hash_size**2 * (3 if p.color else 1), p.radius)
         self.thumbs: list[tuple[int, str]] = []
 
     def signature(self, view):
@@ -279,8 +279,9 @@ class DocNearDedup(StatefulOp):
         return {"minhash": minhash(sh, self.params.num_perm).hashvalues, "phash": ph, "media": media}
 
     def _same_images(self, a: list, b: list) -> bool:
-        return len(a) == len(b) and all(x is not None and y is not None and hamming(x, y) <= self.params.image_radius
-                                        for x, y in zip(a, b))
+        return len(a) == len(b) and all(
+            x is not None and y is not None and hamming(x, y) <= self.params.image_radius for x, y in zip(a, b)
+        )
 
     def _same_media(self, i: int, sig: dict) -> bool:
         same = self.params.exact_images or self._same_images(self.phashes[i], sig["phash"])
@@ -297,8 +298,11 @@ class DocNearDedup(StatefulOp):
             close = sims >= self.params.threshold
             for i, sim in zip(cands[close], sims[close]):
                 if self._same_media(int(i), sig):  # the earliest kept document that is similar enough
-                    return [Verdict("near_duplicate_doc", {"jaccard_est": round(float(sim), 4)},
-                                    duplicate_of=self.ids[int(i)])]
+                    return [
+                        Verdict(
+                            "near_duplicate_doc", {"jaccard_est": round(float(sim), 4)}, duplicate_of=self.ids[int(i)]
+                        )
+                    ]
         return [Verdict(None, {})]
 
     def _candidates(self, values: np.ndarray, media: list) -> np.ndarray:
@@ -320,8 +324,14 @@ class DocNearDedup(StatefulOp):
 
     def commit(self, view, sig, doc_id):
         if sig is not None:
-            self._add([[int(v) for v in sig["minhash"]], doc_id,
-                       [None if h is None else f"{h:x}" for h in sig["phash"]], sig.get("media", [])])
+            self._add(
+                [
+                    [int(v) for v in sig["minhash"]],
+                    doc_id,
+                    [None if h is None else f"{h:x}" for h in sig["phash"]],
+                    sig.get("media", []),
+                ]
+            )
 
     def _insert(self, e):
         mh = minhash_from_values(e[0])
@@ -399,8 +409,9 @@ class UrlDedup(StatefulOp):
     def signature(self, view):
         if self.level == "doc":
             return self._key(view.doc.meta, self.params.doc_fields)
-        return {i: self._key(img.meta, self.params.item_fields, img.path, img.url)
-                for i, img in view.images(fetched=False)}
+        return {
+            i: self._key(img.meta, self.params.item_fields, img.path, img.url) for i, img in view.images(fetched=False)
+        }
 
     def decide(self, view, sig, doc_id):
         if self.level == "doc":

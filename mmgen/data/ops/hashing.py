@@ -23,13 +23,13 @@ def shingles(text: str, n: int, unit: str = "word") -> set[str]:
     """Word (or, with ``unit="char"``, character) n-grams of the normalised text."""
     if unit == "char":
         t = normalize_text(text)
-        return {t[i:i + n] for i in range(max(1, len(t) - n + 1))} if t else set()
+        return {t[i : i + n] for i in range(max(1, len(t) - n + 1))} if t else set()
     ws = normalize_text(text).split()
     if not ws:
         return set()
     if len(ws) <= n:
         return {" ".join(ws)}
-    return {" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1)}
+    return {" ".join(ws[i : i + n]) for i in range(len(ws) - n + 1)}
 
 
 # Named explicitly: stored hash values must be rebuilt with the scheme that made them, whatever
@@ -85,7 +85,7 @@ def phash(pil, hash_size: int = 8, highfreq_factor: int = 4, color: bool = False
     arr = np.asarray(small, dtype=np.float64)
     d = _dct_matrix(n)
     out = 0
-    for ch in ([arr[..., c] for c in range(3)] if color else [arr]):
+    for ch in [arr[..., c] for c in range(3)] if color else [arr]:
         low = (d @ ch @ d.T)[:hash_size, :hash_size].ravel()
         for b in low > np.median(low[1:]):
             out = (out << 1) | int(b)
@@ -105,7 +105,7 @@ def image_hash(pil, method: str = "phash", hash_size: int = 8, color: bool = Fal
 
     fn = {"dhash": imagehash.dhash, "whash": imagehash.whash, "ahash": imagehash.average_hash}[method]
     out = 0
-    for plane in (pil.convert("RGB").split() if color else [pil.convert("L")]):
+    for plane in pil.convert("RGB").split() if color else [pil.convert("L")]:
         for b in fn(plane, hash_size=hash_size).hash.ravel():
             out = (out << 1) | int(b)
     return out

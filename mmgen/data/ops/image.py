@@ -25,11 +25,20 @@ class ImageDecode(ImageOp):
                 # a bomb or a mislabelled file keeps its own reason; every other failure is a corrupt image
                 reason = getattr(e, "reason", None)
                 reason = reason if reason in ("too_many_pixels", "format_mismatch") else "corrupt_image"
-                out.append(Verdict(reason, {"decodable": False, "bytes": len(img.data or b""),
-                                                     "error": error_text(e)}, item=i, quarantine=True))
+                out.append(
+                    Verdict(
+                        reason,
+                        {"decodable": False, "bytes": len(img.data or b""), "error": error_text(e)},
+                        item=i,
+                        quarantine=True,
+                    )
+                )
                 continue
-            out.append(Verdict(None, {"decodable": True, "format": img.format, "width": pil.width,
-                                      "height": pil.height}, item=i))
+            out.append(
+                Verdict(
+                    None, {"decodable": True, "format": img.format, "width": pil.width, "height": pil.height}, item=i
+                )
+            )
         return out
 
 
@@ -202,8 +211,18 @@ class ImageShapeFilter(AnyAllImageOp):
         return p.min_width <= s["width"] <= p.max_width and p.min_height <= s["height"] <= p.max_height
 
 
-_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1024 ** 2, "mib": 1024 ** 2, "gb": 1024 ** 3,
-          "gib": 1024 ** 3, "tb": 1024 ** 4, "tib": 1024 ** 4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1024,
+    "kib": 1024,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "gb": 1024**3,
+    "gib": 1024**3,
+    "tb": 1024**4,
+    "tib": 1024**4,
+}
 
 
 def parse_size(value) -> int:

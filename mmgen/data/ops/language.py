@@ -79,9 +79,10 @@ def load_causal_lm(name_or_path: str, device: str = "cpu"):
         tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise MMGenError(f"cannot load causal LM '{name_or_path}': {str(e).splitlines()[0]} "
-                         "(give a local directory saved with save_pretrained, or a hub id already in the cache)"
-                         ) from None
+        raise MMGenError(
+            f"cannot load causal LM '{name_or_path}': {str(e).splitlines()[0]} "
+            "(give a local directory saved with save_pretrained, or a hub id already in the cache)"
+        ) from None
     return model.to(device).eval(), tok
 
 

@@ -73,8 +73,13 @@ def _model_class():
             self.cfg = cfg
             d = cfg.dim
             self.conv = nn.Sequential(
-                nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                nn.Conv2d(32, d, 1), nn.AdaptiveAvgPool2d(4))
+                nn.Conv2d(3, 16, 3, 2, 1),
+                nn.ReLU(),
+                nn.Conv2d(16, 32, 3, 2, 1),
+                nn.ReLU(),
+                nn.Conv2d(32, d, 1),
+                nn.AdaptiveAvgPool2d(4),
+            )
             self.cell_pos = nn.Parameter(torch.zeros(16, d))  # where a cell is: position words need it
             self.tok = nn.Embedding(cfg.buckets, d, padding_idx=0)
             self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
@@ -105,13 +110,18 @@ def batch_inputs(pils, texts, cfg: QualityConfig):
     """(pixels in [-0.5, 0.5], padded token ids, mask) for a batch of pairs."""
     import torch
 
-    px = np.stack([np.asarray(p.convert("RGB").resize((cfg.image_size, cfg.image_size)), dtype=np.float32)
-                   for p in pils]) / 255.0 - 0.5
+    px = (
+        np.stack(
+            [np.asarray(p.convert("RGB").resize((cfg.image_size, cfg.image_size)), dtype=np.float32) for p in pils]
+        )
+        / 255.0
+        - 0.5
+    )
     ids = [text_ids(t, cfg.buckets) for t in texts]
     t_max = max(len(x) for x in ids)
     pad = np.zeros((len(ids), t_max), dtype=np.int64)
     for r, x in enumerate(ids):
-        pad[r, :len(x)] = x
+        pad[r, : len(x)] = x
     ids_t = torch.from_numpy(pad)
     return torch.from_numpy(px).permute(0, 3, 1, 2).contiguous(), ids_t, ids_t != 0
 
@@ -134,8 +144,10 @@ def load_quality(path: str):
 
     d = Path(path)
     if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
-        raise MMGenError(f"no quality scorer at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE}; "
-                         "train one with: mmgen train-quality --out DIR)")
+        raise MMGenError(
+            f"no quality scorer at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE}; "
+            "train one with: mmgen train-quality --out DIR)"
+        )
     cfg = QualityConfig(**json.loads((d / CONFIG_FILE).read_text())["config"])
     model = build_model(cfg)
     model.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
@@ -184,10 +196,16 @@ class QualityScore(ImageOp):
         if self.level == "doc":
             if scores:
                 s = reduce_scores(scores, self.params.reduce_mode)
-                out.append(Verdict(None if s >= low else "low_quality", {"quality_score": round(s, 4),
-                                                                         "pairs": len(scores)}))
+                out.append(
+                    Verdict(None if s >= low else "low_quality", {"quality_score": round(s, 4), "pairs": len(scores)})
+                )
             return out
         for (i, cap), s in zip(pairs, scores):
-            out.append(Verdict(None if s >= low else "low_quality", {"quality_score": round(s, 4), "caption_item": cap},
-                               item=i if self.params.drop == "image" else cap))
+            out.append(
+                Verdict(
+                    None if s >= low else "low_quality",
+                    {"quality_score": round(s, 4), "caption_item": cap},
+                    item=i if self.params.drop == "image" else cap,
+                )
+            )
         return out

@@ -59,8 +59,7 @@ class Selector(StatefulOp):
             verdicts = self.inner.apply(view)
             doc = next((v for v in verdicts if v.item is None and p.stat in v.stats), None)
             # a document-level value wins; per-item values (or a per-chunk list) are averaged
-            vals = [doc.stats[p.stat]] if doc is not None else \
-                [v.stats[p.stat] for v in verdicts if p.stat in v.stats]
+            vals = [doc.stats[p.stat]] if doc is not None else [v.stats[p.stat] for v in verdicts if p.stat in v.stats]
             flat = [float(x) for v in vals for x in (v if isinstance(v, list) else [v]) if x is not None]
             return sum(flat) / len(flat) if flat else None
         v = view.doc.meta.get(p.meta_field)
@@ -133,7 +132,7 @@ class TopK(Selector):
                 raise ValueError("k must be >= 0")
 
     def select(self):
-        return {d for d, _ in _ranked(self.values.items(), self.params.descending)[:self.params.k]}
+        return {d for d, _ in _ranked(self.values.items(), self.params.descending)[: self.params.k]}
 
 
 @register_op("top_fraction")
@@ -151,7 +150,7 @@ class TopFraction(Selector):
 
     def select(self):
         ranked = _ranked(self.values.items(), self.params.descending)
-        return {d for d, _ in ranked[:round(self.params.fraction * len(ranked))]}
+        return {d for d, _ in ranked[: round(self.params.fraction * len(ranked))]}
 
 
 @register_op("source_quota")
@@ -202,4 +201,4 @@ class SourceQuota(Selector):
         by_source: dict[str, list] = {}
         for d, v in _ranked(self.values.items(), self.params.descending):
             by_source.setdefault(v[2], []).append(d)
-        return {d for ds in by_source.values() for d in ds[:self.params.max_docs]}
+        return {d for ds in by_source.values() for d in ds[: self.params.max_docs]}

@@ -111,19 +111,26 @@ class ImageTextSimilarityFilter(Op):
             for i, cap in image_caption_pairs(view):
                 if i in pils:
                     [s] = self._similarities(view.doc.items[cap].text, [pils[i]])
-                    out.append(Verdict(None if self._in_range(s) else "low_image_text_similarity",
-                                       {"similarity": round(s, 6), "caption_item": cap}, item=i))
+                    out.append(
+                        Verdict(
+                            None if self._in_range(s) else "low_image_text_similarity",
+                            {"similarity": round(s, 6), "caption_item": cap},
+                            item=i,
+                        )
+                    )
             return out
         scores = []
         for texts, images in chunks(view):
             images = [i for i in images if i in pils]
             text = " ".join(view.doc.items[t].text.strip() for t in texts).strip()
             if images and text:
-                scores.append(reduce_scores(self._similarities(text, [pils[i] for i in images]),
-                                            self.params.reduce_mode))
+                scores.append(
+                    reduce_scores(self._similarities(text, [pils[i] for i in images]), self.params.reduce_mode)
+                )
         if scores:
             ok = [self._in_range(s) for s in scores]
             keep = any(ok) if self.params.any_or_all == "any" else all(ok)
-            out.append(Verdict(None if keep else "low_image_text_similarity",
-                               {"similarity": [round(s, 6) for s in scores]}))
+            out.append(
+                Verdict(None if keep else "low_image_text_similarity", {"similarity": [round(s, 6) for s in scores]})
+            )
         return out

@@ -14,7 +14,8 @@ _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")  # runs of letters (any script),
 _TOKEN = re.compile(r"\S+")
 
 # The most frequent English function words (closed-class words that any English prose is full of).
-EN_STOPWORDS = frozenset("""
+EN_STOPWORDS = frozenset(
+    """
 a about above after again against all am an and any are as at be because been before being below between
 both but by can could did do does doing down during each few for from further had has have having he her
 here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not
@@ -22,18 +23,24 @@ now of off on once only or other our ours out over own same she should so some s
 theirs them themselves then there these they this those through to too under until up very was we were
 what when where which while who whom why will with would you your yours yourself also may might must shall
 upon within without one two three four five six seven eight nine ten
-""".split())
+""".split()
+)
 
 # Function words of other common Latin-script languages. A text rich in these and poor in English
 # function words is not English (an offline language check needing no model).
-FOREIGN_STOPWORDS = frozenset("""
+FOREIGN_STOPWORDS = (
+    frozenset(
+        """
 le la les des du un une est et en dans sur avec pour pas qui que au aux ce cette sont il elle nous vous ils
 der die das und ist ein eine mit auf den dem nicht zu von sich auch im ist sind oben unten links rechts
 el los las del y es una con por para se lo al como más pero sus
 il della di che è gli per sono alla nel non uno
 o os da do das dos em um uma não com são
 het een van niet zijn op te dat
-""".split()) - EN_STOPWORDS
+""".split()
+    )
+    - EN_STOPWORDS
+)
 
 
 # English function words spelled like a function word of a language above (German "am", "an", "die",
@@ -76,7 +83,7 @@ def char_ngram_repetition(text: str, n: int) -> float:
     total = len(t) - n + 1
     if total <= 1:
         return 0.0
-    distinct = len({t[i:i + n] for i in range(total)})
+    distinct = len({t[i : i + n] for i in range(total)})
     return 1.0 - distinct / total
 
 
@@ -133,7 +140,8 @@ _VOWELS = set("aeiouy")
 _RARE_BIGRAMS = frozenset(
     "bq bx cj cx dx fq fx fz gq gx hx jb jc jd jf jg jh jj jk jl jm jn jp jq jr js jt jv jw jx jy jz kq kx kz "
     "mq mx mz pq px pz qa qb qc qd qe qf qg qh qi qj qk ql qm qn qo qp qq qr qs qt qv qw qx qy qz sx tq vb "
-    "vc vd vf vg vh vj vk vm vn vp vq vt vw vx vz wj wq wv wx wz xj xk xq xz yq yy zb zf zj zq zx".split())
+    "vc vd vf vg vh vj vk vm vn vp vq vt vw vx vz wj wq wv wx wz xj xk xq xz yq yy zb zf zj zq zx".split()
+)
 
 
 def implausible_word(w: str) -> bool:
@@ -153,7 +161,7 @@ def implausible_word(w: str) -> bool:
         if run_c >= 5 or run_v >= 5 or run_same >= 3:
             return True
         prev = c
-    return any(w[i:i + 2] in _RARE_BIGRAMS for i in range(len(w) - 1))
+    return any(w[i : i + 2] in _RARE_BIGRAMS for i in range(len(w) - 1))
 
 
 @register_op("gibberish")
@@ -213,10 +221,13 @@ class Stopwords(TextOp):
         return {
             "words": n,
             "en_stopword_ratio": round(sum(w in EN_STOPWORDS and w not in SHARED_STOPWORDS for w in ws) / n, 4)
-            if n else 0.0,
+            if n
+            else 0.0,
             "foreign_stopword_ratio": round(
-                sum(w in FOREIGN_STOPWORDS and w not in SHARED_STOPWORDS for w in ws) / n, 4)
-            if n else 0.0,
+                sum(w in FOREIGN_STOPWORDS and w not in SHARED_STOPWORDS for w in ws) / n, 4
+            )
+            if n
+            else 0.0,
             "non_ascii_ratio": round(sum(not c.isascii() for c in letters) / len(letters), 4) if letters else 0.0,
         }
 
@@ -224,8 +235,11 @@ class Stopwords(TextOp):
         p = self.params
         if s["non_ascii_ratio"] > p.max_non_ascii_ratio:
             return "non_english"
-        if s["words"] >= 2 and s["foreign_stopword_ratio"] > p.max_foreign_ratio \
-                and s["foreign_stopword_ratio"] > s["en_stopword_ratio"]:
+        if (
+            s["words"] >= 2
+            and s["foreign_stopword_ratio"] > p.max_foreign_ratio
+            and s["foreign_stopword_ratio"] > s["en_stopword_ratio"]
+        ):
             return "non_english"
         if s["words"] >= p.min_words and s["en_stopword_ratio"] < p.min_en_ratio:
             return "non_english"

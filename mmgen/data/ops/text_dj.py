@@ -87,7 +87,7 @@ def dj_char_repetition(text: str, n: int) -> float:
     min(floor(sqrt(#distinct)), #distinct repeated) n-gram counts over all n-gram occurrences."""
     counts: dict[str, int] = {}
     for i in range(len(text) - n + 1):
-        g = text[i:i + n]
+        g = text[i : i + n]
         counts[g] = counts.get(g, 0) + 1
     if not counts:
         return 0.0
@@ -131,7 +131,7 @@ class WordRepetitionFilter(RangeTextOp):
         n = self.params.rep_len
         counts: dict[str, int] = {}
         for i in range(len(ws) - n + 1):
-            g = " ".join(ws[i:i + n])
+            g = " ".join(ws[i : i + n])
             counts[g] = counts.get(g, 0) + 1
         total = sum(counts.values())
         return sum(f for f in counts.values() if f > 1) / total if total else 0.0
@@ -205,7 +205,8 @@ def _word_list(words: list[str], path: str | None) -> frozenset[str]:
                 return frozenset(w.strip().lower() for w in f if w.strip())
         except OSError as e:
             raise MMGenError(
-                f"cannot read word list {path}: {e.strerror} (give a text file, one word a line)") from None
+                f"cannot read word list {path}: {e.strerror} (give a text file, one word a line)"
+            ) from None
     return frozenset(w.lower() for w in words)
 
 
@@ -245,9 +246,31 @@ class StopwordsFilter(WordListRatio):
 
 
 # A short default list of adult and spam terms; real pipelines pass a curated list in words_file.
-FLAGGED_WORDS = ("porn", "porno", "xxx", "sex", "sexy", "nude", "nudes", "escort", "escorts", "hentai",
-                 "milf", "fuck", "fucking", "shit", "bitch", "viagra", "cialis", "casino", "betting",
-                 "jackpot", "onlyfans", "camgirl", "camgirls")
+FLAGGED_WORDS = (
+    "porn",
+    "porno",
+    "xxx",
+    "sex",
+    "sexy",
+    "nude",
+    "nudes",
+    "escort",
+    "escorts",
+    "hentai",
+    "milf",
+    "fuck",
+    "fucking",
+    "shit",
+    "bitch",
+    "viagra",
+    "cialis",
+    "casino",
+    "betting",
+    "jackpot",
+    "onlyfans",
+    "camgirl",
+    "camgirls",
+)
 
 
 @register_op("flagged_words_filter")
