@@ -13,7 +13,7 @@ import torch
 from mmgen.errors import MediaError, MMGenError
 
 from trainkit import TINY_AUDIO_CODEC as TINY
-from trainkit import tiny_pixel_vq
+from trainkit import assert_logged_run, tiny_pixel_vq
 
 REAL_AUDIO = ["audio1.wav", "audio3.ogg", "video1.mp4", "video4.mp4"]
 
@@ -156,6 +156,7 @@ def test_training_writes_codec_eval_and_resumes_exactly(tmp_path, real_dir):
     rep = json.loads((tmp_path / "full" / "eval.json").read_text())
     assert rep["tokens_per_second"] == 100 and rep["real_tails"]["clips"] == 1 and "si_snr_db" in rep["heldout_speech"]
     assert AudioCodec.from_pretrained(full).n_q == 2
+    assert_logged_run(tmp_path / "full")
 
     train_audio_tokenizer(_train_cfg(tmp_path / "cut", real_dir, steps=2, eval_captions=0))
     resumed = train_audio_tokenizer(_train_cfg(tmp_path / "cut", real_dir, resume=True, eval_captions=0))

@@ -9,6 +9,8 @@ import torch
 
 from mmgen.errors import MMGenError
 
+from trainkit import assert_logged_run
+
 MICRO_CFG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
@@ -127,7 +129,7 @@ def test_train_clip_tiny(tmp_path):
         ],
     )
     path = train_clip(cfg)
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = assert_logged_run(tmp_path)
     assert [r["step"] for r in rows] == [3, 6] and all(r["loss"] > 0 for r in rows)
     report = json.loads((tmp_path / "eval.json").read_text())
     # the report's numbers are what the saved model scores on the same held-out scenes

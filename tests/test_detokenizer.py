@@ -10,6 +10,8 @@ import torch
 
 from mmgen.errors import MMGenError
 
+from trainkit import assert_logged_run
+
 
 @pytest.fixture(scope="module")
 def vq_dir(tmp_path_factory):
@@ -116,6 +118,7 @@ def test_training_names_the_tokenizer_and_resumes_exactly(tmp_path, vq_dir):
     assert pipe.conditioner.config.tokenizer == str(vq_dir) and pipe.conditioner.config.tokenizer_type == "pixel_vq"
     assert "eval_psnr" in json.loads((tmp_path / "full" / "eval.json").read_text())
     assert (tmp_path / "full" / "samples.png").is_file()
+    assert_logged_run(tmp_path / "full")
 
     train_detokenizer(_cfg(tmp_path / "cut", vq_dir, steps=2, eval_images=0))
     resumed = train_detokenizer(_cfg(tmp_path / "cut", vq_dir, resume=True, eval_images=0))

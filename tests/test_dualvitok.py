@@ -12,7 +12,7 @@ import torch
 from mmgen.config import load_config
 from mmgen.errors import MediaError, MMGenError
 
-from trainkit import TEACHER_CFG, TINY_DUALVITOK, tiny_dualvitok_cfg
+from trainkit import TEACHER_CFG, TINY_DUALVITOK, assert_logged_run, tiny_dualvitok_cfg
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_train_resume_is_exact(teacher_dir, tmp_path, monkeypatch, gan, text):
         train_tokenizer(tiny_dualvitok_cfg(tmp_path / "part", teacher_dir, **over))
     monkeypatch.setattr(dt, "save_checkpoint", real_save)
     part = train_tokenizer(tiny_dualvitok_cfg(tmp_path / "part", teacher_dir, **over, resume=True))
-    m_full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    m_full = assert_logged_run(tmp_path / "full")
     m_part = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     drop = ("elapsed_s",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in m_full] == [

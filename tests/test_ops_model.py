@@ -15,6 +15,8 @@ from mmgen.data.doc import Doc, Image, Text
 from mmgen.data.ops import DocView, build_op
 from mmgen.errors import MMGenError
 
+from trainkit import assert_logged_run
+
 
 def _captions(n, seed=0):
     from mmgen.world import caption, random_scene
@@ -168,6 +170,7 @@ def quality_model(tmp_path_factory):
 def test_quality_scorer_learns_levels(quality_model):
     out, m = quality_model
     assert (out / "quality_model.safetensors").is_file()
+    assert [r["epoch"] for r in assert_logged_run(out)] == list(range(1, 9))
     by = m["mean_score_by_level"]
     assert m["accuracy"] > 0.4  # chance is 0.25
     assert by[0] < 0.15 and min(by[1], by[2], by[3]) > by[0] + 0.4

@@ -11,7 +11,7 @@ import torch
 
 from mmgen.errors import MMGenError
 
-from trainkit import tiny_run, write_caption_shard
+from trainkit import assert_logged_run, tiny_run, write_caption_shard
 
 COLORS = ["red", "blue", "green", "yellow"]
 SHAPES = ["circle", "square", "cross", "triangle"]
@@ -104,7 +104,7 @@ def test_one_deepspeed_step_writes_checkpoint_metrics_and_a_bundle_that_reloads(
 
     out, final = one_step_run
     assert final == out / "final"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = assert_logged_run(out)
     assert [r["step"] for r in rows] == [1]
     assert np.isfinite(rows[0]["loss"]) and rows[0]["tokens_per_s"] > 0 and rows[0]["fill_rate"] > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_1"

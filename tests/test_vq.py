@@ -13,6 +13,8 @@ import torch
 from mmgen.config import load_config
 from mmgen.errors import MediaError, MMGenError
 
+from trainkit import assert_logged_run
+
 TINY_MODEL = {
     "channels": [8, 16],
     "layers_per_block": 1,
@@ -330,7 +332,7 @@ def test_training_lowers_loss_and_writes_metrics_and_eval(trained):
     from mmgen.tokenizers import load_image_tokenizer
 
     out, tok_dir = trained
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = assert_logged_run(out)  # metrics.jsonl, TensorBoard and loss.png
     assert [r["step"] for r in rows] == [4, 8, 12]
     for key in ("loss", "recon", "commitment", "codebook", "usage", "perplexity", "psnr", "lr"):
         assert key in rows[0]

@@ -170,3 +170,22 @@ def tiny_dualvitok_cfg(out_dir, teacher_dir, **over):
     }
     base.update(over)
     return load_config(TokenizerTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+def assert_logged_run(out_dir) -> list[dict]:
+    """A trainer's run directory holds the shared metric log (mmgen.utils.metric_log): metrics.jsonl rows,
+    TensorBoard events carrying the same losses at the same steps, and a PNG loss plot. Returns the rows."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = Path(out_dir)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("step" in r and "loss" in r for r in rows)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in logged] == [r["step"] for r in rows]
+    assert np.allclose([v for _, v in logged], [r["loss"] for r in rows], rtol=1e-6)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows

@@ -33,6 +33,7 @@ from mmgen.backbones.clip import (
 )
 from mmgen.config import save_config
 from mmgen.errors import MMGenError
+from mmgen.utils.metric_log import MetricLogger
 from mmgen.world import COLORS, SHAPES, caption, random_scene, render, render_side
 from mmgen.world.text import EMPTY_CELL, all_cell_phrases, cell_phrases, position_phrase, swap_attribute
 
@@ -188,7 +189,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))
     )
-    metrics = open(out / "metrics.jsonl", "w")
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # CLIP training does not resume: a fresh log
+    metrics = MetricLogger(out, loss_keys=("cell_loss", "hard_negative_loss"))
     t0 = time.time()
     model.train()
     for step in tqdm(range(cfg.steps), desc="train clip", disable=not cfg.progress, leave=False):
@@ -227,19 +229,15 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
             extra = {"cell_loss": round(region.item(), 5)} if cfg.cell_weight > 0 else {}
             if cfg.hard_negatives > 0:
                 extra["hard_negative_loss"] = round(hard.item(), 5)
-            metrics.write(
-                json.dumps(
-                    {
-                        "step": step + 1,
-                        "loss": round(loss.item(), 5),
-                        **extra,
-                        "logit_scale": round(model.logit_scale.exp().item(), 3),
-                        "elapsed_s": round(time.time() - t0, 1),
-                    }
-                )
-                + "\n"
+            metrics.log(
+                {
+                    "step": step + 1,
+                    "loss": round(loss.item(), 5),
+                    **extra,
+                    "logit_scale": round(model.logit_scale.exp().item(), 3),
+                    "elapsed_s": round(time.time() - t0, 1),
+                }
             )
-            metrics.flush()
     metrics.close()
     model.eval()
     path = save_clip(model, out / "clip", cfg.model)

@@ -34,6 +34,7 @@ from mmgen.tokenizers import load_image_tokenizer
 from mmgen.tokenizers.train_data import square_image
 from mmgen.tokenizers.vq import psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
+from mmgen.utils.metric_log import MetricLogger
 from mmgen.utils.pixels import tensor_to_pil, uint8_to_unit
 from mmgen.world import random_scene, render
 
@@ -217,7 +218,8 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     model = torch.nn.ModuleDict({"unet": pipe.unet, "conditioner": pipe.conditioner})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-    start, metrics_path = resume_or_start(out, cfg.resume, model, opt), out / "metrics.jsonl"
+    start = resume_or_start(out, cfg.resume, model, opt)
+    metrics = MetricLogger(out)
 
     model.train()
     total, n_win, t0 = 0.0, 0, time.time()
@@ -267,13 +269,13 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
                 "lr": _lr(cfg, step),
                 "elapsed_s": round(time.time() - t0, 2),
             }
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            metrics.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             total, n_win = 0.0, 0
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save_checkpoint(out / "checkpoints", model, opt, done, cfg.keep_checkpoints)
     bar.close()
+    metrics.close()
     train_s = time.time() - t0
 
     model.eval()

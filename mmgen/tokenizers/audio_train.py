@@ -31,6 +31,7 @@ from mmgen.data.media import decode_audio
 from mmgen.errors import MediaError, MMGenError
 from mmgen.tokenizers.audio import AudioCodec, AudioCodecConfig, codebook_usage, log_mel, mel_l1, si_snr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
+from mmgen.utils.metric_log import MetricLogger
 from mmgen.world import random_scene
 from mmgen.world.media import speak
 from mmgen.world.text import caption
@@ -233,7 +234,8 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     def sched(step):
         return cfg.lr * min(1.0, (step + 1) / 20)
 
-    start, metrics_path = resume_or_start(out, cfg.resume, state, opt), out / "metrics.jsonl"
+    start = resume_or_start(out, cfg.resume, state, opt)
+    metrics = MetricLogger(out, loss_keys=("mel_l1",))
 
     model.train()
     window: dict[str, float] = {}
@@ -270,13 +272,13 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
                 "usage": round(tracker.window_usage(), 5),
                 "elapsed_s": round(time.time() - t0, 2),
             }
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            metrics.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", mel=f"{rec['mel_l1']:.3f}")
             window, n_window = {}, 0
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save_checkpoint(out / "checkpoints", state, opt, done, cfg.keep_checkpoints)
     bar.close()
+    metrics.close()
     train_s = time.time() - t0
 
     codec.eval()

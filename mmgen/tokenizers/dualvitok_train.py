@@ -44,6 +44,7 @@ from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_conf
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
+from mmgen.utils.metric_log import MetricLogger
 from mmgen.utils.pixels import through_uint8, uint8_to_unit
 from mmgen.utils.precision import autocast, float32_outputs, resolved_precision
 from mmgen.world import all_cell_phrases, cell_phrases
@@ -296,8 +297,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
         }
     )
 
-    metrics_path = out / "metrics.jsonl"
     start = resume_or_start(out, cfg.resume, holder, opt, extra)
+    metrics = MetricLogger(out, loss_keys=("l1", "feature", "quant", "perceptual"))
 
     holder.train()
     for m in frozen:
@@ -355,12 +356,12 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
                 "psnr": round(10 * math.log10(4.0 / max(window["mse"] / n_win, 1e-10)), 3),
                 "elapsed_s": round(time.time() - t0, 2),
             }
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            metrics.log(rec)
             window, n_win, restarts = {}, 0, 0
             counts = {n: torch.zeros_like(c) for n, c in counts.items()}
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save_checkpoint(out / "checkpoints", holder, opt, done, cfg.keep_checkpoints, extra)
+    metrics.close()
 
     model.eval()
     pruned = {level: model.prune_codes(level, train_x, cfg.prune_min_share) for level in cfg.prune_codes}

@@ -37,6 +37,7 @@ from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_conf
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import PixelVQ, psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
+from mmgen.utils.metric_log import MetricLogger
 from mmgen.utils.pixels import through_uint8, uint8_to_unit
 from mmgen.utils.precision import autocast, float32_outputs, resolved_precision
 
@@ -91,8 +92,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         betas=(0.9, 0.99),
     )
 
-    metrics_path = out / "metrics.jsonl"
     start = resume_or_start(out, cfg.resume, model, opt)
+    metrics = MetricLogger(out, loss_keys=("recon", "codebook", "commitment"))
 
     model.train()
     window: dict[str, float] = {}
@@ -159,13 +160,13 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                 "psnr": round(float(10 * math.log10(4.0 / max(window["mse"] / window_steps, 1e-10))), 3),
                 "elapsed_s": round(time.time() - t0, 2),
             }
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec_) + "\n")
+            metrics.log(rec_)
             bar.set_postfix(loss=f"{rec_['loss']:.4f}", psnr=f"{rec_['psnr']:.1f}", usage=f"{rec_['usage']:.2f}")
             window, window_counts, window_steps, restarts = {}, torch.zeros(model.codebook_size), 0, 0
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save_checkpoint(out / "checkpoints", model, opt, done, cfg.keep_checkpoints)
     bar.close()
+    metrics.close()
 
     model.eval()
     tok_dir = out / "tokenizer"

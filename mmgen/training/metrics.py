@@ -1,10 +1,9 @@
-"""Metric logging helpers: a window of step metrics, peak memory, and the PNG loss plot."""
+"""The LM trainer's step metrics: a window of sums all-reduced over ranks, and peak memory (the rows go
+to :class:`mmgen.utils.metric_log.MetricLogger`)."""
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -58,31 +57,3 @@ class MetricWindow:
         row["_tokens"] = int(v[2].item())
         self.reset()
         return row
-
-
-def plot_losses(metrics_path: Path, png: Path) -> Path | None:
-    """The loss curves (total and per modality) of a run's metrics.jsonl as a PNG."""
-    if not metrics_path.is_file():
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    keys = ["loss"] + sorted({k for r in rows for k in r if k.startswith("loss_")})
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=2 if k == "loss" else 1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png

@@ -35,6 +35,7 @@ from mmgen.data.ops.quality import (
     score_pairs,
 )
 from mmgen.errors import MMGenError
+from mmgen.utils.metric_log import MetricLogger
 from mmgen.world import COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, caption, random_scene, render
 from mmgen.world.text import gibberish
 
@@ -102,9 +103,15 @@ def train_quality(
     inputs = batch_inputs([x[0] for x in train], [x[1] for x in train], cfg)
     labels = torch.tensor([x[2] for x in train])
     order = torch.Generator().manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # training does not resume: a fresh log
+    log = MetricLogger(out)
     model.train()
-    for _ in range(epochs):
+    step = 0
+    for epoch in range(epochs):
         perm = torch.randperm(len(train), generator=order)
+        total, n = 0.0, 0
         for s in range(0, len(train), batch_size):
             idx = perm[s : s + batch_size]
             loss = F.cross_entropy(model(*_select(inputs, idx)), labels[idx])
@@ -112,10 +119,11 @@ def train_quality(
             loss.backward()
             opt.step()
             sched.step()
+            total, n, step = total + loss.item(), n + 1, step + 1
+        log.log({"step": step, "epoch": epoch + 1, "loss": round(total / n, 6), "lr": sched.get_last_lr()[0]})
+    log.close()
     model.eval()
     metrics = evaluate(model, val)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
     (out / CONFIG_FILE).write_text(
         json.dumps(

@@ -35,10 +35,11 @@ from mmgen.training.config import TrainConfig, check_global_batch, load_train_co
 from mmgen.training.data import MemoryBatches, StreamedBatches, prepare_data
 from mmgen.training.distributed import barrier, gather, init_distributed
 from mmgen.training.losses import lm_loss, modality_names, modality_weights
-from mmgen.training.metrics import MetricWindow, peak_rss_mib, plot_losses
+from mmgen.training.metrics import MetricWindow, peak_rss_mib
 from mmgen.training.model_setup import FEATURE_SOURCES, build_model, continuous_input_table, model_dtype
 from mmgen.training.optim import build_optimizer, deepspeed_config
 from mmgen.training.qlora import load_quantized_module, parameter_bytes
+from mmgen.utils.metric_log import MetricLogger
 from mmgen.utils.precision import autocast, resolved_precision
 
 
@@ -116,11 +117,7 @@ def run_training(cfg: TrainConfig) -> Path:
     attention = "varlen" if cfg.model.attn_implementation.startswith("flash") else "mask"
     weights = modality_weights(vocab, cfg.loss.weights)
     names = modality_names(vocab)
-    writer = None
-    if rank == 0 and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    metrics = MetricLogger(out_dir, tensorboard=cfg.tensorboard, enabled=rank == 0)
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm.auto import tqdm
@@ -136,7 +133,6 @@ def run_training(cfg: TrainConfig) -> Path:
 
     window = MetricWindow(len(names))
     run_tokens, last = 0, {}
-    metrics_path = out_dir / "metrics.jsonl"
     engine.train()
     for step in range(start, cfg.steps):
         step_batches, denom = batches.step(step, dtype, attention)
@@ -169,15 +165,9 @@ def run_training(cfg: TrainConfig) -> Path:
         if done % cfg.log_every == 0 or done == cfg.steps:
             last = window.flush(world, done, n_rows, cfg, fill, scheduler.get_last_lr()[0], names, t_run)
             run_tokens += last.pop("_tokens")
-            if rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-                if writer is not None:
-                    for k, v in last.items():
-                        if k not in ("step", "epoch", "elapsed_s"):
-                            writer.add_scalar(f"train/{k}", v, done)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            metrics.log(last)
+            if bar is not None:  # rank 0's
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
         if done % cfg.save_every == 0 or done == cfg.steps:
@@ -200,8 +190,7 @@ def run_training(cfg: TrainConfig) -> Path:
             snap_s += time.perf_counter() - t_snap
     if bar is not None:
         bar.close()
-    if writer is not None:
-        writer.close()
+    metrics.close()  # TensorBoard flushed, loss.png drawn
 
     run_s = time.perf_counter() - t_run - snap_s
     source_summary = batches.summary()
@@ -233,6 +222,5 @@ def run_training(cfg: TrainConfig) -> Path:
     save_run_bundle(engine, data, cfg, summary, final, out_dir / "lora_adapter", rank)
     if rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_losses(metrics_path, out_dir / "loss.png")
     barrier()
     return final
