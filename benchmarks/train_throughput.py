@@ -2,11 +2,13 @@
 
     python benchmarks/train_throughput.py                  # 600 ShapesWorld docs, rows of 512 and 1024, 2 rounds
     python benchmarks/train_throughput.py --docs 200 --steps 4 --no-write   # a quick look
-    python benchmarks/train_throughput.py --seq-len 256 512 --precision fp32 bf16   # bf16 autocast arms too
+    python benchmarks/train_throughput.py --code-grid 3 --seq-len 256 512 --precision fp32 bf16
+        # pictures of 9 codes as the quick start's code blocks, rows of 256 and 512, bf16 autocast arms too
 
 Both arms train the same tiny model (the ``tiny`` preset's Llama, built from config with the same
 seed) on the same token sequences: ShapesWorld caption, QA and build-up documents (the mixture of
-the tiny recipe without video and speech), images as 8x8 code grids of a pixel VQ built from config,
+the tiny recipe without video and speech), images as 8x8 code grids of a pixel VQ built from config
+(``--code-grid 3``: 3x3 grids, a picture as short as the quick start's code blocks make it),
 text through a byte-level BPE trained on the documents.
 
 (a) baseline: the Hugging Face model in a plain PyTorch loop (torch AdamW), batches of documents
@@ -55,7 +57,7 @@ MODEL = tiny_model()
 MIX = {"caption": 0.5, "qa": 0.25, "buildup": 0.25}
 
 
-def make_data(n_docs: int, work: Path, seed: int = 0):
+def make_data(n_docs: int, work: Path, seed: int = 0, grid: int = 8):
     """ShapesWorld docs -> code shards (for the trainer) and token sequences (for the baseline)."""
     from mmgen.data.code_shards import CodedDoc, CodeShardWriter
     from mmgen.data.doc import Image
@@ -66,7 +68,7 @@ def make_data(n_docs: int, work: Path, seed: int = 0):
     from mmgen.world.documents import generate_world
 
     torch.manual_seed(seed)
-    vq = PixelVQ(resolution=(64, 64), codebook_size=512).eval()  # 8x8 codes per 64x64 image
+    vq = PixelVQ(resolution=(8 * grid, 8 * grid), codebook_size=512).eval()  # grid x grid codes (downsample 8)
     coded = []
     for doc, _ in generate_world(n_docs, seed=seed, mix=MIX):
         idx = [i for i, it in enumerate(doc.items) if isinstance(it, Image)]
@@ -222,6 +224,7 @@ def main(argv=None) -> int:
         choices=["fp32", "bf16"],
         help="the trainer's precision (bf16: forward under autocast) for each row length",
     )
+    ap.add_argument("--code-grid", type=int, default=8, help="image code grid side (8: pixel codes, 3: code blocks)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     work = Path(tempfile.mkdtemp(prefix="train_tp_"))
     try:
-        shards, tok, vocab, seqs, codebook = make_data(args.docs, work)
+        shards, tok, vocab, seqs, codebook = make_data(args.docs, work, grid=args.code_grid)
         lengths = np.array([len(s["input_ids"]) for s in seqs])
         step_tokens = args.micro_batch * args.seq_len[0]
         batch_docs = max(1, round(step_tokens / lengths.mean() * 0.97))
@@ -300,7 +303,8 @@ def main(argv=None) -> int:
         )
     body = "\n".join(
         [
-            f"{len(seqs)} ShapesWorld documents (caption/QA/build-up; {lengths.mean():.0f} tokens on average, "
+            f"{len(seqs)} ShapesWorld documents (caption/QA/build-up, pictures as {args.code_grid}x{args.code_grid} "
+            f"codes; {lengths.mean():.0f} tokens on average, "
             f"{lengths.min()}-{lengths.max()}), the tiny preset's Llama ({params / 1e6:.2f}M parameters), "
             f"{step_tokens} tokens per step in every arm, {args.steps} timed steps after {args.warmup} warm-up steps "
             f"per arm, {args.rounds} rounds run interleaved (a, b, b', a, b, b', ...) on a shared machine; medians "
@@ -326,12 +330,10 @@ def main(argv=None) -> int:
     print(body)
     if not args.no_write:
         name = "train_throughput" if args.device == "cpu" else "train_throughput_gpu"
-        write_section(
-            name,
-            "Training throughput: packing + DeepSpeed vs a padded PyTorch loop"
-            + (" (GPU, bf16)" if args.device == "cuda" else ""),
-            body,
-        )
+        title = "Training throughput: packing + DeepSpeed vs a padded PyTorch loop"
+        if args.code_grid != 8:  # its own section: the pixel-code one stays
+            name, title = f"{name}_grid{args.code_grid}", f"{title}, {args.code_grid}x{args.code_grid} code pictures"
+        write_section(name, title + (" (GPU, bf16)" if args.device == "cuda" else ""), body)
     return 0
 
 
