@@ -34,7 +34,6 @@ from mmgen.backbones.clip import (
 from mmgen.config import save_config
 from mmgen.errors import MMGenError
 from mmgen.utils.metric_log import MetricLogger
-from mmgen.utils.schedules import lr_scheduler
 from mmgen.world import COLORS, SHAPES, caption, random_scene, render, render_side
 from mmgen.world.text import EMPTY_CELL, all_cell_phrases, cell_phrases, position_phrase, swap_attribute
 
@@ -187,7 +186,9 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = lr_scheduler(opt, "cosine", cfg.warmup_steps, cfg.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))
+    )
     (out / "metrics.jsonl").unlink(missing_ok=True)  # CLIP training does not resume: a fresh log
     metrics = MetricLogger(out, loss_keys=("cell_loss", "hard_negative_loss"))
     t0 = time.time()
