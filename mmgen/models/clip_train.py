@@ -189,8 +189,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))
     )
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # CLIP training does not resume: a fresh log
-    metrics = MetricLogger(out, loss_keys=("cell_loss", "hard_negative_loss"))
+    metrics = MetricLogger(out, loss_keys=("cell_loss", "hard_negative_loss"), fresh=True)  # CLIP does not resume
     t0 = time.time()
     model.train()
     for step in tqdm(range(cfg.steps), desc="train clip", disable=not cfg.progress, leave=False):

@@ -105,8 +105,7 @@ def train_quality(
     order = torch.Generator().manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # training does not resume: a fresh log
-    log = MetricLogger(out)
+    log = MetricLogger(out, fresh=True)  # training does not resume
     model.train()
     step = 0
     for epoch in range(epochs):

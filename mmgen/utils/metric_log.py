@@ -23,13 +23,21 @@ class MetricLogger:
     """Appends rows to ``out_dir/metrics.jsonl`` (a resumed run continues the file) and mirrors their
     numbers to TensorBoard. ``enabled=False`` (ranks other than 0) makes every call a no-op;
     ``tensorboard=False`` keeps only the JSONL and the plot. ``loss_keys``: the curves of loss.png
-    beside ``loss`` and every ``loss_*`` key."""
+    beside ``loss`` and every ``loss_*`` key. ``fresh=True`` starts a new metrics.jsonl (trainers that do
+    not resume; the others leave the file to :func:`mmgen.utils.checkpoints.resume_or_start`)."""
 
     def __init__(
-        self, out_dir: str | Path, tensorboard: bool = True, enabled: bool = True, loss_keys: tuple[str, ...] = ()
+        self,
+        out_dir: str | Path,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        loss_keys: tuple[str, ...] = (),
+        fresh: bool = False,
     ):
         self.out_dir, self.enabled, self.loss_keys = Path(out_dir), enabled, loss_keys
         self.path = self.out_dir / "metrics.jsonl"
+        if enabled and fresh:
+            self.path.unlink(missing_ok=True)
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
