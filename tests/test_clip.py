@@ -149,6 +149,31 @@ def test_train_clip_tiny(tmp_path):
         train_clip(load_config(ClipTrainConfig, None, ["batch_size=1", f"out_dir={tmp_path}"]))
 
 
+def test_clip_training_resumes_where_it_stopped(tmp_path):
+    """A run stopped after 3 of 6 steps and resumed ends with the uninterrupted run's weights and log."""
+    from safetensors.torch import load_file
+
+    from mmgen.config import load_config
+    from mmgen.models.clip_train import ClipTrainConfig, train_clip
+
+    def cfg(out, **over):
+        base = {"model": MICRO_CFG, "train_pairs": 48, "eval_scenes": 4, "steps": 6, "batch_size": 8}
+        base.update({"warmup_steps": 2, "log_every": 1, "ckpt_every": 3, "threads": 1, "progress": False})
+        base.update(out_dir=str(out), hard_negatives=0.5, **over)
+        return load_config(ClipTrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+    full = train_clip(cfg(tmp_path / "full"))
+    train_clip(cfg(tmp_path / "cut", steps=3))
+    resumed = train_clip(cfg(tmp_path / "cut", resume=True))
+    a, b = assert_logged_run(tmp_path / "full"), assert_logged_run(tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "eval.json").read_text())["resumed_from"] == 3
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa = load_file(str(next(full.glob("*.safetensors"))))
+    wb = load_file(str(next(resumed.glob("*.safetensors"))))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_cell_phrases_and_region_loss(tmp_path):
     """Each cell of a scene gets its own phrase; the region loss trains the patch tokens toward them."""
     import random

@@ -176,6 +176,28 @@ def test_quality_scorer_learns_levels(quality_model):
     assert by[0] < 0.15 and min(by[1], by[2], by[3]) > by[0] + 0.4
 
 
+def test_quality_training_resumes_from_its_last_epoch_checkpoint(quality_model, tmp_path):
+    """A run stopped after epoch 7 of 8 (its last checkpoint removed) and resumed ends with the
+    uninterrupted run's weights and log."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from mmgen.training.quality import train_quality
+
+    out, _ = quality_model
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    *_, last = sorted((cut / "checkpoints").glob("step_*"))
+    shutil.rmtree(last)
+    (cut / "quality_model.safetensors").unlink()
+    train_quality(cut, examples=1600, epochs=8, seed=0, val_examples=200, resume=True)
+    assert sorted(p.name for p in (cut / "checkpoints").glob("step_*")) == ["step_00000175", "step_00000200"]
+    a, b = load_file(str(out / "quality_model.safetensors")), load_file(str(cut / "quality_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert assert_logged_run(cut) == assert_logged_run(out)
+
+
 def test_quality_score_op_node_doc_and_top_fraction(quality_model):
     from mmgen.data.ops.quality import load_quality, score_pairs
     from mmgen.data.ops.select import TopFraction

@@ -119,7 +119,7 @@ def tiny_run(code_shards, out_dir, settings: dict, **kw) -> list[str]:
         "micro_batch": 2,
         "log_every": 1,
         "progress": False,
-        "optim.warmup_steps": 1,
+        "optim.warmup_steps": 0,
         **settings,
         **kw,
     }

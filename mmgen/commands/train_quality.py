@@ -20,6 +20,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed for the examples and the initialisation."),
         image_size: int = typer.Option(32, "--image-size", help="Side the images are resized to."),
         lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (one-cycle schedule)."),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue from the latest epoch checkpoint in --out (same settings)."
+        ),
     ) -> None:
         """Train a small multimodal classifier on semi-synthetic image-caption pairs at four quality
         levels (3 matching caption, 2 one wrong attribute, 1 unrelated caption, 0 gibberish or noise
@@ -35,5 +38,5 @@ def register(app: typer.Typer) -> None:
         """
         from mmgen.training.quality import train_quality
 
-        m = train_quality(out, examples=examples, epochs=epochs, seed=seed, image_size=image_size, lr=lr)
+        m = train_quality(out, examples=examples, epochs=epochs, seed=seed, image_size=image_size, lr=lr, resume=resume)
         typer.echo(json.dumps(m, indent=1))

@@ -31,9 +31,10 @@ from mmgen.backbones.clip import (
     region_text_logits,
     save_clip,
 )
-from mmgen.config import save_config
 from mmgen.errors import MMGenError
+from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
 from mmgen.utils.metric_log import MetricLogger
+from mmgen.utils.schedules import lr_scheduler
 from mmgen.world import COLORS, SHAPES, caption, random_scene, render, render_side
 from mmgen.world.text import EMPTY_CELL, all_cell_phrases, cell_phrases, position_phrase, swap_attribute
 
@@ -60,6 +61,9 @@ class ClipTrainConfig:
     hard_negatives: float = 0.0
     out_dir: str = "runs/clip/tiny"
     log_every: int = 50
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from out_dir/checkpoints when a run was stopped
     seed: int = 0
     threads: int = 0
     progress: bool = True
@@ -165,11 +169,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
 
     if cfg.steps <= 0 or cfg.batch_size <= 1:
         raise MMGenError("steps must be positive and batch_size at least 2 (contrastive loss needs negatives)")
-    torch.set_num_threads(cfg.threads or max(1, min(8, torch.get_num_threads())))
+    out = prepare_run_dir(cfg)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
 
     model = build_open_clip(cfg.model)
     size = int(model.visual.image_size[0])
@@ -186,13 +187,14 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))
-    )
-    metrics = MetricLogger(out, loss_keys=("cell_loss", "hard_negative_loss"), fresh=True)  # CLIP does not resume
+    # Each step draws its batch and its hard negatives from seeds of its own, so a resumed run sees the
+    # batches an uninterrupted one would.
+    start = resume_or_start(out, cfg.resume, model, opt)
+    sched = lr_scheduler(opt, "cosine", cfg.warmup_steps, cfg.steps, start_step=start, peak_lr=cfg.lr)
+    metrics = MetricLogger(out, start, loss_keys=("cell_loss", "hard_negative_loss"))
     t0 = time.time()
     model.train()
-    for step in tqdm(range(cfg.steps), desc="train clip", disable=not cfg.progress, leave=False):
+    for step in tqdm(range(start, cfg.steps), desc="train clip", disable=not cfg.progress, leave=False):
         idx = torch.randint(
             0, len(pairs), (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)
         )
@@ -237,6 +239,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
                     "elapsed_s": round(time.time() - t0, 1),
                 }
             )
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(out / "checkpoints", model, opt, step + 1, cfg.keep_checkpoints)
     metrics.close()
     model.eval()
     path = save_clip(model, out / "clip", cfg.model)
@@ -244,6 +248,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     acc = zero_shot_accuracy(clip, [h[0] for h in held], [h[1] for h in held])
     report = {
         "steps": cfg.steps,
+        "resumed_from": start,
         "train_pairs": len(pairs),
         "train_seconds": round(time.time() - t0, 1),
         "parameters": sum(p.numel() for p in model.parameters()),

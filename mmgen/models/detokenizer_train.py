@@ -36,6 +36,7 @@ from mmgen.tokenizers.vq import psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
 from mmgen.utils.metric_log import MetricLogger
 from mmgen.utils.pixels import tensor_to_pil, uint8_to_unit
+from mmgen.utils.schedules import lr_scheduler
 from mmgen.world import random_scene, render
 
 
@@ -166,10 +167,6 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, edg
     return ((pred - target).pow(2) * w).sum() / (w.sum() * pred.shape[1])
 
 
-def _lr(cfg: DetokenizerTrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-
-
 def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     """Train the detokenizer; returns the saved pipeline's directory (``out_dir/pipeline``)."""
     from tqdm import tqdm
@@ -219,7 +216,8 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     start = resume_or_start(out, cfg.resume, model, opt)
-    metrics = MetricLogger(out)
+    sched = lr_scheduler(opt, "constant", cfg.warmup_steps, cfg.steps, start_step=start, peak_lr=cfg.lr)
+    metrics = MetricLogger(out, start)
 
     model.train()
     total, n_win, t0 = 0.0, 0, time.time()
@@ -252,13 +250,13 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
         if target is None:
             target = noise_sched.get_velocity(x0, noise, t)
         loss = weighted_mse(pred, target, x0, cfg.edge_weight)
-        for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step)
+        lr = opt.param_groups[0]["lr"]  # this step's, from the schedule
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        sched.step()
         total += loss.item()
         n_win += 1
         done = step + 1
@@ -266,7 +264,7 @@ def train_detokenizer(cfg: DetokenizerTrainConfig) -> Path:
             rec = {
                 "step": done,
                 "loss": round(total / n_win, 6),
-                "lr": _lr(cfg, step),
+                "lr": lr,
                 "elapsed_s": round(time.time() - t0, 2),
             }
             metrics.log(rec)

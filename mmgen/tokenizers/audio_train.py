@@ -32,11 +32,13 @@ from mmgen.errors import MediaError, MMGenError
 from mmgen.tokenizers.audio import AudioCodec, AudioCodecConfig, codebook_usage, log_mel, mel_l1, si_snr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
 from mmgen.utils.metric_log import MetricLogger
+from mmgen.utils.schedules import lr_scheduler
 from mmgen.world import random_scene
 from mmgen.world.media import speak
 from mmgen.world.text import caption
 
 REAL_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real"
+AUDIO_WARMUP_STEPS = 20  # the codec's schedule: this many warmup steps, then a constant rate
 
 
 @dataclass
@@ -231,11 +233,9 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     tracker = CodebookUsage(codec.n_q, codec.codebook_size, cfg.usage_decay)
     state = torch.nn.ModuleDict({"codec": model, "tracker": tracker})  # what a checkpoint holds
 
-    def sched(step):
-        return cfg.lr * min(1.0, (step + 1) / 20)
-
     start = resume_or_start(out, cfg.resume, state, opt)
-    metrics = MetricLogger(out, loss_keys=("mel_l1",))
+    sched = lr_scheduler(opt, "constant", AUDIO_WARMUP_STEPS, cfg.steps, start_step=start, peak_lr=cfg.lr)
+    metrics = MetricLogger(out, start, loss_keys=("mel_l1",))
 
     model.train()
     window: dict[str, float] = {}
@@ -251,14 +251,13 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         x = _crop_batch(clips, real_heads, cfg, seg, g)
-        for group in opt.param_groups:
-            group["lr"] = sched(step)
         loss, vals, fwd = codec_loss(model, x, cfg, sr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        sched.step()
         restart = cfg.restart_every > 0 and step % cfg.restart_every == 0
         vals["restarted_codes"] = tracker.update(model, fwd, cfg.dead_threshold, restart, g, opt)
         for k, v in vals.items():

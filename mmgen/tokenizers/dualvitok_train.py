@@ -1,7 +1,7 @@
 """Training DualViTok (``mmgen train-tokenizer`` with ``tokenizer: dualvitok``); plain PyTorch.
 
-Shares its configuration, data loading, losses and LR schedule with the pixel VQ trainer
-(:mod:`mmgen.tokenizers.train_config`, :mod:`~mmgen.tokenizers.train_data`, :mod:`~mmgen.tokenizers.losses`) and
+Shares its configuration, data loading, losses and LR schedule (:mod:`mmgen.utils.schedules`) with the pixel VQ
+trainer (:mod:`mmgen.tokenizers.train_config`, :mod:`~mmgen.tokenizers.train_data`, :mod:`~mmgen.tokenizers.losses`) and
 the safetensors checkpoints with every small trainer (:mod:`mmgen.utils.checkpoints`).
 
 Loss = L1 + L2 + edge on pixels
@@ -40,13 +40,14 @@ from mmgen.errors import MMGenError
 from mmgen.tokenizers.dualvitok import PatchGAN, build_dualvitok
 from mmgen.tokenizers.losses import pixel_losses
 from mmgen.tokenizers.quantizers import perplexity, usage_fraction
-from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_config, lr_at
+from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_config
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
 from mmgen.utils.metric_log import MetricLogger
 from mmgen.utils.pixels import through_uint8, uint8_to_unit
 from mmgen.utils.precision import autocast, float32_outputs, resolved_precision
+from mmgen.utils.schedules import lr_scheduler
 from mmgen.world import all_cell_phrases, cell_phrases
 
 
@@ -298,7 +299,8 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
     )
 
     start = resume_or_start(out, cfg.resume, holder, opt, extra)
-    metrics = MetricLogger(out, loss_keys=("l1", "feature", "quant", "perceptual"))
+    sched = lr_scheduler(opt, "cosine", cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, start, peak_lr=cfg.lr)
+    metrics = MetricLogger(out, start, loss_keys=("l1", "feature", "quant", "perceptual"))
 
     holder.train()
     for m in frozen:
@@ -317,9 +319,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)
         x = uint8_to_unit(train_x[idx])
-        lr = lr_at(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = opt.param_groups[0]["lr"]  # this step's, from the schedule
         with autocast(cfg.precision):  # the model's pass only: the losses compare float32 tensors
             o = model(x, generator=g)
         o = float32_outputs(o)
@@ -334,6 +334,7 @@ def train_dualvitok(cfg: TokenizerTrainConfig) -> Path:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
+        sched.step()
         if disc is not None and step >= cfg.gan_start:
             losses["disc"] = torch.tensor(_disc_step(disc, opt_d, o["recon"], x))
         if cfg.restart_every > 0 and (step + 1) % cfg.restart_every == 0:

@@ -33,13 +33,14 @@ from tqdm import tqdm
 from mmgen.errors import MMGenError
 from mmgen.tokenizers.dualvitok_train import train_dualvitok
 from mmgen.tokenizers.losses import pixel_losses
-from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_config, lr_at
+from mmgen.tokenizers.train_config import TokenizerTrainConfig, check_train_config
 from mmgen.tokenizers.train_data import load_training_images, save_recon_grid
 from mmgen.tokenizers.vq import PixelVQ, psnr
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
 from mmgen.utils.metric_log import MetricLogger
 from mmgen.utils.pixels import through_uint8, uint8_to_unit
 from mmgen.utils.precision import autocast, float32_outputs, resolved_precision
+from mmgen.utils.schedules import lr_scheduler
 
 
 def build_model(cfg: TokenizerTrainConfig):
@@ -93,7 +94,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     )
 
     start = resume_or_start(out, cfg.resume, model, opt)
-    metrics = MetricLogger(out, loss_keys=("recon", "codebook", "commitment"))
+    sched = lr_scheduler(opt, "cosine", cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, start, peak_lr=cfg.lr)
+    metrics = MetricLogger(out, start, loss_keys=("recon", "codebook", "commitment"))
 
     model.train()
     window: dict[str, float] = {}
@@ -111,8 +113,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(train_x), (cfg.batch_size,), generator=g)
         x = uint8_to_unit(train_x[idx])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+        lr = opt.param_groups[0]["lr"]  # this step's, from the schedule
         with autocast(cfg.precision):  # the model's pass only: the losses compare float32 tensors
             recon, _codes, st = model(x)
         recon, st = recon.float(), float32_outputs(st)
@@ -124,6 +125,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        sched.step()
         if cfg.restart_every > 0 and (step + 1) % cfg.restart_every == 0:
             dead = model.quantizer.restart_dead_codes(cfg.dead_threshold, generator=g)
             if dead.numel():
@@ -156,7 +158,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
                 "usage": round(float((window_counts > 0).float().mean()), 4),
                 "window_perplexity": round(_perplexity(window_counts), 2),
                 "restarted_codes": restarts,
-                "lr": round(lr_at(cfg, step), 8),
+                "lr": round(lr, 8),
                 "psnr": round(float(10 * math.log10(4.0 / max(window["mse"] / window_steps, 1e-10))), 3),
                 "elapsed_s": round(time.time() - t0, 2),
             }

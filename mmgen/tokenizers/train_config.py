@@ -1,12 +1,11 @@
-"""The configuration of the image-tokenizer trainers (pixel VQ and DualViTok), its checks and the
-learning-rate schedule it describes.
+"""The configuration of the image-tokenizer trainers (pixel VQ and DualViTok) and its checks. Both train
+with a warmup and a cosine decay to ``min_lr_ratio`` of ``lr`` (:func:`mmgen.utils.schedules.lr_scheduler`).
 
     cfg = load_config(TokenizerTrainConfig, "tokenizers/tiny_vq.yaml", ["steps=50"])
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from mmgen.errors import MMGenError
@@ -140,10 +139,3 @@ def check_train_config(cfg: TokenizerTrainConfig) -> None:
     if cfg.lr <= 0:
         raise MMGenError(f"lr must be positive, got {cfg.lr}")
     check_precision(cfg.precision)
-
-
-def lr_at(cfg: TokenizerTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))

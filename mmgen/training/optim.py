@@ -1,29 +1,12 @@
-"""Optimisation: AdamW with a warmup + decay schedule, and the DeepSpeed config the run hands
-``deepspeed.initialize``."""
+"""Optimisation: AdamW with a warmup + decay schedule (:mod:`mmgen.utils.schedules`), and the DeepSpeed
+config the run hands ``deepspeed.initialize``."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from mmgen.training.config import TrainConfig, read_deepspeed_config
-
-
-def lr_lambda(cfg: TrainConfig):
-    o = cfg.optim
-
-    def f(step: int) -> float:
-        if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        span = max(1, cfg.steps - o.warmup_steps)
-        t = min(1.0, (step - o.warmup_steps) / span)
-        decay = 0.5 * (1 + math.cos(math.pi * t)) if o.schedule == "cosine" else 1 - t
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
-
-    return f
+from mmgen.utils.schedules import lr_scheduler
 
 
 def build_optimizer(model, cfg: TrainConfig):
@@ -39,7 +22,8 @@ def build_optimizer(model, cfg: TrainConfig):
         if g["params"]
     ]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    # at step 0: a resumed run seeks it to the checkpoint's step (see the trainer)
+    sched = lr_scheduler(opt, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
     return opt, sched
 
 

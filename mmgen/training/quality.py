@@ -35,6 +35,7 @@ from mmgen.data.ops.quality import (
     score_pairs,
 )
 from mmgen.errors import MMGenError
+from mmgen.utils.checkpoints import resume_or_start, save_checkpoint
 from mmgen.utils.metric_log import MetricLogger
 from mmgen.world import COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, caption, random_scene, render
 from mmgen.world.text import gibberish
@@ -89,9 +90,11 @@ def train_quality(
     batch_size: int = 64,
     lr: float = 3e-3,
     val_examples: int = 400,
+    resume: bool = False,
 ) -> dict:
     """Train the scorer on ``examples`` generated pairs; save it to ``out``; return validation
-    accuracy, per-level mean score and the path."""
+    accuracy, per-level mean score and the path. A checkpoint is kept after each epoch (the last two):
+    ``resume`` continues from the latest one, with the epochs' shuffles an uninterrupted run draws."""
     if examples < N_LEVELS * 4 or epochs < 1:
         raise MMGenError("train-quality needs --examples >= 16 and --epochs >= 1")
     torch.manual_seed(seed)
@@ -99,16 +102,22 @@ def train_quality(
     model = build_model(cfg)
     train, val = make_examples(examples, seed), make_examples(val_examples, seed + 1_000_003)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * -(-len(train) // batch_size))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = -(-len(train) // batch_size)
+    step = resume_or_start(out, resume, model, opt)  # epoch ends only: a multiple of steps_per_epoch
+    # one cycle over the whole run; a resumed run rebuilds it at its step from the restored groups
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, last_epoch=step - 1 if step else -1
+    )
     inputs = batch_inputs([x[0] for x in train], [x[1] for x in train], cfg)
     labels = torch.tensor([x[2] for x in train])
     order = torch.Generator().manual_seed(seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricLogger(out, fresh=True)  # training does not resume
+    for _ in range(step // steps_per_epoch):  # the shuffles of the epochs already trained
+        torch.randperm(len(train), generator=order)
+    log = MetricLogger(out, step)
     model.train()
-    step = 0
-    for epoch in range(epochs):
+    for epoch in range(step // steps_per_epoch, epochs):
         perm = torch.randperm(len(train), generator=order)
         total, n = 0.0, 0
         for s in range(0, len(train), batch_size):
@@ -120,6 +129,7 @@ def train_quality(
             sched.step()
             total, n, step = total + loss.item(), n + 1, step + 1
         log.log({"step": step, "epoch": epoch + 1, "loss": round(total / n, 6), "lr": sched.get_last_lr()[0]})
+        save_checkpoint(out / "checkpoints", model, opt, step, keep=2)
     log.close()
     model.eval()
     metrics = evaluate(model, val)

@@ -41,6 +41,7 @@ from mmgen.training.optim import build_optimizer, deepspeed_config
 from mmgen.training.qlora import load_quantized_module, parameter_bytes
 from mmgen.utils.metric_log import MetricLogger
 from mmgen.utils.precision import autocast, resolved_precision
+from mmgen.utils.schedules import seek
 
 
 def pretrain(config_path: str | Path | None = None, overrides: list[str] | None = None) -> Path:
@@ -98,10 +99,13 @@ def run_training(cfg: TrainConfig) -> Path:
     start, train_s0, data_state = 0, 0.0, None
     if cfg.resume and (ckpt_dir / "latest").is_file():
         custom = load_quantized_module if cfg.lora.quantize != "none" else None
-        load_path, client = engine.load_checkpoint(str(ckpt_dir), custom_load_fn=custom)
+        # The schedule is this run's, placed at the resumed step (seek), not the checkpoint's: a resume
+        # that changes the total steps or the peak rate follows its own configuration.
+        load_path, client = engine.load_checkpoint(str(ckpt_dir), custom_load_fn=custom, load_lr_scheduler_states=False)
         if load_path is None:
             raise MMGenError(f"could not resume from {ckpt_dir} (remove it or set resume=false)")
         start = int(client.get("step", engine.global_steps))
+        seek(scheduler, start)
         train_s0 = float(client.get("train_s", 0.0))  # training seconds before the checkpoint
         set_rng_state(client.get("rng", {}).get(str(rank)))
         data_state = client.get("data")
@@ -117,7 +121,7 @@ def run_training(cfg: TrainConfig) -> Path:
     attention = "varlen" if cfg.model.attn_implementation.startswith("flash") else "mask"
     weights = modality_weights(vocab, cfg.loss.weights)
     names = modality_names(vocab)
-    metrics = MetricLogger(out_dir, tensorboard=cfg.tensorboard, enabled=rank == 0)
+    metrics = MetricLogger(out_dir, start, tensorboard=cfg.tensorboard, enabled=rank == 0)
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm.auto import tqdm

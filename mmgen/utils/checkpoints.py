@@ -74,20 +74,10 @@ def prepare_run_dir(cfg) -> Path:
 
 def resume_or_start(out_dir: str | Path, resume: bool, model, opt, extra_opts: dict | None = None) -> int:
     """The step a run starts at: the latest checkpoint's when ``resume`` finds one (model, optimizers
-    and RNG restored; metrics logged after it are dropped, as they will be logged again), else 0 with
-    a fresh ``metrics.jsonl``. Shared by every trainer that uses :func:`save_checkpoint`."""
-    metrics_path = Path(out_dir) / "metrics.jsonl"
+    and RNG restored), else 0. Shared by every trainer that uses :func:`save_checkpoint`; its metric log
+    takes the same step (:class:`mmgen.utils.metric_log.MetricLogger`)."""
     ckpt = latest_checkpoint(out_dir) if resume else None
-    if ckpt is None:
-        metrics_path.unlink(missing_ok=True)
-        return 0
-    start = load_checkpoint(ckpt, model, opt, extra_opts)
-    if metrics_path.exists():
-        kept = [
-            ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start
-        ]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    return start
+    return 0 if ckpt is None else load_checkpoint(ckpt, model, opt, extra_opts)
 
 
 def load_checkpoint(d: Path, model, opt, extra_opts: dict | None = None) -> int:

@@ -20,29 +20,40 @@ NOT_SCALARS = ("step", "epoch", "elapsed_s")
 
 
 class MetricLogger:
-    """Appends rows to ``out_dir/metrics.jsonl`` (a resumed run continues the file) and mirrors their
-    numbers to TensorBoard. ``enabled=False`` (ranks other than 0) makes every call a no-op;
-    ``tensorboard=False`` keeps only the JSONL and the plot. ``loss_keys``: the curves of loss.png
-    beside ``loss`` and every ``loss_*`` key. ``fresh=True`` starts a new metrics.jsonl (trainers that do
-    not resume; the others leave the file to :func:`mmgen.utils.checkpoints.resume_or_start`)."""
+    """Appends rows to ``out_dir/metrics.jsonl`` and mirrors their numbers to TensorBoard.
+
+    ``start_step`` is the step the run starts at: 0 for a new run, the checkpoint's step for a resumed
+    one. Rows a stopped run logged after it are dropped from the JSONL, and TensorBoard is told to hide
+    them (``purge_step``; steps count from 1), so the resumed steps appear once, as in an uninterrupted
+    run; a new run in an old directory starts an empty log. ``enabled=False`` (ranks other than 0) makes
+    every call a no-op; ``tensorboard=False`` keeps only the JSONL and the plot. ``loss_keys``: the
+    curves of loss.png
+    beside ``loss`` and every ``loss_*`` key."""
 
     def __init__(
         self,
         out_dir: str | Path,
+        start_step: int = 0,
         tensorboard: bool = True,
         enabled: bool = True,
         loss_keys: tuple[str, ...] = (),
-        fresh: bool = False,
     ):
         self.out_dir, self.enabled, self.loss_keys = Path(out_dir), enabled, loss_keys
         self.path = self.out_dir / "metrics.jsonl"
-        if enabled and fresh:
-            self.path.unlink(missing_ok=True)
         self.writer = None
-        if enabled and tensorboard:
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if start_step > 0 and self.path.is_file():
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            # TensorBoard hides the events at purge_step and after: the first step this run logs
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
