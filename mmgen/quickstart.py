@@ -76,6 +76,10 @@ class QuickstartConfig:
     # The LM reads and writes one token per 3x3 block of pixel codes (mmgen.tokenizers.blocks): a
     # ShapesWorld cell, so a picture is 9 tokens instead of 81. False: the pixel codes themselves.
     code_blocks: bool = True
+    # Label the blocks with what they show and add the blocks of every object the tokenizer can encode,
+    # held-out colour-shape pairs included (mmgen.tokenizers.blocks.compose_blocks); the LM recipes keep
+    # the labelled rows as sums of attribute vectors (model.block_factors), so it can draw those pairs.
+    compose_blocks: bool = True
     launcher: str = "deepspeed"  # deepspeed (training/pretrain.sh) or none (in-process)
     # Where the LM stages read their rows: packed (`mmgen pack` once per stage into OUT/packed_<stage>, then
     # streamed: memory and start-up do not grow with the corpus; training/README.md) or memory (every code
@@ -233,6 +237,16 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         # fitted on the train split's codes only: val and held-out pictures stay unseen; the block shards are
         # made from the code shards (what tokenizing the pictures again would write, without decoding them)
         block_tok = fit_code_blocks(tok_dir, out / "codes", out / "blocks" / "tokenizer")
+        if cfg.compose_blocks:
+            from mmgen.tokenizers import load_image_tokenizer
+            from mmgen.tokenizers.blocks import compose_blocks
+            from mmgen.world import render
+            from mmgen.world.probes import object_probes
+            from mmgen.world.scene import render_size
+
+            fitted = load_image_tokenizer(block_tok)
+            side = render_size(fitted.resolution)
+            compose_blocks(fitted, object_probes(), lambda scene: render(scene, *side)).save_pretrained(block_tok)
         reblock_code_shards(block_tok, out / "codes", out / "blocks" / "codes")
         return str(block_tok)
 

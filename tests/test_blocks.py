@@ -186,3 +186,105 @@ def test_fit_blocks_cli(inner, tmp_path):
     assert "5 blocks kept of" in res.output and (tmp_path / "blocks" / "inner" / "config.json").is_file()
     res = CliRunner().invoke(app, [*args[:-6], "--block", "3"])  # 8x8 codes do not split into 3x3 blocks
     assert res.exit_code != 0 and "does not split" in str(res.exception or res.output)
+
+
+@pytest.fixture(scope="module")
+def composed():
+    """A 36-px PixelVQ (9x9 codes: one 3x3 block per ShapesWorld cell), a table fitted on the probes of
+    train-split pairs only, and that table composed with every probe (held-out pairs included)."""
+    from mmgen.tokenizers.blocks import CodeBlockTokenizer, compose_blocks, fit_block_table
+    from mmgen.tokenizers.vq import PixelVQ
+    from mmgen.world import render
+    from mmgen.world.probes import object_probes
+    from mmgen.world.scene import HELDOUT_PAIRS
+
+    torch.manual_seed(0)
+    vq = PixelVQ(resolution=(36, 36), **{**VQ, "patch_size": 2}).eval()
+    probes = object_probes(cells=((1, 1),))
+    shown = [(s, lab) for s, lab in probes if (s.objects[0].color, s.objects[0].shape) not in HELDOUT_PAIRS]
+    table, _ = fit_block_table(vq.encode([render(s, 36, 36) for s, _ in shown]).numpy(), block=3, min_count=1)
+    fitted = CodeBlockTokenizer(vq, table, block=3)
+    return fitted, compose_blocks(fitted, probes, lambda s: render(s, 36, 36)), probes
+
+
+def test_composed_blocks_add_every_probe_object_with_its_label(composed, tmp_path):
+    from mmgen.tokenizers.blocks import CodeBlockTokenizer, blocks_of
+    from mmgen.world import render
+    from mmgen.world.scene import HELDOUT_PAIRS
+
+    fitted, tok, probes = composed
+    n = len(fitted.table)
+    assert tok.fitted_rows == n and torch.equal(tok.table[:n], fitted.table)  # fitted rows keep their ids
+    assert len(tok.table) > n and tok.fit_stats["composed"] == len(tok.table) - n
+    # a held-out pair's object is written exactly by a composed row carrying its label
+    for scene, labels in probes:
+        obj = scene.objects[0]
+        if (obj.color, obj.shape) not in HELDOUT_PAIRS:
+            continue
+        pix = tok.inner.encode([render(scene, 36, 36)])[0].numpy()
+        row = tok._index.get(tuple(blocks_of(pix, 3)[1, 1].tolist()))
+        if row is not None and tok.labels[row] is not None:
+            assert tok.labels[row] == labels[(1, 1)]
+    held = {(lab["color"], lab["shape"]) for lab in tok.labels[n:] if lab["kind"] == "object"}
+    assert HELDOUT_PAIRS <= held  # every pair no fitted picture showed can now be written
+    tok.save_pretrained(tmp_path / "composed")
+    back = CodeBlockTokenizer.from_pretrained(tmp_path / "composed")
+    assert back.labels == tok.labels and back.fitted_rows == n and torch.equal(back.table, tok.table)
+
+
+def test_a_block_under_two_labels_stays_unlabelled_and_probes_must_label_each_block(composed):
+    from mmgen.tokenizers.blocks import compose_blocks
+    from mmgen.world import render
+
+    fitted, _, probes = composed
+    scene, labels = probes[0]
+    clash = {cell: {"kind": "other"} if cell == (1, 1) else lab for cell, lab in labels.items()}
+    tok = compose_blocks(fitted, [(scene, labels), (scene, clash)], lambda s: render(s, 36, 36))
+    pix = tok.inner.encode([render(scene, 36, 36)])[0].numpy()
+    from mmgen.tokenizers.blocks import blocks_of
+
+    assert tok.labels[tok._index[tuple(blocks_of(pix, 3)[1, 1].tolist())]] is None
+    with pytest.raises(MMGenError, match="one block per labelled cell"):
+        compose_blocks(fitted, [(scene, {(0, 0): labels[(0, 0)]})], lambda s: render(s, 36, 36))
+
+
+def test_block_factor_rows_are_attribute_sums_in_the_embedding_and_the_logits(composed):
+    from mmgen.models.block_factors import BlockFactors, block_attributes
+    from mmgen.processing.vocab import Vocab
+
+    _, tok, _ = composed
+    vocab = Vocab(text_size=40, codebooks={"pix": len(tok.table)})
+    ids, features, fitted, names = block_attributes(tok, vocab)
+    assert len(ids) == sum(lab is not None for lab in tok.labels) and not fitted.all()  # composed rows too
+    assert {"color=red", "shape=triangle", "kind=empty"} <= set(names)
+    torch.manual_seed(1)
+    factors = BlockFactors(vocab.size, len(ids), len(names), 8)
+    factors.set_table(ids, features)
+    factors.fit_rows(torch.randn(len(ids), 8), fitted)
+    rows = factors.rows(torch.float32)
+    start, _ = vocab.code_range("pix")
+    by_label = {}
+    for r, i in enumerate(ids.tolist()):
+        lab = tok.labels[i - start]
+        if lab["kind"] == "object":
+            by_label[(lab["color"], lab["shape"], lab["size"], lab["background"])] = rows[r]
+    checked = 0  # additive in colour and shape, held-out pairs included
+    for (c, s, z, bg), w in by_label.items():
+        for c2, s2 in (("orange", "square"), ("cyan", "cross")):
+            if c2 != c and s2 != s and all(k in by_label for k in ((c, s2, z, bg), (c2, s, z, bg), (c2, s2, z, bg))):
+                across = by_label[(c, s2, z, bg)] + by_label[(c2, s, z, bg)]
+                torch.testing.assert_close(w + by_label[(c2, s2, z, bg)], across)
+                checked += 1
+    assert checked > 10
+    # inputs: labelled ids read their sums, every other id its own row; outputs: their columns likewise
+    table = torch.randn(vocab.size, 8)
+    input_ids = torch.tensor([[1, int(ids[0]), start + len(tok.table) - 1, int(ids[-1])]])
+    embeds = factors.embed(table[input_ids], input_ids)
+    assert torch.equal(embeds[0, 0], table[1]) and torch.equal(embeds[0, 1], rows[0])
+    assert torch.equal(embeds[0, 3], rows[-1])
+    hidden = torch.randn(1, 4, 8)
+    logits = factors.logits(hidden @ table.T, hidden)
+    torch.testing.assert_close(logits[..., ids], hidden @ rows.T)
+    keep = torch.ones(vocab.size, dtype=torch.bool)
+    keep[ids] = False
+    torch.testing.assert_close(logits[..., keep], (hidden @ table.T)[..., keep])

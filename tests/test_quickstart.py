@@ -78,10 +78,21 @@ def test_quickstart_end_to_end_small(tmp_path):
     rng = random.Random(5)
     imgs = [render(random_scene(rng, "val"), 36, 36) for _ in range(4)]
     assert (blocks.inner.encode(imgs)["pix"] == first.encode(imgs)["pix"]).all()
-    assert blocks.fit_stats["coverage"] > 0 and blocks.fit_stats["table_size"] == blocks.codebook_size
+    assert blocks.fit_stats["coverage"] > 0 and blocks.fit_stats["table_size"] == blocks.fitted_rows
+    # the blocks carry labels, and the blocks of probe objects the fitted table lacked come after it
+    assert blocks.codebook_size == blocks.fitted_rows + blocks.fit_stats["composed"]
+    assert sum(lab is not None for lab in blocks.labels) == blocks.fit_stats["labelled"] + blocks.fit_stats["composed"]
     # ... and the LM's vocab holds the block range the tiny recipe asks for, at the table's size.
     lm_vocab = Vocab.load(tmp_path / "qs" / "lm" / "vocab.json")
     assert lm_vocab.config.codebooks == {"pix": blocks.codebook_size}
+    # both LM stages kept the labelled rows as attribute sums, up to the bundle the chat loads
+    for stage in ("lm", "sft"):
+        factored = json.loads((tmp_path / "qs" / stage / "summary.json").read_text())["block_factors"]
+        assert factored["rows"] == blocks.fit_stats["labelled"] + blocks.fit_stats["composed"]
+    from mmgen.models.bundle import load_bundle
+
+    model = load_bundle(tmp_path / "qs" / "sft" / "final").model
+    assert model.block_factors is not None and len(model.block_factors.ids) == factored["rows"]
     rec = report["tokenizer_reconstruction"]
     assert set(rec["scene_agreement_by_split"]) == {"val", "heldout"}
     assert report["inner_tokenizer_reconstruction"]["n"] == rec["n"]  # DualViTok alone, the same scenes

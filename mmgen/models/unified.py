@@ -41,6 +41,7 @@ from torch import nn
 
 from mmgen.data.packing import causal_lm_loss
 from mmgen.errors import MMGenError
+from mmgen.models.block_factors import BlockFactors
 from mmgen.processing.vocab import Vocab
 from mmgen.utils.compat import ensure_torchvision
 
@@ -79,6 +80,9 @@ class MMGenConfig(PreTrainedConfig):
     grid_target: bool = False  # ...naming the cell of the next code (the one predicted) instead of the input's own
     # Modalities whose code vectors the model stores (set_code_vectors): their features come from the ids.
     code_vectors: list | None = None
+    # Labelled code blocks whose rows are attribute sums (mmgen.models.block_factors): {"rows", "attributes",
+    # "names"}, set by add_block_factors; the factors and their table are saved with the weights.
+    block_factors: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -179,6 +183,10 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
             ):
                 a, b = vocab.code_range(self.input_range(modality))
                 self.register_buffer(f"{modality}_code_vectors", torch.zeros(b - a, dim))
+        self.block_factors = None
+        if config.block_factors:
+            bf = config.block_factors
+            self.block_factors = BlockFactors(vocab.size, bf["rows"], bf["attributes"], hidden)
         self.grid_position_embedding = None
         if config.grid_positions:
             if vocab is None:
@@ -266,6 +274,8 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
         ``grid_positions`` (from :meth:`Vocab.grid_position_ids`) is needed only when ``input_ids`` is not the
         whole sequence (cached decoding); otherwise it is computed here."""
         embeds = self.get_input_embeddings()(input_ids)
+        if self.block_factors is not None:
+            embeds = self.block_factors.embed(embeds, input_ids)
         if self.grid_position_embedding is not None:
             if grid_positions is None:
                 grid_positions = self.grid_cells(input_ids)
@@ -312,11 +322,23 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.get_output_embeddings()
         if self.code_head is None:
-            return head(hidden)
-        text = nn.functional.linear(
-            hidden, head.weight[: self.code_start], None if head.bias is None else head.bias[: self.code_start]
-        )
-        return torch.cat([text, self.code_head(hidden)], dim=-1)
+            logits = head(hidden)
+        else:
+            text = nn.functional.linear(
+                hidden, head.weight[: self.code_start], None if head.bias is None else head.bias[: self.code_start]
+            )
+            logits = torch.cat([text, self.code_head(hidden)], dim=-1)
+        return logits if self.block_factors is None else self.block_factors.logits(logits, hidden)
+
+    def add_block_factors(self, ids: torch.Tensor, features: torch.Tensor, fitted: torch.Tensor, names: list[str]):
+        """Make the rows of ``ids`` attribute sums (:mod:`mmgen.models.block_factors`), the factors starting
+        at the least-squares fit of the current input rows over the ``fitted`` ids."""
+        hidden = self.get_input_embeddings().weight.shape[1]
+        factors = BlockFactors(self._vocab.size, len(ids), features.shape[1], hidden)
+        factors.set_table(ids, features)
+        factors.fit_rows(self.get_input_embeddings().weight.detach()[ids], fitted)
+        self.block_factors = factors.to(self.get_input_embeddings().weight.device)
+        self.config.block_factors = {"rows": len(ids), "attributes": features.shape[1], "names": list(names)}
 
     def forward(
         self,

@@ -77,7 +77,13 @@ class CodeBlockTokenizer(ImageTokenizer):
     mmgen_type = "code_blocks"
 
     def __init__(
-        self, inner: ImageTokenizer, table: np.ndarray | torch.Tensor, block: int, fit_stats: dict | None = None
+        self,
+        inner: ImageTokenizer,
+        table: np.ndarray | torch.Tensor,
+        block: int,
+        fit_stats: dict | None = None,
+        labels: list[dict | None] | None = None,
+        fitted_rows: int | None = None,
     ):
         super().__init__()
         table = torch.as_tensor(np.asarray(table), dtype=torch.long)
@@ -108,6 +114,12 @@ class CodeBlockTokenizer(ImageTokenizer):
             )
         self._index = {tuple(row): i for i, row in enumerate(table.tolist())}
         self._vectors = None
+        # What each block shows, where known (compose_blocks): {"kind": "object", "color": ..., ...}, or
+        # None. Rows from fitted_rows on were added by compose_blocks, not fitted on any data.
+        self.labels = list(labels) if labels is not None else [None] * len(table)
+        self.fitted_rows = len(table) if fitted_rows is None else int(fitted_rows)
+        if len(self.labels) != len(table) or not 0 < self.fitted_rows <= len(table):
+            raise MMGenError(f"block labels ({len(self.labels)}) and fitted rows must match the table ({len(table)})")
 
     # -- blocks <-> pixel codes -------------------------------------------------------------------------
     def to_blocks(self, pix: torch.Tensor) -> torch.Tensor:
@@ -146,7 +158,10 @@ class CodeBlockTokenizer(ImageTokenizer):
         return h * w * len(self.codebook_sizes)  # the semantic grid, when kept, is the block grid
 
     def get_config(self) -> dict:
-        return {"block": self.block, "inner": "inner", "fit_stats": self.fit_stats}
+        config = {"block": self.block, "inner": "inner", "fit_stats": self.fit_stats}
+        if any(self.labels) or self.fitted_rows != len(self.labels):
+            config.update(labels=self.labels, fitted_rows=self.fitted_rows)
+        return config
 
     def encode_tensor(self, x: torch.Tensor, return_features: bool = False):
         if return_features:
@@ -193,7 +208,58 @@ class CodeBlockTokenizer(ImageTokenizer):
         p, device = Path(model_id), device or map_location
         inner = load_image_tokenizer(p / config.get("inner", "inner"), device=device)
         table = load_file(str(p / "model.safetensors"))["table"]
-        return cls(inner, table, int(config["block"]), config.get("fit_stats")).to(device).eval()
+        return (
+            cls(
+                inner,
+                table,
+                int(config["block"]),
+                config.get("fit_stats"),
+                config.get("labels"),
+                config.get("fitted_rows"),
+            )
+            .to(device)
+            .eval()
+        )
+
+
+def compose_blocks(tok: CodeBlockTokenizer, probes, render) -> CodeBlockTokenizer:
+    """``tok`` with its blocks labelled by what ``probes`` show, and the probes' blocks it lacks appended.
+
+    ``probes``: (scene, {cell: label}) pairs, e.g. :func:`mmgen.world.probes.object_probes`; ``render``
+    draws a scene as a PIL image the way the corpus was drawn. A block seen under one label only gets
+    that label (a block two labels share stays unlabelled). A labelled block missing from the table, such
+    as the block of a colour-shape pair no training picture shows, becomes a new row after the fitted
+    ones: the tokenizer can write every object its inner tokenizer can encode, and a model can compose
+    the new rows from what it learnt about their attributes (:mod:`mmgen.training.block_factors`)."""
+    scenes = [scene for scene, _ in probes]
+    seen: dict[tuple, list] = {}
+    for start in range(0, len(scenes), 64):
+        images = [render(scene) for scene in scenes[start : start + 64]]
+        out = tok.inner.encode(images, size=tok.resolution)
+        pix = (out["pix"] if isinstance(out, dict) else out).cpu().numpy()
+        for grid, (_, labels) in zip(pix, probes[start : start + 64]):
+            rows = blocks_of(grid, tok.block)
+            if rows.shape[0] * rows.shape[1] != len(labels):
+                raise MMGenError(
+                    f"the probes label {len(labels)} cells but a picture has {rows.shape[0]}x{rows.shape[1]} "
+                    "blocks: compose_blocks needs one block per labelled cell"
+                )
+            for cell, label in labels.items():
+                found = seen.setdefault(tuple(rows[cell].tolist()), [])
+                if label not in found:
+                    found.append(label)
+    table = tok.table.cpu().numpy()
+    labels = list(tok.labels[: tok.fitted_rows])
+    for i, row in enumerate(table[: tok.fitted_rows].tolist()):
+        found = seen.get(tuple(row), [])
+        labels[i] = found[0] if len(found) == 1 else None
+    fitted = {tuple(r) for r in table[: tok.fitted_rows].tolist()}
+    new = [(b, found[0]) for b, found in seen.items() if len(found) == 1 and b not in fitted]
+    table = np.concatenate(
+        [table[: tok.fitted_rows], np.asarray([b for b, _ in new], dtype=table.dtype).reshape(-1, table.shape[1])]
+    )
+    stats = dict(tok.fit_stats, labelled=sum(x is not None for x in labels), composed=len(new))
+    return CodeBlockTokenizer(tok.inner, table, tok.block, stats, labels + [lab for _, lab in new], tok.fitted_rows)
 
 
 def _pix_codebook(tok) -> int:
@@ -312,6 +378,7 @@ def reblock_code_shards(
 __all__ = [
     "CodeBlockTokenizer",
     "blocks_of",
+    "compose_blocks",
     "fit_block_table",
     "fit_code_blocks",
     "image_grids_of_shards",

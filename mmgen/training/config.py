@@ -86,6 +86,9 @@ class ModelConfig:
     base: str | None = None
     base_config: dict | None = None
     code_head: bool = False  # separate output head for the code ranges (Janus)
+    # Rows of labelled code blocks kept as sums of attribute vectors (mmgen.training.block_factors), when
+    # the image tokenizer labels its blocks; so a held-out colour-shape pair can be written.
+    block_factors: bool = False
     image_feature_dim: int | None = None  # continuous image input: the projector's input width
     audio_feature_dim: int | None = None
     projector_depth: int = 2

@@ -17,9 +17,10 @@ def model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def build_model(cfg: TrainConfig, vocab, tok):
+def build_model(cfg: TrainConfig, vocab, tok, image_tokenizer=None):
     """The unified LM of this run: from ``init_from`` (a bundle), a real decoder (``model.base`` /
-    ``model.base_config``) or the tiny Llama; then the stage's trainable set, LoRA and checkpointing."""
+    ``model.base_config``) or the tiny Llama; then factorised code blocks (``model.block_factors``, when
+    ``image_tokenizer`` labels its blocks), the stage's trainable set, LoRA and checkpointing."""
     from mmgen.models.unified import MMGenForCausalLM
     from mmgen.models.unified_build import add_feature_inputs, build_unified_lm, wrap_lm
 
@@ -72,6 +73,8 @@ def build_model(cfg: TrainConfig, vocab, tok):
             seed=cfg.seed,
             **wrap,
         )
+    if m.block_factors and image_tokenizer is not None and not qlora:
+        add_block_factors(model, image_tokenizer, vocab)
     if qlora and not cfg.init_from:
         model = quantize_for_qlora(model, cfg)
     if m.gradient_checkpointing:
@@ -82,6 +85,16 @@ def build_model(cfg: TrainConfig, vocab, tok):
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
     return model
+
+
+def add_block_factors(model, image_tokenizer, vocab) -> None:
+    """Labelled code-block rows as attribute sums (:mod:`mmgen.models.block_factors`); a model that has
+    them already (a bundle of an earlier stage) keeps its own."""
+    from mmgen.models.block_factors import block_attributes
+
+    table = block_attributes(image_tokenizer, vocab)
+    if table is not None and getattr(model, "block_factors", None) is None:
+        model.add_block_factors(*table)
 
 
 def enable_activation_checkpointing(model) -> None:

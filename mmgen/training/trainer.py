@@ -88,7 +88,7 @@ def run_training(cfg: TrainConfig) -> Path:
     n_rows = data["n_rows"]
     # Before the model is built: a tokenizer that does not fit the feature dims stops the run at once.
     tables = {m: t for m in FEATURE_SOURCES if (t := continuous_input_table(cfg, data, m)) is not None}
-    model = build_model(cfg, vocab, tok)
+    model = build_model(cfg, vocab, tok, data.get("image_tokenizer"))
     for modality, table in tables.items():  # the model keeps them: inference then reads the same input
         getattr(model, "get_base_model", lambda: model)().set_code_vectors(modality, table)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -211,6 +211,7 @@ def run_training(cfg: TrainConfig) -> Path:
         "peak_rss_mib_per_rank": rss,
         "data_source": cfg.data.source,
         "precision": resolved_precision(cfg.precision, engine.device),
+        "block_factors": _block_factors(engine.module),
         "parameters": count_parameters(engine.module),
         "trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
         "parameter_bytes": parameter_bytes(engine.module),
@@ -228,3 +229,9 @@ def run_training(cfg: TrainConfig) -> Path:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     barrier()
     return final
+
+
+def _block_factors(model) -> dict | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    factors = getattr(base, "block_factors", None)
+    return None if factors is None else {k: base.config.block_factors[k] for k in ("rows", "attributes")}
