@@ -232,21 +232,13 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         return pretokenize(tok_dir, str(out / "filtered" / "shards"), out / "codes")
 
     def blocks():
-        from mmgen.tokenizers.blocks import fit_code_blocks, reblock_code_shards
+        from mmgen.tokenizers.blocks import compose_world_blocks, fit_code_blocks, reblock_code_shards
 
         # fitted on the train split's codes only: val and held-out pictures stay unseen; the block shards are
         # made from the code shards (what tokenizing the pictures again would write, without decoding them)
         block_tok = fit_code_blocks(tok_dir, out / "codes", out / "blocks" / "tokenizer")
         if cfg.compose_blocks:
-            from mmgen.tokenizers import load_image_tokenizer
-            from mmgen.tokenizers.blocks import compose_blocks
-            from mmgen.world import render
-            from mmgen.world.probes import object_probes
-            from mmgen.world.scene import render_size
-
-            fitted = load_image_tokenizer(block_tok)
-            side = render_size(fitted.resolution)
-            compose_blocks(fitted, object_probes(), lambda scene: render(scene, *side)).save_pretrained(block_tok)
+            compose_world_blocks(block_tok)
         reblock_code_shards(block_tok, out / "codes", out / "blocks" / "codes")
         return str(block_tok)
 

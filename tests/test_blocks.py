@@ -186,6 +186,9 @@ def test_fit_blocks_cli(inner, tmp_path):
     assert "5 blocks kept of" in res.output and (tmp_path / "blocks" / "inner" / "config.json").is_file()
     res = CliRunner().invoke(app, [*args[:-6], "--block", "3"])  # 8x8 codes do not split into 3x3 blocks
     assert res.exit_code != 0 and "does not split" in str(res.exception or res.output)
+    # 2x2 blocks of 8x8 codes are a 4x4 grid, not one block per ShapesWorld cell: nothing to label
+    res = CliRunner().invoke(app, [*args, "--compose-world"])
+    assert res.exit_code != 0 and "one block per labelled cell" in str(res.exception or res.output)
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,12 @@ def register(app: typer.Typer) -> None:
         split: list[str] = typer.Option(
             ["train"], "--split", help="Count documents of these splits only (repeatable); 'all' for every document."
         ),
+        compose_world: bool = typer.Option(
+            False,
+            "--compose-world",
+            help="Label the blocks with the ShapesWorld object each shows and add the blocks of every object the "
+            "tokenizer can encode, held-out colour-shape pairs included (for model.block_factors).",
+        ),
     ) -> None:
         """Fit a code-block table: one token per frequent BLOCK x BLOCK block of pixel codes, so an LM reads
         and writes an image in fewer tokens (blocks outside the table become the nearest entry). Then
@@ -64,7 +70,7 @@ def register(app: typer.Typer) -> None:
             --out runs/blocks/tokenizer
         """
         from mmgen.tokenizers import load_image_tokenizer
-        from mmgen.tokenizers.blocks import fit_code_blocks
+        from mmgen.tokenizers.blocks import compose_world_blocks, fit_code_blocks
 
         splits = None if "all" in split else list(split)
         path = fit_code_blocks(
@@ -76,6 +82,9 @@ def register(app: typer.Typer) -> None:
             f"images): "
             f"the table covers {100 * s['coverage']:.2f}% of them; saved to {path}"
         )
+        if compose_world:
+            s = compose_world_blocks(path)
+            typer.echo(f"{s['labelled']} blocks labelled, {s['composed']} composed blocks added")
 
     @app.command("tokenize")
     def tokenize_cmd(

@@ -262,6 +262,22 @@ def compose_blocks(tok: CodeBlockTokenizer, probes, render) -> CodeBlockTokenize
     return CodeBlockTokenizer(tok.inner, table, tok.block, stats, labels + [lab for _, lab in new], tok.fitted_rows)
 
 
+def compose_world_blocks(tokenizer_dir: str | Path) -> dict:
+    """:func:`compose_blocks` with every ShapesWorld object as a probe, drawn at the side the world draws a
+    corpus for this tokenizer (:func:`mmgen.world.scene.render_size`); saves the tokenizer in place and
+    returns its fit statistics (``labelled``, ``composed`` added)."""
+    from mmgen.world.probes import object_probes
+    from mmgen.world.scene import render, render_size
+
+    tok = load_image_tokenizer(tokenizer_dir)
+    if not isinstance(tok, CodeBlockTokenizer):
+        raise MMGenError(f"{tokenizer_dir} is no code-block tokenizer (fit one with `mmgen fit-blocks`)")
+    side = render_size(tok.resolution)
+    composed = compose_blocks(tok, object_probes(), lambda scene: render(scene, *side))
+    composed.save_pretrained(tokenizer_dir)
+    return composed.fit_stats
+
+
 def _pix_codebook(tok) -> int:
     return int((getattr(tok, "codebook_sizes", None) or {}).get("pix", tok.codebook_size))
 
@@ -379,6 +395,7 @@ __all__ = [
     "CodeBlockTokenizer",
     "blocks_of",
     "compose_blocks",
+    "compose_world_blocks",
     "fit_block_table",
     "fit_code_blocks",
     "image_grids_of_shards",
