@@ -59,7 +59,27 @@ def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS_MD, 
     text = path.read_text() if path.is_file() else _HEADER
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    path.write_text(with_contents(text))
+
+
+_TOC = ("<!-- contents -->", "<!-- /contents -->")
+
+
+def heading_anchor(title: str) -> str:
+    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def with_contents(text: str) -> str:
+    """``text`` with its table of contents (one link per section title) rewritten, or added before the
+    first section."""
+    titles = re.findall(r"^## (.+)$", text, re.M)
+    toc = "\n".join([_TOC[0], "Contents:", "", *(f"- [{t}](#{heading_anchor(t)})" for t in titles), _TOC[1]])
+    pattern = re.compile(re.escape(_TOC[0]) + r".*?" + re.escape(_TOC[1]), re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: toc, text)
+    first = text.find("<!-- bench:")
+    return text + "\n" + toc + "\n" if first < 0 else text[:first] + toc + "\n\n" + text[first:]
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
