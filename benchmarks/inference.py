@@ -337,7 +337,9 @@ def missing(sections: list[str]) -> str | None:
 # -- the sections ----------------------------------------------------------------------------------
 def task_rows(bundle, task: str, n: int, seed: int) -> list[list[int]]:
     """The prompt rows the evaluation suite of ``task`` generates from (its own cases and layout)."""
-    from mmgen.eval.suites import Context, EvalOptions, InterleavedSuite, QASuite, function_sampling
+    from mmgen.eval.interleaved_suite import InterleavedSuite
+    from mmgen.eval.suite_base import Context, EvalOptions, function_sampling
+    from mmgen.eval.suites import QASuite
 
     suite = QASuite(("val",)) if task == "qa" else InterleavedSuite()
     opts = EvalOptions(n=n, interleaved_min_images=4 if task == "buildup4" else 0)

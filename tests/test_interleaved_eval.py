@@ -302,7 +302,8 @@ def test_a_continuation_is_scored_by_compare_scenes(monkeypatch, tmp_path):
 
     import mmgen.inference.batch_generation as gen
     from mmgen.data.doc import Image, Text
-    from mmgen.eval.suites import Context, EvalOptions, InterleavedSuite
+    from mmgen.eval.interleaved_suite import InterleavedSuite
+    from mmgen.eval.suite_base import Context, EvalOptions
 
     before = Scene("black", [RED_CIRCLE])
     noise = PILImage.fromarray(np.random.RandomState(0).randint(0, 255, (72, 72, 3), dtype=np.uint8))

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from mmgen.errors import MMGenError
 from mmgen.eval.provenance import EVALUATOR_VERSION, checkpoint_hash, prompt_set_hash, sampling_settings
-from mmgen.eval.suites import SUITE_CLASSES, Context, EvalOptions, check_suites, parse_suites
+from mmgen.eval.suite_base import Context, EvalOptions, check_suites, parse_suites
+from mmgen.eval.suites import SUITE_CLASSES
 from mmgen.models.bundle import can_draw, check_bundle_dir, checkpoint_can_draw
 
 
@@ -66,7 +67,7 @@ def run_eval(
     """Evaluate ``checkpoint`` on ``suites`` (comma list of t2i, robust, geneval, qa, interleaved, recon, or all)
     and write the report into ``out``; returns the report. Sampling settings left None come from the
     checkpoint's generation_config.json, else the quick start's settings. ``options`` are
-    :class:`~mmgen.eval.suites.EvalOptions` fields (n, prompt_seed, batch_size, geneval_prompts, ...).
+    :class:`~mmgen.eval.suite_base.EvalOptions` fields (n, prompt_seed, batch_size, geneval_prompts, ...).
     ``detok`` holds :class:`~mmgen.inference.pipeline.GenerationOptions`' ``detok_*`` fields: generated
     pictures are drawn as ``mmgen generate`` draws them, by the checkpoint's detokenizer when it has one
     (:mod:`mmgen.inference.detokenize`)."""

@@ -16,159 +16,21 @@ batch gives the same result whether it runs in one go, after a resume, or inside
   plus InterleavedEval's five aspects judged by rules (:mod:`mmgen.eval.interleaved`);
 - ``recon``: the image tokenizer's round trip on rendered scenes (scene agreement, PSNR).
 
-Kept as one module: the suites are short subclasses of one protocol (cases, batches, a judge, a
-summary) and read best side by side.
+What the suites share (options, context, the protocol, batching) is :mod:`mmgen.eval.suite_base`; the
+interleaved suite, the longest, is :mod:`mmgen.eval.interleaved_suite`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmgen.errors import MMGenError
+from mmgen.eval.interleaved_suite import InterleavedSuite
 from mmgen.eval.stats import mean_interval, proportion
-from mmgen.world.surface import SURFACE_FORMS
-
-SUITES = ("t2i", "robust", "geneval", "qa", "interleaved", "recon")
-_NEEDS_IMAGES = {"t2i", "robust", "geneval", "qa", "interleaved", "recon"}  # qa shows the model a picture
-
-
-@dataclass
-class EvalOptions:
-    n: int = 200  # prompts / questions / documents per split (t2i, qa, interleaved)
-    prompt_seed: int = 1234  # picks the t2i prompts (the quick start's value)
-    batch_size: int = 16
-    geneval_prompts: str | None = None  # GenEval metadata jsonl; None: ShapesWorld's, generated
-    geneval_per_tag: int = 25
-    detector: str = "scene_parser"  # or a local directory of a transformers zero-shot detector
-    recon_n: int = 200
-    recon_seed: int = 7
-    interleaved_splits: tuple[str, ...] = ("val",)
-    # build-up documents the model continues itself (writes the next instruction, then draws it); 0: none
-    continuation_n: int = 0
-    qa_max_new_tokens: int = 6
-    # build-up documents with at least this many pictures, cut before the last (0: any, cut at a random step)
-    interleaved_min_images: int = 0
-    robust_forms: tuple[str, ...] = tuple(SURFACE_FORMS)  # the robust suite's surface forms
-    robust_split: str = "val"  # whose t2i prompts the robust suite rewrites
-
-
-@dataclass
-class Context:
-    out: Path | None  # None: in memory, records hold the images themselves (run_in_memory)
-    sampling: dict
-    opts: EvalOptions
-    extra: dict = field(default_factory=dict)
-    # GenerationOptions every generation call uses: its KV cache and accelerations, and its detok_* fields
-    # choose the pictures' decoder (None: the plain loop and the image tokenizer's decoder)
-    generation: Any = None
-
-    def draw_kwargs(self, bundle, bi: int) -> dict:
-        """The keyword arguments of ``generate_images`` / ``generate_image_rows`` for batch ``bi``: the run's
-        sampling with seed + bi, the generation options, and what draws the pictures (the detokenizer
-        ``generation`` chooses, its noise seeded the same way, or None for the tokenizer's decoder)."""
-        from dataclasses import replace
-
-        from mmgen.inference.detokenize import image_decoder
-
-        s, seed = self.sampling, self.sampling["seed"] + bi
-        decoder = None if self.generation is None else image_decoder(bundle, replace(self.generation, seed=int(seed)))
-        return {
-            "temperature": s["temperature"],
-            "top_k": s["top_k"],
-            "top_p": s["top_p"],
-            "seed": seed,
-            "cfg_scale": s["cfg_scale"],
-            "options": self.generation,
-            "image_decoder": decoder,
-        }
-
-    def save_image(self, img, rel: str):
-        """``img`` saved under ``out`` as ``rel`` (which the record holds); in memory, ``img`` itself."""
-        if self.out is None:
-            return img
-        p = self.out / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        img.save(p)
-        return rel
-
-    def load_image(self, rel: str):
-        from PIL import Image
-
-        with Image.open(self.out / rel) as im:
-            return im.convert("RGB")
-
-
-def parse_suites(spec: str | list[str]) -> list[str]:
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [s.strip() for s in names if s.strip()]
-    if names == ["all"]:
-        return list(SUITES)
-    bad = [s for s in names if s not in SUITES]
-    if bad or not names:
-        raise MMGenError(f"unknown suite {', '.join(bad) or '(none)'}; use a comma list of {', '.join(SUITES)} or all")
-    return list(dict.fromkeys(names))
-
-
-def check_suites(drawable: bool, suites: list[str], checkpoint) -> None:
-    """A one-line MMGenError when a suite needs images and the checkpoint cannot draw (``drawable``:
-    :func:`~mmgen.models.bundle.can_draw` of the bundle, or of its files before it loads)."""
-    need = [s for s in suites if s in _NEEDS_IMAGES]
-    if need and not drawable:
-        raise MMGenError(
-            f"suite {', '.join(need)} needs a checkpoint with an image tokenizer, and {checkpoint} has none "
-            f"(no image_tokenizer/ or no pixel codes in its vocab); evaluate a checkpoint trained with "
-            "data.image_tokenizer=DIR"
-        )
-
-
-def run_in_memory(
-    suite, bundle, sampling: dict, opts: EvalOptions, progress: bool = False, generation=None
-) -> list[dict]:
-    """Every record of ``suite`` in batch order, nothing written: the evaluation functions
-    (:func:`mmgen.eval.t2i.evaluate_t2i`, ...) are this plus ``suite.summarize``, so they give the
-    numbers ``mmgen eval run`` gives for the same settings. ``generation``: see :class:`Context`."""
-    ctx = Context(out=None, sampling=sampling, opts=opts, generation=generation)
-    suite.prepare(bundle, ctx)
-    batches = suite.batches
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc=suite.name, unit="batch")
-    return [r for _, bi, payload in batches for r in suite.run_batch(bundle, bi, payload, ctx)]
-
-
-def function_sampling(bundle, seed: int, **given) -> dict:
-    """The sampling dict of an evaluation function: the bundle's settings with ``given`` (those not
-    None) in their place, and ``seed``."""
-    from mmgen.inference.settings import bundle_sampling
-
-    s = bundle_sampling(bundle, **given)
-    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "cfg_scale": s.cfg_scale, "seed": seed}
-
-
-def _batches(items: list, size: int, prefix: str):
-    size = max(1, int(size))
-    return [(f"{prefix}/{bi}", bi, items[s : s + size]) for bi, s in enumerate(range(0, len(items), size))]
-
-
-def _pct_block(records, keys) -> dict:
-    return {k: proportion(sum(bool(r[k]) for r in records), len(records)) for k in keys}
-
-
-class Suite:
-    """What every suite has: ``prepare`` (its cases and ``batches``), ``run_batch`` (judged records),
-    ``summarize``, ``panels`` (the report's grid, ``grid_cols`` wide) and ``finish``."""
-
-    name = ""
-    grid_cols = 6
-
-    def finish(self, records: list[dict], ctx: Context, entry: dict) -> None:
-        """Write what the suite keeps besides its samples into ``ctx.out`` and note it in its report ``entry``."""
+from mmgen.eval.suite_base import Context, Suite, batches_of, pct_block, verdict
 
 
 # -- t2i ---------------------------------------------------------------------------------------------
@@ -186,7 +48,7 @@ class T2ISuite(Suite):
         for sp in self.splits:
             self.batches += [
                 (k, bi, (sp, bi * ctx.opts.batch_size, chunk))
-                for k, bi, chunk in _batches(self.items[sp], ctx.opts.batch_size, sp)
+                for k, bi, chunk in batches_of(self.items[sp], ctx.opts.batch_size, sp)
             ]
         return [
             {"split": sp, "prompt": it.prompt, "scene": it.scene.to_dict()}
@@ -209,16 +71,12 @@ class T2ISuite(Suite):
             {
                 "images": [("generated", ctx.load_image(r["image"]))],
                 "text": r["prompt"],
-                "verdict": _verdict(r["all_objects"], r["parsed"]),
+                "verdict": verdict(r["all_objects"], r["parsed"]),
                 "ok": r["all_objects"],
                 "tag": r["split"],
             }
             for r in rows
         ]
-
-
-def _verdict(ok: bool, parsed: bool = True) -> str:
-    return "correct" if ok else ("unparseable" if not parsed else "wrong")
 
 
 def _draw_and_judge(bundle, bi: int, chunk, ctx: Context, tag: str, start: int, image_prefix: str) -> list[dict]:
@@ -248,7 +106,7 @@ def _t2i_summary(records: list[dict], key: str, groups) -> dict:
     for g in groups:
         rs = [r for r in records if r[key] == g]
         if rs:
-            out[g] = {**summarize(rs), "intervals": _pct_block(rs, ("all_objects", "exact_scene", "parsed"))}
+            out[g] = {**summarize(rs), "intervals": pct_block(rs, ("all_objects", "exact_scene", "parsed"))}
     return out
 
 
@@ -276,7 +134,7 @@ class RobustSuite(Suite):
                 for i, it in enumerate(base)
             ]
             self.batches += [
-                (k, bi, (form, bi * o.batch_size, chunk)) for k, bi, chunk in _batches(cases, o.batch_size, form)
+                (k, bi, (form, bi * o.batch_size, chunk)) for k, bi, chunk in batches_of(cases, o.batch_size, form)
             ]
             items += [
                 {"form": form, "split": it.split, "prompt": it.prompt, "scene": it.scene.to_dict()} for it in cases
@@ -307,7 +165,7 @@ class RobustSuite(Suite):
             {
                 "images": [("generated", ctx.load_image(r["image"]))],
                 "text": repr(r["prompt"]),
-                "verdict": _verdict(r["all_objects"], r["parsed"]),
+                "verdict": verdict(r["all_objects"], r["parsed"]),
                 "ok": r["all_objects"],
                 "tag": r["form"],
             }
@@ -329,7 +187,7 @@ class GenEvalSuite(Suite):
             else shapesworld_metadata(o.geneval_per_tag, seed=o.prompt_seed)
         )
         self.batches = [
-            (k, bi, (bi * o.batch_size, chunk)) for k, bi, chunk in _batches(self.entries, o.batch_size, "all")
+            (k, bi, (bi * o.batch_size, chunk)) for k, bi, chunk in batches_of(self.entries, o.batch_size, "all")
         ]
         self._detector = None
         return self.entries
@@ -424,7 +282,7 @@ class QASuite(Suite):
             cases = [{"scene": s, "qa": qa, "row": row} for s, qa, row in zip(scenes, qas, rows)]
             self.batches += [
                 (k, bi, (sp, bi * ctx.opts.batch_size, chunk))
-                for k, bi, chunk in _batches(cases, ctx.opts.batch_size, sp)
+                for k, bi, chunk in batches_of(cases, ctx.opts.batch_size, sp)
             ]
             items += [
                 {"split": sp, "scene": c["scene"].to_dict(), "question": c["qa"][0], "truth": c["qa"][1]} for c in cases
@@ -493,204 +351,6 @@ class QASuite(Suite):
             }
             for r in rows
         ]
-
-
-# -- interleaved -------------------------------------------------------------------------------------
-class InterleavedSuite(Suite):
-    name = "interleaved"
-    grid_cols = 4  # each panel holds three pictures
-
-    def prepare(self, bundle, ctx: Context):
-        from mmgen.eval.understanding import buildup_cases, buildup_prompt_ids, resolution
-        from mmgen.inference.generate import prompt_ids
-
-        res = resolution(bundle)
-        self.batches, items = [], []
-        uncond = prompt_ids(bundle, "", image=True)  # <s> <image>: the empty prompt
-        for sp in ctx.opts.interleaved_splits:
-            cases = buildup_cases(ctx.opts.n, sp, ctx.sampling["seed"], res, ctx.opts.interleaved_min_images)
-            for c in cases:
-                c["row"], c["uncond"] = buildup_prompt_ids(bundle, c["items"]), uncond
-            self.batches += [
-                (k, bi, (sp, bi * ctx.opts.batch_size, chunk))
-                for k, bi, chunk in _batches(cases, ctx.opts.batch_size, sp)
-            ]
-            items += [
-                {
-                    "split": sp,
-                    "instruction": c["instruction"],
-                    "truth": c["truth"],
-                    "document": [it.text if it.kind == "text" else it.meta.get("scene") for it in c["items"]],
-                }
-                for c in cases
-            ]
-        if ctx.opts.continuation_n:
-            from mmgen.eval.understanding import continuation_cases
-
-            for sp in ctx.opts.interleaved_splits:
-                cases = continuation_cases(ctx.opts.continuation_n, sp, ctx.sampling["seed"], res)
-                for c in cases:
-                    c["row"], c["uncond"] = (
-                        buildup_prompt_ids(bundle, c["items"])[:-1],
-                        uncond,
-                    )  # no <image>: text first
-                self.batches += [
-                    (k, bi, (f"continuation_{sp}", bi * ctx.opts.batch_size, chunk))
-                    for k, bi, chunk in _batches(cases, ctx.opts.batch_size, f"continuation_{sp}")
-                ]
-                items += [
-                    {
-                        "split": f"continuation_{sp}",
-                        "before": c["before"],
-                        "document": [it.text if it.kind == "text" else it.meta.get("scene") for it in c["items"]],
-                    }
-                    for c in cases
-                ]
-        return items
-
-    def _continue(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
-        """The model writes the next instruction (greedy, up to its first full stop) and draws its picture;
-        the rules judge all five aspects, text quality included."""
-        from mmgen.eval.interleaved import apply_instruction, judge_step
-        from mmgen.inference.batch_generation import generate_image_rows, generate_text_rows
-        from mmgen.processing.sequence import encode_text
-        from mmgen.world.scene import Scene
-        from mmgen.world.scene_parser import compare_scenes, parse_scene
-
-        split, start, chunk = payload
-        texts = generate_text_rows(
-            bundle, [c["row"] for c in chunk], max_new_tokens=32, batch_size=len(chunk), options=ctx.generation
-        )
-        texts = [t[: t.index(".") + 1] if "." in t else t for t in texts]
-        rows = [
-            c["row"] + encode_text(t, bundle.text_tokenizer) + [bundle.vocab["<image>"]] for c, t in zip(chunk, texts)
-        ]
-        images = generate_image_rows(
-            bundle, rows, [c["uncond"] for c in chunk], batch_size=len(chunk), **ctx.draw_kwargs(bundle, bi)
-        )
-        out = []
-        for j, (c, t, img) in enumerate(zip(chunk, texts, images)):
-            i = start + j
-            before = Scene.from_dict(c["before"])
-            pred = parse_scene(img)
-            truth = apply_instruction(before, t)
-            # an instruction that is not an edit has no truth: neither exact nor any object recalled
-            cmp = compare_scenes(pred, truth) if truth is not None else {"exact": False, "object_recall": 0.0}
-            before_img = [it for it in c["items"] if it.kind == "image"][-1]
-            out.append(
-                {
-                    "id": f"{split}/{i}",
-                    "split": split,
-                    "instruction": t,
-                    "truth": truth.to_dict() if truth is not None else None,
-                    "before": ctx.save_image(before_img.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
-                    "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
-                    "exact": cmp["exact"],
-                    "parsed": pred is not None,
-                    "object_recall": cmp["object_recall"],
-                    "pred": pred.to_dict() if pred is not None else None,
-                    "aspects": judge_step(before, t, pred, model_text=True),
-                }
-            )
-        return out
-
-    def run_batch(self, bundle, bi: int, payload, ctx: Context) -> list[dict]:
-        from mmgen.eval.interleaved import judge_step
-        from mmgen.inference.batch_generation import generate_image_rows
-        from mmgen.world.scene import Scene
-        from mmgen.world.scene_parser import compare_scenes, parse_scene
-
-        split, start, chunk = payload
-        if split.startswith("continuation_"):
-            return self._continue(bundle, bi, payload, ctx)
-        images = generate_image_rows(
-            bundle,
-            [c["row"] for c in chunk],
-            [c["uncond"] for c in chunk],
-            batch_size=len(chunk),
-            **ctx.draw_kwargs(bundle, bi),
-        )
-        out = []
-        for j, (c, img) in enumerate(zip(chunk, images)):
-            i = start + j
-            pred = parse_scene(img)
-            truth = Scene.from_dict(c["truth"])
-            cmp = compare_scenes(pred, truth)
-            before = [it for it in c["items"] if it.kind == "image"][-1]
-            prev_scene = Scene.from_dict(before.meta["scene"])
-            out.append(
-                {
-                    "id": f"{split}/{i}",
-                    "split": split,
-                    "instruction": c["instruction"],
-                    "truth": c["truth"],
-                    "before": ctx.save_image(before.to_pil(), f"images/interleaved/{split}_{i:04d}_before.png"),
-                    "image": ctx.save_image(img, f"images/interleaved/{split}_{i:04d}.png"),
-                    "exact": cmp["exact"],
-                    "parsed": cmp["parsed"],
-                    "object_recall": cmp["object_recall"],
-                    "pred": pred.to_dict() if pred is not None else None,
-                    "aspects": judge_step(prev_scene, c["instruction"], pred, truth),
-                }
-            )
-        return out
-
-    def summarize(self, records: list[dict]) -> dict:
-        from mmgen.eval.interleaved import ASPECTS
-
-        out = {}
-        for sp in ctx_splits(records):
-            rs = [r for r in records if r["split"] == sp]
-            out[sp] = {
-                "n": len(rs),
-                "accuracy": float(np.mean([r["exact"] for r in rs])),
-                "parse_rate": float(np.mean([r["parsed"] for r in rs])),
-                "object_recall": float(np.mean([r["object_recall"] for r in rs])),
-                "intervals": {
-                    **_pct_block(rs, ("exact", "parsed")),
-                    "object_recall": mean_interval([r["object_recall"] for r in rs]),
-                },
-                "aspects": {
-                    a: proportion(
-                        sum(r["aspects"][a]["pass"] for r in rs if a in r["aspects"]),
-                        sum(a in r["aspects"] for r in rs),
-                    )
-                    for a in ASPECTS
-                    if any(a in r["aspects"] for r in rs)
-                },
-            }
-        return out
-
-    def panels(self, records: list[dict], ctx: Context, k: int = 12) -> list[dict]:
-        from PIL import Image as PILImage
-
-        from mmgen.world import Scene, render
-
-        out = []
-        rows = []
-        for sp in ctx_splits(records):
-            rows += [r for r in records if r["split"] == sp][: k // len(ctx_splits(records)) or 1]
-        for r in rows:
-            exp = ctx.load_image(r["image"]).size
-            expected = render(Scene.from_dict(r["truth"]), *exp) if r["truth"] else PILImage.new("RGB", exp, "gray")
-            out.append(
-                {
-                    "images": [
-                        ("before", ctx.load_image(r["before"])),
-                        ("generated", ctx.load_image(r["image"])),
-                        ("expected" if r["truth"] else "(not an edit)", expected),
-                    ],
-                    "text": r["instruction"],
-                    "verdict": _verdict(r["exact"], r["parsed"]),
-                    "ok": r["exact"],
-                    "tag": r["split"],
-                }
-            )
-        return out
-
-
-def ctx_splits(records: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["split"] for r in records))
 
 
 # -- recon -------------------------------------------------------------------------------------------

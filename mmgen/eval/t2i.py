@@ -90,7 +90,8 @@ def evaluate_t2i(
     prompts (another value: a separate set, for choosing sampling settings without looking at the
     reported prompts). Sampling options left None are the bundle's (its ``generation_config.json``);
     ``options``: a GenerationOptions whose KV cache and accelerations the generation uses."""
-    from mmgen.eval.suites import EvalOptions, T2ISuite, function_sampling, run_in_memory
+    from mmgen.eval.suite_base import EvalOptions, function_sampling, run_in_memory
+    from mmgen.eval.suites import T2ISuite
 
     suite = T2ISuite(splits)
     sampling = function_sampling(bundle, seed, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale)

@@ -67,8 +67,9 @@ def evaluate_qa(
 ) -> dict:
     """Greedy short answers to one question per scene, scored exactly, per split and per type: the
     ``qa`` suite of ``mmgen eval run``, in memory. ``options``: a GenerationOptions whose KV cache and
-    accelerations the generation uses (:class:`mmgen.eval.suites.Context`)."""
-    from mmgen.eval.suites import EvalOptions, QASuite, function_sampling, run_in_memory
+    accelerations the generation uses (:class:`mmgen.eval.suite_base.Context`)."""
+    from mmgen.eval.suite_base import EvalOptions, function_sampling, run_in_memory
+    from mmgen.eval.suites import QASuite
 
     suite = QASuite(splits)
     records = run_in_memory(
@@ -177,7 +178,8 @@ def evaluate_interleaved(
     suite of ``mmgen eval run``, in memory. Sampling options left None are the bundle's (its
     ``generation_config.json``); ``min_images`` as in :func:`buildup_cases`, ``options`` as in
     :func:`evaluate_qa`."""
-    from mmgen.eval.suites import EvalOptions, InterleavedSuite, function_sampling, run_in_memory
+    from mmgen.eval.interleaved_suite import InterleavedSuite
+    from mmgen.eval.suite_base import EvalOptions, function_sampling, run_in_memory
 
     suite = InterleavedSuite()
     sampling = function_sampling(bundle, seed, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale)
