@@ -81,3 +81,19 @@ def test_vocab_save_load(tmp_path):
     assert Vocab.load(tmp_path) == v
     with pytest.raises(MMGenError, match="no vocab.json"):
         Vocab.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_mmgen_makes_openmp_wait_passively_unless_told_otherwise(given, expected):
+    """Set before torch loads (the OpenMP runtime reads it then): spinning threads beside another busy
+    process slowed the tiny LM's training step about tenfold (benchmarks/omp_wait.py)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, mmgen, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
