@@ -2,14 +2,18 @@
 
 The network is transformers' :class:`~transformers.DacModel` (the Descript Audio Codec: a strided
 convolutional encoder with Snake activations, a residual stack of factorised, l2-normalised vector
-quantizers, and a mirrored decoder), built from a :class:`~transformers.DacConfig`. The tiny preset is
-trained by mmgen (:mod:`mmgen.tokenizers.audio_train`); real-scale presets load a pretrained DAC by hub
-id or local path through the same :meth:`AudioCodec.from_pretrained`.
+quantizers, and a mirrored decoder), built from a :class:`~transformers.DacConfig`. With
+``decoder="istft"`` the decoder is instead a Vocos-style one that predicts the complex STFT and inverts
+it (:class:`~mmgen.tokenizers.audio_istft.DacIstftModel`, a DacModel subclass with its own registered
+``model_type``); encoder, quantizer and codes are DAC's either way. The tiny preset is trained by mmgen
+(:mod:`mmgen.tokenizers.audio_train`); real-scale presets load a pretrained DAC by hub id or local path
+through the same :meth:`AudioCodec.from_pretrained`.
 
 Inputs may be a file path, encoded bytes, or float samples (``(n,)`` mono or ``(channels, n)``) with
 their sample rate: everything is mixed down to mono and resampled (polyphase, scipy) to the codec's
 rate. A checkpoint directory is a plain transformers one (``config.json`` + ``model.safetensors``), so
-``DacModel.from_pretrained`` reads it too.
+``DacModel.from_pretrained`` (``AutoModel.from_pretrained`` for the iSTFT decoder, once
+:mod:`mmgen.tokenizers.audio_istft` is imported) reads it too.
 
 Encoding is deterministic: eval mode, nearest-codebook argmax, no quantizer dropout.
 """
@@ -56,11 +60,24 @@ class AudioCodecConfig:
     # "torch": PyTorch's fan-in init for every conv. transformers' DAC init (std 0.02 everywhere) shrinks
     # the signal ~1e5-fold through a small encoder, and the codebooks seeded from such latents collapse.
     init: str = "torch"
+    # "dac": DAC's sample-rate convolutional decoder. "istft": a Vocos-style decoder that predicts the
+    # complex STFT and inverts it (mmgen.tokenizers.audio_istft); decoder_hidden_size is then its width.
+    decoder: str = "dac"
+    istft_n_fft: int = 640
+    istft_hop: int = 160
+    decoder_layers: int = 8
 
     def dac_config(self):
         d = asdict(self)
-        d.pop("init")
+        for k in ("init", "decoder", "istft_n_fft", "istft_hop", "decoder_layers"):
+            d.pop(k)
         d["upsampling_ratios"] = list(reversed(self.downsampling_ratios))
+        if self.decoder == "istft":
+            from mmgen.tokenizers.audio_istft import DacIstftConfig
+
+            return DacIstftConfig(
+                **d, istft_n_fft=self.istft_n_fft, istft_hop=self.istft_hop, decoder_layers=self.decoder_layers
+            )
         return _transformers().DacConfig(**d)
 
 
@@ -79,10 +96,16 @@ class AudioCodec(torch.nn.Module):
         if isinstance(cfg, dict):
             cfg = AudioCodecConfig(**cfg)
         _check_config(cfg)
-        model = _transformers().DacModel(cfg.dac_config())
+        dac_config = cfg.dac_config()
+        if cfg.decoder == "istft":
+            from mmgen.tokenizers.audio_istft import DacIstftModel
+
+            model = DacIstftModel(dac_config)
+        else:
+            model = _transformers().DacModel(dac_config)
         if cfg.init == "torch":
             for m in model.modules():
-                if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+                if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear)):
                     m.reset_parameters()
         elif cfg.init != "transformers":
             raise MMGenError(f"init must be 'torch' or 'transformers', got '{cfg.init}'")
@@ -95,13 +118,18 @@ class AudioCodec(torch.nn.Module):
         p = Path(path_or_id)
         if p.exists() and not (p / "config.json").is_file():
             raise MMGenError(f"{p} is not an audio codec directory (needs config.json and model.safetensors)")
+        import mmgen.tokenizers.audio_istft  # noqa: F401  (registers the iSTFT decoder's model_type)
+
+        transformers = _transformers()
         try:
-            model = _transformers().DacModel.from_pretrained(str(path_or_id), use_safetensors=True)
+            model = transformers.AutoModel.from_pretrained(str(path_or_id), use_safetensors=True)
         except OSError as e:
             raise MMGenError(
                 f"cannot load audio codec '{path_or_id}': {str(e).splitlines()[0]} "
                 f"(give a local directory, or a hub id with network access)"
             ) from None
+        if not isinstance(model, transformers.DacModel):
+            raise MMGenError(f"{path_or_id} holds a {type(model).__name__}, not a DAC audio codec")
         return cls(model).to(device)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -232,6 +260,16 @@ def _check_config(cfg: AudioCodecConfig) -> None:
         raise MMGenError(f"codebook_size must be a power of 2 (DAC stores log2 bits per code), got {cfg.codebook_size}")
     if any(r <= 0 for r in cfg.downsampling_ratios) or not cfg.downsampling_ratios:
         raise MMGenError(f"downsampling_ratios must be positive integers, got {cfg.downsampling_ratios}")
+    if cfg.decoder not in ("dac", "istft"):
+        raise MMGenError(f"decoder must be 'dac' or 'istft', got '{cfg.decoder}'")
+    if cfg.decoder == "istft":
+        hop = int(np.prod(cfg.downsampling_ratios))
+        ratio = hop // cfg.istft_hop if cfg.istft_hop > 0 else 0
+        if cfg.istft_hop <= 0 or hop % cfg.istft_hop or (ratio > 1 and ratio % 2) or cfg.istft_n_fft < cfg.istft_hop:
+            raise MMGenError(
+                f"istft_hop ({cfg.istft_hop}) must divide the code hop ({hop}) by 1 or an even number, "
+                f"and istft_n_fft ({cfg.istft_n_fft}) must be at least istft_hop"
+            )
     if cfg.n_codebooks <= 0:
         raise MMGenError(f"n_codebooks must be positive, got {cfg.n_codebooks}")
 
@@ -288,6 +326,38 @@ def si_snr(ref: torch.Tensor, est: torch.Tensor, eps: float = 1e-8) -> float:
     return float(10 * torch.log10(target.pow(2).sum() / (noise.pow(2).sum() + eps) + eps))
 
 
+def stoi(ref, est, sample_rate: int) -> float:
+    """Short-Time Objective Intelligibility (Taal et al. 2011, ``pystoi``) of ``est`` against the clean
+    ``ref`` (1-D samples): a mean correlation, 1 for a perfect copy, near 0 (or below) for unrelated
+    audio. It compares 1/3-octave band envelopes over 384 ms, so it hears a frame's phase only through how
+    neighbouring frames add up."""
+    from pystoi import stoi as _stoi
+
+    ref, est = _as_numpy(ref), _as_numpy(est)
+    n = min(len(ref), len(est))
+    return float(_stoi(ref[:n], est[:n], sample_rate, extended=False))
+
+
+def pesq_wb(ref, est, sample_rate: int) -> float:
+    """Wideband PESQ (ITU-T P.862.2, the ``pesq`` package) of ``est`` against ``ref`` at 16 kHz (both
+    resampled there when the codec runs at another rate); about 1.0 (bad) to 4.6 (transparent). NaN when
+    PESQ finds no speech in the reference."""
+    from pesq import NoUtterancesError, pesq
+
+    ref, est = _as_numpy(ref), _as_numpy(est)
+    if sample_rate != 16000:
+        ref, est = (resample_audio(a.astype(np.float32), sample_rate, 16000) for a in (ref, est))
+    n = min(len(ref), len(est))
+    try:
+        return float(pesq(16000, ref[:n].astype(np.float64), est[:n].astype(np.float64), "wb"))
+    except NoUtterancesError:
+        return float("nan")
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().double().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
+
+
 def codebook_usage(codes: Sequence[torch.Tensor], codebook_size: int) -> list[float]:
     """Per residual level, the share of its entries that encode at least one frame of ``codes``
     (each ``(n_q, T)``, as :meth:`AudioCodec.encode` gives them)."""
@@ -297,4 +367,14 @@ def codebook_usage(codes: Sequence[torch.Tensor], codebook_size: int) -> list[fl
     return [float(u) for u in used.float().mean(1)]
 
 
-__all__ = ["AudioCodec", "AudioCodecConfig", "build_on_meta", "codebook_usage", "log_mel", "mel_l1", "si_snr"]
+__all__ = [
+    "AudioCodec",
+    "AudioCodecConfig",
+    "build_on_meta",
+    "codebook_usage",
+    "log_mel",
+    "mel_l1",
+    "pesq_wb",
+    "si_snr",
+    "stoi",
+]

@@ -29,7 +29,8 @@ import torch
 
 from mmgen.data.media import decode_audio
 from mmgen.errors import MediaError, MMGenError
-from mmgen.tokenizers.audio import AudioCodec, AudioCodecConfig, codebook_usage, log_mel, mel_l1, si_snr
+from mmgen.tokenizers.audio import AudioCodec, AudioCodecConfig, codebook_usage, log_mel, mel_l1, si_snr, stoi
+from mmgen.tokenizers.audio_losses import complex_stft_loss, phase_derivative_loss, stft_magnitude_loss
 from mmgen.utils.checkpoints import prepare_run_dir, resume_or_start, save_checkpoint
 from mmgen.utils.metric_log import MetricLogger
 from mmgen.utils.schedules import lr_scheduler
@@ -61,6 +62,14 @@ class AudioTrainConfig:
     wave_weight: float = 1.0
     mel_weight: float = 1.0
     mel_ffts: list[int] = field(default_factory=lambda: [256, 1024])
+    # Terms that constrain what the log-mel loss leaves free (mmgen.tokenizers.audio_losses); each at
+    # the STFT sizes listed, hop a quarter of the size.
+    stft_weight: float = 0.0  # multi-resolution log-magnitude L1 + spectral convergence
+    stft_ffts: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+    phase_weight: float = 0.0  # instantaneous frequency + group delay against the input's
+    phase_ffts: list[int] = field(default_factory=lambda: [256, 640])
+    complex_weight: float = 0.0  # compressed complex STFT L1: asks for the input's absolute phase
+    complex_ffts: list[int] = field(default_factory=lambda: [256, 640])
     vq_weight: float = 1.0
     restart_every: int = 5  # dead-code restarts (also seeds the codebooks from data on step 1)
     dead_threshold: float = 0.03  # a code is dead below this fraction of uniform usage
@@ -186,12 +195,23 @@ def codec_loss(model, x: torch.Tensor, cfg: AudioTrainConfig, sample_rate: int):
     ) / max(1, len(cfg.mel_ffts))
     vq = out.loss.mean()
     loss = cfg.wave_weight * wave + cfg.mel_weight * mel + cfg.vq_weight * vq
-    return loss, {"loss": loss.item(), "wave_l1": wave.item(), "mel_l1": mel.item(), "vq": vq.item()}, out
+    vals = {"wave_l1": wave.item(), "mel_l1": mel.item(), "vq": vq.item()}
+    extra = (
+        ("stft", cfg.stft_weight, stft_magnitude_loss, cfg.stft_ffts),
+        ("phase", cfg.phase_weight, phase_derivative_loss, cfg.phase_ffts),
+        ("complex", cfg.complex_weight, complex_stft_loss, cfg.complex_ffts),
+    )
+    for name, weight, fn, ffts in extra:
+        if weight:
+            term = fn(y, ref, [(n, n // 4) for n in ffts])
+            loss = loss + weight * term
+            vals[name] = term.item()
+    return loss, {"loss": loss.item(), **vals}, out
 
 
 def evaluate(codec: AudioCodec, clips: list[np.ndarray]) -> dict:
-    """Mean mel L1 and SI-SNR of encode -> decode over ``clips``, and codebook usage per level."""
-    mels, snrs, all_codes = [], [], []
+    """Mean mel L1, SI-SNR and STOI of encode -> decode over ``clips``, and codebook usage per level."""
+    mels, snrs, stois, all_codes = [], [], [], []
     for x in clips:
         codes = codec.encode(x, sample_rate=codec.sample_rate)
         all_codes.append(codes)
@@ -199,9 +219,11 @@ def evaluate(codec: AudioCodec, clips: list[np.ndarray]) -> dict:
         ref, est = torch.from_numpy(x), torch.from_numpy(y[: len(x)])
         mels.append(mel_l1(ref, est, codec.sample_rate))
         snrs.append(si_snr(ref, est))
+        stois.append(stoi(x, y[: len(x)], codec.sample_rate))
     return {
         "mel_l1": round(float(np.mean(mels)), 4),
         "si_snr_db": round(float(np.mean(snrs)), 3),
+        "stoi": round(float(np.mean(stois)), 4),
         "clips": len(clips),
         "codebook_usage": [round(u, 3) for u in codebook_usage(all_codes, codec.codebook_size)],
     }
