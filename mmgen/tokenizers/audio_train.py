@@ -58,6 +58,8 @@ class AudioTrainConfig:
     steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # after the warmup: "constant", or a "cosine" / "linear" decay to min_lr_ratio
+    min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     wave_weight: float = 1.0
     mel_weight: float = 1.0
@@ -256,7 +258,9 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
     state = torch.nn.ModuleDict({"codec": model, "tracker": tracker})  # what a checkpoint holds
 
     start = resume_or_start(out, cfg.resume, state, opt)
-    sched = lr_scheduler(opt, "constant", AUDIO_WARMUP_STEPS, cfg.steps, start_step=start, peak_lr=cfg.lr)
+    sched = lr_scheduler(
+        opt, cfg.lr_schedule, AUDIO_WARMUP_STEPS, cfg.steps, cfg.min_lr_ratio, start_step=start, peak_lr=cfg.lr
+    )
     metrics = MetricLogger(out, start, loss_keys=("mel_l1",))
 
     model.train()
@@ -291,6 +295,7 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
                 "step": done,
                 **{k: round(v / n_window, 5) for k, v in window.items()},
                 "usage": round(tracker.window_usage(), 5),
+                "lr": float(f"{opt.param_groups[0]['lr']:.6g}"),
                 "elapsed_s": round(time.time() - t0, 2),
             }
             metrics.log(rec)
