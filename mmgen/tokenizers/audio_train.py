@@ -9,8 +9,10 @@ audio track is used). Each real clip is cut in time: the first ``1 - real_eval_f
 tail is held out, so the real-clip numbers are on audio the codec never saw.
 
 Loss: waveform L1 + multi-resolution log-mel L1 (the spectral term DAC and EnCodec train with; no
-discriminator at this size) + DAC's codebook and commitment losses. Quantizer dropout trains some
-items with fewer residual levels.
+discriminator at this size) + DAC's codebook and commitment losses, and optionally the terms of
+:mod:`mmgen.tokenizers.audio_losses` (multi-resolution STFT magnitude, phase derivatives, complex STFT),
+which the tiny recipe uses to get a waveform whose phase is consistent enough to be intelligible (STOI).
+Quantizer dropout trains some items with fewer residual levels.
 
 Resumable and exact like the image tokenizer trainer: step N's crops come from a generator seeded by
 (seed, N), and the torch RNG (quantizer dropout) is saved in each checkpoint.
@@ -39,7 +41,6 @@ from mmgen.world.media import speak
 from mmgen.world.text import caption
 
 REAL_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real"
-AUDIO_WARMUP_STEPS = 20  # the codec's schedule: this many warmup steps, then a constant rate
 
 
 @dataclass
@@ -58,6 +59,7 @@ class AudioTrainConfig:
     steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3
+    warmup_steps: int = 20  # linear warmup from 0 (mmgen.utils.schedules)
     lr_schedule: str = "constant"  # after the warmup: "constant", or a "cosine" / "linear" decay to min_lr_ratio
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -259,7 +261,7 @@ def train_audio_tokenizer(cfg: AudioTrainConfig) -> Path:
 
     start = resume_or_start(out, cfg.resume, state, opt)
     sched = lr_scheduler(
-        opt, cfg.lr_schedule, AUDIO_WARMUP_STEPS, cfg.steps, cfg.min_lr_ratio, start_step=start, peak_lr=cfg.lr
+        opt, cfg.lr_schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, start_step=start, peak_lr=cfg.lr
     )
     metrics = MetricLogger(out, start, loss_keys=("mel_l1",))
 
