@@ -7,8 +7,9 @@ import os
 
 # PyTorch's CPU threads (GNU OpenMP) spin while they wait for each other. When another process keeps a
 # core busy, a spinning thread holds the core its partner needs: the tiny LM's two-thread training step
-# then takes about ten times as long (benchmarks/omp_wait.py, BENCHMARKS "OpenMP wait policy"). Threads
-# that sleep while they wait lose little on a quiet machine. Read when the OpenMP runtime loads, so this
+# took 1.6x as long beside a one-thread matmul loop (benchmarks/omp_wait.py, BENCHMARKS "OpenMP wait
+# policy"), and far longer beside another training job. Sleeping waits cost 13% on a quiet machine;
+# OMP_WAIT_POLICY=ACTIVE gets that back on a dedicated one. Read when the OpenMP runtime loads, so this
 # must run before torch is imported; a policy the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
