@@ -51,14 +51,13 @@ class BlockFactors(nn.Module):
         self.factors = nn.Parameter(torch.zeros(attributes, hidden))
         self.register_buffer("ids", torch.zeros(rows, dtype=torch.long))
         self.register_buffer("features", torch.zeros(rows, attributes))
-        # vocab id -> labelled row, -1 elsewhere (derived from ids, so not saved)
-        self.register_buffer("row_of", torch.full((vocab_size,), -1, dtype=torch.long), persistent=False)
-        self._indexed = False
+        self.vocab_size = vocab_size
+        self._row_of = None  # vocab id -> labelled row (-1 elsewhere): derived from ids on first use
 
     def set_table(self, ids: torch.Tensor, features: torch.Tensor) -> None:
         self.ids.copy_(ids)
         self.features.copy_(features)
-        self._indexed = False
+        self._row_of = None
 
     def fit_rows(self, rows: torch.Tensor, fitted: torch.Tensor) -> None:
         """Start the factors at the least-squares fit of ``rows`` (the current embedding rows of ``ids``)
@@ -67,19 +66,18 @@ class BlockFactors(nn.Module):
             solve = torch.linalg.pinv(self.features[fitted].float())
             self.factors.copy_((solve @ rows[fitted].float()).to(self.factors.dtype))
 
-    def _index(self) -> None:
-        if not self._indexed or self.row_of.device != self.ids.device:
-            self.row_of = torch.full_like(self.row_of, -1, device=self.ids.device)
-            self.row_of[self.ids] = torch.arange(len(self.ids), device=self.ids.device)
-            self._indexed = True
+    def row_of(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._row_of is None or self._row_of.device != self.ids.device:
+            self._row_of = torch.full((self.vocab_size,), -1, dtype=torch.long, device=self.ids.device)
+            self._row_of[self.ids] = torch.arange(len(self.ids), device=self.ids.device)
+        return self._row_of[input_ids]
 
     def rows(self, dtype: torch.dtype) -> torch.Tensor:
         return self.features.to(dtype) @ self.factors.to(dtype)  # (rows, hidden)
 
     def embed(self, embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """``embeds`` with the labelled ids' rows replaced by their attribute sums."""
-        self._index()
-        row = self.row_of[input_ids]
+        row = self.row_of(input_ids)
         hit = row >= 0
         if not bool(hit.any()):
             return embeds
@@ -90,9 +88,3 @@ class BlockFactors(nn.Module):
         """``logits`` with the labelled ids' columns computed from their attribute sums."""
         cols = hidden @ self.rows(hidden.dtype).T
         return logits.index_copy(-1, self.ids, cols.to(logits.dtype))
-
-    def summary(self, fitted_rows: int | None = None) -> dict:
-        out = {"rows": len(self.ids), "attributes": self.factors.shape[0]}
-        if fitted_rows is not None:
-            out.update(fitted_rows=fitted_rows, composed_rows=len(self.ids) - fitted_rows)
-        return out

@@ -43,7 +43,7 @@ from mmgen.data.packing import causal_lm_loss
 from mmgen.errors import MMGenError
 from mmgen.models.block_factors import BlockFactors
 from mmgen.processing.vocab import Vocab
-from mmgen.utils.compat import ensure_torchvision
+from mmgen.utils.compat import ensure_torchvision, register_auto_model
 
 ensure_torchvision()  # transformers' model modules import torchvision, broken next to CPU torch
 
@@ -333,11 +333,11 @@ class MMGenForCausalLM(PreTrainedModel, GenerationMixin):
     def add_block_factors(self, ids: torch.Tensor, features: torch.Tensor, fitted: torch.Tensor, names: list[str]):
         """Make the rows of ``ids`` attribute sums (:mod:`mmgen.models.block_factors`), the factors starting
         at the least-squares fit of the current input rows over the ``fitted`` ids."""
-        hidden = self.get_input_embeddings().weight.shape[1]
-        factors = BlockFactors(self._vocab.size, len(ids), features.shape[1], hidden)
+        weight = self.get_input_embeddings().weight.detach()
+        factors = BlockFactors(self._vocab.size, len(ids), features.shape[1], weight.shape[1])
         factors.set_table(ids, features)
-        factors.fit_rows(self.get_input_embeddings().weight.detach()[ids], fitted)
-        self.block_factors = factors.to(self.get_input_embeddings().weight.device)
+        factors.fit_rows(weight[ids], fitted)
+        self.block_factors = factors.to(weight.device)
         self.config.block_factors = {"rows": len(ids), "attributes": features.shape[1], "names": list(names)}
 
     def forward(
@@ -392,14 +392,7 @@ def _is_inside(module: nn.Module, parent: nn.Module) -> bool:
 
 def register_auto_classes() -> None:
     """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know ``model_type="mmgen"`` (idempotent)."""
-    try:
-        AutoConfig.register("mmgen", MMGenConfig)
-    except ValueError:  # already registered in this process
-        pass
-    try:
-        AutoModelForCausalLM.register(MMGenConfig, MMGenForCausalLM)
-    except ValueError:
-        pass
+    register_auto_model(MMGenConfig, MMGenForCausalLM, AutoModelForCausalLM)
 
 
 register_auto_classes()

@@ -21,11 +21,11 @@ import math
 import torch
 from torch import nn
 
-from mmgen.utils.compat import ensure_torchvision
+from mmgen.utils.compat import ensure_torchvision, register_auto_model
 
 ensure_torchvision()  # transformers' modeling import touches torchvision: install the CPU shim first
 
-from transformers import AutoConfig, AutoModel, DacConfig, DacModel  # noqa: E402
+from transformers import AutoModel, DacConfig, DacModel  # noqa: E402
 from transformers.models.dac.modeling_dac import (  # noqa: E402
     DacEncoder,
     DacPreTrainedModel,
@@ -139,14 +139,7 @@ class DacIstftModel(DacModel):
 
 def register_auto_classes() -> None:
     """Make ``AutoConfig`` / ``AutoModel`` know ``model_type="mmgen_dac_istft"`` (idempotent)."""
-    try:
-        AutoConfig.register(DacIstftConfig.model_type, DacIstftConfig)
-    except ValueError:  # already registered in this process
-        pass
-    try:
-        AutoModel.register(DacIstftConfig, DacIstftModel)
-    except ValueError:
-        pass
+    register_auto_model(DacIstftConfig, DacIstftModel, AutoModel)
 
 
 register_auto_classes()

@@ -92,3 +92,19 @@ def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_SECONDS) -> list[s
         removed.append(str(lock))
         print(f"mmgen: removed a stale torch extension build lock (a build killed earlier): {lock}", file=sys.stderr)
     return removed
+
+
+def register_auto_model(config_cls, model_cls, auto_cls) -> None:
+    """Make ``AutoConfig`` and ``auto_cls`` (``AutoModel``, ``AutoModelForCausalLM``, ...) know
+    ``config_cls.model_type``, so a saved directory loads without ``trust_remote_code``. Idempotent:
+    registering again in the same process is a no-op."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.register(config_cls.model_type, config_cls)
+    except ValueError:  # already registered in this process
+        pass
+    try:
+        auto_cls.register(config_cls, model_cls)
+    except ValueError:
+        pass
